@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs every build and test dependency of tuna from Debian packages.
+# Safe to run again: apt-get skips what is already there.
+set -euo pipefail
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+PKGS=(
+  build-essential cmake pkg-config
+  libcjson-dev        # config.json, tokenizer.json, HTTP bodies
+  libpcre2-dev        # tokenizer pre-tokenizer regexes (Unicode properties)
+  libutf8proc-dev     # Unicode normalization (NFC/NFD/NFKC/NFKD)
+  libmicrohttpd-dev   # the OpenAI-compatible HTTP server
+  libopenblas-dev     # CPU GEMM
+  libcmocka-dev       # unit tests
+)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+echo "install-deps: all dependencies present"
