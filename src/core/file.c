@@ -237,3 +237,57 @@ void tuna_atomic_dir_abort(const char *tmp_dir)
 {
     if (tmp_dir) tuna_remove_tree(tmp_dir);
 }
+
+tuna_status tuna_atomic_file_begin(const char *path, struct tuna_atomic_file *af)
+{
+    memset(af, 0, sizeof *af);
+    af->tmp = tmp_name(path);
+    af->path = strdup(path);
+    if (!af->tmp || !af->path) {
+        tuna_atomic_file_abort(af);
+        return tuna_fail_oom("file name", strlen(path) + 32);
+    }
+    FILE *f = fopen(af->tmp, "wb");
+    if (!f) {
+        tuna_status s = tuna_fail(TUNA_E_IO, "cannot create %s: %s", af->tmp, strerror(errno));
+        tuna_atomic_file_abort(af);
+        return s;
+    }
+    setvbuf(f, NULL, _IOFBF, 1 << 20);
+    af->fp = f;
+    return TUNA_OK;
+}
+
+tuna_status tuna_atomic_file_write(struct tuna_atomic_file *af, const void *data, size_t len)
+{
+    if (len == 0) return TUNA_OK;
+    if (fwrite(data, 1, len, (FILE *)af->fp) != len)
+        return tuna_fail(TUNA_E_IO, "writing %s: %s (nothing was written to %s)", af->tmp, strerror(errno),
+                         af->path);
+    return TUNA_OK;
+}
+
+tuna_status tuna_atomic_file_commit(struct tuna_atomic_file *af)
+{
+    FILE *f = af->fp;
+    tuna_status s = TUNA_OK;
+    af->fp = NULL;
+    if (fflush(f) != 0 || fsync(fileno(f)) != 0) s = tuna_fail(TUNA_E_IO, "flushing %s: %s", af->tmp, strerror(errno));
+    if (fclose(f) != 0 && !s) s = tuna_fail(TUNA_E_IO, "closing %s: %s", af->tmp, strerror(errno));
+    if (!s && rename(af->tmp, af->path) != 0)
+        s = tuna_fail(TUNA_E_IO, "renaming %s to %s: %s", af->tmp, af->path, strerror(errno));
+    if (s) unlink(af->tmp);
+    free(af->tmp);
+    free(af->path);
+    af->tmp = af->path = NULL;
+    return s;
+}
+
+void tuna_atomic_file_abort(struct tuna_atomic_file *af)
+{
+    if (af->fp) fclose((FILE *)af->fp);
+    if (af->tmp) unlink(af->tmp);
+    free(af->tmp);
+    free(af->path);
+    memset(af, 0, sizeof *af);
+}

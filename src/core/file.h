@@ -37,6 +37,18 @@ tuna_status tuna_remove_tree(const char *path);
 /* Copies a file (atomically at dst). */
 tuna_status tuna_copy_file(const char *src, const char *dst);
 
+/* Writing a large file atomically as a stream: begin opens "<path>.tmp.<pid>" for writing,
+ * commit flushes, fsyncs and renames it to path, abort closes and removes it. */
+struct tuna_atomic_file {
+    void *fp;   /* FILE * */
+    char *tmp;  /* temporary path (owned) */
+    char *path; /* final path (owned) */
+};
+tuna_status tuna_atomic_file_begin(const char *path, struct tuna_atomic_file *af);
+tuna_status tuna_atomic_file_write(struct tuna_atomic_file *af, const void *data, size_t len);
+tuna_status tuna_atomic_file_commit(struct tuna_atomic_file *af);
+void tuna_atomic_file_abort(struct tuna_atomic_file *af);
+
 /* Writing a folder atomically: begin makes "<final>.tmp.<pid>" and returns its path (malloc'd)
  * in *tmp_dir; commit renames it to final (replacing an existing folder of that name only when
  * replace is true); abort removes it. */
