@@ -1,0 +1,91 @@
+/* backend.h — the op table: every numeric step of the forward pass, as one struct of function
+ * pointers that the CPU backend (src/backend/cpu) and, later, a CUDA backend implement with the
+ * same names, argument order and shapes (llm.c style: the shape is written beside each argument).
+ *
+ * Shape letters (docs/ARCHITECTURE.md): T tokens in the step, C hidden, H query heads, Hkv key/value
+ * heads, D head dim, N out features, K in features, V vocab.
+ *
+ * Ownership: every pointer is borrowed for the duration of the call. Ops do not fail: the caller
+ * (model/) validates shapes and dtypes when weights are loaded, so an op only asserts.
+ */
+#ifndef TUNA_BACKEND_H
+#define TUNA_BACKEND_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/dtype.h"
+#include "tuna.h"
+
+/* A weight matrix W[N, K] (row n = output feature n) in its stored dtype. A 4-bit weight is just
+ * another dtype: data holds the packed codes and q4 points at its quantization state (absmax,
+ * code table, ...) as src/quant defines it; NULL for 16/32-bit dtypes. */
+struct tuna_weight {
+    enum tuna_dtype dtype; /* F32, F16, BF16 (NF4/FP4 when the quant module provides them) */
+    int64_t rows;          /* N */
+    int64_t cols;          /* K */
+    const void *data;      /* rows*cols elements, row-major; a view into the mapped file */
+    const void *q4;        /* quantization state for NF4/FP4, else NULL */
+};
+
+/* A LoRA adapter on one linear layer: y += scale * B (A x). Float32, owned by whoever loaded it. */
+struct tuna_lora {
+    int64_t r;
+    const float *A; /* [r, K] */
+    const float *B; /* [N, r] */
+    float scale;    /* alpha / r (or alpha / sqrt(r) for rsLoRA) */
+};
+
+/* Where each token of a step reads its keys and values in the paged KV cache.
+ * Slot s of a layer's cache lives at k + s*Hkv*D; a token's logical position p of its sequence
+ * is in slot block_table[p / block_size] * block_size + p % block_size. */
+struct tuna_attn_batch {
+    int64_t T;
+    const int64_t *pos;                   /* [T] position of each token in its sequence */
+    const int32_t *const *block_tables;   /* [T] the block table of each token's sequence */
+    int32_t block_size;
+    int64_t sliding_window;               /* 0 = attend to all earlier positions */
+};
+
+typedef struct tuna_backend tuna_backend; /* opaque per-backend state (thread pool, scratch) */
+
+struct tuna_backend_ops {
+    const char *name;
+
+    /* y[T,N] = x[T,K] W^T + bias[N] (bias may be NULL). Converts W in tiles, never whole. */
+    void (*matmul)(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w,
+                   const float *bias, int64_t T);
+
+    /* y[T,C] = x / rms(x) * w (w already holds 1+w for Gemma). y may equal x. */
+    void (*rmsnorm)(tuna_backend *be, float *y, const float *x, const float *w, int64_t T,
+                    int64_t C, float eps);
+
+    /* In place on x[T, H, D]: rotates the first rot_dim dims of each head (rotate-half layout,
+     * as transformers), angle pos[t] * inv_freq[i], cos/sin multiplied by attn_factor. */
+    void (*rope)(tuna_backend *be, float *x, const int64_t *pos, int64_t T, int64_t H, int64_t D,
+                 int64_t rot_dim, const float *inv_freq, float attn_factor);
+
+    /* Writes k[T,Hkv*D], v[T,Hkv*D] into the cache slots of each token (slot[T]). */
+    void (*kv_store)(tuna_backend *be, float *kcache, float *vcache, const float *k,
+                     const float *v, const int64_t *slot, int64_t T, int64_t HkvD);
+
+    /* out[T, H*D] = softmax(q k^T * scale, causal over positions 0..pos[t]) v, reading k and v
+     * from the paged cache (layout [slots, Hkv, D]); GQA maps head h to kv head h / (H/Hkv).
+     * When probs_out is not NULL it is unused by the CPU backend today (reserved for backward). */
+    void (*attention)(tuna_backend *be, float *out, const float *q, const float *kcache,
+                      const float *vcache, const struct tuna_attn_batch *b, int64_t H,
+                      int64_t Hkv, int64_t D, float scale);
+
+    /* out[n] = act(gate[n]) * up[n]; act is enum tuna_act (hf_config.h). out may equal gate. */
+    void (*glu)(tuna_backend *be, float *out, const float *gate, const float *up, int64_t n, int act);
+
+    /* out[T,C] = emb[ids[t]] * scale. */
+    void (*embedding)(tuna_backend *be, float *out, const int32_t *ids, int64_t T,
+                      const struct tuna_weight *emb, float scale);
+
+    /* y[n] += x[n] */
+    void (*add)(tuna_backend *be, float *y, const float *x, int64_t n);
+};
+
+#endif

@@ -1,0 +1,97 @@
+/* backend_cpu.c — the CPU backend object (thread pool, matmul scratch) and its op table; the small
+ * memory ops (KV store, residual add) live here too. */
+#include <cblas.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "backend/cpu/cpu_internal.h"
+#include "core/status.h"
+
+tuna_status tuna_cpu_backend_new(int n_threads, tuna_backend **out)
+{
+    *out = NULL;
+    if (n_threads <= 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        n_threads = n > 0 ? (int)n : 1;
+    }
+    struct tuna_backend *be = calloc(1, sizeof *be);
+    if (!be) return tuna_fail_oom("CPU backend", sizeof *be);
+    tuna_status st = tuna_pool_new(n_threads, &be->pool);
+    if (st) {
+        free(be);
+        return st;
+    }
+    be->n_threads = n_threads;
+    /* OpenBLAS runs inside our pool's tasks: one thread each, never a second pool. */
+    openblas_set_num_threads(1);
+    *out = be;
+    return TUNA_OK;
+}
+
+static void free_scratch(tuna_backend *be)
+{
+    if (!be->scratch) return;
+    for (int i = 0; i < be->n_threads; i++) free(be->scratch[i]);
+    free(be->scratch);
+    be->scratch = NULL;
+    be->scratch_k = 0;
+}
+
+void tuna_cpu_backend_free(tuna_backend *be)
+{
+    if (!be) return;
+    tuna_pool_free(be->pool);
+    free_scratch(be);
+    free(be);
+}
+
+int tuna_cpu_backend_threads(const tuna_backend *be) { return be->n_threads; }
+
+tuna_status tuna_cpu_backend_reserve(tuna_backend *be, int64_t max_k)
+{
+    if (max_k <= be->scratch_k) return TUNA_OK;
+    free_scratch(be);
+    be->scratch = calloc((size_t)be->n_threads, sizeof *be->scratch);
+    if (!be->scratch) return tuna_fail_oom("matmul scratch table", sizeof(float *) * (size_t)be->n_threads);
+    size_t n = (size_t)TUNA_CPU_TILE_ROWS * (size_t)max_k;
+    for (int i = 0; i < be->n_threads; i++) {
+        be->scratch[i] = malloc(n * sizeof(float));
+        if (!be->scratch[i]) {
+            free_scratch(be);
+            return tuna_fail_oom("matmul scratch tile", n * sizeof(float));
+        }
+    }
+    be->scratch_k = max_k;
+    return TUNA_OK;
+}
+
+void tuna_cpu_kv_store(tuna_backend *be, float *kcache, float *vcache, const float *k,
+                       const float *v, const int64_t *slot, int64_t T, int64_t HkvD)
+{
+    for (int64_t t = 0; t < T; t++) {
+        memcpy(kcache + slot[t] * HkvD, k + t * HkvD, (size_t)HkvD * sizeof(float));
+        memcpy(vcache + slot[t] * HkvD, v + t * HkvD, (size_t)HkvD * sizeof(float));
+    }
+    (void)be;
+}
+
+void tuna_cpu_add(tuna_backend *be, float *y, const float *x, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) y[i] += x[i];
+    (void)be;
+}
+
+static const struct tuna_backend_ops k_cpu_ops = {
+    .name = "cpu",
+    .matmul = tuna_cpu_matmul,
+    .rmsnorm = tuna_cpu_rmsnorm,
+    .rope = tuna_cpu_rope,
+    .kv_store = tuna_cpu_kv_store,
+    .attention = tuna_cpu_attention,
+    .glu = tuna_cpu_glu,
+    .embedding = tuna_cpu_embedding,
+    .add = tuna_cpu_add,
+};
+
+const struct tuna_backend_ops *tuna_cpu_backend_ops(void) { return &k_cpu_ops; }

@@ -1,0 +1,147 @@
+/* matmul.c — y[T,N] = x[T,K] W[N,K]^T + bias, W in its stored dtype.
+ *
+ * Two paths, both split over output rows n by the thread pool:
+ * - few tokens (decode, T <= TUNA_MM_SMALL_T): each task streams its weight rows once and takes
+ *   the dot products with every token, converting bf16 in registers. This is the memory-bound
+ *   path; it reads every weight byte exactly once per step.
+ * - more tokens (prefill): each task converts a tile of TUNA_CPU_TILE_ROWS weight rows to float32
+ *   in its thread's scratch and multiplies with OpenBLAS sgemm. There is never a full float32
+ *   copy of a weight.
+ * NF4/FP4 weights will convert their tiles with src/quant's row dequantizer (same two paths).
+ */
+#include <assert.h>
+#include <cblas.h>
+#include <string.h>
+
+#include "backend/cpu/cpu_internal.h"
+#include "core/dtype.h"
+
+#define TUNA_MM_SMALL_T 4
+#define TUNA_MM_ROWS_PER_TASK 16
+
+struct mm_args {
+    tuna_backend *be;
+    float *y;
+    const float *x;
+    const struct tuna_weight *w;
+    const float *bias;
+    int64_t T, N, K;
+    int64_t rows_per_task;
+};
+
+/* Dots of weight row wr (bf16) with up to TUNA_MM_SMALL_T token rows of x. */
+static inline __attribute__((always_inline)) void rowdot_bf16(const uint16_t *wr, const float *x,
+                                                               int64_t K, int64_t T, float *out)
+{
+    tuna_v8f acc[TUNA_MM_SMALL_T][2];
+    memset(acc, 0, sizeof acc);
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        tuna_v8f w0 = tuna_ld8_bf16(wr + k), w1 = tuna_ld8_bf16(wr + k + 8);
+        for (int64_t t = 0; t < T; t++) {
+            acc[t][0] += w0 * tuna_ld8(x + t * K + k);
+            acc[t][1] += w1 * tuna_ld8(x + t * K + k + 8);
+        }
+    }
+    for (int64_t t = 0; t < T; t++) {
+        float s = tuna_hsum8(acc[t][0] + acc[t][1]);
+        for (int64_t kk = k; kk < K; kk++) s += tuna_bf16f(wr[kk]) * x[t * K + kk];
+        out[t] = s;
+    }
+}
+
+TUNA_HOT static void mm_small_task(void *arg, int64_t task, int thread)
+{
+    const struct mm_args *a = arg;
+    int64_t n0 = task * a->rows_per_task, n1 = n0 + a->rows_per_task;
+    if (n1 > a->N) n1 = a->N;
+    const int64_t K = a->K;
+    float out[TUNA_MM_SMALL_T];
+    float conv[256];
+    for (int64_t n = n0; n < n1; n++) {
+        switch (a->w->dtype) {
+        case TUNA_DTYPE_BF16:
+            rowdot_bf16((const uint16_t *)a->w->data + n * K, a->x, K, a->T, out);
+            break;
+        case TUNA_DTYPE_F32: {
+            const float *wr = (const float *)a->w->data + n * K;
+            for (int64_t t = 0; t < a->T; t++) out[t] = tuna_dot_f32(wr, a->x + t * K, K);
+            break;
+        }
+        case TUNA_DTYPE_F16: {
+            const uint16_t *wr = (const uint16_t *)a->w->data + n * K;
+            for (int64_t t = 0; t < a->T; t++) out[t] = 0;
+            for (int64_t k0 = 0; k0 < K; k0 += 256) {
+                int64_t nk = K - k0 < 256 ? K - k0 : 256;
+                for (int64_t k = 0; k < nk; k++) conv[k] = tuna_f16_to_f32(wr[k0 + k]);
+                for (int64_t t = 0; t < a->T; t++) out[t] += tuna_dot_f32(conv, a->x + t * K + k0, nk);
+            }
+            break;
+        }
+        default:
+            assert(!"matmul: weight dtype not validated at load");
+            return;
+        }
+        for (int64_t t = 0; t < a->T; t++) a->y[t * a->N + n] = out[t] + (a->bias ? a->bias[n] : 0.0f);
+    }
+    (void)thread;
+}
+
+static void convert_rows(const struct tuna_weight *w, int64_t n0, int64_t nb, float *dst)
+{
+    size_t count = (size_t)(nb * w->cols);
+    size_t off = (size_t)(n0 * w->cols);
+    switch (w->dtype) {
+    case TUNA_DTYPE_BF16: {
+        const uint16_t *src = (const uint16_t *)w->data + off;
+        for (size_t i = 0; i < count; i++) dst[i] = tuna_bf16f(src[i]);
+        break;
+    }
+    case TUNA_DTYPE_F16:
+        tuna_convert_to_f32(TUNA_DTYPE_F16, (const uint16_t *)w->data + off, dst, count);
+        break;
+    default:
+        assert(!"matmul: weight dtype not validated at load");
+    }
+}
+
+static void mm_tile_task(void *arg, int64_t task, int thread)
+{
+    const struct mm_args *a = arg;
+    int64_t n0 = task * a->rows_per_task, nb = a->rows_per_task;
+    if (n0 + nb > a->N) nb = a->N - n0;
+    const float *wt;
+    if (a->w->dtype == TUNA_DTYPE_F32) {
+        wt = (const float *)a->w->data + n0 * a->K;
+    } else {
+        float *tile = a->be->scratch[thread];
+        convert_rows(a->w, n0, nb, tile);
+        wt = tile;
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)a->T, (int)nb, (int)a->K, 1.0f, a->x,
+                (int)a->K, wt, (int)a->K, 0.0f, a->y + n0, (int)a->N);
+    if (a->bias)
+        for (int64_t t = 0; t < a->T; t++)
+            for (int64_t n = n0; n < n0 + nb; n++) a->y[t * a->N + n] += a->bias[n];
+}
+
+void tuna_cpu_matmul(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w,
+                     const float *bias, int64_t T)
+{
+    struct mm_args a = {be, y, x, w, bias, T, w->rows, w->cols, 0};
+    if (T <= 0) return;
+    bool tiles = w->dtype == TUNA_DTYPE_F32 || (be->scratch_k >= w->cols);
+    if (T > TUNA_MM_SMALL_T && tiles) {
+        a.rows_per_task = TUNA_CPU_TILE_ROWS;
+        tuna_pool_run(be->pool, (a.N + a.rows_per_task - 1) / a.rows_per_task, mm_tile_task, &a);
+        return;
+    }
+    /* the small path handles any T by chunks of TUNA_MM_SMALL_T tokens */
+    for (int64_t t0 = 0; t0 < T; t0 += TUNA_MM_SMALL_T) {
+        a.T = T - t0 < TUNA_MM_SMALL_T ? T - t0 : TUNA_MM_SMALL_T;
+        a.x = x + t0 * a.K;
+        a.y = y + t0 * a.N;
+        a.rows_per_task = TUNA_MM_ROWS_PER_TASK;
+        tuna_pool_run(be->pool, (a.N + a.rows_per_task - 1) / a.rows_per_task, mm_small_task, &a);
+    }
+}

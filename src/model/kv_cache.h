@@ -1,0 +1,61 @@
+/* kv_cache.h — the paged KV cache: fixed-size blocks of block_size token slots, a block table per
+ * sequence, reference counts so that sequences can share a prefix (fork), copy-on-write when a
+ * shared block is about to be written.
+ *
+ * The allocator (block tables, free list, refcounts) is plain C; storage is float32
+ * K and V per layer laid out [n_blocks * block_size slots, Hkv, D]. With n_layers = 0 there is no
+ * storage at all, which is how the allocator is unit-tested.
+ *
+ * Slots: position p of a sequence lives in slot blocks[p / block_size] * block_size + p % block_size.
+ */
+#ifndef TUNA_MODEL_KV_CACHE_H
+#define TUNA_MODEL_KV_CACHE_H
+
+#include <stdint.h>
+
+#include "tuna.h"
+
+typedef struct tuna_kv_cache tuna_kv_cache;
+
+struct tuna_kv_config {
+    int64_t n_layers;   /* 0 = allocator only, no K/V storage */
+    int64_t n_kv_heads; /* Hkv */
+    int64_t head_dim;   /* D */
+    int32_t block_size; /* tokens per block (default 16) */
+    int32_t n_blocks;   /* total blocks */
+};
+
+#define TUNA_KV_DEFAULT_BLOCK 16
+
+tuna_status tuna_kv_new(const struct tuna_kv_config *cfg, tuna_kv_cache **out);
+void tuna_kv_free(tuna_kv_cache *kv); /* accepts NULL */
+
+/* A new empty sequence; *seq is its id (ids of freed sequences are reused). */
+tuna_status tuna_kv_seq_new(tuna_kv_cache *kv, int32_t *seq);
+/* A new sequence sharing every block of src (refcounts + 1), same length. */
+tuna_status tuna_kv_seq_fork(tuna_kv_cache *kv, int32_t src, int32_t *dst);
+/* Releases the sequence's blocks (refcount - 1 each) and its id. Unknown ids are ignored. */
+void tuna_kv_seq_free(tuna_kv_cache *kv, int32_t seq);
+/* Makes room for positions [len, new_len): appends blocks and copies a shared block that holds
+ * one of these positions (copy-on-write). TUNA_E_OOM with a message when blocks run out (the
+ * sequence is left as it was). new_len < len is refused: use truncate. */
+tuna_status tuna_kv_seq_grow(tuna_kv_cache *kv, int32_t seq, int64_t new_len);
+/* Shortens the sequence to len tokens and releases blocks no longer needed. */
+tuna_status tuna_kv_seq_truncate(tuna_kv_cache *kv, int32_t seq, int64_t len);
+
+int64_t tuna_kv_seq_len(const tuna_kv_cache *kv, int32_t seq);       /* -1 for an unknown id */
+const int32_t *tuna_kv_seq_blocks(const tuna_kv_cache *kv, int32_t seq); /* borrowed */
+int64_t tuna_kv_seq_nblocks(const tuna_kv_cache *kv, int32_t seq);
+/* The slot of position pos (< len) of seq. */
+int64_t tuna_kv_slot(const tuna_kv_cache *kv, int32_t seq, int64_t pos);
+
+int32_t tuna_kv_block_size(const tuna_kv_cache *kv);
+int32_t tuna_kv_n_blocks(const tuna_kv_cache *kv);
+int32_t tuna_kv_free_blocks(const tuna_kv_cache *kv);
+int32_t tuna_kv_block_refcount(const tuna_kv_cache *kv, int32_t block);
+
+/* Layer l's storage [n_blocks*block_size, Hkv, D]; NULL without storage. */
+float *tuna_kv_k(tuna_kv_cache *kv, int64_t layer);
+float *tuna_kv_v(tuna_kv_cache *kv, int64_t layer);
+
+#endif
