@@ -1,0 +1,289 @@
+/* forward.c — the forward pass, written once for every supported family as a straight list of op
+ * calls per layer (llm.c's gpt2_forward style). Architecture differences come in as data from
+ * struct tuna_model (NULL biases / q,k norms, 1+w norms folded at load, embedding scale,
+ * activation), so there is no branch on the family here.
+ *
+ * Per step: embed → for each layer: norm → q,k,v (+bias) → [q/k norm] → RoPE → KV store →
+ * paged attention → o_proj → residual → norm → gate, up → act(gate)*up → down → residual;
+ * then the final norm and lm_head only for the rows whose logits were asked for.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/status.h"
+#include "model/model.h"
+#include "model/rope_freq.h"
+
+struct tuna_fwd_ws {
+    int64_t cap;                  /* tokens the buffers hold */
+    float *x;                     /* [T, C] residual stream */
+    float *tmp;                   /* [T, C] projection output before the residual add */
+    struct tuna_fwd_layer_acts a; /* shared by every layer when there is no trace */
+    float *sel;                   /* [T, C] rows that want logits */
+    int64_t *slot;                /* [T] KV slot of each token */
+    const int32_t **bt;           /* [T] block table of each token's sequence */
+};
+
+void tuna_fwd_ws_free(struct tuna_fwd_ws *ws);
+
+static void acts_free(struct tuna_fwd_layer_acts *a)
+{
+    free(a->x_in);
+    free(a->xn_attn);
+    free(a->q);
+    free(a->k);
+    free(a->v);
+    free(a->att);
+    free(a->x_mid);
+    free(a->xn_mlp);
+    free(a->gate);
+    free(a->up);
+    free(a->act);
+    memset(a, 0, sizeof *a);
+}
+
+/* Allocates one set of layer activations for T tokens; with_saves adds the buffers only a
+ * trace needs (x_in, x_mid, act). */
+static tuna_status acts_alloc(const struct tuna_arch *ar, int64_t T, bool with_saves, struct tuna_fwd_layer_acts *a)
+{
+    size_t C = (size_t)(T * ar->hidden_size), HD = (size_t)(T * ar->n_heads * ar->head_dim);
+    size_t KD = (size_t)(T * ar->n_kv_heads * ar->head_dim), I = (size_t)(T * ar->intermediate_size);
+    memset(a, 0, sizeof *a);
+    a->xn_attn = malloc(C * sizeof(float));
+    a->q = malloc(HD * sizeof(float));
+    a->k = malloc(KD * sizeof(float));
+    a->v = malloc(KD * sizeof(float));
+    a->att = malloc(HD * sizeof(float));
+    a->xn_mlp = malloc(C * sizeof(float));
+    a->gate = malloc(I * sizeof(float));
+    a->up = malloc(I * sizeof(float));
+    bool ok = a->xn_attn && a->q && a->k && a->v && a->att && a->xn_mlp && a->gate && a->up;
+    if (with_saves) {
+        a->x_in = malloc(C * sizeof(float));
+        a->x_mid = malloc(C * sizeof(float));
+        a->act = malloc(I * sizeof(float));
+        ok = ok && a->x_in && a->x_mid && a->act;
+    }
+    if (!ok) {
+        acts_free(a);
+        return tuna_fail(TUNA_E_OOM, "forward: cannot allocate activations for %lld tokens "
+                         "(%.1f MiB per layer); use shorter prompts or a smaller batch", (long long)T,
+                         (double)(4 * C + 2 * HD + 2 * KD + 3 * I) * 4 / 1048576.0);
+    }
+    return TUNA_OK;
+}
+
+void tuna_fwd_ws_free(struct tuna_fwd_ws *ws)
+{
+    if (!ws) return;
+    free(ws->x);
+    free(ws->tmp);
+    free(ws->sel);
+    free(ws->slot);
+    free(ws->bt);
+    acts_free(&ws->a);
+    free(ws);
+}
+
+static tuna_status ws_reserve(struct tuna_model *m, int64_t T)
+{
+    if (m->ws && m->ws->cap >= T) return TUNA_OK;
+    int64_t cap = m->ws ? m->ws->cap : 0;
+    if (cap < 16) cap = 16;
+    while (cap < T) cap *= 2;
+    tuna_fwd_ws_free(m->ws);
+    m->ws = calloc(1, sizeof *m->ws);
+    if (!m->ws) return tuna_fail_oom("forward workspace", sizeof *m->ws);
+    struct tuna_fwd_ws *ws = m->ws;
+    size_t C = (size_t)(cap * m->arch.hidden_size);
+    ws->x = malloc(C * sizeof(float));
+    ws->tmp = malloc(C * sizeof(float));
+    ws->sel = malloc(C * sizeof(float));
+    ws->slot = malloc((size_t)cap * sizeof *ws->slot);
+    ws->bt = malloc((size_t)cap * sizeof *ws->bt);
+    tuna_status st = TUNA_OK;
+    if (!ws->x || !ws->tmp || !ws->sel || !ws->slot || !ws->bt)
+        st = tuna_fail_oom("forward workspace", C * 12);
+    else
+        st = acts_alloc(&m->arch, cap, false, &ws->a);
+    if (st) {
+        tuna_fwd_ws_free(ws);
+        m->ws = NULL;
+        return st;
+    }
+    ws->cap = cap;
+    return TUNA_OK;
+}
+
+void tuna_fwd_trace_free(struct tuna_fwd_trace *tr)
+{
+    if (!tr) return;
+    if (tr->layers)
+        for (int64_t l = 0; l < tr->cap; l++) acts_free(&tr->layers[l]);
+    free(tr->layers);
+    free(tr->x_final);
+    memset(tr, 0, sizeof *tr);
+}
+
+/* tr->cap counts layers; buffers are sized for tr->T tokens. */
+static tuna_status trace_reserve(const struct tuna_model *m, struct tuna_fwd_trace *tr, int64_t T)
+{
+    if (tr->layers && tr->T == T) return TUNA_OK;
+    tuna_fwd_trace_free(tr);
+    tr->layers = calloc((size_t)m->arch.n_layers, sizeof *tr->layers);
+    tr->x_final = malloc((size_t)(T * m->arch.hidden_size) * sizeof(float));
+    if (!tr->layers || !tr->x_final) {
+        tuna_fwd_trace_free(tr);
+        return tuna_fail_oom("forward trace", (size_t)(T * m->arch.hidden_size) * 4);
+    }
+    tr->cap = m->arch.n_layers;
+    tr->T = T;
+    for (int64_t l = 0; l < m->arch.n_layers; l++) {
+        tuna_status st = acts_alloc(&m->arch, T, true, &tr->layers[l]);
+        if (st) {
+            tuna_fwd_trace_free(tr);
+            return st;
+        }
+    }
+    return TUNA_OK;
+}
+
+/* y[T,N] = x W^T + b, plus each token's LoRA adapter when the layer carries any. */
+static void linear(struct tuna_model *m, const struct tuna_linear *lin, float *y, const float *x, int64_t T,
+                   const struct tuna_batch *b)
+{
+    m->ops->matmul(m->be, y, x, &lin->w, lin->bias, T);
+    if (lin->n_lora == 0) return;
+    const int64_t N = lin->w.rows, K = lin->w.cols;
+    float ax[256];
+    for (int64_t t = 0; t < T; t++) {
+        int32_t ai = b->adapter[t];
+        if (ai < 0 || ai >= lin->n_lora) continue;
+        const struct tuna_lora *ad = &lin->lora[ai];
+        for (int64_t r0 = 0; r0 < ad->r; r0 += 256) {
+            int64_t nr = ad->r - r0 < 256 ? ad->r - r0 : 256;
+            for (int64_t j = 0; j < nr; j++) {
+                const float *arow = ad->A + (r0 + j) * K;
+                double s = 0;
+                for (int64_t k = 0; k < K; k++) s += (double)arow[k] * x[t * K + k];
+                ax[j] = (float)s;
+            }
+            for (int64_t n = 0; n < N; n++) {
+                float s = 0;
+                for (int64_t j = 0; j < nr; j++) s += ad->B[n * ad->r + r0 + j] * ax[j];
+                y[t * N + n] += ad->scale * s;
+            }
+        }
+    }
+}
+
+/* Checks positions against the cache and grows each sequence to hold this step's tokens. Tokens
+ * of one sequence must continue it in order: position = cached length + earlier tokens of it. */
+static tuna_status place_tokens(struct tuna_model *m, tuna_kv_cache *kv, const struct tuna_batch *b)
+{
+    enum { MAXS = 256 };
+    int32_t ids[MAXS];
+    int64_t start[MAXS], next[MAXS];
+    int ns = 0;
+    for (int64_t t = 0; t < b->n; t++) {
+        int32_t s = b->seq[t];
+        if (b->tokens[t] < 0 || b->tokens[t] >= m->arch.vocab_size)
+            return tuna_fail(TUNA_E_RANGE, "token id %d (batch row %lld) is outside the vocabulary of %lld",
+                             b->tokens[t], (long long)t, (long long)m->arch.vocab_size);
+        int j = 0;
+        while (j < ns && ids[j] != s) j++;
+        if (j == ns) {
+            if (ns == MAXS) return tuna_fail(TUNA_E_INVALID, "forward: more than %d sequences in one step", MAXS);
+            int64_t len = tuna_kv_seq_len(kv, s);
+            if (len < 0) return tuna_fail(TUNA_E_INVALID, "forward: batch row %lld names unknown KV sequence %d",
+                                          (long long)t, s);
+            ids[ns] = s;
+            start[ns] = next[ns] = len;
+            ns++;
+        }
+        if (b->pos[t] != next[j])
+            return tuna_fail(TUNA_E_INVALID, "forward: batch row %lld puts sequence %d at position %lld, but the "
+                             "sequence continues at %lld", (long long)t, s, (long long)b->pos[t], (long long)next[j]);
+        if (b->pos[t] >= m->max_model_len)
+            return tuna_fail(TUNA_E_RANGE, "sequence %d reaches %lld tokens, past the context limit of %lld "
+                             "(max_position_embeddings or --max-model-len); shorten the prompt or max tokens",
+                             s, (long long)b->pos[t] + 1, (long long)m->max_model_len);
+        next[j]++;
+    }
+    for (int j = 0; j < ns; j++) {
+        tuna_status st = tuna_kv_seq_grow(kv, ids[j], next[j]);
+        if (st) {
+            for (int i = 0; i < j; i++) tuna_kv_seq_truncate(kv, ids[i], start[i]);
+            return st;
+        }
+    }
+    return TUNA_OK;
+}
+
+tuna_status tuna_model_forward(struct tuna_model *m, tuna_kv_cache *kv, const struct tuna_batch *b,
+                               float *logits, struct tuna_fwd_trace *trace)
+{
+    const struct tuna_arch *a = &m->arch;
+    const struct tuna_backend_ops *op = m->ops;
+    tuna_backend *be = m->be;
+    const int64_t T = b->n, C = a->hidden_size, H = a->n_heads, Hkv = a->n_kv_heads, D = a->head_dim;
+    const int64_t I = a->intermediate_size;
+    if (T == 0) return TUNA_OK;
+    tuna_status st = ws_reserve(m, T);
+    if (!st && trace) st = trace_reserve(m, trace, T);
+    if (!st) st = place_tokens(m, kv, b);
+    if (st) return st;
+    struct tuna_fwd_ws *ws = m->ws;
+    int64_t maxpos = 0;
+    for (int64_t t = 0; t < T; t++) {
+        ws->slot[t] = tuna_kv_slot(kv, b->seq[t], b->pos[t]);
+        ws->bt[t] = tuna_kv_seq_blocks(kv, b->seq[t]);
+        if (b->pos[t] > maxpos) maxpos = b->pos[t];
+    }
+    if (a->rope.type == TUNA_ROPE_DYNAMIC && maxpos + 1 != m->inv_freq_len) {
+        tuna_rope_inv_freq(a, maxpos + 1, m->inv_freq, &m->attn_factor);
+        m->inv_freq_len = maxpos + 1;
+    }
+    struct tuna_attn_batch ab = {T, b->pos, ws->bt, tuna_kv_block_size(kv), a->sliding_window};
+    const float scale = (float)(1.0 / sqrt((double)D));
+    float *x = ws->x;
+
+    op->embedding(be, x, b->tokens, T, &m->embed, m->embed_scale);
+    for (int64_t l = 0; l < a->n_layers; l++) {
+        const struct tuna_layer *L = &m->layers[l];
+        const struct tuna_fwd_layer_acts *A = trace ? &trace->layers[l] : &ws->a;
+        float *kc = tuna_kv_k(kv, l), *vc = tuna_kv_v(kv, l);
+        if (trace) memcpy(A->x_in, x, (size_t)(T * C) * sizeof(float));
+        /* attention block */
+        op->rmsnorm(be, A->xn_attn, x, L->attn_norm, T, C, (float)a->norm_eps);
+        linear(m, &L->q, A->q, A->xn_attn, T, b);  /* (T, H*D) */
+        linear(m, &L->k, A->k, A->xn_attn, T, b);  /* (T, Hkv*D) */
+        linear(m, &L->v, A->v, A->xn_attn, T, b);  /* (T, Hkv*D) */
+        if (L->q_norm) op->rmsnorm(be, A->q, A->q, L->q_norm, T * H, D, (float)a->norm_eps);
+        if (L->k_norm) op->rmsnorm(be, A->k, A->k, L->k_norm, T * Hkv, D, (float)a->norm_eps);
+        op->rope(be, A->q, b->pos, T, H, D, m->rot_dim, m->inv_freq, m->attn_factor);
+        op->rope(be, A->k, b->pos, T, Hkv, D, m->rot_dim, m->inv_freq, m->attn_factor);
+        op->kv_store(be, kc, vc, A->k, A->v, ws->slot, T, Hkv * D);
+        op->attention(be, A->att, A->q, kc, vc, &ab, H, Hkv, D, scale); /* (T, H*D) */
+        linear(m, &L->o, ws->tmp, A->att, T, b);                          /* (T, C) */
+        op->add(be, x, ws->tmp, T * C);
+        if (trace) memcpy(A->x_mid, x, (size_t)(T * C) * sizeof(float));
+        /* MLP block */
+        op->rmsnorm(be, A->xn_mlp, x, L->mlp_norm, T, C, (float)a->norm_eps);
+        linear(m, &L->gate, A->gate, A->xn_mlp, T, b); /* (T, I) */
+        linear(m, &L->up, A->up, A->xn_mlp, T, b);     /* (T, I) */
+        float *act = trace ? A->act : A->gate;
+        op->glu(be, act, A->gate, A->up, T * I, (int)a->act);
+        linear(m, &L->down, ws->tmp, act, T, b); /* (T, C) */
+        op->add(be, x, ws->tmp, T * C);
+    }
+    if (trace) memcpy(trace->x_final, x, (size_t)(T * C) * sizeof(float));
+    if (!logits || b->n_logits == 0) return TUNA_OK;
+    int64_t n = 0;
+    for (int64_t t = 0; t < T; t++)
+        if (b->logits[t]) memcpy(ws->sel + (n++) * C, x + t * C, (size_t)C * sizeof(float));
+    op->rmsnorm(be, ws->sel, ws->sel, m->final_norm, n, C, (float)a->norm_eps);
+    m->ops->matmul(be, logits, ws->sel, &m->lm_head.w, NULL, n); /* (n, V) */
+    return TUNA_OK;
+}

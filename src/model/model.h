@@ -1,0 +1,114 @@
+/* model.h — a loaded Llama-family model (llama, mistral, qwen2, qwen3, gemma) and its forward
+ * pass over the backend op table.
+ *
+ * Weights are views into the mapped safetensors files in their stored dtype (bf16 stays bf16:
+ * resident memory ≈ file size); only the small vectors (norm weights, biases) are converted to
+ * float32 at load. Architecture differences are data here (biases present or not, q/k norm,
+ * Gemma's 1+w folded into the norm weights, embedding scale, activation, tied lm_head), never
+ * a switch on the family in the forward pass.
+ */
+#ifndef TUNA_MODEL_H
+#define TUNA_MODEL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "backend/backend.h"
+#include "io/hf_config.h"
+#include "io/safetensors.h"
+#include "model/batch.h"
+#include "model/kv_cache.h"
+
+/* A linear layer y = W x + b + Σ scale·B(A x) for the adapter chosen by the token's sequence. */
+struct tuna_linear {
+    struct tuna_weight w;     /* [N, K] */
+    float *bias;              /* [N] float32, owned; NULL without bias */
+    int n_lora;               /* adapters attached (0 = none); index chosen per token */
+    const struct tuna_lora *lora; /* [n_lora], borrowed from whoever attached them */
+};
+
+struct tuna_layer {
+    float *attn_norm;           /* [C] (1+w for Gemma) */
+    struct tuna_linear q, k, v; /* [H*D, C], [Hkv*D, C], [Hkv*D, C] */
+    float *q_norm, *k_norm;     /* [D] Qwen3 per-head norms, NULL otherwise */
+    struct tuna_linear o;       /* [C, H*D] */
+    float *mlp_norm;            /* [C] */
+    struct tuna_linear gate, up; /* [I, C] */
+    struct tuna_linear down;    /* [C, I] */
+};
+
+/* What a backward pass needs from the forward, per layer: when the caller passes a trace, the
+ * forward keeps every layer's activations (one set of buffers per layer instead of one shared
+ * set). All float32, T rows; owned by the trace (tuna_fwd_trace_free). */
+struct tuna_fwd_layer_acts {
+    float *x_in;     /* [T, C] residual stream entering the layer */
+    float *xn_attn;  /* [T, C] attention norm output */
+    float *q;        /* [T, H*D] after q norm and RoPE */
+    float *k, *v;    /* [T, Hkv*D] k after norm and RoPE */
+    float *att;      /* [T, H*D] attention output before o_proj */
+    float *x_mid;    /* [T, C] residual after attention */
+    float *xn_mlp;   /* [T, C] */
+    float *gate, *up; /* [T, I] projections (gate is overwritten by act(gate)*up unless traced) */
+    float *act;      /* [T, I] act(gate) * up */
+};
+struct tuna_fwd_trace {
+    int64_t T, cap;
+    struct tuna_fwd_layer_acts *layers; /* [L] */
+    float *x_final;  /* [T, C] residual before the final norm */
+};
+void tuna_fwd_trace_free(struct tuna_fwd_trace *tr);
+
+struct tuna_model_opts {
+    int threads;            /* <= 0: all CPUs */
+    int64_t max_model_len;  /* 0: max_position_embeddings; larger is refused */
+};
+
+struct tuna_fwd_ws; /* scratch activations, grown to the largest step (forward.c) */
+
+struct tuna_model {
+    struct tuna_arch arch;
+    tuna_st_set *st;            /* owned: the mapped weights */
+    const struct tuna_backend_ops *ops;
+    tuna_backend *be;           /* owned */
+
+    struct tuna_weight embed;   /* [V, C] */
+    float embed_scale;          /* sqrt(C) in float32 for Gemma, else 1 */
+    struct tuna_layer *layers;  /* [L] */
+    float *final_norm;          /* [C] */
+    struct tuna_linear lm_head; /* [V, C]: the embedding when tied */
+    int64_t max_model_len;
+
+    int64_t rot_dim;            /* RoPE dims rotated per head */
+    float *inv_freq;            /* [rot_dim/2] */
+    float attn_factor;
+    int64_t inv_freq_len;       /* dynamic NTK: the seq_len inv_freq was made for */
+
+    struct tuna_fwd_ws *ws;
+};
+
+/* Loads config.json and the weights of dir, checks every tensor against the architecture and
+ * starts a CPU backend. *out taken by the caller (tuna_model_free). */
+tuna_status tuna_model_load(const char *dir, const struct tuna_model_opts *opts, struct tuna_model **out);
+void tuna_model_free(struct tuna_model *m); /* accepts NULL */
+
+/* Builds a model over weights the caller owns (bench: synthetic weights in memory): `get` returns
+ * the view of a tensor by HF name, or NULL. Views must outlive the model. */
+typedef const struct tuna_tensor_view *(*tuna_tensor_lookup)(void *ctx, const char *name);
+tuna_status tuna_model_build(const struct tuna_arch *arch, tuna_tensor_lookup get, void *ctx,
+                             const struct tuna_model_opts *opts, struct tuna_model **out);
+
+/* A KV cache for this model: n_tokens slots in blocks of block_size (0 = default 16). */
+tuna_status tuna_model_kv_new(const struct tuna_model *m, int64_t n_tokens, int32_t block_size,
+                              tuna_kv_cache **out);
+
+/* One forward step over a batch (tokens of several sequences, prefill and decode mixed).
+ * Each token's position must be at most its sequence's current length (the cache grows to hold
+ * it); positions >= max_model_len are refused with TUNA_E_RANGE.
+ * logits: [rows with want_logits, V] in batch order. trace: NULL, or keeps what backward needs. */
+tuna_status tuna_model_forward(struct tuna_model *m, tuna_kv_cache *kv, const struct tuna_batch *b,
+                               float *logits, struct tuna_fwd_trace *trace);
+
+/* Bytes of weights read per decoded token (every matrix once; the embedding row is negligible). */
+uint64_t tuna_model_weight_bytes(const struct tuna_model *m);
+
+#endif

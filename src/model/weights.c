@@ -1,0 +1,298 @@
+/* weights.c — Hugging Face tensor names → struct tuna_model, with every shape and dtype checked
+ * against struct tuna_arch before the forward pass may touch it.
+ *
+ * Names (transformers' LlamaForCausalLM layout, shared by mistral/qwen2/qwen3/gemma):
+ *   model.embed_tokens.weight, model.norm.weight, lm_head.weight (absent when tied),
+ *   model.layers.{i}.{input_layernorm,post_attention_layernorm}.weight,
+ *   model.layers.{i}.self_attn.{q,k,v,o}_proj.{weight,bias}, self_attn.{q,k}_norm.weight,
+ *   model.layers.{i}.mlp.{gate,up,down}_proj.weight
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/cpu/cpu.h"
+#include "core/status.h"
+#include "model/model.h"
+#include "model/rope_freq.h"
+
+struct loader {
+    const struct tuna_arch *a;
+    tuna_tensor_lookup get;
+    void *ctx;
+};
+
+static const struct tuna_tensor_view *find(const struct loader *ld, const char *name, bool required,
+                                           tuna_status *st)
+{
+    const struct tuna_tensor_view *t = ld->get(ld->ctx, name);
+    if (!t && required)
+        *st = tuna_fail(TUNA_E_FORMAT, "tensor '%s' is missing; a %s model with %lld layers needs it "
+                        "(is this folder a complete %s checkpoint?)", name, ld->a->model_type,
+                        (long long)ld->a->n_layers, ld->a->architecture);
+    return t;
+}
+
+static tuna_status load_matrix(const struct loader *ld, const char *name, int64_t rows, int64_t cols,
+                               struct tuna_weight *w)
+{
+    tuna_status st = TUNA_OK;
+    const struct tuna_tensor_view *t = find(ld, name, true, &st);
+    if (!t) return st;
+    if (t->ndim != 2 || t->shape[0] != rows || t->shape[1] != cols)
+        return tuna_fail(TUNA_E_FORMAT, "%s: tensor '%s' has shape %s[%lld, %lld], config.json implies [%lld, %lld]",
+                         t->file, name, t->ndim == 2 ? "" : "(not 2-D) ", t->ndim > 0 ? (long long)t->shape[0] : 0,
+                         t->ndim > 1 ? (long long)t->shape[1] : 0, (long long)rows, (long long)cols);
+    if (t->dtype != TUNA_DTYPE_BF16 && t->dtype != TUNA_DTYPE_F16 && t->dtype != TUNA_DTYPE_F32)
+        return tuna_fail(TUNA_E_UNSUPPORTED, "%s: tensor '%s' is %s; the forward pass takes BF16, F16 or F32 weights "
+                         "(quantize with `tuna quantize` for 4-bit)", t->file, name, tuna_dtype_name(t->dtype));
+    w->dtype = t->dtype;
+    w->rows = rows;
+    w->cols = cols;
+    w->data = t->data;
+    w->q4 = NULL;
+    return TUNA_OK;
+}
+
+/* A 1-D float vector of n elements converted to float32; add_one: store 1 + w (Gemma norms). */
+static tuna_status load_vector(const struct loader *ld, const char *name, int64_t n, bool add_one, float **out)
+{
+    tuna_status st = TUNA_OK;
+    const struct tuna_tensor_view *t = find(ld, name, true, &st);
+    if (!t) return st;
+    if (t->ndim != 1 || t->shape[0] != n)
+        return tuna_fail(TUNA_E_FORMAT, "%s: tensor '%s' should be a vector of %lld values (config.json), "
+                         "found %d dims with %llu values", t->file, name, (long long)n, t->ndim,
+                         (unsigned long long)t->numel);
+    if (!tuna_dtype_is_float(t->dtype))
+        return tuna_fail(TUNA_E_FORMAT, "%s: tensor '%s' is %s, expected a float type", t->file, name,
+                         tuna_dtype_name(t->dtype));
+    float *v = malloc((size_t)n * sizeof *v);
+    if (!v) return tuna_fail_oom(name, (size_t)n * sizeof *v);
+    st = tuna_tensor_to_f32(t, v);
+    if (st) {
+        free(v);
+        return st;
+    }
+    if (add_one)
+        for (int64_t i = 0; i < n; i++) v[i] = 1.0f + v[i];
+    *out = v;
+    return TUNA_OK;
+}
+
+static tuna_status load_linear(const struct loader *ld, const char *prefix, int64_t rows, int64_t cols,
+                               bool bias, struct tuna_linear *lin)
+{
+    char name[256];
+    snprintf(name, sizeof name, "%s.weight", prefix);
+    tuna_status st = load_matrix(ld, name, rows, cols, &lin->w);
+    if (st) return st;
+    snprintf(name, sizeof name, "%s.bias", prefix);
+    bool present = ld->get(ld->ctx, name) != NULL;
+    if (present && !bias)
+        return tuna_fail(TUNA_E_FORMAT, "tensor '%s' exists but config.json says this %s model has no such "
+                         "bias (attention_bias / mlp_bias)", name, ld->a->model_type);
+    if (bias) return load_vector(ld, name, rows, false, &lin->bias);
+    return TUNA_OK;
+}
+
+static tuna_status load_layer(const struct loader *ld, int64_t i, struct tuna_layer *L)
+{
+    const struct tuna_arch *a = ld->a;
+    const int64_t C = a->hidden_size, HD = a->n_heads * a->head_dim, KD = a->n_kv_heads * a->head_dim;
+    const int64_t I = a->intermediate_size;
+    char p[192], n[256];
+    tuna_status st;
+#define LP(fmt) (snprintf(n, sizeof n, "model.layers.%lld." fmt, (long long)i), n)
+    if ((st = load_vector(ld, LP("input_layernorm.weight"), C, a->norm_add_one, &L->attn_norm))) return st;
+    if ((st = load_vector(ld, LP("post_attention_layernorm.weight"), C, a->norm_add_one, &L->mlp_norm))) return st;
+    snprintf(p, sizeof p, "model.layers.%lld.self_attn.q_proj", (long long)i);
+    if ((st = load_linear(ld, p, HD, C, a->attention_bias, &L->q))) return st;
+    snprintf(p, sizeof p, "model.layers.%lld.self_attn.k_proj", (long long)i);
+    if ((st = load_linear(ld, p, KD, C, a->attention_bias, &L->k))) return st;
+    snprintf(p, sizeof p, "model.layers.%lld.self_attn.v_proj", (long long)i);
+    if ((st = load_linear(ld, p, KD, C, a->attention_bias, &L->v))) return st;
+    snprintf(p, sizeof p, "model.layers.%lld.self_attn.o_proj", (long long)i);
+    if ((st = load_linear(ld, p, C, HD, a->o_bias, &L->o))) return st;
+    if (a->qk_norm) {
+        if ((st = load_vector(ld, LP("self_attn.q_norm.weight"), a->head_dim, a->norm_add_one, &L->q_norm))) return st;
+        if ((st = load_vector(ld, LP("self_attn.k_norm.weight"), a->head_dim, a->norm_add_one, &L->k_norm))) return st;
+    }
+    snprintf(p, sizeof p, "model.layers.%lld.mlp.gate_proj", (long long)i);
+    if ((st = load_linear(ld, p, I, C, a->mlp_bias, &L->gate))) return st;
+    snprintf(p, sizeof p, "model.layers.%lld.mlp.up_proj", (long long)i);
+    if ((st = load_linear(ld, p, I, C, a->mlp_bias, &L->up))) return st;
+    snprintf(p, sizeof p, "model.layers.%lld.mlp.down_proj", (long long)i);
+    if ((st = load_linear(ld, p, C, I, a->mlp_bias, &L->down))) return st;
+#undef LP
+    return TUNA_OK;
+}
+
+static tuna_status check_arch(const struct tuna_arch *a)
+{
+    if (a->hidden_size <= 0 || a->n_layers <= 0 || a->n_heads <= 0 || a->n_kv_heads <= 0 || a->head_dim <= 0 ||
+        a->intermediate_size <= 0 || a->vocab_size <= 0)
+        return tuna_fail(TUNA_E_FORMAT, "config.json: sizes must be positive (hidden %lld, layers %lld, heads %lld, "
+                         "kv heads %lld, head_dim %lld, intermediate %lld, vocab %lld)", (long long)a->hidden_size,
+                         (long long)a->n_layers, (long long)a->n_heads, (long long)a->n_kv_heads,
+                         (long long)a->head_dim, (long long)a->intermediate_size, (long long)a->vocab_size);
+    if (a->n_heads % a->n_kv_heads)
+        return tuna_fail(TUNA_E_FORMAT, "config.json: num_attention_heads %lld is not a multiple of "
+                         "num_key_value_heads %lld", (long long)a->n_heads, (long long)a->n_kv_heads);
+    if (a->head_dim > TUNA_CPU_MAX_HEAD_DIM)
+        return tuna_fail(TUNA_E_UNSUPPORTED, "config.json: head_dim %lld is above the %d the CPU attention supports",
+                         (long long)a->head_dim, TUNA_CPU_MAX_HEAD_DIM);
+    if (a->quant.method != TUNA_QUANT_NONE)
+        return tuna_fail(TUNA_E_UNSUPPORTED, "config.json declares quantization_config (%s); the forward pass "
+                         "runs 16/32-bit checkpoints only for now", a->quant.method_name);
+    return TUNA_OK;
+}
+
+tuna_status tuna_model_build(const struct tuna_arch *arch, tuna_tensor_lookup get, void *ctx,
+                             const struct tuna_model_opts *opts, struct tuna_model **out)
+{
+    *out = NULL;
+    tuna_status st = check_arch(arch);
+    if (st) return st;
+    struct tuna_model *m = calloc(1, sizeof *m);
+    if (!m) return tuna_fail_oom("model", sizeof *m);
+    m->arch = *arch;
+    m->arch.quant.skip_modules = NULL; /* owned by the caller's arch */
+    m->arch.quant.n_skip_modules = 0;
+    const struct tuna_arch *a = &m->arch;
+    struct loader ld = {a, get, ctx};
+    m->layers = calloc((size_t)a->n_layers, sizeof *m->layers);
+    if (!m->layers) {
+        st = tuna_fail_oom("layer table", sizeof *m->layers * (size_t)a->n_layers);
+        goto fail;
+    }
+    if ((st = load_matrix(&ld, "model.embed_tokens.weight", a->vocab_size, a->hidden_size, &m->embed))) goto fail;
+    for (int64_t i = 0; i < a->n_layers; i++)
+        if ((st = load_layer(&ld, i, &m->layers[i]))) goto fail;
+    if ((st = load_vector(&ld, "model.norm.weight", a->hidden_size, a->norm_add_one, &m->final_norm))) goto fail;
+    if (a->tie_word_embeddings || !get(ctx, "lm_head.weight")) {
+        if (!a->tie_word_embeddings) {
+            st = tuna_fail(TUNA_E_FORMAT, "tensor 'lm_head.weight' is missing and config.json has "
+                           "tie_word_embeddings false");
+            goto fail;
+        }
+        m->lm_head.w = m->embed;
+    } else if ((st = load_matrix(&ld, "lm_head.weight", a->vocab_size, a->hidden_size, &m->lm_head.w))) {
+        goto fail;
+    }
+    /* Gemma: hidden * torch.tensor(hidden_size ** 0.5, dtype=hidden.dtype), the compute dtype
+     * being float32 here */
+    m->embed_scale = a->embed_scale_sqrt ? (float)sqrt((double)a->hidden_size) : 1.0f;
+    m->max_model_len = a->max_position_embeddings > 0 ? a->max_position_embeddings : INT64_MAX;
+    if (opts && opts->max_model_len > 0) {
+        if (a->max_position_embeddings > 0 && opts->max_model_len > a->max_position_embeddings &&
+            a->rope.type == TUNA_ROPE_DEFAULT) {
+            st = tuna_fail(TUNA_E_RANGE, "--max-model-len %lld is above max_position_embeddings %lld of this model",
+                           (long long)opts->max_model_len, (long long)a->max_position_embeddings);
+            goto fail;
+        }
+        m->max_model_len = opts->max_model_len;
+    }
+    m->rot_dim = tuna_rope_rot_dim(a);
+    m->inv_freq = malloc(sizeof(float) * (size_t)(m->rot_dim / 2 + 1));
+    if (!m->inv_freq) {
+        st = tuna_fail_oom("rope table", sizeof(float) * (size_t)m->rot_dim);
+        goto fail;
+    }
+    tuna_rope_inv_freq(a, 0, m->inv_freq, &m->attn_factor);
+    m->ops = tuna_cpu_backend_ops();
+    if ((st = tuna_cpu_backend_new(opts ? opts->threads : 0, &m->be))) goto fail;
+    int64_t maxk = a->intermediate_size > a->hidden_size ? a->intermediate_size : a->hidden_size;
+    if (a->n_heads * a->head_dim > maxk) maxk = a->n_heads * a->head_dim;
+    if ((st = tuna_cpu_backend_reserve(m->be, maxk))) goto fail;
+    *out = m;
+    return TUNA_OK;
+fail:
+    tuna_model_free(m);
+    return st;
+}
+
+static const struct tuna_tensor_view *set_lookup(void *ctx, const char *name)
+{
+    return tuna_st_set_find(ctx, name);
+}
+
+tuna_status tuna_model_load(const char *dir, const struct tuna_model_opts *opts, struct tuna_model **out)
+{
+    *out = NULL;
+    struct tuna_arch arch;
+    tuna_status st = tuna_arch_load(dir, &arch);
+    if (st) return st;
+    tuna_st_set *set = NULL;
+    st = tuna_st_set_open(dir, "model", &set);
+    if (st) {
+        tuna_arch_free(&arch);
+        return st;
+    }
+    st = tuna_model_build(&arch, set_lookup, set, opts, out);
+    tuna_arch_free(&arch);
+    if (st) {
+        tuna_st_set_close(set);
+        return tuna_fail_prefix(st, "loading %s", dir);
+    }
+    (*out)->st = set;
+    return TUNA_OK;
+}
+
+void tuna_fwd_ws_free(struct tuna_fwd_ws *ws); /* forward.c */
+
+static void free_linear(struct tuna_linear *l) { free(l->bias); }
+
+void tuna_model_free(struct tuna_model *m)
+{
+    if (!m) return;
+    if (m->layers)
+        for (int64_t i = 0; i < m->arch.n_layers; i++) {
+            struct tuna_layer *L = &m->layers[i];
+            free(L->attn_norm);
+            free(L->mlp_norm);
+            free(L->q_norm);
+            free(L->k_norm);
+            free_linear(&L->q);
+            free_linear(&L->k);
+            free_linear(&L->v);
+            free_linear(&L->o);
+            free_linear(&L->gate);
+            free_linear(&L->up);
+            free_linear(&L->down);
+        }
+    free(m->layers);
+    free(m->final_norm);
+    free(m->inv_freq);
+    tuna_fwd_ws_free(m->ws);
+    tuna_cpu_backend_free(m->be);
+    tuna_st_set_close(m->st);
+    free(m);
+}
+
+tuna_status tuna_model_kv_new(const struct tuna_model *m, int64_t n_tokens, int32_t block_size, tuna_kv_cache **out)
+{
+    if (block_size <= 0) block_size = TUNA_KV_DEFAULT_BLOCK;
+    int64_t nb = (n_tokens + block_size - 1) / block_size;
+    if (nb < 1) nb = 1;
+    if (nb > INT32_MAX) return tuna_fail(TUNA_E_RANGE, "KV cache of %lld tokens is too large", (long long)n_tokens);
+    struct tuna_kv_config cfg = {m->arch.n_layers, m->arch.n_kv_heads, m->arch.head_dim, block_size, (int32_t)nb};
+    return tuna_kv_new(&cfg, out);
+}
+
+static uint64_t wbytes(const struct tuna_weight *w)
+{
+    return tuna_dtype_nbytes(w->dtype, (uint64_t)(w->rows * w->cols));
+}
+
+uint64_t tuna_model_weight_bytes(const struct tuna_model *m)
+{
+    uint64_t n = wbytes(&m->lm_head.w);
+    for (int64_t i = 0; i < m->arch.n_layers; i++) {
+        const struct tuna_layer *L = &m->layers[i];
+        n += wbytes(&L->q.w) + wbytes(&L->k.w) + wbytes(&L->v.w) + wbytes(&L->o.w) + wbytes(&L->gate.w) +
+             wbytes(&L->up.w) + wbytes(&L->down.w);
+    }
+    return n;
+}
