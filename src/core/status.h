@@ -17,6 +17,10 @@
 #define TUNA_PRINTF(a, b)
 #endif
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 /* Sets this thread's message (printf format) and returns s. */
 tuna_status tuna_fail(tuna_status s, const char *fmt, ...) TUNA_PRINTF(2, 3);
 
@@ -25,5 +29,9 @@ tuna_status tuna_fail_prefix(tuna_status s, const char *fmt, ...) TUNA_PRINTF(2,
 
 /* Reports an allocation failure of n bytes for what (e.g. "tensor table") and returns TUNA_E_OOM. */
 tuna_status tuna_fail_oom(const char *what, size_t n);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif
