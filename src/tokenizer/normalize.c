@@ -1,0 +1,229 @@
+/* normalize.c — HF tokenizers normalizers: NFC NFD NFKC NFKD (utf8proc), Lowercase, Strip,
+ * Prepend, Replace, StripAccents, BertNormalizer and Sequence. A normalizer maps one string to
+ * another; offsets are not tracked (tuna needs ids, not alignments). */
+#include <stdlib.h>
+#include <string.h>
+
+#include <utf8proc.h>
+
+#include "core/json.h"
+#include "core/status.h"
+#include "tokenizer/tok_internal.h"
+
+static char *dup_str(const char *s) { return s ? strdup(s) : NULL; }
+
+tuna_status tk_norm_parse(const cJSON *j, struct tk_norm *n)
+{
+    memset(n, 0, sizeof *n);
+    const cJSON *ty = tuna_json_member(j, "type");
+    if (!cJSON_IsString(ty)) return tuna_fail(TUNA_E_FORMAT, "tokenizer.json: normalizer without a \"type\"");
+    const char *t = ty->valuestring;
+    if (!strcmp(t, "NFC")) n->type = TK_NORM_NFC;
+    else if (!strcmp(t, "NFD")) n->type = TK_NORM_NFD;
+    else if (!strcmp(t, "NFKC")) n->type = TK_NORM_NFKC;
+    else if (!strcmp(t, "NFKD")) n->type = TK_NORM_NFKD;
+    else if (!strcmp(t, "Lowercase")) n->type = TK_NORM_LOWERCASE;
+    else if (!strcmp(t, "StripAccents")) n->type = TK_NORM_STRIP_ACCENTS;
+    else if (!strcmp(t, "Strip")) {
+        n->type = TK_NORM_STRIP;
+        n->left = cJSON_IsTrue(tuna_json_member(j, "left"));
+        n->right = cJSON_IsTrue(tuna_json_member(j, "right"));
+    } else if (!strcmp(t, "Prepend")) {
+        n->type = TK_NORM_PREPEND;
+        const cJSON *p = tuna_json_member(j, "prepend");
+        if (!cJSON_IsString(p)) return tuna_fail(TUNA_E_FORMAT, "tokenizer.json: Prepend normalizer without a \"prepend\" string");
+        n->content = dup_str(p->valuestring);
+        if (!n->content) return tuna_fail_oom("normalizer", 0);
+    } else if (!strcmp(t, "Replace")) {
+        n->type = TK_NORM_REPLACE;
+        const cJSON *c = tuna_json_member(j, "content");
+        if (!cJSON_IsString(c)) return tuna_fail(TUNA_E_FORMAT, "tokenizer.json: Replace normalizer without a \"content\" string");
+        n->content = dup_str(c->valuestring);
+        if (!n->content) return tuna_fail_oom("normalizer", 0);
+        return tk_pattern_parse(tuna_json_member(j, "pattern"), &n->pat, "Replace normalizer");
+    } else if (!strcmp(t, "BertNormalizer")) {
+        n->type = TK_NORM_BERT;
+        const cJSON *v;
+        n->clean_text = !cJSON_IsFalse(tuna_json_member(j, "clean_text"));
+        n->chinese = !cJSON_IsFalse(tuna_json_member(j, "handle_chinese_chars"));
+        n->lowercase = !cJSON_IsFalse(tuna_json_member(j, "lowercase"));
+        v = tuna_json_member(j, "strip_accents");
+        n->strip_accents = v ? cJSON_IsTrue(v) : n->lowercase;
+    } else if (!strcmp(t, "Sequence")) {
+        n->type = TK_NORM_SEQUENCE;
+        const cJSON *arr = tuna_json_member(j, "normalizers");
+        if (!cJSON_IsArray(arr)) return tuna_fail(TUNA_E_FORMAT, "tokenizer.json: Sequence normalizer without a \"normalizers\" array");
+        int k = cJSON_GetArraySize(arr);
+        n->kids = calloc(k ? (size_t)k : 1, sizeof *n->kids);
+        if (!n->kids) return tuna_fail_oom("normalizer", 0);
+        const cJSON *e;
+        cJSON_ArrayForEach(e, arr)
+        {
+            tuna_status st = tk_norm_parse(e, &n->kids[n->nkids]);
+            n->nkids++;
+            if (st) return st;
+        }
+    } else {
+        return tuna_fail(TUNA_E_UNSUPPORTED,
+                         "tokenizer.json: normalizer type \"%s\" is not supported (tuna handles NFC, NFD, "
+                         "NFKC, NFKD, Lowercase, Strip, StripAccents, Prepend, Replace, BertNormalizer, Sequence)",
+                         t);
+    }
+    return TUNA_OK;
+}
+
+void tk_norm_free(struct tk_norm *n)
+{
+    if (!n) return;
+    for (size_t i = 0; i < n->nkids; i++) tk_norm_free(&n->kids[i]);
+    free(n->kids);
+    free(n->content);
+    tk_pattern_free(&n->pat);
+}
+
+static tuna_status unicode_form(const char *s, size_t len, utf8proc_option_t opt, tk_buf *out)
+{
+    if (len == 0) return tk_buf_put(out, "", 0) ? TUNA_OK : tuna_fail_oom("normalizer", 0);
+    utf8proc_uint8_t *dst = NULL;
+    utf8proc_ssize_t r = utf8proc_map((const utf8proc_uint8_t *)s, (utf8proc_ssize_t)len, &dst, opt | UTF8PROC_STABLE);
+    if (r < 0) return tuna_fail(TUNA_E_INVALID, "unicode normalization failed: %s", utf8proc_errmsg(r));
+    bool ok = tk_buf_put(out, dst, (size_t)r);
+    free(dst);
+    return ok ? TUNA_OK : tuna_fail_oom("normalizer", (size_t)r);
+}
+
+static bool is_mark(int32_t c)
+{
+    utf8proc_category_t k = utf8proc_category(c);
+    return k == UTF8PROC_CATEGORY_MN || k == UTF8PROC_CATEGORY_MC || k == UTF8PROC_CATEGORY_ME;
+}
+
+static bool is_chinese(int32_t c)
+{
+    return (c >= 0x4E00 && c <= 0x9FFF) || (c >= 0x3400 && c <= 0x4DBF) || (c >= 0x20000 && c <= 0x2A6DF) ||
+           (c >= 0x2A700 && c <= 0x2B73F) || (c >= 0x2B740 && c <= 0x2B81F) || (c >= 0x2B920 && c <= 0x2CEAF) ||
+           (c >= 0xF900 && c <= 0xFAFF) || (c >= 0x2F800 && c <= 0x2FA1F);
+}
+
+/* Per-character rewrite used by Lowercase, StripAccents and BertNormalizer. */
+static tuna_status map_chars(const struct tk_norm *n, const char *s, size_t len, tk_buf *out)
+{
+    size_t i = 0;
+    while (i < len) {
+        int32_t c;
+        size_t k = tk_utf8_next(s + i, len - i, &c);
+        i += k;
+        if (c < 0) continue;
+        bool ok = true;
+        if (n->type == TK_NORM_LOWERCASE || (n->type == TK_NORM_BERT && n->lowercase)) {
+            if (c == 0x130) {
+                ok = tk_buf_put(out, "i\xCC\x87", 3);
+                if (!ok) return tuna_fail_oom("normalizer", 0);
+                continue;
+            }
+            c = utf8proc_tolower(c);
+        }
+        if (n->type == TK_NORM_STRIP_ACCENTS && is_mark(c)) continue;
+        if (n->type == TK_NORM_BERT) {
+            if (n->clean_text) {
+                if (c == 0 || c == 0xFFFD) continue;
+                utf8proc_category_t cat = utf8proc_category(c);
+                bool ws = c == ' ' || c == '\t' || c == '\n' || c == '\r' || cat == UTF8PROC_CATEGORY_ZS;
+                if (ws) c = ' ';
+                else if (cat == UTF8PROC_CATEGORY_CC || cat == UTF8PROC_CATEGORY_CF || cat == UTF8PROC_CATEGORY_CN ||
+                         cat == UTF8PROC_CATEGORY_CO)
+                    continue;
+            }
+            if (n->strip_accents && is_mark(c)) continue;
+            if (n->chinese && is_chinese(c)) {
+                ok = tk_buf_putc(out, ' ') && tk_buf_put_cp(out, (uint32_t)c) && tk_buf_putc(out, ' ');
+                if (!ok) return tuna_fail_oom("normalizer", 0);
+                continue;
+            }
+        }
+        if (!tk_buf_put_cp(out, (uint32_t)c)) return tuna_fail_oom("normalizer", 0);
+    }
+    return tk_buf_put(out, "", 0) ? TUNA_OK : tuna_fail_oom("normalizer", 0);
+}
+
+static tuna_status apply_one(const struct tk_norm *n, const char *s, size_t len, tk_buf *out)
+{
+    out->n = 0;
+    switch (n->type) {
+    case TK_NORM_NFC: return unicode_form(s, len, UTF8PROC_COMPOSE, out);
+    case TK_NORM_NFD: return unicode_form(s, len, UTF8PROC_DECOMPOSE, out);
+    case TK_NORM_NFKC: return unicode_form(s, len, UTF8PROC_COMPOSE | UTF8PROC_COMPAT, out);
+    case TK_NORM_NFKD: return unicode_form(s, len, UTF8PROC_DECOMPOSE | UTF8PROC_COMPAT, out);
+    case TK_NORM_LOWERCASE:
+    case TK_NORM_STRIP_ACCENTS: return map_chars(n, s, len, out);
+    case TK_NORM_BERT: {
+        if (!n->strip_accents) return map_chars(n, s, len, out);
+        tk_buf tmp = {0};
+        tuna_status st = unicode_form(s, len, UTF8PROC_DECOMPOSE, &tmp);
+        if (!st) st = map_chars(n, tmp.p, tmp.n, out);
+        tk_buf_free(&tmp);
+        return st;
+    }
+    case TK_NORM_STRIP: {
+        size_t a = 0, b = len;
+        if (n->left)
+            while (a < b) {
+                int32_t c;
+                size_t k = tk_utf8_next(s + a, b - a, &c);
+                if (!tk_is_whitespace(c)) break;
+                a += k;
+            }
+        if (n->right)
+            while (b > a) {
+                size_t p = b - 1;
+                while (p > a && ((unsigned char)s[p] & 0xC0) == 0x80) p--;
+                int32_t c;
+                tk_utf8_next(s + p, b - p, &c);
+                if (!tk_is_whitespace(c)) break;
+                b = p;
+            }
+        return tk_buf_put(out, s + a, b - a) ? TUNA_OK : tuna_fail_oom("normalizer", len);
+    }
+    case TK_NORM_PREPEND:
+        if (len && !tk_buf_put(out, n->content, strlen(n->content))) return tuna_fail_oom("normalizer", len);
+        return tk_buf_put(out, s, len) ? TUNA_OK : tuna_fail_oom("normalizer", len);
+    case TK_NORM_REPLACE: {
+        tk_segs segs = {0};
+        tuna_status st = tk_find_matches(&n->pat, s, len, &segs);
+        size_t clen = strlen(n->content);
+        for (size_t i = 0; !st && i < segs.n; i++) {
+            const tk_seg *g = &segs.v[i];
+            bool ok = g->match ? tk_buf_put(out, n->content, clen) : tk_buf_put(out, s + g->start, g->end - g->start);
+            if (!ok) st = tuna_fail_oom("normalizer", len);
+        }
+        free(segs.v);
+        if (!st && !tk_buf_put(out, "", 0)) st = tuna_fail_oom("normalizer", 0);
+        return st;
+    }
+    case TK_NORM_SEQUENCE: {
+        tk_buf a = {0}, b = {0};
+        if (!tk_buf_put(&a, s, len)) return tuna_fail_oom("normalizer", len);
+        for (size_t i = 0; i < n->nkids; i++) {
+            tuna_status st = apply_one(&n->kids[i], a.p, a.n, &b);
+            if (st) {
+                tk_buf_free(&a);
+                tk_buf_free(&b);
+                return st;
+            }
+            tk_buf t = a;
+            a = b;
+            b = t;
+        }
+        bool ok = tk_buf_put(out, a.p, a.n);
+        tk_buf_free(&a);
+        tk_buf_free(&b);
+        return ok ? TUNA_OK : tuna_fail_oom("normalizer", len);
+    }
+    }
+    return tuna_fail(TUNA_E_INTERNAL, "unknown normalizer type %d", (int)n->type);
+}
+
+tuna_status tk_norm_apply(const struct tk_norm *n, const char *s, size_t len, tk_buf *out)
+{
+    return apply_one(n, s, len, out);
+}

@@ -1,0 +1,435 @@
+/* test_tokenizer.c — tokenizer encode/decode against reference outputs:
+ * - fixtures/tokenizers/{bpe-1k,bpe-4k,spm-1k}/cases.json (made by HF tokenizers 0.23),
+ * - the fixture model folders' tokenizers (load, encode, round trip),
+ * - llama.cpp's .inp/.out vectors (ids from HF AutoTokenizer) run against real tokenizer.json
+ *   files (Llama 2 / TinyLlama, Phi-3, Phi-2, Falcon, RoBERTa) and vocab+merges files (Llama 3,
+ *   Qwen2, DeepSeek-R1-Qwen),
+ * - swift-transformers' encoded paragraphs (Llama 2, Falcon),
+ * - streaming decode and bad input. */
+#include <stdbool.h>
+
+#include "core/file.h"
+#include "core/json.h"
+#include "testutil.h"
+#include "tokenizer/tokenizer.h"
+
+static const char LLAMA3_RE[] = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| "
+                                "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+static const char QWEN2_RE[] = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| "
+                               "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+
+static void print_ids(const char *what, const int32_t *ids, size_t n)
+{
+    fprintf(stderr, "    %s:", what);
+    for (size_t i = 0; i < n && i < 64; i++) fprintf(stderr, " %d", ids[i]);
+    if (n > 64) fprintf(stderr, " ... (%zu)", n);
+    fprintf(stderr, "\n");
+}
+
+static bool json_ids(const cJSON *arr, int32_t **ids, size_t *n)
+{
+    *n = 0;
+    *ids = NULL;
+    if (!cJSON_IsArray(arr)) return false;
+    size_t k = (size_t)cJSON_GetArraySize(arr);
+    *ids = malloc((k ? k : 1) * sizeof **ids);
+    const cJSON *e;
+    cJSON_ArrayForEach(e, arr)(*ids)[(*n)++] = (int32_t)e->valuedouble;
+    return true;
+}
+
+static bool same_ids(const int32_t *a, size_t na, const int32_t *b, size_t nb)
+{
+    return na == nb && (na == 0 || memcmp(a, b, na * sizeof *a) == 0);
+}
+
+/* Encodes text and compares; prints a mismatch. Returns true on a match. */
+static bool check_encode(const tuna_tokenizer *t, const char *set, size_t idx, const char *text, size_t len, bool add_special,
+                         const int32_t *want, size_t nwant)
+{
+    int32_t *ids = NULL;
+    size_t n = 0;
+    tuna_status st = tuna_tokenizer_encode(t, text, len, add_special, true, &ids, &n);
+    bool ok = st == TUNA_OK && same_ids(ids, n, want, nwant);
+    if (!ok) {
+        fprintf(stderr, "  %s case %zu (%s) mismatch: text \"%.*s\"%s\n", set, idx, add_special ? "with specials" : "plain",
+                (int)(len > 80 ? 80 : len), text, len > 80 ? "..." : "");
+        if (st) fprintf(stderr, "    error: %s\n", tuna_last_error());
+        print_ids("want", want, nwant);
+        print_ids("got ", ids, n);
+    }
+    free(ids);
+    return ok;
+}
+
+/* ---------------- fixtures/tokenizers ---------------- */
+
+static void run_cases(const char *name)
+{
+    char buf[256], dir[4096], cpath[4200];
+    snprintf(buf, sizeof buf, "fixtures/tokenizers/%s", name);
+    if (!tt_shared_path(dir, sizeof dir, buf)) skip();
+    tuna_tokenizer *t = NULL;
+    TT_OK(tuna_tokenizer_load(dir, &t));
+    snprintf(cpath, sizeof cpath, "%s/cases.json", dir);
+    cJSON *doc = NULL;
+    TT_OK(tuna_json_load(cpath, 0, &doc));
+    const cJSON *c;
+    size_t total = 0, pass = 0, idx = 0;
+    cJSON_ArrayForEach(c, tuna_json_member(doc, "encode"))
+    {
+        const char *text = cJSON_GetObjectItem(c, "text")->valuestring;
+        int32_t *want, *want_sp;
+        size_t nw, nws;
+        assert_true(json_ids(cJSON_GetObjectItem(c, "ids"), &want, &nw));
+        assert_true(json_ids(cJSON_GetObjectItem(c, "ids_with_special"), &want_sp, &nws));
+        bool ok = check_encode(t, name, idx, text, strlen(text), false, want, nw);
+        ok = check_encode(t, name, idx, text, strlen(text), true, want_sp, nws) && ok;
+        char *dec = NULL;
+        tuna_status st = tuna_tokenizer_decode(t, want, nw, false, &dec);
+        const char *wd = cJSON_GetObjectItem(c, "decoded")->valuestring;
+        if (st || strcmp(dec, wd) != 0) {
+            fprintf(stderr, "  %s case %zu decode mismatch:\n    want \"%s\"\n    got  \"%s\"\n", name, idx, wd,
+                    dec ? dec : tuna_last_error());
+            ok = false;
+        }
+        free(dec);
+        free(want);
+        free(want_sp);
+        total++;
+        pass += ok;
+        idx++;
+    }
+    /* vocab_size in cases.json is HF's len(tokenizer) */
+    const cJSON *vs = tuna_json_member(doc, "vocab_size");
+    if (cJSON_IsNumber(vs) && (int64_t)vs->valuedouble != tuna_tokenizer_vocab_size(t)) {
+        fprintf(stderr, "  %s vocab size %lld, want %lld\n", name, (long long)tuna_tokenizer_vocab_size(t),
+                (long long)vs->valuedouble);
+        total++;
+    }
+    printf("%s: %zu/%zu cases\n", name, pass, total);
+    cJSON_Delete(doc);
+    tuna_tokenizer_free(t);
+    assert_int_equal(pass, total);
+    assert_true(total > 10);
+}
+
+static void test_fixture_bpe_1k(void **s) { (void)s, run_cases("bpe-1k"); }
+static void test_fixture_bpe_4k(void **s) { (void)s, run_cases("bpe-4k"); }
+static void test_fixture_spm_1k(void **s) { (void)s, run_cases("spm-1k"); }
+
+static void test_fixture_specials(void **s)
+{
+    (void)s;
+    char dir[4096];
+    if (!tt_shared_path(dir, sizeof dir, "fixtures/tokenizers/bpe-1k")) skip();
+    tuna_tokenizer *t = NULL;
+    TT_OK(tuna_tokenizer_load(dir, &t));
+    assert_string_equal(tuna_tokenizer_special_str(t, "bos_token"), "<|begin_of_text|>");
+    assert_string_equal(tuna_tokenizer_special_str(t, "eos_token"), "<|eot_id|>");
+    assert_int_equal(tuna_tokenizer_special_id(t, "bos_token"), tuna_tokenizer_token_id(t, "<|begin_of_text|>"));
+    assert_true(tuna_tokenizer_special_id(t, "bos_token") >= 0);
+    assert_null(tuna_tokenizer_special_str(t, "unk_token"));
+    assert_int_equal(tuna_tokenizer_special_id(t, "unk_token"), -1);
+    assert_true(tuna_tokenizer_is_special(t, tuna_tokenizer_special_id(t, "eos_token")));
+    assert_false(tuna_tokenizer_is_special(t, 5));
+    assert_non_null(tuna_tokenizer_chat_template(t));
+    /* parse_special=false: the special token's text is tokenized as text */
+    const char *txt = "<|eot_id|>";
+    int32_t *a = NULL, *b = NULL;
+    size_t na, nb;
+    TT_OK(tuna_tokenizer_encode(t, txt, strlen(txt), false, true, &a, &na));
+    TT_OK(tuna_tokenizer_encode(t, txt, strlen(txt), false, false, &b, &nb));
+    assert_int_equal(na, 1);
+    assert_int_equal(a[0], tuna_tokenizer_special_id(t, "eos_token"));
+    assert_true(nb > 1);
+    char *dec = NULL;
+    TT_OK(tuna_tokenizer_decode(t, b, nb, true, &dec));
+    assert_string_equal(dec, txt); /* no special ids inside, so nothing skipped */
+    free(dec);
+    TT_OK(tuna_tokenizer_decode(t, a, na, true, &dec));
+    assert_string_equal(dec, "");
+    free(dec);
+    free(a);
+    free(b);
+    for (int32_t id = 0; id < (int32_t)tuna_tokenizer_vocab_size(t); id++) {
+        const char *ts = tuna_tokenizer_token_str(t, id);
+        assert_non_null(ts);
+        assert_int_equal(tuna_tokenizer_token_id(t, ts), id);
+    }
+    assert_null(tuna_tokenizer_token_str(t, -1));
+    assert_null(tuna_tokenizer_token_str(t, (int32_t)tuna_tokenizer_vocab_size(t)));
+    tuna_tokenizer_free(t);
+}
+
+/* ---------------- fixture model folders ---------------- */
+
+static void test_fixture_models(void **s)
+{
+    (void)s;
+    static const char *models[] = {"llama-tiny", "qwen2-tiny", "mistral-tiny", "qwen3-tiny", "gemma-tiny", "pymini"};
+    char rel[256], dir[4096];
+    if (!tt_shared_path(dir, sizeof dir, "fixtures/models")) skip();
+    const char *text = "def main():\n    print(\"Hello, world! 123\")  # caf\xC3\xA9 \xF0\x9F\xA4\x97\n";
+    for (size_t m = 0; m < sizeof models / sizeof models[0]; m++) {
+        snprintf(rel, sizeof rel, "fixtures/models/%s", models[m]);
+        if (!tt_shared_path(dir, sizeof dir, rel)) continue;
+        tuna_tokenizer *t = NULL;
+        TT_OK(tuna_tokenizer_load(dir, &t));
+        int32_t *ids = NULL;
+        size_t n = 0;
+        TT_OK(tuna_tokenizer_encode(t, text, strlen(text), false, true, &ids, &n));
+        assert_true(n > 5);
+        char *dec = NULL;
+        TT_OK(tuna_tokenizer_decode(t, ids, n, false, &dec));
+        assert_string_equal(dec, text);
+        printf("model %s: %zu ids, round trip ok\n", models[m], n);
+        free(dec);
+        free(ids);
+        tuna_tokenizer_free(t);
+    }
+}
+
+/* ---------------- llama.cpp vectors ---------------- */
+
+/* Runs .inp/.out pairs; returns the number of cases; *pass gets the matches. */
+static size_t run_vectors(const tuna_tokenizer *t, const char *set, const char *inp_rel, size_t *pass)
+{
+    char ip[4096], op[4200];
+    *pass = 0;
+    if (!tt_shared_path(ip, sizeof ip, inp_rel)) return 0;
+    snprintf(op, sizeof op, "%.*s.out", (int)(strlen(ip) - 4), ip);
+    char *inp, *out;
+    size_t ni, no;
+    TT_OK(tuna_read_file(ip, 0, &inp, &ni));
+    TT_OK(tuna_read_file(op, 0, &out, &no));
+    static const char sep[] = "\n__ggml_vocab_test__\n";
+    char *p = inp, *q = out;
+    size_t total = 0;
+    for (;;) {
+        char *e = strstr(p, sep);
+        if (!e) break;
+        char *nl = strchr(q, '\n');
+        if (!nl) {
+            fprintf(stderr, "  %s: .out has fewer lines than .inp has cases\n", set);
+            total++;
+            break;
+        }
+        *nl = '\0';
+        int32_t want[4096];
+        size_t nw = 0;
+        char *r = q;
+        while (*r) {
+            char *end;
+            long v = strtol(r, &end, 10);
+            if (end == r) break;
+            if (nw < 4096) want[nw++] = (int32_t)v;
+            r = end;
+        }
+        *pass += check_encode(t, set, total, p, (size_t)(e - p), false, want, nw);
+        total++;
+        p = e + sizeof sep - 1;
+        q = nl + 1;
+    }
+    free(inp);
+    free(out);
+    printf("%s: %zu/%zu\n", set, *pass, total);
+    return total;
+}
+
+static void vectors_json(const char *set, const char *tok_rel, const char *inp_rel)
+{
+    char dir[4096];
+    if (!tt_shared_path(dir, sizeof dir, tok_rel)) skip();
+    tuna_tokenizer *t = NULL;
+    TT_OK(tuna_tokenizer_load(dir, &t));
+    size_t pass, total = run_vectors(t, set, inp_rel, &pass);
+    tuna_tokenizer_free(t);
+    if (!total) skip();
+    assert_int_equal(pass, total);
+}
+
+#define ORT "peers/onnxruntime-extensions/test/data/"
+#define LCPP "peers/llama.cpp/models/ggml-vocab-"
+static void test_llama_spm(void **s) { (void)s, vectors_json("llama-spm", ORT "llama2", LCPP "llama-spm.gguf.inp"); }
+static void test_tinyllama(void **s)
+{
+    (void)s, vectors_json("tinyllama", ORT "llama2", "peers/llama.cpp/models-newer/ggml-vocab-tinyllama.gguf.inp");
+}
+static void test_phi3(void **s) { (void)s, vectors_json("phi-3", ORT "phi-3", LCPP "phi-3.gguf.inp"); }
+static void test_phi2(void **s) { (void)s, vectors_json("phi-2", ORT "phi-2", "peers/llama.cpp/models-extra/ggml-vocab-phi-2.gguf.inp"); }
+static void test_falcon(void **s) { (void)s, vectors_json("falcon", ORT "falcon-tokenizer", LCPP "falcon.gguf.inp"); }
+static void test_roberta(void **s) { (void)s, vectors_json("roberta-bpe", ORT "tokenizer/roberta-base", LCPP "roberta-bpe.gguf.inp"); }
+
+static void vectors_vm(const char *set, const char *vocab_rel, const char *merges_rel, const char *re, bool nfc,
+                       bool ignore_merges, const char *inp_rel)
+{
+    char v[4096], m[4096];
+    if (!tt_shared_path(v, sizeof v, vocab_rel) || !tt_shared_path(m, sizeof m, merges_rel)) skip();
+    tuna_tokenizer *t = NULL;
+    TT_OK(tuna_tokenizer_load_vocab_merges(v, m, re, nfc, ignore_merges, &t));
+    size_t pass, total = run_vectors(t, set, inp_rel, &pass);
+    tuna_tokenizer_free(t);
+    if (!total) skip();
+    assert_int_equal(pass, total);
+}
+
+#define QWEN "peers/rtp-llm/rtp_llm/test/tokenizer_test/testdata/qwen2_tokenizer/"
+static void test_llama3(void **s)
+{
+    (void)s;
+    vectors_vm("llama-bpe", "peers/ollama/tokenizer/testdata/llama3.2/encoder.json", "peers/ollama/tokenizer/testdata/llama3.2/vocab.bpe",
+               LLAMA3_RE, false, true, LCPP "llama-bpe.gguf.inp");
+}
+static void test_qwen2(void **s)
+{
+    (void)s, vectors_vm("qwen2", QWEN "vocab.json", QWEN "merges.txt", QWEN2_RE, true, false, LCPP "qwen2.gguf.inp");
+}
+static void test_deepseek_r1_qwen(void **s)
+{
+    (void)s;
+    vectors_vm("deepseek-r1-qwen", QWEN "vocab.json", QWEN "merges.txt", QWEN2_RE, true, false,
+               LCPP "deepseek-r1-qwen.gguf.inp");
+}
+
+/* ---------------- swift-transformers paragraphs ---------------- */
+
+static void swift_case(const char *tok_rel, const char *json_rel)
+{
+    char dir[4096], jp[4096];
+    if (!tt_shared_path(dir, sizeof dir, tok_rel) || !tt_shared_path(jp, sizeof jp, json_rel)) skip();
+    tuna_tokenizer *t = NULL;
+    TT_OK(tuna_tokenizer_load(dir, &t));
+    cJSON *doc = NULL;
+    TT_OK(tuna_json_load(jp, 0, &doc));
+    const char *text = cJSON_GetObjectItem(doc, "text")->valuestring;
+    int32_t *want;
+    size_t nw;
+    assert_true(json_ids(cJSON_GetObjectItem(doc, "token_ids"), &want, &nw));
+    bool ok = check_encode(t, json_rel, 0, text, strlen(text), true, want, nw);
+    const cJSON *dt = cJSON_GetObjectItem(doc, "decoded_text");
+    if (cJSON_IsString(dt)) {
+        char *dec = NULL;
+        TT_OK(tuna_tokenizer_decode(t, want, nw, false, &dec));
+        if (strcmp(dec, dt->valuestring) != 0) {
+            fprintf(stderr, "  %s decode mismatch:\n    want \"%s\"\n    got  \"%s\"\n", json_rel, dt->valuestring, dec);
+            ok = false;
+        }
+        free(dec);
+    }
+    printf("%s: %d/1\n", json_rel, ok);
+    free(want);
+    cJSON_Delete(doc);
+    tuna_tokenizer_free(t);
+    assert_true(ok);
+}
+
+#define SWIFT "peers/swift-transformers/Tests/TokenizersTests/Resources/"
+static void test_swift_llama2(void **s) { (void)s, swift_case(ORT "llama2", SWIFT "llama_encoded.json"); }
+static void test_swift_falcon(void **s) { (void)s, swift_case(ORT "falcon-tokenizer", SWIFT "falcon_encoded.json"); }
+
+/* ---------------- streaming decode ---------------- */
+
+static void stream_all(const tuna_tokenizer *t, const char *text)
+{
+    int32_t *ids = NULL;
+    size_t n = 0;
+    TT_OK(tuna_tokenizer_encode(t, text, strlen(text), false, true, &ids, &n));
+    tuna_detok_stream *ds = NULL;
+    TT_OK(tuna_detok_stream_new(t, false, &ds));
+    char acc[8192] = "";
+    for (size_t i = 0; i < n; i++) {
+        char *piece = NULL;
+        TT_OK(tuna_detok_stream_push(ds, ids[i], &piece));
+        /* a piece never ends inside a UTF-8 character and never contains U+FFFD here */
+        size_t pl = strlen(piece);
+        assert_null(strstr(piece, "\xEF\xBF\xBD"));
+        if (pl) {
+            size_t k = pl - 1;
+            while (k > 0 && ((unsigned char)piece[k] & 0xC0) == 0x80) k--;
+            unsigned char lead = (unsigned char)piece[k];
+            size_t need = lead < 0x80 ? 1 : lead >= 0xF0 ? 4 : lead >= 0xE0 ? 3 : 2;
+            assert_int_equal(pl - k, need);
+        }
+        strncat(acc, piece, sizeof acc - strlen(acc) - 1);
+        free(piece);
+    }
+    assert_string_equal(acc, text);
+    tuna_detok_stream_free(ds);
+    free(ids);
+}
+
+static void test_stream(void **s)
+{
+    (void)s;
+    char dir[4096];
+    const char *text = "emoji \xF0\x9F\xA4\x97\xF0\x9F\x9A\x80 and \xE6\x9D\xB1\xE4\xBA\xAC, caf\xC3\xA9!";
+    if (!tt_shared_path(dir, sizeof dir, "fixtures/tokenizers/bpe-1k")) skip();
+    tuna_tokenizer *t = NULL;
+    TT_OK(tuna_tokenizer_load(dir, &t));
+    stream_all(t, text);
+    tuna_tokenizer_free(t);
+    if (!tt_shared_path(dir, sizeof dir, "fixtures/tokenizers/spm-1k")) skip();
+    TT_OK(tuna_tokenizer_load(dir, &t));
+    stream_all(t, text);
+    tuna_tokenizer_free(t);
+}
+
+/* ---------------- bad input ---------------- */
+
+static void test_bad_input(void **s)
+{
+    (void)s;
+    const char *tmp = tt_tmpdir();
+    char path[4200];
+    tuna_tokenizer *t = NULL;
+    TT_FAILS(tuna_tokenizer_load(tmp, &t), TUNA_E_NOT_FOUND, "tokenizer.json");
+    assert_null(t);
+    snprintf(path, sizeof path, "%s/tokenizer.json", tmp);
+    const char *uni = "{\"model\": {\"type\": \"Unigram\", \"vocab\": [[\"a\", 0.0]]}}";
+    tt_write(path, uni, strlen(uni));
+    TT_FAILS(tuna_tokenizer_load(tmp, &t), TUNA_E_UNSUPPORTED, "Unigram");
+    const char *badmerge = "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 1}, \"merges\": [\"a b\"]}}";
+    tt_write(path, badmerge, strlen(badmerge));
+    TT_FAILS(tuna_tokenizer_load(tmp, &t), TUNA_E_FORMAT, "missing from the vocabulary");
+    const char *badnorm = "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []},"
+                          " \"normalizer\": {\"type\": \"Precompiled\"}}";
+    tt_write(path, badnorm, strlen(badnorm));
+    TT_FAILS(tuna_tokenizer_load(tmp, &t), TUNA_E_UNSUPPORTED, "Precompiled");
+    const char *badre = "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []},"
+                        " \"pre_tokenizer\": {\"type\": \"Split\", \"pattern\": {\"Regex\": \"(\"}, \"behavior\": \"Isolated\"}}";
+    tt_write(path, badre, strlen(badre));
+    TT_FAILS(tuna_tokenizer_load(tmp, &t), TUNA_E_UNSUPPORTED, "regex");
+    tt_write(path, "{\"model\": 3", 11);
+    TT_FAILS(tuna_tokenizer_load(tmp, &t), TUNA_E_FORMAT, "tokenizer.json");
+
+    /* a minimal valid tokenizer: bad UTF-8 in, unknown ids in */
+    const char *ok = "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 1, \"ab\": 2}, \"merges\": [[\"a\", \"b\"]]}}";
+    tt_write(path, ok, strlen(ok));
+    TT_OK(tuna_tokenizer_load(tmp, &t));
+    int32_t *ids = NULL;
+    size_t n = 0;
+    TT_FAILS(tuna_tokenizer_encode(t, "a\xFF", 2, false, true, &ids, &n), TUNA_E_INVALID, "UTF-8");
+    TT_OK(tuna_tokenizer_encode(t, "abab", 4, true, true, &ids, &n));
+    assert_int_equal(n, 2);
+    assert_int_equal(ids[0], 2);
+    free(ids);
+    int32_t bad[2] = {0, 7};
+    char *dec = NULL;
+    TT_FAILS(tuna_tokenizer_decode(t, bad, 2, false, &dec), TUNA_E_RANGE, "id 7");
+    assert_null(dec);
+    tuna_tokenizer_free(t);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_fixture_bpe_1k), cmocka_unit_test(test_fixture_bpe_4k), cmocka_unit_test(test_fixture_spm_1k),
+        cmocka_unit_test(test_fixture_specials), cmocka_unit_test(test_fixture_models), cmocka_unit_test(test_llama_spm),
+        cmocka_unit_test(test_tinyllama), cmocka_unit_test(test_phi3), cmocka_unit_test(test_phi2),
+        cmocka_unit_test(test_falcon), cmocka_unit_test(test_roberta), cmocka_unit_test(test_llama3),
+        cmocka_unit_test(test_qwen2), cmocka_unit_test(test_deepseek_r1_qwen), cmocka_unit_test(test_swift_llama2),
+        cmocka_unit_test(test_swift_falcon), cmocka_unit_test(test_stream), cmocka_unit_test(test_bad_input),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
