@@ -10,6 +10,7 @@
 
 #include "core/file.h"
 #include "core/json.h"
+#include "io/safetensors.h"
 #include "testutil.h"
 #include "tokenizer/tokenizer.h"
 
@@ -183,7 +184,27 @@ static void test_fixture_models(void **s)
         char *dec = NULL;
         TT_OK(tuna_tokenizer_decode(t, ids, n, false, &dec));
         assert_string_equal(dec, text);
-        printf("model %s: %zu ids, round trip ok\n", models[m], n);
+        /* the reference prompts, encoded by transformers with special tokens */
+        static const char *prompts[3] = {
+            "def forward(self, hidden_states):", "The quick brown fox",
+            "import torch\nimport numpy as np\n\nclass Model(nn.Module):\n    def __init__(self, config):\n        super().__init__()"};
+        char rp[4200];
+        snprintf(rp, sizeof rp, "%s/reference.safetensors", dir);
+        tuna_st_file *ref = NULL;
+        TT_OK(tuna_st_open(rp, &ref));
+        size_t pass = 0;
+        for (int i = 0; i < 3; i++) {
+            char name[64];
+            snprintf(name, sizeof name, "prompt%d.input_ids", i);
+            const struct tuna_tensor_view *v = tuna_st_find(ref, name);
+            assert_non_null(v);
+            assert_int_equal(v->dtype, TUNA_DTYPE_I32);
+            pass += check_encode(t, models[m], (size_t)i, prompts[i], strlen(prompts[i]), true, (const int32_t *)v->data,
+                                 (size_t)v->numel);
+        }
+        tuna_st_close(ref);
+        assert_int_equal(pass, 3);
+        printf("model %s: reference prompts %zu/3, round trip ok\n", models[m], pass);
         free(dec);
         free(ids);
         tuna_tokenizer_free(t);
