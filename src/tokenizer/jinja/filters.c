@@ -1,0 +1,898 @@
+/* filters.c — Jinja2's builtin filters and tests (as in jinja2/filters.py and tests.py, with
+ * transformers' own tojson), and the globals chat templates call: range, namespace, dict,
+ * joiner, raise_exception, strftime_now. */
+#include <ctype.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "tokenizer/jinja/internal.h"
+
+/* ---- helpers ---- */
+static struct jv str_of(struct jctx *x, struct jv v) { return jv_to_str(x, v); }
+
+static struct jv buf_to_str(struct jctx *x, struct jbuf *b)
+{
+    if (b->oom) {
+        free(b->p);
+        jx_fail(x, x->at, TUNA_E_OOM, "out of memory");
+    }
+    struct jv r = jv_str(x, b->p ? b->p : "", b->n);
+    free(b->p);
+    return r;
+}
+
+static bool arg_bool(struct jargs *a, size_t i, const char *name, bool def)
+{
+    if (!ja_has(a, i, name)) return def;
+    return jv_truthy(ja_arg(a, i, name, jv_none()));
+}
+
+static int64_t arg_int(struct jctx *x, struct jargs *a, size_t i, const char *name, int64_t def)
+{
+    if (!ja_has(a, i, name)) return def;
+    struct jv v = ja_arg(a, i, name, jv_none());
+    if (v.t == JV_INT) return v.u.i;
+    if (v.t == JV_BOOL) return v.u.b;
+    if (v.t == JV_FLOAT) return (int64_t)v.u.f;
+    jx_fail(x, x->at, TUNA_E_FORMAT, "argument '%s' must be an integer, not %s", name ? name : "?", jv_type_name(v));
+}
+
+/* environment.getitem with a dotted attribute path ("a.b.0") as map/sort/selectattr use */
+static struct jv attr_path(struct jctx *x, struct jv obj, struct jv attr)
+{
+    if (attr.t == JV_INT) return jx_getitem(x, obj, attr, x->at);
+    if (attr.t != JV_STR) jx_fail(x, x->at, TUNA_E_FORMAT, "attribute must be a string, not %s", jv_type_name(attr));
+    size_t i = 0;
+    while (i <= attr.n) {
+        size_t j = i;
+        while (j < attr.n && attr.u.s[j] != '.') j++;
+        struct jv key = jv_str_ref(attr.u.s + i, j - i);
+        bool digits = j > i;
+        for (size_t k = i; k < j; k++) digits &= isdigit((unsigned char)attr.u.s[k]) != 0;
+        if (digits) key = jv_int(strtoll(attr.u.s + i, NULL, 10));
+        if (obj.t == JV_UNDEF) return obj;
+        obj = jx_getitem(x, obj, key, x->at);
+        i = j + 1;
+    }
+    return obj;
+}
+
+static struct jv new_list(struct jctx *x) { return jv_list(x, 0); }
+
+static struct jv tuple2(struct jctx *x, struct jv a, struct jv b)
+{
+    struct jv t = jv_list(x, 2);
+    t.t = JV_TUPLE;
+    jl_push(x, t.u.l, a);
+    jl_push(x, t.u.l, b);
+    return t;
+}
+
+/* stable merge sort of v[0..n) by key values k (parallel array) */
+static void msort(struct jctx *x, struct jv *v, struct jv *k, size_t n, bool cs, bool rev, struct jv *tv, struct jv *tk)
+{
+    if (n < 2) return;
+    size_t h = n / 2;
+    msort(x, v, k, h, cs, rev, tv, tk);
+    msort(x, v + h, k + h, n - h, cs, rev, tv, tk);
+    size_t i = 0, j = h, o = 0;
+    while (i < h && j < n) {
+        int c = jv_compare(x, k[i], k[j], cs);
+        if (rev) c = -c;
+        if (c <= 0) {
+            tv[o] = v[i];
+            tk[o++] = k[i++];
+        } else {
+            tv[o] = v[j];
+            tk[o++] = k[j++];
+        }
+    }
+    while (i < h) {
+        tv[o] = v[i];
+        tk[o++] = k[i++];
+    }
+    while (j < n) {
+        tv[o] = v[j];
+        tk[o++] = k[j++];
+    }
+    memcpy(v, tv, n * sizeof *v);
+    memcpy(k, tk, n * sizeof *k);
+}
+
+static struct jv sorted(struct jctx *x, struct jlist *l, struct jv *keys, bool cs, bool rev)
+{
+    struct jv out = jv_list(x, l->n);
+    for (size_t i = 0; i < l->n; i++) jl_push(x, out.u.l, l->v[i]);
+    struct jv *tv = ja_alloc(x->ar, (l->n + 1) * sizeof *tv), *tk = ja_alloc(x->ar, (l->n + 1) * sizeof *tk);
+    if (!tv || !tk) jx_fail(x, x->at, TUNA_E_OOM, "out of memory");
+    msort(x, out.u.l->v, keys, l->n, cs, rev, tv, tk);
+    return out;
+}
+
+/* ---- filters ---- */
+typedef struct jv (*filter_fn)(struct jctx *x, struct jv in, struct jargs *a);
+
+static struct jv f_abs(struct jctx *x, struct jv in, struct jargs *a)
+{
+    if (in.t == JV_INT) return jv_int(in.u.i < 0 ? -in.u.i : in.u.i);
+    if (in.t == JV_BOOL) return jv_int(in.u.b);
+    if (in.t == JV_FLOAT) return jv_float(fabs(in.u.f));
+    jx_fail(x, x->at, TUNA_E_FORMAT, "bad operand type for abs(): '%s'", jv_type_name(in));
+}
+
+static struct jv f_attr(struct jctx *x, struct jv in, struct jargs *a)
+{
+    struct jv n = ja_arg(a, 0, "name", jv_none());
+    if (n.t != JV_STR) jx_fail(x, x->at, TUNA_E_FORMAT, "attr(): name must be a string");
+    return jx_getattr(x, in, n.u.s, n.n, x->at);
+}
+
+static struct jv f_batch(struct jctx *x, struct jv in, struct jargs *a)
+{
+    int64_t n = arg_int(x, a, 0, "linecount", 1);
+    if (n <= 0) jx_fail(x, x->at, TUNA_E_FORMAT, "batch(): linecount must be positive");
+    bool fill = ja_has(a, 1, "fill_with");
+    struct jv fv = ja_arg(a, 1, "fill_with", jv_none());
+    struct jlist *l = jv_iterate(x, in, x->at);
+    struct jv out = new_list(x), cur = new_list(x);
+    for (size_t i = 0; i < l->n; i++) {
+        jl_push(x, cur.u.l, l->v[i]);
+        if ((int64_t)cur.u.l->n == n) {
+            jl_push(x, out.u.l, cur);
+            cur = new_list(x);
+        }
+    }
+    if (cur.u.l->n) {
+        if (fill)
+            while ((int64_t)cur.u.l->n < n) jl_push(x, cur.u.l, fv);
+        jl_push(x, out.u.l, cur);
+    }
+    return out;
+}
+
+static struct jv f_capitalize(struct jctx *x, struct jv in, struct jargs *a) { return js_capitalize(x, str_of(x, in)); }
+
+static struct jv f_default(struct jctx *x, struct jv in, struct jargs *a)
+{
+    struct jv d = ja_arg(a, 0, "default_value", jv_str_ref("", 0));
+    bool boolean = arg_bool(a, 1, "boolean", false);
+    if (in.t == JV_UNDEF || (boolean && !jv_truthy(in))) return d;
+    return in;
+}
+
+static struct jv f_dictsort(struct jctx *x, struct jv in, struct jargs *a)
+{
+    bool cs = arg_bool(a, 0, "case_sensitive", false);
+    struct jv by = ja_arg(a, 1, "by", jv_str_ref("key", 3));
+    bool rev = arg_bool(a, 2, "reverse", false);
+    if (in.t != JV_DICT && in.t != JV_NS) jx_fail(x, x->at, TUNA_E_FORMAT, "dictsort(): expected a dict, got %s", jv_type_name(in));
+    bool by_value = by.t == JV_STR && by.n == 5 && !memcmp(by.u.s, "value", 5);
+    if (!by_value && !(by.t == JV_STR && by.n == 3 && !memcmp(by.u.s, "key", 3)))
+        jx_fail(x, x->at, TUNA_E_FORMAT, "dictsort(): 'by' must be 'key' or 'value'");
+    struct jv items = jv_list(x, in.u.d->n);
+    struct jv *keys = ja_alloc(x->ar, (in.u.d->n + 1) * sizeof *keys);
+    if (!keys) jx_fail(x, x->at, TUNA_E_OOM, "out of memory");
+    for (size_t i = 0; i < in.u.d->n; i++) {
+        jl_push(x, items.u.l, tuple2(x, in.u.d->k[i], in.u.d->v[i]));
+        keys[i] = by_value ? in.u.d->v[i] : in.u.d->k[i];
+    }
+    return sorted(x, items.u.l, keys, cs, rev);
+}
+
+static struct jv html_escape(struct jctx *x, struct jv s)
+{
+    struct jbuf b = {0};
+    for (size_t i = 0; i < s.n; i++) {
+        switch (s.u.s[i]) {
+        case '&': jb_puts(&b, "&amp;"); break;
+        case '<': jb_puts(&b, "&lt;"); break;
+        case '>': jb_puts(&b, "&gt;"); break;
+        case '"': jb_puts(&b, "&#34;"); break;
+        case '\'': jb_puts(&b, "&#39;"); break;
+        default: jb_putc(&b, s.u.s[i]);
+        }
+    }
+    return buf_to_str(x, &b);
+}
+
+static struct jv f_escape(struct jctx *x, struct jv in, struct jargs *a)
+{
+    if (in.t == JV_NONE) return jv_str_ref("None", 4);
+    return html_escape(x, str_of(x, in));
+}
+
+static struct jv f_first(struct jctx *x, struct jv in, struct jargs *a)
+{
+    struct jlist *l = jv_iterate(x, in, x->at);
+    return l->n ? l->v[0] : jv_undef("first item");
+}
+
+static struct jv f_last(struct jctx *x, struct jv in, struct jargs *a)
+{
+    struct jlist *l = jv_iterate(x, in, x->at);
+    return l->n ? l->v[l->n - 1] : jv_undef("last item");
+}
+
+/* Python float(str) */
+static bool parse_float(struct jv s, double *out)
+{
+    char tmp[128];
+    struct jv t = s;
+    size_t a = 0, b = t.n;
+    while (a < b && isspace((unsigned char)t.u.s[a])) a++;
+    while (b > a && isspace((unsigned char)t.u.s[b - 1])) b--;
+    if (b == a || b - a >= sizeof tmp) return false;
+    size_t n = 0;
+    for (size_t i = a; i < b; i++)
+        if (t.u.s[i] != '_') tmp[n++] = t.u.s[i];
+    tmp[n] = 0;
+    if (strchr(tmp, 'x') || strchr(tmp, 'X')) return false;
+    char *end;
+    *out = strtod(tmp, &end);
+    return *end == 0;
+}
+
+static struct jv f_float(struct jctx *x, struct jv in, struct jargs *a)
+{
+    struct jv def = ja_arg(a, 0, "default", jv_float(0.0));
+    double d;
+    if (jv_is_num(in)) return jv_float(jv_num(in));
+    if (in.t == JV_STR && parse_float(in, &d)) return jv_float(d);
+    return def;
+}
+
+static struct jv f_int(struct jctx *x, struct jv in, struct jargs *a)
+{
+    struct jv def = ja_arg(a, 0, "default", jv_int(0));
+    int64_t base = arg_int(x, a, 1, "base", 10);
+    if (in.t == JV_INT) return in;
+    if (in.t == JV_BOOL) return jv_int(in.u.b);
+    if (in.t == JV_FLOAT) {
+        if (!isfinite(in.u.f)) return def;
+        return jv_int((int64_t)in.u.f);
+    }
+    if (in.t == JV_STR) {
+        char tmp[128];
+        size_t s0 = 0, s1 = in.n;
+        while (s0 < s1 && isspace((unsigned char)in.u.s[s0])) s0++;
+        while (s1 > s0 && isspace((unsigned char)in.u.s[s1 - 1])) s1--;
+        if (s1 > s0 && s1 - s0 < sizeof tmp) {
+            size_t n = 0;
+            for (size_t i = s0; i < s1; i++)
+                if (in.u.s[i] != '_') tmp[n++] = in.u.s[i];
+            tmp[n] = 0;
+            char *end;
+            long long v = strtoll(tmp, &end, (int)base);
+            if (*end == 0 && n) return jv_int(v);
+        }
+        double d;
+        if (parse_float(in, &d) && isfinite(d)) return jv_int((int64_t)d);
+    }
+    return def;
+}
+
+static struct jv f_indent(struct jctx *x, struct jv in, struct jargs *a)
+{
+    struct jv w = ja_arg(a, 0, "width", jv_int(4));
+    bool first = arg_bool(a, 1, "first", false), blank = arg_bool(a, 2, "blank", false);
+    struct jbuf ind = {0};
+    if (w.t == JV_STR) jb_put(&ind, w.u.s, w.n);
+    else
+        for (int64_t i = 0; i < arg_int(x, a, 0, "width", 4); i++) jb_putc(&ind, ' ');
+    struct jv s = str_of(x, in);
+    /* s + "\n", then splitlines */
+    struct jv lines = new_list(x);
+    size_t st = 0;
+    for (size_t i = 0; i < s.n; i++) {
+        char c = s.u.s[i];
+        if (c == '\n' || c == '\r' || c == '\v' || c == '\f' || (c >= 0x1c && c <= 0x1e)) {
+            jl_push(x, lines.u.l, jv_str_ref(s.u.s + st, i - st));
+            if (c == '\r' && i + 1 < s.n && s.u.s[i + 1] == '\n') i++;
+            st = i + 1;
+        }
+    }
+    jl_push(x, lines.u.l, jv_str_ref(s.u.s + st, s.n - st)); /* the part before the added "\n" */
+    struct jbuf b = {0};
+    if (first) jb_put(&b, ind.p, ind.n);
+    for (size_t i = 0; i < lines.u.l->n; i++) {
+        struct jv ln = lines.u.l->v[i];
+        if (i) {
+            jb_putc(&b, '\n');
+            if (blank || ln.n) jb_put(&b, ind.p, ind.n);
+        }
+        jb_put(&b, ln.u.s, ln.n);
+    }
+    free(ind.p);
+    return buf_to_str(x, &b);
+}
+
+static struct jv f_items(struct jctx *x, struct jv in, struct jargs *a)
+{
+    if (in.t == JV_UNDEF) return new_list(x);
+    if (in.t != JV_DICT && in.t != JV_NS) jx_fail(x, x->at, TUNA_E_FORMAT, "items(): expected a mapping, got %s", jv_type_name(in));
+    struct jv out = jv_list(x, in.u.d->n);
+    for (size_t i = 0; i < in.u.d->n; i++) jl_push(x, out.u.l, tuple2(x, in.u.d->k[i], in.u.d->v[i]));
+    return out;
+}
+
+static struct jv f_join(struct jctx *x, struct jv in, struct jargs *a)
+{
+    struct jv sep = ja_arg(a, 0, "d", jv_str_ref("", 0));
+    struct jv attr = ja_arg(a, 1, "attribute", jv_none());
+    struct jlist *l = jv_iterate(x, in, x->at);
+    struct jbuf b = {0};
+    for (size_t i = 0; i < l->n; i++) {
+        if (i) jv_write_str(&b, sep);
+        jv_write_str(&b, attr.t == JV_NONE ? l->v[i] : attr_path(x, l->v[i], attr));
+    }
+    return buf_to_str(x, &b);
+}
+
+static struct jv f_length(struct jctx *x, struct jv in, struct jargs *a)
+{
+    switch (in.t) {
+    case JV_UNDEF: return jv_int(0);
+    case JV_STR: return jv_int((int64_t)ju_len(in.u.s, in.n));
+    case JV_LIST:
+    case JV_TUPLE: return jv_int((int64_t)in.u.l->n);
+    case JV_DICT:
+    case JV_NS: return jv_int((int64_t)in.u.d->n);
+    default: jx_fail(x, x->at, TUNA_E_FORMAT, "object of type '%s' has no len()", jv_type_name(in));
+    }
+}
+
+static struct jv f_list(struct jctx *x, struct jv in, struct jargs *a)
+{
+    struct jlist *l = jv_iterate(x, in, x->at);
+    struct jv out = jv_list(x, l->n);
+    for (size_t i = 0; i < l->n; i++) jl_push(x, out.u.l, l->v[i]);
+    return out;
+}
+
+static struct jv f_lower(struct jctx *x, struct jv in, struct jargs *a) { return js_lower(x, str_of(x, in)); }
+static struct jv f_upper(struct jctx *x, struct jv in, struct jargs *a) { return js_upper(x, str_of(x, in)); }
+
+/* the arguments after the first n positional ones, as a new jargs */
+static struct jargs shift_args(struct jargs *a, size_t n)
+{
+    struct jargs r = *a;
+    r.npos = a->npos > n ? a->npos - n : 0;
+    r.pos = a->pos + (a->npos > n ? n : a->npos);
+    return r;
+}
+
+static struct jv f_map(struct jctx *x, struct jv in, struct jargs *a)
+{
+    struct jlist *l = jv_iterate(x, in, x->at);
+    struct jv out = jv_list(x, l->n);
+    if (a->npos == 0 && ja_has(a, (size_t)-1, "attribute")) {
+        struct jv attr = ja_arg(a, (size_t)-1, "attribute", jv_none());
+        bool has_def = ja_has(a, (size_t)-1, "default");
+        struct jv def = ja_arg(a, (size_t)-1, "default", jv_none());
+        for (size_t i = 0; i < l->n; i++) {
+            struct jv v = attr_path(x, l->v[i], attr);
+            if (v.t == JV_UNDEF && has_def) v = def;
+            jl_push(x, out.u.l, v);
+        }
+        return out;
+    }
+    if (a->npos == 0 || a->pos[0].t != JV_STR) jx_fail(x, x->at, TUNA_E_FORMAT, "map(): expected a filter name or attribute=");
+    char name[64];
+    snprintf(name, sizeof name, "%.*s", (int)(a->pos[0].n < 63 ? a->pos[0].n : 63), a->pos[0].u.s);
+    if (!jx_has_filter(name)) jx_fail(x, x->at, TUNA_E_UNSUPPORTED, "map(): no filter named '%s'", name);
+    struct jargs rest = shift_args(a, 1);
+    for (size_t i = 0; i < l->n; i++) jl_push(x, out.u.l, jx_filter(x, name, l->v[i], &rest, x->at));
+    return out;
+}
+
+static struct jv select_impl(struct jctx *x, struct jv in, struct jargs *a, bool attr, bool want)
+{
+    struct jlist *l = in.t == JV_NONE ? jv_list(x, 0).u.l : jv_iterate(x, in, x->at);
+    struct jv out = new_list(x);
+    size_t skip = attr ? 1 : 0;
+    struct jv attrname = attr ? ja_arg(a, 0, NULL, jv_none()) : jv_none();
+    if (attr && attrname.t == JV_NONE) jx_fail(x, x->at, TUNA_E_FORMAT, "selectattr/rejectattr need an attribute name");
+    char test[64] = "";
+    if (a->npos > skip) {
+        struct jv t = a->pos[skip];
+        if (t.t != JV_STR) jx_fail(x, x->at, TUNA_E_FORMAT, "the test name must be a string");
+        snprintf(test, sizeof test, "%.*s", (int)(t.n < 63 ? t.n : 63), t.u.s);
+        if (!jx_has_test(test)) jx_fail(x, x->at, TUNA_E_UNSUPPORTED, "no test named '%s'", test);
+    }
+    struct jargs rest = shift_args(a, skip + 1);
+    for (size_t i = 0; i < l->n; i++) {
+        struct jv v = attr ? attr_path(x, l->v[i], attrname) : l->v[i];
+        bool r = test[0] ? jx_test(x, test, v, &rest, x->at) : jv_truthy(v);
+        if (r == want) jl_push(x, out.u.l, l->v[i]);
+    }
+    return out;
+}
+
+static struct jv f_select(struct jctx *x, struct jv in, struct jargs *a) { return select_impl(x, in, a, false, true); }
+static struct jv f_reject(struct jctx *x, struct jv in, struct jargs *a) { return select_impl(x, in, a, false, false); }
+static struct jv f_selectattr(struct jctx *x, struct jv in, struct jargs *a) { return select_impl(x, in, a, true, true); }
+static struct jv f_rejectattr(struct jctx *x, struct jv in, struct jargs *a) { return select_impl(x, in, a, true, false); }
+
+static struct jv minmax(struct jctx *x, struct jv in, struct jargs *a, int sign)
+{
+    bool cs = arg_bool(a, 0, "case_sensitive", false);
+    struct jv attr = ja_arg(a, 1, "attribute", jv_none());
+    struct jlist *l = jv_iterate(x, in, x->at);
+    if (!l->n) return jv_undef("min/max of an empty sequence");
+    size_t best = 0;
+    for (size_t i = 1; i < l->n; i++) {
+        struct jv kb = attr.t == JV_NONE ? l->v[best] : attr_path(x, l->v[best], attr);
+        struct jv ki = attr.t == JV_NONE ? l->v[i] : attr_path(x, l->v[i], attr);
+        if (jv_compare(x, ki, kb, cs) * sign > 0) best = i;
+    }
+    return l->v[best];
+}
+static struct jv f_max(struct jctx *x, struct jv in, struct jargs *a) { return minmax(x, in, a, 1); }
+static struct jv f_min(struct jctx *x, struct jv in, struct jargs *a) { return minmax(x, in, a, -1); }
+
+static struct jv f_replace(struct jctx *x, struct jv in, struct jargs *a)
+{
+    struct jv s = str_of(x, in);
+    struct jv o = str_of(x, ja_arg(a, 0, "old", jv_str_ref("", 0))), n = str_of(x, ja_arg(a, 1, "new", jv_str_ref("", 0)));
+    struct jv c = ja_arg(a, 2, "count", jv_none());
+    return js_replace(x, s, o, n, c.t == JV_NONE ? -1 : arg_int(x, a, 2, "count", -1));
+}
+
+static struct jv f_reverse(struct jctx *x, struct jv in, struct jargs *a)
+{
+    if (in.t == JV_STR) {
+        struct jlist *l = jv_iterate(x, in, x->at);
+        struct jbuf b = {0};
+        for (size_t i = l->n; i-- > 0;) jb_put(&b, l->v[i].u.s, l->v[i].n);
+        return buf_to_str(x, &b);
+    }
+    struct jlist *l = jv_iterate(x, in, x->at);
+    struct jv out = jv_list(x, l->n);
+    for (size_t i = l->n; i-- > 0;) jl_push(x, out.u.l, l->v[i]);
+    return out;
+}
+
+static struct jv f_round(struct jctx *x, struct jv in, struct jargs *a)
+{
+    int64_t prec = arg_int(x, a, 0, "precision", 0);
+    struct jv m = ja_arg(a, 1, "method", jv_str_ref("common", 6));
+    if (!jv_is_num(in)) jx_fail(x, x->at, TUNA_E_FORMAT, "round(): expected a number, got %s", jv_type_name(in));
+    if (m.t != JV_STR) jx_fail(x, x->at, TUNA_E_FORMAT, "round(): method must be a string");
+    double v = jv_num(in), p10 = pow(10, (double)prec);
+    if (m.n == 4 && !memcmp(m.u.s, "ceil", 4)) return jv_float(ceil(v * p10) / p10);
+    if (m.n == 5 && !memcmp(m.u.s, "floor", 5)) return jv_float(floor(v * p10) / p10);
+    if (!(m.n == 6 && !memcmp(m.u.s, "common", 6)))
+        jx_fail(x, x->at, TUNA_E_FORMAT, "round(): method must be 'common', 'ceil' or 'floor'");
+    if (in.t != JV_FLOAT) return jv_int((int64_t)v); /* round(int, n) stays an int for n >= 0 */
+    /* Python's round: correctly rounded, ties to even on the exact binary value */
+    char tmp[400];
+    if (prec < 0 || prec > 300) jx_fail(x, x->at, TUNA_E_UNSUPPORTED, "round() with precision %lld", (long long)prec);
+    snprintf(tmp, sizeof tmp, "%.*f", (int)prec, v);
+    return jv_float(strtod(tmp, NULL));
+}
+
+static struct jv f_safe(struct jctx *x, struct jv in, struct jargs *a) { return in; }
+
+static struct jv f_sort(struct jctx *x, struct jv in, struct jargs *a)
+{
+    bool rev = arg_bool(a, 0, "reverse", false), cs = arg_bool(a, 1, "case_sensitive", false);
+    struct jv attr = ja_arg(a, 2, "attribute", jv_none());
+    struct jlist *l = jv_iterate(x, in, x->at);
+    struct jv *keys = ja_alloc(x->ar, (l->n + 1) * sizeof *keys);
+    if (!keys) jx_fail(x, x->at, TUNA_E_OOM, "out of memory");
+    for (size_t i = 0; i < l->n; i++) {
+        keys[i] = attr.t == JV_NONE ? l->v[i] : attr_path(x, l->v[i], attr);
+        if (keys[i].t == JV_UNDEF) jx_fail(x, x->at, TUNA_E_FORMAT, "sort(): an item has no attribute to sort by");
+    }
+    return sorted(x, l, keys, cs, rev);
+}
+
+static struct jv f_string(struct jctx *x, struct jv in, struct jargs *a) { return str_of(x, in); }
+
+static struct jv f_sum(struct jctx *x, struct jv in, struct jargs *a)
+{
+    struct jv attr = ja_arg(a, 0, "attribute", jv_none());
+    struct jv acc = ja_arg(a, 1, "start", jv_int(0));
+    struct jlist *l = jv_iterate(x, in, x->at);
+    for (size_t i = 0; i < l->n; i++) {
+        struct jv v = attr.t == JV_NONE ? l->v[i] : attr_path(x, l->v[i], attr);
+        if (!jv_is_num(v) || !jv_is_num(acc)) jx_fail(x, x->at, TUNA_E_FORMAT, "sum(): cannot add %s", jv_type_name(v));
+        if (acc.t != JV_FLOAT && v.t != JV_FLOAT) acc = jv_int((int64_t)jv_num(acc) + (v.t == JV_BOOL ? v.u.b : v.u.i));
+        else acc = jv_float(jv_num(acc) + jv_num(v));
+    }
+    return acc;
+}
+
+/* Jinja2's title filter: capitalize each piece split at runs of [-\s({[<] */
+static struct jv f_title(struct jctx *x, struct jv in, struct jargs *a)
+{
+    struct jv s = str_of(x, in);
+    struct jbuf b = {0};
+    size_t i = 0;
+    while (i < s.n) {
+        size_t st = i;
+        bool sep = false;
+        while (i < s.n) {
+            size_t w = js_ws_at(s.u.s, s.n, i);
+            char c = s.u.s[i];
+            bool is_sep = w || c == '-' || c == '(' || c == '{' || c == '[' || c == '<';
+            if (i == st) sep = is_sep;
+            if (is_sep != sep) break;
+            i += w ? w : 1;
+            while (!w && i < s.n && ((unsigned char)s.u.s[i] & 0xC0) == 0x80) i++;
+        }
+        struct jv piece = jv_str_ref(s.u.s + st, i - st);
+        if (sep) {
+            jb_put(&b, piece.u.s, piece.n);
+        } else {
+            struct jv c = js_capitalize(x, piece);
+            /* capitalize lowercases the rest, as item[1:].lower() does */
+            jb_put(&b, c.u.s, c.n);
+        }
+    }
+    return buf_to_str(x, &b);
+}
+
+/* transformers' tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) */
+static struct jv f_tojson(struct jctx *x, struct jv in, struct jargs *a)
+{
+    struct tojson_opts o = {.indent = -1, .item_sep = ", ", .key_sep = ": "};
+    o.ensure_ascii = arg_bool(a, 0, "ensure_ascii", false);
+    struct jv ind = ja_arg(a, 1, "indent", jv_none());
+    if (ind.t == JV_INT) {
+        o.indent = ind.u.i < 0 ? 0 : (int)ind.u.i;
+        o.item_sep = ",";
+    } else if (ind.t != JV_NONE) {
+        jx_fail(x, x->at, TUNA_E_UNSUPPORTED, "tojson(): indent must be an integer or None, not %s", jv_type_name(ind));
+    }
+    struct jv sep = ja_arg(a, 2, "separators", jv_none());
+    if (sep.t != JV_NONE) {
+        if (!jv_is_seq(sep) || sep.u.l->n != 2 || sep.u.l->v[0].t != JV_STR || sep.u.l->v[1].t != JV_STR)
+            jx_fail(x, x->at, TUNA_E_FORMAT, "tojson(): separators must be a pair of strings");
+        o.item_sep = ja_strndup(x->ar, sep.u.l->v[0].u.s, sep.u.l->v[0].n);
+        o.key_sep = ja_strndup(x->ar, sep.u.l->v[1].u.s, sep.u.l->v[1].n);
+    }
+    o.sort_keys = arg_bool(a, 3, "sort_keys", false);
+    struct jbuf b = {0};
+    jv_write_json(x, &b, in, &o, 0);
+    return buf_to_str(x, &b);
+}
+
+static struct jv f_trim(struct jctx *x, struct jv in, struct jargs *a)
+{
+    struct jv chars = ja_arg(a, 0, "chars", jv_none());
+    return js_strip(x, str_of(x, in), chars, true, true);
+}
+
+static struct jv f_unique(struct jctx *x, struct jv in, struct jargs *a)
+{
+    bool cs = arg_bool(a, 0, "case_sensitive", false);
+    struct jv attr = ja_arg(a, 1, "attribute", jv_none());
+    struct jlist *l = jv_iterate(x, in, x->at);
+    struct jv out = new_list(x), seen = new_list(x);
+    for (size_t i = 0; i < l->n; i++) {
+        struct jv k = attr.t == JV_NONE ? l->v[i] : attr_path(x, l->v[i], attr);
+        if (!cs && k.t == JV_STR) k = js_lower(x, k);
+        bool dup = false;
+        for (size_t j = 0; j < seen.u.l->n && !dup; j++) dup = jv_equal(seen.u.l->v[j], k);
+        if (dup) continue;
+        jl_push(x, seen.u.l, k);
+        jl_push(x, out.u.l, l->v[i]);
+    }
+    return out;
+}
+
+static struct jv f_wordcount(struct jctx *x, struct jv in, struct jargs *a)
+{
+    struct jv s = str_of(x, in);
+    int64_t c = 0;
+    bool inw = false;
+    for (size_t i = 0; i < s.n; i++) {
+        unsigned char ch = (unsigned char)s.u.s[i];
+        bool w = isalnum(ch) || ch == '_' || ch >= 0x80;
+        if (w && !inw) c++;
+        inw = w;
+    }
+    return jv_int(c);
+}
+
+static struct jv f_center(struct jctx *x, struct jv in, struct jargs *a)
+{
+    struct jv s = str_of(x, in);
+    int64_t w = arg_int(x, a, 0, "width", 80), len = (int64_t)ju_len(s.u.s, s.n);
+    if (w <= len) return s;
+    int64_t pad = w - len, left = pad / 2 + (pad & w & 1);
+    struct jbuf b = {0};
+    for (int64_t i = 0; i < left; i++) jb_putc(&b, ' ');
+    jb_put(&b, s.u.s, s.n);
+    for (int64_t i = 0; i < pad - left; i++) jb_putc(&b, ' ');
+    return buf_to_str(x, &b);
+}
+
+/* printf-style "%s" formatting of the format filter, for %s %d %i %r %% only */
+static struct jv f_format(struct jctx *x, struct jv in, struct jargs *a)
+{
+    struct jv s = str_of(x, in);
+    struct jbuf b = {0};
+    size_t k = 0;
+    for (size_t i = 0; i < s.n; i++) {
+        if (s.u.s[i] != '%') {
+            jb_putc(&b, s.u.s[i]);
+            continue;
+        }
+        char c = i + 1 < s.n ? s.u.s[++i] : 0;
+        if (c == '%') {
+            jb_putc(&b, '%');
+            continue;
+        }
+        if (c != 's' && c != 'd' && c != 'i' && c != 'r') {
+            free(b.p);
+            jx_fail(x, x->at, TUNA_E_UNSUPPORTED, "format filter: conversion '%%%c'", c);
+        }
+        if (k >= a->npos) {
+            free(b.p);
+            jx_fail(x, x->at, TUNA_E_FORMAT, "format filter: not enough arguments");
+        }
+        struct jv v = a->pos[k++];
+        if (c == 'r') jv_write_repr(&b, v);
+        else if (c == 's') jv_write_str(&b, v);
+        else jb_printf(&b, "%lld", (long long)(v.t == JV_FLOAT ? (int64_t)v.u.f : (int64_t)jv_num(v)));
+    }
+    return buf_to_str(x, &b);
+}
+
+static const struct {
+    const char *name;
+    filter_fn fn;
+} FILTERS[] = {
+    {"abs", f_abs}, {"attr", f_attr}, {"batch", f_batch}, {"capitalize", f_capitalize}, {"center", f_center},
+    {"count", f_length}, {"d", f_default}, {"default", f_default}, {"dictsort", f_dictsort}, {"e", f_escape},
+    {"escape", f_escape}, {"first", f_first}, {"float", f_float}, {"forceescape", f_escape}, {"format", f_format},
+    {"indent", f_indent}, {"int", f_int}, {"items", f_items}, {"join", f_join}, {"last", f_last},
+    {"length", f_length}, {"list", f_list}, {"lower", f_lower}, {"map", f_map}, {"max", f_max}, {"min", f_min},
+    {"reject", f_reject}, {"rejectattr", f_rejectattr}, {"replace", f_replace}, {"reverse", f_reverse},
+    {"round", f_round}, {"safe", f_safe}, {"select", f_select}, {"selectattr", f_selectattr}, {"sort", f_sort},
+    {"string", f_string}, {"sum", f_sum}, {"title", f_title}, {"tojson", f_tojson}, {"trim", f_trim},
+    {"unique", f_unique}, {"upper", f_upper}, {"wordcount", f_wordcount},
+};
+
+bool jx_has_filter(const char *name)
+{
+    for (size_t i = 0; i < sizeof FILTERS / sizeof *FILTERS; i++)
+        if (!strcmp(FILTERS[i].name, name)) return true;
+    return false;
+}
+
+struct jv jx_filter(struct jctx *x, const char *name, struct jv in, struct jargs *a, const struct node *at)
+{
+    for (size_t i = 0; i < sizeof FILTERS / sizeof *FILTERS; i++)
+        if (!strcmp(FILTERS[i].name, name)) {
+            const struct node *saved = x->at;
+            x->at = at;
+            struct jv r = FILTERS[i].fn(x, in, a);
+            x->at = saved;
+            return r;
+        }
+    jx_fail(x, at, TUNA_E_UNSUPPORTED, "no filter named '%s'", name);
+}
+
+/* ---- tests ---- */
+static struct jv targ(struct jctx *x, struct jargs *a, const char *what)
+{
+    if (a->npos < 1) jx_fail(x, x->at, TUNA_E_FORMAT, "test '%s' needs an argument", what);
+    return a->pos[0];
+}
+
+static bool run_test(struct jctx *x, const char *t, struct jv v, struct jargs *a, bool *known)
+{
+    *known = true;
+    if (!strcmp(t, "defined")) return v.t != JV_UNDEF;
+    if (!strcmp(t, "undefined")) return v.t == JV_UNDEF;
+    if (!strcmp(t, "none")) return v.t == JV_NONE;
+    if (!strcmp(t, "boolean")) return v.t == JV_BOOL;
+    if (!strcmp(t, "true")) return v.t == JV_BOOL && v.u.b;
+    if (!strcmp(t, "false")) return v.t == JV_BOOL && !v.u.b;
+    if (!strcmp(t, "integer")) return v.t == JV_INT;
+    if (!strcmp(t, "float")) return v.t == JV_FLOAT;
+    if (!strcmp(t, "number")) return jv_is_num(v);
+    if (!strcmp(t, "string")) return v.t == JV_STR;
+    if (!strcmp(t, "mapping")) return v.t == JV_DICT;
+    if (!strcmp(t, "iterable")) return v.t == JV_STR || jv_is_seq(v) || v.t == JV_DICT || v.t == JV_UNDEF;
+    if (!strcmp(t, "sequence")) return v.t == JV_STR || jv_is_seq(v) || v.t == JV_DICT || v.t == JV_UNDEF;
+    if (!strcmp(t, "callable")) return v.t == JV_FUNC;
+    if (!strcmp(t, "escaped")) return false;
+    if (!strcmp(t, "lower") || !strcmp(t, "upper")) {
+        if (v.t != JV_STR) return false;
+        struct jv c = t[0] == 'l' ? js_lower(x, v) : js_upper(x, v);
+        return jv_equal(c, v);
+    }
+    if (!strcmp(t, "even") || !strcmp(t, "odd")) {
+        if (v.t != JV_INT && v.t != JV_BOOL) jx_fail(x, x->at, TUNA_E_FORMAT, "test '%s' needs an integer, got %s", t, jv_type_name(v));
+        int64_t i = v.t == JV_BOOL ? v.u.b : v.u.i;
+        return (t[0] == 'e') == (i % 2 == 0);
+    }
+    if (!strcmp(t, "divisibleby")) {
+        struct jv d = targ(x, a, t);
+        if (!jv_is_num(v) || !jv_is_num(d) || jv_num(d) == 0) jx_fail(x, x->at, TUNA_E_FORMAT, "divisibleby: bad operands");
+        return fmod(jv_num(v), jv_num(d)) == 0;
+    }
+    if (!strcmp(t, "eq") || !strcmp(t, "equalto") || !strcmp(t, "==")) return jv_equal(v, targ(x, a, t));
+    if (!strcmp(t, "ne") || !strcmp(t, "!=")) return !jv_equal(v, targ(x, a, t));
+    if (!strcmp(t, "sameas")) {
+        struct jv o = targ(x, a, t);
+        if (v.t != o.t) return false;
+        if (v.t == JV_NONE || v.t == JV_UNDEF) return true;
+        if (v.t == JV_BOOL) return v.u.b == o.u.b;
+        if (v.t == JV_LIST || v.t == JV_TUPLE) return v.u.l == o.u.l;
+        if (v.t == JV_DICT || v.t == JV_NS) return v.u.d == o.u.d;
+        return jv_equal(v, o);
+    }
+    const char *cmp = NULL;
+    if (!strcmp(t, "lt") || !strcmp(t, "lessthan") || !strcmp(t, "<")) cmp = "<";
+    else if (!strcmp(t, "le") || !strcmp(t, "<=")) cmp = "<=";
+    else if (!strcmp(t, "gt") || !strcmp(t, "greaterthan") || !strcmp(t, ">")) cmp = ">";
+    else if (!strcmp(t, "ge") || !strcmp(t, ">=")) cmp = ">=";
+    if (cmp) {
+        int c = jv_compare(x, v, targ(x, a, t), true);
+        if (!strcmp(cmp, "<")) return c < 0;
+        if (!strcmp(cmp, "<=")) return c <= 0;
+        if (!strcmp(cmp, ">")) return c > 0;
+        return c >= 0;
+    }
+    if (!strcmp(t, "in")) {
+        struct jv h = targ(x, a, t);
+        if (h.t == JV_STR && v.t == JV_STR) {
+            if (v.n == 0) return true;
+            for (size_t i = 0; i + v.n <= h.n; i++)
+                if (!memcmp(h.u.s + i, v.u.s, v.n)) return true;
+            return false;
+        }
+        if (jv_is_seq(h)) {
+            for (size_t i = 0; i < h.u.l->n; i++)
+                if (jv_equal(h.u.l->v[i], v)) return true;
+            return false;
+        }
+        if (h.t == JV_DICT) return jd_find(h.u.d, v) >= 0;
+        jx_fail(x, x->at, TUNA_E_FORMAT, "test 'in': cannot search a %s", jv_type_name(h));
+    }
+    if (!strcmp(t, "filter")) {
+        struct jv n = targ(x, a, t);
+        char b[64];
+        snprintf(b, sizeof b, "%.*s", (int)(n.n < 63 ? n.n : 63), n.t == JV_STR ? n.u.s : "");
+        return n.t == JV_STR && jx_has_filter(b);
+    }
+    if (!strcmp(t, "test")) {
+        struct jv n = targ(x, a, t);
+        char b[64];
+        snprintf(b, sizeof b, "%.*s", (int)(n.n < 63 ? n.n : 63), n.t == JV_STR ? n.u.s : "");
+        return n.t == JV_STR && jx_has_test(b);
+    }
+    *known = false;
+    return false;
+}
+
+static const char *const TESTS[] = {"defined", "undefined", "none", "boolean", "true", "false", "integer", "float",
+                                    "number", "string", "mapping", "iterable", "sequence", "callable", "escaped",
+                                    "lower", "upper", "even", "odd", "divisibleby", "eq", "equalto", "==", "ne",
+                                    "!=", "sameas", "lt", "lessthan", "<", "le", "<=", "gt", "greaterthan", ">",
+                                    "ge", ">=", "in", "filter", "test", NULL};
+
+bool jx_has_test(const char *name)
+{
+    for (int i = 0; TESTS[i]; i++)
+        if (!strcmp(TESTS[i], name)) return true;
+    return false;
+}
+
+bool jx_test(struct jctx *x, const char *name, struct jv in, struct jargs *a, const struct node *at)
+{
+    bool known;
+    const struct node *saved = x->at;
+    x->at = at;
+    bool r = run_test(x, name, in, a, &known);
+    x->at = saved;
+    if (!known) jx_fail(x, at, TUNA_E_UNSUPPORTED, "no test named '%s'", name);
+    return r;
+}
+
+/* ---- globals ---- */
+static struct jv g_range(struct jctx *x, struct jv self, struct jargs *a)
+{
+    int64_t start = 0, stop, step = 1;
+    if (a->npos == 1) stop = arg_int(x, a, 0, NULL, 0);
+    else if (a->npos >= 2) {
+        start = arg_int(x, a, 0, NULL, 0);
+        stop = arg_int(x, a, 1, NULL, 0);
+        if (a->npos >= 3) step = arg_int(x, a, 2, NULL, 1);
+    } else jx_fail(x, x->at, TUNA_E_FORMAT, "range() needs 1 to 3 integer arguments");
+    if (step == 0) jx_fail(x, x->at, TUNA_E_FORMAT, "range() step must not be zero");
+    struct jv out = new_list(x);
+    for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step) {
+        if (out.u.l->n > 10000000) jx_fail(x, x->at, TUNA_E_RANGE, "range() too long");
+        jl_push(x, out.u.l, jv_int(i));
+    }
+    return out;
+}
+
+static struct jv g_dict(struct jctx *x, struct jv self, struct jargs *a)
+{
+    struct jv d = jv_dict(x, a->nkw);
+    if (a->npos) {
+        struct jv src = a->pos[0];
+        if (src.t == JV_DICT || src.t == JV_NS) {
+            for (size_t i = 0; i < src.u.d->n; i++) jd_set(x, d.u.d, src.u.d->k[i], src.u.d->v[i]);
+        } else {
+            struct jlist *l = jv_iterate(x, src, x->at);
+            for (size_t i = 0; i < l->n; i++) {
+                struct jv p = l->v[i];
+                if (!jv_is_seq(p) || p.u.l->n != 2) jx_fail(x, x->at, TUNA_E_FORMAT, "dict(): items must be pairs");
+                jd_set(x, d.u.d, p.u.l->v[0], p.u.l->v[1]);
+            }
+        }
+    }
+    for (size_t i = 0; i < a->nkw; i++) jd_set(x, d.u.d, jv_strz(x, a->kwname[i]), a->kw[i]);
+    return d;
+}
+
+static struct jv g_namespace(struct jctx *x, struct jv self, struct jargs *a)
+{
+    struct jv d = g_dict(x, self, a);
+    d.t = JV_NS;
+    return d;
+}
+
+static struct jv g_raise(struct jctx *x, struct jv self, struct jargs *a)
+{
+    struct jv m = a->npos ? jv_to_str(x, a->pos[0]) : jv_str_ref("", 0);
+    jx_fail(x, x->at, TUNA_E_INVALID, "the template raised an exception: %.*s", (int)m.n, m.u.s);
+}
+
+static struct jv g_strftime_now(struct jctx *x, struct jv self, struct jargs *a)
+{
+    struct jv f = ja_arg(a, 0, "format", jv_none());
+    if (f.t != JV_STR) jx_fail(x, x->at, TUNA_E_FORMAT, "strftime_now() needs a format string");
+    time_t t = (time_t)x->now;
+    struct tm tm;
+    localtime_r(&t, &tm);
+    char fmt[256], out[512];
+    snprintf(fmt, sizeof fmt, "%.*s", (int)(f.n < 255 ? f.n : 255), f.u.s);
+    /* the format comes from the template, as transformers passes it to datetime.strftime */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wformat-nonliteral"
+    size_t n = strftime(out, sizeof out, fmt, &tm);
+#pragma GCC diagnostic pop
+    return jv_str(x, out, n);
+}
+
+static struct jv joiner_call(struct jctx *x, struct jv self, struct jargs *a)
+{
+    /* self: [separator, used] */
+    struct jlist *st = self.u.l;
+    if (!jv_truthy(st->v[1])) {
+        st->v[1] = jv_bool(true);
+        return jv_str_ref("", 0);
+    }
+    return st->v[0];
+}
+
+static struct jv g_joiner(struct jctx *x, struct jv self, struct jargs *a)
+{
+    struct jv st = jv_list(x, 2);
+    jl_push(x, st.u.l, jv_to_str(x, ja_arg(a, 0, "sep", jv_str_ref(", ", 2))));
+    jl_push(x, st.u.l, jv_bool(false));
+    return jv_builtin(x, "joiner", joiner_call, st);
+}
+
+void jx_add_globals(struct jctx *x, struct jdict *g)
+{
+    static const struct {
+        const char *name;
+        jbuiltin_fn fn;
+    } G[] = {{"range", g_range},   {"dict", g_dict},        {"namespace", g_namespace}, {"raise_exception", g_raise},
+             {"joiner", g_joiner}, {"strftime_now", g_strftime_now}};
+    for (size_t i = 0; i < sizeof G / sizeof *G; i++)
+        jd_set(x, g, jv_str_ref(G[i].name, strlen(G[i].name)), jv_builtin(x, G[i].name, G[i].fn, jv_none()));
+}
