@@ -1,0 +1,112 @@
+/* cmd_generate.c — `tuna generate DIR --prompt T [sampling flags]`: streams the continuation of a
+ * prompt (or of --ids) to stdout as it is produced; timing to stderr. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+#include "infer_common.h"
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: tuna generate DIR (--prompt TEXT | --ids 1,2,3) [options]\n\n"
+               "Generates a continuation and streams it to stdout.\n\n"
+               "  --prompt TEXT   prompt text (tokenized with special tokens, as HF encode())\n"
+               "  --ids LIST      prompt as token ids\n"
+               "  --print-ids     also print the generated ids (to stderr)\n");
+    infer_flags_help(f, true);
+}
+
+int cmd_generate(int argc, char **argv)
+{
+    const char *dir = NULL, *prompt = NULL, *ids_s = NULL;
+    bool print_ids = false;
+    struct infer_flags fl;
+    infer_flags_init(&fl);
+    bool bad = false;
+    for (int i = 1; i < argc && !bad; i++) {
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            usage(stdout);
+            return 0;
+        }
+        if (tuna_cli_flag(argv, i, "--print-ids")) {
+            print_ids = true;
+            continue;
+        }
+        if (tuna_cli_opt_str(argc, argv, &i, "--prompt", &prompt, &bad) ||
+            tuna_cli_opt_str(argc, argv, &i, "--ids", &ids_s, &bad) || infer_flags_parse(&fl, argc, argv, &i, &bad))
+            continue;
+        if (argv[i][0] == '-' || dir) {
+            fprintf(stderr, "tuna generate: unexpected argument %s\n", argv[i]);
+            bad = true;
+        } else {
+            dir = argv[i];
+        }
+    }
+    if (bad || !dir || (!prompt == !ids_s)) {
+        if (!bad) fprintf(stderr, "tuna generate: need DIR and one of --prompt / --ids\n");
+        usage(stderr);
+        return 2;
+    }
+    tuna_tokenizer *tok = NULL;
+    tuna_detok_stream *ds = NULL;
+    struct tuna_model *m = NULL;
+    tuna_kv_cache *kv = NULL;
+    int32_t *ids = NULL;
+    int64_t n = 0;
+    struct tuna_gen_opts o;
+    struct tuna_gen_result r = {0};
+    tuna_status st = tuna_tokenizer_load(dir, &tok);
+    if (st && prompt) return tuna_cli_fail("generate", st);
+    if (st) { /* ids only: generate without text */
+        fprintf(stderr, "tuna generate: no tokenizer (%s); printing ids only\n", tuna_last_error());
+        tok = NULL;
+        print_ids = true;
+        st = TUNA_OK;
+    }
+    if (prompt) {
+        size_t nn = 0;
+        st = tuna_tokenizer_encode(tok, prompt, strlen(prompt), true, true, &ids, &nn);
+        n = (int64_t)nn;
+    } else {
+        st = parse_id_list(ids_s, &ids, &n);
+    }
+    if (!st) st = tuna_model_load(dir, &fl.model, &m);
+    if (!st) st = infer_flags_finish(&fl, dir, m, &o);
+    if (!st && !tok && fl.n_stop)
+        st = tuna_fail(TUNA_E_INVALID, "--stop needs the tokenizer, which did not load");
+    int64_t room = 0;
+    if (!st) {
+        room = fl.max_tokens > 0 ? n + fl.max_tokens : m->max_model_len;
+        if (room > m->max_model_len) room = m->max_model_len;
+        st = tuna_model_kv_new(m, room, 0, &kv);
+    }
+    int32_t seq = 0;
+    if (!st) st = tuna_kv_seq_new(kv, &seq);
+    if (!st && tok) st = tuna_detok_stream_new(tok, true, &ds);
+    if (!st && tok) {
+        o.detok = detok_stream_cb;
+        o.detok_ctx = ds;
+        o.on_text = print_text_cb;
+    }
+    if (!st) st = tuna_generate(m, kv, seq, ids, n, &o, &r);
+    if (!st) {
+        printf("\n");
+        if (print_ids) {
+            fprintf(stderr, "ids:");
+            for (int64_t i = 0; i < r.n; i++) fprintf(stderr, "%s%d", i ? "," : " ", r.ids[i]);
+            fprintf(stderr, "\n");
+        }
+        fprintf(stderr, "[%lld prompt tokens in %.3f s (%.1f tok/s), %lld generated in %.3f s (%.1f tok/s), "
+                "finish: %s]\n", (long long)n, r.prefill_seconds, (double)n / (r.prefill_seconds + 1e-12),
+                (long long)r.n, r.decode_seconds, (double)(r.n > 1 ? r.n - 1 : 0) / (r.decode_seconds + 1e-12),
+                r.finish_reason);
+    }
+    tuna_gen_result_free(&r);
+    tuna_detok_stream_free(ds);
+    tuna_tokenizer_free(tok);
+    free(ids);
+    tuna_kv_free(kv);
+    tuna_model_free(m);
+    return st ? tuna_cli_fail("generate", st) : 0;
+}
