@@ -66,7 +66,9 @@ struct tuna_bnb_quantize_opts {
 
 /* Which tensors `tuna quantize` quantizes: 2-D "*.weight" of Linear layers inside the decoder
  * ("…layers.N.….weight" with 2 dims), never embeddings, lm_head, norms, or anything whose
- * module name contains one of skip (substring match, as transformers does). */
+ * module name contains one of skip (substring match, as transformers does). skip NULL means
+ * transformers' default ({"lm_head"}). Unlike transformers, lm_head stays in float even when an
+ * explicit skip list omits it (it is outside the decoder layers). */
 bool tuna_bnb_should_quantize(const char *name, int ndim, const char *const *skip, int n_skip);
 
 /* Quantizes the model folder src into dst (written to a temporary folder and renamed; dst must

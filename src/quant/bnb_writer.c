@@ -146,7 +146,8 @@ bool tuna_bnb_should_quantize(const char *name, int ndim, const char *const *ski
     static const char *const dflt[] = {"lm_head"};
     size_t n = strlen(name);
     if (ndim != 2 || n < 8 || strcmp(name + n - 7, ".weight") != 0) return false;
-    if (!strstr(name, ".layers.") && !strstr(name, ".h.") && !strstr(name, ".blocks.")) return false;
+    /* decoder layers of the llama family only (GPT-2 style Conv1D weights would need a transpose) */
+    if (!strstr(name, ".layers.")) return false;
     if (strstr(name, "norm") || strstr(name, "embed")) return false;
     if (!skip) {
         skip = dflt;
