@@ -210,6 +210,66 @@ static void test_quantize_dir(void **state)
     quantize_and_compare(TUNA_Q4_FP4, false, "fixtures/bnb/llama-tiny-bnb-fp4");
 }
 
+/* writer → reader round trip for every layout: both types, plain and nested, several block
+ * sizes, a shape whose blocks straddle rows and an odd element count. */
+static void test_roundtrip(void **state)
+{
+    (void)state;
+    int64_t rows = 7, cols = 301;
+    float *x = malloc(sizeof(float) * (size_t)(rows * cols)), *a = malloc(sizeof(float) * (size_t)cols),
+          *b = malloc(sizeof(float) * (size_t)cols);
+    assert_non_null(x);
+    assert_non_null(a);
+    assert_non_null(b);
+    uint32_t r = 7;
+    for (int64_t i = 0; i < rows * cols; i++) {
+        r = r * 1664525u + 1013904223u;
+        x[i] = ((float)(r >> 8) / 16777216.0f - 0.5f) * (float)(1 + i % 5);
+    }
+    const int sizes[] = {32, 64, 128, 4096};
+    int n = 0;
+    for (int t = 0; t < 2; t++)
+        for (int dq = 0; dq < 2; dq++)
+            for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
+                struct tuna_q4_weight w, g;
+                TT_OK(tuna_q4_quantize(x, TUNA_DTYPE_F32, rows, cols, (enum tuna_q4_type)t, sizes[k], dq,
+                                       TUNA_DTYPE_BF16, &w));
+                tuna_st_writer *wr = NULL;
+                TT_OK(tuna_st_writer_new(&wr));
+                TT_OK(tuna_bnb_writer_add(wr, "model.layers.0.mlp.up_proj.weight", &w));
+                char p[4200];
+                snprintf(p, sizeof p, "%s/rt-%d-%d-%d.safetensors", tt_tmpdir(), t, dq, sizes[k]);
+                TT_OK(tuna_st_writer_save(wr, p));
+                tuna_st_writer_free(wr);
+                tuna_st_set *s = NULL;
+                TT_OK(tuna_st_set_open_file(p, &s));
+                assert_true(tuna_bnb_is_4bit(s));
+                TT_OK(tuna_bnb_load_weight(s, "model.layers.0.mlp.up_proj.weight", &g));
+                assert_int_equal(g.type, w.type);
+                assert_int_equal(g.blocksize, w.blocksize);
+                assert_int_equal(g.nested, w.nested);
+                assert_int_equal(g.dtype, TUNA_DTYPE_BF16);
+                assert_memory_equal(g.codes, w.codes, (size_t)(w.numel + 1) / 2);
+                assert_memory_equal(g.absmax, w.absmax, sizeof(float) * (size_t)w.n_blocks);
+                if (dq) assert_int_equal(fbits(g.nested_offset), fbits(w.nested_offset));
+                for (int64_t row = 0; row < rows; row++) {
+                    tuna_q4_dequantize_row(&w, row, a);
+                    tuna_q4_dequantize_row(&g, row, b);
+                    assert_memory_equal(a, b, sizeof(float) * (size_t)cols);
+                    /* bf16 output: every value is a bf16 */
+                    for (int64_t c = 0; c < cols; c++) assert_true(tuna_bf16_to_f32(tuna_f32_to_bf16(b[c])) == b[c]);
+                }
+                tuna_q4_weight_free(&g);
+                tuna_st_set_close(s);
+                tuna_q4_weight_free(&w);
+                n++;
+            }
+    assert_int_equal(n, 16);
+    free(x);
+    free(a);
+    free(b);
+}
+
 static void test_py_repr(void **state)
 {
     (void)state;
@@ -329,6 +389,7 @@ int main(void)
         cmocka_unit_test(test_py_repr),
         cmocka_unit_test(test_should_quantize),
         cmocka_unit_test(test_refusals),
+        cmocka_unit_test(test_roundtrip),
         cmocka_unit_test(test_read_fixtures),
         cmocka_unit_test(test_quantize_dir),
     };
