@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "core/status.h"
 #include "infer_common.h"
 
 static void usage(FILE *f)

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "core/status.h"
 #include "infer_common.h"
 #include "io/safetensors.h"
 
