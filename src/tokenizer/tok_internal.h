@@ -274,6 +274,9 @@ struct tuna_tokenizer {
     struct tk_matcher match_raw, match_norm; /* non-normalized / normalized added tokens */
     char **norm_content;                     /* [nadded] normalized content of normalized tokens */
     bool clean_up_spaces;
+    /* transformers' Llama/Gemma tokenizer classes rebuild the post-processor from
+     * add_bos_token / add_eos_token (LlamaTokenizerFast.update_post_processor) */
+    bool rebuild_post, add_bos, add_eos;
     char *special_str[4];   /* bos, eos, unk, pad */
     int32_t special_id[4];
     char *chat_template;

@@ -294,6 +294,13 @@ static tuna_status load_config(tuna_tokenizer *t, const char *dir)
             }
         }
         t->clean_up_spaces = cJSON_IsTrue(tuna_json_member(cfg, "clean_up_tokenization_spaces"));
+        const cJSON *cls = tuna_json_member(cfg, "tokenizer_class");
+        static const char *const rebuilds[] = {"LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer",
+                                               "CodeLlamaTokenizerFast", "GemmaTokenizer", "GemmaTokenizerFast"};
+        for (size_t i = 0; cJSON_IsString(cls) && i < sizeof rebuilds / sizeof rebuilds[0]; i++)
+            if (!strcmp(cls->valuestring, rebuilds[i])) t->rebuild_post = true;
+        t->add_bos = !cJSON_IsFalse(tuna_json_member(cfg, "add_bos_token"));
+        t->add_eos = cJSON_IsTrue(tuna_json_member(cfg, "add_eos_token"));
         const cJSON *ct = tuna_json_member(cfg, "chat_template");
         const char *tmpl = NULL;
         if (cJSON_IsString(ct)) tmpl = ct->valuestring;
@@ -358,6 +365,18 @@ static tuna_status finish(tuna_tokenizer *t)
     if (st) return st;
     for (int i = 0; i < 4; i++)
         t->special_id[i] = t->special_str[i] ? tuna_tokenizer_token_id(t, t->special_str[i]) : -1;
+    if (t->rebuild_post) {
+        if ((t->add_bos && t->special_id[0] < 0) || (t->add_eos && t->special_id[1] < 0))
+            return tuna_fail(TUNA_E_FORMAT, "tokenizer_config.json asks for add_%s_token but its %s is not a token",
+                             t->add_bos && t->special_id[0] < 0 ? "bos" : "eos",
+                             t->add_bos && t->special_id[0] < 0 ? "bos_token" : "eos_token");
+        free(t->post.tmpl);
+        memset(&t->post, 0, sizeof t->post);
+        t->post.present = true;
+        if ((t->add_bos && (st = post_append(&t->post, t->special_id[0]))) || (st = post_append(&t->post, TK_POST_SEQ)) ||
+            (t->add_eos && (st = post_append(&t->post, t->special_id[1]))))
+            return st;
+    }
     return TUNA_OK;
 }
 
@@ -633,3 +652,5 @@ bool tuna_tokenizer_is_special(const tuna_tokenizer *t, int32_t id)
 }
 
 const char *tuna_tokenizer_chat_template(const tuna_tokenizer *t) { return t->chat_template; }
+
+void tuna_tokenizer_set_clean_up_spaces(tuna_tokenizer *t, bool on) { t->clean_up_spaces = on; }

@@ -90,6 +90,11 @@ int32_t tuna_tokenizer_special_id(const tuna_tokenizer *t, const char *which);
 /* True when id is an added token marked special (skipped by decode(skip_special=true)). */
 bool tuna_tokenizer_is_special(const tuna_tokenizer *t, int32_t id);
 
+/* transformers' clean_up_tokenization_spaces for decode (" ." → "." and the like). It is read
+ * from tokenizer_config.json; absent means false, as in transformers 5 (transformers 4 defaulted
+ * to true: set it to reproduce decodes made with it). */
+void tuna_tokenizer_set_clean_up_spaces(tuna_tokenizer *t, bool on);
+
 /* The chat template from tokenizer_config.json ("chat_template" as a string, or the "default"
  * entry of the list form) or chat_template.jinja / chat_template.json beside it; NULL when
  * absent. Borrowed from t. */
