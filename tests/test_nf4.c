@@ -249,11 +249,39 @@ static void test_roundtrip_bound(void **state)
     free(y);
 }
 
+/* Matrices over 1M elements are quantized on several threads: the bytes must equal the
+ * single-threaded flat quantizer's. */
+static void test_parallel_same(void **state)
+{
+    (void)state;
+    int64_t rows = 1100, cols = 1000, n = rows * cols;
+    float *x = malloc(sizeof(float) * (size_t)n), *am = malloc(sizeof(float) * (size_t)(n / 64 + 1));
+    uint8_t *p = malloc((size_t)n / 2 + 1);
+    assert_non_null(x);
+    assert_non_null(am);
+    assert_non_null(p);
+    uint32_t s = 99;
+    for (int64_t i = 0; i < n; i++) {
+        s = s * 1664525u + 1013904223u;
+        x[i] = ((float)(s >> 8) / 16777216.0f - 0.5f) * (float)(1 + (i / 640) % 7);
+    }
+    struct tuna_q4_weight w;
+    TT_OK(tuna_q4_quantize(x, TUNA_DTYPE_F32, rows, cols, TUNA_Q4_FP4, 64, false, TUNA_DTYPE_F32, &w));
+    tuna_q4_quantize_flat(TUNA_Q4_FP4, x, n, 64, p, am);
+    assert_memory_equal(w.codes, p, (size_t)n / 2);
+    assert_memory_equal(w.absmax, am, sizeof(float) * (size_t)w.n_blocks);
+    tuna_q4_weight_free(&w);
+    free(x);
+    free(am);
+    free(p);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_synthetic),
         cmocka_unit_test(test_roundtrip_bound),
+        cmocka_unit_test(test_parallel_same),
         cmocka_unit_test(test_quantize_cases),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

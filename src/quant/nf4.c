@@ -14,6 +14,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "core/status.h"
 
@@ -330,6 +331,45 @@ void tuna_q4_undo_double_quant(struct tuna_q4_weight *w)
     }
 }
 
+/* Blocks are independent: large matrices are split over threads by whole blocks (same bytes as
+ * one thread). */
+struct qjob {
+    enum tuna_q4_type t;
+    const float *x;
+    int64_t n;
+    int bs;
+    uint8_t *packed;
+    float *absmax;
+};
+
+static void *qjob_run(void *arg)
+{
+    struct qjob *j = arg;
+    tuna_q4_quantize_flat(j->t, j->x, j->n, j->bs, j->packed, j->absmax);
+    return NULL;
+}
+
+static void quantize_parallel(enum tuna_q4_type t, const float *x, int64_t n, int bs, uint8_t *packed, float *absmax)
+{
+    enum { MAXT = 16 };
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    int nt = n < (1 << 20) || ncpu < 2 ? 1 : (int)(ncpu < MAXT ? ncpu : MAXT);
+    int64_t nb = (n + bs - 1) / bs, per = (nb + nt - 1) / nt;
+    pthread_t th[MAXT];
+    struct qjob jobs[MAXT];
+    bool started[MAXT] = {false};
+    for (int k = 0; k < nt; k++) {
+        int64_t b0 = k * per, b1 = b0 + per < nb ? b0 + per : nb;
+        int64_t e0 = b0 * bs, e1 = b1 * bs < n ? b1 * bs : n;
+        jobs[k] = (struct qjob){t, x + e0, e1 > e0 ? e1 - e0 : 0, bs, packed + e0 / 2, absmax + b0};
+        if (jobs[k].n <= 0) continue;
+        started[k] = k > 0 && pthread_create(&th[k], NULL, qjob_run, &jobs[k]) == 0;
+        if (!started[k]) qjob_run(&jobs[k]); /* thread 0, or no thread could be made */
+    }
+    for (int k = 0; k < nt; k++)
+        if (started[k]) pthread_join(th[k], NULL);
+}
+
 tuna_status tuna_q4_quantize(const void *x, enum tuna_dtype xdtype, int64_t rows, int64_t cols,
                              enum tuna_q4_type type, int blocksize, bool double_quant,
                              enum tuna_dtype orig_dtype, struct tuna_q4_weight *out)
@@ -370,7 +410,7 @@ tuna_status tuna_q4_quantize(const void *x, enum tuna_dtype xdtype, int64_t rows
         tuna_q4_weight_free(out);
         return tuna_fail_oom("4-bit codes", (size_t)(n + 1) / 2);
     }
-    tuna_q4_quantize_flat(type, xf, n, blocksize, codes, out->absmax);
+    quantize_parallel(type, xf, n, blocksize, codes, out->absmax);
     free(conv);
     if (!double_quant) return TUNA_OK;
 
