@@ -14,14 +14,16 @@ static void usage(FILE *f)
                "Generates a continuation and streams it to stdout.\n\n"
                "  --prompt TEXT   prompt text (tokenized with special tokens, as HF encode())\n"
                "  --ids LIST      prompt as token ids\n"
+               "  --chat          wrap the prompt as a user message in the model's chat template\n"
+               "  --system TEXT   with --chat: a system message first\n"
                "  --print-ids     also print the generated ids (to stderr)\n");
     infer_flags_help(f, true);
 }
 
 int cmd_generate(int argc, char **argv)
 {
-    const char *dir = NULL, *prompt = NULL, *ids_s = NULL;
-    bool print_ids = false;
+    const char *dir = NULL, *prompt = NULL, *ids_s = NULL, *system = NULL;
+    bool print_ids = false, chat = false;
     struct infer_flags fl;
     infer_flags_init(&fl);
     bool bad = false;
@@ -34,6 +36,11 @@ int cmd_generate(int argc, char **argv)
             print_ids = true;
             continue;
         }
+        if (tuna_cli_flag(argv, i, "--chat")) {
+            chat = true;
+            continue;
+        }
+        if (tuna_cli_opt_str(argc, argv, &i, "--system", &system, &bad)) continue;
         if (tuna_cli_opt_str(argc, argv, &i, "--prompt", &prompt, &bad) ||
             tuna_cli_opt_str(argc, argv, &i, "--ids", &ids_s, &bad) || infer_flags_parse(&fl, argc, argv, &i, &bad))
             continue;
@@ -65,7 +72,26 @@ int cmd_generate(int argc, char **argv)
         print_ids = true;
         st = TUNA_OK;
     }
-    if (prompt) {
+    if (prompt && chat) {
+        struct tuna_chat_template *ct = NULL;
+        cJSON *msgs = cJSON_CreateArray();
+        if (system) {
+            cJSON *sm = cJSON_CreateObject();
+            cJSON_AddStringToObject(sm, "role", "system");
+            cJSON_AddStringToObject(sm, "content", system);
+            cJSON_AddItemToArray(msgs, sm);
+        }
+        cJSON *um = cJSON_CreateObject();
+        cJSON_AddStringToObject(um, "role", "user");
+        cJSON_AddStringToObject(um, "content", prompt);
+        cJSON_AddItemToArray(msgs, um);
+        st = tuna_chat_load(dir, &ct);
+        if (!st) st = render_chat_ids(tok, ct, msgs, &ids, &n);
+        tuna_chat_free(ct);
+        cJSON_Delete(msgs);
+    } else if (chat) {
+        st = tuna_fail(TUNA_E_INVALID, "--chat needs --prompt");
+    } else if (prompt) {
         size_t nn = 0;
         st = tuna_tokenizer_encode(tok, prompt, strlen(prompt), true, true, &ids, &nn);
         n = (int64_t)nn;

@@ -188,3 +188,17 @@ int print_text_cb(void *ctx, const char *text, size_t len)
     fflush(stdout);
     return 0;
 }
+
+tuna_status render_chat_ids(const tuna_tokenizer *tok, const struct tuna_chat_template *ct, const cJSON *messages,
+                            int32_t **ids, int64_t *n)
+{
+    struct tuna_chat_render_opts ro = {0};
+    ro.add_generation_prompt = true;
+    char *text = NULL;
+    tuna_status st = tuna_chat_render(ct, messages, &ro, &text);
+    size_t nn = 0;
+    if (!st) st = tuna_tokenizer_encode(tok, text, strlen(text), false, true, ids, &nn);
+    *n = (int64_t)nn;
+    free(text);
+    return st;
+}

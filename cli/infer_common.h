@@ -6,6 +6,10 @@
 #include <stdbool.h>
 #include <stdio.h>
 
+#include <cjson/cJSON.h>
+
+#include "chat/chat.h"
+
 #include "model/generate.h"
 #include "model/model.h"
 #include "model/sampler.h"
@@ -40,4 +44,8 @@ tuna_status detok_stream_cb(void *ctx, int32_t id, char **piece);
 /* on_text callback: writes to stdout and flushes. */
 int print_text_cb(void *ctx, const char *text, size_t len);
 
+/* Renders messages with the chat template (add_generation_prompt) and tokenizes the text without
+ * adding special tokens (the template has them), as transformers' apply_chat_template. */
+tuna_status render_chat_ids(const tuna_tokenizer *tok, const struct tuna_chat_template *ct, const cJSON *messages,
+                            int32_t **ids, int64_t *n);
 #endif
