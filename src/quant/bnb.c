@@ -142,11 +142,11 @@ static tuna_status parse_state(const struct tuna_tensor_view *qs, enum tuna_q4_t
     }
     const cJSON *shape = tuna_json_member(doc, "shape");
     int nd = cJSON_IsArray(shape) ? cJSON_GetArraySize(shape) : 0;
-    if (nd < 1 || nd > 4) {
-        tuna_fail(st, "%s: '%s' has no valid \"shape\" list", qs->file, where);
+    if (nd < 1 || nd > 2) {
+        tuna_fail(st, "%s: '%s' has no valid \"shape\" list (1 or 2 dimensions)", qs->file, where);
         goto done;
     }
-    int64_t dims[4], numel = 1;
+    int64_t dims[2], numel = 1;
     for (int i = 0; i < nd; i++) {
         const cJSON *d = cJSON_GetArrayItem(shape, i);
         if (!cJSON_IsNumber(d) || d->valuedouble < 1 || d->valuedouble > 1e12 ||
@@ -157,6 +157,7 @@ static tuna_status parse_state(const struct tuna_tensor_view *qs, enum tuna_q4_t
         dims[i] = (int64_t)d->valuedouble;
     }
     w->type = type;
+    w->shape_1d = nd == 1;
     w->rows = nd == 1 ? 1 : dims[0];
     w->cols = numel / w->rows;
     w->numel = numel;

@@ -85,7 +85,7 @@ char *tuna_bnb_quant_state_json(const struct tuna_q4_weight *w)
     char *s = malloc(512);
     if (!s) return NULL;
     int k;
-    if (w->rows == 1 && w->cols == w->numel && w->numel != 1)
+    if (w->shape_1d)
         k = snprintf(s, 512, "{\"quant_type\": \"%s\", \"blocksize\": %d, \"dtype\": \"%s\", \"shape\": [%lld]",
                      tuna_q4_type_name(w->type), w->blocksize, dt ? dt : "float32", (long long)w->numel);
     else

@@ -39,6 +39,7 @@ struct tuna_q4_weight {
     enum tuna_q4_type type;
     int64_t rows, cols;        /* logical shape [out, in] (quant_state "shape") */
     int64_t numel;             /* rows * cols */
+    bool shape_1d;             /* quant_state "shape" was [numel] (rows = 1); else [rows, cols] */
     int blocksize;             /* elements per absmax block (64 in every transformers file) */
     int64_t n_blocks;          /* ceil(numel / blocksize) */
     enum tuna_dtype dtype;     /* original dtype (F32/BF16/F16): what dequantize rounds to */
