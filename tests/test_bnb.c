@@ -144,13 +144,14 @@ static void test_read_fixtures(void **state)
     assert_true(n >= 4 * 14);
 }
 
-/* `tuna quantize` of models/llama-tiny reproduces the bnb fixture: every tensor, and config.json. */
-static void quantize_and_compare(enum tuna_q4_type type, bool dq, const char *fixture)
+/* Quantizing a 16-bit fixture model reproduces its bnb fixture: every tensor, config.json, and
+ * (when no code differs by the approximate reciprocal) model.safetensors byte for byte. */
+static void quantize_and_compare(const char *src_rel, enum tuna_q4_type type, bool dq, const char *fixture)
 {
     char src[4096], ref[4096], out[4200];
-    if (!tt_shared_path(src, sizeof src, "fixtures/models/llama-tiny")) skip();
+    if (!tt_shared_path(src, sizeof src, src_rel)) skip();
     if (!tt_shared_path(ref, sizeof ref, fixture)) skip();
-    snprintf(out, sizeof out, "%s/q-%s-%d", tt_tmpdir(), tuna_q4_type_name(type), dq);
+    snprintf(out, sizeof out, "%s/q-%s-%d-%s", tt_tmpdir(), tuna_q4_type_name(type), dq, strrchr(src_rel, '/') + 1);
     struct tuna_bnb_quantize_opts o = {.type = type, .double_quant = dq, .blocksize = 64, .dtype = TUNA_DTYPE_F32};
     TT_OK(tuna_bnb_quantize_dir(src, out, &o));
     tuna_st_set *a = NULL, *b = NULL;
@@ -197,8 +198,8 @@ static void quantize_and_compare(enum tuna_q4_type type, bool dq, const char *fi
     }
     snprintf(pa, sizeof pa, "%s/tokenizer.json", out);
     assert_true(tuna_path_exists(pa));
-    print_message("quantize %s: all tensors and config.json identical to %s (%d packed tensors differ by the "
-                  "approximate reciprocal only)\n", tuna_q4_type_name(type), fixture, differ);
+    print_message("quantize %s %s: all tensors and config.json identical to %s (%d packed tensors differ by the "
+                  "approximate reciprocal only)\n", src_rel, tuna_q4_type_name(type), fixture, differ);
     /* the output folder must not be overwritten */
     TT_FAILS(tuna_bnb_quantize_dir(src, out, &o), TUNA_E_INVALID, "already exists");
 }
@@ -206,8 +207,10 @@ static void quantize_and_compare(enum tuna_q4_type type, bool dq, const char *fi
 static void test_quantize_dir(void **state)
 {
     (void)state;
-    quantize_and_compare(TUNA_Q4_NF4, true, "fixtures/bnb/llama-tiny-bnb-nf4-dq");
-    quantize_and_compare(TUNA_Q4_FP4, false, "fixtures/bnb/llama-tiny-bnb-fp4");
+    quantize_and_compare("fixtures/models/llama-tiny", TUNA_Q4_NF4, true, "fixtures/bnb/llama-tiny-bnb-nf4-dq");
+    quantize_and_compare("fixtures/models/llama-tiny", TUNA_Q4_FP4, false, "fixtures/bnb/llama-tiny-bnb-fp4");
+    quantize_and_compare("fixtures/models/qwen2-tiny", TUNA_Q4_NF4, true, "fixtures/bnb/qwen2-tiny-bnb-nf4-dq");
+    quantize_and_compare("fixtures/models/pymini", TUNA_Q4_NF4, true, "fixtures/bnb/pymini-bnb-nf4-dq");
 }
 
 /* writer → reader round trip for every layout: both types, plain and nested, several block
