@@ -1,0 +1,41 @@
+/* engine.h — the inference thread: owns the model's KV cache and the scheduler, takes requests
+ * from an inbox (mutex + condvar), runs one batched forward step at a time over every running
+ * sequence, samples, detokenizes, applies stop conditions and pushes text events to each
+ * request (request.h). A request whose connection set `cancelled` is finished at the next step
+ * and its KV blocks freed.
+ */
+#ifndef TUNA_SERVE_ENGINE_H
+#define TUNA_SERVE_ENGINE_H
+
+#include <stdint.h>
+
+#include "model/model.h"
+#include "serve/metrics.h"
+#include "serve/request.h"
+#include "tokenizer/tokenizer.h"
+
+struct tuna_engine_config {
+    int64_t kv_tokens;              /* KV cache capacity in tokens */
+    int32_t block_size;             /* 0 = 16 */
+    int64_t max_num_seqs;           /* running sequences at most (<= 256) */
+    int64_t max_num_batched_tokens; /* tokens per step */
+    int64_t max_pending;            /* requests queued or running at most; more are refused (429) */
+};
+
+typedef struct tuna_engine tuna_engine;
+
+/* Starts the engine thread. m, tok and metrics are borrowed and must outlive the engine. */
+tuna_status tuna_engine_start(struct tuna_model *m, const tuna_tokenizer *tok, const struct tuna_engine_config *cfg,
+                              struct tuna_metrics *metrics, tuna_engine **out);
+/* Stops the thread (requests still in flight finish with "abort") and frees everything. */
+void tuna_engine_stop(tuna_engine *e); /* accepts NULL */
+
+/* Hands a request to the engine (it takes a reference); its parameters must be complete and
+ * checked (openai.h fills in defaults and EOS ids). TUNA_E_OOM with a message when
+ * max_pending requests are already in flight (answer 429). */
+tuna_status tuna_engine_submit(tuna_engine *e, struct tuna_serve_req *r);
+
+/* KV blocks in use (0 when idle) and in total. */
+void tuna_engine_kv_usage(tuna_engine *e, int64_t *used, int64_t *total);
+
+#endif
