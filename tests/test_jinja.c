@@ -252,6 +252,10 @@ static void test_python_printing(void **state)
     EXPECT_RENDER("{{ x | tojson }}", "{\"x\": {\"b\": [1, 2.5, \"\\u00e9\"], \"a\": null}}",
                   "{\"b\": [1, 2.5, \"\xc3\xa9\"], \"a\": null}");
     EXPECT_RENDER("{{ 7 // -2 }}|{{ -7 % 3 }}|{{ 2 ** 10 }}|{{ 'ab' * 2 }}", NULL, "-4|2|1024|abab");
+    EXPECT_RENDER("{{ 'a=%s b=%d' % ('x', 3) }}|{{ '%s!' % 'hi' }}|{{ '%s-%s' | format(1, none) }}", NULL,
+                  "a=x b=3|hi!|1-None");
+    EXPECT_RENDER("{{ 'Hello World'.split() }}|{{ 'a,b,,c'.split(',') | length }}|{{ 'x'.join(['1', '2']) }}", NULL,
+                  "['Hello', 'World']|4|1x2");
 }
 
 static void test_errors(void **state)
@@ -265,6 +269,64 @@ static void test_errors(void **state)
     TT_FAILS(render_status("\n\n  {{ undefined_thing.attr }}"), TUNA_E_FORMAT, "line 3");
     TT_FAILS(render_status("{{ 1 + 'a' }}"), TUNA_E_FORMAT, "unsupported operand");
     TT_FAILS(render_status("{{ 'unterminated }}"), TUNA_E_FORMAT, "unterminated");
+    TT_FAILS(render_status("{{ 9223372036854775807 + 1 }}"), TUNA_E_RANGE, "overflow");
+    TT_FAILS(render_status("{% for x in [1] recursive %}{% endfor %}"), TUNA_E_UNSUPPORTED, "recursive");
+    TT_FAILS(render_status("{{ x is no_such_test }}"), TUNA_E_UNSUPPORTED, "no_such_test");
+}
+
+/* Truncated and mutated real templates must fail cleanly or render, never crash or read out of
+ * bounds (run under AddressSanitizer in CI). The check that can fail: every failure carries a
+ * message naming a line or the feature. */
+static void test_damaged_templates(void **state)
+{
+    (void)state;
+    char path[4096];
+    if (!tt_shared_path(path, sizeof path, "peers/extracted/hfjs_jinja_e2e_chat_templates.json")) skip();
+    cJSON *doc = NULL;
+    TT_OK(tuna_json_load(path, 0, &doc));
+    struct tuna_jinja_options o = tuna_jinja_hf_options();
+    unsigned seed = 12345;
+    int runs = 0, failures = 0;
+    const cJSON *c;
+    cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(doc, "custom_templates"))
+    {
+        const char *tpl = cJSON_GetObjectItemCaseSensitive(c, "chat_template")->valuestring;
+        const cJSON *data = cJSON_GetObjectItemCaseSensitive(c, "data");
+        size_t n = strlen(tpl);
+        char *buf = malloc(n + 1);
+        for (int k = 0; k < 40; k++) {
+            size_t len;
+            if (k < 20) {
+                len = n * (size_t)k / 20; /* a prefix */
+                memcpy(buf, tpl, len);
+            } else {
+                len = n; /* a few bytes changed to template punctuation */
+                memcpy(buf, tpl, n);
+                for (int m = 0; m < 3 && n; m++) {
+                    seed = seed * 1103515245u + 12345u;
+                    size_t at = (seed >> 8) % n;
+                    buf[at] = "{}%#-()[]|.'\"\n"[(seed >> 20) % 15];
+                }
+            }
+            buf[len] = 0;
+            char *out = NULL;
+            tuna_clear_error();
+            tuna_status st = render(buf, &o, data, HFJS_NOW, &out);
+            runs++;
+            if (st) {
+                failures++;
+                const char *msg = tuna_last_error();
+                if (!strstr(msg, "line") && !strstr(msg, "template")) {
+                    print_error("failure without position: %s\n", msg);
+                    fail();
+                }
+            }
+            free(out);
+        }
+        free(buf);
+    }
+    printf("damaged templates: %d renders, %d failed cleanly\n", runs, failures);
+    cJSON_Delete(doc);
 }
 
 int main(void)
@@ -274,6 +336,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_python_printing), cmocka_unit_test(test_errors), cmocka_unit_test(test_minja),
         cmocka_unit_test(test_hfjs_unit),       cmocka_unit_test(test_hfjs_e2e),
+        cmocka_unit_test(test_damaged_templates),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -202,14 +202,22 @@ static struct jv repeat(struct jctx *x, struct jv s, int64_t k)
     return r;
 }
 
+/* Python ints are unbounded; tuna's are 64-bit, so overflow is an error rather than a wrap */
+static struct jv checked(struct jctx *x, const struct node *n, bool overflow, const int64_t *r)
+{
+    if (overflow) jx_fail(x, n, TUNA_E_RANGE, "integer overflow (tuna's template integers are 64-bit)");
+    return jv_int(*r);
+}
+
 static struct jv binop(struct jctx *x, const struct node *n, struct jv a, struct jv b)
 {
+    int64_t r = 0;
     const char *op = n->s;
     bool nums = jv_is_num(a) && jv_is_num(b);
     bool ints = nums && a.t != JV_FLOAT && b.t != JV_FLOAT;
     switch (op[0]) {
     case '+':
-        if (ints) return jv_int(as_i64(a) + as_i64(b));
+        if (ints) return checked(x, n, __builtin_add_overflow(as_i64(a), as_i64(b), &r), &r);
         if (nums) return jv_float(jv_num(a) + jv_num(b));
         if (a.t == JV_STR && b.t == JV_STR) {
             char *p = ja_alloc(x->ar, a.n + b.n + 1);
@@ -219,28 +227,30 @@ static struct jv binop(struct jctx *x, const struct node *n, struct jv a, struct
             return jv_str_ref(p, a.n + b.n);
         }
         if (jv_is_seq(a) && a.t == b.t) {
-            struct jv r = jv_list(x, a.u.l->n + b.u.l->n);
-            for (size_t i = 0; i < a.u.l->n; i++) jl_push(x, r.u.l, a.u.l->v[i]);
-            for (size_t i = 0; i < b.u.l->n; i++) jl_push(x, r.u.l, b.u.l->v[i]);
-            r.t = a.t;
-            return r;
+            struct jv l = jv_list(x, a.u.l->n + b.u.l->n);
+            for (size_t i = 0; i < a.u.l->n; i++) jl_push(x, l.u.l, a.u.l->v[i]);
+            for (size_t i = 0; i < b.u.l->n; i++) jl_push(x, l.u.l, b.u.l->v[i]);
+            l.t = a.t;
+            return l;
         }
         break;
     case '-':
-        if (ints) return jv_int(as_i64(a) - as_i64(b));
+        if (ints) return checked(x, n, __builtin_sub_overflow(as_i64(a), as_i64(b), &r), &r);
         if (nums) return jv_float(jv_num(a) - jv_num(b));
         break;
     case '*':
         if (op[1] == '*') {
             if (ints && as_i64(b) >= 0) {
-                int64_t r = 1, base = as_i64(a);
-                for (int64_t e = as_i64(b); e > 0; e--) r *= base;
-                return jv_int(r);
+                int64_t base = as_i64(a);
+                bool ovf = false;
+                r = 1;
+                for (int64_t e = as_i64(b); e > 0 && !ovf; e--) ovf = __builtin_mul_overflow(r, base, &r);
+                return checked(x, n, ovf, &r);
             }
             if (nums) return jv_float(pow(jv_num(a), jv_num(b)));
             break;
         }
-        if (ints) return jv_int(as_i64(a) * as_i64(b));
+        if (ints) return checked(x, n, __builtin_mul_overflow(as_i64(a), as_i64(b), &r), &r);
         if (nums) return jv_float(jv_num(a) * jv_num(b));
         if ((a.t == JV_STR || jv_is_seq(a)) && (b.t == JV_INT || b.t == JV_BOOL)) return repeat(x, a, as_i64(b));
         if ((b.t == JV_STR || jv_is_seq(b)) && (a.t == JV_INT || a.t == JV_BOOL)) return repeat(x, b, as_i64(a));
@@ -250,7 +260,9 @@ static struct jv binop(struct jctx *x, const struct node *n, struct jv a, struct
         if (jv_num(b) == 0) jx_fail(x, n, TUNA_E_FORMAT, "division by zero");
         if (op[1] == '/') {
             if (ints) {
-                int64_t q = as_i64(a) / as_i64(b), r = as_i64(a) % as_i64(b);
+                if (as_i64(a) == INT64_MIN && as_i64(b) == -1) checked(x, n, true, &r);
+                int64_t q = as_i64(a) / as_i64(b);
+                r = as_i64(a) % as_i64(b);
                 if (r != 0 && ((r < 0) != (as_i64(b) < 0))) q--;
                 return jv_int(q);
             }
@@ -261,15 +273,26 @@ static struct jv binop(struct jctx *x, const struct node *n, struct jv a, struct
         if (nums) {
             if (jv_num(b) == 0) jx_fail(x, n, TUNA_E_FORMAT, "modulo by zero");
             if (ints) {
-                int64_t r = as_i64(a) % as_i64(b);
+                if (as_i64(b) == -1) return jv_int(0);
+                r = as_i64(a) % as_i64(b);
                 if (r != 0 && ((r < 0) != (as_i64(b) < 0))) r += as_i64(b);
                 return jv_int(r);
             }
-            double r = fmod(jv_num(a), jv_num(b));
-            if (r != 0 && ((r < 0) != (jv_num(b) < 0))) r += jv_num(b);
-            return jv_float(r);
+            double fr = fmod(jv_num(a), jv_num(b));
+            if (fr != 0 && ((fr < 0) != (jv_num(b) < 0))) fr += jv_num(b);
+            return jv_float(fr);
         }
-        if (a.t == JV_STR) jx_fail(x, n, TUNA_E_UNSUPPORTED, "printf-style '%%' string formatting is not supported");
+        if (a.t == JV_STR) { /* 'text %s' % value: the format filter's printf subset */
+            struct jargs fa = {0};
+            if (b.t == JV_TUPLE) {
+                fa.npos = b.u.l->n;
+                fa.pos = b.u.l->v;
+            } else {
+                fa.npos = 1;
+                fa.pos = &b;
+            }
+            return jx_filter(x, "format", a, &fa, n);
+        }
         break;
     default: break;
     }
@@ -473,7 +496,10 @@ static struct jv eval(struct jctx *x, struct jscope *sc, const struct node *n)
     case N_NEG:
     case N_POS: {
         struct jv v = eval(x, sc, n->a);
-        if (v.t == JV_INT || v.t == JV_BOOL) return jv_int(n->k == N_NEG ? -as_i64(v) : as_i64(v));
+        if (v.t == JV_INT || v.t == JV_BOOL) {
+            if (n->k == N_NEG && as_i64(v) == INT64_MIN) jx_fail(x, n, TUNA_E_RANGE, "integer overflow");
+            return jv_int(n->k == N_NEG ? -as_i64(v) : as_i64(v));
+        }
         if (v.t == JV_FLOAT) return jv_float(n->k == N_NEG ? -v.u.f : v.u.f);
         if (v.t == JV_UNDEF) jx_fail(x, n, TUNA_E_FORMAT, "'%.*s' is undefined", (int)v.n, v.u.s ? v.u.s : "value");
         jx_fail(x, n, TUNA_E_FORMAT, "bad operand type for unary %c: '%s'", n->k == N_NEG ? '-' : '+', jv_type_name(v));
