@@ -140,11 +140,11 @@ static bool is_byte_token(const char *s, size_t n, unsigned char *b)
 }
 
 /* Applies one decoder to the token list *l, replacing it. */
-static tuna_status dec_apply(const struct tk_dec *d, tk_pieces *l)
+tuna_status tk_dec_apply(const struct tk_dec *d, tk_pieces *l)
 {
     if (d->type == TK_DEC_SEQUENCE) {
         for (size_t i = 0; i < d->nkids; i++) {
-            tuna_status st = dec_apply(&d->kids[i], l);
+            tuna_status st = tk_dec_apply(&d->kids[i], l);
             if (st) return st;
         }
         return TUNA_OK;
@@ -306,7 +306,7 @@ tuna_status tuna_tokenizer_decode(const tuna_tokenizer *t, const int32_t *ids, s
     }
     tuna_status st = TUNA_OK;
     tk_buf res = {0};
-    if (t->dec) st = dec_apply(t->dec, &l);
+    if (t->dec) st = tk_dec_apply(t->dec, &l);
     bool ok = true;
     for (size_t i = 0; !st && i < l.n && ok; i++) {
         if (!t->dec && i > 0) ok = tk_buf_putc(&res, ' ');

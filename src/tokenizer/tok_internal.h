@@ -250,6 +250,8 @@ struct tk_dec {
 };
 tuna_status tk_dec_parse(const cJSON *j, struct tk_dec *d);
 void tk_dec_free(struct tk_dec *d);
+/* Runs the decoder over the token strings in *l, replacing the list (HF decode_chain). */
+tuna_status tk_dec_apply(const struct tk_dec *d, tk_pieces *l);
 
 /* ---- post-processor ---- */
 struct tk_post {
