@@ -9,7 +9,10 @@
 #include "io/safetensors.h"
 #include "model/model.h"
 
-static const char *k_models[] = {"llama-tiny", "mistral-tiny", "qwen2-tiny", "qwen3-tiny", "gemma-tiny", "pymini"};
+static const char *k_models[] = {"models/llama-tiny",          "models/mistral-tiny",     "models/qwen2-tiny",
+                                 "models/qwen3-tiny",          "models/gemma-tiny",       "models/pymini",
+                                 "bnb/llama-tiny-bnb-nf4-dq", "bnb/llama-tiny-bnb-fp4", "bnb/qwen2-tiny-bnb-nf4-dq",
+                                 "bnb/pymini-bnb-nf4-dq"};
 #define N_MODELS (sizeof k_models / sizeof k_models[0])
 
 struct prompt {
@@ -69,7 +72,7 @@ static int check_prompt(struct tuna_model *m, const char *name, int pi, const st
     float *lg = malloc(sizeof(float) * (size_t)(p->T * V));
     TT_OK(tuna_model_forward(m, kv, &b, lg, NULL));
     double err = tt_rel_err(lg, p->logits, (size_t)(p->T * V));
-    printf("  %-13s prompt%d  T=%-3lld logits rel err %.2e\n", name, pi, (long long)p->T, err);
+    printf("  %-26s prompt%d  T=%-3lld logits rel err %.2e\n", name, pi, (long long)p->T, err);
     assert_true(err < 1e-4);
     /* greedy through the cache, one token per step */
     float margin;
@@ -90,7 +93,7 @@ static int check_prompt(struct tuna_model *m, const char *name, int pi, const st
         TT_OK(tuna_model_forward(m, kv, &b, lg, NULL));
         tok = (int32_t)argmax(lg, V, &margin);
     }
-    printf("  %-13s prompt%d  greedy: %d of 24 tokens compared and equal\n", name, pi, compared);
+    printf("  %-26s prompt%d  greedy: %d of 24 tokens compared and equal\n", name, pi, compared);
     free(lg);
     tuna_batch_free(&b);
     tuna_kv_free(kv);
@@ -101,7 +104,7 @@ static void test_reference_logits(void **state)
 {
     (void)state;
     char path[4096];
-    if (!tt_shared_path(path, sizeof path, "fixtures/models")) skip();
+    if (!tt_shared_path(path, sizeof path, "fixtures")) skip();
     int total_greedy = 0;
     for (size_t mi = 0; mi < N_MODELS; mi++) {
         char dir[4200], refp[4300];

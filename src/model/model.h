@@ -63,6 +63,7 @@ struct tuna_model_opts {
     int64_t max_model_len;  /* 0: max_position_embeddings; larger is refused */
 };
 
+struct tuna_q4_weight; /* quant/nf4.h */
 struct tuna_fwd_ws; /* scratch activations, grown to the largest step (forward.c) */
 
 struct tuna_model {
@@ -84,6 +85,9 @@ struct tuna_model {
     int64_t inv_freq_len;       /* dynamic NTK: the seq_len inv_freq was made for */
 
     struct tuna_fwd_ws *ws;
+
+    struct tuna_q4_weight **q4; /* [n_q4] owned 4-bit weight states (bitsandbytes checkpoints) */
+    int64_t n_q4;
 };
 
 /* Loads config.json and the weights of dir, checks every tensor against the architecture and

@@ -6,6 +6,9 @@
  *   model.layers.{i}.{input_layernorm,post_attention_layernorm}.weight,
  *   model.layers.{i}.self_attn.{q,k,v,o}_proj.{weight,bias}, self_attn.{q,k}_norm.weight,
  *   model.layers.{i}.mlp.{gate,up,down}_proj.weight
+ * A bitsandbytes 4-bit checkpoint stores a quantized Linear's weight as packed codes plus its
+ * quant-state tensors; such a weight becomes an NF4/FP4 struct tuna_weight whose q4 points at
+ * the decoded state (codes stay in the mapping).
  */
 #include <math.h>
 #include <stdio.h>
@@ -16,12 +19,40 @@
 #include "core/status.h"
 #include "model/model.h"
 #include "model/rope_freq.h"
+#include "quant/bnb.h"
 
 struct loader {
     const struct tuna_arch *a;
     tuna_tensor_lookup get;
     void *ctx;
+    const tuna_st_set *set;  /* for bitsandbytes weights; NULL for synthetic models */
+    struct tuna_model *m;    /* owns the 4-bit states */
 };
+
+static tuna_status load_q4(const struct loader *ld, const char *name, int64_t rows, int64_t cols,
+                           struct tuna_weight *w)
+{
+    struct tuna_model *m = ld->m;
+    struct tuna_q4_weight **nq = realloc(m->q4, sizeof *nq * (size_t)(m->n_q4 + 1));
+    if (!nq) return tuna_fail_oom("4-bit weight table", sizeof *nq * (size_t)(m->n_q4 + 1));
+    m->q4 = nq;
+    struct tuna_q4_weight *q = calloc(1, sizeof *q);
+    if (!q) return tuna_fail_oom("4-bit weight", sizeof *q);
+    m->q4[m->n_q4++] = q;
+    tuna_status st = tuna_bnb_load_weight(ld->set, name, q);
+    if (st) return st;
+    if (q->numel != rows * cols)
+        return tuna_fail(TUNA_E_FORMAT, "4-bit weight '%s' holds %lld values (quant_state shape), config.json "
+                         "implies [%lld, %lld]", name, (long long)q->numel, (long long)rows, (long long)cols);
+    q->rows = rows; /* a 1-D quant_state shape still means [rows, cols] here */
+    q->cols = cols;
+    w->dtype = q->type == TUNA_Q4_NF4 ? TUNA_DTYPE_NF4 : TUNA_DTYPE_FP4;
+    w->rows = rows;
+    w->cols = cols;
+    w->data = q->codes;
+    w->q4 = q;
+    return TUNA_OK;
+}
 
 static const struct tuna_tensor_view *find(const struct loader *ld, const char *name, bool required,
                                            tuna_status *st)
@@ -38,6 +69,7 @@ static tuna_status load_matrix(const struct loader *ld, const char *name, int64_
                                struct tuna_weight *w)
 {
     tuna_status st = TUNA_OK;
+    if (ld->set && tuna_bnb_is_quantized_weight(ld->set, name)) return load_q4(ld, name, rows, cols, w);
     const struct tuna_tensor_view *t = find(ld, name, true, &st);
     if (!t) return st;
     if (t->ndim != 2 || t->shape[0] != rows || t->shape[1] != cols)
@@ -143,14 +175,14 @@ static tuna_status check_arch(const struct tuna_arch *a)
     if (a->head_dim > TUNA_CPU_MAX_HEAD_DIM)
         return tuna_fail(TUNA_E_UNSUPPORTED, "config.json: head_dim %lld is above the %d the CPU attention supports",
                          (long long)a->head_dim, TUNA_CPU_MAX_HEAD_DIM);
-    if (a->quant.method != TUNA_QUANT_NONE)
+    if (a->quant.method != TUNA_QUANT_NONE && a->quant.method != TUNA_QUANT_BNB_4BIT)
         return tuna_fail(TUNA_E_UNSUPPORTED, "config.json declares quantization_config (%s); the forward pass "
-                         "runs 16/32-bit checkpoints only for now", a->quant.method_name);
+                         "runs 16/32-bit and bitsandbytes 4-bit checkpoints", a->quant.method_name);
     return TUNA_OK;
 }
 
-tuna_status tuna_model_build(const struct tuna_arch *arch, tuna_tensor_lookup get, void *ctx,
-                             const struct tuna_model_opts *opts, struct tuna_model **out)
+static tuna_status build(const struct tuna_arch *arch, tuna_tensor_lookup get, void *ctx, const tuna_st_set *set,
+                         const struct tuna_model_opts *opts, struct tuna_model **out)
 {
     *out = NULL;
     tuna_status st = check_arch(arch);
@@ -161,7 +193,7 @@ tuna_status tuna_model_build(const struct tuna_arch *arch, tuna_tensor_lookup ge
     m->arch.quant.skip_modules = NULL; /* owned by the caller's arch */
     m->arch.quant.n_skip_modules = 0;
     const struct tuna_arch *a = &m->arch;
-    struct loader ld = {a, get, ctx};
+    struct loader ld = {a, get, ctx, set, m};
     m->layers = calloc((size_t)a->n_layers, sizeof *m->layers);
     if (!m->layers) {
         st = tuna_fail_oom("layer table", sizeof *m->layers * (size_t)a->n_layers);
@@ -213,6 +245,12 @@ fail:
     return st;
 }
 
+tuna_status tuna_model_build(const struct tuna_arch *arch, tuna_tensor_lookup get, void *ctx,
+                             const struct tuna_model_opts *opts, struct tuna_model **out)
+{
+    return build(arch, get, ctx, NULL, opts, out);
+}
+
 static const struct tuna_tensor_view *set_lookup(void *ctx, const char *name)
 {
     return tuna_st_set_find(ctx, name);
@@ -230,7 +268,8 @@ tuna_status tuna_model_load(const char *dir, const struct tuna_model_opts *opts,
         tuna_arch_free(&arch);
         return st;
     }
-    st = tuna_model_build(&arch, set_lookup, set, opts, out);
+    st = tuna_bnb_check_not_int8(set);
+    if (!st) st = build(&arch, set_lookup, set, set, opts, out);
     tuna_arch_free(&arch);
     if (st) {
         tuna_st_set_close(set);
@@ -266,6 +305,11 @@ void tuna_model_free(struct tuna_model *m)
     free(m->final_norm);
     free(m->inv_freq);
     tuna_fwd_ws_free(m->ws);
+    for (int64_t i = 0; i < m->n_q4; i++) {
+        tuna_q4_weight_free(m->q4[i]);
+        free(m->q4[i]);
+    }
+    free(m->q4);
     tuna_cpu_backend_free(m->be);
     tuna_st_set_close(m->st);
     free(m);
@@ -283,7 +327,9 @@ tuna_status tuna_model_kv_new(const struct tuna_model *m, int64_t n_tokens, int3
 
 static uint64_t wbytes(const struct tuna_weight *w)
 {
-    return tuna_dtype_nbytes(w->dtype, (uint64_t)(w->rows * w->cols));
+    uint64_t n = tuna_dtype_nbytes(w->dtype, (uint64_t)(w->rows * w->cols));
+    if (w->q4) n += (uint64_t)((const struct tuna_q4_weight *)w->q4)->n_blocks * sizeof(float); /* absmax */
+    return n;
 }
 
 uint64_t tuna_model_weight_bytes(const struct tuna_model *m)

@@ -7,7 +7,9 @@
  * - more tokens (prefill): each task converts a tile of TUNA_CPU_TILE_ROWS weight rows to float32
  *   in its thread's scratch and multiplies with OpenBLAS sgemm. There is never a full float32
  *   copy of a weight.
- * NF4/FP4 weights will convert their tiles with src/quant's row dequantizer (same two paths).
+ * NF4/FP4 weights (w->q4 is a struct tuna_q4_weight) dequantize with src/quant's row
+ * dequantizer: a tile for the sgemm path, one row at a time into the thread's scratch for the
+ * few-token path. Both need the scratch from tuna_cpu_backend_reserve().
  */
 #include <assert.h>
 #include <cblas.h>
@@ -15,6 +17,7 @@
 
 #include "backend/cpu/cpu_internal.h"
 #include "core/dtype.h"
+#include "quant/nf4.h"
 
 #define TUNA_MM_SMALL_T 4
 #define TUNA_MM_ROWS_PER_TASK 16
@@ -78,13 +81,19 @@ TUNA_HOT static void mm_small_task(void *arg, int64_t task, int thread)
             }
             break;
         }
+        case TUNA_DTYPE_NF4:
+        case TUNA_DTYPE_FP4: {
+            float *row = a->be->scratch[thread];
+            tuna_q4_dequantize_rows(a->w->q4, n, 1, row);
+            for (int64_t t = 0; t < a->T; t++) out[t] = tuna_dot_f32(row, a->x + t * K, K);
+            break;
+        }
         default:
             assert(!"matmul: weight dtype not validated at load");
             return;
         }
         for (int64_t t = 0; t < a->T; t++) a->y[t * a->N + n] = out[t] + (a->bias ? a->bias[n] : 0.0f);
     }
-    (void)thread;
 }
 
 static void convert_rows(const struct tuna_weight *w, int64_t n0, int64_t nb, float *dst)
@@ -99,6 +108,10 @@ static void convert_rows(const struct tuna_weight *w, int64_t n0, int64_t nb, fl
     }
     case TUNA_DTYPE_F16:
         tuna_convert_to_f32(TUNA_DTYPE_F16, (const uint16_t *)w->data + off, dst, count);
+        break;
+    case TUNA_DTYPE_NF4:
+    case TUNA_DTYPE_FP4:
+        tuna_q4_dequantize_rows(w->q4, n0, nb, dst);
         break;
     default:
         assert(!"matmul: weight dtype not validated at load");
@@ -130,6 +143,7 @@ void tuna_cpu_matmul(tuna_backend *be, float *y, const float *x, const struct tu
 {
     struct mm_args a = {be, y, x, w, bias, T, w->rows, w->cols, 0};
     if (T <= 0) return;
+    assert(w->q4 == NULL || be->scratch_k >= w->cols); /* 4-bit needs the scratch */
     bool tiles = w->dtype == TUNA_DTYPE_F32 || (be->scratch_k >= w->cols);
     if (T > TUNA_MM_SMALL_T && tiles) {
         a.rows_per_task = TUNA_CPU_TILE_ROWS;
