@@ -348,11 +348,25 @@ static tuna_status bytelevel_piece(const struct tk_pre *p, const char *s, size_t
     else if (tmp->n && !tk_pieces_add(&split, tmp->p, tmp->n, first)) st = tuna_fail_oom("pre-tokenizer", n);
     tk_buf mapped = {0};
     for (size_t i = 0; !st && i < split.n; i++) {
+        /* every byte maps to a code point below 0x800: at most two UTF-8 bytes */
+        size_t len = split.v[i].len;
         mapped.n = 0;
+        if (!tk_buf_grow(&mapped, 2 * len)) {
+            st = tuna_fail_oom("pre-tokenizer", n);
+            break;
+        }
         const unsigned char *q = (const unsigned char *)split.text.p + split.v[i].off;
-        for (size_t k = 0; k < split.v[i].len; k++)
-            if (!tk_buf_put_cp(&mapped, tk_byte_to_cp(q[k]))) st = tuna_fail_oom("pre-tokenizer", n);
-        if (!st && !tk_pieces_add(out, mapped.p, mapped.n, split.v[i].first)) st = tuna_fail_oom("pre-tokenizer", n);
+        unsigned char *w = (unsigned char *)mapped.p;
+        for (size_t k = 0; k < len; k++) {
+            uint32_t cp = tk_byte_to_cp(q[k]);
+            if (cp < 0x80) *w++ = (unsigned char)cp;
+            else {
+                *w++ = (unsigned char)(0xC0 | (cp >> 6));
+                *w++ = (unsigned char)(0x80 | (cp & 0x3F));
+            }
+        }
+        mapped.n = (size_t)(w - (unsigned char *)mapped.p);
+        if (!tk_pieces_add(out, mapped.p, mapped.n, split.v[i].first)) st = tuna_fail_oom("pre-tokenizer", n);
     }
     tk_buf_free(&mapped);
     tk_pieces_free(&split);

@@ -12,6 +12,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
@@ -27,8 +28,23 @@ typedef struct {
     size_t n, cap;
 } tk_buf;
 
-bool tk_buf_put(tk_buf *b, const void *s, size_t n);
-bool tk_buf_putc(tk_buf *b, char c);
+bool tk_buf_grow(tk_buf *b, size_t extra); /* room for extra more bytes and a NUL */
+/* Appends n bytes and keeps the buffer NUL-terminated; false when out of memory. */
+static inline bool tk_buf_put(tk_buf *b, const void *s, size_t n)
+{
+    if (b->n + n + 1 > b->cap && !tk_buf_grow(b, n)) return false;
+    if (n) memcpy(b->p + b->n, s, n);
+    b->n += n;
+    b->p[b->n] = '\0';
+    return true;
+}
+static inline bool tk_buf_putc(tk_buf *b, char c)
+{
+    if (b->n + 2 > b->cap && !tk_buf_grow(b, 1)) return false;
+    b->p[b->n++] = c;
+    b->p[b->n] = '\0';
+    return true;
+}
 bool tk_buf_put_cp(tk_buf *b, uint32_t cp); /* appends the UTF-8 encoding of cp */
 void tk_buf_free(tk_buf *b);
 

@@ -8,23 +8,16 @@
 
 #include "tokenizer/tok_internal.h"
 
-bool tk_buf_put(tk_buf *b, const void *s, size_t n)
+bool tk_buf_grow(tk_buf *b, size_t extra)
 {
-    if (b->n + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 64;
-        while (cap < b->n + n + 1) cap *= 2;
-        char *p = realloc(b->p, cap);
-        if (!p) return false;
-        b->p = p;
-        b->cap = cap;
-    }
-    if (n) memcpy(b->p + b->n, s, n);
-    b->n += n;
-    b->p[b->n] = '\0';
+    size_t cap = b->cap ? b->cap : 64;
+    while (cap < b->n + extra + 1) cap *= 2;
+    char *p = realloc(b->p, cap);
+    if (!p) return false;
+    b->p = p;
+    b->cap = cap;
     return true;
 }
-
-bool tk_buf_putc(tk_buf *b, char c) { return tk_buf_put(b, &c, 1); }
 
 bool tk_buf_put_cp(tk_buf *b, uint32_t cp)
 {
