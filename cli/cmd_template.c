@@ -11,7 +11,7 @@
 
 #include "chat/chat.h"
 #include "cli.h"
-#include "core/json.h"
+#include "core/file.h"
 #include "core/status.h"
 #include "tokenizer/tokenizer.h"
 
@@ -28,6 +28,17 @@ static void usage(FILE *f)
                "  --tools FILE            a JSON array of tool schemas\n"
                "  --template-name NAME    pick a named template (default, tool_use, rag, ...)\n"
                "  --tokenize              print token ids (JSON array) instead of the text\n");
+}
+
+/* JSON as Python's json.loads reads it (1.0 stays a float in the template) */
+static tuna_status load_json(const char *path, cJSON **out)
+{
+    char *text = NULL;
+    size_t len = 0;
+    tuna_status st = tuna_read_file(path, 256u << 20, &text, &len);
+    if (!st) st = tuna_jinja_json_parse(text, len, path, out);
+    free(text);
+    return st;
 }
 
 int cmd_template(int argc, char **argv)
@@ -64,8 +75,8 @@ int cmd_template(int argc, char **argv)
     char *text = NULL;
     int32_t *ids = NULL;
     int rc = 0;
-    tuna_status st = tuna_json_load(msg_file, 0, &doc);
-    if (!st && tools_file) st = tuna_json_load(tools_file, 0, &tools);
+    tuna_status st = load_json(msg_file, &doc);
+    if (!st && tools_file) st = load_json(tools_file, &tools);
     if (st) goto fail;
     struct tuna_chat_render_opts o = {.add_generation_prompt = gen, .template_name = name, .tools = tools};
     const cJSON *messages = doc;

@@ -15,12 +15,13 @@
 
 #include "chat/chat.h"
 #include "core/json.h"
+#include "tokenizer/tokenizer.h"
 
 static void test_fixture_cases(void **state)
 {
     (void)state;
     static const char *const dirs[] = {"bpe-1k", "bpe-4k", "spm-1k"};
-    int pass = 0, total = 0;
+    int pass = 0, ids_pass = 0, total = 0;
     for (int d = 0; d < 3; d++) {
         char rel[256], dir[4096], cases[4096 + 32];
         snprintf(rel, sizeof rel, "fixtures/tokenizers/%s", dirs[d]);
@@ -28,6 +29,8 @@ static void test_fixture_cases(void **state)
         snprintf(cases, sizeof cases, "%s/cases.json", dir);
         struct tuna_chat_template *ct = NULL;
         TT_OK(tuna_chat_load(dir, &ct));
+        tuna_tokenizer *tok = NULL;
+        TT_OK(tuna_tokenizer_load(dir, &tok));
         cJSON *doc = NULL;
         TT_OK(tuna_json_load(cases, 0, &doc));
         const cJSON *c;
@@ -41,13 +44,25 @@ static void test_fixture_cases(void **state)
             total++;
             if (!strcmp(out, want)) pass++;
             else printf("  FAIL %s case %d\n    got      [%s]\n    expected [%s]\n", dirs[d], total, out, want);
+            /* apply_chat_template(tokenize=True): no BOS/EOS added, specials in the text recognised */
+            int32_t *ids = NULL;
+            size_t n = 0;
+            TT_OK(tuna_tokenizer_encode(tok, out, strlen(out), false, true, &ids, &n));
+            const cJSON *want_ids = cJSON_GetObjectItemCaseSensitive(c, "ids");
+            bool same = n == (size_t)cJSON_GetArraySize(want_ids);
+            for (size_t i = 0; same && i < n; i++) same = ids[i] == cJSON_GetArrayItem(want_ids, (int)i)->valueint;
+            if (same) ids_pass++;
+            else printf("  FAIL ids of %s case %d\n", dirs[d], total);
+            free(ids);
             free(out);
         }
         cJSON_Delete(doc);
+        tuna_tokenizer_free(tok);
         tuna_chat_free(ct);
     }
-    printf("fixture chat cases: %d/%d pass\n", pass, total);
+    printf("fixture chat cases: %d/%d rendered texts and %d/%d token ids match\n", pass, total, ids_pass, total);
     assert_int_equal(pass, total);
+    assert_int_equal(ids_pass, total);
     assert_true(total > 0);
 }
 

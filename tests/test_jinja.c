@@ -258,6 +258,27 @@ static void test_python_printing(void **state)
                   "['Hello', 'World']|4|1x2");
 }
 
+/* tuna_jinja_json_parse keeps Python's int/float distinction (json.loads then tojson) */
+static void test_json_numbers(void **state)
+{
+    (void)state;
+    const char *text = "{\"a\": 1.0, \"b\": 1, \"c\": 12345678901234567, \"d\": 2.5e-7, \"e\": [true, null, \"\\u00e9\\ud83e\\udd17\"]}";
+    cJSON *ctx = NULL;
+    TT_OK(tuna_jinja_json_parse(text, strlen(text), "test", &ctx));
+    cJSON *wrap = cJSON_CreateObject();
+    cJSON_AddItemToObject(wrap, "x", ctx);
+    char *out = NULL;
+    TT_OK(render("{{ x | tojson }}|{{ x.a }}|{{ x.c + 1 }}", NULL, wrap, 0, &out));
+    assert_string_equal(out, "{\"a\": 1.0, \"b\": 1, \"c\": 12345678901234567, \"d\": 2.5e-07, \"e\": [true, null, "
+                             "\"\xc3\xa9\xf0\x9f\xa4\x97\"]}|1.0|12345678901234568");
+    free(out);
+    cJSON_Delete(wrap);
+    cJSON *bad = NULL;
+    TT_FAILS(tuna_jinja_json_parse("[1, 2", 5, "msgs.json", &bad), TUNA_E_FORMAT, "msgs.json");
+    TT_FAILS(tuna_jinja_json_parse("[\"a\\u0000\"]", 10, "msgs.json", &bad), TUNA_E_UNSUPPORTED, "U+0000");
+    TT_FAILS(tuna_jinja_json_parse("{\"a\": 1} x", 10, "msgs.json", &bad), TUNA_E_FORMAT, "extra data");
+}
+
 static void test_errors(void **state)
 {
     (void)state;
@@ -334,7 +355,7 @@ int main(void)
     setenv("TZ", "UTC", 1);
     tzset();
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_python_printing), cmocka_unit_test(test_errors), cmocka_unit_test(test_minja),
+        cmocka_unit_test(test_python_printing), cmocka_unit_test(test_errors), cmocka_unit_test(test_json_numbers), cmocka_unit_test(test_minja),
         cmocka_unit_test(test_hfjs_unit),       cmocka_unit_test(test_hfjs_e2e),
         cmocka_unit_test(test_damaged_templates),
     };

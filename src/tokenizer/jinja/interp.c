@@ -1,6 +1,7 @@
 /* interp.c — evaluating the AST: scopes, expressions with Python's operator semantics,
  * statements (if, for with loop.*, set, macro/call, filter blocks, break/continue), and the
  * public parse/render entry points. Render errors longjmp back to tuna_jinja_render. */
+#include <errno.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -689,9 +690,16 @@ static struct jv from_json(struct jctx *x, const cJSON *j)
     if (cJSON_IsBool(j)) return jv_bool(cJSON_IsTrue(j));
     if (cJSON_IsNumber(j)) {
         double d = j->valuedouble;
-        /* cJSON keeps no int/float distinction: an integral value written without '.', 'e'
-         * is an int; cJSON's valueint saturates, so test the double */
-        if (d == floor(d) && fabs(d) < 9.007199254740992e15 && !j->valuestring) return jv_int((int64_t)d);
+        if (j->valuestring) { /* from tuna_jinja_json_parse: the number's source text */
+            const char *t = j->valuestring;
+            if (strpbrk(t, ".eE") || !isfinite(d)) return jv_float(d);
+            errno = 0;
+            long long v = strtoll(t, NULL, 10);
+            if (!errno) return jv_int(v);
+            return jv_float(d);
+        }
+        /* plain cJSON keeps no int/float distinction: an integral value is taken as an int */
+        if (d == floor(d) && fabs(d) < 9.007199254740992e15) return jv_int((int64_t)d);
         return jv_float(d);
     }
     if (cJSON_IsString(j)) return jv_strz(x, j->valuestring);

@@ -52,4 +52,10 @@ struct tuna_jinja_render_opts {
 tuna_status tuna_jinja_render(const tuna_jinja_template *t, const cJSON *context,
                               const struct tuna_jinja_render_opts *ro, char **out, size_t *len);
 
+/* Parses JSON text as Python's json.loads sees it, into a cJSON tree (free with cJSON_Delete):
+ * each number keeps its source text in valuestring, so that a context built from it keeps
+ * 1.0 a float and big ints exact (cJSON_Parse keeps only a double). Strings holding U+0000
+ * are refused (TUNA_E_UNSUPPORTED). `where` names the text in messages. */
+tuna_status tuna_jinja_json_parse(const char *text, size_t len, const char *where, cJSON **out);
+
 #endif
