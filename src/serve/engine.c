@@ -431,7 +431,7 @@ tuna_status tuna_engine_start(struct tuna_model *m, const tuna_tokenizer *tok, c
     if (!st && pthread_create(&e->thread, NULL, engine_main, e) != 0)
         st = tuna_fail(TUNA_E_INTERNAL, "cannot start the engine thread");
     if (st) {
-        tuna_engine_stop(e);
+        tuna_engine_free(e);
         return st;
     }
     e->started = true;
@@ -442,13 +442,13 @@ tuna_status tuna_engine_start(struct tuna_model *m, const tuna_tokenizer *tok, c
 void tuna_engine_stop(tuna_engine *e)
 {
     if (!e) return;
-    if (e->started) {
-        pthread_mutex_lock(&e->mu);
-        e->stop = true;
-        pthread_cond_broadcast(&e->cv);
-        pthread_mutex_unlock(&e->mu);
-        pthread_join(e->thread, NULL);
-    }
+    pthread_mutex_lock(&e->mu);
+    e->stop = true;
+    pthread_cond_broadcast(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+    if (e->started) pthread_join(e->thread, NULL);
+    e->started = false;
+    pthread_mutex_lock(&e->mu);
     for (int64_t i = 0; i < e->n_inbox; i++) { /* never taken in: end them as aborted */
         struct tuna_serve_req *r = e->inbox[i];
         for (int c = 0; c < r->p.n; c++) {
@@ -457,6 +457,14 @@ void tuna_engine_stop(tuna_engine *e)
         }
         tuna_serve_req_unref(r);
     }
+    e->n_inbox = 0;
+    pthread_mutex_unlock(&e->mu);
+}
+
+void tuna_engine_free(tuna_engine *e)
+{
+    if (!e) return;
+    tuna_engine_stop(e);
     free(e->inbox);
     free(e->seqs);
     tuna_batch_free(&e->batch);
@@ -473,7 +481,9 @@ tuna_status tuna_engine_submit(tuna_engine *e, struct tuna_serve_req *r)
 {
     pthread_mutex_lock(&e->mu);
     tuna_status st = TUNA_OK;
-    if (e->n_pending >= e->cfg.max_pending) {
+    if (e->stop) {
+        st = tuna_fail(TUNA_E_INVALID, "the server is shutting down");
+    } else if (e->n_pending >= e->cfg.max_pending) {
         st = tuna_fail(TUNA_E_OOM, "the server is busy: %lld requests are already queued or running "
                        "(--max-pending); retry later", (long long)e->n_pending);
     } else if (e->n_inbox == e->cap_inbox) {

@@ -27,8 +27,10 @@ typedef struct tuna_engine tuna_engine;
 /* Starts the engine thread. m, tok and metrics are borrowed and must outlive the engine. */
 tuna_status tuna_engine_start(struct tuna_model *m, const tuna_tokenizer *tok, const struct tuna_engine_config *cfg,
                               struct tuna_metrics *metrics, tuna_engine **out);
-/* Stops the thread (requests still in flight finish with "abort") and frees everything. */
+/* Stops the thread: requests in flight finish with "abort", later submits are refused. */
 void tuna_engine_stop(tuna_engine *e); /* accepts NULL */
+/* Stops (if still running) and frees everything. */
+void tuna_engine_free(tuna_engine *e); /* accepts NULL */
 
 /* Hands a request to the engine (it takes a reference); its parameters must be complete and
  * checked (openai.h fills in defaults and EOS ids). TUNA_E_OOM with a message when

@@ -86,8 +86,32 @@ void tuna_serve_req_push(struct tuna_serve_req *r, struct tuna_serve_event *e)
 
 struct tuna_serve_event *tuna_serve_req_pop(struct tuna_serve_req *r)
 {
+    bool to;
+    return tuna_serve_req_pop_timed(r, -1, &to);
+}
+
+struct tuna_serve_event *tuna_serve_req_pop_timed(struct tuna_serve_req *r, int timeout_ms, bool *timed_out)
+{
+    struct timespec dl;
+    clock_gettime(CLOCK_REALTIME, &dl);
+    if (timeout_ms > 0) {
+        dl.tv_sec += timeout_ms / 1000;
+        dl.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+        if (dl.tv_nsec >= 1000000000L) {
+            dl.tv_sec++;
+            dl.tv_nsec -= 1000000000L;
+        }
+    }
+    *timed_out = false;
     pthread_mutex_lock(&r->mu);
-    while (!r->head && r->n_done < r->p.n) pthread_cond_wait(&r->cv, &r->mu);
+    while (!r->head && r->n_done < r->p.n) {
+        if (timeout_ms < 0) {
+            pthread_cond_wait(&r->cv, &r->mu);
+        } else if (pthread_cond_timedwait(&r->cv, &r->mu, &dl) != 0 && !r->head && r->n_done < r->p.n) {
+            *timed_out = true;
+            break;
+        }
+    }
     struct tuna_serve_event *e = r->head;
     if (e) {
         r->head = e->next;

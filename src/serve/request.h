@@ -90,6 +90,8 @@ void tuna_serve_req_push(struct tuna_serve_req *r, struct tuna_serve_event *e);
 /* Reader side: the next event (taken; free with tuna_serve_event_free), waiting for one when
  * none is queued; NULL when every choice has finished and all events were read. */
 struct tuna_serve_event *tuna_serve_req_pop(struct tuna_serve_req *r);
+/* The same, waiting at most timeout_ms; *timed_out says whether it gave up (returns NULL then). */
+struct tuna_serve_event *tuna_serve_req_pop_timed(struct tuna_serve_req *r, int timeout_ms, bool *timed_out);
 void tuna_serve_event_free(struct tuna_serve_event *e);
 
 double tuna_serve_now(void); /* monotonic seconds */

@@ -1,0 +1,201 @@
+/* cmd_serve.c — `tuna serve DIR`: the OpenAI-compatible HTTP server (src/serve/) with continuous
+ * batching on the CPU engine. Prints the memory plan, serves until SIGINT/SIGTERM. */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+#include "core/status.h"
+#include "model/model.h"
+#include "model/sampler.h"
+#include "serve/engine.h"
+#include "serve/http.h"
+#include "serve/openai.h"
+#include "tokenizer/jinja/jinja.h"
+#include "tokenizer/tokenizer.h"
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: tuna serve DIR [options]\n\n"
+               "Serves the model in DIR over an OpenAI-compatible HTTP API (/v1/completions,\n"
+               "/v1/chat/completions, /v1/models, /tokenize, /detokenize, /health, /metrics).\n\n"
+               "  --host ADDR                   address to bind (default 127.0.0.1)\n"
+               "  --port N                      port (default 8000; 0 = any free port, printed at start)\n"
+               "  --api-key KEY                 require 'Authorization: Bearer KEY' on /v1/ routes\n"
+               "  --served-model-name NAME      model name in the API (default: DIR's last component)\n"
+               "  --max-model-len N             context limit (default: max_position_embeddings)\n"
+               "  --kv-cache-gb G               KV cache size in GiB (default 1)\n"
+               "  --block-size N                KV tokens per block (default 16)\n"
+               "  --max-num-seqs N              sequences running at once (default 128, at most 256)\n"
+               "  --max-num-batched-tokens N    tokens per step, prefill chunks included (default 2048)\n"
+               "  --max-pending N               requests queued or running at most; more get 429 (default 1024)\n"
+               "  --max-request-bytes N         request bodies above this get 413 (default 4194304)\n"
+               "  --threads N                   CPU threads (default: all)\n");
+}
+
+struct serve_opts {
+    const char *dir, *host, *api_key, *name;
+    long long port, max_model_len, block_size, max_num_seqs, max_batched, max_pending, max_body, threads;
+    double kv_gb;
+};
+
+static bool parse_args(int argc, char **argv, struct serve_opts *o, bool *help)
+{
+    bool bad = false;
+    for (int i = 1; i < argc && !bad; i++) {
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            *help = true;
+            return true;
+        }
+        if (tuna_cli_opt_str(argc, argv, &i, "--host", &o->host, &bad) ||
+            tuna_cli_opt_str(argc, argv, &i, "--api-key", &o->api_key, &bad) ||
+            tuna_cli_opt_str(argc, argv, &i, "--served-model-name", &o->name, &bad) ||
+            tuna_cli_opt_int(argc, argv, &i, "--port", &o->port, &bad) ||
+            tuna_cli_opt_int(argc, argv, &i, "--max-model-len", &o->max_model_len, &bad) ||
+            tuna_cli_opt_int(argc, argv, &i, "--block-size", &o->block_size, &bad) ||
+            tuna_cli_opt_int(argc, argv, &i, "--max-num-seqs", &o->max_num_seqs, &bad) ||
+            tuna_cli_opt_int(argc, argv, &i, "--max-num-batched-tokens", &o->max_batched, &bad) ||
+            tuna_cli_opt_int(argc, argv, &i, "--max-pending", &o->max_pending, &bad) ||
+            tuna_cli_opt_int(argc, argv, &i, "--max-request-bytes", &o->max_body, &bad) ||
+            tuna_cli_opt_int(argc, argv, &i, "--threads", &o->threads, &bad) ||
+            tuna_cli_opt_float(argc, argv, &i, "--kv-cache-gb", &o->kv_gb, &bad))
+            continue;
+        if (argv[i][0] == '-' || o->dir) {
+            fprintf(stderr, "tuna serve: unexpected argument %s\n", argv[i]);
+            bad = true;
+        } else {
+            o->dir = argv[i];
+        }
+    }
+    if (!bad && !o->dir) {
+        fprintf(stderr, "tuna serve: need the model folder DIR\n");
+        bad = true;
+    }
+    if (!bad && (o->port < 0 || o->port > 65535 || o->kv_gb <= 0 || o->block_size <= 0 || o->block_size > 1024 ||
+                 o->max_num_seqs <= 0 || o->max_num_seqs > 256 || o->max_batched <= 0 || o->max_pending <= 0 ||
+                 o->max_body <= 0 || o->max_model_len < 0)) {
+        fprintf(stderr, "tuna serve: out of range: --port 0..65535, --kv-cache-gb > 0, --block-size 1..1024, "
+                        "--max-num-seqs 1..256, other limits > 0\n");
+        bad = true;
+    }
+    return !bad;
+}
+
+/* The served name: DIR's last path component. */
+static const char *base_name(const char *dir, char *buf, size_t cap)
+{
+    size_t n = strlen(dir);
+    while (n > 1 && dir[n - 1] == '/') n--;
+    size_t b = n;
+    while (b > 0 && dir[b - 1] != '/') b--;
+    snprintf(buf, cap, "%.*s", (int)(n - b), dir + b);
+    return buf;
+}
+
+int cmd_serve(int argc, char **argv)
+{
+    struct serve_opts o = {.host = "127.0.0.1", .port = 8000, .kv_gb = 1.0, .block_size = 16, .max_num_seqs = 128,
+                           .max_batched = 2048, .max_pending = 1024, .max_body = 4 << 20};
+    bool help = false;
+    if (!parse_args(argc, argv, &o, &help)) {
+        usage(stderr);
+        return 2;
+    }
+    if (help) {
+        usage(stdout);
+        return 0;
+    }
+    char namebuf[256];
+    if (!o.name) o.name = base_name(o.dir, namebuf, sizeof namebuf);
+
+    /* signals go to the main thread only: block them before any thread starts */
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    tuna_tokenizer *tok = NULL;
+    struct tuna_model *m = NULL;
+    tuna_jinja_template *tmpl = NULL;
+    tuna_engine *eng = NULL;
+    tuna_server *srv = NULL;
+    struct tuna_metrics metrics;
+    tuna_metrics_init(&metrics);
+    struct tuna_gen_config gc;
+    struct tuna_model_opts mo = {.threads = (int)o.threads, .max_model_len = o.max_model_len};
+    tuna_status st = tuna_tokenizer_load(o.dir, &tok);
+    if (!st) st = tuna_model_load(o.dir, &mo, &m);
+    if (!st) st = tuna_gen_config_load(o.dir, &gc);
+    const char *tsrc = st ? NULL : tuna_tokenizer_chat_template(tok);
+    if (tsrc && tuna_jinja_parse(tsrc, strlen(tsrc), NULL, &tmpl)) {
+        fprintf(stderr, "tuna serve: warning: the chat template does not parse (%s); /v1/chat/completions is off\n",
+                tuna_last_error());
+        tmpl = NULL;
+    }
+    struct tuna_engine_config ec = {0};
+    if (!st) {
+        const struct tuna_arch *a = &m->arch;
+        double kv_per_token = 2.0 * (double)a->n_layers * (double)a->n_kv_heads * (double)a->head_dim * 4.0;
+        int64_t blocks = (int64_t)(o.kv_gb * 1073741824.0 / (kv_per_token * (double)o.block_size));
+        ec.kv_tokens = blocks * o.block_size;
+        ec.block_size = (int32_t)o.block_size;
+        ec.max_num_seqs = o.max_num_seqs;
+        ec.max_num_batched_tokens = o.max_batched;
+        ec.max_pending = o.max_pending;
+        fprintf(stderr, "tuna serve: memory plan: weights %.1f MiB (mapped); KV cache %.1f MiB float32 = %lld blocks "
+                "of %lld tokens = %lld tokens (%.1f KiB per token); max model len %lld; maximum concurrency for "
+                "%lld tokens per request: %.2fx\n", (double)tuna_model_weight_bytes(m) / 1048576.0,
+                (double)ec.kv_tokens * kv_per_token / 1048576.0, (long long)blocks, o.block_size,
+                (long long)ec.kv_tokens, kv_per_token / 1024.0, (long long)m->max_model_len,
+                (long long)m->max_model_len, (double)ec.kv_tokens / (double)m->max_model_len);
+        if (ec.kv_tokens < m->max_model_len)
+            st = tuna_fail(TUNA_E_OOM, "the KV cache (%lld tokens in %.2f GiB) cannot hold one sequence of "
+                           "--max-model-len %lld tokens: raise --kv-cache-gb or lower --max-model-len",
+                           (long long)ec.kv_tokens, o.kv_gb, (long long)m->max_model_len);
+    }
+    int64_t eos[16];
+    int n_eos = 0;
+    if (!st) {
+        if (gc.n_eos) for (int i = 0; i < gc.n_eos && i < 16; i++) eos[n_eos++] = gc.eos_ids[i];
+        else for (int i = 0; i < m->arch.n_eos && i < 16; i++) eos[n_eos++] = m->arch.eos_token_ids[i];
+    }
+    struct tuna_openai_ctx ctx = {0};
+    if (!st) {
+        ctx.tok = tok;
+        ctx.chat_template = tmpl;
+        ctx.model_name = o.name;
+        ctx.model_root = o.dir;
+        ctx.max_model_len = m->max_model_len;
+        ctx.vocab_size = m->arch.vocab_size;
+        if (gc.found) ctx.defaults = gc.sampling;
+        else tuna_sampling_default(&ctx.defaults);
+        ctx.eos_ids = eos;
+        ctx.n_eos = n_eos;
+        st = tuna_engine_start(m, tok, &ec, &metrics, &eng);
+    }
+    if (!st) {
+        struct tuna_http_config hc = {.host = o.host, .port = (int)o.port, .api_key = o.api_key,
+                                      .max_body = (size_t)o.max_body, .max_connections = 1024};
+        st = tuna_server_start(&hc, &ctx, eng, &metrics, &srv);
+    }
+    if (!st) {
+        printf("tuna serve: serving %s as '%s' on http://%s:%d (Ctrl-C to stop)\n", o.dir, o.name, o.host,
+               tuna_server_port(srv));
+        fflush(stdout);
+        int sig = 0;
+        sigwait(&sigs, &sig);
+        fprintf(stderr, "tuna serve: signal %d, shutting down\n", sig);
+    }
+    tuna_server_quiesce(srv);
+    tuna_engine_stop(eng);
+    tuna_server_stop(srv);
+    tuna_engine_free(eng);
+    tuna_jinja_free(tmpl);
+    tuna_model_free(m);
+    tuna_tokenizer_free(tok);
+    tuna_metrics_destroy(&metrics);
+    return st ? tuna_cli_fail("serve", st) : 0;
+}
