@@ -1,0 +1,298 @@
+/* backend_cuda.cu — the CUDA backend object: stream, cuBLAS handle, sticky error, device memory,
+ * metadata staging, the op table and the small element-wise ops (add, GLU, embedding, KV store). */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/cuda/cuda_internal.h"
+#include "core/status.h"
+
+bool tuna_cuda_check(tuna_backend *be, cudaError_t e, const char *call)
+{
+    if (e == cudaSuccess) return true;
+    if (be->sticky == TUNA_OK) {
+        be->sticky = TUNA_E_CUDA;
+        snprintf(be->sticky_msg, sizeof be->sticky_msg, "%s failed on GPU %d: %s (%s)", call, be->device,
+                 cudaGetErrorString(e), cudaGetErrorName(e));
+    }
+    return false;
+}
+
+bool tuna_cuda_check_blas(tuna_backend *be, cublasStatus_t s, const char *call)
+{
+    if (s == CUBLAS_STATUS_SUCCESS) return true;
+    if (be->sticky == TUNA_OK) {
+        be->sticky = TUNA_E_CUDA;
+        snprintf(be->sticky_msg, sizeof be->sticky_msg, "%s failed on GPU %d: cuBLAS status %d", call, be->device,
+                 (int)s);
+    }
+    return false;
+}
+
+bool tuna_cuda_check_launch(tuna_backend *be, const char *kernel)
+{
+    return tuna_cuda_check(be, cudaGetLastError(), kernel);
+}
+
+bool tuna_cuda_grow(tuna_backend *be, struct cuda_grow_buf *buf, size_t bytes, const char *what)
+{
+    if (bytes <= buf->cap) return true;
+    size_t cap = buf->cap ? buf->cap : 4096;
+    while (cap < bytes) cap *= 2;
+    if (buf->p) {
+        /* the old buffer may still be read by queued kernels */
+        if (!tuna_cuda_check(be, cudaStreamSynchronize(be->stream), "cudaStreamSynchronize")) return false;
+        cudaFree(buf->p);
+        buf->p = NULL;
+        buf->cap = 0;
+    }
+    if (!tuna_cuda_check(be, cudaMalloc(&buf->p, cap), what)) return false;
+    buf->cap = cap;
+    return true;
+}
+
+void *tuna_cuda_meta_stage(tuna_backend *be, struct cuda_meta *m, const void *src, size_t n)
+{
+    size_t off = (m->used + 7) & ~(size_t)7;
+    if (off + n > be->host_meta_cap) {
+        size_t cap = be->host_meta_cap ? be->host_meta_cap : 4096;
+        while (cap < off + n) cap *= 2;
+        void *p = realloc(be->host_meta, cap);
+        if (!p) {
+            tuna_cuda_check(be, cudaErrorMemoryAllocation, "host staging buffer");
+            return NULL;
+        }
+        be->host_meta = p;
+        be->host_meta_cap = cap;
+    }
+    memcpy((char *)be->host_meta + off, src, n);
+    m->used = off + n;
+    return (void *)off; /* an offset until flushed; see tuna_cuda_meta_flush */
+}
+
+bool tuna_cuda_meta_flush(tuna_backend *be, struct cuda_meta *m)
+{
+    if (m->used == 0) return true;
+    if (!tuna_cuda_grow(be, &be->meta, m->used, "cudaMalloc(metadata)")) return false;
+    /* from pageable memory: the source may be reused as soon as this returns */
+    return tuna_cuda_check(be, cudaMemcpyAsync(be->meta.p, be->host_meta, m->used, cudaMemcpyHostToDevice, be->stream),
+                           "cudaMemcpyAsync(metadata)");
+}
+
+/* Turns a staged offset into the device address (after flush). */
+#define META_PTR(be, off, type) ((type *)((char *)(be)->meta.p + (size_t)(off)))
+
+extern "C" tuna_status tuna_cuda_backend_new(int device, tuna_backend **out)
+{
+    *out = NULL;
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n == 0) {
+        cudaGetLastError();
+        return tuna_fail(TUNA_E_NOT_FOUND, "no CUDA device found (%s); run on the CPU instead",
+                         e == cudaSuccess ? "0 devices" : cudaGetErrorString(e));
+    }
+    if (device < 0 || device >= n) return tuna_fail(TUNA_E_INVALID, "CUDA device %d does not exist (%d found)", device, n);
+    tuna_backend *be = (tuna_backend *)calloc(1, sizeof *be);
+    if (!be) return tuna_fail_oom("CUDA backend", sizeof *be);
+    be->device = device;
+    if ((e = cudaSetDevice(device)) != cudaSuccess || (e = cudaStreamCreate(&be->stream)) != cudaSuccess) {
+        free(be);
+        return tuna_fail(TUNA_E_CUDA, "starting CUDA on device %d: %s", device, cudaGetErrorString(e));
+    }
+    cublasStatus_t bs = cublasCreate(&be->blas);
+    if (bs != CUBLAS_STATUS_SUCCESS) {
+        cudaStreamDestroy(be->stream);
+        free(be);
+        return tuna_fail(TUNA_E_CUDA, "cublasCreate on device %d: status %d", device, (int)bs);
+    }
+    cublasSetStream(be->blas, be->stream);
+    /* the default math mode keeps SGEMM in fp32 (TF32 only when asked): fp32 mode matches the CPU */
+    cublasSetMathMode(be->blas, CUBLAS_DEFAULT_MATH);
+    *out = be;
+    return TUNA_OK;
+}
+
+extern "C" void tuna_cuda_backend_free(tuna_backend *be)
+{
+    if (!be) return;
+    cudaStreamSynchronize(be->stream);
+    cudaFree(be->meta.p);
+    cudaFree(be->half.p);
+    free(be->host_meta);
+    cublasDestroy(be->blas);
+    cudaStreamDestroy(be->stream);
+    free(be);
+}
+
+extern "C" tuna_status tuna_cuda_status(tuna_backend *be)
+{
+    if (be->sticky) return tuna_fail(be->sticky, "%s; the GPU engine stopped", be->sticky_msg);
+    return TUNA_OK;
+}
+
+extern "C" tuna_status tuna_cuda_alloc(tuna_backend *be, size_t bytes, void **out)
+{
+    *out = NULL;
+    if (be->sticky) return tuna_cuda_status(be);
+    cudaError_t e = cudaMalloc(out, bytes ? bytes : 1);
+    if (e != cudaSuccess) {
+        cudaGetLastError(); /* an OOM here is reported, not sticky */
+        size_t fr = 0, tot = 0;
+        cudaMemGetInfo(&fr, &tot);
+        return tuna_fail(e == cudaErrorMemoryAllocation ? TUNA_E_OOM : TUNA_E_CUDA,
+                         "cudaMalloc of %zu MiB on GPU %d failed: %s (%zu MiB free of %zu MiB)", bytes >> 20,
+                         be->device, cudaGetErrorString(e), fr >> 20, tot >> 20);
+    }
+    return TUNA_OK;
+}
+
+extern "C" void tuna_cuda_free(tuna_backend *be, void *p)
+{
+    (void)be;
+    if (p) cudaFree(p);
+}
+
+extern "C" tuna_status tuna_cuda_upload(tuna_backend *be, void *dst, const void *src, size_t bytes)
+{
+    if (be->sticky) return tuna_cuda_status(be);
+    if (!tuna_cuda_check(be, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, be->stream), "upload") ||
+        !tuna_cuda_check(be, cudaStreamSynchronize(be->stream), "upload sync"))
+        return tuna_cuda_status(be);
+    return TUNA_OK;
+}
+
+extern "C" tuna_status tuna_cuda_download(tuna_backend *be, void *dst, const void *src, size_t bytes)
+{
+    if (be->sticky) return tuna_cuda_status(be);
+    if (!tuna_cuda_check(be, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, be->stream), "download") ||
+        !tuna_cuda_check(be, cudaStreamSynchronize(be->stream), "download sync"))
+        return tuna_cuda_status(be);
+    return TUNA_OK;
+}
+
+extern "C" tuna_status tuna_cuda_sync(tuna_backend *be)
+{
+    if (!be->sticky) tuna_cuda_check(be, cudaStreamSynchronize(be->stream), "cudaStreamSynchronize");
+    return tuna_cuda_status(be);
+}
+
+/* ---------------- element-wise ops ---------------- */
+
+__global__ void k_add(float *y, const float *x, int64_t n)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] += x[i];
+}
+
+void tuna_cuda_add(tuna_backend *be, float *y, const float *x, int64_t n)
+{
+    if (be->sticky || n <= 0) return;
+    k_add<<<tuna_cuda_blocks(n, 256), 256, 0, be->stream>>>(y, x, n);
+    tuna_cuda_check_launch(be, "k_add");
+}
+
+/* act: 0 SiLU, 1 GELU tanh, 2 GELU erf (enum tuna_act) — the same formulas as the CPU backend */
+__global__ void k_glu(float *out, const float *gate, const float *up, int64_t n, int act)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float x = gate[i], g;
+    if (act == 1) {
+        float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+        g = 0.5f * x * (1.0f + tanhf(inner));
+    } else if (act == 2) {
+        g = 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
+    } else {
+        g = x / (1.0f + expf(-x));
+    }
+    out[i] = g * up[i];
+}
+
+void tuna_cuda_glu(tuna_backend *be, float *out, const float *gate, const float *up, int64_t n, int act)
+{
+    if (be->sticky || n <= 0) return;
+    k_glu<<<tuna_cuda_blocks(n, 256), 256, 0, be->stream>>>(out, gate, up, n, act);
+    tuna_cuda_check_launch(be, "k_glu");
+}
+
+__device__ __forceinline__ float tuna_ld_elem(const void *p, int dtype, int64_t i)
+{
+    /* dtype: 0 f32, 1 bf16, 2 f16 */
+    if (dtype == 1) {
+        uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+        return __uint_as_float(u);
+    }
+    if (dtype == 2) return __half2float(((const __half *)p)[i]);
+    return ((const float *)p)[i];
+}
+
+static int dtype_code(enum tuna_dtype t)
+{
+    return t == TUNA_DTYPE_BF16 ? 1 : t == TUNA_DTYPE_F16 ? 2 : t == TUNA_DTYPE_F32 ? 0 : -1;
+}
+
+__global__ void k_embedding(float *out, const int32_t *ids, int64_t T, const void *emb, int dtype, int64_t C,
+                            float scale)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= T * C) return;
+    int64_t t = i / C, c = i % C;
+    out[i] = tuna_ld_elem(emb, dtype, (int64_t)ids[t] * C + c) * scale;
+}
+
+void tuna_cuda_embedding(tuna_backend *be, float *out, const int32_t *ids, int64_t T, const struct tuna_weight *emb,
+                         float scale)
+{
+    if (be->sticky || T <= 0) return;
+    int dc = dtype_code(emb->dtype);
+    if (dc < 0) {
+        tuna_cuda_check(be, cudaErrorInvalidValue, "embedding (unsupported weight dtype)");
+        return;
+    }
+    struct cuda_meta m = {0};
+    size_t off = (size_t)tuna_cuda_meta_stage(be, &m, ids, (size_t)T * sizeof(int32_t));
+    if (be->sticky || !tuna_cuda_meta_flush(be, &m)) return;
+    int64_t n = T * emb->cols;
+    k_embedding<<<tuna_cuda_blocks(n, 256), 256, 0, be->stream>>>(out, META_PTR(be, off, int32_t), T, emb->data, dc,
+                                                                  emb->cols, scale);
+    tuna_cuda_check_launch(be, "k_embedding");
+}
+
+__global__ void k_kv_store(float *kc, float *vc, const float *k, const float *v, const int64_t *slot, int64_t T,
+                           int64_t HkvD)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= T * HkvD) return;
+    int64_t t = i / HkvD, j = i % HkvD;
+    int64_t s = slot[t];
+    kc[s * HkvD + j] = k[i];
+    vc[s * HkvD + j] = v[i];
+}
+
+void tuna_cuda_kv_store(tuna_backend *be, float *kcache, float *vcache, const float *k, const float *v,
+                        const int64_t *slot, int64_t T, int64_t HkvD)
+{
+    if (be->sticky || T <= 0) return;
+    struct cuda_meta m = {0};
+    size_t off = (size_t)tuna_cuda_meta_stage(be, &m, slot, (size_t)T * sizeof(int64_t));
+    if (be->sticky || !tuna_cuda_meta_flush(be, &m)) return;
+    k_kv_store<<<tuna_cuda_blocks(T * HkvD, 256), 256, 0, be->stream>>>(kcache, vcache, k, v,
+                                                                        META_PTR(be, off, int64_t), T, HkvD);
+    tuna_cuda_check_launch(be, "k_kv_store");
+}
+
+static const struct tuna_backend_ops k_cuda_ops = {
+    "cuda",
+    tuna_cuda_matmul,
+    tuna_cuda_rmsnorm,
+    tuna_cuda_rope,
+    tuna_cuda_kv_store,
+    tuna_cuda_attention,
+    tuna_cuda_glu,
+    tuna_cuda_embedding,
+    tuna_cuda_add,
+};
+
+extern "C" const struct tuna_backend_ops *tuna_cuda_backend_ops(void) { return &k_cuda_ops; }

@@ -1,0 +1,54 @@
+/* cuda.h — the CUDA backend: the op table of backend/backend.h on an NVIDIA GPU.
+ *
+ * Pointer convention (differs from the CPU backend only in where memory lives):
+ * - every float tensor argument (x, y, q, kcache, ...) and every weight's data are DEVICE
+ *   pointers, allocated with tuna_cuda_alloc or uploaded with tuna_cuda_upload;
+ * - small integer metadata (token ids, positions, KV slots, block tables) are HOST pointers, as
+ *   the model prepares them: the backend copies them into its own device staging buffers.
+ * Ops are queued on the backend's stream; tuna_cuda_sync waits for them. A failed CUDA or cuBLAS
+ * call makes the backend unusable ("sticky"): every later op is skipped and tuna_cuda_status
+ * returns TUNA_E_CUDA with the first failure (call and message), so the engine stops instead of
+ * computing on garbage.
+ *
+ * Compute: float32 activations; matmuls with bf16/f16 weights take a fused GEMV kernel for small
+ * T (decode: reads each weight once, accumulates in float32) and cuBLAS for larger T (activations
+ * rounded to the weight's 16-bit type, float32 accumulation). F32 weights use cuBLAS SGEMM with
+ * TF32 off, so the fp32 mode reproduces the CPU reference to ~1e-6.
+ */
+#ifndef TUNA_BACKEND_CUDA_H
+#define TUNA_BACKEND_CUDA_H
+
+#include <stddef.h>
+
+#include "backend/backend.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Starts a backend on device `device` (stream + cuBLAS handle). *out taken by the caller. */
+tuna_status tuna_cuda_backend_new(int device, tuna_backend **out);
+void tuna_cuda_backend_free(tuna_backend *be); /* accepts NULL */
+
+/* The op table (static; valid forever). */
+const struct tuna_backend_ops *tuna_cuda_backend_ops(void);
+
+/* First failure since the backend started, or TUNA_OK. */
+tuna_status tuna_cuda_status(tuna_backend *be);
+
+/* Device memory. alloc: bytes of device memory in *out (NULL on failure, with the status). */
+tuna_status tuna_cuda_alloc(tuna_backend *be, size_t bytes, void **out);
+void tuna_cuda_free(tuna_backend *be, void *p);
+/* Synchronous copies host → device and device → host. */
+tuna_status tuna_cuda_upload(tuna_backend *be, void *dst_dev, const void *src_host, size_t bytes);
+tuna_status tuna_cuda_download(tuna_backend *be, void *dst_host, const void *src_dev, size_t bytes);
+/* Waits for all queued ops; returns the sticky status. */
+tuna_status tuna_cuda_sync(tuna_backend *be);
+
+/* Small-T threshold: matmuls with T <= this use the fused GEMV kernel. */
+#define TUNA_CUDA_GEMV_MAX_T 8
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,67 @@
+/* cuda_internal.h — state shared by the CUDA op files (not for use outside src/backend/cuda). */
+#ifndef TUNA_BACKEND_CUDA_INTERNAL_H
+#define TUNA_BACKEND_CUDA_INTERNAL_H
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "backend/cuda/cuda.h"
+
+/* A device buffer that grows (never shrinks) to the largest request. */
+struct cuda_grow_buf {
+    void *p;
+    size_t cap;
+};
+
+struct tuna_backend {
+    int device;
+    cudaStream_t stream;
+    cublasHandle_t blas;
+    tuna_status sticky;          /* first failure; TUNA_OK while healthy */
+    char sticky_msg[512];
+    struct cuda_grow_buf meta;   /* staging for int metadata (ids, positions, slots, tables) */
+    struct cuda_grow_buf half;   /* activations rounded to bf16/f16 for cuBLAS */
+    void *host_meta;             /* pinned host staging for metadata */
+    size_t host_meta_cap;
+};
+
+/* Records the first failure and returns false when e is an error. */
+bool tuna_cuda_check(tuna_backend *be, cudaError_t e, const char *call);
+bool tuna_cuda_check_blas(tuna_backend *be, cublasStatus_t s, const char *call);
+/* Checks the last kernel launch. */
+bool tuna_cuda_check_launch(tuna_backend *be, const char *kernel);
+/* Makes buf hold at least bytes (device). */
+bool tuna_cuda_grow(tuna_backend *be, struct cuda_grow_buf *buf, size_t bytes, const char *what);
+/* Copies n host bytes into the metadata staging area at byte offset off (8-byte aligned) and
+ * returns the device address, after growing the area as needed. Copies are stream-ordered. The
+ * whole area is uploaded by tuna_cuda_meta_flush, so callers first stage everything, then flush. */
+struct cuda_meta {
+    size_t used;
+};
+void *tuna_cuda_meta_stage(tuna_backend *be, struct cuda_meta *m, const void *src, size_t n);
+bool tuna_cuda_meta_flush(tuna_backend *be, struct cuda_meta *m);
+
+/* The ops (one file per family). */
+void tuna_cuda_matmul(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w, const float *bias,
+                      int64_t T);
+void tuna_cuda_rmsnorm(tuna_backend *be, float *y, const float *x, const float *w, int64_t T, int64_t C, float eps);
+void tuna_cuda_rope(tuna_backend *be, float *x, const int64_t *pos, int64_t T, int64_t H, int64_t D,
+                    int64_t rot_dim, const float *inv_freq, float attn_factor);
+void tuna_cuda_kv_store(tuna_backend *be, float *kcache, float *vcache, const float *k, const float *v,
+                        const int64_t *slot, int64_t T, int64_t HkvD);
+void tuna_cuda_attention(tuna_backend *be, float *out, const float *q, const float *kcache, const float *vcache,
+                         const struct tuna_attn_batch *b, int64_t H, int64_t Hkv, int64_t D, float scale);
+void tuna_cuda_glu(tuna_backend *be, float *out, const float *gate, const float *up, int64_t n, int act);
+void tuna_cuda_embedding(tuna_backend *be, float *out, const int32_t *ids, int64_t T, const struct tuna_weight *emb,
+                         float scale);
+void tuna_cuda_add(tuna_backend *be, float *y, const float *x, int64_t n);
+
+static inline unsigned tuna_cuda_blocks(int64_t n, int threads)
+{
+    return (unsigned)((n + threads - 1) / threads);
+}
+
+#endif

@@ -1,0 +1,204 @@
+/* matmul.cu — y[T,N] = x[T,K] W^T + bias, W[N,K] in its stored dtype (f32, bf16, f16).
+ *
+ * Small T (decode, T <= TUNA_CUDA_GEMV_MAX_T): a fused GEMV, one warp per output row, 16-byte
+ * loads of W (8 bf16/f16 values), float32 accumulation for every token at once, so each weight
+ * byte is read once per step: the memory-bandwidth roofline is the target.
+ * Larger T (prefill): cuBLAS. 16-bit weights: x is rounded to the weight's type and
+ * cublasGemmEx accumulates in float32 into a float32 y; f32 weights: SGEMM (no TF32).
+ */
+#include "backend/cuda/cuda_internal.h"
+
+__device__ __forceinline__ void unpack8(uint4 raw, int dtype, float *f)
+{
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        if (dtype == 1) {
+            f[2 * i] = __uint_as_float(w[i] << 16);
+            f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+        } else {
+            __half2 h = *reinterpret_cast<const __half2 *>(&w[i]);
+            float2 v = __half22float2(h);
+            f[2 * i] = v.x;
+            f[2 * i + 1] = v.y;
+        }
+    }
+}
+
+__device__ __forceinline__ float ld_w(const void *W, int dtype, int64_t i)
+{
+    if (dtype == 1) return __uint_as_float((uint32_t)((const uint16_t *)W)[i] << 16);
+    if (dtype == 2) return __half2float(((const __half *)W)[i]);
+    return ((const float *)W)[i];
+}
+
+/* R rows per warp, TT tokens at once: each 16-byte load of W (8 values) is used for TT tokens,
+ * each x load for R rows. vec: K % 8 == 0 and W, x 16-byte aligned (16-bit weights); otherwise a
+ * scalar path. Two chunks per lane are loaded before use to keep more loads in flight. */
+template <int TT, int R>
+__global__ void k_gemv(float *y, const float *x, const void *W, int dtype, const float *bias, int64_t N, int64_t K,
+                       int vec)
+{
+    int64_t n0 = ((int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5)) * R;
+    int lane = threadIdx.x & 31;
+    if (n0 >= N) return;
+    float acc[R][TT];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < TT; t++) acc[r][t] = 0.0f;
+    if (vec) {
+        const int64_t K8 = K / 8;
+        const uint4 *wr[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            int64_t n = n0 + r < N ? n0 + r : N - 1; /* rows past N compute garbage that is not stored */
+            wr[r] = reinterpret_cast<const uint4 *>((const uint16_t *)W + n * K);
+        }
+        int64_t i = lane;
+        for (; i + 32 < K8; i += 64) {
+            uint4 raw0[R], raw1[R];
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                raw0[r] = __ldg(wr[r] + i);
+                raw1[r] = __ldg(wr[r] + i + 32);
+            }
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                int64_t ii = i + half * 32;
+                float wf[R][8];
+#pragma unroll
+                for (int r = 0; r < R; r++) unpack8(half ? raw1[r] : raw0[r], dtype, wf[r]);
+#pragma unroll
+                for (int t = 0; t < TT; t++) {
+                    const float4 *xp = reinterpret_cast<const float4 *>(x + t * K + ii * 8);
+                    float4 a = xp[0], b = xp[1];
+#pragma unroll
+                    for (int r = 0; r < R; r++)
+                        acc[r][t] += wf[r][0] * a.x + wf[r][1] * a.y + wf[r][2] * a.z + wf[r][3] * a.w +
+                                     wf[r][4] * b.x + wf[r][5] * b.y + wf[r][6] * b.z + wf[r][7] * b.w;
+                }
+            }
+        }
+        for (; i < K8; i += 32) {
+            float wf[R][8];
+#pragma unroll
+            for (int r = 0; r < R; r++) unpack8(__ldg(wr[r] + i), dtype, wf[r]);
+#pragma unroll
+            for (int t = 0; t < TT; t++) {
+                const float4 *xp = reinterpret_cast<const float4 *>(x + t * K + i * 8);
+                float4 a = xp[0], b = xp[1];
+#pragma unroll
+                for (int r = 0; r < R; r++)
+                    acc[r][t] += wf[r][0] * a.x + wf[r][1] * a.y + wf[r][2] * a.z + wf[r][3] * a.w +
+                                 wf[r][4] * b.x + wf[r][5] * b.y + wf[r][6] * b.z + wf[r][7] * b.w;
+            }
+        }
+    } else {
+        for (int64_t k = lane; k < K; k += 32) {
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                int64_t n = n0 + r < N ? n0 + r : N - 1;
+                float wv = ld_w(W, dtype, n * K + k);
+#pragma unroll
+                for (int t = 0; t < TT; t++) acc[r][t] += wv * x[t * K + k];
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+#pragma unroll
+        for (int t = 0; t < TT; t++) {
+            float v = acc[r][t];
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if (lane == 0 && n0 + r < N) y[t * N + n0 + r] = v + (bias ? bias[n0 + r] : 0.0f);
+        }
+    }
+}
+
+__global__ void k_to_bf16(__nv_bfloat16 *dst, const float *src, int64_t n)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = __float2bfloat16_rn(src[i]);
+}
+
+__global__ void k_to_f16(__half *dst, const float *src, int64_t n)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = __float2half_rn(src[i]);
+}
+
+__global__ void k_add_bias(float *y, const float *bias, int64_t T, int64_t N)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < T * N) y[i] += bias[i % N];
+}
+
+static void launch_gemv(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w, int dtype,
+                        const float *bias, int64_t T)
+{
+    int64_t N = w->rows, K = w->cols;
+    int vec = dtype != 0 && K % 8 == 0 && ((uintptr_t)w->data % 16) == 0 && ((uintptr_t)x % 16) == 0;
+    const int warps = 4;
+    /* more rows per warp reuse each x load; keep enough warps to fill the GPU */
+    int R = (T == 1 || N < 4096) ? 1 : (N < 16384 ? 2 : 4);
+    unsigned blocks = (unsigned)((N + (int64_t)warps * R - 1) / ((int64_t)warps * R));
+#define GEMV_CASE(TT)                                                                                          \
+    case TT:                                                                                                   \
+        if (R == 1) k_gemv<TT, 1><<<blocks, warps * 32, 0, be->stream>>>(y, x, w->data, dtype, bias, N, K, vec); \
+        else if (R == 2) k_gemv<TT, 2><<<blocks, warps * 32, 0, be->stream>>>(y, x, w->data, dtype, bias, N, K, vec); \
+        else k_gemv<TT, 4><<<blocks, warps * 32, 0, be->stream>>>(y, x, w->data, dtype, bias, N, K, vec);     \
+        break
+    switch (T) {
+        GEMV_CASE(1);
+        GEMV_CASE(2);
+        GEMV_CASE(3);
+        GEMV_CASE(4);
+        GEMV_CASE(5);
+        GEMV_CASE(6);
+        GEMV_CASE(7);
+        GEMV_CASE(8);
+    }
+#undef GEMV_CASE
+    tuna_cuda_check_launch(be, "k_gemv");
+}
+
+void tuna_cuda_matmul(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w, const float *bias,
+                      int64_t T)
+{
+    if (be->sticky || T <= 0) return;
+    int dtype = w->dtype == TUNA_DTYPE_BF16 ? 1 : w->dtype == TUNA_DTYPE_F16 ? 2 : w->dtype == TUNA_DTYPE_F32 ? 0 : -1;
+    if (dtype < 0) {
+        tuna_cuda_check(be, cudaErrorInvalidValue, "matmul (weight dtype not supported by the CUDA backend yet)");
+        return;
+    }
+    int64_t N = w->rows, K = w->cols;
+    if (T <= TUNA_CUDA_GEMV_MAX_T) {
+        launch_gemv(be, y, x, w, dtype, bias, T);
+        return;
+    }
+    const float one = 1.0f, zero = 0.0f;
+    if (dtype == 0) {
+        /* column-major view: y^T[N,T] = W[N,K] (row-major = K x N col-major, transposed) * x^T[K,T] */
+        tuna_cuda_check_blas(be,
+                             cublasSgemm(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)T, (int)K, &one,
+                                         (const float *)w->data, (int)K, x, (int)K, &zero, y, (int)N),
+                             "cublasSgemm");
+    } else {
+        size_t n = (size_t)(T * K);
+        if (!tuna_cuda_grow(be, &be->half, n * 2, "cudaMalloc(activations in 16-bit)")) return;
+        if (dtype == 1) k_to_bf16<<<tuna_cuda_blocks((int64_t)n, 256), 256, 0, be->stream>>>((__nv_bfloat16 *)be->half.p, x, (int64_t)n);
+        else k_to_f16<<<tuna_cuda_blocks((int64_t)n, 256), 256, 0, be->stream>>>((__half *)be->half.p, x, (int64_t)n);
+        if (!tuna_cuda_check_launch(be, "k_to_16bit")) return;
+        cudaDataType_t dt = dtype == 1 ? CUDA_R_16BF : CUDA_R_16F;
+        tuna_cuda_check_blas(be,
+                             cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)T, (int)K, &one, w->data,
+                                          dt, (int)K, be->half.p, dt, (int)K, &zero, y, CUDA_R_32F, (int)N,
+                                          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                             "cublasGemmEx");
+    }
+    if (bias) {
+        k_add_bias<<<tuna_cuda_blocks(T * N, 256), 256, 0, be->stream>>>(y, bias, T, N);
+        tuna_cuda_check_launch(be, "k_add_bias");
+    }
+}

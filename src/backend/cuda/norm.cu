@@ -1,0 +1,30 @@
+/* norm.cu — RMSNorm: y = x * rsqrt(mean(x^2) + eps) * w, one block per row, float32 (as the CPU
+ * reference and transformers' LlamaRMSNorm). Gemma's 1+w is folded into w by the model. */
+#include "backend/cuda/cuda_internal.h"
+
+__global__ void k_rmsnorm(float *y, const float *x, const float *w, int64_t C, float eps)
+{
+    __shared__ float red[32];
+    const float *xr = x + (int64_t)blockIdx.x * C;
+    float *yr = y + (int64_t)blockIdx.x * C;
+    float s = 0.0f;
+    for (int64_t i = threadIdx.x; i < C; i += blockDim.x) s += xr[i] * xr[i];
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = s;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < (blockDim.x >> 5) ? red[threadIdx.x] : 0.0f;
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (threadIdx.x == 0) red[0] = v;
+    }
+    __syncthreads();
+    float r = 1.0f / sqrtf(red[0] / (float)C + eps);
+    for (int64_t i = threadIdx.x; i < C; i += blockDim.x) yr[i] = xr[i] * r * w[i];
+}
+
+void tuna_cuda_rmsnorm(tuna_backend *be, float *y, const float *x, const float *w, int64_t T, int64_t C, float eps)
+{
+    if (be->sticky || T <= 0) return;
+    k_rmsnorm<<<(unsigned)T, 256, 0, be->stream>>>(y, x, w, C, eps);
+    tuna_cuda_check_launch(be, "k_rmsnorm");
+}
