@@ -427,7 +427,7 @@ static void swift_table(const char *tok_rel, const char *model, bool cleanup)
     if (!tt_shared_path(jp, sizeof jp, "peers/swift-transformers/Tests/TokenizersTests/Resources/tokenizer_tests.json")) skip();
     tuna_tokenizer *t = load_rel(tok_rel);
     if (!t) skip();
-    tuna_tokenizer_set_clean_up_spaces(t, cleanup);
+    if (cleanup) tuna_tokenizer_set_clean_up_spaces(t, true);
     cJSON *doc = NULL;
     TT_OK(tuna_json_load(jp, 0, &doc));
     const cJSON *c;
@@ -505,12 +505,15 @@ static void tfjs_table(tuna_tokenizer *t, const char *model)
         bool ok = check_encode(t, model, total, in, strlen(in), true, want, nw);
         const cJSON *tokens = cJSON_GetObjectItem(c, "tokens");
         if (cJSON_IsArray(tokens)) {
+            /* tokenize() shows an unknown piece as its text, tuna's token_str as the unk token */
+            int32_t unk = tuna_tokenizer_special_id(t, "unk_token");
             int32_t *ids = NULL;
             size_t n = 0;
             TT_OK(tuna_tokenizer_encode(t, in, strlen(in), false, true, &ids, &n));
             bool same = (size_t)cJSON_GetArraySize(tokens) == n;
             for (size_t i = 0; same && i < n; i++)
-                same = !strcmp(tuna_tokenizer_token_str(t, ids[i]), cJSON_GetArrayItem(tokens, (int)i)->valuestring);
+                same = ids[i] == unk ||
+                       !strcmp(tuna_tokenizer_token_str(t, ids[i]), cJSON_GetArrayItem(tokens, (int)i)->valuestring);
             if (!same) fprintf(stderr, "  %s %s: token strings differ\n", model, c->string);
             ok = ok && same;
             free(ids);
@@ -558,13 +561,29 @@ static void test_tfjs_qwen(void **s)
     tuna_tokenizer_free(t);
 }
 
-/* onnxruntime-extensions' expected ids (from HF AutoTokenizer, add_special_tokens as given). */
-static void test_ortx_phi3(void **s)
+static void test_tfjs_t5(void **s)
 {
     (void)s;
+    tuna_tokenizer *t = load_rel(ORT "tokenizer/t5-small");
+    if (!t) skip();
+    tfjs_table(t, "google-t5/t5-small");
+    tfjs_table(t, "Xenova/t5-small");
+    tuna_tokenizer_free(t);
+}
+
+static void test_swift_t5(void **s)
+{
+    (void)s;
+    swift_case(ORT "tokenizer/t5-small", SWIFT "t5_base_encoded.json");
+    swift_table(ORT "tokenizer/t5-small", "t5-base", false);
+}
+
+/* onnxruntime-extensions' expected ids (from HF AutoTokenizer, add_special_tokens as given). */
+static void ortx_cases(const char *tok_rel, const char *dir_name)
+{
     char jp[4096];
     if (!tt_shared_path(jp, sizeof jp, "peers/extracted/ortx_tokenizer_expected_ids.json")) skip();
-    tuna_tokenizer *t = load_rel(ORT "phi-3");
+    tuna_tokenizer *t = load_rel(tok_rel);
     if (!t) skip();
     cJSON *doc = NULL;
     TT_OK(tuna_json_load(jp, 0, &doc));
@@ -573,21 +592,59 @@ static void test_ortx_phi3(void **s)
     cJSON_ArrayForEach(c, cJSON_GetObjectItem(doc, "cases"))
     {
         const char *dir = cJSON_GetObjectItem(c, "tokenizer_dir")->valuestring;
-        if (strcmp(dir, "onnxruntime-extensions/test/data/phi-3") != 0) continue;
+        if (strcmp(dir, dir_name) != 0) continue;
         const char *in = cJSON_GetObjectItem(c, "input")->valuestring;
         int32_t *want;
         size_t nw;
         assert_true(json_ids(cJSON_GetObjectItem(c, "expected_ids"), &want, &nw));
-        pass += check_encode(t, "ortx phi-3", total, in, strlen(in), cJSON_IsTrue(cJSON_GetObjectItem(c, "add_special_tokens")),
+        pass += check_encode(t, dir_name, total, in, strlen(in), cJSON_IsTrue(cJSON_GetObjectItem(c, "add_special_tokens")),
                              want, nw);
         free(want);
         total++;
     }
-    printf("ortx phi-3: %zu/%zu\n", pass, total);
+    printf("ortx %s: %zu/%zu\n", dir_name, pass, total);
     cJSON_Delete(doc);
     tuna_tokenizer_free(t);
     assert_true(total > 0);
     assert_int_equal(pass, total);
+}
+
+static void test_ortx_phi3(void **s) { (void)s, ortx_cases(ORT "phi-3", "onnxruntime-extensions/test/data/phi-3"); }
+/* ort-extensions' T5 case was made with a t5-small tokenizer.json whose pre-tokenizer keeps the
+ * space before "<extra_id_0>" as a "▁" piece (Metaspace alone); the stored file runs
+ * WhitespaceSplit first, which drops it (and transformers.js' t5-small cases agree with the
+ * stored file on double spaces). Checked as that one known difference: our ids equal the
+ * expected ones without that "▁". */
+static void test_ortx_t5(void **s)
+{
+    (void)s;
+    char jp[4096];
+    if (!tt_shared_path(jp, sizeof jp, "peers/extracted/ortx_tokenizer_expected_ids.json")) skip();
+    tuna_tokenizer *t = load_rel(ORT "tokenizer/t5-small");
+    if (!t) skip();
+    cJSON *doc = NULL;
+    TT_OK(tuna_json_load(jp, 0, &doc));
+    const cJSON *c;
+    size_t total = 0;
+    cJSON_ArrayForEach(c, cJSON_GetObjectItem(doc, "cases"))
+    {
+        if (strcmp(cJSON_GetObjectItem(c, "tokenizer_dir")->valuestring, "onnxruntime-extensions/test/data/tokenizer/t5-small"))
+            continue;
+        const char *in = cJSON_GetObjectItem(c, "input")->valuestring;
+        int32_t *want;
+        size_t nw;
+        assert_true(json_ids(cJSON_GetObjectItem(c, "expected_ids"), &want, &nw));
+        assert_true(nw > 3 && want[1] == tuna_tokenizer_token_id(t, "\xE2\x96\x81") &&
+                    want[2] == tuna_tokenizer_token_id(t, "<extra_id_0>"));
+        memmove(want + 1, want + 2, (nw - 2) * sizeof *want);
+        assert_true(check_encode(t, "ortx t5-small (less the known space piece)", total, in, strlen(in), true, want, nw - 1));
+        free(want);
+        total++;
+    }
+    printf("ortx t5-small: %zu/%zu with the one known pre-tokenizer difference\n", total, total);
+    cJSON_Delete(doc);
+    tuna_tokenizer_free(t);
+    assert_int_equal(total, 1);
 }
 
 /* ---------------- streaming decode ---------------- */
@@ -648,16 +705,26 @@ static void test_bad_input(void **s)
     TT_FAILS(tuna_tokenizer_load(tmp, &t), TUNA_E_NOT_FOUND, "tokenizer.json");
     assert_null(t);
     snprintf(path, sizeof path, "%s/tokenizer.json", tmp);
-    const char *uni = "{\"model\": {\"type\": \"Unigram\", \"vocab\": [[\"a\", 0.0]]}}";
+    const char *wl = "{\"model\": {\"type\": \"WordLevel\", \"vocab\": {\"a\": 0}, \"unk_token\": \"a\"}}";
+    tt_write(path, wl, strlen(wl));
+    TT_FAILS(tuna_tokenizer_load(tmp, &t), TUNA_E_UNSUPPORTED, "WordLevel");
+    const char *uni = "{\"model\": {\"type\": \"Unigram\", \"vocab\": [[\"a\", 0.0], [\"b\"]]}}";
     tt_write(path, uni, strlen(uni));
-    TT_FAILS(tuna_tokenizer_load(tmp, &t), TUNA_E_UNSUPPORTED, "Unigram");
+    TT_FAILS(tuna_tokenizer_load(tmp, &t), TUNA_E_FORMAT, "[piece, score]");
+    const char *uni2 = "{\"model\": {\"type\": \"Unigram\", \"vocab\": [[\"a\", 0.0]], \"unk_id\": 5}}";
+    tt_write(path, uni2, strlen(uni2));
+    TT_FAILS(tuna_tokenizer_load(tmp, &t), TUNA_E_FORMAT, "unk_id");
     const char *badmerge = "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 1}, \"merges\": [\"a b\"]}}";
     tt_write(path, badmerge, strlen(badmerge));
     TT_FAILS(tuna_tokenizer_load(tmp, &t), TUNA_E_FORMAT, "missing from the vocabulary");
     const char *badnorm = "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []},"
-                          " \"normalizer\": {\"type\": \"Precompiled\"}}";
+                          " \"normalizer\": {\"type\": \"ByteLevel\"}}";
     tt_write(path, badnorm, strlen(badnorm));
-    TT_FAILS(tuna_tokenizer_load(tmp, &t), TUNA_E_UNSUPPORTED, "Precompiled");
+    TT_FAILS(tuna_tokenizer_load(tmp, &t), TUNA_E_UNSUPPORTED, "normalizer type \"ByteLevel\"");
+    const char *badmap = "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []},"
+                         " \"normalizer\": {\"type\": \"Precompiled\", \"precompiled_charsmap\": \"AAAA\"}}";
+    tt_write(path, badmap, strlen(badmap));
+    TT_FAILS(tuna_tokenizer_load(tmp, &t), TUNA_E_FORMAT, "precompiled_charsmap");
     const char *badre = "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []},"
                         " \"pre_tokenizer\": {\"type\": \"Split\", \"pattern\": {\"Regex\": \"(\"}, \"behavior\": \"Isolated\"}}";
     tt_write(path, badre, strlen(badre));
@@ -693,7 +760,8 @@ int main(void)
         cmocka_unit_test(test_qwen2), cmocka_unit_test(test_deepseek_r1_qwen), cmocka_unit_test(test_swift_llama2),
         cmocka_unit_test(test_swift_falcon), cmocka_unit_test(test_swift_table_llama2),
         cmocka_unit_test(test_swift_table_falcon), cmocka_unit_test(test_tfjs_llama2), cmocka_unit_test(test_tfjs_falcon),
-        cmocka_unit_test(test_tfjs_qwen), cmocka_unit_test(test_ortx_phi3), cmocka_unit_test(test_stream), cmocka_unit_test(test_bad_input),
+        cmocka_unit_test(test_tfjs_qwen), cmocka_unit_test(test_ortx_phi3), cmocka_unit_test(test_ortx_t5),
+        cmocka_unit_test(test_tfjs_t5), cmocka_unit_test(test_swift_t5), cmocka_unit_test(test_stream), cmocka_unit_test(test_bad_input),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -23,7 +23,7 @@ static uint64_t mix64(uint64_t x)
     return x;
 }
 
-static bool u64map_put(tk_u64map *m, uint64_t key, uint64_t val)
+bool tk_u64map_put(tk_u64map *m, uint64_t key, uint64_t val)
 {
     key += 1;
     if ((m->count + 1) * 2 > m->cap) {
@@ -55,7 +55,7 @@ static bool u64map_put(tk_u64map *m, uint64_t key, uint64_t val)
     return true;
 }
 
-static bool u64map_get(const tk_u64map *m, uint64_t key, uint64_t *val)
+bool tk_u64map_get(const tk_u64map *m, uint64_t key, uint64_t *val)
 {
     if (!m->cap) return false;
     key += 1;
@@ -96,6 +96,10 @@ void tk_model_free(struct tk_model *m)
     pthread_mutex_destroy(&m->cache.mu);
     tuna_strmap_free(&m->cache.map);
     free(m->cache.ids);
+    free(m->scores);
+    free(m->trie.keys);
+    free(m->trie.vals);
+    free(m->trie_id);
 }
 
 tuna_status tk_model_add_token(struct tk_model *m, const char *s, size_t n, int64_t id)
@@ -152,7 +156,7 @@ tuna_status tk_model_add_merge(struct tk_model *m, const char *a, size_t an, con
     if (!ok)
         return tuna_fail(TUNA_E_FORMAT, "%s: merge %u (\"%.*s\" \"%.*s\") makes a token missing from the vocabulary",
                          where, rank, (int)an, a, (int)bn, b);
-    if (!u64map_put(&m->merges, (uint64_t)ia << 32 | (uint64_t)ib, (uint64_t)rank << 32 | (uint64_t)inew))
+    if (!tk_u64map_put(&m->merges, (uint64_t)ia << 32 | (uint64_t)ib, (uint64_t)rank << 32 | (uint64_t)inew))
         return tuna_fail_oom("merges", 0);
     return TUNA_OK;
 }
@@ -256,7 +260,7 @@ static bool push_pair(const struct tk_model *m, heap *h, const sym *s, int32_t p
     uint64_t v;
     int32_t nx = s[pos].next;
     if (nx < 0) return true;
-    if (!u64map_get(&m->merges, (uint64_t)(uint32_t)s[pos].id << 32 | (uint32_t)s[nx].id, &v)) return true;
+    if (!tk_u64map_get(&m->merges, (uint64_t)(uint32_t)s[pos].id << 32 | (uint32_t)s[nx].id, &v)) return true;
     return heap_push(h, (qent){(uint32_t)(v >> 32), (uint32_t)pos, (int32_t)(v & 0xffffffffu)});
 }
 
@@ -352,7 +356,7 @@ static tuna_status bpe_word(const struct tk_model *m, const char *w, size_t n, i
         if (!a->alive || a->next < 0) continue;
         sym *b = &s[a->next];
         uint64_t v;
-        if (!u64map_get(&m->merges, (uint64_t)(uint32_t)a->id << 32 | (uint32_t)b->id, &v) ||
+        if (!tk_u64map_get(&m->merges, (uint64_t)(uint32_t)a->id << 32 | (uint32_t)b->id, &v) ||
             (int32_t)(v & 0xffffffffu) != top.new_id)
             continue;
         a->id = top.new_id;
@@ -418,6 +422,7 @@ tuna_status tk_model_tokenize(struct tk_model *m, const char *w, size_t n, int32
 {
     if (n == 0) return TUNA_OK;
     if (m->type == TK_MODEL_WORDPIECE) return wordpiece_word(m, w, n, ids, nids, cap);
+    if (m->type == TK_MODEL_UNIGRAM) return tk_unigram_tokenize(m, w, n, ids, nids, cap);
     int64_t v;
     if (m->ignore_merges && tuna_strmap_get(&m->vocab, w, n, &v))
         return append_id(ids, nids, cap, (int32_t)v) ? TUNA_OK : tuna_fail_oom("ids", *nids);

@@ -12,6 +12,152 @@
 
 static char *dup_str(const char *s) { return s ? strdup(s) : NULL; }
 
+/* ---- Precompiled: SentencePiece's normalization charsmap ----
+ * precompiled_charsmap is base64 of: u32 (little endian) trie size in bytes, the darts-clone
+ * double array (u32 units), then NUL-separated replacement strings; a trie value is the offset
+ * of the replacement. */
+
+static int b64_value(unsigned char c)
+{
+    if (c >= 'A' && c <= 'Z') return c - 'A';
+    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+    if (c >= '0' && c <= '9') return c - '0' + 52;
+    if (c == '+' || c == '-') return 62;
+    if (c == '/' || c == '_') return 63;
+    return -1;
+}
+
+static unsigned char *b64_decode(const char *s, size_t *out_len)
+{
+    size_t n = strlen(s);
+    unsigned char *out = malloc(n / 4 * 3 + 3);
+    if (!out) return NULL;
+    size_t o = 0;
+    uint32_t acc = 0;
+    int bits = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] == '=') break;
+        int v = b64_value((unsigned char)s[i]);
+        if (v < 0) {
+            free(out);
+            return NULL;
+        }
+        acc = acc << 6 | (uint32_t)v;
+        bits += 6;
+        if (bits >= 8) {
+            bits -= 8;
+            out[o++] = (unsigned char)(acc >> bits);
+        }
+    }
+    *out_len = o;
+    return out;
+}
+
+static tuna_status parse_precompiled(const cJSON *j, struct tk_norm *n)
+{
+    const cJSON *m = tuna_json_member(j, "precompiled_charsmap");
+    if (!m) return TUNA_OK; /* null charsmap: identity */
+    if (!cJSON_IsString(m)) return tuna_fail(TUNA_E_FORMAT, "tokenizer.json: Precompiled normalizer's precompiled_charsmap is not a string");
+    size_t len;
+    unsigned char *b = b64_decode(m->valuestring, &len);
+    if (!b) return tuna_fail(TUNA_E_FORMAT, "tokenizer.json: Precompiled normalizer's precompiled_charsmap is not base64");
+    uint32_t tsize = len >= 4 ? (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24 : 0;
+    if (len < 4 || tsize % 4 || tsize > len - 4 || tsize < 4) {
+        free(b);
+        return tuna_fail(TUNA_E_FORMAT, "tokenizer.json: precompiled_charsmap is malformed (trie of %u bytes in %zu bytes)", tsize, len);
+    }
+    n->nunits = tsize / 4;
+    n->units = malloc(tsize);
+    n->repl_len = len - 4 - tsize;
+    n->repl_blob = malloc(n->repl_len + 1);
+    if (!n->units || !n->repl_blob) {
+        free(b);
+        return tuna_fail_oom("charsmap", len);
+    }
+    for (size_t i = 0; i < n->nunits; i++) {
+        const unsigned char *p = b + 4 + 4 * i;
+        n->units[i] = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+    }
+    memcpy(n->repl_blob, b + 4 + tsize, n->repl_len);
+    n->repl_blob[n->repl_len] = '\0';
+    free(b);
+    return TUNA_OK;
+}
+
+/* darts-clone common prefix search: the value of the shortest key that is a prefix of s (what
+ * SentencePiece's precompiled normalizer takes, results[0]), or -1. */
+static int64_t darts_first_prefix(const struct tk_norm *n, const unsigned char *s, size_t len)
+{
+    const uint32_t *u = n->units;
+    size_t pos = 0;
+#define D_OFFSET(x) (((x) >> 10) << (((x) & (1u << 9)) >> 6))
+#define D_HAS_LEAF(x) (((x) >> 8) & 1u)
+#define D_LABEL(x) ((x) & ((1u << 31) | 0xFFu))
+#define D_VALUE(x) ((x) & ((1u << 31) - 1))
+    pos ^= D_OFFSET(u[0]);
+    for (size_t i = 0; i < len; i++) {
+        pos ^= s[i];
+        if (pos >= n->nunits) return -1;
+        uint32_t unit = u[pos];
+        if (D_LABEL(unit) != s[i]) return -1;
+        pos ^= D_OFFSET(unit);
+        if (pos >= n->nunits) return -1;
+        if (D_HAS_LEAF(unit)) return (int64_t)D_VALUE(u[pos]);
+    }
+    return -1;
+#undef D_OFFSET
+#undef D_HAS_LEAF
+#undef D_LABEL
+#undef D_VALUE
+}
+
+/* The replacement for chunk, or NULL. */
+static const char *precompiled_lookup(const struct tk_norm *n, const char *s, size_t len, size_t *rlen)
+{
+    if (!n->units) return NULL;
+    int64_t v = darts_first_prefix(n, (const unsigned char *)s, len);
+    if (v < 0 || (size_t)v >= n->repl_len) return NULL;
+    const char *r = n->repl_blob + v;
+    *rlen = strlen(r);
+    return r;
+}
+
+/* HF's Precompiled::normalize: per extended grapheme cluster, the cluster's replacement when
+ * it is under 6 bytes and has one, else each character's replacement or the character. */
+static tuna_status apply_precompiled(const struct tk_norm *n, const char *s, size_t len, tk_buf *out)
+{
+    size_t i = 0;
+    while (i < len) {
+        /* one grapheme cluster: s[i..g) */
+        int32_t c0;
+        size_t g = i + tk_utf8_next(s + i, len - i, &c0);
+        utf8proc_int32_t state = 0;
+        int32_t prev = c0;
+        while (g < len) {
+            int32_t c;
+            size_t k = tk_utf8_next(s + g, len - g, &c);
+            if (utf8proc_grapheme_break_stateful(prev, c, &state)) break;
+            prev = c;
+            g += k;
+        }
+        size_t rl;
+        const char *r = g - i < 6 ? precompiled_lookup(n, s + i, g - i, &rl) : NULL;
+        if (r) {
+            if (!tk_buf_put(out, r, rl)) return tuna_fail_oom("normalizer", len);
+        } else {
+            for (size_t k = i; k < g;) {
+                int32_t c;
+                size_t w = tk_utf8_next(s + k, g - k, &c);
+                const char *cr = precompiled_lookup(n, s + k, w, &rl);
+                if (!(cr ? tk_buf_put(out, cr, rl) : tk_buf_put(out, s + k, w))) return tuna_fail_oom("normalizer", len);
+                k += w;
+            }
+        }
+        i = g;
+    }
+    return tk_buf_put(out, "", 0) ? TUNA_OK : tuna_fail_oom("normalizer", 0);
+}
+
 tuna_status tk_norm_parse(const cJSON *j, struct tk_norm *n)
 {
     memset(n, 0, sizeof *n);
@@ -49,6 +195,9 @@ tuna_status tk_norm_parse(const cJSON *j, struct tk_norm *n)
         n->lowercase = !cJSON_IsFalse(tuna_json_member(j, "lowercase"));
         v = tuna_json_member(j, "strip_accents");
         n->strip_accents = v ? cJSON_IsTrue(v) : n->lowercase;
+    } else if (!strcmp(t, "Precompiled")) {
+        n->type = TK_NORM_PRECOMPILED;
+        return parse_precompiled(j, n);
     } else if (!strcmp(t, "Sequence")) {
         n->type = TK_NORM_SEQUENCE;
         const cJSON *arr = tuna_json_member(j, "normalizers");
@@ -66,7 +215,7 @@ tuna_status tk_norm_parse(const cJSON *j, struct tk_norm *n)
     } else {
         return tuna_fail(TUNA_E_UNSUPPORTED,
                          "tokenizer.json: normalizer type \"%s\" is not supported (tuna handles NFC, NFD, "
-                         "NFKC, NFKD, Lowercase, Strip, StripAccents, Prepend, Replace, BertNormalizer, Sequence)",
+                         "NFKC, NFKD, Lowercase, Strip, StripAccents, Prepend, Replace, BertNormalizer, Precompiled, Sequence)",
                          t);
     }
     return TUNA_OK;
@@ -78,6 +227,8 @@ void tk_norm_free(struct tk_norm *n)
     for (size_t i = 0; i < n->nkids; i++) tk_norm_free(&n->kids[i]);
     free(n->kids);
     free(n->content);
+    free(n->units);
+    free(n->repl_blob);
     tk_pattern_free(&n->pat);
 }
 
@@ -156,6 +307,7 @@ static tuna_status apply_one(const struct tk_norm *n, const char *s, size_t len,
     case TK_NORM_NFKD: return unicode_form(s, len, UTF8PROC_DECOMPOSE | UTF8PROC_COMPAT, out);
     case TK_NORM_LOWERCASE:
     case TK_NORM_STRIP_ACCENTS: return map_chars(n, s, len, out);
+    case TK_NORM_PRECOMPILED: return apply_precompiled(n, s, len, out);
     case TK_NORM_BERT: {
         if (!n->strip_accents) return map_chars(n, s, len, out);
         tk_buf tmp = {0};

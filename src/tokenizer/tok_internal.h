@@ -125,6 +125,7 @@ enum tk_norm_type {
     TK_NORM_REPLACE,
     TK_NORM_STRIP_ACCENTS,
     TK_NORM_BERT,
+    TK_NORM_PRECOMPILED,
     TK_NORM_SEQUENCE
 };
 struct tk_norm {
@@ -135,6 +136,11 @@ struct tk_norm {
     bool clean_text, chinese, strip_accents, lowercase; /* Bert */
     struct tk_norm *kids;   /* Sequence */
     size_t nkids;
+    /* Precompiled (SentencePiece charsmap): a darts-clone double array and the replacements */
+    uint32_t *units;
+    size_t nunits;
+    char *repl_blob;
+    size_t repl_len;
 };
 tuna_status tk_norm_parse(const cJSON *j, struct tk_norm *n);
 void tk_norm_free(struct tk_norm *n);
@@ -189,7 +195,7 @@ struct tk_cache {
     size_t n, cap;
 };
 
-enum tk_model_type { TK_MODEL_BPE, TK_MODEL_WORDPIECE };
+enum tk_model_type { TK_MODEL_BPE, TK_MODEL_WORDPIECE, TK_MODEL_UNIGRAM };
 struct tk_model {
     enum tk_model_type type;
     struct tuna_strmap vocab; /* token → id */
@@ -204,6 +210,12 @@ struct tk_model {
     int32_t byte_id[256];           /* "<0xXX>" ids for byte fallback, -1 when absent */
     int64_t max_chars_per_word;     /* WordPiece */
     struct tk_cache cache;
+    /* Unigram: piece scores and a byte trie over the pieces ((node << 8 | byte) + 1 → child) */
+    double *scores; /* [tok_cap] */
+    double unk_score;
+    tk_u64map trie;
+    int32_t *trie_id; /* [trie_nodes] piece id ending at the node, -1 if none */
+    size_t trie_nodes, trie_cap;
 };
 void tk_model_init(struct tk_model *m);
 void tk_model_free(struct tk_model *m);
@@ -220,6 +232,13 @@ tuna_status tk_model_finish(struct tk_model *m); /* after vocab and merges: byte
 /* Appends the ids of one pre-tokenized word. */
 tuna_status tk_model_tokenize(struct tk_model *m, const char *w, size_t n, int32_t **ids, size_t *nids,
                               size_t *cap);
+
+/* unigram.c */
+tuna_status tk_unigram_load(struct tk_model *m, const cJSON *model, const char *where);
+tuna_status tk_unigram_tokenize(struct tk_model *m, const char *w, size_t n, int32_t **ids, size_t *nids, size_t *cap);
+/* u64 map (bpe.c) */
+bool tk_u64map_put(tk_u64map *m, uint64_t key, uint64_t val);
+bool tk_u64map_get(const tk_u64map *m, uint64_t key, uint64_t *val);
 
 /* ---- added tokens (added_tokens.c) ---- */
 struct tk_added {
