@@ -162,12 +162,13 @@ static tuna_status chat_prompt(const struct tuna_openai_ctx *c, const cJSON *msg
             st = tuna_openai_fail(err, 400, "messages", "messages[%d] needs a string 'role'", i);
             break;
         }
-        cJSON *nm = cJSON_CreateObject();
-        cJSON_AddStringToObject(nm, "role", role->valuestring);
-        if (!content) {
-            cJSON_AddStringToObject(nm, "content", "");
-        } else if (cJSON_IsString(content)) {
-            cJSON_AddStringToObject(nm, "content", content->valuestring);
+        cJSON *nm = cJSON_Duplicate(m, true); /* other fields (name, tool_calls, ...) pass to the template */
+        if (!nm) {
+            st = tuna_openai_fail(err, 500, NULL, "out of memory");
+            break;
+        }
+        if (!content || cJSON_IsString(content)) {
+            /* as given */
         } else if (cJSON_IsArray(content)) { /* [{type: text, text}] parts, joined with newlines as vLLM */
             size_t tl = 0;
             const cJSON *part;
@@ -185,12 +186,13 @@ static tuna_status chat_prompt(const struct tuna_openai_ctx *c, const cJSON *msg
             char *joined = st ? NULL : calloc(1, tl + 1);
             if (!st && !joined) st = tuna_openai_fail(err, 500, NULL, "out of memory");
             if (!st) {
+                int k = 0;
                 cJSON_ArrayForEach(part, content)
                 {
-                    if (joined[0]) strcat(joined, "\n");
+                    if (k++) strcat(joined, "\n");
                     strcat(joined, field(part, "text")->valuestring);
                 }
-                cJSON_AddStringToObject(nm, "content", joined);
+                cJSON_ReplaceItemInObjectCaseSensitive(nm, "content", cJSON_CreateString(joined));
             }
             free(joined);
         } else {
@@ -284,6 +286,16 @@ static tuna_status parse_sampling(const struct tuna_openai_ctx *c, const cJSON *
         s->seed = (uint64_t)v;
         s->has_seed = true;
     }
+    if (!(s->temperature >= 0)) return tuna_openai_fail(err, 400, "temperature", "'temperature' must be >= 0, got %g", s->temperature);
+    if (!(s->top_p > 0 && s->top_p <= 1)) return tuna_openai_fail(err, 400, "top_p", "'top_p' must be in (0, 1], got %g", s->top_p);
+    if (!(s->min_p >= 0 && s->min_p <= 1)) return tuna_openai_fail(err, 400, "min_p", "'min_p' must be in [0, 1], got %g", s->min_p);
+    if (!(s->repetition_penalty > 0))
+        return tuna_openai_fail(err, 400, "repetition_penalty", "'repetition_penalty' must be > 0, got %g", s->repetition_penalty);
+    if (!(fabsf(s->presence_penalty) <= 2))
+        return tuna_openai_fail(err, 400, "presence_penalty", "'presence_penalty' must be in [-2, 2], got %g", s->presence_penalty);
+    if (!(fabsf(s->frequency_penalty) <= 2))
+        return tuna_openai_fail(err, 400, "frequency_penalty", "'frequency_penalty' must be in [-2, 2], got %g", s->frequency_penalty);
+    if (s->top_k < 0) s->top_k = 0; /* -1 = off, as vLLM */
     if (tuna_sampling_check(s)) return tuna_openai_fail(err, 400, NULL, "%s", tuna_last_error());
     return TUNA_OK;
 }
