@@ -153,6 +153,26 @@ static void test_fixture_specials(void **s)
     free(dec);
     free(a);
     free(b);
+    /* the same tokenizer from memory */
+    char jp[4200], cp[4200], *js, *cs;
+    size_t jl, cl;
+    snprintf(jp, sizeof jp, "%s/tokenizer.json", dir);
+    snprintf(cp, sizeof cp, "%s/tokenizer_config.json", dir);
+    TT_OK(tuna_read_file(jp, 0, &js, &jl));
+    TT_OK(tuna_read_file(cp, 0, &cs, &cl));
+    tuna_tokenizer *m = NULL;
+    TT_OK(tuna_tokenizer_load_json(js, jl, cs, cl, &m));
+    const char *probe = "<|begin_of_text|>Hello, world! caf\xC3\xA9 12345";
+    TT_OK(tuna_tokenizer_encode(t, probe, strlen(probe), true, true, &a, &na));
+    TT_OK(tuna_tokenizer_encode(m, probe, strlen(probe), true, true, &b, &nb));
+    assert_true(same_ids(a, na, b, nb));
+    assert_string_equal(tuna_tokenizer_special_str(m, "eos_token"), "<|eot_id|>");
+    free(a);
+    free(b);
+    tuna_tokenizer_free(m);
+    TT_FAILS(tuna_tokenizer_load_json(js, jl / 2, NULL, 0, &m), TUNA_E_FORMAT, "tokenizer.json");
+    free(js);
+    free(cs);
     for (int32_t id = 0; id < (int32_t)tuna_tokenizer_vocab_size(t); id++) {
         const char *ts = tuna_tokenizer_token_str(t, id);
         assert_non_null(ts);

@@ -260,19 +260,13 @@ static const char *token_content(const cJSON *v)
     return cJSON_IsString(c) ? c->valuestring : NULL;
 }
 
-static tuna_status load_config(tuna_tokenizer *t, const char *dir)
+/* The parts of tokenizer_config.json tuna uses (cfg may be NULL). */
+static tuna_status apply_config(tuna_tokenizer *t, const cJSON *cfg)
 {
     tuna_status st = TUNA_OK;
-    char *path = tuna_path_join(dir, "tokenizer_config.json");
-    if (!path) return tuna_fail_oom("path", 0);
-    cJSON *cfg = NULL;
-    if (tuna_path_exists(path) && (st = tuna_json_load(path, 0, &cfg))) {
-        free(path);
-        return st;
-    }
-    free(path);
+    const cJSON *e;
     if (cfg) {
-        const cJSON *dec = tuna_json_member(cfg, "added_tokens_decoder"), *e;
+        const cJSON *dec = tuna_json_member(cfg, "added_tokens_decoder");
         cJSON_ArrayForEach(e, dec)
         {
             const char *c = token_content(e);
@@ -316,6 +310,22 @@ static tuna_status load_config(tuna_tokenizer *t, const char *dir)
             goto done;
         }
     }
+done:
+    return st;
+}
+
+static tuna_status load_config(tuna_tokenizer *t, const char *dir)
+{
+    tuna_status st = TUNA_OK;
+    char *path = tuna_path_join(dir, "tokenizer_config.json");
+    if (!path) return tuna_fail_oom("path", 0);
+    cJSON *cfg = NULL;
+    if (tuna_path_exists(path) && (st = tuna_json_load(path, 0, &cfg))) {
+        free(path);
+        return st;
+    }
+    free(path);
+    if ((st = apply_config(t, cfg))) goto done;
     /* special_tokens_map.json fills what the config left out */
     path = tuna_path_join(dir, "special_tokens_map.json");
     if (!path) {
@@ -394,30 +404,57 @@ static tuna_status finish(tuna_tokenizer *t)
         }                                                                                                              \
     } while (0)
 
+/* Builds a tokenizer from a parsed tokenizer.json; then either config_dir's files or the parsed
+ * config (either may be NULL). `what` names the source in messages. */
+static tuna_status build(const cJSON *doc, const char *what, const char *config_dir, const cJSON *config,
+                         tuna_tokenizer **out)
+{
+    tuna_tokenizer *t = NULL;
+    tuna_status st;
+    if ((st = tok_new(&t))) goto fail;
+    if ((st = load_model(t, tuna_json_member(doc, "model"), what))) goto fail;
+    PARSE_PART("normalizer", struct tk_norm, norm, tk_norm_parse);
+    PARSE_PART("pre_tokenizer", struct tk_pre, pre, tk_pre_parse);
+    PARSE_PART("decoder", struct tk_dec, dec, tk_dec_parse);
+    const cJSON *pp = tuna_json_member(doc, "post_processor");
+    if (pp && (st = parse_post(pp, &t->post))) goto fail;
+    if ((st = load_added(t, tuna_json_member(doc, "added_tokens"), what))) goto fail;
+    if (config_dir && (st = load_config(t, config_dir))) goto fail;
+    if (config && (st = apply_config(t, config))) goto fail;
+    if ((st = finish(t))) goto fail;
+    *out = t;
+    return TUNA_OK;
+fail:
+    tuna_tokenizer_free(t);
+    return tuna_fail_prefix(st, "loading tokenizer %s", what);
+}
+
 tuna_status tuna_tokenizer_load_file(const char *tokenizer_json, const char *config_dir, tuna_tokenizer **out)
 {
     *out = NULL;
     cJSON *doc = NULL;
     tuna_status st = tuna_json_load(tokenizer_json, 256u << 20, &doc);
     if (st) return st;
-    tuna_tokenizer *t = NULL;
-    if ((st = tok_new(&t))) goto fail;
-    if ((st = load_model(t, tuna_json_member(doc, "model"), tokenizer_json))) goto fail;
-    PARSE_PART("normalizer", struct tk_norm, norm, tk_norm_parse);
-    PARSE_PART("pre_tokenizer", struct tk_pre, pre, tk_pre_parse);
-    PARSE_PART("decoder", struct tk_dec, dec, tk_dec_parse);
-    const cJSON *pp = tuna_json_member(doc, "post_processor");
-    if (pp && (st = parse_post(pp, &t->post))) goto fail;
-    if ((st = load_added(t, tuna_json_member(doc, "added_tokens"), tokenizer_json))) goto fail;
-    if (config_dir && (st = load_config(t, config_dir))) goto fail;
-    if ((st = finish(t))) goto fail;
+    st = build(doc, tokenizer_json, config_dir, NULL, out);
     cJSON_Delete(doc);
-    *out = t;
-    return TUNA_OK;
-fail:
+    return st;
+}
+
+tuna_status tuna_tokenizer_load_json(const char *json, size_t len, const char *config_json, size_t config_len,
+                                     tuna_tokenizer **out)
+{
+    *out = NULL;
+    cJSON *doc = NULL, *cfg = NULL;
+    tuna_status st = tuna_json_parse(json, len, "tokenizer.json", &doc);
+    if (st) return st;
+    if (config_json && (st = tuna_json_parse(config_json, config_len, "tokenizer_config.json", &cfg))) {
+        cJSON_Delete(doc);
+        return st;
+    }
+    st = build(doc, "tokenizer.json (in memory)", NULL, cfg, out);
     cJSON_Delete(doc);
-    tuna_tokenizer_free(t);
-    return tuna_fail_prefix(st, "loading tokenizer %s", tokenizer_json);
+    cJSON_Delete(cfg);
+    return st;
 }
 
 tuna_status tuna_tokenizer_load(const char *dir, tuna_tokenizer **out)

@@ -1,16 +1,23 @@
 /* tokenizer.h — Hugging Face `tokenizers` pipelines (tokenizer.json), encode and decode exact to
  * the reference library.
  *
- * The pipeline follows HF tokenizers: added tokens are split out of the text first, each
- * remaining piece goes through normalizer → pre-tokenizer → model (BPE), then the
- * post-processor adds BOS/EOS; decode runs the decoder chain over the token strings.
- * Supported (anything else is refused with TUNA_E_UNSUPPORTED naming the type):
+ * The pipeline follows HF tokenizers: added tokens are split out of the text first (non-
+ * normalized ones in the raw text, normalized ones after normalizing each piece), each remaining
+ * piece goes through normalizer → pre-tokenizer → model, then the post-processor adds BOS/EOS;
+ * decode runs the decoder chain over the token strings. Supported (anything else is refused with
+ * TUNA_E_UNSUPPORTED naming the type):
  *   models: BPE (byte-level: GPT-2, Llama 3, Qwen; SentencePiece-style with byte_fallback and
- *           fuse_unk: Llama 2, Mistral, Gemma)
- *   normalizers: NFC NFD NFKC NFKD Lowercase Strip Prepend Replace Sequence
- *   pre-tokenizers: Split ByteLevel Metaspace Digits Punctuation Whitespace WhitespaceSplit Sequence
- *   post-processors: TemplateProcessing ByteLevel Sequence
- *   decoders: ByteLevel Metaspace ByteFallback Fuse Strip Replace Sequence
+ *           fuse_unk: Llama 2, Mistral, Gemma; ignore_merges), Unigram (T5), WordPiece
+ *   normalizers: NFC NFD NFKC NFKD Lowercase Strip StripAccents Prepend Replace BertNormalizer
+ *                Precompiled Sequence
+ *   pre-tokenizers: Split ByteLevel Metaspace Digits Punctuation Whitespace WhitespaceSplit
+ *                   BertPreTokenizer Sequence
+ *   post-processors: TemplateProcessing ByteLevel RobertaProcessing BertProcessing Sequence
+ *   decoders: ByteLevel Metaspace ByteFallback Fuse Strip Replace WordPiece Sequence
+ * From tokenizer_config.json, as transformers does: bos/eos/unk/pad tokens, added_tokens_decoder
+ * entries missing from tokenizer.json, clean_up_tokenization_spaces, the chat template, and for
+ * the Llama/CodeLlama/Gemma tokenizer classes add_bos_token/add_eos_token (which rebuild the
+ * post-processor). Regexes run through PCRE2 (HF uses Oniguruma; same matches on real patterns).
  *
  * A tuna_tokenizer is immutable after loading except for an internal word cache guarded by a
  * mutex, so one tokenizer may be shared by threads.
@@ -33,6 +40,11 @@ tuna_status tuna_tokenizer_load(const char *dir, tuna_tokenizer **out);
 /* Loads a tokenizer.json file by path; config_dir (may be NULL) is where tokenizer_config.json
  * and special_tokens_map.json are looked for. */
 tuna_status tuna_tokenizer_load_file(const char *tokenizer_json, const char *config_dir,
+                                     tuna_tokenizer **out);
+
+/* Builds a tokenizer from tokenizer.json text in memory (len bytes) and, when config_json is not
+ * NULL, tokenizer_config.json text (config_len bytes); for tokenizers made on the fly (GGUF). */
+tuna_status tuna_tokenizer_load_json(const char *json, size_t len, const char *config_json, size_t config_len,
                                      tuna_tokenizer **out);
 
 /* Builds a byte-level BPE tokenizer from GPT-2 style files: vocab_json ({"token": id}) and
