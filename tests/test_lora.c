@@ -462,6 +462,64 @@ static void test_merge_module(void **state)
     tuna_st_set_close(base);
 }
 
+/* A matrix large enough for the threaded merge: every row equal to the same row merged alone. */
+static void test_merge_threaded(void **state)
+{
+    (void)state;
+    struct tuna_lora_module mod = {.name = "big", .r = 32, .in = 1024, .out = 2048, .alpha = 16, .scale = 0.5f};
+    size_t na = (size_t)(mod.r * mod.in), nb = (size_t)(mod.out * mod.r), nw = (size_t)(mod.out * mod.in);
+    float *A = malloc(sizeof(float) * na), *B = malloc(sizeof(float) * nb);
+    for (size_t i = 0; i < na; i++) A[i] = (float)sin(0.01 * (double)i);
+    for (size_t i = 0; i < nb; i++) B[i] = (float)cos(0.013 * (double)i);
+    mod.A = A;
+    mod.B = B;
+    uint16_t *W = malloc(2 * nw), *out = malloc(2 * nw), *row = malloc(2 * (size_t)mod.in);
+    for (size_t i = 0; i < nw; i++) W[i] = tuna_f32_to_bf16((float)sin(0.7 * (double)i));
+    TT_OK(tuna_lora_merge_stored(&mod, TUNA_DTYPE_BF16, W, out));
+    float *delta = malloc(sizeof(float) * nw), *drow = malloc(sizeof(float) * (size_t)mod.in);
+    TT_OK(tuna_lora_delta(&mod, delta));
+    long long changed = 0;
+    for (int64_t n = 0; n < mod.out; n++) {
+        struct tuna_lora_module one = mod;
+        one.out = 1;
+        one.B = B + n * mod.r;
+        TT_OK(tuna_lora_merge_stored(&one, TUNA_DTYPE_BF16, W + n * mod.in, row));
+        assert_memory_equal(row, out + n * mod.in, 2 * (size_t)mod.in);
+        TT_OK(tuna_lora_delta(&one, drow));
+        assert_memory_equal(drow, delta + n * mod.in, sizeof(float) * (size_t)mod.in);
+        for (int64_t k = 0; k < mod.in; k++) changed += row[k] != W[n * mod.in + k];
+    }
+    assert_true(changed > (long long)nw / 2);
+    TT_FAILS(tuna_lora_merge_stored(&mod, TUNA_DTYPE_U8, W, out), TUNA_E_UNSUPPORTED, "F32, BF16 or F16");
+    free(A);
+    free(B);
+    free(W);
+    free(out);
+    free(row);
+    free(delta);
+    free(drow);
+}
+
+/* tuna_lora_set_open with a folder that does not load: nothing stays attached. */
+static void test_set_open_failure(void **state)
+{
+    (void)state;
+    struct tuna_model *m = load_base();
+    if (!m) skip();
+    char d0[4096], bad[4200];
+    assert_non_null(tt_shared_path(d0, sizeof d0, "fixtures/lora/llama-tiny/adapter"));
+    snprintf(bad, sizeof bad, "%s/no-such-adapter", tt_tmpdir());
+    const char *dirs[2] = {d0, bad};
+    struct tuna_lora_set *set = (struct tuna_lora_set *)1;
+    TT_FAILS(tuna_lora_set_open(m, dirs, 2, &set), TUNA_E_NOT_FOUND, "no-such-adapter");
+    assert_null(set);
+    assert_int_equal(m->layers[0].q.n_lora, 0);
+    TT_OK(tuna_lora_set_open(m, dirs, 1, &set));
+    assert_int_equal(m->layers[0].q.n_lora, 1);
+    tuna_lora_set_free(m, set);
+    tuna_model_free(m);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -469,6 +527,7 @@ int main(void)
         cmocka_unit_test(test_rank_alpha_patterns), cmocka_unit_test(test_refusals),
         cmocka_unit_test(test_reference_logits), cmocka_unit_test(test_mixed_batch),
         cmocka_unit_test(test_attach_mismatch), cmocka_unit_test(test_merge_module),
+        cmocka_unit_test(test_merge_threaded),  cmocka_unit_test(test_set_open_failure),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

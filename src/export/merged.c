@@ -148,9 +148,34 @@ static const struct tuna_lora_module *module_for(const struct tuna_lora_adapter 
     return tuna_lora_find(a, mod);
 }
 
+/* Buffers of merged tensors handed to the writer without a copy; freed once the shard is saved. */
+struct bufs {
+    void **p;
+    size_t n, cap;
+};
+
+static tuna_status keep(struct bufs *b, void *p)
+{
+    if (b->n == b->cap) {
+        size_t cap = b->cap ? 2 * b->cap : 64;
+        void **q = realloc(b->p, cap * sizeof *q);
+        if (!q) return tuna_fail_oom("buffer list", cap * sizeof *q);
+        b->p = q;
+        b->cap = cap;
+    }
+    b->p[b->n++] = p;
+    return TUNA_OK;
+}
+
+static void bufs_free(struct bufs *b)
+{
+    for (size_t i = 0; i < b->n; i++) free(b->p[i]);
+    b->n = 0;
+}
+
 /* One 4-bit weight: dequantized (rounded to its quant_state dtype), merged when adapted. */
-static tuna_status add_dequantized(tuna_st_writer *w, const tuna_st_set *set, const struct tuna_tensor_view *t,
-                                   const struct tuna_lora_module *mod)
+static tuna_status add_dequantized(tuna_st_writer *w, struct bufs *bufs, const tuna_st_set *set,
+                                   const struct tuna_tensor_view *t, const struct tuna_lora_module *mod)
 {
     struct tuna_q4_weight q;
     memset(&q, 0, sizeof q);
@@ -171,14 +196,18 @@ static tuna_status add_dequantized(tuna_st_writer *w, const tuna_st_set *set, co
     if (!st && !tuna_convert_from_f32(q.dtype, f, out, n))
         st = tuna_fail(TUNA_E_FORMAT, "%s: quant_state dtype %s is not F32, F16 or BF16", t->name, tuna_dtype_name(q.dtype));
     int64_t shape[2] = {q.rows, q.cols};
-    if (!st) st = tuna_st_writer_add(w, t->name, q.dtype, 2, shape, out, nb, true);
-    free(f);
+    if (!st && (st = keep(bufs, out)) == TUNA_OK) {
+        out = NULL; /* owned by bufs now */
+        st = tuna_st_writer_add(w, t->name, q.dtype, 2, shape, bufs->p[bufs->n - 1], nb, false);
+    }
     free(out);
+    free(f);
     tuna_q4_weight_free(&q);
     return st;
 }
 
-static tuna_status add_merged(tuna_st_writer *w, const struct tuna_tensor_view *t, const struct tuna_lora_module *mod)
+static tuna_status add_merged(tuna_st_writer *w, struct bufs *bufs, const struct tuna_tensor_view *t,
+                              const struct tuna_lora_module *mod)
 {
     if (t->ndim != 2 || t->shape[0] != mod->out || t->shape[1] != mod->in)
         return tuna_fail(TUNA_E_INVALID, "%s has shape [%lld%s] but the adapter's %s is [%lld, %lld]", t->name,
@@ -186,9 +215,13 @@ static tuna_status add_merged(tuna_st_writer *w, const struct tuna_tensor_view *
                          (long long)mod->out, (long long)mod->in);
     void *out = malloc(t->nbytes ? t->nbytes : 1);
     if (!out) return tuna_fail_oom("merged weight", t->nbytes);
-    tuna_status st = tuna_lora_merge_stored(mod, t->dtype, t->data, out);
-    if (!st) st = tuna_st_writer_add(w, t->name, t->dtype, t->ndim, t->shape, out, t->nbytes, true);
-    free(out);
+    tuna_status st = keep(bufs, out);
+    if (st) {
+        free(out);
+        return st;
+    }
+    st = tuna_lora_merge_stored(mod, t->dtype, t->data, out);
+    if (!st) st = tuna_st_writer_add(w, t->name, t->dtype, t->ndim, t->shape, out, t->nbytes, false);
     return st;
 }
 
@@ -198,6 +231,7 @@ static tuna_status write_shards(const tuna_st_set *set, bool is4, const struct t
                                 struct tuna_merge_report *rep, uint64_t *total)
 {
     tuna_status st = TUNA_OK;
+    struct bufs bufs = {0};
     *total = 0;
     for (size_t fi = 0; !st && fi < tuna_st_set_nfiles(set); fi++) {
         const tuna_st_file *f = tuna_st_set_file(set, fi);
@@ -208,10 +242,10 @@ static tuna_status write_shards(const tuna_st_set *set, bool is4, const struct t
             if (is4 && tuna_bnb_is_state_tensor(t->name)) continue;
             const struct tuna_lora_module *mod = module_for(a, t->name);
             if (is4 && tuna_bnb_is_quantized_weight(set, t->name)) {
-                st = add_dequantized(w, set, t, mod);
+                st = add_dequantized(w, &bufs, set, t, mod);
                 rep->dequantized = true;
             } else if (mod) {
-                st = add_merged(w, t, mod);
+                st = add_merged(w, &bufs, t, mod);
             } else {
                 st = tuna_st_writer_add(w, t->name, t->dtype, t->ndim, t->shape, t->data, t->nbytes, false);
             }
@@ -226,8 +260,10 @@ static tuna_status write_shards(const tuna_st_set *set, bool is4, const struct t
         tuna_st_close(back);
         free(path);
         tuna_st_writer_free(w);
+        bufs_free(&bufs);
         rep->n_files += !st;
     }
+    free(bufs.p);
     return st;
 }
 
