@@ -10,6 +10,7 @@
 
 #include "core/file.h"
 #include "core/json.h"
+#include "gguf/gguf.h"
 #include "io/safetensors.h"
 #include "testutil.h"
 #include "tokenizer/tokenizer.h"
@@ -367,6 +368,56 @@ static void test_deepseek_r1_qwen(void **s)
     (void)s;
     vectors_vm("deepseek-r1-qwen", QWEN "vocab.json", QWEN "merges.txt", QWEN2_RE, true, false,
                LCPP "deepseek-r1-qwen.gguf.inp");
+}
+
+/* BERT WordPiece (BAAI/bge-small-en-v1.5): llama.cpp's vocab-only GGUF keeps the vocabulary
+ * with word starts written "\u2581x" and continuations "x" (its WPM form); undoing that gives the
+ * HF WordPiece vocabulary ("x", "##x"), and bge's tokenizer.json pipeline (BertNormalizer with
+ * lowercase, BertPreTokenizer, WordPiece) is rebuilt around it. The ids of the .out file come
+ * from HF AutoTokenizer. */
+static void test_bert_wordpiece(void **s)
+{
+    (void)s;
+    char gp[4096];
+    if (!tt_shared_path(gp, sizeof gp, LCPP "bert-bge.gguf")) skip();
+    tuna_gguf *g = NULL;
+    TT_OK(tuna_gguf_open(gp, &g));
+    const struct tuna_gguf_kv *kv = tuna_gguf_find(g, "tokenizer.ggml.tokens");
+    assert_non_null(kv);
+    assert_non_null(kv->strs);
+    cJSON *doc = cJSON_CreateObject(), *model = cJSON_AddObjectToObject(doc, "model"), *vocab;
+    cJSON_AddStringToObject(model, "type", "WordPiece");
+    cJSON_AddStringToObject(model, "unk_token", "[UNK]");
+    cJSON_AddStringToObject(model, "continuing_subword_prefix", "##");
+    cJSON_AddNumberToObject(model, "max_input_chars_per_word", 100);
+    vocab = cJSON_AddObjectToObject(model, "vocab");
+    char buf[1024];
+    for (uint64_t i = 0; i < kv->n; i++) {
+        const char *p = kv->strs[i].p;
+        size_t n = (size_t)kv->strs[i].len;
+        assert_true(n + 3 < sizeof buf);
+        if (n >= 2 && p[0] == '[' && p[n - 1] == ']') snprintf(buf, sizeof buf, "%.*s", (int)n, p);
+        else if (n >= 3 && !memcmp(p, "\xE2\x96\x81", 3)) snprintf(buf, sizeof buf, "%.*s", (int)(n - 3), p + 3);
+        else snprintf(buf, sizeof buf, "##%.*s", (int)n, p);
+        if (!cJSON_GetObjectItemCaseSensitive(vocab, buf)) cJSON_AddNumberToObject(vocab, buf, (double)i);
+    }
+    tuna_gguf_close(g);
+    cJSON *norm = cJSON_AddObjectToObject(doc, "normalizer");
+    cJSON_AddStringToObject(norm, "type", "BertNormalizer");
+    cJSON_AddBoolToObject(norm, "clean_text", true);
+    cJSON_AddBoolToObject(norm, "handle_chinese_chars", true);
+    cJSON_AddNullToObject(norm, "strip_accents");
+    cJSON_AddBoolToObject(norm, "lowercase", true);
+    cJSON_AddStringToObject(cJSON_AddObjectToObject(doc, "pre_tokenizer"), "type", "BertPreTokenizer");
+    char *txt = cJSON_PrintUnformatted(doc);
+    cJSON_Delete(doc);
+    tuna_tokenizer *t = NULL;
+    TT_OK(tuna_tokenizer_load_json(txt, strlen(txt), NULL, 0, &t));
+    free(txt);
+    size_t pass, total = run_vectors(t, "bert-bge (WordPiece)", LCPP "bert-bge.gguf.inp", &pass);
+    tuna_tokenizer_free(t);
+    assert_true(total > 0);
+    assert_int_equal(pass, total);
 }
 
 /* ---------------- swift-transformers paragraphs ---------------- */
@@ -780,7 +831,7 @@ int main(void)
         cmocka_unit_test(test_qwen2), cmocka_unit_test(test_deepseek_r1_qwen), cmocka_unit_test(test_swift_llama2),
         cmocka_unit_test(test_swift_falcon), cmocka_unit_test(test_swift_table_llama2),
         cmocka_unit_test(test_swift_table_falcon), cmocka_unit_test(test_tfjs_llama2), cmocka_unit_test(test_tfjs_falcon),
-        cmocka_unit_test(test_tfjs_qwen), cmocka_unit_test(test_ortx_phi3), cmocka_unit_test(test_ortx_t5),
+        cmocka_unit_test(test_tfjs_qwen), cmocka_unit_test(test_ortx_phi3), cmocka_unit_test(test_ortx_t5), cmocka_unit_test(test_bert_wordpiece),
         cmocka_unit_test(test_tfjs_t5), cmocka_unit_test(test_swift_t5), cmocka_unit_test(test_stream), cmocka_unit_test(test_bad_input),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
