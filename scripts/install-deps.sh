@@ -12,6 +12,7 @@ PKGS=(
   libmicrohttpd-dev   # the OpenAI-compatible HTTP server
   libopenblas-dev     # CPU GEMM
   libcmocka-dev       # unit tests
+  nodejs npm          # tuna serve end-to-end test (the official openai npm client)
 )
 missing=()
 for p in "${PKGS[@]}"; do

@@ -335,7 +335,10 @@ static void step(tuna_engine *e)
         if (atomic_load(&e->seqs[i]->req->cancelled)) finish_seq(e, i, "abort");
         else i++;
     }
-    if (!e->n_seqs) return;
+    if (!e->n_seqs) {
+        update_gauges(e);
+        return;
+    }
     struct tuna_sched_seq **plan;
     int64_t n_plan;
     tuna_status st = tuna_sched_schedule(e->sched, &e->batch, &plan, &n_plan);
