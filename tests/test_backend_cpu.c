@@ -20,17 +20,20 @@ static void test_matmul(void **state)
 {
     (void)state;
     const enum tuna_dtype dts[3] = {TUNA_DTYPE_BF16, TUNA_DTYPE_F16, TUNA_DTYPE_F32};
-    const int64_t Ts[4] = {1, 3, 5, 37}, N = 131, K = 77;
-    for (int th = 1; th <= 3; th += 2) {
+    const int64_t Ts[4] = {1, 3, 5, 37}, NK[2][2] = {{131, 77}, {517, 300}}; /* small ones run inline */
+    for (int th = 1; th <= 3; th += 2)
+    for (int sz = 0; sz < 2; sz++) {
+        const int64_t N = NK[sz][0], K = NK[sz][1];
         tuna_backend *be;
         TT_OK(tuna_cpu_backend_new(th, &be));
         TT_OK(tuna_cpu_backend_reserve(be, K));
+        if (th == 3) tuna_cpu_backend_set_min_parallel(be, 0);
         const struct tuna_backend_ops *op = tuna_cpu_backend_ops();
         for (int di = 0; di < 3; di++)
             for (int ti = 0; ti < 4; ti++) {
                 int64_t T = Ts[ti];
                 float *wf = malloc(sizeof(float) * N * K), *x = malloc(sizeof(float) * T * K);
-                float *y = malloc(sizeof(float) * T * N), *ref = malloc(sizeof(float) * T * N), bias[131];
+                float *y = malloc(sizeof(float) * T * N), *ref = malloc(sizeof(float) * T * N), bias[517];
                 void *wd = malloc(8 * N * K);
                 for (int64_t i = 0; i < N * K; i++) wf[i] = frand();
                 for (int64_t i = 0; i < T * K; i++) x[i] = frand();
@@ -47,8 +50,8 @@ static void test_matmul(void **state)
                 struct tuna_weight w = {dts[di], N, K, wd, NULL};
                 op->matmul(be, y, x, &w, bias, T);
                 double e = tt_rel_err(y, ref, (size_t)(T * N));
-                if (e > 1e-6) print_error("matmul %s T=%lld threads=%d: rel err %g\n", tuna_dtype_name(dts[di]),
-                                          (long long)T, th, e);
+                if (e > 1e-6) print_error("matmul %s T=%lld N=%lld K=%lld threads=%d: rel err %g\n",
+                                          tuna_dtype_name(dts[di]), (long long)T, (long long)N, (long long)K, th, e);
                 assert_true(e < 1e-6);
                 free(wf);
                 free(x);
@@ -109,6 +112,7 @@ static void test_attention(void **state)
     (void)state;
     tuna_backend *be;
     TT_OK(tuna_cpu_backend_new(3, &be));
+    tuna_cpu_backend_set_min_parallel(be, 0); /* threads even for this small case */
     const struct tuna_backend_ops *op = tuna_cpu_backend_ops();
     enum { H = 6, Hkv = 2, D = 20, BS = 3, L = 11, NB = 6 };
     const int32_t table[4] = {5, 0, 3, 1}; /* positions 0..10 in blocks 5,0,3,1 */

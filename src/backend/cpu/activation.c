@@ -41,5 +41,5 @@ static void glu_task(void *arg, int64_t task, int thread)
 void tuna_cpu_glu(tuna_backend *be, float *out, const float *gate, const float *up, int64_t n, int act)
 {
     struct glu_args a = {out, gate, up, n, 16384, act};
-    tuna_pool_run(be->pool, (n + a.chunk - 1) / a.chunk, glu_task, &a);
+    tuna_cpu_run(be, (n + a.chunk - 1) / a.chunk, glu_task, &a, n * 16);
 }

@@ -56,5 +56,7 @@ void tuna_cpu_attention(tuna_backend *be, float *out, const float *q, const floa
                         int64_t Hkv, int64_t D, float scale)
 {
     struct attn_args a = {out, q, kcache, vcache, b, H, Hkv, D, scale};
-    tuna_pool_run(be->pool, b->T * H, attn_task, &a);
+    int64_t work = 0; /* positions attended x head dims, all heads */
+    for (int64_t t = 0; t < b->T; t++) work += (b->pos[t] + 1) * H * D * 2;
+    tuna_cpu_run(be, b->T * H, attn_task, &a, work);
 }

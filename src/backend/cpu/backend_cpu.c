@@ -23,6 +23,7 @@ tuna_status tuna_cpu_backend_new(int n_threads, tuna_backend **out)
         return st;
     }
     be->n_threads = n_threads;
+    be->min_parallel = TUNA_CPU_MIN_PARALLEL_WORK;
     /* OpenBLAS runs inside our pool's tasks: one thread each, never a second pool. */
     openblas_set_num_threads(1);
     *out = be;
@@ -47,6 +48,8 @@ void tuna_cpu_backend_free(tuna_backend *be)
 }
 
 int tuna_cpu_backend_threads(const tuna_backend *be) { return be->n_threads; }
+
+void tuna_cpu_backend_set_min_parallel(tuna_backend *be, int64_t work) { be->min_parallel = work; }
 
 tuna_status tuna_cpu_backend_reserve(tuna_backend *be, int64_t max_k)
 {

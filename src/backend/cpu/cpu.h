@@ -21,6 +21,12 @@ int tuna_cpu_backend_threads(const tuna_backend *be);
  * rows converted to float32). Without it (or past it) the matmul uses its tile-free path. */
 tuna_status tuna_cpu_backend_reserve(tuna_backend *be, int64_t max_k);
 
+/* Ops whose work (about multiply-adds) is below this run on the calling thread only; waking the
+ * pool costs more than they do. Default TUNA_CPU_MIN_PARALLEL_WORK; tests set 0 to force the
+ * threaded paths on small inputs. */
+#define TUNA_CPU_MIN_PARALLEL_WORK (1 << 17)
+void tuna_cpu_backend_set_min_parallel(tuna_backend *be, int64_t work);
+
 /* The op table (static; valid forever). */
 const struct tuna_backend_ops *tuna_cpu_backend_ops(void);
 

@@ -13,6 +13,7 @@ struct tuna_backend {
     int n_threads;
     float **scratch;       /* [n_threads] tiles of TUNA_CPU_TILE_ROWS x scratch_k floats */
     int64_t scratch_k;     /* 0 = none */
+    int64_t min_parallel;  /* ops with less work than this run inline (see tuna_cpu_run) */
 };
 
 #define TUNA_CPU_TILE_ROWS 64
@@ -75,6 +76,17 @@ static inline __attribute__((always_inline)) float tuna_dot_f32(const float *a, 
     float s = tuna_hsum8(acc0 + acc1);
     for (; i < n; i++) s += a[i] * b[i];
     return s;
+}
+
+/* Runs fn over n_tasks in the pool, or inline when the whole op is too small (`work`, roughly
+ * multiply-adds) to pay for waking the other threads. */
+static inline void tuna_cpu_run(tuna_backend *be, int64_t n_tasks, tuna_pool_fn fn, void *arg, int64_t work)
+{
+    if (work < be->min_parallel) {
+        for (int64_t t = 0; t < n_tasks; t++) fn(arg, t, 0);
+        return;
+    }
+    tuna_pool_run(be->pool, n_tasks, fn, arg);
 }
 
 /* Ops, one file per family. */

@@ -29,9 +29,5 @@ void tuna_cpu_rmsnorm(tuna_backend *be, float *y, const float *x, const float *w
                       int64_t C, float eps)
 {
     struct norm_args a = {y, x, w, C, eps};
-    if (T * C < 65536) {
-        for (int64_t t = 0; t < T; t++) norm_task(&a, t, 0);
-        return;
-    }
-    tuna_pool_run(be->pool, T, norm_task, &a);
+    tuna_cpu_run(be, T, norm_task, &a, T * C * 4);
 }

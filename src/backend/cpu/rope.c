@@ -41,9 +41,5 @@ void tuna_cpu_rope(tuna_backend *be, float *x, const int64_t *pos, int64_t T, in
                    int64_t rot_dim, const float *inv_freq, float attn_factor)
 {
     struct rope_args a = {x, pos, H, D, rot_dim, inv_freq, attn_factor};
-    if (T < 8) {
-        for (int64_t t = 0; t < T; t++) rope_task(&a, t, 0);
-        return;
-    }
-    tuna_pool_run(be->pool, T, rope_task, &a);
+    tuna_cpu_run(be, T, rope_task, &a, T * (H * D + rot_dim * 8));
 }

@@ -1,5 +1,7 @@
-/* threadpool.c — worker threads sleeping on a condition variable; tasks are handed out through
- * an atomic counter so uneven tasks balance themselves. */
+/* threadpool.c — worker threads that spin briefly and then sleep on a condition variable; tasks
+ * are handed out through an atomic counter so uneven tasks balance themselves. The short spin
+ * matters for decode, where one token is dozens of small parallel ops: a futex wake-up per op
+ * would cost more than the op. */
 #include "backend/cpu/threadpool.h"
 
 #include <pthread.h>
@@ -19,9 +21,9 @@ struct tuna_pool {
     struct tuna_worker *workers; /* n - 1 */
     pthread_mutex_t mu;
     pthread_cond_t wake, done;
-    uint64_t generation;         /* bumped per run, under mu */
-    int busy;                    /* workers still in the current run, under mu */
-    int quit;
+    atomic_ullong generation;    /* bumped per run (under mu, so sleepers never miss it) */
+    atomic_int busy;             /* workers still in the current run */
+    atomic_int quit;
     /* the current run */
     tuna_pool_fn fn;
     void *arg;
@@ -38,22 +40,36 @@ static void drain(struct tuna_pool *p, int thread)
     }
 }
 
+#define TUNA_POOL_SPIN 4000
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
 static void *worker_main(void *a)
 {
     struct tuna_worker *w = a;
     struct tuna_pool *p = w->pool;
-    uint64_t seen = 0;
-    pthread_mutex_lock(&p->mu);
+    unsigned long long seen = 0;
     for (;;) {
-        while (!p->quit && p->generation == seen) pthread_cond_wait(&p->wake, &p->mu);
+        for (int i = 0; i < TUNA_POOL_SPIN && atomic_load(&p->generation) == seen; i++) cpu_relax();
+        if (atomic_load(&p->generation) == seen) {
+            pthread_mutex_lock(&p->mu);
+            while (!p->quit && atomic_load(&p->generation) == seen) pthread_cond_wait(&p->wake, &p->mu);
+            pthread_mutex_unlock(&p->mu);
+        }
         if (p->quit) break;
-        seen = p->generation;
-        pthread_mutex_unlock(&p->mu);
+        seen = atomic_load(&p->generation);
         drain(p, w->index);
-        pthread_mutex_lock(&p->mu);
-        if (--p->busy == 0) pthread_cond_signal(&p->done);
+        if (atomic_fetch_sub(&p->busy, 1) == 1) {
+            pthread_mutex_lock(&p->mu);
+            pthread_cond_signal(&p->done);
+            pthread_mutex_unlock(&p->mu);
+        }
     }
-    pthread_mutex_unlock(&p->mu);
     return NULL;
 }
 
@@ -94,6 +110,7 @@ void tuna_pool_free(tuna_pool *p)
     if (p->workers) {
         pthread_mutex_lock(&p->mu);
         p->quit = 1;
+        atomic_fetch_add(&p->generation, 1);
         pthread_cond_broadcast(&p->wake);
         pthread_mutex_unlock(&p->mu);
         for (int i = 0; i < p->n - 1; i++) pthread_join(p->workers[i].th, NULL);
@@ -114,17 +131,20 @@ void tuna_pool_run(tuna_pool *p, int64_t n_tasks, tuna_pool_fn fn, void *arg)
         for (int64_t t = 0; t < n_tasks; t++) fn(arg, t, 0);
         return;
     }
-    pthread_mutex_lock(&p->mu);
     p->fn = fn;
     p->arg = arg;
     p->n_tasks = n_tasks;
     atomic_store(&p->next, 0);
-    p->busy = p->n - 1;
-    p->generation++;
+    atomic_store(&p->busy, p->n - 1);
+    pthread_mutex_lock(&p->mu);
+    atomic_fetch_add(&p->generation, 1); /* publishes the run (seq_cst) */
     pthread_cond_broadcast(&p->wake);
     pthread_mutex_unlock(&p->mu);
     drain(p, 0);
-    pthread_mutex_lock(&p->mu);
-    while (p->busy > 0) pthread_cond_wait(&p->done, &p->mu);
-    pthread_mutex_unlock(&p->mu);
+    for (int i = 0; i < TUNA_POOL_SPIN && atomic_load(&p->busy) > 0; i++) cpu_relax();
+    if (atomic_load(&p->busy) > 0) {
+        pthread_mutex_lock(&p->mu);
+        while (atomic_load(&p->busy) > 0) pthread_cond_wait(&p->done, &p->mu);
+        pthread_mutex_unlock(&p->mu);
+    }
 }
