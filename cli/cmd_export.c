@@ -9,22 +9,21 @@
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: tuna export adapter --adapter ADIR OUT [--force]\n"
-            "       tuna export merged-16bit --model DIR --adapter ADIR [--base-16bit DIR16] OUT [--force]\n"
-            "       tuna export merged-4bit --model DIR --adapter ADIR [--base-16bit DIR16] OUT [--force]\n"
-            "                               [--quant-type nf4|fp4] [--no-double-quant] [--blocksize 64]\n\n"
-            "adapter       re-writes a PEFT LoRA adapter folder (adapter_config.json +\n"
-            "              adapter_model.safetensors) as PEFT and vLLM load it.\n"
-            "merged-16bit  W + s*B*A for every adapted weight, computed in float32 and rounded to the\n"
-            "              stored dtype; same shards and index as the base; config.json without\n"
-            "              quantization_config; tokenizer, chat template and generation files copied.\n"
-            "              From a bitsandbytes 4-bit base, the merge goes into the original 16-bit\n"
-            "              weights given with --base-16bit, else into the dequantized 4-bit weights.\n"
-            "merged-4bit   merged-16bit, then quantized as `tuna quantize` does: the 4-bit base's own\n"
-            "              settings, or NF4 + double quant, block size 64 for a 16-bit base (flags\n"
-            "              override).\n\n"
-            "OUT is written to a temporary folder and renamed; an existing OUT is refused unless --force.\n");
+    fprintf(f, "usage: tuna export adapter --adapter ADIR OUT [--force]\n"
+               "       tuna export merged-16bit --model DIR --adapter ADIR [--base-16bit DIR16] OUT [--force]\n"
+               "       tuna export merged-4bit --model DIR --adapter ADIR [--base-16bit DIR16] OUT [--force]\n"
+               "                               [--quant-type nf4|fp4] [--no-double-quant] [--blocksize 64]\n\n"
+               "adapter       re-writes a PEFT LoRA adapter folder (adapter_config.json +\n"
+               "              adapter_model.safetensors) as PEFT and vLLM load it.\n"
+               "merged-16bit  W + s*B*A for every adapted weight, computed in float32 and rounded to the\n"
+               "              stored dtype; same shards and index as the base; config.json without\n"
+               "              quantization_config; tokenizer, chat template and generation files copied.\n"
+               "              From a bitsandbytes 4-bit base, the merge goes into the original 16-bit\n"
+               "              weights given with --base-16bit, else into the dequantized 4-bit weights.\n"
+               "merged-4bit   merged-16bit, then quantized as `tuna quantize` does: the 4-bit base's own\n"
+               "              settings, or NF4 + double quant, block size 64 for a 16-bit base (flags\n"
+               "              override).\n\n"
+               "OUT is written to a temporary folder and renamed; an existing OUT is refused unless --force.\n");
 }
 
 int cmd_export(int argc, char **argv)
@@ -34,7 +33,8 @@ int cmd_export(int argc, char **argv)
         return argc < 2 ? 2 : 0;
     }
     const char *what = argv[1];
-    bool is_adapter = !strcmp(what, "adapter"), is16 = !strcmp(what, "merged-16bit"), is4 = !strcmp(what, "merged-4bit");
+    bool is_adapter = !strcmp(what, "adapter"), is16 = !strcmp(what, "merged-16bit"),
+         is4 = !strcmp(what, "merged-4bit");
     if (!is_adapter && !is16 && !is4) {
         fprintf(stderr, "tuna export: unknown format '%s': use adapter, merged-16bit or merged-4bit\n", what);
         usage(stderr);
@@ -108,10 +108,11 @@ int cmd_export(int argc, char **argv)
     tuna_lora_free(a);
     if (st) return tuna_cli_fail("export", st);
     if (rep.dequantized)
-        fprintf(stderr, "tuna export: note: %s is a 4-bit model; the adapter was merged into its dequantized weights "
-                        "(give --base-16bit DIR to merge into the original 16-bit weights instead)\n", model);
-    if (rep.used_base_16bit)
-        fprintf(stderr, "tuna export: merged into the 16-bit weights of %s\n", base16);
+        fprintf(stderr,
+                "tuna export: note: %s is a 4-bit model; the adapter was merged into its dequantized weights "
+                "(give --base-16bit DIR to merge into the original 16-bit weights instead)\n",
+                model);
+    if (rep.used_base_16bit) fprintf(stderr, "tuna export: merged into the 16-bit weights of %s\n", base16);
     printf("wrote %s (%s: %d weights merged, %d tensors in %d file%s)\n", out, what, rep.n_merged, rep.n_tensors,
            rep.n_files, rep.n_files == 1 ? "" : "s");
     return 0;

@@ -95,9 +95,20 @@ static void test_adapter_roundtrip(void **state)
         snprintf(p2, sizeof p2, "%s/adapter_config.json", out);
         cJSON *cfg;
         TT_OK(tuna_json_load(p2, 0, &cfg));
-        static const char *k_keys[] = {"peft_type", "task_type", "r", "lora_alpha", "target_modules", "bias",
-                                       "use_rslora", "use_dora", "fan_in_fan_out", "modules_to_save", "rank_pattern",
-                                       "alpha_pattern", "inference_mode", "base_model_name_or_path"};
+        static const char *k_keys[] = {"peft_type",
+                                       "task_type",
+                                       "r",
+                                       "lora_alpha",
+                                       "target_modules",
+                                       "bias",
+                                       "use_rslora",
+                                       "use_dora",
+                                       "fan_in_fan_out",
+                                       "modules_to_save",
+                                       "rank_pattern",
+                                       "alpha_pattern",
+                                       "inference_mode",
+                                       "base_model_name_or_path"};
         for (size_t k = 0; k < sizeof k_keys / sizeof k_keys[0]; k++)
             assert_non_null(cJSON_GetObjectItemCaseSensitive(cfg, k_keys[k]));
         assert_string_equal(cJSON_GetObjectItemCaseSensitive(cfg, "task_type")->valuestring, "CAUSAL_LM");
@@ -118,7 +129,8 @@ static void test_peft_c_api(void **state)
     float *arrs[6] = {A0, A1, A2, B0, B1, B2};
     size_t lens[6] = {2 * 128, 4 * 128, 4 * 256, 128 * 2, 128 * 4, 128 * 4};
     for (int k = 0; k < 6; k++)
-        for (size_t i = 0; i < lens[k]; i++) arrs[k][i] = (float)sin(0.37 * (double)(i + 1000 * k)) * 0.1f;
+        for (size_t i = 0; i < lens[k]; i++)
+            arrs[k][i] = (float)sin(0.37 * (double)(i + 1000 * k)) * 0.1f;
     struct tuna_peft_module mods[3] = {
         {"model.layers.0.self_attn.q_proj", 2, 128, 128, 8, A0, B0},
         {"model.layers.1.self_attn.q_proj", 4, 128, 128, 32, A1, B1},
@@ -132,9 +144,9 @@ static void test_peft_c_api(void **state)
     TT_OK(tuna_lora_load(out, &a));
     assert_int_equal(a->n_modules, 3);
     const struct tuna_lora_module *q0 = tuna_lora_find(a, mods[0].name), *q1 = tuna_lora_find(a, mods[1].name),
-                                   *d0 = tuna_lora_find(a, mods[2].name);
+                                  *d0 = tuna_lora_find(a, mods[2].name);
     assert_int_equal(q0->r, 2);
-    assert_true(q0->scale == 4.0f); /* 8 / 2 via rank_pattern */
+    assert_true(q0->scale == 4.0f);                    /* 8 / 2 via rank_pattern */
     assert_true(q1->alpha == 32 && q1->scale == 8.0f); /* alpha_pattern */
     assert_true(d0->scale == 2.0f);
     assert_memory_equal(d0->A, A2, sizeof A2);
@@ -260,8 +272,8 @@ static void test_merged16_fixture(void **state)
         assert_int_equal(rep.n_files, 1);
         assert_false(rep.dequantized);
         long long total, diff = compare_models(out, ref, 1, &total);
-        printf("  %-18s merged-16bit vs PEFT: %lld of %lld elements differ (each by 1 bf16 ulp)\n", k_adapters[ai], diff,
-               total);
+        printf("  %-18s merged-16bit vs PEFT: %lld of %lld elements differ (each by 1 bf16 ulp)\n", k_adapters[ai],
+               diff, total);
         /* and the export differs from the base: the merge happened */
         long long t2, changed = compare_models(out, base, -1, &t2);
         assert_true(changed > total / 2);
@@ -379,7 +391,8 @@ static void test_merged_from_4bit(void **state)
     TT_OK(tuna_st_set_open(q4, "model", &qs));
     TT_OK(tuna_st_set_open(out, "model", &os));
     assert_false(tuna_bnb_is_4bit(os));
-    for (size_t i = 0; i < tuna_st_set_count(os); i++) assert_false(tuna_bnb_is_state_tensor(tuna_st_set_at(os, i)->name));
+    for (size_t i = 0; i < tuna_st_set_count(os); i++)
+        assert_false(tuna_bnb_is_state_tensor(tuna_st_set_at(os, i)->name));
     int checked = 0;
     for (int k = 0; k < a->n_modules; k++) {
         const struct tuna_lora_module *mod = &a->modules[k];
@@ -529,9 +542,9 @@ static void test_strip_quant_config(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_adapter_roundtrip), cmocka_unit_test(test_peft_c_api),
-        cmocka_unit_test(test_merged16_fixture),  cmocka_unit_test(test_merged16_sharded),
-        cmocka_unit_test(test_merged_from_4bit),  cmocka_unit_test(test_merged4),
+        cmocka_unit_test(test_adapter_roundtrip),  cmocka_unit_test(test_peft_c_api),
+        cmocka_unit_test(test_merged16_fixture),   cmocka_unit_test(test_merged16_sharded),
+        cmocka_unit_test(test_merged_from_4bit),   cmocka_unit_test(test_merged4),
         cmocka_unit_test(test_strip_quant_config),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

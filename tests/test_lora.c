@@ -70,8 +70,10 @@ static void write_adapter(const char *dir, const char *config, const char *const
         int64_t sa[2] = {ranks[i], ins[i]}, sb[2] = {outs[i], ranks[i]};
         size_t na = (size_t)(sa[0] * sa[1]), nb = (size_t)(sb[0] * sb[1]);
         float *A = malloc(sizeof(float) * na), *B = malloc(sizeof(float) * nb);
-        for (size_t k = 0; k < na; k++) A[k] = (float)((seed = seed * 1664525u + 1013904223u) >> 8) / 16777216.0f - 0.5f;
-        for (size_t k = 0; k < nb; k++) B[k] = (float)((seed = seed * 1664525u + 1013904223u) >> 8) / 16777216.0f - 0.5f;
+        for (size_t k = 0; k < na; k++)
+            A[k] = (float)((seed = seed * 1664525u + 1013904223u) >> 8) / 16777216.0f - 0.5f;
+        for (size_t k = 0; k < nb; k++)
+            B[k] = (float)((seed = seed * 1664525u + 1013904223u) >> 8) / 16777216.0f - 0.5f;
         char name[512];
         snprintf(name, sizeof name, "base_model.model.%s.lora_A.weight", mods[i]);
         TT_OK(tuna_st_writer_add(w, name, TUNA_DTYPE_F32, 2, sa, A, sizeof(float) * na, true));
@@ -82,7 +84,8 @@ static void write_adapter(const char *dir, const char *config, const char *const
     }
     float four[4] = {1, 2, 3, 4};
     int64_t s4 = 4;
-    for (int i = 0; i < n_extra; i++) TT_OK(tuna_st_writer_add(w, extra[i], TUNA_DTYPE_F32, 1, &s4, four, sizeof four, true));
+    for (int i = 0; i < n_extra; i++)
+        TT_OK(tuna_st_writer_add(w, extra[i], TUNA_DTYPE_F32, 1, &s4, four, sizeof four, true));
     snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
     TT_OK(tuna_st_writer_save(w, path));
     tuna_st_writer_free(w);
@@ -160,7 +163,7 @@ static void test_rank_alpha_patterns(void **state)
     TT_OK(tuna_lora_load(dir, &a));
     assert_int_equal(a->n_modules, 3);
     const struct tuna_lora_module *q0 = tuna_lora_find(a, k_q0), *q1 = tuna_lora_find(a, k_q1),
-                                   *d = tuna_lora_find(a, mods[2]);
+                                  *d = tuna_lora_find(a, mods[2]);
     assert_int_equal(q0->r, 2);
     assert_true(q0->alpha == 32 && q0->scale == 16.0f);
     assert_int_equal(q1->r, 4);
@@ -324,14 +327,16 @@ static void test_mixed_batch(void **state)
     int32_t prompts[3][12];
     int64_t T = 12;
     for (int s = 0; s < 3; s++)
-        for (int t = 0; t < T; t++) prompts[s][t] = (int32_t)((37 * s + 11 * t + 5) % 1000);
+        for (int t = 0; t < T; t++)
+            prompts[s][t] = (int32_t)((37 * s + 11 * t + 5) % 1000);
     const int32_t use[3] = {0, 1, -1};
     const int steps = 4;
     float *alone[3];
     for (int s = 0; s < 3; s++) {
         int32_t full[16];
         memcpy(full, prompts[s], sizeof prompts[s]);
-        for (int k = 0; k < steps; k++) full[T + k] = (int32_t)((s * 101 + k * 7 + 1) % 1000);
+        for (int k = 0; k < steps; k++)
+            full[T + k] = (int32_t)((s * 101 + k * 7 + 1) % 1000);
         alone[s] = run_alone(m, full, T + steps, use[s]);
     }
     /* adapters 0 and 1 differ from each other and from the base */
@@ -342,7 +347,8 @@ static void test_mixed_batch(void **state)
     tuna_kv_cache *kv;
     TT_OK(tuna_model_kv_new(m, 3 * 64, 4, &kv));
     int32_t seqs[3];
-    for (int s = 0; s < 3; s++) TT_OK(tuna_kv_seq_new(kv, &seqs[s]));
+    for (int s = 0; s < 3; s++)
+        TT_OK(tuna_kv_seq_new(kv, &seqs[s]));
     struct tuna_batch b;
     tuna_batch_init(&b);
     float *lg = malloc(sizeof(float) * (size_t)(3 * T * V));
@@ -372,7 +378,8 @@ static void test_mixed_batch(void **state)
     printf("  mixed batch (adapter 0, adapter 1, base) vs alone: worst rel err %.2e\n", worst);
     assert_true(worst < 1e-5);
     free(lg);
-    for (int s = 0; s < 3; s++) free(alone[s]);
+    for (int s = 0; s < 3; s++)
+        free(alone[s]);
     tuna_batch_free(&b);
     tuna_kv_free(kv);
     tuna_lora_set_free(m, set);
@@ -450,7 +457,8 @@ static void test_merge_module(void **state)
         assert_true(equal > total * 99 / 100);
         /* float32 in place gives the same as the stored-dtype path before rounding */
         const struct tuna_lora_module *mod = &a->modules[0];
-        float *W = calloc((size_t)(mod->out * mod->in), sizeof(float)), *D = malloc(sizeof(float) * (size_t)(mod->out * mod->in));
+        float *W = calloc((size_t)(mod->out * mod->in), sizeof(float)),
+              *D = malloc(sizeof(float) * (size_t)(mod->out * mod->in));
         TT_OK(tuna_lora_merge_f32(mod, W));
         TT_OK(tuna_lora_delta(mod, D));
         assert_memory_equal(W, D, sizeof(float) * (size_t)(mod->out * mod->in));
@@ -469,12 +477,15 @@ static void test_merge_threaded(void **state)
     struct tuna_lora_module mod = {.name = "big", .r = 32, .in = 1024, .out = 2048, .alpha = 16, .scale = 0.5f};
     size_t na = (size_t)(mod.r * mod.in), nb = (size_t)(mod.out * mod.r), nw = (size_t)(mod.out * mod.in);
     float *A = malloc(sizeof(float) * na), *B = malloc(sizeof(float) * nb);
-    for (size_t i = 0; i < na; i++) A[i] = (float)sin(0.01 * (double)i);
-    for (size_t i = 0; i < nb; i++) B[i] = (float)cos(0.013 * (double)i);
+    for (size_t i = 0; i < na; i++)
+        A[i] = (float)sin(0.01 * (double)i);
+    for (size_t i = 0; i < nb; i++)
+        B[i] = (float)cos(0.013 * (double)i);
     mod.A = A;
     mod.B = B;
     uint16_t *W = malloc(2 * nw), *out = malloc(2 * nw), *row = malloc(2 * (size_t)mod.in);
-    for (size_t i = 0; i < nw; i++) W[i] = tuna_f32_to_bf16((float)sin(0.7 * (double)i));
+    for (size_t i = 0; i < nw; i++)
+        W[i] = tuna_f32_to_bf16((float)sin(0.7 * (double)i));
     TT_OK(tuna_lora_merge_stored(&mod, TUNA_DTYPE_BF16, W, out));
     float *delta = malloc(sizeof(float) * nw), *drow = malloc(sizeof(float) * (size_t)mod.in);
     TT_OK(tuna_lora_delta(&mod, delta));
@@ -487,7 +498,8 @@ static void test_merge_threaded(void **state)
         assert_memory_equal(row, out + n * mod.in, 2 * (size_t)mod.in);
         TT_OK(tuna_lora_delta(&one, drow));
         assert_memory_equal(drow, delta + n * mod.in, sizeof(float) * (size_t)mod.in);
-        for (int64_t k = 0; k < mod.in; k++) changed += row[k] != W[n * mod.in + k];
+        for (int64_t k = 0; k < mod.in; k++)
+            changed += row[k] != W[n * mod.in + k];
     }
     assert_true(changed > (long long)nw / 2);
     TT_FAILS(tuna_lora_merge_stored(&mod, TUNA_DTYPE_U8, W, out), TUNA_E_UNSUPPORTED, "F32, BF16 or F16");
@@ -523,11 +535,11 @@ static void test_set_open_failure(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_load_fixtures),   cmocka_unit_test(test_pattern_match),
+        cmocka_unit_test(test_load_fixtures),       cmocka_unit_test(test_pattern_match),
         cmocka_unit_test(test_rank_alpha_patterns), cmocka_unit_test(test_refusals),
-        cmocka_unit_test(test_reference_logits), cmocka_unit_test(test_mixed_batch),
-        cmocka_unit_test(test_attach_mismatch), cmocka_unit_test(test_merge_module),
-        cmocka_unit_test(test_merge_threaded),  cmocka_unit_test(test_set_open_failure),
+        cmocka_unit_test(test_reference_logits),    cmocka_unit_test(test_mixed_batch),
+        cmocka_unit_test(test_attach_mismatch),     cmocka_unit_test(test_merge_module),
+        cmocka_unit_test(test_merge_threaded),      cmocka_unit_test(test_set_open_failure),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -22,19 +22,19 @@
 
 /* One adapted module as the trainer holds it: float32 A [r, in] and B [out, r], borrowed. */
 struct tuna_peft_module {
-    const char *name;   /* module path in the HF model, e.g. "model.layers.0.self_attn.q_proj" */
+    const char *name; /* module path in the HF model, e.g. "model.layers.0.self_attn.q_proj" */
     int64_t r, in, out;
-    double alpha;       /* this module's lora_alpha (differences from cfg.alpha go to alpha_pattern) */
-    const float *A;     /* [r, in] */
-    const float *B;     /* [out, r] */
+    double alpha;   /* this module's lora_alpha (differences from cfg.alpha go to alpha_pattern) */
+    const float *A; /* [r, in] */
+    const float *B; /* [out, r] */
 };
 
 struct tuna_peft_config {
-    int64_t r;                /* config `r` (modules of other ranks go to rank_pattern) */
-    double alpha;             /* lora_alpha */
+    int64_t r;    /* config `r` (modules of other ranks go to rank_pattern) */
+    double alpha; /* lora_alpha */
     bool use_rslora;
-    double dropout;           /* lora_dropout (recorded only) */
-    const char *base_model;   /* base_model_name_or_path, may be NULL */
+    double dropout;             /* lora_dropout (recorded only) */
+    const char *base_model;     /* base_model_name_or_path, may be NULL */
     const char *const *targets; /* target_modules; NULL = derived from the module names */
     int n_targets;
     const char *target_regex; /* target_modules as one regex string instead (targets NULL) */
@@ -65,11 +65,11 @@ struct tuna_merge_opts {
 };
 
 struct tuna_merge_report {
-    int n_merged;           /* weights that got W + s·B·A */
-    int n_tensors;          /* tensors written */
-    int n_files;            /* safetensors files written */
-    bool dequantized;       /* the base was 4-bit and the merge went into dequantized weights */
-    bool used_base_16bit;   /* the merge went into --base-16bit's weights */
+    int n_merged;         /* weights that got W + s·B·A */
+    int n_tensors;        /* tensors written */
+    int n_files;          /* safetensors files written */
+    bool dequantized;     /* the base was 4-bit and the merge went into dequantized weights */
+    bool used_base_16bit; /* the merge went into --base-16bit's weights */
 };
 
 /* `tuna export merged-16bit`: every adapted "<module>.weight" becomes W + s·B·A computed in

@@ -50,8 +50,11 @@ static bool ends_with(const char *s, const char *suf)
 static bool copy_as_is(const char *name)
 {
     if (name[0] == '.') return false;
-    static const char *const k_skip_suffix[] = {".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json",
-                                                ".pt", ".pth", ".gguf", ".ckpt", ".msgpack", ".h5"};
+    static const char *const k_skip_suffix[] = {".safetensors", ".safetensors.index.json",
+                                                ".bin",         ".bin.index.json",
+                                                ".pt",          ".pth",
+                                                ".gguf",        ".ckpt",
+                                                ".msgpack",     ".h5"};
     for (size_t i = 0; i < sizeof k_skip_suffix / sizeof k_skip_suffix[0]; i++)
         if (ends_with(name, k_skip_suffix[i])) return false;
     return strcmp(name, "config.json") != 0 && strncmp(name, "adapter_", 8) != 0;
@@ -169,7 +172,8 @@ static tuna_status keep(struct bufs *b, void *p)
 
 static void bufs_free(struct bufs *b)
 {
-    for (size_t i = 0; i < b->n; i++) free(b->p[i]);
+    for (size_t i = 0; i < b->n; i++)
+        free(b->p[i]);
     b->n = 0;
 }
 
@@ -194,7 +198,8 @@ static tuna_status add_dequantized(tuna_st_writer *w, struct bufs *bufs, const t
         if (mod) st = tuna_lora_merge_f32(mod, f);
     }
     if (!st && !tuna_convert_from_f32(q.dtype, f, out, n))
-        st = tuna_fail(TUNA_E_FORMAT, "%s: quant_state dtype %s is not F32, F16 or BF16", t->name, tuna_dtype_name(q.dtype));
+        st = tuna_fail(TUNA_E_FORMAT, "%s: quant_state dtype %s is not F32, F16 or BF16", t->name,
+                       tuna_dtype_name(q.dtype));
     int64_t shape[2] = {q.rows, q.cols};
     if (!st && (st = keep(bufs, out)) == TUNA_OK) {
         out = NULL; /* owned by bufs now */
@@ -256,7 +261,8 @@ static tuna_status write_shards(const tuna_st_set *set, bool is4, const struct t
         if (!st) st = path ? tuna_st_writer_save(w, path) : tuna_fail_oom("path", 0);
         tuna_st_file *back = NULL;
         if (!st) st = tuna_st_open(path, &back); /* re-read: checks the file and sums its tensor bytes */
-        for (size_t i = 0; back && i < tuna_st_count(back); i++) *total += tuna_st_at(back, i)->nbytes;
+        for (size_t i = 0; back && i < tuna_st_count(back); i++)
+            *total += tuna_st_at(back, i)->nbytes;
         tuna_st_close(back);
         free(path);
         tuna_st_writer_free(w);
@@ -279,8 +285,9 @@ static tuna_status check_covered(const tuna_st_set *set, const struct tuna_lora_
                              "the adapter adapts lm_head but %s has no lm_head.weight (its embeddings are tied); "
                              "merging would untie them, which tuna does not do",
                              dir);
-        return tuna_fail(TUNA_E_INVALID, "the adapter adapts %s but %s has no tensor %s: is it an adapter for another "
-                                         "base model?",
+        return tuna_fail(TUNA_E_INVALID,
+                         "the adapter adapts %s but %s has no tensor %s: is it an adapter for another "
+                         "base model?",
                          a->modules[i].name, dir, name);
     }
     return TUNA_OK;
@@ -290,8 +297,8 @@ static tuna_status check_covered(const tuna_st_set *set, const struct tuna_lora_
 static tuna_status check_base16(const tuna_st_set *q4, const tuna_st_set *b16, const char *qdir, const char *bdir)
 {
     if (tuna_bnb_is_4bit(b16))
-        return tuna_fail(TUNA_E_INVALID, "--base-16bit %s holds bitsandbytes 4-bit weights; give the original 16-bit model",
-                         bdir);
+        return tuna_fail(TUNA_E_INVALID,
+                         "--base-16bit %s holds bitsandbytes 4-bit weights; give the original 16-bit model", bdir);
     for (size_t i = 0; i < tuna_st_set_count(q4); i++) {
         const struct tuna_tensor_view *t = tuna_st_set_at(q4, i);
         if (tuna_bnb_is_state_tensor(t->name)) continue;
@@ -307,8 +314,8 @@ static tuna_status check_base16(const tuna_st_set *q4, const tuna_st_set *b16, c
         bool same = u->ndim == 2 && u->shape[0] == q.rows && u->shape[1] == q.cols;
         tuna_q4_weight_free(&q);
         if (!same)
-            return tuna_fail(TUNA_E_INVALID, "--base-16bit %s: %s has another shape than in %s: not the same model", bdir,
-                             t->name, qdir);
+            return tuna_fail(TUNA_E_INVALID, "--base-16bit %s: %s has another shape than in %s: not the same model",
+                             bdir, t->name, qdir);
     }
     return TUNA_OK;
 }
@@ -326,8 +333,9 @@ static tuna_status merge16(const char *model_dir, const struct tuna_lora_adapter
     bool is4 = !st && tuna_bnb_is_4bit(set);
     if (!st && o && o->base_16bit) {
         if (!is4) {
-            st = tuna_fail(TUNA_E_INVALID, "--base-16bit is for a 4-bit base, but %s holds 16-bit weights: merge into "
-                                           "it directly",
+            st = tuna_fail(TUNA_E_INVALID,
+                           "--base-16bit is for a 4-bit base, but %s holds 16-bit weights: merge into "
+                           "it directly",
                            model_dir);
         } else {
             st = tuna_st_set_open(o->base_16bit, "model", &b16);
@@ -344,7 +352,8 @@ static tuna_status merge16(const char *model_dir, const struct tuna_lora_adapter
     }
     if (!st) st = check_covered(set, a, src);
     if (!st && !replace && tuna_path_exists(out_dir))
-        st = tuna_fail(TUNA_E_INVALID, "%s already exists: choose a new output folder (or replace it: --force)", out_dir);
+        st = tuna_fail(TUNA_E_INVALID, "%s already exists: choose a new output folder (or replace it: --force)",
+                       out_dir);
     if (!st) st = tuna_atomic_dir_begin(out_dir, &tmp);
     uint64_t total = 0;
     if (!st) st = write_shards(set, is4, a, tmp, rep, &total);
@@ -427,7 +436,8 @@ tuna_status tuna_export_merged_4bit(const char *model_dir, const struct tuna_lor
     else
         st = base_quant_opts(model_dir, &q, &arch, &is4);
     if (!st && !replace && tuna_path_exists(out_dir))
-        st = tuna_fail(TUNA_E_INVALID, "%s already exists: choose a new output folder (or replace it: --force)", out_dir);
+        st = tuna_fail(TUNA_E_INVALID, "%s already exists: choose a new output folder (or replace it: --force)",
+                       out_dir);
     size_t n = strlen(out_dir) + 48;
     char *tmp16 = malloc(n), *tmpq = malloc(n);
     if (!st && (!tmp16 || !tmpq)) st = tuna_fail_oom("path", n);

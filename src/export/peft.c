@@ -52,7 +52,8 @@ static tuna_status derive_targets(const struct tuna_peft_module *mods, int n, cJ
         const char *lf = leaf(mods[i].name);
         long l = layer_of(mods[i].name);
         int j = 0;
-        while (j < nl && strcmp(leaves[j], lf) != 0) j++;
+        while (j < nl && strcmp(leaves[j], lf) != 0)
+            j++;
         if (j == nl) {
             leaves[nl++] = lf;
             in_layers[j] = l >= 0;
@@ -78,7 +79,8 @@ static tuna_status derive_targets(const struct tuna_peft_module *mods, int n, cJ
         if (!arr) st = tuna_fail_oom("target_modules", 0);
     } else {
         size_t cap = 1;
-        for (int i = 0; i < n; i++) cap += 2 * strlen(mods[i].name) + 1;
+        for (int i = 0; i < n; i++)
+            cap += 2 * strlen(mods[i].name) + 1;
         char *re = malloc(cap), *p = re;
         if (!re) st = tuna_fail_oom("target_modules", cap);
         for (int i = 0; re && i < n; i++) {
@@ -114,7 +116,8 @@ static tuna_status build_config(const struct tuna_peft_config *c, const struct t
     for (int i = 0; !st && i < n; i++) {
         if (mods[i].r != c->r && !cJSON_AddItemToObject(rank, pattern_key(mods[i].name), number((double)mods[i].r)))
             st = tuna_fail_oom("rank_pattern", 0);
-        if (mods[i].alpha != c->alpha && !cJSON_AddItemToObject(alpha, pattern_key(mods[i].name), number(mods[i].alpha)))
+        if (mods[i].alpha != c->alpha &&
+            !cJSON_AddItemToObject(alpha, pattern_key(mods[i].name), number(mods[i].alpha)))
             st = tuna_fail_oom("alpha_pattern", 0);
     }
     if (st) {
@@ -174,7 +177,8 @@ static tuna_status build_config(const struct tuna_peft_config *c, const struct t
 static tuna_status check_modules(const struct tuna_peft_config *c, const struct tuna_peft_module *mods, int n)
 {
     if (n < 1) return tuna_fail(TUNA_E_INVALID, "export adapter: no modules to write");
-    if (c->r < 1) return tuna_fail(TUNA_E_INVALID, "export adapter: r = %lld; the rank must be at least 1", (long long)c->r);
+    if (c->r < 1)
+        return tuna_fail(TUNA_E_INVALID, "export adapter: r = %lld; the rank must be at least 1", (long long)c->r);
     if (c->dtype != TUNA_DTYPE_INVALID && c->dtype != TUNA_DTYPE_F32 && c->dtype != TUNA_DTYPE_BF16 &&
         c->dtype != TUNA_DTYPE_F16)
         return tuna_fail(TUNA_E_INVALID, "export adapter: dtype %s; adapters are written as F32, BF16 or F16",
@@ -182,8 +186,8 @@ static tuna_status check_modules(const struct tuna_peft_config *c, const struct 
     for (int i = 0; i < n; i++) {
         const struct tuna_peft_module *m = &mods[i];
         if (!m->name || !m->name[0] || !m->A || !m->B || m->r < 1 || m->in < 1 || m->out < 1)
-            return tuna_fail(TUNA_E_INVALID, "export adapter: module %d (%s) has no name, no weights or an empty shape", i,
-                             m->name ? m->name : "?");
+            return tuna_fail(TUNA_E_INVALID, "export adapter: module %d (%s) has no name, no weights or an empty shape",
+                             i, m->name ? m->name : "?");
         for (int j = 0; j < i; j++)
             if (!strcmp(mods[j].name, m->name))
                 return tuna_fail(TUNA_E_INVALID, "export adapter: module %s is given twice", m->name);
@@ -215,7 +219,8 @@ tuna_status tuna_export_peft(const char *out_dir, const struct tuna_peft_config 
     tuna_status st = check_modules(c, mods, n);
     if (st) return st;
     if (!replace && tuna_path_exists(out_dir))
-        return tuna_fail(TUNA_E_INVALID, "%s already exists: choose a new output folder (or replace it: --force)", out_dir);
+        return tuna_fail(TUNA_E_INVALID, "%s already exists: choose a new output folder (or replace it: --force)",
+                         out_dir);
     enum tuna_dtype dt = c->dtype == TUNA_DTYPE_INVALID ? TUNA_DTYPE_F32 : c->dtype;
     cJSON *cfg = NULL;
     tuna_st_writer *w = NULL;

@@ -31,7 +31,8 @@ tuna_status tuna_lora_pattern_match(const char *key, const char *name, bool *mat
     snprintf(re, n, "(.*\\.)?(%s)$", key);
     int err;
     PCRE2_SIZE off;
-    pcre2_code *code = pcre2_compile((PCRE2_SPTR)re, PCRE2_ZERO_TERMINATED, PCRE2_ANCHORED | PCRE2_UTF, &err, &off, NULL);
+    pcre2_code *code =
+        pcre2_compile((PCRE2_SPTR)re, PCRE2_ZERO_TERMINATED, PCRE2_ANCHORED | PCRE2_UTF, &err, &off, NULL);
     free(re);
     if (!code) {
         PCRE2_UCHAR msg[256];
@@ -59,7 +60,8 @@ void tuna_lora_free(struct tuna_lora_adapter *a)
         free(a->modules[i].B);
     }
     free(a->modules);
-    for (int i = 0; i < a->n_targets; i++) free(a->targets[i]);
+    for (int i = 0; i < a->n_targets; i++)
+        free(a->targets[i]);
     free(a->targets);
     free(a->target_regex);
     free(a->base_model);
@@ -98,8 +100,10 @@ static tuna_status refuse_unsupported(const cJSON *cfg, const char *where)
     static const struct {
         const char *key, *what;
     } k_refused[] = {
-        {"use_dora", "DoRA (use_dora: true) is not supported; merge it with PEFT (merge_and_unload) or train a plain LoRA"},
-        {"modules_to_save", "modules_to_save (full copies of extra modules) is not supported; only LoRA A/B weights are"},
+        {"use_dora",
+         "DoRA (use_dora: true) is not supported; merge it with PEFT (merge_and_unload) or train a plain LoRA"},
+        {"modules_to_save",
+         "modules_to_save (full copies of extra modules) is not supported; only LoRA A/B weights are"},
         {"lora_bias", "lora_bias: true (a bias on lora_B) is not supported"},
         {"fan_in_fan_out", "fan_in_fan_out: true (Conv1D-style weights) is not supported for Llama-family models"},
         {"layer_replication", "layer_replication is not supported"},
@@ -115,7 +119,8 @@ static tuna_status refuse_unsupported(const cJSON *cfg, const char *where)
     const cJSON *bias = cJSON_GetObjectItemCaseSensitive(cfg, "bias");
     if (bias && !cJSON_IsNull(bias)) {
         if (!cJSON_IsString(bias))
-            return tuna_fail(TUNA_E_FORMAT, "%s: \"bias\" should be a string (\"none\", \"all\", \"lora_only\")", where);
+            return tuna_fail(TUNA_E_FORMAT, "%s: \"bias\" should be a string (\"none\", \"all\", \"lora_only\")",
+                             where);
         if (strcmp(bias->valuestring, "none") != 0)
             return tuna_fail(TUNA_E_UNSUPPORTED,
                              "%s: bias \"%s\" is not supported (the adapter trains biases); only \"none\" is", where,
@@ -125,8 +130,8 @@ static tuna_status refuse_unsupported(const cJSON *cfg, const char *where)
 }
 
 /* r and alpha of module `name`: rank_pattern / alpha_pattern, else the config's. */
-static tuna_status module_r_alpha(const cJSON *cfg, const struct tuna_lora_adapter *a, const char *name, const char *where,
-                                  int64_t *r, double *alpha)
+static tuna_status module_r_alpha(const cJSON *cfg, const struct tuna_lora_adapter *a, const char *name,
+                                  const char *where, int64_t *r, double *alpha)
 {
     *r = a->r;
     *alpha = a->alpha;
@@ -179,7 +184,9 @@ static tuna_status parse_config(const char *dir, cJSON **cfg_out, struct tuna_lo
     }
     const char *pt = NULL;
     if (!tuna_json_get_str(cfg, "peft_type", &pt, &st, path)) {
-        if (!st) st = tuna_fail(TUNA_E_FORMAT, "%s: no \"peft_type\"; a PEFT LoRA adapter says \"peft_type\": \"LORA\"", path);
+        if (!st)
+            st = tuna_fail(TUNA_E_FORMAT, "%s: no \"peft_type\"; a PEFT LoRA adapter says \"peft_type\": \"LORA\"",
+                           path);
         goto out;
     }
     if (strcmp(pt, "LORA") != 0) {
@@ -267,13 +274,14 @@ static tuna_status classify(const char *file, const char *name, const char **mod
         }
     }
     if (strstr(p, "lora_magnitude_vector"))
-        return tuna_fail(TUNA_E_UNSUPPORTED, "%s: tensor \"%s\" is a DoRA magnitude vector; DoRA is not supported", file,
-                         name);
+        return tuna_fail(TUNA_E_UNSUPPORTED, "%s: tensor \"%s\" is a DoRA magnitude vector; DoRA is not supported",
+                         file, name);
     if (strstr(p, "lora_embedding_"))
         return tuna_fail(TUNA_E_UNSUPPORTED, "%s: tensor \"%s\" is LoRA on an embedding layer, which is not supported",
                          file, name);
     if (strstr(p, ".lora_B.") && n > 5 && !strcmp(p + n - 5, ".bias"))
-        return tuna_fail(TUNA_E_UNSUPPORTED, "%s: tensor \"%s\" is a lora_B bias (lora_bias); not supported", file, name);
+        return tuna_fail(TUNA_E_UNSUPPORTED, "%s: tensor \"%s\" is a lora_B bias (lora_bias); not supported", file,
+                         name);
     return tuna_fail(TUNA_E_UNSUPPORTED,
                      "%s: tensor \"%s\" is not a LoRA A/B weight (modules_to_save or a trained bias?); tuna loads "
                      "only \"*.lora_A.weight\" / \"*.lora_B.weight\"",
@@ -339,8 +347,8 @@ static tuna_status load_weights(const char *dir, const cJSON *cfg, struct tuna_l
             break;
         }
         if (t->ndim != 2) {
-            st = tuna_fail(TUNA_E_FORMAT, "%s: tensor \"%s\" has %d dimensions; LoRA A/B weights are 2-D", file, t->name,
-                           t->ndim);
+            st = tuna_fail(TUNA_E_FORMAT, "%s: tensor \"%s\" has %d dimensions; LoRA A/B weights are 2-D", file,
+                           t->name, t->ndim);
             break;
         }
         a->file_dtype = t->dtype;
@@ -352,13 +360,14 @@ static tuna_status load_weights(const char *dir, const cJSON *cfg, struct tuna_l
         struct tuna_lora_module *m = &a->modules[i];
         const struct tuna_tensor_view *A = views[2 * i], *B = views[2 * i + 1];
         if (!A || !B) {
-            st = tuna_fail(TUNA_E_FORMAT, "%s: module %s has lora_%c but no lora_%c weight", file, m->name, A ? 'A' : 'B',
-                           A ? 'B' : 'A');
+            st = tuna_fail(TUNA_E_FORMAT, "%s: module %s has lora_%c but no lora_%c weight", file, m->name,
+                           A ? 'A' : 'B', A ? 'B' : 'A');
             break;
         }
         if (A->shape[0] != B->shape[1]) {
-            st = tuna_fail(TUNA_E_FORMAT, "%s: module %s: lora_A is [%lld, %lld] but lora_B is [%lld, %lld]; the ranks differ",
-                           file, m->name, (long long)A->shape[0], (long long)A->shape[1], (long long)B->shape[0],
+            st = tuna_fail(TUNA_E_FORMAT,
+                           "%s: module %s: lora_A is [%lld, %lld] but lora_B is [%lld, %lld]; the ranks differ", file,
+                           m->name, (long long)A->shape[0], (long long)A->shape[1], (long long)B->shape[0],
                            (long long)B->shape[1]);
             break;
         }

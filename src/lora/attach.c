@@ -9,10 +9,10 @@
 #include "lora/lora.h"
 
 struct tuna_lora_attachment {
-    int n;                      /* adapters */
-    int n_linears;              /* linears touched */
+    int n;                        /* adapters */
+    int n_linears;                /* linears touched */
     struct tuna_linear **linears; /* [n_linears] */
-    struct tuna_lora *entries;  /* [n_linears * n] */
+    struct tuna_lora *entries;    /* [n_linears * n] */
 };
 
 /* The linear named by an HF module path, or NULL. */
@@ -62,7 +62,8 @@ tuna_status tuna_lora_attach(struct tuna_model *m, const struct tuna_lora_adapte
     *out = NULL;
     if (n < 1) return tuna_fail(TUNA_E_INVALID, "attach: no adapters given");
     int total = 0;
-    for (int i = 0; i < n; i++) total += adapters[i]->n_modules;
+    for (int i = 0; i < n; i++)
+        total += adapters[i]->n_modules;
     struct tuna_lora_attachment *att = calloc(1, sizeof *att);
     if (!att) return tuna_fail_oom("attachment", sizeof *att);
     att->n = n;
@@ -87,12 +88,13 @@ tuna_status tuna_lora_attach(struct tuna_model *m, const struct tuna_lora_adapte
                 st = tuna_fail(TUNA_E_INVALID,
                                "%s (adapter %d): module %s is [%lld, %lld] in the model but the adapter's B·A is "
                                "[%lld, %lld]; is it an adapter for another base model?",
-                               what, ai, mod->name, (long long)lin->w.rows, (long long)lin->w.cols,
-                               (long long)mod->out, (long long)mod->in);
+                               what, ai, mod->name, (long long)lin->w.rows, (long long)lin->w.cols, (long long)mod->out,
+                               (long long)mod->in);
                 break;
             }
             int li = 0;
-            while (li < att->n_linears && att->linears[li] != lin) li++;
+            while (li < att->n_linears && att->linears[li] != lin)
+                li++;
             if (li == att->n_linears) {
                 if (lin->n_lora != 0) {
                     st = tuna_fail(TUNA_E_INVALID, "attach: the model already has adapters on %s; detach them first",
@@ -132,7 +134,8 @@ void tuna_lora_set_free(struct tuna_model *m, struct tuna_lora_set *s)
 {
     if (!s) return;
     tuna_lora_detach(m, s->att);
-    for (int i = 0; i < s->n; i++) tuna_lora_free(s->adapters[i]);
+    for (int i = 0; i < s->n; i++)
+        tuna_lora_free(s->adapters[i]);
     free(s->adapters);
     free(s);
 }

@@ -28,26 +28,26 @@
 #include "tuna.h"
 
 struct tuna_lora_module {
-    char *name;     /* module path in the HF model: "model.layers.0.self_attn.q_proj", "lm_head" */
-    int64_t r;      /* R */
-    int64_t in;     /* K */
-    int64_t out;    /* N */
-    double alpha;   /* lora_alpha (or its alpha_pattern override) */
-    float scale;    /* alpha / r or alpha / sqrt(r), in float32 */
-    float *A;       /* [R, K] owned */
-    float *B;       /* [N, R] owned */
+    char *name;   /* module path in the HF model: "model.layers.0.self_attn.q_proj", "lm_head" */
+    int64_t r;    /* R */
+    int64_t in;   /* K */
+    int64_t out;  /* N */
+    double alpha; /* lora_alpha (or its alpha_pattern override) */
+    float scale;  /* alpha / r or alpha / sqrt(r), in float32 */
+    float *A;     /* [R, K] owned */
+    float *B;     /* [N, R] owned */
 };
 
 struct tuna_lora_adapter {
-    char *dir;              /* folder it was loaded from (owned; NULL when built in memory) */
-    int64_t r;              /* config `r` */
-    double alpha;           /* config `lora_alpha` */
+    char *dir;    /* folder it was loaded from (owned; NULL when built in memory) */
+    int64_t r;    /* config `r` */
+    double alpha; /* config `lora_alpha` */
     bool use_rslora;
-    char *base_model;       /* base_model_name_or_path (owned), NULL when absent */
-    char **targets;         /* target_modules as a list (owned), n_targets entries */
+    char *base_model; /* base_model_name_or_path (owned), NULL when absent */
+    char **targets;   /* target_modules as a list (owned), n_targets entries */
     int n_targets;
-    char *target_regex;     /* target_modules given as one regex string (owned), else NULL */
-    enum tuna_dtype file_dtype; /* dtype of the A/B tensors in the file (F32 usually) */
+    char *target_regex;               /* target_modules given as one regex string (owned), else NULL */
+    enum tuna_dtype file_dtype;       /* dtype of the A/B tensors in the file (F32 usually) */
     struct tuna_lora_module *modules; /* [n_modules] sorted by name, owned */
     int n_modules;
 };

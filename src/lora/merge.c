@@ -15,13 +15,16 @@
 static void delta_row(const struct tuna_lora_module *mod, int64_t n, double *acc, float *out)
 {
     const int64_t K = mod->in, R = mod->r;
-    for (int64_t k = 0; k < K; k++) acc[k] = 0;
+    for (int64_t k = 0; k < K; k++)
+        acc[k] = 0;
     for (int64_t j = 0; j < R; j++) {
         const double b = mod->B[n * R + j];
         const float *a = mod->A + j * K;
-        for (int64_t k = 0; k < K; k++) acc[k] += b * (double)a[k];
+        for (int64_t k = 0; k < K; k++)
+            acc[k] += b * (double)a[k];
     }
-    for (int64_t k = 0; k < K; k++) out[k] = (float)acc[k] * mod->scale;
+    for (int64_t k = 0; k < K; k++)
+        out[k] = (float)acc[k] * mod->scale;
 }
 
 struct merge_job {
@@ -47,7 +50,8 @@ static void *merge_rows(void *arg)
     }
     float *w = row + K;
     if (j->dtype == TUNA_DTYPE_INVALID) {
-        for (int64_t n = j->row0; n < j->row1; n++) delta_row(j->mod, n, acc, (float *)j->dst + n * K);
+        for (int64_t n = j->row0; n < j->row1; n++)
+            delta_row(j->mod, n, acc, (float *)j->dst + n * K);
     } else {
         const size_t esz = tuna_dtype_nbytes(j->dtype, 1);
         for (int64_t n = j->row0; n < j->row1; n++) {
@@ -55,7 +59,8 @@ static void *merge_rows(void *arg)
             char *d = (char *)j->dst + (size_t)(n * K) * esz;
             tuna_convert_to_f32(j->dtype, s, w, (size_t)K);
             delta_row(j->mod, n, acc, row);
-            for (int64_t k = 0; k < K; k++) w[k] = w[k] + row[k];
+            for (int64_t k = 0; k < K; k++)
+                w[k] = w[k] + row[k];
             tuna_convert_from_f32(j->dtype, w, d, (size_t)K);
         }
     }
@@ -105,8 +110,9 @@ tuna_status tuna_lora_merge_stored(const struct tuna_lora_module *mod, enum tuna
                                    void *dst)
 {
     if (dtype != TUNA_DTYPE_F32 && dtype != TUNA_DTYPE_BF16 && dtype != TUNA_DTYPE_F16)
-        return tuna_fail(TUNA_E_UNSUPPORTED, "merge into %s: the weight is %s; it must be F32, BF16 or F16 (dequantize "
-                                             "4-bit weights first)",
+        return tuna_fail(TUNA_E_UNSUPPORTED,
+                         "merge into %s: the weight is %s; it must be F32, BF16 or F16 (dequantize "
+                         "4-bit weights first)",
                          mod->name, tuna_dtype_name(dtype));
     return run_rows(mod, dtype, src, dst);
 }
