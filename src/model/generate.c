@@ -150,7 +150,7 @@ tuna_status tuna_generate(struct tuna_model *m, tuna_kv_cache *kv, int32_t seq, 
             }
         }
         if (o->max_tokens > 0 && res->n >= o->max_tokens) break;
-        if (pos >= m->max_model_len) break; /* "length": the context is full */
+        if (pos + 1 >= m->max_model_len) break; /* "length": prompt + output fill the context */
         tuna_batch_clear(&b);
         if ((st = tuna_batch_add(&b, id, seq, pos, true))) goto done;
         if ((st = tuna_model_forward(m, kv, &b, logits, NULL))) goto done;
