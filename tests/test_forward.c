@@ -250,12 +250,56 @@ static void test_context_limit(void **state)
     TT_FAILS(tuna_model_load(dir, &o2, &m), TUNA_E_RANGE, "above max_position_embeddings");
 }
 
+/* The activation trace a backward pass will read: same logits as without it, and its tensors
+ * are what they claim to be. */
+static void test_trace(void **state)
+{
+    (void)state;
+    char dir[4096];
+    if (!tt_shared_path(dir, sizeof dir, "fixtures/models/llama-tiny")) skip();
+    struct tuna_model *m;
+    struct tuna_model_opts o = {2, 0};
+    TT_OK(tuna_model_load(dir, &o, &m));
+    const int64_t V = m->arch.vocab_size, C = m->arch.hidden_size, I = m->arch.intermediate_size, T = 6;
+    int32_t ids[6] = {5, 17, 300, 2, 99, 1000};
+    float *a = malloc(sizeof(float) * (size_t)(T * V)), *b = malloc(sizeof(float) * (size_t)(T * V));
+    struct tuna_fwd_trace tr;
+    memset(&tr, 0, sizeof tr);
+    for (int pass = 0; pass < 2; pass++) {
+        tuna_kv_cache *kv;
+        TT_OK(tuna_model_kv_new(m, 64, 0, &kv));
+        int32_t seq;
+        TT_OK(tuna_kv_seq_new(kv, &seq));
+        struct tuna_batch bt;
+        tuna_batch_init(&bt);
+        TT_OK(tuna_batch_add_seq(&bt, ids, T, seq, 0, true, false));
+        TT_OK(tuna_model_forward(m, kv, &bt, pass ? b : a, pass ? &tr : NULL));
+        tuna_batch_free(&bt);
+        tuna_kv_free(kv);
+    }
+    assert_memory_equal(a, b, sizeof(float) * (size_t)(T * V));
+    assert_int_equal(tr.T, T);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t c = 0; c < C; c++)
+            assert_true(tr.layers[0].x_in[t * C + c] ==
+                        tuna_bf16_to_f32(((const uint16_t *)m->embed.data)[ids[t] * C + c]));
+    for (int64_t i = 0; i < T * I; i++) {
+        float g = tr.layers[1].gate[i];
+        assert_true(fabsf(tr.layers[1].act[i] - g / (1 + expf(-g)) * tr.layers[1].up[i]) < 1e-6f);
+    }
+    tuna_fwd_trace_free(&tr);
+    free(a);
+    free(b);
+    tuna_model_free(m);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_reference_logits),
         cmocka_unit_test(test_batched_equals_alone),
         cmocka_unit_test(test_context_limit),
+        cmocka_unit_test(test_trace),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
