@@ -91,7 +91,9 @@ static void write_adapter(const char *dir, const char *config, const char *const
     tuna_st_writer_free(w);
 }
 
-#define CFG(extra) "{\"peft_type\": \"LORA\", \"r\": 4, \"lora_alpha\": 8, \"target_modules\": [\"q_proj\"]" extra "}"
+#define CFG(extra)                                                                                                     \
+    "{\"peft_type\": \"LORA\", \"r\": 4, \"lora_alpha\": 8, \"target_modules\": [\"q_proj\", \"down_proj\", "          \
+    "\"up_proj\"]" extra "}"
 
 static const char *k_q0 = "model.layers.0.self_attn.q_proj";
 static const char *k_q1 = "model.layers.1.self_attn.q_proj";
@@ -180,6 +182,22 @@ static void test_rank_alpha_patterns(void **state)
     assert_true(tuna_lora_find(a, k_q1)->scale == 4.0f);
     tuna_lora_free(a);
 
+    /* target_modules as a regex, "all-linear", layers_to_transform that includes the layer */
+    static const char *k_ok[] = {
+        "{\"peft_type\": \"LORA\", \"r\": 4, \"target_modules\": "
+        "\"model\\\\.layers\\\\.[01]\\\\.self_attn\\\\.q_proj\"}",
+        "{\"peft_type\": \"LORA\", \"r\": 4, \"target_modules\": \"all-linear\"}",
+        CFG(", \"layers_to_transform\": [0, 1], \"exclude_modules\": [\"k_proj\"]"),
+    };
+    int64_t r4[2] = {4, 4};
+    for (int i = 0; i < 3; i++) {
+        snprintf(dir, sizeof dir, "%s/targets-ok-%d", tt_tmpdir(), i);
+        write_adapter(dir, k_ok[i], mods, r4, ins, outs, 2, NULL, 0);
+        TT_OK(tuna_lora_load(dir, &a));
+        assert_int_equal(a->n_modules, 2);
+        tuna_lora_free(a);
+    }
+
     /* weights of rank 2 where the config says 4 */
     snprintf(dir, sizeof dir, "%s/rank-mismatch", tt_tmpdir());
     write_adapter(dir, CFG(""), mods, ranks, ins, outs, 1, NULL, 0);
@@ -211,6 +229,14 @@ static void test_refusals(void **state)
          TUNA_E_UNSUPPORTED},
         {"mts", CFG(""), "base_model.model.lm_head.weight", "modules_to_save", TUNA_E_UNSUPPORTED},
         {"emb", CFG(""), "base_model.model.model.embed_tokens.lora_embedding_A", "embedding", TUNA_E_UNSUPPORTED},
+        {"target", "{\"peft_type\": \"LORA\", \"r\": 4, \"target_modules\": [\"v_proj\"]}", NULL,
+         "target_modules of adapter_config.json does not name", TUNA_E_FORMAT},
+        {"target-re", "{\"peft_type\": \"LORA\", \"r\": 4, \"target_modules\": \"model\\\\.layers\\\\.1\\\\..*\"}",
+         NULL, "does not name", TUNA_E_FORMAT},
+        {"target-badre", "{\"peft_type\": \"LORA\", \"r\": 4, \"target_modules\": \"(q_proj\"}", NULL,
+         "not a valid regex", TUNA_E_FORMAT},
+        {"exclude", CFG(", \"exclude_modules\": [\"q_proj\"]"), NULL, "exclude_modules", TUNA_E_FORMAT},
+        {"layers", CFG(", \"layers_to_transform\": [1]"), NULL, "layers_to_transform", TUNA_E_FORMAT},
         {"prefixkey", CFG(""), "model.layers.0.self_attn.q_proj.lora_A.weight", "does not start with", TUNA_E_FORMAT},
     };
     for (size_t i = 0; i < sizeof k_cases / sizeof k_cases[0]; i++) {
@@ -406,7 +432,7 @@ static void test_attach_mismatch(void **state)
     tuna_lora_free(a);
     mods[0] = "model.layers.1.mlp.up_proj"; /* [256, 128] in the model */
     snprintf(dir, sizeof dir, "%s/other-shape", tt_tmpdir());
-    write_adapter(dir, CFG(", \"target_modules\": [\"up_proj\"]"), mods, r, in, out, 1, NULL, 0);
+    write_adapter(dir, CFG(""), mods, r, in, out, 1, NULL, 0);
     TT_OK(tuna_lora_load(dir, &a));
     TT_FAILS(tuna_lora_attach(m, (const struct tuna_lora_adapter *const *)&a, 1, &att), TUNA_E_INVALID,
              "[256, 128] in the model");

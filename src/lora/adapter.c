@@ -293,6 +293,105 @@ static int cmp_module(const void *x, const void *y)
     return strcmp(((const struct tuna_lora_module *)x)->name, ((const struct tuna_lora_module *)y)->name);
 }
 
+/* re.fullmatch(re, name) */
+static tuna_status full_match(const char *re, const char *name, const char *what, bool *match)
+{
+    int err;
+    PCRE2_SIZE off;
+    *match = false;
+    pcre2_code *code = pcre2_compile((PCRE2_SPTR)re, PCRE2_ZERO_TERMINATED,
+                                     PCRE2_ANCHORED | PCRE2_ENDANCHORED | PCRE2_UTF, &err, &off, NULL);
+    if (!code) {
+        PCRE2_UCHAR msg[256];
+        pcre2_get_error_message(err, msg, sizeof msg);
+        return tuna_fail(TUNA_E_FORMAT, "%s \"%s\" is not a valid regex: %s", what, re, (const char *)msg);
+    }
+    pcre2_match_data *md = pcre2_match_data_create_from_pattern(code, NULL);
+    if (!md) {
+        pcre2_code_free(code);
+        return tuna_fail_oom("regex match data", 0);
+    }
+    *match = pcre2_match(code, (PCRE2_SPTR)name, strlen(name), 0, 0, md, NULL) >= 0;
+    pcre2_match_data_free(md);
+    pcre2_code_free(code);
+    return TUNA_OK;
+}
+
+/* Whether PEFT's check_target_module_exists would pick module `name` for a target spec (a list:
+ * equal or ending in "." + entry; a string: "all-linear" or a regex that fully matches). */
+static tuna_status spec_matches(const cJSON *spec, const char *name, const char *what, bool *match)
+{
+    *match = false;
+    if (cJSON_IsString(spec)) {
+        if (!strcmp(spec->valuestring, "all-linear")) {
+            *match = strcmp(name, "lm_head") != 0;
+            return TUNA_OK;
+        }
+        return full_match(spec->valuestring, name, what, match);
+    }
+    const cJSON *it;
+    size_t n = strlen(name);
+    cJSON_ArrayForEach(it, spec)
+    {
+        if (!cJSON_IsString(it)) continue;
+        size_t m = strlen(it->valuestring);
+        if (!strcmp(name, it->valuestring) ||
+            (n > m && name[n - m - 1] == '.' && !strcmp(name + n - m, it->valuestring))) {
+            *match = true;
+            break;
+        }
+    }
+    return TUNA_OK;
+}
+
+/* Every module with weights in the file must be one PEFT adapts under this config, else PEFT
+ * would silently drop its weights and tuna would compute something else. */
+static tuna_status check_targets(const cJSON *cfg, const struct tuna_lora_module *m, const char *file)
+{
+    const cJSON *tm = tuna_json_member(cfg, "target_modules");
+    const cJSON *ex = tuna_json_member(cfg, "exclude_modules");
+    const cJSON *lt = tuna_json_member(cfg, "layers_to_transform");
+    bool match;
+    tuna_status st;
+    if (tm) {
+        if ((st = spec_matches(tm, m->name, "target_modules", &match))) return st;
+        if (!match)
+            return tuna_fail(TUNA_E_FORMAT,
+                             "%s has weights for %s, which target_modules of adapter_config.json does not name; PEFT "
+                             "would ignore them. Fix target_modules or remove the tensors",
+                             file, m->name);
+    }
+    if (ex && (cJSON_IsString(ex) || cJSON_IsArray(ex))) {
+        if ((st = spec_matches(ex, m->name, "exclude_modules", &match))) return st;
+        if (match)
+            return tuna_fail(TUNA_E_FORMAT,
+                             "%s has weights for %s, which exclude_modules excludes; PEFT would ignore them", file,
+                             m->name);
+    }
+    if (lt && (cJSON_IsNumber(lt) || cJSON_IsArray(lt))) {
+        const char *p = strstr(m->name, "layers.");
+        long layer = -1;
+        if (p) {
+            char *end;
+            layer = strtol(p + 7, &end, 10);
+            if (end == p + 7 || *end != '.') layer = -1;
+        }
+        bool in = false;
+        if (cJSON_IsNumber(lt)) {
+            in = layer == (long)lt->valuedouble;
+        } else {
+            const cJSON *it;
+            cJSON_ArrayForEach(it, lt) in = in || (cJSON_IsNumber(it) && layer == (long)it->valuedouble);
+        }
+        if (!in)
+            return tuna_fail(TUNA_E_FORMAT,
+                             "%s has weights for %s, outside layers_to_transform of adapter_config.json; PEFT would "
+                             "ignore them",
+                             file, m->name);
+    }
+    return TUNA_OK;
+}
+
 static tuna_status load_weights(const char *dir, const cJSON *cfg, struct tuna_lora_adapter *a)
 {
     char *bin = tuna_path_join(dir, "adapter_model.bin");
@@ -374,6 +473,7 @@ static tuna_status load_weights(const char *dir, const cJSON *cfg, struct tuna_l
         m->r = A->shape[0];
         m->in = A->shape[1];
         m->out = B->shape[0];
+        if ((st = check_targets(cfg, m, file))) break;
         int64_t want_r;
         if ((st = module_r_alpha(cfg, a, m->name, "adapter_config.json", &want_r, &m->alpha))) break;
         if (want_r != m->r) {
