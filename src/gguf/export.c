@@ -248,7 +248,8 @@ tuna_status tuna_gguf_export(const char *dir, const struct tuna_gguf_export_opts
         }
         int64_t ne[2] = {cols, rows};
         if ((st = tuna_gguf_add_tensor(w, gg, type, tv->ndim, ne, data, nbytes, true))) goto done;
-        if (!o->quiet) fprintf(stderr, "  %-28s %-6s [%lld, %lld]\n", gg, tuna_ggml_type_name(type), (long long)cols, (long long)rows);
+        if (!o->quiet && tv->ndim == 1) fprintf(stderr, "  %-28s %-6s [%lld]\n", gg, tuna_ggml_type_name(type), (long long)cols);
+        else if (!o->quiet) fprintf(stderr, "  %-28s %-6s [%lld, %lld]\n", gg, tuna_ggml_type_name(type), (long long)cols, (long long)rows);
     }
     st = tuna_gguf_writer_save(w, out_path);
 done:
