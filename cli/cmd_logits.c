@@ -8,6 +8,7 @@
 #include "core/status.h"
 #include "infer_common.h"
 #include "io/safetensors.h"
+#include "lora/lora.h"
 
 static void usage(FILE *f)
 {
@@ -16,13 +17,14 @@ static void usage(FILE *f)
                "(and the ids as \"input_ids\") in a safetensors file.\n\n"
                "  --ids LIST     comma-separated token ids\n"
                "  --text TEXT    text, tokenized with special tokens (BOS) as HF encode() does\n"
-               "  -o PATH        output file\n");
+               "  -o PATH        output file\n"
+               "  --lora DIR     apply a PEFT LoRA adapter folder (unmerged)\n");
     infer_flags_help(f, false);
 }
 
 int cmd_logits(int argc, char **argv)
 {
-    const char *dir = NULL, *ids_s = NULL, *text = NULL, *outp = NULL;
+    const char *dir = NULL, *ids_s = NULL, *text = NULL, *outp = NULL, *lora = NULL;
     struct infer_flags fl;
     infer_flags_init(&fl);
     bool bad = false;
@@ -34,6 +36,7 @@ int cmd_logits(int argc, char **argv)
         if (tuna_cli_opt_str(argc, argv, &i, "--ids", &ids_s, &bad) ||
             tuna_cli_opt_str(argc, argv, &i, "--text", &text, &bad) ||
             tuna_cli_opt_str(argc, argv, &i, "-o", &outp, &bad) ||
+            tuna_cli_opt_str(argc, argv, &i, "--lora", &lora, &bad) ||
             tuna_cli_opt_str(argc, argv, &i, "--output", &outp, &bad) || infer_flags_parse(&fl, argc, argv, &i, &bad))
             continue;
         if (argv[i][0] == '-' || dir) {
@@ -72,10 +75,13 @@ int cmd_logits(int argc, char **argv)
     tuna_batch_init(&b);
     int32_t seq;
     if (n == 0) st = tuna_fail(TUNA_E_INVALID, "no tokens to run");
+    struct tuna_lora_set *ls = NULL;
     if (!st) st = tuna_model_load(dir, &fl.model, &m);
+    if (!st && lora) st = tuna_lora_set_open(m, &lora, 1, &ls);
     if (!st) st = tuna_model_kv_new(m, n, 0, &kv);
     if (!st) st = tuna_kv_seq_new(kv, &seq);
     if (!st) st = tuna_batch_add_seq(&b, ids, n, seq, 0, true, false);
+    if (!st && ls) tuna_lora_batch_use(&b, seq, 0);
     if (!st) {
         logits = malloc(sizeof(float) * (size_t)(n * m->arch.vocab_size));
         if (!logits) st = tuna_fail_oom("logits", sizeof(float) * (size_t)(n * m->arch.vocab_size));
@@ -95,6 +101,7 @@ int cmd_logits(int argc, char **argv)
     free(ids);
     tuna_batch_free(&b);
     tuna_kv_free(kv);
+    tuna_lora_set_free(m, ls);
     tuna_model_free(m);
     return st ? tuna_cli_fail("logits", st) : 0;
 }
