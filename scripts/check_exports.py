@@ -206,8 +206,9 @@ def check_merged4(a, tuna, exported, merged16, prompts, work):
     m16 = hf_model(merged16)
     for i, ids in enumerate(prompts):
         l4, l16 = hf_logits(m4, ids), hf_logits(m16, ids)
-        # quantization error only: loose, but far below an unrelated model (rel err ~1)
-        record(f"merged-4bit prompt{i}: transformers+bnb vs the 16-bit merge", rel_err(l4, l16), 0.2)
+        # NF4 quantization error only: loose, but well below the distance between the base and the
+        # adapted model on the fixtures (rel err 0.5-0.8) or between unrelated models (~1.4)
+        record(f"merged-4bit prompt{i}: transformers+bnb vs the 16-bit merge", rel_err(l4, l16), 0.3)
         lt = tuna_logits(tuna, exported, ids, work, f"m4-{i}")
         if lt is None:
             print(f"(tuna logits cannot run the 4-bit folder yet: prompt{i} tuna comparison skipped)")
