@@ -7,6 +7,7 @@
 
 #include "cli.h"
 #include "core/status.h"
+#include "lora/lora.h"
 #include "model/model.h"
 #include "model/sampler.h"
 #include "serve/engine.h"
@@ -31,14 +32,32 @@ static void usage(FILE *f)
                "  --max-num-batched-tokens N    tokens per step, prefill chunks included (default 2048)\n"
                "  --max-pending N               requests queued or running at most; more get 429 (default 1024)\n"
                "  --max-request-bytes N         request bodies above this get 413 (default 4194304)\n"
-               "  --threads N                   CPU threads (default: all)\n");
+               "  --threads N                   CPU threads (default: all)\n"
+               "  --lora-modules NAME=DIR       serve a PEFT LoRA adapter as model NAME (repeatable, up to 16);\n"
+               "                                requests pick it with \"model\": \"NAME\"\n");
 }
 
 struct serve_opts {
     const char *dir, *host, *api_key, *name;
     long long port, max_model_len, block_size, max_num_seqs, max_batched, max_pending, max_body, threads;
     double kv_gb;
+    const char *lora_names[16], *lora_dirs[16];
+    int n_lora;
 };
+
+/* NAME=DIR into the adapter table (strings point into argv). */
+static bool add_lora(struct serve_opts *o, char *spec)
+{
+    char *eq = strchr(spec, '=');
+    if (!eq || eq == spec || !eq[1] || o->n_lora == 16) {
+        fprintf(stderr, "tuna serve: --lora-modules wants NAME=DIR (at most 16), got '%s'\n", spec);
+        return false;
+    }
+    *eq = '\0';
+    o->lora_names[o->n_lora] = spec;
+    o->lora_dirs[o->n_lora++] = eq + 1;
+    return true;
+}
 
 static bool parse_args(int argc, char **argv, struct serve_opts *o, bool *help)
 {
@@ -61,6 +80,11 @@ static bool parse_args(int argc, char **argv, struct serve_opts *o, bool *help)
             tuna_cli_opt_int(argc, argv, &i, "--threads", &o->threads, &bad) ||
             tuna_cli_opt_float(argc, argv, &i, "--kv-cache-gb", &o->kv_gb, &bad))
             continue;
+        const char *spec = NULL;
+        if (tuna_cli_opt_str(argc, argv, &i, "--lora-modules", &spec, &bad)) {
+            if (!bad && !add_lora(o, (char *)spec)) bad = true;
+            continue;
+        }
         if (argv[i][0] == '-' || o->dir) {
             fprintf(stderr, "tuna serve: unexpected argument %s\n", argv[i]);
             bad = true;
@@ -121,6 +145,7 @@ int cmd_serve(int argc, char **argv)
     struct tuna_model *m = NULL;
     tuna_jinja_template *tmpl = NULL;
     tuna_engine *eng = NULL;
+    struct tuna_lora_set *lora = NULL;
     tuna_server *srv = NULL;
     struct tuna_metrics metrics;
     tuna_metrics_init(&metrics);
@@ -129,6 +154,19 @@ int cmd_serve(int argc, char **argv)
     tuna_status st = tuna_tokenizer_load(o.dir, &tok);
     if (!st) st = tuna_model_load(o.dir, &mo, &m);
     if (!st) st = tuna_gen_config_load(o.dir, &gc);
+    if (!st && o.n_lora) {
+        for (int i = 0; i < o.n_lora && !st; i++)
+            for (int k = 0; k < i; k++)
+                if (!strcmp(o.lora_names[i], o.lora_names[k]))
+                    st = tuna_fail(TUNA_E_INVALID, "--lora-modules: the name '%s' is given twice", o.lora_names[i]);
+        for (int i = 0; i < o.n_lora && !st; i++)
+            if (!strcmp(o.lora_names[i], o.name))
+                st = tuna_fail(TUNA_E_INVALID, "--lora-modules: '%s' is the base model's name", o.name);
+        if (!st) st = tuna_lora_set_open(m, o.lora_dirs, o.n_lora, &lora);
+        if (!st)
+            for (int i = 0; i < o.n_lora; i++)
+                fprintf(stderr, "tuna serve: adapter '%s' from %s (adapter index %d)\n", o.lora_names[i], o.lora_dirs[i], i);
+    }
     const char *tsrc = st ? NULL : tuna_tokenizer_chat_template(tok);
     if (tsrc && tuna_jinja_parse(tsrc, strlen(tsrc), NULL, &tmpl)) {
         fprintf(stderr, "tuna serve: warning: the chat template does not parse (%s); /v1/chat/completions is off\n",
@@ -172,6 +210,9 @@ int cmd_serve(int argc, char **argv)
         ctx.vocab_size = m->arch.vocab_size;
         if (gc.found) ctx.defaults = gc.sampling;
         else tuna_sampling_default(&ctx.defaults);
+        ctx.adapters = o.lora_names;
+        ctx.adapter_roots = o.lora_dirs;
+        ctx.n_adapters = o.n_lora;
         ctx.eos_ids = eos;
         ctx.n_eos = n_eos;
         st = tuna_engine_start(m, tok, &ec, &metrics, &eng);
@@ -194,6 +235,7 @@ int cmd_serve(int argc, char **argv)
     tuna_server_stop(srv);
     tuna_engine_free(eng);
     tuna_jinja_free(tmpl);
+    tuna_lora_set_free(m, lora);
     tuna_model_free(m);
     tuna_tokenizer_free(tok);
     tuna_metrics_destroy(&metrics);

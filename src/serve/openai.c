@@ -708,7 +708,8 @@ char *tuna_openai_models_json(const struct tuna_openai_ctx *c, int64_t created)
     cJSON *d = cJSON_AddArrayToObject(o, "data");
     cJSON_AddItemToArray(d, model_entry(c, c->model_name, c->model_root, NULL, created));
     for (int i = 0; i < c->n_adapters; i++)
-        cJSON_AddItemToArray(d, model_entry(c, c->adapters[i], NULL, c->model_name, created));
+        cJSON_AddItemToArray(d, model_entry(c, c->adapters[i], c->adapter_roots ? c->adapter_roots[i] : NULL,
+                                            c->model_name, created));
     char *s = cJSON_PrintUnformatted(o);
     cJSON_Delete(o);
     return s;

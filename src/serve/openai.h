@@ -24,6 +24,7 @@ struct tuna_openai_ctx {
     const char *model_name;                   /* served name of the base model */
     const char *model_root;                   /* its folder (shown in /v1/models) */
     const char *const *adapters;              /* [n_adapters] served LoRA adapter names */
+    const char *const *adapter_roots;         /* [n_adapters] their folders, or NULL */
     int n_adapters;
     int64_t max_model_len;
     int64_t vocab_size;                       /* the model's: token ids must be below it */
