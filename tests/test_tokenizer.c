@@ -487,7 +487,8 @@ static bool check_decode(const tuna_tokenizer *t, const char *set, const char *n
  * They are counted apart and must still differ, so a change in behaviour shows. */
 static bool known_nbsp_case(const char *model, const char *text)
 {
-    return strstr(model, "lama") && strstr(text, "\xC2\xA0");
+    return (!strcmp(model, "Xenova/llama-tokenizer") || !strcmp(model, "coreml-projects/Llama-2-7b-chat-coreml")) &&
+           strstr(text, "\xC2\xA0");
 }
 
 /* swift-transformers tokenizer_tests.json: input → input_ids (with specials), decoded with and
@@ -718,6 +719,148 @@ static void test_ortx_t5(void **s)
     assert_int_equal(total, 1);
 }
 
+/* Llama 3 as its tokenizer.json lays it out, rebuilt from the GPT-2-format vocab + merges that
+ * ollama keeps (the tokenizer.json itself is over 4 MiB and not stored): ignore_merges BPE, the
+ * Llama 3 split regex + ByteLevel, the special tokens Meta documents (ids from the
+ * llama-models reference), BOS by TemplateProcessing when bos is true. */
+static tuna_tokenizer *build_llama3(bool bos)
+{
+    char vp[4096], mp[4096];
+    if (!tt_shared_path(vp, sizeof vp, "peers/ollama/tokenizer/testdata/llama3.2/encoder.json") ||
+        !tt_shared_path(mp, sizeof mp, "peers/ollama/tokenizer/testdata/llama3.2/vocab.bpe"))
+        return NULL;
+    cJSON *vocab = NULL;
+    TT_OK(tuna_json_load(vp, 0, &vocab));
+    char *merges;
+    size_t ml;
+    TT_OK(tuna_read_file(mp, 0, &merges, &ml));
+    cJSON *doc = cJSON_CreateObject(), *model = cJSON_AddObjectToObject(doc, "model");
+    cJSON_AddStringToObject(model, "type", "BPE");
+    cJSON_AddBoolToObject(model, "ignore_merges", true);
+    cJSON_AddItemToObject(model, "vocab", vocab);
+    cJSON *marr = cJSON_AddArrayToObject(model, "merges");
+    for (char *line = strtok(merges, "\n"); line; line = strtok(NULL, "\n"))
+        if (strncmp(line, "#version", 8) != 0 && *line) cJSON_AddItemToArray(marr, cJSON_CreateString(line));
+    free(merges);
+    cJSON *pre = cJSON_AddObjectToObject(doc, "pre_tokenizer"), *pl;
+    cJSON_AddStringToObject(pre, "type", "Sequence");
+    pl = cJSON_AddArrayToObject(pre, "pretokenizers");
+    cJSON *split = cJSON_CreateObject(), *bl = cJSON_CreateObject();
+    cJSON_AddStringToObject(split, "type", "Split");
+    cJSON_AddStringToObject(cJSON_AddObjectToObject(split, "pattern"), "Regex", LLAMA3_RE);
+    cJSON_AddStringToObject(split, "behavior", "Isolated");
+    cJSON_AddBoolToObject(split, "invert", false);
+    cJSON_AddStringToObject(bl, "type", "ByteLevel");
+    cJSON_AddBoolToObject(bl, "add_prefix_space", false);
+    cJSON_AddBoolToObject(bl, "use_regex", false);
+    cJSON_AddItemToArray(pl, split);
+    cJSON_AddItemToArray(pl, bl);
+    cJSON_AddStringToObject(cJSON_AddObjectToObject(doc, "decoder"), "type", "ByteLevel");
+    static const struct { int id; const char *s; } sp[] = {{128000, "<|begin_of_text|>"}, {128001, "<|end_of_text|>"},
+                                                           {128006, "<|start_header_id|>"}, {128007, "<|end_header_id|>"},
+                                                           {128009, "<|eot_id|>"}};
+    cJSON *added = cJSON_AddArrayToObject(doc, "added_tokens");
+    for (size_t i = 0; i < sizeof sp / sizeof sp[0]; i++) {
+        cJSON *a = cJSON_CreateObject();
+        cJSON_AddNumberToObject(a, "id", sp[i].id);
+        cJSON_AddStringToObject(a, "content", sp[i].s);
+        cJSON_AddBoolToObject(a, "normalized", false);
+        cJSON_AddBoolToObject(a, "special", true);
+        cJSON_AddItemToArray(added, a);
+    }
+    if (bos) {
+        char tmpl[] = "{\"type\":\"TemplateProcessing\",\"single\":[{\"SpecialToken\":{\"id\":\"<|begin_of_text|>\",\"type_id\":0}},"
+                      "{\"Sequence\":{\"id\":\"A\",\"type_id\":0}}],\"special_tokens\":{\"<|begin_of_text|>\":{\"id\":"
+                      "\"<|begin_of_text|>\",\"ids\":[128000],\"tokens\":[\"<|begin_of_text|>\"]}}}";
+        cJSON_AddItemToObject(doc, "post_processor", cJSON_Parse(tmpl));
+    }
+    char *txt = cJSON_PrintUnformatted(doc);
+    cJSON_Delete(doc);
+    tuna_tokenizer *t = NULL;
+    TT_OK(tuna_tokenizer_load_json(txt, strlen(txt), NULL, 0, &t));
+    free(txt);
+    return t;
+}
+
+static void test_llama3_full(void **s)
+{
+    (void)s;
+    char jp[4096];
+    tuna_tokenizer *t = build_llama3(true);
+    if (!t) skip();
+    /* Meta-Llama-3's tokenizer_config.json sets clean_up_tokenization_spaces: true */
+    tuna_tokenizer_set_clean_up_spaces(t, true);
+    tfjs_table(t, "Xenova/llama3-tokenizer-new");
+    tuna_tokenizer_free(t);
+    t = build_llama3(false);
+    tuna_tokenizer_set_clean_up_spaces(t, true);
+    tfjs_table(t, "Xenova/llama3-tokenizer");
+    tuna_tokenizer_free(t);
+    t = build_llama3(true);
+    /* llama-models' own tests (tiktoken reference) */
+    if (tt_shared_path(jp, sizeof jp, "peers/extracted/llama_models_llama3_tokenizer_expected.json")) {
+        cJSON *doc = NULL;
+        TT_OK(tuna_json_load(jp, 0, &doc));
+        const cJSON *cs = cJSON_GetObjectItem(doc, "cases");
+        int32_t *want, *ids;
+        size_t nw, n;
+        const char *txt = "This is a test sentence.";
+        assert_true(json_ids(cJSON_GetObjectItem(cJSON_GetArrayItem(cs, 0), "expected"), &want, &nw));
+        TT_OK(tuna_tokenizer_encode(t, txt, strlen(txt), true, true, &ids, &n)); /* BOS ... then EOS by hand */
+        ids = realloc(ids, (n + 1) * sizeof *ids);
+        ids[n++] = tuna_tokenizer_token_id(t, "<|end_of_text|>");
+        if (!same_ids(ids, n, want, nw)) {
+            print_ids("want", want, nw);
+            print_ids("got ", ids, n);
+            fail();
+        }
+        char *dec = NULL;
+        TT_OK(tuna_tokenizer_decode(t, want, nw, false, &dec));
+        assert_string_equal(dec, cJSON_GetObjectItem(cJSON_GetArrayItem(cs, 1), "expected")->valuestring);
+        free(dec);
+        free(ids);
+        free(want);
+        const char *msg = "<|start_header_id|>user<|end_header_id|>\n\nThis is a test sentence.<|eot_id|>";
+        assert_true(json_ids(cJSON_GetObjectItem(cJSON_GetArrayItem(cs, 2), "expected"), &want, &nw));
+        assert_true(check_encode(t, "llama-models", 2, msg, strlen(msg), false, want, nw));
+        free(want);
+        const char *dlg = "<|start_header_id|>system<|end_header_id|>\n\nThis is a test sentence.<|eot_id|>"
+                          "<|start_header_id|>user<|end_header_id|>\n\nThis is a response.<|eot_id|>"
+                          "<|start_header_id|>assistant<|end_header_id|>\n\n";
+        assert_true(json_ids(cJSON_GetObjectItem(cJSON_GetArrayItem(cs, 3), "expected"), &want, &nw));
+        assert_true(check_encode(t, "llama-models", 3, dlg, strlen(dlg), true, want, nw));
+        free(want);
+        printf("llama-models llama3: 4/4\n");
+        cJSON_Delete(doc);
+    }
+    tuna_tokenizer_free(t);
+}
+
+static void test_swift_llama32(void **s)
+{
+    (void)s;
+    char jp[4096];
+    if (!tt_shared_path(jp, sizeof jp, "peers/swift-transformers/Tests/TokenizersTests/Resources/llama_3.2_encoded.json")) skip();
+    tuna_tokenizer *t = build_llama3(true);
+    if (!t) skip();
+    cJSON *doc = NULL;
+    TT_OK(tuna_json_load(jp, 0, &doc));
+    const char *text = cJSON_GetObjectItem(doc, "text")->valuestring;
+    int32_t *want;
+    size_t nw;
+    assert_true(json_ids(cJSON_GetObjectItem(doc, "token_ids"), &want, &nw));
+    bool ok = check_encode(t, "swift llama-3.2", 0, text, strlen(text), true, want, nw);
+    char *dec = NULL;
+    TT_OK(tuna_tokenizer_decode(t, want, nw, false, &dec));
+    ok = ok && !strcmp(dec, cJSON_GetObjectItem(doc, "decoded_text")->valuestring);
+    free(dec);
+    free(want);
+    cJSON_Delete(doc);
+    tuna_tokenizer_free(t);
+    printf("swift llama_3.2_encoded.json: %d/1\n", ok);
+    assert_true(ok);
+}
+
 /* ---------------- streaming decode ---------------- */
 
 static void stream_all(const tuna_tokenizer *t, const char *text)
@@ -832,6 +975,7 @@ int main(void)
         cmocka_unit_test(test_swift_falcon), cmocka_unit_test(test_swift_table_llama2),
         cmocka_unit_test(test_swift_table_falcon), cmocka_unit_test(test_tfjs_llama2), cmocka_unit_test(test_tfjs_falcon),
         cmocka_unit_test(test_tfjs_qwen), cmocka_unit_test(test_ortx_phi3), cmocka_unit_test(test_ortx_t5), cmocka_unit_test(test_bert_wordpiece),
+        cmocka_unit_test(test_llama3_full), cmocka_unit_test(test_swift_llama32),
         cmocka_unit_test(test_tfjs_t5), cmocka_unit_test(test_swift_t5), cmocka_unit_test(test_stream), cmocka_unit_test(test_bad_input),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
