@@ -913,6 +913,151 @@ static void test_stream(void **s)
     tuna_tokenizer_free(t);
 }
 
+/* ---------------- invariants on random text, damaged files ---------------- */
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static uint32_t rnd(void)
+{
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (uint32_t)(rng_state >> 16);
+}
+
+/* Random valid UTF-8: ASCII words and punctuation, spaces and newlines, Latin-1, CJK, emoji,
+ * controls. */
+static size_t random_text(char *buf, size_t cap)
+{
+    size_t n = 0;
+    size_t len = 1 + rnd() % 60;
+    for (size_t i = 0; i < len && n + 5 < cap; i++) {
+        uint32_t k = rnd() % 10, cp;
+        if (k < 4) cp = 'a' + rnd() % 26;
+        else if (k == 4) cp = " \n\t!.,'0123456789"[rnd() % 17];
+        else if (k == 5) cp = 0xA0 + rnd() % 0x60;
+        else if (k == 6) cp = 0x4E00 + rnd() % 0x5000;
+        else if (k == 7) cp = 0x1F600 + rnd() % 0x50;
+        else if (k == 8) cp = 1 + rnd() % 31;
+        else cp = 0x400 + rnd() % 0x100;
+        if (cp < 0x80) buf[n++] = (char)cp;
+        else if (cp < 0x800) {
+            buf[n++] = (char)(0xC0 | (cp >> 6));
+            buf[n++] = (char)(0x80 | (cp & 0x3F));
+        } else if (cp < 0x10000) {
+            buf[n++] = (char)(0xE0 | (cp >> 12));
+            buf[n++] = (char)(0x80 | ((cp >> 6) & 0x3F));
+            buf[n++] = (char)(0x80 | (cp & 0x3F));
+        } else {
+            buf[n++] = (char)(0xF0 | (cp >> 18));
+            buf[n++] = (char)(0x80 | ((cp >> 12) & 0x3F));
+            buf[n++] = (char)(0x80 | ((cp >> 6) & 0x3F));
+            buf[n++] = (char)(0x80 | (cp & 0x3F));
+        }
+    }
+    buf[n] = '\0';
+    return n;
+}
+
+/* Byte-level and byte-fallback tokenizers without normalizing steps that lose information give
+ * the text back exactly, and streaming gives the same text piece by piece. */
+static void test_round_trip_random(void **s)
+{
+    (void)s;
+    static const char *dirs[] = {"fixtures/tokenizers/bpe-4k", "fixtures/tokenizers/spm-1k", "fixtures/models/qwen2-tiny",
+                                 "fixtures/models/gemma-tiny"};
+    for (size_t d = 0; d < sizeof dirs / sizeof dirs[0]; d++) {
+        char dir[4096];
+        if (!tt_shared_path(dir, sizeof dir, dirs[d])) continue;
+        tuna_tokenizer *t = NULL;
+        TT_OK(tuna_tokenizer_load(dir, &t));
+        for (int r = 0; r < 300; r++) {
+            char text[512];
+            size_t n = random_text(text, sizeof text);
+            int32_t *ids = NULL;
+            size_t k = 0;
+            TT_OK(tuna_tokenizer_encode(t, text, n, false, false, &ids, &k));
+            char *dec = NULL;
+            TT_OK(tuna_tokenizer_decode(t, ids, k, false, &dec));
+            if (strcmp(dec, text) != 0) {
+                fprintf(stderr, "%s: round trip of \"%s\" gave \"%s\"\n", dirs[d], text, dec);
+                fail();
+            }
+            tuna_detok_stream *ds = NULL;
+            TT_OK(tuna_detok_stream_new(t, false, &ds));
+            char acc[2048] = "";
+            for (size_t i = 0; i < k; i++) {
+                char *piece = NULL;
+                TT_OK(tuna_detok_stream_push(ds, ids[i], &piece));
+                strncat(acc, piece, sizeof acc - strlen(acc) - 1);
+                free(piece);
+            }
+            if (strcmp(acc, text) != 0) {
+                fprintf(stderr, "%s: stream of \"%s\" gave \"%s\"\n", dirs[d], text, acc);
+                fail();
+            }
+            tuna_detok_stream_free(ds);
+            free(dec);
+            free(ids);
+        }
+        tuna_tokenizer_free(t);
+    }
+}
+
+/* Truncated and corrupted tokenizer.json files fail with a message (or load and still encode);
+ * nothing crashes or reads out of bounds (the sanitizer build checks the latter). */
+static void test_damaged_files(void **s)
+{
+    (void)s;
+    char src[4096], path[4200];
+    if (!tt_shared_path(src, sizeof src, "fixtures/tokenizers/spm-1k/tokenizer.json")) skip();
+    char *orig;
+    size_t len;
+    TT_OK(tuna_read_file(src, 0, &orig, &len));
+    snprintf(path, sizeof path, "%s/damaged", tt_tmpdir());
+    TT_OK(tuna_mkdir_p(path));
+    snprintf(path, sizeof path, "%s/damaged/tokenizer.json", tt_tmpdir());
+    char dir[4200];
+    snprintf(dir, sizeof dir, "%s/damaged", tt_tmpdir());
+    char *buf = malloc(len + 1);
+    size_t loaded = 0;
+    for (int r = 0; r < 60; r++) {
+        memcpy(buf, orig, len);
+        size_t n = len;
+        if (r < 20) n = rnd() % len; /* truncated */
+        else if (r < 30)                /* broken syntax */
+            for (int k = 0; k < 1 + r % 4; k++) buf[rnd() % len] = "{}[]\",:0a\\ "[rnd() % 11];
+        else /* still JSON, wrong content: digits and letters changed (ids, tokens, type names) */
+            for (int k = 0; k < 1 + r % 8;) {
+                size_t at = rnd() % len;
+                char c = buf[at];
+                if (c >= '0' && c <= '9') buf[at] = (char)('0' + rnd() % 10), k++;
+                else if (c >= 'a' && c <= 'z') buf[at] = (char)('a' + rnd() % 26), k++;
+            }
+        tt_write(path, buf, n);
+        tuna_tokenizer *t = NULL;
+        tuna_clear_error();
+        tuna_status st = tuna_tokenizer_load(dir, &t);
+        if (st) {
+            assert_null(t);
+            assert_true(strlen(tuna_last_error()) > 0);
+            continue;
+        }
+        loaded++;
+        int32_t *ids = NULL;
+        size_t k = 0;
+        const char *probe = "Hello world <s> caf\xC3\xA9 \xF0\x9F\xA4\x97";
+        if (tuna_tokenizer_encode(t, probe, strlen(probe), true, true, &ids, &k) == TUNA_OK) {
+            char *dec = NULL;
+            if (tuna_tokenizer_decode(t, ids, k, false, &dec) == TUNA_OK) free(dec);
+            free(ids);
+        }
+        tuna_tokenizer_free(t);
+    }
+    printf("damaged tokenizer.json: %zu of 60 still loaded, the rest failed cleanly\n", loaded);
+    free(buf);
+    free(orig);
+}
+
 /* ---------------- bad input ---------------- */
 
 static void test_bad_input(void **s)
@@ -981,7 +1126,8 @@ int main(void)
         cmocka_unit_test(test_swift_table_falcon), cmocka_unit_test(test_tfjs_llama2), cmocka_unit_test(test_tfjs_falcon),
         cmocka_unit_test(test_tfjs_qwen), cmocka_unit_test(test_ortx_phi3), cmocka_unit_test(test_ortx_t5), cmocka_unit_test(test_bert_wordpiece),
         cmocka_unit_test(test_llama3_full), cmocka_unit_test(test_swift_llama32),
-        cmocka_unit_test(test_tfjs_t5), cmocka_unit_test(test_swift_t5), cmocka_unit_test(test_stream), cmocka_unit_test(test_bad_input),
+        cmocka_unit_test(test_tfjs_t5), cmocka_unit_test(test_swift_t5), cmocka_unit_test(test_stream),
+        cmocka_unit_test(test_round_trip_random), cmocka_unit_test(test_damaged_files), cmocka_unit_test(test_bad_input),
     };
     int r = cmocka_run_group_tests(tests, NULL, NULL);
     tuna_tokenizer_free(g_qwen2);
