@@ -138,11 +138,15 @@ static bool render_file(const char *path, const char *name, const cJSON *msgs, c
     tuna_status st = tuna_chat_from_source(src, specials, &ct);
     struct tuna_chat_render_opts o = {.add_generation_prompt = true, .tools = tools, .extra = extra};
     if (!st) st = tuna_chat_render(ct, msgs, &o, &out);
-    /* every template must carry the user's last message */
-    bool ok = !st && strstr(out, "And 3+3?");
+    /* llama.cpp's own deepseek-r1 template (written for minja) pipes map(...) into tojson; Python
+     * Jinja2 raises "TypeError: Object of type generator is not JSON serializable" there */
+    bool must_fail = with_tools && !strcmp(name, "llama-cpp-deepseek-r1.jinja");
+    /* every other template must carry the user's last message */
+    bool ok = must_fail ? (st && strstr(tuna_last_error(), "not JSON serializable")) : (!st && strstr(out, "And 3+3?"));
     if (!ok)
         printf("  FAIL %s (%s tools): %s\n", name, with_tools ? "with" : "without",
-               st ? tuna_last_error() : "the rendered text lacks the last message");
+               must_fail ? "should fail as Python Jinja2 does"
+                         : st ? tuna_last_error() : "the rendered text lacks the last message");
     free(out);
     free(src);
     cJSON_Delete(tools);
@@ -178,7 +182,7 @@ static void test_llamacpp_templates(void **state)
     closedir(d);
     cJSON_Delete(msgs);
     cJSON_Delete(specials);
-    printf("llama.cpp real templates rendered (with and without tools): %d/%d\n", pass, total);
+    printf("llama.cpp real templates rendered (with and without tools) as Python Jinja2 does: %d/%d\n", pass, total);
     assert_int_equal(pass, total);
     assert_true(total > 10);
 }

@@ -71,16 +71,19 @@ static struct jv tuple2(struct jctx *x, struct jv a, struct jv b)
     return t;
 }
 
-/* stable merge sort of v[0..n) by key values k (parallel array) */
-static void msort(struct jctx *x, struct jv *v, struct jv *k, size_t n, bool cs, bool rev, struct jv *tv, struct jv *tk)
+/* Stable merge sort of v[0..n) by key values k (parallel array). eq_first: keys that are equal
+ * need no ordering (Jinja2's sort compares one-item lists [key], and Python's list comparison
+ * tests equality first: [None, None] | sort works, [None, 1] | sort fails). */
+static void msort(struct jctx *x, struct jv *v, struct jv *k, size_t n, bool cs, bool rev, bool eq_first,
+                  struct jv *tv, struct jv *tk)
 {
     if (n < 2) return;
     size_t h = n / 2;
-    msort(x, v, k, h, cs, rev, tv, tk);
-    msort(x, v + h, k + h, n - h, cs, rev, tv, tk);
+    msort(x, v, k, h, cs, rev, eq_first, tv, tk);
+    msort(x, v + h, k + h, n - h, cs, rev, eq_first, tv, tk);
     size_t i = 0, j = h, o = 0;
     while (i < h && j < n) {
-        int c = jv_compare(x, k[i], k[j], cs);
+        int c = eq_first && jv_equal(k[i], k[j]) ? 0 : jv_compare(x, k[i], k[j], cs);
         if (rev) c = -c;
         if (c <= 0) {
             tv[o] = v[i];
@@ -102,13 +105,13 @@ static void msort(struct jctx *x, struct jv *v, struct jv *k, size_t n, bool cs,
     memcpy(k, tk, n * sizeof *k);
 }
 
-static struct jv sorted(struct jctx *x, struct jlist *l, struct jv *keys, bool cs, bool rev)
+static struct jv sorted(struct jctx *x, struct jlist *l, struct jv *keys, bool cs, bool rev, bool eq_first)
 {
     struct jv out = jv_list(x, l->n);
     for (size_t i = 0; i < l->n; i++) jl_push(x, out.u.l, l->v[i]);
     struct jv *tv = ja_alloc(x->ar, (l->n + 1) * sizeof *tv), *tk = ja_alloc(x->ar, (l->n + 1) * sizeof *tk);
     if (!tv || !tk) jx_fail(x, x->at, TUNA_E_OOM, "out of memory");
-    msort(x, out.u.l->v, keys, l->n, cs, rev, tv, tk);
+    msort(x, out.u.l->v, keys, l->n, cs, rev, eq_first, tv, tk);
     return out;
 }
 
@@ -150,10 +153,21 @@ static struct jv f_batch(struct jctx *x, struct jv in, struct jargs *a)
             while ((int64_t)cur.u.l->n < n) jl_push(x, cur.u.l, fv);
         jl_push(x, out.u.l, cur);
     }
+    out.u.l->kind = JL_GEN;
     return out;
 }
 
-static struct jv f_capitalize(struct jctx *x, struct jv in, struct jargs *a) { return js_capitalize(x, str_of(x, in)); }
+/* Filters that keep a Markup string Markup (Jinja2's soft_str then a str method) */
+static struct jv keep_safe(struct jv in, struct jv out)
+{
+    out.safe = in.t == JV_STR && in.safe;
+    return out;
+}
+
+static struct jv f_capitalize(struct jctx *x, struct jv in, struct jargs *a)
+{
+    return keep_safe(in, js_capitalize(x, str_of(x, in)));
+}
 
 static struct jv f_default(struct jctx *x, struct jv in, struct jargs *a)
 {
@@ -179,11 +193,14 @@ static struct jv f_dictsort(struct jctx *x, struct jv in, struct jargs *a)
         jl_push(x, items.u.l, tuple2(x, in.u.d->k[i], in.u.d->v[i]));
         keys[i] = by_value ? in.u.d->v[i] : in.u.d->k[i];
     }
-    return sorted(x, items.u.l, keys, cs, rev);
+    return sorted(x, items.u.l, keys, cs, rev, false);
 }
 
-static struct jv html_escape(struct jctx *x, struct jv s)
+struct jv jx_escape(struct jctx *x, struct jv s)
 {
+    if (s.t == JV_STR && s.safe) return s;
+    if (s.t == JV_NONE) return jv_str_ref("None", 4);
+    s = str_of(x, s);
     struct jbuf b = {0};
     for (size_t i = 0; i < s.n; i++) {
         switch (s.u.s[i]) {
@@ -195,13 +212,18 @@ static struct jv html_escape(struct jctx *x, struct jv s)
         default: jb_putc(&b, s.u.s[i]);
         }
     }
-    return buf_to_str(x, &b);
+    struct jv r = buf_to_str(x, &b);
+    r.safe = true;
+    return r;
 }
 
-static struct jv f_escape(struct jctx *x, struct jv in, struct jargs *a)
+static struct jv f_escape(struct jctx *x, struct jv in, struct jargs *a) { return jx_escape(x, in); }
+
+static struct jv f_forceescape(struct jctx *x, struct jv in, struct jargs *a)
 {
-    if (in.t == JV_NONE) return jv_str_ref("None", 4);
-    return html_escape(x, str_of(x, in));
+    struct jv s = str_of(x, in);
+    s.safe = false;
+    return jx_escape(x, s);
 }
 
 static struct jv f_first(struct jctx *x, struct jv in, struct jargs *a)
@@ -212,6 +234,7 @@ static struct jv f_first(struct jctx *x, struct jv in, struct jargs *a)
 
 static struct jv f_last(struct jctx *x, struct jv in, struct jargs *a)
 {
+    if (jv_is_seq(in) && in.u.l->kind == JL_GEN) jx_fail(x, x->at, TUNA_E_FORMAT, "'generator' object is not reversible");
     struct jlist *l = jv_iterate(x, in, x->at);
     return l->n ? l->v[l->n - 1] : jv_undef("last item");
 }
@@ -306,7 +329,7 @@ static struct jv f_indent(struct jctx *x, struct jv in, struct jargs *a)
         jb_put(&b, ln.u.s, ln.n);
     }
     free(ind.p);
-    return buf_to_str(x, &b);
+    return keep_safe(in, buf_to_str(x, &b));
 }
 
 static struct jv f_items(struct jctx *x, struct jv in, struct jargs *a)
@@ -315,6 +338,7 @@ static struct jv f_items(struct jctx *x, struct jv in, struct jargs *a)
     if (in.t != JV_DICT && in.t != JV_NS) jx_fail(x, x->at, TUNA_E_FORMAT, "items(): expected a mapping, got %s", jv_type_name(in));
     struct jv out = jv_list(x, in.u.d->n);
     for (size_t i = 0; i < in.u.d->n; i++) jl_push(x, out.u.l, tuple2(x, in.u.d->k[i], in.u.d->v[i]));
+    out.u.l->kind = JL_GEN; /* Jinja2's items filter is a generator */
     return out;
 }
 
@@ -325,8 +349,8 @@ static struct jv f_join(struct jctx *x, struct jv in, struct jargs *a)
     struct jlist *l = jv_iterate(x, in, x->at);
     struct jbuf b = {0};
     for (size_t i = 0; i < l->n; i++) {
-        if (i) jv_write_str(&b, sep);
-        jv_write_str(&b, attr.t == JV_NONE ? l->v[i] : attr_path(x, l->v[i], attr));
+        if (i) jx_write_str(x, &b, sep);
+        jx_write_str(x, &b, attr.t == JV_NONE ? l->v[i] : attr_path(x, l->v[i], attr));
     }
     return buf_to_str(x, &b);
 }
@@ -337,11 +361,15 @@ static struct jv f_length(struct jctx *x, struct jv in, struct jargs *a)
     case JV_UNDEF: return jv_int(0);
     case JV_STR: return jv_int((int64_t)ju_len(in.u.s, in.n));
     case JV_LIST:
-    case JV_TUPLE: return jv_int((int64_t)in.u.l->n);
+    case JV_TUPLE:
+        if (in.u.l->kind == JL_GEN) break;
+        return jv_int((int64_t)in.u.l->n);
     case JV_DICT:
     case JV_NS: return jv_int((int64_t)in.u.d->n);
-    default: jx_fail(x, x->at, TUNA_E_FORMAT, "object of type '%s' has no len()", jv_type_name(in));
+    default: break;
     }
+    jx_fail(x, x->at, TUNA_E_FORMAT, "object of type '%s' has no len()%s", jv_type_name(in),
+            jv_is_seq(in) ? " (add '| list' before '| length')" : "");
 }
 
 static struct jv f_list(struct jctx *x, struct jv in, struct jargs *a)
@@ -352,8 +380,8 @@ static struct jv f_list(struct jctx *x, struct jv in, struct jargs *a)
     return out;
 }
 
-static struct jv f_lower(struct jctx *x, struct jv in, struct jargs *a) { return js_lower(x, str_of(x, in)); }
-static struct jv f_upper(struct jctx *x, struct jv in, struct jargs *a) { return js_upper(x, str_of(x, in)); }
+static struct jv f_lower(struct jctx *x, struct jv in, struct jargs *a) { return keep_safe(in, js_lower(x, str_of(x, in))); }
+static struct jv f_upper(struct jctx *x, struct jv in, struct jargs *a) { return keep_safe(in, js_upper(x, str_of(x, in))); }
 
 /* the arguments after the first n positional ones, as a new jargs */
 static struct jargs shift_args(struct jargs *a, size_t n)
@@ -377,6 +405,7 @@ static struct jv f_map(struct jctx *x, struct jv in, struct jargs *a)
             if (v.t == JV_UNDEF && has_def) v = def;
             jl_push(x, out.u.l, v);
         }
+        out.u.l->kind = JL_GEN;
         return out;
     }
     if (a->npos == 0 || a->pos[0].t != JV_STR) jx_fail(x, x->at, TUNA_E_FORMAT, "map(): expected a filter name or attribute=");
@@ -385,6 +414,7 @@ static struct jv f_map(struct jctx *x, struct jv in, struct jargs *a)
     if (!jx_has_filter(name)) jx_fail(x, x->at, TUNA_E_UNSUPPORTED, "map(): no filter named '%s'", name);
     struct jargs rest = shift_args(a, 1);
     for (size_t i = 0; i < l->n; i++) jl_push(x, out.u.l, jx_filter(x, name, l->v[i], &rest, x->at));
+    out.u.l->kind = JL_GEN;
     return out;
 }
 
@@ -408,6 +438,7 @@ static struct jv select_impl(struct jctx *x, struct jv in, struct jargs *a, bool
         bool r = test[0] ? jx_test(x, test, v, &rest, x->at) : jv_truthy(v);
         if (r == want) jl_push(x, out.u.l, l->v[i]);
     }
+    out.u.l->kind = JL_GEN;
     return out;
 }
 
@@ -449,9 +480,12 @@ static struct jv f_reverse(struct jctx *x, struct jv in, struct jargs *a)
         for (size_t i = l->n; i-- > 0;) jb_put(&b, l->v[i].u.s, l->v[i].n);
         return buf_to_str(x, &b);
     }
+    /* reversed(list) is an iterator; a generator cannot be reversed, so Jinja2 makes a list */
+    bool was_gen = jv_is_seq(in) && in.u.l->kind == JL_GEN;
     struct jlist *l = jv_iterate(x, in, x->at);
     struct jv out = jv_list(x, l->n);
     for (size_t i = l->n; i-- > 0;) jl_push(x, out.u.l, l->v[i]);
+    if (!was_gen && in.t != JV_DICT) out.u.l->kind = JL_GEN;
     return out;
 }
 
@@ -474,7 +508,12 @@ static struct jv f_round(struct jctx *x, struct jv in, struct jargs *a)
     return jv_float(strtod(tmp, NULL));
 }
 
-static struct jv f_safe(struct jctx *x, struct jv in, struct jargs *a) { return in; }
+static struct jv f_safe(struct jctx *x, struct jv in, struct jargs *a)
+{
+    struct jv s = str_of(x, in);
+    s.safe = true;
+    return s;
+}
 
 static struct jv f_sort(struct jctx *x, struct jv in, struct jargs *a)
 {
@@ -485,12 +524,12 @@ static struct jv f_sort(struct jctx *x, struct jv in, struct jargs *a)
     if (!keys) jx_fail(x, x->at, TUNA_E_OOM, "out of memory");
     for (size_t i = 0; i < l->n; i++) {
         keys[i] = attr.t == JV_NONE ? l->v[i] : attr_path(x, l->v[i], attr);
-        if (keys[i].t == JV_UNDEF) jx_fail(x, x->at, TUNA_E_FORMAT, "sort(): an item has no attribute to sort by");
+        if (!cs && keys[i].t == JV_STR) keys[i] = js_lower(x, keys[i]);
     }
-    return sorted(x, l, keys, cs, rev);
+    return sorted(x, l, keys, true, rev, true);
 }
 
-static struct jv f_string(struct jctx *x, struct jv in, struct jargs *a) { return str_of(x, in); }
+static struct jv f_string(struct jctx *x, struct jv in, struct jargs *a) { return keep_safe(in, str_of(x, in)); }
 
 static struct jv f_sum(struct jctx *x, struct jv in, struct jargs *a)
 {
@@ -533,7 +572,7 @@ static struct jv f_title(struct jctx *x, struct jv in, struct jargs *a)
             jb_put(&b, c.u.s, c.n);
         }
     }
-    return buf_to_str(x, &b);
+    return keep_safe(in, buf_to_str(x, &b));
 }
 
 /* transformers' tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) */
@@ -564,7 +603,7 @@ static struct jv f_tojson(struct jctx *x, struct jv in, struct jargs *a)
 static struct jv f_trim(struct jctx *x, struct jv in, struct jargs *a)
 {
     struct jv chars = ja_arg(a, 0, "chars", jv_none());
-    return js_strip(x, str_of(x, in), chars, true, true);
+    return keep_safe(in, js_strip(x, str_of(x, in), chars, true, true));
 }
 
 static struct jv f_unique(struct jctx *x, struct jv in, struct jargs *a)
@@ -582,6 +621,7 @@ static struct jv f_unique(struct jctx *x, struct jv in, struct jargs *a)
         jl_push(x, seen.u.l, k);
         jl_push(x, out.u.l, l->v[i]);
     }
+    out.u.l->kind = JL_GEN;
     return out;
 }
 
@@ -650,7 +690,7 @@ static const struct {
 } FILTERS[] = {
     {"abs", f_abs}, {"attr", f_attr}, {"batch", f_batch}, {"capitalize", f_capitalize}, {"center", f_center},
     {"count", f_length}, {"d", f_default}, {"default", f_default}, {"dictsort", f_dictsort}, {"e", f_escape},
-    {"escape", f_escape}, {"first", f_first}, {"float", f_float}, {"forceescape", f_escape}, {"format", f_format},
+    {"escape", f_escape}, {"first", f_first}, {"float", f_float}, {"forceescape", f_forceescape}, {"format", f_format},
     {"indent", f_indent}, {"int", f_int}, {"items", f_items}, {"join", f_join}, {"last", f_last},
     {"length", f_length}, {"list", f_list}, {"lower", f_lower}, {"map", f_map}, {"max", f_max}, {"min", f_min},
     {"reject", f_reject}, {"rejectattr", f_rejectattr}, {"replace", f_replace}, {"reverse", f_reverse},
@@ -701,7 +741,9 @@ static bool run_test(struct jctx *x, const char *t, struct jv v, struct jargs *a
     if (!strcmp(t, "string")) return v.t == JV_STR;
     if (!strcmp(t, "mapping")) return v.t == JV_DICT;
     if (!strcmp(t, "iterable")) return v.t == JV_STR || jv_is_seq(v) || v.t == JV_DICT || v.t == JV_UNDEF;
-    if (!strcmp(t, "sequence")) return v.t == JV_STR || jv_is_seq(v) || v.t == JV_DICT || v.t == JV_UNDEF;
+    if (!strcmp(t, "sequence"))
+        return v.t == JV_STR || (jv_is_seq(v) && (v.u.l->kind == JL_LIST || v.u.l->kind == JL_RANGE)) || v.t == JV_DICT ||
+               v.t == JV_UNDEF;
     if (!strcmp(t, "callable")) return v.t == JV_FUNC;
     if (!strcmp(t, "escaped")) return false;
     if (!strcmp(t, "lower") || !strcmp(t, "upper")) {
@@ -814,6 +856,10 @@ static struct jv g_range(struct jctx *x, struct jv self, struct jargs *a)
         if (out.u.l->n > 10000000) jx_fail(x, x->at, TUNA_E_RANGE, "range() too long");
         jl_push(x, out.u.l, jv_int(i));
     }
+    out.u.l->kind = JL_RANGE;
+    out.u.l->r0 = start;
+    out.u.l->r1 = stop;
+    out.u.l->rs = step;
     return out;
 }
 

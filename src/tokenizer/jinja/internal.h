@@ -60,6 +60,7 @@ struct jfunc;
 
 struct jv {
     enum jv_type t;
+    bool safe; /* a string marked safe (Markup): `+` escapes the other side, `escape` keeps it */
     size_t n;
     union {
         bool b;
@@ -72,9 +73,24 @@ struct jv {
     } u;
 };
 
+/* What Python object a list value stands for. Jinja2's map/select/... return generators and
+ * dict.items() returns a view; they iterate like lists but print, measure, index and serialize
+ * differently (a generator has no len(), prints its address, is always true, is not JSON). */
+enum jl_kind {
+    JL_LIST = 0,
+    JL_GEN,    /* generator or iterator (one pass) */
+    JL_ITEMS,  /* dict_items */
+    JL_KEYS,   /* dict_keys */
+    JL_VALUES, /* dict_values */
+    JL_RANGE,  /* range(r0, r1, rs) */
+};
+
 struct jlist {
     size_t n, cap;
     struct jv *v;
+    enum jl_kind kind;
+    bool consumed;          /* a generator that was iterated */
+    int64_t r0, r1, rs;     /* JL_RANGE */
 };
 
 struct jdict {
@@ -169,6 +185,12 @@ bool jv_is_seq(struct jv v); /* list or tuple */
 void jv_write_str(struct jbuf *b, struct jv v);
 void jv_write_repr(struct jbuf *b, struct jv v);
 void jv_write_float(struct jbuf *b, double f);
+/* str(v) into b, failing the render where Python would print an object address */
+void jx_write_str(struct jctx *x, struct jbuf *b, struct jv v);
+/* the same items as a new list of the given kind */
+struct jv jv_as_kind(struct jctx *x, struct jv list, enum jl_kind kind);
+/* Markup escaping of str(v) (& < > " ') */
+struct jv jx_escape(struct jctx *x, struct jv v);
 /* str(v) as a string value (no copy when v is a string) */
 struct jv jv_to_str(struct jctx *x, struct jv v);
 

@@ -188,13 +188,17 @@ static int64_t as_i64(struct jv v) { return v.t == JV_BOOL ? v.u.b : v.u.i; }
 
 static struct jv repeat(struct jctx *x, struct jv s, int64_t k)
 {
+    if (jv_is_seq(s) && s.u.l->kind != JL_LIST)
+        jx_fail(x, x->at, TUNA_E_FORMAT, "unsupported operand type(s) for *: '%s' and 'int'", jv_type_name(s));
     if (k <= 0) return s.t == JV_STR ? jv_str_ref("", 0) : jv_list(x, 0);
     if (s.t == JV_STR) {
         if (s.n * (size_t)k > (64u << 20)) jx_fail(x, x->at, TUNA_E_RANGE, "string repetition too large");
         char *p = ja_alloc(x->ar, s.n * (size_t)k + 1);
         if (!p) jx_fail(x, x->at, TUNA_E_OOM, "out of memory");
         for (int64_t i = 0; i < k; i++) memcpy(p + (size_t)i * s.n, s.u.s, s.n);
-        return jv_str_ref(p, s.n * (size_t)k);
+        struct jv r = jv_str_ref(p, s.n * (size_t)k);
+        r.safe = s.safe;
+        return r;
     }
     struct jv r = jv_list(x, s.u.l->n * (size_t)k);
     for (int64_t i = 0; i < k; i++)
@@ -221,13 +225,19 @@ static struct jv binop(struct jctx *x, const struct node *n, struct jv a, struct
         if (ints) return checked(x, n, __builtin_add_overflow(as_i64(a), as_i64(b), &r), &r);
         if (nums) return jv_float(jv_num(a) + jv_num(b));
         if (a.t == JV_STR && b.t == JV_STR) {
+            /* Markup + str escapes the str (and str + Markup, through Markup.__radd__) */
+            bool safe = a.safe || b.safe;
+            if (safe && !a.safe) a = jx_escape(x, a);
+            if (safe && !b.safe) b = jx_escape(x, b);
             char *p = ja_alloc(x->ar, a.n + b.n + 1);
             if (!p) jx_fail(x, n, TUNA_E_OOM, "out of memory");
             memcpy(p, a.u.s, a.n);
             memcpy(p + a.n, b.u.s, b.n);
-            return jv_str_ref(p, a.n + b.n);
+            struct jv sr = jv_str_ref(p, a.n + b.n);
+            sr.safe = safe;
+            return sr;
         }
-        if (jv_is_seq(a) && a.t == b.t) {
+        if (jv_is_seq(a) && a.t == b.t && a.u.l->kind == JL_LIST && b.u.l->kind == JL_LIST) {
             struct jv l = jv_list(x, a.u.l->n + b.u.l->n);
             for (size_t i = 0; i < a.u.l->n; i++) jl_push(x, l.u.l, a.u.l->v[i]);
             for (size_t i = 0; i < b.u.l->n; i++) jl_push(x, l.u.l, b.u.l->v[i]);
@@ -283,6 +293,8 @@ static struct jv binop(struct jctx *x, const struct node *n, struct jv a, struct
             if (fr != 0 && ((fr < 0) != (jv_num(b) < 0))) fr += jv_num(b);
             return jv_float(fr);
         }
+        if (a.t == JV_STR && a.safe)
+            jx_fail(x, n, TUNA_E_UNSUPPORTED, "'%%' formatting of a string marked safe (Markup escapes the arguments)");
         if (a.t == JV_STR) { /* 'text %s' % value: the format filter's printf subset */
             struct jargs fa = {0};
             if (b.t == JV_TUPLE) {
@@ -357,6 +369,7 @@ struct jv jx_getitem(struct jctx *x, struct jv obj, struct jv key, const struct 
         if (key.t == JV_STR) return jx_getattr(x, obj, key.u.s, key.n, at);
         return jv_undef(NULL);
     }
+    if (jv_is_seq(obj) && obj.u.l->kind != JL_LIST && obj.u.l->kind != JL_RANGE) return jv_undef(NULL); /* not subscriptable */
     if ((jv_is_seq(obj) || obj.t == JV_STR) && (key.t == JV_INT || key.t == JV_BOOL)) {
         int64_t i = as_i64(key);
         if (obj.t == JV_STR) {
@@ -376,6 +389,9 @@ static struct jv slice(struct jctx *x, const struct node *n, struct jv obj, stru
 {
     if (obj.t == JV_UNDEF) jx_fail(x, n, TUNA_E_FORMAT, "'%.*s' is undefined", (int)obj.n, obj.u.s ? obj.u.s : "value");
     size_t len;
+    /* Jinja2 compiles a slice to a plain Python subscript: no Undefined fallback */
+    if (jv_is_seq(obj) && obj.u.l->kind != JL_LIST && obj.u.l->kind != JL_RANGE)
+        jx_fail(x, n, TUNA_E_FORMAT, "'%s' object is not subscriptable (add '| list' before slicing)", jv_type_name(obj));
     if (obj.t == JV_STR) len = ju_len(obj.u.s, obj.n);
     else if (jv_is_seq(obj)) len = obj.u.l->n;
     else jx_fail(x, n, TUNA_E_FORMAT, "'%s' object cannot be sliced", jv_type_name(obj));
@@ -530,7 +546,7 @@ static struct jv eval(struct jctx *x, struct jscope *sc, const struct node *n)
     }
     case N_CONCAT: {
         struct jbuf b = {0};
-        for (size_t i = 0; i < n->l1.n; i++) jv_write_str(&b, eval(x, sc, n->l1.v[i]));
+        for (size_t i = 0; i < n->l1.n; i++) jx_write_str(x, &b, eval(x, sc, n->l1.v[i]));
         struct jv r = jv_str(x, b.p ? b.p : "", b.n);
         free(b.p);
         return r;
@@ -627,7 +643,7 @@ static int exec_stmt(struct jctx *x, struct jscope *sc, const struct node *n)
     case N_TEXT: jb_put(x->out, n->s, n->sn); return FLOW_NORMAL;
     case N_OUTPUT: {
         struct jv v = eval(x, sc, n->a);
-        jv_write_str(x->out, v);
+        jx_write_str(x, x->out, v);
         return FLOW_NORMAL;
     }
     case N_IF:
@@ -659,12 +675,12 @@ static int exec_stmt(struct jctx *x, struct jscope *sc, const struct node *n)
         a.kwname[a.nkw] = "caller";
         a.kw[a.nkw] = caller;
         a.nkw++;
-        jv_write_str(x->out, jx_call(x, fn, &a, call));
+        jx_write_str(x, x->out, jx_call(x, fn, &a, call));
         return FLOW_NORMAL;
     }
     case N_FILTERBLOCK: {
         struct jv v = render_to_string(x, sc, &n->l1, n);
-        jv_write_str(x->out, apply_chain(x, sc, n->a, v));
+        jx_write_str(x, x->out, apply_chain(x, sc, n->a, v));
         return FLOW_NORMAL;
     }
     case N_BREAK: return FLOW_BREAK;

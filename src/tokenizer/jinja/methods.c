@@ -462,6 +462,7 @@ static struct jv dict_method(struct jctx *x, struct jv d, struct jargs *a, const
                 jl_push(x, out.u.l, t);
             }
         }
+        out.u.l->kind = m[0] == 'k' ? JL_KEYS : m[0] == 'v' ? JL_VALUES : JL_ITEMS;
         return out;
     }
     if (!strcmp(m, "get")) {
@@ -571,7 +572,14 @@ static struct jv call_method(struct jctx *x, struct jv self, struct jargs *a)
     /* self is a 2-item tuple: (object, method name) */
     struct jv obj = self.u.l->v[0];
     const char *m = self.u.l->v[1].u.s;
-    if (obj.t == JV_STR) return str_method(x, obj, a, m);
+    if (obj.t == JV_STR) {
+        struct jv r = str_method(x, obj, a, m);
+        /* Markup's own methods keep it Markup */
+        if (obj.safe && r.t == JV_STR &&
+            (strstr(m, "strip") || !strcmp(m, "upper") || !strcmp(m, "lower") || !strcmp(m, "title") || !strcmp(m, "capitalize")))
+            r.safe = true;
+        return r;
+    }
     if (obj.t == JV_DICT) return dict_method(x, obj, a, m);
     return list_method(x, obj, a, m);
 }

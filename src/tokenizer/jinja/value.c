@@ -261,6 +261,26 @@ bool jd_del(struct jdict *d, struct jv k, struct jv *out)
 bool jv_is_num(struct jv v) { return v.t == JV_INT || v.t == JV_FLOAT || v.t == JV_BOOL; }
 bool jv_is_seq(struct jv v) { return v.t == JV_LIST || v.t == JV_TUPLE; }
 
+static const char *kind_name(enum jl_kind k)
+{
+    switch (k) {
+    case JL_GEN: return "generator";
+    case JL_ITEMS: return "dict_items";
+    case JL_KEYS: return "dict_keys";
+    case JL_VALUES: return "dict_values";
+    case JL_RANGE: return "range";
+    default: return "list";
+    }
+}
+
+struct jv jv_as_kind(struct jctx *x, struct jv list, enum jl_kind kind)
+{
+    struct jv out = jv_list(x, list.u.l->n);
+    for (size_t i = 0; i < list.u.l->n; i++) jl_push(x, out.u.l, list.u.l->v[i]);
+    out.u.l->kind = kind;
+    return out;
+}
+
 double jv_num(struct jv v)
 {
     if (v.t == JV_INT) return (double)v.u.i;
@@ -278,7 +298,7 @@ const char *jv_type_name(struct jv v)
     case JV_INT: return "int";
     case JV_FLOAT: return "float";
     case JV_STR: return "str";
-    case JV_LIST: return "list";
+    case JV_LIST: return kind_name(v.u.l->kind);
     case JV_TUPLE: return "tuple";
     case JV_DICT: return "dict";
     case JV_NS: return "Namespace";
@@ -297,7 +317,7 @@ bool jv_truthy(struct jv v)
     case JV_FLOAT: return v.u.f != 0;
     case JV_STR: return v.n != 0;
     case JV_LIST:
-    case JV_TUPLE: return v.u.l->n != 0;
+    case JV_TUPLE: return v.u.l->kind == JL_GEN || v.u.l->n != 0;
     case JV_DICT: return v.u.d->n != 0;
     case JV_NS:
     case JV_FUNC: return true;
@@ -321,6 +341,8 @@ bool jv_equal(struct jv a, struct jv b)
     case JV_STR: return a.n == b.n && memcmp(a.u.s, b.u.s, a.n) == 0;
     case JV_LIST:
     case JV_TUPLE:
+        if (a.u.l->kind == JL_GEN || b.u.l->kind == JL_GEN) return a.u.l == b.u.l;
+        if (a.u.l->kind != b.u.l->kind) return false;
         if (a.u.l->n != b.u.l->n) return false;
         for (size_t i = 0; i < a.u.l->n; i++)
             if (!jv_equal(a.u.l->v[i], b.u.l->v[i])) return false;
@@ -486,6 +508,20 @@ static void write_str_repr(struct jbuf *b, const char *s, size_t n)
 static void write_seq(struct jbuf *b, struct jv v)
 {
     bool tuple = v.t == JV_TUPLE;
+    enum jl_kind k = v.u.l->kind;
+    if (k == JL_GEN) {
+        jb_puts(b, "<generator object>"); /* only nested: top level fails in jx_write_str */
+        return;
+    }
+    if (k == JL_RANGE) {
+        if (v.u.l->rs == 1) jb_printf(b, "range(%lld, %lld)", (long long)v.u.l->r0, (long long)v.u.l->r1);
+        else jb_printf(b, "range(%lld, %lld, %lld)", (long long)v.u.l->r0, (long long)v.u.l->r1, (long long)v.u.l->rs);
+        return;
+    }
+    if (k != JL_LIST) {
+        jb_puts(b, kind_name(k));
+        jb_putc(b, '(');
+    }
     jb_putc(b, tuple ? '(' : '[');
     for (size_t i = 0; i < v.u.l->n; i++) {
         if (i) jb_puts(b, ", ");
@@ -493,6 +529,16 @@ static void write_seq(struct jbuf *b, struct jv v)
     }
     if (tuple && v.u.l->n == 1) jb_putc(b, ',');
     jb_putc(b, tuple ? ')' : ']');
+    if (k != JL_LIST) jb_putc(b, ')');
+}
+
+void jx_write_str(struct jctx *x, struct jbuf *b, struct jv v)
+{
+    if (jv_is_seq(v) && v.u.l->kind == JL_GEN)
+        jx_fail(x, x->at, TUNA_E_UNSUPPORTED,
+                "printing a generator (the result of map/select/reject/unique/reverse/items): Python prints "
+                "its memory address; add '| list'");
+    jv_write_str(b, v);
 }
 
 static void write_dict(struct jbuf *b, const struct jdict *d)
@@ -509,7 +555,8 @@ static void write_dict(struct jbuf *b, const struct jdict *d)
 
 void jv_write_repr(struct jbuf *b, struct jv v)
 {
-    if (v.t == JV_STR) write_str_repr(b, v.u.s, v.n);
+    if (v.t == JV_UNDEF) jb_puts(b, "Undefined"); /* repr(Undefined), e.g. inside a list */
+    else if (v.t == JV_STR) write_str_repr(b, v.u.s, v.n);
     else jv_write_str(b, v);
 }
 
@@ -538,7 +585,7 @@ struct jv jv_to_str(struct jctx *x, struct jv v)
 {
     if (v.t == JV_STR) return v;
     struct jbuf b = {0};
-    jv_write_str(&b, v);
+    jx_write_str(x, &b, v);
     if (b.oom) {
         free(b.p);
         jx_fail(x, x->at, TUNA_E_OOM, "out of memory while rendering");
@@ -612,6 +659,9 @@ void jv_write_json(struct jctx *x, struct jbuf *b, struct jv v, const struct toj
     case JV_STR: json_str(b, v.u.s, v.n, o->ensure_ascii); return;
     case JV_LIST:
     case JV_TUPLE:
+        if (v.u.l->kind != JL_LIST)
+            jx_fail(x, x->at, TUNA_E_FORMAT, "tojson: Object of type %s is not JSON serializable%s", jv_type_name(v),
+                    v.u.l->kind == JL_GEN ? " (add '| list' before tojson)" : "");
         if (v.u.l->n == 0) {
             jb_puts(b, "[]");
             return;
@@ -680,7 +730,13 @@ struct jlist *jv_iterate(struct jctx *x, struct jv v, const struct node *at)
     struct jv out;
     switch (v.t) {
     case JV_LIST:
-    case JV_TUPLE: return v.u.l;
+    case JV_TUPLE:
+        if (v.u.l->kind == JL_GEN) {
+            /* a generator runs once: a second pass sees nothing, as in Python */
+            if (v.u.l->consumed) return jv_list(x, 0).u.l;
+            v.u.l->consumed = true;
+        }
+        return v.u.l;
     case JV_UNDEF: return jv_list(x, 0).u.l;
     case JV_DICT:
     case JV_NS:
