@@ -19,6 +19,9 @@ struct tuna_cli_command {
 #include "commands.def"
 #undef TUNA_CLI_ENTRY
 
+/* Subcommands reached through another command: `tuna export gguf` (cli/cmd_export_gguf.c). */
+int cmd_export_gguf(int argc, char **argv);
+
 /* Prints "tuna <cmd>: <message>" for a failed status and returns the exit code (1 for input
  * problems, 3 for internal errors). */
 int tuna_cli_fail(const char *cmd, tuna_status s);

@@ -1,4 +1,4 @@
-/* cmd_export_gguf.c — `tuna gguf-export --model DIR --quant TYPE OUT.gguf`: a Hugging Face model
+/* cmd_export_gguf.c — `tuna export gguf --model DIR --quant TYPE OUT.gguf`: a Hugging Face model
  * folder → one GGUF file for llama.cpp (src/gguf/export.h). `tuna export gguf ...` routes here
  * (argv[0] is then "gguf"). */
 #include <stdio.h>

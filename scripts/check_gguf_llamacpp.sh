@@ -3,7 +3,7 @@
 #
 # usage: scripts/check_gguf_llamacpp.sh LLAMA_CPP_BUILD_DIR [TUNA_BIN] [SHARED_DIR]
 #
-# For each fixture model and export type it writes OUT.gguf with `tuna gguf-export`, then
+# For each fixture model and export type it writes OUT.gguf with `tuna export gguf`, then
 #  1. loads it with llama.cpp (llama-cli / llama-completion, greedy, 24 tokens) — a load
 #     failure (wrong key type, tensor shape, unknown pre-tokenizer ...) fails the check;
 #  2. for pymini (a trained model, so greedy tokens are stable) compares llama.cpp's greedy
@@ -25,7 +25,7 @@ fail=0
 for m in llama-tiny mistral-tiny qwen2-tiny qwen3-tiny gemma-tiny pymini; do
   for q in f32 f16 bf16 q8_0 q4_0 q4_k_m; do
     f=$OUT/$m-$q.gguf
-    if ! "$TUNA" gguf-export --model "$SHARED/fixtures/models/$m" --quant $q "$f" 2>"$OUT/export.log"; then
+    if ! "$TUNA" export gguf --model "$SHARED/fixtures/models/$m" --quant $q "$f" 2>"$OUT/export.log"; then
       echo "FAIL export $m $q"; cat "$OUT/export.log"; fail=1; continue
     fi
     if "$RUN" -m "$f" -p "def main(" -n 24 --temp 0 -no-cnv --no-warmup >"$OUT/lc.txt" 2>"$OUT/lc.log" ||
