@@ -169,6 +169,59 @@ static void test_normalizers(void **s)
                "H\xC3\xA9llo", "hello");
 }
 
+/* Cutting SentencePiece-style words at "▁" (metaspace_cut) gives exactly the ids of merging
+ * the whole word: checked on long random texts with the cut on and off (Llama 2 vocabulary). */
+static void test_metaspace_cut_exact(void **s)
+{
+    (void)s;
+    char dir[4096];
+    if (!tt_shared_path(dir, sizeof dir, "peers/onnxruntime-extensions/test/data/llama2")) skip();
+    tuna_tokenizer *t = NULL;
+    TT_OK(tuna_tokenizer_load(dir, &t));
+    assert_true(t->model.metaspace_cut);
+    uint64_t x = 12345;
+    static const char *words[] = {"the", "  ", "caf\xC3\xA9", "\xE6\x9D\xB1\xE4\xBA\xAC", "\xF0\x9F\xA4\x97", "123",
+                                  "don't", "\n", "\t", "tokenization", "x", " ", "\xE2\x96\x81", "<s>", "a.b,c"};
+    for (int r = 0; r < 40; r++) {
+        char text[8192];
+        size_t n = 0;
+        int nw = 20 + r * 10;
+        for (int i = 0; i < nw; i++) {
+            x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+            const char *w = words[x % (sizeof words / sizeof words[0])];
+            size_t l = strlen(w);
+            if (n + l + 2 >= sizeof text) break;
+            memcpy(text + n, w, l);
+            n += l;
+            if (x & 16) text[n++] = ' ';
+        }
+        int32_t *a = NULL, *b = NULL;
+        size_t na, nb;
+        t->model.metaspace_cut = true;
+        TT_OK(tuna_tokenizer_encode(t, text, n, false, false, &a, &na));
+        t->model.metaspace_cut = false;
+        TT_OK(tuna_tokenizer_encode(t, text, n, false, false, &b, &nb));
+        assert_int_equal(na, nb);
+        assert_memory_equal(a, b, na * sizeof *a);
+        free(a);
+        free(b);
+    }
+    tuna_tokenizer_free(t);
+    /* a vocabulary with "▁" inside tokens (the fixture's own SentencePiece-style BPE) is not cut */
+    if (!tt_shared_path(dir, sizeof dir, "fixtures/tokenizers/spm-1k")) return;
+    TT_OK(tuna_tokenizer_load(dir, &t));
+    int32_t id = -1;
+    for (int32_t i = 0; i < tuna_tokenizer_vocab_size(t) && id < 0; i++) {
+        const char *ts = tuna_tokenizer_token_str(t, i);
+        const char *m = ts && ts[0] ? strstr(ts + 1, "\xE2\x96\x81") : NULL;
+        size_t k = m ? (size_t)(m - ts) : 0;
+        if (m && (k < 3 || memcmp(ts + k - 3, "\xE2\x96\x81", 3) != 0)) id = i;
+    }
+    assert_true(id >= 0);
+    assert_false(t->model.metaspace_cut);
+    tuna_tokenizer_free(t);
+}
+
 /* Many threads encoding at once share the word cache. */
 #include <pthread.h>
 static tuna_tokenizer *g_tok;
@@ -216,7 +269,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_split_behaviors), cmocka_unit_test(test_pre_tokenizers), cmocka_unit_test(test_decoders),
-        cmocka_unit_test(test_normalizers),     cmocka_unit_test(test_threads),
+        cmocka_unit_test(test_normalizers),     cmocka_unit_test(test_threads), cmocka_unit_test(test_metaspace_cut_exact),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -184,8 +184,27 @@ tuna_status tk_model_add_merge_line(struct tk_model *m, const char *line, size_t
     return tuna_fail(TUNA_E_FORMAT, "%s: merge %u \"%.*s\" cannot be split into two vocabulary tokens", where, rank, (int)n, line);
 }
 
+static const char k_meta[] = "\xE2\x96\x81"; /* U+2581 ▁ */
+
+/* See metaspace_cut in tok_internal.h. */
+static bool can_cut_at_metaspace(const struct tk_model *m)
+{
+    int64_t id;
+    if (m->type != TK_MODEL_BPE || m->cont_prefix || m->eow_suffix || !tuna_strmap_gets(&m->vocab, k_meta, &id))
+        return false;
+    for (int64_t i = 0; i < m->nvocab; i++) {
+        const char *s = m->tok[i];
+        size_t n = m->tok_len[i];
+        if (!s) continue;
+        for (size_t k = 1; k + 3 <= n; k++)
+            if (!memcmp(s + k, k_meta, 3) && !(k >= 3 && !memcmp(s + k - 3, k_meta, 3))) return false;
+    }
+    return true;
+}
+
 tuna_status tk_model_finish(struct tk_model *m)
 {
+    m->metaspace_cut = can_cut_at_metaspace(m);
     for (int b = 0; b < 256; b++) {
         char name[8];
         snprintf(name, sizeof name, "<0x%02X>", b);
@@ -416,6 +435,9 @@ static tuna_status wordpiece_word(const struct tk_model *m, const char *w, size_
 }
 
 #define TK_CACHE_MAX_WORD 128
+
+static tuna_status tk_model_tokenize_piece(struct tk_model *m, const char *w, size_t n, int32_t **ids, size_t *nids,
+                                           size_t *cap);
 #define TK_CACHE_MAX_IDS (1u << 22)
 
 tuna_status tk_model_tokenize(struct tk_model *m, const char *w, size_t n, int32_t **ids, size_t *nids, size_t *cap)
@@ -426,6 +448,24 @@ tuna_status tk_model_tokenize(struct tk_model *m, const char *w, size_t n, int32
     int64_t v;
     if (m->ignore_merges && tuna_strmap_get(&m->vocab, w, n, &v))
         return append_id(ids, nids, cap, (int32_t)v) ? TUNA_OK : tuna_fail_oom("ids", *nids);
+    if (m->metaspace_cut && n > TK_CACHE_MAX_WORD / 2) {
+        /* cut before every "▁" that follows another character and merge the pieces apart */
+        size_t start = 0;
+        for (size_t k = 3; k + 3 <= n; k++) {
+            if (memcmp(w + k, k_meta, 3) != 0 || !memcmp(w + k - 3, k_meta, 3)) continue;
+            tuna_status st = tk_model_tokenize_piece(m, w + start, k - start, ids, nids, cap);
+            if (st) return st;
+            start = k;
+        }
+        return tk_model_tokenize_piece(m, w + start, n - start, ids, nids, cap);
+    }
+    return tk_model_tokenize_piece(m, w, n, ids, nids, cap);
+}
+
+static tuna_status tk_model_tokenize_piece(struct tk_model *m, const char *w, size_t n, int32_t **ids, size_t *nids,
+                                           size_t *cap)
+{
+    int64_t v;
     bool cacheable = n <= TK_CACHE_MAX_WORD;
     if (cacheable) {
         pthread_mutex_lock(&m->cache.mu);

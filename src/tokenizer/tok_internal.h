@@ -209,6 +209,11 @@ struct tk_model {
     char *cont_prefix, *eow_suffix; /* NULL when absent or empty */
     int32_t byte_id[256];           /* "<0xXX>" ids for byte fallback, -1 when absent */
     int64_t max_chars_per_word;     /* WordPiece */
+    /* BPE words may be cut before each "▁" that follows another character: no vocabulary token
+     * has "▁" after another character, so no merge can cross such a cut, and the pieces are
+     * merged independently (exactly as one word; but short, so they hit the cache). True for
+     * SentencePiece-style vocabularies, whose whole text is one word. */
+    bool metaspace_cut;
     struct tk_cache cache;
     /* Unigram: piece scores and a byte trie over the pieces ((node << 8 | byte) + 1 → child) */
     double *scores; /* [tok_cap] */
