@@ -295,6 +295,54 @@ static void test_errors(void **state)
     TT_FAILS(render_status("{{ x is no_such_test }}"), TUNA_E_UNSUPPORTED, "no_such_test");
 }
 
+/* tests/data/jinja_cases.json rendered by Python Jinja2 as transformers configures it
+ * (tests/data/make_jinja_goldens.py wrote jinja_goldens.json): same output, or both fail. */
+static void test_python_goldens(void **state)
+{
+    (void)state;
+    cJSON *cases = NULL, *gold = NULL;
+    TT_OK(tuna_json_load(TUNA_SOURCE_DIR "/tests/data/jinja_cases.json", 0, &cases));
+    TT_OK(tuna_json_load(TUNA_SOURCE_DIR "/tests/data/jinja_goldens.json", 0, &gold));
+    const cJSON *gcases = cJSON_GetObjectItemCaseSensitive(gold, "cases");
+    assert_int_equal(cJSON_GetArraySize(cases), cJSON_GetArraySize(gcases));
+    struct tally ty = {.suite = "goldens"};
+    struct tuna_jinja_options o = tuna_jinja_hf_options();
+    const cJSON *c, *g = gcases->child;
+    cJSON_ArrayForEach(c, cases)
+    {
+        const char *id = cJSON_GetObjectItemCaseSensitive(c, "id")->valuestring;
+        assert_string_equal(id, cJSON_GetObjectItemCaseSensitive(g, "id")->valuestring);
+        const char *tpl = cJSON_GetObjectItemCaseSensitive(c, "template")->valuestring;
+        const cJSON *ctx = cJSON_GetObjectItemCaseSensitive(c, "context");
+        const cJSON *want = cJSON_GetObjectItemCaseSensitive(g, "output");
+        if (want) {
+            check_case(&ty, id, tpl, &o, ctx, want->valuestring, HFJS_NOW);
+        } else { /* the reference raised: tuna must fail too */
+            char *out = NULL;
+            tuna_status st = render(tpl, &o, ctx, HFJS_NOW, &out);
+            const char *reason = known_reason(ty.suite, id);
+            ty.total++;
+            if (st) {
+                ty.pass++;
+                if (reason) {
+                    ty.fixed++;
+                    printf("  NOW PASSES (remove from the known list): goldens %s\n", id);
+                }
+            } else if (!reason) {
+                ty.unexpected++;
+                printf("  FAIL goldens %s: Python raised %s, tuna rendered [%s]\n", id,
+                       cJSON_GetObjectItemCaseSensitive(g, "raises")->valuestring, out);
+            }
+            free(out);
+        }
+        g = g->next;
+    }
+    report(&ty);
+    cJSON_Delete(cases);
+    cJSON_Delete(gold);
+    assert_int_equal(ty.unexpected, 0);
+}
+
 /* Truncated and mutated real templates must fail cleanly or render, never crash or read out of
  * bounds (run under AddressSanitizer in CI). The check that can fail: every failure carries a
  * message naming a line or the feature. */
@@ -357,7 +405,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_python_printing), cmocka_unit_test(test_errors), cmocka_unit_test(test_json_numbers), cmocka_unit_test(test_minja),
         cmocka_unit_test(test_hfjs_unit),       cmocka_unit_test(test_hfjs_e2e),
-        cmocka_unit_test(test_damaged_templates),
+        cmocka_unit_test(test_damaged_templates), cmocka_unit_test(test_python_goldens),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

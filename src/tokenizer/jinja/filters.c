@@ -126,11 +126,38 @@ static struct jv f_abs(struct jctx *x, struct jv in, struct jargs *a)
     jx_fail(x, x->at, TUNA_E_FORMAT, "bad operand type for abs(): '%s'", jv_type_name(in));
 }
 
+/* attr(): a Python attribute only (a method, or a namespace's attribute), never a dict item */
 static struct jv f_attr(struct jctx *x, struct jv in, struct jargs *a)
 {
     struct jv n = ja_arg(a, 0, "name", jv_none());
     if (n.t != JV_STR) jx_fail(x, x->at, TUNA_E_FORMAT, "attr(): name must be a string");
-    return jx_getattr(x, in, n.u.s, n.n, x->at);
+    if (in.t == JV_UNDEF || in.t == JV_NS) return jx_getattr(x, in, n.u.s, n.n, x->at);
+    struct jv r = jx_getattr(x, in, n.u.s, n.n, x->at);
+    return r.t == JV_FUNC ? r : jv_undef(NULL);
+}
+
+/* truncate(length=255, killwords=False, end='...', leeway=5) */
+static struct jv f_truncate(struct jctx *x, struct jv in, struct jargs *a)
+{
+    struct jv s = str_of(x, in);
+    int64_t length = arg_int(x, a, 0, "length", 255);
+    bool killwords = arg_bool(a, 1, "killwords", false);
+    struct jv end = str_of(x, ja_arg(a, 2, "end", jv_str_ref("...", 3)));
+    int64_t leeway = ja_has(a, 3, "leeway") && ja_arg(a, 3, "leeway", jv_none()).t != JV_NONE ? arg_int(x, a, 3, "leeway", 5) : 5;
+    int64_t slen = (int64_t)ju_len(s.u.s, s.n), elen = (int64_t)ju_len(end.u.s, end.n);
+    if (length < elen) jx_fail(x, x->at, TUNA_E_FORMAT, "truncate(): expected length >= %lld, got %lld", (long long)elen, (long long)length);
+    if (leeway < 0) jx_fail(x, x->at, TUNA_E_FORMAT, "truncate(): expected leeway >= 0");
+    if (slen <= length + leeway) return s;
+    size_t cut = ju_offset(s.u.s, s.n, (size_t)(length - elen));
+    if (!killwords) { /* s[:cut].rsplit(" ", 1)[0] */
+        size_t sp = cut;
+        while (sp > 0 && s.u.s[sp - 1] != ' ') sp--;
+        if (sp > 0) cut = sp - 1;
+    }
+    struct jbuf b = {0};
+    jb_put(&b, s.u.s, cut);
+    jb_put(&b, end.u.s, end.n);
+    return buf_to_str(x, &b);
 }
 
 static struct jv f_batch(struct jctx *x, struct jv in, struct jargs *a)
@@ -695,7 +722,7 @@ static const struct {
     {"length", f_length}, {"list", f_list}, {"lower", f_lower}, {"map", f_map}, {"max", f_max}, {"min", f_min},
     {"reject", f_reject}, {"rejectattr", f_rejectattr}, {"replace", f_replace}, {"reverse", f_reverse},
     {"round", f_round}, {"safe", f_safe}, {"select", f_select}, {"selectattr", f_selectattr}, {"sort", f_sort},
-    {"string", f_string}, {"sum", f_sum}, {"title", f_title}, {"tojson", f_tojson}, {"trim", f_trim},
+    {"string", f_string}, {"sum", f_sum}, {"title", f_title}, {"tojson", f_tojson}, {"trim", f_trim}, {"truncate", f_truncate},
     {"unique", f_unique}, {"upper", f_upper}, {"wordcount", f_wordcount},
 };
 
@@ -800,14 +827,14 @@ static bool run_test(struct jctx *x, const char *t, struct jv v, struct jargs *a
         if (h.t == JV_DICT) return jd_find(h.u.d, v) >= 0;
         jx_fail(x, x->at, TUNA_E_FORMAT, "test 'in': cannot search a %s", jv_type_name(h));
     }
-    if (!strcmp(t, "filter")) {
-        struct jv n = targ(x, a, t);
+    if (!strcmp(t, "filter")) { /* is `v` the name of a filter */
+        struct jv n = v;
         char b[64];
         snprintf(b, sizeof b, "%.*s", (int)(n.n < 63 ? n.n : 63), n.t == JV_STR ? n.u.s : "");
         return n.t == JV_STR && jx_has_filter(b);
     }
     if (!strcmp(t, "test")) {
-        struct jv n = targ(x, a, t);
+        struct jv n = v;
         char b[64];
         snprintf(b, sizeof b, "%.*s", (int)(n.n < 63 ? n.n : 63), n.t == JV_STR ? n.u.s : "");
         return n.t == JV_STR && jx_has_test(b);

@@ -534,6 +534,9 @@ static void write_seq(struct jbuf *b, struct jv v)
 
 void jx_write_str(struct jctx *x, struct jbuf *b, struct jv v)
 {
+    if (v.t == JV_FUNC)
+        jx_fail(x, x->at, TUNA_E_UNSUPPORTED, "printing the function or method '%s': Python prints its memory address",
+                v.u.fn->name ? v.u.fn->name : "?");
     if (jv_is_seq(v) && v.u.l->kind == JL_GEN)
         jx_fail(x, x->at, TUNA_E_UNSUPPORTED,
                 "printing a generator (the result of map/select/reject/unique/reverse/items): Python prints "
