@@ -248,7 +248,7 @@ tuna_status tk_dec_apply(const struct tk_dec *d, tk_pieces *l)
                                      : tk_buf_put(&b, s + segs.v[k].start, segs.v[k].end - segs.v[k].start);
             ok = ok && tk_pieces_add(&out, b.p, b.n, false);
         }
-        free(segs.v);
+        tk_segs_free(&segs);
         break;
     }
     case TK_DEC_WORDPIECE: {

@@ -348,7 +348,7 @@ static tuna_status apply_one(const struct tk_norm *n, const char *s, size_t len,
             bool ok = g->match ? tk_buf_put(out, n->content, clen) : tk_buf_put(out, s + g->start, g->end - g->start);
             if (!ok) st = tuna_fail_oom("normalizer", len);
         }
-        free(segs.v);
+        tk_segs_free(&segs);
         if (!st && !tk_buf_put(out, "", 0)) st = tuna_fail_oom("normalizer", 0);
         return st;
     }

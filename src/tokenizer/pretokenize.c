@@ -57,6 +57,13 @@ void tk_pattern_free(struct tk_pattern *p)
     memset(p, 0, sizeof *p);
 }
 
+void tk_segs_free(tk_segs *s)
+{
+    free(s->v);
+    if (s->md) pcre2_match_data_free(s->md);
+    memset(s, 0, sizeof *s);
+}
+
 static bool segs_add(tk_segs *l, size_t a, size_t b, bool m)
 {
     if (l->n == l->cap) {
@@ -88,8 +95,8 @@ tuna_status tk_find_matches(const struct tk_pattern *p, const char *s, size_t n,
             q = hit + p->lit_len;
         }
     } else if (p->kind == TK_PAT_REGEX) {
-        pcre2_match_data *md = pcre2_match_data_create(1, NULL);
-        if (!md) return tuna_fail_oom("regex match", 0);
+        if (!out->md && !(out->md = pcre2_match_data_create(1, NULL))) return tuna_fail_oom("regex match", 0);
+        pcre2_match_data *md = out->md;
         size_t pos = 0;
         bool have_last = false;
         size_t last_end = 0;
@@ -97,7 +104,6 @@ tuna_status tk_find_matches(const struct tk_pattern *p, const char *s, size_t n,
             int rc = pcre2_match(p->re, (PCRE2_SPTR)s, n, pos, PCRE2_NO_UTF_CHECK, md, NULL);
             if (rc == PCRE2_ERROR_NOMATCH) break;
             if (rc < 0) {
-                pcre2_match_data_free(md);
                 PCRE2_UCHAR msg[256];
                 pcre2_get_error_message(rc, msg, sizeof msg);
                 return tuna_fail(TUNA_E_INVALID, "regex match failed: %s", (const char *)msg);
@@ -118,10 +124,8 @@ tuna_status tk_find_matches(const struct tk_pattern *p, const char *s, size_t n,
             prev = b;
             continue;
         oom:
-            pcre2_match_data_free(md);
             return tuna_fail_oom("split", n);
         }
-        pcre2_match_data_free(md);
     }
     if (prev != n && !segs_add(out, prev, n, false)) return tuna_fail_oom("split", n);
     return TUNA_OK;
@@ -344,8 +348,13 @@ static tuna_status bytelevel_piece(const struct tk_pre *p, const char *s, size_t
     if (!tk_buf_put(tmp, s, n)) return tuna_fail_oom("pre-tokenizer", n);
     tk_pieces split = {0};
     tuna_status st = TUNA_OK;
+    tk_piece whole = {0, tmp->n, first};
     if (p->use_regex) st = split_pattern(&p->pat, TK_SPLIT_ISOLATED, false, tmp->p, tmp->n, first, segs, &split);
-    else if (tmp->n && !tk_pieces_add(&split, tmp->p, tmp->n, first)) st = tuna_fail_oom("pre-tokenizer", n);
+    else if (tmp->n) { /* one piece: map tmp itself */
+        split.text = *tmp;
+        split.v = &whole;
+        split.n = 1;
+    }
     tk_buf mapped = {0};
     for (size_t i = 0; !st && i < split.n; i++) {
         /* every byte maps to a code point below 0x800: at most two UTF-8 bytes */
@@ -369,7 +378,7 @@ static tuna_status bytelevel_piece(const struct tk_pre *p, const char *s, size_t
         if (!tk_pieces_add(out, mapped.p, mapped.n, split.v[i].first)) st = tuna_fail_oom("pre-tokenizer", n);
     }
     tk_buf_free(&mapped);
-    tk_pieces_free(&split);
+    if (p->use_regex) tk_pieces_free(&split);
     return st;
 }
 
@@ -434,7 +443,7 @@ tuna_status tk_pre_apply(const struct tk_pre *p, tk_pieces *l)
     tuna_status st = TUNA_OK;
     for (size_t i = 0; !st && i < l->n; i++)
         st = apply_piece(p, l->text.p + l->v[i].off, l->v[i].len, l->v[i].first, &segs, &tmp, &out);
-    free(segs.v);
+    tk_segs_free(&segs);
     tk_buf_free(&tmp);
     if (st) {
         tk_pieces_free(&out);

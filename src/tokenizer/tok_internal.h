@@ -98,7 +98,9 @@ typedef struct {
 typedef struct {
     tk_seg *v;
     size_t n, cap;
+    pcre2_match_data *md; /* reused by tk_find_matches across calls */
 } tk_segs;
+void tk_segs_free(tk_segs *s);
 /* Cuts s into consecutive segments, marking the pattern's matches (HF Pattern::find_matches). */
 tuna_status tk_find_matches(const struct tk_pattern *p, const char *s, size_t n, tk_segs *out);
 
