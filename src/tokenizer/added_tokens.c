@@ -47,40 +47,42 @@ void tk_matcher_free(struct tk_matcher *m)
     memset(m, 0, sizeof *m);
 }
 
-static const struct tk_matcher *sort_ctx;
+struct pat_ref {
+    const char *pat;
+    size_t len;
+    int32_t idx;
+    size_t order; /* keeps the sort stable */
+};
+
 static int cmp_pat(const void *x, const void *y)
 {
-    size_t a = *(const size_t *)x, b = *(const size_t *)y;
-    const struct tk_matcher *m = sort_ctx;
-    unsigned char fa = m->len[a] ? (unsigned char)m->pat[a][0] : 0, fb = m->len[b] ? (unsigned char)m->pat[b][0] : 0;
+    const struct pat_ref *a = x, *b = y;
+    unsigned char fa = (unsigned char)a->pat[0], fb = (unsigned char)b->pat[0];
     if (fa != fb) return fa < fb ? -1 : 1;
-    if (m->len[a] != m->len[b]) return m->len[a] > m->len[b] ? -1 : 1;
-    return a < b ? -1 : a > b;
+    if (a->len != b->len) return a->len > b->len ? -1 : 1; /* longest first: leftmost-longest */
+    return a->order < b->order ? -1 : a->order > b->order;
 }
 
 /* Builds a matcher over the given patterns (pattern i belongs to added token idx[i]). */
 static tuna_status matcher_build(struct tk_matcher *m, const char **pat, const size_t *len, const int32_t *idx, size_t n)
 {
     memset(m, 0, sizeof *m);
-    size_t *order = malloc((n ? n : 1) * sizeof *order);
+    struct pat_ref *refs = malloc((n ? n : 1) * sizeof *refs);
     m->pat = malloc((n ? n : 1) * sizeof *m->pat);
     m->len = malloc((n ? n : 1) * sizeof *m->len);
     m->idx = malloc((n ? n : 1) * sizeof *m->idx);
-    if (!order || !m->pat || !m->len || !m->idx) {
-        free(order);
+    if (!refs || !m->pat || !m->len || !m->idx) {
+        free(refs);
         return tuna_fail_oom("added token matcher", n);
     }
-    struct tk_matcher tmp = {.pat = (const char **)pat, .len = (size_t *)len};
     size_t k = 0;
     for (size_t i = 0; i < n; i++)
-        if (len[i]) order[k++] = i; /* an empty pattern can never match */
-    sort_ctx = &tmp;                /* only used at load time; loads are not concurrent with it */
-    qsort(order, k, sizeof *order, cmp_pat);
-    sort_ctx = NULL;
+        if (len[i]) refs[k++] = (struct pat_ref){pat[i], len[i], idx[i], i}; /* an empty pattern never matches */
+    qsort(refs, k, sizeof *refs, cmp_pat);
     for (size_t i = 0; i < k; i++) {
-        m->pat[i] = pat[order[i]];
-        m->len[i] = len[order[i]];
-        m->idx[i] = idx[order[i]];
+        m->pat[i] = refs[i].pat;
+        m->len[i] = refs[i].len;
+        m->idx[i] = refs[i].idx;
     }
     m->n = k;
     size_t j = 0;
@@ -89,7 +91,7 @@ static tuna_status matcher_build(struct tk_matcher *m, const char **pat, const s
         m->first[b] = j;
     }
     m->first[256] = k;
-    free(order);
+    free(refs);
     return TUNA_OK;
 }
 

@@ -129,10 +129,9 @@ static tuna_status load_model(tuna_tokenizer *t, const cJSON *m, const char *whe
     if ((st = opt_str(m, "unk_token", &unk))) return st;
     if (unk) {
         int64_t id;
+        /* an unk_token missing from the vocabulary only matters when an unknown character
+         * comes (HF fails then; tuna drops it for BPE, refuses for WordPiece) */
         if (tuna_strmap_gets(&md->vocab, unk, &id)) md->unk_id = (int32_t)id;
-        else if (md->type == TK_MODEL_WORDPIECE || md->fuse_unk || md->byte_fallback) {
-            /* HF fails only when an unknown character is met; keep going without unk */
-        }
         free(unk);
     }
     return tk_model_finish(md);
