@@ -156,8 +156,8 @@ static void test_normalizers(void **s)
 {
     (void)s;
     check_norm("{\"type\":\"Lowercase\"}", "Hello WORLD \xC3\x89", "hello world \xC3\xA9");
-    check_norm("{\"type\":\"Strip\",\"left\":true,\"right\":true}", "  \t Hey friend  \n", "Hey friend");
-    check_norm("{\"type\":\"Strip\",\"left\":false,\"right\":true}", "  Hey  ", "  Hey");
+    check_norm("{\"type\":\"Strip\",\"strip_left\":true,\"strip_right\":true}", "  \t Hey friend  \n", "Hey friend");
+    check_norm("{\"type\":\"Strip\",\"strip_left\":false,\"strip_right\":true}", "  Hey  ", "  Hey");
     check_norm("{\"type\":\"NFD\"}", "\xC3\xA9", "e\xCC\x81");
     check_norm("{\"type\":\"NFC\"}", "e\xCC\x81", "\xC3\xA9");
     check_norm("{\"type\":\"NFKC\"}", "\xEF\xAC\x81", "fi");      /* the ﬁ ligature */

@@ -172,8 +172,9 @@ tuna_status tk_norm_parse(const cJSON *j, struct tk_norm *n)
     else if (!strcmp(t, "StripAccents")) n->type = TK_NORM_STRIP_ACCENTS;
     else if (!strcmp(t, "Strip")) {
         n->type = TK_NORM_STRIP;
-        n->left = cJSON_IsTrue(tuna_json_member(j, "left"));
-        n->right = cJSON_IsTrue(tuna_json_member(j, "right"));
+        /* HF writes strip_left / strip_right ("left" / "right" accepted too) */
+        n->left = cJSON_IsTrue(tuna_json_member(j, "strip_left")) || cJSON_IsTrue(tuna_json_member(j, "left"));
+        n->right = cJSON_IsTrue(tuna_json_member(j, "strip_right")) || cJSON_IsTrue(tuna_json_member(j, "right"));
     } else if (!strcmp(t, "Prepend")) {
         n->type = TK_NORM_PREPEND;
         const cJSON *p = tuna_json_member(j, "prepend");
