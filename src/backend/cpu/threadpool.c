@@ -40,7 +40,7 @@ static void drain(struct tuna_pool *p, int thread)
     }
 }
 
-#define TUNA_POOL_SPIN 4000
+#define TUNA_POOL_SPIN 1000
 
 static inline void cpu_relax(void)
 {
