@@ -257,45 +257,62 @@ static bool is_chinese(int32_t c)
            (c >= 0xF900 && c <= 0xFAFF) || (c >= 0x2F800 && c <= 0x2FA1F);
 }
 
-/* Per-character rewrite used by Lowercase, StripAccents and BertNormalizer. */
-static tuna_status map_chars(const struct tk_norm *n, const char *s, size_t len, tk_buf *out)
+enum char_pass { PASS_LOWER, PASS_STRIP_MARKS, PASS_STRIP_MN, PASS_BERT_CLEAN };
+
+/* One per-character pass (HF's Lowercase, StripAccents, and the steps of BertNormalizer). */
+static tuna_status map_chars(const struct tk_norm *n, enum char_pass pass, const char *s, size_t len, tk_buf *out)
 {
     size_t i = 0;
+    out->n = 0;
     while (i < len) {
         int32_t c;
         size_t k = tk_utf8_next(s + i, len - i, &c);
         i += k;
         if (c < 0) continue;
         bool ok = true;
-        if (n->type == TK_NORM_LOWERCASE || (n->type == TK_NORM_BERT && n->lowercase)) {
-            if (c == 0x130) {
-                ok = tk_buf_put(out, "i\xCC\x87", 3);
-                if (!ok) return tuna_fail_oom("normalizer", 0);
-                continue;
-            }
-            c = utf8proc_tolower(c);
+        switch (pass) {
+        case PASS_LOWER:
+            if (c == 0x130) ok = tk_buf_put(out, "i\xCC\x87", 3); /* İ → i + U+0307, as Rust's to_lowercase */
+            else ok = tk_buf_put_cp(out, (uint32_t)utf8proc_tolower(c));
+            break;
+        case PASS_STRIP_MARKS:
+            if (!is_mark(c)) ok = tk_buf_put_cp(out, (uint32_t)c);
+            break;
+        case PASS_STRIP_MN:
+            if (utf8proc_category(c) != UTF8PROC_CATEGORY_MN) ok = tk_buf_put_cp(out, (uint32_t)c);
+            break;
+        case PASS_BERT_CLEAN: {
+            utf8proc_category_t cat = utf8proc_category(c);
+            bool control = c != '\t' && c != '\n' && c != '\r' &&
+                           (cat == UTF8PROC_CATEGORY_CC || cat == UTF8PROC_CATEGORY_CF || cat == UTF8PROC_CATEGORY_CN ||
+                            cat == UTF8PROC_CATEGORY_CO);
+            if (n->clean_text && (c == 0 || c == 0xFFFD || control)) break;
+            if (n->clean_text && tk_is_whitespace(c)) c = ' ';
+            if (n->chinese && is_chinese(c)) ok = tk_buf_putc(out, ' ') && tk_buf_put_cp(out, (uint32_t)c) && tk_buf_putc(out, ' ');
+            else ok = tk_buf_put_cp(out, (uint32_t)c);
+            break;
         }
-        if (n->type == TK_NORM_STRIP_ACCENTS && is_mark(c)) continue;
-        if (n->type == TK_NORM_BERT) {
-            if (n->clean_text) {
-                if (c == 0 || c == 0xFFFD) continue;
-                utf8proc_category_t cat = utf8proc_category(c);
-                bool ws = c == ' ' || c == '\t' || c == '\n' || c == '\r' || cat == UTF8PROC_CATEGORY_ZS;
-                if (ws) c = ' ';
-                else if (cat == UTF8PROC_CATEGORY_CC || cat == UTF8PROC_CATEGORY_CF || cat == UTF8PROC_CATEGORY_CN ||
-                         cat == UTF8PROC_CATEGORY_CO)
-                    continue;
-            }
-            if (n->strip_accents && is_mark(c)) continue;
-            if (n->chinese && is_chinese(c)) {
-                ok = tk_buf_putc(out, ' ') && tk_buf_put_cp(out, (uint32_t)c) && tk_buf_putc(out, ' ');
-                if (!ok) return tuna_fail_oom("normalizer", 0);
-                continue;
-            }
         }
-        if (!tk_buf_put_cp(out, (uint32_t)c)) return tuna_fail_oom("normalizer", 0);
+        if (!ok) return tuna_fail_oom("normalizer", len);
     }
     return tk_buf_put(out, "", 0) ? TUNA_OK : tuna_fail_oom("normalizer", 0);
+}
+
+/* HF BertNormalizer: clean text and pad CJK, then (NFD + drop Mn) when stripping accents, then
+ * lowercase. */
+static tuna_status bert_normalize(const struct tk_norm *n, const char *s, size_t len, tk_buf *out)
+{
+    tk_buf a = {0}, b = {0};
+    tuna_status st = map_chars(n, PASS_BERT_CLEAN, s, len, &a);
+    if (!st && n->strip_accents) {
+        st = unicode_form(a.p, a.n, UTF8PROC_DECOMPOSE, &b);
+        if (!st) st = map_chars(n, PASS_STRIP_MN, b.p, b.n, &a);
+    }
+    if (!st) st = n->lowercase ? map_chars(n, PASS_LOWER, a.p, a.n, out)
+                               : (tk_buf_put(out, a.p ? a.p : "", a.n) ? TUNA_OK : tuna_fail_oom("normalizer", len));
+    tk_buf_free(&a);
+    tk_buf_free(&b);
+    return st;
 }
 
 static tuna_status apply_one(const struct tk_norm *n, const char *s, size_t len, tk_buf *out)
@@ -306,17 +323,10 @@ static tuna_status apply_one(const struct tk_norm *n, const char *s, size_t len,
     case TK_NORM_NFD: return unicode_form(s, len, UTF8PROC_DECOMPOSE, out);
     case TK_NORM_NFKC: return unicode_form(s, len, UTF8PROC_COMPOSE | UTF8PROC_COMPAT, out);
     case TK_NORM_NFKD: return unicode_form(s, len, UTF8PROC_DECOMPOSE | UTF8PROC_COMPAT, out);
-    case TK_NORM_LOWERCASE:
-    case TK_NORM_STRIP_ACCENTS: return map_chars(n, s, len, out);
+    case TK_NORM_LOWERCASE: return map_chars(n, PASS_LOWER, s, len, out);
+    case TK_NORM_STRIP_ACCENTS: return map_chars(n, PASS_STRIP_MARKS, s, len, out);
     case TK_NORM_PRECOMPILED: return apply_precompiled(n, s, len, out);
-    case TK_NORM_BERT: {
-        if (!n->strip_accents) return map_chars(n, s, len, out);
-        tk_buf tmp = {0};
-        tuna_status st = unicode_form(s, len, UTF8PROC_DECOMPOSE, &tmp);
-        if (!st) st = map_chars(n, tmp.p, tmp.n, out);
-        tk_buf_free(&tmp);
-        return st;
-    }
+    case TK_NORM_BERT: return bert_normalize(n, s, len, out);
     case TK_NORM_STRIP: {
         size_t a = 0, b = len;
         if (n->left)
