@@ -169,6 +169,74 @@ static void test_normalizers(void **s)
                "H\xC3\xA9llo", "hello");
 }
 
+/* HF's AddedVocabulary tests (added_vocabulary.rs): the splits of extract_and_normalize with a
+ * Lowercase normalizer. Tokens made with AddedToken::from(s, false) are normalized, special ones
+ * are not. Each split is its normalized text and its added token id or -1. */
+static void check_extract(const char *added_json, const char *text, const char *const *want_s, const int *want_id)
+{
+    char json[2048];
+    snprintf(json, sizeof json,
+             "{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0},\"merges\":[]},\"normalizer\":{\"type\":\"Lowercase\"},"
+             "\"added_tokens\":%s}",
+             added_json);
+    tuna_tokenizer *t = NULL;
+    TT_OK(tuna_tokenizer_load_json(json, strlen(json), NULL, 0, &t));
+    tk_aseg *raw = NULL, *sub = NULL;
+    size_t nraw, nsub, k = 0;
+    bool ok = true;
+    TT_OK(tk_added_split(t, &t->match_raw, true, text, strlen(text), &raw, &nraw));
+    for (size_t i = 0; i < nraw; i++) {
+        if (raw[i].added >= 0) {
+            ok = ok && want_s[k] && strlen(want_s[k]) == raw[i].end - raw[i].start &&
+                 !memcmp(want_s[k], text + raw[i].start, raw[i].end - raw[i].start) && want_id[k] == t->added[raw[i].added].id;
+            k++;
+            continue;
+        }
+        tk_buf nb = {0};
+        TT_OK(tk_norm_apply(t->norm, text + raw[i].start, raw[i].end - raw[i].start, &nb));
+        TT_OK(tk_added_split(t, &t->match_norm, true, nb.p, nb.n, &sub, &nsub));
+        for (size_t j = 0; j < nsub; j++) {
+            size_t l = sub[j].end - sub[j].start;
+            if (l == 0) continue;
+            int id = sub[j].added >= 0 ? t->added[sub[j].added].id : -1;
+            if (!want_s[k] || strlen(want_s[k]) != l || memcmp(want_s[k], nb.p + sub[j].start, l) || want_id[k] != id) {
+                fprintf(stderr, "split %zu: got \"%.*s\" (%d)\n", k, (int)l, nb.p + sub[j].start, id);
+                ok = false;
+            }
+            k++;
+        }
+        free(sub);
+        tk_buf_free(&nb);
+    }
+    ok = ok && want_s[k] == NULL;
+    free(raw);
+    tuna_tokenizer_free(t);
+    if (!ok) fprintf(stderr, "added-token splits of \"%s\" differ\n", text);
+    assert_true(ok);
+}
+
+static void test_added_tokens(void **s)
+{
+    (void)s;
+    /* AddedToken::from(s, special) is normalized when not special */
+    const char *opts = "[{\"id\":0,\"content\":\"my\",\"special\":false,\"normalized\":true,\"lstrip\":true,\"rstrip\":true},"
+                       "{\"id\":1,\"content\":\"name\",\"special\":false,\"normalized\":true},"
+                       "{\"id\":2,\"content\":\"ony\",\"special\":false,\"normalized\":true,\"single_word\":true},"
+                       "{\"id\":3,\"content\":\"[CLS]\",\"special\":true,\"normalized\":false},"
+                       "{\"id\":4,\"content\":\"[SEP]\",\"special\":true,\"normalized\":false}]";
+    check_extract(opts, "[CLS] My name is Anthony [SEP]", W("[CLS]", " my ", "name", " is anthony ", "[SEP]"),
+                  (const int[]){3, 0, 1, -1, 4});
+    const char *mask_sw = "[{\"id\":0,\"content\":\"<mask>\",\"special\":false,\"normalized\":true,\"single_word\":true}]";
+    check_extract(mask_sw, "<mask> My name <mask> A<mask> <mask>ony <mask>",
+                  W("<mask>", " my name ", "<mask>", " a<mask> <mask>ony ", "<mask>"), (const int[]){0, -1, 0, -1, 0});
+    check_extract(mask_sw, "<mask>, <mask>- \xE2\x97\x8C\xCC\xB0<mask>", W("<mask>", ", ", "<mask>", "- \xE2\x97\x8C\xCC\xB0<mask>"),
+                  (const int[]){0, -1, 0, -1});
+    const char *mask_all = "[{\"id\":0,\"content\":\"<mask>\",\"special\":false,\"normalized\":true,\"single_word\":true,"
+                           "\"lstrip\":true,\"rstrip\":true}]";
+    check_extract(mask_all, "Hi <mask> there\t<mask>\t<mask>\xE2\x80\x80",
+                  W("hi", " <mask> ", "there", "\t<mask>\t", "<mask>\xE2\x80\x80"), (const int[]){-1, 0, -1, 0, 0});
+}
+
 /* Cutting SentencePiece-style words at "▁" (metaspace_cut) gives exactly the ids of merging
  * the whole word: checked on long random texts with the cut on and off (Llama 2 vocabulary). */
 static void test_metaspace_cut_exact(void **s)
@@ -270,6 +338,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_split_behaviors), cmocka_unit_test(test_pre_tokenizers), cmocka_unit_test(test_decoders),
         cmocka_unit_test(test_normalizers),     cmocka_unit_test(test_threads), cmocka_unit_test(test_metaspace_cut_exact),
+        cmocka_unit_test(test_added_tokens),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

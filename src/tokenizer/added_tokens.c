@@ -204,10 +204,11 @@ tuna_status tk_added_split(const tuna_tokenizer *t, const struct tk_matcher *m, 
         const struct tk_added *a = &t->added[m->idx[hit]];
         if (!parse_special && a->special) continue;
         if (a->single_word) {
-            bool start_space = start == 0 || !tk_is_alphanumeric(last_cp(s, start));
+            /* HF tests the neighbours with the regexes \w$ and ^\w */
+            bool start_space = start == 0 || !tk_is_word_char(last_cp(s, start));
             int32_t nc = -1;
             if (stop < n) tk_utf8_next(s + stop, n - stop, &nc);
-            bool stop_space = stop == n || !tk_is_alphanumeric(nc);
+            bool stop_space = stop == n || !tk_is_word_char(nc);
             if (!start_space || !stop_space) continue;
         }
         if (a->lstrip) {

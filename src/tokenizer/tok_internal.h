@@ -74,6 +74,7 @@ bool tk_is_whitespace(int32_t cp);   /* Unicode White_Space (Rust char::is_white
 bool tk_is_alphanumeric(int32_t cp); /* Rust char::is_alphanumeric */
 bool tk_is_numeric(int32_t cp);      /* Rust char::is_numeric: Nd Nl No */
 bool tk_is_punctuation(int32_t cp);  /* HF: ASCII punctuation or Unicode P* */
+bool tk_is_word_char(int32_t cp);    /* Rust regex \w: letters, marks, Nd, Nl, Pc, joiners */
 /* GPT-2 byte ↔ char table: byte b is shown as code point tk_byte_to_cp(b). */
 uint32_t tk_byte_to_cp(unsigned char b);
 int tk_cp_to_byte(int32_t cp); /* -1 when cp is not in the table */

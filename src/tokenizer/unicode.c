@@ -207,6 +207,17 @@ bool tk_is_alphanumeric(int32_t c)
            tk_is_numeric(c);
 }
 
+bool tk_is_word_char(int32_t c)
+{
+    if (c < 0) return false;
+    if (c < 0x80) return (c >= '0' && c <= '9') || ((c | 0x20) >= 'a' && (c | 0x20) <= 'z') || c == '_';
+    if (c == 0x200C || c == 0x200D) return true; /* Join_Control */
+    utf8proc_category_t k = utf8proc_category(c);
+    return (k >= UTF8PROC_CATEGORY_LU && k <= UTF8PROC_CATEGORY_LO) || k == UTF8PROC_CATEGORY_NL ||
+           k == UTF8PROC_CATEGORY_MN || k == UTF8PROC_CATEGORY_MC || k == UTF8PROC_CATEGORY_ME ||
+           k == UTF8PROC_CATEGORY_ND || k == UTF8PROC_CATEGORY_PC;
+}
+
 bool tk_is_punctuation(int32_t c)
 {
     if (c < 0) return false;
