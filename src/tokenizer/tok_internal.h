@@ -71,7 +71,6 @@ bool tk_utf8_valid(const char *s, size_t n, size_t *bad_at);
  * String::from_utf8_lossy). */
 bool tk_utf8_lossy(tk_buf *out, const unsigned char *s, size_t n);
 bool tk_is_whitespace(int32_t cp);   /* Unicode White_Space (Rust char::is_whitespace) */
-bool tk_is_alphanumeric(int32_t cp); /* Rust char::is_alphanumeric */
 bool tk_is_numeric(int32_t cp);      /* Rust char::is_numeric: Nd Nl No */
 bool tk_is_punctuation(int32_t cp);  /* HF: ASCII punctuation or Unicode P* */
 bool tk_is_word_char(int32_t cp);    /* Rust regex \w: letters, marks, Nd, Nl, Pc, joiners */

@@ -1,5 +1,5 @@
 /* unicode.c — UTF-8 decoding, lossy UTF-8 repair, the character classes HF tokenizers uses
- * (Rust's char::is_whitespace / is_alphanumeric / is_numeric, HF's is_punctuation), the GPT-2
+ * (Rust's char::is_whitespace / is_numeric, regex \w, HF's is_punctuation), the GPT-2
  * byte ↔ character table, and the small buffers the pipeline passes around. */
 #include <stdlib.h>
 #include <string.h>
@@ -195,16 +195,6 @@ bool tk_is_numeric(int32_t c)
     if (c < 0x80) return c >= '0' && c <= '9';
     utf8proc_category_t k = utf8proc_category(c);
     return k == UTF8PROC_CATEGORY_ND || k == UTF8PROC_CATEGORY_NL || k == UTF8PROC_CATEGORY_NO;
-}
-
-bool tk_is_alphanumeric(int32_t c)
-{
-    if (c < 0) return false;
-    if (c < 0x80) return (c >= '0' && c <= '9') || ((c | 0x20) >= 'a' && (c | 0x20) <= 'z');
-    utf8proc_category_t k = utf8proc_category(c);
-    /* Alphabetic ≈ letters, letter numbers and the combining marks that are Other_Alphabetic */
-    return (k >= UTF8PROC_CATEGORY_LU && k <= UTF8PROC_CATEGORY_LO) || k == UTF8PROC_CATEGORY_MC ||
-           tk_is_numeric(c);
 }
 
 bool tk_is_word_char(int32_t c)
