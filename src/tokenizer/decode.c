@@ -400,8 +400,13 @@ tuna_status tuna_detok_stream_push(tuna_detok_stream *s, int32_t id, char **piec
     size_t pl = strlen(s->prefix), sl = strlen(str);
     if (sl > pl && !ends_with_fffd(str)) {
         if (memcmp(str, s->prefix, pl) != 0) {
-            /* HF raises InvalidPrefix here; emitting the whole new window keeps generation going */
-            pl = 0;
+            /* The new token changed text already emitted (e.g. clean_up_tokenization_spaces
+             * turning "a ," into "a,"). HF raises InvalidPrefix; tuna emits what follows the
+             * common part, so generation goes on and nothing is repeated. */
+            size_t k = 0;
+            while (k < pl && str[k] == s->prefix[k]) k++;
+            while (k > 0 && ((unsigned char)str[k] & 0xC0) == 0x80) k--; /* whole characters */
+            pl = k;
         }
         char *text = strdup(str + pl);
         free(str);

@@ -74,9 +74,10 @@ tuna_status tuna_tokenizer_decode(const tuna_tokenizer *t, const int32_t *ids, s
                                   bool skip_special, char **out);
 
 /* Streaming decode (for generation): push ids one at a time; each push returns the text that
- * became complete with this id (possibly ""), never ending inside a UTF-8 character, such that
- * the concatenation of all pieces equals what tuna_tokenizer_decode gives for the whole
- * sequence (as HF's DecodeStream). The stream borrows t. */
+ * became complete with this id (possibly ""), never ending inside a UTF-8 character. This is
+ * HF's DecodeStream: it re-decodes a short window, so the pieces join to the full decode for
+ * byte-level and SentencePiece decoders; where a token rewrites earlier text (clean-up of
+ * spaces) HF raises InvalidPrefix and tuna emits only the new part. The stream borrows t. */
 typedef struct tuna_detok_stream tuna_detok_stream;
 tuna_status tuna_detok_stream_new(const tuna_tokenizer *t, bool skip_special, tuna_detok_stream **out);
 /* *piece is malloc'd, NUL-terminated, taken by the caller. */
