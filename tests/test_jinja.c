@@ -295,14 +295,17 @@ static void test_errors(void **state)
     TT_FAILS(render_status("{{ x is no_such_test }}"), TUNA_E_UNSUPPORTED, "no_such_test");
 }
 
-/* tests/data/jinja_cases.json rendered by Python Jinja2 as transformers configures it
- * (tests/data/make_jinja_goldens.py wrote jinja_goldens.json): same output, or both fail. */
+/* tests/data/jinja_cases.json (hand-written edge cases, random expressions, random whitespace
+ * layouts: make_jinja_cases.py) rendered by Python Jinja2 as transformers configures it
+ * (make_jinja_goldens.py wrote jinja_goldens.json): same output, or both fail. */
 static void test_python_goldens(void **state)
 {
     (void)state;
-    cJSON *cases = NULL, *gold = NULL;
-    TT_OK(tuna_json_load(TUNA_SOURCE_DIR "/tests/data/jinja_cases.json", 0, &cases));
+    cJSON *doc = NULL, *gold = NULL;
+    TT_OK(tuna_json_load(TUNA_SOURCE_DIR "/tests/data/jinja_cases.json", 0, &doc));
     TT_OK(tuna_json_load(TUNA_SOURCE_DIR "/tests/data/jinja_goldens.json", 0, &gold));
+    const cJSON *cases = cJSON_GetObjectItemCaseSensitive(doc, "cases");
+    const cJSON *contexts = cJSON_GetObjectItemCaseSensitive(doc, "contexts");
     const cJSON *gcases = cJSON_GetObjectItemCaseSensitive(gold, "cases");
     assert_int_equal(cJSON_GetArraySize(cases), cJSON_GetArraySize(gcases));
     struct tally ty = {.suite = "goldens"};
@@ -313,7 +316,8 @@ static void test_python_goldens(void **state)
         const char *id = cJSON_GetObjectItemCaseSensitive(c, "id")->valuestring;
         assert_string_equal(id, cJSON_GetObjectItemCaseSensitive(g, "id")->valuestring);
         const char *tpl = cJSON_GetObjectItemCaseSensitive(c, "template")->valuestring;
-        const cJSON *ctx = cJSON_GetObjectItemCaseSensitive(c, "context");
+        const cJSON *ctx = cJSON_GetObjectItemCaseSensitive(contexts, cJSON_GetObjectItemCaseSensitive(c, "context")->valuestring);
+        assert_non_null(ctx);
         const cJSON *want = cJSON_GetObjectItemCaseSensitive(g, "output");
         if (want) {
             check_case(&ty, id, tpl, &o, ctx, want->valuestring, HFJS_NOW);
@@ -338,7 +342,7 @@ static void test_python_goldens(void **state)
         g = g->next;
     }
     report(&ty);
-    cJSON_Delete(cases);
+    cJSON_Delete(doc);
     cJSON_Delete(gold);
     assert_int_equal(ty.unexpected, 0);
 }

@@ -6,6 +6,7 @@ that it raised (and the exception type). test_jinja.c compares tuna with these.
 
 Run: python3 tests/data/make_jinja_goldens.py   (needs jinja2; made with Jinja2 3.1.6)
 """
+import copy
 import json
 import os
 import time
@@ -51,15 +52,16 @@ env.globals["raise_exception"] = raise_exception
 env.globals["strftime_now"] = strftime_now
 
 here = os.path.dirname(os.path.abspath(__file__))
-cases = json.load(open(os.path.join(here, "jinja_cases.json")))
+doc = json.load(open(os.path.join(here, "jinja_cases.json")))
 out = []
-for c in cases:
+for c in doc["cases"]:
     try:
-        r = {"id": c["id"], "output": env.from_string(c["template"]).render(**c.get("context", {}))}
+        ctx = copy.deepcopy(doc["contexts"][c["context"]])
+        r = {"id": c["id"], "output": env.from_string(c["template"]).render(**ctx)}
     except Exception as e:  # the reference raised: tuna must fail too
         r = {"id": c["id"], "raises": type(e).__name__}
     out.append(r)
 with open(os.path.join(here, "jinja_goldens.json"), "w") as f:
-    json.dump({"generator": "make_jinja_goldens.py with Jinja2 " + jinja2.__version__, "cases": out}, f, indent=1,
+    json.dump({"generator": "make_jinja_goldens.py with Jinja2 " + jinja2.__version__, "cases": out}, f, indent=0,
               ensure_ascii=False)
 print(len(out), "cases")

@@ -139,7 +139,15 @@ static struct jv f_attr(struct jctx *x, struct jv in, struct jargs *a)
 /* truncate(length=255, killwords=False, end='...', leeway=5) */
 static struct jv f_truncate(struct jctx *x, struct jv in, struct jargs *a)
 {
-    struct jv s = str_of(x, in);
+    if (in.t != JV_STR) {
+        /* Jinja2 measures the value itself: short sequences and Undefined come back unchanged */
+        int64_t lim = arg_int(x, a, 0, "length", 255) + 5;
+        if (in.t == JV_UNDEF || (jv_is_seq(in) && in.u.l->kind != JL_GEN && (int64_t)in.u.l->n <= lim) ||
+            ((in.t == JV_DICT) && (int64_t)in.u.d->n <= lim))
+            return in;
+        jx_fail(x, x->at, TUNA_E_FORMAT, "truncate(): expected a string, got %s", jv_type_name(in));
+    }
+    struct jv s = in;
     int64_t length = arg_int(x, a, 0, "length", 255);
     bool killwords = arg_bool(a, 1, "killwords", false);
     struct jv end = str_of(x, ja_arg(a, 2, "end", jv_str_ref("...", 3)));
@@ -287,6 +295,7 @@ static bool parse_float(struct jv s, double *out)
 
 static struct jv f_float(struct jctx *x, struct jv in, struct jargs *a)
 {
+    if (in.t == JV_UNDEF) jx_fail(x, x->at, TUNA_E_FORMAT, "'%.*s' is undefined", (int)in.n, in.u.s ? in.u.s : "value");
     struct jv def = ja_arg(a, 0, "default", jv_float(0.0));
     double d;
     if (jv_is_num(in)) return jv_float(jv_num(in));
@@ -296,6 +305,7 @@ static struct jv f_float(struct jctx *x, struct jv in, struct jargs *a)
 
 static struct jv f_int(struct jctx *x, struct jv in, struct jargs *a)
 {
+    if (in.t == JV_UNDEF) jx_fail(x, x->at, TUNA_E_FORMAT, "'%.*s' is undefined", (int)in.n, in.u.s ? in.u.s : "value");
     struct jv def = ja_arg(a, 0, "default", jv_int(0));
     int64_t base = arg_int(x, a, 1, "base", 10);
     if (in.t == JV_INT) return in;
@@ -326,6 +336,8 @@ static struct jv f_int(struct jctx *x, struct jv in, struct jargs *a)
 
 static struct jv f_indent(struct jctx *x, struct jv in, struct jargs *a)
 {
+    if (in.t != JV_STR) /* Jinja2 appends "\n" to the value itself */
+        jx_fail(x, x->at, TUNA_E_FORMAT, "indent(): expected a string, got %s", jv_type_name(in));
     struct jv w = ja_arg(a, 0, "width", jv_int(4));
     bool first = arg_bool(a, 1, "first", false), blank = arg_bool(a, 2, "blank", false);
     struct jbuf ind = {0};
@@ -421,7 +433,8 @@ static struct jargs shift_args(struct jargs *a, size_t n)
 
 static struct jv f_map(struct jctx *x, struct jv in, struct jargs *a)
 {
-    struct jlist *l = jv_iterate(x, in, x->at);
+    /* Jinja2: `if value: for item in value: ...` -- a false value maps to nothing */
+    struct jlist *l = jv_truthy(in) ? jv_iterate(x, in, x->at) : jv_list(x, 0).u.l;
     struct jv out = jv_list(x, l->n);
     if (a->npos == 0 && ja_has(a, (size_t)-1, "attribute")) {
         struct jv attr = ja_arg(a, (size_t)-1, "attribute", jv_none());
@@ -447,7 +460,7 @@ static struct jv f_map(struct jctx *x, struct jv in, struct jargs *a)
 
 static struct jv select_impl(struct jctx *x, struct jv in, struct jargs *a, bool attr, bool want)
 {
-    struct jlist *l = in.t == JV_NONE ? jv_list(x, 0).u.l : jv_iterate(x, in, x->at);
+    struct jlist *l = jv_truthy(in) ? jv_iterate(x, in, x->at) : jv_list(x, 0).u.l; /* `if value:` as Jinja2 */
     struct jv out = new_list(x);
     size_t skip = attr ? 1 : 0;
     struct jv attrname = attr ? ja_arg(a, 0, NULL, jv_none()) : jv_none();
@@ -641,6 +654,8 @@ static struct jv f_unique(struct jctx *x, struct jv in, struct jargs *a)
     struct jv out = new_list(x), seen = new_list(x);
     for (size_t i = 0; i < l->n; i++) {
         struct jv k = attr.t == JV_NONE ? l->v[i] : attr_path(x, l->v[i], attr);
+        if (k.t == JV_DICT || k.t == JV_NS || (k.t == JV_LIST))
+            jx_fail(x, x->at, TUNA_E_FORMAT, "unique(): unhashable type: '%s'", jv_type_name(k));
         if (!cs && k.t == JV_STR) k = js_lower(x, k);
         bool dup = false;
         for (size_t j = 0; j < seen.u.l->n && !dup; j++) dup = jv_equal(seen.u.l->v[j], k);
@@ -679,10 +694,10 @@ static struct jv f_center(struct jctx *x, struct jv in, struct jargs *a)
     return buf_to_str(x, &b);
 }
 
-/* printf-style "%s" formatting of the format filter, for %s %d %i %r %% only */
-static struct jv f_format(struct jctx *x, struct jv in, struct jargs *a)
+/* Python's `s % args` for %s %d %i %r %% only. lenient: a single non-tuple argument that is a
+ * list or dict may go unused (Python treats it as a mapping); otherwise unused arguments fail. */
+struct jv jx_printf(struct jctx *x, struct jv s, const struct jv *args, size_t nargs, bool lenient)
 {
-    struct jv s = str_of(x, in);
     struct jbuf b = {0};
     size_t k = 0;
     for (size_t i = 0; i < s.n; i++) {
@@ -699,16 +714,31 @@ static struct jv f_format(struct jctx *x, struct jv in, struct jargs *a)
             free(b.p);
             jx_fail(x, x->at, TUNA_E_UNSUPPORTED, "format filter: conversion '%%%c'", c);
         }
-        if (k >= a->npos) {
+        if (k >= nargs) {
             free(b.p);
-            jx_fail(x, x->at, TUNA_E_FORMAT, "format filter: not enough arguments");
+            jx_fail(x, x->at, TUNA_E_FORMAT, "not enough arguments for format string");
         }
-        struct jv v = a->pos[k++];
+        struct jv v = args[k++];
         if (c == 'r') jv_write_repr(&b, v);
-        else if (c == 's') jv_write_str(&b, v);
-        else jb_printf(&b, "%lld", (long long)(v.t == JV_FLOAT ? (int64_t)v.u.f : (int64_t)jv_num(v)));
+        else if (c == 's') jx_write_str(x, &b, v);
+        else if (jv_is_num(v)) jb_printf(&b, "%lld", (long long)(v.t == JV_FLOAT ? (int64_t)v.u.f : (int64_t)jv_num(v)));
+        else {
+            free(b.p);
+            jx_fail(x, x->at, TUNA_E_FORMAT, "%%%c format: a real number is required, not %s", c, jv_type_name(v));
+        }
+    }
+    if (k < nargs && !(lenient && nargs == 1 && (args[0].t == JV_DICT || args[0].t == JV_LIST || args[0].t == JV_UNDEF))) {
+        free(b.p);
+        jx_fail(x, x->at, TUNA_E_FORMAT, "not all arguments converted during string formatting");
     }
     return buf_to_str(x, &b);
+}
+
+/* format(value, *args): str(value) % args */
+static struct jv f_format(struct jctx *x, struct jv in, struct jargs *a)
+{
+    if (a->nkw) jx_fail(x, x->at, TUNA_E_UNSUPPORTED, "format filter with keyword arguments (%%(name)s)");
+    return jx_printf(x, str_of(x, in), a->pos, a->npos, false);
 }
 
 static const struct {
@@ -773,15 +803,17 @@ static bool run_test(struct jctx *x, const char *t, struct jv v, struct jargs *a
                v.t == JV_UNDEF;
     if (!strcmp(t, "callable")) return v.t == JV_FUNC;
     if (!strcmp(t, "escaped")) return false;
-    if (!strcmp(t, "lower") || !strcmp(t, "upper")) {
-        if (v.t != JV_STR) return false;
-        struct jv c = t[0] == 'l' ? js_lower(x, v) : js_upper(x, v);
-        return jv_equal(c, v);
+    if (!strcmp(t, "lower") || !strcmp(t, "upper")) { /* str(value).islower() / isupper() */
+        struct jv s = jv_to_str(x, v);
+        struct jv c = t[0] == 'l' ? js_lower(x, s) : js_upper(x, s);
+        struct jv o = t[0] == 'l' ? js_upper(x, s) : js_lower(x, s);
+        return jv_equal(c, s) && !jv_equal(o, s); /* no wrong-case letter, at least one cased one */
     }
-    if (!strcmp(t, "even") || !strcmp(t, "odd")) {
-        if (v.t != JV_INT && v.t != JV_BOOL) jx_fail(x, x->at, TUNA_E_FORMAT, "test '%s' needs an integer, got %s", t, jv_type_name(v));
-        int64_t i = v.t == JV_BOOL ? v.u.b : v.u.i;
-        return (t[0] == 'e') == (i % 2 == 0);
+    if (!strcmp(t, "even") || !strcmp(t, "odd")) { /* value % 2 == 0 / == 1 */
+        if (!jv_is_num(v)) jx_fail(x, x->at, TUNA_E_FORMAT, "test '%s' needs a number, got %s", t, jv_type_name(v));
+        double r = fmod(jv_num(v), 2);
+        if (r < 0) r += 2;
+        return t[0] == 'e' ? r == 0 : r == 1;
     }
     if (!strcmp(t, "divisibleby")) {
         struct jv d = targ(x, a, t);

@@ -191,6 +191,8 @@ void jx_write_str(struct jctx *x, struct jbuf *b, struct jv v);
 struct jv jv_as_kind(struct jctx *x, struct jv list, enum jl_kind kind);
 /* Markup escaping of str(v) (& < > " ') */
 struct jv jx_escape(struct jctx *x, struct jv v);
+/* Python's `s % args` (the %s %d %i %r %% subset) */
+struct jv jx_printf(struct jctx *x, struct jv s, const struct jv *args, size_t nargs, bool lenient);
 /* str(v) as a string value (no copy when v is a string) */
 struct jv jv_to_str(struct jctx *x, struct jv v);
 

@@ -190,7 +190,12 @@ static struct jv repeat(struct jctx *x, struct jv s, int64_t k)
 {
     if (jv_is_seq(s) && s.u.l->kind != JL_LIST)
         jx_fail(x, x->at, TUNA_E_FORMAT, "unsupported operand type(s) for *: '%s' and 'int'", jv_type_name(s));
-    if (k <= 0) return s.t == JV_STR ? jv_str_ref("", 0) : jv_list(x, 0);
+    if (k <= 0) {
+        if (s.t == JV_STR) return jv_str_ref("", 0);
+        struct jv e = jv_list(x, 0);
+        e.t = s.t; /* () stays a tuple */
+        return e;
+    }
     if (s.t == JV_STR) {
         if (s.n * (size_t)k > (64u << 20)) jx_fail(x, x->at, TUNA_E_RANGE, "string repetition too large");
         char *p = ja_alloc(x->ar, s.n * (size_t)k + 1);
@@ -251,6 +256,10 @@ static struct jv binop(struct jctx *x, const struct node *n, struct jv a, struct
         break;
     case '*':
         if (op[1] == '*') {
+            if (nums && jv_num(a) == 0 && jv_num(b) < 0)
+                jx_fail(x, n, TUNA_E_FORMAT, "0.0 cannot be raised to a negative power");
+            if (nums && jv_num(a) < 0 && b.t == JV_FLOAT && b.u.f != floor(b.u.f))
+                jx_fail(x, n, TUNA_E_UNSUPPORTED, "a negative number to a fractional power (Python gives a complex number)");
             if (ints && as_i64(b) >= 0) {
                 int64_t base = as_i64(a);
                 bool ovf = false;
@@ -291,20 +300,14 @@ static struct jv binop(struct jctx *x, const struct node *n, struct jv a, struct
             }
             double fr = fmod(jv_num(a), jv_num(b));
             if (fr != 0 && ((fr < 0) != (jv_num(b) < 0))) fr += jv_num(b);
+            if (fr == 0) fr = copysign(0.0, jv_num(b)); /* Python: the zero takes the divisor's sign */
             return jv_float(fr);
         }
         if (a.t == JV_STR && a.safe)
             jx_fail(x, n, TUNA_E_UNSUPPORTED, "'%%' formatting of a string marked safe (Markup escapes the arguments)");
-        if (a.t == JV_STR) { /* 'text %s' % value: the format filter's printf subset */
-            struct jargs fa = {0};
-            if (b.t == JV_TUPLE) {
-                fa.npos = b.u.l->n;
-                fa.pos = b.u.l->v;
-            } else {
-                fa.npos = 1;
-                fa.pos = &b;
-            }
-            return jx_filter(x, "format", a, &fa, n);
+        if (a.t == JV_STR) { /* 'text %s' % value */
+            if (b.t == JV_TUPLE) return jx_printf(x, a, b.u.l->v, b.u.l->n, false);
+            return jx_printf(x, a, &b, 1, true);
         }
         break;
     default: break;
@@ -329,7 +332,10 @@ static bool contains(struct jctx *x, const struct node *n, struct jv hay, struct
             if (jv_equal(hay.u.l->v[i], needle)) return true;
         return false;
     case JV_DICT:
-    case JV_NS: return jd_find(hay.u.d, needle) >= 0;
+    case JV_NS:
+        if (needle.t == JV_LIST || needle.t == JV_DICT || needle.t == JV_NS)
+            jx_fail(x, n, TUNA_E_FORMAT, "unhashable type: '%s'", jv_type_name(needle));
+        return jd_find(hay.u.d, needle) >= 0;
     case JV_UNDEF: return false;
     default: jx_fail(x, n, TUNA_E_FORMAT, "argument of type '%s' is not iterable", jv_type_name(hay));
     }
@@ -441,6 +447,21 @@ static struct jv slice(struct jctx *x, const struct node *n, struct jv obj, stru
 }
 
 /* ---- expressions ---- */
+
+/* Would Jinja2's optimizer fold this expression to a constant at compile time? */
+static bool is_const(const struct node *n)
+{
+    switch (n->k) {
+    case N_LIT: return true;
+    case N_NEG:
+    case N_POS:
+    case N_NOT: return is_const(n->a);
+    case N_BINOP:
+    case N_AND:
+    case N_OR: return is_const(n->a) && is_const(n->b);
+    default: return false;
+    }
+}
 static struct jv apply_filter_node(struct jctx *x, struct jscope *sc, const struct node *f, struct jv in)
 {
     struct jargs a;
@@ -473,6 +494,8 @@ static struct jv eval(struct jctx *x, struct jscope *sc, const struct node *n)
         struct jv d = jv_dict(x, n->l1.n / 2);
         for (size_t i = 0; i + 1 < n->l1.n; i += 2) {
             struct jv k = eval(x, sc, n->l1.v[i]);
+            if (k.t == JV_LIST || k.t == JV_DICT || k.t == JV_NS)
+                jx_fail(x, n->l1.v[i], TUNA_E_FORMAT, "unhashable type: '%s'", jv_type_name(k));
             jd_set(x, d.u.d, k, eval(x, sc, n->l1.v[i + 1]));
         }
         return d;
@@ -537,6 +560,13 @@ static struct jv eval(struct jctx *x, struct jscope *sc, const struct node *n)
         struct jv a = eval(x, sc, n->a);
         struct jv b = eval(x, sc, n->b);
         x->at = n;
+        /* Jinja2 folds a constant base such as `-2` into the literal -2 and writes `-2 ** x` into
+         * Python, where it means -(2 ** x); with a constant exponent it folds all of (-2) ** x */
+        if (n->s[0] == '*' && n->s[1] == '*' && is_const(n->a) && !is_const(n->b) && jv_is_num(a) && jv_num(a) < 0) {
+            struct jv pa = a.t == JV_FLOAT ? jv_float(-a.u.f) : jv_int(-as_i64(a));
+            struct jv r = binop(x, n, pa, b);
+            return r.t == JV_FLOAT ? jv_float(-r.u.f) : jv_int(-r.u.i);
+        }
         return binop(x, n, a, b);
     }
     case N_COMPARE: {

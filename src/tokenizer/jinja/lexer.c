@@ -261,26 +261,20 @@ static tuna_status lex_tag(struct tuna_jinja_template *t, struct jtoks *o, size_
     }
 }
 
-/* Is the text "raw" keyword tag at i: "{%" [-+]? ws* name ws* [-+]? "%}"; returns end or 0 */
-static size_t match_simple_tag(const char *s, size_t n, size_t i, const char *name, bool *lminus,
-                               bool *rminus)
+/* Matches "{%" [-+]? ws* name ws* [-+]? "%}" at i; returns the offset after it or 0, with the
+ * whitespace-control signs ('-', '+' or 0) on each side. */
+static size_t match_simple_tag(const char *s, size_t n, size_t i, const char *name, char *lsign, char *rsign)
 {
     size_t j = i + 2;
-    *lminus = *rminus = false;
-    if (j < n && (s[j] == '-' || s[j] == '+')) {
-        *lminus = s[j] == '-';
-        j++;
-    }
+    *lsign = *rsign = 0;
+    if (j < n && (s[j] == '-' || s[j] == '+')) *lsign = s[j++];
     while (j < n && is_ws(s[j])) j++;
     size_t ln = strlen(name);
     if (j + ln > n || memcmp(s + j, name, ln) != 0) return 0;
     j += ln;
     if (j < n && (isalnum((unsigned char)s[j]) || s[j] == '_')) return 0;
     while (j < n && is_ws(s[j])) j++;
-    if (j < n && (s[j] == '-' || s[j] == '+')) {
-        *rminus = s[j] == '-';
-        j++;
-    }
+    if (j < n && (s[j] == '-' || s[j] == '+')) *rsign = s[j++];
     if (j + 1 < n && s[j] == '%' && s[j + 1] == '}') return j + 2;
     return 0;
 }
@@ -345,36 +339,39 @@ tuna_status jlex(struct tuna_jinja_template *t, struct jtoks *o)
         strip_next = strip_after;
         trim_next = block && t->opt.trim_blocks && !plus_after;
         line_starting = false;
-        /* {% raw %}: the text up to {% endraw %} is data */
+        /* {% raw %}: the text up to {% endraw %} is data. As Jinja2's lexer: no trim_blocks after
+         * the raw tag (only "-%}" strips), "+%}" is not a raw tag; before endraw "-" strips, "+"
+         * keeps, else lstrip_blocks applies; after endraw the usual rules. */
         if (block && o->n == first_tok + 2 && o->v[first_tok].t == JT_NAME && o->v[first_tok].n == 3 &&
             memcmp(o->v[first_tok].s, "raw", 3) == 0) {
+            if (plus_after) return lex_fail(t, open_off, "'{% raw +%}' is not a raw tag (Jinja2 says: unknown tag 'raw')");
             o->n = first_tok - 1; /* drop the raw tag's tokens */
             size_t j = pos, end = 0;
-            bool lm = false, rm = false;
+            char ls = 0, rs = 0;
             for (; j + 1 < n; j++) {
-                if (s[j] == '{' && s[j + 1] == '%' && (end = match_simple_tag(s, n, j, "endraw", &lm, &rm))) break;
+                if (s[j] == '{' && s[j + 1] == '%' && (end = match_simple_tag(s, n, j, "endraw", &ls, &rs))) break;
             }
             if (!end) return lex_fail(t, open_off, "'{% raw %}' without '{% endraw %}'");
             size_t a = pos, b = j;
+            bool raw_line_start = false;
             if (strip_after) {
                 while (a < b && is_ws(s[a])) a++;
-            } else if (trim_next && a < b && s[a] == '\n') {
-                a++;
+                raw_line_start = a > pos && s[a - 1] == '\n';
             }
-            if (lm) {
+            if (ls == '-') {
                 while (b > a && is_ws(s[b - 1])) b--;
-            } else if (t->opt.lstrip_blocks) {
+            } else if (ls != '+' && t->opt.lstrip_blocks) {
                 size_t l = b;
                 while (l > a && (s[l - 1] == ' ' || s[l - 1] == '\t')) l--;
-                if (l > a && s[l - 1] == '\n') b = l;
+                if ((l > a && s[l - 1] == '\n') || (l == a && raw_line_start)) b = l;
             }
             if (b > a) {
                 struct jtok tk = {.t = JT_TEXT, .off = a, .s = s + a, .n = b - a};
                 if (!push(t, o, tk)) return tuna_fail_oom("template tokens", 0);
             }
             pos = end;
-            strip_next = rm;
-            trim_next = t->opt.trim_blocks && s[end - 3] != '+';
+            strip_next = rs == '-';
+            trim_next = t->opt.trim_blocks && rs != '+';
         }
     }
     struct jtok e = {.t = JT_EOF, .off = n};
