@@ -340,10 +340,10 @@ static struct jv f_indent(struct jctx *x, struct jv in, struct jargs *a)
         jx_fail(x, x->at, TUNA_E_FORMAT, "indent(): expected a string, got %s", jv_type_name(in));
     struct jv w = ja_arg(a, 0, "width", jv_int(4));
     bool first = arg_bool(a, 1, "first", false), blank = arg_bool(a, 2, "blank", false);
-    struct jbuf ind = {0};
-    if (w.t == JV_STR) jb_put(&ind, w.u.s, w.n);
+    struct jbuf *ind = jx_buf(x);
+    if (w.t == JV_STR) jb_put(ind, w.u.s, w.n);
     else
-        for (int64_t i = 0; i < arg_int(x, a, 0, "width", 4); i++) jb_putc(&ind, ' ');
+        for (int64_t i = 0; i < arg_int(x, a, 0, "width", 4); i++) jb_putc(ind, ' ');
     struct jv s = str_of(x, in);
     /* s + "\n", then splitlines */
     struct jv lines = new_list(x);
@@ -358,16 +358,17 @@ static struct jv f_indent(struct jctx *x, struct jv in, struct jargs *a)
     }
     jl_push(x, lines.u.l, jv_str_ref(s.u.s + st, s.n - st)); /* the part before the added "\n" */
     struct jbuf b = {0};
-    if (first) jb_put(&b, ind.p, ind.n);
+    if (first) jb_put(&b, ind->p, ind->n);
     for (size_t i = 0; i < lines.u.l->n; i++) {
         struct jv ln = lines.u.l->v[i];
         if (i) {
             jb_putc(&b, '\n');
-            if (blank || ln.n) jb_put(&b, ind.p, ind.n);
+            if (blank || ln.n) jb_put(&b, ind->p, ind->n);
         }
         jb_put(&b, ln.u.s, ln.n);
     }
-    free(ind.p);
+    free(ind->p);
+    memset(ind, 0, sizeof *ind);
     return keep_safe(in, buf_to_str(x, &b));
 }
 
@@ -386,12 +387,12 @@ static struct jv f_join(struct jctx *x, struct jv in, struct jargs *a)
     struct jv sep = ja_arg(a, 0, "d", jv_str_ref("", 0));
     struct jv attr = ja_arg(a, 1, "attribute", jv_none());
     struct jlist *l = jv_iterate(x, in, x->at);
-    struct jbuf b = {0};
+    struct jbuf *b = jx_buf(x);
     for (size_t i = 0; i < l->n; i++) {
-        if (i) jx_write_str(x, &b, sep);
-        jx_write_str(x, &b, attr.t == JV_NONE ? l->v[i] : attr_path(x, l->v[i], attr));
+        if (i) jx_write_str(x, b, sep);
+        jx_write_str(x, b, attr.t == JV_NONE ? l->v[i] : attr_path(x, l->v[i], attr));
     }
-    return buf_to_str(x, &b);
+    return jx_buf_take(x, b);
 }
 
 static struct jv f_length(struct jctx *x, struct jv in, struct jargs *a)
@@ -635,9 +636,9 @@ static struct jv f_tojson(struct jctx *x, struct jv in, struct jargs *a)
         o.key_sep = ja_strndup(x->ar, sep.u.l->v[1].u.s, sep.u.l->v[1].n);
     }
     o.sort_keys = arg_bool(a, 3, "sort_keys", false);
-    struct jbuf b = {0};
-    jv_write_json(x, &b, in, &o, 0);
-    return buf_to_str(x, &b);
+    struct jbuf *b = jx_buf(x);
+    jv_write_json(x, b, in, &o, 0);
+    return jx_buf_take(x, b);
 }
 
 static struct jv f_trim(struct jctx *x, struct jv in, struct jargs *a)
@@ -698,40 +699,36 @@ static struct jv f_center(struct jctx *x, struct jv in, struct jargs *a)
  * list or dict may go unused (Python treats it as a mapping); otherwise unused arguments fail. */
 struct jv jx_printf(struct jctx *x, struct jv s, const struct jv *args, size_t nargs, bool lenient)
 {
-    struct jbuf b = {0};
+    struct jbuf *b = jx_buf(x);
     size_t k = 0;
     for (size_t i = 0; i < s.n; i++) {
         if (s.u.s[i] != '%') {
-            jb_putc(&b, s.u.s[i]);
+            jb_putc(b, s.u.s[i]);
             continue;
         }
         char c = i + 1 < s.n ? s.u.s[++i] : 0;
         if (c == '%') {
-            jb_putc(&b, '%');
+            jb_putc(b, '%');
             continue;
         }
         if (c != 's' && c != 'd' && c != 'i' && c != 'r') {
-            free(b.p);
             jx_fail(x, x->at, TUNA_E_UNSUPPORTED, "format filter: conversion '%%%c'", c);
         }
         if (k >= nargs) {
-            free(b.p);
             jx_fail(x, x->at, TUNA_E_FORMAT, "not enough arguments for format string");
         }
         struct jv v = args[k++];
-        if (c == 'r') jv_write_repr(&b, v);
-        else if (c == 's') jx_write_str(x, &b, v);
-        else if (jv_is_num(v)) jb_printf(&b, "%lld", (long long)(v.t == JV_FLOAT ? (int64_t)v.u.f : (int64_t)jv_num(v)));
+        if (c == 'r') jv_write_repr(b, v);
+        else if (c == 's') jx_write_str(x, b, v);
+        else if (jv_is_num(v)) jb_printf(b, "%lld", (long long)(v.t == JV_FLOAT ? (int64_t)v.u.f : (int64_t)jv_num(v)));
         else {
-            free(b.p);
             jx_fail(x, x->at, TUNA_E_FORMAT, "%%%c format: a real number is required, not %s", c, jv_type_name(v));
         }
     }
     if (k < nargs && !(lenient && nargs == 1 && (args[0].t == JV_DICT || args[0].t == JV_LIST || args[0].t == JV_UNDEF))) {
-        free(b.p);
         jx_fail(x, x->at, TUNA_E_FORMAT, "not all arguments converted during string formatting");
     }
-    return buf_to_str(x, &b);
+    return jx_buf_take(x, b);
 }
 
 /* format(value, *args): str(value) % args */

@@ -191,6 +191,10 @@ void jx_write_str(struct jctx *x, struct jbuf *b, struct jv v);
 struct jv jv_as_kind(struct jctx *x, struct jv list, enum jl_kind kind);
 /* Markup escaping of str(v) (& < > " ') */
 struct jv jx_escape(struct jctx *x, struct jv v);
+/* A scratch buffer that the render frees even when it fails (jx_fail longjmps past the code
+ * that made it); jx_buf_take returns its text as a string and frees it. */
+struct jbuf *jx_buf(struct jctx *x);
+struct jv jx_buf_take(struct jctx *x, struct jbuf *b);
 /* Python's `s % args` (the %s %d %i %r %% subset) */
 struct jv jx_printf(struct jctx *x, struct jv s, const struct jv *args, size_t nargs, bool lenient);
 /* str(v) as a string value (no copy when v is a string) */

@@ -109,28 +109,36 @@ static void eval_args(struct jctx *x, struct jscope *sc, const struct node *n, s
     }
 }
 
+/* ---- scratch buffers ---- */
+struct jbuf *jx_buf(struct jctx *x)
+{
+    struct jbuf_link *lk = ja_alloc(x->ar, sizeof *lk);
+    if (!lk) jx_fail(x, x->at, TUNA_E_OOM, "out of memory");
+    lk->next = x->open_bufs;
+    x->open_bufs = lk;
+    return &lk->b;
+}
+
+struct jv jx_buf_take(struct jctx *x, struct jbuf *b)
+{
+    if (b->oom) jx_fail(x, x->at, TUNA_E_OOM, "out of memory while rendering");
+    struct jv r = jv_str(x, b->p ? b->p : "", b->n);
+    free(b->p);
+    memset(b, 0, sizeof *b);
+    return r;
+}
+
 /* ---- macros ---- */
 /* Renders body into a string. The temporary buffer is linked into x->open_bufs so that an
  * error unwinding past it still frees it. */
 static struct jv render_to_string(struct jctx *x, struct jscope *sc, const struct nvec *body, const struct node *at)
 {
-    struct jbuf_link *lk = ja_alloc(x->ar, sizeof *lk);
-    if (!lk) jx_fail(x, at, TUNA_E_OOM, "out of memory");
-    struct jbuf *saved = x->out;
-    lk->next = x->open_bufs;
-    x->open_bufs = lk;
-    x->out = &lk->b;
+    struct jbuf *saved = x->out, *b = jx_buf(x);
+    x->out = b;
     exec_body(x, sc, body);
     x->out = saved;
-    x->open_bufs = lk->next;
-    struct jbuf buf = lk->b;
-    if (buf.oom) {
-        free(buf.p);
-        jx_fail(x, at, TUNA_E_OOM, "out of memory");
-    }
-    struct jv r = jv_str(x, buf.p ? buf.p : "", buf.n);
-    free(buf.p);
-    return r;
+    (void)at;
+    return jx_buf_take(x, b);
 }
 
 static struct jv call_macro(struct jctx *x, struct jfunc *f, struct jargs *a, const struct node *at)
@@ -575,11 +583,9 @@ static struct jv eval(struct jctx *x, struct jscope *sc, const struct node *n)
         return compare(x, n, a, b);
     }
     case N_CONCAT: {
-        struct jbuf b = {0};
-        for (size_t i = 0; i < n->l1.n; i++) jx_write_str(x, &b, eval(x, sc, n->l1.v[i]));
-        struct jv r = jv_str(x, b.p ? b.p : "", b.n);
-        free(b.p);
-        return r;
+        struct jbuf *b = jx_buf(x);
+        for (size_t i = 0; i < n->l1.n; i++) jx_write_str(x, b, eval(x, sc, n->l1.v[i]));
+        return jx_buf_take(x, b);
     }
     default: jx_fail(x, n, TUNA_E_INTERNAL, "node kind %d is not an expression", (int)n->k);
     }

@@ -641,12 +641,6 @@ static void json_nl(struct jbuf *b, const struct tojson_opts *o, int level)
     for (int i = 0; i < o->indent * level; i++) jb_putc(b, ' ');
 }
 
-static struct jctx *sort_ctx;
-static int cmp_keys_idx(const void *pa, const void *pb)
-{
-    const struct jv *a = pa, *b = pb;
-    return jv_compare(sort_ctx, a[0], b[0], true);
-}
 
 void jv_write_json(struct jctx *x, struct jbuf *b, struct jv v, const struct tojson_opts *o, int level)
 {
@@ -692,12 +686,18 @@ void jv_write_json(struct jctx *x, struct jbuf *b, struct jv v, const struct toj
             pairs[2 * i] = d->k[i];
             pairs[2 * i + 1] = d->v[i];
         }
-        if (o->sort_keys) {
-            struct jctx *saved = sort_ctx;
-            sort_ctx = x;
-            /* stable enough: keys are unique */
-            qsort(pairs, d->n, 2 * sizeof *pairs, cmp_keys_idx);
-            sort_ctx = saved;
+        if (o->sort_keys) { /* insertion sort of the (key, value) pairs: dicts here are small */
+            for (size_t i = 1; i < d->n; i++) {
+                struct jv k = pairs[2 * i], v = pairs[2 * i + 1];
+                size_t j = i;
+                while (j > 0 && jv_compare(x, pairs[2 * (j - 1)], k, true) > 0) {
+                    pairs[2 * j] = pairs[2 * (j - 1)];
+                    pairs[2 * j + 1] = pairs[2 * (j - 1) + 1];
+                    j--;
+                }
+                pairs[2 * j] = k;
+                pairs[2 * j + 1] = v;
+            }
         }
         jb_putc(b, '{');
         for (size_t i = 0; i < d->n; i++) {
