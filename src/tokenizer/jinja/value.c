@@ -688,7 +688,7 @@ void jv_write_json(struct jctx *x, struct jbuf *b, struct jv v, const struct toj
         }
         if (o->sort_keys) { /* insertion sort of the (key, value) pairs: dicts here are small */
             for (size_t i = 1; i < d->n; i++) {
-                struct jv k = pairs[2 * i], v = pairs[2 * i + 1];
+                struct jv k = pairs[2 * i], kv = pairs[2 * i + 1];
                 size_t j = i;
                 while (j > 0 && jv_compare(x, pairs[2 * (j - 1)], k, true) > 0) {
                     pairs[2 * j] = pairs[2 * (j - 1)];
@@ -696,7 +696,7 @@ void jv_write_json(struct jctx *x, struct jbuf *b, struct jv v, const struct toj
                     j--;
                 }
                 pairs[2 * j] = k;
-                pairs[2 * j + 1] = v;
+                pairs[2 * j + 1] = kv;
             }
         }
         jb_putc(b, '{');
