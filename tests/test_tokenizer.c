@@ -1137,9 +1137,9 @@ static void test_bad_input(void **s)
     TT_FAILS(tuna_tokenizer_load(tmp, &t), TUNA_E_NOT_FOUND, "tokenizer.json");
     assert_null(t);
     snprintf(path, sizeof path, "%s/tokenizer.json", tmp);
-    const char *wl = "{\"model\": {\"type\": \"WordLevel\", \"vocab\": {\"a\": 0}, \"unk_token\": \"a\"}}";
+    const char *wl = "{\"model\": {\"type\": \"Mystery\", \"vocab\": {\"a\": 0}, \"unk_token\": \"a\"}}";
     tt_write(path, wl, strlen(wl));
-    TT_FAILS(tuna_tokenizer_load(tmp, &t), TUNA_E_UNSUPPORTED, "WordLevel");
+    TT_FAILS(tuna_tokenizer_load(tmp, &t), TUNA_E_UNSUPPORTED, "model type Mystery");
     const char *uni = "{\"model\": {\"type\": \"Unigram\", \"vocab\": [[\"a\", 0.0], [\"b\"]]}}";
     tt_write(path, uni, strlen(uni));
     TT_FAILS(tuna_tokenizer_load(tmp, &t), TUNA_E_FORMAT, "[piece, score]");
@@ -1150,9 +1150,17 @@ static void test_bad_input(void **s)
     tt_write(path, badmerge, strlen(badmerge));
     TT_FAILS(tuna_tokenizer_load(tmp, &t), TUNA_E_FORMAT, "missing from the vocabulary");
     const char *badnorm = "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []},"
-                          " \"normalizer\": {\"type\": \"ByteLevel\"}}";
+                          " \"normalizer\": {\"type\": \"Mystery\"}}";
     tt_write(path, badnorm, strlen(badnorm));
-    TT_FAILS(tuna_tokenizer_load(tmp, &t), TUNA_E_UNSUPPORTED, "normalizer type \"ByteLevel\"");
+    TT_FAILS(tuna_tokenizer_load(tmp, &t), TUNA_E_UNSUPPORTED, "normalizer type \"Mystery\"");
+    const char *badpre = "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []},"
+                         " \"pre_tokenizer\": {\"type\": \"UnicodeScripts\"}}";
+    tt_write(path, badpre, strlen(badpre));
+    TT_FAILS(tuna_tokenizer_load(tmp, &t), TUNA_E_UNSUPPORTED, "pre-tokenizer type \"UnicodeScripts\"");
+    const char *baddec = "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []},"
+                         " \"decoder\": {\"type\": \"CTC\"}}";
+    tt_write(path, baddec, strlen(baddec));
+    TT_FAILS(tuna_tokenizer_load(tmp, &t), TUNA_E_UNSUPPORTED, "decoder type \"CTC\"");
     const char *badmap = "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []},"
                          " \"normalizer\": {\"type\": \"Precompiled\", \"precompiled_charsmap\": \"AAAA\"}}";
     tt_write(path, badmap, strlen(badmap));
@@ -1164,6 +1172,20 @@ static void test_bad_input(void **s)
     tt_write(path, "{\"model\": 3", 11);
     TT_FAILS(tuna_tokenizer_load(tmp, &t), TUNA_E_FORMAT, "tokenizer.json");
 
+    /* WordLevel (HF models/wordlevel): a known word is its id, anything else the unk id */
+    const char *wlv = "{\"model\": {\"type\": \"WordLevel\", \"vocab\": {\"<unk>\": 0, \"a\": 1, \"b\": 2},"
+                      " \"unk_token\": \"<unk>\"}, \"pre_tokenizer\": {\"type\": \"WhitespaceSplit\"}}";
+    tt_write(path, wlv, strlen(wlv));
+    TT_OK(tuna_tokenizer_load(tmp, &t));
+    int32_t *wids = NULL;
+    size_t wn = 0;
+    TT_OK(tuna_tokenizer_encode(t, "a b c", 5, false, true, &wids, &wn));
+    assert_int_equal(wn, 3);
+    assert_int_equal(wids[0], 1);
+    assert_int_equal(wids[1], 2);
+    assert_int_equal(wids[2], 0);
+    free(wids);
+    tuna_tokenizer_free(t);
     /* a minimal valid tokenizer: bad UTF-8 in, unknown ids in */
     const char *ok = "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 1, \"ab\": 2}, \"merges\": [[\"a\", \"b\"]]}}";
     tt_write(path, ok, strlen(ok));

@@ -76,6 +76,7 @@ static void test_pre_tokenizers(void **s)
     check_pre("{\"type\":\"Whitespace\"}", "Hey man!", W("Hey", "man", "!"));
     check_pre("{\"type\":\"Whitespace\"}", "How are you doing?", W("How", "are", "you", "doing", "?"));
     check_pre("{\"type\":\"WhitespaceSplit\"}", "Hey man!", W("Hey", "man!"));
+    check_pre("{\"type\":\"CharDelimiterSplit\",\"delimiter\":\" \"}", "Hey  man!", W("Hey", "man!"));
     check_pre("{\"type\":\"BertPreTokenizer\"}", "Hey friend!     How are you?!?",
               W("Hey", "friend", "!", "How", "are", "you", "?", "!", "?"));
     check_pre("{\"type\":\"ByteLevel\",\"add_prefix_space\":false,\"use_regex\":true}", "Hello my friend, how is your day going?",
@@ -131,6 +132,8 @@ static void test_decoders(void **s)
     check_dec("{\"type\":\"Metaspace\",\"replacement\":\"\xE2\x96\x81\",\"add_prefix_space\":true}",
               W("\xE2\x96\x81Hey", "\xE2\x96\x81" "friend!"), W("Hey", " friend!"));
     check_dec("{\"type\":\"ByteLevel\"}", W("Hello", "\xC4\xA0my", "\xC4\xA0" "friend"), W("Hello my friend"));
+    check_dec("{\"type\":\"BPEDecoder\",\"suffix\":\"</w>\"}", W("My</w>", "na", "me</w>", "is</w>", "Jo", "hn</w>"),
+              W("My ", "na", "me ", "is ", "Jo", "hn"));
     /* a token ending inside a UTF-8 character becomes U+FFFD, as from_utf8_lossy does */
     check_dec("{\"type\":\"ByteLevel\"}", W("\xC3\xA5\xC4\xB1"), W(FFFD));
     check_dec("{\"type\":\"Replace\",\"pattern\":{\"String\":\"\xE2\x96\x81\"},\"content\":\" \"}",
@@ -163,6 +166,12 @@ static void test_normalizers(void **s)
     check_norm("{\"type\":\"NFKC\"}", "\xEF\xAC\x81", "fi");      /* the ﬁ ligature */
     check_norm("{\"type\":\"NFKD\"}", "\xC2\xBD", "1\xE2\x81\x84" "2"); /* ½ */
     check_norm("{\"type\":\"Prepend\",\"prepend\":\"\xE2\x96\x81\"}", "Hey", "\xE2\x96\x81Hey");
+    /* HF normalizers/byte_level.rs: "Hello 我今天能为你做什么" */
+    check_norm("{\"type\":\"ByteLevel\"}",
+               "Hello \xE6\x88\x91\xE4\xBB\x8A\xE5\xA4\xA9\xE8\x83\xBD\xE4\xB8\xBA\xE4\xBD\xA0\xE5\x81\x9A\xE4\xBB\x80\xE4\xB9\x88",
+               "Hello\xC4\xA0\xC3\xA6\xC4\xAA\xC4\xB3\xC3\xA4\xC2\xBB\xC4\xAC\xC3\xA5\xC2\xA4\xC2\xA9\xC3\xA8\xC4\xA5"
+               "\xC2\xBD\xC3\xA4\xC2\xB8\xC2\xBA\xC3\xA4\xC2\xBD\xC5\x82\xC3\xA5\xC4\xA3\xC4\xBC\xC3\xA4\xC2\xBB"
+               "\xC4\xA2\xC3\xA4\xC2\xB9\xC4\xAA");
     check_norm("{\"type\":\"Prepend\",\"prepend\":\"\xE2\x96\x81\"}", "", "");
     check_norm("{\"type\":\"Replace\",\"pattern\":{\"Regex\":\" {2,}\"},\"content\":\" \"}", "a   b  c d", "a b c d");
     check_norm("{\"type\":\"Sequence\",\"normalizers\":[{\"type\":\"NFD\"},{\"type\":\"StripAccents\"},{\"type\":\"Lowercase\"}]}",

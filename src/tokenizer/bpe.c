@@ -445,6 +445,16 @@ tuna_status tk_model_tokenize(struct tk_model *m, const char *w, size_t n, int32
     if (n == 0) return TUNA_OK;
     if (m->type == TK_MODEL_WORDPIECE) return wordpiece_word(m, w, n, ids, nids, cap);
     if (m->type == TK_MODEL_UNIGRAM) return tk_unigram_tokenize(m, w, n, ids, nids, cap);
+    if (m->type == TK_MODEL_WORDLEVEL) { /* the word's id, else unk (HF fails without one) */
+        int64_t id;
+        if (!tuna_strmap_get(&m->vocab, w, n, &id)) {
+            if (m->unk_id < 0)
+                return tuna_fail(TUNA_E_INVALID, "WordLevel: \"%.*s\" is not in the vocabulary and there is no unk_token",
+                                 (int)(n > 60 ? 60 : n), w);
+            id = m->unk_id;
+        }
+        return append_id(ids, nids, cap, (int32_t)id) ? TUNA_OK : tuna_fail_oom("ids", *nids);
+    }
     int64_t v;
     if (m->ignore_merges && tuna_strmap_get(&m->vocab, w, n, &v))
         return append_id(ids, nids, cap, (int32_t)v) ? TUNA_OK : tuna_fail_oom("ids", *nids);

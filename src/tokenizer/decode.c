@@ -51,6 +51,11 @@ tuna_status tk_dec_parse(const cJSON *j, struct tk_dec *d)
         d->content = strdup(cJSON_IsString(p) ? p->valuestring : "##");
         if (!d->content) return tuna_fail_oom("decoder", 0);
         d->cleanup = !cJSON_IsFalse(tuna_json_member(j, "cleanup"));
+    } else if (!strcmp(t, "BPEDecoder")) {
+        d->type = TK_DEC_BPE_SUFFIX;
+        const cJSON *sf = tuna_json_member(j, "suffix");
+        d->content = strdup(cJSON_IsString(sf) ? sf->valuestring : "</w>");
+        if (!d->content) return tuna_fail_oom("decoder", 0);
     } else if (!strcmp(t, "Sequence")) {
         d->type = TK_DEC_SEQUENCE;
         const cJSON *arr = tuna_json_member(j, "decoders");
@@ -68,7 +73,7 @@ tuna_status tk_dec_parse(const cJSON *j, struct tk_dec *d)
     } else {
         return tuna_fail(TUNA_E_UNSUPPORTED,
                          "tokenizer.json: decoder type \"%s\" is not supported (tuna handles ByteLevel, Metaspace, "
-                         "ByteFallback, Fuse, Strip, Replace, WordPiece, Sequence)",
+                         "ByteFallback, Fuse, Strip, Replace, WordPiece, BPEDecoder, Sequence)",
                          t);
     }
     return TUNA_OK;
@@ -269,6 +274,25 @@ tuna_status tk_dec_apply(const struct tk_dec *d, tk_pieces *l)
             } else {
                 ok = ok && tk_pieces_add(&out, b.p, b.n, false);
             }
+        }
+        break;
+    }
+    case TK_DEC_BPE_SUFFIX: { /* the suffix becomes a space, or nothing in the last token */
+        size_t sl = strlen(d->content);
+        for (size_t i = 0; i < l->n && ok; i++) {
+            const char *s = P_STR(l, i);
+            size_t n = l->v[i].len;
+            b.n = 0;
+            ok = tk_buf_put(&b, "", 0);
+            for (size_t k = 0; k < n && ok;) {
+                if (sl && n - k >= sl && !memcmp(s + k, d->content, sl)) {
+                    if (i + 1 < l->n) ok = tk_buf_putc(&b, ' ');
+                    k += sl;
+                } else {
+                    ok = tk_buf_putc(&b, s[k++]);
+                }
+            }
+            ok = ok && tk_pieces_add(&out, b.p, b.n, false);
         }
         break;
     }

@@ -196,6 +196,8 @@ tuna_status tk_norm_parse(const cJSON *j, struct tk_norm *n)
         n->lowercase = !cJSON_IsFalse(tuna_json_member(j, "lowercase"));
         v = tuna_json_member(j, "strip_accents");
         n->strip_accents = v ? cJSON_IsTrue(v) : n->lowercase;
+    } else if (!strcmp(t, "ByteLevel")) {
+        n->type = TK_NORM_BYTELEVEL;
     } else if (!strcmp(t, "Precompiled")) {
         n->type = TK_NORM_PRECOMPILED;
         return parse_precompiled(j, n);
@@ -216,7 +218,7 @@ tuna_status tk_norm_parse(const cJSON *j, struct tk_norm *n)
     } else {
         return tuna_fail(TUNA_E_UNSUPPORTED,
                          "tokenizer.json: normalizer type \"%s\" is not supported (tuna handles NFC, NFD, "
-                         "NFKC, NFKD, Lowercase, Strip, StripAccents, Prepend, Replace, BertNormalizer, Precompiled, Sequence)",
+                         "NFKC, NFKD, Lowercase, Strip, StripAccents, Prepend, Replace, BertNormalizer, Precompiled, ByteLevel, Sequence)",
                          t);
     }
     return TUNA_OK;
@@ -326,6 +328,10 @@ static tuna_status apply_one(const struct tk_norm *n, const char *s, size_t len,
     case TK_NORM_LOWERCASE: return map_chars(n, PASS_LOWER, s, len, out);
     case TK_NORM_STRIP_ACCENTS: return map_chars(n, PASS_STRIP_MARKS, s, len, out);
     case TK_NORM_PRECOMPILED: return apply_precompiled(n, s, len, out);
+    case TK_NORM_BYTELEVEL: /* every byte shown as its GPT-2 character */
+        for (size_t i = 0; i < len; i++)
+            if (!tk_buf_put_cp(out, tk_byte_to_cp((unsigned char)s[i]))) return tuna_fail_oom("normalizer", len);
+        return tk_buf_put(out, "", 0) ? TUNA_OK : tuna_fail_oom("normalizer", 0);
     case TK_NORM_BERT: return bert_normalize(n, s, len, out);
     case TK_NORM_STRIP: {
         size_t a = 0, b = len;

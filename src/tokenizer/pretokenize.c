@@ -283,6 +283,14 @@ tuna_status tk_pre_parse(const cJSON *j, struct tk_pre *p)
         p->type = TK_PRE_WHITESPACE_SPLIT;
         return TUNA_OK;
     }
+    if (!strcmp(t, "CharDelimiterSplit")) {
+        p->type = TK_PRE_CHAR_DELIMITER;
+        const cJSON *d = tuna_json_member(j, "delimiter");
+        size_t dl = cJSON_IsString(d) ? strlen(d->valuestring) : 0;
+        if (!dl || tk_utf8_next(d->valuestring, dl, &p->repl_cp) != dl || p->repl_cp < 0)
+            return tuna_fail(TUNA_E_FORMAT, "tokenizer.json: CharDelimiterSplit needs a one-character \"delimiter\"");
+        return TUNA_OK;
+    }
     if (!strcmp(t, "BertPreTokenizer")) {
         p->type = TK_PRE_BERT;
         return TUNA_OK;
@@ -305,7 +313,7 @@ tuna_status tk_pre_parse(const cJSON *j, struct tk_pre *p)
     }
     return tuna_fail(TUNA_E_UNSUPPORTED,
                      "tokenizer.json: pre-tokenizer type \"%s\" is not supported (tuna handles Split, ByteLevel, "
-                     "Metaspace, Digits, Punctuation, Whitespace, WhitespaceSplit, BertPreTokenizer, Sequence)",
+                     "Metaspace, Digits, Punctuation, Whitespace, WhitespaceSplit, CharDelimiterSplit, BertPreTokenizer, Sequence)",
                      t);
 }
 
@@ -414,6 +422,7 @@ static tuna_status apply_piece(const struct tk_pre *p, const char *s, size_t n, 
     case TK_PRE_PUNCTUATION: return split_chars(pred_punct, 0, p->behavior, s, n, first, segs, out);
     case TK_PRE_WHITESPACE: return split_pattern(&p->pat, TK_SPLIT_REMOVED, true, s, n, first, segs, out);
     case TK_PRE_WHITESPACE_SPLIT: return split_chars(pred_ws, 0, TK_SPLIT_REMOVED, s, n, first, segs, out);
+    case TK_PRE_CHAR_DELIMITER: return split_chars(pred_eq, p->repl_cp, TK_SPLIT_REMOVED, s, n, first, segs, out);
     case TK_PRE_BERT: {
         tk_pieces mid = {0};
         tuna_status st = split_chars(pred_ws, 0, TK_SPLIT_REMOVED, s, n, first, segs, &mid);

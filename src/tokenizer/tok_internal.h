@@ -128,6 +128,7 @@ enum tk_norm_type {
     TK_NORM_STRIP_ACCENTS,
     TK_NORM_BERT,
     TK_NORM_PRECOMPILED,
+    TK_NORM_BYTELEVEL,
     TK_NORM_SEQUENCE
 };
 struct tk_norm {
@@ -159,6 +160,7 @@ enum tk_pre_type {
     TK_PRE_WHITESPACE,
     TK_PRE_WHITESPACE_SPLIT,
     TK_PRE_BERT,
+    TK_PRE_CHAR_DELIMITER,
     TK_PRE_SEQUENCE
 };
 enum tk_prepend_scheme { TK_PREPEND_ALWAYS, TK_PREPEND_FIRST, TK_PREPEND_NEVER };
@@ -197,7 +199,7 @@ struct tk_cache {
     size_t n, cap;
 };
 
-enum tk_model_type { TK_MODEL_BPE, TK_MODEL_WORDPIECE, TK_MODEL_UNIGRAM };
+enum tk_model_type { TK_MODEL_BPE, TK_MODEL_WORDPIECE, TK_MODEL_UNIGRAM, TK_MODEL_WORDLEVEL };
 struct tk_model {
     enum tk_model_type type;
     struct tuna_strmap vocab; /* token → id */
@@ -276,6 +278,7 @@ enum tk_dec_type {
     TK_DEC_STRIP,
     TK_DEC_REPLACE,
     TK_DEC_WORDPIECE,
+    TK_DEC_BPE_SUFFIX,
     TK_DEC_SEQUENCE
 };
 struct tk_dec {

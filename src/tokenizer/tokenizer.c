@@ -118,12 +118,15 @@ static tuna_status load_model(tuna_tokenizer *t, const cJSON *m, const char *whe
             if (st) return st;
             rank++;
         }
+    } else if (!strcmp(type, "WordLevel")) {
+        md->type = TK_MODEL_WORDLEVEL;
+        if ((st = load_vocab_obj(md, vocab, where))) return st;
     } else if (!strcmp(type, "Unigram")) {
         if ((st = tk_unigram_load(md, m, where))) return st;
         return tk_model_finish(md);
     } else {
         return tuna_fail(TUNA_E_UNSUPPORTED,
-                         "%s: model type %s is not supported yet (tuna handles BPE, Unigram and WordPiece)", where, type);
+                         "%s: model type %s is not supported (tuna handles BPE, Unigram, WordPiece and WordLevel)", where, type);
     }
     char *unk = NULL;
     if ((st = opt_str(m, "unk_token", &unk))) return st;

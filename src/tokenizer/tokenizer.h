@@ -7,13 +7,13 @@
  * decode runs the decoder chain over the token strings. Supported (anything else is refused with
  * TUNA_E_UNSUPPORTED naming the type):
  *   models: BPE (byte-level: GPT-2, Llama 3, Qwen; SentencePiece-style with byte_fallback and
- *           fuse_unk: Llama 2, Mistral, Gemma; ignore_merges), Unigram (T5), WordPiece
+ *           fuse_unk: Llama 2, Mistral, Gemma; ignore_merges), Unigram (T5), WordPiece, WordLevel
  *   normalizers: NFC NFD NFKC NFKD Lowercase Strip StripAccents Prepend Replace BertNormalizer
- *                Precompiled Sequence
+ *                Precompiled ByteLevel Sequence
  *   pre-tokenizers: Split ByteLevel Metaspace Digits Punctuation Whitespace WhitespaceSplit
- *                   BertPreTokenizer Sequence
+ *                   CharDelimiterSplit BertPreTokenizer Sequence
  *   post-processors: TemplateProcessing ByteLevel RobertaProcessing BertProcessing Sequence
- *   decoders: ByteLevel Metaspace ByteFallback Fuse Strip Replace WordPiece Sequence
+ *   decoders: ByteLevel Metaspace ByteFallback Fuse Strip Replace WordPiece BPEDecoder Sequence
  * From tokenizer_config.json, as transformers does: bos/eos/unk/pad tokens, added_tokens_decoder
  * entries missing from tokenizer.json, clean_up_tokenization_spaces, the chat template, and for
  * the Llama/CodeLlama/Gemma tokenizer classes add_bos_token/add_eos_token (which rebuild the
