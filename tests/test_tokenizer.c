@@ -101,6 +101,19 @@ static void run_cases(const char *name)
         pass += ok;
         idx++;
     }
+    /* chat[]: the rendered template, tokenized as apply_chat_template(tokenize=True) does
+     * (special tokens in the text recognised, nothing added) */
+    cJSON_ArrayForEach(c, tuna_json_member(doc, "chat"))
+    {
+        const char *text = cJSON_GetObjectItem(c, "rendered")->valuestring;
+        int32_t *want;
+        size_t nw;
+        assert_true(json_ids(cJSON_GetObjectItem(c, "ids"), &want, &nw));
+        pass += check_encode(t, name, idx, text, strlen(text), false, want, nw);
+        free(want);
+        total++;
+        idx++;
+    }
     /* vocab_size in cases.json is HF's len(tokenizer) */
     const cJSON *vs = tuna_json_member(doc, "vocab_size");
     if (cJSON_IsNumber(vs) && (int64_t)vs->valuedouble != tuna_tokenizer_vocab_size(t)) {
