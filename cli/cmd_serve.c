@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "infer_common.h"
 #include "core/status.h"
 #include "lora/lora.h"
 #include "model/model.h"
@@ -33,6 +34,8 @@ static void usage(FILE *f)
                "  --max-pending N               requests queued or running at most; more get 429 (default 1024)\n"
                "  --max-request-bytes N         request bodies above this get 413 (default 4194304)\n"
                "  --threads N                   CPU threads (default: all)\n"
+               "  --device D                    cpu, cuda, cuda:N or auto (default: the GPU when there is one)\n"
+               "  --dtype T                     GPU compute dtype: auto, bfloat16, float16, float32\n"
                "  --lora-modules NAME=DIR       serve a PEFT LoRA adapter as model NAME (repeatable, up to 16);\n"
                "                                requests pick it with \"model\": \"NAME\"\n");
 }
@@ -43,6 +46,7 @@ struct serve_opts {
     double kv_gb;
     const char *lora_names[16], *lora_dirs[16];
     int n_lora;
+    struct tuna_model_opts dev; /* --device, --dtype */
 };
 
 /* NAME=DIR into the adapter table (strings point into argv). */
@@ -80,6 +84,7 @@ static bool parse_args(int argc, char **argv, struct serve_opts *o, bool *help)
             tuna_cli_opt_int(argc, argv, &i, "--threads", &o->threads, &bad) ||
             tuna_cli_opt_float(argc, argv, &i, "--kv-cache-gb", &o->kv_gb, &bad))
             continue;
+        if (infer_device_parse(&o->dev, argc, argv, &i, &bad)) continue;
         const char *spec = NULL;
         if (tuna_cli_opt_str(argc, argv, &i, "--lora-modules", &spec, &bad)) {
             if (!bad && !add_lora(o, (char *)spec)) bad = true;
@@ -121,6 +126,7 @@ int cmd_serve(int argc, char **argv)
 {
     struct serve_opts o = {.host = "127.0.0.1", .port = 8000, .kv_gb = 1.0, .block_size = 16, .max_num_seqs = 128,
                            .max_batched = 2048, .max_pending = 1024, .max_body = 4 << 20};
+    o.dev.device = TUNA_DEVICE_AUTO;
     bool help = false;
     if (!parse_args(argc, argv, &o, &help)) {
         usage(stderr);
@@ -150,7 +156,11 @@ int cmd_serve(int argc, char **argv)
     struct tuna_metrics metrics;
     tuna_metrics_init(&metrics);
     struct tuna_gen_config gc;
-    struct tuna_model_opts mo = {.threads = (int)o.threads, .max_model_len = o.max_model_len};
+    struct tuna_model_opts mo = o.dev;
+    mo.threads = (int)o.threads;
+    mo.max_model_len = o.max_model_len;
+    /* adapters are applied on the CPU backend so far: with --lora-modules, auto means the CPU */
+    if (o.n_lora && mo.device == TUNA_DEVICE_AUTO) mo.device = TUNA_DEVICE_CPU;
     tuna_status st = tuna_tokenizer_load(o.dir, &tok);
     if (!st) st = tuna_model_load(o.dir, &mo, &m);
     if (!st) st = tuna_gen_config_load(o.dir, &gc);

@@ -13,6 +13,36 @@ void infer_flags_init(struct infer_flags *f)
     memset(f, 0, sizeof *f);
     tuna_sampling_default(&f->sampling);
     f->max_tokens = 256;
+    f->model.device = TUNA_DEVICE_AUTO;
+}
+
+bool infer_device_parse(struct tuna_model_opts *o, int argc, char **argv, int *i, bool *bad)
+{
+    const char *s;
+    if (tuna_cli_opt_str(argc, argv, i, "--device", &s, bad)) {
+        if (!strcmp(s, "cpu")) o->device = TUNA_DEVICE_CPU;
+        else if (!strcmp(s, "auto")) o->device = TUNA_DEVICE_AUTO;
+        else if (!strncmp(s, "cuda", 4)) {
+            o->device = TUNA_DEVICE_CUDA;
+            o->cuda_device = s[4] == ':' ? atoi(s + 5) : 0;
+        } else {
+            fprintf(stderr, "--device wants cpu, cuda, cuda:N or auto, got '%s'\n", s);
+            *bad = true;
+        }
+        return true;
+    }
+    if (tuna_cli_opt_str(argc, argv, i, "--dtype", &s, bad)) {
+        if (!strcmp(s, "auto")) o->gpu_dtype = TUNA_DTYPE_INVALID;
+        else if (!strcmp(s, "bfloat16") || !strcmp(s, "bf16")) o->gpu_dtype = TUNA_DTYPE_BF16;
+        else if (!strcmp(s, "float16") || !strcmp(s, "half") || !strcmp(s, "fp16")) o->gpu_dtype = TUNA_DTYPE_F16;
+        else if (!strcmp(s, "float32") || !strcmp(s, "float") || !strcmp(s, "fp32")) o->gpu_dtype = TUNA_DTYPE_F32;
+        else {
+            fprintf(stderr, "--dtype wants auto, bfloat16, float16 or float32, got '%s'\n", s);
+            *bad = true;
+        }
+        return true;
+    }
+    return false;
 }
 
 bool infer_flags_parse(struct infer_flags *f, int argc, char **argv, int *i, bool *bad)
@@ -20,6 +50,7 @@ bool infer_flags_parse(struct infer_flags *f, int argc, char **argv, int *i, boo
     long long v;
     double d;
     const char *s;
+    if (infer_device_parse(&f->model, argc, argv, i, bad)) return true;
     if (tuna_cli_opt_int(argc, argv, i, "--threads", &v, bad)) {
         f->model.threads = (int)v;
         return true;
@@ -100,7 +131,10 @@ bool infer_flags_parse(struct infer_flags *f, int argc, char **argv, int *i, boo
 
 void infer_flags_help(FILE *out, bool sampling)
 {
-    fprintf(out, "  --threads N            CPU threads (default: all)\n"
+    fprintf(out, "  --device D             cpu, cuda, cuda:N or auto (default: the GPU when there is one)\n"
+                 "  --dtype T              GPU compute: auto (bf16 on compute capability >= 8.0, else fp16),\n"
+                 "                         bfloat16, float16, float32\n"
+                 "  --threads N            CPU threads (default: all)\n"
                  "  --max-model-len N      context limit (default: max_position_embeddings)\n");
     if (!sampling) return;
     fprintf(out, "  --max-tokens N         tokens to generate at most (default 256)\n"

@@ -29,6 +29,10 @@ struct infer_flags {
 
 void infer_flags_init(struct infer_flags *f);
 /* Consumes argv[*i] when it is one of the shared flags; sets *bad on a malformed value. */
+/* --device cpu|cuda|cuda:N|auto and --dtype auto|bfloat16|float16|float32 into o (also used by
+ * commands with their own option lists, e.g. serve). */
+bool infer_device_parse(struct tuna_model_opts *o, int argc, char **argv, int *i, bool *bad);
+
 bool infer_flags_parse(struct infer_flags *f, int argc, char **argv, int *i, bool *bad);
 void infer_flags_help(FILE *out, bool sampling);
 /* Applies generation_config.json of dir under the flags given, adds its EOS ids (or config.json's)

@@ -233,7 +233,7 @@ static void assert_no_quant_config(const char *dir)
 static float *logits_of(const char *dir, const int32_t *ids, int64_t T, int64_t *V)
 {
     struct tuna_model *m;
-    struct tuna_model_opts o = {2, 0};
+    struct tuna_model_opts o = {.threads = 2, .max_model_len = 0};
     TT_OK(tuna_model_load(dir, &o, &m));
     *V = m->arch.vocab_size;
     tuna_kv_cache *kv;

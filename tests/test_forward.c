@@ -8,6 +8,43 @@
 
 #include "io/safetensors.h"
 #include "model/model.h"
+#ifdef TUNA_HAVE_CUDA
+#include "backend/cuda/device.h"
+#endif
+
+/* The device under test: the CPU by default; TUNA_TEST_DEVICE=cuda runs the same checks on the
+ * GPU (TUNA_TEST_GPU_DTYPE=float32|bfloat16|float16), with tolerances for the dtype: float32
+ * keeps 1e-4; 16-bit compute is compared at 3e-2 and greedy tokens only where the margin is
+ * over 0.3. ctest registers forward_cuda_* variants that skip without a GPU. */
+static enum tuna_device g_device = TUNA_DEVICE_CPU;
+static enum tuna_dtype g_gpu_dtype = TUNA_DTYPE_F32;
+static double g_tol = 1e-4, g_batch_tol = 1e-5;
+static float g_margin = 1e-3f;
+
+static void dev_opts(struct tuna_model_opts *o)
+{
+    o->device = g_device;
+    o->gpu_dtype = g_gpu_dtype;
+    o->quiet = true;
+}
+
+#define NEED_DEVICE()                                                                                  \
+    do {                                                                                               \
+        if (!device_available()) {                                                                     \
+            fprintf(stderr, "SKIP: TUNA_TEST_DEVICE=cuda but no CUDA device (or no CUDA build)\n");    \
+            skip();                                                                                    \
+        }                                                                                              \
+    } while (0)
+
+static bool device_available(void)
+{
+    if (g_device == TUNA_DEVICE_CPU) return true;
+#ifdef TUNA_HAVE_CUDA
+    return tuna_cuda_device_count() > 0;
+#else
+    return false;
+#endif
+}
 
 static const char *k_models[] = {"models/llama-tiny",          "models/mistral-tiny",     "models/qwen2-tiny",
                                  "models/qwen3-tiny",          "models/gemma-tiny",       "models/pymini",
@@ -73,13 +110,13 @@ static int check_prompt(struct tuna_model *m, const char *name, int pi, const st
     TT_OK(tuna_model_forward(m, kv, &b, lg, NULL));
     double err = tt_rel_err(lg, p->logits, (size_t)(p->T * V));
     printf("  %-26s prompt%d  T=%-3lld logits rel err %.2e\n", name, pi, (long long)p->T, err);
-    assert_true(err < 1e-4);
+    assert_true(err < g_tol);
     /* greedy through the cache, one token per step */
     float margin;
     int32_t tok = (int32_t)argmax(lg + (p->T - 1) * V, V, &margin);
     int compared = 0;
     for (int i = 0; i < 24; i++) {
-        if (margin > 1e-3f) {
+        if (margin > g_margin) {
             if (tok != p->greedy[i])
                 print_error("%s prompt%d: greedy token %d is %d, reference %d (margin %g)\n", name, pi, i, tok,
                             p->greedy[i], margin);
@@ -103,6 +140,7 @@ static int check_prompt(struct tuna_model *m, const char *name, int pi, const st
 static void test_reference_logits(void **state)
 {
     (void)state;
+    NEED_DEVICE();
     char path[4096];
     if (!tt_shared_path(path, sizeof path, "fixtures")) skip();
     int total_greedy = 0;
@@ -111,7 +149,8 @@ static void test_reference_logits(void **state)
         snprintf(dir, sizeof dir, "%s/%s", path, k_models[mi]);
         snprintf(refp, sizeof refp, "%s/reference.safetensors", dir);
         struct tuna_model *m;
-        struct tuna_model_opts o = {2, 0};
+        struct tuna_model_opts o = {.threads = 2, .max_model_len = 0};
+        dev_opts(&o);
         TT_OK(tuna_model_load(dir, &o, &m));
         tuna_st_set *ref;
         TT_OK(tuna_st_set_open_file(refp, &ref));
@@ -132,12 +171,14 @@ static void test_reference_logits(void **state)
 static void test_batched_equals_alone(void **state)
 {
     (void)state;
+    NEED_DEVICE();
     char dir[4096];
     if (!tt_shared_path(dir, sizeof dir, "fixtures/models/qwen3-tiny")) skip();
     char refp[4200];
     snprintf(refp, sizeof refp, "%s/reference.safetensors", dir);
     struct tuna_model *m;
-    struct tuna_model_opts o = {2, 0};
+    struct tuna_model_opts o = {.threads = 2, .max_model_len = 0};
+    dev_opts(&o);
     TT_OK(tuna_model_load(dir, &o, &m));
     const int64_t V = m->arch.vocab_size;
     tuna_st_set *ref;
@@ -200,7 +241,7 @@ static void test_batched_equals_alone(void **state)
     }
     printf("  batched vs alone: worst rel err %.2e over %d sequences x %d steps\n", worst, 3, steps + 1);
     for (int i = 0; i < 3; i++) assert_int_equal(done[i], steps + 1);
-    assert_true(worst < 1e-5); /* rounding only: the GEMM path depends on the step size */
+    assert_true(worst < g_batch_tol); /* rounding only: the GEMM path depends on the step size */
     for (int i = 0; i < 3; i++) {
         free(alone[i]);
         free(p[i].ids);
@@ -216,10 +257,12 @@ static void test_batched_equals_alone(void **state)
 static void test_context_limit(void **state)
 {
     (void)state;
+    NEED_DEVICE();
     char dir[4096];
     if (!tt_shared_path(dir, sizeof dir, "fixtures/models/llama-tiny")) skip();
     struct tuna_model *m;
-    struct tuna_model_opts o = {1, 8};
+    struct tuna_model_opts o = {.threads = 1, .max_model_len = 8};
+    dev_opts(&o);
     TT_OK(tuna_model_load(dir, &o, &m));
     tuna_kv_cache *kv;
     TT_OK(tuna_model_kv_new(m, 64, 0, &kv));
@@ -246,7 +289,8 @@ static void test_context_limit(void **state)
     tuna_kv_free(kv);
     tuna_model_free(m);
     /* a model folder whose weights do not match its config */
-    struct tuna_model_opts o2 = {0, 100000};
+    struct tuna_model_opts o2 = {.threads = 0, .max_model_len = 100000};
+    dev_opts(&o2);
     TT_FAILS(tuna_model_load(dir, &o2, &m), TUNA_E_RANGE, "above max_position_embeddings");
 }
 
@@ -255,10 +299,15 @@ static void test_context_limit(void **state)
 static void test_trace(void **state)
 {
     (void)state;
+    if (g_device != TUNA_DEVICE_CPU) {
+        fprintf(stderr, "SKIP: the trace is read on the host here (CPU only)\n");
+        skip();
+    }
     char dir[4096];
     if (!tt_shared_path(dir, sizeof dir, "fixtures/models/llama-tiny")) skip();
     struct tuna_model *m;
-    struct tuna_model_opts o = {2, 0};
+    struct tuna_model_opts o = {.threads = 2, .max_model_len = 0};
+    dev_opts(&o);
     TT_OK(tuna_model_load(dir, &o, &m));
     const int64_t V = m->arch.vocab_size, C = m->arch.hidden_size, I = m->arch.intermediate_size, T = 6;
     int32_t ids[6] = {5, 17, 300, 2, 99, 1000};
@@ -295,6 +344,18 @@ static void test_trace(void **state)
 
 int main(void)
 {
+    const char *dev = getenv("TUNA_TEST_DEVICE"), *dt = getenv("TUNA_TEST_GPU_DTYPE");
+    if (dev && !strcmp(dev, "cuda")) {
+        g_device = TUNA_DEVICE_CUDA;
+        if (dt && !strcmp(dt, "bfloat16")) g_gpu_dtype = TUNA_DTYPE_BF16;
+        else if (dt && !strcmp(dt, "float16")) g_gpu_dtype = TUNA_DTYPE_F16;
+        if (g_gpu_dtype != TUNA_DTYPE_F32) {
+            g_tol = 3e-2;
+            g_batch_tol = 3e-2;
+            g_margin = 0.3f;
+        }
+        printf("device under test: cuda, %s\n", tuna_dtype_name(g_gpu_dtype));
+    }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_reference_logits),
         cmocka_unit_test(test_batched_equals_alone),

@@ -23,7 +23,7 @@ static int setup(void **state)
         return 0;
     }
     struct fx *f = calloc(1, sizeof *f);
-    struct tuna_model_opts o = {2, 0};
+    struct tuna_model_opts o = {.threads = 2, .max_model_len = 0};
     if (tuna_model_load(dir, &o, &f->m) || tuna_tokenizer_load(dir, &f->tok)) return -1;
     snprintf(refp, sizeof refp, "%s/reference.safetensors", dir);
     tuna_st_set *ref;

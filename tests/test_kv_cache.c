@@ -7,7 +7,7 @@
 static void test_alloc_and_free(void **state)
 {
     (void)state;
-    struct tuna_kv_config cfg = {0, 0, 0, 4, 8};
+    struct tuna_kv_config cfg = {.n_layers = 0, .n_kv_heads = 0, .head_dim = 0, .block_size = 4, .n_blocks = 8};
     tuna_kv_cache *kv;
     TT_OK(tuna_kv_new(&cfg, &kv));
     int32_t a, b;
@@ -49,7 +49,7 @@ static void test_alloc_and_free(void **state)
 static void test_many_sequences(void **state)
 {
     (void)state;
-    struct tuna_kv_config cfg = {0, 0, 0, 16, 64};
+    struct tuna_kv_config cfg = {.n_layers = 0, .n_kv_heads = 0, .head_dim = 0, .block_size = 16, .n_blocks = 64};
     tuna_kv_cache *kv;
     TT_OK(tuna_kv_new(&cfg, &kv));
     int32_t ids[20];
@@ -71,7 +71,7 @@ static void test_many_sequences(void **state)
 static void test_fork_cow(void **state)
 {
     (void)state;
-    struct tuna_kv_config cfg = {2, 1, 2, 4, 6}; /* storage: 2 layers, slot of 2 floats */
+    struct tuna_kv_config cfg = {.n_layers = 2, .n_kv_heads = 1, .head_dim = 2, .block_size = 4, .n_blocks = 6}; /* storage: 2 layers, slot of 2 floats */
     tuna_kv_cache *kv;
     TT_OK(tuna_kv_new(&cfg, &kv));
     int32_t a, b;
@@ -115,7 +115,7 @@ static void test_fork_cow(void **state)
 static void test_bad_config(void **state)
 {
     (void)state;
-    struct tuna_kv_config cfg = {2, 0, 2, 4, 6};
+    struct tuna_kv_config cfg = {.n_layers = 2, .n_kv_heads = 0, .head_dim = 2, .block_size = 4, .n_blocks = 6};
     tuna_kv_cache *kv;
     TT_FAILS(tuna_kv_new(&cfg, &kv), TUNA_E_INVALID, "bad shape");
     cfg.n_kv_heads = 1;

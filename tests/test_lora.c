@@ -20,7 +20,7 @@ static struct tuna_model *load_base(void)
     char dir[4096];
     if (!tt_shared_path(dir, sizeof dir, "fixtures/models/llama-tiny")) return NULL;
     struct tuna_model *m;
-    struct tuna_model_opts o = {2, 0};
+    struct tuna_model_opts o = {.threads = 2, .max_model_len = 0};
     TT_OK(tuna_model_load(dir, &o, &m));
     return m;
 }

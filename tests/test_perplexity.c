@@ -33,7 +33,7 @@ static void heldout(const char *rel, const char *key, bool extra)
     size_t n;
     TT_OK(tuna_tokenizer_encode(tok, text, len, false, true, &ids, &n));
     struct tuna_model *m;
-    struct tuna_model_opts o = {2, 0};
+    struct tuna_model_opts o = {.threads = 2, .max_model_len = 0};
     TT_OK(tuna_model_load(dir, &o, &m));
     struct tuna_ppl_result r;
     TT_OK(tuna_perplexity(m, ids, (int64_t)n, 256, 256, NULL, NULL, &r));

@@ -17,7 +17,7 @@ struct sim {
 static int64_t run(int32_t n_blocks, int32_t bs, int64_t max_seqs, int64_t budget, int n, const int64_t *prompt_len,
                    const int64_t *gen_len, int64_t *preemptions, int64_t *max_chunks)
 {
-    struct tuna_kv_config cfg = {0, 0, 0, bs, n_blocks};
+    struct tuna_kv_config cfg = {.n_layers = 0, .n_kv_heads = 0, .head_dim = 0, .block_size = bs, .n_blocks = n_blocks};
     tuna_kv_cache *kv;
     TT_OK(tuna_kv_new(&cfg, &kv));
     struct tuna_sched_config sc = {max_seqs, budget};
@@ -157,7 +157,7 @@ static void test_random_loads(void **state)
 static void test_finish_waiting_and_bad_config(void **state)
 {
     (void)state;
-    struct tuna_kv_config cfg = {0, 0, 0, 4, 8};
+    struct tuna_kv_config cfg = {.n_layers = 0, .n_kv_heads = 0, .head_dim = 0, .block_size = 4, .n_blocks = 8};
     tuna_kv_cache *kv;
     TT_OK(tuna_kv_new(&cfg, &kv));
     tuna_sched *s;

@@ -86,6 +86,18 @@ struct tuna_backend_ops {
 
     /* y[n] += x[n] */
     void (*add)(tuna_backend *be, float *y, const float *x, int64_t n);
+
+    /* --- memory: activations, weights and the KV cache live in the backend's memory --------
+     * (host memory for the CPU backend, device memory for CUDA). Small metadata (ids, positions,
+     * slots, block tables, inv_freq) is always host memory. */
+    tuna_status (*alloc)(tuna_backend *be, size_t bytes, void **out); /* uninitialized */
+    void (*release)(tuna_backend *be, void *p);                       /* accepts NULL */
+    tuna_status (*upload)(tuna_backend *be, void *dst, const void *src_host, size_t bytes);
+    tuna_status (*download)(tuna_backend *be, void *dst_host, const void *src, size_t bytes);
+    void (*copy)(tuna_backend *be, void *dst, const void *src, size_t bytes); /* within backend memory */
+    /* Waits for queued work; returns the backend's sticky error (CUDA) or TUNA_OK. */
+    tuna_status (*sync)(tuna_backend *be);
+    bool host_memory; /* backend memory is ordinary host memory */
 };
 
 #endif

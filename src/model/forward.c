@@ -21,68 +21,62 @@ struct tuna_fwd_ws {
     float *tmp;                   /* [T, C] projection output before the residual add */
     struct tuna_fwd_layer_acts a; /* shared by every layer when there is no trace */
     float *sel;                   /* [T, C] rows that want logits */
+    float *logits;                /* [logits_cap, V] in backend memory (non-host backends) */
+    int64_t logits_cap;
     int64_t *slot;                /* [T] KV slot of each token */
     const int32_t **bt;           /* [T] block table of each token's sequence */
 };
 
-void tuna_fwd_ws_free(struct tuna_fwd_ws *ws);
+void tuna_fwd_ws_free(const struct tuna_model *m, struct tuna_fwd_ws *ws);
 
-static void acts_free(struct tuna_fwd_layer_acts *a)
+static void acts_free(const struct tuna_model *m, struct tuna_fwd_layer_acts *a)
 {
-    free(a->x_in);
-    free(a->xn_attn);
-    free(a->q);
-    free(a->k);
-    free(a->v);
-    free(a->att);
-    free(a->x_mid);
-    free(a->xn_mlp);
-    free(a->gate);
-    free(a->up);
-    free(a->act);
+    float **bufs[] = {&a->x_in, &a->xn_attn, &a->q, &a->k, &a->v, &a->att,
+                      &a->x_mid, &a->xn_mlp, &a->gate, &a->up, &a->act};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) m->ops->release(m->be, *bufs[i]);
     memset(a, 0, sizeof *a);
+}
+
+/* n floats of backend memory into *p; false when out of memory. */
+static bool bk_alloc(const struct tuna_model *m, float **p, size_t n)
+{
+    void *v = NULL;
+    if (m->ops->alloc(m->be, n * sizeof(float), &v) != TUNA_OK) v = NULL;
+    *p = v;
+    return v != NULL;
 }
 
 /* Allocates one set of layer activations for T tokens; with_saves adds the buffers only a
  * trace needs (x_in, x_mid, act). */
-static tuna_status acts_alloc(const struct tuna_arch *ar, int64_t T, bool with_saves, struct tuna_fwd_layer_acts *a)
+static tuna_status acts_alloc(const struct tuna_model *m, int64_t T, bool with_saves, struct tuna_fwd_layer_acts *a)
 {
+    const struct tuna_arch *ar = &m->arch;
     size_t C = (size_t)(T * ar->hidden_size), HD = (size_t)(T * ar->n_heads * ar->head_dim);
     size_t KD = (size_t)(T * ar->n_kv_heads * ar->head_dim), I = (size_t)(T * ar->intermediate_size);
     memset(a, 0, sizeof *a);
-    a->xn_attn = malloc(C * sizeof(float));
-    a->q = malloc(HD * sizeof(float));
-    a->k = malloc(KD * sizeof(float));
-    a->v = malloc(KD * sizeof(float));
-    a->att = malloc(HD * sizeof(float));
-    a->xn_mlp = malloc(C * sizeof(float));
-    a->gate = malloc(I * sizeof(float));
-    a->up = malloc(I * sizeof(float));
-    bool ok = a->xn_attn && a->q && a->k && a->v && a->att && a->xn_mlp && a->gate && a->up;
-    if (with_saves) {
-        a->x_in = malloc(C * sizeof(float));
-        a->x_mid = malloc(C * sizeof(float));
-        a->act = malloc(I * sizeof(float));
-        ok = ok && a->x_in && a->x_mid && a->act;
-    }
+    bool ok = bk_alloc(m, &a->xn_attn, C) && bk_alloc(m, &a->q, HD) && bk_alloc(m, &a->k, KD) &&
+              bk_alloc(m, &a->v, KD) && bk_alloc(m, &a->att, HD) && bk_alloc(m, &a->xn_mlp, C) &&
+              bk_alloc(m, &a->gate, I) && bk_alloc(m, &a->up, I);
+    if (ok && with_saves) ok = bk_alloc(m, &a->x_in, C) && bk_alloc(m, &a->x_mid, C) && bk_alloc(m, &a->act, I);
     if (!ok) {
-        acts_free(a);
+        acts_free(m, a);
         return tuna_fail(TUNA_E_OOM, "forward: cannot allocate activations for %lld tokens "
-                         "(%.1f MiB per layer); use shorter prompts or a smaller batch", (long long)T,
-                         (double)(4 * C + 2 * HD + 2 * KD + 3 * I) * 4 / 1048576.0);
+                         "(%.1f MiB per layer) on the %s backend; use shorter prompts or a smaller batch",
+                         (long long)T, (double)(4 * C + 2 * HD + 2 * KD + 3 * I) * 4 / 1048576.0, m->ops->name);
     }
     return TUNA_OK;
 }
 
-void tuna_fwd_ws_free(struct tuna_fwd_ws *ws)
+void tuna_fwd_ws_free(const struct tuna_model *m, struct tuna_fwd_ws *ws)
 {
     if (!ws) return;
-    free(ws->x);
-    free(ws->tmp);
-    free(ws->sel);
+    m->ops->release(m->be, ws->x);
+    m->ops->release(m->be, ws->tmp);
+    m->ops->release(m->be, ws->sel);
+    m->ops->release(m->be, ws->logits);
     free(ws->slot);
     free(ws->bt);
-    acts_free(&ws->a);
+    acts_free(m, &ws->a);
     free(ws);
 }
 
@@ -92,23 +86,20 @@ static tuna_status ws_reserve(struct tuna_model *m, int64_t T)
     int64_t cap = m->ws ? m->ws->cap : 0;
     if (cap < 16) cap = 16;
     while (cap < T) cap *= 2;
-    tuna_fwd_ws_free(m->ws);
+    tuna_fwd_ws_free(m, m->ws);
     m->ws = calloc(1, sizeof *m->ws);
     if (!m->ws) return tuna_fail_oom("forward workspace", sizeof *m->ws);
     struct tuna_fwd_ws *ws = m->ws;
     size_t C = (size_t)(cap * m->arch.hidden_size);
-    ws->x = malloc(C * sizeof(float));
-    ws->tmp = malloc(C * sizeof(float));
-    ws->sel = malloc(C * sizeof(float));
     ws->slot = malloc((size_t)cap * sizeof *ws->slot);
     ws->bt = malloc((size_t)cap * sizeof *ws->bt);
     tuna_status st = TUNA_OK;
-    if (!ws->x || !ws->tmp || !ws->sel || !ws->slot || !ws->bt)
+    if (!bk_alloc(m, &ws->x, C) || !bk_alloc(m, &ws->tmp, C) || !bk_alloc(m, &ws->sel, C) || !ws->slot || !ws->bt)
         st = tuna_fail_oom("forward workspace", C * 12);
     else
-        st = acts_alloc(&m->arch, cap, false, &ws->a);
+        st = acts_alloc(m, cap, false, &ws->a);
     if (st) {
-        tuna_fwd_ws_free(ws);
+        tuna_fwd_ws_free(m, ws);
         m->ws = NULL;
         return st;
     }
@@ -119,10 +110,10 @@ static tuna_status ws_reserve(struct tuna_model *m, int64_t T)
 void tuna_fwd_trace_free(struct tuna_fwd_trace *tr)
 {
     if (!tr) return;
-    if (tr->layers)
-        for (int64_t l = 0; l < tr->cap; l++) acts_free(&tr->layers[l]);
+    if (tr->layers && tr->owner)
+        for (int64_t l = 0; l < tr->cap; l++) acts_free(tr->owner, &tr->layers[l]);
     free(tr->layers);
-    free(tr->x_final);
+    if (tr->owner) tr->owner->ops->release(tr->owner->be, tr->x_final);
     memset(tr, 0, sizeof *tr);
 }
 
@@ -131,8 +122,9 @@ static tuna_status trace_reserve(const struct tuna_model *m, struct tuna_fwd_tra
 {
     if (tr->layers && tr->T == T) return TUNA_OK;
     tuna_fwd_trace_free(tr);
+    tr->owner = m;
     tr->layers = calloc((size_t)m->arch.n_layers, sizeof *tr->layers);
-    tr->x_final = malloc((size_t)(T * m->arch.hidden_size) * sizeof(float));
+    bk_alloc(m, &tr->x_final, (size_t)(T * m->arch.hidden_size));
     if (!tr->layers || !tr->x_final) {
         tuna_fwd_trace_free(tr);
         return tuna_fail_oom("forward trace", (size_t)(T * m->arch.hidden_size) * 4);
@@ -140,7 +132,7 @@ static tuna_status trace_reserve(const struct tuna_model *m, struct tuna_fwd_tra
     tr->cap = m->arch.n_layers;
     tr->T = T;
     for (int64_t l = 0; l < m->arch.n_layers; l++) {
-        tuna_status st = acts_alloc(&m->arch, T, true, &tr->layers[l]);
+        tuna_status st = acts_alloc(m, T, true, &tr->layers[l]);
         if (st) {
             tuna_fwd_trace_free(tr);
             return st;
@@ -221,6 +213,17 @@ static tuna_status place_tokens(struct tuna_model *m, tuna_kv_cache *kv, const s
     return TUNA_OK;
 }
 
+static bool has_lora(const struct tuna_model *m)
+{
+    for (int64_t l = 0; l < m->arch.n_layers; l++) {
+        const struct tuna_layer *L = &m->layers[l];
+        if (L->q.n_lora || L->k.n_lora || L->v.n_lora || L->o.n_lora || L->gate.n_lora || L->up.n_lora ||
+            L->down.n_lora)
+            return true;
+    }
+    return false;
+}
+
 tuna_status tuna_model_forward(struct tuna_model *m, tuna_kv_cache *kv, const struct tuna_batch *b,
                                float *logits, struct tuna_fwd_trace *trace)
 {
@@ -230,6 +233,9 @@ tuna_status tuna_model_forward(struct tuna_model *m, tuna_kv_cache *kv, const st
     const int64_t T = b->n, C = a->hidden_size, H = a->n_heads, Hkv = a->n_kv_heads, D = a->head_dim;
     const int64_t I = a->intermediate_size;
     if (T == 0) return TUNA_OK;
+    if (!op->host_memory && has_lora(m))
+        return tuna_fail(TUNA_E_UNSUPPORTED, "LoRA adapters are applied on the CPU backend only so far; run with "
+                         "--device cpu, or merge the adapter (tuna export merged-16bit) for the GPU");
     tuna_status st = ws_reserve(m, T);
     if (!st && trace) st = trace_reserve(m, trace, T);
     if (!st) st = place_tokens(m, kv, b);
@@ -254,7 +260,7 @@ tuna_status tuna_model_forward(struct tuna_model *m, tuna_kv_cache *kv, const st
         const struct tuna_layer *L = &m->layers[l];
         const struct tuna_fwd_layer_acts *A = trace ? &trace->layers[l] : &ws->a;
         float *kc = tuna_kv_k(kv, l), *vc = tuna_kv_v(kv, l);
-        if (trace) memcpy(A->x_in, x, (size_t)(T * C) * sizeof(float));
+        if (trace) op->copy(be, A->x_in, x, (size_t)(T * C) * sizeof(float));
         /* attention block */
         op->rmsnorm(be, A->xn_attn, x, L->attn_norm, T, C, (float)a->norm_eps);
         linear(m, &L->q, A->q, A->xn_attn, T, b);  /* (T, H*D) */
@@ -268,7 +274,7 @@ tuna_status tuna_model_forward(struct tuna_model *m, tuna_kv_cache *kv, const st
         op->attention(be, A->att, A->q, kc, vc, &ab, H, Hkv, D, scale); /* (T, H*D) */
         linear(m, &L->o, ws->tmp, A->att, T, b);                          /* (T, C) */
         op->add(be, x, ws->tmp, T * C);
-        if (trace) memcpy(A->x_mid, x, (size_t)(T * C) * sizeof(float));
+        if (trace) op->copy(be, A->x_mid, x, (size_t)(T * C) * sizeof(float));
         /* MLP block */
         op->rmsnorm(be, A->xn_mlp, x, L->mlp_norm, T, C, (float)a->norm_eps);
         linear(m, &L->gate, A->gate, A->xn_mlp, T, b); /* (T, I) */
@@ -278,12 +284,24 @@ tuna_status tuna_model_forward(struct tuna_model *m, tuna_kv_cache *kv, const st
         linear(m, &L->down, ws->tmp, act, T, b); /* (T, C) */
         op->add(be, x, ws->tmp, T * C);
     }
-    if (trace) memcpy(trace->x_final, x, (size_t)(T * C) * sizeof(float));
-    if (!logits || b->n_logits == 0) return TUNA_OK;
+    if (trace) op->copy(be, trace->x_final, x, (size_t)(T * C) * sizeof(float));
+    if (!logits || b->n_logits == 0) return op->sync(be);
     int64_t n = 0;
     for (int64_t t = 0; t < T; t++)
-        if (b->logits[t]) memcpy(ws->sel + (n++) * C, x + t * C, (size_t)C * sizeof(float));
+        if (b->logits[t]) op->copy(be, ws->sel + (n++) * C, x + t * C, (size_t)C * sizeof(float));
     op->rmsnorm(be, ws->sel, ws->sel, m->final_norm, n, C, (float)a->norm_eps);
-    m->ops->matmul(be, logits, ws->sel, &m->lm_head.w, NULL, n); /* (n, V) */
-    return TUNA_OK;
+    if (op->host_memory) {
+        op->matmul(be, logits, ws->sel, &m->lm_head.w, NULL, n); /* (n, V) */
+        return TUNA_OK;
+    }
+    const int64_t V = a->vocab_size;
+    if (ws->logits_cap < n) {
+        op->release(be, ws->logits);
+        ws->logits = NULL;
+        ws->logits_cap = 0;
+        if (!bk_alloc(m, &ws->logits, (size_t)(n * V))) return tuna_fail_prefix(TUNA_E_OOM, "forward: logits buffer");
+        ws->logits_cap = n;
+    }
+    op->matmul(be, ws->logits, ws->sel, &m->lm_head.w, NULL, n);      /* (n, V) */
+    return op->download(be, logits, ws->logits, (size_t)(n * V) * sizeof(float)); /* syncs */
 }

@@ -50,8 +50,16 @@ tuna_status tuna_kv_new(const struct tuna_kv_config *cfg, tuna_kv_cache **out)
         if (!kv->k || !kv->v) goto oom;
         size_t n = (size_t)cfg->n_blocks * (size_t)cfg->block_size * (size_t)kv->slot_floats;
         for (int64_t l = 0; l < cfg->n_layers; l++) {
-            kv->k[l] = calloc(n, sizeof(float));
-            kv->v[l] = calloc(n, sizeof(float));
+            if (cfg->mem_ops) {
+                void *pk = NULL, *pv = NULL;
+                if (cfg->mem_ops->alloc(cfg->mem_be, n * sizeof(float), &pk) == TUNA_OK)
+                    cfg->mem_ops->alloc(cfg->mem_be, n * sizeof(float), &pv);
+                kv->k[l] = pk;
+                kv->v[l] = pv;
+            } else {
+                kv->k[l] = calloc(n, sizeof(float));
+                kv->v[l] = calloc(n, sizeof(float));
+            }
             if (!kv->k[l] || !kv->v[l]) {
                 tuna_kv_free(kv);
                 return tuna_fail(TUNA_E_OOM, "KV cache: cannot allocate %d blocks of %d tokens "
@@ -72,6 +80,11 @@ void tuna_kv_free(tuna_kv_cache *kv)
 {
     if (!kv) return;
     for (int64_t l = 0; l < kv->cfg.n_layers; l++) {
+        if (kv->cfg.mem_ops) {
+            if (kv->k) kv->cfg.mem_ops->release(kv->cfg.mem_be, kv->k[l]);
+            if (kv->v) kv->cfg.mem_ops->release(kv->cfg.mem_be, kv->v[l]);
+            continue;
+        }
         if (kv->k) free(kv->k[l]);
         if (kv->v) free(kv->v[l]);
     }
@@ -166,6 +179,11 @@ static void copy_block(tuna_kv_cache *kv, int32_t dst, int32_t src)
 {
     size_t n = (size_t)kv->cfg.block_size * (size_t)kv->slot_floats;
     for (int64_t l = 0; l < kv->cfg.n_layers; l++) {
+        if (kv->cfg.mem_ops) {
+            kv->cfg.mem_ops->copy(kv->cfg.mem_be, kv->k[l] + (size_t)dst * n, kv->k[l] + (size_t)src * n, n * sizeof(float));
+            kv->cfg.mem_ops->copy(kv->cfg.mem_be, kv->v[l] + (size_t)dst * n, kv->v[l] + (size_t)src * n, n * sizeof(float));
+            continue;
+        }
         memcpy(kv->k[l] + (size_t)dst * n, kv->k[l] + (size_t)src * n, n * sizeof(float));
         memcpy(kv->v[l] + (size_t)dst * n, kv->v[l] + (size_t)src * n, n * sizeof(float));
     }

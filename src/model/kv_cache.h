@@ -13,6 +13,7 @@
 
 #include <stdint.h>
 
+#include "backend/backend.h"
 #include "tuna.h"
 
 typedef struct tuna_kv_cache tuna_kv_cache;
@@ -23,6 +24,10 @@ struct tuna_kv_config {
     int64_t head_dim;   /* D */
     int32_t block_size; /* tokens per block (default 16) */
     int32_t n_blocks;   /* total blocks */
+    /* Where the K/V storage lives: NULL = host memory (calloc). Otherwise the backend's memory
+     * (alloc/release/copy of the op table), e.g. GPU memory for the CUDA backend. */
+    const struct tuna_backend_ops *mem_ops;
+    tuna_backend *mem_be;
 };
 
 #define TUNA_KV_DEFAULT_BLOCK 16

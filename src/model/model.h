@@ -39,7 +39,8 @@ struct tuna_layer {
 
 /* What a backward pass needs from the forward, per layer: when the caller passes a trace, the
  * forward keeps every layer's activations (one set of buffers per layer instead of one shared
- * set). All float32, T rows; owned by the trace (tuna_fwd_trace_free). */
+ * set). All float32, T rows, in the model backend's memory; owned by the trace
+ * (tuna_fwd_trace_free, before the model is freed). */
 struct tuna_fwd_layer_acts {
     float *x_in;     /* [T, C] residual stream entering the layer */
     float *xn_attn;  /* [T, C] attention norm output */
@@ -52,15 +53,29 @@ struct tuna_fwd_layer_acts {
     float *act;      /* [T, I] act(gate) * up */
 };
 struct tuna_fwd_trace {
+    const struct tuna_model *owner; /* the model whose backend holds the buffers */
     int64_t T, cap;
     struct tuna_fwd_layer_acts *layers; /* [L] */
     float *x_final;  /* [T, C] residual before the final norm */
 };
 void tuna_fwd_trace_free(struct tuna_fwd_trace *tr);
 
+enum tuna_device {
+    TUNA_DEVICE_CPU = 0, /* the reference backend (zero-initialized options mean CPU) */
+    TUNA_DEVICE_CUDA,    /* the CUDA backend: weights, activations and KV cache on the GPU */
+    TUNA_DEVICE_AUTO     /* CUDA when built with it and a GPU is present, else CPU */
+};
+
 struct tuna_model_opts {
     int threads;            /* <= 0: all CPUs */
     int64_t max_model_len;  /* 0: max_position_embeddings; larger is refused */
+    enum tuna_device device;
+    int cuda_device;        /* GPU index for TUNA_DEVICE_CUDA */
+    /* GPU compute/weight dtype: TUNA_DTYPE_INVALID = auto (bf16 on compute capability >= 8.0,
+     * f16 below, said so on stderr), BF16 (refused below 8.0), F16, F32 (weights converted to
+     * float32: the mode that matches the CPU reference to ~1e-6). Ignored on the CPU. */
+    enum tuna_dtype gpu_dtype;
+    bool quiet;             /* no device/dtype line on stderr */
 };
 
 struct tuna_q4_weight; /* quant/nf4.h */
@@ -88,10 +103,15 @@ struct tuna_model {
 
     struct tuna_q4_weight **q4; /* [n_q4] owned 4-bit weight states (bitsandbytes checkpoints) */
     int64_t n_q4;
+
+    /* non-host backends (CUDA): device buffers this model owns, freed with it (device.c) */
+    void **dev_allocs;
+    int64_t n_dev_allocs, cap_dev_allocs;
+    char device_desc[320];      /* "cpu, 16 threads" or "cuda:0 NVIDIA H200 (cc 9.0), bfloat16" */
 };
 
 /* Loads config.json and the weights of dir, checks every tensor against the architecture and
- * starts a CPU backend. *out taken by the caller (tuna_model_free). */
+ * starts the backend opts asks for (CPU by default; device.c). *out taken by the caller (tuna_model_free). */
 tuna_status tuna_model_load(const char *dir, const struct tuna_model_opts *opts, struct tuna_model **out);
 void tuna_model_free(struct tuna_model *m); /* accepts NULL */
 
@@ -111,6 +131,11 @@ tuna_status tuna_model_kv_new(const struct tuna_model *m, int64_t n_tokens, int3
  * logits: [rows with want_logits, V] in batch order. trace: NULL, or keeps what backward needs. */
 tuna_status tuna_model_forward(struct tuna_model *m, tuna_kv_cache *kv, const struct tuna_batch *b,
                                float *logits, struct tuna_fwd_trace *trace);
+
+/* Backend start/stop and device memory (device.c; used by the loader). */
+tuna_status tuna_model_start_backend(struct tuna_model *m, const struct tuna_model_opts *opts, int64_t max_k);
+void tuna_model_stop_backend(struct tuna_model *m);
+bool tuna_model_owns_device_ptr(const struct tuna_model *m, const void *p);
 
 /* Bytes of weights read per decoded token (every matrix once; the embedding row is negligible). */
 uint64_t tuna_model_weight_bytes(const struct tuna_model *m);

@@ -233,11 +233,9 @@ static tuna_status build(const struct tuna_arch *arch, tuna_tensor_lookup get, v
         goto fail;
     }
     tuna_rope_inv_freq(a, 0, m->inv_freq, &m->attn_factor);
-    m->ops = tuna_cpu_backend_ops();
-    if ((st = tuna_cpu_backend_new(opts ? opts->threads : 0, &m->be))) goto fail;
     int64_t maxk = a->intermediate_size > a->hidden_size ? a->intermediate_size : a->hidden_size;
     if (a->n_heads * a->head_dim > maxk) maxk = a->n_heads * a->head_dim;
-    if ((st = tuna_cpu_backend_reserve(m->be, maxk))) goto fail;
+    if ((st = tuna_model_start_backend(m, opts, maxk))) goto fail; /* device.c */
     *out = m;
     return TUNA_OK;
 fail:
@@ -279,38 +277,38 @@ tuna_status tuna_model_load(const char *dir, const struct tuna_model_opts *opts,
     return TUNA_OK;
 }
 
-void tuna_fwd_ws_free(struct tuna_fwd_ws *ws); /* forward.c */
+void tuna_fwd_ws_free(const struct tuna_model *m, struct tuna_fwd_ws *ws); /* forward.c */
 
-static void free_linear(struct tuna_linear *l) { free(l->bias); }
+/* Host vectors are freed here; ones moved to a device (device.c) are freed with the backend. */
+static void free_host(const struct tuna_model *m, void *p)
+{
+    if (p && !tuna_model_owns_device_ptr(m, p)) free(p);
+}
 
 void tuna_model_free(struct tuna_model *m)
 {
     if (!m) return;
+    if (m->ws) tuna_fwd_ws_free(m, m->ws);
     if (m->layers)
         for (int64_t i = 0; i < m->arch.n_layers; i++) {
             struct tuna_layer *L = &m->layers[i];
-            free(L->attn_norm);
-            free(L->mlp_norm);
-            free(L->q_norm);
-            free(L->k_norm);
-            free_linear(&L->q);
-            free_linear(&L->k);
-            free_linear(&L->v);
-            free_linear(&L->o);
-            free_linear(&L->gate);
-            free_linear(&L->up);
-            free_linear(&L->down);
+            free_host(m, L->attn_norm);
+            free_host(m, L->mlp_norm);
+            free_host(m, L->q_norm);
+            free_host(m, L->k_norm);
+            struct tuna_linear *lins[] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
+            for (size_t k = 0; k < sizeof lins / sizeof lins[0]; k++) free_host(m, lins[k]->bias);
         }
     free(m->layers);
-    free(m->final_norm);
+    free_host(m, m->final_norm);
+    free_host(m, m->lm_head.bias);
     free(m->inv_freq);
-    tuna_fwd_ws_free(m->ws);
     for (int64_t i = 0; i < m->n_q4; i++) {
         tuna_q4_weight_free(m->q4[i]);
         free(m->q4[i]);
     }
     free(m->q4);
-    tuna_cpu_backend_free(m->be);
+    tuna_model_stop_backend(m); /* device.c */
     tuna_st_set_close(m->st);
     free(m);
 }
@@ -321,7 +319,8 @@ tuna_status tuna_model_kv_new(const struct tuna_model *m, int64_t n_tokens, int3
     int64_t nb = (n_tokens + block_size - 1) / block_size;
     if (nb < 1) nb = 1;
     if (nb > INT32_MAX) return tuna_fail(TUNA_E_RANGE, "KV cache of %lld tokens is too large", (long long)n_tokens);
-    struct tuna_kv_config cfg = {m->arch.n_layers, m->arch.n_kv_heads, m->arch.head_dim, block_size, (int32_t)nb};
+    struct tuna_kv_config cfg = {m->arch.n_layers, m->arch.n_kv_heads, m->arch.head_dim, block_size, (int32_t)nb,
+                                 m->ops->host_memory ? NULL : m->ops, m->ops->host_memory ? NULL : m->be};
     return tuna_kv_new(&cfg, out);
 }
 

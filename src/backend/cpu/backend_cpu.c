@@ -85,6 +85,39 @@ void tuna_cpu_add(tuna_backend *be, float *y, const float *x, int64_t n)
     (void)be;
 }
 
+/* --- memory: plain host memory --- */
+static tuna_status cpu_alloc(tuna_backend *be, size_t bytes, void **out)
+{
+    (void)be;
+    *out = malloc(bytes ? bytes : 1);
+    return *out ? TUNA_OK : tuna_fail_oom("CPU backend buffer", bytes);
+}
+
+static void cpu_release(tuna_backend *be, void *p)
+{
+    (void)be;
+    free(p);
+}
+
+static tuna_status cpu_upload(tuna_backend *be, void *dst, const void *src, size_t bytes)
+{
+    (void)be;
+    memcpy(dst, src, bytes);
+    return TUNA_OK;
+}
+
+static void cpu_copy(tuna_backend *be, void *dst, const void *src, size_t bytes)
+{
+    (void)be;
+    memmove(dst, src, bytes);
+}
+
+static tuna_status cpu_sync(tuna_backend *be)
+{
+    (void)be;
+    return TUNA_OK;
+}
+
 static const struct tuna_backend_ops k_cpu_ops = {
     .name = "cpu",
     .matmul = tuna_cpu_matmul,
@@ -95,6 +128,13 @@ static const struct tuna_backend_ops k_cpu_ops = {
     .glu = tuna_cpu_glu,
     .embedding = tuna_cpu_embedding,
     .add = tuna_cpu_add,
+    .alloc = cpu_alloc,
+    .release = cpu_release,
+    .upload = cpu_upload,
+    .download = cpu_upload,
+    .copy = cpu_copy,
+    .sync = cpu_sync,
+    .host_memory = true,
 };
 
 const struct tuna_backend_ops *tuna_cpu_backend_ops(void) { return &k_cpu_ops; }

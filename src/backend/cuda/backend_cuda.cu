@@ -283,6 +283,15 @@ void tuna_cuda_kv_store(tuna_backend *be, float *kcache, float *vcache, const fl
     tuna_cuda_check_launch(be, "k_kv_store");
 }
 
+static void cuda_release(tuna_backend *be, void *p) { tuna_cuda_free(be, p); }
+
+static void cuda_copy(tuna_backend *be, void *dst, const void *src, size_t bytes)
+{
+    if (be->sticky || bytes == 0) return;
+    tuna_cuda_check(be, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, be->stream), "cudaMemcpyAsync(D2D)");
+}
+
+/* positional: C++17 has no designated initializers; the order is backend.h's */
 static const struct tuna_backend_ops k_cuda_ops = {
     "cuda",
     tuna_cuda_matmul,
@@ -293,6 +302,13 @@ static const struct tuna_backend_ops k_cuda_ops = {
     tuna_cuda_glu,
     tuna_cuda_embedding,
     tuna_cuda_add,
+    tuna_cuda_alloc,
+    cuda_release,
+    tuna_cuda_upload,
+    tuna_cuda_download,
+    cuda_copy,
+    tuna_cuda_sync,
+    false,
 };
 
 extern "C" const struct tuna_backend_ops *tuna_cuda_backend_ops(void) { return &k_cuda_ops; }

@@ -1,0 +1,217 @@
+/* device.c — which backend runs a model, and moving a loaded model into that backend's memory.
+ *
+ * The loader (weights.c) first builds the model on the host: weights are views into the mapped
+ * files, small vectors (norms, biases) float32 copies. For the CPU backend that is the end. For a
+ * backend with its own memory (CUDA), every weight is converted once to the compute dtype and
+ * uploaded (4-bit bitsandbytes weights are dequantized to it: a fused 4-bit GPU kernel is not
+ * written yet, see docs/PERFORMANCE.md), the vectors are uploaded and their host copies freed.
+ * The device buffers are listed in m->dev_allocs and freed with the model.
+ *
+ * dtype policy (as vLLM): auto = bf16 on compute capability >= 8.0, f16 below, said on stderr;
+ * an explicit bf16 on an older GPU is refused with the GPU's name and capability.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/cpu/cpu.h"
+#include "core/status.h"
+#include "model/model.h"
+#include "quant/nf4.h"
+#ifdef TUNA_HAVE_CUDA
+#include "backend/cuda/cuda.h"
+#include "backend/cuda/device.h"
+#endif
+
+#ifdef TUNA_HAVE_CUDA
+static tuna_status track(struct tuna_model *m, void *p)
+{
+    if (m->n_dev_allocs == m->cap_dev_allocs) {
+        int64_t nc = m->cap_dev_allocs ? m->cap_dev_allocs * 2 : 64;
+        void **na = realloc(m->dev_allocs, (size_t)nc * sizeof *na);
+        if (!na) return tuna_fail_oom("device allocation table", (size_t)nc * sizeof *na);
+        m->dev_allocs = na;
+        m->cap_dev_allocs = nc;
+    }
+    m->dev_allocs[m->n_dev_allocs++] = p;
+    return TUNA_OK;
+}
+
+/* Uploads n host bytes into a new tracked device buffer. */
+static tuna_status upload_new(struct tuna_model *m, const void *src, size_t bytes, void **out)
+{
+    void *d = NULL;
+    tuna_status st = m->ops->alloc(m->be, bytes, &d);
+    if (st) return st;
+    if ((st = track(m, d))) {
+        m->ops->release(m->be, d);
+        return st;
+    }
+    *out = d;
+    return m->ops->upload(m->be, d, src, bytes);
+}
+
+/* Replaces a host float vector by a device copy (the host copy is freed). */
+static tuna_status move_vec(struct tuna_model *m, float **v, int64_t n)
+{
+    if (!*v) return TUNA_OK;
+    void *d;
+    tuna_status st = upload_new(m, *v, (size_t)n * sizeof(float), &d);
+    if (st) return st;
+    free(*v);
+    *v = d;
+    return TUNA_OK;
+}
+
+/* Converts a weight to dtype `to` and uploads it. 4-bit weights are dequantized row by row. */
+static tuna_status move_weight(struct tuna_model *m, struct tuna_weight *w, enum tuna_dtype to)
+{
+    size_t n = (size_t)(w->rows * w->cols);
+    size_t out_bytes = tuna_dtype_nbytes(to, n);
+    if (w->dtype == to && !w->q4) {
+        void *d;
+        tuna_status st = upload_new(m, w->data, out_bytes, &d);
+        if (st) return st;
+        w->data = d;
+        return TUNA_OK;
+    }
+    /* convert in chunks of rows through a float32 staging buffer */
+    int64_t rows_per = (int64_t)((8u << 20) / (size_t)(w->cols * 4));
+    if (rows_per < 1) rows_per = 1;
+    if (rows_per > w->rows) rows_per = w->rows;
+    float *f = malloc((size_t)(rows_per * w->cols) * sizeof(float));
+    void *h = malloc(tuna_dtype_nbytes(to, (uint64_t)(rows_per * w->cols)));
+    void *d = NULL;
+    tuna_status st = (!f || !h) ? tuna_fail_oom("weight conversion buffer", (size_t)(rows_per * w->cols) * 6) : TUNA_OK;
+    if (!st) st = m->ops->alloc(m->be, out_bytes, &d);
+    if (!st && (st = track(m, d))) {
+        m->ops->release(m->be, d);
+        d = NULL;
+    }
+    size_t esz = (size_t)tuna_dtype_bits(to) / 8;
+    for (int64_t r0 = 0; !st && r0 < w->rows; r0 += rows_per) {
+        int64_t nr = w->rows - r0 < rows_per ? w->rows - r0 : rows_per;
+        size_t cnt = (size_t)(nr * w->cols);
+        if (w->q4) {
+            tuna_q4_dequantize_rows(w->q4, r0, nr, f);
+        } else {
+            size_t in_esz = (size_t)tuna_dtype_bits(w->dtype) / 8;
+            if (!tuna_convert_to_f32(w->dtype, (const char *)w->data + (size_t)(r0 * w->cols) * in_esz, f, cnt)) {
+                st = tuna_fail(TUNA_E_UNSUPPORTED, "cannot convert %s weights for the GPU", tuna_dtype_name(w->dtype));
+                break;
+            }
+        }
+        tuna_convert_from_f32(to, f, h, cnt);
+        st = m->ops->upload(m->be, (char *)d + (size_t)(r0 * w->cols) * esz, h, cnt * esz);
+    }
+    free(f);
+    free(h);
+    if (st) return st;
+    w->dtype = to;
+    w->data = d;
+    w->q4 = NULL; /* the 4-bit state stays owned by m->q4 */
+    return TUNA_OK;
+}
+
+static tuna_status move_linear(struct tuna_model *m, struct tuna_linear *l, enum tuna_dtype to)
+{
+    tuna_status st = move_weight(m, &l->w, to);
+    if (!st) st = move_vec(m, &l->bias, l->w.rows);
+    return st;
+}
+
+static tuna_status start_cuda(struct tuna_model *m, const struct tuna_model_opts *opts, enum tuna_dtype *dtype)
+{
+    int dev = opts ? opts->cuda_device : 0;
+    struct tuna_cuda_device_info info;
+    tuna_status st = tuna_cuda_device_query(dev, &info);
+    if (st) return st;
+    enum tuna_dtype want = opts ? opts->gpu_dtype : TUNA_DTYPE_INVALID;
+    bool bf16_ok = tuna_cuda_supports_bf16(&info);
+    if (want == TUNA_DTYPE_INVALID) {
+        want = bf16_ok ? TUNA_DTYPE_BF16 : TUNA_DTYPE_F16;
+        if (!bf16_ok && !(opts && opts->quiet))
+            fprintf(stderr, "tuna: %s has compute capability %d.%d (bfloat16 needs 8.0): computing in float16\n",
+                    info.name, info.cc_major, info.cc_minor);
+    } else if (want == TUNA_DTYPE_BF16 && !bf16_ok) {
+        return tuna_fail(TUNA_E_UNSUPPORTED,
+                         "--dtype bfloat16 needs compute capability 8.0 or newer, but GPU %d (%s) has %d.%d; use "
+                         "--dtype float16 or --dtype auto",
+                         dev, info.name, info.cc_major, info.cc_minor);
+    } else if (want != TUNA_DTYPE_F16 && want != TUNA_DTYPE_F32 && want != TUNA_DTYPE_BF16) {
+        return tuna_fail(TUNA_E_INVALID, "GPU dtype %s: use auto, bfloat16, float16 or float32", tuna_dtype_name(want));
+    }
+    if ((st = tuna_cuda_backend_new(dev, &m->be))) return st;
+    m->ops = tuna_cuda_backend_ops();
+    *dtype = want;
+    snprintf(m->device_desc, sizeof m->device_desc, "cuda:%d %s (cc %d.%d), %s", dev, info.name, info.cc_major,
+             info.cc_minor, tuna_dtype_torch_name(want));
+    if (!(opts && opts->quiet)) fprintf(stderr, "tuna: running on %s\n", m->device_desc);
+    return TUNA_OK;
+}
+#endif
+
+/* Chooses and starts the backend, and moves the model into its memory. */
+tuna_status tuna_model_start_backend(struct tuna_model *m, const struct tuna_model_opts *opts, int64_t max_k)
+{
+    enum tuna_device dev = opts ? opts->device : TUNA_DEVICE_CPU;
+#ifdef TUNA_HAVE_CUDA
+    if (dev == TUNA_DEVICE_AUTO) dev = tuna_cuda_device_count() > 0 ? TUNA_DEVICE_CUDA : TUNA_DEVICE_CPU;
+    if (dev == TUNA_DEVICE_CUDA) {
+        enum tuna_dtype dt = TUNA_DTYPE_BF16;
+        tuna_status st = start_cuda(m, opts, &dt);
+        if (st) return st;
+        bool tied = m->lm_head.w.data == m->embed.data;
+        if ((st = move_weight(m, &m->embed, dt))) return st;
+        if (tied) m->lm_head.w = m->embed;
+        else if ((st = move_linear(m, &m->lm_head, dt))) return st;
+        for (int64_t l = 0; l < m->arch.n_layers && !st; l++) {
+            struct tuna_layer *L = &m->layers[l];
+            if (!st) st = move_vec(m, &L->attn_norm, m->arch.hidden_size);
+            if (!st) st = move_vec(m, &L->mlp_norm, m->arch.hidden_size);
+            if (!st) st = move_vec(m, &L->q_norm, m->arch.head_dim);
+            if (!st) st = move_vec(m, &L->k_norm, m->arch.head_dim);
+            struct tuna_linear *lins[] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
+            for (size_t i = 0; i < sizeof lins / sizeof lins[0] && !st; i++) st = move_linear(m, lins[i], dt);
+        }
+        if (!st) st = move_vec(m, &m->final_norm, m->arch.hidden_size);
+        if (!st) st = tuna_cuda_sync(m->be);
+        return st;
+    }
+#else
+    if (dev == TUNA_DEVICE_CUDA)
+        return tuna_fail(TUNA_E_UNSUPPORTED, "this tuna was built without the CUDA backend (no nvcc at build "
+                         "time); rebuild with -DTUNA_CUDA=ON or use --device cpu");
+#endif
+    m->ops = tuna_cpu_backend_ops();
+    tuna_status st = tuna_cpu_backend_new(opts ? opts->threads : 0, &m->be);
+    if (st) return st;
+    snprintf(m->device_desc, sizeof m->device_desc, "cpu, %d threads", tuna_cpu_backend_threads(m->be));
+    return tuna_cpu_backend_reserve(m->be, max_k);
+}
+
+/* Frees what the backend holds for the model (device buffers, then the backend itself). */
+void tuna_model_stop_backend(struct tuna_model *m)
+{
+    if (!m->be) return;
+    for (int64_t i = 0; i < m->n_dev_allocs; i++) m->ops->release(m->be, m->dev_allocs[i]);
+    free(m->dev_allocs);
+    m->dev_allocs = NULL;
+    m->n_dev_allocs = 0;
+    if (m->ops->host_memory) {
+        tuna_cpu_backend_free(m->be);
+    } else {
+#ifdef TUNA_HAVE_CUDA
+        tuna_cuda_backend_free(m->be);
+#endif
+    }
+    m->be = NULL;
+}
+
+/* True when p is a device buffer of the model (so the host free() must skip it). */
+bool tuna_model_owns_device_ptr(const struct tuna_model *m, const void *p)
+{
+    for (int64_t i = 0; i < m->n_dev_allocs; i++)
+        if (m->dev_allocs[i] == p) return true;
+    return false;
+}
