@@ -109,17 +109,18 @@ tuna_status tk_added_build(tuna_tokenizer *t)
     }
     size_t k = 0;
     for (size_t i = 0; i < n; i++) {
-        if (t->added[i].normalized && t->norm) continue;
+        if (t->added[i].normalized) continue; /* matched in the second pass, even without a normalizer */
         pat[k] = t->added[i].content;
         len[k] = t->added[i].len;
         idx[k++] = (int32_t)i;
     }
     if ((st = matcher_build(&t->match_raw, pat, len, idx, k))) goto done;
     k = 0;
-    for (size_t i = 0; i < n && t->norm; i++) {
+    for (size_t i = 0; i < n; i++) {
         if (!t->added[i].normalized) continue;
         tk_buf b = {0};
-        st = tk_norm_apply(t->norm, t->added[i].content, t->added[i].len, &b);
+        if (t->norm) st = tk_norm_apply(t->norm, t->added[i].content, t->added[i].len, &b);
+        else if (!tk_buf_put(&b, t->added[i].content, t->added[i].len)) st = tuna_fail_oom("added tokens", 0);
         if (st) {
             tk_buf_free(&b);
             goto done;
