@@ -105,7 +105,7 @@ bool tuna_tokenizer_is_special(const tuna_tokenizer *t, int32_t id);
 
 /* transformers' clean_up_tokenization_spaces for decode (" ." → "." and the like). It is read
  * from tokenizer_config.json; absent means false, as in transformers 5 (transformers 4 defaulted
- * to true: set it to reproduce decodes made with it). */
+ * to true: set it to reproduce decodes made with it). Call before sharing t between threads. */
 void tuna_tokenizer_set_clean_up_spaces(tuna_tokenizer *t, bool on);
 
 /* The chat template from tokenizer_config.json ("chat_template" as a string, or the "default"
