@@ -463,6 +463,38 @@ static void test_bad_input(void **s)
     TT_FAILS(tuna_tokenizer_decode(t, bad, 2, false, &dec), TUNA_E_RANGE, "id 7");
     assert_null(dec);
     tuna_tokenizer_free(t);
+
+    /* post-processors: a Sequence applies its processors in order (Llama 3 writes
+     * [ByteLevel, TemplateProcessing]); RobertaProcessing puts cls first and sep last */
+    const char *seq = "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 1, \"ab\": 2}, \"merges\": [\"a b\"]},"
+                      " \"added_tokens\": [{\"id\": 3, \"content\": \"<s>\", \"special\": true, \"normalized\": false},"
+                      " {\"id\": 4, \"content\": \"</s>\", \"special\": true, \"normalized\": false}],"
+                      " \"post_processor\": {\"type\": \"Sequence\", \"processors\": [{\"type\": \"ByteLevel\"},"
+                      " {\"type\": \"TemplateProcessing\", \"single\": [{\"SpecialToken\": {\"id\": \"<s>\", \"type_id\": 0}},"
+                      " {\"Sequence\": {\"id\": \"A\", \"type_id\": 0}}], \"special_tokens\": {\"<s>\": {\"id\": \"<s>\","
+                      " \"ids\": [3], \"tokens\": [\"<s>\"]}}}]}}";
+    TT_OK(tuna_tokenizer_load_json(seq, strlen(seq), NULL, 0, &t));
+    TT_OK(tuna_tokenizer_encode(t, "ab</s>", 6, true, true, &ids, &n));
+    assert_int_equal(n, 3);
+    assert_int_equal(ids[0], 3);
+    assert_int_equal(ids[1], 2);
+    assert_int_equal(ids[2], 4);
+    free(ids);
+    TT_OK(tuna_tokenizer_decode(t, (const int32_t[]){3, 2, 4}, 3, true, &dec));
+    assert_string_equal(dec, "ab");
+    free(dec);
+    tuna_tokenizer_free(t);
+    const char *rob = "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 1, \"ab\": 2, \"<s>\": 3, \"</s>\": 4},"
+                      " \"merges\": [\"a b\"]}, \"post_processor\": {\"type\": \"RobertaProcessing\", \"sep\": [\"</s>\", 4],"
+                      " \"cls\": [\"<s>\", 3]}}";
+    TT_OK(tuna_tokenizer_load_json(rob, strlen(rob), NULL, 0, &t));
+    TT_OK(tuna_tokenizer_encode(t, "ab", 2, true, true, &ids, &n));
+    assert_int_equal(n, 3);
+    assert_int_equal(ids[0], 3);
+    assert_int_equal(ids[1], 2);
+    assert_int_equal(ids[2], 4);
+    free(ids);
+    tuna_tokenizer_free(t);
 }
 
 int main(void)
