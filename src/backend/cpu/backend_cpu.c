@@ -1,6 +1,8 @@
 /* backend_cpu.c — the CPU backend object (thread pool, matmul scratch) and its op table; the small
  * memory ops (KV store, residual add) live here too. */
+#ifndef TUNA_NO_BLAS
 #include <cblas.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -25,7 +27,9 @@ tuna_status tuna_cpu_backend_new(int n_threads, tuna_backend **out)
     be->n_threads = n_threads;
     be->min_parallel = TUNA_CPU_MIN_PARALLEL_WORK;
     /* OpenBLAS runs inside our pool's tasks: one thread each, never a second pool. */
+#ifndef TUNA_NO_BLAS
     openblas_set_num_threads(1);
+#endif
     *out = be;
     return TUNA_OK;
 }

@@ -12,7 +12,22 @@
  * few-token path. Both need the scratch from tuna_cpu_backend_reserve().
  */
 #include <assert.h>
+#ifndef TUNA_NO_BLAS
 #include <cblas.h>
+#else
+#include <stddef.h>
+/* GPU-only bundles (-DTUNA_BLAS=OFF) leave OpenBLAS out: this plain loop computes the same
+ * row-major y[T,N] = x[T,K] w[N,K]^T, slowly; the CPU backend is then only a test reference. */
+static void sgemm_nt(int T, int N, int K, const float *x, const float *w, float *y, int ldy)
+{
+    for (int t = 0; t < T; t++)
+        for (int n = 0; n < N; n++) {
+            double s = 0;
+            for (int k = 0; k < K; k++) s += (double)x[(size_t)t * K + k] * w[(size_t)n * K + k];
+            y[(size_t)t * ldy + n] = (float)s;
+        }
+}
+#endif
 #include <string.h>
 
 #include "backend/cpu/cpu_internal.h"
@@ -166,8 +181,12 @@ static void mm_tile_task(void *arg, int64_t task, int thread)
         convert_rows(a->w, n0, nb, tile);
         wt = tile;
     }
+#ifndef TUNA_NO_BLAS
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)a->T, (int)nb, (int)a->K, 1.0f, a->x,
                 (int)a->K, wt, (int)a->K, 0.0f, a->y + n0, (int)a->N);
+#else
+    sgemm_nt((int)a->T, (int)nb, (int)a->K, a->x, wt, a->y + n0, (int)a->N);
+#endif
     if (a->bias)
         for (int64_t t = 0; t < a->T; t++)
             for (int64_t n = n0; n < n0 + nb; n++) a->y[t * a->N + n] += a->bias[n];
