@@ -347,47 +347,47 @@ static tuna_status split_pattern(const struct tk_pattern *pat, enum tk_split_beh
     return tk_split_apply(segs, b, invert, s, first, out) ? TUNA_OK : tuna_fail_oom("pre-tokenizer", n);
 }
 
+/* Appends the GPT-2 characters of bytes q[0..len) to out as one piece (no intermediate copy). */
+static bool add_bytelevel(tk_pieces *out, const unsigned char *q, size_t len, bool first)
+{
+    /* every byte maps to a code point below 0x800: at most two UTF-8 bytes */
+    if (!tk_buf_grow(&out->text, 2 * len)) return false;
+    size_t off = out->text.n;
+    unsigned char *w = (unsigned char *)out->text.p + off;
+    for (size_t k = 0; k < len; k++) {
+        uint32_t cp = tk_byte_to_cp(q[k]);
+        if (cp < 0x80) *w++ = (unsigned char)cp;
+        else {
+            *w++ = (unsigned char)(0xC0 | (cp >> 6));
+            *w++ = (unsigned char)(0x80 | (cp & 0x3F));
+        }
+    }
+    size_t n = (size_t)(w - ((unsigned char *)out->text.p + off));
+    out->text.p[off + n] = '\0';
+    return tk_pieces_add_inplace(out, n, first);
+}
+
 static tuna_status bytelevel_piece(const struct tk_pre *p, const char *s, size_t n, bool first, tk_segs *segs,
                                    tk_buf *tmp, tk_pieces *out)
 {
-    tmp->n = 0;
-    if (p->add_prefix_space && (n == 0 || s[0] != ' ') && !tk_buf_putc(tmp, ' '))
-        return tuna_fail_oom("pre-tokenizer", n);
-    if (!tk_buf_put(tmp, s, n)) return tuna_fail_oom("pre-tokenizer", n);
-    tk_pieces split = {0};
-    tuna_status st = TUNA_OK;
-    tk_piece whole = {0, tmp->n, first};
-    if (p->use_regex) st = split_pattern(&p->pat, TK_SPLIT_ISOLATED, false, tmp->p, tmp->n, first, segs, &split);
-    else if (tmp->n) { /* one piece: map tmp itself */
-        split.text = *tmp;
-        split.v = &whole;
-        split.n = 1;
+    if (p->add_prefix_space && (n == 0 || s[0] != ' ')) {
+        tmp->n = 0;
+        if (!tk_buf_putc(tmp, ' ') || !tk_buf_put(tmp, s, n)) return tuna_fail_oom("pre-tokenizer", n);
+        s = tmp->p;
+        n = tmp->n;
     }
-    tk_buf mapped = {0};
-    for (size_t i = 0; !st && i < split.n; i++) {
-        /* every byte maps to a code point below 0x800: at most two UTF-8 bytes */
-        size_t len = split.v[i].len;
-        mapped.n = 0;
-        if (!tk_buf_grow(&mapped, 2 * len)) {
-            st = tuna_fail_oom("pre-tokenizer", n);
-            break;
-        }
-        const unsigned char *q = (const unsigned char *)split.text.p + split.v[i].off;
-        unsigned char *w = (unsigned char *)mapped.p;
-        for (size_t k = 0; k < len; k++) {
-            uint32_t cp = tk_byte_to_cp(q[k]);
-            if (cp < 0x80) *w++ = (unsigned char)cp;
-            else {
-                *w++ = (unsigned char)(0xC0 | (cp >> 6));
-                *w++ = (unsigned char)(0x80 | (cp & 0x3F));
-            }
-        }
-        mapped.n = (size_t)(w - (unsigned char *)mapped.p);
-        if (!tk_pieces_add(out, mapped.p, mapped.n, split.v[i].first)) st = tuna_fail_oom("pre-tokenizer", n);
+    if (!p->use_regex)
+        return n == 0 || add_bytelevel(out, (const unsigned char *)s, n, first) ? TUNA_OK : tuna_fail_oom("pre-tokenizer", n);
+    tuna_status st = tk_find_matches(&p->pat, s, n, segs);
+    if (st) return st;
+    /* Isolated: every segment, match or not, is a piece; empty ones are dropped */
+    for (size_t i = 0; i < segs->n; i++) {
+        const tk_seg *g = &segs->v[i];
+        if (g->end == g->start) continue;
+        if (!add_bytelevel(out, (const unsigned char *)s + g->start, g->end - g->start, first && g->start == 0))
+            return tuna_fail_oom("pre-tokenizer", n);
     }
-    tk_buf_free(&mapped);
-    if (p->use_regex) tk_pieces_free(&split);
-    return st;
+    return TUNA_OK;
 }
 
 static tuna_status metaspace_piece(const struct tk_pre *p, const char *s, size_t n, bool first, tk_segs *segs,

@@ -60,6 +60,9 @@ typedef struct {
 } tk_pieces;
 
 bool tk_pieces_add(tk_pieces *l, const char *s, size_t n, bool first);
+/* Registers the n bytes already written at l->text.p + l->text.n (room reserved, NUL after) as
+ * a piece. */
+bool tk_pieces_add_inplace(tk_pieces *l, size_t n, bool first);
 void tk_pieces_free(tk_pieces *l);
 
 /* ---- UTF-8 and Unicode character classes (unicode.c) ---- */

@@ -66,6 +66,20 @@ bool tk_pieces_add(tk_pieces *l, const char *s, size_t n, bool first)
     return true;
 }
 
+bool tk_pieces_add_inplace(tk_pieces *l, size_t n, bool first)
+{
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? l->cap * 2 : 16;
+        tk_piece *v = realloc(l->v, cap * sizeof *v);
+        if (!v) return false;
+        l->v = v;
+        l->cap = cap;
+    }
+    l->v[l->n++] = (tk_piece){l->text.n, n, first};
+    l->text.n += n;
+    return true;
+}
+
 void tk_pieces_free(tk_pieces *l)
 {
     tk_buf_free(&l->text);
