@@ -157,6 +157,26 @@ for _ in range(400):
 random.seed(202)
 for _ in range(250):
     add(seq(), {"x": "X"}, "X")
+# random nestings of set / for / if / macro / call / block set (scoping)
+names = ['a', 'b', 'ns.v', 'loop.index', 'i', 'j', 'm']
+def sval():
+    return random.choice(['1', 'a', 'b', 'i', "'s'", 'ns.v', 'a + 1', "(b ~ 'x')", 'loop.index', 'loop.last', 'mac(1)', 'caller()' if random.random() < 0.1 else '2', 'loop.previtem', 'j'])
+def sblock(depth=0):
+    out = []
+    for _ in range(random.randint(1, 4)):
+        r = random.random()
+        if r < 0.25: out.append('{{ ' + sval() + ' }},')
+        elif r < 0.45: out.append('{% set ' + random.choice(['a', 'b', 'ns.v', 'j']) + ' = ' + sval() + ' %}')
+        elif r < 0.6 and depth < 3: out.append('{% for ' + random.choice(['i', 'j', 'a']) + ' in ' + random.choice(['[1, 2]', 'range(3)', '[]', 'l']) + (' if i is defined' if random.random() < 0.2 else '') + ' %}' + sblock(depth+1) + ('{% else %}E' if random.random() < 0.2 else '') + '{% endfor %}')
+        elif r < 0.75 and depth < 3: out.append('{% if ' + sval() + ' %}' + sblock(depth+1) + '{% else %}' + sblock(depth+1) + '{% endif %}')
+        elif r < 0.85 and depth < 2: out.append('{% macro mac(a, b=2) %}[' + sblock(depth+1) + ']{% endmacro %}')
+        elif r < 0.92 and depth < 2: out.append('{% call mac(5) %}C' + sblock(depth+1) + '{% endcall %}')
+        elif depth < 3: out.append('{% set x %}' + sblock(depth+1) + '{% endset %}{{ x }}')
+    return ''.join(out)
+
+random.seed(303)
+for _ in range(250):
+    add("{% set ns = namespace(v=0) %}{% macro mac(a) %}<{{ a }}>{% endmacro %}" + sblock(), {"l": [7, 8]}, "S")
 for i, c in enumerate(T):
     c["id"] = "c%03d" % i
 with open(__file__.replace("make_jinja_cases.py", "jinja_cases.json"), "w") as f:

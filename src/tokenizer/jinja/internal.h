@@ -287,7 +287,8 @@ struct node {
     struct node *a, *b, *c, *d;
     struct nvec l1, l2, l3;
     struct jv lit;
-    bool neg; /* `is not`, `not in` */
+    bool neg;         /* `is not`, `not in` */
+    bool uses_caller; /* N_MACRO: its body refers to caller (else Jinja2 refuses a {% call %}) */
 };
 
 struct tuna_jinja_template {

@@ -163,7 +163,12 @@ static struct jv call_macro(struct jctx *x, struct jfunc *f, struct jargs *a, co
         else v = jv_undef(pa->s);
         scope_set(x, sc, pa->s, pa->sn, v);
     }
-    if (ja_has(a, (size_t)-1, "caller")) scope_set(x, sc, "caller", 6, ja_arg(a, (size_t)-1, "caller", jv_none()));
+    if (ja_has(a, (size_t)-1, "caller")) {
+        if (m->k == N_MACRO && !m->uses_caller)
+            jx_fail(x, at, TUNA_E_FORMAT, "macro '%s' was called with a caller ({%% call %%}) but never calls caller()",
+                    f->name);
+        scope_set(x, sc, "caller", 6, ja_arg(a, (size_t)-1, "caller", jv_none()));
+    }
     struct jv r = render_to_string(x, sc, &m->l1, at);
     x->depth--;
     return r;
@@ -687,8 +692,8 @@ static int exec_stmt(struct jctx *x, struct jscope *sc, const struct node *n)
         return exec_body(x, sc, &n->l2);
     case N_FOR: return exec_for(x, sc, n);
     case N_SET: assign(x, sc, n->a, eval(x, sc, n->b)); return FLOW_NORMAL;
-    case N_SETBLOCK: {
-        struct jv v = render_to_string(x, sc, &n->l1, n);
+    case N_SETBLOCK: { /* the body is an inner scope in Jinja2: its sets stay inside */
+        struct jv v = render_to_string(x, scope_new(x, sc), &n->l1, n);
         if (n->c) v = apply_chain(x, sc, n->c, v);
         assign(x, sc, n->a, v);
         return FLOW_NORMAL;
@@ -715,7 +720,7 @@ static int exec_stmt(struct jctx *x, struct jscope *sc, const struct node *n)
         return FLOW_NORMAL;
     }
     case N_FILTERBLOCK: {
-        struct jv v = render_to_string(x, sc, &n->l1, n);
+        struct jv v = render_to_string(x, scope_new(x, sc), &n->l1, n);
         jx_write_str(x, x->out, apply_chain(x, sc, n->a, v));
         return FLOW_NORMAL;
     }

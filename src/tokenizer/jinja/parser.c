@@ -642,6 +642,21 @@ static struct node *parse_filter_chain(struct parser *p)
     return f;
 }
 
+/* Does the subtree refer to the variable `name`? Like Jinja2's find_undeclared, this looks into
+ * nested macros and call blocks too. */
+static bool refers_to(const struct node *n, const char *name)
+{
+    if (!n) return false;
+    if (n->k == N_NAME && !strcmp(n->s, name)) return true;
+    if (refers_to(n->a, name) || refers_to(n->b, name) || refers_to(n->c, name) || refers_to(n->d, name)) return true;
+    const struct nvec *lists[3] = {&n->l1, &n->l2, &n->l3};
+    for (int k = 0; k < 3; k++) {
+        for (size_t i = 0; i < lists[k]->n; i++)
+            if (refers_to(lists[k]->v[i], name)) return true;
+    }
+    return false;
+}
+
 static const char *const END_IF[] = {"elif", "else", "endif", NULL};
 static const char *const END_ENDIF[] = {"endif", NULL};
 static const char *const END_FOR[] = {"else", "endfor", NULL};
@@ -737,6 +752,11 @@ static struct node *parse_statement(struct parser *p)
         parse_params(p, &n->l2);
         expect_block_end(p);
         parse_body(p, &n->l1, END_MACRO);
+        for (size_t i = 0; i < n->l1.n; i++) {
+            n->uses_caller |= refers_to(n->l1.v[i], "caller");
+            if (refers_to(n->l1.v[i], "varargs") || refers_to(n->l1.v[i], "kwargs"))
+                pfail(p, TUNA_E_UNSUPPORTED, off, "macro '%s' uses varargs/kwargs", n->s);
+        }
         next(p);
         if (cur(p)->t == JT_NAME) next(p);
         expect_block_end(p);
