@@ -53,12 +53,15 @@ int cmd_template(int argc, char **argv)
         if (tuna_cli_opt_str(argc, argv, &i, "--messages", &msg_file, &bad)) continue;
         if (tuna_cli_opt_str(argc, argv, &i, "--tools", &tools_file, &bad)) continue;
         if (tuna_cli_opt_str(argc, argv, &i, "--template-name", &name, &bad)) continue;
-        if (tuna_cli_flag(argv, i, "--add-generation-prompt")) gen = true;
-        else if (tuna_cli_flag(argv, i, "--tokenize")) tokenize = true;
+        if (tuna_cli_flag(argv, i, "--add-generation-prompt"))
+            gen = true;
+        else if (tuna_cli_flag(argv, i, "--tokenize"))
+            tokenize = true;
         else if (argv[i][0] == '-' && argv[i][1]) {
             fprintf(stderr, "tuna template: unknown option '%s'\n", argv[i]);
             bad = true;
-        } else if (!dir) dir = argv[i];
+        } else if (!dir)
+            dir = argv[i];
         else {
             fprintf(stderr, "tuna template: unexpected argument '%s'\n", argv[i]);
             bad = true;
@@ -92,11 +95,13 @@ int cmd_template(int argc, char **argv)
             goto fail;
         }
         static const char *const taken[] = {"messages", "tools", "documents", "add_generation_prompt"};
-        for (size_t k = 0; k < sizeof taken / sizeof *taken; k++) cJSON_DeleteItemFromObjectCaseSensitive(extra, taken[k]);
+        for (size_t k = 0; k < sizeof taken / sizeof *taken; k++)
+            cJSON_DeleteItemFromObjectCaseSensitive(extra, taken[k]);
         o.extra = extra;
     }
     if (!cJSON_IsArray(messages)) {
-        st = tuna_fail(TUNA_E_INVALID, "%s: expected a JSON array of messages or an object with \"messages\"", msg_file);
+        st =
+            tuna_fail(TUNA_E_INVALID, "%s: expected a JSON array of messages or an object with \"messages\"", msg_file);
         goto fail;
     }
     if ((st = tuna_chat_load(dir, &ct))) goto fail;
@@ -108,7 +113,8 @@ int cmd_template(int argc, char **argv)
         if ((st = tuna_tokenizer_load(dir, &tok))) goto fail;
         if ((st = tuna_tokenizer_encode(tok, text, strlen(text), false, true, &ids, &n))) goto fail;
         putchar('[');
-        for (size_t i = 0; i < n; i++) printf(i ? ", %d" : "%d", ids[i]);
+        for (size_t i = 0; i < n; i++)
+            printf(i ? ", %d" : "%d", ids[i]);
         printf("]\n");
     }
     goto done;

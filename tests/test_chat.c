@@ -42,17 +42,22 @@ static void test_fixture_cases(void **state)
             TT_OK(tuna_chat_render(ct, cJSON_GetObjectItemCaseSensitive(c, "messages"), &o, &out));
             const char *want = cJSON_GetObjectItemCaseSensitive(c, "rendered")->valuestring;
             total++;
-            if (!strcmp(out, want)) pass++;
-            else printf("  FAIL %s case %d\n    got      [%s]\n    expected [%s]\n", dirs[d], total, out, want);
+            if (!strcmp(out, want))
+                pass++;
+            else
+                printf("  FAIL %s case %d\n    got      [%s]\n    expected [%s]\n", dirs[d], total, out, want);
             /* apply_chat_template(tokenize=True): no BOS/EOS added, specials in the text recognised */
             int32_t *ids = NULL;
             size_t n = 0;
             TT_OK(tuna_tokenizer_encode(tok, out, strlen(out), false, true, &ids, &n));
             const cJSON *want_ids = cJSON_GetObjectItemCaseSensitive(c, "ids");
             bool same = n == (size_t)cJSON_GetArraySize(want_ids);
-            for (size_t i = 0; same && i < n; i++) same = ids[i] == cJSON_GetArrayItem(want_ids, (int)i)->valueint;
-            if (same) ids_pass++;
-            else printf("  FAIL ids of %s case %d\n", dirs[d], total);
+            for (size_t i = 0; same && i < n; i++)
+                same = ids[i] == cJSON_GetArrayItem(want_ids, (int)i)->valueint;
+            if (same)
+                ids_pass++;
+            else
+                printf("  FAIL ids of %s case %d\n", dirs[d], total);
             free(ids);
             free(out);
         }
@@ -79,7 +84,8 @@ static void test_ortx_outputs(void **state)
     cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(doc, "cases"))
     {
         char dir[4096 + 512];
-        snprintf(dir, sizeof dir, "%s/%s", peers, cJSON_GetObjectItemCaseSensitive(c, "template_source_dir")->valuestring);
+        snprintf(dir, sizeof dir, "%s/%s", peers,
+                 cJSON_GetObjectItemCaseSensitive(c, "template_source_dir")->valuestring);
         struct tuna_chat_template *ct = NULL;
         TT_OK(tuna_chat_load(dir, &ct));
         /* gemma-3-chat holds only chat_template.json; google/gemma-3-4b-it's tokenizer_config.json
@@ -95,9 +101,12 @@ static void test_ortx_outputs(void **state)
         const char *want = cJSON_GetObjectItemCaseSensitive(c, "expected_output")->valuestring;
         const char *name = cJSON_GetObjectItemCaseSensitive(c, "test")->valuestring;
         total++;
-        if (st) printf("  FAIL %s: %s\n", name, tuna_last_error());
-        else if (strcmp(out, want)) printf("  FAIL %s\n    got      [%s]\n    expected [%s]\n", name, out, want);
-        else pass++;
+        if (st)
+            printf("  FAIL %s: %s\n", name, tuna_last_error());
+        else if (strcmp(out, want))
+            printf("  FAIL %s\n    got      [%s]\n    expected [%s]\n", name, out, want);
+        else
+            pass++;
         free(out);
         cJSON_Delete(extra);
         tuna_chat_free(ct);
@@ -108,14 +117,14 @@ static void test_ortx_outputs(void **state)
     assert_true(total > 0);
 }
 
-static const char CONVERSATION[] =
-    "[{\"role\": \"user\", \"content\": \"Hello! What is 2+2?\"},"
-    " {\"role\": \"assistant\", \"content\": \"2+2 is 4.\"},"
-    " {\"role\": \"user\", \"content\": \"And 3+3?\"}]";
+static const char CONVERSATION[] = "[{\"role\": \"user\", \"content\": \"Hello! What is 2+2?\"},"
+                                   " {\"role\": \"assistant\", \"content\": \"2+2 is 4.\"},"
+                                   " {\"role\": \"user\", \"content\": \"And 3+3?\"}]";
 
 static const char TOOLS[] =
     "[{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"Weather of a city.\","
-    " \"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\", \"description\": \"City name\"}},"
+    " \"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\", \"description\": \"City "
+    "name\"}},"
     " \"required\": [\"city\"]}}}]";
 
 /* Renders one template file; with_tools also passes a tool list and the variables that
@@ -146,7 +155,8 @@ static bool render_file(const char *path, const char *name, const cJSON *msgs, c
     if (!ok)
         printf("  FAIL %s (%s tools): %s\n", name, with_tools ? "with" : "without",
                must_fail ? "should fail as Python Jinja2 does"
-                         : st ? tuna_last_error() : "the rendered text lacks the last message");
+               : st      ? tuna_last_error()
+                         : "the rendered text lacks the last message");
     free(out);
     free(src);
     cJSON_Delete(tools);
@@ -268,7 +278,8 @@ static void test_loading_errors(void **state)
     put(d2, "chat_template.jinja", "ok\n{% for m in messages %}{{ m.content }\n");
     TT_FAILS(tuna_chat_load(d2, &ct), TUNA_E_FORMAT, "line 2");
     const char *d3 = mkfolder("raises");
-    put(d3, "chat_template.jinja", "{% if messages[0].role != 'system' %}{{ raise_exception('need a system message') }}{% endif %}");
+    put(d3, "chat_template.jinja",
+        "{% if messages[0].role != 'system' %}{{ raise_exception('need a system message') }}{% endif %}");
     TT_OK(tuna_chat_load(d3, &ct));
     cJSON *m = cJSON_Parse("[{\"role\": \"user\", \"content\": \"hi\"}]");
     char *out = NULL;
@@ -280,8 +291,8 @@ static void test_loading_errors(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_loading_rules),   cmocka_unit_test(test_loading_errors),
-        cmocka_unit_test(test_fixture_cases),   cmocka_unit_test(test_ortx_outputs),
+        cmocka_unit_test(test_loading_rules),      cmocka_unit_test(test_loading_errors),
+        cmocka_unit_test(test_fixture_cases),      cmocka_unit_test(test_ortx_outputs),
         cmocka_unit_test(test_llamacpp_templates),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -29,20 +29,48 @@ static const struct known KNOWN_FAILURES[] = {
 static const char *known_reason(const char *suite, const char *id)
 {
     for (size_t i = 0; i < sizeof KNOWN_FAILURES / sizeof *KNOWN_FAILURES; i++)
-        if (!strcmp(KNOWN_FAILURES[i].suite, suite) && !strcmp(KNOWN_FAILURES[i].id, id)) return KNOWN_FAILURES[i].reason;
+        if (!strcmp(KNOWN_FAILURES[i].suite, suite) && !strcmp(KNOWN_FAILURES[i].id, id))
+            return KNOWN_FAILURES[i].reason;
     return NULL;
 }
 
 /* hfjs cases whose only difference from Python is that JavaScript prints booleans as true/false
  * where Python prints True/False: their expected text is compared with true/false mapped to
  * True/False (so they still check everything else). */
-static const char *const HFJS_JS_BOOLS[] = {
-    "BOOLEAN_LITERALS", "LOGICAL_AND", "LOGICAL_OR", "LOGICAL_NOT", "LOGICAL_NOT_NOT", "LOGICAL_AND_OR",
-    "LOGICAL_AND_NOT", "LOGICAL_OR_NOT", "LOGICAL_COMBINED", "BINOP_EXPR", "BINOP_EXPR_1", "MEMBERSHIP_UNDEFINED",
-    "UNARY_SIGN_EXPRESSIONS", "SUBSTRING_INCLUSION", "FILTER_OPERATOR_16", "SORT_MIXED_BOOL_NUM", "BOOLEAN_NUMERICAL",
-    "BOOLEAN_STRINGS", "BOOLEAN_MIXED", "BOOLEAN_MIXED_2", "IS_OPERATOR", "IS_OPERATOR_2", "IS_OPERATOR_3",
-    "IS_OPERATOR_5", "IS_OPERATOR_6", "SHORT_CIRCUIT", "SHORT_CIRCUIT_1", "NAMESPACE_1", "NAMESPACE_2",
-    "OBJECT_OPERATORS", "OBJECT_OPERATORS_1", "SCOPE", "SCOPE_1", NULL};
+static const char *const HFJS_JS_BOOLS[] = {"BOOLEAN_LITERALS",
+                                            "LOGICAL_AND",
+                                            "LOGICAL_OR",
+                                            "LOGICAL_NOT",
+                                            "LOGICAL_NOT_NOT",
+                                            "LOGICAL_AND_OR",
+                                            "LOGICAL_AND_NOT",
+                                            "LOGICAL_OR_NOT",
+                                            "LOGICAL_COMBINED",
+                                            "BINOP_EXPR",
+                                            "BINOP_EXPR_1",
+                                            "MEMBERSHIP_UNDEFINED",
+                                            "UNARY_SIGN_EXPRESSIONS",
+                                            "SUBSTRING_INCLUSION",
+                                            "FILTER_OPERATOR_16",
+                                            "SORT_MIXED_BOOL_NUM",
+                                            "BOOLEAN_NUMERICAL",
+                                            "BOOLEAN_STRINGS",
+                                            "BOOLEAN_MIXED",
+                                            "BOOLEAN_MIXED_2",
+                                            "IS_OPERATOR",
+                                            "IS_OPERATOR_2",
+                                            "IS_OPERATOR_3",
+                                            "IS_OPERATOR_5",
+                                            "IS_OPERATOR_6",
+                                            "SHORT_CIRCUIT",
+                                            "SHORT_CIRCUIT_1",
+                                            "NAMESPACE_1",
+                                            "NAMESPACE_2",
+                                            "OBJECT_OPERATORS",
+                                            "OBJECT_OPERATORS_1",
+                                            "SCOPE",
+                                            "SCOPE_1",
+                                            NULL};
 
 /* expected with the words true/false written as Python prints them (malloc'd) */
 static char *python_bools(const char *s)
@@ -109,8 +137,10 @@ static void check_case(struct tally *ty, const char *id, const char *tpl, const 
     } else if (!reason) {
         ty->unexpected++;
         printf("  FAIL %s %s\n", ty->suite, id);
-        if (st) printf("    error: %s: %s\n", tuna_status_name(st), tuna_last_error());
-        else printf("    got:      [%s]\n    expected: [%s]\n", out, expected ? expected : "(none)");
+        if (st)
+            printf("    error: %s: %s\n", tuna_status_name(st), tuna_last_error());
+        else
+            printf("    got:      [%s]\n    expected: [%s]\n", out, expected ? expected : "(none)");
     }
     free(out);
     free(mapped);
@@ -222,15 +252,15 @@ static char *r(const char *tpl, const char *ctx_json)
     return out;
 }
 
-#define EXPECT_RENDER(tpl, ctx, want)                                                                          \
-    do {                                                                                                       \
-        char *got_ = r(tpl, ctx);                                                                              \
-        if (strcmp(got_, want)) {                                                                              \
-            print_error("[%s]\n got      [%s]\n expected [%s]\n", tpl, got_, want);                            \
-            free(got_);                                                                                        \
-            fail();                                                                                            \
-        }                                                                                                      \
-        free(got_);                                                                                            \
+#define EXPECT_RENDER(tpl, ctx, want)                                                                                  \
+    do {                                                                                                               \
+        char *got_ = r(tpl, ctx);                                                                                      \
+        if (strcmp(got_, want)) {                                                                                      \
+            print_error("[%s]\n got      [%s]\n expected [%s]\n", tpl, got_, want);                                    \
+            free(got_);                                                                                                \
+            fail();                                                                                                    \
+        }                                                                                                              \
+        free(got_);                                                                                                    \
     } while (0)
 
 static tuna_status render_status(const char *tpl)
@@ -262,7 +292,8 @@ static void test_python_printing(void **state)
 static void test_json_numbers(void **state)
 {
     (void)state;
-    const char *text = "{\"a\": 1.0, \"b\": 1, \"c\": 12345678901234567, \"d\": 2.5e-7, \"e\": [true, null, \"\\u00e9\\ud83e\\udd17\"]}";
+    const char *text = "{\"a\": 1.0, \"b\": 1, \"c\": 12345678901234567, \"d\": 2.5e-7, \"e\": [true, null, "
+                       "\"\\u00e9\\ud83e\\udd17\"]}";
     cJSON *ctx = NULL;
     TT_OK(tuna_jinja_json_parse(text, strlen(text), "test", &ctx));
     cJSON *wrap = cJSON_CreateObject();
@@ -316,7 +347,8 @@ static void test_python_goldens(void **state)
         const char *id = cJSON_GetObjectItemCaseSensitive(c, "id")->valuestring;
         assert_string_equal(id, cJSON_GetObjectItemCaseSensitive(g, "id")->valuestring);
         const char *tpl = cJSON_GetObjectItemCaseSensitive(c, "template")->valuestring;
-        const cJSON *ctx = cJSON_GetObjectItemCaseSensitive(contexts, cJSON_GetObjectItemCaseSensitive(c, "context")->valuestring);
+        const cJSON *ctx =
+            cJSON_GetObjectItemCaseSensitive(contexts, cJSON_GetObjectItemCaseSensitive(c, "context")->valuestring);
         assert_non_null(ctx);
         const cJSON *want = cJSON_GetObjectItemCaseSensitive(g, "output");
         if (want) {
@@ -407,8 +439,9 @@ int main(void)
     setenv("TZ", "UTC", 1);
     tzset();
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_python_printing), cmocka_unit_test(test_errors), cmocka_unit_test(test_json_numbers), cmocka_unit_test(test_minja),
-        cmocka_unit_test(test_hfjs_unit),       cmocka_unit_test(test_hfjs_e2e),
+        cmocka_unit_test(test_python_printing),   cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_json_numbers),      cmocka_unit_test(test_minja),
+        cmocka_unit_test(test_hfjs_unit),         cmocka_unit_test(test_hfjs_e2e),
         cmocka_unit_test(test_damaged_templates), cmocka_unit_test(test_python_goldens),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -9,7 +9,7 @@
 #include "core/json.h"
 #include "core/status.h"
 
-static const char *const SPECIAL_NAMES[] = {"bos_token", "eos_token", "unk_token", "pad_token",
+static const char *const SPECIAL_NAMES[] = {"bos_token", "eos_token", "unk_token",  "pad_token",
                                             "sep_token", "cls_token", "mask_token", NULL};
 
 void tuna_chat_free(struct tuna_chat_template *ct)
@@ -195,7 +195,8 @@ tuna_status tuna_chat_render(const struct tuna_chat_template *ct, const cJSON *m
             strncat(names, i ? ", " : "", sizeof names - strlen(names) - 1);
             strncat(names, ct->templates[i].name, sizeof names - strlen(names) - 1);
         }
-        return tuna_fail(TUNA_E_NOT_FOUND, "%s has no chat template named '%s' (it has: %s)", ct->origin ? ct->origin : "template",
+        return tuna_fail(TUNA_E_NOT_FOUND, "%s has no chat template named '%s' (it has: %s)",
+                         ct->origin ? ct->origin : "template",
                          opt && opt->template_name ? opt->template_name : "default", names);
     }
     cJSON *ctx = cJSON_Duplicate(ct->specials, 1);

@@ -23,20 +23,21 @@
 #include "tuna.h"
 
 struct tuna_chat_named {
-    char *name;     /* "default", "tool_use", ... */
-    char *source;   /* template text */
+    char *name;               /* "default", "tool_use", ... */
+    char *source;             /* template text */
     tuna_jinja_template *tpl; /* parsed with transformers' options */
 };
 
 struct tuna_chat_template {
     struct tuna_chat_named *templates; /* [n] */
     int n;
-    char *origin;      /* the file the template came from, for messages */
-    cJSON *specials;   /* object: bos_token, eos_token, ... (strings) that were found */
+    char *origin;    /* the file the template came from, for messages */
+    cJSON *specials; /* object: bos_token, eos_token, ... (strings) that were found */
 };
 
 /* Loads and parses the chat template and special tokens of a model folder. TUNA_E_NOT_FOUND when
- * the folder has no chat template; a template that does not parse fails here, naming the file. *out is taken by the caller (tuna_chat_free). */
+ * the folder has no chat template; a template that does not parse fails here, naming the file. *out is taken by the
+ * caller (tuna_chat_free). */
 tuna_status tuna_chat_load(const char *dir, struct tuna_chat_template **out);
 
 /* Builds one from template text (special tokens from `specials`, may be NULL; copied). */
@@ -45,12 +46,12 @@ tuna_status tuna_chat_from_source(const char *source, const cJSON *specials, str
 void tuna_chat_free(struct tuna_chat_template *ct);
 
 struct tuna_chat_render_opts {
-    const cJSON *tools;         /* array or NULL */
-    const cJSON *documents;     /* array or NULL */
-    const cJSON *extra;         /* object of further template variables or NULL */
-    const char *template_name;  /* NULL: "tool_use" when tools are given and it exists, else "default" */
+    const cJSON *tools;        /* array or NULL */
+    const cJSON *documents;    /* array or NULL */
+    const cJSON *extra;        /* object of further template variables or NULL */
+    const char *template_name; /* NULL: "tool_use" when tools are given and it exists, else "default" */
     bool add_generation_prompt;
-    int64_t now;                /* for strftime_now; 0 = current time */
+    int64_t now; /* for strftime_now; 0 = current time */
 };
 
 /* Renders `messages` (a JSON array of {"role", "content", ...}). *out is malloc'd, taken by the

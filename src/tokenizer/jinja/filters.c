@@ -11,7 +11,10 @@
 #include "tokenizer/jinja/internal.h"
 
 /* ---- helpers ---- */
-static struct jv str_of(struct jctx *x, struct jv v) { return jv_to_str(x, v); }
+static struct jv str_of(struct jctx *x, struct jv v)
+{
+    return jv_to_str(x, v);
+}
 
 static struct jv buf_to_str(struct jctx *x, struct jbuf *b)
 {
@@ -24,22 +27,6 @@ static struct jv buf_to_str(struct jctx *x, struct jbuf *b)
     return r;
 }
 
-static bool arg_bool(struct jargs *a, size_t i, const char *name, bool def)
-{
-    if (!ja_has(a, i, name)) return def;
-    return jv_truthy(ja_arg(a, i, name, jv_none()));
-}
-
-static int64_t arg_int(struct jctx *x, struct jargs *a, size_t i, const char *name, int64_t def)
-{
-    if (!ja_has(a, i, name)) return def;
-    struct jv v = ja_arg(a, i, name, jv_none());
-    if (v.t == JV_INT) return v.u.i;
-    if (v.t == JV_BOOL) return v.u.b;
-    if (v.t == JV_FLOAT) return (int64_t)v.u.f;
-    jx_fail(x, x->at, TUNA_E_FORMAT, "argument '%s' must be an integer, not %s", name ? name : "?", jv_type_name(v));
-}
-
 /* environment.getitem with a dotted attribute path ("a.b.0") as map/sort/selectattr use */
 static struct jv attr_path(struct jctx *x, struct jv obj, struct jv attr)
 {
@@ -48,10 +35,12 @@ static struct jv attr_path(struct jctx *x, struct jv obj, struct jv attr)
     size_t i = 0;
     while (i <= attr.n) {
         size_t j = i;
-        while (j < attr.n && attr.u.s[j] != '.') j++;
+        while (j < attr.n && attr.u.s[j] != '.')
+            j++;
         struct jv key = jv_str_ref(attr.u.s + i, j - i);
         bool digits = j > i;
-        for (size_t k = i; k < j; k++) digits &= isdigit((unsigned char)attr.u.s[k]) != 0;
+        for (size_t k = i; k < j; k++)
+            digits &= isdigit((unsigned char)attr.u.s[k]) != 0;
         if (digits) key = jv_int(strtoll(attr.u.s + i, NULL, 10));
         if (obj.t == JV_UNDEF) return obj;
         obj = jx_getitem(x, obj, key, x->at);
@@ -60,7 +49,10 @@ static struct jv attr_path(struct jctx *x, struct jv obj, struct jv attr)
     return obj;
 }
 
-static struct jv new_list(struct jctx *x) { return jv_list(x, 0); }
+static struct jv new_list(struct jctx *x)
+{
+    return jv_list(x, 0);
+}
 
 static struct jv tuple2(struct jctx *x, struct jv a, struct jv b)
 {
@@ -74,8 +66,8 @@ static struct jv tuple2(struct jctx *x, struct jv a, struct jv b)
 /* Stable merge sort of v[0..n) by key values k (parallel array). eq_first: keys that are equal
  * need no ordering (Jinja2's sort compares one-item lists [key], and Python's list comparison
  * tests equality first: [None, None] | sort works, [None, 1] | sort fails). */
-static void msort(struct jctx *x, struct jv *v, struct jv *k, size_t n, bool cs, bool rev, bool eq_first,
-                  struct jv *tv, struct jv *tk)
+static void msort(struct jctx *x, struct jv *v, struct jv *k, size_t n, bool cs, bool rev, bool eq_first, struct jv *tv,
+                  struct jv *tk)
 {
     if (n < 2) return;
     size_t h = n / 2;
@@ -108,7 +100,8 @@ static void msort(struct jctx *x, struct jv *v, struct jv *k, size_t n, bool cs,
 static struct jv sorted(struct jctx *x, struct jlist *l, struct jv *keys, bool cs, bool rev, bool eq_first)
 {
     struct jv out = jv_list(x, l->n);
-    for (size_t i = 0; i < l->n; i++) jl_push(x, out.u.l, l->v[i]);
+    for (size_t i = 0; i < l->n; i++)
+        jl_push(x, out.u.l, l->v[i]);
     struct jv *tv = ja_alloc(x->ar, (l->n + 1) * sizeof *tv), *tk = ja_alloc(x->ar, (l->n + 1) * sizeof *tk);
     if (!tv || !tk) jx_fail(x, x->at, TUNA_E_OOM, "out of memory");
     msort(x, out.u.l->v, keys, l->n, cs, rev, eq_first, tv, tk);
@@ -141,25 +134,29 @@ static struct jv f_truncate(struct jctx *x, struct jv in, struct jargs *a)
 {
     if (in.t != JV_STR) {
         /* Jinja2 measures the value itself: short sequences and Undefined come back unchanged */
-        int64_t lim = arg_int(x, a, 0, "length", 255) + 5;
+        int64_t lim = ja_int(x, a, 0, "length", 255) + 5;
         if (in.t == JV_UNDEF || (jv_is_seq(in) && in.u.l->kind != JL_GEN && (int64_t)in.u.l->n <= lim) ||
             ((in.t == JV_DICT) && (int64_t)in.u.d->n <= lim))
             return in;
         jx_fail(x, x->at, TUNA_E_FORMAT, "truncate(): expected a string, got %s", jv_type_name(in));
     }
     struct jv s = in;
-    int64_t length = arg_int(x, a, 0, "length", 255);
-    bool killwords = arg_bool(a, 1, "killwords", false);
+    int64_t length = ja_int(x, a, 0, "length", 255);
+    bool killwords = ja_bool(a, 1, "killwords", false);
     struct jv end = str_of(x, ja_arg(a, 2, "end", jv_str_ref("...", 3)));
-    int64_t leeway = ja_has(a, 3, "leeway") && ja_arg(a, 3, "leeway", jv_none()).t != JV_NONE ? arg_int(x, a, 3, "leeway", 5) : 5;
+    int64_t leeway =
+        ja_has(a, 3, "leeway") && ja_arg(a, 3, "leeway", jv_none()).t != JV_NONE ? ja_int(x, a, 3, "leeway", 5) : 5;
     int64_t slen = (int64_t)ju_len(s.u.s, s.n), elen = (int64_t)ju_len(end.u.s, end.n);
-    if (length < elen) jx_fail(x, x->at, TUNA_E_FORMAT, "truncate(): expected length >= %lld, got %lld", (long long)elen, (long long)length);
+    if (length < elen)
+        jx_fail(x, x->at, TUNA_E_FORMAT, "truncate(): expected length >= %lld, got %lld", (long long)elen,
+                (long long)length);
     if (leeway < 0) jx_fail(x, x->at, TUNA_E_FORMAT, "truncate(): expected leeway >= 0");
     if (slen <= length + leeway) return s;
     size_t cut = ju_offset(s.u.s, s.n, (size_t)(length - elen));
     if (!killwords) { /* s[:cut].rsplit(" ", 1)[0] */
         size_t sp = cut;
-        while (sp > 0 && s.u.s[sp - 1] != ' ') sp--;
+        while (sp > 0 && s.u.s[sp - 1] != ' ')
+            sp--;
         if (sp > 0) cut = sp - 1;
     }
     struct jbuf b = {0};
@@ -170,7 +167,7 @@ static struct jv f_truncate(struct jctx *x, struct jv in, struct jargs *a)
 
 static struct jv f_batch(struct jctx *x, struct jv in, struct jargs *a)
 {
-    int64_t n = arg_int(x, a, 0, "linecount", 1);
+    int64_t n = ja_int(x, a, 0, "linecount", 1);
     if (n <= 0) jx_fail(x, x->at, TUNA_E_FORMAT, "batch(): linecount must be positive");
     bool fill = ja_has(a, 1, "fill_with");
     struct jv fv = ja_arg(a, 1, "fill_with", jv_none());
@@ -185,7 +182,8 @@ static struct jv f_batch(struct jctx *x, struct jv in, struct jargs *a)
     }
     if (cur.u.l->n) {
         if (fill)
-            while ((int64_t)cur.u.l->n < n) jl_push(x, cur.u.l, fv);
+            while ((int64_t)cur.u.l->n < n)
+                jl_push(x, cur.u.l, fv);
         jl_push(x, out.u.l, cur);
     }
     out.u.l->kind = JL_GEN;
@@ -207,17 +205,18 @@ static struct jv f_capitalize(struct jctx *x, struct jv in, struct jargs *a)
 static struct jv f_default(struct jctx *x, struct jv in, struct jargs *a)
 {
     struct jv d = ja_arg(a, 0, "default_value", jv_str_ref("", 0));
-    bool boolean = arg_bool(a, 1, "boolean", false);
+    bool boolean = ja_bool(a, 1, "boolean", false);
     if (in.t == JV_UNDEF || (boolean && !jv_truthy(in))) return d;
     return in;
 }
 
 static struct jv f_dictsort(struct jctx *x, struct jv in, struct jargs *a)
 {
-    bool cs = arg_bool(a, 0, "case_sensitive", false);
+    bool cs = ja_bool(a, 0, "case_sensitive", false);
     struct jv by = ja_arg(a, 1, "by", jv_str_ref("key", 3));
-    bool rev = arg_bool(a, 2, "reverse", false);
-    if (in.t != JV_DICT && in.t != JV_NS) jx_fail(x, x->at, TUNA_E_FORMAT, "dictsort(): expected a dict, got %s", jv_type_name(in));
+    bool rev = ja_bool(a, 2, "reverse", false);
+    if (in.t != JV_DICT && in.t != JV_NS)
+        jx_fail(x, x->at, TUNA_E_FORMAT, "dictsort(): expected a dict, got %s", jv_type_name(in));
     bool by_value = by.t == JV_STR && by.n == 5 && !memcmp(by.u.s, "value", 5);
     if (!by_value && !(by.t == JV_STR && by.n == 3 && !memcmp(by.u.s, "key", 3)))
         jx_fail(x, x->at, TUNA_E_FORMAT, "dictsort(): 'by' must be 'key' or 'value'");
@@ -252,7 +251,10 @@ struct jv jx_escape(struct jctx *x, struct jv s)
     return r;
 }
 
-static struct jv f_escape(struct jctx *x, struct jv in, struct jargs *a) { return jx_escape(x, in); }
+static struct jv f_escape(struct jctx *x, struct jv in, struct jargs *a)
+{
+    return jx_escape(x, in);
+}
 
 static struct jv f_forceescape(struct jctx *x, struct jv in, struct jargs *a)
 {
@@ -269,7 +271,8 @@ static struct jv f_first(struct jctx *x, struct jv in, struct jargs *a)
 
 static struct jv f_last(struct jctx *x, struct jv in, struct jargs *a)
 {
-    if (jv_is_seq(in) && in.u.l->kind == JL_GEN) jx_fail(x, x->at, TUNA_E_FORMAT, "'generator' object is not reversible");
+    if (jv_is_seq(in) && in.u.l->kind == JL_GEN)
+        jx_fail(x, x->at, TUNA_E_FORMAT, "'generator' object is not reversible");
     struct jlist *l = jv_iterate(x, in, x->at);
     return l->n ? l->v[l->n - 1] : jv_undef("last item");
 }
@@ -280,8 +283,10 @@ static bool parse_float(struct jv s, double *out)
     char tmp[128];
     struct jv t = s;
     size_t a = 0, b = t.n;
-    while (a < b && isspace((unsigned char)t.u.s[a])) a++;
-    while (b > a && isspace((unsigned char)t.u.s[b - 1])) b--;
+    while (a < b && isspace((unsigned char)t.u.s[a]))
+        a++;
+    while (b > a && isspace((unsigned char)t.u.s[b - 1]))
+        b--;
     if (b == a || b - a >= sizeof tmp) return false;
     size_t n = 0;
     for (size_t i = a; i < b; i++)
@@ -307,7 +312,7 @@ static struct jv f_int(struct jctx *x, struct jv in, struct jargs *a)
 {
     if (in.t == JV_UNDEF) jx_fail(x, x->at, TUNA_E_FORMAT, "'%.*s' is undefined", (int)in.n, in.u.s ? in.u.s : "value");
     struct jv def = ja_arg(a, 0, "default", jv_int(0));
-    int64_t base = arg_int(x, a, 1, "base", 10);
+    int64_t base = ja_int(x, a, 1, "base", 10);
     if (in.t == JV_INT) return in;
     if (in.t == JV_BOOL) return jv_int(in.u.b);
     if (in.t == JV_FLOAT) {
@@ -317,8 +322,10 @@ static struct jv f_int(struct jctx *x, struct jv in, struct jargs *a)
     if (in.t == JV_STR) {
         char tmp[128];
         size_t s0 = 0, s1 = in.n;
-        while (s0 < s1 && isspace((unsigned char)in.u.s[s0])) s0++;
-        while (s1 > s0 && isspace((unsigned char)in.u.s[s1 - 1])) s1--;
+        while (s0 < s1 && isspace((unsigned char)in.u.s[s0]))
+            s0++;
+        while (s1 > s0 && isspace((unsigned char)in.u.s[s1 - 1]))
+            s1--;
         if (s1 > s0 && s1 - s0 < sizeof tmp) {
             size_t n = 0;
             for (size_t i = s0; i < s1; i++)
@@ -339,11 +346,13 @@ static struct jv f_indent(struct jctx *x, struct jv in, struct jargs *a)
     if (in.t != JV_STR) /* Jinja2 appends "\n" to the value itself */
         jx_fail(x, x->at, TUNA_E_FORMAT, "indent(): expected a string, got %s", jv_type_name(in));
     struct jv w = ja_arg(a, 0, "width", jv_int(4));
-    bool first = arg_bool(a, 1, "first", false), blank = arg_bool(a, 2, "blank", false);
+    bool first = ja_bool(a, 1, "first", false), blank = ja_bool(a, 2, "blank", false);
     struct jbuf *ind = jx_buf(x);
-    if (w.t == JV_STR) jb_put(ind, w.u.s, w.n);
+    if (w.t == JV_STR)
+        jb_put(ind, w.u.s, w.n);
     else
-        for (int64_t i = 0; i < arg_int(x, a, 0, "width", 4); i++) jb_putc(ind, ' ');
+        for (int64_t i = 0; i < ja_int(x, a, 0, "width", 4); i++)
+            jb_putc(ind, ' ');
     struct jv s = str_of(x, in);
     /* s + "\n", then splitlines */
     struct jv lines = new_list(x);
@@ -375,9 +384,11 @@ static struct jv f_indent(struct jctx *x, struct jv in, struct jargs *a)
 static struct jv f_items(struct jctx *x, struct jv in, struct jargs *a)
 {
     if (in.t == JV_UNDEF) return new_list(x);
-    if (in.t != JV_DICT && in.t != JV_NS) jx_fail(x, x->at, TUNA_E_FORMAT, "items(): expected a mapping, got %s", jv_type_name(in));
+    if (in.t != JV_DICT && in.t != JV_NS)
+        jx_fail(x, x->at, TUNA_E_FORMAT, "items(): expected a mapping, got %s", jv_type_name(in));
     struct jv out = jv_list(x, in.u.d->n);
-    for (size_t i = 0; i < in.u.d->n; i++) jl_push(x, out.u.l, tuple2(x, in.u.d->k[i], in.u.d->v[i]));
+    for (size_t i = 0; i < in.u.d->n; i++)
+        jl_push(x, out.u.l, tuple2(x, in.u.d->k[i], in.u.d->v[i]));
     out.u.l->kind = JL_GEN; /* Jinja2's items filter is a generator */
     return out;
 }
@@ -416,12 +427,19 @@ static struct jv f_list(struct jctx *x, struct jv in, struct jargs *a)
 {
     struct jlist *l = jv_iterate(x, in, x->at);
     struct jv out = jv_list(x, l->n);
-    for (size_t i = 0; i < l->n; i++) jl_push(x, out.u.l, l->v[i]);
+    for (size_t i = 0; i < l->n; i++)
+        jl_push(x, out.u.l, l->v[i]);
     return out;
 }
 
-static struct jv f_lower(struct jctx *x, struct jv in, struct jargs *a) { return keep_safe(in, js_lower(x, str_of(x, in))); }
-static struct jv f_upper(struct jctx *x, struct jv in, struct jargs *a) { return keep_safe(in, js_upper(x, str_of(x, in))); }
+static struct jv f_lower(struct jctx *x, struct jv in, struct jargs *a)
+{
+    return keep_safe(in, js_lower(x, str_of(x, in)));
+}
+static struct jv f_upper(struct jctx *x, struct jv in, struct jargs *a)
+{
+    return keep_safe(in, js_upper(x, str_of(x, in)));
+}
 
 /* the arguments after the first n positional ones, as a new jargs */
 static struct jargs shift_args(struct jargs *a, size_t n)
@@ -449,12 +467,14 @@ static struct jv f_map(struct jctx *x, struct jv in, struct jargs *a)
         out.u.l->kind = JL_GEN;
         return out;
     }
-    if (a->npos == 0 || a->pos[0].t != JV_STR) jx_fail(x, x->at, TUNA_E_FORMAT, "map(): expected a filter name or attribute=");
+    if (a->npos == 0 || a->pos[0].t != JV_STR)
+        jx_fail(x, x->at, TUNA_E_FORMAT, "map(): expected a filter name or attribute=");
     char name[64];
     snprintf(name, sizeof name, "%.*s", (int)(a->pos[0].n < 63 ? a->pos[0].n : 63), a->pos[0].u.s);
     if (!jx_has_filter(name)) jx_fail(x, x->at, TUNA_E_UNSUPPORTED, "map(): no filter named '%s'", name);
     struct jargs rest = shift_args(a, 1);
-    for (size_t i = 0; i < l->n; i++) jl_push(x, out.u.l, jx_filter(x, name, l->v[i], &rest, x->at));
+    for (size_t i = 0; i < l->n; i++)
+        jl_push(x, out.u.l, jx_filter(x, name, l->v[i], &rest, x->at));
     out.u.l->kind = JL_GEN;
     return out;
 }
@@ -483,14 +503,26 @@ static struct jv select_impl(struct jctx *x, struct jv in, struct jargs *a, bool
     return out;
 }
 
-static struct jv f_select(struct jctx *x, struct jv in, struct jargs *a) { return select_impl(x, in, a, false, true); }
-static struct jv f_reject(struct jctx *x, struct jv in, struct jargs *a) { return select_impl(x, in, a, false, false); }
-static struct jv f_selectattr(struct jctx *x, struct jv in, struct jargs *a) { return select_impl(x, in, a, true, true); }
-static struct jv f_rejectattr(struct jctx *x, struct jv in, struct jargs *a) { return select_impl(x, in, a, true, false); }
+static struct jv f_select(struct jctx *x, struct jv in, struct jargs *a)
+{
+    return select_impl(x, in, a, false, true);
+}
+static struct jv f_reject(struct jctx *x, struct jv in, struct jargs *a)
+{
+    return select_impl(x, in, a, false, false);
+}
+static struct jv f_selectattr(struct jctx *x, struct jv in, struct jargs *a)
+{
+    return select_impl(x, in, a, true, true);
+}
+static struct jv f_rejectattr(struct jctx *x, struct jv in, struct jargs *a)
+{
+    return select_impl(x, in, a, true, false);
+}
 
 static struct jv minmax(struct jctx *x, struct jv in, struct jargs *a, int sign)
 {
-    bool cs = arg_bool(a, 0, "case_sensitive", false);
+    bool cs = ja_bool(a, 0, "case_sensitive", false);
     struct jv attr = ja_arg(a, 1, "attribute", jv_none());
     struct jlist *l = jv_iterate(x, in, x->at);
     if (!l->n) return jv_undef("min/max of an empty sequence");
@@ -502,15 +534,22 @@ static struct jv minmax(struct jctx *x, struct jv in, struct jargs *a, int sign)
     }
     return l->v[best];
 }
-static struct jv f_max(struct jctx *x, struct jv in, struct jargs *a) { return minmax(x, in, a, 1); }
-static struct jv f_min(struct jctx *x, struct jv in, struct jargs *a) { return minmax(x, in, a, -1); }
+static struct jv f_max(struct jctx *x, struct jv in, struct jargs *a)
+{
+    return minmax(x, in, a, 1);
+}
+static struct jv f_min(struct jctx *x, struct jv in, struct jargs *a)
+{
+    return minmax(x, in, a, -1);
+}
 
 static struct jv f_replace(struct jctx *x, struct jv in, struct jargs *a)
 {
     struct jv s = str_of(x, in);
-    struct jv o = str_of(x, ja_arg(a, 0, "old", jv_str_ref("", 0))), n = str_of(x, ja_arg(a, 1, "new", jv_str_ref("", 0)));
+    struct jv o = str_of(x, ja_arg(a, 0, "old", jv_str_ref("", 0))),
+              n = str_of(x, ja_arg(a, 1, "new", jv_str_ref("", 0)));
     struct jv c = ja_arg(a, 2, "count", jv_none());
-    return js_replace(x, s, o, n, c.t == JV_NONE ? -1 : arg_int(x, a, 2, "count", -1));
+    return js_replace(x, s, o, n, c.t == JV_NONE ? -1 : ja_int(x, a, 2, "count", -1));
 }
 
 static struct jv f_reverse(struct jctx *x, struct jv in, struct jargs *a)
@@ -518,21 +557,23 @@ static struct jv f_reverse(struct jctx *x, struct jv in, struct jargs *a)
     if (in.t == JV_STR) {
         struct jlist *l = jv_iterate(x, in, x->at);
         struct jbuf b = {0};
-        for (size_t i = l->n; i-- > 0;) jb_put(&b, l->v[i].u.s, l->v[i].n);
+        for (size_t i = l->n; i-- > 0;)
+            jb_put(&b, l->v[i].u.s, l->v[i].n);
         return buf_to_str(x, &b);
     }
     /* reversed(list) is an iterator; a generator cannot be reversed, so Jinja2 makes a list */
     bool was_gen = jv_is_seq(in) && in.u.l->kind == JL_GEN;
     struct jlist *l = jv_iterate(x, in, x->at);
     struct jv out = jv_list(x, l->n);
-    for (size_t i = l->n; i-- > 0;) jl_push(x, out.u.l, l->v[i]);
+    for (size_t i = l->n; i-- > 0;)
+        jl_push(x, out.u.l, l->v[i]);
     if (!was_gen && in.t != JV_DICT) out.u.l->kind = JL_GEN;
     return out;
 }
 
 static struct jv f_round(struct jctx *x, struct jv in, struct jargs *a)
 {
-    int64_t prec = arg_int(x, a, 0, "precision", 0);
+    int64_t prec = ja_int(x, a, 0, "precision", 0);
     struct jv m = ja_arg(a, 1, "method", jv_str_ref("common", 6));
     if (!jv_is_num(in)) jx_fail(x, x->at, TUNA_E_FORMAT, "round(): expected a number, got %s", jv_type_name(in));
     if (m.t != JV_STR) jx_fail(x, x->at, TUNA_E_FORMAT, "round(): method must be a string");
@@ -558,7 +599,7 @@ static struct jv f_safe(struct jctx *x, struct jv in, struct jargs *a)
 
 static struct jv f_sort(struct jctx *x, struct jv in, struct jargs *a)
 {
-    bool rev = arg_bool(a, 0, "reverse", false), cs = arg_bool(a, 1, "case_sensitive", false);
+    bool rev = ja_bool(a, 0, "reverse", false), cs = ja_bool(a, 1, "case_sensitive", false);
     struct jv attr = ja_arg(a, 2, "attribute", jv_none());
     struct jlist *l = jv_iterate(x, in, x->at);
     struct jv *keys = ja_alloc(x->ar, (l->n + 1) * sizeof *keys);
@@ -570,7 +611,10 @@ static struct jv f_sort(struct jctx *x, struct jv in, struct jargs *a)
     return sorted(x, l, keys, true, rev, true);
 }
 
-static struct jv f_string(struct jctx *x, struct jv in, struct jargs *a) { return keep_safe(in, str_of(x, in)); }
+static struct jv f_string(struct jctx *x, struct jv in, struct jargs *a)
+{
+    return keep_safe(in, str_of(x, in));
+}
 
 static struct jv f_sum(struct jctx *x, struct jv in, struct jargs *a)
 {
@@ -580,8 +624,10 @@ static struct jv f_sum(struct jctx *x, struct jv in, struct jargs *a)
     for (size_t i = 0; i < l->n; i++) {
         struct jv v = attr.t == JV_NONE ? l->v[i] : attr_path(x, l->v[i], attr);
         if (!jv_is_num(v) || !jv_is_num(acc)) jx_fail(x, x->at, TUNA_E_FORMAT, "sum(): cannot add %s", jv_type_name(v));
-        if (acc.t != JV_FLOAT && v.t != JV_FLOAT) acc = jv_int((int64_t)jv_num(acc) + (v.t == JV_BOOL ? v.u.b : v.u.i));
-        else acc = jv_float(jv_num(acc) + jv_num(v));
+        if (acc.t != JV_FLOAT && v.t != JV_FLOAT)
+            acc = jv_int((int64_t)jv_num(acc) + (v.t == JV_BOOL ? v.u.b : v.u.i));
+        else
+            acc = jv_float(jv_num(acc) + jv_num(v));
     }
     return acc;
 }
@@ -602,7 +648,8 @@ static struct jv f_title(struct jctx *x, struct jv in, struct jargs *a)
             if (i == st) sep = is_sep;
             if (is_sep != sep) break;
             i += w ? w : 1;
-            while (!w && i < s.n && ((unsigned char)s.u.s[i] & 0xC0) == 0x80) i++;
+            while (!w && i < s.n && ((unsigned char)s.u.s[i] & 0xC0) == 0x80)
+                i++;
         }
         struct jv piece = jv_str_ref(s.u.s + st, i - st);
         if (sep) {
@@ -620,7 +667,7 @@ static struct jv f_title(struct jctx *x, struct jv in, struct jargs *a)
 static struct jv f_tojson(struct jctx *x, struct jv in, struct jargs *a)
 {
     struct tojson_opts o = {.indent = -1, .item_sep = ", ", .key_sep = ": "};
-    o.ensure_ascii = arg_bool(a, 0, "ensure_ascii", false);
+    o.ensure_ascii = ja_bool(a, 0, "ensure_ascii", false);
     struct jv ind = ja_arg(a, 1, "indent", jv_none());
     if (ind.t == JV_INT) {
         o.indent = ind.u.i < 0 ? 0 : (int)ind.u.i;
@@ -635,7 +682,7 @@ static struct jv f_tojson(struct jctx *x, struct jv in, struct jargs *a)
         o.item_sep = ja_strndup(x->ar, sep.u.l->v[0].u.s, sep.u.l->v[0].n);
         o.key_sep = ja_strndup(x->ar, sep.u.l->v[1].u.s, sep.u.l->v[1].n);
     }
-    o.sort_keys = arg_bool(a, 3, "sort_keys", false);
+    o.sort_keys = ja_bool(a, 3, "sort_keys", false);
     struct jbuf *b = jx_buf(x);
     jv_write_json(x, b, in, &o, 0);
     return jx_buf_take(x, b);
@@ -649,7 +696,7 @@ static struct jv f_trim(struct jctx *x, struct jv in, struct jargs *a)
 
 static struct jv f_unique(struct jctx *x, struct jv in, struct jargs *a)
 {
-    bool cs = arg_bool(a, 0, "case_sensitive", false);
+    bool cs = ja_bool(a, 0, "case_sensitive", false);
     struct jv attr = ja_arg(a, 1, "attribute", jv_none());
     struct jlist *l = jv_iterate(x, in, x->at);
     struct jv out = new_list(x), seen = new_list(x);
@@ -659,7 +706,8 @@ static struct jv f_unique(struct jctx *x, struct jv in, struct jargs *a)
             jx_fail(x, x->at, TUNA_E_FORMAT, "unique(): unhashable type: '%s'", jv_type_name(k));
         if (!cs && k.t == JV_STR) k = js_lower(x, k);
         bool dup = false;
-        for (size_t j = 0; j < seen.u.l->n && !dup; j++) dup = jv_equal(seen.u.l->v[j], k);
+        for (size_t j = 0; j < seen.u.l->n && !dup; j++)
+            dup = jv_equal(seen.u.l->v[j], k);
         if (dup) continue;
         jl_push(x, seen.u.l, k);
         jl_push(x, out.u.l, l->v[i]);
@@ -685,13 +733,15 @@ static struct jv f_wordcount(struct jctx *x, struct jv in, struct jargs *a)
 static struct jv f_center(struct jctx *x, struct jv in, struct jargs *a)
 {
     struct jv s = str_of(x, in);
-    int64_t w = arg_int(x, a, 0, "width", 80), len = (int64_t)ju_len(s.u.s, s.n);
+    int64_t w = ja_int(x, a, 0, "width", 80), len = (int64_t)ju_len(s.u.s, s.n);
     if (w <= len) return s;
     int64_t pad = w - len, left = pad / 2 + (pad & w & 1);
     struct jbuf b = {0};
-    for (int64_t i = 0; i < left; i++) jb_putc(&b, ' ');
+    for (int64_t i = 0; i < left; i++)
+        jb_putc(&b, ' ');
     jb_put(&b, s.u.s, s.n);
-    for (int64_t i = 0; i < pad - left; i++) jb_putc(&b, ' ');
+    for (int64_t i = 0; i < pad - left; i++)
+        jb_putc(&b, ' ');
     return buf_to_str(x, &b);
 }
 
@@ -718,14 +768,18 @@ struct jv jx_printf(struct jctx *x, struct jv s, const struct jv *args, size_t n
             jx_fail(x, x->at, TUNA_E_FORMAT, "not enough arguments for format string");
         }
         struct jv v = args[k++];
-        if (c == 'r') jv_write_repr(b, v);
-        else if (c == 's') jx_write_str(x, b, v);
-        else if (jv_is_num(v)) jb_printf(b, "%lld", (long long)(v.t == JV_FLOAT ? (int64_t)v.u.f : (int64_t)jv_num(v)));
+        if (c == 'r')
+            jv_write_repr(b, v);
+        else if (c == 's')
+            jx_write_str(x, b, v);
+        else if (jv_is_num(v))
+            jb_printf(b, "%lld", (long long)(v.t == JV_FLOAT ? (int64_t)v.u.f : (int64_t)jv_num(v)));
         else {
             jx_fail(x, x->at, TUNA_E_FORMAT, "%%%c format: a real number is required, not %s", c, jv_type_name(v));
         }
     }
-    if (k < nargs && !(lenient && nargs == 1 && (args[0].t == JV_DICT || args[0].t == JV_LIST || args[0].t == JV_UNDEF))) {
+    if (k < nargs &&
+        !(lenient && nargs == 1 && (args[0].t == JV_DICT || args[0].t == JV_LIST || args[0].t == JV_UNDEF))) {
         jx_fail(x, x->at, TUNA_E_FORMAT, "not all arguments converted during string formatting");
     }
     return jx_buf_take(x, b);
@@ -742,15 +796,28 @@ static const struct {
     const char *name;
     filter_fn fn;
 } FILTERS[] = {
-    {"abs", f_abs}, {"attr", f_attr}, {"batch", f_batch}, {"capitalize", f_capitalize}, {"center", f_center},
-    {"count", f_length}, {"d", f_default}, {"default", f_default}, {"dictsort", f_dictsort}, {"e", f_escape},
-    {"escape", f_escape}, {"first", f_first}, {"float", f_float}, {"forceescape", f_forceescape}, {"format", f_format},
-    {"indent", f_indent}, {"int", f_int}, {"items", f_items}, {"join", f_join}, {"last", f_last},
-    {"length", f_length}, {"list", f_list}, {"lower", f_lower}, {"map", f_map}, {"max", f_max}, {"min", f_min},
-    {"reject", f_reject}, {"rejectattr", f_rejectattr}, {"replace", f_replace}, {"reverse", f_reverse},
-    {"round", f_round}, {"safe", f_safe}, {"select", f_select}, {"selectattr", f_selectattr}, {"sort", f_sort},
-    {"string", f_string}, {"sum", f_sum}, {"title", f_title}, {"tojson", f_tojson}, {"trim", f_trim}, {"truncate", f_truncate},
-    {"unique", f_unique}, {"upper", f_upper}, {"wordcount", f_wordcount},
+    {"abs", f_abs},           {"attr", f_attr},
+    {"batch", f_batch},       {"capitalize", f_capitalize},
+    {"center", f_center},     {"count", f_length},
+    {"d", f_default},         {"default", f_default},
+    {"dictsort", f_dictsort}, {"e", f_escape},
+    {"escape", f_escape},     {"first", f_first},
+    {"float", f_float},       {"forceescape", f_forceescape},
+    {"format", f_format},     {"indent", f_indent},
+    {"int", f_int},           {"items", f_items},
+    {"join", f_join},         {"last", f_last},
+    {"length", f_length},     {"list", f_list},
+    {"lower", f_lower},       {"map", f_map},
+    {"max", f_max},           {"min", f_min},
+    {"reject", f_reject},     {"rejectattr", f_rejectattr},
+    {"replace", f_replace},   {"reverse", f_reverse},
+    {"round", f_round},       {"safe", f_safe},
+    {"select", f_select},     {"selectattr", f_selectattr},
+    {"sort", f_sort},         {"string", f_string},
+    {"sum", f_sum},           {"title", f_title},
+    {"tojson", f_tojson},     {"trim", f_trim},
+    {"truncate", f_truncate}, {"unique", f_unique},
+    {"upper", f_upper},       {"wordcount", f_wordcount},
 };
 
 bool jx_has_filter(const char *name)
@@ -771,230 +838,4 @@ struct jv jx_filter(struct jctx *x, const char *name, struct jv in, struct jargs
             return r;
         }
     jx_fail(x, at, TUNA_E_UNSUPPORTED, "no filter named '%s'", name);
-}
-
-/* ---- tests ---- */
-static struct jv targ(struct jctx *x, struct jargs *a, const char *what)
-{
-    if (a->npos < 1) jx_fail(x, x->at, TUNA_E_FORMAT, "test '%s' needs an argument", what);
-    return a->pos[0];
-}
-
-static bool run_test(struct jctx *x, const char *t, struct jv v, struct jargs *a, bool *known)
-{
-    *known = true;
-    if (!strcmp(t, "defined")) return v.t != JV_UNDEF;
-    if (!strcmp(t, "undefined")) return v.t == JV_UNDEF;
-    if (!strcmp(t, "none")) return v.t == JV_NONE;
-    if (!strcmp(t, "boolean")) return v.t == JV_BOOL;
-    if (!strcmp(t, "true")) return v.t == JV_BOOL && v.u.b;
-    if (!strcmp(t, "false")) return v.t == JV_BOOL && !v.u.b;
-    if (!strcmp(t, "integer")) return v.t == JV_INT;
-    if (!strcmp(t, "float")) return v.t == JV_FLOAT;
-    if (!strcmp(t, "number")) return jv_is_num(v);
-    if (!strcmp(t, "string")) return v.t == JV_STR;
-    if (!strcmp(t, "mapping")) return v.t == JV_DICT;
-    if (!strcmp(t, "iterable")) return v.t == JV_STR || jv_is_seq(v) || v.t == JV_DICT || v.t == JV_UNDEF;
-    if (!strcmp(t, "sequence"))
-        return v.t == JV_STR || (jv_is_seq(v) && (v.u.l->kind == JL_LIST || v.u.l->kind == JL_RANGE)) || v.t == JV_DICT ||
-               v.t == JV_UNDEF;
-    if (!strcmp(t, "callable")) return v.t == JV_FUNC;
-    if (!strcmp(t, "escaped")) return false;
-    if (!strcmp(t, "lower") || !strcmp(t, "upper")) { /* str(value).islower() / isupper() */
-        struct jv s = jv_to_str(x, v);
-        struct jv c = t[0] == 'l' ? js_lower(x, s) : js_upper(x, s);
-        struct jv o = t[0] == 'l' ? js_upper(x, s) : js_lower(x, s);
-        return jv_equal(c, s) && !jv_equal(o, s); /* no wrong-case letter, at least one cased one */
-    }
-    if (!strcmp(t, "even") || !strcmp(t, "odd")) { /* value % 2 == 0 / == 1 */
-        if (!jv_is_num(v)) jx_fail(x, x->at, TUNA_E_FORMAT, "test '%s' needs a number, got %s", t, jv_type_name(v));
-        double r = fmod(jv_num(v), 2);
-        if (r < 0) r += 2;
-        return t[0] == 'e' ? r == 0 : r == 1;
-    }
-    if (!strcmp(t, "divisibleby")) {
-        struct jv d = targ(x, a, t);
-        if (!jv_is_num(v) || !jv_is_num(d) || jv_num(d) == 0) jx_fail(x, x->at, TUNA_E_FORMAT, "divisibleby: bad operands");
-        return fmod(jv_num(v), jv_num(d)) == 0;
-    }
-    if (!strcmp(t, "eq") || !strcmp(t, "equalto") || !strcmp(t, "==")) return jv_equal(v, targ(x, a, t));
-    if (!strcmp(t, "ne") || !strcmp(t, "!=")) return !jv_equal(v, targ(x, a, t));
-    if (!strcmp(t, "sameas")) {
-        struct jv o = targ(x, a, t);
-        if (v.t != o.t) return false;
-        if (v.t == JV_NONE || v.t == JV_UNDEF) return true;
-        if (v.t == JV_BOOL) return v.u.b == o.u.b;
-        if (v.t == JV_LIST || v.t == JV_TUPLE) return v.u.l == o.u.l;
-        if (v.t == JV_DICT || v.t == JV_NS) return v.u.d == o.u.d;
-        return jv_equal(v, o);
-    }
-    const char *cmp = NULL;
-    if (!strcmp(t, "lt") || !strcmp(t, "lessthan") || !strcmp(t, "<")) cmp = "<";
-    else if (!strcmp(t, "le") || !strcmp(t, "<=")) cmp = "<=";
-    else if (!strcmp(t, "gt") || !strcmp(t, "greaterthan") || !strcmp(t, ">")) cmp = ">";
-    else if (!strcmp(t, "ge") || !strcmp(t, ">=")) cmp = ">=";
-    if (cmp) {
-        int c = jv_compare(x, v, targ(x, a, t), true);
-        if (!strcmp(cmp, "<")) return c < 0;
-        if (!strcmp(cmp, "<=")) return c <= 0;
-        if (!strcmp(cmp, ">")) return c > 0;
-        return c >= 0;
-    }
-    if (!strcmp(t, "in")) {
-        struct jv h = targ(x, a, t);
-        if (h.t == JV_STR && v.t == JV_STR) {
-            if (v.n == 0) return true;
-            for (size_t i = 0; i + v.n <= h.n; i++)
-                if (!memcmp(h.u.s + i, v.u.s, v.n)) return true;
-            return false;
-        }
-        if (jv_is_seq(h)) {
-            for (size_t i = 0; i < h.u.l->n; i++)
-                if (jv_equal(h.u.l->v[i], v)) return true;
-            return false;
-        }
-        if (h.t == JV_DICT) return jd_find(h.u.d, v) >= 0;
-        jx_fail(x, x->at, TUNA_E_FORMAT, "test 'in': cannot search a %s", jv_type_name(h));
-    }
-    if (!strcmp(t, "filter")) { /* is `v` the name of a filter */
-        struct jv n = v;
-        char b[64];
-        snprintf(b, sizeof b, "%.*s", (int)(n.n < 63 ? n.n : 63), n.t == JV_STR ? n.u.s : "");
-        return n.t == JV_STR && jx_has_filter(b);
-    }
-    if (!strcmp(t, "test")) {
-        struct jv n = v;
-        char b[64];
-        snprintf(b, sizeof b, "%.*s", (int)(n.n < 63 ? n.n : 63), n.t == JV_STR ? n.u.s : "");
-        return n.t == JV_STR && jx_has_test(b);
-    }
-    *known = false;
-    return false;
-}
-
-static const char *const TESTS[] = {"defined", "undefined", "none", "boolean", "true", "false", "integer", "float",
-                                    "number", "string", "mapping", "iterable", "sequence", "callable", "escaped",
-                                    "lower", "upper", "even", "odd", "divisibleby", "eq", "equalto", "==", "ne",
-                                    "!=", "sameas", "lt", "lessthan", "<", "le", "<=", "gt", "greaterthan", ">",
-                                    "ge", ">=", "in", "filter", "test", NULL};
-
-bool jx_has_test(const char *name)
-{
-    for (int i = 0; TESTS[i]; i++)
-        if (!strcmp(TESTS[i], name)) return true;
-    return false;
-}
-
-bool jx_test(struct jctx *x, const char *name, struct jv in, struct jargs *a, const struct node *at)
-{
-    bool known;
-    const struct node *saved = x->at;
-    x->at = at;
-    bool r = run_test(x, name, in, a, &known);
-    x->at = saved;
-    if (!known) jx_fail(x, at, TUNA_E_UNSUPPORTED, "no test named '%s'", name);
-    return r;
-}
-
-/* ---- globals ---- */
-static struct jv g_range(struct jctx *x, struct jv self, struct jargs *a)
-{
-    int64_t start = 0, stop, step = 1;
-    if (a->npos == 1) stop = arg_int(x, a, 0, NULL, 0);
-    else if (a->npos >= 2) {
-        start = arg_int(x, a, 0, NULL, 0);
-        stop = arg_int(x, a, 1, NULL, 0);
-        if (a->npos >= 3) step = arg_int(x, a, 2, NULL, 1);
-    } else jx_fail(x, x->at, TUNA_E_FORMAT, "range() needs 1 to 3 integer arguments");
-    if (step == 0) jx_fail(x, x->at, TUNA_E_FORMAT, "range() step must not be zero");
-    struct jv out = new_list(x);
-    for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step) {
-        if (out.u.l->n > 10000000) jx_fail(x, x->at, TUNA_E_RANGE, "range() too long");
-        jl_push(x, out.u.l, jv_int(i));
-    }
-    out.u.l->kind = JL_RANGE;
-    out.u.l->r0 = start;
-    out.u.l->r1 = stop;
-    out.u.l->rs = step;
-    return out;
-}
-
-static struct jv g_dict(struct jctx *x, struct jv self, struct jargs *a)
-{
-    struct jv d = jv_dict(x, a->nkw);
-    if (a->npos) {
-        struct jv src = a->pos[0];
-        if (src.t == JV_DICT || src.t == JV_NS) {
-            for (size_t i = 0; i < src.u.d->n; i++) jd_set(x, d.u.d, src.u.d->k[i], src.u.d->v[i]);
-        } else {
-            struct jlist *l = jv_iterate(x, src, x->at);
-            for (size_t i = 0; i < l->n; i++) {
-                struct jv p = l->v[i];
-                if (!jv_is_seq(p) || p.u.l->n != 2) jx_fail(x, x->at, TUNA_E_FORMAT, "dict(): items must be pairs");
-                jd_set(x, d.u.d, p.u.l->v[0], p.u.l->v[1]);
-            }
-        }
-    }
-    for (size_t i = 0; i < a->nkw; i++) jd_set(x, d.u.d, jv_strz(x, a->kwname[i]), a->kw[i]);
-    return d;
-}
-
-static struct jv g_namespace(struct jctx *x, struct jv self, struct jargs *a)
-{
-    struct jv d = g_dict(x, self, a);
-    d.t = JV_NS;
-    return d;
-}
-
-static struct jv g_raise(struct jctx *x, struct jv self, struct jargs *a)
-{
-    struct jv m = a->npos ? jv_to_str(x, a->pos[0]) : jv_str_ref("", 0);
-    jx_fail(x, x->at, TUNA_E_INVALID, "the template raised an exception: %.*s", (int)m.n, m.u.s);
-}
-
-static struct jv g_strftime_now(struct jctx *x, struct jv self, struct jargs *a)
-{
-    struct jv f = ja_arg(a, 0, "format", jv_none());
-    if (f.t != JV_STR) jx_fail(x, x->at, TUNA_E_FORMAT, "strftime_now() needs a format string");
-    time_t t = (time_t)x->now;
-    struct tm tm;
-    localtime_r(&t, &tm);
-    char fmt[256], out[512];
-    snprintf(fmt, sizeof fmt, "%.*s", (int)(f.n < 255 ? f.n : 255), f.u.s);
-    /* the format comes from the template, as transformers passes it to datetime.strftime */
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wformat-nonliteral"
-    size_t n = strftime(out, sizeof out, fmt, &tm);
-#pragma GCC diagnostic pop
-    return jv_str(x, out, n);
-}
-
-static struct jv joiner_call(struct jctx *x, struct jv self, struct jargs *a)
-{
-    /* self: [separator, used] */
-    struct jlist *st = self.u.l;
-    if (!jv_truthy(st->v[1])) {
-        st->v[1] = jv_bool(true);
-        return jv_str_ref("", 0);
-    }
-    return st->v[0];
-}
-
-static struct jv g_joiner(struct jctx *x, struct jv self, struct jargs *a)
-{
-    struct jv st = jv_list(x, 2);
-    jl_push(x, st.u.l, jv_to_str(x, ja_arg(a, 0, "sep", jv_str_ref(", ", 2))));
-    jl_push(x, st.u.l, jv_bool(false));
-    return jv_builtin(x, "joiner", joiner_call, st);
-}
-
-void jx_add_globals(struct jctx *x, struct jdict *g)
-{
-    static const struct {
-        const char *name;
-        jbuiltin_fn fn;
-    } G[] = {{"range", g_range},   {"dict", g_dict},        {"namespace", g_namespace}, {"raise_exception", g_raise},
-             {"joiner", g_joiner}, {"strftime_now", g_strftime_now}};
-    for (size_t i = 0; i < sizeof G / sizeof *G; i++)
-        jd_set(x, g, jv_str_ref(G[i].name, strlen(G[i].name)), jv_builtin(x, G[i].name, G[i].fn, jv_none()));
 }

@@ -89,8 +89,8 @@ struct jlist {
     size_t n, cap;
     struct jv *v;
     enum jl_kind kind;
-    bool consumed;          /* a generator that was iterated */
-    int64_t r0, r1, rs;     /* JL_RANGE */
+    bool consumed;      /* a generator that was iterated */
+    int64_t r0, r1, rs; /* JL_RANGE */
 };
 
 struct jdict {
@@ -113,11 +113,11 @@ typedef struct jv (*jbuiltin_fn)(struct jctx *x, struct jv self, struct jargs *a
 
 struct jfunc {
     const char *name;
-    jbuiltin_fn fn;          /* builtin or bound method (self below); NULL for macros */
-    struct jv self;          /* bound object for methods */
-    const struct node *mac;  /* the macro definition (N_MACRO or the caller's N_CALLBLOCK) */
-    struct jscope *closure;  /* scope the macro was defined in */
-    struct jv caller;        /* for {% call %}: the caller macro passed to the callee */
+    jbuiltin_fn fn;         /* builtin or bound method (self below); NULL for macros */
+    struct jv self;         /* bound object for methods */
+    const struct node *mac; /* the macro definition (N_MACRO or the caller's N_CALLBLOCK) */
+    struct jscope *closure; /* scope the macro was defined in */
+    struct jv caller;       /* for {% call %}: the caller macro passed to the callee */
 };
 
 /* ---- scopes ---- */
@@ -142,14 +142,13 @@ struct jctx {
     tuna_status st;
     int depth; /* macro call depth, against runaway recursion */
     long long steps;
-    int64_t now; /* seconds since the epoch for strftime_now */
+    int64_t now;           /* seconds since the epoch for strftime_now */
     const struct node *at; /* the node being evaluated, for messages from builtins */
 };
 
 /* Fails the render: sets the message (prefixed by the template position when known) and
  * longjmps to the render's entry. */
-_Noreturn void jx_fail(struct jctx *x, const struct node *at, tuna_status s, const char *fmt, ...)
-    TUNA_PRINTF(4, 5);
+_Noreturn void jx_fail(struct jctx *x, const struct node *at, tuna_status s, const char *fmt, ...) TUNA_PRINTF(4, 5);
 
 /* value constructors (allocate in x->ar; they fail the render on OOM) */
 struct jv jv_undef(const char *name);
@@ -208,8 +207,8 @@ struct tojson_opts {
 void jv_write_json(struct jctx *x, struct jbuf *b, struct jv v, const struct tojson_opts *o, int level);
 
 /* Python str semantics on code points */
-size_t ju_len(const char *s, size_t n);                          /* code points */
-size_t ju_offset(const char *s, size_t n, size_t cp);             /* byte offset of code point cp */
+size_t ju_len(const char *s, size_t n);               /* code points */
+size_t ju_offset(const char *s, size_t n, size_t cp); /* byte offset of code point cp */
 bool ju_is_ascii(const char *s, size_t n);
 /* Materializes an iterable (list, tuple, dict keys, string chars, undefined → empty) as a list. */
 struct jlist *jv_iterate(struct jctx *x, struct jv v, const struct node *at);
@@ -225,6 +224,9 @@ struct jv jx_call(struct jctx *x, struct jv fn, struct jargs *a, const struct no
 /* argument helpers: the i-th positional or the keyword `name`, else def */
 struct jv ja_arg(struct jargs *a, size_t i, const char *name, struct jv def);
 bool ja_has(struct jargs *a, size_t i, const char *name);
+/* the argument as Python truth / as an int (failing the render for other types) */
+bool ja_bool(struct jargs *a, size_t i, const char *name, bool def);
+int64_t ja_int(struct jctx *x, struct jargs *a, size_t i, const char *name, int64_t def);
 
 /* Python str methods shared by methods.c and filters.c */
 size_t js_ws_at(const char *s, size_t n, size_t i);
@@ -267,11 +269,42 @@ struct jtoks {
 /* ---- AST ---- */
 enum node_kind {
     /* expressions */
-    N_LIT, N_NAME, N_LIST, N_TUPLE, N_DICT, N_GETATTR, N_GETITEM, N_SLICE, N_CALL, N_KW, N_STAR,
-    N_FILTER, N_TEST, N_NEG, N_POS, N_NOT, N_BINOP, N_AND, N_OR, N_COND, N_CONCAT, N_COMPARE,
+    N_LIT,
+    N_NAME,
+    N_LIST,
+    N_TUPLE,
+    N_DICT,
+    N_GETATTR,
+    N_GETITEM,
+    N_SLICE,
+    N_CALL,
+    N_KW,
+    N_STAR,
+    N_FILTER,
+    N_TEST,
+    N_NEG,
+    N_POS,
+    N_NOT,
+    N_BINOP,
+    N_AND,
+    N_OR,
+    N_COND,
+    N_CONCAT,
+    N_COMPARE,
     /* statements */
-    N_TEXT, N_OUTPUT, N_IF, N_FOR, N_SET, N_SETBLOCK, N_MACRO, N_CALLBLOCK, N_FILTERBLOCK,
-    N_BREAK, N_CONTINUE, N_BODY, N_PARAM,
+    N_TEXT,
+    N_OUTPUT,
+    N_IF,
+    N_FOR,
+    N_SET,
+    N_SETBLOCK,
+    N_MACRO,
+    N_CALLBLOCK,
+    N_FILTERBLOCK,
+    N_BREAK,
+    N_CONTINUE,
+    N_BODY,
+    N_PARAM,
 };
 
 struct nvec {

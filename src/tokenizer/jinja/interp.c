@@ -75,6 +75,22 @@ bool ja_has(struct jargs *a, size_t i, const char *name)
     return false;
 }
 
+bool ja_bool(struct jargs *a, size_t i, const char *name, bool def)
+{
+    if (!ja_has(a, i, name)) return def;
+    return jv_truthy(ja_arg(a, i, name, jv_none()));
+}
+
+int64_t ja_int(struct jctx *x, struct jargs *a, size_t i, const char *name, int64_t def)
+{
+    if (!ja_has(a, i, name)) return def;
+    struct jv v = ja_arg(a, i, name, jv_none());
+    if (v.t == JV_INT) return v.u.i;
+    if (v.t == JV_BOOL) return v.u.b;
+    if (v.t == JV_FLOAT) return (int64_t)v.u.f;
+    jx_fail(x, x->at, TUNA_E_FORMAT, "argument '%s' must be an integer, not %s", name ? name : "?", jv_type_name(v));
+}
+
 static void eval_args(struct jctx *x, struct jscope *sc, const struct node *n, struct jargs *a, size_t extra_kw)
 {
     size_t npos = 0;
@@ -91,7 +107,8 @@ static void eval_args(struct jctx *x, struct jscope *sc, const struct node *n, s
             if (npos) memcpy(grow, tmp, npos * sizeof *grow);
             tmp = grow;
             cap += l->n;
-            for (size_t j = 0; j < l->n; j++) tmp[npos++] = l->v[j];
+            for (size_t j = 0; j < l->n; j++)
+                tmp[npos++] = l->v[j];
         } else {
             tmp[npos++] = eval(x, sc, an);
         }
@@ -152,15 +169,19 @@ static struct jv call_macro(struct jctx *x, struct jfunc *f, struct jargs *a, co
     for (size_t k = 0; k < a->nkw; k++) {
         if (!strcmp(a->kwname[k], "caller")) continue;
         bool found = false;
-        for (size_t i = 0; i < params->n; i++) found |= !strcmp(params->v[i]->s, a->kwname[k]);
+        for (size_t i = 0; i < params->n; i++)
+            found |= !strcmp(params->v[i]->s, a->kwname[k]);
         if (!found) jx_fail(x, at, TUNA_E_FORMAT, "macro '%s' has no parameter named '%s'", f->name, a->kwname[k]);
     }
     for (size_t i = 0; i < params->n; i++) {
         const struct node *pa = params->v[i];
         struct jv v;
-        if (ja_has(a, i, pa->s)) v = ja_arg(a, i, pa->s, jv_none());
-        else if (pa->a) v = eval(x, sc, pa->a); /* defaults are evaluated afresh at each call */
-        else v = jv_undef(pa->s);
+        if (ja_has(a, i, pa->s))
+            v = ja_arg(a, i, pa->s, jv_none());
+        else if (pa->a)
+            v = eval(x, sc, pa->a); /* defaults are evaluated afresh at each call */
+        else
+            v = jv_undef(pa->s);
         scope_set(x, sc, pa->s, pa->sn, v);
     }
     if (ja_has(a, (size_t)-1, "caller")) {
@@ -197,7 +218,10 @@ static _Noreturn void op_type_fail(struct jctx *x, const struct node *n, const c
             jv_type_name(b));
 }
 
-static int64_t as_i64(struct jv v) { return v.t == JV_BOOL ? v.u.b : v.u.i; }
+static int64_t as_i64(struct jv v)
+{
+    return v.t == JV_BOOL ? v.u.b : v.u.i;
+}
 
 static struct jv repeat(struct jctx *x, struct jv s, int64_t k)
 {
@@ -213,14 +237,16 @@ static struct jv repeat(struct jctx *x, struct jv s, int64_t k)
         if (s.n * (size_t)k > (64u << 20)) jx_fail(x, x->at, TUNA_E_RANGE, "string repetition too large");
         char *p = ja_alloc(x->ar, s.n * (size_t)k + 1);
         if (!p) jx_fail(x, x->at, TUNA_E_OOM, "out of memory");
-        for (int64_t i = 0; i < k; i++) memcpy(p + (size_t)i * s.n, s.u.s, s.n);
+        for (int64_t i = 0; i < k; i++)
+            memcpy(p + (size_t)i * s.n, s.u.s, s.n);
         struct jv r = jv_str_ref(p, s.n * (size_t)k);
         r.safe = s.safe;
         return r;
     }
     struct jv r = jv_list(x, s.u.l->n * (size_t)k);
     for (int64_t i = 0; i < k; i++)
-        for (size_t j = 0; j < s.u.l->n; j++) jl_push(x, r.u.l, s.u.l->v[j]);
+        for (size_t j = 0; j < s.u.l->n; j++)
+            jl_push(x, r.u.l, s.u.l->v[j]);
     r.t = s.t;
     return r;
 }
@@ -257,8 +283,10 @@ static struct jv binop(struct jctx *x, const struct node *n, struct jv a, struct
         }
         if (jv_is_seq(a) && a.t == b.t && a.u.l->kind == JL_LIST && b.u.l->kind == JL_LIST) {
             struct jv l = jv_list(x, a.u.l->n + b.u.l->n);
-            for (size_t i = 0; i < a.u.l->n; i++) jl_push(x, l.u.l, a.u.l->v[i]);
-            for (size_t i = 0; i < b.u.l->n; i++) jl_push(x, l.u.l, b.u.l->v[i]);
+            for (size_t i = 0; i < a.u.l->n; i++)
+                jl_push(x, l.u.l, a.u.l->v[i]);
+            for (size_t i = 0; i < b.u.l->n; i++)
+                jl_push(x, l.u.l, b.u.l->v[i]);
             l.t = a.t;
             return l;
         }
@@ -272,12 +300,14 @@ static struct jv binop(struct jctx *x, const struct node *n, struct jv a, struct
             if (nums && jv_num(a) == 0 && jv_num(b) < 0)
                 jx_fail(x, n, TUNA_E_FORMAT, "0.0 cannot be raised to a negative power");
             if (nums && jv_num(a) < 0 && b.t == JV_FLOAT && b.u.f != floor(b.u.f))
-                jx_fail(x, n, TUNA_E_UNSUPPORTED, "a negative number to a fractional power (Python gives a complex number)");
+                jx_fail(x, n, TUNA_E_UNSUPPORTED,
+                        "a negative number to a fractional power (Python gives a complex number)");
             if (ints && as_i64(b) >= 0) {
                 int64_t base = as_i64(a);
                 bool ovf = false;
                 r = 1;
-                for (int64_t e = as_i64(b); e > 0 && !ovf; e--) ovf = __builtin_mul_overflow(r, base, &r);
+                for (int64_t e = as_i64(b); e > 0 && !ovf; e--)
+                    ovf = __builtin_mul_overflow(r, base, &r);
                 return checked(x, n, ovf, &r);
             }
             if (nums) return jv_float(pow(jv_num(a), jv_num(b)));
@@ -361,7 +391,8 @@ static struct jv compare(struct jctx *x, const struct node *n, struct jv a, stru
     if (!strcmp(op, "!=")) return jv_bool(!jv_equal(a, b));
     if (!strcmp(op, "in")) return jv_bool(contains(x, n, b, a));
     if (!strcmp(op, "not in")) return jv_bool(!contains(x, n, b, a));
-    if (a.t == JV_UNDEF || b.t == JV_UNDEF || !((jv_is_num(a) && jv_is_num(b)) || (a.t == b.t && (a.t == JV_STR || jv_is_seq(a)))))
+    if (a.t == JV_UNDEF || b.t == JV_UNDEF ||
+        !((jv_is_num(a) && jv_is_num(b)) || (a.t == b.t && (a.t == JV_STR || jv_is_seq(a)))))
         op_type_fail(x, n, op, a, b);
     x->at = n;
     int c = jv_compare(x, a, b, true);
@@ -388,7 +419,8 @@ struct jv jx_getitem(struct jctx *x, struct jv obj, struct jv key, const struct 
         if (key.t == JV_STR) return jx_getattr(x, obj, key.u.s, key.n, at);
         return jv_undef(NULL);
     }
-    if (jv_is_seq(obj) && obj.u.l->kind != JL_LIST && obj.u.l->kind != JL_RANGE) return jv_undef(NULL); /* not subscriptable */
+    if (jv_is_seq(obj) && obj.u.l->kind != JL_LIST && obj.u.l->kind != JL_RANGE)
+        return jv_undef(NULL); /* not subscriptable */
     if ((jv_is_seq(obj) || obj.t == JV_STR) && (key.t == JV_INT || key.t == JV_BOOL)) {
         int64_t i = as_i64(key);
         if (obj.t == JV_STR) {
@@ -410,10 +442,14 @@ static struct jv slice(struct jctx *x, const struct node *n, struct jv obj, stru
     size_t len;
     /* Jinja2 compiles a slice to a plain Python subscript: no Undefined fallback */
     if (jv_is_seq(obj) && obj.u.l->kind != JL_LIST && obj.u.l->kind != JL_RANGE)
-        jx_fail(x, n, TUNA_E_FORMAT, "'%s' object is not subscriptable (add '| list' before slicing)", jv_type_name(obj));
-    if (obj.t == JV_STR) len = ju_len(obj.u.s, obj.n);
-    else if (jv_is_seq(obj)) len = obj.u.l->n;
-    else jx_fail(x, n, TUNA_E_FORMAT, "'%s' object cannot be sliced", jv_type_name(obj));
+        jx_fail(x, n, TUNA_E_FORMAT, "'%s' object is not subscriptable (add '| list' before slicing)",
+                jv_type_name(obj));
+    if (obj.t == JV_STR)
+        len = ju_len(obj.u.s, obj.n);
+    else if (jv_is_seq(obj))
+        len = obj.u.l->n;
+    else
+        jx_fail(x, n, TUNA_E_FORMAT, "'%s' object cannot be sliced", jv_type_name(obj));
     for (int k = 0; k < 3; k++) {
         struct jv v = k == 0 ? vs : k == 1 ? ve : vst;
         if (v.t != JV_NONE && v.t != JV_INT && v.t != JV_BOOL)
@@ -454,7 +490,8 @@ static struct jv slice(struct jctx *x, const struct node *n, struct jv obj, stru
         return r;
     }
     struct jv r = jv_list(x, 0);
-    for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step) jl_push(x, r.u.l, obj.u.l->v[i]);
+    for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step)
+        jl_push(x, r.u.l, obj.u.l->v[i]);
     r.t = obj.t;
     return r;
 }
@@ -499,7 +536,8 @@ static struct jv eval(struct jctx *x, struct jscope *sc, const struct node *n)
     case N_LIST:
     case N_TUPLE: {
         struct jv l = jv_list(x, n->l1.n);
-        for (size_t i = 0; i < n->l1.n; i++) jl_push(x, l.u.l, eval(x, sc, n->l1.v[i]));
+        for (size_t i = 0; i < n->l1.n; i++)
+            jl_push(x, l.u.l, eval(x, sc, n->l1.v[i]));
         l.t = n->k == N_LIST ? JV_LIST : JV_TUPLE;
         return l;
     }
@@ -589,7 +627,8 @@ static struct jv eval(struct jctx *x, struct jscope *sc, const struct node *n)
     }
     case N_CONCAT: {
         struct jbuf *b = jx_buf(x);
-        for (size_t i = 0; i < n->l1.n; i++) jx_write_str(x, b, eval(x, sc, n->l1.v[i]));
+        for (size_t i = 0; i < n->l1.n; i++)
+            jx_write_str(x, b, eval(x, sc, n->l1.v[i]));
         return jx_buf_take(x, b);
     }
     default: jx_fail(x, n, TUNA_E_INTERNAL, "node kind %d is not an expression", (int)n->k);
@@ -607,14 +646,15 @@ static void assign(struct jctx *x, struct jscope *sc, const struct node *t, stru
         if (!jv_is_seq(v) && v.t != JV_STR && v.t != JV_DICT)
             jx_fail(x, t, TUNA_E_FORMAT, "cannot unpack '%s' into %zu names", jv_type_name(v), t->l1.n);
         struct jlist *l = jv_iterate(x, v, t);
-        if (l->n != t->l1.n)
-            jx_fail(x, t, TUNA_E_FORMAT, "cannot unpack %zu values into %zu names", l->n, t->l1.n);
-        for (size_t i = 0; i < l->n; i++) assign(x, sc, t->l1.v[i], l->v[i]);
+        if (l->n != t->l1.n) jx_fail(x, t, TUNA_E_FORMAT, "cannot unpack %zu values into %zu names", l->n, t->l1.n);
+        for (size_t i = 0; i < l->n; i++)
+            assign(x, sc, t->l1.v[i], l->v[i]);
         return;
     }
     if (t->k == N_GETATTR) {
         struct jv ns = eval(x, sc, t->a);
-        if (ns.t != JV_NS) jx_fail(x, t, TUNA_E_FORMAT, "cannot assign attribute on non-namespace object ('%s')", jv_type_name(ns));
+        if (ns.t != JV_NS)
+            jx_fail(x, t, TUNA_E_FORMAT, "cannot assign attribute on non-namespace object ('%s')", jv_type_name(ns));
         jd_set(x, ns.u.d, jv_str_ref(t->s, t->sn), v);
         return;
     }
@@ -643,7 +683,8 @@ static int exec_for(struct jctx *x, struct jscope *sc, const struct node *n)
     } else {
         /* iterate over a snapshot: the body may append to the list */
         struct jlist *copy = jv_list(x, src->n).u.l;
-        for (size_t i = 0; i < src->n; i++) jl_push(x, copy, src->v[i]);
+        for (size_t i = 0; i < src->n; i++)
+            jl_push(x, copy, src->v[i]);
         items = copy;
     }
     if (items->n == 0) return n->l2.n ? exec_body(x, sc, &n->l2) : FLOW_NORMAL;
@@ -762,12 +803,14 @@ static struct jv from_json(struct jctx *x, const cJSON *j)
     if (cJSON_IsString(j)) return jv_strz(x, j->valuestring);
     if (cJSON_IsArray(j)) {
         struct jv l = jv_list(x, (size_t)cJSON_GetArraySize(j));
-        for (const cJSON *c = j->child; c; c = c->next) jl_push(x, l.u.l, from_json(x, c));
+        for (const cJSON *c = j->child; c; c = c->next)
+            jl_push(x, l.u.l, from_json(x, c));
         return l;
     }
     if (cJSON_IsObject(j)) {
         struct jv d = jv_dict(x, (size_t)cJSON_GetArraySize(j));
-        for (const cJSON *c = j->child; c; c = c->next) jd_set(x, d.u.d, jv_strz(x, c->string), from_json(x, c));
+        for (const cJSON *c = j->child; c; c = c->next)
+            jd_set(x, d.u.d, jv_strz(x, c->string), from_json(x, c));
         return d;
     }
     return jv_none();
@@ -839,7 +882,8 @@ tuna_status tuna_jinja_render(const tuna_jinja_template *t, const cJSON *context
     x->now = (ro && ro->now) ? ro->now : (int64_t)time(NULL);
     if (setjmp(x->jb)) {
         tuna_status st = x->st;
-        for (struct jbuf_link *lk = x->open_bufs; lk; lk = lk->next) free(lk->b.p);
+        for (struct jbuf_link *lk = x->open_bufs; lk; lk = lk->next)
+            free(lk->b.p);
         free(buf.p);
         ja_free(&ar);
         free(x);

@@ -25,7 +25,8 @@ static tuna_status jr_fail(struct jr *r, const char *what)
 
 static void skip_ws(struct jr *r)
 {
-    while (r->i < r->n && (r->s[r->i] == ' ' || r->s[r->i] == '\t' || r->s[r->i] == '\n' || r->s[r->i] == '\r')) r->i++;
+    while (r->i < r->n && (r->s[r->i] == ' ' || r->s[r->i] == '\t' || r->s[r->i] == '\n' || r->s[r->i] == '\r'))
+        r->i++;
 }
 
 static int hex4(const char *p)
@@ -33,7 +34,10 @@ static int hex4(const char *p)
     int v = 0;
     for (int k = 0; k < 4; k++) {
         char c = p[k];
-        int h = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+        int h = c >= '0' && c <= '9'   ? c - '0'
+                : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                       : -1;
         if (h < 0) return -1;
         v = v * 16 + h;
     }

@@ -47,7 +47,10 @@ static bool push(struct tuna_jinja_template *t, struct jtoks *o, struct jtok k)
     return true;
 }
 
-static bool is_ws(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'; }
+static bool is_ws(char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v';
+}
 
 /* Appends UTF-8 of cp to p; returns bytes. */
 static size_t put_utf8(char *p, uint32_t cp)
@@ -155,15 +158,16 @@ static const char OPS1[] = "+-*/%~()[]{},.:|=<>;";
 
 /* Lexes the inside of a {{ }} or {% %} tag starting at *pos; stops after the end marker.
  * *strip_after: the tag ended with '-'; *plus_after: ended with '+'. */
-static tuna_status lex_tag(struct tuna_jinja_template *t, struct jtoks *o, size_t *pos, bool block,
-                           bool *strip_after, bool *plus_after, size_t open_off)
+static tuna_status lex_tag(struct tuna_jinja_template *t, struct jtoks *o, size_t *pos, bool block, bool *strip_after,
+                           bool *plus_after, size_t open_off)
 {
     const char *s = t->src;
     size_t n = t->srclen, i = *pos;
     int depth = 0;
     (void)OPS3;
     for (;;) {
-        while (i < n && is_ws(s[i])) i++;
+        while (i < n && is_ws(s[i]))
+            i++;
         if (i >= n) return lex_fail(t, open_off, block ? "unclosed '{%' tag" : "unclosed '{{' tag");
         char endc = block ? '%' : '}';
         if (depth == 0) {
@@ -193,13 +197,15 @@ static tuna_status lex_tag(struct tuna_jinja_template *t, struct jtoks *o, size_
         } else if (isdigit((unsigned char)c)) {
             size_t j = i;
             bool isf = false;
-            while (j < n && (isdigit((unsigned char)s[j]) || s[j] == '_')) j++;
+            while (j < n && (isdigit((unsigned char)s[j]) || s[j] == '_'))
+                j++;
             /* no float right after '.': matrix.0.1 is two subscripts (Jinja2's (?<!\.)) */
             bool after_dot = i > 0 && s[i - 1] == '.';
             if (!after_dot && j + 1 < n && s[j] == '.' && isdigit((unsigned char)s[j + 1])) {
                 isf = true;
                 j++;
-                while (j < n && (isdigit((unsigned char)s[j]) || s[j] == '_')) j++;
+                while (j < n && (isdigit((unsigned char)s[j]) || s[j] == '_'))
+                    j++;
             }
             if (!after_dot && j < n && (s[j] == 'e' || s[j] == 'E')) {
                 size_t e = j + 1;
@@ -207,7 +213,8 @@ static tuna_status lex_tag(struct tuna_jinja_template *t, struct jtoks *o, size_
                 if (e < n && isdigit((unsigned char)s[e])) {
                     isf = true;
                     j = e;
-                    while (j < n && isdigit((unsigned char)s[j])) j++;
+                    while (j < n && isdigit((unsigned char)s[j]))
+                        j++;
                 }
             }
             char buf[128];
@@ -231,7 +238,8 @@ static tuna_status lex_tag(struct tuna_jinja_template *t, struct jtoks *o, size_
             i = j;
         } else if (isalpha((unsigned char)c) || c == '_') {
             size_t j = i;
-            while (j < n && (isalnum((unsigned char)s[j]) || s[j] == '_')) j++;
+            while (j < n && (isalnum((unsigned char)s[j]) || s[j] == '_'))
+                j++;
             k.t = JT_NAME;
             k.s = s + i;
             k.n = j - i;
@@ -268,12 +276,14 @@ static size_t match_simple_tag(const char *s, size_t n, size_t i, const char *na
     size_t j = i + 2;
     *lsign = *rsign = 0;
     if (j < n && (s[j] == '-' || s[j] == '+')) *lsign = s[j++];
-    while (j < n && is_ws(s[j])) j++;
+    while (j < n && is_ws(s[j]))
+        j++;
     size_t ln = strlen(name);
     if (j + ln > n || memcmp(s + j, name, ln) != 0) return 0;
     j += ln;
     if (j < n && (isalnum((unsigned char)s[j]) || s[j] == '_')) return 0;
-    while (j < n && is_ws(s[j])) j++;
+    while (j < n && is_ws(s[j]))
+        j++;
     if (j < n && (s[j] == '-' || s[j] == '+')) *rsign = s[j++];
     if (j + 1 < n && s[j] == '%' && s[j + 1] == '}') return j + 2;
     return 0;
@@ -289,10 +299,12 @@ tuna_status jlex(struct tuna_jinja_template *t, struct jtoks *o)
     for (;;) {
         /* find the next tag opener */
         size_t i = pos;
-        while (i + 1 < n && !(s[i] == '{' && (s[i + 1] == '{' || s[i + 1] == '%' || s[i + 1] == '#'))) i++;
+        while (i + 1 < n && !(s[i] == '{' && (s[i + 1] == '{' || s[i + 1] == '%' || s[i + 1] == '#')))
+            i++;
         size_t tstart = pos, tend = (i + 1 < n) ? i : n;
         if (strip_next) {
-            while (tstart < tend && is_ws(s[tstart])) tstart++;
+            while (tstart < tend && is_ws(s[tstart]))
+                tstart++;
         } else if (trim_next && tstart < tend && s[tstart] == '\n') {
             tstart++;
         }
@@ -301,11 +313,14 @@ tuna_status jlex(struct tuna_jinja_template *t, struct jtoks *o)
         char mod = (!at_end && i + 2 < n) ? s[i + 2] : 0;
         if (!at_end) {
             if (mod == '-') {
-                while (tend > tstart && is_ws(s[tend - 1])) tend--;
+                while (tend > tstart && is_ws(s[tend - 1]))
+                    tend--;
             } else if (t->opt.lstrip_blocks && mod != '+' && (kind == '%' || kind == '#')) {
                 size_t l = tend;
-                while (l > tstart && (s[l - 1] == ' ' || s[l - 1] == '\t')) l--;
-                bool at_line_start = (l > tstart && s[l - 1] == '\n') || (l == tstart && (tstart > pos ? s[tstart - 1] == '\n' : line_starting));
+                while (l > tstart && (s[l - 1] == ' ' || s[l - 1] == '\t'))
+                    l--;
+                bool at_line_start = (l > tstart && s[l - 1] == '\n') ||
+                                     (l == tstart && (tstart > pos ? s[tstart - 1] == '\n' : line_starting));
                 if (at_line_start) tend = l;
             }
         }
@@ -319,7 +334,8 @@ tuna_status jlex(struct tuna_jinja_template *t, struct jtoks *o)
         bool strip_after = false, plus_after = false;
         if (kind == '#') {
             size_t j = body;
-            while (j + 1 < n && !(s[j] == '#' && s[j + 1] == '}')) j++;
+            while (j + 1 < n && !(s[j] == '#' && s[j + 1] == '}'))
+                j++;
             if (j + 1 >= n) return lex_fail(t, open_off, "unclosed comment '{#'");
             strip_after = j > body && s[j - 1] == '-';
             plus_after = j > body && s[j - 1] == '+';
@@ -344,7 +360,8 @@ tuna_status jlex(struct tuna_jinja_template *t, struct jtoks *o)
          * keeps, else lstrip_blocks applies; after endraw the usual rules. */
         if (block && o->n == first_tok + 2 && o->v[first_tok].t == JT_NAME && o->v[first_tok].n == 3 &&
             memcmp(o->v[first_tok].s, "raw", 3) == 0) {
-            if (plus_after) return lex_fail(t, open_off, "'{% raw +%}' is not a raw tag (Jinja2 says: unknown tag 'raw')");
+            if (plus_after)
+                return lex_fail(t, open_off, "'{% raw +%}' is not a raw tag (Jinja2 says: unknown tag 'raw')");
             o->n = first_tok - 1; /* drop the raw tag's tokens */
             size_t j = pos, end = 0;
             char ls = 0, rs = 0;
@@ -355,14 +372,17 @@ tuna_status jlex(struct tuna_jinja_template *t, struct jtoks *o)
             size_t a = pos, b = j;
             bool raw_line_start = false;
             if (strip_after) {
-                while (a < b && is_ws(s[a])) a++;
+                while (a < b && is_ws(s[a]))
+                    a++;
                 raw_line_start = a > pos && s[a - 1] == '\n';
             }
             if (ls == '-') {
-                while (b > a && is_ws(s[b - 1])) b--;
+                while (b > a && is_ws(s[b - 1]))
+                    b--;
             } else if (ls != '+' && t->opt.lstrip_blocks) {
                 size_t l = b;
-                while (l > a && (s[l - 1] == ' ' || s[l - 1] == '\t')) l--;
+                while (l > a && (s[l - 1] == ' ' || s[l - 1] == '\t'))
+                    l--;
                 if ((l > a && s[l - 1] == '\n') || (l == a && raw_line_start)) b = l;
             }
             if (b > a) {

@@ -21,8 +21,8 @@ size_t js_ws_at(const char *s, size_t n, size_t i)
     utf8proc_int32_t cp;
     utf8proc_ssize_t k = utf8proc_iterate((const utf8proc_uint8_t *)s + i, (utf8proc_ssize_t)(n - i), &cp);
     if (k <= 0) return 0;
-    if (cp == 0x85 || cp == 0xA0 || cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 ||
-        cp == 0x2029 || cp == 0x202F || cp == 0x205F || cp == 0x3000)
+    if (cp == 0x85 || cp == 0xA0 || cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 || cp == 0x2029 ||
+        cp == 0x202F || cp == 0x205F || cp == 0x3000)
         return (size_t)k;
     return 0;
 }
@@ -30,7 +30,8 @@ size_t js_ws_at(const char *s, size_t n, size_t i)
 static size_t cp_len_at(const char *s, size_t n, size_t i)
 {
     size_t j = i + 1;
-    while (j < n && ((unsigned char)s[j] & 0xC0) == 0x80) j++;
+    while (j < n && ((unsigned char)s[j] & 0xC0) == 0x80)
+        j++;
     return j - i;
 }
 
@@ -61,8 +62,10 @@ struct jv js_strip(struct jctx *x, struct jv s, struct jv chars, bool left, bool
     if (right) {
         while (b > a) {
             size_t st = b - 1;
-            while (st > a && ((unsigned char)s.u.s[st] & 0xC0) == 0x80) st--;
-            size_t k = ws ? (js_ws_at(s.u.s, b, st) == b - st ? b - st : 0) : (in_chars(s.u.s + st, b - st, chars) ? b - st : 0);
+            while (st > a && ((unsigned char)s.u.s[st] & 0xC0) == 0x80)
+                st--;
+            size_t k = ws ? (js_ws_at(s.u.s, b, st) == b - st ? b - st : 0)
+                          : (in_chars(s.u.s + st, b - st, chars) ? b - st : 0);
             if (!k) break;
             b = st;
         }
@@ -101,8 +104,14 @@ static struct jv case_map(struct jctx *x, struct jv s, int mode) /* 0 lower, 1 u
     return r;
 }
 
-struct jv js_lower(struct jctx *x, struct jv s) { return case_map(x, s, 0); }
-struct jv js_upper(struct jctx *x, struct jv s) { return case_map(x, s, 1); }
+struct jv js_lower(struct jctx *x, struct jv s)
+{
+    return case_map(x, s, 0);
+}
+struct jv js_upper(struct jctx *x, struct jv s)
+{
+    return case_map(x, s, 1);
+}
 
 static bool is_cased_letter(const char *s, size_t n, size_t i)
 {
@@ -193,7 +202,8 @@ struct jv js_replace(struct jctx *x, struct jv s, struct jv old, struct jv nw, i
 
 static void need_str(struct jctx *x, struct jv v, const char *what)
 {
-    if (v.t != JV_STR) jx_fail(x, x->at, TUNA_E_FORMAT, "%s: expected a string argument, got %s", what, jv_type_name(v));
+    if (v.t != JV_STR)
+        jx_fail(x, x->at, TUNA_E_FORMAT, "%s: expected a string argument, got %s", what, jv_type_name(v));
 }
 
 /* Python str.split / rsplit */
@@ -237,7 +247,8 @@ static struct jv str_split(struct jctx *x, struct jv s, struct jv sep, int64_t m
             end = found;
             k++;
         }
-        for (size_t i = tmp.u.l->n; i-- > 0;) jl_push(x, out.u.l, tmp.u.l->v[i]);
+        for (size_t i = tmp.u.l->n; i-- > 0;)
+            jl_push(x, out.u.l, tmp.u.l->v[i]);
         return out;
     }
     if (from_right && maxsplit >= 0) jx_fail(x, x->at, TUNA_E_UNSUPPORTED, "rsplit() on whitespace with maxsplit");
@@ -245,7 +256,8 @@ static struct jv str_split(struct jctx *x, struct jv s, struct jv sep, int64_t m
     int64_t k = 0;
     for (;;) {
         size_t w;
-        while (i < s.n && (w = js_ws_at(s.u.s, s.n, i))) i += w;
+        while (i < s.n && (w = js_ws_at(s.u.s, s.n, i)))
+            i += w;
         if (i >= s.n) break;
         if (maxsplit >= 0 && k >= maxsplit) {
             /* the rest, trailing whitespace included (as CPython) */
@@ -253,7 +265,8 @@ static struct jv str_split(struct jctx *x, struct jv s, struct jv sep, int64_t m
             break;
         }
         size_t st = i;
-        while (i < s.n && !js_ws_at(s.u.s, s.n, i)) i++;
+        while (i < s.n && !js_ws_at(s.u.s, s.n, i))
+            i++;
         jl_push(x, out.u.l, jv_str_ref(s.u.s + st, i - st));
         k++;
     }
@@ -302,7 +315,8 @@ static struct jv str_format(struct jctx *x, struct jv s, struct jargs *a)
             continue;
         }
         size_t j = i + 1;
-        while (j < s.n && s.u.s[j] != '}') j++;
+        while (j < s.n && s.u.s[j] != '}')
+            j++;
         if (j >= s.n) {
             free(b.p);
             jx_fail(x, x->at, TUNA_E_FORMAT, "format(): single '{' in format string");
@@ -389,7 +403,8 @@ static struct jv str_method(struct jctx *x, struct jv s, struct jargs *a, const 
                 if (memcmp(s.u.s + i, sub.u.s, sub.n) == 0) {
                     c++;
                     i += sub.n;
-                } else i++;
+                } else
+                    i++;
             }
             return jv_int(c);
         }
@@ -428,10 +443,14 @@ static struct jv str_method(struct jctx *x, struct jv s, struct jargs *a, const 
             unsigned char c = (unsigned char)s.u.s[i];
             bool dig = c >= '0' && c <= '9', lo = c >= 'a' && c <= 'z', up = c >= 'A' && c <= 'Z';
             if (c >= 0x80) jx_fail(x, x->at, TUNA_E_UNSUPPORTED, "%s() on non-ASCII text", m);
-            if (!strcmp(m, "isdigit") || !strcmp(m, "isnumeric") || !strcmp(m, "isdecimal")) all &= dig;
-            else if (!strcmp(m, "isalpha")) all &= lo || up;
-            else if (!strcmp(m, "isalnum")) all &= lo || up || dig;
-            else if (!strcmp(m, "isspace")) all &= js_ws_at(s.u.s, s.n, i) > 0;
+            if (!strcmp(m, "isdigit") || !strcmp(m, "isnumeric") || !strcmp(m, "isdecimal"))
+                all &= dig;
+            else if (!strcmp(m, "isalpha"))
+                all &= lo || up;
+            else if (!strcmp(m, "isalnum"))
+                all &= lo || up || dig;
+            else if (!strcmp(m, "isspace"))
+                all &= js_ws_at(s.u.s, s.n, i) > 0;
             else if (!strcmp(m, "islower")) {
                 all &= !up;
                 any_cased |= lo;
@@ -452,8 +471,10 @@ static struct jv dict_method(struct jctx *x, struct jv d, struct jargs *a, const
     if (!strcmp(m, "items") || !strcmp(m, "keys") || !strcmp(m, "values")) {
         struct jv out = jv_list(x, dd->n);
         for (size_t i = 0; i < dd->n; i++) {
-            if (m[0] == 'k') jl_push(x, out.u.l, dd->k[i]);
-            else if (m[0] == 'v') jl_push(x, out.u.l, dd->v[i]);
+            if (m[0] == 'k')
+                jl_push(x, out.u.l, dd->k[i]);
+            else if (m[0] == 'v')
+                jl_push(x, out.u.l, dd->v[i]);
             else {
                 struct jv t = jv_list(x, 2);
                 t.t = JV_TUPLE;
@@ -487,14 +508,17 @@ static struct jv dict_method(struct jctx *x, struct jv d, struct jargs *a, const
         if (a->npos) {
             struct jv o = a->pos[0];
             if (o.t != JV_DICT) jx_fail(x, x->at, TUNA_E_FORMAT, "dict.update() needs a dict");
-            for (size_t i = 0; i < o.u.d->n; i++) jd_set(x, dd, o.u.d->k[i], o.u.d->v[i]);
+            for (size_t i = 0; i < o.u.d->n; i++)
+                jd_set(x, dd, o.u.d->k[i], o.u.d->v[i]);
         }
-        for (size_t i = 0; i < a->nkw; i++) jd_set(x, dd, jv_strz(x, a->kwname[i]), a->kw[i]);
+        for (size_t i = 0; i < a->nkw; i++)
+            jd_set(x, dd, jv_strz(x, a->kwname[i]), a->kw[i]);
         return jv_none();
     }
     if (!strcmp(m, "copy")) {
         struct jv c = jv_dict(x, dd->n);
-        for (size_t i = 0; i < dd->n; i++) jd_set(x, c.u.d, dd->k[i], dd->v[i]);
+        for (size_t i = 0; i < dd->n; i++)
+            jd_set(x, c.u.d, dd->k[i], dd->v[i]);
         return c;
     }
     jx_fail(x, x->at, TUNA_E_INTERNAL, "dict.%s", m);
@@ -512,7 +536,8 @@ static struct jv list_method(struct jctx *x, struct jv l, struct jargs *a, const
     if (!strcmp(m, "extend")) {
         struct jlist *o = jv_iterate(x, ja_arg(a, 0, NULL, jv_list(x, 0)), x->at);
         size_t n = o->n;
-        for (size_t i = 0; i < n; i++) jl_push(x, ll, o->v[i]);
+        for (size_t i = 0; i < n; i++)
+            jl_push(x, ll, o->v[i]);
         return jv_none();
     }
     if (!strcmp(m, "pop")) {
@@ -561,7 +586,8 @@ static struct jv list_method(struct jctx *x, struct jv l, struct jargs *a, const
     }
     if (!strcmp(m, "copy")) {
         struct jv c = jv_list(x, ll->n);
-        for (size_t i = 0; i < ll->n; i++) jl_push(x, c.u.l, ll->v[i]);
+        for (size_t i = 0; i < ll->n; i++)
+            jl_push(x, c.u.l, ll->v[i]);
         return c;
     }
     jx_fail(x, x->at, TUNA_E_INTERNAL, "list.%s", m);
@@ -576,7 +602,8 @@ static struct jv call_method(struct jctx *x, struct jv self, struct jargs *a)
         struct jv r = str_method(x, obj, a, m);
         /* Markup's own methods keep it Markup */
         if (obj.safe && r.t == JV_STR &&
-            (strstr(m, "strip") || !strcmp(m, "upper") || !strcmp(m, "lower") || !strcmp(m, "title") || !strcmp(m, "capitalize")))
+            (strstr(m, "strip") || !strcmp(m, "upper") || !strcmp(m, "lower") || !strcmp(m, "title") ||
+             !strcmp(m, "capitalize")))
             r.safe = true;
         return r;
     }
@@ -584,13 +611,15 @@ static struct jv call_method(struct jctx *x, struct jv self, struct jargs *a)
     return list_method(x, obj, a, m);
 }
 
-static const char *const STR_METHODS[] = {"strip", "lstrip", "rstrip", "upper", "lower", "title", "capitalize", "split",
-                                          "rsplit", "startswith", "endswith", "replace", "format", "join", "find",
-                                          "rfind", "index", "count", "splitlines", "isdigit", "isnumeric",
-                                          "isdecimal", "isalpha", "isalnum", "isspace", "islower", "isupper", NULL};
-static const char *const DICT_METHODS[] = {"items", "keys", "values", "get", "pop", "setdefault", "update", "copy", NULL};
-static const char *const LIST_METHODS[] = {"append", "extend", "pop", "insert", "index", "count", "remove", "reverse",
-                                           "copy", NULL};
+static const char *const STR_METHODS[] = {"strip",      "lstrip",  "rstrip",    "upper",      "lower",    "title",
+                                          "capitalize", "split",   "rsplit",    "startswith", "endswith", "replace",
+                                          "format",     "join",    "find",      "rfind",      "index",    "count",
+                                          "splitlines", "isdigit", "isnumeric", "isdecimal",  "isalpha",  "isalnum",
+                                          "isspace",    "islower", "isupper",   NULL};
+static const char *const DICT_METHODS[] = {"items",      "keys",   "values", "get", "pop",
+                                           "setdefault", "update", "copy",   NULL};
+static const char *const LIST_METHODS[] = {"append", "extend", "pop",     "insert", "index",
+                                           "count",  "remove", "reverse", "copy",   NULL};
 
 static const char *find_name(const char *const *tab, const char *name, size_t n)
 {

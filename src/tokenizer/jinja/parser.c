@@ -33,7 +33,10 @@ static _Noreturn void pfail(struct parser *p, tuna_status s, size_t off, const c
     longjmp(p->jb, 1);
 }
 
-static const struct jtok *cur(struct parser *p) { return &p->tk[p->i]; }
+static const struct jtok *cur(struct parser *p)
+{
+    return &p->tk[p->i];
+}
 static const struct jtok *peek(struct parser *p, size_t k)
 {
     return p->i + k < p->n ? &p->tk[p->i + k] : &p->tk[p->n - 1];
@@ -49,8 +52,14 @@ static bool tok_is(const struct jtok *k, enum jtok_type t, const char *s)
     if (!s) return true;
     return k->n == strlen(s) && memcmp(k->s, s, k->n) == 0;
 }
-static bool is_op(struct parser *p, const char *s) { return tok_is(cur(p), JT_OP, s); }
-static bool is_name(struct parser *p, const char *s) { return tok_is(cur(p), JT_NAME, s); }
+static bool is_op(struct parser *p, const char *s)
+{
+    return tok_is(cur(p), JT_OP, s);
+}
+static bool is_name(struct parser *p, const char *s)
+{
+    return tok_is(cur(p), JT_NAME, s);
+}
 
 static const char *tok_desc(const struct jtok *k, char *buf, size_t cap)
 {
@@ -136,8 +145,10 @@ static struct node *parse_tuple(struct parser *p, bool simplified, bool with_con
         if (t->l1.n) expect_op(p, ",");
         if (tuple_end(p, extra)) break;
         nv_push(p, &t->l1, simplified ? parse_postfix(p, parse_primary(p)) : parse_expression(p, with_condexpr));
-        if (is_op(p, ",")) is_tuple = true;
-        else break;
+        if (is_op(p, ","))
+            is_tuple = true;
+        else
+            break;
     }
     if (!is_tuple) {
         if (t->l1.n) return t->l1.v[0];
@@ -212,7 +223,8 @@ static struct node *parse_compare(struct parser *p)
         static const char *const cmp[] = {"==", "!=", "<", ">", "<=", ">=", NULL};
         for (int i = 0; cmp[i]; i++)
             if (is_op(p, cmp[i])) op = cmp[i];
-        if (op) next(p);
+        if (op)
+            next(p);
         else if (is_name(p, "in")) {
             op = "in";
             next(p);
@@ -220,7 +232,8 @@ static struct node *parse_compare(struct parser *p)
             op = "not in";
             next(p);
             next(p);
-        } else break;
+        } else
+            break;
         struct node *r = parse_math1(p);
         struct node *c = bin(p, N_COMPARE, op, l, r, off);
         /* a < b < c means (a < b) and (b < c) */
@@ -502,9 +515,12 @@ static struct node *parse_primary(struct parser *p)
     struct node *n;
     if (k->t == JT_NAME) {
         n = mk(p, N_LIT, k->off);
-        if (tok_is(k, JT_NAME, "true") || tok_is(k, JT_NAME, "True")) n->lit = jv_bool(true);
-        else if (tok_is(k, JT_NAME, "false") || tok_is(k, JT_NAME, "False")) n->lit = jv_bool(false);
-        else if (tok_is(k, JT_NAME, "none") || tok_is(k, JT_NAME, "None")) n->lit = jv_none();
+        if (tok_is(k, JT_NAME, "true") || tok_is(k, JT_NAME, "True"))
+            n->lit = jv_bool(true);
+        else if (tok_is(k, JT_NAME, "false") || tok_is(k, JT_NAME, "False"))
+            n->lit = jv_bool(false);
+        else if (tok_is(k, JT_NAME, "none") || tok_is(k, JT_NAME, "None"))
+            n->lit = jv_none();
         else {
             n->k = N_NAME;
             n->s = ja_strndup(&p->t->ar, k->s, k->n);
@@ -516,7 +532,8 @@ static struct node *parse_primary(struct parser *p)
     if (k->t == JT_STRING) {
         n = mk(p, N_LIT, k->off);
         size_t total = 0, j = p->i;
-        while (p->tk[j].t == JT_STRING) total += p->tk[j++].n;
+        while (p->tk[j].t == JT_STRING)
+            total += p->tk[j++].n;
         char *s = ja_alloc(&p->t->ar, total + 1);
         if (!s) pfail(p, TUNA_E_OOM, k->off, "out of memory");
         size_t o = 0;
@@ -575,7 +592,10 @@ static struct node *parse_primary(struct parser *p)
 /* ---- statements ---- */
 static void parse_body(struct parser *p, struct nvec *body, const char *const *ends);
 
-static void expect_block_end(struct parser *p) { expect_type(p, JT_BLOCK_END, "'%}'"); }
+static void expect_block_end(struct parser *p)
+{
+    expect_type(p, JT_BLOCK_END, "'%}'");
+}
 
 static bool at_end_tag(struct parser *p, const char *const *ends)
 {
@@ -588,7 +608,8 @@ static void check_target(struct parser *p, struct node *t)
 {
     if (t->k == N_NAME) return;
     if (t->k == N_TUPLE) {
-        for (size_t i = 0; i < t->l1.n; i++) check_target(p, t->l1.v[i]);
+        for (size_t i = 0; i < t->l1.n; i++)
+            check_target(p, t->l1.v[i]);
         return;
     }
     pfail(p, TUNA_E_FORMAT, t->off, "can only assign to names or tuples of names here");
@@ -797,8 +818,8 @@ static struct node *parse_statement(struct parser *p)
         expect_block_end(p);
         return n;
     }
-    static const char *const unsupported[] = {"extends", "include", "import", "from", "block", "with",
-                                              "autoescape", "do", "trans", "pluralize", NULL};
+    static const char *const unsupported[] = {"extends",    "include", "import", "from",      "block", "with",
+                                              "autoescape", "do",      "trans",  "pluralize", NULL};
     for (int i = 0; unsupported[i]; i++)
         if (!strcmp(name, unsupported[i])) pfail(p, TUNA_E_UNSUPPORTED, off, "the '{%% %s %%}' tag", name);
     pfail(p, TUNA_E_FORMAT, off, "unknown or misplaced tag '%s'", name);
@@ -812,7 +833,8 @@ static void parse_body(struct parser *p, struct nvec *body, const char *const *e
         case JT_EOF:
             if (ends) {
                 size_t last = 0;
-                while (ends[last + 1]) last++;
+                while (ends[last + 1])
+                    last++;
                 pfail(p, TUNA_E_FORMAT, k->off, "unexpected end of template: missing '{%% %s %%}'", ends[last]);
             }
             return;

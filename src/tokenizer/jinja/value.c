@@ -65,7 +65,8 @@ void jb_put(struct jbuf *b, const char *s, size_t n)
     if (b->oom || n == 0) return;
     if (b->n + n + 1 > b->cap) {
         size_t cap = b->cap ? b->cap : 256;
-        while (cap < b->n + n + 1) cap *= 2;
+        while (cap < b->n + n + 1)
+            cap *= 2;
         char *p = realloc(b->p, cap);
         if (!p) {
             b->oom = true;
@@ -79,8 +80,14 @@ void jb_put(struct jbuf *b, const char *s, size_t n)
     b->p[b->n] = 0;
 }
 
-void jb_puts(struct jbuf *b, const char *s) { jb_put(b, s, strlen(s)); }
-void jb_putc(struct jbuf *b, char c) { jb_put(b, &c, 1); }
+void jb_puts(struct jbuf *b, const char *s)
+{
+    jb_put(b, s, strlen(s));
+}
+void jb_putc(struct jbuf *b, char c)
+{
+    jb_put(b, &c, 1);
+}
 
 void jb_printf(struct jbuf *b, const char *fmt, ...)
 {
@@ -122,7 +129,10 @@ struct jv jv_undef(const char *name)
     v.n = name ? strlen(name) : 0;
     return v;
 }
-struct jv jv_none(void) { return (struct jv){.t = JV_NONE}; }
+struct jv jv_none(void)
+{
+    return (struct jv){.t = JV_NONE};
+}
 struct jv jv_bool(bool b)
 {
     struct jv v = {.t = JV_BOOL};
@@ -153,7 +163,10 @@ struct jv jv_str(struct jctx *x, const char *s, size_t n)
     if (n) memcpy(p, s, n);
     return jv_str_ref(p, n);
 }
-struct jv jv_strz(struct jctx *x, const char *s) { return jv_str(x, s, strlen(s)); }
+struct jv jv_strz(struct jctx *x, const char *s)
+{
+    return jv_str(x, s, strlen(s));
+}
 
 struct jv jv_list(struct jctx *x, size_t cap)
 {
@@ -258,8 +271,14 @@ bool jd_del(struct jdict *d, struct jv k, struct jv *out)
 }
 
 /* ---- semantics ---- */
-bool jv_is_num(struct jv v) { return v.t == JV_INT || v.t == JV_FLOAT || v.t == JV_BOOL; }
-bool jv_is_seq(struct jv v) { return v.t == JV_LIST || v.t == JV_TUPLE; }
+bool jv_is_num(struct jv v)
+{
+    return v.t == JV_INT || v.t == JV_FLOAT || v.t == JV_BOOL;
+}
+bool jv_is_seq(struct jv v)
+{
+    return v.t == JV_LIST || v.t == JV_TUPLE;
+}
 
 static const char *kind_name(enum jl_kind k)
 {
@@ -276,7 +295,8 @@ static const char *kind_name(enum jl_kind k)
 struct jv jv_as_kind(struct jctx *x, struct jv list, enum jl_kind kind)
 {
     struct jv out = jv_list(x, list.u.l->n);
-    for (size_t i = 0; i < list.u.l->n; i++) jl_push(x, out.u.l, list.u.l->v[i]);
+    for (size_t i = 0; i < list.u.l->n; i++)
+        jl_push(x, out.u.l, list.u.l->v[i]);
     out.u.l->kind = kind;
     return out;
 }
@@ -397,8 +417,7 @@ int jv_compare(struct jctx *x, struct jv a, struct jv b, bool case_sensitive)
         }
         return a.u.l->n < b.u.l->n ? -1 : a.u.l->n > b.u.l->n;
     }
-    jx_fail(x, x->at, TUNA_E_FORMAT, "cannot compare %s with %s ('<' not supported)", jv_type_name(a),
-            jv_type_name(b));
+    jx_fail(x, x->at, TUNA_E_FORMAT, "cannot compare %s with %s ('<' not supported)", jv_type_name(a), jv_type_name(b));
 }
 
 /* ---- UTF-8 helpers (Python strings count code points) ---- */
@@ -459,7 +478,8 @@ void jv_write_float(struct jbuf *b, double f)
     for (; *p && *p != 'e'; p++)
         if (*p >= '0' && *p <= '9') digits[nd++] = *p;
     int e = atoi(p + 1);
-    while (nd > 1 && digits[nd - 1] == '0') nd--;
+    while (nd > 1 && digits[nd - 1] == '0')
+        nd--;
     digits[nd] = 0;
     if (neg) jb_putc(b, '-');
     if (e < -4 || e >= 16) {
@@ -471,12 +491,14 @@ void jv_write_float(struct jbuf *b, double f)
         jb_printf(b, "e%c%02d", e < 0 ? '-' : '+', e < 0 ? -e : e);
     } else if (e < 0) {
         jb_puts(b, "0.");
-        for (int i = 0; i < -e - 1; i++) jb_putc(b, '0');
+        for (int i = 0; i < -e - 1; i++)
+            jb_putc(b, '0');
         jb_put(b, digits, nd);
     } else {
         if ((size_t)e + 1 >= nd) {
             jb_put(b, digits, nd);
-            for (size_t i = nd; i < (size_t)e + 1; i++) jb_putc(b, '0');
+            for (size_t i = nd; i < (size_t)e + 1; i++)
+                jb_putc(b, '0');
             jb_puts(b, ".0");
         } else {
             jb_put(b, digits, (size_t)e + 1);
@@ -496,11 +518,16 @@ static void write_str_repr(struct jbuf *b, const char *s, size_t n)
         if (c == (unsigned char)q || c == '\\') {
             jb_putc(b, '\\');
             jb_putc(b, (char)c);
-        } else if (c == '\n') jb_puts(b, "\\n");
-        else if (c == '\r') jb_puts(b, "\\r");
-        else if (c == '\t') jb_puts(b, "\\t");
-        else if (c < 0x20 || c == 0x7f) jb_printf(b, "\\x%02x", c);
-        else jb_putc(b, (char)c);
+        } else if (c == '\n')
+            jb_puts(b, "\\n");
+        else if (c == '\r')
+            jb_puts(b, "\\r");
+        else if (c == '\t')
+            jb_puts(b, "\\t");
+        else if (c < 0x20 || c == 0x7f)
+            jb_printf(b, "\\x%02x", c);
+        else
+            jb_putc(b, (char)c);
     }
     jb_putc(b, q);
 }
@@ -514,8 +541,10 @@ static void write_seq(struct jbuf *b, struct jv v)
         return;
     }
     if (k == JL_RANGE) {
-        if (v.u.l->rs == 1) jb_printf(b, "range(%lld, %lld)", (long long)v.u.l->r0, (long long)v.u.l->r1);
-        else jb_printf(b, "range(%lld, %lld, %lld)", (long long)v.u.l->r0, (long long)v.u.l->r1, (long long)v.u.l->rs);
+        if (v.u.l->rs == 1)
+            jb_printf(b, "range(%lld, %lld)", (long long)v.u.l->r0, (long long)v.u.l->r1);
+        else
+            jb_printf(b, "range(%lld, %lld, %lld)", (long long)v.u.l->r0, (long long)v.u.l->r1, (long long)v.u.l->rs);
         return;
     }
     if (k != JL_LIST) {
@@ -558,9 +587,12 @@ static void write_dict(struct jbuf *b, const struct jdict *d)
 
 void jv_write_repr(struct jbuf *b, struct jv v)
 {
-    if (v.t == JV_UNDEF) jb_puts(b, "Undefined"); /* repr(Undefined), e.g. inside a list */
-    else if (v.t == JV_STR) write_str_repr(b, v.u.s, v.n);
-    else jv_write_str(b, v);
+    if (v.t == JV_UNDEF)
+        jb_puts(b, "Undefined"); /* repr(Undefined), e.g. inside a list */
+    else if (v.t == JV_STR)
+        write_str_repr(b, v.u.s, v.n);
+    else
+        jv_write_str(b, v);
 }
 
 void jv_write_str(struct jbuf *b, struct jv v)
@@ -621,7 +653,8 @@ static void json_str(struct jbuf *b, const char *s, size_t n, bool ensure_ascii)
             uint32_t cp = 0;
             int extra = c >= 0xF0 ? 3 : c >= 0xE0 ? 2 : c >= 0xC0 ? 1 : 0;
             cp = c & (0x3F >> extra);
-            for (int k = 0; k < extra && i + 1 < n; k++) cp = (cp << 6) | ((unsigned char)s[++i] & 0x3F);
+            for (int k = 0; k < extra && i + 1 < n; k++)
+                cp = (cp << 6) | ((unsigned char)s[++i] & 0x3F);
             if (cp >= 0x10000) {
                 cp -= 0x10000;
                 jb_printf(b, "\\u%04x\\u%04x", 0xD800 + (cp >> 10), 0xDC00 + (cp & 0x3FF));
@@ -638,9 +671,9 @@ static void json_str(struct jbuf *b, const char *s, size_t n, bool ensure_ascii)
 static void json_nl(struct jbuf *b, const struct tojson_opts *o, int level)
 {
     jb_putc(b, '\n');
-    for (int i = 0; i < o->indent * level; i++) jb_putc(b, ' ');
+    for (int i = 0; i < o->indent * level; i++)
+        jb_putc(b, ' ');
 }
-
 
 void jv_write_json(struct jctx *x, struct jbuf *b, struct jv v, const struct tojson_opts *o, int level)
 {
@@ -649,9 +682,12 @@ void jv_write_json(struct jctx *x, struct jbuf *b, struct jv v, const struct toj
     case JV_BOOL: jb_puts(b, v.u.b ? "true" : "false"); return;
     case JV_INT: jb_printf(b, "%lld", (long long)v.u.i); return;
     case JV_FLOAT:
-        if (isnan(v.u.f)) jb_puts(b, "NaN");
-        else if (isinf(v.u.f)) jb_puts(b, v.u.f < 0 ? "-Infinity" : "Infinity");
-        else jv_write_float(b, v.u.f);
+        if (isnan(v.u.f))
+            jb_puts(b, "NaN");
+        else if (isinf(v.u.f))
+            jb_puts(b, v.u.f < 0 ? "-Infinity" : "Infinity");
+        else
+            jv_write_float(b, v.u.f);
         return;
     case JV_STR: json_str(b, v.u.s, v.n, o->ensure_ascii); return;
     case JV_LIST:
@@ -704,15 +740,19 @@ void jv_write_json(struct jctx *x, struct jbuf *b, struct jv v, const struct toj
             if (i) jb_puts(b, o->item_sep);
             if (o->indent >= 0) json_nl(b, o, level + 1);
             struct jv k = pairs[2 * i];
-            if (k.t == JV_STR) json_str(b, k.u.s, k.n, o->ensure_ascii);
-            else if (k.t == JV_NONE) jb_puts(b, "\"null\"");
-            else if (k.t == JV_BOOL) jb_puts(b, k.u.b ? "\"true\"" : "\"false\"");
+            if (k.t == JV_STR)
+                json_str(b, k.u.s, k.n, o->ensure_ascii);
+            else if (k.t == JV_NONE)
+                jb_puts(b, "\"null\"");
+            else if (k.t == JV_BOOL)
+                jb_puts(b, k.u.b ? "\"true\"" : "\"false\"");
             else if (k.t == JV_INT || k.t == JV_FLOAT) {
                 jb_putc(b, '"');
                 jv_write_json(x, b, k, o, level + 1);
                 jb_putc(b, '"');
-            } else jx_fail(x, x->at, TUNA_E_FORMAT, "tojson: keys must be str, int, float, bool or None, not %s",
-                           jv_type_name(k));
+            } else
+                jx_fail(x, x->at, TUNA_E_FORMAT, "tojson: keys must be str, int, float, bool or None, not %s",
+                        jv_type_name(k));
             jb_puts(b, o->key_sep);
             jv_write_json(x, b, pairs[2 * i + 1], o, level + 1);
         }
@@ -721,8 +761,9 @@ void jv_write_json(struct jctx *x, struct jbuf *b, struct jv v, const struct toj
         return;
     }
     case JV_UNDEF:
-        jx_fail(x, x->at, TUNA_E_FORMAT, "tojson: '%.*s' is undefined (Object of type Undefined is not JSON serializable)",
-                (int)v.n, v.u.s ? v.u.s : "value");
+        jx_fail(x, x->at, TUNA_E_FORMAT,
+                "tojson: '%.*s' is undefined (Object of type Undefined is not JSON serializable)", (int)v.n,
+                v.u.s ? v.u.s : "value");
     case JV_FUNC: jx_fail(x, x->at, TUNA_E_FORMAT, "tojson: a function is not JSON serializable");
     }
 }
@@ -744,13 +785,15 @@ struct jlist *jv_iterate(struct jctx *x, struct jv v, const struct node *at)
     case JV_DICT:
     case JV_NS:
         out = jv_list(x, v.u.d->n);
-        for (size_t i = 0; i < v.u.d->n; i++) jl_push(x, out.u.l, v.u.d->k[i]);
+        for (size_t i = 0; i < v.u.d->n; i++)
+            jl_push(x, out.u.l, v.u.d->k[i]);
         return out.u.l;
     case JV_STR:
         out = jv_list(x, v.n);
         for (size_t i = 0; i < v.n;) {
             size_t j = i + 1;
-            while (j < v.n && ((unsigned char)v.u.s[j] & 0xC0) == 0x80) j++;
+            while (j < v.n && ((unsigned char)v.u.s[j] & 0xC0) == 0x80)
+                j++;
             jl_push(x, out.u.l, jv_str_ref(v.u.s + i, j - i));
             i = j;
         }
