@@ -70,7 +70,8 @@ def run(cmd):
 def tuna_logits(tuna, folder, ids, work, tag, lora=None):
     """Logits [T, V] from `tuna logits`, or None when tuna cannot run this folder."""
     out = os.path.join(work, f"logits-{tag}.safetensors")
-    cmd = [tuna, "logits", folder, "--ids", ",".join(str(i) for i in ids), "-o", out]
+    # tuna's float32 reference path: the CPU backend (a GPU build would otherwise pick CUDA/bf16)
+    cmd = [tuna, "logits", folder, "--ids", ",".join(str(i) for i in ids), "-o", out, "--device", "cpu"]
     if lora:
         cmd += ["--lora", lora]
     if run(cmd) != 0:
