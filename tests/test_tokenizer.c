@@ -433,6 +433,17 @@ static void test_bad_input(void **s)
     tt_write(path, "{\"model\": 3", 11);
     TT_FAILS(tuna_tokenizer_load(tmp, &t), TUNA_E_FORMAT, "tokenizer.json");
 
+    /* a folder with only tokenizer.model: damaged protobuf, and a Unigram model, are refused */
+    char spm_dir[4200], spm_path[4300];
+    snprintf(spm_dir, sizeof spm_dir, "%s/spm-only", tmp);
+    TT_OK(tuna_mkdir_p(spm_dir));
+    snprintf(spm_path, sizeof spm_path, "%s/tokenizer.model", spm_dir);
+    tt_write(spm_path, "\x0A\x7F\x0A", 3); /* a piece whose length runs past the end */
+    TT_FAILS(tuna_tokenizer_load(spm_dir, &t), TUNA_E_FORMAT, "protobuf");
+    static const unsigned char unigram[] = {0x0A, 0x03, 0x0A, 0x01, 'a', 0x0A, 0x03, 0x0A, 0x01, 'b',
+                                            0x0A, 0x03, 0x0A, 0x01, 'c', 0x12, 0x02, 0x18, 0x01};
+    tt_write(spm_path, unigram, sizeof unigram);
+    TT_FAILS(tuna_tokenizer_load(spm_dir, &t), TUNA_E_UNSUPPORTED, "Unigram");
     /* WordLevel (HF models/wordlevel): a known word is its id, anything else the unk id */
     const char *wlv = "{\"model\": {\"type\": \"WordLevel\", \"vocab\": {\"<unk>\": 0, \"a\": 1, \"b\": 2},"
                       " \"unk_token\": \"<unk>\"}, \"pre_tokenizer\": {\"type\": \"WhitespaceSplit\"}}";

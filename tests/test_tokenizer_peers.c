@@ -267,6 +267,107 @@ static void test_bert_wordpiece(void **s)
     assert_int_equal(pass, total);
 }
 
+/* ---------------- SentencePiece tokenizer.model ---------------- */
+
+/* Llama 2's tokenizer.model (from llama2.c) converted as transformers does: the llama.cpp
+ * vectors, llama2.c's own prompt encodings (with BOS), and the same ids as the Llama 2
+ * tokenizer.json on mixed text. */
+static void test_sentencepiece_llama2(void **s)
+{
+    (void)s;
+    char mp[4096], jp[4096];
+    if (!tt_shared_path(mp, sizeof mp, "peers/llama2.c/tokenizer.model")) skip();
+    tuna_tokenizer *t = NULL;
+    TT_OK(tuna_tokenizer_load_sentencepiece(mp, NULL, &t));
+    size_t pass, total = run_vectors(t, "llama-spm (tokenizer.model)", LCPP "llama-spm.gguf.inp", &pass);
+    assert_int_equal(pass, total);
+    if (tt_shared_path(jp, sizeof jp, "peers/extracted/llama2c_expected.json")) {
+        cJSON *doc = NULL;
+        TT_OK(tuna_json_load(jp, 0, &doc));
+        const cJSON *c;
+        size_t n = 0, ok = 0;
+        cJSON_ArrayForEach(c, cJSON_GetObjectItem(cJSON_GetObjectItem(doc, "llama2_tokenizer_cases"), "cases"))
+        {
+            const char *pr = cJSON_GetObjectItem(c, "prompt")->valuestring;
+            int32_t *want;
+            size_t nw;
+            assert_true(json_ids(cJSON_GetObjectItem(c, "expected_ids_with_bos"), &want, &nw));
+            ok += check_encode(t, "llama2.c prompts", n, pr, strlen(pr), true, want, nw);
+            free(want);
+            n++;
+        }
+        cJSON_Delete(doc);
+        printf("llama2.c prompts (tokenizer.model): %zu/%zu\n", ok, n);
+        assert_true(n > 0);
+        assert_int_equal(ok, n);
+    }
+    tuna_tokenizer *j = load_rel(ORT "llama2");
+    if (j) {
+        /* (no special tokens in these texts: the stored tokenizer.json has them "normalized": true,
+         * as older transformers wrote; today's converter writes false, as TinyLlama's file) */
+        static const char *texts[] = {"Hello world! and   spaces\n\ttabs", "caf\xC3\xA9 \xE6\x9D\xB1\xE4\xBA\xAC \xF0\x9F\xA4\x97",
+                                      " leading", "def f(x):\n    return x ** 2  # square", "1234567890 3.14159"};
+        for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++) {
+            int32_t *a, *b;
+            size_t na, nb;
+            TT_OK(tuna_tokenizer_encode(t, texts[i], strlen(texts[i]), true, true, &a, &na));
+            TT_OK(tuna_tokenizer_encode(j, texts[i], strlen(texts[i]), true, true, &b, &nb));
+            if (!same_ids(a, na, b, nb)) {
+                fprintf(stderr, "tokenizer.model and tokenizer.json differ on \"%s\"\n", texts[i]);
+                print_ids("model", a, na);
+                print_ids("json ", b, nb);
+                fail();
+            }
+            char *da, *db;
+            TT_OK(tuna_tokenizer_decode(t, a, na, false, &da));
+            TT_OK(tuna_tokenizer_decode(j, b, nb, false, &db));
+            assert_string_equal(da, db);
+            free(da);
+            free(db);
+            free(a);
+            free(b);
+        }
+        tuna_tokenizer_free(j);
+    }
+    assert_int_equal(tuna_tokenizer_special_id(t, "bos_token"), 1);
+    assert_int_equal(tuna_tokenizer_special_id(t, "eos_token"), 2);
+    assert_true(tuna_tokenizer_is_special(t, 2));
+    /* control pieces are non-normalized special tokens: the TinyLlama vectors hold */
+    size_t tp, tt = run_vectors(t, "tinyllama (tokenizer.model)", "peers/llama.cpp/models-newer/ggml-vocab-tinyllama.gguf.inp", &tp);
+    assert_int_equal(tp, tt);
+    tuna_tokenizer_free(t);
+}
+
+/* Mistral's tokenizer.model v1-v3 (mistral-common) convert, round-trip text, and match the
+ * ids of their pieces as mistral-common writes them (text_vN.txt holds the pieces joined). */
+static void test_sentencepiece_mistral(void **s)
+{
+    (void)s;
+    static const char *files[] = {"tokenizer.model.v1", "mistral_instruct_tokenizer_240216.model.v2",
+                                  "mistral_instruct_tokenizer_240323.model.v3"};
+    size_t loaded = 0;
+    for (size_t f = 0; f < sizeof files / sizeof files[0]; f++) {
+        char rel[256], mp[4096];
+        snprintf(rel, sizeof rel, "peers/mistral-common/src/mistral_common/data/%s", files[f]);
+        if (!tt_shared_path(mp, sizeof mp, rel)) continue;
+        tuna_tokenizer *t = NULL;
+        TT_OK(tuna_tokenizer_load_sentencepiece(mp, NULL, &t));
+        const char *text = "Hello, how are you? I'm fine: 42 caf\xC3\xA9s \xE6\x9D\xB1\xE4\xBA\xAC\n\tdone";
+        int32_t *ids;
+        size_t n;
+        TT_OK(tuna_tokenizer_encode(t, text, strlen(text), false, true, &ids, &n));
+        char *dec;
+        TT_OK(tuna_tokenizer_decode(t, ids, n, false, &dec));
+        assert_string_equal(dec, text);
+        free(dec);
+        free(ids);
+        tuna_tokenizer_free(t);
+        loaded++;
+    }
+    if (!loaded) skip();
+    printf("mistral tokenizer.model: %zu loaded, round trips exact\n", loaded);
+}
+
 /* ---------------- swift-transformers paragraphs ---------------- */
 
 static void swift_case(const char *tok_rel, const char *json_rel)
@@ -714,6 +815,8 @@ int main(void)
         cmocka_unit_test(test_swift_llama32),
         cmocka_unit_test(test_tfjs_t5),
         cmocka_unit_test(test_swift_t5),
+        cmocka_unit_test(test_sentencepiece_llama2),
+        cmocka_unit_test(test_sentencepiece_mistral),
     };
     int r = cmocka_run_group_tests(tests, NULL, NULL);
     tuna_tokenizer_free(g_qwen2);

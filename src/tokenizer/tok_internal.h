@@ -332,6 +332,12 @@ struct tuna_tokenizer {
     char *chat_template;
 };
 
+/* tokenizer.c: builds a tokenizer from a tokenizer.json document; special_defaults (bos, eos,
+ * unk, pad; entries may be NULL) fill what the config files leave out; llama_post adds BOS the
+ * way LlamaTokenizerFast does (add_bos_token / add_eos_token may change it). */
+tuna_status tk_build_from_doc(const cJSON *doc, const char *what, const char *config_dir,
+                              const char *const special_defaults[4], bool llama_post, tuna_tokenizer **out);
+
 /* added_tokens.c */
 tuna_status tk_added_add(tuna_tokenizer *t, const char *content, int32_t id, bool special, bool normalized,
                          bool lstrip, bool rstrip, bool single_word);

@@ -408,12 +408,16 @@ static tuna_status finish(tuna_tokenizer *t)
 
 /* Builds a tokenizer from a parsed tokenizer.json; then either config_dir's files or the parsed
  * config (either may be NULL). `what` names the source in messages. */
-static tuna_status build(const cJSON *doc, const char *what, const char *config_dir, const cJSON *config,
-                         tuna_tokenizer **out)
+static tuna_status build_ex(const cJSON *doc, const char *what, const char *config_dir, const cJSON *config,
+                            const char *const *special_defaults, bool llama_post, tuna_tokenizer **out)
 {
     tuna_tokenizer *t = NULL;
     tuna_status st;
     if ((st = tok_new(&t))) goto fail;
+    if (llama_post) { /* LlamaTokenizerFast: BOS + sequence unless the config says otherwise */
+        t->rebuild_post = true;
+        t->add_bos = true;
+    }
     if ((st = load_model(t, tuna_json_member(doc, "model"), what))) goto fail;
     PARSE_PART("normalizer", struct tk_norm, norm, tk_norm_parse);
     PARSE_PART("pre_tokenizer", struct tk_pre, pre, tk_pre_parse);
@@ -423,12 +427,29 @@ static tuna_status build(const cJSON *doc, const char *what, const char *config_
     if ((st = load_added(t, tuna_json_member(doc, "added_tokens"), what))) goto fail;
     if (config_dir && (st = load_config(t, config_dir))) goto fail;
     if (config && (st = apply_config(t, config))) goto fail;
+    for (int i = 0; special_defaults && i < 4; i++)
+        if (special_defaults[i] && !t->special_str[i] && !(t->special_str[i] = strdup(special_defaults[i]))) {
+            st = tuna_fail_oom("tokenizer", 0);
+            goto fail;
+        }
     if ((st = finish(t))) goto fail;
     *out = t;
     return TUNA_OK;
 fail:
     tuna_tokenizer_free(t);
     return tuna_fail_prefix(st, "loading tokenizer %s", what);
+}
+
+static tuna_status build(const cJSON *doc, const char *what, const char *config_dir, const cJSON *config,
+                         tuna_tokenizer **out)
+{
+    return build_ex(doc, what, config_dir, config, NULL, false, out);
+}
+
+tuna_status tk_build_from_doc(const cJSON *doc, const char *what, const char *config_dir,
+                              const char *const special_defaults[4], bool llama_post, tuna_tokenizer **out)
+{
+    return build_ex(doc, what, config_dir, NULL, special_defaults, llama_post, out);
 }
 
 tuna_status tuna_tokenizer_load_file(const char *tokenizer_json, const char *config_dir, tuna_tokenizer **out)
@@ -465,10 +486,17 @@ tuna_status tuna_tokenizer_load(const char *dir, tuna_tokenizer **out)
     char *path = tuna_path_join(dir, "tokenizer.json");
     if (!path) return tuna_fail_oom("path", 0);
     if (!tuna_path_exists(path)) {
-        tuna_status st = tuna_fail(TUNA_E_NOT_FOUND,
-                                   "%s not found: tuna reads the Hugging Face tokenizer.json (a folder with only "
-                                   "tokenizer.model / vocab.json needs converting with transformers first)",
-                                   path);
+        /* an older folder with only SentencePiece's tokenizer.model: convert it as transformers does */
+        char *spm = tuna_path_join(dir, "tokenizer.model");
+        tuna_status st;
+        if (spm && tuna_path_exists(spm)) st = tuna_tokenizer_load_sentencepiece(spm, dir, out);
+        else
+            st = tuna_fail(TUNA_E_NOT_FOUND,
+                           "%s not found (nor tokenizer.model): tuna reads the Hugging Face tokenizer.json; a folder "
+                           "with only vocab.json/merges.txt needs tuna_tokenizer_load_vocab_merges or converting "
+                           "with transformers",
+                           path);
+        free(spm);
         free(path);
         return st;
     }

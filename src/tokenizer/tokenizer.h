@@ -33,7 +33,8 @@
 
 typedef struct tuna_tokenizer tuna_tokenizer;
 
-/* Loads dir/tokenizer.json (+ tokenizer_config.json and special_tokens_map.json when present).
+/* Loads dir/tokenizer.json (+ tokenizer_config.json and special_tokens_map.json when present;
+ * without tokenizer.json, dir/tokenizer.model via tuna_tokenizer_load_sentencepiece).
  * *out is taken by the caller; free with tuna_tokenizer_free. */
 tuna_status tuna_tokenizer_load(const char *dir, tuna_tokenizer **out);
 
@@ -41,6 +42,12 @@ tuna_status tuna_tokenizer_load(const char *dir, tuna_tokenizer **out);
  * and special_tokens_map.json are looked for. */
 tuna_status tuna_tokenizer_load_file(const char *tokenizer_json, const char *config_dir,
                                      tuna_tokenizer **out);
+
+/* Loads a SentencePiece BPE model file (tokenizer.model of Llama 2 / Mistral), converted the way
+ * transformers' LlamaConverter does (config_dir, may be NULL, supplies tokenizer_config.json:
+ * legacy, add_prefix_space, add_bos/eos_token, special tokens). tuna_tokenizer_load uses it
+ * when a folder has tokenizer.model but no tokenizer.json. Unigram models are refused. */
+tuna_status tuna_tokenizer_load_sentencepiece(const char *model_path, const char *config_dir, tuna_tokenizer **out);
 
 /* Builds a tokenizer from tokenizer.json text in memory (len bytes) and, when config_json is not
  * NULL, tokenizer_config.json text (config_len bytes); for tokenizers made on the fly (GGUF). */
