@@ -113,9 +113,17 @@ TUNA_HOT static void mm_small_task(void *arg, int64_t task, int thread)
     if (a->T == 1 && a->w->dtype == TUNA_DTYPE_BF16) n0 = rows4_bf16_t1(a, n0, n1);
     for (int64_t n = n0; n < n1; n++) {
         switch (a->w->dtype) {
-        case TUNA_DTYPE_BF16:
-            rowdot_bf16((const uint16_t *)a->w->data + n * K, a->x, K, a->T, out);
+        case TUNA_DTYPE_BF16: {
+            /* a constant T per call: the accumulators stay in registers */
+            const uint16_t *wr = (const uint16_t *)a->w->data + n * K;
+            switch (a->T) {
+            case 1: rowdot_bf16(wr, a->x, K, 1, out); break;
+            case 2: rowdot_bf16(wr, a->x, K, 2, out); break;
+            case 3: rowdot_bf16(wr, a->x, K, 3, out); break;
+            default: rowdot_bf16(wr, a->x, K, 4, out); break;
+            }
             break;
+        }
         case TUNA_DTYPE_F32: {
             const float *wr = (const float *)a->w->data + n * K;
             for (int64_t t = 0; t < a->T; t++) out[t] = tuna_dot_f32(wr, a->x + t * K, K);
@@ -146,14 +154,19 @@ TUNA_HOT static void mm_small_task(void *arg, int64_t task, int thread)
     }
 }
 
-static void convert_rows(const struct tuna_weight *w, int64_t n0, int64_t nb, float *dst)
+TUNA_HOT static void convert_rows(const struct tuna_weight *w, int64_t n0, int64_t nb, float *dst)
 {
     size_t count = (size_t)(nb * w->cols);
     size_t off = (size_t)(n0 * w->cols);
     switch (w->dtype) {
     case TUNA_DTYPE_BF16: {
         const uint16_t *src = (const uint16_t *)w->data + off;
-        for (size_t i = 0; i < count; i++) dst[i] = tuna_bf16f(src[i]);
+        size_t i = 0;
+        for (; i + 8 <= count; i += 8) {
+            tuna_v8f v = tuna_ld8_bf16(src + i);
+            memcpy(dst + i, &v, sizeof v);
+        }
+        for (; i < count; i++) dst[i] = tuna_bf16f(src[i]);
         break;
     }
     case TUNA_DTYPE_F16:
