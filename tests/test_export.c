@@ -41,7 +41,8 @@ static const char *fx(char *buf, size_t cap, const char *rel)
 
 static void out_path(char *buf, size_t cap, const char *name)
 {
-    snprintf(buf, cap, "%s/%s", tt_tmpdir(), name);
+    int n = snprintf(buf, cap, "%s/%s", tt_tmpdir(), name);
+    assert_true(n > 0 && (size_t)n < cap);
 }
 
 /* --- adapters --- */

@@ -60,7 +60,7 @@ static void write_adapter(const char *dir, const char *config, const char *const
                           const int64_t *ins, const int64_t *outs, int n, const char *const *extra, int n_extra)
 {
     assert_int_equal(tuna_mkdir_p(dir), TUNA_OK);
-    char path[4096];
+    char path[4400];
     snprintf(path, sizeof path, "%s/adapter_config.json", dir);
     tt_write(path, config, strlen(config));
     tuna_st_writer *w;

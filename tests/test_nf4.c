@@ -83,7 +83,7 @@ static int64_t diff_packed(enum tuna_q4_type type, const void *bf16, int64_t n, 
 
 static const struct tuna_tensor_view *need(tuna_st_file *f, const char *prefix, const char *suffix)
 {
-    char name[256];
+    char name[512];
     snprintf(name, sizeof name, "%s.%s", prefix, suffix);
     const struct tuna_tensor_view *t = tuna_st_find(f, name);
     if (!t) print_error("fixture tensor %s is missing\n", name);

@@ -58,7 +58,10 @@ static tuna_status truncated(const struct cur *c, size_t need, const char *item)
 
 static tuna_status rd(struct cur *c, void *dst, size_t n, const char *item)
 {
-    if (c->size - c->pos < n) return truncated(c, n, item);
+    if (c->size - c->pos < n) {
+        memset(dst, 0, n); /* every path writes dst (keeps -O3's uninitialized analysis quiet) */
+        return truncated(c, n, item);
+    }
     memcpy(dst, c->p + c->pos, n);
     c->pos += n;
     return TUNA_OK;
@@ -71,6 +74,7 @@ static tuna_status rd_u64(struct cur *c, uint64_t *v, const char *item) { return
 static tuna_status rd_str(struct cur *c, struct tuna_gguf_str *s, const char *item)
 {
     size_t at = c->pos;
+    s->p = NULL;
     tuna_status st = rd_u64(c, &s->len, item);
     if (st) return st;
     if (s->len > c->size - c->pos)
@@ -111,7 +115,7 @@ void tuna_gguf_close(tuna_gguf *g)
 
 static tuna_status parse_kv(tuna_gguf *g, struct cur *c, struct tuna_gguf_kv *kv, uint64_t index)
 {
-    struct tuna_gguf_str key;
+    struct tuna_gguf_str key = {0};
     char item[96];
     snprintf(item, sizeof item, "key of metadata entry %" PRIu64, index);
     size_t key_at = c->pos;
@@ -478,7 +482,7 @@ tuna_status tuna_gguf_get_i64(const tuna_gguf *g, const char *key, int64_t *v)
 
 tuna_status tuna_gguf_get_u32(const tuna_gguf *g, const char *key, uint32_t *v)
 {
-    int64_t x;
+    int64_t x = 0;
     tuna_status st = tuna_gguf_get_i64(g, key, &x);
     if (st) return st;
     if (x < 0 || x > (int64_t)UINT32_MAX)
@@ -519,7 +523,7 @@ tuna_status tuna_gguf_get_str(const tuna_gguf *g, const char *key, struct tuna_g
 
 tuna_status tuna_gguf_get_strdup(const tuna_gguf *g, const char *key, char **out)
 {
-    struct tuna_gguf_str s;
+    struct tuna_gguf_str s = {0};
     *out = NULL;
     tuna_status st = tuna_gguf_get_str(g, key, &s);
     if (st) return st;

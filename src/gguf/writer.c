@@ -140,16 +140,16 @@ static tuna_status pack_strs(const char *const *v, size_t n, uint8_t **out, size
 
 tuna_status tuna_gguf_set_str(tuna_gguf_writer *w, const char *key, const char *v)
 {
-    uint8_t *p;
-    size_t len;
+    uint8_t *p = NULL;
+    size_t len = 0;
     tuna_status st = pack_strs(&v, 1, &p, &len);
     return st ? st : add_kv(w, key, TUNA_GGUF_STRING, TUNA_GGUF_STRING, 1, p, len);
 }
 
 tuna_status tuna_gguf_set_arr_str(tuna_gguf_writer *w, const char *key, const char *const *v, size_t n)
 {
-    uint8_t *p;
-    size_t len;
+    uint8_t *p = NULL;
+    size_t len = 0;
     tuna_status st = pack_strs(v, n, &p, &len);
     return st ? st : add_kv(w, key, TUNA_GGUF_ARRAY, TUNA_GGUF_STRING, n, p, len);
 }
