@@ -3,6 +3,8 @@
  * never decide anything. */
 #include "testutil.h"
 
+#include <dirent.h>
+
 #include "core/file.h"
 #include "core/json.h"
 #include "inspect/inspect.h"
@@ -83,6 +85,50 @@ static void test_fixture_folders(void **state)
         cJSON_Delete(r);
     }
     if (!ran) skip();
+}
+
+/* Every folder under fixtures/ with a config.json or adapter_config.json (models, bitsandbytes
+ * checkpoints, merged models, adapters, training start/end adapters) inspects without an error. */
+static int g_walked;
+
+static void walk(const char *dir)
+{
+    char p[4400];
+    snprintf(p, sizeof p, "%s/config.json", dir);
+    bool model = tuna_path_exists(p);
+    snprintf(p, sizeof p, "%s/adapter_config.json", dir);
+    bool adapter = tuna_path_exists(p);
+    if (model || adapter) {
+        cJSON *r;
+        TT_OK(tuna_inspect(dir, &r));
+        if (tuna_inspect_error_count(r)) {
+            print_error("%s:\n", dir);
+            dump_problems(r);
+            fail();
+        }
+        assert_string_equal(get(r, "kind")->valuestring, model ? "model" : "adapter");
+        cJSON_Delete(r);
+        g_walked++;
+    }
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (e->d_name[0] == '.') continue;
+        snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+        if (tuna_path_is_dir(p)) walk(p);
+    }
+    closedir(d);
+}
+
+static void test_every_fixture_folder(void **state)
+{
+    (void)state;
+    char dir[4200];
+    if (!tt_shared_path(dir, sizeof dir, "fixtures")) skip();
+    walk(dir);
+    printf("inspected %d fixture folders without an error\n", g_walked);
+    assert_true(g_walked >= 20);
 }
 
 /* Makes a folder "<tmp>/<name>" holding src's model.safetensors (a link) and config text. */
@@ -192,6 +238,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_fixture_folders),
+        cmocka_unit_test(test_every_fixture_folder),
         cmocka_unit_test(test_contradictions),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
