@@ -5,12 +5,13 @@
 #include <string.h>
 
 #include "cli.h"
+#include "gguf/import.h"
 #include "core/status.h"
 #include "infer_common.h"
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: tuna generate DIR (--prompt TEXT | --ids 1,2,3) [options]\n\n"
+    fprintf(f, "usage: tuna generate DIR|FILE.gguf (--prompt TEXT | --ids 1,2,3) [options]\n\n"
                "Generates a continuation and streams it to stdout.\n\n"
                "  --prompt TEXT   prompt text (tokenized with special tokens, as HF encode())\n"
                "  --ids LIST      prompt as token ids\n"
@@ -64,8 +65,26 @@ int cmd_generate(int argc, char **argv)
     int64_t n = 0;
     struct tuna_gen_opts o;
     struct tuna_gen_result r = {0};
-    tuna_status st = tuna_tokenizer_load(dir, &tok);
-    if (st && prompt) return tuna_cli_fail("generate", st);
+    /* a GGUF file carries the model, its tokenizer and its template (src/gguf/import.c) */
+    struct tuna_gguf_model *gm = NULL;
+    size_t dl = strlen(dir);
+    bool is_gguf = dl > 5 && !strcmp(dir + dl - 5, ".gguf");
+    tuna_status st;
+    if (is_gguf) {
+        if (chat) return tuna_cli_fail("generate", tuna_fail(TUNA_E_UNSUPPORTED, "--chat with a GGUF file is not "
+                                                              "supported yet; use the Hugging Face folder"));
+        st = tuna_gguf_model_load(dir, &fl.model, &gm);
+        if (st) return tuna_cli_fail("generate", st);
+        m = gm->model;
+        tok = gm->tokenizer;
+        if (!tok) st = tuna_fail(TUNA_E_NOT_FOUND, "%s has no tokenizer.ggml.tokens", dir);
+    } else {
+        st = tuna_tokenizer_load(dir, &tok);
+    }
+    if (st && prompt) {
+        tuna_gguf_model_free(gm);
+        return tuna_cli_fail("generate", st);
+    }
     if (st) { /* ids only: generate without text */
         fprintf(stderr, "tuna generate: no tokenizer (%s); printing ids only\n", tuna_last_error());
         tok = NULL;
@@ -98,7 +117,7 @@ int cmd_generate(int argc, char **argv)
     } else {
         st = parse_id_list(ids_s, &ids, &n);
     }
-    if (!st) st = tuna_model_load(dir, &fl.model, &m);
+    if (!st && !m) st = tuna_model_load(dir, &fl.model, &m);
     if (!st) st = infer_flags_finish(&fl, dir, m, &o);
     if (!st && !tok && fl.n_stop)
         st = tuna_fail(TUNA_E_INVALID, "--stop needs the tokenizer, which did not load");
@@ -131,9 +150,13 @@ int cmd_generate(int argc, char **argv)
     }
     tuna_gen_result_free(&r);
     tuna_detok_stream_free(ds);
-    tuna_tokenizer_free(tok);
     free(ids);
     tuna_kv_free(kv);
-    tuna_model_free(m);
+    if (gm) {
+        tuna_gguf_model_free(gm); /* owns the model and the tokenizer */
+    } else {
+        tuna_tokenizer_free(tok);
+        tuna_model_free(m);
+    }
     return st ? tuna_cli_fail("generate", st) : 0;
 }
