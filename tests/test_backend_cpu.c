@@ -114,10 +114,11 @@ static void test_attention(void **state)
     TT_OK(tuna_cpu_backend_new(3, &be));
     tuna_cpu_backend_set_min_parallel(be, 0); /* threads even for this small case */
     const struct tuna_backend_ops *op = tuna_cpu_backend_ops();
-    enum { H = 6, Hkv = 2, D = 20, BS = 3, L = 11, NB = 6 };
-    const int32_t table[4] = {5, 0, 3, 1}; /* positions 0..10 in blocks 5,0,3,1 */
+    enum { H = 6, Hkv = 2, D = 20, BS = 3, L = 150, NB = 53 }; /* L spans several 64-position chunks */
+    int32_t table[NB];
+    for (int i = 0; i < NB; i++) table[i] = (int32_t)((i * 7) % NB); /* scrambled blocks */
     float *kc = calloc(NB * BS * Hkv * D, sizeof(float)), *vc = calloc(NB * BS * Hkv * D, sizeof(float));
-    float k[L][Hkv * D], v[L][Hkv * D], q[L][H * D], out[L][H * D];
+    static float k[L][Hkv * D], v[L][Hkv * D], q[L][H * D], out[L][H * D];
     int64_t slot[L], pos[L];
     const int32_t *bts[L];
     for (int p = 0; p < L; p++) {
@@ -131,7 +132,7 @@ static void test_attention(void **state)
         bts[p] = table;
     }
     op->kv_store(be, kc, vc, &k[0][0], &v[0][0], slot, L, Hkv * D);
-    for (int window = 0; window <= 4; window += 4) {
+    for (int window = 0; window <= 70; window += 70) {
         struct tuna_attn_batch b = {L, pos, bts, BS, window};
         float scale = 1.0f / sqrtf(D);
         op->attention(be, &out[0][0], &q[0][0], kc, vc, &b, H, Hkv, D, scale);

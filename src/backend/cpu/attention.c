@@ -1,11 +1,12 @@
 /* attention.c — causal multi-head attention over the paged KV cache, one (token, head) per task.
  *
- * Softmax is computed online (running max and sum, accumulator rescaled when the max grows), so
- * no score buffer is needed for any context length. Each token attends to positions
+ * Softmax is computed online over chunks of 64 positions (running max and sum, the output
+ * rescaled when a chunk raises the max), so no score buffer grows with the context length. Each token attends to positions
  * [max(0, pos - window + 1), pos] of its own sequence; with the cache written for the whole step
  * first, prefill tokens and decode tokens of different sequences mix freely in one call.
  */
 #include <math.h>
+#include <string.h>
 
 #include "backend/cpu/cpu_internal.h"
 
@@ -17,6 +18,32 @@ struct attn_args {
     float scale;
 };
 
+#define TUNA_ATTN_CHUNK 64
+
+/* acc[D] = acc * c (D a multiple of 8 on the vector path) */
+static inline __attribute__((always_inline)) void scale_acc(float *acc, int64_t D, float c)
+{
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+        tuna_v8f v = tuna_ld8(acc + d) * c;
+        memcpy(acc + d, &v, sizeof v);
+    }
+    for (; d < D; d++) acc[d] *= c;
+}
+
+/* acc[D] += e * v[D] */
+static inline __attribute__((always_inline)) void axpy(float *acc, const float *v, int64_t D, float e)
+{
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+        tuna_v8f r = tuna_ld8(acc + d) + e * tuna_ld8(v + d);
+        memcpy(acc + d, &r, sizeof r);
+    }
+    for (; d < D; d++) acc[d] += e * v[d];
+}
+
+/* Positions are taken in chunks: the chunk's scores first, then one rescale of the running
+ * output when the chunk raises the maximum, then the weighted values. */
 TUNA_HOT static void attn_task(void *arg, int64_t task, int thread)
 {
     const struct attn_args *a = arg;
@@ -27,23 +54,30 @@ TUNA_HOT static void attn_task(void *arg, int64_t task, int thread)
     const int64_t bs = a->b->block_size, pos = a->b->pos[t];
     int64_t start = 0;
     if (a->b->sliding_window > 0 && pos - a->b->sliding_window + 1 > 0) start = pos - a->b->sliding_window + 1;
-    float acc[TUNA_CPU_MAX_HEAD_DIM];
+    float acc[TUNA_CPU_MAX_HEAD_DIM], sc[TUNA_ATTN_CHUNK];
+    int64_t slot[TUNA_ATTN_CHUNK];
     for (int64_t d = 0; d < D; d++) acc[d] = 0;
     float m = -INFINITY, l = 0;
-    for (int64_t p = start; p <= pos; p++) {
-        int64_t slot = (int64_t)bt[p / bs] * bs + p % bs;
-        const float *k = a->kc + slot * HkvD + kvh * D;
-        const float *v = a->vc + slot * HkvD + kvh * D;
-        float s = tuna_dot_f32(q, k, D) * a->scale;
-        if (s > m) {
-            float corr = expf(m - s); /* 0 on the first position */
-            l *= corr;
-            for (int64_t d = 0; d < D; d++) acc[d] *= corr;
-            m = s;
+    for (int64_t p0 = start; p0 <= pos; p0 += TUNA_ATTN_CHUNK) {
+        int64_t n = pos + 1 - p0 < TUNA_ATTN_CHUNK ? pos + 1 - p0 : TUNA_ATTN_CHUNK;
+        float cm = -INFINITY;
+        for (int64_t i = 0; i < n; i++) {
+            int64_t p = p0 + i;
+            slot[i] = (int64_t)bt[p / bs] * bs + p % bs;
+            sc[i] = tuna_dot_f32(q, a->kc + slot[i] * HkvD + kvh * D, D) * a->scale;
+            cm = sc[i] > cm ? sc[i] : cm;
         }
-        float e = expf(s - m);
-        l += e;
-        for (int64_t d = 0; d < D; d++) acc[d] += e * v[d];
+        if (cm > m) {
+            float corr = expf(m - cm); /* 0 on the first chunk */
+            l *= corr;
+            scale_acc(acc, D, corr);
+            m = cm;
+        }
+        for (int64_t i = 0; i < n; i++) {
+            float e = expf(sc[i] - m);
+            l += e;
+            axpy(acc, a->vc + slot[i] * HkvD + kvh * D, D, e);
+        }
     }
     float *o = a->out + (t * a->H + h) * D;
     float inv = 1.0f / l;
