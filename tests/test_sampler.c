@@ -198,6 +198,7 @@ static void test_generation_config(void **state)
     remove(path);
     TT_OK(tuna_gen_config_load(dir, &gc));
     assert_false(gc.found);
+    rmdir(dir);
 }
 
 int main(void)
