@@ -7,6 +7,17 @@
  * storage at all, which is how the allocator is unit-tested.
  *
  * Slots: position p of a sequence lives in slot blocks[p / block_size] * block_size + p % block_size.
+ *
+ * Automatic prefix caching (vLLM's design, SERVING.md §3.4): a full block can be registered under
+ * a hash of (parent block's hash, its block_size token ids, LoRA adapter id); a table maps hash →
+ * block. A new sequence can start by taking shared references to the longest chain of registered
+ * blocks matching its tokens. Blocks whose refcount drops to 0 go to a free list that is also an
+ * LRU: unregistered ones at its head (reused first), registered ones at its tail, still findable
+ * and taken back from the middle on a hit; a block popped from the head for new use loses its
+ * hash (eviction). So registered-but-unreferenced blocks count as free. A registered block is
+ * never written again: growing into one (after a truncate) copies it first, as for a shared one.
+ * Nothing is registered unless the caller calls tuna_kv_seq_cache_blocks: without it the cache
+ * behaves as a plain paged allocator.
  */
 #ifndef TUNA_MODEL_KV_CACHE_H
 #define TUNA_MODEL_KV_CACHE_H
@@ -56,8 +67,31 @@ int64_t tuna_kv_slot(const tuna_kv_cache *kv, int32_t seq, int64_t pos);
 
 int32_t tuna_kv_block_size(const tuna_kv_cache *kv);
 int32_t tuna_kv_n_blocks(const tuna_kv_cache *kv);
+/* Blocks that can be handed out: unreferenced ones, registered (evictable) ones included. */
 int32_t tuna_kv_free_blocks(const tuna_kv_cache *kv);
 int32_t tuna_kv_block_refcount(const tuna_kv_cache *kv, int32_t block);
+
+/* Prefix caching. `tokens` are always a sequence's tokens from position 0; adapter is the LoRA
+ * adapter index (-1 = base model), part of every block hash, so different adapters never share.
+ *
+ * How many leading full blocks of tokens[0..n) are registered (at most n / block_size);
+ * *n_evictable (may be NULL) receives how many of them are unreferenced, i.e. counted in
+ * tuna_kv_free_blocks, so taking them uses that many free blocks. Changes nothing. */
+int64_t tuna_kv_prefix_match(const tuna_kv_cache *kv, const int32_t *tokens, int64_t n, int32_t adapter,
+                             int64_t *n_evictable);
+/* Starts the empty sequence seq with shared references to the first n_blocks registered blocks
+ * matching tokens (which holds at least n_blocks * block_size ids): its length becomes
+ * n_blocks * block_size. TUNA_E_INVALID when seq is not empty or the blocks are not all
+ * registered (nothing changes then). */
+tuna_status tuna_kv_seq_take_prefix(tuna_kv_cache *kv, int32_t seq, const int32_t *tokens, int64_t n_blocks,
+                                    int32_t adapter);
+/* Registers the sequence's full blocks among its first min(n, length) tokens that are not yet
+ * registered (a block whose hash already names another block stays unregistered). Call it after
+ * the K/V of those tokens are written. A sequence keeps one adapter: another one is refused. */
+tuna_status tuna_kv_seq_cache_blocks(tuna_kv_cache *kv, int32_t seq, const int32_t *tokens, int64_t n,
+                                     int32_t adapter);
+/* Registered blocks (referenced or not). */
+int32_t tuna_kv_cached_blocks(const tuna_kv_cache *kv);
 
 /* Layer l's storage [n_blocks*block_size, Hkv, D]; NULL without storage. */
 float *tuna_kv_k(tuna_kv_cache *kv, int64_t layer);
