@@ -315,7 +315,13 @@ static void test_errors(void **state)
     (void)state;
     TT_FAILS(render_status("line one\n{{ 1 + }}"), TUNA_E_FORMAT, "line 2");
     TT_FAILS(render_status("{% extends 'base.html' %}"), TUNA_E_UNSUPPORTED, "extends");
-    TT_FAILS(render_status("{{ x | no_such_filter }}"), TUNA_E_UNSUPPORTED, "no_such_filter");
+    /* as Jinja2: an unknown filter fails when compiled, except inside an if, where it fails if it runs */
+    TT_FAILS(render_status("{{ x | no_such_filter }}"), TUNA_E_FORMAT, "no filter named 'no_such_filter'");
+    TT_FAILS(render_status("{{ x | groupby('a') }}"), TUNA_E_UNSUPPORTED, "groupby");
+    TT_FAILS(render_status("{% if true %}{{ x | no_such_filter }}{% endif %}"), TUNA_E_UNSUPPORTED, "no_such_filter");
+    TT_OK(render_status("{% if false %}{{ x | no_such_filter }}{% endif %}"));
+    TT_FAILS(render_status("{{ x | tojson(ensur_ascii=true) }}"), TUNA_E_FORMAT, "ensur_ascii");
+    TT_FAILS(render_status("{{ 'a' ~ \xe2\x82\xac }}"), TUNA_E_FORMAT, "'\xe2\x82\xac'");
     TT_FAILS(render_status("{% for x in y %}"), TUNA_E_FORMAT, "endfor");
     TT_FAILS(render_status("{{ raise_exception('bad role') }}"), TUNA_E_INVALID, "bad role");
     TT_FAILS(render_status("\n\n  {{ undefined_thing.attr }}"), TUNA_E_FORMAT, "line 3");
@@ -323,7 +329,7 @@ static void test_errors(void **state)
     TT_FAILS(render_status("{{ 'unterminated }}"), TUNA_E_FORMAT, "unterminated");
     TT_FAILS(render_status("{{ 9223372036854775807 + 1 }}"), TUNA_E_RANGE, "overflow");
     TT_FAILS(render_status("{% for x in [1] recursive %}{% endfor %}"), TUNA_E_UNSUPPORTED, "recursive");
-    TT_FAILS(render_status("{{ x is no_such_test }}"), TUNA_E_UNSUPPORTED, "no_such_test");
+    TT_FAILS(render_status("{{ x is no_such_test }}"), TUNA_E_FORMAT, "no_such_test");
 }
 
 /* tests/data/jinja_cases.json (hand-written edge cases, random expressions, random whitespace

@@ -42,7 +42,6 @@ static struct jv attr_path(struct jctx *x, struct jv obj, struct jv attr)
         for (size_t k = i; k < j; k++)
             digits &= isdigit((unsigned char)attr.u.s[k]) != 0;
         if (digits) key = jv_int(strtoll(attr.u.s + i, NULL, 10));
-        if (obj.t == JV_UNDEF) return obj;
         obj = jx_getitem(x, obj, key, x->at);
         i = j + 1;
     }
@@ -132,25 +131,25 @@ static struct jv f_attr(struct jctx *x, struct jv in, struct jargs *a)
 /* truncate(length=255, killwords=False, end='...', leeway=5) */
 static struct jv f_truncate(struct jctx *x, struct jv in, struct jargs *a)
 {
-    if (in.t != JV_STR) {
-        /* Jinja2 measures the value itself: short sequences and Undefined come back unchanged */
-        int64_t lim = ja_int(x, a, 0, "length", 255) + 5;
-        if (in.t == JV_UNDEF || (jv_is_seq(in) && in.u.l->kind != JL_GEN && (int64_t)in.u.l->n <= lim) ||
-            ((in.t == JV_DICT) && (int64_t)in.u.d->n <= lim))
-            return in;
-        jx_fail(x, x->at, TUNA_E_FORMAT, "truncate(): expected a string, got %s", jv_type_name(in));
-    }
-    struct jv s = in;
     int64_t length = ja_int(x, a, 0, "length", 255);
     bool killwords = ja_bool(a, 1, "killwords", false);
     struct jv end = str_of(x, ja_arg(a, 2, "end", jv_str_ref("...", 3)));
     int64_t leeway =
         ja_has(a, 3, "leeway") && ja_arg(a, 3, "leeway", jv_none()).t != JV_NONE ? ja_int(x, a, 3, "leeway", 5) : 5;
-    int64_t slen = (int64_t)ju_len(s.u.s, s.n), elen = (int64_t)ju_len(end.u.s, end.n);
+    int64_t elen = (int64_t)ju_len(end.u.s, end.n);
     if (length < elen)
         jx_fail(x, x->at, TUNA_E_FORMAT, "truncate(): expected length >= %lld, got %lld", (long long)elen,
                 (long long)length);
-    if (leeway < 0) jx_fail(x, x->at, TUNA_E_FORMAT, "truncate(): expected leeway >= 0");
+    if (leeway < 0) jx_fail(x, x->at, TUNA_E_FORMAT, "truncate(): expected leeway >= 0, got %lld", (long long)leeway);
+    if (in.t != JV_STR) {
+        /* Jinja2 measures the value itself: short sequences and Undefined come back unchanged */
+        if (in.t == JV_UNDEF || (jv_is_seq(in) && in.u.l->kind != JL_GEN && (int64_t)in.u.l->n <= length + leeway) ||
+            ((in.t == JV_DICT) && (int64_t)in.u.d->n <= length + leeway))
+            return in;
+        jx_fail(x, x->at, TUNA_E_FORMAT, "truncate(): expected a string, got %s", jv_type_name(in));
+    }
+    struct jv s = in;
+    int64_t slen = (int64_t)ju_len(s.u.s, s.n);
     if (slen <= length + leeway) return s;
     size_t cut = ju_offset(s.u.s, s.n, (size_t)(length - elen));
     if (!killwords) { /* s[:cut].rsplit(" ", 1)[0] */
@@ -416,7 +415,11 @@ static struct jv f_length(struct jctx *x, struct jv in, struct jargs *a)
         if (in.u.l->kind == JL_GEN) break;
         return jv_int((int64_t)in.u.l->n);
     case JV_DICT:
-    case JV_NS: return jv_int((int64_t)in.u.d->n);
+    case JV_NS: {
+        struct jv len;
+        if (in.u.d->is_loop && jd_gets(in.u.d, "length", &len)) return len; /* len(LoopContext) */
+        return jv_int((int64_t)in.u.d->n);
+    }
     default: break;
     }
     jx_fail(x, x->at, TUNA_E_FORMAT, "object of type '%s' has no len()%s", jv_type_name(in),
@@ -792,32 +795,56 @@ static struct jv f_format(struct jctx *x, struct jv in, struct jargs *a)
     return jx_printf(x, str_of(x, in), a->pos, a->npos, false);
 }
 
+/* name, function, parameter names after the value as Jinja2 declares them ("*": any) */
 static const struct {
     const char *name;
     filter_fn fn;
+    const char *params;
 } FILTERS[] = {
-    {"abs", f_abs},           {"attr", f_attr},
-    {"batch", f_batch},       {"capitalize", f_capitalize},
-    {"center", f_center},     {"count", f_length},
-    {"d", f_default},         {"default", f_default},
-    {"dictsort", f_dictsort}, {"e", f_escape},
-    {"escape", f_escape},     {"first", f_first},
-    {"float", f_float},       {"forceescape", f_forceescape},
-    {"format", f_format},     {"indent", f_indent},
-    {"int", f_int},           {"items", f_items},
-    {"join", f_join},         {"last", f_last},
-    {"length", f_length},     {"list", f_list},
-    {"lower", f_lower},       {"map", f_map},
-    {"max", f_max},           {"min", f_min},
-    {"reject", f_reject},     {"rejectattr", f_rejectattr},
-    {"replace", f_replace},   {"reverse", f_reverse},
-    {"round", f_round},       {"safe", f_safe},
-    {"select", f_select},     {"selectattr", f_selectattr},
-    {"sort", f_sort},         {"string", f_string},
-    {"sum", f_sum},           {"title", f_title},
-    {"tojson", f_tojson},     {"trim", f_trim},
-    {"truncate", f_truncate}, {"unique", f_unique},
-    {"upper", f_upper},       {"wordcount", f_wordcount},
+    {"abs", f_abs, ""},
+    {"attr", f_attr, "name"},
+    {"batch", f_batch, "linecount,fill_with"},
+    {"capitalize", f_capitalize, ""},
+    {"center", f_center, "width"},
+    {"count", f_length, ""},
+    {"d", f_default, "default_value,boolean"},
+    {"default", f_default, "default_value,boolean"},
+    {"dictsort", f_dictsort, "case_sensitive,by,reverse"},
+    {"e", f_escape, ""},
+    {"escape", f_escape, ""},
+    {"first", f_first, ""},
+    {"float", f_float, "default"},
+    {"forceescape", f_forceescape, ""},
+    {"format", f_format, "*"},
+    {"indent", f_indent, "width,first,blank"},
+    {"int", f_int, "default,base"},
+    {"items", f_items, ""},
+    {"join", f_join, "d,attribute"},
+    {"last", f_last, ""},
+    {"length", f_length, ""},
+    {"list", f_list, ""},
+    {"lower", f_lower, ""},
+    {"map", f_map, "*"},
+    {"max", f_max, "case_sensitive,attribute"},
+    {"min", f_min, "case_sensitive,attribute"},
+    {"reject", f_reject, "*"},
+    {"rejectattr", f_rejectattr, "*"},
+    {"replace", f_replace, "old,new,count"},
+    {"reverse", f_reverse, ""},
+    {"round", f_round, "precision,method"},
+    {"safe", f_safe, ""},
+    {"select", f_select, "*"},
+    {"selectattr", f_selectattr, "*"},
+    {"sort", f_sort, "reverse,case_sensitive,attribute"},
+    {"string", f_string, ""},
+    {"sum", f_sum, "attribute,start"},
+    {"title", f_title, ""},
+    {"tojson", f_tojson, "ensure_ascii,indent,separators,sort_keys"},
+    {"trim", f_trim, "chars"},
+    {"truncate", f_truncate, "length,killwords,end,leeway"},
+    {"unique", f_unique, "case_sensitive,attribute"},
+    {"upper", f_upper, ""},
+    {"wordcount", f_wordcount, ""},
 };
 
 bool jx_has_filter(const char *name)
@@ -827,15 +854,44 @@ bool jx_has_filter(const char *name)
     return false;
 }
 
+/* Is `name` among the comma-separated params? */
+static bool has_param(const char *params, const char *name)
+{
+    size_t n = strlen(name);
+    for (const char *p = params; *p;) {
+        const char *e = strchr(p, ',');
+        size_t len = e ? (size_t)(e - p) : strlen(p);
+        if (len == n && !memcmp(p, name, n)) return true;
+        if (!e) break;
+        p = e + 1;
+    }
+    return false;
+}
+
+/* Python's own argument checks: too many positional arguments or an unknown keyword fail */
+static void check_args(struct jctx *x, const char *filter, const char *params, const struct jargs *a)
+{
+    if (!strcmp(params, "*")) return;
+    size_t np = params[0] ? 1 : 0;
+    for (const char *p = params; *p; p++) np += *p == ',';
+    if (a->npos > np)
+        jx_fail(x, x->at, TUNA_E_FORMAT, "filter '%s' takes at most %zu arguments (%zu given)", filter, np, a->npos);
+    for (size_t k = 0; k < a->nkw; k++)
+        if (!has_param(params, a->kwname[k]))
+            jx_fail(x, x->at, TUNA_E_FORMAT, "filter '%s' got an unexpected keyword argument '%s'", filter, a->kwname[k]);
+}
+
 struct jv jx_filter(struct jctx *x, const char *name, struct jv in, struct jargs *a, const struct node *at)
 {
     for (size_t i = 0; i < sizeof FILTERS / sizeof *FILTERS; i++)
         if (!strcmp(FILTERS[i].name, name)) {
+            x->at = at;
+            check_args(x, name, FILTERS[i].params, a);
             const struct node *saved = x->at;
             x->at = at;
             struct jv r = FILTERS[i].fn(x, in, a);
             x->at = saved;
             return r;
         }
-    jx_fail(x, at, TUNA_E_UNSUPPORTED, "no filter named '%s'", name);
+    jx_fail(x, at, TUNA_E_UNSUPPORTED, "no filter named '%s' (not a Jinja2 filter, or one tuna does not implement)", name);
 }

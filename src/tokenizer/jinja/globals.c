@@ -35,6 +35,8 @@ static struct jv g_dict(struct jctx *x, struct jv self, struct jargs *a)
     struct jv d = jv_dict(x, a->nkw);
     if (a->npos) {
         struct jv src = a->pos[0];
+        if (src.t == JV_UNDEF)
+            jx_fail(x, x->at, TUNA_E_FORMAT, "'%.*s' is undefined", (int)src.n, src.u.s ? src.u.s : "value");
         if (src.t == JV_DICT || src.t == JV_NS) {
             for (size_t i = 0; i < src.u.d->n; i++)
                 jd_set(x, d.u.d, src.u.d->k[i], src.u.d->v[i]);

@@ -96,6 +96,7 @@ struct jlist {
 struct jdict {
     size_t n, cap;
     struct jv *k, *v; /* insertion order */
+    bool is_loop;     /* the `loop` object: attributes only (Jinja2's LoopContext is no dict) */
 };
 
 struct jctx;

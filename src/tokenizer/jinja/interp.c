@@ -694,6 +694,7 @@ static int exec_for(struct jctx *x, struct jscope *sc, const struct node *n)
         struct jscope *f = scope_new(x, sc);
         struct jv loop = jv_dict(x, 16);
         struct jdict *d = loop.u.d;
+        d->is_loop = true;
 #define LSET(k, v) jd_set(x, d, jv_str_ref(k, sizeof(k) - 1), v)
         LSET("index", jv_int((int64_t)i + 1));
         LSET("index0", jv_int((int64_t)i));

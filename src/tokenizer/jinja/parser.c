@@ -71,7 +71,12 @@ static const char *tok_desc(const struct jtok *k, char *buf, size_t cap)
     case JT_BLOCK_BEGIN: return "'{%'";
     case JT_BLOCK_END: return "'%}'";
     case JT_STRING: return "a string";
-    default: snprintf(buf, cap, "'%.*s'", (int)(k->n > 40 ? 40 : k->n), k->s); return buf;
+    default: {
+        size_t n = k->n > 40 ? 40 : k->n;
+        while (n < k->n && n > 0 && ((unsigned char)k->s[n] & 0xC0) == 0x80) n--; /* whole characters */
+        snprintf(buf, cap, "'%.*s'", (int)n, k->s);
+        return buf;
+    }
     }
 }
 
@@ -143,7 +148,8 @@ static struct node *parse_tuple(struct parser *p, bool simplified, bool with_con
     bool is_tuple = false;
     for (;;) {
         if (t->l1.n) expect_op(p, ",");
-        if (tuple_end(p, extra)) break;
+        /* an assignment target takes no trailing comma ({% for a, in x %} fails in Jinja2) */
+        if (!(simplified && t->l1.n) && tuple_end(p, extra)) break;
         nv_push(p, &t->l1, simplified ? parse_postfix(p, parse_primary(p)) : parse_expression(p, with_condexpr));
         if (is_op(p, ","))
             is_tuple = true;
@@ -309,7 +315,7 @@ static struct node *parse_math1(struct parser *p)
 static void parse_call_args(struct parser *p, struct node *n)
 {
     expect_op(p, "(");
-    bool first = true;
+    bool first = true, star = false;
     while (!is_op(p, ")")) {
         if (!first) {
             expect_op(p, ",");
@@ -318,6 +324,8 @@ static void parse_call_args(struct parser *p, struct node *n)
         first = false;
         size_t off = cur(p)->off;
         if (is_op(p, "*")) {
+            if (star) pfail(p, TUNA_E_FORMAT, off, "invalid syntax for function call expression (a second *args)");
+            star = true;
             next(p);
             struct node *s = mk(p, N_STAR, off);
             s->a = parse_expression(p, true);
@@ -333,7 +341,7 @@ static void parse_call_args(struct parser *p, struct node *n)
             kw->a = parse_expression(p, true);
             nv_push(p, &n->l2, kw);
         } else {
-            if (n->l2.n) pfail(p, TUNA_E_FORMAT, off, "positional argument after keyword argument");
+            if (n->l2.n || star) pfail(p, TUNA_E_FORMAT, off, "invalid syntax for function call expression (a positional argument after *args or a keyword)");
             nv_push(p, &n->l1, parse_expression(p, true));
         }
     }
@@ -364,7 +372,6 @@ static struct node *parse_filter(struct parser *p, struct node *in)
     struct node *f = mk(p, N_FILTER, off);
     f->a = in;
     f->s = dotted_name(p, &f->sn);
-    if (!jx_has_filter(f->s)) pfail(p, TUNA_E_UNSUPPORTED, off, "no filter named '%s'", f->s);
     if (is_op(p, "(")) parse_call_args(p, f);
     return f;
 }
@@ -379,7 +386,6 @@ static struct node *parse_test(struct parser *p, struct node *in)
         next(p);
     }
     t->s = dotted_name(p, &t->sn);
-    if (!jx_has_test(t->s)) pfail(p, TUNA_E_UNSUPPORTED, off, "no test named '%s'", t->s);
     const struct jtok *k = cur(p);
     if (is_op(p, "(")) {
         parse_call_args(p, t);
@@ -479,13 +485,18 @@ static struct node *parse_postfix(struct parser *p, struct node *n)
             next(p);
             struct node *g = mk(p, N_GETITEM, off);
             g->a = n;
+            if (is_op(p, "]")) { /* x[] indexes with an empty tuple in Jinja2 (and finds nothing) */
+                next(p);
+                g->b = mk(p, N_TUPLE, off);
+                n = g;
+                continue;
+            }
             struct node *idx = parse_subscribed(p);
             if (is_op(p, ",")) {
                 struct node *tup = mk(p, N_TUPLE, off);
                 nv_push(p, &tup->l1, idx);
-                while (is_op(p, ",")) {
+                while (is_op(p, ",")) { /* no trailing comma here, as Jinja2 */
                     next(p);
-                    if (is_op(p, "]")) break;
                     nv_push(p, &tup->l1, parse_subscribed(p));
                 }
                 idx = tup;
@@ -592,6 +603,13 @@ static struct node *parse_primary(struct parser *p)
 /* ---- statements ---- */
 static void parse_body(struct parser *p, struct nvec *body, const char *const *ends);
 
+/* Before a body, Jinja2's parse_statements allows one ':' ({% if x: %}, {% else: %}) */
+static void body_start(struct parser *p)
+{
+    if (is_op(p, ":")) next(p);
+    expect_type(p, JT_BLOCK_END, "'%}'");
+}
+
 static void expect_block_end(struct parser *p)
 {
     expect_type(p, JT_BLOCK_END, "'%}'");
@@ -604,12 +622,13 @@ static bool at_end_tag(struct parser *p, const char *const *ends)
     return false;
 }
 
-static void check_target(struct parser *p, struct node *t)
+static void check_target(struct parser *p, struct node *t, bool with_ns)
 {
     if (t->k == N_NAME) return;
+    if (with_ns && t->k == N_GETATTR && t->a->k == N_NAME) return; /* ns.attr, also inside a tuple */
     if (t->k == N_TUPLE) {
         for (size_t i = 0; i < t->l1.n; i++)
-            check_target(p, t->l1.v[i]);
+            check_target(p, t->l1.v[i], with_ns);
         return;
     }
     pfail(p, TUNA_E_FORMAT, t->off, "can only assign to names or tuples of names here");
@@ -617,20 +636,9 @@ static void check_target(struct parser *p, struct node *t)
 
 static struct node *parse_target(struct parser *p, const char *extra, bool with_ns)
 {
-    if (with_ns && cur(p)->t == JT_NAME && tok_is(peek(p, 1), JT_OP, ".") && peek(p, 2)->t == JT_NAME) {
-        struct node *g = mk(p, N_GETATTR, cur(p)->off);
-        g->a = mk(p, N_NAME, cur(p)->off);
-        g->a->s = ja_strndup(&p->t->ar, cur(p)->s, cur(p)->n);
-        g->a->sn = cur(p)->n;
-        next(p);
-        next(p);
-        g->s = ja_strndup(&p->t->ar, cur(p)->s, cur(p)->n);
-        g->sn = cur(p)->n;
-        next(p);
-        return g;
-    }
+    /* names, and with_ns also ns.attr, alone or in a tuple (Jinja2 3.1 parse_assign_target) */
     struct node *t = parse_tuple(p, true, false, extra, false);
-    check_target(p, t);
+    check_target(p, t, with_ns);
     return t;
 }
 
@@ -692,7 +700,7 @@ static struct node *parse_if(struct parser *p, size_t off)
 {
     struct node *n = mk(p, N_IF, off);
     n->a = parse_tuple(p, false, true, NULL, false);
-    expect_block_end(p);
+    body_start(p);
     parse_body(p, &n->l1, END_IF);
     if (is_name(p, "elif")) {
         size_t o2 = cur(p)->off;
@@ -702,7 +710,7 @@ static struct node *parse_if(struct parser *p, size_t off)
     }
     if (is_name(p, "else")) {
         next(p);
-        expect_block_end(p);
+        body_start(p);
         parse_body(p, &n->l2, END_ENDIF);
     }
     next(p); /* endif */
@@ -731,11 +739,11 @@ static struct node *parse_statement(struct parser *p)
             n->c = parse_expression(p, true);
         }
         if (is_name(p, "recursive")) pfail(p, TUNA_E_UNSUPPORTED, cur(p)->off, "recursive for loops");
-        expect_block_end(p);
+        body_start(p);
         parse_body(p, &n->l1, END_FOR);
         if (is_name(p, "else")) {
             next(p);
-            expect_block_end(p);
+            body_start(p);
             parse_body(p, &n->l2, END_ENDFOR);
         }
         next(p);
@@ -758,7 +766,7 @@ static struct node *parse_statement(struct parser *p)
             next(p);
             n->c = parse_filter_chain(p);
         }
-        expect_block_end(p);
+        body_start(p);
         parse_body(p, &n->l1, END_SET);
         next(p);
         expect_block_end(p);
@@ -771,7 +779,7 @@ static struct node *parse_statement(struct parser *p)
         n->sn = cur(p)->n;
         next(p);
         parse_params(p, &n->l2);
-        expect_block_end(p);
+        body_start(p);
         parse_body(p, &n->l1, END_MACRO);
         for (size_t i = 0; i < n->l1.n; i++) {
             n->uses_caller |= refers_to(n->l1.v[i], "caller");
@@ -779,7 +787,6 @@ static struct node *parse_statement(struct parser *p)
                 pfail(p, TUNA_E_UNSUPPORTED, off, "macro '%s' uses varargs/kwargs", n->s);
         }
         next(p);
-        if (cur(p)->t == JT_NAME) next(p);
         expect_block_end(p);
         return n;
     }
@@ -790,7 +797,7 @@ static struct node *parse_statement(struct parser *p)
         if (is_op(p, "(")) parse_params(p, &n->l2);
         n->a = parse_expression(p, true);
         if (n->a->k != N_CALL) pfail(p, TUNA_E_FORMAT, n->a->off, "'{%% call %%}' needs a macro call");
-        expect_block_end(p);
+        body_start(p);
         parse_body(p, &n->l1, END_CALL);
         next(p);
         expect_block_end(p);
@@ -799,7 +806,7 @@ static struct node *parse_statement(struct parser *p)
     if (!strcmp(name, "filter")) {
         n = mk(p, N_FILTERBLOCK, off);
         n->a = parse_filter_chain(p);
-        expect_block_end(p);
+        body_start(p);
         parse_body(p, &n->l1, END_FILTER);
         next(p);
         expect_block_end(p);
@@ -807,7 +814,7 @@ static struct node *parse_statement(struct parser *p)
     }
     if (!strcmp(name, "generation")) {
         n = mk(p, N_BODY, off);
-        expect_block_end(p);
+        body_start(p);
         parse_body(p, &n->l1, END_GEN);
         next(p);
         expect_block_end(p);
@@ -867,11 +874,72 @@ static void parse_body(struct parser *p, struct nvec *body, const char *const *e
     }
 }
 
+/* Jinja2's builtin filters and tests: a name outside these is an error in Jinja2 too; a name
+ * inside them that tuna lacks is unsupported. */
+static const char *const JINJA2_FILTERS[] = {
+    "abs", "attr", "batch", "capitalize", "center", "count", "d", "default", "dictsort", "e", "escape",
+    "filesizeformat", "first", "float", "forceescape", "format", "groupby", "indent", "int", "items", "join", "last",
+    "length", "list", "lower", "map", "max", "min", "pprint", "random", "reject", "rejectattr", "replace", "reverse",
+    "round", "safe", "select", "selectattr", "slice", "sort", "string", "striptags", "sum", "title", "tojson", "trim",
+    "truncate", "unique", "upper", "urlencode", "urlize", "wordcount", "wordwrap", "xmlattr", NULL};
+
+static bool in_list(const char *const *l, const char *name)
+{
+    for (int i = 0; l[i]; i++)
+        if (!strcmp(l[i], name)) return true;
+    return false;
+}
+
+/* Jinja2 checks filter and test names when it compiles, except inside an `if` (its test and
+ * branches) or a conditional expression, where an unknown name fails only if it runs. This walk
+ * does the same: `soft` is true inside those; loop, macro, call and block bodies reset it. */
+static void check_names(struct parser *p, const struct node *n, bool soft)
+{
+    if (!n) return;
+    if ((n->k == N_FILTER && !jx_has_filter(n->s)) || (n->k == N_TEST && !jx_has_test(n->s))) {
+        if (!soft) {
+            bool filter = n->k == N_FILTER;
+            if (filter && in_list(JINJA2_FILTERS, n->s))
+                pfail(p, TUNA_E_UNSUPPORTED, n->off, "the filter '%s'", n->s);
+            pfail(p, TUNA_E_FORMAT, n->off, "no %s named '%s'", filter ? "filter" : "test", n->s);
+        }
+    }
+    bool child_soft = soft || n->k == N_IF || n->k == N_COND;
+    switch (n->k) {
+    case N_FOR: /* the iterable is in the outer frame; filter, body and else in the loop's */
+        check_names(p, n->b, soft);
+        check_names(p, n->a, false);
+        check_names(p, n->c, false);
+        for (size_t i = 0; i < n->l1.n; i++) check_names(p, n->l1.v[i], false);
+        for (size_t i = 0; i < n->l2.n; i++) check_names(p, n->l2.v[i], false);
+        return;
+    case N_MACRO:
+    case N_SETBLOCK:
+    case N_FILTERBLOCK:
+        child_soft = false;
+        break;
+    case N_CALLBLOCK: /* the call's arguments are in the outer frame, the caller body is a macro */
+        check_names(p, n->a, soft);
+        for (size_t i = 0; i < n->l1.n; i++) check_names(p, n->l1.v[i], false);
+        for (size_t i = 0; i < n->l2.n; i++) check_names(p, n->l2.v[i], false);
+        return;
+    default: break;
+    }
+    check_names(p, n->a, child_soft);
+    check_names(p, n->b, child_soft);
+    check_names(p, n->c, child_soft);
+    check_names(p, n->d, child_soft);
+    const struct nvec *lists[3] = {&n->l1, &n->l2, &n->l3};
+    for (int k = 0; k < 3; k++)
+        for (size_t i = 0; i < lists[k]->n; i++) check_names(p, lists[k]->v[i], child_soft);
+}
+
 tuna_status jparse(struct tuna_jinja_template *t, const struct jtoks *toks)
 {
     struct parser p = {.t = t, .tk = toks->v, .n = toks->n};
     if (setjmp(p.jb)) return p.st;
     t->root = mk(&p, N_BODY, 0);
     parse_body(&p, &t->root->l1, NULL);
+    check_names(&p, t->root, false);
     return TUNA_OK;
 }

@@ -123,13 +123,23 @@ bool jx_has_test(const char *name)
     return false;
 }
 
+/* tests that take one argument besides the value; the others take none */
+static const char *const ONE_ARG[] = {"divisibleby", "eq", "equalto", "==", "ne", "!=", "sameas", "lt", "lessthan", "<",
+                                      "le", "<=", "gt", "greaterthan", ">", "ge", ">=", "in", NULL};
+
 bool jx_test(struct jctx *x, const char *name, struct jv in, struct jargs *a, const struct node *at)
 {
     bool known;
     const struct node *saved = x->at;
     x->at = at;
+    size_t want = 0;
+    for (int i = 0; ONE_ARG[i]; i++)
+        if (!strcmp(ONE_ARG[i], name)) want = 1;
+    if (a->npos + a->nkw > want)
+        jx_fail(x, at, TUNA_E_FORMAT, "test '%s' takes %zu argument%s besides the value (%zu given)", name, want,
+                want == 1 ? "" : "s", a->npos + a->nkw);
     bool r = run_test(x, name, in, a, &known);
     x->at = saved;
-    if (!known) jx_fail(x, at, TUNA_E_UNSUPPORTED, "no test named '%s'", name);
+    if (!known) jx_fail(x, at, TUNA_E_UNSUPPORTED, "no test named '%s' (not a Jinja2 test, or one tuna does not implement)", name);
     return r;
 }

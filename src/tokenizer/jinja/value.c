@@ -566,6 +566,7 @@ void jx_write_str(struct jctx *x, struct jbuf *b, struct jv v)
     if (v.t == JV_FUNC)
         jx_fail(x, x->at, TUNA_E_UNSUPPORTED, "printing the function or method '%s': Python prints its memory address",
                 v.u.fn->name ? v.u.fn->name : "?");
+    if (v.t == JV_DICT && v.u.d->is_loop) jx_fail(x, x->at, TUNA_E_UNSUPPORTED, "printing the loop object");
     if (jv_is_seq(v) && v.u.l->kind == JL_GEN)
         jx_fail(x, x->at, TUNA_E_UNSUPPORTED,
                 "printing a generator (the result of map/select/reject/unique/reverse/items): Python prints "
@@ -784,6 +785,8 @@ struct jlist *jv_iterate(struct jctx *x, struct jv v, const struct node *at)
     case JV_UNDEF: return jv_list(x, 0).u.l;
     case JV_DICT:
     case JV_NS:
+        if (v.u.d->is_loop) /* LoopContext iterates the loop itself; nothing a template should do */
+            jx_fail(x, at, TUNA_E_UNSUPPORTED, "iterating over the loop object");
         out = jv_list(x, v.u.d->n);
         for (size_t i = 0; i < v.u.d->n; i++)
             jl_push(x, out.u.l, v.u.d->k[i]);
