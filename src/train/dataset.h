@@ -55,10 +55,10 @@
 
 /* One training row (an example, or several packed ones). */
 struct tuna_train_example {
-    int32_t *ids;      /* [n] */
-    int32_t *labels;   /* [n]; TUNA_LABEL_IGNORE = not a target; not shifted */
+    int32_t *ids;    /* [n] */
+    int32_t *labels; /* [n]; TUNA_LABEL_IGNORE = not a target; not shifted */
     int64_t n;
-    int64_t line;      /* 1-based line of the (first) example in the file */
+    int64_t line;       /* 1-based line of the (first) example in the file */
     int64_t *seg_start; /* [n_seg] start offset of each packed example; {0} when not packed */
     int64_t n_seg;
 };
@@ -97,9 +97,8 @@ typedef struct tuna_dataset tuna_dataset;
  * fail naming the file and line (malformed JSON, unknown format — the formats are listed —, a
  * role the template cannot take); an empty dataset is refused. *out is taken by the caller
  * (tuna_dataset_free). tok and tmpl are only used during the call. */
-tuna_status tuna_dataset_load(const char *jsonl_path, const tuna_tokenizer *tok,
-                              const struct tuna_chat_template *tmpl, const struct tuna_dataset_opts *o,
-                              tuna_dataset **out);
+tuna_status tuna_dataset_load(const char *jsonl_path, const tuna_tokenizer *tok, const struct tuna_chat_template *tmpl,
+                              const struct tuna_dataset_opts *o, tuna_dataset **out);
 
 /* The same from len bytes of JSONL text in memory; name is used in messages. */
 tuna_status tuna_dataset_load_text(const char *text, size_t len, const char *name, const tuna_tokenizer *tok,
@@ -128,17 +127,16 @@ void tuna_dataset_batch_indices(const tuna_dataset *d, int64_t step, int64_t bat
 
 /* A right-padded batch. */
 struct tuna_train_batch {
-    int64_t B, T;       /* T = longest row of the batch */
-    int32_t *ids;       /* [B, T]; pad id after each row */
-    int32_t *labels;    /* [B, T]; -100 on padding */
-    int32_t *attn;      /* [B, T]; 1 on tokens, 0 on padding (HF attention_mask) */
-    int64_t *len;       /* [B] row lengths */
-    int64_t n_targets;  /* labels[b][t] != -100 with t >= 1: the loss's denominator */
+    int64_t B, T;      /* T = longest row of the batch */
+    int32_t *ids;      /* [B, T]; pad id after each row */
+    int32_t *labels;   /* [B, T]; -100 on padding */
+    int32_t *attn;     /* [B, T]; 1 on tokens, 0 on padding (HF attention_mask) */
+    int64_t *len;      /* [B] row lengths */
+    int64_t n_targets; /* labels[b][t] != -100 with t >= 1: the loss's denominator */
 };
 
 /* Builds the batch of rows idx[B]. *out's arrays are malloc'd; free with tuna_train_batch_free. */
-tuna_status tuna_dataset_make_batch(const tuna_dataset *d, const size_t *idx, int64_t B,
-                                    struct tuna_train_batch *out);
+tuna_status tuna_dataset_make_batch(const tuna_dataset *d, const size_t *idx, int64_t B, struct tuna_train_batch *out);
 void tuna_train_batch_free(struct tuna_train_batch *b); /* accepts NULL and zeroed batches */
 
 #endif
