@@ -1,4 +1,4 @@
-/* scheduler.c — continuous batching, chunked prefill, preemption by recompute. Spec:
+/* scheduler.c — continuous batching, chunked prefill, preemption by recompute, prefix caching. Spec:
  * scheduler.h. The forward pass grows each sequence's KV blocks itself (positions must continue
  * the cached length), so the plan only counts the blocks a step will take and makes sure they
  * are free before the step runs; the forward pass can then not run out of blocks. */
@@ -15,6 +15,7 @@ struct tuna_sched {
     struct tuna_sched_seq **running, **waiting, **step;
     int64_t n_running, n_waiting, n_step, cap_running, cap_waiting, cap_step;
     int64_t n_preemptions;
+    int64_t prefix_queries, prefix_hits;
 };
 
 static tuna_status grow_list(struct tuna_sched_seq ***list, int64_t *cap, int64_t need)
@@ -180,14 +181,31 @@ tuna_status tuna_sched_schedule(tuna_sched *s, struct tuna_batch *b, struct tuna
         budget -= chunk;
     }
     /* then waiting ones, while there is room (not in a step that had to preempt) */
+    const int64_t bs = tuna_kv_block_size(s->kv);
     while (!preempted && budget > 0 && s->n_waiting > 0 && s->n_running < s->cfg.max_num_seqs) {
-        struct tuna_sched_seq *q = s->waiting[0];
-        int64_t chunk = q->n_tokens - q->n_computed;
+        struct tuna_sched_seq *q = s->waiting[0]; /* holds no KV: n_computed is 0 */
+        /* cached full blocks of its tokens, all but the last token; taking the unreferenced ones
+         * uses free blocks too */
+        int64_t hit = 0, evictable = 0;
+        if (s->cfg.enable_prefix_caching)
+            hit = tuna_kv_prefix_match(s->kv, q->tokens, q->n_tokens - 1, q->adapter, &evictable);
+        int64_t start = hit * bs;
+        int64_t chunk = q->n_tokens - start;
         if (chunk > budget) chunk = budget;
-        int64_t need = blocks_needed(s, q, q->n_computed + chunk);
+        int64_t need = (start + chunk + bs - 1) / bs - hit + evictable;
         if (need > tuna_kv_free_blocks(s->kv) - reserved) break;
         if ((st = grow_list(&s->running, &s->cap_running, s->n_running + 1))) return st;
         if ((st = tuna_kv_seq_new(s->kv, &q->kv_seq))) return st;
+        if ((st = tuna_kv_seq_take_prefix(s->kv, q->kv_seq, q->tokens, hit, q->adapter))) {
+            tuna_kv_seq_free(s->kv, q->kv_seq);
+            q->kv_seq = -1;
+            return st;
+        }
+        q->n_computed = q->n_cached = start;
+        if (s->cfg.enable_prefix_caching) {
+            s->prefix_queries += q->n_tokens;
+            s->prefix_hits += start;
+        }
         remove_at(s->waiting, &s->n_waiting, 0);
         q->state = TUNA_SCHED_RUNNING;
         s->running[s->n_running++] = q;
@@ -202,8 +220,13 @@ tuna_status tuna_sched_schedule(tuna_sched *s, struct tuna_batch *b, struct tuna
 void tuna_sched_commit(tuna_sched *s)
 {
     for (int64_t i = 0; i < s->n_step; i++) {
-        s->step[i]->n_computed += s->step[i]->step_tokens;
-        s->step[i]->step_tokens = 0;
+        struct tuna_sched_seq *q = s->step[i];
+        q->n_computed += q->step_tokens;
+        q->step_tokens = 0;
+        /* its K/V up to n_computed are written now: register the blocks that filled up (cannot
+         * fail for a live sequence with its own adapter; a failure only loses a cache entry) */
+        if (s->cfg.enable_prefix_caching && q->kv_seq >= 0)
+            (void)tuna_kv_seq_cache_blocks(s->kv, q->kv_seq, q->tokens, q->n_computed, q->adapter);
     }
 }
 
@@ -232,3 +255,5 @@ void tuna_sched_finish(tuna_sched *s, struct tuna_sched_seq *q)
 int64_t tuna_sched_n_running(const tuna_sched *s) { return s->n_running; }
 int64_t tuna_sched_n_waiting(const tuna_sched *s) { return s->n_waiting; }
 int64_t tuna_sched_n_preemptions(const tuna_sched *s) { return s->n_preemptions; }
+int64_t tuna_sched_prefix_queries(const tuna_sched *s) { return s->prefix_queries; }
+int64_t tuna_sched_prefix_hits(const tuna_sched *s) { return s->prefix_hits; }

@@ -6,6 +6,13 @@
  * by recompute: its blocks are freed, its computed count reset to 0 and it goes to the front of
  * the waiting queue (its prompt and generated tokens are kept, so it resumes where it was).
  *
+ * With prefix caching (vLLM's automatic prefix caching, SERVING.md §3.4), a sequence being
+ * admitted first takes the longest chain of cached full KV blocks matching its tokens (same
+ * adapter) and skips their prefill; at most n_tokens - 1 tokens come from the cache, so the last
+ * one is always computed and its logits exist. After each step the sequences' newly filled
+ * blocks are registered (kv_cache.h), prompt and generated tokens alike, so a sequence preempted
+ * by recompute usually finds its own blocks again. Cached blocks nobody references count as free.
+ *
  * The scheduler only plans: the caller runs the forward pass over the batch it built, then
  * calls tuna_sched_commit, samples a token for each sequence whose step wants logits and
  * appends it (tuna_sched_append), or finishes it (tuna_sched_finish).
@@ -35,6 +42,7 @@ struct tuna_sched_seq {
     int32_t adapter;      /* LoRA adapter index, -1 = base model */
     enum tuna_sched_state state;
     int64_t n_preempted;
+    int64_t n_cached;     /* tokens taken from the prefix cache at its last admission */
     /* the plan of the current step (valid between schedule and commit) */
     int64_t step_tokens;  /* tokens of this sequence in the batch */
     int64_t step_row;     /* its logits row, -1 when the step does not finish its known tokens */
@@ -44,6 +52,7 @@ struct tuna_sched_seq {
 struct tuna_sched_config {
     int64_t max_num_seqs;           /* running sequences at most */
     int64_t max_num_batched_tokens; /* tokens per step at most */
+    bool enable_prefix_caching;     /* reuse cached KV blocks of earlier sequences (0 = off) */
 };
 
 typedef struct tuna_sched tuna_sched;
@@ -77,5 +86,9 @@ void tuna_sched_finish(tuna_sched *s, struct tuna_sched_seq *q);
 int64_t tuna_sched_n_running(const tuna_sched *s);
 int64_t tuna_sched_n_waiting(const tuna_sched *s);
 int64_t tuna_sched_n_preemptions(const tuna_sched *s); /* since creation */
+/* Prefix cache counters since creation, in tokens as vLLM counts them: queried = tokens of the
+ * sequences admitted (re-admissions after preemption included), hits = those taken from the cache. */
+int64_t tuna_sched_prefix_queries(const tuna_sched *s);
+int64_t tuna_sched_prefix_hits(const tuna_sched *s);
 
 #endif
