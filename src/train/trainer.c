@@ -1,0 +1,583 @@
+/* trainer.c — the training step (trainer.h): forward with a trace, loss, the backward of the
+ * forward's op list in reverse (backward.c), LoRA gradients, clipping, AdamW (optim.c).
+ *
+ * Owns: the flat parameter / gradient / moment arrays, the module table, the forward trace and
+ * the backward scratch. Borrows the model, whose linears point at this trainer's adapters
+ * until tuna_trainer_free.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "core/file.h"
+#include "core/status.h"
+#include "export/export.h"
+#include "model/sampler.h"
+#include "train/backward.h"
+#include "train/trainer.h"
+
+static const char *const proj_names[TUNA_PROJ_COUNT] = {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                        "gate_proj", "up_proj", "down_proj"};
+const char *tuna_proj_name(int p)
+{
+    return p >= 0 && p < TUNA_PROJ_COUNT ? proj_names[p] : "?";
+}
+
+void tuna_lora_train_opts_default(struct tuna_lora_train_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    o->r = 16;
+    o->alpha = 16;
+    o->seed = 3407;
+}
+
+struct tmod {
+    char name[96];          /* "model.layers.3.mlp.up_proj" */
+    int64_t layer;
+    int proj;
+    int64_t r, K, N;
+    double alpha;
+    struct tuna_lora lora;  /* A, B point into t->params */
+    int64_t offA, offB;     /* offsets into the flat arrays */
+};
+
+struct tuna_trainer {
+    struct tuna_model *m;
+    struct tuna_optim_opts oo;
+    struct tuna_lora_train_opts lo;
+    bool use_rslora;
+    int64_t cfg_r;
+    double cfg_alpha;
+    struct tmod *mods;
+    int n_mods;
+    struct tmod **by_lin;   /* [L * 7]: the module on each linear, or NULL */
+    int64_t P;              /* trainable floats */
+    float *params, *grads, *m1, *m2;
+    int64_t step;           /* optimizer steps done */
+    struct tuna_fwd_trace trace;
+};
+
+static struct tuna_linear *proj_lin(struct tuna_layer *L, int p)
+{
+    switch (p) {
+    case TUNA_PROJ_Q: return &L->q;
+    case TUNA_PROJ_K: return &L->k;
+    case TUNA_PROJ_V: return &L->v;
+    case TUNA_PROJ_O: return &L->o;
+    case TUNA_PROJ_GATE: return &L->gate;
+    case TUNA_PROJ_UP: return &L->up;
+    default: return &L->down;
+    }
+}
+
+static void module_name(char *buf, size_t cap, int64_t layer, int proj)
+{
+    snprintf(buf, cap, "model.layers.%lld.%s.%s", (long long)layer, proj <= TUNA_PROJ_O ? "self_attn" : "mlp",
+             proj_names[proj]);
+}
+
+/* "model.layers.N.(self_attn|mlp).X_proj" → layer, proj; false for anything else. */
+static bool parse_module(const char *name, int64_t *layer, int *proj)
+{
+    long long l;
+    int n = 0;
+    if (sscanf(name, "model.layers.%lld.%n", &l, &n) != 1 || n == 0) return false;
+    for (int p = 0; p < TUNA_PROJ_COUNT; p++) {
+        char want[96];
+        module_name(want, sizeof want, l, p);
+        if (strcmp(want, name) == 0) {
+            *layer = l;
+            *proj = p;
+            return true;
+        }
+    }
+    return false;
+}
+
+void tuna_trainer_free(tuna_trainer *t)
+{
+    if (!t) return;
+    if (t->m && t->by_lin)
+        for (int64_t i = 0; i < t->m->arch.n_layers * TUNA_PROJ_COUNT; i++)
+            if (t->by_lin[i]) {
+                struct tuna_linear *lin = proj_lin(&t->m->layers[i / TUNA_PROJ_COUNT], (int)(i % TUNA_PROJ_COUNT));
+                lin->n_lora = 0;
+                lin->lora = NULL;
+            }
+    tuna_fwd_trace_free(&t->trace);
+    free(t->by_lin);
+    free(t->mods);
+    free(t->params);
+    free(t->grads);
+    free(t->m1);
+    free(t->m2);
+    free(t);
+}
+
+static bool target_wanted(const struct tuna_lora_train_opts *lo, int p)
+{
+    if (!lo->targets) return true;
+    for (int i = 0; i < lo->n_targets; i++)
+        if (strcmp(lo->targets[i], proj_names[p]) == 0) return true;
+    return false;
+}
+
+/* Fills t->mods (without offsets) from an adapter or from lo. */
+static tuna_status plan_modules(tuna_trainer *t, const struct tuna_lora_adapter *init)
+{
+    const struct tuna_arch *a = &t->m->arch;
+    int cap = (int)(a->n_layers * TUNA_PROJ_COUNT);
+    t->mods = calloc((size_t)cap, sizeof *t->mods);
+    t->by_lin = calloc((size_t)cap, sizeof *t->by_lin);
+    if (!t->mods || !t->by_lin) return tuna_fail_oom("trainer modules", (size_t)cap * sizeof *t->mods);
+    if (init) {
+        for (int i = 0; i < init->n_modules; i++) {
+            const struct tuna_lora_module *im = &init->modules[i];
+            int64_t layer;
+            int p;
+            if (!parse_module(im->name, &layer, &p) || layer >= a->n_layers)
+                return tuna_fail(TUNA_E_UNSUPPORTED, "adapter %s adapts '%s': tuna trains LoRA on the seven "
+                                 "projections of layers 0..%lld only (q/k/v/o_proj, gate/up/down_proj)",
+                                 init->dir ? init->dir : "(memory)", im->name, (long long)a->n_layers - 1);
+            struct tmod *md = &t->mods[t->n_mods++];
+            snprintf(md->name, sizeof md->name, "%s", im->name);
+            md->layer = layer;
+            md->proj = p;
+            md->r = im->r;
+            md->alpha = im->alpha;
+            md->lora.scale = im->scale;
+        }
+    } else {
+        for (int64_t l = 0; l < a->n_layers; l++)
+            for (int p = 0; p < TUNA_PROJ_COUNT; p++) {
+                if (!target_wanted(&t->lo, p)) continue;
+                struct tmod *md = &t->mods[t->n_mods++];
+                module_name(md->name, sizeof md->name, l, p);
+                md->layer = l;
+                md->proj = p;
+                md->r = t->cfg_r;
+                md->alpha = t->cfg_alpha;
+                md->lora.scale = tuna_lora_scale(t->cfg_alpha, t->cfg_r, t->use_rslora);
+            }
+    }
+    if (t->n_mods == 0)
+        return tuna_fail(TUNA_E_INVALID, "no module to train: --target-modules names none of q_proj, k_proj, "
+                         "v_proj, o_proj, gate_proj, up_proj, down_proj");
+    for (int i = 0; i < t->n_mods; i++) {
+        struct tmod *md = &t->mods[i];
+        struct tuna_linear *lin = proj_lin(&t->m->layers[md->layer], md->proj);
+        md->N = lin->w.rows;
+        md->K = lin->w.cols;
+        int64_t key = md->layer * TUNA_PROJ_COUNT + md->proj;
+        if (t->by_lin[key]) return tuna_fail(TUNA_E_FORMAT, "module '%s' appears twice", md->name);
+        if (lin->n_lora)
+            return tuna_fail(TUNA_E_INVALID, "the model already has adapters attached to '%s'; the trainer "
+                             "attaches its own", md->name);
+        t->by_lin[key] = md;
+    }
+    return TUNA_OK;
+}
+
+tuna_status tuna_trainer_new(struct tuna_model *m, const struct tuna_lora_train_opts *lo,
+                             const struct tuna_optim_opts *oo, const struct tuna_lora_adapter *init,
+                             tuna_trainer **out)
+{
+    *out = NULL;
+    if (!m->ops->host_memory)
+        return tuna_fail(TUNA_E_UNSUPPORTED, "training runs on the CPU backend only so far; use --device cpu");
+    if (lo->dropout != 0)
+        return tuna_fail(TUNA_E_UNSUPPORTED, "LoRA dropout %g is not supported yet; use --lora-dropout 0 "
+                         "(Unsloth's default)", lo->dropout);
+    if (!init && (lo->r <= 0 || lo->r > 4096))
+        return tuna_fail(TUNA_E_INVALID, "LoRA rank %lld is out of range (1..4096)", (long long)lo->r);
+    tuna_trainer *t = calloc(1, sizeof *t);
+    if (!t) return tuna_fail_oom("trainer", sizeof *t);
+    t->m = m;
+    t->oo = *oo;
+    t->lo = *lo;
+    t->use_rslora = init ? init->use_rslora : lo->use_rslora;
+    t->cfg_r = init ? init->r : lo->r;
+    t->cfg_alpha = init ? init->alpha : lo->alpha;
+    tuna_status st = plan_modules(t, init);
+    if (st) {
+        tuna_trainer_free(t);
+        return st;
+    }
+    int64_t P = 0;
+    for (int i = 0; i < t->n_mods; i++) {
+        struct tmod *md = &t->mods[i];
+        md->offA = P;
+        P += md->r * md->K;
+        md->offB = P;
+        P += md->N * md->r;
+    }
+    t->P = P;
+    t->params = calloc((size_t)P, sizeof(float));
+    t->grads = calloc((size_t)P, sizeof(float));
+    t->m1 = calloc((size_t)P, sizeof(float));
+    t->m2 = calloc((size_t)P, sizeof(float));
+    if (!t->params || !t->grads || !t->m1 || !t->m2) {
+        tuna_trainer_free(t);
+        return tuna_fail_oom("LoRA parameters, gradients and Adam moments", (size_t)P * 16);
+    }
+    struct tuna_rng rng;
+    tuna_rng_seed(&rng, lo->seed);
+    for (int i = 0; i < t->n_mods; i++) {
+        struct tmod *md = &t->mods[i];
+        float *A = t->params + md->offA, *B = t->params + md->offB;
+        if (init) {
+            const struct tuna_lora_module *im = tuna_lora_find(init, md->name);
+            if (!im || im->in != md->K || im->out != md->N) {
+                st = tuna_fail(TUNA_E_FORMAT, "adapter module '%s' is [%lld, %lld] but the model's linear is "
+                               "[%lld, %lld] (out, in): the adapter belongs to another base model", md->name,
+                               im ? (long long)im->out : -1LL, im ? (long long)im->in : -1LL, (long long)md->N,
+                               (long long)md->K);
+                tuna_trainer_free(t);
+                return st;
+            }
+            memcpy(A, im->A, (size_t)(md->r * md->K) * sizeof *A);
+            memcpy(B, im->B, (size_t)(md->N * md->r) * sizeof *B);
+        } else {
+            /* PEFT: kaiming_uniform_(a=sqrt(5)) on A = U(-1/sqrt(in), 1/sqrt(in)); B = 0 */
+            double bound = 1.0 / sqrt((double)md->K);
+            for (int64_t j = 0; j < md->r * md->K; j++) A[j] = (float)((tuna_rng_uniform(&rng) * 2 - 1) * bound);
+        }
+        md->lora.r = md->r;
+        md->lora.A = A;
+        md->lora.B = B;
+        struct tuna_linear *lin = proj_lin(&m->layers[md->layer], md->proj);
+        lin->n_lora = 1;
+        lin->lora = &md->lora;
+    }
+    *out = t;
+    return TUNA_OK;
+}
+
+int64_t tuna_trainer_step_count(const tuna_trainer *t) { return t->step; }
+int64_t tuna_trainer_param_count(const tuna_trainer *t) { return t->P; }
+const float *tuna_trainer_grads(const tuna_trainer *t) { return t->grads; }
+
+/* ---------------------------------------------------------------- one micro-batch */
+
+/* The tokens of b (padding dropped) as one forward batch: row i is sequence i at positions
+ * 0..len-1, rows consecutive (the layout attention_backward expects). target[t] is the shifted
+ * label of token t (-100 when none); logits are asked for the tokens with a target only. */
+static tuna_status build_batch(const struct tuna_model *m, const struct tuna_train_batch *tb, tuna_kv_cache *kv,
+                               struct tuna_batch *fb, int32_t *target)
+{
+    tuna_batch_clear(fb);
+    for (int64_t r = 0; r < tb->B; r++) {
+        int32_t seq;
+        tuna_status st = tuna_kv_seq_new(kv, &seq);
+        if (st) return st;
+        const int64_t len = tb->len[r];
+        for (int64_t i = 0; i < len; i++) {
+            int32_t y = i + 1 < tb->T ? tb->labels[r * tb->T + i + 1] : TUNA_LABEL_IGNORE;
+            if (y != TUNA_LABEL_IGNORE && (y < 0 || y >= m->arch.vocab_size))
+                return tuna_fail(TUNA_E_RANGE, "label %d (batch row %lld, position %lld) is outside the vocabulary "
+                                 "of %lld", y, (long long)r, (long long)i + 1, (long long)m->arch.vocab_size);
+            if (y != TUNA_LABEL_IGNORE && i + 1 >= len) y = TUNA_LABEL_IGNORE; /* a label on padding */
+            target[fb->n] = y;
+            st = tuna_batch_add(fb, tb->ids[r * tb->T + i], seq, i, y != TUNA_LABEL_IGNORE);
+            if (st) return st;
+            fb->adapter[fb->n - 1] = 0;
+        }
+    }
+    return TUNA_OK;
+}
+
+/* y[T,N] += lora(x) for one adapter (recomputing a projection before q/k norm). */
+static void lora_forward_add(float *y, const float *x, const struct tuna_lora *l, int64_t N, int64_t K, int64_t T)
+{
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t j = 0; j < l->r; j++) {
+            double h = 0;
+            for (int64_t k = 0; k < K; k++) h += (double)l->A[j * K + k] * x[t * K + k];
+            for (int64_t n = 0; n < N; n++) y[t * N + n] += l->scale * (float)h * l->B[n * l->r + j];
+        }
+}
+
+/* dx += dy W (+ LoRA), and the adapter's dA, dB when the linear carries one. */
+static void linear_backward(tuna_trainer *t, int64_t layer, int proj, float *dx, const float *dy, const float *x,
+                            int64_t T)
+{
+    const struct tuna_linear *lin = proj_lin(&t->m->layers[layer], proj);
+    tuna_matmul_backward(dx, dy, &lin->w, T);
+    const struct tmod *md = t->by_lin[layer * TUNA_PROJ_COUNT + proj];
+    if (md) tuna_lora_backward(dx, t->grads + md->offA, t->grads + md->offB, dy, x, &md->lora, md->N, md->K, T);
+}
+
+struct bwd_bufs {
+    float *dx, *dxn, *datt, *dq, *dk, *dv, *dact, *dgate, *dup, *pre, *dpre;
+};
+
+static void zero(float *p, int64_t n) { memset(p, 0, (size_t)n * sizeof *p); }
+
+/* Backward of one layer given dx (gradient of the layer's output), leaving in dx the gradient
+ * of its input. The forward's op list, reversed. */
+static void layer_backward(tuna_trainer *t, int64_t l, const struct tuna_fwd_layer_acts *A, const int64_t *pos,
+                           int64_t T, struct bwd_bufs *g)
+{
+    struct tuna_model *m = t->m;
+    const struct tuna_arch *a = &m->arch;
+    const struct tuna_layer *L = &m->layers[l];
+    const int64_t C = a->hidden_size, H = a->n_heads, Hkv = a->n_kv_heads, D = a->head_dim, I = a->intermediate_size;
+    const float eps = (float)a->norm_eps;
+    /* MLP block: x_out = x_mid + down(act(gate(xn)) * up(xn)), xn = norm(x_mid) */
+    zero(g->dact, T * I);
+    linear_backward(t, l, TUNA_PROJ_DOWN, g->dact, g->dx, A->act, T);
+    zero(g->dgate, T * I);
+    zero(g->dup, T * I);
+    tuna_glu_backward(g->dgate, g->dup, g->dact, A->gate, A->up, T * I, (int)a->act);
+    zero(g->dxn, T * C);
+    linear_backward(t, l, TUNA_PROJ_GATE, g->dxn, g->dgate, A->xn_mlp, T);
+    linear_backward(t, l, TUNA_PROJ_UP, g->dxn, g->dup, A->xn_mlp, T);
+    tuna_rmsnorm_backward(g->dx, g->dxn, A->x_mid, L->mlp_norm, T, C, eps);
+    /* attention block: x_mid = x_in + o(attn(rope(norm(q(xn))), rope(norm(k(xn))), v(xn))) */
+    zero(g->datt, T * H * D);
+    linear_backward(t, l, TUNA_PROJ_O, g->datt, g->dx, A->att, T);
+    zero(g->dq, T * H * D);
+    zero(g->dk, T * Hkv * D);
+    zero(g->dv, T * Hkv * D);
+    tuna_attention_backward(g->dq, g->dk, g->dv, g->datt, A->q, A->k, A->v, pos, T, H, Hkv, D,
+                            (float)(1.0 / sqrt((double)D)), a->sliding_window);
+    tuna_rope_backward(g->dq, pos, T, H, D, m->rot_dim, m->inv_freq, m->attn_factor);
+    tuna_rope_backward(g->dk, pos, T, Hkv, D, m->rot_dim, m->inv_freq, m->attn_factor);
+    const float *norm_w[2] = {L->q_norm, L->k_norm};
+    float *dqk[2] = {g->dq, g->dk};
+    const int64_t heads[2] = {H, Hkv};
+    for (int i = 0; i < 2; i++) {
+        if (!norm_w[i]) continue;
+        /* the projection before its per-head norm was overwritten in place: recompute it */
+        const struct tuna_linear *lin = i == 0 ? &L->q : &L->k;
+        m->ops->matmul(m->be, g->pre, A->xn_attn, &lin->w, lin->bias, T);
+        const struct tmod *md = t->by_lin[l * TUNA_PROJ_COUNT + (i == 0 ? TUNA_PROJ_Q : TUNA_PROJ_K)];
+        if (md) lora_forward_add(g->pre, A->xn_attn, &md->lora, md->N, md->K, T);
+        zero(g->dpre, T * heads[i] * D);
+        tuna_rmsnorm_backward(g->dpre, dqk[i], g->pre, norm_w[i], T * heads[i], D, eps);
+        memcpy(dqk[i], g->dpre, (size_t)(T * heads[i] * D) * sizeof(float));
+    }
+    zero(g->dxn, T * C);
+    linear_backward(t, l, TUNA_PROJ_Q, g->dxn, g->dq, A->xn_attn, T);
+    linear_backward(t, l, TUNA_PROJ_K, g->dxn, g->dk, A->xn_attn, T);
+    linear_backward(t, l, TUNA_PROJ_V, g->dxn, g->dv, A->xn_attn, T);
+    tuna_rmsnorm_backward(g->dx, g->dxn, A->x_in, L->attn_norm, T, C, eps);
+}
+
+/* Forward (+ backward when train) of one micro-batch; adds the CE sum to *loss_sum. */
+static tuna_status micro_step(tuna_trainer *t, const struct tuna_train_batch *tb, double denom, bool train,
+                              double *loss_sum, int64_t *tokens)
+{
+    struct tuna_model *m = t->m;
+    const struct tuna_arch *a = &m->arch;
+    const int64_t C = a->hidden_size, V = a->vocab_size, HD = a->n_heads * a->head_dim;
+    const int64_t KD = a->n_kv_heads * a->head_dim, I = a->intermediate_size;
+    int64_t T = 0;
+    for (int64_t r = 0; r < tb->B; r++) {
+        if (tb->len[r] < 0 || tb->len[r] > tb->T)
+            return tuna_fail(TUNA_E_INVALID, "batch row %lld has length %lld of %lld", (long long)r,
+                             (long long)tb->len[r], (long long)tb->T);
+        T += tb->len[r];
+    }
+    *tokens += T;
+    if (T == 0) return TUNA_OK;
+    tuna_kv_cache *kv = NULL;
+    struct tuna_batch fb;
+    tuna_batch_init(&fb);
+    int32_t *target = malloc((size_t)T * sizeof *target);
+    float *logits = NULL, *dxs = NULL, *work = NULL;
+    tuna_status st = target ? TUNA_OK : tuna_fail_oom("targets", (size_t)T * 4);
+    if (!st) st = tuna_model_kv_new(m, T + tb->B * TUNA_KV_DEFAULT_BLOCK, 0, &kv);
+    if (!st) st = build_batch(m, tb, kv, &fb, target);
+    if (st) goto done;
+    int64_t n = fb.n_logits;
+    logits = malloc((size_t)((n ? n : 1) * V) * sizeof *logits);
+    if (!logits) {
+        st = tuna_fail_oom("logits", (size_t)(n * V) * 4);
+        goto done;
+    }
+    st = tuna_model_forward(m, kv, &fb, logits, train ? &t->trace : NULL);
+    if (st) goto done;
+    /* compact targets in logits order */
+    int32_t *tg = malloc((size_t)(n ? n : 1) * sizeof *tg);
+    if (!tg) {
+        st = tuna_fail_oom("targets", (size_t)n * 4);
+        goto done;
+    }
+    for (int64_t i = 0, j = 0; i < T; i++)
+        if (fb.logits[i]) tg[j++] = target[i];
+    *loss_sum += tuna_cross_entropy_backward(logits, logits, tg, n, V, denom); /* logits → dlogits */
+    free(tg);
+    if (!train) goto done;
+
+    /* head: logits = lm_head(norm(x_final)) on the rows with targets */
+    size_t nbuf = (size_t)(n * C + 4 * T * C + 2 * T * HD + 2 * T * HD + 2 * T * KD + 3 * T * I);
+    work = calloc(nbuf, sizeof *work);
+    if (!work) {
+        st = tuna_fail_oom("backward buffers", nbuf * 4);
+        goto done;
+    }
+    float *p = work;
+    dxs = p, p += n * C;
+    struct bwd_bufs g;
+    g.dx = p, p += T * C;
+    g.dxn = p, p += T * C;
+    g.pre = p, p += T * HD;
+    g.dpre = p, p += T * HD;
+    g.datt = p, p += T * HD;
+    g.dq = p, p += T * HD;
+    g.dk = p, p += T * KD;
+    g.dv = p, p += T * KD;
+    g.dact = p, p += T * I;
+    g.dgate = p, p += T * I;
+    g.dup = p, p += T * I;
+    tuna_matmul_backward(dxs, logits, &m->lm_head.w, n);
+    for (int64_t i = 0, j = 0; i < T; i++)
+        if (fb.logits[i]) {
+            tuna_rmsnorm_backward(g.dx + i * C, dxs + j * C, t->trace.x_final + i * C, m->final_norm, 1, C,
+                                  (float)a->norm_eps);
+            j++;
+        }
+    for (int64_t l = a->n_layers - 1; l >= 0; l--) layer_backward(t, l, &t->trace.layers[l], fb.pos, T, &g);
+    /* the embedding is frozen: the gradient stops here */
+done:
+    free(work);
+    free(logits);
+    free(target);
+    tuna_batch_free(&fb);
+    tuna_kv_free(kv);
+    return st;
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+tuna_status tuna_trainer_step(tuna_trainer *t, const struct tuna_train_batch *mb, int n, struct tuna_step_stats *out)
+{
+    double t0 = now_s();
+    int64_t targets = 0, tokens = 0;
+    for (int i = 0; i < n; i++) targets += mb[i].n_targets;
+    if (targets <= 0)
+        return tuna_fail(TUNA_E_INVALID, "step %lld: its batch has no target token (every label is -100)",
+                         (long long)t->step + 1);
+    zero(t->grads, t->P);
+    double loss_sum = 0;
+    for (int i = 0; i < n; i++) {
+        tuna_status st = micro_step(t, &mb[i], (double)targets, true, &loss_sum, &tokens);
+        if (st) return tuna_fail_prefix(st, "step %lld", (long long)t->step + 1);
+    }
+    double loss = loss_sum / (double)targets;
+    double gn = sqrt(tuna_grad_sq_sum(t->grads, t->P));
+    if (!isfinite(loss) || !isfinite(gn))
+        return tuna_fail(TUNA_E_RANGE, "step %lld: the loss is %g and the gradient norm %g: training diverged "
+                         "(lower --learning-rate, keep --max-grad-norm on, check the data); the adapter is left as "
+                         "it was before this step", (long long)t->step + 1, loss, gn);
+    tuna_grad_clip(t->grads, t->P, gn, t->oo.max_grad_norm);
+    double lr = tuna_lr_at(&t->oo, t->step);
+    t->step++;
+    tuna_adamw_update(t->params, t->grads, t->m1, t->m2, t->P, lr, &t->oo, t->step);
+    if (out) {
+        out->step = t->step;
+        out->loss = loss;
+        out->grad_norm = gn;
+        out->lr = lr;
+        out->tokens = tokens;
+        out->targets = targets;
+        out->seconds = now_s() - t0;
+    }
+    return TUNA_OK;
+}
+
+tuna_status tuna_trainer_eval(tuna_trainer *t, const struct tuna_train_batch *b, double *loss)
+{
+    double sum = 0;
+    int64_t tokens = 0;
+    if (b->n_targets <= 0) return tuna_fail(TUNA_E_INVALID, "evaluation batch has no target token");
+    tuna_status st = micro_step(t, b, (double)b->n_targets, false, &sum, &tokens);
+    if (!st) *loss = sum / (double)b->n_targets;
+    return st;
+}
+
+/* ---------------------------------------------------------------- export and state */
+
+tuna_status tuna_trainer_export(const tuna_trainer *t, const char *dir, const char *base_model, bool replace)
+{
+    struct tuna_peft_module *pm = calloc((size_t)t->n_mods, sizeof *pm);
+    if (!pm) return tuna_fail_oom("export table", (size_t)t->n_mods * sizeof *pm);
+    for (int i = 0; i < t->n_mods; i++) {
+        const struct tmod *md = &t->mods[i];
+        pm[i] = (struct tuna_peft_module){md->name, md->r, md->K, md->N, md->alpha, md->lora.A, md->lora.B};
+    }
+    struct tuna_peft_config cfg = {0};
+    cfg.r = t->cfg_r;
+    cfg.alpha = t->cfg_alpha;
+    cfg.use_rslora = t->use_rslora;
+    cfg.dropout = t->lo.dropout;
+    cfg.base_model = base_model;
+    cfg.dtype = TUNA_DTYPE_F32;
+    tuna_status st = tuna_export_peft(dir, &cfg, pm, t->n_mods, replace);
+    free(pm);
+    return st;
+}
+
+/* A fingerprint of the module layout, so optimizer state is only loaded into the same plan. */
+static uint64_t layout_hash(const tuna_trainer *t)
+{
+    uint64_t h = 1469598103934665603ULL;
+    for (int i = 0; i < t->n_mods; i++) {
+        const struct tmod *md = &t->mods[i];
+        for (const char *c = md->name; *c; c++) h = (h ^ (uint8_t)*c) * 1099511628211ULL;
+        int64_t v[3] = {md->r, md->K, md->N};
+        for (int j = 0; j < 3; j++) h = (h ^ (uint64_t)v[j]) * 1099511628211ULL;
+    }
+    return h;
+}
+
+#define OPT_MAGIC "TUNAADAM"
+
+tuna_status tuna_trainer_save_optimizer(const tuna_trainer *t, const char *dir)
+{
+    size_t hdr = 8 + 3 * 8, bytes = hdr + (size_t)t->P * 2 * sizeof(float);
+    char *buf = malloc(bytes);
+    if (!buf) return tuna_fail_oom("optimizer state", bytes);
+    uint64_t h[3] = {(uint64_t)t->step, (uint64_t)t->P, layout_hash(t)};
+    memcpy(buf, OPT_MAGIC, 8);
+    memcpy(buf + 8, h, sizeof h);
+    memcpy(buf + hdr, t->m1, (size_t)t->P * sizeof(float));
+    memcpy(buf + hdr + (size_t)t->P * sizeof(float), t->m2, (size_t)t->P * sizeof(float));
+    char path[4096];
+    snprintf(path, sizeof path, "%s/optimizer.bin", dir);
+    tuna_status st = tuna_write_file_atomic(path, buf, bytes);
+    free(buf);
+    return st;
+}
+
+tuna_status tuna_trainer_load_optimizer(tuna_trainer *t, const char *dir)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/optimizer.bin", dir);
+    char *buf = NULL;
+    size_t len = 0;
+    size_t hdr = 8 + 3 * 8, want = hdr + (size_t)t->P * 2 * sizeof(float);
+    tuna_status st = tuna_read_file(path, (size_t)1 << 40, &buf, &len);
+    if (st) return st;
+    uint64_t h[3] = {0, 0, 0};
+    if (len >= hdr) memcpy(h, buf + 8, sizeof h);
+    if (len != want || memcmp(buf, OPT_MAGIC, 8) != 0 || h[1] != (uint64_t)t->P || h[2] != layout_hash(t)) {
+        free(buf);
+        return tuna_fail(TUNA_E_FORMAT, "%s does not hold the optimizer state of this run (%zu bytes; expected "
+                         "%zu for %lld parameters in the same modules): resume with the same model and LoRA "
+                         "settings", path, len, want, (long long)t->P);
+    }
+    t->step = (int64_t)h[0];
+    memcpy(t->m1, buf + hdr, (size_t)t->P * sizeof(float));
+    memcpy(t->m2, buf + hdr + (size_t)t->P * sizeof(float), (size_t)t->P * sizeof(float));
+    free(buf);
+    return TUNA_OK;
+}

@@ -1,0 +1,85 @@
+/* trainer.h — LoRA / QLoRA fine-tuning on the CPU: trainable A/B on the model's linears, one
+ * optimizer step over one or more micro-batches (forward with trace → loss → backward in
+ * reverse layer order → gradients of LoRA A/B only → clipping → AdamW), adapter export and
+ * checkpoint state.
+ *
+ * The base stays frozen in its stored dtype (bf16, f16, f32, or NF4 dequantized on the fly in
+ * forward and backward): it gets no gradient and no optimizer state. Every trainable float
+ * (A, B of every module), its gradient and both Adam moments live in four flat arrays.
+ *
+ * What it reproduces (docs/TRAINING.md): PEFT's LoRA (y = W x + scale·B(A x), scale = alpha/r
+ * or alpha/sqrt(r)), transformers' causal-LM loss (mean cross-entropy over every non-ignored
+ * shifted label of the step: with several micro-batches the mean is over all of them, as the
+ * HF Trainer's num_items_in_batch), the gradient norm before clipping, torch's AdamW.
+ */
+#ifndef TUNA_TRAIN_TRAINER_H
+#define TUNA_TRAIN_TRAINER_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "lora/lora.h"
+#include "model/model.h"
+#include "train/dataset.h"
+#include "train/optim.h"
+#include "tuna.h"
+
+/* The seven projections, in PEFT's usual order. */
+enum { TUNA_PROJ_Q = 0, TUNA_PROJ_K, TUNA_PROJ_V, TUNA_PROJ_O, TUNA_PROJ_GATE, TUNA_PROJ_UP, TUNA_PROJ_DOWN,
+       TUNA_PROJ_COUNT };
+/* "q_proj", ..., "down_proj" */
+const char *tuna_proj_name(int proj);
+
+struct tuna_lora_train_opts {
+    int64_t r;                  /* 16 */
+    double alpha;               /* 16 */
+    double dropout;             /* only 0 is supported so far */
+    bool use_rslora;
+    const char *const *targets; /* projection names ("q_proj", ...); NULL = all seven */
+    int n_targets;
+    uint64_t seed;              /* A's init (kaiming-uniform bound 1/sqrt(in), as PEFT); B = 0 */
+};
+void tuna_lora_train_opts_default(struct tuna_lora_train_opts *o);
+
+typedef struct tuna_trainer tuna_trainer;
+
+/* Attaches trainable adapters to m (which must have none attached). With init (borrowed; its
+ * values are copied) the modules, ranks and alphas are the adapter's and lo's r/alpha/targets
+ * are ignored; otherwise fresh adapters from lo. *out taken (tuna_trainer_free detaches). */
+tuna_status tuna_trainer_new(struct tuna_model *m, const struct tuna_lora_train_opts *lo,
+                             const struct tuna_optim_opts *oo, const struct tuna_lora_adapter *init,
+                             tuna_trainer **out);
+void tuna_trainer_free(tuna_trainer *t); /* accepts NULL */
+
+struct tuna_step_stats {
+    int64_t step;       /* optimizer steps done after this one (1 for the first) */
+    double loss;        /* mean CE over the step's targets */
+    double grad_norm;   /* global L2 norm of the LoRA gradients, before clipping */
+    double lr;          /* learning rate used */
+    int64_t tokens;     /* tokens processed (not padding) */
+    int64_t targets;    /* labels counted by the loss */
+    double seconds;     /* wall time of the step */
+};
+
+/* One optimizer step over n micro-batches (right-padded, labels not shifted). A NaN or inf
+ * loss or gradient stops with TUNA_E_RANGE naming the step, and the parameters are left
+ * untouched. A step whose batches hold no target is refused (TUNA_E_INVALID). */
+tuna_status tuna_trainer_step(tuna_trainer *t, const struct tuna_train_batch *mb, int n, struct tuna_step_stats *st);
+
+/* The loss of a batch without training (evaluation): mean CE over its targets. */
+tuna_status tuna_trainer_eval(tuna_trainer *t, const struct tuna_train_batch *b, double *loss);
+
+int64_t tuna_trainer_step_count(const tuna_trainer *t);
+int64_t tuna_trainer_param_count(const tuna_trainer *t);
+/* The gradients of the last step (for tests): flat, in module order, A then B per module. */
+const float *tuna_trainer_grads(const tuna_trainer *t);
+
+/* Writes the adapters as a PEFT folder (tuna_export_peft). base_model may be NULL. */
+tuna_status tuna_trainer_export(const tuna_trainer *t, const char *dir, const char *base_model, bool replace);
+
+/* Optimizer state (moments and step count) as dir/optimizer.bin; load checks that the module
+ * list and sizes agree with this trainer. */
+tuna_status tuna_trainer_save_optimizer(const tuna_trainer *t, const char *dir);
+tuna_status tuna_trainer_load_optimizer(tuna_trainer *t, const char *dir);
+
+#endif

@@ -1,0 +1,291 @@
+/* test_train.c — the fixture training runs (shared/fixtures/train/<run>, made by PEFT + torch, see
+ * make_fixtures.py train_fixture): from adapter_init, 12 AdamW steps on batches of 2 in file
+ * order; every step's loss within relative 1e-4 and gradient norm within 1e-3 of trace.json,
+ * and the final adapter within 1e-3 (relative L2 per tensor) of adapter_final. Also: optimizer
+ * state saved mid-run and resumed gives the same adapter as the uninterrupted run; the
+ * learning-rate schedules; a NaN step is refused with the step named.
+ */
+#include "testutil.h"
+
+#include <math.h>
+
+#include "chat/chat.h"
+#include "core/json.h"
+#include "lora/lora.h"
+#include "model/model.h"
+#include "tokenizer/tokenizer.h"
+#include "train/dataset.h"
+#include "train/trainer.h"
+
+struct run {
+    struct tuna_model *m;
+    tuna_tokenizer *tok;
+    struct tuna_chat_template *tmpl;
+    tuna_dataset *ds;
+    struct tuna_lora_adapter *init;
+    cJSON *trace;
+};
+
+static void run_open(struct run *r, const char *name, const char *base_rel, bool *ok)
+{
+    char dir[8192], base[8192], path[8400], rel[512];
+    memset(r, 0, sizeof *r);
+    *ok = false;
+    snprintf(rel, sizeof rel, "fixtures/train/%s", name);
+    if (!tt_shared_path(dir, sizeof dir, rel)) return;
+    snprintf(rel, sizeof rel, "fixtures/%s", base_rel);
+    if (!tt_shared_path(base, sizeof base, rel)) return;
+    struct tuna_model_opts mo = {0};
+    mo.threads = 2;
+    mo.quiet = true;
+    TT_OK(tuna_model_load(base, &mo, &r->m));
+    TT_OK(tuna_tokenizer_load(base, &r->tok));
+    TT_OK(tuna_chat_load(base, &r->tmpl));
+    snprintf(path, sizeof path, "%s/trace.json", dir);
+    TT_OK(tuna_json_load(path, 1 << 20, &r->trace));
+    struct tuna_dataset_opts dopt;
+    tuna_dataset_opts_default(&dopt);
+    dopt.train_on_responses_only = cJSON_IsTrue(cJSON_GetObjectItem(r->trace, "responses_only"));
+    snprintf(path, sizeof path, "%s/data.jsonl", dir);
+    TT_OK(tuna_dataset_load(path, r->tok, r->tmpl, &dopt, &r->ds));
+    snprintf(path, sizeof path, "%s/adapter_init", dir);
+    TT_OK(tuna_lora_load(path, &r->init));
+    *ok = true;
+}
+
+static void run_close(struct run *r)
+{
+    tuna_lora_free(r->init);
+    tuna_dataset_free(r->ds);
+    tuna_chat_free(r->tmpl);
+    tuna_tokenizer_free(r->tok);
+    tuna_model_free(r->m);
+    cJSON_Delete(r->trace);
+}
+
+static void fixture_optim(struct tuna_optim_opts *oo)
+{
+    tuna_optim_opts_default(oo);
+    oo->lr = 2e-3;
+    oo->weight_decay = 0.01;
+    oo->schedule = TUNA_LR_CONSTANT;
+    oo->max_grad_norm = 0; /* no clipping */
+}
+
+/* Runs steps [s0, s1) of the fixture order; checks loss and grad norm against the trace. */
+static void train_steps(struct run *r, tuna_trainer *t, int s0, int s1, bool check)
+{
+    const cJSON *steps = cJSON_GetObjectItem(r->trace, "trace");
+    for (int s = s0; s < s1; s++) {
+        size_t idx[2];
+        tuna_dataset_batch_indices(r->ds, s, 2, false, 0, idx);
+        const cJSON *ref = cJSON_GetArrayItem(steps, s);
+        const cJSON *ex = cJSON_GetObjectItem(ref, "examples");
+        assert_int_equal((int)idx[0], cJSON_GetArrayItem(ex, 0)->valueint);
+        assert_int_equal((int)idx[1], cJSON_GetArrayItem(ex, 1)->valueint);
+        struct tuna_train_batch b;
+        TT_OK(tuna_dataset_make_batch(r->ds, idx, 2, &b));
+        struct tuna_step_stats st;
+        TT_OK(tuna_trainer_step(t, &b, 1, &st));
+        tuna_train_batch_free(&b);
+        double rl = cJSON_GetObjectItem(ref, "loss")->valuedouble;
+        double rg = cJSON_GetObjectItem(ref, "grad_norm")->valuedouble;
+        double el = fabs(st.loss - rl) / fabs(rl), eg = fabs(st.grad_norm - rg) / fabs(rg);
+        if (check) {
+            printf("  step %2d: loss %.6f (ref %.6f, rel %.1e)  grad_norm %.6f (ref %.6f, rel %.1e)\n", s + 1,
+                   st.loss, rl, el, st.grad_norm, rg, eg);
+            assert_true(el < 1e-4);
+            assert_true(eg < 1e-3);
+        }
+    }
+}
+
+/* Relative L2 error of every A and B of `got` against `want`; returns the largest. */
+static double adapter_err(const struct tuna_lora_adapter *got, const struct tuna_lora_adapter *want)
+{
+    assert_int_equal(got->n_modules, want->n_modules);
+    double worst = 0;
+    for (int i = 0; i < want->n_modules; i++) {
+        const struct tuna_lora_module *w = &want->modules[i];
+        const struct tuna_lora_module *g = tuna_lora_find(got, w->name);
+        assert_non_null(g);
+        assert_int_equal(g->r, w->r);
+        double ea = tt_rel_err(g->A, w->A, (size_t)(w->r * w->in));
+        double eb = tt_rel_err(g->B, w->B, (size_t)(w->out * w->r));
+        if (ea > worst) worst = ea;
+        if (eb > worst) worst = eb;
+    }
+    return worst;
+}
+
+static void fixture_run(const char *name, const char *base_rel)
+{
+    struct run r;
+    bool ok;
+    run_open(&r, name, base_rel, &ok);
+    if (!ok) skip();
+    printf("%s (base %s)\n", name, base_rel);
+    struct tuna_lora_train_opts lo;
+    tuna_lora_train_opts_default(&lo);
+    struct tuna_optim_opts oo;
+    fixture_optim(&oo);
+    tuna_trainer *t = NULL;
+    TT_OK(tuna_trainer_new(r.m, &lo, &oo, r.init, &t));
+    train_steps(&r, t, 0, 12, true);
+    char out[8192], path[512], fin[8192];
+    snprintf(out, sizeof out, "%s/train-%s", tt_tmpdir(), name);
+    TT_OK(tuna_trainer_export(t, out, NULL, true));
+    struct tuna_lora_adapter *got = NULL, *want = NULL;
+    TT_OK(tuna_lora_load(out, &got));
+    snprintf(path, sizeof path, "fixtures/train/%s/adapter_final", name);
+    assert_non_null(tt_shared_path(fin, sizeof fin, path));
+    TT_OK(tuna_lora_load(fin, &want));
+    double err = adapter_err(got, want);
+    printf("  adapter_final: worst relative error %.2e\n", err);
+    assert_true(err < 1e-3);
+    /* the untrained start is far from the end: the comparison can fail */
+    assert_true(adapter_err(r.init, want) > 1e-2);
+    tuna_lora_free(got);
+    tuna_lora_free(want);
+    tuna_trainer_free(t);
+    run_close(&r);
+}
+
+static void test_lora_run(void **state)
+{
+    (void)state;
+    fixture_run("llama-tiny-lora", "models/llama-tiny");
+}
+static void test_lora_responses_run(void **state)
+{
+    (void)state;
+    fixture_run("llama-tiny-lora-responses", "models/llama-tiny");
+}
+static void test_qlora_run(void **state)
+{
+    (void)state;
+    /* the NF4 double-quant base of the run: bitsandbytes quantized the same float32 weights
+       the same way when it made bnb/llama-tiny-bnb-nf4-dq */
+    fixture_run("llama-tiny-qlora", "bnb/llama-tiny-bnb-nf4-dq");
+}
+
+/* 5 steps, save (adapter + optimizer), a new trainer from them, 7 more = 12 uninterrupted. */
+static void test_resume(void **state)
+{
+    (void)state;
+    struct run r;
+    bool ok;
+    run_open(&r, "llama-tiny-lora", "models/llama-tiny", &ok);
+    if (!ok) skip();
+    struct tuna_lora_train_opts lo;
+    tuna_lora_train_opts_default(&lo);
+    struct tuna_optim_opts oo;
+    fixture_optim(&oo);
+    char ck[8192], full[8192];
+    snprintf(ck, sizeof ck, "%s/train-resume-ck", tt_tmpdir());
+    snprintf(full, sizeof full, "%s/train-resume-full", tt_tmpdir());
+    tuna_trainer *t = NULL;
+    TT_OK(tuna_trainer_new(r.m, &lo, &oo, r.init, &t));
+    train_steps(&r, t, 0, 12, false);
+    TT_OK(tuna_trainer_export(t, full, NULL, true));
+    tuna_trainer_free(t);
+
+    TT_OK(tuna_trainer_new(r.m, &lo, &oo, r.init, &t));
+    train_steps(&r, t, 0, 5, false);
+    TT_OK(tuna_trainer_export(t, ck, NULL, true));
+    TT_OK(tuna_trainer_save_optimizer(t, ck));
+    tuna_trainer_free(t);
+
+    struct tuna_lora_adapter *mid = NULL, *a = NULL, *b = NULL;
+    TT_OK(tuna_lora_load(ck, &mid));
+    TT_OK(tuna_trainer_new(r.m, &lo, &oo, mid, &t));
+    TT_OK(tuna_trainer_load_optimizer(t, ck));
+    assert_int_equal(tuna_trainer_step_count(t), 5);
+    train_steps(&r, t, 5, 12, false);
+    char res[8192];
+    snprintf(res, sizeof res, "%s/train-resume-res", tt_tmpdir());
+    TT_OK(tuna_trainer_export(t, res, NULL, true));
+    tuna_trainer_free(t);
+    TT_OK(tuna_lora_load(full, &a));
+    TT_OK(tuna_lora_load(res, &b));
+    double err = adapter_err(b, a);
+    printf("resume after 5 steps vs uninterrupted: %.2e\n", err);
+    assert_true(err == 0.0);
+
+    /* optimizer state of another plan is refused */
+    lo.targets = (const char *const[]){"q_proj"};
+    lo.n_targets = 1;
+    TT_OK(tuna_trainer_new(r.m, &lo, &oo, NULL, &t));
+    TT_FAILS(tuna_trainer_load_optimizer(t, ck), TUNA_E_FORMAT, "optimizer state");
+    tuna_trainer_free(t);
+    tuna_lora_free(mid);
+    tuna_lora_free(a);
+    tuna_lora_free(b);
+    run_close(&r);
+}
+
+static void test_schedules(void **state)
+{
+    (void)state;
+    struct tuna_optim_opts o;
+    tuna_optim_opts_default(&o);
+    o.lr = 1.0;
+    o.warmup_steps = 4;
+    o.total_steps = 14;
+    o.schedule = TUNA_LR_LINEAR;
+    assert_float_equal(tuna_lr_at(&o, 0), 0.0, 1e-12);
+    assert_float_equal(tuna_lr_at(&o, 2), 0.5, 1e-12);
+    assert_float_equal(tuna_lr_at(&o, 4), 1.0, 1e-12);
+    assert_float_equal(tuna_lr_at(&o, 9), 0.5, 1e-12);
+    assert_float_equal(tuna_lr_at(&o, 14), 0.0, 1e-12);
+    o.schedule = TUNA_LR_COSINE;
+    assert_float_equal(tuna_lr_at(&o, 9), 0.5, 1e-12);
+    assert_float_equal(tuna_lr_at(&o, 4), 1.0, 1e-12);
+    o.schedule = TUNA_LR_CONSTANT;
+    assert_float_equal(tuna_lr_at(&o, 13), 1.0, 1e-12);
+    enum tuna_lr_schedule s;
+    TT_FAILS(tuna_lr_schedule_parse("cosine_with_restarts", &s), TUNA_E_INVALID, "constant, linear or cosine");
+    /* clipping as torch: coef = max / (norm + 1e-6) */
+    float g[2] = {3, 4};
+    tuna_grad_clip(g, 2, 5.0, 1.0);
+    assert_float_equal(g[0], 3.0 / (5.0 + 1e-6), 1e-6);
+}
+
+static void test_nan_step(void **state)
+{
+    (void)state;
+    struct run r;
+    bool ok;
+    run_open(&r, "llama-tiny-lora", "models/llama-tiny", &ok);
+    if (!ok) skip();
+    struct tuna_lora_train_opts lo;
+    tuna_lora_train_opts_default(&lo);
+    struct tuna_optim_opts oo;
+    fixture_optim(&oo);
+    oo.lr = 1e30; /* one huge step, then the loss overflows */
+    tuna_trainer *t = NULL;
+    TT_OK(tuna_trainer_new(r.m, &lo, &oo, r.init, &t));
+    tuna_status st = TUNA_OK;
+    for (int s = 0; s < 4 && !st; s++) {
+        size_t idx[2];
+        tuna_dataset_batch_indices(r.ds, s, 2, false, 0, idx);
+        struct tuna_train_batch b;
+        TT_OK(tuna_dataset_make_batch(r.ds, idx, 2, &b));
+        st = tuna_trainer_step(t, &b, 1, NULL);
+        tuna_train_batch_free(&b);
+    }
+    assert_int_equal(st, TUNA_E_RANGE);
+    assert_non_null(strstr(tuna_last_error(), "step "));
+    printf("diverged: %s\n", tuna_last_error());
+    tuna_trainer_free(t);
+    run_close(&r);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_schedules),  cmocka_unit_test(test_lora_run),  cmocka_unit_test(test_lora_responses_run),
+        cmocka_unit_test(test_qlora_run),  cmocka_unit_test(test_resume),    cmocka_unit_test(test_nan_step),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
