@@ -309,6 +309,7 @@ static const char *next_token(tuna_engine *e, struct eseq *s, float *lg, tuna_st
 
 static void update_gauges(tuna_engine *e)
 {
+    /* referenced blocks: cached blocks nobody holds are free (evictable) */
     int64_t used = tuna_kv_n_blocks(e->kv) - tuna_kv_free_blocks(e->kv);
     pthread_mutex_lock(&e->mu);
     e->kv_used = used;
@@ -325,6 +326,8 @@ static void update_gauges(tuna_engine *e)
     }
     e->metrics->kv_usage = (double)used / (double)tuna_kv_n_blocks(e->kv);
     e->metrics->preemptions = (uint64_t)tuna_sched_n_preemptions(e->sched);
+    e->metrics->prefix_cache_queries = (uint64_t)tuna_sched_prefix_queries(e->sched);
+    e->metrics->prefix_cache_hits = (uint64_t)tuna_sched_prefix_hits(e->sched);
     pthread_mutex_unlock(&e->metrics->mu);
 }
 
@@ -426,7 +429,9 @@ tuna_status tuna_engine_start(struct tuna_model *m, const tuna_tokenizer *tok, c
     pthread_mutex_init(&e->mu, NULL);
     pthread_cond_init(&e->cv, NULL);
     tuna_batch_init(&e->batch);
-    struct tuna_sched_config sc = {.max_num_seqs = cfg->max_num_seqs, .max_num_batched_tokens = cfg->max_num_batched_tokens};
+    struct tuna_sched_config sc = {.max_num_seqs = cfg->max_num_seqs,
+                                   .max_num_batched_tokens = cfg->max_num_batched_tokens,
+                                   .enable_prefix_caching = cfg->enable_prefix_caching};
     tuna_status st = tuna_model_kv_new(m, cfg->kv_tokens, cfg->block_size, &e->kv);
     if (!st) st = tuna_sched_new(&sc, e->kv, &e->sched);
     e->scratch = malloc((size_t)m->arch.vocab_size * sizeof(float));

@@ -7,6 +7,7 @@
 #ifndef TUNA_SERVE_ENGINE_H
 #define TUNA_SERVE_ENGINE_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "model/model.h"
@@ -20,6 +21,7 @@ struct tuna_engine_config {
     int64_t max_num_seqs;           /* running sequences at most (<= 256) */
     int64_t max_num_batched_tokens; /* tokens per step */
     int64_t max_pending;            /* requests queued or running at most; more are refused (429) */
+    bool enable_prefix_caching;     /* reuse the KV blocks of earlier prompts (scheduler.h) */
 };
 
 typedef struct tuna_engine tuna_engine;

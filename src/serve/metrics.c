@@ -113,6 +113,14 @@ tuna_status tuna_metrics_render(struct tuna_metrics *m, const char *model, char 
                   "# TYPE vllm:num_preemptions_total counter\n"
                   "vllm:num_preemptions_total{model_name=\"%s\"} %llu\n",
               model, (unsigned long long)m->preemptions);
+    sb_printf(&b, "# HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of number of queried "
+                  "tokens.\n# TYPE vllm:prefix_cache_queries_total counter\n"
+                  "vllm:prefix_cache_queries_total{model_name=\"%s\"} %llu\n",
+              model, (unsigned long long)m->prefix_cache_queries);
+    sb_printf(&b, "# HELP vllm:prefix_cache_hits_total Prefix cache hits, in terms of number of cached tokens.\n"
+                  "# TYPE vllm:prefix_cache_hits_total counter\n"
+                  "vllm:prefix_cache_hits_total{model_name=\"%s\"} %llu\n",
+              model, (unsigned long long)m->prefix_cache_hits);
     sb_printf(&b, "# HELP vllm:request_success_total Count of successfully processed requests.\n"
                   "# TYPE vllm:request_success_total counter\n");
     sb_printf(&b, "vllm:request_success_total{finished_reason=\"stop\",model_name=\"%s\"} %llu\n", model,

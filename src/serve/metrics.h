@@ -1,6 +1,7 @@
 /* metrics.h — the server's Prometheus metrics with vLLM's names (prefix "vllm:", label
  * model_name): gauges of running/waiting requests and KV cache usage, counters of prompt and
- * generation tokens, finished requests by reason and preemptions, histograms of time to first
+ * generation tokens, finished requests by reason, preemptions and prefix cache queries and hits
+ * (in tokens), histograms of time to first
  * token, inter-token latency and end-to-end latency. Thread-safe (one mutex). */
 #ifndef TUNA_SERVE_METRICS_H
 #define TUNA_SERVE_METRICS_H
@@ -25,6 +26,7 @@ struct tuna_metrics {
     int64_t running, waiting;
     double kv_usage;                  /* 0..1 */
     uint64_t prompt_tokens, generation_tokens, preemptions;
+    uint64_t prefix_cache_queries, prefix_cache_hits; /* tokens looked up / found at admission */
     uint64_t success_stop, success_length, success_abort;
     struct tuna_histogram ttft, itl, e2e;
 };
