@@ -118,13 +118,14 @@ static double adapter_err(const struct tuna_lora_adapter *got, const struct tuna
     return worst;
 }
 
-static void fixture_run(const char *name, const char *base_rel)
+static void fixture_run(const char *name, const char *base_rel, bool quantize)
 {
     struct run r;
     bool ok;
     run_open(&r, name, base_rel, &ok);
     if (!ok) skip();
-    printf("%s (base %s)\n", name, base_rel);
+    printf("%s (base %s%s)\n", name, base_rel, quantize ? ", quantized on load" : "");
+    if (quantize) TT_OK(tuna_train_quantize_base(r.m));
     struct tuna_lora_train_opts lo;
     tuna_lora_train_opts_default(&lo);
     struct tuna_optim_opts oo;
@@ -154,19 +155,25 @@ static void fixture_run(const char *name, const char *base_rel)
 static void test_lora_run(void **state)
 {
     (void)state;
-    fixture_run("llama-tiny-lora", "models/llama-tiny");
+    fixture_run("llama-tiny-lora", "models/llama-tiny", false);
 }
 static void test_lora_responses_run(void **state)
 {
     (void)state;
-    fixture_run("llama-tiny-lora-responses", "models/llama-tiny");
+    fixture_run("llama-tiny-lora-responses", "models/llama-tiny", false);
 }
 static void test_qlora_run(void **state)
 {
     (void)state;
     /* the NF4 double-quant base of the run: bitsandbytes quantized the same float32 weights
        the same way when it made bnb/llama-tiny-bnb-nf4-dq */
-    fixture_run("llama-tiny-qlora", "bnb/llama-tiny-bnb-nf4-dq");
+    fixture_run("llama-tiny-qlora", "bnb/llama-tiny-bnb-nf4-dq", false);
+}
+static void test_qlora_load_in_4bit(void **state)
+{
+    (void)state;
+    /* the same run from the 16-bit base, quantized in memory as --load-in-4bit does */
+    fixture_run("llama-tiny-qlora", "models/llama-tiny", true);
 }
 
 /* 5 steps, save (adapter + optimizer), a new trainer from them, 7 more = 12 uninterrupted. */
@@ -285,7 +292,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_schedules),  cmocka_unit_test(test_lora_run),  cmocka_unit_test(test_lora_responses_run),
-        cmocka_unit_test(test_qlora_run),  cmocka_unit_test(test_resume),    cmocka_unit_test(test_nan_step),
+        cmocka_unit_test(test_qlora_run), cmocka_unit_test(test_qlora_load_in_4bit),  cmocka_unit_test(test_resume),    cmocka_unit_test(test_nan_step),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

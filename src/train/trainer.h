@@ -77,6 +77,11 @@ const float *tuna_trainer_grads(const tuna_trainer *t);
 /* Writes the adapters as a PEFT folder (tuna_export_peft). base_model may be NULL. */
 tuna_status tuna_trainer_export(const tuna_trainer *t, const char *dir, const char *base_model, bool replace);
 
+/* --load-in-4bit (qlora.c): quantizes the seven projections of every layer of a 16-bit base in
+ * memory to NF4 + double quantization, block size 64, float32 quant_state dtype (what the
+ * fixtures' QLoRA run uses); weights already 4-bit are kept. Call before tuna_trainer_new. */
+tuna_status tuna_train_quantize_base(struct tuna_model *m);
+
 /* Optimizer state (moments and step count) as dir/optimizer.bin; load checks that the module
  * list and sizes agree with this trainer. */
 tuna_status tuna_trainer_save_optimizer(const tuna_trainer *t, const char *dir);
