@@ -32,6 +32,8 @@ static void usage(FILE *f)
                "  --max-num-seqs N              sequences running at once (default 128, at most 256)\n"
                "  --max-num-batched-tokens N    tokens per step, prefill chunks included (default 2048)\n"
                "  --max-pending N               requests queued or running at most; more get 429 (default 1024)\n"
+               "  --enable-prefix-caching       reuse cached KV blocks of earlier prompts that share a prefix\n"
+               "  --no-enable-prefix-caching    (default: on, as vLLM; hits count in vllm:prefix_cache_hits)\n"
                "  --max-request-bytes N         request bodies above this get 413 (default 4194304)\n"
                "  --threads N                   CPU threads (default: all)\n"
                "  --device D                    cpu, cuda, cuda:N or auto (default: the GPU when there is one)\n"
@@ -44,6 +46,7 @@ struct serve_opts {
     const char *dir, *host, *api_key, *name;
     long long port, max_model_len, block_size, max_num_seqs, max_batched, max_pending, max_body, threads;
     double kv_gb;
+    bool prefix_caching;
     const char *lora_names[16], *lora_dirs[16];
     int n_lora;
     struct tuna_model_opts dev; /* --device, --dtype */
@@ -85,6 +88,10 @@ static bool parse_args(int argc, char **argv, struct serve_opts *o, bool *help)
             tuna_cli_opt_float(argc, argv, &i, "--kv-cache-gb", &o->kv_gb, &bad))
             continue;
         if (infer_device_parse(&o->dev, argc, argv, &i, &bad)) continue;
+        if (!strcmp(argv[i], "--enable-prefix-caching") || !strcmp(argv[i], "--no-enable-prefix-caching")) {
+            o->prefix_caching = argv[i][2] == 'e';
+            continue;
+        }
         const char *spec = NULL;
         if (tuna_cli_opt_str(argc, argv, &i, "--lora-modules", &spec, &bad)) {
             if (!bad && !add_lora(o, (char *)spec)) bad = true;
@@ -125,7 +132,7 @@ static const char *base_name(const char *dir, char *buf, size_t cap)
 int cmd_serve(int argc, char **argv)
 {
     struct serve_opts o = {.host = "127.0.0.1", .port = 8000, .kv_gb = 1.0, .block_size = 16, .max_num_seqs = 128,
-                           .max_batched = 2048, .max_pending = 1024, .max_body = 4 << 20};
+                           .max_batched = 2048, .max_pending = 1024, .max_body = 4 << 20, .prefix_caching = true};
     o.dev.device = TUNA_DEVICE_AUTO;
     bool help = false;
     if (!parse_args(argc, argv, &o, &help)) {
@@ -193,12 +200,14 @@ int cmd_serve(int argc, char **argv)
         ec.max_num_seqs = o.max_num_seqs;
         ec.max_num_batched_tokens = o.max_batched;
         ec.max_pending = o.max_pending;
+        ec.enable_prefix_caching = o.prefix_caching;
         fprintf(stderr, "tuna serve: memory plan: weights %.1f MiB (mapped); KV cache %.1f MiB float32 = %lld blocks "
                 "of %lld tokens = %lld tokens (%.1f KiB per token); max model len %lld; maximum concurrency for "
-                "%lld tokens per request: %.2fx\n", (double)tuna_model_weight_bytes(m) / 1048576.0,
+                "%lld tokens per request: %.2fx; prefix caching %s\n", (double)tuna_model_weight_bytes(m) / 1048576.0,
                 (double)ec.kv_tokens * kv_per_token / 1048576.0, (long long)blocks, o.block_size,
                 (long long)ec.kv_tokens, kv_per_token / 1024.0, (long long)m->max_model_len,
-                (long long)m->max_model_len, (double)ec.kv_tokens / (double)m->max_model_len);
+                (long long)m->max_model_len, (double)ec.kv_tokens / (double)m->max_model_len,
+                o.prefix_caching ? "on" : "off");
         if (ec.kv_tokens < m->max_model_len)
             st = tuna_fail(TUNA_E_OOM, "the KV cache (%lld tokens in %.2f GiB) cannot hold one sequence of "
                            "--max-model-len %lld tokens: raise --kv-cache-gb or lower --max-model-len",
