@@ -18,6 +18,7 @@
 
 #include "core/json.h"
 #include "core/status.h"
+#include "tokenizer/jinja/jinja.h"
 
 enum ds_format { DS_MESSAGES = 0, DS_SHAREGPT, DS_ALPACA, DS_TEXT, DS_AUTO };
 
@@ -392,22 +393,14 @@ static tuna_status process_line(struct ds_loader *L, const char *s, size_t len, 
     if (len == 0) return TUNA_OK;
     L->d->stats.lines++;
 
-    const char *end = NULL;
-    cJSON *obj = cJSON_ParseWithLengthOpts(s, len, &end, 0);
-    if (!obj) {
-        size_t col = (end && end >= s && end <= s + len) ? (size_t)(end - s) + 1 : 1;
-        return tuna_fail(TUNA_E_FORMAT,
-                         "%s:%" PRId64 ": not valid JSON (stopped at column %zu); each line must be one JSON object",
-                         L->name, line, col);
-    }
-    tuna_status st = TUNA_OK;
+    /* parsed as Python's json.loads (numbers keep their text: 1.0 stays a float in the template) */
+    char where[512];
+    snprintf(where, sizeof where, "%s:%" PRId64, L->name, line);
+    cJSON *obj = NULL;
+    tuna_status st = tuna_jinja_json_parse(s, len, where, &obj);
+    if (st) return st; /* "<file>:<line>: invalid JSON at byte N: what" */
     cJSON *owned = NULL;
     struct tuna_train_example e = {0};
-    if (end && (size_t)(end - s) < len) {
-        st = tuna_fail(TUNA_E_FORMAT, "%s:%" PRId64 ": text after the JSON object at column %zu; one object per line",
-                       L->name, line, (size_t)(end - s) + 1);
-        goto done;
-    }
     if (!cJSON_IsObject(obj)) {
         st = tuna_fail(TUNA_E_FORMAT, "%s:%" PRId64 ": %s, not a JSON object; tuna reads JSONL, one object per line%s",
                        L->name, line, cJSON_IsArray(obj) ? "an array" : "a scalar",
