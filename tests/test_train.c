@@ -14,7 +14,10 @@
 #include "lora/lora.h"
 #include "model/model.h"
 #include "tokenizer/tokenizer.h"
+#include "core/file.h"
+#include "train/checkpoint.h"
 #include "train/dataset.h"
+#include "train/report.h"
 #include "train/trainer.h"
 
 struct run {
@@ -288,11 +291,94 @@ static void test_nan_step(void **state)
     run_close(&r);
 }
 
+/* checkpoint folder: adapter + optimizer + state, found as the latest, read back */
+static void test_checkpoint_files(void **state)
+{
+    (void)state;
+    struct run r;
+    bool ok;
+    run_open(&r, "llama-tiny-lora", "models/llama-tiny", &ok);
+    if (!ok) skip();
+    struct tuna_lora_train_opts lo;
+    tuna_lora_train_opts_default(&lo);
+    struct tuna_optim_opts oo;
+    fixture_optim(&oo);
+    tuna_trainer *t = NULL;
+    TT_OK(tuna_trainer_new(r.m, &lo, &oo, r.init, &t));
+    char out[8192], path[8400], latest[8400];
+    snprintf(out, sizeof out, "%s/train-ckpt", tt_tmpdir());
+    TT_FAILS(tuna_checkpoint_latest(out, latest, sizeof latest), TUNA_E_NOT_FOUND, "does not exist");
+    double losses[3] = {7.5, 7.25, 7.0};
+    struct tuna_train_state s = {0, 10, 2, 1, false, 12345678901234567ULL, losses, 0};
+    for (int k = 1; k <= 3; k++) {
+        train_steps(&r, t, k - 1, k, false);
+        s.step = k;
+        s.n_losses = k;
+        TT_OK(tuna_checkpoint_save(t, &s, out, "base", path, sizeof path));
+    }
+    TT_OK(tuna_checkpoint_latest(out, latest, sizeof latest));
+    assert_string_equal(latest, path);
+    assert_non_null(strstr(latest, "checkpoint-3"));
+    struct tuna_train_state rs;
+    TT_OK(tuna_checkpoint_read_state(latest, &rs));
+    assert_int_equal(rs.step, 3);
+    assert_int_equal(rs.max_steps, 10);
+    assert_true(rs.seed == 12345678901234567ULL);
+    assert_false(rs.shuffle);
+    assert_int_equal(rs.n_losses, 3);
+    assert_true(rs.losses[2] == 7.0);
+    tuna_train_state_free(&rs);
+    struct tuna_lora_adapter *a = NULL;
+    TT_OK(tuna_lora_load(latest, &a)); /* a PEFT folder */
+    assert_int_equal(a->n_modules, r.init->n_modules);
+    tuna_lora_free(a);
+    /* no temporary folders left behind */
+    snprintf(path, sizeof path, "%s/checkpoint-3.tmp.%d", out, (int)getpid());
+    assert_false(tuna_path_exists(path));
+    tuna_trainer_free(t);
+    run_close(&r);
+}
+
+static void test_report(void **state)
+{
+    (void)state;
+    char path[8192];
+    snprintf(path, sizeof path, "%s/loss.svg", tt_tmpdir());
+    double loss[4] = {7.4, 7.1, NAN, 6.2};
+    TT_FAILS(tuna_loss_svg_write(path, loss, 0, 1, NULL), TUNA_E_INVALID, "no steps");
+    TT_OK(tuna_loss_svg_write(path, loss, 4, 1, "a <b> & c"));
+    char *svg = NULL;
+    size_t len = 0;
+    TT_OK(tuna_read_file(path, 1 << 20, &svg, &len));
+    assert_non_null(strstr(svg, "<svg"));
+    assert_non_null(strstr(svg, "a &lt;b&gt; &amp; c"));
+    assert_non_null(strstr(svg, "<polyline"));
+    assert_non_null(strstr(svg, "</svg>"));
+    free(svg);
+    snprintf(path, sizeof path, "%s/metrics.jsonl", tt_tmpdir());
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    struct tuna_step_stats st = {3, 5.25, 1.5, 2e-3, 100, 90, 0.5};
+    tuna_metrics_write(f, &st, 0.75);
+    fclose(f);
+    cJSON *j = NULL;
+    TT_OK(tuna_json_load(path, 1 << 20, &j));
+    assert_int_equal(cJSON_GetObjectItem(j, "step")->valueint, 3);
+    assert_true(cJSON_GetObjectItem(j, "loss")->valuedouble == 5.25);
+    assert_true(cJSON_GetObjectItem(j, "grad_norm")->valuedouble == 1.5);
+    assert_true(cJSON_GetObjectItem(j, "learning_rate")->valuedouble == 2e-3);
+    assert_true(cJSON_GetObjectItem(j, "tokens_per_second")->valuedouble == 200);
+    cJSON_Delete(j);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_schedules),  cmocka_unit_test(test_lora_run),  cmocka_unit_test(test_lora_responses_run),
         cmocka_unit_test(test_qlora_run), cmocka_unit_test(test_qlora_load_in_4bit),  cmocka_unit_test(test_resume),    cmocka_unit_test(test_nan_step),
+        cmocka_unit_test(test_checkpoint_files), cmocka_unit_test(test_report),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    int rc = cmocka_run_group_tests(tests, NULL, NULL);
+    tuna_remove_tree(tt_tmpdir()); /* adapters, checkpoints, pictures of this run */
+    return rc;
 }
