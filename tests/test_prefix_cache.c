@@ -69,6 +69,11 @@ static void run_engine(struct tuna_model *m, const tuna_tokenizer *tok, bool cac
         tuna_serve_req_unref(r);
     }
     tuna_engine_stop(e); /* the thread has ended: the metrics are final */
+    /* every request finished: no block is referenced, though cached ones remain (evictable = free) */
+    int64_t used = -1, total = 0;
+    tuna_engine_kv_usage(e, &used, &total);
+    assert_int_equal(used, 0);
+    assert_true(met.kv_usage == 0.0);
     out->queries = met.prefix_cache_queries;
     out->hits = met.prefix_cache_hits;
     out->prompt_tokens = met.prompt_tokens;
