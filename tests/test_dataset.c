@@ -131,6 +131,91 @@ static void test_cases_ids(void **state)
     assert_int_equal(checked, 3);
 }
 
+/* The same for every tokenizer fixture with its own template (byte-level BPE 1k/4k with a
+ * Llama 3 style template, SentencePiece-style BPE with a Mistral [INST] template). */
+static void test_cases_all_tokenizers(void **state)
+{
+    (void)state;
+    NEED_FIXTURES();
+    const char *names[] = {"bpe-1k", "bpe-4k", "spm-1k"};
+    for (int k = 0; k < 3; k++) {
+        char dir[4400], path[4500];
+        snprintf(dir, sizeof dir, "%s/tokenizers/%s", g_fix, names[k]);
+        snprintf(path, sizeof path, "%s/cases.json", dir);
+        tuna_tokenizer *tok = NULL;
+        struct tuna_chat_template *tmpl = NULL;
+        cJSON *cases = NULL;
+        TT_OK(tuna_tokenizer_load(dir, &tok));
+        TT_OK(tuna_chat_load(dir, &tmpl));
+        TT_OK(tuna_json_load(path, 0, &cases));
+        int checked = 0;
+        const cJSON *c;
+        cJSON_ArrayForEach(c, tuna_json_member(cases, "chat"))
+        {
+            bool agp = cJSON_IsTrue(tuna_json_member(c, "add_generation_prompt"));
+            const cJSON *msgs = tuna_json_member(c, "messages");
+            const cJSON *last = cJSON_GetArrayItem(msgs, cJSON_GetArraySize(msgs) - 1);
+            if (agp && !strcmp(tuna_json_member(last, "role")->valuestring, "user")) {
+                /* the generation-prompt rendering is the masked prompt part of the conversation
+                 * with an answer (no earlier assistant turn in these cases: checked by counting) */
+                cJSON *full = cJSON_Duplicate(msgs, 1);
+                cJSON *a = cJSON_CreateObject();
+                cJSON_AddStringToObject(a, "role", "assistant");
+                cJSON_AddStringToObject(a, "content", "Sure: 4.");
+                cJSON_AddItemToArray(full, a);
+                char *line = messages_line(full);
+                struct tuna_dataset_opts o = opts(true, 0, false);
+                tuna_dataset *d = NULL;
+                TT_OK(tuna_dataset_load_text(line, strlen(line), names[k], tok, tmpl, &o, &d));
+                const struct tuna_train_example *e = tuna_dataset_at(d, 0);
+                int32_t *want;
+                int64_t nw;
+                ids_from_json(tuna_json_member(c, "ids"), &want, &nw);
+                assert_true(e->n > nw);
+                /* the prompt's tokens begin the conversation's, except that SentencePiece may
+                 * merge the last one with the answer ("]" + "▁Sure"): counted, and the mask
+                 * still covers the prompt's token count, as the reference computes it */
+                assert_ids_eq(e->ids, nw - 1, want, nw - 1);
+                bool merged = e->ids[nw - 1] != want[nw - 1];
+                assert_int_equal(tuna_dataset_stats(d)->prefix_mismatches, merged ? 1 : 0);
+                int64_t masked = 0;
+                for (int64_t i = 0; i < e->n; i++)
+                    masked += e->labels[i] == TUNA_LABEL_IGNORE;
+                bool earlier = false;
+                const cJSON *m;
+                cJSON_ArrayForEach(m, msgs) earlier |= !strcmp(tuna_json_member(m, "role")->valuestring, "assistant");
+                if (!earlier)
+                    assert_int_equal(masked, nw);
+                else
+                    assert_true(masked < nw);
+                free(want);
+                free(line);
+                cJSON_Delete(full);
+                tuna_dataset_free(d);
+                continue;
+            }
+            if (agp) continue;
+            char *line = messages_line(msgs);
+            struct tuna_dataset_opts o = opts(false, 0, false);
+            tuna_dataset *d = NULL;
+            TT_OK(tuna_dataset_load_text(line, strlen(line), names[k], tok, tmpl, &o, &d));
+            const struct tuna_train_example *e = tuna_dataset_at(d, 0);
+            int32_t *want;
+            int64_t nw;
+            ids_from_json(tuna_json_member(c, "ids"), &want, &nw);
+            assert_ids_eq(e->ids, e->n, want, nw);
+            free(want);
+            free(line);
+            tuna_dataset_free(d);
+            checked++;
+        }
+        assert_int_equal(checked, 3);
+        cJSON_Delete(cases);
+        tuna_chat_free(tmpl);
+        tuna_tokenizer_free(tok);
+    }
+}
+
 /* The prompt part of [messages of a case, assistant "..."] is the case rendered with the
  * generation prompt: its ids are the reference's and they are exactly the masked ones. */
 static void test_cases_prompt_mask(void **state)
@@ -706,11 +791,12 @@ static void test_robustness(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_cases_ids),      cmocka_unit_test(test_cases_prompt_mask),
-        cmocka_unit_test(test_train_fixtures), cmocka_unit_test(test_formats),
-        cmocka_unit_test(test_multiturn_mask), cmocka_unit_test(test_truncation),
-        cmocka_unit_test(test_packing),        cmocka_unit_test(test_batch_order),
-        cmocka_unit_test(test_bad_input),      cmocka_unit_test(test_robustness),
+        cmocka_unit_test(test_cases_ids),         cmocka_unit_test(test_cases_all_tokenizers),
+        cmocka_unit_test(test_cases_prompt_mask), cmocka_unit_test(test_train_fixtures),
+        cmocka_unit_test(test_formats),           cmocka_unit_test(test_multiturn_mask),
+        cmocka_unit_test(test_truncation),        cmocka_unit_test(test_packing),
+        cmocka_unit_test(test_batch_order),       cmocka_unit_test(test_bad_input),
+        cmocka_unit_test(test_robustness),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

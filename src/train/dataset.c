@@ -272,7 +272,7 @@ static tuna_status encode(const struct ds_loader *L, int64_t line, const char *t
 /* Token count of the template applied to msgs[0..k) (a prefix of the conversation); *is_prefix
  * false when that text is not a prefix of full. */
 static tuna_status prefix_count(const struct ds_loader *L, int64_t line, const cJSON *msgs, int k, bool agp,
-                                const char *full, size_t *count, bool *is_prefix)
+                                const char *full, const struct tuna_train_example *e, size_t *count, bool *is_prefix)
 {
     cJSON *sub = cJSON_CreateArray();
     if (!sub) return tuna_fail_oom("messages", 64);
@@ -287,7 +287,12 @@ static tuna_status prefix_count(const struct ds_loader *L, int64_t line, const c
     tuna_status st = render(L, line, sub, agp, &text);
     cJSON_Delete(sub);
     if (!st) st = encode(L, line, text, false, &ids, count);
-    if (!st) *is_prefix = strncmp(full, text, strlen(text)) == 0;
+    if (!st) {
+        /* the text, and its tokens, should begin the whole conversation; SentencePiece merges
+         * across the boundary ("]" + "▁Sure" → "]▁" ...) break the second */
+        *is_prefix = strncmp(full, text, strlen(text)) == 0 && (int64_t)*count <= e->n &&
+                     (*count == 0 || !memcmp(ids, e->ids, *count * sizeof *ids));
+    }
     free(text);
     free(ids);
     return st;
@@ -326,10 +331,10 @@ static tuna_status encode_conversation(struct ds_loader *L, int64_t line, const 
         if (!cJSON_IsString(role) || strcmp(role->valuestring, "assistant") != 0) continue;
         size_t start, end = n;
         bool pre = true;
-        if ((st = prefix_count(L, line, msgs, k, true, full, &start, &pre))) goto done;
+        if ((st = prefix_count(L, line, msgs, k, true, full, e, &start, &pre))) goto done;
         mismatch |= !pre;
         if (k + 1 < nm) {
-            if ((st = prefix_count(L, line, msgs, k + 1, false, full, &end, &pre))) goto done;
+            if ((st = prefix_count(L, line, msgs, k + 1, false, full, e, &end, &pre))) goto done;
             mismatch |= !pre;
         }
         if (end > n) end = n;
@@ -635,6 +640,7 @@ void tuna_dataset_describe(const tuna_dataset *d, char *buf, size_t cap)
         S->target_tokens, S->truncated_examples, S->truncated_tokens, S->dropped_untrained);
     if (S->prefix_mismatches && w > 0 && (size_t)w < cap)
         snprintf(buf + w, cap - (size_t)w,
-                 "; %" PRId64 " conversations where the template rewrites earlier turns (masks follow token counts)",
+                 "; %" PRId64 " conversations where a prompt's text or tokens do not begin the whole (template "
+                 "rewrites, or tokens merging across the boundary; masks follow token counts)",
                  S->prefix_mismatches);
 }

@@ -84,9 +84,11 @@ struct tuna_dataset_stats {
     int64_t truncated_examples; /* examples longer than max_seq_length */
     int64_t truncated_tokens;   /* tokens cut from them */
     int64_t dropped_untrained;  /* examples dropped because no token was a target */
-    int64_t prefix_mismatches;  /* responses-only: a rendered prefix was not a prefix of the whole
-                                   render (template rewrites earlier turns); masks then follow
-                                   token counts, as the reference does */
+    int64_t prefix_mismatches;  /* responses-only: conversations where a rendered prefix's text or
+                                   tokens do not begin the whole (the template rewrites earlier
+                                   turns, or a token merges across the boundary, as SentencePiece
+                                   "]" + "▁Sure"); masks then follow token counts, as the
+                                   reference does */
     int64_t by_format[4];       /* examples per format: messages, sharegpt, alpaca, text */
     int64_t max_len;            /* longest row */
 };
