@@ -147,6 +147,14 @@ stmts = [
  "{{ [none, 1] | sort }}",
  "{{ ['b', 'B', 'a'] | sort }}{{ ['b', 'B', 'a'] | unique | list }}",
  "{{ s | truncate(7) }}|{{ s | truncate(7, true) }}|{{ s | truncate(7, end='!') }}|{{ l | truncate(2) }}",
+ "{{ s.strip('a', 'b') }}",
+ "{{ s.upper(1) }}",
+ "{{ d.get([1]) }}",
+ "{{ s.split(sep='o') }}|{{ s.split('o', maxsplit=1) }}|{{ s.rsplit('o', 1) }}",
+ "{{ s.lower(x=1) }}",
+ "{{ d.items(1) }}",
+ "{{ d.get('a', 1, 2) }}",
+ "{{ 'a b'.join(['x']) }}{{ ','.join(l | map('string')) }}",
 ]
 for t in stmts:
     add(t, C)

@@ -873,12 +873,14 @@ static void check_args(struct jctx *x, const char *filter, const char *params, c
 {
     if (!strcmp(params, "*")) return;
     size_t np = params[0] ? 1 : 0;
-    for (const char *p = params; *p; p++) np += *p == ',';
+    for (const char *p = params; *p; p++)
+        np += *p == ',';
     if (a->npos > np)
         jx_fail(x, x->at, TUNA_E_FORMAT, "filter '%s' takes at most %zu arguments (%zu given)", filter, np, a->npos);
     for (size_t k = 0; k < a->nkw; k++)
         if (!has_param(params, a->kwname[k]))
-            jx_fail(x, x->at, TUNA_E_FORMAT, "filter '%s' got an unexpected keyword argument '%s'", filter, a->kwname[k]);
+            jx_fail(x, x->at, TUNA_E_FORMAT, "filter '%s' got an unexpected keyword argument '%s'", filter,
+                    a->kwname[k]);
 }
 
 struct jv jx_filter(struct jctx *x, const char *name, struct jv in, struct jargs *a, const struct node *at)
@@ -893,5 +895,6 @@ struct jv jx_filter(struct jctx *x, const char *name, struct jv in, struct jargs
             x->at = saved;
             return r;
         }
-    jx_fail(x, at, TUNA_E_UNSUPPORTED, "no filter named '%s' (not a Jinja2 filter, or one tuna does not implement)", name);
+    jx_fail(x, at, TUNA_E_UNSUPPORTED, "no filter named '%s' (not a Jinja2 filter, or one tuna does not implement)",
+            name);
 }

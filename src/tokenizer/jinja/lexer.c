@@ -254,7 +254,8 @@ static tuna_status lex_tag(struct tuna_jinja_template *t, struct jtoks *o, size_
             if (!k.n) {
                 char msg[64];
                 size_t cl = 1; /* the whole UTF-8 character, so that the message stays valid text */
-                while (i + cl < n && cl < 4 && ((unsigned char)s[i + cl] & 0xC0) == 0x80) cl++;
+                while (i + cl < n && cl < 4 && ((unsigned char)s[i + cl] & 0xC0) == 0x80)
+                    cl++;
                 snprintf(msg, sizeof msg, "unexpected character '%.*s'", (int)cl, s + i);
                 return lex_fail(t, i, msg);
             }

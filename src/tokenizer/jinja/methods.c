@@ -593,11 +593,95 @@ static struct jv list_method(struct jctx *x, struct jv l, struct jargs *a, const
     jx_fail(x, x->at, TUNA_E_INTERNAL, "list.%s", m);
 }
 
+/* Python's signatures: positional arguments min..max (max -1: any), keywords allowed ("*": any).
+ * `start`/`end` of find/startswith & co. are refused (tuna does not implement them). */
+struct method_sig {
+    char type; /* 's' str, 'd' dict, 'l' list */
+    const char *name;
+    int min, max;
+    const char *kw;
+};
+static const struct method_sig SIGS[] = {
+    {'s', "strip", 0, 1, ""},
+    {'s', "lstrip", 0, 1, ""},
+    {'s', "rstrip", 0, 1, ""},
+    {'s', "upper", 0, 0, ""},
+    {'s', "lower", 0, 0, ""},
+    {'s', "title", 0, 0, ""},
+    {'s', "capitalize", 0, 0, ""},
+    {'s', "split", 0, 2, "sep,maxsplit"},
+    {'s', "rsplit", 0, 2, "sep,maxsplit"},
+    {'s', "startswith", 1, 3, ""},
+    {'s', "endswith", 1, 3, ""},
+    {'s', "replace", 2, 3, "count"},
+    {'s', "format", 0, -1, "*"},
+    {'s', "join", 1, 1, ""},
+    {'s', "find", 1, 3, ""},
+    {'s', "rfind", 1, 3, ""},
+    {'s', "index", 1, 3, ""},
+    {'s', "count", 1, 3, ""},
+    {'s', "splitlines", 0, 1, "keepends"},
+    {'s', "isdigit", 0, 0, ""},
+    {'s', "isnumeric", 0, 0, ""},
+    {'s', "isdecimal", 0, 0, ""},
+    {'s', "isalpha", 0, 0, ""},
+    {'s', "isalnum", 0, 0, ""},
+    {'s', "isspace", 0, 0, ""},
+    {'s', "islower", 0, 0, ""},
+    {'s', "isupper", 0, 0, ""},
+    {'d', "items", 0, 0, ""},
+    {'d', "keys", 0, 0, ""},
+    {'d', "values", 0, 0, ""},
+    {'d', "get", 1, 2, ""},
+    {'d', "pop", 1, 2, ""},
+    {'d', "setdefault", 1, 2, ""},
+    {'d', "update", 0, 1, "*"},
+    {'d', "copy", 0, 0, ""},
+    {'l', "append", 1, 1, ""},
+    {'l', "extend", 1, 1, ""},
+    {'l', "pop", 0, 1, ""},
+    {'l', "insert", 2, 2, ""},
+    {'l', "index", 1, 1, ""},
+    {'l', "count", 1, 1, ""},
+    {'l', "remove", 1, 1, ""},
+    {'l', "reverse", 0, 0, ""},
+    {'l', "copy", 0, 0, ""},
+};
+
+static void check_call(struct jctx *x, struct jv obj, const char *m, const struct jargs *a)
+{
+    char type = obj.t == JV_STR ? 's' : obj.t == JV_DICT ? 'd' : 'l';
+    for (size_t i = 0; i < sizeof SIGS / sizeof *SIGS; i++) {
+        const struct method_sig *g = &SIGS[i];
+        if (g->type != type || strcmp(g->name, m)) continue;
+        if ((int)a->npos < g->min || (g->max >= 0 && (int)a->npos > g->max))
+            jx_fail(x, x->at, TUNA_E_FORMAT, "%s.%s() takes %d to %d positional arguments (%zu given)",
+                    jv_type_name(obj), m, g->min, g->max, a->npos);
+        for (size_t k = 0; k < a->nkw && strcmp(g->kw, "*"); k++) {
+            const char *kw = a->kwname[k];
+            const char *hit = strstr(g->kw, kw);
+            size_t n = strlen(kw);
+            if (!hit || (hit != g->kw && hit[-1] != ',') || (hit[n] != ',' && hit[n] != 0))
+                jx_fail(x, x->at, TUNA_E_FORMAT, "%s.%s() got an unexpected keyword argument '%s'", jv_type_name(obj),
+                        m, kw);
+        }
+        if (type == 's' && a->npos > 1 && g->max == 3 && strcmp(m, "replace"))
+            jx_fail(x, x->at, TUNA_E_UNSUPPORTED, "the start/end arguments of str.%s()", m);
+        if (type == 's' && !strcmp(m, "splitlines") && (a->npos || a->nkw))
+            jx_fail(x, x->at, TUNA_E_UNSUPPORTED, "str.splitlines(keepends)");
+        /* dict keys must be hashable */
+        if (type == 'd' && a->npos && (a->pos[0].t == JV_LIST || a->pos[0].t == JV_DICT) && strcmp(m, "update"))
+            jx_fail(x, x->at, TUNA_E_FORMAT, "unhashable type: '%s'", jv_type_name(a->pos[0]));
+        return;
+    }
+}
+
 static struct jv call_method(struct jctx *x, struct jv self, struct jargs *a)
 {
     /* self is a 2-item tuple: (object, method name) */
     struct jv obj = self.u.l->v[0];
     const char *m = self.u.l->v[1].u.s;
+    check_call(x, obj, m, a);
     if (obj.t == JV_STR) {
         struct jv r = str_method(x, obj, a, m);
         /* Markup's own methods keep it Markup */

@@ -73,7 +73,8 @@ static const char *tok_desc(const struct jtok *k, char *buf, size_t cap)
     case JT_STRING: return "a string";
     default: {
         size_t n = k->n > 40 ? 40 : k->n;
-        while (n < k->n && n > 0 && ((unsigned char)k->s[n] & 0xC0) == 0x80) n--; /* whole characters */
+        while (n < k->n && n > 0 && ((unsigned char)k->s[n] & 0xC0) == 0x80)
+            n--; /* whole characters */
         snprintf(buf, cap, "'%.*s'", (int)n, k->s);
         return buf;
     }
@@ -341,7 +342,9 @@ static void parse_call_args(struct parser *p, struct node *n)
             kw->a = parse_expression(p, true);
             nv_push(p, &n->l2, kw);
         } else {
-            if (n->l2.n || star) pfail(p, TUNA_E_FORMAT, off, "invalid syntax for function call expression (a positional argument after *args or a keyword)");
+            if (n->l2.n || star)
+                pfail(p, TUNA_E_FORMAT, off,
+                      "invalid syntax for function call expression (a positional argument after *args or a keyword)");
             nv_push(p, &n->l1, parse_expression(p, true));
         }
     }
@@ -877,11 +880,16 @@ static void parse_body(struct parser *p, struct nvec *body, const char *const *e
 /* Jinja2's builtin filters and tests: a name outside these is an error in Jinja2 too; a name
  * inside them that tuna lacks is unsupported. */
 static const char *const JINJA2_FILTERS[] = {
-    "abs", "attr", "batch", "capitalize", "center", "count", "d", "default", "dictsort", "e", "escape",
-    "filesizeformat", "first", "float", "forceescape", "format", "groupby", "indent", "int", "items", "join", "last",
-    "length", "list", "lower", "map", "max", "min", "pprint", "random", "reject", "rejectattr", "replace", "reverse",
-    "round", "safe", "select", "selectattr", "slice", "sort", "string", "striptags", "sum", "title", "tojson", "trim",
-    "truncate", "unique", "upper", "urlencode", "urlize", "wordcount", "wordwrap", "xmlattr", NULL};
+    "abs",    "attr",       "batch",       "capitalize", "center",   "count",
+    "d",      "default",    "dictsort",    "e",          "escape",   "filesizeformat",
+    "first",  "float",      "forceescape", "format",     "groupby",  "indent",
+    "int",    "items",      "join",        "last",       "length",   "list",
+    "lower",  "map",        "max",         "min",        "pprint",   "random",
+    "reject", "rejectattr", "replace",     "reverse",    "round",    "safe",
+    "select", "selectattr", "slice",       "sort",       "string",   "striptags",
+    "sum",    "title",      "tojson",      "trim",       "truncate", "unique",
+    "upper",  "urlencode",  "urlize",      "wordcount",  "wordwrap", "xmlattr",
+    NULL};
 
 static bool in_list(const char *const *l, const char *name)
 {
@@ -899,8 +907,7 @@ static void check_names(struct parser *p, const struct node *n, bool soft)
     if ((n->k == N_FILTER && !jx_has_filter(n->s)) || (n->k == N_TEST && !jx_has_test(n->s))) {
         if (!soft) {
             bool filter = n->k == N_FILTER;
-            if (filter && in_list(JINJA2_FILTERS, n->s))
-                pfail(p, TUNA_E_UNSUPPORTED, n->off, "the filter '%s'", n->s);
+            if (filter && in_list(JINJA2_FILTERS, n->s)) pfail(p, TUNA_E_UNSUPPORTED, n->off, "the filter '%s'", n->s);
             pfail(p, TUNA_E_FORMAT, n->off, "no %s named '%s'", filter ? "filter" : "test", n->s);
         }
     }
@@ -910,18 +917,20 @@ static void check_names(struct parser *p, const struct node *n, bool soft)
         check_names(p, n->b, soft);
         check_names(p, n->a, false);
         check_names(p, n->c, false);
-        for (size_t i = 0; i < n->l1.n; i++) check_names(p, n->l1.v[i], false);
-        for (size_t i = 0; i < n->l2.n; i++) check_names(p, n->l2.v[i], false);
+        for (size_t i = 0; i < n->l1.n; i++)
+            check_names(p, n->l1.v[i], false);
+        for (size_t i = 0; i < n->l2.n; i++)
+            check_names(p, n->l2.v[i], false);
         return;
     case N_MACRO:
     case N_SETBLOCK:
-    case N_FILTERBLOCK:
-        child_soft = false;
-        break;
+    case N_FILTERBLOCK: child_soft = false; break;
     case N_CALLBLOCK: /* the call's arguments are in the outer frame, the caller body is a macro */
         check_names(p, n->a, soft);
-        for (size_t i = 0; i < n->l1.n; i++) check_names(p, n->l1.v[i], false);
-        for (size_t i = 0; i < n->l2.n; i++) check_names(p, n->l2.v[i], false);
+        for (size_t i = 0; i < n->l1.n; i++)
+            check_names(p, n->l1.v[i], false);
+        for (size_t i = 0; i < n->l2.n; i++)
+            check_names(p, n->l2.v[i], false);
         return;
     default: break;
     }
@@ -931,7 +940,8 @@ static void check_names(struct parser *p, const struct node *n, bool soft)
     check_names(p, n->d, child_soft);
     const struct nvec *lists[3] = {&n->l1, &n->l2, &n->l3};
     for (int k = 0; k < 3; k++)
-        for (size_t i = 0; i < lists[k]->n; i++) check_names(p, lists[k]->v[i], child_soft);
+        for (size_t i = 0; i < lists[k]->n; i++)
+            check_names(p, lists[k]->v[i], child_soft);
 }
 
 tuna_status jparse(struct tuna_jinja_template *t, const struct jtoks *toks)

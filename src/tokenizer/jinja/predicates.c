@@ -124,8 +124,9 @@ bool jx_has_test(const char *name)
 }
 
 /* tests that take one argument besides the value; the others take none */
-static const char *const ONE_ARG[] = {"divisibleby", "eq", "equalto", "==", "ne", "!=", "sameas", "lt", "lessthan", "<",
-                                      "le", "<=", "gt", "greaterthan", ">", "ge", ">=", "in", NULL};
+static const char *const ONE_ARG[] = {"divisibleby", "eq",       "equalto", "==", "ne", "!=", "sameas",
+                                      "lt",          "lessthan", "<",       "le", "<=", "gt", "greaterthan",
+                                      ">",           "ge",       ">=",      "in", NULL};
 
 bool jx_test(struct jctx *x, const char *name, struct jv in, struct jargs *a, const struct node *at)
 {
@@ -140,6 +141,8 @@ bool jx_test(struct jctx *x, const char *name, struct jv in, struct jargs *a, co
                 want == 1 ? "" : "s", a->npos + a->nkw);
     bool r = run_test(x, name, in, a, &known);
     x->at = saved;
-    if (!known) jx_fail(x, at, TUNA_E_UNSUPPORTED, "no test named '%s' (not a Jinja2 test, or one tuna does not implement)", name);
+    if (!known)
+        jx_fail(x, at, TUNA_E_UNSUPPORTED, "no test named '%s' (not a Jinja2 test, or one tuna does not implement)",
+                name);
     return r;
 }
