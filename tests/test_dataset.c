@@ -673,6 +673,13 @@ static void test_batch_order(void **state)
     assert_true(differs_seed);
     assert_true(differs_order);
     assert_true(differs_epoch);
+    /* the order does not depend on the calls before (the epoch's permutation is cached) */
+    for (int st = 7; st >= 0; st--) {
+        size_t again[5];
+        tuna_dataset_batch_indices(d, st, 5, true, st % 2 ? 43 : 42, again);
+        for (int j = 0; j < 5; j++)
+            assert_int_equal(again[j], (st % 2 ? seq3 : seq)[st * 5 + j]);
+    }
     /* a batch that straddles epochs takes the end of one permutation and the start of the next */
     tuna_dataset_batch_indices(d, 1, 5, true, 42, idx); /* positions 5..9 */
     for (int j = 0; j < 5; j++)

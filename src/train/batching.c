@@ -8,6 +8,7 @@
 #include "core/status.h"
 #include "model/sampler.h"
 #include "train/dataset.h"
+#include "train/dataset_internal.h"
 
 /* Fisher–Yates permutation of 0..n-1 for epoch e. */
 static void epoch_perm(size_t n, uint64_t seed, uint64_t epoch, size_t *perm)
@@ -24,10 +25,28 @@ static void epoch_perm(size_t n, uint64_t seed, uint64_t epoch, size_t *perm)
     }
 }
 
-void tuna_dataset_batch_indices(const tuna_dataset *d, int64_t step, int64_t batch, bool shuffle, uint64_t seed,
+/* Row of global position p with shuffling; the dataset's cached permutation is updated when the
+ * epoch (or seed) changes. Called with d->perm_mu held. */
+static size_t shuffled_row(tuna_dataset *d, uint64_t seed, uint64_t p)
+{
+    size_t n = d->n;
+    uint64_t e = p / n;
+    if (!d->perm) {
+        d->perm = malloc(n * sizeof *d->perm);
+        if (!d->perm) return (size_t)(p % n); /* no memory for it: file order rather than fail */
+        epoch_perm(n, seed, e, d->perm);
+    } else if (d->perm_seed != seed || d->perm_epoch != e) {
+        epoch_perm(n, seed, e, d->perm);
+    }
+    d->perm_seed = seed;
+    d->perm_epoch = e;
+    return d->perm[p % n];
+}
+
+void tuna_dataset_batch_indices(const tuna_dataset *cd, int64_t step, int64_t batch, bool shuffle, uint64_t seed,
                                 size_t *idx)
 {
-    size_t n = tuna_dataset_size(d);
+    size_t n = tuna_dataset_size(cd);
     if (n == 0 || batch <= 0) return;
     uint64_t p0 = (uint64_t)step * (uint64_t)batch;
     if (!shuffle || n == 1) {
@@ -35,21 +54,12 @@ void tuna_dataset_batch_indices(const tuna_dataset *d, int64_t step, int64_t bat
             idx[j] = (size_t)((p0 + (uint64_t)j) % n);
         return;
     }
-    size_t *perm = malloc(n * sizeof *perm);
-    uint64_t have = UINT64_MAX;
-    for (int64_t j = 0; j < batch; j++) {
-        uint64_t p = p0 + (uint64_t)j, e = p / n;
-        if (!perm) { /* no memory for the permutation: fall back to file order rather than fail */
-            idx[j] = (size_t)(p % n);
-            continue;
-        }
-        if (e != have) {
-            epoch_perm(n, seed, e, perm);
-            have = e;
-        }
-        idx[j] = perm[p % n];
-    }
-    free(perm);
+    /* the cache is not part of the dataset's value: the order is a pure function of the arguments */
+    tuna_dataset *d = (tuna_dataset *)cd;
+    pthread_mutex_lock(&d->perm_mu);
+    for (int64_t j = 0; j < batch; j++)
+        idx[j] = shuffled_row(d, seed, p0 + (uint64_t)j);
+    pthread_mutex_unlock(&d->perm_mu);
 }
 
 void tuna_train_batch_free(struct tuna_train_batch *b)

@@ -7,6 +7,7 @@
  * Truncation, dropping of untrained examples and packing follow. The dataset owns every row.
  */
 #include "train/dataset.h"
+#include "train/dataset_internal.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -29,12 +30,7 @@ static const char *const k_format_names[] = {"messages", "sharegpt", "alpaca", "
     "[{\"from\", \"value\"}]}), alpaca ({\"instruction\", \"input\", \"output\"}), text "                              \
     "({\"text\"})"
 
-struct tuna_dataset {
-    struct tuna_train_example *rows; /* [n] */
-    size_t n, cap;
-    struct tuna_dataset_stats stats;
-    int32_t pad_id;
-};
+/* struct tuna_dataset is in train/dataset_internal.h (shared with batching.c). */
 
 /* What one load call needs while it reads lines. */
 struct ds_loader {
@@ -69,6 +65,8 @@ void tuna_dataset_free(tuna_dataset *d)
     for (size_t i = 0; i < d->n; i++)
         example_free(&d->rows[i]);
     free(d->rows);
+    free(d->perm);
+    pthread_mutex_destroy(&d->perm_mu);
     free(d);
 }
 
@@ -551,6 +549,7 @@ static tuna_status loader_begin(struct ds_loader *L, const char *name, const tun
     L->eos_id = tuna_tokenizer_special_id(tok, "eos_token");
     L->d = calloc(1, sizeof *L->d);
     if (!L->d) return tuna_fail_oom("dataset", sizeof *L->d);
+    pthread_mutex_init(&L->d->perm_mu, NULL);
     int32_t pad = tuna_tokenizer_special_id(tok, "pad_token");
     L->d->pad_id = pad >= 0 ? pad : 0;
     return TUNA_OK;
