@@ -10,6 +10,7 @@
 #include "backend/cuda/cuda.h"
 #include "backend/cuda/device.h"
 #include "core/dtype.h"
+#include "quant/nf4.h"
 
 static tuna_backend *g_cpu, *g_gpu;
 static const struct tuna_backend_ops *g_cops, *g_gops;
@@ -132,6 +133,94 @@ static void test_matmul(void **state)
             free(wh);
         }
     }
+}
+
+/* 4-bit weights: the CPU matmul on the bitsandbytes state vs the GPU's fused GEMV (T <= 8) and
+ * dequantize + cuBLAS path, NF4 and FP4, with the checkpoint dtype float32 and bfloat16. */
+static void test_matmul_q4(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    const int64_t NK[][2] = {{37, 64}, {256, 1024}, {130, 96}, {64, 200}};
+    const int64_t Ts[] = {1, 3, 8, 9, 33};
+    for (int type = 0; type < 2; type++) {
+        for (int od = 0; od < 2; od++) {
+            for (size_t s = 0; s < sizeof NK / sizeof NK[0]; s++) {
+                int64_t N = NK[s][0], K = NK[s][1];
+                float *wf = rnd((size_t)(N * K));
+                struct tuna_q4_weight q;
+                enum tuna_dtype orig = od ? TUNA_DTYPE_BF16 : TUNA_DTYPE_F32;
+                TT_OK(tuna_q4_quantize(wf, TUNA_DTYPE_F32, N, K, type ? TUNA_Q4_FP4 : TUNA_Q4_NF4, 64, true, orig, &q));
+                struct tuna_weight wc = {type ? TUNA_DTYPE_FP4 : TUNA_DTYPE_NF4, N, K, q.codes, &q};
+                /* the GPU descriptor, its table from the CPU dequantizer (as src/model/device.c) */
+                struct tuna_cuda_q4 d;
+                uint8_t probe_codes[8] = {0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef};
+                float one = 1.0f;
+                struct tuna_q4_weight probe = q;
+                probe.rows = 1, probe.cols = 16, probe.numel = 16, probe.n_blocks = 1, probe.blocksize = 64;
+                probe.dtype = TUNA_DTYPE_F32, probe.codes = probe_codes, probe.absmax = &one;
+                tuna_q4_dequantize_rows(&probe, 0, 1, d.lut);
+                d.blocksize = q.blocksize;
+                d.round_mode = od ? 1 : 0;
+                d.prefill = TUNA_DTYPE_F32;
+                d.absmax = dev(q.absmax, (size_t)q.n_blocks * 4);
+                struct tuna_weight wg = {wc.dtype, N, K, dev(q.codes, (size_t)((N * K + 1) / 2)), &d};
+                for (size_t tt = 0; tt < sizeof Ts / sizeof Ts[0]; tt++) {
+                    int64_t T = Ts[tt];
+                    float *x = rnd((size_t)(T * K));
+                    float *yc = malloc((size_t)(T * N) * 4), *yg = malloc((size_t)(T * N) * 4);
+                    float *dx = dev(x, (size_t)(T * K) * 4), *dy = dev(NULL, (size_t)(T * N) * 4);
+                    g_cops->matmul(g_cpu, yc, x, &wc, NULL, T);
+                    g_gops->matmul(g_gpu, dy, dx, &wg, NULL, T);
+                    back(yg, dy, (size_t)(T * N) * 4);
+                    char what[128];
+                    snprintf(what, sizeof what, "matmul %s (from %s) T=%lld N=%lld K=%lld", type ? "FP4" : "NF4",
+                             od ? "bf16" : "f32", (long long)T, (long long)N, (long long)K);
+                    check(what, yg, yc, (size_t)(T * N), 1e-5);
+                    tuna_cuda_free(g_gpu, dx);
+                    tuna_cuda_free(g_gpu, dy);
+                    free(x), free(yc), free(yg);
+                }
+                tuna_cuda_free(g_gpu, (void *)wg.data);
+                tuna_cuda_free(g_gpu, (void *)d.absmax);
+                tuna_q4_weight_free(&q);
+                free(wf);
+            }
+        }
+    }
+}
+
+/* LoRA: tokens of one batch on adapter 0, adapter 1 (another rank) or none. */
+static void test_lora(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    const int64_t T = 11, N = 300, K = 136;
+    const int64_t ranks[2] = {8, 16};
+    struct tuna_lora hc[2], hg[2];
+    for (int a = 0; a < 2; a++) {
+        float *A = rnd((size_t)(ranks[a] * K)), *B = rnd((size_t)(N * ranks[a]));
+        hc[a] = (struct tuna_lora){ranks[a], A, B, a ? 0.25f : 2.0f};
+        hg[a] = (struct tuna_lora){ranks[a], dev(A, (size_t)(ranks[a] * K) * 4), dev(B, (size_t)(N * ranks[a]) * 4),
+                                   hc[a].scale};
+    }
+    int32_t idx[11] = {0, 1, -1, 1, 0, 0, -1, 1, 1, 0, 5};
+    float *x = rnd((size_t)(T * K)), *y0 = rnd((size_t)(T * N));
+    float *yc = malloc((size_t)(T * N) * 4), *yg = malloc((size_t)(T * N) * 4);
+    memcpy(yc, y0, (size_t)(T * N) * 4);
+    float *dx = dev(x, (size_t)(T * K) * 4), *dy = dev(y0, (size_t)(T * N) * 4);
+    g_cops->lora(g_cpu, yc, x, T, N, K, hc, 2, idx);
+    g_gops->lora(g_gpu, dy, dx, T, N, K, hg, 2, idx);
+    back(yg, dy, (size_t)(T * N) * 4);
+    check("lora (mixed adapters)", yg, yc, (size_t)(T * N), 1e-5);
+    /* tokens without an adapter are untouched */
+    assert_memory_equal(yg + 2 * N, y0 + 2 * N, (size_t)N * 4);
+    for (int a = 0; a < 2; a++) {
+        free((void *)hc[a].A), free((void *)hc[a].B);
+        tuna_cuda_free(g_gpu, (void *)hg[a].A), tuna_cuda_free(g_gpu, (void *)hg[a].B);
+    }
+    free(x), free(y0), free(yc), free(yg);
+    tuna_cuda_free(g_gpu, dx), tuna_cuda_free(g_gpu, dy);
 }
 
 static void test_elementwise(void **state)
@@ -267,6 +356,8 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_matmul),
+        cmocka_unit_test(test_matmul_q4),
+        cmocka_unit_test(test_lora),
         cmocka_unit_test(test_elementwise),
         cmocka_unit_test(test_attention),
         cmocka_unit_test(test_sticky_error),

@@ -87,6 +87,13 @@ struct tuna_backend_ops {
     /* y[n] += x[n] */
     void (*add)(tuna_backend *be, float *y, const float *x, int64_t n);
 
+    /* LoRA, unmerged: y[t] += scale_a * B_a (A_a x[t]) for every token t whose adapter index
+     * a = adapter[t] (host array [T]) is in [0, n_adapters); other tokens are left alone.
+     * adapters: host array of descriptors whose A [r, K] and B [N, r] live in backend memory.
+     * One launch serves a batch that mixes several adapters. */
+    void (*lora)(tuna_backend *be, float *y, const float *x, int64_t T, int64_t N, int64_t K,
+                 const struct tuna_lora *adapters, int n_adapters, const int32_t *adapter);
+
     /* --- memory: activations, weights and the KV cache live in the backend's memory --------
      * (host memory for the CPU backend, device memory for CUDA). Small metadata (ids, positions,
      * slots, block tables, inv_freq) is always host memory. */

@@ -3,8 +3,9 @@
  * The loader (weights.c) first builds the model on the host: weights are views into the mapped
  * files, small vectors (norms, biases) float32 copies. For the CPU backend that is the end. For a
  * backend with its own memory (CUDA), every weight is converted once to the compute dtype and
- * uploaded (4-bit bitsandbytes weights are dequantized to it: a fused 4-bit GPU kernel is not
- * written yet, see docs/PERFORMANCE.md), the vectors are uploaded and their host copies freed.
+ * uploaded (4-bit bitsandbytes weights stay 4-bit: codes + absmax, read by a fused dequant-GEMV
+ * for decode and dequantized per GEMM for prefill), the vectors are uploaded and their host
+ * copies freed.
  * The device buffers are listed in m->dev_allocs and freed with the model.
  *
  * dtype policy (as vLLM): auto = bf16 on compute capability >= 8.0, f16 below, said on stderr;
@@ -63,9 +64,48 @@ static tuna_status move_vec(struct tuna_model *m, float **v, int64_t n)
     return TUNA_OK;
 }
 
-/* Converts a weight to dtype `to` and uploads it. 4-bit weights are dequantized row by row. */
+/* A 4-bit weight stays 4-bit on the GPU: codes and float32 absmax uploaded, a descriptor
+ * (struct tuna_cuda_q4) with the nibble table taken from the CPU dequantizer itself (so both
+ * backends use the same values, FP4's sign bit included) and the rounding of the checkpoint. */
+static tuna_status move_q4(struct tuna_model *m, struct tuna_weight *w, enum tuna_dtype compute)
+{
+    const struct tuna_q4_weight *q = w->q4;
+    if (!m->gpu_q4) {
+        m->gpu_q4 = calloc((size_t)(m->n_q4 > 0 ? m->n_q4 : 1), sizeof(struct tuna_cuda_q4));
+        if (!m->gpu_q4) return tuna_fail_oom("4-bit GPU descriptors", sizeof(struct tuna_cuda_q4));
+    }
+    if (m->n_gpu_q4 >= m->n_q4) return tuna_fail(TUNA_E_INTERNAL, "more 4-bit weights than the model recorded");
+    struct tuna_cuda_q4 *d = (struct tuna_cuda_q4 *)m->gpu_q4 + m->n_gpu_q4++;
+    /* the table: dequantize 16 codes with absmax 1 in float32 */
+    uint8_t probe_codes[8] = {0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef};
+    float one = 1.0f;
+    struct tuna_q4_weight probe = *q;
+    probe.rows = 1;
+    probe.cols = 16;
+    probe.numel = 16;
+    probe.n_blocks = 1;
+    probe.blocksize = 64;
+    probe.dtype = TUNA_DTYPE_F32;
+    probe.codes = probe_codes;
+    probe.absmax = &one;
+    tuna_q4_dequantize_rows(&probe, 0, 1, d->lut);
+    d->blocksize = q->blocksize;
+    d->round_mode = q->dtype == TUNA_DTYPE_BF16 ? 1 : q->dtype == TUNA_DTYPE_F16 ? 2 : 0;
+    d->prefill = compute;
+    void *codes, *absmax;
+    tuna_status st = upload_new(m, q->codes, (size_t)((q->numel + 1) / 2), &codes);
+    if (!st) st = upload_new(m, q->absmax, (size_t)q->n_blocks * sizeof(float), &absmax);
+    if (st) return st;
+    d->absmax = absmax;
+    w->data = codes;
+    w->q4 = d; /* from now on the CUDA descriptor; the CPU state stays owned by m->q4 */
+    return TUNA_OK;
+}
+
+/* Converts a weight to dtype `to` and uploads it (4-bit weights go to move_q4 and stay 4-bit). */
 static tuna_status move_weight(struct tuna_model *m, struct tuna_weight *w, enum tuna_dtype to)
 {
+    if (w->q4) return move_q4(m, w, to);
     size_t n = (size_t)(w->rows * w->cols);
     size_t out_bytes = tuna_dtype_nbytes(to, n);
     if (w->dtype == to && !w->q4) {
@@ -190,6 +230,8 @@ tuna_status tuna_model_start_backend(struct tuna_model *m, const struct tuna_mod
     return tuna_cpu_backend_reserve(m->be, max_k);
 }
 
+static void lora_cache_free(struct tuna_model *m);
+
 /* Frees what the backend holds for the model (device buffers, then the backend itself). */
 void tuna_model_stop_backend(struct tuna_model *m)
 {
@@ -198,6 +240,10 @@ void tuna_model_stop_backend(struct tuna_model *m)
     free(m->dev_allocs);
     m->dev_allocs = NULL;
     m->n_dev_allocs = 0;
+    free(m->gpu_q4);
+    m->gpu_q4 = NULL;
+    m->n_gpu_q4 = 0;
+    lora_cache_free(m);
     if (m->ops->host_memory) {
         tuna_cpu_backend_free(m->be);
     } else {
@@ -214,4 +260,90 @@ bool tuna_model_owns_device_ptr(const struct tuna_model *m, const void *p)
     for (int64_t i = 0; i < m->n_dev_allocs; i++)
         if (m->dev_allocs[i] == p) return true;
     return false;
+}
+
+int tuna_model_q4_blocksize(const struct tuna_model *m, const struct tuna_weight *w)
+{
+    if (!w->q4) return 1;
+#ifdef TUNA_HAVE_CUDA
+    if (m->ops && !m->ops->host_memory) return ((const struct tuna_cuda_q4 *)w->q4)->blocksize;
+#else
+    (void)m;
+#endif
+    return ((const struct tuna_q4_weight *)w->q4)->blocksize;
+}
+
+/* --- LoRA adapters on the GPU: uploaded on first use, cached by host array + A/B pointers --- */
+struct lora_dev_entry {
+    const struct tuna_lora *host; /* the linear's host array */
+    int n;
+    const float *hA[8], *hB[8];  /* to notice a re-attach at the same address */
+    struct tuna_lora *dev;        /* [n] with device A, B */
+};
+struct tuna_lora_dev_cache {
+    struct lora_dev_entry *e;
+    int64_t n, cap;
+};
+
+static void lora_cache_free(struct tuna_model *m)
+{
+    if (!m->lora_dev) return;
+    for (int64_t i = 0; i < m->lora_dev->n; i++) free(m->lora_dev->e[i].dev);
+    free(m->lora_dev->e);
+    free(m->lora_dev);
+    m->lora_dev = NULL;
+}
+
+const struct tuna_lora *tuna_model_lora_on_device(struct tuna_model *m, const struct tuna_linear *lin)
+{
+#ifdef TUNA_HAVE_CUDA
+    if (!m->lora_dev) {
+        m->lora_dev = calloc(1, sizeof *m->lora_dev);
+        if (!m->lora_dev) return NULL;
+    }
+    struct tuna_lora_dev_cache *c = m->lora_dev;
+    int n = lin->n_lora;
+    for (int64_t i = 0; i < c->n; i++) {
+        struct lora_dev_entry *e = &c->e[i];
+        if (e->host != lin->lora || e->n != n) continue;
+        bool same = true;
+        for (int a = 0; a < n && a < 8; a++) same = same && e->hA[a] == lin->lora[a].A && e->hB[a] == lin->lora[a].B;
+        if (same && n <= 8) return e->dev;
+    }
+    if (c->n == c->cap) {
+        int64_t nc = c->cap ? c->cap * 2 : 64;
+        struct lora_dev_entry *ne = realloc(c->e, (size_t)nc * sizeof *ne);
+        if (!ne) return NULL;
+        c->e = ne;
+        c->cap = nc;
+    }
+    struct lora_dev_entry *e = &c->e[c->n];
+    memset(e, 0, sizeof *e);
+    e->dev = calloc((size_t)n, sizeof *e->dev);
+    if (!e->dev) return NULL;
+    for (int a = 0; a < n; a++) {
+        const struct tuna_lora *h = &lin->lora[a];
+        void *dA = NULL, *dB = NULL;
+        if (upload_new(m, h->A, (size_t)(h->r * lin->w.cols) * sizeof(float), &dA) ||
+            upload_new(m, h->B, (size_t)(lin->w.rows * h->r) * sizeof(float), &dB)) {
+            free(e->dev);
+            return NULL;
+        }
+        e->dev[a] = *h;
+        e->dev[a].A = dA;
+        e->dev[a].B = dB;
+        if (a < 8) {
+            e->hA[a] = h->A;
+            e->hB[a] = h->B;
+        }
+    }
+    e->host = lin->lora;
+    e->n = n;
+    c->n++;
+    return e->dev;
+#else
+    (void)m;
+    (void)lin;
+    return NULL;
+#endif
 }

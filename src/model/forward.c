@@ -147,27 +147,10 @@ static void linear(struct tuna_model *m, const struct tuna_linear *lin, float *y
 {
     m->ops->matmul(m->be, y, x, &lin->w, lin->bias, T);
     if (lin->n_lora == 0) return;
-    const int64_t N = lin->w.rows, K = lin->w.cols;
-    float ax[256];
-    for (int64_t t = 0; t < T; t++) {
-        int32_t ai = b->adapter[t];
-        if (ai < 0 || ai >= lin->n_lora) continue;
-        const struct tuna_lora *ad = &lin->lora[ai];
-        for (int64_t r0 = 0; r0 < ad->r; r0 += 256) {
-            int64_t nr = ad->r - r0 < 256 ? ad->r - r0 : 256;
-            for (int64_t j = 0; j < nr; j++) {
-                const float *arow = ad->A + (r0 + j) * K;
-                double s = 0;
-                for (int64_t k = 0; k < K; k++) s += (double)arow[k] * x[t * K + k];
-                ax[j] = (float)s;
-            }
-            for (int64_t n = 0; n < N; n++) {
-                float s = 0;
-                for (int64_t j = 0; j < nr; j++) s += ad->B[n * ad->r + r0 + j] * ax[j];
-                y[t * N + n] += ad->scale * s;
-            }
-        }
-    }
+    /* adapters live in host memory; a GPU backend reads its device copies (device.c) */
+    const struct tuna_lora *ad = m->ops->host_memory ? lin->lora : tuna_model_lora_on_device(m, lin);
+    if (!ad) return; /* the upload failed: the backend's sticky error reports it */
+    m->ops->lora(m->be, y, x, T, lin->w.rows, lin->w.cols, ad, lin->n_lora, b->adapter);
 }
 
 /* Checks positions against the cache and grows each sequence to hold this step's tokens. Tokens
@@ -213,17 +196,6 @@ static tuna_status place_tokens(struct tuna_model *m, tuna_kv_cache *kv, const s
     return TUNA_OK;
 }
 
-static bool has_lora(const struct tuna_model *m)
-{
-    for (int64_t l = 0; l < m->arch.n_layers; l++) {
-        const struct tuna_layer *L = &m->layers[l];
-        if (L->q.n_lora || L->k.n_lora || L->v.n_lora || L->o.n_lora || L->gate.n_lora || L->up.n_lora ||
-            L->down.n_lora)
-            return true;
-    }
-    return false;
-}
-
 tuna_status tuna_model_forward(struct tuna_model *m, tuna_kv_cache *kv, const struct tuna_batch *b,
                                float *logits, struct tuna_fwd_trace *trace)
 {
@@ -233,9 +205,6 @@ tuna_status tuna_model_forward(struct tuna_model *m, tuna_kv_cache *kv, const st
     const int64_t T = b->n, C = a->hidden_size, H = a->n_heads, Hkv = a->n_kv_heads, D = a->head_dim;
     const int64_t I = a->intermediate_size;
     if (T == 0) return TUNA_OK;
-    if (!op->host_memory && has_lora(m))
-        return tuna_fail(TUNA_E_UNSUPPORTED, "LoRA adapters are applied on the CPU backend only so far; run with "
-                         "--device cpu, or merge the adapter (tuna export merged-16bit) for the GPU");
     tuna_status st = ws_reserve(m, T);
     if (!st && trace) st = trace_reserve(m, trace, T);
     if (!st) st = place_tokens(m, kv, b);

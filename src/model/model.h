@@ -108,6 +108,9 @@ struct tuna_model {
     void **dev_allocs;
     int64_t n_dev_allocs, cap_dev_allocs;
     char device_desc[320];      /* "cpu, 16 threads" or "cuda:0 NVIDIA H200 (cc 9.0), bfloat16" */
+    void *gpu_q4;               /* [n_q4] struct tuna_cuda_q4 descriptors of 4-bit weights on the GPU */
+    int64_t n_gpu_q4;
+    struct tuna_lora_dev_cache *lora_dev; /* LoRA adapters uploaded to the GPU (device.c) */
 };
 
 /* Loads config.json and the weights of dir, checks every tensor against the architecture and
@@ -136,6 +139,11 @@ tuna_status tuna_model_forward(struct tuna_model *m, tuna_kv_cache *kv, const st
 tuna_status tuna_model_start_backend(struct tuna_model *m, const struct tuna_model_opts *opts, int64_t max_k);
 void tuna_model_stop_backend(struct tuna_model *m);
 bool tuna_model_owns_device_ptr(const struct tuna_model *m, const void *p);
+/* The adapters of a linear layer as the GPU sees them (A and B uploaded once, cached by their
+ * host pointers); NULL after a failed upload. */
+const struct tuna_lora *tuna_model_lora_on_device(struct tuna_model *m, const struct tuna_linear *lin);
+/* Block size of a 4-bit weight's absmax, whichever backend holds it. */
+int tuna_model_q4_blocksize(const struct tuna_model *m, const struct tuna_weight *w);
 
 /* Bytes of weights read per decoded token (every matrix once; the embedding row is negligible). */
 uint64_t tuna_model_weight_bytes(const struct tuna_model *m);

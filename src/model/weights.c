@@ -324,20 +324,23 @@ tuna_status tuna_model_kv_new(const struct tuna_model *m, int64_t n_tokens, int3
     return tuna_kv_new(&cfg, out);
 }
 
-static uint64_t wbytes(const struct tuna_weight *w)
+static uint64_t wbytes(const struct tuna_model *m, const struct tuna_weight *w)
 {
     uint64_t n = tuna_dtype_nbytes(w->dtype, (uint64_t)(w->rows * w->cols));
-    if (w->q4) n += (uint64_t)((const struct tuna_q4_weight *)w->q4)->n_blocks * sizeof(float); /* absmax */
+    if (w->q4) { /* + float32 absmax per block */
+        int bs = tuna_model_q4_blocksize(m, w); /* device.c: the state differs per backend */
+        n += (uint64_t)((w->rows * w->cols + bs - 1) / bs) * sizeof(float);
+    }
     return n;
 }
 
 uint64_t tuna_model_weight_bytes(const struct tuna_model *m)
 {
-    uint64_t n = wbytes(&m->lm_head.w);
+    uint64_t n = wbytes(m, &m->lm_head.w);
     for (int64_t i = 0; i < m->arch.n_layers; i++) {
         const struct tuna_layer *L = &m->layers[i];
-        n += wbytes(&L->q.w) + wbytes(&L->k.w) + wbytes(&L->v.w) + wbytes(&L->o.w) + wbytes(&L->gate.w) +
-             wbytes(&L->up.w) + wbytes(&L->down.w);
+        n += wbytes(m, &L->q.w) + wbytes(m, &L->k.w) + wbytes(m, &L->v.w) + wbytes(m, &L->o.w) +
+             wbytes(m, &L->gate.w) + wbytes(m, &L->up.w) + wbytes(m, &L->down.w);
     }
     return n;
 }

@@ -132,6 +132,7 @@ static const struct tuna_backend_ops k_cpu_ops = {
     .glu = tuna_cpu_glu,
     .embedding = tuna_cpu_embedding,
     .add = tuna_cpu_add,
+    .lora = tuna_cpu_lora,
     .alloc = cpu_alloc,
     .release = cpu_release,
     .upload = cpu_upload,

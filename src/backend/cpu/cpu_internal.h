@@ -105,5 +105,7 @@ void tuna_cpu_glu(tuna_backend *be, float *out, const float *gate, const float *
 void tuna_cpu_embedding(tuna_backend *be, float *out, const int32_t *ids, int64_t T,
                         const struct tuna_weight *emb, float scale);
 void tuna_cpu_add(tuna_backend *be, float *y, const float *x, int64_t n);
+void tuna_cpu_lora(tuna_backend *be, float *y, const float *x, int64_t T, int64_t N, int64_t K,
+                   const struct tuna_lora *adapters, int n_adapters, const int32_t *adapter);
 
 #endif

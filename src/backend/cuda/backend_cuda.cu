@@ -120,6 +120,7 @@ extern "C" void tuna_cuda_backend_free(tuna_backend *be)
     cudaStreamSynchronize(be->stream);
     cudaFree(be->meta.p);
     cudaFree(be->half.p);
+    cudaFree(be->wdeq.p);
     free(be->host_meta);
     cublasDestroy(be->blas);
     cudaStreamDestroy(be->stream);
@@ -302,6 +303,7 @@ static const struct tuna_backend_ops k_cuda_ops = {
     tuna_cuda_glu,
     tuna_cuda_embedding,
     tuna_cuda_add,
+    tuna_cuda_lora,
     tuna_cuda_alloc,
     cuda_release,
     tuna_cuda_upload,

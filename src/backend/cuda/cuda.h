@@ -45,6 +45,17 @@ tuna_status tuna_cuda_download(tuna_backend *be, void *dst_host, const void *src
 /* Waits for all queued ops; returns the sticky status. */
 tuna_status tuna_cuda_sync(tuna_backend *be);
 
+/* A bitsandbytes 4-bit weight on the GPU (struct tuna_weight with dtype NF4/FP4: data = the
+ * packed codes in device memory, two per byte, first element in the high nibble, row-major over
+ * the flattened [N, K] weight; q4 = this host-side descriptor). */
+struct tuna_cuda_q4 {
+    const float *absmax;         /* device: [ceil(N*K / blocksize)] float32 scales */
+    int blocksize;
+    int round_mode;              /* dequantized values rounded like bitsandbytes: 0 none, 1 bf16, 2 f16 */
+    enum tuna_dtype prefill;     /* dtype the weight is dequantized to for T > TUNA_CUDA_GEMV_MAX_T */
+    float lut[16];               /* value of each nibble (before x absmax) */
+};
+
 /* Small-T threshold: matmuls with T <= this use the fused GEMV kernel. */
 #define TUNA_CUDA_GEMV_MAX_T 8
 

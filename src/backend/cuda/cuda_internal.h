@@ -24,6 +24,7 @@ struct tuna_backend {
     char sticky_msg[512];
     struct cuda_grow_buf meta;   /* staging for int metadata (ids, positions, slots, tables) */
     struct cuda_grow_buf half;   /* activations rounded to bf16/f16 for cuBLAS */
+    struct cuda_grow_buf wdeq;   /* a 4-bit weight dequantized for a prefill GEMM */
     void *host_meta;             /* pinned host staging for metadata */
     size_t host_meta_cap;
 };
@@ -58,6 +59,18 @@ void tuna_cuda_glu(tuna_backend *be, float *out, const float *gate, const float 
 void tuna_cuda_embedding(tuna_backend *be, float *out, const int32_t *ids, int64_t T, const struct tuna_weight *emb,
                          float scale);
 void tuna_cuda_add(tuna_backend *be, float *y, const float *x, int64_t n);
+
+void tuna_cuda_lora(tuna_backend *be, float *y, const float *x, int64_t T, int64_t N, int64_t K,
+                    const struct tuna_lora *adapters, int n_adapters, const int32_t *adapter);
+
+/* 4-bit weights (q4.cu): the 16-entry table passed by value to kernels. */
+struct q4_lut {
+    float v[16];
+};
+void tuna_cuda_gemv_q4(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w, const float *bias,
+                       int64_t T);
+/* Dequantizes w into be->wdeq in its descriptor's prefill dtype; *out, *dt describe it. */
+bool tuna_cuda_dequant_q4(tuna_backend *be, const struct tuna_weight *w, void **out, enum tuna_dtype *dt);
 
 static inline unsigned tuna_cuda_blocks(int64_t n, int threads)
 {

@@ -167,6 +167,27 @@ void tuna_cuda_matmul(tuna_backend *be, float *y, const float *x, const struct t
                       int64_t T)
 {
     if (be->sticky || T <= 0) return;
+    struct tuna_weight deq;
+    if (w->dtype == TUNA_DTYPE_NF4 || w->dtype == TUNA_DTYPE_FP4) {
+        if (!w->q4) {
+            tuna_cuda_check(be, cudaErrorInvalidValue, "matmul (4-bit weight without its GPU quant state)");
+            return;
+        }
+        if (T <= TUNA_CUDA_GEMV_MAX_T) {
+            tuna_cuda_gemv_q4(be, y, x, w, bias, T);
+            return;
+        }
+        /* prefill: dequantize once for this GEMM, then the 16/32-bit path below */
+        void *p;
+        enum tuna_dtype dt;
+        if (!tuna_cuda_dequant_q4(be, w, &p, &dt)) return;
+        deq.dtype = dt;
+        deq.rows = w->rows;
+        deq.cols = w->cols;
+        deq.data = p;
+        deq.q4 = NULL;
+        w = &deq;
+    }
     int dtype = w->dtype == TUNA_DTYPE_BF16 ? 1 : w->dtype == TUNA_DTYPE_F16 ? 2 : w->dtype == TUNA_DTYPE_F32 ? 0 : -1;
     if (dtype < 0) {
         tuna_cuda_check(be, cudaErrorInvalidValue, "matmul (weight dtype not supported by the CUDA backend yet)");
