@@ -37,7 +37,7 @@ static void usage(FILE *f)
             "  --no-shuffle               step s takes examples s*batch .. s*batch+batch-1 in file order\n"
             "  --seed N                   shuffling and adapter init (3407)\n"
             "LoRA:\n"
-            "  --lora-r N (16)  --lora-alpha A (16)  --lora-dropout P (0; only 0 so far)  --use-rslora\n"
+            "  --lora-r N (16)  --lora-alpha A (16)  --lora-dropout P (0)  --use-rslora\n"
             "  --target-modules LIST      comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (all)\n"
             "  --init-adapter DIR         start from this PEFT adapter (its ranks, alphas and modules)\n"
             "  --load-in-4bit             quantize the base to NF4 with double quantization (QLoRA)\n"
@@ -50,7 +50,8 @@ static void usage(FILE *f)
             "output:\n"
             "  --metrics FILE (OUT/metrics.jsonl)  --save-steps N (0 = no checkpoints)  --resume (latest\n"
             "  OUT/checkpoint-N)  --resume-from DIR  --overwrite (replace an adapter already in OUT)\n"
-            "  --gradient-checkpointing  --threads N  --quiet\n");
+            "  --gradient-checkpointing (keep only each layer's input; recompute it in backward)\n"
+            "  --threads N  --quiet\n");
 }
 
 struct ft_opts {
@@ -252,6 +253,7 @@ int cmd_finetune(int argc, char **argv)
     struct tuna_lora_train_opts lo;
     tuna_lora_train_opts_default(&lo);
     lo.r = o.lora_r, lo.alpha = o.alpha, lo.dropout = o.dropout, lo.use_rslora = o.rslora, lo.seed = (uint64_t)o.seed;
+    lo.gradient_checkpointing = o.grad_ckpt;
     lo.targets = n_targets ? targets : NULL;
     lo.n_targets = n_targets;
     if (!st) st = tuna_trainer_new(m, &lo, &oo, init, &t);
@@ -281,9 +283,6 @@ int cmd_finetune(int argc, char **argv)
         fprintf(stderr, "steps %lld..%lld of %lld: %lld examples per step (batch %lld x accum %lld), lr %g (%s, "
                 "warmup %lld)%s\n", (long long)step0 + 1, (long long)total, (long long)total, (long long)per_step,
                 o.batch, o.accum, o.lr, o.sched, o.warmup, ckpt[0] ? ", resumed" : "");
-        if (o.grad_ckpt)
-            fprintf(stderr, "note: --gradient-checkpointing is accepted; the CPU trainer keeps every layer's "
-                            "activations (recomputation is not implemented yet)\n");
     }
     size_t *idx = st ? NULL : malloc((size_t)o.batch * sizeof *idx);
     struct tuna_train_batch *mb = st ? NULL : calloc((size_t)o.accum, sizeof *mb);

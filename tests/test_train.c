@@ -121,16 +121,18 @@ static double adapter_err(const struct tuna_lora_adapter *got, const struct tuna
     return worst;
 }
 
-static void fixture_run(const char *name, const char *base_rel, bool quantize)
+static void fixture_run(const char *name, const char *base_rel, bool quantize, bool ckpt)
 {
     struct run r;
     bool ok;
     run_open(&r, name, base_rel, &ok);
     if (!ok) skip();
-    printf("%s (base %s%s)\n", name, base_rel, quantize ? ", quantized on load" : "");
+    printf("%s (base %s%s%s)\n", name, base_rel, quantize ? ", quantized on load" : "",
+           ckpt ? ", gradient checkpointing" : "");
     if (quantize) TT_OK(tuna_train_quantize_base(r.m));
     struct tuna_lora_train_opts lo;
     tuna_lora_train_opts_default(&lo);
+    lo.gradient_checkpointing = ckpt;
     struct tuna_optim_opts oo;
     fixture_optim(&oo);
     tuna_trainer *t = NULL;
@@ -158,28 +160,42 @@ static void fixture_run(const char *name, const char *base_rel, bool quantize)
 static void test_lora_run(void **state)
 {
     (void)state;
-    fixture_run("llama-tiny-lora", "models/llama-tiny", false);
+    fixture_run("llama-tiny-lora", "models/llama-tiny", false, false);
 }
 static void test_lora_responses_run(void **state)
 {
     (void)state;
-    fixture_run("llama-tiny-lora-responses", "models/llama-tiny", false);
+    fixture_run("llama-tiny-lora-responses", "models/llama-tiny", false, false);
 }
 static void test_qlora_run(void **state)
 {
     (void)state;
     /* the NF4 double-quant base of the run: bitsandbytes quantized the same float32 weights
        the same way when it made bnb/llama-tiny-bnb-nf4-dq */
-    fixture_run("llama-tiny-qlora", "bnb/llama-tiny-bnb-nf4-dq", false);
+    fixture_run("llama-tiny-qlora", "bnb/llama-tiny-bnb-nf4-dq", false, false);
 }
+/* gradient checkpointing: the trainer's own forward, each layer recomputed in backward */
+static void test_lora_run_checkpointing(void **state)
+{
+    (void)state;
+    fixture_run("llama-tiny-lora", "models/llama-tiny", false, true);
+}
+static void test_qlora_run_checkpointing(void **state)
+{
+    (void)state;
+    fixture_run("llama-tiny-qlora", "bnb/llama-tiny-bnb-nf4-dq", false, true);
+}
+
 static void test_qlora_load_in_4bit(void **state)
 {
     (void)state;
     /* the same run from the 16-bit base, quantized in memory as --load-in-4bit does */
-    fixture_run("llama-tiny-qlora", "models/llama-tiny", true);
+    fixture_run("llama-tiny-qlora", "models/llama-tiny", true, false);
 }
 
-/* 5 steps, save (adapter + optimizer), a new trainer from them, 7 more = 12 uninterrupted. */
+/* 5 steps, save (adapter + optimizer), a new trainer from them, 7 more = 12 uninterrupted.
+ * A fresh adapter (module order of the plan, not of the file), LoRA dropout (masks must repeat)
+ * and gradient checkpointing. */
 static void test_resume(void **state)
 {
     (void)state;
@@ -189,18 +205,20 @@ static void test_resume(void **state)
     if (!ok) skip();
     struct tuna_lora_train_opts lo;
     tuna_lora_train_opts_default(&lo);
+    lo.dropout = 0.1;
+    lo.gradient_checkpointing = true;
     struct tuna_optim_opts oo;
     fixture_optim(&oo);
     char ck[8192], full[8192];
     snprintf(ck, sizeof ck, "%s/train-resume-ck", tt_tmpdir());
     snprintf(full, sizeof full, "%s/train-resume-full", tt_tmpdir());
     tuna_trainer *t = NULL;
-    TT_OK(tuna_trainer_new(r.m, &lo, &oo, r.init, &t));
+    TT_OK(tuna_trainer_new(r.m, &lo, &oo, NULL, &t));
     train_steps(&r, t, 0, 12, false);
     TT_OK(tuna_trainer_export(t, full, NULL, true));
     tuna_trainer_free(t);
 
-    TT_OK(tuna_trainer_new(r.m, &lo, &oo, r.init, &t));
+    TT_OK(tuna_trainer_new(r.m, &lo, &oo, NULL, &t));
     train_steps(&r, t, 0, 5, false);
     TT_OK(tuna_trainer_export(t, ck, NULL, true));
     TT_OK(tuna_trainer_save_optimizer(t, ck));
@@ -221,8 +239,10 @@ static void test_resume(void **state)
     double err = adapter_err(b, a);
     printf("resume after 5 steps vs uninterrupted: %.2e\n", err);
     assert_true(err == 0.0);
+    assert_true(adapter_err(b, mid) > 1e-3); /* it trained on after the checkpoint */
 
     /* optimizer state of another plan is refused */
+    lo.dropout = 0;
     lo.targets = (const char *const[]){"q_proj"};
     lo.n_targets = 1;
     TT_OK(tuna_trainer_new(r.m, &lo, &oo, NULL, &t));
@@ -289,6 +309,106 @@ static void test_nan_step(void **state)
     printf("diverged: %s\n", tuna_last_error());
     tuna_trainer_free(t);
     run_close(&r);
+}
+
+/* Whole-model gradient check on other architectures (Qwen3 q/k norms, Gemma GeGLU and 1+w
+ * norms, a 4-bit base), with LoRA dropout and gradient checkpointing: the directional derivative
+ * of the loss along a random direction in each of a few parameter groups, by central
+ * differences of tuna_trainer_loss_grad (same dropout masks), against grads · direction. */
+static uint64_t trng = 99;
+static double tgauss(void)
+{
+    double u = 0;
+    for (int i = 0; i < 12; i++) {
+        trng = trng * 6364136223846793005ULL + 1442695040888963407ULL;
+        u += (double)(trng >> 11) / 9007199254740992.0;
+    }
+    return u - 6;
+}
+
+static void gradient_case(const char *model_rel, double dropout, bool ckpt)
+{
+    char base[8192], rel[512];
+    snprintf(rel, sizeof rel, "fixtures/%s", model_rel);
+    if (!tt_shared_path(base, sizeof base, rel)) skip();
+    struct tuna_model_opts mo = {0};
+    mo.threads = 2;
+    mo.quiet = true;
+    struct tuna_model *m = NULL;
+    TT_OK(tuna_model_load(base, &mo, &m));
+    struct tuna_lora_train_opts lo;
+    tuna_lora_train_opts_default(&lo);
+    lo.r = 4;
+    lo.alpha = 8;
+    lo.dropout = dropout;
+    lo.gradient_checkpointing = ckpt;
+    struct tuna_optim_opts oo;
+    tuna_optim_opts_default(&oo);
+    tuna_trainer *t = NULL;
+    TT_OK(tuna_trainer_new(m, &lo, &oo, NULL, &t));
+    const int64_t P = tuna_trainer_param_count(t);
+    float *p = tuna_trainer_params(t);
+    for (int64_t i = 0; i < P; i++) p[i] = (float)(0.05 * tgauss()); /* B != 0: A gets gradients too */
+    enum { B = 2, T = 9 };
+    int32_t ids[B * T], labels[B * T], attn[B * T];
+    int64_t len[B] = {T, 6};
+    struct tuna_train_batch b = {B, T, ids, labels, attn, len, 0};
+    for (int i = 0; i < B * T; i++) {
+        ids[i] = (int32_t)((uint64_t)(tgauss() * 1e6 + 1e7) % (uint64_t)m->arch.vocab_size);
+        bool real = i % T < len[i / T];
+        labels[i] = real && i % T != 2 ? ids[i] : TUNA_LABEL_IGNORE; /* one masked label */
+        attn[i] = real;
+        if (labels[i] != TUNA_LABEL_IGNORE && i % T >= 1) b.n_targets++;
+    }
+    double L0, Lp, Lm;
+    TT_OK(tuna_trainer_loss_grad(t, &b, 1, &L0, NULL, NULL));
+    float *g = malloc((size_t)P * sizeof *g), *v = calloc((size_t)P, sizeof *v), *p0 = malloc((size_t)P * sizeof *p0);
+    memcpy(g, tuna_trainer_grads(t), (size_t)P * sizeof *g);
+    memcpy(p0, p, (size_t)P * sizeof *p0);
+    /* groups: the first module's A, the first module's B, everything */
+    const int64_t a0 = 4 * m->arch.hidden_size, groups[3][2] = {{0, a0}, {a0, a0 + 4 * m->layers[0].q.w.rows}, {0, P}};
+    double worst = 0;
+    for (int gi = 0; gi < 3; gi++) {
+        memset(v, 0, (size_t)P * sizeof *v);
+        double nv = 0, gv = 0;
+        for (int64_t i = groups[gi][0]; i < groups[gi][1]; i++) {
+            v[i] = (float)tgauss();
+            nv += (double)v[i] * v[i];
+        }
+        for (int64_t i = groups[gi][0]; i < groups[gi][1]; i++) {
+            v[i] = (float)(v[i] / sqrt(nv));
+            gv += (double)g[i] * v[i];
+        }
+        const double h = 2e-2;
+        for (int64_t i = 0; i < P; i++) p[i] = (float)(p0[i] + h * v[i]);
+        TT_OK(tuna_trainer_loss_grad(t, &b, 1, &Lp, NULL, NULL));
+        for (int64_t i = 0; i < P; i++) p[i] = (float)(p0[i] - h * v[i]);
+        TT_OK(tuna_trainer_loss_grad(t, &b, 1, &Lm, NULL, NULL));
+        memcpy(p, p0, (size_t)P * sizeof *p);
+        double num = (Lp - Lm) / (2 * h), err = fabs(num - gv) / fmax(fabs(gv), 1e-3);
+        printf("  %s dropout %.2f%s group %d: g.v %.6e numeric %.6e (rel %.1e)\n", model_rel, dropout,
+               ckpt ? " ckpt" : "", gi, gv, num, err);
+        if (err > worst) worst = err;
+        assert_true(fabs(gv) > 1e-4); /* the direction sees a gradient */
+    }
+    assert_true(worst < 1e-2);
+    /* the loss is a function of the parameters: same masks, same value */
+    TT_OK(tuna_trainer_loss_grad(t, &b, 1, &Lp, NULL, NULL));
+    assert_true(Lp == L0);
+    free(g), free(v), free(p0);
+    tuna_trainer_free(t);
+    tuna_model_free(m);
+}
+
+static void test_model_gradients(void **state)
+{
+    (void)state;
+    gradient_case("models/llama-tiny", 0.0, false);
+    gradient_case("models/qwen3-tiny", 0.0, false);
+    gradient_case("models/qwen3-tiny", 0.3, true);
+    gradient_case("models/gemma-tiny", 0.3, false);
+    gradient_case("models/qwen2-tiny", 0.0, true);
+    gradient_case("bnb/llama-tiny-bnb-nf4-dq", 0.2, true);
 }
 
 /* checkpoint folder: adapter + optimizer + state, found as the latest, read back */
@@ -375,7 +495,9 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_schedules),  cmocka_unit_test(test_lora_run),  cmocka_unit_test(test_lora_responses_run),
-        cmocka_unit_test(test_qlora_run), cmocka_unit_test(test_qlora_load_in_4bit),  cmocka_unit_test(test_resume),    cmocka_unit_test(test_nan_step),
+        cmocka_unit_test(test_qlora_run), cmocka_unit_test(test_qlora_load_in_4bit),
+        cmocka_unit_test(test_lora_run_checkpointing), cmocka_unit_test(test_qlora_run_checkpointing),
+        cmocka_unit_test(test_model_gradients),  cmocka_unit_test(test_resume),    cmocka_unit_test(test_nan_step),
         cmocka_unit_test(test_checkpoint_files), cmocka_unit_test(test_report),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);

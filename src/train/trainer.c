@@ -17,6 +17,7 @@
 #include "model/sampler.h"
 #include "train/backward.h"
 #include "train/trainer.h"
+#include "train/trainer_internal.h"
 
 static const char *const proj_names[TUNA_PROJ_COUNT] = {"q_proj", "k_proj", "v_proj", "o_proj",
                                                         "gate_proj", "up_proj", "down_proj"};
@@ -31,45 +32,6 @@ void tuna_lora_train_opts_default(struct tuna_lora_train_opts *o)
     o->r = 16;
     o->alpha = 16;
     o->seed = 3407;
-}
-
-struct tmod {
-    char name[96];          /* "model.layers.3.mlp.up_proj" */
-    int64_t layer;
-    int proj;
-    int64_t r, K, N;
-    double alpha;
-    struct tuna_lora lora;  /* A, B point into t->params */
-    int64_t offA, offB;     /* offsets into the flat arrays */
-};
-
-struct tuna_trainer {
-    struct tuna_model *m;
-    struct tuna_optim_opts oo;
-    struct tuna_lora_train_opts lo;
-    bool use_rslora;
-    int64_t cfg_r;
-    double cfg_alpha;
-    struct tmod *mods;
-    int n_mods;
-    struct tmod **by_lin;   /* [L * 7]: the module on each linear, or NULL */
-    int64_t P;              /* trainable floats */
-    float *params, *grads, *m1, *m2;
-    int64_t step;           /* optimizer steps done */
-    struct tuna_fwd_trace trace;
-};
-
-static struct tuna_linear *proj_lin(struct tuna_layer *L, int p)
-{
-    switch (p) {
-    case TUNA_PROJ_Q: return &L->q;
-    case TUNA_PROJ_K: return &L->k;
-    case TUNA_PROJ_V: return &L->v;
-    case TUNA_PROJ_O: return &L->o;
-    case TUNA_PROJ_GATE: return &L->gate;
-    case TUNA_PROJ_UP: return &L->up;
-    default: return &L->down;
-    }
 }
 
 static void module_name(char *buf, size_t cap, int64_t layer, int proj)
@@ -107,6 +69,10 @@ void tuna_trainer_free(tuna_trainer *t)
                 lin->lora = NULL;
             }
     tuna_fwd_trace_free(&t->trace);
+    free(t->mem);
+    free(t->acts);
+    free(t->rows);
+    free(t->bt);
     free(t->by_lin);
     free(t->mods);
     free(t->params);
@@ -134,21 +100,30 @@ static tuna_status plan_modules(tuna_trainer *t, const struct tuna_lora_adapter 
     if (!t->mods || !t->by_lin) return tuna_fail_oom("trainer modules", (size_t)cap * sizeof *t->mods);
     if (init) {
         for (int i = 0; i < init->n_modules; i++) {
-            const struct tuna_lora_module *im = &init->modules[i];
             int64_t layer;
             int p;
-            if (!parse_module(im->name, &layer, &p) || layer >= a->n_layers)
+            if (!parse_module(init->modules[i].name, &layer, &p) || layer >= a->n_layers)
                 return tuna_fail(TUNA_E_UNSUPPORTED, "adapter %s adapts '%s': tuna trains LoRA on the seven "
                                  "projections of layers 0..%lld only (q/k/v/o_proj, gate/up/down_proj)",
-                                 init->dir ? init->dir : "(memory)", im->name, (long long)a->n_layers - 1);
-            struct tmod *md = &t->mods[t->n_mods++];
-            snprintf(md->name, sizeof md->name, "%s", im->name);
-            md->layer = layer;
-            md->proj = p;
-            md->r = im->r;
-            md->alpha = im->alpha;
-            md->lora.scale = im->scale;
+                                 init->dir ? init->dir : "(memory)", init->modules[i].name,
+                                 (long long)a->n_layers - 1);
         }
+        /* canonical order (layer, projection), whatever the file's order: optimizer state of a
+           fresh run and of its resumption line up */
+        for (int64_t l = 0; l < a->n_layers; l++)
+            for (int p = 0; p < TUNA_PROJ_COUNT; p++) {
+                char name[96];
+                module_name(name, sizeof name, l, p);
+                const struct tuna_lora_module *im = tuna_lora_find(init, name);
+                if (!im) continue;
+                struct tmod *md = &t->mods[t->n_mods++];
+                snprintf(md->name, sizeof md->name, "%s", name);
+                md->layer = l;
+                md->proj = p;
+                md->r = im->r;
+                md->alpha = im->alpha;
+                md->lora.scale = im->scale;
+            }
     } else {
         for (int64_t l = 0; l < a->n_layers; l++)
             for (int p = 0; p < TUNA_PROJ_COUNT; p++) {
@@ -187,9 +162,8 @@ tuna_status tuna_trainer_new(struct tuna_model *m, const struct tuna_lora_train_
     *out = NULL;
     if (!m->ops->host_memory)
         return tuna_fail(TUNA_E_UNSUPPORTED, "training runs on the CPU backend only so far; use --device cpu");
-    if (lo->dropout != 0)
-        return tuna_fail(TUNA_E_UNSUPPORTED, "LoRA dropout %g is not supported yet; use --lora-dropout 0 "
-                         "(Unsloth's default)", lo->dropout);
+    if (!(lo->dropout >= 0 && lo->dropout < 1))
+        return tuna_fail(TUNA_E_INVALID, "LoRA dropout %g is out of range [0, 1)", lo->dropout);
     if (!init && (lo->r <= 0 || lo->r > 4096))
         return tuna_fail(TUNA_E_INVALID, "LoRA rank %lld is out of range (1..4096)", (long long)lo->r);
     tuna_trainer *t = calloc(1, sizeof *t);
@@ -200,6 +174,8 @@ tuna_status tuna_trainer_new(struct tuna_model *m, const struct tuna_lora_train_
     t->use_rslora = init ? init->use_rslora : lo->use_rslora;
     t->cfg_r = init ? init->r : lo->r;
     t->cfg_alpha = init ? init->alpha : lo->alpha;
+    t->ckpt = lo->gradient_checkpointing;
+    t->own_fwd = lo->dropout > 0 || lo->gradient_checkpointing;
     tuna_status st = plan_modules(t, init);
     if (st) {
         tuna_trainer_free(t);
@@ -258,6 +234,7 @@ tuna_status tuna_trainer_new(struct tuna_model *m, const struct tuna_lora_train_
 int64_t tuna_trainer_step_count(const tuna_trainer *t) { return t->step; }
 int64_t tuna_trainer_param_count(const tuna_trainer *t) { return t->P; }
 const float *tuna_trainer_grads(const tuna_trainer *t) { return t->grads; }
+float *tuna_trainer_params(tuna_trainer *t) { return t->params; }
 
 /* ---------------------------------------------------------------- one micro-batch */
 
@@ -269,8 +246,8 @@ static tuna_status build_batch(const struct tuna_model *m, const struct tuna_tra
 {
     tuna_batch_clear(fb);
     for (int64_t r = 0; r < tb->B; r++) {
-        int32_t seq;
-        tuna_status st = tuna_kv_seq_new(kv, &seq);
+        int32_t seq = (int32_t)r;
+        tuna_status st = kv ? tuna_kv_seq_new(kv, &seq) : TUNA_OK; /* no cache for the trainer's own forward */
         if (st) return st;
         const int64_t len = tb->len[r];
         for (int64_t i = 0; i < len; i++) {
@@ -288,17 +265,6 @@ static tuna_status build_batch(const struct tuna_model *m, const struct tuna_tra
     return TUNA_OK;
 }
 
-/* y[T,N] += lora(x) for one adapter (recomputing a projection before q/k norm). */
-static void lora_forward_add(float *y, const float *x, const struct tuna_lora *l, int64_t N, int64_t K, int64_t T)
-{
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t j = 0; j < l->r; j++) {
-            double h = 0;
-            for (int64_t k = 0; k < K; k++) h += (double)l->A[j * K + k] * x[t * K + k];
-            for (int64_t n = 0; n < N; n++) y[t * N + n] += l->scale * (float)h * l->B[n * l->r + j];
-        }
-}
-
 /* dx += dy W (+ LoRA), and the adapter's dA, dB when the linear carries one. */
 static void linear_backward(tuna_trainer *t, int64_t layer, int proj, float *dx, const float *dy, const float *x,
                             int64_t T)
@@ -306,7 +272,19 @@ static void linear_backward(tuna_trainer *t, int64_t layer, int proj, float *dx,
     const struct tuna_linear *lin = proj_lin(&t->m->layers[layer], proj);
     tuna_matmul_backward(dx, dy, &lin->w, T);
     const struct tmod *md = t->by_lin[layer * TUNA_PROJ_COUNT + proj];
-    if (md) tuna_lora_backward(dx, t->grads + md->offA, t->grads + md->offB, dy, x, &md->lora, md->N, md->K, T);
+    if (!md) return;
+    uint64_t key = tuna_train_drop_key(t, (int)(md - t->mods));
+    if (!key) {
+        tuna_lora_backward(dx, t->grads + md->offA, t->grads + md->offB, dy, x, &md->lora, md->N, md->K, T);
+        return;
+    }
+    /* y += s B A drop(x): the adapter sees drop(x); dropout is linear, so dx += drop(d drop(x)) */
+    const int64_t n = T * md->K;
+    tuna_train_dropout(t->drop, x, T, md->K, t->lo.dropout, key);
+    memset(t->drop_g, 0, (size_t)n * sizeof(float));
+    tuna_lora_backward(t->drop_g, t->grads + md->offA, t->grads + md->offB, dy, t->drop, &md->lora, md->N, md->K, T);
+    tuna_train_dropout(t->drop_g, t->drop_g, T, md->K, t->lo.dropout, key);
+    for (int64_t i = 0; i < n; i++) dx[i] += t->drop_g[i];
 }
 
 struct bwd_bufs {
@@ -351,10 +329,7 @@ static void layer_backward(tuna_trainer *t, int64_t l, const struct tuna_fwd_lay
     for (int i = 0; i < 2; i++) {
         if (!norm_w[i]) continue;
         /* the projection before its per-head norm was overwritten in place: recompute it */
-        const struct tuna_linear *lin = i == 0 ? &L->q : &L->k;
-        m->ops->matmul(m->be, g->pre, A->xn_attn, &lin->w, lin->bias, T);
-        const struct tmod *md = t->by_lin[l * TUNA_PROJ_COUNT + (i == 0 ? TUNA_PROJ_Q : TUNA_PROJ_K)];
-        if (md) lora_forward_add(g->pre, A->xn_attn, &md->lora, md->N, md->K, T);
+        tuna_train_linear_forward(t, l, i == 0 ? TUNA_PROJ_Q : TUNA_PROJ_K, g->pre, A->xn_attn, T);
         zero(g->dpre, T * heads[i] * D);
         tuna_rmsnorm_backward(g->dpre, dqk[i], g->pre, norm_w[i], T * heads[i], D, eps);
         memcpy(dqk[i], g->dpre, (size_t)(T * heads[i] * D) * sizeof(float));
@@ -367,8 +342,8 @@ static void layer_backward(tuna_trainer *t, int64_t l, const struct tuna_fwd_lay
 }
 
 /* Forward (+ backward when train) of one micro-batch; adds the CE sum to *loss_sum. */
-static tuna_status micro_step(tuna_trainer *t, const struct tuna_train_batch *tb, double denom, bool train,
-                              double *loss_sum, int64_t *tokens)
+static tuna_status micro_step(tuna_trainer *t, const struct tuna_train_batch *tb, int micro, double denom,
+                              bool train, double *loss_sum, int64_t *tokens)
 {
     struct tuna_model *m = t->m;
     const struct tuna_arch *a = &m->arch;
@@ -389,7 +364,10 @@ static tuna_status micro_step(tuna_trainer *t, const struct tuna_train_batch *tb
     int32_t *target = malloc((size_t)T * sizeof *target);
     float *logits = NULL, *dxs = NULL, *work = NULL;
     tuna_status st = target ? TUNA_OK : tuna_fail_oom("targets", (size_t)T * 4);
-    if (!st) st = tuna_model_kv_new(m, T + tb->B * TUNA_KV_DEFAULT_BLOCK, 0, &kv);
+    /* dropout masks of this (step, micro-batch); none when evaluating */
+    t->drop_base = train ? (t->lo.seed * 0x9E3779B97F4A7C15ULL) ^ ((uint64_t)t->step << 20) ^ (uint64_t)micro : 0;
+    if (train) t->drop_base |= 1ULL << 63;
+    if (!st && !t->own_fwd) st = tuna_model_kv_new(m, T + tb->B * TUNA_KV_DEFAULT_BLOCK, 0, &kv);
     if (!st) st = build_batch(m, tb, kv, &fb, target);
     if (st) goto done;
     int64_t n = fb.n_logits;
@@ -398,7 +376,8 @@ static tuna_status micro_step(tuna_trainer *t, const struct tuna_train_batch *tb
         st = tuna_fail_oom("logits", (size_t)(n * V) * 4);
         goto done;
     }
-    st = tuna_model_forward(m, kv, &fb, logits, train ? &t->trace : NULL);
+    st = t->own_fwd ? tuna_train_forward(t, &fb, logits, train)
+                    : tuna_model_forward(m, kv, &fb, logits, train ? &t->trace : NULL);
     if (st) goto done;
     /* compact targets in logits order */
     int32_t *tg = malloc((size_t)(n ? n : 1) * sizeof *tg);
@@ -434,13 +413,23 @@ static tuna_status micro_step(tuna_trainer *t, const struct tuna_train_batch *tb
     g.dgate = p, p += T * I;
     g.dup = p, p += T * I;
     tuna_matmul_backward(dxs, logits, &m->lm_head.w, n);
+    const float *x_final = t->own_fwd ? t->x_final : t->trace.x_final;
     for (int64_t i = 0, j = 0; i < T; i++)
         if (fb.logits[i]) {
-            tuna_rmsnorm_backward(g.dx + i * C, dxs + j * C, t->trace.x_final + i * C, m->final_norm, 1, C,
+            tuna_rmsnorm_backward(g.dx + i * C, dxs + j * C, x_final + i * C, m->final_norm, 1, C,
                                   (float)a->norm_eps);
             j++;
         }
-    for (int64_t l = a->n_layers - 1; l >= 0; l--) layer_backward(t, l, &t->trace.layers[l], fb.pos, T, &g);
+    for (int64_t l = a->n_layers - 1; l >= 0; l--) {
+        const struct tuna_fwd_layer_acts *acts = &t->trace.layers[l];
+        if (t->own_fwd && t->ckpt) {
+            tuna_train_recompute_layer(t, l, &fb); /* the layer again, from its saved input */
+            acts = &t->acts[0];
+        } else if (t->own_fwd) {
+            acts = &t->acts[l];
+        }
+        layer_backward(t, l, acts, fb.pos, T, &g);
+    }
     /* the embedding is frozen: the gradient stops here */
 done:
     free(work);
@@ -458,9 +447,9 @@ static double now_s(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-tuna_status tuna_trainer_step(tuna_trainer *t, const struct tuna_train_batch *mb, int n, struct tuna_step_stats *out)
+tuna_status tuna_trainer_loss_grad(tuna_trainer *t, const struct tuna_train_batch *mb, int n, double *loss,
+                                   int64_t *tokens_out, int64_t *targets_out)
 {
-    double t0 = now_s();
     int64_t targets = 0, tokens = 0;
     for (int i = 0; i < n; i++) targets += mb[i].n_targets;
     if (targets <= 0)
@@ -469,10 +458,21 @@ tuna_status tuna_trainer_step(tuna_trainer *t, const struct tuna_train_batch *mb
     zero(t->grads, t->P);
     double loss_sum = 0;
     for (int i = 0; i < n; i++) {
-        tuna_status st = micro_step(t, &mb[i], (double)targets, true, &loss_sum, &tokens);
+        tuna_status st = micro_step(t, &mb[i], i, (double)targets, true, &loss_sum, &tokens);
         if (st) return tuna_fail_prefix(st, "step %lld", (long long)t->step + 1);
     }
-    double loss = loss_sum / (double)targets;
+    *loss = loss_sum / (double)targets;
+    if (tokens_out) *tokens_out = tokens;
+    if (targets_out) *targets_out = targets;
+    return TUNA_OK;
+}
+
+tuna_status tuna_trainer_step(tuna_trainer *t, const struct tuna_train_batch *mb, int n, struct tuna_step_stats *out)
+{
+    double t0 = now_s(), loss;
+    int64_t tokens = 0, targets = 0;
+    tuna_status st = tuna_trainer_loss_grad(t, mb, n, &loss, &tokens, &targets);
+    if (st) return st;
     double gn = sqrt(tuna_grad_sq_sum(t->grads, t->P));
     if (!isfinite(loss) || !isfinite(gn))
         return tuna_fail(TUNA_E_RANGE, "step %lld: the loss is %g and the gradient norm %g: training diverged "
@@ -499,7 +499,7 @@ tuna_status tuna_trainer_eval(tuna_trainer *t, const struct tuna_train_batch *b,
     double sum = 0;
     int64_t tokens = 0;
     if (b->n_targets <= 0) return tuna_fail(TUNA_E_INVALID, "evaluation batch has no target token");
-    tuna_status st = micro_step(t, b, (double)b->n_targets, false, &sum, &tokens);
+    tuna_status st = micro_step(t, b, 0, (double)b->n_targets, false, &sum, &tokens);
     if (!st) *loss = sum / (double)b->n_targets;
     return st;
 }

@@ -33,11 +33,13 @@ const char *tuna_proj_name(int proj);
 struct tuna_lora_train_opts {
     int64_t r;                  /* 16 */
     double alpha;               /* 16 */
-    double dropout;             /* only 0 is supported so far */
+    double dropout;             /* LoRA dropout on the adapter's input, [0, 1) */
     bool use_rslora;
     const char *const *targets; /* projection names ("q_proj", ...); NULL = all seven */
     int n_targets;
-    uint64_t seed;              /* A's init (kaiming-uniform bound 1/sqrt(in), as PEFT); B = 0 */
+    uint64_t seed;              /* A's init (kaiming-uniform bound 1/sqrt(in), as PEFT); B = 0;
+                                   dropout masks */
+    bool gradient_checkpointing; /* keep only each layer's input; recompute the rest in backward */
 };
 void tuna_lora_train_opts_default(struct tuna_lora_train_opts *o);
 
@@ -66,13 +68,21 @@ struct tuna_step_stats {
  * untouched. A step whose batches hold no target is refused (TUNA_E_INVALID). */
 tuna_status tuna_trainer_step(tuna_trainer *t, const struct tuna_train_batch *mb, int n, struct tuna_step_stats *st);
 
+/* The loss and the gradients (tuna_trainer_grads) of the next step over n micro-batches, with
+ * that step's dropout masks, changing nothing else: tuna_trainer_step is this, then the norm,
+ * clipping and AdamW. tokens / targets may be NULL. */
+tuna_status tuna_trainer_loss_grad(tuna_trainer *t, const struct tuna_train_batch *mb, int n, double *loss,
+                                   int64_t *tokens, int64_t *targets);
+
 /* The loss of a batch without training (evaluation): mean CE over its targets. */
 tuna_status tuna_trainer_eval(tuna_trainer *t, const struct tuna_train_batch *b, double *loss);
 
 int64_t tuna_trainer_step_count(const tuna_trainer *t);
 int64_t tuna_trainer_param_count(const tuna_trainer *t);
-/* The gradients of the last step (for tests): flat, in module order, A then B per module. */
+/* The gradients of the last step and the parameters: flat, in module order, A then B per
+ * module (tuna_trainer_param_count floats). Parameters may be changed in place (tests). */
 const float *tuna_trainer_grads(const tuna_trainer *t);
+float *tuna_trainer_params(tuna_trainer *t);
 
 /* Writes the adapters as a PEFT folder (tuna_export_peft). base_model may be NULL. */
 tuna_status tuna_trainer_export(const tuna_trainer *t, const char *dir, const char *base_model, bool replace);
