@@ -31,6 +31,33 @@ bool infer_device_parse(struct tuna_model_opts *o, int argc, char **argv, int *i
         }
         return true;
     }
+    if (!strcmp(argv[*i], "--load-in-4bit")) {
+        o->load_in_4bit = true;
+        return true;
+    }
+    if (!strcmp(argv[*i], "--no-double-quant")) {
+        o->no_double_quant = true;
+        return true;
+    }
+    if (!strcmp(argv[*i], "--double-quant")) {
+        o->no_double_quant = false;
+        return true;
+    }
+    if (tuna_cli_opt_str(argc, argv, i, "--quant-type", &s, bad)) {
+        if (!strcmp(s, "nf4") || !strcmp(s, "fp4")) o->quant_fp4 = !strcmp(s, "fp4");
+        else {
+            fprintf(stderr, "--quant-type wants nf4 or fp4, got '%s'\n", s);
+            *bad = true;
+        }
+        return true;
+    }
+    {
+        long long bs;
+        if (tuna_cli_opt_int(argc, argv, i, "--blocksize", &bs, bad)) {
+            o->quant_blocksize = (int)bs;
+            return true;
+        }
+    }
     if (tuna_cli_opt_str(argc, argv, i, "--dtype", &s, bad)) {
         if (!strcmp(s, "auto")) o->gpu_dtype = TUNA_DTYPE_INVALID;
         else if (!strcmp(s, "bfloat16") || !strcmp(s, "bf16")) o->gpu_dtype = TUNA_DTYPE_BF16;
@@ -134,6 +161,8 @@ void infer_flags_help(FILE *out, bool sampling)
     fprintf(out, "  --device D             cpu, cuda, cuda:N or auto (default: the GPU when there is one)\n"
                  "  --dtype T              GPU compute: auto (bf16 on compute capability >= 8.0, else fp16),\n"
                  "                         bfloat16, float16, float32\n"
+                 "  --load-in-4bit          quantize the decoder projections at load (NF4 + double quant,\n"
+                 "                         block 64; --quant-type fp4, --no-double-quant, --blocksize N)\n"
                  "  --threads N            CPU threads (default: all)\n"
                  "  --max-model-len N      context limit (default: max_position_embeddings)\n");
     if (!sampling) return;

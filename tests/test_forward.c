@@ -342,6 +342,44 @@ static void test_trace(void **state)
     tuna_model_free(m);
 }
 
+/* --load-in-4bit quantizes pymini's projections at load to exactly the codes bitsandbytes wrote
+ * in fixtures/bnb/pymini-bnb-nf4-dq (same bf16 inputs, NF4, double quant, block 64). */
+static void test_load_in_4bit(void **state)
+{
+    (void)state;
+    NEED_DEVICE();
+    if (g_device != TUNA_DEVICE_CPU) skip(); /* compares the host-side codes */
+    char dir[4200], bnb[4200];
+    if (!tt_shared_path(dir, sizeof dir, "fixtures/models/pymini") ||
+        !tt_shared_path(bnb, sizeof bnb, "fixtures/bnb/pymini-bnb-nf4-dq"))
+        skip();
+    struct tuna_model *m;
+    struct tuna_model_opts o = {.threads = 2, .load_in_4bit = true};
+    TT_OK(tuna_model_load(dir, &o, &m));
+    tuna_st_set *set;
+    TT_OK(tuna_st_set_open(bnb, "model", &set));
+    int compared = 0;
+    for (int64_t l = 0; l < m->arch.n_layers; l++) {
+        const struct tuna_layer *L = &m->layers[l];
+        const struct tuna_linear *lins[] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
+        const char *names[] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                               "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
+        for (int i = 0; i < 7; i++) {
+            char n[128];
+            snprintf(n, sizeof n, "model.layers.%lld.%s.weight", (long long)l, names[i]);
+            const struct tuna_tensor_view *t = tuna_st_set_find(set, n);
+            assert_non_null(t);
+            assert_int_equal(lins[i]->w.dtype, TUNA_DTYPE_NF4);
+            assert_memory_equal(lins[i]->w.data, t->data, t->nbytes);
+            compared++;
+        }
+    }
+    printf("  --load-in-4bit: %d projections byte-identical to bitsandbytes' codes\n", compared);
+    assert_int_equal(m->embed.dtype, TUNA_DTYPE_BF16); /* embeddings and lm_head stay 16-bit */
+    tuna_st_set_close(set);
+    tuna_model_free(m);
+}
+
 int main(void)
 {
     const char *dev = getenv("TUNA_TEST_DEVICE"), *dt = getenv("TUNA_TEST_GPU_DTYPE");
@@ -361,6 +399,7 @@ int main(void)
         cmocka_unit_test(test_batched_equals_alone),
         cmocka_unit_test(test_context_limit),
         cmocka_unit_test(test_trace),
+        cmocka_unit_test(test_load_in_4bit),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

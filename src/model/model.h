@@ -76,6 +76,12 @@ struct tuna_model_opts {
      * float32: the mode that matches the CPU reference to ~1e-6). Ignored on the CPU. */
     enum tuna_dtype gpu_dtype;
     bool quiet;             /* no device/dtype line on stderr */
+    /* --load-in-4bit: quantize the decoder projections at load (bitsandbytes layout, bit-exact
+     * with its quantizer); NF4 + double quant + block 64 unless the fields below say otherwise */
+    bool load_in_4bit;
+    bool quant_fp4;         /* --quant-type fp4 */
+    bool no_double_quant;   /* --no-double-quant */
+    int quant_blocksize;    /* --blocksize (0 = 64) */
 };
 
 struct tuna_q4_weight; /* quant/nf4.h */

@@ -20,6 +20,7 @@
 #include "model/model.h"
 #include "model/rope_freq.h"
 #include "quant/bnb.h"
+#include "quant/nf4.h"
 
 struct loader {
     const struct tuna_arch *a;
@@ -27,7 +28,31 @@ struct loader {
     void *ctx;
     const tuna_st_set *set;  /* for bitsandbytes weights; NULL for synthetic models */
     struct tuna_model *m;    /* owns the 4-bit states */
+    const struct tuna_model_opts *opts; /* may be NULL */
 };
+
+/* --load-in-4bit: quantizes a 16/32-bit projection at load, as transformers + bitsandbytes do
+ * for every decoder nn.Linear (lm_head and embeddings stay in their dtype). The quant_state
+ * dtype is the stored dtype, so dequantized values are rounded to it, as bitsandbytes does. */
+static tuna_status quantize_at_load(const struct loader *ld, const char *name, struct tuna_weight *w)
+{
+    const struct tuna_model_opts *o = ld->opts;
+    struct tuna_model *m = ld->m;
+    struct tuna_q4_weight **nq = realloc(m->q4, sizeof *nq * (size_t)(m->n_q4 + 1));
+    if (!nq) return tuna_fail_oom("4-bit weight table", sizeof *nq * (size_t)(m->n_q4 + 1));
+    m->q4 = nq;
+    struct tuna_q4_weight *q = calloc(1, sizeof *q);
+    if (!q) return tuna_fail_oom("4-bit weight", sizeof *q);
+    m->q4[m->n_q4++] = q;
+    tuna_status st = tuna_q4_quantize(w->data, w->dtype, w->rows, w->cols, o->quant_fp4 ? TUNA_Q4_FP4 : TUNA_Q4_NF4,
+                                      o->quant_blocksize > 0 ? o->quant_blocksize : 64, !o->no_double_quant, w->dtype,
+                                      q);
+    if (st) return tuna_fail_prefix(st, "--load-in-4bit: %s", name);
+    w->dtype = q->type == TUNA_Q4_NF4 ? TUNA_DTYPE_NF4 : TUNA_DTYPE_FP4;
+    w->data = q->codes;
+    w->q4 = q;
+    return TUNA_OK;
+}
 
 static tuna_status load_q4(const struct loader *ld, const char *name, int64_t rows, int64_t cols,
                            struct tuna_weight *w)
@@ -120,6 +145,7 @@ static tuna_status load_linear(const struct loader *ld, const char *prefix, int6
     snprintf(name, sizeof name, "%s.weight", prefix);
     tuna_status st = load_matrix(ld, name, rows, cols, &lin->w);
     if (st) return st;
+    if (ld->opts && ld->opts->load_in_4bit && !lin->w.q4 && (st = quantize_at_load(ld, name, &lin->w))) return st;
     snprintf(name, sizeof name, "%s.bias", prefix);
     bool present = ld->get(ld->ctx, name) != NULL;
     if (present && !bias)
@@ -193,7 +219,7 @@ static tuna_status build(const struct tuna_arch *arch, tuna_tensor_lookup get, v
     m->arch.quant.skip_modules = NULL; /* owned by the caller's arch */
     m->arch.quant.n_skip_modules = 0;
     const struct tuna_arch *a = &m->arch;
-    struct loader ld = {a, get, ctx, set, m};
+    struct loader ld = {a, get, ctx, set, m, opts};
     m->layers = calloc((size_t)a->n_layers, sizeof *m->layers);
     if (!m->layers) {
         st = tuna_fail_oom("layer table", sizeof *m->layers * (size_t)a->n_layers);
