@@ -167,6 +167,26 @@ static void test_attention(void **state)
     (void)state;
     attention_case(0);
     attention_case(2);
+    /* large enough for several threads (one task per sequence and kv head): the same floats
+       as one thread */
+    enum { T = 120, H = 4, Hkv = 2, D = 16 };
+    int64_t pos[T];
+    for (int i = 0; i < T; i++) pos[i] = i < 50 ? i : i < 90 ? i - 50 : i - 90;
+    float *q = rand_vec(T * H * D, 1.0f), *k = rand_vec(T * Hkv * D, 1.0f), *v = rand_vec(T * Hkv * D, 1.0f);
+    float *g = rand_vec(T * H * D, 1.0f), *d[2][3];
+    for (int r = 0; r < 2; r++) {
+        d[r][0] = calloc(T * H * D, sizeof(float));
+        d[r][1] = calloc(T * Hkv * D, sizeof(float));
+        d[r][2] = calloc(T * Hkv * D, sizeof(float));
+        tuna_backward_set_threads(r == 0 ? 1 : 4);
+        tuna_attention_backward(d[r][0], d[r][1], d[r][2], g, q, k, v, pos, T, H, Hkv, D, 0.25f, 0);
+    }
+    tuna_backward_set_threads(0);
+    assert_memory_equal(d[0][0], d[1][0], T * H * D * sizeof(float));
+    assert_memory_equal(d[0][1], d[1][1], T * Hkv * D * sizeof(float));
+    assert_memory_equal(d[0][2], d[1][2], T * Hkv * D * sizeof(float));
+    for (int r = 0; r < 2; r++) free(d[r][0]), free(d[r][1]), free(d[r][2]);
+    free(q), free(k), free(v), free(g);
 }
 
 /* ---- glu ---- */

@@ -3,8 +3,10 @@
  * Frozen weights are converted to float32 in row tiles (16-bit and NF4 alike), never whole.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "core/dtype.h"
 #include "io/hf_config.h"
@@ -74,30 +76,36 @@ void tuna_rope_backward(float *d, const int64_t *pos, int64_t T, int64_t H, int6
     }
 }
 
-void tuna_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
-                             const float *v, const int64_t *pos, int64_t T, int64_t H, int64_t Hkv, int64_t D,
-                             float scale, int64_t window)
+struct attn_bwd {
+    float *dq, *dk, *dv;
+    const float *dout, *q, *k, *v;
+    const int64_t *pos;
+    int64_t T, H, Hkv, D, window, maxlen;
+    float scale;
+    const int64_t *seq_start; /* [n_seq + 1] first row of each sequence, then T */
+    int64_t n_seq;
+    int64_t next;             /* next task (atomic) */
+};
+
+/* One task = one (sequence, kv head): it writes dk, dv of that kv head's rows of the sequence
+ * and dq of the query heads that read it, so tasks never write the same floats. */
+static void attn_bwd_task(const struct attn_bwd *a, int64_t task, double *p)
 {
-    int64_t maxlen = 1;
-    for (int64_t t = 0; t < T; t++)
-        if (pos[t] + 1 > maxlen) maxlen = pos[t] + 1;
-    double *p = malloc((size_t)maxlen * 2 * sizeof *p);
-    if (!p) abort(); /* a few KiB; programmer-sized */
-    double *dp = p + maxlen;
-    const int64_t HD = H * D, KD = Hkv * D, group = H / Hkv;
-    for (int64_t t = 0; t < T; t++) {
-        int64_t lo = t - pos[t];
-        if (window > 0 && pos[t] - window + 1 > 0) lo = t - (window - 1);
+    double *dp = p + a->maxlen;
+    const int64_t s = task / a->Hkv, kvh = task % a->Hkv, group = a->H / a->Hkv;
+    const int64_t D = a->D, HD = a->H * D, KD = a->Hkv * D;
+    for (int64_t t = a->seq_start[s]; t < a->seq_start[s + 1]; t++) {
+        int64_t lo = t - a->pos[t];
+        if (a->window > 0 && a->pos[t] - a->window + 1 > 0) lo = t - (a->window - 1);
         const int64_t n = t - lo + 1;
-        for (int64_t h = 0; h < H; h++) {
-            const int64_t kvh = h / group;
-            const float *qt = q + t * HD + h * D, *go = dout + t * HD + h * D;
+        for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
+            const float *qt = a->q + t * HD + h * D, *go = a->dout + t * HD + h * D;
             double m = -INFINITY, sum = 0;
             for (int64_t j = 0; j < n; j++) {
-                const float *kj = k + (lo + j) * KD + kvh * D;
-                double s = 0;
-                for (int64_t e = 0; e < D; e++) s += (double)qt[e] * kj[e];
-                p[j] = s * scale;
+                const float *kj = a->k + (lo + j) * KD + kvh * D;
+                double sc = 0;
+                for (int64_t e = 0; e < D; e++) sc += (double)qt[e] * kj[e];
+                p[j] = sc * a->scale;
                 if (p[j] > m) m = p[j];
             }
             for (int64_t j = 0; j < n; j++) {
@@ -107,29 +115,74 @@ void tuna_attention_backward(float *dq, float *dk, float *dv, const float *dout,
             double pd = 0;
             for (int64_t j = 0; j < n; j++) {
                 p[j] /= sum;
-                const float *vj = v + (lo + j) * KD + kvh * D;
-                float *dvj = dv + (lo + j) * KD + kvh * D;
-                double s = 0;
+                const float *vj = a->v + (lo + j) * KD + kvh * D;
+                float *dvj = a->dv + (lo + j) * KD + kvh * D;
+                const float pj = (float)p[j];
+                float sc = 0;
                 for (int64_t e = 0; e < D; e++) {
-                    s += (double)go[e] * vj[e];
-                    dvj[e] += (float)(p[j] * go[e]);
+                    sc += go[e] * vj[e];
+                    dvj[e] += pj * go[e];
                 }
-                dp[j] = s;
-                pd += p[j] * s;
+                dp[j] = sc;
+                pd += p[j] * sc;
             }
-            float *dqt = dq + t * HD + h * D;
+            float *dqt = a->dq + t * HD + h * D;
             for (int64_t j = 0; j < n; j++) {
-                double ds = p[j] * (dp[j] - pd) * scale;
-                const float *kj = k + (lo + j) * KD + kvh * D;
-                float *dkj = dk + (lo + j) * KD + kvh * D;
+                const float ds = (float)(p[j] * (dp[j] - pd) * a->scale);
+                const float *kj = a->k + (lo + j) * KD + kvh * D;
+                float *dkj = a->dk + (lo + j) * KD + kvh * D;
                 for (int64_t e = 0; e < D; e++) {
-                    dqt[e] += (float)(ds * kj[e]);
-                    dkj[e] += (float)(ds * qt[e]);
+                    dqt[e] += ds * kj[e];
+                    dkj[e] += ds * qt[e];
                 }
             }
         }
     }
+}
+
+static void *attn_bwd_worker(void *arg)
+{
+    struct attn_bwd *a = arg;
+    double *p = malloc((size_t)a->maxlen * 2 * sizeof *p);
+    if (!p) abort(); /* 16 bytes per position */
+    for (;;) {
+        int64_t task = __atomic_fetch_add(&a->next, 1, __ATOMIC_RELAXED);
+        if (task >= a->n_seq * a->Hkv) break;
+        attn_bwd_task(a, task, p);
+    }
     free(p);
+    return NULL;
+}
+
+static int bwd_threads = 0;
+void tuna_backward_set_threads(int n) { bwd_threads = n; }
+
+void tuna_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
+                             const float *v, const int64_t *pos, int64_t T, int64_t H, int64_t Hkv, int64_t D,
+                             float scale, int64_t window)
+{
+    int64_t maxlen = 1, n_seq = 0;
+    for (int64_t t = 0; t < T; t++) {
+        if (pos[t] + 1 > maxlen) maxlen = pos[t] + 1;
+        if (pos[t] == 0) n_seq++;
+    }
+    int64_t *starts = malloc((size_t)(n_seq + 1) * sizeof *starts);
+    if (!starts) abort();
+    for (int64_t t = 0, s = 0; t < T; t++)
+        if (pos[t] == 0) starts[s++] = t;
+    starts[n_seq] = T;
+    struct attn_bwd a = {dq, dk, dv, dout, q, k, v, pos, T, H, Hkv, D, window, maxlen, scale, starts, n_seq, 0};
+    int nt = bwd_threads > 0 ? bwd_threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
+    if (nt > 64) nt = 64;
+    if ((int64_t)nt > n_seq * Hkv) nt = (int)(n_seq * Hkv);
+    if (T * maxlen * H * D < (1 << 16)) nt = 1; /* too small to wake threads for */
+    pthread_t th[64];
+    int started = 0;
+    for (int i = 1; i < nt; i++)
+        if (pthread_create(&th[started], NULL, attn_bwd_worker, &a) == 0) started++;
+    attn_bwd_worker(&a);
+    for (int i = 0; i < started; i++) pthread_join(th[i], NULL);
+    free(starts);
 }
 
 void tuna_glu_backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up, int64_t n,

@@ -30,10 +30,15 @@ void tuna_rope_backward(float *d, const int64_t *pos, int64_t T, int64_t H, int6
 
 /* out[T, H*D] = softmax(q k^T * scale, causal) v over the training layout above.
  * dq[T, H*D], dk[T, Hkv*D], dv[T, Hkv*D] += gradients given dout[T, H*D]; q, k, v as the
- * forward saw them (after norm and RoPE). window 0 = no sliding window. */
+ * forward saw them (after norm and RoPE). window 0 = no sliding window. Every sequence must
+ * start with position 0 (that is how sequences are told apart). */
 void tuna_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
                              const float *v, const int64_t *pos, int64_t T, int64_t H, int64_t Hkv, int64_t D,
                              float scale, int64_t window);
+
+/* Threads for the backward ops that run several (attention: one task per sequence and kv
+ * head); <= 0 = all online CPUs. */
+void tuna_backward_set_threads(int n);
 
 /* out[n] = act(gate[n]) * up[n]  →  dgate[n], dup[n] += gradients given dout[n]. */
 void tuna_glu_backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up, int64_t n,

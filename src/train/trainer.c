@@ -11,6 +11,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "backend/cpu/cpu.h"
 #include "core/file.h"
 #include "core/status.h"
 #include "export/export.h"
@@ -175,6 +176,7 @@ tuna_status tuna_trainer_new(struct tuna_model *m, const struct tuna_lora_train_
     t->cfg_r = init ? init->r : lo->r;
     t->cfg_alpha = init ? init->alpha : lo->alpha;
     t->ckpt = lo->gradient_checkpointing;
+    tuna_backward_set_threads(tuna_cpu_backend_threads(m->be));
     t->own_fwd = lo->dropout > 0 || lo->gradient_checkpointing;
     tuna_status st = plan_modules(t, init);
     if (st) {
