@@ -99,16 +99,16 @@ static bool parse_args(int argc, char **argv, struct ft_opts *o, bool *help)
             tuna_cli_opt_float(argc, argv, &i, "--lora-alpha", &o->alpha, &bad) ||
             tuna_cli_opt_float(argc, argv, &i, "--lora-dropout", &o->dropout, &bad))
             continue;
-        bool *flag = !strcmp(a, "--no-shuffle")                 ? &o->shuffle
-                     : !strcmp(a, "--use-rslora")               ? &o->rslora
-                     : !strcmp(a, "--load-in-4bit")             ? &o->load4
-                     : !strcmp(a, "--resume")                   ? &o->resume
-                     : !strcmp(a, "--train-on-responses-only")  ? &o->responses_only
-                     : !strcmp(a, "--packing")                  ? &o->packing
-                     : !strcmp(a, "--overwrite")                ? &o->overwrite
-                     : !strcmp(a, "--quiet")                    ? &o->quiet
-                     : !strcmp(a, "--gradient-checkpointing")   ? &o->grad_ckpt
-                                                                : NULL;
+        bool *flag = !strcmp(a, "--no-shuffle")                ? &o->shuffle
+                     : !strcmp(a, "--use-rslora")              ? &o->rslora
+                     : !strcmp(a, "--load-in-4bit")            ? &o->load4
+                     : !strcmp(a, "--resume")                  ? &o->resume
+                     : !strcmp(a, "--train-on-responses-only") ? &o->responses_only
+                     : !strcmp(a, "--packing")                 ? &o->packing
+                     : !strcmp(a, "--overwrite")               ? &o->overwrite
+                     : !strcmp(a, "--quiet")                   ? &o->quiet
+                     : !strcmp(a, "--gradient-checkpointing")  ? &o->grad_ckpt
+                                                               : NULL;
         if (flag) {
             *flag = strcmp(a, "--no-shuffle") != 0; /* --no-shuffle clears shuffle */
             continue;
@@ -123,7 +123,8 @@ static bool parse_args(int argc, char **argv, struct ft_opts *o, bool *help)
 static int split_targets(char *buf, const char **out, int cap)
 {
     int n = 0;
-    for (char *s = strtok(buf, ", "); s && n < cap; s = strtok(NULL, ", ")) out[n++] = s;
+    for (char *s = strtok(buf, ", "); s && n < cap; s = strtok(NULL, ", "))
+        out[n++] = s;
     return n;
 }
 
@@ -202,10 +203,13 @@ int cmd_finetune(int argc, char **argv)
         n_targets = tbuf ? split_targets(tbuf, targets, TUNA_PROJ_COUNT) : 0;
         for (int i = 0; i < n_targets && !st; i++) {
             bool known = false;
-            for (int p = 0; p < TUNA_PROJ_COUNT; p++) known |= !strcmp(targets[i], tuna_proj_name(p));
+            for (int p = 0; p < TUNA_PROJ_COUNT; p++)
+                known |= !strcmp(targets[i], tuna_proj_name(p));
             if (!known)
-                st = tuna_fail(TUNA_E_INVALID, "--target-modules: unknown module '%s'; use q_proj, k_proj, v_proj, "
-                               "o_proj, gate_proj, up_proj, down_proj", targets[i]);
+                st = tuna_fail(TUNA_E_INVALID,
+                               "--target-modules: unknown module '%s'; use q_proj, k_proj, v_proj, "
+                               "o_proj, gate_proj, up_proj, down_proj",
+                               targets[i]);
         }
     }
     /* resume: the checkpoint's adapter, moments, step and settings */
@@ -217,9 +221,11 @@ int cmd_finetune(int argc, char **argv)
         if (!st) st = tuna_checkpoint_read_state(ckpt, &ts);
         if (!st && (ts.batch_size != o.batch || ts.grad_accum != o.accum || ts.shuffle != o.shuffle ||
                     ts.seed != (uint64_t)o.seed))
-            st = tuna_fail(TUNA_E_INVALID, "%s was made with --batch-size %lld --grad-accum %lld --seed %llu%s; "
-                           "resume with the same data order settings", ckpt, (long long)ts.batch_size,
-                           (long long)ts.grad_accum, (unsigned long long)ts.seed, ts.shuffle ? "" : " --no-shuffle");
+            st = tuna_fail(TUNA_E_INVALID,
+                           "%s was made with --batch-size %lld --grad-accum %lld --seed %llu%s; "
+                           "resume with the same data order settings",
+                           ckpt, (long long)ts.batch_size, (long long)ts.grad_accum, (unsigned long long)ts.seed,
+                           ts.shuffle ? "" : " --no-shuffle");
         if (!st) st = tuna_lora_load(ckpt, &init);
     } else if (!st && o.init_adapter) {
         st = tuna_lora_load(o.init_adapter, &init);
@@ -227,8 +233,10 @@ int cmd_finetune(int argc, char **argv)
     if (!st) st = tuna_tokenizer_load(o.model, &tok);
     if (!st) {
         tuna_status cs = tuna_chat_load(o.model, &tmpl);
-        if (cs == TUNA_E_NOT_FOUND) tmpl = NULL; /* text-only data needs no template */
-        else st = cs;
+        if (cs == TUNA_E_NOT_FOUND)
+            tmpl = NULL; /* text-only data needs no template */
+        else
+            st = cs;
     }
     if (!st) {
         struct tuna_dataset_opts dopt;
@@ -242,8 +250,8 @@ int cmd_finetune(int argc, char **argv)
     if (!st) st = tuna_model_load(o.model, &mo, &m);
     if (!st && o.load4) st = tuna_train_quantize_base(m);
     const int64_t N = ds ? (int64_t)tuna_dataset_size(ds) : 0, per_step = o.batch * o.accum;
-    int64_t total = o.max_steps > 0 ? o.max_steps
-                                    : (int64_t)ceil((o.epochs > 0 ? o.epochs : 1.0) * (double)N / (double)per_step);
+    int64_t total =
+        o.max_steps > 0 ? o.max_steps : (int64_t)ceil((o.epochs > 0 ? o.epochs : 1.0) * (double)N / (double)per_step);
     if (total < 1) total = 1;
     struct tuna_optim_opts oo;
     tuna_optim_opts_default(&oo);
@@ -270,8 +278,10 @@ int cmd_finetune(int argc, char **argv)
         ts.step = step0, ts.max_steps = total, ts.batch_size = o.batch, ts.grad_accum = o.accum;
         ts.shuffle = o.shuffle, ts.seed = (uint64_t)o.seed;
         double *l = realloc(ts.losses, (size_t)(total > ts.n_losses ? total : ts.n_losses) * sizeof *l + 8);
-        if (!l) st = tuna_fail_oom("loss history", (size_t)total * 8);
-        else ts.losses = l;
+        if (!l)
+            st = tuna_fail_oom("loss history", (size_t)total * 8);
+        else
+            ts.losses = l;
         if (ts.n_losses > step0) ts.n_losses = step0; /* steps after the checkpoint are redone */
     }
     if (!st && !o.quiet) {
@@ -280,9 +290,11 @@ int cmd_finetune(int argc, char **argv)
         fprintf(stderr, "data: %s\n", desc);
         fprintf(stderr, "model: %s (%s)%s; %lld trainable LoRA parameters\n", o.model, m->device_desc,
                 o.load4 ? ", NF4 base" : "", (long long)tuna_trainer_param_count(t));
-        fprintf(stderr, "steps %lld..%lld of %lld: %lld examples per step (batch %lld x accum %lld), lr %g (%s, "
-                "warmup %lld)%s\n", (long long)step0 + 1, (long long)total, (long long)total, (long long)per_step,
-                o.batch, o.accum, o.lr, o.sched, o.warmup, ckpt[0] ? ", resumed" : "");
+        fprintf(stderr,
+                "steps %lld..%lld of %lld: %lld examples per step (batch %lld x accum %lld), lr %g (%s, "
+                "warmup %lld)%s\n",
+                (long long)step0 + 1, (long long)total, (long long)total, (long long)per_step, o.batch, o.accum, o.lr,
+                o.sched, o.warmup, ckpt[0] ? ", resumed" : "");
     }
     size_t *idx = st ? NULL : malloc((size_t)o.batch * sizeof *idx);
     struct tuna_train_batch *mb = st ? NULL : calloc((size_t)o.accum, sizeof *mb);
@@ -296,7 +308,8 @@ int cmd_finetune(int argc, char **argv)
         }
         struct tuna_step_stats ss;
         if (!st) st = tuna_trainer_step(t, mb, (int)o.accum, &ss);
-        for (int64_t a = 0; a < o.accum; a++) tuna_train_batch_free(&mb[a]);
+        for (int64_t a = 0; a < o.accum; a++)
+            tuna_train_batch_free(&mb[a]);
         if (st) break;
         tokens_run += ss.tokens;
         ts.losses[ts.n_losses++] = ss.loss;
@@ -318,8 +331,10 @@ int cmd_finetune(int argc, char **argv)
         snprintf(svg, sizeof svg, "%s/loss.svg", o.out);
         st = tuna_loss_svg_write(svg, ts.losses, ts.n_losses, 1, "training loss");
         if (!st && !o.quiet)
-            fprintf(stderr, "adapter: %s (adapter_config.json, adapter_model.safetensors); metrics: %s; loss curve: "
-                    "%s\n", o.out, metrics_path, svg);
+            fprintf(stderr,
+                    "adapter: %s (adapter_config.json, adapter_model.safetensors); metrics: %s; loss curve: "
+                    "%s\n",
+                    o.out, metrics_path, svg);
     }
     if (mf) fclose(mf);
     free(idx);

@@ -24,13 +24,15 @@ static float urand(void) /* [-1, 1) */
 static float *rand_vec(int64_t n, float amp)
 {
     float *v = malloc((size_t)n * sizeof *v);
-    for (int64_t i = 0; i < n; i++) v[i] = urand() * amp;
+    for (int64_t i = 0; i < n; i++)
+        v[i] = urand() * amp;
     return v;
 }
 static double dotd(const float *a, const float *b, int64_t n)
 {
     double s = 0;
-    for (int64_t i = 0; i < n; i++) s += (double)a[i] * b[i];
+    for (int64_t i = 0; i < n; i++)
+        s += (double)a[i] * b[i];
     return s;
 }
 
@@ -78,7 +80,10 @@ static int teardown(void **state)
 }
 
 /* ---- rmsnorm ---- */
-struct norm_ctx { float *x, *w; int64_t T, C; };
+struct norm_ctx {
+    float *x, *w;
+    int64_t T, C;
+};
 static void norm_fwd(void *p, float *y)
 {
     struct norm_ctx *c = p;
@@ -97,12 +102,19 @@ static void test_rmsnorm(void **state)
     float *dx2 = calloc(3 * 37, sizeof *dx2);
     tuna_rmsnorm_backward(dx2, g, c.x, c.w, 3, 37, 1e-5f);
     tuna_rmsnorm_backward(dx2, g, c.x, c.w, 3, 37, 1e-5f);
-    for (int i = 0; i < 3 * 37; i++) assert_float_equal(dx2[i], 2 * dx[i], 1e-5 * (1 + fabsf(dx[i])));
+    for (int i = 0; i < 3 * 37; i++)
+        assert_float_equal(dx2[i], 2 * dx[i], 1e-5 * (1 + fabsf(dx[i])));
     free(c.x), free(c.w), free(g), free(dx), free(dx2);
 }
 
 /* ---- rope ---- */
-struct rope_ctx { float *x; int64_t T, H, D, rot; int64_t *pos; float *inv; float af; };
+struct rope_ctx {
+    float *x;
+    int64_t T, H, D, rot;
+    int64_t *pos;
+    float *inv;
+    float af;
+};
 static void rope_fwd(void *p, float *y)
 {
     struct rope_ctx *c = p;
@@ -114,7 +126,8 @@ static void test_rope(void **state)
     (void)state;
     int64_t pos[5] = {0, 1, 2, 7, 31};
     float inv[6];
-    for (int i = 0; i < 6; i++) inv[i] = powf(10000.0f, -(float)(2 * i) / 12.0f);
+    for (int i = 0; i < 6; i++)
+        inv[i] = powf(10000.0f, -(float)(2 * i) / 12.0f);
     const int64_t n = 5 * 3 * 16;
     struct rope_ctx c = {rand_vec(n, 1.0f), 5, 3, 16, 12, pos, inv, 1.1f}; /* partial rotary, YaRN factor */
     float *g = rand_vec(n, 1.0f), *d = malloc(n * sizeof *d);
@@ -131,8 +144,8 @@ struct att_ctx {
     float *q, *k, *v;
     int64_t T, H, Hkv, D, window;
     int64_t *pos;
-    int32_t *rows;        /* rows[i] = i */
-    const int32_t **bt;   /* [T] block table: rows + (t - pos[t]) */
+    int32_t *rows;      /* rows[i] = i */
+    const int32_t **bt; /* [T] block table: rows + (t - pos[t]) */
 };
 static void att_fwd(void *p, float *y)
 {
@@ -147,10 +160,21 @@ static void attention_case(int64_t window)
     int64_t pos[T] = {0, 1, 2, 3, 0, 1, 2};
     int32_t rows[T];
     const int32_t *bt[T];
-    for (int i = 0; i < T; i++) rows[i] = i;
-    for (int i = 0; i < T; i++) bt[i] = rows + (i - pos[i]);
-    struct att_ctx c = {rand_vec(T * H * D, 1.0f), rand_vec(T * Hkv * D, 1.0f), rand_vec(T * Hkv * D, 1.0f),
-                        T, H, Hkv, D, window, pos, rows, bt};
+    for (int i = 0; i < T; i++)
+        rows[i] = i;
+    for (int i = 0; i < T; i++)
+        bt[i] = rows + (i - pos[i]);
+    struct att_ctx c = {rand_vec(T * H * D, 1.0f),
+                        rand_vec(T * Hkv * D, 1.0f),
+                        rand_vec(T * Hkv * D, 1.0f),
+                        T,
+                        H,
+                        Hkv,
+                        D,
+                        window,
+                        pos,
+                        rows,
+                        bt};
     float *g = rand_vec(T * H * D, 1.0f);
     float *dq = calloc(T * H * D, sizeof *dq), *dk = calloc(T * Hkv * D, sizeof *dk);
     float *dv = calloc(T * Hkv * D, sizeof *dv);
@@ -171,7 +195,8 @@ static void test_attention(void **state)
        as one thread */
     enum { T = 120, H = 4, Hkv = 2, D = 16 };
     int64_t pos[T];
-    for (int i = 0; i < T; i++) pos[i] = i < 50 ? i : i < 90 ? i - 50 : i - 90;
+    for (int i = 0; i < T; i++)
+        pos[i] = i < 50 ? i : i < 90 ? i - 50 : i - 90;
     float *q = rand_vec(T * H * D, 1.0f), *k = rand_vec(T * Hkv * D, 1.0f), *v = rand_vec(T * Hkv * D, 1.0f);
     float *g = rand_vec(T * H * D, 1.0f), *d[2][3];
     for (int r = 0; r < 2; r++) {
@@ -185,12 +210,17 @@ static void test_attention(void **state)
     assert_memory_equal(d[0][0], d[1][0], T * H * D * sizeof(float));
     assert_memory_equal(d[0][1], d[1][1], T * Hkv * D * sizeof(float));
     assert_memory_equal(d[0][2], d[1][2], T * Hkv * D * sizeof(float));
-    for (int r = 0; r < 2; r++) free(d[r][0]), free(d[r][1]), free(d[r][2]);
+    for (int r = 0; r < 2; r++)
+        free(d[r][0]), free(d[r][1]), free(d[r][2]);
     free(q), free(k), free(v), free(g);
 }
 
 /* ---- glu ---- */
-struct glu_ctx { float *gate, *up; int64_t n; int act; };
+struct glu_ctx {
+    float *gate, *up;
+    int64_t n;
+    int act;
+};
 static void glu_fwd(void *p, float *y)
 {
     struct glu_ctx *c = p;
@@ -214,7 +244,11 @@ static void test_glu(void **state)
 }
 
 /* ---- frozen matmul (bf16 and NF4 weights) ---- */
-struct mm_ctx { float *x; const struct tuna_weight *w; int64_t T; };
+struct mm_ctx {
+    float *x;
+    const struct tuna_weight *w;
+    int64_t T;
+};
 static void mm_fwd(void *p, float *y)
 {
     struct mm_ctx *c = p;
@@ -237,7 +271,8 @@ static void test_matmul(void **state)
     enum { N = 19, K = 24 };
     float *wf = rand_vec(N * K, 0.5f);
     uint16_t wb[N * K];
-    for (int i = 0; i < N * K; i++) wb[i] = tuna_f32_to_bf16(wf[i]);
+    for (int i = 0; i < N * K; i++)
+        wb[i] = tuna_f32_to_bf16(wf[i]);
     struct tuna_weight w = {TUNA_DTYPE_BF16, N, K, wb, NULL};
     matmul_case(&w, "bf16");
     struct tuna_weight w32 = {TUNA_DTYPE_F32, N, K, wf, NULL};
@@ -251,7 +286,11 @@ static void test_matmul(void **state)
 }
 
 /* ---- LoRA: y = s (x A^T) B^T ---- */
-struct lora_ctx { float *x, *A, *B; int64_t T, N, K, R; float s; };
+struct lora_ctx {
+    float *x, *A, *B;
+    int64_t T, N, K, R;
+    float s;
+};
 static void lora_fwd(void *p, float *y)
 {
     struct lora_ctx *c = p;
@@ -281,7 +320,12 @@ static void test_lora(void **state)
 }
 
 /* ---- cross-entropy: L = sum over valid rows of CE / denom ---- */
-struct ce_ctx { float *logits; const int32_t *tgt; int64_t T, V; float *scratch; };
+struct ce_ctx {
+    float *logits;
+    const int32_t *tgt;
+    int64_t T, V;
+    float *scratch;
+};
 static void ce_fwd(void *p, float *y)
 {
     struct ce_ctx *c = p;
@@ -300,15 +344,16 @@ static void test_cross_entropy(void **state)
     double err = fd_check(ce_fwd, &c, c.logits, T * V, &one, 1, d, 1e-2f);
     printf("cross-entropy: rel err %.2e\n", err);
     assert_true(err < 2e-3);
-    for (int i = 0; i < V; i++) assert_true(d[V + i] == 0.0f); /* ignored row */
+    for (int i = 0; i < V; i++)
+        assert_true(d[V + i] == 0.0f); /* ignored row */
     free(c.logits), free(scratch), free(d);
 }
 
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_rmsnorm),   cmocka_unit_test(test_rope), cmocka_unit_test(test_attention),
-        cmocka_unit_test(test_glu),       cmocka_unit_test(test_matmul), cmocka_unit_test(test_lora),
+        cmocka_unit_test(test_rmsnorm),       cmocka_unit_test(test_rope),   cmocka_unit_test(test_attention),
+        cmocka_unit_test(test_glu),           cmocka_unit_test(test_matmul), cmocka_unit_test(test_lora),
         cmocka_unit_test(test_cross_entropy),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

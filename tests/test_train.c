@@ -95,8 +95,8 @@ static void train_steps(struct run *r, tuna_trainer *t, int s0, int s1, bool che
         double rg = cJSON_GetObjectItem(ref, "grad_norm")->valuedouble;
         double el = fabs(st.loss - rl) / fabs(rl), eg = fabs(st.grad_norm - rg) / fabs(rg);
         if (check) {
-            printf("  step %2d: loss %.6f (ref %.6f, rel %.1e)  grad_norm %.6f (ref %.6f, rel %.1e)\n", s + 1,
-                   st.loss, rl, el, st.grad_norm, rg, eg);
+            printf("  step %2d: loss %.6f (ref %.6f, rel %.1e)  grad_norm %.6f (ref %.6f, rel %.1e)\n", s + 1, st.loss,
+                   rl, el, st.grad_norm, rg, eg);
             assert_true(el < 1e-4);
             assert_true(eg < 1e-3);
         }
@@ -348,7 +348,8 @@ static void gradient_case(const char *model_rel, double dropout, bool ckpt)
     TT_OK(tuna_trainer_new(m, &lo, &oo, NULL, &t));
     const int64_t P = tuna_trainer_param_count(t);
     float *p = tuna_trainer_params(t);
-    for (int64_t i = 0; i < P; i++) p[i] = (float)(0.05 * tgauss()); /* B != 0: A gets gradients too */
+    for (int64_t i = 0; i < P; i++)
+        p[i] = (float)(0.05 * tgauss()); /* B != 0: A gets gradients too */
     enum { B = 2, T = 9 };
     int32_t ids[B * T], labels[B * T], attn[B * T];
     int64_t len[B] = {T, 6};
@@ -380,9 +381,11 @@ static void gradient_case(const char *model_rel, double dropout, bool ckpt)
             gv += (double)g[i] * v[i];
         }
         const double h = 2e-2;
-        for (int64_t i = 0; i < P; i++) p[i] = (float)(p0[i] + h * v[i]);
+        for (int64_t i = 0; i < P; i++)
+            p[i] = (float)(p0[i] + h * v[i]);
         TT_OK(tuna_trainer_loss_grad(t, &b, 1, &Lp, NULL, NULL));
-        for (int64_t i = 0; i < P; i++) p[i] = (float)(p0[i] - h * v[i]);
+        for (int64_t i = 0; i < P; i++)
+            p[i] = (float)(p0[i] - h * v[i]);
         TT_OK(tuna_trainer_loss_grad(t, &b, 1, &Lm, NULL, NULL));
         memcpy(p, p0, (size_t)P * sizeof *p);
         double num = (Lp - Lm) / (2 * h), err = fabs(num - gv) / fmax(fabs(gv), 1e-3);
@@ -494,11 +497,18 @@ static void test_report(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_schedules),  cmocka_unit_test(test_lora_run),  cmocka_unit_test(test_lora_responses_run),
-        cmocka_unit_test(test_qlora_run), cmocka_unit_test(test_qlora_load_in_4bit),
-        cmocka_unit_test(test_lora_run_checkpointing), cmocka_unit_test(test_qlora_run_checkpointing),
-        cmocka_unit_test(test_model_gradients),  cmocka_unit_test(test_resume),    cmocka_unit_test(test_nan_step),
-        cmocka_unit_test(test_checkpoint_files), cmocka_unit_test(test_report),
+        cmocka_unit_test(test_schedules),
+        cmocka_unit_test(test_lora_run),
+        cmocka_unit_test(test_lora_responses_run),
+        cmocka_unit_test(test_qlora_run),
+        cmocka_unit_test(test_qlora_load_in_4bit),
+        cmocka_unit_test(test_lora_run_checkpointing),
+        cmocka_unit_test(test_qlora_run_checkpointing),
+        cmocka_unit_test(test_model_gradients),
+        cmocka_unit_test(test_resume),
+        cmocka_unit_test(test_nan_step),
+        cmocka_unit_test(test_checkpoint_files),
+        cmocka_unit_test(test_report),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     tuna_remove_tree(tt_tmpdir()); /* adapters, checkpoints, pictures of this run */

@@ -25,20 +25,20 @@ static void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
                  const float *B, int64_t ldb, float *C, int64_t ldc)
 {
 #ifdef TUNA_TRAIN_BLAS
-    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (int)M, (int)N,
-                (int)K, alpha, A, (int)lda, B, (int)ldb, 1.0f, C, (int)ldc);
+    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (int)M, (int)N, (int)K,
+                alpha, A, (int)lda, B, (int)ldb, 1.0f, C, (int)ldc);
 #else
     for (int64_t i = 0; i < M; i++)
         for (int64_t k = 0; k < K; k++) {
             float a = alpha * (ta ? A[k * lda + i] : A[i * lda + k]);
             if (a == 0) continue;
-            for (int64_t j = 0; j < N; j++) C[i * ldc + j] += a * (tb ? B[j * ldb + k] : B[k * ldb + j]);
+            for (int64_t j = 0; j < N; j++)
+                C[i * ldc + j] += a * (tb ? B[j * ldb + k] : B[k * ldb + j]);
         }
 #endif
 }
 
-void tuna_rmsnorm_backward(float *dx, const float *dy, const float *x, const float *w, int64_t T, int64_t C,
-                           float eps)
+void tuna_rmsnorm_backward(float *dx, const float *dy, const float *x, const float *w, int64_t T, int64_t C, float eps)
 {
     /* y_i = w_i x_i r, r = (mean(x^2) + eps)^-1/2:
      * dx_i = r (w_i dy_i) - x_i r^3 / C * sum_j (w_j dy_j x_j) */
@@ -52,7 +52,8 @@ void tuna_rmsnorm_backward(float *dx, const float *dy, const float *x, const flo
         double r = 1.0 / sqrt((double)(float)(ss / (double)C) + (double)eps);
         double c = dot * r * r * r / (double)C;
         float *o = dx + t * C;
-        for (int64_t i = 0; i < C; i++) o[i] += (float)(r * w[i] * g[i] - c * xr[i]);
+        for (int64_t i = 0; i < C; i++)
+            o[i] += (float)(r * w[i] * g[i] - c * xr[i]);
     }
 }
 
@@ -84,7 +85,7 @@ struct attn_bwd {
     float scale;
     const int64_t *seq_start; /* [n_seq + 1] first row of each sequence, then T */
     int64_t n_seq;
-    int64_t next;             /* next task (atomic) */
+    int64_t next; /* next task (atomic) */
 };
 
 /* One task = one (sequence, kv head): it writes dk, dv of that kv head's rows of the sequence
@@ -104,7 +105,8 @@ static void attn_bwd_task(const struct attn_bwd *a, int64_t task, double *p)
             for (int64_t j = 0; j < n; j++) {
                 const float *kj = a->k + (lo + j) * KD + kvh * D;
                 double sc = 0;
-                for (int64_t e = 0; e < D; e++) sc += (double)qt[e] * kj[e];
+                for (int64_t e = 0; e < D; e++)
+                    sc += (double)qt[e] * kj[e];
                 p[j] = sc * a->scale;
                 if (p[j] > m) m = p[j];
             }
@@ -155,7 +157,10 @@ static void *attn_bwd_worker(void *arg)
 }
 
 static int bwd_threads = 0;
-void tuna_backward_set_threads(int n) { bwd_threads = n; }
+void tuna_backward_set_threads(int n)
+{
+    bwd_threads = n;
+}
 
 void tuna_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
                              const float *v, const int64_t *pos, int64_t T, int64_t H, int64_t Hkv, int64_t D,
@@ -181,7 +186,8 @@ void tuna_attention_backward(float *dq, float *dk, float *dv, const float *dout,
     for (int i = 1; i < nt; i++)
         if (pthread_create(&th[started], NULL, attn_bwd_worker, &a) == 0) started++;
     attn_bwd_worker(&a);
-    for (int i = 0; i < started; i++) pthread_join(th[i], NULL);
+    for (int i = 0; i < started; i++)
+        pthread_join(th[i], NULL);
     free(starts);
 }
 
@@ -242,19 +248,19 @@ void tuna_matmul_backward(float *dx, const float *dy, const struct tuna_weight *
     free(wt);
 }
 
-void tuna_lora_backward(float *dx, float *dA, float *dB, const float *dy, const float *x,
-                        const struct tuna_lora *lora, int64_t N, int64_t K, int64_t T)
+void tuna_lora_backward(float *dx, float *dA, float *dB, const float *dy, const float *x, const struct tuna_lora *lora,
+                        int64_t N, int64_t K, int64_t T)
 {
     const int64_t R = lora->r;
     if (R == 0 || T == 0) return;
     float *u = calloc((size_t)(2 * T * R), sizeof *u);
     if (!u) abort();
     float *hx = u + T * R;
-    gemm(false, false, T, R, N, 1.0f, dy, N, lora->B, R, u, R);       /* u[T,R] = dy B */
-    gemm(false, true, T, R, K, 1.0f, x, K, lora->A, K, hx, R);        /* hx[T,R] = x A^T */
+    gemm(false, false, T, R, N, 1.0f, dy, N, lora->B, R, u, R);                /* u[T,R] = dy B */
+    gemm(false, true, T, R, K, 1.0f, x, K, lora->A, K, hx, R);                 /* hx[T,R] = x A^T */
     if (dx) gemm(false, false, T, K, R, lora->scale, u, R, lora->A, K, dx, K); /* dx += s u A */
-    gemm(true, false, R, K, T, lora->scale, u, R, x, K, dA, K);       /* dA += s u^T x */
-    gemm(true, false, N, R, T, lora->scale, dy, N, hx, R, dB, R);     /* dB += s dy^T hx */
+    gemm(true, false, R, K, T, lora->scale, u, R, x, K, dA, K);                /* dA += s u^T x */
+    gemm(true, false, N, R, T, lora->scale, dy, N, hx, R, dB, R);              /* dB += s dy^T hx */
     free(u);
 }
 
@@ -273,10 +279,12 @@ double tuna_cross_entropy_backward(float *dlogits, const float *logits, const in
         double m = -INFINITY, s = 0;
         for (int64_t i = 0; i < V; i++)
             if (l[i] > m) m = l[i];
-        for (int64_t i = 0; i < V; i++) s += exp((double)l[i] - m);
+        for (int64_t i = 0; i < V; i++)
+            s += exp((double)l[i] - m);
         double lse = m + log(s), ly = l[y];
         total += lse - ly;
-        for (int64_t i = 0; i < V; i++) d[i] = (float)(exp((double)l[i] - lse) / denom);
+        for (int64_t i = 0; i < V; i++)
+            d[i] = (float)(exp((double)l[i] - lse) / denom);
         d[y] -= (float)(1.0 / denom);
     }
     return total;

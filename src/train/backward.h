@@ -20,8 +20,7 @@
 #include "backend/backend.h"
 
 /* y[T,C] = x / rms(x) * w  →  dx[T,C] += dL/dx given dy[T,C] (x is the forward input). */
-void tuna_rmsnorm_backward(float *dx, const float *dy, const float *x, const float *w, int64_t T, int64_t C,
-                           float eps);
+void tuna_rmsnorm_backward(float *dx, const float *dy, const float *x, const float *w, int64_t T, int64_t C, float eps);
 
 /* The forward rotates (x1, x2) by the angle pos*inv_freq scaled by attn_factor; the backward
  * applies the transposed rotation to d[T, H, D] in place. */
@@ -51,8 +50,8 @@ void tuna_matmul_backward(float *dx, const float *dy, const struct tuna_weight *
 /* y[T,N] += scale * (x A^T) B^T for one adapter on every row:
  * dx[T,K] += scale * (dy B) A, dA[R,K] += scale * (dy B)^T x, dB[N,R] += scale * dy^T (x A^T).
  * dx may be NULL (no input gradient wanted). */
-void tuna_lora_backward(float *dx, float *dA, float *dB, const float *dy, const float *x,
-                        const struct tuna_lora *lora, int64_t N, int64_t K, int64_t T);
+void tuna_lora_backward(float *dx, float *dA, float *dB, const float *dy, const float *x, const struct tuna_lora *lora,
+                        int64_t N, int64_t K, int64_t T);
 
 /* Mean cross-entropy of logits[T,V] against target[T] (-100 = ignored) with the mean taken
  * over `denom` targets (the whole step's count, so micro-batches add up): returns the SUM of

@@ -32,7 +32,8 @@ static tuna_status write_state(const struct tuna_train_state *s, const char *dir
     snprintf(seed, sizeof seed, "%llu", (unsigned long long)s->seed); /* exact beyond 2^53 */
     cJSON_AddStringToObject(o, "seed", seed);
     cJSON *l = cJSON_AddArrayToObject(o, "losses");
-    for (int64_t i = 0; l && i < s->n_losses; i++) cJSON_AddItemToArray(l, cJSON_CreateNumber(s->losses[i]));
+    for (int64_t i = 0; l && i < s->n_losses; i++)
+        cJSON_AddItemToArray(l, cJSON_CreateNumber(s->losses[i]));
     char path[4096];
     snprintf(path, sizeof path, "%s/trainer_state.json", dir);
     tuna_status st = tuna_json_save(path, o);
@@ -87,7 +88,8 @@ tuna_status tuna_checkpoint_read_state(const char *dir, struct tuna_train_state 
         cJSON_Delete(o);
         return tuna_fail_oom("losses", (size_t)n * 8);
     }
-    for (int i = 0; i < n; i++) s->losses[i] = cJSON_GetArrayItem(l, i)->valuedouble;
+    for (int i = 0; i < n; i++)
+        s->losses[i] = cJSON_GetArrayItem(l, i)->valuedouble;
     s->n_losses = n;
     cJSON_Delete(o);
     if (s->step < 0 || s->batch_size <= 0 || s->grad_accum <= 0) {
@@ -110,8 +112,10 @@ tuna_status tuna_checkpoint_latest(const char *out_dir, char *path, size_t cap)
     }
     closedir(d);
     if (best < 0)
-        return tuna_fail(TUNA_E_NOT_FOUND, "no checkpoint-N folder in %s to resume from (checkpoints are written "
-                         "with --save-steps N)", out_dir);
+        return tuna_fail(TUNA_E_NOT_FOUND,
+                         "no checkpoint-N folder in %s to resume from (checkpoints are written "
+                         "with --save-steps N)",
+                         out_dir);
     snprintf(path, cap, "%s/checkpoint-%lld", out_dir, best);
     return TUNA_OK;
 }

@@ -17,12 +17,12 @@
 #include "tuna.h"
 
 struct tuna_train_state {
-    int64_t step;        /* optimizer steps done */
+    int64_t step; /* optimizer steps done */
     int64_t max_steps;
     int64_t batch_size, grad_accum;
     bool shuffle;
     uint64_t seed;
-    double *losses;      /* [n_losses] loss of steps 1..n_losses (owned) */
+    double *losses; /* [n_losses] loss of steps 1..n_losses (owned) */
     int64_t n_losses;
 };
 void tuna_train_state_free(struct tuna_train_state *s);

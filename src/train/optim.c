@@ -65,7 +65,8 @@ void tuna_adamw_update(float *p, const float *g, float *m, float *v, int64_t n, 
 double tuna_grad_sq_sum(const float *g, int64_t n)
 {
     double s = 0;
-    for (int64_t i = 0; i < n; i++) s += (double)g[i] * g[i];
+    for (int64_t i = 0; i < n; i++)
+        s += (double)g[i] * g[i];
     return s;
 }
 
@@ -74,6 +75,7 @@ double tuna_grad_clip(float *g, int64_t n, double norm, double max_norm)
     if (max_norm <= 0) return 1.0;
     double coef = max_norm / (norm + 1e-6);
     if (coef >= 1.0) return 1.0;
-    for (int64_t i = 0; i < n; i++) g[i] = (float)(g[i] * coef);
+    for (int64_t i = 0; i < n; i++)
+        g[i] = (float)(g[i] * coef);
     return coef;
 }

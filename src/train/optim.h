@@ -13,10 +13,10 @@
 enum tuna_lr_schedule { TUNA_LR_CONSTANT = 0, TUNA_LR_LINEAR, TUNA_LR_COSINE };
 
 struct tuna_optim_opts {
-    double lr;            /* peak learning rate (2e-4 by default) */
-    double beta1, beta2;  /* 0.9, 0.999 */
-    double eps;           /* 1e-8 */
-    double weight_decay;  /* decoupled: p *= 1 - lr * wd before the Adam update */
+    double lr;           /* peak learning rate (2e-4 by default) */
+    double beta1, beta2; /* 0.9, 0.999 */
+    double eps;          /* 1e-8 */
+    double weight_decay; /* decoupled: p *= 1 - lr * wd before the Adam update */
     enum tuna_lr_schedule schedule;
     int64_t warmup_steps; /* lr rises linearly from 0 over these steps */
     int64_t total_steps;  /* for linear / cosine decay */

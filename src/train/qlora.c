@@ -18,8 +18,8 @@ static tuna_status quantize_linear(struct tuna_model *m, struct tuna_linear *lin
     m->q4 = nq;
     struct tuna_q4_weight *q = calloc(1, sizeof *q);
     if (!q) return tuna_fail_oom("4-bit weight", sizeof *q);
-    tuna_status st = tuna_q4_quantize(lin->w.data, lin->w.dtype, lin->w.rows, lin->w.cols, TUNA_Q4_NF4, 64, true,
-                                      compute, q);
+    tuna_status st =
+        tuna_q4_quantize(lin->w.data, lin->w.dtype, lin->w.rows, lin->w.cols, TUNA_Q4_NF4, 64, true, compute, q);
     if (st) {
         free(q);
         return st;

@@ -10,10 +10,11 @@
 void tuna_metrics_write(FILE *f, const struct tuna_step_stats *s, double epoch)
 {
     double tps = s->seconds > 0 ? (double)s->tokens / s->seconds : 0;
-    fprintf(f, "{\"step\": %lld, \"epoch\": %.4f, \"loss\": %.9g, \"grad_norm\": %.9g, \"learning_rate\": %.9g, "
+    fprintf(f,
+            "{\"step\": %lld, \"epoch\": %.4f, \"loss\": %.9g, \"grad_norm\": %.9g, \"learning_rate\": %.9g, "
             "\"tokens\": %lld, \"target_tokens\": %lld, \"tokens_per_second\": %.2f, \"seconds\": %.4f}\n",
-            (long long)s->step, epoch, s->loss, s->grad_norm, s->lr, (long long)s->tokens, (long long)s->targets,
-            tps, s->seconds);
+            (long long)s->step, epoch, s->loss, s->grad_norm, s->lr, (long long)s->tokens, (long long)s->targets, tps,
+            s->seconds);
     fflush(f);
 }
 
@@ -27,15 +28,17 @@ static void fmt_time(char *buf, size_t cap, double s)
         snprintf(buf, cap, "%lldm%02llds", t / 60, t % 60);
 }
 
-void tuna_progress_print(FILE *f, bool tty, int64_t step, int64_t first_step, int64_t total, double loss, double lr, double tok_s,
-                         double elapsed_s)
+void tuna_progress_print(FILE *f, bool tty, int64_t step, int64_t first_step, int64_t total, double loss, double lr,
+                         double tok_s, double elapsed_s)
 {
     enum { W = 20 };
     char bar[W + 1], eta[32], el[32];
     int64_t fill = total > 0 ? step * W / total : 0;
-    for (int i = 0; i < W; i++) bar[i] = i < fill ? '#' : '.';
+    for (int i = 0; i < W; i++)
+        bar[i] = i < fill ? '#' : '.';
     bar[W] = '\0';
-    fmt_time(eta, sizeof eta, step > first_step && total > step ? elapsed_s / (double)(step - first_step) * (double)(total - step) : 0);
+    fmt_time(eta, sizeof eta,
+             step > first_step && total > step ? elapsed_s / (double)(step - first_step) * (double)(total - step) : 0);
     fmt_time(el, sizeof el, elapsed_s);
     fprintf(f, "%sstep %lld/%lld [%s] loss %.4f lr %.2e %.0f tok/s %s ETA %s%s", tty ? "\r" : "", (long long)step,
             (long long)total, bar, loss, lr, tok_s, el, eta, tty ? "  " : "\n");
@@ -50,8 +53,7 @@ static double tick_step(double range, int want)
     return (r < 1.5 ? 1 : r < 3 ? 2 : r < 7 ? 5 : 10) * mag;
 }
 
-tuna_status tuna_loss_svg_write(const char *path, const double *loss, int64_t n, int64_t first_step,
-                                const char *title)
+tuna_status tuna_loss_svg_write(const char *path, const double *loss, int64_t n, int64_t first_step, const char *title)
 {
     if (n <= 0) return tuna_fail(TUNA_E_INVALID, "loss curve: no steps to draw");
     const double W = 720, H = 420, L = 70, R = 20, T = 40, B = 50;
@@ -81,7 +83,7 @@ tuna_status tuna_loss_svg_write(const char *path, const double *loss, int64_t n,
     int64_t last = first_step + n - 1;
     double span = n > 1 ? (double)(last - first_step) : 1;
 #define XS(step) (x0 + ((double)(step) - (double)first_step) / span * (x1 - x0))
-#define YS(v) (y0 - ((v) - lo) / (hi - lo) * (y0 - y1))
+#define YS(v) (y0 - ((v)-lo) / (hi - lo) * (y0 - y1))
     double ty = tick_step(hi - lo, 6);
     for (double v = ceil(lo / ty) * ty; v <= hi; v += ty) {
         EMIT("<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/>\n", x0, YS(v), x1, YS(v));

@@ -59,13 +59,15 @@ void tuna_train_linear_forward(tuna_trainer *t, int64_t l, int proj, float *y, c
     for (int64_t i = 0; i < T; i++)
         for (int64_t j = 0; j < R; j++) {
             double s = 0;
-            for (int64_t k = 0; k < K; k++) s += (double)md->lora.A[j * K + k] * xin[i * K + k];
+            for (int64_t k = 0; k < K; k++)
+                s += (double)md->lora.A[j * K + k] * xin[i * K + k];
             h[i * R + j] = (float)s;
         }
     for (int64_t i = 0; i < T; i++)
         for (int64_t n = 0; n < N; n++) {
             float s = 0;
-            for (int64_t j = 0; j < R; j++) s += md->lora.B[n * R + j] * h[i * R + j];
+            for (int64_t j = 0; j < R; j++)
+                s += md->lora.B[n * R + j] * h[i * R + j];
             y[i * N + n] += md->lora.scale * s;
         }
     free(h);
@@ -129,9 +131,10 @@ static tuna_status reserve(tuna_trainer *t, int64_t T)
         free(t->mem), free(t->acts), free(t->rows), free(t->bt);
         t->mem = NULL, t->acts = NULL, t->rows = NULL, t->bt = NULL;
         t->cap_T = 0;
-        return tuna_fail(TUNA_E_OOM, "training activations for %lld tokens (%.1f MiB); use a smaller --batch-size "
-                         "or --max-seq-length%s", (long long)T, (double)n * 4 / 1048576.0,
-                         t->ckpt ? "" : ", or --gradient-checkpointing");
+        return tuna_fail(TUNA_E_OOM,
+                         "training activations for %lld tokens (%.1f MiB); use a smaller --batch-size "
+                         "or --max-seq-length%s",
+                         (long long)T, (double)n * 4 / 1048576.0, t->ckpt ? "" : ", or --gradient-checkpointing");
     }
     float *p = t->mem;
     for (int64_t l = 0; l < nact; l++) {
@@ -166,8 +169,10 @@ tuna_status tuna_train_forward(tuna_trainer *t, const struct tuna_batch *b, floa
     const int64_t T = b->n, C = a->hidden_size;
     for (int64_t i = 0; i < T; i++)
         if (b->pos[i] >= m->max_model_len)
-            return tuna_fail(TUNA_E_RANGE, "a training row reaches %lld tokens, past the model's context of %lld; "
-                             "use --max-seq-length", (long long)b->pos[i] + 1, (long long)m->max_model_len);
+            return tuna_fail(TUNA_E_RANGE,
+                             "a training row reaches %lld tokens, past the model's context of %lld; "
+                             "use --max-seq-length",
+                             (long long)b->pos[i] + 1, (long long)m->max_model_len);
     tuna_status st = reserve(t, T);
     if (st) return st;
     for (int64_t i = 0; i < T; i++) {

@@ -20,7 +20,7 @@
 #include "train/trainer.h"
 #include "train/trainer_internal.h"
 
-static const char *const proj_names[TUNA_PROJ_COUNT] = {"q_proj", "k_proj", "v_proj", "o_proj",
+static const char *const proj_names[TUNA_PROJ_COUNT] = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
                                                         "gate_proj", "up_proj", "down_proj"};
 const char *tuna_proj_name(int p)
 {
@@ -104,10 +104,10 @@ static tuna_status plan_modules(tuna_trainer *t, const struct tuna_lora_adapter 
             int64_t layer;
             int p;
             if (!parse_module(init->modules[i].name, &layer, &p) || layer >= a->n_layers)
-                return tuna_fail(TUNA_E_UNSUPPORTED, "adapter %s adapts '%s': tuna trains LoRA on the seven "
+                return tuna_fail(TUNA_E_UNSUPPORTED,
+                                 "adapter %s adapts '%s': tuna trains LoRA on the seven "
                                  "projections of layers 0..%lld only (q/k/v/o_proj, gate/up/down_proj)",
-                                 init->dir ? init->dir : "(memory)", init->modules[i].name,
-                                 (long long)a->n_layers - 1);
+                                 init->dir ? init->dir : "(memory)", init->modules[i].name, (long long)a->n_layers - 1);
         }
         /* canonical order (layer, projection), whatever the file's order: optimizer state of a
            fresh run and of its resumption line up */
@@ -140,7 +140,7 @@ static tuna_status plan_modules(tuna_trainer *t, const struct tuna_lora_adapter 
     }
     if (t->n_mods == 0)
         return tuna_fail(TUNA_E_INVALID, "no module to train: --target-modules names none of q_proj, k_proj, "
-                         "v_proj, o_proj, gate_proj, up_proj, down_proj");
+                                         "v_proj, o_proj, gate_proj, up_proj, down_proj");
     for (int i = 0; i < t->n_mods; i++) {
         struct tmod *md = &t->mods[i];
         struct tuna_linear *lin = proj_lin(&t->m->layers[md->layer], md->proj);
@@ -149,16 +149,17 @@ static tuna_status plan_modules(tuna_trainer *t, const struct tuna_lora_adapter 
         int64_t key = md->layer * TUNA_PROJ_COUNT + md->proj;
         if (t->by_lin[key]) return tuna_fail(TUNA_E_FORMAT, "module '%s' appears twice", md->name);
         if (lin->n_lora)
-            return tuna_fail(TUNA_E_INVALID, "the model already has adapters attached to '%s'; the trainer "
-                             "attaches its own", md->name);
+            return tuna_fail(TUNA_E_INVALID,
+                             "the model already has adapters attached to '%s'; the trainer "
+                             "attaches its own",
+                             md->name);
         t->by_lin[key] = md;
     }
     return TUNA_OK;
 }
 
 tuna_status tuna_trainer_new(struct tuna_model *m, const struct tuna_lora_train_opts *lo,
-                             const struct tuna_optim_opts *oo, const struct tuna_lora_adapter *init,
-                             tuna_trainer **out)
+                             const struct tuna_optim_opts *oo, const struct tuna_lora_adapter *init, tuna_trainer **out)
 {
     *out = NULL;
     if (!m->ops->host_memory)
@@ -208,10 +209,11 @@ tuna_status tuna_trainer_new(struct tuna_model *m, const struct tuna_lora_train_
         if (init) {
             const struct tuna_lora_module *im = tuna_lora_find(init, md->name);
             if (!im || im->in != md->K || im->out != md->N) {
-                st = tuna_fail(TUNA_E_FORMAT, "adapter module '%s' is [%lld, %lld] but the model's linear is "
-                               "[%lld, %lld] (out, in): the adapter belongs to another base model", md->name,
-                               im ? (long long)im->out : -1LL, im ? (long long)im->in : -1LL, (long long)md->N,
-                               (long long)md->K);
+                st = tuna_fail(TUNA_E_FORMAT,
+                               "adapter module '%s' is [%lld, %lld] but the model's linear is "
+                               "[%lld, %lld] (out, in): the adapter belongs to another base model",
+                               md->name, im ? (long long)im->out : -1LL, im ? (long long)im->in : -1LL,
+                               (long long)md->N, (long long)md->K);
                 tuna_trainer_free(t);
                 return st;
             }
@@ -220,7 +222,8 @@ tuna_status tuna_trainer_new(struct tuna_model *m, const struct tuna_lora_train_
         } else {
             /* PEFT: kaiming_uniform_(a=sqrt(5)) on A = U(-1/sqrt(in), 1/sqrt(in)); B = 0 */
             double bound = 1.0 / sqrt((double)md->K);
-            for (int64_t j = 0; j < md->r * md->K; j++) A[j] = (float)((tuna_rng_uniform(&rng) * 2 - 1) * bound);
+            for (int64_t j = 0; j < md->r * md->K; j++)
+                A[j] = (float)((tuna_rng_uniform(&rng) * 2 - 1) * bound);
         }
         md->lora.r = md->r;
         md->lora.A = A;
@@ -233,10 +236,22 @@ tuna_status tuna_trainer_new(struct tuna_model *m, const struct tuna_lora_train_
     return TUNA_OK;
 }
 
-int64_t tuna_trainer_step_count(const tuna_trainer *t) { return t->step; }
-int64_t tuna_trainer_param_count(const tuna_trainer *t) { return t->P; }
-const float *tuna_trainer_grads(const tuna_trainer *t) { return t->grads; }
-float *tuna_trainer_params(tuna_trainer *t) { return t->params; }
+int64_t tuna_trainer_step_count(const tuna_trainer *t)
+{
+    return t->step;
+}
+int64_t tuna_trainer_param_count(const tuna_trainer *t)
+{
+    return t->P;
+}
+const float *tuna_trainer_grads(const tuna_trainer *t)
+{
+    return t->grads;
+}
+float *tuna_trainer_params(tuna_trainer *t)
+{
+    return t->params;
+}
 
 /* ---------------------------------------------------------------- one micro-batch */
 
@@ -255,8 +270,10 @@ static tuna_status build_batch(const struct tuna_model *m, const struct tuna_tra
         for (int64_t i = 0; i < len; i++) {
             int32_t y = i + 1 < tb->T ? tb->labels[r * tb->T + i + 1] : TUNA_LABEL_IGNORE;
             if (y != TUNA_LABEL_IGNORE && (y < 0 || y >= m->arch.vocab_size))
-                return tuna_fail(TUNA_E_RANGE, "label %d (batch row %lld, position %lld) is outside the vocabulary "
-                                 "of %lld", y, (long long)r, (long long)i + 1, (long long)m->arch.vocab_size);
+                return tuna_fail(TUNA_E_RANGE,
+                                 "label %d (batch row %lld, position %lld) is outside the vocabulary "
+                                 "of %lld",
+                                 y, (long long)r, (long long)i + 1, (long long)m->arch.vocab_size);
             if (y != TUNA_LABEL_IGNORE && i + 1 >= len) y = TUNA_LABEL_IGNORE; /* a label on padding */
             target[fb->n] = y;
             st = tuna_batch_add(fb, tb->ids[r * tb->T + i], seq, i, y != TUNA_LABEL_IGNORE);
@@ -286,14 +303,18 @@ static void linear_backward(tuna_trainer *t, int64_t layer, int proj, float *dx,
     memset(t->drop_g, 0, (size_t)n * sizeof(float));
     tuna_lora_backward(t->drop_g, t->grads + md->offA, t->grads + md->offB, dy, t->drop, &md->lora, md->N, md->K, T);
     tuna_train_dropout(t->drop_g, t->drop_g, T, md->K, t->lo.dropout, key);
-    for (int64_t i = 0; i < n; i++) dx[i] += t->drop_g[i];
+    for (int64_t i = 0; i < n; i++)
+        dx[i] += t->drop_g[i];
 }
 
 struct bwd_bufs {
     float *dx, *dxn, *datt, *dq, *dk, *dv, *dact, *dgate, *dup, *pre, *dpre;
 };
 
-static void zero(float *p, int64_t n) { memset(p, 0, (size_t)n * sizeof *p); }
+static void zero(float *p, int64_t n)
+{
+    memset(p, 0, (size_t)n * sizeof *p);
+}
 
 /* Backward of one layer given dx (gradient of the layer's output), leaving in dx the gradient
  * of its input. The forward's op list, reversed. */
@@ -344,8 +365,8 @@ static void layer_backward(tuna_trainer *t, int64_t l, const struct tuna_fwd_lay
 }
 
 /* Forward (+ backward when train) of one micro-batch; adds the CE sum to *loss_sum. */
-static tuna_status micro_step(tuna_trainer *t, const struct tuna_train_batch *tb, int micro, double denom,
-                              bool train, double *loss_sum, int64_t *tokens)
+static tuna_status micro_step(tuna_trainer *t, const struct tuna_train_batch *tb, int micro, double denom, bool train,
+                              double *loss_sum, int64_t *tokens)
 {
     struct tuna_model *m = t->m;
     const struct tuna_arch *a = &m->arch;
@@ -418,8 +439,7 @@ static tuna_status micro_step(tuna_trainer *t, const struct tuna_train_batch *tb
     const float *x_final = t->own_fwd ? t->x_final : t->trace.x_final;
     for (int64_t i = 0, j = 0; i < T; i++)
         if (fb.logits[i]) {
-            tuna_rmsnorm_backward(g.dx + i * C, dxs + j * C, x_final + i * C, m->final_norm, 1, C,
-                                  (float)a->norm_eps);
+            tuna_rmsnorm_backward(g.dx + i * C, dxs + j * C, x_final + i * C, m->final_norm, 1, C, (float)a->norm_eps);
             j++;
         }
     for (int64_t l = a->n_layers - 1; l >= 0; l--) {
@@ -453,7 +473,8 @@ tuna_status tuna_trainer_loss_grad(tuna_trainer *t, const struct tuna_train_batc
                                    int64_t *tokens_out, int64_t *targets_out)
 {
     int64_t targets = 0, tokens = 0;
-    for (int i = 0; i < n; i++) targets += mb[i].n_targets;
+    for (int i = 0; i < n; i++)
+        targets += mb[i].n_targets;
     if (targets <= 0)
         return tuna_fail(TUNA_E_INVALID, "step %lld: its batch has no target token (every label is -100)",
                          (long long)t->step + 1);
@@ -477,9 +498,11 @@ tuna_status tuna_trainer_step(tuna_trainer *t, const struct tuna_train_batch *mb
     if (st) return st;
     double gn = sqrt(tuna_grad_sq_sum(t->grads, t->P));
     if (!isfinite(loss) || !isfinite(gn))
-        return tuna_fail(TUNA_E_RANGE, "step %lld: the loss is %g and the gradient norm %g: training diverged "
+        return tuna_fail(TUNA_E_RANGE,
+                         "step %lld: the loss is %g and the gradient norm %g: training diverged "
                          "(lower --learning-rate, keep --max-grad-norm on, check the data); the adapter is left as "
-                         "it was before this step", (long long)t->step + 1, loss, gn);
+                         "it was before this step",
+                         (long long)t->step + 1, loss, gn);
     tuna_grad_clip(t->grads, t->P, gn, t->oo.max_grad_norm);
     double lr = tuna_lr_at(&t->oo, t->step);
     t->step++;
@@ -534,9 +557,11 @@ static uint64_t layout_hash(const tuna_trainer *t)
     uint64_t h = 1469598103934665603ULL;
     for (int i = 0; i < t->n_mods; i++) {
         const struct tmod *md = &t->mods[i];
-        for (const char *c = md->name; *c; c++) h = (h ^ (uint8_t)*c) * 1099511628211ULL;
+        for (const char *c = md->name; *c; c++)
+            h = (h ^ (uint8_t)*c) * 1099511628211ULL;
         int64_t v[3] = {md->r, md->K, md->N};
-        for (int j = 0; j < 3; j++) h = (h ^ (uint64_t)v[j]) * 1099511628211ULL;
+        for (int j = 0; j < 3; j++)
+            h = (h ^ (uint64_t)v[j]) * 1099511628211ULL;
     }
     return h;
 }
@@ -573,9 +598,11 @@ tuna_status tuna_trainer_load_optimizer(tuna_trainer *t, const char *dir)
     if (len >= hdr) memcpy(h, buf + 8, sizeof h);
     if (len != want || memcmp(buf, OPT_MAGIC, 8) != 0 || h[1] != (uint64_t)t->P || h[2] != layout_hash(t)) {
         free(buf);
-        return tuna_fail(TUNA_E_FORMAT, "%s does not hold the optimizer state of this run (%zu bytes; expected "
+        return tuna_fail(TUNA_E_FORMAT,
+                         "%s does not hold the optimizer state of this run (%zu bytes; expected "
                          "%zu for %lld parameters in the same modules): resume with the same model and LoRA "
-                         "settings", path, len, want, (long long)t->P);
+                         "settings",
+                         path, len, want, (long long)t->P);
     }
     t->step = (int64_t)h[0];
     memcpy(t->m1, buf + hdr, (size_t)t->P * sizeof(float));

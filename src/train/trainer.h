@@ -25,20 +25,28 @@
 #include "tuna.h"
 
 /* The seven projections, in PEFT's usual order. */
-enum { TUNA_PROJ_Q = 0, TUNA_PROJ_K, TUNA_PROJ_V, TUNA_PROJ_O, TUNA_PROJ_GATE, TUNA_PROJ_UP, TUNA_PROJ_DOWN,
-       TUNA_PROJ_COUNT };
+enum {
+    TUNA_PROJ_Q = 0,
+    TUNA_PROJ_K,
+    TUNA_PROJ_V,
+    TUNA_PROJ_O,
+    TUNA_PROJ_GATE,
+    TUNA_PROJ_UP,
+    TUNA_PROJ_DOWN,
+    TUNA_PROJ_COUNT
+};
 /* "q_proj", ..., "down_proj" */
 const char *tuna_proj_name(int proj);
 
 struct tuna_lora_train_opts {
-    int64_t r;                  /* 16 */
-    double alpha;               /* 16 */
-    double dropout;             /* LoRA dropout on the adapter's input, [0, 1) */
+    int64_t r;      /* 16 */
+    double alpha;   /* 16 */
+    double dropout; /* LoRA dropout on the adapter's input, [0, 1) */
     bool use_rslora;
     const char *const *targets; /* projection names ("q_proj", ...); NULL = all seven */
     int n_targets;
-    uint64_t seed;              /* A's init (kaiming-uniform bound 1/sqrt(in), as PEFT); B = 0;
-                                   dropout masks */
+    uint64_t seed;               /* A's init (kaiming-uniform bound 1/sqrt(in), as PEFT); B = 0;
+                                    dropout masks */
     bool gradient_checkpointing; /* keep only each layer's input; recompute the rest in backward */
 };
 void tuna_lora_train_opts_default(struct tuna_lora_train_opts *o);
@@ -54,13 +62,13 @@ tuna_status tuna_trainer_new(struct tuna_model *m, const struct tuna_lora_train_
 void tuna_trainer_free(tuna_trainer *t); /* accepts NULL */
 
 struct tuna_step_stats {
-    int64_t step;       /* optimizer steps done after this one (1 for the first) */
-    double loss;        /* mean CE over the step's targets */
-    double grad_norm;   /* global L2 norm of the LoRA gradients, before clipping */
-    double lr;          /* learning rate used */
-    int64_t tokens;     /* tokens processed (not padding) */
-    int64_t targets;    /* labels counted by the loss */
-    double seconds;     /* wall time of the step */
+    int64_t step;     /* optimizer steps done after this one (1 for the first) */
+    double loss;      /* mean CE over the step's targets */
+    double grad_norm; /* global L2 norm of the LoRA gradients, before clipping */
+    double lr;        /* learning rate used */
+    int64_t tokens;   /* tokens processed (not padding) */
+    int64_t targets;  /* labels counted by the loss */
+    double seconds;   /* wall time of the step */
 };
 
 /* One optimizer step over n micro-batches (right-padded, labels not shifted). A NaN or inf

@@ -6,13 +6,13 @@
 #include "train/trainer.h"
 
 struct tmod {
-    char name[96];          /* "model.layers.3.mlp.up_proj" */
+    char name[96]; /* "model.layers.3.mlp.up_proj" */
     int64_t layer;
     int proj;
     int64_t r, K, N;
     double alpha;
-    struct tuna_lora lora;  /* A, B point into t->params */
-    int64_t offA, offB;     /* offsets into the flat arrays */
+    struct tuna_lora lora; /* A, B point into t->params */
+    int64_t offA, offB;    /* offsets into the flat arrays */
 };
 
 struct tuna_trainer {
@@ -24,24 +24,24 @@ struct tuna_trainer {
     double cfg_alpha;
     struct tmod *mods;
     int n_mods;
-    struct tmod **by_lin;   /* [L * 7]: the module on each linear, or NULL */
-    int64_t P;              /* trainable floats */
+    struct tmod **by_lin; /* [L * 7]: the module on each linear, or NULL */
+    int64_t P;            /* trainable floats */
     float *params, *grads, *m1, *m2;
-    int64_t step;           /* optimizer steps done */
-    struct tuna_fwd_trace trace;  /* the model forward's activations (default path) */
+    int64_t step;                /* optimizer steps done */
+    struct tuna_fwd_trace trace; /* the model forward's activations (default path) */
 
     /* own forward (train_forward.c): with LoRA dropout or gradient checkpointing */
     bool own_fwd, ckpt;
-    uint64_t drop_base;       /* seed, step and micro-batch mixed: this micro-batch's masks;
-                                 0 = no dropout (evaluation) */
-    int64_t cap_T;            /* tokens the buffers below hold */
-    float *mem;               /* one allocation for everything below */
+    uint64_t drop_base;               /* seed, step and micro-batch mixed: this micro-batch's masks;
+                                         0 = no dropout (evaluation) */
+    int64_t cap_T;                    /* tokens the buffers below hold */
+    float *mem;                       /* one allocation for everything below */
     struct tuna_fwd_layer_acts *acts; /* [L] ([1] with checkpointing: the layer being worked on) */
-    float *x_saved;           /* [L, T, C] layer inputs (checkpointing) */
-    float *x, *tmp, *x_final, *sel; /* [T, C] */
-    float *drop, *drop_g;     /* [T, max(C, I)] each: a dropped LoRA input, its gradient */
-    int32_t *rows;            /* [T] 0..T-1: size-1 KV blocks over the contiguous k, v */
-    const int32_t **bt;       /* [T] each token's block table */
+    float *x_saved;                   /* [L, T, C] layer inputs (checkpointing) */
+    float *x, *tmp, *x_final, *sel;   /* [T, C] */
+    float *drop, *drop_g;             /* [T, max(C, I)] each: a dropped LoRA input, its gradient */
+    int32_t *rows;                    /* [T] 0..T-1: size-1 KV blocks over the contiguous k, v */
+    const int32_t **bt;               /* [T] each token's block table */
 };
 
 static inline struct tuna_linear *proj_lin(struct tuna_layer *L, int p)
