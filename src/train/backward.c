@@ -13,11 +13,9 @@
 #include "quant/nf4.h"
 #include "train/backward.h"
 
-#if defined(__has_include)
-#if __has_include(<cblas.h>)
+#ifndef TUNA_NO_BLAS /* -DTUNA_BLAS=OFF builds define it (src/train/CMakeLists.txt) */
 #include <cblas.h>
 #define TUNA_TRAIN_BLAS 1
-#endif
 #endif
 
 /* C[M,N] += alpha * op(A) op(B), row-major; ta/tb: A is stored [K,M] / B is stored [N,K]. */
