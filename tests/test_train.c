@@ -137,6 +137,19 @@ static void fixture_run(const char *name, const char *base_rel, bool quantize, b
     fixture_optim(&oo);
     tuna_trainer *t = NULL;
     TT_OK(tuna_trainer_new(r.m, &lo, &oo, r.init, &t));
+    { /* evaluation (no update, no dropout) of step 1's batch gives step 1's loss */
+        size_t idx[2];
+        tuna_dataset_batch_indices(r.ds, 0, 2, false, 0, idx);
+        struct tuna_train_batch b;
+        TT_OK(tuna_dataset_make_batch(r.ds, idx, 2, &b));
+        double loss,
+            ref =
+                cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(r.trace, "trace"), 0), "loss")->valuedouble;
+        TT_OK(tuna_trainer_eval(t, &b, &loss));
+        tuna_train_batch_free(&b);
+        assert_true(fabs(loss - ref) / ref < 1e-4);
+        assert_int_equal(tuna_trainer_step_count(t), 0);
+    }
     train_steps(&r, t, 0, 12, true);
     char out[8192], path[512], fin[8192];
     snprintf(out, sizeof out, "%s/train-%s", tt_tmpdir(), name);
