@@ -7,6 +7,7 @@
 
 #include "cli.h"
 #include "infer_common.h"
+#include "model/memplan.h"
 #include "core/status.h"
 #include "lora/lora.h"
 #include "model/model.h"
@@ -27,7 +28,9 @@ static void usage(FILE *f)
                "  --api-key KEY                 require 'Authorization: Bearer KEY' on /v1/ routes\n"
                "  --served-model-name NAME      model name in the API (default: DIR's last component)\n"
                "  --max-model-len N             context limit (default: max_position_embeddings)\n"
-               "  --kv-cache-gb G               KV cache size in GiB (default 1)\n"
+               "  --kv-cache-gb G               KV cache size in GiB (default: 1 on the CPU; on the GPU what\n"
+               "                                --gpu-memory-utilization leaves after weights and activations)\n"
+               "  --gpu-memory-utilization F    fraction of the GPU's memory tuna may use (default 0.9)\n"
                "  --block-size N                KV tokens per block (default 16)\n"
                "  --max-num-seqs N              sequences running at once (default 128, at most 256)\n"
                "  --max-num-batched-tokens N    tokens per step, prefill chunks included (default 2048)\n"
@@ -45,7 +48,7 @@ static void usage(FILE *f)
 struct serve_opts {
     const char *dir, *host, *api_key, *name;
     long long port, max_model_len, block_size, max_num_seqs, max_batched, max_pending, max_body, threads;
-    double kv_gb;
+    double kv_gb, gpu_util;
     bool prefix_caching;
     const char *lora_names[16], *lora_dirs[16];
     int n_lora;
@@ -85,7 +88,8 @@ static bool parse_args(int argc, char **argv, struct serve_opts *o, bool *help)
             tuna_cli_opt_int(argc, argv, &i, "--max-pending", &o->max_pending, &bad) ||
             tuna_cli_opt_int(argc, argv, &i, "--max-request-bytes", &o->max_body, &bad) ||
             tuna_cli_opt_int(argc, argv, &i, "--threads", &o->threads, &bad) ||
-            tuna_cli_opt_float(argc, argv, &i, "--kv-cache-gb", &o->kv_gb, &bad))
+            tuna_cli_opt_float(argc, argv, &i, "--kv-cache-gb", &o->kv_gb, &bad) ||
+            tuna_cli_opt_float(argc, argv, &i, "--gpu-memory-utilization", &o->gpu_util, &bad))
             continue;
         if (infer_device_parse(&o->dev, argc, argv, &i, &bad)) continue;
         if (!strcmp(argv[i], "--enable-prefix-caching") || !strcmp(argv[i], "--no-enable-prefix-caching")) {
@@ -108,7 +112,7 @@ static bool parse_args(int argc, char **argv, struct serve_opts *o, bool *help)
         fprintf(stderr, "tuna serve: need the model folder DIR\n");
         bad = true;
     }
-    if (!bad && (o->port < 0 || o->port > 65535 || o->kv_gb <= 0 || o->block_size <= 0 || o->block_size > 1024 ||
+    if (!bad && (o->port < 0 || o->port > 65535 || o->kv_gb < 0 || o->gpu_util <= 0 || o->gpu_util > 1 || o->block_size <= 0 || o->block_size > 1024 ||
                  o->max_num_seqs <= 0 || o->max_num_seqs > 256 || o->max_batched <= 0 || o->max_pending <= 0 ||
                  o->max_body <= 0 || o->max_model_len < 0)) {
         fprintf(stderr, "tuna serve: out of range: --port 0..65535, --kv-cache-gb > 0, --block-size 1..1024, "
@@ -131,7 +135,7 @@ static const char *base_name(const char *dir, char *buf, size_t cap)
 
 int cmd_serve(int argc, char **argv)
 {
-    struct serve_opts o = {.host = "127.0.0.1", .port = 8000, .kv_gb = 1.0, .block_size = 16, .max_num_seqs = 128,
+    struct serve_opts o = {.host = "127.0.0.1", .port = 8000, .kv_gb = 0, .gpu_util = 0.9, .block_size = 16, .max_num_seqs = 128,
                            .max_batched = 2048, .max_pending = 1024, .max_body = 4 << 20, .prefix_caching = true};
     o.dev.device = TUNA_DEVICE_AUTO;
     bool help = false;
@@ -192,26 +196,21 @@ int cmd_serve(int argc, char **argv)
     }
     struct tuna_engine_config ec = {0};
     if (!st) {
-        const struct tuna_arch *a = &m->arch;
-        double kv_per_token = 2.0 * (double)a->n_layers * (double)a->n_kv_heads * (double)a->head_dim * 4.0;
-        int64_t blocks = (int64_t)(o.kv_gb * 1073741824.0 / (kv_per_token * (double)o.block_size));
-        ec.kv_tokens = blocks * o.block_size;
+        struct tuna_mem_request mr = {o.max_batched, o.max_num_seqs, (int32_t)o.block_size, o.kv_gb, o.gpu_util};
+        struct tuna_mem_plan plan;
+        st = tuna_mem_plan_make(m, &mr, &plan);
+        if (!st) {
+            tuna_mem_plan_print(&plan, m, stderr);
+            fprintf(stderr, "  max concurrency     %.2fx requests of %lld tokens; prefix caching %s\n",
+                    (double)plan.kv_tokens / (double)m->max_model_len, (long long)m->max_model_len,
+                    o.prefix_caching ? "on" : "off");
+        }
+        ec.kv_tokens = plan.kv_tokens;
         ec.block_size = (int32_t)o.block_size;
         ec.max_num_seqs = o.max_num_seqs;
         ec.max_num_batched_tokens = o.max_batched;
         ec.max_pending = o.max_pending;
         ec.enable_prefix_caching = o.prefix_caching;
-        fprintf(stderr, "tuna serve: memory plan: weights %.1f MiB (mapped); KV cache %.1f MiB float32 = %lld blocks "
-                "of %lld tokens = %lld tokens (%.1f KiB per token); max model len %lld; maximum concurrency for "
-                "%lld tokens per request: %.2fx; prefix caching %s\n", (double)tuna_model_weight_bytes(m) / 1048576.0,
-                (double)ec.kv_tokens * kv_per_token / 1048576.0, (long long)blocks, o.block_size,
-                (long long)ec.kv_tokens, kv_per_token / 1024.0, (long long)m->max_model_len,
-                (long long)m->max_model_len, (double)ec.kv_tokens / (double)m->max_model_len,
-                o.prefix_caching ? "on" : "off");
-        if (ec.kv_tokens < m->max_model_len)
-            st = tuna_fail(TUNA_E_OOM, "the KV cache (%lld tokens in %.2f GiB) cannot hold one sequence of "
-                           "--max-model-len %lld tokens: raise --kv-cache-gb or lower --max-model-len",
-                           (long long)ec.kv_tokens, o.kv_gb, (long long)m->max_model_len);
     }
     int64_t eos[16];
     int n_eos = 0;

@@ -16,44 +16,42 @@ __device__ __forceinline__ float q4_round(float v, int mode)
     return v;
 }
 
-/* 8 weights from one 32-bit word of codes (bytes in memory order, high nibble first). */
-__device__ __forceinline__ void q4_unpack8(uint32_t w, const float *lut, float am, int mode, float *f)
-{
-#pragma unroll
-    for (int b = 0; b < 4; b++) {
-        uint32_t byte = (w >> (8 * b)) & 0xffu;
-        f[2 * b] = q4_round(lut[byte >> 4] * am, mode);
-        f[2 * b + 1] = q4_round(lut[byte & 15] * am, mode);
-    }
-}
-
+/* Each lane owns a 16-entry table in shared memory, laid out [entry][lane] so that lookups of a
+ * warp never share a bank; the table is rebuilt (16 multiply + round) per 32 weights, which all
+ * lie in one absmax block (blocksize % 32 == 0 on the fast path). */
 template <int TT>
 __global__ void k_gemv_q4(float *y, const float *x, const uint8_t *codes, const float *absmax, int bs, int mode,
                           struct q4_lut lut_in, const float *bias, int64_t N, int64_t K, int vec)
 {
-    __shared__ float lut[16];
-    if (threadIdx.x < 16) lut[threadIdx.x] = lut_in.v[threadIdx.x];
-    __syncthreads();
+    __shared__ float tab[4][16][32]; /* [warp][entry][lane] */
     int64_t n = (int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
-    int lane = threadIdx.x & 31;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (n >= N) return;
     float acc[TT];
 #pragma unroll
     for (int t = 0; t < TT; t++) acc[t] = 0.0f;
     const int64_t e_row = n * K;
+    float(*my)[32] = tab[warp];
     if (vec) {
-        /* K % 32 == 0: each lane takes 16 bytes = 32 weights per step */
+        /* K % 32 == 0 and bs % 32 == 0: each lane takes 16 bytes = 32 weights of one block */
         const uint4 *cr = reinterpret_cast<const uint4 *>(codes + e_row / 2);
         const int64_t K32 = K / 32;
         for (int64_t i = lane; i < K32; i += 32) {
             uint4 raw = __ldg(cr + i);
+            float am = __ldg(absmax + (e_row + i * 32) / bs);
+#pragma unroll
+            for (int c = 0; c < 16; c++) my[c][lane] = q4_round(lut_in.v[c] * am, mode);
             const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
             for (int wi = 0; wi < 4; wi++) {
                 int64_t k0 = i * 32 + wi * 8;
-                float am = __ldg(absmax + (e_row + k0) / bs); /* bs % 8 == 0: 8 weights share a block */
                 float wf[8];
-                q4_unpack8(words[wi], lut, am, mode, wf);
+#pragma unroll
+                for (int b = 0; b < 4; b++) {
+                    uint32_t byte = (words[wi] >> (8 * b)) & 0xffu;
+                    wf[2 * b] = my[byte >> 4][lane];
+                    wf[2 * b + 1] = my[byte & 15][lane];
+                }
 #pragma unroll
                 for (int t = 0; t < TT; t++) {
                     const float4 *xp = reinterpret_cast<const float4 *>(x + t * K + k0);
@@ -68,7 +66,7 @@ __global__ void k_gemv_q4(float *y, const float *x, const uint8_t *codes, const 
             int64_t e = e_row + k;
             uint8_t byte = codes[e >> 1];
             int c = (e & 1) ? (byte & 15) : (byte >> 4);
-            float wv = q4_round(lut[c] * absmax[e / bs], mode);
+            float wv = q4_round(lut_in.v[c] * absmax[e / bs], mode);
 #pragma unroll
             for (int t = 0; t < TT; t++) acc[t] += wv * x[t * K + k];
         }
@@ -78,6 +76,50 @@ __global__ void k_gemv_q4(float *y, const float *x, const uint8_t *codes, const 
         float v = acc[t];
         for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
         if (lane == 0) y[t * N + n] = v + (bias ? bias[n] : 0.0f);
+    }
+}
+
+/* 32 weights per thread (16-byte load, one absmax block when bs % 32 == 0), written as 16-bit
+ * (4 x 16-byte stores) or float32; the scalar kernel below handles the rest. */
+__global__ void k_dequant_q4_vec(void *out, int dtype, const uint8_t *codes, const float *absmax, int bs, int mode,
+                                 struct q4_lut lut, int64_t n32)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n32) return;
+    uint4 raw = __ldg(reinterpret_cast<const uint4 *>(codes) + i);
+    float am = __ldg(absmax + i * 32 / bs);
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+    float v[32];
+#pragma unroll
+    for (int wi = 0; wi < 4; wi++)
+#pragma unroll
+        for (int b = 0; b < 4; b++) {
+            uint32_t byte = (words[wi] >> (8 * b)) & 0xffu;
+            v[wi * 8 + 2 * b] = q4_round(lut.v[byte >> 4] * am, mode);
+            v[wi * 8 + 2 * b + 1] = q4_round(lut.v[byte & 15] * am, mode);
+        }
+    if (dtype == 0) {
+        float4 *o = reinterpret_cast<float4 *>(out) + i * 8;
+#pragma unroll
+        for (int j = 0; j < 8; j++) o[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+        return;
+    }
+    uint4 *o = reinterpret_cast<uint4 *>(out) + i * 4;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        uint32_t h[4];
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            float lo = v[8 * j + 2 * q], hi = v[8 * j + 2 * q + 1];
+            if (dtype == 1) {
+                __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
+                h[q] = *reinterpret_cast<uint32_t *>(&p);
+            } else {
+                __half2 p = __floats2half2_rn(lo, hi);
+                h[q] = *reinterpret_cast<uint32_t *>(&p);
+            }
+        }
+        o[j] = make_uint4(h[0], h[1], h[2], h[3]);
     }
 }
 
@@ -105,7 +147,7 @@ void tuna_cuda_gemv_q4(tuna_backend *be, float *y, const float *x, const struct 
     int64_t N = w->rows, K = w->cols;
     struct q4_lut lut;
     memcpy(lut.v, q->lut, sizeof lut.v);
-    int vec = K % 32 == 0 && q->blocksize % 8 == 0 && ((uintptr_t)w->data % 16) == 0 && ((uintptr_t)x % 16) == 0;
+    int vec = K % 32 == 0 && q->blocksize % 32 == 0 && ((uintptr_t)w->data % 16) == 0 && ((uintptr_t)x % 16) == 0;
     const int warps = 4;
     unsigned blocks = (unsigned)((N + warps - 1) / warps);
 #define Q4_CASE(TT)                                                                                            \
@@ -137,9 +179,14 @@ bool tuna_cuda_dequant_q4(tuna_backend *be, const struct tuna_weight *w, void **
     struct q4_lut lut;
     memcpy(lut.v, q->lut, sizeof lut.v);
     int64_t nbytes = (numel + 1) / 2;
-    k_dequant_q4<<<tuna_cuda_blocks(nbytes, 256), 256, 0, be->stream>>>(be->wdeq.p, code, (const uint8_t *)w->data,
-                                                                        q->absmax, q->blocksize, q->round_mode, lut,
-                                                                        numel);
+    if (numel % 32 == 0 && q->blocksize % 32 == 0 && ((uintptr_t)w->data % 16) == 0) {
+        int64_t n32 = numel / 32;
+        k_dequant_q4_vec<<<tuna_cuda_blocks(n32, 256), 256, 0, be->stream>>>(
+            be->wdeq.p, code, (const uint8_t *)w->data, q->absmax, q->blocksize, q->round_mode, lut, n32);
+    } else {
+        k_dequant_q4<<<tuna_cuda_blocks(nbytes, 256), 256, 0, be->stream>>>(
+            be->wdeq.p, code, (const uint8_t *)w->data, q->absmax, q->blocksize, q->round_mode, lut, numel);
+    }
     if (!tuna_cuda_check_launch(be, "k_dequant_q4")) return false;
     *out = be->wdeq.p;
     *dt = code == 1 ? TUNA_DTYPE_BF16 : code == 2 ? TUNA_DTYPE_F16 : TUNA_DTYPE_F32;
