@@ -474,7 +474,7 @@ static struct jv f_map(struct jctx *x, struct jv in, struct jargs *a)
         jx_fail(x, x->at, TUNA_E_FORMAT, "map(): expected a filter name or attribute=");
     char name[64];
     snprintf(name, sizeof name, "%.*s", (int)(a->pos[0].n < 63 ? a->pos[0].n : 63), a->pos[0].u.s);
-    if (!jx_has_filter(name)) jx_fail(x, x->at, TUNA_E_UNSUPPORTED, "map(): no filter named '%s'", name);
+    /* an unknown filter name fails when first applied (jx_filter), as in Jinja2 */
     struct jargs rest = shift_args(a, 1);
     for (size_t i = 0; i < l->n; i++)
         jl_push(x, out.u.l, jx_filter(x, name, l->v[i], &rest, x->at));
@@ -490,11 +490,10 @@ static struct jv select_impl(struct jctx *x, struct jv in, struct jargs *a, bool
     struct jv attrname = attr ? ja_arg(a, 0, NULL, jv_none()) : jv_none();
     if (attr && attrname.t == JV_NONE) jx_fail(x, x->at, TUNA_E_FORMAT, "selectattr/rejectattr need an attribute name");
     char test[64] = "";
-    if (a->npos > skip) {
+    if (a->npos > skip) { /* looked up when first used, as Jinja2 does */
         struct jv t = a->pos[skip];
         if (t.t != JV_STR) jx_fail(x, x->at, TUNA_E_FORMAT, "the test name must be a string");
         snprintf(test, sizeof test, "%.*s", (int)(t.n < 63 ? t.n : 63), t.u.s);
-        if (!jx_has_test(test)) jx_fail(x, x->at, TUNA_E_UNSUPPORTED, "no test named '%s'", test);
     }
     struct jargs rest = shift_args(a, skip + 1);
     for (size_t i = 0; i < l->n; i++) {
@@ -679,7 +678,11 @@ static struct jv f_tojson(struct jctx *x, struct jv in, struct jargs *a)
         jx_fail(x, x->at, TUNA_E_UNSUPPORTED, "tojson(): indent must be an integer or None, not %s", jv_type_name(ind));
     }
     struct jv sep = ja_arg(a, 2, "separators", jv_none());
-    if (sep.t != JV_NONE) {
+    if (sep.t == JV_STR && ju_len(sep.u.s, sep.n) == 2) { /* json.dumps unpacks any pair, even ",:" */
+        size_t half = ju_offset(sep.u.s, sep.n, 1);
+        o.item_sep = ja_strndup(x->ar, sep.u.s, half);
+        o.key_sep = ja_strndup(x->ar, sep.u.s + half, sep.n - half);
+    } else if (sep.t != JV_NONE) {
         if (!jv_is_seq(sep) || sep.u.l->n != 2 || sep.u.l->v[0].t != JV_STR || sep.u.l->v[1].t != JV_STR)
             jx_fail(x, x->at, TUNA_E_FORMAT, "tojson(): separators must be a pair of strings");
         o.item_sep = ja_strndup(x->ar, sep.u.l->v[0].u.s, sep.u.l->v[0].n);

@@ -153,6 +153,54 @@ static tuna_status lex_string(struct tuna_jinja_template *t, size_t *pos, struct
 }
 
 static const char *const OPS3[] = {"//=", NULL};
+static int digit_of(char c, int base)
+{
+    int v = c >= '0' && c <= '9'   ? c - '0'
+            : c >= 'a' && c <= 'f' ? c - 'a' + 10
+            : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                   : 99;
+    return v < base ? v : -1;
+}
+
+/* End of an integer literal at i as Jinja2 reads it: 0b/0o/0x with digits (single '_' between),
+ * [1-9] then digits, or zeros; so "01" is the two tokens 0 and 1. Sets the base and where the
+ * digits start. */
+static size_t lex_int_end(const char *s, size_t n, size_t i, int *base, size_t *digits_at)
+{
+    *base = 10;
+    *digits_at = i;
+    if (s[i] == '0' && i + 2 < n + 1 && i + 1 < n && strchr("bBoOxX", s[i + 1])) {
+        int b = (s[i + 1] | 32) == 'b' ? 2 : (s[i + 1] | 32) == 'o' ? 8 : 16;
+        size_t j = i + 2, digits = 0;
+        for (;;) {
+            if (j < n && s[j] == '_' && j + 1 < n && digit_of(s[j + 1], b) >= 0)
+                j += 2, digits++;
+            else if (j < n && digit_of(s[j], b) >= 0)
+                j++, digits++;
+            else
+                break;
+        }
+        if (digits) {
+            *base = b;
+            *digits_at = i + 2;
+            return j;
+        }
+    }
+    char first = s[i];
+    size_t j = i + 1;
+    for (;;) {
+        bool ok_digit = first == '0' ? (j < n && s[j] == '0') : (j < n && isdigit((unsigned char)s[j]));
+        bool ok_us = j + 1 < n && s[j] == '_' && (first == '0' ? s[j + 1] == '0' : isdigit((unsigned char)s[j + 1]));
+        if (ok_us)
+            j += 2;
+        else if (ok_digit)
+            j++;
+        else
+            break;
+    }
+    return j;
+}
+
 static const char *const OPS2[] = {"//", "**", "==", "!=", "<=", ">=", NULL};
 static const char OPS1[] = "+-*/%~()[]{},.:|=<>;";
 
@@ -217,9 +265,12 @@ static tuna_status lex_tag(struct tuna_jinja_template *t, struct jtoks *o, size_
                         j++;
                 }
             }
+            int base = 10;
+            size_t digits_at = i;
+            if (!isf) j = lex_int_end(s, n, i, &base, &digits_at); /* Jinja2's integer_re */
             char buf[128];
             size_t bn = 0;
-            for (size_t q = i; q < j && bn + 1 < sizeof buf; q++)
+            for (size_t q = digits_at; q < j && bn + 1 < sizeof buf; q++)
                 if (s[q] != '_') buf[bn++] = s[q];
             buf[bn] = 0;
             if (isf) {
@@ -229,7 +280,7 @@ static tuna_status lex_tag(struct tuna_jinja_template *t, struct jtoks *o, size_
                 k.t = JT_INT;
                 char *end;
                 errno = 0;
-                long long v = strtoll(buf, &end, 10);
+                long long v = strtoll(buf, &end, base);
                 if (errno) return lex_fail(t, i, "integer literal does not fit in 64 bits");
                 k.i = v;
             }

@@ -659,6 +659,8 @@ static void parse_params(struct parser *p, struct nvec *params)
         if (is_op(p, "=")) {
             next(p);
             pa->a = parse_expression(p, true);
+        } else if (params->n && params->v[params->n - 1]->a) {
+            pfail(p, TUNA_E_FORMAT, pa->off, "non-default argument follows default argument");
         }
         nv_push(p, params, pa);
     }
