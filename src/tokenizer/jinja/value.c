@@ -566,7 +566,12 @@ void jx_write_str(struct jctx *x, struct jbuf *b, struct jv v)
     if (v.t == JV_FUNC)
         jx_fail(x, x->at, TUNA_E_UNSUPPORTED, "printing the function or method '%s': Python prints its memory address",
                 v.u.fn->name ? v.u.fn->name : "?");
-    if (v.t == JV_DICT && v.u.d->is_loop) jx_fail(x, x->at, TUNA_E_UNSUPPORTED, "printing the loop object");
+    if (v.t == JV_DICT && v.u.d->is_loop) { /* repr(LoopContext) */
+        struct jv i, n;
+        if (jd_gets(v.u.d, "index", &i) && jd_gets(v.u.d, "length", &n))
+            jb_printf(b, "<LoopContext %lld/%lld>", (long long)i.u.i, (long long)n.u.i);
+        return;
+    }
     if (jv_is_seq(v) && v.u.l->kind == JL_GEN)
         jx_fail(x, x->at, TUNA_E_UNSUPPORTED,
                 "printing a generator (the result of map/select/reject/unique/reverse/items): Python prints "
