@@ -6,6 +6,7 @@
  *
  * Each suite prints its pass count. A case not in KNOWN_FAILURES that fails makes the test fail;
  * a case in KNOWN_FAILURES that now passes is reported so the list can be shortened. */
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -440,6 +441,55 @@ static void test_damaged_templates(void **state)
     cJSON_Delete(doc);
 }
 
+/* One parsed template rendered from several threads at once (as the server does): the same
+ * text every time, and errors stay per thread. */
+struct thread_job {
+    const tuna_jinja_template *t;
+    const cJSON *ctx;
+    const char *want;
+    int bad;
+};
+
+static void *render_many(void *arg)
+{
+    struct thread_job *j = arg;
+    for (int i = 0; i < 200; i++) {
+        char *out = NULL;
+        if (tuna_jinja_render(j->t, j->ctx, NULL, &out, NULL) || strcmp(out, j->want)) j->bad++;
+        free(out);
+    }
+    return NULL;
+}
+
+static void test_threads(void **state)
+{
+    (void)state;
+    const char *src = "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+                      "<{{ m.role }}>{{ m.content | trim }}{{ m | tojson(sort_keys=true) }}{% endfor %}{{ ns.n }}";
+    tuna_jinja_template *t = NULL;
+    TT_OK(tuna_jinja_parse(src, strlen(src), NULL, &t));
+    cJSON *ctx = cJSON_Parse("{\"messages\": [{\"role\": \"user\", \"content\": \" hi \"},"
+                             " {\"role\": \"assistant\", \"content\": \"yo\", \"b\": 1.5}]}");
+    char *want = NULL;
+    TT_OK(tuna_jinja_render(t, ctx, NULL, &want, NULL));
+    assert_string_equal(want,
+                        "<user>hi{\"content\": \" hi \", \"role\": \"user\"}<assistant>yo{\"b\": 1.5, \"content\": "
+                        "\"yo\", \"role\": \"assistant\"}2");
+    struct thread_job jobs[4];
+    pthread_t th[4];
+    for (int i = 0; i < 4; i++) {
+        jobs[i] = (struct thread_job){.t = t, .ctx = ctx, .want = want};
+        assert_int_equal(pthread_create(&th[i], NULL, render_many, &jobs[i]), 0);
+    }
+    for (int i = 0; i < 4; i++) {
+        pthread_join(th[i], NULL);
+        assert_int_equal(jobs[i].bad, 0);
+    }
+    free(want);
+    cJSON_Delete(ctx);
+    tuna_jinja_free(t);
+}
+
 int main(void)
 {
     setenv("TZ", "UTC", 1);
@@ -449,6 +499,7 @@ int main(void)
         cmocka_unit_test(test_json_numbers),      cmocka_unit_test(test_minja),
         cmocka_unit_test(test_hfjs_unit),         cmocka_unit_test(test_hfjs_e2e),
         cmocka_unit_test(test_damaged_templates), cmocka_unit_test(test_python_goldens),
+        cmocka_unit_test(test_threads),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
