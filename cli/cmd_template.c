@@ -1,6 +1,6 @@
-/* cmd_template.c — `tuna template DIR --messages FILE [--add-generation-prompt] [--tools FILE]
- * [--template-name NAME] [--tokenize]`: renders the model folder's chat template as transformers'
- * apply_chat_template does, and prints the text (or, with --tokenize, its token ids as a JSON
+/* cmd_template.c — `tuna template DIR --messages FILE [--add-generation-prompt |
+ * --continue-final-message] [--tools FILE] [--template-name NAME] [--tokenize]`: renders the model folder's chat
+ * template as transformers' apply_chat_template does, and prints the text (or, with --tokenize, its token ids as a JSON
  * array: encoded without adding BOS/EOS, special tokens in the text recognised, as
  * apply_chat_template(tokenize=True) does). */
 #include <stdio.h>
@@ -17,14 +17,15 @@
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: tuna template DIR --messages FILE [--add-generation-prompt] [--tools FILE]\n"
-               "                     [--template-name NAME] [--tokenize]\n"
+    fprintf(f, "usage: tuna template DIR --messages FILE [--add-generation-prompt | --continue-final-message]\n"
+               "                     [--tools FILE] [--template-name NAME] [--tokenize]\n"
                "  DIR                     a model folder (chat_template.jinja, chat_template.json or\n"
                "                          tokenizer_config.json with \"chat_template\")\n"
                "  --messages FILE         a JSON array of {\"role\", \"content\", ...}, or an object with\n"
                "                          \"messages\" and optionally \"tools\", \"documents\",\n"
                "                          \"add_generation_prompt\" and further template variables\n"
                "  --add-generation-prompt end with the assistant turn's header\n"
+               "  --continue-final-message end right after the last message's text (to continue it)\n"
                "  --tools FILE            a JSON array of tool schemas\n"
                "  --template-name NAME    pick a named template (default, tool_use, rag, ...)\n"
                "  --tokenize              print token ids (JSON array) instead of the text\n");
@@ -44,7 +45,7 @@ static tuna_status load_json(const char *path, cJSON **out)
 int cmd_template(int argc, char **argv)
 {
     const char *dir = NULL, *msg_file = NULL, *tools_file = NULL, *name = NULL;
-    bool gen = false, tokenize = false, bad = false;
+    bool gen = false, tokenize = false, cont = false, bad = false;
     for (int i = 1; i < argc && !bad; i++) {
         if (tuna_cli_flag(argv, i, "--help") || tuna_cli_flag(argv, i, "-h")) {
             usage(stdout);
@@ -55,6 +56,8 @@ int cmd_template(int argc, char **argv)
         if (tuna_cli_opt_str(argc, argv, &i, "--template-name", &name, &bad)) continue;
         if (tuna_cli_flag(argv, i, "--add-generation-prompt"))
             gen = true;
+        else if (tuna_cli_flag(argv, i, "--continue-final-message"))
+            cont = true;
         else if (tuna_cli_flag(argv, i, "--tokenize"))
             tokenize = true;
         else if (argv[i][0] == '-' && argv[i][1]) {
@@ -81,7 +84,8 @@ int cmd_template(int argc, char **argv)
     tuna_status st = load_json(msg_file, &doc);
     if (!st && tools_file) st = load_json(tools_file, &tools);
     if (st) goto fail;
-    struct tuna_chat_render_opts o = {.add_generation_prompt = gen, .template_name = name, .tools = tools};
+    struct tuna_chat_render_opts o = {
+        .add_generation_prompt = gen, .continue_final_message = cont, .template_name = name, .tools = tools};
     const cJSON *messages = doc;
     if (cJSON_IsObject(doc)) {
         messages = cJSON_GetObjectItemCaseSensitive(doc, "messages");

@@ -288,12 +288,47 @@ static void test_loading_errors(void **state)
     tuna_chat_free(ct);
 }
 
+/* continue_final_message (transformers): the text stops right after the last message's content.
+ * Checked as properties: a prefix of the full render that ends with the stripped content. */
+static void test_continue_final_message(void **state)
+{
+    (void)state;
+    char dir[4096];
+    if (!tt_shared_path(dir, sizeof dir, "fixtures/tokenizers/bpe-1k")) skip();
+    struct tuna_chat_template *ct = NULL;
+    TT_OK(tuna_chat_load(dir, &ct));
+    cJSON *m = cJSON_Parse("[{\"role\": \"user\", \"content\": \"What is 2+2?\"},"
+                           " {\"role\": \"assistant\", \"content\": \"  The answer is \"}]");
+    struct tuna_chat_render_opts full = {0}, cont = {.continue_final_message = true};
+    char *a = NULL, *b = NULL;
+    TT_OK(tuna_chat_render(ct, m, &full, &a));
+    TT_OK(tuna_chat_render(ct, m, &cont, &b));
+    assert_true(strlen(b) < strlen(a));
+    assert_memory_equal(a, b, strlen(b));
+    const char *tail = "The answer is";
+    assert_true(strlen(b) >= strlen(tail));
+    assert_string_equal(b + strlen(b) - strlen(tail), tail);
+    free(a);
+    free(b);
+    struct tuna_chat_render_opts both = {.continue_final_message = true, .add_generation_prompt = true};
+    char *c = NULL;
+    TT_FAILS(tuna_chat_render(ct, m, &both, &c), TUNA_E_INVALID, "cannot both be set");
+    cJSON_Delete(m);
+    tuna_chat_free(ct);
+    /* a template that does not show the content cannot be continued */
+    TT_OK(tuna_chat_from_source("{% for m in messages %}[{{ m.role }}]{% endfor %}", NULL, &ct));
+    m = cJSON_Parse("[{\"role\": \"assistant\", \"content\": \"hidden\"}]");
+    TT_FAILS(tuna_chat_render(ct, m, &cont, &c), TUNA_E_INVALID, "does not appear");
+    cJSON_Delete(m);
+    tuna_chat_free(ct);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_loading_rules),      cmocka_unit_test(test_loading_errors),
         cmocka_unit_test(test_fixture_cases),      cmocka_unit_test(test_ortx_outputs),
-        cmocka_unit_test(test_llamacpp_templates),
+        cmocka_unit_test(test_llamacpp_templates), cmocka_unit_test(test_continue_final_message),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

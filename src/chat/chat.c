@@ -182,9 +182,58 @@ static bool add_copy(cJSON *obj, const char *key, const cJSON *v)
     return cJSON_AddItemToObject(obj, key, c);
 }
 
+static bool is_space(char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v';
+}
+
+/* transformers' continue_final_message: the last occurrence of the last message's content
+ * (stripped) ends the text: text[:loc + len(content)] when the template kept the content whole
+ * (no leading spaces, trailing ones kept), else text[:loc + len(content.strip())]. Whitespace is
+ * ASCII here (Python strips Unicode spaces too). */
+static tuna_status cut_after_final_message(const cJSON *messages, char *text)
+{
+    const cJSON *last = cJSON_GetArrayItem(messages, cJSON_GetArraySize(messages) - 1);
+    const cJSON *content = cJSON_GetObjectItemCaseSensitive(last, "content");
+    const char *msg = NULL;
+    if (cJSON_IsString(content)) {
+        msg = content->valuestring;
+    } else if (cJSON_IsArray(content)) { /* the last block that has "text" */
+        for (int i = cJSON_GetArraySize(content) - 1; i >= 0 && !msg; i--) {
+            const cJSON *tx = cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(content, i), "text");
+            if (cJSON_IsString(tx)) msg = tx->valuestring;
+        }
+    }
+    if (!msg)
+        return tuna_fail(TUNA_E_INVALID, "continue_final_message: the last message has no text content to continue");
+    size_t n = strlen(msg), a = 0, b = n, tl = strlen(text);
+    while (a < b && is_space(msg[a]))
+        a++;
+    while (b > a && is_space(msg[b - 1]))
+        b--;
+    size_t sl = b - a; /* the stripped content is msg[a, b) */
+    bool found = false;
+    size_t loc = 0;
+    for (size_t i = tl >= sl ? tl - sl + 1 : 0; i-- > 0;) /* rindex */
+        if (!memcmp(text + i, msg + a, sl)) {
+            found = true;
+            loc = i;
+            break;
+        }
+    if (!found)
+        return tuna_fail(TUNA_E_INVALID, "continue_final_message is set but the final message does not appear in the "
+                                         "rendered chat (the template changes it), so it cannot be continued");
+    size_t keep = (a == 0 && tl - loc >= n && !memcmp(text + loc, msg, n)) ? n : sl;
+    text[loc + keep] = 0;
+    return TUNA_OK;
+}
+
 tuna_status tuna_chat_render(const struct tuna_chat_template *ct, const cJSON *messages,
                              const struct tuna_chat_render_opts *opt, char **out)
 {
+    if (opt && opt->continue_final_message && opt->add_generation_prompt)
+        return tuna_fail(TUNA_E_INVALID, "continue_final_message and add_generation_prompt cannot both be set: the "
+                                         "first continues the last message, the second starts a new one");
     *out = NULL;
     if (!cJSON_IsArray(messages))
         return tuna_fail(TUNA_E_INVALID, "chat messages must be a JSON array of {\"role\", \"content\"} objects");
@@ -219,5 +268,13 @@ tuna_status tuna_chat_render(const struct tuna_chat_template *ct, const cJSON *m
     tuna_status st = tuna_jinja_render(t->tpl, ctx, &ro, out, NULL);
     cJSON_Delete(ctx);
     if (st) return tuna_fail_prefix(st, "rendering the chat template of %s", ct->origin ? ct->origin : "(text)");
+    if (opt && opt->continue_final_message) {
+        st = cut_after_final_message(messages, *out);
+        if (st) {
+            free(*out);
+            *out = NULL;
+            return st;
+        }
+    }
     return TUNA_OK;
 }

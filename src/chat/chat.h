@@ -51,7 +51,9 @@ struct tuna_chat_render_opts {
     const cJSON *extra;        /* object of further template variables or NULL */
     const char *template_name; /* NULL: "tool_use" when tools are given and it exists, else "default" */
     bool add_generation_prompt;
-    int64_t now; /* for strftime_now; 0 = current time */
+    bool continue_final_message; /* end the text right after the last message's content, as
+                                  * transformers' continue_final_message (assistant prefill) */
+    int64_t now;                 /* for strftime_now; 0 = current time */
 };
 
 /* Renders `messages` (a JSON array of {"role", "content", ...}). *out is malloc'd, taken by the
