@@ -16,67 +16,165 @@ __device__ __forceinline__ float q4_round(float v, int mode)
     return v;
 }
 
-/* Each lane owns a 16-entry table in shared memory, laid out [entry][lane] so that lookups of a
- * warp never share a bank; the table is rebuilt (16 multiply + round) per 32 weights, which all
- * lie in one absmax block (blocksize % 32 == 0 on the fast path). */
-template <int TT>
-__global__ void k_gemv_q4(float *y, const float *x, const uint8_t *codes, const float *absmax, int bs, int mode,
-                          struct q4_lut lut_in, const float *bias, int64_t N, int64_t K, int vec)
+/* Each lane owns a 16-entry table per row in shared memory, laid out [row][entry][lane] so that
+ * lookups of a warp never share a bank; the table is rebuilt (16 multiply + round) per 32
+ * weights, which all lie in one absmax block (blocksize a power of two >= 32 on the fast path).
+ * R rows per warp let each x load serve R rows (x is 8x the bytes of 4-bit weights per token). */
+template <int TT, int R>
+__global__ void k_gemv_q4(float *y, const float *x, const uint8_t *codes, const float *absmax, int bs_shift,
+                          int mode, struct q4_lut lut_in, const float *bias, int64_t N, int64_t K, int vec, int bs)
 {
-    __shared__ float tab[4][16][32]; /* [warp][entry][lane] */
-    int64_t n = (int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+    __shared__ float tab[4][R][16][32]; /* [warp][row][entry][lane] */
+    __shared__ float slut[16];          /* for run-time indexing (a kernel parameter would go to the stack) */
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int c = 0; c < 16; c++) slut[c] = lut_in.v[c];
+    }
+    __syncthreads();
+    int64_t n0 = ((int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5)) * R;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (n >= N) return;
-    float acc[TT];
+    if (n0 >= N) return;
+    float acc[R][TT];
 #pragma unroll
-    for (int t = 0; t < TT; t++) acc[t] = 0.0f;
-    const int64_t e_row = n * K;
-    float(*my)[32] = tab[warp];
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < TT; t++) acc[r][t] = 0.0f;
     if (vec) {
-        /* K % 32 == 0 and bs % 32 == 0: each lane takes 16 bytes = 32 weights of one block */
-        const uint4 *cr = reinterpret_cast<const uint4 *>(codes + e_row / 2);
         const int64_t K32 = K / 32;
-        for (int64_t i = lane; i < K32; i += 32) {
-            uint4 raw = __ldg(cr + i);
-            float am = __ldg(absmax + (e_row + i * 32) / bs);
+        const uint4 *cr[R];
+        int64_t e_row[R];
 #pragma unroll
-            for (int c = 0; c < 16; c++) my[c][lane] = q4_round(lut_in.v[c] * am, mode);
-            const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+        for (int r = 0; r < R; r++) {
+            int64_t n = n0 + r < N ? n0 + r : N - 1; /* rows past N compute garbage that is not stored */
+            e_row[r] = n * K;
+            cr[r] = reinterpret_cast<const uint4 *>(codes + e_row[r] / 2);
+        }
+        for (int64_t i = lane; i < K32; i += 32) {
+            uint4 raw[R];
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                raw[r] = __ldg(cr[r] + i);
+                float am = __ldg(absmax + ((e_row[r] + i * 32) >> bs_shift));
+#pragma unroll
+                for (int c = 0; c < 16; c++) tab[warp][r][c][lane] = q4_round(lut_in.v[c] * am, mode);
+            }
 #pragma unroll
             for (int wi = 0; wi < 4; wi++) {
                 int64_t k0 = i * 32 + wi * 8;
-                float wf[8];
+                float wf[R][8];
 #pragma unroll
-                for (int b = 0; b < 4; b++) {
-                    uint32_t byte = (words[wi] >> (8 * b)) & 0xffu;
-                    wf[2 * b] = my[byte >> 4][lane];
-                    wf[2 * b + 1] = my[byte & 15][lane];
+                for (int r = 0; r < R; r++) {
+                    uint32_t word = wi == 0 ? raw[r].x : wi == 1 ? raw[r].y : wi == 2 ? raw[r].z : raw[r].w;
+#pragma unroll
+                    for (int b = 0; b < 4; b++) {
+                        uint32_t byte = (word >> (8 * b)) & 0xffu;
+                        wf[r][2 * b] = tab[warp][r][byte >> 4][lane];
+                        wf[r][2 * b + 1] = tab[warp][r][byte & 15][lane];
+                    }
                 }
 #pragma unroll
                 for (int t = 0; t < TT; t++) {
                     const float4 *xp = reinterpret_cast<const float4 *>(x + t * K + k0);
                     float4 a = xp[0], b = xp[1];
-                    acc[t] += wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w + wf[4] * b.x + wf[5] * b.y +
-                              wf[6] * b.z + wf[7] * b.w;
+#pragma unroll
+                    for (int r = 0; r < R; r++)
+                        acc[r][t] += wf[r][0] * a.x + wf[r][1] * a.y + wf[r][2] * a.z + wf[r][3] * a.w +
+                                     wf[r][4] * b.x + wf[r][5] * b.y + wf[r][6] * b.z + wf[r][7] * b.w;
                 }
             }
         }
     } else {
         for (int64_t k = lane; k < K; k += 32) {
-            int64_t e = e_row + k;
-            uint8_t byte = codes[e >> 1];
-            int c = (e & 1) ? (byte & 15) : (byte >> 4);
-            float wv = q4_round(lut_in.v[c] * absmax[e / bs], mode);
 #pragma unroll
-            for (int t = 0; t < TT; t++) acc[t] += wv * x[t * K + k];
+            for (int r = 0; r < R; r++) {
+                int64_t n = n0 + r < N ? n0 + r : N - 1;
+                int64_t e = n * K + k;
+                uint8_t byte = codes[e >> 1];
+                int c = (e & 1) ? (byte & 15) : (byte >> 4);
+                float wv = q4_round(slut[c] * absmax[e / bs], mode);
+#pragma unroll
+                for (int t = 0; t < TT; t++) acc[r][t] += wv * x[t * K + k];
+            }
         }
     }
 #pragma unroll
-    for (int t = 0; t < TT; t++) {
-        float v = acc[t];
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0) y[t * N + n] = v + (bias ? bias[n] : 0.0f);
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < TT; t++) {
+            float v = acc[r][t];
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if (lane == 0 && n0 + r < N) y[t * N + n0 + r] = v + (bias ? bias[n0 + r] : 0.0f);
+        }
+}
+
+/* The fast decode kernel (16-bit compute, or a checkpoint whose dequantized values need no
+ * rounding): absmax is factored out of each group of 8 weights, acc += absmax · Σ lut[c]·x, so
+ * a lane needs no table of its own. Lane i takes the 32-bit word i of each 128-byte run of codes
+ * (8 weights) and x[8i .. 8i+8]: loads of codes and of x are both coalesced across the warp.
+ * R rows per warp share each x load. Needs K % 8 == 0 and blocksize % 8 == 0. */
+template <int TT, int R>
+__global__ void k_gemv_q4_fast(float *y, const float *x, const uint8_t *codes, const float *absmax, int bs_shift,
+                               struct q4_lut lut_in, const float *bias, int64_t N, int64_t K)
+{
+    __shared__ float slut[16];
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int c = 0; c < 16; c++) slut[c] = lut_in.v[c];
     }
+    __syncthreads();
+    int64_t n0 = ((int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5)) * R;
+    int lane = threadIdx.x & 31;
+    if (n0 >= N) return;
+    float acc[R][TT];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < TT; t++) acc[r][t] = 0.0f;
+    const int64_t K8 = K / 8;
+    const uint32_t *cw[R];
+    int64_t e_row[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        int64_t n = n0 + r < N ? n0 + r : N - 1;
+        e_row[r] = n * K;
+        cw[r] = reinterpret_cast<const uint32_t *>(codes + e_row[r] / 2);
+    }
+    for (int64_t g = lane; g < K8; g += 32) {
+        float4 xa[TT], xb[TT];
+#pragma unroll
+        for (int t = 0; t < TT; t++) {
+            const float4 *xp = reinterpret_cast<const float4 *>(x + t * K + g * 8);
+            xa[t] = xp[0];
+            xb[t] = xp[1];
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            uint32_t word = __ldg(cw[r] + g);
+            float am = __ldg(absmax + ((e_row[r] + g * 8) >> bs_shift));
+            float wf[8];
+#pragma unroll
+            for (int b = 0; b < 4; b++) {
+                uint32_t byte = (word >> (8 * b)) & 0xffu;
+                wf[2 * b] = slut[byte >> 4];
+                wf[2 * b + 1] = slut[byte & 15];
+            }
+#pragma unroll
+            for (int t = 0; t < TT; t++) {
+                float4 a = xa[t], b = xb[t];
+                float d = wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w + wf[4] * b.x + wf[5] * b.y +
+                          wf[6] * b.z + wf[7] * b.w;
+                acc[r][t] += am * d;
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < TT; t++) {
+            float v = acc[r][t];
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if (lane == 0 && n0 + r < N) y[t * N + n0 + r] = v + (bias ? bias[n0 + r] : 0.0f);
+        }
 }
 
 /* 32 weights per thread (16-byte load, one absmax block when bs % 32 == 0), written as 16-bit
@@ -84,10 +182,16 @@ __global__ void k_gemv_q4(float *y, const float *x, const uint8_t *codes, const 
 __global__ void k_dequant_q4_vec(void *out, int dtype, const uint8_t *codes, const float *absmax, int bs, int mode,
                                  struct q4_lut lut, int64_t n32)
 {
+    __shared__ float slut[16];
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int c = 0; c < 16; c++) slut[c] = lut.v[c];
+    }
+    __syncthreads();
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n32) return;
     uint4 raw = __ldg(reinterpret_cast<const uint4 *>(codes) + i);
-    float am = __ldg(absmax + i * 32 / bs);
+    float am = __ldg(absmax + i * 32 / bs); /* once per 32 weights */
     const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
     float v[32];
 #pragma unroll
@@ -95,8 +199,8 @@ __global__ void k_dequant_q4_vec(void *out, int dtype, const uint8_t *codes, con
 #pragma unroll
         for (int b = 0; b < 4; b++) {
             uint32_t byte = (words[wi] >> (8 * b)) & 0xffu;
-            v[wi * 8 + 2 * b] = q4_round(lut.v[byte >> 4] * am, mode);
-            v[wi * 8 + 2 * b + 1] = q4_round(lut.v[byte & 15] * am, mode);
+            v[wi * 8 + 2 * b] = q4_round(slut[byte >> 4] * am, mode);
+            v[wi * 8 + 2 * b + 1] = q4_round(slut[byte & 15] * am, mode);
         }
     if (dtype == 0) {
         float4 *o = reinterpret_cast<float4 *>(out) + i * 8;
@@ -127,13 +231,19 @@ __global__ void k_dequant_q4_vec(void *out, int dtype, const uint8_t *codes, con
 __global__ void k_dequant_q4(void *out, int dtype, const uint8_t *codes, const float *absmax, int bs, int mode,
                              struct q4_lut lut, int64_t numel)
 {
+    __shared__ float slut[16];
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int c = 0; c < 16; c++) slut[c] = lut.v[c];
+    }
+    __syncthreads();
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; /* byte */
     if (2 * i >= numel) return;
     uint8_t byte = codes[i];
     for (int h = 0; h < 2; h++) {
         int64_t e = 2 * i + h;
         if (e >= numel) break;
-        float v = q4_round(lut.v[h ? (byte & 15) : (byte >> 4)] * absmax[e / bs], mode);
+        float v = q4_round(slut[h ? (byte & 15) : (byte >> 4)] * absmax[e / bs], mode);
         if (dtype == 1) ((__nv_bfloat16 *)out)[e] = __float2bfloat16_rn(v);
         else if (dtype == 2) ((__half *)out)[e] = __float2half_rn(v);
         else ((float *)out)[e] = v;
@@ -147,13 +257,52 @@ void tuna_cuda_gemv_q4(tuna_backend *be, float *y, const float *x, const struct 
     int64_t N = w->rows, K = w->cols;
     struct q4_lut lut;
     memcpy(lut.v, q->lut, sizeof lut.v);
-    int vec = K % 32 == 0 && q->blocksize % 32 == 0 && ((uintptr_t)w->data % 16) == 0 && ((uintptr_t)x % 16) == 0;
+    int shift = 0;
+    while ((1 << shift) < q->blocksize) shift++;
+    bool pow2 = (1 << shift) == q->blocksize;
+    int vec = pow2 && K % 32 == 0 && q->blocksize >= 32 && ((uintptr_t)w->data % 16) == 0 && ((uintptr_t)x % 16) == 0;
     const int warps = 4;
-    unsigned blocks = (unsigned)((N + warps - 1) / warps);
+    int R = T == 1 ? 1 : 2;
+    unsigned blocks = (unsigned)((N + (int64_t)warps * R - 1) / ((int64_t)warps * R));
+    /* factoring absmax out is exact up to float reassociation when no rounding to bf16/f16 is
+     * asked for; with 16-bit compute the rounding of each dequantized weight is below the
+     * compute's own rounding, so the fast kernel serves there too */
+    bool fast = pow2 && K % 8 == 0 && q->blocksize >= 8 && ((uintptr_t)w->data % 4) == 0 &&
+                ((uintptr_t)x % 16) == 0 && (q->round_mode == 0 || q->prefill != TUNA_DTYPE_F32);
+    if (fast) {
+#define Q4F_CASE(TT)                                                                                              \
+    case TT:                                                                                                      \
+        if (R == 1)                                                                                               \
+            k_gemv_q4_fast<TT, 1><<<blocks, warps * 32, 0, be->stream>>>(y, x, (const uint8_t *)w->data,          \
+                                                                         q->absmax, shift, lut, bias, N, K);      \
+        else                                                                                                      \
+            k_gemv_q4_fast<TT, 2><<<blocks, warps * 32, 0, be->stream>>>(y, x, (const uint8_t *)w->data,          \
+                                                                         q->absmax, shift, lut, bias, N, K);      \
+        break
+        switch (T) {
+            Q4F_CASE(1);
+            Q4F_CASE(2);
+            Q4F_CASE(3);
+            Q4F_CASE(4);
+            Q4F_CASE(5);
+            Q4F_CASE(6);
+            Q4F_CASE(7);
+            Q4F_CASE(8);
+        }
+#undef Q4F_CASE
+        tuna_cuda_check_launch(be, "k_gemv_q4_fast");
+        return;
+    }
 #define Q4_CASE(TT)                                                                                            \
     case TT:                                                                                                   \
-        k_gemv_q4<TT><<<blocks, warps * 32, 0, be->stream>>>(y, x, (const uint8_t *)w->data, q->absmax,        \
-                                                             q->blocksize, q->round_mode, lut, bias, N, K, vec); \
+        if (R == 1)                                                                                            \
+            k_gemv_q4<TT, 1><<<blocks, warps * 32, 0, be->stream>>>(y, x, (const uint8_t *)w->data, q->absmax, \
+                                                                    shift, q->round_mode, lut, bias, N, K, vec, \
+                                                                    q->blocksize);                              \
+        else                                                                                                   \
+            k_gemv_q4<TT, 2><<<blocks, warps * 32, 0, be->stream>>>(y, x, (const uint8_t *)w->data, q->absmax, \
+                                                                    shift, q->round_mode, lut, bias, N, K, vec, \
+                                                                    q->blocksize);                              \
         break
     switch (T) {
         Q4_CASE(1);
