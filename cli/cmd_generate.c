@@ -6,6 +6,7 @@
 
 #include "cli.h"
 #include "gguf/import.h"
+#include "lora/lora.h"
 #include "core/status.h"
 #include "infer_common.h"
 
@@ -17,13 +18,14 @@ static void usage(FILE *f)
                "  --ids LIST      prompt as token ids\n"
                "  --chat          wrap the prompt as a user message in the model's chat template\n"
                "  --system TEXT   with --chat: a system message first\n"
-               "  --print-ids     also print the generated ids (to stderr)\n");
+               "  --print-ids     also print the generated ids (to stderr)\n"
+               "  --lora DIR      apply a PEFT LoRA adapter folder (unmerged)\n");
     infer_flags_help(f, true);
 }
 
 int cmd_generate(int argc, char **argv)
 {
-    const char *dir = NULL, *prompt = NULL, *ids_s = NULL, *system = NULL;
+    const char *dir = NULL, *prompt = NULL, *ids_s = NULL, *system = NULL, *lora = NULL;
     bool print_ids = false, chat = false;
     struct infer_flags fl;
     infer_flags_init(&fl);
@@ -42,6 +44,7 @@ int cmd_generate(int argc, char **argv)
             continue;
         }
         if (tuna_cli_opt_str(argc, argv, &i, "--system", &system, &bad)) continue;
+        if (tuna_cli_opt_str(argc, argv, &i, "--lora", &lora, &bad)) continue;
         if (tuna_cli_opt_str(argc, argv, &i, "--prompt", &prompt, &bad) ||
             tuna_cli_opt_str(argc, argv, &i, "--ids", &ids_s, &bad) || infer_flags_parse(&fl, argc, argv, &i, &bad))
             continue;
@@ -119,6 +122,11 @@ int cmd_generate(int argc, char **argv)
     }
     if (!st && !m) st = tuna_model_load(dir, &fl.model, &m);
     if (!st) st = infer_flags_finish(&fl, dir, m, &o);
+    struct tuna_lora_set *ls = NULL;
+    if (!st && lora) {
+        st = tuna_lora_set_open(m, &lora, 1, &ls);
+        o.adapter_plus1 = 1;
+    }
     if (!st && !tok && fl.n_stop)
         st = tuna_fail(TUNA_E_INVALID, "--stop needs the tokenizer, which did not load");
     int64_t room = 0;
@@ -149,6 +157,7 @@ int cmd_generate(int argc, char **argv)
                 r.finish_reason);
     }
     tuna_gen_result_free(&r);
+    if (ls) tuna_lora_set_free(m, ls);
     tuna_detok_stream_free(ds);
     free(ids);
     tuna_kv_free(kv);

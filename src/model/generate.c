@@ -104,6 +104,7 @@ tuna_status tuna_generate(struct tuna_model *m, tuna_kv_cache *kv, int32_t seq, 
 
     double t0 = now_s();
     st = tuna_batch_add_seq(&b, prompt, n_prompt, seq, cached, false, true);
+    for (int64_t t = 0; t < b.n; t++) b.adapter[t] = o->adapter_plus1 - 1;
     if (!st) st = tuna_model_forward(m, kv, &b, logits, NULL);
     if (st) goto done;
     res->prefill_seconds = now_s() - t0;
@@ -153,6 +154,7 @@ tuna_status tuna_generate(struct tuna_model *m, tuna_kv_cache *kv, int32_t seq, 
         if (pos + 1 >= m->max_model_len) break; /* "length": prompt + output fill the context */
         tuna_batch_clear(&b);
         if ((st = tuna_batch_add(&b, id, seq, pos, true))) goto done;
+        b.adapter[b.n - 1] = o->adapter_plus1 - 1;
         if ((st = tuna_model_forward(m, kv, &b, logits, NULL))) goto done;
         pos++;
     }

@@ -28,6 +28,9 @@ struct tuna_gen_opts {
     /* Streams text as it becomes final; return non-zero to stop (finish reason "abort"). */
     int (*on_text)(void *ctx, const char *text, size_t len);
     void *on_text_ctx;
+    /* LoRA adapter index (as attached to the model) + 1 for every token of this sequence; 0 =
+     * the base model (zero-initialized options need no adapter) */
+    int32_t adapter_plus1;
 };
 
 struct tuna_gen_result {
