@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# gpu-bundle.sh — builds the GPU binaries here and packs what the GPU machine needs into .device/
+# (ignored by git): the binaries, the Debian libraries they link (../shared/device/bundle-libs.sh),
+# and the fixtures the GPU tests read. Then run, on the GPU machine (the `device` tool, carrying
+# .device/bin .device/lib .device/shared): `bash scripts/gpu-check.sh`.
+# OpenBLAS is left out (-DTUNA_BLAS=OFF) so the carried tree stays under 64 MiB.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARED=${TUNA_SHARED_DIR:-../shared}
+cmake -S . -B .device/build -DCMAKE_BUILD_TYPE=Release -DTUNA_CUDA=ON -DTUNA_CUDA_ARCHS=90a -DTUNA_BLAS=OFF >/dev/null
+cmake --build .device/build -j "$(nproc)" --target tuna test_forward test_backend_cuda bench_cuda_ops bench_tokenizer
+rm -rf .device/bin && mkdir -p .device/bin
+cp .device/build/tuna .device/build/tests/test_forward .device/build/tests/test_backend_cuda \
+   .device/build/bench/bench_cuda_ops .device/build/bench/bench_tokenizer .device/bin/
+strip .device/bin/*
+bash "$SHARED/device/bundle-libs.sh" .device/lib .device/bin/* >/dev/null
+S=.device/shared/fixtures
+rm -rf .device/shared && mkdir -p $S/models $S/bnb $S/lora $S/tokenizers
+for m in llama mistral qwen2 qwen3 gemma; do cp -r "$SHARED/fixtures/models/$m-tiny" $S/models/; done
+for m in llama-tiny-bnb-nf4-dq llama-tiny-bnb-fp4 qwen2-tiny-bnb-nf4-dq pymini-bnb-nf4-dq; do cp -r "$SHARED/fixtures/bnb/$m" $S/bnb/; done
+cp -r "$SHARED/fixtures/lora/llama-tiny" $S/lora/
+cp -r "$SHARED/fixtures/tokenizers/bpe-4k" "$SHARED/fixtures/tokenizers/spm-1k" $S/tokenizers/
+# pymini: the repository's own copy of the weights, the fixture's references
+mkdir -p $S/models/pymini
+cp "$SHARED/fixtures/models/pymini/"{reference.safetensors,heldout.txt,eval.json} $S/models/pymini/
+for f in config.json generation_config.json tokenizer.json tokenizer_config.json chat_template.jinja model.safetensors; do
+  ln -s "../../../../../models/pymini/$f" "$S/models/pymini/$f"
+done
+chmod -R u+w .device/shared
+du -sh .device/bin .device/lib .device/shared
