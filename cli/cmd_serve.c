@@ -14,8 +14,9 @@
 #include "model/sampler.h"
 #include "serve/engine.h"
 #include "serve/http.h"
+#include "serve/loras.h"
 #include "serve/openai.h"
-#include "tokenizer/jinja/jinja.h"
+#include "chat/chat.h"
 #include "tokenizer/tokenizer.h"
 
 static void usage(FILE *f)
@@ -42,7 +43,13 @@ static void usage(FILE *f)
                "  --device D                    cpu, cuda, cuda:N or auto (default: the GPU when there is one)\n"
                "  --dtype T                     GPU compute dtype: auto, bfloat16, float16, float32\n"
                "  --lora-modules NAME=DIR       serve a PEFT LoRA adapter as model NAME (repeatable, up to 16);\n"
-               "                                requests pick it with \"model\": \"NAME\"\n");
+               "                                requests pick it with \"model\": \"NAME\"\n"
+               "  --lora-root DIR               allow POST /v1/load_lora_adapter {\"lora_name\", \"lora_path\"} and\n"
+               "                                /v1/unload_lora_adapter {\"lora_name\"} for adapter folders under DIR\n"
+               "                                (paths leaving DIR, by .. or symlinks, are refused)\n"
+               "  --max-loras N                 adapters resident at once (default: 1, or the --lora-modules count);\n"
+               "                                loading one more is refused (400): unload one first\n"
+               "  --max-lora-rank R             refuse adapters of higher rank (default 16, as vLLM)\n");
 }
 
 struct serve_opts {
@@ -52,6 +59,8 @@ struct serve_opts {
     bool prefix_caching;
     const char *lora_names[16], *lora_dirs[16];
     int n_lora;
+    const char *lora_root;
+    long long max_loras, max_lora_rank;
     struct tuna_model_opts dev; /* --device, --dtype */
 };
 
@@ -80,6 +89,9 @@ static bool parse_args(int argc, char **argv, struct serve_opts *o, bool *help)
         if (tuna_cli_opt_str(argc, argv, &i, "--host", &o->host, &bad) ||
             tuna_cli_opt_str(argc, argv, &i, "--api-key", &o->api_key, &bad) ||
             tuna_cli_opt_str(argc, argv, &i, "--served-model-name", &o->name, &bad) ||
+            tuna_cli_opt_str(argc, argv, &i, "--lora-root", &o->lora_root, &bad) ||
+            tuna_cli_opt_int(argc, argv, &i, "--max-loras", &o->max_loras, &bad) ||
+            tuna_cli_opt_int(argc, argv, &i, "--max-lora-rank", &o->max_lora_rank, &bad) ||
             tuna_cli_opt_int(argc, argv, &i, "--port", &o->port, &bad) ||
             tuna_cli_opt_int(argc, argv, &i, "--max-model-len", &o->max_model_len, &bad) ||
             tuna_cli_opt_int(argc, argv, &i, "--block-size", &o->block_size, &bad) ||
@@ -107,6 +119,12 @@ static bool parse_args(int argc, char **argv, struct serve_opts *o, bool *help)
         } else {
             o->dir = argv[i];
         }
+    }
+    if (!bad && o->max_loras == 0) o->max_loras = o->n_lora > 1 ? o->n_lora : 1;
+    if (!bad && (o->max_loras < 1 || o->max_loras > 64 || o->max_loras < o->n_lora || o->max_lora_rank < 1)) {
+        fprintf(stderr, "tuna serve: --max-loras must be 1..64 and at least the %d --lora-modules; --max-lora-rank >= 1\n",
+                o->n_lora);
+        bad = true;
     }
     if (!bad && !o->dir) {
         fprintf(stderr, "tuna serve: need the model folder DIR\n");
@@ -136,7 +154,8 @@ static const char *base_name(const char *dir, char *buf, size_t cap)
 int cmd_serve(int argc, char **argv)
 {
     struct serve_opts o = {.host = "127.0.0.1", .port = 8000, .kv_gb = 0, .gpu_util = 0.9, .block_size = 16, .max_num_seqs = 128,
-                           .max_batched = 2048, .max_pending = 1024, .max_body = 4 << 20, .prefix_caching = true};
+                           .max_batched = 2048, .max_pending = 1024, .max_body = 4 << 20, .prefix_caching = true,
+                           .max_lora_rank = 16};
     o.dev.device = TUNA_DEVICE_AUTO;
     bool help = false;
     if (!parse_args(argc, argv, &o, &help)) {
@@ -160,9 +179,10 @@ int cmd_serve(int argc, char **argv)
 
     tuna_tokenizer *tok = NULL;
     struct tuna_model *m = NULL;
-    tuna_jinja_template *tmpl = NULL;
+    struct tuna_chat_template *chat = NULL;
+    struct tuna_serve_loras loras;
+    memset(&loras, 0, sizeof loras);
     tuna_engine *eng = NULL;
-    struct tuna_lora_set *lora = NULL;
     tuna_server *srv = NULL;
     struct tuna_metrics metrics;
     tuna_metrics_init(&metrics);
@@ -171,8 +191,9 @@ int cmd_serve(int argc, char **argv)
     mo.threads = (int)o.threads;
     mo.max_model_len = o.max_model_len;
     /* adapters are applied on the CPU backend so far: with --lora-modules, auto means the CPU */
-    if (o.n_lora && mo.device == TUNA_DEVICE_AUTO) mo.device = TUNA_DEVICE_CPU;
-    tuna_status st = tuna_tokenizer_load(o.dir, &tok);
+    if ((o.n_lora || o.lora_root) && mo.device == TUNA_DEVICE_AUTO) mo.device = TUNA_DEVICE_CPU;
+    tuna_status st = tuna_serve_loras_init(&loras, (int)o.max_loras, o.max_lora_rank, o.lora_root);
+    if (!st) st = tuna_tokenizer_load(o.dir, &tok);
     if (!st) st = tuna_model_load(o.dir, &mo, &m);
     if (!st) st = tuna_gen_config_load(o.dir, &gc);
     if (!st && o.n_lora) {
@@ -183,16 +204,13 @@ int cmd_serve(int argc, char **argv)
         for (int i = 0; i < o.n_lora && !st; i++)
             if (!strcmp(o.lora_names[i], o.name))
                 st = tuna_fail(TUNA_E_INVALID, "--lora-modules: '%s' is the base model's name", o.name);
-        if (!st) st = tuna_lora_set_open(m, o.lora_dirs, o.n_lora, &lora);
-        if (!st)
-            for (int i = 0; i < o.n_lora; i++)
-                fprintf(stderr, "tuna serve: adapter '%s' from %s (adapter index %d)\n", o.lora_names[i], o.lora_dirs[i], i);
     }
-    const char *tsrc = st ? NULL : tuna_tokenizer_chat_template(tok);
-    if (tsrc && tuna_jinja_parse(tsrc, strlen(tsrc), NULL, &tmpl)) {
-        fprintf(stderr, "tuna serve: warning: the chat template does not parse (%s); /v1/chat/completions is off\n",
-                tuna_last_error());
-        tmpl = NULL;
+    if (!st) {
+        tuna_status cst = tuna_chat_load(o.dir, &chat);
+        if (cst && cst != TUNA_E_NOT_FOUND)
+            fprintf(stderr, "tuna serve: warning: the chat template does not load (%s); /v1/chat/completions is off\n",
+                    tuna_last_error());
+        if (cst) chat = NULL;
     }
     struct tuna_engine_config ec = {0};
     if (!st) {
@@ -211,6 +229,7 @@ int cmd_serve(int argc, char **argv)
         ec.max_num_batched_tokens = o.max_batched;
         ec.max_pending = o.max_pending;
         ec.enable_prefix_caching = o.prefix_caching;
+        ec.max_loras = (int)o.max_loras;
     }
     int64_t eos[16];
     int n_eos = 0;
@@ -221,20 +240,44 @@ int cmd_serve(int argc, char **argv)
     struct tuna_openai_ctx ctx = {0};
     if (!st) {
         ctx.tok = tok;
-        ctx.chat_template = tmpl;
+        ctx.chat = chat;
         ctx.model_name = o.name;
         ctx.model_root = o.dir;
         ctx.max_model_len = m->max_model_len;
         ctx.vocab_size = m->arch.vocab_size;
         if (gc.found) ctx.defaults = gc.sampling;
         else tuna_sampling_default(&ctx.defaults);
-        ctx.adapters = o.lora_names;
-        ctx.adapter_roots = o.lora_dirs;
-        ctx.n_adapters = o.n_lora;
+        ctx.loras = &loras;
         ctx.eos_ids = eos;
         ctx.n_eos = n_eos;
         st = tuna_engine_start(m, tok, &ec, &metrics, &eng);
     }
+    for (int i = 0; i < o.n_lora && !st; i++) { /* --lora-modules: the first slots */
+        struct tuna_openai_error err;
+        int slot;
+        int32_t key;
+        struct tuna_lora_adapter *ad = NULL;
+        char *real = realpath(o.lora_dirs[i], NULL);
+        if (tuna_serve_loras_begin_load(&loras, o.lora_names[i], o.name, &slot, &key, &err))
+            st = tuna_fail(TUNA_E_INVALID, "--lora-modules %s: %s", o.lora_names[i], err.message);
+        if (!st) st = tuna_lora_load(o.lora_dirs[i], &ad);
+        if (!st && tuna_serve_loras_check_rank(&loras, ad, &err))
+            st = tuna_fail(TUNA_E_INVALID, "--lora-modules %s: %s", o.lora_names[i], err.message);
+        if (!st) st = tuna_engine_set_lora(eng, slot, ad, key);
+        if (!st) {
+            if (!tuna_serve_loras_finish_load(&loras, slot, ad, real ? real : o.lora_dirs[i]))
+                st = tuna_fail_oom("adapter", 0);
+            else
+                fprintf(stderr, "tuna serve: adapter '%s' from %s (slot %d)\n", o.lora_names[i], o.lora_dirs[i], slot);
+        } else if (slot >= 0) {
+            tuna_serve_loras_finish_load(&loras, slot, NULL, NULL);
+            tuna_lora_free(ad);
+        }
+        free(real);
+    }
+    if (!st && o.lora_root)
+        fprintf(stderr, "tuna serve: adapters load at run time from %s (--max-loras %lld, --max-lora-rank %lld)\n",
+                loras.root, o.max_loras, o.max_lora_rank);
     if (!st) {
         struct tuna_http_config hc = {.host = o.host, .port = (int)o.port, .api_key = o.api_key,
                                       .max_body = (size_t)o.max_body, .max_connections = 1024};
@@ -252,8 +295,8 @@ int cmd_serve(int argc, char **argv)
     tuna_engine_stop(eng);
     tuna_server_stop(srv);
     tuna_engine_free(eng);
-    tuna_jinja_free(tmpl);
-    tuna_lora_set_free(m, lora);
+    tuna_chat_free(chat);
+    tuna_serve_loras_destroy(&loras); /* the engine detached them */
     tuna_model_free(m);
     tuna_tokenizer_free(tok);
     tuna_metrics_destroy(&metrics);

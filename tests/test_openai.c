@@ -11,7 +11,7 @@
 #include "serve/openai.h"
 
 static tuna_tokenizer *g_tok;
-static tuna_jinja_template *g_tmpl;
+static struct tuna_chat_template *g_chat;
 static struct tuna_openai_ctx g_ctx;
 static const int64_t g_eos[1] = {4095};
 static const char *g_adapters[1] = {"sql"};
@@ -23,11 +23,10 @@ static int setup(void **state)
         fprintf(stderr, "%s\n", tuna_last_error());
         return -1;
     }
-    const char *t = tuna_tokenizer_chat_template(g_tok);
-    if (!t || tuna_jinja_parse(t, strlen(t), NULL, &g_tmpl)) return -1;
+    if (tuna_chat_load(TUNA_SOURCE_DIR "/models/pymini", &g_chat)) return -1;
     memset(&g_ctx, 0, sizeof g_ctx);
     g_ctx.tok = g_tok;
-    g_ctx.chat_template = g_tmpl;
+    g_ctx.chat = g_chat;
     g_ctx.model_name = "pymini";
     g_ctx.model_root = "models/pymini";
     g_ctx.adapters = g_adapters;
@@ -43,7 +42,7 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     (void)state;
-    tuna_jinja_free(g_tmpl);
+    tuna_chat_free(g_chat);
     tuna_tokenizer_free(g_tok);
     return 0;
 }
@@ -190,13 +189,11 @@ static void test_chat_matches_fixture(void **state)
     if (!tt_shared_path(dir, sizeof dir, "fixtures/tokenizers/bpe-1k")) skip();
     tuna_tokenizer *tok;
     TT_OK(tuna_tokenizer_load(dir, &tok));
-    const char *t = tuna_tokenizer_chat_template(tok);
-    assert_non_null(t);
-    tuna_jinja_template *tmpl;
-    TT_OK(tuna_jinja_parse(t, strlen(t), NULL, &tmpl));
+    struct tuna_chat_template *ct;
+    TT_OK(tuna_chat_load(dir, &ct));
     struct tuna_openai_ctx c = g_ctx;
     c.tok = tok;
-    c.chat_template = tmpl;
+    c.chat = ct;
     c.max_model_len = 4096;
     c.vocab_size = tuna_tokenizer_vocab_size(tok);
     snprintf(path, sizeof path, "%s/cases.json", dir);
@@ -228,7 +225,7 @@ static void test_chat_matches_fixture(void **state)
     }
     assert_true(checked >= 1);
     cJSON_Delete(doc);
-    tuna_jinja_free(tmpl);
+    tuna_chat_free(ct);
     tuna_tokenizer_free(tok);
 }
 

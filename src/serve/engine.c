@@ -49,6 +49,21 @@ struct tuna_engine {
     float *logits;
     int64_t cap_logits;      /* rows */
     float *scratch;          /* [V] */
+    /* LoRA slots: changed only by the engine thread between steps */
+    const struct tuna_lora_adapter **lslots; /* [cfg.max_loras] borrowed, NULL = empty */
+    int32_t *lkeys;                          /* [cfg.max_loras] prefix-cache keys */
+    tuna_lora_attachment *att;
+    pthread_mutex_t op_mu;                   /* one tuna_engine_set_lora at a time */
+    struct lora_op *op;                      /* under mu: waiting for the engine thread */
+};
+
+struct lora_op {
+    int slot;
+    const struct tuna_lora_adapter *ad;
+    int32_t key;
+    bool done;
+    tuna_status st;
+    char msg[1024];
 };
 
 static void push_event(struct eseq *s, const char *text, size_t len, const char *finish)
@@ -146,6 +161,7 @@ static void intake(tuna_engine *e, struct tuna_serve_req *r)
         }
         if (!st) st = tuna_detok_stream_new(e->tok, p->skip_special, &s->ds);
         if (!st) st = tuna_sched_seq_new(p->prompt, p->n_prompt, p->adapter, s, &s->q);
+        if (!st && p->adapter >= 0 && p->adapter < e->cfg.max_loras) s->q->prefix_adapter = e->lkeys[p->adapter];
         if (!st) st = tuna_sched_add(e->sched, s->q);
         if (st) {
             pthread_mutex_lock(&r->mu);
@@ -392,16 +408,69 @@ static void step(tuna_engine *e)
     update_gauges(e);
 }
 
+/* Applies a LoRA slot change (engine thread, between steps): detach, swap, attach all slots. */
+static void apply_lora_op(tuna_engine *e, struct lora_op *op)
+{
+    tuna_status st = TUNA_OK;
+    if (op->slot < 0 || op->slot >= e->cfg.max_loras)
+        st = tuna_fail(TUNA_E_INVALID, "LoRA slot %d is outside 0..%d", op->slot, e->cfg.max_loras - 1);
+    for (int64_t i = 0; !st && i < e->n_seqs; i++)
+        if (e->seqs[i]->q->adapter == op->slot && e->lslots[op->slot])
+            st = tuna_fail(TUNA_E_INVALID, "LoRA slot %d is still used by a running request", op->slot);
+    if (!st) {
+        const struct tuna_lora_adapter *old = e->lslots[op->slot];
+        static const struct tuna_lora_adapter empty; /* rank 0 everywhere */
+        const struct tuna_lora_adapter *list[64];
+        int n = e->cfg.max_loras, used = 0;
+        e->lslots[op->slot] = op->ad;
+        for (int i = 0; i < n; i++) {
+            list[i] = e->lslots[i] ? e->lslots[i] : &empty;
+            used += e->lslots[i] != NULL;
+        }
+        tuna_lora_detach(e->m, e->att);
+        e->att = NULL;
+        if (used) st = tuna_lora_attach(e->m, list, n, &e->att);
+        if (st) { /* put the previous set back (it attached before, so it attaches again) */
+            e->lslots[op->slot] = old;
+            used = 0;
+            for (int i = 0; i < n; i++) {
+                list[i] = e->lslots[i] ? e->lslots[i] : &empty;
+                used += e->lslots[i] != NULL;
+            }
+            tuna_status st2 = TUNA_OK;
+            snprintf(op->msg, sizeof op->msg, "%s", tuna_last_error());
+            if (used) st2 = tuna_lora_attach(e->m, list, n, &e->att);
+            if (st2) fprintf(stderr, "tuna serve: re-attaching the previous adapters failed: %s\n", tuna_last_error());
+        } else {
+            e->lkeys[op->slot] = op->ad ? op->key : -1;
+        }
+    } else {
+        snprintf(op->msg, sizeof op->msg, "%s", tuna_last_error());
+    }
+    op->st = st;
+}
+
 static void *engine_main(void *arg)
 {
     tuna_engine *e = arg;
     for (;;) {
         pthread_mutex_lock(&e->mu);
-        while (!e->stop && e->n_inbox == 0 && e->n_seqs == 0) pthread_cond_wait(&e->cv, &e->mu);
+        while (!e->stop && e->n_inbox == 0 && e->n_seqs == 0 && !e->op) pthread_cond_wait(&e->cv, &e->mu);
         if (e->stop) {
             pthread_mutex_unlock(&e->mu);
             break;
         }
+        struct lora_op *op = e->op;
+        pthread_mutex_unlock(&e->mu);
+        if (op) { /* between steps: nothing runs the model now */
+            apply_lora_op(e, op);
+            pthread_mutex_lock(&e->mu);
+            op->done = true;
+            e->op = NULL;
+            pthread_cond_broadcast(&e->cv);
+            pthread_mutex_unlock(&e->mu);
+        }
+        pthread_mutex_lock(&e->mu);
         int64_t n = e->n_inbox;
         struct tuna_serve_req *local[64];
         if (n > 64) n = 64;
@@ -435,6 +504,15 @@ tuna_status tuna_engine_start(struct tuna_model *m, const tuna_tokenizer *tok, c
     tuna_status st = tuna_model_kv_new(m, cfg->kv_tokens, cfg->block_size, &e->kv);
     if (!st) st = tuna_sched_new(&sc, e->kv, &e->sched);
     e->scratch = malloc((size_t)m->arch.vocab_size * sizeof(float));
+    pthread_mutex_init(&e->op_mu, NULL);
+    if (!st && (cfg->max_loras < 0 || cfg->max_loras > 64))
+        st = tuna_fail(TUNA_E_INVALID, "--max-loras must be 0..64, got %d", cfg->max_loras);
+    if (!st && cfg->max_loras > 0) {
+        e->lslots = calloc((size_t)cfg->max_loras, sizeof *e->lslots);
+        e->lkeys = malloc((size_t)cfg->max_loras * sizeof *e->lkeys);
+        if (!e->lslots || !e->lkeys) st = tuna_fail_oom("LoRA slots", (size_t)cfg->max_loras);
+        for (int i = 0; !st && i < cfg->max_loras; i++) e->lkeys[i] = -1;
+    }
     if (!st && !e->scratch) st = tuna_fail_oom("engine scratch", (size_t)m->arch.vocab_size * 4);
     if (!st && pthread_create(&e->thread, NULL, engine_main, e) != 0)
         st = tuna_fail(TUNA_E_INTERNAL, "cannot start the engine thread");
@@ -466,7 +544,35 @@ void tuna_engine_stop(tuna_engine *e)
         tuna_serve_req_unref(r);
     }
     e->n_inbox = 0;
+    if (e->op) { /* the thread is gone: answer a waiting set_lora */
+        e->op->st = tuna_fail(TUNA_E_INVALID, "the server is shutting down");
+        snprintf(e->op->msg, sizeof e->op->msg, "the server is shutting down");
+        e->op->done = true;
+        e->op = NULL;
+        pthread_cond_broadcast(&e->cv);
+    }
     pthread_mutex_unlock(&e->mu);
+}
+
+tuna_status tuna_engine_set_lora(tuna_engine *e, int slot, const struct tuna_lora_adapter *ad, int32_t key)
+{
+    if (slot < 0 || slot >= e->cfg.max_loras)
+        return tuna_fail(TUNA_E_INVALID, "LoRA slot %d is outside 0..%d (--max-loras)", slot, e->cfg.max_loras - 1);
+    struct lora_op op = {.slot = slot, .ad = ad, .key = key};
+    pthread_mutex_lock(&e->op_mu);
+    pthread_mutex_lock(&e->mu);
+    if (e->stop || !e->started) {
+        op.done = true;
+        op.st = tuna_fail(TUNA_E_INVALID, "the server is shutting down");
+        snprintf(op.msg, sizeof op.msg, "%s", tuna_last_error());
+    } else {
+        e->op = &op;
+        pthread_cond_broadcast(&e->cv);
+    }
+    while (!op.done) pthread_cond_wait(&e->cv, &e->mu);
+    pthread_mutex_unlock(&e->mu);
+    pthread_mutex_unlock(&e->op_mu);
+    return op.st ? tuna_fail(op.st, "%s", op.msg) : TUNA_OK;
 }
 
 void tuna_engine_free(tuna_engine *e)
@@ -478,6 +584,10 @@ void tuna_engine_free(tuna_engine *e)
     tuna_batch_free(&e->batch);
     free(e->logits);
     free(e->scratch);
+    if (e->att) tuna_lora_detach(e->m, e->att);
+    free(e->lslots);
+    free(e->lkeys);
+    pthread_mutex_destroy(&e->op_mu);
     tuna_sched_free(e->sched);
     tuna_kv_free(e->kv);
     pthread_mutex_destroy(&e->mu);

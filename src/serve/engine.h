@@ -10,6 +10,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "lora/lora.h"
 #include "model/model.h"
 #include "serve/metrics.h"
 #include "serve/request.h"
@@ -22,6 +23,7 @@ struct tuna_engine_config {
     int64_t max_num_batched_tokens; /* tokens per step */
     int64_t max_pending;            /* requests queued or running at most; more are refused (429) */
     bool enable_prefix_caching;     /* reuse the KV blocks of earlier prompts (scheduler.h) */
+    int max_loras;                  /* LoRA adapter slots (batch.adapter indices 0..max_loras-1); 0 = none */
 };
 
 typedef struct tuna_engine tuna_engine;
@@ -38,6 +40,14 @@ void tuna_engine_free(tuna_engine *e); /* accepts NULL */
  * checked (openai.h fills in defaults and EOS ids). TUNA_E_OOM with a message when
  * max_pending requests are already in flight (answer 429). */
 tuna_status tuna_engine_submit(tuna_engine *e, struct tuna_serve_req *r);
+
+/* Puts adapter `ad` (borrowed; NULL = empty the slot) into LoRA slot `slot` and re-attaches the
+ * slots' adapters to the model. Done by the engine thread between two steps (it owns the
+ * model); the call waits for it. `key` is the adapter's id in the prefix cache, unique per load,
+ * so KV blocks cached for an earlier adapter of the slot are never reused. The caller makes sure
+ * no request uses the slot (loras.h pins). Fails (model unchanged) when the adapter does not fit
+ * the model, or the engine has stopped. */
+tuna_status tuna_engine_set_lora(tuna_engine *e, int slot, const struct tuna_lora_adapter *ad, int32_t key);
 
 /* KV blocks in use (0 when idle) and in total. */
 void tuna_engine_kv_usage(tuna_engine *e, int64_t *used, int64_t *total);

@@ -14,9 +14,11 @@
 #include <sys/socket.h>
 #include <time.h>
 
+#include <cjson/cJSON.h>
 #include <microhttpd.h>
 
 #include "core/status.h"
+#include "serve/loras.h"
 
 struct tuna_server {
     struct MHD_Daemon *d;
@@ -228,6 +230,83 @@ static enum MHD_Result generate(tuna_server *srv, struct MHD_Connection *c, enum
     return ret;
 }
 
+/* ---- runtime LoRA adapters (vLLM's /v1/load_lora_adapter, /v1/unload_lora_adapter) ---- */
+
+/* The body's string field k, or NULL with err set. */
+static const char *body_str(const cJSON *doc, const char *k, struct tuna_openai_error *err)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(doc, k);
+    if (cJSON_IsString(v) && v->valuestring[0]) return v->valuestring;
+    tuna_openai_fail(err, 400, k, "'%s' is required (a non-empty string)", k);
+    return NULL;
+}
+
+static char *success_text(const char *name, const char *what)
+{
+    size_t n = strlen(name) + 64;
+    char *t = malloc(n);
+    if (t) snprintf(t, n, "Success: LoRA adapter '%s' %s successfully.", name, what);
+    return t;
+}
+
+static enum MHD_Result lora_endpoint(tuna_server *srv, struct MHD_Connection *c, struct conn *cn, bool load)
+{
+    struct tuna_openai_error err;
+    struct tuna_serve_loras *L = srv->ctx->loras;
+    if (!L || !L->root)
+        return fail(c, 400, NULL, "loading and unloading adapters at run time is off: start tuna serve with "
+                    "--lora-root DIR (adapters are loaded only from folders under DIR)");
+    cJSON *doc = cn->len ? cJSON_ParseWithLength(cn->body, cn->len) : NULL;
+    if (!cJSON_IsObject(doc)) {
+        cJSON_Delete(doc);
+        return fail(c, 400, NULL, load ? "the body must be a JSON object {\"lora_name\": ..., \"lora_path\": ...}"
+                                       : "the body must be a JSON object {\"lora_name\": ...}");
+    }
+    const char *name = body_str(doc, "lora_name", &err);
+    enum MHD_Result ret;
+    if (!name) {
+        ret = send_error(c, &err);
+    } else if (load) {
+        const char *path = body_str(doc, "lora_path", &err);
+        char *real = NULL;
+        int slot = -1;
+        int32_t key = -1;
+        struct tuna_lora_adapter *ad = NULL;
+        tuna_status st = path ? tuna_serve_lora_path(L->root, path, &real, &err) : TUNA_E_INVALID;
+        if (!st) st = tuna_serve_loras_begin_load(L, name, srv->ctx->model_name, &slot, &key, &err);
+        if (!st && tuna_lora_load(real, &ad))
+            st = tuna_openai_fail(&err, 400, "lora_path", "cannot load the adapter in %s: %s", real, tuna_last_error());
+        if (!st) st = tuna_serve_loras_check_rank(L, ad, &err);
+        if (!st && tuna_engine_set_lora(srv->engine, slot, ad, key))
+            st = tuna_openai_fail(&err, 400, "lora_path", "the adapter in %s does not fit this model: %s", real,
+                                  tuna_last_error());
+        if (slot >= 0) {
+            if (!tuna_serve_loras_finish_load(L, slot, st ? NULL : ad, real) && !st) {
+                (void)tuna_engine_set_lora(srv->engine, slot, NULL, -1);
+                st = tuna_openai_fail(&err, 500, NULL, "out of memory");
+            }
+            ad = NULL; /* taken */
+        }
+        tuna_lora_free(ad);
+        if (!st) fprintf(stderr, "tuna serve: loaded adapter '%s' from %s (slot %d)\n", name, real, slot);
+        free(real);
+        ret = st ? send_error(c, &err) : send_text(c, 200, success_text(name, "added"), "text/plain");
+    } else {
+        int slot = -1;
+        tuna_status st = tuna_serve_loras_begin_unload(L, name, &slot, &err);
+        if (!st) {
+            tuna_serve_loras_wait_unpinned(L, slot); /* requests already using it finish first */
+            if (tuna_engine_set_lora(srv->engine, slot, NULL, -1))
+                st = tuna_openai_fail(&err, 500, NULL, "cannot unload '%s': %s", name, tuna_last_error());
+            tuna_serve_loras_finish_unload(L, slot, !st);
+        }
+        if (!st) fprintf(stderr, "tuna serve: unloaded adapter '%s' (slot %d)\n", name, slot);
+        ret = st ? send_error(c, &err) : send_text(c, 200, success_text(name, "removed"), "text/plain");
+    }
+    cJSON_Delete(doc);
+    return ret;
+}
+
 /* ---- routing ---- */
 
 static bool authorized(tuna_server *srv, struct MHD_Connection *c)
@@ -258,13 +337,16 @@ static enum MHD_Result route(tuna_server *srv, struct MHD_Connection *c, const c
     if (!strcmp(url, "/v1/models") && get) return send_text(c, 200, tuna_openai_models_json(srv->ctx, srv->started), "application/json");
     if (!strcmp(url, "/v1/completions") && post) return generate(srv, c, TUNA_SERVE_COMPLETION, cn);
     if (!strcmp(url, "/v1/chat/completions") && post) return generate(srv, c, TUNA_SERVE_CHAT, cn);
+    if (!strcmp(url, "/v1/load_lora_adapter") && post) return lora_endpoint(srv, c, cn, true);
+    if (!strcmp(url, "/v1/unload_lora_adapter") && post) return lora_endpoint(srv, c, cn, false);
     if ((!strcmp(url, "/tokenize") || !strcmp(url, "/detokenize")) && post) {
         char *out = url[1] == 't' ? tuna_openai_tokenize(srv->ctx, cn->body, cn->len, &err)
                                   : tuna_openai_detokenize(srv->ctx, cn->body, cn->len, &err);
         return out ? send_text(c, 200, out, "application/json") : send_error(c, &err);
     }
     static const char *known[] = {"/health", "/version", "/metrics", "/v1/models", "/v1/completions",
-                                  "/v1/chat/completions", "/tokenize", "/detokenize"};
+                                  "/v1/chat/completions", "/tokenize", "/detokenize",
+                                  "/v1/load_lora_adapter", "/v1/unload_lora_adapter"};
     for (size_t i = 0; i < sizeof known / sizeof *known; i++)
         if (!strcmp(url, known[i])) {
             tuna_openai_fail(&err, 405, NULL, "method %s is not allowed on %s", method, url);

@@ -3,7 +3,9 @@
  * body size and notices clients that go away (their requests are cancelled).
  *
  * Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST /tokenize,
- * POST /detokenize, GET /health, GET /metrics, GET /version. With an API key, every /v1/ route needs
+ * POST /detokenize, GET /health, GET /metrics, GET /version, and with --lora-root POST
+ * /v1/load_lora_adapter {"lora_name", "lora_path"} and POST /v1/unload_lora_adapter {"lora_name"}
+ * (answers "Success: ..." text as vLLM; loras.h has the rules). With an API key, every /v1/ route needs
  * "Authorization: Bearer KEY" (as vLLM).
  */
 #ifndef TUNA_SERVE_HTTP_H

@@ -10,6 +10,8 @@
 
 #include <cjson/cJSON.h>
 
+#include "serve/loras.h"
+
 tuna_status tuna_openai_fail(struct tuna_openai_error *err, int http, const char *param, const char *fmt, ...)
 {
     err->http = http;
@@ -142,16 +144,27 @@ static tuna_status encode(const struct tuna_openai_ctx *c, const char *text, boo
     return TUNA_OK;
 }
 
-/* messages → the chat template's text → ids (no special tokens added: the template has them). */
-static tuna_status chat_prompt(const struct tuna_openai_ctx *c, const cJSON *msgs, bool add_gen, int32_t **ids,
-                               int64_t *n, struct tuna_openai_error *err)
+/* A chat body's messages (and tools, documents, chat_template_kwargs) → the chat template's
+ * text → ids (no special tokens added: the template has them). jdoc is the body as
+ * tuna_jinja_json_parse reads it, so numbers keep their source text (1.0 stays a float). */
+static tuna_status chat_prompt(const struct tuna_openai_ctx *c, const cJSON *jdoc, bool add_gen, bool cont,
+                               int32_t **ids, int64_t *n, struct tuna_openai_error *err)
 {
+    const cJSON *msgs = field(jdoc, "messages");
     if (!cJSON_IsArray(msgs) || cJSON_GetArraySize(msgs) == 0)
         return tuna_openai_fail(err, 400, "messages", "'messages' must be a non-empty array of {role, content}");
-    if (!c->chat_template)
-        return tuna_openai_fail(err, 400, "messages", "this model has no chat template (tokenizer_config.json "
-                                "chat_template or chat_template.jinja); use /v1/completions");
-    cJSON *ctx = cJSON_CreateObject(), *list = cJSON_AddArrayToObject(ctx, "messages");
+    if (!c->chat)
+        return tuna_openai_fail(err, 400, "messages", "this model has no chat template (chat_template.jinja, "
+                                "chat_template.json or tokenizer_config.json's chat_template); use /v1/completions");
+    const cJSON *tools = field(jdoc, "tools"), *docs = field(jdoc, "documents"), *kw = field(jdoc, "chat_template_kwargs");
+    if (tools && !cJSON_IsArray(tools))
+        return tuna_openai_fail(err, 400, "tools", "'tools' must be a list of {\"type\": \"function\", \"function\": {...}}");
+    if (docs && !cJSON_IsArray(docs))
+        return tuna_openai_fail(err, 400, "documents", "'documents' must be a list of objects");
+    if (kw && !cJSON_IsObject(kw))
+        return tuna_openai_fail(err, 400, "chat_template_kwargs", "'chat_template_kwargs' must be an object");
+    cJSON *list = cJSON_CreateArray();
+    if (!list) return tuna_openai_fail(err, 500, NULL, "out of memory");
     const cJSON *m;
     int i = 0;
     tuna_status st = TUNA_OK;
@@ -204,19 +217,38 @@ static tuna_status chat_prompt(const struct tuna_openai_ctx *c, const cJSON *msg
     }
     char *text = NULL;
     if (!st) {
-        cJSON_AddBoolToObject(ctx, "add_generation_prompt", add_gen);
-        const char *bos = tuna_tokenizer_special_str(c->tok, "bos_token");
-        const char *eos = tuna_tokenizer_special_str(c->tok, "eos_token");
-        cJSON_AddStringToObject(ctx, "bos_token", bos ? bos : "");
-        cJSON_AddStringToObject(ctx, "eos_token", eos ? eos : "");
-        if (tuna_jinja_render(c->chat_template, ctx, NULL, &text, NULL))
+        struct tuna_chat_render_opts ro = {.tools = tools, .documents = docs, .extra = kw,
+                                           .add_generation_prompt = add_gen, .continue_final_message = cont};
+        if (tuna_chat_render(c->chat, list, &ro, &text))
             st = tuna_openai_fail(err, 400, "messages", "the chat template failed on these messages: %s",
                                   tuna_last_error());
     }
-    cJSON_Delete(ctx);
+    cJSON_Delete(list);
     if (!st) st = encode(c, text, false, "messages", ids, n, err);
     free(text);
     return st;
+}
+
+/* The body again, read as the template reads JSON (tuna_jinja_json_parse). */
+static tuna_status template_body(const char *body, size_t len, cJSON **out, struct tuna_openai_error *err)
+{
+    if (tuna_jinja_json_parse(body, len, "the request body", out))
+        return tuna_openai_fail(err, 400, "messages", "%s", tuna_last_error());
+    return TUNA_OK;
+}
+
+/* Chat flags: add_generation_prompt (default true) and continue_final_message (default false). */
+static tuna_status chat_flags(const cJSON *doc, bool *add_gen, bool *cont, struct tuna_openai_error *err)
+{
+    *add_gen = true;
+    *cont = false;
+    if (get_bool(doc, "add_generation_prompt", add_gen, err) < 0) return TUNA_E_INVALID;
+    if (get_bool(doc, "continue_final_message", cont, err) < 0) return TUNA_E_INVALID;
+    if (*cont && field(doc, "add_generation_prompt") && *add_gen)
+        return tuna_openai_fail(err, 400, "continue_final_message", "'continue_final_message' and "
+                                "'add_generation_prompt' cannot both be true");
+    if (*cont) *add_gen = false;
+    return TUNA_OK;
 }
 
 static tuna_status completion_prompt(const struct tuna_openai_ctx *c, const cJSON *pr, int32_t **ids, int64_t *n,
@@ -310,7 +342,14 @@ static tuna_status parse_model(const struct tuna_openai_ctx *c, const cJSON *doc
         return p->model ? TUNA_OK : tuna_openai_fail(err, 500, NULL, "out of memory");
     }
     if (!cJSON_IsString(m)) return tuna_openai_fail(err, 400, "model", "'model' must be a string");
-    if (strcmp(m->valuestring, c->model_name) != 0) {
+    if (strcmp(m->valuestring, c->model_name) != 0 && c->loras) {
+        int k = tuna_serve_loras_pin(c->loras, m->valuestring);
+        if (k < 0)
+            return tuna_openai_fail(err, 404, "model", "The model `%s` does not exist. Served: `%s` and the adapters "
+                                    "GET /v1/models lists", m->valuestring, c->model_name);
+        p->adapter = k;
+        p->loras = c->loras;
+    } else if (strcmp(m->valuestring, c->model_name) != 0) {
         int k = 0;
         while (k < c->n_adapters && strcmp(c->adapters[k], m->valuestring)) k++;
         if (k == c->n_adapters)
@@ -391,11 +430,13 @@ tuna_status tuna_openai_parse(const struct tuna_openai_ctx *c, enum tuna_serve_k
     if (!st) st = parse_options(c, kind, doc, out, err);
     if (!st) {
         if (kind == TUNA_SERVE_CHAT) {
-            bool add_gen = true;
-            if (get_bool(doc, "add_generation_prompt", &add_gen, err) < 0) st = TUNA_E_INVALID;
-            const cJSON *msgs = field(doc, "messages");
-            if (!st && !msgs) st = tuna_openai_fail(err, 400, "messages", "'messages' is required");
-            if (!st) st = chat_prompt(c, msgs, add_gen, &out->prompt, &out->n_prompt, err);
+            bool add_gen, cont;
+            cJSON *jdoc = NULL;
+            st = chat_flags(doc, &add_gen, &cont, err);
+            if (!st && !field(doc, "messages")) st = tuna_openai_fail(err, 400, "messages", "'messages' is required");
+            if (!st) st = template_body(body, len, &jdoc, err);
+            if (!st) st = chat_prompt(c, jdoc, add_gen, cont, &out->prompt, &out->n_prompt, err);
+            cJSON_Delete(jdoc);
         } else {
             const cJSON *pr = field(doc, "prompt");
             if (!pr) st = tuna_openai_fail(err, 400, "prompt", "'prompt' is required");
@@ -640,11 +681,16 @@ char *tuna_openai_tokenize(const struct tuna_openai_ctx *c, const char *body, si
     int32_t *ids = NULL;
     int64_t n = 0;
     tuna_status st = TUNA_OK;
-    bool add_special = true, add_gen = true;
+    bool add_special = true, add_gen = true, cont = false;
     const cJSON *pr = field(doc, "prompt"), *msgs = field(doc, "messages");
-    if (get_bool(doc, "add_special_tokens", &add_special, err) < 0 || get_bool(doc, "add_generation_prompt", &add_gen, err) < 0)
+    if (get_bool(doc, "add_special_tokens", &add_special, err) < 0 || chat_flags(doc, &add_gen, &cont, err))
         st = TUNA_E_INVALID;
-    else if (msgs) st = chat_prompt(c, msgs, add_gen, &ids, &n, err);
+    else if (msgs) {
+        cJSON *jdoc = NULL;
+        st = template_body(body, len, &jdoc, err);
+        if (!st) st = chat_prompt(c, jdoc, add_gen, cont, &ids, &n, err);
+        cJSON_Delete(jdoc);
+    }
     else if (cJSON_IsString(pr)) st = encode(c, pr->valuestring, add_special, "prompt", &ids, &n, err);
     else st = tuna_openai_fail(err, 400, "prompt", "/tokenize needs 'prompt' (a string) or 'messages'");
     char *out = NULL;
@@ -701,12 +747,28 @@ static cJSON *model_entry(const struct tuna_openai_ctx *c, const char *id, const
     return m;
 }
 
+struct models_arg {
+    const struct tuna_openai_ctx *c;
+    cJSON *data;
+    int64_t created;
+};
+
+static void add_adapter_entry(void *arg, const char *name, const char *root)
+{
+    struct models_arg *a = arg;
+    cJSON_AddItemToArray(a->data, model_entry(a->c, name, root, a->c->model_name, a->created));
+}
+
 char *tuna_openai_models_json(const struct tuna_openai_ctx *c, int64_t created)
 {
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "object", "list");
     cJSON *d = cJSON_AddArrayToObject(o, "data");
     cJSON_AddItemToArray(d, model_entry(c, c->model_name, c->model_root, NULL, created));
+    if (c->loras) {
+        struct models_arg ma = {c, d, created};
+        tuna_serve_loras_each(c->loras, add_adapter_entry, &ma);
+    }
     for (int i = 0; i < c->n_adapters; i++)
         cJSON_AddItemToArray(d, model_entry(c, c->adapters[i], c->adapter_roots ? c->adapter_roots[i] : NULL,
                                             c->model_name, created));

@@ -15,14 +15,18 @@
 
 #include "core/status.h"
 #include "serve/request.h"
-#include "tokenizer/jinja/jinja.h"
+#include "chat/chat.h"
 #include "tokenizer/tokenizer.h"
+
+struct tuna_serve_loras;
 
 struct tuna_openai_ctx {
     const tuna_tokenizer *tok;
-    const tuna_jinja_template *chat_template; /* NULL: chat requests are refused */
+    const struct tuna_chat_template *chat;    /* chat.h; NULL: chat requests are refused */
     const char *model_name;                   /* served name of the base model */
     const char *model_root;                   /* its folder (shown in /v1/models) */
+    struct tuna_serve_loras *loras;           /* loras.h: adapters that come and go (pinned per request);
+                                               * when NULL, the fixed list below */
     const char *const *adapters;              /* [n_adapters] served LoRA adapter names */
     const char *const *adapter_roots;         /* [n_adapters] their folders, or NULL */
     int n_adapters;
@@ -45,7 +49,9 @@ tuna_status tuna_openai_fail(struct tuna_openai_error *err, int http, const char
     TUNA_PRINTF(4, 5);
 
 /* Parses and checks a completion (kind COMPLETION) or chat (CHAT) request body: renders the
- * chat template, tokenizes, resolves the model/adapter, fills defaults. On failure returns a
+ * chat template (chat.h: messages, tools, documents, chat_template_kwargs, continue_final_message;
+ * the messages are read with tuna_jinja_json_parse so 1.0 stays a float in the template),
+ * tokenizes, resolves the model/adapter (pinning it, see loras.h), fills defaults. On failure returns a
  * status and err says what to answer; out is left empty. */
 tuna_status tuna_openai_parse(const struct tuna_openai_ctx *c, enum tuna_serve_kind kind, const char *body,
                               size_t len, struct tuna_serve_params *out, struct tuna_openai_error *err);

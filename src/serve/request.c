@@ -7,6 +7,7 @@
 #include <time.h>
 
 #include "core/status.h"
+#include "serve/loras.h"
 
 double tuna_serve_now(void)
 {
@@ -17,6 +18,7 @@ double tuna_serve_now(void)
 
 void tuna_serve_params_free(struct tuna_serve_params *p)
 {
+    if (p->loras && p->adapter >= 0) tuna_serve_loras_unpin(p->loras, p->adapter);
     free(p->model);
     free(p->prompt);
     for (int i = 0; i < p->n_stop; i++) free(p->stop[i]);

@@ -22,11 +22,14 @@
 
 enum tuna_serve_kind { TUNA_SERVE_COMPLETION = 0, TUNA_SERVE_CHAT };
 
+struct tuna_serve_loras;
+
 /* What a request asks for, as OpenAI / vLLM name it. */
 struct tuna_serve_params {
     enum tuna_serve_kind kind;
     char *model;                 /* owned */
-    int32_t adapter;             /* -1 = base model */
+    int32_t adapter;             /* -1 = base model, else the adapter slot (loras.h) */
+    struct tuna_serve_loras *loras; /* the registry whose slot `adapter` is pinned (unpinned on free) */
     int32_t *prompt;             /* [n_prompt] owned, after templating and tokenization */
     int64_t n_prompt;
     struct tuna_sampling sampling;
@@ -44,7 +47,7 @@ struct tuna_serve_params {
     bool stream, include_usage;
     bool skip_special;
 };
-void tuna_serve_params_free(struct tuna_serve_params *p);
+void tuna_serve_params_free(struct tuna_serve_params *p); /* unpins the adapter */
 
 struct tuna_serve_token_lp {
     int32_t id;

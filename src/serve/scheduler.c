@@ -71,6 +71,7 @@ tuna_status tuna_sched_seq_new(const int32_t *prompt, int64_t n, int32_t adapter
     q->cap = cap;
     q->kv_seq = -1;
     q->adapter = adapter;
+    q->prefix_adapter = adapter;
     q->user = user;
     q->step_row = -1;
     *out = q;
@@ -188,7 +189,7 @@ tuna_status tuna_sched_schedule(tuna_sched *s, struct tuna_batch *b, struct tuna
          * uses free blocks too */
         int64_t hit = 0, evictable = 0;
         if (s->cfg.enable_prefix_caching)
-            hit = tuna_kv_prefix_match(s->kv, q->tokens, q->n_tokens - 1, q->adapter, &evictable);
+            hit = tuna_kv_prefix_match(s->kv, q->tokens, q->n_tokens - 1, q->prefix_adapter, &evictable);
         int64_t start = hit * bs;
         int64_t chunk = q->n_tokens - start;
         if (chunk > budget) chunk = budget;
@@ -196,7 +197,7 @@ tuna_status tuna_sched_schedule(tuna_sched *s, struct tuna_batch *b, struct tuna
         if (need > tuna_kv_free_blocks(s->kv) - reserved) break;
         if ((st = grow_list(&s->running, &s->cap_running, s->n_running + 1))) return st;
         if ((st = tuna_kv_seq_new(s->kv, &q->kv_seq))) return st;
-        if ((st = tuna_kv_seq_take_prefix(s->kv, q->kv_seq, q->tokens, hit, q->adapter))) {
+        if ((st = tuna_kv_seq_take_prefix(s->kv, q->kv_seq, q->tokens, hit, q->prefix_adapter))) {
             tuna_kv_seq_free(s->kv, q->kv_seq);
             q->kv_seq = -1;
             return st;
@@ -226,7 +227,7 @@ void tuna_sched_commit(tuna_sched *s)
         /* its K/V up to n_computed are written now: register the blocks that filled up (cannot
          * fail for a live sequence with its own adapter; a failure only loses a cache entry) */
         if (s->cfg.enable_prefix_caching && q->kv_seq >= 0)
-            (void)tuna_kv_seq_cache_blocks(s->kv, q->kv_seq, q->tokens, q->n_computed, q->adapter);
+            (void)tuna_kv_seq_cache_blocks(s->kv, q->kv_seq, q->tokens, q->n_computed, q->prefix_adapter);
     }
 }
 

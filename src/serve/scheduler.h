@@ -40,6 +40,8 @@ struct tuna_sched_seq {
     int64_t n_computed;   /* tokens whose K/V are in the cache */
     int32_t kv_seq;       /* KV cache sequence, -1 when it holds none */
     int32_t adapter;      /* LoRA adapter index, -1 = base model */
+    int32_t prefix_adapter; /* the adapter's id in the prefix cache (= adapter unless the caller sets a
+                             * per-load id, so a slot reused by another adapter never shares blocks) */
     enum tuna_sched_state state;
     int64_t n_preempted;
     int64_t n_cached;     /* tokens taken from the prefix cache at its last admission */
