@@ -474,8 +474,10 @@ static void *engine_main(void *arg)
         int64_t n = e->n_inbox;
         struct tuna_serve_req *local[64];
         if (n > 64) n = 64;
-        memcpy(local, e->inbox, (size_t)n * sizeof *local);
-        memmove(e->inbox, e->inbox + n, (size_t)(e->n_inbox - n) * sizeof *e->inbox);
+        if (n) { /* the inbox may not exist yet when an adapter change woke the thread */
+            memcpy(local, e->inbox, (size_t)n * sizeof *local);
+            memmove(e->inbox, e->inbox + n, (size_t)(e->n_inbox - n) * sizeof *e->inbox);
+        }
         e->n_inbox -= n;
         pthread_mutex_unlock(&e->mu);
         for (int64_t i = 0; i < n; i++) intake(e, local[i]);
