@@ -192,7 +192,13 @@ int cmd_serve(int argc, char **argv)
     mo.max_model_len = o.max_model_len;
     /* adapters are applied on the CPU backend so far: with --lora-modules, auto means the CPU */
     if ((o.n_lora || o.lora_root) && mo.device == TUNA_DEVICE_AUTO) mo.device = TUNA_DEVICE_CPU;
-    tuna_status st = tuna_serve_loras_init(&loras, (int)o.max_loras, o.max_lora_rank, o.lora_root);
+    tuna_status st = TUNA_OK;
+    /* the GPU keeps uploaded adapters keyed by their host addresses, which a runtime reload may
+     * reuse: runtime loading stays on the CPU engine until the device cache can be invalidated */
+    if (o.lora_root && mo.device != TUNA_DEVICE_CPU)
+        st = tuna_fail(TUNA_E_UNSUPPORTED, "--lora-root (adapters loaded at run time) runs on the CPU engine; "
+                       "leave out --device or use --device cpu (--lora-modules adapters work on the GPU)");
+    if (!st) st = tuna_serve_loras_init(&loras, (int)o.max_loras, o.max_lora_rank, o.lora_root);
     if (!st) st = tuna_tokenizer_load(o.dir, &tok);
     if (!st) st = tuna_model_load(o.dir, &mo, &m);
     if (!st) st = tuna_gen_config_load(o.dir, &gc);
