@@ -86,6 +86,14 @@ static void test_errors(void **state)
     refuse(H, "{\"messages\": [{\"role\": \"user\", \"content\": 5}]}", 400, "messages", "string or a list");
     refuse(H, "{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"image_url\", \"image_url\": {}}]}]}", 400,
            "messages", "no images");
+    refuse(H, "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"tools\": {}}", 400, "tools", "must be a list");
+    refuse(H, "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"documents\": 1}", 400, "documents",
+           "must be a list");
+    refuse(H, "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"chat_template_kwargs\": []}", 400,
+           "chat_template_kwargs", "must be an object");
+    refuse(H, "{\"messages\": [{\"role\": \"assistant\", \"content\": \"hi\"}], \"continue_final_message\": true, "
+           "\"add_generation_prompt\": true}", 400, "continue_final_message", "cannot both be true");
+    refuse(H, "{\"messages\": [{\"role\": \"user\", \"content\": \"a\\u0000b\"}]}", 400, "messages", "U+0000");
     refuse(C, "{\"prompt\": \"a\", \"model\": \"gpt-4\"}", 404, "model", "The model `gpt-4` does not exist");
     refuse(C, "{\"prompt\": \"a\", \"model\": 3}", 400, "model", "must be a string");
     refuse(C, "{\"prompt\": \"a\", \"temperature\": \"hot\"}", 400, "temperature", "must be a number");

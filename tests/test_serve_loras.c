@@ -205,6 +205,56 @@ static void test_state_machine(void **state)
     tuna_serve_loras_destroy(&L); /* frees the LOADING name and c's adapter */
 }
 
+/* Requests resolve adapter names through the registry and pin the slot until they are freed;
+ * /v1/models lists the READY adapters with their parent. */
+static void test_parse_pins(void **state)
+{
+    (void)state;
+    tuna_tokenizer *tok;
+    TT_OK(tuna_tokenizer_load(TUNA_SOURCE_DIR "/models/pymini", &tok));
+    struct tuna_serve_loras L;
+    struct tuna_openai_error err;
+    TT_OK(tuna_serve_loras_init(&L, 2, 16, NULL));
+    int slot;
+    int32_t key;
+    TT_OK(tuna_serve_loras_begin_load(&L, "loading", "pymini", &slot, &key, &err));
+    TT_OK(tuna_serve_loras_begin_load(&L, "sql", "pymini", &slot, &key, &err));
+    assert_true(tuna_serve_loras_finish_load(&L, slot, fake_adapter(8, 8), "/adapters/sql"));
+    struct tuna_openai_ctx c = {.tok = tok, .model_name = "pymini", .model_root = "models/pymini", .loras = &L,
+                                .max_model_len = 64, .vocab_size = 4096};
+    tuna_sampling_default(&c.defaults);
+    struct tuna_serve_params p, q, bad;
+    const char *b1 = "{\"model\": \"sql\", \"prompt\": \"a\", \"max_tokens\": 2}";
+    TT_OK(tuna_openai_parse(&c, TUNA_SERVE_COMPLETION, b1, strlen(b1), &p, &err));
+    assert_int_equal(p.adapter, 1);
+    TT_OK(tuna_openai_parse(&c, TUNA_SERVE_COMPLETION, b1, strlen(b1), &q, &err));
+    assert_int_equal(L.slots[1].pins, 2);
+    const char *b2 = "{\"model\": \"loading\", \"prompt\": \"a\"}";
+    assert_int_not_equal(tuna_openai_parse(&c, TUNA_SERVE_COMPLETION, b2, strlen(b2), &bad, &err), TUNA_OK);
+    assert_int_equal(err.http, 404);
+    /* a request that fails after resolving the model lets its pin go */
+    const char *b3 = "{\"model\": \"sql\", \"prompt\": \"a\", \"temperature\": -1}";
+    assert_int_not_equal(tuna_openai_parse(&c, TUNA_SERVE_COMPLETION, b3, strlen(b3), &bad, &err), TUNA_OK);
+    assert_int_equal(L.slots[1].pins, 2);
+    char *models = tuna_openai_models_json(&c, 1);
+    assert_non_null(strstr(models, "{\"id\":\"sql\",\"object\":\"model\""));
+    assert_non_null(strstr(models, "\"root\":\"/adapters/sql\",\"parent\":\"pymini\""));
+    assert_null(strstr(models, "loading"));
+    free(models);
+    tuna_serve_params_free(&q);
+    assert_int_equal(L.slots[1].pins, 1);
+    TT_OK(tuna_serve_loras_begin_unload(&L, "sql", &slot, &err));
+    tuna_serve_params_free(&p); /* the last request using it: the unload may go on */
+    assert_int_equal(L.slots[1].pins, 0);
+    tuna_serve_loras_wait_unpinned(&L, slot);
+    tuna_serve_loras_finish_unload(&L, slot, true);
+    models = tuna_openai_models_json(&c, 1);
+    assert_null(strstr(models, "sql"));
+    free(models);
+    tuna_serve_loras_destroy(&L);
+    tuna_tokenizer_free(tok);
+}
+
 /* The engine attaches slot changes between steps; a misfit adapter leaves the model as it was. */
 static void test_engine_set_lora(void **state)
 {
@@ -285,6 +335,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_paths),
         cmocka_unit_test(test_state_machine),
+        cmocka_unit_test(test_parse_pins),
         cmocka_unit_test(test_engine_set_lora),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
