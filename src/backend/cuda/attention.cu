@@ -120,6 +120,11 @@ void tuna_cuda_attention(tuna_backend *be, float *out, const float *q, const flo
         used += (size_t)nb;
     }
     struct cuda_meta mt = {0};
+    if (!tuna_cuda_meta_begin(be, &mt, (size_t)T * 12 + (used ? used : 1) * sizeof(int32_t))) {
+        free(off);
+        free(flat);
+        return;
+    }
     size_t o_pos = (size_t)tuna_cuda_meta_stage(be, &mt, b->pos, (size_t)T * sizeof(int64_t));
     size_t o_flat = (size_t)tuna_cuda_meta_stage(be, &mt, flat, (used ? used : 1) * sizeof(int32_t));
     size_t o_off = (size_t)tuna_cuda_meta_stage(be, &mt, off, (size_t)T * sizeof(int32_t));

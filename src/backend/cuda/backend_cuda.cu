@@ -52,31 +52,68 @@ bool tuna_cuda_grow(tuna_backend *be, struct cuda_grow_buf *buf, size_t bytes, c
     return true;
 }
 
-void *tuna_cuda_meta_stage(tuna_backend *be, struct cuda_meta *m, const void *src, size_t n)
+bool tuna_cuda_meta_begin(tuna_backend *be, struct cuda_meta *m, size_t upper)
 {
-    size_t off = (m->used + 7) & ~(size_t)7;
-    if (off + n > be->host_meta_cap) {
-        size_t cap = be->host_meta_cap ? be->host_meta_cap : 4096;
-        while (cap < off + n) cap *= 2;
-        void *p = realloc(be->host_meta, cap);
-        if (!p) {
-            tuna_cuda_check(be, cudaErrorMemoryAllocation, "host staging buffer");
-            return NULL;
-        }
-        be->host_meta = p;
+    upper += 8 * 8; /* alignment of up to 8 arrays */
+    m->reserved = upper;
+    if (be->meta_used + upper <= be->host_meta_cap) return true;
+    /* full: wait until every queued copy and kernel that reads the arena is done, start over */
+    if (!tuna_cuda_check(be, cudaStreamSynchronize(be->stream), "cudaStreamSynchronize(metadata arena)"))
+        return false;
+    be->meta_used = be->meta_flushed = 0;
+    be->meta_cache_n = be->meta_cache_next = 0;
+    if (upper > be->host_meta_cap) {
+        size_t cap = be->host_meta_cap ? be->host_meta_cap : (size_t)4 << 20;
+        while (cap < upper) cap *= 2;
+        if (be->host_meta) cudaFreeHost(be->host_meta);
+        be->host_meta = NULL;
+        be->host_meta_cap = 0;
+        if (!tuna_cuda_check(be, cudaHostAlloc(&be->host_meta, cap, cudaHostAllocDefault), "cudaHostAlloc(metadata)"))
+            return false;
+        if (be->meta.p) cudaFree(be->meta.p);
+        be->meta.p = NULL;
+        be->meta.cap = 0;
+        if (!tuna_cuda_check(be, cudaMalloc(&be->meta.p, cap), "cudaMalloc(metadata)")) return false;
+        be->meta.cap = cap;
         be->host_meta_cap = cap;
     }
+    return true;
+}
+
+void *tuna_cuda_meta_stage(tuna_backend *be, struct cuda_meta *m, const void *src, size_t n)
+{
+    for (int i = 0; i < be->meta_cache_n; i++) {
+        if (be->meta_cache[i].src == src && be->meta_cache[i].n == n &&
+            memcmp((char *)be->host_meta + be->meta_cache[i].off, src, n) == 0)
+            return (void *)be->meta_cache[i].off;
+    }
+    size_t off = (be->meta_used + 7) & ~(size_t)7;
+    if (off + n > be->host_meta_cap || n + 8 > m->reserved) {
+        /* a caller that staged more than it reserved: a bug, reported as a sticky error */
+        tuna_cuda_check(be, cudaErrorInvalidValue, "metadata staged beyond its reservation");
+        return NULL;
+    }
+    m->reserved -= n + 8;
     memcpy((char *)be->host_meta + off, src, n);
-    m->used = off + n;
-    return (void *)off; /* an offset until flushed; see tuna_cuda_meta_flush */
+    be->meta_used = off + n;
+    int slot = be->meta_cache_next;
+    be->meta_cache[slot].src = src;
+    be->meta_cache[slot].n = n;
+    be->meta_cache[slot].off = off;
+    be->meta_cache_next = (slot + 1) % 32;
+    if (be->meta_cache_n < 32) be->meta_cache_n++;
+    return (void *)off; /* a device byte offset into be->meta.p, valid once flushed */
 }
 
 bool tuna_cuda_meta_flush(tuna_backend *be, struct cuda_meta *m)
 {
-    if (m->used == 0) return true;
-    if (!tuna_cuda_grow(be, &be->meta, m->used, "cudaMalloc(metadata)")) return false;
-    /* from pageable memory: the source may be reused as soon as this returns */
-    return tuna_cuda_check(be, cudaMemcpyAsync(be->meta.p, be->host_meta, m->used, cudaMemcpyHostToDevice, be->stream),
+    (void)m;
+    if (be->meta_used <= be->meta_flushed) return true;
+    size_t a = be->meta_flushed, b = be->meta_used;
+    be->meta_flushed = b;
+    /* pinned source, never rewritten before the next sync: truly asynchronous */
+    return tuna_cuda_check(be, cudaMemcpyAsync((char *)be->meta.p + a, (char *)be->host_meta + a, b - a,
+                                               cudaMemcpyHostToDevice, be->stream),
                            "cudaMemcpyAsync(metadata)");
 }
 
@@ -119,9 +156,9 @@ extern "C" void tuna_cuda_backend_free(tuna_backend *be)
     if (!be) return;
     cudaStreamSynchronize(be->stream);
     cudaFree(be->meta.p);
+    if (be->host_meta) cudaFreeHost(be->host_meta);
     cudaFree(be->half.p);
     cudaFree(be->wdeq.p);
-    free(be->host_meta);
     cublasDestroy(be->blas);
     cudaStreamDestroy(be->stream);
     free(be);
@@ -253,6 +290,7 @@ void tuna_cuda_embedding(tuna_backend *be, float *out, const int32_t *ids, int64
         return;
     }
     struct cuda_meta m = {0};
+    if (!tuna_cuda_meta_begin(be, &m, (size_t)T * sizeof(int32_t))) return;
     size_t off = (size_t)tuna_cuda_meta_stage(be, &m, ids, (size_t)T * sizeof(int32_t));
     if (be->sticky || !tuna_cuda_meta_flush(be, &m)) return;
     int64_t n = T * emb->cols;
@@ -277,6 +315,7 @@ void tuna_cuda_kv_store(tuna_backend *be, float *kcache, float *vcache, const fl
 {
     if (be->sticky || T <= 0) return;
     struct cuda_meta m = {0};
+    if (!tuna_cuda_meta_begin(be, &m, (size_t)T * sizeof(int64_t))) return;
     size_t off = (size_t)tuna_cuda_meta_stage(be, &m, slot, (size_t)T * sizeof(int64_t));
     if (be->sticky || !tuna_cuda_meta_flush(be, &m)) return;
     k_kv_store<<<tuna_cuda_blocks(T * HkvD, 256), 256, 0, be->stream>>>(kcache, vcache, k, v,

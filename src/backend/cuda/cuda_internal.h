@@ -22,11 +22,17 @@ struct tuna_backend {
     cublasHandle_t blas;
     tuna_status sticky;          /* first failure; TUNA_OK while healthy */
     char sticky_msg[512];
-    struct cuda_grow_buf meta;   /* staging for int metadata (ids, positions, slots, tables) */
+    struct cuda_grow_buf meta;   /* device arena for int metadata (ids, positions, slots, tables) */
     struct cuda_grow_buf half;   /* activations rounded to bf16/f16 for cuBLAS */
     struct cuda_grow_buf wdeq;   /* a 4-bit weight dequantized for a prefill GEMM */
-    void *host_meta;             /* pinned host staging for metadata */
+    void *host_meta;             /* pinned host arena, the same size: copies from it are truly async */
     size_t host_meta_cap;
+    size_t meta_used, meta_flushed; /* append offsets in both arenas; reset only after a sync */
+    struct {
+        const void *src;
+        size_t n, off;
+    } meta_cache[32];            /* recent uploads: the same array (same pointer, same bytes) is reused */
+    int meta_cache_n, meta_cache_next;
 };
 
 /* Records the first failure and returns false when e is an error. */
@@ -36,12 +42,17 @@ bool tuna_cuda_check_blas(tuna_backend *be, cublasStatus_t s, const char *call);
 bool tuna_cuda_check_launch(tuna_backend *be, const char *kernel);
 /* Makes buf hold at least bytes (device). */
 bool tuna_cuda_grow(tuna_backend *be, struct cuda_grow_buf *buf, size_t bytes, const char *what);
-/* Copies n host bytes into the metadata staging area at byte offset off (8-byte aligned) and
- * returns the device address, after growing the area as needed. Copies are stream-ordered. The
- * whole area is uploaded by tuna_cuda_meta_flush, so callers first stage everything, then flush. */
+/* Metadata (small host arrays the kernels read: ids, positions, slots, block tables, inv_freq)
+ * goes through an append-only arena: a pinned host copy and a device copy at the same offset.
+ * tuna_cuda_meta_begin reserves room for one op's arrays (syncing and starting over only when
+ * the arena is full, so offsets handed out stay valid until the op's kernels have run);
+ * tuna_cuda_meta_stage returns the device byte offset of src, reusing an earlier upload of the
+ * same pointer with the same bytes (the positions of a step are staged once, not once per layer);
+ * tuna_cuda_meta_flush queues one async copy of everything staged since the last flush. */
 struct cuda_meta {
-    size_t used;
+    size_t reserved;
 };
+bool tuna_cuda_meta_begin(tuna_backend *be, struct cuda_meta *m, size_t upper_bound_bytes);
 void *tuna_cuda_meta_stage(tuna_backend *be, struct cuda_meta *m, const void *src, size_t n);
 bool tuna_cuda_meta_flush(tuna_backend *be, struct cuda_meta *m);
 

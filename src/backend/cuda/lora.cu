@@ -58,6 +58,7 @@ void tuna_cuda_lora(tuna_backend *be, float *y, const float *x, int64_t T, int64
         ds[i].scale = adapters[i].scale;
     }
     struct cuda_meta m = {0};
+    if (!tuna_cuda_meta_begin(be, &m, (size_t)n_adapters * sizeof ds[0] + (size_t)T * sizeof(int32_t))) return;
     size_t o_d = (size_t)tuna_cuda_meta_stage(be, &m, ds, (size_t)n_adapters * sizeof ds[0]);
     size_t o_i = (size_t)tuna_cuda_meta_stage(be, &m, adapter, (size_t)T * sizeof(int32_t));
     if (be->sticky || !tuna_cuda_meta_flush(be, &m)) return;

@@ -26,6 +26,7 @@ void tuna_cuda_rope(tuna_backend *be, float *x, const int64_t *pos, int64_t T, i
     if (be->sticky || T <= 0) return;
     int64_t half = rot_dim / 2;
     struct cuda_meta m = {0};
+    if (!tuna_cuda_meta_begin(be, &m, (size_t)T * sizeof(int64_t) + (size_t)half * sizeof(float))) return;
     size_t off_pos = (size_t)tuna_cuda_meta_stage(be, &m, pos, (size_t)T * sizeof(int64_t));
     /* inv_freq is a host array in the model (computed once per context length) */
     size_t off_f = (size_t)tuna_cuda_meta_stage(be, &m, inv_freq, (size_t)half * sizeof(float));
