@@ -92,7 +92,7 @@ static void test_paths(void **state)
     check_path("out_abs", 400, "not inside --lora-root");
     check_path("to_rootx", 400, "not inside --lora-root");
     check_path("../rootx", 400, "not inside --lora-root");
-    check_path(".", 400, "not inside --lora-root");  /* the root itself is not an adapter folder */
+    check_path(".", 400, "not inside --lora-root"); /* the root itself is not an adapter folder */
     check_path("/", 400, "not inside --lora-root");
     check_path("/etc", 400, "not inside --lora-root");
     check_path("file", 400, "is not a folder");
@@ -220,8 +220,12 @@ static void test_parse_pins(void **state)
     TT_OK(tuna_serve_loras_begin_load(&L, "loading", "pymini", &slot, &key, &err));
     TT_OK(tuna_serve_loras_begin_load(&L, "sql", "pymini", &slot, &key, &err));
     assert_true(tuna_serve_loras_finish_load(&L, slot, fake_adapter(8, 8), "/adapters/sql"));
-    struct tuna_openai_ctx c = {.tok = tok, .model_name = "pymini", .model_root = "models/pymini", .loras = &L,
-                                .max_model_len = 64, .vocab_size = 4096};
+    struct tuna_openai_ctx c = {.tok = tok,
+                                .model_name = "pymini",
+                                .model_root = "models/pymini",
+                                .loras = &L,
+                                .max_model_len = 64,
+                                .vocab_size = 4096};
     tuna_sampling_default(&c.defaults);
     struct tuna_serve_params p, q, bad;
     const char *b1 = "{\"model\": \"sql\", \"prompt\": \"a\", \"max_tokens\": 2}";
@@ -270,8 +274,12 @@ static void test_engine_set_lora(void **state)
     TT_OK(tuna_tokenizer_load(dir, &tok));
     struct tuna_metrics metrics;
     tuna_metrics_init(&metrics);
-    struct tuna_engine_config ec = {.kv_tokens = 1024, .block_size = 16, .max_num_seqs = 4,
-                                    .max_num_batched_tokens = 256, .max_pending = 16, .max_loras = 2};
+    struct tuna_engine_config ec = {.kv_tokens = 1024,
+                                    .block_size = 16,
+                                    .max_num_seqs = 4,
+                                    .max_num_batched_tokens = 256,
+                                    .max_pending = 16,
+                                    .max_loras = 2};
     tuna_engine *e;
     TT_OK(tuna_engine_start(m, tok, &ec, &metrics, &e));
     struct tuna_lora_adapter *ad;
@@ -282,7 +290,7 @@ static void test_engine_set_lora(void **state)
     /* find the linear the first module adapts: it now has 2 entries, slot 0 empty, slot 1 = ad */
     int found = 0;
     for (int64_t l = 0; l < m->arch.n_layers; l++) {
-        struct tuna_linear *lins[7] = {&m->layers[l].q, &m->layers[l].k, &m->layers[l].v, &m->layers[l].o,
+        struct tuna_linear *lins[7] = {&m->layers[l].q,    &m->layers[l].k,  &m->layers[l].v,   &m->layers[l].o,
                                        &m->layers[l].gate, &m->layers[l].up, &m->layers[l].down};
         for (int k = 0; k < 7; k++)
             if (lins[k]->n_lora) {
@@ -305,7 +313,7 @@ static void test_engine_set_lora(void **state)
     TT_FAILS(tuna_engine_set_lora(e, 0, bad, 8), TUNA_E_INVALID, "another base model");
     found = 0;
     for (int64_t l = 0; l < m->arch.n_layers; l++) {
-        struct tuna_linear *lins[7] = {&m->layers[l].q, &m->layers[l].k, &m->layers[l].v, &m->layers[l].o,
+        struct tuna_linear *lins[7] = {&m->layers[l].q,    &m->layers[l].k,  &m->layers[l].v,   &m->layers[l].o,
                                        &m->layers[l].gate, &m->layers[l].up, &m->layers[l].down};
         for (int k = 0; k < 7; k++)
             if (lins[k]->n_lora && lins[k]->lora[1].A == mod->A) found++;
@@ -314,15 +322,16 @@ static void test_engine_set_lora(void **state)
     /* empty the slot: nothing attached any more */
     TT_OK(tuna_engine_set_lora(e, 1, NULL, -1));
     for (int64_t l = 0; l < m->arch.n_layers; l++) {
-        assert_int_equal(m->layers[l].q.n_lora + m->layers[l].k.n_lora + m->layers[l].v.n_lora +
-                         m->layers[l].o.n_lora + m->layers[l].gate.n_lora + m->layers[l].up.n_lora +
-                         m->layers[l].down.n_lora, 0);
+        assert_int_equal(m->layers[l].q.n_lora + m->layers[l].k.n_lora + m->layers[l].v.n_lora + m->layers[l].o.n_lora +
+                             m->layers[l].gate.n_lora + m->layers[l].up.n_lora + m->layers[l].down.n_lora,
+                         0);
     }
     TT_OK(tuna_engine_set_lora(e, 0, ad, 9)); /* attached again, freed with the engine */
     tuna_engine_stop(e);
     TT_FAILS(tuna_engine_set_lora(e, 0, NULL, -1), TUNA_E_INVALID, "shutting down");
     tuna_engine_free(e);
-    for (int64_t l = 0; l < m->arch.n_layers; l++) assert_int_equal(m->layers[l].q.n_lora, 0);
+    for (int64_t l = 0; l < m->arch.n_layers; l++)
+        assert_int_equal(m->layers[l].q.n_lora, 0);
     tuna_lora_free(bad);
     tuna_lora_free(ad);
     tuna_metrics_destroy(&metrics);

@@ -51,7 +51,8 @@ static void slot_clear(struct tuna_lora_slot *s)
 void tuna_serve_loras_destroy(struct tuna_serve_loras *L)
 {
     if (!L->slots) return;
-    for (int i = 0; i < L->n_slots; i++) slot_clear(&L->slots[i]);
+    for (int i = 0; i < L->n_slots; i++)
+        slot_clear(&L->slots[i]);
     free(L->slots);
     free(L->root);
     pthread_mutex_destroy(&L->mu);
@@ -63,14 +64,17 @@ tuna_status tuna_serve_lora_path(const char *root, const char *path, char **out,
 {
     *out = NULL;
     if (!root)
-        return tuna_openai_fail(err, 400, NULL, "loading adapters at run time is off: start tuna serve with "
+        return tuna_openai_fail(err, 400, NULL,
+                                "loading adapters at run time is off: start tuna serve with "
                                 "--lora-root DIR and load folders under DIR");
     if (!path || !path[0]) return tuna_openai_fail(err, 400, "lora_path", "'lora_path' must be a non-empty string");
     size_t n = strlen(root) + strlen(path) + 2;
     char *joined = malloc(n);
     if (!joined) return tuna_openai_fail(err, 500, NULL, "out of memory");
-    if (path[0] == '/') snprintf(joined, n, "%s", path);
-    else snprintf(joined, n, "%s/%s", root, path);
+    if (path[0] == '/')
+        snprintf(joined, n, "%s", path);
+    else
+        snprintf(joined, n, "%s/%s", root, path);
     errno = 0;
     char *real = realpath(joined, NULL);
     free(joined);
@@ -78,17 +82,22 @@ tuna_status tuna_serve_lora_path(const char *root, const char *path, char **out,
         return tuna_openai_fail(err, 404, "lora_path", "lora_path '%s' does not exist under --lora-root %s (%s)", path,
                                 root, strerror(errno ? errno : ENOENT));
     size_t rl = strlen(root);
-    bool inside = !strncmp(real, root, rl) && (real[rl] == '/' || (rl == 1 && root[0] == '/')) && real[rl] && real[rl + 1];
+    bool inside =
+        !strncmp(real, root, rl) && (real[rl] == '/' || (rl == 1 && root[0] == '/')) && real[rl] && real[rl + 1];
     if (!inside) {
-        tuna_openai_fail(err, 400, "lora_path", "lora_path '%s' resolves to %s, which is not inside --lora-root %s "
-                         "(paths with .. or symlinks leading out of the root are refused)", path, real, root);
+        tuna_openai_fail(err, 400, "lora_path",
+                         "lora_path '%s' resolves to %s, which is not inside --lora-root %s "
+                         "(paths with .. or symlinks leading out of the root are refused)",
+                         path, real, root);
         free(real);
         return TUNA_E_INVALID;
     }
     struct stat sb;
     if (stat(real, &sb) != 0 || !S_ISDIR(sb.st_mode)) {
-        tuna_openai_fail(err, 400, "lora_path", "lora_path '%s' (%s) is not a folder: give the adapter's folder "
-                         "(with adapter_config.json and adapter_model.safetensors)", path, real);
+        tuna_openai_fail(err, 400, "lora_path",
+                         "lora_path '%s' (%s) is not a folder: give the adapter's folder "
+                         "(with adapter_config.json and adapter_model.safetensors)",
+                         path, real);
         free(real);
         return TUNA_E_INVALID;
     }
@@ -103,8 +112,8 @@ static int find_named(const struct tuna_serve_loras *L, const char *name)
     return -1;
 }
 
-tuna_status tuna_serve_loras_begin_load(struct tuna_serve_loras *L, const char *name, const char *base_name,
-                                        int *slot, int32_t *key, struct tuna_openai_error *err)
+tuna_status tuna_serve_loras_begin_load(struct tuna_serve_loras *L, const char *name, const char *base_name, int *slot,
+                                        int32_t *key, struct tuna_openai_error *err)
 {
     *slot = -1;
     *key = -1;
@@ -119,18 +128,22 @@ tuna_status tuna_serve_loras_begin_load(struct tuna_serve_loras *L, const char *
                               L->slots[k].state == TUNA_LORA_READY ? "" : " (or is being loaded or unloaded)");
     } else {
         int f = 0;
-        while (f < L->n_slots && L->slots[f].state != TUNA_LORA_FREE) f++;
+        while (f < L->n_slots && L->slots[f].state != TUNA_LORA_FREE)
+            f++;
         if (f == L->n_slots) {
             char names[512] = "";
             for (int i = 0; i < L->n_slots; i++) {
                 strncat(names, i ? ", " : "", sizeof names - strlen(names) - 1);
                 strncat(names, L->slots[i].name, sizeof names - strlen(names) - 1);
             }
-            st = tuna_openai_fail(err, 400, "lora_name", "cannot load '%s': all %d adapter slots (--max-loras) are "
-                                  "taken by %s; unload one first (POST /v1/unload_lora_adapter)", name, L->n_slots, names);
+            st = tuna_openai_fail(err, 400, "lora_name",
+                                  "cannot load '%s': all %d adapter slots (--max-loras) are "
+                                  "taken by %s; unload one first (POST /v1/unload_lora_adapter)",
+                                  name, L->n_slots, names);
         } else {
             L->slots[f].name = strdup(name);
-            if (!L->slots[f].name) st = tuna_openai_fail(err, 500, NULL, "out of memory");
+            if (!L->slots[f].name)
+                st = tuna_openai_fail(err, 500, NULL, "out of memory");
             else {
                 L->slots[f].state = TUNA_LORA_LOADING;
                 L->slots[f].key = *key = L->next_key++;
@@ -153,14 +166,14 @@ tuna_status tuna_serve_loras_check_rank(const struct tuna_serve_loras *L, const 
             where = ad->modules[i].name;
         }
     if (r > L->max_rank)
-        return tuna_openai_fail(err, 400, "lora_path", "the adapter's rank %lld (%s) is above --max-lora-rank %lld; "
-                                "restart with --max-lora-rank %lld or more", (long long)r, where,
-                                (long long)L->max_rank, (long long)r);
+        return tuna_openai_fail(err, 400, "lora_path",
+                                "the adapter's rank %lld (%s) is above --max-lora-rank %lld; "
+                                "restart with --max-lora-rank %lld or more",
+                                (long long)r, where, (long long)L->max_rank, (long long)r);
     return TUNA_OK;
 }
 
-bool tuna_serve_loras_finish_load(struct tuna_serve_loras *L, int slot, struct tuna_lora_adapter *ad,
-                                  const char *root)
+bool tuna_serve_loras_finish_load(struct tuna_serve_loras *L, int slot, struct tuna_lora_adapter *ad, const char *root)
 {
     pthread_mutex_lock(&L->mu);
     struct tuna_lora_slot *s = &L->slots[slot];
@@ -201,15 +214,18 @@ tuna_status tuna_serve_loras_begin_unload(struct tuna_serve_loras *L, const char
 void tuna_serve_loras_wait_unpinned(struct tuna_serve_loras *L, int slot)
 {
     pthread_mutex_lock(&L->mu);
-    while (L->slots[slot].pins > 0) pthread_cond_wait(&L->cv, &L->mu);
+    while (L->slots[slot].pins > 0)
+        pthread_cond_wait(&L->cv, &L->mu);
     pthread_mutex_unlock(&L->mu);
 }
 
 void tuna_serve_loras_finish_unload(struct tuna_serve_loras *L, int slot, bool ok)
 {
     pthread_mutex_lock(&L->mu);
-    if (ok) slot_clear(&L->slots[slot]);
-    else L->slots[slot].state = TUNA_LORA_READY;
+    if (ok)
+        slot_clear(&L->slots[slot]);
+    else
+        L->slots[slot].state = TUNA_LORA_READY;
     pthread_mutex_unlock(&L->mu);
 }
 
@@ -217,8 +233,10 @@ int tuna_serve_loras_pin(struct tuna_serve_loras *L, const char *name)
 {
     pthread_mutex_lock(&L->mu);
     int k = find_named(L, name);
-    if (k >= 0 && L->slots[k].state == TUNA_LORA_READY) L->slots[k].pins++;
-    else k = -1;
+    if (k >= 0 && L->slots[k].state == TUNA_LORA_READY)
+        L->slots[k].pins++;
+    else
+        k = -1;
     pthread_mutex_unlock(&L->mu);
     return k;
 }

@@ -34,11 +34,11 @@ enum tuna_lora_slot_state { TUNA_LORA_FREE = 0, TUNA_LORA_LOADING, TUNA_LORA_REA
 
 struct tuna_lora_slot {
     enum tuna_lora_slot_state state;
-    char *name;                     /* served name (owned) when not FREE */
-    char *root;                     /* the folder it came from (owned) */
-    struct tuna_lora_adapter *ad;   /* owned once finish_load succeeded */
-    int pins;                       /* requests using it */
-    int32_t key;                    /* unique per load: the prefix cache's adapter id */
+    char *name;                   /* served name (owned) when not FREE */
+    char *root;                   /* the folder it came from (owned) */
+    struct tuna_lora_adapter *ad; /* owned once finish_load succeeded */
+    int pins;                     /* requests using it */
+    int32_t key;                  /* unique per load: the prefix cache's adapter id */
 };
 
 struct tuna_serve_loras {
@@ -61,15 +61,14 @@ tuna_status tuna_serve_lora_path(const char *root, const char *path, char **out,
 
 /* FREE slot → LOADING under `name`. 400: empty/duplicate name (or the base model's name), every
  * slot taken. *slot receives the slot index, *key the adapter's new prefix-cache id. */
-tuna_status tuna_serve_loras_begin_load(struct tuna_serve_loras *L, const char *name, const char *base_name,
-                                        int *slot, int32_t *key, struct tuna_openai_error *err);
+tuna_status tuna_serve_loras_begin_load(struct tuna_serve_loras *L, const char *name, const char *base_name, int *slot,
+                                        int32_t *key, struct tuna_openai_error *err);
 /* 400 when the adapter's rank (the config's or any module's) is above max_rank. */
 tuna_status tuna_serve_loras_check_rank(const struct tuna_serve_loras *L, const struct tuna_lora_adapter *ad,
                                         struct tuna_openai_error *err);
 /* LOADING → READY with the adapter (taken) and its folder, or (ad == NULL) back to FREE.
  * false (slot FREE, adapter freed) when out of memory. */
-bool tuna_serve_loras_finish_load(struct tuna_serve_loras *L, int slot, struct tuna_lora_adapter *ad,
-                                     const char *root);
+bool tuna_serve_loras_finish_load(struct tuna_serve_loras *L, int slot, struct tuna_lora_adapter *ad, const char *root);
 /* READY → UNLOADING. 404 unknown name (or one being loaded or unloaded). */
 tuna_status tuna_serve_loras_begin_unload(struct tuna_serve_loras *L, const char *name, int *slot,
                                           struct tuna_openai_error *err);
