@@ -8,6 +8,7 @@
 
 #include "file.h"
 #include "status.h"
+#include "strbuf.h"
 
 tuna_status tuna_json_parse(const char *text, size_t len, const char *what, cJSON **out)
 {
@@ -101,68 +102,16 @@ bool tuna_json_get_str(const cJSON *obj, const char *key, const char **out, tuna
 
 /* --- printer: Python json.dumps(indent=2) layout --- */
 
-struct sbuf {
-    char *p;
-    size_t len, cap;
-    bool oom;
-};
-
-static void sb_put(struct sbuf *b, const char *s, size_t n)
+static void put_indent(struct tuna_strbuf *b, int depth)
 {
-    if (b->oom) return;
-    if (b->len + n + 1 > b->cap) {
-        size_t nc = b->cap ? b->cap * 2 : 1024;
-        while (nc < b->len + n + 1) nc *= 2;
-        char *np = realloc(b->p, nc);
-        if (!np) {
-            b->oom = true;
-            return;
-        }
-        b->p = np;
-        b->cap = nc;
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = '\0';
+    for (int i = 0; i < depth; i++) tuna_sb_put(b, "  ", 2);
 }
 
-static void sb_puts(struct sbuf *b, const char *s) { sb_put(b, s, strlen(s)); }
-
-static void put_indent(struct sbuf *b, int depth)
-{
-    for (int i = 0; i < depth; i++) sb_put(b, "  ", 2);
-}
-
-static void put_string(struct sbuf *b, const char *s)
-{
-    sb_put(b, "\"", 1);
-    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-        char esc[8];
-        switch (*p) {
-        case '"': sb_puts(b, "\\\""); break;
-        case '\\': sb_puts(b, "\\\\"); break;
-        case '\n': sb_puts(b, "\\n"); break;
-        case '\r': sb_puts(b, "\\r"); break;
-        case '\t': sb_puts(b, "\\t"); break;
-        case '\b': sb_puts(b, "\\b"); break;
-        case '\f': sb_puts(b, "\\f"); break;
-        default:
-            if (*p < 0x20) {
-                snprintf(esc, sizeof esc, "\\u%04x", *p);
-                sb_puts(b, esc);
-            } else {
-                sb_put(b, (const char *)p, 1);
-            }
-        }
-    }
-    sb_put(b, "\"", 1);
-}
-
-static void put_number(struct sbuf *b, double d)
+static void put_number(struct tuna_strbuf *b, double d)
 {
     char tmp[64];
     if (!isfinite(d)) {
-        sb_puts(b, isnan(d) ? "NaN" : (d > 0 ? "Infinity" : "-Infinity"));
+        tuna_sb_puts(b, isnan(d) ? "NaN" : (d > 0 ? "Infinity" : "-Infinity"));
         return;
     }
     if (d == floor(d) && fabs(d) < 1e15) {
@@ -174,48 +123,48 @@ static void put_number(struct sbuf *b, double d)
             if (strtod(tmp, NULL) == d) break;
         }
     }
-    sb_puts(b, tmp);
+    tuna_sb_puts(b, tmp);
 }
 
-static void put_value(struct sbuf *b, const cJSON *v, int depth)
+static void put_value(struct tuna_strbuf *b, const cJSON *v, int depth)
 {
     if (cJSON_IsObject(v) || cJSON_IsArray(v)) {
         bool obj = cJSON_IsObject(v);
         const cJSON *c = v->child;
         if (!c) {
-            sb_puts(b, obj ? "{}" : "[]");
+            tuna_sb_puts(b, obj ? "{}" : "[]");
             return;
         }
-        sb_puts(b, obj ? "{\n" : "[\n");
+        tuna_sb_puts(b, obj ? "{\n" : "[\n");
         for (; c; c = c->next) {
             put_indent(b, depth + 1);
             if (obj) {
-                put_string(b, c->string ? c->string : "");
-                sb_puts(b, ": ");
+                tuna_sb_json_string(b, c->string ? c->string : "");
+                tuna_sb_puts(b, ": ");
             }
             put_value(b, c, depth + 1);
-            sb_puts(b, c->next ? ",\n" : "\n");
+            tuna_sb_puts(b, c->next ? ",\n" : "\n");
         }
         put_indent(b, depth);
-        sb_puts(b, obj ? "}" : "]");
+        tuna_sb_puts(b, obj ? "}" : "]");
     } else if (cJSON_IsString(v)) {
-        put_string(b, v->valuestring);
+        tuna_sb_json_string(b, v->valuestring);
     } else if (cJSON_IsNumber(v)) {
         put_number(b, v->valuedouble);
     } else if (cJSON_IsBool(v)) {
-        sb_puts(b, cJSON_IsTrue(v) ? "true" : "false");
+        tuna_sb_puts(b, cJSON_IsTrue(v) ? "true" : "false");
     } else if (cJSON_IsRaw(v)) {
-        sb_puts(b, v->valuestring);
+        tuna_sb_puts(b, v->valuestring);
     } else {
-        sb_puts(b, "null");
+        tuna_sb_puts(b, "null");
     }
 }
 
 tuna_status tuna_json_save(const char *path, const cJSON *doc)
 {
-    struct sbuf b = {0};
+    struct tuna_strbuf b = {0};
     put_value(&b, doc, 0);
-    sb_put(&b, "\n", 1);
+    tuna_sb_put(&b, "\n", 1);
     if (b.oom) {
         free(b.p);
         return tuna_fail_oom("JSON text", b.cap);

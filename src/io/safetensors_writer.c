@@ -16,6 +16,7 @@
 #include "core/file.h"
 #include "core/json.h"
 #include "core/status.h"
+#include "core/strbuf.h"
 #include "core/strmap.h"
 
 struct st_entry {
@@ -171,64 +172,6 @@ static int cmp_official(const void *a, const void *b)
     return strcmp(x->name, y->name);
 }
 
-/* --- a growable string for the header --- */
-struct hbuf {
-    char *p;
-    size_t len, cap;
-    bool oom;
-};
-
-static void hb_put(struct hbuf *b, const char *s, size_t n)
-{
-    if (b->oom) return;
-    if (b->len + n + 1 > b->cap) {
-        size_t nc = b->cap ? b->cap * 2 : 4096;
-        while (nc < b->len + n + 1) nc *= 2;
-        char *np = realloc(b->p, nc);
-        if (!np) {
-            b->oom = true;
-            return;
-        }
-        b->p = np;
-        b->cap = nc;
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = '\0';
-}
-
-static void hb_str(struct hbuf *b, const char *s)
-{
-    hb_put(b, "\"", 1);
-    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-        char esc[8];
-        if (*p == '"' || *p == '\\') {
-            esc[0] = '\\';
-            esc[1] = (char)*p;
-            hb_put(b, esc, 2);
-        } else if (*p < 0x20) {
-            const char *named = *p == '\n' ? "\\n" : *p == '\t' ? "\\t" : *p == '\r' ? "\\r" : *p == '\b' ? "\\b"
-                              : *p == '\f' ? "\\f" : NULL;
-            if (named) {
-                hb_put(b, named, 2);
-            } else {
-                snprintf(esc, sizeof esc, "\\u%04x", *p);
-                hb_put(b, esc, 6);
-            }
-        } else {
-            hb_put(b, (const char *)p, 1);
-        }
-    }
-    hb_put(b, "\"", 1);
-}
-
-static void hb_u64(struct hbuf *b, unsigned long long v)
-{
-    char tmp[32];
-    int n = snprintf(tmp, sizeof tmp, "%llu", v);
-    hb_put(b, tmp, (size_t)n);
-}
-
 static int cmp_str(const void *a, const void *b)
 {
     return strcmp(*(char *const *)a, *(char *const *)b);
@@ -237,47 +180,47 @@ static int cmp_str(const void *a, const void *b)
 /* Writes entries list[0..n) (already in file order) to path. */
 static tuna_status write_file(tuna_st_writer *w, struct st_entry **list, size_t n, const char *path)
 {
-    struct hbuf h = {0};
-    hb_put(&h, "{", 1);
+    struct tuna_strbuf h = {0};
+    tuna_sb_put(&h, "{", 1);
     if (w->n_meta) {
         /* metadata keys sorted, for a reproducible header */
         char **keys = malloc(w->n_meta * sizeof *keys);
         if (!keys) return tuna_fail_oom("metadata", 0);
         memcpy(keys, w->meta_keys, w->n_meta * sizeof *keys);
         qsort(keys, w->n_meta, sizeof *keys, cmp_str);
-        hb_put(&h, "\"__metadata__\":{", 16);
+        tuna_sb_put(&h, "\"__metadata__\":{", 16);
         for (size_t i = 0; i < w->n_meta; i++) {
             size_t j = 0;
             while (strcmp(w->meta_keys[j], keys[i])) j++;
-            if (i) hb_put(&h, ",", 1);
-            hb_str(&h, w->meta_keys[j]);
-            hb_put(&h, ":", 1);
-            hb_str(&h, w->meta_vals[j]);
+            if (i) tuna_sb_put(&h, ",", 1);
+            tuna_sb_json_string(&h, w->meta_keys[j]);
+            tuna_sb_put(&h, ":", 1);
+            tuna_sb_json_string(&h, w->meta_vals[j]);
         }
-        hb_put(&h, "}", 1);
+        tuna_sb_put(&h, "}", 1);
         free(keys);
     }
     unsigned long long off = 0;
     for (size_t i = 0; i < n; i++) {
         const struct st_entry *e = list[i];
-        if (i || w->n_meta) hb_put(&h, ",", 1);
-        hb_str(&h, e->name);
-        hb_put(&h, ":{\"dtype\":", 10);
-        hb_str(&h, tuna_dtype_name(e->dtype));
-        hb_put(&h, ",\"shape\":[", 10);
+        if (i || w->n_meta) tuna_sb_put(&h, ",", 1);
+        tuna_sb_json_string(&h, e->name);
+        tuna_sb_put(&h, ":{\"dtype\":", 10);
+        tuna_sb_json_string(&h, tuna_dtype_name(e->dtype));
+        tuna_sb_put(&h, ",\"shape\":[", 10);
         for (int d = 0; d < e->ndim; d++) {
-            if (d) hb_put(&h, ",", 1);
-            hb_u64(&h, (unsigned long long)e->shape[d]);
+            if (d) tuna_sb_put(&h, ",", 1);
+            tuna_sb_u64(&h, (unsigned long long)e->shape[d]);
         }
-        hb_put(&h, "],\"data_offsets\":[", 18);
-        hb_u64(&h, off);
-        hb_put(&h, ",", 1);
+        tuna_sb_put(&h, "],\"data_offsets\":[", 18);
+        tuna_sb_u64(&h, off);
+        tuna_sb_put(&h, ",", 1);
         off += e->nbytes;
-        hb_u64(&h, off);
-        hb_put(&h, "]}", 2);
+        tuna_sb_u64(&h, off);
+        tuna_sb_put(&h, "]}", 2);
     }
-    hb_put(&h, "}", 1);
-    while (!h.oom && h.len % 8) hb_put(&h, " ", 1);
+    tuna_sb_put(&h, "}", 1);
+    while (!h.oom && h.len % 8) tuna_sb_put(&h, " ", 1);
     if (h.oom) {
         free(h.p);
         return tuna_fail_oom("safetensors header", h.cap);

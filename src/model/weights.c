@@ -31,6 +31,18 @@ struct loader {
     const struct tuna_model_opts *opts; /* may be NULL */
 };
 
+/* A new, empty 4-bit weight state owned by the model (m->q4), freed with it. */
+static tuna_status new_q4(struct tuna_model *m, struct tuna_q4_weight **out)
+{
+    struct tuna_q4_weight **nq = realloc(m->q4, sizeof *nq * (size_t)(m->n_q4 + 1));
+    if (!nq) return tuna_fail_oom("4-bit weight table", sizeof *nq * (size_t)(m->n_q4 + 1));
+    m->q4 = nq;
+    *out = calloc(1, sizeof **out);
+    if (!*out) return tuna_fail_oom("4-bit weight", sizeof **out);
+    m->q4[m->n_q4++] = *out;
+    return TUNA_OK;
+}
+
 /* --load-in-4bit: quantizes a 16/32-bit projection at load, as transformers + bitsandbytes do
  * for every decoder nn.Linear (lm_head and embeddings stay in their dtype). The quant_state
  * dtype is the stored dtype, so dequantized values are rounded to it, as bitsandbytes does. */
@@ -38,12 +50,9 @@ static tuna_status quantize_at_load(const struct loader *ld, const char *name, s
 {
     const struct tuna_model_opts *o = ld->opts;
     struct tuna_model *m = ld->m;
-    struct tuna_q4_weight **nq = realloc(m->q4, sizeof *nq * (size_t)(m->n_q4 + 1));
-    if (!nq) return tuna_fail_oom("4-bit weight table", sizeof *nq * (size_t)(m->n_q4 + 1));
-    m->q4 = nq;
-    struct tuna_q4_weight *q = calloc(1, sizeof *q);
-    if (!q) return tuna_fail_oom("4-bit weight", sizeof *q);
-    m->q4[m->n_q4++] = q;
+    struct tuna_q4_weight *q;
+    tuna_status st0 = new_q4(m, &q);
+    if (st0) return st0;
     tuna_status st = tuna_q4_quantize(w->data, w->dtype, w->rows, w->cols, o->quant_fp4 ? TUNA_Q4_FP4 : TUNA_Q4_NF4,
                                       o->quant_blocksize > 0 ? o->quant_blocksize : 64, !o->no_double_quant, w->dtype,
                                       q);
@@ -58,12 +67,9 @@ static tuna_status load_q4(const struct loader *ld, const char *name, int64_t ro
                            struct tuna_weight *w)
 {
     struct tuna_model *m = ld->m;
-    struct tuna_q4_weight **nq = realloc(m->q4, sizeof *nq * (size_t)(m->n_q4 + 1));
-    if (!nq) return tuna_fail_oom("4-bit weight table", sizeof *nq * (size_t)(m->n_q4 + 1));
-    m->q4 = nq;
-    struct tuna_q4_weight *q = calloc(1, sizeof *q);
-    if (!q) return tuna_fail_oom("4-bit weight", sizeof *q);
-    m->q4[m->n_q4++] = q;
+    struct tuna_q4_weight *q;
+    tuna_status st0 = new_q4(m, &q);
+    if (st0) return st0;
     tuna_status st = tuna_bnb_load_weight(ld->set, name, q);
     if (st) return st;
     if (q->numel != rows * cols)
