@@ -8,6 +8,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <utf8proc.h>
+
 #include "core/status.h"
 #include "tokenizer/jinja/jinja.h"
 
@@ -42,30 +44,6 @@ static int hex4(const char *p)
         v = v * 16 + h;
     }
     return v;
-}
-
-static size_t put_utf8(char *p, unsigned cp)
-{
-    if (cp < 0x80) {
-        p[0] = (char)cp;
-        return 1;
-    }
-    if (cp < 0x800) {
-        p[0] = (char)(0xC0 | (cp >> 6));
-        p[1] = (char)(0x80 | (cp & 0x3F));
-        return 2;
-    }
-    if (cp < 0x10000) {
-        p[0] = (char)(0xE0 | (cp >> 12));
-        p[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
-        p[2] = (char)(0x80 | (cp & 0x3F));
-        return 3;
-    }
-    p[0] = (char)(0xF0 | (cp >> 18));
-    p[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
-    p[2] = (char)(0x80 | ((cp >> 6) & 0x3F));
-    p[3] = (char)(0x80 | (cp & 0x3F));
-    return 4;
 }
 
 /* Reads a string at r->i (on the opening quote) into a malloc'd buffer. */
@@ -124,7 +102,7 @@ static tuna_status read_string(struct jr *r, char **out)
                                  r->where, i);
             }
             /* "\uXXXX" (6 bytes) never decodes to more than 4 */
-            k += put_utf8(o + k, (unsigned)cp);
+            k += (size_t)utf8proc_encode_char((utf8proc_int32_t)cp, (utf8proc_uint8_t *)o + k);
             break;
         }
         default:

@@ -10,6 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <utf8proc.h>
+
 #include "tokenizer/jinja/internal.h"
 
 void jpos(const struct tuna_jinja_template *t, size_t off, int *line, int *col)
@@ -50,31 +52,6 @@ static bool push(struct tuna_jinja_template *t, struct jtoks *o, struct jtok k)
 static bool is_ws(char c)
 {
     return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v';
-}
-
-/* Appends UTF-8 of cp to p; returns bytes. */
-static size_t put_utf8(char *p, uint32_t cp)
-{
-    if (cp < 0x80) {
-        p[0] = (char)cp;
-        return 1;
-    }
-    if (cp < 0x800) {
-        p[0] = (char)(0xC0 | (cp >> 6));
-        p[1] = (char)(0x80 | (cp & 0x3F));
-        return 2;
-    }
-    if (cp < 0x10000) {
-        p[0] = (char)(0xE0 | (cp >> 12));
-        p[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
-        p[2] = (char)(0x80 | (cp & 0x3F));
-        return 3;
-    }
-    p[0] = (char)(0xF0 | (cp >> 18));
-    p[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
-    p[2] = (char)(0x80 | ((cp >> 6) & 0x3F));
-    p[3] = (char)(0x80 | (cp & 0x3F));
-    return 4;
 }
 
 static int hexval(char c)
@@ -141,7 +118,7 @@ static tuna_status lex_string(struct tuna_jinja_template *t, size_t *pos, struct
             }
             if (cp > 0x10FFFF) return lex_fail(t, j, "escape out of the Unicode range");
             /* the decoded text is never longer than the escape that wrote it */
-            n += put_utf8(out + n, cp);
+            n += (size_t)utf8proc_encode_char((utf8proc_int32_t)cp, (utf8proc_uint8_t *)out + n);
         }
     }
     out[n] = 0;
