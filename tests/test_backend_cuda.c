@@ -152,14 +152,9 @@ static void test_matmul_q4(void **state)
                 enum tuna_dtype orig = od ? TUNA_DTYPE_BF16 : TUNA_DTYPE_F32;
                 TT_OK(tuna_q4_quantize(wf, TUNA_DTYPE_F32, N, K, type ? TUNA_Q4_FP4 : TUNA_Q4_NF4, 64, true, orig, &q));
                 struct tuna_weight wc = {type ? TUNA_DTYPE_FP4 : TUNA_DTYPE_NF4, N, K, q.codes, &q};
-                /* the GPU descriptor, its table from the CPU dequantizer (as src/model/device.c) */
+                /* the GPU descriptor, with the CPU dequantizer's table (as src/model/device.c) */
                 struct tuna_cuda_q4 d;
-                uint8_t probe_codes[8] = {0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef};
-                float one = 1.0f;
-                struct tuna_q4_weight probe = q;
-                probe.rows = 1, probe.cols = 16, probe.numel = 16, probe.n_blocks = 1, probe.blocksize = 64;
-                probe.dtype = TUNA_DTYPE_F32, probe.codes = probe_codes, probe.absmax = &one;
-                tuna_q4_dequantize_rows(&probe, 0, 1, d.lut);
+                tuna_q4_dequant_table(q.type, d.lut);
                 d.blocksize = q.blocksize;
                 d.round_mode = od ? 1 : 0;
                 d.absmax = dev(q.absmax, (size_t)q.n_blocks * 4);

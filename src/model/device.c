@@ -65,8 +65,8 @@ static tuna_status move_vec(struct tuna_model *m, float **v, int64_t n)
 }
 
 /* A 4-bit weight stays 4-bit on the GPU: codes and float32 absmax uploaded, a descriptor
- * (struct tuna_cuda_q4) with the nibble table taken from the CPU dequantizer itself (so both
- * backends use the same values, FP4's sign bit included) and the rounding of the checkpoint. */
+ * (struct tuna_cuda_q4) with the CPU dequantizer's own nibble table (so both backends use the
+ * same values, FP4's sign bit included) and the rounding of the checkpoint. */
 static tuna_status move_q4(struct tuna_model *m, struct tuna_weight *w, enum tuna_dtype compute)
 {
     const struct tuna_q4_weight *q = w->q4;
@@ -76,19 +76,7 @@ static tuna_status move_q4(struct tuna_model *m, struct tuna_weight *w, enum tun
     }
     if (m->n_gpu_q4 >= m->n_q4) return tuna_fail(TUNA_E_INTERNAL, "more 4-bit weights than the model recorded");
     struct tuna_cuda_q4 *d = (struct tuna_cuda_q4 *)m->gpu_q4 + m->n_gpu_q4++;
-    /* the table: dequantize 16 codes with absmax 1 in float32 */
-    uint8_t probe_codes[8] = {0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef};
-    float one = 1.0f;
-    struct tuna_q4_weight probe = *q;
-    probe.rows = 1;
-    probe.cols = 16;
-    probe.numel = 16;
-    probe.n_blocks = 1;
-    probe.blocksize = 64;
-    probe.dtype = TUNA_DTYPE_F32;
-    probe.codes = probe_codes;
-    probe.absmax = &one;
-    tuna_q4_dequantize_rows(&probe, 0, 1, d->lut);
+    tuna_q4_dequant_table(q->type, d->lut);
     d->blocksize = q->blocksize;
     d->round_mode = q->dtype == TUNA_DTYPE_BF16 ? 1 : q->dtype == TUNA_DTYPE_F16 ? 2 : 0;
     d->prefill = compute;
@@ -108,7 +96,7 @@ static tuna_status move_weight(struct tuna_model *m, struct tuna_weight *w, enum
     if (w->q4) return move_q4(m, w, to);
     size_t n = (size_t)(w->rows * w->cols);
     size_t out_bytes = tuna_dtype_nbytes(to, n);
-    if (w->dtype == to && !w->q4) {
+    if (w->dtype == to) {
         void *d;
         tuna_status st = upload_new(m, w->data, out_bytes, &d);
         if (st) return st;
@@ -132,14 +120,10 @@ static tuna_status move_weight(struct tuna_model *m, struct tuna_weight *w, enum
     for (int64_t r0 = 0; !st && r0 < w->rows; r0 += rows_per) {
         int64_t nr = w->rows - r0 < rows_per ? w->rows - r0 : rows_per;
         size_t cnt = (size_t)(nr * w->cols);
-        if (w->q4) {
-            tuna_q4_dequantize_rows(w->q4, r0, nr, f);
-        } else {
-            size_t in_esz = (size_t)tuna_dtype_bits(w->dtype) / 8;
-            if (!tuna_convert_to_f32(w->dtype, (const char *)w->data + (size_t)(r0 * w->cols) * in_esz, f, cnt)) {
-                st = tuna_fail(TUNA_E_UNSUPPORTED, "cannot convert %s weights for the GPU", tuna_dtype_name(w->dtype));
-                break;
-            }
+        size_t in_esz = (size_t)tuna_dtype_bits(w->dtype) / 8;
+        if (!tuna_convert_to_f32(w->dtype, (const char *)w->data + (size_t)(r0 * w->cols) * in_esz, f, cnt)) {
+            st = tuna_fail(TUNA_E_UNSUPPORTED, "cannot convert %s weights for the GPU", tuna_dtype_name(w->dtype));
+            break;
         }
         tuna_convert_from_f32(to, f, h, cnt);
         st = m->ops->upload(m->be, (char *)d + (size_t)(r0 * w->cols) * esz, h, cnt * esz);
@@ -149,7 +133,6 @@ static tuna_status move_weight(struct tuna_model *m, struct tuna_weight *w, enum
     if (st) return st;
     w->dtype = to;
     w->data = d;
-    w->q4 = NULL; /* the 4-bit state stays owned by m->q4 */
     return TUNA_OK;
 }
 

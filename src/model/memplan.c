@@ -31,15 +31,12 @@ tuna_status tuna_mem_plan_make(const struct tuna_model *m, const struct tuna_mem
     p->activations = 4.0 * T * (3 * C + 2 * C + 2 * HD + 2 * KD + 2 * I);
     double maxk = I > C ? I : C;
     if (HD > maxk) maxk = HD;
-    double max_w = V * C; /* the largest matrix: lm_head / embeddings, or an MLP matrix */
-    if (I * C > max_w) max_w = I * C;
     p->workspace = 4.0 * (double)(r->max_seqs > 0 ? r->max_seqs : 1) * V; /* logits */
     if (p->on_gpu) {
         p->workspace += 2.0 * T * maxk;                     /* activations rounded to 16 bits for cuBLAS */
         if (m->n_q4) p->workspace += 4.0 * I * C;           /* a 4-bit matrix dequantized for prefill */
         p->workspace += 64.0 * 1048576.0;                   /* cuBLAS workspace, metadata staging, slack */
     }
-    (void)max_w;
     p->kv_per_token = 2.0 * (double)a->n_layers * KD * 4.0;
     int32_t bs = r->block_size > 0 ? r->block_size : 16;
     double kv_bytes;

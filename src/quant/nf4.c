@@ -440,7 +440,7 @@ tuna_status tuna_q4_quantize(const void *x, enum tuna_dtype xdtype, int64_t rows
 /* --- dequantization --- */
 
 /* The kernel's per-nibble value: NF4 from its LUT, FP4 as lut[c & 7] * (±1). */
-static void kernel_lut(enum tuna_q4_type t, float lut[16])
+void tuna_q4_dequant_table(enum tuna_q4_type t, float lut[16])
 {
     for (int c = 0; c < 16; c++)
         lut[c] = t == TUNA_Q4_NF4 ? nf4_code[c] : fp4_lut[c & 7] * ((c & 8) ? -1.0f : 1.0f);
@@ -456,7 +456,7 @@ static inline float round_to(enum tuna_dtype d, float v)
 void tuna_q4_dequantize_rows(const struct tuna_q4_weight *w, int64_t row0, int64_t nrows, float *out)
 {
     float lut[16], tab[16];
-    kernel_lut(w->type, lut);
+    tuna_q4_dequant_table(w->type, lut);
     int64_t i = row0 * w->cols, end = (row0 + nrows) * w->cols;
     const int bs = w->blocksize;
     while (i < end) {

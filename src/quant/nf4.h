@@ -62,6 +62,10 @@ struct tuna_q4_weight {
 
 /* The 16 code values of NF4 or FP4 (bitsandbytes get_4bit_type), index = nibble. */
 const float *tuna_q4_code_table(enum tuna_q4_type t);
+/* The value of each nibble before scaling by absmax, as the dequantizer (and bitsandbytes'
+ * dequantize kernel) uses it: dequant = table[nibble] * absmax, rounded to the weight's dtype.
+ * For FP4 this is the sign-magnitude kernel table, not the order of tuna_q4_code_table. */
+void tuna_q4_dequant_table(enum tuna_q4_type t, float lut[16]);
 /* "nf4" / "fp4". */
 const char *tuna_q4_type_name(enum tuna_q4_type t);
 /* bitsandbytes create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8): the 256-entry
