@@ -12,6 +12,7 @@ PKGS=(
   libmicrohttpd-dev   # the OpenAI-compatible HTTP server
   libopenblas-dev     # CPU GEMM
   libcmocka-dev       # unit tests
+  zlib1g-dev          # inflates the embedded GPU-reciprocal table (bit-exact 4-bit quantization)
 )
 missing=()
 for p in "${PKGS[@]}"; do

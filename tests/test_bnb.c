@@ -16,10 +16,9 @@ static uint32_t fbits(float f)
     return u;
 }
 
-/* Quantizes the source weight with the checkpoint's settings and compares every stored byte.
- * Codes that differ only through bitsandbytes' approximate reciprocal (see nf4.h) are counted in
- * *rcp; anything else fails. */
-static void compare_requantized(const struct tuna_tensor_view *src, const struct tuna_q4_weight *ck, int64_t *rcp)
+/* Quantizes the source weight with the checkpoint's settings and compares every stored byte: all
+ * must be equal (the GPU's approximate reciprocal is emulated, see quant/rcp_approx.h). */
+static void compare_requantized(const struct tuna_tensor_view *src, const struct tuna_q4_weight *ck)
 {
     struct tuna_q4_weight w;
     assert_int_equal(src->ndim, 2);
@@ -35,24 +34,8 @@ static void compare_requantized(const struct tuna_tensor_view *src, const struct
         int sh = (i & 1) ? 0 : 4;
         int a = (w.codes[i / 2] >> sh) & 15, b = (ck->codes[i / 2] >> sh) & 15;
         if (a == b) continue;
-        float m = 0;
-        int64_t b0 = i / w.blocksize * w.blocksize;
-        for (int64_t j = b0; j < w.numel && j < b0 + w.blocksize; j++) m = fmaxf(m, fabsf(x[j]));
-        float inv = 1.0f / m;
-        bool ok = false;
-        for (int d = 0; d < 2 && !ok; d++) {
-            float pair[2] = {x[i] * nextafterf(inv, d ? INFINITY : 0.0f), 1.0f};
-            uint8_t q;
-            float am;
-            tuna_q4_quantize_flat(w.type, pair, 2, 64, &q, &am);
-            ok = (q >> 4) == b;
-        }
-        if (ok) {
-            (*rcp)++;
-        } else {
-            if (bad < 3) print_error("%s element %lld: code %d, checkpoint %d\n", src->name, (long long)i, a, b);
-            bad++;
-        }
+        if (bad < 3) print_error("%s element %lld: code %d, checkpoint %d\n", src->name, (long long)i, a, b);
+        bad++;
     }
     free(x);
     if (ck->nested) {
@@ -89,7 +72,6 @@ static void check_checkpoint(const char *rel, const char *src_rel, int *nweights
     TT_OK(tuna_bnb_check_not_int8(set));
     if (src_rel && tt_shared_path(spath, sizeof spath, src_rel)) TT_OK(tuna_st_set_open(spath, "model", &src));
     int n = 0;
-    int64_t rcp = 0;
     for (size_t i = 0; i < tuna_st_set_count(set); i++) {
         const struct tuna_tensor_view *t = tuna_st_set_at(set, i);
         if (!tuna_bnb_is_quantized_weight(set, t->name)) {
@@ -120,13 +102,12 @@ static void check_checkpoint(const char *rel, const char *src_rel, int *nweights
         if (src) {
             const struct tuna_tensor_view *s = tuna_st_set_find(src, t->name);
             assert_non_null(s);
-            compare_requantized(s, &w, &rcp);
+            compare_requantized(s, &w);
         }
         tuna_q4_weight_free(&w);
         n++;
     }
-    print_message("%s: %d quantized weights%s (%lld codes differ only by the approximate reciprocal)\n", rel, n,
-                  src ? ", re-quantized from the 16-bit model" : "", (long long)rcp);
+    print_message("%s: %d quantized weights%s\n", rel, n, src ? ", re-quantized from the 16-bit model, every byte equal" : "");
     assert_true(n > 0);
     *nweights += n;
     tuna_st_set_close(src);
@@ -144,8 +125,8 @@ static void test_read_fixtures(void **state)
     assert_true(n >= 4 * 14);
 }
 
-/* Quantizing a 16-bit fixture model reproduces its bnb fixture: every tensor, config.json, and
- * (when no code differs by the approximate reciprocal) model.safetensors byte for byte. */
+/* Quantizing a 16-bit fixture model reproduces its bnb fixture: every tensor, config.json and
+ * model.safetensors byte for byte. */
 static void quantize_and_compare(const char *src_rel, enum tuna_q4_type type, bool dq, const char *fixture)
 {
     char src[4096], ref[4096], out[4200];
@@ -158,7 +139,6 @@ static void quantize_and_compare(const char *src_rel, enum tuna_q4_type type, bo
     TT_OK(tuna_st_set_open(out, "model", &a));
     TT_OK(tuna_st_set_open(ref, "model", &b));
     assert_int_equal(tuna_st_set_count(a), tuna_st_set_count(b));
-    int differ = 0;
     for (size_t i = 0; i < tuna_st_set_count(b); i++) {
         const struct tuna_tensor_view *tb = tuna_st_set_at(b, i), *ta = tuna_st_set_find(a, tb->name);
         if (!ta) fail_msg("%s missing from our output", tb->name);
@@ -166,13 +146,7 @@ static void quantize_and_compare(const char *src_rel, enum tuna_q4_type type, bo
         assert_int_equal(ta->ndim, tb->ndim);
         assert_memory_equal(ta->shape, tb->shape, sizeof(int64_t) * (size_t)tb->ndim);
         assert_int_equal(ta->nbytes, tb->nbytes);
-        if (memcmp(ta->data, tb->data, tb->nbytes) != 0) {
-            /* only packed codes may differ, and only by the approximate reciprocal (checked in
-             * test_read_fixtures); everything else must be byte-identical */
-            if (tb->dtype != TUNA_DTYPE_U8 || !tuna_bnb_is_quantized_weight(b, tb->name))
-                fail_msg("%s differs from the bitsandbytes checkpoint", tb->name);
-            differ++;
-        }
+        if (memcmp(ta->data, tb->data, tb->nbytes) != 0) fail_msg("%s differs from the bitsandbytes checkpoint", tb->name);
     }
     tuna_st_set_close(a);
     tuna_st_set_close(b);
@@ -186,7 +160,7 @@ static void quantize_and_compare(const char *src_rel, enum tuna_q4_type type, bo
     if (la != lb || memcmp(ta, tb, la) != 0) fail_msg("config.json differs:\n%s\n--- vs ---\n%s", ta, tb);
     free(ta);
     free(tb);
-    if (differ == 0) { /* then the whole file is the one transformers wrote */
+    { /* the whole file is the one transformers wrote */
         snprintf(pa, sizeof pa, "%s/model.safetensors", out);
         snprintf(pb, sizeof pb, "%s/model.safetensors", ref);
         TT_OK(tuna_read_file(pa, 0, &ta, &la));
@@ -198,8 +172,8 @@ static void quantize_and_compare(const char *src_rel, enum tuna_q4_type type, bo
     }
     snprintf(pa, sizeof pa, "%s/tokenizer.json", out);
     assert_true(tuna_path_exists(pa));
-    print_message("quantize %s %s: all tensors and config.json identical to %s (%d packed tensors differ by the "
-                  "approximate reciprocal only)\n", src_rel, tuna_q4_type_name(type), fixture, differ);
+    print_message("quantize %s %s: model.safetensors and config.json byte-identical to %s\n", src_rel,
+                  tuna_q4_type_name(type), fixture);
     /* the output folder must not be overwritten */
     TT_FAILS(tuna_bnb_quantize_dir(src, out, &o), TUNA_E_INVALID, "already exists");
 }

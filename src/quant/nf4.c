@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "core/status.h"
+#include "quant/rcp_approx.h"
 
 /* --- code tables --- */
 
@@ -195,7 +196,7 @@ void tuna_q4_quantize_flat(enum tuna_q4_type t, const float *x, int64_t n, int b
         /* padding zeros take part in the kernel's fmaxf: max(m, 0) */
         if (cnt < blocksize) m = fmaxf(m, 0.0f);
         absmax[b] = m;
-        float inv = 1.0f / m;
+        float inv = tuna_rcp_approx(m); /* as bitsandbytes' fast-math kernel */
         /* blocksize is even, so a block starts on a byte boundary */
         for (int64_t j = 0; j < cnt; j += 2) {
             float a = x[i0 + j] * inv;
@@ -222,7 +223,7 @@ void tuna_q8_quantize_flat(const float *code, const float *x, int64_t n, int blo
         float m = block_absmax(x + i0, cnt);
         if (cnt < blocksize) m = fmaxf(m, 0.0f);
         absmax[b] = m;
-        float inv = 1.0f / m;
+        float inv = tuna_rcp_approx(m); /* as bitsandbytes' fast-math kernel */
         for (int64_t j = 0; j < cnt; j++) q[i0 + j] = quantize_dynamic(code, x[i0 + j] * inv);
     }
 }
@@ -383,6 +384,8 @@ tuna_status tuna_q4_quantize(const void *x, enum tuna_dtype xdtype, int64_t rows
     if (xdtype != TUNA_DTYPE_F32 && xdtype != TUNA_DTYPE_BF16 && xdtype != TUNA_DTYPE_F16)
         return tuna_fail(TUNA_E_UNSUPPORTED, "4-bit quantization takes float32, bfloat16 or float16 input, not %s",
                          tuna_dtype_name(xdtype));
+    tuna_status st = tuna_rcp_approx_init();
+    if (st) return st;
     int64_t n = rows * cols;
     out->type = type;
     out->rows = rows;

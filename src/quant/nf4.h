@@ -13,12 +13,11 @@
  * Dequantization: w[i] = code[nibble(i)] * absmax[i / blocksize] in float32, then rounded to
  * the weight's original dtype (quant_state "dtype") as bitsandbytes returns it.
  *
- * Known deviation: bitsandbytes' CUDA build (fast math) computes 1/absmax with the GPU's
- * approximate reciprocal, which for some absmax mantissas is 1 ulp away from the IEEE
- * reciprocal used here. Where x * (1/absmax) then lands exactly on a code threshold (seen with
- * FP4 on bf16 data, whose ratios hit FP4's simple thresholds like 7/24), bitsandbytes picks the
- * neighbouring code. Everything else (NF4 on the fixtures, absmax, double quantization, offset,
- * dequantization) is bit-exact; the test counts and checks the reciprocal-only differences.
+ * bitsandbytes' CUDA build (fast math) computes 1/absmax with the GPU's approximate reciprocal,
+ * which for some absmax mantissas is 1 ulp away from the IEEE reciprocal; where x * (1/absmax)
+ * lands on a code threshold the code differs. tuna uses an emulation of that unit
+ * (quant/rcp_approx.h), so codes, absmax, double quantization and dequantization are all
+ * bit-exact with bitsandbytes, NF4 and FP4 (test_nf4: every quantize_cases fixture).
  */
 #ifndef TUNA_QUANT_NF4_H
 #define TUNA_QUANT_NF4_H
