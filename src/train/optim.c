@@ -1,7 +1,9 @@
-/* optim.c — AdamW, schedules and clipping (optim.h). */
+/* optim.c — AdamW, schedules and clipping (optim.h); the AdamW and norm loops are the CPU
+ * training kernels (backend/cpu/train_ops.c), shared with the CPU op table. */
 #include <math.h>
 #include <string.h>
 
+#include "backend/cpu/train_cpu.h"
 #include "core/status.h"
 #include "train/optim.h"
 
@@ -49,25 +51,13 @@ double tuna_lr_at(const struct tuna_optim_opts *o, int64_t step)
 void tuna_adamw_update(float *p, const float *g, float *m, float *v, int64_t n, double lr,
                        const struct tuna_optim_opts *o, int64_t t)
 {
-    const float b1 = (float)o->beta1, b2 = (float)o->beta2, eps = (float)o->eps;
-    const double bc1 = 1.0 - pow(o->beta1, (double)t), bc2 = 1.0 - pow(o->beta2, (double)t);
-    const float step_size = (float)(lr / bc1), bc2_sqrt = (float)sqrt(bc2);
-    const float decay = (float)(1.0 - lr * o->weight_decay);
-    for (int64_t i = 0; i < n; i++) {
-        p[i] *= decay;
-        m[i] += (g[i] - m[i]) * (1.0f - b1); /* lerp, as torch */
-        v[i] = v[i] * b2 + (1.0f - b2) * g[i] * g[i];
-        float denom = sqrtf(v[i]) / bc2_sqrt + eps;
-        p[i] -= step_size * (m[i] / denom);
-    }
+    /* gscale 1: g is only read */
+    tuna_cpu_train_adamw(p, (float *)g, m, v, n, lr, o->beta1, o->beta2, o->eps, o->weight_decay, t, 1.0);
 }
 
 double tuna_grad_sq_sum(const float *g, int64_t n)
 {
-    double s = 0;
-    for (int64_t i = 0; i < n; i++)
-        s += (double)g[i] * g[i];
-    return s;
+    return tuna_cpu_train_sq_sum(g, n);
 }
 
 double tuna_grad_clip(float *g, int64_t n, double norm, double max_norm)

@@ -1,9 +1,12 @@
-/* trainer.c — the training step (trainer.h): forward with a trace, loss, the backward of the
- * forward's op list in reverse (backward.c), LoRA gradients, clipping, AdamW (optim.c).
+/* trainer.c — the training step (trainer.h): the trainer's forward (train_forward.c), the loss
+ * in chunks of rows, the backward of the forward's op list in reverse, LoRA gradients, clipping
+ * and AdamW — every numeric step through the backend's two op tables (backend/backend.h for the
+ * forward ops, backend/train_ops.h for the rest), so the same code trains on the CPU and on CUDA.
  *
- * Owns: the flat parameter / gradient / moment arrays, the module table, the forward trace and
- * the backward scratch. Borrows the model, whose linears point at this trainer's adapters
- * until tuna_trainer_free.
+ * Owns: the flat parameter / gradient / moment arrays (backend memory; host mirrors for the
+ * caller when the backend has its own memory), the module table, the activations and the
+ * backward scratch. Borrows the model; on the CPU its linears point at this trainer's adapters
+ * until tuna_trainer_free (a GPU model keeps its own adapter path untouched).
  */
 #include <math.h>
 #include <stdio.h>
@@ -11,7 +14,6 @@
 #include <string.h>
 #include <time.h>
 
-#include "backend/cpu/cpu.h"
 #include "core/file.h"
 #include "core/status.h"
 #include "export/export.h"
@@ -69,17 +71,19 @@ void tuna_trainer_free(tuna_trainer *t)
                 lin->n_lora = 0;
                 lin->lora = NULL;
             }
-    tuna_fwd_trace_free(&t->trace);
-    free(t->mem);
+    if (t->m) {
+        t->m->ops->release(t->m->be, t->mem);
+        t->m->ops->release(t->m->be, t->attn_mem);
+        t->m->ops->release(t->m->be, t->state_mem);
+    }
     free(t->acts);
-    free(t->rows);
-    free(t->bt);
+    free(t->sel_rows);
     free(t->by_lin);
     free(t->mods);
-    free(t->params);
-    free(t->grads);
-    free(t->m1);
-    free(t->m2);
+    if (!t->host) {
+        free(t->h_params);
+        free(t->h_grads);
+    }
     free(t);
 }
 
@@ -162,8 +166,9 @@ tuna_status tuna_trainer_new(struct tuna_model *m, const struct tuna_lora_train_
                              const struct tuna_optim_opts *oo, const struct tuna_lora_adapter *init, tuna_trainer **out)
 {
     *out = NULL;
-    if (!m->ops->host_memory)
-        return tuna_fail(TUNA_E_UNSUPPORTED, "training runs on the CPU backend only so far; use --device cpu");
+    const struct tuna_train_ops *tops = tuna_backend_train_ops(m->ops);
+    if (!tops)
+        return tuna_fail(TUNA_E_UNSUPPORTED, "the %s backend has no training ops; use --device cpu", m->ops->name);
     if (!(lo->dropout >= 0 && lo->dropout < 1))
         return tuna_fail(TUNA_E_INVALID, "LoRA dropout %g is out of range [0, 1)", lo->dropout);
     if (!init && (lo->r <= 0 || lo->r > 4096))
@@ -171,14 +176,16 @@ tuna_status tuna_trainer_new(struct tuna_model *m, const struct tuna_lora_train_
     tuna_trainer *t = calloc(1, sizeof *t);
     if (!t) return tuna_fail_oom("trainer", sizeof *t);
     t->m = m;
+    t->tops = tops;
+    t->host = m->ops->host_memory;
+    /* 16-bit GPU compute: the attention GEMMs may use TF32 (float32 mode stays exact) */
+    t->fast = !t->host && m->embed.dtype != TUNA_DTYPE_F32;
     t->oo = *oo;
     t->lo = *lo;
     t->use_rslora = init ? init->use_rslora : lo->use_rslora;
     t->cfg_r = init ? init->r : lo->r;
     t->cfg_alpha = init ? init->alpha : lo->alpha;
     t->ckpt = lo->gradient_checkpointing;
-    tuna_backward_set_threads(tuna_cpu_backend_threads(m->be));
-    t->own_fwd = lo->dropout > 0 || lo->gradient_checkpointing;
     tuna_status st = plan_modules(t, init);
     if (st) {
         tuna_trainer_free(t);
@@ -193,19 +200,41 @@ tuna_status tuna_trainer_new(struct tuna_model *m, const struct tuna_lora_train_
         P += md->N * md->r;
     }
     t->P = P;
-    t->params = calloc((size_t)P, sizeof(float));
-    t->grads = calloc((size_t)P, sizeof(float));
-    t->m1 = calloc((size_t)P, sizeof(float));
-    t->m2 = calloc((size_t)P, sizeof(float));
-    if (!t->params || !t->grads || !t->m1 || !t->m2) {
+    for (int i = 0; i < t->n_mods; i++)
+        if (t->mods[i].r > t->max_r) t->max_r = t->mods[i].r;
+    /* params, grads, m1, m2 and the norm's work in one backend allocation */
+    const size_t pb = ((size_t)P * sizeof(float) + 255) & ~(size_t)255;
+    st = m->ops->alloc(m->be, 4 * pb + TUNA_TRAIN_NORM_WORK, &t->state_mem);
+    if (st) {
         tuna_trainer_free(t);
-        return tuna_fail_oom("LoRA parameters, gradients and Adam moments", (size_t)P * 16);
+        return tuna_fail_prefix(st, "LoRA parameters, gradients and Adam moments (%lld floats each)", (long long)P);
+    }
+    char *sm = t->state_mem;
+    t->params = (float *)sm;
+    t->grads = (float *)(sm + pb);
+    t->m1 = (float *)(sm + 2 * pb);
+    t->m2 = (float *)(sm + 3 * pb);
+    t->norm_work = sm + 4 * pb;
+    tops->zero(m->be, t->params, P);
+    tops->zero(m->be, t->grads, P);
+    tops->zero(m->be, t->m1, P);
+    tops->zero(m->be, t->m2, P);
+    if (t->host) {
+        t->h_params = t->params;
+        t->h_grads = t->grads;
+    } else {
+        t->h_params = calloc((size_t)P, sizeof(float));
+        t->h_grads = calloc((size_t)P, sizeof(float));
+        if (!t->h_params || !t->h_grads) {
+            tuna_trainer_free(t);
+            return tuna_fail_oom("host copy of the LoRA parameters", (size_t)P * 8);
+        }
     }
     struct tuna_rng rng;
     tuna_rng_seed(&rng, lo->seed);
     for (int i = 0; i < t->n_mods; i++) {
         struct tmod *md = &t->mods[i];
-        float *A = t->params + md->offA, *B = t->params + md->offB;
+        float *A = t->h_params + md->offA, *B = t->h_params + md->offB; /* host: uploaded below */
         if (init) {
             const struct tuna_lora_module *im = tuna_lora_find(init, md->name);
             if (!im || im->in != md->K || im->out != md->N) {
@@ -226,11 +255,18 @@ tuna_status tuna_trainer_new(struct tuna_model *m, const struct tuna_lora_train_
                 A[j] = (float)((tuna_rng_uniform(&rng) * 2 - 1) * bound);
         }
         md->lora.r = md->r;
-        md->lora.A = A;
-        md->lora.B = B;
-        struct tuna_linear *lin = proj_lin(&m->layers[md->layer], md->proj);
-        lin->n_lora = 1;
-        lin->lora = &md->lora;
+        md->lora.A = t->params + md->offA;
+        md->lora.B = t->params + md->offB;
+        if (t->host) { /* the CPU model's own forward sees the adapters too (same memory) */
+            struct tuna_linear *lin = proj_lin(&m->layers[md->layer], md->proj);
+            lin->n_lora = 1;
+            lin->lora = &md->lora;
+        }
+    }
+    if (!t->host) st = m->ops->upload(m->be, t->params, t->h_params, (size_t)P * sizeof(float));
+    if (st) {
+        tuna_trainer_free(t);
+        return st;
     }
     *out = t;
     return TUNA_OK;
@@ -246,26 +282,47 @@ int64_t tuna_trainer_param_count(const tuna_trainer *t)
 }
 const float *tuna_trainer_grads(const tuna_trainer *t)
 {
-    return t->grads;
+    if (!t->host && t->m->ops->download(t->m->be, t->h_grads, t->grads, (size_t)t->P * sizeof(float)))
+        return NULL;
+    return t->h_grads;
 }
+
+/* The host copy of the parameters, current (downloaded unless the caller's edits are newer). */
+static tuna_status params_host(const tuna_trainer *t, const float **out)
+{
+    *out = t->h_params;
+    if (t->host || t->h_params_dirty) return TUNA_OK;
+    tuna_status st = t->m->ops->download(t->m->be, t->h_params, t->params, (size_t)t->P * sizeof(float));
+    if (st) *out = NULL;
+    return st;
+}
+
 float *tuna_trainer_params(tuna_trainer *t)
 {
-    return t->params;
+    const float *p;
+    if (params_host(t, &p)) return NULL;
+    if (!t->host) t->h_params_dirty = true; /* the caller may write: uploaded before next use */
+    return (float *)p;
+}
+
+/* Uploads parameters the caller changed through tuna_trainer_params. */
+static tuna_status params_to_backend(tuna_trainer *t)
+{
+    if (t->host || !t->h_params_dirty) return TUNA_OK;
+    t->h_params_dirty = false;
+    return t->m->ops->upload(t->m->be, t->params, t->h_params, (size_t)t->P * sizeof(float));
 }
 
 /* ---------------------------------------------------------------- one micro-batch */
 
 /* The tokens of b (padding dropped) as one forward batch: row i is sequence i at positions
- * 0..len-1, rows consecutive (the layout attention_backward expects). target[t] is the shifted
- * label of token t (-100 when none); logits are asked for the tokens with a target only. */
-static tuna_status build_batch(const struct tuna_model *m, const struct tuna_train_batch *tb, tuna_kv_cache *kv,
-                               struct tuna_batch *fb, int32_t *target)
+ * 0..len-1, rows consecutive (the training layout of backend/train_ops.h). target[t] is the
+ * shifted label of token t (-100 when none); logits are asked for the tokens with a target only. */
+static tuna_status build_batch(const struct tuna_model *m, const struct tuna_train_batch *tb, struct tuna_batch *fb,
+                               int32_t *target)
 {
     tuna_batch_clear(fb);
     for (int64_t r = 0; r < tb->B; r++) {
-        int32_t seq = (int32_t)r;
-        tuna_status st = kv ? tuna_kv_seq_new(kv, &seq) : TUNA_OK; /* no cache for the trainer's own forward */
-        if (st) return st;
         const int64_t len = tb->len[r];
         for (int64_t i = 0; i < len; i++) {
             int32_t y = i + 1 < tb->T ? tb->labels[r * tb->T + i + 1] : TUNA_LABEL_IGNORE;
@@ -276,7 +333,7 @@ static tuna_status build_batch(const struct tuna_model *m, const struct tuna_tra
                                  y, (long long)r, (long long)i + 1, (long long)m->arch.vocab_size);
             if (y != TUNA_LABEL_IGNORE && i + 1 >= len) y = TUNA_LABEL_IGNORE; /* a label on padding */
             target[fb->n] = y;
-            st = tuna_batch_add(fb, tb->ids[r * tb->T + i], seq, i, y != TUNA_LABEL_IGNORE);
+            tuna_status st = tuna_batch_add(fb, tb->ids[r * tb->T + i], (int32_t)r, i, y != TUNA_LABEL_IGNORE);
             if (st) return st;
             fb->adapter[fb->n - 1] = 0;
         }
@@ -288,64 +345,61 @@ static tuna_status build_batch(const struct tuna_model *m, const struct tuna_tra
 static void linear_backward(tuna_trainer *t, int64_t layer, int proj, float *dx, const float *dy, const float *x,
                             int64_t T)
 {
-    const struct tuna_linear *lin = proj_lin(&t->m->layers[layer], proj);
-    tuna_matmul_backward(dx, dy, &lin->w, T);
+    struct tuna_model *m = t->m;
+    const struct tuna_train_ops *to = t->tops;
+    const struct tuna_linear *lin = proj_lin(&m->layers[layer], proj);
+    to->matmul_backward(m->be, dx, dy, &lin->w, T);
     const struct tmod *md = t->by_lin[layer * TUNA_PROJ_COUNT + proj];
     if (!md) return;
+    float *dA = t->grads + md->offA, *dB = t->grads + md->offB;
     uint64_t key = tuna_train_drop_key(t, (int)(md - t->mods));
     if (!key) {
-        tuna_lora_backward(dx, t->grads + md->offA, t->grads + md->offB, dy, x, &md->lora, md->N, md->K, T);
+        to->lora_backward(m->be, dx, dA, dB, dy, x, &md->lora, T, md->N, md->K, t->lwork);
         return;
     }
     /* y += s B A drop(x): the adapter sees drop(x); dropout is linear, so dx += drop(d drop(x)) */
     const int64_t n = T * md->K;
-    tuna_train_dropout(t->drop, x, T, md->K, t->lo.dropout, key);
-    memset(t->drop_g, 0, (size_t)n * sizeof(float));
-    tuna_lora_backward(t->drop_g, t->grads + md->offA, t->grads + md->offB, dy, t->drop, &md->lora, md->N, md->K, T);
-    tuna_train_dropout(t->drop_g, t->drop_g, T, md->K, t->lo.dropout, key);
-    for (int64_t i = 0; i < n; i++)
-        dx[i] += t->drop_g[i];
+    to->dropout(m->be, t->drop, x, n, t->lo.dropout, key);
+    to->zero(m->be, t->drop_g, n);
+    to->lora_backward(m->be, t->drop_g, dA, dB, dy, t->drop, &md->lora, T, md->N, md->K, t->lwork);
+    to->dropout(m->be, t->drop_g, t->drop_g, n, t->lo.dropout, key);
+    m->ops->add(m->be, dx, t->drop_g, n);
 }
 
-struct bwd_bufs {
-    float *dx, *dxn, *datt, *dq, *dk, *dv, *dact, *dgate, *dup, *pre, *dpre;
-};
-
-static void zero(float *p, int64_t n)
-{
-    memset(p, 0, (size_t)n * sizeof *p);
-}
-
-/* Backward of one layer given dx (gradient of the layer's output), leaving in dx the gradient
- * of its input. The forward's op list, reversed. */
+/* Backward of one layer given g.dx (gradient of the layer's output), leaving in g.dx the
+ * gradient of its input. The forward's op list, reversed. */
 static void layer_backward(tuna_trainer *t, int64_t l, const struct tuna_fwd_layer_acts *A, const int64_t *pos,
-                           int64_t T, struct bwd_bufs *g)
+                           int64_t T)
 {
     struct tuna_model *m = t->m;
+    const struct tuna_train_ops *to = t->tops;
+    tuna_backend *be = m->be;
     const struct tuna_arch *a = &m->arch;
     const struct tuna_layer *L = &m->layers[l];
     const int64_t C = a->hidden_size, H = a->n_heads, Hkv = a->n_kv_heads, D = a->head_dim, I = a->intermediate_size;
     const float eps = (float)a->norm_eps;
+    struct tuna_train_grad_bufs *g = &t->g;
     /* MLP block: x_out = x_mid + down(act(gate(xn)) * up(xn)), xn = norm(x_mid) */
-    zero(g->dact, T * I);
+    to->zero(be, g->dact, T * I);
     linear_backward(t, l, TUNA_PROJ_DOWN, g->dact, g->dx, A->act, T);
-    zero(g->dgate, T * I);
-    zero(g->dup, T * I);
-    tuna_glu_backward(g->dgate, g->dup, g->dact, A->gate, A->up, T * I, (int)a->act);
-    zero(g->dxn, T * C);
+    to->zero(be, g->dgate, T * I);
+    to->zero(be, g->dup, T * I);
+    to->glu_backward(be, g->dgate, g->dup, g->dact, A->gate, A->up, T * I, (int)a->act);
+    to->zero(be, g->dxn, T * C);
     linear_backward(t, l, TUNA_PROJ_GATE, g->dxn, g->dgate, A->xn_mlp, T);
     linear_backward(t, l, TUNA_PROJ_UP, g->dxn, g->dup, A->xn_mlp, T);
-    tuna_rmsnorm_backward(g->dx, g->dxn, A->x_mid, L->mlp_norm, T, C, eps);
+    to->rmsnorm_backward(be, g->dx, g->dxn, A->x_mid, L->mlp_norm, T, C, eps);
     /* attention block: x_mid = x_in + o(attn(rope(norm(q(xn))), rope(norm(k(xn))), v(xn))) */
-    zero(g->datt, T * H * D);
+    to->zero(be, g->datt, T * H * D);
     linear_backward(t, l, TUNA_PROJ_O, g->datt, g->dx, A->att, T);
-    zero(g->dq, T * H * D);
-    zero(g->dk, T * Hkv * D);
-    zero(g->dv, T * Hkv * D);
-    tuna_attention_backward(g->dq, g->dk, g->dv, g->datt, A->q, A->k, A->v, pos, T, H, Hkv, D,
-                            (float)(1.0 / sqrt((double)D)), a->sliding_window);
-    tuna_rope_backward(g->dq, pos, T, H, D, m->rot_dim, m->inv_freq, m->attn_factor);
-    tuna_rope_backward(g->dk, pos, T, Hkv, D, m->rot_dim, m->inv_freq, m->attn_factor);
+    to->zero(be, g->dq, T * H * D);
+    to->zero(be, g->dk, T * Hkv * D);
+    to->zero(be, g->dv, T * Hkv * D);
+    to->attention_backward(be, g->dq, g->dk, g->dv, g->datt, A->q, A->k, A->v, pos, T, H, Hkv, D,
+                           (float)(1.0 / sqrt((double)D)), a->sliding_window, t->fast, (float *)t->attn_mem,
+                           t->attn_floats);
+    to->rope_backward(be, g->dq, pos, T, H, D, m->rot_dim, m->inv_freq, m->attn_factor);
+    to->rope_backward(be, g->dk, pos, T, Hkv, D, m->rot_dim, m->inv_freq, m->attn_factor);
     const float *norm_w[2] = {L->q_norm, L->k_norm};
     float *dqk[2] = {g->dq, g->dk};
     const int64_t heads[2] = {H, Hkv};
@@ -353,15 +407,31 @@ static void layer_backward(tuna_trainer *t, int64_t l, const struct tuna_fwd_lay
         if (!norm_w[i]) continue;
         /* the projection before its per-head norm was overwritten in place: recompute it */
         tuna_train_linear_forward(t, l, i == 0 ? TUNA_PROJ_Q : TUNA_PROJ_K, g->pre, A->xn_attn, T);
-        zero(g->dpre, T * heads[i] * D);
-        tuna_rmsnorm_backward(g->dpre, dqk[i], g->pre, norm_w[i], T * heads[i], D, eps);
-        memcpy(dqk[i], g->dpre, (size_t)(T * heads[i] * D) * sizeof(float));
+        to->zero(be, g->dpre, T * heads[i] * D);
+        to->rmsnorm_backward(be, g->dpre, dqk[i], g->pre, norm_w[i], T * heads[i], D, eps);
+        m->ops->copy(be, dqk[i], g->dpre, (size_t)(T * heads[i] * D) * sizeof(float));
     }
-    zero(g->dxn, T * C);
+    to->zero(be, g->dxn, T * C);
     linear_backward(t, l, TUNA_PROJ_Q, g->dxn, g->dq, A->xn_attn, T);
     linear_backward(t, l, TUNA_PROJ_K, g->dxn, g->dk, A->xn_attn, T);
     linear_backward(t, l, TUNA_PROJ_V, g->dxn, g->dv, A->xn_attn, T);
-    tuna_rmsnorm_backward(g->dx, g->dxn, A->x_in, L->attn_norm, T, C, eps);
+    to->rmsnorm_backward(be, g->dx, g->dxn, A->x_in, L->attn_norm, T, C, eps);
+}
+
+/* The head on the n selected rows, in chunks of t->chunk rows: logits = lm_head(sel_n), the
+ * fused cross-entropy (per-row losses into t->loss_rows, logits → dlogits in place) and, when
+ * train, dsel_n += dlogits W. Never more than one chunk of [rows, V] logits. */
+static void head_chunks(tuna_trainer *t, int64_t n, const int32_t *tg, double denom, bool train)
+{
+    struct tuna_model *m = t->m;
+    const int64_t C = m->arch.hidden_size, V = m->arch.vocab_size;
+    if (train) t->tops->zero(m->be, t->dsel_n, n * C);
+    for (int64_t r0 = 0; r0 < n; r0 += t->chunk) {
+        const int64_t nr = n - r0 < t->chunk ? n - r0 : t->chunk;
+        m->ops->matmul(m->be, t->logits, t->sel_n + r0 * C, &m->lm_head.w, NULL, nr);
+        t->tops->cross_entropy(m->be, t->logits, t->loss_rows + r0, t->logits, tg + r0, nr, V, denom);
+        if (train) t->tops->matmul_backward(m->be, t->dsel_n + r0 * C, t->logits, &m->lm_head.w, nr);
+    }
 }
 
 /* Forward (+ backward when train) of one micro-batch; adds the CE sum to *loss_sum. */
@@ -370,95 +440,60 @@ static tuna_status micro_step(tuna_trainer *t, const struct tuna_train_batch *tb
 {
     struct tuna_model *m = t->m;
     const struct tuna_arch *a = &m->arch;
-    const int64_t C = a->hidden_size, V = a->vocab_size, HD = a->n_heads * a->head_dim;
-    const int64_t KD = a->n_kv_heads * a->head_dim, I = a->intermediate_size;
-    int64_t T = 0;
+    const int64_t C = a->hidden_size;
+    int64_t T = 0, max_len = 1;
     for (int64_t r = 0; r < tb->B; r++) {
         if (tb->len[r] < 0 || tb->len[r] > tb->T)
             return tuna_fail(TUNA_E_INVALID, "batch row %lld has length %lld of %lld", (long long)r,
                              (long long)tb->len[r], (long long)tb->T);
         T += tb->len[r];
+        if (tb->len[r] > max_len) max_len = tb->len[r];
     }
     *tokens += T;
     if (T == 0) return TUNA_OK;
-    tuna_kv_cache *kv = NULL;
     struct tuna_batch fb;
     tuna_batch_init(&fb);
-    int32_t *target = malloc((size_t)T * sizeof *target);
-    float *logits = NULL, *dxs = NULL, *work = NULL;
-    tuna_status st = target ? TUNA_OK : tuna_fail_oom("targets", (size_t)T * 4);
+    int32_t *target = malloc((size_t)T * sizeof *target), *tg = malloc((size_t)T * sizeof *tg);
+    double *loss_h = malloc((size_t)T * sizeof *loss_h);
+    tuna_status st = target && tg && loss_h ? TUNA_OK : tuna_fail_oom("targets", (size_t)T * 16);
     /* dropout masks of this (step, micro-batch); none when evaluating */
     t->drop_base = train ? (t->lo.seed * 0x9E3779B97F4A7C15ULL) ^ ((uint64_t)t->step << 20) ^ (uint64_t)micro : 0;
     if (train) t->drop_base |= 1ULL << 63;
-    if (!st && !t->own_fwd) st = tuna_model_kv_new(m, T + tb->B * TUNA_KV_DEFAULT_BLOCK, 0, &kv);
-    if (!st) st = build_batch(m, tb, kv, &fb, target);
+    if (!st) st = build_batch(m, tb, &fb, target);
+    if (!st) st = params_to_backend(t);
+    if (!st) st = tuna_train_reserve(t, T, max_len);
+    int64_t n = 0;
+    if (!st) st = tuna_train_forward(t, &fb, &n);
+    if (st || n == 0) goto done;
+    for (int64_t j = 0; j < n; j++)
+        tg[j] = target[t->sel_rows[j]]; /* targets in logits order */
+    head_chunks(t, n, tg, denom, train);
+    st = m->ops->download(m->be, loss_h, t->loss_rows, (size_t)n * sizeof(double)); /* waits for the head */
     if (st) goto done;
-    int64_t n = fb.n_logits;
-    logits = malloc((size_t)((n ? n : 1) * V) * sizeof *logits);
-    if (!logits) {
-        st = tuna_fail_oom("logits", (size_t)(n * V) * 4);
-        goto done;
-    }
-    st = t->own_fwd ? tuna_train_forward(t, &fb, logits, train)
-                    : tuna_model_forward(m, kv, &fb, logits, train ? &t->trace : NULL);
-    if (st) goto done;
-    /* compact targets in logits order */
-    int32_t *tg = malloc((size_t)(n ? n : 1) * sizeof *tg);
-    if (!tg) {
-        st = tuna_fail_oom("targets", (size_t)n * 4);
-        goto done;
-    }
-    for (int64_t i = 0, j = 0; i < T; i++)
-        if (fb.logits[i]) tg[j++] = target[i];
-    *loss_sum += tuna_cross_entropy_backward(logits, logits, tg, n, V, denom); /* logits → dlogits */
-    free(tg);
+    for (int64_t j = 0; j < n; j++)
+        *loss_sum += loss_h[j];
     if (!train) goto done;
 
-    /* head: logits = lm_head(norm(x_final)) on the rows with targets */
-    size_t nbuf = (size_t)(n * C + 4 * T * C + 2 * T * HD + 2 * T * HD + 2 * T * KD + 3 * T * I);
-    work = calloc(nbuf, sizeof *work);
-    if (!work) {
-        st = tuna_fail_oom("backward buffers", nbuf * 4);
-        goto done;
-    }
-    float *p = work;
-    dxs = p, p += n * C;
-    struct bwd_bufs g;
-    g.dx = p, p += T * C;
-    g.dxn = p, p += T * C;
-    g.pre = p, p += T * HD;
-    g.dpre = p, p += T * HD;
-    g.datt = p, p += T * HD;
-    g.dq = p, p += T * HD;
-    g.dk = p, p += T * KD;
-    g.dv = p, p += T * KD;
-    g.dact = p, p += T * I;
-    g.dgate = p, p += T * I;
-    g.dup = p, p += T * I;
-    tuna_matmul_backward(dxs, logits, &m->lm_head.w, n);
-    const float *x_final = t->own_fwd ? t->x_final : t->trace.x_final;
-    for (int64_t i = 0, j = 0; i < T; i++)
-        if (fb.logits[i]) {
-            tuna_rmsnorm_backward(g.dx + i * C, dxs + j * C, x_final + i * C, m->final_norm, 1, C, (float)a->norm_eps);
-            j++;
-        }
+    /* final norm on the selected rows, scattered back into the residual stream's gradient */
+    t->tops->zero(m->be, t->dsel, n * C);
+    t->tops->rmsnorm_backward(m->be, t->dsel, t->dsel_n, t->sel_in, m->final_norm, n, C, (float)a->norm_eps);
+    t->tops->zero(m->be, t->g.dx, T * C);
+    t->tops->scatter_add_rows(m->be, t->g.dx, t->dsel, t->sel_rows, n, C);
     for (int64_t l = a->n_layers - 1; l >= 0; l--) {
-        const struct tuna_fwd_layer_acts *acts = &t->trace.layers[l];
-        if (t->own_fwd && t->ckpt) {
+        const struct tuna_fwd_layer_acts *acts = &t->acts[l];
+        if (t->ckpt) {
             tuna_train_recompute_layer(t, l, &fb); /* the layer again, from its saved input */
             acts = &t->acts[0];
-        } else if (t->own_fwd) {
-            acts = &t->acts[l];
         }
-        layer_backward(t, l, acts, fb.pos, T, &g);
+        layer_backward(t, l, acts, fb.pos, T);
     }
     /* the embedding is frozen: the gradient stops here */
+    st = m->ops->sync(m->be);
 done:
-    free(work);
-    free(logits);
+    free(loss_h);
+    free(tg);
     free(target);
     tuna_batch_free(&fb);
-    tuna_kv_free(kv);
     return st;
 }
 
@@ -478,7 +513,7 @@ tuna_status tuna_trainer_loss_grad(tuna_trainer *t, const struct tuna_train_batc
     if (targets <= 0)
         return tuna_fail(TUNA_E_INVALID, "step %lld: its batch has no target token (every label is -100)",
                          (long long)t->step + 1);
-    zero(t->grads, t->P);
+    t->tops->zero(t->m->be, t->grads, t->P);
     double loss_sum = 0;
     for (int i = 0; i < n; i++) {
         tuna_status st = micro_step(t, &mb[i], i, (double)targets, true, &loss_sum, &tokens);
@@ -496,17 +531,25 @@ tuna_status tuna_trainer_step(tuna_trainer *t, const struct tuna_train_batch *mb
     int64_t tokens = 0, targets = 0;
     tuna_status st = tuna_trainer_loss_grad(t, mb, n, &loss, &tokens, &targets);
     if (st) return st;
-    double gn = sqrt(tuna_grad_sq_sum(t->grads, t->P));
+    double gn = sqrt(t->tops->grad_sq_sum(t->m->be, t->grads, t->P, t->norm_work));
+    if ((st = t->m->ops->sync(t->m->be))) return tuna_fail_prefix(st, "step %lld", (long long)t->step + 1);
     if (!isfinite(loss) || !isfinite(gn))
         return tuna_fail(TUNA_E_RANGE,
                          "step %lld: the loss is %g and the gradient norm %g: training diverged "
                          "(lower --learning-rate, keep --max-grad-norm on, check the data); the adapter is left as "
                          "it was before this step",
                          (long long)t->step + 1, loss, gn);
-    tuna_grad_clip(t->grads, t->P, gn, t->oo.max_grad_norm);
+    /* clip_grad_norm_: coef = max / (norm + 1e-6), applied only when below 1 */
+    double coef = 1.0;
+    if (t->oo.max_grad_norm > 0) {
+        coef = t->oo.max_grad_norm / (gn + 1e-6);
+        if (coef >= 1.0) coef = 1.0;
+    }
     double lr = tuna_lr_at(&t->oo, t->step);
     t->step++;
-    tuna_adamw_update(t->params, t->grads, t->m1, t->m2, t->P, lr, &t->oo, t->step);
+    t->tops->adamw(t->m->be, t->params, t->grads, t->m1, t->m2, t->P, lr, t->oo.beta1, t->oo.beta2, t->oo.eps,
+                   t->oo.weight_decay, t->step, coef);
+    if ((st = t->m->ops->sync(t->m->be))) return tuna_fail_prefix(st, "step %lld (AdamW)", (long long)t->step);
     if (out) {
         out->step = t->step;
         out->loss = loss;
@@ -533,11 +576,14 @@ tuna_status tuna_trainer_eval(tuna_trainer *t, const struct tuna_train_batch *b,
 
 tuna_status tuna_trainer_export(const tuna_trainer *t, const char *dir, const char *base_model, bool replace)
 {
+    const float *hp;
+    tuna_status st = params_host(t, &hp);
+    if (st) return tuna_fail_prefix(st, "reading the adapter back from the %s backend", t->m->ops->name);
     struct tuna_peft_module *pm = calloc((size_t)t->n_mods, sizeof *pm);
     if (!pm) return tuna_fail_oom("export table", (size_t)t->n_mods * sizeof *pm);
     for (int i = 0; i < t->n_mods; i++) {
         const struct tmod *md = &t->mods[i];
-        pm[i] = (struct tuna_peft_module){md->name, md->r, md->K, md->N, md->alpha, md->lora.A, md->lora.B};
+        pm[i] = (struct tuna_peft_module){md->name, md->r, md->K, md->N, md->alpha, hp + md->offA, hp + md->offB};
     }
     struct tuna_peft_config cfg = {0};
     cfg.r = t->cfg_r;
@@ -546,7 +592,7 @@ tuna_status tuna_trainer_export(const tuna_trainer *t, const char *dir, const ch
     cfg.dropout = t->lo.dropout;
     cfg.base_model = base_model;
     cfg.dtype = TUNA_DTYPE_F32;
-    tuna_status st = tuna_export_peft(dir, &cfg, pm, t->n_mods, replace);
+    st = tuna_export_peft(dir, &cfg, pm, t->n_mods, replace);
     free(pm);
     return st;
 }
@@ -576,11 +622,16 @@ tuna_status tuna_trainer_save_optimizer(const tuna_trainer *t, const char *dir)
     uint64_t h[3] = {(uint64_t)t->step, (uint64_t)t->P, layout_hash(t)};
     memcpy(buf, OPT_MAGIC, 8);
     memcpy(buf + 8, h, sizeof h);
-    memcpy(buf + hdr, t->m1, (size_t)t->P * sizeof(float));
-    memcpy(buf + hdr + (size_t)t->P * sizeof(float), t->m2, (size_t)t->P * sizeof(float));
+    const struct tuna_backend_ops *op = t->m->ops;
+    tuna_status st = op->download(t->m->be, buf + hdr, t->m1, (size_t)t->P * sizeof(float));
+    if (!st) st = op->download(t->m->be, buf + hdr + (size_t)t->P * sizeof(float), t->m2, (size_t)t->P * sizeof(float));
+    if (st) {
+        free(buf);
+        return st;
+    }
     char path[4096];
     snprintf(path, sizeof path, "%s/optimizer.bin", dir);
-    tuna_status st = tuna_write_file_atomic(path, buf, bytes);
+    st = tuna_write_file_atomic(path, buf, bytes);
     free(buf);
     return st;
 }
@@ -604,9 +655,9 @@ tuna_status tuna_trainer_load_optimizer(tuna_trainer *t, const char *dir)
                          "settings",
                          path, len, want, (long long)t->P);
     }
-    t->step = (int64_t)h[0];
-    memcpy(t->m1, buf + hdr, (size_t)t->P * sizeof(float));
-    memcpy(t->m2, buf + hdr + (size_t)t->P * sizeof(float), (size_t)t->P * sizeof(float));
+    st = t->m->ops->upload(t->m->be, t->m1, buf + hdr, (size_t)t->P * sizeof(float));
+    if (!st) st = t->m->ops->upload(t->m->be, t->m2, buf + hdr + (size_t)t->P * sizeof(float), (size_t)t->P * sizeof(float));
     free(buf);
-    return TUNA_OK;
+    if (!st) t->step = (int64_t)h[0];
+    return st;
 }

@@ -1,8 +1,10 @@
 /* trainer_internal.h — what trainer.c and train_forward.c share: the trainer's state and the
- * module table. Not part of the module's API. */
+ * module table. Not part of the module's API. Every float pointer in struct tuna_trainer is
+ * backend memory (device memory on CUDA) unless marked host. */
 #ifndef TUNA_TRAIN_TRAINER_INTERNAL_H
 #define TUNA_TRAIN_TRAINER_INTERNAL_H
 
+#include "backend/train_ops.h"
 #include "train/trainer.h"
 
 struct tmod {
@@ -17,6 +19,9 @@ struct tmod {
 
 struct tuna_trainer {
     struct tuna_model *m;
+    const struct tuna_train_ops *tops; /* the backend's training table (backend/train_ops.h) */
+    bool host;                         /* backend memory is host memory (CPU): no mirrors */
+    bool fast;                         /* 16-bit GPU compute: attention GEMMs may use TF32 */
     struct tuna_optim_opts oo;
     struct tuna_lora_train_opts lo;
     bool use_rslora;
@@ -26,22 +31,38 @@ struct tuna_trainer {
     int n_mods;
     struct tmod **by_lin; /* [L * 7]: the module on each linear, or NULL */
     int64_t P;            /* trainable floats */
+    int64_t max_r;        /* largest rank (LoRA work buffers) */
+    /* backend memory: one allocation for params, grads, both moments [P] each, then the
+       norm reduction's work; host mirrors (h_*) only when the backend is not host memory */
+    void *state_mem;
     float *params, *grads, *m1, *m2;
-    int64_t step;                /* optimizer steps done */
-    struct tuna_fwd_trace trace; /* the model forward's activations (default path) */
+    void *norm_work;
+    float *h_params, *h_grads;
+    bool h_params_dirty; /* the caller may have changed h_params: upload before the next use */
+    int64_t step;        /* optimizer steps done */
 
-    /* own forward (train_forward.c): with LoRA dropout or gradient checkpointing */
-    bool own_fwd, ckpt;
-    uint64_t drop_base;               /* seed, step and micro-batch mixed: this micro-batch's masks;
-                                         0 = no dropout (evaluation) */
-    int64_t cap_T;                    /* tokens the buffers below hold */
-    float *mem;                       /* one allocation for everything below */
-    struct tuna_fwd_layer_acts *acts; /* [L] ([1] with checkpointing: the layer being worked on) */
+    bool ckpt;
+    uint64_t drop_base; /* seed, step and micro-batch mixed: this micro-batch's masks;
+                           0 = no dropout (evaluation) */
+    /* activations and backward buffers in backend memory for cap_T tokens (train_forward.c) */
+    int64_t cap_T;
+    void *mem;                        /* one allocation for everything below */
+    struct tuna_fwd_layer_acts *acts; /* [L] ([1] with checkpointing: the layer being worked on); host */
     float *x_saved;                   /* [L, T, C] layer inputs (checkpointing) */
-    float *x, *tmp, *x_final, *sel;   /* [T, C] */
+    float *x, *tmp;                   /* [T, C] */
+    float *sel_in, *sel_n;            /* [T, C] rows with a target: before / after the final norm */
+    float *dsel_n, *dsel;             /* [T, C] their gradients */
     float *drop, *drop_g;             /* [T, max(C, I)] each: a dropped LoRA input, its gradient */
-    int32_t *rows;                    /* [T] 0..T-1: size-1 KV blocks over the contiguous k, v */
-    const int32_t **bt;               /* [T] each token's block table */
+    float *lwork;                     /* [2 T max_r] LoRA scratch */
+    float *logits;                    /* [chunk, V] one chunk of the head's rows */
+    int64_t chunk;                    /* rows per head chunk */
+    double *loss_rows;                /* [T] per-row cross-entropy */
+    struct tuna_train_grad_bufs {
+        float *dx, *dxn, *datt, *dq, *dk, *dv, *dact, *dgate, *dup, *pre, *dpre;
+    } g;                              /* backward buffers */
+    void *attn_mem;                   /* attention scratch (attn_floats), grown per batch */
+    int64_t attn_floats;
+    int32_t *sel_rows;                /* host [T]: the rows of the selected logits */
 };
 
 static inline struct tuna_linear *proj_lin(struct tuna_layer *L, int p)
@@ -59,18 +80,20 @@ static inline struct tuna_linear *proj_lin(struct tuna_layer *L, int p)
 
 /* The key of module `mod`'s dropout masks in the current micro-batch (0 = no dropout). */
 uint64_t tuna_train_drop_key(const tuna_trainer *t, int mod);
-/* out[T,K] = dropout(in) with the masks of `key` (in and out may be the same). */
-void tuna_train_dropout(float *out, const float *in, int64_t T, int64_t K, double p, uint64_t key);
 
 /* y[T,N] = x W^T + b + s·B A dropout(x) for linear `proj` of layer l (the masks of this
- * micro-batch). */
+ * micro-batch); backend memory. */
 void tuna_train_linear_forward(tuna_trainer *t, int64_t l, int proj, float *y, const float *x, int64_t T);
 
-/* The trainer's own forward (train_forward.c), used with LoRA dropout or gradient
- * checkpointing: the same op list as src/model/forward.c over the training layout. Runs the
- * micro-batch b (tokens, positions as build_batch makes them), writes the logits of the rows
- * with want_logits and, when train, keeps what backward needs in t->acts / t->saved. */
-tuna_status tuna_train_forward(tuna_trainer *t, const struct tuna_batch *b, float *logits, bool train);
+/* Makes the buffers above hold a batch of T tokens whose longest sequence is max_len. */
+tuna_status tuna_train_reserve(tuna_trainer *t, int64_t T, int64_t max_len);
+
+/* The trainer's own forward (train_forward.c): the op list of src/model/forward.c over the
+ * training layout through the backend's tables. Runs the micro-batch b (tokens, positions as
+ * build_batch makes them), keeps what backward needs in t->acts / t->x_saved, and leaves the
+ * rows with want_logits, gathered, in t->sel_in (before the final norm) and t->sel_n (after);
+ * *n_sel = their count, t->sel_rows their rows. Call tuna_train_reserve first. */
+tuna_status tuna_train_forward(tuna_trainer *t, const struct tuna_batch *b, int64_t *n_sel);
 /* Recomputes layer l's activations from its saved input (checkpointing) into t->acts[0]. */
 void tuna_train_recompute_layer(tuna_trainer *t, int64_t l, const struct tuna_batch *b);
 

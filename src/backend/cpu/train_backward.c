@@ -1,6 +1,8 @@
-/* backward.c — the backward of each forward op (backward.h), CPU reference, float32 with double
- * accumulation where a sum runs over a whole row. GEMMs go to OpenBLAS when the build has it.
- * Frozen weights are converted to float32 in row tiles (16-bit and NF4 alike), never whole.
+/* train_backward.c — the backward of each forward op (declared in src/train/backward.h), the CPU
+ * reference, float32 with double accumulation where a sum runs over a whole row. GEMMs go to
+ * OpenBLAS when the build has it. Frozen weights are converted to float32 in row tiles (16-bit
+ * and NF4 alike), never whole. train_ops.c wraps these as the CPU training op table
+ * (backend/train_ops.h); they live in the CPU backend so that table has no module cycle.
  */
 #include <math.h>
 #include <pthread.h>
@@ -13,7 +15,7 @@
 #include "quant/nf4.h"
 #include "train/backward.h"
 
-#ifndef TUNA_NO_BLAS /* -DTUNA_BLAS=OFF builds define it (src/train/CMakeLists.txt) */
+#ifndef TUNA_NO_BLAS /* -DTUNA_BLAS=OFF builds define it (src/backend/cpu/CMakeLists.txt) */
 #include <cblas.h>
 #define TUNA_TRAIN_BLAS 1
 #endif

@@ -1,0 +1,154 @@
+/* train_ops.h — the training op table: the backward of every forward op, the LoRA forward,
+ * dropout, the fused cross-entropy, the training-layout attention and AdamW, as one struct of
+ * function pointers that the CPU backend (src/backend/cpu/train_*.c, the reference) and the CUDA
+ * backend (src/backend/cuda/train_*.cu) implement with the same argument order and shapes.
+ * Kept apart from backend.h's inference table so the two evolve without colliding; the trainer
+ * (src/train) calls only the two tables, so activations, adapters, gradients and Adam moments
+ * stay in backend memory.
+ *
+ * Pointer convention (as backend.h): float tensors and weights are BACKEND memory (host memory
+ * for the CPU, device memory for CUDA); small integer metadata (positions, targets, row lists)
+ * and inv_freq are HOST arrays that the backend stages itself. `work` arguments are backend
+ * memory of the stated size that the caller owns (no hidden allocations on the hot path).
+ *
+ * Conventions (as src/train/backward.h): every gradient output is ACCUMULATED (+=) into; the
+ * caller zeroes it first (op `zero`). Frozen weights get only an input gradient.
+ *
+ * Training layout: the tokens of each sequence are consecutive rows with positions 0, 1, ...;
+ * a row with position 0 starts a new sequence. Token t attends to rows t - pos[t] .. t (the
+ * last `window` of them with a sliding window, 0 = none).
+ *
+ * Shape letters (docs/ARCHITECTURE.md): T tokens, C hidden, H heads, Hkv kv heads, D head dim,
+ * N out features, K in features, V vocab, R LoRA rank.
+ *
+ * Ops do not fail: the trainer checks shapes; a CUDA failure is sticky and comes back from the
+ * inference table's sync().
+ */
+#ifndef TUNA_BACKEND_TRAIN_OPS_H
+#define TUNA_BACKEND_TRAIN_OPS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backend/backend.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#ifdef __CUDACC__
+#define TUNA_HOST_DEVICE __host__ __device__
+#else
+#define TUNA_HOST_DEVICE
+#endif
+
+/* splitmix64's finalizer: dropout masks are hash(key + golden * element), the same bits on every
+ * backend, so a mask is a pure function of (seed, step, micro-batch, module, element). */
+static inline TUNA_HOST_DEVICE uint64_t tuna_train_mix64(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+/* Dropout keeps element i when mix64(key + 0x9E3779B97F4A7C15 * i) >= thresh, thresh = p * 2^64. */
+static inline uint64_t tuna_train_dropout_threshold(double p)
+{
+    return p <= 0 ? 0 : (uint64_t)(p * 18446744073709551616.0);
+}
+
+/* Floats of `work` the attention ops need for sequences of at most max_len tokens: CPU none,
+ * CUDA at least one kv head's scores and their gradient (2 * max_len^2); more lets it batch
+ * more heads per GEMM (every head at once with 2 * Hkv * max_len^2). */
+int64_t tuna_train_attention_work_min(const struct tuna_backend_ops *ops, int64_t max_len);
+
+struct tuna_train_ops {
+    const char *name;
+
+    /* p[n] = 0 */
+    void (*zero)(tuna_backend *be, float *p, int64_t n);
+
+    /* out[n, C] = x[rows[i], C]; rows: host [n]. */
+    void (*gather_rows)(tuna_backend *be, float *out, const float *x, const int32_t *rows, int64_t n, int64_t C);
+    /* dx[rows[i], C] += d[i, C]; rows: host [n], distinct. */
+    void (*scatter_add_rows)(tuna_backend *be, float *dx, const float *d, const int32_t *rows, int64_t n, int64_t C);
+
+    /* out[n] = in[n] / (1 - p) where kept, 0 where dropped (see tuna_train_dropout_threshold);
+     * out may equal in. Element i of the call is element i of the mask. */
+    void (*dropout)(tuna_backend *be, float *out, const float *in, int64_t n, double p, uint64_t key);
+
+    /* y[T,N] += scale * (x[T,K] A^T) B^T for one adapter (A [R,K], B [N,R] in backend memory).
+     * work: [T, R] floats. */
+    void (*lora_forward)(tuna_backend *be, float *y, const float *x, const struct tuna_lora *lora, int64_t T,
+                         int64_t N, int64_t K, float *work);
+
+    /* Given dy[T,N] of the op above: dx[T,K] += s (dy B) A, dA[R,K] += s (dy B)^T x,
+     * dB[N,R] += s dy^T (x A^T). dx may be NULL. work: [2 T R] floats. */
+    void (*lora_backward)(tuna_backend *be, float *dx, float *dA, float *dB, const float *dy, const float *x,
+                          const struct tuna_lora *lora, int64_t T, int64_t N, int64_t K, float *work);
+
+    /* y[T,N] = x[T,K] W^T with W frozen: dx[T,K] += dy[T,N] W[N,K], W in its stored dtype
+     * (F32, BF16, F16, NF4/FP4 dequantized in tiles or per GEMM). */
+    void (*matmul_backward)(tuna_backend *be, float *dx, const float *dy, const struct tuna_weight *w, int64_t T);
+
+    /* y[T,C] = x / rms(x) * w  →  dx[T,C] += dL/dx given dy[T,C]. */
+    void (*rmsnorm_backward)(tuna_backend *be, float *dx, const float *dy, const float *x, const float *w, int64_t T,
+                             int64_t C, float eps);
+
+    /* In place on d[T,H,D]: the transposed rotation of the forward's rope (pos: host [T],
+     * inv_freq: host [rot_dim/2]). */
+    void (*rope_backward)(tuna_backend *be, float *d, const int64_t *pos, int64_t T, int64_t H, int64_t D,
+                          int64_t rot_dim, const float *inv_freq, float attn_factor);
+
+    /* Causal attention over the training layout: out[T, H*D] = softmax(q k^T * scale) v with
+     * q[T, H*D], k, v [T, Hkv*D] (GQA: head h reads kv head h / (H/Hkv)); pos: host [T].
+     * fast: GEMMs may use TF32 tensor cores (the bf16 mode); false = exact float32.
+     * work / work_floats: scratch, at least tuna_train_attention_work_min. */
+    void (*attention_forward)(tuna_backend *be, float *out, const float *q, const float *k, const float *v,
+                              const int64_t *pos, int64_t T, int64_t H, int64_t Hkv, int64_t D, float scale,
+                              int64_t window, bool fast, float *work, int64_t work_floats);
+
+    /* dq[T,H*D], dk[T,Hkv*D], dv[T,Hkv*D] += gradients given dout[T,H*D] and the forward's
+     * inputs (the probabilities are recomputed, never stored across ops). */
+    void (*attention_backward)(tuna_backend *be, float *dq, float *dk, float *dv, const float *dout, const float *q,
+                               const float *k, const float *v, const int64_t *pos, int64_t T, int64_t H,
+                               int64_t Hkv, int64_t D, float scale, int64_t window, bool fast, float *work,
+                               int64_t work_floats);
+
+    /* out[n] = act(gate) * up  →  dgate[n], dup[n] += gradients given dout[n]. */
+    void (*glu_backward)(tuna_backend *be, float *dgate, float *dup, const float *dout, const float *gate,
+                         const float *up, int64_t n, int act);
+
+    /* Fused cross-entropy forward + backward on a chunk of rows: loss[t] = lse(logits[t]) -
+     * logits[t, target[t]] (0 on ignored rows: target < 0 or >= V), and dlogits[T,V] =
+     * (softmax - onehot) / denom (0 rows where ignored). dlogits may equal logits.
+     * target: host [T]; loss: backend memory [T] doubles. */
+    void (*cross_entropy)(tuna_backend *be, float *dlogits, double *loss, const float *logits,
+                          const int32_t *target, int64_t T, int64_t V, double denom);
+
+    /* Sum of g[n]^2 in double; waits for the queued work. work: backend memory of at least
+     * TUNA_TRAIN_NORM_WORK bytes. */
+    double (*grad_sq_sum)(tuna_backend *be, const float *g, int64_t n, void *work);
+
+    /* g *= gscale (in double, rounded to float, as clip_grad_norm_; skipped when gscale == 1),
+     * then one AdamW step in torch's decoupled form and order (t = 1 for the first step). */
+    void (*adamw)(tuna_backend *be, float *p, float *g, float *m, float *v, int64_t n, double lr, double beta1,
+                  double beta2, double eps, double weight_decay, int64_t t, double gscale);
+};
+
+#define TUNA_TRAIN_NORM_WORK 8192
+
+/* The training table of a backend (by its inference table): the CPU's or CUDA's; NULL for a
+ * backend without one. Defined in src/train/train_ops.c (the module that sees both backends),
+ * as is tuna_train_attention_work_min. */
+const struct tuna_train_ops *tuna_backend_train_ops(const struct tuna_backend_ops *ops);
+
+/* The CPU and CUDA tables themselves (CUDA only in builds with it). */
+const struct tuna_train_ops *tuna_cpu_train_ops(void);
+const struct tuna_train_ops *tuna_cuda_train_ops(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
