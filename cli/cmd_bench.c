@@ -2,7 +2,9 @@
  * CPU forward pass, the weight bytes read per decoded token as GB/s, and this machine's memory
  * bandwidth measured by a streaming read with the same thread count (decode is memory-bound:
  * the ratio says how close it gets). The synthetic model has Llama-3.2-1B's shapes with random
- * bf16 weights made in memory (no download). */
+ * bf16 weights made in memory (no download). `tuna bench --serve ...` is the serving benchmark
+ * (bench_serve.c) and `--write-synthetic DIR` writes the synthetic model as a folder
+ * (bench_write.c); both share the synthetic weights made here (bench.h). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,6 +13,7 @@
 
 #include "backend/cpu/cpu.h"
 #include "backend/cpu/threadpool.h"
+#include "bench.h"
 #include "cli.h"
 #include "core/status.h"
 #include "infer_common.h"
@@ -63,11 +66,6 @@ static double measure_bandwidth(int threads)
 }
 
 /* --- a synthetic Llama-3.2-1B: views over random bf16 buffers --- */
-struct synth {
-    struct tuna_tensor_view *views;
-    int n, cap;
-};
-
 static const struct tuna_tensor_view *synth_get(void *ctx, const char *name)
 {
     struct synth *s = ctx;
@@ -124,7 +122,7 @@ static tuna_status synth_add(struct synth *s, const char *name, int64_t rows, in
     return TUNA_OK;
 }
 
-static void synth_free(struct synth *s)
+void bench_synth_free(struct synth *s)
 {
     for (int i = 0; i < s->n; i++) {
         free((void *)s->views[i].name);
@@ -177,6 +175,20 @@ static void llama3_8b(struct tuna_arch *a)
     a->rope.factor = 1;
 }
 
+/* Llama 3's vocabulary and layout at toy sizes: what tests write and serve in seconds. */
+static void llama3_tiny(struct tuna_arch *a)
+{
+    llama3_8b(a);
+    snprintf(a->architecture, sizeof a->architecture, "LlamaForCausalLM (synthetic tiny, Llama-3 vocabulary)");
+    a->hidden_size = 64;
+    a->n_layers = 2;
+    a->n_heads = 4;
+    a->n_kv_heads = 2;
+    a->head_dim = 16;
+    a->intermediate_size = 96;
+    a->max_position_embeddings = 2048;
+}
+
 static tuna_status synth_build(const struct tuna_arch *a, struct synth *s)
 {
     char n[128];
@@ -203,12 +215,37 @@ static tuna_status synth_build(const struct tuna_arch *a, struct synth *s)
     return st;
 }
 
+tuna_status bench_synth_make(const char *name, struct tuna_arch *a, struct synth *s)
+{
+    memset(s, 0, sizeof *s);
+    if (!strcmp(name, "llama-3-8b")) llama3_8b(a);
+    else if (!strcmp(name, "llama-3.2-1b")) llama32_1b(a);
+    else if (!strcmp(name, "llama-3-tiny")) llama3_tiny(a);
+    else return tuna_fail(TUNA_E_INVALID, "--synthetic knows llama-3.2-1b, llama-3-8b and llama-3-tiny (tests), not '%s'",
+                          name);
+    tuna_status st = synth_build(a, s);
+    if (st) bench_synth_free(s);
+    return st;
+}
+
+tuna_status bench_synth_model(const char *name, const struct tuna_model_opts *o, struct synth *s, struct tuna_model **m)
+{
+    struct tuna_arch a;
+    *m = NULL;
+    tuna_status st = bench_synth_make(name, &a, s);
+    if (!st) st = tuna_model_build(&a, synth_get, s, o, m);
+    if (st) bench_synth_free(s);
+    return st;
+}
+
 static void usage(FILE *f)
 {
     fprintf(f, "usage: tuna bench [DIR | --synthetic llama-3.2-1b|llama-3-8b] [--prompt-len 128] [--gen 32]\n"
                "                  [--batch B] [--device cpu|cuda] [--dtype T] [--threads N]\n\n"
                "Prefill and decode tokens/s for B sequences decoded together, weight GB/s per decode step,\n"
-               "and on the CPU the machine's streaming read bandwidth with the same thread count.\n");
+               "and on the CPU the machine's streaming read bandwidth with the same thread count.\n\n"
+               "       tuna bench --serve [DIR | --synthetic NAME] ...   the serving engine (tuna bench --serve --help)\n"
+               "       tuna bench --synthetic NAME --write-synthetic OUT  the synthetic model as a model folder\n");
 }
 
 int cmd_bench(int argc, char **argv)
@@ -218,6 +255,10 @@ int cmd_bench(int argc, char **argv)
     struct infer_flags fl;
     infer_flags_init(&fl);
     bool bad = false;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--serve")) return bench_serve_main(argc, argv);
+        if (!strcmp(argv[i], "--write-synthetic")) return bench_write_main(argc, argv);
+    }
     for (int i = 1; i < argc && !bad; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             usage(stdout);
@@ -239,27 +280,18 @@ int cmd_bench(int argc, char **argv)
         usage(stderr);
         return 2;
     }
-    if (synth_name && strcmp(synth_name, "llama-3.2-1b") != 0 && strcmp(synth_name, "llama-3-8b") != 0) {
-        fprintf(stderr, "tuna bench: --synthetic knows llama-3.2-1b and llama-3-8b\n");
+    if (synth_name && strcmp(synth_name, "llama-3.2-1b") != 0 && strcmp(synth_name, "llama-3-8b") != 0 &&
+        strcmp(synth_name, "llama-3-tiny") != 0) {
+        fprintf(stderr, "tuna bench: --synthetic knows llama-3.2-1b, llama-3-8b and llama-3-tiny\n");
         return 2;
     }
     struct tuna_model *m = NULL;
     struct synth syn = {0};
     tuna_status st;
     double t0 = now_s();
-    if (synth_name) {
-        struct tuna_arch a;
-        if (!strcmp(synth_name, "llama-3-8b")) llama3_8b(&a);
-        else llama32_1b(&a);
-        st = synth_build(&a, &syn);
-        if (!st) st = tuna_model_build(&a, synth_get, &syn, &fl.model, &m);
-    } else {
-        st = tuna_model_load(dir, &fl.model, &m);
-    }
-    if (st) {
-        synth_free(&syn);
-        return tuna_cli_fail("bench", st);
-    }
+    if (synth_name) st = bench_synth_model(synth_name, &fl.model, &syn, &m);
+    else st = tuna_model_load(dir, &fl.model, &m);
+    if (st) return tuna_cli_fail("bench", st);
     double load_s = now_s() - t0;
     bool on_cpu = m->ops->host_memory;
     int threads = on_cpu ? tuna_cpu_backend_threads(m->be) : 0;
@@ -324,6 +356,6 @@ int cmd_bench(int argc, char **argv)
     tuna_batch_free(&b);
     tuna_kv_free(kv);
     tuna_model_free(m);
-    synth_free(&syn);
+    bench_synth_free(&syn);
     return st ? tuna_cli_fail("bench", st) : 0;
 }

@@ -42,6 +42,7 @@ struct tuna_engine {
     int64_t n_inbox, cap_inbox;
     int64_t n_pending;       /* requests submitted and not finished (under mu) */
     int64_t kv_used;         /* blocks in use after the last step (under mu) */
+    struct tuna_engine_stats stats; /* under mu */
     /* engine thread only */
     struct eseq **seqs;
     int64_t n_seqs, cap_seqs;
@@ -126,6 +127,7 @@ static void finish_seq(tuna_engine *e, int64_t i, const char *reason)
         pthread_mutex_lock(&e->mu);
         e->n_pending--;
         pthread_mutex_unlock(&e->mu);
+        if (e->cfg.on_finish) e->cfg.on_finish(e->cfg.observer_ctx, r);
     }
     eseq_free(s);
     memmove(e->seqs + i, e->seqs + i + 1, (size_t)(e->n_seqs - i - 1) * sizeof *e->seqs);
@@ -159,7 +161,7 @@ static void intake(tuna_engine *e, struct tuna_serve_req *r)
                 if (strlen(p->stop[k]) > s->maxstop) s->maxstop = strlen(p->stop[k]);
             st = tuna_sampler_new(&smp, e->m->arch.vocab_size, &s->smp);
         }
-        if (!st) st = tuna_detok_stream_new(e->tok, p->skip_special, &s->ds);
+        if (!st && e->tok) st = tuna_detok_stream_new(e->tok, p->skip_special, &s->ds);
         if (!st) st = tuna_sched_seq_new(p->prompt, p->n_prompt, p->adapter, s, &s->q);
         if (!st && p->adapter >= 0 && p->adapter < e->cfg.max_loras) s->q->prefix_adapter = e->lkeys[p->adapter];
         if (!st) st = tuna_sched_add(e->sched, s->q);
@@ -192,6 +194,7 @@ static void intake(tuna_engine *e, struct tuna_serve_req *r)
         pthread_mutex_lock(&e->mu);
         e->n_pending--;
         pthread_mutex_unlock(&e->mu);
+        if (e->cfg.on_finish) e->cfg.on_finish(e->cfg.observer_ctx, r);
         tuna_serve_req_unref(r);
     }
 }
@@ -293,10 +296,11 @@ static const char *next_token(tuna_engine *e, struct eseq *s, float *lg, tuna_st
     pthread_mutex_lock(&s->req->mu);
     s->req->completion_tokens++;
     pthread_mutex_unlock(&s->req->mu);
+    if (e->cfg.on_token) e->cfg.on_token(e->cfg.observer_ctx, s->req, s->choice, id, s->n_out);
     if (is_stop_id(p, id)) return "stop";
     tuna_sampler_accept(s->smp, id);
     char *piece = NULL;
-    if ((*st = tuna_detok_stream_push(s->ds, id, &piece))) return "error";
+    if (s->ds && (*st = tuna_detok_stream_push(s->ds, id, &piece))) return "error";
     size_t before = s->len;
     *st = text_append(s, piece ? piece : "", piece ? strlen(piece) : 0);
     free(piece);
@@ -370,7 +374,18 @@ static void step(tuna_engine *e)
             e->cap_logits = e->batch.n_logits;
         }
     }
+    double t_fwd = tuna_serve_now();
     if (!st) st = tuna_model_forward(e->m, e->kv, &e->batch, e->logits, NULL);
+    if (!st) {
+        int64_t used = tuna_kv_n_blocks(e->kv) - tuna_kv_free_blocks(e->kv);
+        pthread_mutex_lock(&e->mu);
+        e->stats.steps++;
+        e->stats.step_tokens += e->batch.n;
+        e->stats.step_seqs += n_plan;
+        e->stats.forward_s += tuna_serve_now() - t_fwd;
+        if (used > e->stats.peak_kv_blocks) e->stats.peak_kv_blocks = used;
+        pthread_mutex_unlock(&e->mu);
+    }
     if (st) { /* a failed step fails the sequences it held (or all, when nothing was planned) */
         fprintf(stderr, "tuna serve: step failed: %s\n", tuna_last_error());
         for (int64_t i = e->n_seqs - 1; i >= 0; i--) {
@@ -623,6 +638,17 @@ tuna_status tuna_engine_submit(tuna_engine *e, struct tuna_serve_req *r)
     }
     pthread_mutex_unlock(&e->mu);
     return st;
+}
+
+void tuna_engine_stats(tuna_engine *e, struct tuna_engine_stats *out)
+{
+    pthread_mutex_lock(&e->mu);
+    *out = e->stats;
+    pthread_mutex_unlock(&e->mu);
+    out->kv_blocks = tuna_kv_n_blocks(e->kv);
+    pthread_mutex_lock(&e->metrics->mu);
+    out->preemptions = (int64_t)e->metrics->preemptions;
+    pthread_mutex_unlock(&e->metrics->mu);
 }
 
 void tuna_engine_kv_usage(tuna_engine *e, int64_t *used, int64_t *total)

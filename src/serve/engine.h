@@ -24,11 +24,31 @@ struct tuna_engine_config {
     int64_t max_pending;            /* requests queued or running at most; more are refused (429) */
     bool enable_prefix_caching;     /* reuse the KV blocks of earlier prompts (scheduler.h) */
     int max_loras;                  /* LoRA adapter slots (batch.adapter indices 0..max_loras-1); 0 = none */
+    /* Optional observer for an in-process driver (tuna bench --serve), called on the engine
+     * thread: on_token after each sampled token of a choice (n = its tokens so far), on_finish
+     * once a request's last choice has finished (before the engine drops its reference). They
+     * must be quick and must not call back into the engine. NULL = none. */
+    void (*on_token)(void *ctx, struct tuna_serve_req *r, int choice, int32_t id, int64_t n);
+    void (*on_finish)(void *ctx, struct tuna_serve_req *r);
+    void *observer_ctx;
+};
+
+/* Counters since the engine started (tuna_engine_stats). */
+struct tuna_engine_stats {
+    int64_t steps;          /* forward steps run */
+    int64_t step_tokens;    /* tokens over all steps (prefill chunks and decodes) */
+    int64_t step_seqs;      /* sequences over all steps: step_seqs / steps is the mean batch */
+    int64_t peak_kv_blocks; /* KV blocks referenced at most, measured right after a forward */
+    int64_t kv_blocks;      /* KV blocks in total */
+    int64_t preemptions;
+    double forward_s;       /* wall seconds inside the forward pass (logits download included) */
 };
 
 typedef struct tuna_engine tuna_engine;
 
-/* Starts the engine thread. m, tok and metrics are borrowed and must outlive the engine. */
+/* Starts the engine thread. m, tok and metrics are borrowed and must outlive the engine. tok may
+ * be NULL (benchmarks on synthetic models): no text is produced then, and stop strings never
+ * match. */
 tuna_status tuna_engine_start(struct tuna_model *m, const tuna_tokenizer *tok, const struct tuna_engine_config *cfg,
                               struct tuna_metrics *metrics, tuna_engine **out);
 /* Stops the thread: requests in flight finish with "abort", later submits are refused. */
@@ -48,6 +68,9 @@ tuna_status tuna_engine_submit(tuna_engine *e, struct tuna_serve_req *r);
  * no request uses the slot (loras.h pins). Fails (model unchanged) when the adapter does not fit
  * the model, or the engine has stopped. */
 tuna_status tuna_engine_set_lora(tuna_engine *e, int slot, const struct tuna_lora_adapter *ad, int32_t key);
+
+/* The counters above (thread-safe). */
+void tuna_engine_stats(tuna_engine *e, struct tuna_engine_stats *out);
 
 /* KV blocks in use (0 when idle) and in total. */
 void tuna_engine_kv_usage(tuna_engine *e, int64_t *used, int64_t *total);

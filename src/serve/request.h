@@ -81,6 +81,7 @@ struct tuna_serve_req {
     int n_done;                        /* choices finished */
     int64_t completion_tokens;
     char *error;                       /* engine failure message (owned) */
+    void *user;                        /* an in-process caller's (bench); never read by the engine */
 };
 
 /* A new request with refs = 1 taking the parameters (*p is zeroed). */

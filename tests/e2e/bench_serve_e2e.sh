@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# bench_serve_e2e.sh TUNA_BIN SOURCE_DIR WORK_DIR — `tuna bench --serve` from the command line on
+# models/pymini (CPU, tiny numbers): offline and closed-loop runs with synthetic adapters report
+# every request completed and the exact token counts in --json; `--write-synthetic` writes a
+# folder (tiny Llama-3 shapes) whose tokenizer loads, which `tuna bench --serve` and `tuna generate`
+# run, and bench/serve_startup.sh answers on it (when curl is installed).
+set -u
+TUNA=$1 SRC=$2 WORK=$3
+rm -rf "$WORK" && mkdir -p "$WORK" || exit 1
+fail() { echo "FAIL: $*"; exit 1; }
+# has KEY VALUE FILE: the JSON report has "KEY":VALUE
+has() { grep -q "\"$1\":$2[,}]" "$3" || fail "$3: wanted \"$1\":$2 in $(cat "$3")"; }
+
+common=(--device cpu --threads 1 --kv-cache-gb 0.01 --max-num-seqs 4 --max-num-batched-tokens 64)
+"$TUNA" bench --serve "$SRC/models/pymini" "${common[@]}" --requests 5 --prompt-len 16 --gen 6 \
+  --json "$WORK/offline.json" >"$WORK/offline.txt" || fail "offline run exited $?"
+cat "$WORK/offline.txt"
+has completed 5 "$WORK/offline.json"
+has failed 0 "$WORK/offline.json"
+has output_tokens 30 "$WORK/offline.json"
+has prompt_tokens 80 "$WORK/offline.json"
+has mode '"offline"' "$WORK/offline.json"
+grep -q '^requests     5 completed, 0 failed' "$WORK/offline.txt" || fail "offline report"
+
+"$TUNA" bench --serve "$SRC/models/pymini" "${common[@]}" --requests 6 --prompt-len 9 --gen 5 --concurrency 2 \
+  --loras 2 --lora-rank 4 --json "$WORK/online.json" >"$WORK/online.txt" || fail "online run exited $?"
+cat "$WORK/online.txt"
+has completed 6 "$WORK/online.json"
+has output_tokens 30 "$WORK/online.json"
+has loras 2 "$WORK/online.json"
+has mode '"online"' "$WORK/online.json"
+
+"$TUNA" bench --serve "$SRC/models/pymini" --requests 0 >/dev/null 2>&1 && fail "--requests 0 accepted"
+
+M="$WORK/synth"
+"$TUNA" bench --synthetic llama-3-tiny --write-synthetic "$M" || fail "--write-synthetic exited $?"
+for f in config.json model.safetensors tokenizer.json tokenizer_config.json generation_config.json; do
+  [ -s "$M/$f" ] || fail "$f missing from the written folder"
+done
+"$TUNA" bench --synthetic llama-3-tiny --write-synthetic "$M" >/dev/null 2>&1 && fail "an existing folder was overwritten"
+"$TUNA" bench --serve "$M" "${common[@]}" --requests 3 --prompt-len 8 --gen 5 --json "$WORK/synth.json" \
+  >/dev/null || fail "bench on the written folder exited $?"
+has completed 3 "$WORK/synth.json"
+"$TUNA" generate "$M" --device cpu --prompt "Hello" --max-tokens 4 --ignore-eos >"$WORK/gen.txt" ||
+  fail "tuna generate on the written folder exited $?"
+if command -v curl >/dev/null; then
+  TUNA="$TUNA" "$SRC/bench/serve_startup.sh" "$M" "$TUNA" -- --device cpu --kv-cache-gb 0.01 >"$WORK/startup.txt" ||
+    fail "serve_startup.sh exited $?"
+  cat "$WORK/startup.txt"
+  grep -q '^startup_seconds [0-9]' "$WORK/startup.txt" || fail "serve_startup.sh printed no time"
+else
+  echo "(curl not installed: bench/serve_startup.sh not checked)"
+fi
+echo "PASS"
