@@ -1,6 +1,7 @@
 /* backward.h — the backward of every op of the forward pass (src/backend/backend.h), one function
  * per op, named after the forward op with _backward, plain pointers with the shapes beside them
- * (llm.c style), float32 on the host. A CUDA twin would keep the same names and argument order.
+ * (llm.c style), float32 on the host. Defined in src/backend/cpu/train_backward.c; the training
+ * op table (src/backend/train_ops.h) wraps them for the CPU and has CUDA twins.
  *
  * Conventions: every gradient output is ACCUMULATED (+=) into, so branches that meet (the
  * residual stream, q/k/v reading one normed input) sum without temporaries; the caller zeroes
@@ -34,6 +35,11 @@ void tuna_rope_backward(float *d, const int64_t *pos, int64_t T, int64_t H, int6
 void tuna_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
                              const float *v, const int64_t *pos, int64_t T, int64_t H, int64_t Hkv, int64_t D,
                              float scale, int64_t window);
+
+/* The forward of the above over the same layout (the training op table's attention_forward on
+ * the CPU): softmax and the weighted sum of v in double. Every sequence starts at position 0. */
+void tuna_attention_forward_train(float *out, const float *q, const float *k, const float *v, const int64_t *pos,
+                                  int64_t T, int64_t H, int64_t Hkv, int64_t D, float scale, int64_t window);
 
 /* Threads for the backward ops that run several (attention: one task per sequence and kv
  * head); <= 0 = all online CPUs. */

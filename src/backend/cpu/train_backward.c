@@ -78,6 +78,7 @@ void tuna_rope_backward(float *d, const int64_t *pos, int64_t T, int64_t H, int6
 }
 
 struct attn_bwd {
+    float *out; /* forward: out[T, H*D] (then dq, dk, dv, dout are unused) */
     float *dq, *dk, *dv;
     const float *dout, *q, *k, *v;
     const int64_t *pos;
@@ -92,7 +93,7 @@ struct attn_bwd {
  * and dq of the query heads that read it, so tasks never write the same floats. */
 static void attn_bwd_task(const struct attn_bwd *a, int64_t task, double *p)
 {
-    double *dp = p + a->maxlen;
+    double *dp = p + a->maxlen, *acc = dp + a->maxlen;
     const int64_t s = task / a->Hkv, kvh = task % a->Hkv, group = a->H / a->Hkv;
     const int64_t D = a->D, HD = a->H * D, KD = a->Hkv * D;
     for (int64_t t = a->seq_start[s]; t < a->seq_start[s + 1]; t++) {
@@ -113,6 +114,20 @@ static void attn_bwd_task(const struct attn_bwd *a, int64_t task, double *p)
             for (int64_t j = 0; j < n; j++) {
                 p[j] = exp(p[j] - m);
                 sum += p[j];
+            }
+            if (a->out) { /* forward: out = softmax v, accumulated in double */
+                for (int64_t e = 0; e < D; e++)
+                    acc[e] = 0;
+                for (int64_t j = 0; j < n; j++) {
+                    const float *vj = a->v + (lo + j) * KD + kvh * D;
+                    const double pj = p[j] / sum;
+                    for (int64_t e = 0; e < D; e++)
+                        acc[e] += pj * vj[e];
+                }
+                float *ot = a->out + t * HD + h * D;
+                for (int64_t e = 0; e < D; e++)
+                    ot[e] = (float)acc[e];
+                continue;
             }
             double pd = 0;
             for (int64_t j = 0; j < n; j++) {
@@ -145,7 +160,7 @@ static void attn_bwd_task(const struct attn_bwd *a, int64_t task, double *p)
 static void *attn_bwd_worker(void *arg)
 {
     struct attn_bwd *a = arg;
-    double *p = malloc((size_t)a->maxlen * 2 * sizeof *p);
+    double *p = malloc((size_t)(a->maxlen * 2 + a->D) * sizeof *p);
     if (!p) abort(); /* 16 bytes per position */
     for (;;) {
         int64_t task = __atomic_fetch_add(&a->next, 1, __ATOMIC_RELAXED);
@@ -162,9 +177,10 @@ void tuna_backward_set_threads(int n)
     bwd_threads = n;
 }
 
-void tuna_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
-                             const float *v, const int64_t *pos, int64_t T, int64_t H, int64_t Hkv, int64_t D,
-                             float scale, int64_t window)
+/* One pass of the forward (out != NULL) or the backward over every (sequence, kv head). */
+static void attn_run(float *out, float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
+                     const float *v, const int64_t *pos, int64_t T, int64_t H, int64_t Hkv, int64_t D, float scale,
+                     int64_t window)
 {
     int64_t maxlen = 1, n_seq = 0;
     for (int64_t t = 0; t < T; t++) {
@@ -176,7 +192,7 @@ void tuna_attention_backward(float *dq, float *dk, float *dv, const float *dout,
     for (int64_t t = 0, s = 0; t < T; t++)
         if (pos[t] == 0) starts[s++] = t;
     starts[n_seq] = T;
-    struct attn_bwd a = {dq, dk, dv, dout, q, k, v, pos, T, H, Hkv, D, window, maxlen, scale, starts, n_seq, 0};
+    struct attn_bwd a = {out, dq, dk, dv, dout, q, k, v, pos, T, H, Hkv, D, window, maxlen, scale, starts, n_seq, 0};
     int nt = bwd_threads > 0 ? bwd_threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
     if (nt > 64) nt = 64;
     if ((int64_t)nt > n_seq * Hkv) nt = (int)(n_seq * Hkv);
@@ -189,6 +205,19 @@ void tuna_attention_backward(float *dq, float *dk, float *dv, const float *dout,
     for (int i = 0; i < started; i++)
         pthread_join(th[i], NULL);
     free(starts);
+}
+
+void tuna_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
+                             const float *v, const int64_t *pos, int64_t T, int64_t H, int64_t Hkv, int64_t D,
+                             float scale, int64_t window)
+{
+    attn_run(NULL, dq, dk, dv, dout, q, k, v, pos, T, H, Hkv, D, scale, window);
+}
+
+void tuna_attention_forward_train(float *out, const float *q, const float *k, const float *v, const int64_t *pos,
+                                  int64_t T, int64_t H, int64_t Hkv, int64_t D, float scale, int64_t window)
+{
+    attn_run(out, NULL, NULL, NULL, NULL, q, k, v, pos, T, H, Hkv, D, scale, window);
 }
 
 void tuna_glu_backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up, int64_t n,

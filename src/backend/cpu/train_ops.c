@@ -1,8 +1,7 @@
 /* train_ops.c — the CPU training op table (backend/train_ops.h), the reference the CUDA twins are
  * tested against: the backward ops of train_backward.c, plus the LoRA forward, dropout, row
- * gather/scatter, the cross-entropy per row, attention over the training layout through the
- * inference attention op (size-1 KV blocks over the contiguous k, v), the gradient norm and
- * AdamW in torch's operation order. Float32 with double accumulation where a sum runs long.
+ * gather/scatter, the cross-entropy per row, attention over the training layout (softmax in
+ * double, train_backward.c), the gradient norm and AdamW in torch's operation order. Float32 with double accumulation where a sum runs long.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -103,25 +102,13 @@ static void cpu_rope_backward(tuna_backend *be, float *d, const int64_t *pos, in
     tuna_rope_backward(d, pos, T, H, D, rot_dim, inv_freq, attn_factor);
 }
 
-/* The inference op over the training layout: token t's sequence starts at row t - pos[t], so
- * with block size 1 its table is rows + (t - pos[t]) over rows[i] = i. */
 static void cpu_attention_forward(tuna_backend *be, float *out, const float *q, const float *k, const float *v,
                                   const int64_t *pos, int64_t T, int64_t H, int64_t Hkv, int64_t D, float scale,
                                   int64_t window, bool fast, float *work, int64_t work_floats)
 {
     (void)fast, (void)work, (void)work_floats;
-    if (T <= 0) return;
-    int32_t *rows = malloc((size_t)T * sizeof *rows);
-    const int32_t **bt = malloc((size_t)T * sizeof *bt);
-    if (!rows || !bt) abort(); /* 12 bytes per token */
-    for (int64_t i = 0; i < T; i++) {
-        rows[i] = (int32_t)i;
-        bt[i] = rows + (i - pos[i]);
-    }
-    struct tuna_attn_batch ab = {T, pos, bt, 1, window, (int32_t)T};
-    tuna_cpu_backend_ops()->attention(be, out, q, k, v, TUNA_DTYPE_F32, &ab, H, Hkv, D, scale);
-    free(rows);
-    free(bt);
+    tuna_backward_set_threads(tuna_cpu_backend_threads(be));
+    tuna_attention_forward_train(out, q, k, v, pos, T, H, Hkv, D, scale, window);
 }
 
 static void cpu_attention_backward(tuna_backend *be, float *dq, float *dk, float *dv, const float *dout,
