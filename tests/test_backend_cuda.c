@@ -223,6 +223,44 @@ static void test_lora(void **state)
     tuna_cuda_free(g_gpu, dx), tuna_cuda_free(g_gpu, dy);
 }
 
+/* argmax: random rows of odd width (wider than one block's stride), crafted ties (the lowest
+ * index must win across threads and warps), NaN first (0) and elsewhere (skipped), all -inf. */
+static void test_argmax(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    const int64_t T = 13, V = 128259;
+    float *x = rnd((size_t)(T * V));
+    for (int64_t i = 0; i < V; i++) x[1 * V + i] = 0.5f;           /* all equal: 0 */
+    x[2 * V + 70001] = 3.0f, x[2 * V + 5] = 3.0f, x[2 * V + 99999] = 3.0f; /* ties in far apart threads */
+    x[3 * V + 0] = NAN;                                               /* NaN first: 0 */
+    x[4 * V + 7] = NAN, x[4 * V + 8] = 2.0f;                          /* NaN skipped */
+    for (int64_t i = 0; i < V; i++) x[5 * V + i] = -INFINITY;        /* all -inf: 0 */
+    x[5 * V + V - 1] = -1.0f;
+    for (int64_t i = 0; i < V; i++) x[6 * V + i] = (float)(i % 1000); /* 128 tied maxima */
+    int32_t want[13], got[13];
+    TT_OK(g_cops->argmax(g_cpu, want, x, T, V));
+    assert_int_equal(want[1], 0);
+    assert_int_equal(want[2], 5);
+    assert_int_equal(want[3], 0);
+    assert_int_equal(want[4], 8);
+    assert_int_equal(want[5], V - 1);
+    assert_int_equal(want[6], 999);
+    float *dx = dev(x, (size_t)(T * V) * 4);
+    memset(got, 0xff, sizeof got);
+    TT_OK(g_gops->argmax(g_gpu, got, dx, T, V));
+    for (int64_t t = 0; t < T; t++) {
+        if (got[t] != want[t]) {
+            print_error("argmax row %lld: GPU %d, CPU %d\n", (long long)t, got[t], want[t]);
+            fail();
+        }
+    }
+    TT_OK(g_gops->argmax(g_gpu, got, dx, 1, 1)); /* V = 1 */
+    assert_int_equal(got[0], 0);
+    free(x);
+    tuna_cuda_free(g_gpu, dx);
+}
+
 static void test_elementwise(void **state)
 {
     (void)state;
@@ -358,6 +396,7 @@ int main(void)
         cmocka_unit_test(test_matmul),
         cmocka_unit_test(test_matmul_q4),
         cmocka_unit_test(test_lora),
+        cmocka_unit_test(test_argmax),
         cmocka_unit_test(test_elementwise),
         cmocka_unit_test(test_attention),
         cmocka_unit_test(test_sticky_error),

@@ -94,6 +94,12 @@ struct tuna_backend_ops {
     void (*lora)(tuna_backend *be, float *y, const float *x, int64_t T, int64_t N, int64_t K,
                  const struct tuna_lora *adapters, int n_adapters, const int32_t *adapter);
 
+    /* Greedy ids: out[t] = the column of the largest value of row t of logits [T, V] (backend
+     * memory), ties to the lowest column, NaN never chosen (0 when column 0 is NaN), exactly as
+     * the sampler's greedy on the host. out is a HOST array [T]; the call waits for the result
+     * (on a GPU only T ints cross the bus instead of T*V floats). Returns the sticky error (CUDA). */
+    tuna_status (*argmax)(tuna_backend *be, int32_t *out, const float *logits, int64_t T, int64_t V);
+
     /* --- memory: activations, weights and the KV cache live in the backend's memory --------
      * (host memory for the CPU backend, device memory for CUDA). Small metadata (ids, positions,
      * slots, block tables, inv_freq) is always host memory. */

@@ -196,8 +196,10 @@ static tuna_status place_tokens(struct tuna_model *m, tuna_kv_cache *kv, const s
     return TUNA_OK;
 }
 
-tuna_status tuna_model_forward(struct tuna_model *m, tuna_kv_cache *kv, const struct tuna_batch *b,
-                               float *logits, struct tuna_fwd_trace *trace)
+/* The step; the rows that want logits get them in `logits` (host [n, V]) or, when `ids` is given
+ * instead, only their greedy ids (host [n]) through the backend's argmax. */
+static tuna_status forward_step(struct tuna_model *m, tuna_kv_cache *kv, const struct tuna_batch *b, float *logits,
+                                int32_t *ids, struct tuna_fwd_trace *trace)
 {
     const struct tuna_arch *a = &m->arch;
     const struct tuna_backend_ops *op = m->ops;
@@ -254,12 +256,12 @@ tuna_status tuna_model_forward(struct tuna_model *m, tuna_kv_cache *kv, const st
         op->add(be, x, ws->tmp, T * C);
     }
     if (trace) op->copy(be, trace->x_final, x, (size_t)(T * C) * sizeof(float));
-    if (!logits || b->n_logits == 0) return op->sync(be);
+    if ((!logits && !ids) || b->n_logits == 0) return op->sync(be);
     int64_t n = 0;
     for (int64_t t = 0; t < T; t++)
         if (b->logits[t]) op->copy(be, ws->sel + (n++) * C, x + t * C, (size_t)C * sizeof(float));
     op->rmsnorm(be, ws->sel, ws->sel, m->final_norm, n, C, (float)a->norm_eps);
-    if (op->host_memory) {
+    if (op->host_memory && logits) {
         op->matmul(be, logits, ws->sel, &m->lm_head.w, NULL, n); /* (n, V) */
         return TUNA_OK;
     }
@@ -272,5 +274,17 @@ tuna_status tuna_model_forward(struct tuna_model *m, tuna_kv_cache *kv, const st
         ws->logits_cap = n;
     }
     op->matmul(be, ws->logits, ws->sel, &m->lm_head.w, NULL, n);      /* (n, V) */
+    if (ids) return op->argmax(be, ids, ws->logits, n, V);             /* n ints cross the bus, syncs */
     return op->download(be, logits, ws->logits, (size_t)(n * V) * sizeof(float)); /* syncs */
+}
+
+tuna_status tuna_model_forward(struct tuna_model *m, tuna_kv_cache *kv, const struct tuna_batch *b, float *logits,
+                               struct tuna_fwd_trace *trace)
+{
+    return forward_step(m, kv, b, logits, NULL, trace);
+}
+
+tuna_status tuna_model_forward_greedy(struct tuna_model *m, tuna_kv_cache *kv, const struct tuna_batch *b, int32_t *ids)
+{
+    return forward_step(m, kv, b, NULL, ids, NULL);
 }

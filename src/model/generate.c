@@ -21,6 +21,12 @@ void tuna_gen_result_free(struct tuna_gen_result *r)
     memset(r, 0, sizeof *r);
 }
 
+bool tuna_gen_is_plain_greedy(const struct tuna_sampling *s)
+{
+    return s->temperature < 1e-5f && s->repetition_penalty == 1.0f && s->presence_penalty == 0 &&
+           s->frequency_penalty == 0;
+}
+
 struct textbuf {
     char *s;
     size_t len, cap, emitted;
@@ -102,16 +108,19 @@ tuna_status tuna_generate(struct tuna_model *m, tuna_kv_cache *kv, int32_t seq, 
     res->prompt_tokens = n_prompt;
     res->finish_reason = "length";
 
+    /* plain greedy: only the id crosses from the backend (no [V] logits download per token) */
+    const bool greedy = tuna_gen_is_plain_greedy(&o->sampling);
+    int32_t gid = 0;
     double t0 = now_s();
     st = tuna_batch_add_seq(&b, prompt, n_prompt, seq, cached, false, true);
     for (int64_t t = 0; t < b.n; t++) b.adapter[t] = o->adapter_plus1 - 1;
-    if (!st) st = tuna_model_forward(m, kv, &b, logits, NULL);
+    if (!st) st = greedy ? tuna_model_forward_greedy(m, kv, &b, &gid) : tuna_model_forward(m, kv, &b, logits, NULL);
     if (st) goto done;
     res->prefill_seconds = now_s() - t0;
     t0 = now_s();
     int64_t pos = cached + n_prompt;
     for (;;) {
-        int32_t id = tuna_sampler_sample(smp, logits);
+        int32_t id = greedy ? gid : tuna_sampler_sample(smp, logits);
         if (is_stop_id(o, id)) {
             res->finish_reason = "stop";
             break;
@@ -155,7 +164,8 @@ tuna_status tuna_generate(struct tuna_model *m, tuna_kv_cache *kv, int32_t seq, 
         tuna_batch_clear(&b);
         if ((st = tuna_batch_add(&b, id, seq, pos, true))) goto done;
         b.adapter[b.n - 1] = o->adapter_plus1 - 1;
-        if ((st = tuna_model_forward(m, kv, &b, logits, NULL))) goto done;
+        st = greedy ? tuna_model_forward_greedy(m, kv, &b, &gid) : tuna_model_forward(m, kv, &b, logits, NULL);
+        if (st) goto done;
         pos++;
     }
     if (o->detok && strcmp(res->finish_reason, "abort") != 0) emit(o, &tb, tb.len);

@@ -43,6 +43,11 @@ struct tuna_gen_result {
 };
 void tuna_gen_result_free(struct tuna_gen_result *r);
 
+/* True when sampling with s is a plain argmax of the raw logits: greedy (temperature < 1e-5, the
+ * sampler's threshold) and no repetition/presence/frequency penalty. Such steps can take
+ * tuna_model_forward_greedy (the argmax computed where the logits are). */
+bool tuna_gen_is_plain_greedy(const struct tuna_sampling *s);
+
 /* Appends prompt to sequence seq of kv (which may already hold earlier turns) and generates.
  * A prompt that does not fit the context is refused with TUNA_E_RANGE; generation that reaches
  * the context limit stops with finish reason "length". */

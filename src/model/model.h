@@ -140,6 +140,11 @@ tuna_status tuna_model_kv_new(const struct tuna_model *m, int64_t n_tokens, int3
  * logits: [rows with want_logits, V] in batch order. trace: NULL, or keeps what backward needs. */
 tuna_status tuna_model_forward(struct tuna_model *m, tuna_kv_cache *kv, const struct tuna_batch *b,
                                float *logits, struct tuna_fwd_trace *trace);
+/* The same step for greedy decoding: ids[n_logits] (host) receives the argmax of each row's
+ * logits in batch order (lowest id on ties, as tuna_sampler_sample at temperature 0), computed
+ * where the logits are (backend argmax op), so a GPU sends n ints instead of n x V floats. */
+tuna_status tuna_model_forward_greedy(struct tuna_model *m, tuna_kv_cache *kv, const struct tuna_batch *b,
+                                      int32_t *ids);
 
 /* Backend start/stop and device memory (device.c; used by the loader). */
 tuna_status tuna_model_start_backend(struct tuna_model *m, const struct tuna_model_opts *opts, int64_t max_k);

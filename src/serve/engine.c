@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "core/status.h"
+#include "model/generate.h"
 #include "serve/scheduler.h"
 
 struct eseq {
@@ -50,6 +51,7 @@ struct tuna_engine {
     float *logits;
     int64_t cap_logits;      /* rows */
     float *scratch;          /* [V] */
+    int32_t *ids;            /* [cap_logits] greedy ids of a step where no row needs its logits */
     /* LoRA slots: changed only by the engine thread between steps */
     const struct tuna_lora_adapter **lslots; /* [cfg.max_loras] borrowed, NULL = empty */
     int32_t *lkeys;                          /* [cfg.max_loras] prefix-cache keys */
@@ -272,18 +274,30 @@ static long find_stop(const struct tuna_serve_params *p, const struct eseq *s, s
     return best;
 }
 
-/* Samples the next token of sequence i from its logits row; returns the finish reason or NULL. */
-static const char *next_token(tuna_engine *e, struct eseq *s, float *lg, tuna_status *st)
+/* Whether the next token of s needs its logits row on the host: anything but a plain argmax
+ * (sampling, penalties, logprobs, stop ids masked until min_tokens). */
+static bool needs_logits(const struct eseq *s)
+{
+    const struct tuna_serve_params *p = &s->req->p;
+    return p->logprobs || !tuna_gen_is_plain_greedy(&p->sampling) || (s->n_out < p->min_tokens && p->n_stop_ids > 0);
+}
+
+/* Samples the next token of sequence i from its logits row (lg), or takes the greedy id the
+ * backend computed (lg NULL, needs_logits false); returns the finish reason or NULL. */
+static const char *next_token(tuna_engine *e, struct eseq *s, float *lg, int32_t greedy_id, tuna_status *st)
 {
     const struct tuna_serve_params *p = &s->req->p;
     const int64_t V = e->m->arch.vocab_size;
     *st = TUNA_OK;
-    if (s->n_out < p->min_tokens) /* stop tokens are not allowed before min_tokens */
-        for (int i = 0; i < p->n_stop_ids; i++)
-            if (p->stop_ids[i] >= 0 && p->stop_ids[i] < V) lg[p->stop_ids[i]] = -INFINITY;
-    if (p->logprobs) memcpy(e->scratch, lg, (size_t)V * sizeof *lg);
-    int32_t id = tuna_sampler_sample(s->smp, lg);
-    if (p->logprobs) record_logprobs(e, s, e->scratch, id);
+    int32_t id = greedy_id;
+    if (lg) {
+        if (s->n_out < p->min_tokens) /* stop tokens are not allowed before min_tokens */
+            for (int i = 0; i < p->n_stop_ids; i++)
+                if (p->stop_ids[i] >= 0 && p->stop_ids[i] < V) lg[p->stop_ids[i]] = -INFINITY;
+        if (p->logprobs) memcpy(e->scratch, lg, (size_t)V * sizeof *lg);
+        id = tuna_sampler_sample(s->smp, lg);
+        if (p->logprobs) record_logprobs(e, s, e->scratch, id);
+    }
     if ((*st = tuna_sched_append(s->q, id))) return "error";
     s->n_out++;
     double now = tuna_serve_now();
@@ -368,14 +382,20 @@ static void step(tuna_engine *e)
     if (!st && e->batch.n == 0) st = tuna_fail(TUNA_E_INTERNAL, "scheduler: nothing fits the KV cache");
     if (!st && e->batch.n_logits > e->cap_logits) {
         float *nl = realloc(e->logits, (size_t)e->batch.n_logits * (size_t)e->m->arch.vocab_size * sizeof(float));
-        if (!nl) st = tuna_fail_oom("logits", (size_t)e->batch.n_logits * (size_t)e->m->arch.vocab_size * 4);
-        else {
-            e->logits = nl;
-            e->cap_logits = e->batch.n_logits;
-        }
+        int32_t *ni = nl ? realloc(e->ids, (size_t)e->batch.n_logits * sizeof *ni) : NULL;
+        if (nl) e->logits = nl;
+        if (ni) e->ids = ni;
+        if (!nl || !ni) st = tuna_fail_oom("logits", (size_t)e->batch.n_logits * (size_t)e->m->arch.vocab_size * 4);
+        else e->cap_logits = e->batch.n_logits;
     }
+    /* when every row of the step is a plain argmax, the backend computes it where the logits are
+     * and only the ids come back (on a GPU: T ints instead of T x V floats) */
+    bool greedy = true;
+    for (int64_t k = 0; k < n_plan && greedy; k++)
+        if (plan[k]->step_row >= 0) greedy = !needs_logits(plan[k]->user);
     double t_fwd = tuna_serve_now();
-    if (!st) st = tuna_model_forward(e->m, e->kv, &e->batch, e->logits, NULL);
+    if (!st) st = greedy ? tuna_model_forward_greedy(e->m, e->kv, &e->batch, e->ids)
+                         : tuna_model_forward(e->m, e->kv, &e->batch, e->logits, NULL);
     if (!st) {
         int64_t used = tuna_kv_n_blocks(e->kv) - tuna_kv_free_blocks(e->kv);
         pthread_mutex_lock(&e->mu);
@@ -407,7 +427,8 @@ static void step(tuna_engine *e)
         struct tuna_sched_seq *q = plan[k];
         if (q->step_row < 0) continue;
         struct eseq *s = q->user;
-        const char *fin = next_token(e, s, e->logits + q->step_row * V, &st);
+        const char *fin = greedy ? next_token(e, s, NULL, e->ids[q->step_row], &st)
+                                 : next_token(e, s, e->logits + q->step_row * V, 0, &st);
         if (!fin) continue;
         if (st) {
             pthread_mutex_lock(&s->req->mu);
@@ -600,6 +621,7 @@ void tuna_engine_free(tuna_engine *e)
     free(e->seqs);
     tuna_batch_free(&e->batch);
     free(e->logits);
+    free(e->ids);
     free(e->scratch);
     if (e->att) tuna_lora_detach(e->m, e->att);
     free(e->lslots);

@@ -133,6 +133,7 @@ static const struct tuna_backend_ops k_cpu_ops = {
     .embedding = tuna_cpu_embedding,
     .add = tuna_cpu_add,
     .lora = tuna_cpu_lora,
+    .argmax = tuna_cpu_argmax,
     .alloc = cpu_alloc,
     .release = cpu_release,
     .upload = cpu_upload,

@@ -107,5 +107,6 @@ void tuna_cpu_embedding(tuna_backend *be, float *out, const int32_t *ids, int64_
 void tuna_cpu_add(tuna_backend *be, float *y, const float *x, int64_t n);
 void tuna_cpu_lora(tuna_backend *be, float *y, const float *x, int64_t T, int64_t N, int64_t K,
                    const struct tuna_lora *adapters, int n_adapters, const int32_t *adapter);
+tuna_status tuna_cpu_argmax(tuna_backend *be, int32_t *out, const float *logits, int64_t T, int64_t V);
 
 #endif

@@ -159,6 +159,7 @@ extern "C" void tuna_cuda_backend_free(tuna_backend *be)
     if (be->host_meta) cudaFreeHost(be->host_meta);
     cudaFree(be->half.p);
     cudaFree(be->wdeq.p);
+    cudaFree(be->argmax_ids.p);
     cublasDestroy(be->blas);
     cudaStreamDestroy(be->stream);
     free(be);
@@ -343,6 +344,7 @@ static const struct tuna_backend_ops k_cuda_ops = {
     tuna_cuda_embedding,
     tuna_cuda_add,
     tuna_cuda_lora,
+    tuna_cuda_argmax,
     tuna_cuda_alloc,
     cuda_release,
     tuna_cuda_upload,

@@ -25,6 +25,7 @@ struct tuna_backend {
     struct cuda_grow_buf meta;   /* device arena for int metadata (ids, positions, slots, tables) */
     struct cuda_grow_buf half;   /* activations rounded to bf16/f16 for cuBLAS */
     struct cuda_grow_buf wdeq;   /* a 4-bit weight dequantized for a prefill GEMM */
+    struct cuda_grow_buf argmax_ids; /* [T] int32 greedy ids before their download (argmax.cu) */
     void *host_meta;             /* pinned host arena, the same size: copies from it are truly async */
     size_t host_meta_cap;
     size_t meta_used, meta_flushed; /* append offsets in both arenas; reset only after a sync */
@@ -73,6 +74,7 @@ void tuna_cuda_add(tuna_backend *be, float *y, const float *x, int64_t n);
 
 void tuna_cuda_lora(tuna_backend *be, float *y, const float *x, int64_t T, int64_t N, int64_t K,
                     const struct tuna_lora *adapters, int n_adapters, const int32_t *adapter);
+tuna_status tuna_cuda_argmax(tuna_backend *be, int32_t *out, const float *logits, int64_t T, int64_t V);
 
 /* 4-bit weights (q4.cu): the 16-entry table passed by value to kernels. */
 struct q4_lut {
