@@ -106,7 +106,16 @@ static void test_rmsnorm_glu_embedding(void **state)
     tuna_cpu_backend_free(be);
 }
 
-/* Attention over a scrambled block table against a dense softmax, GQA 6 heads over 2. */
+/* x as a KV cache of dtype dt stores it */
+static double kv_round(enum tuna_dtype dt, float x)
+{
+    if (dt == TUNA_DTYPE_BF16) return tuna_bf16_to_f32(tuna_f32_to_bf16(x));
+    if (dt == TUNA_DTYPE_F16) return tuna_f16_to_f32(tuna_f32_to_f16(x));
+    return x;
+}
+
+/* Attention over a scrambled block table against a dense softmax, GQA 6 heads over 2, with a
+ * float32, bf16 and f16 cache (the reference reads the values the 16-bit caches hold). */
 static void test_attention(void **state)
 {
     (void)state;
@@ -131,11 +140,19 @@ static void test_attention(void **state)
         pos[p] = p;
         bts[p] = table;
     }
-    op->kv_store(be, kc, vc, &k[0][0], &v[0][0], slot, L, Hkv * D);
+    const enum tuna_dtype dts[3] = {TUNA_DTYPE_F32, TUNA_DTYPE_BF16, TUNA_DTYPE_F16};
+    for (int di = 0; di < 3; di++)
     for (int window = 0; window <= 70; window += 70) {
-        struct tuna_attn_batch b = {L, pos, bts, BS, window};
+        const enum tuna_dtype dt = dts[di];
+        op->kv_store(be, kc, vc, dt, &k[0][0], &v[0][0], slot, L, Hkv * D);
+        if (dt != TUNA_DTYPE_F32) { /* the stored bits are the rounded values */
+            const uint16_t *kh = (const uint16_t *)kc;
+            uint16_t want = dt == TUNA_DTYPE_BF16 ? tuna_f32_to_bf16(k[5][3]) : tuna_f32_to_f16(k[5][3]);
+            assert_int_equal(kh[slot[5] * Hkv * D + 3], want);
+        }
+        struct tuna_attn_batch b = {L, pos, bts, BS, window, NB};
         float scale = 1.0f / sqrtf(D);
-        op->attention(be, &out[0][0], &q[0][0], kc, vc, &b, H, Hkv, D, scale);
+        op->attention(be, &out[0][0], &q[0][0], kc, vc, dt, &b, H, Hkv, D, scale);
         double worst = 0;
         for (int t = 0; t < L; t++)
             for (int h = 0; h < H; h++) {
@@ -143,19 +160,19 @@ static void test_attention(void **state)
                 double s[L], mx = -1e300, z = 0;
                 for (int p = start; p <= t; p++) {
                     double d = 0;
-                    for (int i = 0; i < D; i++) d += (double)q[t][h * D + i] * k[p][kvh * D + i];
+                    for (int i = 0; i < D; i++) d += (double)q[t][h * D + i] * kv_round(dt, k[p][kvh * D + i]);
                     s[p] = d * scale;
                     mx = s[p] > mx ? s[p] : mx;
                 }
                 for (int p = start; p <= t; p++) z += exp(s[p] - mx);
                 for (int i = 0; i < D; i++) {
                     double o = 0;
-                    for (int p = start; p <= t; p++) o += exp(s[p] - mx) / z * v[p][kvh * D + i];
+                    for (int p = start; p <= t; p++) o += exp(s[p] - mx) / z * kv_round(dt, v[p][kvh * D + i]);
                     double e = fabs(o - out[t][h * D + i]);
                     worst = e > worst ? e : worst;
                 }
             }
-        printf("  attention window %d: max abs err %.2e\n", window, worst);
+        printf("  attention %s cache, window %d: max abs err %.2e\n", tuna_dtype_name(dt), window, worst);
         assert_true(worst < 1e-5);
     }
     free(kc);

@@ -349,10 +349,10 @@ static void test_attention(void **state)
         float *q = rnd(nq), *oc = malloc(nq * 4), *og = malloc(nq * 4);
         float *dq = dev(q, nq * 4), *dout = dev(NULL, nq * 4);
         for (int win = 0; win < 2; win++) {
-            struct tuna_attn_batch b = {T, pos, bt, bs, win ? 100 : 0};
+            struct tuna_attn_batch b = {T, pos, bt, bs, win ? 100 : 0, 64};
             float scale = 1.0f / sqrtf((float)D);
-            g_cops->attention(g_cpu, oc, q, kc, vc, &b, H, Hkv, D, scale);
-            g_gops->attention(g_gpu, dout, dq, dkc, dvc, &b, H, Hkv, D, scale);
+            g_cops->attention(g_cpu, oc, q, kc, vc, TUNA_DTYPE_F32, &b, H, Hkv, D, scale);
+            g_gops->attention(g_gpu, dout, dq, dkc, dvc, TUNA_DTYPE_F32, &b, H, Hkv, D, scale);
             back(og, dout, nq * 4);
             char what[64];
             snprintf(what, sizeof what, "attention D=%lld window=%d", (long long)D, win ? 100 : 0);
@@ -362,8 +362,8 @@ static void test_attention(void **state)
         int64_t slot[9] = {5, 700, 33, 1023, 0, 512, 77, 78, 79};
         float *k = rnd((size_t)(T * HkvD)), *v = rnd((size_t)(T * HkvD));
         float *dk = dev(k, (size_t)(T * HkvD) * 4), *dv = dev(v, (size_t)(T * HkvD) * 4);
-        g_cops->kv_store(g_cpu, kc, vc, k, v, slot, T, HkvD);
-        g_gops->kv_store(g_gpu, dkc, dvc, dk, dv, slot, T, HkvD);
+        g_cops->kv_store(g_cpu, kc, vc, TUNA_DTYPE_F32, k, v, slot, T, HkvD);
+        g_gops->kv_store(g_gpu, dkc, dvc, TUNA_DTYPE_F32, dk, dv, slot, T, HkvD);
         float *kg = malloc((size_t)(slots * HkvD) * 4);
         back(kg, dkc, (size_t)(slots * HkvD) * 4);
         check("kv_store k", kg, kc, (size_t)(slots * HkvD), 0);

@@ -80,8 +80,8 @@ static void test_fork_cow(void **state)
     TT_OK(tuna_kv_seq_grow(kv, a, 6)); /* blocks: full + half */
     for (int64_t p = 0; p < 6; p++)
         for (int l = 0; l < 2; l++) {
-            tuna_kv_k(kv, l)[tuna_kv_slot(kv, a, p) * 2] = (float)(100 * l + p);
-            tuna_kv_v(kv, l)[tuna_kv_slot(kv, a, p) * 2 + 1] = (float)(-100 * l - p);
+            ((float *)tuna_kv_k(kv, l))[tuna_kv_slot(kv, a, p) * 2] = (float)(100 * l + p);
+            ((float *)tuna_kv_v(kv, l))[tuna_kv_slot(kv, a, p) * 2 + 1] = (float)(-100 * l - p);
         }
     TT_OK(tuna_kv_seq_fork(kv, a, &b));
     assert_int_equal(tuna_kv_seq_len(kv, b), 6);
@@ -100,12 +100,12 @@ static void test_fork_cow(void **state)
     assert_int_equal(tuna_kv_free_blocks(kv), 3);
     for (int64_t p = 0; p < 6; p++)
         for (int l = 0; l < 2; l++) {
-            assert_true(tuna_kv_k(kv, l)[tuna_kv_slot(kv, b, p) * 2] == (float)(100 * l + p));
-            assert_true(tuna_kv_v(kv, l)[tuna_kv_slot(kv, b, p) * 2 + 1] == (float)(-100 * l - p));
+            assert_true(((float *)tuna_kv_k(kv, l))[tuna_kv_slot(kv, b, p) * 2] == (float)(100 * l + p));
+            assert_true(((float *)tuna_kv_v(kv, l))[tuna_kv_slot(kv, b, p) * 2 + 1] == (float)(-100 * l - p));
         }
     /* writing b's copy leaves a alone */
-    tuna_kv_k(kv, 0)[tuna_kv_slot(kv, b, 5) * 2] = 42.0f;
-    assert_true(tuna_kv_k(kv, 0)[tuna_kv_slot(kv, a, 5) * 2] == 5.0f);
+    ((float *)tuna_kv_k(kv, 0))[tuna_kv_slot(kv, b, 5) * 2] = 42.0f;
+    assert_true(((float *)tuna_kv_k(kv, 0))[tuna_kv_slot(kv, a, 5) * 2] == 5.0f);
     tuna_kv_seq_free(kv, a);
     assert_int_equal(tuna_kv_block_refcount(kv, bb[0]), 1);
     tuna_kv_seq_free(kv, b);
@@ -281,7 +281,7 @@ static void test_prefix_registered_blocks_are_immutable(void **state)
         int32_t t[4] = {3, 1, 4, 1}, a, b;
         TT_OK(tuna_kv_seq_new(kv, &a));
         TT_OK(tuna_kv_seq_grow(kv, a, 4));
-        for (int p = 0; p < 4; p++) tuna_kv_k(kv, 0)[tuna_kv_slot(kv, a, p)] = (float)t[p];
+        for (int p = 0; p < 4; p++) ((float *)tuna_kv_k(kv, 0))[tuna_kv_slot(kv, a, p)] = (float)t[p];
         TT_OK(tuna_kv_seq_cache_blocks(kv, a, t, 4, 7));
         int32_t old = tuna_kv_seq_blocks(kv, a)[0];
         TT_OK(tuna_kv_seq_truncate(kv, a, 2));
@@ -289,14 +289,14 @@ static void test_prefix_registered_blocks_are_immutable(void **state)
         assert_int_not_equal(tuna_kv_seq_blocks(kv, a)[0], old);
         assert_int_equal(g_copies, use_ops ? 2 : 0); /* K and V of one layer */
         assert_int_equal(tuna_kv_block_refcount(kv, old), 0);
-        tuna_kv_k(kv, 0)[tuna_kv_slot(kv, a, 2)] = 42.0f;
-        assert_true(tuna_kv_k(kv, 0)[tuna_kv_slot(kv, a, 1)] == 1.0f); /* the copy kept the first tokens */
+        ((float *)tuna_kv_k(kv, 0))[tuna_kv_slot(kv, a, 2)] = 42.0f;
+        assert_true(((float *)tuna_kv_k(kv, 0))[tuna_kv_slot(kv, a, 1)] == 1.0f); /* the copy kept the first tokens */
         /* the cached block is intact and found again */
         assert_int_equal(tuna_kv_prefix_match(kv, t, 4, 7, NULL), 1);
         TT_OK(tuna_kv_seq_new(kv, &b));
         TT_OK(tuna_kv_seq_take_prefix(kv, b, t, 1, 7));
         assert_int_equal(tuna_kv_seq_blocks(kv, b)[0], old);
-        for (int p = 0; p < 4; p++) assert_true(tuna_kv_k(kv, 0)[tuna_kv_slot(kv, b, p)] == (float)t[p]);
+        for (int p = 0; p < 4; p++) assert_true(((float *)tuna_kv_k(kv, 0))[tuna_kv_slot(kv, b, p)] == (float)t[p]);
         /* a's new contents register as their own block */
         int32_t t2[4] = {3, 1, 9, 9};
         TT_OK(tuna_kv_seq_grow(kv, a, 4));
@@ -349,7 +349,7 @@ static void test_prefix_random_walk(void **state)
             if (to > MAXT) to = MAXT;
             tuna_status st = tuna_kv_seq_grow(kv, id[i], to);
             if (st == TUNA_OK) {
-                for (int64_t p = len[i]; p < to; p++) tuna_kv_k(kv, 0)[tuna_kv_slot(kv, id[i], p)] = (float)tok[i][p];
+                for (int64_t p = len[i]; p < to; p++) ((float *)tuna_kv_k(kv, 0))[tuna_kv_slot(kv, id[i], p)] = (float)tok[i][p];
                 len[i] = to;
                 TT_OK(tuna_kv_seq_cache_blocks(kv, id[i], tok[i], to, adapter[i]));
             } else {
@@ -379,7 +379,7 @@ static void test_prefix_random_walk(void **state)
         for (int k = 0; k < NS; k++) {
             if (id[k] < 0) continue;
             assert_int_equal(tuna_kv_seq_len(kv, id[k]), len[k]);
-            for (int64_t p = 0; p < len[k]; p++) assert_true(tuna_kv_k(kv, 0)[tuna_kv_slot(kv, id[k], p)] == (float)tok[k][p]);
+            for (int64_t p = 0; p < len[k]; p++) assert_true(((float *)tuna_kv_k(kv, 0))[tuna_kv_slot(kv, id[k], p)] == (float)tok[k][p]);
             for (int64_t bi = 0; bi < tuna_kv_seq_nblocks(kv, id[k]); bi++) refs[tuna_kv_seq_blocks(kv, id[k])[bi]]++;
         }
         int32_t unref = 0;

@@ -39,13 +39,20 @@ struct tuna_lora {
 
 /* Where each token of a step reads its keys and values in the paged KV cache.
  * Slot s of a layer's cache lives at k + s*Hkv*D; a token's logical position p of its sequence
- * is in slot block_table[p / block_size] * block_size + p % block_size. */
+ * is in slot block_table[p / block_size] * block_size + p % block_size.
+ *
+ * max_blocks_per_seq bounds the length of every block table the cache can hand out
+ * (ceil(max_model_len / block_size), filled by the callers from the KV cache). A GPU backend
+ * derives its launch configuration only from T, the head shape, block_size and this bound, never
+ * from the actual positions (which it reads from device memory), so one captured launch serves
+ * every decode step of the same batch size. 0 = unknown: the bound is taken from the positions. */
 struct tuna_attn_batch {
     int64_t T;
     const int64_t *pos;                   /* [T] position of each token in its sequence */
     const int32_t *const *block_tables;   /* [T] the block table of each token's sequence */
     int32_t block_size;
     int64_t sliding_window;               /* 0 = attend to all earlier positions */
+    int32_t max_blocks_per_seq;           /* see above; 0 = unknown */
 };
 
 typedef struct tuna_backend tuna_backend; /* opaque per-backend state (thread pool, scratch) */
@@ -66,16 +73,17 @@ struct tuna_backend_ops {
     void (*rope)(tuna_backend *be, float *x, const int64_t *pos, int64_t T, int64_t H, int64_t D,
                  int64_t rot_dim, const float *inv_freq, float attn_factor);
 
-    /* Writes k[T,Hkv*D], v[T,Hkv*D] into the cache slots of each token (slot[T]). */
-    void (*kv_store)(tuna_backend *be, float *kcache, float *vcache, const float *k,
+    /* Writes k[T,Hkv*D], v[T,Hkv*D] into the cache slots of each token (slot[T]), converted to
+     * the cache's element type kv_dtype (F32, BF16 or F16; struct tuna_kv_cache owns the choice). */
+    void (*kv_store)(tuna_backend *be, void *kcache, void *vcache, enum tuna_dtype kv_dtype, const float *k,
                      const float *v, const int64_t *slot, int64_t T, int64_t HkvD);
 
     /* out[T, H*D] = softmax(q k^T * scale, causal over positions 0..pos[t]) v, reading k and v
-     * from the paged cache (layout [slots, Hkv, D]); GQA maps head h to kv head h / (H/Hkv).
-     * When probs_out is not NULL it is unused by the CPU backend today (reserved for backward). */
-    void (*attention)(tuna_backend *be, float *out, const float *q, const float *kcache,
-                      const float *vcache, const struct tuna_attn_batch *b, int64_t H,
-                      int64_t Hkv, int64_t D, float scale);
+     * from the paged cache (layout [slots, Hkv, D], elements of kv_dtype: F32, BF16 or F16);
+     * GQA maps head h to kv head h / (H/Hkv). Scores, softmax and sums are float32. */
+    void (*attention)(tuna_backend *be, float *out, const float *q, const void *kcache, const void *vcache,
+                      enum tuna_dtype kv_dtype, const struct tuna_attn_batch *b, int64_t H, int64_t Hkv,
+                      int64_t D, float scale);
 
     /* out[n] = act(gate[n]) * up[n]; act is enum tuna_act (hf_config.h). out may equal gate. */
     void (*glu)(tuna_backend *be, float *out, const float *gate, const float *up, int64_t n, int act);

@@ -222,7 +222,9 @@ static tuna_status forward_step(struct tuna_model *m, tuna_kv_cache *kv, const s
         tuna_rope_inv_freq(a, maxpos + 1, m->inv_freq, &m->attn_factor);
         m->inv_freq_len = maxpos + 1;
     }
-    struct tuna_attn_batch ab = {T, b->pos, ws->bt, tuna_kv_block_size(kv), a->sliding_window};
+    struct tuna_attn_batch ab = {T, b->pos, ws->bt, tuna_kv_block_size(kv), a->sliding_window,
+                                 tuna_kv_max_blocks_per_seq(kv, m->max_model_len)};
+    const enum tuna_dtype kvdt = tuna_kv_dtype(kv); /* float32, or 16-bit on the GPU */
     const float scale = (float)(1.0 / sqrt((double)D));
     float *x = ws->x;
 
@@ -230,7 +232,7 @@ static tuna_status forward_step(struct tuna_model *m, tuna_kv_cache *kv, const s
     for (int64_t l = 0; l < a->n_layers; l++) {
         const struct tuna_layer *L = &m->layers[l];
         const struct tuna_fwd_layer_acts *A = trace ? &trace->layers[l] : &ws->a;
-        float *kc = tuna_kv_k(kv, l), *vc = tuna_kv_v(kv, l);
+        void *kc = tuna_kv_k(kv, l), *vc = tuna_kv_v(kv, l);
         if (trace) op->copy(be, A->x_in, x, (size_t)(T * C) * sizeof(float));
         /* attention block */
         op->rmsnorm(be, A->xn_attn, x, L->attn_norm, T, C, (float)a->norm_eps);
@@ -241,8 +243,8 @@ static tuna_status forward_step(struct tuna_model *m, tuna_kv_cache *kv, const s
         if (L->k_norm) op->rmsnorm(be, A->k, A->k, L->k_norm, T * Hkv, D, (float)a->norm_eps);
         op->rope(be, A->q, b->pos, T, H, D, m->rot_dim, m->inv_freq, m->attn_factor);
         op->rope(be, A->k, b->pos, T, Hkv, D, m->rot_dim, m->inv_freq, m->attn_factor);
-        op->kv_store(be, kc, vc, A->k, A->v, ws->slot, T, Hkv * D);
-        op->attention(be, A->att, A->q, kc, vc, &ab, H, Hkv, D, scale); /* (T, H*D) */
+        op->kv_store(be, kc, vc, kvdt, A->k, A->v, ws->slot, T, Hkv * D);
+        op->attention(be, A->att, A->q, kc, vc, kvdt, &ab, H, Hkv, D, scale); /* (T, H*D) */
         linear(m, &L->o, ws->tmp, A->att, T, b);                          /* (T, C) */
         op->add(be, x, ws->tmp, T * C);
         if (trace) op->copy(be, A->x_mid, x, (size_t)(T * C) * sizeof(float));

@@ -1,5 +1,6 @@
 /* kv_cache.c — block allocator (free list + refcounts), per-sequence block tables, the prefix
- * cache (block hashes, hash table, LRU eviction) and the float32 K/V storage they index.
+ * cache (block hashes, hash table, LRU eviction) and the K/V storage they index (float32 or
+ * 16-bit elements, kv_cache.h).
  * Spec: kv_cache.h.
  *
  * Invariants: a block is in the free list exactly when its refcount is 0; n_free is the list's
@@ -12,6 +13,7 @@
 #include <string.h>
 
 #include "core/status.h"
+#include "model/model.h"
 
 struct kv_seq {
     bool used;
@@ -28,8 +30,9 @@ struct kv_seq {
 
 struct tuna_kv_cache {
     struct tuna_kv_config cfg;
-    int64_t slot_floats;  /* Hkv * D */
-    float **k, **v;       /* [n_layers] */
+    int64_t slot_elems;   /* Hkv * D */
+    size_t elem_bytes;    /* 4 (float32) or 2 (bf16, f16) */
+    char **k, **v;        /* [n_layers] */
     int32_t *refcount;    /* [n_blocks] */
     int32_t *prev, *next; /* [n_blocks] free list links, -1 at the ends; head is reused first */
     int32_t head, tail;
@@ -49,6 +52,10 @@ struct tuna_kv_cache {
 tuna_status tuna_kv_new(const struct tuna_kv_config *cfg, tuna_kv_cache **out)
 {
     *out = NULL;
+    enum tuna_dtype dt = cfg->dtype == TUNA_DTYPE_INVALID ? TUNA_DTYPE_F32 : cfg->dtype;
+    if (dt != TUNA_DTYPE_F32 && dt != TUNA_DTYPE_BF16 && dt != TUNA_DTYPE_F16)
+        return tuna_fail(TUNA_E_INVALID, "KV cache: dtype %s is not supported (float32, bfloat16 or float16)",
+                         tuna_dtype_name(dt));
     if (cfg->block_size <= 0 || cfg->n_blocks <= 0 || cfg->n_layers < 0 ||
         (cfg->n_layers > 0 && (cfg->n_kv_heads <= 0 || cfg->head_dim <= 0)))
         return tuna_fail(TUNA_E_INVALID, "KV cache: bad shape (layers %lld, kv heads %lld, head dim %lld, "
@@ -57,7 +64,9 @@ tuna_status tuna_kv_new(const struct tuna_kv_config *cfg, tuna_kv_cache **out)
     struct tuna_kv_cache *kv = calloc(1, sizeof *kv);
     if (!kv) return tuna_fail_oom("KV cache", sizeof *kv);
     kv->cfg = *cfg;
-    kv->slot_floats = cfg->n_kv_heads * cfg->head_dim;
+    kv->cfg.dtype = dt;
+    kv->slot_elems = cfg->n_kv_heads * cfg->head_dim;
+    kv->elem_bytes = tuna_dtype_nbytes(dt, 1);
     size_t nb = (size_t)cfg->n_blocks;
     size_t tcap = 16;
     while (tcap < 2 * nb) tcap *= 2;
@@ -87,24 +96,25 @@ tuna_status tuna_kv_new(const struct tuna_kv_config *cfg, tuna_kv_cache **out)
         kv->k = calloc((size_t)cfg->n_layers, sizeof *kv->k);
         kv->v = calloc((size_t)cfg->n_layers, sizeof *kv->v);
         if (!kv->k || !kv->v) goto oom;
-        size_t n = (size_t)cfg->n_blocks * (size_t)cfg->block_size * (size_t)kv->slot_floats;
+        size_t n = (size_t)cfg->n_blocks * (size_t)cfg->block_size * (size_t)kv->slot_elems;
         for (int64_t l = 0; l < cfg->n_layers; l++) {
             if (cfg->mem_ops) {
                 void *pk = NULL, *pv = NULL;
-                if (cfg->mem_ops->alloc(cfg->mem_be, n * sizeof(float), &pk) == TUNA_OK)
-                    cfg->mem_ops->alloc(cfg->mem_be, n * sizeof(float), &pv);
+                if (cfg->mem_ops->alloc(cfg->mem_be, n * kv->elem_bytes, &pk) == TUNA_OK)
+                    cfg->mem_ops->alloc(cfg->mem_be, n * kv->elem_bytes, &pv);
                 kv->k[l] = pk;
                 kv->v[l] = pv;
             } else {
-                kv->k[l] = calloc(n, sizeof(float));
-                kv->v[l] = calloc(n, sizeof(float));
+                kv->k[l] = calloc(n, kv->elem_bytes);
+                kv->v[l] = calloc(n, kv->elem_bytes);
             }
             if (!kv->k[l] || !kv->v[l]) {
                 tuna_kv_free(kv);
                 return tuna_fail(TUNA_E_OOM, "KV cache: cannot allocate %d blocks of %d tokens "
-                                 "(%.1f MiB for all layers); use a smaller --kv-cache-gb or --max-model-len",
+                                 "(%.1f MiB of %s for all layers); use a smaller --kv-cache-gb or --max-model-len",
                                  cfg->n_blocks, cfg->block_size,
-                                 2.0 * (double)n * 4 * (double)cfg->n_layers / 1048576.0);
+                                 2.0 * (double)n * (double)tuna_dtype_nbytes(dt, 1) * (double)cfg->n_layers / 1048576.0,
+                                 tuna_dtype_name(dt));
             }
         }
     }
@@ -351,15 +361,15 @@ void tuna_kv_seq_free(tuna_kv_cache *kv, int32_t seq)
 
 static void copy_block(tuna_kv_cache *kv, int32_t dst, int32_t src)
 {
-    size_t n = (size_t)kv->cfg.block_size * (size_t)kv->slot_floats;
+    size_t n = (size_t)kv->cfg.block_size * (size_t)kv->slot_elems * kv->elem_bytes; /* bytes per block */
     for (int64_t l = 0; l < kv->cfg.n_layers; l++) {
         if (kv->cfg.mem_ops) {
-            kv->cfg.mem_ops->copy(kv->cfg.mem_be, kv->k[l] + (size_t)dst * n, kv->k[l] + (size_t)src * n, n * sizeof(float));
-            kv->cfg.mem_ops->copy(kv->cfg.mem_be, kv->v[l] + (size_t)dst * n, kv->v[l] + (size_t)src * n, n * sizeof(float));
+            kv->cfg.mem_ops->copy(kv->cfg.mem_be, kv->k[l] + (size_t)dst * n, kv->k[l] + (size_t)src * n, n);
+            kv->cfg.mem_ops->copy(kv->cfg.mem_be, kv->v[l] + (size_t)dst * n, kv->v[l] + (size_t)src * n, n);
             continue;
         }
-        memcpy(kv->k[l] + (size_t)dst * n, kv->k[l] + (size_t)src * n, n * sizeof(float));
-        memcpy(kv->v[l] + (size_t)dst * n, kv->v[l] + (size_t)src * n, n * sizeof(float));
+        memcpy(kv->k[l] + (size_t)dst * n, kv->k[l] + (size_t)src * n, n);
+        memcpy(kv->v[l] + (size_t)dst * n, kv->v[l] + (size_t)src * n, n);
     }
 }
 
@@ -519,5 +529,21 @@ int32_t tuna_kv_block_refcount(const tuna_kv_cache *kv, int32_t block)
 {
     return block >= 0 && block < kv->cfg.n_blocks ? kv->refcount[block] : -1;
 }
-float *tuna_kv_k(tuna_kv_cache *kv, int64_t layer) { return kv->k && layer < kv->cfg.n_layers ? kv->k[layer] : NULL; }
-float *tuna_kv_v(tuna_kv_cache *kv, int64_t layer) { return kv->v && layer < kv->cfg.n_layers ? kv->v[layer] : NULL; }
+void *tuna_kv_k(tuna_kv_cache *kv, int64_t layer) { return kv->k && layer < kv->cfg.n_layers ? kv->k[layer] : NULL; }
+void *tuna_kv_v(tuna_kv_cache *kv, int64_t layer) { return kv->v && layer < kv->cfg.n_layers ? kv->v[layer] : NULL; }
+enum tuna_dtype tuna_kv_dtype(const tuna_kv_cache *kv) { return kv->cfg.dtype; }
+
+int32_t tuna_kv_max_blocks_per_seq(const tuna_kv_cache *kv, int64_t max_len)
+{
+    int64_t n = (max_len + kv->cfg.block_size - 1) / kv->cfg.block_size;
+    if (n > kv->cfg.n_blocks) n = kv->cfg.n_blocks; /* no table can be longer than the whole cache */
+    return (int32_t)(n > 0 ? n : 1);
+}
+
+enum tuna_dtype tuna_model_kv_dtype(const struct tuna_model *m)
+{
+    if (m->ops->host_memory) return TUNA_DTYPE_F32;
+    /* the GPU loader moves the embedding to the compute dtype (src/model/device.c) */
+    enum tuna_dtype dt = m->embed.dtype;
+    return dt == TUNA_DTYPE_BF16 || dt == TUNA_DTYPE_F16 ? dt : TUNA_DTYPE_F32;
+}

@@ -2,9 +2,11 @@
  * sequence, reference counts so that sequences can share a prefix (fork), copy-on-write when a
  * shared block is about to be written.
  *
- * The allocator (block tables, free list, refcounts) is plain C; storage is float32
- * K and V per layer laid out [n_blocks * block_size slots, Hkv, D]. With n_layers = 0 there is no
- * storage at all, which is how the allocator is unit-tested.
+ * The allocator (block tables, free list, refcounts) is plain C; storage is K and V per layer laid
+ * out [n_blocks * block_size slots, Hkv, D] in the cache's dtype: float32 on the CPU and in the
+ * GPU's float32 mode, the model's 16-bit compute dtype (bf16, or f16 below compute capability 8.0)
+ * on the GPU otherwise (tuna_model_kv_dtype), halving the bytes every decode step reads. With
+ * n_layers = 0 there is no storage at all, which is how the allocator is unit-tested.
  *
  * Slots: position p of a sequence lives in slot blocks[p / block_size] * block_size + p % block_size.
  *
@@ -39,6 +41,7 @@ struct tuna_kv_config {
      * (alloc/release/copy of the op table), e.g. GPU memory for the CUDA backend. */
     const struct tuna_backend_ops *mem_ops;
     tuna_backend *mem_be;
+    enum tuna_dtype dtype; /* F32, BF16 or F16; TUNA_DTYPE_INVALID (0) = F32 */
 };
 
 #define TUNA_KV_DEFAULT_BLOCK 16
@@ -93,8 +96,17 @@ tuna_status tuna_kv_seq_cache_blocks(tuna_kv_cache *kv, int32_t seq, const int32
 /* Registered blocks (referenced or not). */
 int32_t tuna_kv_cached_blocks(const tuna_kv_cache *kv);
 
-/* Layer l's storage [n_blocks*block_size, Hkv, D]; NULL without storage. */
-float *tuna_kv_k(tuna_kv_cache *kv, int64_t layer);
-float *tuna_kv_v(tuna_kv_cache *kv, int64_t layer);
+/* Layer l's storage [n_blocks*block_size, Hkv, D] of tuna_kv_dtype elements; NULL without storage. */
+void *tuna_kv_k(tuna_kv_cache *kv, int64_t layer);
+void *tuna_kv_v(tuna_kv_cache *kv, int64_t layer);
+enum tuna_dtype tuna_kv_dtype(const tuna_kv_cache *kv); /* F32, BF16 or F16 */
+/* The longest block table a sequence can have: ceil(max_len / block_size) for a sequence of
+ * max_len tokens (struct tuna_attn_batch.max_blocks_per_seq). */
+int32_t tuna_kv_max_blocks_per_seq(const tuna_kv_cache *kv, int64_t max_len);
+
+struct tuna_model;
+/* The KV cache dtype for a model: float32 on host-memory backends, else the dtype the backend
+ * computes in (the GPU's: bf16, f16 below compute capability 8.0, float32 with --dtype float32). */
+enum tuna_dtype tuna_model_kv_dtype(const struct tuna_model *m);
 
 #endif

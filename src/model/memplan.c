@@ -37,7 +37,8 @@ tuna_status tuna_mem_plan_make(const struct tuna_model *m, const struct tuna_mem
         if (m->n_q4) p->workspace += 4.0 * I * C;           /* a 4-bit matrix dequantized for prefill */
         p->workspace += 64.0 * 1048576.0;                   /* cuBLAS workspace, metadata staging, slack */
     }
-    p->kv_per_token = 2.0 * (double)a->n_layers * KD * 4.0;
+    p->kv_dtype = tuna_model_kv_dtype(m);
+    p->kv_per_token = 2.0 * (double)a->n_layers * KD * (double)tuna_dtype_nbytes(p->kv_dtype, 1);
     int32_t bs = r->block_size > 0 ? r->block_size : 16;
     double kv_bytes;
     if (p->on_gpu) {
@@ -107,8 +108,9 @@ void tuna_mem_plan_print(const struct tuna_mem_plan *p, const struct tuna_model 
                            tuna_fmt_bytes(b[0], 32, p->in_use));
     fprintf(f, "  peak activations    %s\n", tuna_fmt_bytes(b[3], 32, p->activations));
     fprintf(f, "  workspaces          %s\n", tuna_fmt_bytes(b[4], 32, p->workspace));
-    fprintf(f, "  KV cache            %s = %lld blocks = %lld tokens (%.1f KiB per token); %.2fx of max model len "
-               "%lld\n",
+    fprintf(f, "  KV cache            %s = %lld blocks = %lld tokens (%.1f KiB per token, %s); %.2fx of max "
+               "model len %lld\n",
             tuna_fmt_bytes(b[5], 32, p->kv_bytes), (long long)p->kv_blocks, (long long)p->kv_tokens,
-            p->kv_per_token / 1024.0, (double)p->kv_tokens / (double)m->max_model_len, (long long)m->max_model_len);
+            p->kv_per_token / 1024.0, tuna_dtype_torch_name(p->kv_dtype), (double)p->kv_tokens / (double)m->max_model_len,
+            (long long)m->max_model_len);
 }

@@ -30,7 +30,8 @@ struct tuna_mem_plan {
     double in_use;               /* on the GPU: total − free now (weights, context, other processes) */
     double activations;          /* peak forward buffers for max_batched_tokens */
     double workspace;            /* backend scratch: 16-bit activations, dequantized 4-bit weight, logits */
-    double kv_per_token;         /* bytes, all layers, K and V */
+    enum tuna_dtype kv_dtype;    /* element type of the KV cache (tuna_model_kv_dtype) */
+    double kv_per_token;         /* bytes, all layers, K and V, in kv_dtype */
     int64_t kv_blocks, kv_tokens;
     double kv_bytes;
 };

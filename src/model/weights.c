@@ -352,7 +352,8 @@ tuna_status tuna_model_kv_new(const struct tuna_model *m, int64_t n_tokens, int3
     if (nb < 1) nb = 1;
     if (nb > INT32_MAX) return tuna_fail(TUNA_E_RANGE, "KV cache of %lld tokens is too large", (long long)n_tokens);
     struct tuna_kv_config cfg = {m->arch.n_layers, m->arch.n_kv_heads, m->arch.head_dim, block_size, (int32_t)nb,
-                                 m->ops->host_memory ? NULL : m->ops, m->ops->host_memory ? NULL : m->be};
+                                 m->ops->host_memory ? NULL : m->ops, m->ops->host_memory ? NULL : m->be,
+                                 tuna_model_kv_dtype(m)};
     return tuna_kv_new(&cfg, out);
 }
 

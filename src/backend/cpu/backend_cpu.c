@@ -73,12 +73,20 @@ tuna_status tuna_cpu_backend_reserve(tuna_backend *be, int64_t max_k)
     return TUNA_OK;
 }
 
-void tuna_cpu_kv_store(tuna_backend *be, float *kcache, float *vcache, const float *k,
+void tuna_cpu_kv_store(tuna_backend *be, void *kcache, void *vcache, enum tuna_dtype kv_dtype, const float *k,
                        const float *v, const int64_t *slot, int64_t T, int64_t HkvD)
 {
+    /* 16-bit caches: rounded to nearest even, as the GPU's __float2bfloat16_rn / __float2half_rn */
+    const size_t esz = tuna_dtype_nbytes(kv_dtype, 1);
     for (int64_t t = 0; t < T; t++) {
-        memcpy(kcache + slot[t] * HkvD, k + t * HkvD, (size_t)HkvD * sizeof(float));
-        memcpy(vcache + slot[t] * HkvD, v + t * HkvD, (size_t)HkvD * sizeof(float));
+        char *kd = (char *)kcache + (size_t)(slot[t] * HkvD) * esz, *vd = (char *)vcache + (size_t)(slot[t] * HkvD) * esz;
+        if (kv_dtype == TUNA_DTYPE_F32) {
+            memcpy(kd, k + t * HkvD, (size_t)HkvD * sizeof(float));
+            memcpy(vd, v + t * HkvD, (size_t)HkvD * sizeof(float));
+        } else {
+            tuna_convert_from_f32(kv_dtype, k + t * HkvD, kd, (size_t)HkvD);
+            tuna_convert_from_f32(kv_dtype, v + t * HkvD, vd, (size_t)HkvD);
+        }
     }
     (void)be;
 }

@@ -96,11 +96,11 @@ void tuna_cpu_rmsnorm(tuna_backend *be, float *y, const float *x, const float *w
                       int64_t C, float eps);
 void tuna_cpu_rope(tuna_backend *be, float *x, const int64_t *pos, int64_t T, int64_t H, int64_t D,
                    int64_t rot_dim, const float *inv_freq, float attn_factor);
-void tuna_cpu_kv_store(tuna_backend *be, float *kcache, float *vcache, const float *k,
+void tuna_cpu_kv_store(tuna_backend *be, void *kcache, void *vcache, enum tuna_dtype kv_dtype, const float *k,
                        const float *v, const int64_t *slot, int64_t T, int64_t HkvD);
-void tuna_cpu_attention(tuna_backend *be, float *out, const float *q, const float *kcache,
-                        const float *vcache, const struct tuna_attn_batch *b, int64_t H,
-                        int64_t Hkv, int64_t D, float scale);
+void tuna_cpu_attention(tuna_backend *be, float *out, const float *q, const void *kcache, const void *vcache,
+                        enum tuna_dtype kv_dtype, const struct tuna_attn_batch *b, int64_t H, int64_t Hkv,
+                        int64_t D, float scale);
 void tuna_cpu_glu(tuna_backend *be, float *out, const float *gate, const float *up, int64_t n, int act);
 void tuna_cpu_embedding(tuna_backend *be, float *out, const int32_t *ids, int64_t T,
                         const struct tuna_weight *emb, float scale);

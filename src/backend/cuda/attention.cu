@@ -11,11 +11,13 @@
 #include <math.h>
 
 #include "backend/cuda/cuda_internal.h"
+#include "backend/cuda/kv_types.cuh"
 
 #define ATT_CHUNK 128
 #define ATT_MAX_D 256
 
-__global__ void k_attention(float *out, const float *q, const float *kc, const float *vc, const int64_t *pos,
+template <typename KT>
+__global__ void k_attention(float *out, const float *q, const KT *kc, const KT *vc, const int64_t *pos,
                             const int32_t *tables, const int32_t *table_off, int32_t bs, int64_t window, int64_t H,
                             int64_t Hkv, int64_t D, float scale)
 {
@@ -40,9 +42,9 @@ __global__ void k_attention(float *out, const float *q, const float *kc, const f
         if (j <= p) {
             int64_t slot = (int64_t)table[j / bs] * bs + j % bs;
             slots[tid] = slot;
-            const float *kr = kc + slot * HkvD + kvh * D;
+            const KT *kr = kc + slot * HkvD + kvh * D;
             float dot = 0.0f;
-            for (int64_t d = 0; d < D; d++) dot += qs[d] * kr[d];
+            for (int64_t d = 0; d < D; d++) dot += qs[d] * kv_traits<KT>::to_f32(kr[d]);
             s = dot * scale;
         }
         /* chunk max */
@@ -68,10 +70,10 @@ __global__ void k_attention(float *out, const float *q, const float *kc, const f
         acc1 *= f;
         int64_t n = p - c0 + 1 < ATT_CHUNK ? p - c0 + 1 : ATT_CHUNK;
         for (int64_t i = 0; i < n; i++) {
-            const float *vr = vc + slots[i] * HkvD + kvh * D;
+            const KT *vr = vc + slots[i] * HkvD + kvh * D;
             float w = sc[i];
-            if (tid < D) acc0 += w * vr[tid];
-            if (tid + ATT_CHUNK < D) acc1 += w * vr[tid + ATT_CHUNK];
+            if (tid < D) acc0 += w * kv_traits<KT>::to_f32(vr[tid]);
+            if (tid + ATT_CHUNK < D) acc1 += w * kv_traits<KT>::to_f32(vr[tid + ATT_CHUNK]);
         }
         m = nm;
         __syncthreads(); /* before the next chunk overwrites sc[], slots[], red[] */
@@ -82,10 +84,16 @@ __global__ void k_attention(float *out, const float *q, const float *kc, const f
     if (tid + ATT_CHUNK < D) o[tid + ATT_CHUNK] = acc1 * inv;
 }
 
-void tuna_cuda_attention(tuna_backend *be, float *out, const float *q, const float *kcache, const float *vcache,
-                         const struct tuna_attn_batch *b, int64_t H, int64_t Hkv, int64_t D, float scale)
+void tuna_cuda_attention(tuna_backend *be, float *out, const float *q, const void *kcache, const void *vcache,
+                         enum tuna_dtype kv_dtype, const struct tuna_attn_batch *b, int64_t H, int64_t Hkv, int64_t D,
+                         float scale)
 {
     if (be->sticky || b->T <= 0) return;
+    int code = kv_code(kv_dtype);
+    if (code < 0) {
+        tuna_cuda_check(be, cudaErrorInvalidValue, "attention (KV cache dtype is not float32, bf16 or f16)");
+        return;
+    }
     if (D > ATT_MAX_D || H % Hkv != 0) {
         tuna_cuda_check(be, cudaErrorInvalidValue, "attention (head_dim over 256 or H not a multiple of Hkv)");
         return;
@@ -133,8 +141,19 @@ void tuna_cuda_attention(tuna_backend *be, float *out, const float *q, const flo
     if (be->sticky || !tuna_cuda_meta_flush(be, &mt)) return;
     char *base = (char *)be->meta.p;
     dim3 grid((unsigned)T, (unsigned)H);
-    k_attention<<<grid, ATT_CHUNK, 0, be->stream>>>(out, q, kcache, vcache, (const int64_t *)(base + o_pos),
-                                                   (const int32_t *)(base + o_flat), (const int32_t *)(base + o_off),
-                                                   b->block_size, b->sliding_window, H, Hkv, D, scale);
+    const int64_t *dpos = (const int64_t *)(base + o_pos);
+    const int32_t *dflat = (const int32_t *)(base + o_flat), *doff = (const int32_t *)(base + o_off);
+    if (code == 0)
+        k_attention<float><<<grid, ATT_CHUNK, 0, be->stream>>>(out, q, (const float *)kcache, (const float *)vcache,
+                                                               dpos, dflat, doff, b->block_size, b->sliding_window, H,
+                                                               Hkv, D, scale);
+    else if (code == 1)
+        k_attention<__nv_bfloat16><<<grid, ATT_CHUNK, 0, be->stream>>>(
+            out, q, (const __nv_bfloat16 *)kcache, (const __nv_bfloat16 *)vcache, dpos, dflat, doff, b->block_size,
+            b->sliding_window, H, Hkv, D, scale);
+    else
+        k_attention<__half><<<grid, ATT_CHUNK, 0, be->stream>>>(out, q, (const __half *)kcache,
+                                                                (const __half *)vcache, dpos, dflat, doff,
+                                                                b->block_size, b->sliding_window, H, Hkv, D, scale);
     tuna_cuda_check_launch(be, "k_attention");
 }

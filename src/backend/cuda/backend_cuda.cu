@@ -1,5 +1,6 @@
 /* backend_cuda.cu — the CUDA backend object: stream, cuBLAS handle, sticky error, device memory,
- * metadata staging, the op table and the small element-wise ops (add, GLU, embedding, KV store). */
+ * metadata staging, the op table and the small element-wise ops (add, GLU, embedding; the KV store
+ * is with attention, kv_store.cu). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -298,30 +299,6 @@ void tuna_cuda_embedding(tuna_backend *be, float *out, const int32_t *ids, int64
     k_embedding<<<tuna_cuda_blocks(n, 256), 256, 0, be->stream>>>(out, META_PTR(be, off, int32_t), T, emb->data, dc,
                                                                   emb->cols, scale);
     tuna_cuda_check_launch(be, "k_embedding");
-}
-
-__global__ void k_kv_store(float *kc, float *vc, const float *k, const float *v, const int64_t *slot, int64_t T,
-                           int64_t HkvD)
-{
-    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= T * HkvD) return;
-    int64_t t = i / HkvD, j = i % HkvD;
-    int64_t s = slot[t];
-    kc[s * HkvD + j] = k[i];
-    vc[s * HkvD + j] = v[i];
-}
-
-void tuna_cuda_kv_store(tuna_backend *be, float *kcache, float *vcache, const float *k, const float *v,
-                        const int64_t *slot, int64_t T, int64_t HkvD)
-{
-    if (be->sticky || T <= 0) return;
-    struct cuda_meta m = {0};
-    if (!tuna_cuda_meta_begin(be, &m, (size_t)T * sizeof(int64_t))) return;
-    size_t off = (size_t)tuna_cuda_meta_stage(be, &m, slot, (size_t)T * sizeof(int64_t));
-    if (be->sticky || !tuna_cuda_meta_flush(be, &m)) return;
-    k_kv_store<<<tuna_cuda_blocks(T * HkvD, 256), 256, 0, be->stream>>>(kcache, vcache, k, v,
-                                                                        META_PTR(be, off, int64_t), T, HkvD);
-    tuna_cuda_check_launch(be, "k_kv_store");
 }
 
 static void cuda_release(tuna_backend *be, void *p) { tuna_cuda_free(be, p); }
