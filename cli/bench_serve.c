@@ -15,6 +15,7 @@
 #include "infer_common.h"
 #include "model/memplan.h"
 #include "serve/bench.h"
+#include "serve/loras.h"
 
 static void usage(FILE *f)
 {
@@ -229,6 +230,13 @@ int bench_serve_main(int argc, char **argv)
         st = tuna_mem_plan_make(m, &mr, &plan);
         if (!st) tuna_mem_plan_print(&plan, m, stderr);
         ec.kv_tokens = plan.kv_tokens;
+        if (!st && plan.on_gpu && o.kv_gb <= 0 && o.loras) { /* as tuna serve: adapters out of the KV share */
+            double lb = tuna_serve_lora_bytes(m, (int)o.loras, o.rank);
+            int64_t drop = ((int64_t)(lb / plan.kv_per_token) + o.block_size) / o.block_size * o.block_size;
+            ec.kv_tokens = plan.kv_tokens > drop + m->max_model_len ? plan.kv_tokens - drop : m->max_model_len;
+            fprintf(stderr, "  LoRA adapters       %.2f GiB for %lld adapters of rank %lld: KV cache %lld tokens\n",
+                    lb / 1073741824.0, o.loras, o.rank, (long long)ec.kv_tokens);
+        }
         ec.block_size = (int32_t)o.block_size;
         ec.max_num_seqs = o.max_num_seqs;
         ec.max_num_batched_tokens = o.max_batched;

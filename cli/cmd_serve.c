@@ -1,5 +1,5 @@
 /* cmd_serve.c — `tuna serve DIR`: the OpenAI-compatible HTTP server (src/serve/) with continuous
- * batching on the CPU engine. Prints the memory plan, serves until SIGINT/SIGTERM. */
+ * batching on the CPU or GPU engine. Prints the memory plan, serves until SIGINT/SIGTERM. */
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -190,14 +190,8 @@ int cmd_serve(int argc, char **argv)
     struct tuna_model_opts mo = o.dev;
     mo.threads = (int)o.threads;
     mo.max_model_len = o.max_model_len;
-    /* adapters are applied on the CPU backend so far: with --lora-modules, auto means the CPU */
-    if ((o.n_lora || o.lora_root) && mo.device == TUNA_DEVICE_AUTO) mo.device = TUNA_DEVICE_CPU;
+    /* adapters run on either backend: each attach gives the GPU fresh copies (model.h, lora_dev) */
     tuna_status st = TUNA_OK;
-    /* the GPU keeps uploaded adapters keyed by their host addresses, which a runtime reload may
-     * reuse: runtime loading stays on the CPU engine until the device cache can be invalidated */
-    if (o.lora_root && mo.device != TUNA_DEVICE_CPU)
-        st = tuna_fail(TUNA_E_UNSUPPORTED, "--lora-root (adapters loaded at run time) runs on the CPU engine; "
-                       "leave out --device or use --device cpu (--lora-modules adapters work on the GPU)");
     if (!st) st = tuna_serve_loras_init(&loras, (int)o.max_loras, o.max_lora_rank, o.lora_root);
     if (!st) st = tuna_tokenizer_load(o.dir, &tok);
     if (!st) st = tuna_model_load(o.dir, &mo, &m);
@@ -230,6 +224,22 @@ int cmd_serve(int argc, char **argv)
                     o.prefix_caching ? "on" : "off");
         }
         ec.kv_tokens = plan.kv_tokens;
+        if (!st && plan.on_gpu && o.kv_gb <= 0 && (o.n_lora || o.lora_root)) {
+            /* the adapters' GPU copies come out of the KV cache's share: every slot at the rank limit */
+            double lb = tuna_serve_lora_bytes(m, (int)o.max_loras, o.max_lora_rank);
+            int64_t drop = (int64_t)(lb / plan.kv_per_token) + 1;
+            drop = (drop + o.block_size - 1) / o.block_size * o.block_size;
+            if (plan.kv_tokens - drop < m->max_model_len)
+                st = tuna_fail(TUNA_E_OOM, "%lld LoRA slots of rank %lld need %.2f GiB of GPU memory, which leaves the KV "
+                               "cache less than one sequence of %lld tokens: lower --max-loras, --max-lora-rank or "
+                               "--max-model-len, or raise --gpu-memory-utilization", o.max_loras, o.max_lora_rank,
+                               lb / 1073741824.0, (long long)m->max_model_len);
+            else {
+                ec.kv_tokens -= drop;
+                fprintf(stderr, "  LoRA adapters       %.2f GiB kept for %lld slots of rank <= %lld: KV cache %lld tokens\n",
+                        lb / 1073741824.0, o.max_loras, o.max_lora_rank, (long long)ec.kv_tokens);
+            }
+        }
         ec.block_size = (int32_t)o.block_size;
         ec.max_num_seqs = o.max_num_seqs;
         ec.max_num_batched_tokens = o.max_batched;

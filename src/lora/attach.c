@@ -48,8 +48,8 @@ static void undo(struct tuna_lora_attachment *att)
 
 void tuna_lora_detach(struct tuna_model *m, tuna_lora_attachment *att)
 {
-    (void)m;
     if (!att) return;
+    tuna_model_lora_invalidate(m); /* GPU copies of these adapters go with them */
     undo(att);
     free(att->linears);
     free(att->entries);
@@ -61,6 +61,7 @@ tuna_status tuna_lora_attach(struct tuna_model *m, const struct tuna_lora_adapte
 {
     *out = NULL;
     if (n < 1) return tuna_fail(TUNA_E_INVALID, "attach: no adapters given");
+    tuna_model_lora_invalidate(m); /* no device view may survive into the new set */
     int total = 0;
     for (int i = 0; i < n; i++)
         total += adapters[i]->n_modules;

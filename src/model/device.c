@@ -256,77 +256,118 @@ int tuna_model_q4_blocksize(const struct tuna_model *m, const struct tuna_weight
     return ((const struct tuna_q4_weight *)w->q4)->blocksize;
 }
 
-/* --- LoRA adapters on the GPU: uploaded on first use, cached by host array + A/B pointers --- */
-struct lora_dev_entry {
-    const struct tuna_lora *host; /* the linear's host array */
-    int n;
-    const float *hA[8], *hB[8];  /* to notice a re-attach at the same address */
-    struct tuna_lora *dev;        /* [n] with device A, B */
+/* --- LoRA adapters on the GPU: each adapted linear holds its device view (lin->lora_dev: the
+ * adapters' descriptors with A and B in one device buffer per linear). Views are made on first
+ * use (or by tuna_model_lora_prepare) and all dropped by tuna_model_lora_invalidate, which
+ * attach/detach call: a reload whose arrays land at the old addresses gets fresh uploads. */
+struct lora_dev_view {
+    struct tuna_linear *lin;
+    void *buf; /* device: A then B of each adapter, float32 */
 };
 struct tuna_lora_dev_cache {
-    struct lora_dev_entry *e;
+    struct lora_dev_view *v;
     int64_t n, cap;
 };
 
 static void lora_cache_free(struct tuna_model *m)
 {
     if (!m->lora_dev) return;
-    for (int64_t i = 0; i < m->lora_dev->n; i++) free(m->lora_dev->e[i].dev);
-    free(m->lora_dev->e);
-    free(m->lora_dev);
+    struct tuna_lora_dev_cache *c = m->lora_dev;
+    for (int64_t i = 0; i < c->n; i++) {
+        m->ops->release(m->be, c->v[i].buf);
+        free(c->v[i].lin->lora_dev);
+        c->v[i].lin->lora_dev = NULL;
+        c->v[i].lin->lora_dev_src = NULL;
+    }
+    free(c->v);
+    free(c);
     m->lora_dev = NULL;
+}
+
+void tuna_model_lora_invalidate(struct tuna_model *m)
+{
+    if (!m || !m->lora_dev) return;
+    m->ops->sync(m->be); /* queued kernels may still read the buffers */
+    lora_cache_free(m);
+}
+
+/* Makes lin's device view: one buffer with every adapter's A [r, K] and B [N, r]. */
+static tuna_status lora_view_make(struct tuna_model *m, struct tuna_linear *lin)
+{
+    if (!m->lora_dev && !(m->lora_dev = calloc(1, sizeof *m->lora_dev)))
+        return tuna_fail_oom("LoRA device views", sizeof *m->lora_dev);
+    struct tuna_lora_dev_cache *c = m->lora_dev;
+    if (c->n == c->cap) {
+        int64_t nc = c->cap ? c->cap * 2 : 64;
+        struct lora_dev_view *nv = realloc(c->v, (size_t)nc * sizeof *nv);
+        if (!nv) return tuna_fail_oom("LoRA device views", (size_t)nc * sizeof *nv);
+        c->v = nv;
+        c->cap = nc;
+    }
+    const int n = lin->n_lora;
+    const int64_t N = lin->w.rows, K = lin->w.cols;
+    size_t total = 0;
+    for (int a = 0; a < n; a++) total += (size_t)(lin->lora[a].r * (K + N));
+    struct tuna_lora *view = calloc((size_t)n, sizeof *view);
+    if (!view) return tuna_fail_oom("LoRA device view", (size_t)n * sizeof *view);
+    void *buf = NULL;
+    tuna_status st = m->ops->alloc(m->be, (total ? total : 1) * sizeof(float), &buf);
+    if (st) {
+        free(view);
+        return tuna_fail_prefix(st, "LoRA adapters on the GPU (%.1f MiB for one layer)",
+                                (double)total * 4 / 1048576.0);
+    }
+    float *p = buf;
+    for (int a = 0; a < n && !st; a++) {
+        const struct tuna_lora *h = &lin->lora[a];
+        view[a] = *h;
+        if (h->r == 0) continue; /* an adapter that leaves this linear alone */
+        view[a].A = p;
+        st = m->ops->upload(m->be, p, h->A, (size_t)(h->r * K) * sizeof(float));
+        p += h->r * K;
+        view[a].B = p;
+        if (!st) st = m->ops->upload(m->be, p, h->B, (size_t)(N * h->r) * sizeof(float));
+        p += N * h->r;
+    }
+    if (st) {
+        m->ops->release(m->be, buf);
+        free(view);
+        return st;
+    }
+    c->v[c->n].lin = lin;
+    c->v[c->n].buf = buf;
+    c->n++;
+    lin->lora_dev = view;
+    lin->lora_dev_src = lin->lora;
+    return TUNA_OK;
 }
 
 const struct tuna_lora *tuna_model_lora_on_device(struct tuna_model *m, const struct tuna_linear *lin)
 {
-#ifdef TUNA_HAVE_CUDA
-    if (!m->lora_dev) {
-        m->lora_dev = calloc(1, sizeof *m->lora_dev);
-        if (!m->lora_dev) return NULL;
-    }
-    struct tuna_lora_dev_cache *c = m->lora_dev;
-    int n = lin->n_lora;
-    for (int64_t i = 0; i < c->n; i++) {
-        struct lora_dev_entry *e = &c->e[i];
-        if (e->host != lin->lora || e->n != n) continue;
-        bool same = true;
-        for (int a = 0; a < n && a < 8; a++) same = same && e->hA[a] == lin->lora[a].A && e->hB[a] == lin->lora[a].B;
-        if (same && n <= 8) return e->dev;
-    }
-    if (c->n == c->cap) {
-        int64_t nc = c->cap ? c->cap * 2 : 64;
-        struct lora_dev_entry *ne = realloc(c->e, (size_t)nc * sizeof *ne);
-        if (!ne) return NULL;
-        c->e = ne;
-        c->cap = nc;
-    }
-    struct lora_dev_entry *e = &c->e[c->n];
-    memset(e, 0, sizeof *e);
-    e->dev = calloc((size_t)n, sizeof *e->dev);
-    if (!e->dev) return NULL;
-    for (int a = 0; a < n; a++) {
-        const struct tuna_lora *h = &lin->lora[a];
-        void *dA = NULL, *dB = NULL;
-        if (upload_new(m, h->A, (size_t)(h->r * lin->w.cols) * sizeof(float), &dA) ||
-            upload_new(m, h->B, (size_t)(lin->w.rows * h->r) * sizeof(float), &dB)) {
-            free(e->dev);
-            return NULL;
+    if (lin->lora_dev && lin->lora_dev_src == lin->lora) return lin->lora_dev;
+    if (lin->lora_dev) tuna_model_lora_invalidate(m); /* changed by hand without invalidating */
+    /* the view is a cache the model owns: the linear itself is never const */
+    return lora_view_make(m, (struct tuna_linear *)lin) ? NULL : lin->lora_dev;
+}
+
+tuna_status tuna_model_lora_prepare(struct tuna_model *m)
+{
+    if (m->ops->host_memory) return TUNA_OK;
+    for (int64_t l = -1; l < m->arch.n_layers; l++) {
+        struct tuna_layer *L = l >= 0 ? &m->layers[l] : NULL;
+        struct tuna_linear *lins[7] = {&m->lm_head};
+        int nl = 1;
+        if (L) {
+            struct tuna_linear *ll[7] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
+            memcpy(lins, ll, sizeof ll);
+            nl = 7;
         }
-        e->dev[a] = *h;
-        e->dev[a].A = dA;
-        e->dev[a].B = dB;
-        if (a < 8) {
-            e->hA[a] = h->A;
-            e->hB[a] = h->B;
+        for (int i = 0; i < nl; i++) {
+            if (!lins[i]->n_lora || (lins[i]->lora_dev && lins[i]->lora_dev_src == lins[i]->lora)) continue;
+            if (lins[i]->lora_dev) tuna_model_lora_invalidate(m);
+            tuna_status st = lora_view_make(m, lins[i]);
+            if (st) return st;
         }
     }
-    e->host = lin->lora;
-    e->n = n;
-    c->n++;
-    return e->dev;
-#else
-    (void)m;
-    (void)lin;
-    return NULL;
-#endif
+    return TUNA_OK;
 }

@@ -466,6 +466,10 @@ static void apply_lora_op(tuna_engine *e, struct lora_op *op)
         tuna_lora_detach(e->m, e->att);
         e->att = NULL;
         if (used) st = tuna_lora_attach(e->m, list, n, &e->att);
+        if (!st && used && (st = tuna_model_lora_prepare(e->m))) { /* GPU: upload now, fail here */
+            tuna_lora_detach(e->m, e->att);
+            e->att = NULL;
+        }
         if (st) { /* put the previous set back (it attached before, so it attaches again) */
             e->lslots[op->slot] = old;
             used = 0;

@@ -257,3 +257,13 @@ void tuna_serve_loras_each(struct tuna_serve_loras *L, void (*fn)(void *arg, con
         if (L->slots[i].state == TUNA_LORA_READY) fn(arg, L->slots[i].name, L->slots[i].root);
     pthread_mutex_unlock(&L->mu);
 }
+
+double tuna_serve_lora_bytes(const struct tuna_model *m, int slots, int64_t r)
+{
+    const struct tuna_arch *a = &m->arch;
+    double C = (double)a->hidden_size, Q = (double)(a->n_heads * a->head_dim);
+    double KV = (double)(a->n_kv_heads * a->head_dim), I = (double)a->intermediate_size;
+    /* K + N of q, k, v, o, gate, up, down */
+    double per_layer = (C + Q) + 2 * (C + KV) + (Q + C) + 2 * (C + I) + (I + C);
+    return (double)slots * (double)r * per_layer * (double)a->n_layers * 4.0;
+}

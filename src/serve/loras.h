@@ -85,4 +85,8 @@ void tuna_serve_loras_unpin(struct tuna_serve_loras *L, int slot);
 void tuna_serve_loras_each(struct tuna_serve_loras *L, void (*fn)(void *arg, const char *name, const char *root),
                            void *arg);
 
+/* Device bytes that `slots` adapters of rank r on all seven projections of every layer of m take
+ * (float32 A and B): what `tuna serve` keeps free of the KV cache on a GPU. */
+double tuna_serve_lora_bytes(const struct tuna_model *m, int slots, int64_t r);
+
 #endif
