@@ -13,6 +13,7 @@
 
 #include "chat/chat.h"
 #include "cli.h"
+#include "infer_common.h"
 #include "core/file.h"
 #include "core/status.h"
 #include "lora/lora.h"
@@ -27,7 +28,7 @@ static void usage(FILE *f)
 {
     fprintf(f,
             "usage: tuna finetune --model DIR --data FILE.jsonl --output OUT [flags]\n\n"
-            "Trains LoRA adapters (QLoRA with --load-in-4bit or a bitsandbytes 4-bit checkpoint) on the CPU and\n"
+            "Trains LoRA adapters (QLoRA with --load-in-4bit or a bitsandbytes 4-bit checkpoint) on the CPU or a GPU and\n"
             "writes a PEFT adapter folder to OUT, with OUT/metrics.jsonl and the loss curve OUT/loss.svg.\n\n"
             "data:\n"
             "  --format F                 auto (default) | messages | sharegpt | alpaca | text\n"
@@ -51,6 +52,8 @@ static void usage(FILE *f)
             "  --metrics FILE (OUT/metrics.jsonl)  --save-steps N (0 = no checkpoints)  --resume (latest\n"
             "  OUT/checkpoint-N)  --resume-from DIR  --overwrite (replace an adapter already in OUT)\n"
             "  --gradient-checkpointing (keep only each layer's input; recompute it in backward)\n"
+            "device:\n"
+            "  --device cpu|cuda|cuda:N (cpu)  --dtype auto|bfloat16|float16|float32 (GPU compute; auto = bf16)\n"
             "  --threads N  --quiet\n");
 }
 
@@ -60,6 +63,7 @@ struct ft_opts {
     double epochs, lr, wd, b1, b2, eps, clip, alpha, dropout;
     const char *sched;
     bool shuffle, rslora, load4, resume, responses_only, packing, overwrite, quiet, grad_ckpt;
+    struct tuna_model_opts mo; /* --device, --dtype (infer_device_parse) */
 };
 
 static bool parse_args(int argc, char **argv, struct ft_opts *o, bool *help)
@@ -113,6 +117,8 @@ static bool parse_args(int argc, char **argv, struct ft_opts *o, bool *help)
             *flag = strcmp(a, "--no-shuffle") != 0; /* --no-shuffle clears shuffle */
             continue;
         }
+        if ((!strcmp(a, "--device") || !strcmp(a, "--dtype")) && infer_device_parse(&o->mo, argc, argv, &i, &bad))
+            continue;
         fprintf(stderr, "tuna finetune: unknown option %s\n", a);
         bad = true;
     }
@@ -193,8 +199,11 @@ int cmd_finetune(int argc, char **argv)
     char ckpt[4096] = "", *tbuf = NULL, metrics_path[4096];
     const char *targets[TUNA_PROJ_COUNT];
     int n_targets = 0;
-    struct tuna_model_opts mo = {0};
+    struct tuna_model_opts mo = o.mo;
     mo.threads = (int)o.threads;
+    /* on a GPU the base is quantized as it is loaded (then uploaded 4-bit); on the CPU after */
+    const bool q4_at_load = o.load4 && mo.device != TUNA_DEVICE_CPU;
+    mo.load_in_4bit = q4_at_load;
     mo.quiet = o.quiet;
 
     tuna_status st = TUNA_OK;
@@ -248,7 +257,7 @@ int cmd_finetune(int argc, char **argv)
         st = tuna_dataset_load(o.data, tok, tmpl, &dopt, &ds);
     }
     if (!st) st = tuna_model_load(o.model, &mo, &m);
-    if (!st && o.load4) st = tuna_train_quantize_base(m);
+    if (!st && o.load4 && !q4_at_load) st = tuna_train_quantize_base(m);
     const int64_t N = ds ? (int64_t)tuna_dataset_size(ds) : 0, per_step = o.batch * o.accum;
     int64_t total =
         o.max_steps > 0 ? o.max_steps : (int64_t)ceil((o.epochs > 0 ? o.epochs : 1.0) * (double)N / (double)per_step);

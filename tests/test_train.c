@@ -4,6 +4,11 @@
  * and the final adapter within 1e-3 (relative L2 per tensor) of adapter_final. Also: optimizer
  * state saved mid-run and resumed gives the same adapter as the uninterrupted run; the
  * learning-rate schedules; a NaN step is refused with the step named.
+ *
+ * The device under test: the CPU by default; TUNA_TEST_DEVICE=cuda runs the same runs on the GPU
+ * (TUNA_TEST_GPU_DTYPE=float32|bfloat16): float32 keeps the CPU tolerances, 16-bit compute is
+ * compared at loss 1e-2, gradient norm 5e-2, adapter 1e-1 (and skips the finite-difference
+ * check). ctest registers train_cuda_* variants that skip without a GPU.
  */
 #include "testutil.h"
 
@@ -19,6 +24,38 @@
 #include "train/dataset.h"
 #include "train/report.h"
 #include "train/trainer.h"
+#ifdef TUNA_HAVE_CUDA
+#include "backend/cuda/device.h"
+#endif
+
+static enum tuna_device g_device = TUNA_DEVICE_CPU;
+static enum tuna_dtype g_gpu_dtype = TUNA_DTYPE_F32;
+static double g_tol_loss = 1e-4, g_tol_gn = 1e-3, g_tol_adapter = 1e-3;
+
+static bool device_available(void)
+{
+    if (g_device == TUNA_DEVICE_CPU) return true;
+#ifdef TUNA_HAVE_CUDA
+    return tuna_cuda_device_count() > 0;
+#else
+    return false;
+#endif
+}
+
+#define NEED_DEVICE()                                                                                  \
+    do {                                                                                               \
+        if (!device_available()) {                                                                     \
+            fprintf(stderr, "SKIP: TUNA_TEST_DEVICE=cuda but no CUDA device (or no CUDA build)\n");    \
+            skip();                                                                                    \
+        }                                                                                              \
+    } while (0)
+
+static void dev_opts(struct tuna_model_opts *mo)
+{
+    mo->device = g_device;
+    mo->gpu_dtype = g_gpu_dtype;
+    mo->quiet = true;
+}
 
 struct run {
     struct tuna_model *m;
@@ -34,13 +71,17 @@ static void run_open(struct run *r, const char *name, const char *base_rel, bool
     char dir[8192], base[8192], path[8400], rel[512];
     memset(r, 0, sizeof *r);
     *ok = false;
+    if (!device_available()) {
+        fprintf(stderr, "SKIP: TUNA_TEST_DEVICE=cuda but no CUDA device (or no CUDA build)\n");
+        return;
+    }
     snprintf(rel, sizeof rel, "fixtures/train/%s", name);
     if (!tt_shared_path(dir, sizeof dir, rel)) return;
     snprintf(rel, sizeof rel, "fixtures/%s", base_rel);
     if (!tt_shared_path(base, sizeof base, rel)) return;
     struct tuna_model_opts mo = {0};
     mo.threads = 2;
-    mo.quiet = true;
+    dev_opts(&mo);
     TT_OK(tuna_model_load(base, &mo, &r->m));
     TT_OK(tuna_tokenizer_load(base, &r->tok));
     TT_OK(tuna_chat_load(base, &r->tmpl));
@@ -97,8 +138,8 @@ static void train_steps(struct run *r, tuna_trainer *t, int s0, int s1, bool che
         if (check) {
             printf("  step %2d: loss %.6f (ref %.6f, rel %.1e)  grad_norm %.6f (ref %.6f, rel %.1e)\n", s + 1, st.loss,
                    rl, el, st.grad_norm, rg, eg);
-            assert_true(el < 1e-4);
-            assert_true(eg < 1e-3);
+            assert_true(el < g_tol_loss);
+            assert_true(eg < g_tol_gn);
         }
     }
 }
@@ -125,6 +166,12 @@ static void fixture_run(const char *name, const char *base_rel, bool quantize, b
 {
     struct run r;
     bool ok;
+    if (quantize && g_device != TUNA_DEVICE_CPU) {
+        /* tuna_train_quantize_base works on host weights; on a GPU --load-in-4bit quantizes at
+           load with the stored dtype's rounding, not the fixture's float32 quant_state */
+        fprintf(stderr, "SKIP: the in-memory float32-state NF4 base is a CPU path\n");
+        skip();
+    }
     run_open(&r, name, base_rel, &ok);
     if (!ok) skip();
     printf("%s (base %s%s%s)\n", name, base_rel, quantize ? ", quantized on load" : "",
@@ -147,7 +194,7 @@ static void fixture_run(const char *name, const char *base_rel, bool quantize, b
                 cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(r.trace, "trace"), 0), "loss")->valuedouble;
         TT_OK(tuna_trainer_eval(t, &b, &loss));
         tuna_train_batch_free(&b);
-        assert_true(fabs(loss - ref) / ref < 1e-4);
+        assert_true(fabs(loss - ref) / ref < g_tol_loss);
         assert_int_equal(tuna_trainer_step_count(t), 0);
     }
     train_steps(&r, t, 0, 12, true);
@@ -160,10 +207,11 @@ static void fixture_run(const char *name, const char *base_rel, bool quantize, b
     assert_non_null(tt_shared_path(fin, sizeof fin, path));
     TT_OK(tuna_lora_load(fin, &want));
     double err = adapter_err(got, want);
-    printf("  adapter_final: worst relative error %.2e\n", err);
-    assert_true(err < 1e-3);
+    double err0 = adapter_err(r.init, want);
+    printf("  adapter_final: worst relative error %.2e (adapter_init: %.2e)\n", err, err0);
+    assert_true(err < g_tol_adapter);
     /* the untrained start is far from the end: the comparison can fail */
-    assert_true(adapter_err(r.init, want) > 1e-2);
+    assert_true(err0 > 2 * g_tol_adapter);
     tuna_lora_free(got);
     tuna_lora_free(want);
     tuna_trainer_free(t);
@@ -344,9 +392,14 @@ static void gradient_case(const char *model_rel, double dropout, bool ckpt)
     char base[8192], rel[512];
     snprintf(rel, sizeof rel, "fixtures/%s", model_rel);
     if (!tt_shared_path(base, sizeof base, rel)) skip();
+    NEED_DEVICE();
+    if (g_device != TUNA_DEVICE_CPU && g_gpu_dtype != TUNA_DTYPE_F32) {
+        fprintf(stderr, "SKIP: finite differences need float32 compute\n");
+        skip();
+    }
     struct tuna_model_opts mo = {0};
     mo.threads = 2;
-    mo.quiet = true;
+    dev_opts(&mo);
     struct tuna_model *m = NULL;
     TT_OK(tuna_model_load(base, &mo, &m));
     struct tuna_lora_train_opts lo;
@@ -509,6 +562,18 @@ static void test_report(void **state)
 
 int main(void)
 {
+    const char *dev = getenv("TUNA_TEST_DEVICE"), *dt = getenv("TUNA_TEST_GPU_DTYPE");
+    if (dev && !strcmp(dev, "cuda")) {
+        g_device = TUNA_DEVICE_CUDA;
+        if (dt && !strcmp(dt, "bfloat16")) g_gpu_dtype = TUNA_DTYPE_BF16;
+        else if (dt && !strcmp(dt, "float16")) g_gpu_dtype = TUNA_DTYPE_F16;
+        if (g_gpu_dtype != TUNA_DTYPE_F32) {
+            g_tol_loss = 1e-2;
+            g_tol_gn = 5e-2;
+            g_tol_adapter = 1e-1;
+        }
+        printf("device under test: cuda, %s\n", tuna_dtype_name(g_gpu_dtype));
+    }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_schedules),
         cmocka_unit_test(test_lora_run),

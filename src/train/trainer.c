@@ -301,15 +301,16 @@ float *tuna_trainer_params(tuna_trainer *t)
 {
     const float *p;
     if (params_host(t, &p)) return NULL;
-    if (!t->host) t->h_params_dirty = true; /* the caller may write: uploaded before next use */
+    /* the caller may keep the pointer and write through it at any time: from now on the host
+       copy is the truth, uploaded before each use and refreshed after each update */
+    if (!t->host) t->h_params_dirty = true;
     return (float *)p;
 }
 
-/* Uploads parameters the caller changed through tuna_trainer_params. */
+/* Uploads the host copy once a caller holds it (tuna_trainer_params). */
 static tuna_status params_to_backend(tuna_trainer *t)
 {
     if (t->host || !t->h_params_dirty) return TUNA_OK;
-    t->h_params_dirty = false;
     return t->m->ops->upload(t->m->be, t->params, t->h_params, (size_t)t->P * sizeof(float));
 }
 
@@ -550,6 +551,9 @@ tuna_status tuna_trainer_step(tuna_trainer *t, const struct tuna_train_batch *mb
     t->tops->adamw(t->m->be, t->params, t->grads, t->m1, t->m2, t->P, lr, t->oo.beta1, t->oo.beta2, t->oo.eps,
                    t->oo.weight_decay, t->step, coef);
     if ((st = t->m->ops->sync(t->m->be))) return tuna_fail_prefix(st, "step %lld (AdamW)", (long long)t->step);
+    if (!t->host && t->h_params_dirty &&
+        (st = t->m->ops->download(t->m->be, t->h_params, t->params, (size_t)t->P * sizeof(float))))
+        return st;
     if (out) {
         out->step = t->step;
         out->loss = loss;

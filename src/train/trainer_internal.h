@@ -38,7 +38,8 @@ struct tuna_trainer {
     float *params, *grads, *m1, *m2;
     void *norm_work;
     float *h_params, *h_grads;
-    bool h_params_dirty; /* the caller may have changed h_params: upload before the next use */
+    bool h_params_dirty; /* a caller holds h_params (tuna_trainer_params): it is the truth, uploaded
+                            before each forward and refreshed after each update */
     int64_t step;        /* optimizer steps done */
 
     bool ckpt;

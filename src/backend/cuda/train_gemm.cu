@@ -1,0 +1,102 @@
+/* train_gemm.cu — the training GEMMs on cuBLAS: the frozen matmul's input gradient
+ * dx[T,K] += dy[T,N] W[N,K] with W in its stored dtype (16-bit: dy rounded to W's type, float32
+ * accumulation, as the forward's prefill GEMM; float32: SGEMM without TF32; NF4/FP4: the weight
+ * dequantized once per GEMM, as the forward does for T > TUNA_CUDA_GEMV_MAX_T), and the LoRA
+ * forward and backward (float32 A, B: SGEMM; ranks are small). */
+#include "backend/cuda/train_cuda.h"
+
+bool tuna_cuda_train_gemm(tuna_backend *be, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
+                          const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc,
+                          bool fast)
+{
+    if (be->sticky) return false;
+    if (M <= 0 || N <= 0) return true;
+    /* column-major view: C^T[N,M] = op(B)^T op(A)^T, the stored row-major arrays read as their
+       transposes, so the transpose flags carry over unchanged */
+    cublasOperation_t opB = tb ? CUBLAS_OP_T : CUBLAS_OP_N, opA = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+    return tuna_cuda_check_blas(be,
+                                cublasGemmEx(be->blas, opB, opA, (int)N, (int)M, (int)K, &alpha, B, CUDA_R_32F,
+                                             (int)ldb, A, CUDA_R_32F, (int)lda, &beta, C, CUDA_R_32F, (int)ldc,
+                                             fast ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F,
+                                             CUBLAS_GEMM_DEFAULT),
+                                "cublasGemmEx(training, float32)");
+}
+
+__global__ void k_train_to_bf16(__nv_bfloat16 *dst, const float *src, int64_t n)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = __float2bfloat16_rn(src[i]);
+}
+
+__global__ void k_train_to_f16(__half *dst, const float *src, int64_t n)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = __float2half_rn(src[i]);
+}
+
+void tuna_cuda_train_matmul_backward(tuna_backend *be, float *dx, const float *dy, const struct tuna_weight *w,
+                                     int64_t T)
+{
+    if (be->sticky || T <= 0) return;
+    const int64_t N = w->rows, K = w->cols;
+    const void *W = w->data;
+    enum tuna_dtype dt = w->dtype;
+    if (dt == TUNA_DTYPE_NF4 || dt == TUNA_DTYPE_FP4) {
+        if (!w->q4) {
+            tuna_cuda_check(be, cudaErrorInvalidValue, "matmul_backward (4-bit weight without its GPU quant state)");
+            return;
+        }
+        void *p;
+        if (!tuna_cuda_dequant_q4(be, w, &p, &dt)) return;
+        W = p;
+    }
+    if (dt == TUNA_DTYPE_F32) {
+        /* dx[T,K] += dy[T,N] W[N,K] */
+        tuna_cuda_train_gemm(be, false, false, T, K, N, 1.0f, dy, N, (const float *)W, K, 1.0f, dx, K, false);
+        return;
+    }
+    if (dt != TUNA_DTYPE_BF16 && dt != TUNA_DTYPE_F16) {
+        tuna_cuda_check(be, cudaErrorInvalidValue, "matmul_backward (weight dtype not supported on the GPU)");
+        return;
+    }
+    const int64_t n = T * N;
+    if (!tuna_cuda_grow(be, &be->half, (size_t)n * 2, "cudaMalloc(gradients in 16-bit)")) return;
+    if (dt == TUNA_DTYPE_BF16)
+        k_train_to_bf16<<<tuna_cuda_blocks(n, 256), 256, 0, be->stream>>>((__nv_bfloat16 *)be->half.p, dy, n);
+    else
+        k_train_to_f16<<<tuna_cuda_blocks(n, 256), 256, 0, be->stream>>>((__half *)be->half.p, dy, n);
+    if (!tuna_cuda_check_launch(be, "k_train_to_16bit")) return;
+    const cudaDataType_t ct = dt == TUNA_DTYPE_BF16 ? CUDA_R_16BF : CUDA_R_16F;
+    const float one = 1.0f;
+    /* column-major: dx^T[K,T] += W^T[K,N] (W row-major [N,K] read as K x N) * dy^T[N,T] */
+    tuna_cuda_check_blas(be,
+                         cublasGemmEx(be->blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)K, (int)T, (int)N, &one, W, ct, (int)K,
+                                      be->half.p, ct, (int)N, &one, dx, CUDA_R_32F, (int)K, CUBLAS_COMPUTE_32F,
+                                      CUBLAS_GEMM_DEFAULT),
+                         "cublasGemmEx(matmul_backward)");
+}
+
+void tuna_cuda_train_lora_forward(tuna_backend *be, float *y, const float *x, const struct tuna_lora *l, int64_t T,
+                                  int64_t N, int64_t K, float *h)
+{
+    const int64_t R = l->r;
+    if (be->sticky || T <= 0 || R <= 0) return;
+    /* h[T,R] = x A^T; y += s h B^T */
+    if (!tuna_cuda_train_gemm(be, false, true, T, R, K, 1.0f, x, K, l->A, K, 0.0f, h, R, false)) return;
+    tuna_cuda_train_gemm(be, false, true, T, N, R, l->scale, h, R, l->B, R, 1.0f, y, N, false);
+}
+
+void tuna_cuda_train_lora_backward(tuna_backend *be, float *dx, float *dA, float *dB, const float *dy,
+                                   const float *x, const struct tuna_lora *l, int64_t T, int64_t N, int64_t K,
+                                   float *work)
+{
+    const int64_t R = l->r;
+    if (be->sticky || T <= 0 || R <= 0) return;
+    float *u = work, *hx = work + T * R;
+    const float s = l->scale;
+    tuna_cuda_train_gemm(be, false, false, T, R, N, 1.0f, dy, N, l->B, R, 0.0f, u, R, false); /* u = dy B */
+    tuna_cuda_train_gemm(be, false, true, T, R, K, 1.0f, x, K, l->A, K, 0.0f, hx, R, false); /* hx = x A^T */
+    if (dx) tuna_cuda_train_gemm(be, false, false, T, K, R, s, u, R, l->A, K, 1.0f, dx, K, false); /* dx += s u A */
+    tuna_cuda_train_gemm(be, true, false, R, K, T, s, u, R, x, K, 1.0f, dA, K, false);    /* dA += s u^T x */
+    tuna_cuda_train_gemm(be, true, false, N, R, T, s, dy, N, hx, R, 1.0f, dB, R, false);  /* dB += s dy^T hx */
+}

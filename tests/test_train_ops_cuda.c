@@ -1,0 +1,393 @@
+/* test_train_ops_cuda.c — every op of the CUDA training table (backend/train_ops.h) against the
+ * CPU table (the reference) on random inputs with odd sizes, multiples of no tile or block.
+ * Gradient outputs start from random values, so the "accumulate, never overwrite" contract is
+ * checked too. Tolerances: float32 paths 1e-5 relative (the CPU sums in double); GEMMs with
+ * 16-bit weights round dy to 16 bits: 1e-2 (bf16) / 2e-3 (f16); TF32 attention 1e-2.
+ * Skips without a GPU. */
+#include "testutil.h"
+
+#include <math.h>
+
+#include "backend/cpu/cpu.h"
+#include "backend/cuda/cuda.h"
+#include "backend/cuda/device.h"
+#include "backend/train_ops.h"
+#include "core/dtype.h"
+#include "io/hf_config.h"
+#include "quant/nf4.h"
+
+static tuna_backend *g_cpu, *g_gpu;
+static const struct tuna_train_ops *g_ct, *g_gt;
+static uint64_t g_rng = 0x2545F4914F6CDD1Dull;
+
+static float frand(void)
+{
+    g_rng ^= g_rng << 13;
+    g_rng ^= g_rng >> 7;
+    g_rng ^= g_rng << 17;
+    return (float)((g_rng >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
+}
+
+static float *rnd(size_t n)
+{
+    float *p = malloc(n * sizeof(float) + 16);
+    for (size_t i = 0; i < n; i++) p[i] = frand();
+    return p;
+}
+
+static float *copyf(const float *src, size_t n)
+{
+    float *p = malloc(n * sizeof(float) + 16);
+    memcpy(p, src, n * sizeof(float));
+    return p;
+}
+
+static void *dev(const void *host, size_t bytes)
+{
+    void *d;
+    TT_OK(tuna_cuda_alloc(g_gpu, bytes ? bytes : 4, &d));
+    if (host && bytes) TT_OK(tuna_cuda_upload(g_gpu, d, host, bytes));
+    return d;
+}
+
+/* the device array, downloaded into a new host array */
+static float *back(const void *d, size_t n)
+{
+    float *h = malloc(n * sizeof(float) + 16);
+    TT_OK(tuna_cuda_sync(g_gpu));
+    TT_OK(tuna_cuda_download(g_gpu, h, d, n * sizeof(float)));
+    return h;
+}
+
+static void check(const char *what, const float *got, const float *want, size_t n, double tol)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(got[i])) {
+            print_error("%s: element %zu is %f\n", what, i, got[i]);
+            fail();
+        }
+    double e = tt_rel_err(got, want, n);
+    printf("  %-60s rel %.2e (tol %.0e)\n", what, e, tol);
+    if (!(e <= tol)) {
+        print_error("%s: relative error %.3g over %.1g\n", what, e, tol);
+        fail();
+    }
+}
+
+/* the GPU result of `d` (n floats) against the CPU's `h`, then both freed */
+static void check_dev(const char *what, void *d, float *h, size_t n, double tol)
+{
+    float *g = back(d, n);
+    check(what, g, h, n, tol);
+    free(g);
+    free(h);
+    tuna_cuda_free(g_gpu, d);
+}
+
+static int setup(void **state)
+{
+    (void)state;
+    if (tuna_cuda_device_count() == 0) return 0;
+    if (tuna_cpu_backend_new(2, &g_cpu) || tuna_cuda_backend_new(0, &g_gpu)) return -1;
+    tuna_cpu_backend_reserve(g_cpu, 8192);
+    g_ct = tuna_cpu_train_ops();
+    g_gt = tuna_cuda_train_ops();
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    tuna_cpu_backend_free(g_cpu);
+    tuna_cuda_backend_free(g_gpu);
+    return 0;
+}
+
+#define NEED_GPU()                                                                                                     \
+    do {                                                                                                               \
+        if (!g_gpu) {                                                                                                  \
+            fprintf(stderr, "SKIP: no CUDA device on this machine\n");                                                 \
+            skip();                                                                                                    \
+        }                                                                                                              \
+    } while (0)
+
+/* dx[T,K] += dy[T,N] W for f32, bf16, f16 and NF4 (f32 and bf16 compute) weights */
+static void test_matmul_backward(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    const int64_t Ts[] = {1, 9, 33};
+    const int64_t NK[][2] = {{37, 40}, {129, 64}, {300, 136}};
+    for (int kind = 0; kind < 5; kind++) {
+        for (size_t s = 0; s < 3; s++) {
+            const int64_t N = NK[s][0], K = NK[s][1];
+            float *wf = rnd((size_t)(N * K));
+            struct tuna_weight wc, wg;
+            struct tuna_q4_weight q;
+            struct tuna_cuda_q4 d;
+            void *wh = NULL;
+            double tol = 1e-5;
+            if (kind < 3) {
+                enum tuna_dtype t = kind == 0 ? TUNA_DTYPE_F32 : kind == 1 ? TUNA_DTYPE_BF16 : TUNA_DTYPE_F16;
+                size_t bytes = tuna_dtype_nbytes(t, (uint64_t)(N * K));
+                wh = malloc(bytes);
+                tuna_convert_from_f32(t, wf, wh, (size_t)(N * K));
+                wc = (struct tuna_weight){t, N, K, wh, NULL};
+                wg = (struct tuna_weight){t, N, K, dev(wh, bytes), NULL};
+                tol = kind == 1 ? 1e-2 : kind == 2 ? 2e-3 : 1e-5;
+            } else {
+                TT_OK(tuna_q4_quantize(wf, TUNA_DTYPE_F32, N, K, TUNA_Q4_NF4, 64, true, TUNA_DTYPE_F32, &q));
+                wc = (struct tuna_weight){TUNA_DTYPE_NF4, N, K, q.codes, &q};
+                tuna_q4_dequant_table(q.type, d.lut);
+                d.blocksize = q.blocksize;
+                d.round_mode = 0;
+                d.prefill = kind == 3 ? TUNA_DTYPE_F32 : TUNA_DTYPE_BF16;
+                d.absmax = dev(q.absmax, (size_t)q.n_blocks * 4);
+                wg = (struct tuna_weight){TUNA_DTYPE_NF4, N, K, dev(q.codes, (size_t)((N * K + 1) / 2)), &d};
+                tol = kind == 3 ? 1e-5 : 1e-2;
+            }
+            for (size_t ti = 0; ti < 3; ti++) {
+                const int64_t T = Ts[ti];
+                float *dy = rnd((size_t)(T * N)), *dx = rnd((size_t)(T * K));
+                float *ddy = dev(dy, (size_t)(T * N) * 4), *ddx = dev(dx, (size_t)(T * K) * 4);
+                g_ct->matmul_backward(g_cpu, dx, dy, &wc, T);
+                g_gt->matmul_backward(g_gpu, ddx, ddy, &wg, T);
+                char what[128];
+                snprintf(what, sizeof what, "matmul_backward %s T=%lld N=%lld K=%lld",
+                         kind < 3 ? tuna_dtype_name(wc.dtype) : kind == 3 ? "nf4/f32" : "nf4/bf16", (long long)T,
+                         (long long)N, (long long)K);
+                check_dev(what, ddx, dx, (size_t)(T * K), tol);
+                tuna_cuda_free(g_gpu, ddy);
+                free(dy);
+            }
+            tuna_cuda_free(g_gpu, (void *)wg.data);
+            if (kind >= 3) {
+                tuna_cuda_free(g_gpu, (void *)d.absmax);
+                tuna_q4_weight_free(&q);
+            }
+            free(wh);
+            free(wf);
+        }
+    }
+}
+
+static void test_lora(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    const int64_t T = 13, N = 37, K = 41, R = 5;
+    float *A = rnd((size_t)(R * K)), *B = rnd((size_t)(N * R));
+    struct tuna_lora lc = {R, A, B, 0.75f};
+    struct tuna_lora lg = {R, dev(A, (size_t)(R * K) * 4), dev(B, (size_t)(N * R) * 4), 0.75f};
+    float *x = rnd((size_t)(T * K)), *y = rnd((size_t)(T * N)), *dy = rnd((size_t)(T * N));
+    float *dx = rnd((size_t)(T * K)), *dA = rnd((size_t)(R * K)), *dB = rnd((size_t)(N * R));
+    float *work = malloc((size_t)(2 * T * R) * 4);
+    float *gx = dev(x, (size_t)(T * K) * 4), *gy = dev(y, (size_t)(T * N) * 4), *gdy = dev(dy, (size_t)(T * N) * 4);
+    float *gdx = dev(dx, (size_t)(T * K) * 4), *gdA = dev(dA, (size_t)(R * K) * 4), *gdB = dev(dB, (size_t)(N * R) * 4);
+    float *gwork = dev(NULL, (size_t)(2 * T * R) * 4);
+    g_ct->lora_forward(g_cpu, y, x, &lc, T, N, K, work);
+    g_gt->lora_forward(g_gpu, gy, gx, &lg, T, N, K, gwork);
+    check_dev("lora_forward", gy, y, (size_t)(T * N), 1e-5);
+    g_ct->lora_backward(g_cpu, dx, dA, dB, dy, x, &lc, T, N, K, work);
+    g_gt->lora_backward(g_gpu, gdx, gdA, gdB, gdy, gx, &lg, T, N, K, gwork);
+    check_dev("lora_backward dx", gdx, dx, (size_t)(T * K), 1e-5);
+    check_dev("lora_backward dA", gdA, dA, (size_t)(R * K), 1e-5);
+    check_dev("lora_backward dB", gdB, dB, (size_t)(N * R), 1e-5);
+    /* dx NULL: only the adapter's gradients */
+    float *dA2 = rnd((size_t)(R * K)), *gdA2 = dev(dA2, (size_t)(R * K) * 4);
+    float *dB2 = rnd((size_t)(N * R)), *gdB2 = dev(dB2, (size_t)(N * R) * 4);
+    g_ct->lora_backward(g_cpu, NULL, dA2, dB2, dy, x, &lc, T, N, K, work);
+    g_gt->lora_backward(g_gpu, NULL, gdA2, gdB2, gdy, gx, &lg, T, N, K, gwork);
+    check_dev("lora_backward dA (dx NULL)", gdA2, dA2, (size_t)(R * K), 1e-5);
+    check_dev("lora_backward dB (dx NULL)", gdB2, dB2, (size_t)(N * R), 1e-5);
+    tuna_cuda_free(g_gpu, (void *)lg.A), tuna_cuda_free(g_gpu, (void *)lg.B);
+    tuna_cuda_free(g_gpu, gx), tuna_cuda_free(g_gpu, gdy), tuna_cuda_free(g_gpu, gwork);
+    free(A), free(B), free(x), free(dy), free(work);
+}
+
+static void test_norm_rope_glu(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    { /* rmsnorm backward */
+        const int64_t T = 7, C = 300;
+        float *x = rnd((size_t)(T * C)), *w = rnd((size_t)C), *dy = rnd((size_t)(T * C)), *dx = rnd((size_t)(T * C));
+        float *gx = dev(x, (size_t)(T * C) * 4), *gw = dev(w, (size_t)C * 4), *gdy = dev(dy, (size_t)(T * C) * 4);
+        float *gdx = dev(dx, (size_t)(T * C) * 4);
+        g_ct->rmsnorm_backward(g_cpu, dx, dy, x, w, T, C, 1e-5f);
+        g_gt->rmsnorm_backward(g_gpu, gdx, gdy, gx, gw, T, C, 1e-5f);
+        check_dev("rmsnorm_backward T=7 C=300", gdx, dx, (size_t)(T * C), 1e-5);
+        tuna_cuda_free(g_gpu, gx), tuna_cuda_free(g_gpu, gw), tuna_cuda_free(g_gpu, gdy);
+        free(x), free(w), free(dy);
+    }
+    { /* RoPE backward, partial rotary, two sequences */
+        const int64_t T = 11, H = 3, D = 40, rot = 32;
+        int64_t pos[11];
+        for (int i = 0; i < 11; i++) pos[i] = i < 6 ? i : i - 6;
+        float inv[16];
+        for (int i = 0; i < 16; i++) inv[i] = powf(10000.0f, -(float)(2 * i) / (float)rot);
+        float *d = rnd((size_t)(T * H * D)), *gd = dev(d, (size_t)(T * H * D) * 4);
+        g_ct->rope_backward(g_cpu, d, pos, T, H, D, rot, inv, 1.1f);
+        g_gt->rope_backward(g_gpu, gd, pos, T, H, D, rot, inv, 1.1f);
+        check_dev("rope_backward (partial, attn_factor 1.1)", gd, d, (size_t)(T * H * D), 1e-5);
+    }
+    for (int act = 0; act < 3; act++) { /* GLU backward: SiLU, GELU tanh, GELU erf */
+        const int64_t n = 1001;
+        float *gate = rnd((size_t)n), *up = rnd((size_t)n), *dout = rnd((size_t)n);
+        float *dg = rnd((size_t)n), *du = rnd((size_t)n);
+        float *ggate = dev(gate, (size_t)n * 4), *gup = dev(up, (size_t)n * 4), *gdout = dev(dout, (size_t)n * 4);
+        float *gdg = dev(dg, (size_t)n * 4), *gdu = dev(du, (size_t)n * 4);
+        g_ct->glu_backward(g_cpu, dg, du, dout, gate, up, n, act);
+        g_gt->glu_backward(g_gpu, gdg, gdu, gdout, ggate, gup, n, act);
+        char what[64];
+        snprintf(what, sizeof what, "glu_backward act %d dgate", act);
+        check_dev(what, gdg, dg, (size_t)n, 1e-5);
+        snprintf(what, sizeof what, "glu_backward act %d dup", act);
+        check_dev(what, gdu, du, (size_t)n, 1e-5);
+        tuna_cuda_free(g_gpu, ggate), tuna_cuda_free(g_gpu, gup), tuna_cuda_free(g_gpu, gdout);
+        free(gate), free(up), free(dout);
+    }
+}
+
+/* two sequences (13 and 6 tokens), GQA 6 heads on 2, D 24; no window and window 5; exact
+ * float32 and TF32; a work buffer of one head (chunks) and of every head */
+static void test_attention(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    const int64_t T = 19, H = 6, Hkv = 2, D = 24, HD = H * D, KD = Hkv * D, maxlen = 13;
+    int64_t pos[19];
+    for (int i = 0; i < 19; i++) pos[i] = i < 13 ? i : i - 13;
+    const float scale = 1.0f / sqrtf((float)D);
+    float *q = rnd((size_t)(T * HD)), *k = rnd((size_t)(T * KD)), *v = rnd((size_t)(T * KD));
+    float *dout = rnd((size_t)(T * HD));
+    float *gq = dev(q, (size_t)(T * HD) * 4), *gk = dev(k, (size_t)(T * KD) * 4), *gv = dev(v, (size_t)(T * KD) * 4);
+    float *gdout = dev(dout, (size_t)(T * HD) * 4);
+    for (int c = 0; c < 6; c++) {
+        const int64_t window = (c & 1) ? 5 : 0;
+        const bool fast = c >= 4;
+        const int64_t wf = (c / 2) == 1 ? 2 * maxlen * maxlen : 2 * Hkv * maxlen * maxlen;
+        float *work = dev(NULL, (size_t)wf * 4);
+        float *out = malloc((size_t)(T * HD) * 4);
+        float *gout = dev(NULL, (size_t)(T * HD) * 4);
+        g_ct->attention_forward(g_cpu, out, q, k, v, pos, T, H, Hkv, D, scale, window, false, NULL, 0);
+        g_gt->attention_forward(g_gpu, gout, gq, gk, gv, pos, T, H, Hkv, D, scale, window, fast, work, wf);
+        char what[128];
+        const double tol = fast ? 1e-2 : 1e-5;
+        snprintf(what, sizeof what, "attention_forward window %lld %s work %lld", (long long)window,
+                 fast ? "tf32" : "f32", (long long)wf);
+        check_dev(what, gout, out, (size_t)(T * HD), tol);
+        float *dq = rnd((size_t)(T * HD)), *dk = rnd((size_t)(T * KD)), *dv = rnd((size_t)(T * KD));
+        float *gdq = dev(dq, (size_t)(T * HD) * 4), *gdk = dev(dk, (size_t)(T * KD) * 4);
+        float *gdv = dev(dv, (size_t)(T * KD) * 4);
+        g_ct->attention_backward(g_cpu, dq, dk, dv, dout, q, k, v, pos, T, H, Hkv, D, scale, window, false, NULL, 0);
+        g_gt->attention_backward(g_gpu, gdq, gdk, gdv, gdout, gq, gk, gv, pos, T, H, Hkv, D, scale, window, fast,
+                                 work, wf);
+        snprintf(what, sizeof what, "attention_backward dq window %lld %s", (long long)window, fast ? "tf32" : "f32");
+        check_dev(what, gdq, dq, (size_t)(T * HD), tol);
+        snprintf(what, sizeof what, "attention_backward dk window %lld %s", (long long)window, fast ? "tf32" : "f32");
+        check_dev(what, gdk, dk, (size_t)(T * KD), tol);
+        snprintf(what, sizeof what, "attention_backward dv window %lld %s", (long long)window, fast ? "tf32" : "f32");
+        check_dev(what, gdv, dv, (size_t)(T * KD), tol);
+        tuna_cuda_free(g_gpu, work);
+    }
+    /* a work buffer below the minimum is a (sticky) error, not a write past it */
+    tuna_backend *be2 = NULL;
+    TT_OK(tuna_cuda_backend_new(0, &be2));
+    float *small = NULL;
+    TT_OK(tuna_cuda_alloc(be2, 16, (void **)&small));
+    g_gt->attention_forward(be2, gdout, gq, gk, gv, pos, T, H, Hkv, D, scale, 0, false, small, 4);
+    TT_FAILS(tuna_cuda_sync(be2), TUNA_E_CUDA, "work buffer");
+    tuna_cuda_free(be2, small);
+    tuna_cuda_backend_free(be2);
+    tuna_cuda_free(g_gpu, gq), tuna_cuda_free(g_gpu, gk), tuna_cuda_free(g_gpu, gv), tuna_cuda_free(g_gpu, gdout);
+    free(q), free(k), free(v), free(dout);
+}
+
+static void test_cross_entropy(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    const int64_t T = 5, V = 1031;
+    const int32_t target[5] = {3, -100, 1030, 0, 517};
+    float *l = rnd((size_t)(T * V));
+    for (int64_t i = 0; i < T * V; i++) l[i] *= 8; /* a peaked softmax */
+    float *gl = dev(l, (size_t)(T * V) * 4);
+    double loss[5], gloss[5], *dloss = dev(NULL, sizeof gloss);
+    g_ct->cross_entropy(g_cpu, l, loss, l, target, T, V, 7.0); /* in place, as the trainer */
+    g_gt->cross_entropy(g_gpu, gl, dloss, gl, target, T, V, 7.0);
+    TT_OK(tuna_cuda_sync(g_gpu));
+    TT_OK(tuna_cuda_download(g_gpu, gloss, dloss, sizeof gloss));
+    for (int i = 0; i < 5; i++) {
+        printf("  cross_entropy row %d: loss %.9f (cpu %.9f)\n", i, gloss[i], loss[i]);
+        assert_true(fabs(gloss[i] - loss[i]) <= 1e-6 * fmax(1.0, fabs(loss[i])));
+    }
+    assert_true(loss[1] == 0.0 && loss[0] > 0);
+    check_dev("cross_entropy dlogits", gl, l, (size_t)(T * V), 1e-5);
+    tuna_cuda_free(g_gpu, dloss);
+}
+
+static void test_optim_and_small_ops(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    const int64_t n = 100003;
+    float *g = rnd((size_t)n), *gg = dev(g, (size_t)n * 4);
+    void *work = dev(NULL, TUNA_TRAIN_NORM_WORK);
+    double sc = g_ct->grad_sq_sum(g_cpu, g, n, NULL), sg = g_gt->grad_sq_sum(g_gpu, gg, n, work);
+    printf("  grad_sq_sum %.12g (cpu %.12g)\n", sg, sc);
+    assert_true(fabs(sg - sc) <= 1e-12 * sc);
+    /* AdamW step 3 with clipping 0.5 and weight decay */
+    float *p = rnd((size_t)n), *m = rnd((size_t)n), *v = rnd((size_t)n);
+    for (int64_t i = 0; i < n; i++) v[i] = fabsf(v[i]) * 1e-3f;
+    float *gp = dev(p, (size_t)n * 4), *gm = dev(m, (size_t)n * 4), *gv = dev(v, (size_t)n * 4);
+    g_ct->adamw(g_cpu, p, g, m, v, n, 2e-3, 0.9, 0.999, 1e-8, 0.01, 3, 0.5);
+    g_gt->adamw(g_gpu, gp, gg, gm, gv, n, 2e-3, 0.9, 0.999, 1e-8, 0.01, 3, 0.5);
+    check_dev("adamw p", gp, p, (size_t)n, 1e-6);
+    check_dev("adamw m", gm, m, (size_t)n, 1e-6);
+    check_dev("adamw v", gv, v, (size_t)n, 1e-6);
+    check_dev("adamw g (clipped)", gg, g, (size_t)n, 1e-7);
+    tuna_cuda_free(g_gpu, work);
+    /* dropout: the same masks, bit for bit */
+    const int64_t nd = 3001;
+    float *x = rnd((size_t)nd), *gx = dev(x, (size_t)nd * 4), *gy = dev(NULL, (size_t)nd * 4);
+    float *y = malloc((size_t)nd * 4);
+    g_ct->dropout(g_cpu, y, x, nd, 0.3, 0x1234567887654321ull);
+    g_gt->dropout(g_gpu, gy, gx, nd, 0.3, 0x1234567887654321ull);
+    float *yg = back(gy, (size_t)nd);
+    int dropped = 0;
+    for (int64_t i = 0; i < nd; i++) {
+        assert_true(yg[i] == y[i]);
+        dropped += y[i] == 0.0f;
+    }
+    assert_true(dropped > nd / 5 && dropped < nd * 2 / 5);
+    free(yg), free(y), free(x);
+    tuna_cuda_free(g_gpu, gx), tuna_cuda_free(g_gpu, gy);
+    /* gather, scatter-add, zero */
+    const int64_t R = 9, C = 133, n_sel = 4;
+    const int32_t rows[4] = {8, 0, 5, 2};
+    float *src = rnd((size_t)(R * C)), *gsrc = dev(src, (size_t)(R * C) * 4);
+    float *sel = malloc((size_t)(n_sel * C) * 4), *gsel = dev(NULL, (size_t)(n_sel * C) * 4);
+    g_ct->gather_rows(g_cpu, sel, src, rows, n_sel, C);
+    g_gt->gather_rows(g_gpu, gsel, gsrc, rows, n_sel, C);
+    check_dev("gather_rows", gsel, copyf(sel, (size_t)(n_sel * C)), (size_t)(n_sel * C), 0);
+    gsel = dev(sel, (size_t)(n_sel * C) * 4);
+    g_ct->scatter_add_rows(g_cpu, src, sel, rows, n_sel, C);
+    g_gt->scatter_add_rows(g_gpu, gsrc, gsel, rows, n_sel, C);
+    check_dev("scatter_add_rows", gsrc, copyf(src, (size_t)(R * C)), (size_t)(R * C), 0);
+    g_gt->zero(g_gpu, gsel, n_sel * C);
+    float *z = back(gsel, (size_t)(n_sel * C));
+    for (int64_t i = 0; i < n_sel * C; i++) assert_true(z[i] == 0.0f);
+    free(z), free(sel), free(src);
+    tuna_cuda_free(g_gpu, gsel);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_matmul_backward), cmocka_unit_test(test_lora),
+        cmocka_unit_test(test_norm_rope_glu),   cmocka_unit_test(test_attention),
+        cmocka_unit_test(test_cross_entropy),   cmocka_unit_test(test_optim_and_small_ops),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
