@@ -150,7 +150,7 @@ static void test_attention(void **state)
             uint16_t want = dt == TUNA_DTYPE_BF16 ? tuna_f32_to_bf16(k[5][3]) : tuna_f32_to_f16(k[5][3]);
             assert_int_equal(kh[slot[5] * Hkv * D + 3], want);
         }
-        struct tuna_attn_batch b = {L, pos, bts, BS, window, NB};
+        struct tuna_attn_batch b = {L, pos, bts, BS, window, NB, NULL};
         float scale = 1.0f / sqrtf(D);
         op->attention(be, &out[0][0], &q[0][0], kc, vc, dt, &b, H, Hkv, D, scale);
         double worst = 0;

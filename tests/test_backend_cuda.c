@@ -349,7 +349,7 @@ static void test_attention(void **state)
         float *q = rnd(nq), *oc = malloc(nq * 4), *og = malloc(nq * 4);
         float *dq = dev(q, nq * 4), *dout = dev(NULL, nq * 4);
         for (int win = 0; win < 2; win++) {
-            struct tuna_attn_batch b = {T, pos, bt, bs, win ? 100 : 0, 64};
+            struct tuna_attn_batch b = {T, pos, bt, bs, win ? 100 : 0, 64, NULL};
             float scale = 1.0f / sqrtf((float)D);
             g_cops->attention(g_cpu, oc, q, kc, vc, TUNA_DTYPE_F32, &b, H, Hkv, D, scale);
             g_gops->attention(g_gpu, dout, dq, dkc, dvc, TUNA_DTYPE_F32, &b, H, Hkv, D, scale);

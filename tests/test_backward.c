@@ -150,7 +150,7 @@ struct att_ctx {
 static void att_fwd(void *p, float *y)
 {
     struct att_ctx *c = p;
-    struct tuna_attn_batch ab = {c->T, c->pos, c->bt, 1, c->window, (int32_t)c->T};
+    struct tuna_attn_batch ab = {c->T, c->pos, c->bt, 1, c->window, (int32_t)c->T, NULL};
     ops->attention(be, y, c->q, c->k, c->v, TUNA_DTYPE_F32, &ab, c->H, c->Hkv, c->D, 0.35f);
 }
 static void attention_case(int64_t window)

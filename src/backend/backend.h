@@ -53,6 +53,9 @@ struct tuna_attn_batch {
     int32_t block_size;
     int64_t sliding_window;               /* 0 = attend to all earlier positions */
     int32_t max_blocks_per_seq;           /* see above; 0 = unknown */
+    /* Optional [T, max_blocks_per_seq]: row t holds token t's block table (entries past its
+     * position unspecified), e.g. in the backend's step block; NULL = use block_tables. */
+    const int32_t *tables_flat;
 };
 
 typedef struct tuna_backend tuna_backend; /* opaque per-backend state (thread pool, scratch) */
@@ -119,6 +122,34 @@ struct tuna_backend_ops {
     /* Waits for queued work; returns the backend's sticky error (CUDA) or TUNA_OK. */
     tuna_status (*sync)(tuna_backend *be);
     bool host_memory; /* backend memory is ordinary host memory */
+
+    /* --- optional fusions (NULL = not provided: callers compose the plain ops above) --------
+     * Same numbers as the composition up to float32 summation order. */
+    /* ys[i][T, N_i] = x[T,K] W_i^T + bias_i for n <= 4 weights of the same K (q/k/v); biases may
+     * be NULL, or any entry of it. */
+    void (*matmul_multi)(tuna_backend *be, int n, float *const *ys, const float *x,
+                         const struct tuna_weight *const *ws, const float *const *biases, int64_t T);
+    /* out[T, I] = act(x Wg^T + bg) * (x Wu^T + bu): gate/up and the GLU in one pass. */
+    void (*matmul_glu)(tuna_backend *be, float *out, const float *x, const struct tuna_weight *wg,
+                       const float *bg, const struct tuna_weight *wu, const float *bu, int64_t T, int act);
+    /* y[T,N] += x[T,K] W^T + bias: a projection added into the residual stream. */
+    void (*matmul_add)(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w,
+                       const float *bias, int64_t T);
+
+    /* --- the step block and graphs of whole steps (optional; NULL where metadata is free) ---
+     * step_block returns a host buffer of at least `bytes` (valid until the next call) whose
+     * first bytes step_upload mirrors into backend memory with one copy: ops given pointers into
+     * it (ids, positions, slots, block tables, inv_freq) read the mirror and upload nothing of
+     * their own. NULL on failure (the sticky error says why). */
+    void *(*step_block)(tuna_backend *be, size_t bytes);
+    void (*step_upload)(tuna_backend *be, size_t bytes);
+    /* graph_begin(key): 1 = the graph recorded for key was launched (skip the ops); 0 = capture
+     * started: run the ops, then graph_end; -1 = run the ops eagerly. The key must change
+     * whenever any pointer or size the ops are given changes (all metadata in the step block).
+     * graph_end returns true when the captured step was launched, false when the capture could
+     * not be used and the caller must run the ops again eagerly. */
+    int (*graph_begin)(tuna_backend *be, uint64_t key);
+    bool (*graph_end)(tuna_backend *be);
 };
 
 #endif

@@ -141,16 +141,55 @@ static tuna_status trace_reserve(const struct tuna_model *m, struct tuna_fwd_tra
     return TUNA_OK;
 }
 
-/* y[T,N] = x W^T + b, plus each token's LoRA adapter when the layer carries any. */
-static void linear(struct tuna_model *m, const struct tuna_linear *lin, float *y, const float *x, int64_t T,
-                   const struct tuna_batch *b)
+/* y[T,N] += each token's LoRA adapter, when the layer carries any. */
+static void lora_add(struct tuna_model *m, const struct tuna_linear *lin, float *y, const float *x, int64_t T,
+                     const struct tuna_batch *b)
 {
-    m->ops->matmul(m->be, y, x, &lin->w, lin->bias, T);
     if (lin->n_lora == 0) return;
     /* adapters live in host memory; a GPU backend reads its device copies (device.c) */
     const struct tuna_lora *ad = m->ops->host_memory ? lin->lora : tuna_model_lora_on_device(m, lin);
     if (!ad) return; /* the upload failed: the backend's sticky error reports it */
     m->ops->lora(m->be, y, x, T, lin->w.rows, lin->w.cols, ad, lin->n_lora, b->adapter);
+}
+
+/* y[T,N] = x W^T + b, plus each token's LoRA adapter when the layer carries any. */
+static void linear(struct tuna_model *m, const struct tuna_linear *lin, float *y, const float *x, int64_t T,
+                   const struct tuna_batch *b)
+{
+    m->ops->matmul(m->be, y, x, &lin->w, lin->bias, T);
+    lora_add(m, lin, y, x, T, b);
+}
+
+/* The attention projections q, k, v of one input: one grouped launch when the backend fuses. */
+static void linear_qkv(struct tuna_model *m, const struct tuna_layer *L, const struct tuna_fwd_layer_acts *A,
+                       int64_t T, const struct tuna_batch *b, bool fuse)
+{
+    if (!fuse) {
+        linear(m, &L->q, A->q, A->xn_attn, T, b); /* (T, H*D) */
+        linear(m, &L->k, A->k, A->xn_attn, T, b); /* (T, Hkv*D) */
+        linear(m, &L->v, A->v, A->xn_attn, T, b); /* (T, Hkv*D) */
+        return;
+    }
+    float *const ys[3] = {A->q, A->k, A->v};
+    const struct tuna_weight *const ws[3] = {&L->q.w, &L->k.w, &L->v.w};
+    const float *const bs[3] = {L->q.bias, L->k.bias, L->v.bias};
+    m->ops->matmul_multi(m->be, 3, ys, A->xn_attn, ws, bs, T);
+    lora_add(m, &L->q, A->q, A->xn_attn, T, b);
+    lora_add(m, &L->k, A->k, A->xn_attn, T, b);
+    lora_add(m, &L->v, A->v, A->xn_attn, T, b);
+}
+
+/* x[T,C] += in W^T (+ LoRA): o_proj and down_proj into the residual stream. */
+static void linear_residual(struct tuna_model *m, const struct tuna_linear *lin, float *x, const float *in,
+                            float *tmp, int64_t T, const struct tuna_batch *b, bool fuse)
+{
+    if (!fuse) {
+        linear(m, lin, tmp, in, T, b);
+        m->ops->add(m->be, x, tmp, T * lin->w.rows);
+        return;
+    }
+    m->ops->matmul_add(m->be, x, in, &lin->w, lin->bias, T);
+    lora_add(m, lin, x, in, T, b);
 }
 
 /* Checks positions against the cache and grows each sequence to hold this step's tokens. Tokens
@@ -196,6 +235,152 @@ static tuna_status place_tokens(struct tuna_model *m, tuna_kv_cache *kv, const s
     return TUNA_OK;
 }
 
+/* Where a step's metadata lives for the ops: the caller's host arrays, or their copies in the
+ * backend's step block (one upload per step; what makes the step capturable as a graph). */
+struct step_meta {
+    const int32_t *ids;
+    const int64_t *pos, *slot;
+    const float *inv_freq;
+    const struct tuna_attn_batch *ab;
+};
+
+/* Steps of at most this many tokens put their metadata in the step block (decode and small
+ * mixed batches; a long prefill's flattened block tables would not be worth it). */
+#define STEP_BLOCK_MAX_T 512
+
+static size_t align16(size_t n) { return (n + 15) & ~(size_t)15; }
+
+/* Copies the step's metadata into the backend's step block; false when the backend has none or
+ * the step is too large (the ops then take the host arrays). */
+static bool fill_step_block(struct tuna_model *m, const struct tuna_batch *b, struct tuna_attn_batch *ab,
+                            struct step_meta *md)
+{
+    const struct tuna_backend_ops *op = m->ops;
+    const int64_t T = b->n, W = ab->max_blocks_per_seq, half = m->rot_dim / 2;
+    if (!op->step_block || T > STEP_BLOCK_MAX_T || W <= 0) return false;
+    size_t o_pos = align16((size_t)T * 4), o_slot = o_pos + align16((size_t)T * 8),
+           o_freq = o_slot + align16((size_t)T * 8), o_tab = o_freq + align16((size_t)half * 4),
+           total = o_tab + (size_t)T * (size_t)W * 4;
+    char *blk = op->step_block(m->be, total);
+    if (!blk) return false;
+    memcpy(blk, b->tokens, (size_t)T * 4);
+    memcpy(blk + o_pos, b->pos, (size_t)T * 8);
+    memcpy(blk + o_slot, m->ws->slot, (size_t)T * 8);
+    memcpy(blk + o_freq, m->inv_freq, (size_t)half * 4);
+    int32_t *tab = (int32_t *)(blk + o_tab);
+    for (int64_t t = 0; t < T; t++) {
+        int64_t nb = b->pos[t] / ab->block_size + 1;
+        if (nb > W) nb = W; /* place_tokens already bounded positions by the cache */
+        memcpy(tab + t * W, ab->block_tables[t], (size_t)nb * 4);
+    }
+    op->step_upload(m->be, total);
+    ab->pos = (const int64_t *)(blk + o_pos);
+    ab->tables_flat = tab;
+    md->ids = (const int32_t *)blk;
+    md->pos = ab->pos;
+    md->slot = (const int64_t *)(blk + o_slot);
+    md->inv_freq = (const float *)(blk + o_freq);
+    return true;
+}
+
+static uint64_t mix_key(uint64_t h, uint64_t v)
+{
+    h ^= v + 0x9E3779B97F4A7C15ULL + (h << 6) + (h >> 2);
+    return h * 0xBF58476D1CE4E5B9ULL;
+}
+
+/* What a captured step depends on besides the step block: sizes and every buffer address. */
+static uint64_t graph_key(const struct tuna_model *m, tuna_kv_cache *kv, const struct tuna_attn_batch *ab, int64_t T)
+{
+    const struct tuna_fwd_ws *ws = m->ws;
+    uint64_t h = mix_key(0, (uint64_t)T);
+    h = mix_key(h, (uint64_t)ab->max_blocks_per_seq);
+    h = mix_key(h, (uint64_t)ab->block_size);
+    h = mix_key(h, (uint64_t)tuna_kv_dtype(kv));
+    h = mix_key(h, (uint64_t)(uintptr_t)tuna_kv_k(kv, 0));
+    h = mix_key(h, (uint64_t)(uintptr_t)tuna_kv_v(kv, 0));
+    h = mix_key(h, (uint64_t)(uintptr_t)ws->x);
+    h = mix_key(h, (uint64_t)(uintptr_t)ws->a.q);
+    h = mix_key(h, (uint64_t)(uintptr_t)ws->sel);
+    h = mix_key(h, (uint64_t)(uintptr_t)ws->logits);
+    h = mix_key(h, (uint64_t)(uintptr_t)m->layers[0].q.w.data);
+    h = mix_key(h, (uint64_t)(uintptr_t)m->lm_head.w.data);
+    return h;
+}
+
+/* Embedding, the layers, the final norm and lm_head of one step: logits of the wanted rows into
+ * `logits` (host backends) or ws->logits. */
+static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const struct tuna_batch *b, float *logits,
+                             bool want_logits, struct tuna_fwd_trace *trace, const struct step_meta *md)
+{
+    const struct tuna_arch *a = &m->arch;
+    const struct tuna_backend_ops *op = m->ops;
+    tuna_backend *be = m->be;
+    const int64_t T = b->n, C = a->hidden_size, H = a->n_heads, Hkv = a->n_kv_heads, D = a->head_dim;
+    const int64_t I = a->intermediate_size;
+    struct tuna_fwd_ws *ws = m->ws;
+    const enum tuna_dtype kvdt = tuna_kv_dtype(kv); /* float32, or 16-bit on the GPU */
+    const float scale = (float)(1.0 / sqrt((double)D));
+    float *x = ws->x;
+    /* the backend's fused projections, except when backward needs every intermediate */
+    const bool fuse = !trace && op->matmul_multi && op->matmul_glu && op->matmul_add;
+
+    op->embedding(be, x, md->ids, T, &m->embed, m->embed_scale);
+    for (int64_t l = 0; l < a->n_layers; l++) {
+        const struct tuna_layer *L = &m->layers[l];
+        const struct tuna_fwd_layer_acts *A = trace ? &trace->layers[l] : &ws->a;
+        void *kc = tuna_kv_k(kv, l), *vc = tuna_kv_v(kv, l);
+        if (trace) op->copy(be, A->x_in, x, (size_t)(T * C) * sizeof(float));
+        /* attention block */
+        op->rmsnorm(be, A->xn_attn, x, L->attn_norm, T, C, (float)a->norm_eps);
+        linear_qkv(m, L, A, T, b, fuse); /* q (T, H*D), k and v (T, Hkv*D) */
+        if (L->q_norm) op->rmsnorm(be, A->q, A->q, L->q_norm, T * H, D, (float)a->norm_eps);
+        if (L->k_norm) op->rmsnorm(be, A->k, A->k, L->k_norm, T * Hkv, D, (float)a->norm_eps);
+        op->rope(be, A->q, md->pos, T, H, D, m->rot_dim, md->inv_freq, m->attn_factor);
+        op->rope(be, A->k, md->pos, T, Hkv, D, m->rot_dim, md->inv_freq, m->attn_factor);
+        op->kv_store(be, kc, vc, kvdt, A->k, A->v, md->slot, T, Hkv * D);
+        op->attention(be, A->att, A->q, kc, vc, kvdt, md->ab, H, Hkv, D, scale); /* (T, H*D) */
+        linear_residual(m, &L->o, x, A->att, ws->tmp, T, b, fuse); /* x (T, C) += */
+        if (trace) op->copy(be, A->x_mid, x, (size_t)(T * C) * sizeof(float));
+        /* MLP block */
+        op->rmsnorm(be, A->xn_mlp, x, L->mlp_norm, T, C, (float)a->norm_eps);
+        float *act = trace ? A->act : A->gate;
+        if (fuse && L->gate.n_lora == 0 && L->up.n_lora == 0) {
+            op->matmul_glu(be, act, A->xn_mlp, &L->gate.w, L->gate.bias, &L->up.w, L->up.bias, T, (int)a->act);
+        } else {
+            linear(m, &L->gate, A->gate, A->xn_mlp, T, b); /* (T, I) */
+            linear(m, &L->up, A->up, A->xn_mlp, T, b);     /* (T, I) */
+            op->glu(be, act, A->gate, A->up, T * I, (int)a->act);
+        }
+        linear_residual(m, &L->down, x, act, ws->tmp, T, b, fuse); /* x (T, C) += */
+    }
+    if (trace) op->copy(be, trace->x_final, x, (size_t)(T * C) * sizeof(float));
+    if (!want_logits) return TUNA_OK;
+    int64_t n = b->n_logits;
+    if (n == T) { /* every row: normalize straight from the residual stream */
+        op->rmsnorm(be, ws->sel, x, m->final_norm, n, C, (float)a->norm_eps);
+    } else {
+        n = 0;
+        for (int64_t t = 0; t < T; t++)
+            if (b->logits[t]) op->copy(be, ws->sel + (n++) * C, x + t * C, (size_t)C * sizeof(float));
+        op->rmsnorm(be, ws->sel, ws->sel, m->final_norm, n, C, (float)a->norm_eps);
+    }
+    if (op->host_memory && logits) {
+        op->matmul(be, logits, ws->sel, &m->lm_head.w, NULL, n); /* (n, V) */
+        return TUNA_OK;
+    }
+    const int64_t V = a->vocab_size;
+    if (ws->logits_cap < n) {
+        op->release(be, ws->logits);
+        ws->logits = NULL;
+        ws->logits_cap = 0;
+        if (!bk_alloc(m, &ws->logits, (size_t)(n * V))) return tuna_fail_prefix(TUNA_E_OOM, "forward: logits buffer");
+        ws->logits_cap = n;
+    }
+    op->matmul(be, ws->logits, ws->sel, &m->lm_head.w, NULL, n); /* (n, V) */
+    return TUNA_OK;
+}
+
 /* The step; the rows that want logits get them in `logits` (host [n, V]) or, when `ids` is given
  * instead, only their greedy ids (host [n]) through the backend's argmax. */
 static tuna_status forward_step(struct tuna_model *m, tuna_kv_cache *kv, const struct tuna_batch *b, float *logits,
@@ -204,8 +389,7 @@ static tuna_status forward_step(struct tuna_model *m, tuna_kv_cache *kv, const s
     const struct tuna_arch *a = &m->arch;
     const struct tuna_backend_ops *op = m->ops;
     tuna_backend *be = m->be;
-    const int64_t T = b->n, C = a->hidden_size, H = a->n_heads, Hkv = a->n_kv_heads, D = a->head_dim;
-    const int64_t I = a->intermediate_size;
+    const int64_t T = b->n;
     if (T == 0) return TUNA_OK;
     tuna_status st = ws_reserve(m, T);
     if (!st && trace) st = trace_reserve(m, trace, T);
@@ -223,60 +407,27 @@ static tuna_status forward_step(struct tuna_model *m, tuna_kv_cache *kv, const s
         m->inv_freq_len = maxpos + 1;
     }
     struct tuna_attn_batch ab = {T, b->pos, ws->bt, tuna_kv_block_size(kv), a->sliding_window,
-                                 tuna_kv_max_blocks_per_seq(kv, m->max_model_len)};
-    const enum tuna_dtype kvdt = tuna_kv_dtype(kv); /* float32, or 16-bit on the GPU */
-    const float scale = (float)(1.0 / sqrt((double)D));
-    float *x = ws->x;
-
-    op->embedding(be, x, b->tokens, T, &m->embed, m->embed_scale);
-    for (int64_t l = 0; l < a->n_layers; l++) {
-        const struct tuna_layer *L = &m->layers[l];
-        const struct tuna_fwd_layer_acts *A = trace ? &trace->layers[l] : &ws->a;
-        void *kc = tuna_kv_k(kv, l), *vc = tuna_kv_v(kv, l);
-        if (trace) op->copy(be, A->x_in, x, (size_t)(T * C) * sizeof(float));
-        /* attention block */
-        op->rmsnorm(be, A->xn_attn, x, L->attn_norm, T, C, (float)a->norm_eps);
-        linear(m, &L->q, A->q, A->xn_attn, T, b);  /* (T, H*D) */
-        linear(m, &L->k, A->k, A->xn_attn, T, b);  /* (T, Hkv*D) */
-        linear(m, &L->v, A->v, A->xn_attn, T, b);  /* (T, Hkv*D) */
-        if (L->q_norm) op->rmsnorm(be, A->q, A->q, L->q_norm, T * H, D, (float)a->norm_eps);
-        if (L->k_norm) op->rmsnorm(be, A->k, A->k, L->k_norm, T * Hkv, D, (float)a->norm_eps);
-        op->rope(be, A->q, b->pos, T, H, D, m->rot_dim, m->inv_freq, m->attn_factor);
-        op->rope(be, A->k, b->pos, T, Hkv, D, m->rot_dim, m->inv_freq, m->attn_factor);
-        op->kv_store(be, kc, vc, kvdt, A->k, A->v, ws->slot, T, Hkv * D);
-        op->attention(be, A->att, A->q, kc, vc, kvdt, &ab, H, Hkv, D, scale); /* (T, H*D) */
-        linear(m, &L->o, ws->tmp, A->att, T, b);                          /* (T, C) */
-        op->add(be, x, ws->tmp, T * C);
-        if (trace) op->copy(be, A->x_mid, x, (size_t)(T * C) * sizeof(float));
-        /* MLP block */
-        op->rmsnorm(be, A->xn_mlp, x, L->mlp_norm, T, C, (float)a->norm_eps);
-        linear(m, &L->gate, A->gate, A->xn_mlp, T, b); /* (T, I) */
-        linear(m, &L->up, A->up, A->xn_mlp, T, b);     /* (T, I) */
-        float *act = trace ? A->act : A->gate;
-        op->glu(be, act, A->gate, A->up, T * I, (int)a->act);
-        linear(m, &L->down, ws->tmp, act, T, b); /* (T, C) */
-        op->add(be, x, ws->tmp, T * C);
+                                 tuna_kv_max_blocks_per_seq(kv, m->max_model_len), NULL};
+    struct step_meta md = {b->tokens, b->pos, ws->slot, m->inv_freq, &ab};
+    const bool want_logits = (logits || ids) && b->n_logits > 0;
+    int graph = -1;
+    if (!trace && fill_step_block(m, b, &ab, &md)) {
+        /* a whole step as one CUDA graph: decode-like steps without adapters, every row's logits,
+         * buffers already sized (a logits buffer that would grow is allocated by the eager run) */
+        bool adapters = false;
+        for (int64_t t = 0; b->adapter && t < T && !adapters; t++) adapters = b->adapter[t] >= 0;
+        if (op->graph_begin && !adapters && want_logits && b->n_logits == T && ws->logits_cap >= T)
+            graph = op->graph_begin(be, graph_key(m, kv, &ab, T));
     }
-    if (trace) op->copy(be, trace->x_final, x, (size_t)(T * C) * sizeof(float));
-    if ((!logits && !ids) || b->n_logits == 0) return op->sync(be);
-    int64_t n = 0;
-    for (int64_t t = 0; t < T; t++)
-        if (b->logits[t]) op->copy(be, ws->sel + (n++) * C, x + t * C, (size_t)C * sizeof(float));
-    op->rmsnorm(be, ws->sel, ws->sel, m->final_norm, n, C, (float)a->norm_eps);
-    if (op->host_memory && logits) {
-        op->matmul(be, logits, ws->sel, &m->lm_head.w, NULL, n); /* (n, V) */
-        return TUNA_OK;
+    if (graph != 1) {
+        st = step_body(m, kv, b, logits, want_logits, trace, &md);
+        if (!st && graph == 0 && !op->graph_end(be)) st = step_body(m, kv, b, logits, want_logits, trace, &md);
+        if (st) return st;
     }
-    const int64_t V = a->vocab_size;
-    if (ws->logits_cap < n) {
-        op->release(be, ws->logits);
-        ws->logits = NULL;
-        ws->logits_cap = 0;
-        if (!bk_alloc(m, &ws->logits, (size_t)(n * V))) return tuna_fail_prefix(TUNA_E_OOM, "forward: logits buffer");
-        ws->logits_cap = n;
-    }
-    op->matmul(be, ws->logits, ws->sel, &m->lm_head.w, NULL, n);      /* (n, V) */
-    if (ids) return op->argmax(be, ids, ws->logits, n, V);             /* n ints cross the bus, syncs */
+    if (!want_logits) return op->sync(be);
+    if (op->host_memory && logits) return TUNA_OK;
+    const int64_t n = b->n_logits, V = a->vocab_size;
+    if (ids) return op->argmax(be, ids, ws->logits, n, V);                       /* n ints cross the bus, syncs */
     return op->download(be, logits, ws->logits, (size_t)(n * V) * sizeof(float)); /* syncs */
 }
 

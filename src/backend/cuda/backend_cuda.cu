@@ -39,6 +39,7 @@ bool tuna_cuda_check_launch(tuna_backend *be, const char *kernel)
 bool tuna_cuda_grow(tuna_backend *be, struct cuda_grow_buf *buf, size_t bytes, const char *what)
 {
     if (bytes <= buf->cap) return true;
+    if (tuna_cuda_capture_taint(be)) return false;
     size_t cap = buf->cap ? buf->cap : 4096;
     while (cap < bytes) cap *= 2;
     if (buf->p) {
@@ -50,6 +51,7 @@ bool tuna_cuda_grow(tuna_backend *be, struct cuda_grow_buf *buf, size_t bytes, c
     }
     if (!tuna_cuda_check(be, cudaMalloc(&buf->p, cap), what)) return false;
     buf->cap = cap;
+    be->meta_gen++; /* captured graphs may refer to the old buffer */
     return true;
 }
 
@@ -58,31 +60,52 @@ bool tuna_cuda_meta_begin(tuna_backend *be, struct cuda_meta *m, size_t upper)
     upper += 8 * 8; /* alignment of up to 8 arrays */
     m->reserved = upper;
     if (be->meta_used + upper <= be->host_meta_cap) return true;
-    /* full: wait until every queued copy and kernel that reads the arena is done, start over */
+    return tuna_cuda_meta_reset(be, upper);
+}
+
+/* Waits until every queued copy and kernel that reads the arena is done and starts the append
+ * region over (after the step block), growing both arenas when room is short. The step block
+ * keeps its bytes: copied into the new arenas and uploaded again. */
+bool tuna_cuda_meta_reset(tuna_backend *be, size_t upper)
+{
+    if (tuna_cuda_capture_taint(be)) return false;
     if (!tuna_cuda_check(be, cudaStreamSynchronize(be->stream), "cudaStreamSynchronize(metadata arena)"))
         return false;
-    be->meta_used = be->meta_flushed = 0;
+    be->meta_used = be->meta_flushed = be->step_cap;
     be->meta_cache_n = be->meta_cache_next = 0;
-    if (upper > be->host_meta_cap) {
+    if (be->step_cap + upper > be->host_meta_cap) {
         size_t cap = be->host_meta_cap ? be->host_meta_cap : (size_t)4 << 20;
-        while (cap < upper) cap *= 2;
-        if (be->host_meta) cudaFreeHost(be->host_meta);
-        be->host_meta = NULL;
-        be->host_meta_cap = 0;
-        if (!tuna_cuda_check(be, cudaHostAlloc(&be->host_meta, cap, cudaHostAllocDefault), "cudaHostAlloc(metadata)"))
+        while (cap < be->step_cap + upper) cap *= 2;
+        void *h = NULL, *d = NULL;
+        if (!tuna_cuda_check(be, cudaHostAlloc(&h, cap, cudaHostAllocDefault), "cudaHostAlloc(metadata)")) return false;
+        if (!tuna_cuda_check(be, cudaMalloc(&d, cap), "cudaMalloc(metadata)")) {
+            cudaFreeHost(h);
             return false;
+        }
+        if (be->step_used) {
+            memcpy(h, be->host_meta, be->step_used);
+            if (!tuna_cuda_check(be, cudaMemcpyAsync(d, h, be->step_used, cudaMemcpyHostToDevice, be->stream),
+                                 "cudaMemcpyAsync(step block)"))
+                return false;
+        }
+        if (be->host_meta) cudaFreeHost(be->host_meta);
         if (be->meta.p) cudaFree(be->meta.p);
-        be->meta.p = NULL;
-        be->meta.cap = 0;
-        if (!tuna_cuda_check(be, cudaMalloc(&be->meta.p, cap), "cudaMalloc(metadata)")) return false;
+        be->host_meta = h;
+        be->meta.p = d;
         be->meta.cap = cap;
         be->host_meta_cap = cap;
+        be->meta_gen++;
     }
     return true;
 }
 
 void *tuna_cuda_meta_stage(tuna_backend *be, struct cuda_meta *m, const void *src, size_t n)
 {
+    /* inside the step block: already on the device at the same offset */
+    if (be->step_used && (const char *)src >= (const char *)be->host_meta &&
+        (const char *)src + n <= (const char *)be->host_meta + be->step_used)
+        return (void *)((const char *)src - (const char *)be->host_meta);
+    if (tuna_cuda_capture_taint(be)) return NULL;
     for (int i = 0; i < be->meta_cache_n; i++) {
         if (be->meta_cache[i].src == src && be->meta_cache[i].n == n &&
             memcmp((char *)be->host_meta + be->meta_cache[i].off, src, n) == 0)
@@ -148,6 +171,10 @@ extern "C" tuna_status tuna_cuda_backend_new(int device, tuna_backend **out)
     cublasSetStream(be->blas, be->stream);
     /* the default math mode keeps SGEMM in fp32 (TF32 only when asked): fp32 mode matches the CPU */
     cublasSetMathMode(be->blas, CUBLAS_DEFAULT_MATH);
+    /* a fixed cuBLAS workspace (32 MiB, NVIDIA's advice for Hopper), so GEMMs inside a captured
+     * graph never allocate */
+    if (cudaMalloc(&be->blas_ws, (size_t)32 << 20) == cudaSuccess) cublasSetWorkspace(be->blas, be->blas_ws, (size_t)32 << 20);
+    else cudaGetLastError();
     *out = be;
     return TUNA_OK;
 }
@@ -161,7 +188,11 @@ extern "C" void tuna_cuda_backend_free(tuna_backend *be)
     cudaFree(be->half.p);
     cudaFree(be->wdeq.p);
     cudaFree(be->argmax_ids.p);
+    cudaFree(be->attn.p);
+    cudaFree(be->fuse.p);
+    tuna_cuda_graphs_free(be);
     cublasDestroy(be->blas);
+    cudaFree(be->blas_ws);
     cudaStreamDestroy(be->stream);
     free(be);
 }
@@ -329,6 +360,13 @@ static const struct tuna_backend_ops k_cuda_ops = {
     cuda_copy,
     tuna_cuda_sync,
     false,
+    tuna_cuda_matmul_multi,
+    tuna_cuda_matmul_glu,
+    tuna_cuda_matmul_add,
+    tuna_cuda_step_block,
+    tuna_cuda_step_upload,
+    tuna_cuda_graph_begin,
+    tuna_cuda_graph_end,
 };
 
 extern "C" const struct tuna_backend_ops *tuna_cuda_backend_ops(void) { return &k_cuda_ops; }

@@ -20,12 +20,15 @@ struct tuna_backend {
     int device;
     cudaStream_t stream;
     cublasHandle_t blas;
+    void *blas_ws; /* cuBLAS workspace, fixed (graph capture) */
     tuna_status sticky;          /* first failure; TUNA_OK while healthy */
     char sticky_msg[512];
     struct cuda_grow_buf meta;   /* device arena for int metadata (ids, positions, slots, tables) */
     struct cuda_grow_buf half;   /* activations rounded to bf16/f16 for cuBLAS */
     struct cuda_grow_buf wdeq;   /* a 4-bit weight dequantized for a prefill GEMM */
     struct cuda_grow_buf argmax_ids; /* [T] int32 greedy ids before their download (argmax.cu) */
+    struct cuda_grow_buf attn;   /* attention's split partials (attention.cu): sized once, never moves */
+    struct cuda_grow_buf fuse;   /* scratch of the fused ops' unfused fallbacks (fused.cu) */
     void *host_meta;             /* pinned host arena, the same size: copies from it are truly async */
     size_t host_meta_cap;
     size_t meta_used, meta_flushed; /* append offsets in both arenas; reset only after a sync */
@@ -34,6 +37,16 @@ struct tuna_backend {
         size_t n, off;
     } meta_cache[32];            /* recent uploads: the same array (same pointer, same bytes) is reused */
     int meta_cache_n, meta_cache_next;
+    /* The step block (graph.cu): the first step_cap bytes of both arenas hold one step's metadata,
+     * written by the caller and uploaded once; staging a pointer inside it costs nothing and
+     * gives the same device address every step, which is what makes a step capturable. */
+    size_t step_cap, step_used;
+    uint64_t meta_gen; /* bumped when the arenas move: graphs captured before refer to freed memory */
+    /* CUDA graphs of whole decode steps, keyed by the caller (graph.cu) */
+    bool capturing, capture_tainted;
+    struct cuda_graph_entry *graphs;
+    int n_graphs, cap_graphs, cur_graph;
+    bool graphs_off; /* TUNA_CUDA_GRAPHS=0 */
 };
 
 /* Records the first failure and returns false when e is an error. */
@@ -54,8 +67,19 @@ struct cuda_meta {
     size_t reserved;
 };
 bool tuna_cuda_meta_begin(tuna_backend *be, struct cuda_meta *m, size_t upper_bound_bytes);
+bool tuna_cuda_meta_reset(tuna_backend *be, size_t upper_bound_bytes);
 void *tuna_cuda_meta_stage(tuna_backend *be, struct cuda_meta *m, const void *src, size_t n);
 bool tuna_cuda_meta_flush(tuna_backend *be, struct cuda_meta *m);
+
+/* Inside a capture, work that cannot be replayed (an upload outside the step block, a sync, a
+ * buffer that must grow) marks the capture unusable instead of failing: graph.cu then discards it
+ * and the caller runs the step eagerly. Returns true when the caller must not go on. */
+bool tuna_cuda_capture_taint(tuna_backend *be);
+void tuna_cuda_graphs_free(tuna_backend *be);
+void *tuna_cuda_step_block(tuna_backend *be, size_t bytes);
+void tuna_cuda_step_upload(tuna_backend *be, size_t bytes);
+int tuna_cuda_graph_begin(tuna_backend *be, uint64_t key);
+bool tuna_cuda_graph_end(tuna_backend *be);
 
 /* The ops (one file per family). */
 void tuna_cuda_matmul(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w, const float *bias,
@@ -76,6 +100,14 @@ void tuna_cuda_add(tuna_backend *be, float *y, const float *x, int64_t n);
 void tuna_cuda_lora(tuna_backend *be, float *y, const float *x, int64_t T, int64_t N, int64_t K,
                     const struct tuna_lora *adapters, int n_adapters, const int32_t *adapter);
 tuna_status tuna_cuda_argmax(tuna_backend *be, int32_t *out, const float *logits, int64_t T, int64_t V);
+
+/* Optional fused ops (fused.cu), backend.h's matmul_multi / matmul_glu / matmul_add. */
+void tuna_cuda_matmul_multi(tuna_backend *be, int n, float *const *ys, const float *x,
+                            const struct tuna_weight *const *ws, const float *const *biases, int64_t T);
+void tuna_cuda_matmul_glu(tuna_backend *be, float *out, const float *x, const struct tuna_weight *wg,
+                          const float *bg, const struct tuna_weight *wu, const float *bu, int64_t T, int act);
+void tuna_cuda_matmul_add(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w, const float *bias,
+                          int64_t T);
 
 /* 4-bit weights (q4.cu): the 16-entry table passed by value to kernels. */
 struct q4_lut {

@@ -1,0 +1,151 @@
+/* graph.cu — the step block and CUDA graphs of whole decode steps (backend.h: step_block,
+ * step_upload, graph_begin, graph_end).
+ *
+ * A decode step is ~300 kernel launches of a few microseconds each; launched one by one, the
+ * host's launch cost and the gaps between kernels are a large part of the step. A graph replays
+ * the whole chain with one launch. What makes a step replayable: every kernel argument is the
+ * same each step — weights, activations and the KV cache stay where they are, and all per-step
+ * metadata (token ids, positions, slots, block tables, RoPE frequencies) lives in the step block,
+ * a region at a fixed place at the start of the metadata arenas that the caller rewrites and
+ * uploads with one copy before replaying. Anything else a capture meets (an upload outside the
+ * block, a buffer that has to grow, a sync) taints it: the capture is thrown away, the key is
+ * marked, and the caller runs that step eagerly — a graph is an optimization, never a
+ * different answer.
+ *
+ * Keys come from the caller (src/model/forward.c: batch size, buffers, KV cache); a key is
+ * captured the second time it is seen (the first eager run grows every buffer), lazily, so
+ * start-up stays fast. Graphs captured before the arenas moved (meta_gen) are recaptured.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/cuda/cuda_internal.h"
+
+struct cuda_graph_entry {
+    uint64_t key;
+    uint64_t gen;
+    cudaGraphExec_t exec;
+    bool never; /* a capture of this key was tainted: always eager */
+};
+
+bool tuna_cuda_capture_taint(tuna_backend *be)
+{
+    if (!be->capturing) return false;
+    be->capture_tainted = true;
+    return true;
+}
+
+void tuna_cuda_graphs_free(tuna_backend *be)
+{
+    for (int i = 0; i < be->n_graphs; i++)
+        if (be->graphs[i].exec) cudaGraphExecDestroy(be->graphs[i].exec);
+    free(be->graphs);
+    be->graphs = NULL;
+    be->n_graphs = be->cap_graphs = 0;
+}
+
+void *tuna_cuda_step_block(tuna_backend *be, size_t bytes)
+{
+    if (be->sticky) return NULL;
+    /* the previous step's kernels may still read the block: callers sync at the end of a step,
+     * so this is normally free */
+    if (cudaStreamQuery(be->stream) != cudaSuccess &&
+        !tuna_cuda_check(be, cudaStreamSynchronize(be->stream), "cudaStreamSynchronize(step block)"))
+        return NULL;
+    bytes = (bytes + 255) & ~(size_t)255;
+    if (bytes > be->step_cap) {
+        size_t cap = be->step_cap ? be->step_cap : 16384;
+        while (cap < bytes) cap *= 2;
+        be->step_cap = cap;
+        be->step_used = 0;
+        be->meta_gen++; /* offsets of everything after the block change */
+        if (!tuna_cuda_meta_reset(be, 4096)) return NULL;
+    }
+    return be->host_meta;
+}
+
+void tuna_cuda_step_upload(tuna_backend *be, size_t bytes)
+{
+    if (be->sticky) return;
+    if (bytes > be->step_cap) {
+        tuna_cuda_check(be, cudaErrorInvalidValue, "step block uploaded beyond its size");
+        return;
+    }
+    be->step_used = bytes;
+    if (bytes)
+        tuna_cuda_check(be, cudaMemcpyAsync(be->meta.p, be->host_meta, bytes, cudaMemcpyHostToDevice, be->stream),
+                        "cudaMemcpyAsync(step block)");
+}
+
+static struct cuda_graph_entry *find(tuna_backend *be, uint64_t key)
+{
+    for (int i = 0; i < be->n_graphs; i++)
+        if (be->graphs[i].key == key) return &be->graphs[i];
+    return NULL;
+}
+
+int tuna_cuda_graph_begin(tuna_backend *be, uint64_t key)
+{
+    static int env = -1;
+    if (env < 0) {
+        const char *e = getenv("TUNA_CUDA_GRAPHS");
+        env = e && strcmp(e, "0") == 0 ? 0 : 1;
+    }
+    if (!env || be->sticky || be->capturing) return -1;
+    struct cuda_graph_entry *g = find(be, key);
+    if (g && g->exec && g->gen != be->meta_gen) {
+        cudaGraphExecDestroy(g->exec);
+        g->exec = NULL;
+    }
+    if (g && g->exec) {
+        return tuna_cuda_check(be, cudaGraphLaunch(g->exec, be->stream), "cudaGraphLaunch") ? 1 : -1;
+    }
+    if (g && g->never) return -1;
+    if (!g) { /* first sighting: eager, and remember the key */
+        if (be->n_graphs == be->cap_graphs) {
+            int cap = be->cap_graphs ? 2 * be->cap_graphs : 64;
+            if (cap > 4096) return -1; /* a caller with endless keys: stay eager */
+            struct cuda_graph_entry *n =
+                (struct cuda_graph_entry *)realloc(be->graphs, (size_t)cap * sizeof *n);
+            if (!n) return -1;
+            be->graphs = n;
+            be->cap_graphs = cap;
+        }
+        g = &be->graphs[be->n_graphs++];
+        memset(g, 0, sizeof *g);
+        g->key = key;
+        return -1;
+    }
+    if (cudaStreamBeginCapture(be->stream, cudaStreamCaptureModeThreadLocal) != cudaSuccess) {
+        cudaGetLastError();
+        g->never = true;
+        return -1;
+    }
+    be->capturing = true;
+    be->capture_tainted = false;
+    be->cur_graph = (int)(g - be->graphs);
+    return 0;
+}
+
+bool tuna_cuda_graph_end(tuna_backend *be)
+{
+    if (!be->capturing) return false;
+    cudaGraph_t graph = NULL;
+    cudaError_t e = cudaStreamEndCapture(be->stream, &graph);
+    be->capturing = false;
+    struct cuda_graph_entry *g = &be->graphs[be->cur_graph];
+    cudaGraphExec_t exec = NULL;
+    if (e == cudaSuccess && graph && !be->capture_tainted && !be->sticky)
+        e = cudaGraphInstantiate(&exec, graph, 0);
+    else if (e == cudaSuccess)
+        e = cudaErrorStreamCaptureInvalidated;
+    if (graph) cudaGraphDestroy(graph);
+    if (e != cudaSuccess || !exec) {
+        cudaGetLastError(); /* a failed capture is not the engine's error: the step runs eagerly */
+        g->never = true;
+        return false;
+    }
+    g->exec = exec;
+    g->gen = be->meta_gen;
+    return tuna_cuda_check(be, cudaGraphLaunch(exec, be->stream), "cudaGraphLaunch");
+}
