@@ -26,5 +26,7 @@ void bench_synth_free(struct synth *s); /* accepts a zeroed struct */
 /* `tuna bench --serve ...` and `tuna bench --synthetic NAME --write-synthetic DIR`: exit codes. */
 int bench_serve_main(int argc, char **argv);
 int bench_write_main(int argc, char **argv);
+/* `tuna bench train ...` (bench_train.c; argv[0] = "train"): exit code. */
+int bench_train_main(int argc, char **argv);
 
 #endif

@@ -175,6 +175,19 @@ static void llama3_8b(struct tuna_arch *a)
     a->rope.factor = 1;
 }
 
+/* Llama-2-7B: multi-head attention (32 kv heads), 32k vocabulary, plain RoPE. */
+static void llama2_7b(struct tuna_arch *a)
+{
+    llama3_8b(a);
+    snprintf(a->architecture, sizeof a->architecture, "LlamaForCausalLM (synthetic Llama-2-7B shapes)");
+    a->n_kv_heads = 32;
+    a->intermediate_size = 11008;
+    a->vocab_size = 32000;
+    a->max_position_embeddings = 4096;
+    a->rope.theta = 10000;
+    a->bos_token_id = 1;
+}
+
 /* Llama 3's vocabulary and layout at toy sizes: what tests write and serve in seconds. */
 static void llama3_tiny(struct tuna_arch *a)
 {
@@ -221,8 +234,9 @@ tuna_status bench_synth_make(const char *name, struct tuna_arch *a, struct synth
     if (!strcmp(name, "llama-3-8b")) llama3_8b(a);
     else if (!strcmp(name, "llama-3.2-1b")) llama32_1b(a);
     else if (!strcmp(name, "llama-3-tiny")) llama3_tiny(a);
-    else return tuna_fail(TUNA_E_INVALID, "--synthetic knows llama-3.2-1b, llama-3-8b and llama-3-tiny (tests), not '%s'",
-                          name);
+    else if (!strcmp(name, "llama-2-7b")) llama2_7b(a);
+    else return tuna_fail(TUNA_E_INVALID,
+                          "--synthetic knows llama-3.2-1b, llama-3-8b, llama-2-7b and llama-3-tiny (tests), not '%s'", name);
     tuna_status st = synth_build(a, s);
     if (st) bench_synth_free(s);
     return st;
@@ -245,7 +259,8 @@ static void usage(FILE *f)
                "Prefill and decode tokens/s for B sequences decoded together, weight GB/s per decode step,\n"
                "and on the CPU the machine's streaming read bandwidth with the same thread count.\n\n"
                "       tuna bench --serve [DIR | --synthetic NAME] ...   the serving engine (tuna bench --serve --help)\n"
-               "       tuna bench --synthetic NAME --write-synthetic OUT  the synthetic model as a model folder\n");
+               "       tuna bench --synthetic NAME --write-synthetic OUT  the synthetic model as a model folder\n"
+               "       tuna bench train --synthetic llama-2-7b|llama-3-8b ...  LoRA/QLoRA training (tuna bench train --help)\n");
 }
 
 int cmd_bench(int argc, char **argv)
@@ -257,6 +272,7 @@ int cmd_bench(int argc, char **argv)
     bool bad = false;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--serve")) return bench_serve_main(argc, argv);
+        if (i == 1 && !strcmp(argv[i], "train")) return bench_train_main(argc - 1, argv + 1);
         if (!strcmp(argv[i], "--write-synthetic")) return bench_write_main(argc, argv);
     }
     for (int i = 1; i < argc && !bad; i++) {
@@ -281,8 +297,8 @@ int cmd_bench(int argc, char **argv)
         return 2;
     }
     if (synth_name && strcmp(synth_name, "llama-3.2-1b") != 0 && strcmp(synth_name, "llama-3-8b") != 0 &&
-        strcmp(synth_name, "llama-3-tiny") != 0) {
-        fprintf(stderr, "tuna bench: --synthetic knows llama-3.2-1b, llama-3-8b and llama-3-tiny\n");
+        strcmp(synth_name, "llama-2-7b") != 0 && strcmp(synth_name, "llama-3-tiny") != 0) {
+        fprintf(stderr, "tuna bench: --synthetic knows llama-3.2-1b, llama-3-8b, llama-2-7b and llama-3-tiny\n");
         return 2;
     }
     struct tuna_model *m = NULL;
