@@ -1,7 +1,8 @@
-/* trainer.h — LoRA / QLoRA fine-tuning on the CPU: trainable A/B on the model's linears, one
- * optimizer step over one or more micro-batches (forward with trace → loss → backward in
- * reverse layer order → gradients of LoRA A/B only → clipping → AdamW), adapter export and
- * checkpoint state.
+/* trainer.h — LoRA / QLoRA fine-tuning on the model's backend (the CPU, or CUDA with everything
+ * in device memory): trainable A/B on the model's linears, one optimizer step over one or more
+ * micro-batches (forward keeping activations → loss → backward in reverse layer order →
+ * gradients of LoRA A/B only → clipping → AdamW), adapter export and checkpoint state. Every
+ * numeric step goes through the backend's op tables (backend/backend.h, backend/train_ops.h).
  *
  * The base stays frozen in its stored dtype (bf16, f16, f32, or NF4 dequantized on the fly in
  * forward and backward): it gets no gradient and no optimizer state. Every trainable float
@@ -88,7 +89,9 @@ tuna_status tuna_trainer_eval(tuna_trainer *t, const struct tuna_train_batch *b,
 int64_t tuna_trainer_step_count(const tuna_trainer *t);
 int64_t tuna_trainer_param_count(const tuna_trainer *t);
 /* The gradients of the last step and the parameters: flat, in module order, A then B per
- * module (tuna_trainer_param_count floats). Parameters may be changed in place (tests). */
+ * module (tuna_trainer_param_count floats), host memory (a copy read back from a GPU; NULL if
+ * that fails). Parameters may be changed in place (tests): once tuna_trainer_params was called
+ * on a GPU trainer, the host copy is the truth, uploaded before each step and refreshed after. */
 const float *tuna_trainer_grads(const tuna_trainer *t);
 float *tuna_trainer_params(tuna_trainer *t);
 
