@@ -305,6 +305,7 @@ static tuna_status lora_view_make(struct tuna_model *m, struct tuna_linear *lin)
         c->cap = nc;
     }
     const int n = lin->n_lora;
+    if (n <= 0) return tuna_fail(TUNA_E_INTERNAL, "a LoRA device view of a linear without adapters");
     const int64_t N = lin->w.rows, K = lin->w.cols;
     size_t total = 0;
     for (int a = 0; a < n; a++) total += (size_t)(lin->lora[a].r * (K + N));
