@@ -40,12 +40,13 @@ static double now_s(void)
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: tuna bench train --synthetic llama-2-7b|llama-3-8b|llama-3.2-1b|llama-3-tiny [--seq 2048]\n"
-               "                        [--batch 1] [--lora-r 16] [--load-in-4bit] [--gradient-checkpointing]\n"
-               "                        [--steps 3] [--warmup 1] [--device cuda|cpu] [--dtype auto|bfloat16|float32]\n\n"
-               "LoRA (QLoRA with --load-in-4bit: NF4 + double quant) training on all seven projections of a\n"
-               "synthetic model: tokens/s, peak GPU memory, model-FLOPs utilization (6N per token) against the\n"
-               "bf16 GEMM rate measured in the same run. One JSON line per measurement on stdout.\n");
+    fprintf(f,
+            "usage: tuna bench train --synthetic llama-2-7b|llama-3-8b|llama-3.2-1b|llama-3-tiny [--seq 2048]\n"
+            "                        [--batch 1] [--lora-r 16] [--load-in-4bit] [--gradient-checkpointing]\n"
+            "                        [--steps 3] [--warmup 1] [--device cuda|cpu] [--dtype auto|bfloat16|float32]\n\n"
+            "LoRA (QLoRA with --load-in-4bit: NF4 + double quant) training on all seven projections of a\n"
+            "synthetic model: tokens/s, peak GPU memory, model-FLOPs utilization (6N per token) against the\n"
+            "bf16 GEMM rate measured in the same run. One JSON line per measurement on stdout.\n");
 }
 
 /* GPU memory in use by this process since `free0` (bytes; 0 without CUDA). */
@@ -233,10 +234,10 @@ int bench_train_main(int argc, char **argv)
            "\"peak_GiB\": %.2f, \"weights_GiB\": %.2f, \"model_TFLOPs\": %.4g, \"mfu\": %.3f, \"mfu_attn\": %.3f, "
            "\"flops_convention\": \"6N per token, N=%.3g (matmul weights incl. lm_head)\", \"loss_first\": %.4f, "
            "\"loss_last\": %.4f, \"load_s\": %.1f}\n",
-           synth_name, seq, batch, load4 ? "nf4-dq" : "bf16", r, ckpt ? "true" : "false", m->device_desc, tok_s,
-           step_s, (double)peak / 1073741824.0, (double)weights_bytes / 1073741824.0, model_tflops,
-           gemm > 0 ? model_tflops / gemm : 0.0, gemm > 0 ? (model_tflops + attn_tflops) / gemm : 0.0, N, loss0,
-           loss1, load_s);
+           synth_name, seq, batch, load4 ? "nf4-dq" : "bf16", r, ckpt ? "true" : "false", m->device_desc, tok_s, step_s,
+           (double)peak / 1073741824.0, (double)weights_bytes / 1073741824.0, model_tflops,
+           gemm > 0 ? model_tflops / gemm : 0.0, gemm > 0 ? (model_tflops + attn_tflops) / gemm : 0.0, N, loss0, loss1,
+           load_s);
     fflush(stdout);
 done:
     tuna_trainer_free(t);

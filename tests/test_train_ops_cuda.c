@@ -31,7 +31,8 @@ static float frand(void)
 static float *rnd(size_t n)
 {
     float *p = malloc(n * sizeof(float) + 16);
-    for (size_t i = 0; i < n; i++) p[i] = frand();
+    for (size_t i = 0; i < n; i++)
+        p[i] = frand();
     return p;
 }
 
@@ -154,8 +155,10 @@ static void test_matmul_backward(void **state)
                 g_gt->matmul_backward(g_gpu, ddx, ddy, &wg, T);
                 char what[128];
                 snprintf(what, sizeof what, "matmul_backward %s T=%lld N=%lld K=%lld",
-                         kind < 3 ? tuna_dtype_name(wc.dtype) : kind == 3 ? "nf4/f32" : "nf4/bf16", (long long)T,
-                         (long long)N, (long long)K);
+                         kind < 3    ? tuna_dtype_name(wc.dtype)
+                         : kind == 3 ? "nf4/f32"
+                                     : "nf4/bf16",
+                         (long long)T, (long long)N, (long long)K);
                 check_dev(what, ddx, dx, (size_t)(T * K), tol);
                 tuna_cuda_free(g_gpu, ddy);
                 free(dy);
@@ -223,9 +226,11 @@ static void test_norm_rope_glu(void **state)
     { /* RoPE backward, partial rotary, two sequences */
         const int64_t T = 11, H = 3, D = 40, rot = 32;
         int64_t pos[11];
-        for (int i = 0; i < 11; i++) pos[i] = i < 6 ? i : i - 6;
+        for (int i = 0; i < 11; i++)
+            pos[i] = i < 6 ? i : i - 6;
         float inv[16];
-        for (int i = 0; i < 16; i++) inv[i] = powf(10000.0f, -(float)(2 * i) / (float)rot);
+        for (int i = 0; i < 16; i++)
+            inv[i] = powf(10000.0f, -(float)(2 * i) / (float)rot);
         float *d = rnd((size_t)(T * H * D)), *gd = dev(d, (size_t)(T * H * D) * 4);
         g_ct->rope_backward(g_cpu, d, pos, T, H, D, rot, inv, 1.1f);
         g_gt->rope_backward(g_gpu, gd, pos, T, H, D, rot, inv, 1.1f);
@@ -257,7 +262,8 @@ static void test_attention(void **state)
     NEED_GPU();
     const int64_t T = 19, H = 6, Hkv = 2, D = 24, HD = H * D, KD = Hkv * D, maxlen = 13;
     int64_t pos[19];
-    for (int i = 0; i < 19; i++) pos[i] = i < 13 ? i : i - 13;
+    for (int i = 0; i < 19; i++)
+        pos[i] = i < 13 ? i : i - 13;
     const float scale = 1.0f / sqrtf((float)D);
     float *q = rnd((size_t)(T * HD)), *k = rnd((size_t)(T * KD)), *v = rnd((size_t)(T * KD));
     float *dout = rnd((size_t)(T * HD));
@@ -281,8 +287,8 @@ static void test_attention(void **state)
         float *gdq = dev(dq, (size_t)(T * HD) * 4), *gdk = dev(dk, (size_t)(T * KD) * 4);
         float *gdv = dev(dv, (size_t)(T * KD) * 4);
         g_ct->attention_backward(g_cpu, dq, dk, dv, dout, q, k, v, pos, T, H, Hkv, D, scale, window, false, NULL, 0);
-        g_gt->attention_backward(g_gpu, gdq, gdk, gdv, gdout, gq, gk, gv, pos, T, H, Hkv, D, scale, window, fast,
-                                 work, wf);
+        g_gt->attention_backward(g_gpu, gdq, gdk, gdv, gdout, gq, gk, gv, pos, T, H, Hkv, D, scale, window, fast, work,
+                                 wf);
         snprintf(what, sizeof what, "attention_backward dq window %lld %s", (long long)window, fast ? "tf32" : "f32");
         check_dev(what, gdq, dq, (size_t)(T * HD), tol);
         snprintf(what, sizeof what, "attention_backward dk window %lld %s", (long long)window, fast ? "tf32" : "f32");
@@ -311,7 +317,8 @@ static void test_cross_entropy(void **state)
     const int64_t T = 5, V = 1031;
     const int32_t target[5] = {3, -100, 1030, 0, 517};
     float *l = rnd((size_t)(T * V));
-    for (int64_t i = 0; i < T * V; i++) l[i] *= 8; /* a peaked softmax */
+    for (int64_t i = 0; i < T * V; i++)
+        l[i] *= 8; /* a peaked softmax */
     float *gl = dev(l, (size_t)(T * V) * 4);
     double loss[5], gloss[5], *dloss = dev(NULL, sizeof gloss);
     g_ct->cross_entropy(g_cpu, l, loss, l, target, T, V, 7.0); /* in place, as the trainer */
@@ -339,7 +346,8 @@ static void test_optim_and_small_ops(void **state)
     assert_true(fabs(sg - sc) <= 1e-12 * sc);
     /* AdamW step 3 with clipping 0.5 and weight decay */
     float *p = rnd((size_t)n), *m = rnd((size_t)n), *v = rnd((size_t)n);
-    for (int64_t i = 0; i < n; i++) v[i] = fabsf(v[i]) * 1e-3f;
+    for (int64_t i = 0; i < n; i++)
+        v[i] = fabsf(v[i]) * 1e-3f;
     float *gp = dev(p, (size_t)n * 4), *gm = dev(m, (size_t)n * 4), *gv = dev(v, (size_t)n * 4);
     g_ct->adamw(g_cpu, p, g, m, v, n, 2e-3, 0.9, 0.999, 1e-8, 0.01, 3, 0.5);
     g_gt->adamw(g_gpu, gp, gg, gm, gv, n, 2e-3, 0.9, 0.999, 1e-8, 0.01, 3, 0.5);
@@ -377,7 +385,8 @@ static void test_optim_and_small_ops(void **state)
     check_dev("scatter_add_rows", gsrc, copyf(src, (size_t)(R * C)), (size_t)(R * C), 0);
     g_gt->zero(g_gpu, gsel, n_sel * C);
     float *z = back(gsel, (size_t)(n_sel * C));
-    for (int64_t i = 0; i < n_sel * C; i++) assert_true(z[i] == 0.0f);
+    for (int64_t i = 0; i < n_sel * C; i++)
+        assert_true(z[i] == 0.0f);
     free(z), free(sel), free(src);
     tuna_cuda_free(g_gpu, gsel);
 }

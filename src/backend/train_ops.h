@@ -80,8 +80,8 @@ struct tuna_train_ops {
 
     /* y[T,N] += scale * (x[T,K] A^T) B^T for one adapter (A [R,K], B [N,R] in backend memory).
      * work: [T, R] floats. */
-    void (*lora_forward)(tuna_backend *be, float *y, const float *x, const struct tuna_lora *lora, int64_t T,
-                         int64_t N, int64_t K, float *work);
+    void (*lora_forward)(tuna_backend *be, float *y, const float *x, const struct tuna_lora *lora, int64_t T, int64_t N,
+                         int64_t K, float *work);
 
     /* Given dy[T,N] of the op above: dx[T,K] += s (dy B) A, dA[R,K] += s (dy B)^T x,
      * dB[N,R] += s dy^T (x A^T). dx may be NULL. work: [2 T R] floats. */
@@ -112,9 +112,8 @@ struct tuna_train_ops {
     /* dq[T,H*D], dk[T,Hkv*D], dv[T,Hkv*D] += gradients given dout[T,H*D] and the forward's
      * inputs (the probabilities are recomputed, never stored across ops). */
     void (*attention_backward)(tuna_backend *be, float *dq, float *dk, float *dv, const float *dout, const float *q,
-                               const float *k, const float *v, const int64_t *pos, int64_t T, int64_t H,
-                               int64_t Hkv, int64_t D, float scale, int64_t window, bool fast, float *work,
-                               int64_t work_floats);
+                               const float *k, const float *v, const int64_t *pos, int64_t T, int64_t H, int64_t Hkv,
+                               int64_t D, float scale, int64_t window, bool fast, float *work, int64_t work_floats);
 
     /* out[n] = act(gate) * up  →  dgate[n], dup[n] += gradients given dout[n]. */
     void (*glu_backward)(tuna_backend *be, float *dgate, float *dup, const float *dout, const float *gate,
@@ -124,8 +123,8 @@ struct tuna_train_ops {
      * logits[t, target[t]] (0 on ignored rows: target < 0 or >= V), and dlogits[T,V] =
      * (softmax - onehot) / denom (0 rows where ignored). dlogits may equal logits.
      * target: host [T]; loss: backend memory [T] doubles. */
-    void (*cross_entropy)(tuna_backend *be, float *dlogits, double *loss, const float *logits,
-                          const int32_t *target, int64_t T, int64_t V, double denom);
+    void (*cross_entropy)(tuna_backend *be, float *dlogits, double *loss, const float *logits, const int32_t *target,
+                          int64_t T, int64_t V, double denom);
 
     /* Sum of g[n]^2 in double; waits for the queued work. work: backend memory of at least
      * TUNA_TRAIN_NORM_WORK bytes. */

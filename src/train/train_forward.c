@@ -123,8 +123,9 @@ static size_t layout(tuna_trainer *t, int64_t T, char *base)
     t->sel_n = carve(&c, (size_t)(T * C) * f);
     t->dsel_n = carve(&c, (size_t)(T * C) * f);
     t->dsel = carve(&c, (size_t)(T * C) * f);
-    t->drop = carve(&c, (size_t)(T * KI) * f);
-    t->drop_g = carve(&c, (size_t)(T * KI) * f);
+    const bool dropout = t->lo.dropout > 0; /* the dropped inputs exist only with dropout */
+    t->drop = dropout ? carve(&c, (size_t)(T * KI) * f) : NULL;
+    t->drop_g = dropout ? carve(&c, (size_t)(T * KI) * f) : NULL;
     t->lwork = carve(&c, (size_t)(2 * T * t->max_r) * f);
     t->chunk = head_chunk(T, V);
     t->logits = carve(&c, (size_t)(t->chunk * V) * f);
@@ -156,7 +157,8 @@ tuna_status tuna_train_reserve(tuna_trainer *t, int64_t T, int64_t max_len)
         t->attn_floats = 0;
         tuna_status st = m->ops->alloc(m->be, (size_t)want * sizeof(float), &t->attn_mem);
         if (st)
-            return tuna_fail_prefix(st, "attention scratch for sequences of %lld tokens; use a smaller --max-seq-length",
+            return tuna_fail_prefix(st,
+                                    "attention scratch for sequences of %lld tokens; use a smaller --max-seq-length",
                                     (long long)max_len);
         t->attn_floats = want;
     }
@@ -176,7 +178,8 @@ tuna_status tuna_train_reserve(tuna_trainer *t, int64_t T, int64_t max_len)
         return tuna_fail_prefix(st,
                                 "training activations for %lld tokens (%.1f MiB); use a smaller --batch-size "
                                 "or --max-seq-length%s",
-                                (long long)T, (double)bytes / 1048576.0, t->ckpt ? "" : ", or --gradient-checkpointing");
+                                (long long)T, (double)bytes / 1048576.0,
+                                t->ckpt ? "" : ", or --gradient-checkpointing");
     layout(t, T, t->mem);
     t->cap_T = T;
     return TUNA_OK;

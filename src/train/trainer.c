@@ -282,8 +282,7 @@ int64_t tuna_trainer_param_count(const tuna_trainer *t)
 }
 const float *tuna_trainer_grads(const tuna_trainer *t)
 {
-    if (!t->host && t->m->ops->download(t->m->be, t->h_grads, t->grads, (size_t)t->P * sizeof(float)))
-        return NULL;
+    if (!t->host && t->m->ops->download(t->m->be, t->h_grads, t->grads, (size_t)t->P * sizeof(float))) return NULL;
     return t->h_grads;
 }
 
@@ -660,7 +659,8 @@ tuna_status tuna_trainer_load_optimizer(tuna_trainer *t, const char *dir)
                          path, len, want, (long long)t->P);
     }
     st = t->m->ops->upload(t->m->be, t->m1, buf + hdr, (size_t)t->P * sizeof(float));
-    if (!st) st = t->m->ops->upload(t->m->be, t->m2, buf + hdr + (size_t)t->P * sizeof(float), (size_t)t->P * sizeof(float));
+    if (!st)
+        st = t->m->ops->upload(t->m->be, t->m2, buf + hdr + (size_t)t->P * sizeof(float), (size_t)t->P * sizeof(float));
     free(buf);
     if (!st) t->step = (int64_t)h[0];
     return st;

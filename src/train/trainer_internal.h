@@ -53,17 +53,17 @@ struct tuna_trainer {
     float *x, *tmp;                   /* [T, C] */
     float *sel_in, *sel_n;            /* [T, C] rows with a target: before / after the final norm */
     float *dsel_n, *dsel;             /* [T, C] their gradients */
-    float *drop, *drop_g;             /* [T, max(C, I)] each: a dropped LoRA input, its gradient */
+    float *drop, *drop_g;             /* [T, max(C, I)] each, with dropout only: a dropped input, its gradient */
     float *lwork;                     /* [2 T max_r] LoRA scratch */
     float *logits;                    /* [chunk, V] one chunk of the head's rows */
     int64_t chunk;                    /* rows per head chunk */
     double *loss_rows;                /* [T] per-row cross-entropy */
     struct tuna_train_grad_bufs {
         float *dx, *dxn, *datt, *dq, *dk, *dv, *dact, *dgate, *dup, *pre, *dpre;
-    } g;                              /* backward buffers */
-    void *attn_mem;                   /* attention scratch (attn_floats), grown per batch */
+    } g;            /* backward buffers */
+    void *attn_mem; /* attention scratch (attn_floats), grown per batch */
     int64_t attn_floats;
-    int32_t *sel_rows;                /* host [T]: the rows of the selected logits */
+    int32_t *sel_rows; /* host [T]: the rows of the selected logits */
 };
 
 static inline struct tuna_linear *proj_lin(struct tuna_layer *L, int p)

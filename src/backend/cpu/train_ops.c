@@ -1,7 +1,8 @@
 /* train_ops.c — the CPU training op table (backend/train_ops.h), the reference the CUDA twins are
  * tested against: the backward ops of train_backward.c, plus the LoRA forward, dropout, row
  * gather/scatter, the cross-entropy per row, attention over the training layout (softmax in
- * double, train_backward.c), the gradient norm and AdamW in torch's operation order. Float32 with double accumulation where a sum runs long.
+ * double, train_backward.c), the gradient norm and AdamW in torch's operation order. Float32
+ * with double accumulation where a sum runs long.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -25,8 +26,7 @@ static void cpu_gather_rows(tuna_backend *be, float *out, const float *x, const 
         memcpy(out + i * C, x + (int64_t)rows[i] * C, (size_t)C * sizeof *out);
 }
 
-static void cpu_scatter_add_rows(tuna_backend *be, float *dx, const float *d, const int32_t *rows, int64_t n,
-                                 int64_t C)
+static void cpu_scatter_add_rows(tuna_backend *be, float *dx, const float *d, const int32_t *rows, int64_t n, int64_t C)
 {
     (void)be;
     for (int64_t i = 0; i < n; i++) {
@@ -111,10 +111,10 @@ static void cpu_attention_forward(tuna_backend *be, float *out, const float *q, 
     tuna_attention_forward_train(out, q, k, v, pos, T, H, Hkv, D, scale, window);
 }
 
-static void cpu_attention_backward(tuna_backend *be, float *dq, float *dk, float *dv, const float *dout,
-                                   const float *q, const float *k, const float *v, const int64_t *pos, int64_t T,
-                                   int64_t H, int64_t Hkv, int64_t D, float scale, int64_t window, bool fast,
-                                   float *work, int64_t work_floats)
+static void cpu_attention_backward(tuna_backend *be, float *dq, float *dk, float *dv, const float *dout, const float *q,
+                                   const float *k, const float *v, const int64_t *pos, int64_t T, int64_t H,
+                                   int64_t Hkv, int64_t D, float scale, int64_t window, bool fast, float *work,
+                                   int64_t work_floats)
 {
     (void)fast, (void)work, (void)work_floats;
     tuna_backward_set_threads(tuna_cpu_backend_threads(be));

@@ -21,14 +21,13 @@ static bool bgemm(tuna_backend *be, cublasOperation_t oa, cublasOperation_t ob, 
                   float beta, float *C, int64_t ldc, int64_t sC, int64_t batch, bool fast)
 {
     if (be->sticky) return false;
-    return tuna_cuda_check_blas(be,
-                                cublasGemmStridedBatchedEx(be->blas, oa, ob, (int)m, (int)n, (int)k, &alpha, A,
-                                                           CUDA_R_32F, (int)lda, (long long)sA, B, CUDA_R_32F,
-                                                           (int)ldb, (long long)sB, &beta, C, CUDA_R_32F, (int)ldc,
-                                                           (long long)sC, (int)batch,
-                                                           fast ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F,
-                                                           CUBLAS_GEMM_DEFAULT),
-                                "cublasGemmStridedBatchedEx(attention)");
+    return tuna_cuda_check_blas(
+        be,
+        cublasGemmStridedBatchedEx(be->blas, oa, ob, (int)m, (int)n, (int)k, &alpha, A, CUDA_R_32F, (int)lda,
+                                   (long long)sA, B, CUDA_R_32F, (int)ldb, (long long)sB, &beta, C, CUDA_R_32F,
+                                   (int)ldc, (long long)sC, (int)batch,
+                                   fast ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+        "cublasGemmStridedBatchedEx(attention)");
 }
 
 /* One block per row r of S [rows = hc·n, n]: row i = r % n of its head keeps columns
@@ -41,13 +40,16 @@ __global__ void k_train_causal_softmax(float *S, int64_t n, int64_t window)
     if (window > 0 && i - window + 1 > 0) lo = i - window + 1;
     float *row = S + r * n;
     float mx = -INFINITY;
-    for (int64_t j = lo + threadIdx.x; j <= i; j += blockDim.x) mx = fmaxf(mx, row[j]);
+    for (int64_t j = lo + threadIdx.x; j <= i; j += blockDim.x)
+        mx = fmaxf(mx, row[j]);
     mx = tuna_block_max(mx, red);
     float sum = 0.0f;
-    for (int64_t j = lo + threadIdx.x; j <= i; j += blockDim.x) sum += expf(row[j] - mx);
+    for (int64_t j = lo + threadIdx.x; j <= i; j += blockDim.x)
+        sum += expf(row[j] - mx);
     sum = tuna_block_sum(sum, red);
     const float inv = 1.0f / sum;
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) row[j] = (j >= lo && j <= i) ? expf(row[j] - mx) * inv : 0.0f;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
+        row[j] = (j >= lo && j <= i) ? expf(row[j] - mx) * inv : 0.0f;
 }
 
 /* dS = P ∘ (dP - sum_j P dP) · scale, one block per row, in place on dP. */
@@ -58,9 +60,11 @@ __global__ void k_train_softmax_backward(float *dP, const float *P, int64_t n, f
     const float *p = P + r * n;
     float *d = dP + r * n;
     float s = 0.0f;
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) s += p[j] * d[j];
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
+        s += p[j] * d[j];
     s = tuna_block_sum(s, red);
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) d[j] = p[j] * (d[j] - s) * scale;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
+        d[j] = p[j] * (d[j] - s) * scale;
 }
 
 struct seq_span {
@@ -71,7 +75,8 @@ struct seq_span {
 static int64_t find_seqs(const int64_t *pos, int64_t T, struct seq_span **out)
 {
     int64_t ns = 0;
-    for (int64_t t = 0; t < T; t++) ns += pos[t] == 0 || t == 0;
+    for (int64_t t = 0; t < T; t++)
+        ns += pos[t] == 0 || t == 0;
     struct seq_span *s = (struct seq_span *)malloc((size_t)(ns ? ns : 1) * sizeof *s);
     if (!s) return -1;
     int64_t k = -1;
@@ -90,7 +95,8 @@ static bool check_shapes(tuna_backend *be, int64_t H, int64_t Hkv, int64_t n_max
         return false;
     }
     if (work_floats < per * n_max * n_max) {
-        tuna_cuda_check(be, cudaErrorInvalidValue, "training attention (work buffer below tuna_train_attention_work_min)");
+        tuna_cuda_check(be, cudaErrorInvalidValue,
+                        "training attention (work buffer below tuna_train_attention_work_min)");
         return false;
     }
     return true;
@@ -150,9 +156,9 @@ void tuna_cuda_train_attention_forward(tuna_backend *be, float *out, const float
 }
 
 void tuna_cuda_train_attention_backward(tuna_backend *be, float *dq, float *dk, float *dv, const float *dout,
-                                        const float *q, const float *k, const float *v, const int64_t *pos,
-                                        int64_t T, int64_t H, int64_t Hkv, int64_t D, float scale, int64_t window,
-                                        bool fast, float *work, int64_t work_floats)
+                                        const float *q, const float *k, const float *v, const int64_t *pos, int64_t T,
+                                        int64_t H, int64_t Hkv, int64_t D, float scale, int64_t window, bool fast,
+                                        float *work, int64_t work_floats)
 {
     if (be->sticky || T <= 0) return;
     const int64_t HD = H * D, KD = Hkv * D, group = H / (Hkv > 0 ? Hkv : 1);

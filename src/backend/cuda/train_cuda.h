@@ -19,24 +19,24 @@ void tuna_cuda_train_matmul_backward(tuna_backend *be, float *dx, const float *d
                                      int64_t T);
 void tuna_cuda_train_lora_forward(tuna_backend *be, float *y, const float *x, const struct tuna_lora *lora, int64_t T,
                                   int64_t N, int64_t K, float *work);
-void tuna_cuda_train_lora_backward(tuna_backend *be, float *dx, float *dA, float *dB, const float *dy,
-                                   const float *x, const struct tuna_lora *lora, int64_t T, int64_t N, int64_t K,
-                                   float *work);
+void tuna_cuda_train_lora_backward(tuna_backend *be, float *dx, float *dA, float *dB, const float *dy, const float *x,
+                                   const struct tuna_lora *lora, int64_t T, int64_t N, int64_t K, float *work);
 
 /* train_attention.cu */
 void tuna_cuda_train_attention_forward(tuna_backend *be, float *out, const float *q, const float *k, const float *v,
                                        const int64_t *pos, int64_t T, int64_t H, int64_t Hkv, int64_t D, float scale,
                                        int64_t window, bool fast, float *work, int64_t work_floats);
 void tuna_cuda_train_attention_backward(tuna_backend *be, float *dq, float *dk, float *dv, const float *dout,
-                                        const float *q, const float *k, const float *v, const int64_t *pos,
-                                        int64_t T, int64_t H, int64_t Hkv, int64_t D, float scale, int64_t window,
-                                        bool fast, float *work, int64_t work_floats);
+                                        const float *q, const float *k, const float *v, const int64_t *pos, int64_t T,
+                                        int64_t H, int64_t Hkv, int64_t D, float scale, int64_t window, bool fast,
+                                        float *work, int64_t work_floats);
 
 /* Sums of one or two values over a block of blockDim.x threads (a multiple of 32, at most 1024);
  * every thread gets the totals. red: __shared__ scratch of 64 entries of T. */
 template <typename T> __device__ __forceinline__ T tuna_warp_sum(T v)
 {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
 template <typename T> __device__ __forceinline__ T tuna_block_sum(T v, T *red)
@@ -46,17 +46,20 @@ template <typename T> __device__ __forceinline__ T tuna_block_sum(T v, T *red)
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
     __syncthreads();
     T s = 0;
-    for (unsigned w = 0; w < (blockDim.x >> 5); w++) s += red[w];
+    for (unsigned w = 0; w < (blockDim.x >> 5); w++)
+        s += red[w];
     return s;
 }
 template <typename T> __device__ __forceinline__ T tuna_block_max(T v, T *red)
 {
-    for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+    for (int o = 16; o > 0; o >>= 1)
+        v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
     __syncthreads();
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
     __syncthreads();
     T s = red[0];
-    for (unsigned w = 1; w < (blockDim.x >> 5); w++) s = fmax(s, red[w]);
+    for (unsigned w = 1; w < (blockDim.x >> 5); w++)
+        s = fmax(s, red[w]);
     return s;
 }
 

@@ -50,8 +50,7 @@ static void cu_gather_rows(tuna_backend *be, float *out, const float *x, const i
     tuna_cuda_check_launch(be, "k_train_gather");
 }
 
-static void cu_scatter_add_rows(tuna_backend *be, float *dx, const float *d, const int32_t *rows, int64_t n,
-                                int64_t C)
+static void cu_scatter_add_rows(tuna_backend *be, float *dx, const float *d, const int32_t *rows, int64_t n, int64_t C)
 {
     if (be->sticky || n <= 0) return;
     const int32_t *dr = (const int32_t *)stage1(be, rows, (size_t)n * sizeof(int32_t));
@@ -60,8 +59,7 @@ static void cu_scatter_add_rows(tuna_backend *be, float *dx, const float *d, con
     tuna_cuda_check_launch(be, "k_train_scatter_add");
 }
 
-__global__ void k_train_dropout(float *out, const float *in, int64_t n, uint64_t thresh, float keep_scale,
-                                uint64_t key)
+__global__ void k_train_dropout(float *out, const float *in, int64_t n, uint64_t thresh, float keep_scale, uint64_t key)
 {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
@@ -93,11 +91,12 @@ __global__ void k_train_rmsnorm_backward(float *dx, const float *dy, const float
     dot = tuna_block_sum(dot, red);
     const float r = 1.0f / sqrtf(ss / (float)C + eps); /* as the forward (norm.cu) */
     const float c = dot * r * r * r / (float)C;
-    for (int64_t i = threadIdx.x; i < C; i += blockDim.x) o[i] += r * w[i] * g[i] - c * xr[i];
+    for (int64_t i = threadIdx.x; i < C; i += blockDim.x)
+        o[i] += r * w[i] * g[i] - c * xr[i];
 }
 
-static void cu_rmsnorm_backward(tuna_backend *be, float *dx, const float *dy, const float *x, const float *w,
-                                int64_t T, int64_t C, float eps)
+static void cu_rmsnorm_backward(tuna_backend *be, float *dx, const float *dy, const float *x, const float *w, int64_t T,
+                                int64_t C, float eps)
 {
     if (be->sticky || T <= 0) return;
     k_train_rmsnorm_backward<<<(unsigned)T, 256, 0, be->stream>>>(dx, dy, x, w, C, eps);
@@ -133,9 +132,8 @@ static void cu_rope_backward(tuna_backend *be, float *d, const int64_t *pos, int
     size_t of = (size_t)tuna_cuda_meta_stage(be, &m, inv_freq, (size_t)half * sizeof(float));
     if (be->sticky || !tuna_cuda_meta_flush(be, &m)) return;
     const int64_t n = T * H * half;
-    k_train_rope_backward<<<tuna_cuda_blocks(n, 256), 256, 0, be->stream>>>(d, META(be, op, const int64_t), T, H, D,
-                                                                            half, META(be, of, const float),
-                                                                            attn_factor);
+    k_train_rope_backward<<<tuna_cuda_blocks(n, 256), 256, 0, be->stream>>>(
+        d, META(be, op, const int64_t), T, H, D, half, META(be, of, const float), attn_factor);
     tuna_cuda_check_launch(be, "k_train_rope_backward");
 }
 
@@ -182,15 +180,18 @@ __global__ void k_train_cross_entropy(float *dlogits, double *loss, const float 
     float *d = dlogits + t * V;
     const int32_t y = target[t];
     if (y < 0 || y >= V) {
-        for (int64_t i = threadIdx.x; i < V; i += blockDim.x) d[i] = 0.0f;
+        for (int64_t i = threadIdx.x; i < V; i += blockDim.x)
+            d[i] = 0.0f;
         if (threadIdx.x == 0) loss[t] = 0.0;
         return;
     }
     float mx = -INFINITY;
-    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) mx = fmaxf(mx, l[i]);
+    for (int64_t i = threadIdx.x; i < V; i += blockDim.x)
+        mx = fmaxf(mx, l[i]);
     mx = tuna_block_max(mx, redf);
     double s = 0.0;
-    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) s += exp((double)l[i] - (double)mx);
+    for (int64_t i = threadIdx.x; i < V; i += blockDim.x)
+        s += exp((double)l[i] - (double)mx);
     s = tuna_block_sum(s, red);
     const double lse = (double)mx + log(s);
     const float ly = l[y];
@@ -203,8 +204,8 @@ __global__ void k_train_cross_entropy(float *dlogits, double *loss, const float 
     }
 }
 
-static void cu_cross_entropy(tuna_backend *be, float *dlogits, double *loss, const float *logits,
-                             const int32_t *target, int64_t T, int64_t V, double denom)
+static void cu_cross_entropy(tuna_backend *be, float *dlogits, double *loss, const float *logits, const int32_t *target,
+                             int64_t T, int64_t V, double denom)
 {
     if (be->sticky || T <= 0) return;
     const int32_t *dt = (const int32_t *)stage1(be, target, (size_t)T * sizeof(int32_t));
@@ -234,7 +235,8 @@ static double cu_grad_sq_sum(tuna_backend *be, const float *g, int64_t n, void *
     if (!tuna_cuda_check_launch(be, "k_train_sq_sum")) return NAN;
     if (tuna_cuda_download(be, part, work, sizeof part)) return NAN;
     double s = 0.0;
-    for (int i = 0; i < NORM_BLOCKS; i++) s += part[i];
+    for (int i = 0; i < NORM_BLOCKS; i++)
+        s += part[i];
     return s;
 }
 
@@ -285,4 +287,7 @@ static const struct tuna_train_ops k_cuda_train_ops = {
     cu_adamw,
 };
 
-extern "C" const struct tuna_train_ops *tuna_cuda_train_ops(void) { return &k_cuda_train_ops; }
+extern "C" const struct tuna_train_ops *tuna_cuda_train_ops(void)
+{
+    return &k_cuda_train_ops;
+}
