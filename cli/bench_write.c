@@ -215,8 +215,9 @@ int bench_write_main(int argc, char **argv)
     char *tmp = NULL;
     tuna_status st = bench_synth_make(name, &a, &syn);
     if (st) return tuna_cli_fail("bench", st);
-    if (a.vocab_size < 128256)
-        st = tuna_fail(TUNA_E_INTERNAL, "synthetic vocab %lld < 128256", (long long)a.vocab_size);
+    if (a.vocab_size != 128256) /* the tokenizer written here has Llama 3's ids */
+        st = tuna_fail(TUNA_E_UNSUPPORTED, "--write-synthetic writes models with Llama 3's vocabulary of 128256 "
+                       "(llama-3-8b, llama-3.2-1b, llama-3-tiny); %s has %lld", name, (long long)a.vocab_size);
     if (!st) st = tuna_st_writer_new(&w);
     for (int i = 0; !st && i < syn.n; i++) {
         const struct tuna_tensor_view *v = &syn.views[i];
