@@ -3,51 +3,230 @@
 #
 # usage: scripts/check_gguf_llamacpp.sh LLAMA_CPP_BUILD_DIR [TUNA_BIN] [SHARED_DIR]
 #
+# LLAMA_CPP_BUILD_DIR is a CMake build folder of llama.cpp (with bin/ holding llama-completion or
+# llama-cli, and the shared libraries); its source tree is found from CMakeCache.txt. Nothing of
+# llama.cpp is built here except scripts/gguf_logits.c, compiled against that build.
+# Needs bash, python3 (standard library only) and a C compiler (cc, or $CC).
+#
 # For each fixture model and export type it writes OUT.gguf with `tuna export gguf`, then
-#  1. loads it with llama.cpp (llama-cli / llama-completion, greedy, 24 tokens) — a load
+#  1. loads it with llama.cpp (llama-completion / llama-cli, greedy, 24 tokens) — a load
 #     failure (wrong key type, tensor shape, unknown pre-tokenizer ...) fails the check;
-#  2. for pymini (a trained model, so greedy tokens are stable) compares llama.cpp's greedy
+#  2. logits: runs the same token ids through llama.cpp (scripts/gguf_logits.c, float32 KV cache,
+#     no flash attention) and through `tuna logits` on the safetensors folder, and prints
+#     max over positions of ‖lc − tuna‖/‖tuna‖ and the fraction of positions with the same
+#     argmax. f32 exports must agree within F32_TOL (default 1e-4; see docs/GGUF.md);
+#     the other types are reported, not judged. llama.cpp's own tokenization of the prompt is
+#     compared with tuna's (reported);
+#  3. for pymini (a trained model, so greedy tokens are stable) compares llama.cpp's greedy
 #     continuation of a prompt at f32 with tuna's own (tuna generate on the folder);
-#  3. when llama-perplexity is present, prints llama.cpp's perplexity of pymini's heldout.txt
+#  4. when llama-quantize is present, quantizes each f32 export to q8_0, q4_0 and q4_k_m with it
+#     and compares, tensor by tensor, the bytes with tuna's direct export of the same type
+#     (tensors whose types differ are listed, not compared);
+#  5. when llama-perplexity is present, prints llama.cpp's perplexity of pymini's heldout.txt
 #     next to fixtures/models/pymini/eval.json (the transformers reference).
-# Exit status 0 only if every model loads and pymini's f32 continuation matches.
+# Exit status 0 only if every model loads, every f32 logits comparison is within F32_TOL,
+# pymini's f32 continuation matches, and every compared llama-quantize tensor is byte-identical.
+# Environment: MODELS, QUANTS (space-separated lists) restrict the run; KEEP=DIR keeps the files.
 set -u
 LCPP=${1:?usage: $0 LLAMA_CPP_BUILD_DIR [TUNA_BIN] [SHARED_DIR]}
-TUNA=${2:-$(dirname "$0")/../build/tuna}
-SHARED=${3:-$(dirname "$0")/../../shared}
+HERE=$(cd "$(dirname "$0")" && pwd)
+TUNA=${2:-$HERE/../build/tuna}
+SHARED=${3:-$HERE/../../shared}
+MODELS=${MODELS:-llama-tiny mistral-tiny qwen2-tiny qwen3-tiny gemma-tiny pymini}
+QUANTS=${QUANTS:-f32 f16 bf16 q8_0 q4_0 q4_k_m}
+F32_TOL=${F32_TOL:-1e-4}
+PROMPT=${PROMPT:-"def fibonacci(n):
+    if n < 2:
+        return n
+    return fibonacci(n - 1) + fibonacci(n - 2)"}
+LCPP=$(cd "$LCPP" && pwd) || exit 2
 BIN=$LCPP/bin
 RUN=""
 for c in llama-completion llama-cli main; do [ -x "$BIN/$c" ] && { RUN=$BIN/$c; break; }; done
 [ -n "$RUN" ] || { echo "no llama-completion/llama-cli in $BIN"; exit 2; }
-OUT=$(mktemp -d)
-trap 'rm -rf "$OUT"' EXIT
+[ -x "$TUNA" ] || { echo "no tuna binary at $TUNA"; exit 2; }
+[ -d "$SHARED/fixtures/models" ] || { echo "no fixtures under $SHARED"; exit 2; }
+command -v python3 >/dev/null || { echo "python3 is needed for the comparisons"; exit 2; }
+if [ -n "${KEEP:-}" ]; then OUT=$KEEP; mkdir -p "$OUT"; else OUT=$(mktemp -d); trap 'rm -rf "$OUT"' EXIT; fi
 fail=0
-for m in llama-tiny mistral-tiny qwen2-tiny qwen3-tiny gemma-tiny pymini; do
-  for q in f32 f16 bf16 q8_0 q4_0 q4_k_m; do
+export LD_LIBRARY_PATH="$BIN${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+# --- build scripts/gguf_logits.c against the llama.cpp build
+SRC=$(sed -n 's/^CMAKE_HOME_DIRECTORY:INTERNAL=//p' "$LCPP/CMakeCache.txt" 2>/dev/null)
+[ -n "$SRC" ] || SRC=$(dirname "$LCPP")
+LOGITS=$OUT/gguf_logits
+if [ -f "$SRC/include/llama.h" ] &&
+   ${CC:-cc} -std=c11 -O2 -Wall -Wextra "$HERE/gguf_logits.c" -I"$SRC/include" -I"$SRC/ggml/include" \
+     -L"$BIN" -Wl,-rpath,"$BIN" -lllama -lggml -lggml-base -o "$LOGITS" 2>"$OUT/cc.log"; then
+  echo "ok   built gguf_logits against $SRC (commit $(git -C "$SRC" rev-parse --short HEAD 2>/dev/null || echo unknown))"
+else
+  echo "FAIL cannot build scripts/gguf_logits.c against $SRC ($BIN)"; cat "$OUT/cc.log" 2>/dev/null; LOGITS=""; fail=1
+fi
+
+# safetensors logits comparison: prints "maxrel meanrel argmax_equal/T", exit 1 on shape mismatch
+cmp_logits() {
+  python3 - "$1" "$2" <<'PY'
+import json, math, struct, sys
+def load(p):
+    b = open(p, 'rb').read()
+    n = struct.unpack('<Q', b[:8])[0]
+    h = json.loads(b[8:8 + n])
+    s, e = h['logits']['data_offsets']
+    T, V = h['logits']['shape']
+    x = struct.unpack('<%df' % (T * V), b[8 + n + s:8 + n + e])
+    return T, V, [x[i * V:(i + 1) * V] for i in range(T)]
+Ta, Va, a = load(sys.argv[1])
+Tb, Vb, b = load(sys.argv[2])
+if (Ta, Va) != (Tb, Vb):
+    print('shape %dx%d vs %dx%d' % (Ta, Va, Tb, Vb)); sys.exit(1)
+rels, same = [], 0
+for ra, rb in zip(a, b):
+    d = math.sqrt(sum((p - q) ** 2 for p, q in zip(ra, rb)))
+    nb = math.sqrt(sum(q * q for q in rb))
+    rels.append(d / nb if nb else d)
+    same += max(range(Va), key=ra.__getitem__) == max(range(Vb), key=rb.__getitem__)
+print('%.2e %.2e %d/%d' % (max(rels), sum(rels) / len(rels), same, Ta))
+PY
+}
+
+# GGUF tensor comparison: tensors of equal type byte by byte; prints a summary line and the
+# differing/skipped tensors; exit 1 if a compared tensor differs
+cmp_gguf() {
+  python3 - "$1" "$2" <<'PY'
+import struct, sys
+BLK = {0: (4, 1), 1: (2, 1), 30: (2, 1), 8: (34, 32), 2: (18, 32), 3: (20, 32), 6: (22, 32), 7: (24, 32),
+       12: (144, 256), 13: (176, 256), 14: (210, 256), 10: (84, 256), 11: (110, 256)}
+NAME = {0: 'f32', 1: 'f16', 30: 'bf16', 8: 'q8_0', 2: 'q4_0', 3: 'q4_1', 6: 'q5_0', 7: 'q5_1', 12: 'q4_K',
+        13: 'q5_K', 14: 'q6_K', 10: 'q2_K', 11: 'q3_K'}
+def read(path):
+    b = open(path, 'rb').read()
+    pos = 0
+    def take(fmt):
+        nonlocal pos
+        v = struct.unpack_from('<' + fmt, b, pos); pos += struct.calcsize('<' + fmt); return v[0]
+    def string():
+        nonlocal pos
+        n = take('Q'); s = b[pos:pos + n].decode('utf-8', 'replace'); pos += n; return s
+    SC = {0: 'B', 1: 'b', 2: 'H', 3: 'h', 4: 'I', 5: 'i', 6: 'f', 7: '?', 10: 'Q', 11: 'q', 12: 'd'}
+    def value(t):
+        if t == 8: return string()
+        if t == 9:
+            et = take('I'); n = take('Q'); return [value(et) for _ in range(n)]
+        return take(SC[t])
+    assert b[:4] == b'GGUF', path
+    pos = 4; take('I'); nt = take('Q'); nkv = take('Q')
+    kv = {}
+    for _ in range(nkv):
+        k = string(); kv[k] = value(take('I'))
+    ti = []
+    for _ in range(nt):
+        name = string(); nd = take('I'); dims = [take('Q') for _ in range(nd)]; t = take('I'); off = take('Q')
+        ti.append((name, dims, t, off))
+    al = kv.get('general.alignment', 32)
+    base = (pos + al - 1) // al * al
+    out = {}
+    for name, dims, t, off in ti:
+        n = 1
+        for d in dims: n *= d
+        bs, bl = BLK[t]
+        out[name] = (t, dims, b[base + off:base + off + n // bl * bs])
+    return out
+a, b = read(sys.argv[1]), read(sys.argv[2])
+same, diff, skip = {}, [], []
+for name in a:
+    if name not in b:
+        skip.append('%s only in tuna' % name); continue
+    ta, da, xa = a[name]; tb, db, xb = b[name]
+    if ta != tb or da != db:
+        skip.append('%s tuna %s, llama-quantize %s' % (name, NAME.get(ta, ta), NAME.get(tb, tb))); continue
+    if xa == xb:
+        same[NAME.get(ta, ta)] = same.get(NAME.get(ta, ta), 0) + 1
+    else:
+        nbad = sum(p != q for p, q in zip(xa, xb))
+        diff.append('%s (%s): %d of %d bytes differ' % (name, NAME.get(ta, ta), nbad, len(xa)))
+skip += ['%s only in llama-quantize' % n for n in b if n not in a]
+print('identical: %s; differ: %d; not compared: %d' % (
+    ', '.join('%d %s' % (v, k) for k, v in sorted(same.items())) or 'none', len(diff), len(skip)))
+for l in diff: print('    differs: ' + l)
+for l in skip: print('    not compared: ' + l)
+sys.exit(1 if diff else 0)
+PY
+}
+
+printf '%-13s %-7s %-5s %-10s %-10s %-7s %s\n' model quant load max_rel mean_rel argmax tokens
+for m in $MODELS; do
+  dir=$SHARED/fixtures/models/$m
+  ids=""
+  if "$TUNA" logits "$dir" --text "$PROMPT" -o "$OUT/$m-tuna.st" 2>"$OUT/tl.log"; then
+    ids=$(python3 -c '
+import json, struct, sys
+b = open(sys.argv[1], "rb").read(); n = struct.unpack("<Q", b[:8])[0]; h = json.loads(b[8:8 + n])
+s, e = h["input_ids"]["data_offsets"]
+print(",".join(str(x) for x in struct.unpack("<%di" % ((e - s) // 4), b[8 + n + s:8 + n + e])))' "$OUT/$m-tuna.st")
+  else
+    echo "FAIL tuna logits $m:"; cat "$OUT/tl.log"; fail=1
+  fi
+  for q in $QUANTS; do
     f=$OUT/$m-$q.gguf
-    if ! "$TUNA" export gguf --model "$SHARED/fixtures/models/$m" --quant $q "$f" 2>"$OUT/export.log"; then
+    if ! "$TUNA" export gguf --model "$dir" --quant "$q" "$f" 2>"$OUT/export.log"; then
       echo "FAIL export $m $q"; cat "$OUT/export.log"; fail=1; continue
     fi
-    if "$RUN" -m "$f" -p "def main(" -n 24 --temp 0 -no-cnv --no-warmup >"$OUT/lc.txt" 2>"$OUT/lc.log" ||
-       "$RUN" -m "$f" -p "def main(" -n 24 --temp 0 >"$OUT/lc.txt" 2>"$OUT/lc.log"; then
-      echo "ok   llama.cpp loads $m $q"
-    else
-      echo "FAIL llama.cpp cannot run $m $q:"; tail -5 "$OUT/lc.log"; fail=1
+    load=ok
+    if ! "$RUN" -m "$f" -p "def main(" -n 24 --temp 0 -no-cnv --no-warmup >"$OUT/lc.txt" 2>"$OUT/lc.log" &&
+       ! "$RUN" -m "$f" -p "def main(" -n 24 --temp 0 >"$OUT/lc.txt" 2>"$OUT/lc.log"; then
+      load=FAIL; fail=1
+      echo "FAIL llama.cpp cannot run $m $q:"; tail -5 "$OUT/lc.log"
     fi
+    res="- - -" tokres="-"
+    if [ -n "$LOGITS" ] && [ -n "$ids" ] && [ $load = ok ]; then
+      if "$LOGITS" "$f" --ids "$ids" -o "$OUT/$m-$q-lc.st" 2>"$OUT/gl.log"; then
+        res=$(cmp_logits "$OUT/$m-$q-lc.st" "$OUT/$m-tuna.st") || { fail=1; res="$res - -"; }
+        if [ "$q" = f32 ] && ! python3 -c 'import sys; sys.exit(not float(sys.argv[1]) <= float(sys.argv[2]))' \
+             "${res%% *}" "$F32_TOL"; then
+          echo "FAIL $m f32 logits: max relative error ${res%% *} > $F32_TOL"; fail=1
+        fi
+      else
+        echo "FAIL gguf_logits $m $q:"; tail -5 "$OUT/gl.log"; fail=1
+      fi
+      lcids=$("$LOGITS" "$f" --text "$PROMPT" --print-ids -o "$OUT/tok.st" 2>/dev/null)
+      if [ "$lcids" = "$ids" ]; then tokres="same"; else tokres="DIFFER (tuna $ids | llama.cpp $lcids)"; fi
+    fi
+    # shellcheck disable=SC2086
+    printf '%-13s %-7s %-5s %-10s %-10s %-7s %s\n' "$m" "$q" "$load" $res "$tokres"
   done
 done
+
 # pymini greedy continuation, llama.cpp (f32 GGUF) vs tuna (folder)
-P="def fibonacci(n):"
-"$RUN" -m "$OUT/pymini-f32.gguf" -p "$P" -n 32 --temp 0 -no-cnv --no-warmup 2>/dev/null >"$OUT/lc.txt" ||
-  "$RUN" -m "$OUT/pymini-f32.gguf" -p "$P" -n 32 --temp 0 2>/dev/null >"$OUT/lc.txt"
-"$TUNA" generate "$SHARED/fixtures/models/pymini" --prompt "$P" --max-tokens 32 --temperature 0 >"$OUT/tuna.txt" 2>/dev/null
-if grep -qF "$(head -c 60 "$OUT/tuna.txt")" "$OUT/lc.txt"; then
-  echo "ok   pymini greedy continuation equal (first 60 bytes)"
-else
-  echo "FAIL pymini greedy continuation differs"; echo "--- llama.cpp"; cat "$OUT/lc.txt"; echo "--- tuna"; cat "$OUT/tuna.txt"; fail=1
+if [ -f "$OUT/pymini-f32.gguf" ]; then
+  P="def fibonacci(n):"
+  "$RUN" -m "$OUT/pymini-f32.gguf" -p "$P" -n 32 --temp 0 -no-cnv --no-warmup 2>/dev/null >"$OUT/lc.txt" ||
+    "$RUN" -m "$OUT/pymini-f32.gguf" -p "$P" -n 32 --temp 0 2>/dev/null >"$OUT/lc.txt"
+  "$TUNA" generate "$SHARED/fixtures/models/pymini" --prompt "$P" --max-tokens 32 --temperature 0 >"$OUT/tuna.txt" 2>/dev/null
+  if [ -s "$OUT/tuna.txt" ] && grep -qF "$(head -c 60 "$OUT/tuna.txt")" "$OUT/lc.txt"; then
+    echo "ok   pymini greedy continuation equal (first 60 bytes)"
+  else
+    echo "FAIL pymini greedy continuation differs"; echo "--- llama.cpp"; cat "$OUT/lc.txt"; echo "--- tuna"; cat "$OUT/tuna.txt"; fail=1
+  fi
 fi
-if [ -x "$BIN/llama-perplexity" ]; then
+
+# llama-quantize of tuna's f32 export vs tuna's direct export
+if [ -x "$BIN/llama-quantize" ]; then
+  for m in $MODELS; do
+    [ -f "$OUT/$m-f32.gguf" ] || continue
+    for q in q8_0 q4_0 q4_k_m; do
+      [ -f "$OUT/$m-$q.gguf" ] || continue
+      if ! "$BIN/llama-quantize" "$OUT/$m-f32.gguf" "$OUT/$m-$q-lq.gguf" "$(echo "$q" | tr "[:lower:]" "[:upper:]")" 2 >"$OUT/lq.log" 2>&1; then
+        echo "FAIL llama-quantize $m $q:"; tail -5 "$OUT/lq.log"; fail=1; continue
+      fi
+      if r=$(cmp_gguf "$OUT/$m-$q.gguf" "$OUT/$m-$q-lq.gguf"); then st=ok; else st=FAIL; fail=1; fi
+      echo "$st   llama-quantize $m $q: $r"
+    done
+  done
+fi
+
+if [ -x "$BIN/llama-perplexity" ] && [ -f "$OUT/pymini-f32.gguf" ]; then
   for q in f32 q8_0 q4_k_m; do
+    [ -f "$OUT/pymini-$q.gguf" ] || continue
     echo "llama.cpp perplexity pymini $q: $("$BIN/llama-perplexity" -m "$OUT/pymini-$q.gguf" -f "$SHARED/fixtures/models/pymini/heldout.txt" -c 128 2>&1 | grep -o 'Final estimate: PPL = [0-9.]*')"
   done
   echo "reference: $(cat "$SHARED/fixtures/models/pymini/eval.json")"
