@@ -8,8 +8,10 @@
  *
  * usage: gguf_logits MODEL.gguf (--ids 1,2,3 | --text TEXT) -o OUT.safetensors
  *                    [--threads N] [--kv f32|f16] [--print-ids]
- * --text tokenizes with llama.cpp's tokenizer (add_special = true, parse_special = false, the way
- * llama-completion tokenizes a prompt); --print-ids prints the ids used as "1,2,3" on stdout.
+ *        gguf_logits MODEL.gguf --text TEXT --tokenize-only
+ * --text tokenizes with llama.cpp's tokenizer (add_special = true, parse_special = true, the way
+ * llama-completion tokenizes a prompt); --print-ids prints the ids used as "1,2,3" on stdout;
+ * --tokenize-only prints them and stops.
  * The KV cache is float32 unless --kv f16 (llama.cpp's default) is given, and flash attention is
  * off, so that an f32 model is computed in float32 throughout.
  */
@@ -98,7 +100,7 @@ static int write_safetensors(const char *path, const float *logits, int n, int v
 int main(int argc, char **argv)
 {
     const char *model_path = NULL, *ids_s = NULL, *text = NULL, *out = NULL, *kv = "f32";
-    int threads = 2, print_ids = 0;
+    int threads = 2, print_ids = 0, tok_only = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         int has_val = i + 1 < argc;
@@ -108,6 +110,7 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--threads") && has_val) threads = atoi(argv[++i]);
         else if (!strcmp(a, "--kv") && has_val) kv = argv[++i];
         else if (!strcmp(a, "--print-ids")) print_ids = 1;
+        else if (!strcmp(a, "--tokenize-only")) tok_only = print_ids = 1;
         else if (!strcmp(a, "-v")) quiet_log_level = GGML_LOG_LEVEL_DEBUG;
         else if (a[0] != '-' && !model_path) model_path = a;
         else {
@@ -115,9 +118,10 @@ int main(int argc, char **argv)
             return 2;
         }
     }
-    if (!model_path || !out || !ids_s == !text || threads < 1 || (strcmp(kv, "f32") && strcmp(kv, "f16"))) {
+    if (!model_path || (!out && !tok_only) || !ids_s == !text || threads < 1 || (strcmp(kv, "f32") && strcmp(kv, "f16"))) {
         fprintf(stderr, "usage: gguf_logits MODEL.gguf (--ids 1,2,3 | --text TEXT) -o OUT.safetensors "
-                        "[--threads N] [--kv f32|f16] [--print-ids] [-v]\n");
+                        "[--threads N] [--kv f32|f16] [--print-ids] [-v]\n"
+                        "       gguf_logits MODEL.gguf --text TEXT --tokenize-only\n");
         return 2;
     }
     llama_log_set(log_cb, NULL);
@@ -139,13 +143,13 @@ int main(int argc, char **argv)
         int len = (int)strlen(text), cap = len + 8;
         ids = malloc(sizeof *ids * (size_t)cap);
         if (!ids) goto done_model;
-        n = llama_tokenize(vocab, text, len, ids, cap, true, false);
+        n = llama_tokenize(vocab, text, len, ids, cap, true, true);
         if (n < 0) {
             fprintf(stderr, "gguf_logits: tokenization needs %d tokens\n", -n);
             goto done_model;
         }
     }
-    if (n == 0) {
+    if (n == 0 && !tok_only) {
         fprintf(stderr, "gguf_logits: no tokens\n");
         goto done_model;
     }
@@ -157,6 +161,10 @@ int main(int argc, char **argv)
     if (print_ids) {
         for (int i = 0; i < n; i++) printf("%s%d", i ? "," : "", ids[i]);
         printf("\n");
+    }
+    if (tok_only) {
+        rc = 0;
+        goto done_model;
     }
     struct llama_context_params cp = llama_context_default_params();
     cp.n_ctx = (uint32_t)(n < 64 ? 64 : n);
