@@ -117,8 +117,8 @@ static const int64_t k_Ts[] = {1, 2, 5, 8, 9, 20};
 /* bf16/f16 above T = 8 go through cuBLAS with 16-bit activations */
 static double tol_for(enum tuna_dtype dt, int64_t T)
 {
-    if (T > TUNA_CUDA_GEMV_MAX_T && dt == TUNA_DTYPE_BF16) return 1e-2;
-    if (T > TUNA_CUDA_GEMV_MAX_T && dt == TUNA_DTYPE_F16) return 2e-3;
+    if (T > tuna_cuda_gemv_max_t16() && dt == TUNA_DTYPE_BF16) return 1e-2;
+    if (T > tuna_cuda_gemv_max_t16() && dt == TUNA_DTYPE_F16) return 2e-3;
     return 1e-5;
 }
 

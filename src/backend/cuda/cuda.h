@@ -56,8 +56,12 @@ struct tuna_cuda_q4 {
     float lut[16];               /* value of each nibble (before x absmax) */
 };
 
-/* Small-T threshold: matmuls with T <= this use the fused GEMV kernel. */
+/* Small-T threshold of 4-bit weights: T <= this use the fused dequant-GEMV kernel. */
 #define TUNA_CUDA_GEMV_MAX_T 8
+/* The same for 16-bit weights (the GEMV kernels; cuBLAS above): measured on an H200, a bf16
+ * GEMV of 8 tokens is slower than cuBLAS (docs/PERFORMANCE.md). TUNA_GEMV_MAX_T=n (1..8)
+ * overrides it, for benchmarks. */
+int tuna_cuda_gemv_max_t16(void);
 
 #ifdef __cplusplus
 }

@@ -46,7 +46,7 @@ struct tuna_backend {
     bool capturing, capture_tainted;
     struct cuda_graph_entry *graphs;
     int n_graphs, cap_graphs, cur_graph;
-    bool graphs_off; /* TUNA_CUDA_GRAPHS=0 */
+    long graph_stats[3]; /* captured, launched, discarded (TUNA_CUDA_GRAPHS=debug prints them) */
 };
 
 /* Records the first failure and returns false when e is an error. */

@@ -9,7 +9,7 @@
  * values), two loads in flight per lane, float32 accumulation for all TT tokens at once, so
  * every weight byte is read once per step. Rows are numbered across the segments; each
  * segment starts on a multiple of R so a warp's rows stay in one matrix. Anything the kernel
- * does not cover (float32 or 4-bit weights, T > TUNA_CUDA_GEMV_MAX_T, unaligned data) runs as
+ * does not cover (float32 or 4-bit weights, T above tuna_cuda_gemv_max_t16(), unaligned data) runs as
  * the plain ops, with the same results.
  */
 #include "backend/cuda/cuda_internal.h"
@@ -195,7 +195,7 @@ void tuna_cuda_matmul_multi(tuna_backend *be, int n, float *const *ys, const flo
 {
     if (be->sticky || T <= 0 || n <= 0) return;
     int dtype = 0;
-    bool fused = T <= TUNA_CUDA_GEMV_MAX_T && n <= GEMV_MAX_SEG && ((uintptr_t)x % 16) == 0;
+    bool fused = T <= tuna_cuda_gemv_max_t16() && n <= GEMV_MAX_SEG && ((uintptr_t)x % 16) == 0;
     for (int i = 0; fused && i < n; i++) fused = gemv_ok(ws[i], ws[0]->cols, &dtype);
     if (!fused) {
         for (int i = 0; i < n; i++) tuna_cuda_matmul(be, ys[i], x, ws[i], biases ? biases[i] : NULL, T);
@@ -233,7 +233,7 @@ void tuna_cuda_matmul_glu(tuna_backend *be, float *out, const float *x, const st
 {
     if (be->sticky || T <= 0) return;
     int dtype = 0;
-    if (T <= TUNA_CUDA_GEMV_MAX_T && ((uintptr_t)x % 16) == 0 && wg->rows == wu->rows && gemv_ok(wg, wg->cols, &dtype) &&
+    if (T <= tuna_cuda_gemv_max_t16() && ((uintptr_t)x % 16) == 0 && wg->rows == wu->rows && gemv_ok(wg, wg->cols, &dtype) &&
         gemv_ok(wu, wg->cols, &dtype)) {
         struct gemv_job j;
         memset(&j, 0, sizeof j);
@@ -265,7 +265,7 @@ void tuna_cuda_matmul_add(tuna_backend *be, float *y, const float *x, const stru
 {
     if (be->sticky || T <= 0) return;
     int dtype = 0;
-    if (T <= TUNA_CUDA_GEMV_MAX_T && ((uintptr_t)x % 16) == 0 && gemv_ok(w, w->cols, &dtype)) {
+    if (T <= tuna_cuda_gemv_max_t16() && ((uintptr_t)x % 16) == 0 && gemv_ok(w, w->cols, &dtype)) {
         struct gemv_job j;
         memset(&j, 0, sizeof j);
         j.nseg = 1;

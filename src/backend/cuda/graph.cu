@@ -16,6 +16,7 @@
  * captured the second time it is seen (the first eager run grows every buffer), lazily, so
  * start-up stays fast. Graphs captured before the arenas moved (meta_gen) are recaptured.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -28,6 +29,17 @@ struct cuda_graph_entry {
     bool never; /* a capture of this key was tainted: always eager */
 };
 
+/* TUNA_CUDA_GRAPHS=0 turns graphs off; =debug prints what happened when the backend is freed. */
+static int graphs_env(void)
+{
+    static int env = -1;
+    if (env < 0) {
+        const char *e = getenv("TUNA_CUDA_GRAPHS");
+        env = e && strcmp(e, "0") == 0 ? 0 : e && strcmp(e, "debug") == 0 ? 2 : 1;
+    }
+    return env;
+}
+
 bool tuna_cuda_capture_taint(tuna_backend *be)
 {
     if (!be->capturing) return false;
@@ -37,6 +49,9 @@ bool tuna_cuda_capture_taint(tuna_backend *be)
 
 void tuna_cuda_graphs_free(tuna_backend *be)
 {
+    if (graphs_env() == 2)
+        fprintf(stderr, "tuna: CUDA graphs: %d keys, %ld captured, %ld launches, %ld captures discarded\n", be->n_graphs,
+                be->graph_stats[0], be->graph_stats[1], be->graph_stats[2]);
     for (int i = 0; i < be->n_graphs; i++)
         if (be->graphs[i].exec) cudaGraphExecDestroy(be->graphs[i].exec);
     free(be->graphs);
@@ -86,18 +101,14 @@ static struct cuda_graph_entry *find(tuna_backend *be, uint64_t key)
 
 int tuna_cuda_graph_begin(tuna_backend *be, uint64_t key)
 {
-    static int env = -1;
-    if (env < 0) {
-        const char *e = getenv("TUNA_CUDA_GRAPHS");
-        env = e && strcmp(e, "0") == 0 ? 0 : 1;
-    }
-    if (!env || be->sticky || be->capturing) return -1;
+    if (!graphs_env() || be->sticky || be->capturing) return -1;
     struct cuda_graph_entry *g = find(be, key);
     if (g && g->exec && g->gen != be->meta_gen) {
         cudaGraphExecDestroy(g->exec);
         g->exec = NULL;
     }
     if (g && g->exec) {
+        be->graph_stats[1]++;
         return tuna_cuda_check(be, cudaGraphLaunch(g->exec, be->stream), "cudaGraphLaunch") ? 1 : -1;
     }
     if (g && g->never) return -1;
@@ -143,9 +154,12 @@ bool tuna_cuda_graph_end(tuna_backend *be)
     if (e != cudaSuccess || !exec) {
         cudaGetLastError(); /* a failed capture is not the engine's error: the step runs eagerly */
         g->never = true;
+        be->graph_stats[2]++;
         return false;
     }
     g->exec = exec;
     g->gen = be->meta_gen;
+    be->graph_stats[0]++;
+    be->graph_stats[1]++;
     return tuna_cuda_check(be, cudaGraphLaunch(exec, be->stream), "cudaGraphLaunch");
 }

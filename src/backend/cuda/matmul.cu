@@ -1,12 +1,16 @@
 /* matmul.cu — y[T,N] = x[T,K] W^T + bias, W[N,K] in its stored dtype (f32, bf16, f16).
  *
- * Small T (decode, T <= TUNA_CUDA_GEMV_MAX_T): a fused GEMV, one warp per output row, 16-byte
+ * Small T (decode, T <= tuna_cuda_gemv_max_t16() for 16-bit weights, 8 for float32): a fused GEMV, one warp per output row, 16-byte
  * loads of W (8 bf16/f16 values), float32 accumulation for every token at once, so each weight
  * byte is read once per step: the memory-bandwidth roofline is the target.
  * Larger T (prefill): cuBLAS. 16-bit weights: x is rounded to the weight's type and
  * cublasGemmEx accumulates in float32 into a float32 y; f32 weights: SGEMM (no TF32).
  */
+#include <stdlib.h>
+
 #include "backend/cuda/cuda_internal.h"
+
+#define TUNA_CUDA_GEMV_DEFAULT_T16 4
 
 __device__ __forceinline__ void unpack8(uint4 raw, int dtype, float *f)
 {
@@ -116,6 +120,17 @@ __global__ void k_gemv(float *y, const float *x, const void *W, int dtype, const
     }
 }
 
+extern "C" int tuna_cuda_gemv_max_t16(void)
+{
+    static int v = 0;
+    if (v == 0) {
+        const char *e = getenv("TUNA_GEMV_MAX_T");
+        int n = e ? atoi(e) : 0;
+        v = n >= 1 && n <= TUNA_CUDA_GEMV_MAX_T ? n : TUNA_CUDA_GEMV_DEFAULT_T16;
+    }
+    return v;
+}
+
 __global__ void k_to_bf16(__nv_bfloat16 *dst, const float *src, int64_t n)
 {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -194,7 +209,7 @@ void tuna_cuda_matmul(tuna_backend *be, float *y, const float *x, const struct t
         return;
     }
     int64_t N = w->rows, K = w->cols;
-    if (T <= TUNA_CUDA_GEMV_MAX_T) {
+    if (T <= (dtype == 0 ? TUNA_CUDA_GEMV_MAX_T : tuna_cuda_gemv_max_t16())) {
         launch_gemv(be, y, x, w, dtype, bias, T);
         return;
     }
