@@ -63,6 +63,11 @@ struct tuna_cuda_q4 {
  * overrides it, for benchmarks. */
 int tuna_cuda_gemv_max_t16(void);
 
+/* CUDA graphs of decode steps (graph.cu): on by default (TUNA_CUDA_GRAPHS=0 turns them off for a
+ * process); per backend for tests and benchmarks. stats: captured, launched, discarded. */
+void tuna_cuda_set_graphs(tuna_backend *be, bool on);
+void tuna_cuda_graph_stats(const tuna_backend *be, long stats[3]);
+
 #ifdef __cplusplus
 }
 #endif

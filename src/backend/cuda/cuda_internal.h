@@ -46,6 +46,7 @@ struct tuna_backend {
     bool capturing, capture_tainted;
     struct cuda_graph_entry *graphs;
     int n_graphs, cap_graphs, cur_graph;
+    bool graphs_off;     /* tuna_cuda_set_graphs(be, false) */
     long graph_stats[3]; /* captured, launched, discarded (TUNA_CUDA_GRAPHS=debug prints them) */
 };
 

@@ -101,7 +101,7 @@ static struct cuda_graph_entry *find(tuna_backend *be, uint64_t key)
 
 int tuna_cuda_graph_begin(tuna_backend *be, uint64_t key)
 {
-    if (!graphs_env() || be->sticky || be->capturing) return -1;
+    if (!graphs_env() || be->graphs_off || be->sticky || be->capturing) return -1;
     struct cuda_graph_entry *g = find(be, key);
     if (g && g->exec && g->gen != be->meta_gen) {
         cudaGraphExecDestroy(g->exec);
@@ -162,4 +162,11 @@ bool tuna_cuda_graph_end(tuna_backend *be)
     be->graph_stats[0]++;
     be->graph_stats[1]++;
     return tuna_cuda_check(be, cudaGraphLaunch(exec, be->stream), "cudaGraphLaunch");
+}
+
+extern "C" void tuna_cuda_set_graphs(tuna_backend *be, bool on) { be->graphs_off = !on; }
+
+extern "C" void tuna_cuda_graph_stats(const tuna_backend *be, long stats[3])
+{
+    for (int i = 0; i < 3; i++) stats[i] = be->graph_stats[i];
 }
