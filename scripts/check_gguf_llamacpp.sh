@@ -94,6 +94,15 @@ print('%.2e %.2e %d/%d' % (max(rels), sum(rels) / len(rels), same, Ta))
 PY
 }
 
+# the input_ids of a `tuna logits` file as "1,2,3"
+st_ids() {
+  python3 -c '
+import json, struct, sys
+b = open(sys.argv[1], "rb").read(); n = struct.unpack("<Q", b[:8])[0]; h = json.loads(b[8:8 + n])
+s, e = h["input_ids"]["data_offsets"]
+print(",".join(str(x) for x in struct.unpack("<%di" % ((e - s) // 4), b[8 + n + s:8 + n + e])))' "$1"
+}
+
 # GGUF tensor comparison: tensors of equal type byte by byte; prints a summary line and the
 # differing/skipped tensors; exit 1 if a compared tensor differs
 cmp_gguf() {
@@ -163,11 +172,7 @@ for m in $MODELS; do
   dir=$SHARED/fixtures/models/$m
   ids=""
   if "$TUNA" logits "$dir" --text "$PROMPT" -o "$OUT/$m-tuna.st" 2>"$OUT/tl.log"; then
-    ids=$(python3 -c '
-import json, struct, sys
-b = open(sys.argv[1], "rb").read(); n = struct.unpack("<Q", b[:8])[0]; h = json.loads(b[8:8 + n])
-s, e = h["input_ids"]["data_offsets"]
-print(",".join(str(x) for x in struct.unpack("<%di" % ((e - s) // 4), b[8 + n + s:8 + n + e])))' "$OUT/$m-tuna.st")
+    ids=$(st_ids "$OUT/$m-tuna.st")
   else
     echo "FAIL tuna logits $m:"; cat "$OUT/tl.log"; fail=1
   fi
@@ -202,6 +207,45 @@ print(",".join(str(x) for x in struct.unpack("<%di" % ((e - s) // 4), b[8 + n + 
     printf '%-13s %-7s %-5s %-10s %-10s %-7s %s\n' "$m" "$q" "$load" $res "$tokres"
   done
 done
+
+# RoPE scaling: the fixtures use plain RoPE, so variants of llama-tiny and qwen2-tiny with
+# rope_parameters changed (same weights) are exported at f32 and compared like above; tuna's
+# RoPE variants follow transformers' _compute_*_rope_parameters (tests/test_rope*.c)
+ROPE_VARIANTS=${ROPE_VARIANTS:-"llama-tiny:linear:{\"rope_type\":\"linear\",\"factor\":2.0}
+llama-tiny:yarn:{\"rope_type\":\"yarn\",\"factor\":4.0,\"original_max_position_embeddings\":128}
+llama-tiny:yarn-attn:{\"rope_type\":\"yarn\",\"factor\":4.0,\"original_max_position_embeddings\":128,\"attention_factor\":1.3}
+llama-tiny:llama3:{\"rope_type\":\"llama3\",\"factor\":8.0,\"low_freq_factor\":1.0,\"high_freq_factor\":4.0,\"original_max_position_embeddings\":64}
+qwen2-tiny:linear:{\"rope_type\":\"linear\",\"factor\":2.0}
+qwen2-tiny:yarn:{\"rope_type\":\"yarn\",\"factor\":4.0,\"original_max_position_embeddings\":128}"}
+if [ -n "$LOGITS" ]; then
+  while IFS=: read -r base name upd; do
+    [ -n "$base" ] || continue
+    v=$OUT/rope-$base-$name
+    rm -rf "$v" && mkdir -p "$v"
+    for f in "$SHARED/fixtures/models/$base"/*; do ln -s "$f" "$v/"; done
+    rm "$v/config.json"
+    python3 -c '
+import json, sys
+c = json.load(open(sys.argv[1]))
+c.setdefault("rope_parameters", {"rope_theta": c.pop("rope_theta", 10000.0)}).update(json.loads(sys.argv[2]))
+json.dump(c, open(sys.argv[3], "w"), indent=1)' "$SHARED/fixtures/models/$base/config.json" "$upd" "$v/config.json"
+    if ! "$TUNA" logits "$v" --text "$PROMPT" -o "$v.st" 2>"$OUT/tl.log" ||
+       ! "$TUNA" export gguf --model "$v" --quant f32 "$v.gguf" 2>"$OUT/export.log"; then
+      echo "FAIL rope $base $name: tuna refuses:"; tail -n 2 "$OUT/tl.log" "$OUT/export.log"; fail=1; continue
+    fi
+    ids=$(st_ids "$v.st")
+    if ! "$LOGITS" "$v.gguf" --ids "$ids" -o "$v-lc.st" 2>"$OUT/gl.log"; then
+      echo "FAIL rope $base $name: gguf_logits:"; tail -3 "$OUT/gl.log"; fail=1; continue
+    fi
+    res=$(cmp_logits "$v-lc.st" "$v.st")
+    if python3 -c 'import sys; sys.exit(not float(sys.argv[1]) <= float(sys.argv[2]))' "${res%% *}" "$F32_TOL"; then
+      st=ok
+    else
+      st=FAIL; fail=1
+    fi
+    echo "$st   rope $base $name f32: max_rel mean_rel argmax $res"
+  done <<<"$ROPE_VARIANTS"
+fi
 
 # llama.cpp's tokenizer on the exported vocabulary vs transformers: the fixture tokenizer whose
 # tokenizer.json is the model's, every cases.json text, ids with special tokens (BOS) as

@@ -56,7 +56,8 @@ static int parse_ids(const char *s, llama_token **out, int *n)
         }
         v[k++] = (llama_token)x;
         p = end;
-        if (*p == ',') p++;
+        if (*p == ',')
+            p++;
         else if (*p) {
             fprintf(stderr, "gguf_logits: bad id list at '%s'\n", p);
             free(v);
@@ -78,14 +79,16 @@ static int write_safetensors(const char *path, const float *logits, int n, int v
                       "\"logits\":{\"dtype\":\"F32\",\"shape\":[%d,%d],\"data_offsets\":[%zu,%zu]}}",
                       n, ibytes, n, vocab, ibytes, ibytes + lbytes);
     if (hl < 0 || (size_t)hl >= sizeof hdr - 8) return -1;
-    while (hl % 8) hdr[hl++] = ' ';
+    while (hl % 8)
+        hdr[hl++] = ' ';
     FILE *f = fopen(path, "wb");
     if (!f) {
         fprintf(stderr, "gguf_logits: cannot write %s: %s\n", path, strerror(errno));
         return -1;
     }
     unsigned char len8[8];
-    for (int i = 0; i < 8; i++) len8[i] = (unsigned char)(((unsigned long long)hl >> (8 * i)) & 0xff);
+    for (int i = 0; i < 8; i++)
+        len8[i] = (unsigned char)(((unsigned long long)hl >> (8 * i)) & 0xff);
     int ok = fwrite(len8, 1, 8, f) == 8 && fwrite(hdr, 1, (size_t)hl, f) == (size_t)hl;
     for (int i = 0; ok && i < n; i++) {
         int32_t x = ids[i];
@@ -104,21 +107,31 @@ int main(int argc, char **argv)
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         int has_val = i + 1 < argc;
-        if (!strcmp(a, "--ids") && has_val) ids_s = argv[++i];
-        else if (!strcmp(a, "--text") && has_val) text = argv[++i];
-        else if (!strcmp(a, "-o") && has_val) out = argv[++i];
-        else if (!strcmp(a, "--threads") && has_val) threads = atoi(argv[++i]);
-        else if (!strcmp(a, "--kv") && has_val) kv = argv[++i];
-        else if (!strcmp(a, "--print-ids")) print_ids = 1;
-        else if (!strcmp(a, "--tokenize-only")) tok_only = print_ids = 1;
-        else if (!strcmp(a, "-v")) quiet_log_level = GGML_LOG_LEVEL_DEBUG;
-        else if (a[0] != '-' && !model_path) model_path = a;
+        if (!strcmp(a, "--ids") && has_val)
+            ids_s = argv[++i];
+        else if (!strcmp(a, "--text") && has_val)
+            text = argv[++i];
+        else if (!strcmp(a, "-o") && has_val)
+            out = argv[++i];
+        else if (!strcmp(a, "--threads") && has_val)
+            threads = atoi(argv[++i]);
+        else if (!strcmp(a, "--kv") && has_val)
+            kv = argv[++i];
+        else if (!strcmp(a, "--print-ids"))
+            print_ids = 1;
+        else if (!strcmp(a, "--tokenize-only"))
+            tok_only = print_ids = 1;
+        else if (!strcmp(a, "-v"))
+            quiet_log_level = GGML_LOG_LEVEL_DEBUG;
+        else if (a[0] != '-' && !model_path)
+            model_path = a;
         else {
             fprintf(stderr, "gguf_logits: unexpected argument '%s'\n", a);
             return 2;
         }
     }
-    if (!model_path || (!out && !tok_only) || !ids_s == !text || threads < 1 || (strcmp(kv, "f32") && strcmp(kv, "f16"))) {
+    if (!model_path || (!out && !tok_only) || !ids_s == !text || threads < 1 ||
+        (strcmp(kv, "f32") && strcmp(kv, "f16"))) {
         fprintf(stderr, "usage: gguf_logits MODEL.gguf (--ids 1,2,3 | --text TEXT) -o OUT.safetensors "
                         "[--threads N] [--kv f32|f16] [--print-ids] [-v]\n"
                         "       gguf_logits MODEL.gguf --text TEXT --tokenize-only\n");
@@ -159,7 +172,8 @@ int main(int argc, char **argv)
             goto done_model;
         }
     if (print_ids) {
-        for (int i = 0; i < n; i++) printf("%s%d", i ? "," : "", ids[i]);
+        for (int i = 0; i < n; i++)
+            printf("%s%d", i ? "," : "", ids[i]);
         printf("\n");
     }
     if (tok_only) {

@@ -16,6 +16,7 @@
 #include "gguf/import.h"
 #include "gguf/quants.h"
 #include "model/generate.h"
+#include "model/rope_freq.h"
 
 static const char *const k_models[] = {"llama-tiny", "qwen2-tiny", "mistral-tiny", "qwen3-tiny", "gemma-tiny"};
 
@@ -354,12 +355,175 @@ static void test_vocab_files(void **state)
     }
 }
 
+/* Logits [T, vocab] of the ids through m. */
+static float *run_logits(struct tuna_model *m, const int32_t *ids, int64_t T)
+{
+    int64_t V = m->arch.vocab_size;
+    tuna_kv_cache *kv;
+    TT_OK(tuna_model_kv_new(m, T + 8, 0, &kv));
+    int32_t seq;
+    TT_OK(tuna_kv_seq_new(kv, &seq));
+    struct tuna_batch b;
+    tuna_batch_init(&b);
+    TT_OK(tuna_batch_add_seq(&b, ids, T, seq, 0, true, false));
+    float *out = malloc(sizeof(float) * (size_t)(T * V));
+    assert_non_null(out);
+    TT_OK(tuna_model_forward(m, kv, &b, out, NULL));
+    tuna_batch_free(&b);
+    tuna_kv_free(kv);
+    return out;
+}
+
+/* dst: a copy of the fixture folder src whose config.json rope_parameters get the members of
+ * rope_json (same weights). */
+static void make_rope_variant(const char *src, const char *dst, const char *rope_json)
+{
+    static const char *const files[] = {"model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                                        "chat_template.jinja", "generation_config.json"};
+    char a[4300], b[4300];
+    TT_OK(tuna_mkdir_p(dst));
+    for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
+        snprintf(a, sizeof a, "%s/%s", src, files[i]);
+        snprintf(b, sizeof b, "%s/%s", dst, files[i]);
+        if (tuna_path_exists(a)) TT_OK(tuna_copy_file(a, b));
+    }
+    snprintf(a, sizeof a, "%s/config.json", src);
+    cJSON *c, *upd = cJSON_Parse(rope_json);
+    assert_non_null(upd);
+    TT_OK(tuna_json_load(a, 1 << 20, &c));
+    cJSON *rp = cJSON_GetObjectItemCaseSensitive(c, "rope_parameters");
+    assert_non_null(rp);
+    cJSON *it;
+    cJSON_ArrayForEach(it, upd)
+    {
+        cJSON_DeleteItemFromObjectCaseSensitive(rp, it->string);
+        cJSON_AddItemToObject(rp, it->string, cJSON_Duplicate(it, true));
+    }
+    char *txt = cJSON_Print(c);
+    snprintf(b, sizeof b, "%s/config.json", dst);
+    TT_OK(tuna_write_file_atomic(b, txt, strlen(txt)));
+    free(txt);
+    cJSON_Delete(c);
+    cJSON_Delete(upd);
+}
+
+/* RoPE scaling survives export: YaRN's attention factor is written as llama.cpp reads it
+ * (rope.scaling.attn_factor) and read back, llama3 scaling becomes rope_freqs.weight with
+ * convert_hf_to_gguf's factors (base frequency / factor = transformers' llama3 frequency), YaRN
+ * settings llama.cpp cannot run are refused. The llama.cpp side: scripts/check_gguf_llamacpp.sh. */
+static void test_rope_yarn_attention_factor(void **state)
+{
+    (void)state;
+    char dir[4096], var[4200], out[4300], ref[4300];
+    if (!tt_shared_path(dir, sizeof dir, "fixtures/models/llama-tiny")) skip();
+    snprintf(ref, sizeof ref, "%s/reference.safetensors", dir);
+    tuna_st_set *rs;
+    TT_OK(tuna_st_set_open_file(ref, &rs));
+    const struct tuna_tensor_view *ids = tuna_st_set_find(rs, "prompt0.input_ids");
+    assert_non_null(ids);
+    int64_t T = (int64_t)ids->numel;
+    struct tuna_model_opts mo = {.threads = 2};
+    struct tuna_gguf_export_opts o = {.ftype = TUNA_GGUF_FT_F32, .quiet = true};
+
+    /* YaRN with an explicit attention_factor: the imported file computes what the folder does */
+    snprintf(var, sizeof var, "%s/rope-yarn-attn", tt_tmpdir());
+    make_rope_variant(dir, var,
+                      "{\"rope_type\":\"yarn\",\"factor\":4.0,\"original_max_position_embeddings\":128,"
+                      "\"attention_factor\":1.3}");
+    snprintf(out, sizeof out, "%s.gguf", var);
+    TT_OK(tuna_gguf_export(var, &o, out));
+    tuna_gguf *g;
+    TT_OK(tuna_gguf_open(out, &g));
+    float af;
+    TT_OK(tuna_gguf_get_f32(g, "llama.rope.scaling.attn_factor", &af));
+    assert_true(fabs(af - 1.3 / (0.1 * log(4.0) + 1.0)) < 1e-6);
+    tuna_gguf_close(g);
+    struct tuna_model *m;
+    TT_OK(tuna_model_load(var, &mo, &m));
+    float *want = run_logits(m, ids->data, T);
+    int64_t V = m->arch.vocab_size;
+    tuna_model_free(m);
+    struct tuna_gguf_model *gm;
+    TT_OK(tuna_gguf_model_load(out, &mo, &gm));
+    float *got = run_logits(gm->model, ids->data, T);
+    double err = tt_rel_err(got, want, (size_t)(T * V));
+    printf("  yarn attention_factor 1.3: GGUF vs folder logits rel err %.2e\n", err);
+    assert_true(err < 1e-5);
+    free(got);
+    free(want);
+    tuna_gguf_model_free(gm);
+    tuna_st_set_close(rs);
+}
+
+static void test_rope_llama3(void **state)
+{
+    (void)state;
+    char dir[4096], var[4200], out[4300];
+    if (!tt_shared_path(dir, sizeof dir, "fixtures/models/llama-tiny")) skip();
+    struct tuna_model_opts mo = {.threads = 2};
+    struct tuna_gguf_export_opts o = {.ftype = TUNA_GGUF_FT_F32, .quiet = true};
+    tuna_gguf *g;
+    struct tuna_gguf_model *gm;
+    snprintf(var, sizeof var, "%s/rope-llama3", tt_tmpdir());
+    make_rope_variant(dir, var,
+                      "{\"rope_type\":\"llama3\",\"factor\":8.0,\"low_freq_factor\":1.0,"
+                      "\"high_freq_factor\":4.0,\"original_max_position_embeddings\":64}");
+    snprintf(out, sizeof out, "%s.gguf", var);
+    TT_OK(tuna_gguf_export(var, &o, out));
+    TT_OK(tuna_gguf_open(out, &g));
+    const struct tuna_gguf_tensor *rf = tuna_gguf_find_tensor(g, "rope_freqs.weight");
+    assert_non_null(rf);
+    assert_int_equal(rf->type, TUNA_GGML_F32);
+    assert_int_equal(rf->n_dims, 1);
+    struct tuna_arch a;
+    TT_OK(tuna_arch_load(var, &a));
+    int64_t rot = tuna_rope_rot_dim(&a);
+    assert_int_equal(rf->ne[0], rot / 2);
+    float *inv = malloc(sizeof(float) * (size_t)rot), attn;
+    assert_non_null(inv);
+    tuna_rope_inv_freq(&a, 0, inv, &attn);
+    const float *f = rf->data;
+    int n1 = 0, nf = 0, nmid = 0;
+    for (int64_t i = 0; i < rot / 2; i++) {
+        double base = 1.0 / pow(a.rope.theta, (double)(2 * i) / (double)rot);
+        assert_true(fabs(base / f[i] - inv[i]) <= 1e-6 * inv[i]);
+        n1 += f[i] == 1.0f;
+        nf += f[i] == 8.0f;
+        nmid += f[i] > 1.0f && f[i] < 8.0f;
+    }
+    printf("  llama3 rope_freqs: %d × 1, %d smoothed, %d × factor\n", n1, nmid, nf);
+    assert_true(n1 > 0 && nf > 0 && nmid > 0); /* the variant exercises all three bands */
+    free(inv);
+    tuna_arch_free(&a);
+    tuna_gguf_close(g);
+    TT_FAILS(tuna_gguf_model_load(out, &mo, &gm), TUNA_E_UNSUPPORTED, "rope_freqs");
+}
+
+/* YaRN settings llama.cpp does not read for these architectures are refused, no file written */
+static void test_rope_yarn_refused(void **state)
+{
+    (void)state;
+    char dir[4096], var[4200], out[4300];
+    if (!tt_shared_path(dir, sizeof dir, "fixtures/models/llama-tiny")) skip();
+    struct tuna_gguf_export_opts o = {.ftype = TUNA_GGUF_FT_F32, .quiet = true};
+    snprintf(var, sizeof var, "%s/rope-yarn-beta", tt_tmpdir());
+    make_rope_variant(dir, var, "{\"rope_type\":\"yarn\",\"factor\":4.0,\"beta_fast\":16.0}");
+    snprintf(out, sizeof out, "%s.gguf", var);
+    TT_FAILS(tuna_gguf_export(var, &o, out), TUNA_E_UNSUPPORTED, "beta_fast 16");
+    assert_false(tuna_path_exists(out));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_export_import_fixtures), cmocka_unit_test(test_qk_permutation),
-        cmocka_unit_test(test_tokenizer_roundtrip),    cmocka_unit_test(test_stories260k),
+        cmocka_unit_test(test_export_import_fixtures),
+        cmocka_unit_test(test_qk_permutation),
+        cmocka_unit_test(test_tokenizer_roundtrip),
+        cmocka_unit_test(test_stories260k),
         cmocka_unit_test(test_vocab_files),
+        cmocka_unit_test(test_rope_yarn_attention_factor),
+        cmocka_unit_test(test_rope_llama3),
+        cmocka_unit_test(test_rope_yarn_refused),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

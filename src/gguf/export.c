@@ -6,6 +6,7 @@
 #include "gguf/export.h"
 
 #include <ctype.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -124,6 +125,39 @@ static uint32_t pick_type(enum tuna_gguf_ftype ft, const char *gg, int ndims, in
     return t;
 }
 
+static double gguf_yarn_mscale(double scale, double m)
+{
+    return scale <= 1 ? 1.0 : 0.1 * m * log(scale) + 1.0;
+}
+
+double tuna_gguf_yarn_attn_factor(const struct tuna_rope *r)
+{
+    if (r->attention_factor > 0) return r->attention_factor;
+    if (r->mscale > 0 && r->mscale_all_dim > 0)
+        return gguf_yarn_mscale(r->factor, r->mscale) / gguf_yarn_mscale(r->factor, r->mscale_all_dim);
+    return gguf_yarn_mscale(r->factor, 1.0);
+}
+
+void tuna_gguf_llama3_rope_freqs(const struct tuna_rope *r, int64_t dim, float *out)
+{
+    float factor = (float)r->factor, lf = (float)r->low_freq_factor;
+    float old = (float)r->original_max_pos;
+    float low_wl = (float)((double)r->original_max_pos / r->low_freq_factor);
+    float high_wl = (float)((double)r->original_max_pos / r->high_freq_factor);
+    for (int64_t i = 0; i < dim / 2; i++) {
+        float freq = 1.0f / powf((float)r->theta, (float)(2 * i) / (float)dim);
+        float wl = (float)(2 * M_PI) / freq;
+        if (wl < high_wl) {
+            out[i] = 1.0f;
+        } else if (wl > low_wl) {
+            out[i] = factor;
+        } else {
+            float smooth = (old / wl - lf) / (float)(r->high_freq_factor - r->low_freq_factor);
+            out[i] = 1.0f / ((1.0f - smooth) / factor + smooth);
+        }
+    }
+}
+
 static tuna_status set_arch_kv(tuna_gguf_writer *w, const struct tuna_arch *a, const char *an, const char *name,
                                enum tuna_gguf_ftype ft)
 {
@@ -159,10 +193,34 @@ static tuna_status set_arch_kv(tuna_gguf_writer *w, const struct tuna_arch *a, c
         if (a->rope.original_max_pos > 0 &&
             (st = tuna_gguf_set_u32(w, KEY("rope.scaling.original_context_length"), (uint32_t)a->rope.original_max_pos)))
             return st;
+        if (a->rope.type == TUNA_ROPE_YARN) {
+            /* llama.cpp's llama/qwen2/qwen3/gemma graphs run YaRN with beta_fast 32, beta_slow 1 and
+             * truncated correction dims (the yarn_beta_* keys are not read for them), and scale by
+             * mscale(factor) · rope.scaling.attn_factor (llama-context.cpp). */
+            if (a->rope.beta_fast != 32.0 || a->rope.beta_slow != 1.0 || !a->rope.truncate)
+                return tuna_fail(TUNA_E_UNSUPPORTED,
+                                 "YaRN with beta_fast %g, beta_slow %g, truncate %s cannot be "
+                                 "written to GGUF: llama.cpp runs %s models with beta_fast 32, beta_slow 1, truncate "
+                                 "true only",
+                                 a->rope.beta_fast, a->rope.beta_slow, a->rope.truncate ? "true" : "false", an);
+            double af = tuna_gguf_yarn_attn_factor(&a->rope) / gguf_yarn_mscale(a->rope.factor, 1.0);
+            if (fabs(af - 1.0) > 1e-7 && (st = tuna_gguf_set_f32(w, KEY("rope.scaling.attn_factor"), (float)af)))
+                return st;
+        }
+        break;
+    case TUNA_ROPE_LLAMA3:
+        /* a rope_freqs.weight tensor (tuna_gguf_export), no rope.scaling keys */
+        if (!tuna_gguf_family_permutes_qk(a->family))
+            return tuna_fail(TUNA_E_UNSUPPORTED,
+                             "llama3 RoPE scaling is written to GGUF for Llama-architecture models "
+                             "only (llama.cpp's %s graph has no rope_freqs tensor)",
+                             an);
         break;
     default:
-        return tuna_fail(TUNA_E_UNSUPPORTED, "rope_scaling type %s is not exported to GGUF yet (llama3 needs a "
-                         "rope_freqs.weight tensor); linear and yarn are", tuna_rope_type_name(a->rope.type));
+        return tuna_fail(TUNA_E_UNSUPPORTED,
+                         "rope_scaling type %s is not exported to GGUF yet (llama.cpp has no "
+                         "equivalent); linear, yarn and llama3 are",
+                         tuna_rope_type_name(a->rope.type));
     }
 #undef KEY
     bool quant = ft == TUNA_GGUF_FT_Q8_0 || ft == TUNA_GGUF_FT_Q4_0 || ft == TUNA_GGUF_FT_Q4_K_M;
@@ -197,6 +255,19 @@ tuna_status tuna_gguf_export(const char *dir, const struct tuna_gguf_export_opts
     }
     if ((st = set_arch_kv(w, &a, an, name, o->ftype))) goto done;
     if ((st = tuna_gguf_write_vocab(w, dir))) goto done;
+    if (a.rope.type == TUNA_ROPE_LLAMA3) {
+        /* llama.cpp's Llama-3.1 RoPE: theta_i / rope_freqs[i] (convert_hf_to_gguf's factors) */
+        int64_t rot = (int64_t)((double)a.head_dim * a.rope.partial_rotary_factor), ne = rot / 2;
+        float *rf = malloc(sizeof *rf * (size_t)(ne ? ne : 1));
+        if (!rf) {
+            st = tuna_fail_oom("rope_freqs", sizeof *rf * (size_t)ne);
+            goto done;
+        }
+        tuna_gguf_llama3_rope_freqs(&a.rope, rot, rf);
+        if ((st = tuna_gguf_add_tensor(w, "rope_freqs.weight", TUNA_GGML_F32, 1, &ne, rf, sizeof *rf * (size_t)ne,
+                                       true)))
+            goto done;
+    }
     bool tied = a.tie_word_embeddings || !tuna_st_set_find(set, "lm_head.weight");
     size_t n = tuna_st_set_count(set);
     for (size_t i = 0; i < n; i++) {

@@ -50,6 +50,15 @@ bool tuna_gguf_tensor_name(const char *hf, char *buf, size_t cap);
  * false undoes it. tmp holds rows*cols floats. */
 void tuna_gguf_permute_qk(float *w, float *tmp, int64_t n_head, int64_t rows, int64_t cols, bool to_gguf);
 
+/* YaRN's attention scaling as transformers computes it (attention_factor, else
+ * mscale(factor, mscale) / mscale(factor, mscale_all_dim), else 0.1 ln(factor) + 1). Export writes
+ * it as rope.scaling.attn_factor = this / (0.1 ln(factor) + 1), what llama.cpp multiplies its own by. */
+double tuna_gguf_yarn_attn_factor(const struct tuna_rope *r);
+
+/* The rope_freqs.weight values [dim/2] for llama3 RoPE scaling, as convert_hf_to_gguf computes
+ * them (float32): llama.cpp divides theta_i = pos · base^(−2i/dim) by out[i]. */
+void tuna_gguf_llama3_rope_freqs(const struct tuna_rope *r, int64_t dim, float *out);
+
 /* Tokenizer metadata (tokenizer.ggml.*, tokenizer.chat_template) from model_dir's tokenizer.json
  * and tokenizer_config.json into w (vocab.c). */
 tuna_status tuna_gguf_write_vocab(tuna_gguf_writer *w, const char *model_dir);

@@ -8,6 +8,7 @@
  */
 #include "gguf/import.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -159,6 +160,14 @@ tuna_status tuna_gguf_config_json(const tuna_gguf *g, char **out)
         if (tuna_gguf_get_f32(g, k, &f) == TUNA_OK) cJSON_AddNumberToObject(r, "factor", f);
         snprintf(k, sizeof k, "%s.rope.scaling.original_context_length", arch);
         if (tuna_gguf_get_u32(g, k, &v) == TUNA_OK) cJSON_AddNumberToObject(r, "original_max_position_embeddings", v);
+        /* llama.cpp scales YaRN attention by mscale(factor) · rope.scaling.attn_factor */
+        float fac, af;
+        snprintf(k, sizeof k, "%s.rope.scaling.attn_factor", arch);
+        if (!strcmp(rs, "yarn") && tuna_gguf_get_f32(g, k, &af) == TUNA_OK) {
+            snprintf(k, sizeof k, "%s.rope.scaling.factor", arch);
+            if (tuna_gguf_get_f32(g, k, &fac) != TUNA_OK) fac = 1.0f;
+            cJSON_AddNumberToObject(r, "attention_factor", (double)af * (fac <= 1 ? 1.0 : 0.1 * log(fac) + 1.0));
+        }
     }
     free(rs);
     const struct tuna_gguf_tensor *emb = tuna_gguf_find_tensor(g, "token_embd.weight");
