@@ -314,7 +314,9 @@ fi
 if [ -x "$BIN/llama-perplexity" ] && [ -f "$OUT/pymini-f32.gguf" ]; then
   for q in f32 q8_0 q4_k_m; do
     [ -f "$OUT/pymini-$q.gguf" ] || continue
-    echo "llama.cpp perplexity pymini $q: $("$BIN/llama-perplexity" -m "$OUT/pymini-$q.gguf" -f "$SHARED/fixtures/models/pymini/heldout.txt" -c 128 2>&1 | grep -o 'Final estimate: PPL = [0-9.]*')"
+    "$BIN/llama-perplexity" -m "$OUT/pymini-$q.gguf" -f "$SHARED/fixtures/models/pymini/heldout.txt" -c 128 >"$OUT/ppl.log" 2>&1
+    r=$(grep -o 'Final estimate: PPL = [0-9.]*' "$OUT/ppl.log") || r="no result ($(tail -n 1 "$OUT/ppl.log"))"
+    echo "llama.cpp perplexity pymini $q (-c 128): $r"
   done
   echo "reference: $(cat "$SHARED/fixtures/models/pymini/eval.json")"
 fi
