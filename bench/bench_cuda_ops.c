@@ -2,9 +2,12 @@
  *
  * Measures, on GPU 0: device-to-device copy bandwidth (the memory roofline), the decode matmul
  * (fused GEMV, T = 1..8) on Llama-3-8B's weight shapes in bf16 as achieved GB/s of weights read,
- * the prefill matmul (cuBLAS bf16, T = 512 and 2048) as TFLOP/s, and decode attention over a
- * paged KV cache. Prints one table. Timings: CUDA events, median of repeats after warm-up, weights
- * rotated among several copies so the 50 MB L2 cache does not serve them. */
+ * the prefill matmul (cuBLAS bf16, T = 512 and 2048) as TFLOP/s, and attention over a paged bf16
+ * KV cache with Llama-3-8B heads (H 32, Hkv 8, D 128, blocks of 16): decode at batch 1 / 4k
+ * context and batch 32 / 128 at 1k as achieved GB/s of K and V read, prefill of 2048 tokens as
+ * TFLOP/s of the causal QK^T and PV products. Prints one table. Timings: CUDA events, median of
+ * repeats after warm-up, weights and KV caches rotated among several copies so the 50 MB L2
+ * cache does not serve them. */
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdio.h>
@@ -22,6 +25,76 @@
             exit(1);                                                                                                   \
         }                                                                                                              \
     } while (0)
+
+static int cmp_f(const void *a, const void *b);
+static void *dev_random_bf16(size_t n);
+
+/* One attention shape: 4 batches over 4 copies of the cache, used in turn. */
+struct att_bench {
+    tuna_backend *be;
+    float *out, *q;
+    void *kc, *vc;
+    struct tuna_attn_batch b[4];
+};
+
+/* Median seconds of the attention op over reps runs after 3 warm-ups, rotating the copies. */
+static double time_attention(struct att_bench *a, int reps, cudaEvent_t e0, cudaEvent_t e1)
+{
+    float ms[64];
+    for (int r = 0; r < reps + 3; r++) {
+        CK(cudaEventRecord(e0, 0));
+        tuna_cuda_backend_ops()->attention(a->be, a->out, a->q, a->kc, a->vc, TUNA_DTYPE_BF16, &a->b[r % 4], 32, 8,
+                                           128, 0.08838834764831845f);
+        CK(cudaEventRecord(e1, 0));
+        CK(cudaEventSynchronize(e1));
+        CK(cudaEventElapsedTime(&ms[r], e0, e1));
+    }
+    if (tuna_cuda_status(a->be)) {
+        fprintf(stderr, "%s\n", tuna_last_error());
+        exit(1);
+    }
+    qsort(ms + 3, (size_t)reps, sizeof(float), cmp_f);
+    return ms[3 + reps / 2] * 1e-3;
+}
+
+/* Attention cases: nseq sequences of ctx tokens each, n_new query tokens per sequence at its
+ * end (1 = decode, ctx = prefill from scratch); 4 copies of the cache, one per rotation. */
+static void bench_attention(tuna_backend *be, const char *label, int64_t nseq, int64_t ctx, int64_t n_new,
+                            cudaEvent_t e0, cudaEvent_t e1)
+{
+    const int64_t H = 32, Hkv = 8, D = 128, bs = 16, max_len = 8192;
+    const int64_t blocks_per_seq = (ctx + bs - 1) / bs, nblocks = 4 * nseq * blocks_per_seq;
+    const int64_t T = nseq * n_new;
+    struct att_bench a = {be, NULL, NULL, NULL, NULL, {{0}}};
+    a.kc = dev_random_bf16((size_t)(nblocks * bs * Hkv * D));
+    a.vc = dev_random_bf16((size_t)(nblocks * bs * Hkv * D));
+    CK(cudaMalloc((void **)&a.out, (size_t)(T * H * D) * 4));
+    CK(cudaMalloc((void **)&a.q, (size_t)(T * H * D) * 4));
+    CK(cudaMemset(a.q, 0x3c, (size_t)(T * H * D) * 4));
+    int32_t *tables = malloc((size_t)nblocks * sizeof(int32_t));
+    for (int64_t i = 0; i < nblocks; i++) tables[i] = (int32_t)((i * 7919) % nblocks); /* scattered blocks */
+    int64_t *pos = malloc((size_t)T * sizeof(int64_t));
+    const int32_t **bt = malloc((size_t)(4 * T) * sizeof(*bt));
+    for (int64_t s = 0, t = 0; s < nseq; s++)
+        for (int64_t i = 0; i < n_new; i++, t++) pos[t] = ctx - n_new + i;
+    for (int c = 0; c < 4; c++) {
+        for (int64_t t = 0; t < T; t++) bt[c * T + t] = tables + (c * nseq + t / n_new) * blocks_per_seq;
+        a.b[c] = (struct tuna_attn_batch){T, pos, bt + c * T, (int32_t)bs, 0, (int32_t)(max_len / bs), NULL};
+    }
+    double t = time_attention(&a, 20, e0, e1);
+    if (n_new == 1) {
+        double bytes = (double)nseq * (double)ctx * (double)(Hkv * D) * 2.0 * 2.0; /* K and V, bf16 */
+        printf("%-44s %10.1f GB/s %18.1f us\n", label, bytes / t / 1e9, t * 1e6);
+    } else {
+        double flops = 4.0 * (double)H * (double)D * (double)nseq * (double)n_new * (double)(n_new + 1) / 2.0;
+        printf("%-44s %10.1f TFLOP/s %15.1f us\n", label, flops / t / 1e12, t * 1e6);
+    }
+    CK(cudaFree(a.kc));
+    CK(cudaFree(a.vc));
+    CK(cudaFree(a.out));
+    CK(cudaFree(a.q));
+    free(tables), free(pos), free(bt);
+}
 
 static int cmp_f(const void *a, const void *b)
 {
@@ -135,6 +208,12 @@ int main(void)
         CK(cudaFree(x));
         CK(cudaFree(y));
     }
+
+    /* attention, bf16 KV cache, Llama-3-8B heads */
+    bench_attention(be, "attention decode B=1 ctx=4096", 1, 4096, 1, e0, e1);
+    bench_attention(be, "attention decode B=32 ctx=1024", 32, 1024, 1, e0, e1);
+    bench_attention(be, "attention decode B=128 ctx=1024", 128, 1024, 1, e0, e1);
+    bench_attention(be, "attention prefill T=2048 (causal)", 1, 2048, 2048, e0, e1);
     tuna_cuda_backend_free(be);
     return 0;
 }

@@ -1,87 +1,547 @@
-/* attention.cu — causal attention over the paged KV cache, prefill and decode alike.
+/* attention.cu — causal attention over the paged KV cache (float32, bf16 or f16 elements), two
+ * kernels chosen per group of tokens, both float32 softmax with the CPU twin's semantics
+ * (src/backend/cpu/attention.c: token t attends to positions [max(0, pos - window + 1), pos] of
+ * its own sequence; GQA maps head h to kv head h / (H / Hkv)).
  *
- * One block per (token, head). Keys of the token's sequence at positions
- * [max(0, pos - window + 1), pos] are visited in chunks of ATT_CHUNK: scores q·k·scale of a chunk go
- * to shared memory, then an online softmax (running max and sum, rescaling the accumulator)
- * adds the chunk's values; each thread owns output dims tid and tid + ATT_CHUNK (D <= 256).
- * Cache layout [slots, Hkv, D]; position p lives in slot table[p / bs] * bs + p % bs; GQA maps
- * head h to kv head h / (H / Hkv). A correct first version: a flash-decoding split of long
- * contexts across blocks is the next step for speed (docs/PERFORMANCE.md).
+ * Decode (k_attn_decode + k_attn_combine): flash-decoding. A block handles one token, one kv head
+ * and up to DEC_GM of its query heads (so K and V are read once for the whole GQA group), and one
+ * split of the token's context; 8 lanes share a key row, read in 16-byte vectors. Each split
+ * keeps an online softmax over tiles of DEC_TILE keys and writes its running max, sum and
+ * unnormalized output; k_attn_combine merges the splits. The number of splits comes only from
+ * the batch size, head shape and the cache's bound max_blocks_per_seq (and the SM count): the
+ * actual lengths are read on the device, and the context of each token is divided among the
+ * splits there (splits past it exit at once), so one launch configuration serves every decode
+ * step of a batch size — what CUDA graphs need (src/backend/cuda/graph.cu). With one split the
+ * block writes the output itself.
+ *
+ * Prefill (k_attn_prefill): flash attention for runs of at least PF_MIN_RUN consecutive tokens of
+ * one sequence. A block takes a tile of BQ queries of one head; tiles of PF_BK keys go to shared
+ * memory, S = Q K^T and O += P V run on tensor cores (WMMA 16x16x16, bf16 or f16 inputs, float32
+ * accumulation) for 16-bit caches, as float32 loops for a float32 cache; the online softmax
+ * (per-row max and sum, O rescaled in shared memory) is float32. Other tokens of a mixed batch
+ * go through the decode kernels in the same call.
+ *
+ * Metadata: positions and block tables come through the metadata arena; a caller that provides
+ * tables_flat ([T, max_blocks_per_seq], e.g. in the step block) saves the flattening here.
  */
 #include <math.h>
+#include <mma.h>
+#include <stdlib.h>
+#include <string.h>
+#include <type_traits>
 
 #include "backend/cuda/cuda_internal.h"
 #include "backend/cuda/kv_types.cuh"
 
-#define ATT_CHUNK 128
 #define ATT_MAX_D 256
+#define DEC_THREADS 128
+#define DEC_TILE 64          /* keys per online-softmax tile of a split */
+#define DEC_GM 8             /* query heads per block at most (GQA group or part of it) */
+#define DEC_MIN_CHUNK 64     /* a split covers at least this many keys */
+#define DEC_MAX_SPLITS 256
+#define DEC_BLOCKS_PER_SM 8  /* splits are added until the grid has this many blocks per SM */
+#define PF_THREADS 128
+#define PF_BK 64             /* keys per tile of the prefill kernel */
+#define PF_MIN_RUN 8         /* consecutive tokens of one sequence that go to the prefill kernel */
+
+/* Where token t's positions and block table are (device pointers). */
+struct att_meta {
+    const int64_t *pos;       /* [T] */
+    const int32_t *tables;    /* block tables */
+    const int32_t *table_off; /* [T] start of token t's table in `tables`, or NULL: t * table_stride */
+    int32_t table_stride;
+    int32_t bs;
+    int64_t window;
+};
+
+static __device__ __forceinline__ const int32_t *att_table(const att_meta &m, int64_t t)
+{
+    return m.tables + (m.table_off ? (int64_t)m.table_off[t] : t * (int64_t)m.table_stride);
+}
+
+static __device__ __forceinline__ int64_t att_start(const att_meta &m, int64_t p)
+{
+    return m.window > 0 && p - m.window + 1 > 0 ? p - m.window + 1 : 0;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Decode: grid (tokens, Hkv * n_hg, n_splits), DEC_THREADS threads.
+ * rows: decode token i is token rows[i] of the batch (NULL: token i).
+ * part_acc [n_rows, H, n_splits, D], part_ml [n_rows, H, n_splits, 2] when n_splits > 1.
+ * VEC: K/V rows read in 16-byte vectors (D a multiple of kv_traits<KT>::VEC), else by element. */
+template <typename KT, bool VEC>
+__global__ void __launch_bounds__(DEC_THREADS)
+    k_attn_decode(float *out, float *part_acc, float *part_ml, const float *q, const KT *kc, const KT *vc,
+                  att_meta md, const int32_t *rows, int H, int Hkv, int D, int n_hg, int n_splits, float scale)
+{
+    constexpr int VE = VEC ? kv_traits<KT>::VEC : 1; /* elements per unit (one load) */
+    constexpr int UPT = VEC ? 1 : 2;                  /* units per thread in the V phase */
+    __shared__ float qs[DEC_GM * ATT_MAX_D];
+    __shared__ float sc[DEC_GM * DEC_TILE];
+    __shared__ int64_t slots[DEC_TILE];
+    __shared__ float red[DEC_THREADS * 8];
+    __shared__ float ml[DEC_GM * 2], corr[DEC_GM];
+
+    const int i = blockIdx.x, split = blockIdx.z;
+    const int64_t t = rows ? (int64_t)rows[i] : (int64_t)i;
+    const int kvh = blockIdx.y / n_hg, hg = blockIdx.y % n_hg;
+    const int G = H / Hkv, h0 = kvh * G + hg * DEC_GM;
+    const int ng = min(DEC_GM, G - hg * DEC_GM);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int64_t p = md.pos[t], start = att_start(md, p);
+    int64_t chunk = (p - start + n_splits) / n_splits; /* ceil(len / n_splits), len = p - start + 1 */
+    chunk = (chunk + DEC_TILE - 1) / DEC_TILE * DEC_TILE;
+    const int64_t lo = start + (int64_t)split * chunk;
+    if (lo > p) { /* nothing of this token's context falls in this split */
+        if (tid < ng) {
+            size_t r = ((size_t)i * H + h0 + tid) * n_splits + split;
+            part_ml[2 * r] = -INFINITY;
+            part_ml[2 * r + 1] = 0.0f;
+        }
+        return;
+    }
+    const int64_t hi = min(p, lo + chunk - 1);
+    const int32_t *table = att_table(md, t);
+    const int64_t HkvD = (int64_t)Hkv * D;
+    const KT *kbase = kc + (int64_t)kvh * D, *vbase = vc + (int64_t)kvh * D;
+    for (int x = tid; x < ng * D; x += DEC_THREADS) {
+        int g = x / D, d = x % D;
+        qs[x] = q[((size_t)t * H + h0 + g) * D + d] * scale;
+    }
+    if (tid < ng) {
+        ml[2 * tid] = -INFINITY;
+        ml[2 * tid + 1] = 0.0f;
+    }
+    /* V phase: thread = (unit vu of the row, key lane kl); KL key lanes share the tile's keys */
+    const int nunits = D / VE;
+    const bool wide = nunits > DEC_THREADS; /* only by element with D > 128: two units each */
+    const int KL = wide ? 1 : DEC_THREADS / nunits;
+    const int vu = wide ? tid : tid % nunits, kl = wide ? 0 : tid / nunits;
+    const bool vactive = kl < KL;
+    float acc[DEC_GM][UPT * VE];
+#pragma unroll
+    for (int g = 0; g < DEC_GM; g++)
+#pragma unroll
+        for (int e = 0; e < UPT * VE; e++) acc[g][e] = 0.0f;
+    const int grp = lane >> 3, l8 = lane & 7;
+    __syncthreads();
+
+    for (int64_t k0 = lo; k0 <= hi; k0 += DEC_TILE) {
+        const int n = (int)min((int64_t)DEC_TILE, hi - k0 + 1);
+        for (int j = tid; j < n; j += DEC_THREADS) {
+            int64_t pp = k0 + j;
+            slots[j] = (int64_t)table[pp / md.bs] * md.bs + pp % md.bs;
+        }
+        __syncthreads();
+        /* scores: 8 lanes per key, 4 keys per warp at a time */
+        for (int jb = warp * 4; jb < DEC_TILE; jb += 16) {
+            const int j = jb + grp;
+            float dot[DEC_GM];
+#pragma unroll
+            for (int g = 0; g < DEC_GM; g++) dot[g] = 0.0f;
+            if (j < n) {
+                const KT *kr = kbase + slots[j] * HkvD;
+                for (int u = l8; u < nunits; u += 8) {
+                    float f[VE];
+                    if constexpr (VEC) kv_load_vec(kr + u * VE, f);
+                    else f[0] = kv_traits<KT>::to_f32(kr[u]);
+#pragma unroll
+                    for (int g = 0; g < DEC_GM; g++) {
+                        if (g < ng) {
+                            const float *qq = qs + g * D + u * VE;
+                            float s = 0.0f;
+#pragma unroll
+                            for (int e = 0; e < VE; e++) s += qq[e] * f[e];
+                            dot[g] += s;
+                        }
+                    }
+                }
+            }
+#pragma unroll
+            for (int g = 0; g < DEC_GM; g++) {
+                float v = dot[g];
+                v += __shfl_xor_sync(0xffffffffu, v, 4);
+                v += __shfl_xor_sync(0xffffffffu, v, 2);
+                v += __shfl_xor_sync(0xffffffffu, v, 1);
+                if (l8 == 0 && g < ng) sc[g * DEC_TILE + j] = j < n ? v : -INFINITY;
+            }
+        }
+        __syncthreads();
+        /* online softmax of the tile, one warp per head (the tile holds at least one key) */
+        for (int g = warp; g < ng; g += DEC_THREADS / 32) {
+            float s0 = sc[g * DEC_TILE + lane], s1 = sc[g * DEC_TILE + lane + 32];
+            float mx = fmaxf(s0, s1);
+            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            const float m_old = ml[2 * g], m_new = fmaxf(m_old, mx);
+            float e0 = expf(s0 - m_new), e1 = expf(s1 - m_new); /* masked keys: exp(-inf) = 0 */
+            sc[g * DEC_TILE + lane] = e0;
+            sc[g * DEC_TILE + lane + 32] = e1;
+            float sum = e0 + e1;
+            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            if (lane == 0) {
+                float c = expf(m_old - m_new); /* 0 on the first tile */
+                corr[g] = c;
+                ml[2 * g] = m_new;
+                ml[2 * g + 1] = ml[2 * g + 1] * c + sum;
+            }
+        }
+        __syncthreads();
+        /* values: rescale, then add this tile's weighted rows */
+#pragma unroll
+        for (int g = 0; g < DEC_GM; g++) {
+            if (g < ng) {
+                const float c = corr[g];
+#pragma unroll
+                for (int e = 0; e < UPT * VE; e++) acc[g][e] *= c;
+            }
+        }
+        if (vactive) {
+            for (int j = kl; j < n; j += KL) {
+                const KT *vr = vbase + slots[j] * HkvD;
+#pragma unroll
+                for (int uu = 0; uu < UPT; uu++) {
+                    const int u = vu + uu * DEC_THREADS;
+                    if (u >= nunits) break;
+                    float f[VE];
+                    if constexpr (VEC) kv_load_vec(vr + u * VE, f);
+                    else f[0] = kv_traits<KT>::to_f32(vr[u]);
+#pragma unroll
+                    for (int g = 0; g < DEC_GM; g++) {
+                        if (g < ng) {
+                            const float w = sc[g * DEC_TILE + j];
+#pragma unroll
+                            for (int e = 0; e < VE; e++) acc[g][uu * VE + e] += w * f[e];
+                        }
+                    }
+                }
+            }
+        }
+        __syncthreads(); /* before the next tile rewrites slots[] and sc[] */
+    }
+
+    /* sum the key lanes, one head at a time, and write the output or the split's partial */
+#pragma unroll
+    for (int g = 0; g < DEC_GM; g++) {
+        if (g < ng) { /* ng is the same for the whole block: the barriers below are uniform */
+            if (vactive) {
+#pragma unroll
+                for (int uu = 0; uu < UPT; uu++) {
+                    const int u = vu + uu * DEC_THREADS;
+                    if (u < nunits)
+#pragma unroll
+                        for (int e = 0; e < VE; e++) red[kl * D + u * VE + e] = acc[g][uu * VE + e];
+                }
+            }
+            __syncthreads();
+            const float l = ml[2 * g + 1];
+            const size_t r = ((size_t)i * H + h0 + g) * n_splits + split;
+            for (int d = tid; d < D; d += DEC_THREADS) {
+                float s = 0.0f;
+                for (int k = 0; k < KL; k++) s += red[k * D + d];
+                if (n_splits == 1) out[((size_t)t * H + h0 + g) * D + d] = s / l;
+                else part_acc[r * D + d] = s;
+            }
+            if (n_splits > 1 && tid == 0) {
+                part_ml[2 * r] = ml[2 * g];
+                part_ml[2 * r + 1] = l;
+            }
+            __syncthreads();
+        }
+    }
+}
+
+/* out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s over the splits; grid (tokens, H). */
+__global__ void k_attn_combine(float *out, const float *part_acc, const float *part_ml, const int32_t *rows, int H,
+                               int D, int n_splits)
+{
+    __shared__ float w[DEC_MAX_SPLITS];
+    const int i = blockIdx.x, h = blockIdx.y;
+    const int64_t t = rows ? (int64_t)rows[i] : (int64_t)i;
+    const size_t r0 = ((size_t)i * H + h) * n_splits;
+    float M = -INFINITY;
+    for (int s = 0; s < n_splits; s++) M = fmaxf(M, part_ml[2 * (r0 + s)]);
+    for (int s = threadIdx.x; s < n_splits; s += blockDim.x)
+        w[s] = part_ml[2 * (r0 + s) + 1] > 0.0f ? expf(part_ml[2 * (r0 + s)] - M) : 0.0f; /* empty splits: 0 */
+    __syncthreads();
+    float L = 0.0f;
+    for (int s = 0; s < n_splits; s++) L += w[s] * part_ml[2 * (r0 + s) + 1];
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float a = 0.0f;
+        for (int s = 0; s < n_splits; s++)
+            if (w[s] != 0.0f) a += w[s] * part_acc[(r0 + s) * D + d]; /* an empty split's acc is never written */
+        out[((size_t)t * H + h) * D + d] = a / L;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Prefill: grid (tiles, H), PF_THREADS threads, dynamic shared memory laid out by pf_layout.
+ * tiles[2k] = first batch row of tile k, tiles[2k+1] = its rows (<= BQ), consecutive positions of
+ * one sequence. Shared element type: KT for Q and K/V tiles (16-bit: the WMMA inputs), float32
+ * for scores, P (float32 path) and O. */
+struct pf_layout {
+    int Dp;             /* D rounded up to 16 (zero padded) */
+    int ldh, lds, ldp, ldo; /* leading dimensions (elements) of Q and K/V, S, P, O */
+    size_t q, kv, s, p, o, m, l, c, rpos, rstart, slots, total; /* byte offsets */
+};
+
+static __host__ __device__ pf_layout pf_make_layout(int D, int BQ, int esz)
+{
+    pf_layout L;
+    L.Dp = (D + 15) / 16 * 16;
+    const bool h16 = esz == 2;
+    L.ldh = h16 ? L.Dp + 8 : L.Dp + 4; /* against bank conflicts; rows stay 16-byte aligned (WMMA: 32) */
+    L.lds = PF_BK + 4;
+    L.ldp = PF_BK + 8;
+    L.ldo = L.Dp + 4;
+    size_t off = 0;
+#define PF_TAKE(field, bytes) (L.field = off, off = (off + (size_t)(bytes) + 127) & ~(size_t)127)
+    PF_TAKE(q, (size_t)BQ * L.ldh * esz);
+    PF_TAKE(kv, (size_t)PF_BK * L.ldh * esz);
+    PF_TAKE(s, (size_t)BQ * L.lds * 4);
+    PF_TAKE(p, h16 ? (size_t)BQ * L.ldp * 2 : 0);
+    PF_TAKE(o, (size_t)BQ * L.ldo * 4);
+    PF_TAKE(m, (size_t)BQ * 4);
+    PF_TAKE(l, (size_t)BQ * 4);
+    PF_TAKE(c, (size_t)BQ * 4);
+    PF_TAKE(rpos, (size_t)BQ * 8);
+    PF_TAKE(rstart, (size_t)BQ * 8);
+    PF_TAKE(slots, (size_t)PF_BK * 8);
+#undef PF_TAKE
+    L.total = off;
+    return L;
+}
+
+/* WMMA on bf16 needs compute capability 8.0; the host never picks it below (f16 works from 7.0). */
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define ATT_HAVE_BF16_MMA 1
+#else
+#define ATT_HAVE_BF16_MMA 0
+#endif
+
+/* Loads PF_BK rows of K or V (n valid, the rest zero) into shared rows of ldh elements. */
+template <typename KT>
+static __device__ __forceinline__ void pf_load_kv(KT *dst, const KT *base, const int64_t *slots, int n, int D,
+                                                  int ldh, int64_t HkvD, bool vec)
+{
+    constexpr int VE = kv_traits<KT>::VEC;
+    if (vec) {
+        const int nu = D / VE;
+        for (int x = threadIdx.x; x < PF_BK * nu; x += PF_THREADS) {
+            int j = x / nu, u = x % nu;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (j < n) v = __ldg((const uint4 *)(base + slots[j] * HkvD + u * VE));
+            *(uint4 *)(dst + (size_t)j * ldh + u * VE) = v;
+        }
+    } else {
+        for (int x = threadIdx.x; x < PF_BK * D; x += PF_THREADS) {
+            int j = x / D, d = x % D;
+            dst[(size_t)j * ldh + d] = j < n ? base[slots[j] * HkvD + d] : kv_traits<KT>::from_f32(0.0f);
+        }
+    }
+}
 
 template <typename KT>
-__global__ void k_attention(float *out, const float *q, const KT *kc, const KT *vc, const int64_t *pos,
-                            const int32_t *tables, const int32_t *table_off, int32_t bs, int64_t window, int64_t H,
-                            int64_t Hkv, int64_t D, float scale)
+__global__ void __launch_bounds__(PF_THREADS)
+    k_attn_prefill(float *out, const float *q, const KT *kc, const KT *vc, att_meta md, const int32_t *tiles, int H,
+                   int Hkv, int D, int BQ, bool vec, float scale)
 {
-    __shared__ float qs[ATT_MAX_D];
-    __shared__ float sc[ATT_CHUNK];
-    __shared__ int64_t slots[ATT_CHUNK];
-    __shared__ float red[ATT_CHUNK / 32];
-    const int64_t t = blockIdx.x, h = blockIdx.y;
-    const int tid = threadIdx.x;
-    const int64_t kvh = h / (H / Hkv);
-    const int64_t HkvD = Hkv * D;
-    const int32_t *table = tables + table_off[t];
-    const int64_t p = pos[t];
-    int64_t start = 0;
-    if (window > 0 && p - window + 1 > 0) start = p - window + 1;
-    for (int64_t d = tid; d < D; d += blockDim.x) qs[d] = q[(t * H + h) * D + d];
-    float m = -INFINITY, l = 0.0f, acc0 = 0.0f, acc1 = 0.0f;
-    __syncthreads();
-    for (int64_t c0 = start; c0 <= p; c0 += ATT_CHUNK) {
-        int64_t j = c0 + tid;
-        float s = -INFINITY;
-        if (j <= p) {
-            int64_t slot = (int64_t)table[j / bs] * bs + j % bs;
-            slots[tid] = slot;
-            const KT *kr = kc + slot * HkvD + kvh * D;
-            float dot = 0.0f;
-            for (int64_t d = 0; d < D; d++) dot += qs[d] * kv_traits<KT>::to_f32(kr[d]);
-            s = dot * scale;
-        }
-        /* chunk max */
-        float cm = s;
-        for (int o = 16; o > 0; o >>= 1) cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, o));
-        if ((tid & 31) == 0) red[tid >> 5] = cm;
-        __syncthreads();
-        cm = red[0];
-        for (int w = 1; w < ATT_CHUNK / 32; w++) cm = fmaxf(cm, red[w]);
-        float nm = fmaxf(m, cm);
-        float e = (j <= p) ? expf(s - nm) : 0.0f;
-        sc[tid] = e;
-        __syncthreads(); /* red[] reads done, sc[] and slots[] written */
-        float es = e;
-        for (int o = 16; o > 0; o >>= 1) es += __shfl_xor_sync(0xffffffffu, es, o);
-        if ((tid & 31) == 0) red[tid >> 5] = es;
-        __syncthreads();
-        float csum = 0.0f;
-        for (int w = 0; w < ATT_CHUNK / 32; w++) csum += red[w];
-        float f = expf(m - nm); /* 0 on the first chunk (m = -inf) */
-        l = l * f + csum;
-        acc0 *= f;
-        acc1 *= f;
-        int64_t n = p - c0 + 1 < ATT_CHUNK ? p - c0 + 1 : ATT_CHUNK;
-        for (int64_t i = 0; i < n; i++) {
-            const KT *vr = vc + slots[i] * HkvD + kvh * D;
-            float w = sc[i];
-            if (tid < D) acc0 += w * kv_traits<KT>::to_f32(vr[tid]);
-            if (tid + ATT_CHUNK < D) acc1 += w * kv_traits<KT>::to_f32(vr[tid + ATT_CHUNK]);
-        }
-        m = nm;
-        __syncthreads(); /* before the next chunk overwrites sc[], slots[], red[] */
+    using namespace nvcuda;
+    constexpr bool H16 = !std::is_same<KT, float>::value;
+    extern __shared__ __align__(128) unsigned char smem[];
+    const pf_layout L = pf_make_layout(D, BQ, (int)sizeof(KT));
+    KT *Qs = (KT *)(smem + L.q), *KVs = (KT *)(smem + L.kv);
+    float *S = (float *)(smem + L.s), *O = (float *)(smem + L.o);
+    float *rm = (float *)(smem + L.m), *rl = (float *)(smem + L.l), *rc = (float *)(smem + L.c);
+    int64_t *rpos = (int64_t *)(smem + L.rpos), *rstart = (int64_t *)(smem + L.rstart);
+    int64_t *slots = (int64_t *)(smem + L.slots);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = PF_THREADS / 32;
+    const int h = blockIdx.y, kvh = h / (H / Hkv);
+    const int row0 = tiles[2 * blockIdx.x], nq = tiles[2 * blockIdx.x + 1];
+    const int64_t t_last = row0 + nq - 1;
+    const int32_t *table = att_table(md, t_last); /* the last row's table covers every key of the tile */
+    const int64_t p_first = md.pos[row0], p_last = md.pos[t_last];
+    const int64_t HkvD = (int64_t)Hkv * D;
+    const int Dp = L.Dp;
+
+    for (int r = tid; r < BQ; r += PF_THREADS) {
+        rpos[r] = r < nq ? p_first + r : -1; /* rows past the tile attend to nothing */
+        rstart[r] = r < nq ? att_start(md, p_first + r) : 0;
+        rm[r] = -INFINITY;
+        rl[r] = 0.0f;
     }
-    float inv = 1.0f / l;
-    float *o = out + (t * H + h) * D;
-    if (tid < D) o[tid] = acc0 * inv;
-    if (tid + ATT_CHUNK < D) o[tid + ATT_CHUNK] = acc1 * inv;
+    for (int x = tid; x < BQ * Dp; x += PF_THREADS) {
+        int r = x / Dp, d = x % Dp;
+        float v = r < nq && d < D ? q[((size_t)(row0 + r) * H + h) * D + d] : 0.0f;
+        Qs[(size_t)r * L.ldh + d] = kv_traits<KT>::from_f32(v);
+    }
+    for (int x = tid; x < BQ * L.ldo; x += PF_THREADS) O[x] = 0.0f;
+    if (Dp > D) /* zero pad columns of the K/V tile: the loads below write [0, D) only */
+        for (int x = tid; x < PF_BK * (Dp - D); x += PF_THREADS)
+            KVs[(size_t)(x / (Dp - D)) * L.ldh + D + x % (Dp - D)] = kv_traits<KT>::from_f32(0.0f);
+    const int64_t kstart = att_start(md, p_first);
+    __syncthreads();
+
+    for (int64_t k0 = kstart; k0 <= p_last; k0 += PF_BK) {
+        const int n = (int)min((int64_t)PF_BK, p_last - k0 + 1);
+        for (int j = tid; j < n; j += PF_THREADS) {
+            int64_t pp = k0 + j;
+            slots[j] = (int64_t)table[pp / md.bs] * md.bs + pp % md.bs;
+        }
+        __syncthreads();
+        pf_load_kv<KT>(KVs, kc + (int64_t)kvh * D, slots, n, D, L.ldh, HkvD, vec);
+        __syncthreads();
+        /* S = Q K^T */
+        if constexpr (H16) {
+            if constexpr (std::is_same<KT, __nv_bfloat16>::value && !ATT_HAVE_BF16_MMA) {
+                __trap();
+            } else {
+                const int ntiles = (BQ / 16) * (PF_BK / 16);
+                for (int tt = warp; tt < ntiles; tt += nwarps) {
+                    const int mi = tt / (PF_BK / 16), ni = tt % (PF_BK / 16);
+                    wmma::fragment<wmma::accumulator, 16, 16, 16, float> fc;
+                    wmma::fill_fragment(fc, 0.0f);
+                    for (int k = 0; k < Dp; k += 16) {
+                        wmma::fragment<wmma::matrix_a, 16, 16, 16, KT, wmma::row_major> fa;
+                        wmma::fragment<wmma::matrix_b, 16, 16, 16, KT, wmma::col_major> fb;
+                        wmma::load_matrix_sync(fa, Qs + (size_t)mi * 16 * L.ldh + k, L.ldh);
+                        wmma::load_matrix_sync(fb, KVs + (size_t)ni * 16 * L.ldh + k, L.ldh);
+                        wmma::mma_sync(fc, fa, fb, fc);
+                    }
+                    wmma::store_matrix_sync(S + (size_t)mi * 16 * L.lds + ni * 16, fc, L.lds, wmma::mem_row_major);
+                }
+            }
+        } else {
+            for (int x = tid; x < BQ * PF_BK; x += PF_THREADS) {
+                const int r = x / PF_BK, j = x % PF_BK;
+                const float *qr = (const float *)Qs + (size_t)r * L.ldh, *kr = (const float *)KVs + (size_t)j * L.ldh;
+                float s = 0.0f;
+                for (int d = 0; d < D; d++) s += qr[d] * kr[d];
+                S[(size_t)r * L.lds + j] = s;
+            }
+        }
+        __syncthreads();
+        /* online softmax, one warp per row: P into P (16-bit) or back into S (float32) */
+        for (int r = warp; r < BQ; r += nwarps) {
+            float sv[2];
+            float mx = -INFINITY;
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                const int j = lane + 32 * c;
+                const int64_t pp = k0 + j;
+                const bool ok = j < n && pp <= rpos[r] && pp >= rstart[r];
+                sv[c] = ok ? S[(size_t)r * L.lds + j] * scale : -INFINITY;
+                mx = fmaxf(mx, sv[c]);
+            }
+            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            const float m_old = rm[r], m_new = fmaxf(m_old, mx);
+            float sum = 0.0f;
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                const int j = lane + 32 * c;
+                const float e = m_new == -INFINITY ? 0.0f : expf(sv[c] - m_new);
+                sum += e;
+                if constexpr (H16) ((KT *)(smem + L.p))[(size_t)r * L.ldp + j] = kv_traits<KT>::from_f32(e);
+                else S[(size_t)r * L.lds + j] = e;
+            }
+            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            if (lane == 0) {
+                const float c = m_new == -INFINITY ? 1.0f : expf(m_old - m_new);
+                rc[r] = c;
+                rm[r] = m_new;
+                rl[r] = rl[r] * c + sum;
+            }
+        }
+        pf_load_kv<KT>(KVs, vc + (int64_t)kvh * D, slots, n, D, L.ldh, HkvD, vec); /* K is done with */
+        __syncthreads();
+        /* O = O * c + P V */
+        if constexpr (H16) {
+            for (int x = tid; x < BQ * Dp; x += PF_THREADS) {
+                const int r = x / Dp, d = x % Dp;
+                O[(size_t)r * L.ldo + d] *= rc[r];
+            }
+            __syncthreads();
+            if constexpr (std::is_same<KT, __nv_bfloat16>::value && !ATT_HAVE_BF16_MMA) {
+                __trap();
+            } else {
+                const KT *P = (const KT *)(smem + L.p);
+                const int ntiles = (BQ / 16) * (Dp / 16);
+                for (int tt = warp; tt < ntiles; tt += nwarps) {
+                    const int mi = tt / (Dp / 16), ni = tt % (Dp / 16);
+                    wmma::fragment<wmma::accumulator, 16, 16, 16, float> fc;
+                    float *op = O + (size_t)mi * 16 * L.ldo + ni * 16;
+                    wmma::load_matrix_sync(fc, op, L.ldo, wmma::mem_row_major);
+                    for (int k = 0; k < PF_BK; k += 16) {
+                        wmma::fragment<wmma::matrix_a, 16, 16, 16, KT, wmma::row_major> fa;
+                        wmma::fragment<wmma::matrix_b, 16, 16, 16, KT, wmma::row_major> fb;
+                        wmma::load_matrix_sync(fa, P + (size_t)mi * 16 * L.ldp + k, L.ldp);
+                        wmma::load_matrix_sync(fb, KVs + (size_t)k * L.ldh + ni * 16, L.ldh);
+                        wmma::mma_sync(fc, fa, fb, fc);
+                    }
+                    wmma::store_matrix_sync(op, fc, L.ldo, wmma::mem_row_major);
+                }
+            }
+        } else {
+            for (int x = tid; x < BQ * D; x += PF_THREADS) {
+                const int r = x / D, d = x % D;
+                const float *pr = S + (size_t)r * L.lds, *vk = (const float *)KVs + d;
+                float a = O[(size_t)r * L.ldo + d] * rc[r];
+                for (int j = 0; j < n; j++) a += pr[j] * vk[(size_t)j * L.ldh];
+                O[(size_t)r * L.ldo + d] = a;
+            }
+        }
+        __syncthreads(); /* before the next tile rewrites slots, K/V, S and P */
+    }
+    for (int x = tid; x < nq * D; x += PF_THREADS) {
+        const int r = x / D, d = x % D;
+        out[((size_t)(row0 + r) * H + h) * D + d] = O[(size_t)r * L.ldo + d] / rl[r];
+    }
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Host side. */
+
+/* Largest BQ in {64, 32, 16} whose shared memory fits the device; 0 when none does. */
+static int pf_pick_bq(int D, int esz, int max_smem)
+{
+    for (int bq = 64; bq >= 16; bq /= 2)
+        if (pf_make_layout(D, bq, esz).total <= (size_t)max_smem) return bq;
+    return 0;
+}
+
+template <typename KT>
+static void launch_kernels(tuna_backend *be, float *out, const float *q, const void *kcache, const void *vcache,
+                           const att_meta &md, const int32_t *drows, int64_t n_dec, const int32_t *dtiles,
+                           int64_t n_tiles, int H, int Hkv, int D, int n_hg, int n_splits, int BQ, float scale,
+                           float *part_acc, float *part_ml)
+{
+    const KT *kc = (const KT *)kcache, *vc = (const KT *)vcache;
+    constexpr int VE = kv_traits<KT>::VEC;
+    const bool vec = D % VE == 0 && ((uintptr_t)kcache % 16) == 0 && ((uintptr_t)vcache % 16) == 0;
+    if (n_dec > 0) {
+        dim3 grid((unsigned)n_dec, (unsigned)(Hkv * n_hg), (unsigned)n_splits);
+        if (vec)
+            k_attn_decode<KT, true><<<grid, DEC_THREADS, 0, be->stream>>>(out, part_acc, part_ml, q, kc, vc, md, drows,
+                                                                          H, Hkv, D, n_hg, n_splits, scale);
+        else
+            k_attn_decode<KT, false><<<grid, DEC_THREADS, 0, be->stream>>>(out, part_acc, part_ml, q, kc, vc, md,
+                                                                           drows, H, Hkv, D, n_hg, n_splits, scale);
+        if (!tuna_cuda_check_launch(be, "k_attn_decode")) return;
+        if (n_splits > 1) {
+            k_attn_combine<<<dim3((unsigned)n_dec, (unsigned)H), 128, 0, be->stream>>>(out, part_acc, part_ml, drows,
+                                                                                       H, D, n_splits);
+            if (!tuna_cuda_check_launch(be, "k_attn_combine")) return;
+        }
+    }
+    if (n_tiles > 0) {
+        const size_t smem = pf_make_layout(D, BQ, (int)sizeof(KT)).total;
+        if (!tuna_cuda_check(be, cudaFuncSetAttribute(k_attn_prefill<KT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                      (int)smem),
+                             "cudaFuncSetAttribute(k_attn_prefill)"))
+            return;
+        k_attn_prefill<KT><<<dim3((unsigned)n_tiles, (unsigned)H), PF_THREADS, smem, be->stream>>>(
+            out, q, kc, vc, md, dtiles, H, Hkv, D, BQ, vec, scale);
+        tuna_cuda_check_launch(be, "k_attn_prefill");
+    }
 }
 
 void tuna_cuda_attention(tuna_backend *be, float *out, const float *q, const void *kcache, const void *vcache,
@@ -89,71 +549,152 @@ void tuna_cuda_attention(tuna_backend *be, float *out, const float *q, const voi
                          float scale)
 {
     if (be->sticky || b->T <= 0) return;
-    int code = kv_code(kv_dtype);
+    const int code = kv_code(kv_dtype);
     if (code < 0) {
         tuna_cuda_check(be, cudaErrorInvalidValue, "attention (KV cache dtype is not float32, bf16 or f16)");
         return;
     }
-    if (D > ATT_MAX_D || H % Hkv != 0) {
-        tuna_cuda_check(be, cudaErrorInvalidValue, "attention (head_dim over 256 or H not a multiple of Hkv)");
+    if (D <= 0 || D > ATT_MAX_D || Hkv <= 0 || H % Hkv != 0 || b->block_size <= 0) {
+        tuna_cuda_check(be, cudaErrorInvalidValue, "attention (head_dim over 256, H not a multiple of Hkv, or block size 0)");
         return;
     }
-    /* flatten the block tables: consecutive tokens of one sequence share theirs */
-    int64_t T = b->T;
-    int32_t *off = (int32_t *)malloc((size_t)T * sizeof(int32_t));
-    size_t total = 0;
-    for (int64_t t = 0; t < T; t++) total += (size_t)(b->pos[t] / b->block_size + 1);
-    int32_t *flat = (int32_t *)malloc((total ? total : 1) * sizeof(int32_t));
-    if (!off || !flat) {
-        free(off);
-        free(flat);
-        tuna_cuda_check(be, cudaErrorMemoryAllocation, "attention block tables (host)");
+    const int64_t T = b->T, bs = b->block_size, MB = b->max_blocks_per_seq;
+    int64_t maxpos = 0;
+    for (int64_t t = 0; t < T; t++) maxpos = b->pos[t] > maxpos ? b->pos[t] : maxpos;
+    if (MB > 0 && maxpos / bs + 1 > MB) {
+        tuna_cuda_check(be, cudaErrorInvalidValue, "attention (a position beyond max_blocks_per_seq blocks)");
         return;
     }
-    size_t used = 0;
-    const int32_t *last_tbl = NULL;
-    int64_t last_n = 0;
-    int32_t last_off = 0;
-    for (int64_t t = 0; t < T; t++) {
-        int64_t nb = b->pos[t] / b->block_size + 1;
-        if (b->block_tables[t] == last_tbl && nb <= last_n) {
-            off[t] = last_off;
-            continue;
+    if (b->tables_flat && MB <= 0) {
+        tuna_cuda_check(be, cudaErrorInvalidValue, "attention (tables_flat without max_blocks_per_seq)");
+        return;
+    }
+    int dev_major = 0, n_sm = 0, max_smem = 0;
+    cudaDeviceGetAttribute(&dev_major, cudaDevAttrComputeCapabilityMajor, be->device);
+    cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, be->device);
+    cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, be->device);
+    if (n_sm <= 0) n_sm = 1;
+
+    /* Split the batch: runs of >= PF_MIN_RUN consecutive positions of one sequence go to the
+     * prefill kernel in tiles of BQ rows, every other token to the decode kernels. A step of
+     * decode tokens only (one per sequence) never has such a run: rows stays NULL then. */
+    const int esz = code == 0 ? 4 : 2;
+    int BQ = pf_pick_bq((int)D, esz, max_smem);
+    if (code == 1 && dev_major < 8) BQ = 0; /* bf16 WMMA needs 8.0 (never chosen there anyway) */
+    int32_t *rows = NULL, *tiles = NULL;
+    int64_t n_dec = 0, n_tiles = 0;
+    if (BQ > 0 && T >= PF_MIN_RUN) {
+        rows = (int32_t *)malloc((size_t)T * sizeof(int32_t));
+        tiles = (int32_t *)malloc(((size_t)T / PF_MIN_RUN + (size_t)T / BQ + 2) * 2 * sizeof(int32_t));
+        if (!rows || !tiles) {
+            free(rows), free(tiles);
+            tuna_cuda_check(be, cudaErrorMemoryAllocation, "attention token groups (host)");
+            return;
         }
-        memcpy(flat + used, b->block_tables[t], (size_t)nb * sizeof(int32_t));
-        off[t] = (int32_t)used;
-        last_tbl = b->block_tables[t];
-        last_n = nb;
-        last_off = (int32_t)used;
-        used += (size_t)nb;
+        for (int64_t t = 0; t < T;) {
+            int64_t e = t + 1;
+            while (e < T && b->block_tables[e] == b->block_tables[t] && b->pos[e] == b->pos[e - 1] + 1) e++;
+            if (e - t >= PF_MIN_RUN) {
+                for (int64_t r = t; r < e; r += BQ) {
+                    tiles[2 * n_tiles] = (int32_t)r;
+                    tiles[2 * n_tiles + 1] = (int32_t)(e - r < BQ ? e - r : BQ);
+                    n_tiles++;
+                }
+            } else {
+                for (int64_t r = t; r < e; r++) rows[n_dec++] = (int32_t)r;
+            }
+            t = e;
+        }
+        if (n_tiles == 0) { /* all decode: the identity, nothing to upload */
+            free(rows), free(tiles);
+            rows = tiles = NULL;
+        }
     }
+    if (!tiles) n_dec = T;
+
+    /* block tables: the caller's [T, MB] copy, or flattened here (a run of tokens sharing a table
+     * shares one copy of it, as long as its longest member needs) */
+    int32_t *flat = NULL, *off = NULL;
+    size_t flat_n = 0;
+    if (!b->tables_flat) {
+        off = (int32_t *)malloc((size_t)T * sizeof(int32_t));
+        size_t cap = 0;
+        for (int64_t t = 0; t < T; t++) cap += (size_t)(b->pos[t] / bs + 1);
+        flat = (int32_t *)malloc((cap ? cap : 1) * sizeof(int32_t));
+        if (!off || !flat) {
+            free(off), free(flat), free(rows), free(tiles);
+            tuna_cuda_check(be, cudaErrorMemoryAllocation, "attention block tables (host)");
+            return;
+        }
+        for (int64_t t = 0; t < T;) {
+            int64_t e = t, nb = 0;
+            for (; e < T && b->block_tables[e] == b->block_tables[t]; e++)
+                nb = b->pos[e] / bs + 1 > nb ? b->pos[e] / bs + 1 : nb;
+            memcpy(flat + flat_n, b->block_tables[t], (size_t)nb * sizeof(int32_t));
+            for (int64_t r = t; r < e; r++) off[r] = (int32_t)flat_n;
+            flat_n += (size_t)nb;
+            t = e;
+        }
+    }
+    const size_t tab_bytes = b->tables_flat ? (size_t)T * (size_t)MB * 4 : (flat_n ? flat_n : 1) * 4;
+    size_t upper = (size_t)T * 8 + tab_bytes + (off ? (size_t)T * 4 : 0) + (rows ? (size_t)n_dec * 4 + 4 : 0) +
+                   (tiles ? (size_t)n_tiles * 8 : 0);
     struct cuda_meta mt = {0};
-    if (!tuna_cuda_meta_begin(be, &mt, (size_t)T * 12 + (used ? used : 1) * sizeof(int32_t))) {
-        free(off);
-        free(flat);
-        return;
+    bool ok = tuna_cuda_meta_begin(be, &mt, upper);
+    size_t o_pos = 0, o_tab = 0, o_off = 0, o_rows = 0, o_tiles = 0;
+    if (ok) {
+        o_pos = (size_t)tuna_cuda_meta_stage(be, &mt, b->pos, (size_t)T * sizeof(int64_t));
+        o_tab = (size_t)tuna_cuda_meta_stage(be, &mt, b->tables_flat ? (const void *)b->tables_flat : (const void *)flat,
+                                             tab_bytes);
+        if (off) o_off = (size_t)tuna_cuda_meta_stage(be, &mt, off, (size_t)T * sizeof(int32_t));
+        if (rows && n_dec > 0) o_rows = (size_t)tuna_cuda_meta_stage(be, &mt, rows, (size_t)n_dec * sizeof(int32_t));
+        if (tiles) o_tiles = (size_t)tuna_cuda_meta_stage(be, &mt, tiles, (size_t)n_tiles * 2 * sizeof(int32_t));
     }
-    size_t o_pos = (size_t)tuna_cuda_meta_stage(be, &mt, b->pos, (size_t)T * sizeof(int64_t));
-    size_t o_flat = (size_t)tuna_cuda_meta_stage(be, &mt, flat, (used ? used : 1) * sizeof(int32_t));
-    size_t o_off = (size_t)tuna_cuda_meta_stage(be, &mt, off, (size_t)T * sizeof(int32_t));
-    free(off);
-    free(flat);
-    if (be->sticky || !tuna_cuda_meta_flush(be, &mt)) return;
+    const bool have_rows = rows != NULL && n_dec > 0, have_tiles = tiles != NULL;
+    free(flat), free(off), free(rows), free(tiles);
+    if (!ok || be->sticky || !tuna_cuda_meta_flush(be, &mt)) return;
     char *base = (char *)be->meta.p;
-    dim3 grid((unsigned)T, (unsigned)H);
-    const int64_t *dpos = (const int64_t *)(base + o_pos);
-    const int32_t *dflat = (const int32_t *)(base + o_flat), *doff = (const int32_t *)(base + o_off);
+    att_meta md;
+    md.pos = (const int64_t *)(base + o_pos);
+    md.tables = (const int32_t *)(base + o_tab);
+    md.table_off = b->tables_flat ? NULL : (const int32_t *)(base + o_off);
+    md.table_stride = b->tables_flat ? (int32_t)MB : 0;
+    md.bs = (int32_t)bs;
+    md.window = b->sliding_window;
+    const int32_t *drows = have_rows ? (const int32_t *)(base + o_rows) : NULL;
+    const int32_t *dtiles = have_tiles ? (const int32_t *)(base + o_tiles) : NULL;
+
+    /* splits: from T (decode tokens), the head shape, the SM count and the context bound only */
+    const int G = (int)(H / Hkv), n_hg = (G + DEC_GM - 1) / DEC_GM;
+    int n_splits = 1;
+    float *part_acc = NULL, *part_ml = NULL;
+    if (n_dec > 0) {
+        int64_t max_ctx = MB > 0 ? MB * bs : maxpos + 1;
+        if (b->sliding_window > 0 && b->sliding_window < max_ctx) max_ctx = b->sliding_window;
+        int64_t cap = (max_ctx + DEC_MIN_CHUNK - 1) / DEC_MIN_CHUNK;
+        cap = cap < 1 ? 1 : cap > DEC_MAX_SPLITS ? DEC_MAX_SPLITS : cap;
+        const int64_t units = n_dec * Hkv * n_hg, target = (int64_t)n_sm * DEC_BLOCKS_PER_SM;
+        if (units < target) {
+            int64_t s = (target + units - 1) / units;
+            n_splits = (int)(s < cap ? s : cap);
+        }
+        if (n_splits > 1) {
+            /* rows of partials: n_dec * H * n_splits < 2 * target * DEC_GM (units * n_splits <
+             * target + units < 2 * target): one fixed-size buffer that never moves once made */
+            const size_t max_rows = (size_t)2 * (size_t)target * DEC_GM;
+            const size_t bytes = max_rows * (ATT_MAX_D + 2) * sizeof(float);
+            if (!tuna_cuda_grow(be, &be->attn, bytes, "cudaMalloc(attention splits)")) return;
+            part_acc = (float *)be->attn.p;
+            part_ml = part_acc + max_rows * ATT_MAX_D;
+        }
+    }
     if (code == 0)
-        k_attention<float><<<grid, ATT_CHUNK, 0, be->stream>>>(out, q, (const float *)kcache, (const float *)vcache,
-                                                               dpos, dflat, doff, b->block_size, b->sliding_window, H,
-                                                               Hkv, D, scale);
+        launch_kernels<float>(be, out, q, kcache, vcache, md, drows, n_dec, dtiles, n_tiles, (int)H, (int)Hkv, (int)D,
+                              n_hg, n_splits, BQ, scale, part_acc, part_ml);
     else if (code == 1)
-        k_attention<__nv_bfloat16><<<grid, ATT_CHUNK, 0, be->stream>>>(
-            out, q, (const __nv_bfloat16 *)kcache, (const __nv_bfloat16 *)vcache, dpos, dflat, doff, b->block_size,
-            b->sliding_window, H, Hkv, D, scale);
+        launch_kernels<__nv_bfloat16>(be, out, q, kcache, vcache, md, drows, n_dec, dtiles, n_tiles, (int)H, (int)Hkv,
+                                      (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml);
     else
-        k_attention<__half><<<grid, ATT_CHUNK, 0, be->stream>>>(out, q, (const __half *)kcache,
-                                                                (const __half *)vcache, dpos, dflat, doff,
-                                                                b->block_size, b->sliding_window, H, Hkv, D, scale);
-    tuna_cuda_check_launch(be, "k_attention");
+        launch_kernels<__half>(be, out, q, kcache, vcache, md, drows, n_dec, dtiles, n_tiles, (int)H, (int)Hkv,
+                               (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml);
 }
