@@ -30,7 +30,8 @@
 # Exit status 0 only if every model loads, every f32 logits comparison is within its tolerance,
 # every tokenizer case is equal, pymini's f32 continuation matches, and every compared
 # llama-quantize tensor is byte-identical.
-# Environment: MODELS, QUANTS (space-separated lists) restrict the run; KEEP=DIR keeps the files.
+# Environment: MODELS, QUANTS (space-separated lists) restrict the run, ROPE_VARIANTS (lines
+# base:name:json, empty: none) replaces the RoPE variants; KEEP=DIR keeps the files.
 set -u
 LCPP=${1:?usage: $0 LLAMA_CPP_BUILD_DIR [TUNA_BIN] [SHARED_DIR]}
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -211,7 +212,7 @@ done
 # RoPE scaling: the fixtures use plain RoPE, so variants of llama-tiny and qwen2-tiny with
 # rope_parameters changed (same weights) are exported at f32 and compared like above; tuna's
 # RoPE variants follow transformers' _compute_*_rope_parameters (tests/test_rope*.c)
-ROPE_VARIANTS=${ROPE_VARIANTS:-"llama-tiny:linear:{\"rope_type\":\"linear\",\"factor\":2.0}
+ROPE_VARIANTS=${ROPE_VARIANTS-"llama-tiny:linear:{\"rope_type\":\"linear\",\"factor\":2.0}
 llama-tiny:yarn:{\"rope_type\":\"yarn\",\"factor\":4.0,\"original_max_position_embeddings\":128}
 llama-tiny:yarn-attn:{\"rope_type\":\"yarn\",\"factor\":4.0,\"original_max_position_embeddings\":128,\"attention_factor\":1.3}
 llama-tiny:llama3:{\"rope_type\":\"llama3\",\"factor\":8.0,\"low_freq_factor\":1.0,\"high_freq_factor\":4.0,\"original_max_position_embeddings\":64}

@@ -100,6 +100,55 @@ static int write_safetensors(const char *path, const float *logits, int n, int v
     return ok ? 0 : -1;
 }
 
+/* Decodes ids in one batch with logits at every position and writes them to out. 0 on success. */
+static int decode_and_write(struct llama_model *model, const llama_token *ids, int n, int threads, const char *kv,
+                            const char *out)
+{
+    int n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model)), rc = 1;
+    struct llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = (uint32_t)(n < 64 ? 64 : n);
+    cp.n_batch = cp.n_ubatch = (uint32_t)n;
+    cp.n_seq_max = 1;
+    cp.n_threads = cp.n_threads_batch = threads;
+    cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    cp.type_k = cp.type_v = strcmp(kv, "f32") ? GGML_TYPE_F16 : GGML_TYPE_F32;
+    cp.no_perf = true;
+    struct llama_context *ctx = llama_init_from_model(model, cp);
+    if (!ctx) {
+        fprintf(stderr, "gguf_logits: cannot create a llama.cpp context\n");
+        return 1;
+    }
+    struct llama_batch b = llama_batch_init(n, 0, 1);
+    for (int i = 0; i < n; i++) {
+        b.token[i] = ids[i];
+        b.pos[i] = i;
+        b.n_seq_id[i] = 1;
+        b.seq_id[i][0] = 0;
+        b.logits[i] = 1;
+    }
+    b.n_tokens = n;
+    float *all = malloc(sizeof *all * (size_t)n * (size_t)n_vocab);
+    int d = all ? llama_decode(ctx, b) : -100;
+    if (d != 0) fprintf(stderr, "gguf_logits: llama_decode returned %d\n", d);
+    for (int i = 0; d == 0 && i < n; i++) {
+        const float *l = llama_get_logits_ith(ctx, i);
+        if (!l) {
+            fprintf(stderr, "gguf_logits: no logits for position %d\n", i);
+            d = -1;
+        } else {
+            memcpy(all + (size_t)i * (size_t)n_vocab, l, sizeof *all * (size_t)n_vocab);
+        }
+    }
+    if (d == 0 && write_safetensors(out, all, n, n_vocab, ids) == 0) {
+        rc = 0;
+        fprintf(stderr, "gguf_logits: wrote logits [%d, %d] to %s\n", n, n_vocab, out);
+    }
+    free(all);
+    llama_batch_free(b);
+    llama_free(ctx);
+    return rc;
+}
+
 int main(int argc, char **argv)
 {
     const char *model_path = NULL, *ids_s = NULL, *text = NULL, *out = NULL, *kv = "f32";
@@ -180,52 +229,7 @@ int main(int argc, char **argv)
         rc = 0;
         goto done_model;
     }
-    struct llama_context_params cp = llama_context_default_params();
-    cp.n_ctx = (uint32_t)(n < 64 ? 64 : n);
-    cp.n_batch = cp.n_ubatch = (uint32_t)n;
-    cp.n_seq_max = 1;
-    cp.n_threads = cp.n_threads_batch = threads;
-    cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
-    cp.type_k = cp.type_v = strcmp(kv, "f32") ? GGML_TYPE_F16 : GGML_TYPE_F32;
-    cp.no_perf = true;
-    struct llama_context *ctx = llama_init_from_model(model, cp);
-    if (!ctx) {
-        fprintf(stderr, "gguf_logits: cannot create a llama.cpp context for %s\n", model_path);
-        goto done_model;
-    }
-    struct llama_batch b = llama_batch_init(n, 0, 1);
-    for (int i = 0; i < n; i++) {
-        b.token[i] = ids[i];
-        b.pos[i] = i;
-        b.n_seq_id[i] = 1;
-        b.seq_id[i][0] = 0;
-        b.logits[i] = 1;
-    }
-    b.n_tokens = n;
-    float *all = NULL;
-    int d = llama_decode(ctx, b);
-    if (d != 0) {
-        fprintf(stderr, "gguf_logits: llama_decode returned %d\n", d);
-        goto done_ctx;
-    }
-    all = malloc(sizeof *all * (size_t)n * (size_t)n_vocab);
-    if (!all) goto done_ctx;
-    for (int i = 0; i < n; i++) {
-        const float *l = llama_get_logits_ith(ctx, i);
-        if (!l) {
-            fprintf(stderr, "gguf_logits: no logits for position %d\n", i);
-            goto done_ctx;
-        }
-        memcpy(all + (size_t)i * (size_t)n_vocab, l, sizeof *all * (size_t)n_vocab);
-    }
-    if (write_safetensors(out, all, n, n_vocab, ids) == 0) {
-        rc = 0;
-        fprintf(stderr, "gguf_logits: wrote logits [%d, %d] to %s\n", n, n_vocab, out);
-    }
-done_ctx:
-    free(all);
-    llama_batch_free(b);
-    llama_free(ctx);
+    rc = decode_and_write(model, ids, n, threads, kv, out);
 done_model:
     free(ids);
     llama_model_free(model);
