@@ -20,7 +20,8 @@ static void usage(FILE *f)
                "              quantization_config; tokenizer, chat template and generation files copied.\n"
                "              From a bitsandbytes 4-bit base, the merge goes into the original 16-bit\n"
                "              weights given with --base-16bit, else into the dequantized 4-bit weights.\n"
-               "gguf         a GGUF file for llama.cpp / Ollama: `tuna export gguf --help`\n"
+               "gguf         a GGUF file for llama.cpp / Ollama (--lora merges an adapter): `tuna export gguf --help`\n"
+               "gguf-lora    a PEFT adapter as a GGUF LoRA file for llama.cpp's --lora: `tuna export gguf --help`\n"
                "merged-4bit   merged-16bit, then quantized as `tuna quantize` does: the 4-bit base's own\n"
                "              settings, or NF4 + double quant, block size 64 for a 16-bit base (flags\n"
                "              override).\n\n"
@@ -34,11 +35,12 @@ int cmd_export(int argc, char **argv)
         return argc < 2 ? 2 : 0;
     }
     const char *what = argv[1];
-    if (!strcmp(what, "gguf")) return cmd_export_gguf(argc - 1, argv + 1); /* cli/cmd_export_gguf.c */
+    if (!strcmp(what, "gguf") || !strcmp(what, "gguf-lora"))
+        return cmd_export_gguf(argc - 1, argv + 1); /* cli/cmd_export_gguf.c */
     bool is_adapter = !strcmp(what, "adapter"), is16 = !strcmp(what, "merged-16bit"),
          is4 = !strcmp(what, "merged-4bit");
     if (!is_adapter && !is16 && !is4) {
-        fprintf(stderr, "tuna export: unknown format '%s': use adapter, merged-16bit, merged-4bit or gguf\n", what);
+        fprintf(stderr, "tuna export: unknown format '%s': use adapter, merged-16bit, merged-4bit, gguf or gguf-lora\n", what);
         usage(stderr);
         return 2;
     }

@@ -229,6 +229,39 @@ static tuna_status set_arch_kv(tuna_gguf_writer *w, const struct tuna_arch *a, c
     return TUNA_OK;
 }
 
+/* The adapter module that tensor `name` ("<module>.weight") adapts, or NULL. */
+static const struct tuna_lora_module *lora_module_for(const struct tuna_lora_adapter *a, const char *name)
+{
+    size_t n = strlen(name);
+    char mod[TUNA_GGUF_MAX_NAME * 4];
+    if (n < 8 || n - 7 >= sizeof mod || strcmp(name + n - 7, ".weight") != 0) return NULL;
+    memcpy(mod, name, n - 7);
+    mod[n - 7] = '\0';
+    return tuna_lora_find(a, mod);
+}
+
+/* Every adapter module must name a weight of the model that the export writes. */
+static tuna_status lora_check_covered(const tuna_st_set *set, const struct tuna_lora_adapter *a, const char *dir,
+                                      bool tied)
+{
+    for (int i = 0; i < a->n_modules; i++) {
+        const char *m = a->modules[i].name;
+        char name[TUNA_GGUF_MAX_NAME * 4];
+        if ((size_t)snprintf(name, sizeof name, "%s.weight", m) >= sizeof name)
+            return tuna_fail(TUNA_E_INVALID, "LoRA module name too long: %.64s...", m);
+        if (!strcmp(m, "lm_head") && tied)
+            return tuna_fail(TUNA_E_UNSUPPORTED,
+                             "the adapter adapts lm_head but %s ties its output to the embeddings; merging would "
+                             "untie them, which tuna does not do",
+                             dir);
+        if (!tuna_st_set_find(set, name))
+            return tuna_fail(TUNA_E_INVALID,
+                             "the adapter adapts %s but %s has no tensor %s: is it an adapter for another base model?", m,
+                             dir, name);
+    }
+    return TUNA_OK;
+}
+
 tuna_status tuna_gguf_export(const char *dir, const struct tuna_gguf_export_opts *o, const char *out_path)
 {
     struct tuna_arch a;
@@ -269,6 +302,8 @@ tuna_status tuna_gguf_export(const char *dir, const struct tuna_gguf_export_opts
             goto done;
     }
     bool tied = a.tie_word_embeddings || !tuna_st_set_find(set, "lm_head.weight");
+    if (o->lora && (st = lora_check_covered(set, o->lora, dir, tied))) goto done;
+    int n_merged = 0;
     size_t n = tuna_st_set_count(set);
     for (size_t i = 0; i < n; i++) {
         const struct tuna_tensor_view *tv = tuna_st_set_at(set, i);
@@ -291,7 +326,29 @@ tuna_status tuna_gguf_export(const char *dir, const struct tuna_gguf_export_opts
             st = tuna_fail_oom("tensor", tv->numel * sizeof *buf);
             goto done;
         }
-        if ((st = tuna_tensor_to_f32(tv, buf))) goto done;
+        const struct tuna_lora_module *mod = o->lora ? lora_module_for(o->lora, tv->name) : NULL;
+        if (mod) {
+            /* the merge of `tuna export merged-16bit`: W + s·B·A rounded to the stored dtype */
+            if (tv->ndim != 2 || mod->out != rows || mod->in != cols) {
+                st = tuna_fail(TUNA_E_INVALID, "LoRA module %s is [%lld, %lld] but %s is %s[%lld, %lld]: is the adapter for another base model?",
+                               mod->name, (long long)mod->out, (long long)mod->in, tv->name, tv->ndim == 2 ? "" : "not 2-D ",
+                               (long long)rows, (long long)cols);
+                goto done;
+            }
+            void *merged = malloc(tv->nbytes ? tv->nbytes : 1);
+            if (!merged) {
+                st = tuna_fail_oom("merged tensor", tv->nbytes);
+                goto done;
+            }
+            struct tuna_tensor_view mv = *tv;
+            mv.data = merged;
+            if (!(st = tuna_lora_merge_stored(mod, tv->dtype, tv->data, merged))) st = tuna_tensor_to_f32(&mv, buf);
+            free(merged);
+            if (st) goto done;
+            n_merged++;
+        } else if ((st = tuna_tensor_to_f32(tv, buf))) {
+            goto done;
+        }
         /* Gemma: llama.cpp's gemma graph uses plain RMSNorm, the converter stores 1 + w */
         if (a.norm_add_one && strstr(gg, "norm.weight"))
             for (int64_t j = 0; j < (int64_t)tv->numel; j++) buf[j] += 1.0f;
@@ -321,6 +378,10 @@ tuna_status tuna_gguf_export(const char *dir, const struct tuna_gguf_export_opts
         if ((st = tuna_gguf_add_tensor(w, gg, type, tv->ndim, ne, data, nbytes, true))) goto done;
         if (!o->quiet && tv->ndim == 1) fprintf(stderr, "  %-28s %-6s [%lld]\n", gg, tuna_ggml_type_name(type), (long long)cols);
         else if (!o->quiet) fprintf(stderr, "  %-28s %-6s [%lld, %lld]\n", gg, tuna_ggml_type_name(type), (long long)cols, (long long)rows);
+    }
+    if (o->lora && n_merged != o->lora->n_modules) {
+        st = tuna_fail(TUNA_E_INTERNAL, "merged %d weights for %d adapter modules", n_merged, o->lora->n_modules);
+        goto done;
     }
     st = tuna_gguf_writer_save(w, out_path);
 done:
