@@ -30,6 +30,8 @@
 # Exit status 0 only if every model loads, every f32 logits comparison is within its tolerance,
 # every tokenizer case is equal, pymini's f32 continuation matches, and every compared
 # llama-quantize tensor is byte-identical.
+# LoRA: base f32 GGUF + `tuna export gguf-lora` file in llama.cpp, and `tuna export gguf --lora`
+# (merged), vs `tuna logits --lora` for every fixtures/lora adapter.
 # Environment: MODELS, QUANTS (space-separated lists) restrict the run, ROPE_VARIANTS (lines
 # base:name:json, empty: none) replaces the RoPE variants; KEEP=DIR keeps the files.
 set -u
@@ -246,6 +248,61 @@ json.dump(c, open(sys.argv[3], "w"), indent=1)' "$SHARED/fixtures/models/$base/c
     fi
     echo "$st   rope $base $name f32: max_rel mean_rel argmax $res"
   done <<<"$ROPE_VARIANTS"
+fi
+
+# LoRA: every fixture adapter (fixtures/lora/*/adapter, base from its folder name, e.g.
+# llama-tiny-rslora → models/llama-tiny) on the prompt, against `tuna logits --lora` on the folder
+# (PEFT's unmerged LoRA): (a) the base f32 GGUF + tuna's GGUF LoRA file (f32) in llama.cpp,
+# unmerged (llama_set_adapters_lora, scale 1); (b) `tuna export gguf --lora` (merged) at f32.
+# (b) is merged into the bf16 weights (the merged-16bit rounding), so it is compared with
+# `tuna logits` on the `tuna export merged-16bit` folder at F32_TOL, and with the unmerged run
+# for information; (c) the GGUF LoRA file at f16 (informative).
+if [ -n "$LOGITS" ] && [ -d "$SHARED/fixtures/lora" ]; then
+  for ad in "$SHARED"/fixtures/lora/*/adapter; do
+    lname=$(basename "$(dirname "$ad")")
+    base=""
+    for m in llama-tiny mistral-tiny qwen2-tiny qwen3-tiny gemma-tiny pymini; do
+      case $lname in "$m"|"$m"-*) base=$m ;; esac
+    done
+    [ -n "$base" ] || { echo "skip lora $lname: no base model name in it"; continue; }
+    dir=$SHARED/fixtures/models/$base
+    L=$OUT/lora-$lname
+    if ! "$TUNA" logits "$dir" --lora "$ad" --text "$PROMPT" -o "$L-tuna.st" 2>"$OUT/tl.log" ||
+       ! "$TUNA" export gguf --model "$dir" --quant f32 "$L-base.gguf" 2>"$OUT/export.log" ||
+       ! "$TUNA" export gguf-lora --model "$dir" --lora "$ad" --quant f32 "$L-f32.gguf" 2>>"$OUT/export.log" ||
+       ! "$TUNA" export gguf-lora --model "$dir" --lora "$ad" --quant f16 "$L-f16.gguf" 2>>"$OUT/export.log" ||
+       ! "$TUNA" export gguf --model "$dir" --lora "$ad" --quant f32 "$L-merged.gguf" 2>>"$OUT/export.log" ||
+       ! { rm -rf "$L-merged16" && "$TUNA" export merged-16bit --model "$dir" --adapter "$ad" "$L-merged16" >/dev/null 2>>"$OUT/export.log"; } ||
+       ! "$TUNA" logits "$L-merged16" --text "$PROMPT" -o "$L-merged16.st" 2>"$OUT/tl.log"; then
+      echo "FAIL lora $lname: tuna:"; tail -n 3 "$OUT/tl.log" "$OUT/export.log"; fail=1; continue
+    fi
+    ids=$(st_ids "$L-tuna.st")
+    for v in f32 f16 merged merged-vs-unmerged; do
+      ref=$L-tuna.st
+      case $v in
+        merged) "$LOGITS" "$L-merged.gguf" --ids "$ids" -o "$L-$v-lc.st" 2>"$OUT/gl.log"; rc=$?; ref=$L-merged16.st ;;
+        merged-vs-unmerged) cp "$L-merged-lc.st" "$L-$v-lc.st"; rc=$? ;;
+        *) "$LOGITS" "$L-base.gguf" --lora "$L-$v.gguf" --ids "$ids" -o "$L-$v-lc.st" 2>"$OUT/gl.log"; rc=$? ;;
+      esac
+      if [ $rc -ne 0 ]; then echo "FAIL lora $lname $v: gguf_logits:"; tail -3 "$OUT/gl.log"; fail=1; continue; fi
+      res=$(cmp_logits "$L-$v-lc.st" "$ref")
+      if [ $v = f16 ] || [ $v = merged-vs-unmerged ]; then
+        st=info
+      elif python3 -c 'import sys; sys.exit(not float(sys.argv[1]) <= float(sys.argv[2]))' "${res%% *}" "$F32_TOL"; then
+        st=ok
+      else
+        st=FAIL; fail=1
+      fi
+      case $v in f32) what="base f32 + GGUF LoRA f32" ;; f16) what="base f32 + GGUF LoRA f16" ;;
+                 merged) what="gguf --lora f32 vs merged-16bit" ;;
+                 merged-vs-unmerged) what="gguf --lora f32 vs unmerged" ;; esac
+      printf '%-4s  lora %-18s %-32s max_rel mean_rel argmax %s\n' "$st" "$lname" "$what" "$res"
+    done
+    # the adapter changes the logits: llama.cpp without it must not agree as well
+    if "$LOGITS" "$L-base.gguf" --ids "$ids" -o "$L-none-lc.st" 2>"$OUT/gl.log"; then
+      echo "info  lora $lname base f32 without the adapter: max_rel mean_rel argmax $(cmp_logits "$L-none-lc.st" "$L-tuna.st")"
+    fi
+  done
 fi
 
 # llama.cpp's tokenizer on the exported vocabulary vs transformers: the fixture tokenizer whose

@@ -7,13 +7,15 @@
  *      -L$LCPP/build/bin -Wl,-rpath,$LCPP/build/bin -lllama -lggml -lggml-base -o gguf_logits
  *
  * usage: gguf_logits MODEL.gguf (--ids 1,2,3 | --text TEXT) -o OUT.safetensors
- *                    [--threads N] [--kv f32|f16] [--print-ids]
+ *                    [--threads N] [--kv f32|f16] [--print-ids] [--lora FILE [--lora-scale S]]
  *        gguf_logits MODEL.gguf --text TEXT --tokenize-only
  * --text tokenizes with llama.cpp's tokenizer (add_special = true, parse_special = true, the way
  * llama-completion tokenizes a prompt); --print-ids prints the ids used as "1,2,3" on stdout;
  * --tokenize-only prints them and stops.
  * The KV cache is float32 unless --kv f16 (llama.cpp's default) is given, and flash attention is
  * off, so that an f32 model is computed in float32 throughout.
+ * --lora loads a GGUF LoRA adapter (llama_adapter_lora_init) and sets it on the context with
+ * scale S (default 1, llama.cpp's --lora), as llama-cli applies it: unmerged, y += S·(alpha/r)·B(Ax).
  */
 #include <errno.h>
 #include <stdio.h>
@@ -102,7 +104,7 @@ static int write_safetensors(const char *path, const float *logits, int n, int v
 
 /* Decodes ids in one batch with logits at every position and writes them to out. 0 on success. */
 static int decode_and_write(struct llama_model *model, const llama_token *ids, int n, int threads, const char *kv,
-                            const char *out)
+                            struct llama_adapter_lora *lora, float lora_scale, const char *out)
 {
     int n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model)), rc = 1;
     struct llama_context_params cp = llama_context_default_params();
@@ -116,6 +118,11 @@ static int decode_and_write(struct llama_model *model, const llama_token *ids, i
     struct llama_context *ctx = llama_init_from_model(model, cp);
     if (!ctx) {
         fprintf(stderr, "gguf_logits: cannot create a llama.cpp context\n");
+        return 1;
+    }
+    if (lora && llama_set_adapters_lora(ctx, &lora, 1, &lora_scale) != 0) {
+        fprintf(stderr, "gguf_logits: llama_set_adapters_lora failed\n");
+        llama_free(ctx);
         return 1;
     }
     struct llama_batch b = llama_batch_init(n, 0, 1);
@@ -151,7 +158,8 @@ static int decode_and_write(struct llama_model *model, const llama_token *ids, i
 
 int main(int argc, char **argv)
 {
-    const char *model_path = NULL, *ids_s = NULL, *text = NULL, *out = NULL, *kv = "f32";
+    const char *model_path = NULL, *ids_s = NULL, *text = NULL, *out = NULL, *kv = "f32", *lora_path = NULL;
+    float lora_scale = 1.0f;
     int threads = 2, print_ids = 0, tok_only = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -166,6 +174,10 @@ int main(int argc, char **argv)
             threads = atoi(argv[++i]);
         else if (!strcmp(a, "--kv") && has_val)
             kv = argv[++i];
+        else if (!strcmp(a, "--lora") && has_val)
+            lora_path = argv[++i];
+        else if (!strcmp(a, "--lora-scale") && has_val)
+            lora_scale = strtof(argv[++i], NULL);
         else if (!strcmp(a, "--print-ids"))
             print_ids = 1;
         else if (!strcmp(a, "--tokenize-only"))
@@ -182,7 +194,7 @@ int main(int argc, char **argv)
     if (!model_path || (!out && !tok_only) || !ids_s == !text || threads < 1 ||
         (strcmp(kv, "f32") && strcmp(kv, "f16"))) {
         fprintf(stderr, "usage: gguf_logits MODEL.gguf (--ids 1,2,3 | --text TEXT) -o OUT.safetensors "
-                        "[--threads N] [--kv f32|f16] [--print-ids] [-v]\n"
+                        "[--threads N] [--kv f32|f16] [--print-ids] [--lora FILE [--lora-scale S]] [-v]\n"
                         "       gguf_logits MODEL.gguf --text TEXT --tokenize-only\n");
         return 2;
     }
@@ -193,6 +205,12 @@ int main(int argc, char **argv)
     struct llama_model *model = llama_model_load_from_file(model_path, mp);
     if (!model) {
         fprintf(stderr, "gguf_logits: llama.cpp could not load %s\n", model_path);
+        return 1;
+    }
+    struct llama_adapter_lora *lora = NULL;
+    if (lora_path && !(lora = llama_adapter_lora_init(model, lora_path))) {
+        fprintf(stderr, "gguf_logits: llama.cpp could not load the LoRA adapter %s\n", lora_path);
+        llama_model_free(model);
         return 1;
     }
     const struct llama_vocab *vocab = llama_model_get_vocab(model);
@@ -229,9 +247,10 @@ int main(int argc, char **argv)
         rc = 0;
         goto done_model;
     }
-    rc = decode_and_write(model, ids, n, threads, kv, out);
+    rc = decode_and_write(model, ids, n, threads, kv, lora, lora_scale, out);
 done_model:
     free(ids);
+    if (lora) llama_adapter_lora_free(lora);
     llama_model_free(model);
     llama_backend_free();
     return rc;
