@@ -8,10 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${TUNA_SHARED_DIR:-../shared}
 cmake -S . -B .device/build -DCMAKE_BUILD_TYPE=Release -DTUNA_CUDA=ON -DTUNA_CUDA_ARCHS=90a -DTUNA_BLAS=OFF >/dev/null
-cmake --build .device/build -j "$(nproc)" --target tuna test_forward test_backend_cuda bench_cuda_ops bench_tokenizer
+TESTS="test_forward test_backend_cuda test_cuda_fused test_cuda_graphs test_train_ops_cuda test_train test_greedy test_lora_device"
+cmake --build .device/build -j "$(nproc)" --target tuna $TESTS bench_cuda_ops bench_tokenizer
 rm -rf .device/bin && mkdir -p .device/bin
-cp .device/build/tuna .device/build/tests/test_forward .device/build/tests/test_backend_cuda \
-   .device/build/bench/bench_cuda_ops .device/build/bench/bench_tokenizer .device/bin/
+cp .device/build/tuna .device/build/bench/bench_cuda_ops .device/build/bench/bench_tokenizer .device/bin/
+for t in $TESTS; do cp .device/build/tests/$t .device/bin/; done
 strip .device/bin/*
 bash "$SHARED/device/bundle-libs.sh" .device/lib .device/bin/* >/dev/null
 S=.device/shared/fixtures
@@ -19,6 +20,7 @@ rm -rf .device/shared && mkdir -p $S/models $S/bnb $S/lora $S/tokenizers
 for m in llama mistral qwen2 qwen3 gemma; do cp -r "$SHARED/fixtures/models/$m-tiny" $S/models/; done
 for m in llama-tiny-bnb-nf4-dq llama-tiny-bnb-fp4 qwen2-tiny-bnb-nf4-dq pymini-bnb-nf4-dq; do cp -r "$SHARED/fixtures/bnb/$m" $S/bnb/; done
 cp -r "$SHARED/fixtures/lora/llama-tiny" $S/lora/
+mkdir -p $S/train && cp -r "$SHARED/fixtures/train/"* $S/train/
 cp -r "$SHARED/fixtures/tokenizers/bpe-4k" "$SHARED/fixtures/tokenizers/spm-1k" $S/tokenizers/
 # pymini: the repository's own copy of the weights, the fixture's references
 mkdir -p $S/models/pymini

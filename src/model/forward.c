@@ -289,7 +289,10 @@ static uint64_t mix_key(uint64_t h, uint64_t v)
     return h * 0xBF58476D1CE4E5B9ULL;
 }
 
-/* What a captured step depends on besides the step block: sizes and every buffer address. */
+/* What a captured step depends on besides the step block: sizes and every buffer address it
+ * touches. Every layer's K/V storage is hashed, not just the first: a new KV cache can reuse the
+ * freed one's first allocation while its other layers land elsewhere. (Weights need no hash: the
+ * graphs live in the model's own backend and die with it.) */
 static uint64_t graph_key(const struct tuna_model *m, tuna_kv_cache *kv, const struct tuna_attn_batch *ab, int64_t T)
 {
     const struct tuna_fwd_ws *ws = m->ws;
@@ -297,14 +300,13 @@ static uint64_t graph_key(const struct tuna_model *m, tuna_kv_cache *kv, const s
     h = mix_key(h, (uint64_t)ab->max_blocks_per_seq);
     h = mix_key(h, (uint64_t)ab->block_size);
     h = mix_key(h, (uint64_t)tuna_kv_dtype(kv));
-    h = mix_key(h, (uint64_t)(uintptr_t)tuna_kv_k(kv, 0));
-    h = mix_key(h, (uint64_t)(uintptr_t)tuna_kv_v(kv, 0));
-    h = mix_key(h, (uint64_t)(uintptr_t)ws->x);
-    h = mix_key(h, (uint64_t)(uintptr_t)ws->a.q);
-    h = mix_key(h, (uint64_t)(uintptr_t)ws->sel);
-    h = mix_key(h, (uint64_t)(uintptr_t)ws->logits);
-    h = mix_key(h, (uint64_t)(uintptr_t)m->layers[0].q.w.data);
-    h = mix_key(h, (uint64_t)(uintptr_t)m->lm_head.w.data);
+    for (int64_t l = 0; l < m->arch.n_layers; l++) {
+        h = mix_key(h, (uint64_t)(uintptr_t)tuna_kv_k(kv, l));
+        h = mix_key(h, (uint64_t)(uintptr_t)tuna_kv_v(kv, l));
+    }
+    const void *bufs[] = {ws->x,     ws->tmp,      ws->sel,    ws->logits, ws->a.xn_attn, ws->a.q, ws->a.k,
+                          ws->a.v,   ws->a.att,    ws->a.xn_mlp, ws->a.gate, ws->a.up};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) h = mix_key(h, (uint64_t)(uintptr_t)bufs[i]);
     return h;
 }
 

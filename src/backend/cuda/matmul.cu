@@ -10,7 +10,7 @@
 
 #include "backend/cuda/cuda_internal.h"
 
-#define TUNA_CUDA_GEMV_DEFAULT_T16 4
+#define TUNA_CUDA_GEMV_DEFAULT_T16 2 /* measured: docs/PERFORMANCE.md */
 
 __device__ __forceinline__ void unpack8(uint4 raw, int dtype, float *f)
 {
