@@ -2,90 +2,27 @@
  * random inputs, with sizes that are multiples of no tile (ggml's test-backend-ops idea).
  * Tolerances: float32 paths 1e-5 relative; matmuls through cuBLAS with 16-bit weights round the
  * activations to 16 bits: 1e-2 (bf16) / 2e-3 (f16). Skips without a GPU. */
-#include "testutil.h"
+#include "cuda_testutil.h"
 
-#include <math.h>
-
-#include "backend/cpu/cpu.h"
-#include "backend/cuda/cuda.h"
-#include "backend/cuda/device.h"
 #include "core/dtype.h"
 #include "quant/nf4.h"
 
-static tuna_backend *g_cpu, *g_gpu;
 static const struct tuna_backend_ops *g_cops, *g_gops;
-static uint64_t g_rng = 88172645463325252ull;
-
-static float frand(void)
-{
-    g_rng ^= g_rng << 13;
-    g_rng ^= g_rng >> 7;
-    g_rng ^= g_rng << 17;
-    return (float)((g_rng >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
-}
-
-static float *rnd(size_t n)
-{
-    float *p = malloc(n * sizeof(float) + 16);
-    for (size_t i = 0; i < n; i++) p[i] = frand();
-    return p;
-}
-
-static void *dev(const void *host, size_t bytes)
-{
-    void *d;
-    TT_OK(tuna_cuda_alloc(g_gpu, bytes, &d));
-    if (host) TT_OK(tuna_cuda_upload(g_gpu, d, host, bytes));
-    return d;
-}
-
-static void back(void *host, const void *d, size_t bytes)
-{
-    TT_OK(tuna_cuda_sync(g_gpu));
-    TT_OK(tuna_cuda_download(g_gpu, host, d, bytes));
-}
-
-static void check(const char *what, const float *got, const float *want, size_t n, double tol)
-{
-    for (size_t i = 0; i < n; i++) {
-        if (!isfinite(got[i])) {
-            print_error("%s: element %zu is %f\n", what, i, got[i]);
-            fail();
-        }
-    }
-    double e = tt_rel_err(got, want, n);
-    if (!(e <= tol)) {
-        print_error("%s: relative error %.3g over %.1g\n", what, e, tol);
-        fail();
-    }
-}
 
 static int setup(void **state)
 {
     (void)state;
-    if (tuna_cuda_device_count() == 0) return 0;
-    if (tuna_cpu_backend_new(2, &g_cpu) || tuna_cuda_backend_new(0, &g_gpu)) return -1;
-    tuna_cpu_backend_reserve(g_cpu, 8192);
     g_cops = tuna_cpu_backend_ops();
     g_gops = tuna_cuda_backend_ops();
-    return 0;
+    return ct_backends_new();
 }
 
 static int teardown(void **state)
 {
     (void)state;
-    tuna_cpu_backend_free(g_cpu);
-    tuna_cuda_backend_free(g_gpu);
+    ct_backends_free();
     return 0;
 }
-
-#define NEED_GPU()                                                                                                     \
-    do {                                                                                                               \
-        if (!g_gpu) {                                                                                                  \
-            fprintf(stderr, "SKIP: no CUDA device on this machine\n");                                                 \
-            skip();                                                                                                    \
-        }                                                                                                              \
-    } while (0)
 
 static void test_matmul(void **state)
 {

@@ -3,85 +3,27 @@
  * and matmul_add (projection into the residual). bf16/f16 weights run the grouped GEMV for
  * T <= 8 and the unfused fallback above; float32 weights always the fallback. Sizes and
  * alignments that are multiples of no tile. Skips without a GPU. */
-#include "testutil.h"
+#define CT_RNG_SEED 0x9E3779B97F4A7C15ull
+#include "cuda_testutil.h"
 
-#include <math.h>
-
-#include "backend/cpu/cpu.h"
-#include "backend/cuda/cuda.h"
-#include "backend/cuda/device.h"
 #include "core/dtype.h"
 
-static tuna_backend *g_cpu, *g_gpu;
 static const struct tuna_backend_ops *g_cops, *g_gops;
-static uint64_t g_rng = 0x9E3779B97F4A7C15ull;
-
-static float frand(void)
-{
-    g_rng ^= g_rng << 13;
-    g_rng ^= g_rng >> 7;
-    g_rng ^= g_rng << 17;
-    return (float)((g_rng >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
-}
-
-static float *rnd(size_t n)
-{
-    float *p = malloc(n * sizeof(float) + 16);
-    assert_non_null(p);
-    for (size_t i = 0; i < n; i++) p[i] = frand();
-    return p;
-}
-
-static void *dev(const void *host, size_t bytes)
-{
-    void *d;
-    TT_OK(tuna_cuda_alloc(g_gpu, bytes, &d));
-    if (host) TT_OK(tuna_cuda_upload(g_gpu, d, host, bytes));
-    return d;
-}
-
-static void back(void *host, const void *d, size_t bytes)
-{
-    TT_OK(tuna_cuda_sync(g_gpu));
-    TT_OK(tuna_cuda_download(g_gpu, host, d, bytes));
-}
-
-static void check(const char *what, const float *got, const float *want, size_t n, double tol)
-{
-    for (size_t i = 0; i < n; i++)
-        if (!isfinite(got[i])) fail_msg("%s: element %zu is %f", what, i, got[i]);
-    double e = tt_rel_err(got, want, n);
-    if (!(e <= tol)) fail_msg("%s: relative error %.3g over %.1g", what, e, tol);
-}
 
 static int setup(void **state)
 {
     (void)state;
-    if (tuna_cuda_device_count() == 0) return 0;
-    if (tuna_cpu_backend_new(2, &g_cpu) || tuna_cuda_backend_new(0, &g_gpu)) return -1;
-    tuna_cpu_backend_reserve(g_cpu, 8192);
     g_cops = tuna_cpu_backend_ops();
     g_gops = tuna_cuda_backend_ops();
-    return 0;
+    return ct_backends_new();
 }
 
 static int teardown(void **state)
 {
     (void)state;
-    if (g_gpu) {
-        tuna_cpu_backend_free(g_cpu);
-        tuna_cuda_backend_free(g_gpu);
-    }
+    ct_backends_free();
     return 0;
 }
-
-#define NEED_GPU()                                                                                                     \
-    do {                                                                                                               \
-        if (!g_gpu) {                                                                                                  \
-            fprintf(stderr, "SKIP: no CUDA device on this machine\n");                                                 \
-            skip();                                                                                                    \
-        }                                                                                                              \
-    } while (0)
 
 /* A weight on both sides: host copy in dtype, device copy. */
 struct wpair {

@@ -4,37 +4,15 @@
  * checked too. Tolerances: float32 paths 1e-5 relative (the CPU sums in double); GEMMs with
  * 16-bit weights round dy to 16 bits: 1e-2 (bf16) / 2e-3 (f16); TF32 attention 1e-2.
  * Skips without a GPU. */
-#include "testutil.h"
+#define CT_RNG_SEED 0x2545F4914F6CDD1Dull
+#include "cuda_testutil.h"
 
-#include <math.h>
-
-#include "backend/cpu/cpu.h"
-#include "backend/cuda/cuda.h"
-#include "backend/cuda/device.h"
 #include "backend/train_ops.h"
 #include "core/dtype.h"
 #include "io/hf_config.h"
 #include "quant/nf4.h"
 
-static tuna_backend *g_cpu, *g_gpu;
 static const struct tuna_train_ops *g_ct, *g_gt;
-static uint64_t g_rng = 0x2545F4914F6CDD1Dull;
-
-static float frand(void)
-{
-    g_rng ^= g_rng << 13;
-    g_rng ^= g_rng >> 7;
-    g_rng ^= g_rng << 17;
-    return (float)((g_rng >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
-}
-
-static float *rnd(size_t n)
-{
-    float *p = malloc(n * sizeof(float) + 16);
-    for (size_t i = 0; i < n; i++)
-        p[i] = frand();
-    return p;
-}
 
 static float *copyf(const float *src, size_t n)
 {
@@ -43,43 +21,26 @@ static float *copyf(const float *src, size_t n)
     return p;
 }
 
-static void *dev(const void *host, size_t bytes)
-{
-    void *d;
-    TT_OK(tuna_cuda_alloc(g_gpu, bytes ? bytes : 4, &d));
-    if (host && bytes) TT_OK(tuna_cuda_upload(g_gpu, d, host, bytes));
-    return d;
-}
-
 /* the device array, downloaded into a new host array */
-static float *back(const void *d, size_t n)
+static float *back_new(const void *d, size_t n)
 {
     float *h = malloc(n * sizeof(float) + 16);
-    TT_OK(tuna_cuda_sync(g_gpu));
-    TT_OK(tuna_cuda_download(g_gpu, h, d, n * sizeof(float)));
+    back(h, d, n * sizeof(float));
     return h;
 }
 
-static void check(const char *what, const float *got, const float *want, size_t n, double tol)
+/* check() with the error printed for every op */
+static void check_print(const char *what, const float *got, const float *want, size_t n, double tol)
 {
-    for (size_t i = 0; i < n; i++)
-        if (!isfinite(got[i])) {
-            print_error("%s: element %zu is %f\n", what, i, got[i]);
-            fail();
-        }
-    double e = tt_rel_err(got, want, n);
-    printf("  %-60s rel %.2e (tol %.0e)\n", what, e, tol);
-    if (!(e <= tol)) {
-        print_error("%s: relative error %.3g over %.1g\n", what, e, tol);
-        fail();
-    }
+    printf("  %-60s rel %.2e (tol %.0e)\n", what, tt_rel_err(got, want, n), tol);
+    check(what, got, want, n, tol);
 }
 
 /* the GPU result of `d` (n floats) against the CPU's `h`, then both freed */
 static void check_dev(const char *what, void *d, float *h, size_t n, double tol)
 {
-    float *g = back(d, n);
-    check(what, g, h, n, tol);
+    float *g = back_new(d, n);
+    check_print(what, g, h, n, tol);
     free(g);
     free(h);
     tuna_cuda_free(g_gpu, d);
@@ -88,29 +49,17 @@ static void check_dev(const char *what, void *d, float *h, size_t n, double tol)
 static int setup(void **state)
 {
     (void)state;
-    if (tuna_cuda_device_count() == 0) return 0;
-    if (tuna_cpu_backend_new(2, &g_cpu) || tuna_cuda_backend_new(0, &g_gpu)) return -1;
-    tuna_cpu_backend_reserve(g_cpu, 8192);
     g_ct = tuna_cpu_train_ops();
     g_gt = tuna_cuda_train_ops();
-    return 0;
+    return ct_backends_new();
 }
 
 static int teardown(void **state)
 {
     (void)state;
-    tuna_cpu_backend_free(g_cpu);
-    tuna_cuda_backend_free(g_gpu);
+    ct_backends_free();
     return 0;
 }
-
-#define NEED_GPU()                                                                                                     \
-    do {                                                                                                               \
-        if (!g_gpu) {                                                                                                  \
-            fprintf(stderr, "SKIP: no CUDA device on this machine\n");                                                 \
-            skip();                                                                                                    \
-        }                                                                                                              \
-    } while (0)
 
 /* dx[T,K] += dy[T,N] W for f32, bf16, f16 and NF4 (f32 and bf16 compute) weights */
 static void test_matmul_backward(void **state)
@@ -362,7 +311,7 @@ static void test_optim_and_small_ops(void **state)
     float *y = malloc((size_t)nd * 4);
     g_ct->dropout(g_cpu, y, x, nd, 0.3, 0x1234567887654321ull);
     g_gt->dropout(g_gpu, gy, gx, nd, 0.3, 0x1234567887654321ull);
-    float *yg = back(gy, (size_t)nd);
+    float *yg = back_new(gy, (size_t)nd);
     int dropped = 0;
     for (int64_t i = 0; i < nd; i++) {
         assert_true(yg[i] == y[i]);
@@ -384,7 +333,7 @@ static void test_optim_and_small_ops(void **state)
     g_gt->scatter_add_rows(g_gpu, gsrc, gsel, rows, n_sel, C);
     check_dev("scatter_add_rows", gsrc, copyf(src, (size_t)(R * C)), (size_t)(R * C), 0);
     g_gt->zero(g_gpu, gsel, n_sel * C);
-    float *z = back(gsel, (size_t)(n_sel * C));
+    float *z = back_new(gsel, (size_t)(n_sel * C));
     for (int64_t i = 0; i < n_sel * C; i++)
         assert_true(z[i] == 0.0f);
     free(z), free(sel), free(src);

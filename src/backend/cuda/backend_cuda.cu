@@ -264,21 +264,11 @@ void tuna_cuda_add(tuna_backend *be, float *y, const float *x, int64_t n)
     tuna_cuda_check_launch(be, "k_add");
 }
 
-/* act: 0 SiLU, 1 GELU tanh, 2 GELU erf (enum tuna_act) — the same formulas as the CPU backend */
 __global__ void k_glu(float *out, const float *gate, const float *up, int64_t n, int act)
 {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    float x = gate[i], g;
-    if (act == 1) {
-        float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-        g = 0.5f * x * (1.0f + tanhf(inner));
-    } else if (act == 2) {
-        g = 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
-    } else {
-        g = x / (1.0f + expf(-x));
-    }
-    out[i] = g * up[i];
+    out[i] = tuna_cuda_act(gate[i], act) * up[i];
 }
 
 void tuna_cuda_glu(tuna_backend *be, float *out, const float *gate, const float *up, int64_t n, int act)

@@ -119,6 +119,32 @@ void tuna_cuda_gemv_q4(tuna_backend *be, float *y, const float *x, const struct 
 /* Dequantizes w into be->wdeq in its descriptor's prefill dtype; *out, *dt describe it. */
 bool tuna_cuda_dequant_q4(tuna_backend *be, const struct tuna_weight *w, void **out, enum tuna_dtype *dt);
 
+/* 8 bf16 (dtype 1) or f16 (dtype 2) values of one 16-byte load, as float32 (the GEMV kernels). */
+__device__ __forceinline__ void tuna_cuda_unpack8(uint4 raw, int dtype, float *f)
+{
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        if (dtype == 1) {
+            f[2 * i] = __uint_as_float(w[i] << 16);
+            f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+        } else {
+            __half2 h = *reinterpret_cast<const __half2 *>(&w[i]);
+            float2 v = __half22float2(h);
+            f[2 * i] = v.x;
+            f[2 * i + 1] = v.y;
+        }
+    }
+}
+
+/* act(x) of a GLU: 0 SiLU, 1 GELU tanh, 2 GELU erf (enum tuna_act), the CPU backend's formulas. */
+__device__ __forceinline__ float tuna_cuda_act(float x, int act)
+{
+    if (act == 1) return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+    if (act == 2) return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
+    return x / (1.0f + expf(-x));
+}
+
 static inline unsigned tuna_cuda_blocks(int64_t n, int threads)
 {
     return (unsigned)((n + threads - 1) / threads);

@@ -35,30 +35,6 @@ struct gemv_job {
 
 enum { GEMV_STORE = 0, GEMV_ADD = 1, GEMV_GLU = 2 };
 
-__device__ __forceinline__ void unpack8_16(uint4 raw, int dtype, float *f)
-{
-    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        if (dtype == 1) {
-            f[2 * i] = __uint_as_float(w[i] << 16);
-            f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-        } else {
-            __half2 h = *reinterpret_cast<const __half2 *>(&w[i]);
-            float2 v = __half22float2(h);
-            f[2 * i] = v.x;
-            f[2 * i + 1] = v.y;
-        }
-    }
-}
-
-__device__ __forceinline__ float act_fn(float x, int act)
-{
-    if (act == 1) return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
-    if (act == 2) return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
-    return x / (1.0f + expf(-x));
-}
-
 /* R rows per warp (GLU: R = 2, the gate row and the up row of one output), TT tokens. */
 template <int TT, int R>
 __global__ void k_gemv_multi(const float *__restrict__ x, const struct gemv_job j)
@@ -103,7 +79,7 @@ __global__ void k_gemv_multi(const float *__restrict__ x, const struct gemv_job 
             const int64_t ii = i + h * 32;
             float wf[R][8];
 #pragma unroll
-            for (int r = 0; r < R; r++) unpack8_16(h ? raw1[r] : raw0[r], j.dtype, wf[r]);
+            for (int r = 0; r < R; r++) tuna_cuda_unpack8(h ? raw1[r] : raw0[r], j.dtype, wf[r]);
 #pragma unroll
             for (int t = 0; t < TT; t++) {
                 const float4 *xp = reinterpret_cast<const float4 *>(x + t * K + ii * 8);
@@ -118,7 +94,7 @@ __global__ void k_gemv_multi(const float *__restrict__ x, const struct gemv_job 
     for (; i < K8; i += 32) {
         float wf[R][8];
 #pragma unroll
-        for (int r = 0; r < R; r++) unpack8_16(__ldg(wr[r] + i), j.dtype, wf[r]);
+        for (int r = 0; r < R; r++) tuna_cuda_unpack8(__ldg(wr[r] + i), j.dtype, wf[r]);
 #pragma unroll
         for (int t = 0; t < TT; t++) {
             const float4 *xp = reinterpret_cast<const float4 *>(x + t * K + i * 8);
@@ -139,7 +115,7 @@ __global__ void k_gemv_multi(const float *__restrict__ x, const struct gemv_job 
         const int64_t N = j.s[0].N;
         const float bg = j.s[0].bias ? j.s[0].bias[n0] : 0.0f, bu = j.s[1].bias ? j.s[1].bias[n0] : 0.0f;
 #pragma unroll
-        for (int t = 0; t < TT; t++) j.s[0].y[t * N + n0] = act_fn(acc[0][t] + bg, j.act) * (acc[R - 1][t] + bu);
+        for (int t = 0; t < TT; t++) j.s[0].y[t * N + n0] = tuna_cuda_act(acc[0][t] + bg, j.act) * (acc[R - 1][t] + bu);
         return;
     }
     const struct gemv_seg *s = &j.s[seg];

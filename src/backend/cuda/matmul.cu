@@ -12,23 +12,6 @@
 
 #define TUNA_CUDA_GEMV_DEFAULT_T16 2 /* measured: docs/PERFORMANCE.md */
 
-__device__ __forceinline__ void unpack8(uint4 raw, int dtype, float *f)
-{
-    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        if (dtype == 1) {
-            f[2 * i] = __uint_as_float(w[i] << 16);
-            f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-        } else {
-            __half2 h = *reinterpret_cast<const __half2 *>(&w[i]);
-            float2 v = __half22float2(h);
-            f[2 * i] = v.x;
-            f[2 * i + 1] = v.y;
-        }
-    }
-}
-
 __device__ __forceinline__ float ld_w(const void *W, int dtype, int64_t i)
 {
     if (dtype == 1) return __uint_as_float((uint32_t)((const uint16_t *)W)[i] << 16);
@@ -72,7 +55,7 @@ __global__ void k_gemv(float *y, const float *x, const void *W, int dtype, const
                 int64_t ii = i + half * 32;
                 float wf[R][8];
 #pragma unroll
-                for (int r = 0; r < R; r++) unpack8(half ? raw1[r] : raw0[r], dtype, wf[r]);
+                for (int r = 0; r < R; r++) tuna_cuda_unpack8(half ? raw1[r] : raw0[r], dtype, wf[r]);
 #pragma unroll
                 for (int t = 0; t < TT; t++) {
                     const float4 *xp = reinterpret_cast<const float4 *>(x + t * K + ii * 8);
@@ -87,7 +70,7 @@ __global__ void k_gemv(float *y, const float *x, const void *W, int dtype, const
         for (; i < K8; i += 32) {
             float wf[R][8];
 #pragma unroll
-            for (int r = 0; r < R; r++) unpack8(__ldg(wr[r] + i), dtype, wf[r]);
+            for (int r = 0; r < R; r++) tuna_cuda_unpack8(__ldg(wr[r] + i), dtype, wf[r]);
 #pragma unroll
             for (int t = 0; t < TT; t++) {
                 const float4 *xp = reinterpret_cast<const float4 *>(x + t * K + i * 8);
