@@ -5,11 +5,20 @@
 # full logs go to $OUT (or /tmp/tuna-gpu).
 set -u
 R=$(cd "$(dirname "$0")/.." && pwd)
+[ -f "$R/.device/pack.tar.xz" ] && tar -C "$R/.device" -xJf "$R/.device/pack.tar.xz"
+# tests built here find models/ through the absolute source path they were built with
+[ -e /work/main ] || { mkdir -p /work 2>/dev/null && ln -s "$R" /work/main 2>/dev/null; }
 OUT=${OUT:-/tmp/tuna-gpu}; mkdir -p "$OUT"
 export LD_LIBRARY_PATH=$R/.device/lib:/usr/local/cuda/lib64 TUNA_SHARED_DIR=$R/.device/shared
 BIN=$R/.device/bin S=$TUNA_SHARED_DIR/fixtures
 row() { printf '%-46s %s\n' "$1" "$2"; }
-r=$($BIN/test_backend_cuda 2>&1 | tee "$OUT/ops.txt" | grep -cE '^\[       OK \]'); row "CUDA op tests passed" "$r"
+for t in test_backend_cuda test_cuda_fused test_cuda_graphs test_train_ops_cuda test_greedy test_lora_device; do
+  r=$($BIN/$t 2>&1 | tee "$OUT/$t.txt" | grep -E '^\[  (PASSED|FAILED) *\]' | tr '\n' ' '); row "$t" "$r"
+done
+for dt in float32 bfloat16; do
+  r=$(cd "$BIN" && TUNA_TEST_DEVICE=cuda TUNA_TEST_GPU_DTYPE=$dt ./test_train 2>&1 | tee "$OUT/train_$dt.txt" | grep -E '^\[  (PASSED|FAILED) *\]' | tr '\n' ' ')
+  row "fixture training runs on the GPU, $dt" "$r"
+done
 for dt in float32 bfloat16; do
   (cd "$BIN" && TUNA_TEST_DEVICE=cuda TUNA_TEST_GPU_DTYPE=$dt ./test_forward >"$OUT/fwd_$dt.txt" 2>&1)
   worst=$(grep 'rel err' "$OUT/fwd_$dt.txt" | awk '{print $NF}' | sort -g | tail -1)
