@@ -204,7 +204,8 @@ static void test_norm_rope_glu(void **state)
 }
 
 /* two sequences (13 and 6 tokens), GQA 6 heads on 2, D 24; no window and window 5; exact
- * float32 and TF32; a work buffer of one head (chunks) and of every head */
+ * float32 and the bf16 mode (flash attention, no work buffer); a work buffer of one head
+ * (chunks) and of every head for the exact path; the log-sum-exps of the forward */
 static void test_attention(void **state)
 {
     (void)state;
@@ -221,42 +222,112 @@ static void test_attention(void **state)
     for (int c = 0; c < 6; c++) {
         const int64_t window = (c & 1) ? 5 : 0;
         const bool fast = c >= 4;
-        const int64_t wf = (c / 2) == 1 ? 2 * maxlen * maxlen : 2 * Hkv * maxlen * maxlen;
-        float *work = dev(NULL, (size_t)wf * 4);
-        float *out = malloc((size_t)(T * HD) * 4);
-        float *gout = dev(NULL, (size_t)(T * HD) * 4);
-        g_ct->attention_forward(g_cpu, out, q, k, v, pos, T, H, Hkv, D, scale, window, false, NULL, 0);
-        g_gt->attention_forward(g_gpu, gout, gq, gk, gv, pos, T, H, Hkv, D, scale, window, fast, work, wf);
+        const int64_t wf = fast ? 0 : (c / 2) == 1 ? 2 * maxlen * maxlen : 2 * Hkv * maxlen * maxlen;
+        assert_int_equal(tuna_train_attention_work_min(tuna_cuda_backend_ops(), maxlen, D, fast),
+                         fast ? 0 : 2 * maxlen * maxlen);
+        float *work = wf ? dev(NULL, (size_t)wf * 4) : NULL;
+        float *out = malloc((size_t)(T * HD) * 4), *lse = malloc((size_t)(T * H) * 4);
+        float *gout = dev(NULL, (size_t)(T * HD) * 4), *glse = dev(NULL, (size_t)(T * H) * 4);
+        g_ct->attention_forward(g_cpu, out, lse, q, k, v, pos, T, H, Hkv, D, scale, window, false, NULL, 0);
+        g_gt->attention_forward(g_gpu, gout, glse, gq, gk, gv, pos, T, H, Hkv, D, scale, window, fast, work, wf);
         char what[128];
-        const double tol = fast ? 1e-2 : 1e-5;
+        const double tol = fast ? 2e-2 : 1e-5;
         snprintf(what, sizeof what, "attention_forward window %lld %s work %lld", (long long)window,
-                 fast ? "tf32" : "f32", (long long)wf);
-        check_dev(what, gout, out, (size_t)(T * HD), tol);
+                 fast ? "flash bf16" : "f32", (long long)wf);
+        float *got = back_new(gout, (size_t)(T * HD));
+        check_print(what, got, out, (size_t)(T * HD), tol);
+        free(got);
+        snprintf(what, sizeof what, "attention_forward lse window %lld %s", (long long)window,
+                 fast ? "flash bf16" : "f32");
+        got = back_new(glse, (size_t)(T * H));
+        check_print(what, got, lse, (size_t)(T * H), fast ? 1e-2 : 1e-5);
+        free(got);
         float *dq = rnd((size_t)(T * HD)), *dk = rnd((size_t)(T * KD)), *dv = rnd((size_t)(T * KD));
         float *gdq = dev(dq, (size_t)(T * HD) * 4), *gdk = dev(dk, (size_t)(T * KD) * 4);
         float *gdv = dev(dv, (size_t)(T * KD) * 4);
-        g_ct->attention_backward(g_cpu, dq, dk, dv, dout, q, k, v, pos, T, H, Hkv, D, scale, window, false, NULL, 0);
-        g_gt->attention_backward(g_gpu, gdq, gdk, gdv, gdout, gq, gk, gv, pos, T, H, Hkv, D, scale, window, fast, work,
-                                 wf);
-        snprintf(what, sizeof what, "attention_backward dq window %lld %s", (long long)window, fast ? "tf32" : "f32");
+        g_ct->attention_backward(g_cpu, dq, dk, dv, dout, out, lse, q, k, v, pos, T, H, Hkv, D, scale, window, false,
+                                 NULL, 0);
+        g_gt->attention_backward(g_gpu, gdq, gdk, gdv, gdout, gout, glse, gq, gk, gv, pos, T, H, Hkv, D, scale, window,
+                                 fast, work, wf);
+        snprintf(what, sizeof what, "attention_backward dq window %lld %s", (long long)window, fast ? "flash" : "f32");
         check_dev(what, gdq, dq, (size_t)(T * HD), tol);
-        snprintf(what, sizeof what, "attention_backward dk window %lld %s", (long long)window, fast ? "tf32" : "f32");
+        snprintf(what, sizeof what, "attention_backward dk window %lld %s", (long long)window, fast ? "flash" : "f32");
         check_dev(what, gdk, dk, (size_t)(T * KD), tol);
-        snprintf(what, sizeof what, "attention_backward dv window %lld %s", (long long)window, fast ? "tf32" : "f32");
+        snprintf(what, sizeof what, "attention_backward dv window %lld %s", (long long)window, fast ? "flash" : "f32");
         check_dev(what, gdv, dv, (size_t)(T * KD), tol);
-        tuna_cuda_free(g_gpu, work);
+        if (work) tuna_cuda_free(g_gpu, work);
+        tuna_cuda_free(g_gpu, gout), tuna_cuda_free(g_gpu, glse);
+        free(out), free(lse);
     }
     /* a work buffer below the minimum is a (sticky) error, not a write past it */
     tuna_backend *be2 = NULL;
     TT_OK(tuna_cuda_backend_new(0, &be2));
     float *small = NULL;
     TT_OK(tuna_cuda_alloc(be2, 16, (void **)&small));
-    g_gt->attention_forward(be2, gdout, gq, gk, gv, pos, T, H, Hkv, D, scale, 0, false, small, 4);
+    g_gt->attention_forward(be2, gdout, NULL, gq, gk, gv, pos, T, H, Hkv, D, scale, 0, false, small, 4);
     TT_FAILS(tuna_cuda_sync(be2), TUNA_E_CUDA, "work buffer");
     tuna_cuda_free(be2, small);
     tuna_cuda_backend_free(be2);
     tuna_cuda_free(g_gpu, gq), tuna_cuda_free(g_gpu, gk), tuna_cuda_free(g_gpu, gv), tuna_cuda_free(g_gpu, gdout);
     free(q), free(k), free(v), free(dout);
+}
+
+/* flash attention (the bf16 mode) on training shapes: one sequence of 300 tokens (several
+ * 64-row tiles, a partial last one), D 128 and D 64, GQA 8 on 2, and two sequences with a
+ * window of 100; against the CPU's float64 reference */
+static void test_flash_attention(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    struct {
+        int64_t T, n1, H, Hkv, D, window;
+    } cases[] = {{300, 300, 4, 4, 128, 0}, {300, 300, 8, 2, 64, 0}, {257, 190, 4, 2, 128, 100}, {70, 70, 2, 1, 80, 0}};
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        const int64_t T = cases[ci].T, H = cases[ci].H, Hkv = cases[ci].Hkv, D = cases[ci].D;
+        const int64_t HD = H * D, KD = Hkv * D, window = cases[ci].window;
+        int64_t *pos = malloc((size_t)T * sizeof *pos);
+        for (int64_t i = 0; i < T; i++)
+            pos[i] = i < cases[ci].n1 ? i : i - cases[ci].n1;
+        const float scale = 1.0f / sqrtf((float)D);
+        float *q = rnd((size_t)(T * HD)), *k = rnd((size_t)(T * KD)), *v = rnd((size_t)(T * KD));
+        float *dout = rnd((size_t)(T * HD));
+        for (int64_t i = 0; i < T * HD; i++)
+            q[i] *= 3; /* peaked rows */
+        float *gq = dev(q, (size_t)(T * HD) * 4), *gk = dev(k, (size_t)(T * KD) * 4);
+        float *gv = dev(v, (size_t)(T * KD) * 4), *gdout = dev(dout, (size_t)(T * HD) * 4);
+        float *out = malloc((size_t)(T * HD) * 4), *lse = malloc((size_t)(T * H) * 4);
+        float *gout = dev(NULL, (size_t)(T * HD) * 4), *glse = dev(NULL, (size_t)(T * H) * 4);
+        g_ct->attention_forward(g_cpu, out, lse, q, k, v, pos, T, H, Hkv, D, scale, window, false, NULL, 0);
+        g_gt->attention_forward(g_gpu, gout, glse, gq, gk, gv, pos, T, H, Hkv, D, scale, window, true, NULL, 0);
+        char what[128];
+        snprintf(what, sizeof what, "flash forward T %lld H %lld/%lld D %lld window %lld", (long long)T, (long long)H,
+                 (long long)Hkv, (long long)D, (long long)window);
+        float *got = back_new(gout, (size_t)(T * HD));
+        check_print(what, got, out, (size_t)(T * HD), 2e-2);
+        free(got);
+        got = back_new(glse, (size_t)(T * H));
+        check_print(what, got, lse, (size_t)(T * H), 1e-2);
+        free(got);
+        float *dq = calloc((size_t)(T * HD), 4), *dk = calloc((size_t)(T * KD), 4), *dv = calloc((size_t)(T * KD), 4);
+        float *gdq = dev(dq, (size_t)(T * HD) * 4), *gdk = dev(dk, (size_t)(T * KD) * 4);
+        float *gdv = dev(dv, (size_t)(T * KD) * 4);
+        g_ct->attention_backward(g_cpu, dq, dk, dv, dout, out, lse, q, k, v, pos, T, H, Hkv, D, scale, window, false,
+                                 NULL, 0);
+        g_gt->attention_backward(g_gpu, gdq, gdk, gdv, gdout, gout, glse, gq, gk, gv, pos, T, H, Hkv, D, scale, window,
+                                 true, NULL, 0);
+        snprintf(what, sizeof what, "flash backward dq T %lld D %lld window %lld", (long long)T, (long long)D,
+                 (long long)window);
+        check_dev(what, gdq, dq, (size_t)(T * HD), 3e-2);
+        snprintf(what, sizeof what, "flash backward dk T %lld D %lld window %lld", (long long)T, (long long)D,
+                 (long long)window);
+        check_dev(what, gdk, dk, (size_t)(T * KD), 3e-2);
+        snprintf(what, sizeof what, "flash backward dv T %lld D %lld window %lld", (long long)T, (long long)D,
+                 (long long)window);
+        check_dev(what, gdv, dv, (size_t)(T * KD), 3e-2);
+        tuna_cuda_free(g_gpu, gq), tuna_cuda_free(g_gpu, gk), tuna_cuda_free(g_gpu, gv), tuna_cuda_free(g_gpu, gdout);
+        tuna_cuda_free(g_gpu, gout), tuna_cuda_free(g_gpu, glse);
+        free(q), free(k), free(v), free(dout), free(out), free(lse), free(pos);
+    }
 }
 
 static void test_cross_entropy(void **state)
@@ -344,7 +415,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_matmul_backward), cmocka_unit_test(test_lora),
-        cmocka_unit_test(test_norm_rope_glu),   cmocka_unit_test(test_attention),
+        cmocka_unit_test(test_norm_rope_glu),   cmocka_unit_test(test_attention), cmocka_unit_test(test_flash_attention),
         cmocka_unit_test(test_cross_entropy),   cmocka_unit_test(test_optim_and_small_ops),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

@@ -58,10 +58,12 @@ static inline uint64_t tuna_train_dropout_threshold(double p)
     return p <= 0 ? 0 : (uint64_t)(p * 18446744073709551616.0);
 }
 
-/* Floats of `work` the attention ops need for sequences of at most max_len tokens: CPU none,
- * CUDA at least one kv head's scores and their gradient (2 * max_len^2); more lets it batch
- * more heads per GEMM (every head at once with 2 * Hkv * max_len^2). */
-int64_t tuna_train_attention_work_min(const struct tuna_backend_ops *ops, int64_t max_len);
+/* Floats of `work` the attention ops need for sequences of at most max_len tokens and head dim
+ * D: CPU none; CUDA none when `fast` and D <= 128 (the flash-attention kernels of
+ * train_flash.cu), else at least one kv head's scores and their gradient (2 * max_len^2; more
+ * lets the exact float32 path batch more heads per GEMM, every head at once with
+ * 2 * Hkv * max_len^2). */
+int64_t tuna_train_attention_work_min(const struct tuna_backend_ops *ops, int64_t max_len, int64_t D, bool fast);
 
 struct tuna_train_ops {
     const char *name;
@@ -103,17 +105,24 @@ struct tuna_train_ops {
 
     /* Causal attention over the training layout: out[T, H*D] = softmax(q k^T * scale) v with
      * q[T, H*D], k, v [T, Hkv*D] (GQA: head h reads kv head h / (H/Hkv)); pos: host [T].
-     * fast: GEMMs may use TF32 tensor cores (the bf16 mode); false = exact float32.
+     * lse: [T, H] floats (may be NULL): row t, head h gets the natural log of the softmax's
+     * denominator, log sum_j exp(scale q_t.k_j) — what the backward needs instead of the
+     * probabilities. fast: 16-bit tensor cores allowed (the bf16 mode: flash attention with
+     * bf16 tiles on CUDA when D <= 128); false = exact float32.
      * work / work_floats: scratch, at least tuna_train_attention_work_min. */
-    void (*attention_forward)(tuna_backend *be, float *out, const float *q, const float *k, const float *v,
-                              const int64_t *pos, int64_t T, int64_t H, int64_t Hkv, int64_t D, float scale,
-                              int64_t window, bool fast, float *work, int64_t work_floats);
+    void (*attention_forward)(tuna_backend *be, float *out, float *lse, const float *q, const float *k,
+                              const float *v, const int64_t *pos, int64_t T, int64_t H, int64_t Hkv, int64_t D,
+                              float scale, int64_t window, bool fast, float *work, int64_t work_floats);
 
     /* dq[T,H*D], dk[T,Hkv*D], dv[T,Hkv*D] += gradients given dout[T,H*D] and the forward's
-     * inputs (the probabilities are recomputed, never stored across ops). */
-    void (*attention_backward)(tuna_backend *be, float *dq, float *dk, float *dv, const float *dout, const float *q,
-                               const float *k, const float *v, const int64_t *pos, int64_t T, int64_t H, int64_t Hkv,
-                               int64_t D, float scale, int64_t window, bool fast, float *work, int64_t work_floats);
+     * inputs; out and lse are the forward's outputs for these inputs (the flash backward
+     * recomputes the probabilities tile by tile from lse and uses rowsum(dout * out)). A backend
+     * may recompute instead of reading them (the CPU does); with fast and D <= 128 CUDA needs
+     * both. */
+    void (*attention_backward)(tuna_backend *be, float *dq, float *dk, float *dv, const float *dout, const float *out,
+                               const float *lse, const float *q, const float *k, const float *v, const int64_t *pos,
+                               int64_t T, int64_t H, int64_t Hkv, int64_t D, float scale, int64_t window, bool fast,
+                               float *work, int64_t work_floats);
 
     /* out[n] = act(gate) * up  →  dgate[n], dup[n] += gradients given dout[n]. */
     void (*glu_backward)(tuna_backend *be, float *dgate, float *dup, const float *dout, const float *gate,

@@ -37,8 +37,10 @@ void tuna_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                              float scale, int64_t window);
 
 /* The forward of the above over the same layout (the training op table's attention_forward on
- * the CPU): softmax and the weighted sum of v in double. Every sequence starts at position 0. */
-void tuna_attention_forward_train(float *out, const float *q, const float *k, const float *v, const int64_t *pos,
+ * the CPU): softmax and the weighted sum of v in double. lse (may be NULL): [T, H], the natural
+ * log of each row's softmax denominator, log sum_j exp(scale q.k_j). Every sequence starts at
+ * position 0. */
+void tuna_attention_forward_train(float *out, float *lse, const float *q, const float *k, const float *v, const int64_t *pos,
                                   int64_t T, int64_t H, int64_t Hkv, int64_t D, float scale, int64_t window);
 
 /* Threads for the backward ops that run several (attention: one task per sequence and kv

@@ -39,7 +39,7 @@ void tuna_train_linear_forward(tuna_trainer *t, int64_t l, int proj, float *y, c
 }
 
 /* One layer, in place on x[T, C]; A receives the activations (x_in and x_mid included). */
-static void layer_fwd(tuna_trainer *t, int64_t l, const struct tuna_fwd_layer_acts *A, float *x,
+static void layer_fwd(tuna_trainer *t, int64_t l, const struct tuna_fwd_layer_acts *A, float *lse, float *x,
                       const struct tuna_batch *b)
 {
     struct tuna_model *m = t->m;
@@ -59,7 +59,7 @@ static void layer_fwd(tuna_trainer *t, int64_t l, const struct tuna_fwd_layer_ac
     if (L->k_norm) op->rmsnorm(be, A->k, A->k, L->k_norm, T * Hkv, D, eps);
     op->rope(be, A->q, b->pos, T, H, D, m->rot_dim, m->inv_freq, m->attn_factor);
     op->rope(be, A->k, b->pos, T, Hkv, D, m->rot_dim, m->inv_freq, m->attn_factor);
-    t->tops->attention_forward(be, A->att, A->q, A->k, A->v, b->pos, T, H, Hkv, D, (float)(1.0 / sqrt((double)D)),
+    t->tops->attention_forward(be, A->att, lse, A->q, A->k, A->v, b->pos, T, H, Hkv, D, (float)(1.0 / sqrt((double)D)),
                                a->sliding_window, t->fast, (float *)t->attn_mem, t->attn_floats);
     tuna_train_linear_forward(t, l, TUNA_PROJ_O, t->tmp, A->att, T);
     op->add(be, x, t->tmp, T * C);
@@ -116,6 +116,7 @@ static size_t layout(tuna_trainer *t, int64_t T, char *base)
         A->up = carve(&c, (size_t)(T * I) * f);
         A->act = carve(&c, (size_t)(T * I) * f);
     }
+    t->lse = carve(&c, (size_t)(nact * T * a->n_heads) * f);
     t->x_saved = t->ckpt ? carve(&c, (size_t)(L * T * C) * f) : NULL;
     t->x = carve(&c, (size_t)(T * C) * f);
     t->tmp = carve(&c, (size_t)(T * C) * f);
@@ -148,7 +149,7 @@ tuna_status tuna_train_reserve(tuna_trainer *t, int64_t T, int64_t max_len)
     struct tuna_model *m = t->m;
     const struct tuna_arch *a = &m->arch;
     /* attention scratch (CUDA: the scores of as many kv heads as fit in 1 GiB, one at least) */
-    int64_t amin = tuna_train_attention_work_min(m->ops, max_len);
+    int64_t amin = tuna_train_attention_work_min(m->ops, max_len, a->head_dim, t->fast);
     if (amin > t->attn_floats) {
         int64_t want = amin * a->n_kv_heads, cap = (int64_t)1 << 28;
         if (want > cap) want = amin > cap ? amin : cap - cap % amin;
@@ -200,7 +201,8 @@ tuna_status tuna_train_forward(tuna_trainer *t, const struct tuna_batch *b, int6
     m->ops->embedding(m->be, t->x, b->tokens, T, &m->embed, m->embed_scale);
     for (int64_t l = 0; l < a->n_layers; l++) {
         if (t->ckpt) m->ops->copy(m->be, t->x_saved + l * T * C, t->x, (size_t)(T * C) * sizeof(float));
-        layer_fwd(t, l, &t->acts[t->ckpt ? 0 : l], t->x, b);
+        const int64_t k = t->ckpt ? 0 : l;
+        layer_fwd(t, l, &t->acts[k], t->lse + k * T * a->n_heads, t->x, b);
     }
     int64_t n = 0;
     for (int64_t i = 0; i < T; i++)
@@ -216,5 +218,5 @@ void tuna_train_recompute_layer(tuna_trainer *t, int64_t l, const struct tuna_ba
 {
     const int64_t T = b->n, C = t->m->arch.hidden_size;
     t->m->ops->copy(t->m->be, t->x, t->x_saved + l * T * C, (size_t)(T * C) * sizeof(float));
-    layer_fwd(t, l, &t->acts[0], t->x, b);
+    layer_fwd(t, l, &t->acts[0], t->lse, t->x, b);
 }

@@ -17,8 +17,9 @@ const struct tuna_train_ops *tuna_backend_train_ops(const struct tuna_backend_op
     return NULL;
 }
 
-int64_t tuna_train_attention_work_min(const struct tuna_backend_ops *ops, int64_t max_len)
+int64_t tuna_train_attention_work_min(const struct tuna_backend_ops *ops, int64_t max_len, int64_t D, bool fast)
 {
     if (ops->host_memory) return 0;
+    if (fast && D >= 1 && D <= 128) return 0; /* CUDA's flash kernels (TUNA_CUDA_FLASH_MAX_D) */
     return 2 * max_len * max_len;
 }

@@ -368,8 +368,8 @@ static void linear_backward(tuna_trainer *t, int64_t layer, int proj, float *dx,
 
 /* Backward of one layer given g.dx (gradient of the layer's output), leaving in g.dx the
  * gradient of its input. The forward's op list, reversed. */
-static void layer_backward(tuna_trainer *t, int64_t l, const struct tuna_fwd_layer_acts *A, const int64_t *pos,
-                           int64_t T)
+static void layer_backward(tuna_trainer *t, int64_t l, const struct tuna_fwd_layer_acts *A, const float *lse,
+                           const int64_t *pos, int64_t T)
 {
     struct tuna_model *m = t->m;
     const struct tuna_train_ops *to = t->tops;
@@ -395,7 +395,7 @@ static void layer_backward(tuna_trainer *t, int64_t l, const struct tuna_fwd_lay
     to->zero(be, g->dq, T * H * D);
     to->zero(be, g->dk, T * Hkv * D);
     to->zero(be, g->dv, T * Hkv * D);
-    to->attention_backward(be, g->dq, g->dk, g->dv, g->datt, A->q, A->k, A->v, pos, T, H, Hkv, D,
+    to->attention_backward(be, g->dq, g->dk, g->dv, g->datt, A->att, lse, A->q, A->k, A->v, pos, T, H, Hkv, D,
                            (float)(1.0 / sqrt((double)D)), a->sliding_window, t->fast, (float *)t->attn_mem,
                            t->attn_floats);
     to->rope_backward(be, g->dq, pos, T, H, D, m->rot_dim, m->inv_freq, m->attn_factor);
@@ -481,11 +481,13 @@ static tuna_status micro_step(tuna_trainer *t, const struct tuna_train_batch *tb
     t->tops->scatter_add_rows(m->be, t->g.dx, t->dsel, t->sel_rows, n, C);
     for (int64_t l = a->n_layers - 1; l >= 0; l--) {
         const struct tuna_fwd_layer_acts *acts = &t->acts[l];
+        const float *lse = t->lse + l * T * a->n_heads;
         if (t->ckpt) {
             tuna_train_recompute_layer(t, l, &fb); /* the layer again, from its saved input */
             acts = &t->acts[0];
+            lse = t->lse;
         }
-        layer_backward(t, l, acts, fb.pos, T);
+        layer_backward(t, l, acts, lse, fb.pos, T);
     }
     /* the embedding is frozen: the gradient stops here */
     st = m->ops->sync(m->be);

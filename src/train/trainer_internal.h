@@ -50,6 +50,7 @@ struct tuna_trainer {
     void *mem;                        /* one allocation for everything below */
     struct tuna_fwd_layer_acts *acts; /* [L] ([1] with checkpointing: the layer being worked on); host */
     float *x_saved;                   /* [L, T, C] layer inputs (checkpointing) */
+    float *lse;                       /* [nact, T, H] attention log-sum-exps of each kept layer */
     float *x, *tmp;                   /* [T, C] */
     float *sel_in, *sel_n;            /* [T, C] rows with a target: before / after the final norm */
     float *dsel_n, *dsel;             /* [T, C] their gradients */

@@ -79,6 +79,7 @@ void tuna_rope_backward(float *d, const int64_t *pos, int64_t T, int64_t H, int6
 
 struct attn_bwd {
     float *out; /* forward: out[T, H*D] (then dq, dk, dv, dout are unused) */
+    float *lse; /* forward, may be NULL: [T, H] log of the softmax denominators */
     float *dq, *dk, *dv;
     const float *dout, *q, *k, *v;
     const int64_t *pos;
@@ -116,6 +117,7 @@ static void attn_bwd_task(const struct attn_bwd *a, int64_t task, double *p)
                 sum += p[j];
             }
             if (a->out) { /* forward: out = softmax v, accumulated in double */
+                if (a->lse) a->lse[t * a->H + h] = (float)(m + log(sum));
                 for (int64_t e = 0; e < D; e++)
                     acc[e] = 0;
                 for (int64_t j = 0; j < n; j++) {
@@ -178,7 +180,7 @@ void tuna_backward_set_threads(int n)
 }
 
 /* One pass of the forward (out != NULL) or the backward over every (sequence, kv head). */
-static void attn_run(float *out, float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
+static void attn_run(float *out, float *lse, float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
                      const float *v, const int64_t *pos, int64_t T, int64_t H, int64_t Hkv, int64_t D, float scale,
                      int64_t window)
 {
@@ -192,7 +194,7 @@ static void attn_run(float *out, float *dq, float *dk, float *dv, const float *d
     for (int64_t t = 0, s = 0; t < T; t++)
         if (pos[t] == 0) starts[s++] = t;
     starts[n_seq] = T;
-    struct attn_bwd a = {out, dq, dk, dv, dout, q, k, v, pos, T, H, Hkv, D, window, maxlen, scale, starts, n_seq, 0};
+    struct attn_bwd a = {out, lse, dq, dk, dv, dout, q, k, v, pos, T, H, Hkv, D, window, maxlen, scale, starts, n_seq, 0};
     int nt = bwd_threads > 0 ? bwd_threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
     if (nt > 64) nt = 64;
     if ((int64_t)nt > n_seq * Hkv) nt = (int)(n_seq * Hkv);
@@ -211,13 +213,13 @@ void tuna_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                              const float *v, const int64_t *pos, int64_t T, int64_t H, int64_t Hkv, int64_t D,
                              float scale, int64_t window)
 {
-    attn_run(NULL, dq, dk, dv, dout, q, k, v, pos, T, H, Hkv, D, scale, window);
+    attn_run(NULL, NULL, dq, dk, dv, dout, q, k, v, pos, T, H, Hkv, D, scale, window);
 }
 
-void tuna_attention_forward_train(float *out, const float *q, const float *k, const float *v, const int64_t *pos,
+void tuna_attention_forward_train(float *out, float *lse, const float *q, const float *k, const float *v, const int64_t *pos,
                                   int64_t T, int64_t H, int64_t Hkv, int64_t D, float scale, int64_t window)
 {
-    attn_run(out, NULL, NULL, NULL, NULL, q, k, v, pos, T, H, Hkv, D, scale, window);
+    attn_run(out, lse, NULL, NULL, NULL, NULL, q, k, v, pos, T, H, Hkv, D, scale, window);
 }
 
 void tuna_glu_backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up, int64_t n,

@@ -102,21 +102,21 @@ static void cpu_rope_backward(tuna_backend *be, float *d, const int64_t *pos, in
     tuna_rope_backward(d, pos, T, H, D, rot_dim, inv_freq, attn_factor);
 }
 
-static void cpu_attention_forward(tuna_backend *be, float *out, const float *q, const float *k, const float *v,
+static void cpu_attention_forward(tuna_backend *be, float *out, float *lse, const float *q, const float *k, const float *v,
                                   const int64_t *pos, int64_t T, int64_t H, int64_t Hkv, int64_t D, float scale,
                                   int64_t window, bool fast, float *work, int64_t work_floats)
 {
     (void)fast, (void)work, (void)work_floats;
     tuna_backward_set_threads(tuna_cpu_backend_threads(be));
-    tuna_attention_forward_train(out, q, k, v, pos, T, H, Hkv, D, scale, window);
+    tuna_attention_forward_train(out, lse, q, k, v, pos, T, H, Hkv, D, scale, window);
 }
 
-static void cpu_attention_backward(tuna_backend *be, float *dq, float *dk, float *dv, const float *dout, const float *q,
-                                   const float *k, const float *v, const int64_t *pos, int64_t T, int64_t H,
+static void cpu_attention_backward(tuna_backend *be, float *dq, float *dk, float *dv, const float *dout,
+                                   const float *out, const float *lse, const float *q, const float *k, const float *v, const int64_t *pos, int64_t T, int64_t H,
                                    int64_t Hkv, int64_t D, float scale, int64_t window, bool fast, float *work,
                                    int64_t work_floats)
 {
-    (void)fast, (void)work, (void)work_floats;
+    (void)fast, (void)work, (void)work_floats, (void)out, (void)lse; /* the reference recomputes them */
     tuna_backward_set_threads(tuna_cpu_backend_threads(be));
     tuna_attention_backward(dq, dk, dv, dout, q, k, v, pos, T, H, Hkv, D, scale, window);
 }

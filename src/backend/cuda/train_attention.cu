@@ -9,8 +9,9 @@
  * The probabilities are recomputed in backward (one more GEMM) instead of kept per layer.
  * Heads h = kvh·group + g of one g are group·D floats apart in q/out rows, kv heads D apart in
  * k/v rows: constant strides, so one strided-batched GEMM serves a chunk of kv heads.
- * Memory: 2 · hc · n² floats of work (n = the sequence length). A flash-style kernel that never
- * materializes P is the next step for speed and memory (docs/PERFORMANCE.md). */
+ * Memory: 2 · hc · n² floats of work (n = the sequence length). This is the exact float32 path
+ * (fast = false) and the one for head dims past TUNA_CUDA_FLASH_MAX_D; the bf16 mode runs the
+ * flash kernels of train_flash.cu (no n² scratch). */
 #include <math.h>
 
 #include "backend/cuda/train_cuda.h"
@@ -31,8 +32,10 @@ static bool bgemm(tuna_backend *be, cublasOperation_t oa, cublasOperation_t ob, 
 }
 
 /* One block per row r of S [rows = hc·n, n]: row i = r % n of its head keeps columns
- * [lo, i] (lo = i - window + 1 with a window), softmax over them, 0 elsewhere. In place. */
-__global__ void k_train_causal_softmax(float *S, int64_t n, int64_t window)
+ * [lo, i] (lo = i - window + 1 with a window), softmax over them, 0 elsewhere. In place.
+ * lse (may be NULL): row i of head chunk c = r / n gets lse[i * H + c * hstride] = its
+ * log-sum-exp. */
+__global__ void k_train_causal_softmax(float *S, int64_t n, int64_t window, float *lse, int64_t H, int64_t hstride)
 {
     __shared__ float red[64];
     const int64_t r = blockIdx.x, i = r % n;
@@ -48,6 +51,7 @@ __global__ void k_train_causal_softmax(float *S, int64_t n, int64_t window)
         sum += expf(row[j] - mx);
     sum = tuna_block_sum(sum, red);
     const float inv = 1.0f / sum;
+    if (lse && threadIdx.x == 0) lse[i * H + (r / n) * hstride] = mx + logf(sum);
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
         row[j] = (j >= lo && j <= i) ? expf(row[j] - mx) * inv : 0.0f;
 }
@@ -135,11 +139,20 @@ static unsigned row_threads(int64_t n)
     return n >= 1024 ? 512u : n >= 256 ? 256u : 128u;
 }
 
-void tuna_cuda_train_attention_forward(tuna_backend *be, float *out, const float *q, const float *k, const float *v,
-                                       const int64_t *pos, int64_t T, int64_t H, int64_t Hkv, int64_t D, float scale,
-                                       int64_t window, bool fast, float *work, int64_t work_floats)
+void tuna_cuda_train_attention_forward(tuna_backend *be, float *out, float *lse, const float *q, const float *k,
+                                       const float *v, const int64_t *pos, int64_t T, int64_t H, int64_t Hkv,
+                                       int64_t D, float scale, int64_t window, bool fast, float *work,
+                                       int64_t work_floats)
 {
     if (be->sticky || T <= 0) return;
+    if (fast && tuna_cuda_train_flash_ok(D)) {
+        if (Hkv <= 0 || H % Hkv != 0) {
+            tuna_cuda_check(be, cudaErrorInvalidValue, "training attention (H not a multiple of Hkv)");
+            return;
+        }
+        tuna_cuda_train_flash_forward(be, out, lse, q, k, v, pos, T, H, Hkv, D, scale, window);
+        return;
+    }
     const int64_t HD = H * D, KD = Hkv * D, group = H / (Hkv > 0 ? Hkv : 1);
     for_chunks(be, pos, T, H, Hkv, work_floats, 1, [&](int64_t s0, int64_t n, int64_t g, int64_t h0, int64_t hc) {
         const float *Q = q + s0 * HD + (h0 * group + g) * D, *Kp = k + s0 * KD + h0 * D, *Vp = v + s0 * KD + h0 * D;
@@ -148,7 +161,8 @@ void tuna_cuda_train_attention_forward(tuna_backend *be, float *out, const float
         if (!bgemm(be, CUBLAS_OP_T, CUBLAS_OP_N, n, n, D, scale, Kp, KD, D, Q, HD, group * D, 0.0f, S, n, n * n, hc,
                    fast))
             return;
-        k_train_causal_softmax<<<(unsigned)(hc * n), row_threads(n), 0, be->stream>>>(S, n, window);
+        k_train_causal_softmax<<<(unsigned)(hc * n), row_threads(n), 0, be->stream>>>(
+            S, n, window, lse ? lse + s0 * H + h0 * group + g : NULL, H, group);
         if (!tuna_cuda_check_launch(be, "k_train_causal_softmax")) return;
         /* O[n, D] = P V: column-major O^T = V^T P^T */
         bgemm(be, CUBLAS_OP_N, CUBLAS_OP_N, D, n, n, 1.0f, Vp, KD, D, S, n, n * n, 0.0f, O, HD, group * D, hc, fast);
@@ -156,11 +170,20 @@ void tuna_cuda_train_attention_forward(tuna_backend *be, float *out, const float
 }
 
 void tuna_cuda_train_attention_backward(tuna_backend *be, float *dq, float *dk, float *dv, const float *dout,
-                                        const float *q, const float *k, const float *v, const int64_t *pos, int64_t T,
-                                        int64_t H, int64_t Hkv, int64_t D, float scale, int64_t window, bool fast,
-                                        float *work, int64_t work_floats)
+                                        const float *out, const float *lse, const float *q, const float *k,
+                                        const float *v, const int64_t *pos, int64_t T, int64_t H, int64_t Hkv,
+                                        int64_t D, float scale, int64_t window, bool fast, float *work,
+                                        int64_t work_floats)
 {
     if (be->sticky || T <= 0) return;
+    if (fast && tuna_cuda_train_flash_ok(D)) {
+        if (Hkv <= 0 || H % Hkv != 0) {
+            tuna_cuda_check(be, cudaErrorInvalidValue, "training attention (H not a multiple of Hkv)");
+            return;
+        }
+        tuna_cuda_train_flash_backward(be, dq, dk, dv, dout, out, lse, q, k, v, pos, T, H, Hkv, D, scale, window);
+        return;
+    }
     const int64_t HD = H * D, KD = Hkv * D, group = H / (Hkv > 0 ? Hkv : 1);
     for_chunks(be, pos, T, H, Hkv, work_floats, 2, [&](int64_t s0, int64_t n, int64_t g, int64_t h0, int64_t hc) {
         const int64_t qo = s0 * HD + (h0 * group + g) * D, ko = s0 * KD + h0 * D;
@@ -170,7 +193,7 @@ void tuna_cuda_train_attention_backward(tuna_backend *be, float *dq, float *dk, 
         if (!bgemm(be, CUBLAS_OP_T, CUBLAS_OP_N, n, n, D, scale, Kp, KD, D, Q, HD, group * D, 0.0f, P, n, n * n, hc,
                    fast))
             return;
-        k_train_causal_softmax<<<(unsigned)(hc * n), row_threads(n), 0, be->stream>>>(P, n, window);
+        k_train_causal_softmax<<<(unsigned)(hc * n), row_threads(n), 0, be->stream>>>(P, n, window, NULL, H, group);
         if (!tuna_cuda_check_launch(be, "k_train_causal_softmax")) return;
         /* dP[i, j] = dO_i · v_j: column-major dP^T = V dO^T */
         if (!bgemm(be, CUBLAS_OP_T, CUBLAS_OP_N, n, n, D, 1.0f, Vp, KD, D, dO, HD, group * D, 0.0f, dS, n, n * n, hc,

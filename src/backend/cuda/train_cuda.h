@@ -23,13 +23,27 @@ void tuna_cuda_train_lora_backward(tuna_backend *be, float *dx, float *dA, float
                                    const struct tuna_lora *lora, int64_t T, int64_t N, int64_t K, float *work);
 
 /* train_attention.cu */
-void tuna_cuda_train_attention_forward(tuna_backend *be, float *out, const float *q, const float *k, const float *v,
-                                       const int64_t *pos, int64_t T, int64_t H, int64_t Hkv, int64_t D, float scale,
-                                       int64_t window, bool fast, float *work, int64_t work_floats);
+void tuna_cuda_train_attention_forward(tuna_backend *be, float *out, float *lse, const float *q, const float *k,
+                                       const float *v, const int64_t *pos, int64_t T, int64_t H, int64_t Hkv,
+                                       int64_t D, float scale, int64_t window, bool fast, float *work,
+                                       int64_t work_floats);
 void tuna_cuda_train_attention_backward(tuna_backend *be, float *dq, float *dk, float *dv, const float *dout,
-                                        const float *q, const float *k, const float *v, const int64_t *pos, int64_t T,
-                                        int64_t H, int64_t Hkv, int64_t D, float scale, int64_t window, bool fast,
-                                        float *work, int64_t work_floats);
+                                        const float *out, const float *lse, const float *q, const float *k,
+                                        const float *v, const int64_t *pos, int64_t T, int64_t H, int64_t Hkv,
+                                        int64_t D, float scale, int64_t window, bool fast, float *work,
+                                        int64_t work_floats);
+
+/* train_flash.cu: flash attention on bf16 tensor cores (no scratch) for head dims up to
+ * TUNA_CUDA_FLASH_MAX_D; the backward needs the forward's out and lse. */
+#define TUNA_CUDA_FLASH_MAX_D 128
+bool tuna_cuda_train_flash_ok(int64_t D);
+void tuna_cuda_train_flash_forward(tuna_backend *be, float *out, float *lse, const float *q, const float *k,
+                                   const float *v, const int64_t *pos, int64_t T, int64_t H, int64_t Hkv, int64_t D,
+                                   float scale, int64_t window);
+void tuna_cuda_train_flash_backward(tuna_backend *be, float *dq, float *dk, float *dv, const float *dout,
+                                    const float *out, const float *lse, const float *q, const float *k, const float *v,
+                                    const int64_t *pos, int64_t T, int64_t H, int64_t Hkv, int64_t D, float scale,
+                                    int64_t window);
 
 /* Sums of one or two values over a block of blockDim.x threads (a multiple of 32, at most 1024);
  * every thread gets the totals. red: __shared__ scratch of 64 entries of T. */
