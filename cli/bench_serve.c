@@ -12,8 +12,7 @@
 #include "cli.h"
 #include "core/file.h"
 #include "core/status.h"
-#include "infer_common.h"
-#include "model/memplan.h"
+#include "engine_opts.h"
 #include "serve/bench.h"
 #include "serve/loras.h"
 
@@ -31,19 +30,14 @@ static void usage(FILE *f)
                "                                uses adapter i mod K (default: none; rank 16)\n"
                "  --seed S                      prompt ids (default 0)\n"
                "  --json FILE                   also write the results as one JSON object\n"
-               "engine options, as `tuna serve` (same defaults):\n"
-               "  --kv-cache-gb G, --gpu-memory-utilization F, --block-size N, --max-num-seqs N,\n"
-               "  --max-num-batched-tokens N, --no-enable-prefix-caching, --max-model-len N, --threads N,\n"
-               "  --device D, --dtype T, --load-in-4bit\n");
+               "engine options, as `tuna serve` (same defaults):\n");
+    engine_opts_help(f);
 }
 
 struct opts {
     const char *dir, *synth, *json;
     long long requests, plen, gen, conc, loras, rank, seed;
-    long long max_model_len, block_size, max_num_seqs, max_batched, threads;
-    double kv_gb, gpu_util;
-    bool prefix_caching;
-    struct tuna_model_opts dev;
+    struct engine_opts eng; /* `tuna serve`'s engine options and defaults */
 };
 
 static bool parse(int argc, char **argv, struct opts *o, bool *help)
@@ -64,19 +58,8 @@ static bool parse(int argc, char **argv, struct opts *o, bool *help)
             tuna_cli_opt_int(argc, argv, &i, "--loras", &o->loras, &bad) ||
             tuna_cli_opt_int(argc, argv, &i, "--lora-rank", &o->rank, &bad) ||
             tuna_cli_opt_int(argc, argv, &i, "--seed", &o->seed, &bad) ||
-            tuna_cli_opt_int(argc, argv, &i, "--max-model-len", &o->max_model_len, &bad) ||
-            tuna_cli_opt_int(argc, argv, &i, "--block-size", &o->block_size, &bad) ||
-            tuna_cli_opt_int(argc, argv, &i, "--max-num-seqs", &o->max_num_seqs, &bad) ||
-            tuna_cli_opt_int(argc, argv, &i, "--max-num-batched-tokens", &o->max_batched, &bad) ||
-            tuna_cli_opt_int(argc, argv, &i, "--threads", &o->threads, &bad) ||
-            tuna_cli_opt_float(argc, argv, &i, "--kv-cache-gb", &o->kv_gb, &bad) ||
-            tuna_cli_opt_float(argc, argv, &i, "--gpu-memory-utilization", &o->gpu_util, &bad))
+            engine_opts_parse(&o->eng, argc, argv, &i, &bad))
             continue;
-        if (infer_device_parse(&o->dev, argc, argv, &i, &bad)) continue;
-        if (!strcmp(argv[i], "--enable-prefix-caching") || !strcmp(argv[i], "--no-enable-prefix-caching")) {
-            o->prefix_caching = argv[i][2] == 'e';
-            continue;
-        }
         if (argv[i][0] == '-' || o->dir) {
             fprintf(stderr, "tuna bench --serve: unexpected argument %s\n", argv[i]);
             bad = true;
@@ -89,13 +72,12 @@ static bool parse(int argc, char **argv, struct opts *o, bool *help)
         bad = true;
     }
     if (!bad && (o->requests < 1 || o->plen < 1 || o->gen < 1 || o->conc < 0 || o->loras < 0 || o->loras > 64 ||
-                 o->rank < 1 || o->rank > 256 || o->kv_gb < 0 || o->gpu_util <= 0 || o->gpu_util > 1 ||
-                 o->block_size < 1 || o->block_size > 1024 || o->max_num_seqs < 1 || o->max_num_seqs > 256 ||
-                 o->max_batched < 1 || o->max_model_len < 0 || o->seed < 0)) {
+                 o->rank < 1 || o->rank > 256 || o->seed < 0)) {
         fprintf(stderr, "tuna bench --serve: out of range: --requests, --prompt-len, --gen >= 1; --concurrency >= 0; "
-                        "--loras 0..64; --lora-rank 1..256; --max-num-seqs 1..256; --block-size 1..1024\n");
+                        "--loras 0..64; --lora-rank 1..256; --seed >= 0\n");
         bad = true;
     }
+    if (!bad && !engine_opts_check(&o->eng, "tuna bench --serve")) bad = true;
     return !bad;
 }
 
@@ -189,16 +171,8 @@ static double now_s(void)
 
 int bench_serve_main(int argc, char **argv)
 {
-    struct opts o = {.requests = 1000,
-                     .plen = 1000,
-                     .gen = 1000,
-                     .rank = 16,
-                     .block_size = 16,
-                     .max_num_seqs = 128,
-                     .max_batched = 2048,
-                     .gpu_util = 0.9,
-                     .prefix_caching = true};
-    o.dev.device = TUNA_DEVICE_AUTO;
+    struct opts o = {.requests = 1000, .plen = 1000, .gen = 1000, .rank = 16};
+    engine_opts_init(&o.eng);
     bool help = false;
     if (!parse(argc, argv, &o, &help)) {
         usage(stderr);
@@ -208,9 +182,7 @@ int bench_serve_main(int argc, char **argv)
         usage(stdout);
         return 0;
     }
-    struct tuna_model_opts mo = o.dev;
-    mo.threads = (int)o.threads;
-    mo.max_model_len = o.max_model_len;
+    struct tuna_model_opts mo = engine_opts_model(&o.eng);
     struct synth syn = {0};
     struct tuna_model *m = NULL;
     tuna_tokenizer *tok = NULL;
@@ -225,23 +197,8 @@ int bench_serve_main(int argc, char **argv)
     double load_s = now_s() - t0;
     struct tuna_engine_config ec = {0};
     if (!st) {
-        struct tuna_mem_request mr = {o.max_batched, o.max_num_seqs, (int32_t)o.block_size, o.kv_gb, o.gpu_util};
-        struct tuna_mem_plan plan;
-        st = tuna_mem_plan_make(m, &mr, &plan);
-        if (!st) tuna_mem_plan_print(&plan, m, stderr);
-        ec.kv_tokens = plan.kv_tokens;
-        if (!st && plan.on_gpu && o.kv_gb <= 0 && o.loras) { /* as tuna serve: adapters out of the KV share */
-            double lb = tuna_serve_lora_bytes(m, (int)o.loras, o.rank);
-            int64_t drop = ((int64_t)(lb / plan.kv_per_token) + o.block_size) / o.block_size * o.block_size;
-            ec.kv_tokens = plan.kv_tokens > drop + m->max_model_len ? plan.kv_tokens - drop : m->max_model_len;
-            fprintf(stderr, "  LoRA adapters       %.2f GiB for %lld adapters of rank %lld: KV cache %lld tokens\n",
-                    lb / 1073741824.0, o.loras, o.rank, (long long)ec.kv_tokens);
-        }
-        ec.block_size = (int32_t)o.block_size;
-        ec.max_num_seqs = o.max_num_seqs;
-        ec.max_num_batched_tokens = o.max_batched;
+        st = engine_opts_plan(&o.eng, m, (int)o.loras, o.rank, &ec); /* as tuna serve: adapters out of the KV share */
         ec.max_pending = o.requests;
-        ec.enable_prefix_caching = o.prefix_caching;
     }
     if (!st && o.loras) st = tuna_serve_bench_make_adapters(m, (int)o.loras, o.rank, (uint64_t)o.seed + 1, ads);
     struct tuna_serve_bench_config bc = {

@@ -6,8 +6,7 @@
 #include <string.h>
 
 #include "cli.h"
-#include "infer_common.h"
-#include "model/memplan.h"
+#include "engine_opts.h"
 #include "core/status.h"
 #include "lora/lora.h"
 #include "model/model.h"
@@ -28,20 +27,8 @@ static void usage(FILE *f)
                "  --port N                      port (default 8000; 0 = any free port, printed at start)\n"
                "  --api-key KEY                 require 'Authorization: Bearer KEY' on /v1/ routes\n"
                "  --served-model-name NAME      model name in the API (default: DIR's last component)\n"
-               "  --max-model-len N             context limit (default: max_position_embeddings)\n"
-               "  --kv-cache-gb G               KV cache size in GiB (default: 1 on the CPU; on the GPU what\n"
-               "                                --gpu-memory-utilization leaves after weights and activations)\n"
-               "  --gpu-memory-utilization F    fraction of the GPU's memory tuna may use (default 0.9)\n"
-               "  --block-size N                KV tokens per block (default 16)\n"
-               "  --max-num-seqs N              sequences running at once (default 128, at most 256)\n"
-               "  --max-num-batched-tokens N    tokens per step, prefill chunks included (default 2048)\n"
                "  --max-pending N               requests queued or running at most; more get 429 (default 1024)\n"
-               "  --enable-prefix-caching       reuse cached KV blocks of earlier prompts that share a prefix\n"
-               "  --no-enable-prefix-caching    (default: on, as vLLM; hits count in vllm:prefix_cache_hits)\n"
                "  --max-request-bytes N         request bodies above this get 413 (default 4194304)\n"
-               "  --threads N                   CPU threads (default: all)\n"
-               "  --device D                    cpu, cuda, cuda:N or auto (default: the GPU when there is one)\n"
-               "  --dtype T                     GPU compute dtype: auto, bfloat16, float16, float32\n"
                "  --lora-modules NAME=DIR       serve a PEFT LoRA adapter as model NAME (repeatable, up to 16);\n"
                "                                requests pick it with \"model\": \"NAME\"\n"
                "  --lora-root DIR               allow POST /v1/load_lora_adapter {\"lora_name\", \"lora_path\"} and\n"
@@ -49,19 +36,19 @@ static void usage(FILE *f)
                "                                (paths leaving DIR, by .. or symlinks, are refused)\n"
                "  --max-loras N                 adapters resident at once (default: 1, or the --lora-modules count);\n"
                "                                loading one more is refused (400): unload one first\n"
-               "  --max-lora-rank R             refuse adapters of higher rank (default 16, as vLLM)\n");
+               "  --max-lora-rank R             refuse adapters of higher rank (default 16, as vLLM)\n"
+               "engine:\n");
+    engine_opts_help(f);
 }
 
 struct serve_opts {
     const char *dir, *host, *api_key, *name;
-    long long port, max_model_len, block_size, max_num_seqs, max_batched, max_pending, max_body, threads;
-    double kv_gb, gpu_util;
-    bool prefix_caching;
+    long long port, max_pending, max_body;
     const char *lora_names[16], *lora_dirs[16];
     int n_lora;
     const char *lora_root;
     long long max_loras, max_lora_rank;
-    struct tuna_model_opts dev; /* --device, --dtype */
+    struct engine_opts eng; /* the engine's options, shared with `tuna bench --serve` */
 };
 
 /* NAME=DIR into the adapter table (strings point into argv). */
@@ -93,21 +80,10 @@ static bool parse_args(int argc, char **argv, struct serve_opts *o, bool *help)
             tuna_cli_opt_int(argc, argv, &i, "--max-loras", &o->max_loras, &bad) ||
             tuna_cli_opt_int(argc, argv, &i, "--max-lora-rank", &o->max_lora_rank, &bad) ||
             tuna_cli_opt_int(argc, argv, &i, "--port", &o->port, &bad) ||
-            tuna_cli_opt_int(argc, argv, &i, "--max-model-len", &o->max_model_len, &bad) ||
-            tuna_cli_opt_int(argc, argv, &i, "--block-size", &o->block_size, &bad) ||
-            tuna_cli_opt_int(argc, argv, &i, "--max-num-seqs", &o->max_num_seqs, &bad) ||
-            tuna_cli_opt_int(argc, argv, &i, "--max-num-batched-tokens", &o->max_batched, &bad) ||
             tuna_cli_opt_int(argc, argv, &i, "--max-pending", &o->max_pending, &bad) ||
             tuna_cli_opt_int(argc, argv, &i, "--max-request-bytes", &o->max_body, &bad) ||
-            tuna_cli_opt_int(argc, argv, &i, "--threads", &o->threads, &bad) ||
-            tuna_cli_opt_float(argc, argv, &i, "--kv-cache-gb", &o->kv_gb, &bad) ||
-            tuna_cli_opt_float(argc, argv, &i, "--gpu-memory-utilization", &o->gpu_util, &bad))
+            engine_opts_parse(&o->eng, argc, argv, &i, &bad))
             continue;
-        if (infer_device_parse(&o->dev, argc, argv, &i, &bad)) continue;
-        if (!strcmp(argv[i], "--enable-prefix-caching") || !strcmp(argv[i], "--no-enable-prefix-caching")) {
-            o->prefix_caching = argv[i][2] == 'e';
-            continue;
-        }
         const char *spec = NULL;
         if (tuna_cli_opt_str(argc, argv, &i, "--lora-modules", &spec, &bad)) {
             if (!bad && !add_lora(o, (char *)spec)) bad = true;
@@ -130,13 +106,11 @@ static bool parse_args(int argc, char **argv, struct serve_opts *o, bool *help)
         fprintf(stderr, "tuna serve: need the model folder DIR\n");
         bad = true;
     }
-    if (!bad && (o->port < 0 || o->port > 65535 || o->kv_gb < 0 || o->gpu_util <= 0 || o->gpu_util > 1 || o->block_size <= 0 || o->block_size > 1024 ||
-                 o->max_num_seqs <= 0 || o->max_num_seqs > 256 || o->max_batched <= 0 || o->max_pending <= 0 ||
-                 o->max_body <= 0 || o->max_model_len < 0)) {
-        fprintf(stderr, "tuna serve: out of range: --port 0..65535, --kv-cache-gb > 0, --block-size 1..1024, "
-                        "--max-num-seqs 1..256, other limits > 0\n");
+    if (!bad && (o->port < 0 || o->port > 65535 || o->max_pending <= 0 || o->max_body <= 0)) {
+        fprintf(stderr, "tuna serve: out of range: --port 0..65535, --max-pending and --max-request-bytes > 0\n");
         bad = true;
     }
+    if (!bad && !engine_opts_check(&o->eng, "tuna serve")) bad = true;
     return !bad;
 }
 
@@ -153,10 +127,9 @@ static const char *base_name(const char *dir, char *buf, size_t cap)
 
 int cmd_serve(int argc, char **argv)
 {
-    struct serve_opts o = {.host = "127.0.0.1", .port = 8000, .kv_gb = 0, .gpu_util = 0.9, .block_size = 16, .max_num_seqs = 128,
-                           .max_batched = 2048, .max_pending = 1024, .max_body = 4 << 20, .prefix_caching = true,
+    struct serve_opts o = {.host = "127.0.0.1", .port = 8000, .max_pending = 1024, .max_body = 4 << 20,
                            .max_lora_rank = 16};
-    o.dev.device = TUNA_DEVICE_AUTO;
+    engine_opts_init(&o.eng);
     bool help = false;
     if (!parse_args(argc, argv, &o, &help)) {
         usage(stderr);
@@ -187,9 +160,7 @@ int cmd_serve(int argc, char **argv)
     struct tuna_metrics metrics;
     tuna_metrics_init(&metrics);
     struct tuna_gen_config gc;
-    struct tuna_model_opts mo = o.dev;
-    mo.threads = (int)o.threads;
-    mo.max_model_len = o.max_model_len;
+    struct tuna_model_opts mo = engine_opts_model(&o.eng);
     /* adapters run on either backend: each attach gives the GPU fresh copies (model.h, lora_dev) */
     tuna_status st = TUNA_OK;
     if (!st) st = tuna_serve_loras_init(&loras, (int)o.max_loras, o.max_lora_rank, o.lora_root);
@@ -214,37 +185,8 @@ int cmd_serve(int argc, char **argv)
     }
     struct tuna_engine_config ec = {0};
     if (!st) {
-        struct tuna_mem_request mr = {o.max_batched, o.max_num_seqs, (int32_t)o.block_size, o.kv_gb, o.gpu_util};
-        struct tuna_mem_plan plan;
-        st = tuna_mem_plan_make(m, &mr, &plan);
-        if (!st) {
-            tuna_mem_plan_print(&plan, m, stderr);
-            fprintf(stderr, "  max concurrency     %.2fx requests of %lld tokens; prefix caching %s\n",
-                    (double)plan.kv_tokens / (double)m->max_model_len, (long long)m->max_model_len,
-                    o.prefix_caching ? "on" : "off");
-        }
-        ec.kv_tokens = plan.kv_tokens;
-        if (!st && plan.on_gpu && o.kv_gb <= 0 && (o.n_lora || o.lora_root)) {
-            /* the adapters' GPU copies come out of the KV cache's share: every slot at the rank limit */
-            double lb = tuna_serve_lora_bytes(m, (int)o.max_loras, o.max_lora_rank);
-            int64_t drop = (int64_t)(lb / plan.kv_per_token) + 1;
-            drop = (drop + o.block_size - 1) / o.block_size * o.block_size;
-            if (plan.kv_tokens - drop < m->max_model_len)
-                st = tuna_fail(TUNA_E_OOM, "%lld LoRA slots of rank %lld need %.2f GiB of GPU memory, which leaves the KV "
-                               "cache less than one sequence of %lld tokens: lower --max-loras, --max-lora-rank or "
-                               "--max-model-len, or raise --gpu-memory-utilization", o.max_loras, o.max_lora_rank,
-                               lb / 1073741824.0, (long long)m->max_model_len);
-            else {
-                ec.kv_tokens -= drop;
-                fprintf(stderr, "  LoRA adapters       %.2f GiB kept for %lld slots of rank <= %lld: KV cache %lld tokens\n",
-                        lb / 1073741824.0, o.max_loras, o.max_lora_rank, (long long)ec.kv_tokens);
-            }
-        }
-        ec.block_size = (int32_t)o.block_size;
-        ec.max_num_seqs = o.max_num_seqs;
-        ec.max_num_batched_tokens = o.max_batched;
+        st = engine_opts_plan(&o.eng, m, o.n_lora || o.lora_root ? (int)o.max_loras : 0, o.max_lora_rank, &ec);
         ec.max_pending = o.max_pending;
-        ec.enable_prefix_caching = o.prefix_caching;
         ec.max_loras = (int)o.max_loras;
     }
     int64_t eos[16];
