@@ -43,10 +43,14 @@ static void usage(FILE *f)
     fprintf(f,
             "usage: tuna bench train --synthetic llama-2-7b|llama-3-8b|llama-3.2-1b|llama-3-tiny [--seq 2048]\n"
             "                        [--batch 1] [--lora-r 16] [--load-in-4bit] [--gradient-checkpointing]\n"
-            "                        [--steps 3] [--warmup 1] [--device cuda|cpu] [--dtype auto|bfloat16|float32]\n\n"
+            "                        [--offload] [--steps 3] [--warmup 1] [--device cuda|cpu]\n"
+            "                        [--dtype auto|bfloat16|float32]\n\n"
             "LoRA (QLoRA with --load-in-4bit: NF4 + double quant) training on all seven projections of a\n"
             "synthetic model: tokens/s, peak GPU memory, model-FLOPs utilization (6N per token) against the\n"
-            "bf16 GEMM rate measured in the same run. One JSON line per measurement on stdout.\n");
+            "bf16 GEMM rate measured in the same run. One JSON line per measurement on stdout; the memory\n"
+            "plan and, after the first step, what the trainer holds by category on stderr.\n"
+            "--offload: the memory mode (gradient checkpointing with the layer inputs in page-locked host\n"
+            "memory, AdamW on the host, the MLP in chunks of rows; Unsloth's \"unsloth\" checkpointing).\n");
 }
 
 /* GPU memory in use by this process since `free0` (bytes; 0 without CUDA). */
@@ -110,11 +114,56 @@ done:
     return rate;
 }
 
+/* What the first step held, by category: the model's weights (measured after load; the 16-bit
+ * embedding and lm_head by construction), the trainer's buffers (tuna_trainer_memory), and the
+ * rest of the measured peak (the backend's scratch: cuBLAS workspace, a dequantized 4-bit weight,
+ * 16-bit copies of GEMM inputs; allocator rounding). One JSON line on stdout, a table on stderr. */
+static void print_memory(const tuna_trainer *t, const struct tuna_model *m, bool load4, uint64_t weights,
+                         uint64_t peak)
+{
+    struct tuna_train_memory tm;
+    tuna_trainer_memory(t, &tm);
+    const struct tuna_arch *a = &m->arch;
+    const double GB = 1e9;
+    const size_t emb = tuna_dtype_nbytes(m->embed.dtype, (uint64_t)(a->vocab_size * a->hidden_size));
+    const size_t head = m->lm_head.w.data == m->embed.data ? 0 : emb;
+    const size_t other = peak > weights + tm.total ? (size_t)(peak - weights - tm.total) : 0;
+    fprintf(stderr,
+            "memory (GB = 1e9 bytes; %lld tokens):\n"
+            "  model weights (measured)        %7.3f  (of which embedding %.3f, lm_head %.3f%s)\n"
+            "  LoRA params+grads%s     %7.3f\n"
+            "  checkpoints (device)            %7.3f\n"
+            "  kept layer activations          %7.3f\n"
+            "  layer backward buffers          %7.3f  (MLP rows per chunk %lld)\n"
+            "  residual, selected rows, lse    %7.3f\n"
+            "  attention scratch               %7.3f\n"
+            "  logits chunk                    %7.3f  (%lld rows)\n"
+            "  LoRA / dropout scratch          %7.3f\n"
+            "  backend scratch and other       %7.3f  (measured peak minus the above)\n"
+            "  peak (cudaMemGetInfo)           %7.3f\n"
+            "  host: checkpoints %.3f, optimizer %.3f\n",
+            (long long)tm.tokens, (double)weights / GB, (double)emb / GB, (double)head / GB,
+            load4 ? ", layers NF4" : "", tm.host_optimizer ? "          " : "+AdamW    ",
+            (double)tm.lora_state / GB, (double)tm.checkpoints / GB, (double)tm.layer_acts / GB,
+            (double)tm.layer_grads / GB, (long long)tm.mlp_rows, (double)tm.residual / GB, (double)tm.attention / GB,
+            (double)tm.logits / GB, (long long)tm.head_rows, (double)tm.lora_work / GB, (double)other / GB,
+            (double)peak / GB, (double)tm.host_checkpoints / GB, (double)tm.host_optimizer / GB);
+    printf("{\"what\": \"tuna_train_memory\", \"weights_GB\": %.4f, \"lora_state_GB\": %.4f, \"checkpoints_GB\": "
+           "%.4f, \"layer_acts_GB\": %.4f, \"layer_grads_GB\": %.4f, \"residual_GB\": %.4f, \"attention_GB\": %.4f, "
+           "\"logits_GB\": %.4f, \"lora_work_GB\": %.4f, \"other_GB\": %.4f, \"peak_GB\": %.4f, "
+           "\"host_checkpoints_GB\": %.4f, \"host_optimizer_GB\": %.4f}\n",
+           (double)weights / GB, (double)tm.lora_state / GB, (double)tm.checkpoints / GB, (double)tm.layer_acts / GB,
+           (double)tm.layer_grads / GB, (double)tm.residual / GB, (double)tm.attention / GB, (double)tm.logits / GB,
+           (double)tm.lora_work / GB, (double)other / GB, (double)peak / GB, (double)tm.host_checkpoints / GB,
+           (double)tm.host_optimizer / GB);
+    fflush(stdout);
+}
+
 int bench_train_main(int argc, char **argv)
 {
     const char *synth_name = NULL;
     long long seq = 2048, batch = 1, r = 16, steps = 3, warm = 1;
-    bool load4 = false, ckpt = false, bad = false;
+    bool load4 = false, ckpt = false, offload = false, bad = false;
     struct tuna_model_opts mo = {0};
     mo.device = TUNA_DEVICE_AUTO;
     for (int i = 1; i < argc && !bad; i++) {
@@ -136,6 +185,10 @@ int bench_train_main(int argc, char **argv)
         }
         if (!strcmp(a, "--gradient-checkpointing")) {
             ckpt = true;
+            continue;
+        }
+        if (!strcmp(a, "--offload")) {
+            offload = ckpt = true;
             continue;
         }
         if ((!strcmp(a, "--device") || !strcmp(a, "--dtype")) && infer_device_parse(&mo, argc, argv, &i, &bad))
@@ -171,13 +224,16 @@ int bench_train_main(int argc, char **argv)
     }
     fprintf(stderr, "model: synthetic %s on %s%s; seq %lld x batch %lld, r %lld, %s\n", synth_name, m->device_desc,
             load4 ? ", NF4 base (double quant)" : "", seq, batch, r,
-            ckpt ? "gradient checkpointing" : "every activation kept");
+            offload ? "offload (checkpoints and AdamW on the host)"
+            : ckpt  ? "gradient checkpointing"
+                    : "every activation kept");
 
     struct tuna_lora_train_opts lo;
     tuna_lora_train_opts_default(&lo);
     lo.r = r;
     lo.alpha = (double)r;
     lo.gradient_checkpointing = ckpt;
+    lo.offload = offload;
     struct tuna_optim_opts oo;
     tuna_optim_opts_default(&oo);
     oo.lr = 1e-4; /* the peer's */
@@ -215,6 +271,7 @@ int bench_train_main(int argc, char **argv)
         if (u > peak) peak = u;
         fprintf(stderr, "  step %lld%s: loss %.4f, %.3f s, %.0f tokens/s\n", k + 1, k < warm ? " (warm-up)" : "",
                 ss.loss, ss.seconds, (double)(B * T) / ss.seconds);
+        if (k == 0) print_memory(t, m, load4, gpu ? weights_bytes : 0, u);
     }
     const double step_s = timed / (double)steps, tok_s = (double)(B * T) / step_s;
     /* FLOPs: 6 N per token, N = every matmul's parameters */
@@ -230,11 +287,12 @@ int bench_train_main(int argc, char **argv)
            "(f32 activations rounded to bf16, f32 accumulation)\"}\n",
            m->ops->host_memory ? 1024 : 8192, m->ops->name, gemm);
     printf("{\"what\": \"tuna_train\", \"shape\": \"%s\", \"seq\": %lld, \"batch\": %lld, \"quant\": \"%s\", "
-           "\"lora_r\": %lld, \"grad_ckpt\": %s, \"device\": \"%s\", \"tok_per_s\": %.1f, \"step_s\": %.3f, "
+           "\"lora_r\": %lld, \"grad_ckpt\": %s, \"offload\": %s, \"device\": \"%s\", \"tok_per_s\": %.1f, \"step_s\": %.3f, "
            "\"peak_GiB\": %.2f, \"weights_GiB\": %.2f, \"model_TFLOPs\": %.4g, \"mfu\": %.3f, \"mfu_attn\": %.3f, "
            "\"flops_convention\": \"6N per token, N=%.3g (matmul weights incl. lm_head)\", \"loss_first\": %.4f, "
            "\"loss_last\": %.4f, \"load_s\": %.1f}\n",
-           synth_name, seq, batch, load4 ? "nf4-dq" : "bf16", r, ckpt ? "true" : "false", m->device_desc, tok_s, step_s,
+           synth_name, seq, batch, load4 ? "nf4-dq" : "bf16", r, ckpt ? "true" : "false", offload ? "true" : "false",
+           m->device_desc, tok_s, step_s,
            (double)peak / 1073741824.0, (double)weights_bytes / 1073741824.0, model_tflops,
            gemm > 0 ? model_tflops / gemm : 0.0, gemm > 0 ? (model_tflops + attn_tflops) / gemm : 0.0, N, loss0, loss1,
            load_s);

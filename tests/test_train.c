@@ -162,8 +162,11 @@ static double adapter_err(const struct tuna_lora_adapter *got, const struct tuna
     return worst;
 }
 
-static void fixture_run(const char *name, const char *base_rel, bool quantize, bool ckpt)
+/* mode 0: every activation kept; 1: gradient checkpointing; 2: the offload mode (checkpoints and
+ * AdamW on the host, the MLP in chunks of 5 rows: several per sequence, one ending mid-way) */
+static void fixture_run(const char *name, const char *base_rel, bool quantize, int mode)
 {
+    const bool ckpt = mode == 1;
     struct run r;
     bool ok;
     if (quantize && g_device != TUNA_DEVICE_CPU) {
@@ -175,11 +178,13 @@ static void fixture_run(const char *name, const char *base_rel, bool quantize, b
     run_open(&r, name, base_rel, &ok);
     if (!ok) skip();
     printf("%s (base %s%s%s)\n", name, base_rel, quantize ? ", quantized on load" : "",
-           ckpt ? ", gradient checkpointing" : "");
+           mode == 2 ? ", offload" : ckpt ? ", gradient checkpointing" : "");
     if (quantize) TT_OK(tuna_train_quantize_base(r.m));
     struct tuna_lora_train_opts lo;
     tuna_lora_train_opts_default(&lo);
     lo.gradient_checkpointing = ckpt;
+    lo.offload = mode == 2;
+    lo.mlp_chunk_rows = mode == 2 ? 5 : 0;
     struct tuna_optim_opts oo;
     fixture_optim(&oo);
     tuna_trainer *t = NULL;
@@ -221,37 +226,49 @@ static void fixture_run(const char *name, const char *base_rel, bool quantize, b
 static void test_lora_run(void **state)
 {
     (void)state;
-    fixture_run("llama-tiny-lora", "models/llama-tiny", false, false);
+    fixture_run("llama-tiny-lora", "models/llama-tiny", false, 0);
 }
 static void test_lora_responses_run(void **state)
 {
     (void)state;
-    fixture_run("llama-tiny-lora-responses", "models/llama-tiny", false, false);
+    fixture_run("llama-tiny-lora-responses", "models/llama-tiny", false, 0);
 }
 static void test_qlora_run(void **state)
 {
     (void)state;
     /* the NF4 double-quant base of the run: bitsandbytes quantized the same float32 weights
        the same way when it made bnb/llama-tiny-bnb-nf4-dq */
-    fixture_run("llama-tiny-qlora", "bnb/llama-tiny-bnb-nf4-dq", false, false);
+    fixture_run("llama-tiny-qlora", "bnb/llama-tiny-bnb-nf4-dq", false, 0);
 }
 /* gradient checkpointing: the trainer's own forward, each layer recomputed in backward */
 static void test_lora_run_checkpointing(void **state)
 {
     (void)state;
-    fixture_run("llama-tiny-lora", "models/llama-tiny", false, true);
+    fixture_run("llama-tiny-lora", "models/llama-tiny", false, 1);
 }
 static void test_qlora_run_checkpointing(void **state)
 {
     (void)state;
-    fixture_run("llama-tiny-qlora", "bnb/llama-tiny-bnb-nf4-dq", false, true);
+    fixture_run("llama-tiny-qlora", "bnb/llama-tiny-bnb-nf4-dq", false, 1);
+}
+
+/* the offload mode (--offload): the same runs */
+static void test_lora_run_offload(void **state)
+{
+    (void)state;
+    fixture_run("llama-tiny-lora", "models/llama-tiny", false, 2);
+}
+static void test_qlora_run_offload(void **state)
+{
+    (void)state;
+    fixture_run("llama-tiny-qlora", "bnb/llama-tiny-bnb-nf4-dq", false, 2);
 }
 
 static void test_qlora_load_in_4bit(void **state)
 {
     (void)state;
     /* the same run from the 16-bit base, quantized in memory as --load-in-4bit does */
-    fixture_run("llama-tiny-qlora", "models/llama-tiny", true, false);
+    fixture_run("llama-tiny-qlora", "models/llama-tiny", true, 0);
 }
 
 /* 5 steps, save (adapter + optimizer), a new trainer from them, 7 more = 12 uninterrupted.
@@ -387,7 +404,9 @@ static double tgauss(void)
     return u - 6;
 }
 
-static void gradient_case(const char *model_rel, double dropout, bool ckpt)
+/* ckpt: 0 none, 1 gradient checkpointing, 2 offload with MLP chunks of 4 rows (dropout masks
+ * of a chunk must be those rows' masks for the numeric and analytic gradients to agree) */
+static void gradient_case(const char *model_rel, double dropout, int ckpt)
 {
     char base[8192], rel[512];
     snprintf(rel, sizeof rel, "fixtures/%s", model_rel);
@@ -407,7 +426,9 @@ static void gradient_case(const char *model_rel, double dropout, bool ckpt)
     lo.r = 4;
     lo.alpha = 8;
     lo.dropout = dropout;
-    lo.gradient_checkpointing = ckpt;
+    lo.gradient_checkpointing = ckpt == 1;
+    lo.offload = ckpt == 2;
+    lo.mlp_chunk_rows = 4;
     struct tuna_optim_opts oo;
     tuna_optim_opts_default(&oo);
     tuna_trainer *t = NULL;
@@ -456,7 +477,7 @@ static void gradient_case(const char *model_rel, double dropout, bool ckpt)
         memcpy(p, p0, (size_t)P * sizeof *p);
         double num = (Lp - Lm) / (2 * h), err = fabs(num - gv) / fmax(fabs(gv), 1e-3);
         printf("  %s dropout %.2f%s group %d: g.v %.6e numeric %.6e (rel %.1e)\n", model_rel, dropout,
-               ckpt ? " ckpt" : "", gi, gv, num, err);
+               ckpt == 2 ? " offload" : ckpt ? " ckpt" : "", gi, gv, num, err);
         if (err > worst) worst = err;
         assert_true(fabs(gv) > 1e-4); /* the direction sees a gradient */
     }
@@ -478,6 +499,8 @@ static void test_model_gradients(void **state)
     gradient_case("models/gemma-tiny", 0.3, false);
     gradient_case("models/qwen2-tiny", 0.0, true);
     gradient_case("bnb/llama-tiny-bnb-nf4-dq", 0.2, true);
+    gradient_case("models/qwen3-tiny", 0.3, 2);
+    gradient_case("models/llama-tiny", 0.2, 2);
 }
 
 /* checkpoint folder: adapter + optimizer + state, found as the latest, read back */
@@ -582,6 +605,8 @@ int main(void)
         cmocka_unit_test(test_qlora_load_in_4bit),
         cmocka_unit_test(test_lora_run_checkpointing),
         cmocka_unit_test(test_qlora_run_checkpointing),
+        cmocka_unit_test(test_lora_run_offload),
+        cmocka_unit_test(test_qlora_run_offload),
         cmocka_unit_test(test_model_gradients),
         cmocka_unit_test(test_resume),
         cmocka_unit_test(test_nan_step),

@@ -139,6 +139,15 @@ struct tuna_train_ops {
      * TUNA_TRAIN_NORM_WORK bytes. */
     double (*grad_sq_sum)(tuna_backend *be, const float *g, int64_t n, void *work);
 
+    /* Host memory for offloaded state (checkpoints of --offload): page-locked on CUDA, so the
+     * copies below run at full PCIe speed; plain malloc on the CPU. Not zeroed. */
+    tuna_status (*host_alloc)(tuna_backend *be, size_t bytes, void **out);
+    void (*host_free)(tuna_backend *be, void *p); /* accepts NULL */
+    /* Copies between backend memory and host memory from host_alloc, queued in order with the
+     * ops (CUDA: async on the backend's stream; the host side must not be touched until a sync). */
+    void (*to_host)(tuna_backend *be, void *dst_host, const void *src, size_t bytes);
+    void (*from_host)(tuna_backend *be, void *dst, const void *src_host, size_t bytes);
+
     /* g *= gscale (in double, rounded to float, as clip_grad_norm_; skipped when gscale == 1),
      * then one AdamW step in torch's decoupled form and order (t = 1 for the first step). */
     void (*adamw)(tuna_backend *be, float *p, float *g, float *m, float *v, int64_t n, double lr, double beta1,

@@ -22,7 +22,8 @@ uint64_t tuna_train_drop_key(const tuna_trainer *t, int mod)
 }
 
 /* y[T,N] = x W^T + b + s · B A dropout(x) */
-void tuna_train_linear_forward(tuna_trainer *t, int64_t l, int proj, float *y, const float *x, int64_t T)
+void tuna_train_linear_forward_rows(tuna_trainer *t, int64_t l, int proj, float *y, const float *x, int64_t T,
+                                    int64_t row0)
 {
     struct tuna_model *m = t->m;
     const struct tuna_linear *lin = proj_lin(&m->layers[l], proj);
@@ -30,7 +31,7 @@ void tuna_train_linear_forward(tuna_trainer *t, int64_t l, int proj, float *y, c
     const struct tmod *md = t->by_lin[l * TUNA_PROJ_COUNT + proj];
     if (!md) return;
     const float *xin = x;
-    uint64_t key = tuna_train_drop_key(t, (int)(md - t->mods));
+    uint64_t key = tuna_train_key_at(tuna_train_drop_key(t, (int)(md - t->mods)), row0 * md->K);
     if (key) {
         t->tops->dropout(m->be, t->drop, x, T * md->K, t->lo.dropout, key);
         xin = t->drop;
@@ -38,9 +39,24 @@ void tuna_train_linear_forward(tuna_trainer *t, int64_t l, int proj, float *y, c
     t->tops->lora_forward(m->be, y, xin, &md->lora, T, md->N, md->K, t->lwork);
 }
 
+void tuna_train_linear_forward(tuna_trainer *t, int64_t l, int proj, float *y, const float *x, int64_t T)
+{
+    tuna_train_linear_forward_rows(t, l, proj, y, x, T, 0);
+}
+
+void tuna_train_mlp_chunk_forward(tuna_trainer *t, int64_t l, const struct tuna_fwd_layer_acts *A, int64_t r0,
+                                  int64_t n)
+{
+    const struct tuna_arch *a = &t->m->arch;
+    const int64_t C = a->hidden_size, I = a->intermediate_size;
+    tuna_train_linear_forward_rows(t, l, TUNA_PROJ_GATE, A->gate, A->xn_mlp + r0 * C, n, r0);
+    tuna_train_linear_forward_rows(t, l, TUNA_PROJ_UP, A->up, A->xn_mlp + r0 * C, n, r0);
+    t->m->ops->glu(t->m->be, A->act, A->gate, A->up, n * I, (int)a->act);
+}
+
 /* One layer, in place on x[T, C]; A receives the activations (x_in and x_mid included). */
 static void layer_fwd(tuna_trainer *t, int64_t l, const struct tuna_fwd_layer_acts *A, float *lse, float *x,
-                      const struct tuna_batch *b)
+                      const struct tuna_batch *b, bool mlp)
 {
     struct tuna_model *m = t->m;
     const struct tuna_arch *a = &m->arch;
@@ -65,17 +81,27 @@ static void layer_fwd(tuna_trainer *t, int64_t l, const struct tuna_fwd_layer_ac
     op->add(be, x, t->tmp, T * C);
     op->copy(be, A->x_mid, x, (size_t)(T * C) * sizeof *x);
     op->rmsnorm(be, A->xn_mlp, x, L->mlp_norm, T, C, eps);
-    tuna_train_linear_forward(t, l, TUNA_PROJ_GATE, A->gate, A->xn_mlp, T);
-    tuna_train_linear_forward(t, l, TUNA_PROJ_UP, A->up, A->xn_mlp, T);
-    op->glu(be, A->act, A->gate, A->up, T * I, (int)a->act);
-    tuna_train_linear_forward(t, l, TUNA_PROJ_DOWN, t->tmp, A->act, T);
+    if (!mlp) return; /* a recompute for backward, which runs the MLP chunk by chunk itself */
+    if (t->mlp_rows >= T) {
+        tuna_train_linear_forward(t, l, TUNA_PROJ_GATE, A->gate, A->xn_mlp, T);
+        tuna_train_linear_forward(t, l, TUNA_PROJ_UP, A->up, A->xn_mlp, T);
+        op->glu(be, A->act, A->gate, A->up, T * I, (int)a->act);
+        tuna_train_linear_forward(t, l, TUNA_PROJ_DOWN, t->tmp, A->act, T);
+    } else {
+        for (int64_t r0 = 0; r0 < T; r0 += t->mlp_rows) {
+            const int64_t n = T - r0 < t->mlp_rows ? T - r0 : t->mlp_rows;
+            tuna_train_mlp_chunk_forward(t, l, A, r0, n);
+            tuna_train_linear_forward_rows(t, l, TUNA_PROJ_DOWN, t->tmp + r0 * C, A->act, n, r0);
+        }
+    }
     op->add(be, x, t->tmp, T * C);
 }
 
-/* Rows per chunk of the head (logits + fused cross-entropy): at most 64 Mi floats of logits. */
-static int64_t head_chunk(int64_t T, int64_t V)
+/* Rows per chunk of the head (logits + fused cross-entropy): at most 64 Mi floats of logits
+ * (8 Mi = 32 MiB in the offload mode). */
+static int64_t head_chunk(int64_t T, int64_t V, bool small)
 {
-    int64_t c = ((int64_t)1 << 26) / (V > 0 ? V : 1);
+    int64_t c = ((int64_t)1 << (small ? 23 : 26)) / (V > 0 ? V : 1);
     if (c < 1) c = 1;
     return c < T ? c : T;
 }
@@ -84,10 +110,14 @@ static int64_t head_chunk(int64_t T, int64_t V)
 struct carver {
     char *base;
     size_t used;
+    int cat;        /* the category pieces are counted under (enum mem_cat) */
+    size_t tally[8];
 };
+enum mem_cat { MC_RESID, MC_ACTS, MC_CKPT, MC_GRADS, MC_LOGITS, MC_LWORK };
 static void *carve(struct carver *c, size_t bytes)
 {
     size_t off = (c->used + 255) & ~(size_t)255;
+    c->tally[c->cat] += off + bytes - c->used;
     c->used = off + bytes;
     return c->base ? c->base + off : NULL;
 }
@@ -99,9 +129,15 @@ static size_t layout(tuna_trainer *t, int64_t T, char *base)
     const int64_t L = a->n_layers, C = a->hidden_size, HD = a->n_heads * a->head_dim;
     const int64_t KD = a->n_kv_heads * a->head_dim, I = a->intermediate_size, V = a->vocab_size;
     const int64_t nact = t->ckpt ? 1 : L, KI = C > I ? C : I;
+    const int64_t MR = t->offload && T > t->mlp_rows ? t->mlp_rows : T; /* rows of the [., I] buffers */
     const size_t f = sizeof(float);
-    struct carver c = {base, 0};
+    bool qk_norm = false;
+    for (int64_t l = 0; l < L; l++)
+        qk_norm |= t->m->layers[l].q_norm || t->m->layers[l].k_norm;
+    struct carver c = {base, 0, MC_RESID, {0}};
     t->loss_rows = carve(&c, (size_t)T * sizeof(double));
+    t->lse = carve(&c, (size_t)(nact * T * a->n_heads) * f);
+    c.cat = MC_ACTS;
     for (int64_t l = 0; l < nact; l++) {
         struct tuna_fwd_layer_acts *A = &t->acts[l];
         A->x_in = carve(&c, (size_t)(T * C) * f);
@@ -112,35 +148,49 @@ static size_t layout(tuna_trainer *t, int64_t T, char *base)
         A->att = carve(&c, (size_t)(T * HD) * f);
         A->k = carve(&c, (size_t)(T * KD) * f);
         A->v = carve(&c, (size_t)(T * KD) * f);
-        A->gate = carve(&c, (size_t)(T * I) * f);
-        A->up = carve(&c, (size_t)(T * I) * f);
-        A->act = carve(&c, (size_t)(T * I) * f);
+        A->gate = carve(&c, (size_t)(MR * I) * f);
+        A->up = carve(&c, (size_t)(MR * I) * f);
+        A->act = carve(&c, (size_t)(MR * I) * f);
     }
-    t->lse = carve(&c, (size_t)(nact * T * a->n_heads) * f);
-    t->x_saved = t->ckpt ? carve(&c, (size_t)(L * T * C) * f) : NULL;
+    c.cat = MC_CKPT;
+    t->x_saved = t->ckpt && !t->offload ? carve(&c, (size_t)(L * T * C) * f) : NULL;
+    c.cat = MC_RESID;
     t->x = carve(&c, (size_t)(T * C) * f);
     t->tmp = carve(&c, (size_t)(T * C) * f);
-    t->sel_in = carve(&c, (size_t)(T * C) * f);
-    t->sel_n = carve(&c, (size_t)(T * C) * f);
-    t->dsel_n = carve(&c, (size_t)(T * C) * f);
-    t->dsel = carve(&c, (size_t)(T * C) * f);
+    if (t->ckpt) {
+        /* the selected rows live only between the last layer and the first recompute: in the
+           recomputed layer's buffers, dead then */
+        t->sel_in = t->acts[0].x_in;
+        t->sel_n = t->acts[0].xn_attn;
+        t->dsel_n = t->acts[0].x_mid;
+        t->dsel = t->acts[0].xn_mlp;
+    } else {
+        t->sel_in = carve(&c, (size_t)(T * C) * f);
+        t->sel_n = carve(&c, (size_t)(T * C) * f);
+        t->dsel_n = carve(&c, (size_t)(T * C) * f);
+        t->dsel = carve(&c, (size_t)(T * C) * f);
+    }
+    c.cat = MC_LWORK;
     const bool dropout = t->lo.dropout > 0; /* the dropped inputs exist only with dropout */
     t->drop = dropout ? carve(&c, (size_t)(T * KI) * f) : NULL;
     t->drop_g = dropout ? carve(&c, (size_t)(T * KI) * f) : NULL;
     t->lwork = carve(&c, (size_t)(2 * T * t->max_r) * f);
-    t->chunk = head_chunk(T, V);
+    c.cat = MC_LOGITS;
+    t->chunk = head_chunk(T, V, t->offload);
     t->logits = carve(&c, (size_t)(t->chunk * V) * f);
+    c.cat = MC_GRADS;
     t->g.dx = carve(&c, (size_t)(T * C) * f);
     t->g.dxn = carve(&c, (size_t)(T * C) * f);
-    t->g.pre = carve(&c, (size_t)(T * HD) * f);
-    t->g.dpre = carve(&c, (size_t)(T * HD) * f);
+    t->g.pre = qk_norm ? carve(&c, (size_t)(T * HD) * f) : NULL;
+    t->g.dpre = qk_norm ? carve(&c, (size_t)(T * HD) * f) : NULL;
     t->g.datt = carve(&c, (size_t)(T * HD) * f);
     t->g.dq = carve(&c, (size_t)(T * HD) * f);
     t->g.dk = carve(&c, (size_t)(T * KD) * f);
     t->g.dv = carve(&c, (size_t)(T * KD) * f);
-    t->g.dact = carve(&c, (size_t)(T * I) * f);
-    t->g.dgate = carve(&c, (size_t)(T * I) * f);
-    t->g.dup = carve(&c, (size_t)(T * I) * f);
+    t->g.dact = carve(&c, (size_t)(MR * I) * f);
+    t->g.dgate = MR < T ? t->acts[0].act : carve(&c, (size_t)(T * I) * f);
+    t->g.dup = carve(&c, (size_t)(MR * I) * f);
+    if (base) memcpy(t->mem_cat, c.tally, sizeof c.tally);
     return c.used;
 }
 
@@ -165,6 +215,22 @@ tuna_status tuna_train_reserve(tuna_trainer *t, int64_t T, int64_t max_len)
     }
     if (t->mem && t->cap_T >= T) return TUNA_OK;
     const int64_t nact = t->ckpt ? 1 : a->n_layers;
+    /* offload: MLP chunks of at most 4 Mi floats per [rows, I] buffer, whole 64-row tiles */
+    int64_t mr = ((int64_t)1 << 22) / (a->intermediate_size > 0 ? a->intermediate_size : 1);
+    mr = mr >= 128 ? mr - mr % 64 : 64;
+    if (t->lo.mlp_chunk_rows > 0) mr = t->lo.mlp_chunk_rows;
+    t->mlp_rows = t->offload && mr < T ? mr : T;
+    if (t->offload) {
+        const size_t hb = (size_t)(a->n_layers * T * a->hidden_size) * sizeof(float);
+        t->tops->host_free(m->be, t->x_saved_host);
+        t->x_saved_host = NULL;
+        t->x_saved_host_bytes = 0;
+        tuna_status hst = t->tops->host_alloc(m->be, hb, (void **)&t->x_saved_host);
+        if (hst)
+            return tuna_fail_prefix(hst, "offloaded checkpoints for %lld tokens (%.1f MiB of host memory)",
+                                    (long long)T, (double)hb / 1048576.0);
+        t->x_saved_host_bytes = hb;
+    }
     m->ops->release(m->be, t->mem);
     free(t->acts);
     free(t->sel_rows);
@@ -200,9 +266,13 @@ tuna_status tuna_train_forward(tuna_trainer *t, const struct tuna_batch *b, int6
                              (long long)b->pos[i] + 1, (long long)m->max_model_len);
     m->ops->embedding(m->be, t->x, b->tokens, T, &m->embed, m->embed_scale);
     for (int64_t l = 0; l < a->n_layers; l++) {
-        if (t->ckpt) m->ops->copy(m->be, t->x_saved + l * T * C, t->x, (size_t)(T * C) * sizeof(float));
+        const size_t xb = (size_t)(T * C) * sizeof(float);
+        if (t->offload)
+            t->tops->to_host(m->be, t->x_saved_host + l * T * C, t->x, xb);
+        else if (t->ckpt)
+            m->ops->copy(m->be, t->x_saved + l * T * C, t->x, xb);
         const int64_t k = t->ckpt ? 0 : l;
-        layer_fwd(t, l, &t->acts[k], t->lse + k * T * a->n_heads, t->x, b);
+        layer_fwd(t, l, &t->acts[k], t->lse + k * T * a->n_heads, t->x, b, true);
     }
     int64_t n = 0;
     for (int64_t i = 0; i < T; i++)
@@ -217,6 +287,11 @@ tuna_status tuna_train_forward(tuna_trainer *t, const struct tuna_batch *b, int6
 void tuna_train_recompute_layer(tuna_trainer *t, int64_t l, const struct tuna_batch *b)
 {
     const int64_t T = b->n, C = t->m->arch.hidden_size;
-    t->m->ops->copy(t->m->be, t->x, t->x_saved + l * T * C, (size_t)(T * C) * sizeof(float));
-    layer_fwd(t, l, &t->acts[0], t->lse, t->x, b);
+    const size_t xb = (size_t)(T * C) * sizeof(float);
+    if (t->offload)
+        t->tops->from_host(t->m->be, t->x, t->x_saved_host + l * T * C, xb);
+    else
+        t->m->ops->copy(t->m->be, t->x, t->x_saved + l * T * C, xb);
+    /* with MLP chunks, backward recomputes the MLP per chunk: stop after its norm */
+    layer_fwd(t, l, &t->acts[0], t->lse, t->x, b, t->mlp_rows >= T);
 }

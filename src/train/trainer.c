@@ -9,11 +9,13 @@
  * until tuna_trainer_free (a GPU model keeps its own adapter path untouched).
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
+#include "backend/cpu/train_cpu.h"
 #include "core/file.h"
 #include "core/status.h"
 #include "export/export.h"
@@ -72,12 +74,15 @@ void tuna_trainer_free(tuna_trainer *t)
                 lin->lora = NULL;
             }
     if (t->m) {
+        if (t->tops) t->tops->host_free(t->m->be, t->x_saved_host);
         t->m->ops->release(t->m->be, t->mem);
         t->m->ops->release(t->m->be, t->attn_mem);
         t->m->ops->release(t->m->be, t->state_mem);
     }
     free(t->acts);
     free(t->sel_rows);
+    free(t->h_m1);
+    free(t->h_m2);
     free(t->by_lin);
     free(t->mods);
     if (!t->host) {
@@ -185,7 +190,8 @@ tuna_status tuna_trainer_new(struct tuna_model *m, const struct tuna_lora_train_
     t->use_rslora = init ? init->use_rslora : lo->use_rslora;
     t->cfg_r = init ? init->r : lo->r;
     t->cfg_alpha = init ? init->alpha : lo->alpha;
-    t->ckpt = lo->gradient_checkpointing;
+    t->offload = lo->offload;
+    t->ckpt = lo->gradient_checkpointing || lo->offload;
     tuna_status st = plan_modules(t, init);
     if (st) {
         tuna_trainer_free(t);
@@ -202,9 +208,11 @@ tuna_status tuna_trainer_new(struct tuna_model *m, const struct tuna_lora_train_
     t->P = P;
     for (int i = 0; i < t->n_mods; i++)
         if (t->mods[i].r > t->max_r) t->max_r = t->mods[i].r;
-    /* params, grads, m1, m2 and the norm's work in one backend allocation */
+    /* params, grads, m1, m2 and the norm's work in one backend allocation (offload: the moments
+       in host memory, updated there) */
     const size_t pb = ((size_t)P * sizeof(float) + 255) & ~(size_t)255;
-    st = m->ops->alloc(m->be, 4 * pb + TUNA_TRAIN_NORM_WORK, &t->state_mem);
+    const int nstate = t->offload ? 2 : 4;
+    st = m->ops->alloc(m->be, (size_t)nstate * pb + TUNA_TRAIN_NORM_WORK, &t->state_mem);
     if (st) {
         tuna_trainer_free(t);
         return tuna_fail_prefix(st, "LoRA parameters, gradients and Adam moments (%lld floats each)", (long long)P);
@@ -212,13 +220,26 @@ tuna_status tuna_trainer_new(struct tuna_model *m, const struct tuna_lora_train_
     char *sm = t->state_mem;
     t->params = (float *)sm;
     t->grads = (float *)(sm + pb);
-    t->m1 = (float *)(sm + 2 * pb);
-    t->m2 = (float *)(sm + 3 * pb);
-    t->norm_work = sm + 4 * pb;
+    if (t->offload) {
+        t->h_m1 = calloc((size_t)P, sizeof(float));
+        t->h_m2 = calloc((size_t)P, sizeof(float));
+        if (!t->h_m1 || !t->h_m2) {
+            tuna_trainer_free(t);
+            return tuna_fail_oom("AdamW moments in host memory", (size_t)P * 8);
+        }
+        t->m1 = t->h_m1;
+        t->m2 = t->h_m2;
+    } else {
+        t->m1 = (float *)(sm + 2 * pb);
+        t->m2 = (float *)(sm + 3 * pb);
+    }
+    t->norm_work = sm + (size_t)nstate * pb;
     tops->zero(m->be, t->params, P);
     tops->zero(m->be, t->grads, P);
-    tops->zero(m->be, t->m1, P);
-    tops->zero(m->be, t->m2, P);
+    if (!t->offload) {
+        tops->zero(m->be, t->m1, P);
+        tops->zero(m->be, t->m2, P);
+    }
     if (t->host) {
         t->h_params = t->params;
         t->h_grads = t->grads;
@@ -290,7 +311,7 @@ const float *tuna_trainer_grads(const tuna_trainer *t)
 static tuna_status params_host(const tuna_trainer *t, const float **out)
 {
     *out = t->h_params;
-    if (t->host || t->h_params_dirty) return TUNA_OK;
+    if (t->host || t->h_params_dirty || t->offload) return TUNA_OK; /* offload: updated on the host */
     tuna_status st = t->m->ops->download(t->m->be, t->h_params, t->params, (size_t)t->P * sizeof(float));
     if (st) *out = NULL;
     return st;
@@ -342,8 +363,8 @@ static tuna_status build_batch(const struct tuna_model *m, const struct tuna_tra
 }
 
 /* dx += dy W (+ LoRA), and the adapter's dA, dB when the linear carries one. */
-static void linear_backward(tuna_trainer *t, int64_t layer, int proj, float *dx, const float *dy, const float *x,
-                            int64_t T)
+static void linear_backward_rows(tuna_trainer *t, int64_t layer, int proj, float *dx, const float *dy, const float *x,
+                                 int64_t T, int64_t row0)
 {
     struct tuna_model *m = t->m;
     const struct tuna_train_ops *to = t->tops;
@@ -352,7 +373,7 @@ static void linear_backward(tuna_trainer *t, int64_t layer, int proj, float *dx,
     const struct tmod *md = t->by_lin[layer * TUNA_PROJ_COUNT + proj];
     if (!md) return;
     float *dA = t->grads + md->offA, *dB = t->grads + md->offB;
-    uint64_t key = tuna_train_drop_key(t, (int)(md - t->mods));
+    uint64_t key = tuna_train_key_at(tuna_train_drop_key(t, (int)(md - t->mods)), row0 * md->K);
     if (!key) {
         to->lora_backward(m->be, dx, dA, dB, dy, x, &md->lora, T, md->N, md->K, t->lwork);
         return;
@@ -364,6 +385,12 @@ static void linear_backward(tuna_trainer *t, int64_t layer, int proj, float *dx,
     to->lora_backward(m->be, t->drop_g, dA, dB, dy, t->drop, &md->lora, T, md->N, md->K, t->lwork);
     to->dropout(m->be, t->drop_g, t->drop_g, n, t->lo.dropout, key);
     m->ops->add(m->be, dx, t->drop_g, n);
+}
+
+static void linear_backward(tuna_trainer *t, int64_t layer, int proj, float *dx, const float *dy, const float *x,
+                            int64_t T)
+{
+    linear_backward_rows(t, layer, proj, dx, dy, x, T, 0);
 }
 
 /* Backward of one layer given g.dx (gradient of the layer's output), leaving in g.dx the
@@ -379,15 +406,21 @@ static void layer_backward(tuna_trainer *t, int64_t l, const struct tuna_fwd_lay
     const int64_t C = a->hidden_size, H = a->n_heads, Hkv = a->n_kv_heads, D = a->head_dim, I = a->intermediate_size;
     const float eps = (float)a->norm_eps;
     struct tuna_train_grad_bufs *g = &t->g;
-    /* MLP block: x_out = x_mid + down(act(gate(xn)) * up(xn)), xn = norm(x_mid) */
-    to->zero(be, g->dact, T * I);
-    linear_backward(t, l, TUNA_PROJ_DOWN, g->dact, g->dx, A->act, T);
-    to->zero(be, g->dgate, T * I);
-    to->zero(be, g->dup, T * I);
-    to->glu_backward(be, g->dgate, g->dup, g->dact, A->gate, A->up, T * I, (int)a->act);
+    /* MLP block: x_out = x_mid + down(act(gate(xn)) * up(xn)), xn = norm(x_mid); with chunks
+       (offload) each chunk of rows is recomputed (gate, up, act) and gone through in turn */
     to->zero(be, g->dxn, T * C);
-    linear_backward(t, l, TUNA_PROJ_GATE, g->dxn, g->dgate, A->xn_mlp, T);
-    linear_backward(t, l, TUNA_PROJ_UP, g->dxn, g->dup, A->xn_mlp, T);
+    const int64_t MR = t->mlp_rows < T ? t->mlp_rows : T;
+    for (int64_t r0 = 0; r0 < T; r0 += MR) {
+        const int64_t n = T - r0 < MR ? T - r0 : MR;
+        if (MR < T) tuna_train_mlp_chunk_forward(t, l, A, r0, n);
+        to->zero(be, g->dact, n * I);
+        linear_backward_rows(t, l, TUNA_PROJ_DOWN, g->dact, g->dx + r0 * C, A->act, n, r0);
+        to->zero(be, g->dgate, n * I); /* may be A->act: dead now */
+        to->zero(be, g->dup, n * I);
+        to->glu_backward(be, g->dgate, g->dup, g->dact, A->gate, A->up, n * I, (int)a->act);
+        linear_backward_rows(t, l, TUNA_PROJ_GATE, g->dxn + r0 * C, g->dgate, A->xn_mlp + r0 * C, n, r0);
+        linear_backward_rows(t, l, TUNA_PROJ_UP, g->dxn + r0 * C, g->dup, A->xn_mlp + r0 * C, n, r0);
+    }
     to->rmsnorm_backward(be, g->dx, g->dxn, A->x_mid, L->mlp_norm, T, C, eps);
     /* attention block: x_mid = x_in + o(attn(rope(norm(q(xn))), rope(norm(k(xn))), v(xn))) */
     to->zero(be, g->datt, T * H * D);
@@ -527,6 +560,69 @@ tuna_status tuna_trainer_loss_grad(tuna_trainer *t, const struct tuna_train_batc
     return TUNA_OK;
 }
 
+/* AdamW on the host (offload): the element range of one thread. */
+struct host_adam {
+    tuna_trainer *t;
+    float *p, *g;
+    int64_t lo, hi;
+    double lr, coef;
+};
+
+static void *host_adam_run(void *arg)
+{
+    struct host_adam *h = arg;
+    const struct tuna_optim_opts *o = &h->t->oo;
+    tuna_cpu_train_adamw(h->p + h->lo, h->g + h->lo, h->t->m1 + h->lo, h->t->m2 + h->lo, h->hi - h->lo, h->lr, o->beta1,
+                         o->beta2, o->eps, o->weight_decay, h->t->step, h->coef);
+    return NULL;
+}
+
+/* The offload mode's update: the gradients come to the host, AdamW runs there over threads
+ * (element-wise, so any split gives torch's result), the parameters go back. */
+static tuna_status host_adamw(tuna_trainer *t, double lr, double coef)
+{
+    const struct tuna_backend_ops *op = t->m->ops;
+    const size_t bytes = (size_t)t->P * sizeof(float);
+    tuna_status st = t->host ? TUNA_OK : op->download(t->m->be, t->h_grads, t->grads, bytes);
+    if (st) return st;
+    enum { MAXT = 16 };
+    struct host_adam h[MAXT];
+    pthread_t th[MAXT];
+    int nt = t->P >= ((int64_t)1 << 20) ? MAXT : 1, started = 0;
+    for (int i = 0; i < nt; i++)
+        h[i] = (struct host_adam){t, t->h_params, t->h_grads, t->P * i / nt, t->P * (i + 1) / nt, lr, coef};
+    for (int i = 1; i < nt; i++)
+        if (pthread_create(&th[i], NULL, host_adam_run, &h[i]) == 0)
+            started |= 1 << i;
+        else
+            host_adam_run(&h[i]);
+    host_adam_run(&h[0]);
+    for (int i = 1; i < nt; i++)
+        if (started & (1 << i)) pthread_join(th[i], NULL);
+    return t->host ? TUNA_OK : op->upload(t->m->be, t->params, t->h_params, bytes);
+}
+
+void tuna_trainer_memory(const tuna_trainer *t, struct tuna_train_memory *out)
+{
+    memset(out, 0, sizeof *out);
+    const size_t pb = ((size_t)t->P * sizeof(float) + 255) & ~(size_t)255;
+    out->tokens = t->cap_T;
+    out->lora_state = (size_t)(t->offload ? 2 : 4) * pb + TUNA_TRAIN_NORM_WORK;
+    out->residual = t->mem_cat[0];
+    out->layer_acts = t->mem_cat[1];
+    out->checkpoints = t->mem_cat[2];
+    out->layer_grads = t->mem_cat[3];
+    out->logits = t->mem_cat[4];
+    out->lora_work = t->mem_cat[5];
+    out->attention = (size_t)t->attn_floats * sizeof(float);
+    out->total = out->lora_state + out->residual + out->layer_acts + out->checkpoints + out->layer_grads +
+                 out->logits + out->lora_work + out->attention;
+    out->host_checkpoints = t->x_saved_host_bytes;
+    out->host_optimizer = t->offload ? 2 * (size_t)t->P * sizeof(float) * (t->host ? 1 : 2) : 0;
+    out->mlp_rows = t->mlp_rows;
+    out->head_rows = t->chunk;
+}
+
 tuna_status tuna_trainer_step(tuna_trainer *t, const struct tuna_train_batch *mb, int n, struct tuna_step_stats *out)
 {
     double t0 = now_s(), loss;
@@ -549,10 +645,14 @@ tuna_status tuna_trainer_step(tuna_trainer *t, const struct tuna_train_batch *mb
     }
     double lr = tuna_lr_at(&t->oo, t->step);
     t->step++;
-    t->tops->adamw(t->m->be, t->params, t->grads, t->m1, t->m2, t->P, lr, t->oo.beta1, t->oo.beta2, t->oo.eps,
-                   t->oo.weight_decay, t->step, coef);
+    if (t->offload) {
+        if ((st = host_adamw(t, lr, coef))) return tuna_fail_prefix(st, "step %lld (AdamW on the host)", (long long)t->step);
+    } else {
+        t->tops->adamw(t->m->be, t->params, t->grads, t->m1, t->m2, t->P, lr, t->oo.beta1, t->oo.beta2, t->oo.eps,
+                       t->oo.weight_decay, t->step, coef);
+    }
     if ((st = t->m->ops->sync(t->m->be))) return tuna_fail_prefix(st, "step %lld (AdamW)", (long long)t->step);
-    if (!t->host && t->h_params_dirty &&
+    if (!t->host && t->h_params_dirty && !t->offload &&
         (st = t->m->ops->download(t->m->be, t->h_params, t->params, (size_t)t->P * sizeof(float))))
         return st;
     if (out) {
@@ -628,8 +728,15 @@ tuna_status tuna_trainer_save_optimizer(const tuna_trainer *t, const char *dir)
     memcpy(buf, OPT_MAGIC, 8);
     memcpy(buf + 8, h, sizeof h);
     const struct tuna_backend_ops *op = t->m->ops;
-    tuna_status st = op->download(t->m->be, buf + hdr, t->m1, (size_t)t->P * sizeof(float));
-    if (!st) st = op->download(t->m->be, buf + hdr + (size_t)t->P * sizeof(float), t->m2, (size_t)t->P * sizeof(float));
+    tuna_status st = TUNA_OK;
+    if (t->offload) { /* the moments are host memory */
+        memcpy(buf + hdr, t->m1, (size_t)t->P * sizeof(float));
+        memcpy(buf + hdr + (size_t)t->P * sizeof(float), t->m2, (size_t)t->P * sizeof(float));
+    } else {
+        st = op->download(t->m->be, buf + hdr, t->m1, (size_t)t->P * sizeof(float));
+        if (!st)
+            st = op->download(t->m->be, buf + hdr + (size_t)t->P * sizeof(float), t->m2, (size_t)t->P * sizeof(float));
+    }
     if (st) {
         free(buf);
         return st;
@@ -660,9 +767,15 @@ tuna_status tuna_trainer_load_optimizer(tuna_trainer *t, const char *dir)
                          "settings",
                          path, len, want, (long long)t->P);
     }
-    st = t->m->ops->upload(t->m->be, t->m1, buf + hdr, (size_t)t->P * sizeof(float));
-    if (!st)
-        st = t->m->ops->upload(t->m->be, t->m2, buf + hdr + (size_t)t->P * sizeof(float), (size_t)t->P * sizeof(float));
+    if (t->offload) {
+        memcpy(t->m1, buf + hdr, (size_t)t->P * sizeof(float));
+        memcpy(t->m2, buf + hdr + (size_t)t->P * sizeof(float), (size_t)t->P * sizeof(float));
+    } else {
+        st = t->m->ops->upload(t->m->be, t->m1, buf + hdr, (size_t)t->P * sizeof(float));
+        if (!st)
+            st = t->m->ops->upload(t->m->be, t->m2, buf + hdr + (size_t)t->P * sizeof(float),
+                                   (size_t)t->P * sizeof(float));
+    }
     free(buf);
     if (!st) t->step = (int64_t)h[0];
     return st;

@@ -49,6 +49,11 @@ struct tuna_lora_train_opts {
     uint64_t seed;               /* A's init (kaiming-uniform bound 1/sqrt(in), as PEFT); B = 0;
                                     dropout masks */
     bool gradient_checkpointing; /* keep only each layer's input; recompute the rest in backward */
+    bool offload; /* the memory mode (--offload; implies checkpointing): the layer inputs in
+                     page-locked host memory, the AdamW moments and update on the host, the MLP
+                     in chunks of rows, a small head chunk (docs/TRAINING.md) */
+    int64_t mlp_chunk_rows; /* offload: rows per MLP chunk; 0 = as many as fit 4 Mi floats per
+                               [rows, intermediate] buffer (tests set a few rows) */
 };
 void tuna_lora_train_opts_default(struct tuna_lora_train_opts *o);
 
@@ -94,6 +99,28 @@ int64_t tuna_trainer_param_count(const tuna_trainer *t);
  * on a GPU trainer, the host copy is the truth, uploaded before each step and refreshed after. */
 const float *tuna_trainer_grads(const tuna_trainer *t);
 float *tuna_trainer_params(tuna_trainer *t);
+
+/* What the trainer holds, in bytes, by category, for the batch size it last reserved (after a
+ * step): backend memory (device memory on CUDA) and host memory of the offload mode. The model's
+ * weights and the backend's own scratch (cuBLAS workspace, dequantized weight, 16-bit copies of
+ * GEMM inputs) are not counted. */
+struct tuna_train_memory {
+    int64_t tokens;          /* the batch size (tokens) the buffers are planned for */
+    size_t lora_state;       /* A/B parameters, gradients and (unless offloaded) both AdamW moments */
+    size_t layer_acts;       /* activations kept for backward: every layer's, or the recomputed one's */
+    size_t checkpoints;      /* saved layer inputs in backend memory (gradient checkpointing) */
+    size_t layer_grads;      /* one layer's backward buffers */
+    size_t residual;         /* residual stream, selected rows and their gradients, losses, lse */
+    size_t attention;        /* attention scratch (materialized scores; 0 with flash attention) */
+    size_t logits;           /* one chunk of the head's logits (and their gradient, in place) */
+    size_t lora_work;        /* LoRA and dropout scratch */
+    size_t total;            /* the sum of the above (backend memory) */
+    size_t host_checkpoints; /* offload: layer inputs in page-locked host memory */
+    size_t host_optimizer;   /* offload: AdamW moments (and host copies of params, grads) */
+    int64_t mlp_rows;        /* rows per MLP chunk (the batch's tokens unless offloading) */
+    int64_t head_rows;       /* rows per logits chunk */
+};
+void tuna_trainer_memory(const tuna_trainer *t, struct tuna_train_memory *out);
 
 /* Writes the adapters as a PEFT folder (tuna_export_peft). base_model may be NULL. */
 tuna_status tuna_trainer_export(const tuna_trainer *t, const char *dir, const char *base_model, bool replace);

@@ -43,6 +43,12 @@ struct tuna_trainer {
     int64_t step;        /* optimizer steps done */
 
     bool ckpt;
+    bool offload;       /* lo.offload: x_saved in host memory, AdamW on the host, MLP in row chunks */
+    float *h_m1, *h_m2; /* offload: the AdamW moments in host memory (then m1 = h_m1, m2 = h_m2) */
+    float *x_saved_host; /* offload: [L, T, C] layer inputs in page-locked host memory (host_alloc) */
+    size_t x_saved_host_bytes;
+    int64_t mlp_rows;   /* rows per MLP chunk (cap_T unless offloading) */
+    size_t mem_cat[8];  /* bytes of t->mem by category (train_forward.c's layout) */
     uint64_t drop_base; /* seed, step and micro-batch mixed: this micro-batch's masks;
                            0 = no dropout (evaluation) */
     /* activations and backward buffers in backend memory for cap_T tokens (train_forward.c) */
@@ -55,6 +61,8 @@ struct tuna_trainer {
     float *sel_in, *sel_n;            /* [T, C] rows with a target: before / after the final norm */
     float *dsel_n, *dsel;             /* [T, C] their gradients */
     float *drop, *drop_g;             /* [T, max(C, I)] each, with dropout only: a dropped input, its gradient */
+    /* with offload the MLP runs in chunks of mlp_rows rows: acts[0].gate/up/act and g.dact/dup
+       hold one chunk ([mlp_rows, I]) and g.dgate is acts[0].act (dead once down's backward ran) */
     float *lwork;                     /* [2 T max_r] LoRA scratch */
     float *logits;                    /* [chunk, V] one chunk of the head's rows */
     int64_t chunk;                    /* rows per head chunk */
@@ -84,8 +92,21 @@ static inline struct tuna_linear *proj_lin(struct tuna_layer *L, int p)
 uint64_t tuna_train_drop_key(const tuna_trainer *t, int mod);
 
 /* y[T,N] = x W^T + b + s·B A dropout(x) for linear `proj` of layer l (the masks of this
- * micro-batch); backend memory. */
+ * micro-batch); backend memory. row0: the first row of x within the micro-batch (the masks of
+ * a chunk of rows are those rows' masks). */
 void tuna_train_linear_forward(tuna_trainer *t, int64_t l, int proj, float *y, const float *x, int64_t T);
+void tuna_train_linear_forward_rows(tuna_trainer *t, int64_t l, int proj, float *y, const float *x, int64_t T,
+                                    int64_t row0);
+/* The dropout key of elements starting at element `first` of a call: key + golden * first, so a
+ * chunk of rows gets the masks that the whole call gives those rows. */
+static inline uint64_t tuna_train_key_at(uint64_t key, int64_t first)
+{
+    return key ? key + 0x9E3779B97F4A7C15ULL * (uint64_t)first : 0;
+}
+/* Forward of the MLP block on rows [r0, r0 + n) into acts[0]'s chunk buffers (offload mode):
+ * gate, up, act of those rows from A->xn_mlp. */
+void tuna_train_mlp_chunk_forward(tuna_trainer *t, int64_t l, const struct tuna_fwd_layer_acts *A, int64_t r0,
+                                  int64_t n);
 
 /* Makes the buffers above hold a batch of T tokens whose longest sequence is max_len. */
 tuna_status tuna_train_reserve(tuna_trainer *t, int64_t T, int64_t max_len);

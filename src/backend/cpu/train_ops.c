@@ -11,6 +11,7 @@
 #include "backend/cpu/cpu.h"
 #include "backend/cpu/train_cpu.h"
 #include "backend/train_ops.h"
+#include "core/status.h"
 #include "train/backward.h"
 
 static void cpu_zero(tuna_backend *be, float *p, int64_t n)
@@ -176,6 +177,25 @@ static void cpu_adamw(tuna_backend *be, float *p, float *g, float *m, float *v, 
     tuna_cpu_train_adamw(p, g, m, v, n, lr, beta1, beta2, eps, weight_decay, t, gscale);
 }
 
+static tuna_status cpu_host_alloc(tuna_backend *be, size_t bytes, void **out)
+{
+    (void)be;
+    *out = malloc(bytes ? bytes : 1);
+    return *out ? TUNA_OK : tuna_fail_oom("host memory for offloaded training state", bytes);
+}
+
+static void cpu_host_free(tuna_backend *be, void *p)
+{
+    (void)be;
+    free(p);
+}
+
+static void cpu_copy_host(tuna_backend *be, void *dst, const void *src, size_t bytes)
+{
+    (void)be;
+    if (bytes) memcpy(dst, src, bytes);
+}
+
 static const struct tuna_train_ops k_cpu_train_ops = {
     .name = "cpu",
     .zero = cpu_zero,
@@ -193,6 +213,10 @@ static const struct tuna_train_ops k_cpu_train_ops = {
     .cross_entropy = cpu_cross_entropy,
     .grad_sq_sum = cpu_grad_sq_sum,
     .adamw = cpu_adamw,
+    .host_alloc = cpu_host_alloc,
+    .host_free = cpu_host_free,
+    .to_host = cpu_copy_host,
+    .from_host = cpu_copy_host,
 };
 
 const struct tuna_train_ops *tuna_cpu_train_ops(void)

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "backend/cuda/train_cuda.h"
+#include "core/status.h"
 
 #define META(be, off, type) ((type *)((char *)(be)->meta.p + (size_t)(off)))
 
@@ -267,6 +268,41 @@ static void cu_adamw(tuna_backend *be, float *p, float *g, float *m, float *v, i
     tuna_cuda_check_launch(be, "k_train_adamw");
 }
 
+static tuna_status cu_host_alloc(tuna_backend *be, size_t bytes, void **out)
+{
+    (void)be;
+    *out = NULL;
+    cudaError_t e = cudaMallocHost(out, bytes ? bytes : 1);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        *out = NULL;
+        return tuna_fail(TUNA_E_OOM, "cudaMallocHost of %zu MiB (page-locked host memory for offloaded training "
+                                     "state) failed: %s; free host memory or train without --offload",
+                         bytes >> 20, cudaGetErrorString(e));
+    }
+    return TUNA_OK;
+}
+
+static void cu_host_free(tuna_backend *be, void *p)
+{
+    (void)be;
+    if (p) cudaFreeHost(p);
+}
+
+static void cu_to_host(tuna_backend *be, void *dst_host, const void *src, size_t bytes)
+{
+    if (be->sticky || !bytes) return;
+    tuna_cuda_check(be, cudaMemcpyAsync(dst_host, src, bytes, cudaMemcpyDeviceToHost, be->stream),
+                    "cudaMemcpyAsync(offload to host)");
+}
+
+static void cu_from_host(tuna_backend *be, void *dst, const void *src_host, size_t bytes)
+{
+    if (be->sticky || !bytes) return;
+    tuna_cuda_check(be, cudaMemcpyAsync(dst, src_host, bytes, cudaMemcpyHostToDevice, be->stream),
+                    "cudaMemcpyAsync(offloaded state back)");
+}
+
 /* positional: C++ has no designated initializers before C++20; the order is train_ops.h's */
 static const struct tuna_train_ops k_cuda_train_ops = {
     "cuda",
@@ -285,6 +321,10 @@ static const struct tuna_train_ops k_cuda_train_ops = {
     cu_cross_entropy,
     cu_grad_sq_sum,
     cu_adamw,
+    cu_host_alloc,
+    cu_host_free,
+    cu_to_host,
+    cu_from_host,
 };
 
 extern "C" const struct tuna_train_ops *tuna_cuda_train_ops(void)
