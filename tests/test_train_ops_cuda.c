@@ -223,8 +223,6 @@ static void test_attention(void **state)
         const int64_t window = (c & 1) ? 5 : 0;
         const bool fast = c >= 4;
         const int64_t wf = fast ? 0 : (c / 2) == 1 ? 2 * maxlen * maxlen : 2 * Hkv * maxlen * maxlen;
-        assert_int_equal(tuna_train_attention_work_min(tuna_cuda_backend_ops(), maxlen, D, fast),
-                         fast ? 0 : 2 * maxlen * maxlen);
         float *work = wf ? dev(NULL, (size_t)wf * 4) : NULL;
         float *out = malloc((size_t)(T * HD) * 4), *lse = malloc((size_t)(T * H) * 4);
         float *gout = dev(NULL, (size_t)(T * HD) * 4), *glse = dev(NULL, (size_t)(T * H) * 4);

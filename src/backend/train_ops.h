@@ -139,6 +139,11 @@ struct tuna_train_ops {
      * TUNA_TRAIN_NORM_WORK bytes. */
     double (*grad_sq_sum)(tuna_backend *be, const float *g, int64_t n, void *work);
 
+    /* g *= gscale (in double, rounded to float, as clip_grad_norm_; skipped when gscale == 1),
+     * then one AdamW step in torch's decoupled form and order (t = 1 for the first step). */
+    void (*adamw)(tuna_backend *be, float *p, float *g, float *m, float *v, int64_t n, double lr, double beta1,
+                  double beta2, double eps, double weight_decay, int64_t t, double gscale);
+
     /* Host memory for offloaded state (checkpoints of --offload): page-locked on CUDA, so the
      * copies below run at full PCIe speed; plain malloc on the CPU. Not zeroed. */
     tuna_status (*host_alloc)(tuna_backend *be, size_t bytes, void **out);
@@ -147,11 +152,6 @@ struct tuna_train_ops {
      * ops (CUDA: async on the backend's stream; the host side must not be touched until a sync). */
     void (*to_host)(tuna_backend *be, void *dst_host, const void *src, size_t bytes);
     void (*from_host)(tuna_backend *be, void *dst, const void *src_host, size_t bytes);
-
-    /* g *= gscale (in double, rounded to float, as clip_grad_norm_; skipped when gscale == 1),
-     * then one AdamW step in torch's decoupled form and order (t = 1 for the first step). */
-    void (*adamw)(tuna_backend *be, float *p, float *g, float *m, float *v, int64_t n, double lr, double beta1,
-                  double beta2, double eps, double weight_decay, int64_t t, double gscale);
 };
 
 #define TUNA_TRAIN_NORM_WORK 8192
