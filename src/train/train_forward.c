@@ -156,7 +156,7 @@ static size_t layout(tuna_trainer *t, int64_t T, char *base)
     t->x_saved = t->ckpt && !t->offload ? carve(&c, (size_t)(L * T * C) * f) : NULL;
     c.cat = MC_RESID;
     t->x = carve(&c, (size_t)(T * C) * f);
-    t->tmp = carve(&c, (size_t)(T * C) * f);
+    t->tmp = HD >= C ? NULL : carve(&c, (size_t)(T * C) * f); /* else g.datt, below */
     if (t->ckpt) {
         /* the selected rows live only between the last layer and the first recompute: in the
            recomputed layer's buffers, dead then */
@@ -184,6 +184,9 @@ static size_t layout(tuna_trainer *t, int64_t T, char *base)
     t->g.pre = qk_norm ? carve(&c, (size_t)(T * HD) * f) : NULL;
     t->g.dpre = qk_norm ? carve(&c, (size_t)(T * HD) * f) : NULL;
     t->g.datt = carve(&c, (size_t)(T * HD) * f);
+    /* the layer's o and down outputs: backward buffers are free in the forward and in a
+       recompute (layer_backward zeroes datt before using it) */
+    if (HD >= C) t->tmp = t->g.datt;
     t->g.dq = carve(&c, (size_t)(T * HD) * f);
     t->g.dk = carve(&c, (size_t)(T * KD) * f);
     t->g.dv = carve(&c, (size_t)(T * KD) * f);
