@@ -246,18 +246,401 @@ __global__ void k_attn_combine(float *out, const float *part_acc, const float *p
 }
 
 /* ------------------------------------------------------------------------------------------
+ * Decode for 16-bit caches (bf16/f16) with D a multiple of 8 and 16-byte aligned rows:
+ * k_attn_decode16. Grid (tokens, Hkv * n_hg, n_splits), 32 * nw threads (nw warps).
+ *
+ * A block takes one token, one kv head, up to GM query heads of its group and one split of the
+ * context. The split is cut into groups of D16_KEYS (16) keys at absolute positions 16 k (one
+ * block-table entry per group when the block size is 16), and warp w of the block takes groups
+ * w, w + nw, ... on its own: it copies each group's 16 K rows and 16 V rows into its own ring of
+ * ns shared-memory stages with cp.async, ns - 1 groups ahead of the one it computes, so every
+ * warp keeps ~(ns - 1) * 8 KB (D 128) of loads in flight and no block-wide barrier stands in the
+ * loop. Per group: lane (j, half) computes key j's scores for every head of the block over half
+ * of the row (Q from shared memory, broadcast), one shuffle joins the halves, four shuffles give
+ * the group's max; p = exp2(s - m) goes through shared memory to the PV step, where lane (kq, c)
+ * owns the 8 columns c of the output rows of every head for keys kq, kq + KQ, ... (no per-key
+ * reduction). Each warp keeps its own running max and sum; at the end the warps are merged
+ * through shared memory. With several splits the block writes (max, sum, unnormalized output)
+ * per head and the last block of the (token, kv head) to finish — found with an atomic counter,
+ * which it resets to 0 — merges the splits, so no second kernel runs. Scores are in log2 units
+ * (q is scaled by scale * log2(e)), so every exponential is an exp2f. */
+#define D16_KEYS 16
+#define D16_MAX_BPS 4 /* blocks per SM counted at most when sizing the grid */
+
+static __device__ __forceinline__ void cp_async16(void *smem, const void *gmem)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+#else
+    *(uint4 *)smem = __ldg((const uint4 *)gmem);
+#endif
+}
+static __device__ __forceinline__ void cp_async_commit()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N> static __device__ __forceinline__ void cp_async_wait()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+static __device__ __forceinline__ void cp_async_wait_rt(int n) /* n in 1..3 */
+{
+    if (n <= 1) cp_async_wait<1>();
+    else if (n == 2) cp_async_wait<2>();
+    else cp_async_wait<3>();
+}
+
+/* 8 elements of a 16-bit K/V row (16 bytes) as float32 */
+template <typename KT> static __device__ __forceinline__ void d16_unpack(const uint4 &v, float *f)
+{
+    constexpr bool bf = std::is_same<KT, __nv_bfloat16>::value;
+    kv_unpack_u32(v.x, bf, f), kv_unpack_u32(v.y, bf, f + 2), kv_unpack_u32(v.z, bf, f + 4),
+        kv_unpack_u32(v.w, bf, f + 6);
+}
+
+/* DT: D when compiled for one head size (64, 128, 256), 0 = any multiple of 8 up to 256 (Drt).
+ * GM: query heads per block at most (4 or 8). wr: bytes of shared memory per warp (its stage
+ * ring; reused for the merge). counters [tokens * Hkv * n_hg]: 0 between launches. */
+template <typename KT, int DT, int GM>
+__global__ void __launch_bounds__(128)
+    k_attn_decode16(float *out, float *part_acc, float *part_ml, unsigned *counters, const float *q, const KT *kc,
+                    const KT *vc, att_meta md, const int32_t *rows, int H, int Hkv, int Drt, int n_hg, int n_splits,
+                    int ns, int wr, float qscale)
+{
+    const int D = DT ? DT : Drt;
+    const int CH = D / 8;                          /* 16-byte chunks per row */
+    const int KQ = min(D16_KEYS, 32 / CH);         /* key lanes of the PV step */
+    const int RB = 2 * D + 16;                     /* bytes per row in a stage (padded: no bank conflicts) */
+    const int NW = blockDim.x >> 5;
+    extern __shared__ float4 d16_smem[];
+    float *qs = (float *)d16_smem;                 /* [GM][D] */
+    float *ps_all = qs + GM * D;                   /* [NW][16][GM] */
+    char *wreg_all = (char *)(ps_all + NW * D16_KEYS * GM);
+    __shared__ int is_last;
+
+    const int i = blockIdx.x, split = blockIdx.z;
+    const int t = rows ? rows[i] : i;
+    const int kvh = blockIdx.y / n_hg, hg = blockIdx.y % n_hg;
+    const int G = H / Hkv, h0 = kvh * G + hg * GM;
+    const int ng = min(GM, G - hg * GM);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int p = (int)md.pos[t], start = (int)att_start(md, p);
+    const int gb = start / D16_KEYS, ge = p / D16_KEYS;
+    const int gps = (ge - gb + n_splits) / n_splits; /* groups per split: ceil((ge - gb + 1) / n_splits) */
+    const int s0 = gb + split * gps, s1 = min(ge, s0 + gps - 1);
+    const int lo = max(start, s0 * D16_KEYS), hi = min(p, s1 * D16_KEYS + D16_KEYS - 1);
+    const int nk = s1 >= s0 + warp ? (s1 - s0 - warp) / NW + 1 : 0; /* this warp's groups (0 if s0 > ge) */
+
+    for (int x = tid; x < ng * D; x += blockDim.x) qs[x] = q[((size_t)t * H + h0) * D + x] * qscale;
+
+    const int32_t *table = att_table(md, t);
+    const int64_t HkvD = (int64_t)Hkv * D;
+    const KT *kbase = kc + (int64_t)kvh * D, *vbase = vc + (int64_t)kvh * D;
+    char *wreg = wreg_all + (size_t)warp * wr;
+    float *ps = ps_all + warp * D16_KEYS * GM;
+    const int bs = md.bs;
+
+    /* copies group k of this warp (if any) into stage k % ns; always commits a group */
+    auto issue = [&](int k) {
+        if (k < nk) {
+            const int key0 = (s0 + warp + NW * k) * D16_KEYS, key = key0 + (lane & 15);
+            long long slot = -1;
+            if (lane < 16 && key >= lo && key <= hi) slot = (long long)table[key / bs] * bs + key % bs;
+            char *buf = wreg + (k % ns) * (2 * D16_KEYS) * RB;
+            for (int idx = lane; idx < 2 * D16_KEYS * CH; idx += 32) { /* rows 0..15 K, 16..31 V */
+                const int row = idx / CH, c = idx - row * CH;
+                const long long sl = __shfl_sync(0xffffffffu, slot, row & 15);
+                if (sl >= 0) cp_async16(buf + row * RB + c * 16, (row < 16 ? kbase : vbase) + sl * HkvD + c * 8);
+            }
+        }
+        cp_async_commit();
+    };
+
+    float m[GM], l[GM], acc[GM][8];
+#pragma unroll
+    for (int g = 0; g < GM; g++) {
+        m[g] = -INFINITY, l[g] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[g][e] = 0.0f;
+    }
+    for (int k = 0; k < ns - 1; k++) issue(k);
+    __syncthreads(); /* qs */
+
+    const int j = lane & 15, half = lane >> 4;
+    const int kq = lane / CH, cc = lane - kq * CH;
+    const bool pv_active = kq < KQ;
+    for (int k = 0; k < nk; k++) {
+        __syncwarp(); /* every lane is done with the stage about to be refilled */
+        issue(k + ns - 1);
+        cp_async_wait_rt(ns - 1);
+        __syncwarp();
+        const char *buf = wreg + (k % ns) * (2 * D16_KEYS) * RB;
+        const int key0 = (s0 + warp + NW * k) * D16_KEYS;
+        const int jlo = max(lo - key0, 0), jhi = min(hi - key0, D16_KEYS - 1);
+        /* scores of key j, this lane's half of the chunks */
+        float dot[GM];
+#pragma unroll
+        for (int g = 0; g < GM; g++) dot[g] = 0.0f;
+        const char *krow = buf + j * RB;
+        for (int u = half; u < CH; u += 2) {
+            float f[8];
+            d16_unpack<KT>(*(const uint4 *)(krow + u * 16), f);
+#pragma unroll
+            for (int g = 0; g < GM; g++) {
+                if (g < ng) {
+                    const float4 qa = *(const float4 *)(qs + g * D + u * 8);
+                    const float4 qb = *(const float4 *)(qs + g * D + u * 8 + 4);
+                    dot[g] += qa.x * f[0] + qa.y * f[1] + qa.z * f[2] + qa.w * f[3] + qb.x * f[4] + qb.y * f[5] +
+                              qb.z * f[6] + qb.w * f[7];
+                }
+            }
+        }
+        const bool valid = j >= jlo && j <= jhi;
+        float pv[GM];
+#pragma unroll
+        for (int g = 0; g < GM; g++) {
+            pv[g] = 0.0f;
+            if (g < ng) {
+                float s = dot[g] + __shfl_xor_sync(0xffffffffu, dot[g], 16);
+                s = valid ? s : -INFINITY;
+                float mx = s;
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                const float mn = fmaxf(m[g], mx); /* finite: the group holds at least one key */
+                const float pe = exp2f(s - mn);   /* masked keys: exp2(-inf) = 0 */
+                if (mn != m[g]) {                 /* the same on every lane */
+                    const float c = exp2f(m[g] - mn); /* 0 on the first group */
+                    l[g] *= c;
+#pragma unroll
+                    for (int e = 0; e < 8; e++) acc[g][e] *= c;
+                    m[g] = mn;
+                }
+                if (half == 0) l[g] += pe;
+                pv[g] = pe;
+            }
+        }
+        if (half == 0) {
+#pragma unroll
+            for (int g = 0; g < GM; g += 4)
+                *(float4 *)(ps + j * GM + g) = make_float4(pv[g], pv[g + 1], pv[g + 2], pv[g + 3]);
+        }
+        __syncwarp();
+        /* values: lane (kq, cc) adds keys kq, kq + KQ, ... of the group to its 8 columns */
+        if (pv_active) {
+            for (int jj = kq; jj <= jhi; jj += KQ) {
+                if (jj < jlo) continue;
+                float f[8], pw[GM];
+                d16_unpack<KT>(*(const uint4 *)(buf + (D16_KEYS + jj) * RB + cc * 16), f);
+#pragma unroll
+                for (int g = 0; g < GM; g += 4) {
+                    const float4 w4 = *(const float4 *)(ps + jj * GM + g);
+                    pw[g] = w4.x, pw[g + 1] = w4.y, pw[g + 2] = w4.z, pw[g + 3] = w4.w;
+                }
+#pragma unroll
+                for (int g = 0; g < GM; g++)
+                    if (g < ng)
+#pragma unroll
+                        for (int e = 0; e < 8; e++) acc[g][e] += pw[g] * f[e];
+            }
+        }
+    }
+    cp_async_wait<0>();
+    __syncwarp();
+
+    /* merge the warps: each writes [KQ][GM][D] partial rows, its max and its sum */
+#pragma unroll
+    for (int g = 0; g < GM; g++) {
+        float v = l[g];
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        l[g] = v;
+    }
+    float *accs = (float *)wreg, *mls = accs + KQ * GM * D;
+    if (pv_active) {
+#pragma unroll
+        for (int g = 0; g < GM; g++)
+            if (g < ng) {
+                float *dst = accs + (kq * GM + g) * D + cc * 8;
+                *(float4 *)dst = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+                *(float4 *)(dst + 4) = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+            }
+    }
+    if (lane == 0)
+#pragma unroll
+        for (int g = 0; g < GM; g++) mls[g] = m[g], mls[GM + g] = l[g];
+    __syncthreads();
+    for (int x = tid; x < ng * D; x += blockDim.x) {
+        const int g = x / D, d = x - g * D;
+        float M = -INFINITY;
+        for (int w = 0; w < NW; w++) M = fmaxf(M, ((const float *)(wreg_all + (size_t)w * wr))[KQ * GM * D + g]);
+        float L = 0.0f, a = 0.0f;
+        for (int w = 0; w < NW; w++) {
+            const float *wa = (const float *)(wreg_all + (size_t)w * wr), *wm = wa + KQ * GM * D;
+            if (wm[GM + g] > 0.0f) { /* a warp without keys adds nothing */
+                const float f = exp2f(wm[g] - M);
+                L += f * wm[GM + g];
+                float s = 0.0f;
+                for (int z = 0; z < KQ; z++) s += wa[(z * GM + g) * D + d];
+                a += f * s;
+            }
+        }
+        if (n_splits == 1) {
+            out[((size_t)t * H + h0 + g) * D + d] = a / L;
+        } else {
+            const size_t r = ((size_t)i * H + h0 + g) * n_splits + split;
+            part_acc[r * D + d] = a;
+            if (d == 0) part_ml[2 * r] = M, part_ml[2 * r + 1] = L;
+        }
+    }
+    if (n_splits == 1) return;
+
+    /* the last split of this (token, kv head, head group) to finish merges them all */
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        unsigned *cnt = counters + (size_t)i * gridDim.y + blockIdx.y;
+        const unsigned prev = atomicAdd(cnt, 1u);
+        is_last = prev == (unsigned)n_splits - 1;
+        if (is_last) *cnt = 0; /* every split has counted: ready for the next launch */
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    for (int x = tid; x < ng * D; x += blockDim.x) {
+        const int g = x / D, d = x - g * D;
+        const size_t r0 = ((size_t)i * H + h0 + g) * n_splits;
+        float M = -INFINITY;
+        for (int s = 0; s < n_splits; s++) M = fmaxf(M, __ldcg(part_ml + 2 * (r0 + s)));
+        float L = 0.0f, a = 0.0f;
+        for (int s = 0; s < n_splits; s++) {
+            const float ls = __ldcg(part_ml + 2 * (r0 + s) + 1);
+            if (ls > 0.0f) { /* empty splits: nothing */
+                const float f = exp2f(__ldcg(part_ml + 2 * (r0 + s)) - M);
+                L += f * ls;
+                a += f * __ldcg(part_acc + (r0 + s) * D + d);
+            }
+        }
+        out[((size_t)t * H + h0 + g) * D + d] = a / L;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------
  * Host side. */
+
+/* How k_attn_decode16 runs for one head size: warps per block, stages per warp, bytes of
+ * shared memory per warp and per block, blocks resident per SM (0: it does not fit, the
+ * general kernel runs). From D, GM and the device only, never from lengths (CUDA graphs).
+ * TUNA_ATTN_DEC_WARPS (1..4) and TUNA_ATTN_DEC_STAGES (2..4) override the defaults (tuning). */
+struct dec16_cfg {
+    int nw, ns, wr, smem, bps;
+};
+
+template <typename KT>
+using dec16_kernel = void (*)(float *, float *, float *, unsigned *, const float *, const KT *, const KT *, att_meta,
+                              const int32_t *, int, int, int, int, int, int, int, float);
+
+template <typename KT> static dec16_kernel<KT> dec16_pick(int D, int GM)
+{
+    if (GM == 4) {
+        switch (D) {
+        case 64: return k_attn_decode16<KT, 64, 4>;
+        case 128: return k_attn_decode16<KT, 128, 4>;
+        case 256: return k_attn_decode16<KT, 256, 4>;
+        default: return k_attn_decode16<KT, 0, 4>;
+        }
+    }
+    switch (D) {
+    case 64: return k_attn_decode16<KT, 64, 8>;
+    case 128: return k_attn_decode16<KT, 128, 8>;
+    case 256: return k_attn_decode16<KT, 256, 8>;
+    default: return k_attn_decode16<KT, 0, 8>;
+    }
+}
+
+static int env_int(const char *name, int lo, int hi)
+{
+    const char *e = getenv(name);
+    if (!e || !*e) return 0;
+    int v = atoi(e);
+    return v >= lo && v <= hi ? v : 0;
+}
+
+static int dec16_smem(int D, int GM, int nw, int ns, int *wr_out)
+{
+    const int CH = D / 8, KQ = 32 / CH < D16_KEYS ? 32 / CH : D16_KEYS;
+    int wr = ns * 2 * D16_KEYS * (2 * D + 16);
+    const int merge = (KQ * GM * D + 2 * GM) * 4;
+    if (merge > wr) wr = merge;
+    wr = (wr + 15) / 16 * 16;
+    *wr_out = wr;
+    return GM * D * 4 + nw * D16_KEYS * GM * 4 + nw * wr;
+}
+
+template <typename KT> static dec16_cfg dec16_config(tuna_backend *be, int D, int GM, int max_smem)
+{
+    struct entry {
+        int dev, D, GM;
+        dec16_cfg c;
+    };
+    static entry cache[32];
+    static int n_cache = 0;
+    for (int k = 0; k < n_cache; k++)
+        if (cache[k].dev == be->device && cache[k].D == D && cache[k].GM == GM) return cache[k].c;
+    dec16_cfg c = {4, D <= 128 ? 3 : 2, 0, 0, 0};
+    if (D > 128) c.nw = 2;
+    const int ew = env_int("TUNA_ATTN_DEC_WARPS", 1, 4), es = env_int("TUNA_ATTN_DEC_STAGES", 2, 4);
+    if (ew) c.nw = ew;
+    if (es) c.ns = es;
+    c.smem = dec16_smem(D, GM, c.nw, c.ns, &c.wr);
+    while (c.smem > max_smem && c.ns > 2) c.smem = dec16_smem(D, GM, c.nw, --c.ns, &c.wr);
+    while (c.smem > max_smem && c.nw > 1) c.smem = dec16_smem(D, GM, --c.nw, c.ns, &c.wr);
+    if (c.smem <= max_smem) {
+        dec16_kernel<KT> fn = dec16_pick<KT>(D, GM);
+        cudaFuncSetAttribute((const void *)fn, cudaFuncAttributeMaxDynamicSharedMemorySize, c.smem);
+        cudaFuncSetAttribute((const void *)fn, cudaFuncAttributePreferredSharedMemoryCarveout,
+                             (int)cudaSharedmemCarveoutMaxShared);
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&c.bps, (const void *)fn, 32 * c.nw, (size_t)c.smem) !=
+            cudaSuccess)
+            c.bps = 0;
+        cudaGetLastError(); /* a refusal above only means: the general kernel runs */
+    }
+    if (n_cache < 32) cache[n_cache++] = entry{be->device, D, GM, c};
+    return c;
+}
+
+/* Bytes of the split buffer (partial rows and the counters): fixed per device, never moves. */
+#define DEC_PART_ROWS(n_sm) ((size_t)128 * (size_t)(n_sm))
+#define DEC_COUNTERS(n_sm) ((size_t)64 * (size_t)(n_sm))
 
 template <typename KT>
 static void launch_kernels(tuna_backend *be, float *out, const float *q, const void *kcache, const void *vcache,
                            const att_meta &md, const int32_t *drows, int64_t n_dec, const int32_t *dtiles,
                            int64_t n_tiles, int H, int Hkv, int D, int n_hg, int n_splits, int BQ, float scale,
-                           float *part_acc, float *part_ml)
+                           float *part_acc, float *part_ml, unsigned *counters, const dec16_cfg *c16, int GM)
 {
     const KT *kc = (const KT *)kcache, *vc = (const KT *)vcache;
     constexpr int VE = kv_traits<KT>::VEC;
     const bool vec = D % VE == 0 && ((uintptr_t)kcache % 16) == 0 && ((uintptr_t)vcache % 16) == 0;
-    if (n_dec > 0) {
+    bool done = false;
+    if constexpr (sizeof(KT) == 2) {
+        if (n_dec > 0 && c16) {
+            dim3 grid((unsigned)n_dec, (unsigned)(Hkv * n_hg), (unsigned)n_splits);
+            dec16_pick<KT>(D, GM)<<<grid, 32 * c16->nw, (size_t)c16->smem, be->stream>>>(
+                out, part_acc, part_ml, counters, q, kc, vc, md, drows, H, Hkv, D, n_hg, n_splits, c16->ns, c16->wr,
+                scale * 1.4426950408889634f);
+            if (!tuna_cuda_check_launch(be, "k_attn_decode16")) return;
+            done = true;
+        }
+    } else {
+        (void)counters, (void)c16, (void)GM;
+    }
+    if (n_dec > 0 && !done) {
         dim3 grid((unsigned)n_dec, (unsigned)(Hkv * n_hg), (unsigned)n_splits);
         if (vec)
             k_attn_decode<KT, true><<<grid, DEC_THREADS, 0, be->stream>>>(out, part_acc, part_ml, q, kc, vc, md, drows,
@@ -398,36 +781,72 @@ void tuna_cuda_attention(tuna_backend *be, float *out, const float *q, const voi
     const int32_t *dtiles = have_tiles ? (const int32_t *)(base + o_tiles) : NULL;
 
     /* splits: from T (decode tokens), the head shape, the SM count and the context bound only */
-    const int G = (int)(H / Hkv), n_hg = (G + DEC_GM - 1) / DEC_GM;
+    const int G = (int)(H / Hkv);
+    /* the 16-bit kernel: bf16/f16 cache, D a multiple of 8, 16-byte aligned caches
+     * (TUNA_ATTN_DEC_OLD=1 runs the general kernel instead, for comparisons) */
+    static const int dec_old = env_int("TUNA_ATTN_DEC_OLD", 1, 1);
+    const int GM16 = G <= 4 ? 4 : 8;
+    dec16_cfg c16 = {0, 0, 0, 0, 0};
+    if (n_dec > 0 && code != 0 && D % 8 == 0 && (uintptr_t)kcache % 16 == 0 && (uintptr_t)vcache % 16 == 0 &&
+        !dec_old)
+        c16 = code == 1 ? dec16_config<__nv_bfloat16>(be, (int)D, GM16, max_smem)
+                        : dec16_config<__half>(be, (int)D, GM16, max_smem);
+    const bool use16 = c16.bps > 0;
+    const int GM = use16 ? GM16 : DEC_GM, n_hg = (G + GM - 1) / GM;
     int n_splits = 1;
     float *part_acc = NULL, *part_ml = NULL;
+    unsigned *counters = NULL;
     if (n_dec > 0) {
         int64_t max_ctx = MB > 0 ? MB * bs : maxpos + 1;
         if (b->sliding_window > 0 && b->sliding_window < max_ctx) max_ctx = b->sliding_window;
         int64_t cap = (max_ctx + DEC_MIN_CHUNK - 1) / DEC_MIN_CHUNK;
         cap = cap < 1 ? 1 : cap > DEC_MAX_SPLITS ? DEC_MAX_SPLITS : cap;
-        const int64_t units = n_dec * Hkv * n_hg, target = (int64_t)n_sm * DEC_BLOCKS_PER_SM;
-        if (units < target) {
-            int64_t s = (target + units - 1) / units;
-            n_splits = (int)(s < cap ? s : cap);
+        const int64_t units = n_dec * Hkv * n_hg;
+        if (use16) {
+            /* one wave of resident blocks when the batch is smaller; up to 4 waves when a few
+             * splits even out the last wave of a batch of 1 to 4 waves */
+            const int64_t wave = (int64_t)n_sm * (c16.bps < D16_MAX_BPS ? c16.bps : D16_MAX_BPS);
+            if (units < wave) {
+                n_splits = (int)((wave + units - 1) / units);
+            } else if (units < 4 * wave) {
+                double best = 0.0;
+                for (int s = 1; s <= 4 && units * s <= 4 * wave; s++) {
+                    const double w = (double)(units * s) / (double)wave, eff = w / ceil(w);
+                    if (eff > best + 0.05) best = eff, n_splits = s;
+                }
+            }
+            const int es = env_int("TUNA_ATTN_DEC_SPLITS", 1, DEC_MAX_SPLITS);
+            if (es && units * es <= 4 * wave) n_splits = es;
+        } else {
+            const int64_t target = (int64_t)n_sm * DEC_BLOCKS_PER_SM;
+            if (units < target) n_splits = (int)((target + units - 1) / units);
         }
+        if (n_splits > cap) n_splits = (int)cap;
         if (n_splits > 1) {
-            /* rows of partials: n_dec * H * n_splits < 2 * target * DEC_GM (units * n_splits <
-             * target + units < 2 * target): one fixed-size buffer that never moves once made */
-            const size_t max_rows = (size_t)2 * (size_t)target * DEC_GM;
-            const size_t bytes = max_rows * (ATT_MAX_D + 2) * sizeof(float);
+            /* rows of partials: fewer than n_dec * H * n_splits <= blocks * GM <= 4 * n_sm *
+             * D16_MAX_BPS * 8 (or 2 * n_sm * DEC_BLOCKS_PER_SM * DEC_GM for the general kernel) =
+             * 128 * n_sm; counters: units <= 4 waves <= 16 * n_sm. One buffer, sized once. */
+            const size_t max_rows = DEC_PART_ROWS(n_sm);
+            const size_t bytes = max_rows * (ATT_MAX_D + 2) * sizeof(float) + DEC_COUNTERS(n_sm) * sizeof(unsigned);
+            void *before = be->attn.p;
             if (!tuna_cuda_grow(be, &be->attn, bytes, "cudaMalloc(attention splits)")) return;
             part_acc = (float *)be->attn.p;
             part_ml = part_acc + max_rows * ATT_MAX_D;
+            counters = (unsigned *)(part_ml + 2 * max_rows);
+            if (be->attn.p != before && /* a new buffer (never while capturing): counters start at 0 */
+                !tuna_cuda_check(be, cudaMemsetAsync(counters, 0, DEC_COUNTERS(n_sm) * sizeof(unsigned), be->stream),
+                                 "cudaMemsetAsync(attention split counters)"))
+                return;
         }
     }
+    const dec16_cfg *pc16 = use16 ? &c16 : NULL;
     if (code == 0)
         launch_kernels<float>(be, out, q, kcache, vcache, md, drows, n_dec, dtiles, n_tiles, (int)H, (int)Hkv, (int)D,
-                              n_hg, n_splits, BQ, scale, part_acc, part_ml);
+                              n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM);
     else if (code == 1)
         launch_kernels<__nv_bfloat16>(be, out, q, kcache, vcache, md, drows, n_dec, dtiles, n_tiles, (int)H, (int)Hkv,
-                                      (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml);
+                                      (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM);
     else
         launch_kernels<__half>(be, out, q, kcache, vcache, md, drows, n_dec, dtiles, n_tiles, (int)H, (int)Hkv,
-                               (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml);
+                               (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM);
 }
