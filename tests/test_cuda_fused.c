@@ -7,6 +7,7 @@
 #include "cuda_testutil.h"
 
 #include "core/dtype.h"
+#include "quant/nf4.h"
 
 static const struct tuna_backend_ops *g_cops, *g_gops;
 
@@ -176,12 +177,363 @@ static void test_matmul_add(void **state)
         }
 }
 
+/* x[T,K] through the CPU's rmsnorm into xn, then the plain matmuls. */
+static void cpu_norm(float *xn, const float *x, const float *nw, int64_t T, int64_t K)
+{
+    g_cops->rmsnorm(g_cpu, xn, x, nw, T, K, 1e-5f);
+}
+
+static float *rnd_norm_w(int64_t K)
+{
+    float *w = rnd((size_t)K);
+    for (int64_t i = 0; i < K; i++) w[i] = 1.0f + 0.5f * w[i];
+    return w;
+}
+
+/* rmsnorm_matmul_multi against rmsnorm + matmul (both outputs: the projections and xn); n = 1
+ * with many rows is the final norm + lm_head */
+static void test_rmsnorm_matmul_multi(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    const int64_t shapes[][5] = {{3, 64, 24, 24, 3}, {64, 136, 16, 16, 3}, {300, 1024, 100, 100, 3},
+                                 {17, 12, 5, 9, 3}, {3001, 256, 0, 0, 1}};
+    for (size_t ti = 0; ti < 3; ti++)
+        for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+            const int n = (int)shapes[si][4];
+            int64_t K = shapes[si][1], N[3] = {shapes[si][0], shapes[si][2], shapes[si][3]};
+            struct wpair w[3];
+            for (int i = 0; i < n; i++) wpair_new(&w[i], k_types[ti], N[i], K, si & 1);
+            float *nw = rnd_norm_w(K), *dnw = dev(nw, (size_t)K * 4);
+            for (size_t tt = 0; tt < sizeof k_Ts / sizeof k_Ts[0]; tt++) {
+                int64_t T = k_Ts[tt];
+                float *x = rnd((size_t)(T * K)), *dx = dev(x, (size_t)(T * K) * 4);
+                float *xn = malloc((size_t)(T * K) * 4), *xng = malloc((size_t)(T * K) * 4);
+                float *dxn = dev(NULL, (size_t)(T * K) * 4);
+                cpu_norm(xn, x, nw, T, K);
+                float *yc[3], *dy[3];
+                for (int i = 0; i < n; i++) {
+                    yc[i] = malloc((size_t)(T * N[i]) * 4);
+                    dy[i] = dev(NULL, (size_t)(T * N[i]) * 4);
+                    g_cops->matmul(g_cpu, yc[i], xn, &w[i].c, w[i].bias, T);
+                }
+                const struct tuna_weight *ws[3] = {&w[0].g, &w[1].g, &w[2].g};
+                const float *bs[3] = {w[0].dbias, w[1].dbias, w[2].dbias};
+                g_gops->rmsnorm_matmul_multi(g_gpu, n, dy, dxn, dx, dnw, 1e-5f, ws, bs, T);
+                char what[160];
+                back(xng, dxn, (size_t)(T * K) * 4);
+                snprintf(what, sizeof what, "rmsnorm_matmul_multi %s T=%lld xn [%lld]", tuna_dtype_name(k_types[ti]),
+                         (long long)T, (long long)K);
+                check(what, xng, xn, (size_t)(T * K), 1e-6);
+                for (int i = 0; i < n; i++) {
+                    float *yg = malloc((size_t)(T * N[i]) * 4);
+                    back(yg, dy[i], (size_t)(T * N[i]) * 4);
+                    snprintf(what, sizeof what, "rmsnorm_matmul_multi %s T=%lld weight %d [%lld, %lld]",
+                             tuna_dtype_name(k_types[ti]), (long long)T, i, (long long)N[i], (long long)K);
+                    check(what, yg, yc[i], (size_t)(T * N[i]), tol_for(k_types[ti], T));
+                    free(yg);
+                    free(yc[i]);
+                    tuna_cuda_free(g_gpu, dy[i]);
+                }
+                free(x), free(xn), free(xng);
+                tuna_cuda_free(g_gpu, dx);
+                tuna_cuda_free(g_gpu, dxn);
+            }
+            for (int i = 0; i < n; i++) wpair_free(&w[i]);
+            free(nw);
+            tuna_cuda_free(g_gpu, dnw);
+        }
+}
+
+static void test_rmsnorm_matmul_glu(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    const int64_t shapes[][2] = {{37, 40}, {300, 136}, {1000, 512}, {33, 20}};
+    for (size_t ti = 0; ti < 3; ti++)
+        for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++)
+            for (int act = 0; act < 3; act++) {
+                int64_t I = shapes[si][0], K = shapes[si][1];
+                struct wpair g, u;
+                wpair_new(&g, k_types[ti], I, K, act == 1);
+                wpair_new(&u, k_types[ti], I, K, act == 1);
+                float *nw = rnd_norm_w(K), *dnw = dev(nw, (size_t)K * 4);
+                for (size_t tt = 0; tt < sizeof k_Ts / sizeof k_Ts[0]; tt++) {
+                    int64_t T = k_Ts[tt];
+                    float *x = rnd((size_t)(T * K)), *dx = dev(x, (size_t)(T * K) * 4);
+                    float *xn = malloc((size_t)(T * K) * 4), *dxn = dev(NULL, (size_t)(T * K) * 4);
+                    float *gc = malloc((size_t)(T * I) * 4), *uc = malloc((size_t)(T * I) * 4);
+                    float *og = malloc((size_t)(T * I) * 4), *dout = dev(NULL, (size_t)(T * I) * 4);
+                    cpu_norm(xn, x, nw, T, K);
+                    g_cops->matmul(g_cpu, gc, xn, &g.c, g.bias, T);
+                    g_cops->matmul(g_cpu, uc, xn, &u.c, u.bias, T);
+                    g_cops->glu(g_cpu, gc, gc, uc, T * I, act);
+                    g_gops->rmsnorm_matmul_glu(g_gpu, dout, dxn, dx, dnw, 1e-5f, &g.g, g.dbias, &u.g, u.dbias, T, act);
+                    back(og, dout, (size_t)(T * I) * 4);
+                    char what[160];
+                    snprintf(what, sizeof what, "rmsnorm_matmul_glu %s act %d T=%lld [%lld, %lld]",
+                             tuna_dtype_name(k_types[ti]), act, (long long)T, (long long)I, (long long)K);
+                    check(what, og, gc, (size_t)(T * I), 2 * tol_for(k_types[ti], T));
+                    back(og, dxn, (size_t)(T * K) * 4);
+                    check("rmsnorm_matmul_glu xn", og, xn, (size_t)(T * K), 1e-6);
+                    free(x), free(xn), free(gc), free(uc), free(og);
+                    tuna_cuda_free(g_gpu, dx);
+                    tuna_cuda_free(g_gpu, dxn);
+                    tuna_cuda_free(g_gpu, dout);
+                }
+                wpair_free(&g);
+                wpair_free(&u);
+                free(nw);
+                tuna_cuda_free(g_gpu, dnw);
+            }
+}
+
+/* A bitsandbytes 4-bit weight on both sides: the CPU state and its GPU descriptor (as
+ * src/model/device.c makes it); od: the checkpoint was bf16 (dequantized values rounded to bf16,
+ * bf16 compute) or float32 (exact float32 kernels). */
+struct q4pair {
+    struct tuna_q4_weight q;
+    struct tuna_cuda_q4 d;
+    struct tuna_weight c, g;
+    float *bias, *dbias;
+};
+
+static void q4pair_new(struct q4pair *p, int type, int od, int64_t N, int64_t K, bool bias)
+{
+    float *wf = rnd((size_t)(N * K));
+    TT_OK(tuna_q4_quantize(wf, TUNA_DTYPE_F32, N, K, type ? TUNA_Q4_FP4 : TUNA_Q4_NF4, 64, true,
+                           od ? TUNA_DTYPE_BF16 : TUNA_DTYPE_F32, &p->q));
+    free(wf);
+    enum tuna_dtype dt = type ? TUNA_DTYPE_FP4 : TUNA_DTYPE_NF4;
+    p->c = (struct tuna_weight){dt, N, K, p->q.codes, &p->q};
+    tuna_q4_dequant_table(p->q.type, p->d.lut);
+    p->d.blocksize = p->q.blocksize;
+    p->d.round_mode = od ? 1 : 0;
+    p->d.prefill = od ? TUNA_DTYPE_BF16 : TUNA_DTYPE_F32;
+    p->d.absmax = dev(p->q.absmax, (size_t)p->q.n_blocks * 4);
+    p->g = (struct tuna_weight){dt, N, K, dev(p->q.codes, (size_t)((N * K + 1) / 2)), &p->d};
+    p->bias = bias ? rnd((size_t)N) : NULL;
+    p->dbias = bias ? dev(p->bias, (size_t)N * 4) : NULL;
+}
+
+static void q4pair_free(struct q4pair *p)
+{
+    tuna_cuda_free(g_gpu, (void *)p->g.data);
+    tuna_cuda_free(g_gpu, (void *)p->d.absmax);
+    tuna_q4_weight_free(&p->q);
+    free(p->bias);
+    tuna_cuda_free(g_gpu, p->dbias);
+}
+
+/* The grouped 4-bit GEMV (q4.cu) behind every fused op, against the CPU's matmul on the
+ * bitsandbytes state: q/k/v (+ the norm), gate/up + GLU (+ the norm), o into the residual;
+ * T up to 8 (the kernel) and 9 (the fallback); NF4 and FP4; float32 and bf16 checkpoints. */
+static void test_q4_grouped(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    const int64_t Ts[] = {1, 2, 3, 8, 9};
+    const int64_t shapes[][4] = {{64, 256, 32, 32}, {300, 1024, 100, 100}, {37, 72, 5, 9}};
+    for (int type = 0; type < 2; type++)
+        for (int od = 0; od < 2; od++)
+            for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+                const int64_t K = shapes[si][1], N[3] = {shapes[si][0], shapes[si][2], shapes[si][3]};
+                struct q4pair w[3], up;
+                for (int i = 0; i < 3; i++) q4pair_new(&w[i], type, od, N[i], K, i == 1);
+                q4pair_new(&up, type, od, N[0], K, false);
+                float *nw = rnd_norm_w(K), *dnw = dev(nw, (size_t)K * 4);
+                const double tol = od ? 3e-3 : 1e-5;
+                for (size_t tt = 0; tt < sizeof Ts / sizeof Ts[0]; tt++) {
+                    const int64_t T = Ts[tt];
+                    char what[200];
+                    float *x = rnd((size_t)(T * K)), *dx = dev(x, (size_t)(T * K) * 4);
+                    float *xn = malloc((size_t)(T * K) * 4), *dxn = dev(NULL, (size_t)(T * K) * 4);
+                    cpu_norm(xn, x, nw, T, K);
+                    const struct tuna_weight *ws[3] = {&w[0].g, &w[1].g, &w[2].g};
+                    const float *bs[3] = {w[0].dbias, w[1].dbias, w[2].dbias};
+                    for (int norm = 0; norm < 2; norm++) {
+                        float *yc[3], *dy[3];
+                        for (int i = 0; i < 3; i++) {
+                            yc[i] = malloc((size_t)(T * N[i]) * 4);
+                            dy[i] = dev(NULL, (size_t)(T * N[i]) * 4);
+                            g_cops->matmul(g_cpu, yc[i], norm ? xn : x, &w[i].c, w[i].bias, T);
+                        }
+                        if (norm) g_gops->rmsnorm_matmul_multi(g_gpu, 3, dy, dxn, dx, dnw, 1e-5f, ws, bs, T);
+                        else g_gops->matmul_multi(g_gpu, 3, dy, dx, ws, bs, T);
+                        for (int i = 0; i < 3; i++) {
+                            float *yg = malloc((size_t)(T * N[i]) * 4);
+                            back(yg, dy[i], (size_t)(T * N[i]) * 4);
+                            snprintf(what, sizeof what, "%s %s from %s T=%lld weight %d [%lld, %lld]",
+                                     norm ? "rmsnorm_matmul_multi" : "matmul_multi", type ? "FP4" : "NF4",
+                                     od ? "bf16" : "f32", (long long)T, i, (long long)N[i], (long long)K);
+                            check(what, yg, yc[i], (size_t)(T * N[i]), tol);
+                            free(yg), free(yc[i]);
+                            tuna_cuda_free(g_gpu, dy[i]);
+                        }
+                        /* gate/up + GLU */
+                        const int64_t I = N[0];
+                        float *gc = malloc((size_t)(T * I) * 4), *uc = malloc((size_t)(T * I) * 4);
+                        float *og = malloc((size_t)(T * I) * 4), *dout = dev(NULL, (size_t)(T * I) * 4);
+                        g_cops->matmul(g_cpu, gc, norm ? xn : x, &w[0].c, w[0].bias, T);
+                        g_cops->matmul(g_cpu, uc, norm ? xn : x, &up.c, NULL, T);
+                        g_cops->glu(g_cpu, gc, gc, uc, T * I, 0);
+                        if (norm) g_gops->rmsnorm_matmul_glu(g_gpu, dout, dxn, dx, dnw, 1e-5f, &w[0].g, w[0].dbias, &up.g, NULL, T, 0);
+                        else g_gops->matmul_glu(g_gpu, dout, dx, &w[0].g, w[0].dbias, &up.g, NULL, T, 0);
+                        back(og, dout, (size_t)(T * I) * 4);
+                        snprintf(what, sizeof what, "%s %s from %s T=%lld [%lld, %lld]",
+                                 norm ? "rmsnorm_matmul_glu" : "matmul_glu", type ? "FP4" : "NF4", od ? "bf16" : "f32",
+                                 (long long)T, (long long)I, (long long)K);
+                        check(what, og, gc, (size_t)(T * I), 2 * tol);
+                        if (norm) {
+                            float *xg = malloc((size_t)(T * K) * 4);
+                            back(xg, dxn, (size_t)(T * K) * 4);
+                            check("4-bit rmsnorm_matmul_glu xn", xg, xn, (size_t)(T * K), 1e-6);
+                            free(xg);
+                        }
+                        free(gc), free(uc), free(og);
+                        tuna_cuda_free(g_gpu, dout);
+                    }
+                    /* o into the residual */
+                    {
+                        const int64_t No = N[1];
+                        float *y = rnd((size_t)(T * No)), *dy = dev(y, (size_t)(T * No) * 4);
+                        float *tmp = malloc((size_t)(T * No) * 4), *yg = malloc((size_t)(T * No) * 4);
+                        g_cops->matmul(g_cpu, tmp, x, &w[1].c, w[1].bias, T);
+                        g_cops->add(g_cpu, y, tmp, T * No);
+                        g_gops->matmul_add(g_gpu, dy, dx, &w[1].g, w[1].dbias, T);
+                        back(yg, dy, (size_t)(T * No) * 4);
+                        snprintf(what, sizeof what, "matmul_add %s from %s T=%lld [%lld, %lld]", type ? "FP4" : "NF4",
+                                 od ? "bf16" : "f32", (long long)T, (long long)No, (long long)K);
+                        check(what, yg, y, (size_t)(T * No), tol);
+                        free(y), free(tmp), free(yg);
+                        tuna_cuda_free(g_gpu, dy);
+                    }
+                    free(x), free(xn);
+                    tuna_cuda_free(g_gpu, dx);
+                    tuna_cuda_free(g_gpu, dxn);
+                }
+                for (int i = 0; i < 3; i++) q4pair_free(&w[i]);
+                q4pair_free(&up);
+                free(nw);
+                tuna_cuda_free(g_gpu, dnw);
+            }
+}
+
+static float *kv_as_f32(const void *cache, enum tuna_dtype dt, size_t n)
+{
+    float *f = malloc(n * 4 + 4);
+    assert_non_null(f);
+    tuna_convert_to_f32(dt, cache, f, n);
+    return f;
+}
+
+/* rope_kv_store against the CPU's rmsnorm (q/k norm), rope, rope, kv_store (tolerance: sin/cos
+ * of two libraries) and against the GPU's own plain ops (bit for bit): three cache dtypes,
+ * partial rotary, GQA, q/k norm on and off, scattered slots. */
+static void test_rope_kv_store(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    const int64_t heads[][4] = {{8, 2, 64, 64}, {4, 4, 36, 24}, {6, 2, 128, 128}, {2, 1, 256, 256}};
+    const enum tuna_dtype kdt[] = {TUNA_DTYPE_F32, TUNA_DTYPE_BF16, TUNA_DTYPE_F16};
+    const int64_t Ts[] = {1, 3, 17};
+    const int64_t NS = 64;
+    for (size_t hi = 0; hi < sizeof heads / sizeof heads[0]; hi++)
+        for (size_t ki = 0; ki < 3; ki++)
+            for (size_t tt = 0; tt < 3; tt++)
+                for (int qk = 0; qk < 2; qk++) {
+                    const int64_t H = heads[hi][0], Hkv = heads[hi][1], D = heads[hi][2], rot = heads[hi][3];
+                    const int64_t T = Ts[tt], half = rot / 2, HD = H * D, KD = Hkv * D;
+                    const enum tuna_dtype dt = kdt[ki];
+                    const size_t cbytes = tuna_dtype_nbytes(dt, (uint64_t)(NS * KD));
+                    float *inv = malloc((size_t)(half + 1) * 4);
+                    for (int64_t i = 0; i < half; i++) inv[i] = (float)pow(10000.0, -2.0 * (double)i / (double)rot);
+                    int64_t pos[17], slot[17];
+                    for (int64_t t = 0; t < T; t++) {
+                        pos[t] = (t * 977 + 13 * (int64_t)hi) % 4000;
+                        slot[t] = (t * 7 + 5) % NS;
+                    }
+                    const float af = qk ? 0.9f : 1.0f;
+                    float *q = rnd((size_t)(T * HD)), *k = rnd((size_t)(T * KD)), *v = rnd((size_t)(T * KD));
+                    float *qn = qk ? rnd_norm_w(D) : NULL, *kn = qk ? rnd_norm_w(D) : NULL;
+                    float *dqn = qn ? dev(qn, (size_t)D * 4) : NULL, *dkn = kn ? dev(kn, (size_t)D * 4) : NULL;
+                    /* CPU reference */
+                    void *kc = calloc(1, cbytes), *vc = calloc(1, cbytes);
+                    float *qc = malloc((size_t)(T * HD) * 4), *kcpu = malloc((size_t)(T * KD) * 4);
+                    memcpy(qc, q, (size_t)(T * HD) * 4);
+                    memcpy(kcpu, k, (size_t)(T * KD) * 4);
+                    if (qn) g_cops->rmsnorm(g_cpu, qc, qc, qn, T * H, D, 1e-6f);
+                    if (kn) g_cops->rmsnorm(g_cpu, kcpu, kcpu, kn, T * Hkv, D, 1e-6f);
+                    g_cops->rope(g_cpu, qc, pos, T, H, D, rot, inv, af);
+                    g_cops->rope(g_cpu, kcpu, pos, T, Hkv, D, rot, inv, af);
+                    g_cops->kv_store(g_cpu, kc, vc, dt, kcpu, v, slot, T, KD);
+                    /* the GPU: fused (1) and the plain ops (0) */
+                    float *gq[2], *gk[2];
+                    void *gkc[2], *gvc[2];
+                    for (int f = 0; f < 2; f++) {
+                        float *dq = dev(q, (size_t)(T * HD) * 4), *dk = dev(k, (size_t)(T * KD) * 4);
+                        float *dv = dev(v, (size_t)(T * KD) * 4);
+                        void *dkc = dev(NULL, cbytes), *dvc = dev(NULL, cbytes);
+                        void *zero = calloc(1, cbytes);
+                        TT_OK(tuna_cuda_upload(g_gpu, dkc, zero, cbytes));
+                        TT_OK(tuna_cuda_upload(g_gpu, dvc, zero, cbytes));
+                        free(zero);
+                        if (f) {
+                            g_gops->rope_kv_store(g_gpu, dq, dk, dv, dqn, dkn, 1e-6f, dkc, dvc, dt, pos, slot, T, H, Hkv, D,
+                                                  rot, inv, af);
+                        } else {
+                            if (dqn) g_gops->rmsnorm(g_gpu, dq, dq, dqn, T * H, D, 1e-6f);
+                            if (dkn) g_gops->rmsnorm(g_gpu, dk, dk, dkn, T * Hkv, D, 1e-6f);
+                            g_gops->rope(g_gpu, dq, pos, T, H, D, rot, inv, af);
+                            g_gops->rope(g_gpu, dk, pos, T, Hkv, D, rot, inv, af);
+                            g_gops->kv_store(g_gpu, dkc, dvc, dt, dk, dv, slot, T, KD);
+                        }
+                        gq[f] = malloc((size_t)(T * HD) * 4);
+                        gk[f] = malloc((size_t)(T * KD) * 4);
+                        gkc[f] = malloc(cbytes);
+                        gvc[f] = malloc(cbytes);
+                        back(gq[f], dq, (size_t)(T * HD) * 4);
+                        back(gk[f], dk, (size_t)(T * KD) * 4);
+                        back(gkc[f], dkc, cbytes);
+                        back(gvc[f], dvc, cbytes);
+                        tuna_cuda_free(g_gpu, dq), tuna_cuda_free(g_gpu, dk), tuna_cuda_free(g_gpu, dv);
+                        tuna_cuda_free(g_gpu, dkc), tuna_cuda_free(g_gpu, dvc);
+                    }
+                    char what[160];
+                    snprintf(what, sizeof what, "rope_kv_store H=%lld Hkv=%lld D=%lld rot=%lld T=%lld %s%s", (long long)H,
+                             (long long)Hkv, (long long)D, (long long)rot, (long long)T, tuna_dtype_name(dt),
+                             qk ? " q/k norm" : "");
+                    if (memcmp(gq[0], gq[1], (size_t)(T * HD) * 4) || memcmp(gk[0], gk[1], (size_t)(T * KD) * 4) ||
+                        memcmp(gkc[0], gkc[1], cbytes) || memcmp(gvc[0], gvc[1], cbytes)) {
+                        print_error("%s: differs from the GPU's plain ops\n", what);
+                        fail();
+                    }
+                    const double tol = dt == TUNA_DTYPE_F32 ? 1e-5 : 1e-2;
+                    check(what, gq[1], qc, (size_t)(T * HD), 1e-5);
+                    check(what, gk[1], kcpu, (size_t)(T * KD), 1e-5);
+                    float *a = kv_as_f32(gkc[1], dt, (size_t)(NS * KD)), *b = kv_as_f32(kc, dt, (size_t)(NS * KD));
+                    check(what, a, b, (size_t)(NS * KD), tol);
+                    free(a), free(b);
+                    a = kv_as_f32(gvc[1], dt, (size_t)(NS * KD)), b = kv_as_f32(vc, dt, (size_t)(NS * KD));
+                    check(what, a, b, (size_t)(NS * KD), 1e-6);
+                    free(a), free(b);
+                    for (int f = 0; f < 2; f++) free(gq[f]), free(gk[f]), free(gkc[f]), free(gvc[f]);
+                    free(q), free(k), free(v), free(qn), free(kn), free(inv), free(kc), free(vc), free(qc), free(kcpu);
+                    tuna_cuda_free(g_gpu, dqn);
+                    tuna_cuda_free(g_gpu, dkn);
+                }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_matmul_multi),
         cmocka_unit_test(test_matmul_glu),
         cmocka_unit_test(test_matmul_add),
+        cmocka_unit_test(test_rmsnorm_matmul_multi),
+        cmocka_unit_test(test_rmsnorm_matmul_glu),
+        cmocka_unit_test(test_q4_grouped),
+        cmocka_unit_test(test_rope_kv_store),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -150,6 +150,24 @@ struct tuna_backend_ops {
      * not be used and the caller must run the ops again eagerly. */
     int (*graph_begin)(tuna_backend *be, uint64_t key);
     bool (*graph_end)(tuna_backend *be);
+    /* --- optional: decode fusions of the RMSNorm and the RoPE/KV-store step (NULL = compose the
+     * plain ops; same numbers up to float32 summation order) ----------------------------------
+     * xn[T,K] = rmsnorm(x, nw, eps) and ys[i] = xn W_i^T + bias_i (matmul_multi of xn): the norm in
+     * front of q/k/v folded into their GEMV. xn is always written (LoRA reads it). */
+    void (*rmsnorm_matmul_multi)(tuna_backend *be, int n, float *const *ys, float *xn, const float *x,
+                                 const float *nw, float eps, const struct tuna_weight *const *ws,
+                                 const float *const *biases, int64_t T);
+    /* xn[T,K] = rmsnorm(x, nw, eps), out[T, I] = act(xn Wg^T + bg) * (xn Wu^T + bu). */
+    void (*rmsnorm_matmul_glu)(tuna_backend *be, float *out, float *xn, const float *x, const float *nw, float eps,
+                               const struct tuna_weight *wg, const float *bg, const struct tuna_weight *wu,
+                               const float *bu, int64_t T, int act);
+    /* The step between the projections and attention: when given, rmsnorm of each head of q
+     * [T, H*D] by q_norm[D] and of k [T, Hkv*D] by k_norm[D] (Qwen3), then rope of q and k (in
+     * place), then kv_store of k and v: rmsnorm, rope, rope, kv_store in one call. */
+    void (*rope_kv_store)(tuna_backend *be, float *q, float *k, const float *v, const float *q_norm,
+                          const float *k_norm, float eps, void *kcache, void *vcache, enum tuna_dtype kv_dtype,
+                          const int64_t *pos, const int64_t *slot, int64_t T, int64_t H, int64_t Hkv, int64_t D,
+                          int64_t rot_dim, const float *inv_freq, float attn_factor);
 };
 
 #endif

@@ -334,22 +334,39 @@ static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const stru
         void *kc = tuna_kv_k(kv, l), *vc = tuna_kv_v(kv, l);
         if (trace) op->copy(be, A->x_in, x, (size_t)(T * C) * sizeof(float));
         /* attention block */
-        op->rmsnorm(be, A->xn_attn, x, L->attn_norm, T, C, (float)a->norm_eps);
-        linear_qkv(m, L, A, T, b, fuse); /* q (T, H*D), k and v (T, Hkv*D) */
-        if (L->q_norm) op->rmsnorm(be, A->q, A->q, L->q_norm, T * H, D, (float)a->norm_eps);
-        if (L->k_norm) op->rmsnorm(be, A->k, A->k, L->k_norm, T * Hkv, D, (float)a->norm_eps);
-        op->rope(be, A->q, md->pos, T, H, D, m->rot_dim, md->inv_freq, m->attn_factor);
-        op->rope(be, A->k, md->pos, T, Hkv, D, m->rot_dim, md->inv_freq, m->attn_factor);
-        op->kv_store(be, kc, vc, kvdt, A->k, A->v, md->slot, T, Hkv * D);
+        if (fuse && op->rmsnorm_matmul_multi && L->q.n_lora == 0 && L->k.n_lora == 0 && L->v.n_lora == 0) {
+            /* the norm folded into the q/k/v GEMV (it still writes xn_attn) */
+            float *const ys[3] = {A->q, A->k, A->v};
+            const struct tuna_weight *const w3[3] = {&L->q.w, &L->k.w, &L->v.w};
+            const float *const b3[3] = {L->q.bias, L->k.bias, L->v.bias};
+            op->rmsnorm_matmul_multi(be, 3, ys, A->xn_attn, x, L->attn_norm, (float)a->norm_eps, w3, b3, T);
+        } else {
+            op->rmsnorm(be, A->xn_attn, x, L->attn_norm, T, C, (float)a->norm_eps);
+            linear_qkv(m, L, A, T, b, fuse); /* q (T, H*D), k and v (T, Hkv*D) */
+        }
+        if (fuse && op->rope_kv_store) { /* q/k norm, RoPE of q and k and the KV store in one op */
+            op->rope_kv_store(be, A->q, A->k, A->v, L->q_norm, L->k_norm, (float)a->norm_eps, kc, vc, kvdt, md->pos,
+                              md->slot, T, H, Hkv, D, m->rot_dim, md->inv_freq, m->attn_factor);
+        } else {
+            if (L->q_norm) op->rmsnorm(be, A->q, A->q, L->q_norm, T * H, D, (float)a->norm_eps);
+            if (L->k_norm) op->rmsnorm(be, A->k, A->k, L->k_norm, T * Hkv, D, (float)a->norm_eps);
+            op->rope(be, A->q, md->pos, T, H, D, m->rot_dim, md->inv_freq, m->attn_factor);
+            op->rope(be, A->k, md->pos, T, Hkv, D, m->rot_dim, md->inv_freq, m->attn_factor);
+            op->kv_store(be, kc, vc, kvdt, A->k, A->v, md->slot, T, Hkv * D);
+        }
         op->attention(be, A->att, A->q, kc, vc, kvdt, md->ab, H, Hkv, D, scale); /* (T, H*D) */
         linear_residual(m, &L->o, x, A->att, ws->tmp, T, b, fuse); /* x (T, C) += */
         if (trace) op->copy(be, A->x_mid, x, (size_t)(T * C) * sizeof(float));
         /* MLP block */
-        op->rmsnorm(be, A->xn_mlp, x, L->mlp_norm, T, C, (float)a->norm_eps);
         float *act = trace ? A->act : A->gate;
-        if (fuse && L->gate.n_lora == 0 && L->up.n_lora == 0) {
+        if (fuse && op->rmsnorm_matmul_glu && L->gate.n_lora == 0 && L->up.n_lora == 0) {
+            op->rmsnorm_matmul_glu(be, act, A->xn_mlp, x, L->mlp_norm, (float)a->norm_eps, &L->gate.w, L->gate.bias,
+                                   &L->up.w, L->up.bias, T, (int)a->act);
+        } else if (fuse && L->gate.n_lora == 0 && L->up.n_lora == 0) {
+            op->rmsnorm(be, A->xn_mlp, x, L->mlp_norm, T, C, (float)a->norm_eps);
             op->matmul_glu(be, act, A->xn_mlp, &L->gate.w, L->gate.bias, &L->up.w, L->up.bias, T, (int)a->act);
         } else {
+            op->rmsnorm(be, A->xn_mlp, x, L->mlp_norm, T, C, (float)a->norm_eps);
             linear(m, &L->gate, A->gate, A->xn_mlp, T, b); /* (T, I) */
             linear(m, &L->up, A->up, A->xn_mlp, T, b);     /* (T, I) */
             op->glu(be, act, A->gate, A->up, T * I, (int)a->act);
@@ -359,6 +376,24 @@ static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const stru
     if (trace) op->copy(be, trace->x_final, x, (size_t)(T * C) * sizeof(float));
     if (!want_logits) return TUNA_OK;
     int64_t n = b->n_logits;
+    float *out = logits; /* (n, V): the caller's host array, or ws->logits */
+    if (!(op->host_memory && logits)) {
+        const int64_t V = a->vocab_size;
+        if (ws->logits_cap < n) {
+            op->release(be, ws->logits);
+            ws->logits = NULL;
+            ws->logits_cap = 0;
+            if (!bk_alloc(m, &ws->logits, (size_t)(n * V))) return tuna_fail_prefix(TUNA_E_OOM, "forward: logits buffer");
+            ws->logits_cap = n;
+        }
+        out = ws->logits;
+    }
+    if (n == T && fuse && op->rmsnorm_matmul_multi) { /* the final norm folded into lm_head's GEMV */
+        float *const ys[1] = {out};
+        const struct tuna_weight *const w1[1] = {&m->lm_head.w};
+        op->rmsnorm_matmul_multi(be, 1, ys, ws->sel, x, m->final_norm, (float)a->norm_eps, w1, NULL, n);
+        return TUNA_OK;
+    }
     if (n == T) { /* every row: normalize straight from the residual stream */
         op->rmsnorm(be, ws->sel, x, m->final_norm, n, C, (float)a->norm_eps);
     } else {
@@ -367,19 +402,7 @@ static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const stru
             if (b->logits[t]) op->copy(be, ws->sel + (n++) * C, x + t * C, (size_t)C * sizeof(float));
         op->rmsnorm(be, ws->sel, ws->sel, m->final_norm, n, C, (float)a->norm_eps);
     }
-    if (op->host_memory && logits) {
-        op->matmul(be, logits, ws->sel, &m->lm_head.w, NULL, n); /* (n, V) */
-        return TUNA_OK;
-    }
-    const int64_t V = a->vocab_size;
-    if (ws->logits_cap < n) {
-        op->release(be, ws->logits);
-        ws->logits = NULL;
-        ws->logits_cap = 0;
-        if (!bk_alloc(m, &ws->logits, (size_t)(n * V))) return tuna_fail_prefix(TUNA_E_OOM, "forward: logits buffer");
-        ws->logits_cap = n;
-    }
-    op->matmul(be, ws->logits, ws->sel, &m->lm_head.w, NULL, n); /* (n, V) */
+    op->matmul(be, out, ws->sel, &m->lm_head.w, NULL, n); /* (n, V) */
     return TUNA_OK;
 }
 

@@ -357,6 +357,9 @@ static const struct tuna_backend_ops k_cuda_ops = {
     tuna_cuda_step_upload,
     tuna_cuda_graph_begin,
     tuna_cuda_graph_end,
+    tuna_cuda_rmsnorm_matmul_multi,
+    tuna_cuda_rmsnorm_matmul_glu,
+    tuna_cuda_rope_kv_store,
 };
 
 extern "C" const struct tuna_backend_ops *tuna_cuda_backend_ops(void) { return &k_cuda_ops; }

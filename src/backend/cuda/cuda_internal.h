@@ -110,6 +110,19 @@ void tuna_cuda_matmul_glu(tuna_backend *be, float *out, const float *x, const st
 void tuna_cuda_matmul_add(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w, const float *bias,
                           int64_t T);
 
+/* Decode fusions (fused.cu, rope_kv.cu): backend.h's rmsnorm_matmul_multi / rmsnorm_matmul_glu /
+ * rope_kv_store. */
+void tuna_cuda_rmsnorm_matmul_multi(tuna_backend *be, int n, float *const *ys, float *xn, const float *x,
+                                    const float *nw, float eps, const struct tuna_weight *const *ws,
+                                    const float *const *biases, int64_t T);
+void tuna_cuda_rmsnorm_matmul_glu(tuna_backend *be, float *out, float *xn, const float *x, const float *nw, float eps,
+                                  const struct tuna_weight *wg, const float *bg, const struct tuna_weight *wu,
+                                  const float *bu, int64_t T, int act);
+void tuna_cuda_rope_kv_store(tuna_backend *be, float *q, float *k, const float *v, const float *q_norm,
+                             const float *k_norm, float eps, void *kcache, void *vcache, enum tuna_dtype kv_dtype,
+                             const int64_t *pos, const int64_t *slot, int64_t T, int64_t H, int64_t Hkv, int64_t D,
+                             int64_t rot_dim, const float *inv_freq, float attn_factor);
+
 /* 4-bit weights (q4.cu): the 16-entry table passed by value to kernels. */
 struct q4_lut {
     float v[16];

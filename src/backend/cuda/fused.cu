@@ -11,125 +11,121 @@
  * segment starts on a multiple of R so a warp's rows stay in one matrix. Anything the kernel
  * does not cover (float32 or 4-bit weights, T above tuna_cuda_gemv_max_t16(), unaligned data) runs as
  * the plain ops, with the same results.
+ *
+ * The NORM variants fold the RMSNorm in front of the projections into the GEMV (rmsnorm_matmul_multi,
+ * rmsnorm_matmul_glu): every warp reads all of x anyway, so it also sums x^2 and multiplies x by
+ * the norm's weight as it loads it; y = (W (nw . x)) / rms(x) is scaled once per row at the end,
+ * and block 0 writes the normalized rows for LoRA or anyone else who reads them. Launches go
+ * through pdl.cuh: on sm_90 a GEMV starts while the kernel before it finishes, loading its first
+ * weights (and with TUNA_GEMV_PREFETCH=2 its rows into L2) before it waits for that kernel.
  */
-#include "backend/cuda/cuda_internal.h"
+#include <stdlib.h>
 
-#define GEMV_MAX_SEG 4
+#include "backend/cuda/gemv.cuh"
+#include "backend/cuda/pdl.cuh"
 
-struct gemv_seg {
-    const void *W; /* [N, K] bf16 or f16 */
-    float *y;      /* [T, N] */
-    const float *bias;
-    int64_t N;
-    int64_t row0; /* first row of this segment in the launch's numbering (a multiple of R) */
-};
+int tuna_cuda_gemv_prefetch(void)
+{
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("TUNA_GEMV_PREFETCH");
+        v = e && e[0] >= '0' && e[0] <= '2' ? e[0] - '0' : 1;
+    }
+    return v;
+}
 
-struct gemv_job {
-    struct gemv_seg s[GEMV_MAX_SEG];
-    int nseg;
-    int64_t K;
-    int dtype; /* 1 bf16, 2 f16 */
-    int mode;  /* GEMV_STORE, GEMV_ADD, GEMV_GLU (s[0] gate, s[1] up, out in s[0].y) */
-    int act;   /* enum tuna_act for GEMV_GLU */
-};
-
-enum { GEMV_STORE = 0, GEMV_ADD = 1, GEMV_GLU = 2 };
+/* One step of the loop: 8 weights of R rows (raw) against x[t, 8ii .. 8ii+8) of TT tokens. */
+template <int TT, int R, bool NORM>
+static __device__ __forceinline__ void gemv_step(float (&acc)[R][TT], float (&ss)[TT], const uint4 (&raw)[R],
+                                                 int dtype, const float *x, const float *nw, int64_t K, int64_t ii)
+{
+    float wf[R][8];
+#pragma unroll
+    for (int r = 0; r < R; r++) tuna_cuda_unpack8(raw[r], dtype, wf[r]);
+    float4 na = make_float4(0.f, 0.f, 0.f, 0.f), nb = na;
+    if (NORM) {
+        const float4 *np = reinterpret_cast<const float4 *>(nw + ii * 8);
+        na = __ldg(np);
+        nb = __ldg(np + 1);
+    }
+#pragma unroll
+    for (int t = 0; t < TT; t++) {
+        const float4 *xp = reinterpret_cast<const float4 *>(x + t * K + ii * 8);
+        float4 a = __ldg(xp), b = __ldg(xp + 1);
+        if (NORM) gemv_norm_x(a, b, na, nb, ss[t]);
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            acc[r][t] += wf[r][0] * a.x + wf[r][1] * a.y + wf[r][2] * a.z + wf[r][3] * a.w + wf[r][4] * b.x +
+                         wf[r][5] * b.y + wf[r][6] * b.z + wf[r][7] * b.w;
+    }
+}
 
 /* R rows per warp (GLU: R = 2, the gate row and the up row of one output), TT tokens. */
-template <int TT, int R>
-__global__ void k_gemv_multi(const float *__restrict__ x, const struct gemv_job j)
+template <int TT, int R, bool NORM>
+__global__ void __launch_bounds__(128) k_gemv_multi(const float *__restrict__ x, const struct gemv_job j)
 {
     const int lane = threadIdx.x & 31;
-    const int64_t g = ((int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5)) * (j.mode == GEMV_GLU ? 1 : R);
+    const int64_t wid = (int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
     const int64_t K = j.K;
-    const uint4 *wr[R];
+    int seg;
     int64_t n0;
-    int seg = 0;
+    if (!gemv_rows(j, j.mode == GEMV_GLU ? 1 : R, wid, &seg, &n0)) return; /* padding rows */
+    const uint4 *wr[R];
     if (j.mode == GEMV_GLU) {
-        n0 = g;
-        if (n0 >= j.s[0].N) return;
         wr[0] = reinterpret_cast<const uint4 *>((const uint16_t *)j.s[0].W + n0 * K);
         wr[R - 1] = reinterpret_cast<const uint4 *>((const uint16_t *)j.s[1].W + n0 * K);
     } else {
-        while (seg + 1 < j.nseg && g >= j.s[seg + 1].row0) seg++;
-        n0 = g - j.s[seg].row0;
-        if (n0 >= j.s[seg].N) return; /* padding rows between segments */
 #pragma unroll
         for (int r = 0; r < R; r++) {
             int64_t n = n0 + r < j.s[seg].N ? n0 + r : j.s[seg].N - 1; /* rows past N are not stored */
             wr[r] = reinterpret_cast<const uint4 *>((const uint16_t *)j.s[seg].W + n * K);
         }
     }
-    float acc[R][TT];
+    float acc[R][TT], ss[TT];
 #pragma unroll
-    for (int r = 0; r < R; r++)
+    for (int t = 0; t < TT; t++) {
+        ss[t] = 0.0f;
 #pragma unroll
-        for (int t = 0; t < TT; t++) acc[r][t] = 0.0f;
+        for (int r = 0; r < R; r++) acc[r][t] = 0.0f;
+    }
     const int64_t K8 = K / 8;
     int64_t i = lane;
-    for (; i + 32 < K8; i += 64) {
-        uint4 raw0[R], raw1[R];
+    /* before the previous kernel is done: only weights, which it does not write */
+    uint4 raw0[R], raw1[R];
+    bool have = false;
+    if (j.prefetch >= 2)
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            for (int64_t l = (int64_t)lane * 8; l < K8; l += 256) tuna_prefetch_l2(wr[r] + l);
+    if (j.prefetch >= 1 && i + 32 < K8) {
 #pragma unroll
         for (int r = 0; r < R; r++) {
             raw0[r] = __ldg(wr[r] + i);
             raw1[r] = __ldg(wr[r] + i + 32);
         }
+        have = true;
+    }
+    tuna_pdl_wait();
+    tuna_pdl_trigger();
+    for (; i + 32 < K8; i += 64) {
+        if (!have) {
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int64_t ii = i + h * 32;
-            float wf[R][8];
-#pragma unroll
-            for (int r = 0; r < R; r++) tuna_cuda_unpack8(h ? raw1[r] : raw0[r], j.dtype, wf[r]);
-#pragma unroll
-            for (int t = 0; t < TT; t++) {
-                const float4 *xp = reinterpret_cast<const float4 *>(x + t * K + ii * 8);
-                float4 a = __ldg(xp), b = __ldg(xp + 1);
-#pragma unroll
-                for (int r = 0; r < R; r++)
-                    acc[r][t] += wf[r][0] * a.x + wf[r][1] * a.y + wf[r][2] * a.z + wf[r][3] * a.w + wf[r][4] * b.x +
-                                 wf[r][5] * b.y + wf[r][6] * b.z + wf[r][7] * b.w;
+            for (int r = 0; r < R; r++) {
+                raw0[r] = __ldg(wr[r] + i);
+                raw1[r] = __ldg(wr[r] + i + 32);
             }
         }
+        have = false;
+        gemv_step<TT, R, NORM>(acc, ss, raw0, j.dtype, x, j.nw, K, i);
+        gemv_step<TT, R, NORM>(acc, ss, raw1, j.dtype, x, j.nw, K, i + 32);
     }
     for (; i < K8; i += 32) {
-        float wf[R][8];
+        uint4 raw[R];
 #pragma unroll
-        for (int r = 0; r < R; r++) tuna_cuda_unpack8(__ldg(wr[r] + i), j.dtype, wf[r]);
-#pragma unroll
-        for (int t = 0; t < TT; t++) {
-            const float4 *xp = reinterpret_cast<const float4 *>(x + t * K + i * 8);
-            float4 a = __ldg(xp), b = __ldg(xp + 1);
-#pragma unroll
-            for (int r = 0; r < R; r++)
-                acc[r][t] += wf[r][0] * a.x + wf[r][1] * a.y + wf[r][2] * a.z + wf[r][3] * a.w + wf[r][4] * b.x +
-                             wf[r][5] * b.y + wf[r][6] * b.z + wf[r][7] * b.w;
-        }
+        for (int r = 0; r < R; r++) raw[r] = __ldg(wr[r] + i);
+        gemv_step<TT, R, NORM>(acc, ss, raw, j.dtype, x, j.nw, K, i);
     }
-#pragma unroll
-    for (int r = 0; r < R; r++)
-#pragma unroll
-        for (int t = 0; t < TT; t++)
-            for (int o = 16; o > 0; o >>= 1) acc[r][t] += __shfl_xor_sync(0xffffffffu, acc[r][t], o);
-    if (lane != 0) return;
-    if (j.mode == GEMV_GLU) {
-        const int64_t N = j.s[0].N;
-        const float bg = j.s[0].bias ? j.s[0].bias[n0] : 0.0f, bu = j.s[1].bias ? j.s[1].bias[n0] : 0.0f;
-#pragma unroll
-        for (int t = 0; t < TT; t++) j.s[0].y[t * N + n0] = tuna_cuda_act(acc[0][t] + bg, j.act) * (acc[R - 1][t] + bu);
-        return;
-    }
-    const struct gemv_seg *s = &j.s[seg];
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-        if (n0 + r >= s->N) break;
-        const float b = s->bias ? s->bias[n0 + r] : 0.0f;
-#pragma unroll
-        for (int t = 0; t < TT; t++) {
-            float *yp = s->y + t * s->N + n0 + r;
-            if (j.mode == GEMV_ADD) *yp += acc[r][t] + b;
-            else *yp = acc[r][t] + b;
-        }
-    }
+    gemv_epilogue<TT, R, NORM>(j, acc, ss, x, seg, n0);
 }
 
 /* The weight can go through the grouped kernel: 16-bit, K % 8 == 0, 16-byte aligned rows. */
@@ -142,59 +138,101 @@ static bool gemv_ok(const struct tuna_weight *w, int64_t K, int *dtype)
     return true;
 }
 
-template <int R>
-static void launch_multi(tuna_backend *be, const float *x, const struct gemv_job *j, int64_t rows, int64_t T)
+static bool is_q4(const struct tuna_weight *w)
+{
+    return (w->dtype == TUNA_DTYPE_NF4 || w->dtype == TUNA_DTYPE_FP4) && w->q4;
+}
+
+template <int TT, int R, bool NORM>
+static void launch_one(tuna_backend *be, const float *x, const struct gemv_job *j, unsigned blocks)
+{
+    tuna_cuda_launch(be, "k_gemv_multi", k_gemv_multi<TT, R, NORM>, dim3(blocks), dim3(128), 0, x, *j);
+}
+
+template <int R, bool NORM>
+static void launch_tt(tuna_backend *be, const float *x, const struct gemv_job *j, unsigned blocks, int64_t T)
+{
+    switch (T) {
+    case 1: launch_one<1, R, NORM>(be, x, j, blocks); break;
+    case 2: launch_one<2, R, NORM>(be, x, j, blocks); break;
+    case 3: launch_one<3, R, NORM>(be, x, j, blocks); break;
+    case 4: launch_one<4, R, NORM>(be, x, j, blocks); break;
+    case 5: launch_one<5, R, NORM>(be, x, j, blocks); break;
+    case 6: launch_one<6, R, NORM>(be, x, j, blocks); break;
+    case 7: launch_one<7, R, NORM>(be, x, j, blocks); break;
+    case 8: launch_one<8, R, NORM>(be, x, j, blocks); break;
+    }
+}
+
+/* Numbers the rows, then launches the 16-bit kernel (R = 1 at T = 1, else 2; GLU always 2). */
+static void launch_multi(tuna_backend *be, const float *x, struct gemv_job *j, int64_t T)
 {
     const int warps = 4;
+    const int R = j->mode == GEMV_GLU || T > 1 ? 2 : 1;
+    const bool norm = j->nw != NULL;
+    int64_t rows = j->mode == GEMV_GLU ? j->s[0].N : gemv_number_rows(j, R);
     const int64_t per_warp = j->mode == GEMV_GLU ? 1 : R;
     unsigned blocks = (unsigned)((rows + warps * per_warp - 1) / (warps * per_warp));
-    switch (T) {
-#define MULTI_CASE(TT)                                                                                       \
-    case TT:                                                                                                 \
-        k_gemv_multi<TT, R><<<blocks, warps * 32, 0, be->stream>>>(x, *j);                                 \
-        break
-        MULTI_CASE(1);
-        MULTI_CASE(2);
-        MULTI_CASE(3);
-        MULTI_CASE(4);
-        MULTI_CASE(5);
-        MULTI_CASE(6);
-        MULTI_CASE(7);
-        MULTI_CASE(8);
-#undef MULTI_CASE
+    j->prefetch = tuna_cuda_gemv_prefetch();
+    if (R == 1) {
+        if (norm) launch_tt<1, true>(be, x, j, blocks, T);
+        else launch_tt<1, false>(be, x, j, blocks, T);
+    } else {
+        if (norm) launch_tt<2, true>(be, x, j, blocks, T);
+        else launch_tt<2, false>(be, x, j, blocks, T);
     }
-    tuna_cuda_check_launch(be, "k_gemv_multi");
+}
+
+/* A job over n weights (ys[i] = x W_i^T + b_i) in mode `mode`; nw != NULL folds the RMSNorm in. */
+static void job_init(struct gemv_job *j, int n, float *const *ys, const struct tuna_weight *const *ws,
+                     const float *const *biases, int mode, const float *nw, float *xn, float eps)
+{
+    memset(j, 0, sizeof *j);
+    j->nseg = n;
+    j->K = ws[0]->cols;
+    j->mode = mode;
+    j->nw = nw;
+    j->xn = xn;
+    j->eps = eps;
+    for (int i = 0; i < n; i++) {
+        j->s[i].W = ws[i]->data;
+        j->s[i].y = ys ? ys[i] : NULL;
+        j->s[i].bias = biases ? biases[i] : NULL;
+        j->s[i].N = ws[i]->rows;
+    }
+}
+
+/* Runs the job on the 16-bit or the 4-bit grouped kernel; false when neither takes it. */
+static bool run_job(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
+                    int64_t T)
+{
+    if (T <= 0 || T > TUNA_CUDA_GEMV_MAX_T || ((uintptr_t)x % 16) != 0 || j->nseg > GEMV_MAX_SEG) return false;
+    if (j->xn && ((uintptr_t)j->xn % 16) != 0) return false;
+    if (j->nw && ((uintptr_t)j->nw % 16) != 0) return false;
+    if (is_q4(ws[0])) {
+        for (int i = 0; i < j->nseg; i++)
+            if (!is_q4(ws[i]) || ws[i]->cols != j->K) return false;
+        return tuna_cuda_q4_multi(be, x, j, ws, T);
+    }
+    if (T > tuna_cuda_gemv_max_t16()) return false;
+    int dtype = 0;
+    for (int i = 0; i < j->nseg; i++)
+        if (!gemv_ok(ws[i], j->K, &dtype)) return false;
+    j->dtype = dtype;
+    launch_multi(be, x, j, T);
+    return true;
 }
 
 void tuna_cuda_matmul_multi(tuna_backend *be, int n, float *const *ys, const float *x,
                             const struct tuna_weight *const *ws, const float *const *biases, int64_t T)
 {
     if (be->sticky || T <= 0 || n <= 0) return;
-    int dtype = 0;
-    bool fused = T <= tuna_cuda_gemv_max_t16() && n <= GEMV_MAX_SEG && ((uintptr_t)x % 16) == 0;
-    for (int i = 0; fused && i < n; i++) fused = gemv_ok(ws[i], ws[0]->cols, &dtype);
-    if (!fused) {
-        for (int i = 0; i < n; i++) tuna_cuda_matmul(be, ys[i], x, ws[i], biases ? biases[i] : NULL, T);
-        return;
-    }
-    const int R = T == 1 ? 1 : 2;
     struct gemv_job j;
-    memset(&j, 0, sizeof j);
-    j.nseg = n;
-    j.K = ws[0]->cols;
-    j.dtype = dtype;
-    j.mode = GEMV_STORE;
-    int64_t rows = 0;
-    for (int i = 0; i < n; i++) {
-        j.s[i].W = ws[i]->data;
-        j.s[i].y = ys[i];
-        j.s[i].bias = biases ? biases[i] : NULL;
-        j.s[i].N = ws[i]->rows;
-        j.s[i].row0 = rows;
-        rows += (ws[i]->rows + R - 1) / R * R;
+    if (n <= GEMV_MAX_SEG) {
+        job_init(&j, n, ys, ws, biases, GEMV_STORE, NULL, NULL, 0.0f);
+        if (run_job(be, x, &j, ws, T)) return;
     }
-    if (R == 1) launch_multi<1>(be, x, &j, rows, T);
-    else launch_multi<2>(be, x, &j, rows, T);
+    for (int i = 0; i < n; i++) tuna_cuda_matmul(be, ys[i], x, ws[i], biases ? biases[i] : NULL, T);
 }
 
 /* Scratch for the unfused fallbacks: [2, T, N] floats in be->fuse. */
@@ -204,30 +242,25 @@ static float *fuse_scratch(tuna_backend *be, size_t floats)
     return (float *)be->fuse.p;
 }
 
+static bool glu_job(tuna_backend *be, float *out, const float *x, const struct tuna_weight *wg, const float *bg,
+                    const struct tuna_weight *wu, const float *bu, int64_t T, int act, const float *nw, float *xn,
+                    float eps)
+{
+    if (wg->rows != wu->rows || wg->cols != wu->cols) return false;
+    const struct tuna_weight *ws[2] = {wg, wu};
+    const float *bs[2] = {bg, bu};
+    float *ys[2] = {out, NULL};
+    struct gemv_job j;
+    job_init(&j, 2, ys, ws, bs, GEMV_GLU, nw, xn, eps);
+    j.act = act;
+    return run_job(be, x, &j, ws, T);
+}
+
 void tuna_cuda_matmul_glu(tuna_backend *be, float *out, const float *x, const struct tuna_weight *wg,
                           const float *bg, const struct tuna_weight *wu, const float *bu, int64_t T, int act)
 {
     if (be->sticky || T <= 0) return;
-    int dtype = 0;
-    if (T <= tuna_cuda_gemv_max_t16() && ((uintptr_t)x % 16) == 0 && wg->rows == wu->rows && gemv_ok(wg, wg->cols, &dtype) &&
-        gemv_ok(wu, wg->cols, &dtype)) {
-        struct gemv_job j;
-        memset(&j, 0, sizeof j);
-        j.nseg = 2;
-        j.K = wg->cols;
-        j.dtype = dtype;
-        j.mode = GEMV_GLU;
-        j.act = act;
-        j.s[0].W = wg->data;
-        j.s[0].y = out;
-        j.s[0].bias = bg;
-        j.s[0].N = wg->rows;
-        j.s[1].W = wu->data;
-        j.s[1].bias = bu;
-        j.s[1].N = wu->rows;
-        launch_multi<2>(be, x, &j, wg->rows, T);
-        return;
-    }
+    if (glu_job(be, out, x, wg, bg, wu, bu, T, act, NULL, NULL, 0.0f)) return;
     const int64_t NI = T * wg->rows;
     float *g = fuse_scratch(be, (size_t)(2 * NI));
     if (!g) return;
@@ -240,24 +273,36 @@ void tuna_cuda_matmul_add(tuna_backend *be, float *y, const float *x, const stru
                           int64_t T)
 {
     if (be->sticky || T <= 0) return;
-    int dtype = 0;
-    if (T <= tuna_cuda_gemv_max_t16() && ((uintptr_t)x % 16) == 0 && gemv_ok(w, w->cols, &dtype)) {
-        struct gemv_job j;
-        memset(&j, 0, sizeof j);
-        j.nseg = 1;
-        j.K = w->cols;
-        j.dtype = dtype;
-        j.mode = GEMV_ADD;
-        j.s[0].W = w->data;
-        j.s[0].y = y;
-        j.s[0].bias = bias;
-        j.s[0].N = w->rows;
-        if (T == 1) launch_multi<1>(be, x, &j, w->rows, T);
-        else launch_multi<2>(be, x, &j, (w->rows + 1) / 2 * 2, T);
-        return;
-    }
+    struct gemv_job j;
+    float *ys[1] = {y};
+    job_init(&j, 1, ys, &w, &bias, GEMV_ADD, NULL, NULL, 0.0f);
+    if (run_job(be, x, &j, &w, T)) return;
     float *tmp = fuse_scratch(be, (size_t)(T * w->rows));
     if (!tmp) return;
     tuna_cuda_matmul(be, tmp, x, w, bias, T);
     tuna_cuda_add(be, y, tmp, T * w->rows);
+}
+
+void tuna_cuda_rmsnorm_matmul_multi(tuna_backend *be, int n, float *const *ys, float *xn, const float *x,
+                                    const float *nw, float eps, const struct tuna_weight *const *ws,
+                                    const float *const *biases, int64_t T)
+{
+    if (be->sticky || T <= 0 || n <= 0) return;
+    if (n <= GEMV_MAX_SEG) {
+        struct gemv_job j;
+        job_init(&j, n, ys, ws, biases, GEMV_STORE, nw, xn, eps);
+        if (run_job(be, x, &j, ws, T)) return;
+    }
+    tuna_cuda_rmsnorm(be, xn, x, nw, T, ws[0]->cols, eps);
+    tuna_cuda_matmul_multi(be, n, ys, xn, ws, biases, T);
+}
+
+void tuna_cuda_rmsnorm_matmul_glu(tuna_backend *be, float *out, float *xn, const float *x, const float *nw, float eps,
+                                  const struct tuna_weight *wg, const float *bg, const struct tuna_weight *wu,
+                                  const float *bu, int64_t T, int act)
+{
+    if (be->sticky || T <= 0) return;
+    if (glu_job(be, out, x, wg, bg, wu, bu, T, act, nw, xn, eps)) return;
+    tuna_cuda_rmsnorm(be, xn, x, nw, T, wg->cols, eps);
+    tuna_cuda_matmul_glu(be, out, xn, wg, bg, wu, bu, T, act);
 }

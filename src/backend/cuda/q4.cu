@@ -7,7 +7,11 @@
  * Prefill (larger T): the matrix is dequantized into a scratch buffer of the compute dtype and
  * handed to cuBLAS (matmul.cu).
  */
+#include <stdlib.h>
+
 #include "backend/cuda/cuda_internal.h"
+#include "backend/cuda/gemv.cuh"
+#include "backend/cuda/pdl.cuh"
 
 __device__ __forceinline__ float q4_round(float v, int mode)
 {
@@ -339,5 +343,225 @@ bool tuna_cuda_dequant_q4(tuna_backend *be, const struct tuna_weight *w, void **
     if (!tuna_cuda_check_launch(be, "k_dequant_q4")) return false;
     *out = be->wdeq.p;
     *dt = code == 1 ? TUNA_DTYPE_BF16 : code == 2 ? TUNA_DTYPE_F16 : TUNA_DTYPE_F32;
+    return true;
+}
+
+/* ---- the grouped 4-bit decode GEMV (gemv.cuh's job: q/k/v in one launch, gate/up with the GLU,
+ * o/down added into the residual, the RMSNorm folded in) ----
+ *
+ * The fast kernel's arithmetic (absmax factored out of each group of 8 weights, acc += absmax ·
+ * Σ lut[c]·x) with what limited it to ~0.8 TB/s fixed: a lane took one 4-byte word per loop
+ * iteration, so a warp had 128 bytes in flight. Here a lane issues U words (and their absmax)
+ * before using any — U × 128 bytes per warp and row in flight, coalesced across the warp (lane i
+ * reads word base + i + 32u, and x[8 × that word ..]). The nibble table: LUT = 0, 16 floats in
+ * shared memory (one load per weight); LUT = 1, a table of byte -> (value of the high nibble,
+ * value of the low nibble) in 16 copies, [byte][copy] with copy = lane % 16, so the 64-bit loads
+ * of a half-warp never share a bank (32 KiB of shared memory, one load per two weights).
+ * TUNA_Q4_LUT=0/1 picks it (default 1); the sums are the same either way. */
+#define Q4M_U 8 /* words in flight per lane and row */
+
+static int q4_lut_mode(void)
+{
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("TUNA_Q4_LUT");
+        v = e && e[0] == '0' ? 0 : 1;
+    }
+    return v;
+}
+
+template <int TT, int R, bool NORM, int LUT>
+__global__ void __launch_bounds__(128) k_q4_multi(const float *__restrict__ x, const struct gemv_job j,
+                                                  const struct q4_lut lut_in)
+{
+    extern __shared__ float2 q4_tab2[]; /* LUT 1: [256][16] */
+    __shared__ float slut[16];
+    if (LUT == 0) {
+        if (threadIdx.x == 0) {
+#pragma unroll
+            for (int c = 0; c < 16; c++) slut[c] = lut_in.v[c];
+        }
+    } else {
+        if (threadIdx.x == 0) {
+#pragma unroll
+            for (int c = 0; c < 16; c++) slut[c] = lut_in.v[c];
+        }
+        __syncthreads();
+        for (int e = threadIdx.x; e < 256 * 16; e += blockDim.x) q4_tab2[e] = make_float2(slut[e >> 8], slut[(e >> 4) & 15]);
+    }
+    __syncthreads();
+    const int lane = threadIdx.x & 31;
+    const int64_t wid = (int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+    const int64_t K = j.K, K8 = K / 8;
+    int seg;
+    int64_t n0;
+    if (!gemv_rows(j, j.mode == GEMV_GLU ? 1 : R, wid, &seg, &n0)) return;
+    const uint32_t *cw[R];
+    const float *amp[R];
+    int64_t e_row[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const struct gemv_seg *s = j.mode == GEMV_GLU ? &j.s[r == 0 ? 0 : 1] : &j.s[seg];
+        int64_t n = j.mode == GEMV_GLU ? n0 : (n0 + r < s->N ? n0 + r : s->N - 1);
+        e_row[r] = n * K;
+        cw[r] = reinterpret_cast<const uint32_t *>((const uint8_t *)s->W + e_row[r] / 2);
+        amp[r] = s->absmax;
+    }
+    float acc[R][TT], ss[TT];
+#pragma unroll
+    for (int t = 0; t < TT; t++) {
+        ss[t] = 0.0f;
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[r][t] = 0.0f;
+    }
+    uint32_t wv[Q4M_U][R];
+    float av[Q4M_U][R];
+    bool have = false;
+    if (j.prefetch >= 2)
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            for (int64_t l = (int64_t)lane * 32; l < K8; l += 32 * 32) tuna_prefetch_l2(cw[r] + l);
+    if (j.prefetch >= 1) {
+#pragma unroll
+        for (int u = 0; u < Q4M_U; u++) {
+            const int64_t g = lane + 32 * u;
+#pragma unroll
+            for (int r = 0; r < R; r++)
+                if (g < K8) {
+                    wv[u][r] = __ldg(cw[r] + g);
+                    av[u][r] = __ldg(amp[r] + ((e_row[r] + g * 8) >> j.bs_shift));
+                }
+        }
+        have = true;
+    }
+    tuna_pdl_wait();
+    tuna_pdl_trigger();
+    const float2 *tab = q4_tab2 + (lane & 15);
+    for (int64_t base = 0; base < K8; base += 32 * Q4M_U) {
+        if (!have) {
+#pragma unroll
+            for (int u = 0; u < Q4M_U; u++) {
+                const int64_t g = base + lane + 32 * u;
+#pragma unroll
+                for (int r = 0; r < R; r++)
+                    if (g < K8) {
+                        wv[u][r] = __ldg(cw[r] + g);
+                        av[u][r] = __ldg(amp[r] + ((e_row[r] + g * 8) >> j.bs_shift));
+                    }
+            }
+        }
+        have = false;
+#pragma unroll
+        for (int u = 0; u < Q4M_U; u++) {
+            const int64_t g = base + lane + 32 * u;
+            if (g >= K8) break;
+            float4 xa[TT], xb[TT];
+            float4 na = make_float4(0.f, 0.f, 0.f, 0.f), nb = na;
+            if (NORM) {
+                const float4 *np = reinterpret_cast<const float4 *>(j.nw + g * 8);
+                na = __ldg(np);
+                nb = __ldg(np + 1);
+            }
+#pragma unroll
+            for (int t = 0; t < TT; t++) {
+                const float4 *xp = reinterpret_cast<const float4 *>(x + t * K + g * 8);
+                xa[t] = __ldg(xp);
+                xb[t] = __ldg(xp + 1);
+                if (NORM) gemv_norm_x(xa[t], xb[t], na, nb, ss[t]);
+            }
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const uint32_t word = wv[u][r];
+                float wf[8];
+#pragma unroll
+                for (int b = 0; b < 4; b++) {
+                    const uint32_t byte = (word >> (8 * b)) & 0xffu;
+                    if (LUT == 0) {
+                        wf[2 * b] = slut[byte >> 4];
+                        wf[2 * b + 1] = slut[byte & 15];
+                    } else {
+                        const float2 p = tab[byte * 16];
+                        wf[2 * b] = p.x;
+                        wf[2 * b + 1] = p.y;
+                    }
+                }
+#pragma unroll
+                for (int t = 0; t < TT; t++) {
+                    const float4 a = xa[t], b = xb[t];
+                    const float d = wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w + wf[4] * b.x +
+                                    wf[5] * b.y + wf[6] * b.z + wf[7] * b.w;
+                    acc[r][t] += av[u][r] * d;
+                }
+            }
+        }
+    }
+    gemv_epilogue<TT, R, NORM>(j, acc, ss, x, seg, n0);
+}
+
+template <int TT, int R, bool NORM, int LUT>
+static void q4m_launch_one(tuna_backend *be, const float *x, const struct gemv_job *j, const struct q4_lut *lut,
+                           unsigned blocks)
+{
+    const size_t smem = LUT ? (size_t)256 * 16 * sizeof(float2) : 0;
+    tuna_cuda_launch(be, "k_q4_multi", k_q4_multi<TT, R, NORM, LUT>, dim3(blocks), dim3(128), smem, x, *j, *lut);
+}
+
+template <int R, bool NORM, int LUT>
+static void q4m_launch_tt(tuna_backend *be, const float *x, const struct gemv_job *j, const struct q4_lut *lut,
+                          unsigned blocks, int64_t T)
+{
+    switch (T) {
+    case 1: q4m_launch_one<1, R, NORM, LUT>(be, x, j, lut, blocks); break;
+    case 2: q4m_launch_one<2, R, NORM, LUT>(be, x, j, lut, blocks); break;
+    case 3: q4m_launch_one<3, R, NORM, LUT>(be, x, j, lut, blocks); break;
+    case 4: q4m_launch_one<4, R, NORM, LUT>(be, x, j, lut, blocks); break;
+    case 5: q4m_launch_one<5, R, NORM, LUT>(be, x, j, lut, blocks); break;
+    case 6: q4m_launch_one<6, R, NORM, LUT>(be, x, j, lut, blocks); break;
+    case 7: q4m_launch_one<7, R, NORM, LUT>(be, x, j, lut, blocks); break;
+    case 8: q4m_launch_one<8, R, NORM, LUT>(be, x, j, lut, blocks); break;
+    }
+}
+
+template <int R, bool NORM>
+static void q4m_launch_lut(tuna_backend *be, const float *x, const struct gemv_job *j, const struct q4_lut *lut,
+                           unsigned blocks, int64_t T)
+{
+    if (q4_lut_mode()) q4m_launch_tt<R, NORM, 1>(be, x, j, lut, blocks, T);
+    else q4m_launch_tt<R, NORM, 0>(be, x, j, lut, blocks, T);
+}
+
+bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
+                        int64_t T)
+{
+    const struct tuna_cuda_q4 *q0 = (const struct tuna_cuda_q4 *)ws[0]->q4;
+    const int64_t K = j->K;
+    int shift = 0;
+    while ((1 << shift) < q0->blocksize) shift++;
+    /* the fast kernel's conditions (tuna_cuda_gemv_q4), the same table and blocksize everywhere */
+    if ((1 << shift) != q0->blocksize || q0->blocksize < 8 || K % 8 != 0 || T > TUNA_CUDA_GEMV_MAX_T) return false;
+    for (int i = 0; i < j->nseg; i++) {
+        const struct tuna_cuda_q4 *q = (const struct tuna_cuda_q4 *)ws[i]->q4;
+        if (q->blocksize != q0->blocksize || memcmp(q->lut, q0->lut, sizeof q->lut) != 0 ||
+            ((uintptr_t)ws[i]->data % 4) != 0 || (q->round_mode != 0 && q->prefill == TUNA_DTYPE_F32))
+            return false;
+        j->s[i].absmax = q->absmax;
+    }
+    struct q4_lut lut;
+    memcpy(lut.v, q0->lut, sizeof lut.v);
+    j->bs_shift = shift;
+    j->prefetch = tuna_cuda_gemv_prefetch();
+    const int warps = 4;
+    const int R = j->mode == GEMV_GLU || T > 1 ? 2 : 1;
+    const bool norm = j->nw != NULL;
+    int64_t rows = j->mode == GEMV_GLU ? j->s[0].N : gemv_number_rows(j, R);
+    const int64_t per_warp = j->mode == GEMV_GLU ? 1 : R;
+    unsigned blocks = (unsigned)((rows + warps * per_warp - 1) / (warps * per_warp));
+    if (R == 1) {
+        if (norm) q4m_launch_lut<1, true>(be, x, j, &lut, blocks, T);
+        else q4m_launch_lut<1, false>(be, x, j, &lut, blocks, T);
+    } else {
+        if (norm) q4m_launch_lut<2, true>(be, x, j, &lut, blocks, T);
+        else q4m_launch_lut<2, false>(be, x, j, &lut, blocks, T);
+    }
     return true;
 }

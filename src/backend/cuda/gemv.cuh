@@ -1,0 +1,141 @@
+/* gemv.cuh — the job of the grouped decode GEMVs (fused.cu for 16-bit weights, q4.cu for 4-bit):
+ * up to GEMV_MAX_SEG matrices of the same K in one launch, rows numbered across them. */
+#ifndef TUNA_BACKEND_CUDA_GEMV_CUH
+#define TUNA_BACKEND_CUDA_GEMV_CUH
+
+#include "backend/cuda/cuda_internal.h"
+
+#define GEMV_MAX_SEG 4
+
+struct gemv_seg {
+    const void *W;        /* [N, K] bf16 or f16; 4-bit: packed codes */
+    const float *absmax;  /* 4-bit only: [N*K / blocksize] */
+    float *y;             /* [T, N] */
+    const float *bias;
+    int64_t N;
+    int64_t row0; /* first row of this segment in the launch's numbering (a multiple of R) */
+};
+
+struct gemv_job {
+    struct gemv_seg s[GEMV_MAX_SEG];
+    int nseg;
+    int64_t K;
+    int dtype; /* 1 bf16, 2 f16 (16-bit kernel) */
+    int mode;  /* GEMV_STORE, GEMV_ADD, GEMV_GLU (s[0] gate, s[1] up, out in s[0].y) */
+    int act;   /* enum tuna_act for GEMV_GLU */
+    int prefetch; /* before the PDL wait: 0 nothing, 1 the first loads in registers, 2 also the rows into L2 */
+    /* RMSNorm folded in (the NORM kernels): x is the raw residual stream, nw [K] the norm's
+     * weight; y = r_t * (W (nw . x_t)) with r_t = 1/sqrt(mean(x_t^2) + eps), and block 0 writes
+     * xn [T, K] = x * r * nw (the CPU's formula) for whoever reads the normalized rows next */
+    const float *nw;
+    float *xn;
+    float eps;
+    int bs_shift; /* 4-bit: log2(blocksize) */
+};
+
+enum { GEMV_STORE = 0, GEMV_ADD = 1, GEMV_GLU = 2 };
+
+/* Numbers the rows of the segments: each starts on a multiple of R so a warp's rows stay in one
+ * matrix. Returns the rows of the launch. */
+static inline int64_t gemv_number_rows(struct gemv_job *j, int R)
+{
+    int64_t rows = 0;
+    for (int i = 0; i < j->nseg; i++) {
+        j->s[i].row0 = rows;
+        rows += (j->s[i].N + R - 1) / R * R;
+    }
+    return rows;
+}
+
+/* The warp's rows: segment and first row n0 of it for warp number `wid` (false for padding rows
+ * past a segment's end). GLU: row n0 of gate (s[0]) and of up (s[1]). */
+static __device__ __forceinline__ bool gemv_rows(const struct gemv_job &j, int R, int64_t wid, int *seg, int64_t *n0)
+{
+    if (j.mode == GEMV_GLU) {
+        *seg = 0;
+        *n0 = wid;
+        return wid < j.s[0].N;
+    }
+    const int64_t g = wid * R;
+    int s = 0;
+    while (s + 1 < j.nseg && g >= j.s[s + 1].row0) s++;
+    *seg = s;
+    *n0 = g - j.s[s].row0;
+    return *n0 < j.s[s].N;
+}
+
+/* Sums acc (and the NORM kernels' sums of squares) over the warp, then lane 0 stores: y, y +=, or
+ * the GLU; the NORM kernels scale by 1/rms and block 0's warp 0 writes xn. */
+template <int TT, int R, bool NORM>
+static __device__ __forceinline__ void gemv_epilogue(const struct gemv_job &j, float (&acc)[R][TT], float (&ss)[TT],
+                                                     const float *x, int seg, int64_t n0)
+{
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < TT; t++)
+            for (int o = 16; o > 0; o >>= 1) acc[r][t] += __shfl_xor_sync(0xffffffffu, acc[r][t], o);
+    float rn[TT];
+#pragma unroll
+    for (int t = 0; t < TT; t++) rn[t] = 1.0f;
+    if (NORM) {
+        const int64_t K = j.K;
+#pragma unroll
+        for (int t = 0; t < TT; t++) {
+            for (int o = 16; o > 0; o >>= 1) ss[t] += __shfl_xor_sync(0xffffffffu, ss[t], o);
+            rn[t] = 1.0f / sqrtf(ss[t] / (float)K + j.eps);
+        }
+        if (j.xn && blockIdx.x == 0 && threadIdx.x < 32) {
+#pragma unroll
+            for (int t = 0; t < TT; t++) {
+                const float4 *xr = reinterpret_cast<const float4 *>(x + t * K);
+                const float4 *wr = reinterpret_cast<const float4 *>(j.nw);
+                float4 *o = reinterpret_cast<float4 *>(j.xn + t * K);
+                for (int64_t i = lane; i < K / 4; i += 32) {
+                    float4 a = xr[i], w = __ldg(wr + i);
+                    o[i] = make_float4(a.x * rn[t] * w.x, a.y * rn[t] * w.y, a.z * rn[t] * w.z, a.w * rn[t] * w.w);
+                }
+            }
+        }
+    }
+    if (lane != 0) return;
+    if (j.mode == GEMV_GLU) {
+        const int64_t N = j.s[0].N;
+        const float bg = j.s[0].bias ? j.s[0].bias[n0] : 0.0f, bu = j.s[1].bias ? j.s[1].bias[n0] : 0.0f;
+#pragma unroll
+        for (int t = 0; t < TT; t++)
+            j.s[0].y[t * N + n0] = tuna_cuda_act(acc[0][t] * rn[t] + bg, j.act) * (acc[R - 1][t] * rn[t] + bu);
+        return;
+    }
+    const struct gemv_seg *s = &j.s[seg];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        if (n0 + r >= s->N) break;
+        const float b = s->bias ? s->bias[n0 + r] : 0.0f;
+#pragma unroll
+        for (int t = 0; t < TT; t++) {
+            float *yp = s->y + t * s->N + n0 + r;
+            if (j.mode == GEMV_ADD) *yp += acc[r][t] * rn[t] + b;
+            else *yp = acc[r][t] * rn[t] + b;
+        }
+    }
+}
+
+/* The NORM kernels' x loads: sums x^2 into ss and returns x * nw. */
+static __device__ __forceinline__ void gemv_norm_x(float4 &a, float4 &b, const float4 &na, const float4 &nb, float &ss)
+{
+    ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w + b.x * b.x + b.y * b.y + b.z * b.z + b.w * b.w;
+    a.x *= na.x, a.y *= na.y, a.z *= na.z, a.w *= na.w;
+    b.x *= nb.x, b.y *= nb.y, b.z *= nb.z, b.w *= nb.w;
+}
+
+/* TUNA_GEMV_PREFETCH (0, 1, 2; default 1): what a GEMV does before waiting for the previous kernel. */
+int tuna_cuda_gemv_prefetch(void);
+
+/* 4-bit grouped GEMV (q4.cu): false when the weights do not fit its fast path (the caller then
+ * runs the plain ops). */
+bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
+                        int64_t T);
+
+#endif

@@ -1,0 +1,67 @@
+/* pdl.cuh — programmatic dependent launch (PDL, sm_90+) for the decode kernels.
+ *
+ * A kernel launched through tuna_cuda_launch() with PDL on may start while the kernel before it
+ * in the stream is still running: its blocks first do what does not depend on that kernel (the
+ * GEMVs load their first weights), then call tuna_pdl_wait(), which returns once the previous
+ * kernel has completed and its writes are visible. tuna_pdl_trigger() lets the next kernel start
+ * its own independent prologue. A kernel launched this way must call tuna_pdl_wait() before it
+ * reads anything an earlier kernel wrote or writes anything at all; kernels launched without the
+ * attribute (cuBLAS, attention, the plain ops) are ordered as usual. Inside stream capture the
+ * launch becomes a programmatic edge of the graph (CUDA 12.3+).
+ *
+ * On at run time when the device's compute capability is >= 9.0 and TUNA_PDL is not "0"
+ * (tuna_cuda_pdl_on); without it the launches are ordinary and the wait/trigger are no-ops. */
+#ifndef TUNA_BACKEND_CUDA_PDL_CUH
+#define TUNA_BACKEND_CUDA_PDL_CUH
+
+#include <utility>
+
+#include "backend/cuda/cuda_internal.h"
+
+__device__ __forceinline__ void tuna_pdl_wait(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void tuna_pdl_trigger(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+/* Brings a global address into L2 (no register, no wait): weights a kernel will read after
+ * tuna_pdl_wait(). */
+__device__ __forceinline__ void tuna_prefetch_l2(const void *p)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#endif
+}
+
+/* True when this backend's launches may use PDL (compute capability >= 9.0, TUNA_PDL != 0). */
+bool tuna_cuda_pdl_on(tuna_backend *be);
+
+/* Launches kernel<<<grid, block, smem, be->stream>>>(args...) with the PDL attribute when
+ * tuna_cuda_pdl_on(be); the kernel must call tuna_pdl_wait() (see above). Checks the launch. */
+template <typename... KArgs, typename... Args>
+static inline bool tuna_cuda_launch(tuna_backend *be, const char *name, void (*kernel)(KArgs...), dim3 grid,
+                                    dim3 block, size_t smem, Args &&...args)
+{
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = be->stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = tuna_cuda_pdl_on(be) ? 1 : 0;
+    cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+    return tuna_cuda_check(be, e, name);
+}
+
+#endif

@@ -1,0 +1,101 @@
+/* rope_kv.cu — the step between the q/k/v projections and attention as one kernel (backend.h's
+ * rope_kv_store): Qwen3's per-head RMSNorm of q and k when present, RoPE of q and k in place, and
+ * k and v written into the paged KV cache. The same formulas as norm.cu, rope.cu and kv_store.cu
+ * (the same float operations on each element), in one launch
+ * instead of three to five: one block per (token, head) of q and of k; a k block also stores its
+ * v head. Launched with PDL (pdl.cuh). */
+#include "backend/cuda/cuda_internal.h"
+#include "backend/cuda/kv_types.cuh"
+#include "backend/cuda/pdl.cuh"
+
+template <typename KT>
+__global__ void k_rope_kv(float *q, float *k, const float *v, const float *qn, const float *kn, float eps, KT *kc,
+                          KT *vc, const int64_t *pos, const int64_t *slot, int64_t H, int64_t Hkv, int64_t D,
+                          int64_t half, const float *inv_freq, float attn_factor)
+{
+    extern __shared__ float sh[]; /* [D] the head, normalized */
+    __shared__ float red[32];
+    tuna_pdl_wait();
+    tuna_pdl_trigger();
+    const int64_t t = blockIdx.x / (H + Hkv), h = blockIdx.x % (H + Hkv);
+    const bool is_k = h >= H;
+    const int64_t hh = is_k ? h - H : h;
+    float *row = is_k ? k + (t * Hkv + hh) * D : q + (t * H + hh) * D;
+    const float *nw = is_k ? kn : qn;
+    float s = 0.0f;
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+        float xv = row[d];
+        sh[d] = xv;
+        s += xv * xv;
+    }
+    if (nw) { /* norm.cu's k_rmsnorm over the head */
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = s;
+        __syncthreads();
+        if (threadIdx.x < 32) {
+            float a = threadIdx.x < (blockDim.x >> 5) ? red[threadIdx.x] : 0.0f;
+            for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
+            if (threadIdx.x == 0) red[0] = a;
+        }
+        __syncthreads();
+        const float r = 1.0f / sqrtf(red[0] / (float)D + eps);
+        for (int64_t d = threadIdx.x; d < D; d += blockDim.x) sh[d] = sh[d] * r * nw[d];
+    }
+    __syncthreads();
+    const float p = (float)pos[t];
+    const int64_t HkvD = Hkv * D, sl = is_k ? slot[t] : 0;
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+        float out = sh[d];
+        if (d < 2 * half) { /* rope.cu's k_rope for the pair (j, j + half) */
+            const int64_t jj = d < half ? d : d - half;
+            float sn, c;
+            sincosf(inv_freq[jj] * p, &sn, &c);
+            c *= attn_factor;
+            sn *= attn_factor;
+            const float x1 = sh[jj], x2 = sh[jj + half];
+            out = d < half ? x1 * c - x2 * sn : x2 * c + x1 * sn;
+        }
+        row[d] = out;
+        if (is_k) {
+            kc[sl * HkvD + hh * D + d] = kv_traits<KT>::from_f32(out);
+            vc[sl * HkvD + hh * D + d] = kv_traits<KT>::from_f32(v[t * HkvD + hh * D + d]);
+        }
+    }
+}
+
+void tuna_cuda_rope_kv_store(tuna_backend *be, float *q, float *k, const float *v, const float *q_norm,
+                             const float *k_norm, float eps, void *kcache, void *vcache, enum tuna_dtype kv_dtype,
+                             const int64_t *pos, const int64_t *slot, int64_t T, int64_t H, int64_t Hkv, int64_t D,
+                             int64_t rot_dim, const float *inv_freq, float attn_factor)
+{
+    if (be->sticky || T <= 0) return;
+    int code = kv_code(kv_dtype);
+    if (code < 0) {
+        tuna_cuda_check(be, cudaErrorInvalidValue, "rope_kv_store (KV cache dtype is not float32, bf16 or f16)");
+        return;
+    }
+    const int64_t half = rot_dim / 2;
+    struct cuda_meta m = {0};
+    if (!tuna_cuda_meta_begin(be, &m, (size_t)T * 16 + (size_t)half * sizeof(float))) return;
+    size_t off_pos = (size_t)tuna_cuda_meta_stage(be, &m, pos, (size_t)T * sizeof(int64_t));
+    size_t off_slot = (size_t)tuna_cuda_meta_stage(be, &m, slot, (size_t)T * sizeof(int64_t));
+    size_t off_f = half ? (size_t)tuna_cuda_meta_stage(be, &m, inv_freq, (size_t)half * sizeof(float)) : 0;
+    if (be->sticky || !tuna_cuda_meta_flush(be, &m)) return;
+    const int64_t *dpos = (const int64_t *)((char *)be->meta.p + off_pos);
+    const int64_t *dslot = (const int64_t *)((char *)be->meta.p + off_slot);
+    const float *dfreq = (const float *)((char *)be->meta.p + off_f);
+    int threads = (int)((D + 31) / 32 * 32);
+    if (threads > 256) threads = 256;
+    const dim3 grid((unsigned)(T * (H + Hkv))), block((unsigned)threads);
+    const size_t smem = (size_t)D * sizeof(float);
+    if (code == 0)
+        tuna_cuda_launch(be, "k_rope_kv", k_rope_kv<float>, grid, block, smem, q, k, v, q_norm, k_norm, eps,
+                         (float *)kcache, (float *)vcache, dpos, dslot, H, Hkv, D, half, dfreq, attn_factor);
+    else if (code == 1)
+        tuna_cuda_launch(be, "k_rope_kv", k_rope_kv<__nv_bfloat16>, grid, block, smem, q, k, v, q_norm, k_norm, eps,
+                         (__nv_bfloat16 *)kcache, (__nv_bfloat16 *)vcache, dpos, dslot, H, Hkv, D, half, dfreq,
+                         attn_factor);
+    else
+        tuna_cuda_launch(be, "k_rope_kv", k_rope_kv<__half>, grid, block, smem, q, k, v, q_norm, k_norm, eps,
+                         (__half *)kcache, (__half *)vcache, dpos, dslot, H, Hkv, D, half, dfreq, attn_factor);
+}
