@@ -404,6 +404,90 @@ static void test_attention(void **state)
     TT_OK(tuna_cuda_status(g_gpu));
 }
 
+/* Decode batches of many sequences (one new token each, random contexts), the batch sizes where
+ * the decode kernel's split count changes (one wave of blocks, a few waves, many waves) on any
+ * GPU of up to ~250 SMs, several head shapes (GQA 4 and 8 with D 128 / 64, GQA 12 in two head
+ * groups, D 80 and 256, a window, block size 1), every cache dtype. Every call runs twice (the
+ * split counters must be back at 0 for the second) and both outputs must match the CPU to 1e-5. */
+struct att_bcase {
+    int64_t H, Hkv, D;
+    int32_t bs;
+    int64_t window, max_ctx;
+    int n_nseq;
+    int nseq[12];
+};
+
+static void att_run_batch(const struct att_bcase *c, int nseq, enum tuna_dtype dt)
+{
+    const int64_t H = c->H, Hkv = c->Hkv, D = c->D, HkvD = Hkv * D, bs = c->bs, T = nseq;
+    int64_t *pos = malloc((size_t)T * sizeof(int64_t)), total_blocks = 1, maxlen = 0;
+    for (int64_t s = 0; s < T; s++) {
+        pos[s] = (int64_t)((frand() * 0.5f + 0.5f) * (float)c->max_ctx) % c->max_ctx; /* 0 .. max_ctx - 1 */
+        if (s == T / 2) pos[s] = c->max_ctx - 1;
+        total_blocks += pos[s] / bs + 1;
+        maxlen = pos[s] + 1 > maxlen ? pos[s] + 1 : maxlen;
+    }
+    /* block tables: consecutive runs of a permutation of the blocks (reversed order) */
+    int32_t *perm = malloc((size_t)total_blocks * sizeof(int32_t));
+    for (int64_t i = 0; i < total_blocks; i++) perm[i] = (int32_t)(total_blocks - 1 - i);
+    const int32_t **bt = malloc((size_t)T * sizeof(*bt));
+    for (int64_t s = 0, used = 0; s < T; s++) {
+        bt[s] = perm + used;
+        used += pos[s] / bs + 1;
+    }
+    const int64_t slots = total_blocks * bs;
+    const size_t esz = tuna_dtype_nbytes(dt, 1), n_cache = (size_t)(slots * HkvD);
+    float *kf = rnd(n_cache), *vf = rnd(n_cache);
+    void *kh = malloc(n_cache * esz), *vh = malloc(n_cache * esz);
+    tuna_convert_from_f32(dt, kf, kh, n_cache);
+    tuna_convert_from_f32(dt, vf, vh, n_cache);
+    void *dkc = dev(kh, n_cache * esz), *dvc = dev(vh, n_cache * esz);
+    const size_t nq = (size_t)(T * H * D);
+    float *q = rnd(nq), *oc = malloc(nq * 4), *og = malloc(nq * 4), *zero = calloc(nq, 4);
+    float *dq = dev(q, nq * 4), *dout = dev(NULL, nq * 4);
+    const int32_t MB = (int32_t)((c->max_ctx + 50 + bs - 1) / bs);
+    struct tuna_attn_batch b = {T, pos, bt, (int32_t)bs, c->window, MB, NULL};
+    const float scale = 1.0f / sqrtf((float)D);
+    g_cops->attention(g_cpu, oc, q, kh, vh, dt, &b, H, Hkv, D, scale);
+    for (int rep = 0; rep < 2; rep++) {
+        TT_OK(tuna_cuda_upload(g_gpu, dout, zero, nq * 4));
+        g_gops->attention(g_gpu, dout, dq, dkc, dvc, dt, &b, H, Hkv, D, scale);
+        back(og, dout, nq * 4);
+        char what[200];
+        snprintf(what, sizeof what, "attention decode batch %d (run %d), %s cache (H=%lld Hkv=%lld D=%lld bs=%lld window=%lld)",
+                 nseq, rep + 1, tuna_dtype_name(dt), (long long)H, (long long)Hkv, (long long)D, (long long)bs,
+                 (long long)c->window);
+        check(what, og, oc, nq, 1e-5);
+        if (rep == 0) printf("  %s: rel err %.2e\n", what, tt_rel_err(og, oc, nq));
+    }
+    free(pos), free(perm), free(bt), free(kf), free(vf), free(kh), free(vh), free(q), free(oc), free(og), free(zero);
+    tuna_cuda_free(g_gpu, dkc), tuna_cuda_free(g_gpu, dvc), tuna_cuda_free(g_gpu, dq), tuna_cuda_free(g_gpu, dout);
+}
+
+static void test_attention_batches(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    static const struct att_bcase cases[] = {
+        /* GQA 4, D 128 (Llama-3-8B's group): units = 2 * batch cross 1, 2, 4 waves of 1..4 blocks per SM */
+        {8, 2, 128, 16, 0, 300, 12, {1, 2, 7, 40, 65, 66, 67, 131, 132, 133, 265, 530}},
+        {16, 2, 64, 16, 0, 400, 5, {1, 33, 150, 300, 600}},      /* GQA 8, D 64 */
+        {24, 2, 64, 16, 0, 200, 4, {1, 20, 140, 400}},           /* GQA 12: head groups of 8 and 4 */
+        {4, 2, 80, 16, 50, 500, 4, {1, 30, 140, 300}},           /* D 80 (chunks of 10), window 50 */
+        {6, 2, 256, 16, 0, 300, 4, {1, 30, 130, 260}},           /* D 256, GQA 3 */
+        {8, 2, 128, 1, 0, 200, 3, {3, 90, 200}},                 /* block size 1 */
+        {32, 8, 128, 16, 0, 2100, 3, {1, 3, 20}},                /* Llama-3-8B heads, long contexts */
+    };
+    const enum tuna_dtype dts[3] = {TUNA_DTYPE_BF16, TUNA_DTYPE_F16, TUNA_DTYPE_F32};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        for (int k = 0; k < cases[i].n_nseq; k++)
+            for (int d = 0; d < 3; d++) {
+                if (d == 2 && k % 2) continue; /* float32 (the general kernel): every other batch size */
+                att_run_batch(&cases[i], cases[i].nseq[k], dts[d]);
+            }
+    TT_OK(tuna_cuda_status(g_gpu));
+}
+
 /* kv_store into scattered slots, every cache dtype: the same bits as the CPU's conversion. */
 static void test_kv_store(void **state)
 {
@@ -453,6 +537,7 @@ int main(void)
         cmocka_unit_test(test_argmax),
         cmocka_unit_test(test_elementwise),
         cmocka_unit_test(test_attention),
+        cmocka_unit_test(test_attention_batches),
         cmocka_unit_test(test_kv_store),
         cmocka_unit_test(test_sticky_error),
     };
