@@ -349,13 +349,14 @@ __global__ void __launch_bounds__(128)
     auto issue = [&](int k) {
         if (k < nk) {
             const int key0 = (s0 + warp + NW * k) * D16_KEYS, key = key0 + (lane & 15);
-            long long slot = -1;
-            if (lane < 16 && key >= lo && key <= hi) slot = (long long)table[key / bs] * bs + key % bs;
+            int slot = -1; /* lane j < 16: the cache slot of key j of the group */
+            if (lane < 16 && key >= lo && key <= hi) slot = table[key / bs] * bs + key % bs;
             char *buf = wreg + (k % ns) * (2 * D16_KEYS) * RB;
             for (int idx = lane; idx < 2 * D16_KEYS * CH; idx += 32) { /* rows 0..15 K, 16..31 V */
                 const int row = idx / CH, c = idx - row * CH;
-                const long long sl = __shfl_sync(0xffffffffu, slot, row & 15);
-                if (sl >= 0) cp_async16(buf + row * RB + c * 16, (row < 16 ? kbase : vbase) + sl * HkvD + c * 8);
+                const int sl = __shfl_sync(0xffffffffu, slot, row & 15);
+                if (sl >= 0)
+                    cp_async16(buf + row * RB + c * 16, (row < 16 ? kbase : vbase) + (int64_t)sl * HkvD + c * 8);
             }
         }
         cp_async_commit();
