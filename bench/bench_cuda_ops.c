@@ -139,6 +139,171 @@ static void *dev_random_bf16(size_t n)
     return d;
 }
 
+/* ---- decode fusions (fused.cu, q4.cu, rope_kv.cu) on one Llama-3-8B layer, T = 1 ----
+ * Each op over 4 copies of the layer's weights in turn, then a chain of 32 layers without
+ * attention (norm+q/k/v, rope+KV store, o added into x, norm+gate/up+GLU, down added) as the
+ * decode step runs it: µs per layer and GB/s of weights. bf16 and NF4 (blocksize 64, random
+ * codes). TUNA_PDL / TUNA_GEMV_PREFETCH / TUNA_Q4_LUT change what runs. */
+struct fz_layer {
+    struct tuna_weight q, k, v, o, g, u, d;
+};
+
+static void fz_weight(struct tuna_weight *w, int64_t N, int64_t K, int q4, struct tuna_cuda_q4 *qd)
+{
+    w->rows = N;
+    w->cols = K;
+    if (!q4) {
+        w->dtype = TUNA_DTYPE_BF16;
+        w->data = dev_random_bf16((size_t)(N * K));
+        w->q4 = NULL;
+        return;
+    }
+    size_t nb = (size_t)(N * K) / 2, na = (size_t)(N * K) / 64;
+    uint8_t *h = malloc(nb);
+    float *am = malloc(na * 4);
+    uint64_t s = 0xD1B54A32D192ED03ull ^ (uint64_t)N;
+    for (size_t i = 0; i < nb; i++) {
+        s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+        h[i] = (uint8_t)(s >> 32);
+    }
+    for (size_t i = 0; i < na; i++) am[i] = 0.01f + 0.001f * (float)(i % 7);
+    void *dc, *da;
+    CK(cudaMalloc(&dc, nb));
+    CK(cudaMalloc(&da, na * 4));
+    CK(cudaMemcpy(dc, h, nb, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(da, am, na * 4, cudaMemcpyHostToDevice));
+    free(h);
+    free(am);
+    for (int c = 0; c < 16; c++) qd->lut[c] = ((float)c - 7.5f) / 7.5f;
+    qd->blocksize = 64;
+    qd->round_mode = 1;
+    qd->prefill = TUNA_DTYPE_BF16;
+    qd->absmax = da;
+    w->dtype = TUNA_DTYPE_NF4;
+    w->data = dc;
+    w->q4 = qd;
+}
+
+static double fz_bytes(const struct tuna_weight *w)
+{
+    double n = (double)w->rows * (double)w->cols;
+    return w->q4 ? n / 2 + n / 64 * 4 : n * 2;
+}
+
+static void bench_fused_decode(tuna_backend *be, cudaEvent_t e0, cudaEvent_t e1)
+{
+    const struct tuna_backend_ops *op = tuna_cuda_backend_ops();
+    const int64_t C = 4096, I = 14336, Hkv = 8, H = 32, D = 128;
+    static struct tuna_cuda_q4 qd[4][7];
+    float *x, *xn, *q, *k, *v, *act, *nw, *inv;
+    void *kc, *vc;
+    CK(cudaMalloc((void **)&x, C * 4));
+    CK(cudaMalloc((void **)&xn, C * 4));
+    CK(cudaMalloc((void **)&q, C * 4));
+    CK(cudaMalloc((void **)&k, 1024 * 4));
+    CK(cudaMalloc((void **)&v, 1024 * 4));
+    CK(cudaMalloc((void **)&act, I * 4));
+    CK(cudaMalloc((void **)&nw, C * 4));
+    CK(cudaMalloc(&kc, 4096 * 1024 * 2));
+    CK(cudaMalloc(&vc, 4096 * 1024 * 2));
+    CK(cudaMemset(x, 0x3c, C * 4));
+    CK(cudaMemset(nw, 0x3c, C * 4));
+    CK(cudaMemset(q, 0, C * 4));
+    CK(cudaMemset(k, 0, 1024 * 4));
+    CK(cudaMemset(v, 0, 1024 * 4));
+    inv = malloc(64 * 4);
+    for (int i = 0; i < 64; i++) inv[i] = powf(500000.0f, -(float)i / 64.0f);
+    int64_t pos = 1000, slot = 77;
+    for (int q4 = 0; q4 < 2; q4++) {
+        struct fz_layer L[4];
+        for (int c = 0; c < 4; c++) {
+            fz_weight(&L[c].q, C, C, q4, &qd[c][0]);
+            fz_weight(&L[c].k, 1024, C, q4, &qd[c][1]);
+            fz_weight(&L[c].v, 1024, C, q4, &qd[c][2]);
+            fz_weight(&L[c].o, C, C, q4, &qd[c][3]);
+            fz_weight(&L[c].g, I, C, q4, &qd[c][4]);
+            fz_weight(&L[c].u, I, C, q4, &qd[c][5]);
+            fz_weight(&L[c].d, C, I, q4, &qd[c][6]);
+        }
+        const char *tag = q4 ? "NF4" : "bf16";
+        float ms[64];
+        for (int which = 0; which < 5; which++) {
+            const int reps = 30;
+            double bytes = 0;
+            for (int r = 0; r < reps + 3; r++) {
+                struct fz_layer *l = &L[r % 4];
+                float *ys[3] = {q, k, v};
+                const struct tuna_weight *ws[3] = {&l->q, &l->k, &l->v};
+                CK(cudaEventRecord(e0, 0));
+                if (which == 0) op->rmsnorm_matmul_multi(be, 3, ys, xn, x, nw, 1e-5f, ws, NULL, 1);
+                else if (which == 1) op->rmsnorm_matmul_glu(be, act, xn, x, nw, 1e-5f, &l->g, NULL, &l->u, NULL, 1, 0);
+                else if (which == 2) op->matmul_add(be, x, q, &l->o, NULL, 1);
+                else if (which == 3) op->matmul_add(be, x, act, &l->d, NULL, 1);
+                else op->rope_kv_store(be, q, k, v, NULL, NULL, 1e-5f, kc, vc, TUNA_DTYPE_BF16, &pos, &slot, 1, H, Hkv, D, D,
+                                       inv, 1.0f);
+                CK(cudaEventRecord(e1, 0));
+                CK(cudaEventSynchronize(e1));
+                CK(cudaEventElapsedTime(&ms[r], e0, e1));
+            }
+            if (tuna_cuda_status(be)) {
+                fprintf(stderr, "%s\n", tuna_last_error());
+                exit(1);
+            }
+            qsort(ms + 3, (size_t)reps, sizeof(float), cmp_f);
+            double t = ms[3 + reps / 2] * 1e-3;
+            static const char *names[] = {"norm+q/k/v 6144x4096", "norm+gate/up+GLU 2x14336x4096",
+                                          "o added 4096x4096", "down added 4096x14336", "rope+kv_store"};
+            if (which == 0) bytes = fz_bytes(&L[0].q) + 2 * fz_bytes(&L[0].k);
+            else if (which == 1) bytes = 2 * fz_bytes(&L[0].g);
+            else if (which == 2) bytes = fz_bytes(&L[0].o);
+            else if (which == 3) bytes = fz_bytes(&L[0].d);
+            char label[96];
+            snprintf(label, sizeof label, "fused %s %s T=1", tag, names[which]);
+            if (bytes > 0)
+                printf("%-44s %10.1f GB/s  %5.1f%% of copy  %8.1f us\n", label, bytes / t / 1e9,
+                       100.0 * bytes / t / 1e9 / g_copy_gbs, t * 1e6);
+            else
+                printf("%-44s %29.1f us\n", label, t * 1e6);
+        }
+        /* 32 layers back to back (no attention): the step's GEMV chain with its launches and gaps */
+        double lbytes = fz_bytes(&L[0].q) + 2 * fz_bytes(&L[0].k) + fz_bytes(&L[0].o) + 2 * fz_bytes(&L[0].g) +
+                        fz_bytes(&L[0].d);
+        for (int r = 0; r < 8; r++) {
+            CK(cudaEventRecord(e0, 0));
+            for (int l = 0; l < 32; l++) {
+                struct fz_layer *y = &L[l % 4];
+                float *ys[3] = {q, k, v};
+                const struct tuna_weight *ws[3] = {&y->q, &y->k, &y->v};
+                op->rmsnorm_matmul_multi(be, 3, ys, xn, x, nw, 1e-5f, ws, NULL, 1);
+                op->rope_kv_store(be, q, k, v, NULL, NULL, 1e-5f, kc, vc, TUNA_DTYPE_BF16, &pos, &slot, 1, H, Hkv, D, D,
+                                  inv, 1.0f);
+                op->matmul_add(be, x, q, &y->o, NULL, 1);
+                op->rmsnorm_matmul_glu(be, act, xn, x, nw, 1e-5f, &y->g, NULL, &y->u, NULL, 1, 0);
+                op->matmul_add(be, x, act, &y->d, NULL, 1);
+            }
+            CK(cudaEventRecord(e1, 0));
+            CK(cudaEventSynchronize(e1));
+            CK(cudaEventElapsedTime(&ms[r], e0, e1));
+        }
+        qsort(ms + 2, 6, sizeof(float), cmp_f);
+        double t = ms[5] * 1e-3 / 32;
+        char label[96];
+        snprintf(label, sizeof label, "fused %s layer chain x32 (no attention)", tag);
+        printf("%-44s %10.1f GB/s  %5.1f%% of copy  %8.1f us/layer\n", label, lbytes / t / 1e9,
+               100.0 * lbytes / t / 1e9 / g_copy_gbs, t * 1e6);
+        for (int c = 0; c < 4; c++) {
+            struct tuna_weight *ws[7] = {&L[c].q, &L[c].k, &L[c].v, &L[c].o, &L[c].g, &L[c].u, &L[c].d};
+            for (int i = 0; i < 7; i++) {
+                CK(cudaFree((void *)ws[i]->data));
+                if (q4) CK(cudaFree((void *)qd[c][i].absmax));
+            }
+        }
+    }
+    free(inv);
+    void *bufs[] = {x, xn, q, k, v, act, nw, kc, vc};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) CK(cudaFree(bufs[i]));
+}
+
 int main(void)
 {
     tuna_backend *be;
@@ -231,6 +396,8 @@ int main(void)
         CK(cudaFree(x));
         CK(cudaFree(y));
     }
+
+    bench_fused_decode(be, e0, e1);
 
     /* attention, bf16 KV cache, Llama-3-8B heads */
     bench_attention(be, "attention decode B=1 ctx=4096", 1, 4096, 1, e0, e1);

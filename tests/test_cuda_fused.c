@@ -203,6 +203,7 @@ static void test_rmsnorm_matmul_multi(void **state)
             const int n = (int)shapes[si][4];
             int64_t K = shapes[si][1], N[3] = {shapes[si][0], shapes[si][2], shapes[si][3]};
             struct wpair w[3];
+            memset(w, 0, sizeof w);
             for (int i = 0; i < n; i++) wpair_new(&w[i], k_types[ti], N[i], K, si & 1);
             float *nw = rnd_norm_w(K), *dnw = dev(nw, (size_t)K * 4);
             for (size_t tt = 0; tt < sizeof k_Ts / sizeof k_Ts[0]; tt++) {
@@ -342,9 +343,11 @@ static void test_q4_grouped(void **state)
                 for (int i = 0; i < 3; i++) q4pair_new(&w[i], type, od, N[i], K, i == 1);
                 q4pair_new(&up, type, od, N[0], K, false);
                 float *nw = rnd_norm_w(K), *dnw = dev(nw, (size_t)K * 4);
-                const double tol = od ? 3e-3 : 1e-5;
                 for (size_t tt = 0; tt < sizeof Ts / sizeof Ts[0]; tt++) {
                     const int64_t T = Ts[tt];
+                    /* bf16: the fast kernel skips the rounding of each weight (2e-3, as test_backend_cuda);
+                     * above T = 8 dequantization + cuBLAS on bf16 activations */
+                    const double tol = od ? (T > TUNA_CUDA_GEMV_MAX_T ? 1e-2 : 3e-3) : 1e-5;
                     char what[200];
                     float *x = rnd((size_t)(T * K)), *dx = dev(x, (size_t)(T * K) * 4);
                     float *xn = malloc((size_t)(T * K) * 4), *dxn = dev(NULL, (size_t)(T * K) * 4);

@@ -16,8 +16,9 @@ __global__ void k_rope(float *x, const int64_t *pos, int64_t T, int64_t H, int64
     s *= attn_factor;
     float *v = x + th * D;
     float x1 = v[j], x2 = v[j + half];
-    v[j] = x1 * c - x2 * s;
-    v[j + half] = x2 * c + x1 * s;
+    /* explicit roundings (no FMA contraction): rope_kv.cu computes exactly the same */
+    v[j] = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
+    v[j + half] = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
 }
 
 void tuna_cuda_rope(tuna_backend *be, float *x, const int64_t *pos, int64_t T, int64_t H, int64_t D,

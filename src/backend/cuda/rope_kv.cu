@@ -53,7 +53,7 @@ __global__ void k_rope_kv(float *q, float *k, const float *v, const float *qn, c
             c *= attn_factor;
             sn *= attn_factor;
             const float x1 = sh[jj], x2 = sh[jj + half];
-            out = d < half ? x1 * c - x2 * sn : x2 * c + x1 * sn;
+            out = d < half ? __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, sn)) : __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, sn));
         }
         row[d] = out;
         if (is_k) {
