@@ -4,8 +4,9 @@
  * (fused GEMV, T = 1..8) on Llama-3-8B's weight shapes in bf16 as achieved GB/s of weights read,
  * the prefill matmul (cuBLAS bf16, T = 512 and 2048) as TFLOP/s, and attention over a paged bf16
  * KV cache with Llama-3-8B heads (H 32, Hkv 8, D 128, blocks of 16): decode at batch 1 / 4k
- * context and batch 32 / 128 at 1k as achieved GB/s of K and V read, prefill of 2048 tokens as
- * TFLOP/s of the causal QK^T and PV products. Prints one table. Timings: CUDA events, median of
+ * context and batch 32 / 128 at 1k as achieved GB/s of K and V read, prefill of 2048 tokens and a
+ * chunked prefill (512 new tokens after 1536 cached) as TFLOP/s of the causal QK^T and PV products
+ * actually done. Prints one table. Timings: CUDA events, median of
  * repeats after warm-up, weights and KV caches rotated among several copies so the 50 MB L2
  * cache does not serve them. */
 #include <cuda_runtime.h>
@@ -108,7 +109,10 @@ static void bench_attention(tuna_backend *be, const char *label, int64_t nseq, i
                bytes / t / 1e9, g_copy_gbs > 0 ? 100.0 * bytes / t / 1e9 / g_copy_gbs : 0.0, t * 1e6, tb * 1e6,
                bytes / tb / 1e9);
     } else {
-        double flops = 4.0 * (double)H * (double)D * (double)nseq * (double)n_new * (double)(n_new + 1) / 2.0;
+        /* the causal products actually done: new token i (of n_new, after ctx - n_new cached) sees
+         * ctx - n_new + i + 1 keys; 4 H D T (T + 1) / 2 for a prefill from scratch */
+        double keys = (double)n_new * (double)(ctx - n_new) + (double)n_new * (double)(n_new + 1) / 2.0;
+        double flops = 4.0 * (double)H * (double)D * (double)nseq * keys;
         printf("%-44s %10.1f TFLOP/s %15.1f us\n", label, flops / t / 1e12, t * 1e6);
     }
     CK(cudaFree(a.kc));
@@ -406,6 +410,7 @@ int main(void)
     bench_attention(be, "attention decode B=256 ctx=2048", 256, 2048, 1, e0, e1);
     bench_attention(be, "attention decode B=64 ctx=4096", 64, 4096, 1, e0, e1);
     bench_attention(be, "attention prefill T=2048 (causal)", 1, 2048, 2048, e0, e1);
+    bench_attention(be, "attention chunked prefill 512 after 1536", 1, 2048, 512, e0, e1);
     tuna_cuda_backend_free(be);
     return 0;
 }

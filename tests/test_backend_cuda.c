@@ -397,6 +397,16 @@ static void test_attention(void **state)
          * 5-token run that stays on the decode path */
         {"mixed", 8, 2, 128, 16, 0, 5, {{0, 300}, {2000, 1}, {40, 5}, {500, 70}, {1, 1}}, false},
         {"mixed flat tables", 8, 2, 128, 16, 0, 4, {{0, 130}, {1000, 1}, {7, 9}, {2999, 1}}, true},
+        /* long runs for the tensor-core (mma) prefill kernel: a 2048-token prefill, a chunk of 700
+         * new tokens after 1300 cached ones, head dims 64/80/96/128/256, windows that start inside
+         * key tiles, block size 1, tiles shorter than the kernel's 64 rows */
+        {"prefill 2048", 8, 2, 128, 16, 0, 1, {{0, 2048}}, false},
+        {"chunk 700 after 1300", 8, 2, 128, 16, 0, 2, {{1300, 700}, {640, 1}}, true},
+        {"D64 gqa8 window 300", 8, 1, 64, 16, 300, 2, {{0, 1000}, {1500, 100}}, false},
+        {"D80 chunk", 4, 2, 80, 16, 0, 2, {{200, 333}, {0, 9}}, false},
+        {"D96 window 77", 4, 4, 96, 16, 77, 1, {{50, 260}}, false},
+        {"D256 window 129", 4, 2, 256, 16, 129, 2, {{0, 260}, {400, 150}}, false},
+        {"D128 bs1 window 200 chunk", 8, 2, 128, 1, 200, 1, {{900, 300}}, false},
     };
     const enum tuna_dtype dts[3] = {TUNA_DTYPE_F32, TUNA_DTYPE_BF16, TUNA_DTYPE_F16};
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)

@@ -7,9 +7,11 @@
  * softmax (per-row max and sum, O rescaled in shared memory) is float32. */
 #include <math.h>
 #include <mma.h>
+#include <stdlib.h>
 
 #include "backend/cuda/attention_internal.cuh"
 #include "backend/cuda/kv_types.cuh"
+#include "backend/cuda/mma.cuh"
 
 #define PF_THREADS 128
 #define PF_BK 64 /* keys per tile of the prefill kernel */
@@ -238,9 +240,333 @@ __global__ void __launch_bounds__(PF_THREADS)
     }
 }
 
-/* Largest BQ in {64, 32, 16} whose shared memory fits the device; 0 when none does. */
+/* ------------------------------------------------------------------------------------------
+ * Prefill on sm_80+ with a 16-bit cache (FlashAttention-2 style): grid (H, tiles), NW warps; warp
+ * w owns query rows 16w..16w+15 of the tile. Q is converted to 16-bit once (through shared
+ * memory) and kept as mma A fragments in registers (D <= 128; larger heads reload them from
+ * shared memory per tile); S = Q K^T, the online softmax and O live in registers; P is rounded
+ * to 16 bits in registers and is the A operand of O += P V. K/V tiles of MP_BK keys are gathered
+ * through the block table with cp.async into a double buffer (the next tile loads while this one
+ * is computed; one barrier per tile). Masks (causal, window, rows past the tile) are applied only
+ * where a warp's tile needs them; tiles wholly outside a warp's rows are skipped by that warp.
+ * Shared memory: [K0][V0][K1][V1] (rows of D + 8 elements: ldmatrix without bank conflicts), Q
+ * staged in [K1 V1] when it then lives in registers (else after V1), then the slots of two tiles. */
+#define MP_BK 64
+
+template <int D, int NW> struct mp_cfg {
+    static constexpr int BQ = 16 * NW, DP = D + 8, NT = 32 * NW;
+    static constexpr bool QREG = D <= 128;
+    static constexpr size_t stage = (size_t)MP_BK * DP * 2; /* bytes of one K or V tile */
+    static constexpr size_t q_off = QREG ? 2 * stage : 4 * stage;
+    static constexpr size_t kv_end = 4 * stage;
+    static constexpr size_t q_end = q_off + (size_t)BQ * DP * 2;
+    static constexpr size_t slot_off = (kv_end > q_end ? kv_end : q_end);
+    static constexpr size_t smem = slot_off + 2 * MP_BK * sizeof(int64_t);
+};
+
+template <typename KT, int D, int NW>
+__global__ void __launch_bounds__(32 * NW)
+    k_attn_prefill_mma(float *out, const float *q, const KT *kc, const KT *vc, att_meta md, const int32_t *tiles,
+                       int n_tiles, int H, int Hkv, bool qvec, float sl2)
+{
+#if TUNA_MMA_SM80
+    using C = mp_cfg<D, NW>;
+    constexpr int BQ = C::BQ, DP = C::DP, NT = C::NT, CH = D / 8, KD = D / 16, NO = D / 8;
+    extern __shared__ __align__(128) unsigned char smem[];
+    KT *Qs = (KT *)(smem + C::q_off);
+    int64_t *sslot = (int64_t *)(smem + C::slot_off); /* [2][MP_BK] */
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c4 = lane & 3;
+    const int h = blockIdx.x, tile = n_tiles - 1 - (int)blockIdx.y; /* the longest tiles first */
+    const int kvh = h / (H / Hkv);
+    const int row0 = tiles[2 * tile], nq = tiles[2 * tile + 1];
+    const int32_t *table = att_table(md, row0 + nq - 1); /* the last row's table covers every key */
+    const int64_t p_first = md.pos[row0], p_last = md.pos[row0 + nq - 1];
+    const int64_t HkvD = (int64_t)Hkv * D;
+    const int64_t bs = md.bs;
+    const int64_t kstart = att_start(md, p_first);
+    const int n_kt = (int)((p_last - kstart) / MP_BK + 1);
+    const KT *kbase = kc + (int64_t)kvh * D, *vbase = vc + (int64_t)kvh * D;
+
+    /* slots of tile `it` (keys past p_last: -1, zero filled) */
+    auto make_slots = [&](int it) {
+        if (tid < MP_BK) {
+            const int64_t pp = kstart + (int64_t)it * MP_BK + tid;
+            int64_t sl = -1;
+            if (pp <= p_last) {
+                if (p_last < 0x7fffffff && bs < 0x7fffffff) {
+                    const uint32_t p32 = (uint32_t)pp, b32 = (uint32_t)bs;
+                    sl = (int64_t)table[p32 / b32] * bs + (int64_t)(p32 % b32);
+                } else {
+                    sl = (int64_t)table[pp / bs] * bs + pp % bs;
+                }
+            }
+            sslot[(it & 1) * MP_BK + tid] = sl;
+        }
+    };
+    auto load_tile = [&](int it) {
+        const int st = it & 1;
+        const int64_t *sl = sslot + st * MP_BK;
+        KT *kd = (KT *)(smem + st * 2 * C::stage), *vd = kd + MP_BK * DP;
+        for (int x = tid; x < MP_BK * CH; x += NT) {
+            const int j = x / CH, u = x % CH;
+            const int64_t s = sl[j];
+            const int64_t off = s >= 0 ? s * HkvD + u * 8 : 0;
+            mma_cp_async16(kd + j * DP + u * 8, kbase + off, s >= 0);
+            mma_cp_async16(vd + j * DP + u * 8, vbase + off, s >= 0);
+        }
+        mma_cp_async_commit();
+    };
+
+    /* Q: float32 rows -> 16-bit shared rows (rows past the tile: zero) */
+    if (qvec) {
+        for (int x = tid; x < BQ * (D / 4); x += NT) {
+            const int r = x / (D / 4), u = x % (D / 4);
+            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (r < nq) v = __ldg((const float4 *)(q + ((size_t)(row0 + r) * H + h) * D) + u);
+            uint2 w = make_uint2(mma_pack<KT>(v.x, v.y), mma_pack<KT>(v.z, v.w));
+            *(uint2 *)(Qs + r * DP + u * 4) = w;
+        }
+    } else {
+        for (int x = tid; x < BQ * (D / 2); x += NT) {
+            const int r = x / (D / 2), u = x % (D / 2);
+            float a = 0.f, b = 0.f;
+            if (r < nq) {
+                const float *src = q + ((size_t)(row0 + r) * H + h) * D + 2 * u;
+                a = src[0], b = src[1];
+            }
+            *(uint32_t *)(Qs + r * DP + 2 * u) = mma_pack<KT>(a, b);
+        }
+    }
+    make_slots(0);
+    __syncthreads();
+
+    /* this warp's rows */
+    const int r0w = 16 * warp;
+    const bool wlive = r0w < nq;
+    const int wr_hi = min(r0w + 15, nq - 1);
+    const int64_t wpos_lo = p_first + r0w, wpos_hi = p_first + wr_hi;
+    const int64_t wst_lo = att_start(md, wpos_lo), wst_hi = att_start(md, wpos_hi);
+    const bool wpart = r0w + 16 > nq;
+    const int ra = r0w + g, rb = r0w + g + 8;
+    const int64_t pa = ra < nq ? p_first + ra : -1, pb = rb < nq ? p_first + rb : -1;
+    const int64_t sa = att_start(md, pa < 0 ? 0 : pa), sb = att_start(md, pb < 0 ? 0 : pb);
+
+    uint32_t qf[C::QREG ? KD : 1][4];
+    const uint32_t q_lane = mma_smem(Qs + (r0w + (lane & 15)) * DP + (lane >> 4) * 8);
+    if constexpr (C::QREG) {
+#pragma unroll
+        for (int kk = 0; kk < KD; kk++) mma_ldsm_x4(qf[kk], q_lane + kk * 32);
+    }
+    load_tile(0);
+
+    float o[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
+    /* per-lane row offsets of the ldmatrix tiles of K (non-transposed) and V (transposed) */
+    const int k_lane = ((lane & 7) + ((lane >> 4) << 3)) * DP + ((lane >> 3) & 1) * 8;
+    const int v_lane = (lane & 15) * DP + (lane >> 4) * 8;
+
+    for (int it = 0; it < n_kt; it++) {
+        if (it + 1 < n_kt) make_slots(it + 1);
+        mma_cp_async_wait<0>();
+        __syncthreads(); /* tile it is in; everyone is done with tile it-1's buffers */
+        if (it + 1 < n_kt) load_tile(it + 1);
+        const int st = it & 1;
+        const int64_t k0 = kstart + (int64_t)it * MP_BK;
+        if (!wlive || k0 > wpos_hi || k0 + MP_BK - 1 < wst_lo) continue;
+        const bool need_mask = wpart || k0 + MP_BK - 1 > wpos_lo || k0 < wst_hi;
+
+        /* S = Q K^T: 16 rows x 64 keys, 8 n-tiles of 8 keys */
+        float s[8][4];
+#pragma unroll
+        for (int n = 0; n < 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+        const uint32_t kb = mma_smem(smem + st * 2 * C::stage) + k_lane * 2;
+#pragma unroll
+        for (int kk = 0; kk < KD; kk++) {
+            uint32_t a[4];
+            if constexpr (C::QREG) {
+                a[0] = qf[kk][0], a[1] = qf[kk][1], a[2] = qf[kk][2], a[3] = qf[kk][3];
+            } else {
+                mma_ldsm_x4(a, q_lane + kk * 32);
+            }
+#pragma unroll
+            for (int np = 0; np < 4; np++) {
+                uint32_t b[4];
+                mma_ldsm_x4(b, kb + (np * 16 * DP + kk * 16) * 2);
+                mma_16816<KT>(s[2 * np], a, b[0], b[1]);
+                mma_16816<KT>(s[2 * np + 1], a, b[2], b[3]);
+            }
+        }
+        if (need_mask) { /* keys k0 + j, j in [0, 64): a row takes j in [lo, hi] */
+            const int hi_a = (int)max((int64_t)-1, min((int64_t)MP_BK, pa - k0));
+            const int hi_b = (int)max((int64_t)-1, min((int64_t)MP_BK, pb - k0));
+            const int lo_a = (int)max((int64_t)0, min((int64_t)MP_BK, sa - k0));
+            const int lo_b = (int)max((int64_t)0, min((int64_t)MP_BK, sb - k0));
+#pragma unroll
+            for (int n = 0; n < 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int j = 8 * n + 2 * c4 + (e & 1);
+                    if (e < 2 ? (j > hi_a || j < lo_a) : (j > hi_b || j < lo_b)) s[n][e] = -INFINITY;
+                }
+        }
+        /* online softmax (rows g and g+8 of the warp; a quad of lanes shares a row) */
+        float mx_a = -INFINITY, mx_b = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+            mx_a = fmaxf(mx_a, fmaxf(s[n][0], s[n][1]));
+            mx_b = fmaxf(mx_b, fmaxf(s[n][2], s[n][3]));
+        }
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+        const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
+        const float ms_a = mn_a == -INFINITY ? 0.f : mn_a * sl2, ms_b = mn_b == -INFINITY ? 0.f : mn_b * sl2;
+        const float corr_a = exp2f(m_a * sl2 - ms_a), corr_b = exp2f(m_b * sl2 - ms_b);
+        m_a = mn_a, m_b = mn_b;
+        float sum_a = 0.f, sum_b = 0.f;
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+            s[n][0] = exp2f(fmaf(s[n][0], sl2, -ms_a));
+            s[n][1] = exp2f(fmaf(s[n][1], sl2, -ms_a));
+            s[n][2] = exp2f(fmaf(s[n][2], sl2, -ms_b));
+            s[n][3] = exp2f(fmaf(s[n][3], sl2, -ms_b));
+            sum_a += s[n][0] + s[n][1];
+            sum_b += s[n][2] + s[n][3];
+        }
+        l_a = l_a * corr_a + sum_a;
+        l_b = l_b * corr_b + sum_b;
+#pragma unroll
+        for (int n = 0; n < NO; n++) {
+            o[n][0] *= corr_a, o[n][1] *= corr_a;
+            o[n][2] *= corr_b, o[n][3] *= corr_b;
+        }
+        /* O += P V: P (16 x 64) as 4 A fragments of 16 keys */
+        const uint32_t vb = mma_smem(smem + (st * 2 + 1) * C::stage) + v_lane * 2;
+#pragma unroll
+        for (int kk = 0; kk < MP_BK / 16; kk++) {
+            uint32_t a[4];
+            a[0] = mma_pack<KT>(s[2 * kk][0], s[2 * kk][1]);
+            a[1] = mma_pack<KT>(s[2 * kk][2], s[2 * kk][3]);
+            a[2] = mma_pack<KT>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            a[3] = mma_pack<KT>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (int dp = 0; dp < D / 16; dp++) {
+                uint32_t b[4];
+                mma_ldsm_x4_t(b, vb + (kk * 16 * DP + dp * 16) * 2);
+                mma_16816<KT>(o[2 * dp], a, b[0], b[1]);
+                mma_16816<KT>(o[2 * dp + 1], a, b[2], b[3]);
+            }
+        }
+    }
+    /* O / l for the rows of the tile */
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+    if (ra < nq) {
+        const float inv = 1.0f / l_a;
+        float *dst = out + ((size_t)(row0 + ra) * H + h) * D + 2 * c4;
+#pragma unroll
+        for (int n = 0; n < NO; n++) *(float2 *)(dst + 8 * n) = make_float2(o[n][0] * inv, o[n][1] * inv);
+    }
+    if (rb < nq) {
+        const float inv = 1.0f / l_b;
+        float *dst = out + ((size_t)(row0 + rb) * H + h) * D + 2 * c4;
+#pragma unroll
+        for (int n = 0; n < NO; n++) *(float2 *)(dst + 8 * n) = make_float2(o[n][2] * inv, o[n][3] * inv);
+    }
+#else
+    (void)out, (void)q, (void)kc, (void)vc, (void)md, (void)tiles, (void)n_tiles, (void)H, (void)Hkv, (void)qvec;
+    (void)sl2;
+    __trap();
+#endif
+}
+
+/* The head dims the mma kernel is built for, and its warps per block (4; TUNA_ATTN_PF_WARPS=8
+ * picks 8 where built, for measurements). 0: not built for D. */
+static int mp_warps(int D)
+{
+    switch (D) {
+    case 64: case 80: case 96: case 256: return 4;
+    case 128: {
+        const char *e = getenv("TUNA_ATTN_PF_WARPS");
+        return e && atoi(e) == 8 ? 8 : 4;
+    }
+    default: return 0;
+    }
+}
+
+static size_t mp_smem(int D, int NW)
+{
+    switch (D) {
+    case 64: return mp_cfg<64, 4>::smem;
+    case 80: return mp_cfg<80, 4>::smem;
+    case 96: return mp_cfg<96, 4>::smem;
+    case 128: return NW == 8 ? mp_cfg<128, 8>::smem : mp_cfg<128, 4>::smem;
+    case 256: return mp_cfg<256, 4>::smem;
+    default: return 0;
+    }
+}
+
+/* Warps per block of the mma kernel for this head dim, element size and the current device; 0
+ * when it does not apply (float32 cache, below sm_80, other head dims, shared memory short). */
+static int mp_use(int D, int esz, int max_smem)
+{
+    if (esz != 2) return 0;
+    const int nw = mp_warps(D);
+    if (!nw || mp_smem(D, nw) > (size_t)max_smem) return 0;
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) !=
+                                                  cudaSuccess)
+        return 0;
+    return major >= 8 ? nw : 0;
+}
+
+template <typename KT, int D, int NW>
+static void launch_mma(tuna_backend *be, float *out, const float *q, const void *kcache, const void *vcache,
+                       const att_meta &md, const int32_t *tiles, int64_t n_tiles, int H, int Hkv, float scale)
+{
+    using C = mp_cfg<D, NW>;
+    if (!tuna_cuda_check(be, cudaFuncSetAttribute(k_attn_prefill_mma<KT, D, NW>,
+                                                  cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::smem),
+                         "cudaFuncSetAttribute(k_attn_prefill_mma)"))
+        return;
+    const bool qvec = ((uintptr_t)q % 16) == 0;
+    const float sl2 = scale * 1.4426950408889634f; /* exp(x) = exp2(x log2 e) */
+    k_attn_prefill_mma<KT, D, NW><<<dim3((unsigned)H, (unsigned)n_tiles), C::NT, C::smem, be->stream>>>(
+        out, q, (const KT *)kcache, (const KT *)vcache, md, tiles, (int)n_tiles, H, Hkv, qvec, sl2);
+    tuna_cuda_check_launch(be, "k_attn_prefill_mma");
+}
+
+template <typename KT>
+static void launch_mma_d(tuna_backend *be, float *out, const float *q, const void *kcache, const void *vcache,
+                         const att_meta &md, const int32_t *tiles, int64_t n_tiles, int H, int Hkv, int D, int NW,
+                         float scale)
+{
+    switch (D) {
+    case 64: launch_mma<KT, 64, 4>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale); break;
+    case 80: launch_mma<KT, 80, 4>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale); break;
+    case 96: launch_mma<KT, 96, 4>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale); break;
+    case 128:
+        if (NW == 8) launch_mma<KT, 128, 8>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale);
+        else launch_mma<KT, 128, 4>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale);
+        break;
+    case 256: launch_mma<KT, 256, 4>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale); break;
+    default: tuna_cuda_check(be, cudaErrorInvalidValue, "attention prefill (head dim without an mma kernel)");
+    }
+}
+
+/* The mma kernel's tile height (64 or 128) where it applies (16-bit cache, sm_80+, a head dim it
+ * is built for); else the largest BQ in {64, 32, 16} whose shared memory fits the device for
+ * today's kernel; 0 when none does. */
 int tuna_cuda_attn_prefill_bq(int D, int esz, int max_smem)
 {
+    const int nw = mp_use(D, esz, max_smem);
+    if (nw) return 16 * nw;
     for (int bq = 64; bq >= 16; bq /= 2)
         if (pf_make_layout(D, bq, esz).total <= (size_t)max_smem) return bq;
     return 0;
@@ -266,6 +592,23 @@ void tuna_cuda_attn_prefill_launch(tuna_backend *be, int code, float *out, const
                                    int H, int Hkv, int D, int BQ, bool vec, float scale)
 {
     if (n_tiles <= 0 || be->sticky) return;
+    int max_smem = 0;
+    cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, be->device);
+    const int nw = code != 0 ? mp_use(D, 2, max_smem) : 0;
+    if (nw && BQ == 16 * nw && vec && ((uintptr_t)out % 8) == 0 && n_tiles <= 65535) {
+        if (code == 1)
+            launch_mma_d<__nv_bfloat16>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, D, nw, scale);
+        else
+            launch_mma_d<__half>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, D, nw, scale);
+        return;
+    }
+    /* today's kernel: float32, older GPUs, other head dims, K/V rows not 16-byte aligned */
+    if (pf_make_layout(D, BQ, code == 0 ? 4 : 2).total > (size_t)max_smem) {
+        tuna_cuda_check(be, cudaErrorInvalidValue,
+                        "attention prefill (K/V or output rows not aligned for the tensor-core kernel, and this tile "
+                        "height does not fit the other one)");
+        return;
+    }
     if (code == 0)
         launch_prefill<float>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, D, BQ, vec, scale);
     else if (code == 1)
