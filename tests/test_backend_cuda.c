@@ -127,37 +127,76 @@ static void test_matmul_q4(void **state)
     }
 }
 
-/* LoRA: tokens of one batch on adapter 0, adapter 1 (another rank) or none. */
+/* LoRA (the segmented shrink/expand kernels of lora.cu against the CPU twin): 5 adapters of
+ * ranks 1, 8, 16, 64 and 0 mixed per token with tokens without adapter (-1) and past the set
+ * (7); float32 and bf16 adapter weights (the GPU views' dtypes); odd N and K (scalar paths) and
+ * multiples of 4 (vector paths); batches of one token tile and of many. The GPU runs once with
+ * its own grouping and once with the caller's (as the step block gives it): the same bits. */
 static void test_lora(void **state)
 {
     (void)state;
     NEED_GPU();
-    const int64_t T = 11, N = 300, K = 136;
-    const int64_t ranks[2] = {8, 16};
-    struct tuna_lora hc[2], hg[2];
-    for (int a = 0; a < 2; a++) {
-        float *A = rnd((size_t)(ranks[a] * K)), *B = rnd((size_t)(N * ranks[a]));
-        hc[a] = (struct tuna_lora){ranks[a], A, B, a ? 0.25f : 2.0f};
-        hg[a] = (struct tuna_lora){ranks[a], dev(A, (size_t)(ranks[a] * K) * 4), dev(B, (size_t)(N * ranks[a]) * 4),
-                                   hc[a].scale};
+    enum { NA = 5 };
+    const int64_t ranks[NA] = {1, 8, 16, 64, 0};
+    const int64_t shapes[][3] = {{11, 300, 136}, {37, 129, 77}, {300, 1030, 515}, {64, 4096, 512}};
+    const enum tuna_dtype dts[2] = {TUNA_DTYPE_F32, TUNA_DTYPE_BF16};
+    for (int di = 0; di < 2; di++) {
+        const enum tuna_dtype dt = dts[di];
+        for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+            const int64_t T = shapes[si][0], N = shapes[si][1], K = shapes[si][2];
+            struct tuna_lora_w wc[NA], wg[NA];
+            void *keep[2 * NA];
+            for (int a = 0; a < NA; a++) {
+                const int64_t r = ranks[a];
+                float *A = rnd((size_t)(r * K) + 1), *B = rnd((size_t)(N * r) + 1);
+                size_t ba = tuna_dtype_nbytes(dt, (uint64_t)(r * K)), bb = tuna_dtype_nbytes(dt, (uint64_t)(N * r));
+                void *hA = malloc(ba + 4), *hB = malloc(bb + 4);
+                tuna_convert_from_f32(dt, A, hA, (size_t)(r * K));
+                tuna_convert_from_f32(dt, B, hB, (size_t)(N * r));
+                free(A), free(B);
+                const float scale = 0.5f + 0.75f * (float)a;
+                wc[a] = (struct tuna_lora_w){hA, hB, r, scale};
+                wg[a] = (struct tuna_lora_w){dev(hA, ba), dev(hB, bb), r, scale};
+                keep[2 * a] = (void *)wg[a].A, keep[2 * a + 1] = (void *)wg[a].B;
+            }
+            struct tuna_lora_w *dw = dev(wg, sizeof wg);
+            int32_t *idx = malloc((size_t)T * 4), *order = malloc((size_t)T * 4), start[65];
+            for (int64_t t = 0; t < T; t++) idx[t] = (int32_t)((t * 7 + t / 3) % (NA + 2)) - 1; /* -1 .. 5 */
+            idx[T - 1] = 7;
+            tuna_lora_group(idx, T, 64, order, start);
+            const struct tuna_lora_bank sc = {NA, 64, dt, wc}, sg = {NA, 64, dt, dw};
+            const struct tuna_lora_tokens own = {idx, NULL, NULL, 0}, grouped = {idx, order, start, 64};
+            float *x = rnd((size_t)(T * K)), *y0 = rnd((size_t)(T * N));
+            float *yc = malloc((size_t)(T * N) * 4), *yg = malloc((size_t)(T * N) * 4), *yg2 = malloc((size_t)(T * N) * 4);
+            memcpy(yc, y0, (size_t)(T * N) * 4);
+            float *dx = dev(x, (size_t)(T * K) * 4), *dy = dev(y0, (size_t)(T * N) * 4), *dy2 = dev(y0, (size_t)(T * N) * 4);
+            g_cops->lora(g_cpu, yc, x, T, N, K, &sc, &own);
+            g_gops->lora(g_gpu, dy, dx, T, N, K, &sg, &own);
+            g_gops->lora(g_gpu, dy2, dx, T, N, K, &sg, &grouped);
+            back(yg, dy, (size_t)(T * N) * 4);
+            back(yg2, dy2, (size_t)(T * N) * 4);
+            char what[128];
+            snprintf(what, sizeof what, "lora %s T=%lld N=%lld K=%lld", tuna_dtype_name(dt), (long long)T,
+                     (long long)N, (long long)K);
+            check(what, yg, yc, (size_t)(T * N), 1e-5);
+            assert_memory_equal(yg, yg2, (size_t)(T * N) * 4);
+            /* tokens without an adapter (none, rank 0, past the set) are untouched */
+            size_t changed = 0;
+            for (int64_t t = 0; t < T; t++) {
+                bool none = idx[t] < 0 || idx[t] >= NA || ranks[idx[t]] == 0;
+                if (none) assert_memory_equal(yg + t * N, y0 + t * N, (size_t)N * 4);
+                else changed += memcmp(yg + t * N, y0 + t * N, (size_t)N * 4) != 0;
+            }
+            assert_true(changed > 0);
+            for (int a = 0; a < NA; a++) {
+                free((void *)wc[a].A), free((void *)wc[a].B);
+                tuna_cuda_free(g_gpu, keep[2 * a]), tuna_cuda_free(g_gpu, keep[2 * a + 1]);
+            }
+            tuna_cuda_free(g_gpu, dw);
+            free(idx), free(order), free(x), free(y0), free(yc), free(yg), free(yg2);
+            tuna_cuda_free(g_gpu, dx), tuna_cuda_free(g_gpu, dy), tuna_cuda_free(g_gpu, dy2);
+        }
     }
-    int32_t idx[11] = {0, 1, -1, 1, 0, 0, -1, 1, 1, 0, 5};
-    float *x = rnd((size_t)(T * K)), *y0 = rnd((size_t)(T * N));
-    float *yc = malloc((size_t)(T * N) * 4), *yg = malloc((size_t)(T * N) * 4);
-    memcpy(yc, y0, (size_t)(T * N) * 4);
-    float *dx = dev(x, (size_t)(T * K) * 4), *dy = dev(y0, (size_t)(T * N) * 4);
-    g_cops->lora(g_cpu, yc, x, T, N, K, hc, 2, idx);
-    g_gops->lora(g_gpu, dy, dx, T, N, K, hg, 2, idx);
-    back(yg, dy, (size_t)(T * N) * 4);
-    check("lora (mixed adapters)", yg, yc, (size_t)(T * N), 1e-5);
-    /* tokens without an adapter are untouched */
-    assert_memory_equal(yg + 2 * N, y0 + 2 * N, (size_t)N * 4);
-    for (int a = 0; a < 2; a++) {
-        free((void *)hc[a].A), free((void *)hc[a].B);
-        tuna_cuda_free(g_gpu, (void *)hg[a].A), tuna_cuda_free(g_gpu, (void *)hg[a].B);
-    }
-    free(x), free(y0), free(yc), free(yg);
-    tuna_cuda_free(g_gpu, dx), tuna_cuda_free(g_gpu, dy);
 }
 
 /* argmax: random rows of odd width (wider than one block's stride), crafted ties (the lowest

@@ -2,11 +2,16 @@
  * steps run op by op: models/pymini on the GPU (bf16 and float32), three sequences decoded
  * together for 24 greedy steps with graphs on (checked to be captured and launched) and off,
  * every step's logits compared bit for bit; then a batch that changes size every step and a
- * second KV cache (new buffers: new keys, never a stale graph). Skips without a GPU. */
+ * second KV cache (new buffers: new keys, never a stale graph). With LoRA adapters attached:
+ * two different mixes of adapters per sequence replayed from the same captured graph, then a
+ * detach and an attach of another set (a new key: a new capture, never the old views), each
+ * bit for bit against eager steps. Skips without a GPU. */
 #include "testutil.h"
 
 #include <string.h>
 
+#include "lora/lora.h"
+#include "serve/bench.h"
 #include "backend/cuda/cuda.h"
 #include "backend/cuda/device.h"
 #include "model/batch.h"
@@ -17,11 +22,11 @@ enum { NSEQ = 3, STEPS = 24 };
 
 /* Prefills three prompts, then decodes; with `shrink` the batch drops a sequence every few steps.
  * Writes every step's logits (all rows) to out[step][row][V]. */
-static void run(struct tuna_model *m, bool shrink, float *out)
+static void run_mix(struct tuna_model *m, tuna_kv_cache *kv_given, bool shrink, const int32_t *mix, float *out)
 {
     const int64_t V = m->arch.vocab_size;
-    tuna_kv_cache *kv = NULL;
-    TT_OK(tuna_model_kv_new(m, 1024, 16, &kv));
+    tuna_kv_cache *kv = kv_given;
+    if (!kv) TT_OK(tuna_model_kv_new(m, 1024, 16, &kv));
     struct tuna_batch b;
     tuna_batch_init(&b);
     int32_t seq[NSEQ], next[NSEQ];
@@ -35,6 +40,7 @@ static void run(struct tuna_model *m, bool shrink, float *out)
         for (int64_t j = 0; j < len[i]; j++) prompt[j] = (int32_t)((j * 37 + i * 101 + 7) % (V - 1)) + 1;
         tuna_batch_clear(&b);
         TT_OK(tuna_batch_add_seq(&b, prompt, len[i], seq[i], 0, false, true));
+        if (mix) tuna_lora_batch_use(&b, seq[i], mix[i]);
         TT_OK(tuna_model_forward(m, kv, &b, lg, NULL));
         next[i] = 0;
         for (int64_t v = 1; v < V; v++)
@@ -43,7 +49,10 @@ static void run(struct tuna_model *m, bool shrink, float *out)
     for (int s = 0; s < STEPS; s++) {
         int n = shrink ? NSEQ - (s / 8) % NSEQ : NSEQ;
         tuna_batch_clear(&b);
-        for (int i = 0; i < n; i++) TT_OK(tuna_batch_add(&b, next[i], seq[i], len[i], true));
+        for (int i = 0; i < n; i++) {
+            TT_OK(tuna_batch_add(&b, next[i], seq[i], len[i], true));
+            if (mix) tuna_lora_batch_use(&b, seq[i], mix[i]);
+        }
         TT_OK(tuna_model_forward(m, kv, &b, lg, NULL));
         memset(out + (size_t)s * NSEQ * V, 0, (size_t)(NSEQ * V) * sizeof(float));
         memcpy(out + (size_t)s * NSEQ * V, lg, (size_t)(n * V) * sizeof(float));
@@ -56,7 +65,96 @@ static void run(struct tuna_model *m, bool shrink, float *out)
     }
     free(lg);
     tuna_batch_free(&b);
+    for (int i = 0; i < NSEQ; i++) tuna_kv_seq_free(kv, seq[i]);
+    if (!kv_given) tuna_kv_free(kv);
+}
+
+static void run(struct tuna_model *m, bool shrink, float *out) { run_mix(m, NULL, shrink, NULL, out); }
+
+/* Runs the mix with graphs on, then off; fails unless every logit has the same bits. Returns
+ * the graph counters' change of the run with graphs (captured, launched, discarded). */
+static void compare_mix(struct tuna_model *m, tuna_kv_cache *kv, const int32_t *mix, float *with, float *without, size_t n,
+                        long d[3])
+{
+    long before[3], after[3];
+    tuna_cuda_graph_stats(m->be, before);
+    tuna_cuda_set_graphs(m->be, true);
+    run_mix(m, kv, false, mix, with);
+    tuna_cuda_graph_stats(m->be, after);
+    tuna_cuda_set_graphs(m->be, false);
+    run_mix(m, kv, false, mix, without);
+    tuna_cuda_set_graphs(m->be, true);
+    for (int i = 0; i < 3; i++) d[i] = after[i] - before[i];
+    size_t bad = 0;
+    for (size_t i = 0; i < n; i++) bad += memcmp(&with[i], &without[i], sizeof(float)) != 0;
+    if (bad) fail_msg("adapters %d/%d/%d: %zu of %zu logits differ between graph replay and eager steps", mix[0],
+                      mix[1], mix[2], bad, n);
+}
+
+static void check_lora(enum tuna_dtype dt)
+{
+    if (tuna_cuda_device_count() == 0) {
+        fprintf(stderr, "SKIP: no CUDA device on this machine\n");
+        skip();
+    }
+    struct tuna_model_opts o = {.threads = 1, .device = TUNA_DEVICE_CUDA, .quiet = true, .gpu_dtype = dt};
+    struct tuna_model *m = NULL;
+    TT_OK(tuna_model_load(TUNA_SOURCE_DIR "/models/pymini", &o, &m));
+    const size_t n = (size_t)STEPS * NSEQ * (size_t)m->arch.vocab_size;
+    float *with = malloc(n * sizeof(float)), *without = malloc(n * sizeof(float)), *first = malloc(n * sizeof(float));
+    assert_non_null(with);
+    assert_non_null(without);
+    assert_non_null(first);
+    struct tuna_lora_adapter *ads[4];
+    TT_OK(tuna_serve_bench_make_adapters(m, 3, 8, 11, ads));
+    TT_OK(tuna_serve_bench_make_adapters(m, 1, 16, 12, ads + 3));
+    const struct tuna_lora_adapter *set1[3] = {ads[0], ads[1], ads[2]}, *set2[3] = {ads[3], ads[0], ads[2]};
+    tuna_lora_attachment *att = NULL;
+    TT_OK(tuna_lora_attach(m, set1, 3, &att));
+    tuna_kv_cache *kv = NULL; /* one cache for every run: the same buffers, the same graph keys */
+    TT_OK(tuna_model_kv_new(m, 1024, 16, &kv));
+    static const int32_t mix_a[NSEQ] = {0, 1, -1}, mix_b[NSEQ] = {2, 0, 1};
+    long d[3];
+    compare_mix(m, kv, mix_a, with, without, n, d);
+    printf("  %s, adapters 0/1/-: %ld graphs captured, %ld launched, %ld discarded\n", tuna_dtype_name(dt), d[0], d[1],
+           d[2]);
+    assert_true(d[0] >= 1 && d[1] >= STEPS / 2);
+    assert_int_equal(d[2], 0);
+    memcpy(first, with, n * sizeof(float));
+    /* another mix: the same graph (no capture), other logits */
+    compare_mix(m, kv, mix_b, with, without, n, d);
+    printf("  %s, adapters 2/0/1: %ld graphs captured, %ld launched, %ld discarded\n", tuna_dtype_name(dt), d[0], d[1],
+           d[2]);
+    assert_int_equal(d[0], 0);
+    assert_true(d[1] >= STEPS - 2);
+    assert_true(memcmp(first, with, n * sizeof(float)) != 0);
+    /* unload, load another set: new views, a new key, a new capture */
+    tuna_lora_detach(m, att);
+    TT_OK(tuna_lora_attach(m, set2, 3, &att));
+    compare_mix(m, kv, mix_b, with, without, n, d);
+    printf("  %s, after unload/load: %ld graphs captured, %ld launched, %ld discarded\n", tuna_dtype_name(dt), d[0],
+           d[1], d[2]);
+    assert_true(d[0] >= 1 && d[1] >= STEPS / 2);
+    assert_int_equal(d[2], 0);
+    tuna_lora_detach(m, att);
     tuna_kv_free(kv);
+    for (int i = 0; i < 4; i++) tuna_lora_free(ads[i]);
+    free(with);
+    free(without);
+    free(first);
+    tuna_model_free(m);
+}
+
+static void test_graphs_lora_bf16(void **state)
+{
+    (void)state;
+    check_lora(TUNA_DTYPE_BF16);
+}
+
+static void test_graphs_lora_f32(void **state)
+{
+    (void)state;
+    check_lora(TUNA_DTYPE_F32);
 }
 
 static void check_dtype(enum tuna_dtype dt)
@@ -111,6 +209,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_graphs_bf16),
         cmocka_unit_test(test_graphs_f32),
+        cmocka_unit_test(test_graphs_lora_bf16),
+        cmocka_unit_test(test_graphs_lora_f32),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -37,6 +37,55 @@ struct tuna_lora {
     float scale;    /* alpha / r (or alpha / sqrt(r) for rsLoRA) */
 };
 
+/* One adapter of one linear layer as the lora op reads it: A [r, K] and B [N, r] in backend
+ * memory, elements of the set's dtype. r = 0: the adapter leaves this linear alone. */
+struct tuna_lora_w {
+    const void *A;
+    const void *B;
+    int64_t r;
+    float scale; /* alpha / r (or alpha / sqrt(r) for rsLoRA) */
+};
+
+/* The adapters of one linear layer for the lora op. w is an array in BACKEND memory (device
+ * memory on a GPU) whose address and contents stay put while the set lives: a captured step reads
+ * it in place. dtype: TUNA_DTYPE_F32, BF16 or F16 on both backends (products are accumulated in
+ * float32; the CPU's A x in double). max_r bounds every w[a].r (the GPU takes up to 256). */
+struct tuna_lora_bank {
+    int n;
+    int64_t max_r;
+    enum tuna_dtype dtype;
+    const struct tuna_lora_w *w; /* [n] */
+};
+
+/* Which tokens of a step use which adapter (host metadata, or pointers into the step block).
+ * adapter [T]: index per token, < 0 or >= the set's n = none. order/start, optional (both or
+ * neither), group the tokens by adapter: order [T] lists the tokens whose index a is in
+ * [0, n_groups), grouped by a in increasing a and ascending token order within a group; group a
+ * is order[start[a] .. start[a+1]) (start [n_groups + 1]). n_groups must be >= the set's n when
+ * given. Without them a GPU backend groups on the host itself (an upload: not capturable). */
+struct tuna_lora_tokens {
+    const int32_t *adapter;
+    const int32_t *order, *start;
+    int n_groups;
+};
+
+/* Fills order/start (host arrays [T] and [n_groups + 1]) from adapter [T] as above; returns the
+ * number of tokens grouped (those with an index in [0, n_groups)). */
+static inline int64_t tuna_lora_group(const int32_t *adapter, int64_t T, int n_groups, int32_t *order, int32_t *start)
+{
+    for (int a = 0; a <= n_groups; a++) start[a] = 0;
+    for (int64_t t = 0; t < T; t++)
+        if (adapter[t] >= 0 && adapter[t] < n_groups) start[adapter[t] + 1]++;
+    for (int a = 0; a < n_groups; a++) start[a + 1] += start[a];
+    int64_t n = start[n_groups];
+    /* fill by a running cursor per group: start[a] advances, then shifts back */
+    for (int64_t t = 0; t < T; t++)
+        if (adapter[t] >= 0 && adapter[t] < n_groups) order[start[adapter[t]]++] = (int32_t)t;
+    for (int a = n_groups; a > 0; a--) start[a] = start[a - 1];
+    start[0] = 0;
+    return n;
+}
+
 /* Where each token of a step reads its keys and values in the paged KV cache.
  * Slot s of a layer's cache lives at k + s*Hkv*D; a token's logical position p of its sequence
  * is in slot block_table[p / block_size] * block_size + p % block_size.
@@ -99,11 +148,13 @@ struct tuna_backend_ops {
     void (*add)(tuna_backend *be, float *y, const float *x, int64_t n);
 
     /* LoRA, unmerged: y[t] += scale_a * B_a (A_a x[t]) for every token t whose adapter index
-     * a = adapter[t] (host array [T]) is in [0, n_adapters); other tokens are left alone.
-     * adapters: host array of descriptors whose A [r, K] and B [N, r] live in backend memory.
-     * One launch serves a batch that mixes several adapters. */
+     * a = tok->adapter[t] is in [0, set->n) and whose adapter has r > 0; other tokens are left
+     * alone. One launch serves a batch that mixes several adapters. set->w lives in backend memory
+     * (see struct tuna_lora_bank); tok is host metadata (or pointers into the step block). A GPU
+     * backend derives its launch configuration only from T, N, K, set->n and set->max_r, so a
+     * captured step replays for any mix of adapters. */
     void (*lora)(tuna_backend *be, float *y, const float *x, int64_t T, int64_t N, int64_t K,
-                 const struct tuna_lora *adapters, int n_adapters, const int32_t *adapter);
+                 const struct tuna_lora_bank *set, const struct tuna_lora_tokens *tok);
 
     /* Greedy ids: out[t] = the column of the largest value of row t of logits [T, V] (backend
      * memory), ties to the lowest column, NaN never chosen (0 when column 0 is NaN), exactly as

@@ -256,47 +256,85 @@ int tuna_model_q4_blocksize(const struct tuna_model *m, const struct tuna_weight
     return ((const struct tuna_q4_weight *)w->q4)->blocksize;
 }
 
-/* --- LoRA adapters on the GPU: each adapted linear holds its device view (lin->lora_dev: the
- * adapters' descriptors with A and B in one device buffer per linear). Views are made on first
- * use (or by tuna_model_lora_prepare) and all dropped by tuna_model_lora_invalidate, which
- * attach/detach call: a reload whose arrays land at the old addresses gets fresh uploads. */
+/* --- LoRA adapters on the GPU: each adapted linear holds its device view (lin->lora_dev: a
+ * struct tuna_lora_bank whose descriptors, A and B live in one backend buffer per linear, A and B
+ * in the model's compute dtype: bf16/f16 in 16-bit mode, float32 in float32 mode and on the CPU).
+ * Views are made on first use (or by tuna_model_lora_prepare) and all dropped by
+ * tuna_model_lora_invalidate, which attach/detach call: a reload whose arrays land at the old
+ * addresses gets fresh uploads. Every invalidate bumps the cache's generation, which keys the
+ * CUDA graphs of steps with adapters (forward.c): a graph never outlives the views it reads. */
 struct lora_dev_view {
     struct tuna_linear *lin;
-    void *buf; /* device: A then B of each adapter, float32 */
+    void *buf; /* backend memory: descriptors [n], then A [r, K] and B [N, r] of each adapter */
 };
 struct tuna_lora_dev_cache {
     struct lora_dev_view *v;
     int64_t n, cap;
+    uint64_t gen; /* bumped by every invalidate */
 };
 
-static void lora_cache_free(struct tuna_model *m)
+/* Frees the views (not the cache and its generation). */
+static void lora_views_free(struct tuna_model *m)
 {
-    if (!m->lora_dev) return;
     struct tuna_lora_dev_cache *c = m->lora_dev;
-    for (int64_t i = 0; i < c->n; i++) {
+    for (int64_t i = 0; c && i < c->n; i++) {
         m->ops->release(m->be, c->v[i].buf);
         free(c->v[i].lin->lora_dev);
         c->v[i].lin->lora_dev = NULL;
         c->v[i].lin->lora_dev_src = NULL;
     }
-    free(c->v);
-    free(c);
+    if (c) c->n = 0;
+}
+
+static void lora_cache_free(struct tuna_model *m)
+{
+    if (!m->lora_dev) return;
+    lora_views_free(m);
+    free(m->lora_dev->v);
+    free(m->lora_dev);
     m->lora_dev = NULL;
+}
+
+static struct tuna_lora_dev_cache *lora_cache(struct tuna_model *m)
+{
+    if (!m->lora_dev) m->lora_dev = calloc(1, sizeof *m->lora_dev);
+    return m->lora_dev;
 }
 
 void tuna_model_lora_invalidate(struct tuna_model *m)
 {
-    if (!m || !m->lora_dev) return;
-    m->ops->sync(m->be); /* queued kernels may still read the buffers */
-    lora_cache_free(m);
+    if (!m) return;
+    struct tuna_lora_dev_cache *c = lora_cache(m);
+    if (!c) return; /* out of memory: nothing was ever made either */
+    if (c->n) {
+        m->ops->sync(m->be); /* queued kernels may still read the buffers */
+        lora_views_free(m);
+    }
+    c->gen++;
 }
 
-/* Makes lin's device view: one buffer with every adapter's A [r, K] and B [N, r]. */
+uint64_t tuna_model_lora_generation(const struct tuna_model *m)
+{
+    return m->lora_dev ? m->lora_dev->gen : 0;
+}
+
+/* The dtype of a view's A and B: the weights' compute dtype on a GPU (the embedding was converted
+ * to it at load), float32 on the CPU. */
+static enum tuna_dtype lora_view_dtype(const struct tuna_model *m)
+{
+    if (m->ops->host_memory) return TUNA_DTYPE_F32;
+    enum tuna_dtype d = m->embed.dtype;
+    return d == TUNA_DTYPE_BF16 || d == TUNA_DTYPE_F16 ? d : TUNA_DTYPE_F32;
+}
+
+static size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
+
+/* Makes lin's device view: one buffer with the descriptors and every adapter's A [r, K] and
+ * B [N, r], built on the host and uploaded at once. */
 static tuna_status lora_view_make(struct tuna_model *m, struct tuna_linear *lin)
 {
-    if (!m->lora_dev && !(m->lora_dev = calloc(1, sizeof *m->lora_dev)))
-        return tuna_fail_oom("LoRA device views", sizeof *m->lora_dev);
-    struct tuna_lora_dev_cache *c = m->lora_dev;
+    struct tuna_lora_dev_cache *c = lora_cache(m);
+    if (!c) return tuna_fail_oom("LoRA device views", sizeof *m->lora_dev);
     if (c->n == c->cap) {
         int64_t nc = c->cap ? c->cap * 2 : 64;
         struct lora_dev_view *nv = realloc(c->v, (size_t)nc * sizeof *nv);
@@ -307,43 +345,63 @@ static tuna_status lora_view_make(struct tuna_model *m, struct tuna_linear *lin)
     const int n = lin->n_lora;
     if (n <= 0) return tuna_fail(TUNA_E_INTERNAL, "a LoRA device view of a linear without adapters");
     const int64_t N = lin->w.rows, K = lin->w.cols;
-    size_t total = 0;
-    for (int a = 0; a < n; a++) total += (size_t)(lin->lora[a].r * (K + N));
-    struct tuna_lora *view = calloc((size_t)n, sizeof *view);
-    if (!view) return tuna_fail_oom("LoRA device view", (size_t)n * sizeof *view);
-    void *buf = NULL;
-    tuna_status st = m->ops->alloc(m->be, (total ? total : 1) * sizeof(float), &buf);
-    if (st) {
-        free(view);
-        return tuna_fail_prefix(st, "LoRA adapters on the GPU (%.1f MiB for one layer)",
-                                (double)total * 4 / 1048576.0);
+    const enum tuna_dtype dt = lora_view_dtype(m);
+    size_t total = align256((size_t)n * sizeof(struct tuna_lora_w));
+    int64_t max_r = 0;
+    for (int a = 0; a < n; a++) {
+        const struct tuna_lora *h = &lin->lora[a];
+        if (h->r > max_r) max_r = h->r;
+        total += align256(tuna_dtype_nbytes(dt, (uint64_t)(h->r * K))) + align256(tuna_dtype_nbytes(dt, (uint64_t)(N * h->r)));
     }
-    float *p = buf;
+    struct tuna_lora_bank *set = calloc(1, sizeof *set);
+    char *host = malloc(total);
+    if (!set || !host) {
+        free(set);
+        free(host);
+        return tuna_fail_oom("LoRA device view", total);
+    }
+    void *buf = NULL;
+    tuna_status st = m->ops->alloc(m->be, total, &buf);
+    if (st) {
+        free(set);
+        free(host);
+        return tuna_fail_prefix(st, "LoRA adapters on the GPU (%.1f MiB for one layer)", (double)total / 1048576.0);
+    }
+    memset(host, 0, total);
+    struct tuna_lora_w *desc = (struct tuna_lora_w *)host;
+    size_t off = align256((size_t)n * sizeof(struct tuna_lora_w));
     for (int a = 0; a < n && !st; a++) {
         const struct tuna_lora *h = &lin->lora[a];
-        view[a] = *h;
+        desc[a] = (struct tuna_lora_w){NULL, NULL, h->r, h->scale};
         if (h->r == 0) continue; /* an adapter that leaves this linear alone */
-        view[a].A = p;
-        st = m->ops->upload(m->be, p, h->A, (size_t)(h->r * K) * sizeof(float));
-        p += h->r * K;
-        view[a].B = p;
-        if (!st) st = m->ops->upload(m->be, p, h->B, (size_t)(N * h->r) * sizeof(float));
-        p += N * h->r;
+        size_t na = (size_t)(h->r * K), nb = (size_t)(N * h->r);
+        if (!tuna_convert_from_f32(dt, h->A, host + off, na) ||
+            !tuna_convert_from_f32(dt, h->B, host + off + align256(tuna_dtype_nbytes(dt, na)), nb)) {
+            st = tuna_fail(TUNA_E_UNSUPPORTED, "LoRA view: cannot convert adapters to %s", tuna_dtype_name(dt));
+            break;
+        }
+        desc[a].A = (char *)buf + off;
+        off += align256(tuna_dtype_nbytes(dt, na));
+        desc[a].B = (char *)buf + off;
+        off += align256(tuna_dtype_nbytes(dt, nb));
     }
+    if (!st) st = m->ops->upload(m->be, buf, host, total);
+    free(host);
     if (st) {
         m->ops->release(m->be, buf);
-        free(view);
+        free(set);
         return st;
     }
+    *set = (struct tuna_lora_bank){n, max_r, dt, (const struct tuna_lora_w *)buf};
     c->v[c->n].lin = lin;
     c->v[c->n].buf = buf;
     c->n++;
-    lin->lora_dev = view;
+    lin->lora_dev = set;
     lin->lora_dev_src = lin->lora;
     return TUNA_OK;
 }
 
-const struct tuna_lora *tuna_model_lora_on_device(struct tuna_model *m, const struct tuna_linear *lin)
+const struct tuna_lora_bank *tuna_model_lora_on_device(struct tuna_model *m, const struct tuna_linear *lin)
 {
     if (lin->lora_dev && lin->lora_dev_src == lin->lora) return lin->lora_dev;
     if (lin->lora_dev) tuna_model_lora_invalidate(m); /* changed by hand without invalidating */

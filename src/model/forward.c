@@ -15,6 +15,9 @@
 #include "model/model.h"
 #include "model/rope_freq.h"
 
+/* adapter indices grouped per step: the lora op's n_groups (serve's --max-loras is at most 64) */
+#define TUNA_FWD_LORA_GROUPS 64
+
 struct tuna_fwd_ws {
     int64_t cap;                  /* tokens the buffers hold */
     float *x;                     /* [T, C] residual stream */
@@ -25,6 +28,13 @@ struct tuna_fwd_ws {
     int64_t logits_cap;
     int64_t *slot;                /* [T] KV slot of each token */
     const int32_t **bt;           /* [T] block table of each token's sequence */
+    /* this step's LoRA tokens (lora_tokens): grouped by adapter on the host, pointing into the
+     * step block when it holds them; lora_used false = no token has an adapter (LoRA skipped) */
+    bool lora_used;
+    struct tuna_lora_tokens lt;
+    int32_t *lora_order;          /* [lora_cap] */
+    int64_t lora_cap;
+    int32_t lora_start[TUNA_FWD_LORA_GROUPS + 1];
 };
 
 void tuna_fwd_ws_free(const struct tuna_model *m, struct tuna_fwd_ws *ws);
@@ -76,6 +86,7 @@ void tuna_fwd_ws_free(const struct tuna_model *m, struct tuna_fwd_ws *ws)
     m->ops->release(m->be, ws->logits);
     free(ws->slot);
     free(ws->bt);
+    free(ws->lora_order);
     acts_free(m, &ws->a);
     free(ws);
 }
@@ -141,15 +152,48 @@ static tuna_status trace_reserve(const struct tuna_model *m, struct tuna_fwd_tra
     return TUNA_OK;
 }
 
-/* y[T,N] += each token's LoRA adapter, when the layer carries any. */
+/* Groups the step's tokens by adapter for the lora op (host arrays in ws; fill_step_block may
+ * move them into the step block). */
+static tuna_status lora_tokens(struct tuna_model *m, const struct tuna_batch *b)
+{
+    struct tuna_fwd_ws *ws = m->ws;
+    const int64_t T = b->n;
+    ws->lora_used = false;
+    for (int64_t t = 0; b->adapter && t < T && !ws->lora_used; t++) ws->lora_used = b->adapter[t] >= 0;
+    if (!ws->lora_used) return TUNA_OK;
+    if (ws->lora_cap < T) {
+        int32_t *o = realloc(ws->lora_order, (size_t)T * sizeof *o);
+        if (!o) return tuna_fail_oom("LoRA token groups", (size_t)T * sizeof *o);
+        ws->lora_order = o;
+        ws->lora_cap = T;
+    }
+    tuna_lora_group(b->adapter, T, TUNA_FWD_LORA_GROUPS, ws->lora_order, ws->lora_start);
+    ws->lt = (struct tuna_lora_tokens){b->adapter, ws->lora_order, ws->lora_start, TUNA_FWD_LORA_GROUPS};
+    return TUNA_OK;
+}
+
+/* y[T,N] += each token's LoRA adapter, when the layer carries any and the step uses one. */
 static void lora_add(struct tuna_model *m, const struct tuna_linear *lin, float *y, const float *x, int64_t T,
                      const struct tuna_batch *b)
 {
-    if (lin->n_lora == 0) return;
-    /* adapters live in host memory; a GPU backend reads its device copies (device.c) */
-    const struct tuna_lora *ad = m->ops->host_memory ? lin->lora : tuna_model_lora_on_device(m, lin);
-    if (!ad) return; /* the upload failed: the backend's sticky error reports it */
-    m->ops->lora(m->be, y, x, T, lin->w.rows, lin->w.cols, ad, lin->n_lora, b->adapter);
+    (void)b; /* the step's tokens are in m->ws->lt */
+    if (lin->n_lora == 0 || !m->ws->lora_used) return;
+    if (!m->ops->host_memory) { /* a GPU backend reads its device copies (device.c) */
+        const struct tuna_lora_bank *set = tuna_model_lora_on_device(m, lin);
+        if (set) m->ops->lora(m->be, y, x, T, lin->w.rows, lin->w.cols, set, &m->ws->lt);
+        return; /* else the upload failed: the backend's sticky error reports it */
+    }
+    /* host memory: the attached float32 arrays themselves, TUNA_FWD_LORA_GROUPS at a time */
+    struct tuna_lora_w w[TUNA_FWD_LORA_GROUPS];
+    int n = lin->n_lora < TUNA_FWD_LORA_GROUPS ? lin->n_lora : TUNA_FWD_LORA_GROUPS;
+    int64_t max_r = 0;
+    for (int a = 0; a < n; a++) {
+        const struct tuna_lora *h = &lin->lora[a];
+        w[a] = (struct tuna_lora_w){h->A, h->B, h->r, h->scale};
+        if (h->r > max_r) max_r = h->r;
+    }
+    const struct tuna_lora_bank set = {n, max_r, TUNA_DTYPE_F32, w};
+    m->ops->lora(m->be, y, x, T, lin->w.rows, lin->w.cols, &set, &m->ws->lt);
 }
 
 /* y[T,N] = x W^T + b, plus each token's LoRA adapter when the layer carries any. */
@@ -261,6 +305,9 @@ static bool fill_step_block(struct tuna_model *m, const struct tuna_batch *b, st
     size_t o_pos = align16((size_t)T * 4), o_slot = o_pos + align16((size_t)T * 8),
            o_freq = o_slot + align16((size_t)T * 8), o_tab = o_freq + align16((size_t)half * 4),
            total = o_tab + (size_t)T * (size_t)W * 4;
+    /* LoRA: adapter [T], order [T], start [groups + 1] (lora_tokens) */
+    const size_t o_lad = align16(total), o_lord = o_lad + align16((size_t)T * 4), o_lst = o_lord + align16((size_t)T * 4);
+    if (m->ws->lora_used) total = o_lst + sizeof m->ws->lora_start;
     char *blk = op->step_block(m->be, total);
     if (!blk) return false;
     memcpy(blk, b->tokens, (size_t)T * 4);
@@ -272,6 +319,15 @@ static bool fill_step_block(struct tuna_model *m, const struct tuna_batch *b, st
         int64_t nb = b->pos[t] / ab->block_size + 1;
         if (nb > W) nb = W; /* place_tokens already bounded positions by the cache */
         memcpy(tab + t * W, ab->block_tables[t], (size_t)nb * 4);
+    }
+    struct tuna_fwd_ws *ws = m->ws;
+    if (ws->lora_used) {
+        memcpy(blk + o_lad, b->adapter, (size_t)T * 4);
+        memcpy(blk + o_lord, ws->lora_order, (size_t)T * 4);
+        memcpy(blk + o_lst, ws->lora_start, sizeof ws->lora_start);
+        ws->lt.adapter = (const int32_t *)(blk + o_lad);
+        ws->lt.order = (const int32_t *)(blk + o_lord);
+        ws->lt.start = (const int32_t *)(blk + o_lst);
     }
     op->step_upload(m->be, total);
     ab->pos = (const int64_t *)(blk + o_pos);
@@ -300,6 +356,9 @@ static uint64_t graph_key(const struct tuna_model *m, tuna_kv_cache *kv, const s
     h = mix_key(h, (uint64_t)ab->max_blocks_per_seq);
     h = mix_key(h, (uint64_t)ab->block_size);
     h = mix_key(h, (uint64_t)tuna_kv_dtype(kv));
+    /* LoRA: whether the step runs the adapters, and which set (its device views) it reads */
+    h = mix_key(h, (uint64_t)ws->lora_used);
+    if (ws->lora_used) h = mix_key(h, tuna_model_lora_generation(m) + 1);
     for (int64_t l = 0; l < m->arch.n_layers; l++) {
         h = mix_key(h, (uint64_t)(uintptr_t)tuna_kv_k(kv, l));
         h = mix_key(h, (uint64_t)(uintptr_t)tuna_kv_v(kv, l));
@@ -436,12 +495,12 @@ static tuna_status forward_step(struct tuna_model *m, tuna_kv_cache *kv, const s
     struct step_meta md = {b->tokens, b->pos, ws->slot, m->inv_freq, &ab};
     const bool want_logits = (logits || ids) && b->n_logits > 0;
     int graph = -1;
+    if ((st = lora_tokens(m, b))) return st;
     if (!trace && fill_step_block(m, b, &ab, &md)) {
-        /* a whole step as one CUDA graph: decode-like steps without adapters, every row's logits,
-         * buffers already sized (a logits buffer that would grow is allocated by the eager run) */
-        bool adapters = false;
-        for (int64_t t = 0; b->adapter && t < T && !adapters; t++) adapters = b->adapter[t] >= 0;
-        if (op->graph_begin && !adapters && want_logits && b->n_logits == T && ws->logits_cap >= T)
+        /* a whole step as one CUDA graph: decode-like steps (with or without adapters: their
+         * choice per token is in the step block), every row's logits, buffers already sized (a
+         * logits buffer that would grow is allocated by the eager run) */
+        if (op->graph_begin && want_logits && b->n_logits == T && ws->logits_cap >= T)
             graph = op->graph_begin(be, graph_key(m, kv, &ab, T));
     }
     if (graph != 1) {

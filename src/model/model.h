@@ -25,11 +25,12 @@ struct tuna_linear {
     float *bias;              /* [N] float32, owned; NULL without bias */
     int n_lora;               /* adapters attached (0 = none); index chosen per token */
     const struct tuna_lora *lora; /* [n_lora], borrowed from whoever attached them */
-    /* [n_lora] the same adapters with A and B in backend memory, for backends whose memory is not
-     * the host's (CUDA): made on first use or by tuna_model_lora_prepare, owned by the model,
-     * freed by tuna_model_lora_invalidate (which attaching and detaching call, so a view never
-     * outlives the adapters it was copied from, even when new ones reuse their addresses). */
-    struct tuna_lora *lora_dev;
+    /* The same adapters as the lora op reads them (descriptors, A and B in backend memory, in the
+     * compute dtype), for backends whose memory is not the host's (CUDA): made on first use or by
+     * tuna_model_lora_prepare, owned by the model, freed by tuna_model_lora_invalidate (which
+     * attaching and detaching call, so a view never outlives the adapters it was copied from,
+     * even when new ones reuse their addresses). */
+    struct tuna_lora_bank *lora_dev;
     const struct tuna_lora *lora_dev_src; /* the `lora` array lora_dev was copied from */
 };
 
@@ -158,14 +159,18 @@ void tuna_model_stop_backend(struct tuna_model *m);
 bool tuna_model_owns_device_ptr(const struct tuna_model *m, const void *p);
 /* The adapters of a linear layer as the GPU sees them: lin->lora_dev, uploaded now when missing;
  * NULL when the upload fails (tuna_model_lora_prepare reports why). */
-const struct tuna_lora *tuna_model_lora_on_device(struct tuna_model *m, const struct tuna_linear *lin);
+const struct tuna_lora_bank *tuna_model_lora_on_device(struct tuna_model *m, const struct tuna_linear *lin);
 /* Uploads the device view of every linear with adapters now, so that an upload failure (GPU
  * memory) is a status here, when adapters are attached, and not a missing update in a later
  * forward. TUNA_OK at once on host-memory backends. */
 tuna_status tuna_model_lora_prepare(struct tuna_model *m);
-/* Drops every device view (waits for queued work first). tuna_lora_attach and tuna_lora_detach
- * call it; anyone who changes a linear's `lora` array by hand must too. */
+/* Drops every device view (waits for queued work first) and bumps the LoRA generation.
+ * tuna_lora_attach and tuna_lora_detach call it; anyone who changes a linear's `lora` array by
+ * hand must too. */
 void tuna_model_lora_invalidate(struct tuna_model *m);
+/* Changes with every tuna_model_lora_invalidate: what identifies the attached adapter set (and
+ * its device views) in the keys of captured steps. */
+uint64_t tuna_model_lora_generation(const struct tuna_model *m);
 /* Block size of a 4-bit weight's absmax, whichever backend holds it. */
 int tuna_model_q4_blocksize(const struct tuna_model *m, const struct tuna_weight *w);
 

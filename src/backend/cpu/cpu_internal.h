@@ -106,7 +106,7 @@ void tuna_cpu_embedding(tuna_backend *be, float *out, const int32_t *ids, int64_
                         const struct tuna_weight *emb, float scale);
 void tuna_cpu_add(tuna_backend *be, float *y, const float *x, int64_t n);
 void tuna_cpu_lora(tuna_backend *be, float *y, const float *x, int64_t T, int64_t N, int64_t K,
-                   const struct tuna_lora *adapters, int n_adapters, const int32_t *adapter);
+                   const struct tuna_lora_bank *set, const struct tuna_lora_tokens *tok);
 tuna_status tuna_cpu_argmax(tuna_backend *be, int32_t *out, const float *logits, int64_t T, int64_t V);
 
 #endif

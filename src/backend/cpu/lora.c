@@ -1,28 +1,42 @@
-/* lora.c — unmerged LoRA on the CPU: y[t] += scale · B (A x[t]) for each token's adapter.
- * A [r, K] row-wise dot products into a stack buffer of up to 256 ranks at a time (double
- * accumulation, the reference), then B [N, r]. */
+/* lora.c — unmerged LoRA on the CPU, the reference of the GPU's segmented kernels (lora.cu):
+ * y[t] += scale · B (A x[t]) for each token's adapter. A [r, K] row-wise dot products into a stack
+ * buffer of up to 256 ranks at a time (double accumulation), then B [N, r] in float32. A and B may
+ * be float32, bf16 or f16 (the GPU's views hold the compute dtype); elements are widened one at a
+ * time. The grouping in tok (order/start) is not needed here: tokens are taken as they come. */
 #include "backend/cpu/cpu_internal.h"
 
+static inline float lora_elem(const void *p, int64_t i, enum tuna_dtype dt)
+{
+    if (dt == TUNA_DTYPE_BF16) return tuna_bf16_to_f32(((const uint16_t *)p)[i]);
+    if (dt == TUNA_DTYPE_F16) return tuna_f16_to_f32(((const uint16_t *)p)[i]);
+    return ((const float *)p)[i];
+}
+
 void tuna_cpu_lora(tuna_backend *be, float *y, const float *x, int64_t T, int64_t N, int64_t K,
-                   const struct tuna_lora *adapters, int n_adapters, const int32_t *adapter)
+                   const struct tuna_lora_bank *set, const struct tuna_lora_tokens *tok)
 {
     (void)be;
+    const enum tuna_dtype dt = set->dtype;
     float ax[256];
     for (int64_t t = 0; t < T; t++) {
-        int32_t ai = adapter[t];
-        if (ai < 0 || ai >= n_adapters) continue;
-        const struct tuna_lora *ad = &adapters[ai];
+        int32_t ai = tok->adapter[t];
+        if (ai < 0 || ai >= set->n) continue;
+        const struct tuna_lora_w *ad = &set->w[ai];
         for (int64_t r0 = 0; r0 < ad->r; r0 += 256) {
             int64_t nr = ad->r - r0 < 256 ? ad->r - r0 : 256;
             for (int64_t j = 0; j < nr; j++) {
-                const float *arow = ad->A + (r0 + j) * K;
                 double s = 0;
-                for (int64_t k = 0; k < K; k++) s += (double)arow[k] * x[t * K + k];
+                if (dt == TUNA_DTYPE_F32) {
+                    const float *arow = (const float *)ad->A + (r0 + j) * K;
+                    for (int64_t k = 0; k < K; k++) s += (double)arow[k] * x[t * K + k];
+                } else {
+                    for (int64_t k = 0; k < K; k++) s += (double)lora_elem(ad->A, (r0 + j) * K + k, dt) * x[t * K + k];
+                }
                 ax[j] = (float)s;
             }
             for (int64_t n = 0; n < N; n++) {
                 float s = 0;
-                for (int64_t j = 0; j < nr; j++) s += ad->B[n * ad->r + r0 + j] * ax[j];
+                for (int64_t j = 0; j < nr; j++) s += lora_elem(ad->B, n * ad->r + r0 + j, dt) * ax[j];
                 y[t * N + n] += ad->scale * s;
             }
         }

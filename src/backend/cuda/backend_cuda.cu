@@ -190,6 +190,7 @@ extern "C" void tuna_cuda_backend_free(tuna_backend *be)
     cudaFree(be->argmax_ids.p);
     cudaFree(be->attn.p);
     cudaFree(be->fuse.p);
+    cudaFree(be->lora.p);
     tuna_cuda_graphs_free(be);
     cublasDestroy(be->blas);
     cudaFree(be->blas_ws);

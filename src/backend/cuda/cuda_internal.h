@@ -29,6 +29,7 @@ struct tuna_backend {
     struct cuda_grow_buf argmax_ids; /* [T] int32 greedy ids before their download (argmax.cu) */
     struct cuda_grow_buf attn;   /* attention's split partials (attention.cu): sized once, never moves */
     struct cuda_grow_buf fuse;   /* scratch of the fused ops' unfused fallbacks (fused.cu) */
+    struct cuda_grow_buf lora;   /* LoRA shrink partials [S, T, max_r] float32 (lora.cu) */
     void *host_meta;             /* pinned host arena, the same size: copies from it are truly async */
     size_t host_meta_cap;
     size_t meta_used, meta_flushed; /* append offsets in both arenas; reset only after a sync */
@@ -99,7 +100,7 @@ void tuna_cuda_embedding(tuna_backend *be, float *out, const int32_t *ids, int64
 void tuna_cuda_add(tuna_backend *be, float *y, const float *x, int64_t n);
 
 void tuna_cuda_lora(tuna_backend *be, float *y, const float *x, int64_t T, int64_t N, int64_t K,
-                    const struct tuna_lora *adapters, int n_adapters, const int32_t *adapter);
+                    const struct tuna_lora_bank *set, const struct tuna_lora_tokens *tok);
 tuna_status tuna_cuda_argmax(tuna_backend *be, int32_t *out, const float *logits, int64_t T, int64_t V);
 
 /* Optional fused ops (fused.cu), backend.h's matmul_multi / matmul_glu / matmul_add. */

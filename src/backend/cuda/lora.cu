@@ -1,69 +1,249 @@
-/* lora.cu — unmerged LoRA on the GPU, for a batch that mixes adapters (Punica's idea, simply):
- * one block per token: u = A x (a warp per rank row, lanes over K), then y += scale · B u
- * (threads over N). Tokens without an adapter exit at once. A and B are float32. */
+/* lora.cu — unmerged LoRA on the GPU for a batch that mixes adapters, as a segmented GEMM (the
+ * SGMV idea of Punica / S-LoRA): the tokens come grouped by adapter (order/start, built on the
+ * host per step and uploaded with the step block), and each adapter's A and B are read once per
+ * tile of its tokens instead of once per token.
+ *
+ *   shrink: part[s, t, :r] = x[t, Ks] A[:r, Ks]^T   block per (token tile, adapter, K split s):
+ *           x tile in shared memory, A rows in registers (a warp per rank row, 4 K per lane),
+ *           warp sums added in a fixed order into a shared [tile, r] accumulator.
+ *   expand: y[t, n] += scale * sum_s part[s, t, :r] . B[n, :r]   block per (N tile, token tile,
+ *           adapter): u = the K splits summed in order, in shared memory; a thread per output
+ *           feature n holds B's row in registers for the whole token tile.
+ *
+ * A and B are in the view's dtype (bf16/f16 in 16-bit mode, float32 in float32 mode), products
+ * and sums in float32, activations float32. Every sum has a fixed order and no atomics, so a
+ * step replayed from a CUDA graph gives the eager step's bits. The launch configuration depends
+ * only on T, N, K, set->n and set->max_r (never on which token uses which adapter): blocks whose
+ * tile lies past their adapter's group exit at once. Adapter descriptors (set->w) are read from
+ * device memory in place. */
+#include <stdlib.h>
+
 #include "backend/cuda/cuda_internal.h"
 
-struct lora_desc {
-    const float *A, *B;
-    int64_t r;
-    float scale;
-};
+#define LORA_MAX_R 256 /* --max-lora-rank's limit */
+#define LORA_MAX_N 64  /* adapters per linear (--max-loras' limit) */
+#define SH_TM 16       /* tokens per shrink block */
+#define SH_KS 128      /* K per shrink sub-chunk: 4 per lane */
+#define SH_SMAX 8      /* K splits at most */
+#define SH_THREADS 256
+#define EX_TM 32       /* tokens per expand block */
+#define EX_NT 128      /* output features per expand block, one per thread */
 
-#define LORA_MAX_R 256
-
-__global__ void k_lora(float *y, const float *x, int64_t N, int64_t K, const struct lora_desc *ads, int n_ads,
-                       const int32_t *idx)
+/* element i of a float32 (DT 0), bf16 (1) or f16 (2) array */
+template <int DT> __device__ __forceinline__ float lora_ld(const void *p, int64_t i)
 {
-    __shared__ float u[LORA_MAX_R];
-    const int64_t t = blockIdx.x;
-    const int a = idx[t];
-    if (a < 0 || a >= n_ads) return;
-    const struct lora_desc d = ads[a];
-    const float *xt = x + t * K;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
-    for (int64_t j = warp; j < d.r; j += nwarps) {
-        const float *arow = d.A + j * K;
-        float s = 0.0f;
-        for (int64_t k = lane; k < K; k += 32) s += arow[k] * xt[k];
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (lane == 0) u[j] = s;
+    if (DT == 0) return ((const float *)p)[i];
+    const unsigned short h = ((const unsigned short *)p)[i];
+    if (DT == 1) return __uint_as_float((uint32_t)h << 16);
+    return __half2float(__ushort_as_half(h));
+}
+
+/* 4 consecutive elements from a 16-byte (float32) or 8-byte (16-bit) aligned address */
+template <int DT> __device__ __forceinline__ void lora_ld4(const void *p, int64_t i, float *f)
+{
+    if (DT == 0) {
+        float4 v = *reinterpret_cast<const float4 *>((const float *)p + i);
+        f[0] = v.x, f[1] = v.y, f[2] = v.z, f[3] = v.w;
+        return;
     }
-    __syncthreads();
-    float *yt = y + t * N;
-    for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
-        const float *brow = d.B + n * d.r;
-        float s = 0.0f;
-        for (int64_t j = 0; j < d.r; j++) s += brow[j] * u[j];
-        yt[n] += d.scale * s;
+    uint2 v = *reinterpret_cast<const uint2 *>((const unsigned short *)p + i);
+    const uint32_t w[2] = {v.x, v.y};
+#pragma unroll
+    for (int c = 0; c < 2; c++) {
+        if (DT == 1) {
+            f[2 * c] = __uint_as_float(w[c] << 16);
+            f[2 * c + 1] = __uint_as_float(w[c] & 0xffff0000u);
+        } else {
+            float2 h = __half22float2(*reinterpret_cast<const __half2 *>(&w[c]));
+            f[2 * c] = h.x, f[2 * c + 1] = h.y;
+        }
     }
 }
 
-void tuna_cuda_lora(tuna_backend *be, float *y, const float *x, int64_t T, int64_t N, int64_t K,
-                    const struct tuna_lora *adapters, int n_adapters, const int32_t *adapter)
+/* part [S, T, R]: each split's partial u of the tokens of one (tile, adapter). */
+template <int DT>
+__global__ void __launch_bounds__(SH_THREADS)
+    k_lora_shrink(float *part, const float *x, int64_t T, int64_t K, int64_t KC, int R, const struct tuna_lora_w *w,
+                  const int32_t *order, const int32_t *start)
 {
-    if (be->sticky || T <= 0 || n_adapters <= 0) return;
-    struct lora_desc ds[64];
-    if (n_adapters > 64) {
-        tuna_cuda_check(be, cudaErrorInvalidValue, "lora (more than 64 adapters on one layer)");
+    __shared__ __align__(16) float xs[SH_TM][SH_KS];
+    __shared__ float us[SH_TM][LORA_MAX_R];
+    __shared__ int32_t tok[SH_TM];
+    const int a = blockIdx.y;
+    const int g0 = start[a], g1 = start[a + 1], i0 = g0 + (int)blockIdx.x * SH_TM;
+    if (i0 >= g1) return;
+    const int r = min((int)w[a].r, R);
+    if (r <= 0) return;
+    const int nt = min(SH_TM, g1 - i0);
+    const void *A = w[a].A;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (threadIdx.x < SH_TM) tok[threadIdx.x] = (int)threadIdx.x < nt ? order[i0 + threadIdx.x] : 0;
+    for (int i = threadIdx.x; i < SH_TM * r; i += SH_THREADS) us[i / r][i % r] = 0.0f;
+    const int64_t k_begin = (int64_t)blockIdx.z * KC, k_end = min(K, k_begin + KC);
+    /* 4-element loads when every row starts aligned (K a multiple of 4, aligned bases) */
+    const bool vec = (K & 3) == 0 && ((uintptr_t)A & (DT == 0 ? 15 : 7)) == 0 && ((uintptr_t)x & 15) == 0;
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += SH_KS) {
+        __syncthreads(); /* tok written / the previous chunk consumed */
+        if (vec) {
+            for (int i = threadIdx.x; i < SH_TM * (SH_KS / 4); i += SH_THREADS) {
+                const int ti = i / (SH_KS / 4), c = (i % (SH_KS / 4)) * 4;
+                const int64_t k = k0 + c;
+                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if (ti < nt && k < k_end) v = *reinterpret_cast<const float4 *>(x + (int64_t)tok[ti] * K + k);
+                *reinterpret_cast<float4 *>(&xs[ti][c]) = v;
+            }
+        } else {
+            for (int i = threadIdx.x; i < SH_TM * SH_KS; i += SH_THREADS) {
+                const int ti = i / SH_KS, c = i % SH_KS;
+                const int64_t k = k0 + c;
+                xs[ti][c] = ti < nt && k < k_end ? x[(int64_t)tok[ti] * K + k] : 0.0f;
+            }
+        }
+        __syncthreads();
+        const int64_t kl = k0 + lane * 4;
+        for (int j = warp; j < r; j += SH_THREADS / 32) {
+            float av[4];
+            if (vec && kl < k_end) {
+                lora_ld4<DT>(A, (int64_t)j * K + kl, av);
+            } else {
+#pragma unroll
+                for (int c = 0; c < 4; c++) av[c] = kl + c < k_end ? lora_ld<DT>(A, (int64_t)j * K + kl + c) : 0.0f;
+            }
+            float acc[SH_TM];
+#pragma unroll
+            for (int ti = 0; ti < SH_TM; ti++) {
+                const float4 xv = *reinterpret_cast<const float4 *>(&xs[ti][lane * 4]);
+                acc[ti] = av[0] * xv.x + av[1] * xv.y + av[2] * xv.z + av[3] * xv.w;
+            }
+#pragma unroll
+            for (int ti = 0; ti < SH_TM; ti++)
+                for (int o = 16; o > 0; o >>= 1) acc[ti] += __shfl_xor_sync(0xffffffffu, acc[ti], o);
+            if (lane == 0) {
+#pragma unroll
+                for (int ti = 0; ti < SH_TM; ti++)
+                    if (ti < nt) us[ti][j] += acc[ti]; /* row j belongs to this warp: no race */
+            }
+        }
+    }
+    __syncthreads();
+    float *p = part + (int64_t)blockIdx.z * T * R;
+    for (int i = threadIdx.x; i < nt * r; i += SH_THREADS) p[(int64_t)tok[i / r] * R + i % r] = us[i / r][i % r];
+}
+
+/* y[t, n] += scale * u[t] . B[n] for the tokens of one (N tile, token tile, adapter). */
+template <int DT>
+__global__ void __launch_bounds__(EX_NT)
+    k_lora_expand(float *y, const float *part, int64_t T, int64_t N, int S, int R, const struct tuna_lora_w *w,
+                  const int32_t *order, const int32_t *start)
+{
+    __shared__ __align__(16) float us[EX_TM][LORA_MAX_R];
+    __shared__ int32_t tok[EX_TM];
+    const int a = blockIdx.z;
+    const int g0 = start[a], g1 = start[a + 1], i0 = g0 + (int)blockIdx.y * EX_TM;
+    if (i0 >= g1) return;
+    const int r = min((int)w[a].r, R);
+    if (r <= 0) return;
+    const int nt = min(EX_TM, g1 - i0), r8 = (r + 7) & ~7;
+    if (threadIdx.x < EX_TM) tok[threadIdx.x] = (int)threadIdx.x < nt ? order[i0 + threadIdx.x] : 0;
+    __syncthreads();
+    /* u = the splits summed in order; ranks r..r8 zero (the loop below reads 8 at a time) */
+    for (int i = threadIdx.x; i < nt * r8; i += EX_NT) {
+        const int ti = i / r8, j = i % r8;
+        float s = 0.0f;
+        if (j < r)
+            for (int q = 0; q < S; q++) s += part[((int64_t)q * T + tok[ti]) * R + j];
+        us[ti][j] = s;
+    }
+    __syncthreads();
+    const int64_t n = (int64_t)blockIdx.x * EX_NT + threadIdx.x;
+    if (n >= N) return;
+    const void *B = w[a].B;
+    const bool vec = (r & 7) == 0 && ((uintptr_t)B & 15) == 0;
+    float acc[EX_TM];
+#pragma unroll
+    for (int ti = 0; ti < EX_TM; ti++) acc[ti] = 0.0f;
+    for (int j0 = 0; j0 < r; j0 += 8) {
+        float b[8];
+        if (vec) {
+            lora_ld4<DT>(B, n * r + j0, b);
+            lora_ld4<DT>(B, n * r + j0 + 4, b + 4);
+        } else {
+#pragma unroll
+            for (int c = 0; c < 8; c++) b[c] = j0 + c < r ? lora_ld<DT>(B, n * r + j0 + c) : 0.0f;
+        }
+#pragma unroll
+        for (int ti = 0; ti < EX_TM; ti++) {
+            if (ti < nt) {
+                const float4 u0 = *reinterpret_cast<const float4 *>(&us[ti][j0]);
+                const float4 u1 = *reinterpret_cast<const float4 *>(&us[ti][j0 + 4]);
+                acc[ti] += b[0] * u0.x + b[1] * u0.y + b[2] * u0.z + b[3] * u0.w + b[4] * u1.x + b[5] * u1.y +
+                           b[6] * u1.z + b[7] * u1.w;
+            }
+        }
+    }
+    const float scale = w[a].scale;
+#pragma unroll
+    for (int ti = 0; ti < EX_TM; ti++)
+        if (ti < nt) y[(int64_t)tok[ti] * N + n] += scale * acc[ti];
+}
+
+template <int DT>
+static void launch(tuna_backend *be, float *y, const float *x, int64_t T, int64_t N, int64_t K, int S, int64_t KC,
+                   int R, int n, const struct tuna_lora_w *w, const int32_t *order, const int32_t *start)
+{
+    float *part = (float *)be->lora.p;
+    dim3 gs((unsigned)((T + SH_TM - 1) / SH_TM), (unsigned)n, (unsigned)S);
+    k_lora_shrink<DT><<<gs, SH_THREADS, 0, be->stream>>>(part, x, T, K, KC, R, w, order, start);
+    if (!tuna_cuda_check_launch(be, "k_lora_shrink")) return;
+    dim3 ge((unsigned)((N + EX_NT - 1) / EX_NT), (unsigned)((T + EX_TM - 1) / EX_TM), (unsigned)n);
+    k_lora_expand<DT><<<ge, EX_NT, 0, be->stream>>>(y, part, T, N, S, R, w, order, start);
+    tuna_cuda_check_launch(be, "k_lora_expand");
+}
+
+void tuna_cuda_lora(tuna_backend *be, float *y, const float *x, int64_t T, int64_t N, int64_t K,
+                    const struct tuna_lora_bank *set, const struct tuna_lora_tokens *tok)
+{
+    if (be->sticky || T <= 0 || N <= 0 || K <= 0 || set->n <= 0 || set->max_r <= 0) return;
+    if (set->n > LORA_MAX_N || set->max_r > LORA_MAX_R) {
+        tuna_cuda_check(be, cudaErrorInvalidValue, "lora (more than 64 adapters or a rank over 256 on one layer)");
         return;
     }
-    for (int i = 0; i < n_adapters; i++) {
-        if (adapters[i].r > LORA_MAX_R) {
-            tuna_cuda_check(be, cudaErrorInvalidValue, "lora (rank over 256)");
+    const int dt = set->dtype == TUNA_DTYPE_F32 ? 0 : set->dtype == TUNA_DTYPE_BF16 ? 1 : set->dtype == TUNA_DTYPE_F16 ? 2 : -1;
+    if (dt < 0 || T > INT32_MAX / 2) {
+        tuna_cuda_check(be, cudaErrorInvalidValue, "lora (adapter dtype or token count)");
+        return;
+    }
+    /* the tokens grouped by adapter: the caller's (step block) or made here */
+    const int32_t *order = tok->order, *start = tok->start;
+    int ng = tok->n_groups;
+    int32_t *own = NULL;
+    if (!order || !start || ng < set->n) {
+        ng = set->n;
+        own = (int32_t *)malloc((size_t)(T + ng + 1) * sizeof(int32_t));
+        if (!own) {
+            tuna_cuda_check(be, cudaErrorMemoryAllocation, "lora (host grouping buffer)");
             return;
         }
-        ds[i].A = adapters[i].A;
-        ds[i].B = adapters[i].B;
-        ds[i].r = adapters[i].r;
-        ds[i].scale = adapters[i].scale;
+        tuna_lora_group(tok->adapter, T, ng, own, own + T);
+        order = own;
+        start = own + T;
     }
     struct cuda_meta m = {0};
-    if (!tuna_cuda_meta_begin(be, &m, (size_t)n_adapters * sizeof ds[0] + (size_t)T * sizeof(int32_t))) return;
-    size_t o_d = (size_t)tuna_cuda_meta_stage(be, &m, ds, (size_t)n_adapters * sizeof ds[0]);
-    size_t o_i = (size_t)tuna_cuda_meta_stage(be, &m, adapter, (size_t)T * sizeof(int32_t));
-    if (be->sticky || !tuna_cuda_meta_flush(be, &m)) return;
+    bool ok = tuna_cuda_meta_begin(be, &m, (size_t)(T + ng + 1) * sizeof(int32_t));
+    size_t o_o = ok ? (size_t)tuna_cuda_meta_stage(be, &m, order, (size_t)T * sizeof(int32_t)) : 0;
+    size_t o_s = ok ? (size_t)tuna_cuda_meta_stage(be, &m, start, (size_t)(ng + 1) * sizeof(int32_t)) : 0;
+    free(own); /* staged: copied into the pinned arena */
+    if (!ok || be->sticky || !tuna_cuda_meta_flush(be, &m)) return;
+    /* K split into S ranges of whole sub-chunks */
+    const int64_t nks = (K + SH_KS - 1) / SH_KS;
+    const int S = (int)(nks < SH_SMAX ? nks : SH_SMAX);
+    const int64_t KC = (nks + S - 1) / S * SH_KS;
+    const int R = (int)set->max_r;
+    if (!tuna_cuda_grow(be, &be->lora, (size_t)S * (size_t)T * (size_t)R * sizeof(float), "cudaMalloc(LoRA partials)"))
+        return;
     char *base = (char *)be->meta.p;
-    k_lora<<<(unsigned)T, 256, 0, be->stream>>>(y, x, N, K, (const struct lora_desc *)(base + o_d), n_adapters,
-                                                (const int32_t *)(base + o_i));
-    tuna_cuda_check_launch(be, "k_lora");
+    const int32_t *d_order = (const int32_t *)(base + o_o), *d_start = (const int32_t *)(base + o_s);
+    if (dt == 0) launch<0>(be, y, x, T, N, K, S, KC, R, set->n, set->w, d_order, d_start);
+    else if (dt == 1) launch<1>(be, y, x, T, N, K, S, KC, R, set->n, set->w, d_order, d_start);
+    else launch<2>(be, y, x, T, N, K, S, KC, R, set->n, set->w, d_order, d_start);
 }
