@@ -210,6 +210,7 @@ static bool run_job(tuna_backend *be, const float *x, struct gemv_job *j, const 
     if (j->xn && ((uintptr_t)j->xn % 16) != 0) return false;
     if (j->nw && ((uintptr_t)j->nw % 16) != 0) return false;
     if (is_q4(ws[0])) {
+        if (tuna_cuda_q4_old()) return false;
         for (int i = 0; i < j->nseg; i++)
             if (!is_q4(ws[i]) || ws[i]->cols != j->K) return false;
         return tuna_cuda_q4_multi(be, x, j, ws, T);

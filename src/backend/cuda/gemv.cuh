@@ -135,6 +135,9 @@ int tuna_cuda_gemv_prefetch(void);
 
 /* 4-bit grouped GEMV (q4.cu): false when the weights do not fit its fast path (the caller then
  * runs the plain ops). */
+/* TUNA_Q4_OLD=1: 4-bit weights take the first session's single-matrix kernels (comparisons). */
+bool tuna_cuda_q4_old(void);
+
 bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
                         int64_t T);
 

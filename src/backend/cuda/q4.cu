@@ -254,6 +254,17 @@ __global__ void k_dequant_q4(void *out, int dtype, const uint8_t *codes, const f
     }
 }
 
+/* TUNA_Q4_OLD=1: the single-matrix kernels above instead of the grouped one (for comparisons). */
+bool tuna_cuda_q4_old(void)
+{
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("TUNA_Q4_OLD");
+        v = e && e[0] == '1';
+    }
+    return v == 1;
+}
+
 void tuna_cuda_gemv_q4(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w, const float *bias,
                        int64_t T)
 {
@@ -273,6 +284,18 @@ void tuna_cuda_gemv_q4(tuna_backend *be, float *y, const float *x, const struct 
      * compute's own rounding, so the fast kernel serves there too */
     bool fast = pow2 && K % 8 == 0 && q->blocksize >= 8 && ((uintptr_t)w->data % 4) == 0 &&
                 ((uintptr_t)x % 16) == 0 && (q->round_mode == 0 || q->prefill != TUNA_DTYPE_F32);
+    if (fast && !tuna_cuda_q4_old()) { /* the grouped kernel below with one matrix */
+        struct gemv_job j;
+        memset(&j, 0, sizeof j);
+        j.nseg = 1;
+        j.K = K;
+        j.mode = GEMV_STORE;
+        j.s[0].W = w->data;
+        j.s[0].y = y;
+        j.s[0].bias = bias;
+        j.s[0].N = N;
+        if (tuna_cuda_q4_multi(be, x, &j, &w, T)) return;
+    }
     if (fast) {
 #define Q4F_CASE(TT)                                                                                              \
     case TT:                                                                                                      \
