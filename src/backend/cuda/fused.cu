@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(128) k_gemv_multi(const float *__restrict__ x,
         for (int r = 0; r < R; r++) raw[r] = __ldg(wr[r] + i);
         gemv_step<TT, R, NORM>(acc, ss, raw, j.dtype, x, j.nw, K, i);
     }
-    gemv_epilogue<TT, R, NORM>(j, acc, ss, x, seg, n0);
+    gemv_epilogue<TT, R, NORM>(j, acc, ss, x, seg, n0, wid == 0);
 }
 
 /* The weight can go through the grouped kernel: 16-bit, K % 8 == 0, 16-byte aligned rows. */

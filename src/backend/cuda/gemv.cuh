@@ -31,6 +31,7 @@ struct gemv_job {
     float *xn;
     float eps;
     int bs_shift; /* 4-bit: log2(blocksize) */
+    int64_t nwarp; /* 4-bit: warps of work (the kernel strides over them with fewer warps) */
 };
 
 enum { GEMV_STORE = 0, GEMV_ADD = 1, GEMV_GLU = 2 };
@@ -65,10 +66,10 @@ static __device__ __forceinline__ bool gemv_rows(const struct gemv_job &j, int R
 }
 
 /* Sums acc (and the NORM kernels' sums of squares) over the warp, then lane 0 stores: y, y +=, or
- * the GLU; the NORM kernels scale by 1/rms and block 0's warp 0 writes xn. */
+ * the GLU; the NORM kernels scale by 1/rms and the warp of row 0 (xn_writer) writes xn. */
 template <int TT, int R, bool NORM>
 static __device__ __forceinline__ void gemv_epilogue(const struct gemv_job &j, float (&acc)[R][TT], float (&ss)[TT],
-                                                     const float *x, int seg, int64_t n0)
+                                                     const float *x, int seg, int64_t n0, bool xn_writer)
 {
     const int lane = threadIdx.x & 31;
 #pragma unroll
@@ -86,7 +87,7 @@ static __device__ __forceinline__ void gemv_epilogue(const struct gemv_job &j, f
             for (int o = 16; o > 0; o >>= 1) ss[t] += __shfl_xor_sync(0xffffffffu, ss[t], o);
             rn[t] = 1.0f / sqrtf(ss[t] / (float)K + j.eps);
         }
-        if (j.xn && blockIdx.x == 0 && threadIdx.x < 32) {
+        if (j.xn && xn_writer) {
 #pragma unroll
             for (int t = 0; t < TT; t++) {
                 const float4 *xr = reinterpret_cast<const float4 *>(x + t * K);

@@ -383,6 +383,22 @@ bool tuna_cuda_dequant_q4(tuna_backend *be, const struct tuna_weight *w, void **
  * TUNA_Q4_LUT=0/1 picks it (default 1); the sums are the same either way. */
 #define Q4M_U 8 /* words in flight per lane and row */
 
+/* Multiprocessors of the backend's device (cached per device; 0 when unknown). */
+static int tuna_cuda_sm_count(tuna_backend *be)
+{
+    static int n[64];
+    if (be->device < 0 || be->device >= 64) return 0;
+    if (n[be->device] == 0) {
+        int v = 0;
+        if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, be->device) != cudaSuccess) {
+            cudaGetLastError();
+            v = -1;
+        }
+        n[be->device] = v > 0 ? v : -1;
+    }
+    return n[be->device] > 0 ? n[be->device] : 0;
+}
+
 static int q4_lut_mode(void)
 {
     static int v = -1;
@@ -414,57 +430,43 @@ __global__ void __launch_bounds__(128) k_q4_multi(const float *__restrict__ x, c
     }
     __syncthreads();
     const int lane = threadIdx.x & 31;
-    const int64_t wid = (int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+    const int64_t w0 = (int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
     const int64_t K = j.K, K8 = K / 8;
-    int seg;
-    int64_t n0;
-    if (!gemv_rows(j, j.mode == GEMV_GLU ? 1 : R, wid, &seg, &n0)) return;
-    const uint32_t *cw[R];
-    const float *amp[R];
-    int64_t e_row[R];
+    /* the warps stride over the rows (fewer blocks than rows: the table is built once per block) */
+    bool first = true;
+    for (int64_t wid = w0; wid < j.nwarp; wid += (int64_t)gridDim.x * (blockDim.x / 32)) {
+        int seg;
+        int64_t n0;
+        if (!gemv_rows(j, j.mode == GEMV_GLU ? 1 : R, wid, &seg, &n0)) continue; /* padding rows */
+        const uint32_t *cw[R];
+        const float *amp[R];
+        int64_t e_row[R];
 #pragma unroll
-    for (int r = 0; r < R; r++) {
-        const struct gemv_seg *s = j.mode == GEMV_GLU ? &j.s[r == 0 ? 0 : 1] : &j.s[seg];
-        int64_t n = j.mode == GEMV_GLU ? n0 : (n0 + r < s->N ? n0 + r : s->N - 1);
-        e_row[r] = n * K;
-        cw[r] = reinterpret_cast<const uint32_t *>((const uint8_t *)s->W + e_row[r] / 2);
-        amp[r] = s->absmax;
-    }
-    float acc[R][TT], ss[TT];
+        for (int r = 0; r < R; r++) {
+            const struct gemv_seg *s = j.mode == GEMV_GLU ? &j.s[r == 0 ? 0 : 1] : &j.s[seg];
+            int64_t n = j.mode == GEMV_GLU ? n0 : (n0 + r < s->N ? n0 + r : s->N - 1);
+            e_row[r] = n * K;
+            cw[r] = reinterpret_cast<const uint32_t *>((const uint8_t *)s->W + e_row[r] / 2);
+            amp[r] = s->absmax;
+        }
+        float acc[R][TT], ss[TT];
 #pragma unroll
-    for (int t = 0; t < TT; t++) {
-        ss[t] = 0.0f;
+        for (int t = 0; t < TT; t++) {
+            ss[t] = 0.0f;
 #pragma unroll
-        for (int r = 0; r < R; r++) acc[r][t] = 0.0f;
-    }
-    uint32_t wv[Q4M_U][R];
-    float av[Q4M_U][R];
-    bool have = false;
-    if (j.prefetch >= 2)
-#pragma unroll
-        for (int r = 0; r < R; r++)
-            for (int64_t l = (int64_t)lane * 32; l < K8; l += 32 * 32) tuna_prefetch_l2(cw[r] + l);
-    if (j.prefetch >= 1) {
-#pragma unroll
-        for (int u = 0; u < Q4M_U; u++) {
-            const int64_t g = lane + 32 * u;
+            for (int r = 0; r < R; r++) acc[r][t] = 0.0f;
+        }
+        uint32_t wv[Q4M_U][R];
+        float av[Q4M_U][R];
+        bool have = false;
+        if (first && j.prefetch >= 2)
 #pragma unroll
             for (int r = 0; r < R; r++)
-                if (g < K8) {
-                    wv[u][r] = __ldg(cw[r] + g);
-                    av[u][r] = __ldg(amp[r] + ((e_row[r] + g * 8) >> j.bs_shift));
-                }
-        }
-        have = true;
-    }
-    tuna_pdl_wait();
-    tuna_pdl_trigger();
-    const float2 *tab = q4_tab2 + (lane & 15);
-    for (int64_t base = 0; base < K8; base += 32 * Q4M_U) {
-        if (!have) {
+                for (int64_t l = (int64_t)lane * 32; l < K8; l += 32 * 32) tuna_prefetch_l2(cw[r] + l);
+        if (first && j.prefetch >= 1) {
 #pragma unroll
             for (int u = 0; u < Q4M_U; u++) {
-                const int64_t g = base + lane + 32 * u;
+                const int64_t g = lane + 32 * u;
 #pragma unroll
                 for (int r = 0; r < R; r++)
                     if (g < K8) {
@@ -472,53 +474,74 @@ __global__ void __launch_bounds__(128) k_q4_multi(const float *__restrict__ x, c
                         av[u][r] = __ldg(amp[r] + ((e_row[r] + g * 8) >> j.bs_shift));
                     }
             }
+            have = true;
         }
-        have = false;
+        if (first) {
+            tuna_pdl_wait();
+            tuna_pdl_trigger();
+            first = false;
+        }
+        const float2 *tab = q4_tab2 + (lane & 15);
+        for (int64_t base = 0; base < K8; base += 32 * Q4M_U) {
+            if (!have) {
 #pragma unroll
-        for (int u = 0; u < Q4M_U; u++) {
-            const int64_t g = base + lane + 32 * u;
-            if (g >= K8) break;
-            float4 xa[TT], xb[TT];
-            float4 na = make_float4(0.f, 0.f, 0.f, 0.f), nb = na;
-            if (NORM) {
-                const float4 *np = reinterpret_cast<const float4 *>(j.nw + g * 8);
-                na = __ldg(np);
-                nb = __ldg(np + 1);
+                for (int u = 0; u < Q4M_U; u++) {
+                    const int64_t g = base + lane + 32 * u;
+#pragma unroll
+                    for (int r = 0; r < R; r++)
+                        if (g < K8) {
+                            wv[u][r] = __ldg(cw[r] + g);
+                            av[u][r] = __ldg(amp[r] + ((e_row[r] + g * 8) >> j.bs_shift));
+                        }
+                }
             }
+            have = false;
 #pragma unroll
-            for (int t = 0; t < TT; t++) {
-                const float4 *xp = reinterpret_cast<const float4 *>(x + t * K + g * 8);
-                xa[t] = __ldg(xp);
-                xb[t] = __ldg(xp + 1);
-                if (NORM) gemv_norm_x(xa[t], xb[t], na, nb, ss[t]);
-            }
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                const uint32_t word = wv[u][r];
-                float wf[8];
-#pragma unroll
-                for (int b = 0; b < 4; b++) {
-                    const uint32_t byte = (word >> (8 * b)) & 0xffu;
-                    if (LUT == 0) {
-                        wf[2 * b] = slut[byte >> 4];
-                        wf[2 * b + 1] = slut[byte & 15];
-                    } else {
-                        const float2 p = tab[byte * 16];
-                        wf[2 * b] = p.x;
-                        wf[2 * b + 1] = p.y;
-                    }
+            for (int u = 0; u < Q4M_U; u++) {
+                const int64_t g = base + lane + 32 * u;
+                if (g >= K8) break;
+                float4 xa[TT], xb[TT];
+                float4 na = make_float4(0.f, 0.f, 0.f, 0.f), nb = na;
+                if (NORM) {
+                    const float4 *np = reinterpret_cast<const float4 *>(j.nw + g * 8);
+                    na = __ldg(np);
+                    nb = __ldg(np + 1);
                 }
 #pragma unroll
                 for (int t = 0; t < TT; t++) {
-                    const float4 a = xa[t], b = xb[t];
-                    const float d = wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w + wf[4] * b.x +
-                                    wf[5] * b.y + wf[6] * b.z + wf[7] * b.w;
-                    acc[r][t] += av[u][r] * d;
+                    const float4 *xp = reinterpret_cast<const float4 *>(x + t * K + g * 8);
+                    xa[t] = __ldg(xp);
+                    xb[t] = __ldg(xp + 1);
+                    if (NORM) gemv_norm_x(xa[t], xb[t], na, nb, ss[t]);
+                }
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    const uint32_t word = wv[u][r];
+                    float wf[8];
+#pragma unroll
+                    for (int b = 0; b < 4; b++) {
+                        const uint32_t byte = (word >> (8 * b)) & 0xffu;
+                        if (LUT == 0) {
+                            wf[2 * b] = slut[byte >> 4];
+                            wf[2 * b + 1] = slut[byte & 15];
+                        } else {
+                            const float2 p = tab[byte * 16];
+                            wf[2 * b] = p.x;
+                            wf[2 * b + 1] = p.y;
+                        }
+                    }
+#pragma unroll
+                    for (int t = 0; t < TT; t++) {
+                        const float4 a = xa[t], b = xb[t];
+                        const float d = wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w + wf[4] * b.x +
+                                        wf[5] * b.y + wf[6] * b.z + wf[7] * b.w;
+                        acc[r][t] += av[u][r] * d;
+                    }
                 }
             }
         }
+        gemv_epilogue<TT, R, NORM>(j, acc, ss, x, seg, n0, wid == 0);
     }
-    gemv_epilogue<TT, R, NORM>(j, acc, ss, x, seg, n0);
 }
 
 template <int TT, int R, bool NORM, int LUT>
@@ -578,7 +601,11 @@ bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, co
     const bool norm = j->nw != NULL;
     int64_t rows = j->mode == GEMV_GLU ? j->s[0].N : gemv_number_rows(j, R);
     const int64_t per_warp = j->mode == GEMV_GLU ? 1 : R;
-    unsigned blocks = (unsigned)((rows + warps * per_warp - 1) / (warps * per_warp));
+    j->nwarp = (rows + per_warp - 1) / per_warp;
+    unsigned blocks = (unsigned)((j->nwarp + warps - 1) / warps);
+    /* the table of LUT 1 is 32 KiB per block: about one wave of blocks, each taking several rows */
+    const unsigned cap = (unsigned)(tuna_cuda_sm_count(be) * 6);
+    if (q4_lut_mode() && cap > 0 && blocks > cap) blocks = cap;
     if (R == 1) {
         if (norm) q4m_launch_lut<1, true>(be, x, j, &lut, blocks, T);
         else q4m_launch_lut<1, false>(be, x, j, &lut, blocks, T);
