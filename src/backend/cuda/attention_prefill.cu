@@ -264,8 +264,8 @@ template <int D, int NW> struct mp_cfg {
     static constexpr size_t smem = slot_off + 2 * MP_BK * sizeof(int64_t);
 };
 
-template <typename KT, int D, int NW>
-__global__ void __launch_bounds__(32 * NW)
+template <typename KT, int D, int NW, int MINB>
+__global__ void __launch_bounds__(32 * NW, MINB)
     k_attn_prefill_mma(float *out, const float *q, const KT *kc, const KT *vc, att_meta md, const int32_t *tiles,
                        int n_tiles, int H, int Hkv, bool qvec, float sl2)
 {
@@ -500,6 +500,14 @@ static int mp_warps(int D)
     }
 }
 
+/* Blocks per SM the register allocation aims at for D = 128 with 4 warps (2: ~220 registers;
+ * TUNA_ATTN_PF_MINB=3: 168, for measurements). */
+static int mp_minb(void)
+{
+    const char *e = getenv("TUNA_ATTN_PF_MINB");
+    return e && atoi(e) == 3 ? 3 : 1;
+}
+
 static size_t mp_smem(int D, int NW)
 {
     switch (D) {
@@ -526,18 +534,18 @@ static int mp_use(int D, int esz, int max_smem)
     return major >= 8 ? nw : 0;
 }
 
-template <typename KT, int D, int NW>
+template <typename KT, int D, int NW, int MINB>
 static void launch_mma(tuna_backend *be, float *out, const float *q, const void *kcache, const void *vcache,
                        const att_meta &md, const int32_t *tiles, int64_t n_tiles, int H, int Hkv, float scale)
 {
     using C = mp_cfg<D, NW>;
-    if (!tuna_cuda_check(be, cudaFuncSetAttribute(k_attn_prefill_mma<KT, D, NW>,
+    if (!tuna_cuda_check(be, cudaFuncSetAttribute(k_attn_prefill_mma<KT, D, NW, MINB>,
                                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::smem),
                          "cudaFuncSetAttribute(k_attn_prefill_mma)"))
         return;
     const bool qvec = ((uintptr_t)q % 16) == 0;
     const float sl2 = scale * 1.4426950408889634f; /* exp(x) = exp2(x log2 e) */
-    k_attn_prefill_mma<KT, D, NW><<<dim3((unsigned)H, (unsigned)n_tiles), C::NT, C::smem, be->stream>>>(
+    k_attn_prefill_mma<KT, D, NW, MINB><<<dim3((unsigned)H, (unsigned)n_tiles), C::NT, C::smem, be->stream>>>(
         out, q, (const KT *)kcache, (const KT *)vcache, md, tiles, (int)n_tiles, H, Hkv, qvec, sl2);
     tuna_cuda_check_launch(be, "k_attn_prefill_mma");
 }
@@ -548,14 +556,15 @@ static void launch_mma_d(tuna_backend *be, float *out, const float *q, const voi
                          float scale)
 {
     switch (D) {
-    case 64: launch_mma<KT, 64, 4>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale); break;
-    case 80: launch_mma<KT, 80, 4>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale); break;
-    case 96: launch_mma<KT, 96, 4>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale); break;
+    case 64: launch_mma<KT, 64, 4, 1>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale); break;
+    case 80: launch_mma<KT, 80, 4, 1>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale); break;
+    case 96: launch_mma<KT, 96, 4, 1>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale); break;
     case 128:
-        if (NW == 8) launch_mma<KT, 128, 8>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale);
-        else launch_mma<KT, 128, 4>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale);
+        if (NW == 8) launch_mma<KT, 128, 8, 1>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale);
+        else if (mp_minb() == 3) launch_mma<KT, 128, 4, 3>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale);
+        else launch_mma<KT, 128, 4, 1>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale);
         break;
-    case 256: launch_mma<KT, 256, 4>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale); break;
+    case 256: launch_mma<KT, 256, 4, 1>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale); break;
     default: tuna_cuda_check(be, cudaErrorInvalidValue, "attention prefill (head dim without an mma kernel)");
     }
 }
