@@ -60,6 +60,56 @@ template <int DT> __device__ __forceinline__ void lora_ld4(const void *p, int64_
     }
 }
 
+/* The x tile of one sub-chunk [k0, k0 + SH_KS) of the block's tokens, SH_TM * SH_KS / SH_THREADS
+ * = 8 floats per thread, loaded into registers one sub-chunk ahead (the loads of the next chunk
+ * are in flight while this one is multiplied). vec: float4 loads (K % 4 == 0, aligned x). */
+struct x_prefetch {
+    float v[8];
+};
+
+__device__ __forceinline__ void x_load(struct x_prefetch *p, const float *x, const int32_t *tok, int nt, int64_t K,
+                                       int64_t k0, int64_t k_end, bool vec)
+{
+    if (vec) {
+#pragma unroll
+        for (int q = 0; q < 2; q++) {
+            const int i4 = (int)threadIdx.x + q * SH_THREADS, ti = i4 / (SH_KS / 4), c = (i4 % (SH_KS / 4)) * 4;
+            const int64_t k = k0 + c;
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (ti < nt && k < k_end) v = *reinterpret_cast<const float4 *>(x + (int64_t)tok[ti] * K + k);
+            p->v[4 * q] = v.x, p->v[4 * q + 1] = v.y, p->v[4 * q + 2] = v.z, p->v[4 * q + 3] = v.w;
+        }
+    } else {
+#pragma unroll
+        for (int q = 0; q < 8; q++) {
+            const int i = (int)threadIdx.x + q * SH_THREADS, ti = i / SH_KS, c = i % SH_KS;
+            const int64_t k = k0 + c;
+            p->v[q] = ti < nt && k < k_end ? x[(int64_t)tok[ti] * K + k] : 0.0f;
+        }
+    }
+}
+
+__device__ __forceinline__ void x_store(const struct x_prefetch *p, float (*xs)[SH_KS], bool vec)
+{
+    if (vec) {
+#pragma unroll
+        for (int q = 0; q < 2; q++) {
+            const int i4 = (int)threadIdx.x + q * SH_THREADS, ti = i4 / (SH_KS / 4), c = (i4 % (SH_KS / 4)) * 4;
+            *reinterpret_cast<float4 *>(&xs[ti][c]) =
+                make_float4(p->v[4 * q], p->v[4 * q + 1], p->v[4 * q + 2], p->v[4 * q + 3]);
+        }
+    } else {
+#pragma unroll
+        for (int q = 0; q < 8; q++) {
+            const int i = (int)threadIdx.x + q * SH_THREADS;
+            xs[i / SH_KS][i % SH_KS] = p->v[q];
+        }
+    }
+}
+
+/* Rank rows a warp multiplies together: their A loads are issued before any of the products. */
+#define SH_JU 4
+
 /* part [S, T, R]: each split's partial u of the tokens of one (tile, adapter). */
 template <int DT>
 __global__ void __launch_bounds__(SH_THREADS)
@@ -82,46 +132,46 @@ __global__ void __launch_bounds__(SH_THREADS)
     const int64_t k_begin = (int64_t)blockIdx.z * KC, k_end = min(K, k_begin + KC);
     /* 4-element loads when every row starts aligned (K a multiple of 4, aligned bases) */
     const bool vec = (K & 3) == 0 && ((uintptr_t)A & (DT == 0 ? 15 : 7)) == 0 && ((uintptr_t)x & 15) == 0;
+    __syncthreads(); /* tok */
+    struct x_prefetch pf;
+    if (k_begin < k_end) x_load(&pf, x, tok, nt, K, k_begin, k_end, vec);
     for (int64_t k0 = k_begin; k0 < k_end; k0 += SH_KS) {
-        __syncthreads(); /* tok written / the previous chunk consumed */
-        if (vec) {
-            for (int i = threadIdx.x; i < SH_TM * (SH_KS / 4); i += SH_THREADS) {
-                const int ti = i / (SH_KS / 4), c = (i % (SH_KS / 4)) * 4;
-                const int64_t k = k0 + c;
-                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                if (ti < nt && k < k_end) v = *reinterpret_cast<const float4 *>(x + (int64_t)tok[ti] * K + k);
-                *reinterpret_cast<float4 *>(&xs[ti][c]) = v;
-            }
-        } else {
-            for (int i = threadIdx.x; i < SH_TM * SH_KS; i += SH_THREADS) {
-                const int ti = i / SH_KS, c = i % SH_KS;
-                const int64_t k = k0 + c;
-                xs[ti][c] = ti < nt && k < k_end ? x[(int64_t)tok[ti] * K + k] : 0.0f;
-            }
-        }
+        __syncthreads(); /* the previous chunk consumed */
+        x_store(&pf, xs, vec);
         __syncthreads();
+        if (k0 + SH_KS < k_end) x_load(&pf, x, tok, nt, K, k0 + SH_KS, k_end, vec);
         const int64_t kl = k0 + lane * 4;
-        for (int j = warp; j < r; j += SH_THREADS / 32) {
-            float av[4];
-            if (vec && kl < k_end) {
-                lora_ld4<DT>(A, (int64_t)j * K + kl, av);
-            } else {
+        for (int j0 = warp; j0 < r; j0 += SH_JU * (SH_THREADS / 32)) {
+            float av[SH_JU][4];
 #pragma unroll
-                for (int c = 0; c < 4; c++) av[c] = kl + c < k_end ? lora_ld<DT>(A, (int64_t)j * K + kl + c) : 0.0f;
+            for (int u = 0; u < SH_JU; u++) {
+                const int j = j0 + u * (SH_THREADS / 32);
+                if (j < r && vec && kl < k_end) {
+                    lora_ld4<DT>(A, (int64_t)j * K + kl, av[u]);
+                } else {
+#pragma unroll
+                    for (int c = 0; c < 4; c++)
+                        av[u][c] = j < r && kl + c < k_end ? lora_ld<DT>(A, (int64_t)j * K + kl + c) : 0.0f;
+                }
             }
-            float acc[SH_TM];
 #pragma unroll
-            for (int ti = 0; ti < SH_TM; ti++) {
-                const float4 xv = *reinterpret_cast<const float4 *>(&xs[ti][lane * 4]);
-                acc[ti] = av[0] * xv.x + av[1] * xv.y + av[2] * xv.z + av[3] * xv.w;
-            }
+            for (int u = 0; u < SH_JU; u++) {
+                const int j = j0 + u * (SH_THREADS / 32);
+                if (j >= r) break;
+                float acc[SH_TM];
 #pragma unroll
-            for (int ti = 0; ti < SH_TM; ti++)
-                for (int o = 16; o > 0; o >>= 1) acc[ti] += __shfl_xor_sync(0xffffffffu, acc[ti], o);
-            if (lane == 0) {
+                for (int ti = 0; ti < SH_TM; ti++) {
+                    const float4 xv = *reinterpret_cast<const float4 *>(&xs[ti][lane * 4]);
+                    acc[ti] = av[u][0] * xv.x + av[u][1] * xv.y + av[u][2] * xv.z + av[u][3] * xv.w;
+                }
 #pragma unroll
                 for (int ti = 0; ti < SH_TM; ti++)
-                    if (ti < nt) us[ti][j] += acc[ti]; /* row j belongs to this warp: no race */
+                    for (int o = 16; o > 0; o >>= 1) acc[ti] += __shfl_xor_sync(0xffffffffu, acc[ti], o);
+                if (lane == 0) {
+#pragma unroll
+                    for (int ti = 0; ti < SH_TM; ti++)
+                        if (ti < nt) us[ti][j] += acc[ti]; /* row j belongs to this warp: no race */
+                }
             }
         }
     }
@@ -129,6 +179,9 @@ __global__ void __launch_bounds__(SH_THREADS)
     float *p = part + (int64_t)blockIdx.z * T * R;
     for (int i = threadIdx.x; i < nt * r; i += SH_THREADS) p[(int64_t)tok[i / r] * R + i % r] = us[i / r][i % r];
 }
+
+/* Ranks an expand thread loads before multiplying: B's row in registers, 8 per 16-byte load. */
+#define EX_JB 32
 
 /* y[t, n] += scale * u[t] . B[n] for the tokens of one (N tile, token tile, adapter). */
 template <int DT>
@@ -149,9 +202,12 @@ __global__ void __launch_bounds__(EX_NT)
     /* u = the splits summed in order; ranks r..r8 zero (the loop below reads 8 at a time) */
     for (int i = threadIdx.x; i < nt * r8; i += EX_NT) {
         const int ti = i / r8, j = i % r8;
+        float v[SH_SMAX];
+#pragma unroll
+        for (int q = 0; q < SH_SMAX; q++) v[q] = q < S && j < r ? part[((int64_t)q * T + tok[ti]) * R + j] : 0.0f;
         float s = 0.0f;
-        if (j < r)
-            for (int q = 0; q < S; q++) s += part[((int64_t)q * T + tok[ti]) * R + j];
+#pragma unroll
+        for (int q = 0; q < SH_SMAX; q++) s += v[q];
         us[ti][j] = s;
     }
     __syncthreads();
@@ -162,22 +218,31 @@ __global__ void __launch_bounds__(EX_NT)
     float acc[EX_TM];
 #pragma unroll
     for (int ti = 0; ti < EX_TM; ti++) acc[ti] = 0.0f;
-    for (int j0 = 0; j0 < r; j0 += 8) {
-        float b[8];
-        if (vec) {
-            lora_ld4<DT>(B, n * r + j0, b);
-            lora_ld4<DT>(B, n * r + j0 + 4, b + 4);
-        } else {
+    for (int jb = 0; jb < r; jb += EX_JB) {
+        float b[EX_JB];
 #pragma unroll
-            for (int c = 0; c < 8; c++) b[c] = j0 + c < r ? lora_ld<DT>(B, n * r + j0 + c) : 0.0f;
+        for (int c8 = 0; c8 < EX_JB; c8 += 8) {
+            const int j0 = jb + c8;
+            if (vec && j0 < r) {
+                lora_ld4<DT>(B, n * r + j0, b + c8);
+                lora_ld4<DT>(B, n * r + j0 + 4, b + c8 + 4);
+            } else {
+#pragma unroll
+                for (int c = 0; c < 8; c++) b[c8 + c] = j0 + c < r ? lora_ld<DT>(B, n * r + j0 + c) : 0.0f;
+            }
         }
 #pragma unroll
-        for (int ti = 0; ti < EX_TM; ti++) {
-            if (ti < nt) {
-                const float4 u0 = *reinterpret_cast<const float4 *>(&us[ti][j0]);
-                const float4 u1 = *reinterpret_cast<const float4 *>(&us[ti][j0 + 4]);
-                acc[ti] += b[0] * u0.x + b[1] * u0.y + b[2] * u0.z + b[3] * u0.w + b[4] * u1.x + b[5] * u1.y +
-                           b[6] * u1.z + b[7] * u1.w;
+        for (int c8 = 0; c8 < EX_JB; c8 += 8) {
+            const int j0 = jb + c8;
+            if (j0 >= r8) break;
+#pragma unroll
+            for (int ti = 0; ti < EX_TM; ti++) {
+                if (ti < nt) {
+                    const float4 u0 = *reinterpret_cast<const float4 *>(&us[ti][j0]);
+                    const float4 u1 = *reinterpret_cast<const float4 *>(&us[ti][j0 + 4]);
+                    acc[ti] += b[c8] * u0.x + b[c8 + 1] * u0.y + b[c8 + 2] * u0.z + b[c8 + 3] * u0.w +
+                               b[c8 + 4] * u1.x + b[c8 + 5] * u1.y + b[c8 + 6] * u1.z + b[c8 + 7] * u1.w;
+                }
             }
         }
     }
