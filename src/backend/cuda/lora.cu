@@ -4,8 +4,9 @@
  * tile of its tokens instead of once per token.
  *
  *   shrink: part[s, t, :r] = x[t, Ks] A[:r, Ks]^T   block per (token tile, adapter, K split s):
- *           x tile in shared memory, A rows in registers (a warp per rank row, 4 K per lane),
- *           warp sums added in a fixed order into a shared [tile, r] accumulator.
+ *           x and A^T sub-chunks staged in shared memory (the next one's loads in flight while
+ *           this one is multiplied), a thread owns 4 tokens x 4 ranks over every NS-th k
+ *           (register tiling: 16 FMAs per 5 shared loads, no shuffles), slices summed in order.
  *   expand: y[t, n] += scale * sum_s part[s, t, :r] . B[n, :r]   block per (N tile, token tile,
  *           adapter): u = the K splits summed in order, in shared memory; a thread per output
  *           feature n holds B's row in registers for the whole token tile.
@@ -23,7 +24,6 @@
 #define LORA_MAX_R 256 /* --max-lora-rank's limit */
 #define LORA_MAX_N 64  /* adapters per linear (--max-loras' limit) */
 #define SH_TM 16       /* tokens per shrink block */
-#define SH_KS 128      /* K per shrink sub-chunk: 4 per lane */
 #define SH_SMAX 8      /* K splits at most */
 #define SH_THREADS 256
 #define EX_TM 32       /* tokens per expand block */
@@ -60,124 +60,116 @@ template <int DT> __device__ __forceinline__ void lora_ld4(const void *p, int64_
     }
 }
 
-/* The x tile of one sub-chunk [k0, k0 + SH_KS) of the block's tokens, SH_TM * SH_KS / SH_THREADS
- * = 8 floats per thread, loaded into registers one sub-chunk ahead (the loads of the next chunk
- * are in flight while this one is multiplied). vec: float4 loads (K % 4 == 0, aligned x). */
-struct x_prefetch {
-    float v[8];
-};
+/* Shrink tiles in shared memory (floats): xs [SH_TM][SH_XS] (row-major, padded: the 4 token rows
+ * a thread reads sit in different banks), then A^T as [KS][r4 + 4] (KS a power of two, KS * (r4 + 4)
+ * <= SH_AS),
+ * later reused for the per-slice sums red [NS][SH_TM][r4] (NS * r4 <= 256: 4096 floats). */
+#define SH_KSMAX 128
+#define SH_XS (SH_KSMAX + 1)
+#define SH_AS 4096
+#define SH_PX (SH_TM * SH_KSMAX / SH_THREADS) /* x elements a thread loads per sub-chunk */
+#define SH_PA (SH_AS / SH_THREADS)            /* A elements a thread loads per sub-chunk, at most */
 
-__device__ __forceinline__ void x_load(struct x_prefetch *p, const float *x, const int32_t *tok, int nt, int64_t K,
-                                       int64_t k0, int64_t k_end, bool vec)
+/* One sub-chunk [k0, k0 + kn) of the block's x rows and A rows into registers (all loads in
+ * flight together; the next sub-chunk's are issued before this one is multiplied). */
+template <int DT>
+__device__ __forceinline__ void sh_load(float *px, float *pa, const float *x, const void *A, const int32_t *tok, int nt,
+                                        int r, int r4, int64_t K, int64_t k0, int kn, int ks)
 {
-    if (vec) {
+    const int KS = 1 << ks;
 #pragma unroll
-        for (int q = 0; q < 2; q++) {
-            const int i4 = (int)threadIdx.x + q * SH_THREADS, ti = i4 / (SH_KS / 4), c = (i4 % (SH_KS / 4)) * 4;
-            const int64_t k = k0 + c;
-            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (ti < nt && k < k_end) v = *reinterpret_cast<const float4 *>(x + (int64_t)tok[ti] * K + k);
-            p->v[4 * q] = v.x, p->v[4 * q + 1] = v.y, p->v[4 * q + 2] = v.z, p->v[4 * q + 3] = v.w;
-        }
-    } else {
+    for (int q = 0; q < SH_PX; q++) {
+        const int i = (int)threadIdx.x + q * SH_THREADS, ti = i >> ks, kk = i & (KS - 1);
+        px[q] = ti < nt && kk < kn ? x[(int64_t)tok[ti] * K + k0 + kk] : 0.0f;
+    }
 #pragma unroll
-        for (int q = 0; q < 8; q++) {
-            const int i = (int)threadIdx.x + q * SH_THREADS, ti = i / SH_KS, c = i % SH_KS;
-            const int64_t k = k0 + c;
-            p->v[q] = ti < nt && k < k_end ? x[(int64_t)tok[ti] * K + k] : 0.0f;
-        }
+    for (int q = 0; q < SH_PA; q++) {
+        const int i = (int)threadIdx.x + q * SH_THREADS, j = i >> ks, kk = i & (KS - 1);
+        pa[q] = j < r && j < r4 && kk < kn ? lora_ld<DT>(A, (int64_t)j * K + k0 + kk) : 0.0f;
     }
 }
 
-__device__ __forceinline__ void x_store(const struct x_prefetch *p, float (*xs)[SH_KS], bool vec)
-{
-    if (vec) {
-#pragma unroll
-        for (int q = 0; q < 2; q++) {
-            const int i4 = (int)threadIdx.x + q * SH_THREADS, ti = i4 / (SH_KS / 4), c = (i4 % (SH_KS / 4)) * 4;
-            *reinterpret_cast<float4 *>(&xs[ti][c]) =
-                make_float4(p->v[4 * q], p->v[4 * q + 1], p->v[4 * q + 2], p->v[4 * q + 3]);
-        }
-    } else {
-#pragma unroll
-        for (int q = 0; q < 8; q++) {
-            const int i = (int)threadIdx.x + q * SH_THREADS;
-            xs[i / SH_KS][i % SH_KS] = p->v[q];
-        }
-    }
-}
-
-/* Rank rows a warp multiplies together: their A loads are issued before any of the products. */
-#define SH_JU 4
-
-/* part [S, T, R]: each split's partial u of the tokens of one (tile, adapter). */
+/* part [S, T, R]: each split's partial u of the tokens of one (tile, adapter), as a register-tiled
+ * GEMM: a thread owns 4 tokens x 4 ranks over every NS-th k of the block's K range; the NS slices
+ * are summed in order at the end. */
 template <int DT>
 __global__ void __launch_bounds__(SH_THREADS)
     k_lora_shrink(float *part, const float *x, int64_t T, int64_t K, int64_t KC, int R, const struct tuna_lora_w *w,
                   const int32_t *order, const int32_t *start)
 {
-    __shared__ __align__(16) float xs[SH_TM][SH_KS];
-    __shared__ float us[SH_TM][LORA_MAX_R];
+    __shared__ __align__(16) float sm[SH_TM * SH_XS + SH_AS];
     __shared__ int32_t tok[SH_TM];
     const int a = blockIdx.y;
     const int g0 = start[a], g1 = start[a + 1], i0 = g0 + (int)blockIdx.x * SH_TM;
     if (i0 >= g1) return;
     const int r = min((int)w[a].r, R);
     if (r <= 0) return;
-    const int nt = min(SH_TM, g1 - i0);
+    const int nt = min(SH_TM, g1 - i0), r4 = (r + 3) & ~3, RS = r4 + 4;
+    int ks = 7; /* log2 of the sub-chunk KS: 128 at most, KS * RS <= SH_AS */
+    while (ks > 0 && (RS << ks) > SH_AS) ks--;
+    const int KS = 1 << ks;
+    const int NS = SH_THREADS / r4; /* k slices: r4 threads each (4 token quads x r4/4 rank quads) */
+    const int tid = threadIdx.x, sl = tid / r4, rq = (tid % r4) >> 2, tq = tid & 3;
+    const bool active = sl < NS;
     const void *A = w[a].A;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (threadIdx.x < SH_TM) tok[threadIdx.x] = (int)threadIdx.x < nt ? order[i0 + threadIdx.x] : 0;
-    for (int i = threadIdx.x; i < SH_TM * r; i += SH_THREADS) us[i / r][i % r] = 0.0f;
+    float *xs = sm, *as = sm + SH_TM * SH_XS;
+    if (tid < SH_TM) tok[tid] = tid < nt ? order[i0 + tid] : 0;
     const int64_t k_begin = (int64_t)blockIdx.z * KC, k_end = min(K, k_begin + KC);
-    /* 4-element loads when every row starts aligned (K a multiple of 4, aligned bases) */
-    const bool vec = (K & 3) == 0 && ((uintptr_t)A & (DT == 0 ? 15 : 7)) == 0 && ((uintptr_t)x & 15) == 0;
+    float acc[4][4];
+#pragma unroll
+    for (int u = 0; u < 4; u++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) acc[u][c] = 0.0f;
     __syncthreads(); /* tok */
-    struct x_prefetch pf;
-    if (k_begin < k_end) x_load(&pf, x, tok, nt, K, k_begin, k_end, vec);
-    for (int64_t k0 = k_begin; k0 < k_end; k0 += SH_KS) {
-        __syncthreads(); /* the previous chunk consumed */
-        x_store(&pf, xs, vec);
+    float px[SH_PX], pa[SH_PA];
+    if (k_begin < k_end) sh_load<DT>(px, pa, x, A, tok, nt, r, r4, K, k_begin, (int)min((int64_t)KS, k_end - k_begin), ks);
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += KS) {
+        const int kn = (int)min((int64_t)KS, k_end - k0);
+        __syncthreads(); /* the previous sub-chunk consumed */
+#pragma unroll
+        for (int q = 0; q < SH_PX; q++) {
+            const int i = tid + q * SH_THREADS, ti = i >> ks, kk = i & (KS - 1);
+            if (ti < SH_TM) xs[ti * SH_XS + kk] = px[q];
+        }
+#pragma unroll
+        for (int q = 0; q < SH_PA; q++) {
+            const int i = tid + q * SH_THREADS, j = i >> ks, kk = i & (KS - 1);
+            if (j < r4) as[kk * RS + j] = pa[q];
+        }
         __syncthreads();
-        if (k0 + SH_KS < k_end) x_load(&pf, x, tok, nt, K, k0 + SH_KS, k_end, vec);
-        const int64_t kl = k0 + lane * 4;
-        for (int j0 = warp; j0 < r; j0 += SH_JU * (SH_THREADS / 32)) {
-            float av[SH_JU][4];
+        if (k0 + KS < k_end)
+            sh_load<DT>(px, pa, x, A, tok, nt, r, r4, K, k0 + KS, (int)min((int64_t)KS, k_end - k0 - KS), ks);
+        if (active) {
+            for (int kk = sl; kk < kn; kk += NS) {
+                float xv[4];
 #pragma unroll
-            for (int u = 0; u < SH_JU; u++) {
-                const int j = j0 + u * (SH_THREADS / 32);
-                if (j < r && vec && kl < k_end) {
-                    lora_ld4<DT>(A, (int64_t)j * K + kl, av[u]);
-                } else {
+                for (int u = 0; u < 4; u++) xv[u] = xs[(4 * tq + u) * SH_XS + kk];
+                const float4 av = *reinterpret_cast<const float4 *>(&as[kk * RS + 4 * rq]);
 #pragma unroll
-                    for (int c = 0; c < 4; c++)
-                        av[u][c] = j < r && kl + c < k_end ? lora_ld<DT>(A, (int64_t)j * K + kl + c) : 0.0f;
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < SH_JU; u++) {
-                const int j = j0 + u * (SH_THREADS / 32);
-                if (j >= r) break;
-                float acc[SH_TM];
-#pragma unroll
-                for (int ti = 0; ti < SH_TM; ti++) {
-                    const float4 xv = *reinterpret_cast<const float4 *>(&xs[ti][lane * 4]);
-                    acc[ti] = av[u][0] * xv.x + av[u][1] * xv.y + av[u][2] * xv.z + av[u][3] * xv.w;
-                }
-#pragma unroll
-                for (int ti = 0; ti < SH_TM; ti++)
-                    for (int o = 16; o > 0; o >>= 1) acc[ti] += __shfl_xor_sync(0xffffffffu, acc[ti], o);
-                if (lane == 0) {
-#pragma unroll
-                    for (int ti = 0; ti < SH_TM; ti++)
-                        if (ti < nt) us[ti][j] += acc[ti]; /* row j belongs to this warp: no race */
+                for (int u = 0; u < 4; u++) {
+                    acc[u][0] += xv[u] * av.x;
+                    acc[u][1] += xv[u] * av.y;
+                    acc[u][2] += xv[u] * av.z;
+                    acc[u][3] += xv[u] * av.w;
                 }
             }
         }
     }
     __syncthreads();
+    float *red = sm; /* [NS][SH_TM][r4], over the tiles */
+    if (active)
+#pragma unroll
+        for (int u = 0; u < 4; u++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) red[(sl * SH_TM + 4 * tq + u) * r4 + 4 * rq + c] = acc[u][c];
+    __syncthreads();
     float *p = part + (int64_t)blockIdx.z * T * R;
-    for (int i = threadIdx.x; i < nt * r; i += SH_THREADS) p[(int64_t)tok[i / r] * R + i % r] = us[i / r][i % r];
+    for (int i = tid; i < nt * r; i += SH_THREADS) {
+        const int ti = i / r, j = i % r;
+        float v = 0.0f;
+        for (int q = 0; q < NS; q++) v += red[(q * SH_TM + ti) * r4 + j];
+        p[(int64_t)tok[ti] * R + j] = v;
+    }
 }
 
 /* Ranks an expand thread loads before multiplying: B's row in registers, 8 per 16-byte load. */
@@ -300,9 +292,9 @@ void tuna_cuda_lora(tuna_backend *be, float *y, const float *x, int64_t T, int64
     free(own); /* staged: copied into the pinned arena */
     if (!ok || be->sticky || !tuna_cuda_meta_flush(be, &m)) return;
     /* K split into S ranges of whole sub-chunks */
-    const int64_t nks = (K + SH_KS - 1) / SH_KS;
+    const int64_t nks = (K + SH_KSMAX - 1) / SH_KSMAX;
     const int S = (int)(nks < SH_SMAX ? nks : SH_SMAX);
-    const int64_t KC = (nks + S - 1) / S * SH_KS;
+    const int64_t KC = (nks + S - 1) / S * SH_KSMAX;
     const int R = (int)set->max_r;
     if (!tuna_cuda_grow(be, &be->lora, (size_t)S * (size_t)T * (size_t)R * sizeof(float), "cudaMalloc(LoRA partials)"))
         return;
