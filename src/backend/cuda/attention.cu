@@ -310,7 +310,7 @@ template <typename KT, int DT, int GM>
 __global__ void __launch_bounds__(128)
     k_attn_decode16(float *out, float *part_acc, float *part_ml, unsigned *counters, const float *q, const KT *kc,
                     const KT *vc, att_meta md, const int32_t *rows, int H, int Hkv, int Drt, int n_hg, int n_splits,
-                    int ns, int wr, float qscale)
+                    int ns, int wr, float qscale, int heads_x)
 {
     const int D = DT ? DT : Drt;
     const int CH = D / 8;                          /* 16-byte chunks per row */
@@ -323,9 +323,12 @@ __global__ void __launch_bounds__(128)
     char *wreg_all = (char *)(ps_all + NW * D16_KEYS * GM);
     __shared__ int is_last;
 
-    const int i = blockIdx.x, split = blockIdx.z;
+    /* heads_x: blockIdx.x is the (kv head, head group) and blockIdx.y the token (blocks running
+     * at the same time then read neighbouring rows of the same cache slots), else the reverse */
+    const int i = heads_x ? blockIdx.y : blockIdx.x, hy = heads_x ? blockIdx.x : blockIdx.y;
+    const int n_hy = heads_x ? gridDim.x : gridDim.y, split = blockIdx.z;
     const int t = rows ? rows[i] : i;
-    const int kvh = blockIdx.y / n_hg, hg = blockIdx.y % n_hg;
+    const int kvh = hy / n_hg, hg = hy % n_hg;
     const int G = H / Hkv, h0 = kvh * G + hg * GM;
     const int ng = min(GM, G - hg * GM);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -505,7 +508,7 @@ __global__ void __launch_bounds__(128)
     __threadfence();
     __syncthreads();
     if (tid == 0) {
-        unsigned *cnt = counters + (size_t)i * gridDim.y + blockIdx.y;
+        unsigned *cnt = counters + (size_t)i * n_hy + hy;
         const unsigned prev = atomicAdd(cnt, 1u);
         is_last = prev == (unsigned)n_splits - 1;
         if (is_last) *cnt = 0; /* every split has counted: ready for the next launch */
@@ -544,7 +547,7 @@ struct dec16_cfg {
 
 template <typename KT>
 using dec16_kernel = void (*)(float *, float *, float *, unsigned *, const float *, const KT *, const KT *, att_meta,
-                              const int32_t *, int, int, int, int, int, int, int, float);
+                              const int32_t *, int, int, int, int, int, int, int, float, int);
 
 template <typename KT> static dec16_kernel<KT> dec16_pick(int D, int GM)
 {
@@ -631,10 +634,14 @@ static void launch_kernels(tuna_backend *be, float *out, const float *q, const v
     bool done = false;
     if constexpr (sizeof(KT) == 2) {
         if (n_dec > 0 && c16) {
-            dim3 grid((unsigned)n_dec, (unsigned)(Hkv * n_hg), (unsigned)n_splits);
+            /* heads along x unless TUNA_ATTN_DEC_ORDER=0 (or more tokens than grid y allows) */
+            static const int order = env_int("TUNA_ATTN_DEC_ORDER", 0, 1) || !getenv("TUNA_ATTN_DEC_ORDER");
+            const int hx = order && n_dec <= 65535;
+            dim3 grid(hx ? (unsigned)(Hkv * n_hg) : (unsigned)n_dec, hx ? (unsigned)n_dec : (unsigned)(Hkv * n_hg),
+                      (unsigned)n_splits);
             dec16_pick<KT>(D, GM)<<<grid, 32 * c16->nw, (size_t)c16->smem, be->stream>>>(
                 out, part_acc, part_ml, counters, q, kc, vc, md, drows, H, Hkv, D, n_hg, n_splits, c16->ns, c16->wr,
-                scale * 1.4426950408889634f);
+                scale * 1.4426950408889634f, hx);
             if (!tuna_cuda_check_launch(be, "k_attn_decode16")) return;
             done = true;
         }
