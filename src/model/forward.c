@@ -183,9 +183,13 @@ static void lora_add(struct tuna_model *m, const struct tuna_linear *lin, float 
         if (set) m->ops->lora(m->be, y, x, T, lin->w.rows, lin->w.cols, set, &m->ws->lt);
         return; /* else the upload failed: the backend's sticky error reports it */
     }
-    /* host memory: the attached float32 arrays themselves, TUNA_FWD_LORA_GROUPS at a time */
-    struct tuna_lora_w w[TUNA_FWD_LORA_GROUPS];
-    int n = lin->n_lora < TUNA_FWD_LORA_GROUPS ? lin->n_lora : TUNA_FWD_LORA_GROUPS;
+    /* host memory: the attached float32 arrays themselves */
+    struct tuna_lora_w stack_w[TUNA_FWD_LORA_GROUPS], *w = stack_w;
+    int n = lin->n_lora;
+    if (n > TUNA_FWD_LORA_GROUPS && !(w = malloc((size_t)n * sizeof *w))) {
+        w = stack_w; /* out of memory: the first adapters only (the CPU op ignores the groups) */
+        n = TUNA_FWD_LORA_GROUPS;
+    }
     int64_t max_r = 0;
     for (int a = 0; a < n; a++) {
         const struct tuna_lora *h = &lin->lora[a];
@@ -194,6 +198,7 @@ static void lora_add(struct tuna_model *m, const struct tuna_linear *lin, float 
     }
     const struct tuna_lora_bank set = {n, max_r, TUNA_DTYPE_F32, w};
     m->ops->lora(m->be, y, x, T, lin->w.rows, lin->w.cols, &set, &m->ws->lt);
+    if (w != stack_w) free(w);
 }
 
 /* y[T,N] = x W^T + b, plus each token's LoRA adapter when the layer carries any. */
