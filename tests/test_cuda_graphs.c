@@ -3,9 +3,9 @@
  * together for 24 greedy steps with graphs on (checked to be captured and launched) and off,
  * every step's logits compared bit for bit; then a batch that changes size every step and a
  * second KV cache (new buffers: new keys, never a stale graph). With LoRA adapters attached:
- * two different mixes of adapters per sequence replayed from the same captured graph, then a
- * detach and an attach of another set (a new key: a new capture, never the old views), each
- * bit for bit against eager steps. Skips without a GPU. */
+ * two different mixes of adapters per sequence (switched in the middle of one decode) replayed
+ * from the same captured graph, then a detach and an attach of another set (a new key: a new
+ * capture, never the old views), each bit for bit against eager steps. Skips without a GPU. */
 #include "testutil.h"
 
 #include <string.h>
@@ -22,7 +22,8 @@ enum { NSEQ = 3, STEPS = 24 };
 
 /* Prefills three prompts, then decodes; with `shrink` the batch drops a sequence every few steps.
  * Writes every step's logits (all rows) to out[step][row][V]. */
-static void run_mix(struct tuna_model *m, tuna_kv_cache *kv_given, bool shrink, const int32_t *mix, float *out)
+static void run_mix(struct tuna_model *m, tuna_kv_cache *kv_given, bool shrink, const int32_t *mix, const int32_t *mix2,
+                    float *out)
 {
     const int64_t V = m->arch.vocab_size;
     tuna_kv_cache *kv = kv_given;
@@ -51,7 +52,7 @@ static void run_mix(struct tuna_model *m, tuna_kv_cache *kv_given, bool shrink, 
         tuna_batch_clear(&b);
         for (int i = 0; i < n; i++) {
             TT_OK(tuna_batch_add(&b, next[i], seq[i], len[i], true));
-            if (mix) tuna_lora_batch_use(&b, seq[i], mix[i]);
+            if (mix) tuna_lora_batch_use(&b, seq[i], s < STEPS / 2 || !mix2 ? mix[i] : mix2[i]);
         }
         TT_OK(tuna_model_forward(m, kv, &b, lg, NULL));
         memset(out + (size_t)s * NSEQ * V, 0, (size_t)(NSEQ * V) * sizeof(float));
@@ -69,26 +70,26 @@ static void run_mix(struct tuna_model *m, tuna_kv_cache *kv_given, bool shrink, 
     if (!kv_given) tuna_kv_free(kv);
 }
 
-static void run(struct tuna_model *m, bool shrink, float *out) { run_mix(m, NULL, shrink, NULL, out); }
+static void run(struct tuna_model *m, bool shrink, float *out) { run_mix(m, NULL, shrink, NULL, NULL, out); }
 
 /* Runs the mix with graphs on, then off; fails unless every logit has the same bits. Returns
  * the graph counters' change of the run with graphs (captured, launched, discarded). */
-static void compare_mix(struct tuna_model *m, tuna_kv_cache *kv, const int32_t *mix, float *with, float *without, size_t n,
-                        long d[3])
+static void compare_mix(struct tuna_model *m, tuna_kv_cache *kv, const int32_t *mix, const int32_t *mix2, float *with,
+                        float *without, size_t n, long d[3])
 {
     long before[3], after[3];
     tuna_cuda_graph_stats(m->be, before);
     tuna_cuda_set_graphs(m->be, true);
-    run_mix(m, kv, false, mix, with);
+    run_mix(m, kv, false, mix, mix2, with);
     tuna_cuda_graph_stats(m->be, after);
     tuna_cuda_set_graphs(m->be, false);
-    run_mix(m, kv, false, mix, without);
+    run_mix(m, kv, false, mix, mix2, without);
     tuna_cuda_set_graphs(m->be, true);
     for (int i = 0; i < 3; i++) d[i] = after[i] - before[i];
     size_t bad = 0;
     for (size_t i = 0; i < n; i++) bad += memcmp(&with[i], &without[i], sizeof(float)) != 0;
-    if (bad) fail_msg("adapters %d/%d/%d: %zu of %zu logits differ between graph replay and eager steps", mix[0],
-                      mix[1], mix[2], bad, n);
+    if (bad) fail_msg("adapters %d/%d/%d then %d/%d/%d: %zu of %zu logits differ between graph replay and eager steps",
+                      mix[0], mix[1], mix[2], mix2[0], mix2[1], mix2[2], bad, n);
 }
 
 static void check_lora(enum tuna_dtype dt)
@@ -114,28 +115,31 @@ static void check_lora(enum tuna_dtype dt)
     tuna_kv_cache *kv = NULL; /* one cache for every run: the same buffers, the same graph keys */
     TT_OK(tuna_model_kv_new(m, 1024, 16, &kv));
     static const int32_t mix_a[NSEQ] = {0, 1, -1}, mix_b[NSEQ] = {2, 0, 1};
+    /* one run: adapters 0/1/none, then from the middle of the decode 2/0/1; the step's key does
+     * not depend on the mix, so the graph captured under the first mix replays the second */
     long d[3];
-    compare_mix(m, kv, mix_a, with, without, n, d);
-    printf("  %s, adapters 0/1/-: %ld graphs captured, %ld launched, %ld discarded\n", tuna_dtype_name(dt), d[0], d[1],
-           d[2]);
-    assert_true(d[0] >= 1 && d[1] >= STEPS / 2);
+    compare_mix(m, kv, mix_a, mix_b, with, without, n, d);
+    printf("  %s, adapters 0/1/- then 2/0/1: %ld graphs captured, %ld launched, %ld discarded\n", tuna_dtype_name(dt),
+           d[0], d[1], d[2]);
+    assert_int_equal(d[0], 1);
+    assert_true(d[1] >= STEPS - 3);
     assert_int_equal(d[2], 0);
+    /* the second half differs from a run that keeps the first mix: the replay followed the mix */
     memcpy(first, with, n * sizeof(float));
-    /* another mix: the same graph (no capture), other logits */
-    compare_mix(m, kv, mix_b, with, without, n, d);
-    printf("  %s, adapters 2/0/1: %ld graphs captured, %ld launched, %ld discarded\n", tuna_dtype_name(dt), d[0], d[1],
-           d[2]);
-    assert_int_equal(d[0], 0);
-    assert_true(d[1] >= STEPS - 2);
-    assert_true(memcmp(first, with, n * sizeof(float)) != 0);
-    /* unload, load another set: new views, a new key, a new capture */
+    compare_mix(m, kv, mix_a, mix_a, with, without, n, d);
+    const size_t half = (size_t)(STEPS / 2) * NSEQ * (size_t)m->arch.vocab_size;
+    assert_memory_equal(first, with, half * sizeof(float));
+    assert_true(memcmp(first + half, with + half, (n - half) * sizeof(float)) != 0);
+    memcpy(first, with, n * sizeof(float));
+    /* unload, load another set: new views, a new key, a new capture, other logits */
     tuna_lora_detach(m, att);
     TT_OK(tuna_lora_attach(m, set2, 3, &att));
-    compare_mix(m, kv, mix_b, with, without, n, d);
+    compare_mix(m, kv, mix_a, mix_a, with, without, n, d);
     printf("  %s, after unload/load: %ld graphs captured, %ld launched, %ld discarded\n", tuna_dtype_name(dt), d[0],
            d[1], d[2]);
     assert_true(d[0] >= 1 && d[1] >= STEPS / 2);
     assert_int_equal(d[2], 0);
+    assert_true(memcmp(first, with, n * sizeof(float)) != 0);
     tuna_lora_detach(m, att);
     tuna_kv_free(kv);
     for (int i = 0; i < 4; i++) tuna_lora_free(ads[i]);

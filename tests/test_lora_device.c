@@ -132,7 +132,9 @@ static void run_batch(struct tuna_model *m, float *out)
     for (int s = 0; s < 3; s++) {
         int32_t seq;
         TT_OK(tuna_kv_seq_new(kv, &seq));
-        TT_OK(tuna_batch_add_seq(&b, p[s], 5, seq, 0, true, true));
+        int32_t ids[5];
+        for (int i = 0; i < 5; i++) ids[i] = (int32_t)(p[s][i] % m->arch.vocab_size); /* llama-tiny: 1024 */
+        TT_OK(tuna_batch_add_seq(&b, ids, 5, seq, 0, true, true));
         tuna_lora_batch_use(&b, seq, s < 2 ? s : -1);
     }
     TT_OK(tuna_model_forward(m, kv, &b, out, NULL));
