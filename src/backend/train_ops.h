@@ -62,7 +62,8 @@ static inline uint64_t tuna_train_dropout_threshold(double p)
  * D: CPU none; CUDA none when `fast` and D <= 128 (the flash-attention kernels of
  * train_flash.cu), else at least one kv head's scores and their gradient (2 * max_len^2; more
  * lets the exact float32 path batch more heads per GEMM, every head at once with
- * 2 * Hkv * max_len^2). */
+ * 2 * Hkv * max_len^2). The environment variable TUNA_TRAIN_FLASH=0 turns the flash kernels off
+ * (the batched-GEMM path with TF32 in the bf16 mode; for comparisons). */
 int64_t tuna_train_attention_work_min(const struct tuna_backend_ops *ops, int64_t max_len, int64_t D, bool fast);
 
 struct tuna_train_ops {

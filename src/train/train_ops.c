@@ -1,5 +1,6 @@
 /* train_ops.c — which training op table goes with a backend (backend/train_ops.h): the selector
  * lives here, in the module that sees both the CPU and (in CUDA builds) the CUDA backend. */
+#include <stdlib.h>
 #include <string.h>
 
 #include "backend/cpu/cpu.h"
@@ -20,6 +21,7 @@ const struct tuna_train_ops *tuna_backend_train_ops(const struct tuna_backend_op
 int64_t tuna_train_attention_work_min(const struct tuna_backend_ops *ops, int64_t max_len, int64_t D, bool fast)
 {
     if (ops->host_memory) return 0;
-    if (fast && D >= 1 && D <= 128) return 0; /* CUDA's flash kernels (TUNA_CUDA_FLASH_MAX_D) */
+    const char *e = getenv("TUNA_TRAIN_FLASH"); /* "0": no flash attention (comparisons) */
+    if (fast && D >= 1 && D <= 128 && !(e && e[0] == '0')) return 0; /* CUDA's flash kernels (TUNA_CUDA_FLASH_MAX_D) */
     return 2 * max_len * max_len;
 }

@@ -19,6 +19,7 @@
  * and ~187 KB (backward) at D = 128, requested with cudaFuncAttributeMaxDynamicSharedMemorySize. */
 #include <math.h>
 #include <mma.h>
+#include <stdlib.h>
 
 #include "backend/cuda/train_cuda.h"
 
@@ -300,7 +301,13 @@ __global__ void __launch_bounds__(FA_THREADS) k_flash_bwd(float *dq, float *dk, 
 
 bool tuna_cuda_train_flash_ok(int64_t D)
 {
-    return D >= 1 && D <= TUNA_CUDA_FLASH_MAX_D;
+    /* TUNA_TRAIN_FLASH=0: the batched-GEMM path in the bf16 mode too (comparisons) */
+    static int off = -1;
+    if (off < 0) {
+        const char *e = getenv("TUNA_TRAIN_FLASH");
+        off = e && e[0] == '0';
+    }
+    return !off && D >= 1 && D <= TUNA_CUDA_FLASH_MAX_D;
 }
 
 /* First rows of the sequences of the training layout (host; rows with pos 0 start one). Returns
