@@ -150,12 +150,14 @@ __global__ void __launch_bounds__(FA_THREADS) k_flash_fwd(float *out, float *lse
             const float sa = fa_visible(i, ja, n, window) ? srow[lane] * scale2 : -INFINITY;
             const float sb = fa_visible(i, jb, n, window) ? srow[lane + 32] * scale2 : -INFINITY;
             const float mold = sM[r], mnew = fmaxf(mold, fa_warp_max(fmaxf(sa, sb)));
-            const float pa = sa == -INFINITY ? 0.0f : exp2f(sa - mnew);
-            const float pb = sb == -INFINITY ? 0.0f : exp2f(sb - mnew);
-            const float sum = fa_warp_sum(pa + pb);
+            /* P is rounded to bf16 for P V; the denominator sums the rounded values, so each
+               output row is an exact convex combination of the rows of V the GEMM saw */
+            const bf16 pa = __float2bfloat16_rn(sa == -INFINITY ? 0.0f : exp2f(sa - mnew));
+            const bf16 pb = __float2bfloat16_rn(sb == -INFINITY ? 0.0f : exp2f(sb - mnew));
+            const float sum = fa_warp_sum(__bfloat162float(pa) + __bfloat162float(pb));
             const float alpha = mold == -INFINITY ? 0.0f : exp2f(mold - mnew);
-            sP[r * FA_LP + lane] = __float2bfloat16_rn(pa);
-            sP[r * FA_LP + lane + 32] = __float2bfloat16_rn(pb);
+            sP[r * FA_LP + lane] = pa;
+            sP[r * FA_LP + lane + 32] = pb;
             for (int c = lane; c < g.Dp; c += 32)
                 sO[r * g.lf + c] *= alpha;
             __syncwarp();
