@@ -247,33 +247,37 @@ __global__ void k_attn_combine(float *out, const float *part_acc, const float *p
 
 /* ------------------------------------------------------------------------------------------
  * Decode for 16-bit caches (bf16/f16) with D a multiple of 8 and 16-byte aligned rows:
- * k_attn_decode16. Grid (tokens, Hkv * n_hg, n_splits), 32 * nw threads (nw warps).
+ * k_attn_decode16. Grid (Hkv * n_hg, tokens, n_splits) (or tokens along x), 32 * nw threads.
  *
  * A block takes one token, one kv head, up to GM query heads of its group and one split of the
  * context. The split is cut into groups of D16_KEYS (16) keys at absolute positions 16 k (one
  * block-table entry per group when the block size is 16), and warp w of the block takes groups
  * w, w + nw, ... on its own: it copies each group's 16 K rows and 16 V rows into its own ring of
- * ns shared-memory stages with cp.async, ns - 1 groups ahead of the one it computes, so every
- * warp keeps ~(ns - 1) * 8 KB (D 128) of loads in flight and no block-wide barrier stands in the
- * loop. Per group: lane (j, half) computes key j's scores for every head of the block over half
- * of the row (Q from shared memory, broadcast), one shuffle joins the halves, four shuffles give
- * the group's max; p = exp2(s - m) goes through shared memory to the PV step, where lane (kq, c)
- * owns the 8 columns c of the output rows of every head for keys kq, kq + KQ, ... (no per-key
- * reduction). Each warp keeps its own running max and sum; at the end the warps are merged
- * through shared memory. With several splits the block writes (max, sum, unnormalized output)
- * per head and the last block of the (token, kv head) to finish — found with an atomic counter,
- * which it resets to 0 — merges the splits, so no second kernel runs. Scores are in log2 units
- * (q is scaled by scale * log2(e)), so every exponential is an exp2f. */
+ * ns shared-memory stages with cp.async (rows outside the context are zero-filled), ns - 1
+ * groups ahead of the one it computes, with the block-table entry of the next group loaded one
+ * group earlier still; no block-wide barrier stands in the loop. Per group: lane (j, half)
+ * computes key j's scores for all GM heads over half of the row (Q from shared memory,
+ * broadcast), one shuffle joins the halves and four give the group's max (all heads at once,
+ * no branches, so the shuffle chains overlap); p = exp2(s - m) goes through shared memory to
+ * the PV step, where lane (kq, c) owns the 8 columns c of the output rows of every head for keys
+ * kq, kq + KQ, ... (no per-key reduction). Each warp keeps its own running max and sum; at the
+ * end the warps are merged through shared memory. With several splits the block writes (max,
+ * sum, unnormalized output) per head and the last block of the (token, kv head) to finish —
+ * found with an atomic counter, which it resets to 0 — merges the splits (weights in shared
+ * memory, the partial rows read with several loads in flight), so no second kernel runs.
+ * Scores are in log2 units (q is scaled by scale * log2(e)). GM is a power of two >= the heads
+ * of the block; padded heads have q = 0 and are never written. */
 #define D16_KEYS 16
 #define D16_MAX_BPS 4 /* blocks per SM counted at most when sizing the grid */
 
-static __device__ __forceinline__ void cp_async16(void *smem, const void *gmem)
+/* 16 bytes from global to shared memory, asynchronously; src_bytes 0 writes zeros */
+static __device__ __forceinline__ void cp_async16(void *smem, const void *gmem, int src_bytes)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes) : "memory");
 #else
-    *(uint4 *)smem = __ldg((const uint4 *)gmem);
+    *(uint4 *)smem = src_bytes ? __ldg((const uint4 *)gmem) : make_uint4(0, 0, 0, 0);
 #endif
 }
 static __device__ __forceinline__ void cp_async_commit()
@@ -294,6 +298,13 @@ static __device__ __forceinline__ void cp_async_wait_rt(int n) /* n in 1..3 */
     else if (n == 2) cp_async_wait<2>();
     else cp_async_wait<3>();
 }
+/* 2^x, x <= 0 (or -inf: 0); relative error ~2^-22 */
+static __device__ __forceinline__ float d16_exp2(float x)
+{
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 
 /* 8 elements of a 16-bit K/V row (16 bytes) as float32 */
 template <typename KT> static __device__ __forceinline__ void d16_unpack(const uint4 &v, float *f)
@@ -303,8 +314,8 @@ template <typename KT> static __device__ __forceinline__ void d16_unpack(const u
         kv_unpack_u32(v.w, bf, f + 6);
 }
 
-/* DT: D when compiled for one head size (64, 128, 256), 0 = any multiple of 8 up to 256 (Drt).
- * GM: query heads per block at most (4 or 8). wr: bytes of shared memory per warp (its stage
+/* DT: D when compiled for one head size (64, 128), 0 = any multiple of 8 up to 256 (Drt).
+ * GM: query heads per block (1, 2, 4 or 8). wr: bytes of shared memory per warp (its stage
  * ring; reused for the merge). counters [tokens * Hkv * n_hg]: 0 between launches. */
 template <typename KT, int DT, int GM>
 __global__ void __launch_bounds__(128)
@@ -313,14 +324,14 @@ __global__ void __launch_bounds__(128)
                     int ns, int wr, float qscale, int heads_x)
 {
     const int D = DT ? DT : Drt;
-    const int CH = D / 8;                          /* 16-byte chunks per row */
-    const int KQ = min(D16_KEYS, 32 / CH);         /* key lanes of the PV step */
-    const int RB = 2 * D + 16;                     /* bytes per row in a stage (padded: no bank conflicts) */
+    const int CH = D / 8;                  /* 16-byte chunks per row */
+    const int KQ = min(D16_KEYS, 32 / CH); /* key lanes of the PV step */
+    const int RB = 2 * D + 16;             /* bytes per row in a stage (padded: no bank conflicts) */
     const int NW = blockDim.x >> 5;
     extern __shared__ float4 d16_smem[];
-    float *qs = (float *)d16_smem;                 /* [GM][D] */
-    float *ps_all = qs + GM * D;                   /* [NW][16][GM] */
-    char *wreg_all = (char *)(ps_all + NW * D16_KEYS * GM);
+    float *qs = (float *)d16_smem;         /* [GM][D] */
+    float *ps_all = qs + GM * D;           /* [NW][16][GM] */
+    char *wreg_all = (char *)(ps_all + NW * D16_KEYS * ((GM + 3) & ~3));
     __shared__ int is_last;
 
     /* heads_x: blockIdx.x is the (kv head, head group) and blockIdx.y the token (blocks running
@@ -339,27 +350,31 @@ __global__ void __launch_bounds__(128)
     const int lo = max(start, s0 * D16_KEYS), hi = min(p, s1 * D16_KEYS + D16_KEYS - 1);
     const int nk = s1 >= s0 + warp ? (s1 - s0 - warp) / NW + 1 : 0; /* this warp's groups (0 if s0 > ge) */
 
-    for (int x = tid; x < ng * D; x += blockDim.x) qs[x] = q[((size_t)t * H + h0) * D + x] * qscale;
+    for (int x = tid; x < GM * D; x += blockDim.x) qs[x] = x < ng * D ? q[((size_t)t * H + h0) * D + x] * qscale : 0.0f;
 
     const int32_t *table = att_table(md, t);
     const int64_t HkvD = (int64_t)Hkv * D;
     const KT *kbase = kc + (int64_t)kvh * D, *vbase = vc + (int64_t)kvh * D;
     char *wreg = wreg_all + (size_t)warp * wr;
-    float *ps = ps_all + warp * D16_KEYS * GM;
+    constexpr int GP = (GM + 3) & ~3; /* ps row stride (float4 reads) */
+    float *ps = ps_all + warp * D16_KEYS * GP;
     const int bs = md.bs;
 
-    /* copies group k of this warp (if any) into stage k % ns; always commits a group */
-    auto issue = [&](int k) {
+    /* lane j < 16: the cache slot of key j of this warp's group k, -1 outside the context */
+    auto slot_of = [&](int k) -> int {
+        const int key = (s0 + warp + NW * k) * D16_KEYS + (lane & 15);
+        return k < nk && lane < 16 && key >= lo && key <= hi ? table[key / bs] * bs + key % bs : -1;
+    };
+    int nslot = slot_of(0);
+    /* copies group k of this warp (if any) into stage k % ns (slot: its slots); always commits */
+    auto issue = [&](int k, int slot) {
         if (k < nk) {
-            const int key0 = (s0 + warp + NW * k) * D16_KEYS, key = key0 + (lane & 15);
-            int slot = -1; /* lane j < 16: the cache slot of key j of the group */
-            if (lane < 16 && key >= lo && key <= hi) slot = table[key / bs] * bs + key % bs;
             char *buf = wreg + (k % ns) * (2 * D16_KEYS) * RB;
             for (int idx = lane; idx < 2 * D16_KEYS * CH; idx += 32) { /* rows 0..15 K, 16..31 V */
                 const int row = idx / CH, c = idx - row * CH;
                 const int sl = __shfl_sync(0xffffffffu, slot, row & 15);
-                if (sl >= 0)
-                    cp_async16(buf + row * RB + c * 16, (row < 16 ? kbase : vbase) + (int64_t)sl * HkvD + c * 8);
+                const KT *src = (row < 16 ? kbase : vbase) + (int64_t)(sl < 0 ? 0 : sl) * HkvD + c * 8;
+                cp_async16(buf + row * RB + c * 16, src, sl < 0 ? 0 : 16);
             }
         }
         cp_async_commit();
@@ -372,7 +387,11 @@ __global__ void __launch_bounds__(128)
 #pragma unroll
         for (int e = 0; e < 8; e++) acc[g][e] = 0.0f;
     }
-    for (int k = 0; k < ns - 1; k++) issue(k);
+    for (int k = 0; k < ns - 1; k++) {
+        const int sl = nslot;
+        nslot = slot_of(k + 1);
+        issue(k, sl);
+    }
     __syncthreads(); /* qs */
 
     const int j = lane & 15, half = lane >> 4;
@@ -380,78 +399,81 @@ __global__ void __launch_bounds__(128)
     const bool pv_active = kq < KQ;
     for (int k = 0; k < nk; k++) {
         __syncwarp(); /* every lane is done with the stage about to be refilled */
-        issue(k + ns - 1);
+        {
+            const int sl = nslot;
+            nslot = slot_of(k + ns);
+            issue(k + ns - 1, sl);
+        }
         cp_async_wait_rt(ns - 1);
         __syncwarp();
         const char *buf = wreg + (k % ns) * (2 * D16_KEYS) * RB;
-        const int key0 = (s0 + warp + NW * k) * D16_KEYS;
-        const int jlo = max(lo - key0, 0), jhi = min(hi - key0, D16_KEYS - 1);
+        const int key = (s0 + warp + NW * k) * D16_KEYS + j;
+        const bool valid = key >= lo && key <= hi;
         /* scores of key j, this lane's half of the chunks */
         float dot[GM];
 #pragma unroll
         for (int g = 0; g < GM; g++) dot[g] = 0.0f;
         const char *krow = buf + j * RB;
+#pragma unroll 4
         for (int u = half; u < CH; u += 2) {
             float f[8];
             d16_unpack<KT>(*(const uint4 *)(krow + u * 16), f);
 #pragma unroll
             for (int g = 0; g < GM; g++) {
-                if (g < ng) {
-                    const float4 qa = *(const float4 *)(qs + g * D + u * 8);
-                    const float4 qb = *(const float4 *)(qs + g * D + u * 8 + 4);
-                    dot[g] += qa.x * f[0] + qa.y * f[1] + qa.z * f[2] + qa.w * f[3] + qb.x * f[4] + qb.y * f[5] +
-                              qb.z * f[6] + qb.w * f[7];
-                }
+                const float4 qa = *(const float4 *)(qs + g * D + u * 8);
+                const float4 qb = *(const float4 *)(qs + g * D + u * 8 + 4);
+                const float d0 = qa.x * f[0] + qa.y * f[1] + qa.z * f[2] + qa.w * f[3];
+                const float d1 = qb.x * f[4] + qb.y * f[5] + qb.z * f[6] + qb.w * f[7];
+                dot[g] += d0 + d1;
             }
         }
-        const bool valid = j >= jlo && j <= jhi;
-        float pv[GM];
+        float s[GM], mx[GM];
 #pragma unroll
         for (int g = 0; g < GM; g++) {
-            pv[g] = 0.0f;
-            if (g < ng) {
-                float s = dot[g] + __shfl_xor_sync(0xffffffffu, dot[g], 16);
-                s = valid ? s : -INFINITY;
-                float mx = s;
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                const float mn = fmaxf(m[g], mx); /* finite: the group holds at least one key */
-                const float pe = exp2f(s - mn);   /* masked keys: exp2(-inf) = 0 */
-                if (mn != m[g]) {                 /* the same on every lane */
-                    const float c = exp2f(m[g] - mn); /* 0 on the first group */
-                    l[g] *= c;
+            s[g] = dot[g] + __shfl_xor_sync(0xffffffffu, dot[g], 16);
+            s[g] = valid ? s[g] : -INFINITY;
+            mx[g] = s[g];
+        }
 #pragma unroll
-                    for (int e = 0; e < 8; e++) acc[g][e] *= c;
-                    m[g] = mn;
-                }
-                if (half == 0) l[g] += pe;
-                pv[g] = pe;
-            }
+        for (int o = 8; o > 0; o >>= 1)
+#pragma unroll
+            for (int g = 0; g < GM; g++) mx[g] = fmaxf(mx[g], __shfl_xor_sync(0xffffffffu, mx[g], o));
+        float pv[GP];
+#pragma unroll
+        for (int g = 0; g < GP; g++) pv[g] = 0.0f;
+#pragma unroll
+        for (int g = 0; g < GM; g++) {
+            const float mn = fmaxf(m[g], mx[g]); /* finite: the group holds at least one key */
+            const float c = d16_exp2(m[g] - mn); /* 0 on the first group */
+            const float pe = d16_exp2(s[g] - mn); /* masked keys: 0 */
+            l[g] = l[g] * c + (half == 0 ? pe : 0.0f);
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[g][e] *= c;
+            m[g] = mn;
+            pv[g] = pe;
         }
         if (half == 0) {
 #pragma unroll
-            for (int g = 0; g < GM; g += 4)
-                *(float4 *)(ps + j * GM + g) = make_float4(pv[g], pv[g + 1], pv[g + 2], pv[g + 3]);
+            for (int g = 0; g < GP; g += 4)
+                *(float4 *)(ps + j * GP + g) = make_float4(pv[g], pv[g + 1], pv[g + 2], pv[g + 3]);
         }
         __syncwarp();
-        /* values: lane (kq, cc) adds keys kq, kq + KQ, ... of the group to its 8 columns */
+        /* values: lane (kq, cc) adds keys kq, kq + KQ, ... of the group to its 8 columns (rows
+         * outside the context are zeros with p = 0) */
         if (pv_active) {
-            for (int jj = kq; jj <= jhi; jj += KQ) {
-                if (jj < jlo) continue;
-                float f[8], pw[GM];
+#pragma unroll 4
+            for (int jj = kq; jj < D16_KEYS; jj += KQ) {
+                float f[8], pw[GP];
                 d16_unpack<KT>(*(const uint4 *)(buf + (D16_KEYS + jj) * RB + cc * 16), f);
 #pragma unroll
-                for (int g = 0; g < GM; g += 4) {
-                    const float4 w4 = *(const float4 *)(ps + jj * GM + g);
+                for (int g = 0; g < GP; g += 4) {
+                    const float4 w4 = *(const float4 *)(ps + jj * GP + g);
                     pw[g] = w4.x, pw[g + 1] = w4.y, pw[g + 2] = w4.z, pw[g + 3] = w4.w;
                 }
 #pragma unroll
                 for (int g = 0; g < GM; g++)
-                    if (g < ng)
 #pragma unroll
-                        for (int e = 0; e < 8; e++) acc[g][e] += pw[g] * f[e];
+                    for (int e = 0; e < 8; e++) acc[g][e] += pw[g] * f[e];
             }
         }
     }
@@ -468,12 +490,11 @@ __global__ void __launch_bounds__(128)
     float *accs = (float *)wreg, *mls = accs + KQ * GM * D;
     if (pv_active) {
 #pragma unroll
-        for (int g = 0; g < GM; g++)
-            if (g < ng) {
-                float *dst = accs + (kq * GM + g) * D + cc * 8;
-                *(float4 *)dst = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
-                *(float4 *)(dst + 4) = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
-            }
+        for (int g = 0; g < GM; g++) {
+            float *dst = accs + (kq * GM + g) * D + cc * 8;
+            *(float4 *)dst = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+            *(float4 *)(dst + 4) = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+        }
     }
     if (lane == 0)
 #pragma unroll
@@ -487,16 +508,16 @@ __global__ void __launch_bounds__(128)
         for (int w = 0; w < NW; w++) {
             const float *wa = (const float *)(wreg_all + (size_t)w * wr), *wm = wa + KQ * GM * D;
             if (wm[GM + g] > 0.0f) { /* a warp without keys adds nothing */
-                const float f = exp2f(wm[g] - M);
+                const float f = d16_exp2(wm[g] - M);
                 L += f * wm[GM + g];
-                float s = 0.0f;
-                for (int z = 0; z < KQ; z++) s += wa[(z * GM + g) * D + d];
-                a += f * s;
+                float sum = 0.0f;
+                for (int z = 0; z < KQ; z++) sum += wa[(z * GM + g) * D + d];
+                a += f * sum;
             }
         }
         if (n_splits == 1) {
             out[((size_t)t * H + h0 + g) * D + d] = a / L;
-        } else {
+        } else { /* every split writes its rows, an empty one (M = -inf, L = 0) zeros */
             const size_t r = ((size_t)i * H + h0 + g) * n_splits + split;
             part_acc[r * D + d] = a;
             if (d == 0) part_ml[2 * r] = M, part_ml[2 * r + 1] = L;
@@ -516,21 +537,40 @@ __global__ void __launch_bounds__(128)
     __syncthreads();
     if (!is_last) return;
     __threadfence();
+    float *msm = (float *)d16_smem, *wsm = msm + GM * n_splits, *Lsm = wsm + GM * n_splits; /* [ng][n_splits] */
+    const size_t rb = ((size_t)i * H + h0) * n_splits;
+    for (int x = tid; x < ng * n_splits; x += blockDim.x) {
+        msm[x] = __ldcg(part_ml + 2 * (rb + x));
+        wsm[x] = __ldcg(part_ml + 2 * (rb + x) + 1);
+    }
+    __syncthreads();
+    for (int g = warp; g < ng; g += NW) {
+        float M = -INFINITY, L = 0.0f;
+        for (int s = lane; s < n_splits; s += 32) M = fmaxf(M, msm[g * n_splits + s]);
+        for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+        for (int s = lane; s < n_splits; s += 32) {
+            const float ls = wsm[g * n_splits + s];
+            const float w = ls > 0.0f ? d16_exp2(msm[g * n_splits + s] - M) : 0.0f; /* empty splits: 0 */
+            wsm[g * n_splits + s] = w;
+            L += w * ls;
+        }
+        for (int o = 16; o > 0; o >>= 1) L += __shfl_xor_sync(0xffffffffu, L, o);
+        if (lane == 0) Lsm[g] = L;
+    }
+    __syncthreads();
     for (int x = tid; x < ng * D; x += blockDim.x) {
         const int g = x / D, d = x - g * D;
-        const size_t r0 = ((size_t)i * H + h0 + g) * n_splits;
-        float M = -INFINITY;
-        for (int s = 0; s < n_splits; s++) M = fmaxf(M, __ldcg(part_ml + 2 * (r0 + s)));
-        float L = 0.0f, a = 0.0f;
-        for (int s = 0; s < n_splits; s++) {
-            const float ls = __ldcg(part_ml + 2 * (r0 + s) + 1);
-            if (ls > 0.0f) { /* empty splits: nothing */
-                const float f = exp2f(__ldcg(part_ml + 2 * (r0 + s)) - M);
-                L += f * ls;
-                a += f * __ldcg(part_acc + (r0 + s) * D + d);
-            }
+        const float *pa = part_acc + (rb + (size_t)g * n_splits) * D + d, *wg = wsm + g * n_splits;
+        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+        int s = 0;
+        for (; s + 4 <= n_splits; s += 4) { /* four loads in flight */
+            a0 += wg[s] * __ldcg(pa + (size_t)s * D);
+            a1 += wg[s + 1] * __ldcg(pa + (size_t)(s + 1) * D);
+            a2 += wg[s + 2] * __ldcg(pa + (size_t)(s + 2) * D);
+            a3 += wg[s + 3] * __ldcg(pa + (size_t)(s + 3) * D);
         }
-        out[((size_t)t * H + h0 + g) * D + d] = a / L;
+        for (; s < n_splits; s++) a0 += wg[s] * __ldcg(pa + (size_t)s * D);
+        out[((size_t)t * H + h0 + g) * D + d] = ((a0 + a1) + (a2 + a3)) / Lsm[g];
     }
 }
 
@@ -549,22 +589,14 @@ template <typename KT>
 using dec16_kernel = void (*)(float *, float *, float *, unsigned *, const float *, const KT *, const KT *, att_meta,
                               const int32_t *, int, int, int, int, int, int, int, float, int);
 
+template <typename KT, int GM> static dec16_kernel<KT> dec16_pick_d(int D)
+{
+    return D == 64 ? k_attn_decode16<KT, 64, GM> : D == 128 ? k_attn_decode16<KT, 128, GM> : k_attn_decode16<KT, 0, GM>;
+}
 template <typename KT> static dec16_kernel<KT> dec16_pick(int D, int GM)
 {
-    if (GM == 4) {
-        switch (D) {
-        case 64: return k_attn_decode16<KT, 64, 4>;
-        case 128: return k_attn_decode16<KT, 128, 4>;
-        case 256: return k_attn_decode16<KT, 256, 4>;
-        default: return k_attn_decode16<KT, 0, 4>;
-        }
-    }
-    switch (D) {
-    case 64: return k_attn_decode16<KT, 64, 8>;
-    case 128: return k_attn_decode16<KT, 128, 8>;
-    case 256: return k_attn_decode16<KT, 256, 8>;
-    default: return k_attn_decode16<KT, 0, 8>;
-    }
+    return GM == 1 ? dec16_pick_d<KT, 1>(D) : GM == 2 ? dec16_pick_d<KT, 2>(D) : GM == 4 ? dec16_pick_d<KT, 4>(D)
+                                                                                    : dec16_pick_d<KT, 8>(D);
 }
 
 static int env_int(const char *name, int lo, int hi)
@@ -583,7 +615,9 @@ static int dec16_smem(int D, int GM, int nw, int ns, int *wr_out)
     if (merge > wr) wr = merge;
     wr = (wr + 15) / 16 * 16;
     *wr_out = wr;
-    return GM * D * 4 + nw * D16_KEYS * GM * 4 + nw * wr;
+    const int total = GM * D * 4 + nw * D16_KEYS * ((GM + 3) & ~3) * 4 + nw * wr;
+    const int split_merge = (2 * GM * DEC_MAX_SPLITS + GM) * 4; /* the last split's weights */
+    return total > split_merge ? total : split_merge;
 }
 
 template <typename KT> static dec16_cfg dec16_config(tuna_backend *be, int D, int GM, int max_smem)
@@ -596,7 +630,7 @@ template <typename KT> static dec16_cfg dec16_config(tuna_backend *be, int D, in
     static int n_cache = 0;
     for (int k = 0; k < n_cache; k++)
         if (cache[k].dev == be->device && cache[k].D == D && cache[k].GM == GM) return cache[k].c;
-    dec16_cfg c = {4, D <= 128 ? 3 : 2, 0, 0, 0};
+    dec16_cfg c = {4, 2, 0, 0, 0}; /* H100: 2 stages, 3 blocks per SM beat 3 stages, 2 blocks (55% vs 51% at B=256) */
     if (D > 128) c.nw = 2;
     const int ew = env_int("TUNA_ATTN_DEC_WARPS", 1, 4), es = env_int("TUNA_ATTN_DEC_STAGES", 2, 4);
     if (ew) c.nw = ew;
@@ -606,7 +640,8 @@ template <typename KT> static dec16_cfg dec16_config(tuna_backend *be, int D, in
     while (c.smem > max_smem && c.nw > 1) c.smem = dec16_smem(D, GM, --c.nw, c.ns, &c.wr);
     if (c.smem <= max_smem) {
         dec16_kernel<KT> fn = dec16_pick<KT>(D, GM);
-        cudaFuncSetAttribute((const void *)fn, cudaFuncAttributeMaxDynamicSharedMemorySize, c.smem);
+        /* the device's bound, not c.smem: one instantiation (DT = 0) serves several head sizes */
+        cudaFuncSetAttribute((const void *)fn, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem);
         cudaFuncSetAttribute((const void *)fn, cudaFuncAttributePreferredSharedMemoryCarveout,
                              (int)cudaSharedmemCarveoutMaxShared);
         if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&c.bps, (const void *)fn, 32 * c.nw, (size_t)c.smem) !=
@@ -793,7 +828,7 @@ void tuna_cuda_attention(tuna_backend *be, float *out, const float *q, const voi
     /* the 16-bit kernel: bf16/f16 cache, D a multiple of 8, 16-byte aligned caches
      * (TUNA_ATTN_DEC_OLD=1 runs the general kernel instead, for comparisons) */
     static const int dec_old = env_int("TUNA_ATTN_DEC_OLD", 1, 1);
-    const int GM16 = G <= 4 ? 4 : 8;
+    const int GM16 = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8;
     dec16_cfg c16 = {0, 0, 0, 0, 0};
     if (n_dec > 0 && code != 0 && D % 8 == 0 && (uintptr_t)kcache % 16 == 0 && (uintptr_t)vcache % 16 == 0 &&
         !dec_old)
