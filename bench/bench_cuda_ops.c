@@ -308,7 +308,7 @@ static void bench_fused_decode(tuna_backend *be, cudaEvent_t e0, cudaEvent_t e1)
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) CK(cudaFree(bufs[i]));
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
     tuna_backend *be;
     if (tuna_cuda_backend_new(0, &be)) {
@@ -343,6 +343,15 @@ int main(void)
     CK(cudaFree(b));
     printf("device: %s (cc %d.%d, %d SMs)\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount);
     printf("%-44s %10.1f GB/s\n", "device-to-device copy (read+write)", copy_gbs);
+    if (argc > 1 && strcmp(argv[1], "decode") == 0) { /* only the copy and the decode attention lines */
+        bench_attention(be, "attention decode B=1 ctx=4096", 1, 4096, 1, e0, e1);
+        bench_attention(be, "attention decode B=32 ctx=1024", 32, 1024, 1, e0, e1);
+        bench_attention(be, "attention decode B=128 ctx=1024", 128, 1024, 1, e0, e1);
+        bench_attention(be, "attention decode B=256 ctx=2048", 256, 2048, 1, e0, e1);
+        bench_attention(be, "attention decode B=64 ctx=4096", 64, 4096, 1, e0, e1);
+        tuna_cuda_backend_free(be);
+        return 0;
+    }
 
     /* Llama-3-8B linear shapes: q, k/v, o, gate/up, down, lm_head */
     static const struct {
