@@ -635,17 +635,22 @@ template <typename KT> static dec16_cfg dec16_config(tuna_backend *be, int D, in
     const int ew = env_int("TUNA_ATTN_DEC_WARPS", 1, 4), es = env_int("TUNA_ATTN_DEC_STAGES", 2, 4);
     if (ew) c.nw = ew;
     if (es) c.ns = es;
+    dec16_kernel<KT> fn = dec16_pick<KT>(D, GM);
+    cudaFuncAttributes fa;
+    memset(&fa, 0, sizeof fa);
+    if (cudaFuncGetAttributes(&fa, (const void *)fn) != cudaSuccess) fa.sharedSizeBytes = 1024;
+    const int lim = max_smem - (int)fa.sharedSizeBytes; /* dynamic shared memory the kernel may have */
     c.smem = dec16_smem(D, GM, c.nw, c.ns, &c.wr);
-    while (c.smem > max_smem && c.ns > 2) c.smem = dec16_smem(D, GM, c.nw, --c.ns, &c.wr);
-    while (c.smem > max_smem && c.nw > 1) c.smem = dec16_smem(D, GM, --c.nw, c.ns, &c.wr);
-    if (c.smem <= max_smem) {
-        dec16_kernel<KT> fn = dec16_pick<KT>(D, GM);
+    while (c.smem > lim && c.ns > 2) c.smem = dec16_smem(D, GM, c.nw, --c.ns, &c.wr);
+    while (c.smem > lim && c.nw > 1) c.smem = dec16_smem(D, GM, --c.nw, c.ns, &c.wr);
+    if (c.smem <= lim) {
         /* the device's bound, not c.smem: one instantiation (DT = 0) serves several head sizes */
-        cudaFuncSetAttribute((const void *)fn, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem);
+        const bool ok = cudaFuncSetAttribute((const void *)fn, cudaFuncAttributeMaxDynamicSharedMemorySize, lim) ==
+                        cudaSuccess;
         cudaFuncSetAttribute((const void *)fn, cudaFuncAttributePreferredSharedMemoryCarveout,
                              (int)cudaSharedmemCarveoutMaxShared);
-        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&c.bps, (const void *)fn, 32 * c.nw, (size_t)c.smem) !=
-            cudaSuccess)
+        if (!ok || cudaOccupancyMaxActiveBlocksPerMultiprocessor(&c.bps, (const void *)fn, 32 * c.nw,
+                                                                 (size_t)c.smem) != cudaSuccess)
             c.bps = 0;
         cudaGetLastError(); /* a refusal above only means: the general kernel runs */
     }
