@@ -6,8 +6,8 @@
  * KV cache with Llama-3-8B heads (H 32, Hkv 8, D 128, blocks of 16): decode at batch 1 / 4k
  * context and batch 32 / 128 at 1k as achieved GB/s of K and V read, prefill of 2048 tokens and a
  * chunked prefill (512 new tokens after 1536 cached) as TFLOP/s of the causal QK^T and PV products
- * actually done. Prints one table. Timings: CUDA events, median of
- * repeats after warm-up, weights and KV caches rotated among several copies so the 50 MB L2
+ * actually done (`bench_cuda_ops prefill`: those two lines only). Prints one table. Timings: CUDA
+ * events, median of repeats after warm-up, weights and KV caches rotated among several copies so the 50 MB L2
  * cache does not serve them. */
 #include <cuda_runtime.h>
 #include <math.h>
@@ -113,7 +113,9 @@ static void bench_attention(tuna_backend *be, const char *label, int64_t nseq, i
          * ctx - n_new + i + 1 keys; 4 H D T (T + 1) / 2 for a prefill from scratch */
         double keys = (double)n_new * (double)(ctx - n_new) + (double)n_new * (double)(n_new + 1) / 2.0;
         double flops = 4.0 * (double)H * (double)D * (double)nseq * keys;
-        printf("%-44s %10.1f TFLOP/s %15.1f us\n", label, flops / t / 1e12, t * 1e6);
+        double tb = time_attention_b2b(&a, 20, e0, e1);
+        printf("%-44s %10.1f TFLOP/s %15.1f us  (back to back: %.1f us, %.1f TFLOP/s)\n", label, flops / t / 1e12,
+               t * 1e6, tb * 1e6, flops / tb / 1e12);
     }
     CK(cudaFree(a.kc));
     CK(cudaFree(a.vc));
@@ -320,6 +322,12 @@ int main(int argc, char **argv)
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
+    if (argc > 1 && strcmp(argv[1], "prefill") == 0) { /* only the prefill attention lines */
+        bench_attention(be, "attention prefill T=2048 (causal)", 1, 2048, 2048, e0, e1);
+        bench_attention(be, "attention chunked prefill 512 after 1536", 1, 2048, 512, e0, e1);
+        tuna_cuda_backend_free(be);
+        return 0;
+    }
     float ms[64];
     const int reps = 30;
 

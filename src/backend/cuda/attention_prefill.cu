@@ -425,24 +425,27 @@ __global__ void __launch_bounds__(32 * NW, MINB)
         mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
         const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
         const float ms_a = mn_a == -INFINITY ? 0.f : mn_a * sl2, ms_b = mn_b == -INFINITY ? 0.f : mn_b * sl2;
-        const float corr_a = exp2f(m_a * sl2 - ms_a), corr_b = exp2f(m_b * sl2 - ms_b);
+        const float corr_a = mma_exp2(m_a * sl2 - ms_a), corr_b = mma_exp2(m_b * sl2 - ms_b);
+        const bool rescale = !__all_sync(0xffffffffu, mn_a == m_a && mn_b == m_b); /* else corr is 1 */
         m_a = mn_a, m_b = mn_b;
         float sum_a = 0.f, sum_b = 0.f;
 #pragma unroll
         for (int n = 0; n < 8; n++) {
-            s[n][0] = exp2f(fmaf(s[n][0], sl2, -ms_a));
-            s[n][1] = exp2f(fmaf(s[n][1], sl2, -ms_a));
-            s[n][2] = exp2f(fmaf(s[n][2], sl2, -ms_b));
-            s[n][3] = exp2f(fmaf(s[n][3], sl2, -ms_b));
+            s[n][0] = mma_exp2(fmaf(s[n][0], sl2, -ms_a));
+            s[n][1] = mma_exp2(fmaf(s[n][1], sl2, -ms_a));
+            s[n][2] = mma_exp2(fmaf(s[n][2], sl2, -ms_b));
+            s[n][3] = mma_exp2(fmaf(s[n][3], sl2, -ms_b));
             sum_a += s[n][0] + s[n][1];
             sum_b += s[n][2] + s[n][3];
         }
         l_a = l_a * corr_a + sum_a;
         l_b = l_b * corr_b + sum_b;
+        if (rescale) { /* the running max moved for some row of the warp */
 #pragma unroll
-        for (int n = 0; n < NO; n++) {
-            o[n][0] *= corr_a, o[n][1] *= corr_a;
-            o[n][2] *= corr_b, o[n][3] *= corr_b;
+            for (int n = 0; n < NO; n++) {
+                o[n][0] *= corr_a, o[n][1] *= corr_a;
+                o[n][2] *= corr_b, o[n][3] *= corr_b;
+            }
         }
         /* O += P V: P (16 x 64) as 4 A fragments of 16 keys */
         const uint32_t vb = mma_smem(smem + (st * 2 + 1) * C::stage) + v_lane * 2;
@@ -539,10 +542,15 @@ static void launch_mma(tuna_backend *be, float *out, const float *q, const void 
                        const att_meta &md, const int32_t *tiles, int64_t n_tiles, int H, int Hkv, float scale)
 {
     using C = mp_cfg<D, NW>;
-    if (!tuna_cuda_check(be, cudaFuncSetAttribute(k_attn_prefill_mma<KT, D, NW, MINB>,
-                                                  cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::smem),
-                         "cudaFuncSetAttribute(k_attn_prefill_mma)"))
-        return;
+    static uint32_t attr_set; /* devices 0..31 whose shared-memory limit is raised */
+    const uint32_t bit = be->device >= 0 && be->device < 32 ? 1u << be->device : 0u;
+    if (!bit || !(__atomic_load_n(&attr_set, __ATOMIC_RELAXED) & bit)) {
+        if (!tuna_cuda_check(be, cudaFuncSetAttribute(k_attn_prefill_mma<KT, D, NW, MINB>,
+                                                      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::smem),
+                             "cudaFuncSetAttribute(k_attn_prefill_mma)"))
+            return;
+        __atomic_fetch_or(&attr_set, bit, __ATOMIC_RELAXED);
+    }
     const bool qvec = ((uintptr_t)q % 16) == 0;
     const float sl2 = scale * 1.4426950408889634f; /* exp(x) = exp2(x log2 e) */
     k_attn_prefill_mma<KT, D, NW, MINB><<<dim3((unsigned)H, (unsigned)n_tiles), C::NT, C::smem, be->stream>>>(

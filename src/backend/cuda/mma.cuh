@@ -100,6 +100,14 @@ template <> __device__ __forceinline__ uint32_t mma_pack<__half>(float lo, float
     return *reinterpret_cast<uint32_t *>(&v);
 }
 
+/* 2^x with the hardware approximation (MUFU.EX2, ~2 ulp; flushes denormals; 2^-inf = 0). */
+static __device__ __forceinline__ float mma_exp2(float x)
+{
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 /* 16 bytes global -> shared, asynchronous (both 16-byte aligned); !full writes 16 zero bytes and
  * reads nothing (src must still be a valid address). */
 static __device__ __forceinline__ void mma_cp_async16(void *dst, const void *src, bool full)
