@@ -34,25 +34,18 @@ int tuna_cuda_gemv_prefetch(void)
     return v;
 }
 
-/* One step of the loop: 8 weights of R rows (raw) against x[t, 8ii .. 8ii+8) of TT tokens. */
-template <int TT, int R, bool NORM>
-static __device__ __forceinline__ void gemv_step(float (&acc)[R][TT], float (&ss)[TT], const uint4 (&raw)[R],
-                                                 int dtype, const float *x, const float *nw, int64_t K, int64_t ii)
+/* One step of the loop: 8 weights of R rows (raw) against xs[t, 8ii .. 8ii+8) of TT tokens. */
+template <int TT, int R>
+static __device__ __forceinline__ void gemv_step(float (&acc)[R][TT], const uint4 (&raw)[R], int dtype,
+                                                 const float *xs, int64_t K, int64_t ii, int lane)
 {
     float wf[R][8];
 #pragma unroll
     for (int r = 0; r < R; r++) tuna_cuda_unpack8(raw[r], dtype, wf[r]);
-    float4 na = make_float4(0.f, 0.f, 0.f, 0.f), nb = na;
-    if (NORM) {
-        const float4 *np = reinterpret_cast<const float4 *>(nw + ii * 8);
-        na = __ldg(np);
-        nb = __ldg(np + 1);
-    }
 #pragma unroll
     for (int t = 0; t < TT; t++) {
-        const float4 *xp = reinterpret_cast<const float4 *>(x + t * K + ii * 8);
-        float4 a = __ldg(xp), b = __ldg(xp + 1);
-        if (NORM) gemv_norm_x(a, b, na, nb, ss[t]);
+        float4 a, b;
+        gemv_x8(xs + t * K, ii, lane, a, b);
 #pragma unroll
         for (int r = 0; r < R; r++)
             acc[r][t] += wf[r][0] * a.x + wf[r][1] * a.y + wf[r][2] * a.z + wf[r][3] * a.w + wf[r][4] * b.x +
@@ -60,72 +53,100 @@ static __device__ __forceinline__ void gemv_step(float (&acc)[R][TT], float (&ss
     }
 }
 
-/* R rows per warp (GLU: R = 2, the gate row and the up row of one output), TT tokens. */
-template <int TT, int R, bool NORM>
-__global__ void __launch_bounds__(128) k_gemv_multi(const float *__restrict__ x, const struct gemv_job j)
+/* The weight rows of warp-job wid (R rows; GLU: the gate row and the up row). */
+template <int R>
+static __device__ __forceinline__ void gemv_wrows(const struct gemv_job &j, int seg, int64_t n0, const uint4 *(&wr)[R])
 {
-    const int lane = threadIdx.x & 31;
-    const int64_t wid = (int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
     const int64_t K = j.K;
-    int seg;
-    int64_t n0;
-    if (!gemv_rows(j, j.mode == GEMV_GLU ? 1 : R, wid, &seg, &n0)) return; /* padding rows */
-    const uint4 *wr[R];
     if (j.mode == GEMV_GLU) {
         wr[0] = reinterpret_cast<const uint4 *>((const uint16_t *)j.s[0].W + n0 * K);
         wr[R - 1] = reinterpret_cast<const uint4 *>((const uint16_t *)j.s[1].W + n0 * K);
-    } else {
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            int64_t n = n0 + r < j.s[seg].N ? n0 + r : j.s[seg].N - 1; /* rows past N are not stored */
-            wr[r] = reinterpret_cast<const uint4 *>((const uint16_t *)j.s[seg].W + n * K);
-        }
+        return;
     }
-    float acc[R][TT], ss[TT];
 #pragma unroll
-    for (int t = 0; t < TT; t++) {
-        ss[t] = 0.0f;
-#pragma unroll
-        for (int r = 0; r < R; r++) acc[r][t] = 0.0f;
+    for (int r = 0; r < R; r++) {
+        int64_t n = n0 + r < j.s[seg].N ? n0 + r : j.s[seg].N - 1; /* rows past N are not stored */
+        wr[r] = reinterpret_cast<const uint4 *>((const uint16_t *)j.s[seg].W + n * K);
     }
-    const int64_t K8 = K / 8;
-    int64_t i = lane;
-    /* before the previous kernel is done: only weights, which it does not write */
+}
+
+/* R rows per warp (GLU: R = 2, the gate row and the up row of one output), TT tokens; about one
+ * wave of blocks whose warps stride over the rows, x staged once per block (NORM: normalized). */
+template <int TT, int R, bool NORM>
+__global__ void __launch_bounds__(GEMV_THREADS, GEMV_BLOCKS_PER_SM) k_gemv_multi(const float *__restrict__ x,
+                                                                                const struct gemv_job j)
+{
+    extern __shared__ float4 gemv_xs4[];
+    float *xs = reinterpret_cast<float *>(gemv_xs4);
+    const int lane = threadIdx.x & 31;
+    const int64_t w0 = (int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+    const int64_t stride = (int64_t)gridDim.x * (blockDim.x / 32);
+    const int RW = j.mode == GEMV_GLU ? 1 : R;
+    const int64_t K = j.K, K8 = K / 8;
+    /* before the previous kernel is done: only the first row's weights, which it does not write */
     uint4 raw0[R], raw1[R];
     bool have = false;
-    if (j.prefetch >= 2)
+    {
+        int seg;
+        int64_t n0;
+        if (w0 < j.nwarp && gemv_rows(j, RW, w0, &seg, &n0)) {
+            const uint4 *wr[R];
+            gemv_wrows<R>(j, seg, n0, wr);
+            if (j.prefetch >= 2)
 #pragma unroll
-        for (int r = 0; r < R; r++)
-            for (int64_t l = (int64_t)lane * 8; l < K8; l += 256) tuna_prefetch_l2(wr[r] + l);
-    if (j.prefetch >= 1 && i + 32 < K8) {
+                for (int r = 0; r < R; r++)
+                    for (int64_t l = (int64_t)lane * 8; l < K8; l += 256) tuna_prefetch_l2(wr[r] + l);
+            if (j.prefetch >= 1 && lane + 32 < K8) {
 #pragma unroll
-        for (int r = 0; r < R; r++) {
-            raw0[r] = __ldg(wr[r] + i);
-            raw1[r] = __ldg(wr[r] + i + 32);
+                for (int r = 0; r < R; r++) {
+                    raw0[r] = __ldg(wr[r] + lane);
+                    raw1[r] = __ldg(wr[r] + lane + 32);
+                }
+                have = true;
+            }
         }
-        have = true;
     }
     tuna_pdl_wait();
     tuna_pdl_trigger();
-    for (; i + 32 < K8; i += 64) {
-        if (!have) {
+    gemv_stage_x<TT, NORM>(xs, x, j);
+    for (int64_t wid = w0; wid < j.nwarp; wid += stride) {
+        int seg;
+        int64_t n0;
+        if (!gemv_rows(j, RW, wid, &seg, &n0)) { /* padding rows */
+            have = false;
+            continue;
+        }
+        const uint4 *wr[R];
+        gemv_wrows<R>(j, seg, n0, wr);
+        float acc[R][TT], ss[TT];
 #pragma unroll
-            for (int r = 0; r < R; r++) {
-                raw0[r] = __ldg(wr[r] + i);
-                raw1[r] = __ldg(wr[r] + i + 32);
+        for (int t = 0; t < TT; t++) {
+            ss[t] = 0.0f;
+#pragma unroll
+            for (int r = 0; r < R; r++) acc[r][t] = 0.0f;
+        }
+        int64_t i = lane;
+        for (; i + 32 < K8; i += 64) {
+            if (!have) {
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    raw0[r] = __ldg(wr[r] + i);
+                    raw1[r] = __ldg(wr[r] + i + 32);
+                }
             }
+            have = false;
+            gemv_step<TT, R>(acc, raw0, j.dtype, xs, K, i, lane);
+            gemv_step<TT, R>(acc, raw1, j.dtype, xs, K, i + 32, lane);
+        }
+        for (; i < K8; i += 32) {
+            uint4 raw[R];
+#pragma unroll
+            for (int r = 0; r < R; r++) raw[r] = __ldg(wr[r] + i);
+            gemv_step<TT, R>(acc, raw, j.dtype, xs, K, i, lane);
         }
         have = false;
-        gemv_step<TT, R, NORM>(acc, ss, raw0, j.dtype, x, j.nw, K, i);
-        gemv_step<TT, R, NORM>(acc, ss, raw1, j.dtype, x, j.nw, K, i + 32);
+        gemv_epilogue<TT, R, false>(j, acc, ss, x, seg, n0, false);
     }
-    for (; i < K8; i += 32) {
-        uint4 raw[R];
-#pragma unroll
-        for (int r = 0; r < R; r++) raw[r] = __ldg(wr[r] + i);
-        gemv_step<TT, R, NORM>(acc, ss, raw, j.dtype, x, j.nw, K, i);
-    }
-    gemv_epilogue<TT, R, NORM>(j, acc, ss, x, seg, n0, wid == 0);
 }
 
 /* The weight can go through the grouped kernel: 16-bit, K % 8 == 0, 16-byte aligned rows. */
@@ -144,43 +165,51 @@ static bool is_q4(const struct tuna_weight *w)
 }
 
 template <int TT, int R, bool NORM>
-static void launch_one(tuna_backend *be, const float *x, const struct gemv_job *j, unsigned blocks)
+static void launch_one(tuna_backend *be, const float *x, const struct gemv_job *j, unsigned blocks, size_t smem)
 {
-    tuna_cuda_launch(be, "k_gemv_multi", k_gemv_multi<TT, R, NORM>, dim3(blocks), dim3(128), 0, x, *j);
+    tuna_cuda_launch(be, "k_gemv_multi", k_gemv_multi<TT, R, NORM>, dim3(blocks), dim3(GEMV_THREADS), smem, x, *j);
 }
 
 template <int R, bool NORM>
-static void launch_tt(tuna_backend *be, const float *x, const struct gemv_job *j, unsigned blocks, int64_t T)
+static void launch_tt(tuna_backend *be, const float *x, const struct gemv_job *j, unsigned blocks, size_t smem,
+                      int64_t T)
 {
     switch (T) {
-    case 1: launch_one<1, R, NORM>(be, x, j, blocks); break;
-    case 2: launch_one<2, R, NORM>(be, x, j, blocks); break;
-    case 3: launch_one<3, R, NORM>(be, x, j, blocks); break;
-    case 4: launch_one<4, R, NORM>(be, x, j, blocks); break;
-    case 5: launch_one<5, R, NORM>(be, x, j, blocks); break;
-    case 6: launch_one<6, R, NORM>(be, x, j, blocks); break;
-    case 7: launch_one<7, R, NORM>(be, x, j, blocks); break;
-    case 8: launch_one<8, R, NORM>(be, x, j, blocks); break;
+    case 1: launch_one<1, R, NORM>(be, x, j, blocks, smem); break;
+    case 2: launch_one<2, R, NORM>(be, x, j, blocks, smem); break;
+    case 3: launch_one<3, R, NORM>(be, x, j, blocks, smem); break;
+    case 4: launch_one<4, R, NORM>(be, x, j, blocks, smem); break;
+    case 5: launch_one<5, R, NORM>(be, x, j, blocks, smem); break;
+    case 6: launch_one<6, R, NORM>(be, x, j, blocks, smem); break;
+    case 7: launch_one<7, R, NORM>(be, x, j, blocks, smem); break;
+    case 8: launch_one<8, R, NORM>(be, x, j, blocks, smem); break;
     }
 }
 
-/* Numbers the rows, then launches the 16-bit kernel (R = 1 at T = 1, else 2; GLU always 2). */
-static void launch_multi(tuna_backend *be, const float *x, struct gemv_job *j, int64_t T)
+/* Numbers the rows, then launches the 16-bit kernel (R = 1 at T = 1, else 2; GLU always 2):
+ * about GEMV_BLOCKS_PER_SM blocks per SM, fewer when there are fewer rows. False when x does not
+ * fit in shared memory. */
+static bool launch_multi(tuna_backend *be, const float *x, struct gemv_job *j, int64_t T)
 {
-    const int warps = 4;
+    const size_t smem = (size_t)T * (size_t)j->K * sizeof(float);
+    if (smem > GEMV_MAX_STAGE_BYTES) return false;
     const int R = j->mode == GEMV_GLU || T > 1 ? 2 : 1;
     const bool norm = j->nw != NULL;
     int64_t rows = j->mode == GEMV_GLU ? j->s[0].N : gemv_number_rows(j, R);
     const int64_t per_warp = j->mode == GEMV_GLU ? 1 : R;
-    unsigned blocks = (unsigned)((rows + warps * per_warp - 1) / (warps * per_warp));
+    j->nwarp = (rows + per_warp - 1) / per_warp;
+    const int64_t wpb = GEMV_THREADS / 32;
+    int64_t blocks = (j->nwarp + wpb - 1) / wpb, cap = (int64_t)tuna_cuda_sm_count(be) * GEMV_BLOCKS_PER_SM;
+    if (cap > 0 && blocks > cap) blocks = cap;
     j->prefetch = tuna_cuda_gemv_prefetch();
     if (R == 1) {
-        if (norm) launch_tt<1, true>(be, x, j, blocks, T);
-        else launch_tt<1, false>(be, x, j, blocks, T);
+        if (norm) launch_tt<1, true>(be, x, j, (unsigned)blocks, smem, T);
+        else launch_tt<1, false>(be, x, j, (unsigned)blocks, smem, T);
     } else {
-        if (norm) launch_tt<2, true>(be, x, j, blocks, T);
-        else launch_tt<2, false>(be, x, j, blocks, T);
+        if (norm) launch_tt<2, true>(be, x, j, (unsigned)blocks, smem, T);
+        else launch_tt<2, false>(be, x, j, (unsigned)blocks, smem, T);
     }
+    return true;
 }
 
 /* A job over n weights (ys[i] = x W_i^T + b_i) in mode `mode`; nw != NULL folds the RMSNorm in. */
@@ -209,6 +238,7 @@ static bool run_job(tuna_backend *be, const float *x, struct gemv_job *j, const 
     if (T <= 0 || T > TUNA_CUDA_GEMV_MAX_T || ((uintptr_t)x % 16) != 0 || j->nseg > GEMV_MAX_SEG) return false;
     if (j->xn && ((uintptr_t)j->xn % 16) != 0) return false;
     if (j->nw && ((uintptr_t)j->nw % 16) != 0) return false;
+    if (j->K % 8 != 0) return false;
     if (is_q4(ws[0])) {
         if (tuna_cuda_q4_old()) return false;
         for (int i = 0; i < j->nseg; i++)
@@ -220,8 +250,7 @@ static bool run_job(tuna_backend *be, const float *x, struct gemv_job *j, const 
     for (int i = 0; i < j->nseg; i++)
         if (!gemv_ok(ws[i], j->K, &dtype)) return false;
     j->dtype = dtype;
-    launch_multi(be, x, j, T);
-    return true;
+    return launch_multi(be, x, j, T);
 }
 
 void tuna_cuda_matmul_multi(tuna_backend *be, int n, float *const *ys, const float *x,

@@ -131,6 +131,76 @@ static __device__ __forceinline__ void gemv_norm_x(float4 &a, float4 &b, const f
     b.x *= nb.x, b.y *= nb.y, b.z *= nb.z, b.w *= nb.w;
 }
 
+/* The grouped kernels' blocks: 16 warps, about two blocks per SM, each warp striding over rows. */
+#define GEMV_THREADS 512
+#define GEMV_BLOCKS_PER_SM 2
+/* Largest x staged in shared memory (T * K floats); larger jobs take the plain ops. */
+#define GEMV_MAX_STAGE_BYTES (160 * 1024)
+
+/* Stages x [TT, K] in shared memory xs, once per block (the kernels read it from there: x is
+ * 2-8x the bytes of the weights it meets and L1 could not serve it fast enough). NORM: xs = x *
+ * r * nw with r = 1/sqrt(mean(x^2) + eps), the CPU rmsnorm's formula, and block 0 writes xs to
+ * j.xn. Needs K % 4 == 0; ends with __syncthreads(). */
+template <int TT, bool NORM>
+static __device__ __forceinline__ void gemv_stage_x(float *xs, const float *x, const struct gemv_job &j)
+{
+    __shared__ float red[TT][32];
+    const int64_t K4 = j.K / 4;
+    const float4 *x4 = reinterpret_cast<const float4 *>(x);
+    float4 *s4 = reinterpret_cast<float4 *>(xs);
+    float ss[TT];
+#pragma unroll
+    for (int t = 0; t < TT; t++) ss[t] = 0.0f;
+    for (int64_t i = threadIdx.x; i < K4; i += blockDim.x)
+#pragma unroll
+        for (int t = 0; t < TT; t++) {
+            const float4 a = x4[t * K4 + i];
+            s4[t * K4 + i] = a;
+            if (NORM) ss[t] += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+        }
+    if (NORM) {
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+        for (int t = 0; t < TT; t++) {
+            for (int o = 16; o > 0; o >>= 1) ss[t] += __shfl_xor_sync(0xffffffffu, ss[t], o);
+            if (lane == 0) red[t][warp] = ss[t];
+        }
+        __syncthreads();
+        float r[TT];
+#pragma unroll
+        for (int t = 0; t < TT; t++) {
+            float a = 0.0f;
+            for (int w = 0; w < nw; w++) a += red[t][w];
+            r[t] = 1.0f / sqrtf(a / (float)j.K + j.eps);
+        }
+        const float4 *n4 = reinterpret_cast<const float4 *>(j.nw);
+        float4 *xn4 = reinterpret_cast<float4 *>(j.xn);
+        const bool write = j.xn && blockIdx.x == 0;
+        for (int64_t i = threadIdx.x; i < K4; i += blockDim.x) {
+            const float4 w = __ldg(n4 + i);
+#pragma unroll
+            for (int t = 0; t < TT; t++) {
+                float4 a = s4[t * K4 + i];
+                a = make_float4(a.x * r[t] * w.x, a.y * r[t] * w.y, a.z * r[t] * w.z, a.w * r[t] * w.w);
+                s4[t * K4 + i] = a;
+                if (write) xn4[t * K4 + i] = a;
+            }
+        }
+    }
+    __syncthreads();
+}
+
+/* x[8 c .. 8 c + 8) of token row xr in shared memory as two float4: lanes whose bit 2 is set
+ * read the second half first, so a quarter-warp's 16-byte reads cover all 32 banks. */
+static __device__ __forceinline__ void gemv_x8(const float *xr, int64_t c, int lane, float4 &a, float4 &b)
+{
+    const float4 *p = reinterpret_cast<const float4 *>(xr + c * 8);
+    const int sw = (lane >> 2) & 1;
+    const float4 p0 = p[sw], p1 = p[sw ^ 1];
+    a = sw ? p1 : p0;
+    b = sw ? p0 : p1;
+}
+
 /* TUNA_GEMV_PREFETCH (0, 1, 2; default 1): what a GEMV does before waiting for the previous kernel. */
 int tuna_cuda_gemv_prefetch(void);
 

@@ -23,3 +23,44 @@ bool tuna_cuda_pdl_on(tuna_backend *be)
     }
     return cc_major[be->device] >= 9;
 }
+
+int tuna_cuda_sm_count(tuna_backend *be)
+{
+    static int n[64];
+    if (be->device < 0 || be->device >= 64) return 0;
+    if (n[be->device] == 0) {
+        int v = 0;
+        if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, be->device) != cudaSuccess) {
+            cudaGetLastError();
+            v = -1;
+        }
+        n[be->device] = v > 0 ? v : -1;
+    }
+    return n[be->device] > 0 ? n[be->device] : 0;
+}
+
+bool tuna_cuda_smem_allow(tuna_backend *be, const void *kernel, size_t bytes)
+{
+    static struct {
+        const void *k;
+        size_t bytes;
+    } seen[128];
+    static int n;
+    if (bytes <= 48 * 1024) return true;
+    for (int i = 0; i < n; i++)
+        if (seen[i].k == kernel && seen[i].bytes >= bytes) return true;
+    if (!tuna_cuda_check(be, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes),
+                         "cudaFuncSetAttribute(shared memory)"))
+        return false;
+    for (int i = 0; i < n; i++)
+        if (seen[i].k == kernel) {
+            seen[i].bytes = bytes;
+            return true;
+        }
+    if (n < 128) {
+        seen[n].k = kernel;
+        seen[n].bytes = bytes;
+        n++;
+    }
+    return true;
+}

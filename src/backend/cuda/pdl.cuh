@@ -44,12 +44,18 @@ __device__ __forceinline__ void tuna_prefetch_l2(const void *p)
 /* True when this backend's launches may use PDL (compute capability >= 9.0, TUNA_PDL != 0). */
 bool tuna_cuda_pdl_on(tuna_backend *be);
 
+/* Multiprocessors of the backend's device (cached; 0 when unknown). */
+int tuna_cuda_sm_count(tuna_backend *be);
+/* Lets kernel use `bytes` of dynamic shared memory (above the default 48 KiB: once per kernel). */
+bool tuna_cuda_smem_allow(tuna_backend *be, const void *kernel, size_t bytes);
+
 /* Launches kernel<<<grid, block, smem, be->stream>>>(args...) with the PDL attribute when
  * tuna_cuda_pdl_on(be); the kernel must call tuna_pdl_wait() (see above). Checks the launch. */
 template <typename... KArgs, typename... Args>
 static inline bool tuna_cuda_launch(tuna_backend *be, const char *name, void (*kernel)(KArgs...), dim3 grid,
                                     dim3 block, size_t smem, Args &&...args)
 {
+    if (!tuna_cuda_smem_allow(be, (const void *)kernel, smem)) return false;
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = block;
