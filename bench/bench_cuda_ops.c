@@ -361,6 +361,11 @@ int main(int argc, char **argv)
         return 0;
     }
 
+    if (getenv("BENCH_FUSED_ONLY")) { /* the decode-fusion lines alone (quick A/B runs) */
+        bench_fused_decode(be, e0, e1);
+        tuna_cuda_backend_free(be);
+        return 0;
+    }
     /* Llama-3-8B linear shapes: q, k/v, o, gate/up, down, lm_head */
     static const struct {
         const char *name;
