@@ -253,28 +253,28 @@ __global__ void __launch_bounds__(PF_THREADS)
  * staged in [K1 V1] when it then lives in registers (else after V1), then the slots of two tiles. */
 #define MP_BK 64
 
-template <int D, int NW> struct mp_cfg {
+template <int D, int NW, int BK = MP_BK> struct mp_cfg {
     static constexpr int BQ = 16 * NW, DP = D + 8, NT = 32 * NW;
     static constexpr bool QREG = D <= 128;
-    static constexpr size_t stage = (size_t)MP_BK * DP * 2; /* bytes of one K or V tile */
+    static constexpr size_t stage = (size_t)BK * DP * 2; /* bytes of one K or V tile */
     static constexpr size_t q_off = QREG ? 2 * stage : 4 * stage;
     static constexpr size_t kv_end = 4 * stage;
     static constexpr size_t q_end = q_off + (size_t)BQ * DP * 2;
     static constexpr size_t slot_off = (kv_end > q_end ? kv_end : q_end);
-    static constexpr size_t smem = slot_off + 2 * MP_BK * sizeof(int64_t);
+    static constexpr size_t smem = slot_off + 2 * BK * sizeof(int64_t);
 };
 
-template <typename KT, int D, int NW, int MINB>
+template <typename KT, int D, int NW, int MINB, int BK>
 __global__ void __launch_bounds__(32 * NW, MINB)
     k_attn_prefill_mma(float *out, const float *q, const KT *kc, const KT *vc, att_meta md, const int32_t *tiles,
                        int n_tiles, int H, int Hkv, bool qvec, float sl2)
 {
 #if TUNA_MMA_SM80
-    using C = mp_cfg<D, NW>;
+    using C = mp_cfg<D, NW, BK>;
     constexpr int BQ = C::BQ, DP = C::DP, NT = C::NT, CH = D / 8, KD = D / 16, NO = D / 8;
     extern __shared__ __align__(128) unsigned char smem[];
     KT *Qs = (KT *)(smem + C::q_off);
-    int64_t *sslot = (int64_t *)(smem + C::slot_off); /* [2][MP_BK] */
+    int64_t *sslot = (int64_t *)(smem + C::slot_off); /* [2][BK] */
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c4 = lane & 3;
     const int h = blockIdx.x, tile = n_tiles - 1 - (int)blockIdx.y; /* the longest tiles first */
@@ -285,13 +285,13 @@ __global__ void __launch_bounds__(32 * NW, MINB)
     const int64_t HkvD = (int64_t)Hkv * D;
     const int64_t bs = md.bs;
     const int64_t kstart = att_start(md, p_first);
-    const int n_kt = (int)((p_last - kstart) / MP_BK + 1);
+    const int n_kt = (int)((p_last - kstart) / BK + 1);
     const KT *kbase = kc + (int64_t)kvh * D, *vbase = vc + (int64_t)kvh * D;
 
     /* slots of tile `it` (keys past p_last: -1, zero filled) */
     auto make_slots = [&](int it) {
-        if (tid < MP_BK) {
-            const int64_t pp = kstart + (int64_t)it * MP_BK + tid;
+        if (tid < BK) {
+            const int64_t pp = kstart + (int64_t)it * BK + tid;
             int64_t sl = -1;
             if (pp <= p_last) {
                 if (p_last < 0x7fffffff && bs < 0x7fffffff) {
@@ -301,14 +301,14 @@ __global__ void __launch_bounds__(32 * NW, MINB)
                     sl = (int64_t)table[pp / bs] * bs + pp % bs;
                 }
             }
-            sslot[(it & 1) * MP_BK + tid] = sl;
+            sslot[(it & 1) * BK + tid] = sl;
         }
     };
     auto load_tile = [&](int it) {
         const int st = it & 1;
-        const int64_t *sl = sslot + st * MP_BK;
-        KT *kd = (KT *)(smem + st * 2 * C::stage), *vd = kd + MP_BK * DP;
-        for (int x = tid; x < MP_BK * CH; x += NT) {
+        const int64_t *sl = sslot + st * BK;
+        KT *kd = (KT *)(smem + st * 2 * C::stage), *vd = kd + BK * DP;
+        for (int x = tid; x < BK * CH; x += NT) {
             const int j = x / CH, u = x % CH;
             const int64_t s = sl[j];
             const int64_t off = s >= 0 ? s * HkvD + u * 8 : 0;
@@ -374,14 +374,14 @@ __global__ void __launch_bounds__(32 * NW, MINB)
         __syncthreads(); /* tile it is in; everyone is done with tile it-1's buffers */
         if (it + 1 < n_kt) load_tile(it + 1);
         const int st = it & 1;
-        const int64_t k0 = kstart + (int64_t)it * MP_BK;
-        if (!wlive || k0 > wpos_hi || k0 + MP_BK - 1 < wst_lo) continue;
-        const bool need_mask = wpart || k0 + MP_BK - 1 > wpos_lo || k0 < wst_hi;
+        const int64_t k0 = kstart + (int64_t)it * BK;
+        if (!wlive || k0 > wpos_hi || k0 + BK - 1 < wst_lo) continue;
+        const bool need_mask = wpart || k0 + BK - 1 > wpos_lo || k0 < wst_hi;
 
-        /* S = Q K^T: 16 rows x 64 keys, 8 n-tiles of 8 keys */
-        float s[8][4];
+        /* S = Q K^T: 16 rows x BK keys, n-tiles of 8 keys */
+        float s[BK / 8][4];
 #pragma unroll
-        for (int n = 0; n < 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+        for (int n = 0; n < BK / 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
         const uint32_t kb = mma_smem(smem + st * 2 * C::stage) + k_lane * 2;
 #pragma unroll
         for (int kk = 0; kk < KD; kk++) {
@@ -392,20 +392,20 @@ __global__ void __launch_bounds__(32 * NW, MINB)
                 mma_ldsm_x4(a, q_lane + kk * 32);
             }
 #pragma unroll
-            for (int np = 0; np < 4; np++) {
+            for (int np = 0; np < BK / 16; np++) {
                 uint32_t b[4];
                 mma_ldsm_x4(b, kb + (np * 16 * DP + kk * 16) * 2);
                 mma_16816<KT>(s[2 * np], a, b[0], b[1]);
                 mma_16816<KT>(s[2 * np + 1], a, b[2], b[3]);
             }
         }
-        if (need_mask) { /* keys k0 + j, j in [0, 64): a row takes j in [lo, hi] */
-            const int hi_a = (int)max((int64_t)-1, min((int64_t)MP_BK, pa - k0));
-            const int hi_b = (int)max((int64_t)-1, min((int64_t)MP_BK, pb - k0));
-            const int lo_a = (int)max((int64_t)0, min((int64_t)MP_BK, sa - k0));
-            const int lo_b = (int)max((int64_t)0, min((int64_t)MP_BK, sb - k0));
+        if (need_mask) { /* keys k0 + j, j in [0, BK): a row takes j in [lo, hi] */
+            const int hi_a = (int)max((int64_t)-1, min((int64_t)BK, pa - k0));
+            const int hi_b = (int)max((int64_t)-1, min((int64_t)BK, pb - k0));
+            const int lo_a = (int)max((int64_t)0, min((int64_t)BK, sa - k0));
+            const int lo_b = (int)max((int64_t)0, min((int64_t)BK, sb - k0));
 #pragma unroll
-            for (int n = 0; n < 8; n++)
+            for (int n = 0; n < BK / 8; n++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     const int j = 8 * n + 2 * c4 + (e & 1);
@@ -415,7 +415,7 @@ __global__ void __launch_bounds__(32 * NW, MINB)
         /* online softmax (rows g and g+8 of the warp; a quad of lanes shares a row) */
         float mx_a = -INFINITY, mx_b = -INFINITY;
 #pragma unroll
-        for (int n = 0; n < 8; n++) {
+        for (int n = 0; n < BK / 8; n++) {
             mx_a = fmaxf(mx_a, fmaxf(s[n][0], s[n][1]));
             mx_b = fmaxf(mx_b, fmaxf(s[n][2], s[n][3]));
         }
@@ -430,7 +430,7 @@ __global__ void __launch_bounds__(32 * NW, MINB)
         m_a = mn_a, m_b = mn_b;
         float sum_a = 0.f, sum_b = 0.f;
 #pragma unroll
-        for (int n = 0; n < 8; n++) {
+        for (int n = 0; n < BK / 8; n++) {
             s[n][0] = mma_exp2(fmaf(s[n][0], sl2, -ms_a));
             s[n][1] = mma_exp2(fmaf(s[n][1], sl2, -ms_a));
             s[n][2] = mma_exp2(fmaf(s[n][2], sl2, -ms_b));
@@ -447,10 +447,10 @@ __global__ void __launch_bounds__(32 * NW, MINB)
                 o[n][2] *= corr_b, o[n][3] *= corr_b;
             }
         }
-        /* O += P V: P (16 x 64) as 4 A fragments of 16 keys */
+        /* O += P V: P (16 x BK) as A fragments of 16 keys */
         const uint32_t vb = mma_smem(smem + (st * 2 + 1) * C::stage) + v_lane * 2;
 #pragma unroll
-        for (int kk = 0; kk < MP_BK / 16; kk++) {
+        for (int kk = 0; kk < BK / 16; kk++) {
             uint32_t a[4];
             a[0] = mma_pack<KT>(s[2 * kk][0], s[2 * kk][1]);
             a[1] = mma_pack<KT>(s[2 * kk][2], s[2 * kk][3]);
@@ -504,11 +504,16 @@ static int mp_warps(int D)
 }
 
 /* Blocks per SM the register allocation aims at for D = 128 with 4 warps (2: ~220 registers;
- * TUNA_ATTN_PF_MINB=3: 168, for measurements). */
+ * TUNA_ATTN_PF_MINB=3: 168, for measurements; with TUNA_ATTN_PF_BK=32 also tiles of 32 keys). */
 static int mp_minb(void)
 {
     const char *e = getenv("TUNA_ATTN_PF_MINB");
     return e && atoi(e) == 3 ? 3 : 1;
+}
+static int mp_bk32(void)
+{
+    const char *e = getenv("TUNA_ATTN_PF_BK");
+    return e && atoi(e) == 32;
 }
 
 static size_t mp_smem(int D, int NW)
@@ -537,15 +542,15 @@ static int mp_use(int D, int esz, int max_smem)
     return major >= 8 ? nw : 0;
 }
 
-template <typename KT, int D, int NW, int MINB>
+template <typename KT, int D, int NW, int MINB, int BK = MP_BK>
 static void launch_mma(tuna_backend *be, float *out, const float *q, const void *kcache, const void *vcache,
                        const att_meta &md, const int32_t *tiles, int64_t n_tiles, int H, int Hkv, float scale)
 {
-    using C = mp_cfg<D, NW>;
+    using C = mp_cfg<D, NW, BK>;
     static uint32_t attr_set; /* devices 0..31 whose shared-memory limit is raised */
     const uint32_t bit = be->device >= 0 && be->device < 32 ? 1u << be->device : 0u;
     if (!bit || !(__atomic_load_n(&attr_set, __ATOMIC_RELAXED) & bit)) {
-        if (!tuna_cuda_check(be, cudaFuncSetAttribute(k_attn_prefill_mma<KT, D, NW, MINB>,
+        if (!tuna_cuda_check(be, cudaFuncSetAttribute(k_attn_prefill_mma<KT, D, NW, MINB, BK>,
                                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::smem),
                              "cudaFuncSetAttribute(k_attn_prefill_mma)"))
             return;
@@ -553,7 +558,7 @@ static void launch_mma(tuna_backend *be, float *out, const float *q, const void 
     }
     const bool qvec = ((uintptr_t)q % 16) == 0;
     const float sl2 = scale * 1.4426950408889634f; /* exp(x) = exp2(x log2 e) */
-    k_attn_prefill_mma<KT, D, NW, MINB><<<dim3((unsigned)H, (unsigned)n_tiles), C::NT, C::smem, be->stream>>>(
+    k_attn_prefill_mma<KT, D, NW, MINB, BK><<<dim3((unsigned)H, (unsigned)n_tiles), C::NT, C::smem, be->stream>>>(
         out, q, (const KT *)kcache, (const KT *)vcache, md, tiles, (int)n_tiles, H, Hkv, qvec, sl2);
     tuna_cuda_check_launch(be, "k_attn_prefill_mma");
 }
@@ -569,6 +574,8 @@ static void launch_mma_d(tuna_backend *be, float *out, const float *q, const voi
     case 96: launch_mma<KT, 96, 4, 1>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale); break;
     case 128:
         if (NW == 8) launch_mma<KT, 128, 8, 1>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale);
+        else if (mp_minb() == 3 && mp_bk32())
+            launch_mma<KT, 128, 4, 3, 32>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale);
         else if (mp_minb() == 3) launch_mma<KT, 128, 4, 3>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale);
         else launch_mma<KT, 128, 4, 1>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale);
         break;
