@@ -275,8 +275,10 @@ static void test_rmsnorm_matmul_glu(void **state)
                     snprintf(what, sizeof what, "rmsnorm_matmul_glu %s act %d T=%lld [%lld, %lld]",
                              tuna_dtype_name(k_types[ti]), act, (long long)T, (long long)I, (long long)K);
                     check(what, og, gc, (size_t)(T * I), 2 * tol_for(k_types[ti], T));
-                    back(og, dxn, (size_t)(T * K) * 4);
-                    check("rmsnorm_matmul_glu xn", og, xn, (size_t)(T * K), 1e-6);
+                    float *xg = malloc((size_t)(T * K) * 4); /* xn is [T, K], out [T, I] */
+                    back(xg, dxn, (size_t)(T * K) * 4);
+                    check("rmsnorm_matmul_glu xn", xg, xn, (size_t)(T * K), 1e-6);
+                    free(xg);
                     free(x), free(xn), free(gc), free(uc), free(og);
                     tuna_cuda_free(g_gpu, dx);
                     tuna_cuda_free(g_gpu, dxn);
