@@ -531,7 +531,7 @@ static void test_attention_batches(void **state)
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
         for (int k = 0; k < cases[i].n_nseq; k++)
             for (int d = 0; d < 3; d++) {
-                if (d == 2 && k % 2) continue; /* float32 (the general kernel): every other batch size */
+                if (d == 2 && k > 0) continue; /* float32 (the general kernel, test_attention's): one size */
                 att_run_batch(&cases[i], cases[i].nseq[k], dts[d]);
             }
     TT_OK(tuna_cuda_status(g_gpu));
