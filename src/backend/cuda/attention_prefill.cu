@@ -1,7 +1,11 @@
 /* attention_prefill.cu — flash attention for prefill runs over the paged KV cache (see
  * attention.cu for the whole op and the split of a batch between its two kernels).
  *
- * k_attn_prefill: a block takes a tile of BQ queries of one head; tiles of PF_BK keys go to
+ * k_attn_prefill_mma (below): bf16/f16 caches on sm_80+, head dims 64/80/96/128/256 — the
+ * FlashAttention-2-style kernel on mma.sync with everything per row in registers.
+ *
+ * k_attn_prefill (every other case: float32 cache, older GPUs, other head dims, unaligned K/V
+ * rows): a block takes a tile of BQ queries of one head; tiles of PF_BK keys go to
  * shared memory, S = Q K^T and O += P V run on tensor cores (WMMA 16x16x16, bf16 or f16 inputs,
  * float32 accumulation) for 16-bit caches, as float32 loops for a float32 cache; the online
  * softmax (per-row max and sum, O rescaled in shared memory) is float32. */
