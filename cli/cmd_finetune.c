@@ -52,6 +52,8 @@ static void usage(FILE *f)
             "  --metrics FILE (OUT/metrics.jsonl)  --save-steps N (0 = no checkpoints)  --resume (latest\n"
             "  OUT/checkpoint-N)  --resume-from DIR  --overwrite (replace an adapter already in OUT)\n"
             "  --gradient-checkpointing (keep only each layer's input; recompute it in backward)\n"
+            "  --offload (memory mode: checkpointing with the layer inputs and AdamW state in host memory,\n"
+            "  the MLP and the logits in chunks; docs/TRAINING.md)\n"
             "device:\n"
             "  --device cpu|cuda|cuda:N (cpu)  --dtype auto|bfloat16|float16|float32 (GPU compute; auto = bf16)\n"
             "  --threads N  --quiet\n");
@@ -62,7 +64,7 @@ struct ft_opts {
     long long batch, accum, max_steps, warmup, save_steps, max_seq, threads, lora_r, seed;
     double epochs, lr, wd, b1, b2, eps, clip, alpha, dropout;
     const char *sched;
-    bool shuffle, rslora, load4, resume, responses_only, packing, overwrite, quiet, grad_ckpt;
+    bool shuffle, rslora, load4, resume, responses_only, packing, overwrite, quiet, grad_ckpt, offload;
     struct tuna_model_opts mo; /* --device, --dtype (infer_device_parse) */
 };
 
@@ -112,6 +114,7 @@ static bool parse_args(int argc, char **argv, struct ft_opts *o, bool *help)
                      : !strcmp(a, "--overwrite")               ? &o->overwrite
                      : !strcmp(a, "--quiet")                   ? &o->quiet
                      : !strcmp(a, "--gradient-checkpointing")  ? &o->grad_ckpt
+                     : !strcmp(a, "--offload")                 ? &o->offload
                                                                : NULL;
         if (flag) {
             *flag = strcmp(a, "--no-shuffle") != 0; /* --no-shuffle clears shuffle */
@@ -270,7 +273,8 @@ int cmd_finetune(int argc, char **argv)
     struct tuna_lora_train_opts lo;
     tuna_lora_train_opts_default(&lo);
     lo.r = o.lora_r, lo.alpha = o.alpha, lo.dropout = o.dropout, lo.use_rslora = o.rslora, lo.seed = (uint64_t)o.seed;
-    lo.gradient_checkpointing = o.grad_ckpt;
+    lo.gradient_checkpointing = o.grad_ckpt || o.offload;
+    lo.offload = o.offload;
     lo.targets = n_targets ? targets : NULL;
     lo.n_targets = n_targets;
     if (!st) st = tuna_trainer_new(m, &lo, &oo, init, &t);
