@@ -733,17 +733,13 @@ void tuna_cuda_attention(tuna_backend *be, float *out, const float *q, const voi
         tuna_cuda_check(be, cudaErrorInvalidValue, "attention (tables_flat without max_blocks_per_seq)");
         return;
     }
-    int dev_major = 0, n_sm = 0, max_smem = 0;
-    cudaDeviceGetAttribute(&dev_major, cudaDevAttrComputeCapabilityMajor, be->device);
-    cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, be->device);
-    cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, be->device);
-    if (n_sm <= 0) n_sm = 1;
+    const int dev_major = be->cc_major, n_sm = be->sm_count > 0 ? be->sm_count : 1, max_smem = be->max_smem_optin;
 
     /* Split the batch: runs of >= PF_MIN_RUN consecutive positions of one sequence go to the
      * prefill kernel in tiles of BQ rows, every other token to the decode kernels. A step of
      * decode tokens only (one per sequence) never has such a run: rows stays NULL then. */
     const int esz = code == 0 ? 4 : 2;
-    int BQ = tuna_cuda_attn_prefill_bq((int)D, esz, max_smem);
+    int BQ = tuna_cuda_attn_prefill_bq((int)D, esz, max_smem, dev_major);
     if (code == 1 && dev_major < 8) BQ = 0; /* bf16 WMMA needs 8.0 (never chosen there anyway) */
     int32_t *rows = NULL, *tiles = NULL;
     int64_t n_dec = 0, n_tiles = 0;

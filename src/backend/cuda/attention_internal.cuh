@@ -30,8 +30,9 @@ static __device__ __forceinline__ int64_t att_start(const att_meta &m, int64_t p
 
 
 /* Largest query-tile height the prefill kernel can run for head size D and KV element size esz
- * (4, or 2 for 16-bit caches) on this device; 0 when none fits (those tokens then decode). */
-int tuna_cuda_attn_prefill_bq(int D, int esz, int max_smem);
+ * (4, or 2 for 16-bit caches) on a device with max_smem bytes of opt-in shared memory per block
+ * and compute capability cc_major; 0 when none fits (those tokens then decode). */
+int tuna_cuda_attn_prefill_bq(int D, int esz, int max_smem, int cc_major);
 
 /* Launches the prefill kernel over n_tiles tiles: tiles[2k] = first batch row of tile k,
  * tiles[2k+1] = its rows (<= BQ), consecutive positions of one sequence. code: 0 float32, 1

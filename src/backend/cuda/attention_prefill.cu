@@ -534,16 +534,12 @@ static size_t mp_smem(int D, int NW)
 
 /* Warps per block of the mma kernel for this head dim, element size and the current device; 0
  * when it does not apply (float32 cache, below sm_80, other head dims, shared memory short). */
-static int mp_use(int D, int esz, int max_smem)
+static int mp_use(int D, int esz, int max_smem, int cc_major)
 {
-    if (esz != 2) return 0;
+    if (esz != 2 || cc_major < 8) return 0;
     const int nw = mp_warps(D);
     if (!nw || mp_smem(D, nw) > (size_t)max_smem) return 0;
-    int dev = 0, major = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) !=
-                                                  cudaSuccess)
-        return 0;
-    return major >= 8 ? nw : 0;
+    return nw;
 }
 
 template <typename KT, int D, int NW, int MINB, int BK = MP_BK>
@@ -591,9 +587,9 @@ static void launch_mma_d(tuna_backend *be, float *out, const float *q, const voi
 /* The mma kernel's tile height (64 or 128) where it applies (16-bit cache, sm_80+, a head dim it
  * is built for); else the largest BQ in {64, 32, 16} whose shared memory fits the device for
  * today's kernel; 0 when none does. */
-int tuna_cuda_attn_prefill_bq(int D, int esz, int max_smem)
+int tuna_cuda_attn_prefill_bq(int D, int esz, int max_smem, int cc_major)
 {
-    const int nw = mp_use(D, esz, max_smem);
+    const int nw = mp_use(D, esz, max_smem, cc_major);
     if (nw) return 16 * nw;
     for (int bq = 64; bq >= 16; bq /= 2)
         if (pf_make_layout(D, bq, esz).total <= (size_t)max_smem) return bq;
@@ -620,9 +616,8 @@ void tuna_cuda_attn_prefill_launch(tuna_backend *be, int code, float *out, const
                                    int H, int Hkv, int D, int BQ, bool vec, float scale)
 {
     if (n_tiles <= 0 || be->sticky) return;
-    int max_smem = 0;
-    cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, be->device);
-    const int nw = code != 0 ? mp_use(D, 2, max_smem) : 0;
+    const int max_smem = be->max_smem_optin;
+    const int nw = code != 0 ? mp_use(D, 2, max_smem, be->cc_major) : 0;
     if (nw && BQ == 16 * nw && vec && ((uintptr_t)out % 8) == 0 && n_tiles <= 65535) {
         if (code == 1)
             launch_mma_d<__nv_bfloat16>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, D, nw, scale);

@@ -162,6 +162,10 @@ extern "C" tuna_status tuna_cuda_backend_new(int device, tuna_backend **out)
         free(be);
         return tuna_fail(TUNA_E_CUDA, "starting CUDA on device %d: %s", device, cudaGetErrorString(e));
     }
+    if (cudaDeviceGetAttribute(&be->cc_major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&be->sm_count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&be->max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
+        cudaGetLastError(); /* an attribute left 0 only turns off what needs it */
     cublasStatus_t bs = cublasCreate(&be->blas);
     if (bs != CUBLAS_STATUS_SUCCESS) {
         cudaStreamDestroy(be->stream);

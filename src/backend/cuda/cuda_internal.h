@@ -18,6 +18,7 @@ struct cuda_grow_buf {
 
 struct tuna_backend {
     int device;
+    int cc_major, sm_count, max_smem_optin; /* the device's attributes, read once when made (0: unknown) */
     cudaStream_t stream;
     cublasHandle_t blas;
     void *blas_ws; /* cuBLAS workspace, fixed (graph capture) */

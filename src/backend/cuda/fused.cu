@@ -199,7 +199,7 @@ static bool launch_multi(tuna_backend *be, const float *x, struct gemv_job *j, i
     const int64_t per_warp = j->mode == GEMV_GLU ? 1 : R;
     j->nwarp = (rows + per_warp - 1) / per_warp;
     const int64_t wpb = GEMV_THREADS / 32;
-    int64_t blocks = (j->nwarp + wpb - 1) / wpb, cap = (int64_t)tuna_cuda_sm_count(be) * GEMV_BLOCKS_PER_SM;
+    int64_t blocks = (j->nwarp + wpb - 1) / wpb, cap = (int64_t)be->sm_count * GEMV_BLOCKS_PER_SM;
     if (cap > 0 && blocks > cap) blocks = cap;
     j->prefetch = tuna_cuda_gemv_prefetch();
     if (R == 1) {

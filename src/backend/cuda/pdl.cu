@@ -7,36 +7,11 @@
 bool tuna_cuda_pdl_on(tuna_backend *be)
 {
     static int env = -1;
-    static int cc_major[64]; /* 0 = not asked yet; per device */
     if (env < 0) {
         const char *e = getenv("TUNA_PDL");
         env = e && strcmp(e, "0") == 0 ? 0 : 1;
     }
-    if (!env || be->device < 0 || be->device >= 64) return false;
-    if (cc_major[be->device] == 0) {
-        int major = 0;
-        if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, be->device) != cudaSuccess) {
-            cudaGetLastError();
-            major = -1;
-        }
-        cc_major[be->device] = major > 0 ? major : -1;
-    }
-    return cc_major[be->device] >= 9;
-}
-
-int tuna_cuda_sm_count(tuna_backend *be)
-{
-    static int n[64];
-    if (be->device < 0 || be->device >= 64) return 0;
-    if (n[be->device] == 0) {
-        int v = 0;
-        if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, be->device) != cudaSuccess) {
-            cudaGetLastError();
-            v = -1;
-        }
-        n[be->device] = v > 0 ? v : -1;
-    }
-    return n[be->device] > 0 ? n[be->device] : 0;
+    return env && be->cc_major >= 9;
 }
 
 bool tuna_cuda_smem_allow(tuna_backend *be, const void *kernel, size_t bytes)

@@ -44,8 +44,6 @@ __device__ __forceinline__ void tuna_prefetch_l2(const void *p)
 /* True when this backend's launches may use PDL (compute capability >= 9.0, TUNA_PDL != 0). */
 bool tuna_cuda_pdl_on(tuna_backend *be);
 
-/* Multiprocessors of the backend's device (cached; 0 when unknown). */
-int tuna_cuda_sm_count(tuna_backend *be);
 /* Lets kernel use `bytes` of dynamic shared memory (above the default 48 KiB: once per kernel). */
 bool tuna_cuda_smem_allow(tuna_backend *be, const void *kernel, size_t bytes);
 

@@ -591,7 +591,7 @@ bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, co
     j->nwarp = (rows + per_warp - 1) / per_warp;
     unsigned blocks = (unsigned)((j->nwarp + warps - 1) / warps);
     /* the table of LUT 1 is 32 KiB per block: about one wave of blocks, each taking several rows */
-    const unsigned cap = (unsigned)(tuna_cuda_sm_count(be) * 6);
+    const unsigned cap = (unsigned)(be->sm_count * 6);
     if (q4_lut_mode() && cap > 0 && blocks > cap) blocks = cap;
     if (R == 1) {
         if (norm) q4m_launch_lut<1, true>(be, x, j, &lut, blocks, T);
