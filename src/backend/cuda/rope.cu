@@ -2,6 +2,7 @@
  * i < rot_dim/2, (x[i], x[i+half]) -> (x[i] c - x[i+half] s, x[i+half] c + x[i] s), angle
  * pos[t] * inv_freq[i] in float32 (as transformers), c and s times attn_factor. */
 #include "backend/cuda/cuda_internal.h"
+#include "backend/cuda/rope.cuh"
 
 __global__ void k_rope(float *x, const int64_t *pos, int64_t T, int64_t H, int64_t D, int64_t half,
                        const float *inv_freq, float attn_factor)
@@ -9,16 +10,12 @@ __global__ void k_rope(float *x, const int64_t *pos, int64_t T, int64_t H, int64
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= T * H * half) return;
     int64_t j = i % half, th = i / half, t = th / H;
-    float ang = inv_freq[j] * (float)pos[t];
     float s, c;
-    sincosf(ang, &s, &c);
-    c *= attn_factor;
-    s *= attn_factor;
+    rope_cos_sin(inv_freq, j, (float)pos[t], attn_factor, &c, &s);
     float *v = x + th * D;
-    float x1 = v[j], x2 = v[j + half];
-    /* explicit roundings (no FMA contraction): rope_kv.cu computes exactly the same */
-    v[j] = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
-    v[j + half] = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
+    const float x1 = v[j], x2 = v[j + half];
+    v[j] = rope_first(x1, x2, c, s);
+    v[j + half] = rope_second(x1, x2, c, s);
 }
 
 void tuna_cuda_rope(tuna_backend *be, float *x, const int64_t *pos, int64_t T, int64_t H, int64_t D,

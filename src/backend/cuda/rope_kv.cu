@@ -7,6 +7,7 @@
 #include "backend/cuda/cuda_internal.h"
 #include "backend/cuda/kv_types.cuh"
 #include "backend/cuda/pdl.cuh"
+#include "backend/cuda/rope.cuh"
 
 template <typename KT>
 __global__ void k_rope_kv(float *q, float *k, const float *v, const float *qn, const float *kn, float eps, KT *kc,
@@ -49,11 +50,9 @@ __global__ void k_rope_kv(float *q, float *k, const float *v, const float *qn, c
         if (d < 2 * half) { /* rope.cu's k_rope for the pair (j, j + half) */
             const int64_t jj = d < half ? d : d - half;
             float sn, c;
-            sincosf(inv_freq[jj] * p, &sn, &c);
-            c *= attn_factor;
-            sn *= attn_factor;
+            rope_cos_sin(inv_freq, jj, p, attn_factor, &c, &sn);
             const float x1 = sh[jj], x2 = sh[jj + half];
-            out = d < half ? __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, sn)) : __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, sn));
+            out = d < half ? rope_first(x1, x2, c, sn) : rope_second(x1, x2, c, sn);
         }
         row[d] = out;
         if (is_k) {

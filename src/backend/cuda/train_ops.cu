@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "backend/cuda/train_cuda.h"
+#include "backend/cuda/rope.cuh"
 #include "core/status.h"
 
 #define META(be, off, type) ((type *)((char *)(be)->meta.p + (size_t)(off)))
@@ -111,11 +112,8 @@ __global__ void k_train_rope_backward(float *d, const int64_t *pos, int64_t T, i
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= T * H * half) return;
     int64_t j = i % half, th = i / half, t = th / H;
-    float ang = inv_freq[j] * (float)pos[t];
     float s, c;
-    sincosf(ang, &s, &c);
-    c *= attn_factor;
-    s *= attn_factor;
+    rope_cos_sin(inv_freq, j, (float)pos[t], attn_factor, &c, &s);
     float *v = d + th * D;
     float g1 = v[j], g2 = v[j + half];
     v[j] = g1 * c + g2 * s;
