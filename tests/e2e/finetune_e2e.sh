@@ -23,10 +23,18 @@ for f in adapter_config.json adapter_model.safetensors metrics.jsonl loss.svg ch
 done
 grep -q '<svg' "$WORK/a/loss.svg" || fail "loss.svg is not an SVG"
 [ "$(wc -l <"$WORK/a/metrics.jsonl")" -eq 12 ] || fail "metrics.jsonl has $(wc -l <"$WORK/a/metrics.jsonl") lines"
-grep -o '"loss": [0-9][-0-9.e+]*' "$WORK/a/metrics.jsonl" | awk '{print $2}' >"$WORK/ours"
-grep -o '"loss": [0-9][-0-9.e+]*' "$FX/trace.json" | awk '{print $2}' >"$WORK/ref"
-paste "$WORK/ours" "$WORK/ref" | awk '{ e = ($1 - $2) / $2; if (e < 0) e = -e; printf "step %d loss %s ref %s rel %.1e\n", NR, $1, $2, e
-                                        if (e > 1e-4) bad = 1 } END { exit bad || NR != 12 }' || fail "losses differ"
+# per-step losses of run DIR against PEFT's trace, within 1e-4 relative
+check_losses() {
+  grep -o '"loss": [0-9][-0-9.e+]*' "$1/metrics.jsonl" | awk '{print $2}' >"$WORK/ours"
+  grep -o '"loss": [0-9][-0-9.e+]*' "$FX/trace.json" | awk '{print $2}' >"$WORK/ref"
+  paste "$WORK/ours" "$WORK/ref" | awk '{ e = ($1 - $2) / $2; if (e < 0) e = -e; printf "step %d loss %s ref %s rel %.1e\n", NR, $1, $2, e
+                                          if (e > 1e-4) bad = 1 } END { exit bad || NR != 12 }'
+}
+check_losses "$WORK/a" || fail "losses differ"
+# the memory mode (--offload: checkpointing, host-side AdamW, the MLP in chunks) trains the same
+"$TUNA" finetune "${recipe[@]}" --init-adapter "$FX/adapter_init" --output "$WORK/off" --offload \
+  || fail "finetune --offload exited $?"
+check_losses "$WORK/off" || fail "--offload losses differ"
 for k in step loss grad_norm learning_rate tokens_per_second; do
   grep -q "\"$k\": " "$WORK/a/metrics.jsonl" || fail "metrics.jsonl lacks $k"
 done
