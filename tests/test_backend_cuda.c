@@ -127,74 +127,137 @@ static void test_matmul_q4(void **state)
     }
 }
 
-/* LoRA (the segmented shrink/expand kernels of lora.cu against the CPU twin): 5 adapters of
- * ranks 1, 8, 16, 64 and 0 mixed per token with tokens without adapter (-1) and past the set
- * (7); float32 and bf16 adapter weights (the GPU views' dtypes); odd N and K (scalar paths) and
- * multiples of 4 (vector paths); batches of one token tile and of many. The GPU runs once with
- * its own grouping and once with the caller's (as the step block gives it): the same bits. */
+/* LoRA (the segmented shrink/expand kernels of lora.cu against the CPU twin): adapters of ranks
+ * 1, 8, 16, 64 and 0 mixed per token with tokens without adapter (-1) and past the set (7);
+ * float32 adapter weights (CUDA-core kernels, exact to 1e-5) and bf16 (tensor cores: x and the
+ * rank-r activations rounded to bf16, 1e-2); odd N and K (scalar paths) and even ones (vector
+ * paths); batches of one token tile and of many. Three forms: one linear (run once with the
+ * op's own grouping and once with the caller's, as the step block gives it: the same bits;
+ * tokens without an adapter untouched), three linears of different N sharing x (q/k/v, one of
+ * them with other ranks), and gate/up folded into the GLU (every token, adapter or not). */
 static void test_lora(void **state)
 {
     (void)state;
     NEED_GPU();
-    enum { NA = 5 };
-    const int64_t ranks[NA] = {1, 8, 16, 64, 0};
-    const int64_t shapes[][3] = {{11, 300, 136}, {37, 129, 77}, {300, 1030, 515}, {64, 4096, 512}};
+    enum { NA = 5, NL = 3 };
+    const int64_t ranks[NL][NA] = {{1, 8, 16, 64, 0}, {16, 0, 8, 1, 64}, {8, 8, 0, 16, 2}};
+    const int64_t shapes[][3] = {{11, 300, 136}, {37, 129, 77}, {300, 1030, 515}, {64, 4096, 512}, {200, 512, 4096}};
     const enum tuna_dtype dts[2] = {TUNA_DTYPE_F32, TUNA_DTYPE_BF16};
     for (int di = 0; di < 2; di++) {
         const enum tuna_dtype dt = dts[di];
+        const double tol = dt == TUNA_DTYPE_F32 ? 1e-5 : 1e-2;
         for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
             const int64_t T = shapes[si][0], N = shapes[si][1], K = shapes[si][2];
-            struct tuna_lora_w wc[NA], wg[NA];
-            void *keep[2 * NA];
-            for (int a = 0; a < NA; a++) {
-                const int64_t r = ranks[a];
-                float *A = rnd((size_t)(r * K) + 1), *B = rnd((size_t)(N * r) + 1);
-                size_t ba = tuna_dtype_nbytes(dt, (uint64_t)(r * K)), bb = tuna_dtype_nbytes(dt, (uint64_t)(N * r));
-                void *hA = malloc(ba + 4), *hB = malloc(bb + 4);
-                tuna_convert_from_f32(dt, A, hA, (size_t)(r * K));
-                tuna_convert_from_f32(dt, B, hB, (size_t)(N * r));
-                free(A), free(B);
-                const float scale = 0.5f + 0.75f * (float)a;
-                wc[a] = (struct tuna_lora_w){hA, hB, r, scale};
-                wg[a] = (struct tuna_lora_w){dev(hA, ba), dev(hB, bb), r, scale};
-                keep[2 * a] = (void *)wg[a].A, keep[2 * a + 1] = (void *)wg[a].B;
+            const int64_t Ns[NL] = {N, N / 2 + 3, N}; /* linear 2 has N too: gate/up are 0 and 2 */
+            struct tuna_lora_w wc[NL][NA], wg[NL][NA];
+            void *keep[NL][2 * NA];
+            struct tuna_lora_w *dw[NL];
+            struct tuna_lora_bank sc[NL], sg[NL];
+            for (int l = 0; l < NL; l++) {
+                for (int a = 0; a < NA; a++) {
+                    const int64_t r = ranks[l][a];
+                    float *A = rnd((size_t)(r * K) + 1), *B = rnd((size_t)(Ns[l] * r) + 1);
+                    size_t ba = tuna_dtype_nbytes(dt, (uint64_t)(r * K)), bb = tuna_dtype_nbytes(dt, (uint64_t)(Ns[l] * r));
+                    void *hA = malloc(ba + 4), *hB = malloc(bb + 4);
+                    tuna_convert_from_f32(dt, A, hA, (size_t)(r * K));
+                    tuna_convert_from_f32(dt, B, hB, (size_t)(Ns[l] * r));
+                    free(A), free(B);
+                    const float scale = 0.5f + 0.75f * (float)a - 0.25f * (float)l;
+                    wc[l][a] = (struct tuna_lora_w){hA, hB, r, scale};
+                    wg[l][a] = (struct tuna_lora_w){dev(hA, ba), dev(hB, bb), r, scale};
+                    keep[l][2 * a] = (void *)wg[l][a].A, keep[l][2 * a + 1] = (void *)wg[l][a].B;
+                }
+                dw[l] = dev(wg[l], sizeof wg[l]);
+                sc[l] = (struct tuna_lora_bank){NA, 64, dt, wc[l]};
+                sg[l] = (struct tuna_lora_bank){NA, 64, dt, dw[l]};
             }
-            struct tuna_lora_w *dw = dev(wg, sizeof wg);
             int32_t *idx = malloc((size_t)T * 4), *order = malloc((size_t)T * 4), start[65];
             for (int64_t t = 0; t < T; t++) idx[t] = (int32_t)((t * 7 + t / 3) % (NA + 2)) - 1; /* -1 .. 5 */
             idx[T - 1] = 7;
             tuna_lora_group(idx, T, 64, order, start);
-            const struct tuna_lora_bank sc = {NA, 64, dt, wc}, sg = {NA, 64, dt, dw};
             const struct tuna_lora_tokens own = {idx, NULL, NULL, 0}, grouped = {idx, order, start, 64};
-            float *x = rnd((size_t)(T * K)), *y0 = rnd((size_t)(T * N));
-            float *yc = malloc((size_t)(T * N) * 4), *yg = malloc((size_t)(T * N) * 4), *yg2 = malloc((size_t)(T * N) * 4);
-            memcpy(yc, y0, (size_t)(T * N) * 4);
-            float *dx = dev(x, (size_t)(T * K) * 4), *dy = dev(y0, (size_t)(T * N) * 4), *dy2 = dev(y0, (size_t)(T * N) * 4);
-            g_cops->lora(g_cpu, yc, x, T, N, K, &sc, &own);
-            g_gops->lora(g_gpu, dy, dx, T, N, K, &sg, &own);
-            g_gops->lora(g_gpu, dy2, dx, T, N, K, &sg, &grouped);
-            back(yg, dy, (size_t)(T * N) * 4);
-            back(yg2, dy2, (size_t)(T * N) * 4);
-            char what[128];
-            snprintf(what, sizeof what, "lora %s T=%lld N=%lld K=%lld", tuna_dtype_name(dt), (long long)T,
-                     (long long)N, (long long)K);
-            check(what, yg, yc, (size_t)(T * N), 1e-5);
-            assert_memory_equal(yg, yg2, (size_t)(T * N) * 4);
-            /* tokens without an adapter (none, rank 0, past the set) are untouched */
-            size_t changed = 0;
-            for (int64_t t = 0; t < T; t++) {
-                bool none = idx[t] < 0 || idx[t] >= NA || ranks[idx[t]] == 0;
-                if (none) assert_memory_equal(yg + t * N, y0 + t * N, (size_t)N * 4);
-                else changed += memcmp(yg + t * N, y0 + t * N, (size_t)N * 4) != 0;
+            float *x = rnd((size_t)(T * K)), *dx = dev(x, (size_t)(T * K) * 4);
+            float *y0[NL], *yc[NL], *yg[NL], *dy[NL];
+            for (int l = 0; l < NL; l++) {
+                const size_t n = (size_t)(T * Ns[l]);
+                y0[l] = rnd(n), yc[l] = malloc(n * 4), yg[l] = malloc(n * 4);
+                memcpy(yc[l], y0[l], n * 4);
+                dy[l] = dev(y0[l], n * 4);
             }
-            assert_true(changed > 0);
-            for (int a = 0; a < NA; a++) {
-                free((void *)wc[a].A), free((void *)wc[a].B);
-                tuna_cuda_free(g_gpu, keep[2 * a]), tuna_cuda_free(g_gpu, keep[2 * a + 1]);
+            char what[160];
+            /* one linear, own grouping and the caller's */
+            {
+                const struct tuna_lora_bank *c1[1] = {&sc[0]}, *g1[1] = {&sg[0]};
+                float *yc1[1] = {yc[0]}, *dy1[1] = {dy[0]};
+                float *dy2 = dev(y0[0], (size_t)(T * N) * 4), *dy21[1] = {dy2};
+                float *yg2 = malloc((size_t)(T * N) * 4);
+                g_cops->lora(g_cpu, 1, yc1, Ns, x, T, K, c1, &own, NULL, 0);
+                g_gops->lora(g_gpu, 1, dy1, Ns, dx, T, K, g1, &own, NULL, 0);
+                g_gops->lora(g_gpu, 1, dy21, Ns, dx, T, K, g1, &grouped, NULL, 0);
+                back(yg[0], dy[0], (size_t)(T * N) * 4);
+                back(yg2, dy2, (size_t)(T * N) * 4);
+                snprintf(what, sizeof what, "lora %s T=%lld N=%lld K=%lld", tuna_dtype_name(dt), (long long)T,
+                         (long long)N, (long long)K);
+                check(what, yg[0], yc[0], (size_t)(T * N), tol);
+                assert_memory_equal(yg[0], yg2, (size_t)(T * N) * 4);
+                /* tokens without an adapter (none, rank 0, past the set) are untouched */
+                size_t changed = 0;
+                for (int64_t t = 0; t < T; t++) {
+                    bool none = idx[t] < 0 || idx[t] >= NA || ranks[0][idx[t]] == 0;
+                    if (none) assert_memory_equal(yg[0] + t * N, y0[0] + t * N, (size_t)N * 4);
+                    else changed += memcmp(yg[0] + t * N, y0[0] + t * N, (size_t)N * 4) != 0;
+                }
+                assert_true(changed > 0);
+                tuna_cuda_free(g_gpu, dy2);
+                free(yg2);
             }
-            tuna_cuda_free(g_gpu, dw);
-            free(idx), free(order), free(x), free(y0), free(yc), free(yg), free(yg2);
-            tuna_cuda_free(g_gpu, dx), tuna_cuda_free(g_gpu, dy), tuna_cuda_free(g_gpu, dy2);
+            /* three linears sharing x, linear 1 without adapters in the second run */
+            for (int run = 0; run < 2; run++) {
+                const struct tuna_lora_bank *c3[NL] = {&sc[0], run ? NULL : &sc[1], &sc[2]},
+                                            *g3[NL] = {&sg[0], run ? NULL : &sg[1], &sg[2]};
+                for (int l = 0; l < NL; l++) {
+                    memcpy(yc[l], y0[l], (size_t)(T * Ns[l]) * 4);
+                    TT_OK(tuna_cuda_upload(g_gpu, dy[l], y0[l], (size_t)(T * Ns[l]) * 4));
+                }
+                g_cops->lora(g_cpu, NL, yc, Ns, x, T, K, c3, &own, NULL, 0);
+                g_gops->lora(g_gpu, NL, dy, Ns, dx, T, K, g3, &grouped, NULL, 0);
+                for (int l = 0; l < NL; l++) {
+                    back(yg[l], dy[l], (size_t)(T * Ns[l]) * 4);
+                    snprintf(what, sizeof what, "lora x3 (%d) %s T=%lld N=%lld K=%lld", l, tuna_dtype_name(dt),
+                             (long long)T, (long long)Ns[l], (long long)K);
+                    if (run && l == 1) assert_memory_equal(yg[l], y0[l], (size_t)(T * Ns[l]) * 4);
+                    else check(what, yg[l], yc[l], (size_t)(T * Ns[l]), tol);
+                }
+            }
+            /* gate (0) and up (2) folded into the GLU, both act kinds */
+            for (int act = 0; act < 2; act++) {
+                const struct tuna_lora_bank *c2[2] = {&sc[0], &sc[2]}, *g2[2] = {&sg[0], &sg[2]};
+                float *yc2[2] = {y0[0], y0[2]}, *dy2[2] = {dy[0], dy[2]};
+                const int64_t N2[2] = {N, N};
+                TT_OK(tuna_cuda_upload(g_gpu, dy[0], y0[0], (size_t)(T * N) * 4));
+                TT_OK(tuna_cuda_upload(g_gpu, dy[2], y0[2], (size_t)(T * N) * 4));
+                float *oc = malloc((size_t)(T * N) * 4), *og = malloc((size_t)(T * N) * 4);
+                float *dout = dev(NULL, (size_t)(T * N) * 4);
+                g_cops->lora(g_cpu, 2, yc2, N2, x, T, K, c2, &own, oc, act);
+                g_gops->lora(g_gpu, 2, dy2, N2, dx, T, K, g2, &grouped, dout, act);
+                back(og, dout, (size_t)(T * N) * 4);
+                snprintf(what, sizeof what, "lora glu act %d %s T=%lld N=%lld K=%lld", act, tuna_dtype_name(dt),
+                         (long long)T, (long long)N, (long long)K);
+                check(what, og, oc, (size_t)(T * N), tol);
+                tuna_cuda_free(g_gpu, dout);
+                free(oc), free(og);
+            }
+            for (int l = 0; l < NL; l++) {
+                for (int a = 0; a < NA; a++) {
+                    free((void *)wc[l][a].A), free((void *)wc[l][a].B);
+                    tuna_cuda_free(g_gpu, keep[l][2 * a]), tuna_cuda_free(g_gpu, keep[l][2 * a + 1]);
+                }
+                tuna_cuda_free(g_gpu, dw[l]);
+                tuna_cuda_free(g_gpu, dy[l]);
+                free(y0[l]), free(yc[l]), free(yg[l]);
+            }
+            free(idx), free(order), free(x);
+            tuna_cuda_free(g_gpu, dx);
         }
     }
 }

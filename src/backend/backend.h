@@ -59,10 +59,12 @@ struct tuna_lora_bank {
 
 /* Which tokens of a step use which adapter (host metadata, or pointers into the step block).
  * adapter [T]: index per token, < 0 or >= the set's n = none. order/start, optional (both or
- * neither), group the tokens by adapter: order [T] lists the tokens whose index a is in
- * [0, n_groups), grouped by a in increasing a and ascending token order within a group; group a
- * is order[start[a] .. start[a+1]) (start [n_groups + 1]). n_groups must be >= the set's n when
- * given. Without them a GPU backend groups on the host itself (an upload: not capturable). */
+ * neither), group the tokens by adapter: order [T] lists first the tokens whose index a is in
+ * [0, n_groups), grouped by a in increasing a and ascending token order within a group (group a
+ * is order[start[a] .. start[a+1]), start [n_groups + 1]), then every other token in ascending
+ * order (order[start[n_groups] .. T)): a permutation of the step's tokens. n_groups must be >=
+ * every set's n when given. Without them a GPU backend groups on the host itself (an upload:
+ * not capturable). */
 struct tuna_lora_tokens {
     const int32_t *adapter;
     const int32_t *order, *start;
@@ -77,10 +79,12 @@ static inline int64_t tuna_lora_group(const int32_t *adapter, int64_t T, int n_g
     for (int64_t t = 0; t < T; t++)
         if (adapter[t] >= 0 && adapter[t] < n_groups) start[adapter[t] + 1]++;
     for (int a = 0; a < n_groups; a++) start[a + 1] += start[a];
-    int64_t n = start[n_groups];
-    /* fill by a running cursor per group: start[a] advances, then shifts back */
-    for (int64_t t = 0; t < T; t++)
+    int64_t n = start[n_groups], rest = n;
+    /* fill by a running cursor per group: start[a] advances, then shifts back; the others after */
+    for (int64_t t = 0; t < T; t++) {
         if (adapter[t] >= 0 && adapter[t] < n_groups) order[start[adapter[t]]++] = (int32_t)t;
+        else order[rest++] = (int32_t)t;
+    }
     for (int a = n_groups; a > 0; a--) start[a] = start[a - 1];
     start[0] = 0;
     return n;
@@ -147,14 +151,21 @@ struct tuna_backend_ops {
     /* y[n] += x[n] */
     void (*add)(tuna_backend *be, float *y, const float *x, int64_t n);
 
-    /* LoRA, unmerged: y[t] += scale_a * B_a (A_a x[t]) for every token t whose adapter index
-     * a = tok->adapter[t] is in [0, set->n) and whose adapter has r > 0; other tokens are left
-     * alone. One launch serves a batch that mixes several adapters. set->w lives in backend memory
-     * (see struct tuna_lora_bank); tok is host metadata (or pointers into the step block). A GPU
-     * backend derives its launch configuration only from T, N, K, set->n and set->max_r, so a
-     * captured step replays for any mix of adapters. */
-    void (*lora)(tuna_backend *be, float *y, const float *x, int64_t T, int64_t N, int64_t K,
-                 const struct tuna_lora_bank *set, const struct tuna_lora_tokens *tok);
+    /* LoRA, unmerged, of n <= 3 linears that share their input x[T, K] (one; q/k/v; gate/up):
+     * ys[i][t, :Ns[i]] += scale_a * B_a (A_a x[t]) with the adapters of sets[i] (NULL: none) for
+     * every token t whose adapter index a = tok->adapter[t] is in [0, sets[i]->n) and whose
+     * adapter has r > 0; other tokens are left alone. With glu_out (n == 2, Ns equal: gate and
+     * up) glu_out[T, N] = act(ys[0] + LoRA_0) * (ys[1] + LoRA_1) instead, for EVERY token, with
+     * an adapter or not (the LoRA terms folded into the GLU, act an enum tuna_act; glu_out may
+     * equal ys[0]; ys[0] and ys[1] may be overwritten). One call serves a batch that mixes several
+     * adapters. sets[i]->w lives in backend memory (see struct tuna_lora_bank); tok is host
+     * metadata (or pointers into the step block). A GPU backend derives its launch configuration
+     * only from T, the Ns, K and the sets' n and max_r, so a captured step replays for any mix of
+     * adapters. The GPU's 16-bit sets multiply on tensor cores (x and the rank-r activations
+     * rounded to the set's dtype, float32 sums); float32 sets in float32. */
+    void (*lora)(tuna_backend *be, int n, float *const *ys, const int64_t *Ns, const float *x, int64_t T, int64_t K,
+                 const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok, float *glu_out,
+                 int act);
 
     /* Greedy ids: out[t] = the column of the largest value of row t of logits [T, V] (backend
      * memory), ties to the lowest column, NaN never chosen (0 when column 0 is NaN), exactly as

@@ -172,33 +172,66 @@ static tuna_status lora_tokens(struct tuna_model *m, const struct tuna_batch *b)
     return TUNA_OK;
 }
 
+/* Whether lin's adapters take part in this step (it carries some and a token uses one). */
+static bool lora_on(const struct tuna_model *m, const struct tuna_linear *lin)
+{
+    return lin->n_lora > 0 && m->ws->lora_used;
+}
+
+/* The lora op over n <= 3 linears sharing x: ys[i] += each token's adapter of lins[i]; with
+ * glu_out (gate and up), glu_out = act(gate + LoRA) * (up + LoRA) instead (see backend.h). The
+ * linears without adapters get none; the caller checked that the step uses adapters. */
+static void lora_apply(struct tuna_model *m, int n, const struct tuna_linear *const *lins, float *const *ys,
+                       const float *x, int64_t T, float *glu_out, int act)
+{
+    const struct tuna_lora_bank *sets[3] = {NULL, NULL, NULL};
+    int64_t Ns[3] = {0, 0, 0};
+    for (int i = 0; i < n; i++) Ns[i] = lins[i]->w.rows;
+    const int64_t K = lins[0]->w.cols;
+    if (!m->ops->host_memory) { /* a GPU backend reads its device copies (device.c) */
+        for (int i = 0; i < n; i++) {
+            if (lins[i]->n_lora == 0) continue;
+            sets[i] = tuna_model_lora_on_device(m, lins[i]);
+            if (!sets[i]) return; /* the upload failed: the backend's sticky error reports it */
+        }
+        m->ops->lora(m->be, n, ys, Ns, x, T, K, sets, &m->ws->lt, glu_out, act);
+        return;
+    }
+    /* host memory: the attached float32 arrays themselves */
+    struct tuna_lora_w stack_w[3 * TUNA_FWD_LORA_GROUPS], *w = stack_w;
+    struct tuna_lora_bank banks[3];
+    int total = 0;
+    for (int i = 0; i < n; i++) total += lins[i]->n_lora;
+    if (total > 3 * TUNA_FWD_LORA_GROUPS && !(w = malloc((size_t)total * sizeof *w))) {
+        tuna_fail_oom("LoRA descriptors", (size_t)total * sizeof *w); /* ops do not fail: the step goes without */
+        return;
+    }
+    for (int i = 0, off = 0; i < n; i++) {
+        const struct tuna_linear *lin = lins[i];
+        if (lin->n_lora == 0) continue;
+        int64_t max_r = 0;
+        for (int a = 0; a < lin->n_lora; a++) {
+            const struct tuna_lora *h = &lin->lora[a];
+            w[off + a] = (struct tuna_lora_w){h->A, h->B, h->r, h->scale};
+            if (h->r > max_r) max_r = h->r;
+        }
+        banks[i] = (struct tuna_lora_bank){lin->n_lora, max_r, TUNA_DTYPE_F32, w + off};
+        sets[i] = &banks[i];
+        off += lin->n_lora;
+    }
+    m->ops->lora(m->be, n, ys, Ns, x, T, K, sets, &m->ws->lt, glu_out, act);
+    if (w != stack_w) free(w);
+}
+
 /* y[T,N] += each token's LoRA adapter, when the layer carries any and the step uses one. */
 static void lora_add(struct tuna_model *m, const struct tuna_linear *lin, float *y, const float *x, int64_t T,
                      const struct tuna_batch *b)
 {
     (void)b; /* the step's tokens are in m->ws->lt */
-    if (lin->n_lora == 0 || !m->ws->lora_used) return;
-    if (!m->ops->host_memory) { /* a GPU backend reads its device copies (device.c) */
-        const struct tuna_lora_bank *set = tuna_model_lora_on_device(m, lin);
-        if (set) m->ops->lora(m->be, y, x, T, lin->w.rows, lin->w.cols, set, &m->ws->lt);
-        return; /* else the upload failed: the backend's sticky error reports it */
-    }
-    /* host memory: the attached float32 arrays themselves */
-    struct tuna_lora_w stack_w[TUNA_FWD_LORA_GROUPS], *w = stack_w;
-    int n = lin->n_lora;
-    if (n > TUNA_FWD_LORA_GROUPS && !(w = malloc((size_t)n * sizeof *w))) {
-        w = stack_w; /* out of memory: the first adapters only (the CPU op ignores the groups) */
-        n = TUNA_FWD_LORA_GROUPS;
-    }
-    int64_t max_r = 0;
-    for (int a = 0; a < n; a++) {
-        const struct tuna_lora *h = &lin->lora[a];
-        w[a] = (struct tuna_lora_w){h->A, h->B, h->r, h->scale};
-        if (h->r > max_r) max_r = h->r;
-    }
-    const struct tuna_lora_bank set = {n, max_r, TUNA_DTYPE_F32, w};
-    m->ops->lora(m->be, y, x, T, lin->w.rows, lin->w.cols, &set, &m->ws->lt);
-    if (w != stack_w) free(w);
+    if (!lora_on(m, lin)) return;
+    const struct tuna_linear *const lins[1] = {lin};
+    float *const ys[1] = {y};
+    lora_apply(m, 1, lins, ys, x, T, NULL, 0);
 }
 
 /* y[T,N] = x W^T + b, plus each token's LoRA adapter when the layer carries any. */
@@ -209,23 +242,25 @@ static void linear(struct tuna_model *m, const struct tuna_linear *lin, float *y
     lora_add(m, lin, y, x, T, b);
 }
 
-/* The attention projections q, k, v of one input: one grouped launch when the backend fuses. */
+/* The attention projections q, k, v of one input: one grouped launch when the backend fuses,
+ * and their adapters in one lora call (one pass over x). */
 static void linear_qkv(struct tuna_model *m, const struct tuna_layer *L, const struct tuna_fwd_layer_acts *A,
                        int64_t T, const struct tuna_batch *b, bool fuse)
 {
-    if (!fuse) {
-        linear(m, &L->q, A->q, A->xn_attn, T, b); /* (T, H*D) */
-        linear(m, &L->k, A->k, A->xn_attn, T, b); /* (T, Hkv*D) */
-        linear(m, &L->v, A->v, A->xn_attn, T, b); /* (T, Hkv*D) */
-        return;
-    }
     float *const ys[3] = {A->q, A->k, A->v};
-    const struct tuna_weight *const ws[3] = {&L->q.w, &L->k.w, &L->v.w};
-    const float *const bs[3] = {L->q.bias, L->k.bias, L->v.bias};
-    m->ops->matmul_multi(m->be, 3, ys, A->xn_attn, ws, bs, T);
-    lora_add(m, &L->q, A->q, A->xn_attn, T, b);
-    lora_add(m, &L->k, A->k, A->xn_attn, T, b);
-    lora_add(m, &L->v, A->v, A->xn_attn, T, b);
+    if (!fuse) {
+        m->ops->matmul(m->be, A->q, A->xn_attn, &L->q.w, L->q.bias, T); /* (T, H*D) */
+        m->ops->matmul(m->be, A->k, A->xn_attn, &L->k.w, L->k.bias, T); /* (T, Hkv*D) */
+        m->ops->matmul(m->be, A->v, A->xn_attn, &L->v.w, L->v.bias, T); /* (T, Hkv*D) */
+    } else {
+        const struct tuna_weight *const ws[3] = {&L->q.w, &L->k.w, &L->v.w};
+        const float *const bs[3] = {L->q.bias, L->k.bias, L->v.bias};
+        m->ops->matmul_multi(m->be, 3, ys, A->xn_attn, ws, bs, T);
+    }
+    (void)b;
+    if (!lora_on(m, &L->q) && !lora_on(m, &L->k) && !lora_on(m, &L->v)) return;
+    const struct tuna_linear *const lins[3] = {&L->q, &L->k, &L->v};
+    lora_apply(m, 3, lins, ys, A->xn_attn, T, NULL, 0);
 }
 
 /* x[T,C] += in W^T (+ LoRA): o_proj and down_proj into the residual stream. */
@@ -423,12 +458,21 @@ static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const stru
         if (trace) op->copy(be, A->x_mid, x, (size_t)(T * C) * sizeof(float));
         /* MLP block */
         float *act = trace ? A->act : A->gate;
-        if (fuse && op->rmsnorm_matmul_glu && L->gate.n_lora == 0 && L->up.n_lora == 0) {
+        const bool mlp_plain = !lora_on(m, &L->gate) && !lora_on(m, &L->up); /* no adapter in this step */
+        if (fuse && op->rmsnorm_matmul_glu && mlp_plain) {
             op->rmsnorm_matmul_glu(be, act, A->xn_mlp, x, L->mlp_norm, (float)a->norm_eps, &L->gate.w, L->gate.bias,
                                    &L->up.w, L->up.bias, T, (int)a->act);
-        } else if (fuse && L->gate.n_lora == 0 && L->up.n_lora == 0) {
+        } else if (fuse && mlp_plain) {
             op->rmsnorm(be, A->xn_mlp, x, L->mlp_norm, T, C, (float)a->norm_eps);
             op->matmul_glu(be, act, A->xn_mlp, &L->gate.w, L->gate.bias, &L->up.w, L->up.bias, T, (int)a->act);
+        } else if (!trace && !mlp_plain) {
+            /* gate and up, then their adapters folded into the GLU (one pass over xn_mlp) */
+            op->rmsnorm(be, A->xn_mlp, x, L->mlp_norm, T, C, (float)a->norm_eps);
+            op->matmul(be, A->gate, A->xn_mlp, &L->gate.w, L->gate.bias, T); /* (T, I) */
+            op->matmul(be, A->up, A->xn_mlp, &L->up.w, L->up.bias, T);       /* (T, I) */
+            const struct tuna_linear *const lins[2] = {&L->gate, &L->up};
+            float *const ys[2] = {A->gate, A->up};
+            lora_apply(m, 2, lins, ys, A->xn_mlp, T, act, (int)a->act);
         } else {
             op->rmsnorm(be, A->xn_mlp, x, L->mlp_norm, T, C, (float)a->norm_eps);
             linear(m, &L->gate, A->gate, A->xn_mlp, T, b); /* (T, I) */

@@ -105,8 +105,8 @@ void tuna_cpu_glu(tuna_backend *be, float *out, const float *gate, const float *
 void tuna_cpu_embedding(tuna_backend *be, float *out, const int32_t *ids, int64_t T,
                         const struct tuna_weight *emb, float scale);
 void tuna_cpu_add(tuna_backend *be, float *y, const float *x, int64_t n);
-void tuna_cpu_lora(tuna_backend *be, float *y, const float *x, int64_t T, int64_t N, int64_t K,
-                   const struct tuna_lora_bank *set, const struct tuna_lora_tokens *tok);
+void tuna_cpu_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns, const float *x, int64_t T, int64_t K,
+                   const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok, float *glu_out, int act);
 tuna_status tuna_cpu_argmax(tuna_backend *be, int32_t *out, const float *logits, int64_t T, int64_t V);
 
 #endif

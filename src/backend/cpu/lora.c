@@ -2,8 +2,13 @@
  * y[t] += scale · B (A x[t]) for each token's adapter. A [r, K] row-wise dot products into a stack
  * buffer of up to 256 ranks at a time (double accumulation), then B [N, r] in float32. A and B may
  * be float32, bf16 or f16 (the GPU's views hold the compute dtype); elements are widened one at a
- * time. The grouping in tok (order/start) is not needed here: tokens are taken as they come. */
+ * time. The grouping in tok (order/start) is not needed here: tokens are taken as they come.
+ * Several outputs of one input are done one after the other; the GLU form (glu_out) adds the
+ * LoRA terms into copies of gate and up and runs the GLU op on them, as forward.c would. */
+#include <stdlib.h>
+
 #include "backend/cpu/cpu_internal.h"
+#include "core/status.h"
 
 static inline float lora_elem(const void *p, int64_t i, enum tuna_dtype dt)
 {
@@ -12,10 +17,10 @@ static inline float lora_elem(const void *p, int64_t i, enum tuna_dtype dt)
     return ((const float *)p)[i];
 }
 
-void tuna_cpu_lora(tuna_backend *be, float *y, const float *x, int64_t T, int64_t N, int64_t K,
-                   const struct tuna_lora_bank *set, const struct tuna_lora_tokens *tok)
+/* y[T, N] += the adapters of set, per token */
+static void lora_one(float *y, const float *x, int64_t T, int64_t N, int64_t K, const struct tuna_lora_bank *set,
+                     const struct tuna_lora_tokens *tok)
 {
-    (void)be;
     const enum tuna_dtype dt = set->dtype;
     float ax[256];
     for (int64_t t = 0; t < T; t++) {
@@ -41,4 +46,28 @@ void tuna_cpu_lora(tuna_backend *be, float *y, const float *x, int64_t T, int64_
             }
         }
     }
+}
+
+void tuna_cpu_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns, const float *x, int64_t T, int64_t K,
+                   const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok, float *glu_out, int act)
+{
+    if (!glu_out) {
+        for (int i = 0; i < n; i++)
+            if (sets[i]) lora_one(ys[i], x, T, Ns[i], K, sets[i], tok);
+        return;
+    }
+    /* act(gate + LoRA) * (up + LoRA): the sums in scratch copies, ys untouched */
+    const size_t NT = (size_t)(T * Ns[0]);
+    float *g = malloc(2 * NT * sizeof(float));
+    if (!g) { /* ops do not fail: the GLU without the LoRA terms, and the error recorded */
+        tuna_fail_oom("LoRA GLU scratch", 2 * NT * sizeof(float));
+        tuna_cpu_glu(be, glu_out, ys[0], ys[1], (int64_t)NT, act);
+        return;
+    }
+    for (int i = 0; i < 2; i++) {
+        memcpy(g + (size_t)i * NT, ys[i], NT * sizeof(float));
+        if (sets[i]) lora_one(g + (size_t)i * NT, x, T, Ns[0], K, sets[i], tok);
+    }
+    tuna_cpu_glu(be, glu_out, g, g + NT, (int64_t)NT, act);
+    free(g);
 }

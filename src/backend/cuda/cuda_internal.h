@@ -100,8 +100,8 @@ void tuna_cuda_embedding(tuna_backend *be, float *out, const int32_t *ids, int64
                          float scale);
 void tuna_cuda_add(tuna_backend *be, float *y, const float *x, int64_t n);
 
-void tuna_cuda_lora(tuna_backend *be, float *y, const float *x, int64_t T, int64_t N, int64_t K,
-                    const struct tuna_lora_bank *set, const struct tuna_lora_tokens *tok);
+void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns, const float *x, int64_t T, int64_t K,
+                    const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok, float *glu_out, int act);
 tuna_status tuna_cuda_argmax(tuna_backend *be, int32_t *out, const float *logits, int64_t T, int64_t V);
 
 /* Optional fused ops (fused.cu), backend.h's matmul_multi / matmul_glu / matmul_add. */

@@ -1,25 +1,37 @@
-/* lora.cu — unmerged LoRA on the GPU for a batch that mixes adapters, as a segmented GEMM (the
+/* lora.cu — unmerged LoRA on the GPU for a batch that mixes adapters, as segmented GEMMs (the
  * SGMV idea of Punica / S-LoRA): the tokens come grouped by adapter (order/start, built on the
  * host per step and uploaded with the step block), and each adapter's A and B are read once per
- * tile of its tokens instead of once per token.
+ * tile of its tokens instead of once per token. One call serves up to three linears that share
+ * their input (q/k/v, gate/up): x is read once for all of them.
  *
- *   shrink: part[s, t, :r] = x[t, Ks] A[:r, Ks]^T   block per (token tile, adapter, K split s):
- *           x and A^T sub-chunks staged in shared memory (the next one's loads in flight while
- *           this one is multiplied), a thread owns 4 tokens x 4 ranks over every NS-th k
- *           (register tiling: 16 FMAs per 5 shared loads, no shuffles), slices summed in order.
- *   expand: y[t, n] += scale * sum_s part[s, t, :r] . B[n, :r]   block per (N tile, token tile,
- *           adapter): u = the K splits summed in order, in shared memory; a thread per output
- *           feature n holds B's row in registers for the whole token tile.
+ * 16-bit adapters (bf16/f16, the GPU views of a 16-bit model) on sm_80+: tensor cores
+ * (mma.sync m16n8k16, float32 accumulators).
+ *   shrink: u[t, off_i + j] = x[t] . A_i[j]   a block per (tile of 16 tokens of one adapter, K
+ *           split); its 4 warps take every 4th k-step of 16, each for all the ranks of all the
+ *           linears (x read once, rounded to the adapters' dtype as it is loaded), summed across
+ *           the warps in order. With several K splits, each writes float32 partials and the last
+ *           block of a tile to finish (a counter per tile, reset by that block) sums them in
+ *           split order: the same bits whichever block is last. u is stored in the 16-bit type.
+ *   expand: y_i[t, n] += scale * u[t, off_i:] . B_i[n]   a block per (128 outputs, tile of 32
+ *           tokens of one adapter): u in shared memory, B's rows straight from global memory as
+ *           the mma's column operand, the result added into y in the epilogue. The GLU form
+ *           (gate/up) adds both LoRA terms and applies act(gate) * up in the same epilogue, over
+ *           every token (the tile list then ends with the tokens without an adapter).
+ *   Blocks walk a flat tile list (each adapter's tiles, then the rest), sized from T and the
+ *   number of adapters only: ceil(T / tile) + n tiles at most, the ones past the list exit.
+ * Float32 adapters (float32 mode), or a GPU below sm_80: the float32 kernels below, one linear
+ * at a time (shrink per (token tile, adapter, K split) on CUDA cores with register tiling,
+ * expand per (N tile, token tile, adapter)).
  *
- * A and B are in the view's dtype (bf16/f16 in 16-bit mode, float32 in float32 mode), products
- * and sums in float32, activations float32. Every sum has a fixed order and no atomics, so a
- * step replayed from a CUDA graph gives the eager step's bits. The launch configuration depends
- * only on T, N, K, set->n and set->max_r (never on which token uses which adapter): blocks whose
- * tile lies past their adapter's group exit at once. Adapter descriptors (set->w) are read from
+ * Every sum has a fixed order and no float atomics, so a step replayed from a CUDA graph gives
+ * the eager step's bits. The launch configuration depends only on T, the Ns, K, the sets' n and
+ * max_r (never on which token uses which adapter). Adapter descriptors (set->w) are read from
  * device memory in place. */
 #include <stdlib.h>
+#include <string.h>
 
 #include "backend/cuda/cuda_internal.h"
+#include "backend/cuda/mma.cuh"
 
 #define LORA_MAX_R 256 /* --max-lora-rank's limit */
 #define LORA_MAX_N 64  /* adapters per linear (--max-loras' limit) */
@@ -244,11 +256,309 @@ __global__ void __launch_bounds__(EX_NT)
         if (ti < nt) y[(int64_t)tok[ti] * N + n] += scale * acc[ti];
 }
 
-template <int DT>
-static void launch(tuna_backend *be, float *y, const float *x, int64_t T, int64_t N, int64_t K, int S, int64_t KC,
-                   int R, int n, const struct tuna_lora_w *w, const int32_t *order, const int32_t *start)
+
+/* ================= 16-bit adapters: tensor cores ================= */
+
+#define TC_MAXB 3        /* linears sharing x */
+#define TC_WARPS 4
+#define TC_SH_TM 16      /* tokens per shrink tile: one mma row block */
+#define TC_SH_CH 8       /* n-tiles (8 ranks each) a warp accumulates at once */
+#define TC_SMAX 8        /* K splits at most */
+#define TC_EX_TM 32      /* tokens per expand tile: two mma row blocks */
+#define TC_EX_NB 128     /* outputs per expand block: 4 warps x 4 n-tiles of 8 */
+#define TC_US (2 * LORA_MAX_R + 8) /* u columns an expand block holds (GLU: two linears), padded */
+#define TC_COUNT_MAX 4096 /* per-tile split counters at the start of be->lora */
+
+struct tc_banks {
+    const struct tuna_lora_w *w[TC_MAXB]; /* descriptor tables (device), NULL = no adapters */
+    int n[TC_MAXB];                       /* adapters of each (0 without) */
+    int R[TC_MAXB];                       /* max_r of each */
+    int off[TC_MAXB];                     /* linear i's ranks start at column off[i] of a u row */
+    float *y[TC_MAXB];
+    int64_t N[TC_MAXB];
+    int nt0[TC_MAXB + 1];                 /* expand: the first N block of each output */
+    int nb, RU, ng;                       /* linears; u row length; adapter groups (largest n) */
+};
+
+/* Tile `tile` of the flat list: group a's tokens order[start[a] .. start[a+1]) in tiles of TM for
+ * a < ng, then (rest) the tokens order[start[ng] .. T) as a = -1. False past the list. */
+template <int TM>
+__device__ __forceinline__ bool tc_tile(int tile, const int32_t *start, int ng, int T, bool rest, int *a, int *i0,
+                                        int *nt)
 {
-    float *part = (float *)be->lora.p;
+    for (int g = 0; g < ng; g++) {
+        const int s0 = start[g], s1 = start[g + 1], c = (s1 - s0 + TM - 1) / TM;
+        if (tile < c) {
+            *a = g, *i0 = s0 + tile * TM, *nt = min(TM, s1 - *i0);
+            return true;
+        }
+        tile -= c;
+    }
+    if (rest) {
+        const int s0 = start[ng], c = (T - s0 + TM - 1) / TM;
+        if (tile < c) {
+            *a = -1, *i0 = s0 + tile * TM, *nt = min(TM, T - *i0);
+            return true;
+        }
+    }
+    return false;
+}
+
+/* The rank adapter a has on linear i (0: none) */
+__device__ __forceinline__ int tc_rank(const tc_banks &b, int i, int a)
+{
+    if (a < 0 || i >= b.nb || a >= b.n[i] || !b.w[i]) return 0;
+    return min((int)b.w[i][a].r, b.R[i]);
+}
+
+/* Two consecutive 16-bit elements p[i], p[i+1] as one register (low = p[i]); each one past its
+ * bound reads as zero. vec: i even and p 4-byte aligned, both in bounds together. */
+__device__ __forceinline__ uint32_t tc_pair(const uint16_t *p, int64_t i, bool ok0, bool ok1, bool vec)
+{
+    if (vec) return ok0 ? *reinterpret_cast<const uint32_t *>(p + i) : 0u;
+    const uint32_t lo = ok0 ? p[i] : 0u, hi = ok1 ? p[i + 1] : 0u;
+    return lo | hi << 16;
+}
+
+/* u rows of one tile (16 tokens) for every linear: see the header. part [S, T, RU] float32,
+ * u [T, RU] 16-bit, count [tiles] split counters (zero between calls). */
+template <typename HT>
+__global__ void __launch_bounds__(TC_WARPS * 32)
+    k_lora_shrink_tc(float *part, HT *u, int *count, const float *__restrict__ x, int T, int64_t K, int64_t KC,
+                     int S, const int32_t *order, const int32_t *start, const tc_banks b)
+{
+    __shared__ int32_t tok[TC_SH_TM];
+    __shared__ float red[TC_WARPS][TC_SH_TM][TC_SH_CH * 8 + 4];
+    __shared__ int last;
+    int a, i0, nt;
+    if (!tc_tile<TC_SH_TM>((int)blockIdx.x, start, b.ng, T, false, &a, &i0, &nt)) return;
+    int r[TC_MAXB], nts = 0; /* n-tiles over the linears: 2 per 16 ranks (ranks past r are zeros) */
+#pragma unroll
+    for (int i = 0; i < TC_MAXB; i++) {
+        r[i] = tc_rank(b, i, a);
+        nts += (r[i] + 15) / 16 * 2;
+    }
+    if (nts == 0) return; /* every S block of this tile leaves here: the counter stays */
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c = lane & 3;
+    if (tid < TC_SH_TM) tok[tid] = tid < nt ? order[i0 + tid] : -1;
+    __syncthreads();
+    const int t0 = tok[g], t1 = tok[g + 8];
+    const float *x0 = x + (int64_t)(t0 < 0 ? 0 : t0) * K, *x1 = x + (int64_t)(t1 < 0 ? 0 : t1) * K;
+    const int64_t kb = (int64_t)blockIdx.y * KC, ke = min(K, kb + KC);
+    const bool kvec = (K & 1) == 0;
+    float *pp = part + (int64_t)blockIdx.y * T * b.RU;
+    for (int ch = 0; ch < nts; ch += TC_SH_CH) {
+        /* this lane's A row (rank 8p + g of linear i) in each n-tile of the chunk */
+        const uint16_t *arow[TC_SH_CH];
+#pragma unroll
+        for (int j = 0; j < TC_SH_CH; j++) {
+            int q = ch + j, i = 0;
+            while (i < TC_MAXB - 1 && q >= (r[i] + 15) / 16 * 2) q -= (r[i] + 15) / 16 * 2, i++;
+            const int row = 8 * q + g;
+            arow[j] = ch + j < nts && row < r[i] ? (const uint16_t *)b.w[i][a].A + (int64_t)row * K : NULL;
+        }
+        float acc[TC_SH_CH][4];
+#pragma unroll
+        for (int j = 0; j < TC_SH_CH; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+        for (int64_t k0 = kb + 16 * warp; k0 < ke; k0 += 16 * TC_WARPS) {
+            const int64_t ka = k0 + 2 * c, kc = ka + 8;
+            float2 v[4]; /* (row g, ka), (row g+8, ka), (row g, kc), (row g+8, kc) */
+            if (kvec && k0 + 16 <= ke) {
+                const float2 z = make_float2(0.0f, 0.0f);
+                v[0] = t0 >= 0 ? *reinterpret_cast<const float2 *>(x0 + ka) : z;
+                v[1] = t1 >= 0 ? *reinterpret_cast<const float2 *>(x1 + ka) : z;
+                v[2] = t0 >= 0 ? *reinterpret_cast<const float2 *>(x0 + kc) : z;
+                v[3] = t1 >= 0 ? *reinterpret_cast<const float2 *>(x1 + kc) : z;
+            } else {
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    const float *xr = q & 1 ? x1 : x0;
+                    const bool ok = (q & 1 ? t1 : t0) >= 0;
+                    const int64_t k = q < 2 ? ka : kc;
+                    v[q].x = ok && k < ke ? xr[k] : 0.0f;
+                    v[q].y = ok && k + 1 < ke ? xr[k + 1] : 0.0f;
+                }
+            }
+            uint32_t af[4];
+#pragma unroll
+            for (int q = 0; q < 4; q++) af[q] = mma_pack<HT>(v[q].x, v[q].y);
+            const bool vec = kvec && k0 + 16 <= ke;
+#pragma unroll
+            for (int j = 0; j < TC_SH_CH; j++) {
+                if (ch + j >= nts) break;
+                uint32_t b0 = 0u, b1 = 0u;
+                if (arow[j]) {
+                    b0 = tc_pair(arow[j], ka, ka < ke, ka + 1 < ke, vec);
+                    b1 = tc_pair(arow[j], kc, kc < ke, kc + 1 < ke, vec);
+                }
+                mma_16816<HT>(acc[j], af, b0, b1);
+            }
+        }
+        /* the warps' sums, added in warp order */
+#pragma unroll
+        for (int j = 0; j < TC_SH_CH; j++) {
+            red[warp][g][8 * j + 2 * c] = acc[j][0];
+            red[warp][g][8 * j + 2 * c + 1] = acc[j][1];
+            red[warp][g + 8][8 * j + 2 * c] = acc[j][2];
+            red[warp][g + 8][8 * j + 2 * c + 1] = acc[j][3];
+        }
+        __syncthreads();
+        const int ncol = min(TC_SH_CH, nts - ch) * 8;
+        for (int e = tid; e < nt * ncol; e += TC_WARPS * 32) {
+            const int ti = e / ncol, cc = e % ncol;
+            float s = red[0][ti][cc];
+#pragma unroll
+            for (int w = 1; w < TC_WARPS; w++) s += red[w][ti][cc];
+            int q = ch + cc / 8, i = 0;
+            while (i < TC_MAXB - 1 && q >= (r[i] + 15) / 16 * 2) q -= (r[i] + 15) / 16 * 2, i++;
+            const int64_t at = (int64_t)tok[ti] * b.RU + b.off[i] + 8 * q + cc % 8;
+            if (S == 1) u[at] = (HT)s;
+            else pp[at] = s;
+        }
+        __syncthreads();
+    }
+    if (S == 1) return;
+    /* the last split block of this tile sums the partials in split order */
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(&count[blockIdx.x], 1) == S - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int i = 0; i < TC_MAXB; i++) {
+        const int r16 = (r[i] + 15) / 16 * 16;
+        for (int e = tid; e < nt * r16; e += TC_WARPS * 32) {
+            const int64_t at = (int64_t)tok[e / r16] * b.RU + b.off[i] + e % r16;
+            float s = 0.0f;
+            for (int q = 0; q < S; q++) s += __ldcg(part + (int64_t)q * T * b.RU + at);
+            u[at] = (HT)s;
+        }
+    }
+    if (tid == 0) count[blockIdx.x] = 0;
+}
+
+/* y_i[t, n] += scale * u[t] . B[n] over one block of 128 outputs and a tile of 32 tokens; GLU:
+ * glu_out = act(gate + LoRA_0) * (up + LoRA_1) for the tile's tokens (every token's tile). */
+template <typename HT, bool GLU>
+__global__ void __launch_bounds__(TC_WARPS * 32)
+    k_lora_expand_tc(const HT *__restrict__ u, int T, const int32_t *order, const int32_t *start, const tc_banks b,
+                     float *glu_out, int act)
+{
+    __shared__ int32_t tok[TC_EX_TM];
+    __shared__ __align__(16) HT us[TC_EX_TM][TC_US];
+    int a, i0, nt;
+    if (!tc_tile<TC_EX_TM>((int)blockIdx.y, start, b.ng, T, GLU, &a, &i0, &nt)) return;
+    int li = 0; /* the output (GLU: gate; up is li + 1) */
+    if (!GLU)
+        while (li + 1 < b.nb && (int)blockIdx.x >= b.nt0[li + 1]) li++;
+    const int64_t N = b.N[li], nb0 = (int64_t)((int)blockIdx.x - b.nt0[li]) * TC_EX_NB;
+    if (nb0 >= N) return;
+    constexpr int NBK = GLU ? 2 : 1;
+    int r[NBK], r16[NBK], uc[NBK];
+    float sc[NBK];
+    const uint16_t *B[NBK];
+#pragma unroll
+    for (int q = 0; q < NBK; q++) {
+        r[q] = tc_rank(b, li + q, a);
+        r16[q] = (r[q] + 15) / 16 * 16;
+        uc[q] = q ? r16[0] : 0;
+        sc[q] = r[q] ? b.w[li + q][a].scale : 0.0f;
+        B[q] = r[q] ? (const uint16_t *)b.w[li + q][a].B : NULL;
+    }
+    if (!GLU && r[0] == 0) return;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c = lane & 3;
+    if (tid < TC_EX_TM) tok[tid] = tid < nt ? order[i0 + tid] : -1;
+    __syncthreads();
+    const HT zero = (HT)0.0f;
+#pragma unroll
+    for (int q = 0; q < NBK; q++)
+        for (int e = tid; e < TC_EX_TM * r16[q]; e += TC_WARPS * 32) {
+            const int ti = e / r16[q], j = e % r16[q];
+            us[ti][uc[q] + j] = tok[ti] >= 0 ? u[(int64_t)tok[ti] * b.RU + b.off[li + q] + j] : zero;
+        }
+    __syncthreads();
+    const int64_t n0 = nb0 + 32 * warp;
+    float acc[NBK][2][4][4];
+#pragma unroll
+    for (int q = 0; q < NBK; q++)
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+            for (int jt = 0; jt < 4; jt++) acc[q][mt][jt][0] = acc[q][mt][jt][1] = acc[q][mt][jt][2] = acc[q][mt][jt][3] = 0.0f;
+#pragma unroll
+    for (int q = 0; q < NBK; q++) {
+        const bool bvec = (r[q] & 1) == 0;
+        for (int k0 = 0; k0 < r16[q]; k0 += 16) {
+            uint32_t af[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+                const int ra = mt * 16 + g, cb = uc[q] + k0 + 2 * c;
+                af[mt][0] = *reinterpret_cast<const uint32_t *>(&us[ra][cb]);
+                af[mt][1] = *reinterpret_cast<const uint32_t *>(&us[ra + 8][cb]);
+                af[mt][2] = *reinterpret_cast<const uint32_t *>(&us[ra][cb + 8]);
+                af[mt][3] = *reinterpret_cast<const uint32_t *>(&us[ra + 8][cb + 8]);
+            }
+            const int ka = k0 + 2 * c, kc = ka + 8;
+#pragma unroll
+            for (int jt = 0; jt < 4; jt++) {
+                const int64_t n = n0 + 8 * jt + g;
+                uint32_t b0 = 0u, b1 = 0u;
+                if (n < N) {
+                    const uint16_t *br = B[q] + n * r[q];
+                    b0 = tc_pair(br, ka, ka < r[q], ka + 1 < r[q], bvec);
+                    b1 = tc_pair(br, kc, kc < r[q], kc + 1 < r[q], bvec);
+                }
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) mma_16816<HT>(acc[q][mt][jt], af[mt], b0, b1);
+            }
+        }
+    }
+    const bool pair = (N & 1) == 0;
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int ti = mt * 16 + g + 8 * h;
+            if (ti >= nt) continue;
+            const int64_t t = tok[ti];
+#pragma unroll
+            for (int jt = 0; jt < 4; jt++) {
+                const int64_t n = n0 + 8 * jt + 2 * c;
+                if (n >= N) continue;
+                const float l0 = sc[0] * acc[0][mt][jt][2 * h], l1 = sc[0] * acc[0][mt][jt][2 * h + 1];
+                if (!GLU) {
+                    float *yp = b.y[li] + t * N + n;
+                    if (pair) {
+                        float2 v = *reinterpret_cast<float2 *>(yp);
+                        v.x += l0, v.y += l1;
+                        *reinterpret_cast<float2 *>(yp) = v;
+                    } else {
+                        yp[0] += l0;
+                        if (n + 1 < N) yp[1] += l1;
+                    }
+                } else {
+                    const float m0 = sc[NBK - 1] * acc[NBK - 1][mt][jt][2 * h], m1 = sc[NBK - 1] * acc[NBK - 1][mt][jt][2 * h + 1];
+                    const float *gp = b.y[0] + t * N + n, *upp = b.y[1] + t * N + n;
+                    float *op = glu_out + t * N + n;
+                    const float g0 = gp[0] + l0, u0 = upp[0] + m0;
+                    if (n + 1 < N) {
+                        const float g1 = gp[1] + l1, u1 = upp[1] + m1;
+                        op[0] = tuna_cuda_act(g0, act) * u0;
+                        op[1] = tuna_cuda_act(g1, act) * u1;
+                    } else {
+                        op[0] = tuna_cuda_act(g0, act) * u0;
+                    }
+                }
+            }
+        }
+}
+
+/* ================= host side ================= */
+
+template <int DT>
+static void launch_f32(tuna_backend *be, float *part, float *y, const float *x, int64_t T, int64_t N, int64_t K, int S,
+                       int64_t KC, int R, int n, const struct tuna_lora_w *w, const int32_t *order, const int32_t *start)
+{
     dim3 gs((unsigned)((T + SH_TM - 1) / SH_TM), (unsigned)n, (unsigned)S);
     k_lora_shrink<DT><<<gs, SH_THREADS, 0, be->stream>>>(part, x, T, K, KC, R, w, order, start);
     if (!tuna_cuda_check_launch(be, "k_lora_shrink")) return;
@@ -257,50 +567,157 @@ static void launch(tuna_backend *be, float *y, const float *x, int64_t T, int64_
     tuna_cuda_check_launch(be, "k_lora_expand");
 }
 
-void tuna_cuda_lora(tuna_backend *be, float *y, const float *x, int64_t T, int64_t N, int64_t K,
-                    const struct tuna_lora_bank *set, const struct tuna_lora_tokens *tok)
+/* be->lora: [split counters: TC_COUNT_MAX ints, zero between calls][the op's scratch]. Grows the
+ * buffer to hold `bytes` of scratch; a new buffer gets its counters zeroed. */
+static char *lora_scratch(tuna_backend *be, size_t bytes)
 {
-    if (be->sticky || T <= 0 || N <= 0 || K <= 0 || set->n <= 0 || set->max_r <= 0) return;
-    if (set->n > LORA_MAX_N || set->max_r > LORA_MAX_R) {
-        tuna_cuda_check(be, cudaErrorInvalidValue, "lora (more than 64 adapters or a rank over 256 on one layer)");
-        return;
-    }
-    const int dt = set->dtype == TUNA_DTYPE_F32 ? 0 : set->dtype == TUNA_DTYPE_BF16 ? 1 : set->dtype == TUNA_DTYPE_F16 ? 2 : -1;
-    if (dt < 0 || T > INT32_MAX / 2) {
-        tuna_cuda_check(be, cudaErrorInvalidValue, "lora (adapter dtype or token count)");
-        return;
-    }
-    /* the tokens grouped by adapter: the caller's (step block) or made here */
-    const int32_t *order = tok->order, *start = tok->start;
-    int ng = tok->n_groups;
-    int32_t *own = NULL;
-    if (!order || !start || ng < set->n) {
-        ng = set->n;
-        own = (int32_t *)malloc((size_t)(T + ng + 1) * sizeof(int32_t));
-        if (!own) {
-            tuna_cuda_check(be, cudaErrorMemoryAllocation, "lora (host grouping buffer)");
-            return;
-        }
-        tuna_lora_group(tok->adapter, T, ng, own, own + T);
-        order = own;
-        start = own + T;
-    }
-    struct cuda_meta m = {0};
-    bool ok = tuna_cuda_meta_begin(be, &m, (size_t)(T + ng + 1) * sizeof(int32_t));
-    size_t o_o = ok ? (size_t)tuna_cuda_meta_stage(be, &m, order, (size_t)T * sizeof(int32_t)) : 0;
-    size_t o_s = ok ? (size_t)tuna_cuda_meta_stage(be, &m, start, (size_t)(ng + 1) * sizeof(int32_t)) : 0;
-    free(own); /* staged: copied into the pinned arena */
-    if (!ok || be->sticky || !tuna_cuda_meta_flush(be, &m)) return;
-    /* K split into S ranges of whole sub-chunks */
+    const size_t head = TC_COUNT_MAX * sizeof(int);
+    void *old = be->lora.p;
+    if (!tuna_cuda_grow(be, &be->lora, head + bytes, "cudaMalloc(LoRA scratch)")) return NULL;
+    if (be->lora.p != old && !tuna_cuda_check(be, cudaMemsetAsync(be->lora.p, 0, head, be->stream), "cudaMemsetAsync(LoRA counters)"))
+        return NULL;
+    return (char *)be->lora.p;
+}
+
+static size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
+
+/* One float32 (or pre-sm_80) linear: the CUDA-core kernels. */
+static void lora_f32(tuna_backend *be, float *y, const float *x, int64_t T, int64_t N, int64_t K,
+                     const struct tuna_lora_bank *set, const int32_t *d_order, const int32_t *d_start, int dt)
+{
     const int64_t nks = (K + SH_KSMAX - 1) / SH_KSMAX;
     const int S = (int)(nks < SH_SMAX ? nks : SH_SMAX);
     const int64_t KC = (nks + S - 1) / S * SH_KSMAX;
     const int R = (int)set->max_r;
-    if (!tuna_cuda_grow(be, &be->lora, (size_t)S * (size_t)T * (size_t)R * sizeof(float), "cudaMalloc(LoRA partials)"))
+    char *base = lora_scratch(be, (size_t)S * (size_t)T * (size_t)R * sizeof(float));
+    if (!base) return;
+    float *part = (float *)(base + TC_COUNT_MAX * sizeof(int));
+    if (dt == 0) launch_f32<0>(be, part, y, x, T, N, K, S, KC, R, set->n, set->w, d_order, d_start);
+    else if (dt == 1) launch_f32<1>(be, part, y, x, T, N, K, S, KC, R, set->n, set->w, d_order, d_start);
+    else launch_f32<2>(be, part, y, x, T, N, K, S, KC, R, set->n, set->w, d_order, d_start);
+}
+
+template <typename HT>
+static void launch_tc(tuna_backend *be, const tc_banks &b, const float *x, int64_t T, int64_t K, int S, int64_t KC,
+                      int sh_tiles, char *base, const int32_t *order, const int32_t *start, float *glu_out, int act)
+{
+    int *count = (int *)base;
+    HT *u = (HT *)(base + TC_COUNT_MAX * sizeof(int));
+    float *part = (float *)(base + TC_COUNT_MAX * sizeof(int) + align256((size_t)T * (size_t)b.RU * sizeof(HT)));
+    k_lora_shrink_tc<HT><<<dim3((unsigned)sh_tiles, (unsigned)S), TC_WARPS * 32, 0, be->stream>>>(
+        part, u, count, x, (int)T, K, KC, S, order, start, b);
+    if (!tuna_cuda_check_launch(be, "k_lora_shrink_tc")) return;
+    const unsigned ex_tiles = (unsigned)((T + TC_EX_TM - 1) / TC_EX_TM + b.ng + (glu_out ? 1 : 0));
+    if (glu_out) {
+        const unsigned nbx = (unsigned)((b.N[0] + TC_EX_NB - 1) / TC_EX_NB);
+        k_lora_expand_tc<HT, true><<<dim3(nbx, ex_tiles), TC_WARPS * 32, 0, be->stream>>>(u, (int)T, order, start, b,
+                                                                                         glu_out, act);
+    } else {
+        k_lora_expand_tc<HT, false><<<dim3((unsigned)b.nt0[b.nb], ex_tiles), TC_WARPS * 32, 0, be->stream>>>(
+            u, (int)T, order, start, b, NULL, act);
+    }
+    tuna_cuda_check_launch(be, "k_lora_expand_tc");
+}
+
+void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns, const float *x, int64_t T, int64_t K,
+                    const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok, float *glu_out, int act)
+{
+    if (be->sticky || T <= 0 || K <= 0 || n <= 0) return;
+    if (n > TC_MAXB || (glu_out && (n != 2 || Ns[0] != Ns[1]))) {
+        tuna_cuda_check(be, cudaErrorInvalidValue, "lora (more than 3 linears, or a GLU form that is not gate/up)");
         return;
-    char *base = (char *)be->meta.p;
-    const int32_t *d_order = (const int32_t *)(base + o_o), *d_start = (const int32_t *)(base + o_s);
-    if (dt == 0) launch<0>(be, y, x, T, N, K, S, KC, R, set->n, set->w, d_order, d_start);
-    else if (dt == 1) launch<1>(be, y, x, T, N, K, S, KC, R, set->n, set->w, d_order, d_start);
-    else launch<2>(be, y, x, T, N, K, S, KC, R, set->n, set->w, d_order, d_start);
+    }
+    int dt = -1, ng = 0;
+    bool any = false;
+    for (int i = 0; i < n; i++) {
+        const struct tuna_lora_bank *s = sets[i];
+        if (!s || s->n <= 0 || s->max_r <= 0) continue;
+        if (s->n > LORA_MAX_N || s->max_r > LORA_MAX_R) {
+            tuna_cuda_check(be, cudaErrorInvalidValue, "lora (more than 64 adapters or a rank over 256 on one layer)");
+            return;
+        }
+        const int d = s->dtype == TUNA_DTYPE_F32 ? 0 : s->dtype == TUNA_DTYPE_BF16 ? 1 : s->dtype == TUNA_DTYPE_F16 ? 2 : -1;
+        if (d < 0 || (dt >= 0 && d != dt) || Ns[i] <= 0) {
+            tuna_cuda_check(be, cudaErrorInvalidValue, "lora (adapter dtype, or linears of different dtypes)");
+            return;
+        }
+        dt = d;
+        any = true;
+        if (s->n > ng) ng = s->n;
+    }
+    if (!any) { /* no adapters at all */
+        if (glu_out) tuna_cuda_glu(be, glu_out, ys[0], ys[1], T * Ns[0], act);
+        return;
+    }
+    if (T > INT32_MAX / 2) {
+        tuna_cuda_check(be, cudaErrorInvalidValue, "lora (token count)");
+        return;
+    }
+    /* the tokens grouped by adapter: the caller's (step block) or made here */
+    const int32_t *order = tok->order, *start = tok->start;
+    int ngr = tok->n_groups;
+    int32_t *own = NULL;
+    if (!order || !start || ngr < ng) {
+        ngr = ng;
+        own = (int32_t *)malloc((size_t)(T + ngr + 1) * sizeof(int32_t));
+        if (!own) {
+            tuna_cuda_check(be, cudaErrorMemoryAllocation, "lora (host grouping buffer)");
+            return;
+        }
+        tuna_lora_group(tok->adapter, T, ngr, own, own + T);
+        order = own;
+        start = own + T;
+    }
+    struct cuda_meta m = {0};
+    bool ok = tuna_cuda_meta_begin(be, &m, (size_t)(T + ngr + 1) * sizeof(int32_t));
+    size_t o_o = ok ? (size_t)tuna_cuda_meta_stage(be, &m, order, (size_t)T * sizeof(int32_t)) : 0;
+    size_t o_s = ok ? (size_t)tuna_cuda_meta_stage(be, &m, start, (size_t)(ngr + 1) * sizeof(int32_t)) : 0;
+    free(own); /* staged: copied into the pinned arena */
+    if (!ok || be->sticky || !tuna_cuda_meta_flush(be, &m)) return;
+    char *mb = (char *)be->meta.p;
+    const int32_t *d_order = (const int32_t *)(mb + o_o), *d_start = (const int32_t *)(mb + o_s);
+
+    if (dt == 0 || be->cc_major < 8) { /* float32 adapters: one linear at a time, then the GLU */
+        for (int i = 0; i < n; i++)
+            if (sets[i] && sets[i]->n > 0 && sets[i]->max_r > 0)
+                lora_f32(be, ys[i], x, T, Ns[i], K, sets[i], d_order, d_start, dt);
+        if (glu_out) tuna_cuda_glu(be, glu_out, ys[0], ys[1], T * Ns[0], act);
+        return;
+    }
+    tc_banks b;
+    memset(&b, 0, sizeof b);
+    b.nb = n;
+    b.ng = ng;
+    int off = 0, nt0 = 0;
+    for (int i = 0; i < n; i++) {
+        const struct tuna_lora_bank *s = sets[i];
+        const bool has = s && s->n > 0 && s->max_r > 0;
+        b.w[i] = has ? s->w : NULL;
+        b.n[i] = has ? s->n : 0;
+        b.R[i] = has ? (int)s->max_r : 0;
+        b.off[i] = off;
+        off += (b.R[i] + 15) / 16 * 16;
+        b.y[i] = ys[i];
+        b.N[i] = Ns[i];
+        b.nt0[i] = nt0;
+        nt0 += (int)((Ns[i] + TC_EX_NB - 1) / TC_EX_NB);
+    }
+    b.nt0[n] = nt0;
+    b.RU = off;
+    /* K splits: about two blocks per SM over the shrink's tiles, k ranges of whole 64-k steps */
+    const int sh_tiles = (int)((T + TC_SH_TM - 1) / TC_SH_TM) + ng;
+    int S = 1;
+    if (sh_tiles <= TC_COUNT_MAX) {
+        const int want = (2 * (be->sm_count > 0 ? be->sm_count : 132) + sh_tiles - 1) / sh_tiles;
+        S = want < 1 ? 1 : want > TC_SMAX ? TC_SMAX : want;
+    }
+    int64_t KC = ((K + S - 1) / S + 63) / 64 * 64;
+    S = (int)((K + KC - 1) / KC);
+    const size_t ub = align256((size_t)T * (size_t)b.RU * 2), pb = S > 1 ? (size_t)S * (size_t)T * (size_t)b.RU * sizeof(float) : 0;
+    char *base = lora_scratch(be, ub + pb);
+    if (!base) return;
+    if (dt == 1)
+        launch_tc<__nv_bfloat16>(be, b, x, T, K, S, KC, sh_tiles, base, d_order, d_start, glu_out, act);
+    else
+        launch_tc<__half>(be, b, x, T, K, S, KC, sh_tiles, base, d_order, d_start, glu_out, act);
 }
