@@ -19,7 +19,7 @@
  *           every token (the tile list then ends with the tokens without an adapter).
  *   Blocks walk a flat tile list (each adapter's tiles, then the rest), sized from T and the
  *   number of adapters only: ceil(T / tile) + n tiles at most, the ones past the list exit.
- * Float32 adapters (float32 mode), or a GPU below sm_80: the float32 kernels below, one linear
+ * Float32 adapters (float32 mode), a GPU below sm_80, or TUNA_LORA_TC=0: the float32 kernels below, one linear
  * at a time (shrink per (token tile, adapter, K split) on CUDA cores with register tiling,
  * expand per (N tile, token tile, adapter)).
  *
@@ -677,7 +677,12 @@ void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns
     char *mb = (char *)be->meta.p;
     const int32_t *d_order = (const int32_t *)(mb + o_o), *d_start = (const int32_t *)(mb + o_s);
 
-    if (dt == 0 || be->cc_major < 8) { /* float32 adapters: one linear at a time, then the GLU */
+    static int tc = -1; /* TUNA_LORA_TC=0: 16-bit adapters on the CUDA-core kernels too (for measurement) */
+    if (tc < 0) {
+        const char *e = getenv("TUNA_LORA_TC");
+        tc = !(e && e[0] == '0');
+    }
+    if (dt == 0 || be->cc_major < 8 || !tc) { /* float32 adapters: one linear at a time, then the GLU */
         for (int i = 0; i < n; i++)
             if (sets[i] && sets[i]->n > 0 && sets[i]->max_r > 0)
                 lora_f32(be, ys[i], x, T, Ns[i], K, sets[i], d_order, d_start, dt);
