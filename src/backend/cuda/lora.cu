@@ -320,6 +320,45 @@ __device__ __forceinline__ uint32_t tc_pair(const uint16_t *p, int64_t i, bool o
     return lo | hi << 16;
 }
 
+/* The shrink's fragments of the k-step at k0: x rows g and g+8 (ok0/ok1: real tokens) rounded to
+ * HT as the mma's A operand, and the A rows of the nj n-tiles (arow[j] NULL: zeros) as its B
+ * operands. Elements at or past ke read as zero. */
+template <typename HT>
+__device__ __forceinline__ void sh_frag(uint32_t (&af)[4], uint32_t (&bf)[TC_SH_CH][2], const float *x0,
+                                        const float *x1, bool ok0, bool ok1, const uint16_t *const (&arow)[TC_SH_CH],
+                                        int nj, int64_t k0, int64_t ke, bool kvec, int c)
+{
+    const int64_t ka = k0 + 2 * c, kc = ka + 8;
+    const bool vec = kvec && k0 + 16 <= ke;
+    float2 v[4]; /* (row g, ka), (row g+8, ka), (row g, kc), (row g+8, kc) */
+    if (vec) {
+        const float2 z = make_float2(0.0f, 0.0f);
+        v[0] = ok0 ? *reinterpret_cast<const float2 *>(x0 + ka) : z;
+        v[1] = ok1 ? *reinterpret_cast<const float2 *>(x1 + ka) : z;
+        v[2] = ok0 ? *reinterpret_cast<const float2 *>(x0 + kc) : z;
+        v[3] = ok1 ? *reinterpret_cast<const float2 *>(x1 + kc) : z;
+    } else {
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            const float *xr = q & 1 ? x1 : x0;
+            const bool ok = q & 1 ? ok1 : ok0;
+            const int64_t k = q < 2 ? ka : kc;
+            v[q].x = ok && k < ke ? xr[k] : 0.0f;
+            v[q].y = ok && k + 1 < ke ? xr[k + 1] : 0.0f;
+        }
+    }
+#pragma unroll
+    for (int q = 0; q < 4; q++) af[q] = mma_pack<HT>(v[q].x, v[q].y);
+#pragma unroll
+    for (int j = 0; j < TC_SH_CH; j++) {
+        bf[j][0] = bf[j][1] = 0u;
+        if (j < nj && arow[j]) {
+            bf[j][0] = tc_pair(arow[j], ka, ka < ke, ka + 1 < ke, vec);
+            bf[j][1] = tc_pair(arow[j], kc, kc < ke, kc + 1 < ke, vec);
+        }
+    }
+}
+
 /* u rows of one tile (16 tokens) for every linear: see the header. part [S, T, RU] float32,
  * u [T, RU] 16-bit, count [tiles] split counters (zero between calls). */
 template <typename HT>
@@ -360,39 +399,22 @@ __global__ void __launch_bounds__(TC_WARPS * 32)
         float acc[TC_SH_CH][4];
 #pragma unroll
         for (int j = 0; j < TC_SH_CH; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-        for (int64_t k0 = kb + 16 * warp; k0 < ke; k0 += 16 * TC_WARPS) {
-            const int64_t ka = k0 + 2 * c, kc = ka + 8;
-            float2 v[4]; /* (row g, ka), (row g+8, ka), (row g, kc), (row g+8, kc) */
-            if (kvec && k0 + 16 <= ke) {
-                const float2 z = make_float2(0.0f, 0.0f);
-                v[0] = t0 >= 0 ? *reinterpret_cast<const float2 *>(x0 + ka) : z;
-                v[1] = t1 >= 0 ? *reinterpret_cast<const float2 *>(x1 + ka) : z;
-                v[2] = t0 >= 0 ? *reinterpret_cast<const float2 *>(x0 + kc) : z;
-                v[3] = t1 >= 0 ? *reinterpret_cast<const float2 *>(x1 + kc) : z;
-            } else {
+        /* one k-step's fragments ahead: the next step's loads are in flight during the mmas */
+        const int nj = min(TC_SH_CH, nts - ch);
+        uint32_t af[4], bf[TC_SH_CH][2];
+        int64_t k0 = kb + 16 * warp;
+        if (k0 < ke) sh_frag<HT>(af, bf, x0, x1, t0 >= 0, t1 >= 0, arow, nj, k0, ke, kvec, c);
+        for (; k0 < ke; k0 += 16 * TC_WARPS) {
+            uint32_t an[4], bn[TC_SH_CH][2];
+            const int64_t k1 = k0 + 16 * TC_WARPS;
+            if (k1 < ke) sh_frag<HT>(an, bn, x0, x1, t0 >= 0, t1 >= 0, arow, nj, k1, ke, kvec, c);
 #pragma unroll
-                for (int q = 0; q < 4; q++) {
-                    const float *xr = q & 1 ? x1 : x0;
-                    const bool ok = (q & 1 ? t1 : t0) >= 0;
-                    const int64_t k = q < 2 ? ka : kc;
-                    v[q].x = ok && k < ke ? xr[k] : 0.0f;
-                    v[q].y = ok && k + 1 < ke ? xr[k + 1] : 0.0f;
-                }
-            }
-            uint32_t af[4];
+            for (int jj = 0; jj < TC_SH_CH; jj++)
+                if (jj < nj) mma_16816<HT>(acc[jj], af, bf[jj][0], bf[jj][1]);
 #pragma unroll
-            for (int q = 0; q < 4; q++) af[q] = mma_pack<HT>(v[q].x, v[q].y);
-            const bool vec = kvec && k0 + 16 <= ke;
+            for (int q = 0; q < 4; q++) af[q] = an[q];
 #pragma unroll
-            for (int j = 0; j < TC_SH_CH; j++) {
-                if (ch + j >= nts) break;
-                uint32_t b0 = 0u, b1 = 0u;
-                if (arow[j]) {
-                    b0 = tc_pair(arow[j], ka, ka < ke, ka + 1 < ke, vec);
-                    b1 = tc_pair(arow[j], kc, kc < ke, kc + 1 < ke, vec);
-                }
-                mma_16816<HT>(acc[j], af, b0, b1);
-            }
+            for (int jj = 0; jj < TC_SH_CH; jj++) bf[jj][0] = bn[jj][0], bf[jj][1] = bn[jj][1];
         }
         /* the warps' sums, added in warp order */
 #pragma unroll
@@ -435,6 +457,24 @@ __global__ void __launch_bounds__(TC_WARPS * 32)
         }
     }
     if (tid == 0) count[blockIdx.x] = 0;
+}
+
+/* p[o], p[o + 1] (the second only when two; o < 0: nothing, zeros); pair: o even, one 8-byte load */
+__device__ __forceinline__ float2 tc_ld2(const float *p, int64_t o, bool two, bool pair)
+{
+    if (o < 0) return make_float2(0.0f, 0.0f);
+    if (pair) return *reinterpret_cast<const float2 *>(p + o);
+    return make_float2(p[o], two ? p[o + 1] : 0.0f);
+}
+
+__device__ __forceinline__ void tc_st2(float *p, int64_t o, float2 v, bool two, bool pair)
+{
+    if (pair) {
+        *reinterpret_cast<float2 *>(p + o) = v;
+        return;
+    }
+    p[o] = v.x;
+    if (two) p[o + 1] = v.y;
 }
 
 /* y_i[t, n] += scale * u[t] . B[n] over one block of 128 outputs and a tile of 32 tokens; GLU:
@@ -513,44 +553,44 @@ __global__ void __launch_bounds__(TC_WARPS * 32)
             }
         }
     }
+    /* per row block: every load first (one round trip), then the sums and the stores */
     const bool pair = (N & 1) == 0;
 #pragma unroll
-    for (int mt = 0; mt < 2; mt++)
+    for (int mt = 0; mt < 2; mt++) {
+        float2 v[NBK][2][4];
+        int64_t at[2][4];
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             const int ti = mt * 16 + g + 8 * h;
-            if (ti >= nt) continue;
-            const int64_t t = tok[ti];
 #pragma unroll
             for (int jt = 0; jt < 4; jt++) {
                 const int64_t n = n0 + 8 * jt + 2 * c;
-                if (n >= N) continue;
-                const float l0 = sc[0] * acc[0][mt][jt][2 * h], l1 = sc[0] * acc[0][mt][jt][2 * h + 1];
-                if (!GLU) {
-                    float *yp = b.y[li] + t * N + n;
-                    if (pair) {
-                        float2 v = *reinterpret_cast<float2 *>(yp);
-                        v.x += l0, v.y += l1;
-                        *reinterpret_cast<float2 *>(yp) = v;
-                    } else {
-                        yp[0] += l0;
-                        if (n + 1 < N) yp[1] += l1;
-                    }
-                } else {
-                    const float m0 = sc[NBK - 1] * acc[NBK - 1][mt][jt][2 * h], m1 = sc[NBK - 1] * acc[NBK - 1][mt][jt][2 * h + 1];
-                    const float *gp = b.y[0] + t * N + n, *upp = b.y[1] + t * N + n;
-                    float *op = glu_out + t * N + n;
-                    const float g0 = gp[0] + l0, u0 = upp[0] + m0;
-                    if (n + 1 < N) {
-                        const float g1 = gp[1] + l1, u1 = upp[1] + m1;
-                        op[0] = tuna_cuda_act(g0, act) * u0;
-                        op[1] = tuna_cuda_act(g1, act) * u1;
-                    } else {
-                        op[0] = tuna_cuda_act(g0, act) * u0;
-                    }
-                }
+                at[h][jt] = ti < nt && n < N ? (int64_t)tok[ti] * N + n : -1;
+#pragma unroll
+                for (int q = 0; q < NBK; q++) v[q][h][jt] = tc_ld2(b.y[li + q], at[h][jt], n + 1 < N, pair);
             }
         }
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+#pragma unroll
+            for (int jt = 0; jt < 4; jt++) {
+                const int64_t o = at[h][jt];
+                if (o < 0) continue;
+                const bool two = n0 + 8 * jt + 2 * c + 1 < N;
+                const float l0 = sc[0] * acc[0][mt][jt][2 * h], l1 = sc[0] * acc[0][mt][jt][2 * h + 1];
+                float2 out;
+                if (!GLU) {
+                    out = make_float2(v[0][h][jt].x + l0, v[0][h][jt].y + l1);
+                    tc_st2(b.y[li], o, out, two, pair);
+                } else {
+                    const float m0 = sc[NBK - 1] * acc[NBK - 1][mt][jt][2 * h],
+                                m1 = sc[NBK - 1] * acc[NBK - 1][mt][jt][2 * h + 1];
+                    out.x = tuna_cuda_act(v[0][h][jt].x + l0, act) * (v[NBK - 1][h][jt].x + m0);
+                    out.y = tuna_cuda_act(v[0][h][jt].y + l1, act) * (v[NBK - 1][h][jt].y + m1);
+                    tc_st2(glu_out, o, out, two, pair);
+                }
+            }
+    }
 }
 
 /* ================= host side ================= */
