@@ -468,10 +468,16 @@ static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const stru
         } else if (!trace && !mlp_plain) {
             /* gate and up, then their adapters folded into the GLU (one pass over xn_mlp) */
             op->rmsnorm(be, A->xn_mlp, x, L->mlp_norm, T, C, (float)a->norm_eps);
-            op->matmul(be, A->gate, A->xn_mlp, &L->gate.w, L->gate.bias, T); /* (T, I) */
-            op->matmul(be, A->up, A->xn_mlp, &L->up.w, L->up.bias, T);       /* (T, I) */
+            float *const ys[2] = {A->gate, A->up}; /* (T, I) each */
+            if (fuse) {
+                const struct tuna_weight *const w2[2] = {&L->gate.w, &L->up.w};
+                const float *const b2[2] = {L->gate.bias, L->up.bias};
+                op->matmul_multi(be, 2, ys, A->xn_mlp, w2, b2, T);
+            } else {
+                op->matmul(be, A->gate, A->xn_mlp, &L->gate.w, L->gate.bias, T);
+                op->matmul(be, A->up, A->xn_mlp, &L->up.w, L->up.bias, T);
+            }
             const struct tuna_linear *const lins[2] = {&L->gate, &L->up};
-            float *const ys[2] = {A->gate, A->up};
             lora_apply(m, 2, lins, ys, A->xn_mlp, T, act, (int)a->act);
         } else {
             op->rmsnorm(be, A->xn_mlp, x, L->mlp_norm, T, C, (float)a->norm_eps);
