@@ -134,7 +134,8 @@ static void test_matmul_q4(void **state)
  * paths); batches of one token tile and of many. Three forms: one linear (run once with the
  * op's own grouping and once with the caller's, as the step block gives it: the same bits;
  * tokens without an adapter untouched), three linears of different N sharing x (q/k/v, one of
- * them with other ranks), and gate/up folded into the GLU (every token, adapter or not). */
+ * them with other ranks), gate/up folded into the GLU and the residual form (o/down: every token,
+ * adapter or not). */
 static void test_lora(void **state)
 {
     (void)state;
@@ -253,6 +254,24 @@ static void test_lora(void **state)
                 LORA_CHECK(what, og, oc, (size_t)(T * N));
                 tuna_cuda_free(g_gpu, dout);
                 free(oc), free(og);
+            }
+            /* the residual form of linear 1 (o/down): out += y + LoRA for every token */
+            {
+                const struct tuna_lora_bank *c1[1] = {&sc[1]}, *g1[1] = {&sg[1]};
+                const size_t n1 = (size_t)(T * Ns[1]);
+                memcpy(yc[1], y0[1], n1 * 4);
+                TT_OK(tuna_cuda_upload(g_gpu, dy[1], y0[1], n1 * 4));
+                float *r0 = rnd(n1), *rc = malloc(n1 * 4), *rg = malloc(n1 * 4), *dr = dev(r0, n1 * 4);
+                memcpy(rc, r0, n1 * 4);
+                float *yc1[1] = {yc[1]}, *dy1[1] = {dy[1]};
+                g_cops->lora(g_cpu, 1, yc1, &Ns[1], x, T, K, c1, &own, rc, TUNA_LORA_RESIDUAL);
+                g_gops->lora(g_gpu, 1, dy1, &Ns[1], dx, T, K, g1, &grouped, dr, TUNA_LORA_RESIDUAL);
+                back(rg, dr, n1 * 4);
+                snprintf(what, sizeof what, "lora residual %s T=%lld N=%lld K=%lld", tuna_dtype_name(dt),
+                         (long long)T, (long long)Ns[1], (long long)K);
+                LORA_CHECK(what, rg, rc, n1);
+                tuna_cuda_free(g_gpu, dr);
+                free(r0), free(rc), free(rg);
             }
             for (int l = 0; l < NL; l++) {
                 for (int a = 0; a < NA; a++) {

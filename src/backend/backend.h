@@ -113,6 +113,9 @@ struct tuna_attn_batch {
 
 typedef struct tuna_backend tuna_backend; /* opaque per-backend state (thread pool, scratch) */
 
+/* The lora op's act value for its residual form (see lora in struct tuna_backend_ops). */
+#define TUNA_LORA_RESIDUAL (-1)
+
 struct tuna_backend_ops {
     const char *name;
 
@@ -157,7 +160,10 @@ struct tuna_backend_ops {
      * adapter has r > 0; other tokens are left alone. With glu_out (n == 2, Ns equal: gate and
      * up) glu_out[T, N] = act(ys[0] + LoRA_0) * (ys[1] + LoRA_1) instead, for EVERY token, with
      * an adapter or not (the LoRA terms folded into the GLU, act an enum tuna_act; glu_out may
-     * equal ys[0]; ys[0] and ys[1] may be overwritten). One call serves a batch that mixes several
+     * equal ys[0]; ys[0] and ys[1] may be overwritten). With glu_out and act ==
+     * TUNA_LORA_RESIDUAL (n == 1: o/down): glu_out[t] += ys[0][t] + LoRA_0 for every token instead
+     * (the projection added into the residual stream with its adapter in one pass; ys[0] may be
+     * overwritten). One call serves a batch that mixes several
      * adapters. sets[i]->w lives in backend memory (see struct tuna_lora_bank); tok is host
      * metadata (or pointers into the step block). A GPU backend derives its launch configuration
      * only from T, the Ns, K and the sets' n and max_r, so a captured step replays for any mix of

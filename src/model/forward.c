@@ -272,8 +272,15 @@ static void linear_residual(struct tuna_model *m, const struct tuna_linear *lin,
         m->ops->add(m->be, x, tmp, T * lin->w.rows);
         return;
     }
-    m->ops->matmul_add(m->be, x, in, &lin->w, lin->bias, T);
-    lora_add(m, lin, x, in, T, b);
+    if (!lora_on(m, lin)) {
+        m->ops->matmul_add(m->be, x, in, &lin->w, lin->bias, T);
+        return;
+    }
+    /* with adapters: the projection into tmp, then tmp and the adapter added into x in one pass */
+    m->ops->matmul(m->be, tmp, in, &lin->w, lin->bias, T);
+    const struct tuna_linear *const lins[1] = {lin};
+    float *const ys[1] = {tmp};
+    lora_apply(m, 1, lins, ys, in, T, x, TUNA_LORA_RESIDUAL);
 }
 
 /* Checks positions against the cache and grows each sequence to hold this step's tokens. Tokens

@@ -4,7 +4,8 @@
  * be float32, bf16 or f16 (the GPU's views hold the compute dtype); elements are widened one at a
  * time. The grouping in tok (order/start) is not needed here: tokens are taken as they come.
  * Several outputs of one input are done one after the other; the GLU form (glu_out) adds the
- * LoRA terms into copies of gate and up and runs the GLU op on them, as forward.c would. */
+ * LoRA terms into copies of gate and up and runs the GLU op on them, the residual form adds the
+ * term into ys[0] and ys[0] into glu_out, as forward.c would with the plain ops. */
 #include <stdlib.h>
 
 #include "backend/cpu/cpu_internal.h"
@@ -51,9 +52,10 @@ static void lora_one(float *y, const float *x, int64_t T, int64_t N, int64_t K, 
 void tuna_cpu_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns, const float *x, int64_t T, int64_t K,
                    const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok, float *glu_out, int act)
 {
-    if (!glu_out) {
+    if (!glu_out || act == TUNA_LORA_RESIDUAL) {
         for (int i = 0; i < n; i++)
             if (sets[i]) lora_one(ys[i], x, T, Ns[i], K, sets[i], tok);
+        if (glu_out) tuna_cpu_add(be, glu_out, ys[0], T * Ns[0]); /* the residual form */
         return;
     }
     /* act(gate + LoRA) * (up + LoRA): the sums in scratch copies, ys untouched */

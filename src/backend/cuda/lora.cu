@@ -15,8 +15,9 @@
  *   expand: y_i[t, n] += scale * u[t, off_i:] . B_i[n]   a block per (128 outputs, tile of 32
  *           tokens of one adapter): u in shared memory, B's rows straight from global memory as
  *           the mma's column operand, the result added into y in the epilogue. The GLU form
- *           (gate/up) adds both LoRA terms and applies act(gate) * up in the same epilogue, over
- *           every token (the tile list then ends with the tokens without an adapter).
+ *           (gate/up) adds both LoRA terms and applies act(gate) * up in the same epilogue, and
+ *           the residual form (o/down) adds y + LoRA into the residual stream, both over every
+ *           token (the tile list then ends with the tokens without an adapter).
  *   Blocks walk a flat tile list (each adapter's tiles, then the rest), sized from T and the
  *   number of adapters only: ceil(T / tile) + n tiles at most, the ones past the list exit.
  * Float32 adapters (float32 mode), a GPU below sm_80, or TUNA_LORA_TC=0: the float32 kernels below, one linear
@@ -477,9 +478,11 @@ __device__ __forceinline__ void tc_st2(float *p, int64_t o, float2 v, bool two, 
     if (two) p[o + 1] = v.y;
 }
 
-/* y_i[t, n] += scale * u[t] . B[n] over one block of 128 outputs and a tile of 32 tokens; GLU:
- * glu_out = act(gate + LoRA_0) * (up + LoRA_1) for the tile's tokens (every token's tile). */
-template <typename HT, bool GLU>
+/* y_i[t, n] += scale * u[t] . B[n] over one block of 128 outputs and a tile of 32 tokens (MODE
+ * EX_ADD); EX_GLU: out = act(gate + LoRA_0) * (up + LoRA_1); EX_RESID: out += y_0 + LoRA_0 (the
+ * last two over every token: the tile list ends with the tokens without an adapter). */
+enum { EX_ADD, EX_GLU, EX_RESID };
+template <typename HT, int MODE>
 __global__ void __launch_bounds__(TC_WARPS * 32)
     k_lora_expand_tc(const HT *__restrict__ u, int T, const int32_t *order, const int32_t *start, const tc_banks b,
                      float *glu_out, int act)
@@ -487,9 +490,10 @@ __global__ void __launch_bounds__(TC_WARPS * 32)
     __shared__ int32_t tok[TC_EX_TM];
     __shared__ __align__(16) HT us[TC_EX_TM][TC_US];
     int a, i0, nt;
-    if (!tc_tile<TC_EX_TM>((int)blockIdx.y, start, b.ng, T, GLU, &a, &i0, &nt)) return;
+    constexpr bool GLU = MODE == EX_GLU, ALL = MODE != EX_ADD;
+    if (!tc_tile<TC_EX_TM>((int)blockIdx.y, start, b.ng, T, ALL, &a, &i0, &nt)) return;
     int li = 0; /* the output (GLU: gate; up is li + 1) */
-    if (!GLU)
+    if (MODE == EX_ADD)
         while (li + 1 < b.nb && (int)blockIdx.x >= b.nt0[li + 1]) li++;
     const int64_t N = b.N[li], nb0 = (int64_t)((int)blockIdx.x - b.nt0[li]) * TC_EX_NB;
     if (nb0 >= N) return;
@@ -505,7 +509,7 @@ __global__ void __launch_bounds__(TC_WARPS * 32)
         sc[q] = r[q] ? b.w[li + q][a].scale : 0.0f;
         B[q] = r[q] ? (const uint16_t *)b.w[li + q][a].B : NULL;
     }
-    if (!GLU && r[0] == 0) return;
+    if (!ALL && r[0] == 0) return;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c = lane & 3;
     if (tid < TC_EX_TM) tok[tid] = tid < nt ? order[i0 + tid] : -1;
     __syncthreads();
@@ -557,7 +561,7 @@ __global__ void __launch_bounds__(TC_WARPS * 32)
     const bool pair = (N & 1) == 0;
 #pragma unroll
     for (int mt = 0; mt < 2; mt++) {
-        float2 v[NBK][2][4];
+        float2 v[NBK][2][4], r0[2][4];
         int64_t at[2][4];
 #pragma unroll
         for (int h = 0; h < 2; h++) {
@@ -568,6 +572,7 @@ __global__ void __launch_bounds__(TC_WARPS * 32)
                 at[h][jt] = ti < nt && n < N ? (int64_t)tok[ti] * N + n : -1;
 #pragma unroll
                 for (int q = 0; q < NBK; q++) v[q][h][jt] = tc_ld2(b.y[li + q], at[h][jt], n + 1 < N, pair);
+                r0[h][jt] = MODE == EX_RESID ? tc_ld2(glu_out, at[h][jt], n + 1 < N, pair) : make_float2(0.0f, 0.0f);
             }
         }
 #pragma unroll
@@ -579,9 +584,12 @@ __global__ void __launch_bounds__(TC_WARPS * 32)
                 const bool two = n0 + 8 * jt + 2 * c + 1 < N;
                 const float l0 = sc[0] * acc[0][mt][jt][2 * h], l1 = sc[0] * acc[0][mt][jt][2 * h + 1];
                 float2 out;
-                if (!GLU) {
+                if (MODE == EX_ADD) {
                     out = make_float2(v[0][h][jt].x + l0, v[0][h][jt].y + l1);
                     tc_st2(b.y[li], o, out, two, pair);
+                } else if (MODE == EX_RESID) {
+                    out = make_float2(r0[h][jt].x + v[0][h][jt].x + l0, r0[h][jt].y + v[0][h][jt].y + l1);
+                    tc_st2(glu_out, o, out, two, pair);
                 } else {
                     const float m0 = sc[NBK - 1] * acc[NBK - 1][mt][jt][2 * h],
                                 m1 = sc[NBK - 1] * acc[NBK - 1][mt][jt][2 * h + 1];
@@ -648,14 +656,16 @@ static void launch_tc(tuna_backend *be, const tc_banks &b, const float *x, int64
         part, u, count, x, (int)T, K, KC, S, order, start, b);
     if (!tuna_cuda_check_launch(be, "k_lora_shrink_tc")) return;
     const unsigned ex_tiles = (unsigned)((T + TC_EX_TM - 1) / TC_EX_TM + b.ng + (glu_out ? 1 : 0));
-    if (glu_out) {
-        const unsigned nbx = (unsigned)((b.N[0] + TC_EX_NB - 1) / TC_EX_NB);
-        k_lora_expand_tc<HT, true><<<dim3(nbx, ex_tiles), TC_WARPS * 32, 0, be->stream>>>(u, (int)T, order, start, b,
-                                                                                         glu_out, act);
-    } else {
-        k_lora_expand_tc<HT, false><<<dim3((unsigned)b.nt0[b.nb], ex_tiles), TC_WARPS * 32, 0, be->stream>>>(
+    const unsigned nbx = (unsigned)((b.N[0] + TC_EX_NB - 1) / TC_EX_NB);
+    if (glu_out && act == TUNA_LORA_RESIDUAL)
+        k_lora_expand_tc<HT, EX_RESID><<<dim3(nbx, ex_tiles), TC_WARPS * 32, 0, be->stream>>>(u, (int)T, order, start,
+                                                                                            b, glu_out, act);
+    else if (glu_out)
+        k_lora_expand_tc<HT, EX_GLU><<<dim3(nbx, ex_tiles), TC_WARPS * 32, 0, be->stream>>>(u, (int)T, order, start, b,
+                                                                                          glu_out, act);
+    else
+        k_lora_expand_tc<HT, EX_ADD><<<dim3((unsigned)b.nt0[b.nb], ex_tiles), TC_WARPS * 32, 0, be->stream>>>(
             u, (int)T, order, start, b, NULL, act);
-    }
     tuna_cuda_check_launch(be, "k_lora_expand_tc");
 }
 
@@ -663,8 +673,9 @@ void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns
                     const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok, float *glu_out, int act)
 {
     if (be->sticky || T <= 0 || K <= 0 || n <= 0) return;
-    if (n > TC_MAXB || (glu_out && (n != 2 || Ns[0] != Ns[1]))) {
-        tuna_cuda_check(be, cudaErrorInvalidValue, "lora (more than 3 linears, or a GLU form that is not gate/up)");
+    const bool resid = glu_out && act == TUNA_LORA_RESIDUAL;
+    if (n > TC_MAXB || (glu_out && !resid && (n != 2 || Ns[0] != Ns[1])) || (resid && n != 1)) {
+        tuna_cuda_check(be, cudaErrorInvalidValue, "lora (more than 3 linears, a GLU form that is not gate/up, or a residual form of several)");
         return;
     }
     int dt = -1, ng = 0;
@@ -686,7 +697,8 @@ void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns
         if (s->n > ng) ng = s->n;
     }
     if (!any) { /* no adapters at all */
-        if (glu_out) tuna_cuda_glu(be, glu_out, ys[0], ys[1], T * Ns[0], act);
+        if (resid) tuna_cuda_add(be, glu_out, ys[0], T * Ns[0]);
+        else if (glu_out) tuna_cuda_glu(be, glu_out, ys[0], ys[1], T * Ns[0], act);
         return;
     }
     if (T > INT32_MAX / 2) {
@@ -726,7 +738,8 @@ void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns
         for (int i = 0; i < n; i++)
             if (sets[i] && sets[i]->n > 0 && sets[i]->max_r > 0)
                 lora_f32(be, ys[i], x, T, Ns[i], K, sets[i], d_order, d_start, dt);
-        if (glu_out) tuna_cuda_glu(be, glu_out, ys[0], ys[1], T * Ns[0], act);
+        if (resid) tuna_cuda_add(be, glu_out, ys[0], T * Ns[0]);
+        else if (glu_out) tuna_cuda_glu(be, glu_out, ys[0], ys[1], T * Ns[0], act);
         return;
     }
     tc_banks b;
