@@ -164,27 +164,45 @@ static void fz_weight(struct tuna_weight *w, int64_t N, int64_t K, int q4, struc
         w->q4 = NULL;
         return;
     }
-    size_t nb = (size_t)(N * K) / 2, na = (size_t)(N * K) / 64;
-    uint8_t *h = malloc(nb);
-    float *am = malloc(na * 4);
+    /* double-quantized scales, as --load-in-4bit makes them (BENCH_Q4_F32_ABSMAX=1: float32 ones):
+     * one buffer [256 code floats | nested absmax | 8-bit codes] */
+    const bool f32am = getenv("BENCH_Q4_F32_ABSMAX") && getenv("BENCH_Q4_F32_ABSMAX")[0] == '1';
+    size_t nb = (size_t)(N * K) / 2, na = (size_t)(N * K) / 64, nn = (na + 255) / 256;
+    size_t sb = f32am ? na * 4 : 1024 + nn * 4 + na;
+    uint8_t *h = malloc(nb), *hs = malloc(sb);
     uint64_t s = 0xD1B54A32D192ED03ull ^ (uint64_t)N;
     for (size_t i = 0; i < nb; i++) {
         s ^= s << 13, s ^= s >> 7, s ^= s << 17;
         h[i] = (uint8_t)(s >> 32);
     }
-    for (size_t i = 0; i < na; i++) am[i] = 0.01f + 0.001f * (float)(i % 7);
+    if (f32am) {
+        for (size_t i = 0; i < na; i++) ((float *)hs)[i] = 0.01f + 0.001f * (float)(i % 7);
+    } else {
+        for (int i = 0; i < 256; i++) ((float *)hs)[i] = ((float)i - 127.5f) / 127.5f;
+        for (size_t i = 0; i < nn; i++) ((float *)hs)[256 + i] = 0.004f;
+        for (size_t i = 0; i < na; i++) hs[1024 + nn * 4 + i] = (uint8_t)(i * 37);
+    }
     void *dc, *da;
     CK(cudaMalloc(&dc, nb));
-    CK(cudaMalloc(&da, na * 4));
+    CK(cudaMalloc(&da, sb));
     CK(cudaMemcpy(dc, h, nb, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(da, am, na * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(da, hs, sb, cudaMemcpyHostToDevice));
     free(h);
-    free(am);
+    free(hs);
+    memset(qd, 0, sizeof *qd);
     for (int c = 0; c < 16; c++) qd->lut[c] = ((float)c - 7.5f) / 7.5f;
     qd->blocksize = 64;
     qd->round_mode = 1;
     qd->prefill = TUNA_DTYPE_BF16;
-    qd->absmax = da;
+    if (f32am) {
+        qd->absmax = da;
+    } else {
+        qd->nested_code = da;
+        qd->nested_absmax = (const float *)((const uint8_t *)da + 1024);
+        qd->qabsmax = (const uint8_t *)da + 1024 + nn * 4;
+        qd->nested_offset = 0.012f;
+        qd->nested_shift = 8;
+    }
     w->dtype = TUNA_DTYPE_NF4;
     w->data = dc;
     w->q4 = qd;
@@ -193,7 +211,9 @@ static void fz_weight(struct tuna_weight *w, int64_t N, int64_t K, int q4, struc
 static double fz_bytes(const struct tuna_weight *w)
 {
     double n = (double)w->rows * (double)w->cols;
-    return w->q4 ? n / 2 + n / 64 * 4 : n * 2;
+    if (!w->q4) return n * 2;
+    if (((const struct tuna_cuda_q4 *)w->q4)->absmax) return n / 2 + n / 64 * 4;
+    return n / 2 + n / 64 + n / 64 / 256 * 4 + 1024;
 }
 
 static void bench_fused_decode(tuna_backend *be, cudaEvent_t e0, cudaEvent_t e1)
@@ -301,7 +321,7 @@ static void bench_fused_decode(tuna_backend *be, cudaEvent_t e0, cudaEvent_t e1)
             struct tuna_weight *ws[7] = {&L[c].q, &L[c].k, &L[c].v, &L[c].o, &L[c].g, &L[c].u, &L[c].d};
             for (int i = 0; i < 7; i++) {
                 CK(cudaFree((void *)ws[i]->data));
-                if (q4) CK(cudaFree((void *)qd[c][i].absmax));
+                if (q4) CK(cudaFree(qd[c][i].absmax ? (void *)qd[c][i].absmax : (void *)qd[c][i].nested_code));
             }
         }
     }

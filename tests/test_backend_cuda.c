@@ -91,10 +91,21 @@ static void test_matmul_q4(void **state)
                 struct tuna_weight wc = {type ? TUNA_DTYPE_FP4 : TUNA_DTYPE_NF4, N, K, q.codes, &q};
                 /* the GPU descriptor, with the CPU dequantizer's table (as src/model/device.c) */
                 struct tuna_cuda_q4 d;
+                memset(&d, 0, sizeof d);
                 tuna_q4_dequant_table(q.type, d.lut);
                 d.blocksize = q.blocksize;
                 d.round_mode = od ? 1 : 0;
-                d.absmax = dev(q.absmax, (size_t)q.n_blocks * 4);
+                /* the scales double-quantized (as a model loads them) for odd shapes, float32 for even */
+                if (s % 2 == 0) {
+                    d.absmax = dev(q.absmax, (size_t)q.n_blocks * 4);
+                } else {
+                    d.nested_shift = 8;
+                    assert_int_equal(q.nested_blocksize, 256);
+                    d.nested_code = dev(q.nested_code, sizeof q.nested_code);
+                    d.nested_absmax = dev(q.nested_absmax, (size_t)q.n_nested * 4);
+                    d.qabsmax = dev(q.qabsmax, (size_t)q.n_blocks);
+                    d.nested_offset = q.nested_offset;
+                }
                 struct tuna_weight wg = {wc.dtype, N, K, dev(q.codes, (size_t)((N * K + 1) / 2)), &d};
                 /* float32 compute: exact kernels; bf16 compute: the fast kernel (absmax factored
                  * out) for T <= 8 and bf16 dequantization + cuBLAS above */
@@ -120,6 +131,9 @@ static void test_matmul_q4(void **state)
                 }
                 tuna_cuda_free(g_gpu, (void *)wg.data);
                 tuna_cuda_free(g_gpu, (void *)d.absmax);
+                tuna_cuda_free(g_gpu, (void *)d.nested_code);
+                tuna_cuda_free(g_gpu, (void *)d.nested_absmax);
+                tuna_cuda_free(g_gpu, (void *)d.qabsmax);
                 tuna_q4_weight_free(&q);
                 free(wf);
             }

@@ -301,7 +301,37 @@ struct q4pair {
     float *bias, *dbias;
 };
 
-static void q4pair_new(struct q4pair *p, int type, int od, int64_t N, int64_t K, bool bias)
+/* The GPU descriptor of q as src/model/device.c makes it: float32 absmax uploaded, or (nested)
+ * the double-quantized scales (code table, nested absmax, 8-bit codes). */
+static void q4desc_new(struct tuna_cuda_q4 *d, const struct tuna_q4_weight *q, bool nested, enum tuna_dtype prefill)
+{
+    memset(d, 0, sizeof *d);
+    tuna_q4_dequant_table(q->type, d->lut);
+    d->blocksize = q->blocksize;
+    d->round_mode = q->dtype == TUNA_DTYPE_BF16 ? 1 : q->dtype == TUNA_DTYPE_F16 ? 2 : 0;
+    d->prefill = prefill;
+    if (!nested) {
+        d->absmax = dev(q->absmax, (size_t)q->n_blocks * 4);
+        return;
+    }
+    assert_true(q->nested);
+    while ((1 << d->nested_shift) < q->nested_blocksize) d->nested_shift++;
+    assert_int_equal(1 << d->nested_shift, q->nested_blocksize);
+    d->nested_code = dev(q->nested_code, sizeof q->nested_code);
+    d->nested_absmax = dev(q->nested_absmax, (size_t)q->n_nested * 4);
+    d->qabsmax = dev(q->qabsmax, (size_t)q->n_blocks);
+    d->nested_offset = q->nested_offset;
+}
+
+static void q4desc_free(struct tuna_cuda_q4 *d)
+{
+    tuna_cuda_free(g_gpu, (void *)d->absmax);
+    tuna_cuda_free(g_gpu, (void *)d->nested_code);
+    tuna_cuda_free(g_gpu, (void *)d->nested_absmax);
+    tuna_cuda_free(g_gpu, (void *)d->qabsmax);
+}
+
+static void q4pair_new(struct q4pair *p, int type, int od, int64_t N, int64_t K, bool bias, bool nested)
 {
     float *wf = rnd((size_t)(N * K));
     TT_OK(tuna_q4_quantize(wf, TUNA_DTYPE_F32, N, K, type ? TUNA_Q4_FP4 : TUNA_Q4_NF4, 64, true,
@@ -309,11 +339,7 @@ static void q4pair_new(struct q4pair *p, int type, int od, int64_t N, int64_t K,
     free(wf);
     enum tuna_dtype dt = type ? TUNA_DTYPE_FP4 : TUNA_DTYPE_NF4;
     p->c = (struct tuna_weight){dt, N, K, p->q.codes, &p->q};
-    tuna_q4_dequant_table(p->q.type, p->d.lut);
-    p->d.blocksize = p->q.blocksize;
-    p->d.round_mode = od ? 1 : 0;
-    p->d.prefill = od ? TUNA_DTYPE_BF16 : TUNA_DTYPE_F32;
-    p->d.absmax = dev(p->q.absmax, (size_t)p->q.n_blocks * 4);
+    q4desc_new(&p->d, &p->q, nested, od ? TUNA_DTYPE_BF16 : TUNA_DTYPE_F32);
     p->g = (struct tuna_weight){dt, N, K, dev(p->q.codes, (size_t)((N * K + 1) / 2)), &p->d};
     p->bias = bias ? rnd((size_t)N) : NULL;
     p->dbias = bias ? dev(p->bias, (size_t)N * 4) : NULL;
@@ -322,7 +348,7 @@ static void q4pair_new(struct q4pair *p, int type, int od, int64_t N, int64_t K,
 static void q4pair_free(struct q4pair *p)
 {
     tuna_cuda_free(g_gpu, (void *)p->g.data);
-    tuna_cuda_free(g_gpu, (void *)p->d.absmax);
+    q4desc_free(&p->d);
     tuna_q4_weight_free(&p->q);
     free(p->bias);
     tuna_cuda_free(g_gpu, p->dbias);
@@ -330,7 +356,8 @@ static void q4pair_free(struct q4pair *p)
 
 /* The grouped 4-bit GEMV (q4.cu) behind every fused op, against the CPU's matmul on the
  * bitsandbytes state: q/k/v (+ the norm), gate/up + GLU (+ the norm), o into the residual;
- * T up to 8 (the kernel) and 9 (the fallback); NF4 and FP4; float32 and bf16 checkpoints. */
+ * T up to 8 (the kernel) and 9 (the fallback); NF4 and FP4; float32 and bf16 checkpoints; the
+ * scales double-quantized on the GPU (as a model loads them) or float32, alternately. */
 static void test_q4_grouped(void **state)
 {
     (void)state;
@@ -343,8 +370,9 @@ static void test_q4_grouped(void **state)
             for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
                 const int64_t K = shapes[si][1], N[3] = {shapes[si][0], shapes[si][2], shapes[si][3]};
                 struct q4pair w[3], up;
-                for (int i = 0; i < 3; i++) q4pair_new(&w[i], type, od, N[i], K, i == 1);
-                q4pair_new(&up, type, od, N[0], K, false);
+                const bool nested = ((int)si + od) % 2 == 0;
+                for (int i = 0; i < 3; i++) q4pair_new(&w[i], type, od, N[i], K, i == 1, nested);
+                q4pair_new(&up, type, od, N[0], K, false, nested);
                 float *nw = rnd_norm_w(K), *dnw = dev(nw, (size_t)K * 4);
                 for (size_t tt = 0; tt < sizeof Ts / sizeof Ts[0]; tt++) {
                     const int64_t T = Ts[tt];
@@ -371,9 +399,10 @@ static void test_q4_grouped(void **state)
                         for (int i = 0; i < 3; i++) {
                             float *yg = malloc((size_t)(T * N[i]) * 4);
                             back(yg, dy[i], (size_t)(T * N[i]) * 4);
-                            snprintf(what, sizeof what, "%s %s from %s T=%lld weight %d [%lld, %lld]",
+                            snprintf(what, sizeof what, "%s %s from %s%s T=%lld weight %d [%lld, %lld]",
                                      norm ? "rmsnorm_matmul_multi" : "matmul_multi", type ? "FP4" : "NF4",
-                                     od ? "bf16" : "f32", (long long)T, i, (long long)N[i], (long long)K);
+                                     od ? "bf16" : "f32", nested ? " nested" : "", (long long)T, i, (long long)N[i],
+                                     (long long)K);
                             check(what, yg, yc[i], (size_t)(T * N[i]), tol);
                             free(yg), free(yc[i]);
                             tuna_cuda_free(g_gpu, dy[i]);
@@ -425,6 +454,110 @@ static void test_q4_grouped(void **state)
                 free(nw);
                 tuna_cuda_free(g_gpu, dnw);
             }
+}
+
+/* Double-quantized scales on the GPU give the same bits as float32 ones: a weight dequantized
+ * (the prefill path) both ways, and against the CPU's dequantizer (float32 prefill: the same
+ * products, so the same bits), and the decode GEMVs (single, grouped, norm folded, GLU, added)
+ * both ways at T = 1..8. NF4 and FP4, float32/bf16/f16 checkpoints, blocksizes 32/64/128,
+ * shapes whose block and nested-block counts are not multiples of anything. */
+static void test_q4_nested_bits(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    const int64_t shapes[][2] = {{37, 72}, {300, 1024}, {64, 200}, {129, 4096}};
+    const int bss[] = {64, 32, 128};
+    const enum tuna_dtype ods[] = {TUNA_DTYPE_F32, TUNA_DTYPE_BF16, TUNA_DTYPE_F16};
+    const enum tuna_dtype pfs[] = {TUNA_DTYPE_F32, TUNA_DTYPE_BF16, TUNA_DTYPE_F16};
+    int cases = 0;
+    for (int type = 0; type < 2; type++)
+        for (size_t oi = 0; oi < 3; oi++)
+            for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+                const int64_t N = shapes[si][0], K = shapes[si][1], NK = N * K;
+                const int bs = bss[(si + oi) % 3];
+                float *wf = rnd((size_t)NK);
+                struct tuna_q4_weight q;
+                TT_OK(tuna_q4_quantize(wf, TUNA_DTYPE_F32, N, K, type ? TUNA_Q4_FP4 : TUNA_Q4_NF4, bs, true, ods[oi], &q));
+                free(wf);
+                assert_true(q.nested);
+                const enum tuna_dtype dt = type ? TUNA_DTYPE_FP4 : TUNA_DTYPE_NF4;
+                void *codes = dev(q.codes, (size_t)((NK + 1) / 2));
+                float *cpu = malloc((size_t)NK * 4);
+                tuna_q4_dequantize_rows(&q, 0, N, cpu);
+                for (size_t pi = 0; pi < 3; pi++) {
+                    struct tuna_cuda_q4 d[2];
+                    struct tuna_weight g[2];
+                    void *out[2], *host[2];
+                    const size_t ob = tuna_dtype_nbytes(pfs[pi], (uint64_t)NK);
+                    for (int n = 0; n < 2; n++) {
+                        q4desc_new(&d[n], &q, n == 1, pfs[pi]);
+                        g[n] = (struct tuna_weight){dt, N, K, codes, &d[n]};
+                        out[n] = dev(NULL, ob);
+                        host[n] = malloc(ob);
+                        TT_OK(tuna_cuda_q4_dequantize(g_gpu, &g[n], out[n]));
+                        back(host[n], out[n], ob);
+                    }
+                    char what[200];
+                    snprintf(what, sizeof what, "%s from %s, blocksize %d, [%lld, %lld], dequantized to %s",
+                             type ? "FP4" : "NF4", tuna_dtype_name(ods[oi]), bs, (long long)N, (long long)K,
+                             tuna_dtype_name(pfs[pi]));
+                    if (memcmp(host[0], host[1], ob) != 0) {
+                        print_error("%s: nested scales differ from float32 ones\n", what);
+                        fail();
+                    }
+                    if (pfs[pi] == TUNA_DTYPE_F32 && memcmp(host[1], cpu, ob) != 0) {
+                        print_error("%s: differs from the CPU's dequantizer\n", what);
+                        fail();
+                    }
+                    /* the decode GEMVs, both ways, same bits */
+                    for (int64_t T = 1; T <= 8; T += pi == 0 ? 1 : 3) {
+                        float *x = rnd((size_t)(T * K)), *dx = dev(x, (size_t)(T * K) * 4);
+                        float *nw = rnd_norm_w(K), *dnw = dev(nw, (size_t)K * 4);
+                        const size_t yb = (size_t)(T * N) * 4;
+                        float *y0 = rnd((size_t)(T * N)); /* what matmul_add adds to */
+                        float *y[2][5];
+                        for (int n = 0; n < 2; n++) {
+                            float *dy[5], *dxn = dev(NULL, (size_t)(T * K) * 4);
+                            for (int k = 0; k < 5; k++) {
+                                dy[k] = dev(NULL, yb);
+                                TT_OK(tuna_cuda_upload(g_gpu, dy[k], y0, yb));
+                            }
+                            const struct tuna_weight *ws[2] = {&g[n], &g[n]};
+                            g_gops->matmul(g_gpu, dy[0], dx, &g[n], NULL, T);
+                            g_gops->matmul_multi(g_gpu, 2, dy + 1, dx, ws, NULL, T);
+                            g_gops->rmsnorm_matmul_glu(g_gpu, dy[3], dxn, dx, dnw, 1e-5f, &g[n], NULL, &g[n], NULL, T, 0);
+                            g_gops->matmul_add(g_gpu, dy[4], dx, &g[n], NULL, T);
+                            for (int k = 0; k < 5; k++) {
+                                y[n][k] = malloc(yb);
+                                back(y[n][k], dy[k], yb);
+                                tuna_cuda_free(g_gpu, dy[k]);
+                            }
+                            tuna_cuda_free(g_gpu, dxn);
+                        }
+                        for (int k = 0; k < 5; k++) {
+                            if (memcmp(y[0][k], y[1][k], yb) != 0) {
+                                print_error("%s: GEMV %d at T=%lld differs between nested and float32 scales\n", what,
+                                            k, (long long)T);
+                                fail();
+                            }
+                            free(y[0][k]), free(y[1][k]);
+                        }
+                        free(x), free(nw), free(y0);
+                        tuna_cuda_free(g_gpu, dx);
+                        tuna_cuda_free(g_gpu, dnw);
+                    }
+                    for (int n = 0; n < 2; n++) {
+                        q4desc_free(&d[n]);
+                        tuna_cuda_free(g_gpu, out[n]);
+                        free(host[n]);
+                    }
+                    cases++;
+                }
+                free(cpu);
+                tuna_cuda_free(g_gpu, codes);
+                tuna_q4_weight_free(&q);
+            }
+    assert_int_equal(cases, 2 * 3 * 4 * 3);
 }
 
 static float *kv_as_f32(const void *cache, enum tuna_dtype dt, size_t n)
@@ -532,6 +665,93 @@ static void test_rope_kv_store(void **state)
                 }
 }
 
+/* rmsnorm_qkv_rope_kv (the q/k/v GEMV with RoPE and the KV store in its epilogue) against the
+ * CPU's rmsnorm, three matmuls, rope of q and k and kv_store: 16-bit weights at T = 1, 2 (the
+ * fused kernel), T = 3 and float32 weights (the two-op fallback), partial rotary (fallback),
+ * three cache dtypes, biases, GQA, scattered slots, K that is no multiple of the split. */
+static void test_rmsnorm_qkv_rope_kv(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    /* H, Hkv, D, rot, K */
+    const int64_t heads[][5] = {{4, 2, 64, 64, 256}, {8, 2, 128, 128, 2056}, {3, 1, 36, 36, 72}, {4, 4, 64, 32, 136}};
+    const enum tuna_dtype kdt[] = {TUNA_DTYPE_F32, TUNA_DTYPE_BF16, TUNA_DTYPE_F16};
+    const int64_t Ts[] = {1, 2, 3};
+    const int64_t NS = 32;
+    for (size_t hi = 0; hi < sizeof heads / sizeof heads[0]; hi++)
+        for (size_t wi = 0; wi < 3; wi++)
+            for (size_t tt = 0; tt < 3; tt++) {
+                const int64_t H = heads[hi][0], Hkv = heads[hi][1], D = heads[hi][2], rot = heads[hi][3];
+                const int64_t K = heads[hi][4], T = Ts[tt], half = rot / 2, HD = H * D, KD = Hkv * D;
+                const enum tuna_dtype dt = kdt[(hi + tt + wi) % 3];
+                const size_t cbytes = tuna_dtype_nbytes(dt, (uint64_t)(NS * KD));
+                struct wpair w[3];
+                const int64_t N[3] = {HD, KD, KD};
+                for (int i = 0; i < 3; i++) wpair_new(&w[i], k_types[wi], N[i], K, (hi & 1) != 0);
+                float *inv = malloc((size_t)half * 4);
+                for (int64_t i = 0; i < half; i++) inv[i] = (float)pow(500000.0, -2.0 * (double)i / (double)rot);
+                int64_t pos[3], slot[3];
+                for (int64_t t = 0; t < T; t++) {
+                    pos[t] = (t * 977 + 131 * (int64_t)hi) % 3000;
+                    slot[t] = (t * 11 + 3 + (int64_t)wi) % NS;
+                }
+                const float af = hi == 2 ? 0.9f : 1.0f;
+                float *x = rnd((size_t)(T * K)), *nw = rnd_norm_w(K);
+                /* CPU reference */
+                float *xn = malloc((size_t)(T * K) * 4), *yc[3];
+                cpu_norm(xn, x, nw, T, K);
+                for (int i = 0; i < 3; i++) {
+                    yc[i] = malloc((size_t)(T * N[i]) * 4);
+                    g_cops->matmul(g_cpu, yc[i], xn, &w[i].c, w[i].bias, T);
+                }
+                g_cops->rope(g_cpu, yc[0], pos, T, H, D, rot, inv, af);
+                g_cops->rope(g_cpu, yc[1], pos, T, Hkv, D, rot, inv, af);
+                void *kc = calloc(1, cbytes), *vc = calloc(1, cbytes);
+                g_cops->kv_store(g_cpu, kc, vc, dt, yc[1], yc[2], slot, T, KD);
+                /* the GPU */
+                float *dx = dev(x, (size_t)(T * K) * 4), *dnw = dev(nw, (size_t)K * 4);
+                float *dxn = dev(NULL, (size_t)(T * K) * 4), *dy[3];
+                for (int i = 0; i < 3; i++) dy[i] = dev(NULL, (size_t)(T * N[i]) * 4);
+                void *zero = calloc(1, cbytes), *dkc = dev(zero, cbytes), *dvc = dev(zero, cbytes);
+                free(zero);
+                const struct tuna_weight *ws[3] = {&w[0].g, &w[1].g, &w[2].g};
+                const float *bs[3] = {w[0].dbias, w[1].dbias, w[2].dbias};
+                g_gops->rmsnorm_qkv_rope_kv(g_gpu, dy, dxn, dx, dnw, 1e-5f, ws, bs, dkc, dvc, dt, pos, slot, T, H, Hkv,
+                                            D, rot, inv, af);
+                char what[200];
+                snprintf(what, sizeof what,
+                         "rmsnorm_qkv_rope_kv %s weights, H=%lld Hkv=%lld D=%lld rot=%lld K=%lld T=%lld, %s cache",
+                         tuna_dtype_name(k_types[wi]), (long long)H, (long long)Hkv, (long long)D, (long long)rot,
+                         (long long)K, (long long)T, tuna_dtype_name(dt));
+                const double tol = tol_for(k_types[wi], T);
+                float *g = malloc((size_t)(T * (HD > K ? HD : K)) * 4);
+                back(g, dxn, (size_t)(T * K) * 4);
+                check(what, g, xn, (size_t)(T * K), 1e-6);
+                for (int i = 0; i < 3; i++) {
+                    back(g, dy[i], (size_t)(T * N[i]) * 4);
+                    check(what, g, yc[i], (size_t)(T * N[i]), 2 * tol);
+                }
+                void *hk = malloc(cbytes), *hv = malloc(cbytes);
+                back(hk, dkc, cbytes);
+                back(hv, dvc, cbytes);
+                const double ctol = dt == TUNA_DTYPE_F32 ? 2 * tol : 1e-2;
+                float *a = kv_as_f32(hk, dt, (size_t)(NS * KD)), *b = kv_as_f32(kc, dt, (size_t)(NS * KD));
+                check(what, a, b, (size_t)(NS * KD), ctol);
+                free(a), free(b);
+                a = kv_as_f32(hv, dt, (size_t)(NS * KD)), b = kv_as_f32(vc, dt, (size_t)(NS * KD));
+                check(what, a, b, (size_t)(NS * KD), ctol);
+                free(a), free(b), free(hk), free(hv), free(g);
+                for (int i = 0; i < 3; i++) {
+                    free(yc[i]);
+                    tuna_cuda_free(g_gpu, dy[i]);
+                    wpair_free(&w[i]);
+                }
+                free(x), free(nw), free(xn), free(inv), free(kc), free(vc);
+                tuna_cuda_free(g_gpu, dx), tuna_cuda_free(g_gpu, dnw), tuna_cuda_free(g_gpu, dxn);
+                tuna_cuda_free(g_gpu, dkc), tuna_cuda_free(g_gpu, dvc);
+            }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -541,7 +761,9 @@ int main(void)
         cmocka_unit_test(test_rmsnorm_matmul_multi),
         cmocka_unit_test(test_rmsnorm_matmul_glu),
         cmocka_unit_test(test_q4_grouped),
+        cmocka_unit_test(test_q4_nested_bits),
         cmocka_unit_test(test_rope_kv_store),
+        cmocka_unit_test(test_rmsnorm_qkv_rope_kv),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -64,9 +64,11 @@ static tuna_status move_vec(struct tuna_model *m, float **v, int64_t n)
     return TUNA_OK;
 }
 
-/* A 4-bit weight stays 4-bit on the GPU: codes and float32 absmax uploaded, a descriptor
+/* A 4-bit weight stays 4-bit on the GPU: codes and block scales uploaded, a descriptor
  * (struct tuna_cuda_q4) with the CPU dequantizer's own nibble table (so both backends use the
- * same values, FP4's sign bit included) and the rounding of the checkpoint. */
+ * same values, FP4's sign bit included) and the rounding of the checkpoint. Double-quantized
+ * scales stay double-quantized (1 byte per block + a float per 256 blocks instead of a float per
+ * block: ~0.3 GB less at 7B); the kernels rebuild each absmax bit-identical to the CPU's. */
 static tuna_status move_q4(struct tuna_model *m, struct tuna_weight *w, enum tuna_dtype compute)
 {
     const struct tuna_q4_weight *q = w->q4;
@@ -80,11 +82,34 @@ static tuna_status move_q4(struct tuna_model *m, struct tuna_weight *w, enum tun
     d->blocksize = q->blocksize;
     d->round_mode = q->dtype == TUNA_DTYPE_BF16 ? 1 : q->dtype == TUNA_DTYPE_F16 ? 2 : 0;
     d->prefill = compute;
-    void *codes, *absmax;
+    void *codes, *scales;
     tuna_status st = upload_new(m, q->codes, (size_t)((q->numel + 1) / 2), &codes);
-    if (!st) st = upload_new(m, q->absmax, (size_t)q->n_blocks * sizeof(float), &absmax);
     if (st) return st;
-    d->absmax = absmax;
+    int nshift = 0;
+    while (nshift < 30 && (1 << nshift) < q->nested_blocksize) nshift++;
+    if (q->nested && q->qabsmax && q->nested_absmax && (1 << nshift) == q->nested_blocksize &&
+        q->n_nested == (q->n_blocks + q->nested_blocksize - 1) / q->nested_blocksize) {
+        /* one buffer: nested_code [256] f32 | nested_absmax [n_nested] f32 | qabsmax [n_blocks] u8 */
+        const size_t cb = sizeof q->nested_code, nb = (size_t)q->n_nested * sizeof(float);
+        const size_t bytes = cb + nb + (size_t)q->n_blocks;
+        uint8_t *h = malloc(bytes);
+        if (!h) return tuna_fail_oom("double-quantized absmax", bytes);
+        memcpy(h, q->nested_code, cb);
+        memcpy(h + cb, q->nested_absmax, nb);
+        memcpy(h + cb + nb, q->qabsmax, (size_t)q->n_blocks);
+        st = upload_new(m, h, bytes, &scales);
+        free(h);
+        if (st) return st;
+        d->absmax = NULL;
+        d->nested_code = (const float *)scales;
+        d->nested_absmax = (const float *)((const uint8_t *)scales + cb);
+        d->qabsmax = (const uint8_t *)scales + cb + nb;
+        d->nested_offset = q->nested_offset;
+        d->nested_shift = nshift;
+    } else {
+        if ((st = upload_new(m, q->absmax, (size_t)q->n_blocks * sizeof(float), &scales))) return st;
+        d->absmax = scales;
+    }
     w->data = codes;
     w->q4 = d; /* from now on the CUDA descriptor; the CPU state stays owned by m->q4 */
     return TUNA_OK;

@@ -49,12 +49,27 @@ tuna_status tuna_cuda_sync(tuna_backend *be);
  * packed codes in device memory, two per byte, first element in the high nibble, row-major over
  * the flattened [N, K] weight; q4 = this host-side descriptor). */
 struct tuna_cuda_q4 {
-    const float *absmax;         /* device: [ceil(N*K / blocksize)] float32 scales */
+    const float *absmax;         /* device: [ceil(N*K / blocksize)] float32 scales; NULL: the nested form below */
     int blocksize;
     int round_mode;              /* dequantized values rounded like bitsandbytes: 0 none, 1 bf16, 2 f16 */
     enum tuna_dtype prefill;     /* dtype the weight is dequantized to for T > TUNA_CUDA_GEMV_MAX_T */
     float lut[16];               /* value of each nibble (before x absmax) */
+    /* Double-quantized scales (bitsandbytes compress_statistics), read only when absmax is NULL:
+     * absmax[b] = nested_code[qabsmax[b]] * nested_absmax[b >> nested_shift] + nested_offset, a
+     * float32 multiply then a float32 add (no fused multiply-add), as tuna_q4_undo_double_quant
+     * computes it on the CPU: bit-identical scales at a quarter of the bytes. */
+    const uint8_t *qabsmax;      /* device [n_blocks] */
+    const float *nested_absmax;  /* device [ceil(n_blocks / 2^nested_shift)] */
+    const float *nested_code;    /* device [256] */
+    float nested_offset;
+    int nested_shift;            /* log2 of the nested blocksize (256 in every bitsandbytes file) */
 };
+
+/* Dequantizes the 4-bit weight w (dtype NF4/FP4, w->q4 a struct tuna_cuda_q4) into the device
+ * buffer out [rows * cols] of its descriptor's prefill dtype (float32, bf16 or f16; values
+ * rounded like bitsandbytes for the checkpoint's dtype): what a prefill GEMM multiplies by. Queued
+ * on the backend's stream; returns the sticky status. */
+tuna_status tuna_cuda_q4_dequantize(tuna_backend *be, const struct tuna_weight *w, void *out);
 
 /* Small-T threshold of 4-bit weights: T <= this use the fused dequant-GEMV kernel. */
 #define TUNA_CUDA_GEMV_MAX_T 8

@@ -7,9 +7,20 @@
 
 #define GEMV_MAX_SEG 4
 
+/* The block scales of a 4-bit weight as the kernels read them (q4.cu: q4_absmax): absmax[b]
+ * float32, or when absmax is NULL the double-quantized form of struct tuna_cuda_q4. */
+struct q4_scales {
+    const float *absmax;  /* [n_blocks] or NULL */
+    const uint8_t *q;     /* [n_blocks] 8-bit codes of the nested quantization */
+    const float *nabs;    /* [n_blocks >> nshift] nested absmax */
+    const float *ncode;   /* [256] the nested code table */
+    float noff;           /* nested offset */
+    int nshift;           /* log2(nested blocksize) */
+};
+
 struct gemv_seg {
     const void *W;        /* [N, K] bf16 or f16; 4-bit: packed codes */
-    const float *absmax;  /* 4-bit only: [N*K / blocksize] */
+    struct q4_scales sc;  /* 4-bit only: the block scales */
     float *y;             /* [T, N] */
     const float *bias;
     int64_t N;

@@ -13,6 +13,28 @@
 #include "backend/cuda/gemv.cuh"
 #include "backend/cuda/pdl.cuh"
 
+/* Scale of block b: the float32 absmax, or the nested form rebuilt with the CPU's operations in
+ * its order (tuna_q4_undo_double_quant: code * nested absmax, then + offset, each rounded to
+ * float32; __fmul_rn/__fadd_rn keep nvcc from contracting them into one FMA). */
+__device__ __forceinline__ float q4_absmax(const struct q4_scales &s, int64_t b)
+{
+    if (s.absmax) return __ldg(s.absmax + b);
+    const float c = __ldg(s.ncode + __ldg(s.q + b));
+    return __fadd_rn(__fmul_rn(c, __ldg(s.nabs + (b >> s.nshift))), s.noff);
+}
+
+static struct q4_scales q4_scales_of(const struct tuna_cuda_q4 *q)
+{
+    struct q4_scales sc;
+    sc.absmax = q->absmax;
+    sc.q = q->absmax ? NULL : q->qabsmax;
+    sc.nabs = q->absmax ? NULL : q->nested_absmax;
+    sc.ncode = q->absmax ? NULL : q->nested_code;
+    sc.noff = q->absmax ? 0.0f : q->nested_offset;
+    sc.nshift = q->absmax ? 0 : q->nested_shift;
+    return sc;
+}
+
 __device__ __forceinline__ float q4_round(float v, int mode)
 {
     if (mode == 1) return __bfloat162float(__float2bfloat16_rn(v));
@@ -25,7 +47,7 @@ __device__ __forceinline__ float q4_round(float v, int mode)
  * weights, which all lie in one absmax block (blocksize a power of two >= 32 on the fast path).
  * R rows per warp let each x load serve R rows (x is 8x the bytes of 4-bit weights per token). */
 template <int TT, int R>
-__global__ void k_gemv_q4(float *y, const float *x, const uint8_t *codes, const float *absmax, int bs_shift,
+__global__ void k_gemv_q4(float *y, const float *x, const uint8_t *codes, const struct q4_scales absmax, int bs_shift,
                           int mode, struct q4_lut lut_in, const float *bias, int64_t N, int64_t K, int vec, int bs)
 {
     __shared__ float tab[4][R][16][32]; /* [warp][row][entry][lane] */
@@ -58,7 +80,7 @@ __global__ void k_gemv_q4(float *y, const float *x, const uint8_t *codes, const 
 #pragma unroll
             for (int r = 0; r < R; r++) {
                 raw[r] = __ldg(cr[r] + i);
-                float am = __ldg(absmax + ((e_row[r] + i * 32) >> bs_shift));
+                float am = q4_absmax(absmax, (e_row[r] + i * 32) >> bs_shift);
 #pragma unroll
                 for (int c = 0; c < 16; c++) tab[warp][r][c][lane] = q4_round(lut_in.v[c] * am, mode);
             }
@@ -95,7 +117,7 @@ __global__ void k_gemv_q4(float *y, const float *x, const uint8_t *codes, const 
                 int64_t e = n * K + k;
                 uint8_t byte = codes[e >> 1];
                 int c = (e & 1) ? (byte & 15) : (byte >> 4);
-                float wv = q4_round(slut[c] * absmax[e / bs], mode);
+                float wv = q4_round(slut[c] * q4_absmax(absmax, e / bs), mode);
 #pragma unroll
                 for (int t = 0; t < TT; t++) acc[r][t] += wv * x[t * K + k];
             }
@@ -117,7 +139,7 @@ __global__ void k_gemv_q4(float *y, const float *x, const uint8_t *codes, const 
  * (8 weights) and x[8i .. 8i+8]: loads of codes and of x are both coalesced across the warp.
  * R rows per warp share each x load. Needs K % 8 == 0 and blocksize % 8 == 0. */
 template <int TT, int R>
-__global__ void k_gemv_q4_fast(float *y, const float *x, const uint8_t *codes, const float *absmax, int bs_shift,
+__global__ void k_gemv_q4_fast(float *y, const float *x, const uint8_t *codes, const struct q4_scales absmax, int bs_shift,
                                struct q4_lut lut_in, const float *bias, int64_t N, int64_t K)
 {
     __shared__ float slut[16];
@@ -154,7 +176,7 @@ __global__ void k_gemv_q4_fast(float *y, const float *x, const uint8_t *codes, c
 #pragma unroll
         for (int r = 0; r < R; r++) {
             uint32_t word = __ldg(cw[r] + g);
-            float am = __ldg(absmax + ((e_row[r] + g * 8) >> bs_shift));
+            float am = q4_absmax(absmax, (e_row[r] + g * 8) >> bs_shift);
             float wf[8];
 #pragma unroll
             for (int b = 0; b < 4; b++) {
@@ -183,7 +205,7 @@ __global__ void k_gemv_q4_fast(float *y, const float *x, const uint8_t *codes, c
 
 /* 32 weights per thread (16-byte load, one absmax block when bs % 32 == 0), written as 16-bit
  * (4 x 16-byte stores) or float32; the scalar kernel below handles the rest. */
-__global__ void k_dequant_q4_vec(void *out, int dtype, const uint8_t *codes, const float *absmax, int bs, int mode,
+__global__ void k_dequant_q4_vec(void *out, int dtype, const uint8_t *codes, const struct q4_scales absmax, int bs, int mode,
                                  struct q4_lut lut, int64_t n32)
 {
     __shared__ float slut[16];
@@ -195,7 +217,7 @@ __global__ void k_dequant_q4_vec(void *out, int dtype, const uint8_t *codes, con
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n32) return;
     uint4 raw = __ldg(reinterpret_cast<const uint4 *>(codes) + i);
-    float am = __ldg(absmax + i * 32 / bs); /* once per 32 weights */
+    float am = q4_absmax(absmax, i * 32 / bs); /* once per 32 weights */
     const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
     float v[32];
 #pragma unroll
@@ -232,7 +254,7 @@ __global__ void k_dequant_q4_vec(void *out, int dtype, const uint8_t *codes, con
 }
 
 /* One thread per byte: two weights into out (dtype 0 f32, 1 bf16, 2 f16). */
-__global__ void k_dequant_q4(void *out, int dtype, const uint8_t *codes, const float *absmax, int bs, int mode,
+__global__ void k_dequant_q4(void *out, int dtype, const uint8_t *codes, const struct q4_scales absmax, int bs, int mode,
                              struct q4_lut lut, int64_t numel)
 {
     __shared__ float slut[16];
@@ -247,7 +269,7 @@ __global__ void k_dequant_q4(void *out, int dtype, const uint8_t *codes, const f
     for (int h = 0; h < 2; h++) {
         int64_t e = 2 * i + h;
         if (e >= numel) break;
-        float v = q4_round(slut[h ? (byte & 15) : (byte >> 4)] * absmax[e / bs], mode);
+        float v = q4_round(slut[h ? (byte & 15) : (byte >> 4)] * q4_absmax(absmax, e / bs), mode);
         if (dtype == 1) ((__nv_bfloat16 *)out)[e] = __float2bfloat16_rn(v);
         else if (dtype == 2) ((__half *)out)[e] = __float2half_rn(v);
         else ((float *)out)[e] = v;
@@ -269,6 +291,7 @@ void tuna_cuda_gemv_q4(tuna_backend *be, float *y, const float *x, const struct 
                        int64_t T)
 {
     const struct tuna_cuda_q4 *q = (const struct tuna_cuda_q4 *)w->q4;
+    const struct q4_scales sc = q4_scales_of(q);
     int64_t N = w->rows, K = w->cols;
     struct q4_lut lut;
     memcpy(lut.v, q->lut, sizeof lut.v);
@@ -301,10 +324,10 @@ void tuna_cuda_gemv_q4(tuna_backend *be, float *y, const float *x, const struct 
     case TT:                                                                                                      \
         if (R == 1)                                                                                               \
             k_gemv_q4_fast<TT, 1><<<blocks, warps * 32, 0, be->stream>>>(y, x, (const uint8_t *)w->data,          \
-                                                                         q->absmax, shift, lut, bias, N, K);      \
+                                                                         sc, shift, lut, bias, N, K);             \
         else                                                                                                      \
             k_gemv_q4_fast<TT, 2><<<blocks, warps * 32, 0, be->stream>>>(y, x, (const uint8_t *)w->data,          \
-                                                                         q->absmax, shift, lut, bias, N, K);      \
+                                                                         sc, shift, lut, bias, N, K);             \
         break
         switch (T) {
             Q4F_CASE(1);
@@ -323,11 +346,11 @@ void tuna_cuda_gemv_q4(tuna_backend *be, float *y, const float *x, const struct 
 #define Q4_CASE(TT)                                                                                            \
     case TT:                                                                                                   \
         if (R == 1)                                                                                            \
-            k_gemv_q4<TT, 1><<<blocks, warps * 32, 0, be->stream>>>(y, x, (const uint8_t *)w->data, q->absmax, \
+            k_gemv_q4<TT, 1><<<blocks, warps * 32, 0, be->stream>>>(y, x, (const uint8_t *)w->data, sc,        \
                                                                     shift, q->round_mode, lut, bias, N, K, vec, \
                                                                     q->blocksize);                              \
         else                                                                                                   \
-            k_gemv_q4<TT, 2><<<blocks, warps * 32, 0, be->stream>>>(y, x, (const uint8_t *)w->data, q->absmax, \
+            k_gemv_q4<TT, 2><<<blocks, warps * 32, 0, be->stream>>>(y, x, (const uint8_t *)w->data, sc,        \
                                                                     shift, q->round_mode, lut, bias, N, K, vec, \
                                                                     q->blocksize);                              \
         break
@@ -354,19 +377,31 @@ bool tuna_cuda_dequant_q4(tuna_backend *be, const struct tuna_weight *w, void **
     if (!tuna_cuda_grow(be, &be->wdeq, bytes, "cudaMalloc(4-bit weight dequantized for prefill)")) return false;
     struct q4_lut lut;
     memcpy(lut.v, q->lut, sizeof lut.v);
+    const struct q4_scales sc = q4_scales_of(q);
     int64_t nbytes = (numel + 1) / 2;
     if (numel % 32 == 0 && q->blocksize % 32 == 0 && ((uintptr_t)w->data % 16) == 0) {
         int64_t n32 = numel / 32;
         k_dequant_q4_vec<<<tuna_cuda_blocks(n32, 256), 256, 0, be->stream>>>(
-            be->wdeq.p, code, (const uint8_t *)w->data, q->absmax, q->blocksize, q->round_mode, lut, n32);
+            be->wdeq.p, code, (const uint8_t *)w->data, sc, q->blocksize, q->round_mode, lut, n32);
     } else {
         k_dequant_q4<<<tuna_cuda_blocks(nbytes, 256), 256, 0, be->stream>>>(
-            be->wdeq.p, code, (const uint8_t *)w->data, q->absmax, q->blocksize, q->round_mode, lut, numel);
+            be->wdeq.p, code, (const uint8_t *)w->data, sc, q->blocksize, q->round_mode, lut, numel);
     }
     if (!tuna_cuda_check_launch(be, "k_dequant_q4")) return false;
     *out = be->wdeq.p;
     *dt = code == 1 ? TUNA_DTYPE_BF16 : code == 2 ? TUNA_DTYPE_F16 : TUNA_DTYPE_F32;
     return true;
+}
+
+extern "C" tuna_status tuna_cuda_q4_dequantize(tuna_backend *be, const struct tuna_weight *w, void *out)
+{
+    void *p;
+    enum tuna_dtype dt;
+    if (!be->sticky && tuna_cuda_dequant_q4(be, w, &p, &dt))
+        tuna_cuda_check(be, cudaMemcpyAsync(out, p, tuna_dtype_nbytes(dt, (uint64_t)(w->rows * w->cols)),
+                                            cudaMemcpyDeviceToDevice, be->stream),
+                        "cudaMemcpyAsync(dequantized 4-bit weight)");
+    return tuna_cuda_status(be);
 }
 
 /* ---- the grouped 4-bit decode GEMV (gemv.cuh's job: q/k/v in one launch, gate/up with the GLU,
@@ -426,7 +461,7 @@ __global__ void __launch_bounds__(128) k_q4_multi(const float *__restrict__ x, c
         int64_t n0;
         if (!gemv_rows(j, j.mode == GEMV_GLU ? 1 : R, wid, &seg, &n0)) continue; /* padding rows */
         const uint32_t *cw[R];
-        const float *amp[R];
+        const struct q4_scales *amp[R];
         int64_t e_row[R];
 #pragma unroll
         for (int r = 0; r < R; r++) {
@@ -434,7 +469,7 @@ __global__ void __launch_bounds__(128) k_q4_multi(const float *__restrict__ x, c
             int64_t n = j.mode == GEMV_GLU ? n0 : (n0 + r < s->N ? n0 + r : s->N - 1);
             e_row[r] = n * K;
             cw[r] = reinterpret_cast<const uint32_t *>((const uint8_t *)s->W + e_row[r] / 2);
-            amp[r] = s->absmax;
+            amp[r] = &s->sc;
         }
         float acc[R][TT], ss[TT];
 #pragma unroll
@@ -458,7 +493,7 @@ __global__ void __launch_bounds__(128) k_q4_multi(const float *__restrict__ x, c
                 for (int r = 0; r < R; r++)
                     if (g < K8) {
                         wv[u][r] = __ldg(cw[r] + g);
-                        av[u][r] = __ldg(amp[r] + ((e_row[r] + g * 8) >> j.bs_shift));
+                        av[u][r] = q4_absmax(*amp[r], (e_row[r] + g * 8) >> j.bs_shift);
                     }
             }
             have = true;
@@ -478,7 +513,7 @@ __global__ void __launch_bounds__(128) k_q4_multi(const float *__restrict__ x, c
                     for (int r = 0; r < R; r++)
                         if (g < K8) {
                             wv[u][r] = __ldg(cw[r] + g);
-                            av[u][r] = __ldg(amp[r] + ((e_row[r] + g * 8) >> j.bs_shift));
+                            av[u][r] = q4_absmax(*amp[r], (e_row[r] + g * 8) >> j.bs_shift);
                         }
                 }
             }
@@ -563,6 +598,357 @@ static void q4m_launch_lut(tuna_backend *be, const float *x, const struct gemv_j
     else q4m_launch_tt<R, NORM, 0>(be, x, j, lut, blocks, T);
 }
 
+/* ---- k_q4_tab: the 4-bit decode GEMV with the nibble table in shared memory, x staged once ----
+ *
+ * What bounded k_q4_multi (30% of the copy rate): at T = 1 every lane read 32 bytes of x (and 32 of
+ * the norm's weight) through L1 per 4 bytes of codes, plus one shared-memory load per weight for
+ * the table: the L1/shared-memory pipe (128 bytes per clock per SM), not DRAM, was the limit.
+ * Here:
+ * - a lane loads 16 contiguous bytes of codes (32 weights, one absmax block) per row, U such
+ *   loads per row and 4 rows per warp in flight before any is used (GLU: gate and up of two
+ *   outputs);
+ * - x (normalized when the norm is folded in) is staged once per block in shared memory, with the
+ *   16-byte pieces of each 128-byte run XOR-swizzled so that the 8 lanes of a quarter-warp, which
+ *   read the same piece of their own 32 weights, hit 8 different bank groups; each x load serves
+ *   the warp's 4 rows;
+ * - the table maps a byte of codes to the values of its two nibbles (float2, exact: LUT 1; or
+ *   half2, 2 bytes per weight of shared-memory traffic instead of 4: LUT 2, 16-bit compute only,
+ *   the values rounded to f16, error below 2^-11 against the bf16 rounding of 2^-9 that the fast
+ *   kernels already skip), one copy per lane: [byte][lane] with a 256-byte row, so the address
+ *   is one byte permute (byte << 8 | lane * 8) and a warp's loads never share a bank;
+ * - absmax is applied once per 32 weights (acc += absmax * sum lut[c] x), read as float32 or
+ *   rebuilt from the double-quantized form (nested code table in shared memory).
+ * One block of 16 warps per SM; item i (4 rows) goes to warp i / grid of block i % grid, so the
+ * items spread over all SMs. Every sum is taken by one warp in a fixed order: deterministic. */
+#define Q4T_THREADS 512
+#define Q4T_R 4
+#define Q4T_TAB_BYTES 65536
+#define Q4T_NCODE_BYTES (GEMV_MAX_SEG * 256 * 4)
+
+struct q4t_rows {
+    const uint4 *c[Q4T_R];
+    int64_t e0[Q4T_R]; /* element index of the row's first weight (for its absmax block) */
+    int ns[Q4T_R];     /* segment of the row (its scales; its nested code table in shared memory) */
+};
+
+/* The rows of item `it`: false past the end (or a padding item). */
+static __device__ __forceinline__ bool q4t_item(const struct gemv_job &j, int64_t it, struct q4t_rows &rw, int *seg,
+                                                int64_t *n0)
+{
+    const int64_t K = j.K;
+    int64_t n[Q4T_R];
+    int sg[Q4T_R];
+    if (j.mode == GEMV_GLU) {
+        const int64_t N = j.s[0].N, a = 2 * it;
+        if (a >= N) return false;
+        const int64_t b = a + 1 < N ? a + 1 : a;
+        *seg = 0;
+        *n0 = a;
+        n[0] = a, n[1] = a, n[2] = b, n[3] = b;
+        sg[0] = 0, sg[1] = 1, sg[2] = 0, sg[3] = 1;
+    } else {
+        if (!gemv_rows(j, Q4T_R, it, seg, n0)) return false;
+        const int64_t N = j.s[*seg].N;
+#pragma unroll
+        for (int r = 0; r < Q4T_R; r++) {
+            n[r] = *n0 + r < N ? *n0 + r : N - 1; /* rows past N are computed, not stored */
+            sg[r] = *seg;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < Q4T_R; r++) {
+        rw.e0[r] = n[r] * K;
+        rw.c[r] = reinterpret_cast<const uint4 *>((const uint8_t *)j.s[sg[r]].W + rw.e0[r] / 2);
+        rw.ns[r] = sg[r];
+    }
+    return true;
+}
+
+/* Codes and scales of U 16-byte chunks per row: chunk base + lane + 32 u (zeros past the row). */
+template <int U>
+static __device__ __forceinline__ void q4t_load(const struct gemv_job &j, const struct q4t_rows &rw, int64_t base,
+                                                int lane, int64_t K32, uint4 (&raw)[U][Q4T_R], float (&sa)[U][Q4T_R],
+                                                uint32_t (&sq)[U][Q4T_R])
+{
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int64_t gi = base + lane + 32 * u;
+#pragma unroll
+        for (int r = 0; r < Q4T_R; r++) {
+            raw[u][r] = make_uint4(0u, 0u, 0u, 0u);
+            sa[u][r] = 0.0f;
+            sq[u][r] = 0u;
+            if (gi < K32) {
+                raw[u][r] = __ldg(rw.c[r] + gi);
+                const struct q4_scales &sc = j.s[rw.ns[r]].sc;
+                const int64_t b = (rw.e0[r] + gi * 32) >> j.bs_shift;
+                if (sc.absmax) {
+                    sa[u][r] = __ldg(sc.absmax + b);
+                } else {
+                    sq[u][r] = __ldg(sc.q + b);
+                    sa[u][r] = __ldg(sc.nabs + (b >> sc.nshift));
+                }
+            }
+        }
+    }
+}
+
+/* The two values of byte b (0..3) of word w: the table entry at (byte << 8) | lane offset. */
+template <int LUT>
+static __device__ __forceinline__ float2 q4t_pair(const uint8_t *tab, uint32_t w, int b, uint32_t lane_off)
+{
+    const uint32_t off = __byte_perm(w, lane_off, 0x5504u | ((uint32_t)b << 4));
+    if (LUT == 2) return __half22float2(*reinterpret_cast<const __half2 *>(tab + off));
+    return *reinterpret_cast<const float2 *>(tab + off);
+}
+
+/* x [TT, K] into shared memory, 16-byte pieces swizzled within each 128-byte run (piece p of run
+ * g at p ^ (g & 7)); NORM: x * r * nw with r = 1/sqrt(mean(x^2) + eps) (the CPU rmsnorm's
+ * formula), block 0 also writing it to j.xn. Ends with __syncthreads(). */
+template <int TT, bool NORM>
+static __device__ __forceinline__ void q4t_stage(float4 *xs4, const float *x, const struct gemv_job &j, float *red)
+{
+    const int64_t K4 = j.K / 4;
+    const float4 *x4 = reinterpret_cast<const float4 *>(x);
+    float ss[TT];
+#pragma unroll
+    for (int t = 0; t < TT; t++) ss[t] = 0.0f;
+    for (int64_t f = threadIdx.x; f < K4; f += blockDim.x) {
+        const int64_t pos = (f & ~(int64_t)7) | ((f & 7) ^ ((f >> 3) & 7));
+#pragma unroll
+        for (int t = 0; t < TT; t++) {
+            const float4 a = x4[t * K4 + f];
+            xs4[t * K4 + pos] = a;
+            if (NORM) ss[t] += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+        }
+    }
+    if (NORM) {
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+        for (int t = 0; t < TT; t++) {
+            for (int o = 16; o > 0; o >>= 1) ss[t] += __shfl_xor_sync(0xffffffffu, ss[t], o);
+            if (lane == 0) red[t * 32 + warp] = ss[t];
+        }
+        __syncthreads();
+        float r[TT];
+#pragma unroll
+        for (int t = 0; t < TT; t++) {
+            float a = 0.0f;
+            for (int w = 0; w < nw; w++) a += red[t * 32 + w];
+            r[t] = 1.0f / sqrtf(a / (float)j.K + j.eps);
+        }
+        const float4 *n4 = reinterpret_cast<const float4 *>(j.nw);
+        float4 *xn4 = reinterpret_cast<float4 *>(j.xn);
+        const bool write = j.xn && blockIdx.x == 0;
+        for (int64_t f = threadIdx.x; f < K4; f += blockDim.x) {
+            const int64_t pos = (f & ~(int64_t)7) | ((f & 7) ^ ((f >> 3) & 7));
+            const float4 w = __ldg(n4 + f);
+#pragma unroll
+            for (int t = 0; t < TT; t++) {
+                float4 a = xs4[t * K4 + pos];
+                a = make_float4(a.x * r[t] * w.x, a.y * r[t] * w.y, a.z * r[t] * w.z, a.w * r[t] * w.w);
+                xs4[t * K4 + pos] = a;
+                if (write) xn4[t * K4 + f] = a;
+            }
+        }
+    }
+    __syncthreads();
+}
+
+template <int TT, bool NORM, int LUT>
+__global__ void __launch_bounds__(Q4T_THREADS, 1)
+    k_q4_tab(const float *__restrict__ x, const __grid_constant__ struct gemv_job j, const struct q4_lut lut_in,
+             int64_t nitems)
+{
+    constexpr int U = TT <= 2 ? 4 : 2; /* 16-byte chunks per row in flight */
+    extern __shared__ float4 q4t_smem4[];
+    uint8_t *tab = reinterpret_cast<uint8_t *>(q4t_smem4);              /* [256][256 bytes] */
+    float *ncode = reinterpret_cast<float *>(tab + Q4T_TAB_BYTES);       /* [GEMV_MAX_SEG][256] */
+    float4 *xs4 = reinterpret_cast<float4 *>(tab + Q4T_TAB_BYTES + Q4T_NCODE_BYTES); /* [TT, K] swizzled */
+    __shared__ float slut[16];
+    __shared__ float red[TT * 32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int c = 0; c < 16; c++) slut[c] = lut_in.v[c];
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < 256 * 32; e += blockDim.x) {
+        const int byte = e >> 5, l = e & 31;
+        const float hi = slut[byte >> 4], lo = slut[byte & 15];
+        if (LUT == 2) *reinterpret_cast<__half2 *>(tab + byte * 256 + l * 4) = __floats2half2_rn(hi, lo);
+        else *reinterpret_cast<float2 *>(tab + byte * 256 + l * 8) = make_float2(hi, lo);
+    }
+    for (int s = 0; s < j.nseg; s++)
+        if (!j.s[s].sc.absmax)
+            for (int e = threadIdx.x; e < 256; e += blockDim.x) ncode[s * 256 + e] = __ldg(j.s[s].sc.ncode + e);
+    const int64_t K = j.K, K32 = K / 32, K4 = K / 4;
+    const int64_t gstride = (int64_t)gridDim.x * (blockDim.x / 32);
+    const uint32_t lane_off = (uint32_t)lane * (LUT == 2 ? 4u : 8u);
+    const int sw = lane & 7;
+    /* the first item's first codes before waiting for the previous kernel (weights are not written) */
+    int64_t it = blockIdx.x + (int64_t)gridDim.x * warp;
+    struct q4t_rows rw;
+    int seg = 0;
+    int64_t n0 = 0;
+    uint4 raw[U][Q4T_R];
+    float sa[U][Q4T_R];
+    uint32_t sq[U][Q4T_R];
+    bool have = false;
+    while (it < nitems && !q4t_item(j, it, rw, &seg, &n0)) it += gstride;
+    if (it < nitems && j.prefetch >= 1) {
+        q4t_load<U>(j, rw, 0, lane, K32, raw, sa, sq);
+        have = true;
+    }
+    tuna_pdl_wait();
+    tuna_pdl_trigger();
+    q4t_stage<TT, NORM>(xs4, x, j, red); /* ends with __syncthreads: table and codes ready too */
+    for (; it < nitems; it += gstride) {
+        if (!have && !q4t_item(j, it, rw, &seg, &n0)) continue; /* padding item */
+        float acc[Q4T_R][TT];
+#pragma unroll
+        for (int r = 0; r < Q4T_R; r++)
+#pragma unroll
+            for (int t = 0; t < TT; t++) acc[r][t] = 0.0f;
+        for (int64_t base = 0; base < K32; base += 32 * U) {
+            if (!have) q4t_load<U>(j, rw, base, lane, K32, raw, sa, sq);
+            have = false;
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int64_t gi = base + lane + 32 * u;
+                if (gi >= K32) break;
+                const float4 *xg = xs4 + 8 * gi;
+                float d[Q4T_R][TT];
+#pragma unroll
+                for (int r = 0; r < Q4T_R; r++)
+#pragma unroll
+                    for (int t = 0; t < TT; t++) d[r][t] = 0.0f;
+#pragma unroll
+                for (int p = 0; p < 8; p++) {
+                    float4 xv[TT];
+#pragma unroll
+                    for (int t = 0; t < TT; t++) xv[t] = xg[t * K4 + (p ^ sw)];
+#pragma unroll
+                    for (int r = 0; r < Q4T_R; r++) {
+                        const uint4 c4 = raw[u][r];
+                        const uint32_t w = (p >> 1) == 0 ? c4.x : (p >> 1) == 1 ? c4.y : (p >> 1) == 2 ? c4.z : c4.w;
+                        const float2 v0 = q4t_pair<LUT>(tab, w, 2 * (p & 1), lane_off);
+                        const float2 v1 = q4t_pair<LUT>(tab, w, 2 * (p & 1) + 1, lane_off);
+#pragma unroll
+                        for (int t = 0; t < TT; t++)
+                            d[r][t] += v0.x * xv[t].x + v0.y * xv[t].y + v1.x * xv[t].z + v1.y * xv[t].w;
+                    }
+                }
+#pragma unroll
+                for (int r = 0; r < Q4T_R; r++) {
+                    const struct q4_scales &sc = j.s[rw.ns[r]].sc;
+                    const float am = sc.absmax ? sa[u][r]
+                                               : __fadd_rn(__fmul_rn(ncode[rw.ns[r] * 256 + sq[u][r]], sa[u][r]), sc.noff);
+#pragma unroll
+                    for (int t = 0; t < TT; t++) acc[r][t] += am * d[r][t];
+                }
+            }
+        }
+        /* the warp's sums, then lane 0 stores */
+#pragma unroll
+        for (int r = 0; r < Q4T_R; r++)
+#pragma unroll
+            for (int t = 0; t < TT; t++)
+                for (int o = 16; o > 0; o >>= 1) acc[r][t] += __shfl_xor_sync(0xffffffffu, acc[r][t], o);
+        if (lane == 0) {
+            if (j.mode == GEMV_GLU) {
+                const int64_t N = j.s[0].N;
+                const float *bg = j.s[0].bias, *bu = j.s[1].bias;
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const int64_t n = n0 + h;
+                    if (n >= N) break;
+                    const float g0 = bg ? bg[n] : 0.0f, u0 = bu ? bu[n] : 0.0f;
+#pragma unroll
+                    for (int t = 0; t < TT; t++)
+                        j.s[0].y[t * N + n] = tuna_cuda_act(acc[2 * h][t] + g0, j.act) * (acc[2 * h + 1][t] + u0);
+                }
+            } else {
+                const struct gemv_seg &s = j.s[seg];
+#pragma unroll
+                for (int r = 0; r < Q4T_R; r++) {
+                    if (n0 + r >= s.N) break;
+                    const float b = s.bias ? s.bias[n0 + r] : 0.0f;
+#pragma unroll
+                    for (int t = 0; t < TT; t++) {
+                        float *yp = s.y + t * s.N + n0 + r;
+                        if (j.mode == GEMV_ADD) *yp += acc[r][t] + b;
+                        else *yp = acc[r][t] + b;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* TUNA_Q4_K: 0 the k_q4_multi kernel above, 1 k_q4_tab with the float2 table, 2 with the half2
+ * table (16-bit compute only; else 1). Default 0 until measured. */
+static int q4_kernel_mode(void)
+{
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("TUNA_Q4_K");
+        v = e && (e[0] == '1' || e[0] == '2') ? e[0] - '0' : 0;
+    }
+    return v;
+}
+
+template <int TT, bool NORM, int LUT>
+static bool q4t_launch_one(tuna_backend *be, const float *x, const struct gemv_job *j, const struct q4_lut *lut,
+                           unsigned blocks, size_t smem, int64_t nitems)
+{
+    return tuna_cuda_launch(be, "k_q4_tab", k_q4_tab<TT, NORM, LUT>, dim3(blocks), dim3(Q4T_THREADS), smem, x, *j,
+                            *lut, nitems);
+}
+
+template <bool NORM, int LUT>
+static bool q4t_launch_tt(tuna_backend *be, const float *x, const struct gemv_job *j, const struct q4_lut *lut,
+                          unsigned blocks, size_t smem, int64_t nitems, int64_t T)
+{
+    switch (T) {
+    case 1: return q4t_launch_one<1, NORM, LUT>(be, x, j, lut, blocks, smem, nitems);
+    case 2: return q4t_launch_one<2, NORM, LUT>(be, x, j, lut, blocks, smem, nitems);
+    case 3: return q4t_launch_one<3, NORM, LUT>(be, x, j, lut, blocks, smem, nitems);
+    case 4: return q4t_launch_one<4, NORM, LUT>(be, x, j, lut, blocks, smem, nitems);
+    case 5: return q4t_launch_one<5, NORM, LUT>(be, x, j, lut, blocks, smem, nitems);
+    case 6: return q4t_launch_one<6, NORM, LUT>(be, x, j, lut, blocks, smem, nitems);
+    case 7: return q4t_launch_one<7, NORM, LUT>(be, x, j, lut, blocks, smem, nitems);
+    case 8: return q4t_launch_one<8, NORM, LUT>(be, x, j, lut, blocks, smem, nitems);
+    }
+    return false;
+}
+
+/* k_q4_tab for job j when it fits (K % 32 == 0, blocksize >= 32, 16-byte aligned rows, x and
+ * the table within the opt-in shared memory); false: the caller runs k_q4_multi. */
+static bool q4t_try(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
+                    const struct q4_lut *lut, int blocksize, int64_t T, int lut_mode)
+{
+    const int64_t K = j->K;
+    if (K % 32 != 0 || blocksize < 32) return false;
+    for (int i = 0; i < j->nseg; i++)
+        if (((uintptr_t)ws[i]->data % 16) != 0) return false;
+    const size_t smem = (size_t)Q4T_TAB_BYTES + Q4T_NCODE_BYTES + (size_t)T * (size_t)K * sizeof(float);
+    if (be->max_smem_optin <= 0 || smem + 2048 > (size_t)be->max_smem_optin) return false; /* + static */
+    const int64_t nitems = j->mode == GEMV_GLU ? (j->s[0].N + 1) / 2 : gemv_number_rows(j, Q4T_R) / Q4T_R;
+    /* one block per SM (fewer when there are fewer items); the items spread over all of them */
+    const int64_t sms = be->sm_count > 0 ? be->sm_count : 132;
+    int64_t blocks = nitems < sms ? nitems : sms;
+    if (blocks < 1) return true; /* nothing to do */
+    j->prefetch = tuna_cuda_gemv_prefetch();
+    const bool norm = j->nw != NULL;
+    if (lut_mode == 2) {
+        if (norm) return q4t_launch_tt<true, 2>(be, x, j, lut, (unsigned)blocks, smem, nitems, T);
+        return q4t_launch_tt<false, 2>(be, x, j, lut, (unsigned)blocks, smem, nitems, T);
+    }
+    if (norm) return q4t_launch_tt<true, 1>(be, x, j, lut, (unsigned)blocks, smem, nitems, T);
+    return q4t_launch_tt<false, 1>(be, x, j, lut, (unsigned)blocks, smem, nitems, T);
+}
+
 bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
                         int64_t T)
 {
@@ -577,11 +963,18 @@ bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, co
         if (q->blocksize != q0->blocksize || memcmp(q->lut, q0->lut, sizeof q->lut) != 0 ||
             ((uintptr_t)ws[i]->data % 4) != 0 || (q->round_mode != 0 && q->prefill == TUNA_DTYPE_F32))
             return false;
-        j->s[i].absmax = q->absmax;
+        j->s[i].sc = q4_scales_of(q);
     }
     struct q4_lut lut;
     memcpy(lut.v, q0->lut, sizeof lut.v);
     j->bs_shift = shift;
+    const int km = q4_kernel_mode();
+    if (km) {
+        bool half_ok = true; /* the half2 table only where the compute is 16-bit */
+        for (int i = 0; i < j->nseg; i++)
+            if (((const struct tuna_cuda_q4 *)ws[i]->q4)->prefill == TUNA_DTYPE_F32) half_ok = false;
+        if (q4t_try(be, x, j, ws, &lut, q0->blocksize, T, km == 2 && half_ok ? 2 : 1)) return true;
+    }
     j->prefetch = tuna_cuda_gemv_prefetch();
     const int warps = 4;
     const int R = j->mode == GEMV_GLU || T > 1 ? 2 : 1;
