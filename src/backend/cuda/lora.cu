@@ -264,7 +264,7 @@ __global__ void __launch_bounds__(EX_NT)
 #define TC_WARPS 4
 #define TC_SH_TM 16      /* tokens per shrink tile: one mma row block */
 #define TC_SH_CH 8       /* n-tiles (8 ranks each) a warp accumulates at once */
-#define TC_SMAX 8        /* K splits at most */
+#define TC_SMAX 32       /* K splits at most */
 #define TC_EX_TM 32      /* tokens per expand tile: two mma row blocks */
 #define TC_EX_NB 128     /* outputs per expand block: 4 warps x 4 n-tiles of 8 */
 #define TC_US (2 * LORA_MAX_R + 8) /* u columns an expand block holds (GLU: two linears), padded */
@@ -453,6 +453,7 @@ __global__ void __launch_bounds__(TC_WARPS * 32)
         for (int e = tid; e < nt * r16; e += TC_WARPS * 32) {
             const int64_t at = (int64_t)tok[e / r16] * b.RU + b.off[i] + e % r16;
             float s = 0.0f;
+#pragma unroll 8
             for (int q = 0; q < S; q++) s += __ldcg(part + (int64_t)q * T * b.RU + at);
             u[at] = (HT)s;
         }
@@ -762,11 +763,12 @@ void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns
     }
     b.nt0[n] = nt0;
     b.RU = off;
-    /* K splits: about two blocks per SM over the shrink's tiles, k ranges of whole 64-k steps */
+    /* K splits: about four blocks per SM over the shrink's tiles (few k-steps per warp: the loop
+     * is latency-bound at decode sizes), k ranges of whole 64-k steps */
     const int sh_tiles = (int)((T + TC_SH_TM - 1) / TC_SH_TM) + ng;
     int S = 1;
     if (sh_tiles <= TC_COUNT_MAX) {
-        const int want = (2 * (be->sm_count > 0 ? be->sm_count : 132) + sh_tiles - 1) / sh_tiles;
+        const int want = (4 * (be->sm_count > 0 ? be->sm_count : 132) + sh_tiles - 1) / sh_tiles;
         S = want < 1 ? 1 : want > TC_SMAX ? TC_SMAX : want;
     }
     int64_t KC = ((K + S - 1) / S + 63) / 64 * 64;
