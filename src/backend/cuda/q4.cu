@@ -398,7 +398,7 @@ extern "C" tuna_status tuna_cuda_q4_dequantize(tuna_backend *be, const struct tu
     void *p;
     enum tuna_dtype dt;
     if (!be->sticky && tuna_cuda_dequant_q4(be, w, &p, &dt))
-        tuna_cuda_check(be, cudaMemcpyAsync(out, p, tuna_dtype_nbytes(dt, (uint64_t)(w->rows * w->cols)),
+        tuna_cuda_check(be, cudaMemcpyAsync(out, p, (size_t)(w->rows * w->cols) * (dt == TUNA_DTYPE_F32 ? 4 : 2),
                                             cudaMemcpyDeviceToDevice, be->stream),
                         "cudaMemcpyAsync(dequantized 4-bit weight)");
     return tuna_cuda_status(be);
