@@ -127,10 +127,12 @@ static void print_memory(const tuna_trainer *t, const struct tuna_model *m, bool
     const double GB = 1e9;
     const size_t emb = tuna_dtype_nbytes(m->embed.dtype, (uint64_t)(a->vocab_size * a->hidden_size));
     const size_t head = m->lm_head.w.data == m->embed.data ? 0 : emb;
+    /* offload: the trainer moved the embedding table to host memory after the measurement */
+    if (tm.host_embedding && weights >= tm.host_embedding) weights -= tm.host_embedding;
     const size_t other = peak > weights + tm.total ? (size_t)(peak - weights - tm.total) : 0;
     fprintf(stderr,
             "memory (GB = 1e9 bytes; %lld tokens):\n"
-            "  model weights (measured)        %7.3f  (of which embedding %.3f, lm_head %.3f%s)\n"
+            "  model weights (measured)        %7.3f  (of which embedding %.3f%s, lm_head %.3f%s)\n"
             "  LoRA params+grads%s     %7.3f\n"
             "  checkpoints (device)            %7.3f\n"
             "  kept layer activations          %7.3f\n"
@@ -141,21 +143,23 @@ static void print_memory(const tuna_trainer *t, const struct tuna_model *m, bool
             "  LoRA / dropout scratch          %7.3f\n"
             "  backend scratch and other       %7.3f  (measured peak minus the above)\n"
             "  peak (cudaMemGetInfo)           %7.3f\n"
-            "  host: checkpoints %.3f, optimizer %.3f\n",
-            (long long)tm.tokens, (double)weights / GB, (double)emb / GB, (double)head / GB,
+            "  host: checkpoints %.3f, optimizer %.3f, embedding %.3f\n",
+            (long long)tm.tokens, (double)weights / GB, tm.host_embedding ? 0.0 : (double)emb / GB,
+            tm.host_embedding ? " (on the host)" : "", (double)head / GB,
             load4 ? ", layers NF4" : "", tm.host_optimizer ? "          " : "+AdamW    ",
             (double)tm.lora_state / GB, (double)tm.checkpoints / GB, (double)tm.layer_acts / GB,
             (double)tm.layer_grads / GB, (long long)tm.mlp_rows, (double)tm.residual / GB, (double)tm.attention / GB,
             (double)tm.logits / GB, (long long)tm.head_rows, (double)tm.lora_work / GB, (double)other / GB,
-            (double)peak / GB, (double)tm.host_checkpoints / GB, (double)tm.host_optimizer / GB);
+            (double)peak / GB, (double)tm.host_checkpoints / GB, (double)tm.host_optimizer / GB,
+            (double)tm.host_embedding / GB);
     printf("{\"what\": \"tuna_train_memory\", \"weights_GB\": %.4f, \"lora_state_GB\": %.4f, \"checkpoints_GB\": "
            "%.4f, \"layer_acts_GB\": %.4f, \"layer_grads_GB\": %.4f, \"residual_GB\": %.4f, \"attention_GB\": %.4f, "
            "\"logits_GB\": %.4f, \"lora_work_GB\": %.4f, \"other_GB\": %.4f, \"peak_GB\": %.4f, "
-           "\"host_checkpoints_GB\": %.4f, \"host_optimizer_GB\": %.4f}\n",
+           "\"host_checkpoints_GB\": %.4f, \"host_optimizer_GB\": %.4f, \"host_embedding_GB\": %.4f}\n",
            (double)weights / GB, (double)tm.lora_state / GB, (double)tm.checkpoints / GB, (double)tm.layer_acts / GB,
            (double)tm.layer_grads / GB, (double)tm.residual / GB, (double)tm.attention / GB, (double)tm.logits / GB,
            (double)tm.lora_work / GB, (double)other / GB, (double)peak / GB, (double)tm.host_checkpoints / GB,
-           (double)tm.host_optimizer / GB);
+           (double)tm.host_optimizer / GB, (double)tm.host_embedding / GB);
     fflush(stdout);
 }
 

@@ -20,6 +20,7 @@
 #include "model/model.h"
 #include "quant/nf4.h"
 #ifdef TUNA_HAVE_CUDA
+#include "backend/cuda/arena.h"
 #include "backend/cuda/cuda.h"
 #include "backend/cuda/device.h"
 #endif
@@ -38,9 +39,12 @@ static tuna_status track(struct tuna_model *m, void *p)
     return TUNA_OK;
 }
 
-/* Uploads n host bytes into a new tracked device buffer. */
-static tuna_status upload_new(struct tuna_model *m, const void *src, size_t bytes, void **out)
+/* A device buffer of the model, freed with it: from the weight arena (arena.h: no 2 MiB page
+ * rounding per buffer) when there is one, else its own tracked allocation. */
+static tuna_status dev_alloc(struct tuna_model *m, size_t bytes, void **out)
 {
+    *out = NULL;
+    if (m->dev_arena) return tuna_cuda_arena_alloc((tuna_cuda_arena *)m->dev_arena, bytes, out);
     void *d = NULL;
     tuna_status st = m->ops->alloc(m->be, bytes, &d);
     if (st) return st;
@@ -49,7 +53,36 @@ static tuna_status upload_new(struct tuna_model *m, const void *src, size_t byte
         return st;
     }
     *out = d;
+    return TUNA_OK;
+}
+
+/* Uploads n host bytes into a new device buffer of the model. */
+static tuna_status upload_new(struct tuna_model *m, const void *src, size_t bytes, void **out)
+{
+    void *d = NULL;
+    tuna_status st = dev_alloc(m, bytes, &d);
+    if (st) return st;
+    *out = d;
     return m->ops->upload(m->be, d, src, bytes);
+}
+
+/* TUNA_MEM_TRACE=1: free device memory at each stage of the load, on stderr. */
+static void mem_trace(const struct tuna_model *m, int dev, const char *what, size_t *last)
+{
+    static int on = -1;
+    if (on < 0) {
+        const char *e = getenv("TUNA_MEM_TRACE");
+        on = e && *e && strcmp(e, "0") != 0;
+    }
+    if (!on) return;
+    struct tuna_cuda_device_info info;
+    if (tuna_cuda_device_query(dev, &info)) return;
+    const size_t used = tuna_cuda_arena_used((const tuna_cuda_arena *)m->dev_arena),
+                 mapped = tuna_cuda_arena_mapped((const tuna_cuda_arena *)m->dev_arena);
+    fprintf(stderr, "tuna mem: %-34s free %9.3f GB (took %+.3f GB); %lld cudaMallocs; arena %.3f GB used, %.3f mapped\n",
+            what, (double)info.free_bytes / 1e9, *last ? ((double)*last - (double)info.free_bytes) / 1e9 : 0.0,
+            (long long)m->n_dev_allocs, (double)used / 1e9, (double)mapped / 1e9);
+    *last = info.free_bytes;
 }
 
 /* Replaces a host float vector by a device copy (the host copy is freed). */
@@ -136,11 +169,7 @@ static tuna_status move_weight(struct tuna_model *m, struct tuna_weight *w, enum
     void *h = malloc(tuna_dtype_nbytes(to, (uint64_t)(rows_per * w->cols)));
     void *d = NULL;
     tuna_status st = (!f || !h) ? tuna_fail_oom("weight conversion buffer", (size_t)(rows_per * w->cols) * 6) : TUNA_OK;
-    if (!st) st = m->ops->alloc(m->be, out_bytes, &d);
-    if (!st && (st = track(m, d))) {
-        m->ops->release(m->be, d);
-        d = NULL;
-    }
+    if (!st) st = dev_alloc(m, out_bytes, &d);
     size_t esz = (size_t)tuna_dtype_bits(to) / 8;
     for (int64_t r0 = 0; !st && r0 < w->rows; r0 += rows_per) {
         int64_t nr = w->rows - r0 < rows_per ? w->rows - r0 : rows_per;
@@ -207,10 +236,19 @@ tuna_status tuna_model_start_backend(struct tuna_model *m, const struct tuna_mod
     if (dev == TUNA_DEVICE_AUTO) dev = tuna_cuda_device_count() > 0 ? TUNA_DEVICE_CUDA : TUNA_DEVICE_CPU;
     if (dev == TUNA_DEVICE_CUDA) {
         enum tuna_dtype dt = TUNA_DTYPE_BF16;
+        const int cdev = opts ? opts->cuda_device : 0;
+        size_t free_last = 0;
+        mem_trace(m, cdev, "before the backend", &free_last);
         tuna_status st = start_cuda(m, opts, &dt);
         if (st) return st;
+        mem_trace(m, cdev, "backend made (stream, cuBLAS)", &free_last);
         bool tied = m->lm_head.w.data == m->embed.data;
+        /* the embedding has its own buffer (the training memory mode moves it to the host:
+           tuna_model_embed_to_host); every other weight and vector goes to the arena */
         if ((st = move_weight(m, &m->embed, dt))) return st;
+        mem_trace(m, cdev, "embedding uploaded", &free_last);
+        tuna_cuda_arena *arena = NULL;
+        if (tuna_cuda_arena_new(cdev, 0, &arena) == TUNA_OK) m->dev_arena = arena;
         if (tied) m->lm_head.w = m->embed;
         else if ((st = move_linear(m, &m->lm_head, dt))) return st;
         for (int64_t l = 0; l < m->arch.n_layers && !st; l++) {
@@ -224,6 +262,7 @@ tuna_status tuna_model_start_backend(struct tuna_model *m, const struct tuna_mod
         }
         if (!st) st = move_vec(m, &m->final_norm, m->arch.hidden_size);
         if (!st) st = tuna_cuda_sync(m->be);
+        mem_trace(m, cdev, "every weight uploaded", &free_last);
         return st;
     }
 #else
@@ -248,6 +287,13 @@ void tuna_model_stop_backend(struct tuna_model *m)
     free(m->dev_allocs);
     m->dev_allocs = NULL;
     m->n_dev_allocs = 0;
+#ifdef TUNA_HAVE_CUDA
+    if (m->dev_arena) {
+        m->ops->sync(m->be); /* queued kernels may still read the weights */
+        tuna_cuda_arena_free((tuna_cuda_arena *)m->dev_arena);
+        m->dev_arena = NULL;
+    }
+#endif
     free(m->gpu_q4);
     m->gpu_q4 = NULL;
     m->n_gpu_q4 = 0;
@@ -267,7 +313,53 @@ bool tuna_model_owns_device_ptr(const struct tuna_model *m, const void *p)
 {
     for (int64_t i = 0; i < m->n_dev_allocs; i++)
         if (m->dev_allocs[i] == p) return true;
+#ifdef TUNA_HAVE_CUDA
+    if (tuna_cuda_arena_contains((const tuna_cuda_arena *)m->dev_arena, p)) return true;
+#endif
     return false;
+}
+
+/* The training memory mode: the embedding table (its own device buffer, see
+ * tuna_model_start_backend) moves to `host`, page-locked memory of the table's size that the
+ * caller owns; the embedding kernel then reads the looked-up rows through unified addressing. */
+tuna_status tuna_model_embed_to_host(struct tuna_model *m, void *host)
+{
+    if (!m->be || m->ops->host_memory) return tuna_fail(TUNA_E_INVALID, "the embedding is already in host memory");
+    if (m->lm_head.w.data == m->embed.data)
+        return tuna_fail(TUNA_E_UNSUPPORTED, "the embedding is tied to lm_head: it stays on the GPU");
+    int64_t k = -1;
+    for (int64_t i = 0; i < m->n_dev_allocs; i++)
+        if (m->dev_allocs[i] == m->embed.data) k = i;
+    if (k < 0) return tuna_fail(TUNA_E_INTERNAL, "the embedding is not a buffer of its own on the GPU");
+    const size_t bytes = tuna_dtype_nbytes(m->embed.dtype, (uint64_t)(m->embed.rows * m->embed.cols));
+    tuna_status st = m->ops->download(m->be, host, m->embed.data, bytes);
+    if (!st) st = m->ops->sync(m->be);
+    if (st) return st;
+    m->ops->release(m->be, m->dev_allocs[k]);
+    m->dev_allocs[k] = m->dev_allocs[--m->n_dev_allocs];
+    m->embed.data = host;
+    return TUNA_OK;
+}
+
+/* Back to a device buffer of its own (before the caller frees the host table). */
+tuna_status tuna_model_embed_to_device(struct tuna_model *m)
+{
+    if (!m->be || m->ops->host_memory) return TUNA_OK;
+#ifndef TUNA_HAVE_CUDA
+    return tuna_fail(TUNA_E_INTERNAL, "a device backend without CUDA");
+#else
+    const size_t bytes = tuna_dtype_nbytes(m->embed.dtype, (uint64_t)(m->embed.rows * m->embed.cols));
+    void *d = NULL;
+    tuna_status st = m->ops->alloc(m->be, bytes, &d);
+    if (st) return st;
+    if ((st = track(m, d)) || (st = m->ops->upload(m->be, d, m->embed.data, bytes))) {
+        if (m->n_dev_allocs && m->dev_allocs[m->n_dev_allocs - 1] == d) m->n_dev_allocs--;
+        m->ops->release(m->be, d);
+        return st;
+    }
+    m->embed.data = d;
+    return TUNA_OK;
+#endif
 }
 
 int tuna_model_q4_blocksize(const struct tuna_model *m, const struct tuna_weight *w)

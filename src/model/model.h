@@ -120,6 +120,7 @@ struct tuna_model {
     /* non-host backends (CUDA): device buffers this model owns, freed with it (device.c) */
     void **dev_allocs;
     int64_t n_dev_allocs, cap_dev_allocs;
+    void *dev_arena;            /* tuna_cuda_arena holding the weights, or NULL: one cudaMalloc each (device.c) */
     char device_desc[320];      /* "cpu, 16 threads" or "cuda:0 NVIDIA H200 (cc 9.0), bfloat16" */
     void *gpu_q4;               /* [n_q4] struct tuna_cuda_q4 descriptors of 4-bit weights on the GPU */
     int64_t n_gpu_q4;
@@ -157,6 +158,10 @@ tuna_status tuna_model_forward_greedy(struct tuna_model *m, tuna_kv_cache *kv, c
 tuna_status tuna_model_start_backend(struct tuna_model *m, const struct tuna_model_opts *opts, int64_t max_k);
 void tuna_model_stop_backend(struct tuna_model *m);
 bool tuna_model_owns_device_ptr(const struct tuna_model *m, const void *p);
+/* Training memory mode (GPU, untied embedding): the embedding table to page-locked host memory the
+ * caller owns (`host`, the table's size) and back (device.c). */
+tuna_status tuna_model_embed_to_host(struct tuna_model *m, void *host);
+tuna_status tuna_model_embed_to_device(struct tuna_model *m);
 /* The adapters of a linear layer as the GPU sees them: lin->lora_dev, uploaded now when missing;
  * NULL when the upload fails (tuna_model_lora_prepare reports why). */
 const struct tuna_lora_bank *tuna_model_lora_on_device(struct tuna_model *m, const struct tuna_linear *lin);

@@ -74,6 +74,11 @@ void tuna_trainer_free(tuna_trainer *t)
                 lin->lora = NULL;
             }
     if (t->m) {
+        if (t->embed_host) {
+            /* the model gets its table back on the device (if that fails it keeps reading it
+               from host memory, and then it must stay allocated) */
+            if (tuna_model_embed_to_device(t->m) == TUNA_OK) t->tops->host_free(t->m->be, t->embed_host);
+        }
         if (t->tops) t->tops->host_free(t->m->be, t->x_saved_host);
         t->m->ops->release(t->m->be, t->mem);
         t->m->ops->release(t->m->be, t->attn_mem);
@@ -90,6 +95,27 @@ void tuna_trainer_free(tuna_trainer *t)
         free(t->h_grads);
     }
     free(t);
+}
+
+/* The memory mode on a GPU: the embedding table (untied) moves to page-locked host memory; the
+ * lookup of a batch's rows reads them there (unified addressing), 2 x C bytes per token over PCIe.
+ * TUNA_TRAIN_EMBED_HOST=0 keeps it on the device. */
+static tuna_status embed_offload(tuna_trainer *t)
+{
+    struct tuna_model *m = t->m;
+    const char *env = getenv("TUNA_TRAIN_EMBED_HOST");
+    if (!t->offload || t->host || m->lm_head.w.data == m->embed.data || (env && !strcmp(env, "0"))) return TUNA_OK;
+    const size_t bytes = tuna_dtype_nbytes(m->embed.dtype, (uint64_t)(m->embed.rows * m->embed.cols));
+    void *h = NULL;
+    tuna_status st = t->tops->host_alloc(m->be, bytes, &h);
+    if (st) return tuna_fail_prefix(st, "the embedding table in host memory (offload)");
+    if ((st = tuna_model_embed_to_host(m, h))) {
+        t->tops->host_free(m->be, h);
+        return st;
+    }
+    t->embed_host = h;
+    t->embed_host_bytes = bytes;
+    return TUNA_OK;
 }
 
 static bool target_wanted(const struct tuna_lora_train_opts *lo, int p)
@@ -194,6 +220,10 @@ tuna_status tuna_trainer_new(struct tuna_model *m, const struct tuna_lora_train_
     t->ckpt = lo->gradient_checkpointing || lo->offload;
     tuna_status st = plan_modules(t, init);
     if (st) {
+        tuna_trainer_free(t);
+        return st;
+    }
+    if ((st = embed_offload(t))) {
         tuna_trainer_free(t);
         return st;
     }
@@ -619,6 +649,7 @@ void tuna_trainer_memory(const tuna_trainer *t, struct tuna_train_memory *out)
                  out->logits + out->lora_work + out->attention;
     out->host_checkpoints = t->x_saved_host_bytes;
     out->host_optimizer = t->offload ? 2 * (size_t)t->P * sizeof(float) * (t->host ? 1 : 2) : 0;
+    out->host_embedding = t->embed_host_bytes;
     out->mlp_rows = t->mlp_rows;
     out->head_rows = t->chunk;
 }

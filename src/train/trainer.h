@@ -117,6 +117,7 @@ struct tuna_train_memory {
     size_t total;            /* the sum of the above (backend memory) */
     size_t host_checkpoints; /* offload: layer inputs in page-locked host memory */
     size_t host_optimizer;   /* offload: AdamW moments (and host copies of params, grads) */
+    size_t host_embedding;   /* offload: the embedding table moved from the GPU to page-locked host memory */
     int64_t mlp_rows;        /* rows per MLP chunk (the batch's tokens unless offloading) */
     int64_t head_rows;       /* rows per logits chunk */
 };

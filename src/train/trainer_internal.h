@@ -47,6 +47,9 @@ struct tuna_trainer {
     float *h_m1, *h_m2; /* offload: the AdamW moments in host memory (then m1 = h_m1, m2 = h_m2) */
     float *x_saved_host; /* offload: [L, T, C] layer inputs in page-locked host memory (host_alloc) */
     size_t x_saved_host_bytes;
+    void *embed_host;   /* offload on a GPU, untied embedding: the table in page-locked host memory
+                           (host_alloc; the model reads it there until tuna_trainer_free) */
+    size_t embed_host_bytes;
     int64_t mlp_rows;   /* rows per MLP chunk (cap_T unless offloading) */
     size_t mem_cat[8];  /* bytes of t->mem by category (train_forward.c's layout) */
     uint64_t drop_base; /* seed, step and micro-batch mixed: this micro-batch's masks;
