@@ -153,6 +153,11 @@ struct tuna_train_ops {
      * ops (CUDA: async on the backend's stream; the host side must not be touched until a sync). */
     void (*to_host)(tuna_backend *be, void *dst_host, const void *src, size_t bytes);
     void (*from_host)(tuna_backend *be, void *dst, const void *src_host, size_t bytes);
+
+    /* Sizes the backend's own scratch for the GEMMs to come, exactly (CUDA: a 4-bit weight
+     * dequantized, `weight_bytes`, and activations or gradients rounded to 16 bits, `half_bytes`;
+     * grown on demand they would double to the next power of two). CPU: nothing. */
+    void (*reserve_scratch)(tuna_backend *be, size_t weight_bytes, size_t half_bytes);
 };
 
 #define TUNA_TRAIN_NORM_WORK 8192

@@ -197,6 +197,31 @@ static size_t layout(tuna_trainer *t, int64_t T, char *base)
     return c.used;
 }
 
+/* The backend's GEMM scratch for batches of T tokens, sized once and exactly: the largest 4-bit
+ * weight dequantized to the compute dtype, and the largest GEMM input or output gradient rounded to
+ * 16 bits ([T, C], [T, H*D], an MLP chunk [rows, I], a logits chunk [rows, V]). */
+static void reserve_gemm_scratch(tuna_trainer *t, int64_t T)
+{
+    struct tuna_model *m = t->m;
+    const struct tuna_arch *a = &m->arch;
+    const enum tuna_dtype dt = m->embed.dtype;
+    if (!t->tops->reserve_scratch || (dt != TUNA_DTYPE_BF16 && dt != TUNA_DTYPE_F16)) return;
+    size_t wb = 0;
+    for (int64_t l = 0; l < a->n_layers; l++)
+        for (int p = 0; p < TUNA_PROJ_COUNT; p++) {
+            const struct tuna_weight *w = &proj_lin(&m->layers[l], p)->w;
+            if (w->dtype != TUNA_DTYPE_NF4 && w->dtype != TUNA_DTYPE_FP4) continue;
+            const size_t b = tuna_dtype_nbytes(dt, (uint64_t)(w->rows * w->cols));
+            if (b > wb) wb = b;
+        }
+    const int64_t HD = a->n_heads * a->head_dim;
+    int64_t n = T * a->hidden_size;
+    if (T * HD > n) n = T * HD;
+    if (t->mlp_rows * a->intermediate_size > n) n = t->mlp_rows * a->intermediate_size;
+    if (t->chunk * a->vocab_size > n) n = t->chunk * a->vocab_size;
+    t->tops->reserve_scratch(m->be, wb, (size_t)n * 2);
+}
+
 tuna_status tuna_train_reserve(tuna_trainer *t, int64_t T, int64_t max_len)
 {
     struct tuna_model *m = t->m;
@@ -252,7 +277,8 @@ tuna_status tuna_train_reserve(tuna_trainer *t, int64_t T, int64_t max_len)
                                 t->ckpt ? "" : ", or --gradient-checkpointing");
     layout(t, T, t->mem);
     t->cap_T = T;
-    return TUNA_OK;
+    reserve_gemm_scratch(t, T);
+    return m->ops->sync(m->be);
 }
 
 tuna_status tuna_train_forward(tuna_trainer *t, const struct tuna_batch *b, int64_t *n_sel)

@@ -196,6 +196,11 @@ static void cpu_copy_host(tuna_backend *be, void *dst, const void *src, size_t b
     if (bytes) memcpy(dst, src, bytes);
 }
 
+static void cpu_reserve_scratch(tuna_backend *be, size_t weight_bytes, size_t half_bytes)
+{
+    (void)be, (void)weight_bytes, (void)half_bytes; /* the CPU GEMMs need no scratch of the backend's */
+}
+
 static const struct tuna_train_ops k_cpu_train_ops = {
     .name = "cpu",
     .zero = cpu_zero,
@@ -216,6 +221,7 @@ static const struct tuna_train_ops k_cpu_train_ops = {
     .host_alloc = cpu_host_alloc,
     .host_free = cpu_host_free,
     .to_host = cpu_copy_host,
+    .reserve_scratch = cpu_reserve_scratch,
     .from_host = cpu_copy_host,
 };
 

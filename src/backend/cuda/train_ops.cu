@@ -301,6 +301,30 @@ static void cu_from_host(tuna_backend *be, void *dst, const void *src_host, size
                     "cudaMemcpyAsync(offloaded state back)");
 }
 
+/* Grows buf to exactly `bytes` (rounded to cudaMalloc's 2 MiB pages) instead of
+ * tuna_cuda_grow's doubling; a larger buffer is kept. */
+static void reserve_exact(tuna_backend *be, struct cuda_grow_buf *buf, size_t bytes, const char *what)
+{
+    const size_t page = (size_t)2 << 20;
+    bytes = (bytes + page - 1) / page * page;
+    if (be->sticky || bytes <= buf->cap) return;
+    if (buf->p) {
+        if (!tuna_cuda_check(be, cudaStreamSynchronize(be->stream), "cudaStreamSynchronize")) return;
+        cudaFree(buf->p);
+        buf->p = NULL;
+        buf->cap = 0;
+    }
+    if (!tuna_cuda_check(be, cudaMalloc(&buf->p, bytes), what)) return;
+    buf->cap = bytes;
+    be->meta_gen++; /* captured graphs may refer to the old buffer */
+}
+
+static void cu_reserve_scratch(tuna_backend *be, size_t weight_bytes, size_t half_bytes)
+{
+    if (weight_bytes) reserve_exact(be, &be->wdeq, weight_bytes, "cudaMalloc(4-bit weight dequantized)");
+    if (half_bytes) reserve_exact(be, &be->half, half_bytes, "cudaMalloc(activations in 16-bit)");
+}
+
 /* positional: C++ has no designated initializers before C++20; the order is train_ops.h's */
 static const struct tuna_train_ops k_cuda_train_ops = {
     "cuda",
@@ -323,6 +347,7 @@ static const struct tuna_train_ops k_cuda_train_ops = {
     cu_host_free,
     cu_to_host,
     cu_from_host,
+    cu_reserve_scratch,
 };
 
 extern "C" const struct tuna_train_ops *tuna_cuda_train_ops(void)
