@@ -189,6 +189,14 @@ static void fixture_run(const char *name, const char *base_rel, bool quantize, i
     fixture_optim(&oo);
     tuna_trainer *t = NULL;
     TT_OK(tuna_trainer_new(r.m, &lo, &oo, r.init, &t));
+    if (mode == 2 && g_device != TUNA_DEVICE_CPU) {
+        /* the memory mode reads the (untied) embedding table from page-locked host memory */
+        struct tuna_train_memory tm;
+        tuna_trainer_memory(t, &tm);
+        printf("  embedding in host memory: %zu bytes\n", tm.host_embedding);
+        assert_int_equal(tm.host_embedding, (size_t)(r.m->embed.rows * r.m->embed.cols) *
+                                                 (size_t)tuna_dtype_bits(r.m->embed.dtype) / 8);
+    }
     { /* evaluation (no update, no dropout) of step 1's batch gives step 1's loss */
         size_t idx[2];
         tuna_dataset_batch_indices(r.ds, 0, 2, false, 0, idx);
