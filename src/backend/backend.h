@@ -236,6 +236,14 @@ struct tuna_backend_ops {
                           const float *k_norm, float eps, void *kcache, void *vcache, enum tuna_dtype kv_dtype,
                           const int64_t *pos, const int64_t *slot, int64_t T, int64_t H, int64_t Hkv, int64_t D,
                           int64_t rot_dim, const float *inv_freq, float attn_factor);
+    /* rmsnorm_matmul_multi of q, k, v (n = 3: ys[0] q [T, H*D], ys[1] k and ys[2] v [T, Hkv*D])
+     * then rope_kv_store without q/k norms, in one call (the CUDA backend rotates and stores in
+     * the GEMV's epilogue: one launch less per layer). Same numbers as the two ops. */
+    void (*rmsnorm_qkv_rope_kv)(tuna_backend *be, float *const *ys, float *xn, const float *x, const float *nw,
+                                float eps, const struct tuna_weight *const *ws, const float *const *biases,
+                                void *kcache, void *vcache, enum tuna_dtype kv_dtype, const int64_t *pos,
+                                const int64_t *slot, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t rot_dim,
+                                const float *inv_freq, float attn_factor);
 };
 
 #endif

@@ -440,25 +440,35 @@ static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const stru
         void *kc = tuna_kv_k(kv, l), *vc = tuna_kv_v(kv, l);
         if (trace) op->copy(be, A->x_in, x, (size_t)(T * C) * sizeof(float));
         /* attention block */
-        if (fuse && op->rmsnorm_matmul_multi && L->q.n_lora == 0 && L->k.n_lora == 0 && L->v.n_lora == 0) {
-            /* the norm folded into the q/k/v GEMV (it still writes xn_attn) */
+        const bool qkv_plain = L->q.n_lora == 0 && L->k.n_lora == 0 && L->v.n_lora == 0;
+        if (fuse && op->rmsnorm_qkv_rope_kv && qkv_plain && !L->q_norm && !L->k_norm) {
+            /* norm, q/k/v, RoPE and the KV store in one op (one kernel on the GPU) */
             float *const ys[3] = {A->q, A->k, A->v};
             const struct tuna_weight *const w3[3] = {&L->q.w, &L->k.w, &L->v.w};
             const float *const b3[3] = {L->q.bias, L->k.bias, L->v.bias};
-            op->rmsnorm_matmul_multi(be, 3, ys, A->xn_attn, x, L->attn_norm, (float)a->norm_eps, w3, b3, T);
+            op->rmsnorm_qkv_rope_kv(be, ys, A->xn_attn, x, L->attn_norm, (float)a->norm_eps, w3, b3, kc, vc, kvdt,
+                                    md->pos, md->slot, T, H, Hkv, D, m->rot_dim, md->inv_freq, m->attn_factor);
         } else {
-            op->rmsnorm(be, A->xn_attn, x, L->attn_norm, T, C, (float)a->norm_eps);
-            linear_qkv(m, L, A, T, b, fuse); /* q (T, H*D), k and v (T, Hkv*D) */
-        }
-        if (fuse && op->rope_kv_store) { /* q/k norm, RoPE of q and k and the KV store in one op */
-            op->rope_kv_store(be, A->q, A->k, A->v, L->q_norm, L->k_norm, (float)a->norm_eps, kc, vc, kvdt, md->pos,
-                              md->slot, T, H, Hkv, D, m->rot_dim, md->inv_freq, m->attn_factor);
-        } else {
-            if (L->q_norm) op->rmsnorm(be, A->q, A->q, L->q_norm, T * H, D, (float)a->norm_eps);
-            if (L->k_norm) op->rmsnorm(be, A->k, A->k, L->k_norm, T * Hkv, D, (float)a->norm_eps);
-            op->rope(be, A->q, md->pos, T, H, D, m->rot_dim, md->inv_freq, m->attn_factor);
-            op->rope(be, A->k, md->pos, T, Hkv, D, m->rot_dim, md->inv_freq, m->attn_factor);
-            op->kv_store(be, kc, vc, kvdt, A->k, A->v, md->slot, T, Hkv * D);
+            if (fuse && op->rmsnorm_matmul_multi && qkv_plain) {
+                /* the norm folded into the q/k/v GEMV (it still writes xn_attn) */
+                float *const ys[3] = {A->q, A->k, A->v};
+                const struct tuna_weight *const w3[3] = {&L->q.w, &L->k.w, &L->v.w};
+                const float *const b3[3] = {L->q.bias, L->k.bias, L->v.bias};
+                op->rmsnorm_matmul_multi(be, 3, ys, A->xn_attn, x, L->attn_norm, (float)a->norm_eps, w3, b3, T);
+            } else {
+                op->rmsnorm(be, A->xn_attn, x, L->attn_norm, T, C, (float)a->norm_eps);
+                linear_qkv(m, L, A, T, b, fuse); /* q (T, H*D), k and v (T, Hkv*D) */
+            }
+            if (fuse && op->rope_kv_store) { /* q/k norm, RoPE of q and k and the KV store in one op */
+                op->rope_kv_store(be, A->q, A->k, A->v, L->q_norm, L->k_norm, (float)a->norm_eps, kc, vc, kvdt,
+                                  md->pos, md->slot, T, H, Hkv, D, m->rot_dim, md->inv_freq, m->attn_factor);
+            } else {
+                if (L->q_norm) op->rmsnorm(be, A->q, A->q, L->q_norm, T * H, D, (float)a->norm_eps);
+                if (L->k_norm) op->rmsnorm(be, A->k, A->k, L->k_norm, T * Hkv, D, (float)a->norm_eps);
+                op->rope(be, A->q, md->pos, T, H, D, m->rot_dim, md->inv_freq, m->attn_factor);
+                op->rope(be, A->k, md->pos, T, Hkv, D, m->rot_dim, md->inv_freq, m->attn_factor);
+                op->kv_store(be, kc, vc, kvdt, A->k, A->v, md->slot, T, Hkv * D);
+            }
         }
         op->attention(be, A->att, A->q, kc, vc, kvdt, md->ab, H, Hkv, D, scale); /* (T, H*D) */
         linear_residual(m, &L->o, x, A->att, ws->tmp, T, b, fuse); /* x (T, C) += */

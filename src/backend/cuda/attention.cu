@@ -28,6 +28,7 @@
 
 #include "backend/cuda/attention_internal.cuh"
 #include "backend/cuda/kv_types.cuh"
+#include "backend/cuda/pdl.cuh"
 
 #define DEC_THREADS 128
 #define DEC_TILE 64          /* keys per online-softmax tile of a split */
@@ -321,7 +322,7 @@ template <typename KT, int DT, int GM>
 __global__ void __launch_bounds__(128)
     k_attn_decode16(float *out, float *part_acc, float *part_ml, unsigned *counters, const float *q, const KT *kc,
                     const KT *vc, att_meta md, const int32_t *rows, int H, int Hkv, int Drt, int n_hg, int n_splits,
-                    int ns, int wr, float qscale, int heads_x)
+                    int ns, int wr, float qscale, int heads_x, int min_g)
 {
     const int D = DT ? DT : Drt;
     const int CH = D / 8;                  /* 16-byte chunks per row */
@@ -345,11 +346,17 @@ __global__ void __launch_bounds__(128)
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int p = (int)md.pos[t], start = (int)att_start(md, p);
     const int gb = start / D16_KEYS, ge = p / D16_KEYS;
-    const int gps = (ge - gb + n_splits) / n_splits; /* groups per split: ceil((ge - gb + 1) / n_splits) */
+    /* groups per split: ceil((ge - gb + 1) / n_splits), at least min_g; the nsp first splits have
+     * work (a short context runs on few blocks and merges few partial rows; the others leave) */
+    const int gps = max((ge - gb + n_splits) / n_splits, min_g), nsp = (ge - gb + gps) / gps;
+    if (split >= nsp) return;
     const int s0 = gb + split * gps, s1 = min(ge, s0 + gps - 1);
     const int lo = max(start, s0 * D16_KEYS), hi = min(p, s1 * D16_KEYS + D16_KEYS - 1);
     const int nk = s1 >= s0 + warp ? (s1 - s0 - warp) / NW + 1 : 0; /* this warp's groups (0 if s0 > ge) */
 
+    /* launched with PDL (TUNA_ATTN_PDL): q and this step's K/V rows come from the kernel before */
+    tuna_pdl_wait();
+    tuna_pdl_trigger();
     for (int x = tid; x < GM * D; x += blockDim.x) qs[x] = x < ng * D ? q[((size_t)t * H + h0) * D + x] * qscale : 0.0f;
 
     const int32_t *table = att_table(md, t);
@@ -515,7 +522,7 @@ __global__ void __launch_bounds__(128)
                 a += f * sum;
             }
         }
-        if (n_splits == 1) {
+        if (nsp == 1) {
             out[((size_t)t * H + h0 + g) * D + d] = a / L;
         } else { /* every split writes its rows, an empty one (M = -inf, L = 0) zeros */
             const size_t r = ((size_t)i * H + h0 + g) * n_splits + split;
@@ -523,7 +530,7 @@ __global__ void __launch_bounds__(128)
             if (d == 0) part_ml[2 * r] = M, part_ml[2 * r + 1] = L;
         }
     }
-    if (n_splits == 1) return;
+    if (nsp == 1) return;
 
     /* the last split of this (token, kv head, head group) to finish merges them all */
     __threadfence();
@@ -531,7 +538,7 @@ __global__ void __launch_bounds__(128)
     if (tid == 0) {
         unsigned *cnt = counters + (size_t)i * n_hy + hy;
         const unsigned prev = atomicAdd(cnt, 1u);
-        is_last = prev == (unsigned)n_splits - 1;
+        is_last = prev == (unsigned)nsp - 1;
         if (is_last) *cnt = 0; /* every split has counted: ready for the next launch */
     }
     __syncthreads();
@@ -540,15 +547,16 @@ __global__ void __launch_bounds__(128)
     float *msm = (float *)d16_smem, *wsm = msm + GM * n_splits, *Lsm = wsm + GM * n_splits; /* [ng][n_splits] */
     const size_t rb = ((size_t)i * H + h0) * n_splits;
     for (int x = tid; x < ng * n_splits; x += blockDim.x) {
+        if (x % n_splits >= nsp) continue;
         msm[x] = __ldcg(part_ml + 2 * (rb + x));
         wsm[x] = __ldcg(part_ml + 2 * (rb + x) + 1);
     }
     __syncthreads();
     for (int g = warp; g < ng; g += NW) {
         float M = -INFINITY, L = 0.0f;
-        for (int s = lane; s < n_splits; s += 32) M = fmaxf(M, msm[g * n_splits + s]);
+        for (int s = lane; s < nsp; s += 32) M = fmaxf(M, msm[g * n_splits + s]);
         for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-        for (int s = lane; s < n_splits; s += 32) {
+        for (int s = lane; s < nsp; s += 32) {
             const float ls = wsm[g * n_splits + s];
             const float w = ls > 0.0f ? d16_exp2(msm[g * n_splits + s] - M) : 0.0f; /* empty splits: 0 */
             wsm[g * n_splits + s] = w;
@@ -563,13 +571,13 @@ __global__ void __launch_bounds__(128)
         const float *pa = part_acc + (rb + (size_t)g * n_splits) * D + d, *wg = wsm + g * n_splits;
         float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
         int s = 0;
-        for (; s + 4 <= n_splits; s += 4) { /* four loads in flight */
+        for (; s + 4 <= nsp; s += 4) { /* four loads in flight */
             a0 += wg[s] * __ldcg(pa + (size_t)s * D);
             a1 += wg[s + 1] * __ldcg(pa + (size_t)(s + 1) * D);
             a2 += wg[s + 2] * __ldcg(pa + (size_t)(s + 2) * D);
             a3 += wg[s + 3] * __ldcg(pa + (size_t)(s + 3) * D);
         }
-        for (; s < n_splits; s++) a0 += wg[s] * __ldcg(pa + (size_t)s * D);
+        for (; s < nsp; s++) a0 += wg[s] * __ldcg(pa + (size_t)s * D);
         out[((size_t)t * H + h0 + g) * D + d] = ((a0 + a1) + (a2 + a3)) / Lsm[g];
     }
 }
@@ -587,7 +595,7 @@ struct dec16_cfg {
 
 template <typename KT>
 using dec16_kernel = void (*)(float *, float *, float *, unsigned *, const float *, const KT *, const KT *, att_meta,
-                              const int32_t *, int, int, int, int, int, int, int, float, int);
+                              const int32_t *, int, int, int, int, int, int, int, float, int, int);
 
 template <typename KT, int GM> static dec16_kernel<KT> dec16_pick_d(int D)
 {
@@ -679,10 +687,22 @@ static void launch_kernels(tuna_backend *be, float *out, const float *q, const v
             const int hx = order && n_dec <= 65535;
             dim3 grid(hx ? (unsigned)(Hkv * n_hg) : (unsigned)n_dec, hx ? (unsigned)n_dec : (unsigned)(Hkv * n_hg),
                       (unsigned)n_splits);
-            dec16_pick<KT>(D, GM)<<<grid, 32 * c16->nw, (size_t)c16->smem, be->stream>>>(
-                out, part_acc, part_ml, counters, q, kc, vc, md, drows, H, Hkv, D, n_hg, n_splits, c16->ns, c16->wr,
-                scale * 1.4426950408889634f, hx);
-            if (!tuna_cuda_check_launch(be, "k_attn_decode16")) return;
+            /* with programmatic dependent launch (pdl.cuh) when TUNA_ATTN_PDL=1 */
+            static const int pdl = env_int("TUNA_ATTN_PDL", 1, 1);
+            /* fewest groups of 16 keys per split (TUNA_ATTN_DEC_MING; 1 = the split count alone) */
+            static const int ming = env_int("TUNA_ATTN_DEC_MING", 1, 4096);
+            const int min_g = ming ? ming : 1;
+            if (pdl) {
+                if (!tuna_cuda_launch(be, "k_attn_decode16", dec16_pick<KT>(D, GM), grid, dim3(32 * c16->nw),
+                                      (size_t)c16->smem, out, part_acc, part_ml, counters, q, kc, vc, md, drows, H, Hkv,
+                                      D, n_hg, n_splits, c16->ns, c16->wr, scale * 1.4426950408889634f, hx, min_g))
+                    return;
+            } else {
+                dec16_pick<KT>(D, GM)<<<grid, 32 * c16->nw, (size_t)c16->smem, be->stream>>>(
+                    out, part_acc, part_ml, counters, q, kc, vc, md, drows, H, Hkv, D, n_hg, n_splits, c16->ns, c16->wr,
+                    scale * 1.4426950408889634f, hx, min_g);
+                if (!tuna_cuda_check_launch(be, "k_attn_decode16")) return;
+            }
             done = true;
         }
     } else {

@@ -125,6 +125,12 @@ void tuna_cuda_rope_kv_store(tuna_backend *be, float *q, float *k, const float *
                              const int64_t *pos, const int64_t *slot, int64_t T, int64_t H, int64_t Hkv, int64_t D,
                              int64_t rot_dim, const float *inv_freq, float attn_factor);
 
+void tuna_cuda_rmsnorm_qkv_rope_kv(tuna_backend *be, float *const *ys, float *xn, const float *x, const float *nw,
+                                   float eps, const struct tuna_weight *const *ws, const float *const *biases,
+                                   void *kcache, void *vcache, enum tuna_dtype kv_dtype, const int64_t *pos,
+                                   const int64_t *slot, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t rot_dim,
+                                   const float *inv_freq, float attn_factor);
+
 /* 4-bit weights (q4.cu): the 16-entry table passed by value to kernels. */
 struct q4_lut {
     float v[16];

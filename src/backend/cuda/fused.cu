@@ -19,10 +19,14 @@
  * through pdl.cuh: on sm_90 a GEMV starts while the kernel before it finishes, loading its first
  * weights (and with TUNA_GEMV_PREFETCH=2 its rows into L2) before it waits for that kernel.
  */
+#include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "backend/cuda/gemv.cuh"
+#include "backend/cuda/kv_types.cuh"
 #include "backend/cuda/pdl.cuh"
+#include "backend/cuda/rope.cuh"
 
 int tuna_cuda_gemv_prefetch(void)
 {
@@ -149,6 +153,291 @@ __global__ void __launch_bounds__(GEMV_THREADS, GEMV_BLOCKS_PER_SM) k_gemv_multi
     }
 }
 
+/* ---- The split kernel (k_gemv_split, the default for T <= 2): S warps per job and U loads in flight.
+ * A job (R rows, or a gate/up pair) is taken by a group of S consecutive warps of a block, warp s
+ * of the group reading the 16-byte chunks s * 32 + lane, + 32 S, ... of the rows (split-K), U
+ * chunks per row in flight per lane before any is used. S is chosen so that the jobs fill the
+ * grid's warps evenly (q/k/v: 6144 rows on 4224 warps were 1.45 rows per warp, so half the warps
+ * idled through the second round; S = 2 makes it 2.9 rounds of 3). The group's partial sums meet
+ * in shared memory behind a named barrier of its S warps and warp 0 of the group stores: the
+ * order of the additions is fixed (deterministic, CUDA graphs stay bit-identical). The next job's
+ * first loads are issued before the sums of the current one are reduced. TUNA_GEMV_S (1, 2, 4)
+ * and TUNA_GEMV_U (2, 4, 8) override the choice; TUNA_GEMV_OLD=1 runs k_gemv_multi instead. */
+
+/* Lane 0's store of a job's sums (already reduced over the warp and the group): y, y +=, or the
+ * GLU (s[0] gate row acc[0], s[1] up row acc[R - 1], output in s[0].y). */
+template <int TT, int R>
+static __device__ __forceinline__ void gemv_store(const struct gemv_job &j, const float (&acc)[R][TT], int seg,
+                                                  int64_t n0)
+{
+    if (j.mode == GEMV_GLU) {
+        const int64_t N = j.s[0].N;
+        const float bg = j.s[0].bias ? j.s[0].bias[n0] : 0.0f, bu = j.s[1].bias ? j.s[1].bias[n0] : 0.0f;
+#pragma unroll
+        for (int t = 0; t < TT; t++) j.s[0].y[t * N + n0] = tuna_cuda_act(acc[0][t] + bg, j.act) * (acc[R - 1][t] + bu);
+        return;
+    }
+    const struct gemv_seg *s = &j.s[seg];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        if (n0 + r >= s->N) break;
+        const float b = s->bias ? s->bias[n0 + r] : 0.0f;
+#pragma unroll
+        for (int t = 0; t < TT; t++) {
+            float *yp = s->y + t * s->N + n0 + r;
+            if (j.mode == GEMV_ADD) *yp += acc[r][t] + b;
+            else *yp = acc[r][t] + b;
+        }
+    }
+}
+
+/* U chunks (16 bytes each) of R rows at chunk c, c + step, ...; chunks past K8 are zeros. */
+template <int R, int U>
+static __device__ __forceinline__ void gemv_load(uint4 (&raw)[U][R], const uint4 *const (&wr)[R], int64_t c,
+                                                 int64_t step, int64_t K8)
+{
+#pragma unroll
+    for (int u = 0; u < U; u++)
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            raw[u][r] = c + u * step < K8 ? __ldg(wr[r] + c + u * step) : make_uint4(0, 0, 0, 0);
+}
+
+static __device__ __forceinline__ void gemv_bar(int id, int threads)
+{
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+/* RoPE and the KV store in the q/k/v GEMV's epilogue (rmsnorm_qkv_rope_kv, ROPE kernels):
+ * segments 0 q, 1 k, 2 v, every head of D = 2 half rows rotated whole; a job is the row pair
+ * (h D + i, h D + i + half) of one head, so the warp that ends a job holds both halves of the
+ * rotation. rope_kv.cu's arithmetic (rope.cuh): bit-identical to the GEMV then rope_kv_store. */
+struct gemv_rope {
+    const int64_t *pos, *slot;
+    const float *inv_freq;
+    float attn_factor;
+    void *kc, *vc;
+    int kv;   /* the cache's element type: 0 float32, 1 bf16, 2 f16 */
+    int half; /* D / 2 */
+    int64_t HkvD;
+};
+
+/* ROPE: the pair job wid (rows numbered in pairs, gemv_number_rows(j, 2)) */
+template <bool ROPE>
+static __device__ __forceinline__ bool split_rows(const struct gemv_job &j, const struct gemv_rope &rp, int RW,
+                                                  int64_t wid, int *seg, int64_t *n0)
+{
+    if (!ROPE) return gemv_rows(j, RW, wid, seg, n0);
+    if (!gemv_rows(j, 2, wid, seg, n0)) return false;
+    const int64_t pi = *n0 / 2;
+    *n0 = pi / rp.half * (2 * rp.half) + pi % rp.half;
+    return true;
+}
+
+template <bool ROPE, int R>
+static __device__ __forceinline__ void split_wrows(const struct gemv_job &j, const struct gemv_rope &rp, int seg,
+                                                   int64_t n0, const uint4 *(&wr)[R])
+{
+    if (!ROPE) {
+        gemv_wrows<R>(j, seg, n0, wr);
+        return;
+    }
+    const uint16_t *W = (const uint16_t *)j.s[seg].W;
+    wr[0] = reinterpret_cast<const uint4 *>(W + n0 * j.K);
+    wr[R - 1] = reinterpret_cast<const uint4 *>(W + (n0 + rp.half) * j.K);
+}
+
+static __device__ __forceinline__ void rope_put(void *cache, int kv, int64_t i, float v)
+{
+    if (kv == 1) ((__nv_bfloat16 *)cache)[i] = __float2bfloat16_rn(v);
+    else if (kv == 2) ((__half *)cache)[i] = __float2half_rn(v);
+    else ((float *)cache)[i] = v;
+}
+
+/* Lane 0's store of a ROPE job: rows n0 and n0 + half of segment seg, rotated (q, k), and k, v
+ * into the cache at each token's slot. */
+template <int TT, int R>
+static __device__ __forceinline__ void rope_store(const struct gemv_job &j, const struct gemv_rope &rp,
+                                                  const float (&acc)[R][TT], int seg, int64_t n0)
+{
+    const struct gemv_seg *s = &j.s[seg];
+    const int64_t n1 = n0 + rp.half, i = n0 % (2 * rp.half);
+    const float b0 = s->bias ? s->bias[n0] : 0.0f, b1 = s->bias ? s->bias[n1] : 0.0f;
+#pragma unroll
+    for (int t = 0; t < TT; t++) {
+        const float x1 = acc[0][t] + b0, x2 = acc[R - 1][t] + b1;
+        float o1 = x1, o2 = x2;
+        if (seg < 2) {
+            float c, sn;
+            rope_cos_sin(rp.inv_freq, i, (float)rp.pos[t], rp.attn_factor, &c, &sn);
+            o1 = rope_first(x1, x2, c, sn);
+            o2 = rope_second(x1, x2, c, sn);
+        }
+        s->y[t * s->N + n0] = o1;
+        s->y[t * s->N + n1] = o2;
+        if (seg > 0) {
+            void *cache = seg == 1 ? rp.kc : rp.vc;
+            const int64_t base = rp.slot[t] * rp.HkvD;
+            rope_put(cache, rp.kv, base + n0, o1);
+            rope_put(cache, rp.kv, base + n1, o2);
+        }
+    }
+}
+
+template <int TT, int R, int U, bool NORM, bool ROPE>
+__global__ void __launch_bounds__(GEMV_THREADS, GEMV_BLOCKS_PER_SM) k_gemv_split(const float *__restrict__ x,
+                                                                                const struct gemv_job j, int S,
+                                                                                const struct gemv_rope rp)
+{
+    extern __shared__ float4 gemv_xs4[];
+    __shared__ float red[2][GEMV_THREADS / 32][R * TT];
+    float *xs = reinterpret_cast<float *>(gemv_xs4);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int sub = warp % S, grp = warp / S, gpb = (GEMV_THREADS / 32) / S;
+    const int64_t g0 = (int64_t)blockIdx.x * gpb + grp, gstride = (int64_t)gridDim.x * gpb;
+    const int RW = j.mode == GEMV_GLU ? 1 : R;
+    const int64_t K = j.K, K8 = K / 8, step = 32 * (int64_t)S, c0 = (int64_t)sub * 32 + lane;
+    uint4 raw[U][R];
+    bool have = false;
+    /* before the previous kernel is done: the first chunks of the first job, which it does not write */
+    if (j.prefetch >= 1 && g0 < j.nwarp) {
+        int seg;
+        int64_t n0;
+        if (split_rows<ROPE>(j, rp, RW, g0, &seg, &n0)) {
+            const uint4 *wr[R];
+            split_wrows<ROPE, R>(j, rp, seg, n0, wr);
+            gemv_load<R, U>(raw, wr, c0, step, K8);
+            have = true;
+        }
+    }
+    tuna_pdl_wait();
+    tuna_pdl_trigger();
+    gemv_stage_x<TT, NORM>(xs, x, j);
+    int par = 0;
+    for (int64_t job = g0; job < j.nwarp; job += gstride) {
+        int seg;
+        int64_t n0;
+        if (!split_rows<ROPE>(j, rp, RW, job, &seg, &n0)) { /* padding rows: the whole group skips them */
+            have = false;
+            continue;
+        }
+        const uint4 *wr[R];
+        split_wrows<ROPE, R>(j, rp, seg, n0, wr);
+        if (!have) gemv_load<R, U>(raw, wr, c0, step, K8);
+        float acc[R][TT];
+#pragma unroll
+        for (int r = 0; r < R; r++)
+#pragma unroll
+            for (int t = 0; t < TT; t++) acc[r][t] = 0.0f;
+        for (int64_t c = c0;;) {
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const uint4(&one)[R] = raw[u];
+                if (c + u * step < K8) gemv_step<TT, R>(acc, one, j.dtype, xs, K, c + u * step, lane);
+            }
+            c += U * step;
+            if (c >= K8) break;
+            gemv_load<R, U>(raw, wr, c, step, K8);
+        }
+        /* the next job's first loads, then the sums of this one */
+        have = false;
+        {
+            const int64_t nx = job + gstride;
+            int sg2;
+            int64_t m0;
+            if (nx < j.nwarp && split_rows<ROPE>(j, rp, RW, nx, &sg2, &m0)) {
+                const uint4 *wn[R];
+                split_wrows<ROPE, R>(j, rp, sg2, m0, wn);
+                gemv_load<R, U>(raw, wn, c0, step, K8);
+                have = true;
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++)
+#pragma unroll
+            for (int t = 0; t < TT; t++)
+                for (int o = 16; o > 0; o >>= 1) acc[r][t] += __shfl_xor_sync(0xffffffffu, acc[r][t], o);
+        if (S > 1) {
+            if (lane == 0)
+#pragma unroll
+                for (int r = 0; r < R; r++)
+#pragma unroll
+                    for (int t = 0; t < TT; t++) red[par][warp][r * TT + t] = acc[r][t];
+            gemv_bar(1 + grp, 32 * S);
+            if (sub == 0 && lane == 0) {
+#pragma unroll
+                for (int r = 0; r < R; r++)
+#pragma unroll
+                    for (int t = 0; t < TT; t++) {
+                        float a = red[par][warp][r * TT + t];
+                        for (int w = 1; w < S; w++) a += red[par][warp + w][r * TT + t];
+                        acc[r][t] = a;
+                    }
+            }
+            par ^= 1;
+        }
+        if (sub == 0 && lane == 0) {
+            if constexpr (ROPE) rope_store<TT, R>(j, rp, acc, seg, n0);
+            else gemv_store<TT, R>(j, acc, seg, n0);
+        }
+    }
+}
+
+/* TUNA_GEMV_OLD=1: the k_gemv_multi kernel; TUNA_GEMV_S / TUNA_GEMV_U: forced split and depth
+ * (0 = chosen per job). */
+static int env_pick(const char *name, int def, const int *allowed, int n)
+{
+    const char *e = getenv(name);
+    if (!e || !*e) return def;
+    const int v = atoi(e);
+    for (int i = 0; i < n; i++)
+        if (allowed[i] == v) return v;
+    return def;
+}
+
+/* The split for J jobs of K8 chunks on W warps: the S in {1, 2, 4} whose rounds are filled best
+ * (2% better than a smaller S to be taken); each warp keeps at least 2 chunks per lane. */
+static int gemv_pick_split(int64_t J, int64_t W, int64_t K8)
+{
+    static int forced = -1;
+    if (forced < 0) {
+        const int ok[] = {1, 2, 4};
+        forced = env_pick("TUNA_GEMV_S", 0, ok, 3);
+    }
+    int best_s = 1;
+    double best = 0.0;
+    for (int s = 1; s <= 4; s *= 2) {
+        if (s > 1 && K8 < 64 * s) break;
+        if (forced && s == forced) return s;
+        const double jobs = (double)(J * s), rounds = ceil(jobs / (double)W), eff = jobs / ((double)W * rounds);
+        if (eff > best + 0.02) {
+            best = eff;
+            best_s = s;
+        }
+    }
+    return best_s;
+}
+
+static int gemv_depth(void)
+{
+    static int u = -1;
+    if (u < 0) {
+        const int ok[] = {2, 4, 8};
+        u = env_pick("TUNA_GEMV_U", 4, ok, 3);
+    }
+    return u;
+}
+
+static bool gemv_old(void)
+{
+    static int v = -1;
+    if (v < 0) { /* until measured on the H100: k_gemv_multi unless TUNA_GEMV_OLD=0 */
+        const char *e = getenv("TUNA_GEMV_OLD");
+        v = !(e && strcmp(e, "0") == 0);
+    }
+    return v == 1;
+}
+
 /* The weight can go through the grouped kernel: 16-bit, K % 8 == 0, 16-byte aligned rows. */
 static bool gemv_ok(const struct tuna_weight *w, int64_t K, int *dtype)
 {
@@ -186,9 +475,40 @@ static void launch_tt(tuna_backend *be, const float *x, const struct gemv_job *j
     }
 }
 
+template <int TT, int R, bool NORM, bool ROPE>
+static void launch_split_u(tuna_backend *be, const float *x, const struct gemv_job *j, unsigned blocks, size_t smem,
+                           int S, int U, const struct gemv_rope *rp)
+{
+    const dim3 g(blocks), b(GEMV_THREADS);
+    if (U == 2 || (TT > 1 && R > 1)) { /* two tokens of two rows: 4 chunks in flight spill registers */
+        tuna_cuda_launch(be, "k_gemv_split", k_gemv_split<TT, R, 2, NORM, ROPE>, g, b, smem, x, *j, S, *rp);
+    } else if constexpr (R == 1) {
+        if (U == 8) tuna_cuda_launch(be, "k_gemv_split", k_gemv_split<TT, R, 8, NORM, ROPE>, g, b, smem, x, *j, S, *rp);
+        else tuna_cuda_launch(be, "k_gemv_split", k_gemv_split<TT, R, 4, NORM, ROPE>, g, b, smem, x, *j, S, *rp);
+    } else if constexpr (TT == 1) { /* two rows: at most 4 chunks in flight per row (registers) */
+        tuna_cuda_launch(be, "k_gemv_split", k_gemv_split<TT, R, 4, NORM, ROPE>, g, b, smem, x, *j, S, *rp);
+    }
+}
+
+template <int R>
+static void launch_split(tuna_backend *be, const float *x, const struct gemv_job *j, unsigned blocks, size_t smem,
+                         int64_t T, int S, int U)
+{
+    const bool norm = j->nw != NULL;
+    const struct gemv_rope rp = {};
+    if (T == 1) {
+        if (norm) launch_split_u<1, R, true, false>(be, x, j, blocks, smem, S, U, &rp);
+        else launch_split_u<1, R, false, false>(be, x, j, blocks, smem, S, U, &rp);
+    } else {
+        if (norm) launch_split_u<2, R, true, false>(be, x, j, blocks, smem, S, U, &rp);
+        else launch_split_u<2, R, false, false>(be, x, j, blocks, smem, S, U, &rp);
+    }
+}
+
 /* Numbers the rows, then launches the 16-bit kernel (R = 1 at T = 1, else 2; GLU always 2):
- * about GEMV_BLOCKS_PER_SM blocks per SM, fewer when there are fewer rows. False when x does not
- * fit in shared memory. */
+ * about GEMV_BLOCKS_PER_SM blocks per SM, fewer when there are fewer rows. T <= 2 takes
+ * k_gemv_split (unless TUNA_GEMV_OLD=1), larger T k_gemv_multi. False when x does not fit in
+ * shared memory. */
 static bool launch_multi(tuna_backend *be, const float *x, struct gemv_job *j, int64_t T)
 {
     const size_t smem = (size_t)T * (size_t)j->K * sizeof(float);
@@ -199,9 +519,18 @@ static bool launch_multi(tuna_backend *be, const float *x, struct gemv_job *j, i
     const int64_t per_warp = j->mode == GEMV_GLU ? 1 : R;
     j->nwarp = (rows + per_warp - 1) / per_warp;
     const int64_t wpb = GEMV_THREADS / 32;
-    int64_t blocks = (j->nwarp + wpb - 1) / wpb, cap = (int64_t)be->sm_count * GEMV_BLOCKS_PER_SM;
-    if (cap > 0 && blocks > cap) blocks = cap;
+    const int64_t cap = (int64_t)(be->sm_count > 0 ? be->sm_count : 1) * GEMV_BLOCKS_PER_SM;
     j->prefetch = tuna_cuda_gemv_prefetch();
+    if (T <= 2 && !gemv_old()) {
+        const int S = gemv_pick_split(j->nwarp, cap * wpb, j->K / 8), U = gemv_depth();
+        int64_t blocks = (j->nwarp * S + wpb - 1) / wpb;
+        if (blocks > cap) blocks = cap;
+        if (R == 1) launch_split<1>(be, x, j, (unsigned)blocks, smem, T, S, U);
+        else launch_split<2>(be, x, j, (unsigned)blocks, smem, T, S, U);
+        return true;
+    }
+    int64_t blocks = (j->nwarp + wpb - 1) / wpb;
+    if (blocks > cap) blocks = cap;
     if (R == 1) {
         if (norm) launch_tt<1, true>(be, x, j, (unsigned)blocks, smem, T);
         else launch_tt<1, false>(be, x, j, (unsigned)blocks, smem, T);
@@ -335,4 +664,80 @@ void tuna_cuda_rmsnorm_matmul_glu(tuna_backend *be, float *out, float *xn, const
     if (glu_job(be, out, x, wg, bg, wu, bu, T, act, nw, xn, eps)) return;
     tuna_cuda_rmsnorm(be, xn, x, nw, T, wg->cols, eps);
     tuna_cuda_matmul_glu(be, out, xn, wg, bg, wu, bu, T, act);
+}
+
+/* TUNA_ROPE_FUSE=0: rmsnorm_qkv_rope_kv runs as rmsnorm_matmul_multi + rope_kv_store (comparisons). */
+static bool rope_fuse_on(void)
+{
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("TUNA_ROPE_FUSE");
+        v = !(e && strcmp(e, "0") == 0);
+    }
+    return v == 1;
+}
+
+/* The q/k/v GEMV with RoPE and the KV store in its epilogue (k_gemv_split, ROPE); false when the
+ * shapes or the weights do not fit it. */
+static bool qkv_rope_fused(tuna_backend *be, float *const *ys, float *xn, const float *x, const float *nw, float eps,
+                           const struct tuna_weight *const *ws, const float *const *biases, void *kc, void *vc,
+                           int code, const int64_t *pos, const int64_t *slot, int64_t T, int64_t H, int64_t Hkv,
+                           int64_t D, int64_t rot_dim, const float *inv_freq, float attn_factor)
+{
+    if (!rope_fuse_on() || gemv_old() || T > 2 || T > tuna_cuda_gemv_max_t16() || code < 0) return false;
+    if (rot_dim != D || D <= 0 || D % 2 != 0 || ws[0]->rows != H * D || ws[1]->rows != Hkv * D ||
+        ws[2]->rows != Hkv * D)
+        return false;
+    const int64_t K = ws[0]->cols;
+    if (K % 8 != 0 || ((uintptr_t)x % 16) != 0 || ((uintptr_t)xn % 16) != 0 || ((uintptr_t)nw % 16) != 0) return false;
+    int dtype = 0;
+    for (int i = 0; i < 3; i++)
+        if (!gemv_ok(ws[i], K, &dtype)) return false;
+    const size_t smem = (size_t)T * (size_t)K * sizeof(float);
+    if (smem > GEMV_MAX_STAGE_BYTES) return false;
+    const int64_t half = D / 2;
+    struct cuda_meta m = {0};
+    if (!tuna_cuda_meta_begin(be, &m, (size_t)T * 16 + (size_t)half * sizeof(float))) return true; /* sticky */
+    size_t off_pos = (size_t)tuna_cuda_meta_stage(be, &m, pos, (size_t)T * sizeof(int64_t));
+    size_t off_slot = (size_t)tuna_cuda_meta_stage(be, &m, slot, (size_t)T * sizeof(int64_t));
+    size_t off_f = (size_t)tuna_cuda_meta_stage(be, &m, inv_freq, (size_t)half * sizeof(float));
+    if (be->sticky || !tuna_cuda_meta_flush(be, &m)) return true;
+    struct gemv_rope rp;
+    rp.pos = (const int64_t *)((char *)be->meta.p + off_pos);
+    rp.slot = (const int64_t *)((char *)be->meta.p + off_slot);
+    rp.inv_freq = (const float *)((char *)be->meta.p + off_f);
+    rp.attn_factor = attn_factor;
+    rp.kc = kc;
+    rp.vc = vc;
+    rp.kv = code;
+    rp.half = (int)half;
+    rp.HkvD = Hkv * D;
+    struct gemv_job j;
+    job_init(&j, 3, ys, ws, biases, GEMV_STORE, nw, xn, eps);
+    j.dtype = dtype;
+    j.nwarp = gemv_number_rows(&j, 2) / 2;
+    j.prefetch = tuna_cuda_gemv_prefetch();
+    const int64_t wpb = GEMV_THREADS / 32;
+    const int64_t cap = (int64_t)(be->sm_count > 0 ? be->sm_count : 1) * GEMV_BLOCKS_PER_SM;
+    const int S = gemv_pick_split(j.nwarp, cap * wpb, K / 8), U = gemv_depth();
+    int64_t blocks = (j.nwarp * S + wpb - 1) / wpb;
+    if (blocks > cap) blocks = cap;
+    if (T == 1) launch_split_u<1, 2, true, true>(be, x, &j, (unsigned)blocks, smem, S, U, &rp);
+    else launch_split_u<2, 2, true, true>(be, x, &j, (unsigned)blocks, smem, S, U, &rp);
+    return true;
+}
+
+void tuna_cuda_rmsnorm_qkv_rope_kv(tuna_backend *be, float *const *ys, float *xn, const float *x, const float *nw,
+                                   float eps, const struct tuna_weight *const *ws, const float *const *biases,
+                                   void *kcache, void *vcache, enum tuna_dtype kv_dtype, const int64_t *pos,
+                                   const int64_t *slot, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t rot_dim,
+                                   const float *inv_freq, float attn_factor)
+{
+    if (be->sticky || T <= 0) return;
+    if (qkv_rope_fused(be, ys, xn, x, nw, eps, ws, biases, kcache, vcache, kv_code(kv_dtype), pos, slot, T, H, Hkv, D,
+                       rot_dim, inv_freq, attn_factor))
+        return;
+    tuna_cuda_rmsnorm_matmul_multi(be, 3, ys, xn, x, nw, eps, ws, biases, T);
+    tuna_cuda_rope_kv_store(be, ys[0], ys[1], ys[2], NULL, NULL, eps, kcache, vcache, kv_dtype, pos, slot, T, H, Hkv, D,
+                            rot_dim, inv_freq, attn_factor);
 }
