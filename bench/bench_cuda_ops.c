@@ -147,9 +147,10 @@ static void *dev_random_bf16(size_t n)
 
 /* ---- decode fusions (fused.cu, q4.cu, rope_kv.cu) on one Llama-3-8B layer, T = 1 ----
  * Each op over 4 copies of the layer's weights in turn, then a chain of 32 layers without
- * attention (norm+q/k/v, rope+KV store, o added into x, norm+gate/up+GLU, down added) as the
- * decode step runs it: µs per layer and GB/s of weights. bf16 and NF4 (blocksize 64, random
- * codes). TUNA_PDL / TUNA_GEMV_PREFETCH / TUNA_Q4_LUT change what runs. */
+ * attention (norm+q/k/v with rope+KV store (rmsnorm_qkv_rope_kv), o added into x,
+ * norm+gate/up+GLU, down added) as the decode step runs it: µs per layer and GB/s of weights.
+ * bf16 and NF4 (blocksize 64, random codes). TUNA_PDL / TUNA_GEMV_PREFETCH / TUNA_GEMV_OLD /
+ * TUNA_ROPE_FUSE / TUNA_Q4_* change what runs. */
 struct fz_layer {
     struct tuna_weight q, k, v, o, g, u, d;
 };
@@ -253,7 +254,7 @@ static void bench_fused_decode(tuna_backend *be, cudaEvent_t e0, cudaEvent_t e1)
         }
         const char *tag = q4 ? "NF4" : "bf16";
         float ms[64];
-        for (int which = 0; which < 5; which++) {
+        for (int which = 0; which < 6; which++) {
             const int reps = 30;
             double bytes = 0;
             for (int r = 0; r < reps + 3; r++) {
@@ -265,8 +266,12 @@ static void bench_fused_decode(tuna_backend *be, cudaEvent_t e0, cudaEvent_t e1)
                 else if (which == 1) op->rmsnorm_matmul_glu(be, act, xn, x, nw, 1e-5f, &l->g, NULL, &l->u, NULL, 1, 0);
                 else if (which == 2) op->matmul_add(be, x, q, &l->o, NULL, 1);
                 else if (which == 3) op->matmul_add(be, x, act, &l->d, NULL, 1);
-                else op->rope_kv_store(be, q, k, v, NULL, NULL, 1e-5f, kc, vc, TUNA_DTYPE_BF16, &pos, &slot, 1, H, Hkv, D, D,
-                                       inv, 1.0f);
+                else if (which == 4)
+                    op->rope_kv_store(be, q, k, v, NULL, NULL, 1e-5f, kc, vc, TUNA_DTYPE_BF16, &pos, &slot, 1, H, Hkv,
+                                      D, D, inv, 1.0f);
+                else
+                    op->rmsnorm_qkv_rope_kv(be, ys, xn, x, nw, 1e-5f, ws, NULL, kc, vc, TUNA_DTYPE_BF16, &pos, &slot, 1,
+                                            H, Hkv, D, D, inv, 1.0f);
                 CK(cudaEventRecord(e1, 0));
                 CK(cudaEventSynchronize(e1));
                 CK(cudaEventElapsedTime(&ms[r], e0, e1));
@@ -278,8 +283,9 @@ static void bench_fused_decode(tuna_backend *be, cudaEvent_t e0, cudaEvent_t e1)
             qsort(ms + 3, (size_t)reps, sizeof(float), cmp_f);
             double t = ms[3 + reps / 2] * 1e-3;
             static const char *names[] = {"norm+q/k/v 6144x4096", "norm+gate/up+GLU 2x14336x4096",
-                                          "o added 4096x4096", "down added 4096x14336", "rope+kv_store"};
-            if (which == 0) bytes = fz_bytes(&L[0].q) + 2 * fz_bytes(&L[0].k);
+                                          "o added 4096x4096", "down added 4096x14336", "rope+kv_store",
+                                          "norm+q/k/v+rope+kv 6144x4096"};
+            if (which == 0 || which == 5) bytes = fz_bytes(&L[0].q) + 2 * fz_bytes(&L[0].k);
             else if (which == 1) bytes = 2 * fz_bytes(&L[0].g);
             else if (which == 2) bytes = fz_bytes(&L[0].o);
             else if (which == 3) bytes = fz_bytes(&L[0].d);
@@ -300,9 +306,9 @@ static void bench_fused_decode(tuna_backend *be, cudaEvent_t e0, cudaEvent_t e1)
                 struct fz_layer *y = &L[l % 4];
                 float *ys[3] = {q, k, v};
                 const struct tuna_weight *ws[3] = {&y->q, &y->k, &y->v};
-                op->rmsnorm_matmul_multi(be, 3, ys, xn, x, nw, 1e-5f, ws, NULL, 1);
-                op->rope_kv_store(be, q, k, v, NULL, NULL, 1e-5f, kc, vc, TUNA_DTYPE_BF16, &pos, &slot, 1, H, Hkv, D, D,
-                                  inv, 1.0f);
+                /* norm+q/k/v, rope and the KV store (one launch when fused.cu fuses them) */
+                op->rmsnorm_qkv_rope_kv(be, ys, xn, x, nw, 1e-5f, ws, NULL, kc, vc, TUNA_DTYPE_BF16, &pos, &slot, 1, H,
+                                        Hkv, D, D, inv, 1.0f);
                 op->matmul_add(be, x, q, &y->o, NULL, 1);
                 op->rmsnorm_matmul_glu(be, act, xn, x, nw, 1e-5f, &y->g, NULL, &y->u, NULL, 1, 0);
                 op->matmul_add(be, x, act, &y->d, NULL, 1);
