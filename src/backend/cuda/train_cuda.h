@@ -45,6 +45,17 @@ void tuna_cuda_train_flash_backward(tuna_backend *be, float *dq, float *dk, floa
                                     const int64_t *pos, int64_t T, int64_t H, int64_t Hkv, int64_t D, float scale,
                                     int64_t window);
 
+/* train_flash_mma.cu: the same on mma.sync for D 64 and 128 (16-byte aligned rows); false when
+ * the call is not theirs (then train_flash.cu's WMMA kernels run). starts: the ns + 1 first rows of
+ * the sequences (host). TUNA_TRAIN_FLASH=wmma keeps the WMMA kernels. */
+bool tuna_cuda_train_flash_mma_forward(tuna_backend *be, float *out, float *lse, const float *q, const float *k,
+                                       const float *v, const int64_t *starts, int64_t ns, int64_t H, int64_t Hkv,
+                                       int64_t D, float scale, int64_t window);
+bool tuna_cuda_train_flash_mma_backward(tuna_backend *be, float *dq, float *dk, float *dv, const float *dout,
+                                        const float *out, const float *lse, const float *q, const float *k,
+                                        const float *v, const int64_t *starts, int64_t ns, int64_t T, int64_t H,
+                                        int64_t Hkv, int64_t D, float scale, int64_t window);
+
 /* Sums of one or two values over a block of blockDim.x threads (a multiple of 32, at most 1024);
  * every thread gets the totals. red: __shared__ scratch of 64 entries of T. */
 template <typename T> __device__ __forceinline__ T tuna_warp_sum(T v)

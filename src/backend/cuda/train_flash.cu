@@ -359,6 +359,10 @@ void tuna_cuda_train_flash_forward(tuna_backend *be, float *out, float *lse, con
         tuna_cuda_check(be, cudaErrorMemoryAllocation, "flash attention (host sequence list)");
         return;
     }
+    if (tuna_cuda_train_flash_mma_forward(be, out, lse, q, k, v, starts, ns, H, Hkv, D, scale, window)) {
+        free(starts);
+        return;
+    }
     const size_t smem = fa_fwd_smem((int)D);
     if (fa_setup(be, (const void *)k_flash_fwd, smem, "cudaFuncSetAttribute(k_flash_fwd)")) {
         const int64_t HD = H * D, KD = Hkv * D;
@@ -388,6 +392,11 @@ void tuna_cuda_train_flash_backward(tuna_backend *be, float *dq, float *dk, floa
     const int64_t ns = fa_seqs(pos, T, &starts);
     if (ns < 0) {
         tuna_cuda_check(be, cudaErrorMemoryAllocation, "flash attention (host sequence list)");
+        return;
+    }
+    if (tuna_cuda_train_flash_mma_backward(be, dq, dk, dv, dout, out, lse, q, k, v, starts, ns, T, H, Hkv, D, scale,
+                                           window)) {
+        free(starts);
         return;
     }
     const size_t smem = fa_bwd_smem((int)D);
