@@ -137,19 +137,30 @@ static void test_lora(void **state)
     float *gx = dev(x, (size_t)(T * K) * 4), *gy = dev(y, (size_t)(T * N) * 4), *gdy = dev(dy, (size_t)(T * N) * 4);
     float *gdx = dev(dx, (size_t)(T * K) * 4), *gdA = dev(dA, (size_t)(R * K) * 4), *gdB = dev(dB, (size_t)(N * R) * 4);
     float *gwork = dev(NULL, (size_t)(2 * T * R) * 4);
-    g_ct->lora_forward(g_cpu, y, x, &lc, T, N, K, work);
-    g_gt->lora_forward(g_gpu, gy, gx, &lg, T, N, K, gwork);
+    float *gy2 = dev(y, (size_t)(T * N) * 4), *gdx2 = dev(dx, (size_t)(T * K) * 4); /* for the TF32 runs */
+    g_ct->lora_forward(g_cpu, y, x, &lc, T, N, K, work, false);
+    g_gt->lora_forward(g_gpu, gy, gx, &lg, T, N, K, gwork, false);
+    g_gt->lora_forward(g_gpu, gy2, gx, &lg, T, N, K, gwork, true);
+    float *got = back_new(gy2, (size_t)(T * N));
+    check_print("lora_forward (TF32)", got, y, (size_t)(T * N), 1e-2);
+    free(got);
     check_dev("lora_forward", gy, y, (size_t)(T * N), 1e-5);
-    g_ct->lora_backward(g_cpu, dx, dA, dB, dy, x, &lc, T, N, K, work);
-    g_gt->lora_backward(g_gpu, gdx, gdA, gdB, gdy, gx, &lg, T, N, K, gwork);
+    g_ct->lora_backward(g_cpu, dx, dA, dB, dy, x, &lc, T, N, K, work, false);
+    float *gdA3 = dev(dA, (size_t)(R * K) * 4), *gdB3 = dev(dB, (size_t)(N * R) * 4);
+    g_gt->lora_backward(g_gpu, gdx2, gdA3, gdB3, gdy, gx, &lg, T, N, K, gwork, true);
+    got = back_new(gdx2, (size_t)(T * K));
+    check_print("lora_backward dx (TF32)", got, dx, (size_t)(T * K), 1e-2);
+    free(got);
+    tuna_cuda_free(g_gpu, gy2), tuna_cuda_free(g_gpu, gdx2), tuna_cuda_free(g_gpu, gdA3), tuna_cuda_free(g_gpu, gdB3);
+    g_gt->lora_backward(g_gpu, gdx, gdA, gdB, gdy, gx, &lg, T, N, K, gwork, false);
     check_dev("lora_backward dx", gdx, dx, (size_t)(T * K), 1e-5);
     check_dev("lora_backward dA", gdA, dA, (size_t)(R * K), 1e-5);
     check_dev("lora_backward dB", gdB, dB, (size_t)(N * R), 1e-5);
     /* dx NULL: only the adapter's gradients */
     float *dA2 = rnd((size_t)(R * K)), *gdA2 = dev(dA2, (size_t)(R * K) * 4);
     float *dB2 = rnd((size_t)(N * R)), *gdB2 = dev(dB2, (size_t)(N * R) * 4);
-    g_ct->lora_backward(g_cpu, NULL, dA2, dB2, dy, x, &lc, T, N, K, work);
-    g_gt->lora_backward(g_gpu, NULL, gdA2, gdB2, gdy, gx, &lg, T, N, K, gwork);
+    g_ct->lora_backward(g_cpu, NULL, dA2, dB2, dy, x, &lc, T, N, K, work, false);
+    g_gt->lora_backward(g_gpu, NULL, gdA2, gdB2, gdy, gx, &lg, T, N, K, gwork, false);
     check_dev("lora_backward dA (dx NULL)", gdA2, dA2, (size_t)(R * K), 1e-5);
     check_dev("lora_backward dB (dx NULL)", gdB2, dB2, (size_t)(N * R), 1e-5);
     tuna_cuda_free(g_gpu, (void *)lg.A), tuna_cuda_free(g_gpu, (void *)lg.B);

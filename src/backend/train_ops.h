@@ -82,14 +82,15 @@ struct tuna_train_ops {
     void (*dropout)(tuna_backend *be, float *out, const float *in, int64_t n, double p, uint64_t key);
 
     /* y[T,N] += scale * (x[T,K] A^T) B^T for one adapter (A [R,K], B [N,R] in backend memory).
-     * work: [T, R] floats. */
+     * work: [T, R] floats. fast (here and in lora_backward): the GPU may run the GEMMs on TF32
+     * tensor cores (the 16-bit mode; float32 mode passes false and stays exact); the CPU ignores it. */
     void (*lora_forward)(tuna_backend *be, float *y, const float *x, const struct tuna_lora *lora, int64_t T, int64_t N,
-                         int64_t K, float *work);
+                         int64_t K, float *work, bool fast);
 
     /* Given dy[T,N] of the op above: dx[T,K] += s (dy B) A, dA[R,K] += s (dy B)^T x,
      * dB[N,R] += s dy^T (x A^T). dx may be NULL. work: [2 T R] floats. */
     void (*lora_backward)(tuna_backend *be, float *dx, float *dA, float *dB, const float *dy, const float *x,
-                          const struct tuna_lora *lora, int64_t T, int64_t N, int64_t K, float *work);
+                          const struct tuna_lora *lora, int64_t T, int64_t N, int64_t K, float *work, bool fast);
 
     /* y[T,N] = x[T,K] W^T with W frozen: dx[T,K] += dy[T,N] W[N,K], W in its stored dtype
      * (F32, BF16, F16, NF4/FP4 dequantized in tiles or per GEMM). */

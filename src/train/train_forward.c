@@ -36,7 +36,7 @@ void tuna_train_linear_forward_rows(tuna_trainer *t, int64_t l, int proj, float 
         t->tops->dropout(m->be, t->drop, x, T * md->K, t->lo.dropout, key);
         xin = t->drop;
     }
-    t->tops->lora_forward(m->be, y, xin, &md->lora, T, md->N, md->K, t->lwork);
+    t->tops->lora_forward(m->be, y, xin, &md->lora, T, md->N, md->K, t->lwork, t->fast);
 }
 
 void tuna_train_linear_forward(tuna_trainer *t, int64_t l, int proj, float *y, const float *x, int64_t T)

@@ -55,9 +55,9 @@ static void cpu_dropout(tuna_backend *be, float *out, const float *in, int64_t n
 
 /* h = A x in double per element (as the inference LoRA op), then y += s B h */
 static void cpu_lora_forward(tuna_backend *be, float *y, const float *x, const struct tuna_lora *l, int64_t T,
-                             int64_t N, int64_t K, float *h)
+                             int64_t N, int64_t K, float *h, bool fast)
 {
-    (void)be;
+    (void)be, (void)fast;
     const int64_t R = l->r;
     for (int64_t i = 0; i < T; i++)
         for (int64_t j = 0; j < R; j++) {
@@ -76,9 +76,9 @@ static void cpu_lora_forward(tuna_backend *be, float *y, const float *x, const s
 }
 
 static void cpu_lora_backward(tuna_backend *be, float *dx, float *dA, float *dB, const float *dy, const float *x,
-                              const struct tuna_lora *l, int64_t T, int64_t N, int64_t K, float *work)
+                              const struct tuna_lora *l, int64_t T, int64_t N, int64_t K, float *work, bool fast)
 {
-    (void)be;
+    (void)be, (void)fast;
     (void)work; /* train_backward.c keeps its own */
     tuna_lora_backward(dx, dA, dB, dy, x, l, N, K, T);
 }

@@ -18,9 +18,10 @@ bool tuna_cuda_train_gemm(tuna_backend *be, bool ta, bool tb, int64_t M, int64_t
 void tuna_cuda_train_matmul_backward(tuna_backend *be, float *dx, const float *dy, const struct tuna_weight *w,
                                      int64_t T);
 void tuna_cuda_train_lora_forward(tuna_backend *be, float *y, const float *x, const struct tuna_lora *lora, int64_t T,
-                                  int64_t N, int64_t K, float *work);
+                                  int64_t N, int64_t K, float *work, bool fast);
 void tuna_cuda_train_lora_backward(tuna_backend *be, float *dx, float *dA, float *dB, const float *dy, const float *x,
-                                   const struct tuna_lora *lora, int64_t T, int64_t N, int64_t K, float *work);
+                                   const struct tuna_lora *lora, int64_t T, int64_t N, int64_t K, float *work,
+                                   bool fast);
 
 /* train_attention.cu */
 void tuna_cuda_train_attention_forward(tuna_backend *be, float *out, float *lse, const float *q, const float *k,

@@ -77,25 +77,25 @@ void tuna_cuda_train_matmul_backward(tuna_backend *be, float *dx, const float *d
 }
 
 void tuna_cuda_train_lora_forward(tuna_backend *be, float *y, const float *x, const struct tuna_lora *l, int64_t T,
-                                  int64_t N, int64_t K, float *h)
+                                  int64_t N, int64_t K, float *h, bool fast)
 {
     const int64_t R = l->r;
     if (be->sticky || T <= 0 || R <= 0) return;
     /* h[T,R] = x A^T; y += s h B^T */
-    if (!tuna_cuda_train_gemm(be, false, true, T, R, K, 1.0f, x, K, l->A, K, 0.0f, h, R, false)) return;
-    tuna_cuda_train_gemm(be, false, true, T, N, R, l->scale, h, R, l->B, R, 1.0f, y, N, false);
+    if (!tuna_cuda_train_gemm(be, false, true, T, R, K, 1.0f, x, K, l->A, K, 0.0f, h, R, fast)) return;
+    tuna_cuda_train_gemm(be, false, true, T, N, R, l->scale, h, R, l->B, R, 1.0f, y, N, fast);
 }
 
 void tuna_cuda_train_lora_backward(tuna_backend *be, float *dx, float *dA, float *dB, const float *dy, const float *x,
-                                   const struct tuna_lora *l, int64_t T, int64_t N, int64_t K, float *work)
+                                   const struct tuna_lora *l, int64_t T, int64_t N, int64_t K, float *work, bool fast)
 {
     const int64_t R = l->r;
     if (be->sticky || T <= 0 || R <= 0) return;
     float *u = work, *hx = work + T * R;
     const float s = l->scale;
-    tuna_cuda_train_gemm(be, false, false, T, R, N, 1.0f, dy, N, l->B, R, 0.0f, u, R, false);      /* u = dy B */
-    tuna_cuda_train_gemm(be, false, true, T, R, K, 1.0f, x, K, l->A, K, 0.0f, hx, R, false);       /* hx = x A^T */
-    if (dx) tuna_cuda_train_gemm(be, false, false, T, K, R, s, u, R, l->A, K, 1.0f, dx, K, false); /* dx += s u A */
-    tuna_cuda_train_gemm(be, true, false, R, K, T, s, u, R, x, K, 1.0f, dA, K, false);             /* dA += s u^T x */
-    tuna_cuda_train_gemm(be, true, false, N, R, T, s, dy, N, hx, R, 1.0f, dB, R, false);           /* dB += s dy^T hx */
+    tuna_cuda_train_gemm(be, false, false, T, R, N, 1.0f, dy, N, l->B, R, 0.0f, u, R, fast);      /* u = dy B */
+    tuna_cuda_train_gemm(be, false, true, T, R, K, 1.0f, x, K, l->A, K, 0.0f, hx, R, fast);       /* hx = x A^T */
+    if (dx) tuna_cuda_train_gemm(be, false, false, T, K, R, s, u, R, l->A, K, 1.0f, dx, K, fast); /* dx += s u A */
+    tuna_cuda_train_gemm(be, true, false, R, K, T, s, u, R, x, K, 1.0f, dA, K, fast);             /* dA += s u^T x */
+    tuna_cuda_train_gemm(be, true, false, N, R, T, s, dy, N, hx, R, 1.0f, dB, R, fast);           /* dB += s dy^T hx */
 }
