@@ -347,8 +347,9 @@ __global__ void __launch_bounds__(128)
     const int p = (int)md.pos[t], start = (int)att_start(md, p);
     const int gb = start / D16_KEYS, ge = p / D16_KEYS;
     /* groups per split: ceil((ge - gb + 1) / n_splits), at least min_g; the nsp first splits have
-     * work (a short context runs on few blocks and merges few partial rows; the others leave) */
-    const int gps = max((ge - gb + n_splits) / n_splits, min_g), nsp = (ge - gb + gps) / gps;
+     * work (a short context runs on few blocks and merges few partial rows; the others leave).
+     * min_g 0: every split runs, those past the context write empty rows (the former rule). */
+    const int gps = max((ge - gb + n_splits) / n_splits, min_g), nsp = min_g ? (ge - gb + gps) / gps : n_splits;
     if (split >= nsp) return;
     const int s0 = gb + split * gps, s1 = min(ge, s0 + gps - 1);
     const int lo = max(start, s0 * D16_KEYS), hi = min(p, s1 * D16_KEYS + D16_KEYS - 1);
@@ -689,9 +690,10 @@ static void launch_kernels(tuna_backend *be, float *out, const float *q, const v
                       (unsigned)n_splits);
             /* with programmatic dependent launch (pdl.cuh) when TUNA_ATTN_PDL=1 */
             static const int pdl = env_int("TUNA_ATTN_PDL", 1, 1);
-            /* fewest groups of 16 keys per split (TUNA_ATTN_DEC_MING; 1 = the split count alone) */
-            static const int ming = env_int("TUNA_ATTN_DEC_MING", 1, 4096);
-            const int min_g = ming ? ming : 1;
+            /* fewest groups of 16 keys per split (TUNA_ATTN_DEC_MING; 1 = the split count alone);
+             * TUNA_ATTN_DEC_ALL=1: every split runs (the rule before the fourth session) */
+            static const int ming = env_int("TUNA_ATTN_DEC_MING", 1, 4096), all = env_int("TUNA_ATTN_DEC_ALL", 1, 1);
+            const int min_g = all ? 0 : ming ? ming : 1;
             if (pdl) {
                 if (!tuna_cuda_launch(be, "k_attn_decode16", dec16_pick<KT>(D, GM), grid, dim3(32 * c16->nw),
                                       (size_t)c16->smem, out, part_acc, part_ml, counters, q, kc, vc, md, drows, H, Hkv,

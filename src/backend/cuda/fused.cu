@@ -428,15 +428,18 @@ static int gemv_depth(void)
     return u;
 }
 
-static bool gemv_old(void)
+/* TUNA_GEMV_OLD: 1 (default until measured on the H100) k_gemv_multi for every job and no RoPE
+ * fusion; 0 k_gemv_split for T <= 2; 2 k_gemv_multi except the RoPE-fused q/k/v job. */
+static int gemv_old_level(void)
 {
     static int v = -1;
-    if (v < 0) { /* until measured on the H100: k_gemv_multi unless TUNA_GEMV_OLD=0 */
+    if (v < 0) {
         const char *e = getenv("TUNA_GEMV_OLD");
-        v = !(e && strcmp(e, "0") == 0);
+        v = e && (e[0] == '0' || e[0] == '2') && !e[1] ? e[0] - '0' : 1;
     }
-    return v == 1;
+    return v;
 }
+static bool gemv_old(void) { return gemv_old_level() != 0; }
 
 /* The weight can go through the grouped kernel: 16-bit, K % 8 == 0, 16-byte aligned rows. */
 static bool gemv_ok(const struct tuna_weight *w, int64_t K, int *dtype)
@@ -684,7 +687,7 @@ static bool qkv_rope_fused(tuna_backend *be, float *const *ys, float *xn, const 
                            int code, const int64_t *pos, const int64_t *slot, int64_t T, int64_t H, int64_t Hkv,
                            int64_t D, int64_t rot_dim, const float *inv_freq, float attn_factor)
 {
-    if (!rope_fuse_on() || gemv_old() || T > 2 || T > tuna_cuda_gemv_max_t16() || code < 0) return false;
+    if (!rope_fuse_on() || gemv_old_level() == 1 || T > 2 || T > tuna_cuda_gemv_max_t16() || code < 0) return false;
     if (rot_dim != D || D <= 0 || D % 2 != 0 || ws[0]->rows != H * D || ws[1]->rows != Hkv * D ||
         ws[2]->rows != Hkv * D)
         return false;
