@@ -205,6 +205,7 @@ int bench_train_main(int argc, char **argv)
         return 2;
     }
     mo.load_in_4bit = load4;
+    mo.weight_arena = offload; /* the memory mode: no 2 MiB page rounding per weight */
     mo.quiet = true;
     const int dev = mo.device == TUNA_DEVICE_CPU ? -1 : mo.cuda_device;
     const uint64_t free0 = dev >= 0 ? gpu_free(dev) : 0;

@@ -207,6 +207,7 @@ int cmd_finetune(int argc, char **argv)
     /* on a GPU the base is quantized as it is loaded (then uploaded 4-bit); on the CPU after */
     const bool q4_at_load = o.load4 && mo.device != TUNA_DEVICE_CPU;
     mo.load_in_4bit = q4_at_load;
+    mo.weight_arena = o.offload; /* the memory mode: the weights in one arena (device.c) */
     mo.quiet = o.quiet;
 
     tuna_status st = TUNA_OK;

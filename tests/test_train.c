@@ -66,6 +66,8 @@ struct run {
     cJSON *trace;
 };
 
+static bool g_weight_arena; /* run_open: the weights in one device arena (the memory mode) */
+
 static void run_open(struct run *r, const char *name, const char *base_rel, bool *ok)
 {
     char dir[8192], base[8192], path[8400], rel[512];
@@ -82,6 +84,7 @@ static void run_open(struct run *r, const char *name, const char *base_rel, bool
     struct tuna_model_opts mo = {0};
     mo.threads = 2;
     dev_opts(&mo);
+    mo.weight_arena = g_weight_arena; /* the offload runs load as the memory mode does */
     TT_OK(tuna_model_load(base, &mo, &r->m));
     TT_OK(tuna_tokenizer_load(base, &r->tok));
     TT_OK(tuna_chat_load(base, &r->tmpl));
@@ -175,7 +178,9 @@ static void fixture_run(const char *name, const char *base_rel, bool quantize, i
         fprintf(stderr, "SKIP: the in-memory float32-state NF4 base is a CPU path\n");
         skip();
     }
+    g_weight_arena = mode == 2;
     run_open(&r, name, base_rel, &ok);
+    g_weight_arena = false;
     if (!ok) skip();
     printf("%s (base %s%s%s)\n", name, base_rel, quantize ? ", quantized on load" : "",
            mode == 2 ? ", offload" : ckpt ? ", gradient checkpointing" : "");
@@ -193,7 +198,9 @@ static void fixture_run(const char *name, const char *base_rel, bool quantize, i
         /* the memory mode reads the (untied) embedding table from page-locked host memory */
         struct tuna_train_memory tm;
         tuna_trainer_memory(t, &tm);
-        printf("  embedding in host memory: %zu bytes\n", tm.host_embedding);
+        printf("  embedding in host memory: %zu bytes; weights in one arena: %s\n", tm.host_embedding,
+               r.m->dev_arena ? "yes" : "no");
+        assert_non_null(r.m->dev_arena);
         assert_int_equal(tm.host_embedding, (size_t)(r.m->embed.rows * r.m->embed.cols) *
                                                  (size_t)tuna_dtype_bits(r.m->embed.dtype) / 8);
     }

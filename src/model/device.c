@@ -247,8 +247,10 @@ tuna_status tuna_model_start_backend(struct tuna_model *m, const struct tuna_mod
            tuna_model_embed_to_host); every other weight and vector goes to the arena */
         if ((st = move_weight(m, &m->embed, dt))) return st;
         mem_trace(m, cdev, "embedding uploaded", &free_last);
+        const char *ae = getenv("TUNA_WEIGHT_ARENA");
+        const bool want_arena = ae && *ae ? strcmp(ae, "0") != 0 : opts && opts->weight_arena;
         tuna_cuda_arena *arena = NULL;
-        if (tuna_cuda_arena_new(cdev, 0, &arena) == TUNA_OK) m->dev_arena = arena;
+        if (want_arena && tuna_cuda_arena_new(cdev, 0, &arena) == TUNA_OK) m->dev_arena = arena;
         if (tied) m->lm_head.w = m->embed;
         else if ((st = move_linear(m, &m->lm_head, dt))) return st;
         for (int64_t l = 0; l < m->arch.n_layers && !st; l++) {

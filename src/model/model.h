@@ -89,6 +89,10 @@ struct tuna_model_opts {
     bool quant_fp4;         /* --quant-type fp4 */
     bool no_double_quant;   /* --no-double-quant */
     int quant_blocksize;    /* --blocksize (0 = 64) */
+    /* CUDA: the weights in one virtual-memory arena (device.c, backend/cuda/arena.h) instead of
+     * one cudaMalloc each: ~0.1-0.3 GB less at 7B; the training memory mode asks for it.
+     * TUNA_WEIGHT_ARENA=1 / 0 forces it on / off. */
+    bool weight_arena;
 };
 
 struct tuna_q4_weight; /* quant/nf4.h */

@@ -55,8 +55,6 @@ static bool entry(const char *name, void **fp)
 extern "C" tuna_status tuna_cuda_arena_new(int device, size_t reserve, tuna_cuda_arena **out)
 {
     *out = NULL;
-    const char *env = getenv("TUNA_WEIGHT_ARENA");
-    if (env && !strcmp(env, "0")) return tuna_fail(TUNA_E_UNSUPPORTED, "weight arena off (TUNA_WEIGHT_ARENA=0)");
     typedef CUresult (*fn_dev_get)(CUdevice *, int);
     typedef CUresult (*fn_dev_attr)(int *, CUdevice_attribute, CUdevice);
     fn_dev_get dev_get = NULL;

@@ -24,8 +24,7 @@ extern "C" {
 
 typedef struct tuna_cuda_arena tuna_cuda_arena;
 
-/* Reserves `reserve` bytes of address space on device (0 = the device's total memory). The
- * environment variable TUNA_WEIGHT_ARENA=0 turns the arena off (answers TUNA_E_UNSUPPORTED). */
+/* Reserves `reserve` bytes of address space on device (0 = the device's total memory). */
 tuna_status tuna_cuda_arena_new(int device, size_t reserve, tuna_cuda_arena **out);
 /* A 256-byte aligned buffer of `bytes`, mapping more memory when needed (TUNA_E_OOM when the
  * device has none left or the reservation is full). */
