@@ -162,7 +162,11 @@ __global__ void __launch_bounds__(GEMV_THREADS, GEMV_BLOCKS_PER_SM) k_gemv_multi
  * in shared memory behind a named barrier of its S warps and warp 0 of the group stores: the
  * order of the additions is fixed (deterministic, CUDA graphs stay bit-identical). The next job's
  * first loads are issued before the sums of the current one are reduced. TUNA_GEMV_S (1, 2, 4)
- * and TUNA_GEMV_U (2, 4, 8) override the choice; TUNA_GEMV_OLD=1 runs k_gemv_multi instead. */
+ * and TUNA_GEMV_U (2, 4, 8) override the choice. Opt-in (TUNA_GEMV_OLD=0, or =2 for the
+ * RoPE-fused q/k/v job alone): on the H100 the 32-layer chain of bench_cuda_ops ran as fast as
+ * with k_gemv_multi (165.5 against 165.3 us per layer, RoPE fused) but a whole bf16 decode step
+ * was slower (6.93-7.10 ms against 6.42), for reasons not found yet, so k_gemv_multi stays the
+ * default. */
 
 /* Lane 0's store of a job's sums (already reduced over the warp and the group): y, y +=, or the
  * GLU (s[0] gate row acc[0], s[1] up row acc[R - 1], output in s[0].y). */
@@ -428,7 +432,7 @@ static int gemv_depth(void)
     return u;
 }
 
-/* TUNA_GEMV_OLD: 1 (default until measured on the H100) k_gemv_multi for every job and no RoPE
+/* TUNA_GEMV_OLD: 1 (default: measured faster end to end) k_gemv_multi for every job and no RoPE
  * fusion; 0 k_gemv_split for T <= 2; 2 k_gemv_multi except the RoPE-fused q/k/v job. */
 static int gemv_old_level(void)
 {
