@@ -1,11 +1,13 @@
 /* q4.cu — bitsandbytes NF4/FP4 weights stay 4-bit on the GPU.
  *
- * Decode (T <= TUNA_CUDA_GEMV_MAX_T): a fused dequant-GEMV — one warp per output row, 16-byte loads
- * of packed codes (32 weights), each weight = lut[nibble] * absmax[block] (rounded to bf16/f16 when
- * the checkpoint's dtype was, exactly as bitsandbytes dequantizes), float32 accumulation: a 4-bit
- * weight matrix is read once per step at a quarter of the bf16 bytes.
+ * Block scales: float32 absmax, or (what a double-quantized checkpoint uploads, src/model/device.c)
+ * the nested form, rebuilt per block by q4_absmax bit-identical to the CPU's reconstruction.
+ * Decode (T <= TUNA_CUDA_GEMV_MAX_T): fused dequant-GEMVs that read each 4-bit matrix once per step:
+ * the grouped k_q4_tab (default: q/k/v, gate/up + GLU, o/down into the residual, RMSNorm folded in),
+ * k_q4_multi where k_q4_tab does not fit, and the first session's single-matrix kernels (exact
+ * per-weight rounding to bf16/f16 for 16-bit checkpoints run in float32; TUNA_Q4_OLD=1).
  * Prefill (larger T): the matrix is dequantized into a scratch buffer of the compute dtype and
- * handed to cuBLAS (matmul.cu).
+ * handed to cuBLAS (matmul.cu); training dequantizes the same way (train_gemm.cu).
  */
 #include <stdlib.h>
 
@@ -886,14 +888,16 @@ __global__ void __launch_bounds__(Q4T_THREADS, 1)
     }
 }
 
-/* TUNA_Q4_K: 0 the k_q4_multi kernel above, 1 k_q4_tab with the float2 table, 2 with the half2
- * table (16-bit compute only; else 1). Default 0 until measured. */
+/* TUNA_Q4_K: 0 the k_q4_multi kernel above, 1 k_q4_tab with the float2 table, 2 (default) with
+ * the half2 table where the compute is 16-bit (float32 compute takes the float2 table). Measured on
+ * the H100 (docs/PERFORMANCE.md): 32-layer NF4 chain 139.6 us/layer with 2, 142.1 with 1, 184.5
+ * with 0. */
 static int q4_kernel_mode(void)
 {
     static int v = -1;
     if (v < 0) {
         const char *e = getenv("TUNA_Q4_K");
-        v = e && (e[0] == '1' || e[0] == '2') ? e[0] - '0' : 0;
+        v = e && (e[0] == '0' || e[0] == '1') ? e[0] - '0' : 2;
     }
     return v;
 }
