@@ -606,7 +606,7 @@ static void q4m_launch_lut(tuna_backend *be, const float *x, const struct gemv_j
  * the norm's weight) through L1 per 4 bytes of codes, plus one shared-memory load per weight for
  * the table: the L1/shared-memory pipe (128 bytes per clock per SM), not DRAM, was the limit.
  * Here:
- * - a lane loads 16 contiguous bytes of codes (32 weights, one absmax block) per row, U such
+ * - a lane loads 16 contiguous bytes of codes (32 weights, one absmax block) per row, U (2) such
  *   loads per row and 4 rows per warp in flight before any is used (GLU: gate and up of two
  *   outputs);
  * - x (normalized when the norm is folded in) is staged once per block in shared memory, with the
@@ -757,12 +757,12 @@ static __device__ __forceinline__ void q4t_stage(float4 *xs4, const float *x, co
     __syncthreads();
 }
 
-template <int TT, bool NORM, int LUT>
+template <int TT, bool NORM, int LUT, int U>
 __global__ void __launch_bounds__(Q4T_THREADS, 1)
     k_q4_tab(const float *__restrict__ x, const __grid_constant__ struct gemv_job j, const struct q4_lut lut_in,
              int64_t nitems)
 {
-    constexpr int U = TT <= 2 ? 4 : 2; /* 16-byte chunks per row in flight */
+    /* U: 16-byte chunks per row in flight (2; TUNA_Q4_U=4: 4 at T <= 2) */
     extern __shared__ float4 q4t_smem4[];
     uint8_t *tab = reinterpret_cast<uint8_t *>(q4t_smem4);              /* [256][256 bytes] */
     float *ncode = reinterpret_cast<float *>(tab + Q4T_TAB_BYTES);       /* [GEMV_MAX_SEG][256] */
@@ -902,11 +902,29 @@ static int q4_kernel_mode(void)
     return v;
 }
 
+/* Chunks per row in flight at T <= 2: 2 (default), TUNA_Q4_U=4 for 4. ptxas (sm_90a, 128 registers
+ * at 512 threads): U = 4 spills 300-600 bytes per thread at T = 1 and 2 (the H100 round's numbers
+ * were taken with it), U = 2 spills nothing. */
+static int q4_u_mode(void)
+{
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("TUNA_Q4_U");
+        v = e && e[0] == '4' ? 4 : 2;
+    }
+    return v;
+}
+
 template <int TT, bool NORM, int LUT>
 static bool q4t_launch_one(tuna_backend *be, const float *x, const struct gemv_job *j, const struct q4_lut *lut,
                            unsigned blocks, size_t smem, int64_t nitems)
 {
-    return tuna_cuda_launch(be, "k_q4_tab", k_q4_tab<TT, NORM, LUT>, dim3(blocks), dim3(Q4T_THREADS), smem, x, *j,
+    if constexpr (TT <= 2) {
+        if (q4_u_mode() == 4)
+            return tuna_cuda_launch(be, "k_q4_tab", k_q4_tab<TT, NORM, LUT, 4>, dim3(blocks), dim3(Q4T_THREADS), smem,
+                                    x, *j, *lut, nitems);
+    }
+    return tuna_cuda_launch(be, "k_q4_tab", k_q4_tab<TT, NORM, LUT, 2>, dim3(blocks), dim3(Q4T_THREADS), smem, x, *j,
                             *lut, nitems);
 }
 
