@@ -375,6 +375,22 @@ int tuna_model_q4_blocksize(const struct tuna_model *m, const struct tuna_weight
     return ((const struct tuna_q4_weight *)w->q4)->blocksize;
 }
 
+uint64_t tuna_model_q4_scale_bytes(const struct tuna_model *m, const struct tuna_weight *w)
+{
+    if (!w->q4) return 0;
+    const int64_t bs = tuna_model_q4_blocksize(m, w);
+    const uint64_t blocks = (uint64_t)((w->rows * w->cols + bs - 1) / bs);
+#ifdef TUNA_HAVE_CUDA
+    if (m->ops && !m->ops->host_memory) {
+        const struct tuna_cuda_q4 *d = (const struct tuna_cuda_q4 *)w->q4;
+        if (!d->absmax) /* double-quantized: a byte per block, a float per 2^shift blocks, the code table */
+            return blocks + ((blocks + ((uint64_t)1 << d->nested_shift) - 1) >> d->nested_shift) * sizeof(float) +
+                   256 * sizeof(float);
+    }
+#endif
+    return blocks * sizeof(float); /* float32 absmax per block */
+}
+
 /* --- LoRA adapters on the GPU: each adapted linear holds its device view (lin->lora_dev: a
  * struct tuna_lora_bank whose descriptors, A and B live in one backend buffer per linear, A and B
  * in the model's compute dtype: bf16/f16 in 16-bit mode, float32 in float32 mode and on the CPU).

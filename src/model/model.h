@@ -182,6 +182,9 @@ void tuna_model_lora_invalidate(struct tuna_model *m);
 uint64_t tuna_model_lora_generation(const struct tuna_model *m);
 /* Block size of a 4-bit weight's absmax, whichever backend holds it. */
 int tuna_model_q4_blocksize(const struct tuna_model *m, const struct tuna_weight *w);
+/* Bytes of a 4-bit weight's scales as its backend holds them (float32 absmax per block, or on the
+ * GPU the double-quantized form: a byte per block + nested floats + code table); 0 for others. */
+uint64_t tuna_model_q4_scale_bytes(const struct tuna_model *m, const struct tuna_weight *w);
 
 /* Bytes of weights read per decoded token (every matrix once; the embedding row is negligible). */
 uint64_t tuna_model_weight_bytes(const struct tuna_model *m);

@@ -360,11 +360,7 @@ tuna_status tuna_model_kv_new(const struct tuna_model *m, int64_t n_tokens, int3
 static uint64_t wbytes(const struct tuna_model *m, const struct tuna_weight *w)
 {
     uint64_t n = tuna_dtype_nbytes(w->dtype, (uint64_t)(w->rows * w->cols));
-    if (w->q4) { /* + float32 absmax per block */
-        int bs = tuna_model_q4_blocksize(m, w); /* device.c: the state differs per backend */
-        n += (uint64_t)((w->rows * w->cols + bs - 1) / bs) * sizeof(float);
-    }
-    return n;
+    return n + tuna_model_q4_scale_bytes(m, w); /* device.c: the scales' form differs per backend */
 }
 
 uint64_t tuna_model_weight_bytes(const struct tuna_model *m)
