@@ -168,33 +168,6 @@ __global__ void __launch_bounds__(GEMV_THREADS, GEMV_BLOCKS_PER_SM) k_gemv_multi
  * was slower (6.93-7.10 ms against 6.42), for reasons not found yet, so k_gemv_multi stays the
  * default. */
 
-/* Lane 0's store of a job's sums (already reduced over the warp and the group): y, y +=, or the
- * GLU (s[0] gate row acc[0], s[1] up row acc[R - 1], output in s[0].y). */
-template <int TT, int R>
-static __device__ __forceinline__ void gemv_store(const struct gemv_job &j, const float (&acc)[R][TT], int seg,
-                                                  int64_t n0)
-{
-    if (j.mode == GEMV_GLU) {
-        const int64_t N = j.s[0].N;
-        const float bg = j.s[0].bias ? j.s[0].bias[n0] : 0.0f, bu = j.s[1].bias ? j.s[1].bias[n0] : 0.0f;
-#pragma unroll
-        for (int t = 0; t < TT; t++) j.s[0].y[t * N + n0] = tuna_cuda_act(acc[0][t] + bg, j.act) * (acc[R - 1][t] + bu);
-        return;
-    }
-    const struct gemv_seg *s = &j.s[seg];
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-        if (n0 + r >= s->N) break;
-        const float b = s->bias ? s->bias[n0 + r] : 0.0f;
-#pragma unroll
-        for (int t = 0; t < TT; t++) {
-            float *yp = s->y + t * s->N + n0 + r;
-            if (j.mode == GEMV_ADD) *yp += acc[r][t] + b;
-            else *yp = acc[r][t] + b;
-        }
-    }
-}
-
 /* U chunks (16 bytes each) of R rows at chunk c, c + step, ...; chunks past K8 are zeros. */
 template <int R, int U>
 static __device__ __forceinline__ void gemv_load(uint4 (&raw)[U][R], const uint4 *const (&wr)[R], int64_t c,
@@ -382,7 +355,12 @@ __global__ void __launch_bounds__(GEMV_THREADS, GEMV_BLOCKS_PER_SM) k_gemv_split
         }
         if (sub == 0 && lane == 0) {
             if constexpr (ROPE) rope_store<TT, R>(j, rp, acc, seg, n0);
-            else gemv_store<TT, R>(j, acc, seg, n0);
+            else {
+                float one[TT];
+#pragma unroll
+                for (int t = 0; t < TT; t++) one[t] = 1.0f;
+                gemv_store<TT, R>(j, acc, one, seg, n0);
+            }
         }
     }
 }

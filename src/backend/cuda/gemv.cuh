@@ -76,6 +76,35 @@ static __device__ __forceinline__ bool gemv_rows(const struct gemv_job &j, int R
     return *n0 < j.s[s].N;
 }
 
+/* Lane 0's store of a job's sums (already reduced over the warp): y, y +=, or the GLU (s[0] gate
+ * row acc[0], s[1] up row acc[R - 1], output in s[0].y); each token's sums scaled by rn[t] (the
+ * NORM kernels' 1/rms, 1.0f elsewhere). */
+template <int TT, int R>
+static __device__ __forceinline__ void gemv_store(const struct gemv_job &j, const float (&acc)[R][TT],
+                                                  const float (&rn)[TT], int seg, int64_t n0)
+{
+    if (j.mode == GEMV_GLU) {
+        const int64_t N = j.s[0].N;
+        const float bg = j.s[0].bias ? j.s[0].bias[n0] : 0.0f, bu = j.s[1].bias ? j.s[1].bias[n0] : 0.0f;
+#pragma unroll
+        for (int t = 0; t < TT; t++)
+            j.s[0].y[t * N + n0] = tuna_cuda_act(acc[0][t] * rn[t] + bg, j.act) * (acc[R - 1][t] * rn[t] + bu);
+        return;
+    }
+    const struct gemv_seg *s = &j.s[seg];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        if (n0 + r >= s->N) break;
+        const float b = s->bias ? s->bias[n0 + r] : 0.0f;
+#pragma unroll
+        for (int t = 0; t < TT; t++) {
+            float *yp = s->y + t * s->N + n0 + r;
+            if (j.mode == GEMV_ADD) *yp += acc[r][t] * rn[t] + b;
+            else *yp = acc[r][t] * rn[t] + b;
+        }
+    }
+}
+
 /* Sums acc (and the NORM kernels' sums of squares) over the warp, then lane 0 stores: y, y +=, or
  * the GLU; the NORM kernels scale by 1/rms and the warp of row 0 (xn_writer) writes xn. */
 template <int TT, int R, bool NORM>
@@ -111,27 +140,7 @@ static __device__ __forceinline__ void gemv_epilogue(const struct gemv_job &j, f
             }
         }
     }
-    if (lane != 0) return;
-    if (j.mode == GEMV_GLU) {
-        const int64_t N = j.s[0].N;
-        const float bg = j.s[0].bias ? j.s[0].bias[n0] : 0.0f, bu = j.s[1].bias ? j.s[1].bias[n0] : 0.0f;
-#pragma unroll
-        for (int t = 0; t < TT; t++)
-            j.s[0].y[t * N + n0] = tuna_cuda_act(acc[0][t] * rn[t] + bg, j.act) * (acc[R - 1][t] * rn[t] + bu);
-        return;
-    }
-    const struct gemv_seg *s = &j.s[seg];
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-        if (n0 + r >= s->N) break;
-        const float b = s->bias ? s->bias[n0 + r] : 0.0f;
-#pragma unroll
-        for (int t = 0; t < TT; t++) {
-            float *yp = s->y + t * s->N + n0 + r;
-            if (j.mode == GEMV_ADD) *yp += acc[r][t] * rn[t] + b;
-            else *yp = acc[r][t] * rn[t] + b;
-        }
-    }
+    if (lane == 0) gemv_store<TT, R>(j, acc, rn, seg, n0);
 }
 
 /* The NORM kernels' x loads: sums x^2 into ss and returns x * nw. */
@@ -148,57 +157,76 @@ static __device__ __forceinline__ void gemv_norm_x(float4 &a, float4 &b, const f
 /* Largest x staged in shared memory (T * K floats); larger jobs take the plain ops. */
 #define GEMV_MAX_STAGE_BYTES (160 * 1024)
 
-/* Stages x [TT, K] in shared memory xs, once per block (the kernels read it from there: x is
- * 2-8x the bytes of the weights it meets and L1 could not serve it fast enough). NORM: xs = x *
- * r * nw with r = 1/sqrt(mean(x^2) + eps), the CPU rmsnorm's formula, and block 0 writes xs to
- * j.xn. Needs K % 4 == 0; ends with __syncthreads(). */
-template <int TT, bool NORM>
-static __device__ __forceinline__ void gemv_stage_x(float *xs, const float *x, const struct gemv_job &j)
+/* Position in shared memory of x's 16-byte piece f: SWZ swizzles the pieces within each 128-byte
+ * run (piece p of run g at p ^ (g & 7)), for kernels whose lanes read 16 bytes at a stride. */
+template <bool SWZ>
+static __device__ __forceinline__ int64_t gemv_x_pos(int64_t f)
 {
-    __shared__ float red[TT][32];
+    return SWZ ? ((f & ~(int64_t)7) | ((f & 7) ^ ((f >> 3) & 7))) : f;
+}
+
+/* Stages x [TT, K] in shared memory xs4 (pieces at gemv_x_pos<SWZ>), once per block (the kernels
+ * read it from there: x is 2-8x the bytes of the weights it meets and L1 could not serve it fast
+ * enough). NORM: xs = x * r * nw with r = 1/sqrt(mean(x^2) + eps), the CPU rmsnorm's formula
+ * (red: TT * 32 floats of shared scratch for the block's sums), and block 0 writes it to j.xn in
+ * x's own order. Needs K % 4 == 0; ends with __syncthreads(). */
+template <int TT, bool NORM, bool SWZ>
+static __device__ __forceinline__ void gemv_stage_x_at(float4 *xs4, const float *x, const struct gemv_job &j,
+                                                       float *red)
+{
     const int64_t K4 = j.K / 4;
     const float4 *x4 = reinterpret_cast<const float4 *>(x);
-    float4 *s4 = reinterpret_cast<float4 *>(xs);
     float ss[TT];
 #pragma unroll
     for (int t = 0; t < TT; t++) ss[t] = 0.0f;
-    for (int64_t i = threadIdx.x; i < K4; i += blockDim.x)
+    for (int64_t f = threadIdx.x; f < K4; f += blockDim.x) {
+        const int64_t pos = gemv_x_pos<SWZ>(f);
 #pragma unroll
         for (int t = 0; t < TT; t++) {
-            const float4 a = x4[t * K4 + i];
-            s4[t * K4 + i] = a;
+            const float4 a = x4[t * K4 + f];
+            xs4[t * K4 + pos] = a;
             if (NORM) ss[t] += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
         }
+    }
     if (NORM) {
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
 #pragma unroll
         for (int t = 0; t < TT; t++) {
             for (int o = 16; o > 0; o >>= 1) ss[t] += __shfl_xor_sync(0xffffffffu, ss[t], o);
-            if (lane == 0) red[t][warp] = ss[t];
+            if (lane == 0) red[t * 32 + warp] = ss[t];
         }
         __syncthreads();
         float r[TT];
 #pragma unroll
         for (int t = 0; t < TT; t++) {
             float a = 0.0f;
-            for (int w = 0; w < nw; w++) a += red[t][w];
+            for (int w = 0; w < nw; w++) a += red[t * 32 + w];
             r[t] = 1.0f / sqrtf(a / (float)j.K + j.eps);
         }
         const float4 *n4 = reinterpret_cast<const float4 *>(j.nw);
         float4 *xn4 = reinterpret_cast<float4 *>(j.xn);
         const bool write = j.xn && blockIdx.x == 0;
-        for (int64_t i = threadIdx.x; i < K4; i += blockDim.x) {
-            const float4 w = __ldg(n4 + i);
+        for (int64_t f = threadIdx.x; f < K4; f += blockDim.x) {
+            const int64_t pos = gemv_x_pos<SWZ>(f);
+            const float4 w = __ldg(n4 + f);
 #pragma unroll
             for (int t = 0; t < TT; t++) {
-                float4 a = s4[t * K4 + i];
+                float4 a = xs4[t * K4 + pos];
                 a = make_float4(a.x * r[t] * w.x, a.y * r[t] * w.y, a.z * r[t] * w.z, a.w * r[t] * w.w);
-                s4[t * K4 + i] = a;
-                if (write) xn4[t * K4 + i] = a;
+                xs4[t * K4 + pos] = a;
+                if (write) xn4[t * K4 + f] = a;
             }
         }
     }
     __syncthreads();
+}
+
+/* gemv_stage_x_at in x's own order with the block's own scratch (the 16-bit kernels). */
+template <int TT, bool NORM>
+static __device__ __forceinline__ void gemv_stage_x(float *xs, const float *x, const struct gemv_job &j)
+{
+    __shared__ float red[TT * 32];
+    gemv_stage_x_at<TT, NORM, false>(reinterpret_cast<float4 *>(xs), x, j, red);
 }
 
 /* x[8 c .. 8 c + 8) of token row xr in shared memory as two float4: lanes whose bit 2 is set

@@ -704,59 +704,6 @@ static __device__ __forceinline__ float2 q4t_pair(const uint8_t *tab, uint32_t w
     return *reinterpret_cast<const float2 *>(tab + off);
 }
 
-/* x [TT, K] into shared memory, 16-byte pieces swizzled within each 128-byte run (piece p of run
- * g at p ^ (g & 7)); NORM: x * r * nw with r = 1/sqrt(mean(x^2) + eps) (the CPU rmsnorm's
- * formula), block 0 also writing it to j.xn. Ends with __syncthreads(). */
-template <int TT, bool NORM>
-static __device__ __forceinline__ void q4t_stage(float4 *xs4, const float *x, const struct gemv_job &j, float *red)
-{
-    const int64_t K4 = j.K / 4;
-    const float4 *x4 = reinterpret_cast<const float4 *>(x);
-    float ss[TT];
-#pragma unroll
-    for (int t = 0; t < TT; t++) ss[t] = 0.0f;
-    for (int64_t f = threadIdx.x; f < K4; f += blockDim.x) {
-        const int64_t pos = (f & ~(int64_t)7) | ((f & 7) ^ ((f >> 3) & 7));
-#pragma unroll
-        for (int t = 0; t < TT; t++) {
-            const float4 a = x4[t * K4 + f];
-            xs4[t * K4 + pos] = a;
-            if (NORM) ss[t] += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
-        }
-    }
-    if (NORM) {
-        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-#pragma unroll
-        for (int t = 0; t < TT; t++) {
-            for (int o = 16; o > 0; o >>= 1) ss[t] += __shfl_xor_sync(0xffffffffu, ss[t], o);
-            if (lane == 0) red[t * 32 + warp] = ss[t];
-        }
-        __syncthreads();
-        float r[TT];
-#pragma unroll
-        for (int t = 0; t < TT; t++) {
-            float a = 0.0f;
-            for (int w = 0; w < nw; w++) a += red[t * 32 + w];
-            r[t] = 1.0f / sqrtf(a / (float)j.K + j.eps);
-        }
-        const float4 *n4 = reinterpret_cast<const float4 *>(j.nw);
-        float4 *xn4 = reinterpret_cast<float4 *>(j.xn);
-        const bool write = j.xn && blockIdx.x == 0;
-        for (int64_t f = threadIdx.x; f < K4; f += blockDim.x) {
-            const int64_t pos = (f & ~(int64_t)7) | ((f & 7) ^ ((f >> 3) & 7));
-            const float4 w = __ldg(n4 + f);
-#pragma unroll
-            for (int t = 0; t < TT; t++) {
-                float4 a = xs4[t * K4 + pos];
-                a = make_float4(a.x * r[t] * w.x, a.y * r[t] * w.y, a.z * r[t] * w.z, a.w * r[t] * w.w);
-                xs4[t * K4 + pos] = a;
-                if (write) xn4[t * K4 + f] = a;
-            }
-        }
-    }
-    __syncthreads();
-}
-
 template <int TT, bool NORM, int LUT, int U>
 __global__ void __launch_bounds__(Q4T_THREADS, 1)
     k_q4_tab(const float *__restrict__ x, const __grid_constant__ struct gemv_job j, const struct q4_lut lut_in,
@@ -804,7 +751,7 @@ __global__ void __launch_bounds__(Q4T_THREADS, 1)
     }
     tuna_pdl_wait();
     tuna_pdl_trigger();
-    q4t_stage<TT, NORM>(xs4, x, j, red); /* ends with __syncthreads: table and codes ready too */
+    gemv_stage_x_at<TT, NORM, true>(xs4, x, j, red); /* ends with __syncthreads: table and codes ready too */
     for (; it < nitems; it += gstride) {
         if (!have && !q4t_item(j, it, rw, &seg, &n0)) continue; /* padding item */
         float acc[Q4T_R][TT];
