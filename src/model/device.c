@@ -39,12 +39,10 @@ static tuna_status track(struct tuna_model *m, void *p)
     return TUNA_OK;
 }
 
-/* A device buffer of the model, freed with it: from the weight arena (arena.h: no 2 MiB page
- * rounding per buffer) when there is one, else its own tracked allocation. */
-static tuna_status dev_alloc(struct tuna_model *m, size_t bytes, void **out)
+/* A device buffer of its own (never in the arena), tracked and freed with the model. */
+static tuna_status dev_alloc_own(struct tuna_model *m, size_t bytes, void **out)
 {
     *out = NULL;
-    if (m->dev_arena) return tuna_cuda_arena_alloc((tuna_cuda_arena *)m->dev_arena, bytes, out);
     void *d = NULL;
     tuna_status st = m->ops->alloc(m->be, bytes, &d);
     if (st) return st;
@@ -54,6 +52,17 @@ static tuna_status dev_alloc(struct tuna_model *m, size_t bytes, void **out)
     }
     *out = d;
     return TUNA_OK;
+}
+
+/* A device buffer of the model, freed with it: from the weight arena (arena.h: no 2 MiB page
+ * rounding per buffer) when there is one, else one of its own. */
+static tuna_status dev_alloc(struct tuna_model *m, size_t bytes, void **out)
+{
+    if (m->dev_arena) {
+        *out = NULL;
+        return tuna_cuda_arena_alloc((tuna_cuda_arena *)m->dev_arena, bytes, out);
+    }
+    return dev_alloc_own(m, bytes, out);
 }
 
 /* Uploads n host bytes into a new device buffer of the model. */
@@ -352,13 +361,9 @@ tuna_status tuna_model_embed_to_device(struct tuna_model *m)
 #else
     const size_t bytes = tuna_dtype_nbytes(m->embed.dtype, (uint64_t)(m->embed.rows * m->embed.cols));
     void *d = NULL;
-    tuna_status st = m->ops->alloc(m->be, bytes, &d);
-    if (st) return st;
-    if ((st = track(m, d)) || (st = m->ops->upload(m->be, d, m->embed.data, bytes))) {
-        if (m->n_dev_allocs && m->dev_allocs[m->n_dev_allocs - 1] == d) m->n_dev_allocs--;
-        m->ops->release(m->be, d);
-        return st;
-    }
+    tuna_status st = dev_alloc_own(m, bytes, &d); /* its own buffer, as at load: it can move again */
+    if (!st) st = m->ops->upload(m->be, d, m->embed.data, bytes);
+    if (st) return st; /* a buffer already made is tracked and goes with the model */
     m->embed.data = d;
     return TUNA_OK;
 #endif
