@@ -34,6 +34,7 @@ struct conn {
     char *body;
     size_t len, cap;
     bool too_big;
+    struct tuna_serve_req *req; /* a finished non-streamed request, released once its response is sent */
 };
 
 /* true when the peer closed its end (orderly or not) */
@@ -226,7 +227,10 @@ static enum MHD_Result generate(tuna_server *srv, struct MHD_Connection *c, enum
         ret = send_text(c, 200, tuna_openai_response_json(srv->ctx, r, &acc), "application/json");
     }
     tuna_openai_acc_free(&acc);
-    tuna_serve_req_unref(r);
+    /* the handler's reference (and with it the request's pin on its adapter) goes when the response
+       has been sent (completed()), as a stream's does: an unload waiting for the adapter answers
+       after the response of the request that used it */
+    cn->req = r;
     return ret;
 }
 
@@ -404,6 +408,7 @@ static void completed(void *cls, struct MHD_Connection *c, void **con_cls, enum 
     (void)toe;
     struct conn *cn = *con_cls;
     if (cn) {
+        tuna_serve_req_unref(cn->req);
         free(cn->body);
         free(cn);
     }
