@@ -420,12 +420,248 @@ static void test_optim_and_small_ops(void **state)
     tuna_cuda_free(g_gpu, gsel);
 }
 
+/* a device array of n values rounded to hdt; *host_out (when given) gets the rounded values as
+ * float32 */
+static void *dev16(const float *x, size_t n, enum tuna_dtype hdt, float **host_out)
+{
+    uint16_t *h = malloc(n * 2 + 16);
+    tuna_convert_from_f32(hdt, x, h, n);
+    void *d = dev(h, n * 2);
+    if (host_out) {
+        *host_out = malloc(n * 4 + 16);
+        tuna_convert_to_f32(hdt, h, *host_out, n);
+    }
+    free(h);
+    return d;
+}
+
+/* a 16-bit device array as float32 (host, new) */
+static float *back16(const void *d, size_t n, enum tuna_dtype hdt)
+{
+    uint16_t *h = malloc(n * 2 + 16);
+    back(h, d, n * 2);
+    float *f = malloc(n * 4 + 16);
+    tuna_convert_to_f32(hdt, h, f, n);
+    free(h);
+    return f;
+}
+
+/* want rounded to hdt and back: what a 16-bit output should hold */
+static float *round16(const float *want, size_t n, enum tuna_dtype hdt)
+{
+    uint16_t *h = malloc(n * 2 + 16);
+    float *f = malloc(n * 4 + 16);
+    tuna_convert_from_f32(hdt, want, h, n);
+    tuna_convert_to_f32(hdt, h, f, n);
+    free(h);
+    return f;
+}
+
+/* the 16-bit operand path: GEMMs on operands rounded by their producer (bf16, f16, NF4 with bf16
+ * compute, the trainer's dequantization) against the CPU on the same rounded operands, and every
+ * producer's float32 result against its CPU op, its 16-bit result against that rounded */
+static void test_half_ops(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    assert_null(g_ct->matmul16); /* the CPU keeps the float32 ops */
+    const struct tuna_backend_ops *cpu = tuna_cpu_backend_ops();
+    for (int kind = 0; kind < 4; kind++) { /* bf16, f16, nf4 (bf16), nf4 double-quantized (bf16) */
+        const int64_t T = 35, N = 136, K = 200;
+        float *wf = rnd((size_t)(N * K));
+        struct tuna_weight wc, wg;
+        struct tuna_q4_weight q;
+        struct tuna_cuda_q4 d;
+        memset(&d, 0, sizeof d);
+        void *wh = NULL;
+        enum tuna_dtype hdt = kind == 1 ? TUNA_DTYPE_F16 : TUNA_DTYPE_BF16;
+        float *bias = rnd((size_t)N), *gbias = dev(bias, (size_t)N * 4);
+        if (kind < 2) {
+            size_t bytes = (size_t)(N * K) * 2;
+            wh = malloc(bytes);
+            tuna_convert_from_f32(hdt, wf, wh, (size_t)(N * K));
+            wc = (struct tuna_weight){hdt, N, K, wh, NULL};
+            wg = (struct tuna_weight){hdt, N, K, dev(wh, bytes), NULL};
+        } else {
+            TT_OK(tuna_q4_quantize(wf, TUNA_DTYPE_F32, N, K, TUNA_Q4_NF4, 64, true, TUNA_DTYPE_BF16, &q));
+            assert_true(q.nested);
+            wc = (struct tuna_weight){TUNA_DTYPE_NF4, N, K, q.codes, &q};
+            tuna_q4_dequant_table(q.type, d.lut);
+            d.blocksize = q.blocksize;
+            d.round_mode = 1;
+            d.prefill = TUNA_DTYPE_BF16;
+            if (kind == 2) {
+                d.absmax = dev(q.absmax, (size_t)q.n_blocks * 4);
+            } else { /* the double-quantized scales, as src/model/device.c uploads them */
+                int sh = 0;
+                while ((1 << sh) < q.nested_blocksize) sh++;
+                d.qabsmax = dev(q.qabsmax, (size_t)q.n_blocks);
+                d.nested_absmax = dev(q.nested_absmax, (size_t)q.n_nested * 4);
+                d.nested_code = dev(q.nested_code, sizeof q.nested_code);
+                d.nested_offset = q.nested_offset;
+                d.nested_shift = sh;
+            }
+            wg = (struct tuna_weight){TUNA_DTYPE_NF4, N, K, dev(q.codes, (size_t)((N * K + 1) / 2)), &d};
+        }
+        const char *kn = kind == 0 ? "bf16" : kind == 1 ? "f16" : kind == 2 ? "nf4" : "nf4 nested";
+        assert_int_equal(g_gt->half_dtype(g_gpu, &wg), hdt);
+        char what[128];
+        /* y = x16 W^T + b */
+        float *x = rnd((size_t)(T * K)), *xr;
+        void *gx16 = dev16(x, (size_t)(T * K), hdt, &xr);
+        float *y = malloc((size_t)(T * N) * 4), *gy = dev(NULL, (size_t)(T * N) * 4);
+        cpu->matmul(g_cpu, y, xr, &wc, bias, T);
+        g_gt->matmul16(g_gpu, gy, gx16, &wg, gbias, T);
+        snprintf(what, sizeof what, "matmul16 %s T=%lld N=%lld K=%lld", kn, (long long)T, (long long)N, (long long)K);
+        check_dev(what, gy, y, (size_t)(T * N), kind < 2 ? 1e-3 : 1e-2);
+        /* dx (+)= dy16 W */
+        float *dy = rnd((size_t)(T * N)), *dyr;
+        void *gdy16 = dev16(dy, (size_t)(T * N), hdt, &dyr);
+        for (int acc = 0; acc < 2; acc++) {
+            float *dx = rnd((size_t)(T * K)), *gdx = dev(dx, (size_t)(T * K) * 4);
+            if (!acc) memset(dx, 0, (size_t)(T * K) * 4);
+            g_ct->matmul_backward(g_cpu, dx, dyr, &wc, T);
+            g_gt->matmul_backward16(g_gpu, gdx, gdy16, &wg, T, acc);
+            snprintf(what, sizeof what, "matmul_backward16 %s %s", kn, acc ? "accumulated" : "overwritten");
+            check_dev(what, gdx, dx, (size_t)(T * K), kind < 2 ? 1e-3 : 1e-2);
+        }
+        if (kind == 3) { /* the nested scales through the float32 GEMM too: exact dequantization */
+            float *dx = rnd((size_t)(T * K)), *gdx = dev(dx, (size_t)(T * K) * 4), *gdyf = dev(dy, (size_t)(T * N) * 4);
+            d.prefill = TUNA_DTYPE_F32;
+            d.round_mode = 0;
+            q.dtype = TUNA_DTYPE_F32;
+            g_ct->matmul_backward(g_cpu, dx, dy, &wc, T);
+            g_gt->matmul_backward(g_gpu, gdx, gdyf, &wg, T);
+            check_dev("matmul_backward nf4 nested (f32, exact dequant)", gdx, dx, (size_t)(T * K), 1e-5);
+            tuna_cuda_free(g_gpu, gdyf);
+            tuna_cuda_free(g_gpu, (void *)d.qabsmax), tuna_cuda_free(g_gpu, (void *)d.nested_absmax);
+            tuna_cuda_free(g_gpu, (void *)d.nested_code);
+        }
+        tuna_cuda_free(g_gpu, gx16), tuna_cuda_free(g_gpu, gdy16), tuna_cuda_free(g_gpu, (void *)wg.data);
+        tuna_cuda_free(g_gpu, gbias);
+        if (kind == 2) tuna_cuda_free(g_gpu, (void *)d.absmax);
+        if (kind >= 2) tuna_q4_weight_free(&q);
+        free(x), free(xr), free(dy), free(dyr), free(wh), free(wf), free(bias);
+    }
+    for (int hk = 0; hk < 2; hk++) {
+        const enum tuna_dtype hdt = hk ? TUNA_DTYPE_F16 : TUNA_DTYPE_BF16;
+        const char *hn = hk ? "f16" : "bf16";
+        char what[128];
+        for (int64_t n = 1000; n <= 1001; n++) { /* the 4-wide and the scalar kernel */
+            float *x = rnd((size_t)n), *gx = dev(x, (size_t)n * 4);
+            void *g16 = dev(NULL, (size_t)n * 2);
+            g_gt->to_half(g_gpu, g16, gx, n, hdt);
+            float *got = back16(g16, (size_t)n, hdt), *want = round16(x, (size_t)n, hdt);
+            snprintf(what, sizeof what, "to_half %s n=%lld", hn, (long long)n);
+            check_print(what, got, want, (size_t)n, 0);
+            free(got), free(want), free(x);
+            tuna_cuda_free(g_gpu, gx), tuna_cuda_free(g_gpu, g16);
+        }
+        { /* x += d, copy, norm, rounded; and with d, copy and y NULL */
+            const int64_t T = 7, C = 300;
+            float *x = rnd((size_t)(T * C)), *dd = rnd((size_t)(T * C)), *w = rnd((size_t)C);
+            float *gx = dev(x, (size_t)(T * C) * 4), *gd = dev(dd, (size_t)(T * C) * 4), *gw = dev(w, (size_t)C * 4);
+            float *gcopy = dev(NULL, (size_t)(T * C) * 4), *gyy = dev(NULL, (size_t)(T * C) * 4);
+            void *g16 = dev(NULL, (size_t)(T * C) * 2);
+            for (int64_t i = 0; i < T * C; i++)
+                x[i] += dd[i];
+            float *y = malloc((size_t)(T * C) * 4);
+            cpu->rmsnorm(g_cpu, y, x, w, T, C, 1e-5f);
+            g_gt->add_rmsnorm16(g_gpu, gx, gd, gcopy, gyy, g16, gw, T, C, 1e-5f, hdt);
+            float *got = back16(g16, (size_t)(T * C), hdt), *want = round16(y, (size_t)(T * C), hdt);
+            snprintf(what, sizeof what, "add_rmsnorm16 %s y16", hn);
+            check_print(what, got, want, (size_t)(T * C), 1e-2);
+            free(got), free(want);
+            check_dev("add_rmsnorm16 x", gx, copyf(x, (size_t)(T * C)), (size_t)(T * C), 1e-6);
+            check_dev("add_rmsnorm16 x_copy", gcopy, copyf(x, (size_t)(T * C)), (size_t)(T * C), 1e-6);
+            check_dev("add_rmsnorm16 y", gyy, y, (size_t)(T * C), 1e-5);
+            gx = dev(x, (size_t)(T * C) * 4);
+            g_gt->add_rmsnorm16(g_gpu, gx, NULL, NULL, NULL, g16, gw, T, C, 1e-5f, hdt);
+            got = back16(g16, (size_t)(T * C), hdt);
+            y = malloc((size_t)(T * C) * 4);
+            cpu->rmsnorm(g_cpu, y, x, w, T, C, 1e-5f);
+            want = round16(y, (size_t)(T * C), hdt);
+            check_print("add_rmsnorm16 (norm only) y16", got, want, (size_t)(T * C), 1e-2);
+            check_dev("add_rmsnorm16 (norm only) x unchanged", gx, x, (size_t)(T * C), 0);
+            free(got), free(want), free(y), free(dd), free(w);
+            tuna_cuda_free(g_gpu, gd), tuna_cuda_free(g_gpu, gw), tuna_cuda_free(g_gpu, g16);
+        }
+        { /* rmsnorm backward + rounded */
+            const int64_t T = 7, C = 300;
+            float *x = rnd((size_t)(T * C)), *w = rnd((size_t)C), *dy = rnd((size_t)(T * C)), *dx = rnd((size_t)(T * C));
+            float *gx = dev(x, (size_t)(T * C) * 4), *gw = dev(w, (size_t)C * 4), *gdy = dev(dy, (size_t)(T * C) * 4);
+            float *gdx = dev(dx, (size_t)(T * C) * 4);
+            void *g16 = dev(NULL, (size_t)(T * C) * 2);
+            g_ct->rmsnorm_backward(g_cpu, dx, dy, x, w, T, C, 1e-5f);
+            g_gt->rmsnorm_backward16(g_gpu, gdx, g16, gdy, gx, gw, T, C, 1e-5f, hdt);
+            float *got = back16(g16, (size_t)(T * C), hdt), *want = round16(dx, (size_t)(T * C), hdt);
+            snprintf(what, sizeof what, "rmsnorm_backward16 %s dx16", hn);
+            check_print(what, got, want, (size_t)(T * C), 1e-2);
+            free(got), free(want);
+            check_dev("rmsnorm_backward16 dx", gdx, dx, (size_t)(T * C), 1e-5);
+            tuna_cuda_free(g_gpu, gx), tuna_cuda_free(g_gpu, gw), tuna_cuda_free(g_gpu, gdy), tuna_cuda_free(g_gpu, g16);
+            free(x), free(w), free(dy);
+        }
+        for (int act = 0; act < 3; act++) { /* GLU forward and backward */
+            const int64_t n = 1001;
+            float *gate = rnd((size_t)n), *up = rnd((size_t)n), *dout = rnd((size_t)n);
+            float *ggate = dev(gate, (size_t)n * 4), *gup = dev(up, (size_t)n * 4), *gdout = dev(dout, (size_t)n * 4);
+            float *out = malloc((size_t)n * 4), *gout = dev(NULL, (size_t)n * 4);
+            void *o16 = dev(NULL, (size_t)n * 2), *dg16 = dev(NULL, (size_t)n * 2), *du16 = dev(NULL, (size_t)n * 2);
+            cpu->glu(g_cpu, out, gate, up, n, act);
+            g_gt->glu16(g_gpu, gout, o16, ggate, gup, n, act, hdt);
+            float *got = back16(o16, (size_t)n, hdt), *want = round16(out, (size_t)n, hdt);
+            snprintf(what, sizeof what, "glu16 %s act %d out16", hn, act);
+            check_print(what, got, want, (size_t)n, 1e-2);
+            free(got), free(want);
+            check_dev("glu16 out", gout, out, (size_t)n, 1e-5);
+            float *dg = calloc((size_t)n, 4), *du = calloc((size_t)n, 4);
+            float *gdg = dev(rnd((size_t)n), (size_t)n * 4), *gdu = dev(rnd((size_t)n), (size_t)n * 4); /* overwritten */
+            g_ct->glu_backward(g_cpu, dg, du, dout, gate, up, n, act);
+            g_gt->glu_backward16(g_gpu, gdg, gdu, dg16, du16, gdout, ggate, gup, n, act, hdt);
+            got = back16(dg16, (size_t)n, hdt), want = round16(dg, (size_t)n, hdt);
+            snprintf(what, sizeof what, "glu_backward16 %s act %d dgate16", hn, act);
+            check_print(what, got, want, (size_t)n, 1e-2);
+            free(got), free(want);
+            got = back16(du16, (size_t)n, hdt), want = round16(du, (size_t)n, hdt);
+            snprintf(what, sizeof what, "glu_backward16 %s act %d dup16", hn, act);
+            check_print(what, got, want, (size_t)n, 1e-2);
+            free(got), free(want);
+            check_dev("glu_backward16 dgate (overwritten)", gdg, dg, (size_t)n, 1e-5);
+            check_dev("glu_backward16 dup (overwritten)", gdu, du, (size_t)n, 1e-5);
+            tuna_cuda_free(g_gpu, ggate), tuna_cuda_free(g_gpu, gup), tuna_cuda_free(g_gpu, gdout);
+            tuna_cuda_free(g_gpu, o16), tuna_cuda_free(g_gpu, dg16), tuna_cuda_free(g_gpu, du16);
+            free(gate), free(up), free(dout);
+        }
+        for (int rot = 32; rot <= 40; rot += 8) { /* RoPE backward, partial and full rotary */
+            const int64_t T = 11, H = 3, D = 40;
+            int64_t pos[11];
+            for (int i = 0; i < 11; i++)
+                pos[i] = i < 6 ? i : i - 6;
+            float inv[20];
+            for (int i = 0; i < rot / 2; i++)
+                inv[i] = powf(10000.0f, -(float)(2 * i) / (float)rot);
+            float *dd = rnd((size_t)(T * H * D)), *gd = dev(dd, (size_t)(T * H * D) * 4);
+            void *g16 = dev(NULL, (size_t)(T * H * D) * 2);
+            g_ct->rope_backward(g_cpu, dd, pos, T, H, D, rot, inv, 1.1f);
+            g_gt->rope_backward16(g_gpu, gd, g16, pos, T, H, D, rot, inv, 1.1f, hdt);
+            float *got = back16(g16, (size_t)(T * H * D), hdt), *want = round16(dd, (size_t)(T * H * D), hdt);
+            snprintf(what, sizeof what, "rope_backward16 %s rot %d d16", hn, rot);
+            check_print(what, got, want, (size_t)(T * H * D), 1e-2);
+            free(got), free(want);
+            check_dev("rope_backward16 d", gd, dd, (size_t)(T * H * D), 1e-5);
+            tuna_cuda_free(g_gpu, g16);
+        }
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_matmul_backward), cmocka_unit_test(test_lora),
         cmocka_unit_test(test_norm_rope_glu),   cmocka_unit_test(test_attention), cmocka_unit_test(test_flash_attention),
         cmocka_unit_test(test_cross_entropy),   cmocka_unit_test(test_optim_and_small_ops),
+        cmocka_unit_test(test_half_ops),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

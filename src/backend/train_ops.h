@@ -159,6 +159,52 @@ struct tuna_train_ops {
      * dequantized, `weight_bytes`, and activations or gradients rounded to 16 bits, `half_bytes`;
      * grown on demand they would double to the next power of two). CPU: nothing. */
     void (*reserve_scratch)(tuna_backend *be, size_t weight_bytes, size_t half_bytes);
+
+    /* ---- The 16-bit operand path (CUDA in the bf16/f16 mode; every pointer below NULL on the
+     * CPU, where the trainer keeps the float32 ops above). A "16-bit" array (void *x16) holds
+     * values rounded to the compute dtype hdt (TUNA_DTYPE_BF16 or F16) that a GEMM reads as it
+     * is: the op that produces a GEMM input writes it beside (or instead of) the float32 tensor,
+     * so no conversion pass runs before the GEMM. Rounding is round-to-nearest-even, as the
+     * conversions it replaces. */
+
+    /* The dtype the GEMMs of w run in on this backend: BF16 or F16, or F32 when w has no 16-bit
+     * path (float32 weights; a 4-bit weight whose compute dtype is float32). */
+    enum tuna_dtype (*half_dtype)(tuna_backend *be, const struct tuna_weight *w);
+
+    /* y[T,N] = x16[T,K] W^T + bias (bias may be NULL), overwriting y; W 16-bit or 4-bit
+     * (dequantized to its compute dtype first), x16 in half_dtype(w). */
+    void (*matmul16)(tuna_backend *be, float *y, const void *x16, const struct tuna_weight *w, const float *bias,
+                     int64_t T);
+
+    /* dx[T,K] += dy16[T,N] W when acc, else dx = dy16 W (no zeroing needed first). */
+    void (*matmul_backward16)(tuna_backend *be, float *dx, const void *dy16, const struct tuna_weight *w, int64_t T,
+                              bool acc);
+
+    /* dst16[n] = src[n] rounded to hdt. */
+    void (*to_half)(tuna_backend *be, void *dst16, const float *src, int64_t n, enum tuna_dtype hdt);
+
+    /* The residual add, its saved copy and the next RMSNorm in one pass over x[T,C]: x += d (d
+     * may be NULL), x_copy = x (may be NULL), y = x / rms(x) * w (y may be NULL) and
+     * y16 = y rounded to hdt. */
+    void (*add_rmsnorm16)(tuna_backend *be, float *x, const float *d, float *x_copy, float *y, void *y16,
+                          const float *w, int64_t T, int64_t C, float eps, enum tuna_dtype hdt);
+
+    /* out[n] = act(gate) * up (the inference table's glu; out may be NULL) and out16 = out rounded. */
+    void (*glu16)(tuna_backend *be, float *out, void *out16, const float *gate, const float *up, int64_t n, int act,
+                  enum tuna_dtype hdt);
+
+    /* rmsnorm_backward (dx += ...), then dx16 = the new dx rounded: the residual stream's
+     * gradient and the next GEMM's operand in one pass. */
+    void (*rmsnorm_backward16)(tuna_backend *be, float *dx, void *dx16, const float *dy, const float *x,
+                               const float *w, int64_t T, int64_t C, float eps, enum tuna_dtype hdt);
+
+    /* glu_backward OVERWRITING dgate, dup (no zeroing first), and dgate16, dup16 = them rounded. */
+    void (*glu_backward16)(tuna_backend *be, float *dgate, float *dup, void *dgate16, void *dup16, const float *dout,
+                           const float *gate, const float *up, int64_t n, int act, enum tuna_dtype hdt);
+
+    /* rope_backward in place on d, then d16 = d rounded (d16 may be NULL). */
+    void (*rope_backward16)(tuna_backend *be, float *d, void *d16, const int64_t *pos, int64_t T, int64_t H, int64_t D,
+                            int64_t rot_dim, const float *inv_freq, float attn_factor, enum tuna_dtype hdt);
 };
 
 #define TUNA_TRAIN_NORM_WORK 8192

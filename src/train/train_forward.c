@@ -22,12 +22,15 @@ uint64_t tuna_train_drop_key(const tuna_trainer *t, int mod)
 }
 
 /* y[T,N] = x W^T + b + s · B A dropout(x) */
-void tuna_train_linear_forward_rows(tuna_trainer *t, int64_t l, int proj, float *y, const float *x, int64_t T,
-                                    int64_t row0)
+void tuna_train_linear_forward_rows(tuna_trainer *t, int64_t l, int proj, float *y, const float *x, const void *x16,
+                                    int64_t T, int64_t row0)
 {
     struct tuna_model *m = t->m;
     const struct tuna_linear *lin = proj_lin(&m->layers[l], proj);
-    m->ops->matmul(m->be, y, x, &lin->w, lin->bias, T);
+    if (x16)
+        t->tops->matmul16(m->be, y, x16, &lin->w, lin->bias, T);
+    else
+        m->ops->matmul(m->be, y, x, &lin->w, lin->bias, T);
     const struct tmod *md = t->by_lin[l * TUNA_PROJ_COUNT + proj];
     if (!md) return;
     const float *xin = x;
@@ -41,7 +44,13 @@ void tuna_train_linear_forward_rows(tuna_trainer *t, int64_t l, int proj, float 
 
 void tuna_train_linear_forward(tuna_trainer *t, int64_t l, int proj, float *y, const float *x, int64_t T)
 {
-    tuna_train_linear_forward_rows(t, l, proj, y, x, T, 0);
+    tuna_train_linear_forward_rows(t, l, proj, y, x, NULL, T, 0);
+}
+
+/* element i of a 16-bit array (NULL stays NULL) */
+static const void *h16_at(const void *p, int64_t i)
+{
+    return p ? (const char *)p + 2 * i : NULL;
 }
 
 void tuna_train_mlp_chunk_forward(tuna_trainer *t, int64_t l, const struct tuna_fwd_layer_acts *A, int64_t r0,
@@ -49,9 +58,13 @@ void tuna_train_mlp_chunk_forward(tuna_trainer *t, int64_t l, const struct tuna_
 {
     const struct tuna_arch *a = &t->m->arch;
     const int64_t C = a->hidden_size, I = a->intermediate_size;
-    tuna_train_linear_forward_rows(t, l, TUNA_PROJ_GATE, A->gate, A->xn_mlp + r0 * C, n, r0);
-    tuna_train_linear_forward_rows(t, l, TUNA_PROJ_UP, A->up, A->xn_mlp + r0 * C, n, r0);
-    t->m->ops->glu(t->m->be, A->act, A->gate, A->up, n * I, (int)a->act);
+    const void *x16 = t->h16 ? h16_at(t->xa16, r0 * C) : NULL; /* xn_mlp rounded, from add_rmsnorm16 */
+    tuna_train_linear_forward_rows(t, l, TUNA_PROJ_GATE, A->gate, A->xn_mlp + r0 * C, x16, n, r0);
+    tuna_train_linear_forward_rows(t, l, TUNA_PROJ_UP, A->up, A->xn_mlp + r0 * C, x16, n, r0);
+    if (t->h16)
+        t->tops->glu16(t->m->be, A->act, t->act16, A->gate, A->up, n * I, (int)a->act, t->hdt);
+    else
+        t->m->ops->glu(t->m->be, A->act, A->gate, A->up, n * I, (int)a->act);
 }
 
 /* One layer, in place on x[T, C]; A receives the activations (x_in and x_mid included). */
@@ -66,32 +79,46 @@ static void layer_fwd(tuna_trainer *t, int64_t l, const struct tuna_fwd_layer_ac
     const int64_t T = b->n, C = a->hidden_size, H = a->n_heads, Hkv = a->n_kv_heads, D = a->head_dim;
     const int64_t I = a->intermediate_size;
     const float eps = (float)a->norm_eps;
-    op->copy(be, A->x_in, x, (size_t)(T * C) * sizeof *x);
-    op->rmsnorm(be, A->xn_attn, x, L->attn_norm, T, C, eps);
-    tuna_train_linear_forward(t, l, TUNA_PROJ_Q, A->q, A->xn_attn, T);
-    tuna_train_linear_forward(t, l, TUNA_PROJ_K, A->k, A->xn_attn, T);
-    tuna_train_linear_forward(t, l, TUNA_PROJ_V, A->v, A->xn_attn, T);
+    const void *x16 = t->h16 ? t->xa16 : NULL;
+    if (t->h16) { /* the copy, the norm and its 16-bit operand in one pass */
+        t->tops->add_rmsnorm16(be, x, NULL, A->x_in, A->xn_attn, t->xa16, L->attn_norm, T, C, eps, t->hdt);
+    } else {
+        op->copy(be, A->x_in, x, (size_t)(T * C) * sizeof *x);
+        op->rmsnorm(be, A->xn_attn, x, L->attn_norm, T, C, eps);
+    }
+    tuna_train_linear_forward_rows(t, l, TUNA_PROJ_Q, A->q, A->xn_attn, x16, T, 0);
+    tuna_train_linear_forward_rows(t, l, TUNA_PROJ_K, A->k, A->xn_attn, x16, T, 0);
+    tuna_train_linear_forward_rows(t, l, TUNA_PROJ_V, A->v, A->xn_attn, x16, T, 0);
     if (L->q_norm) op->rmsnorm(be, A->q, A->q, L->q_norm, T * H, D, eps);
     if (L->k_norm) op->rmsnorm(be, A->k, A->k, L->k_norm, T * Hkv, D, eps);
     op->rope(be, A->q, b->pos, T, H, D, m->rot_dim, m->inv_freq, m->attn_factor);
     op->rope(be, A->k, b->pos, T, Hkv, D, m->rot_dim, m->inv_freq, m->attn_factor);
     t->tops->attention_forward(be, A->att, lse, A->q, A->k, A->v, b->pos, T, H, Hkv, D, (float)(1.0 / sqrt((double)D)),
                                a->sliding_window, t->fast, (float *)t->attn_mem, t->attn_floats);
-    tuna_train_linear_forward(t, l, TUNA_PROJ_O, t->tmp, A->att, T);
-    op->add(be, x, t->tmp, T * C);
-    op->copy(be, A->x_mid, x, (size_t)(T * C) * sizeof *x);
-    op->rmsnorm(be, A->xn_mlp, x, L->mlp_norm, T, C, eps);
+    if (t->h16) t->tops->to_half(be, t->xa16, A->att, T * H * D, t->hdt);
+    tuna_train_linear_forward_rows(t, l, TUNA_PROJ_O, t->tmp, A->att, x16, T, 0);
+    if (t->h16) { /* the residual add, its copy, the norm and its operand in one pass */
+        t->tops->add_rmsnorm16(be, x, t->tmp, A->x_mid, A->xn_mlp, t->xa16, L->mlp_norm, T, C, eps, t->hdt);
+    } else {
+        op->add(be, x, t->tmp, T * C);
+        op->copy(be, A->x_mid, x, (size_t)(T * C) * sizeof *x);
+        op->rmsnorm(be, A->xn_mlp, x, L->mlp_norm, T, C, eps);
+    }
     if (!mlp) return; /* a recompute for backward, which runs the MLP chunk by chunk itself */
+    const void *a16 = t->h16 ? t->act16 : NULL;
     if (t->mlp_rows >= T) {
-        tuna_train_linear_forward(t, l, TUNA_PROJ_GATE, A->gate, A->xn_mlp, T);
-        tuna_train_linear_forward(t, l, TUNA_PROJ_UP, A->up, A->xn_mlp, T);
-        op->glu(be, A->act, A->gate, A->up, T * I, (int)a->act);
-        tuna_train_linear_forward(t, l, TUNA_PROJ_DOWN, t->tmp, A->act, T);
+        tuna_train_linear_forward_rows(t, l, TUNA_PROJ_GATE, A->gate, A->xn_mlp, x16, T, 0);
+        tuna_train_linear_forward_rows(t, l, TUNA_PROJ_UP, A->up, A->xn_mlp, x16, T, 0);
+        if (t->h16)
+            t->tops->glu16(be, A->act, t->act16, A->gate, A->up, T * I, (int)a->act, t->hdt);
+        else
+            op->glu(be, A->act, A->gate, A->up, T * I, (int)a->act);
+        tuna_train_linear_forward_rows(t, l, TUNA_PROJ_DOWN, t->tmp, A->act, a16, T, 0);
     } else {
         for (int64_t r0 = 0; r0 < T; r0 += t->mlp_rows) {
             const int64_t n = T - r0 < t->mlp_rows ? T - r0 : t->mlp_rows;
             tuna_train_mlp_chunk_forward(t, l, A, r0, n);
-            tuna_train_linear_forward_rows(t, l, TUNA_PROJ_DOWN, t->tmp + r0 * C, A->act, n, r0);
+            tuna_train_linear_forward_rows(t, l, TUNA_PROJ_DOWN, t->tmp + r0 * C, A->act, a16, n, r0);
         }
     }
     op->add(be, x, t->tmp, T * C);
@@ -193,6 +220,15 @@ static size_t layout(tuna_trainer *t, int64_t T, char *base)
     t->g.dact = carve(&c, (size_t)(MR * I) * f);
     t->g.dgate = MR < T ? t->acts[0].act : carve(&c, (size_t)(T * I) * f);
     t->g.dup = carve(&c, (size_t)(MR * I) * f);
+    if (t->h16) { /* 16-bit operands (trainer_internal.h) */
+        t->xa16 = carve(&c, (size_t)(T * (HD > C ? HD : C)) * 2);
+        t->act16 = carve(&c, (size_t)(MR * I) * 2);
+        t->dup16 = carve(&c, (size_t)(MR * I) * 2);
+        t->dx16 = carve(&c, (size_t)(T * C) * 2);
+        t->dq16 = carve(&c, (size_t)(T * HD) * 2);
+        t->dk16 = carve(&c, (size_t)(T * KD) * 2);
+        t->dv16 = carve(&c, (size_t)(T * KD) * 2);
+    }
     if (base) memcpy(t->mem_cat, c.tally, sizeof c.tally);
     return c.used;
 }

@@ -193,6 +193,22 @@ static tuna_status plan_modules(tuna_trainer *t, const struct tuna_lora_adapter 
     return TUNA_OK;
 }
 
+/* The 16-bit operand path (trainer_internal.h) where the backend has it, the compute is 16-bit
+ * and every projection's GEMMs run in the model's dtype; TUNA_TRAIN_H16=0 keeps the float32
+ * operands (each GEMM rounds its input itself), for comparisons. */
+static bool half_path(tuna_trainer *t)
+{
+    struct tuna_model *m = t->m;
+    const char *env = getenv("TUNA_TRAIN_H16");
+    if (!t->fast || !t->tops->matmul16 || (env && !strcmp(env, "0"))) return false;
+    t->hdt = m->embed.dtype;
+    if (t->hdt != TUNA_DTYPE_BF16 && t->hdt != TUNA_DTYPE_F16) return false;
+    for (int64_t l = 0; l < m->arch.n_layers; l++)
+        for (int p = 0; p < TUNA_PROJ_COUNT; p++)
+            if (t->tops->half_dtype(m->be, &proj_lin(&m->layers[l], p)->w) != t->hdt) return false;
+    return true;
+}
+
 tuna_status tuna_trainer_new(struct tuna_model *m, const struct tuna_lora_train_opts *lo,
                              const struct tuna_optim_opts *oo, const struct tuna_lora_adapter *init, tuna_trainer **out)
 {
@@ -218,6 +234,7 @@ tuna_status tuna_trainer_new(struct tuna_model *m, const struct tuna_lora_train_
     t->cfg_alpha = init ? init->alpha : lo->alpha;
     t->offload = lo->offload;
     t->ckpt = lo->gradient_checkpointing || lo->offload;
+    t->h16 = half_path(t);
     tuna_status st = plan_modules(t, init);
     if (st) {
         tuna_trainer_free(t);
@@ -392,14 +409,18 @@ static tuna_status build_batch(const struct tuna_model *m, const struct tuna_tra
     return TUNA_OK;
 }
 
-/* dx += dy W (+ LoRA), and the adapter's dA, dB when the linear carries one. */
-static void linear_backward_rows(tuna_trainer *t, int64_t layer, int proj, float *dx, const float *dy, const float *x,
-                                 int64_t T, int64_t row0)
+/* dx += dy W (+ LoRA), and the adapter's dA, dB when the linear carries one. dy16: dy rounded
+ * to t->hdt (the 16-bit path), or NULL; with it, acc false OVERWRITES dx with dy W first. */
+static void linear_backward_rows(tuna_trainer *t, int64_t layer, int proj, float *dx, const float *dy, const void *dy16,
+                                 bool acc, const float *x, int64_t T, int64_t row0)
 {
     struct tuna_model *m = t->m;
     const struct tuna_train_ops *to = t->tops;
     const struct tuna_linear *lin = proj_lin(&m->layers[layer], proj);
-    to->matmul_backward(m->be, dx, dy, &lin->w, T);
+    if (dy16)
+        to->matmul_backward16(m->be, dx, dy16, &lin->w, T, acc);
+    else
+        to->matmul_backward(m->be, dx, dy, &lin->w, T);
     const struct tmod *md = t->by_lin[layer * TUNA_PROJ_COUNT + proj];
     if (!md) return;
     float *dA = t->grads + md->offA, *dB = t->grads + md->offB;
@@ -417,10 +438,15 @@ static void linear_backward_rows(tuna_trainer *t, int64_t layer, int proj, float
     m->ops->add(m->be, dx, t->drop_g, n);
 }
 
-static void linear_backward(tuna_trainer *t, int64_t layer, int proj, float *dx, const float *dy, const float *x,
-                            int64_t T)
+static void linear_backward(tuna_trainer *t, int64_t layer, int proj, float *dx, const float *dy, const void *dy16,
+                            bool acc, const float *x, int64_t T)
 {
-    linear_backward_rows(t, layer, proj, dx, dy, x, T, 0);
+    linear_backward_rows(t, layer, proj, dx, dy, dy16, acc, x, T, 0);
+}
+
+static const void *h16_at(const void *p, int64_t i)
+{
+    return p ? (const char *)p + 2 * i : NULL;
 }
 
 /* Backward of one layer given g.dx (gradient of the layer's output), leaving in g.dx the
@@ -437,34 +463,59 @@ static void layer_backward(tuna_trainer *t, int64_t l, const struct tuna_fwd_lay
     const float eps = (float)a->norm_eps;
     struct tuna_train_grad_bufs *g = &t->g;
     /* MLP block: x_out = x_mid + down(act(gate(xn)) * up(xn)), xn = norm(x_mid); with chunks
-       (offload) each chunk of rows is recomputed (gate, up, act) and gone through in turn */
-    to->zero(be, g->dxn, T * C);
+       (offload) each chunk of rows is recomputed (gate, up, act) and gone through in turn.
+       16-bit path (h16): each GEMM reads the dy that its producer rounded (dx16 from the norm
+       backward below, or the caller for the top layer; dgate16/dup16 from the GLU backward;
+       dq16/dk16/dv16 from RoPE's), and the first GEMM into a buffer overwrites it (no zeroing). */
+    const bool h = t->h16;
+    if (!h) to->zero(be, g->dxn, T * C);
     const int64_t MR = t->mlp_rows < T ? t->mlp_rows : T;
     for (int64_t r0 = 0; r0 < T; r0 += MR) {
         const int64_t n = T - r0 < MR ? T - r0 : MR;
         if (MR < T) tuna_train_mlp_chunk_forward(t, l, A, r0, n);
-        to->zero(be, g->dact, n * I);
-        linear_backward_rows(t, l, TUNA_PROJ_DOWN, g->dact, g->dx + r0 * C, A->act, n, r0);
-        to->zero(be, g->dgate, n * I); /* may be A->act: dead now */
-        to->zero(be, g->dup, n * I);
-        to->glu_backward(be, g->dgate, g->dup, g->dact, A->gate, A->up, n * I, (int)a->act);
-        linear_backward_rows(t, l, TUNA_PROJ_GATE, g->dxn + r0 * C, g->dgate, A->xn_mlp + r0 * C, n, r0);
-        linear_backward_rows(t, l, TUNA_PROJ_UP, g->dxn + r0 * C, g->dup, A->xn_mlp + r0 * C, n, r0);
+        if (!h) to->zero(be, g->dact, n * I);
+        linear_backward_rows(t, l, TUNA_PROJ_DOWN, g->dact, g->dx + r0 * C, h16_at(h ? t->dx16 : NULL, r0 * C), false,
+                             A->act, n, r0);
+        if (h) {
+            /* dgate16 in act16: down's forward operand, dead now */
+            to->glu_backward16(be, g->dgate, g->dup, t->act16, t->dup16, g->dact, A->gate, A->up, n * I, (int)a->act,
+                               t->hdt);
+        } else {
+            to->zero(be, g->dgate, n * I); /* may be A->act: dead now */
+            to->zero(be, g->dup, n * I);
+            to->glu_backward(be, g->dgate, g->dup, g->dact, A->gate, A->up, n * I, (int)a->act);
+        }
+        linear_backward_rows(t, l, TUNA_PROJ_GATE, g->dxn + r0 * C, g->dgate, h ? t->act16 : NULL, false,
+                             A->xn_mlp + r0 * C, n, r0);
+        linear_backward_rows(t, l, TUNA_PROJ_UP, g->dxn + r0 * C, g->dup, h ? t->dup16 : NULL, true,
+                             A->xn_mlp + r0 * C, n, r0);
     }
-    to->rmsnorm_backward(be, g->dx, g->dxn, A->x_mid, L->mlp_norm, T, C, eps);
+    if (h)
+        to->rmsnorm_backward16(be, g->dx, t->dx16, g->dxn, A->x_mid, L->mlp_norm, T, C, eps, t->hdt);
+    else
+        to->rmsnorm_backward(be, g->dx, g->dxn, A->x_mid, L->mlp_norm, T, C, eps);
     /* attention block: x_mid = x_in + o(attn(rope(norm(q(xn))), rope(norm(k(xn))), v(xn))) */
-    to->zero(be, g->datt, T * H * D);
-    linear_backward(t, l, TUNA_PROJ_O, g->datt, g->dx, A->att, T);
+    if (!h) to->zero(be, g->datt, T * H * D);
+    linear_backward(t, l, TUNA_PROJ_O, g->datt, g->dx, h ? t->dx16 : NULL, false, A->att, T);
     to->zero(be, g->dq, T * H * D);
     to->zero(be, g->dk, T * Hkv * D);
     to->zero(be, g->dv, T * Hkv * D);
     to->attention_backward(be, g->dq, g->dk, g->dv, g->datt, A->att, lse, A->q, A->k, A->v, pos, T, H, Hkv, D,
                            (float)(1.0 / sqrt((double)D)), a->sliding_window, t->fast, (float *)t->attn_mem,
                            t->attn_floats);
-    to->rope_backward(be, g->dq, pos, T, H, D, m->rot_dim, m->inv_freq, m->attn_factor);
-    to->rope_backward(be, g->dk, pos, T, Hkv, D, m->rot_dim, m->inv_freq, m->attn_factor);
     const float *norm_w[2] = {L->q_norm, L->k_norm};
+    if (h) { /* rotated and rounded in one pass where no per-head norm follows */
+        to->rope_backward16(be, g->dq, norm_w[0] ? NULL : t->dq16, pos, T, H, D, m->rot_dim, m->inv_freq,
+                            m->attn_factor, t->hdt);
+        to->rope_backward16(be, g->dk, norm_w[1] ? NULL : t->dk16, pos, T, Hkv, D, m->rot_dim, m->inv_freq,
+                            m->attn_factor, t->hdt);
+        to->to_half(be, t->dv16, g->dv, T * Hkv * D, t->hdt);
+    } else {
+        to->rope_backward(be, g->dq, pos, T, H, D, m->rot_dim, m->inv_freq, m->attn_factor);
+        to->rope_backward(be, g->dk, pos, T, Hkv, D, m->rot_dim, m->inv_freq, m->attn_factor);
+    }
     float *dqk[2] = {g->dq, g->dk};
+    void *dqk16[2] = {t->dq16, t->dk16};
     const int64_t heads[2] = {H, Hkv};
     for (int i = 0; i < 2; i++) {
         if (!norm_w[i]) continue;
@@ -473,12 +524,16 @@ static void layer_backward(tuna_trainer *t, int64_t l, const struct tuna_fwd_lay
         to->zero(be, g->dpre, T * heads[i] * D);
         to->rmsnorm_backward(be, g->dpre, dqk[i], g->pre, norm_w[i], T * heads[i], D, eps);
         m->ops->copy(be, dqk[i], g->dpre, (size_t)(T * heads[i] * D) * sizeof(float));
+        if (h) to->to_half(be, dqk16[i], dqk[i], T * heads[i] * D, t->hdt);
     }
-    to->zero(be, g->dxn, T * C);
-    linear_backward(t, l, TUNA_PROJ_Q, g->dxn, g->dq, A->xn_attn, T);
-    linear_backward(t, l, TUNA_PROJ_K, g->dxn, g->dk, A->xn_attn, T);
-    linear_backward(t, l, TUNA_PROJ_V, g->dxn, g->dv, A->xn_attn, T);
-    to->rmsnorm_backward(be, g->dx, g->dxn, A->x_in, L->attn_norm, T, C, eps);
+    if (!h) to->zero(be, g->dxn, T * C);
+    linear_backward(t, l, TUNA_PROJ_Q, g->dxn, g->dq, h ? t->dq16 : NULL, false, A->xn_attn, T);
+    linear_backward(t, l, TUNA_PROJ_K, g->dxn, g->dk, h ? t->dk16 : NULL, true, A->xn_attn, T);
+    linear_backward(t, l, TUNA_PROJ_V, g->dxn, g->dv, h ? t->dv16 : NULL, true, A->xn_attn, T);
+    if (h) /* dx16: the next (lower) layer's down and o operand */
+        to->rmsnorm_backward16(be, g->dx, t->dx16, g->dxn, A->x_in, L->attn_norm, T, C, eps, t->hdt);
+    else
+        to->rmsnorm_backward(be, g->dx, g->dxn, A->x_in, L->attn_norm, T, C, eps);
 }
 
 /* The head on the n selected rows, in chunks of t->chunk rows: logits = lm_head(sel_n), the
@@ -542,6 +597,7 @@ static tuna_status micro_step(tuna_trainer *t, const struct tuna_train_batch *tb
     t->tops->rmsnorm_backward(m->be, t->dsel, t->dsel_n, t->sel_in, m->final_norm, n, C, (float)a->norm_eps);
     t->tops->zero(m->be, t->g.dx, T * C);
     t->tops->scatter_add_rows(m->be, t->g.dx, t->dsel, t->sel_rows, n, C);
+    if (t->h16) t->tops->to_half(m->be, t->dx16, t->g.dx, T * C, t->hdt); /* the top layer's dy */
     for (int64_t l = a->n_layers - 1; l >= 0; l--) {
         const struct tuna_fwd_layer_acts *acts = &t->acts[l];
         const float *lse = t->lse + l * T * a->n_heads;

@@ -73,6 +73,14 @@ struct tuna_trainer {
     struct tuna_train_grad_bufs {
         float *dx, *dxn, *datt, *dq, *dk, *dv, *dact, *dgate, *dup, *pre, *dpre;
     } g;            /* backward buffers */
+    /* the 16-bit operand path (backend/train_ops.h; CUDA in the bf16/f16 mode): every GEMM input
+       rounded to hdt by the op that produces it. 16-bit arrays, in t->mem:
+       xa16 [T, max(C, H*D)]: the forward's q/k/v, o and gate/up operands in turn;
+       act16 [mlp_rows, I]: down's operand, then (backward) dgate's; dup16 [mlp_rows, I];
+       dx16 [T, C]: the residual gradient (down's and o's dy); dq16 [T, H*D], dk16, dv16 [T, Hkv*D] */
+    bool h16;
+    enum tuna_dtype hdt;
+    void *xa16, *act16, *dup16, *dx16, *dq16, *dk16, *dv16;
     void *attn_mem; /* attention scratch (attn_floats), grown per batch */
     int64_t attn_floats;
     int32_t *sel_rows; /* host [T]: the rows of the selected logits */
@@ -98,8 +106,9 @@ uint64_t tuna_train_drop_key(const tuna_trainer *t, int mod);
  * micro-batch); backend memory. row0: the first row of x within the micro-batch (the masks of
  * a chunk of rows are those rows' masks). */
 void tuna_train_linear_forward(tuna_trainer *t, int64_t l, int proj, float *y, const float *x, int64_t T);
-void tuna_train_linear_forward_rows(tuna_trainer *t, int64_t l, int proj, float *y, const float *x, int64_t T,
-                                    int64_t row0);
+/* x16: x rounded to t->hdt (the 16-bit path's GEMM operand), or NULL for the float32 ops */
+void tuna_train_linear_forward_rows(tuna_trainer *t, int64_t l, int proj, float *y, const float *x, const void *x16,
+                                    int64_t T, int64_t row0);
 /* The dropout key of elements starting at element `first` of a call: key + golden * first, so a
  * chunk of rows gets the masks that the whole call gives those rows. */
 static inline uint64_t tuna_train_key_at(uint64_t key, int64_t first)

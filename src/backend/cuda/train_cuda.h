@@ -23,6 +23,29 @@ void tuna_cuda_train_lora_backward(tuna_backend *be, float *dx, float *dA, float
                                    const struct tuna_lora *lora, int64_t T, int64_t N, int64_t K, float *work,
                                    bool fast);
 
+/* train_half.cu: the 16-bit operand ops of the table (train_ops.h) and the trainer's 4-bit
+ * dequantization into be->wdeq (q4.cu's tuna_cuda_dequant_q4 where its fast kernel does not
+ * apply, or with TUNA_TRAIN_DEQUANT=old); bit-identical values. */
+bool tuna_cuda_train_dequant(tuna_backend *be, const struct tuna_weight *w, void **out, enum tuna_dtype *dt);
+enum tuna_dtype tuna_cuda_train_half_dtype(tuna_backend *be, const struct tuna_weight *w);
+void tuna_cuda_train_matmul16(tuna_backend *be, float *y, const void *x16, const struct tuna_weight *w,
+                              const float *bias, int64_t T);
+void tuna_cuda_train_matmul_backward16(tuna_backend *be, float *dx, const void *dy16, const struct tuna_weight *w,
+                                       int64_t T, bool acc);
+void tuna_cuda_train_to_half(tuna_backend *be, void *dst16, const float *src, int64_t n, enum tuna_dtype hdt);
+void tuna_cuda_train_add_rmsnorm16(tuna_backend *be, float *x, const float *d, float *x_copy, float *y, void *y16,
+                                   const float *w, int64_t T, int64_t C, float eps, enum tuna_dtype hdt);
+void tuna_cuda_train_glu16(tuna_backend *be, float *out, void *out16, const float *gate, const float *up, int64_t n,
+                           int act, enum tuna_dtype hdt);
+void tuna_cuda_train_rmsnorm_backward16(tuna_backend *be, float *dx, void *dx16, const float *dy, const float *x,
+                                        const float *w, int64_t T, int64_t C, float eps, enum tuna_dtype hdt);
+void tuna_cuda_train_glu_backward16(tuna_backend *be, float *dgate, float *dup, void *dgate16, void *dup16,
+                                    const float *dout, const float *gate, const float *up, int64_t n, int act,
+                                    enum tuna_dtype hdt);
+void tuna_cuda_train_rope_backward16(tuna_backend *be, float *d, void *d16, const int64_t *pos, int64_t T, int64_t H,
+                                     int64_t D, int64_t rot_dim, const float *inv_freq, float attn_factor,
+                                     enum tuna_dtype hdt);
+
 /* train_attention.cu */
 void tuna_cuda_train_attention_forward(tuna_backend *be, float *out, float *lse, const float *q, const float *k,
                                        const float *v, const int64_t *pos, int64_t T, int64_t H, int64_t Hkv,

@@ -47,7 +47,7 @@ void tuna_cuda_train_matmul_backward(tuna_backend *be, float *dx, const float *d
             return;
         }
         void *p;
-        if (!tuna_cuda_dequant_q4(be, w, &p, &dt)) return;
+        if (!tuna_cuda_train_dequant(be, w, &p, &dt)) return;
         W = p;
     }
     if (dt == TUNA_DTYPE_F32) {

@@ -348,6 +348,15 @@ static const struct tuna_train_ops k_cuda_train_ops = {
     cu_to_host,
     cu_from_host,
     cu_reserve_scratch,
+    tuna_cuda_train_half_dtype,
+    tuna_cuda_train_matmul16,
+    tuna_cuda_train_matmul_backward16,
+    tuna_cuda_train_to_half,
+    tuna_cuda_train_add_rmsnorm16,
+    tuna_cuda_train_glu16,
+    tuna_cuda_train_rmsnorm_backward16,
+    tuna_cuda_train_glu_backward16,
+    tuna_cuda_train_rope_backward16,
 };
 
 extern "C" const struct tuna_train_ops *tuna_cuda_train_ops(void)

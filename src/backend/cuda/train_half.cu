@@ -1,0 +1,419 @@
+/* train_half.cu — the 16-bit operand path of the CUDA training table (backend/train_ops.h):
+ * GEMMs that read their input already rounded to bf16/f16, the ops that write those operands
+ * while producing their float32 result (the residual add + RMSNorm, the GLU, the RMSNorm, GLU
+ * and RoPE backwards), and the trainer's own 4-bit dequantization (one thread per 8 weights,
+ * loads and stores coalesced across the warp: the copy roofline, 2.5 bytes per weight).
+ *
+ * Every kernel's arithmetic is its float32 twin's (train_ops.cu, norm.cu, backend_cuda.cu's
+ * k_glu) with one more store: the float32 results are those of the twin up to the order of a
+ * block's sums. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/cuda/gemv.cuh"
+#include "backend/cuda/rope.cuh"
+#include "backend/cuda/train_cuda.h"
+
+#define META(be, off, type) ((type *)((char *)(be)->meta.p + (size_t)(off)))
+
+__device__ __forceinline__ void st16(void *p, int64_t i, float v, bool bf)
+{
+    if (bf)
+        ((__nv_bfloat16 *)p)[i] = __float2bfloat16_rn(v);
+    else
+        ((__half *)p)[i] = __float2half_rn(v);
+}
+
+static bool is_bf(enum tuna_dtype hdt)
+{
+    return hdt == TUNA_DTYPE_BF16;
+}
+
+/* ---------------------------------------------------------------- 4-bit dequantization */
+
+/* q4.cu's q4_absmax and q4_round, the same operations in the same order (bit-identical values) */
+__device__ __forceinline__ float tq4_absmax(const struct q4_scales &s, int64_t b)
+{
+    if (s.absmax) return __ldg(s.absmax + b);
+    const float c = __ldg(s.ncode + __ldg(s.q + b));
+    return __fadd_rn(__fmul_rn(c, __ldg(s.nabs + (b >> s.nshift))), s.noff);
+}
+
+__device__ __forceinline__ float tq4_round(float v, int mode)
+{
+    if (mode == 1) return __bfloat162float(__float2bfloat16_rn(v));
+    if (mode == 2) return __half2float(__float2half_rn(v));
+    return v;
+}
+
+/* One 32-bit word (8 weights, first in the high nibble of each byte) per thread and step, two
+ * steps per block of 256 threads, words i and i + 256: every load and store of a warp is one
+ * contiguous span. OUT: 0 float32, 1 bf16, 2 f16. Needs a power-of-two blocksize >= 8. */
+template <int OUT>
+__global__ void __launch_bounds__(256) k_train_dequant(void *out, const uint32_t *codes, const struct q4_scales sc,
+                                                       int bshift, int mode, struct q4_lut lut, int64_t nwords)
+{
+    __shared__ float slut[16]; /* 16 entries in 16 banks: no conflicts whatever the codes */
+    if (threadIdx.x < 16) slut[threadIdx.x] = lut.v[threadIdx.x];
+    __syncthreads();
+    const int64_t i0 = (int64_t)blockIdx.x * 512 + threadIdx.x;
+    uint32_t wv[2];
+#pragma unroll
+    for (int u = 0; u < 2; u++) {
+        const int64_t i = i0 + 256 * u;
+        wv[u] = i < nwords ? __ldg(codes + i) : 0u;
+    }
+#pragma unroll
+    for (int u = 0; u < 2; u++) {
+        const int64_t i = i0 + 256 * u;
+        if (i >= nwords) break;
+        const float am = tq4_absmax(sc, (i * 8) >> bshift);
+        float v[8];
+#pragma unroll
+        for (int b = 0; b < 4; b++) {
+            const uint32_t byte = (wv[u] >> (8 * b)) & 0xffu;
+            v[2 * b] = tq4_round(__fmul_rn(slut[byte >> 4], am), mode);
+            v[2 * b + 1] = tq4_round(__fmul_rn(slut[byte & 15], am), mode);
+        }
+        if (OUT == 0) {
+            float4 *o = reinterpret_cast<float4 *>(out) + i * 2;
+            o[0] = make_float4(v[0], v[1], v[2], v[3]);
+            o[1] = make_float4(v[4], v[5], v[6], v[7]);
+        } else {
+            uint32_t h[4];
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                if (OUT == 1) {
+                    __nv_bfloat162 p = __floats2bfloat162_rn(v[2 * q], v[2 * q + 1]);
+                    h[q] = *reinterpret_cast<uint32_t *>(&p);
+                } else {
+                    __half2 p = __floats2half2_rn(v[2 * q], v[2 * q + 1]);
+                    h[q] = *reinterpret_cast<uint32_t *>(&p);
+                }
+            }
+            reinterpret_cast<uint4 *>(out)[i] = make_uint4(h[0], h[1], h[2], h[3]);
+        }
+    }
+}
+
+bool tuna_cuda_train_dequant(tuna_backend *be, const struct tuna_weight *w, void **out, enum tuna_dtype *dt)
+{
+    const struct tuna_cuda_q4 *q = (const struct tuna_cuda_q4 *)w->q4;
+    const int64_t numel = w->rows * w->cols;
+    int shift = 0;
+    while ((1 << shift) < q->blocksize) shift++;
+    const char *env = getenv("TUNA_TRAIN_DEQUANT"); /* "old": q4.cu's kernel, for comparisons */
+    if ((1 << shift) != q->blocksize || q->blocksize < 8 || numel % 8 != 0 || ((uintptr_t)w->data % 4) != 0 ||
+        (env && !strcmp(env, "old")))
+        return tuna_cuda_dequant_q4(be, w, out, dt);
+    const int code = q->prefill == TUNA_DTYPE_BF16 ? 1 : q->prefill == TUNA_DTYPE_F16 ? 2 : 0;
+    const size_t bytes = (size_t)numel * (code ? 2 : 4);
+    if (!tuna_cuda_grow(be, &be->wdeq, bytes, "cudaMalloc(4-bit weight dequantized for training)")) return false;
+    struct q4_lut lut;
+    memcpy(lut.v, q->lut, sizeof lut.v);
+    struct q4_scales sc;
+    sc.absmax = q->absmax;
+    sc.q = q->absmax ? NULL : q->qabsmax;
+    sc.nabs = q->absmax ? NULL : q->nested_absmax;
+    sc.ncode = q->absmax ? NULL : q->nested_code;
+    sc.noff = q->absmax ? 0.0f : q->nested_offset;
+    sc.nshift = q->absmax ? 0 : q->nested_shift;
+    const int64_t nwords = numel / 8;
+    const unsigned blocks = (unsigned)((nwords + 511) / 512);
+    const uint32_t *codes = (const uint32_t *)w->data;
+    if (code == 1)
+        k_train_dequant<1><<<blocks, 256, 0, be->stream>>>(be->wdeq.p, codes, sc, shift, q->round_mode, lut, nwords);
+    else if (code == 2)
+        k_train_dequant<2><<<blocks, 256, 0, be->stream>>>(be->wdeq.p, codes, sc, shift, q->round_mode, lut, nwords);
+    else
+        k_train_dequant<0><<<blocks, 256, 0, be->stream>>>(be->wdeq.p, codes, sc, shift, q->round_mode, lut, nwords);
+    if (!tuna_cuda_check_launch(be, "k_train_dequant")) return false;
+    *out = be->wdeq.p;
+    *dt = code == 1 ? TUNA_DTYPE_BF16 : code == 2 ? TUNA_DTYPE_F16 : TUNA_DTYPE_F32;
+    return true;
+}
+
+/* ---------------------------------------------------------------- GEMMs on 16-bit operands */
+
+enum tuna_dtype tuna_cuda_train_half_dtype(tuna_backend *be, const struct tuna_weight *w)
+{
+    (void)be;
+    if (w->dtype == TUNA_DTYPE_BF16 || w->dtype == TUNA_DTYPE_F16) return w->dtype;
+    if ((w->dtype == TUNA_DTYPE_NF4 || w->dtype == TUNA_DTYPE_FP4) && w->q4) {
+        const enum tuna_dtype p = ((const struct tuna_cuda_q4 *)w->q4)->prefill;
+        if (p == TUNA_DTYPE_BF16 || p == TUNA_DTYPE_F16) return p;
+    }
+    return TUNA_DTYPE_F32;
+}
+
+/* W as a 16-bit matrix (4-bit ones dequantized into be->wdeq); NULL after a failure. */
+static const void *weight16(tuna_backend *be, const struct tuna_weight *w, cudaDataType_t *ct, const char *what)
+{
+    const void *W = w->data;
+    enum tuna_dtype dt = w->dtype;
+    if (dt == TUNA_DTYPE_NF4 || dt == TUNA_DTYPE_FP4) {
+        void *p;
+        if (!w->q4 || !tuna_cuda_train_dequant(be, w, &p, &dt)) {
+            if (!w->q4) tuna_cuda_check(be, cudaErrorInvalidValue, what);
+            return NULL;
+        }
+        W = p;
+    }
+    if (dt != TUNA_DTYPE_BF16 && dt != TUNA_DTYPE_F16) {
+        tuna_cuda_check(be, cudaErrorInvalidValue, what);
+        return NULL;
+    }
+    *ct = dt == TUNA_DTYPE_BF16 ? CUDA_R_16BF : CUDA_R_16F;
+    return W;
+}
+
+__global__ void k_train_add_bias(float *y, const float *bias, int64_t T, int64_t N)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < T * N) y[i] += bias[i % N];
+}
+
+void tuna_cuda_train_matmul16(tuna_backend *be, float *y, const void *x16, const struct tuna_weight *w,
+                              const float *bias, int64_t T)
+{
+    if (be->sticky || T <= 0) return;
+    const int64_t N = w->rows, K = w->cols;
+    cudaDataType_t ct;
+    const void *W = weight16(be, w, &ct, "matmul16 (weight without a 16-bit compute dtype)");
+    if (!W) return;
+    const float one = 1.0f, zero = 0.0f;
+    /* column-major: y^T[N,T] = W^T (row-major [N,K] read as K x N, transposed) x16^T[K,T] */
+    if (!tuna_cuda_check_blas(be,
+                              cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)T, (int)K, &one, W, ct,
+                                           (int)K, x16, ct, (int)K, &zero, y, CUDA_R_32F, (int)N, CUBLAS_COMPUTE_32F,
+                                           CUBLAS_GEMM_DEFAULT),
+                              "cublasGemmEx(matmul16)"))
+        return;
+    if (bias) {
+        k_train_add_bias<<<tuna_cuda_blocks(T * N, 256), 256, 0, be->stream>>>(y, bias, T, N);
+        tuna_cuda_check_launch(be, "k_train_add_bias");
+    }
+}
+
+void tuna_cuda_train_matmul_backward16(tuna_backend *be, float *dx, const void *dy16, const struct tuna_weight *w,
+                                       int64_t T, bool acc)
+{
+    if (be->sticky || T <= 0) return;
+    const int64_t N = w->rows, K = w->cols;
+    cudaDataType_t ct;
+    const void *W = weight16(be, w, &ct, "matmul_backward16 (weight without a 16-bit compute dtype)");
+    if (!W) return;
+    const float one = 1.0f, beta = acc ? 1.0f : 0.0f;
+    /* column-major: dx^T[K,T] (+)= W^T[K,N] (W row-major [N,K] read as K x N) dy^T[N,T] */
+    tuna_cuda_check_blas(be,
+                         cublasGemmEx(be->blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)K, (int)T, (int)N, &one, W, ct, (int)K,
+                                      dy16, ct, (int)N, &beta, dx, CUDA_R_32F, (int)K, CUBLAS_COMPUTE_32F,
+                                      CUBLAS_GEMM_DEFAULT),
+                         "cublasGemmEx(matmul_backward16)");
+}
+
+/* ---------------------------------------------------------------- element-wise producers */
+
+/* 4 elements per thread where n, src and dst allow it */
+__global__ void k_train_to_half4(void *dst, const float4 *src, int64_t n4, bool bf)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n4) return;
+    const float4 v = src[i];
+    uint2 o;
+    if (bf) {
+        __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y), b = __floats2bfloat162_rn(v.z, v.w);
+        o.x = *reinterpret_cast<uint32_t *>(&a);
+        o.y = *reinterpret_cast<uint32_t *>(&b);
+    } else {
+        __half2 a = __floats2half2_rn(v.x, v.y), b = __floats2half2_rn(v.z, v.w);
+        o.x = *reinterpret_cast<uint32_t *>(&a);
+        o.y = *reinterpret_cast<uint32_t *>(&b);
+    }
+    reinterpret_cast<uint2 *>(dst)[i] = o;
+}
+
+__global__ void k_train_to_half(void *dst, const float *src, int64_t n, bool bf)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) st16(dst, i, src[i], bf);
+}
+
+void tuna_cuda_train_to_half(tuna_backend *be, void *dst16, const float *src, int64_t n, enum tuna_dtype hdt)
+{
+    if (be->sticky || n <= 0) return;
+    if (n % 4 == 0 && (uintptr_t)src % 16 == 0 && (uintptr_t)dst16 % 8 == 0)
+        k_train_to_half4<<<tuna_cuda_blocks(n / 4, 256), 256, 0, be->stream>>>(dst16, (const float4 *)src, n / 4,
+                                                                               is_bf(hdt));
+    else
+        k_train_to_half<<<tuna_cuda_blocks(n, 256), 256, 0, be->stream>>>(dst16, src, n, is_bf(hdt));
+    tuna_cuda_check_launch(be, "k_train_to_half");
+}
+
+/* One block per row: x += d, the copy, the sum of squares; then y and y16 (norm.cu's k_rmsnorm). */
+__global__ void __launch_bounds__(256) k_train_add_rmsnorm16(float *x, const float *d, float *x_copy, float *y,
+                                                              void *y16, const float *w, int64_t C, float eps, bool bf)
+{
+    __shared__ float red[64];
+    const int64_t off = (int64_t)blockIdx.x * C;
+    float *xr = x + off;
+    float ss = 0.0f;
+    for (int64_t i = threadIdx.x; i < C; i += blockDim.x) {
+        float v = xr[i];
+        if (d) {
+            v += d[off + i];
+            xr[i] = v;
+        }
+        if (x_copy) x_copy[off + i] = v;
+        ss += v * v;
+    }
+    ss = tuna_block_sum(ss, red);
+    const float r = 1.0f / sqrtf(ss / (float)C + eps);
+    for (int64_t i = threadIdx.x; i < C; i += blockDim.x) {
+        const float v = xr[i] * r * w[i]; /* this thread wrote xr[i] itself */
+        if (y) y[off + i] = v;
+        st16(y16, off + i, v, bf);
+    }
+}
+
+void tuna_cuda_train_add_rmsnorm16(tuna_backend *be, float *x, const float *d, float *x_copy, float *y, void *y16,
+                                   const float *w, int64_t T, int64_t C, float eps, enum tuna_dtype hdt)
+{
+    if (be->sticky || T <= 0) return;
+    k_train_add_rmsnorm16<<<(unsigned)T, 256, 0, be->stream>>>(x, d, x_copy, y, y16, w, C, eps, is_bf(hdt));
+    tuna_cuda_check_launch(be, "k_train_add_rmsnorm16");
+}
+
+__global__ void k_train_glu16(float *out, void *out16, const float *gate, const float *up, int64_t n, int act, bool bf)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float v = tuna_cuda_act(gate[i], act) * up[i];
+    if (out) out[i] = v;
+    st16(out16, i, v, bf);
+}
+
+void tuna_cuda_train_glu16(tuna_backend *be, float *out, void *out16, const float *gate, const float *up, int64_t n,
+                           int act, enum tuna_dtype hdt)
+{
+    if (be->sticky || n <= 0) return;
+    k_train_glu16<<<tuna_cuda_blocks(n, 256), 256, 0, be->stream>>>(out, out16, gate, up, n, act, is_bf(hdt));
+    tuna_cuda_check_launch(be, "k_train_glu16");
+}
+
+/* train_ops.cu's k_train_rmsnorm_backward, and the rounded result */
+__global__ void __launch_bounds__(256) k_train_rmsnorm_backward16(float *dx, void *dx16, const float *dy,
+                                                                   const float *x, const float *w, int64_t C,
+                                                                   float eps, bool bf)
+{
+    __shared__ float red[64];
+    const int64_t off = (int64_t)blockIdx.x * C;
+    const float *xr = x + off, *g = dy + off;
+    float *o = dx + off;
+    float ss = 0.0f, dot = 0.0f;
+    for (int64_t i = threadIdx.x; i < C; i += blockDim.x) {
+        ss += xr[i] * xr[i];
+        dot += w[i] * g[i] * xr[i];
+    }
+    ss = tuna_block_sum(ss, red);
+    dot = tuna_block_sum(dot, red);
+    const float r = 1.0f / sqrtf(ss / (float)C + eps);
+    const float c = dot * r * r * r / (float)C;
+    for (int64_t i = threadIdx.x; i < C; i += blockDim.x) {
+        const float v = o[i] + (r * w[i] * g[i] - c * xr[i]);
+        o[i] = v;
+        st16(dx16, off + i, v, bf);
+    }
+}
+
+void tuna_cuda_train_rmsnorm_backward16(tuna_backend *be, float *dx, void *dx16, const float *dy, const float *x,
+                                        const float *w, int64_t T, int64_t C, float eps, enum tuna_dtype hdt)
+{
+    if (be->sticky || T <= 0) return;
+    k_train_rmsnorm_backward16<<<(unsigned)T, 256, 0, be->stream>>>(dx, dx16, dy, x, w, C, eps, is_bf(hdt));
+    tuna_cuda_check_launch(be, "k_train_rmsnorm_backward16");
+}
+
+/* train_ops.cu's k_train_glu_backward (double, as the CPU), overwriting */
+__global__ void k_train_glu_backward16(float *dgate, float *dup, void *dgate16, void *dup16, const float *dout,
+                                       const float *gate, const float *up, int64_t n, int act, bool bf)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const double kBeta = 0.7978845608028654, kKappa = 0.044715;
+    double x = gate[i], g, dg;
+    if (act == 1) {
+        double inner = kBeta * (x + kKappa * x * x * x), th = tanh(inner);
+        g = 0.5 * x * (1 + th);
+        dg = 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * kBeta * (1 + 3 * kKappa * x * x);
+    } else if (act == 2) {
+        g = 0.5 * x * (1 + erf(x * 0.7071067811865476));
+        dg = 0.5 * (1 + erf(x * 0.7071067811865476)) + x * exp(-0.5 * x * x) * 0.3989422804014327;
+    } else {
+        double sg = 1 / (1 + exp(-x));
+        g = x * sg;
+        dg = sg * (1 + x * (1 - sg));
+    }
+    const float a = (float)(dout[i] * up[i] * dg), b = (float)(dout[i] * g);
+    dgate[i] = a;
+    dup[i] = b;
+    st16(dgate16, i, a, bf);
+    st16(dup16, i, b, bf);
+}
+
+void tuna_cuda_train_glu_backward16(tuna_backend *be, float *dgate, float *dup, void *dgate16, void *dup16,
+                                    const float *dout, const float *gate, const float *up, int64_t n, int act,
+                                    enum tuna_dtype hdt)
+{
+    if (be->sticky || n <= 0) return;
+    k_train_glu_backward16<<<tuna_cuda_blocks(n, 256), 256, 0, be->stream>>>(dgate, dup, dgate16, dup16, dout, gate,
+                                                                             up, n, act, is_bf(hdt));
+    tuna_cuda_check_launch(be, "k_train_glu_backward16");
+}
+
+/* Thread (row th, e): e < half rotates the pair (e, e + half) as k_train_rope_backward; the
+ * others round the unrotated element e + half (partial rotary) */
+__global__ void k_train_rope_backward16(float *d, void *d16, const int64_t *pos, int64_t T, int64_t H, int64_t D,
+                                        int64_t half, const float *inv_freq, float attn_factor, bool bf)
+{
+    const int64_t per = D - half;
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= T * H * per) return;
+    const int64_t e = i % per, th = i / per, t = th / H;
+    float *v = d + th * D;
+    if (e >= half) {
+        if (d16) st16(d16, th * D + e + half, v[e + half], bf);
+        return;
+    }
+    float s, c;
+    rope_cos_sin(inv_freq, e, (float)pos[t], attn_factor, &c, &s);
+    const float g1 = v[e], g2 = v[e + half];
+    const float r1 = g1 * c + g2 * s, r2 = g2 * c - g1 * s;
+    v[e] = r1;
+    v[e + half] = r2;
+    if (d16) {
+        st16(d16, th * D + e, r1, bf);
+        st16(d16, th * D + e + half, r2, bf);
+    }
+}
+
+void tuna_cuda_train_rope_backward16(tuna_backend *be, float *d, void *d16, const int64_t *pos, int64_t T, int64_t H,
+                                     int64_t D, int64_t rot_dim, const float *inv_freq, float attn_factor,
+                                     enum tuna_dtype hdt)
+{
+    const int64_t half = rot_dim / 2;
+    if (be->sticky || T <= 0) return;
+    if (half <= 0) {
+        if (d16) tuna_cuda_train_to_half(be, d16, d, T * H * D, hdt);
+        return;
+    }
+    struct cuda_meta m = {0};
+    if (!tuna_cuda_meta_begin(be, &m, (size_t)T * sizeof(int64_t) + (size_t)half * sizeof(float))) return;
+    size_t op = (size_t)tuna_cuda_meta_stage(be, &m, pos, (size_t)T * sizeof(int64_t));
+    size_t of = (size_t)tuna_cuda_meta_stage(be, &m, inv_freq, (size_t)half * sizeof(float));
+    if (be->sticky || !tuna_cuda_meta_flush(be, &m)) return;
+    const int64_t n = T * H * (D - half);
+    k_train_rope_backward16<<<tuna_cuda_blocks(n, 256), 256, 0, be->stream>>>(
+        d, d16, META(be, op, const int64_t), T, H, D, half, META(be, of, const float), attn_factor, is_bf(hdt));
+    tuna_cuda_check_launch(be, "k_train_rope_backward16");
+}
