@@ -836,7 +836,8 @@ __global__ void __launch_bounds__(Q4T_THREADS, 1)
 }
 
 /* TUNA_Q4_K: 0 the k_q4_multi kernel above, 1 k_q4_tab with the float2 table, 2 (default) with
- * the half2 table where the compute is 16-bit (float32 compute takes the float2 table). Measured on
+ * the half2 table where the compute is 16-bit (float32 compute takes the float2 table), 3 k_q4_mma
+ * (below) where the compute is 16-bit and it fits, else as 2. Measured on
  * the H100 (docs/PERFORMANCE.md): 32-layer NF4 chain 139.6 us/layer with 2, 142.1 with 1, 184.5
  * with 0. */
 static int q4_kernel_mode(void)
@@ -844,7 +845,7 @@ static int q4_kernel_mode(void)
     static int v = -1;
     if (v < 0) {
         const char *e = getenv("TUNA_Q4_K");
-        v = e && (e[0] == '0' || e[0] == '1') ? e[0] - '0' : 2;
+        v = e && e[0] >= '0' && e[0] <= '3' ? e[0] - '0' : 2;
     }
     return v;
 }
@@ -918,6 +919,9 @@ static bool q4t_try(tuna_backend *be, const float *x, struct gemv_job *j, const 
     return q4t_launch_tt<false, 1>(be, x, j, lut, (unsigned)blocks, smem, nitems, T);
 }
 
+static bool q4m_try(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
+                    const struct q4_lut *lut, int blocksize, int64_t T);
+
 bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
                         int64_t T)
 {
@@ -942,7 +946,8 @@ bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, co
         bool half_ok = true; /* the half2 table only where the compute is 16-bit */
         for (int i = 0; i < j->nseg; i++)
             if (((const struct tuna_cuda_q4 *)ws[i]->q4)->prefill == TUNA_DTYPE_F32) half_ok = false;
-        if (q4t_try(be, x, j, ws, &lut, q0->blocksize, T, km == 2 && half_ok ? 2 : 1)) return true;
+        if (km == 3 && half_ok && q4m_try(be, x, j, ws, &lut, q0->blocksize, T)) return true;
+        if (q4t_try(be, x, j, ws, &lut, q0->blocksize, T, km >= 2 && half_ok ? 2 : 1)) return true;
     }
     j->prefetch = tuna_cuda_gemv_prefetch();
     const int warps = 4;
@@ -963,4 +968,387 @@ bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, co
         else q4m_launch_lut<2, false>(be, x, j, &lut, blocks, T);
     }
     return true;
+}
+
+/* ---- k_q4_mma: the 4-bit decode GEMV on tensor cores (16-bit compute; TUNA_Q4_K=3) ----
+ *
+ * What limited k_q4_tab (fourth session): each warp loaded a 4-row item, waited, then spent ~3
+ * instructions per weight on it (table lookup, f16 -> f32, one FMA per weight and token) with
+ * nothing in flight meanwhile, and the 4096-row matrices left most warps idle. Here:
+ * - a block (16 warps, one per SM) takes an item of 16 rows (GLU: 8 outputs, gate and up); its
+ *   warps split K: warp w takes the 64-weight columns w, w + 16, ... of the item (one absmax block
+ *   each), so every SM streams about the same bytes whatever N is; the warps' partial sums meet in
+ *   shared memory and are added in a fixed order (deterministic), once per item;
+ * - each warp keeps D stages (one 64-column block of its 16 rows: 8 bytes of codes per lane and
+ *   row, with the rows' block scales) in flight in a ring of registers: a stage is loaded as
+ *   soon as the one in its registers has been computed, across items;
+ * - the products run on mma.sync m16n8k16 (f16 in, f32 accumulate): the 16 rows are the MMA's M,
+ *   the tokens its N (T <= 8: one MMA serves every token), K the weights. Lane (g, t) holds
+ *   weights 16t..16t+15 of the block of rows g and g + 8, four per MMA: the byte -> half2 table
+ *   (one prmt + one shared-memory load per two weights) gives the A fragment as it is; x, staged
+ *   once per block as f16 (normalized first when the norm is folded in), gives the B fragment with
+ *   one 16-byte load per two MMAs (the MMA's k order is permuted the same way on both sides);
+ * - absmax multiplies the block's four MMAs' sum once (acc += absmax * sum), rebuilt from the
+ *   double-quantized form as q4_absmax does.
+ * Rounding: x to f16 (2^-11 relative; |x| must stay below 65504), the NF4 values to f16 as the
+ * half2 table of k_q4_tab; float32 compute never comes here. */
+#define Q4M_THREADS 512
+#define Q4M_WARPS 16
+#define Q4M_ROWS 16
+
+struct q4m_stage {
+    uint2 c[2];    /* codes of rows g and g + 8: weights 16t..16t+15 of the block */
+    uint32_t q[2]; /* nested: the blocks' 8-bit absmax codes */
+    float a[2];    /* nested: the nested absmax; else the float32 absmax */
+};
+
+struct q4m_src {
+    const uint2 *c;   /* the row's codes as 8-byte words, + t */
+    const uint8_t *q; /* nested 8-bit codes, or NULL (float32 absmax) */
+    const float *a;   /* nested absmax, or the float32 absmax */
+    int64_t e0;       /* element index of the row's first weight */
+    int nshift;
+};
+
+/* Rows of item `it` for lane group g: the segment and first row (n0) of the item, and the two rows
+ * (segments sg) the lane reads (clamped to the segment: rows past N are computed, not stored). */
+static __device__ __forceinline__ void q4m_item(const struct gemv_job &j, int64_t it, int g, int *seg, int64_t *n0,
+                                                int (&sg)[2], int64_t (&row)[2])
+{
+    if (j.mode == GEMV_GLU) {
+        const int64_t N = j.s[0].N;
+        *seg = 0;
+        *n0 = it * 8;
+        const int64_t n = *n0 + g < N ? *n0 + g : N - 1;
+        row[0] = n, row[1] = n;
+        sg[0] = 0, sg[1] = 1;
+        return;
+    }
+    gemv_rows(j, Q4M_ROWS, it, seg, n0);
+    const int64_t N = j.s[*seg].N;
+    row[0] = *n0 + g < N ? *n0 + g : N - 1;
+    row[1] = *n0 + g + 8 < N ? *n0 + g + 8 : N - 1;
+    sg[0] = *seg, sg[1] = *seg;
+}
+
+static __device__ __forceinline__ void q4m_mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                               uint32_t b0, uint32_t b1)
+{
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* x [TT, K] into shared memory as f16, rows of K + 8 (the pad keeps the B-fragment loads of 8
+ * tokens off each other's banks); NORM: x * r * nw first (the CPU rmsnorm's formula; block 0 writes
+ * it to j.xn in float32). Ends with __syncthreads. */
+template <int TT, bool NORM>
+static __device__ __forceinline__ void q4m_stage_x(__half *xs, const float *x, const struct gemv_job &j, float *red)
+{
+    const int64_t K = j.K, K4 = K / 4, XS = K + 8;
+    const float4 *x4 = reinterpret_cast<const float4 *>(x);
+    float r[TT];
+#pragma unroll
+    for (int t = 0; t < TT; t++) r[t] = 1.0f;
+    if (NORM) {
+        float ss[TT];
+#pragma unroll
+        for (int t = 0; t < TT; t++) ss[t] = 0.0f;
+        for (int64_t f = threadIdx.x; f < K4; f += blockDim.x)
+#pragma unroll
+            for (int t = 0; t < TT; t++) {
+                const float4 a = x4[t * K4 + f];
+                ss[t] += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+            }
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+        for (int t = 0; t < TT; t++) {
+            for (int o = 16; o > 0; o >>= 1) ss[t] += __shfl_xor_sync(0xffffffffu, ss[t], o);
+            if (lane == 0) red[t * 32 + warp] = ss[t];
+        }
+        __syncthreads();
+#pragma unroll
+        for (int t = 0; t < TT; t++) {
+            float a = 0.0f;
+            for (int w = 0; w < nw; w++) a += red[t * 32 + w];
+            r[t] = 1.0f / sqrtf(a / (float)K + j.eps);
+        }
+    }
+    const float4 *n4 = reinterpret_cast<const float4 *>(j.nw);
+    float4 *xn4 = reinterpret_cast<float4 *>(j.xn);
+    const bool write = NORM && j.xn && blockIdx.x == 0;
+    for (int64_t f = threadIdx.x; f < K4; f += blockDim.x) {
+        float4 w = make_float4(1.0f, 1.0f, 1.0f, 1.0f);
+        if (NORM) w = __ldg(n4 + f);
+#pragma unroll
+        for (int t = 0; t < TT; t++) {
+            float4 a = x4[t * K4 + f];
+            if (NORM) {
+                a = make_float4(a.x * r[t] * w.x, a.y * r[t] * w.y, a.z * r[t] * w.z, a.w * r[t] * w.w);
+                if (write) xn4[t * K4 + f] = a;
+            }
+            const __half2 lo = __floats2half2_rn(a.x, a.y), hi = __floats2half2_rn(a.z, a.w);
+            uint2 v;
+            v.x = *reinterpret_cast<const uint32_t *>(&lo);
+            v.y = *reinterpret_cast<const uint32_t *>(&hi);
+            *reinterpret_cast<uint2 *>(xs + t * XS + 4 * f) = v;
+        }
+    }
+    __syncthreads();
+}
+
+template <int TT, bool NORM, int D>
+__global__ void __launch_bounds__(Q4M_THREADS, 1)
+    k_q4_mma(const float *__restrict__ x, const __grid_constant__ struct gemv_job j, const struct q4_lut lut_in,
+             int64_t nitems)
+{
+    extern __shared__ float4 q4m_smem4[];
+    uint8_t *tab = reinterpret_cast<uint8_t *>(q4m_smem4);                   /* [256][256 bytes], half2 at lane * 4 */
+    float *ncode = reinterpret_cast<float *>(tab + Q4T_TAB_BYTES);            /* [GEMV_MAX_SEG][256] */
+    float *part = ncode + GEMV_MAX_SEG * 256;                                /* [2][warp][16 rows][TT] */
+    __half *xs = reinterpret_cast<__half *>(part + 2 * Q4M_WARPS * Q4M_ROWS * TT); /* [TT][K + 8] */
+    __shared__ float slut[16];
+    __shared__ float red[TT * 32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    if (threadIdx.x < 16) slut[threadIdx.x] = lut_in.v[threadIdx.x];
+    __syncthreads();
+    for (int e = threadIdx.x; e < 256 * 32; e += blockDim.x) {
+        const int byte = e >> 5, l = e & 31;
+        *reinterpret_cast<__half2 *>(tab + byte * 256 + l * 4) = __floats2half2_rn(slut[byte >> 4], slut[byte & 15]);
+    }
+    for (int s = 0; s < j.nseg; s++)
+        if (!j.s[s].sc.absmax)
+            for (int e = threadIdx.x; e < 256; e += blockDim.x) ncode[s * 256 + e] = __ldg(j.s[s].sc.ncode + e);
+
+    const int64_t K = j.K, KB = K / 64, XS = K + 8;
+    const int ncb = (int)((KB + Q4M_WARPS - 1) / Q4M_WARPS); /* stages per item and warp */
+    const int64_t gstride = gridDim.x;
+    const int64_t nmy = (int64_t)blockIdx.x < nitems ? (nitems - 1 - blockIdx.x) / gstride + 1 : 0;
+    const int64_t total = nmy * ncb;
+    const uint32_t lane_off = (uint32_t)lane * 4u;
+    const int bs_shift = j.bs_shift;
+
+    /* the load side: item l_ii, stage l_c, the lane's two rows */
+    int64_t l_ii = 0;
+    int l_c = 0;
+    struct q4m_src src[2];
+    auto set_src = [&](int64_t ii) {
+        int seg, sg[2];
+        int64_t n0, row[2];
+        q4m_item(j, blockIdx.x + ii * gstride, g, &seg, &n0, sg, row);
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const struct gemv_seg &s = j.s[sg[r]];
+            src[r].e0 = row[r] * K;
+            src[r].c = reinterpret_cast<const uint2 *>((const uint8_t *)s.W + src[r].e0 / 2) + t;
+            src[r].q = s.sc.absmax ? NULL : s.sc.q;
+            src[r].a = s.sc.absmax ? s.sc.absmax : s.sc.nabs;
+            src[r].nshift = s.sc.absmax ? 0 : s.sc.nshift;
+        }
+    };
+    auto load_next = [&](struct q4m_stage &st) {
+        if (l_ii >= nmy) return;
+        const int64_t cb = warp + (int64_t)Q4M_WARPS * l_c;
+        if (cb < KB) {
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                st.c[r] = __ldg(src[r].c + cb * 4);
+                const int64_t b = (src[r].e0 + cb * 64) >> bs_shift;
+                if (src[r].q) {
+                    st.q[r] = __ldg(src[r].q + b);
+                    st.a[r] = __ldg(src[r].a + (b >> src[r].nshift));
+                } else {
+                    st.a[r] = __ldg(src[r].a + b);
+                }
+            }
+        }
+        if (++l_c == ncb) {
+            l_c = 0;
+            if (++l_ii < nmy) set_src(l_ii);
+        }
+    };
+
+    struct q4m_stage st[D];
+#pragma unroll
+    for (int u = 0; u < D; u++) st[u].q[0] = st[u].q[1] = 0u, st[u].a[0] = st[u].a[1] = 0.0f;
+    if (nmy > 0) set_src(0);
+    if (j.prefetch >= 1)
+#pragma unroll
+        for (int u = 0; u < D; u++) load_next(st[u]);
+    tuna_pdl_wait();
+    tuna_pdl_trigger();
+    q4m_stage_x<TT, NORM>(xs, x, j, red); /* ends with __syncthreads: the tables are ready too */
+    if (j.prefetch < 1)
+#pragma unroll
+        for (int u = 0; u < D; u++) load_next(st[u]);
+
+    /* the compute side: item c_ii, stage c_c */
+    int64_t c_ii = 0;
+    int c_c = 0;
+    int c_seg = 0, c_ncoff[2] = {0, 0};
+    int64_t c_n0 = 0;
+    bool c_nested[2] = {false, false};
+    float c_noff[2] = {0.0f, 0.0f};
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const __half *xrow = xs + (g < TT ? g : 0) * XS + 16 * t;
+
+    for (int64_t q0 = 0; q0 < total; q0 += D) {
+#pragma unroll
+        for (int u = 0; u < D; u++) {
+            if (q0 + u >= total) break;
+            if (c_c == 0) { /* a new item: the scales' form and where its sums go */
+                int sg[2];
+                int64_t row[2];
+                q4m_item(j, blockIdx.x + c_ii * gstride, g, &c_seg, &c_n0, sg, row);
+#pragma unroll
+                for (int r = 0; r < 2; r++) {
+                    c_nested[r] = j.s[sg[r]].sc.absmax == NULL;
+                    c_noff[r] = j.s[sg[r]].sc.noff;
+                    c_ncoff[r] = sg[r] * 256;
+                }
+            }
+            const int64_t cb = warp + (int64_t)Q4M_WARPS * c_c;
+            if (cb < KB) {
+                uint4 xa = make_uint4(0u, 0u, 0u, 0u), xb = xa;
+                if (g < TT) {
+                    const uint4 *xp = reinterpret_cast<const uint4 *>(xrow + cb * 64);
+                    xa = xp[0];
+                    xb = xp[1];
+                }
+                float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                for (int s = 0; s < 4; s++) {
+                    const uint32_t wg = s < 2 ? st[u].c[0].x : st[u].c[0].y;
+                    const uint32_t wh = s < 2 ? st[u].c[1].x : st[u].c[1].y;
+                    const uint32_t b0 = (uint32_t)(2 * (s & 1)), b1 = b0 + 1;
+                    const uint32_t a0 = *reinterpret_cast<const uint32_t *>(tab + __byte_perm(wg, lane_off, 0x5504u | (b0 << 4)));
+                    const uint32_t a1 = *reinterpret_cast<const uint32_t *>(tab + __byte_perm(wh, lane_off, 0x5504u | (b0 << 4)));
+                    const uint32_t a2 = *reinterpret_cast<const uint32_t *>(tab + __byte_perm(wg, lane_off, 0x5504u | (b1 << 4)));
+                    const uint32_t a3 = *reinterpret_cast<const uint32_t *>(tab + __byte_perm(wh, lane_off, 0x5504u | (b1 << 4)));
+                    const uint32_t x0 = s == 0 ? xa.x : s == 1 ? xa.z : s == 2 ? xb.x : xb.z;
+                    const uint32_t x1 = s == 0 ? xa.y : s == 1 ? xa.w : s == 2 ? xb.y : xb.w;
+                    q4m_mma(c, a0, a1, a2, a3, x0, x1);
+                }
+#pragma unroll
+                for (int r = 0; r < 2; r++) {
+                    const float am = c_nested[r] ? __fadd_rn(__fmul_rn(ncode[c_ncoff[r] + st[u].q[r]], st[u].a[r]), c_noff[r])
+                                                 : st[u].a[r];
+                    acc[2 * r] += am * c[2 * r];
+                    acc[2 * r + 1] += am * c[2 * r + 1];
+                }
+            }
+            load_next(st[u]);
+            if (++c_c == ncb) { /* the item's last stage: the block's sums */
+                c_c = 0;
+                float *pp = part + ((c_ii & 1) * Q4M_WARPS + warp) * Q4M_ROWS * TT;
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    if (2 * t + h < TT) {
+                        pp[g * TT + 2 * t + h] = acc[h];
+                        pp[(g + 8) * TT + 2 * t + h] = acc[2 + h];
+                    }
+                }
+                acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
+                __syncthreads();
+                const float *pb = part + (c_ii & 1) * Q4M_WARPS * Q4M_ROWS * TT;
+                const int id = threadIdx.x;
+                if (j.mode == GEMV_GLU) {
+                    if (id < 8 * TT) {
+                        const int i = id / TT, tk = id % TT;
+                        const int64_t N = j.s[0].N, n = c_n0 + i;
+                        float sg = 0.0f, su = 0.0f;
+                        for (int w = 0; w < Q4M_WARPS; w++) {
+                            sg += pb[(w * Q4M_ROWS + i) * TT + tk];
+                            su += pb[(w * Q4M_ROWS + 8 + i) * TT + tk];
+                        }
+                        if (n < N) {
+                            const float bg = j.s[0].bias ? j.s[0].bias[n] : 0.0f;
+                            const float bu = j.s[1].bias ? j.s[1].bias[n] : 0.0f;
+                            j.s[0].y[tk * N + n] = tuna_cuda_act(sg + bg, j.act) * (su + bu);
+                        }
+                    }
+                } else if (id < Q4M_ROWS * TT) {
+                    const int i = id / TT, tk = id % TT;
+                    const struct gemv_seg &s = j.s[c_seg];
+                    const int64_t n = c_n0 + i;
+                    float v = 0.0f;
+                    for (int w = 0; w < Q4M_WARPS; w++) v += pb[(w * Q4M_ROWS + i) * TT + tk];
+                    if (n < s.N) {
+                        v += s.bias ? s.bias[n] : 0.0f;
+                        float *yp = s.y + tk * s.N + n;
+                        if (j.mode == GEMV_ADD) *yp += v;
+                        else *yp = v;
+                    }
+                }
+                c_ii++;
+            }
+        }
+    }
+}
+
+/* Stages in flight per warp (TUNA_Q4_D=4 or 8 at T = 1 for comparisons; 6 otherwise). */
+static int q4_d_mode(void)
+{
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("TUNA_Q4_D");
+        v = e && e[0] == '4' ? 4 : e && e[0] == '8' ? 8 : 6;
+    }
+    return v;
+}
+
+template <int TT, bool NORM>
+static bool q4m_launch_one(tuna_backend *be, const float *x, const struct gemv_job *j, const struct q4_lut *lut,
+                           unsigned blocks, size_t smem, int64_t nitems)
+{
+    if constexpr (TT == 1) {
+        const int d = q4_d_mode();
+        if (d == 4)
+            return tuna_cuda_launch(be, "k_q4_mma", k_q4_mma<TT, NORM, 4>, dim3(blocks), dim3(Q4M_THREADS), smem, x,
+                                    *j, *lut, nitems);
+        if (d == 8)
+            return tuna_cuda_launch(be, "k_q4_mma", k_q4_mma<TT, NORM, 8>, dim3(blocks), dim3(Q4M_THREADS), smem, x,
+                                    *j, *lut, nitems);
+    }
+    return tuna_cuda_launch(be, "k_q4_mma", k_q4_mma<TT, NORM, 6>, dim3(blocks), dim3(Q4M_THREADS), smem, x, *j,
+                            *lut, nitems);
+}
+
+template <bool NORM>
+static bool q4m_launch_tt(tuna_backend *be, const float *x, const struct gemv_job *j, const struct q4_lut *lut,
+                          unsigned blocks, size_t smem, int64_t nitems, int64_t T)
+{
+    switch (T) {
+    case 1: return q4m_launch_one<1, NORM>(be, x, j, lut, blocks, smem, nitems);
+    case 2: return q4m_launch_one<2, NORM>(be, x, j, lut, blocks, smem, nitems);
+    case 3: return q4m_launch_one<3, NORM>(be, x, j, lut, blocks, smem, nitems);
+    case 4: return q4m_launch_one<4, NORM>(be, x, j, lut, blocks, smem, nitems);
+    case 5: return q4m_launch_one<5, NORM>(be, x, j, lut, blocks, smem, nitems);
+    case 6: return q4m_launch_one<6, NORM>(be, x, j, lut, blocks, smem, nitems);
+    case 7: return q4m_launch_one<7, NORM>(be, x, j, lut, blocks, smem, nitems);
+    case 8: return q4m_launch_one<8, NORM>(be, x, j, lut, blocks, smem, nitems);
+    }
+    return false;
+}
+
+/* k_q4_mma for job j when it fits (K % 64 == 0, blocksize >= 64, 8-byte aligned codes, x and the
+ * table within the opt-in shared memory); false: the caller tries k_q4_tab. */
+static bool q4m_try(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
+                    const struct q4_lut *lut, int blocksize, int64_t T)
+{
+    const int64_t K = j->K;
+    if (K % 64 != 0 || blocksize < 64 || T < 1 || T > 8) return false;
+    for (int i = 0; i < j->nseg; i++)
+        if (((uintptr_t)ws[i]->data % 8) != 0) return false;
+    const size_t smem = (size_t)Q4T_TAB_BYTES + Q4T_NCODE_BYTES + (size_t)2 * Q4M_WARPS * Q4M_ROWS * T * sizeof(float) +
+                        (size_t)T * (size_t)(K + 8) * sizeof(__half);
+    if (be->max_smem_optin <= 0 || smem + 2048 > (size_t)be->max_smem_optin) return false; /* + static */
+    const int64_t nitems = j->mode == GEMV_GLU ? (j->s[0].N + 7) / 8 : gemv_number_rows(j, Q4M_ROWS) / Q4M_ROWS;
+    const int64_t sms = be->sm_count > 0 ? be->sm_count : 132;
+    const int64_t blocks = nitems < sms ? nitems : sms;
+    if (blocks < 1) return true; /* nothing to do */
+    j->prefetch = tuna_cuda_gemv_prefetch();
+    if (j->nw) return q4m_launch_tt<true>(be, x, j, lut, (unsigned)blocks, smem, nitems, T);
+    return q4m_launch_tt<false>(be, x, j, lut, (unsigned)blocks, smem, nitems, T);
 }
