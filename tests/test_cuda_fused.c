@@ -569,8 +569,9 @@ static float *kv_as_f32(const void *cache, enum tuna_dtype dt, size_t n)
 }
 
 /* rope_kv_store against the CPU's rmsnorm (q/k norm), rope, rope, kv_store (tolerance: sin/cos
- * of two libraries) and against the GPU's own plain ops (bit for bit): three cache dtypes,
- * partial rotary, GQA, q/k norm on and off, scattered slots. */
+ * of two libraries) and against the GPU's own plain ops (bit for bit, the fused op with an L2
+ * prefetch hint pending): three cache dtypes, partial rotary, GQA, q/k norm on and off,
+ * scattered slots. */
 static void test_rope_kv_store(void **state)
 {
     (void)state;
@@ -620,6 +621,9 @@ static void test_rope_kv_store(void **state)
                         TT_OK(tuna_cuda_upload(g_gpu, dvc, zero, cbytes));
                         free(zero);
                         if (f) {
+                            /* an L2 prefetch hint pending (main sets TUNA_L2PF=2: this kernel issues it):
+                             * no effect on the bits */
+                            if (g_gops->prefetch_l2) g_gops->prefetch_l2(g_gpu, dq, (size_t)(T * HD) * 4);
                             g_gops->rope_kv_store(g_gpu, dq, dk, dv, dqn, dkn, 1e-6f, dkc, dvc, dt, pos, slot, T, H, Hkv, D,
                                                   rot, inv, af);
                         } else {
@@ -754,6 +758,9 @@ static void test_rmsnorm_qkv_rope_kv(void **state)
 
 int main(void)
 {
+    /* the opt-in L2 prefetches run in every case (pdl.cu, fused.cu): they must change no result */
+    setenv("TUNA_L2PF", "2", 0);
+    setenv("TUNA_GEMV_L2SMALL", "1", 0);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_matmul_multi),
         cmocka_unit_test(test_matmul_glu),

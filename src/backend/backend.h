@@ -244,6 +244,10 @@ struct tuna_backend_ops {
                                 void *kcache, void *vcache, enum tuna_dtype kv_dtype, const int64_t *pos,
                                 const int64_t *slot, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t rot_dim,
                                 const float *inv_freq, float attn_factor);
+    /* A hint, no effect on any result: bytes [p, p + bytes) of backend memory (the next weight
+     * of a decode step) will be read soon; the backend may bring them into its cache while the
+     * next ops leave memory bandwidth idle (the CUDA backend: during RoPE/attention, TUNA_L2PF). */
+    void (*prefetch_l2)(tuna_backend *be, const void *p, size_t bytes);
 };
 
 #endif

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/dtype.h"
 #include "core/status.h"
 #include "model/model.h"
 #include "model/rope_freq.h"
@@ -439,7 +440,10 @@ static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const stru
         const struct tuna_fwd_layer_acts *A = trace ? &trace->layers[l] : &ws->a;
         void *kc = tuna_kv_k(kv, l), *vc = tuna_kv_v(kv, l);
         if (trace) op->copy(be, A->x_in, x, (size_t)(T * C) * sizeof(float));
-        /* attention block */
+        /* attention block; the o projection's weights may stream into the device's cache while
+         * RoPE and attention leave memory bandwidth idle (a hint: prefetch_l2) */
+        if (fuse && op->prefetch_l2)
+            op->prefetch_l2(be, L->o.w.data, tuna_dtype_nbytes(L->o.w.dtype, (uint64_t)(L->o.w.rows * L->o.w.cols)));
         const bool qkv_plain = L->q.n_lora == 0 && L->k.n_lora == 0 && L->v.n_lora == 0;
         if (fuse && op->rmsnorm_qkv_rope_kv && qkv_plain && !L->q_norm && !L->k_norm) {
             /* norm, q/k/v, RoPE and the KV store in one op (one kernel on the GPU) */

@@ -322,7 +322,7 @@ template <typename KT, int DT, int GM>
 __global__ void __launch_bounds__(128)
     k_attn_decode16(float *out, float *part_acc, float *part_ml, unsigned *counters, const float *q, const KT *kc,
                     const KT *vc, att_meta md, const int32_t *rows, int H, int Hkv, int Drt, int n_hg, int n_splits,
-                    int ns, int wr, float qscale, int heads_x, int min_g)
+                    int ns, int wr, float qscale, int heads_x, int min_g, int trig, const struct tuna_l2pf pf)
 {
     const int D = DT ? DT : Drt;
     const int CH = D / 8;                  /* 16-byte chunks per row */
@@ -350,14 +350,23 @@ __global__ void __launch_bounds__(128)
      * work (a short context runs on few blocks and merges few partial rows; the others leave).
      * min_g 0: every split runs, those past the context write empty rows (the former rule). */
     const int gps = max((ge - gb + n_splits) / n_splits, min_g), nsp = min_g ? (ge - gb + gps) / gps : n_splits;
-    if (split >= nsp) return;
+    /* the L2 prefetch hint (TUNA_L2PF=1): every block brings its share of the next weight into
+     * L2, a block with work after its first K/V copies are queued */
+    const long long pf_b = ((long long)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x,
+                    pf_nb = (long long)gridDim.x * gridDim.y * gridDim.z;
+    if (split >= nsp) {
+        if (threadIdx.x == 0) tuna_l2pf_issue(pf, pf_b, pf_nb);
+        return;
+    }
     const int s0 = gb + split * gps, s1 = min(ge, s0 + gps - 1);
     const int lo = max(start, s0 * D16_KEYS), hi = min(p, s1 * D16_KEYS + D16_KEYS - 1);
     const int nk = s1 >= s0 + warp ? (s1 - s0 - warp) / NW + 1 : 0; /* this warp's groups (0 if s0 > ge) */
 
-    /* launched with PDL (TUNA_ATTN_PDL): q and this step's K/V rows come from the kernel before */
+    /* launched with PDL (TUNA_ATTN_PDL): q and this step's K/V rows come from the kernel before.
+     * trig: the next kernel (the o GEMV, launched with PDL) may start its prologue now; 0
+     * (TUNA_ATTN_TRIGGER=0) lets it start only when this kernel is done, as before 484a081 */
     tuna_pdl_wait();
-    tuna_pdl_trigger();
+    if (trig) tuna_pdl_trigger();
     for (int x = tid; x < GM * D; x += blockDim.x) qs[x] = x < ng * D ? q[((size_t)t * H + h0) * D + x] * qscale : 0.0f;
 
     const int32_t *table = att_table(md, t);
@@ -400,6 +409,7 @@ __global__ void __launch_bounds__(128)
         nslot = slot_of(k + 1);
         issue(k, sl);
     }
+    if (threadIdx.x == 0) tuna_l2pf_issue(pf, pf_b, pf_nb);
     __syncthreads(); /* qs */
 
     const int j = lane & 15, half = lane >> 4;
@@ -596,7 +606,8 @@ struct dec16_cfg {
 
 template <typename KT>
 using dec16_kernel = void (*)(float *, float *, float *, unsigned *, const float *, const KT *, const KT *, att_meta,
-                              const int32_t *, int, int, int, int, int, int, int, float, int, int);
+                              const int32_t *, int, int, int, int, int, int, int, float, int, int, int,
+                              const struct tuna_l2pf);
 
 template <typename KT, int GM> static dec16_kernel<KT> dec16_pick_d(int D)
 {
@@ -675,7 +686,8 @@ template <typename KT>
 static void launch_kernels(tuna_backend *be, float *out, const float *q, const void *kcache, const void *vcache,
                            const att_meta &md, const int32_t *drows, int64_t n_dec, const int32_t *dtiles,
                            int64_t n_tiles, int H, int Hkv, int D, int n_hg, int n_splits, int BQ, float scale,
-                           float *part_acc, float *part_ml, unsigned *counters, const dec16_cfg *c16, int GM)
+                           float *part_acc, float *part_ml, unsigned *counters, const dec16_cfg *c16, int GM,
+                           const struct tuna_l2pf &pf)
 {
     const KT *kc = (const KT *)kcache, *vc = (const KT *)vcache;
     constexpr int VE = kv_traits<KT>::VEC;
@@ -694,15 +706,18 @@ static void launch_kernels(tuna_backend *be, float *out, const float *q, const v
              * work leave at once (measured on the H100 at n = 8: 6.47 against 6.42 ms per bf16
              * step, so not the default); unset: every split runs, as before */
             static const int min_g = env_int("TUNA_ATTN_DEC_MING", 1, 4096);
+            /* TUNA_ATTN_TRIGGER=0: no early trigger of the next kernel (see the kernel) */
+            static const int trig = !(getenv("TUNA_ATTN_TRIGGER") && strcmp(getenv("TUNA_ATTN_TRIGGER"), "0") == 0);
             if (pdl) {
                 if (!tuna_cuda_launch(be, "k_attn_decode16", dec16_pick<KT>(D, GM), grid, dim3(32 * c16->nw),
                                       (size_t)c16->smem, out, part_acc, part_ml, counters, q, kc, vc, md, drows, H, Hkv,
-                                      D, n_hg, n_splits, c16->ns, c16->wr, scale * 1.4426950408889634f, hx, min_g))
+                                      D, n_hg, n_splits, c16->ns, c16->wr, scale * 1.4426950408889634f, hx, min_g, trig,
+                                      pf))
                     return;
             } else {
                 dec16_pick<KT>(D, GM)<<<grid, 32 * c16->nw, (size_t)c16->smem, be->stream>>>(
                     out, part_acc, part_ml, counters, q, kc, vc, md, drows, H, Hkv, D, n_hg, n_splits, c16->ns, c16->wr,
-                    scale * 1.4426950408889634f, hx, min_g);
+                    scale * 1.4426950408889634f, hx, min_g, trig, pf);
                 if (!tuna_cuda_check_launch(be, "k_attn_decode16")) return;
             }
             done = true;
@@ -910,13 +925,14 @@ void tuna_cuda_attention(tuna_backend *be, float *out, const float *q, const voi
         }
     }
     const dec16_cfg *pc16 = use16 ? &c16 : NULL;
+    const struct tuna_l2pf pf = tuna_cuda_l2pf_take(be, TUNA_L2PF_ATTN, T); /* the hint ends here either way */
     if (code == 0)
         launch_kernels<float>(be, out, q, kcache, vcache, md, drows, n_dec, dtiles, n_tiles, (int)H, (int)Hkv, (int)D,
-                              n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM);
+                              n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf);
     else if (code == 1)
         launch_kernels<__nv_bfloat16>(be, out, q, kcache, vcache, md, drows, n_dec, dtiles, n_tiles, (int)H, (int)Hkv,
-                                      (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM);
+                                      (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf);
     else
         launch_kernels<__half>(be, out, q, kcache, vcache, md, drows, n_dec, dtiles, n_tiles, (int)H, (int)Hkv,
-                               (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM);
+                               (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf);
 }

@@ -366,6 +366,7 @@ static const struct tuna_backend_ops k_cuda_ops = {
     tuna_cuda_rmsnorm_matmul_glu,
     tuna_cuda_rope_kv_store,
     tuna_cuda_rmsnorm_qkv_rope_kv,
+    tuna_cuda_prefetch_l2,
 };
 
 extern "C" const struct tuna_backend_ops *tuna_cuda_backend_ops(void) { return &k_cuda_ops; }

@@ -16,6 +16,12 @@ struct cuda_grow_buf {
     size_t cap;
 };
 
+/* A range of device memory to bring into L2 (pdl.cuh: the prefetch_l2 hint); p NULL: none. */
+struct tuna_l2pf {
+    const void *p;
+    long long bytes;
+};
+
 struct tuna_backend {
     int device;
     int cc_major, sm_count, max_smem_optin; /* the device's attributes, read once when made (0: unknown) */
@@ -50,6 +56,7 @@ struct tuna_backend {
     int n_graphs, cap_graphs, cur_graph;
     bool graphs_off;     /* tuna_cuda_set_graphs(be, false) */
     long graph_stats[3]; /* captured, launched, discarded (TUNA_CUDA_GRAPHS=debug prints them) */
+    struct tuna_l2pf l2pf; /* the pending prefetch_l2 hint (pdl.cu) */
 };
 
 /* Records the first failure and returns false when e is an error. */
@@ -130,6 +137,8 @@ void tuna_cuda_rmsnorm_qkv_rope_kv(tuna_backend *be, float *const *ys, float *xn
                                    void *kcache, void *vcache, enum tuna_dtype kv_dtype, const int64_t *pos,
                                    const int64_t *slot, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t rot_dim,
                                    const float *inv_freq, float attn_factor);
+/* backend.h's prefetch_l2 (pdl.cu): records the hint for the next decode kernel that issues it. */
+void tuna_cuda_prefetch_l2(tuna_backend *be, const void *p, size_t bytes);
 
 /* 4-bit weights (q4.cu): the 16-entry table passed by value to kernels. */
 struct q4_lut {

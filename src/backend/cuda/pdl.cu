@@ -1,4 +1,4 @@
-/* pdl.cu — whether programmatic dependent launch is on (pdl.cuh). */
+/* pdl.cu — whether programmatic dependent launch is on, and the L2 prefetch hint (pdl.cuh). */
 #include <stdlib.h>
 #include <string.h>
 
@@ -38,4 +38,49 @@ bool tuna_cuda_smem_allow(tuna_backend *be, const void *kernel, size_t bytes)
         n++;
     }
     return true;
+}
+
+/* TUNA_L2PF: which kernel issues the hint (pdl.cuh), 0 none; TUNA_L2PF_MB: the largest range
+ * taken (default 40 MB, under the H100's 50 MB L2), anything larger is dropped. */
+static int l2pf_mode(void)
+{
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("TUNA_L2PF");
+        v = e && (e[0] == '1' || e[0] == '2') && !e[1] ? e[0] - '0' : 0;
+    }
+    return v;
+}
+
+static long long l2pf_max(void)
+{
+    static long long v = -1;
+    if (v < 0) {
+        const char *e = getenv("TUNA_L2PF_MB");
+        const long long mb = e && *e ? atoll(e) : 40;
+        v = (mb > 0 ? mb : 0) << 20;
+    }
+    return v;
+}
+
+void tuna_cuda_prefetch_l2(tuna_backend *be, const void *p, size_t bytes)
+{
+    be->l2pf.p = NULL;
+    be->l2pf.bytes = 0;
+    if (!l2pf_mode() || be->cc_major < 9 || !p || ((uintptr_t)p % 16) != 0) return;
+    const long long n = (long long)(bytes & ~(size_t)15);
+    if (n <= 0 || n > l2pf_max()) return;
+    be->l2pf.p = p;
+    be->l2pf.bytes = n;
+}
+
+struct tuna_l2pf tuna_cuda_l2pf_take(tuna_backend *be, int consumer, int64_t T)
+{
+    struct tuna_l2pf none = {NULL, 0};
+    if (!be->l2pf.p) return none;
+    const int mode = l2pf_mode();
+    if (mode != consumer && consumer != TUNA_L2PF_ATTN) return none;
+    struct tuna_l2pf pf = be->l2pf;
+    be->l2pf = none;
+    return T <= TUNA_CUDA_GEMV_MAX_T ? pf : none;
 }

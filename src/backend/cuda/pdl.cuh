@@ -41,8 +41,38 @@ __device__ __forceinline__ void tuna_prefetch_l2(const void *p)
 #endif
 }
 
+/* Bulk prefetch of bytes [p, p + n) into L2 (sm_90: cp.async.bulk.prefetch, one instruction per
+ * piece, nothing to wait for; below sm_90 nothing). p 16-byte aligned, n a multiple of 16. */
+__device__ __forceinline__ void tuna_prefetch_l2_bulk(const void *p, unsigned n)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(n) : "memory");
+#endif
+}
+
+/* Block b of nb brings its share of a pending L2 prefetch (struct tuna_l2pf, cuda_internal.h)
+ * into L2; call from one thread. A hint: results never depend on it. */
+__device__ __forceinline__ void tuna_l2pf_issue(const struct tuna_l2pf &pf, long long b, long long nb)
+{
+    if (!pf.p || pf.bytes <= 0 || nb <= 0) return;
+    const long long chunk = ((pf.bytes + nb - 1) / nb + 15) & ~15LL;
+    long long lo = b * chunk, hi = lo + chunk < pf.bytes ? lo + chunk : pf.bytes;
+    for (; lo < hi; lo += 65536) {
+        const long long n = hi - lo < 65536 ? hi - lo : 65536;
+        tuna_prefetch_l2_bulk((const char *)pf.p + lo, (unsigned)n);
+    }
+}
+
 /* True when this backend's launches may use PDL (compute capability >= 9.0, TUNA_PDL != 0). */
 bool tuna_cuda_pdl_on(tuna_backend *be);
+
+/* The L2 prefetch hint (backend.h's prefetch_l2; TUNA_L2PF picks the kernel that issues it: 0 none,
+ * the default until measured; 1 the decode attention kernel; 2 the RoPE/KV-store kernel before
+ * it, or attention when that kernel does not run). A consumer calls tuna_cuda_l2pf_take with its
+ * own id and its token count: it gets the pending range (p NULL when none is for it) and the
+ * hint is cleared when it is the consumer's or the consumer is attention (the last chance). */
+enum { TUNA_L2PF_ATTN = 1, TUNA_L2PF_ROPE = 2 };
+struct tuna_l2pf tuna_cuda_l2pf_take(tuna_backend *be, int consumer, int64_t T);
 
 /* Lets kernel use `bytes` of dynamic shared memory (above the default 48 KiB: once per kernel). */
 bool tuna_cuda_smem_allow(tuna_backend *be, const void *kernel, size_t bytes);

@@ -12,12 +12,15 @@
 template <typename KT>
 __global__ void k_rope_kv(float *q, float *k, const float *v, const float *qn, const float *kn, float eps, KT *kc,
                           KT *vc, const int64_t *pos, const int64_t *slot, int64_t H, int64_t Hkv, int64_t D,
-                          int64_t half, const float *inv_freq, float attn_factor)
+                          int64_t half, const float *inv_freq, float attn_factor, const struct tuna_l2pf pf)
 {
     extern __shared__ float sh[]; /* [D] the head, normalized */
     __shared__ float red[32];
     tuna_pdl_wait();
     tuna_pdl_trigger();
+    /* the L2 prefetch hint (TUNA_L2PF=2): the next weight streams in while this kernel and
+     * attention leave DRAM idle; after the wait, so the q/k/v GEMV before has the bandwidth */
+    if (threadIdx.x == 0) tuna_l2pf_issue(pf, blockIdx.x, gridDim.x);
     const int64_t t = blockIdx.x / (H + Hkv), h = blockIdx.x % (H + Hkv);
     const bool is_k = h >= H;
     const int64_t hh = is_k ? h - H : h;
@@ -87,14 +90,15 @@ void tuna_cuda_rope_kv_store(tuna_backend *be, float *q, float *k, const float *
     if (threads > 256) threads = 256;
     const dim3 grid((unsigned)(T * (H + Hkv))), block((unsigned)threads);
     const size_t smem = (size_t)D * sizeof(float);
+    const struct tuna_l2pf pf = tuna_cuda_l2pf_take(be, TUNA_L2PF_ROPE, T);
     if (code == 0)
         tuna_cuda_launch(be, "k_rope_kv", k_rope_kv<float>, grid, block, smem, q, k, v, q_norm, k_norm, eps,
-                         (float *)kcache, (float *)vcache, dpos, dslot, H, Hkv, D, half, dfreq, attn_factor);
+                         (float *)kcache, (float *)vcache, dpos, dslot, H, Hkv, D, half, dfreq, attn_factor, pf);
     else if (code == 1)
         tuna_cuda_launch(be, "k_rope_kv", k_rope_kv<__nv_bfloat16>, grid, block, smem, q, k, v, q_norm, k_norm, eps,
                          (__nv_bfloat16 *)kcache, (__nv_bfloat16 *)vcache, dpos, dslot, H, Hkv, D, half, dfreq,
-                         attn_factor);
+                         attn_factor, pf);
     else
         tuna_cuda_launch(be, "k_rope_kv", k_rope_kv<__half>, grid, block, smem, q, k, v, q_norm, k_norm, eps,
-                         (__half *)kcache, (__half *)vcache, dpos, dslot, H, Hkv, D, half, dfreq, attn_factor);
+                         (__half *)kcache, (__half *)vcache, dpos, dslot, H, Hkv, D, half, dfreq, attn_factor, pf);
 }
