@@ -1190,6 +1190,13 @@ __global__ void __launch_bounds__(Q4M_THREADS, 1)
     int64_t c_n0 = 0;
     bool c_nested[2] = {false, false};
     float c_noff[2] = {0.0f, 0.0f};
+    /* the item's output this thread adds up (o = lane * 16 + warp: every warp takes a share, so no
+     * warp falls behind the others at the next barrier): its index in y (-1: none), its bias (GLU:
+     * gate's and up's) and, when adding, y's value, loaded at the item's start */
+    const int o = lane * Q4M_WARPS + warp, o_i = o / TT, o_t = o % TT;
+    const int nout = (j.mode == GEMV_GLU ? 8 : Q4M_ROWS) * TT;
+    int64_t c_yi = -1;
+    float c_b0 = 0.0f, c_b1 = 0.0f, c_yv = 0.0f;
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const __half *xrow = xs + (g < TT ? g : 0) * XS + 16 * t;
 
@@ -1206,6 +1213,17 @@ __global__ void __launch_bounds__(Q4M_THREADS, 1)
                     c_nested[r] = j.s[sg[r]].sc.absmax == NULL;
                     c_noff[r] = j.s[sg[r]].sc.noff;
                     c_ncoff[r] = sg[r] * 256;
+                }
+                c_yi = -1;
+                if (o < nout) {
+                    const struct gemv_seg &sy = j.s[c_seg];
+                    const int64_t n = c_n0 + o_i;
+                    if (n < sy.N) {
+                        c_yi = o_t * sy.N + n;
+                        c_b0 = sy.bias ? sy.bias[n] : 0.0f;
+                        if (j.mode == GEMV_GLU) c_b1 = j.s[1].bias ? j.s[1].bias[n] : 0.0f;
+                        if (j.mode == GEMV_ADD) c_yv = sy.y[c_yi];
+                    }
                 }
             }
             const int64_t cb = warp + (int64_t)Q4M_WARPS * c_c;
@@ -1252,33 +1270,15 @@ __global__ void __launch_bounds__(Q4M_THREADS, 1)
                 acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
                 __syncthreads();
                 const float *pb = part + (c_ii & 1) * Q4M_WARPS * Q4M_ROWS * TT;
-                const int id = threadIdx.x;
-                if (j.mode == GEMV_GLU) {
-                    if (id < 8 * TT) {
-                        const int i = id / TT, tk = id % TT;
-                        const int64_t N = j.s[0].N, n = c_n0 + i;
-                        float sg = 0.0f, su = 0.0f;
-                        for (int w = 0; w < Q4M_WARPS; w++) {
-                            sg += pb[(w * Q4M_ROWS + i) * TT + tk];
-                            su += pb[(w * Q4M_ROWS + 8 + i) * TT + tk];
-                        }
-                        if (n < N) {
-                            const float bg = j.s[0].bias ? j.s[0].bias[n] : 0.0f;
-                            const float bu = j.s[1].bias ? j.s[1].bias[n] : 0.0f;
-                            j.s[0].y[tk * N + n] = tuna_cuda_act(sg + bg, j.act) * (su + bu);
-                        }
-                    }
-                } else if (id < Q4M_ROWS * TT) {
-                    const int i = id / TT, tk = id % TT;
-                    const struct gemv_seg &s = j.s[c_seg];
-                    const int64_t n = c_n0 + i;
-                    float v = 0.0f;
-                    for (int w = 0; w < Q4M_WARPS; w++) v += pb[(w * Q4M_ROWS + i) * TT + tk];
-                    if (n < s.N) {
-                        v += s.bias ? s.bias[n] : 0.0f;
-                        float *yp = s.y + tk * s.N + n;
-                        if (j.mode == GEMV_ADD) *yp += v;
-                        else *yp = v;
+                if (c_yi >= 0) {
+                    float v = 0.0f, vu = 0.0f;
+                    for (int w = 0; w < Q4M_WARPS; w++) v += pb[(w * Q4M_ROWS + o_i) * TT + o_t];
+                    if (j.mode == GEMV_GLU) {
+                        for (int w = 0; w < Q4M_WARPS; w++) vu += pb[(w * Q4M_ROWS + 8 + o_i) * TT + o_t];
+                        j.s[0].y[c_yi] = tuna_cuda_act(v + c_b0, j.act) * (vu + c_b1);
+                    } else {
+                        v += c_b0;
+                        j.s[c_seg].y[c_yi] = j.mode == GEMV_ADD ? c_yv + v : v;
                     }
                 }
                 c_ii++;
