@@ -363,8 +363,11 @@ static void test_q4_grouped(void **state)
     (void)state;
     NEED_GPU();
     const int64_t Ts[] = {1, 2, 3, 8, 9};
-    /* the last shape has more rows than one wave of blocks: warps take several rows */
-    const int64_t shapes[][4] = {{64, 256, 32, 32}, {300, 1024, 100, 100}, {37, 72, 5, 9}, {14336, 64, 4000, 3000}};
+    /* the last shape has more rows than one wave of blocks: warps take several rows; 2200 x 1088
+     * (17 blocks of 64 per row) gives k_q4_mma (TUNA_Q4_K=3) more items than SMs and a second,
+     * partly empty stage per warp and item */
+    const int64_t shapes[][4] = {{64, 256, 32, 32}, {300, 1024, 100, 100}, {37, 72, 5, 9}, {2200, 1088, 40, 24},
+                                 {14336, 64, 4000, 3000}};
     for (int type = 0; type < 2; type++)
         for (int od = 0; od < 2; od++)
             for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
