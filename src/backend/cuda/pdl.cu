@@ -40,8 +40,8 @@ bool tuna_cuda_smem_allow(tuna_backend *be, const void *kernel, size_t bytes)
     return true;
 }
 
-/* TUNA_L2PF: which kernel issues the hint (pdl.cuh), 0 none; TUNA_L2PF_MB: the largest range
- * taken (default 40 MB, under the H100's 50 MB L2), anything larger is dropped. */
+/* TUNA_L2PF: which kernel issues the hint (pdl.cuh), 0 none; TUNA_L2PF_MB: at most this much of
+ * the range is taken, from its start (default 40 MB, under the H100's 50 MB L2). */
 static int l2pf_mode(void)
 {
     static int v = -1;
@@ -69,9 +69,9 @@ void tuna_cuda_prefetch_l2(tuna_backend *be, const void *p, size_t bytes)
     be->l2pf.bytes = 0;
     if (!l2pf_mode() || be->cc_major < 9 || !p || ((uintptr_t)p % 16) != 0) return;
     const long long n = (long long)(bytes & ~(size_t)15);
-    if (n <= 0 || n > l2pf_max()) return;
+    if (n <= 0) return;
     be->l2pf.p = p;
-    be->l2pf.bytes = n;
+    be->l2pf.bytes = n < l2pf_max() ? n : l2pf_max();
 }
 
 struct tuna_l2pf tuna_cuda_l2pf_take(tuna_backend *be, int consumer, int64_t T)
