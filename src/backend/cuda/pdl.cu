@@ -14,6 +14,21 @@ bool tuna_cuda_pdl_on(tuna_backend *be)
     return env && be->cc_major >= 9;
 }
 
+/* TUNA_CARVEOUT=pct (0..100): the preferred shared-memory carveout of every kernel launched here
+ * (the PDL chain of decode: GEMVs, the 4-bit GEMVs, RoPE/KV store), set once per kernel; unset:
+ * the driver's choice. An SM changes its carveout only when empty, and PDL-chained kernels keep
+ * it occupied: one value for the whole chain avoids waiting for an SM to drain (a measurement). */
+static int carveout_env(void)
+{
+    static int v = -2;
+    if (v == -2) {
+        const char *e = getenv("TUNA_CARVEOUT");
+        v = e && *e ? atoi(e) : -1;
+        if (v > 100) v = 100;
+    }
+    return v;
+}
+
 bool tuna_cuda_smem_allow(tuna_backend *be, const void *kernel, size_t bytes)
 {
     static struct {
@@ -21,18 +36,22 @@ bool tuna_cuda_smem_allow(tuna_backend *be, const void *kernel, size_t bytes)
         size_t bytes;
     } seen[128];
     static int n;
-    if (bytes <= 48 * 1024) return true;
+    const int carve = carveout_env();
+    if (bytes <= 48 * 1024 && carve < 0) return true;
+    int at = -1;
     for (int i = 0; i < n; i++)
-        if (seen[i].k == kernel && seen[i].bytes >= bytes) return true;
-    if (!tuna_cuda_check(be, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes),
+        if (seen[i].k == kernel) at = i;
+    if (at >= 0 && seen[at].bytes >= bytes) return true;
+    if (at < 0 && carve >= 0 && cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, carve) !=
+                                    cudaSuccess)
+        cudaGetLastError(); /* a hint: ignored where refused */
+    if (bytes > 48 * 1024 &&
+        !tuna_cuda_check(be, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes),
                          "cudaFuncSetAttribute(shared memory)"))
         return false;
-    for (int i = 0; i < n; i++)
-        if (seen[i].k == kernel) {
-            seen[i].bytes = bytes;
-            return true;
-        }
-    if (n < 128) {
+    if (at >= 0) {
+        seen[at].bytes = bytes;
+    } else if (n < 128) {
         seen[n].k = kernel;
         seen[n].bytes = bytes;
         n++;
