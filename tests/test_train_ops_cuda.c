@@ -465,6 +465,7 @@ static void test_half_ops(void **state)
     (void)state;
     NEED_GPU();
     assert_null(g_ct->matmul16); /* the CPU keeps the float32 ops */
+    assert_null(g_ct->lora_backward_h);
     const struct tuna_backend_ops *cpu = tuna_cpu_backend_ops();
     for (int kind = 0; kind < 4; kind++) { /* bf16, f16, nf4 (bf16), nf4 double-quantized (bf16) */
         const int64_t T = 35, N = 136, K = 200;
@@ -543,6 +544,26 @@ static void test_half_ops(void **state)
         if (kind >= 2) tuna_q4_weight_free(&q);
         free(x), free(xr), free(dy), free(dyr), free(wh), free(wf), free(bias);
     }
+    { /* lora_backward_h: the forward's x A^T (lora_forward's work) instead of a recomputation */
+        const int64_t T = 13, N = 37, K = 41, R = 5;
+        float *A = rnd((size_t)(R * K)), *B = rnd((size_t)(N * R)), *x = rnd((size_t)(T * K)), *dy = rnd((size_t)(T * N));
+        float *dx = rnd((size_t)(T * K)), *dA = rnd((size_t)(R * K)), *dB = rnd((size_t)(N * R));
+        float *work = malloc((size_t)(2 * T * R) * 4);
+        struct tuna_lora lc = {R, A, B, 0.75f};
+        struct tuna_lora lg = {R, dev(A, (size_t)(R * K) * 4), dev(B, (size_t)(N * R) * 4), 0.75f};
+        float *gx = dev(x, (size_t)(T * K) * 4), *gdy = dev(dy, (size_t)(T * N) * 4), *gy = dev(NULL, (size_t)(T * N) * 4);
+        float *gh = dev(NULL, (size_t)(T * R) * 4), *gwork = dev(NULL, (size_t)(T * R) * 4);
+        float *gdx = dev(dx, (size_t)(T * K) * 4), *gdA = dev(dA, (size_t)(R * K) * 4), *gdB = dev(dB, (size_t)(N * R) * 4);
+        g_gt->lora_forward(g_gpu, gy, gx, &lg, T, N, K, gh, false);
+        g_ct->lora_backward(g_cpu, dx, dA, dB, dy, x, &lc, T, N, K, work, false);
+        g_gt->lora_backward_h(g_gpu, gdx, gdA, gdB, gdy, gx, gh, &lg, T, N, K, gwork, false);
+        check_dev("lora_backward_h dx", gdx, dx, (size_t)(T * K), 1e-5);
+        check_dev("lora_backward_h dA", gdA, dA, (size_t)(R * K), 1e-5);
+        check_dev("lora_backward_h dB", gdB, dB, (size_t)(N * R), 1e-5);
+        tuna_cuda_free(g_gpu, (void *)lg.A), tuna_cuda_free(g_gpu, (void *)lg.B), tuna_cuda_free(g_gpu, gx);
+        tuna_cuda_free(g_gpu, gdy), tuna_cuda_free(g_gpu, gy), tuna_cuda_free(g_gpu, gh), tuna_cuda_free(g_gpu, gwork);
+        free(A), free(B), free(x), free(dy), free(work);
+    }
     for (int hk = 0; hk < 2; hk++) {
         const enum tuna_dtype hdt = hk ? TUNA_DTYPE_F16 : TUNA_DTYPE_BF16;
         const char *hn = hk ? "f16" : "bf16";
@@ -616,7 +637,9 @@ static void test_half_ops(void **state)
             free(got), free(want);
             check_dev("glu16 out", gout, out, (size_t)n, 1e-5);
             float *dg = calloc((size_t)n, 4), *du = calloc((size_t)n, 4);
-            float *gdg = dev(rnd((size_t)n), (size_t)n * 4), *gdu = dev(rnd((size_t)n), (size_t)n * 4); /* overwritten */
+            float *junk = rnd((size_t)n); /* what the outputs held before: overwritten */
+            float *gdg = dev(junk, (size_t)n * 4), *gdu = dev(junk, (size_t)n * 4);
+            free(junk);
             g_ct->glu_backward(g_cpu, dg, du, dout, gate, up, n, act);
             g_gt->glu_backward16(g_gpu, gdg, gdu, dg16, du16, gdout, ggate, gup, n, act, hdt);
             got = back16(dg16, (size_t)n, hdt), want = round16(dg, (size_t)n, hdt);

@@ -205,6 +205,13 @@ struct tuna_train_ops {
     /* rope_backward in place on d, then d16 = d rounded (d16 may be NULL). */
     void (*rope_backward16)(tuna_backend *be, float *d, void *d16, const int64_t *pos, int64_t T, int64_t H, int64_t D,
                             int64_t rot_dim, const float *inv_freq, float attn_factor, enum tuna_dtype hdt);
+
+    /* lora_backward given h[T,R] = x A^T, what lora_forward left in its work for the same x (the
+     * trainer keeps it from the forward): one GEMM and one read of x fewer. work: [T R] floats.
+     * NULL on the CPU. */
+    void (*lora_backward_h)(tuna_backend *be, float *dx, float *dA, float *dB, const float *dy, const float *x,
+                            const float *h, const struct tuna_lora *lora, int64_t T, int64_t N, int64_t K, float *work,
+                            bool fast);
 };
 
 #define TUNA_TRAIN_NORM_WORK 8192

@@ -39,7 +39,8 @@ void tuna_train_linear_forward_rows(tuna_trainer *t, int64_t l, int proj, float 
         t->tops->dropout(m->be, t->drop, x, T * md->K, t->lo.dropout, key);
         xin = t->drop;
     }
-    t->tops->lora_forward(m->be, y, xin, &md->lora, T, md->N, md->K, t->lwork, t->fast);
+    float *h = tuna_train_lora_h(t, l, proj, row0, md->r); /* kept for the backward */
+    t->tops->lora_forward(m->be, y, xin, &md->lora, T, md->N, md->K, h ? h : t->lwork, t->fast);
 }
 
 void tuna_train_linear_forward(tuna_trainer *t, int64_t l, int proj, float *y, const float *x, int64_t T)
@@ -80,8 +81,10 @@ static void layer_fwd(tuna_trainer *t, int64_t l, const struct tuna_fwd_layer_ac
     const int64_t I = a->intermediate_size;
     const float eps = (float)a->norm_eps;
     const void *x16 = t->h16 ? t->xa16 : NULL;
-    if (t->h16) { /* the copy, the norm and its 16-bit operand in one pass */
-        t->tops->add_rmsnorm16(be, x, NULL, A->x_in, A->xn_attn, t->xa16, L->attn_norm, T, C, eps, t->hdt);
+    if (t->h16) { /* the previous layer's residual add, the copy, the norm and its operand in one pass */
+        t->tops->add_rmsnorm16(be, x, t->add_pending ? t->tmp : NULL, A->x_in, A->xn_attn, t->xa16, L->attn_norm, T,
+                               C, eps, t->hdt);
+        t->add_pending = false;
     } else {
         op->copy(be, A->x_in, x, (size_t)(T * C) * sizeof *x);
         op->rmsnorm(be, A->xn_attn, x, L->attn_norm, T, C, eps);
@@ -121,7 +124,10 @@ static void layer_fwd(tuna_trainer *t, int64_t l, const struct tuna_fwd_layer_ac
             tuna_train_linear_forward_rows(t, l, TUNA_PROJ_DOWN, t->tmp + r0 * C, A->act, a16, n, r0);
         }
     }
-    op->add(be, x, t->tmp, T * C);
+    if (t->h16 && !t->ckpt) /* the next layer's add_rmsnorm16 adds it (tuna_train_forward after the last) */
+        t->add_pending = true;
+    else
+        op->add(be, x, t->tmp, T * C);
 }
 
 /* Rows per chunk of the head (logits + fused cross-entropy): at most 64 Mi floats of logits
@@ -202,6 +208,10 @@ static size_t layout(tuna_trainer *t, int64_t T, char *base)
     t->drop = dropout ? carve(&c, (size_t)(T * KI) * f) : NULL;
     t->drop_g = dropout ? carve(&c, (size_t)(T * KI) * f) : NULL;
     t->lwork = carve(&c, (size_t)(2 * T * t->max_r) * f);
+    const char *lhe = getenv("TUNA_TRAIN_LORA_H"); /* "0": recompute x A^T in the backward (comparisons) */
+    t->lh = t->tops->lora_backward_h && !(lhe && !strcmp(lhe, "0"))
+                ? carve(&c, (size_t)(nact * TUNA_PROJ_COUNT * T * t->max_r) * f)
+                : NULL;
     c.cat = MC_LOGITS;
     t->chunk = head_chunk(T, V, t->offload);
     t->logits = carve(&c, (size_t)(t->chunk * V) * f);
@@ -338,6 +348,10 @@ tuna_status tuna_train_forward(tuna_trainer *t, const struct tuna_batch *b, int6
             m->ops->copy(m->be, t->x_saved + l * T * C, t->x, xb);
         const int64_t k = t->ckpt ? 0 : l;
         layer_fwd(t, l, &t->acts[k], t->lse + k * T * a->n_heads, t->x, b, true);
+    }
+    if (t->add_pending) {
+        m->ops->add(m->be, t->x, t->tmp, T * C);
+        t->add_pending = false;
     }
     int64_t n = 0;
     for (int64_t i = 0; i < T; i++)

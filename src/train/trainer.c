@@ -425,15 +425,22 @@ static void linear_backward_rows(tuna_trainer *t, int64_t layer, int proj, float
     if (!md) return;
     float *dA = t->grads + md->offA, *dB = t->grads + md->offB;
     uint64_t key = tuna_train_key_at(tuna_train_drop_key(t, (int)(md - t->mods)), row0 * md->K);
+    const float *h = tuna_train_lora_h(t, layer, proj, row0, md->r); /* the forward's x A^T */
     if (!key) {
-        to->lora_backward(m->be, dx, dA, dB, dy, x, &md->lora, T, md->N, md->K, t->lwork, t->fast);
+        if (h)
+            to->lora_backward_h(m->be, dx, dA, dB, dy, x, h, &md->lora, T, md->N, md->K, t->lwork, t->fast);
+        else
+            to->lora_backward(m->be, dx, dA, dB, dy, x, &md->lora, T, md->N, md->K, t->lwork, t->fast);
         return;
     }
     /* y += s B A drop(x): the adapter sees drop(x); dropout is linear, so dx += drop(d drop(x)) */
     const int64_t n = T * md->K;
     to->dropout(m->be, t->drop, x, n, t->lo.dropout, key);
     to->zero(m->be, t->drop_g, n);
-    to->lora_backward(m->be, t->drop_g, dA, dB, dy, t->drop, &md->lora, T, md->N, md->K, t->lwork, t->fast);
+    if (h)
+        to->lora_backward_h(m->be, t->drop_g, dA, dB, dy, t->drop, h, &md->lora, T, md->N, md->K, t->lwork, t->fast);
+    else
+        to->lora_backward(m->be, t->drop_g, dA, dB, dy, t->drop, &md->lora, T, md->N, md->K, t->lwork, t->fast);
     to->dropout(m->be, t->drop_g, t->drop_g, n, t->lo.dropout, key);
     m->ops->add(m->be, dx, t->drop_g, n);
 }

@@ -67,6 +67,8 @@ struct tuna_trainer {
     /* with offload the MLP runs in chunks of mlp_rows rows: acts[0].gate/up/act and g.dact/dup
        hold one chunk ([mlp_rows, I]) and g.dgate is acts[0].act (dead once down's backward ran) */
     float *lwork;                     /* [2 T max_r] LoRA scratch */
+    float *lh; /* [nact, 7, T, max_r]: each adapter's x A^T from the forward, for lora_backward_h (NULL
+                  where the backend has none) */
     float *logits;                    /* [chunk, V] one chunk of the head's rows */
     int64_t chunk;                    /* rows per head chunk */
     double *loss_rows;                /* [T] per-row cross-entropy */
@@ -79,6 +81,7 @@ struct tuna_trainer {
        act16 [mlp_rows, I]: down's operand, then (backward) dgate's; dup16 [mlp_rows, I];
        dx16 [T, C]: the residual gradient (down's and o's dy); dq16 [T, H*D], dk16, dv16 [T, Hkv*D] */
     bool h16;
+    bool add_pending; /* h16 without checkpoints: x += tmp (the last layer's down output) not done yet */
     enum tuna_dtype hdt;
     void *xa16, *act16, *dup16, *dx16, *dq16, *dk16, *dv16;
     void *attn_mem; /* attention scratch (attn_floats), grown per batch */
@@ -97,6 +100,14 @@ static inline struct tuna_linear *proj_lin(struct tuna_layer *L, int p)
     case TUNA_PROJ_UP: return &L->up;
     default: return &L->down;
     }
+}
+
+/* Where the forward leaves module (layer l, proj)'s x A^T for rows from row0 on (rank r), or NULL. */
+static inline float *tuna_train_lora_h(const tuna_trainer *t, int64_t l, int proj, int64_t row0, int64_t r)
+{
+    if (!t->lh) return NULL;
+    const int64_t k = t->ckpt ? 0 : l;
+    return t->lh + (k * TUNA_PROJ_COUNT + proj) * t->cap_T * t->max_r + row0 * r;
 }
 
 /* The key of module `mod`'s dropout masks in the current micro-batch (0 = no dropout). */

@@ -23,6 +23,10 @@ void tuna_cuda_train_lora_backward(tuna_backend *be, float *dx, float *dA, float
                                    const struct tuna_lora *lora, int64_t T, int64_t N, int64_t K, float *work,
                                    bool fast);
 
+void tuna_cuda_train_lora_backward_h(tuna_backend *be, float *dx, float *dA, float *dB, const float *dy, const float *x,
+                                     const float *h, const struct tuna_lora *lora, int64_t T, int64_t N, int64_t K,
+                                     float *work, bool fast);
+
 /* train_half.cu: the 16-bit operand ops of the table (train_ops.h) and the trainer's 4-bit
  * dequantization into be->wdeq (q4.cu's tuna_cuda_dequant_q4 where its fast kernel does not
  * apply, or with TUNA_TRAIN_DEQUANT=old); bit-identical values. */

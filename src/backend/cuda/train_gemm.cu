@@ -99,3 +99,17 @@ void tuna_cuda_train_lora_backward(tuna_backend *be, float *dx, float *dA, float
     tuna_cuda_train_gemm(be, true, false, R, K, T, s, u, R, x, K, 1.0f, dA, K, fast);             /* dA += s u^T x */
     tuna_cuda_train_gemm(be, true, false, N, R, T, s, dy, N, hx, R, 1.0f, dB, R, fast);           /* dB += s dy^T hx */
 }
+
+void tuna_cuda_train_lora_backward_h(tuna_backend *be, float *dx, float *dA, float *dB, const float *dy, const float *x,
+                                     const float *h, const struct tuna_lora *l, int64_t T, int64_t N, int64_t K,
+                                     float *work, bool fast)
+{
+    const int64_t R = l->r;
+    if (be->sticky || T <= 0 || R <= 0) return;
+    float *u = work;
+    const float s = l->scale;
+    tuna_cuda_train_gemm(be, false, false, T, R, N, 1.0f, dy, N, l->B, R, 0.0f, u, R, fast);      /* u = dy B */
+    if (dx) tuna_cuda_train_gemm(be, false, false, T, K, R, s, u, R, l->A, K, 1.0f, dx, K, fast); /* dx += s u A */
+    tuna_cuda_train_gemm(be, true, false, R, K, T, s, u, R, x, K, 1.0f, dA, K, fast);             /* dA += s u^T x */
+    tuna_cuda_train_gemm(be, true, false, N, R, T, s, dy, N, h, R, 1.0f, dB, R, fast);            /* dB += s dy^T h */
+}

@@ -334,27 +334,31 @@ void tuna_cuda_train_rmsnorm_backward16(tuna_backend *be, float *dx, void *dx16,
     tuna_cuda_check_launch(be, "k_train_rmsnorm_backward16");
 }
 
-/* train_ops.cu's k_train_glu_backward (double, as the CPU), overwriting */
+/* train_ops.cu's k_train_glu_backward in float32 arithmetic (that kernel's double made it
+ * compute-bound: 242 us per [2048, 11008] call on an H100, this one is a pass over memory),
+ * overwriting; the 16-bit mode only, where the results are rounded to bf16/f16 anyway */
 __global__ void k_train_glu_backward16(float *dgate, float *dup, void *dgate16, void *dup16, const float *dout,
                                        const float *gate, const float *up, int64_t n, int act, bool bf)
 {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    const double kBeta = 0.7978845608028654, kKappa = 0.044715;
-    double x = gate[i], g, dg;
+    const float kBeta = 0.7978845608028654f, kKappa = 0.044715f;
+    const float x = gate[i];
+    float g, dg;
     if (act == 1) {
-        double inner = kBeta * (x + kKappa * x * x * x), th = tanh(inner);
-        g = 0.5 * x * (1 + th);
-        dg = 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * kBeta * (1 + 3 * kKappa * x * x);
+        const float th = tanhf(kBeta * (x + kKappa * x * x * x));
+        g = 0.5f * x * (1.0f + th);
+        dg = 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * kBeta * (1.0f + 3.0f * kKappa * x * x);
     } else if (act == 2) {
-        g = 0.5 * x * (1 + erf(x * 0.7071067811865476));
-        dg = 0.5 * (1 + erf(x * 0.7071067811865476)) + x * exp(-0.5 * x * x) * 0.3989422804014327;
+        const float e = erff(x * 0.7071067811865476f);
+        g = 0.5f * x * (1.0f + e);
+        dg = 0.5f * (1.0f + e) + x * expf(-0.5f * x * x) * 0.3989422804014327f;
     } else {
-        double sg = 1 / (1 + exp(-x));
+        const float sg = 1.0f / (1.0f + expf(-x));
         g = x * sg;
-        dg = sg * (1 + x * (1 - sg));
+        dg = sg * (1.0f + x * (1.0f - sg));
     }
-    const float a = (float)(dout[i] * up[i] * dg), b = (float)(dout[i] * g);
+    const float d = dout[i], a = d * up[i] * dg, b = d * g;
     dgate[i] = a;
     dup[i] = b;
     st16(dgate16, i, a, bf);
