@@ -255,7 +255,7 @@ tuna_status bench_synth_model(const char *name, const struct tuna_model_opts *o,
 static void usage(FILE *f)
 {
     fprintf(f, "usage: tuna bench [DIR | --synthetic llama-3.2-1b|llama-3-8b] [--prompt-len 128] [--gen 32]\n"
-               "                  [--batch B] [--device cpu|cuda] [--dtype T] [--threads N]\n\n"
+               "                  [--batch B] [--device cpu|cuda] [--dtype T] [--kv-cache-dtype T] [--threads N]\n\n"
                "Prefill and decode tokens/s for B sequences decoded together, weight GB/s per decode step,\n"
                "and on the CPU the machine's streaming read bandwidth with the same thread count.\n\n"
                "       tuna bench --serve [DIR | --synthetic NAME] ...   the serving engine (tuna bench --serve --help)\n"

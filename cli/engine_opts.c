@@ -41,10 +41,10 @@ bool engine_opts_parse(struct engine_opts *o, int argc, char **argv, int *i, boo
 bool engine_opts_check(const struct engine_opts *o, const char *cmd)
 {
     if (o->kv_gb < 0 || o->gpu_util <= 0 || o->gpu_util > 1 || o->block_size < 1 || o->block_size > 1024 ||
-        o->max_num_seqs < 1 || o->max_num_seqs > 256 || o->max_batched < 1 || o->max_model_len < 0 ||
+        o->max_num_seqs < 1 || o->max_num_seqs > 1024 || o->max_batched < 1 || o->max_model_len < 0 ||
         o->threads < 0) {
         fprintf(stderr, "%s: out of range: --kv-cache-gb >= 0, --gpu-memory-utilization in (0, 1], --block-size "
-                        "1..1024, --max-num-seqs 1..256, --max-num-batched-tokens >= 1, --max-model-len and "
+                        "1..1024, --max-num-seqs 1..1024, --max-num-batched-tokens >= 1, --max-model-len and "
                         "--threads >= 0\n", cmd);
         return false;
     }
@@ -58,13 +58,15 @@ void engine_opts_help(FILE *f)
                "                                --gpu-memory-utilization leaves after weights and activations)\n"
                "  --gpu-memory-utilization F    fraction of the GPU's memory tuna may use (default 0.9)\n"
                "  --block-size N                KV tokens per block (default 16)\n"
-               "  --max-num-seqs N              sequences running at once (default 128, at most 256)\n"
+               "  --max-num-seqs N              sequences running at once (default 128, at most 1024)\n"
                "  --max-num-batched-tokens N    tokens per step, prefill chunks included (default 2048)\n"
                "  --enable-prefix-caching       reuse cached KV blocks of earlier prompts that share a prefix\n"
                "  --no-enable-prefix-caching    (default: on, as vLLM; hits count in vllm:prefix_cache_hits)\n"
                "  --threads N                   CPU threads (default: all)\n"
                "  --device D                    cpu, cuda, cuda:N or auto (default: the GPU when there is one)\n"
                "  --dtype T                     GPU compute dtype: auto, bfloat16, float16, float32\n"
+               "  --kv-cache-dtype T            KV cache: auto (the compute dtype; float32 on the CPU), bfloat16,\n"
+               "                                float16, fp8 (= fp8_e4m3, GPU only: 1 byte per element, ~2x tokens)\n"
                "  --load-in-4bit                quantize 16-bit weights to NF4 (double quant) at load\n");
 }
 

@@ -69,6 +69,13 @@ bool infer_device_parse(struct tuna_model_opts *o, int argc, char **argv, int *i
         }
         return true;
     }
+    if (tuna_cli_opt_str(argc, argv, i, "--kv-cache-dtype", &s, bad)) {
+        if (!tuna_kv_dtype_parse(s, &o->kv_cache_dtype)) {
+            fprintf(stderr, "--kv-cache-dtype wants auto, bfloat16, float16, float32, fp8 or fp8_e4m3, got '%s'\n", s);
+            *bad = true;
+        }
+        return true;
+    }
     return false;
 }
 
@@ -161,6 +168,8 @@ void infer_flags_help(FILE *out, bool sampling)
     fprintf(out, "  --device D             cpu, cuda, cuda:N or auto (default: the GPU when there is one)\n"
                  "  --dtype T              GPU compute: auto (bf16 on compute capability >= 8.0, else fp16),\n"
                  "                         bfloat16, float16, float32\n"
+                 "  --kv-cache-dtype T     KV cache: auto (float32 on the CPU, the compute dtype on the GPU),\n"
+                 "                         bfloat16, float16, float32, fp8 (= fp8_e4m3, GPU only: half the bytes)\n"
                  "  --load-in-4bit          quantize the decoder projections at load (NF4 + double quant,\n"
                  "                         block 64; --quant-type fp4, --no-double-quant, --blocksize N)\n"
                  "  --threads N            CPU threads (default: all)\n"

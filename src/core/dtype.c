@@ -155,6 +155,23 @@ float tuna_f8e4m3_to_f32(uint8_t v)
     return sign ? -r : r;
 }
 
+uint8_t tuna_f32_to_f8e4m3(float f)
+{
+    const uint8_t sign = signbit(f) ? 0x80 : 0;
+    float a = fabsf(f);
+    if (isnan(f)) return (uint8_t)(sign | 0x7f);
+    if (a >= 464.0f) return (uint8_t)(sign | 0x7e); /* rounds past 448 (464 ties to even 448): saturate */
+    if (a < 0.015625f) /* below 2^-6: subnormal, steps of 2^-9 (8 steps round up to 2^-6 = 0x08) */
+        return (uint8_t)(sign | (uint8_t)nearbyintf(a * 512.0f));
+    int e;
+    frexpf(a, &e);          /* a = m * 2^e, m in [0.5, 1): a in [2^(e-1), 2^e) */
+    e -= 1;                 /* a in [2^e, 2^(e+1)), e in [-6, 8] */
+    const int qv = (int)nearbyintf(ldexpf(a, 3 - e)); /* 8..16: the significand in eighths */
+    int bits = ((e + 7) << 3) + (qv - 8);
+    if (bits > 0x7e) bits = 0x7e;
+    return (uint8_t)(sign | bits);
+}
+
 float tuna_f8e5m2_to_f32(uint8_t v)
 {
     /* E5M2 is the top byte of an IEEE half */

@@ -60,6 +60,9 @@ uint16_t tuna_f32_to_bf16(float f); /* round to nearest even, NaN kept NaN (as t
 float tuna_f16_to_f32(uint16_t h);
 uint16_t tuna_f32_to_f16(float f); /* round to nearest even, overflow to inf */
 float tuna_f8e4m3_to_f32(uint8_t v);
+/* float32 to E4M3FN, round to nearest even, saturating: beyond +-448 (infinities too) gives
+ * +-448, NaN gives NaN (0x7f/0xff), as CUDA's __nv_fp8_e4m3(float) (cvt.rn.satfinite). */
+uint8_t tuna_f32_to_f8e4m3(float f);
 float tuna_f8e5m2_to_f32(uint8_t v);
 
 /* Converts n elements of type t at src to float32. Only float and integer types; returns false

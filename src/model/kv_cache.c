@@ -53,9 +53,12 @@ tuna_status tuna_kv_new(const struct tuna_kv_config *cfg, tuna_kv_cache **out)
 {
     *out = NULL;
     enum tuna_dtype dt = cfg->dtype == TUNA_DTYPE_INVALID ? TUNA_DTYPE_F32 : cfg->dtype;
-    if (dt != TUNA_DTYPE_F32 && dt != TUNA_DTYPE_BF16 && dt != TUNA_DTYPE_F16)
-        return tuna_fail(TUNA_E_INVALID, "KV cache: dtype %s is not supported (float32, bfloat16 or float16)",
+    if (dt != TUNA_DTYPE_F32 && dt != TUNA_DTYPE_BF16 && dt != TUNA_DTYPE_F16 && dt != TUNA_DTYPE_F8_E4M3)
+        return tuna_fail(TUNA_E_INVALID, "KV cache: dtype %s is not supported (float32, bfloat16, float16 or fp8_e4m3)",
                          tuna_dtype_name(dt));
+    if (dt == TUNA_DTYPE_F8_E4M3 && !cfg->mem_ops && cfg->n_layers > 0)
+        return tuna_fail(TUNA_E_UNSUPPORTED, "KV cache: fp8_e4m3 storage is for the GPU only (the CPU backend reads "
+                         "float32, bfloat16 or float16 caches)");
     if (cfg->block_size <= 0 || cfg->n_blocks <= 0 || cfg->n_layers < 0 ||
         (cfg->n_layers > 0 && (cfg->n_kv_heads <= 0 || cfg->head_dim <= 0)))
         return tuna_fail(TUNA_E_INVALID, "KV cache: bad shape (layers %lld, kv heads %lld, head dim %lld, "
@@ -542,8 +545,43 @@ int32_t tuna_kv_max_blocks_per_seq(const tuna_kv_cache *kv, int64_t max_len)
 
 enum tuna_dtype tuna_model_kv_dtype(const struct tuna_model *m)
 {
+    if (m->kv_dtype_req != TUNA_DTYPE_INVALID) return m->kv_dtype_req; /* --kv-cache-dtype */
     if (m->ops->host_memory) return TUNA_DTYPE_F32;
     /* the GPU loader moves the embedding to the compute dtype (src/model/device.c) */
     enum tuna_dtype dt = m->embed.dtype;
     return dt == TUNA_DTYPE_BF16 || dt == TUNA_DTYPE_F16 ? dt : TUNA_DTYPE_F32;
+}
+
+tuna_status tuna_model_set_kv_dtype(struct tuna_model *m, enum tuna_dtype want)
+{
+    if (want == TUNA_DTYPE_F8_E5M2)
+        return tuna_fail(TUNA_E_UNSUPPORTED, "--kv-cache-dtype fp8_e5m2 is not supported: use fp8 (fp8_e4m3), "
+                         "bfloat16, float16 or auto");
+    if (want != TUNA_DTYPE_INVALID && want != TUNA_DTYPE_F32 && want != TUNA_DTYPE_BF16 && want != TUNA_DTYPE_F16 &&
+        want != TUNA_DTYPE_F8_E4M3)
+        return tuna_fail(TUNA_E_INVALID, "KV cache dtype %s: use auto, bfloat16, float16, float32 or fp8",
+                         tuna_dtype_name(want));
+    if (want == TUNA_DTYPE_F8_E4M3 && m->ops->host_memory)
+        return tuna_fail(TUNA_E_UNSUPPORTED, "--kv-cache-dtype fp8 needs the GPU backend (--device cuda): the CPU "
+                         "backend keeps its KV cache in float32 (or bfloat16/float16 when asked); use "
+                         "--kv-cache-dtype auto on the CPU");
+    m->kv_dtype_req = want;
+    return TUNA_OK;
+}
+
+bool tuna_kv_dtype_parse(const char *s, enum tuna_dtype *out)
+{
+    static const struct {
+        const char *name;
+        enum tuna_dtype dt;
+    } names[] = {{"auto", TUNA_DTYPE_INVALID}, {"bfloat16", TUNA_DTYPE_BF16}, {"bf16", TUNA_DTYPE_BF16},
+                 {"float16", TUNA_DTYPE_F16},   {"half", TUNA_DTYPE_F16},     {"fp16", TUNA_DTYPE_F16},
+                 {"float32", TUNA_DTYPE_F32},   {"float", TUNA_DTYPE_F32},    {"fp32", TUNA_DTYPE_F32},
+                 {"fp8", TUNA_DTYPE_F8_E4M3},   {"fp8_e4m3", TUNA_DTYPE_F8_E4M3}, {"fp8_e5m2", TUNA_DTYPE_F8_E5M2}};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (!strcmp(s, names[i].name)) {
+            *out = names[i].dt;
+            return true;
+        }
+    return false;
 }

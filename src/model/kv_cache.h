@@ -24,6 +24,7 @@
 #ifndef TUNA_MODEL_KV_CACHE_H
 #define TUNA_MODEL_KV_CACHE_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "backend/backend.h"
@@ -41,7 +42,7 @@ struct tuna_kv_config {
      * (alloc/release/copy of the op table), e.g. GPU memory for the CUDA backend. */
     const struct tuna_backend_ops *mem_ops;
     tuna_backend *mem_be;
-    enum tuna_dtype dtype; /* F32, BF16 or F16; TUNA_DTYPE_INVALID (0) = F32 */
+    enum tuna_dtype dtype; /* F32, BF16, F16 or F8_E4M3 (device storage only); INVALID (0) = F32 */
 };
 
 #define TUNA_KV_DEFAULT_BLOCK 16
@@ -99,7 +100,7 @@ int32_t tuna_kv_cached_blocks(const tuna_kv_cache *kv);
 /* Layer l's storage [n_blocks*block_size, Hkv, D] of tuna_kv_dtype elements; NULL without storage. */
 void *tuna_kv_k(tuna_kv_cache *kv, int64_t layer);
 void *tuna_kv_v(tuna_kv_cache *kv, int64_t layer);
-enum tuna_dtype tuna_kv_dtype(const tuna_kv_cache *kv); /* F32, BF16 or F16 */
+enum tuna_dtype tuna_kv_dtype(const tuna_kv_cache *kv); /* F32, BF16, F16 or F8_E4M3 */
 /* The longest block table a sequence can have: ceil(max_len / block_size) for a sequence of
  * max_len tokens (struct tuna_attn_batch.max_blocks_per_seq). */
 int32_t tuna_kv_max_blocks_per_seq(const tuna_kv_cache *kv, int64_t max_len);
@@ -108,5 +109,12 @@ struct tuna_model;
 /* The KV cache dtype for a model: float32 on host-memory backends, else the dtype the backend
  * computes in (the GPU's: bf16, f16 below compute capability 8.0, float32 with --dtype float32). */
 enum tuna_dtype tuna_model_kv_dtype(const struct tuna_model *m);
+/* Sets the KV cache dtype the model's caches get (--kv-cache-dtype; TUNA_DTYPE_INVALID = auto, as
+ * above): F32, BF16, F16 on any backend, F8_E4M3 on the GPU only (TUNA_E_UNSUPPORTED on the CPU
+ * backend, whose cache stays float32); anything else TUNA_E_INVALID. Called by the loader. */
+tuna_status tuna_model_set_kv_dtype(struct tuna_model *m, enum tuna_dtype want);
+/* Parses a --kv-cache-dtype value: auto (TUNA_DTYPE_INVALID), bfloat16/bf16, float16/half/fp16,
+ * float32/float, fp8/fp8_e4m3; false for anything else. */
+bool tuna_kv_dtype_parse(const char *s, enum tuna_dtype *out);
 
 #endif

@@ -93,6 +93,10 @@ struct tuna_model_opts {
      * one cudaMalloc each: ~0.1-0.3 GB less at 7B; the training memory mode asks for it.
      * TUNA_WEIGHT_ARENA=1 / 0 forces it on / off. */
     bool weight_arena;
+    /* --kv-cache-dtype (vLLM's flag): TUNA_DTYPE_INVALID = auto (float32 on the CPU, the compute
+     * dtype on the GPU), F32, BF16, F16, or F8_E4M3 (GPU only: 1 byte per element, scale 1.0,
+     * saturating at +-448; refused on the CPU). See tuna_model_kv_dtype (kv_cache.h). */
+    enum tuna_dtype kv_cache_dtype;
 };
 
 struct tuna_q4_weight; /* quant/nf4.h */
@@ -129,6 +133,7 @@ struct tuna_model {
     void *gpu_q4;               /* [n_q4] struct tuna_cuda_q4 descriptors of 4-bit weights on the GPU */
     int64_t n_gpu_q4;
     struct tuna_lora_dev_cache *lora_dev; /* the linears' LoRA device views and their buffers (device.c) */
+    enum tuna_dtype kv_dtype_req; /* opts.kv_cache_dtype, checked (tuna_model_set_kv_dtype); INVALID = auto */
 };
 
 /* Loads config.json and the weights of dir, checks every tensor against the architecture and

@@ -268,6 +268,7 @@ static tuna_status build(const struct tuna_arch *arch, tuna_tensor_lookup get, v
     int64_t maxk = a->intermediate_size > a->hidden_size ? a->intermediate_size : a->hidden_size;
     if (a->n_heads * a->head_dim > maxk) maxk = a->n_heads * a->head_dim;
     if ((st = tuna_model_start_backend(m, opts, maxk))) goto fail; /* device.c */
+    if ((st = tuna_model_set_kv_dtype(m, opts ? opts->kv_cache_dtype : TUNA_DTYPE_INVALID))) goto fail; /* kv_cache.c */
     *out = m;
     return TUNA_OK;
 fail:

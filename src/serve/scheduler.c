@@ -33,8 +33,8 @@ static tuna_status grow_list(struct tuna_sched_seq ***list, int64_t *cap, int64_
 tuna_status tuna_sched_new(const struct tuna_sched_config *cfg, tuna_kv_cache *kv, tuna_sched **out)
 {
     *out = NULL;
-    if (cfg->max_num_seqs <= 0 || cfg->max_num_seqs > 256 || cfg->max_num_batched_tokens <= 0)
-        return tuna_fail(TUNA_E_INVALID, "scheduler: --max-num-seqs must be in 1..256 (got %lld) and "
+    if (cfg->max_num_seqs <= 0 || cfg->max_num_seqs > 1024 || cfg->max_num_batched_tokens <= 0)
+        return tuna_fail(TUNA_E_INVALID, "scheduler: --max-num-seqs must be in 1..1024 (got %lld) and "
                          "--max-num-batched-tokens positive (got %lld)", (long long)cfg->max_num_seqs,
                          (long long)cfg->max_num_batched_tokens);
     tuna_sched *s = calloc(1, sizeof *s);

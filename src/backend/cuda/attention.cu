@@ -1,4 +1,4 @@
-/* attention.cu — causal attention over the paged KV cache (float32, bf16 or f16 elements), two
+/* attention.cu — causal attention over the paged KV cache (float32, bf16, f16 or FP8 E4M3 elements), two
  * kernels chosen per group of tokens, both float32 softmax with the CPU twin's semantics
  * (src/backend/cpu/attention.c: token t attends to positions [max(0, pos - window + 1), pos] of
  * its own sequence; GQA maps head h to kv head h / (H / Hkv)).
@@ -307,15 +307,22 @@ static __device__ __forceinline__ float d16_exp2(float x)
     return y;
 }
 
-/* 8 elements of a 16-bit K/V row (16 bytes) as float32 */
-template <typename KT> static __device__ __forceinline__ void d16_unpack(const uint4 &v, float *f)
+/* 8 elements of a K/V row in shared memory (16 bytes of bf16/f16, 8 of FP8) as float32 */
+template <typename KT> static __device__ __forceinline__ void d16_unpack(const char *p, float *f)
 {
-    constexpr bool bf = std::is_same<KT, __nv_bfloat16>::value;
-    kv_unpack_u32(v.x, bf, f), kv_unpack_u32(v.y, bf, f + 2), kv_unpack_u32(v.z, bf, f + 4),
-        kv_unpack_u32(v.w, bf, f + 6);
+    if constexpr (sizeof(KT) == 1) {
+        kv_unpack_f8x8(*(const uint2 *)p, f);
+    } else {
+        constexpr bool bf = std::is_same<KT, __nv_bfloat16>::value;
+        const uint4 v = *(const uint4 *)p;
+        kv_unpack_u32(v.x, bf, f), kv_unpack_u32(v.y, bf, f + 2), kv_unpack_u32(v.z, bf, f + 4),
+            kv_unpack_u32(v.w, bf, f + 6);
+    }
 }
 
-/* DT: D when compiled for one head size (64, 128), 0 = any multiple of 8 up to 256 (Drt).
+/* KT: bf16, f16, or FP8 E4M3 (then D a multiple of 16: rows are copied in 16-byte chunks; the
+ * compute reads 8 elements at a time either way).
+ * DT: D when compiled for one head size (64, 128), 0 = any multiple of 8 up to 256 (Drt).
  * GM: query heads per block (1, 2, 4 or 8). wr: bytes of shared memory per warp (its stage
  * ring; reused for the merge). counters [tokens * Hkv * n_hg]: 0 between launches. */
 template <typename KT, int DT, int GM>
@@ -325,9 +332,11 @@ __global__ void __launch_bounds__(128)
                     int ns, int wr, float qscale, int heads_x, int min_g, int trig, const struct tuna_l2pf pf)
 {
     const int D = DT ? DT : Drt;
-    const int CH = D / 8;                  /* 16-byte chunks per row */
+    constexpr int ES = (int)sizeof(KT);    /* bytes per element: 2, or 1 (FP8) */
+    const int CH = D / 8;                  /* units of 8 elements per row (16 bytes at ES = 2) */
+    const int CB = ES * D / 16;            /* 16-byte chunks per row (the copies) */
     const int KQ = min(D16_KEYS, 32 / CH); /* key lanes of the PV step */
-    const int RB = 2 * D + 16;             /* bytes per row in a stage (padded: no bank conflicts) */
+    const int RB = ES * D + 16;            /* bytes per row in a stage (padded: no bank conflicts) */
     const int NW = blockDim.x >> 5;
     extern __shared__ float4 d16_smem[];
     float *qs = (float *)d16_smem;         /* [GM][D] */
@@ -387,10 +396,11 @@ __global__ void __launch_bounds__(128)
     auto issue = [&](int k, int slot) {
         if (k < nk) {
             char *buf = wreg + (k % ns) * (2 * D16_KEYS) * RB;
-            for (int idx = lane; idx < 2 * D16_KEYS * CH; idx += 32) { /* rows 0..15 K, 16..31 V */
-                const int row = idx / CH, c = idx - row * CH;
+            for (int idx = lane; idx < 2 * D16_KEYS * CB; idx += 32) { /* rows 0..15 K, 16..31 V */
+                const int row = idx / CB, c = idx - row * CB;
                 const int sl = __shfl_sync(0xffffffffu, slot, row & 15);
-                const KT *src = (row < 16 ? kbase : vbase) + (int64_t)(sl < 0 ? 0 : sl) * HkvD + c * 8;
+                const char *src =
+                    (const char *)((row < 16 ? kbase : vbase) + (int64_t)(sl < 0 ? 0 : sl) * HkvD) + c * 16;
                 cp_async16(buf + row * RB + c * 16, src, sl < 0 ? 0 : 16);
             }
         }
@@ -435,7 +445,7 @@ __global__ void __launch_bounds__(128)
 #pragma unroll 4
         for (int u = half; u < CH; u += 2) {
             float f[8];
-            d16_unpack<KT>(*(const uint4 *)(krow + u * 16), f);
+            d16_unpack<KT>(krow + u * 8 * ES, f);
 #pragma unroll
             for (int g = 0; g < GM; g++) {
                 const float4 qa = *(const float4 *)(qs + g * D + u * 8);
@@ -482,7 +492,7 @@ __global__ void __launch_bounds__(128)
 #pragma unroll 4
             for (int jj = kq; jj < D16_KEYS; jj += KQ) {
                 float f[8], pw[GP];
-                d16_unpack<KT>(*(const uint4 *)(buf + (D16_KEYS + jj) * RB + cc * 16), f);
+                d16_unpack<KT>(buf + (D16_KEYS + jj) * RB + cc * 8 * ES, f);
 #pragma unroll
                 for (int g = 0; g < GP; g += 4) {
                     const float4 w4 = *(const float4 *)(ps + jj * GP + g);
@@ -627,10 +637,10 @@ static int env_int(const char *name, int lo, int hi)
     return v >= lo && v <= hi ? v : 0;
 }
 
-static int dec16_smem(int D, int GM, int nw, int ns, int *wr_out)
+static int dec16_smem(int D, int GM, int nw, int ns, int es, int *wr_out)
 {
     const int CH = D / 8, KQ = 32 / CH < D16_KEYS ? 32 / CH : D16_KEYS;
-    int wr = ns * 2 * D16_KEYS * (2 * D + 16);
+    int wr = ns * 2 * D16_KEYS * (es * D + 16);
     const int merge = (KQ * GM * D + 2 * GM) * 4;
     if (merge > wr) wr = merge;
     wr = (wr + 15) / 16 * 16;
@@ -660,9 +670,10 @@ template <typename KT> static dec16_cfg dec16_config(tuna_backend *be, int D, in
     memset(&fa, 0, sizeof fa);
     if (cudaFuncGetAttributes(&fa, (const void *)fn) != cudaSuccess) fa.sharedSizeBytes = 1024;
     const int lim = max_smem - (int)fa.sharedSizeBytes; /* dynamic shared memory the kernel may have */
-    c.smem = dec16_smem(D, GM, c.nw, c.ns, &c.wr);
-    while (c.smem > lim && c.ns > 2) c.smem = dec16_smem(D, GM, c.nw, --c.ns, &c.wr);
-    while (c.smem > lim && c.nw > 1) c.smem = dec16_smem(D, GM, --c.nw, c.ns, &c.wr);
+    const int esz = (int)sizeof(KT);
+    c.smem = dec16_smem(D, GM, c.nw, c.ns, esz, &c.wr);
+    while (c.smem > lim && c.ns > 2) c.smem = dec16_smem(D, GM, c.nw, --c.ns, esz, &c.wr);
+    while (c.smem > lim && c.nw > 1) c.smem = dec16_smem(D, GM, --c.nw, c.ns, esz, &c.wr);
     if (c.smem <= lim) {
         /* the device's bound, not c.smem: one instantiation (DT = 0) serves several head sizes */
         const bool ok = cudaFuncSetAttribute((const void *)fn, cudaFuncAttributeMaxDynamicSharedMemorySize, lim) ==
@@ -693,7 +704,7 @@ static void launch_kernels(tuna_backend *be, float *out, const float *q, const v
     constexpr int VE = kv_traits<KT>::VEC;
     const bool vec = D % VE == 0 && ((uintptr_t)kcache % 16) == 0 && ((uintptr_t)vcache % 16) == 0;
     bool done = false;
-    if constexpr (sizeof(KT) == 2) {
+    if constexpr (sizeof(KT) <= 2) {
         if (n_dec > 0 && c16) {
             /* heads along x unless TUNA_ATTN_DEC_ORDER=0 (or more tokens than grid y allows) */
             static const int order = env_int("TUNA_ATTN_DEC_ORDER", 0, 1) || !getenv("TUNA_ATTN_DEC_ORDER");
@@ -741,8 +752,12 @@ static void launch_kernels(tuna_backend *be, float *out, const float *q, const v
         }
     }
     if (n_tiles > 0)
-        tuna_cuda_attn_prefill_launch(be, sizeof(KT) == 4 ? 0 : std::is_same<KT, __half>::value ? 2 : 1, out, q,
-                                      kcache, vcache, md, dtiles, n_tiles, H, Hkv, D, BQ, vec, scale);
+        tuna_cuda_attn_prefill_launch(be,
+                                      sizeof(KT) == 4                        ? 0
+                                      : sizeof(KT) == 1                      ? KV_CODE_F8
+                                      : std::is_same<KT, __half>::value ? 2
+                                                                             : 1,
+                                      out, q, kcache, vcache, md, dtiles, n_tiles, H, Hkv, D, BQ, vec, scale);
 }
 
 void tuna_cuda_attention(tuna_backend *be, float *out, const float *q, const void *kcache, const void *vcache,
@@ -750,9 +765,9 @@ void tuna_cuda_attention(tuna_backend *be, float *out, const float *q, const voi
                          float scale)
 {
     if (be->sticky || b->T <= 0) return;
-    const int code = kv_code(kv_dtype);
+    const int code = kv_code8(kv_dtype);
     if (code < 0) {
-        tuna_cuda_check(be, cudaErrorInvalidValue, "attention (KV cache dtype is not float32, bf16 or f16)");
+        tuna_cuda_check(be, cudaErrorInvalidValue, "attention (KV cache dtype is not float32, bf16, f16 or fp8_e4m3)");
         return;
     }
     if (D <= 0 || D > ATT_MAX_D || Hkv <= 0 || H % Hkv != 0 || b->block_size <= 0) {
@@ -775,7 +790,7 @@ void tuna_cuda_attention(tuna_backend *be, float *out, const float *q, const voi
     /* Split the batch: runs of >= PF_MIN_RUN consecutive positions of one sequence go to the
      * prefill kernel in tiles of BQ rows, every other token to the decode kernels. A step of
      * decode tokens only (one per sequence) never has such a run: rows stays NULL then. */
-    const int esz = code == 0 ? 4 : 2;
+    const int esz = code == 0 ? 4 : code == KV_CODE_F8 ? 1 : 2; /* FP8: prefill only on the mma kernel */
     int BQ = tuna_cuda_attn_prefill_bq((int)D, esz, max_smem, dev_major);
     if (code == 1 && dev_major < 8) BQ = 0; /* bf16 WMMA needs 8.0 (never chosen there anyway) */
     int32_t *rows = NULL, *tiles = NULL;
@@ -863,15 +878,16 @@ void tuna_cuda_attention(tuna_backend *be, float *out, const float *q, const voi
 
     /* splits: from T (decode tokens), the head shape, the SM count and the context bound only */
     const int G = (int)(H / Hkv);
-    /* the 16-bit kernel: bf16/f16 cache, D a multiple of 8, 16-byte aligned caches
+    /* the 16-bit kernel: bf16/f16 cache, D a multiple of 8 (FP8 cache: of 16), 16-byte aligned caches
      * (TUNA_ATTN_DEC_OLD=1 runs the general kernel instead, for comparisons) */
     static const int dec_old = env_int("TUNA_ATTN_DEC_OLD", 1, 1);
     const int GM16 = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8;
     dec16_cfg c16 = {0, 0, 0, 0, 0};
-    if (n_dec > 0 && code != 0 && D % 8 == 0 && (uintptr_t)kcache % 16 == 0 && (uintptr_t)vcache % 16 == 0 &&
-        !dec_old)
+    if (n_dec > 0 && code != 0 && D % (code == KV_CODE_F8 ? 16 : 8) == 0 && (uintptr_t)kcache % 16 == 0 &&
+        (uintptr_t)vcache % 16 == 0 && !dec_old)
         c16 = code == 1 ? dec16_config<__nv_bfloat16>(be, (int)D, GM16, max_smem)
-                        : dec16_config<__half>(be, (int)D, GM16, max_smem);
+              : code == 2 ? dec16_config<__half>(be, (int)D, GM16, max_smem)
+                          : dec16_config<__nv_fp8_e4m3>(be, (int)D, GM16, max_smem);
     const bool use16 = c16.bps > 0;
     const int GM = use16 ? GM16 : DEC_GM, n_hg = (G + GM - 1) / GM;
     int n_splits = 1;
@@ -932,7 +948,10 @@ void tuna_cuda_attention(tuna_backend *be, float *out, const float *q, const voi
     else if (code == 1)
         launch_kernels<__nv_bfloat16>(be, out, q, kcache, vcache, md, drows, n_dec, dtiles, n_tiles, (int)H, (int)Hkv,
                                       (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf);
-    else
+    else if (code == 2)
         launch_kernels<__half>(be, out, q, kcache, vcache, md, drows, n_dec, dtiles, n_tiles, (int)H, (int)Hkv,
                                (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf);
+    else
+        launch_kernels<__nv_fp8_e4m3>(be, out, q, kcache, vcache, md, drows, n_dec, dtiles, n_tiles, (int)H, (int)Hkv,
+                                      (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf);
 }

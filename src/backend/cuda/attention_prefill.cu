@@ -2,7 +2,10 @@
  * attention.cu for the whole op and the split of a batch between its two kernels).
  *
  * k_attn_prefill_mma (below): bf16/f16 caches on sm_80+, head dims 64/80/96/128/256 — the
- * FlashAttention-2-style kernel on mma.sync with everything per row in registers.
+ * FlashAttention-2-style kernel on mma.sync with everything per row in registers. An FP8 E4M3
+ * cache runs it too, on f16 operands: K/V tiles arrive as bytes (cp.async) in a staging buffer
+ * and are widened to f16 (exact) in shared memory; FP8 has no other prefill kernel (the tokens
+ * decode where this one does not apply).
  *
  * k_attn_prefill (every other case: float32 cache, older GPUs, other head dims, unaligned K/V
  * rows): a block takes a tile of BQ queries of one head; tiles of PF_BK keys go to
@@ -268,13 +271,16 @@ template <int D, int NW, int BK = MP_BK> struct mp_cfg {
     static constexpr size_t smem = slot_off + 2 * BK * sizeof(int64_t);
 };
 
-template <typename KT, int D, int NW, int MINB, int BK>
+/* KT: the mma operand type (bf16/f16); CT: the cache's element type, KT or FP8 E4M3 (then KT =
+ * __half and tiles are staged as bytes after the slots, C::smem + 2 * BK * D bytes in all). */
+template <typename KT, int D, int NW, int MINB, int BK, typename CT = KT>
 __global__ void __launch_bounds__(32 * NW, MINB)
-    k_attn_prefill_mma(float *out, const float *q, const KT *kc, const KT *vc, att_meta md, const int32_t *tiles,
+    k_attn_prefill_mma(float *out, const float *q, const CT *kc, const CT *vc, att_meta md, const int32_t *tiles,
                        int n_tiles, int H, int Hkv, bool qvec, float sl2)
 {
 #if TUNA_MMA_SM80
     using C = mp_cfg<D, NW, BK>;
+    constexpr bool F8 = sizeof(CT) == 1;
     constexpr int BQ = C::BQ, DP = C::DP, NT = C::NT, CH = D / 8, KD = D / 16, NO = D / 8;
     extern __shared__ __align__(128) unsigned char smem[];
     KT *Qs = (KT *)(smem + C::q_off);
@@ -290,7 +296,7 @@ __global__ void __launch_bounds__(32 * NW, MINB)
     const int64_t bs = md.bs;
     const int64_t kstart = att_start(md, p_first);
     const int n_kt = (int)((p_last - kstart) / BK + 1);
-    const KT *kbase = kc + (int64_t)kvh * D, *vbase = vc + (int64_t)kvh * D;
+    const CT *kbase = kc + (int64_t)kvh * D, *vbase = vc + (int64_t)kvh * D;
 
     /* slots of tile `it` (keys past p_last: -1, zero filled) */
     auto make_slots = [&](int it) {
@@ -311,15 +317,46 @@ __global__ void __launch_bounds__(32 * NW, MINB)
     auto load_tile = [&](int it) {
         const int st = it & 1;
         const int64_t *sl = sslot + st * BK;
-        KT *kd = (KT *)(smem + st * 2 * C::stage), *vd = kd + BK * DP;
-        for (int x = tid; x < BK * CH; x += NT) {
-            const int j = x / CH, u = x % CH;
-            const int64_t s = sl[j];
-            const int64_t off = s >= 0 ? s * HkvD + u * 8 : 0;
-            mma_cp_async16(kd + j * DP + u * 8, kbase + off, s >= 0);
-            mma_cp_async16(vd + j * DP + u * 8, vbase + off, s >= 0);
+        if constexpr (F8) { /* the tile's K and V rows as bytes into the staging buffer [K | V][BK][D] */
+            unsigned char *kd = smem + C::smem, *vd = kd + BK * D;
+            constexpr int CB = D / 16; /* 16-byte chunks per row */
+            for (int x = tid; x < BK * CB; x += NT) {
+                const int j = x / CB, u = x % CB;
+                const int64_t s = sl[j];
+                const int64_t off = s >= 0 ? s * HkvD + u * 16 : 0;
+                mma_cp_async16(kd + j * D + u * 16, kbase + off, s >= 0);
+                mma_cp_async16(vd + j * D + u * 16, vbase + off, s >= 0);
+            }
+        } else {
+            KT *kd = (KT *)(smem + st * 2 * C::stage), *vd = kd + BK * DP;
+            for (int x = tid; x < BK * CH; x += NT) {
+                const int j = x / CH, u = x % CH;
+                const int64_t s = sl[j];
+                const int64_t off = s >= 0 ? s * HkvD + u * 8 : 0;
+                mma_cp_async16(kd + j * DP + u * 8, kbase + off, s >= 0);
+                mma_cp_async16(vd + j * DP + u * 8, vbase + off, s >= 0);
+            }
         }
         mma_cp_async_commit();
+    };
+    /* FP8: the staged tile (bytes) widened into the f16 tile buffers of stage st (8 at a time) */
+    auto widen_tile = [&](int st) {
+        if constexpr (F8) {
+            const unsigned char *ks = smem + C::smem;
+            KT *kd = (KT *)(smem + st * 2 * C::stage);
+            for (int x = tid; x < 2 * BK * CH; x += NT) { /* rows 0..BK-1 K, BK..2BK-1 V */
+                const int j = x / CH, u = x % CH;
+                const uint2 w = *(const uint2 *)(ks + j * D + u * 8);
+                const __half2 a = kv_f8x2_to_h2(w.x), b = kv_f8x2_to_h2(w.x >> 16);
+                const __half2 c = kv_f8x2_to_h2(w.y), d = kv_f8x2_to_h2(w.y >> 16);
+                uint4 o;
+                o.x = *reinterpret_cast<const uint32_t *>(&a), o.y = *reinterpret_cast<const uint32_t *>(&b);
+                o.z = *reinterpret_cast<const uint32_t *>(&c), o.w = *reinterpret_cast<const uint32_t *>(&d);
+                *(uint4 *)(kd + j * DP + u * 8) = o; /* V rows follow K's: vd = kd + BK * DP */
+            }
+        } else {
+            (void)st;
+        }
     };
 
     /* Q: float32 rows -> 16-bit shared rows (rows past the tile: zero) */
@@ -376,6 +413,10 @@ __global__ void __launch_bounds__(32 * NW, MINB)
         if (it + 1 < n_kt) make_slots(it + 1);
         mma_cp_async_wait<0>();
         __syncthreads(); /* tile it is in; everyone is done with tile it-1's buffers */
+        if constexpr (F8) {
+            widen_tile(it & 1);
+            __syncthreads(); /* the f16 tile is written, the staging buffer free for tile it+1 */
+        }
         if (it + 1 < n_kt) load_tile(it + 1);
         const int st = it & 1;
         const int64_t k0 = kstart + (int64_t)it * BK;
@@ -520,8 +561,9 @@ static int mp_bk32(void)
     return e && atoi(e) == 32;
 }
 
-static size_t mp_smem(int D, int NW)
+static size_t mp_smem(int D, int NW, int esz = 2)
 {
+    if (esz == 1) return mp_smem(D, NW, 2) + (size_t)2 * MP_BK * D; /* FP8: + the staging buffer */
     switch (D) {
     case 64: return mp_cfg<64, 4>::smem;
     case 80: return mp_cfg<80, 4>::smem;
@@ -532,35 +574,57 @@ static size_t mp_smem(int D, int NW)
     }
 }
 
-/* Warps per block of the mma kernel for this head dim, element size and the current device; 0
- * when it does not apply (float32 cache, below sm_80, other head dims, shared memory short). */
+/* Warps per block of the mma kernel for this head dim, element size (2, or 1: FP8) and the current
+ * device; 0 when it does not apply (float32 cache, below sm_80, other head dims, shared memory
+ * short). */
 static int mp_use(int D, int esz, int max_smem, int cc_major)
 {
-    if (esz != 2 || cc_major < 8) return 0;
+    if ((esz != 2 && esz != 1) || cc_major < 8) return 0;
     const int nw = mp_warps(D);
-    if (!nw || mp_smem(D, nw) > (size_t)max_smem) return 0;
+    if (!nw || mp_smem(D, nw, esz) > (size_t)max_smem) return 0;
     return nw;
 }
 
-template <typename KT, int D, int NW, int MINB, int BK = MP_BK>
+template <typename KT, int D, int NW, int MINB, int BK = MP_BK, typename CT = KT>
 static void launch_mma(tuna_backend *be, float *out, const float *q, const void *kcache, const void *vcache,
                        const att_meta &md, const int32_t *tiles, int64_t n_tiles, int H, int Hkv, float scale)
 {
     using C = mp_cfg<D, NW, BK>;
+    const size_t smem = C::smem + (sizeof(CT) == 1 ? (size_t)2 * BK * D : 0); /* FP8: the staging buffer */
     static uint32_t attr_set; /* devices 0..31 whose shared-memory limit is raised */
     const uint32_t bit = be->device >= 0 && be->device < 32 ? 1u << be->device : 0u;
     if (!bit || !(__atomic_load_n(&attr_set, __ATOMIC_RELAXED) & bit)) {
-        if (!tuna_cuda_check(be, cudaFuncSetAttribute(k_attn_prefill_mma<KT, D, NW, MINB, BK>,
-                                                      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::smem),
+        if (!tuna_cuda_check(be, cudaFuncSetAttribute(k_attn_prefill_mma<KT, D, NW, MINB, BK, CT>,
+                                                      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
                              "cudaFuncSetAttribute(k_attn_prefill_mma)"))
             return;
         __atomic_fetch_or(&attr_set, bit, __ATOMIC_RELAXED);
     }
     const bool qvec = ((uintptr_t)q % 16) == 0;
     const float sl2 = scale * 1.4426950408889634f; /* exp(x) = exp2(x log2 e) */
-    k_attn_prefill_mma<KT, D, NW, MINB, BK><<<dim3((unsigned)H, (unsigned)n_tiles), C::NT, C::smem, be->stream>>>(
-        out, q, (const KT *)kcache, (const KT *)vcache, md, tiles, (int)n_tiles, H, Hkv, qvec, sl2);
+    k_attn_prefill_mma<KT, D, NW, MINB, BK, CT><<<dim3((unsigned)H, (unsigned)n_tiles), C::NT, smem, be->stream>>>(
+        out, q, (const CT *)kcache, (const CT *)vcache, md, tiles, (int)n_tiles, H, Hkv, qvec, sl2);
     tuna_cuda_check_launch(be, "k_attn_prefill_mma");
+}
+
+/* FP8 cache: f16 operands, the default configuration of each head dim (4 warps, tiles of 64) */
+static void launch_mma_f8(tuna_backend *be, float *out, const float *q, const void *kcache, const void *vcache,
+                          const att_meta &md, const int32_t *tiles, int64_t n_tiles, int H, int Hkv, int D,
+                          float scale)
+{
+    typedef __nv_fp8_e4m3 F8;
+    switch (D) {
+    case 64: launch_mma<__half, 64, 4, 1, MP_BK, F8>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale); break;
+    case 80: launch_mma<__half, 80, 4, 1, MP_BK, F8>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale); break;
+    case 96: launch_mma<__half, 96, 4, 1, MP_BK, F8>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale); break;
+    case 128:
+        launch_mma<__half, 128, 4, 1, MP_BK, F8>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale);
+        break;
+    case 256:
+        launch_mma<__half, 256, 4, 1, MP_BK, F8>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale);
+        break;
+    default: tuna_cuda_check(be, cudaErrorInvalidValue, "attention prefill (head dim without an mma kernel)");
+    }
 }
 
 template <typename KT>
@@ -590,6 +654,7 @@ static void launch_mma_d(tuna_backend *be, float *out, const float *q, const voi
 int tuna_cuda_attn_prefill_bq(int D, int esz, int max_smem, int cc_major)
 {
     const int nw = mp_use(D, esz, max_smem, cc_major);
+    if (esz == 1) return nw == 4 ? 64 : 0; /* FP8: the mma kernel with 4 warps, or none */
     if (nw) return 16 * nw;
     for (int bq = 64; bq >= 16; bq /= 2)
         if (pf_make_layout(D, bq, esz).total <= (size_t)max_smem) return bq;
@@ -617,6 +682,15 @@ void tuna_cuda_attn_prefill_launch(tuna_backend *be, int code, float *out, const
 {
     if (n_tiles <= 0 || be->sticky) return;
     const int max_smem = be->max_smem_optin;
+    if (code == KV_CODE_F8) {
+        if (BQ == 64 && vec && ((uintptr_t)out % 8) == 0 && n_tiles <= 65535 && mp_use(D, 1, max_smem, be->cc_major))
+            launch_mma_f8(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, D, scale);
+        else
+            tuna_cuda_check(be, cudaErrorInvalidValue,
+                            "attention prefill (fp8 KV cache: only the tensor-core kernel reads it, and it does not "
+                            "apply here)");
+        return;
+    }
     const int nw = code != 0 ? mp_use(D, 2, max_smem, be->cc_major) : 0;
     if (nw && BQ == 16 * nw && vec && ((uintptr_t)out % 8) == 0 && n_tiles <= 65535) {
         if (code == 1)

@@ -1,6 +1,6 @@
 /* kv_store.cu — writes a step's keys and values (float32 activations) into the paged KV cache,
- * converted to the cache's element type (float32, bf16 or f16; round to nearest even as the CPU
- * twin). Slots come through the metadata arena. */
+ * converted to the cache's element type (float32, bf16 or f16: round to nearest even as the CPU
+ * twin; FP8 E4M3: round to nearest even, saturating, as tuna_f32_to_f8e4m3). Slots come through the metadata arena. */
 #include "backend/cuda/cuda_internal.h"
 #include "backend/cuda/kv_types.cuh"
 
@@ -20,9 +20,9 @@ void tuna_cuda_kv_store(tuna_backend *be, void *kcache, void *vcache, enum tuna_
                         const float *v, const int64_t *slot, int64_t T, int64_t HkvD)
 {
     if (be->sticky || T <= 0) return;
-    int code = kv_code(kv_dtype);
+    int code = kv_code8(kv_dtype);
     if (code < 0) {
-        tuna_cuda_check(be, cudaErrorInvalidValue, "kv_store (KV cache dtype is not float32, bf16 or f16)");
+        tuna_cuda_check(be, cudaErrorInvalidValue, "kv_store (KV cache dtype is not float32, bf16, f16 or fp8_e4m3)");
         return;
     }
     struct cuda_meta m = {0};
@@ -36,7 +36,10 @@ void tuna_cuda_kv_store(tuna_backend *be, void *kcache, void *vcache, enum tuna_
     else if (code == 1)
         k_kv_store<__nv_bfloat16><<<grid, 256, 0, be->stream>>>((__nv_bfloat16 *)kcache, (__nv_bfloat16 *)vcache, k,
                                                                 v, dslot, T, HkvD);
-    else
+    else if (code == 2)
         k_kv_store<__half><<<grid, 256, 0, be->stream>>>((__half *)kcache, (__half *)vcache, k, v, dslot, T, HkvD);
+    else
+        k_kv_store<__nv_fp8_e4m3><<<grid, 256, 0, be->stream>>>((__nv_fp8_e4m3 *)kcache, (__nv_fp8_e4m3 *)vcache, k,
+                                                                v, dslot, T, HkvD);
     tuna_cuda_check_launch(be, "k_kv_store");
 }

@@ -71,9 +71,10 @@ void tuna_cuda_rope_kv_store(tuna_backend *be, float *q, float *k, const float *
                              int64_t rot_dim, const float *inv_freq, float attn_factor)
 {
     if (be->sticky || T <= 0) return;
-    int code = kv_code(kv_dtype);
+    int code = kv_code8(kv_dtype);
     if (code < 0) {
-        tuna_cuda_check(be, cudaErrorInvalidValue, "rope_kv_store (KV cache dtype is not float32, bf16 or f16)");
+        tuna_cuda_check(be, cudaErrorInvalidValue,
+                        "rope_kv_store (KV cache dtype is not float32, bf16, f16 or fp8_e4m3)");
         return;
     }
     const int64_t half = rot_dim / 2;
@@ -98,7 +99,11 @@ void tuna_cuda_rope_kv_store(tuna_backend *be, float *q, float *k, const float *
         tuna_cuda_launch(be, "k_rope_kv", k_rope_kv<__nv_bfloat16>, grid, block, smem, q, k, v, q_norm, k_norm, eps,
                          (__nv_bfloat16 *)kcache, (__nv_bfloat16 *)vcache, dpos, dslot, H, Hkv, D, half, dfreq,
                          attn_factor, pf);
-    else
+    else if (code == 2)
         tuna_cuda_launch(be, "k_rope_kv", k_rope_kv<__half>, grid, block, smem, q, k, v, q_norm, k_norm, eps,
                          (__half *)kcache, (__half *)vcache, dpos, dslot, H, Hkv, D, half, dfreq, attn_factor, pf);
+    else
+        tuna_cuda_launch(be, "k_rope_kv", k_rope_kv<__nv_fp8_e4m3>, grid, block, smem, q, k, v, q_norm, k_norm, eps,
+                         (__nv_fp8_e4m3 *)kcache, (__nv_fp8_e4m3 *)vcache, dpos, dslot, H, Hkv, D, half, dfreq,
+                         attn_factor, pf);
 }
