@@ -288,7 +288,7 @@ static void linear_residual(struct tuna_model *m, const struct tuna_linear *lin,
  * of one sequence must continue it in order: position = cached length + earlier tokens of it. */
 static tuna_status place_tokens(struct tuna_model *m, tuna_kv_cache *kv, const struct tuna_batch *b)
 {
-    enum { MAXS = 256 };
+    enum { MAXS = 1024 }; /* sequences in one step (--max-num-seqs at most) */
     int32_t ids[MAXS];
     int64_t start[MAXS], next[MAXS];
     int ns = 0;
