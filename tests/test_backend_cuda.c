@@ -269,6 +269,57 @@ static void test_lora(void **state)
                 tuna_cuda_free(g_gpu, dout);
                 free(oc), free(og);
             }
+            /* gate/up's GLU naming down's adapters (n == 3: the GPU folds down's shrink into the
+             * GLU), then down's residual form over the GLU output; run 1 puts another lora call in
+             * between (the kept shrink is dropped, down shrinks afresh). The CPU computes it afresh. */
+            for (int run = 0; run < 2; run++) {
+                const int64_t Nd = K; /* down: N -> K */
+                struct tuna_lora_w dc[NA], dg[NA];
+                for (int a = 0; a < NA; a++) {
+                    const int64_t r = ranks[1][a];
+                    float *A = rnd((size_t)(r * N) + 1), *B = rnd((size_t)(Nd * r) + 1);
+                    size_t ba = tuna_dtype_nbytes(dt, (uint64_t)(r * N)), bb = tuna_dtype_nbytes(dt, (uint64_t)(Nd * r));
+                    void *hA = malloc(ba + 4), *hB = malloc(bb + 4);
+                    tuna_convert_from_f32(dt, A, hA, (size_t)(r * N));
+                    tuna_convert_from_f32(dt, B, hB, (size_t)(Nd * r));
+                    free(A), free(B);
+                    dc[a] = (struct tuna_lora_w){hA, hB, r, 0.75f - 0.125f * (float)a};
+                    dg[a] = (struct tuna_lora_w){dev(hA, ba), dev(hB, bb), r, dc[a].scale};
+                }
+                struct tuna_lora_w *dwd = dev(dg, sizeof dg);
+                const struct tuna_lora_bank scd = {NA, 64, dt, dc}, sgd = {NA, 64, dt, dwd};
+                const struct tuna_lora_bank *c3[3] = {&sc[0], &sc[2], &scd}, *g3[3] = {&sg[0], &sg[2], &sgd};
+                const struct tuna_lora_bank *cd[1] = {&scd}, *gd[1] = {&sgd};
+                float *yc3[3] = {y0[0], y0[2], NULL}, *dy3[3] = {dy[0], dy[2], NULL};
+                const int64_t N3[3] = {N, N, Nd};
+                TT_OK(tuna_cuda_upload(g_gpu, dy[0], y0[0], (size_t)(T * N) * 4));
+                TT_OK(tuna_cuda_upload(g_gpu, dy[2], y0[2], (size_t)(T * N) * 4));
+                float *oc = malloc((size_t)(T * N) * 4), *dout = dev(NULL, (size_t)(T * N) * 4);
+                g_cops->lora(g_cpu, 3, yc3, N3, x, T, K, c3, &own, oc, 1);
+                g_gops->lora(g_gpu, 3, dy3, N3, dx, T, K, g3, &grouped, dout, 1);
+                if (run) { /* any other call between them */
+                    const struct tuna_lora_bank *g1[1] = {&sg[0]};
+                    float *dy1[1] = {dy[0]};
+                    g_gops->lora(g_gpu, 1, dy1, Ns, dx, T, K, g1, &grouped, NULL, 0);
+                }
+                const size_t nd = (size_t)(T * Nd);
+                float *p0 = rnd(nd), *r0 = rnd(nd), *pc = malloc(nd * 4), *rc = malloc(nd * 4), *rg = malloc(nd * 4);
+                float *dp = dev(p0, nd * 4), *dr = dev(r0, nd * 4);
+                memcpy(pc, p0, nd * 4), memcpy(rc, r0, nd * 4);
+                float *pc1[1] = {pc}, *dp1[1] = {dp};
+                g_cops->lora(g_cpu, 1, pc1, &Nd, oc, T, N, cd, &own, rc, TUNA_LORA_RESIDUAL);
+                g_gops->lora(g_gpu, 1, dp1, &Nd, dout, T, N, gd, &grouped, dr, TUNA_LORA_RESIDUAL);
+                back(rg, dr, nd * 4);
+                snprintf(what, sizeof what, "lora glu + down folded (run %d) %s T=%lld N=%lld K=%lld", run,
+                         tuna_dtype_name(dt), (long long)T, (long long)N, (long long)K);
+                LORA_CHECK(what, rg, rc, nd);
+                for (int a = 0; a < NA; a++) {
+                    free((void *)dc[a].A), free((void *)dc[a].B);
+                    tuna_cuda_free(g_gpu, (void *)dg[a].A), tuna_cuda_free(g_gpu, (void *)dg[a].B);
+                }
+                tuna_cuda_free(g_gpu, dwd), tuna_cuda_free(g_gpu, dout), tuna_cuda_free(g_gpu, dp), tuna_cuda_free(g_gpu, dr);
+                free(oc), free(p0), free(r0), free(pc), free(rc), free(rg);
+            }
             /* the residual form of linear 1 (o/down): out += y + LoRA for every token */
             {
                 const struct tuna_lora_bank *c1[1] = {&sc[1]}, *g1[1] = {&sg[1]};

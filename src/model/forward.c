@@ -489,7 +489,7 @@ static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const stru
         } else if (!trace && !mlp_plain) {
             /* gate and up, then their adapters folded into the GLU (one pass over xn_mlp) */
             op->rmsnorm(be, A->xn_mlp, x, L->mlp_norm, T, C, (float)a->norm_eps);
-            float *const ys[2] = {A->gate, A->up}; /* (T, I) each */
+            float *const ys[3] = {A->gate, A->up, NULL}; /* (T, I) each; [2]: down's (unused) */
             if (fuse) {
                 const struct tuna_weight *const w2[2] = {&L->gate.w, &L->up.w};
                 const float *const b2[2] = {L->gate.bias, L->up.bias};
@@ -498,8 +498,9 @@ static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const stru
                 op->matmul(be, A->gate, A->xn_mlp, &L->gate.w, L->gate.bias, T);
                 op->matmul(be, A->up, A->xn_mlp, &L->up.w, L->up.bias, T);
             }
-            const struct tuna_linear *const lins[2] = {&L->gate, &L->up};
-            lora_apply(m, 2, lins, ys, A->xn_mlp, T, act, (int)a->act);
+            /* down's adapters too: the GPU folds down's shrink into the GLU (backend.h) */
+            const struct tuna_linear *const lins[3] = {&L->gate, &L->up, &L->down};
+            lora_apply(m, lora_on(m, &L->down) ? 3 : 2, lins, ys, A->xn_mlp, T, act, (int)a->act);
         } else {
             op->rmsnorm(be, A->xn_mlp, x, L->mlp_norm, T, C, (float)a->norm_eps);
             linear(m, &L->gate, A->gate, A->xn_mlp, T, b); /* (T, I) */

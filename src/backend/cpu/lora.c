@@ -4,8 +4,10 @@
  * be float32, bf16 or f16 (the GPU's views hold the compute dtype); elements are widened one at a
  * time. The grouping in tok (order/start) is not needed here: tokens are taken as they come.
  * Several outputs of one input are done one after the other; the GLU form (glu_out) adds the
- * LoRA terms into copies of gate and up and runs the GLU op on them, the residual form adds the
- * term into ys[0] and ys[0] into glu_out, as forward.c would with the plain ops. */
+ * LoRA terms into copies of gate and up and runs the GLU op on them (a third set, the next
+ * linear's, is not used here: the residual-form call on glu_out computes it afresh), the
+ * residual form adds the term into ys[0] and ys[0] into glu_out, as forward.c would with the
+ * plain ops. */
 #include <stdlib.h>
 
 #include "backend/cpu/cpu_internal.h"

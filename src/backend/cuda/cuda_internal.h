@@ -37,6 +37,13 @@ struct tuna_backend {
     struct cuda_grow_buf attn;   /* attention's split partials (attention.cu): sized once, never moves */
     struct cuda_grow_buf fuse;   /* scratch of the fused ops' unfused fallbacks (fused.cu) */
     struct cuda_grow_buf lora;   /* LoRA shrink partials [S, T, max_r] float32 (lora.cu) */
+    struct {                     /* u of the linear after a GLU (down), made by the GLU-form lora call */
+        const float *x;          /* the GLU output it was made from; NULL: none (lora.cu) */
+        const void *w, *base;    /* that linear's descriptor table; be->lora.p when it was made */
+        int64_t T, K;
+        int n, R;
+        size_t off;              /* u's byte offset in be->lora */
+    } lora_next;
     void *host_meta;             /* pinned host arena, the same size: copies from it are truly async */
     size_t host_meta_cap;
     size_t meta_used, meta_flushed; /* append offsets in both arenas; reset only after a sync */

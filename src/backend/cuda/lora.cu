@@ -480,24 +480,91 @@ __device__ __forceinline__ void tc_st2(float *p, int64_t o, float2 v, bool two, 
 }
 
 /* y_i[t, n] += scale * u[t] . B[n] over one block of 128 outputs and a tile of 32 tokens (MODE
- * EX_ADD); EX_GLU: out = act(gate + LoRA_0) * (up + LoRA_1); EX_RESID: out += y_0 + LoRA_0 (the
- * last two over every token: the tile list ends with the tokens without an adapter). */
+ * EX_ADD); EX_GLU: out = act(gate + LoRA_0) * (up + LoRA_1) over TC_GLU_NP blocks of 128 outputs
+ * in turn; EX_RESID: out += y_0 + LoRA_0 (the last two over every token: the tile list ends with
+ * the tokens without an adapter).
+ * EX_GLU with a next linear (nx.RD > 0: down, whose input is out): the block also multiplies its
+ * out values (rounded to HT, as the shrink would load them) by that linear's A rows over its
+ * outputs, on tensor cores: the C fragments of two n-tiles of out are the A fragment of one
+ * k-step. The warps' sums are added in warp order into a partial of the block; the last block
+ * of a tile to finish (a counter per tile, reset by that block) adds the partials of the tile's
+ * blocks in block order into nx.u, so the down projection's LoRA needs no shrink over out. */
+#define TC_GLU_NP 4    /* GLU: 128-output passes per block */
+#define TC_DS_MAXR 64  /* the next linear's largest rank the GLU folds its shrink for */
+
+struct tc_next {
+    const struct tuna_lora_w *w; /* descriptor table (device) */
+    int n, R, RD;                /* adapters, max_r, max_r rounded up to 16 (0: no next linear) */
+    float *part;                 /* [gridDim.x, T, RD] float32 partials */
+    void *u;                     /* [T, RD] in the adapters' 16-bit type */
+    int *count;                  /* per tile of the expand grid, zero between calls */
+};
+
+/* The GLU's fold of the next linear's shrink, after the passes: the warps' sums in warp order
+ * (red), the block's partial, then the tile's last block adds the partials in block order. */
+template <typename HT, int NQD>
+__device__ __forceinline__ void next_finish(float (*red)[TC_DS_MAXR + 4], int &last, const float (&accd)[2][NQD][4],
+                                            int nqd, int nt, const int32_t *tok, int T, const tc_next &nx, int tid,
+                                            int warp, int g, int c)
+{
+    for (int w = 0; w < TC_WARPS; w++) {
+        if (warp == w) {
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                for (int q = 0; q < NQD; q++) {
+                    if (q >= nqd) break;
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        float *d = &red[mt * 16 + g + 8 * (e >> 1)][8 * q + 2 * c + (e & 1)];
+                        *d = w ? *d + accd[mt][q][e] : accd[mt][q][e];
+                    }
+                }
+        }
+        __syncthreads();
+    }
+    const int rw = 8 * nqd; /* ranks written: rd rounded up to 16 (the rest are zeros) */
+    float *pp = nx.part + (int64_t)blockIdx.x * T * nx.RD;
+    for (int e = tid; e < nt * rw; e += TC_WARPS * 32) {
+        const int ti = e / rw, j = e % rw;
+        pp[(int64_t)tok[ti] * nx.RD + j] = red[ti][j];
+    }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(&nx.count[blockIdx.y], 1) == (int)gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    HT *ud = (HT *)nx.u;
+    for (int e = tid; e < nt * rw; e += TC_WARPS * 32) {
+        const int64_t at = (int64_t)tok[e / rw] * nx.RD + e % rw;
+        float s = 0.0f;
+#pragma unroll 4
+        for (int q = 0; q < (int)gridDim.x; q++) s += __ldcg(nx.part + (int64_t)q * T * nx.RD + at);
+        ud[at] = (HT)s;
+    }
+    if (tid == 0) nx.count[blockIdx.y] = 0;
+}
+
 enum { EX_ADD, EX_GLU, EX_RESID };
 template <typename HT, int MODE>
 __global__ void __launch_bounds__(TC_WARPS * 32)
     k_lora_expand_tc(const HT *__restrict__ u, int T, const int32_t *order, const int32_t *start, const tc_banks b,
-                     float *glu_out, int act)
+                     float *glu_out, int act, const tc_next nx)
 {
+    constexpr bool GLU = MODE == EX_GLU, ALL = MODE != EX_ADD;
+    constexpr int NP = GLU ? TC_GLU_NP : 1, NQD = GLU ? TC_DS_MAXR / 8 : 1;
     __shared__ int32_t tok[TC_EX_TM];
     __shared__ __align__(16) HT us[TC_EX_TM][TC_US];
+    __shared__ float red[GLU ? TC_EX_TM : 1][TC_DS_MAXR + 4];
+    __shared__ int last;
     int a, i0, nt;
-    constexpr bool GLU = MODE == EX_GLU, ALL = MODE != EX_ADD;
     if (!tc_tile<TC_EX_TM>((int)blockIdx.y, start, b.ng, T, ALL, &a, &i0, &nt)) return;
     int li = 0; /* the output (GLU: gate; up is li + 1) */
     if (MODE == EX_ADD)
         while (li + 1 < b.nb && (int)blockIdx.x >= b.nt0[li + 1]) li++;
-    const int64_t N = b.N[li], nb0 = (int64_t)((int)blockIdx.x - b.nt0[li]) * TC_EX_NB;
-    if (nb0 >= N) return;
+    const int64_t N = b.N[li], nbase = (int64_t)((int)blockIdx.x - b.nt0[li]) * TC_EX_NB * NP;
+    if (nbase >= N) return;
     constexpr int NBK = GLU ? 2 : 1;
     int r[NBK], r16[NBK], uc[NBK];
     float sc[NBK];
@@ -511,6 +578,15 @@ __global__ void __launch_bounds__(TC_WARPS * 32)
         B[q] = r[q] ? (const uint16_t *)b.w[li + q][a].B : NULL;
     }
     if (!ALL && r[0] == 0) return;
+    /* the next linear's rank for this tile's adapter (GLU), its n-tiles of 8 ranks in pairs */
+    int rd = 0;
+    const uint16_t *Ad = NULL;
+    if (GLU && nx.RD > 0 && a >= 0 && a < nx.n) {
+        rd = min((int)nx.w[a].r, nx.R);
+        Ad = rd > 0 ? (const uint16_t *)nx.w[a].A : NULL;
+    }
+    const int nqd = (rd + 15) / 16 * 2;
+    const bool avec = (N & 1) == 0 && ((uintptr_t)Ad & 3) == 0;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c = lane & 3;
     if (tid < TC_EX_TM) tok[tid] = tid < nt ? order[i0 + tid] : -1;
     __syncthreads();
@@ -522,84 +598,120 @@ __global__ void __launch_bounds__(TC_WARPS * 32)
             us[ti][uc[q] + j] = tok[ti] >= 0 ? u[(int64_t)tok[ti] * b.RU + b.off[li + q] + j] : zero;
         }
     __syncthreads();
-    const int64_t n0 = nb0 + 32 * warp;
-    float acc[NBK][2][4][4];
+    float accd[2][NQD][4];
 #pragma unroll
-    for (int q = 0; q < NBK; q++)
+    for (int mt = 0; mt < 2; mt++)
 #pragma unroll
-        for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-            for (int jt = 0; jt < 4; jt++) acc[q][mt][jt][0] = acc[q][mt][jt][1] = acc[q][mt][jt][2] = acc[q][mt][jt][3] = 0.0f;
-#pragma unroll
-    for (int q = 0; q < NBK; q++) {
-        const bool bvec = (r[q] & 1) == 0;
-        for (int k0 = 0; k0 < r16[q]; k0 += 16) {
-            uint32_t af[2][4];
-#pragma unroll
-            for (int mt = 0; mt < 2; mt++) {
-                const int ra = mt * 16 + g, cb = uc[q] + k0 + 2 * c;
-                af[mt][0] = *reinterpret_cast<const uint32_t *>(&us[ra][cb]);
-                af[mt][1] = *reinterpret_cast<const uint32_t *>(&us[ra + 8][cb]);
-                af[mt][2] = *reinterpret_cast<const uint32_t *>(&us[ra][cb + 8]);
-                af[mt][3] = *reinterpret_cast<const uint32_t *>(&us[ra + 8][cb + 8]);
-            }
-            const int ka = k0 + 2 * c, kc = ka + 8;
-#pragma unroll
-            for (int jt = 0; jt < 4; jt++) {
-                const int64_t n = n0 + 8 * jt + g;
-                uint32_t b0 = 0u, b1 = 0u;
-                if (n < N) {
-                    const uint16_t *br = B[q] + n * r[q];
-                    b0 = tc_pair(br, ka, ka < r[q], ka + 1 < r[q], bvec);
-                    b1 = tc_pair(br, kc, kc < r[q], kc + 1 < r[q], bvec);
-                }
-#pragma unroll
-                for (int mt = 0; mt < 2; mt++) mma_16816<HT>(acc[q][mt][jt], af[mt], b0, b1);
-            }
-        }
-    }
-    /* per row block: every load first (one round trip), then the sums and the stores */
+        for (int q = 0; q < NQD; q++) accd[mt][q][0] = accd[mt][q][1] = accd[mt][q][2] = accd[mt][q][3] = 0.0f;
     const bool pair = (N & 1) == 0;
+    for (int p = 0; p < NP; p++) {
+        const int64_t n0 = nbase + (int64_t)p * TC_EX_NB + 32 * warp;
+        if (nbase + (int64_t)p * TC_EX_NB >= N) break;
+        float acc[NBK][2][4][4];
 #pragma unroll
-    for (int mt = 0; mt < 2; mt++) {
-        float2 v[NBK][2][4], r0[2][4];
-        int64_t at[2][4];
+        for (int q = 0; q < NBK; q++)
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int ti = mt * 16 + g + 8 * h;
+            for (int mt = 0; mt < 2; mt++)
 #pragma unroll
-            for (int jt = 0; jt < 4; jt++) {
-                const int64_t n = n0 + 8 * jt + 2 * c;
-                at[h][jt] = ti < nt && n < N ? (int64_t)tok[ti] * N + n : -1;
+                for (int jt = 0; jt < 4; jt++)
+                    acc[q][mt][jt][0] = acc[q][mt][jt][1] = acc[q][mt][jt][2] = acc[q][mt][jt][3] = 0.0f;
 #pragma unroll
-                for (int q = 0; q < NBK; q++) v[q][h][jt] = tc_ld2(b.y[li + q], at[h][jt], n + 1 < N, pair);
-                r0[h][jt] = MODE == EX_RESID ? tc_ld2(glu_out, at[h][jt], n + 1 < N, pair) : make_float2(0.0f, 0.0f);
-            }
-        }
+        for (int q = 0; q < NBK; q++) {
+            const bool bvec = (r[q] & 1) == 0;
+            for (int k0 = 0; k0 < r16[q]; k0 += 16) {
+                uint32_t af[2][4];
 #pragma unroll
-        for (int h = 0; h < 2; h++)
+                for (int mt = 0; mt < 2; mt++) {
+                    const int ra = mt * 16 + g, cb = uc[q] + k0 + 2 * c;
+                    af[mt][0] = *reinterpret_cast<const uint32_t *>(&us[ra][cb]);
+                    af[mt][1] = *reinterpret_cast<const uint32_t *>(&us[ra + 8][cb]);
+                    af[mt][2] = *reinterpret_cast<const uint32_t *>(&us[ra][cb + 8]);
+                    af[mt][3] = *reinterpret_cast<const uint32_t *>(&us[ra + 8][cb + 8]);
+                }
+                const int ka = k0 + 2 * c, kc = ka + 8;
 #pragma unroll
-            for (int jt = 0; jt < 4; jt++) {
-                const int64_t o = at[h][jt];
-                if (o < 0) continue;
-                const bool two = n0 + 8 * jt + 2 * c + 1 < N;
-                const float l0 = sc[0] * acc[0][mt][jt][2 * h], l1 = sc[0] * acc[0][mt][jt][2 * h + 1];
-                float2 out;
-                if (MODE == EX_ADD) {
-                    out = make_float2(v[0][h][jt].x + l0, v[0][h][jt].y + l1);
-                    tc_st2(b.y[li], o, out, two, pair);
-                } else if (MODE == EX_RESID) {
-                    out = make_float2(r0[h][jt].x + v[0][h][jt].x + l0, r0[h][jt].y + v[0][h][jt].y + l1);
-                    tc_st2(glu_out, o, out, two, pair);
-                } else {
-                    const float m0 = sc[NBK - 1] * acc[NBK - 1][mt][jt][2 * h],
-                                m1 = sc[NBK - 1] * acc[NBK - 1][mt][jt][2 * h + 1];
-                    out.x = tuna_cuda_act(v[0][h][jt].x + l0, act) * (v[NBK - 1][h][jt].x + m0);
-                    out.y = tuna_cuda_act(v[0][h][jt].y + l1, act) * (v[NBK - 1][h][jt].y + m1);
-                    tc_st2(glu_out, o, out, two, pair);
+                for (int jt = 0; jt < 4; jt++) {
+                    const int64_t n = n0 + 8 * jt + g;
+                    uint32_t b0 = 0u, b1 = 0u;
+                    if (n < N) {
+                        const uint16_t *br = B[q] + n * r[q];
+                        b0 = tc_pair(br, ka, ka < r[q], ka + 1 < r[q], bvec);
+                        b1 = tc_pair(br, kc, kc < r[q], kc + 1 < r[q], bvec);
+                    }
+#pragma unroll
+                    for (int mt = 0; mt < 2; mt++) mma_16816<HT>(acc[q][mt][jt], af[mt], b0, b1);
                 }
             }
+        }
+        /* per row block: every load first (one round trip), then the sums and the stores */
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++) {
+            float2 v[NBK][2][4], r0[2][4], ov[2][4];
+            int64_t at[2][4];
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int ti = mt * 16 + g + 8 * h;
+#pragma unroll
+                for (int jt = 0; jt < 4; jt++) {
+                    const int64_t n = n0 + 8 * jt + 2 * c;
+                    at[h][jt] = ti < nt && n < N ? (int64_t)tok[ti] * N + n : -1;
+#pragma unroll
+                    for (int q = 0; q < NBK; q++) v[q][h][jt] = tc_ld2(b.y[li + q], at[h][jt], n + 1 < N, pair);
+                    r0[h][jt] = MODE == EX_RESID ? tc_ld2(glu_out, at[h][jt], n + 1 < N, pair) : make_float2(0.0f, 0.0f);
+                }
+            }
+#pragma unroll
+            for (int h = 0; h < 2; h++)
+#pragma unroll
+                for (int jt = 0; jt < 4; jt++) {
+                    const int64_t o = at[h][jt];
+                    ov[h][jt] = make_float2(0.0f, 0.0f);
+                    if (o < 0) continue;
+                    const bool two = n0 + 8 * jt + 2 * c + 1 < N;
+                    const float l0 = sc[0] * acc[0][mt][jt][2 * h], l1 = sc[0] * acc[0][mt][jt][2 * h + 1];
+                    float2 out;
+                    if (MODE == EX_ADD) {
+                        out = make_float2(v[0][h][jt].x + l0, v[0][h][jt].y + l1);
+                        tc_st2(b.y[li], o, out, two, pair);
+                    } else if (MODE == EX_RESID) {
+                        out = make_float2(r0[h][jt].x + v[0][h][jt].x + l0, r0[h][jt].y + v[0][h][jt].y + l1);
+                        tc_st2(glu_out, o, out, two, pair);
+                    } else {
+                        const float m0 = sc[NBK - 1] * acc[NBK - 1][mt][jt][2 * h],
+                                    m1 = sc[NBK - 1] * acc[NBK - 1][mt][jt][2 * h + 1];
+                        out.x = tuna_cuda_act(v[0][h][jt].x + l0, act) * (v[NBK - 1][h][jt].x + m0);
+                        out.y = tuna_cuda_act(v[0][h][jt].y + l1, act) * (v[NBK - 1][h][jt].y + m1);
+                        tc_st2(glu_out, o, out, two, pair);
+                        ov[h][jt] = make_float2(out.x, two ? out.y : 0.0f);
+                    }
+                }
+            if (GLU && nqd > 0) {
+                /* the next linear's shrink over these 32 outputs: two k-steps of 16 */
+#pragma unroll
+                for (int s = 0; s < 2; s++) {
+                    uint32_t af[4];
+                    af[0] = mma_pack<HT>(ov[0][2 * s].x, ov[0][2 * s].y);
+                    af[1] = mma_pack<HT>(ov[1][2 * s].x, ov[1][2 * s].y);
+                    af[2] = mma_pack<HT>(ov[0][2 * s + 1].x, ov[0][2 * s + 1].y);
+                    af[3] = mma_pack<HT>(ov[1][2 * s + 1].x, ov[1][2 * s + 1].y);
+                    const int64_t ka = n0 + 16 * s + 2 * c, kc = ka + 8;
+#pragma unroll
+                    for (int q = 0; q < NQD; q++) {
+                        if (q >= nqd) break;
+                        const int j = 8 * q + g;
+                        uint32_t b0 = 0u, b1 = 0u;
+                        if (j < rd) {
+                            const uint16_t *ar = Ad + (int64_t)j * N;
+                            b0 = tc_pair(ar, ka, ka < N, ka + 1 < N, avec);
+                            b1 = tc_pair(ar, kc, kc < N, kc + 1 < N, avec);
+                        }
+                        mma_16816<HT>(accd[mt][q], af, b0, b1);
+                    }
+                }
+            }
+        }
     }
+    if (GLU && nqd > 0) next_finish<HT, NQD>(red, last, accd, nqd, nt, tok, T, nx, tid, warp, g, c);
 }
 
 /* ================= host side ================= */
@@ -646,44 +758,56 @@ static void lora_f32(tuna_backend *be, float *y, const float *x, int64_t T, int6
     else launch_f32<2>(be, part, y, x, T, N, K, S, KC, R, set->n, set->w, d_order, d_start);
 }
 
+/* The shrink (sh_tiles > 0; 0: u was made by the GLU call before) and the expand of one call. */
 template <typename HT>
-static void launch_tc(tuna_backend *be, const tc_banks &b, const float *x, int64_t T, int64_t K, int S, int64_t KC,
-                      int sh_tiles, char *base, const int32_t *order, const int32_t *start, float *glu_out, int act)
+static void launch_tc(tuna_backend *be, const tc_banks &b, const tc_next &nx, const float *x, int64_t T, int64_t K,
+                      int S, int64_t KC, int sh_tiles, HT *u, float *part, int *count, const int32_t *order,
+                      const int32_t *start, float *glu_out, int act)
 {
-    int *count = (int *)base;
-    HT *u = (HT *)(base + TC_COUNT_MAX * sizeof(int));
-    float *part = (float *)(base + TC_COUNT_MAX * sizeof(int) + align256((size_t)T * (size_t)b.RU * sizeof(HT)));
-    k_lora_shrink_tc<HT><<<dim3((unsigned)sh_tiles, (unsigned)S), TC_WARPS * 32, 0, be->stream>>>(
-        part, u, count, x, (int)T, K, KC, S, order, start, b);
-    if (!tuna_cuda_check_launch(be, "k_lora_shrink_tc")) return;
+    if (sh_tiles > 0) {
+        k_lora_shrink_tc<HT><<<dim3((unsigned)sh_tiles, (unsigned)S), TC_WARPS * 32, 0, be->stream>>>(
+            part, u, count, x, (int)T, K, KC, S, order, start, b);
+        if (!tuna_cuda_check_launch(be, "k_lora_shrink_tc")) return;
+    }
     const unsigned ex_tiles = (unsigned)((T + TC_EX_TM - 1) / TC_EX_TM + b.ng + (glu_out ? 1 : 0));
-    const unsigned nbx = (unsigned)((b.N[0] + TC_EX_NB - 1) / TC_EX_NB);
-    if (glu_out && act == TUNA_LORA_RESIDUAL)
-        k_lora_expand_tc<HT, EX_RESID><<<dim3(nbx, ex_tiles), TC_WARPS * 32, 0, be->stream>>>(u, (int)T, order, start,
-                                                                                            b, glu_out, act);
-    else if (glu_out)
-        k_lora_expand_tc<HT, EX_GLU><<<dim3(nbx, ex_tiles), TC_WARPS * 32, 0, be->stream>>>(u, (int)T, order, start, b,
-                                                                                          glu_out, act);
-    else
-        k_lora_expand_tc<HT, EX_ADD><<<dim3((unsigned)b.nt0[b.nb], ex_tiles), TC_WARPS * 32, 0, be->stream>>>(
-            u, (int)T, order, start, b, NULL, act);
+    const dim3 blk(TC_WARPS * 32);
+    if (glu_out && act == TUNA_LORA_RESIDUAL) {
+        const unsigned nbx = (unsigned)((b.N[0] + TC_EX_NB - 1) / TC_EX_NB);
+        k_lora_expand_tc<HT, EX_RESID><<<dim3(nbx, ex_tiles), blk, 0, be->stream>>>(u, (int)T, order, start, b,
+                                                                                 glu_out, act, nx);
+    } else if (glu_out) {
+        const unsigned nbx = (unsigned)((b.N[0] + TC_EX_NB * TC_GLU_NP - 1) / (TC_EX_NB * TC_GLU_NP));
+        k_lora_expand_tc<HT, EX_GLU><<<dim3(nbx, ex_tiles), blk, 0, be->stream>>>(u, (int)T, order, start, b, glu_out,
+                                                                               act, nx);
+    } else {
+        k_lora_expand_tc<HT, EX_ADD><<<dim3((unsigned)b.nt0[b.nb], ex_tiles), blk, 0, be->stream>>>(
+            u, (int)T, order, start, b, NULL, act, nx);
+    }
     tuna_cuda_check_launch(be, "k_lora_expand_tc");
 }
+
+static bool bank_has(const struct tuna_lora_bank *s) { return s && s->n > 0 && s->max_r > 0; }
 
 void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns, const float *x, int64_t T, int64_t K,
                     const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok, float *glu_out, int act)
 {
+    /* the next linear's u left by the previous call (GLU form): valid for this call only */
+    const auto stash = be->lora_next;
+    be->lora_next.x = NULL;
     if (be->sticky || T <= 0 || K <= 0 || n <= 0) return;
-    const bool resid = glu_out && act == TUNA_LORA_RESIDUAL;
-    if (n > TC_MAXB || (glu_out && !resid && (n != 2 || Ns[0] != Ns[1])) || (resid && n != 1)) {
+    const bool resid = glu_out && act == TUNA_LORA_RESIDUAL, glu = glu_out && !resid;
+    if (n > TC_MAXB || (glu && (n < 2 || Ns[0] != Ns[1])) || (resid && n != 1)) {
         tuna_cuda_check(be, cudaErrorInvalidValue, "lora (more than 3 linears, a GLU form that is not gate/up, or a residual form of several)");
         return;
     }
+    /* the linears of x; the GLU form's third set is the next linear's (down: its input is glu_out) */
+    const int nl = glu ? 2 : n;
+    const struct tuna_lora_bank *next = glu && n == 3 && bank_has(sets[2]) ? sets[2] : NULL;
     int dt = -1, ng = 0;
     bool any = false;
     for (int i = 0; i < n; i++) {
-        const struct tuna_lora_bank *s = sets[i];
-        if (!s || s->n <= 0 || s->max_r <= 0) continue;
+        const struct tuna_lora_bank *s = i < nl ? sets[i] : next;
+        if (!bank_has(s)) continue;
         if (s->n > LORA_MAX_N || s->max_r > LORA_MAX_R) {
             tuna_cuda_check(be, cudaErrorInvalidValue, "lora (more than 64 adapters or a rank over 256 on one layer)");
             return;
@@ -694,12 +818,12 @@ void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns
             return;
         }
         dt = d;
-        any = true;
+        if (i < nl) any = true;
         if (s->n > ng) ng = s->n;
     }
-    if (!any) { /* no adapters at all */
+    if (!any) { /* no adapters at all (the next linear then shrinks its input itself) */
         if (resid) tuna_cuda_add(be, glu_out, ys[0], T * Ns[0]);
-        else if (glu_out) tuna_cuda_glu(be, glu_out, ys[0], ys[1], T * Ns[0], act);
+        else if (glu) tuna_cuda_glu(be, glu_out, ys[0], ys[1], T * Ns[0], act);
         return;
     }
     if (T > INT32_MAX / 2) {
@@ -731,26 +855,28 @@ void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns
     const int32_t *d_order = (const int32_t *)(mb + o_o), *d_start = (const int32_t *)(mb + o_s);
 
     static int tc = -1; /* TUNA_LORA_TC=0: 16-bit adapters on the CUDA-core kernels too (for measurement) */
+    static int fold = -1; /* TUNA_LORA_FOLD=0: the down projection's LoRA shrinks the GLU output itself */
     if (tc < 0) {
         const char *e = getenv("TUNA_LORA_TC");
         tc = !(e && e[0] == '0');
+        e = getenv("TUNA_LORA_FOLD");
+        fold = !(e && e[0] == '0');
     }
     if (dt == 0 || be->cc_major < 8 || !tc) { /* float32 adapters: one linear at a time, then the GLU */
-        for (int i = 0; i < n; i++)
-            if (sets[i] && sets[i]->n > 0 && sets[i]->max_r > 0)
-                lora_f32(be, ys[i], x, T, Ns[i], K, sets[i], d_order, d_start, dt);
+        for (int i = 0; i < nl; i++)
+            if (bank_has(sets[i])) lora_f32(be, ys[i], x, T, Ns[i], K, sets[i], d_order, d_start, dt);
         if (resid) tuna_cuda_add(be, glu_out, ys[0], T * Ns[0]);
-        else if (glu_out) tuna_cuda_glu(be, glu_out, ys[0], ys[1], T * Ns[0], act);
+        else if (glu) tuna_cuda_glu(be, glu_out, ys[0], ys[1], T * Ns[0], act);
         return;
     }
     tc_banks b;
     memset(&b, 0, sizeof b);
-    b.nb = n;
+    b.nb = nl;
     b.ng = ng;
     int off = 0, nt0 = 0;
-    for (int i = 0; i < n; i++) {
+    for (int i = 0; i < nl; i++) {
         const struct tuna_lora_bank *s = sets[i];
-        const bool has = s && s->n > 0 && s->max_r > 0;
+        const bool has = bank_has(s);
         b.w[i] = has ? s->w : NULL;
         b.n[i] = has ? s->n : 0;
         b.R[i] = has ? (int)s->max_r : 0;
@@ -761,8 +887,23 @@ void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns
         b.nt0[i] = nt0;
         nt0 += (int)((Ns[i] + TC_EX_NB - 1) / TC_EX_NB);
     }
-    b.nt0[n] = nt0;
+    b.nt0[nl] = nt0;
     b.RU = off;
+    tc_next nx;
+    memset(&nx, 0, sizeof nx);
+    const size_t head = TC_COUNT_MAX * sizeof(int);
+    /* the residual form of the linear whose u the GLU call before made: no shrink */
+    if (resid && stash.x == x && stash.T == T && stash.K == K && stash.base == be->lora.p && sets[0] &&
+        sets[0]->w == stash.w && sets[0]->n == stash.n && (int)sets[0]->max_r == stash.R) {
+        char *base = (char *)be->lora.p;
+        if (dt == 1)
+            launch_tc<__nv_bfloat16>(be, b, nx, x, T, K, 1, K, 0, (__nv_bfloat16 *)(base + stash.off), NULL,
+                                     (int *)base, d_order, d_start, glu_out, act);
+        else
+            launch_tc<__half>(be, b, nx, x, T, K, 1, K, 0, (__half *)(base + stash.off), NULL, (int *)base, d_order,
+                              d_start, glu_out, act);
+        return;
+    }
     /* K splits: about four blocks per SM over the shrink's tiles (few k-steps per warp: the loop
      * is latency-bound at decode sizes), k ranges of whole 64-k steps */
     const int sh_tiles = (int)((T + TC_SH_TM - 1) / TC_SH_TM) + ng;
@@ -773,11 +914,39 @@ void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns
     }
     int64_t KC = ((K + S - 1) / S + 63) / 64 * 64;
     S = (int)((K + KC - 1) / KC);
-    const size_t ub = align256((size_t)T * (size_t)b.RU * 2), pb = S > 1 ? (size_t)S * (size_t)T * (size_t)b.RU * sizeof(float) : 0;
-    char *base = lora_scratch(be, ub + pb);
+    const size_t ub = align256((size_t)T * (size_t)b.RU * 2),
+                 pb = align256(S > 1 ? (size_t)S * (size_t)T * (size_t)b.RU * sizeof(float) : 0);
+    /* GLU: the next linear's shrink folded into the GLU (its u and the blocks' partials) */
+    const int64_t ex_tiles = (T + TC_EX_TM - 1) / TC_EX_TM + ng + 1;
+    const int64_t nbx = (Ns[0] + TC_EX_NB * TC_GLU_NP - 1) / (TC_EX_NB * TC_GLU_NP);
+    const bool fold_next = next && fold && next->max_r <= TC_DS_MAXR && ex_tiles <= TC_COUNT_MAX;
+    const int RD = fold_next ? (int)(next->max_r + 15) / 16 * 16 : 0;
+    const size_t udb = align256((size_t)T * (size_t)RD * 2), pdb = (size_t)nbx * (size_t)T * (size_t)RD * sizeof(float);
+    char *base = lora_scratch(be, ub + pb + (fold_next ? udb + pdb : 0));
     if (!base) return;
+    if (fold_next) {
+        nx.w = next->w;
+        nx.n = next->n;
+        nx.R = (int)next->max_r;
+        nx.RD = RD;
+        nx.u = base + head + ub + pb;
+        nx.part = (float *)(base + head + ub + pb + udb);
+        nx.count = (int *)base;
+    }
     if (dt == 1)
-        launch_tc<__nv_bfloat16>(be, b, x, T, K, S, KC, sh_tiles, base, d_order, d_start, glu_out, act);
+        launch_tc<__nv_bfloat16>(be, b, nx, x, T, K, S, KC, sh_tiles, (__nv_bfloat16 *)(base + head),
+                                 (float *)(base + head + ub), (int *)base, d_order, d_start, glu_out, act);
     else
-        launch_tc<__half>(be, b, x, T, K, S, KC, sh_tiles, base, d_order, d_start, glu_out, act);
+        launch_tc<__half>(be, b, nx, x, T, K, S, KC, sh_tiles, (__half *)(base + head), (float *)(base + head + ub),
+                          (int *)base, d_order, d_start, glu_out, act);
+    if (fold_next && !be->sticky) {
+        be->lora_next.x = glu_out;
+        be->lora_next.w = next->w;
+        be->lora_next.base = base;
+        be->lora_next.T = T;
+        be->lora_next.K = Ns[0];
+        be->lora_next.n = next->n;
+        be->lora_next.R = (int)next->max_r;
+        be->lora_next.off = head + ub + pb;
+    }
 }
