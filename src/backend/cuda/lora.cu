@@ -323,39 +323,47 @@ __device__ __forceinline__ uint32_t tc_pair(const uint16_t *p, int64_t i, bool o
 
 /* The shrink's fragments of the k-step at k0: x rows g and g+8 (ok0/ok1: real tokens) rounded to
  * HT as the mma's A operand, and the A rows of the nj n-tiles (arow[j] NULL: zeros) as its B
- * operands. Elements at or past ke read as zero. */
+ * operands. The sum over k does not care which k sits in which fragment slot, so lane c takes
+ * the 4 consecutive k0 + 4c .. 4c+3 for its slots (2c, 2c+1) and (2c+8, 2c+9), in x and in A
+ * alike: one 16-byte load per x row and one 8-byte load per A row (xvec/avec: K % 4 == 0 and
+ * aligned bases; the step whole). Elements at or past ke read as zero. */
 template <typename HT>
 __device__ __forceinline__ void sh_frag(uint32_t (&af)[4], uint32_t (&bf)[TC_SH_CH][2], const float *x0,
                                         const float *x1, bool ok0, bool ok1, const uint16_t *const (&arow)[TC_SH_CH],
-                                        int nj, int64_t k0, int64_t ke, bool kvec, int c)
+                                        int nj, int64_t k0, int64_t ke, bool xvec, bool avec, int c)
 {
-    const int64_t ka = k0 + 2 * c, kc = ka + 8;
-    const bool vec = kvec && k0 + 16 <= ke;
-    float2 v[4]; /* (row g, ka), (row g+8, ka), (row g, kc), (row g+8, kc) */
-    if (vec) {
-        const float2 z = make_float2(0.0f, 0.0f);
-        v[0] = ok0 ? *reinterpret_cast<const float2 *>(x0 + ka) : z;
-        v[1] = ok1 ? *reinterpret_cast<const float2 *>(x1 + ka) : z;
-        v[2] = ok0 ? *reinterpret_cast<const float2 *>(x0 + kc) : z;
-        v[3] = ok1 ? *reinterpret_cast<const float2 *>(x1 + kc) : z;
+    const int64_t kq = k0 + 4 * c;
+    const bool whole = k0 + 16 <= ke;
+    float4 v0, v1;
+    if (xvec && whole) {
+        const float4 z = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        v0 = ok0 ? *reinterpret_cast<const float4 *>(x0 + kq) : z;
+        v1 = ok1 ? *reinterpret_cast<const float4 *>(x1 + kq) : z;
     } else {
+        float e0[4], e1[4];
 #pragma unroll
-        for (int q = 0; q < 4; q++) {
-            const float *xr = q & 1 ? x1 : x0;
-            const bool ok = q & 1 ? ok1 : ok0;
-            const int64_t k = q < 2 ? ka : kc;
-            v[q].x = ok && k < ke ? xr[k] : 0.0f;
-            v[q].y = ok && k + 1 < ke ? xr[k + 1] : 0.0f;
+        for (int e = 0; e < 4; e++) {
+            e0[e] = ok0 && kq + e < ke ? x0[kq + e] : 0.0f;
+            e1[e] = ok1 && kq + e < ke ? x1[kq + e] : 0.0f;
         }
+        v0 = make_float4(e0[0], e0[1], e0[2], e0[3]);
+        v1 = make_float4(e1[0], e1[1], e1[2], e1[3]);
     }
-#pragma unroll
-    for (int q = 0; q < 4; q++) af[q] = mma_pack<HT>(v[q].x, v[q].y);
+    af[0] = mma_pack<HT>(v0.x, v0.y);
+    af[1] = mma_pack<HT>(v1.x, v1.y);
+    af[2] = mma_pack<HT>(v0.z, v0.w);
+    af[3] = mma_pack<HT>(v1.z, v1.w);
 #pragma unroll
     for (int j = 0; j < TC_SH_CH; j++) {
         bf[j][0] = bf[j][1] = 0u;
         if (j < nj && arow[j]) {
-            bf[j][0] = tc_pair(arow[j], ka, ka < ke, ka + 1 < ke, vec);
-            bf[j][1] = tc_pair(arow[j], kc, kc < ke, kc + 1 < ke, vec);
+            if (avec && whole) {
+                const uint2 w = *reinterpret_cast<const uint2 *>(arow[j] + kq);
+                bf[j][0] = w.x, bf[j][1] = w.y;
+            } else {
+                bf[j][0] = tc_pair(arow[j], kq, kq < ke, kq + 1 < ke, false);
+                bf[j][1] = tc_pair(arow[j], kq + 2, kq + 2 < ke, kq + 3 < ke, false);
+            }
         }
     }
 }
@@ -385,7 +393,11 @@ __global__ void __launch_bounds__(TC_WARPS * 32)
     const int t0 = tok[g], t1 = tok[g + 8];
     const float *x0 = x + (int64_t)(t0 < 0 ? 0 : t0) * K, *x1 = x + (int64_t)(t1 < 0 ? 0 : t1) * K;
     const int64_t kb = (int64_t)blockIdx.y * KC, ke = min(K, kb + KC);
-    const bool kvec = (K & 1) == 0;
+    bool avec = (K & 3) == 0; /* 8-byte loads of A rows: K % 4 == 0 and every A base 8-byte aligned */
+#pragma unroll
+    for (int i = 0; i < TC_MAXB; i++)
+        if (r[i] > 0 && ((uintptr_t)b.w[i][a].A & 7) != 0) avec = false;
+    const bool xvec = (K & 3) == 0 && ((uintptr_t)x & 15) == 0;
     float *pp = part + (int64_t)blockIdx.y * T * b.RU;
     for (int ch = 0; ch < nts; ch += TC_SH_CH) {
         /* this lane's A row (rank 8p + g of linear i) in each n-tile of the chunk */
@@ -400,22 +412,24 @@ __global__ void __launch_bounds__(TC_WARPS * 32)
         float acc[TC_SH_CH][4];
 #pragma unroll
         for (int j = 0; j < TC_SH_CH; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-        /* one k-step's fragments ahead: the next step's loads are in flight during the mmas */
+        /* two k-steps' fragments ahead (stages p and q, loaded alternately): the loads of the
+         * next two steps are in flight during the mmas */
         const int nj = min(TC_SH_CH, nts - ch);
-        uint32_t af[4], bf[TC_SH_CH][2];
+        constexpr int64_t KW = 16 * TC_WARPS; /* a warp's k stride */
+        uint32_t ap[4], bp[TC_SH_CH][2], aq[4], bq[TC_SH_CH][2];
         int64_t k0 = kb + 16 * warp;
-        if (k0 < ke) sh_frag<HT>(af, bf, x0, x1, t0 >= 0, t1 >= 0, arow, nj, k0, ke, kvec, c);
-        for (; k0 < ke; k0 += 16 * TC_WARPS) {
-            uint32_t an[4], bn[TC_SH_CH][2];
-            const int64_t k1 = k0 + 16 * TC_WARPS;
-            if (k1 < ke) sh_frag<HT>(an, bn, x0, x1, t0 >= 0, t1 >= 0, arow, nj, k1, ke, kvec, c);
+        if (k0 < ke) sh_frag<HT>(ap, bp, x0, x1, t0 >= 0, t1 >= 0, arow, nj, k0, ke, xvec, avec, c);
+        if (k0 + KW < ke) sh_frag<HT>(aq, bq, x0, x1, t0 >= 0, t1 >= 0, arow, nj, k0 + KW, ke, xvec, avec, c);
+        for (; k0 < ke; k0 += 2 * KW) {
 #pragma unroll
             for (int jj = 0; jj < TC_SH_CH; jj++)
-                if (jj < nj) mma_16816<HT>(acc[jj], af, bf[jj][0], bf[jj][1]);
+                if (jj < nj) mma_16816<HT>(acc[jj], ap, bp[jj][0], bp[jj][1]);
+            if (k0 + 2 * KW < ke) sh_frag<HT>(ap, bp, x0, x1, t0 >= 0, t1 >= 0, arow, nj, k0 + 2 * KW, ke, xvec, avec, c);
+            if (k0 + KW >= ke) break;
 #pragma unroll
-            for (int q = 0; q < 4; q++) af[q] = an[q];
-#pragma unroll
-            for (int jj = 0; jj < TC_SH_CH; jj++) bf[jj][0] = bn[jj][0], bf[jj][1] = bn[jj][1];
+            for (int jj = 0; jj < TC_SH_CH; jj++)
+                if (jj < nj) mma_16816<HT>(acc[jj], aq, bq[jj][0], bq[jj][1]);
+            if (k0 + 3 * KW < ke) sh_frag<HT>(aq, bq, x0, x1, t0 >= 0, t1 >= 0, arow, nj, k0 + 3 * KW, ke, xvec, avec, c);
         }
         /* the warps' sums, added in warp order */
 #pragma unroll
