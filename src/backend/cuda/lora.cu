@@ -462,15 +462,32 @@ __global__ void __launch_bounds__(TC_WARPS * 32)
     __syncthreads();
     if (!last) return;
     __threadfence();
-    for (int i = 0; i < TC_MAXB; i++) {
-        const int r16 = (r[i] + 15) / 16 * 16;
-        for (int e = tid; e < nt * r16; e += TC_WARPS * 32) {
-            const int64_t at = (int64_t)tok[e / r16] * b.RU + b.off[i] + e % r16;
-            float s = 0.0f;
-#pragma unroll 8
-            for (int q = 0; q < S; q++) s += __ldcg(part + (int64_t)q * T * b.RU + at);
-            u[at] = (HT)s;
+    /* the tile's u elements (token, column over the linears' r16 ranks), 4 per thread at once:
+     * 4 x S loads in flight instead of S */
+    int rc[TC_MAXB + 1];
+    rc[0] = 0;
+#pragma unroll
+    for (int i = 0; i < TC_MAXB; i++) rc[i + 1] = rc[i] + (r[i] + 15) / 16 * 16;
+    const int ncol = rc[TC_MAXB], nel = nt * ncol;
+    for (int e0 = tid; e0 < nel; e0 += 4 * TC_WARPS * 32) {
+        int64_t at[4];
+        float sum[4];
+#pragma unroll
+        for (int v = 0; v < 4; v++) {
+            const int e = e0 + v * TC_WARPS * 32, col = e % ncol;
+            int i = 0;
+            while (i < TC_MAXB - 1 && col >= rc[i + 1]) i++;
+            at[v] = e < nel ? (int64_t)tok[e / ncol] * b.RU + b.off[i] + (col - rc[i]) : -1;
+            sum[v] = 0.0f;
         }
+#pragma unroll 4
+        for (int q = 0; q < S; q++)
+#pragma unroll
+            for (int v = 0; v < 4; v++)
+                if (at[v] >= 0) sum[v] += __ldcg(part + (int64_t)q * T * b.RU + at[v]);
+#pragma unroll
+        for (int v = 0; v < 4; v++)
+            if (at[v] >= 0) u[at[v]] = (HT)sum[v];
     }
     if (tid == 0) count[blockIdx.x] = 0;
 }
@@ -550,12 +567,24 @@ __device__ __forceinline__ void next_finish(float (*red)[TC_DS_MAXR + 4], int &l
     if (!last) return;
     __threadfence();
     HT *ud = (HT *)nx.u;
-    for (int e = tid; e < nt * rw; e += TC_WARPS * 32) {
-        const int64_t at = (int64_t)tok[e / rw] * nx.RD + e % rw;
-        float s = 0.0f;
+    const int nel = nt * rw;
+    for (int e0 = tid; e0 < nel; e0 += 4 * TC_WARPS * 32) { /* 4 elements per thread at once */
+        int64_t at[4];
+        float sum[4];
+#pragma unroll
+        for (int v = 0; v < 4; v++) {
+            const int e = e0 + v * TC_WARPS * 32;
+            at[v] = e < nel ? (int64_t)tok[e / rw] * nx.RD + e % rw : -1;
+            sum[v] = 0.0f;
+        }
 #pragma unroll 4
-        for (int q = 0; q < (int)gridDim.x; q++) s += __ldcg(nx.part + (int64_t)q * T * nx.RD + at);
-        ud[at] = (HT)s;
+        for (int q = 0; q < (int)gridDim.x; q++)
+#pragma unroll
+            for (int v = 0; v < 4; v++)
+                if (at[v] >= 0) sum[v] += __ldcg(nx.part + (int64_t)q * T * nx.RD + at[v]);
+#pragma unroll
+        for (int v = 0; v < 4; v++)
+            if (at[v] >= 0) ud[at[v]] = (HT)sum[v];
     }
     if (tid == 0) nx.count[blockIdx.y] = 0;
 }
@@ -926,6 +955,16 @@ void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns
         const int want = (4 * (be->sm_count > 0 ? be->sm_count : 132) + sh_tiles - 1) / sh_tiles;
         S = want < 1 ? 1 : want > TC_SMAX ? TC_SMAX : want;
     }
+    /* at least kmin k per split (512: 8 k-steps per warp; TUNA_LORA_KMIN=64 is the previous
+     * rule): the last block's sum of the S partials is on the kernel's critical path */
+    static int kmin = 0;
+    if (kmin == 0) {
+        const char *e = getenv("TUNA_LORA_KMIN");
+        const int v = e ? atoi(e) : 0;
+        kmin = v >= 64 && v <= 65536 ? v : 512;
+    }
+    const int smax = (int)((K + kmin - 1) / kmin);
+    if (S > smax) S = smax < 1 ? 1 : smax;
     int64_t KC = ((K + S - 1) / S + 63) / 64 * 64;
     S = (int)((K + KC - 1) / KC);
     const size_t ub = align256((size_t)T * (size_t)b.RU * 2),
