@@ -347,12 +347,9 @@ __global__ void __launch_bounds__(32 * NW, MINB)
             for (int x = tid; x < 2 * BK * CH; x += NT) { /* rows 0..BK-1 K, BK..2BK-1 V */
                 const int j = x / CH, u = x % CH;
                 const uint2 w = *(const uint2 *)(ks + j * D + u * 8);
-                const __half2 a = kv_f8x2_to_h2(w.x), b = kv_f8x2_to_h2(w.x >> 16);
-                const __half2 c = kv_f8x2_to_h2(w.y), d = kv_f8x2_to_h2(w.y >> 16);
-                uint4 o;
-                o.x = *reinterpret_cast<const uint32_t *>(&a), o.y = *reinterpret_cast<const uint32_t *>(&b);
-                o.z = *reinterpret_cast<const uint32_t *>(&c), o.w = *reinterpret_cast<const uint32_t *>(&d);
-                *(uint4 *)(kd + j * DP + u * 8) = o; /* V rows follow K's: vd = kd + BK * DP */
+                *(uint4 *)(kd + j * DP + u * 8) = make_uint4(kv_f8x2_to_h2(w.x), kv_f8x2_to_h2(w.x >> 16),
+                                                             kv_f8x2_to_h2(w.y), kv_f8x2_to_h2(w.y >> 16));
+                /* V rows follow K's: vd = kd + BK * DP */
             }
         } else {
             (void)st;

@@ -37,19 +37,30 @@ template <> struct kv_traits<__nv_fp8_e4m3> {
     static __device__ __forceinline__ float to_f32(__nv_fp8_e4m3 x) { return float(x); }
 };
 
-/* 2 E4M3 values (the low 16 bits of w, first element low) as a half2 / float2: exact (E4M3 is a
- * subset of f16) */
-static __device__ __forceinline__ __half2 kv_f8x2_to_h2(uint32_t w)
+/* 2 E4M3 values (the low 16 bits of w, first element low) as the bits of a half2 (first element
+ * low): exact (E4M3 is a subset of f16). One cvt on sm_89+ (inline PTX: no stack temporaries). */
+static __device__ __forceinline__ uint32_t kv_f8x2_to_h2(uint32_t w)
 {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    uint32_t h;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h) : "h"((unsigned short)(w & 0xffffu)));
+    return h;
+#else
     __half2_raw r = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(w & 0xffffu), __NV_E4M3);
-    return *reinterpret_cast<__half2 *>(&r);
+    return (uint32_t)r.x | ((uint32_t)r.y << 16);
+#endif
+}
+/* the two halves of half2 bits as float32 */
+static __device__ __forceinline__ void kv_h2_to_f2(uint32_t h, float *f)
+{
+    f[0] = __half2float(__ushort_as_half((unsigned short)(h & 0xffffu)));
+    f[1] = __half2float(__ushort_as_half((unsigned short)(h >> 16)));
 }
 /* f[0..8) = 8 E4M3 values (w.x low byte first) as float32 */
 static __device__ __forceinline__ void kv_unpack_f8x8(uint2 w, float *f)
 {
-    float2 a = __half22float2(kv_f8x2_to_h2(w.x)), b = __half22float2(kv_f8x2_to_h2(w.x >> 16));
-    float2 c = __half22float2(kv_f8x2_to_h2(w.y)), d = __half22float2(kv_f8x2_to_h2(w.y >> 16));
-    f[0] = a.x, f[1] = a.y, f[2] = b.x, f[3] = b.y, f[4] = c.x, f[5] = c.y, f[6] = d.x, f[7] = d.y;
+    kv_h2_to_f2(kv_f8x2_to_h2(w.x), f), kv_h2_to_f2(kv_f8x2_to_h2(w.x >> 16), f + 2);
+    kv_h2_to_f2(kv_f8x2_to_h2(w.y), f + 4), kv_h2_to_f2(kv_f8x2_to_h2(w.y >> 16), f + 6);
 }
 
 /* f[0..VEC) = the 16 bytes at p (16-byte aligned) as float32. */
