@@ -5,7 +5,9 @@
  * The allocator (block tables, free list, refcounts) is plain C; storage is K and V per layer laid
  * out [n_blocks * block_size slots, Hkv, D] in the cache's dtype: float32 on the CPU and in the
  * GPU's float32 mode, the model's 16-bit compute dtype (bf16, or f16 below compute capability 8.0)
- * on the GPU otherwise (tuna_model_kv_dtype), halving the bytes every decode step reads. With
+ * on the GPU otherwise (tuna_model_kv_dtype), halving the bytes every decode step reads;
+ * --kv-cache-dtype picks another (tuna_model_set_kv_dtype): fp8 = FP8 E4M3 on the GPU, one byte
+ * per element (scale 1.0, saturating at +-448; backend/cuda/kv_types.cuh). With
  * n_layers = 0 there is no storage at all, which is how the allocator is unit-tested.
  *
  * Slots: position p of a sequence lives in slot blocks[p / block_size] * block_size + p % block_size.
