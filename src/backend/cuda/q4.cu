@@ -837,7 +837,8 @@ __global__ void __launch_bounds__(Q4T_THREADS, 1)
 
 /* TUNA_Q4_K: 0 the k_q4_multi kernel above, 1 k_q4_tab with the float2 table, 2 (default) with
  * the half2 table where the compute is 16-bit (float32 compute takes the float2 table), 3 k_q4_mma
- * (below) where the compute is 16-bit and it fits, else as 2. Measured on
+ * (below) where the compute is 16-bit and it fits, else as 2 (fifth session's H100 round: chain
+ * 125.7 us/layer against 84.8 for 2, end to end 4.79 against 3.54 ms: opt-in only). Measured on
  * the H100 (docs/PERFORMANCE.md): 32-layer NF4 chain 139.6 us/layer with 2, 142.1 with 1, 184.5
  * with 0. */
 static int q4_kernel_mode(void)
@@ -991,7 +992,10 @@ bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, co
  * - absmax multiplies the block's four MMAs' sum once (acc += absmax * sum), rebuilt from the
  *   double-quantized form as q4_absmax does.
  * Rounding: x to f16 (2^-11 relative; |x| must stay below 65504), the NF4 values to f16 as the
- * half2 table of k_q4_tab; float32 compute never comes here. */
+ * half2 table of k_q4_tab; float32 compute never comes here.
+ * Measured on the H100 (docs/PERFORMANCE.md, fifth session): slower than k_q4_tab on every large
+ * matrix (gate/up 70.6 against 55.0 us), and slower with more stages (D = 4 < 6 < 8): its SASS is
+ * dominated by the integer bookkeeping that each of the D unrolled stages carries. */
 #define Q4M_THREADS 512
 #define Q4M_WARPS 16
 #define Q4M_ROWS 16
