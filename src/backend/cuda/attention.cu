@@ -329,7 +329,7 @@ template <typename KT, int DT, int GM>
 __global__ void __launch_bounds__(128)
     k_attn_decode16(float *out, float *part_acc, float *part_ml, unsigned *counters, const float *q, const KT *kc,
                     const KT *vc, att_meta md, const int32_t *rows, int H, int Hkv, int Drt, int n_hg, int n_splits,
-                    int ns, int wr, float qscale, int heads_x, int min_g, int trig, const struct tuna_l2pf pf)
+                    int ns, int wr, float qscale, int heads_x, int min_g, int flags, const struct tuna_l2pf pf)
 {
     const int D = DT ? DT : Drt;
     constexpr int ES = (int)sizeof(KT);    /* bytes per element: 2, or 1 (FP8) */
@@ -371,11 +371,26 @@ __global__ void __launch_bounds__(128)
     const int lo = max(start, s0 * D16_KEYS), hi = min(p, s1 * D16_KEYS + D16_KEYS - 1);
     const int nk = s1 >= s0 + warp ? (s1 - s0 - warp) / NW + 1 : 0; /* this warp's groups (0 if s0 > ge) */
 
-    /* launched with PDL (TUNA_ATTN_PDL): q and this step's K/V rows come from the kernel before.
-     * trig: the next kernel (the o GEMV, launched with PDL) may start its prologue now; 0
-     * (TUNA_ATTN_TRIGGER=0) lets it start only when this kernel is done, as before 484a081 */
+    /* launched with PDL (TUNA_ATTN_PDL, flags & 2): q and this step's K/V rows come from the
+     * kernel before; meanwhile this warp's K/V rows go into L2 (the rows of earlier steps; the
+     * step's own row may be fetched before it is written: L2 is where both meet, and the copies
+     * below read L2). flags & 1 (TUNA_ATTN_TRIGGER=1): the next kernel (the o GEMV, launched
+     * with PDL) may start its prologue now. Off by default: its blocks then land on SMs still
+     * set to this kernel's shared-memory carveout, where the PDL-chained GEMVs that follow ran
+     * slower (H100: 6.46 against 6.06 ms per bf16 step; the regression after 7cb6c0b). */
+    if (flags & 2) {
+        const int32_t *tb = att_table(md, t);
+        const int64_t HD = (int64_t)Hkv * D;
+        for (int k = 0; k < nk && lane < 16; k++) {
+            const int key = (s0 + warp + NW * k) * D16_KEYS + lane;
+            if (key < lo || key > hi) continue;
+            const int64_t off = ((int64_t)tb[key / md.bs] * md.bs + key % md.bs) * HD + (int64_t)kvh * D;
+            tuna_prefetch_l2_bulk(kc + off, (unsigned)(ES * D));
+            tuna_prefetch_l2_bulk(vc + off, (unsigned)(ES * D));
+        }
+    }
     tuna_pdl_wait();
-    if (trig) tuna_pdl_trigger();
+    if (flags & 1) tuna_pdl_trigger();
     for (int x = tid; x < GM * D; x += blockDim.x) qs[x] = x < ng * D ? q[((size_t)t * H + h0) * D + x] * qscale : 0.0f;
 
     const int32_t *table = att_table(md, t);
@@ -678,8 +693,11 @@ template <typename KT> static dec16_cfg dec16_config(tuna_backend *be, int D, in
         /* the device's bound, not c.smem: one instantiation (DT = 0) serves several head sizes */
         const bool ok = cudaFuncSetAttribute((const void *)fn, cudaFuncAttributeMaxDynamicSharedMemorySize, lim) ==
                         cudaSuccess;
+        /* TUNA_ATTN_CARVEOUT=pct: another preferred carveout (measurements: the PDL chain's
+         * kernels around this one keep an SM at whatever carveout it has) */
+        const char *ce = getenv("TUNA_ATTN_CARVEOUT");
         cudaFuncSetAttribute((const void *)fn, cudaFuncAttributePreferredSharedMemoryCarveout,
-                             (int)cudaSharedmemCarveoutMaxShared);
+                             ce && *ce ? atoi(ce) : (int)cudaSharedmemCarveoutMaxShared);
         if (!ok || cudaOccupancyMaxActiveBlocksPerMultiprocessor(&c.bps, (const void *)fn, 32 * c.nw,
                                                                  (size_t)c.smem) != cudaSuccess)
             c.bps = 0;
@@ -717,12 +735,12 @@ static void launch_kernels(tuna_backend *be, float *out, const float *q, const v
              * work leave at once (measured on the H100 at n = 8: 6.47 against 6.42 ms per bf16
              * step, so not the default); unset: every split runs, as before */
             static const int min_g = env_int("TUNA_ATTN_DEC_MING", 1, 4096);
-            /* TUNA_ATTN_TRIGGER=0: no early trigger of the next kernel (see the kernel) */
-            static const int trig = !(getenv("TUNA_ATTN_TRIGGER") && strcmp(getenv("TUNA_ATTN_TRIGGER"), "0") == 0);
+            /* TUNA_ATTN_TRIGGER=1: the next kernel may start early (see the kernel; slower) */
+            static const int trig = env_int("TUNA_ATTN_TRIGGER", 1, 1);
             if (pdl) {
                 if (!tuna_cuda_launch(be, "k_attn_decode16", dec16_pick<KT>(D, GM), grid, dim3(32 * c16->nw),
                                       (size_t)c16->smem, out, part_acc, part_ml, counters, q, kc, vc, md, drows, H, Hkv,
-                                      D, n_hg, n_splits, c16->ns, c16->wr, scale * 1.4426950408889634f, hx, min_g, trig,
+                                      D, n_hg, n_splits, c16->ns, c16->wr, scale * 1.4426950408889634f, hx, min_g, trig | 2,
                                       pf))
                     return;
             } else {

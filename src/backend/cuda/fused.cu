@@ -164,9 +164,10 @@ __global__ void __launch_bounds__(GEMV_THREADS, GEMV_BLOCKS_PER_SM) k_gemv_multi
  * first loads are issued before the sums of the current one are reduced. TUNA_GEMV_S (1, 2, 4)
  * and TUNA_GEMV_U (2, 4, 8) override the choice. Opt-in (TUNA_GEMV_OLD=0, or =2 for the
  * RoPE-fused q/k/v job alone): on the H100 the 32-layer chain of bench_cuda_ops ran as fast as
- * with k_gemv_multi (165.5 against 165.3 us per layer, RoPE fused) but a whole bf16 decode step
- * was slower (6.93-7.10 ms against 6.42), for reasons not found yet, so k_gemv_multi stays the
- * default. */
+ * with k_gemv_multi (165.5 against 165.3 us per layer, RoPE fused). A whole bf16 decode step was
+ * slower (6.93-7.10 ms against 6.42) while the attention kernel triggered the o GEMV early
+ * (attention.cu: the GEMVs then ran on SMs left at attention's carveout); without that trigger
+ * (the default since) it measured 6.08 against 6.06-6.09 ms: equal, so k_gemv_multi stays. */
 
 /* U chunks (16 bytes each) of R rows at chunk c, c + step, ...; chunks past K8 are zeros. */
 template <int R, int U>
@@ -425,9 +426,10 @@ static bool gemv_old(void) { return gemv_old_level() != 0; }
 
 /* TUNA_GEMV_L2SMALL=1: a 16-bit job whose weights total at most 40 MB (the o projection of an
  * 8B model; under the H100's 50 MB L2) also prefetches its rows into L2 before the PDL wait
- * (prefetch level 2). The o GEMV is launched while attention runs (attention triggers early),
- * whose DRAM traffic is small: its weights can stream into L2 meanwhile. Larger jobs (gate/up)
- * overflowed L2 that way (TUNA_GEMV_PREFETCH=2 for every job: 8.20 against 6.61 ms per step). */
+ * (prefetch level 2), meant for the o GEMV started early during attention (TUNA_ATTN_TRIGGER=1),
+ * whose DRAM traffic is small. Measured slower (H100, trigger on: 6.55 against 6.46 ms per
+ * step); larger jobs (gate/up) overflowed L2 that way (TUNA_GEMV_PREFETCH=2 for every job: 8.20
+ * against 6.61 ms). */
 static bool gemv_l2small(const struct gemv_job *j)
 {
     static int v = -1;
