@@ -173,8 +173,8 @@ static void test_finish_waiting_and_bad_config(void **state)
     tuna_sched *s;
     struct tuna_sched_config bad = {0, 10, false};
     TT_FAILS(tuna_sched_new(&bad, kv, &s), TUNA_E_INVALID, "--max-num-seqs");
-    struct tuna_sched_config bad2 = {300, 10, false};
-    TT_FAILS(tuna_sched_new(&bad2, kv, &s), TUNA_E_INVALID, "1..256");
+    struct tuna_sched_config bad2 = {1025, 10, false};
+    TT_FAILS(tuna_sched_new(&bad2, kv, &s), TUNA_E_INVALID, "1..1024");
     struct tuna_sched_config sc = {4, 10, false};
     TT_OK(tuna_sched_new(&sc, kv, &s));
     int32_t p[3] = {1, 2, 3};
