@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${TUNA_SHARED_DIR:-../shared}
 cmake -S . -B .device/build -DCMAKE_BUILD_TYPE=Release -DTUNA_CUDA=ON -DTUNA_CUDA_ARCHS=90a -DTUNA_BLAS=OFF >/dev/null
-TESTS="test_forward test_backend_cuda test_cuda_fused test_cuda_graphs test_train_ops_cuda test_train test_greedy test_lora_device"
+TESTS="test_forward test_backend_cuda test_cuda_fused test_cuda_graphs test_train_ops_cuda test_train test_greedy test_lora_device ${TUNA_GPU_EXTRA_TESTS:-}" # more with TUNA_GPU_EXTRA_TESTS="test_a test_b"
 cmake --build .device/build -j "$(nproc)" --target tuna $TESTS bench_cuda_ops bench_tokenizer
 rm -rf .device/bin && mkdir -p .device/bin
 cp .device/build/tuna .device/build/bench/bench_cuda_ops .device/build/bench/bench_tokenizer .device/bin/
