@@ -168,6 +168,36 @@ static void test_lora(void **state)
     free(A), free(B), free(x), free(dy), free(work);
 }
 
+/* LoRA in the fast mode on shapes whose long reductions take the split-K path of train_gemm.cu
+ * (K, N, T >= 1024, r 16: x A^T, dy B, u^T x and dy^T hx with partials summed in order), against
+ * the CPU's float32 ops; dA and dB accumulate into their previous values */
+static void test_lora_splitk(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    const int64_t T = 1024, N = 1024, K = 2048, R = 16;
+    float *A = rnd((size_t)(R * K)), *B = rnd((size_t)(N * R));
+    struct tuna_lora lc = {R, A, B, 2.0f};
+    struct tuna_lora lg = {R, dev(A, (size_t)(R * K) * 4), dev(B, (size_t)(N * R) * 4), 2.0f};
+    float *x = rnd((size_t)(T * K)), *y = rnd((size_t)(T * N)), *dy = rnd((size_t)(T * N));
+    float *dx = rnd((size_t)(T * K)), *dA = rnd((size_t)(R * K)), *dB = rnd((size_t)(N * R));
+    float *work = malloc((size_t)(2 * T * R) * 4);
+    float *gx = dev(x, (size_t)(T * K) * 4), *gy = dev(y, (size_t)(T * N) * 4), *gdy = dev(dy, (size_t)(T * N) * 4);
+    float *gdx = dev(dx, (size_t)(T * K) * 4), *gdA = dev(dA, (size_t)(R * K) * 4), *gdB = dev(dB, (size_t)(N * R) * 4);
+    float *gwork = dev(NULL, (size_t)(2 * T * R) * 4);
+    g_ct->lora_forward(g_cpu, y, x, &lc, T, N, K, work, false);
+    g_gt->lora_forward(g_gpu, gy, gx, &lg, T, N, K, gwork, true);
+    check_dev("lora_forward split-K (TF32) T 1024 N 1024 K 2048 r 16", gy, y, (size_t)(T * N), 1e-2);
+    g_ct->lora_backward(g_cpu, dx, dA, dB, dy, x, &lc, T, N, K, work, false);
+    g_gt->lora_backward(g_gpu, gdx, gdA, gdB, gdy, gx, &lg, T, N, K, gwork, true);
+    check_dev("lora_backward split-K dx (TF32)", gdx, dx, (size_t)(T * K), 1e-2);
+    check_dev("lora_backward split-K dA (TF32)", gdA, dA, (size_t)(R * K), 1e-2);
+    check_dev("lora_backward split-K dB (TF32)", gdB, dB, (size_t)(N * R), 1e-2);
+    tuna_cuda_free(g_gpu, (void *)lg.A), tuna_cuda_free(g_gpu, (void *)lg.B);
+    tuna_cuda_free(g_gpu, gx), tuna_cuda_free(g_gpu, gdy), tuna_cuda_free(g_gpu, gwork);
+    free(A), free(B), free(x), free(dy), free(work);
+}
+
 static void test_norm_rope_glu(void **state)
 {
     (void)state;
@@ -682,7 +712,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_matmul_backward), cmocka_unit_test(test_lora),
-        cmocka_unit_test(test_norm_rope_glu),   cmocka_unit_test(test_attention), cmocka_unit_test(test_flash_attention),
+        cmocka_unit_test(test_lora_splitk), cmocka_unit_test(test_norm_rope_glu),   cmocka_unit_test(test_attention), cmocka_unit_test(test_flash_attention),
         cmocka_unit_test(test_cross_entropy),   cmocka_unit_test(test_optim_and_small_ops),
         cmocka_unit_test(test_half_ops),
     };

@@ -5,6 +5,41 @@
  * forward and backward (float32 A, B: SGEMM; ranks are small). */
 #include "backend/cuda/train_cuda.h"
 
+/* C[m, n] = sum_s P[s][m, n] (+ beta C[m, n]): the split-K partials summed in a fixed order */
+__global__ void k_train_splitk_sum(float *C, int64_t ldc, const float *P, int64_t M, int64_t N, int S, float beta)
+{
+    const int64_t MN = M * N;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < MN; i += (int64_t)gridDim.x * blockDim.x) {
+        float a = 0.0f;
+        for (int s = 0; s < S; s++)
+            a += P[(int64_t)s * MN + i];
+        const int64_t m = i / N, n = i - m * N;
+        float *c = C + m * ldc + n;
+        *c = beta == 0.0f ? a : a + beta * *c;
+    }
+}
+
+/* K splits for a skinny GEMM of the fast mode (1: none). The LoRA GEMMs have an output of T x r,
+ * r x K or N x r (r <= 64) and a long reduction (K, N or T in the thousands): cuBLAS tiles the
+ * output only, ~16-32 blocks on a GPU of 132 SMs (H100 r1: ~0.8 TB/s). With S splits the
+ * partials [S, M, N] come from one strided batched GEMM and a small kernel sums them in order
+ * (deterministic). TUNA_TRAIN_SPLITK=0 turns it off (comparisons). */
+static int tg_splits(tuna_backend *be, int64_t M, int64_t N, int64_t K, bool fast)
+{
+    static int off = -1;
+    if (off < 0) {
+        const char *e = getenv("TUNA_TRAIN_SPLITK");
+        off = e && e[0] == '0';
+    }
+    if (off || !fast || K < 1024 || (M > 64 && N > 64)) return 1;
+    const int64_t tiles = ((M + 127) / 128) * ((N + 127) / 128);
+    const int64_t sms = be->sm_count > 0 ? be->sm_count : 132;
+    if (tiles * 2 > sms) return 1;
+    for (int S = 16; S >= 2; S /= 2)
+        if (K % (16 * S) == 0 && tiles * S <= 2 * sms) return S;
+    return 1;
+}
+
 bool tuna_cuda_train_gemm(tuna_backend *be, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
                           const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc,
                           bool fast)
@@ -14,6 +49,33 @@ bool tuna_cuda_train_gemm(tuna_backend *be, bool ta, bool tb, int64_t M, int64_t
     /* column-major view: C^T[N,M] = op(B)^T op(A)^T, the stored row-major arrays read as their
        transposes, so the transpose flags carry over unchanged */
     cublasOperation_t opB = tb ? CUBLAS_OP_T : CUBLAS_OP_N, opA = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+    const int S = tg_splits(be, M, N, K, fast);
+    if (S > 1) {
+        float *P = NULL;
+        const int64_t Kc = K / S;
+        if (!tuna_cuda_check(be, cudaMallocAsync((void **)&P, (size_t)(S * M * N) * sizeof(float), be->stream),
+                             "cudaMallocAsync(training GEMM split-K partials)"))
+            return false;
+        const float zero = 0.0f;
+        /* chunk s of the reduction: columns s Kc.. of a row-major operand read untransposed
+           (A) / transposed (B), rows s Kc.. otherwise */
+        const long long sA = ta ? Kc * lda : Kc, sB = tb ? Kc : Kc * ldb;
+        bool ok = tuna_cuda_check_blas(be,
+                                       cublasGemmStridedBatchedEx(be->blas, opB, opA, (int)N, (int)M, (int)Kc, &alpha, B,
+                                                                  CUDA_R_32F, (int)ldb, sB, A, CUDA_R_32F, (int)lda,
+                                                                  sA, &zero, P, CUDA_R_32F, (int)N,
+                                                                  (long long)(M * N), S,
+                                                                  CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT),
+                                       "cublasGemmStridedBatchedEx(training, split-K)");
+        if (ok) {
+            const int64_t MN = M * N;
+            const unsigned nb = (unsigned)((MN + 255) / 256 < 1024 ? (MN + 255) / 256 : 1024);
+            k_train_splitk_sum<<<nb, 256, 0, be->stream>>>(C, ldc, P, M, N, S, beta);
+            ok = tuna_cuda_check_launch(be, "k_train_splitk_sum");
+        }
+        tuna_cuda_check(be, cudaFreeAsync(P, be->stream), "cudaFreeAsync(training GEMM split-K partials)");
+        return ok && !be->sticky;
+    }
     return tuna_cuda_check_blas(be,
                                 cublasGemmEx(be->blas, opB, opA, (int)N, (int)M, (int)K, &alpha, B, CUDA_R_32F,
                                              (int)ldb, A, CUDA_R_32F, (int)lda, &beta, C, CUDA_R_32F, (int)ldc,
