@@ -412,7 +412,7 @@ static tuna_status build_batch(const struct tuna_model *m, const struct tuna_tra
 /* dx += dy W (+ LoRA), and the adapter's dA, dB when the linear carries one. dy16: dy rounded
  * to t->hdt (the 16-bit path), or NULL; with it, acc false OVERWRITES dx with dy W first. */
 static void linear_backward_rows(tuna_trainer *t, int64_t layer, int proj, float *dx, const float *dy, const void *dy16,
-                                 bool acc, const float *x, int64_t T, int64_t row0)
+                                 bool acc, const float *x, int64_t T, int64_t row0, bool kept_h)
 {
     struct tuna_model *m = t->m;
     const struct tuna_train_ops *to = t->tops;
@@ -425,7 +425,8 @@ static void linear_backward_rows(tuna_trainer *t, int64_t layer, int proj, float
     if (!md) return;
     float *dA = t->grads + md->offA, *dB = t->grads + md->offB;
     uint64_t key = tuna_train_key_at(tuna_train_drop_key(t, (int)(md - t->mods)), row0 * md->K);
-    const float *h = tuna_train_lora_h(t, layer, proj, row0, md->r); /* the forward's x A^T */
+    /* the forward's x A^T, unless the caller says the kept one is stale */
+    const float *h = kept_h ? tuna_train_lora_h(t, layer, proj, row0, md->r) : NULL;
     if (!key) {
         if (h)
             to->lora_backward_h(m->be, dx, dA, dB, dy, x, h, &md->lora, T, md->N, md->K, t->lwork, t->fast);
@@ -448,7 +449,7 @@ static void linear_backward_rows(tuna_trainer *t, int64_t layer, int proj, float
 static void linear_backward(tuna_trainer *t, int64_t layer, int proj, float *dx, const float *dy, const void *dy16,
                             bool acc, const float *x, int64_t T)
 {
-    linear_backward_rows(t, layer, proj, dx, dy, dy16, acc, x, T, 0);
+    linear_backward_rows(t, layer, proj, dx, dy, dy16, acc, x, T, 0, true);
 }
 
 static const void *h16_at(const void *p, int64_t i)
@@ -482,7 +483,7 @@ static void layer_backward(tuna_trainer *t, int64_t l, const struct tuna_fwd_lay
         if (MR < T) tuna_train_mlp_chunk_forward(t, l, A, r0, n);
         if (!h) to->zero(be, g->dact, n * I);
         linear_backward_rows(t, l, TUNA_PROJ_DOWN, g->dact, g->dx + r0 * C, h16_at(h ? t->dx16 : NULL, r0 * C), false,
-                             A->act, n, r0);
+                             A->act, n, r0, MR >= T);
         if (h) {
             /* dgate16 in act16: down's forward operand, dead now */
             to->glu_backward16(be, g->dgate, g->dup, t->act16, t->dup16, g->dact, A->gate, A->up, n * I, (int)a->act,
@@ -493,9 +494,9 @@ static void layer_backward(tuna_trainer *t, int64_t l, const struct tuna_fwd_lay
             to->glu_backward(be, g->dgate, g->dup, g->dact, A->gate, A->up, n * I, (int)a->act);
         }
         linear_backward_rows(t, l, TUNA_PROJ_GATE, g->dxn + r0 * C, g->dgate, h ? t->act16 : NULL, false,
-                             A->xn_mlp + r0 * C, n, r0);
+                             A->xn_mlp + r0 * C, n, r0, true);
         linear_backward_rows(t, l, TUNA_PROJ_UP, g->dxn + r0 * C, g->dup, h ? t->dup16 : NULL, true,
-                             A->xn_mlp + r0 * C, n, r0);
+                             A->xn_mlp + r0 * C, n, r0, true);
     }
     if (h)
         to->rmsnorm_backward16(be, g->dx, t->dx16, g->dxn, A->x_mid, L->mlp_norm, T, C, eps, t->hdt);
