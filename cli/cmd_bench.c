@@ -18,6 +18,8 @@
 #include "core/status.h"
 #include "infer_common.h"
 
+#define BENCH_PREFILL_TOKENS 16384 /* tokens per prefill step of `tuna bench` */
+
 static double now_s(void)
 {
     struct timespec ts;
@@ -334,11 +336,18 @@ int cmd_bench(int argc, char **argv)
         tuna_kv_seq_free(kv, ws);
     }
     if (!st) {
-        /* prefill all B prompts in one step (logits of each last token) */
-        tuna_batch_clear(&b);
-        for (int64_t s = 0; !st && s < B; s++) st = tuna_batch_add_seq(&b, ids, plen, seqs[s], 0, false, true);
+        /* prefill the B prompts (logits of each last token) in steps of whole prompts of at most
+         * BENCH_PREFILL_TOKENS tokens (a longer prompt alone): one step of B x plen tokens would
+         * need activations for all of them (256 x 1000 tokens: tens of GB) */
         t0 = now_s();
-        if (!st) st = tuna_model_forward(m, kv, &b, logits, NULL);
+        for (int64_t s0 = 0; !st && s0 < B;) {
+            tuna_batch_clear(&b);
+            int64_t s1 = s0;
+            while (!st && s1 < B && (s1 == s0 || (s1 - s0 + 1) * plen <= BENCH_PREFILL_TOKENS))
+                st = tuna_batch_add_seq(&b, ids, plen, seqs[s1++], 0, false, true);
+            if (!st) st = tuna_model_forward(m, kv, &b, logits + s0 * V, NULL);
+            s0 = s1;
+        }
         prefill_s = now_s() - t0;
     }
     t0 = now_s();
