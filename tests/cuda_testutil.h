@@ -85,6 +85,25 @@ static inline void ct_backends_free(void)
     g_cpu = g_gpu = NULL;
 }
 
+/* The op tables of both backends, and the cmocka group fixtures of an op-table test: both
+ * backends made in ct_ops_setup, freed in ct_ops_teardown. */
+static const struct tuna_backend_ops *g_cops, *g_gops;
+
+static inline int ct_ops_setup(void **state)
+{
+    (void)state;
+    g_cops = tuna_cpu_backend_ops();
+    g_gops = tuna_cuda_backend_ops();
+    return ct_backends_new();
+}
+
+static inline int ct_ops_teardown(void **state)
+{
+    (void)state;
+    ct_backends_free();
+    return 0;
+}
+
 #define NEED_GPU()                                                                                                     \
     do {                                                                                                               \
         if (!g_gpu) {                                                                                                  \

@@ -7,23 +7,6 @@
 #include "core/dtype.h"
 #include "quant/nf4.h"
 
-static const struct tuna_backend_ops *g_cops, *g_gops;
-
-static int setup(void **state)
-{
-    (void)state;
-    g_cops = tuna_cpu_backend_ops();
-    g_gops = tuna_cuda_backend_ops();
-    return ct_backends_new();
-}
-
-static int teardown(void **state)
-{
-    (void)state;
-    ct_backends_free();
-    return 0;
-}
-
 static void test_matmul(void **state)
 {
     (void)state;
@@ -746,5 +729,5 @@ int main(void)
         cmocka_unit_test(test_kv_store),
         cmocka_unit_test(test_sticky_error),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    return cmocka_run_group_tests(tests, ct_ops_setup, ct_ops_teardown);
 }

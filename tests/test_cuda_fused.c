@@ -9,23 +9,6 @@
 #include "core/dtype.h"
 #include "quant/nf4.h"
 
-static const struct tuna_backend_ops *g_cops, *g_gops;
-
-static int setup(void **state)
-{
-    (void)state;
-    g_cops = tuna_cpu_backend_ops();
-    g_gops = tuna_cuda_backend_ops();
-    return ct_backends_new();
-}
-
-static int teardown(void **state)
-{
-    (void)state;
-    ct_backends_free();
-    return 0;
-}
-
 /* A weight on both sides: host copy in dtype, device copy. */
 struct wpair {
     struct tuna_weight c, g;
@@ -775,5 +758,5 @@ int main(void)
         cmocka_unit_test(test_rope_kv_store),
         cmocka_unit_test(test_rmsnorm_qkv_rope_kv),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    return cmocka_run_group_tests(tests, ct_ops_setup, ct_ops_teardown);
 }

@@ -24,7 +24,6 @@
 #include "backend/cuda/device.h"
 #include "cuda_testutil.h"
 #include "io/safetensors.h"
-static const struct tuna_backend_ops *g_cops, *g_gops;
 #endif
 
 /* Every finite code round-trips; NaN codes convert to NaN and back to 0x7f / 0xff. */
@@ -157,20 +156,6 @@ static void test_cpu_model(void **state)
 }
 
 #ifdef TUNA_HAVE_CUDA
-
-static int setup(void **state)
-{
-    (void)state;
-    g_cops = tuna_cpu_backend_ops();
-    g_gops = tuna_cuda_backend_ops();
-    return ct_backends_new();
-}
-static int teardown(void **state)
-{
-    (void)state;
-    ct_backends_free();
-    return 0;
-}
 
 /* random values of magnitude up to amp, with exact ties, subnormals and values past 448 */
 static float *rnd_f8(size_t n, float amp)
@@ -490,7 +475,7 @@ int main(void)
         cmocka_unit_test(test_attention),         cmocka_unit_test(test_attention_batches),
         cmocka_unit_test(test_model),
     };
-    rc |= cmocka_run_group_tests(gpu_tests, setup, teardown);
+    rc |= cmocka_run_group_tests(gpu_tests, ct_ops_setup, ct_ops_teardown);
 #endif
     return rc;
 }
