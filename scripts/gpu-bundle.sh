@@ -19,7 +19,7 @@ S=.device/shared/fixtures
 rm -rf .device/shared && mkdir -p $S/models $S/bnb $S/lora $S/tokenizers
 for m in llama mistral qwen2 qwen3 gemma; do cp -r "$SHARED/fixtures/models/$m-tiny" $S/models/; done
 for m in llama-tiny-bnb-nf4-dq llama-tiny-bnb-fp4 qwen2-tiny-bnb-nf4-dq pymini-bnb-nf4-dq; do cp -r "$SHARED/fixtures/bnb/$m" $S/bnb/; done
-cp -r "$SHARED/fixtures/lora/llama-tiny" $S/lora/
+cp -r "$SHARED/fixtures/lora/llama-tiny" "$SHARED/fixtures/lora/llama-tiny-rslora" $S/lora/
 mkdir -p $S/train && cp -r "$SHARED/fixtures/train/"* $S/train/
 cp -r "$SHARED/fixtures/tokenizers/bpe-4k" "$SHARED/fixtures/tokenizers/spm-1k" $S/tokenizers/
 # pymini: the repository's own copy of the weights, the fixture's references
