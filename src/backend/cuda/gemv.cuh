@@ -18,6 +18,19 @@ struct q4_scales {
     int nshift;           /* log2(nested blocksize) */
 };
 
+/* The scales of a 4-bit weight's GPU state q, in the form above. */
+static inline struct q4_scales q4_scales_of(const struct tuna_cuda_q4 *q)
+{
+    struct q4_scales sc;
+    sc.absmax = q->absmax;
+    sc.q = q->absmax ? NULL : q->qabsmax;
+    sc.nabs = q->absmax ? NULL : q->nested_absmax;
+    sc.ncode = q->absmax ? NULL : q->nested_code;
+    sc.noff = q->absmax ? 0.0f : q->nested_offset;
+    sc.nshift = q->absmax ? 0 : q->nested_shift;
+    return sc;
+}
+
 struct gemv_seg {
     const void *W;        /* [N, K] bf16 or f16; 4-bit: packed codes */
     struct q4_scales sc;  /* 4-bit only: the block scales */

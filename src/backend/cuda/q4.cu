@@ -13,6 +13,7 @@
 
 #include "backend/cuda/cuda_internal.h"
 #include "backend/cuda/gemv.cuh"
+#include "backend/cuda/mma.cuh"
 #include "backend/cuda/pdl.cuh"
 
 /* Scale of block b: the float32 absmax, or the nested form rebuilt with the CPU's operations in
@@ -23,18 +24,6 @@ __device__ __forceinline__ float q4_absmax(const struct q4_scales &s, int64_t b)
     if (s.absmax) return __ldg(s.absmax + b);
     const float c = __ldg(s.ncode + __ldg(s.q + b));
     return __fadd_rn(__fmul_rn(c, __ldg(s.nabs + (b >> s.nshift))), s.noff);
-}
-
-static struct q4_scales q4_scales_of(const struct tuna_cuda_q4 *q)
-{
-    struct q4_scales sc;
-    sc.absmax = q->absmax;
-    sc.q = q->absmax ? NULL : q->qabsmax;
-    sc.nabs = q->absmax ? NULL : q->nested_absmax;
-    sc.ncode = q->absmax ? NULL : q->nested_code;
-    sc.noff = q->absmax ? 0.0f : q->nested_offset;
-    sc.nshift = q->absmax ? 0 : q->nested_shift;
-    return sc;
 }
 
 __device__ __forceinline__ float q4_round(float v, int mode)
@@ -1038,10 +1027,15 @@ static __device__ __forceinline__ void q4m_item(const struct gemv_job &j, int64_
 static __device__ __forceinline__ void q4m_mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                                uint32_t b0, uint32_t b1)
 {
+#if TUNA_MMA_SM80
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    (void)c, (void)a0, (void)a1, (void)a2, (void)a3, (void)b0, (void)b1;
+    __trap(); /* sm_75 code: q4m_try never launches it below compute capability 8.0 */
+#endif
 }
 
 /* x [TT, K] into shared memory as f16, rows of K + 8 (the pad keeps the B-fragment loads of 8
@@ -1342,7 +1336,7 @@ static bool q4m_try(tuna_backend *be, const float *x, struct gemv_job *j, const 
                     const struct q4_lut *lut, int blocksize, int64_t T)
 {
     const int64_t K = j->K;
-    if (K % 64 != 0 || blocksize < 64 || T < 1 || T > 8) return false;
+    if (be->cc_major < 8 || K % 64 != 0 || blocksize < 64 || T < 1 || T > 8) return false; /* mma.sync m16n8k16 */
     for (int i = 0; i < j->nseg; i++)
         if (((uintptr_t)ws[i]->data % 8) != 0) return false;
     const size_t smem = (size_t)Q4T_TAB_BYTES + Q4T_NCODE_BYTES + (size_t)2 * Q4M_WARPS * Q4M_ROWS * T * sizeof(float) +

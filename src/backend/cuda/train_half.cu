@@ -111,13 +111,7 @@ bool tuna_cuda_train_dequant(tuna_backend *be, const struct tuna_weight *w, void
     if (!tuna_cuda_grow(be, &be->wdeq, bytes, "cudaMalloc(4-bit weight dequantized for training)")) return false;
     struct q4_lut lut;
     memcpy(lut.v, q->lut, sizeof lut.v);
-    struct q4_scales sc;
-    sc.absmax = q->absmax;
-    sc.q = q->absmax ? NULL : q->qabsmax;
-    sc.nabs = q->absmax ? NULL : q->nested_absmax;
-    sc.ncode = q->absmax ? NULL : q->nested_code;
-    sc.noff = q->absmax ? 0.0f : q->nested_offset;
-    sc.nshift = q->absmax ? 0 : q->nested_shift;
+    const struct q4_scales sc = q4_scales_of(q);
     const int64_t nwords = numel / 8;
     const unsigned blocks = (unsigned)((nwords + 511) / 512);
     const uint32_t *codes = (const uint32_t *)w->data;
