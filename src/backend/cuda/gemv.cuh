@@ -7,7 +7,7 @@
 
 #define GEMV_MAX_SEG 4
 
-/* The block scales of a 4-bit weight as the kernels read them (q4.cu: q4_absmax): absmax[b]
+/* The block scales of a 4-bit weight as the kernels read them (q4_absmax below): absmax[b]
  * float32, or when absmax is NULL the double-quantized form of struct tuna_cuda_q4. */
 struct q4_scales {
     const float *absmax;  /* [n_blocks] or NULL */
@@ -17,6 +17,23 @@ struct q4_scales {
     float noff;           /* nested offset */
     int nshift;           /* log2(nested blocksize) */
 };
+
+/* Scale of block b: the float32 absmax, or the nested form rebuilt with the CPU's operations in
+ * its order (tuna_q4_undo_double_quant: code * nested absmax, then + offset, each rounded to
+ * float32; __fmul_rn/__fadd_rn keep nvcc from contracting them into one FMA). */
+static __device__ __forceinline__ float q4_absmax(const struct q4_scales &s, int64_t b)
+{
+    if (s.absmax) return __ldg(s.absmax + b);
+    const float c = __ldg(s.ncode + __ldg(s.q + b));
+    return __fadd_rn(__fmul_rn(c, __ldg(s.nabs + (b >> s.nshift))), s.noff);
+}
+
+static __device__ __forceinline__ float q4_round(float v, int mode)
+{
+    if (mode == 1) return __bfloat162float(__float2bfloat16_rn(v));
+    if (mode == 2) return __half2float(__float2half_rn(v));
+    return v;
+}
 
 /* The scales of a 4-bit weight's GPU state q, in the form above. */
 static inline struct q4_scales q4_scales_of(const struct tuna_cuda_q4 *q)

@@ -16,23 +16,6 @@
 #include "backend/cuda/mma.cuh"
 #include "backend/cuda/pdl.cuh"
 
-/* Scale of block b: the float32 absmax, or the nested form rebuilt with the CPU's operations in
- * its order (tuna_q4_undo_double_quant: code * nested absmax, then + offset, each rounded to
- * float32; __fmul_rn/__fadd_rn keep nvcc from contracting them into one FMA). */
-__device__ __forceinline__ float q4_absmax(const struct q4_scales &s, int64_t b)
-{
-    if (s.absmax) return __ldg(s.absmax + b);
-    const float c = __ldg(s.ncode + __ldg(s.q + b));
-    return __fadd_rn(__fmul_rn(c, __ldg(s.nabs + (b >> s.nshift))), s.noff);
-}
-
-__device__ __forceinline__ float q4_round(float v, int mode)
-{
-    if (mode == 1) return __bfloat162float(__float2bfloat16_rn(v));
-    if (mode == 2) return __half2float(__float2half_rn(v));
-    return v;
-}
-
 /* Each lane owns a 16-entry table per row in shared memory, laid out [row][entry][lane] so that
  * lookups of a warp never share a bank; the table is rebuilt (16 multiply + round) per 32
  * weights, which all lie in one absmax block (blocksize a power of two >= 32 on the fast path).

@@ -31,21 +31,6 @@ static bool is_bf(enum tuna_dtype hdt)
 
 /* ---------------------------------------------------------------- 4-bit dequantization */
 
-/* q4.cu's q4_absmax and q4_round, the same operations in the same order (bit-identical values) */
-__device__ __forceinline__ float tq4_absmax(const struct q4_scales &s, int64_t b)
-{
-    if (s.absmax) return __ldg(s.absmax + b);
-    const float c = __ldg(s.ncode + __ldg(s.q + b));
-    return __fadd_rn(__fmul_rn(c, __ldg(s.nabs + (b >> s.nshift))), s.noff);
-}
-
-__device__ __forceinline__ float tq4_round(float v, int mode)
-{
-    if (mode == 1) return __bfloat162float(__float2bfloat16_rn(v));
-    if (mode == 2) return __half2float(__float2half_rn(v));
-    return v;
-}
-
 /* One 32-bit word (8 weights, first in the high nibble of each byte) per thread and step, two
  * steps per block of 256 threads, words i and i + 256: every load and store of a warp is one
  * contiguous span. OUT: 0 float32, 1 bf16, 2 f16. Needs a power-of-two blocksize >= 8. */
@@ -67,13 +52,13 @@ __global__ void __launch_bounds__(256) k_train_dequant(void *out, const uint32_t
     for (int u = 0; u < 2; u++) {
         const int64_t i = i0 + 256 * u;
         if (i >= nwords) break;
-        const float am = tq4_absmax(sc, (i * 8) >> bshift);
+        const float am = q4_absmax(sc, (i * 8) >> bshift);
         float v[8];
 #pragma unroll
         for (int b = 0; b < 4; b++) {
             const uint32_t byte = (wv[u] >> (8 * b)) & 0xffu;
-            v[2 * b] = tq4_round(__fmul_rn(slut[byte >> 4], am), mode);
-            v[2 * b + 1] = tq4_round(__fmul_rn(slut[byte & 15], am), mode);
+            v[2 * b] = q4_round(__fmul_rn(slut[byte >> 4], am), mode);
+            v[2 * b + 1] = q4_round(__fmul_rn(slut[byte & 15], am), mode);
         }
         if (OUT == 0) {
             float4 *o = reinterpret_cast<float4 *>(out) + i * 2;
