@@ -254,8 +254,10 @@ static void test_lora(void **state)
             }
             /* gate/up's GLU naming down's adapters (n == 3: the GPU folds down's shrink into the
              * GLU), then down's residual form over the GLU output; run 1 puts another lora call in
-             * between (the kept shrink is dropped, down shrinks afresh). The CPU computes it afresh. */
-            for (int run = 0; run < 2; run++) {
+             * between (the kept shrink is dropped, down shrinks afresh); run 2 follows with down's
+             * plain form (y += LoRA: forward.c's order when the projection accumulated into the
+             * residual stream), which uses the kept shrink too. The CPU computes it afresh. */
+            for (int run = 0; run < 3; run++) {
                 const int64_t Nd = K; /* down: N -> K */
                 struct tuna_lora_w dc[NA], dg[NA];
                 for (int a = 0; a < NA; a++) {
@@ -280,7 +282,7 @@ static void test_lora(void **state)
                 float *oc = malloc((size_t)(T * N) * 4), *dout = dev(NULL, (size_t)(T * N) * 4);
                 g_cops->lora(g_cpu, 3, yc3, N3, x, T, K, c3, &own, oc, 1);
                 g_gops->lora(g_gpu, 3, dy3, N3, dx, T, K, g3, &grouped, dout, 1);
-                if (run) { /* any other call between them */
+                if (run == 1) { /* any other call between them */
                     const struct tuna_lora_bank *g1[1] = {&sg[0]};
                     float *dy1[1] = {dy[0]};
                     g_gops->lora(g_gpu, 1, dy1, Ns, dx, T, K, g1, &grouped, NULL, 0);
@@ -290,9 +292,16 @@ static void test_lora(void **state)
                 float *dp = dev(p0, nd * 4), *dr = dev(r0, nd * 4);
                 memcpy(pc, p0, nd * 4), memcpy(rc, r0, nd * 4);
                 float *pc1[1] = {pc}, *dp1[1] = {dp};
-                g_cops->lora(g_cpu, 1, pc1, &Nd, oc, T, N, cd, &own, rc, TUNA_LORA_RESIDUAL);
-                g_gops->lora(g_gpu, 1, dp1, &Nd, dout, T, N, gd, &grouped, dr, TUNA_LORA_RESIDUAL);
-                back(rg, dr, nd * 4);
+                if (run < 2) {
+                    g_cops->lora(g_cpu, 1, pc1, &Nd, oc, T, N, cd, &own, rc, TUNA_LORA_RESIDUAL);
+                    g_gops->lora(g_gpu, 1, dp1, &Nd, dout, T, N, gd, &grouped, dr, TUNA_LORA_RESIDUAL);
+                    back(rg, dr, nd * 4);
+                } else { /* the plain form: compare the projection's rows, into which the term went */
+                    g_cops->lora(g_cpu, 1, pc1, &Nd, oc, T, N, cd, &own, NULL, 0);
+                    g_gops->lora(g_gpu, 1, dp1, &Nd, dout, T, N, gd, &grouped, NULL, 0);
+                    back(rg, dp, nd * 4);
+                    memcpy(rc, pc, nd * 4);
+                }
                 snprintf(what, sizeof what, "lora glu + down folded (run %d) %s T=%lld N=%lld K=%lld", run,
                          tuna_dtype_name(dt), (long long)T, (long long)N, (long long)K);
                 LORA_CHECK(what, rg, rc, nd);

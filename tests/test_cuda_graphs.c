@@ -5,7 +5,9 @@
  * second KV cache (new buffers: new keys, never a stale graph). With LoRA adapters attached:
  * two different mixes of adapters per sequence (switched in the middle of one decode) replayed
  * from the same captured graph, then a detach and an attach of another set (a new key: a new
- * capture, never the old views), each bit for bit against eager steps. Skips without a GPU. */
+ * capture, never the old views), each bit for bit against eager steps; eager steps with the LoRA
+ * shrinks on a second stream (lora_begin, the default) bit for bit equal to TUNA_LORA_OVERLAP=0.
+ * Skips without a GPU. */
 #include "testutil.h"
 
 #include <string.h>
@@ -124,6 +126,15 @@ static void check_lora(enum tuna_dtype dt)
     assert_int_equal(d[0], 1);
     assert_true(d[1] >= STEPS - 3);
     assert_int_equal(d[2], 0);
+    /* the shrinks started on a second stream beside the projections' GEMMs (lora_begin) change
+     * no bit: eager steps with TUNA_LORA_OVERLAP=0 against the eager run above */
+    tuna_cuda_set_graphs(m->be, false);
+    setenv("TUNA_LORA_OVERLAP", "0", 1);
+    run_mix(m, kv, false, mix_a, mix_b, first);
+    unsetenv("TUNA_LORA_OVERLAP");
+    tuna_cuda_set_graphs(m->be, true);
+    if (memcmp(first, without, n * sizeof(float)) != 0)
+        fail_msg("%s: logits with the LoRA shrinks on a second stream differ from TUNA_LORA_OVERLAP=0", tuna_dtype_name(dt));
     /* the second half differs from a run that keeps the first mix: the replay followed the mix */
     memcpy(first, with, n * sizeof(float));
     compare_mix(m, kv, mix_a, mix_a, with, without, n, d);

@@ -253,6 +253,14 @@ struct tuna_backend_ops {
      * of a decode step) will be read soon; the backend may bring them into its cache while the
      * next ops leave memory bandwidth idle (the CUDA backend: during RoPE/attention, TUNA_L2PF). */
     void (*prefetch_l2)(tuna_backend *be, const void *p, size_t bytes);
+    /* Optional (NULL: nothing to start), no effect on any result: announces the lora call that
+     * follows with the same n, Ns, x, T, K, sets, tok, glu_out and act (ys are not needed yet),
+     * after only ops that read x and write elsewhere (the projections' GEMMs). A GPU backend starts
+     * that call's shrink (u = x A^T) on a second stream, beside the GEMM, and the lora call then
+     * waits for it instead of running it; any lora call waits for a started shrink first. */
+    void (*lora_begin)(tuna_backend *be, int n, const int64_t *Ns, const float *x, int64_t T, int64_t K,
+                       const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok, float *glu_out,
+                       int act);
 };
 
 #endif

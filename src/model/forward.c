@@ -224,6 +224,33 @@ static void lora_apply(struct tuna_model *m, int n, const struct tuna_linear *co
     if (w != stack_w) free(w);
 }
 
+/* Announces the lora_apply call that follows (same lins, x, glu_out, act) after only the
+ * projections' GEMMs: a GPU backend starts its shrink beside them (backend.h lora_begin). */
+static void lora_begin(struct tuna_model *m, int n, const struct tuna_linear *const *lins, const float *x, int64_t T,
+                       float *glu_out, int act)
+{
+    if (!m->ops->lora_begin || m->ops->host_memory) return;
+    const struct tuna_lora_bank *sets[3] = {NULL, NULL, NULL};
+    int64_t Ns[3] = {0, 0, 0};
+    for (int i = 0; i < n; i++) {
+        Ns[i] = lins[i]->w.rows;
+        if (lins[i]->n_lora == 0) continue;
+        sets[i] = tuna_model_lora_on_device(m, lins[i]);
+        if (!sets[i]) return;
+    }
+    m->ops->lora_begin(m->be, n, Ns, x, T, lins[0]->w.cols, sets, &m->ws->lt, glu_out, act);
+}
+
+/* TUNA_LORA_ACC=0: o/down with adapters as before (the projection into scratch, then one pass
+ * adding it and the adapter into the residual stream); default: the projection accumulates into
+ * the residual stream (matmul_add: a GEMM with beta = 1 on the GPU) and the adapter's term is
+ * added to its tokens' rows after. */
+static bool lora_acc_on(void)
+{
+    const char *e = getenv("TUNA_LORA_ACC"); /* read at every call: tests switch it */
+    return !(e && e[0] == '0');
+}
+
 /* y[T,N] += each token's LoRA adapter, when the layer carries any and the step uses one. */
 static void lora_add(struct tuna_model *m, const struct tuna_linear *lin, float *y, const float *x, int64_t T,
                      const struct tuna_batch *b)
@@ -249,6 +276,8 @@ static void linear_qkv(struct tuna_model *m, const struct tuna_layer *L, const s
                        int64_t T, const struct tuna_batch *b, bool fuse)
 {
     float *const ys[3] = {A->q, A->k, A->v};
+    const bool on = lora_on(m, &L->q) || lora_on(m, &L->k) || lora_on(m, &L->v);
+    const struct tuna_linear *const lins[3] = {&L->q, &L->k, &L->v};
     if (!fuse) {
         m->ops->matmul(m->be, A->q, A->xn_attn, &L->q.w, L->q.bias, T); /* (T, H*D) */
         m->ops->matmul(m->be, A->k, A->xn_attn, &L->k.w, L->k.bias, T); /* (T, Hkv*D) */
@@ -256,11 +285,11 @@ static void linear_qkv(struct tuna_model *m, const struct tuna_layer *L, const s
     } else {
         const struct tuna_weight *const ws[3] = {&L->q.w, &L->k.w, &L->v.w};
         const float *const bs[3] = {L->q.bias, L->k.bias, L->v.bias};
+        if (on) lora_begin(m, 3, lins, A->xn_attn, T, NULL, 0); /* the shrink beside the GEMMs */
         m->ops->matmul_multi(m->be, 3, ys, A->xn_attn, ws, bs, T);
     }
     (void)b;
-    if (!lora_on(m, &L->q) && !lora_on(m, &L->k) && !lora_on(m, &L->v)) return;
-    const struct tuna_linear *const lins[3] = {&L->q, &L->k, &L->v};
+    if (!on) return;
     lora_apply(m, 3, lins, ys, A->xn_attn, T, NULL, 0);
 }
 
@@ -277,9 +306,19 @@ static void linear_residual(struct tuna_model *m, const struct tuna_linear *lin,
         m->ops->matmul_add(m->be, x, in, &lin->w, lin->bias, T);
         return;
     }
-    /* with adapters: the projection into tmp, then tmp and the adapter added into x in one pass */
-    m->ops->matmul(m->be, tmp, in, &lin->w, lin->bias, T);
     const struct tuna_linear *const lins[1] = {lin};
+    if (lora_acc_on()) {
+        /* with adapters: the projection accumulated into x (its shrink beside it), then the
+         * adapters' terms added to their tokens' rows of x */
+        lora_begin(m, 1, lins, in, T, NULL, 0);
+        m->ops->matmul_add(m->be, x, in, &lin->w, lin->bias, T);
+        float *const ys[1] = {x};
+        lora_apply(m, 1, lins, ys, in, T, NULL, 0);
+        return;
+    }
+    /* TUNA_LORA_ACC=0: the projection into tmp, then tmp and the adapter added into x in one pass */
+    lora_begin(m, 1, lins, in, T, x, TUNA_LORA_RESIDUAL);
+    m->ops->matmul(m->be, tmp, in, &lin->w, lin->bias, T);
     float *const ys[1] = {tmp};
     lora_apply(m, 1, lins, ys, in, T, x, TUNA_LORA_RESIDUAL);
 }
@@ -490,17 +529,19 @@ static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const stru
             /* gate and up, then their adapters folded into the GLU (one pass over xn_mlp) */
             op->rmsnorm(be, A->xn_mlp, x, L->mlp_norm, T, C, (float)a->norm_eps);
             float *const ys[3] = {A->gate, A->up, NULL}; /* (T, I) each; [2]: down's (unused) */
+            /* down's adapters too: the GPU folds down's shrink into the GLU (backend.h) */
+            const struct tuna_linear *const lins[3] = {&L->gate, &L->up, &L->down};
+            const int nl = lora_on(m, &L->down) ? 3 : 2;
             if (fuse) {
                 const struct tuna_weight *const w2[2] = {&L->gate.w, &L->up.w};
                 const float *const b2[2] = {L->gate.bias, L->up.bias};
+                lora_begin(m, nl, lins, A->xn_mlp, T, act, (int)a->act); /* the shrink beside the GEMMs */
                 op->matmul_multi(be, 2, ys, A->xn_mlp, w2, b2, T);
             } else {
                 op->matmul(be, A->gate, A->xn_mlp, &L->gate.w, L->gate.bias, T);
                 op->matmul(be, A->up, A->xn_mlp, &L->up.w, L->up.bias, T);
             }
-            /* down's adapters too: the GPU folds down's shrink into the GLU (backend.h) */
-            const struct tuna_linear *const lins[3] = {&L->gate, &L->up, &L->down};
-            lora_apply(m, lora_on(m, &L->down) ? 3 : 2, lins, ys, A->xn_mlp, T, act, (int)a->act);
+            lora_apply(m, nl, lins, ys, A->xn_mlp, T, act, (int)a->act);
         } else {
             op->rmsnorm(be, A->xn_mlp, x, L->mlp_norm, T, C, (float)a->norm_eps);
             linear(m, &L->gate, A->gate, A->xn_mlp, T, b); /* (T, I) */

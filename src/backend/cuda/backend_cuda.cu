@@ -195,6 +195,7 @@ extern "C" void tuna_cuda_backend_free(tuna_backend *be)
     cudaFree(be->attn.p);
     cudaFree(be->fuse.p);
     cudaFree(be->lora.p);
+    tuna_cuda_lora_free(be);
     tuna_cuda_graphs_free(be);
     cublasDestroy(be->blas);
     cudaFree(be->blas_ws);
@@ -367,6 +368,7 @@ static const struct tuna_backend_ops k_cuda_ops = {
     tuna_cuda_rope_kv_store,
     tuna_cuda_rmsnorm_qkv_rope_kv,
     tuna_cuda_prefetch_l2,
+    tuna_cuda_lora_begin,
 };
 
 extern "C" const struct tuna_backend_ops *tuna_cuda_backend_ops(void) { return &k_cuda_ops; }

@@ -44,6 +44,17 @@ struct tuna_backend {
         int n, R;
         size_t off;              /* u's byte offset in be->lora */
     } lora_next;
+    struct {                     /* lora_begin: a shrink started on a second stream (lora.cu) */
+        cudaStream_t side;       /* made at the first lora_begin outside a capture */
+        cudaEvent_t fork, join;
+        bool made, pending;      /* pending: join not yet waited for by the main stream */
+        bool valid;              /* the key below names a shrink whose u the next lora call may use */
+        const float *x;
+        const void *base, *w[3];
+        const int32_t *order, *start;
+        int64_t T, K, KC;
+        int n[3], R[3], nb, S, dt, sh_tiles;
+    } lora_pre;
     void *host_meta;             /* pinned host arena, the same size: copies from it are truly async */
     size_t host_meta_cap;
     size_t meta_used, meta_flushed; /* append offsets in both arenas; reset only after a sync */
@@ -101,6 +112,10 @@ bool tuna_cuda_graph_end(tuna_backend *be);
 /* The ops (one file per family). */
 void tuna_cuda_matmul(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w, const float *bias,
                       int64_t T);
+/* y[T,N] += x W^T + bias with the GEMM accumulating (cuBLAS beta = 1) at the sizes that run cuBLAS;
+ * false (nothing done) at the GEMV sizes or with TUNA_MATMUL_ACC=0: the caller adds it itself. */
+bool tuna_cuda_matmul_acc(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w, const float *bias,
+                          int64_t T);
 void tuna_cuda_rmsnorm(tuna_backend *be, float *y, const float *x, const float *w, int64_t T, int64_t C, float eps);
 void tuna_cuda_rope(tuna_backend *be, float *x, const int64_t *pos, int64_t T, int64_t H, int64_t D,
                     int64_t rot_dim, const float *inv_freq, float attn_factor);
@@ -116,6 +131,10 @@ void tuna_cuda_add(tuna_backend *be, float *y, const float *x, int64_t n);
 
 void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns, const float *x, int64_t T, int64_t K,
                     const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok, float *glu_out, int act);
+void tuna_cuda_lora_begin(tuna_backend *be, int n, const int64_t *Ns, const float *x, int64_t T, int64_t K,
+                          const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok, float *glu_out,
+                          int act);
+void tuna_cuda_lora_free(tuna_backend *be); /* the second stream and its events */
 tuna_status tuna_cuda_argmax(tuna_backend *be, int32_t *out, const float *logits, int64_t T, int64_t V);
 
 /* Optional fused ops (fused.cu), backend.h's matmul_multi / matmul_glu / matmul_add. */

@@ -642,6 +642,7 @@ void tuna_cuda_matmul_add(tuna_backend *be, float *y, const float *x, const stru
     float *ys[1] = {y};
     job_init(&j, 1, ys, &w, &bias, GEMV_ADD, NULL, NULL, 0.0f);
     if (run_job(be, x, &j, &w, T)) return;
+    if (tuna_cuda_matmul_acc(be, y, x, w, bias, T)) return; /* cuBLAS with beta = 1: no add pass */
     float *tmp = fuse_scratch(be, (size_t)(T * w->rows));
     if (!tmp) return;
     tuna_cuda_matmul(be, tmp, x, w, bias, T);

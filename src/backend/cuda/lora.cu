@@ -801,17 +801,22 @@ static void lora_f32(tuna_backend *be, float *y, const float *x, int64_t T, int6
     else launch_f32<2>(be, part, y, x, T, N, K, S, KC, R, set->n, set->w, d_order, d_start);
 }
 
-/* The shrink (sh_tiles > 0; 0: u was made by the GLU call before) and the expand of one call. */
+/* The shrink of one call on stream st (the main stream, or the second one for lora_begin). */
 template <typename HT>
-static void launch_tc(tuna_backend *be, const tc_banks &b, const tc_next &nx, const float *x, int64_t T, int64_t K,
-                      int S, int64_t KC, int sh_tiles, HT *u, float *part, int *count, const int32_t *order,
-                      const int32_t *start, float *glu_out, int act)
+static bool launch_shrink(tuna_backend *be, cudaStream_t st, const tc_banks &b, const float *x, int64_t T, int64_t K,
+                          int S, int64_t KC, int sh_tiles, HT *u, float *part, int *count, const int32_t *order,
+                          const int32_t *start)
 {
-    if (sh_tiles > 0) {
-        k_lora_shrink_tc<HT><<<dim3((unsigned)sh_tiles, (unsigned)S), TC_WARPS * 32, 0, be->stream>>>(
-            part, u, count, x, (int)T, K, KC, S, order, start, b);
-        if (!tuna_cuda_check_launch(be, "k_lora_shrink_tc")) return;
-    }
+    k_lora_shrink_tc<HT><<<dim3((unsigned)sh_tiles, (unsigned)S), TC_WARPS * 32, 0, st>>>(part, u, count, x, (int)T, K,
+                                                                                         KC, S, order, start, b);
+    return tuna_cuda_check_launch(be, "k_lora_shrink_tc");
+}
+
+/* The expand of one call (u made by its shrink, by lora_begin's, or by the GLU call before). */
+template <typename HT>
+static void launch_expand(tuna_backend *be, const tc_banks &b, const tc_next &nx, int64_t T, HT *u,
+                          const int32_t *order, const int32_t *start, float *glu_out, int act)
+{
     const unsigned ex_tiles = (unsigned)((T + TC_EX_TM - 1) / TC_EX_TM + b.ng + (glu_out ? 1 : 0));
     const dim3 blk(TC_WARPS * 32);
     if (glu_out && act == TUNA_LORA_RESIDUAL) {
@@ -831,21 +836,41 @@ static void launch_tc(tuna_backend *be, const tc_banks &b, const tc_next &nx, co
 
 static bool bank_has(const struct tuna_lora_bank *s) { return s && s->n > 0 && s->max_r > 0; }
 
-void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns, const float *x, int64_t T, int64_t K,
-                    const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok, float *glu_out, int act)
+/* Everything one lora call (or its lora_begin) works out before launching. */
+enum { PLAN_DONE, PLAN_NONE, PLAN_F32, PLAN_STASH, PLAN_TC };
+struct lora_plan {
+    int kind, dt, nl, S, sh_tiles;
+    bool resid, glu, fold_next;
+    int64_t KC;
+    const int32_t *d_order, *d_start;
+    bool order_in_block; /* order/start come from the step block (stay put until the step ends) */
+    tc_banks b;
+    tc_next nx;
+    char *base;           /* be->lora.p */
+    size_t u_off, p_off;  /* byte offsets of u and the shrink's partials in be->lora */
+    const struct tuna_lora_bank *next;
+};
+
+/* Validates a call, groups/uploads its token order and sizes its launches and scratch (growing
+ * be->lora). stash: the u a GLU call left for this call (lora_next). ys may be NULL (lora_begin). */
+static int lora_plan_make(tuna_backend *be, struct lora_plan *p, int n, float *const *ys, const int64_t *Ns,
+                          const float *x, int64_t T, int64_t K, const struct tuna_lora_bank *const *sets,
+                          const struct tuna_lora_tokens *tok, float *glu_out, int act, const void *stash_x,
+                          bool *stash_hit)
 {
-    /* the next linear's u left by the previous call (GLU form): valid for this call only */
-    const auto stash = be->lora_next;
-    be->lora_next.x = NULL;
-    if (be->sticky || T <= 0 || K <= 0 || n <= 0) return;
-    const bool resid = glu_out && act == TUNA_LORA_RESIDUAL, glu = glu_out && !resid;
-    if (n > TC_MAXB || (glu && (n < 2 || Ns[0] != Ns[1])) || (resid && n != 1)) {
+    memset(p, 0, sizeof *p);
+    *stash_hit = false;
+    if (be->sticky || T <= 0 || K <= 0 || n <= 0) return PLAN_DONE;
+    p->resid = glu_out && act == TUNA_LORA_RESIDUAL;
+    p->glu = glu_out && !p->resid;
+    if (n > TC_MAXB || (p->glu && (n < 2 || Ns[0] != Ns[1])) || (p->resid && n != 1)) {
         tuna_cuda_check(be, cudaErrorInvalidValue, "lora (more than 3 linears, a GLU form that is not gate/up, or a residual form of several)");
-        return;
+        return PLAN_DONE;
     }
     /* the linears of x; the GLU form's third set is the next linear's (down: its input is glu_out) */
-    const int nl = glu ? 2 : n;
-    const struct tuna_lora_bank *next = glu && n == 3 && bank_has(sets[2]) ? sets[2] : NULL;
+    const int nl = p->glu ? 2 : n;
+    p->nl = nl;
+    const struct tuna_lora_bank *next = p->glu && n == 3 && bank_has(sets[2]) ? sets[2] : NULL;
     int dt = -1, ng = 0;
     bool any = false;
     for (int i = 0; i < n; i++) {
@@ -853,25 +878,22 @@ void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns
         if (!bank_has(s)) continue;
         if (s->n > LORA_MAX_N || s->max_r > LORA_MAX_R) {
             tuna_cuda_check(be, cudaErrorInvalidValue, "lora (more than 64 adapters or a rank over 256 on one layer)");
-            return;
+            return PLAN_DONE;
         }
         const int d = s->dtype == TUNA_DTYPE_F32 ? 0 : s->dtype == TUNA_DTYPE_BF16 ? 1 : s->dtype == TUNA_DTYPE_F16 ? 2 : -1;
         if (d < 0 || (dt >= 0 && d != dt) || Ns[i] <= 0) {
             tuna_cuda_check(be, cudaErrorInvalidValue, "lora (adapter dtype, or linears of different dtypes)");
-            return;
+            return PLAN_DONE;
         }
         dt = d;
         if (i < nl) any = true;
         if (s->n > ng) ng = s->n;
     }
-    if (!any) { /* no adapters at all (the next linear then shrinks its input itself) */
-        if (resid) tuna_cuda_add(be, glu_out, ys[0], T * Ns[0]);
-        else if (glu) tuna_cuda_glu(be, glu_out, ys[0], ys[1], T * Ns[0], act);
-        return;
-    }
+    p->dt = dt;
+    if (!any) return PLAN_NONE; /* no adapters at all (the next linear then shrinks its input itself) */
     if (T > INT32_MAX / 2) {
         tuna_cuda_check(be, cudaErrorInvalidValue, "lora (token count)");
-        return;
+        return PLAN_DONE;
     }
     /* the tokens grouped by adapter: the caller's (step block) or made here */
     const int32_t *order = tok->order, *start = tok->start;
@@ -882,20 +904,25 @@ void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns
         own = (int32_t *)malloc((size_t)(T + ngr + 1) * sizeof(int32_t));
         if (!own) {
             tuna_cuda_check(be, cudaErrorMemoryAllocation, "lora (host grouping buffer)");
-            return;
+            return PLAN_DONE;
         }
         tuna_lora_group(tok->adapter, T, ngr, own, own + T);
         order = own;
         start = own + T;
     }
+    const char *hb = (const char *)be->host_meta;
+    p->order_in_block = !own && be->step_used && (const char *)order >= hb &&
+                        (const char *)(order + T) <= hb + be->step_used && (const char *)start >= hb &&
+                        (const char *)(start + ngr + 1) <= hb + be->step_used;
     struct cuda_meta m = {0};
     bool ok = tuna_cuda_meta_begin(be, &m, (size_t)(T + ngr + 1) * sizeof(int32_t));
     size_t o_o = ok ? (size_t)tuna_cuda_meta_stage(be, &m, order, (size_t)T * sizeof(int32_t)) : 0;
     size_t o_s = ok ? (size_t)tuna_cuda_meta_stage(be, &m, start, (size_t)(ngr + 1) * sizeof(int32_t)) : 0;
     free(own); /* staged: copied into the pinned arena */
-    if (!ok || be->sticky || !tuna_cuda_meta_flush(be, &m)) return;
+    if (!ok || be->sticky || !tuna_cuda_meta_flush(be, &m)) return PLAN_DONE;
     char *mb = (char *)be->meta.p;
-    const int32_t *d_order = (const int32_t *)(mb + o_o), *d_start = (const int32_t *)(mb + o_s);
+    p->d_order = (const int32_t *)(mb + o_o);
+    p->d_start = (const int32_t *)(mb + o_s);
 
     static int tc = -1; /* TUNA_LORA_TC=0: 16-bit adapters on the CUDA-core kernels too (for measurement) */
     static int fold = -1; /* TUNA_LORA_FOLD=0: the down projection's LoRA shrinks the GLU output itself */
@@ -905,15 +932,8 @@ void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns
         e = getenv("TUNA_LORA_FOLD");
         fold = !(e && e[0] == '0');
     }
-    if (dt == 0 || be->cc_major < 8 || !tc) { /* float32 adapters: one linear at a time, then the GLU */
-        for (int i = 0; i < nl; i++)
-            if (bank_has(sets[i])) lora_f32(be, ys[i], x, T, Ns[i], K, sets[i], d_order, d_start, dt);
-        if (resid) tuna_cuda_add(be, glu_out, ys[0], T * Ns[0]);
-        else if (glu) tuna_cuda_glu(be, glu_out, ys[0], ys[1], T * Ns[0], act);
-        return;
-    }
-    tc_banks b;
-    memset(&b, 0, sizeof b);
+    if (dt == 0 || be->cc_major < 8 || !tc) return PLAN_F32;
+    tc_banks &b = p->b;
     b.nb = nl;
     b.ng = ng;
     int off = 0, nt0 = 0;
@@ -925,27 +945,21 @@ void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns
         b.R[i] = has ? (int)s->max_r : 0;
         b.off[i] = off;
         off += (b.R[i] + 15) / 16 * 16;
-        b.y[i] = ys[i];
+        b.y[i] = ys ? ys[i] : NULL;
         b.N[i] = Ns[i];
         b.nt0[i] = nt0;
         nt0 += (int)((Ns[i] + TC_EX_NB - 1) / TC_EX_NB);
     }
     b.nt0[nl] = nt0;
     b.RU = off;
-    tc_next nx;
-    memset(&nx, 0, sizeof nx);
-    const size_t head = TC_COUNT_MAX * sizeof(int);
-    /* the residual form of the linear whose u the GLU call before made: no shrink */
-    if (resid && stash.x == x && stash.T == T && stash.K == K && stash.base == be->lora.p && sets[0] &&
-        sets[0]->w == stash.w && sets[0]->n == stash.n && (int)sets[0]->max_r == stash.R) {
-        char *base = (char *)be->lora.p;
-        if (dt == 1)
-            launch_tc<__nv_bfloat16>(be, b, nx, x, T, K, 1, K, 0, (__nv_bfloat16 *)(base + stash.off), NULL,
-                                     (int *)base, d_order, d_start, glu_out, act);
-        else
-            launch_tc<__half>(be, b, nx, x, T, K, 1, K, 0, (__half *)(base + stash.off), NULL, (int *)base, d_order,
-                              d_start, glu_out, act);
-        return;
+    /* the plain or residual form of the linear whose u the GLU call before made: no shrink */
+    const auto &st = be->lora_next;
+    if (!p->glu && n == 1 && stash_x && stash_x == x && st.T == T && st.K == K && st.base == be->lora.p && sets[0] &&
+        sets[0]->w == st.w && sets[0]->n == st.n && (int)sets[0]->max_r == st.R) {
+        *stash_hit = true;
+        p->base = (char *)be->lora.p;
+        p->u_off = st.off;
+        return PLAN_STASH;
     }
     /* K splits: about four blocks per SM over the shrink's tiles (few k-steps per warp: the loop
      * is latency-bound at decode sizes), k ranges of whole 64-k steps */
@@ -967,17 +981,26 @@ void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns
     if (S > smax) S = smax < 1 ? 1 : smax;
     int64_t KC = ((K + S - 1) / S + 63) / 64 * 64;
     S = (int)((K + KC - 1) / KC);
+    p->S = S;
+    p->KC = KC;
+    p->sh_tiles = sh_tiles;
+    const size_t head = TC_COUNT_MAX * sizeof(int);
     const size_t ub = align256((size_t)T * (size_t)b.RU * 2),
                  pb = align256(S > 1 ? (size_t)S * (size_t)T * (size_t)b.RU * sizeof(float) : 0);
     /* GLU: the next linear's shrink folded into the GLU (its u and the blocks' partials) */
     const int64_t ex_tiles = (T + TC_EX_TM - 1) / TC_EX_TM + ng + 1;
     const int64_t nbx = (Ns[0] + TC_EX_NB * TC_GLU_NP - 1) / (TC_EX_NB * TC_GLU_NP);
-    const bool fold_next = next && fold && next->max_r <= TC_DS_MAXR && ex_tiles <= TC_COUNT_MAX;
-    const int RD = fold_next ? (int)(next->max_r + 15) / 16 * 16 : 0;
+    p->fold_next = next && fold && next->max_r <= TC_DS_MAXR && ex_tiles <= TC_COUNT_MAX;
+    const int RD = p->fold_next ? (int)(next->max_r + 15) / 16 * 16 : 0;
     const size_t udb = align256((size_t)T * (size_t)RD * 2), pdb = (size_t)nbx * (size_t)T * (size_t)RD * sizeof(float);
-    char *base = lora_scratch(be, ub + pb + (fold_next ? udb + pdb : 0));
-    if (!base) return;
-    if (fold_next) {
+    char *base = lora_scratch(be, ub + pb + (p->fold_next ? udb + pdb : 0));
+    if (!base) return PLAN_DONE;
+    p->base = base;
+    p->u_off = head;
+    p->p_off = head + ub;
+    p->next = next;
+    if (p->fold_next) {
+        tc_next &nx = p->nx;
         nx.w = next->w;
         nx.n = next->n;
         nx.R = (int)next->max_r;
@@ -986,20 +1009,159 @@ void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns
         nx.part = (float *)(base + head + ub + pb + udb);
         nx.count = (int *)base;
     }
-    if (dt == 1)
-        launch_tc<__nv_bfloat16>(be, b, nx, x, T, K, S, KC, sh_tiles, (__nv_bfloat16 *)(base + head),
-                                 (float *)(base + head + ub), (int *)base, d_order, d_start, glu_out, act);
+    return PLAN_TC;
+}
+
+/* Whether the shrink lora_begin started is this plan's (same input, adapters, token order,
+ * launch and scratch). */
+static bool pre_matches(const tuna_backend *be, const struct lora_plan *p, const float *x, int64_t T, int64_t K)
+{
+    const auto &q = be->lora_pre;
+    if (!q.valid || q.x != x || q.T != T || q.K != K || q.base != p->base || q.order != p->d_order ||
+        q.start != p->d_start || q.nb != p->b.nb || q.S != p->S || q.KC != p->KC || q.dt != p->dt ||
+        q.sh_tiles != p->sh_tiles)
+        return false;
+    for (int i = 0; i < p->b.nb; i++)
+        if (q.w[i] != p->b.w[i] || q.n[i] != p->b.n[i] || q.R[i] != p->b.R[i]) return false;
+    return true;
+}
+
+/* TUNA_LORA_OVERLAP=0: lora_begin starts nothing (the shrink runs in the lora call, as before).
+ * Read at every call (test_cuda_graphs switches it within one process). */
+static bool overlap_on(void)
+{
+    const char *e = getenv("TUNA_LORA_OVERLAP");
+    return !(e && e[0] == '0');
+}
+
+void tuna_cuda_lora_begin(tuna_backend *be, int n, const int64_t *Ns, const float *x, int64_t T, int64_t K,
+                          const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok, float *glu_out,
+                          int act)
+{
+    auto &q = be->lora_pre;
+    if (q.pending) { /* a begin without its lora call: the main stream waits for it all the same */
+        tuna_cuda_check(be, cudaStreamWaitEvent(be->stream, q.join, 0), "cudaStreamWaitEvent(LoRA shrink)");
+        q.pending = false;
+    }
+    q.valid = false;
+    if (!overlap_on() || be->sticky) return;
+    if (!q.made) {
+        if (be->capturing) return; /* made outside a capture only */
+        if (cudaStreamCreateWithFlags(&q.side, cudaStreamNonBlocking) != cudaSuccess) {
+            cudaGetLastError();
+            return;
+        }
+        if (cudaEventCreateWithFlags(&q.fork, cudaEventDisableTiming) != cudaSuccess ||
+            cudaEventCreateWithFlags(&q.join, cudaEventDisableTiming) != cudaSuccess) {
+            cudaGetLastError();
+            cudaStreamDestroy(q.side);
+            return;
+        }
+        q.made = true;
+    }
+    struct lora_plan p;
+    bool hit;
+    const int kind = lora_plan_make(be, &p, n, NULL, Ns, x, T, K, sets, tok, glu_out, act, be->lora_next.x, &hit);
+    if (kind != PLAN_TC || !p.order_in_block) return;
+    if (!tuna_cuda_check(be, cudaEventRecord(q.fork, be->stream), "cudaEventRecord(LoRA fork)") ||
+        !tuna_cuda_check(be, cudaStreamWaitEvent(q.side, q.fork, 0), "cudaStreamWaitEvent(LoRA fork)"))
+        return;
+    bool ok;
+    if (p.dt == 1)
+        ok = launch_shrink<__nv_bfloat16>(be, q.side, p.b, x, T, K, p.S, p.KC, p.sh_tiles,
+                                          (__nv_bfloat16 *)(p.base + p.u_off), (float *)(p.base + p.p_off),
+                                          (int *)p.base, p.d_order, p.d_start);
     else
-        launch_tc<__half>(be, b, nx, x, T, K, S, KC, sh_tiles, (__half *)(base + head), (float *)(base + head + ub),
-                          (int *)base, d_order, d_start, glu_out, act);
-    if (fold_next && !be->sticky) {
+        ok = launch_shrink<__half>(be, q.side, p.b, x, T, K, p.S, p.KC, p.sh_tiles, (__half *)(p.base + p.u_off),
+                                   (float *)(p.base + p.p_off), (int *)p.base, p.d_order, p.d_start);
+    if (!tuna_cuda_check(be, cudaEventRecord(q.join, q.side), "cudaEventRecord(LoRA join)")) return;
+    q.pending = true;
+    if (!ok) return;
+    q.valid = true;
+    q.x = x;
+    q.T = T;
+    q.K = K;
+    q.base = p.base;
+    q.order = p.d_order;
+    q.start = p.d_start;
+    q.nb = p.b.nb;
+    q.S = p.S;
+    q.KC = p.KC;
+    q.dt = p.dt;
+    q.sh_tiles = p.sh_tiles;
+    for (int i = 0; i < 3; i++) {
+        q.w[i] = i < p.b.nb ? p.b.w[i] : NULL;
+        q.n[i] = i < p.b.nb ? p.b.n[i] : 0;
+        q.R[i] = i < p.b.nb ? p.b.R[i] : 0;
+    }
+}
+
+void tuna_cuda_lora_free(tuna_backend *be)
+{
+    auto &q = be->lora_pre;
+    if (!q.made) return;
+    cudaStreamSynchronize(q.side);
+    cudaEventDestroy(q.fork);
+    cudaEventDestroy(q.join);
+    cudaStreamDestroy(q.side);
+    q.made = q.pending = q.valid = false;
+}
+
+void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns, const float *x, int64_t T, int64_t K,
+                    const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok, float *glu_out, int act)
+{
+    /* a shrink lora_begin started: the main stream waits for it first, whatever this call is */
+    auto &q = be->lora_pre;
+    if (q.pending) {
+        tuna_cuda_check(be, cudaStreamWaitEvent(be->stream, q.join, 0), "cudaStreamWaitEvent(LoRA shrink)");
+        q.pending = false;
+    }
+    const bool pre = q.valid;
+    q.valid = false;
+    /* the next linear's u left by the previous call (GLU form): valid for this call only */
+    const void *stash_x = be->lora_next.x;
+    struct lora_plan p;
+    bool hit;
+    const int kind = lora_plan_make(be, &p, n, ys, Ns, x, T, K, sets, tok, glu_out, act, stash_x, &hit);
+    be->lora_next.x = NULL;
+    if (kind == PLAN_DONE) return;
+    const bool resid = p.resid, glu = p.glu;
+    if (kind == PLAN_NONE) {
+        if (resid) tuna_cuda_add(be, glu_out, ys[0], T * Ns[0]);
+        else if (glu) tuna_cuda_glu(be, glu_out, ys[0], ys[1], T * Ns[0], act);
+        return;
+    }
+    if (kind == PLAN_F32) { /* float32 adapters: one linear at a time, then the GLU */
+        for (int i = 0; i < p.nl; i++)
+            if (bank_has(sets[i])) lora_f32(be, ys[i], x, T, Ns[i], K, sets[i], p.d_order, p.d_start, p.dt);
+        if (resid) tuna_cuda_add(be, glu_out, ys[0], T * Ns[0]);
+        else if (glu) tuna_cuda_glu(be, glu_out, ys[0], ys[1], T * Ns[0], act);
+        return;
+    }
+    char *base = p.base;
+    if (kind == PLAN_TC && !(pre && pre_matches(be, &p, x, T, K))) {
+        if (p.dt == 1)
+            launch_shrink<__nv_bfloat16>(be, be->stream, p.b, x, T, K, p.S, p.KC, p.sh_tiles,
+                                         (__nv_bfloat16 *)(base + p.u_off), (float *)(base + p.p_off), (int *)base,
+                                         p.d_order, p.d_start);
+        else
+            launch_shrink<__half>(be, be->stream, p.b, x, T, K, p.S, p.KC, p.sh_tiles, (__half *)(base + p.u_off),
+                                  (float *)(base + p.p_off), (int *)base, p.d_order, p.d_start);
+        if (be->sticky) return;
+    }
+    if (p.dt == 1)
+        launch_expand<__nv_bfloat16>(be, p.b, p.nx, T, (__nv_bfloat16 *)(base + p.u_off), p.d_order, p.d_start,
+                                     glu_out, act);
+    else
+        launch_expand<__half>(be, p.b, p.nx, T, (__half *)(base + p.u_off), p.d_order, p.d_start, glu_out, act);
+    if (kind == PLAN_TC && p.fold_next && !be->sticky) {
         be->lora_next.x = glu_out;
-        be->lora_next.w = next->w;
+        be->lora_next.w = p.next->w;
         be->lora_next.base = base;
         be->lora_next.T = T;
         be->lora_next.K = Ns[0];
-        be->lora_next.n = next->n;
-        be->lora_next.R = (int)next->max_r;
-        be->lora_next.off = head + ub + pb;
+        be->lora_next.n = p.next->n;
+        be->lora_next.R = (int)p.next->max_r;
+        be->lora_next.off = (size_t)((char *)p.nx.u - base);
     }
 }

@@ -5,6 +5,8 @@
  * byte is read once per step: the memory-bandwidth roofline is the target.
  * Larger T (prefill): cuBLAS. 16-bit weights: x is rounded to the weight's type and
  * cublasGemmEx accumulates in float32 into a float32 y; f32 weights: SGEMM (no TF32).
+ * tuna_cuda_matmul_acc: y += x W^T + bias at the cuBLAS sizes with beta = 1 (the GEMM reads y as
+ * its C: nearly free where the GEMM is compute-bound), instead of a GEMM into scratch and an add.
  */
 #include <stdlib.h>
 
@@ -161,24 +163,28 @@ static void launch_gemv(tuna_backend *be, float *y, const float *x, const struct
     tuna_cuda_check_launch(be, "k_gemv");
 }
 
-void tuna_cuda_matmul(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w, const float *bias,
-                      int64_t T)
+/* y = x W^T + bias (acc false) or y += x W^T + bias (acc true: cuBLAS with beta = 1, the GEMM
+ * reading y as its C). Returns false, having done nothing, when acc is asked of the GEMV sizes
+ * (they write y). */
+static bool matmul_impl(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w, const float *bias,
+                        int64_t T, bool acc)
 {
-    if (be->sticky || T <= 0) return;
+    if (be->sticky || T <= 0) return true;
     struct tuna_weight deq;
     if (w->dtype == TUNA_DTYPE_NF4 || w->dtype == TUNA_DTYPE_FP4) {
         if (!w->q4) {
             tuna_cuda_check(be, cudaErrorInvalidValue, "matmul (4-bit weight without its GPU quant state)");
-            return;
+            return true;
         }
         if (T <= TUNA_CUDA_GEMV_MAX_T) {
+            if (acc) return false;
             tuna_cuda_gemv_q4(be, y, x, w, bias, T);
-            return;
+            return true;
         }
         /* prefill: dequantize once for this GEMM, then the 16/32-bit path below */
         void *p;
         enum tuna_dtype dt;
-        if (!tuna_cuda_dequant_q4(be, w, &p, &dt)) return;
+        if (!tuna_cuda_dequant_q4(be, w, &p, &dt)) return true;
         deq.dtype = dt;
         deq.rows = w->rows;
         deq.cols = w->cols;
@@ -189,30 +195,32 @@ void tuna_cuda_matmul(tuna_backend *be, float *y, const float *x, const struct t
     int dtype = w->dtype == TUNA_DTYPE_BF16 ? 1 : w->dtype == TUNA_DTYPE_F16 ? 2 : w->dtype == TUNA_DTYPE_F32 ? 0 : -1;
     if (dtype < 0) {
         tuna_cuda_check(be, cudaErrorInvalidValue, "matmul (weight dtype not supported by the CUDA backend yet)");
-        return;
+        return true;
     }
     int64_t N = w->rows, K = w->cols;
     if (T <= (dtype == 0 ? TUNA_CUDA_GEMV_MAX_T : tuna_cuda_gemv_max_t16())) {
+        if (acc) return false;
         launch_gemv(be, y, x, w, dtype, bias, T);
-        return;
+        return true;
     }
     const float one = 1.0f, zero = 0.0f;
+    const float *beta = acc ? &one : &zero;
     if (dtype == 0) {
         /* column-major view: y^T[N,T] = W[N,K] (row-major = K x N col-major, transposed) * x^T[K,T] */
         tuna_cuda_check_blas(be,
                              cublasSgemm(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)T, (int)K, &one,
-                                         (const float *)w->data, (int)K, x, (int)K, &zero, y, (int)N),
+                                         (const float *)w->data, (int)K, x, (int)K, beta, y, (int)N),
                              "cublasSgemm");
     } else {
         size_t n = (size_t)(T * K);
-        if (!tuna_cuda_grow(be, &be->half, n * 2, "cudaMalloc(activations in 16-bit)")) return;
+        if (!tuna_cuda_grow(be, &be->half, n * 2, "cudaMalloc(activations in 16-bit)")) return true;
         if (dtype == 1) k_to_bf16<<<tuna_cuda_blocks((int64_t)n, 256), 256, 0, be->stream>>>((__nv_bfloat16 *)be->half.p, x, (int64_t)n);
         else k_to_f16<<<tuna_cuda_blocks((int64_t)n, 256), 256, 0, be->stream>>>((__half *)be->half.p, x, (int64_t)n);
-        if (!tuna_cuda_check_launch(be, "k_to_16bit")) return;
+        if (!tuna_cuda_check_launch(be, "k_to_16bit")) return true;
         cudaDataType_t dt = dtype == 1 ? CUDA_R_16BF : CUDA_R_16F;
         tuna_cuda_check_blas(be,
                              cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)T, (int)K, &one, w->data,
-                                          dt, (int)K, be->half.p, dt, (int)K, &zero, y, CUDA_R_32F, (int)N,
+                                          dt, (int)K, be->half.p, dt, (int)K, beta, y, CUDA_R_32F, (int)N,
                                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                              "cublasGemmEx");
     }
@@ -220,4 +228,23 @@ void tuna_cuda_matmul(tuna_backend *be, float *y, const float *x, const struct t
         k_add_bias<<<tuna_cuda_blocks(T * N, 256), 256, 0, be->stream>>>(y, bias, T, N);
         tuna_cuda_check_launch(be, "k_add_bias");
     }
+    return true;
+}
+
+void tuna_cuda_matmul(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w, const float *bias,
+                      int64_t T)
+{
+    (void)matmul_impl(be, y, x, w, bias, T, false);
+}
+
+/* TUNA_MATMUL_ACC=0: never accumulate in the GEMM (the callers add a separate pass, as before). */
+bool tuna_cuda_matmul_acc(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w, const float *bias,
+                          int64_t T)
+{
+    static int on = -1;
+    if (on < 0) {
+        const char *e = getenv("TUNA_MATMUL_ACC");
+        on = !(e && e[0] == '0');
+    }
+    return on && matmul_impl(be, y, x, w, bias, T, true);
 }
