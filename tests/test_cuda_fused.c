@@ -546,6 +546,85 @@ static void test_q4_nested_bits(void **state)
     assert_int_equal(cases, 2 * 3 * 4 * 3);
 }
 
+/* The batch-1 4-bit kernel's f16 products (q4.cu k_q4_h2) over the range of x: x scaled by 1e5
+ * (past f16's 65504), 1e-7 (below its normal range) and 1 against the CPU at the bf16 tolerance;
+ * odd row counts (an item's second row past the end) and K = 96, 1056 and 4128 (units of 1024
+ * weights split between a pair of warps, the last one partial); two runs give the same bits. */
+static void test_q4_range(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    const int64_t shapes[][3] = {{33, 96, 7}, {257, 1056, 9}, {65, 4128, 3}};
+    const float scales[] = {1.0f, 1e5f, 1e-7f};
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++)
+        for (int type = 0; type < 2; type++) {
+            const int64_t N = shapes[si][0], K = shapes[si][1], N2 = shapes[si][2];
+            const bool nested = (si + (size_t)type) % 2 == 0;
+            struct q4pair a, b;
+            q4pair_new(&a, type, 1, N, K, true, nested);
+            q4pair_new(&b, type, 1, N2, K, false, nested);
+            for (size_t ci = 0; ci < sizeof scales / sizeof scales[0]; ci++) {
+                char what[200];
+                float *x = rnd((size_t)K);
+                for (int64_t i = 0; i < K; i++) x[i] *= scales[ci];
+                float *nw = rnd_norm_w(K);
+                for (int64_t i = 0; i < K; i++) nw[i] *= scales[ci]; /* the normalized x scaled too */
+                float *xn = malloc((size_t)K * 4);
+                cpu_norm(xn, x, nw, 1, K);
+                float *dx = dev(x, (size_t)K * 4), *dnw = dev(nw, (size_t)K * 4), *dxn = dev(NULL, (size_t)K * 4);
+                float *ya = malloc((size_t)N * 4), *yb = malloc((size_t)N2 * 4), *t = malloc((size_t)N * 4);
+                float *g = malloc((size_t)N * 4), *ga = malloc((size_t)N * 4), *gb = malloc((size_t)N * 4);
+                float *da = dev(NULL, (size_t)N * 4), *db = dev(NULL, (size_t)N2 * 4);
+                for (int norm = 0; norm < 2; norm++) {
+                    const float *xin = norm ? xn : x;
+                    /* q/k/v-like: two matrices in one launch */
+                    g_cops->matmul(g_cpu, ya, xin, &a.c, a.bias, 1);
+                    g_cops->matmul(g_cpu, yb, xin, &b.c, NULL, 1);
+                    float *dys[2] = {da, db};
+                    const struct tuna_weight *ws[2] = {&a.g, &b.g};
+                    const float *bs[2] = {a.dbias, NULL};
+                    for (int rep = 0; rep < 2; rep++) {
+                        if (norm) g_gops->rmsnorm_matmul_multi(g_gpu, 2, dys, dxn, dx, dnw, 1e-5f, ws, bs, 1);
+                        else g_gops->matmul_multi(g_gpu, 2, dys, dx, ws, bs, 1);
+                        back(rep ? gb : ga, da, (size_t)N * 4);
+                    }
+                    snprintf(what, sizeof what, "%s %s x%g%s [%lld, %lld]", norm ? "rmsnorm_matmul_multi" : "matmul_multi",
+                             type ? "FP4" : "NF4", (double)scales[ci], nested ? " nested" : "", (long long)N, (long long)K);
+                    check(what, ga, ya, (size_t)N, 1e-2);
+                    assert_memory_equal(ga, gb, (size_t)N * 4);
+                    back(g, db, (size_t)N2 * 4);
+                    check(what, g, yb, (size_t)N2, 1e-2);
+                    /* gate/up + GLU (a as gate and up) */
+                    g_cops->matmul(g_cpu, t, xin, &a.c, NULL, 1);
+                    memcpy(g, t, (size_t)N * 4);
+                    g_cops->glu(g_cpu, g, g, t, N, 0);
+                    if (norm) g_gops->rmsnorm_matmul_glu(g_gpu, da, dxn, dx, dnw, 1e-5f, &a.g, NULL, &a.g, NULL, 1, 0);
+                    else g_gops->matmul_glu(g_gpu, da, dx, &a.g, NULL, &a.g, NULL, 1, 0);
+                    back(ga, da, (size_t)N * 4);
+                    snprintf(what, sizeof what, "%s %s x%g [%lld, %lld]", norm ? "rmsnorm_matmul_glu" : "matmul_glu",
+                             type ? "FP4" : "NF4", (double)scales[ci], (long long)N, (long long)K);
+                    check(what, ga, g, (size_t)N, 2e-2);
+                }
+                /* into the residual */
+                float *y0 = rnd((size_t)N);
+                for (int64_t i = 0; i < N; i++) y0[i] *= scales[ci];
+                TT_OK(tuna_cuda_upload(g_gpu, da, y0, (size_t)N * 4));
+                g_cops->matmul(g_cpu, t, x, &a.c, a.bias, 1);
+                g_cops->add(g_cpu, y0, t, N);
+                g_gops->matmul_add(g_gpu, da, dx, &a.g, a.dbias, 1);
+                back(ga, da, (size_t)N * 4);
+                snprintf(what, sizeof what, "matmul_add %s x%g [%lld, %lld]", type ? "FP4" : "NF4", (double)scales[ci],
+                         (long long)N, (long long)K);
+                check(what, ga, y0, (size_t)N, 1e-2);
+                free(y0), free(x), free(nw), free(xn), free(ya), free(yb), free(t), free(g), free(ga), free(gb);
+                tuna_cuda_free(g_gpu, dx), tuna_cuda_free(g_gpu, dnw), tuna_cuda_free(g_gpu, dxn);
+                tuna_cuda_free(g_gpu, da), tuna_cuda_free(g_gpu, db);
+            }
+            q4pair_free(&a);
+            q4pair_free(&b);
+        }
+}
+
 static float *kv_as_f32(const void *cache, enum tuna_dtype dt, size_t n)
 {
     float *f = malloc(n * 4 + 4);
@@ -755,6 +834,7 @@ int main(void)
         cmocka_unit_test(test_rmsnorm_matmul_glu),
         cmocka_unit_test(test_q4_grouped),
         cmocka_unit_test(test_q4_nested_bits),
+        cmocka_unit_test(test_q4_range),
         cmocka_unit_test(test_rope_kv_store),
         cmocka_unit_test(test_rmsnorm_qkv_rope_kv),
     };

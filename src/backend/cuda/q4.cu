@@ -807,8 +807,9 @@ __global__ void __launch_bounds__(Q4T_THREADS, 1)
     }
 }
 
-/* TUNA_Q4_K: 0 the k_q4_multi kernel above, 1 k_q4_tab with the float2 table, 2 (default) with
- * the half2 table where the compute is 16-bit (float32 compute takes the float2 table), 3 k_q4_mma
+/* TUNA_Q4_K: 0 the k_q4_multi kernel above, 1 k_q4_tab with the float2 table, 2 with the half2
+ * table where the compute is 16-bit (float32 compute takes the float2 table), 4 (default) k_q4_h2
+ * (below) at T = 1 where the compute is 16-bit and it fits, else as 2; 3 k_q4_mma
  * (below) where the compute is 16-bit and it fits, else as 2 (fifth session's H100 round: chain
  * 125.7 us/layer against 84.8 for 2, end to end 4.79 against 3.54 ms: opt-in only). Measured on
  * the H100 (docs/PERFORMANCE.md): 32-layer NF4 chain 139.6 us/layer with 2, 142.1 with 1, 184.5
@@ -818,7 +819,7 @@ static int q4_kernel_mode(void)
     static int v = -1;
     if (v < 0) {
         const char *e = getenv("TUNA_Q4_K");
-        v = e && e[0] >= '0' && e[0] <= '3' ? e[0] - '0' : 2;
+        v = e && e[0] >= '0' && e[0] <= '4' ? e[0] - '0' : 4;
     }
     return v;
 }
@@ -894,6 +895,8 @@ static bool q4t_try(tuna_backend *be, const float *x, struct gemv_job *j, const 
 
 static bool q4m_try(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
                     const struct q4_lut *lut, int blocksize, int64_t T);
+static bool q4h_try(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
+                    const struct q4_lut *lut, int blocksize, int64_t T);
 
 bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
                         int64_t T)
@@ -920,6 +923,7 @@ bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, co
         for (int i = 0; i < j->nseg; i++)
             if (((const struct tuna_cuda_q4 *)ws[i]->q4)->prefill == TUNA_DTYPE_F32) half_ok = false;
         if (km == 3 && half_ok && q4m_try(be, x, j, ws, &lut, q0->blocksize, T)) return true;
+        if (km == 4 && half_ok && q4h_try(be, x, j, ws, &lut, q0->blocksize, T)) return true;
         if (q4t_try(be, x, j, ws, &lut, q0->blocksize, T, km >= 2 && half_ok ? 2 : 1)) return true;
     }
     j->prefetch = tuna_cuda_gemv_prefetch();
@@ -1332,4 +1336,372 @@ static bool q4m_try(tuna_backend *be, const float *x, struct gemv_job *j, const 
     j->prefetch = tuna_cuda_gemv_prefetch();
     if (j->nw) return q4m_launch_tt<true>(be, x, j, lut, (unsigned)blocks, smem, nitems, T);
     return q4m_launch_tt<false>(be, x, j, lut, (unsigned)blocks, smem, nitems, T);
+}
+
+/* ---- k_q4_h2: the batch-1 4-bit decode GEMV in f16 pairs (sixth session; TUNA_Q4_K=4, default) ----
+ *
+ * What bounded k_q4_tab at T = 1 (ncu, r0 of the sixth session): ~6.2 thread instructions per
+ * weight (table load, f16 -> f32 conversion, one FMA per weight, 64-bit index math) issued by
+ * warps that loaded their chunks, waited, then computed with nothing in flight; long-scoreboard
+ * the top stall with ~1 eligible warp per scheduler. Here:
+ * - products in half2: the byte -> half2 table (one prmt for the address, one 32-bit
+ *   shared-memory load per two weights, [byte][lane] so a warp's loads never share a bank) times
+ *   x staged once per block as f16 pairs (HFMA2: one instruction per two weights), summed in f16
+ *   over one lane's 32 weights (16 pairs in two partial sums), converted to float32 and scaled by
+ *   the block's absmax in float32 (acc += absmax * float(sum)): about 2 instructions per weight;
+ * - a software pipeline: each warp keeps D steps (D = 4; TUNA_Q4_P=2 for 2) of codes and scales
+ *   in registers, the load of a step issued as soon as the step before it in the ring has been
+ *   computed, across items, so every warp has its next bytes in flight while it computes;
+ * - items of 2 rows (GLU: the gate and up rows of one output) shared by a pair of warps of the
+ *   block that split K (warp h of the pair takes the 1024-weight units h, h + 2, ...; each lane a
+ *   16-byte chunk of codes per row and unit): every x load serves 2 rows, and the work comes in
+ *   units of about one row per warp, so the 4096-row matrices (2048 items for 1056 pairs) keep
+ *   every warp busy to within one row; the pair's two sums meet in shared memory (a named barrier
+ *   per item) and are added in a fixed order: deterministic;
+ * - the first D steps' codes are loaded and the table built before the PDL wait.
+ * Range of f16: x is staged scaled by a power of two s (exact) chosen from the block's max |x|
+ * (normalized x when the norm is folded in) and the table's max |value| L so that |x * s| * L lies
+ * in [1024, 2048): a product is at most 2048, a partial sum of 8 at most 16384 and the chunk's sum
+ * of 16 at most 32768, below f16's 65504 whatever the magnitude of x (GLU outputs feeding down
+ * included); small entries stay normal f16 down to 2^-25 of the max. The sums are multiplied by
+ * 1/s (exact) before the bias. Rounding: x to f16 (2^-11 relative), the table values to f16 (as
+ * k_q4_tab's half2 table), the f16 sums over 16 products (about 2^-11 each step): within the bf16
+ * tolerance of the tests (16-bit compute only; float32 compute keeps k_q4_tab's float2 table).
+ * Needs T = 1, K % 32 == 0, blocksize >= 32, 16-byte aligned codes, N * K < 2^31 per matrix. */
+#define Q4H_THREADS 512
+#define Q4H_PAIRS 8
+#define Q4H_XOFF (Q4T_TAB_BYTES + Q4T_NCODE_BYTES) /* x after the table and the nested code tables */
+
+struct q4h_stage {
+    uint4 c[2];    /* the lane's 16 bytes of codes of each row */
+    float a[2];    /* float32 absmax, or the nested absmax */
+    uint32_t q[2]; /* nested: the 8-bit code of the absmax */
+};
+
+/* Where item `it`'s two rows are: segment and first row (stores), each row's segment and index. */
+static __device__ __forceinline__ void q4h_item(const struct gemv_job &j, int64_t it, int *seg, int64_t *n0,
+                                                int (&sg)[2], int64_t (&row)[2])
+{
+    if (j.mode == GEMV_GLU) {
+        *seg = 0;
+        *n0 = it;
+        sg[0] = 0, sg[1] = 1;
+        row[0] = row[1] = it;
+        return;
+    }
+    gemv_rows(j, 2, it, seg, n0);
+    const int64_t N = j.s[*seg].N;
+    sg[0] = sg[1] = *seg;
+    row[0] = *n0;
+    row[1] = *n0 + 1 < N ? *n0 + 1 : N - 1; /* computed, not stored */
+}
+
+/* x [K] into shared memory as f16 pairs scaled by s (see above), 16-byte pieces at gemv_x_pos<true>;
+ * NORM: x * r * nw first (the CPU rmsnorm's formula; block 0 writes it to j.xn in float32).
+ * Returns 1/s. Ends with __syncthreads. */
+template <bool NORM>
+static __device__ __forceinline__ float q4h_stage_x(uint8_t *xs, const float *x, const struct gemv_job &j, float lmax,
+                                                    float *red)
+{
+    const int K4 = (int)(j.K / 4);
+    const float4 *x4 = reinterpret_cast<const float4 *>(x);
+    const float4 *n4 = reinterpret_cast<const float4 *>(j.nw);
+    float ss = 0.0f, m = 0.0f;
+    for (int f = threadIdx.x; f < K4; f += blockDim.x) {
+        const float4 a = x4[f];
+        if (NORM) {
+            ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+            const float4 w = __ldg(n4 + f);
+            m = fmaxf(m, fmaxf(fmaxf(fabsf(a.x * w.x), fabsf(a.y * w.y)), fmaxf(fabsf(a.z * w.z), fabsf(a.w * w.w))));
+        } else {
+            m = fmaxf(m, fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)), fmaxf(fabsf(a.z), fabsf(a.w))));
+        }
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) {
+        ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    }
+    if (lane == 0) red[warp] = ss, red[32 + warp] = m;
+    __syncthreads();
+    float a = 0.0f, mm = 0.0f;
+    for (int w = 0; w < nw; w++) a += red[w], mm = fmaxf(mm, red[32 + w]);
+    const float r = NORM ? 1.0f / sqrtf(a / (float)j.K + j.eps) : 1.0f;
+    /* |x * s| * lmax in [1024, 2048); 1 when the max is 0, not finite, or the table is empty */
+    const float v = mm * r * lmax;
+    int e = v > 0.0f && v <= 3.0e38f ? ilogbf(v) : 10;
+    e = e < -100 ? -100 : e;
+    const float s = ldexpf(1.0f, 10 - e), inv = ldexpf(1.0f, e - 10);
+    float4 *xn4 = reinterpret_cast<float4 *>(j.xn);
+    const bool write = NORM && j.xn && blockIdx.x == 0;
+    for (int f = threadIdx.x; f < K4; f += blockDim.x) {
+        float4 b = x4[f];
+        if (NORM) {
+            const float4 w = __ldg(n4 + f);
+            b = make_float4(b.x * r * w.x, b.y * r * w.y, b.z * r * w.z, b.w * r * w.w);
+            if (write) xn4[f] = b;
+        }
+        const __half2 lo = __floats2half2_rn(b.x * s, b.y * s), hi = __floats2half2_rn(b.z * s, b.w * s);
+        uint2 u;
+        u.x = *reinterpret_cast<const uint32_t *>(&lo);
+        u.y = *reinterpret_cast<const uint32_t *>(&hi);
+        *reinterpret_cast<uint2 *>(xs + gemv_x_pos<true>(f >> 1) * 16 + (f & 1) * 8) = u;
+    }
+    __syncthreads();
+    return inv;
+}
+
+/* One row's f16 sum over a lane's 32 weights (word p of the codes against x piece p), in float32. */
+static __device__ __forceinline__ float q4h_dot(const uint8_t *tab, uint4 c, const uint4 (&xv)[4], uint32_t lane_off)
+{
+    __half2 d0 = __float2half2_rn(0.0f), d1 = d0;
+#pragma unroll
+    for (int p = 0; p < 4; p++) {
+        const uint32_t w = p == 0 ? c.x : p == 1 ? c.y : p == 2 ? c.z : c.w;
+        const uint32_t xw[4] = {xv[p].x, xv[p].y, xv[p].z, xv[p].w};
+#pragma unroll
+        for (int b = 0; b < 4; b++) {
+            const uint32_t off = __byte_perm(w, lane_off, 0x5504u | ((uint32_t)b << 4));
+            const __half2 t = *reinterpret_cast<const __half2 *>(tab + off);
+            const __half2 xh = *reinterpret_cast<const __half2 *>(&xw[b]);
+            if (p < 2) d0 = __hfma2(t, xh, d0);
+            else d1 = __hfma2(t, xh, d1);
+        }
+    }
+    const __half2 d = __hadd2(d0, d1);
+    return __low2float(d) + __high2float(d);
+}
+
+template <bool NORM, int D>
+__global__ void __launch_bounds__(Q4H_THREADS, 1)
+    k_q4_h2(const float *__restrict__ x, const __grid_constant__ struct gemv_job j, const struct q4_lut lut_in,
+            int64_t nitems, float lmax)
+{
+    extern __shared__ float4 q4h_smem4[];
+    uint8_t *tab = reinterpret_cast<uint8_t *>(q4h_smem4);          /* [256][256 bytes], half2 at lane * 4 */
+    float *ncode = reinterpret_cast<float *>(tab + Q4T_TAB_BYTES);  /* [GEMV_MAX_SEG][256] */
+    uint8_t *xs = tab + Q4H_XOFF;                                    /* [K] f16, swizzled pieces */
+    __shared__ float slut[16];
+    __shared__ float red[64];
+    __shared__ float part[Q4H_PAIRS][2][2]; /* [pair][item parity][row]: warp 1's sums */
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, pair = warp >> 1, h = warp & 1;
+    if (threadIdx.x < 16) slut[threadIdx.x] = lut_in.v[threadIdx.x];
+    __syncthreads();
+    for (int e = threadIdx.x; e < 256 * 32; e += blockDim.x) {
+        const int byte = e >> 5, l = e & 31;
+        *reinterpret_cast<__half2 *>(tab + byte * 256 + l * 4) = __floats2half2_rn(slut[byte >> 4], slut[byte & 15]);
+    }
+    for (int s = 0; s < j.nseg; s++)
+        if (!j.s[s].sc.absmax)
+            for (int e = threadIdx.x; e < 256; e += blockDim.x) ncode[s * 256 + e] = __ldg(j.s[s].sc.ncode + e);
+
+    const int K32 = (int)(j.K / 32);
+    const int upw = ((K32 + 31) / 32 + 1) / 2; /* steps per item and warp: units h, h + 2, ... */
+    const int64_t it0 = blockIdx.x + (int64_t)gridDim.x * pair, istride = (int64_t)gridDim.x * Q4H_PAIRS;
+    const int64_t nmy = it0 < nitems ? (nitems - 1 - it0) / istride + 1 : 0;
+    const int64_t total = nmy * upw;
+    const int bs_shift = j.bs_shift;
+    const int chunk0 = h * 32 + lane; /* the lane's chunk (16 bytes, 32 weights) in the item's first step */
+
+    /* the load side: the step after the last one loaded */
+    struct {
+        const uint4 *c;
+        const float *a;
+        const uint8_t *q;
+        uint32_t e; /* element index of the lane's first weight in its matrix */
+        int nshift;
+    } src[2];
+    /* the next item of the pair is rstep rows further: in the same matrix (both rows before its
+     * end) the pointers move by a constant (dc chunks, de weights, less the steps already taken) */
+    const bool glu = j.mode == GEMV_GLU;
+    const int64_t rstep = glu ? istride : 2 * istride;
+    const int64_t dc = rstep * j.K / 32 - (int64_t)64 * (upw - 1);
+    const uint32_t de = (uint32_t)(rstep * j.K - (int64_t)2048 * (upw - 1));
+    int64_t l_it = it0, l_n = 0, l_N = 0;
+    int l_chunk = chunk0, l_m = 0;
+    auto set_src = [&](int64_t it) {
+        int seg, sg[2];
+        int64_t row[2];
+        q4h_item(j, it, &seg, &l_n, sg, row);
+        l_N = j.s[seg].N;
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const struct gemv_seg &s = j.s[sg[r]];
+            const int64_t e0 = row[r] * j.K;
+            src[r].c = reinterpret_cast<const uint4 *>(s.W) + e0 / 32 + chunk0;
+            src[r].e = (uint32_t)e0 + (uint32_t)chunk0 * 32u;
+            src[r].q = s.sc.absmax ? NULL : s.sc.q;
+            src[r].a = s.sc.absmax ? s.sc.absmax : s.sc.nabs;
+            src[r].nshift = s.sc.absmax ? 0 : s.sc.nshift;
+        }
+    };
+    auto load_next = [&](struct q4h_stage &st) {
+        if (l_it >= nitems) return;
+        if (l_chunk < K32) {
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                st.c[r] = __ldg(src[r].c);
+                const uint32_t b = src[r].e >> bs_shift;
+                if (src[r].q) {
+                    st.q[r] = __ldg(src[r].q + b);
+                    st.a[r] = __ldg(src[r].a + (b >> src[r].nshift));
+                } else {
+                    st.a[r] = __ldg(src[r].a + b);
+                }
+            }
+        }
+        if (++l_m == upw) {
+            l_m = 0;
+            l_chunk = chunk0;
+            l_it += istride;
+            if (l_it < nitems) {
+                l_n += rstep;
+                if (l_n + (glu ? 0 : 1) < l_N) {
+#pragma unroll
+                    for (int r = 0; r < 2; r++) src[r].c += dc, src[r].e += de;
+                } else {
+                    set_src(l_it);
+                }
+            }
+        } else {
+            l_chunk += 64;
+#pragma unroll
+            for (int r = 0; r < 2; r++) src[r].c += 64, src[r].e += 2048u;
+        }
+    };
+
+    struct q4h_stage st[D];
+#pragma unroll
+    for (int u = 0; u < D; u++) st[u].q[0] = st[u].q[1] = 0u, st[u].a[0] = st[u].a[1] = 0.0f;
+    if (nmy > 0) set_src(it0);
+    if (j.prefetch >= 1)
+#pragma unroll
+        for (int u = 0; u < D; u++) load_next(st[u]);
+    tuna_pdl_wait();
+    tuna_pdl_trigger();
+    const float inv_s = q4h_stage_x<NORM>(xs, x, j, lmax, red); /* ends with __syncthreads: tables ready */
+    if (j.prefetch < 1)
+#pragma unroll
+        for (int u = 0; u < D; u++) load_next(st[u]);
+
+    /* the compute side: item c_it, step c_m */
+    const uint32_t lane_off = (uint32_t)lane * 4u;
+    const uint32_t xsw = (uint32_t)((lane >> 1) & 7) * 16u; /* gemv_x_pos's swizzle of the lane's pieces */
+    int64_t c_it = it0, c_k = 0;
+    int c_m = 0, c_chunk = chunk0;
+    int c_seg = 0, c_ncoff[2] = {0, 0};
+    int64_t c_n0 = 0, c_N = 0;
+    bool c_nested[2] = {false, false};
+    float c_noff[2] = {0.0f, 0.0f};
+    float acc[2] = {0.0f, 0.0f};
+    auto set_cmp = [&](int64_t it) {
+        int sg[2];
+        int64_t row[2];
+        q4h_item(j, it, &c_seg, &c_n0, sg, row);
+        c_N = j.s[c_seg].N;
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            c_nested[r] = j.s[sg[r]].sc.absmax == NULL;
+            c_noff[r] = j.s[sg[r]].sc.noff;
+            c_ncoff[r] = sg[r] * 256;
+        }
+    };
+    if (nmy > 0) set_cmp(it0);
+    for (int64_t q0 = 0; q0 < total; q0 += D) {
+#pragma unroll
+        for (int u = 0; u < D; u++) {
+            if (q0 + u >= total) break;
+            if (c_chunk < K32) {
+                const uint32_t xo = ((uint32_t)c_chunk * 64u) ^ xsw; /* piece p at xo ^ 16 p */
+                uint4 xv[4];
+#pragma unroll
+                for (int p = 0; p < 4; p++) xv[p] = *reinterpret_cast<const uint4 *>(xs + (xo ^ ((uint32_t)p * 16u)));
+#pragma unroll
+                for (int r = 0; r < 2; r++) {
+                    const float d = q4h_dot(tab, st[u].c[r], xv, lane_off);
+                    const float am = c_nested[r] ? __fadd_rn(__fmul_rn(ncode[c_ncoff[r] + st[u].q[r]], st[u].a[r]), c_noff[r])
+                                                 : st[u].a[r];
+                    acc[r] += am * d;
+                }
+            }
+            load_next(st[u]);
+            if (++c_m < upw) {
+                c_chunk += 64;
+                continue;
+            }
+            /* the item's last step: the pair's sums */
+            c_m = 0;
+            c_chunk = chunk0;
+#pragma unroll
+            for (int r = 0; r < 2; r++)
+                for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+            float *pp = part[pair][c_k & 1];
+            if (h == 1 && lane == 0) pp[0] = acc[0], pp[1] = acc[1];
+            asm volatile("bar.sync %0, 64;" ::"r"(1 + pair) : "memory");
+            if (h == 0 && lane == 0) {
+                const float v0 = (acc[0] + pp[0]) * inv_s, v1 = (acc[1] + pp[1]) * inv_s;
+                if (j.mode == GEMV_GLU) {
+                    const int64_t N = j.s[0].N;
+                    const float bg = j.s[0].bias ? j.s[0].bias[c_n0] : 0.0f;
+                    const float bu = j.s[1].bias ? j.s[1].bias[c_n0] : 0.0f;
+                    if (c_n0 < N) j.s[0].y[c_n0] = tuna_cuda_act(v0 + bg, j.act) * (v1 + bu);
+                } else {
+                    const struct gemv_seg &s = j.s[c_seg];
+#pragma unroll
+                    for (int r = 0; r < 2; r++) {
+                        const int64_t n = c_n0 + r;
+                        if (n >= s.N) break;
+                        const float v = (r ? v1 : v0) + (s.bias ? s.bias[n] : 0.0f);
+                        if (j.mode == GEMV_ADD) s.y[n] += v;
+                        else s.y[n] = v;
+                    }
+                }
+            }
+            acc[0] = acc[1] = 0.0f;
+            c_k++;
+            c_it += istride;
+            c_n0 += rstep;
+            if (c_it < nitems && c_n0 + (glu ? 0 : 1) >= c_N) set_cmp(c_it); /* a new matrix, or its end */
+        }
+    }
+}
+
+/* Steps in flight per warp of k_q4_h2: 4 (default), TUNA_Q4_P=2 for 2. */
+static int q4_p_mode(void)
+{
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("TUNA_Q4_P");
+        v = e && e[0] == '2' ? 2 : 4;
+    }
+    return v;
+}
+
+/* k_q4_h2 for job j when it fits (T = 1, K % 32 == 0, blocksize >= 32, 16-byte aligned codes,
+ * N * K < 2^31 per matrix, x and the table within the opt-in shared memory); false: the caller
+ * tries k_q4_tab. */
+static bool q4h_try(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
+                    const struct q4_lut *lut, int blocksize, int64_t T)
+{
+    const int64_t K = j->K;
+    if (T != 1 || K % 32 != 0 || K <= 0 || blocksize < 32) return false;
+    for (int i = 0; i < j->nseg; i++)
+        if (((uintptr_t)ws[i]->data % 16) != 0 || j->s[i].N * K >= ((int64_t)1 << 31)) return false;
+    const size_t smem = (size_t)Q4H_XOFF + ((size_t)K * 2 + 127) / 128 * 128;
+    if (be->max_smem_optin <= 0 || smem + 2048 > (size_t)be->max_smem_optin) return false; /* + static */
+    const int64_t nitems = j->mode == GEMV_GLU ? j->s[0].N : gemv_number_rows(j, 2) / 2;
+    const int64_t sms = be->sm_count > 0 ? be->sm_count : 132;
+    const int64_t want = (nitems + Q4H_PAIRS - 1) / Q4H_PAIRS;
+    const int64_t blocks = want < sms ? want : sms;
+    if (blocks < 1) return true; /* nothing to do */
+    float lmax = 0.0f;
+    for (int c = 0; c < 16; c++) lmax = fmaxf(lmax, fabsf(lut->v[c]));
+    j->prefetch = tuna_cuda_gemv_prefetch();
+    const bool norm = j->nw != NULL, d2 = q4_p_mode() == 2;
+    const dim3 grid((unsigned)blocks), block(Q4H_THREADS);
+    if (norm)
+        return d2 ? tuna_cuda_launch(be, "k_q4_h2", k_q4_h2<true, 2>, grid, block, smem, x, *j, *lut, nitems, lmax)
+                  : tuna_cuda_launch(be, "k_q4_h2", k_q4_h2<true, 4>, grid, block, smem, x, *j, *lut, nitems, lmax);
+    return d2 ? tuna_cuda_launch(be, "k_q4_h2", k_q4_h2<false, 2>, grid, block, smem, x, *j, *lut, nitems, lmax)
+              : tuna_cuda_launch(be, "k_q4_h2", k_q4_h2<false, 4>, grid, block, smem, x, *j, *lut, nitems, lmax);
 }
