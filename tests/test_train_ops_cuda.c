@@ -545,6 +545,56 @@ static void test_half_ops(void **state)
         g_gt->matmul16(g_gpu, gy, gx16, &wg, gbias, T);
         snprintf(what, sizeof what, "matmul16 %s T=%lld N=%lld K=%lld", kn, (long long)T, (long long)N, (long long)K);
         check_dev(what, gy, y, (size_t)(T * N), kind < 2 ? 1e-3 : 1e-2);
+        { /* matmul16_lora: y = [x16 | h16] [W | s B]^T + b with h = x16 A^T (float32 out) and h16 = h
+             rounded into x16's spare columns (rows ld apart); and without an adapter */
+            const int64_t R = 5, ld = K + 8;
+            float *A = rnd((size_t)(R * K)), *B = rnd((size_t)(N * R)), *sB = malloc((size_t)(N * R) * 4);
+            for (int64_t i = 0; i < N * R; i++)
+                sB[i] = 0.75f * B[i];
+            float *Ar = round16(A, (size_t)(R * K), hdt), *sBr = round16(sB, (size_t)(N * R), hdt);
+            float *h = malloc((size_t)(T * R) * 4), *yl = malloc((size_t)(T * N) * 4);
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t j = 0; j < R; j++) {
+                    double a = 0;
+                    for (int64_t k = 0; k < K; k++)
+                        a += (double)xr[t * K + k] * Ar[j * K + k];
+                    h[t * R + j] = (float)a;
+                }
+            float *hr = round16(h, (size_t)(T * R), hdt);
+            cpu->matmul(g_cpu, yl, xr, &wc, bias, T);
+            float *yp = copyf(yl, (size_t)(T * N)); /* no adapter */
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t n = 0; n < N; n++)
+                    for (int64_t j = 0; j < R; j++)
+                        yl[t * N + n] += hr[t * R + j] * sBr[n * R + j];
+            uint16_t *xp = calloc((size_t)(T * ld), 2); /* x16 with spare columns */
+            for (int64_t t = 0; t < T; t++)
+                tuna_convert_from_f32(hdt, x + t * K, xp + t * ld, (size_t)K);
+            void *gxp = dev(xp, (size_t)(T * ld) * 2);
+            struct tuna_lora lg = {R, dev(A, (size_t)(R * K) * 4), dev(B, (size_t)(N * R) * 4), 0.75f};
+            float *gh = dev(NULL, (size_t)(T * R) * 4), *gyl = dev(NULL, (size_t)(T * N) * 4);
+            float *gyp = dev(NULL, (size_t)(T * N) * 4);
+            assert_true(g_gt->matmul16_lora(g_gpu, gyp, gxp, ld, &wg, gbias, NULL, NULL, T));
+            assert_true(g_gt->matmul16_lora(g_gpu, gyl, gxp, ld, &wg, gbias, &lg, gh, T));
+            snprintf(what, sizeof what, "matmul16_lora %s (no adapter, x16 rows %lld apart)", kn, (long long)ld);
+            check_dev(what, gyp, yp, (size_t)(T * N), kind < 2 ? 1e-3 : 1e-2);
+            snprintf(what, sizeof what, "matmul16_lora %s y (R %lld)", kn, (long long)R);
+            check_dev(what, gyl, yl, (size_t)(T * N), kind < 2 ? 1e-3 : 1e-2);
+            snprintf(what, sizeof what, "matmul16_lora %s h = x16 A^T", kn);
+            check_dev(what, gh, h, (size_t)(T * R), 1e-3);
+            uint16_t *xb = malloc((size_t)(T * ld) * 2);
+            back(xb, gxp, (size_t)(T * ld) * 2);
+            float *h16 = malloc((size_t)(T * R) * 4), *x16b = malloc((size_t)(T * K) * 4);
+            for (int64_t t = 0; t < T; t++) {
+                tuna_convert_to_f32(hdt, xb + t * ld + K, h16 + t * R, (size_t)R);
+                tuna_convert_to_f32(hdt, xb + t * ld, x16b + t * K, (size_t)K);
+            }
+            snprintf(what, sizeof what, "matmul16_lora %s h16 in x16's spare columns", kn);
+            check_print(what, h16, hr, (size_t)(T * R), 1e-2);
+            check_print("matmul16_lora x16 itself unchanged", x16b, xr, (size_t)(T * K), 0);
+            tuna_cuda_free(g_gpu, gxp), tuna_cuda_free(g_gpu, (void *)lg.A), tuna_cuda_free(g_gpu, (void *)lg.B);
+            free(A), free(B), free(sB), free(Ar), free(sBr), free(hr), free(xp), free(xb), free(h16), free(x16b);
+        }
         /* dx (+)= dy16 W */
         float *dy = rnd((size_t)(T * N)), *dyr;
         void *gdy16 = dev16(dy, (size_t)(T * N), hdt, &dyr);
@@ -601,12 +651,46 @@ static void test_half_ops(void **state)
         for (int64_t n = 1000; n <= 1001; n++) { /* the 4-wide and the scalar kernel */
             float *x = rnd((size_t)n), *gx = dev(x, (size_t)n * 4);
             void *g16 = dev(NULL, (size_t)n * 2);
-            g_gt->to_half(g_gpu, g16, gx, n, hdt);
+            g_gt->to_half(g_gpu, g16, gx, n, n, n, hdt);
             float *got = back16(g16, (size_t)n, hdt), *want = round16(x, (size_t)n, hdt);
             snprintf(what, sizeof what, "to_half %s n=%lld", hn, (long long)n);
             check_print(what, got, want, (size_t)n, 0);
             free(got), free(want), free(x);
             tuna_cuda_free(g_gpu, gx), tuna_cuda_free(g_gpu, g16);
+        }
+        { /* to_half and glu16 into rows with spare columns (the kcat operands): the gaps untouched */
+            const int64_t R = 6, Cc = 40, ld = 48, n = R * Cc;
+            float *x = rnd((size_t)n), *up = rnd((size_t)n), *gx = dev(x, (size_t)n * 4), *gup = dev(up, (size_t)n * 4);
+            uint16_t *fill = malloc((size_t)(R * ld) * 2);
+            for (int64_t i = 0; i < R * ld; i++)
+                fill[i] = 0x1234;
+            for (int k = 0; k < 2; k++) {
+                void *g16 = dev(fill, (size_t)(R * ld) * 2);
+                float *want = malloc((size_t)n * 4);
+                if (k == 0) {
+                    g_gt->to_half(g_gpu, g16, gx, n, Cc, ld, hdt);
+                    memcpy(want, x, (size_t)n * 4);
+                } else {
+                    g_gt->glu16(g_gpu, NULL, g16, gx, gup, n, Cc, ld, 0, hdt);
+                    cpu->glu(g_cpu, want, x, up, n, 0);
+                }
+                uint16_t *b = malloc((size_t)(R * ld) * 2);
+                back(b, g16, (size_t)(R * ld) * 2);
+                float *got = malloc((size_t)n * 4), *wr = round16(want, (size_t)n, hdt);
+                int gaps = 0;
+                for (int64_t r = 0; r < R; r++) {
+                    tuna_convert_to_f32(hdt, b + r * ld, got + r * Cc, (size_t)Cc);
+                    for (int64_t c = Cc; c < ld; c++)
+                        gaps += b[r * ld + c] != 0x1234;
+                }
+                snprintf(what, sizeof what, "%s %s rows %lld apart", k ? "glu16" : "to_half", hn, (long long)ld);
+                check_print(what, got, wr, (size_t)n, k ? 1e-2 : 0);
+                assert_int_equal(gaps, 0);
+                free(b), free(got), free(wr), free(want);
+                tuna_cuda_free(g_gpu, g16);
+            }
+            free(fill), free(x), free(up);
+            tuna_cuda_free(g_gpu, gx), tuna_cuda_free(g_gpu, gup);
         }
         { /* x += d, copy, norm, rounded; and with d, copy and y NULL */
             const int64_t T = 7, C = 300;
@@ -618,7 +702,7 @@ static void test_half_ops(void **state)
                 x[i] += dd[i];
             float *y = malloc((size_t)(T * C) * 4);
             cpu->rmsnorm(g_cpu, y, x, w, T, C, 1e-5f);
-            g_gt->add_rmsnorm16(g_gpu, gx, gd, gcopy, gyy, g16, gw, T, C, 1e-5f, hdt);
+            g_gt->add_rmsnorm16(g_gpu, gx, gd, gcopy, gyy, g16, C, gw, T, C, 1e-5f, hdt);
             float *got = back16(g16, (size_t)(T * C), hdt), *want = round16(y, (size_t)(T * C), hdt);
             snprintf(what, sizeof what, "add_rmsnorm16 %s y16", hn);
             check_print(what, got, want, (size_t)(T * C), 1e-2);
@@ -627,7 +711,7 @@ static void test_half_ops(void **state)
             check_dev("add_rmsnorm16 x_copy", gcopy, copyf(x, (size_t)(T * C)), (size_t)(T * C), 1e-6);
             check_dev("add_rmsnorm16 y", gyy, y, (size_t)(T * C), 1e-5);
             gx = dev(x, (size_t)(T * C) * 4);
-            g_gt->add_rmsnorm16(g_gpu, gx, NULL, NULL, NULL, g16, gw, T, C, 1e-5f, hdt);
+            g_gt->add_rmsnorm16(g_gpu, gx, NULL, NULL, NULL, g16, C, gw, T, C, 1e-5f, hdt);
             got = back16(g16, (size_t)(T * C), hdt);
             y = malloc((size_t)(T * C) * 4);
             cpu->rmsnorm(g_cpu, y, x, w, T, C, 1e-5f);
@@ -660,7 +744,7 @@ static void test_half_ops(void **state)
             float *out = malloc((size_t)n * 4), *gout = dev(NULL, (size_t)n * 4);
             void *o16 = dev(NULL, (size_t)n * 2), *dg16 = dev(NULL, (size_t)n * 2), *du16 = dev(NULL, (size_t)n * 2);
             cpu->glu(g_cpu, out, gate, up, n, act);
-            g_gt->glu16(g_gpu, gout, o16, ggate, gup, n, act, hdt);
+            g_gt->glu16(g_gpu, gout, o16, ggate, gup, n, n, n, act, hdt);
             float *got = back16(o16, (size_t)n, hdt), *want = round16(out, (size_t)n, hdt);
             snprintf(what, sizeof what, "glu16 %s act %d out16", hn, act);
             check_print(what, got, want, (size_t)n, 1e-2);

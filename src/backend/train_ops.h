@@ -180,18 +180,21 @@ struct tuna_train_ops {
     void (*matmul_backward16)(tuna_backend *be, float *dx, const void *dy16, const struct tuna_weight *w, int64_t T,
                               bool acc);
 
-    /* dst16[n] = src[n] rounded to hdt. */
-    void (*to_half)(tuna_backend *be, void *dst16, const float *src, int64_t n, enum tuna_dtype hdt);
+    /* dst16 = src[n] rounded to hdt, as rows of `cols` elements (n a multiple of cols) stored
+     * ld16 apart (ld16 >= cols; ld16 == cols: one flat array). The gaps are left alone. */
+    void (*to_half)(tuna_backend *be, void *dst16, const float *src, int64_t n, int64_t cols, int64_t ld16,
+                    enum tuna_dtype hdt);
 
     /* The residual add, its saved copy and the next RMSNorm in one pass over x[T,C]: x += d (d
      * may be NULL), x_copy = x (may be NULL), y = x / rms(x) * w (y may be NULL) and
-     * y16 = y rounded to hdt. */
+     * y16 = y rounded to hdt, rows ld16 (>= C) elements apart. */
     void (*add_rmsnorm16)(tuna_backend *be, float *x, const float *d, float *x_copy, float *y, void *y16,
-                          const float *w, int64_t T, int64_t C, float eps, enum tuna_dtype hdt);
+                          int64_t ld16, const float *w, int64_t T, int64_t C, float eps, enum tuna_dtype hdt);
 
-    /* out[n] = act(gate) * up (the inference table's glu; out may be NULL) and out16 = out rounded. */
-    void (*glu16)(tuna_backend *be, float *out, void *out16, const float *gate, const float *up, int64_t n, int act,
-                  enum tuna_dtype hdt);
+    /* out[n] = act(gate) * up (the inference table's glu; out may be NULL) and out16 = out rounded,
+     * as rows of `cols` elements stored ld16 apart (as to_half). */
+    void (*glu16)(tuna_backend *be, float *out, void *out16, const float *gate, const float *up, int64_t n,
+                  int64_t cols, int64_t ld16, int act, enum tuna_dtype hdt);
 
     /* rmsnorm_backward (dx += ...), then dx16 = the new dx rounded: the residual stream's
      * gradient and the next GEMM's operand in one pass. */
@@ -212,6 +215,17 @@ struct tuna_train_ops {
     void (*lora_backward_h)(tuna_backend *be, float *dx, float *dA, float *dB, const float *dy, const float *x,
                             const float *h, const struct tuna_lora *lora, int64_t T, int64_t N, int64_t K, float *work,
                             bool fast);
+
+    /* The LoRA forward folded into the frozen GEMM by concatenating the reduction (CUDA, 16-bit
+     * mode): y[T,N] = [x16 | h16] [W | s B]^T + bias = x16 W^T + bias + s (x16 A^T) B^T, where
+     * h = x16 A^T (float32, written to h [T, R] for the backward) and h16 = h rounded, written into
+     * x16's columns K .. K+R-1: x16's rows are ldx >= K + R elements apart (ldx a multiple of 8).
+     * lora may be NULL (then y = x16 W^T + bias with x16's rows ldx apart). A and B are read as
+     * they are now (rounded to the compute dtype inside). Returns false when it cannot (weight
+     * layout or dtype): nothing was done, the caller runs matmul16 and lora_forward instead.
+     * NULL on the CPU. */
+    bool (*matmul16_lora)(tuna_backend *be, float *y, void *x16, int64_t ldx, const struct tuna_weight *w,
+                          const float *bias, const struct tuna_lora *lora, float *h, int64_t T);
 };
 
 #define TUNA_TRAIN_NORM_WORK 8192

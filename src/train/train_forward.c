@@ -22,19 +22,26 @@ uint64_t tuna_train_drop_key(const tuna_trainer *t, int mod)
 }
 
 /* y[T,N] = x W^T + b + s · B A dropout(x) */
-void tuna_train_linear_forward_rows(tuna_trainer *t, int64_t l, int proj, float *y, const float *x, const void *x16,
+void tuna_train_linear_forward_rows(tuna_trainer *t, int64_t l, int proj, float *y, const float *x, void *x16,
                                     int64_t T, int64_t row0)
 {
     struct tuna_model *m = t->m;
     const struct tuna_linear *lin = proj_lin(&m->layers[l], proj);
+    const struct tmod *md = t->by_lin[l * TUNA_PROJ_COUNT + proj];
+    uint64_t key = md ? tuna_train_key_at(tuna_train_drop_key(t, (int)(md - t->mods)), row0 * md->K) : 0;
+    if (x16 && t->kcat) { /* the adapter inside the frozen GEMM (kcat: no dropout) */
+        float *h = md ? tuna_train_lora_h(t, l, proj, row0, md->r) : NULL;
+        if (!key && t->tops->matmul16_lora(m->be, y, x16, lin->w.cols + t->kpad, &lin->w, lin->bias,
+                                           md ? &md->lora : NULL, h ? h : t->lwork, T))
+            return;
+        x16 = NULL; /* not for this weight: the float32 ops (x16's rows are padded, matmul16 reads them dense) */
+    }
     if (x16)
         t->tops->matmul16(m->be, y, x16, &lin->w, lin->bias, T);
     else
         m->ops->matmul(m->be, y, x, &lin->w, lin->bias, T);
-    const struct tmod *md = t->by_lin[l * TUNA_PROJ_COUNT + proj];
     if (!md) return;
     const float *xin = x;
-    uint64_t key = tuna_train_key_at(tuna_train_drop_key(t, (int)(md - t->mods)), row0 * md->K);
     if (key) {
         t->tops->dropout(m->be, t->drop, x, T * md->K, t->lo.dropout, key);
         xin = t->drop;
@@ -49,9 +56,9 @@ void tuna_train_linear_forward(tuna_trainer *t, int64_t l, int proj, float *y, c
 }
 
 /* element i of a 16-bit array (NULL stays NULL) */
-static const void *h16_at(const void *p, int64_t i)
+static void *h16_at(void *p, int64_t i)
 {
-    return p ? (const char *)p + 2 * i : NULL;
+    return p ? (char *)p + 2 * i : NULL;
 }
 
 void tuna_train_mlp_chunk_forward(tuna_trainer *t, int64_t l, const struct tuna_fwd_layer_acts *A, int64_t r0,
@@ -59,11 +66,11 @@ void tuna_train_mlp_chunk_forward(tuna_trainer *t, int64_t l, const struct tuna_
 {
     const struct tuna_arch *a = &t->m->arch;
     const int64_t C = a->hidden_size, I = a->intermediate_size;
-    const void *x16 = t->h16 ? h16_at(t->xa16, r0 * C) : NULL; /* xn_mlp rounded, from add_rmsnorm16 */
+    void *x16 = t->h16 ? h16_at(t->xa16, r0 * (C + t->kpad)) : NULL; /* xn_mlp rounded, from add_rmsnorm16 */
     tuna_train_linear_forward_rows(t, l, TUNA_PROJ_GATE, A->gate, A->xn_mlp + r0 * C, x16, n, r0);
     tuna_train_linear_forward_rows(t, l, TUNA_PROJ_UP, A->up, A->xn_mlp + r0 * C, x16, n, r0);
     if (t->h16)
-        t->tops->glu16(t->m->be, A->act, t->act16, A->gate, A->up, n * I, (int)a->act, t->hdt);
+        t->tops->glu16(t->m->be, A->act, t->act16, A->gate, A->up, n * I, I, I + t->kpad, (int)a->act, t->hdt);
     else
         t->m->ops->glu(t->m->be, A->act, A->gate, A->up, n * I, (int)a->act);
 }
@@ -80,10 +87,11 @@ static void layer_fwd(tuna_trainer *t, int64_t l, const struct tuna_fwd_layer_ac
     const int64_t T = b->n, C = a->hidden_size, H = a->n_heads, Hkv = a->n_kv_heads, D = a->head_dim;
     const int64_t I = a->intermediate_size;
     const float eps = (float)a->norm_eps;
-    const void *x16 = t->h16 ? t->xa16 : NULL;
+    void *x16 = t->h16 ? t->xa16 : NULL;
+    const int64_t kp = t->kpad; /* spare columns of each 16-bit operand row (kcat) */
     if (t->h16) { /* the previous layer's residual add, the copy, the norm and its operand in one pass */
-        t->tops->add_rmsnorm16(be, x, t->add_pending ? t->tmp : NULL, A->x_in, A->xn_attn, t->xa16, L->attn_norm, T,
-                               C, eps, t->hdt);
+        t->tops->add_rmsnorm16(be, x, t->add_pending ? t->tmp : NULL, A->x_in, A->xn_attn, t->xa16, C + kp,
+                               L->attn_norm, T, C, eps, t->hdt);
         t->add_pending = false;
     } else {
         op->copy(be, A->x_in, x, (size_t)(T * C) * sizeof *x);
@@ -98,22 +106,23 @@ static void layer_fwd(tuna_trainer *t, int64_t l, const struct tuna_fwd_layer_ac
     op->rope(be, A->k, b->pos, T, Hkv, D, m->rot_dim, m->inv_freq, m->attn_factor);
     t->tops->attention_forward(be, A->att, lse, A->q, A->k, A->v, b->pos, T, H, Hkv, D, (float)(1.0 / sqrt((double)D)),
                                a->sliding_window, t->fast, (float *)t->attn_mem, t->attn_floats);
-    if (t->h16) t->tops->to_half(be, t->xa16, A->att, T * H * D, t->hdt);
+    if (t->h16) t->tops->to_half(be, t->xa16, A->att, T * H * D, H * D, H * D + kp, t->hdt);
     tuna_train_linear_forward_rows(t, l, TUNA_PROJ_O, t->tmp, A->att, x16, T, 0);
     if (t->h16) { /* the residual add, its copy, the norm and its operand in one pass */
-        t->tops->add_rmsnorm16(be, x, t->tmp, A->x_mid, A->xn_mlp, t->xa16, L->mlp_norm, T, C, eps, t->hdt);
+        t->tops->add_rmsnorm16(be, x, t->tmp, A->x_mid, A->xn_mlp, t->xa16, C + kp, L->mlp_norm, T, C, eps,
+                               t->hdt);
     } else {
         op->add(be, x, t->tmp, T * C);
         op->copy(be, A->x_mid, x, (size_t)(T * C) * sizeof *x);
         op->rmsnorm(be, A->xn_mlp, x, L->mlp_norm, T, C, eps);
     }
     if (!mlp) return; /* a recompute for backward, which runs the MLP chunk by chunk itself */
-    const void *a16 = t->h16 ? t->act16 : NULL;
+    void *a16 = t->h16 ? t->act16 : NULL;
     if (t->mlp_rows >= T) {
         tuna_train_linear_forward_rows(t, l, TUNA_PROJ_GATE, A->gate, A->xn_mlp, x16, T, 0);
         tuna_train_linear_forward_rows(t, l, TUNA_PROJ_UP, A->up, A->xn_mlp, x16, T, 0);
         if (t->h16)
-            t->tops->glu16(be, A->act, t->act16, A->gate, A->up, T * I, (int)a->act, t->hdt);
+            t->tops->glu16(be, A->act, t->act16, A->gate, A->up, T * I, I, I + kp, (int)a->act, t->hdt);
         else
             op->glu(be, A->act, A->gate, A->up, T * I, (int)a->act);
         tuna_train_linear_forward_rows(t, l, TUNA_PROJ_DOWN, t->tmp, A->act, a16, T, 0);
@@ -231,8 +240,8 @@ static size_t layout(tuna_trainer *t, int64_t T, char *base)
     t->g.dgate = MR < T ? t->acts[0].act : carve(&c, (size_t)(T * I) * f);
     t->g.dup = carve(&c, (size_t)(MR * I) * f);
     if (t->h16) { /* 16-bit operands (trainer_internal.h) */
-        t->xa16 = carve(&c, (size_t)(T * (HD > C ? HD : C)) * 2);
-        t->act16 = carve(&c, (size_t)(MR * I) * 2);
+        t->xa16 = carve(&c, (size_t)(T * ((HD > C ? HD : C) + t->kpad)) * 2);
+        t->act16 = carve(&c, (size_t)(MR * (I + t->kpad)) * 2);
         t->dup16 = carve(&c, (size_t)(MR * I) * 2);
         t->dx16 = carve(&c, (size_t)(T * C) * 2);
         t->dq16 = carve(&c, (size_t)(T * HD) * 2);
@@ -257,7 +266,8 @@ static void reserve_gemm_scratch(tuna_trainer *t, int64_t T)
         for (int p = 0; p < TUNA_PROJ_COUNT; p++) {
             const struct tuna_weight *w = &proj_lin(&m->layers[l], p)->w;
             if (w->dtype != TUNA_DTYPE_NF4 && w->dtype != TUNA_DTYPE_FP4) continue;
-            const size_t b = tuna_dtype_nbytes(dt, (uint64_t)(w->rows * w->cols));
+            /* kcat: rows of cols + kpad (the adapter's B in the spare columns) */
+            const size_t b = tuna_dtype_nbytes(dt, (uint64_t)(w->rows * (w->cols + t->kpad)));
             if (b > wb) wb = b;
         }
     const int64_t HD = a->n_heads * a->head_dim;

@@ -255,6 +255,10 @@ tuna_status tuna_trainer_new(struct tuna_model *m, const struct tuna_lora_train_
     t->P = P;
     for (int i = 0; i < t->n_mods; i++)
         if (t->mods[i].r > t->max_r) t->max_r = t->mods[i].r;
+    /* the LoRA forward inside the frozen GEMMs (trainer_internal.h) */
+    const char *ke = getenv("TUNA_TRAIN_KCAT");
+    t->kcat = t->h16 && lo->dropout <= 0 && tops->matmul16_lora && !(ke && !strcmp(ke, "0"));
+    t->kpad = t->kcat ? (t->max_r + 7) / 8 * 8 : 0;
     /* params, grads, m1, m2 and the norm's work in one backend allocation (offload: the moments
        in host memory, updated there) */
     const size_t pb = ((size_t)P * sizeof(float) + 255) & ~(size_t)255;
@@ -517,7 +521,7 @@ static void layer_backward(tuna_trainer *t, int64_t l, const struct tuna_fwd_lay
                             m->attn_factor, t->hdt);
         to->rope_backward16(be, g->dk, norm_w[1] ? NULL : t->dk16, pos, T, Hkv, D, m->rot_dim, m->inv_freq,
                             m->attn_factor, t->hdt);
-        to->to_half(be, t->dv16, g->dv, T * Hkv * D, t->hdt);
+        to->to_half(be, t->dv16, g->dv, T * Hkv * D, T * Hkv * D, T * Hkv * D, t->hdt);
     } else {
         to->rope_backward(be, g->dq, pos, T, H, D, m->rot_dim, m->inv_freq, m->attn_factor);
         to->rope_backward(be, g->dk, pos, T, Hkv, D, m->rot_dim, m->inv_freq, m->attn_factor);
@@ -532,7 +536,7 @@ static void layer_backward(tuna_trainer *t, int64_t l, const struct tuna_fwd_lay
         to->zero(be, g->dpre, T * heads[i] * D);
         to->rmsnorm_backward(be, g->dpre, dqk[i], g->pre, norm_w[i], T * heads[i], D, eps);
         m->ops->copy(be, dqk[i], g->dpre, (size_t)(T * heads[i] * D) * sizeof(float));
-        if (h) to->to_half(be, dqk16[i], dqk[i], T * heads[i] * D, t->hdt);
+        if (h) to->to_half(be, dqk16[i], dqk[i], T * heads[i] * D, T * heads[i] * D, T * heads[i] * D, t->hdt);
     }
     if (!h) to->zero(be, g->dxn, T * C);
     linear_backward(t, l, TUNA_PROJ_Q, g->dxn, g->dq, h ? t->dq16 : NULL, false, A->xn_attn, T);
@@ -559,6 +563,8 @@ static void head_chunks(tuna_trainer *t, int64_t n, const int32_t *tg, double de
         if (train) t->tops->matmul_backward(m->be, t->dsel_n + r0 * C, t->logits, &m->lm_head.w, nr);
     }
 }
+
+static double now_s(void);
 
 /* Forward (+ backward when train) of one micro-batch; adds the CE sum to *loss_sum. */
 static tuna_status micro_step(tuna_trainer *t, const struct tuna_train_batch *tb, int micro, double denom, bool train,
@@ -589,13 +595,27 @@ static tuna_status micro_step(tuna_trainer *t, const struct tuna_train_batch *tb
     if (!st) st = params_to_backend(t);
     if (!st) st = tuna_train_reserve(t, T, max_len);
     int64_t n = 0;
+    /* TUNA_TRAIN_TIMING=1: host times of the phases on stderr (queueing vs completion: where the
+       host is the limit the queue times approach the completion times); =2 also waits for the
+       forward before the head, to time the forward's GPU work alone */
+    static int timing = -1;
+    if (timing < 0) {
+        const char *te = getenv("TUNA_TRAIN_TIMING");
+        timing = te ? atoi(te) : 0;
+    }
+    const double tm0 = timing ? now_s() : 0;
+    double tm1 = 0, tm2 = 0, tm3 = 0, tm4 = 0, tm5 = 0;
     if (!st) st = tuna_train_forward(t, &fb, &n);
     if (st || n == 0) goto done;
+    if (timing) tm1 = now_s();
+    if (timing > 1 && (st = m->ops->sync(m->be))) goto done;
+    if (timing) tm2 = now_s();
     for (int64_t j = 0; j < n; j++)
         tg[j] = target[t->sel_rows[j]]; /* targets in logits order */
     head_chunks(t, n, tg, denom, train);
     st = m->ops->download(m->be, loss_h, t->loss_rows, (size_t)n * sizeof(double)); /* waits for the head */
     if (st) goto done;
+    if (timing) tm3 = now_s();
     for (int64_t j = 0; j < n; j++)
         *loss_sum += loss_h[j];
     if (!train) goto done;
@@ -605,7 +625,7 @@ static tuna_status micro_step(tuna_trainer *t, const struct tuna_train_batch *tb
     t->tops->rmsnorm_backward(m->be, t->dsel, t->dsel_n, t->sel_in, m->final_norm, n, C, (float)a->norm_eps);
     t->tops->zero(m->be, t->g.dx, T * C);
     t->tops->scatter_add_rows(m->be, t->g.dx, t->dsel, t->sel_rows, n, C);
-    if (t->h16) t->tops->to_half(m->be, t->dx16, t->g.dx, T * C, t->hdt); /* the top layer's dy */
+    if (t->h16) t->tops->to_half(m->be, t->dx16, t->g.dx, T * C, T * C, T * C, t->hdt); /* the top layer's dy */
     for (int64_t l = a->n_layers - 1; l >= 0; l--) {
         const struct tuna_fwd_layer_acts *acts = &t->acts[l];
         const float *lse = t->lse + l * T * a->n_heads;
@@ -617,7 +637,16 @@ static tuna_status micro_step(tuna_trainer *t, const struct tuna_train_batch *tb
         layer_backward(t, l, acts, lse, fb.pos, T);
     }
     /* the embedding is frozen: the gradient stops here */
+    if (timing) tm4 = now_s();
     st = m->ops->sync(m->be);
+    if (timing) {
+        tm5 = now_s();
+        fprintf(stderr,
+                "train timing (ms): forward queued %.2f%s %.2f, head+loss done %.2f | backward queued %.2f, done %.2f "
+                "| total %.2f\n",
+                (tm1 - tm0) * 1e3, timing > 1 ? ", forward done" : ", (no wait)", (tm2 - tm0) * 1e3,
+                (tm3 - tm2) * 1e3, (tm4 - tm3) * 1e3, (tm5 - tm3) * 1e3, (tm5 - tm0) * 1e3);
+    }
 done:
     free(loss_h);
     free(tg);

@@ -81,6 +81,12 @@ struct tuna_trainer {
        act16 [mlp_rows, I]: down's operand, then (backward) dgate's; dup16 [mlp_rows, I];
        dx16 [T, C]: the residual gradient (down's and o's dy); dq16 [T, H*D], dk16, dv16 [T, Hkv*D] */
     bool h16;
+    /* kcat (16-bit path, no dropout, the backend has matmul16_lora): each LoRA forward is folded
+       into its frozen GEMM by concatenating the reduction; the forward's 16-bit operands (xa16,
+       act16) then have kpad (max_r rounded up to 8) spare columns per row, where the adapter's
+       x A^T goes. TUNA_TRAIN_KCAT=0 keeps the separate LoRA GEMMs. */
+    bool kcat;
+    int64_t kpad;
     bool add_pending; /* h16 without checkpoints: x += tmp (the last layer's down output) not done yet */
     enum tuna_dtype hdt;
     void *xa16, *act16, *dup16, *dx16, *dq16, *dk16, *dv16;
@@ -117,8 +123,9 @@ uint64_t tuna_train_drop_key(const tuna_trainer *t, int mod);
  * micro-batch); backend memory. row0: the first row of x within the micro-batch (the masks of
  * a chunk of rows are those rows' masks). */
 void tuna_train_linear_forward(tuna_trainer *t, int64_t l, int proj, float *y, const float *x, int64_t T);
-/* x16: x rounded to t->hdt (the 16-bit path's GEMM operand), or NULL for the float32 ops */
-void tuna_train_linear_forward_rows(tuna_trainer *t, int64_t l, int proj, float *y, const float *x, const void *x16,
+/* x16: x rounded to t->hdt (the 16-bit path's GEMM operand; rows K + t->kpad elements apart), or
+ * NULL for the float32 ops */
+void tuna_train_linear_forward_rows(tuna_trainer *t, int64_t l, int proj, float *y, const float *x, void *x16,
                                     int64_t T, int64_t row0);
 /* The dropout key of elements starting at element `first` of a call: key + golden * first, so a
  * chunk of rows gets the masks that the whole call gives those rows. */

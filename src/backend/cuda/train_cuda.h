@@ -36,11 +36,14 @@ void tuna_cuda_train_matmul16(tuna_backend *be, float *y, const void *x16, const
                               const float *bias, int64_t T);
 void tuna_cuda_train_matmul_backward16(tuna_backend *be, float *dx, const void *dy16, const struct tuna_weight *w,
                                        int64_t T, bool acc);
-void tuna_cuda_train_to_half(tuna_backend *be, void *dst16, const float *src, int64_t n, enum tuna_dtype hdt);
+bool tuna_cuda_train_matmul16_lora(tuna_backend *be, float *y, void *x16, int64_t ldx, const struct tuna_weight *w,
+                                   const float *bias, const struct tuna_lora *lora, float *h, int64_t T);
+void tuna_cuda_train_to_half(tuna_backend *be, void *dst16, const float *src, int64_t n, int64_t cols, int64_t ld16,
+                             enum tuna_dtype hdt);
 void tuna_cuda_train_add_rmsnorm16(tuna_backend *be, float *x, const float *d, float *x_copy, float *y, void *y16,
-                                   const float *w, int64_t T, int64_t C, float eps, enum tuna_dtype hdt);
+                                   int64_t ld16, const float *w, int64_t T, int64_t C, float eps, enum tuna_dtype hdt);
 void tuna_cuda_train_glu16(tuna_backend *be, float *out, void *out16, const float *gate, const float *up, int64_t n,
-                           int act, enum tuna_dtype hdt);
+                           int64_t cols, int64_t ld16, int act, enum tuna_dtype hdt);
 void tuna_cuda_train_rmsnorm_backward16(tuna_backend *be, float *dx, void *dx16, const float *dy, const float *x,
                                         const float *w, int64_t T, int64_t C, float eps, enum tuna_dtype hdt);
 void tuna_cuda_train_glu_backward16(tuna_backend *be, float *dgate, float *dup, void *dgate16, void *dup16,

@@ -36,7 +36,8 @@ static bool is_bf(enum tuna_dtype hdt)
  * contiguous span. OUT: 0 float32, 1 bf16, 2 f16. Needs a power-of-two blocksize >= 8. */
 template <int OUT>
 __global__ void __launch_bounds__(256) k_train_dequant(void *out, const uint32_t *codes, const struct q4_scales sc,
-                                                       int bshift, int mode, struct q4_lut lut, int64_t nwords)
+                                                       int bshift, int mode, struct q4_lut lut, int64_t nwords,
+                                                       int64_t K, int64_t ld)
 {
     __shared__ float slut[16]; /* 16 entries in 16 banks: no conflicts whatever the codes */
     if (threadIdx.x < 16) slut[threadIdx.x] = lut.v[threadIdx.x];
@@ -60,8 +61,11 @@ __global__ void __launch_bounds__(256) k_train_dequant(void *out, const uint32_t
             v[2 * b] = q4_round(__fmul_rn(slut[byte >> 4], am), mode);
             v[2 * b + 1] = q4_round(__fmul_rn(slut[byte & 15], am), mode);
         }
+        /* the word's 8 weights go to row e / K, columns e % K .. of a matrix with rows ld apart
+           (K and ld multiples of 8) */
+        const int64_t e = i * 8, o8 = ld == K ? i : ((e / K) * ld + e % K) / 8;
         if (OUT == 0) {
-            float4 *o = reinterpret_cast<float4 *>(out) + i * 2;
+            float4 *o = reinterpret_cast<float4 *>(out) + o8 * 2;
             o[0] = make_float4(v[0], v[1], v[2], v[3]);
             o[1] = make_float4(v[4], v[5], v[6], v[7]);
         } else {
@@ -76,12 +80,14 @@ __global__ void __launch_bounds__(256) k_train_dequant(void *out, const uint32_t
                     h[q] = *reinterpret_cast<uint32_t *>(&p);
                 }
             }
-            reinterpret_cast<uint4 *>(out)[i] = make_uint4(h[0], h[1], h[2], h[3]);
+            reinterpret_cast<uint4 *>(out)[o8] = make_uint4(h[0], h[1], h[2], h[3]);
         }
     }
 }
 
-bool tuna_cuda_train_dequant(tuna_backend *be, const struct tuna_weight *w, void **out, enum tuna_dtype *dt)
+/* The fast kernel into be->wdeq with rows ld apart (ld == w->cols: contiguous); false (nothing
+ * done, no error) when it does not apply. */
+static bool dequant_ld(tuna_backend *be, const struct tuna_weight *w, int64_t ld, void **out, enum tuna_dtype *dt)
 {
     const struct tuna_cuda_q4 *q = (const struct tuna_cuda_q4 *)w->q4;
     const int64_t numel = w->rows * w->cols;
@@ -90,9 +96,10 @@ bool tuna_cuda_train_dequant(tuna_backend *be, const struct tuna_weight *w, void
     const char *env = getenv("TUNA_TRAIN_DEQUANT"); /* "old": q4.cu's kernel, for comparisons */
     if ((1 << shift) != q->blocksize || q->blocksize < 8 || numel % 8 != 0 || ((uintptr_t)w->data % 4) != 0 ||
         (env && !strcmp(env, "old")))
-        return tuna_cuda_dequant_q4(be, w, out, dt);
+        return false;
+    if (ld != w->cols && (w->cols % 8 != 0 || ld % 8 != 0 || ld < w->cols)) return false;
     const int code = q->prefill == TUNA_DTYPE_BF16 ? 1 : q->prefill == TUNA_DTYPE_F16 ? 2 : 0;
-    const size_t bytes = (size_t)numel * (code ? 2 : 4);
+    const size_t bytes = (size_t)(w->rows * ld) * (code ? 2 : 4);
     if (!tuna_cuda_grow(be, &be->wdeq, bytes, "cudaMalloc(4-bit weight dequantized for training)")) return false;
     struct q4_lut lut;
     memcpy(lut.v, q->lut, sizeof lut.v);
@@ -100,16 +107,26 @@ bool tuna_cuda_train_dequant(tuna_backend *be, const struct tuna_weight *w, void
     const int64_t nwords = numel / 8;
     const unsigned blocks = (unsigned)((nwords + 511) / 512);
     const uint32_t *codes = (const uint32_t *)w->data;
+    const int64_t K = w->cols;
     if (code == 1)
-        k_train_dequant<1><<<blocks, 256, 0, be->stream>>>(be->wdeq.p, codes, sc, shift, q->round_mode, lut, nwords);
+        k_train_dequant<1><<<blocks, 256, 0, be->stream>>>(be->wdeq.p, codes, sc, shift, q->round_mode, lut, nwords,
+                                                           K, ld);
     else if (code == 2)
-        k_train_dequant<2><<<blocks, 256, 0, be->stream>>>(be->wdeq.p, codes, sc, shift, q->round_mode, lut, nwords);
+        k_train_dequant<2><<<blocks, 256, 0, be->stream>>>(be->wdeq.p, codes, sc, shift, q->round_mode, lut, nwords,
+                                                           K, ld);
     else
-        k_train_dequant<0><<<blocks, 256, 0, be->stream>>>(be->wdeq.p, codes, sc, shift, q->round_mode, lut, nwords);
-    if (!tuna_cuda_check_launch(be, "k_train_dequant")) return false;
+        k_train_dequant<0><<<blocks, 256, 0, be->stream>>>(be->wdeq.p, codes, sc, shift, q->round_mode, lut, nwords,
+                                                           K, ld);
+    tuna_cuda_check_launch(be, "k_train_dequant");
     *out = be->wdeq.p;
     *dt = code == 1 ? TUNA_DTYPE_BF16 : code == 2 ? TUNA_DTYPE_F16 : TUNA_DTYPE_F32;
     return true;
+}
+
+bool tuna_cuda_train_dequant(tuna_backend *be, const struct tuna_weight *w, void **out, enum tuna_dtype *dt)
+{
+    if (!dequant_ld(be, w, w->cols, out, dt)) return tuna_cuda_dequant_q4(be, w, out, dt);
+    return !be->sticky;
 }
 
 /* ---------------------------------------------------------------- GEMMs on 16-bit operands */
@@ -191,6 +208,119 @@ void tuna_cuda_train_matmul_backward16(tuna_backend *be, float *dx, const void *
                          "cublasGemmEx(matmul_backward16)");
 }
 
+/* ---------------------------------------------------------------- LoRA folded into the frozen GEMM */
+
+/* A16[R*K] = A rounded; W[n, K + j] = s B[n, j] rounded (W's rows ld apart) */
+__global__ void k_train_lora_prep(void *A16, const float *A, int64_t RK, void *W, int64_t ld, int64_t K,
+                                  const float *B, int64_t NR, int64_t R, float s, bool bf)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < RK) {
+        st16(A16, i, A[i], bf);
+        return;
+    }
+    i -= RK;
+    if (i >= NR) return;
+    const int64_t n = i / R, j = i - n * R;
+    st16(W, n * ld + K + j, s * B[i], bf);
+}
+
+/* h[t, j] = sum_s P[s][t, j] in order (float32) and x16[t, K + j] = h rounded */
+__global__ void k_train_lora_hsum(float *h, void *x16, int64_t ldx, int64_t K, const float *P, int64_t T, int64_t R,
+                                  int S, bool bf)
+{
+    const int64_t TR = T * R;
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= TR) return;
+    float a = 0.0f;
+    for (int s = 0; s < S; s++)
+        a += P[(int64_t)s * TR + i];
+    h[i] = a;
+    const int64_t t = i / R;
+    st16(x16, t * ldx + K + (i - t * R), a, bf);
+}
+
+/* K splits of the shrink x16 A^T ([T, R], a reduction of K): the output is T/128 tiles of one
+ * column, so the reduction is split into S chunks (each a multiple of 8 elements, >= 256). */
+static int lora_splits(tuna_backend *be, int64_t T, int64_t K)
+{
+    const int64_t tiles = (T + 127) / 128, sms = be->sm_count > 0 ? be->sm_count : 132;
+    for (int S = 16; S >= 2; S /= 2)
+        if (K % (8 * S) == 0 && K / S >= 256 && tiles * S <= 2 * sms) return S;
+    return 1;
+}
+
+bool tuna_cuda_train_matmul16_lora(tuna_backend *be, float *y, void *x16, int64_t ldx, const struct tuna_weight *w,
+                                   const float *bias, const struct tuna_lora *l, float *h, int64_t T)
+{
+    if (be->sticky || T <= 0) return true;
+    const int64_t N = w->rows, K = w->cols, R = l ? l->r : 0;
+    if (ldx < K + R || ldx % 8 != 0 || K % 8 != 0 || (R > 0 && !h)) return false;
+    /* W into be->wdeq with rows ldx apart (a 16-bit weight copied there) */
+    void *W = NULL;
+    enum tuna_dtype dt = w->dtype;
+    if (dt == TUNA_DTYPE_NF4 || dt == TUNA_DTYPE_FP4) {
+        if (!w->q4 || !dequant_ld(be, w, ldx, &W, &dt)) return false;
+        if (be->sticky) return true;
+    } else if (dt == TUNA_DTYPE_BF16 || dt == TUNA_DTYPE_F16) {
+        if (!tuna_cuda_grow(be, &be->wdeq, (size_t)(N * ldx) * 2, "cudaMalloc(weight with its LoRA columns)"))
+            return true;
+        W = be->wdeq.p;
+        if (!tuna_cuda_check(be,
+                             cudaMemcpy2DAsync(W, (size_t)ldx * 2, w->data, (size_t)K * 2, (size_t)K * 2, (size_t)N,
+                                               cudaMemcpyDeviceToDevice, be->stream),
+                             "cudaMemcpy2DAsync(weight with its LoRA columns)"))
+            return true;
+    } else {
+        return false;
+    }
+    if (dt != TUNA_DTYPE_BF16 && dt != TUNA_DTYPE_F16) return false; /* not reached: dequant_ld gave F32 */
+    const bool bf = dt == TUNA_DTYPE_BF16;
+    const cudaDataType_t ct = bf ? CUDA_R_16BF : CUDA_R_16F;
+    const float one = 1.0f, zero = 0.0f;
+    if (R > 0) {
+        const int S = lora_splits(be, T, K);
+        const int64_t Kc = K / S;
+        const size_t a16b = ((size_t)(R * K) * 2 + 255) & ~(size_t)255;
+        char *scr = NULL;
+        if (!tuna_cuda_check(be, cudaMallocAsync((void **)&scr, a16b + (size_t)(S * T * R) * sizeof(float), be->stream),
+                             "cudaMallocAsync(LoRA shrink scratch)"))
+            return true;
+        void *A16 = scr;
+        float *P = (float *)(scr + a16b);
+        const int64_t nprep = R * K + N * R;
+        k_train_lora_prep<<<tuna_cuda_blocks(nprep, 256), 256, 0, be->stream>>>(A16, l->A, R * K, W, ldx, K, l->B, N * R,
+                                                                                R, l->scale, bf);
+        bool ok = tuna_cuda_check_launch(be, "k_train_lora_prep");
+        /* P[s] = x16[:, s Kc ..] A16[:, s Kc ..]^T: column-major P^T[R, T] = A16 (read transposed) x16^T */
+        ok = ok && tuna_cuda_check_blas(be,
+                                        cublasGemmStridedBatchedEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)R, (int)T,
+                                                                   (int)Kc, &one, A16, ct, (int)K, (long long)Kc, x16,
+                                                                   ct, (int)ldx, (long long)Kc, &zero, P, CUDA_R_32F,
+                                                                   (int)R, (long long)(T * R), S, CUBLAS_COMPUTE_32F,
+                                                                   CUBLAS_GEMM_DEFAULT),
+                                        "cublasGemmStridedBatchedEx(LoRA shrink, 16-bit)");
+        if (ok) {
+            k_train_lora_hsum<<<tuna_cuda_blocks(T * R, 256), 256, 0, be->stream>>>(h, x16, ldx, K, P, T, R, S, bf);
+            tuna_cuda_check_launch(be, "k_train_lora_hsum");
+        }
+        tuna_cuda_check(be, cudaFreeAsync(scr, be->stream), "cudaFreeAsync(LoRA shrink scratch)");
+        if (be->sticky) return true;
+    }
+    /* column-major: y^T[N,T] = [W | sB] (row-major [N, K+R], rows ldx apart, read transposed) [x16 | h16]^T */
+    if (!tuna_cuda_check_blas(be,
+                              cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)T, (int)(K + R), &one, W,
+                                           ct, (int)ldx, x16, ct, (int)ldx, &zero, y, CUDA_R_32F, (int)N,
+                                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                              "cublasGemmEx(matmul16 with LoRA)"))
+        return true;
+    if (bias) {
+        k_train_add_bias<<<tuna_cuda_blocks(T * N, 256), 256, 0, be->stream>>>(y, bias, T, N);
+        tuna_cuda_check_launch(be, "k_train_add_bias");
+    }
+    return true;
+}
+
 /* ---------------------------------------------------------------- element-wise producers */
 
 /* 4 elements per thread where n, src and dst allow it */
@@ -218,9 +348,41 @@ __global__ void k_train_to_half(void *dst, const float *src, int64_t n, bool bf)
     if (i < n) st16(dst, i, src[i], bf);
 }
 
-void tuna_cuda_train_to_half(tuna_backend *be, void *dst16, const float *src, int64_t n, enum tuna_dtype hdt)
+/* rows of `cols` elements, ld16 apart in dst: 4 elements per thread (cols % 4 == 0) */
+__global__ void k_train_to_half_ld4(void *dst, const float4 *src, int64_t n4, int64_t cols4, int64_t ld16, bool bf)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n4) return;
+    const float4 v = src[i];
+    const int64_t r = i / cols4, c = (i - r * cols4) * 4, o = r * ld16 + c;
+    st16(dst, o, v.x, bf);
+    st16(dst, o + 1, v.y, bf);
+    st16(dst, o + 2, v.z, bf);
+    st16(dst, o + 3, v.w, bf);
+}
+
+__global__ void k_train_to_half_ld(void *dst, const float *src, int64_t n, int64_t cols, int64_t ld16, bool bf)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int64_t r = i / cols;
+    st16(dst, r * ld16 + (i - r * cols), src[i], bf);
+}
+
+void tuna_cuda_train_to_half(tuna_backend *be, void *dst16, const float *src, int64_t n, int64_t cols, int64_t ld16,
+                             enum tuna_dtype hdt)
 {
     if (be->sticky || n <= 0) return;
+    if (cols > 0 && ld16 != cols) {
+        if (cols % 4 == 0 && (uintptr_t)src % 16 == 0)
+            k_train_to_half_ld4<<<tuna_cuda_blocks(n / 4, 256), 256, 0, be->stream>>>(
+                dst16, (const float4 *)src, n / 4, cols / 4, ld16, is_bf(hdt));
+        else
+            k_train_to_half_ld<<<tuna_cuda_blocks(n, 256), 256, 0, be->stream>>>(dst16, src, n, cols, ld16,
+                                                                                  is_bf(hdt));
+        tuna_cuda_check_launch(be, "k_train_to_half_ld");
+        return;
+    }
     if (n % 4 == 0 && (uintptr_t)src % 16 == 0 && (uintptr_t)dst16 % 8 == 0)
         k_train_to_half4<<<tuna_cuda_blocks(n / 4, 256), 256, 0, be->stream>>>(dst16, (const float4 *)src, n / 4,
                                                                                is_bf(hdt));
@@ -231,7 +393,8 @@ void tuna_cuda_train_to_half(tuna_backend *be, void *dst16, const float *src, in
 
 /* One block per row: x += d, the copy, the sum of squares; then y and y16 (norm.cu's k_rmsnorm). */
 __global__ void __launch_bounds__(256) k_train_add_rmsnorm16(float *x, const float *d, float *x_copy, float *y,
-                                                              void *y16, const float *w, int64_t C, float eps, bool bf)
+                                                              void *y16, int64_t ld16, const float *w, int64_t C,
+                                                              float eps, bool bf)
 {
     __shared__ float red[64];
     const int64_t off = (int64_t)blockIdx.x * C;
@@ -251,32 +414,40 @@ __global__ void __launch_bounds__(256) k_train_add_rmsnorm16(float *x, const flo
     for (int64_t i = threadIdx.x; i < C; i += blockDim.x) {
         const float v = xr[i] * r * w[i]; /* this thread wrote xr[i] itself */
         if (y) y[off + i] = v;
-        st16(y16, off + i, v, bf);
+        st16(y16, (int64_t)blockIdx.x * ld16 + i, v, bf);
     }
 }
 
 void tuna_cuda_train_add_rmsnorm16(tuna_backend *be, float *x, const float *d, float *x_copy, float *y, void *y16,
-                                   const float *w, int64_t T, int64_t C, float eps, enum tuna_dtype hdt)
+                                   int64_t ld16, const float *w, int64_t T, int64_t C, float eps, enum tuna_dtype hdt)
 {
     if (be->sticky || T <= 0) return;
-    k_train_add_rmsnorm16<<<(unsigned)T, 256, 0, be->stream>>>(x, d, x_copy, y, y16, w, C, eps, is_bf(hdt));
+    k_train_add_rmsnorm16<<<(unsigned)T, 256, 0, be->stream>>>(x, d, x_copy, y, y16, ld16, w, C, eps, is_bf(hdt));
     tuna_cuda_check_launch(be, "k_train_add_rmsnorm16");
 }
 
-__global__ void k_train_glu16(float *out, void *out16, const float *gate, const float *up, int64_t n, int act, bool bf)
+__global__ void k_train_glu16(float *out, void *out16, const float *gate, const float *up, int64_t n, int64_t cols,
+                              int64_t ld16, int act, bool bf)
 {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const float v = tuna_cuda_act(gate[i], act) * up[i];
     if (out) out[i] = v;
-    st16(out16, i, v, bf);
+    int64_t o = i;
+    if (ld16 != cols) {
+        const int64_t r = i / cols;
+        o = r * ld16 + (i - r * cols);
+    }
+    st16(out16, o, v, bf);
 }
 
 void tuna_cuda_train_glu16(tuna_backend *be, float *out, void *out16, const float *gate, const float *up, int64_t n,
-                           int act, enum tuna_dtype hdt)
+                           int64_t cols, int64_t ld16, int act, enum tuna_dtype hdt)
 {
     if (be->sticky || n <= 0) return;
-    k_train_glu16<<<tuna_cuda_blocks(n, 256), 256, 0, be->stream>>>(out, out16, gate, up, n, act, is_bf(hdt));
+    if (cols <= 0) cols = ld16 = n;
+    k_train_glu16<<<tuna_cuda_blocks(n, 256), 256, 0, be->stream>>>(out, out16, gate, up, n, cols, ld16, act,
+                                                                     is_bf(hdt));
     tuna_cuda_check_launch(be, "k_train_glu16");
 }
 
@@ -387,7 +558,7 @@ void tuna_cuda_train_rope_backward16(tuna_backend *be, float *d, void *d16, cons
     const int64_t half = rot_dim / 2;
     if (be->sticky || T <= 0) return;
     if (half <= 0) {
-        if (d16) tuna_cuda_train_to_half(be, d16, d, T * H * D, hdt);
+        if (d16) tuna_cuda_train_to_half(be, d16, d, T * H * D, T * H * D, T * H * D, hdt);
         return;
     }
     struct cuda_meta m = {0};

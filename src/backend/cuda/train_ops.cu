@@ -358,6 +358,7 @@ static const struct tuna_train_ops k_cuda_train_ops = {
     tuna_cuda_train_glu_backward16,
     tuna_cuda_train_rope_backward16,
     tuna_cuda_train_lora_backward_h,
+    tuna_cuda_train_matmul16_lora,
 };
 
 extern "C" const struct tuna_train_ops *tuna_cuda_train_ops(void)
