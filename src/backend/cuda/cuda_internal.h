@@ -32,6 +32,9 @@ struct tuna_backend {
     char sticky_msg[512];
     struct cuda_grow_buf meta;   /* device arena for int metadata (ids, positions, slots, tables) */
     struct cuda_grow_buf half;   /* activations rounded to bf16/f16 for cuBLAS */
+    const float *half_of;        /* half holds half_of's first half_n values as half_dt (1 bf16, 2 f16), */
+    int64_t half_n;              /* recorded only for a scope of ops that read the same x (NULL: none; */
+    int half_dt;                 /* tuna_cuda_to_half) */
     struct cuda_grow_buf wdeq;   /* a 4-bit weight dequantized for a prefill GEMM */
     struct cuda_grow_buf argmax_ids; /* [T] int32 greedy ids before their download (argmax.cu) */
     struct cuda_grow_buf attn;   /* attention's split partials (attention.cu): sized once, never moves */
@@ -49,6 +52,7 @@ struct tuna_backend {
         cudaEvent_t fork, join;
         bool made, pending;      /* pending: join not yet waited for by the main stream */
         bool valid;              /* the key below names a shrink whose u the next lora call may use */
+        bool reads_half;         /* that shrink reads be->half (tuna_cuda_to_half waits before rewriting it) */
         const float *x;
         const void *base, *w[3];
         const int32_t *order, *start;
@@ -112,6 +116,11 @@ bool tuna_cuda_graph_end(tuna_backend *be);
 /* The ops (one file per family). */
 void tuna_cuda_matmul(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w, const float *bias,
                       int64_t T);
+/* be->half = x[n] rounded to dtype (1 bf16, 2 f16), unless it holds exactly that already (recorded
+ * by an earlier call with keep). keep: record it for the ops that follow and read the same x
+ * unchanged (matmul_multi's GEMMs, lora_begin's shrink and GEMMs); whoever set it clears
+ * be->half_of at the end of that scope. False on an error (sticky). */
+bool tuna_cuda_to_half(tuna_backend *be, const float *x, int64_t n, int dtype, bool keep);
 /* y[T,N] += x W^T + bias with the GEMM accumulating (cuBLAS beta = 1) at the sizes that run cuBLAS;
  * false (nothing done) at the GEMV sizes or with TUNA_MATMUL_ACC=0: the caller adds it itself. */
 bool tuna_cuda_matmul_acc(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w, const float *bias,

@@ -588,6 +588,15 @@ static bool run_job(tuna_backend *be, const float *x, struct gemv_job *j, const 
     return launch_multi(be, x, j, T);
 }
 
+/* Whether the n weights all take x rounded to the same 16-bit type in their GEMMs (bf16 or f16). */
+static bool half_once(const struct tuna_weight *const *ws, int n)
+{
+    if (ws[0]->dtype != TUNA_DTYPE_BF16 && ws[0]->dtype != TUNA_DTYPE_F16) return false;
+    for (int i = 1; i < n; i++)
+        if (ws[i]->dtype != ws[0]->dtype || ws[i]->cols != ws[0]->cols) return false;
+    return true;
+}
+
 void tuna_cuda_matmul_multi(tuna_backend *be, int n, float *const *ys, const float *x,
                             const struct tuna_weight *const *ws, const float *const *biases, int64_t T)
 {
@@ -597,7 +606,11 @@ void tuna_cuda_matmul_multi(tuna_backend *be, int n, float *const *ys, const flo
         job_init(&j, n, ys, ws, biases, GEMV_STORE, NULL, NULL, 0.0f);
         if (run_job(be, x, &j, ws, T)) return;
     }
+    /* the GEMMs: x rounded to 16 bits once for all of them (kept for this loop only) */
+    const bool own = !be->half_of && n > 1 && T > tuna_cuda_gemv_max_t16() && half_once(ws, n);
+    if (own && !tuna_cuda_to_half(be, x, T * ws[0]->cols, ws[0]->dtype == TUNA_DTYPE_BF16 ? 1 : 2, true)) return;
     for (int i = 0; i < n; i++) tuna_cuda_matmul(be, ys[i], x, ws[i], biases ? biases[i] : NULL, T);
+    if (own) be->half_of = NULL;
 }
 
 /* Scratch for the unfused fallbacks: [2, T, N] floats in be->fuse. */

@@ -327,13 +327,35 @@ __device__ __forceinline__ uint32_t tc_pair(const uint16_t *p, int64_t i, bool o
  * the 4 consecutive k0 + 4c .. 4c+3 for its slots (2c, 2c+1) and (2c+8, 2c+9), in x and in A
  * alike: one 16-byte load per x row and one 8-byte load per A row (xvec/avec: K % 4 == 0 and
  * aligned bases; the step whole). Elements at or past ke read as zero. */
-template <typename HT>
-__device__ __forceinline__ void sh_frag(uint32_t (&af)[4], uint32_t (&bf)[TC_SH_CH][2], const float *x0,
-                                        const float *x1, bool ok0, bool ok1, const uint16_t *const (&arow)[TC_SH_CH],
+/* The x part for an x already rounded to HT (XT == HT: the bf16/f16 copy the GEMM reads): the
+ * same slots, 8-byte loads, no rounding (the copy was rounded as mma_pack rounds: same bits). */
+__device__ __forceinline__ void sh_xfrag(uint32_t (&af)[4], const uint16_t *x0, const uint16_t *x1, bool ok0, bool ok1,
+                                         int64_t kq, int64_t ke, bool xvec, bool whole)
+{
+    if (xvec && whole) {
+        const uint2 z = make_uint2(0u, 0u);
+        const uint2 v0 = ok0 ? *reinterpret_cast<const uint2 *>(x0 + kq) : z;
+        const uint2 v1 = ok1 ? *reinterpret_cast<const uint2 *>(x1 + kq) : z;
+        af[0] = v0.x, af[1] = v1.x, af[2] = v0.y, af[3] = v1.y;
+        return;
+    }
+    af[0] = ok0 ? tc_pair(x0, kq, kq < ke, kq + 1 < ke, false) : 0u;
+    af[1] = ok1 ? tc_pair(x1, kq, kq < ke, kq + 1 < ke, false) : 0u;
+    af[2] = ok0 ? tc_pair(x0, kq + 2, kq + 2 < ke, kq + 3 < ke, false) : 0u;
+    af[3] = ok1 ? tc_pair(x1, kq + 2, kq + 2 < ke, kq + 3 < ke, false) : 0u;
+}
+
+template <typename HT, typename XT>
+__device__ __forceinline__ void sh_frag(uint32_t (&af)[4], uint32_t (&bf)[TC_SH_CH][2], const XT *x0,
+                                        const XT *x1, bool ok0, bool ok1, const uint16_t *const (&arow)[TC_SH_CH],
                                         int nj, int64_t k0, int64_t ke, bool xvec, bool avec, int c)
 {
     const int64_t kq = k0 + 4 * c;
     const bool whole = k0 + 16 <= ke;
+    if constexpr (sizeof(XT) == 2) {
+        sh_xfrag(af, reinterpret_cast<const uint16_t *>(x0), reinterpret_cast<const uint16_t *>(x1), ok0, ok1, kq, ke,
+                 xvec, whole);
+    } else {
     float4 v0, v1;
     if (xvec && whole) {
         const float4 z = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -353,6 +375,7 @@ __device__ __forceinline__ void sh_frag(uint32_t (&af)[4], uint32_t (&bf)[TC_SH_
     af[1] = mma_pack<HT>(v1.x, v1.y);
     af[2] = mma_pack<HT>(v0.z, v0.w);
     af[3] = mma_pack<HT>(v1.z, v1.w);
+    }
 #pragma unroll
     for (int j = 0; j < TC_SH_CH; j++) {
         bf[j][0] = bf[j][1] = 0u;
@@ -370,9 +393,9 @@ __device__ __forceinline__ void sh_frag(uint32_t (&af)[4], uint32_t (&bf)[TC_SH_
 
 /* u rows of one tile (16 tokens) for every linear: see the header. part [S, T, RU] float32,
  * u [T, RU] 16-bit, count [tiles] split counters (zero between calls). */
-template <typename HT>
+template <typename HT, typename XT>
 __global__ void __launch_bounds__(TC_WARPS * 32)
-    k_lora_shrink_tc(float *part, HT *u, int *count, const float *__restrict__ x, int T, int64_t K, int64_t KC,
+    k_lora_shrink_tc(float *part, HT *u, int *count, const XT *__restrict__ x, int T, int64_t K, int64_t KC,
                      int S, const int32_t *order, const int32_t *start, const tc_banks b)
 {
     __shared__ int32_t tok[TC_SH_TM];
@@ -391,13 +414,13 @@ __global__ void __launch_bounds__(TC_WARPS * 32)
     if (tid < TC_SH_TM) tok[tid] = tid < nt ? order[i0 + tid] : -1;
     __syncthreads();
     const int t0 = tok[g], t1 = tok[g + 8];
-    const float *x0 = x + (int64_t)(t0 < 0 ? 0 : t0) * K, *x1 = x + (int64_t)(t1 < 0 ? 0 : t1) * K;
+    const XT *x0 = x + (int64_t)(t0 < 0 ? 0 : t0) * K, *x1 = x + (int64_t)(t1 < 0 ? 0 : t1) * K;
     const int64_t kb = (int64_t)blockIdx.y * KC, ke = min(K, kb + KC);
     bool avec = (K & 3) == 0; /* 8-byte loads of A rows: K % 4 == 0 and every A base 8-byte aligned */
 #pragma unroll
     for (int i = 0; i < TC_MAXB; i++)
         if (r[i] > 0 && ((uintptr_t)b.w[i][a].A & 7) != 0) avec = false;
-    const bool xvec = (K & 3) == 0 && ((uintptr_t)x & 15) == 0;
+    const bool xvec = (K & 3) == 0 && ((uintptr_t)x & (4 * sizeof(XT) - 1)) == 0;
     float *pp = part + (int64_t)blockIdx.y * T * b.RU;
     for (int ch = 0; ch < nts; ch += TC_SH_CH) {
         /* this lane's A row (rank 8p + g of linear i) in each n-tile of the chunk */
@@ -418,18 +441,18 @@ __global__ void __launch_bounds__(TC_WARPS * 32)
         constexpr int64_t KW = 16 * TC_WARPS; /* a warp's k stride */
         uint32_t ap[4], bp[TC_SH_CH][2], aq[4], bq[TC_SH_CH][2];
         int64_t k0 = kb + 16 * warp;
-        if (k0 < ke) sh_frag<HT>(ap, bp, x0, x1, t0 >= 0, t1 >= 0, arow, nj, k0, ke, xvec, avec, c);
-        if (k0 + KW < ke) sh_frag<HT>(aq, bq, x0, x1, t0 >= 0, t1 >= 0, arow, nj, k0 + KW, ke, xvec, avec, c);
+        if (k0 < ke) sh_frag<HT, XT>(ap, bp, x0, x1, t0 >= 0, t1 >= 0, arow, nj, k0, ke, xvec, avec, c);
+        if (k0 + KW < ke) sh_frag<HT, XT>(aq, bq, x0, x1, t0 >= 0, t1 >= 0, arow, nj, k0 + KW, ke, xvec, avec, c);
         for (; k0 < ke; k0 += 2 * KW) {
 #pragma unroll
             for (int jj = 0; jj < TC_SH_CH; jj++)
                 if (jj < nj) mma_16816<HT>(acc[jj], ap, bp[jj][0], bp[jj][1]);
-            if (k0 + 2 * KW < ke) sh_frag<HT>(ap, bp, x0, x1, t0 >= 0, t1 >= 0, arow, nj, k0 + 2 * KW, ke, xvec, avec, c);
+            if (k0 + 2 * KW < ke) sh_frag<HT, XT>(ap, bp, x0, x1, t0 >= 0, t1 >= 0, arow, nj, k0 + 2 * KW, ke, xvec, avec, c);
             if (k0 + KW >= ke) break;
 #pragma unroll
             for (int jj = 0; jj < TC_SH_CH; jj++)
                 if (jj < nj) mma_16816<HT>(acc[jj], aq, bq[jj][0], bq[jj][1]);
-            if (k0 + 3 * KW < ke) sh_frag<HT>(aq, bq, x0, x1, t0 >= 0, t1 >= 0, arow, nj, k0 + 3 * KW, ke, xvec, avec, c);
+            if (k0 + 3 * KW < ke) sh_frag<HT, XT>(aq, bq, x0, x1, t0 >= 0, t1 >= 0, arow, nj, k0 + 3 * KW, ke, xvec, avec, c);
         }
         /* the warps' sums, added in warp order */
 #pragma unroll
@@ -801,14 +824,20 @@ static void lora_f32(tuna_backend *be, float *y, const float *x, int64_t T, int6
     else launch_f32<2>(be, part, y, x, T, N, K, S, KC, R, set->n, set->w, d_order, d_start);
 }
 
-/* The shrink of one call on stream st (the main stream, or the second one for lora_begin). */
+/* The shrink of one call on stream st (the main stream, or the second one for lora_begin); xh:
+ * x already rounded to HT (NULL: round x as it is loaded). */
 template <typename HT>
-static bool launch_shrink(tuna_backend *be, cudaStream_t st, const tc_banks &b, const float *x, int64_t T, int64_t K,
-                          int S, int64_t KC, int sh_tiles, HT *u, float *part, int *count, const int32_t *order,
-                          const int32_t *start)
+static bool launch_shrink(tuna_backend *be, cudaStream_t st, const tc_banks &b, const float *x, const void *xh,
+                          int64_t T, int64_t K, int S, int64_t KC, int sh_tiles, HT *u, float *part, int *count,
+                          const int32_t *order, const int32_t *start)
 {
-    k_lora_shrink_tc<HT><<<dim3((unsigned)sh_tiles, (unsigned)S), TC_WARPS * 32, 0, st>>>(part, u, count, x, (int)T, K,
-                                                                                         KC, S, order, start, b);
+    const dim3 grid((unsigned)sh_tiles, (unsigned)S);
+    if (xh)
+        k_lora_shrink_tc<HT, HT><<<grid, TC_WARPS * 32, 0, st>>>(part, u, count, (const HT *)xh, (int)T, K, KC, S,
+                                                                order, start, b);
+    else
+        k_lora_shrink_tc<HT, float><<<grid, TC_WARPS * 32, 0, st>>>(part, u, count, x, (int)T, K, KC, S, order, start,
+                                                                   b);
     return tuna_cuda_check_launch(be, "k_lora_shrink_tc");
 }
 
@@ -1034,6 +1063,14 @@ static bool overlap_on(void)
     return !(e && e[0] == '0');
 }
 
+/* TUNA_LORA_XHALF=0: lora_begin's shrink reads the float32 x (rounding it as it loads) and the
+ * GEMMs convert x themselves, as before. */
+static bool xhalf_on(void)
+{
+    const char *e = getenv("TUNA_LORA_XHALF");
+    return !(e && e[0] == '0');
+}
+
 void tuna_cuda_lora_begin(tuna_backend *be, int n, const int64_t *Ns, const float *x, int64_t T, int64_t K,
                           const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok, float *glu_out,
                           int act)
@@ -1063,19 +1100,27 @@ void tuna_cuda_lora_begin(tuna_backend *be, int n, const int64_t *Ns, const floa
     bool hit;
     const int kind = lora_plan_make(be, &p, n, NULL, Ns, x, T, K, sets, tok, glu_out, act, be->lora_next.x, &hit);
     if (kind != PLAN_TC || !p.order_in_block) return;
+    /* at the GEMM sizes: x rounded to the adapters' 16-bit type into be->half once, here, for the
+     * shrink and the GEMMs that follow (they find it there: tuna_cuda_to_half) */
+    const void *xh = NULL;
+    if (xhalf_on() && T > tuna_cuda_gemv_max_t16()) {
+        if (!tuna_cuda_to_half(be, x, T * K, p.dt, true)) return;
+        xh = be->half.p;
+    }
     if (!tuna_cuda_check(be, cudaEventRecord(q.fork, be->stream), "cudaEventRecord(LoRA fork)") ||
         !tuna_cuda_check(be, cudaStreamWaitEvent(q.side, q.fork, 0), "cudaStreamWaitEvent(LoRA fork)"))
         return;
     bool ok;
     if (p.dt == 1)
-        ok = launch_shrink<__nv_bfloat16>(be, q.side, p.b, x, T, K, p.S, p.KC, p.sh_tiles,
+        ok = launch_shrink<__nv_bfloat16>(be, q.side, p.b, x, xh, T, K, p.S, p.KC, p.sh_tiles,
                                           (__nv_bfloat16 *)(p.base + p.u_off), (float *)(p.base + p.p_off),
                                           (int *)p.base, p.d_order, p.d_start);
     else
-        ok = launch_shrink<__half>(be, q.side, p.b, x, T, K, p.S, p.KC, p.sh_tiles, (__half *)(p.base + p.u_off),
+        ok = launch_shrink<__half>(be, q.side, p.b, x, xh, T, K, p.S, p.KC, p.sh_tiles, (__half *)(p.base + p.u_off),
                                    (float *)(p.base + p.p_off), (int *)p.base, p.d_order, p.d_start);
     if (!tuna_cuda_check(be, cudaEventRecord(q.join, q.side), "cudaEventRecord(LoRA join)")) return;
     q.pending = true;
+    q.reads_half = xh != NULL;
     if (!ok) return;
     q.valid = true;
     q.x = x;
@@ -1118,6 +1163,7 @@ void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns
     }
     const bool pre = q.valid;
     q.valid = false;
+    be->half_of = NULL; /* lora_begin's x copy serves only the GEMMs between it and this call */
     /* the next linear's u left by the previous call (GLU form): valid for this call only */
     const void *stash_x = be->lora_next.x;
     struct lora_plan p;
@@ -1141,11 +1187,11 @@ void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns
     char *base = p.base;
     if (kind == PLAN_TC && !(pre && pre_matches(be, &p, x, T, K))) {
         if (p.dt == 1)
-            launch_shrink<__nv_bfloat16>(be, be->stream, p.b, x, T, K, p.S, p.KC, p.sh_tiles,
+            launch_shrink<__nv_bfloat16>(be, be->stream, p.b, x, NULL, T, K, p.S, p.KC, p.sh_tiles,
                                          (__nv_bfloat16 *)(base + p.u_off), (float *)(base + p.p_off), (int *)base,
                                          p.d_order, p.d_start);
         else
-            launch_shrink<__half>(be, be->stream, p.b, x, T, K, p.S, p.KC, p.sh_tiles, (__half *)(base + p.u_off),
+            launch_shrink<__half>(be, be->stream, p.b, x, NULL, T, K, p.S, p.KC, p.sh_tiles, (__half *)(base + p.u_off),
                                   (float *)(base + p.p_off), (int *)base, p.d_order, p.d_start);
         if (be->sticky) return;
     }

@@ -163,6 +163,27 @@ static void launch_gemv(tuna_backend *be, float *y, const float *x, const struct
     tuna_cuda_check_launch(be, "k_gemv");
 }
 
+bool tuna_cuda_to_half(tuna_backend *be, const float *x, int64_t n, int dtype, bool keep)
+{
+    if (be->half_of == x && be->half_n == n && be->half_dt == dtype) return !be->sticky;
+    be->half_of = NULL;
+    if (be->lora_pre.pending && be->lora_pre.reads_half) { /* a LoRA shrink on the second stream reads it */
+        if (!tuna_cuda_check(be, cudaStreamWaitEvent(be->stream, be->lora_pre.join, 0), "cudaStreamWaitEvent(LoRA shrink)"))
+            return false;
+        be->lora_pre.reads_half = false;
+    }
+    if (!tuna_cuda_grow(be, &be->half, (size_t)n * 2, "cudaMalloc(activations in 16-bit)")) return false;
+    if (dtype == 1) k_to_bf16<<<tuna_cuda_blocks(n, 256), 256, 0, be->stream>>>((__nv_bfloat16 *)be->half.p, x, n);
+    else k_to_f16<<<tuna_cuda_blocks(n, 256), 256, 0, be->stream>>>((__half *)be->half.p, x, n);
+    if (!tuna_cuda_check_launch(be, "k_to_16bit")) return false;
+    if (keep) {
+        be->half_of = x;
+        be->half_n = n;
+        be->half_dt = dtype;
+    }
+    return true;
+}
+
 /* y = x W^T + bias (acc false) or y += x W^T + bias (acc true: cuBLAS with beta = 1, the GEMM
  * reading y as its C). Returns false, having done nothing, when acc is asked of the GEMV sizes
  * (they write y). */
@@ -212,11 +233,7 @@ static bool matmul_impl(tuna_backend *be, float *y, const float *x, const struct
                                          (const float *)w->data, (int)K, x, (int)K, beta, y, (int)N),
                              "cublasSgemm");
     } else {
-        size_t n = (size_t)(T * K);
-        if (!tuna_cuda_grow(be, &be->half, n * 2, "cudaMalloc(activations in 16-bit)")) return true;
-        if (dtype == 1) k_to_bf16<<<tuna_cuda_blocks((int64_t)n, 256), 256, 0, be->stream>>>((__nv_bfloat16 *)be->half.p, x, (int64_t)n);
-        else k_to_f16<<<tuna_cuda_blocks((int64_t)n, 256), 256, 0, be->stream>>>((__half *)be->half.p, x, (int64_t)n);
-        if (!tuna_cuda_check_launch(be, "k_to_16bit")) return true;
+        if (!tuna_cuda_to_half(be, x, T * K, dtype, false)) return true;
         cudaDataType_t dt = dtype == 1 ? CUDA_R_16BF : CUDA_R_16F;
         tuna_cuda_check_blas(be,
                              cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)T, (int)K, &one, w->data,
