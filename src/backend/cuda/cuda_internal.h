@@ -121,6 +121,8 @@ void tuna_cuda_matmul(tuna_backend *be, float *y, const float *x, const struct t
  * unchanged (matmul_multi's GEMMs, lora_begin's shrink and GEMMs); whoever set it clears
  * be->half_of at the end of that scope. False on an error (sticky). */
 bool tuna_cuda_to_half(tuna_backend *be, const float *x, int64_t n, int dtype, bool keep);
+/* TUNA_HALF_ONCE=0: nobody keeps the copy (every GEMM converts its x; the LoRA shrink reads float32). */
+bool tuna_cuda_half_once(void);
 /* y[T,N] += x W^T + bias with the GEMM accumulating (cuBLAS beta = 1) at the sizes that run cuBLAS;
  * false (nothing done) at the GEMV sizes or with TUNA_MATMUL_ACC=0: the caller adds it itself. */
 bool tuna_cuda_matmul_acc(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w, const float *bias,

@@ -607,7 +607,7 @@ void tuna_cuda_matmul_multi(tuna_backend *be, int n, float *const *ys, const flo
         if (run_job(be, x, &j, ws, T)) return;
     }
     /* the GEMMs: x rounded to 16 bits once for all of them (kept for this loop only) */
-    const bool own = !be->half_of && n > 1 && T > tuna_cuda_gemv_max_t16() && half_once(ws, n);
+    const bool own = !be->half_of && n > 1 && T > tuna_cuda_gemv_max_t16() && half_once(ws, n) && tuna_cuda_half_once();
     if (own && !tuna_cuda_to_half(be, x, T * ws[0]->cols, ws[0]->dtype == TUNA_DTYPE_BF16 ? 1 : 2, true)) return;
     for (int i = 0; i < n; i++) tuna_cuda_matmul(be, ys[i], x, ws[i], biases ? biases[i] : NULL, T);
     if (own) be->half_of = NULL;

@@ -1063,14 +1063,6 @@ static bool overlap_on(void)
     return !(e && e[0] == '0');
 }
 
-/* TUNA_LORA_XHALF=0: lora_begin's shrink reads the float32 x (rounding it as it loads) and the
- * GEMMs convert x themselves, as before. */
-static bool xhalf_on(void)
-{
-    const char *e = getenv("TUNA_LORA_XHALF");
-    return !(e && e[0] == '0');
-}
-
 void tuna_cuda_lora_begin(tuna_backend *be, int n, const int64_t *Ns, const float *x, int64_t T, int64_t K,
                           const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok, float *glu_out,
                           int act)
@@ -1103,7 +1095,7 @@ void tuna_cuda_lora_begin(tuna_backend *be, int n, const int64_t *Ns, const floa
     /* at the GEMM sizes: x rounded to the adapters' 16-bit type into be->half once, here, for the
      * shrink and the GEMMs that follow (they find it there: tuna_cuda_to_half) */
     const void *xh = NULL;
-    if (xhalf_on() && T > tuna_cuda_gemv_max_t16()) {
+    if (tuna_cuda_half_once() && T > tuna_cuda_gemv_max_t16()) {
         if (!tuna_cuda_to_half(be, x, T * K, p.dt, true)) return;
         xh = be->half.p;
     }

@@ -163,6 +163,12 @@ static void launch_gemv(tuna_backend *be, float *y, const float *x, const struct
     tuna_cuda_check_launch(be, "k_gemv");
 }
 
+bool tuna_cuda_half_once(void)
+{
+    const char *e = getenv("TUNA_HALF_ONCE"); /* read at every call: tests switch it */
+    return !(e && e[0] == '0');
+}
+
 bool tuna_cuda_to_half(tuna_backend *be, const float *x, int64_t n, int dtype, bool keep)
 {
     if (be->half_of == x && be->half_n == n && be->half_dt == dtype) return !be->sticky;
