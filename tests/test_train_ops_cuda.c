@@ -606,6 +606,84 @@ static void test_half_ops(void **state)
             snprintf(what, sizeof what, "matmul_backward16 %s %s", kn, acc ? "accumulated" : "overwritten");
             check_dev(what, gdx, dx, (size_t)(T * K), kind < 2 ? 1e-3 : 1e-2);
         }
+        { /* matmul_backward16_lora: u = dy16 B, dx (+)= [dy16 | u16] [W ; s A], dA += s u^T x,
+             dB += s dy16^T h16, dy16's rows ld apart; and without an adapter */
+            const int64_t R = 5, ld = N + 8;
+            const float sc = 0.75f;
+            float *A = rnd((size_t)(R * K)), *B = rnd((size_t)(N * R)), *xf = rnd((size_t)(T * K)), *h = rnd((size_t)(T * R));
+            float *sA = malloc((size_t)(R * K) * 4);
+            for (int64_t i = 0; i < R * K; i++)
+                sA[i] = sc * A[i];
+            float *sAr = round16(sA, (size_t)(R * K), hdt), *Br = round16(B, (size_t)(N * R), hdt);
+            float *hr = round16(h, (size_t)(T * R), hdt);
+            float *u = malloc((size_t)(T * R) * 4);
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t j = 0; j < R; j++) {
+                    double a = 0;
+                    for (int64_t n = 0; n < N; n++)
+                        a += (double)dyr[t * N + n] * Br[n * R + j];
+                    u[t * R + j] = (float)a;
+                }
+            float *ur = round16(u, (size_t)(T * R), hdt);
+            uint16_t *dyp = calloc((size_t)(T * ld), 2);
+            for (int64_t t = 0; t < T; t++)
+                tuna_convert_from_f32(hdt, dy + t * N, dyp + t * ld, (size_t)N);
+            struct tuna_lora lg = {R, dev(A, (size_t)(R * K) * 4), dev(B, (size_t)(N * R) * 4), sc};
+            float *gxf = dev(xf, (size_t)(T * K) * 4), *gh = dev(h, (size_t)(T * R) * 4);
+            for (int acc = 0; acc < 2; acc++) {
+                float *dx = rnd((size_t)(T * K)), *gdx = dev(dx, (size_t)(T * K) * 4);
+                float *dxp = rnd((size_t)(T * K)), *gdxp = dev(dxp, (size_t)(T * K) * 4);
+                float *dA = rnd((size_t)(R * K)), *gdA = dev(dA, (size_t)(R * K) * 4);
+                float *dB = rnd((size_t)(N * R)), *gdB = dev(dB, (size_t)(N * R) * 4);
+                void *gdyp = dev(dyp, (size_t)(T * ld) * 2);
+                if (!acc) memset(dx, 0, (size_t)(T * K) * 4), memset(dxp, 0, (size_t)(T * K) * 4);
+                g_ct->matmul_backward(g_cpu, dx, dyr, &wc, T);
+                g_ct->matmul_backward(g_cpu, dxp, dyr, &wc, T);
+                for (int64_t t = 0; t < T; t++)
+                    for (int64_t k = 0; k < K; k++) {
+                        double a = 0;
+                        for (int64_t j = 0; j < R; j++)
+                            a += (double)ur[t * R + j] * sAr[j * K + k];
+                        dx[t * K + k] += (float)a;
+                    }
+                for (int64_t j = 0; j < R; j++)
+                    for (int64_t k = 0; k < K; k++) {
+                        double a = 0;
+                        for (int64_t t = 0; t < T; t++)
+                            a += (double)u[t * R + j] * xf[t * K + k];
+                        dA[j * K + k] += (float)(sc * a);
+                    }
+                for (int64_t n = 0; n < N; n++)
+                    for (int64_t j = 0; j < R; j++) {
+                        double a = 0;
+                        for (int64_t t = 0; t < T; t++)
+                            a += (double)dyr[t * N + n] * hr[t * R + j];
+                        dB[n * R + j] += (float)(sc * a);
+                    }
+                assert_true(g_gt->matmul_backward16_lora(g_gpu, gdxp, gdyp, ld, &wg, acc, NULL, NULL, NULL, NULL, NULL,
+                                                         T));
+                assert_true(g_gt->matmul_backward16_lora(g_gpu, gdx, gdyp, ld, &wg, acc, &lg, gdA, gdB, gxf, gh, T));
+                snprintf(what, sizeof what, "matmul_backward16_lora %s %s (no adapter)", kn, acc ? "acc" : "over");
+                check_dev(what, gdxp, dxp, (size_t)(T * K), kind < 2 ? 1e-3 : 1e-2);
+                snprintf(what, sizeof what, "matmul_backward16_lora %s %s dx", kn, acc ? "acc" : "over");
+                check_dev(what, gdx, dx, (size_t)(T * K), kind < 2 ? 1e-3 : 1e-2);
+                snprintf(what, sizeof what, "matmul_backward16_lora %s dA", kn);
+                check_dev(what, gdA, dA, (size_t)(R * K), 1e-2);
+                snprintf(what, sizeof what, "matmul_backward16_lora %s dB", kn);
+                check_dev(what, gdB, dB, (size_t)(N * R), 1e-2);
+                uint16_t *b = malloc((size_t)(T * ld) * 2);
+                back(b, gdyp, (size_t)(T * ld) * 2);
+                float *u16 = malloc((size_t)(T * R) * 4);
+                for (int64_t t = 0; t < T; t++)
+                    tuna_convert_to_f32(hdt, b + t * ld + N, u16 + t * R, (size_t)R);
+                check_print("matmul_backward16_lora u16 in dy16's spare columns", u16, ur, (size_t)(T * R), 1e-2);
+                free(b), free(u16);
+                tuna_cuda_free(g_gpu, gdyp);
+            }
+            tuna_cuda_free(g_gpu, (void *)lg.A), tuna_cuda_free(g_gpu, (void *)lg.B), tuna_cuda_free(g_gpu, gxf);
+            tuna_cuda_free(g_gpu, gh);
+            free(A), free(B), free(xf), free(h), free(sA), free(sAr), free(Br), free(hr), free(u), free(ur), free(dyp);
+        }
         if (kind == 3) { /* the nested scales through the float32 GEMM too: exact dequantization */
             float *dx = rnd((size_t)(T * K)), *gdx = dev(dx, (size_t)(T * K) * 4), *gdyf = dev(dy, (size_t)(T * N) * 4);
             d.prefill = TUNA_DTYPE_F32;
@@ -728,7 +806,7 @@ static void test_half_ops(void **state)
             float *gdx = dev(dx, (size_t)(T * C) * 4);
             void *g16 = dev(NULL, (size_t)(T * C) * 2);
             g_ct->rmsnorm_backward(g_cpu, dx, dy, x, w, T, C, 1e-5f);
-            g_gt->rmsnorm_backward16(g_gpu, gdx, g16, gdy, gx, gw, T, C, 1e-5f, hdt);
+            g_gt->rmsnorm_backward16(g_gpu, gdx, g16, C, gdy, gx, gw, T, C, 1e-5f, hdt);
             float *got = back16(g16, (size_t)(T * C), hdt), *want = round16(dx, (size_t)(T * C), hdt);
             snprintf(what, sizeof what, "rmsnorm_backward16 %s dx16", hn);
             check_print(what, got, want, (size_t)(T * C), 1e-2);
@@ -755,7 +833,7 @@ static void test_half_ops(void **state)
             float *gdg = dev(junk, (size_t)n * 4), *gdu = dev(junk, (size_t)n * 4);
             free(junk);
             g_ct->glu_backward(g_cpu, dg, du, dout, gate, up, n, act);
-            g_gt->glu_backward16(g_gpu, gdg, gdu, dg16, du16, gdout, ggate, gup, n, act, hdt);
+            g_gt->glu_backward16(g_gpu, gdg, gdu, dg16, du16, gdout, ggate, gup, n, n, n, act, hdt);
             got = back16(dg16, (size_t)n, hdt), want = round16(dg, (size_t)n, hdt);
             snprintf(what, sizeof what, "glu_backward16 %s act %d dgate16", hn, act);
             check_print(what, got, want, (size_t)n, 1e-2);
@@ -779,11 +857,16 @@ static void test_half_ops(void **state)
             for (int i = 0; i < rot / 2; i++)
                 inv[i] = powf(10000.0f, -(float)(2 * i) / (float)rot);
             float *dd = rnd((size_t)(T * H * D)), *gd = dev(dd, (size_t)(T * H * D) * 4);
-            void *g16 = dev(NULL, (size_t)(T * H * D) * 2);
+            const int64_t ld = H * D + (rot == 32 ? 8 : 0); /* token rows with spare columns (kcat) */
+            void *g16 = dev(NULL, (size_t)(T * ld) * 2);
             g_ct->rope_backward(g_cpu, dd, pos, T, H, D, rot, inv, 1.1f);
-            g_gt->rope_backward16(g_gpu, gd, g16, pos, T, H, D, rot, inv, 1.1f, hdt);
-            float *got = back16(g16, (size_t)(T * H * D), hdt), *want = round16(dd, (size_t)(T * H * D), hdt);
-            snprintf(what, sizeof what, "rope_backward16 %s rot %d d16", hn, rot);
+            g_gt->rope_backward16(g_gpu, gd, g16, ld, pos, T, H, D, rot, inv, 1.1f, hdt);
+            float *gotp = back16(g16, (size_t)(T * ld), hdt), *want = round16(dd, (size_t)(T * H * D), hdt);
+            float *got = malloc((size_t)(T * H * D) * 4);
+            for (int64_t t = 0; t < T; t++)
+                memcpy(got + t * H * D, gotp + t * ld, (size_t)(H * D) * 4);
+            free(gotp);
+            snprintf(what, sizeof what, "rope_backward16 %s rot %d d16 (rows %lld apart)", hn, rot, (long long)ld);
             check_print(what, got, want, (size_t)(T * H * D), 1e-2);
             free(got), free(want);
             check_dev("rope_backward16 d", gd, dd, (size_t)(T * H * D), 1e-5);

@@ -196,18 +196,22 @@ struct tuna_train_ops {
     void (*glu16)(tuna_backend *be, float *out, void *out16, const float *gate, const float *up, int64_t n,
                   int64_t cols, int64_t ld16, int act, enum tuna_dtype hdt);
 
-    /* rmsnorm_backward (dx += ...), then dx16 = the new dx rounded: the residual stream's
-     * gradient and the next GEMM's operand in one pass. */
-    void (*rmsnorm_backward16)(tuna_backend *be, float *dx, void *dx16, const float *dy, const float *x,
+    /* rmsnorm_backward (dx += ...), then dx16 = the new dx rounded (rows ld16 >= C apart): the
+     * residual stream's gradient and the next GEMM's operand in one pass. */
+    void (*rmsnorm_backward16)(tuna_backend *be, float *dx, void *dx16, int64_t ld16, const float *dy, const float *x,
                                const float *w, int64_t T, int64_t C, float eps, enum tuna_dtype hdt);
 
-    /* glu_backward OVERWRITING dgate, dup (no zeroing first), and dgate16, dup16 = them rounded. */
+    /* glu_backward OVERWRITING dgate, dup (no zeroing first), and dgate16, dup16 = them rounded,
+     * as rows of `cols` elements stored ld16 apart (as to_half). */
     void (*glu_backward16)(tuna_backend *be, float *dgate, float *dup, void *dgate16, void *dup16, const float *dout,
-                           const float *gate, const float *up, int64_t n, int act, enum tuna_dtype hdt);
+                           const float *gate, const float *up, int64_t n, int64_t cols, int64_t ld16, int act,
+                           enum tuna_dtype hdt);
 
-    /* rope_backward in place on d, then d16 = d rounded (d16 may be NULL). */
-    void (*rope_backward16)(tuna_backend *be, float *d, void *d16, const int64_t *pos, int64_t T, int64_t H, int64_t D,
-                            int64_t rot_dim, const float *inv_freq, float attn_factor, enum tuna_dtype hdt);
+    /* rope_backward in place on d, then d16 = d rounded (d16 may be NULL), token rows ld16 >= H*D
+     * elements apart. */
+    void (*rope_backward16)(tuna_backend *be, float *d, void *d16, int64_t ld16, const int64_t *pos, int64_t T,
+                            int64_t H, int64_t D, int64_t rot_dim, const float *inv_freq, float attn_factor,
+                            enum tuna_dtype hdt);
 
     /* lora_backward given h[T,R] = x A^T, what lora_forward left in its work for the same x (the
      * trainer keeps it from the forward): one GEMM and one read of x fewer. work: [T R] floats.
@@ -226,6 +230,16 @@ struct tuna_train_ops {
      * NULL on the CPU. */
     bool (*matmul16_lora)(tuna_backend *be, float *y, void *x16, int64_t ldx, const struct tuna_weight *w,
                           const float *bias, const struct tuna_lora *lora, float *h, int64_t T);
+
+    /* Its backward, the adapter's input gradient folded into the frozen GEMM the same way:
+     * u = dy16 B (float32), u16 = u rounded into dy16's columns N .. N+R-1 (dy16's rows lddy >=
+     * N + R apart, a multiple of 8), dx (+)= [dy16 | u16] [W ; s A] (acc: accumulate, else
+     * overwrite), dA += s u^T x (x float32 [T, K]), dB += s dy16^T h16 (h: the forward's x A^T,
+     * float32 [T, R], rounded). lora may be NULL (then only dx (+)= dy16 W; x, h, dA, dB unused).
+     * Returns false when it cannot (nothing done: the caller uses the float32 ops). NULL on the CPU. */
+    bool (*matmul_backward16_lora)(tuna_backend *be, float *dx, void *dy16, int64_t lddy, const struct tuna_weight *w,
+                                   bool acc, const struct tuna_lora *lora, float *dA, float *dB, const float *x,
+                                   const float *h, int64_t T);
 };
 
 #define TUNA_TRAIN_NORM_WORK 8192

@@ -242,11 +242,11 @@ static size_t layout(tuna_trainer *t, int64_t T, char *base)
     if (t->h16) { /* 16-bit operands (trainer_internal.h) */
         t->xa16 = carve(&c, (size_t)(T * ((HD > C ? HD : C) + t->kpad)) * 2);
         t->act16 = carve(&c, (size_t)(MR * (I + t->kpad)) * 2);
-        t->dup16 = carve(&c, (size_t)(MR * I) * 2);
-        t->dx16 = carve(&c, (size_t)(T * C) * 2);
-        t->dq16 = carve(&c, (size_t)(T * HD) * 2);
-        t->dk16 = carve(&c, (size_t)(T * KD) * 2);
-        t->dv16 = carve(&c, (size_t)(T * KD) * 2);
+        t->dup16 = carve(&c, (size_t)(MR * (I + t->kpad)) * 2);
+        t->dx16 = carve(&c, (size_t)(T * (C + t->kpad)) * 2);
+        t->dq16 = carve(&c, (size_t)(T * (HD + t->kpad)) * 2);
+        t->dk16 = carve(&c, (size_t)(T * (KD + t->kpad)) * 2);
+        t->dv16 = carve(&c, (size_t)(T * (KD + t->kpad)) * 2);
     }
     if (base) memcpy(t->mem_cat, c.tally, sizeof c.tally);
     return c.used;
@@ -266,8 +266,8 @@ static void reserve_gemm_scratch(tuna_trainer *t, int64_t T)
         for (int p = 0; p < TUNA_PROJ_COUNT; p++) {
             const struct tuna_weight *w = &proj_lin(&m->layers[l], p)->w;
             if (w->dtype != TUNA_DTYPE_NF4 && w->dtype != TUNA_DTYPE_FP4) continue;
-            /* kcat: rows of cols + kpad (the adapter's B in the spare columns) */
-            const size_t b = tuna_dtype_nbytes(dt, (uint64_t)(w->rows * (w->cols + t->kpad)));
+            /* kcat: rows of cols + kpad (the adapter's B in the spare columns), or kpad more rows (A) */
+            const size_t b = tuna_dtype_nbytes(dt, (uint64_t)((w->rows + t->kpad) * (w->cols + t->kpad)));
             if (b > wb) wb = b;
         }
     const int64_t HD = a->n_heads * a->head_dim;

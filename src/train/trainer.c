@@ -257,7 +257,9 @@ tuna_status tuna_trainer_new(struct tuna_model *m, const struct tuna_lora_train_
         if (t->mods[i].r > t->max_r) t->max_r = t->mods[i].r;
     /* the LoRA forward inside the frozen GEMMs (trainer_internal.h) */
     const char *ke = getenv("TUNA_TRAIN_KCAT");
-    t->kcat = t->h16 && lo->dropout <= 0 && tops->matmul16_lora && !(ke && !strcmp(ke, "0"));
+    t->kcat = t->h16 && lo->dropout <= 0 && tops->matmul16_lora && tops->matmul_backward16_lora &&
+              !(ke && !strcmp(ke, "0"));
+    t->kcat_bwd = t->kcat && !(ke && !strcmp(ke, "fwd")); /* "fwd": the forward's only (comparisons) */
     t->kpad = t->kcat ? (t->max_r + 7) / 8 * 8 : 0;
     /* params, grads, m1, m2 and the norm's work in one backend allocation (offload: the moments
        in host memory, updated there) */
@@ -421,16 +423,28 @@ static void linear_backward_rows(tuna_trainer *t, int64_t layer, int proj, float
     struct tuna_model *m = t->m;
     const struct tuna_train_ops *to = t->tops;
     const struct tuna_linear *lin = proj_lin(&m->layers[layer], proj);
-    if (dy16)
-        to->matmul_backward16(m->be, dx, dy16, &lin->w, T, acc);
-    else
-        to->matmul_backward(m->be, dx, dy, &lin->w, T);
     const struct tmod *md = t->by_lin[layer * TUNA_PROJ_COUNT + proj];
-    if (!md) return;
-    float *dA = t->grads + md->offA, *dB = t->grads + md->offB;
-    uint64_t key = tuna_train_key_at(tuna_train_drop_key(t, (int)(md - t->mods)), row0 * md->K);
+    float *dA = md ? t->grads + md->offA : NULL, *dB = md ? t->grads + md->offB : NULL;
+    uint64_t key = md ? tuna_train_key_at(tuna_train_drop_key(t, (int)(md - t->mods)), row0 * md->K) : 0;
     /* the forward's x A^T, unless the caller says the kept one is stale */
-    const float *h = kept_h ? tuna_train_lora_h(t, layer, proj, row0, md->r) : NULL;
+    const float *h = md && kept_h ? tuna_train_lora_h(t, layer, proj, row0, md->r) : NULL;
+    if (dy16 && t->kcat) {
+        /* kcat: dy16's rows have kpad spare columns; the adapter's dx, dA, dB inside when its
+           forward's x A^T is at hand (no dropout with kcat) */
+        const bool fold = md && h && !key && t->kcat_bwd;
+        if (to->matmul_backward16_lora(m->be, dx, (void *)dy16, lin->w.rows + t->kpad, &lin->w, acc,
+                                       fold ? &md->lora : NULL, dA, dB, x, h, T)) {
+            if (!md || fold) return;
+        } else { /* not for this weight: the float32 op (which accumulates) */
+            if (!acc) to->zero(m->be, dx, T * lin->w.cols);
+            to->matmul_backward(m->be, dx, dy, &lin->w, T);
+        }
+    } else if (dy16) {
+        to->matmul_backward16(m->be, dx, dy16, &lin->w, T, acc);
+    } else {
+        to->matmul_backward(m->be, dx, dy, &lin->w, T);
+    }
+    if (!md) return;
     if (!key) {
         if (h)
             to->lora_backward_h(m->be, dx, dA, dB, dy, x, h, &md->lora, T, md->N, md->K, t->lwork, t->fast);
@@ -480,18 +494,19 @@ static void layer_backward(tuna_trainer *t, int64_t l, const struct tuna_fwd_lay
        backward below, or the caller for the top layer; dgate16/dup16 from the GLU backward;
        dq16/dk16/dv16 from RoPE's), and the first GEMM into a buffer overwrites it (no zeroing). */
     const bool h = t->h16;
+    const int64_t kp = t->kpad; /* spare columns of each 16-bit dy row (kcat) */
     if (!h) to->zero(be, g->dxn, T * C);
     const int64_t MR = t->mlp_rows < T ? t->mlp_rows : T;
     for (int64_t r0 = 0; r0 < T; r0 += MR) {
         const int64_t n = T - r0 < MR ? T - r0 : MR;
         if (MR < T) tuna_train_mlp_chunk_forward(t, l, A, r0, n);
         if (!h) to->zero(be, g->dact, n * I);
-        linear_backward_rows(t, l, TUNA_PROJ_DOWN, g->dact, g->dx + r0 * C, h16_at(h ? t->dx16 : NULL, r0 * C), false,
-                             A->act, n, r0, MR >= T);
+        linear_backward_rows(t, l, TUNA_PROJ_DOWN, g->dact, g->dx + r0 * C, h16_at(h ? t->dx16 : NULL, r0 * (C + kp)),
+                             false, A->act, n, r0, MR >= T);
         if (h) {
             /* dgate16 in act16: down's forward operand, dead now */
-            to->glu_backward16(be, g->dgate, g->dup, t->act16, t->dup16, g->dact, A->gate, A->up, n * I, (int)a->act,
-                               t->hdt);
+            to->glu_backward16(be, g->dgate, g->dup, t->act16, t->dup16, g->dact, A->gate, A->up, n * I, I, I + kp,
+                               (int)a->act, t->hdt);
         } else {
             to->zero(be, g->dgate, n * I); /* may be A->act: dead now */
             to->zero(be, g->dup, n * I);
@@ -503,7 +518,7 @@ static void layer_backward(tuna_trainer *t, int64_t l, const struct tuna_fwd_lay
                              A->xn_mlp + r0 * C, n, r0, true);
     }
     if (h)
-        to->rmsnorm_backward16(be, g->dx, t->dx16, g->dxn, A->x_mid, L->mlp_norm, T, C, eps, t->hdt);
+        to->rmsnorm_backward16(be, g->dx, t->dx16, C + kp, g->dxn, A->x_mid, L->mlp_norm, T, C, eps, t->hdt);
     else
         to->rmsnorm_backward(be, g->dx, g->dxn, A->x_mid, L->mlp_norm, T, C, eps);
     /* attention block: x_mid = x_in + o(attn(rope(norm(q(xn))), rope(norm(k(xn))), v(xn))) */
@@ -517,11 +532,11 @@ static void layer_backward(tuna_trainer *t, int64_t l, const struct tuna_fwd_lay
                            t->attn_floats);
     const float *norm_w[2] = {L->q_norm, L->k_norm};
     if (h) { /* rotated and rounded in one pass where no per-head norm follows */
-        to->rope_backward16(be, g->dq, norm_w[0] ? NULL : t->dq16, pos, T, H, D, m->rot_dim, m->inv_freq,
+        to->rope_backward16(be, g->dq, norm_w[0] ? NULL : t->dq16, H * D + kp, pos, T, H, D, m->rot_dim, m->inv_freq,
                             m->attn_factor, t->hdt);
-        to->rope_backward16(be, g->dk, norm_w[1] ? NULL : t->dk16, pos, T, Hkv, D, m->rot_dim, m->inv_freq,
-                            m->attn_factor, t->hdt);
-        to->to_half(be, t->dv16, g->dv, T * Hkv * D, T * Hkv * D, T * Hkv * D, t->hdt);
+        to->rope_backward16(be, g->dk, norm_w[1] ? NULL : t->dk16, Hkv * D + kp, pos, T, Hkv, D, m->rot_dim,
+                            m->inv_freq, m->attn_factor, t->hdt);
+        to->to_half(be, t->dv16, g->dv, T * Hkv * D, Hkv * D, Hkv * D + kp, t->hdt);
     } else {
         to->rope_backward(be, g->dq, pos, T, H, D, m->rot_dim, m->inv_freq, m->attn_factor);
         to->rope_backward(be, g->dk, pos, T, Hkv, D, m->rot_dim, m->inv_freq, m->attn_factor);
@@ -536,14 +551,14 @@ static void layer_backward(tuna_trainer *t, int64_t l, const struct tuna_fwd_lay
         to->zero(be, g->dpre, T * heads[i] * D);
         to->rmsnorm_backward(be, g->dpre, dqk[i], g->pre, norm_w[i], T * heads[i], D, eps);
         m->ops->copy(be, dqk[i], g->dpre, (size_t)(T * heads[i] * D) * sizeof(float));
-        if (h) to->to_half(be, dqk16[i], dqk[i], T * heads[i] * D, T * heads[i] * D, T * heads[i] * D, t->hdt);
+        if (h) to->to_half(be, dqk16[i], dqk[i], T * heads[i] * D, heads[i] * D, heads[i] * D + kp, t->hdt);
     }
     if (!h) to->zero(be, g->dxn, T * C);
     linear_backward(t, l, TUNA_PROJ_Q, g->dxn, g->dq, h ? t->dq16 : NULL, false, A->xn_attn, T);
     linear_backward(t, l, TUNA_PROJ_K, g->dxn, g->dk, h ? t->dk16 : NULL, true, A->xn_attn, T);
     linear_backward(t, l, TUNA_PROJ_V, g->dxn, g->dv, h ? t->dv16 : NULL, true, A->xn_attn, T);
     if (h) /* dx16: the next (lower) layer's down and o operand */
-        to->rmsnorm_backward16(be, g->dx, t->dx16, g->dxn, A->x_in, L->attn_norm, T, C, eps, t->hdt);
+        to->rmsnorm_backward16(be, g->dx, t->dx16, C + kp, g->dxn, A->x_in, L->attn_norm, T, C, eps, t->hdt);
     else
         to->rmsnorm_backward(be, g->dx, g->dxn, A->x_in, L->attn_norm, T, C, eps);
 }
@@ -625,7 +640,8 @@ static tuna_status micro_step(tuna_trainer *t, const struct tuna_train_batch *tb
     t->tops->rmsnorm_backward(m->be, t->dsel, t->dsel_n, t->sel_in, m->final_norm, n, C, (float)a->norm_eps);
     t->tops->zero(m->be, t->g.dx, T * C);
     t->tops->scatter_add_rows(m->be, t->g.dx, t->dsel, t->sel_rows, n, C);
-    if (t->h16) t->tops->to_half(m->be, t->dx16, t->g.dx, T * C, T * C, T * C, t->hdt); /* the top layer's dy */
+    if (t->h16) /* the top layer's dy */
+        t->tops->to_half(m->be, t->dx16, t->g.dx, T * C, C, C + t->kpad, t->hdt);
     for (int64_t l = a->n_layers - 1; l >= 0; l--) {
         const struct tuna_fwd_layer_acts *acts = &t->acts[l];
         const float *lse = t->lse + l * T * a->n_heads;

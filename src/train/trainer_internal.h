@@ -84,8 +84,10 @@ struct tuna_trainer {
     /* kcat (16-bit path, no dropout, the backend has matmul16_lora): each LoRA forward is folded
        into its frozen GEMM by concatenating the reduction; the forward's 16-bit operands (xa16,
        act16) then have kpad (max_r rounded up to 8) spare columns per row, where the adapter's
-       x A^T goes. TUNA_TRAIN_KCAT=0 keeps the separate LoRA GEMMs. */
+       x A^T goes; likewise the backward's dy operands (dx16, dup16, dq16, dk16, dv16, act16 as
+       dgate16), where u = dy B goes. TUNA_TRAIN_KCAT=0 keeps the separate LoRA GEMMs. */
     bool kcat;
+    bool kcat_bwd; /* the backward's too (dx += s u A inside; TUNA_TRAIN_KCAT=fwd: not) */
     int64_t kpad;
     bool add_pending; /* h16 without checkpoints: x += tmp (the last layer's down output) not done yet */
     enum tuna_dtype hdt;

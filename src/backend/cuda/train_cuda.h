@@ -14,6 +14,12 @@ bool tuna_cuda_train_gemm(tuna_backend *be, bool ta, bool tb, int64_t M, int64_t
                           const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc,
                           bool fast);
 
+/* The same with A and B 16-bit (ct CUDA_R_16BF or CUDA_R_16F), float32 accumulation and C; the
+ * long reductions split as above. */
+bool tuna_cuda_train_gemm16(tuna_backend *be, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
+                            const void *A, int64_t lda, const void *B, int64_t ldb, float beta, float *C, int64_t ldc,
+                            cudaDataType_t ct);
+
 /* train_gemm.cu */
 void tuna_cuda_train_matmul_backward(tuna_backend *be, float *dx, const float *dy, const struct tuna_weight *w,
                                      int64_t T);
@@ -44,14 +50,18 @@ void tuna_cuda_train_add_rmsnorm16(tuna_backend *be, float *x, const float *d, f
                                    int64_t ld16, const float *w, int64_t T, int64_t C, float eps, enum tuna_dtype hdt);
 void tuna_cuda_train_glu16(tuna_backend *be, float *out, void *out16, const float *gate, const float *up, int64_t n,
                            int64_t cols, int64_t ld16, int act, enum tuna_dtype hdt);
-void tuna_cuda_train_rmsnorm_backward16(tuna_backend *be, float *dx, void *dx16, const float *dy, const float *x,
-                                        const float *w, int64_t T, int64_t C, float eps, enum tuna_dtype hdt);
+void tuna_cuda_train_rmsnorm_backward16(tuna_backend *be, float *dx, void *dx16, int64_t ld16, const float *dy,
+                                        const float *x, const float *w, int64_t T, int64_t C, float eps,
+                                        enum tuna_dtype hdt);
 void tuna_cuda_train_glu_backward16(tuna_backend *be, float *dgate, float *dup, void *dgate16, void *dup16,
-                                    const float *dout, const float *gate, const float *up, int64_t n, int act,
-                                    enum tuna_dtype hdt);
-void tuna_cuda_train_rope_backward16(tuna_backend *be, float *d, void *d16, const int64_t *pos, int64_t T, int64_t H,
-                                     int64_t D, int64_t rot_dim, const float *inv_freq, float attn_factor,
-                                     enum tuna_dtype hdt);
+                                    const float *dout, const float *gate, const float *up, int64_t n, int64_t cols,
+                                    int64_t ld16, int act, enum tuna_dtype hdt);
+void tuna_cuda_train_rope_backward16(tuna_backend *be, float *d, void *d16, int64_t ld16, const int64_t *pos,
+                                     int64_t T, int64_t H, int64_t D, int64_t rot_dim, const float *inv_freq,
+                                     float attn_factor, enum tuna_dtype hdt);
+bool tuna_cuda_train_matmul_backward16_lora(tuna_backend *be, float *dx, void *dy16, int64_t lddy,
+                                            const struct tuna_weight *w, bool acc, const struct tuna_lora *lora,
+                                            float *dA, float *dB, const float *x, const float *h, int64_t T);
 
 /* train_attention.cu */
 void tuna_cuda_train_attention_forward(tuna_backend *be, float *out, float *lse, const float *q, const float *k,

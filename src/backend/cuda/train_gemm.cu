@@ -84,6 +84,48 @@ bool tuna_cuda_train_gemm(tuna_backend *be, bool ta, bool tb, int64_t M, int64_t
                                 "cublasGemmEx(training, float32)");
 }
 
+/* C[M,N] = alpha op(A) op(B) + beta C as tuna_cuda_train_gemm, with A and B 16-bit (ct: CUDA_R_16BF
+ * or CUDA_R_16F, float32 accumulation and output C), split over a long reduction the same way */
+bool tuna_cuda_train_gemm16(tuna_backend *be, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
+                            const void *A, int64_t lda, const void *B, int64_t ldb, float beta, float *C, int64_t ldc,
+                            cudaDataType_t ct)
+{
+    if (be->sticky) return false;
+    if (M <= 0 || N <= 0) return true;
+    cublasOperation_t opB = tb ? CUBLAS_OP_T : CUBLAS_OP_N, opA = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+    int S = tg_splits(be, M, N, K, true);
+    while (S > 1 && (K / S) % 8 != 0) /* 16-byte aligned chunks */
+        S /= 2;
+    if (S > 1) {
+        float *P = NULL;
+        const int64_t Kc = K / S;
+        if (!tuna_cuda_check(be, cudaMallocAsync((void **)&P, (size_t)(S * M * N) * sizeof(float), be->stream),
+                             "cudaMallocAsync(training GEMM split-K partials)"))
+            return false;
+        const float zero = 0.0f;
+        const long long sA = ta ? Kc * lda : Kc, sB = tb ? Kc : Kc * ldb;
+        bool ok = tuna_cuda_check_blas(be,
+                                       cublasGemmStridedBatchedEx(be->blas, opB, opA, (int)N, (int)M, (int)Kc, &alpha, B,
+                                                                  ct, (int)ldb, sB, A, ct, (int)lda, sA, &zero, P,
+                                                                  CUDA_R_32F, (int)N, (long long)(M * N), S,
+                                                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                                       "cublasGemmStridedBatchedEx(training, 16-bit, split-K)");
+        if (ok) {
+            const int64_t MN = M * N;
+            const unsigned nb = (unsigned)((MN + 255) / 256 < 1024 ? (MN + 255) / 256 : 1024);
+            k_train_splitk_sum<<<nb, 256, 0, be->stream>>>(C, ldc, P, M, N, S, beta);
+            ok = tuna_cuda_check_launch(be, "k_train_splitk_sum");
+        }
+        tuna_cuda_check(be, cudaFreeAsync(P, be->stream), "cudaFreeAsync(training GEMM split-K partials)");
+        return ok && !be->sticky;
+    }
+    return tuna_cuda_check_blas(be,
+                                cublasGemmEx(be->blas, opB, opA, (int)N, (int)M, (int)K, &alpha, B, ct, (int)ldb, A, ct,
+                                             (int)lda, &beta, C, CUDA_R_32F, (int)ldc, CUBLAS_COMPUTE_32F,
+                                             CUBLAS_GEMM_DEFAULT),
+                                "cublasGemmEx(training, 16-bit)");
+}
+
 __global__ void k_train_to_bf16(__nv_bfloat16 *dst, const float *src, int64_t n)
 {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;

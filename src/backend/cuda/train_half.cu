@@ -24,6 +24,8 @@ __device__ __forceinline__ void st16(void *p, int64_t i, float v, bool bf)
         ((__half *)p)[i] = __float2half_rn(v);
 }
 
+__global__ void k_train_to_half(void *dst, const float *src, int64_t n, bool bf);
+
 static bool is_bf(enum tuna_dtype hdt)
 {
     return hdt == TUNA_DTYPE_BF16;
@@ -321,6 +323,115 @@ bool tuna_cuda_train_matmul16_lora(tuna_backend *be, float *y, void *x16, int64_
     return true;
 }
 
+/* W's rows N .. N+R-1 (W16 + N*K) = s A rounded; B16 = B rounded */
+__global__ void k_train_lora_bprep(void *WA, const float *A, int64_t RK, float s, void *B16, const float *B,
+                                   int64_t NR, bool bf)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < RK) {
+        st16(WA, i, s * A[i], bf);
+        return;
+    }
+    i -= RK;
+    if (i < NR) st16(B16, i, B[i], bf);
+}
+
+bool tuna_cuda_train_matmul_backward16_lora(tuna_backend *be, float *dx, void *dy16, int64_t lddy,
+                                            const struct tuna_weight *w, bool acc, const struct tuna_lora *l,
+                                            float *dA, float *dB, const float *x, const float *h, int64_t T)
+{
+    if (be->sticky || T <= 0) return true;
+    const int64_t N = w->rows, K = w->cols, R = l ? l->r : 0;
+    if (lddy < N + R || lddy % 8 != 0 || N % 8 != 0 || K % 8 != 0 || (R > 0 && (!x || !h || !dA || !dB)))
+        return false;
+    /* W [N, K] into be->wdeq with room for R more rows (s A) */
+    const size_t wbytes = (size_t)((N + R) * K) * 2;
+    void *W = NULL;
+    enum tuna_dtype dt = w->dtype;
+    if (dt == TUNA_DTYPE_NF4 || dt == TUNA_DTYPE_FP4) {
+        if (!w->q4) return false;
+        const enum tuna_dtype p = ((const struct tuna_cuda_q4 *)w->q4)->prefill;
+        if (p != TUNA_DTYPE_BF16 && p != TUNA_DTYPE_F16) return false;
+        if (!tuna_cuda_grow(be, &be->wdeq, wbytes, "cudaMalloc(weight with its LoRA rows)")) return true;
+        if (!dequant_ld(be, w, K, &W, &dt)) return false;
+        if (be->sticky) return true;
+    } else if (dt == TUNA_DTYPE_BF16 || dt == TUNA_DTYPE_F16) {
+        if (R == 0) {
+            W = (void *)w->data; /* nothing to append: the weight as stored (only read) */
+        } else {
+            if (!tuna_cuda_grow(be, &be->wdeq, wbytes, "cudaMalloc(weight with its LoRA rows)")) return true;
+            W = be->wdeq.p;
+            if (!tuna_cuda_check(be,
+                                 cudaMemcpyAsync(W, w->data, (size_t)(N * K) * 2, cudaMemcpyDeviceToDevice, be->stream),
+                                 "cudaMemcpyAsync(weight with its LoRA rows)"))
+                return true;
+        }
+    } else {
+        return false;
+    }
+    if (dt != TUNA_DTYPE_BF16 && dt != TUNA_DTYPE_F16) return false;
+    const bool bf = dt == TUNA_DTYPE_BF16;
+    const cudaDataType_t ct = bf ? CUDA_R_16BF : CUDA_R_16F;
+    const float one = 1.0f, zero = 0.0f, beta = acc ? 1.0f : 0.0f;
+    char *scr = NULL;
+    float *u = NULL;
+    void *h16 = NULL;
+    if (R > 0) {
+        const int S = lora_splits(be, T, N);
+        const int64_t Nc = N / S;
+        const size_t b16b = ((size_t)(N * R) * 2 + 255) & ~(size_t)255, ub = ((size_t)(T * R) * 4 + 255) & ~(size_t)255;
+        const size_t h16b = ((size_t)(T * R) * 2 + 255) & ~(size_t)255;
+        if (!tuna_cuda_check(be,
+                             cudaMallocAsync((void **)&scr, b16b + ub + h16b + (size_t)(S * T * R) * sizeof(float),
+                                             be->stream),
+                             "cudaMallocAsync(LoRA backward scratch)"))
+            return true;
+        void *B16 = scr;
+        u = (float *)(scr + b16b);
+        h16 = scr + b16b + ub;
+        float *P = (float *)(scr + b16b + ub + h16b);
+        const int64_t nprep = R * K + N * R;
+        k_train_lora_bprep<<<tuna_cuda_blocks(nprep, 256), 256, 0, be->stream>>>((char *)W + (size_t)(N * K) * 2, l->A,
+                                                                                 R * K, l->scale, B16, l->B, N * R, bf);
+        bool ok = tuna_cuda_check_launch(be, "k_train_lora_bprep");
+        /* P[s] = dy16[:, s Nc ..] B16[s Nc .., :]: column-major P^T[R, T] = B16^T (row-major [N, R] read as
+           R x N) dy16^T */
+        ok = ok && tuna_cuda_check_blas(be,
+                                        cublasGemmStridedBatchedEx(be->blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)R, (int)T,
+                                                                   (int)Nc, &one, B16, ct, (int)R, (long long)(Nc * R),
+                                                                   dy16, ct, (int)lddy, (long long)Nc, &zero, P,
+                                                                   CUDA_R_32F, (int)R, (long long)(T * R), S,
+                                                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                                        "cublasGemmStridedBatchedEx(LoRA u = dy B, 16-bit)");
+        if (ok) { /* u, and u16 into dy16's spare columns */
+            k_train_lora_hsum<<<tuna_cuda_blocks(T * R, 256), 256, 0, be->stream>>>(u, dy16, lddy, N, P, T, R, S, bf);
+            ok = tuna_cuda_check_launch(be, "k_train_lora_hsum");
+        }
+        if (ok) {
+            k_train_to_half<<<tuna_cuda_blocks(T * R, 256), 256, 0, be->stream>>>(h16, h, T * R, bf);
+            tuna_cuda_check_launch(be, "k_train_to_half");
+        }
+        if (be->sticky) {
+            tuna_cuda_check(be, cudaFreeAsync(scr, be->stream), "cudaFreeAsync(LoRA backward scratch)");
+            return true;
+        }
+    }
+    /* column-major: dx^T[K,T] (+)= [W ; s A]^T ([N+R, K] row-major read as K x (N+R)) [dy16 | u16]^T */
+    tuna_cuda_check_blas(be,
+                         cublasGemmEx(be->blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)K, (int)T, (int)(N + R), &one, W, ct,
+                                      (int)K, dy16, ct, (int)lddy, &beta, dx, CUDA_R_32F, (int)K, CUBLAS_COMPUTE_32F,
+                                      CUBLAS_GEMM_DEFAULT),
+                         "cublasGemmEx(matmul_backward16 with LoRA)");
+    if (R > 0) {
+        const float s = l->scale;
+        /* dA[R,K] += s u^T x (float32 x: TF32), dB[N,R] += s dy16^T h16 */
+        tuna_cuda_train_gemm(be, true, false, R, K, T, s, u, R, x, K, 1.0f, dA, K, true);
+        tuna_cuda_train_gemm16(be, true, false, N, R, T, s, dy16, lddy, h16, R, 1.0f, dB, R, ct);
+        tuna_cuda_check(be, cudaFreeAsync(scr, be->stream), "cudaFreeAsync(LoRA backward scratch)");
+    }
+    return true;
+}
+
 /* ---------------------------------------------------------------- element-wise producers */
 
 /* 4 elements per thread where n, src and dst allow it */
@@ -452,9 +563,9 @@ void tuna_cuda_train_glu16(tuna_backend *be, float *out, void *out16, const floa
 }
 
 /* train_ops.cu's k_train_rmsnorm_backward, and the rounded result */
-__global__ void __launch_bounds__(256) k_train_rmsnorm_backward16(float *dx, void *dx16, const float *dy,
-                                                                   const float *x, const float *w, int64_t C,
-                                                                   float eps, bool bf)
+__global__ void __launch_bounds__(256) k_train_rmsnorm_backward16(float *dx, void *dx16, int64_t ld16,
+                                                                   const float *dy, const float *x, const float *w,
+                                                                   int64_t C, float eps, bool bf)
 {
     __shared__ float red[64];
     const int64_t off = (int64_t)blockIdx.x * C;
@@ -472,15 +583,16 @@ __global__ void __launch_bounds__(256) k_train_rmsnorm_backward16(float *dx, voi
     for (int64_t i = threadIdx.x; i < C; i += blockDim.x) {
         const float v = o[i] + (r * w[i] * g[i] - c * xr[i]);
         o[i] = v;
-        st16(dx16, off + i, v, bf);
+        st16(dx16, (int64_t)blockIdx.x * ld16 + i, v, bf);
     }
 }
 
-void tuna_cuda_train_rmsnorm_backward16(tuna_backend *be, float *dx, void *dx16, const float *dy, const float *x,
-                                        const float *w, int64_t T, int64_t C, float eps, enum tuna_dtype hdt)
+void tuna_cuda_train_rmsnorm_backward16(tuna_backend *be, float *dx, void *dx16, int64_t ld16, const float *dy,
+                                        const float *x, const float *w, int64_t T, int64_t C, float eps,
+                                        enum tuna_dtype hdt)
 {
     if (be->sticky || T <= 0) return;
-    k_train_rmsnorm_backward16<<<(unsigned)T, 256, 0, be->stream>>>(dx, dx16, dy, x, w, C, eps, is_bf(hdt));
+    k_train_rmsnorm_backward16<<<(unsigned)T, 256, 0, be->stream>>>(dx, dx16, ld16, dy, x, w, C, eps, is_bf(hdt));
     tuna_cuda_check_launch(be, "k_train_rmsnorm_backward16");
 }
 
@@ -488,7 +600,8 @@ void tuna_cuda_train_rmsnorm_backward16(tuna_backend *be, float *dx, void *dx16,
  * compute-bound: 242 us per [2048, 11008] call on an H100, this one is a pass over memory),
  * overwriting; the 16-bit mode only, where the results are rounded to bf16/f16 anyway */
 __global__ void k_train_glu_backward16(float *dgate, float *dup, void *dgate16, void *dup16, const float *dout,
-                                       const float *gate, const float *up, int64_t n, int act, bool bf)
+                                       const float *gate, const float *up, int64_t n, int64_t cols, int64_t ld16,
+                                       int act, bool bf)
 {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
@@ -511,32 +624,39 @@ __global__ void k_train_glu_backward16(float *dgate, float *dup, void *dgate16, 
     const float d = dout[i], a = d * up[i] * dg, b = d * g;
     dgate[i] = a;
     dup[i] = b;
-    st16(dgate16, i, a, bf);
-    st16(dup16, i, b, bf);
+    int64_t o = i;
+    if (ld16 != cols) {
+        const int64_t r = i / cols;
+        o = r * ld16 + (i - r * cols);
+    }
+    st16(dgate16, o, a, bf);
+    st16(dup16, o, b, bf);
 }
 
 void tuna_cuda_train_glu_backward16(tuna_backend *be, float *dgate, float *dup, void *dgate16, void *dup16,
-                                    const float *dout, const float *gate, const float *up, int64_t n, int act,
-                                    enum tuna_dtype hdt)
+                                    const float *dout, const float *gate, const float *up, int64_t n, int64_t cols,
+                                    int64_t ld16, int act, enum tuna_dtype hdt)
 {
     if (be->sticky || n <= 0) return;
+    if (cols <= 0) cols = ld16 = n;
     k_train_glu_backward16<<<tuna_cuda_blocks(n, 256), 256, 0, be->stream>>>(dgate, dup, dgate16, dup16, dout, gate,
-                                                                             up, n, act, is_bf(hdt));
+                                                                             up, n, cols, ld16, act, is_bf(hdt));
     tuna_cuda_check_launch(be, "k_train_glu_backward16");
 }
 
 /* Thread (row th, e): e < half rotates the pair (e, e + half) as k_train_rope_backward; the
  * others round the unrotated element e + half (partial rotary) */
-__global__ void k_train_rope_backward16(float *d, void *d16, const int64_t *pos, int64_t T, int64_t H, int64_t D,
-                                        int64_t half, const float *inv_freq, float attn_factor, bool bf)
+__global__ void k_train_rope_backward16(float *d, void *d16, int64_t ld16, const int64_t *pos, int64_t T, int64_t H,
+                                        int64_t D, int64_t half, const float *inv_freq, float attn_factor, bool bf)
 {
     const int64_t per = D - half;
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= T * H * per) return;
     const int64_t e = i % per, th = i / per, t = th / H;
     float *v = d + th * D;
+    const int64_t o16 = t * ld16 + (th - t * H) * D; /* this head's row in d16 */
     if (e >= half) {
-        if (d16) st16(d16, th * D + e + half, v[e + half], bf);
+        if (d16) st16(d16, o16 + e + half, v[e + half], bf);
         return;
     }
     float s, c;
@@ -546,19 +666,19 @@ __global__ void k_train_rope_backward16(float *d, void *d16, const int64_t *pos,
     v[e] = r1;
     v[e + half] = r2;
     if (d16) {
-        st16(d16, th * D + e, r1, bf);
-        st16(d16, th * D + e + half, r2, bf);
+        st16(d16, o16 + e, r1, bf);
+        st16(d16, o16 + e + half, r2, bf);
     }
 }
 
-void tuna_cuda_train_rope_backward16(tuna_backend *be, float *d, void *d16, const int64_t *pos, int64_t T, int64_t H,
-                                     int64_t D, int64_t rot_dim, const float *inv_freq, float attn_factor,
-                                     enum tuna_dtype hdt)
+void tuna_cuda_train_rope_backward16(tuna_backend *be, float *d, void *d16, int64_t ld16, const int64_t *pos,
+                                     int64_t T, int64_t H, int64_t D, int64_t rot_dim, const float *inv_freq,
+                                     float attn_factor, enum tuna_dtype hdt)
 {
     const int64_t half = rot_dim / 2;
     if (be->sticky || T <= 0) return;
     if (half <= 0) {
-        if (d16) tuna_cuda_train_to_half(be, d16, d, T * H * D, T * H * D, T * H * D, hdt);
+        if (d16) tuna_cuda_train_to_half(be, d16, d, T * H * D, H * D, ld16, hdt);
         return;
     }
     struct cuda_meta m = {0};
@@ -568,6 +688,6 @@ void tuna_cuda_train_rope_backward16(tuna_backend *be, float *d, void *d16, cons
     if (be->sticky || !tuna_cuda_meta_flush(be, &m)) return;
     const int64_t n = T * H * (D - half);
     k_train_rope_backward16<<<tuna_cuda_blocks(n, 256), 256, 0, be->stream>>>(
-        d, d16, META(be, op, const int64_t), T, H, D, half, META(be, of, const float), attn_factor, is_bf(hdt));
+        d, d16, ld16, META(be, op, const int64_t), T, H, D, half, META(be, of, const float), attn_factor, is_bf(hdt));
     tuna_cuda_check_launch(be, "k_train_rope_backward16");
 }

@@ -359,6 +359,7 @@ static const struct tuna_train_ops k_cuda_train_ops = {
     tuna_cuda_train_rope_backward16,
     tuna_cuda_train_lora_backward_h,
     tuna_cuda_train_matmul16_lora,
+    tuna_cuda_train_matmul_backward16_lora,
 };
 
 extern "C" const struct tuna_train_ops *tuna_cuda_train_ops(void)
