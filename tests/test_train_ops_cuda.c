@@ -684,6 +684,88 @@ static void test_half_ops(void **state)
             tuna_cuda_free(g_gpu, gh);
             free(A), free(B), free(xf), free(h), free(sA), free(sAr), free(Br), free(hr), free(u), free(ur), free(dyp);
         }
+        { /* matmul_backward16_lora_n: three linears on one x (here one weight three times), the middle
+             one without an adapter, dy16 blocks [dy_i | 8 spare] in one row; dx overwritten */
+            const int64_t R = 5, P8 = 8, ld = 3 * (N + P8);
+            const float sc = 0.5f;
+            float *xf = rnd((size_t)(T * K)), *dx = calloc((size_t)(T * K), 4);
+            float *Ai[3], *Bi[3], *hi[3], *dAi[3], *dBi[3];
+            uint16_t *dyp = calloc((size_t)(T * ld), 2);
+            const struct tuna_weight *ws[3] = {&wg, &wg, &wg};
+            struct tuna_lora lgs[3];
+            const struct tuna_lora *lp[3];
+            float *gdA[3], *gdB[3], *gh[3];
+            for (int i = 0; i < 3; i++) {
+                float *dyi = rnd((size_t)(T * N)), *dyir = round16(dyi, (size_t)(T * N), hdt);
+                for (int64_t t = 0; t < T; t++)
+                    tuna_convert_from_f32(hdt, dyi + t * N, dyp + t * ld + i * (N + P8), (size_t)N);
+                g_ct->matmul_backward(g_cpu, dx, dyir, &wc, T);
+                Ai[i] = rnd((size_t)(R * K)), Bi[i] = rnd((size_t)(N * R)), hi[i] = rnd((size_t)(T * R));
+                dAi[i] = rnd((size_t)(R * K)), dBi[i] = rnd((size_t)(N * R));
+                gdA[i] = dev(dAi[i], (size_t)(R * K) * 4), gdB[i] = dev(dBi[i], (size_t)(N * R) * 4);
+                gh[i] = dev(hi[i], (size_t)(T * R) * 4);
+                lgs[i] = (struct tuna_lora){R, dev(Ai[i], (size_t)(R * K) * 4), dev(Bi[i], (size_t)(N * R) * 4), sc};
+                lp[i] = i == 1 ? NULL : &lgs[i];
+                if (i != 1) {
+                    float *sA = malloc((size_t)(R * K) * 4);
+                    for (int64_t e = 0; e < R * K; e++)
+                        sA[e] = sc * Ai[i][e];
+                    float *sAr = round16(sA, (size_t)(R * K), hdt), *Br = round16(Bi[i], (size_t)(N * R), hdt);
+                    float *hr = round16(hi[i], (size_t)(T * R), hdt), *u = malloc((size_t)(T * R) * 4);
+                    for (int64_t t = 0; t < T; t++)
+                        for (int64_t j = 0; j < R; j++) {
+                            double a = 0;
+                            for (int64_t n = 0; n < N; n++)
+                                a += (double)dyir[t * N + n] * Br[n * R + j];
+                            u[t * R + j] = (float)a;
+                        }
+                    float *ur = round16(u, (size_t)(T * R), hdt);
+                    for (int64_t t = 0; t < T; t++)
+                        for (int64_t k = 0; k < K; k++) {
+                            double a = 0;
+                            for (int64_t j = 0; j < R; j++)
+                                a += (double)ur[t * R + j] * sAr[j * K + k];
+                            dx[t * K + k] += (float)a;
+                        }
+                    for (int64_t j = 0; j < R; j++)
+                        for (int64_t k = 0; k < K; k++) {
+                            double a = 0;
+                            for (int64_t t = 0; t < T; t++)
+                                a += (double)u[t * R + j] * xf[t * K + k];
+                            dAi[i][j * K + k] += (float)(sc * a);
+                        }
+                    for (int64_t n = 0; n < N; n++)
+                        for (int64_t j = 0; j < R; j++) {
+                            double a = 0;
+                            for (int64_t t = 0; t < T; t++)
+                                a += (double)dyir[t * N + n] * hr[t * R + j];
+                            dBi[i][n * R + j] += (float)(sc * a);
+                        }
+                    free(sA), free(sAr), free(Br), free(hr), free(u), free(ur);
+                }
+                free(dyi), free(dyir);
+            }
+            float *junk = rnd((size_t)(T * K)), *gdx = dev(junk, (size_t)(T * K) * 4), *gxf = dev(xf, (size_t)(T * K) * 4);
+            void *gdyp = dev(dyp, (size_t)(T * ld) * 2);
+            float *const gdAc[3] = {gdA[0], NULL, gdA[2]}, *const gdBc[3] = {gdB[0], NULL, gdB[2]};
+            const float *ghc[3] = {gh[0], NULL, gh[2]};
+            assert_true(g_gt->matmul_backward16_lora_n(g_gpu, gdx, gdyp, ld, 3, ws, lp, gdAc, gdBc, gxf, ghc, T, P8));
+            snprintf(what, sizeof what, "matmul_backward16_lora_n %s dx (3 stacked, overwritten)", kn);
+            check_dev(what, gdx, dx, (size_t)(T * K), kind < 2 ? 1e-3 : 1e-2);
+            for (int i = 0; i < 3; i += 2) {
+                snprintf(what, sizeof what, "matmul_backward16_lora_n %s dA[%d]", kn, i);
+                check_dev(what, gdA[i], dAi[i], (size_t)(R * K), 1e-2);
+                snprintf(what, sizeof what, "matmul_backward16_lora_n %s dB[%d]", kn, i);
+                check_dev(what, gdB[i], dBi[i], (size_t)(N * R), 1e-2);
+            }
+            tuna_cuda_free(g_gpu, gdA[1]), tuna_cuda_free(g_gpu, gdB[1]);
+            for (int i = 0; i < 3; i++) {
+                tuna_cuda_free(g_gpu, gh[i]), tuna_cuda_free(g_gpu, (void *)lgs[i].A), tuna_cuda_free(g_gpu, (void *)lgs[i].B);
+                free(Ai[i]), free(Bi[i]), free(hi[i]);
+            }
+            free(dAi[1]), free(dBi[1]), free(junk), free(xf), free(dyp);
+            tuna_cuda_free(g_gpu, gxf), tuna_cuda_free(g_gpu, gdyp);
+        }
         if (kind == 3) { /* the nested scales through the float32 GEMM too: exact dequantization */
             float *dx = rnd((size_t)(T * K)), *gdx = dev(dx, (size_t)(T * K) * 4), *gdyf = dev(dy, (size_t)(T * N) * 4);
             d.prefill = TUNA_DTYPE_F32;

@@ -240,6 +240,17 @@ struct tuna_train_ops {
     bool (*matmul_backward16_lora)(tuna_backend *be, float *dx, void *dy16, int64_t lddy, const struct tuna_weight *w,
                                    bool acc, const struct tuna_lora *lora, float *dA, float *dB, const float *x,
                                    const float *h, int64_t T);
+
+    /* The same for n (1..3) linears that read one input x (q, k, v), in ONE GEMM with the n
+     * weights stacked: block i of dy16's rows, from column off_i = sum_{j<i} (N_j + pad), is
+     * [dy_i (N_i columns) | pad spare columns] (pad a multiple of 8, >= every r), and
+     * dx = sum_i [dy_i | u_i16] [W_i ; s A_i] OVERWRITES dx; dA_i, dB_i as above (each lora_i
+     * may be NULL: that linear has no adapter). Returns false when it cannot (nothing done).
+     * NULL on the CPU. */
+    bool (*matmul_backward16_lora_n)(tuna_backend *be, float *dx, void *dy16, int64_t lddy, int n,
+                                     const struct tuna_weight *const *w, const struct tuna_lora *const *lora,
+                                     float *const *dA, float *const *dB, const float *x, const float *const *h,
+                                     int64_t T, int64_t pad);
 };
 
 #define TUNA_TRAIN_NORM_WORK 8192

@@ -244,9 +244,16 @@ static size_t layout(tuna_trainer *t, int64_t T, char *base)
         t->act16 = carve(&c, (size_t)(MR * (I + t->kpad)) * 2);
         t->dup16 = carve(&c, (size_t)(MR * (I + t->kpad)) * 2);
         t->dx16 = carve(&c, (size_t)(T * (C + t->kpad)) * 2);
-        t->dq16 = carve(&c, (size_t)(T * (HD + t->kpad)) * 2);
-        t->dk16 = carve(&c, (size_t)(T * (KD + t->kpad)) * 2);
-        t->dv16 = carve(&c, (size_t)(T * (KD + t->kpad)) * 2);
+        if (t->qkv) { /* one buffer, row = [dq | pad | dk | pad | dv | pad] */
+            t->ld_qkv = HD + 2 * KD + 3 * t->kpad;
+            t->dq16 = carve(&c, (size_t)(T * t->ld_qkv) * 2);
+            t->dk16 = base ? (char *)t->dq16 + (size_t)(HD + t->kpad) * 2 : NULL;
+            t->dv16 = base ? (char *)t->dk16 + (size_t)(KD + t->kpad) * 2 : NULL;
+        } else {
+            t->dq16 = carve(&c, (size_t)(T * (HD + t->kpad)) * 2);
+            t->dk16 = carve(&c, (size_t)(T * (KD + t->kpad)) * 2);
+            t->dv16 = carve(&c, (size_t)(T * (KD + t->kpad)) * 2);
+        }
     }
     if (base) memcpy(t->mem_cat, c.tally, sizeof c.tally);
     return c.used;
@@ -270,6 +277,12 @@ static void reserve_gemm_scratch(tuna_trainer *t, int64_t T)
             const size_t b = tuna_dtype_nbytes(dt, (uint64_t)((w->rows + t->kpad) * (w->cols + t->kpad)));
             if (b > wb) wb = b;
         }
+    if (t->qkv) { /* q, k, v stacked with their adapters' rows (matmul_backward16_lora_n) */
+        const struct tuna_layer *L0 = &m->layers[0];
+        const size_t b = tuna_dtype_nbytes(
+            dt, (uint64_t)((L0->q.w.rows + L0->k.w.rows + L0->v.w.rows + 3 * t->kpad) * L0->q.w.cols));
+        if (L0->q.w.dtype == TUNA_DTYPE_NF4 || L0->q.w.dtype == TUNA_DTYPE_FP4) wb = b > wb ? b : wb;
+    }
     const int64_t HD = a->n_heads * a->head_dim;
     int64_t n = T * a->hidden_size;
     if (T * HD > n) n = T * HD;

@@ -260,6 +260,8 @@ tuna_status tuna_trainer_new(struct tuna_model *m, const struct tuna_lora_train_
     t->kcat = t->h16 && lo->dropout <= 0 && tops->matmul16_lora && tops->matmul_backward16_lora &&
               !(ke && !strcmp(ke, "0"));
     t->kcat_bwd = t->kcat && !(ke && !strcmp(ke, "fwd")); /* "fwd": the forward's only (comparisons) */
+    const char *qe = getenv("TUNA_TRAIN_QKV");
+    t->qkv = t->kcat_bwd && tops->matmul_backward16_lora_n && !(qe && !strcmp(qe, "0"));
     t->kpad = t->kcat ? (t->max_r + 7) / 8 * 8 : 0;
     /* params, grads, m1, m2 and the norm's work in one backend allocation (offload: the moments
        in host memory, updated there) */
@@ -418,7 +420,7 @@ static tuna_status build_batch(const struct tuna_model *m, const struct tuna_tra
 /* dx += dy W (+ LoRA), and the adapter's dA, dB when the linear carries one. dy16: dy rounded
  * to t->hdt (the 16-bit path), or NULL; with it, acc false OVERWRITES dx with dy W first. */
 static void linear_backward_rows(tuna_trainer *t, int64_t layer, int proj, float *dx, const float *dy, const void *dy16,
-                                 bool acc, const float *x, int64_t T, int64_t row0, bool kept_h)
+                                 int64_t lddy, bool acc, const float *x, int64_t T, int64_t row0, bool kept_h)
 {
     struct tuna_model *m = t->m;
     const struct tuna_train_ops *to = t->tops;
@@ -432,7 +434,7 @@ static void linear_backward_rows(tuna_trainer *t, int64_t layer, int proj, float
         /* kcat: dy16's rows have kpad spare columns; the adapter's dx, dA, dB inside when its
            forward's x A^T is at hand (no dropout with kcat) */
         const bool fold = md && h && !key && t->kcat_bwd;
-        if (to->matmul_backward16_lora(m->be, dx, (void *)dy16, lin->w.rows + t->kpad, &lin->w, acc,
+        if (to->matmul_backward16_lora(m->be, dx, (void *)dy16, lddy > 0 ? lddy : lin->w.rows + t->kpad, &lin->w, acc,
                                        fold ? &md->lora : NULL, dA, dB, x, h, T)) {
             if (!md || fold) return;
         } else { /* not for this weight: the float32 op (which accumulates) */
@@ -467,7 +469,39 @@ static void linear_backward_rows(tuna_trainer *t, int64_t layer, int proj, float
 static void linear_backward(tuna_trainer *t, int64_t layer, int proj, float *dx, const float *dy, const void *dy16,
                             bool acc, const float *x, int64_t T)
 {
-    linear_backward_rows(t, layer, proj, dx, dy, dy16, acc, x, T, 0, true);
+    linear_backward_rows(t, layer, proj, dx, dy, dy16, 0, acc, x, T, 0, true);
+}
+
+/* q, k, v: dxn = sum of the three input gradients (overwritten), their adapters' dA, dB. With
+ * t->qkv one GEMM over the stacked weights when every adapter's forward x A^T is at hand. */
+static void qkv_backward(tuna_trainer *t, int64_t l, const struct tuna_fwd_layer_acts *A, int64_t T)
+{
+    struct tuna_train_grad_bufs *g = &t->g;
+    const bool h = t->h16;
+    const int64_t ld = t->qkv ? t->ld_qkv : 0;
+    if (t->qkv) {
+        const struct tuna_weight *w[3];
+        const struct tuna_lora *lo[3];
+        float *dA[3], *dB[3];
+        const float *hk[3];
+        bool ok = true;
+        for (int i = 0; i < 3; i++) {
+            const int p = TUNA_PROJ_Q + i;
+            const struct tmod *md = t->by_lin[l * TUNA_PROJ_COUNT + p];
+            w[i] = &proj_lin(&t->m->layers[l], p)->w;
+            lo[i] = md ? &md->lora : NULL;
+            dA[i] = md ? t->grads + md->offA : NULL;
+            dB[i] = md ? t->grads + md->offB : NULL;
+            hk[i] = md ? tuna_train_lora_h(t, l, p, 0, md->r) : NULL;
+            ok &= !md || (hk[i] && tuna_train_drop_key(t, (int)(md - t->mods)) == 0);
+        }
+        if (ok && t->tops->matmul_backward16_lora_n(t->m->be, g->dxn, t->dq16, ld, 3, w, lo, dA, dB, A->xn_attn, hk,
+                                                      T, t->kpad))
+            return;
+    }
+    linear_backward_rows(t, l, TUNA_PROJ_Q, g->dxn, g->dq, h ? t->dq16 : NULL, ld, false, A->xn_attn, T, 0, true);
+    linear_backward_rows(t, l, TUNA_PROJ_K, g->dxn, g->dk, h ? t->dk16 : NULL, ld, true, A->xn_attn, T, 0, true);
+    linear_backward_rows(t, l, TUNA_PROJ_V, g->dxn, g->dv, h ? t->dv16 : NULL, ld, true, A->xn_attn, T, 0, true);
 }
 
 static const void *h16_at(const void *p, int64_t i)
@@ -502,7 +536,7 @@ static void layer_backward(tuna_trainer *t, int64_t l, const struct tuna_fwd_lay
         if (MR < T) tuna_train_mlp_chunk_forward(t, l, A, r0, n);
         if (!h) to->zero(be, g->dact, n * I);
         linear_backward_rows(t, l, TUNA_PROJ_DOWN, g->dact, g->dx + r0 * C, h16_at(h ? t->dx16 : NULL, r0 * (C + kp)),
-                             false, A->act, n, r0, MR >= T);
+                             0, false, A->act, n, r0, MR >= T);
         if (h) {
             /* dgate16 in act16: down's forward operand, dead now */
             to->glu_backward16(be, g->dgate, g->dup, t->act16, t->dup16, g->dact, A->gate, A->up, n * I, I, I + kp,
@@ -512,9 +546,9 @@ static void layer_backward(tuna_trainer *t, int64_t l, const struct tuna_fwd_lay
             to->zero(be, g->dup, n * I);
             to->glu_backward(be, g->dgate, g->dup, g->dact, A->gate, A->up, n * I, (int)a->act);
         }
-        linear_backward_rows(t, l, TUNA_PROJ_GATE, g->dxn + r0 * C, g->dgate, h ? t->act16 : NULL, false,
+        linear_backward_rows(t, l, TUNA_PROJ_GATE, g->dxn + r0 * C, g->dgate, h ? t->act16 : NULL, 0, false,
                              A->xn_mlp + r0 * C, n, r0, true);
-        linear_backward_rows(t, l, TUNA_PROJ_UP, g->dxn + r0 * C, g->dup, h ? t->dup16 : NULL, true,
+        linear_backward_rows(t, l, TUNA_PROJ_UP, g->dxn + r0 * C, g->dup, h ? t->dup16 : NULL, 0, true,
                              A->xn_mlp + r0 * C, n, r0, true);
     }
     if (h)
@@ -532,11 +566,11 @@ static void layer_backward(tuna_trainer *t, int64_t l, const struct tuna_fwd_lay
                            t->attn_floats);
     const float *norm_w[2] = {L->q_norm, L->k_norm};
     if (h) { /* rotated and rounded in one pass where no per-head norm follows */
-        to->rope_backward16(be, g->dq, norm_w[0] ? NULL : t->dq16, H * D + kp, pos, T, H, D, m->rot_dim, m->inv_freq,
-                            m->attn_factor, t->hdt);
-        to->rope_backward16(be, g->dk, norm_w[1] ? NULL : t->dk16, Hkv * D + kp, pos, T, Hkv, D, m->rot_dim,
-                            m->inv_freq, m->attn_factor, t->hdt);
-        to->to_half(be, t->dv16, g->dv, T * Hkv * D, Hkv * D, Hkv * D + kp, t->hdt);
+        to->rope_backward16(be, g->dq, norm_w[0] ? NULL : t->dq16, t->qkv ? t->ld_qkv : H * D + kp, pos, T, H, D,
+                            m->rot_dim, m->inv_freq, m->attn_factor, t->hdt);
+        to->rope_backward16(be, g->dk, norm_w[1] ? NULL : t->dk16, t->qkv ? t->ld_qkv : Hkv * D + kp, pos, T, Hkv, D,
+                            m->rot_dim, m->inv_freq, m->attn_factor, t->hdt);
+        to->to_half(be, t->dv16, g->dv, T * Hkv * D, Hkv * D, t->qkv ? t->ld_qkv : Hkv * D + kp, t->hdt);
     } else {
         to->rope_backward(be, g->dq, pos, T, H, D, m->rot_dim, m->inv_freq, m->attn_factor);
         to->rope_backward(be, g->dk, pos, T, Hkv, D, m->rot_dim, m->inv_freq, m->attn_factor);
@@ -551,12 +585,12 @@ static void layer_backward(tuna_trainer *t, int64_t l, const struct tuna_fwd_lay
         to->zero(be, g->dpre, T * heads[i] * D);
         to->rmsnorm_backward(be, g->dpre, dqk[i], g->pre, norm_w[i], T * heads[i], D, eps);
         m->ops->copy(be, dqk[i], g->dpre, (size_t)(T * heads[i] * D) * sizeof(float));
-        if (h) to->to_half(be, dqk16[i], dqk[i], T * heads[i] * D, heads[i] * D, heads[i] * D + kp, t->hdt);
+        if (h)
+            to->to_half(be, dqk16[i], dqk[i], T * heads[i] * D, heads[i] * D, t->qkv ? t->ld_qkv : heads[i] * D + kp,
+                        t->hdt);
     }
     if (!h) to->zero(be, g->dxn, T * C);
-    linear_backward(t, l, TUNA_PROJ_Q, g->dxn, g->dq, h ? t->dq16 : NULL, false, A->xn_attn, T);
-    linear_backward(t, l, TUNA_PROJ_K, g->dxn, g->dk, h ? t->dk16 : NULL, true, A->xn_attn, T);
-    linear_backward(t, l, TUNA_PROJ_V, g->dxn, g->dv, h ? t->dv16 : NULL, true, A->xn_attn, T);
+    qkv_backward(t, l, A, T);
     if (h) /* dx16: the next (lower) layer's down and o operand */
         to->rmsnorm_backward16(be, g->dx, t->dx16, C + kp, g->dxn, A->x_in, L->attn_norm, T, C, eps, t->hdt);
     else

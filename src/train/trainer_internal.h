@@ -89,6 +89,11 @@ struct tuna_trainer {
     bool kcat;
     bool kcat_bwd; /* the backward's too (dx += s u A inside; TUNA_TRAIN_KCAT=fwd: not) */
     int64_t kpad;
+    /* qkv (kcat_bwd; TUNA_TRAIN_QKV=0: not): dq16, dk16, dv16 are blocks of one buffer, rows
+       ld_qkv = H*D + 2*Hkv*D + 3*kpad elements apart, and the backward of q, k, v with their
+       adapters is ONE GEMM over the stacked weights (matmul_backward16_lora_n) */
+    bool qkv;
+    int64_t ld_qkv;
     bool add_pending; /* h16 without checkpoints: x += tmp (the last layer's down output) not done yet */
     enum tuna_dtype hdt;
     void *xa16, *act16, *dup16, *dx16, *dq16, *dk16, *dv16;

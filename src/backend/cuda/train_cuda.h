@@ -62,6 +62,10 @@ void tuna_cuda_train_rope_backward16(tuna_backend *be, float *d, void *d16, int6
 bool tuna_cuda_train_matmul_backward16_lora(tuna_backend *be, float *dx, void *dy16, int64_t lddy,
                                             const struct tuna_weight *w, bool acc, const struct tuna_lora *lora,
                                             float *dA, float *dB, const float *x, const float *h, int64_t T);
+bool tuna_cuda_train_matmul_backward16_lora3(tuna_backend *be, float *dx, void *dy16, int64_t lddy, int n,
+                                             const struct tuna_weight *const *w, const struct tuna_lora *const *l,
+                                             float *const *dA, float *const *dB, const float *x,
+                                             const float *const *h, int64_t T, int64_t pad);
 
 /* train_attention.cu */
 void tuna_cuda_train_attention_forward(tuna_backend *be, float *out, float *lse, const float *q, const float *k,

@@ -89,7 +89,16 @@ __global__ void __launch_bounds__(256) k_train_dequant(void *out, const uint32_t
 
 /* The fast kernel into be->wdeq with rows ld apart (ld == w->cols: contiguous); false (nothing
  * done, no error) when it does not apply. */
+static bool dequant_ld_at(tuna_backend *be, const struct tuna_weight *w, int64_t ld, size_t off, void **out,
+                          enum tuna_dtype *dt);
 static bool dequant_ld(tuna_backend *be, const struct tuna_weight *w, int64_t ld, void **out, enum tuna_dtype *dt)
+{
+    return dequant_ld_at(be, w, ld, 0, out, dt);
+}
+
+/* ... at byte `off` of be->wdeq (grown to hold it; a grow loses what was there) */
+static bool dequant_ld_at(tuna_backend *be, const struct tuna_weight *w, int64_t ld, size_t off, void **out,
+                          enum tuna_dtype *dt)
 {
     const struct tuna_cuda_q4 *q = (const struct tuna_cuda_q4 *)w->q4;
     const int64_t numel = w->rows * w->cols;
@@ -102,7 +111,8 @@ static bool dequant_ld(tuna_backend *be, const struct tuna_weight *w, int64_t ld
     if (ld != w->cols && (w->cols % 8 != 0 || ld % 8 != 0 || ld < w->cols)) return false;
     const int code = q->prefill == TUNA_DTYPE_BF16 ? 1 : q->prefill == TUNA_DTYPE_F16 ? 2 : 0;
     const size_t bytes = (size_t)(w->rows * ld) * (code ? 2 : 4);
-    if (!tuna_cuda_grow(be, &be->wdeq, bytes, "cudaMalloc(4-bit weight dequantized for training)")) return false;
+    if (!tuna_cuda_grow(be, &be->wdeq, off + bytes, "cudaMalloc(4-bit weight dequantized for training)")) return false;
+    void *dst = (char *)be->wdeq.p + off;
     struct q4_lut lut;
     memcpy(lut.v, q->lut, sizeof lut.v);
     const struct q4_scales sc = q4_scales_of(q);
@@ -111,16 +121,16 @@ static bool dequant_ld(tuna_backend *be, const struct tuna_weight *w, int64_t ld
     const uint32_t *codes = (const uint32_t *)w->data;
     const int64_t K = w->cols;
     if (code == 1)
-        k_train_dequant<1><<<blocks, 256, 0, be->stream>>>(be->wdeq.p, codes, sc, shift, q->round_mode, lut, nwords,
+        k_train_dequant<1><<<blocks, 256, 0, be->stream>>>(dst, codes, sc, shift, q->round_mode, lut, nwords,
                                                            K, ld);
     else if (code == 2)
-        k_train_dequant<2><<<blocks, 256, 0, be->stream>>>(be->wdeq.p, codes, sc, shift, q->round_mode, lut, nwords,
+        k_train_dequant<2><<<blocks, 256, 0, be->stream>>>(dst, codes, sc, shift, q->round_mode, lut, nwords,
                                                            K, ld);
     else
-        k_train_dequant<0><<<blocks, 256, 0, be->stream>>>(be->wdeq.p, codes, sc, shift, q->round_mode, lut, nwords,
+        k_train_dequant<0><<<blocks, 256, 0, be->stream>>>(dst, codes, sc, shift, q->round_mode, lut, nwords,
                                                            K, ld);
     tuna_cuda_check_launch(be, "k_train_dequant");
-    *out = be->wdeq.p;
+    *out = dst;
     *dt = code == 1 ? TUNA_DTYPE_BF16 : code == 2 ? TUNA_DTYPE_F16 : TUNA_DTYPE_F32;
     return true;
 }
@@ -323,113 +333,190 @@ bool tuna_cuda_train_matmul16_lora(tuna_backend *be, float *y, void *x16, int64_
     return true;
 }
 
-/* W's rows N .. N+R-1 (W16 + N*K) = s A rounded; B16 = B rounded */
-__global__ void k_train_lora_bprep(void *WA, const float *A, int64_t RK, float s, void *B16, const float *B,
-                                   int64_t NR, bool bf)
+/* W's rows N .. N+P-1 (WA = W16 + N*K): s A rounded, then zeros (P - R rows); B16 = B rounded */
+__global__ void k_train_lora_bprep(void *WA, const float *A, int64_t RK, int64_t PK, float s, void *B16,
+                                   const float *B, int64_t NR, bool bf)
 {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < RK) {
-        st16(WA, i, s * A[i], bf);
+    if (i < PK) {
+        st16(WA, i, i < RK ? s * A[i] : 0.0f, bf);
         return;
     }
-    i -= RK;
+    i -= PK;
     if (i < NR) st16(B16, i, B[i], bf);
+}
+
+/* u[t, j] = sum_s P[s][t, j] in order (float32) and dy16[t, N + j] = u rounded for j < R, 0 for
+ * R <= j < Pc */
+__global__ void k_train_lora_usum(float *u, void *dy16, int64_t lddy, int64_t N, const float *P, int64_t T,
+                                  int64_t R, int64_t Pc, int S, bool bf)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= T * Pc) return;
+    const int64_t t = i / Pc, j = i - t * Pc;
+    float a = 0.0f;
+    if (j < R) {
+        const int64_t TR = T * R, e = t * R + j;
+        for (int s = 0; s < S; s++)
+            a += P[(int64_t)s * TR + e];
+        u[e] = a;
+    }
+    st16(dy16, t * lddy + N + j, a, bf);
+}
+
+/* The backward of n linears that share the input x (q, k, v), or of one: block i of dy16's rows
+ * (columns off_i .., off_i = sum_{j<i} (N_j + P_j)) is [dy_i (N_i) | P_i spare], P_i = pad >= 0 ?
+ * pad : R_i. Every adapter's u_i = dy_i B_i goes into its spare columns (zeros after R_i), its dA_i
+ * and dB_i are accumulated, then ONE GEMM dx (+)= dy16[:, :off_n] [W_0 ; s A_0 ; 0 ; W_1 ; ...].
+ * false: not for these weights (nothing done). */
+static bool lora_backward_multi(tuna_backend *be, float *dx, void *dy16, int64_t lddy, int n,
+                                const struct tuna_weight *const *w, const struct tuna_lora *const *l,
+                                float *const *dA, float *const *dB, const float *x, const float *const *h,
+                                int64_t T, bool acc, int64_t pad)
+{
+    if (be->sticky || T <= 0) return true;
+    const int64_t K = w[0]->cols;
+    int64_t off[4], Rr[4], Pp[4], tot = 0, maxNR = 0, maxN = 0;
+    if (n < 1 || n > 3 || lddy % 8 != 0 || K % 8 != 0) return false;
+    const bool q4 = w[0]->dtype == TUNA_DTYPE_NF4 || w[0]->dtype == TUNA_DTYPE_FP4;
+    enum tuna_dtype dt = q4 ? TUNA_DTYPE_F32 : w[0]->dtype;
+    for (int i = 0; i < n; i++) {
+        const struct tuna_weight *wi = w[i];
+        if (wi->cols != K || wi->rows % 8 != 0 || (wi->dtype == TUNA_DTYPE_NF4 || wi->dtype == TUNA_DTYPE_FP4) != q4)
+            return false;
+        enum tuna_dtype d = wi->dtype;
+        if (q4) {
+            if (!wi->q4) return false;
+            d = ((const struct tuna_cuda_q4 *)wi->q4)->prefill;
+            if (i == 0) dt = d;
+        }
+        if ((d != TUNA_DTYPE_BF16 && d != TUNA_DTYPE_F16) || d != dt) return false;
+        Rr[i] = l[i] ? l[i]->r : 0;
+        Pp[i] = pad >= 0 ? pad : Rr[i];
+        if (Rr[i] > Pp[i] || (Rr[i] > 0 && (!x || !h[i] || !dA[i] || !dB[i]))) return false;
+        if (n > 1 && Pp[i] % 8 != 0) return false;
+        off[i] = tot;
+        tot += wi->rows + Pp[i];
+        if (wi->rows * Rr[i] > maxNR) maxNR = wi->rows * Rr[i];
+        if (wi->rows > maxN) maxN = wi->rows;
+    }
+    if (lddy < tot) return false;
+    const bool bf = dt == TUNA_DTYPE_BF16;
+    const cudaDataType_t ct = bf ? CUDA_R_16BF : CUDA_R_16F;
+    /* the stacked weight [tot, K]; one 16-bit weight without an adapter is used as stored */
+    void *W = NULL;
+    if (n == 1 && !q4 && Pp[0] == 0) {
+        W = (void *)w[0]->data;
+    } else {
+        if (!tuna_cuda_grow(be, &be->wdeq, (size_t)(tot * K) * 2, "cudaMalloc(weights with their LoRA rows)"))
+            return true;
+        W = be->wdeq.p;
+        for (int i = 0; i < n; i++) {
+            const size_t o = (size_t)(off[i] * K) * 2;
+            if (q4) {
+                void *p;
+                enum tuna_dtype d2;
+                if (!dequant_ld_at(be, w[i], K, o, &p, &d2) || d2 != dt)
+                    return be->sticky; /* not for the fast dequantizer: nothing of use done */
+            } else if (!tuna_cuda_check(be,
+                                        cudaMemcpyAsync((char *)W + o, w[i]->data, (size_t)(w[i]->rows * K) * 2,
+                                                        cudaMemcpyDeviceToDevice, be->stream),
+                                        "cudaMemcpyAsync(weight with its LoRA rows)")) {
+                return true;
+            }
+        }
+    }
+    int64_t maxR = 0;
+    for (int i = 0; i < n; i++)
+        maxR = Rr[i] > maxR ? Rr[i] : maxR;
+    if (maxR > 0) {
+        const int S = lora_splits(be, T, maxN); /* at most this many partials (fewer for a short N_i) */
+        const size_t b16b = ((size_t)maxNR * 2 + 255) & ~(size_t)255, ub = ((size_t)(T * maxR) * 4 + 255) & ~(size_t)255;
+        const size_t h16b = ((size_t)(T * maxR) * 2 + 255) & ~(size_t)255;
+        char *scr = NULL;
+        if (!tuna_cuda_check(be,
+                             cudaMallocAsync((void **)&scr, b16b + ub + h16b + (size_t)(S * T * maxR) * sizeof(float),
+                                             be->stream),
+                             "cudaMallocAsync(LoRA backward scratch)"))
+            return true;
+        void *B16 = scr, *h16 = scr + b16b;
+        float *u = (float *)(scr + b16b + h16b), *P = (float *)(scr + b16b + h16b + ub);
+        const float one = 1.0f, zero = 0.0f;
+        for (int i = 0; i < n && !be->sticky; i++) {
+            const int64_t N = w[i]->rows, R = Rr[i], Pc = Pp[i];
+            char *WA = (char *)W + (size_t)((off[i] + N) * K) * 2;
+            void *dyi = (char *)dy16 + (size_t)off[i] * 2;
+            if (R == 0) {
+                if (Pc > 0) { /* zero rows and columns: nothing of this block's spare part counts */
+                    k_train_lora_bprep<<<tuna_cuda_blocks(Pc * K, 256), 256, 0, be->stream>>>(WA, NULL, 0, Pc * K, 0.0f,
+                                                                                            NULL, NULL, 0, bf);
+                    tuna_cuda_check_launch(be, "k_train_lora_bprep");
+                    k_train_lora_usum<<<tuna_cuda_blocks(T * Pc, 256), 256, 0, be->stream>>>(NULL, dy16, lddy,
+                                                                                            off[i] + N, NULL, T, 0, Pc,
+                                                                                            0, bf);
+                    tuna_cuda_check_launch(be, "k_train_lora_usum");
+                }
+                continue;
+            }
+            int Si = S;
+            while (Si > 1 && (N % (8 * Si) != 0 || N / Si < 256))
+                Si /= 2;
+            const int64_t Nc = N / Si;
+            k_train_lora_bprep<<<tuna_cuda_blocks(Pc * K + N * R, 256), 256, 0, be->stream>>>(
+                WA, l[i]->A, R * K, Pc * K, l[i]->scale, B16, l[i]->B, N * R, bf);
+            bool ok = tuna_cuda_check_launch(be, "k_train_lora_bprep");
+            /* P[s] = dy_i[:, s Nc ..] B16[s Nc .., :]: column-major P^T[R, T] = B16^T (row-major [N, R] read as
+               R x N) dy_i^T */
+            ok = ok && tuna_cuda_check_blas(be,
+                                            cublasGemmStridedBatchedEx(be->blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)R, (int)T,
+                                                                       (int)Nc, &one, B16, ct, (int)R,
+                                                                       (long long)(Nc * R), dyi, ct, (int)lddy,
+                                                                       (long long)Nc, &zero, P, CUDA_R_32F, (int)R,
+                                                                       (long long)(T * R), Si, CUBLAS_COMPUTE_32F,
+                                                                       CUBLAS_GEMM_DEFAULT),
+                                            "cublasGemmStridedBatchedEx(LoRA u = dy B, 16-bit)");
+            if (ok) { /* u, and u16 into the block's spare columns */
+                k_train_lora_usum<<<tuna_cuda_blocks(T * Pc, 256), 256, 0, be->stream>>>(u, dy16, lddy, off[i] + N, P,
+                                                                                        T, R, Pc, Si, bf);
+                ok = tuna_cuda_check_launch(be, "k_train_lora_usum");
+            }
+            if (ok) {
+                k_train_to_half<<<tuna_cuda_blocks(T * R, 256), 256, 0, be->stream>>>(h16, h[i], T * R, bf);
+                ok = tuna_cuda_check_launch(be, "k_train_to_half");
+            }
+            if (ok) { /* dA[R,K] += s u^T x (float32 x: TF32), dB[N,R] += s dy_i^T h16 */
+                const float sc = l[i]->scale;
+                tuna_cuda_train_gemm(be, true, false, R, K, T, sc, u, R, x, K, 1.0f, dA[i], K, true);
+                tuna_cuda_train_gemm16(be, true, false, N, R, T, sc, dyi, lddy, h16, R, 1.0f, dB[i], R, ct);
+            }
+        }
+        tuna_cuda_check(be, cudaFreeAsync(scr, be->stream), "cudaFreeAsync(LoRA backward scratch)");
+        if (be->sticky) return true;
+    }
+    const float one = 1.0f, beta = acc ? 1.0f : 0.0f;
+    /* column-major: dx^T[K,T] (+)= W^T ([tot, K] row-major read as K x tot) dy16[:, :tot]^T */
+    tuna_cuda_check_blas(be,
+                         cublasGemmEx(be->blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)K, (int)T, (int)tot, &one, W, ct,
+                                      (int)K, dy16, ct, (int)lddy, &beta, dx, CUDA_R_32F, (int)K, CUBLAS_COMPUTE_32F,
+                                      CUBLAS_GEMM_DEFAULT),
+                         "cublasGemmEx(matmul_backward16 with LoRA)");
+    return true;
 }
 
 bool tuna_cuda_train_matmul_backward16_lora(tuna_backend *be, float *dx, void *dy16, int64_t lddy,
                                             const struct tuna_weight *w, bool acc, const struct tuna_lora *l,
                                             float *dA, float *dB, const float *x, const float *h, int64_t T)
 {
-    if (be->sticky || T <= 0) return true;
-    const int64_t N = w->rows, K = w->cols, R = l ? l->r : 0;
-    if (lddy < N + R || lddy % 8 != 0 || N % 8 != 0 || K % 8 != 0 || (R > 0 && (!x || !h || !dA || !dB)))
-        return false;
-    /* W [N, K] into be->wdeq with room for R more rows (s A) */
-    const size_t wbytes = (size_t)((N + R) * K) * 2;
-    void *W = NULL;
-    enum tuna_dtype dt = w->dtype;
-    if (dt == TUNA_DTYPE_NF4 || dt == TUNA_DTYPE_FP4) {
-        if (!w->q4) return false;
-        const enum tuna_dtype p = ((const struct tuna_cuda_q4 *)w->q4)->prefill;
-        if (p != TUNA_DTYPE_BF16 && p != TUNA_DTYPE_F16) return false;
-        if (!tuna_cuda_grow(be, &be->wdeq, wbytes, "cudaMalloc(weight with its LoRA rows)")) return true;
-        if (!dequant_ld(be, w, K, &W, &dt)) return false;
-        if (be->sticky) return true;
-    } else if (dt == TUNA_DTYPE_BF16 || dt == TUNA_DTYPE_F16) {
-        if (R == 0) {
-            W = (void *)w->data; /* nothing to append: the weight as stored (only read) */
-        } else {
-            if (!tuna_cuda_grow(be, &be->wdeq, wbytes, "cudaMalloc(weight with its LoRA rows)")) return true;
-            W = be->wdeq.p;
-            if (!tuna_cuda_check(be,
-                                 cudaMemcpyAsync(W, w->data, (size_t)(N * K) * 2, cudaMemcpyDeviceToDevice, be->stream),
-                                 "cudaMemcpyAsync(weight with its LoRA rows)"))
-                return true;
-        }
-    } else {
-        return false;
-    }
-    if (dt != TUNA_DTYPE_BF16 && dt != TUNA_DTYPE_F16) return false;
-    const bool bf = dt == TUNA_DTYPE_BF16;
-    const cudaDataType_t ct = bf ? CUDA_R_16BF : CUDA_R_16F;
-    const float one = 1.0f, zero = 0.0f, beta = acc ? 1.0f : 0.0f;
-    char *scr = NULL;
-    float *u = NULL;
-    void *h16 = NULL;
-    if (R > 0) {
-        const int S = lora_splits(be, T, N);
-        const int64_t Nc = N / S;
-        const size_t b16b = ((size_t)(N * R) * 2 + 255) & ~(size_t)255, ub = ((size_t)(T * R) * 4 + 255) & ~(size_t)255;
-        const size_t h16b = ((size_t)(T * R) * 2 + 255) & ~(size_t)255;
-        if (!tuna_cuda_check(be,
-                             cudaMallocAsync((void **)&scr, b16b + ub + h16b + (size_t)(S * T * R) * sizeof(float),
-                                             be->stream),
-                             "cudaMallocAsync(LoRA backward scratch)"))
-            return true;
-        void *B16 = scr;
-        u = (float *)(scr + b16b);
-        h16 = scr + b16b + ub;
-        float *P = (float *)(scr + b16b + ub + h16b);
-        const int64_t nprep = R * K + N * R;
-        k_train_lora_bprep<<<tuna_cuda_blocks(nprep, 256), 256, 0, be->stream>>>((char *)W + (size_t)(N * K) * 2, l->A,
-                                                                                 R * K, l->scale, B16, l->B, N * R, bf);
-        bool ok = tuna_cuda_check_launch(be, "k_train_lora_bprep");
-        /* P[s] = dy16[:, s Nc ..] B16[s Nc .., :]: column-major P^T[R, T] = B16^T (row-major [N, R] read as
-           R x N) dy16^T */
-        ok = ok && tuna_cuda_check_blas(be,
-                                        cublasGemmStridedBatchedEx(be->blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)R, (int)T,
-                                                                   (int)Nc, &one, B16, ct, (int)R, (long long)(Nc * R),
-                                                                   dy16, ct, (int)lddy, (long long)Nc, &zero, P,
-                                                                   CUDA_R_32F, (int)R, (long long)(T * R), S,
-                                                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                                        "cublasGemmStridedBatchedEx(LoRA u = dy B, 16-bit)");
-        if (ok) { /* u, and u16 into dy16's spare columns */
-            k_train_lora_hsum<<<tuna_cuda_blocks(T * R, 256), 256, 0, be->stream>>>(u, dy16, lddy, N, P, T, R, S, bf);
-            ok = tuna_cuda_check_launch(be, "k_train_lora_hsum");
-        }
-        if (ok) {
-            k_train_to_half<<<tuna_cuda_blocks(T * R, 256), 256, 0, be->stream>>>(h16, h, T * R, bf);
-            tuna_cuda_check_launch(be, "k_train_to_half");
-        }
-        if (be->sticky) {
-            tuna_cuda_check(be, cudaFreeAsync(scr, be->stream), "cudaFreeAsync(LoRA backward scratch)");
-            return true;
-        }
-    }
-    /* column-major: dx^T[K,T] (+)= [W ; s A]^T ([N+R, K] row-major read as K x (N+R)) [dy16 | u16]^T */
-    tuna_cuda_check_blas(be,
-                         cublasGemmEx(be->blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)K, (int)T, (int)(N + R), &one, W, ct,
-                                      (int)K, dy16, ct, (int)lddy, &beta, dx, CUDA_R_32F, (int)K, CUBLAS_COMPUTE_32F,
-                                      CUBLAS_GEMM_DEFAULT),
-                         "cublasGemmEx(matmul_backward16 with LoRA)");
-    if (R > 0) {
-        const float s = l->scale;
-        /* dA[R,K] += s u^T x (float32 x: TF32), dB[N,R] += s dy16^T h16 */
-        tuna_cuda_train_gemm(be, true, false, R, K, T, s, u, R, x, K, 1.0f, dA, K, true);
-        tuna_cuda_train_gemm16(be, true, false, N, R, T, s, dy16, lddy, h16, R, 1.0f, dB, R, ct);
-        tuna_cuda_check(be, cudaFreeAsync(scr, be->stream), "cudaFreeAsync(LoRA backward scratch)");
-    }
-    return true;
+    return lora_backward_multi(be, dx, dy16, lddy, 1, &w, &l, &dA, &dB, x, &h, T, acc, -1);
+}
+
+bool tuna_cuda_train_matmul_backward16_lora3(tuna_backend *be, float *dx, void *dy16, int64_t lddy, int n,
+                                             const struct tuna_weight *const *w, const struct tuna_lora *const *l,
+                                             float *const *dA, float *const *dB, const float *x,
+                                             const float *const *h, int64_t T, int64_t pad)
+{
+    if (pad < 0) return false;
+    return lora_backward_multi(be, dx, dy16, lddy, n, w, l, dA, dB, x, h, T, false, pad);
 }
 
 /* ---------------------------------------------------------------- element-wise producers */

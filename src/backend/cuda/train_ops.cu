@@ -360,6 +360,7 @@ static const struct tuna_train_ops k_cuda_train_ops = {
     tuna_cuda_train_lora_backward_h,
     tuna_cuda_train_matmul16_lora,
     tuna_cuda_train_matmul_backward16_lora,
+    tuna_cuda_train_matmul_backward16_lora3,
 };
 
 extern "C" const struct tuna_train_ops *tuna_cuda_train_ops(void)
