@@ -36,10 +36,10 @@ static bool is_bf(enum tuna_dtype hdt)
 /* One 32-bit word (8 weights, first in the high nibble of each byte) per thread and step, two
  * steps per block of 256 threads, words i and i + 256: every load and store of a warp is one
  * contiguous span. OUT: 0 float32, 1 bf16, 2 f16. Needs a power-of-two blocksize >= 8. */
-template <int OUT>
+template <int OUT, bool LD>
 __global__ void __launch_bounds__(256) k_train_dequant(void *out, const uint32_t *codes, const struct q4_scales sc,
                                                        int bshift, int mode, struct q4_lut lut, int64_t nwords,
-                                                       int64_t K, int64_t ld)
+                                                       uint32_t wpr, uint32_t ldw)
 {
     __shared__ float slut[16]; /* 16 entries in 16 banks: no conflicts whatever the codes */
     if (threadIdx.x < 16) slut[threadIdx.x] = lut.v[threadIdx.x];
@@ -63,9 +63,14 @@ __global__ void __launch_bounds__(256) k_train_dequant(void *out, const uint32_t
             v[2 * b] = q4_round(__fmul_rn(slut[byte >> 4], am), mode);
             v[2 * b + 1] = q4_round(__fmul_rn(slut[byte & 15], am), mode);
         }
-        /* the word's 8 weights go to row e / K, columns e % K .. of a matrix with rows ld apart
-           (K and ld multiples of 8) */
-        const int64_t e = i * 8, o8 = ld == K ? i : ((e / K) * ld + e % K) / 8;
+        /* LD: the word's 8 weights go to row i / wpr (wpr = K / 8 words per row), words i % wpr ..
+           of a matrix with rows ldw words apart (32-bit division: nwords < 2^32; the 64-bit one
+           doubled the kernel's time) */
+        int64_t o8 = i;
+        if (LD) {
+            const uint32_t ii = (uint32_t)i, r = ii / wpr;
+            o8 = (int64_t)r * ldw + (ii - r * wpr);
+        }
         if (OUT == 0) {
             float4 *o = reinterpret_cast<float4 *>(out) + o8 * 2;
             o[0] = make_float4(v[0], v[1], v[2], v[3]);
@@ -108,7 +113,8 @@ static bool dequant_ld_at(tuna_backend *be, const struct tuna_weight *w, int64_t
     if ((1 << shift) != q->blocksize || q->blocksize < 8 || numel % 8 != 0 || ((uintptr_t)w->data % 4) != 0 ||
         (env && !strcmp(env, "old")))
         return false;
-    if (ld != w->cols && (w->cols % 8 != 0 || ld % 8 != 0 || ld < w->cols)) return false;
+    if (ld != w->cols && (w->cols % 8 != 0 || ld % 8 != 0 || ld < w->cols || numel / 8 >= ((int64_t)1 << 32)))
+        return false;
     const int code = q->prefill == TUNA_DTYPE_BF16 ? 1 : q->prefill == TUNA_DTYPE_F16 ? 2 : 0;
     const size_t bytes = (size_t)(w->rows * ld) * (code ? 2 : 4);
     if (!tuna_cuda_grow(be, &be->wdeq, off + bytes, "cudaMalloc(4-bit weight dequantized for training)")) return false;
@@ -119,16 +125,19 @@ static bool dequant_ld_at(tuna_backend *be, const struct tuna_weight *w, int64_t
     const int64_t nwords = numel / 8;
     const unsigned blocks = (unsigned)((nwords + 511) / 512);
     const uint32_t *codes = (const uint32_t *)w->data;
-    const int64_t K = w->cols;
-    if (code == 1)
-        k_train_dequant<1><<<blocks, 256, 0, be->stream>>>(dst, codes, sc, shift, q->round_mode, lut, nwords,
-                                                           K, ld);
-    else if (code == 2)
-        k_train_dequant<2><<<blocks, 256, 0, be->stream>>>(dst, codes, sc, shift, q->round_mode, lut, nwords,
-                                                           K, ld);
-    else
-        k_train_dequant<0><<<blocks, 256, 0, be->stream>>>(dst, codes, sc, shift, q->round_mode, lut, nwords,
-                                                           K, ld);
+    const uint32_t wpr = (uint32_t)(w->cols / 8), ldw = (uint32_t)(ld / 8);
+#define TQ_LAUNCH(O, L)                                                                                                  \
+    k_train_dequant<O, L><<<blocks, 256, 0, be->stream>>>(dst, codes, sc, shift, q->round_mode, lut, nwords, wpr, ldw)
+    if (ld == w->cols) {
+        if (code == 1) TQ_LAUNCH(1, false);
+        else if (code == 2) TQ_LAUNCH(2, false);
+        else TQ_LAUNCH(0, false);
+    } else {
+        if (code == 1) TQ_LAUNCH(1, true);
+        else if (code == 2) TQ_LAUNCH(2, true);
+        else TQ_LAUNCH(0, true);
+    }
+#undef TQ_LAUNCH
     tuna_cuda_check_launch(be, "k_train_dequant");
     *out = dst;
     *dt = code == 1 ? TUNA_DTYPE_BF16 : code == 2 ? TUNA_DTYPE_F16 : TUNA_DTYPE_F32;
