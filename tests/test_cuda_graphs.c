@@ -6,7 +6,7 @@
  * two different mixes of adapters per sequence (switched in the middle of one decode) replayed
  * from the same captured graph, then a detach and an attach of another set (a new key: a new
  * capture, never the old views), each bit for bit against eager steps; eager steps with the LoRA
- * shrinks on a second stream (lora_begin, the default) bit for bit equal to TUNA_LORA_OVERLAP=0.
+ * shrink in the lora call, before the GEMMs (default) or on a second stream, bit for bit equal.
  * Skips without a GPU. */
 #include "testutil.h"
 
@@ -126,15 +126,18 @@ static void check_lora(enum tuna_dtype dt)
     assert_int_equal(d[0], 1);
     assert_true(d[1] >= STEPS - 3);
     assert_int_equal(d[2], 0);
-    /* the shrinks started on a second stream beside the projections' GEMMs (lora_begin) change
-     * no bit: eager steps with TUNA_LORA_OVERLAP=0 against the eager run above */
+    /* where the shrink runs changes no bit: eager steps with TUNA_LORA_BEGIN=0 (in the lora call,
+     * float32 x) and 2 (a second stream beside the GEMMs) against the eager run above (1: before
+     * the GEMMs, on the 16-bit copy of x) */
     tuna_cuda_set_graphs(m->be, false);
-    setenv("TUNA_LORA_OVERLAP", "0", 1);
-    run_mix(m, kv, false, mix_a, mix_b, first);
-    unsetenv("TUNA_LORA_OVERLAP");
+    for (int mode = 0; mode < 2; mode++) {
+        setenv("TUNA_LORA_BEGIN", mode ? "2" : "0", 1);
+        run_mix(m, kv, false, mix_a, mix_b, first);
+        unsetenv("TUNA_LORA_BEGIN");
+        if (memcmp(first, without, n * sizeof(float)) != 0)
+            fail_msg("%s: logits with TUNA_LORA_BEGIN=%d differ from the default", tuna_dtype_name(dt), mode ? 2 : 0);
+    }
     tuna_cuda_set_graphs(m->be, true);
-    if (memcmp(first, without, n * sizeof(float)) != 0)
-        fail_msg("%s: logits with the LoRA shrinks on a second stream differ from TUNA_LORA_OVERLAP=0", tuna_dtype_name(dt));
     /* the second half differs from a run that keeps the first mix: the replay followed the mix */
     memcpy(first, with, n * sizeof(float));
     compare_mix(m, kv, mix_a, mix_a, with, without, n, d);

@@ -954,12 +954,13 @@ static int lora_plan_make(tuna_backend *be, struct lora_plan *p, int n, float *c
     p->d_start = (const int32_t *)(mb + o_s);
 
     static int tc = -1; /* TUNA_LORA_TC=0: 16-bit adapters on the CUDA-core kernels too (for measurement) */
-    static int fold = -1; /* TUNA_LORA_FOLD=0: the down projection's LoRA shrinks the GLU output itself */
+    static int fold = -1; /* TUNA_LORA_FOLD=1: down's shrink folded into the GLU (off: the H100 measured the
+                           * folded GLU expand at 381 us per call at 2048 tokens against k_glu's 157) */
     if (tc < 0) {
         const char *e = getenv("TUNA_LORA_TC");
         tc = !(e && e[0] == '0');
         e = getenv("TUNA_LORA_FOLD");
-        fold = !(e && e[0] == '0');
+        fold = e && e[0] == '1';
     }
     if (dt == 0 || be->cc_major < 8 || !tc) return PLAN_F32;
     tc_banks &b = p->b;
@@ -1055,12 +1056,14 @@ static bool pre_matches(const tuna_backend *be, const struct lora_plan *p, const
     return true;
 }
 
-/* TUNA_LORA_OVERLAP=0: lora_begin starts nothing (the shrink runs in the lora call, as before).
- * Read at every call (test_cuda_graphs switches it within one process). */
-static bool overlap_on(void)
+/* Where lora_begin runs the shrink (TUNA_LORA_BEGIN, read at every call: test_cuda_graphs switches
+ * it): 1 (default) on the main stream before the GEMMs, reading the 16-bit copy of x they use;
+ * 2 on a second stream beside the GEMMs (the H100 measured it 2% slower end to end with float32
+ * x: the shrink's blocks delay the GEMM's); 0 nowhere (the lora call shrinks float32 x, as before). */
+static int begin_mode(void)
 {
-    const char *e = getenv("TUNA_LORA_OVERLAP");
-    return !(e && e[0] == '0');
+    const char *e = getenv("TUNA_LORA_BEGIN");
+    return e && (e[0] == '0' || e[0] == '2') ? e[0] - '0' : 1;
 }
 
 void tuna_cuda_lora_begin(tuna_backend *be, int n, const int64_t *Ns, const float *x, int64_t T, int64_t K,
@@ -1073,8 +1076,9 @@ void tuna_cuda_lora_begin(tuna_backend *be, int n, const int64_t *Ns, const floa
         q.pending = false;
     }
     q.valid = false;
-    if (!overlap_on() || be->sticky) return;
-    if (!q.made) {
+    const int mode = begin_mode();
+    if (mode == 0 || be->sticky) return;
+    if (mode == 2 && !q.made) {
         if (be->capturing) return; /* made outside a capture only */
         if (cudaStreamCreateWithFlags(&q.side, cudaStreamNonBlocking) != cudaSuccess) {
             cudaGetLastError();
@@ -1099,20 +1103,24 @@ void tuna_cuda_lora_begin(tuna_backend *be, int n, const int64_t *Ns, const floa
         if (!tuna_cuda_to_half(be, x, T * K, p.dt, true)) return;
         xh = be->half.p;
     }
-    if (!tuna_cuda_check(be, cudaEventRecord(q.fork, be->stream), "cudaEventRecord(LoRA fork)") ||
-        !tuna_cuda_check(be, cudaStreamWaitEvent(q.side, q.fork, 0), "cudaStreamWaitEvent(LoRA fork)"))
+    const bool side = mode == 2 && q.made;
+    if (side && (!tuna_cuda_check(be, cudaEventRecord(q.fork, be->stream), "cudaEventRecord(LoRA fork)") ||
+                 !tuna_cuda_check(be, cudaStreamWaitEvent(q.side, q.fork, 0), "cudaStreamWaitEvent(LoRA fork)")))
         return;
+    const cudaStream_t st = side ? q.side : be->stream;
     bool ok;
     if (p.dt == 1)
-        ok = launch_shrink<__nv_bfloat16>(be, q.side, p.b, x, xh, T, K, p.S, p.KC, p.sh_tiles,
+        ok = launch_shrink<__nv_bfloat16>(be, st, p.b, x, xh, T, K, p.S, p.KC, p.sh_tiles,
                                           (__nv_bfloat16 *)(p.base + p.u_off), (float *)(p.base + p.p_off),
                                           (int *)p.base, p.d_order, p.d_start);
     else
-        ok = launch_shrink<__half>(be, q.side, p.b, x, xh, T, K, p.S, p.KC, p.sh_tiles, (__half *)(p.base + p.u_off),
+        ok = launch_shrink<__half>(be, st, p.b, x, xh, T, K, p.S, p.KC, p.sh_tiles, (__half *)(p.base + p.u_off),
                                    (float *)(p.base + p.p_off), (int *)p.base, p.d_order, p.d_start);
-    if (!tuna_cuda_check(be, cudaEventRecord(q.join, q.side), "cudaEventRecord(LoRA join)")) return;
-    q.pending = true;
-    q.reads_half = xh != NULL;
+    if (side) {
+        if (!tuna_cuda_check(be, cudaEventRecord(q.join, q.side), "cudaEventRecord(LoRA join)")) return;
+        q.pending = true;
+        q.reads_half = xh != NULL;
+    }
     if (!ok) return;
     q.valid = true;
     q.x = x;
