@@ -257,6 +257,7 @@ static void test_lora(void **state)
              * between (the kept shrink is dropped, down shrinks afresh); run 2 follows with down's
              * plain form (y += LoRA: forward.c's order when the projection accumulated into the
              * residual stream), which uses the kept shrink too. The CPU computes it afresh. */
+            setenv("TUNA_LORA_FOLD", "1", 1); /* the fold is opt-in (lora.cu) */
             for (int run = 0; run < 3; run++) {
                 const int64_t Nd = K; /* down: N -> K */
                 struct tuna_lora_w dc[NA], dg[NA];
@@ -312,6 +313,7 @@ static void test_lora(void **state)
                 tuna_cuda_free(g_gpu, dwd), tuna_cuda_free(g_gpu, dout), tuna_cuda_free(g_gpu, dp), tuna_cuda_free(g_gpu, dr);
                 free(oc), free(p0), free(r0), free(pc), free(rc), free(rg);
             }
+            unsetenv("TUNA_LORA_FOLD");
             /* the residual form of linear 1 (o/down): out += y + LoRA for every token */
             {
                 const struct tuna_lora_bank *c1[1] = {&sc[1]}, *g1[1] = {&sg[1]};

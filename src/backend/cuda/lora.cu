@@ -954,14 +954,14 @@ static int lora_plan_make(tuna_backend *be, struct lora_plan *p, int n, float *c
     p->d_start = (const int32_t *)(mb + o_s);
 
     static int tc = -1; /* TUNA_LORA_TC=0: 16-bit adapters on the CUDA-core kernels too (for measurement) */
-    static int fold = -1; /* TUNA_LORA_FOLD=1: down's shrink folded into the GLU (off: the H100 measured the
-                           * folded GLU expand at 381 us per call at 2048 tokens against k_glu's 157) */
     if (tc < 0) {
         const char *e = getenv("TUNA_LORA_TC");
         tc = !(e && e[0] == '0');
-        e = getenv("TUNA_LORA_FOLD");
-        fold = e && e[0] == '1';
     }
+    /* TUNA_LORA_FOLD=1: down's shrink folded into the GLU (off: the H100 measured the folded GLU
+     * expand at 381 us per call at 2048 tokens against k_glu's 157). Read at every call (tests). */
+    const char *fe = getenv("TUNA_LORA_FOLD");
+    const bool fold = fe && fe[0] == '1';
     if (dt == 0 || be->cc_major < 8 || !tc) return PLAN_F32;
     tc_banks &b = p->b;
     b.nb = nl;
