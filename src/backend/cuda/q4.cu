@@ -1349,12 +1349,13 @@ static bool q4m_try(tuna_backend *be, const float *x, struct gemv_job *j, const 
  *   x staged once per block as f16 pairs (HFMA2: one instruction per two weights), summed in f16
  *   over one lane's 32 weights (16 pairs in two partial sums), converted to float32 and scaled by
  *   the block's absmax in float32 (acc += absmax * float(sum)): about 2 instructions per weight;
- * - a software pipeline: each warp keeps D steps (D = 4; TUNA_Q4_P=2 for 2) of codes and scales
+ * - a software pipeline: each warp keeps D steps (D = 2; TUNA_Q4_P=4 for 4) of codes and scales
  *   in registers, the load of a step issued as soon as the step before it in the ring has been
  *   computed, across items, so every warp has its next bytes in flight while it computes;
  * - items of 2 rows (GLU: the gate and up rows of one output) shared by a pair of warps of the
  *   block that split K (warp h of the pair takes the 1024-weight units h, h + 2, ...; each lane a
- *   16-byte chunk of codes per row and unit): every x load serves 2 rows, and the work comes in
+ *   16-byte chunk of codes per row and unit), each pair a contiguous range of items (adjacent
+ *   rows: the next item's pointers are the last ones plus a constant): every x load serves 2 rows, and the work comes in
  *   units of about one row per warp, so the 4096-row matrices (2048 items for 1056 pairs) keep
  *   every warp busy to within one row; the pair's two sums meet in shared memory (a named barrier
  *   per item) and are added in a fixed order: deterministic;
@@ -1497,8 +1498,12 @@ __global__ void __launch_bounds__(Q4H_THREADS, 1)
 
     const int K32 = (int)(j.K / 32);
     const int upw = ((K32 + 31) / 32 + 1) / 2; /* steps per item and warp: units h, h + 2, ... */
-    const int64_t it0 = blockIdx.x + (int64_t)gridDim.x * pair, istride = (int64_t)gridDim.x * Q4H_PAIRS;
-    const int64_t nmy = it0 < nitems ? (nitems - 1 - it0) / istride + 1 : 0;
+    /* pair P (spread over the blocks first) takes a contiguous range of items: adjacent rows,
+     * the first (nitems % pairs) pairs one more */
+    const int64_t P = blockIdx.x + (int64_t)gridDim.x * pair, npairs = (int64_t)gridDim.x * Q4H_PAIRS;
+    const int64_t ibase = (uint32_t)nitems / (uint32_t)npairs, iextra = (uint32_t)nitems % (uint32_t)npairs; /* < 2^31 */
+    const int64_t it0 = P * ibase + (P < iextra ? P : iextra), nmy = ibase + (P < iextra ? 1 : 0);
+    const int64_t itend = it0 + nmy;
     const int64_t total = nmy * upw;
     const int bs_shift = j.bs_shift;
     const int chunk0 = h * 32 + lane; /* the lane's chunk (16 bytes, 32 weights) in the item's first step */
@@ -1514,7 +1519,7 @@ __global__ void __launch_bounds__(Q4H_THREADS, 1)
     /* the next item of the pair is rstep rows further: in the same matrix (both rows before its
      * end) the pointers move by a constant (dc chunks, de weights, less the steps already taken) */
     const bool glu = j.mode == GEMV_GLU;
-    const int64_t rstep = glu ? istride : 2 * istride;
+    const int64_t rstep = glu ? 1 : 2;
     const int64_t dc = rstep * j.K / 32 - (int64_t)64 * (upw - 1);
     const uint32_t de = (uint32_t)(rstep * j.K - (int64_t)2048 * (upw - 1));
     int64_t l_it = it0, l_n = 0, l_N = 0;
@@ -1536,7 +1541,7 @@ __global__ void __launch_bounds__(Q4H_THREADS, 1)
         }
     };
     auto load_next = [&](struct q4h_stage &st) {
-        if (l_it >= nitems) return;
+        if (l_it >= itend) return;
         if (l_chunk < K32) {
 #pragma unroll
             for (int r = 0; r < 2; r++) {
@@ -1553,8 +1558,8 @@ __global__ void __launch_bounds__(Q4H_THREADS, 1)
         if (++l_m == upw) {
             l_m = 0;
             l_chunk = chunk0;
-            l_it += istride;
-            if (l_it < nitems) {
+            l_it++;
+            if (l_it < itend) {
                 l_n += rstep;
                 if (l_n + (glu ? 0 : 1) < l_N) {
 #pragma unroll
@@ -1659,20 +1664,21 @@ __global__ void __launch_bounds__(Q4H_THREADS, 1)
             }
             acc[0] = acc[1] = 0.0f;
             c_k++;
-            c_it += istride;
+            c_it++;
             c_n0 += rstep;
-            if (c_it < nitems && c_n0 + (glu ? 0 : 1) >= c_N) set_cmp(c_it); /* a new matrix, or its end */
+            if (c_it < itend && c_n0 + (glu ? 0 : 1) >= c_N) set_cmp(c_it); /* a new matrix, or its end */
         }
     }
 }
 
-/* Steps in flight per warp of k_q4_h2: 4 (default), TUNA_Q4_P=2 for 2. */
+/* Steps in flight per warp of k_q4_h2: 2 (default), TUNA_Q4_P=4 for 4 (sixth session's first H100
+ * round: chain 77.4 us/layer with 2 against 82.3 with 4). */
 static int q4_p_mode(void)
 {
     static int v = -1;
     if (v < 0) {
         const char *e = getenv("TUNA_Q4_P");
-        v = e && e[0] == '2' ? 2 : 4;
+        v = e && e[0] == '4' ? 4 : 2;
     }
     return v;
 }
