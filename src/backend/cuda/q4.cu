@@ -1476,7 +1476,7 @@ static __device__ __forceinline__ float q4h_dot(const uint8_t *tab, uint4 c, con
 template <bool NORM, int D>
 __global__ void __launch_bounds__(Q4H_THREADS, 1)
     k_q4_h2(const float *__restrict__ x, const __grid_constant__ struct gemv_job j, const struct q4_lut lut_in,
-            int64_t nitems, float lmax)
+            int64_t nitems, float lmax, int solo)
 {
     extern __shared__ float4 q4h_smem4[];
     uint8_t *tab = reinterpret_cast<uint8_t *>(q4h_smem4);          /* [256][256 bytes], half2 at lane * 4 */
@@ -1497,16 +1497,18 @@ __global__ void __launch_bounds__(Q4H_THREADS, 1)
             for (int e = threadIdx.x; e < 256; e += blockDim.x) ncode[s * 256 + e] = __ldg(j.s[s].sc.ncode + e);
 
     const int K32 = (int)(j.K / 32);
-    const int upw = ((K32 + 31) / 32 + 1) / 2; /* steps per item and warp: units h, h + 2, ... */
-    /* pair P (spread over the blocks first) takes a contiguous range of items: adjacent rows,
-     * the first (nitems % pairs) pairs one more */
-    const int64_t P = blockIdx.x + (int64_t)gridDim.x * pair, npairs = (int64_t)gridDim.x * Q4H_PAIRS;
+    /* steps per item and warp: units h, h + 2, ... (solo, TUNA_Q4_S=1: every unit, each warp alone) */
+    const int KU = (K32 + 31) / 32, upw = solo ? KU : (KU + 1) / 2, cstep = solo ? 32 : 64;
+    /* pair P (spread over the blocks first; solo: warp P) takes a contiguous range of items:
+     * adjacent rows, the first (nitems % pairs) pairs one more */
+    const int64_t P = blockIdx.x + (int64_t)gridDim.x * (solo ? warp : pair);
+    const int64_t npairs = (int64_t)gridDim.x * (solo ? 2 * Q4H_PAIRS : Q4H_PAIRS);
     const int64_t ibase = (uint32_t)nitems / (uint32_t)npairs, iextra = (uint32_t)nitems % (uint32_t)npairs; /* < 2^31 */
     const int64_t it0 = P * ibase + (P < iextra ? P : iextra), nmy = ibase + (P < iextra ? 1 : 0);
     const int64_t itend = it0 + nmy;
     const int64_t total = nmy * upw;
     const int bs_shift = j.bs_shift;
-    const int chunk0 = h * 32 + lane; /* the lane's chunk (16 bytes, 32 weights) in the item's first step */
+    const int chunk0 = (solo ? 0 : h * 32) + lane; /* the lane's chunk (16 bytes, 32 weights) in the item's first step */
 
     /* the load side: the step after the last one loaded */
     struct {
@@ -1520,8 +1522,8 @@ __global__ void __launch_bounds__(Q4H_THREADS, 1)
      * end) the pointers move by a constant (dc chunks, de weights, less the steps already taken) */
     const bool glu = j.mode == GEMV_GLU;
     const int64_t rstep = glu ? 1 : 2;
-    const int64_t dc = rstep * j.K / 32 - (int64_t)64 * (upw - 1);
-    const uint32_t de = (uint32_t)(rstep * j.K - (int64_t)2048 * (upw - 1));
+    const int64_t dc = rstep * j.K / 32 - (int64_t)cstep * (upw - 1);
+    const uint32_t de = (uint32_t)(rstep * j.K - (int64_t)cstep * 32 * (upw - 1));
     int64_t l_it = it0, l_n = 0, l_N = 0;
     int l_chunk = chunk0, l_m = 0;
     auto set_src = [&](int64_t it) {
@@ -1569,9 +1571,9 @@ __global__ void __launch_bounds__(Q4H_THREADS, 1)
                 }
             }
         } else {
-            l_chunk += 64;
+            l_chunk += cstep;
 #pragma unroll
-            for (int r = 0; r < 2; r++) src[r].c += 64, src[r].e += 2048u;
+            for (int r = 0; r < 2; r++) src[r].c += cstep, src[r].e += (uint32_t)cstep * 32u;
         }
     };
 
@@ -1631,7 +1633,7 @@ __global__ void __launch_bounds__(Q4H_THREADS, 1)
             }
             load_next(st[u]);
             if (++c_m < upw) {
-                c_chunk += 64;
+                c_chunk += cstep;
                 continue;
             }
             /* the item's last step: the pair's sums */
@@ -1640,11 +1642,15 @@ __global__ void __launch_bounds__(Q4H_THREADS, 1)
 #pragma unroll
             for (int r = 0; r < 2; r++)
                 for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
-            float *pp = part[pair][c_k & 1];
-            if (h == 1 && lane == 0) pp[0] = acc[0], pp[1] = acc[1];
-            asm volatile("bar.sync %0, 64;" ::"r"(1 + pair) : "memory");
-            if (h == 0 && lane == 0) {
-                const float v0 = (acc[0] + pp[0]) * inv_s, v1 = (acc[1] + pp[1]) * inv_s;
+            float p0 = 0.0f, p1 = 0.0f;
+            if (!solo) {
+                float *pp = part[pair][c_k & 1];
+                if (h == 1 && lane == 0) pp[0] = acc[0], pp[1] = acc[1];
+                asm volatile("bar.sync %0, 64;" ::"r"(1 + pair) : "memory");
+                if (h == 0) p0 = pp[0], p1 = pp[1];
+            }
+            if ((solo || h == 0) && lane == 0) {
+                const float v0 = (acc[0] + p0) * inv_s, v1 = (acc[1] + p1) * inv_s;
                 if (j.mode == GEMV_GLU) {
                     const int64_t N = j.s[0].N;
                     const float bg = j.s[0].bias ? j.s[0].bias[c_n0] : 0.0f;
@@ -1683,6 +1689,17 @@ static int q4_p_mode(void)
     return v;
 }
 
+/* TUNA_Q4_S=1: k_q4_h2 may run each warp alone (see q4h_try); default 0. */
+static int q4_s_mode(void)
+{
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("TUNA_Q4_S");
+        v = e && e[0] == '1';
+    }
+    return v;
+}
+
 /* k_q4_h2 for job j when it fits (T = 1, K % 32 == 0, blocksize >= 32, 16-byte aligned codes,
  * N * K < 2^31 per matrix, x and the table within the opt-in shared memory); false: the caller
  * tries k_q4_tab. */
@@ -1700,14 +1717,22 @@ static bool q4h_try(tuna_backend *be, const float *x, struct gemv_job *j, const 
     const int64_t want = (nitems + Q4H_PAIRS - 1) / Q4H_PAIRS;
     const int64_t blocks = want < sms ? want : sms;
     if (blocks < 1) return true; /* nothing to do */
+    /* TUNA_Q4_S=1: each warp alone over the whole K (no pair barrier, half the items) where that
+     * gives no warp more steps than the pairs do (gate/up, o and down at 8B shapes; q/k/v stays
+     * split); default: always pairs */
+    int solo = 0;
+    if (q4_s_mode()) {
+        const int64_t KU = (K / 32 + 31) / 32, pairs = blocks * Q4H_PAIRS;
+        solo = (nitems + 2 * pairs - 1) / (2 * pairs) * KU <= (nitems + pairs - 1) / pairs * ((KU + 1) / 2);
+    }
     float lmax = 0.0f;
     for (int c = 0; c < 16; c++) lmax = fmaxf(lmax, fabsf(lut->v[c]));
     j->prefetch = tuna_cuda_gemv_prefetch();
     const bool norm = j->nw != NULL, d2 = q4_p_mode() == 2;
     const dim3 grid((unsigned)blocks), block(Q4H_THREADS);
     if (norm)
-        return d2 ? tuna_cuda_launch(be, "k_q4_h2", k_q4_h2<true, 2>, grid, block, smem, x, *j, *lut, nitems, lmax)
-                  : tuna_cuda_launch(be, "k_q4_h2", k_q4_h2<true, 4>, grid, block, smem, x, *j, *lut, nitems, lmax);
-    return d2 ? tuna_cuda_launch(be, "k_q4_h2", k_q4_h2<false, 2>, grid, block, smem, x, *j, *lut, nitems, lmax)
-              : tuna_cuda_launch(be, "k_q4_h2", k_q4_h2<false, 4>, grid, block, smem, x, *j, *lut, nitems, lmax);
+        return d2 ? tuna_cuda_launch(be, "k_q4_h2", k_q4_h2<true, 2>, grid, block, smem, x, *j, *lut, nitems, lmax, solo)
+                  : tuna_cuda_launch(be, "k_q4_h2", k_q4_h2<true, 4>, grid, block, smem, x, *j, *lut, nitems, lmax, solo);
+    return d2 ? tuna_cuda_launch(be, "k_q4_h2", k_q4_h2<false, 2>, grid, block, smem, x, *j, *lut, nitems, lmax, solo)
+              : tuna_cuda_launch(be, "k_q4_h2", k_q4_h2<false, 4>, grid, block, smem, x, *j, *lut, nitems, lmax, solo);
 }
