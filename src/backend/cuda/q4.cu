@@ -3,7 +3,8 @@
  * Block scales: float32 absmax, or (what a double-quantized checkpoint uploads, src/model/device.c)
  * the nested form, rebuilt per block by q4_absmax bit-identical to the CPU's reconstruction.
  * Decode (T <= TUNA_CUDA_GEMV_MAX_T): fused dequant-GEMVs that read each 4-bit matrix once per step:
- * the grouped k_q4_tab (default: q/k/v, gate/up + GLU, o/down into the residual, RMSNorm folded in),
+ * k_q4_h2 at T = 1 with 16-bit compute (default; f16 pairs, see below) and the grouped k_q4_tab
+ * otherwise (q/k/v, gate/up + GLU, o/down into the residual, RMSNorm folded in),
  * k_q4_multi where k_q4_tab does not fit, and the first session's single-matrix kernels (exact
  * per-weight rounding to bf16/f16 for 16-bit checkpoints run in float32; TUNA_Q4_OLD=1).
  * Prefill (larger T): the matrix is dequantized into a scratch buffer of the compute dtype and
