@@ -257,7 +257,7 @@ static void test_lora(void **state)
              * between (the kept shrink is dropped, down shrinks afresh); run 2 follows with down's
              * plain form (y += LoRA: forward.c's order when the projection accumulated into the
              * residual stream), which uses the kept shrink too. The CPU computes it afresh. */
-            setenv("TUNA_LORA_FOLD", "1", 1); /* the fold is opt-in (lora.cu) */
+            setenv("TUNA_LORA_FOLD", "1", 1); /* the fold (the default; explicit here) */
             for (int run = 0; run < 3; run++) {
                 const int64_t Nd = K; /* down: N -> K */
                 struct tuna_lora_w dc[NA], dg[NA];

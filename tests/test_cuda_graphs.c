@@ -6,7 +6,7 @@
  * two different mixes of adapters per sequence (switched in the middle of one decode) replayed
  * from the same captured graph, then a detach and an attach of another set (a new key: a new
  * capture, never the old views), each bit for bit against eager steps; eager steps with the LoRA
- * shrink in the lora call, before the GEMMs (default) or on a second stream, bit for bit equal.
+ * shrink in the lora call (default), before the GEMMs or on a second stream, bit for bit equal.
  * Skips without a GPU. */
 #include "testutil.h"
 
@@ -126,16 +126,16 @@ static void check_lora(enum tuna_dtype dt)
     assert_int_equal(d[0], 1);
     assert_true(d[1] >= STEPS - 3);
     assert_int_equal(d[2], 0);
-    /* where the shrink runs changes no bit: eager steps with TUNA_LORA_BEGIN=0 (in the lora call,
-     * float32 x) and 2 (a second stream beside the GEMMs) against the eager run above (1: before
-     * the GEMMs, on the 16-bit copy of x) */
+    /* where the shrink runs changes no bit: eager steps with TUNA_LORA_BEGIN=1 (before the GEMMs,
+     * on the 16-bit copy of x) and 2 (a second stream beside the GEMMs) against the eager run
+     * above (the default 0: in the lora call, float32 x) */
     tuna_cuda_set_graphs(m->be, false);
-    for (int mode = 0; mode < 2; mode++) {
-        setenv("TUNA_LORA_BEGIN", mode ? "2" : "0", 1);
+    for (int mode = 1; mode <= 2; mode++) {
+        setenv("TUNA_LORA_BEGIN", mode == 1 ? "1" : "2", 1);
         run_mix(m, kv, false, mix_a, mix_b, first);
         unsetenv("TUNA_LORA_BEGIN");
         if (memcmp(first, without, n * sizeof(float)) != 0)
-            fail_msg("%s: logits with TUNA_LORA_BEGIN=%d differ from the default", tuna_dtype_name(dt), mode ? 2 : 0);
+            fail_msg("%s: logits with TUNA_LORA_BEGIN=%d differ from the default", tuna_dtype_name(dt), mode);
     }
     tuna_cuda_set_graphs(m->be, true);
     /* the second half differs from a run that keeps the first mix: the replay followed the mix */

@@ -163,10 +163,10 @@ struct tuna_backend_ops {
      * equal ys[0]; ys[0] and ys[1] may be overwritten). The GLU form may name a third set (n ==
      * 3, ys[2] unused, Ns[2] its outputs): the adapters of the linear that reads glu_out next
      * (down, whose K is Ns[0]); a GPU backend may then fold that linear's shrink into the GLU
-     * (CUDA: TUNA_LORA_FOLD=1) and keep its rank-r activations for the residual- or plain-form
-     * call on glu_out that follows (valid only for the next lora call, with glu_out unchanged in
-     * between; any other call drops them; results equal a fresh shrink up to the order of float32
-     * sums). With glu_out and act ==
+     * (CUDA: the default; TUNA_LORA_FOLD=0 off) and keep its rank-r activations for the
+     * residual- or plain-form call on glu_out that follows (valid only for the next lora call,
+     * with glu_out unchanged in between; any other call drops them; results equal a fresh shrink
+     * up to the order of float32 sums). With glu_out and act ==
      * TUNA_LORA_RESIDUAL (n == 1: o/down): glu_out[t] += ys[0][t] + LoRA_0 for every token instead
      * (the projection added into the residual stream with its adapter in one pass; ys[0] may be
      * overwritten). One call serves a batch that mixes several

@@ -958,10 +958,11 @@ static int lora_plan_make(tuna_backend *be, struct lora_plan *p, int n, float *c
         const char *e = getenv("TUNA_LORA_TC");
         tc = !(e && e[0] == '0');
     }
-    /* TUNA_LORA_FOLD=1: down's shrink folded into the GLU (off: the H100 measured the folded GLU
-     * expand at 381 us per call at 2048 tokens against k_glu's 157). Read at every call (tests). */
+    /* TUNA_LORA_FOLD=0: down shrinks the GLU output itself instead of the GLU expand folding it
+     * (the folded expand takes 381 us per call at 2048 tokens against k_glu's 157, yet the H100
+     * measured the fold faster end to end: 5,366 vs 5,292 tok/s). Read at every call (tests). */
     const char *fe = getenv("TUNA_LORA_FOLD");
-    const bool fold = fe && fe[0] == '1';
+    const bool fold = !(fe && fe[0] == '0');
     if (dt == 0 || be->cc_major < 8 || !tc) return PLAN_F32;
     tc_banks &b = p->b;
     b.nb = nl;
@@ -1057,13 +1058,14 @@ static bool pre_matches(const tuna_backend *be, const struct lora_plan *p, const
 }
 
 /* Where lora_begin runs the shrink (TUNA_LORA_BEGIN, read at every call: test_cuda_graphs switches
- * it): 1 (default) on the main stream before the GEMMs, reading the 16-bit copy of x they use;
- * 2 on a second stream beside the GEMMs (the H100 measured it 2% slower end to end with float32
- * x: the shrink's blocks delay the GEMM's); 0 nowhere (the lora call shrinks float32 x, as before). */
+ * it): 0 (default) nowhere, the lora call after the GEMM shrinks float32 x; 1 on the main stream
+ * before the GEMMs, reading the 16-bit copy of x they use; 2 on a second stream beside the GEMMs.
+ * The H100 measured both slower end to end (docs/PERFORMANCE.md, Multi-LoRA, sixth session:
+ * 5,292 and 5,246 output tok/s against 5,552 with 0). */
 static int begin_mode(void)
 {
     const char *e = getenv("TUNA_LORA_BEGIN");
-    return e && (e[0] == '0' || e[0] == '2') ? e[0] - '0' : 1;
+    return e && (e[0] == '1' || e[0] == '2') ? e[0] - '0' : 0;
 }
 
 void tuna_cuda_lora_begin(tuna_backend *be, int n, const int64_t *Ns, const float *x, int64_t T, int64_t K,
