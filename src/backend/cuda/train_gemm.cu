@@ -40,42 +40,52 @@ static int tg_splits(tuna_backend *be, int64_t M, int64_t N, int64_t K, bool fas
     return 1;
 }
 
+/* The split-K form of both wrappers below: S chunks of the reduction (Kc = K / S) as one strided
+ * batched GEMM into float32 partials [S, M, N], then k_train_splitk_sum adds them in chunk order
+ * into C (C = their sum + beta C). et: A and B's element type; what: the call named in errors. */
+static bool tg_splitk(tuna_backend *be, bool ta, bool tb, int64_t M, int64_t N, int64_t K, int S, float alpha,
+                      const void *A, int64_t lda, const void *B, int64_t ldb, float beta, float *C, int64_t ldc,
+                      cudaDataType_t et, cublasComputeType_t compute, const char *what)
+{
+    cublasOperation_t opB = tb ? CUBLAS_OP_T : CUBLAS_OP_N, opA = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+    float *P = NULL;
+    const int64_t Kc = K / S;
+    if (!tuna_cuda_check(be, cudaMallocAsync((void **)&P, (size_t)(S * M * N) * sizeof(float), be->stream),
+                         "cudaMallocAsync(training GEMM split-K partials)"))
+        return false;
+    const float zero = 0.0f;
+    /* chunk s of the reduction: columns s Kc.. of a row-major operand read untransposed
+       (A) / transposed (B), rows s Kc.. otherwise */
+    const long long sA = ta ? Kc * lda : Kc, sB = tb ? Kc : Kc * ldb;
+    bool ok = tuna_cuda_check_blas(be,
+                                   cublasGemmStridedBatchedEx(be->blas, opB, opA, (int)N, (int)M, (int)Kc, &alpha, B, et,
+                                                              (int)ldb, sB, A, et, (int)lda, sA, &zero, P, CUDA_R_32F,
+                                                              (int)N, (long long)(M * N), S, compute,
+                                                              CUBLAS_GEMM_DEFAULT),
+                                   what);
+    if (ok) {
+        const int64_t MN = M * N;
+        const unsigned nb = (unsigned)((MN + 255) / 256 < 1024 ? (MN + 255) / 256 : 1024);
+        k_train_splitk_sum<<<nb, 256, 0, be->stream>>>(C, ldc, P, M, N, S, beta);
+        ok = tuna_cuda_check_launch(be, "k_train_splitk_sum");
+    }
+    tuna_cuda_check(be, cudaFreeAsync(P, be->stream), "cudaFreeAsync(training GEMM split-K partials)");
+    return ok && !be->sticky;
+}
+
 bool tuna_cuda_train_gemm(tuna_backend *be, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
                           const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc,
                           bool fast)
 {
     if (be->sticky) return false;
     if (M <= 0 || N <= 0) return true;
+    const int S = tg_splits(be, M, N, K, fast);
+    if (S > 1)
+        return tg_splitk(be, ta, tb, M, N, K, S, alpha, A, lda, B, ldb, beta, C, ldc, CUDA_R_32F,
+                         CUBLAS_COMPUTE_32F_FAST_TF32, "cublasGemmStridedBatchedEx(training, split-K)");
     /* column-major view: C^T[N,M] = op(B)^T op(A)^T, the stored row-major arrays read as their
        transposes, so the transpose flags carry over unchanged */
     cublasOperation_t opB = tb ? CUBLAS_OP_T : CUBLAS_OP_N, opA = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
-    const int S = tg_splits(be, M, N, K, fast);
-    if (S > 1) {
-        float *P = NULL;
-        const int64_t Kc = K / S;
-        if (!tuna_cuda_check(be, cudaMallocAsync((void **)&P, (size_t)(S * M * N) * sizeof(float), be->stream),
-                             "cudaMallocAsync(training GEMM split-K partials)"))
-            return false;
-        const float zero = 0.0f;
-        /* chunk s of the reduction: columns s Kc.. of a row-major operand read untransposed
-           (A) / transposed (B), rows s Kc.. otherwise */
-        const long long sA = ta ? Kc * lda : Kc, sB = tb ? Kc : Kc * ldb;
-        bool ok = tuna_cuda_check_blas(be,
-                                       cublasGemmStridedBatchedEx(be->blas, opB, opA, (int)N, (int)M, (int)Kc, &alpha, B,
-                                                                  CUDA_R_32F, (int)ldb, sB, A, CUDA_R_32F, (int)lda,
-                                                                  sA, &zero, P, CUDA_R_32F, (int)N,
-                                                                  (long long)(M * N), S,
-                                                                  CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT),
-                                       "cublasGemmStridedBatchedEx(training, split-K)");
-        if (ok) {
-            const int64_t MN = M * N;
-            const unsigned nb = (unsigned)((MN + 255) / 256 < 1024 ? (MN + 255) / 256 : 1024);
-            k_train_splitk_sum<<<nb, 256, 0, be->stream>>>(C, ldc, P, M, N, S, beta);
-            ok = tuna_cuda_check_launch(be, "k_train_splitk_sum");
-        }
-        tuna_cuda_check(be, cudaFreeAsync(P, be->stream), "cudaFreeAsync(training GEMM split-K partials)");
-        return ok && !be->sticky;
-    }
     return tuna_cuda_check_blas(be,
                                 cublasGemmEx(be->blas, opB, opA, (int)N, (int)M, (int)K, &alpha, B, CUDA_R_32F,
                                              (int)ldb, A, CUDA_R_32F, (int)lda, &beta, C, CUDA_R_32F, (int)ldc,
@@ -92,33 +102,13 @@ bool tuna_cuda_train_gemm16(tuna_backend *be, bool ta, bool tb, int64_t M, int64
 {
     if (be->sticky) return false;
     if (M <= 0 || N <= 0) return true;
-    cublasOperation_t opB = tb ? CUBLAS_OP_T : CUBLAS_OP_N, opA = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
     int S = tg_splits(be, M, N, K, true);
     while (S > 1 && (K / S) % 8 != 0) /* 16-byte aligned chunks */
         S /= 2;
-    if (S > 1) {
-        float *P = NULL;
-        const int64_t Kc = K / S;
-        if (!tuna_cuda_check(be, cudaMallocAsync((void **)&P, (size_t)(S * M * N) * sizeof(float), be->stream),
-                             "cudaMallocAsync(training GEMM split-K partials)"))
-            return false;
-        const float zero = 0.0f;
-        const long long sA = ta ? Kc * lda : Kc, sB = tb ? Kc : Kc * ldb;
-        bool ok = tuna_cuda_check_blas(be,
-                                       cublasGemmStridedBatchedEx(be->blas, opB, opA, (int)N, (int)M, (int)Kc, &alpha, B,
-                                                                  ct, (int)ldb, sB, A, ct, (int)lda, sA, &zero, P,
-                                                                  CUDA_R_32F, (int)N, (long long)(M * N), S,
-                                                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                                       "cublasGemmStridedBatchedEx(training, 16-bit, split-K)");
-        if (ok) {
-            const int64_t MN = M * N;
-            const unsigned nb = (unsigned)((MN + 255) / 256 < 1024 ? (MN + 255) / 256 : 1024);
-            k_train_splitk_sum<<<nb, 256, 0, be->stream>>>(C, ldc, P, M, N, S, beta);
-            ok = tuna_cuda_check_launch(be, "k_train_splitk_sum");
-        }
-        tuna_cuda_check(be, cudaFreeAsync(P, be->stream), "cudaFreeAsync(training GEMM split-K partials)");
-        return ok && !be->sticky;
-    }
+    if (S > 1)
+        return tg_splitk(be, ta, tb, M, N, K, S, alpha, A, lda, B, ldb, beta, C, ldc, ct, CUBLAS_COMPUTE_32F,
+                         "cublasGemmStridedBatchedEx(training, 16-bit, split-K)");
+    cublasOperation_t opB = tb ? CUBLAS_OP_T : CUBLAS_OP_N, opA = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
     return tuna_cuda_check_blas(be,
                                 cublasGemmEx(be->blas, opB, opA, (int)N, (int)M, (int)K, &alpha, B, ct, (int)ldb, A, ct,
                                              (int)lda, &beta, C, CUDA_R_32F, (int)ldc, CUBLAS_COMPUTE_32F,
