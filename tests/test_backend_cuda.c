@@ -173,8 +173,8 @@ static void test_lora(void **state)
                     keep[l][2 * a] = (void *)wg[l][a].A, keep[l][2 * a + 1] = (void *)wg[l][a].B;
                 }
                 dw[l] = dev(wg[l], sizeof wg[l]);
-                sc[l] = (struct tuna_lora_bank){NA, 64, dt, wc[l]};
-                sg[l] = (struct tuna_lora_bank){NA, 64, dt, dw[l]};
+                sc[l] = (struct tuna_lora_bank){NA, 64, dt, wc[l], NULL, NULL, 0};
+                sg[l] = (struct tuna_lora_bank){NA, 64, dt, dw[l], NULL, NULL, 0};
             }
             int32_t *idx = malloc((size_t)T * 4), *order = malloc((size_t)T * 4), start[65];
             for (int64_t t = 0; t < T; t++) idx[t] = (int32_t)((t * 7 + t / 3) % (NA + 2)) - 1; /* -1 .. 5 */
@@ -273,7 +273,7 @@ static void test_lora(void **state)
                     dg[a] = (struct tuna_lora_w){dev(hA, ba), dev(hB, bb), r, dc[a].scale};
                 }
                 struct tuna_lora_w *dwd = dev(dg, sizeof dg);
-                const struct tuna_lora_bank scd = {NA, 64, dt, dc}, sgd = {NA, 64, dt, dwd};
+                const struct tuna_lora_bank scd = {NA, 64, dt, dc, NULL, NULL, 0}, sgd = {NA, 64, dt, dwd, NULL, NULL, 0};
                 const struct tuna_lora_bank *c3[3] = {&sc[0], &sc[2], &scd}, *g3[3] = {&sg[0], &sg[2], &sgd};
                 const struct tuna_lora_bank *cd[1] = {&scd}, *gd[1] = {&sgd};
                 float *yc3[3] = {y0[0], y0[2], NULL}, *dy3[3] = {dy[0], dy[2], NULL};

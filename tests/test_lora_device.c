@@ -72,6 +72,26 @@ static void check_views(struct tuna_model *m, const struct tuna_lora_adapter *co
             assert_memory_equal(hB, wB, bb);
             free(hA), free(hB), free(wA), free(wB);
         }
+        /* the dense form (float32 on the CPU): slot a of A_all holds A_a (ranks past r zero), the
+         * columns of slot a of B_all hold B_a */
+        assert_true(v->dtype == TUNA_DTYPE_F32 && v->rs >= v->max_r && v->rs % 8 == 0);
+        assert_non_null(v->A_all);
+        assert_non_null(v->B_all);
+        const int64_t K = lin->w.cols, N = lin->w.rows, RU = n * v->rs;
+        float *hA = malloc((size_t)(RU * K) * 4), *hB = malloc((size_t)(N * RU) * 4);
+        assert_true(hA && hB);
+        TT_OK(m->ops->download(m->be, hA, v->A_all, (size_t)(RU * K) * 4));
+        TT_OK(m->ops->download(m->be, hB, v->B_all, (size_t)(N * RU) * 4));
+        for (int a = 0; a < n; a++) {
+            const struct tuna_lora_module *mod = tuna_lora_find(ads[a], name);
+            for (int64_t j = 0; j < v->rs; j++)
+                for (int64_t k = 0; k < K; k++)
+                    assert_true(hA[(a * v->rs + j) * K + k] == (j < mod->r ? mod->A[j * K + k] : 0.0f));
+            for (int64_t i = 0; i < N; i++)
+                for (int64_t j = 0; j < v->rs; j++)
+                    assert_true(hB[i * RU + a * v->rs + j] == (j < mod->r ? mod->B[i * mod->r + j] : 0.0f));
+        }
+        free(hA), free(hB);
     }
 }
 
@@ -251,12 +271,60 @@ static void test_fixture_gpu(void **state)
     tuna_model_free(g);
 }
 
+/* The dense form (backend.h lora_matmul: every slot's shrink and expand as cuBLAS GEMMs, each
+ * token's slot masked in between): models/pymini in bf16 on CUDA, adapters of rank 16 and 8 (slot
+ * width 16: the rank-8 slot's upper half zero) and the base model mixed in one batch of 15
+ * tokens (the GEMM sizes). Against the CPU's float32 logits it must be as close as the segmented
+ * kernels (TUNA_LORA_DENSE=0), and the adapters' own effect on the logits must be far larger
+ * than that error (so a path that dropped or swapped an adapter fails). */
+static void test_dense_gpu(void **state)
+{
+    (void)state;
+    struct tuna_model_opts og = {.threads = 1, .device = TUNA_DEVICE_CUDA, .quiet = true, .gpu_dtype = TUNA_DTYPE_BF16};
+    struct tuna_model *g = NULL;
+    if (tuna_model_load(TUNA_SOURCE_DIR "/models/pymini", &og, &g)) {
+        fprintf(stderr, "SKIP: no GPU model (%s)\n", tuna_last_error());
+        skip();
+    }
+    struct tuna_model *c = load(TUNA_DEVICE_CPU);
+    const size_t n = (size_t)(15 * c->arch.vocab_size);
+    float *lc = malloc(n * 4), *lc0 = malloc(n * 4), *ld = malloc(n * 4), *lo = malloc(n * 4);
+    assert_true(lc && lc0 && ld && lo);
+    struct tuna_lora_adapter *ads[2];
+    TT_OK(tuna_serve_bench_make_adapters(c, 1, 16, 21, ads));
+    TT_OK(tuna_serve_bench_make_adapters(c, 1, 8, 22, ads + 1));
+    const struct tuna_lora_adapter *const *cads = (const struct tuna_lora_adapter *const *)ads;
+    run_batch(c, lc0); /* no adapters attached: the base model for every sequence */
+    tuna_lora_attachment *ac = NULL, *ag = NULL;
+    TT_OK(tuna_lora_attach(c, cads, 2, &ac));
+    TT_OK(tuna_lora_attach(g, cads, 2, &ag));
+    run_batch(c, lc);
+    run_batch(g, ld);
+    setenv("TUNA_LORA_DENSE", "0", 1);
+    run_batch(g, lo);
+    unsetenv("TUNA_LORA_DENSE");
+    const double ed = rel_err(ld, lc, n), eo = rel_err(lo, lc, n), ea = rel_err(lc0, lc, n), edo = rel_err(ld, lo, n);
+    fprintf(stderr, "bf16 vs CPU float32 logits: dense %.2e, segmented %.2e (dense vs segmented %.2e); the adapters "
+                    "move the CPU logits by %.2e\n", ed, eo, edo, ea);
+    if (!(ed < 1.5 * eo + 2e-3) || !(ed < 5e-2))
+        fail_msg("dense LoRA: bf16 logits %.3g from the CPU's (segmented kernels: %.3g)", ed, eo);
+    if (!(ea > 2 * ed)) fail_msg("the adapters move the logits by %.3g only, against an error of %.3g", ea, ed);
+    tuna_lora_detach(c, ac);
+    tuna_lora_detach(g, ag);
+    tuna_lora_free(ads[0]);
+    tuna_lora_free(ads[1]);
+    free(lc), free(lc0), free(ld), free(lo);
+    tuna_model_free(c);
+    tuna_model_free(g);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_views_cpu),
         cmocka_unit_test(test_reload_gpu),
         cmocka_unit_test(test_fixture_gpu),
+        cmocka_unit_test(test_dense_gpu),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

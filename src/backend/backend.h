@@ -55,6 +55,12 @@ struct tuna_lora_bank {
     int64_t max_r;
     enum tuna_dtype dtype;
     const struct tuna_lora_w *w; /* [n] */
+    /* Optional (NULL when not made): every adapter's A and B side by side in slots of rs >= max_r
+     * ranks (rs a multiple of 8; ranks r..rs of a slot zero), in backend memory, the set's dtype:
+     * A_all [n * rs, K] (slot a = rows a*rs..), B_all [N, n * rs] (slot a = columns a*rs..). The
+     * dense form the lora_matmul op multiplies for all adapters at once (w[a].A may point into it). */
+    const void *A_all, *B_all;
+    int64_t rs;
 };
 
 /* Which tokens of a step use which adapter (host metadata, or pointers into the step block).
@@ -262,6 +268,21 @@ struct tuna_backend_ops {
     void (*lora_begin)(tuna_backend *be, int n, const int64_t *Ns, const float *x, int64_t T, int64_t K,
                        const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok, float *glu_out,
                        int act);
+    /* Optional (NULL: the callers compose matmul_multi / matmul_add and lora): n <= 3 projections
+     * of one input and their adapters in one op: ys[i][T, N_i] = x W_i^T + bias_i + LoRA_i (acc:
+     * ys[i] += the same), LoRA_i as in lora with the adapters of sets[i] (NULL: none) for each
+     * token's adapter tok->adapter[t]; the ws share K. Returns false, having done nothing, when the
+     * backend declines the call (sizes, dtypes or sets it does not take in this form): the caller
+     * then composes the plain ops. CUDA (16-bit sets with A_all/B_all, the GEMM sizes; TUNA_LORA_DENSE=0
+     * declines always): x rounded to 16 bits once; h = x A_all^T for every slot at once (a cuBLAS
+     * GEMM, float32); each token's own slot kept, times its scale, rounded to 16 bits, the others
+     * zeroed (one small kernel, as PEFT/vLLM round the rank-r activations in 16-bit mode); the
+     * LoRA term as a GEMM over the slots (y = h B_all^T, beta 0, or beta 1 with acc), then the
+     * projection's GEMM accumulated onto it (beta 1). Graph-capturable (no host sync; tok in the
+     * step block). */
+    bool (*lora_matmul)(tuna_backend *be, int n, float *const *ys, const float *x, const struct tuna_weight *const *ws,
+                        const float *const *biases, int64_t T, const struct tuna_lora_bank *const *sets,
+                        const struct tuna_lora_tokens *tok, bool acc);
 };
 
 #endif

@@ -469,8 +469,10 @@ static enum tuna_dtype lora_view_dtype(const struct tuna_model *m)
 
 static size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
 
-/* Makes lin's device view: one buffer with the descriptors and every adapter's A [r, K] and
- * B [N, r], built on the host and uploaded at once. */
+/* Makes lin's device view: one buffer with the descriptors, A_all [n * rs, K] (adapter a's A in
+ * the rows of slot a: its descriptor's A points there, ranks r..rs zero), B_all [N, n * rs] (slot a
+ * = columns a*rs..) and every adapter's own B [N, r], built on the host and uploaded at once. rs =
+ * max_r rounded up to 8. */
 static tuna_status lora_view_make(struct tuna_model *m, struct tuna_linear *lin)
 {
     struct tuna_lora_dev_cache *c = lora_cache(m);
@@ -486,18 +488,22 @@ static tuna_status lora_view_make(struct tuna_model *m, struct tuna_linear *lin)
     if (n <= 0) return tuna_fail(TUNA_E_INTERNAL, "a LoRA device view of a linear without adapters");
     const int64_t N = lin->w.rows, K = lin->w.cols;
     const enum tuna_dtype dt = lora_view_dtype(m);
-    size_t total = align256((size_t)n * sizeof(struct tuna_lora_w));
     int64_t max_r = 0;
-    for (int a = 0; a < n; a++) {
-        const struct tuna_lora *h = &lin->lora[a];
-        if (h->r > max_r) max_r = h->r;
-        total += align256(tuna_dtype_nbytes(dt, (uint64_t)(h->r * K))) + align256(tuna_dtype_nbytes(dt, (uint64_t)(N * h->r)));
-    }
+    for (int a = 0; a < n; a++)
+        if (lin->lora[a].r > max_r) max_r = lin->lora[a].r;
+    const int64_t rs = (max_r + 7) / 8 * 8, RU = (int64_t)n * rs;
+    const size_t esz = tuna_dtype_nbytes(dt, 1);
+    const size_t o_a = align256((size_t)n * sizeof(struct tuna_lora_w)), o_b = o_a + align256((size_t)(RU * K) * esz),
+                 o_own = o_b + align256((size_t)(N * RU) * esz);
+    size_t total = o_own;
+    for (int a = 0; a < n; a++) total += align256(tuna_dtype_nbytes(dt, (uint64_t)(N * lin->lora[a].r)));
     struct tuna_lora_bank *set = calloc(1, sizeof *set);
     char *host = malloc(total);
-    if (!set || !host) {
+    float *bt = RU > 0 ? malloc((size_t)(N * RU) * sizeof(float)) : NULL;
+    if (!set || !host || (RU > 0 && !bt)) {
         free(set);
         free(host);
+        free(bt);
         return tuna_fail_oom("LoRA device view", total);
     }
     void *buf = NULL;
@@ -505,26 +511,31 @@ static tuna_status lora_view_make(struct tuna_model *m, struct tuna_linear *lin)
     if (st) {
         free(set);
         free(host);
+        free(bt);
         return tuna_fail_prefix(st, "LoRA adapters on the GPU (%.1f MiB for one layer)", (double)total / 1048576.0);
     }
     memset(host, 0, total);
+    if (bt) memset(bt, 0, (size_t)(N * RU) * sizeof(float));
     struct tuna_lora_w *desc = (struct tuna_lora_w *)host;
-    size_t off = align256((size_t)n * sizeof(struct tuna_lora_w));
+    size_t off = o_own;
     for (int a = 0; a < n && !st; a++) {
         const struct tuna_lora *h = &lin->lora[a];
         desc[a] = (struct tuna_lora_w){NULL, NULL, h->r, h->scale};
         if (h->r == 0) continue; /* an adapter that leaves this linear alone */
         size_t na = (size_t)(h->r * K), nb = (size_t)(N * h->r);
-        if (!tuna_convert_from_f32(dt, h->A, host + off, na) ||
-            !tuna_convert_from_f32(dt, h->B, host + off + align256(tuna_dtype_nbytes(dt, na)), nb)) {
+        const size_t o_slot = o_a + (size_t)(a * rs * K) * esz;
+        if (!tuna_convert_from_f32(dt, h->A, host + o_slot, na) || !tuna_convert_from_f32(dt, h->B, host + off, nb)) {
             st = tuna_fail(TUNA_E_UNSUPPORTED, "LoRA view: cannot convert adapters to %s", tuna_dtype_name(dt));
             break;
         }
-        desc[a].A = (char *)buf + off;
-        off += align256(tuna_dtype_nbytes(dt, na));
+        for (int64_t i = 0; i < N; i++) memcpy(bt + i * RU + a * rs, h->B + i * h->r, (size_t)h->r * sizeof(float));
+        desc[a].A = (char *)buf + o_slot;
         desc[a].B = (char *)buf + off;
         off += align256(tuna_dtype_nbytes(dt, nb));
     }
+    if (!st && bt && !tuna_convert_from_f32(dt, bt, host + o_b, (size_t)(N * RU)))
+        st = tuna_fail(TUNA_E_UNSUPPORTED, "LoRA view: cannot convert adapters to %s", tuna_dtype_name(dt));
+    free(bt);
     if (!st) st = m->ops->upload(m->be, buf, host, total);
     free(host);
     if (st) {
@@ -532,7 +543,8 @@ static tuna_status lora_view_make(struct tuna_model *m, struct tuna_linear *lin)
         free(set);
         return st;
     }
-    *set = (struct tuna_lora_bank){n, max_r, dt, (const struct tuna_lora_w *)buf};
+    *set = (struct tuna_lora_bank){n, max_r, dt, (const struct tuna_lora_w *)buf, RU ? (char *)buf + o_a : NULL,
+                                   RU ? (char *)buf + o_b : NULL, rs};
     c->v[c->n].lin = lin;
     c->v[c->n].buf = buf;
     c->n++;

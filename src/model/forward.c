@@ -216,7 +216,7 @@ static void lora_apply(struct tuna_model *m, int n, const struct tuna_linear *co
             w[off + a] = (struct tuna_lora_w){h->A, h->B, h->r, h->scale};
             if (h->r > max_r) max_r = h->r;
         }
-        banks[i] = (struct tuna_lora_bank){lin->n_lora, max_r, TUNA_DTYPE_F32, w + off};
+        banks[i] = (struct tuna_lora_bank){lin->n_lora, max_r, TUNA_DTYPE_F32, w + off, NULL, NULL, 0};
         sets[i] = &banks[i];
         off += lin->n_lora;
     }
@@ -239,6 +239,26 @@ static void lora_begin(struct tuna_model *m, int n, const struct tuna_linear *co
         if (!sets[i]) return;
     }
     m->ops->lora_begin(m->be, n, Ns, x, T, lins[0]->w.cols, sets, &m->ws->lt, glu_out, act);
+}
+
+/* The projections of lins and their adapters in one backend op (backend.h lora_matmul): ys[i] =
+ * (acc: +=) x W_i^T + b_i + each token's adapter of lins[i]. False when the backend has no such
+ * op or declines the call: the caller composes the plain ops. */
+static bool lora_matmul(struct tuna_model *m, int n, const struct tuna_linear *const *lins, float *const *ys,
+                        const float *x, int64_t T, bool acc)
+{
+    if (!m->ops->lora_matmul || m->ops->host_memory) return false;
+    const struct tuna_lora_bank *sets[3] = {NULL, NULL, NULL};
+    const struct tuna_weight *ws[3];
+    const float *bs[3];
+    for (int i = 0; i < n; i++) {
+        ws[i] = &lins[i]->w;
+        bs[i] = lins[i]->bias;
+        if (!lora_on(m, lins[i])) continue;
+        sets[i] = tuna_model_lora_on_device(m, lins[i]);
+        if (!sets[i]) return true; /* the upload failed: the backend's sticky error reports it */
+    }
+    return m->ops->lora_matmul(m->be, n, ys, x, ws, bs, T, sets, &m->ws->lt, acc);
 }
 
 /* TUNA_LORA_ACC=0: o/down with adapters as before (the projection into scratch, then one pass
@@ -285,6 +305,7 @@ static void linear_qkv(struct tuna_model *m, const struct tuna_layer *L, const s
     } else {
         const struct tuna_weight *const ws[3] = {&L->q.w, &L->k.w, &L->v.w};
         const float *const bs[3] = {L->q.bias, L->k.bias, L->v.bias};
+        if (on && lora_matmul(m, 3, lins, ys, A->xn_attn, T, false)) return; /* q/k/v and their adapters */
         if (on) lora_begin(m, 3, lins, A->xn_attn, T, NULL, 0); /* the shrink beside the GEMMs */
         m->ops->matmul_multi(m->be, 3, ys, A->xn_attn, ws, bs, T);
     }
@@ -308,6 +329,8 @@ static void linear_residual(struct tuna_model *m, const struct tuna_linear *lin,
     }
     const struct tuna_linear *const lins[1] = {lin};
     if (lora_acc_on()) {
+        float *const yx[1] = {x};
+        if (lora_matmul(m, 1, lins, yx, in, T, true)) return; /* x += in W^T + LoRA in one op */
         /* with adapters: the projection accumulated into x (its shrink beside it), then the
          * adapters' terms added to their tokens' rows of x */
         lora_begin(m, 1, lins, in, T, NULL, 0);
@@ -532,7 +555,11 @@ static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const stru
             /* down's adapters too: the GPU folds down's shrink into the GLU (backend.h) */
             const struct tuna_linear *const lins[3] = {&L->gate, &L->up, &L->down};
             const int nl = lora_on(m, &L->down) ? 3 : 2;
-            if (fuse) {
+            const bool dense = fuse && lora_matmul(m, 2, lins, ys, A->xn_mlp, T, false);
+            if (dense) {
+                /* gate and up with their adapters in one op, then the GLU (down: its own op) */
+                op->glu(be, act, A->gate, A->up, T * I, (int)a->act);
+            } else if (fuse) {
                 const struct tuna_weight *const w2[2] = {&L->gate.w, &L->up.w};
                 const float *const b2[2] = {L->gate.bias, L->up.bias};
                 lora_begin(m, nl, lins, A->xn_mlp, T, act, (int)a->act); /* the shrink beside the GEMMs */
@@ -541,7 +568,7 @@ static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const stru
                 op->matmul(be, A->gate, A->xn_mlp, &L->gate.w, L->gate.bias, T);
                 op->matmul(be, A->up, A->xn_mlp, &L->up.w, L->up.bias, T);
             }
-            lora_apply(m, nl, lins, ys, A->xn_mlp, T, act, (int)a->act);
+            if (!dense) lora_apply(m, nl, lins, ys, A->xn_mlp, T, act, (int)a->act);
         } else {
             op->rmsnorm(be, A->xn_mlp, x, L->mlp_norm, T, C, (float)a->norm_eps);
             linear(m, &L->gate, A->gate, A->xn_mlp, T, b); /* (T, I) */

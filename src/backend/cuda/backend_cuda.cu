@@ -369,6 +369,7 @@ static const struct tuna_backend_ops k_cuda_ops = {
     tuna_cuda_rmsnorm_qkv_rope_kv,
     tuna_cuda_prefetch_l2,
     tuna_cuda_lora_begin,
+    tuna_cuda_lora_matmul,
 };
 
 extern "C" const struct tuna_backend_ops *tuna_cuda_backend_ops(void) { return &k_cuda_ops; }

@@ -127,6 +127,9 @@ bool tuna_cuda_half_once(void);
  * false (nothing done) at the GEMV sizes or with TUNA_MATMUL_ACC=0: the caller adds it itself. */
 bool tuna_cuda_matmul_acc(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w, const float *bias,
                           int64_t T);
+/* The same with beta = 1 always (TUNA_MATMUL_ACC ignored): false only at the GEMV sizes. */
+bool tuna_cuda_matmul_onto(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w, const float *bias,
+                           int64_t T);
 void tuna_cuda_rmsnorm(tuna_backend *be, float *y, const float *x, const float *w, int64_t T, int64_t C, float eps);
 void tuna_cuda_rope(tuna_backend *be, float *x, const int64_t *pos, int64_t T, int64_t H, int64_t D,
                     int64_t rot_dim, const float *inv_freq, float attn_factor);
@@ -146,6 +149,9 @@ void tuna_cuda_lora_begin(tuna_backend *be, int n, const int64_t *Ns, const floa
                           const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok, float *glu_out,
                           int act);
 void tuna_cuda_lora_free(tuna_backend *be); /* the second stream and its events */
+bool tuna_cuda_lora_matmul(tuna_backend *be, int n, float *const *ys, const float *x, const struct tuna_weight *const *ws,
+                           const float *const *biases, int64_t T, const struct tuna_lora_bank *const *sets,
+                           const struct tuna_lora_tokens *tok, bool acc);
 tuna_status tuna_cuda_argmax(tuna_backend *be, int32_t *out, const float *logits, int64_t T, int64_t V);
 
 /* Optional fused ops (fused.cu), backend.h's matmul_multi / matmul_glu / matmul_add. */

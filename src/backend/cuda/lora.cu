@@ -1213,3 +1213,133 @@ void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns
         be->lora_next.off = (size_t)((char *)p.nx.u - base);
     }
 }
+
+/* ================= the dense form (lora_matmul) =================
+ * Every adapter of a linear sits in a slot of rs ranks of A_all [n * rs, K] and B_all [N, n * rs]
+ * (device.c). For a call of n <= 3 projections of one x:
+ *   h[T, RU] = x16 A_all_i^T for every linear at once per GEMM (cuBLAS, float32 out; linear i's
+ *              slots in columns off_i..), RU = sum of n_i * rs_i
+ *   hm       = h with each token's own slot kept, times its scale, rounded to 16 bits, every other
+ *              column zero (k_lora_mask: one small pass)
+ *   y_i      = hm_i B_all_i^T (cuBLAS, beta 0; beta 1 with acc), then the projection's GEMM onto
+ *              it (beta 1, x16 reused).
+ * No grouping, no atomics, no K splits: the same bits eager or replayed, for any mix. */
+struct dense_lin {
+    const struct tuna_lora_w *w; /* descriptors (device): r and scale per slot; NULL: no adapters */
+    int off, n, rs;
+};
+struct dense_job {
+    dense_lin l[3];
+    int nl, RU;
+};
+
+__device__ __forceinline__ void dense_put(__nv_bfloat16 *p, float v) { *p = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void dense_put(__half *p, float v) { *p = __float2half_rn(v); }
+
+template <typename HT> __global__ void k_lora_mask(HT *hm, const float *h, const int32_t *adapter, dense_job d)
+{
+    const int64_t t = blockIdx.x;
+    const int j = (int)(blockIdx.y * blockDim.x + threadIdx.x);
+    if (j >= d.RU) return;
+    const int a = adapter[t];
+    float v = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 3; i++) {
+        const dense_lin &l = d.l[i];
+        if (i < d.nl && l.w && j >= l.off && j < l.off + l.n * l.rs) {
+            const int s = (j - l.off) / l.rs, c = j - l.off - s * l.rs;
+            if (s == a && c < (int)l.w[a].r) v = h[t * d.RU + j] * l.w[a].scale;
+        }
+    }
+    dense_put(hm + t * d.RU + j, v);
+}
+
+/* TUNA_LORA_DENSE=0: decline every call (forward.c then takes the lora op's segmented kernels);
+ * read at every call (tests switch it). */
+static bool dense_on(void)
+{
+    const char *e = getenv("TUNA_LORA_DENSE");
+    return !(e && e[0] == '0');
+}
+
+bool tuna_cuda_lora_matmul(tuna_backend *be, int n, float *const *ys, const float *x, const struct tuna_weight *const *ws,
+                           const float *const *biases, int64_t T, const struct tuna_lora_bank *const *sets,
+                           const struct tuna_lora_tokens *tok, bool acc)
+{
+    if (!dense_on() || n < 1 || n > 3 || T <= 0 || T > INT32_MAX / 2 || be->cc_major < 8 || !tok || !tok->adapter)
+        return false;
+    if (T <= tuna_cuda_gemv_max_t16()) return false; /* decode of 1-2 tokens: the GEMV + lora op */
+    const enum tuna_dtype D = ws[0]->dtype;
+    if (D != TUNA_DTYPE_BF16 && D != TUNA_DTYPE_F16) return false;
+    const int64_t K = ws[0]->cols;
+    dense_job d;
+    memset(&d, 0, sizeof d);
+    d.nl = n;
+    int64_t RU = 0;
+    for (int i = 0; i < n; i++) {
+        if (ws[i]->dtype != D || ws[i]->cols != K) return false;
+        const struct tuna_lora_bank *s = sets[i];
+        d.l[i].off = (int)RU;
+        if (!s || s->n <= 0 || s->max_r <= 0) continue;
+        if (s->dtype != D || !s->A_all || !s->B_all || s->rs < s->max_r || s->rs % 8 || s->n > LORA_MAX_N ||
+            s->rs > LORA_MAX_R)
+            return false;
+        d.l[i].w = s->w;
+        d.l[i].n = s->n;
+        d.l[i].rs = (int)s->rs;
+        RU += (int64_t)s->n * s->rs;
+    }
+    if (RU == 0) return false;
+    d.RU = (int)RU;
+    if (be->sticky) return true;
+    /* the step's adapter per token on the device (the step block's mirror: no upload) */
+    struct cuda_meta mt = {0};
+    if (!tuna_cuda_meta_begin(be, &mt, (size_t)T * sizeof(int32_t))) return true;
+    const size_t o_ad = (size_t)tuna_cuda_meta_stage(be, &mt, tok->adapter, (size_t)T * sizeof(int32_t));
+    if (be->sticky || !tuna_cuda_meta_flush(be, &mt)) return true;
+    const int32_t *d_ad = (const int32_t *)((const char *)be->meta.p + o_ad);
+    const size_t head = TC_COUNT_MAX * sizeof(int), hb = align256((size_t)T * (size_t)RU * sizeof(float));
+    char *base = lora_scratch(be, hb + align256((size_t)T * (size_t)RU * 2));
+    if (!base) return true;
+    float *h = (float *)(base + head);
+    char *hm = base + head + hb;
+    be->lora_next.x = NULL; /* no lora call follows that could use a GLU call's u */
+    const int dt = D == TUNA_DTYPE_BF16 ? 1 : 2;
+    /* x in 16 bits once: the shrinks and the projections' GEMMs read it */
+    if (!tuna_cuda_to_half(be, x, T * K, dt, true)) return true;
+    const void *xh = be->half.p;
+    const cudaDataType_t ct = dt == 1 ? CUDA_R_16BF : CUDA_R_16F;
+    const float one = 1.0f, zero = 0.0f;
+    for (int i = 0; i < n && !be->sticky; i++) {
+        if (!d.l[i].w) continue;
+        const int M = d.l[i].n * d.l[i].rs;
+        tuna_cuda_check_blas(be,
+                             cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, M, (int)T, (int)K, &one, sets[i]->A_all, ct,
+                                          (int)K, xh, ct, (int)K, &zero, h + d.l[i].off, CUDA_R_32F, (int)RU,
+                                          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                             "cublasGemmEx(LoRA shrink, all slots)");
+    }
+    if (be->sticky) return true;
+    const dim3 grid((unsigned)T, (unsigned)((RU + 127) / 128));
+    if (dt == 1) k_lora_mask<__nv_bfloat16><<<grid, 128, 0, be->stream>>>((__nv_bfloat16 *)hm, h, d_ad, d);
+    else k_lora_mask<__half><<<grid, 128, 0, be->stream>>>((__half *)hm, h, d_ad, d);
+    if (!tuna_cuda_check_launch(be, "k_lora_mask")) return true;
+    for (int i = 0; i < n && !be->sticky; i++) {
+        const float *bias = biases ? biases[i] : NULL;
+        if (!d.l[i].w) { /* a linear without adapters: its projection alone */
+            if (!acc) tuna_cuda_matmul(be, ys[i], x, ws[i], bias, T);
+            else (void)tuna_cuda_matmul_onto(be, ys[i], x, ws[i], bias, T);
+            continue;
+        }
+        const int M = d.l[i].n * d.l[i].rs;
+        const int64_t N = ws[i]->rows;
+        tuna_cuda_check_blas(be,
+                             cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)T, M, &one, sets[i]->B_all, ct,
+                                          M, hm + (size_t)d.l[i].off * 2, ct, (int)RU, acc ? &one : &zero, ys[i],
+                                          CUDA_R_32F, (int)N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                             "cublasGemmEx(LoRA expand, all slots)");
+        (void)tuna_cuda_matmul_onto(be, ys[i], x, ws[i], bias, T); /* the projection onto the LoRA term */
+    }
+    be->half_of = NULL;
+    return true;
+}

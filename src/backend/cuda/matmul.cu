@@ -271,3 +271,11 @@ bool tuna_cuda_matmul_acc(tuna_backend *be, float *y, const float *x, const stru
     }
     return on && matmul_impl(be, y, x, w, bias, T, true);
 }
+
+/* y += x W^T + bias with cuBLAS's beta = 1 whatever TUNA_MATMUL_ACC says (the dense LoRA path:
+ * the LoRA term is already in y); false (nothing done) at the GEMV sizes. */
+bool tuna_cuda_matmul_onto(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w, const float *bias,
+                           int64_t T)
+{
+    return matmul_impl(be, y, x, w, bias, T, true);
+}
