@@ -78,7 +78,7 @@ static uint64_t gpu_free(int device)
 
 /* TFLOP/s of y[n,n] = x[n,n] W^T with a bf16 W through the backend's matmul op (n = 8192 on a
  * GPU, 1024 on the CPU). 0 when the buffers cannot be had. */
-static double gemm_rate(struct tuna_model *m)
+double bench_gemm_rate(struct tuna_model *m)
 {
     const int64_t n = m->ops->host_memory ? 1024 : 8192;
     const size_t nn = (size_t)(n * n);
@@ -286,7 +286,7 @@ int bench_train_main(int argc, char **argv)
     const double attn_flops = 6.0 * (double)a->n_layers * (double)T * (double)HD; /* per token, causal */
     tuna_trainer_free(t);
     t = NULL;
-    const double gemm = gemm_rate(m);
+    const double gemm = bench_gemm_rate(m);
     const double model_tflops = 6.0 * N * tok_s / 1e12, attn_tflops = attn_flops * tok_s / 1e12;
     printf("{\"what\": \"bf16_gemm_%d\", \"device\": \"%s\", \"TFLOPs\": %.4g, \"via\": \"tuna matmul op "
            "(f32 activations rounded to bf16, f32 accumulation)\"}\n",

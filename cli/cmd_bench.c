@@ -259,10 +259,47 @@ static void usage(FILE *f)
     fprintf(f, "usage: tuna bench [DIR | --synthetic llama-3.2-1b|llama-3-8b] [--prompt-len 128] [--gen 32]\n"
                "                  [--batch B] [--device cpu|cuda] [--dtype T] [--kv-cache-dtype T] [--threads N]\n\n"
                "Prefill and decode tokens/s for B sequences decoded together, weight GB/s per decode step,\n"
-               "and on the CPU the machine's streaming read bandwidth with the same thread count.\n\n"
+               "and on the CPU the machine's streaming read bandwidth with the same thread count; on a GPU the bf16\n"
+               "GEMM rate and the device copy rate measured in the same run, prefill FLOP/s and decode bytes/s as\n"
+               "fractions of them. Untimed warm-up steps of the prefill and decode shapes come first; decode steps\n"
+               "return greedy ids (as the server's greedy steps do), not logits.\n\n"
                "       tuna bench --serve [DIR | --synthetic NAME] ...   the serving engine (tuna bench --serve --help)\n"
                "       tuna bench --synthetic NAME --write-synthetic OUT  the synthetic model as a model folder\n"
                "       tuna bench train --synthetic llama-2-7b|llama-3-8b ...  LoRA/QLoRA training (tuna bench train --help)\n");
+}
+
+/* FLOPs of a prefill of n_prompts prompts of plen tokens: 2 per weight of the layers' matrices
+ * per token, causal attention (QK^T and PV: 4 * H * D per key, keys 1..plen), lm_head for the
+ * one row per prompt that wants logits. */
+static double prefill_flops(const struct tuna_arch *a, int64_t n_prompts, int64_t plen)
+{
+    const double C = (double)a->hidden_size, HD = (double)(a->n_heads * a->head_dim),
+                 KVD = (double)(a->n_kv_heads * a->head_dim), I = (double)a->intermediate_size;
+    const double per_layer = C * HD * 2 + C * KVD * 2 + C * I * 3; /* q, o; k, v; gate, up, down */
+    const double p = (double)plen;
+    return (double)n_prompts * (2.0 * per_layer * (double)a->n_layers * p +
+                                4.0 * HD * (double)a->n_layers * p * (p + 1) / 2 +
+                                2.0 * C * (double)a->vocab_size);
+}
+
+/* Device-to-device copy rate of the backend (bytes read + written per second, the convention of
+ * docs/PERFORMANCE.md's ceilings): 10 copies of 1 GiB after one warm-up. 0 on failure. */
+static double copy_rate(struct tuna_model *m)
+{
+    const size_t n = (size_t)1 << 30;
+    void *a = NULL, *b = NULL;
+    double rate = 0;
+    if (!m->ops->alloc(m->be, n, &a) && !m->ops->alloc(m->be, n, &b)) {
+        m->ops->copy(m->be, b, a, n); /* the contents do not matter */
+        if (!m->ops->sync(m->be)) {
+            double t0 = now_s();
+            for (int i = 0; i < 10; i++) m->ops->copy(m->be, b, a, n);
+            if (!m->ops->sync(m->be)) rate = 2.0 * (double)n * 10 / (now_s() - t0);
+        }
+    }
+    if (a) m->ops->release(m->be, a);
+    if (b) m->ops->release(m->be, b);
+    return rate;
 }
 
 int cmd_bench(int argc, char **argv)
@@ -321,19 +358,36 @@ int cmd_bench(int argc, char **argv)
     tuna_batch_init(&b);
     float *logits = malloc(sizeof(float) * (size_t)(V * B));
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)plen);
-    int32_t seqs[256];
+    int32_t seqs[256], out_ids[256];
     st = (!logits || !ids) ? tuna_fail_oom("bench buffers", (size_t)(V * B) * 4) : TUNA_OK;
     if (!st) st = tuna_model_kv_new(m, ((plen + gen) / 16 + 2) * 16 * B, 0, &kv);
     for (int64_t s = 0; !st && s < B; s++) st = tuna_kv_seq_new(kv, &seqs[s]);
     for (int64_t i = 0; !st && i < plen; i++) ids[i] = (int32_t)((i * 7919 + 13) % V);
-    /* warm-up: short steps so page faults, kernel loading and workspace growth are not timed */
+    /* warm-up: a step of the first timed prefill step's shape and one of the decode steps' shape,
+     * on scratch sequences that are freed after, so workspace growth, kernel loading, the GEMM
+     * library's first calls for these shapes and CUDA graph capture are not timed (a server
+     * meets them once, at its first requests) */
     double prefill_s = 0, decode_s = 0;
+    int64_t per_step = 1; /* prompts per prefill step */
+    while (per_step < B && (per_step + 1) * plen <= BENCH_PREFILL_TOKENS) per_step++;
+    int32_t scratch[256];
+    int64_t n_scratch = 0;
     if (!st) {
-        int32_t ws;
-        st = tuna_kv_seq_new(kv, &ws);
-        if (!st) st = tuna_batch_add(&b, 1, ws, 0, true);
+        tuna_batch_clear(&b);
+        while (!st && n_scratch < per_step && !(st = tuna_kv_seq_new(kv, &scratch[n_scratch])))
+            st = tuna_batch_add_seq(&b, ids, plen, scratch[n_scratch++], 0, false, true);
         if (!st) st = tuna_model_forward(m, kv, &b, logits, NULL);
-        tuna_kv_seq_free(kv, ws);
+        for (int64_t s = 0; s < n_scratch; s++) tuna_kv_seq_free(kv, scratch[s]);
+        n_scratch = 0;
+    }
+    if (!st) {
+        tuna_batch_clear(&b);
+        while (!st && n_scratch < B && !(st = tuna_kv_seq_new(kv, &scratch[n_scratch]))) {
+            st = tuna_batch_add(&b, (int32_t)(n_scratch % V), scratch[n_scratch], 0, true);
+            n_scratch++;
+        }
+        if (!st) st = tuna_model_forward_greedy(m, kv, &b, out_ids);
+        for (int64_t s = 0; s < n_scratch; s++) tuna_kv_seq_free(kv, scratch[s]);
     }
     if (!st) {
         /* prefill the B prompts (logits of each last token) in steps of whole prompts of at most
@@ -355,7 +409,7 @@ int cmd_bench(int argc, char **argv)
         tuna_batch_clear(&b);
         for (int64_t s = 0; !st && s < B; s++)
             st = tuna_batch_add(&b, (int32_t)((g * 31 + 7 * s + 7) % V), seqs[s], plen + g, true);
-        if (!st) st = tuna_model_forward(m, kv, &b, logits, NULL);
+        if (!st) st = tuna_model_forward_greedy(m, kv, &b, out_ids); /* ids only, as the server's greedy steps */
     }
     decode_s = now_s() - t0;
     if (!st) {
@@ -370,6 +424,22 @@ int cmd_bench(int argc, char **argv)
         printf("decode      batch %lld, %lld steps in %.3f s = %.1f tok/s (%.2f ms/step)\n", B, gen, decode_s,
                steps_s * (double)B, 1e3 / steps_s);
         printf("weights/s   %.2f GB/s during decode\n", wb * steps_s / 1e9);
+        if (!on_cpu) {
+            /* the ceilings of this GPU, measured now: the goals are fractions of them */
+            const struct tuna_arch *a = &m->arch;
+            const double gemm = bench_gemm_rate(m), copy = copy_rate(m);
+            const double pf = prefill_flops(a, B, plen) / prefill_s / 1e12;
+            const double kvb = (double)tuna_dtype_nbytes(tuna_kv_dtype(kv), 1) * 2.0 * (double)a->n_layers *
+                               (double)(a->n_kv_heads * a->head_dim) * (double)B *
+                               ((double)plen + (double)(gen + 1) / 2); /* K and V at the mean context */
+            printf("gemm rate   %.1f TFLOP/s (bf16 8192^3 through the backend, now) -> prefill %.1f TFLOP/s by model "
+                   "FLOPs = %.0f%%\n",
+                   gemm, pf, gemm > 0 ? 100.0 * pf / gemm : 0.0);
+            printf("copy rate   %.1f GB/s (device to device, read + write, now) -> decode reads %.1f MB per step "
+                   "(weights + %.1f MB of KV) = %.1f GB/s = %.0f%%\n",
+                   copy / 1e9, (wb + kvb) / 1e6, kvb / 1e6, (wb + kvb) * steps_s / 1e9,
+                   copy > 0 ? 100.0 * (wb + kvb) * steps_s / copy : 0.0);
+        }
         if (on_cpu) {
             double bw = measure_bandwidth(threads);
             printf("memory bw   %.2f GB/s streaming read, %d threads -> decode reaches %.0f%%\n", bw, threads,
