@@ -625,6 +625,142 @@ static void test_q4_range(void **state)
         }
 }
 
+/* One run of the batch-1 fused 4-bit ops on the GPU (T = 1): q/k/v (3 matrices, + the norm), gate
+ * (w[0]) and up + GLU (+ the norm), o (w[1]) added into y0; results in out[0..2] (q/k/v), out[3]
+ * (GLU) and out[4] (added), host copies. */
+static void q4s_run(const struct tuna_weight *const *ws, const struct tuna_weight *up, const float *const *dbias,
+                    const int64_t *N, int64_t K, const float *dx, const float *dnw, const float *y0, int norm,
+                    float **out)
+{
+    float *dy[3], *dxn = dev(NULL, (size_t)K * 4);
+    for (int i = 0; i < 3; i++) dy[i] = dev(NULL, (size_t)N[i] * 4);
+    if (norm) g_gops->rmsnorm_matmul_multi(g_gpu, 3, dy, dxn, dx, dnw, 1e-5f, ws, dbias, 1);
+    else g_gops->matmul_multi(g_gpu, 3, dy, dx, ws, dbias, 1);
+    for (int i = 0; i < 3; i++) {
+        out[i] = malloc((size_t)N[i] * 4);
+        back(out[i], dy[i], (size_t)N[i] * 4);
+        tuna_cuda_free(g_gpu, dy[i]);
+    }
+    float *dg = dev(NULL, (size_t)N[0] * 4);
+    if (norm) g_gops->rmsnorm_matmul_glu(g_gpu, dg, dxn, dx, dnw, 1e-5f, ws[0], dbias[0], up, NULL, 1, 0);
+    else g_gops->matmul_glu(g_gpu, dg, dx, ws[0], dbias[0], up, NULL, 1, 0);
+    out[3] = malloc((size_t)N[0] * 4);
+    back(out[3], dg, (size_t)N[0] * 4);
+    tuna_cuda_free(g_gpu, dg);
+    float *da = dev(y0, (size_t)N[1] * 4);
+    g_gops->matmul_add(g_gpu, da, dx, ws[1], dbias[1], 1);
+    out[4] = malloc((size_t)N[1] * 4);
+    back(out[4], da, (size_t)N[1] * 4);
+    tuna_cuda_free(g_gpu, da);
+    tuna_cuda_free(g_gpu, dxn);
+}
+
+/* The batch-1 stream kernel (q4_stream.cu k_q4_s, TUNA_Q4_K=5) and k_q4_h2 (TUNA_Q4_K=4) against
+ * the CPU at T = 1 (bf16 checkpoints: 16-bit compute): q/k/v (+ the norm), gate/up + GLU (+ the
+ * norm), o into the residual. Shapes: row counts that are multiples of no tile, matrices that end
+ * inside a block's range, several tiles per block so the stage ring wraps (3000 rows), K = 4096
+ * (8 warps in 2 row groups), 14336 (one group, 2 chunks per lane), 11008 (scale rows of 172
+ * bytes), 192 and 1088 (most lanes idle; rows of 3 and 17 nested scale bytes: copies that start
+ * off a 16-byte boundary); x scaled by 1e5 and 1e-7 on two shapes. Per kernel: two runs give the
+ * same bits, and float32 and nested scales give the same bits. The stream kernel must have run
+ * on a GPU that has it (compute capability 9.0+). */
+static void test_q4_stream(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    const int64_t shapes[][4] = {{300, 4096, 100, 37}, {70, 14336, 33, 5},  {129, 192, 3, 64},
+                                 {1000, 1088, 17, 9},  {41, 11008, 2, 3},   {3000, 4096, 7, 1}};
+    const float xs[] = {1.0f, 1.0f, 1e5f, 1e-7f, 1.0f, 1.0f};
+    const char *env = getenv("TUNA_Q4_K");
+    char *saved = env ? strdup(env) : NULL;
+    const long l0 = tuna_cuda_q4_stream_launches(g_gpu);
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+        const int64_t K = shapes[si][1], N[3] = {shapes[si][0], shapes[si][2], shapes[si][3]};
+        const int type = (int)(si % 2);
+        const bool nested = si % 3 != 1;
+        struct q4pair w[3], up;
+        for (int i = 0; i < 3; i++) q4pair_new(&w[i], type, 1, N[i], K, i == 1, nested);
+        q4pair_new(&up, type, 1, N[0], K, false, nested);
+        /* the same codes with the other form of scales */
+        struct tuna_cuda_q4 od[4];
+        struct tuna_weight og[4];
+        for (int i = 0; i < 4; i++) {
+            struct q4pair *p = i < 3 ? &w[i] : &up;
+            q4desc_new(&od[i], &p->q, !nested, TUNA_DTYPE_BF16);
+            og[i] = p->g;
+            og[i].q4 = &od[i];
+        }
+        float *x = rnd((size_t)K), *nw = rnd_norm_w(K), *xn = malloc((size_t)K * 4);
+        for (int64_t i = 0; i < K; i++) x[i] *= xs[si];
+        cpu_norm(xn, x, nw, 1, K);
+        float *y0 = rnd((size_t)N[1]);
+        float *dx = dev(x, (size_t)K * 4), *dnw = dev(nw, (size_t)K * 4);
+        const struct tuna_weight *ws[3] = {&w[0].g, &w[1].g, &w[2].g}, *wo[3] = {&og[0], &og[1], &og[2]};
+        const float *dbias[3] = {w[0].dbias, w[1].dbias, w[2].dbias};
+        for (int norm = 0; norm < 2; norm++) {
+            /* the CPU: q/k/v, GLU, o added */
+            const float *xin = norm ? xn : x;
+            float *want[5];
+            for (int i = 0; i < 3; i++) {
+                want[i] = malloc((size_t)N[i] * 4);
+                g_cops->matmul(g_cpu, want[i], xin, &w[i].c, w[i].bias, 1);
+            }
+            float *u = malloc((size_t)N[0] * 4);
+            want[3] = malloc((size_t)N[0] * 4);
+            memcpy(want[3], want[0], (size_t)N[0] * 4);
+            g_cops->matmul(g_cpu, u, xin, &up.c, NULL, 1);
+            g_cops->glu(g_cpu, want[3], want[3], u, N[0], 0);
+            free(u);
+            want[4] = malloc((size_t)N[1] * 4), u = malloc((size_t)N[1] * 4);
+            memcpy(want[4], y0, (size_t)N[1] * 4);
+            g_cops->matmul(g_cpu, u, x, &w[1].c, w[1].bias, 1);
+            g_cops->add(g_cpu, want[4], u, N[1]);
+            free(u);
+            for (int km = 4; km <= 5; km++) {
+                setenv("TUNA_Q4_K", km == 4 ? "4" : "5", 1);
+                float *got[5], *again[5], *other[5];
+                q4s_run(ws, &up.g, dbias, N, K, dx, dnw, y0, norm, got);
+                q4s_run(ws, &up.g, dbias, N, K, dx, dnw, y0, norm, again);
+                q4s_run(wo, &og[3], dbias, N, K, dx, dnw, y0, norm, other);
+                for (int o = 0; o < 5; o++) {
+                    const int64_t n = o < 3 ? N[o] : o == 3 ? N[0] : N[1];
+                    char what[200];
+                    snprintf(what, sizeof what, "TUNA_Q4_K=%d %s %s%s output %d [%lld, %lld] x%g", km,
+                             o < 3 ? (norm ? "rmsnorm_matmul_multi" : "matmul_multi")
+                                   : o == 3 ? (norm ? "rmsnorm_matmul_glu" : "matmul_glu") : "matmul_add",
+                             type ? "FP4" : "NF4", nested ? " nested" : "", o, (long long)n, (long long)K,
+                             (double)xs[si]);
+                    check(what, got[o], want[o], (size_t)n, o == 3 ? 2e-2 : 1e-2);
+                    if (memcmp(got[o], again[o], (size_t)n * 4) != 0) {
+                        print_error("%s: two runs differ\n", what);
+                        fail();
+                    }
+                    if (memcmp(got[o], other[o], (size_t)n * 4) != 0) {
+                        print_error("%s: float32 and nested scales differ\n", what);
+                        fail();
+                    }
+                    free(got[o]), free(again[o]), free(other[o]);
+                }
+            }
+            for (int o = 0; o < 5; o++) free(want[o]);
+        }
+        free(x), free(nw), free(xn), free(y0);
+        tuna_cuda_free(g_gpu, dx), tuna_cuda_free(g_gpu, dnw);
+        for (int i = 0; i < 4; i++) q4desc_free(&od[i]);
+        for (int i = 0; i < 3; i++) q4pair_free(&w[i]);
+        q4pair_free(&up);
+    }
+    if (saved) setenv("TUNA_Q4_K", saved, 1);
+    else unsetenv("TUNA_Q4_K");
+    free(saved);
+    const long l1 = tuna_cuda_q4_stream_launches(g_gpu);
+    /* 6 shapes x 2 norms x 3 runs x 3 launches (q/k/v, GLU, o) */
+    if (l0 >= 0 && l1 - l0 != 6 * 2 * 3 * 3) {
+        print_error("k_q4_s ran %ld times, expected %d\n", l1 - l0, 6 * 2 * 3 * 3);
+        fail();
+    }
+}
+
 static float *kv_as_f32(const void *cache, enum tuna_dtype dt, size_t n)
 {
     float *f = malloc(n * 4 + 4);
@@ -835,6 +971,7 @@ int main(void)
         cmocka_unit_test(test_q4_grouped),
         cmocka_unit_test(test_q4_nested_bits),
         cmocka_unit_test(test_q4_range),
+        cmocka_unit_test(test_q4_stream),
         cmocka_unit_test(test_rope_kv_store),
         cmocka_unit_test(test_rmsnorm_qkv_rope_kv),
     };

@@ -70,6 +70,9 @@ struct tuna_cuda_q4 {
  * rounded like bitsandbytes for the checkpoint's dtype): what a prefill GEMM multiplies by. Queued
  * on the backend's stream; returns the sticky status. */
 tuna_status tuna_cuda_q4_dequantize(tuna_backend *be, const struct tuna_weight *w, void *out);
+/* Launches of the batch-1 4-bit stream kernel (q4_stream.cu, TUNA_Q4_K=5) in this process, for
+ * tests; -1 when be's device cannot run it (compute capability below 9.0). */
+long tuna_cuda_q4_stream_launches(tuna_backend *be);
 
 /* Small-T threshold of 4-bit weights: T <= this use the fused dequant-GEMV kernel. */
 #define TUNA_CUDA_GEMV_MAX_T 8

@@ -281,4 +281,10 @@ bool tuna_cuda_q4_old(void);
 bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
                         int64_t T);
 
+/* k_q4_s (q4_stream.cu; TUNA_Q4_K=5): the batch-1 4-bit GEMV fed through shared memory by bulk
+ * copies (sm_90+, 16-bit compute); false when the job does not fit it (the caller tries the next
+ * kernel). j's scales (s[i].sc) and bs_shift set by the caller. */
+bool tuna_cuda_q4_stream(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
+                         const struct q4_lut *lut, int blocksize, int64_t T);
+
 #endif

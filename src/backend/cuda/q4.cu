@@ -810,19 +810,18 @@ __global__ void __launch_bounds__(Q4T_THREADS, 1)
 
 /* TUNA_Q4_K: 0 the k_q4_multi kernel above, 1 k_q4_tab with the float2 table, 2 with the half2
  * table where the compute is 16-bit (float32 compute takes the float2 table), 4 (default) k_q4_h2
- * (below) at T = 1 where the compute is 16-bit and it fits, else as 2; 3 k_q4_mma
+ * (below) at T = 1 where the compute is 16-bit and it fits, else as 2; 5 k_q4_s (q4_stream.cu,
+ * seventh session: bulk copies into a ring of shared-memory stages, sm_90+) where it fits, else
+ * as 4; 3 k_q4_mma
  * (below) where the compute is 16-bit and it fits, else as 2 (fifth session's H100 round: chain
  * 125.7 us/layer against 84.8 for 2, end to end 4.79 against 3.54 ms: opt-in only). Measured on
  * the H100 (docs/PERFORMANCE.md): 32-layer NF4 chain 139.6 us/layer with 2, 142.1 with 1, 184.5
  * with 0. */
 static int q4_kernel_mode(void)
 {
-    static int v = -1;
-    if (v < 0) {
-        const char *e = getenv("TUNA_Q4_K");
-        v = e && e[0] >= '0' && e[0] <= '4' ? e[0] - '0' : 4;
-    }
-    return v;
+    /* read at every call (a getenv per launch; graphs capture once) so tests can compare kernels */
+    const char *e = getenv("TUNA_Q4_K");
+    return e && e[0] >= '0' && e[0] <= '5' ? e[0] - '0' : 4;
 }
 
 /* Chunks per row in flight at T <= 2: 2 (default), TUNA_Q4_U=4 for 4. ptxas (sm_90a, 128 registers
@@ -924,7 +923,8 @@ bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, co
         for (int i = 0; i < j->nseg; i++)
             if (((const struct tuna_cuda_q4 *)ws[i]->q4)->prefill == TUNA_DTYPE_F32) half_ok = false;
         if (km == 3 && half_ok && q4m_try(be, x, j, ws, &lut, q0->blocksize, T)) return true;
-        if (km == 4 && half_ok && q4h_try(be, x, j, ws, &lut, q0->blocksize, T)) return true;
+        if (km == 5 && half_ok && tuna_cuda_q4_stream(be, x, j, ws, &lut, q0->blocksize, T)) return true;
+        if (km >= 4 && half_ok && q4h_try(be, x, j, ws, &lut, q0->blocksize, T)) return true;
         if (q4t_try(be, x, j, ws, &lut, q0->blocksize, T, km >= 2 && half_ok ? 2 : 1)) return true;
     }
     j->prefetch = tuna_cuda_gemv_prefetch();

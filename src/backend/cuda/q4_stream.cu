@@ -1,0 +1,543 @@
+/* q4_stream.cu — k_q4_s: the batch-1 4-bit decode GEMV fed through shared memory by the bulk
+ * copy engine (seventh session; TUNA_Q4_K=5, sm_90+).
+ *
+ * What bounded k_q4_h2 (sixth session's ncu): the warps waited for their own loads (long
+ * scoreboard the top stall, DRAM 26-48% busy): each warp could keep only D steps of 16 bytes per
+ * lane in registers, 16-32 KB in flight per SM where ~40 KB are needed to stream at 3 TB/s, and
+ * ~4.45 instructions per weight went to the register pipeline's bookkeeping. Here the loads and
+ * the arithmetic are separate warps:
+ * - one producer thread per block (warp W, lane 0) copies tiles of the weight into a ring of S
+ *   stages in shared memory with cp.async.bulk (one instruction per contiguous range; completion
+ *   counted in bytes on the stage's "full" mbarrier) and refills a stage as soon as the compute
+ *   warps have released it (its "empty" mbarrier): S - 1 stages of 8-20 KB in flight whatever the
+ *   compute does. A tile is up to 2 IT consecutive rows of one matrix over the whole K (GLU: IT
+ *   rows of gate and the same IT rows of up): in the bitsandbytes layout (row-major codes, the
+ *   block scales in row order) its codes are ONE contiguous range, and so are its scales (8-bit
+ *   nested codes or float32 absmax): the weights keep their upload layout, nothing is converted;
+ * - the first S tiles are issued before the PDL wait (weights do not depend on the previous
+ *   kernel), so the next matrix streams in while the block builds its tables and stages x;
+ * - W compute warps (7 or 8): x (normalized when the norm is folded in) is staged as f16 pairs
+ *   scaled by a power of two, as k_q4_h2 does, but in REGISTERS: each lane owns NCH fixed 32-weight
+ *   chunks of K for the whole kernel (chunk c = j + LG k, j its index in its row group of LG
+ *   lanes), so only the codes (one 16-byte shared-memory load per row and chunk), the scales and the
+ *   byte -> half2 table are read from shared memory; the products are k_q4_h2's (q4h_dot: prmt +
+ *   table load + HFMA2 per two weights, f16 sums of 16 products, float32 acc += absmax * sum):
+ *   ~2 instructions per weight, no address bookkeeping per step;
+ * - the warps form NG row groups; group g takes items g, g + NG, ... of each tile (an item: two
+ *   rows, or gate and up of one output); a warp's sums are reduced by shuffles and left in shared
+ *   memory, and the last warp to finish a tile (a counter per stage) adds the groups' partial sums
+ *   in warp order and stores: fixed order, deterministic;
+ * - blocks are persistent (one per SM) and each takes a contiguous, balanced range of rows
+ *   (outputs for the GLU), split into tiles at matrix boundaries: q/k/v and o (4096-6144 rows)
+ *   fill all SMs as well as gate/up.
+ * Numerics are k_q4_h2's (f16 table values, x to f16 scaled into [1024, 2048) of the table's max,
+ * f16 sums of 16 products): 16-bit compute only; float32 compute keeps k_q4_tab's float2 table.
+ * Needs T = 1, K % 64 == 0 and K a multiple of the blocksize (a power of two >= 32), K <= 32768,
+ * 16-byte aligned codes, N * K < 2^31 per matrix, every matrix's scales in the same form. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/cuda/cuda_internal.h"
+#include "backend/cuda/gemv.cuh"
+#include "backend/cuda/pdl.cuh"
+
+#define Q4S_SMAX 8     /* stages at most */
+#define Q4S_ITMAX 16   /* items per tile at most */
+#define Q4S_WMAX 8     /* compute warps at most */
+#define Q4S_TAB 65536  /* [256 bytes][256]: half2 at lane * 4 (k_q4_h2's table) */
+#define Q4S_NCODE (GEMV_MAX_SEG * 256 * 4)
+
+struct q4s_param {
+    int64_t rows;       /* rows of the launch (matrices numbered one after another), GLU: outputs */
+    int IT, S, W, NG;   /* items per tile, stages, compute warps, row groups */
+    int nested;         /* scales: 1 the 8-bit nested codes, 0 float32 absmax */
+    int hint;           /* 1: the copies carry an L2 evict-first hint */
+    uint32_t code_row;  /* K / 2 */
+    uint32_t srow;      /* scale bytes per row */
+    uint32_t scap;      /* scale bytes per stage and part */
+    uint32_t stage;     /* bytes per stage */
+    uint32_t off_part;  /* [S][IT][WMAX / 1][2] floats after the stages */
+    float lmax;
+};
+
+static __device__ __forceinline__ uint32_t q4s_sa(const void *p)
+{
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+static __device__ __forceinline__ void q4s_bar_init(uint64_t *b, unsigned count)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(q4s_sa(b)), "r"(count) : "memory");
+#else
+    (void)b, (void)count;
+#endif
+}
+
+static __device__ __forceinline__ void q4s_bar_wait(uint64_t *b, uint32_t parity)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    uint32_t ok = 0;
+    do {
+        asm volatile("{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
+                     : "=r"(ok)
+                     : "r"(q4s_sa(b)), "r"(parity)
+                     : "memory");
+    } while (!ok);
+#else
+    (void)b, (void)parity;
+#endif
+}
+
+static __device__ __forceinline__ void q4s_bar_arrive(uint64_t *b)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(q4s_sa(b)) : "memory");
+#else
+    (void)b;
+#endif
+}
+
+static __device__ __forceinline__ void q4s_bar_expect(uint64_t *b, uint32_t bytes)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(q4s_sa(b)), "r"(bytes) : "memory");
+#else
+    (void)b, (void)bytes;
+#endif
+}
+
+/* bytes (a multiple of 16) from global src to shared dst (both 16-byte aligned), counted on bar */
+static __device__ __forceinline__ void q4s_copy(void *dst, const void *src, uint32_t bytes, uint64_t *bar, bool hint,
+                                                uint64_t pol)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (hint)
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, "
+                     "[%3], %4;" ::"r"(q4s_sa(dst)),
+                     "l"(src), "r"(bytes), "r"(q4s_sa(bar)), "l"(pol)
+                     : "memory");
+    else
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                         q4s_sa(dst)),
+                     "l"(src), "r"(bytes), "r"(q4s_sa(bar))
+                     : "memory");
+#else
+    (void)dst, (void)src, (void)bytes, (void)bar, (void)hint, (void)pol;
+    __trap(); /* sm_75/80 code: the host never launches k_q4_s below compute capability 9.0 */
+#endif
+}
+
+/* The tile starting at row `cur` of the launch: its matrix (seg), first row (n0) and rows (nr,
+ * at most cap, not past the block's end or the matrix's). GLU: outputs of gate and up. */
+static __device__ __forceinline__ void q4s_tile(const struct gemv_job &j, int64_t cur, int64_t end, int cap,
+                                                int *seg, int64_t *n0, int *nr)
+{
+    int s = 0;
+    if (j.mode != GEMV_GLU)
+        while (s + 1 < j.nseg && cur >= j.s[s + 1].row0) s++;
+    *seg = s;
+    *n0 = j.mode == GEMV_GLU ? cur : cur - j.s[s].row0;
+    int64_t n = end - cur;
+    if (n > cap) n = cap;
+    if (n > j.s[s].N - *n0) n = j.s[s].N - *n0;
+    *nr = (int)n;
+}
+
+/* One row's f16 sum over a lane's 32 weights (word p of the codes against x piece p), in float32
+ * (k_q4_h2's q4h_dot: tab[(byte << 8) | lane * 4] holds the half2 of the byte's two nibbles). */
+static __device__ __forceinline__ float q4s_dot(const uint8_t *tab, uint4 c, const uint4 (&xv)[4], uint32_t lane_off)
+{
+    __half2 d0 = __float2half2_rn(0.0f), d1 = d0;
+#pragma unroll
+    for (int p = 0; p < 4; p++) {
+        const uint32_t w = p == 0 ? c.x : p == 1 ? c.y : p == 2 ? c.z : c.w;
+        const uint32_t xw[4] = {xv[p].x, xv[p].y, xv[p].z, xv[p].w};
+#pragma unroll
+        for (int b = 0; b < 4; b++) {
+            const uint32_t off = __byte_perm(w, lane_off, 0x5504u | ((uint32_t)b << 4));
+            const __half2 t = *reinterpret_cast<const __half2 *>(tab + off);
+            const __half2 xh = *reinterpret_cast<const __half2 *>(&xw[b]);
+            if (p < 2) d0 = __hfma2(t, xh, d0);
+            else d1 = __hfma2(t, xh, d1);
+        }
+    }
+    const __half2 d = __hadd2(d0, d1);
+    return __low2float(d) + __high2float(d);
+}
+
+template <bool NORM, int NCH>
+__global__ void __launch_bounds__((Q4S_WMAX + 1) * 32, 1)
+    k_q4_s(const float *__restrict__ x, const __grid_constant__ struct gemv_job j, const __grid_constant__ struct q4_lut lut_in,
+           const struct q4s_param P)
+{
+    extern __shared__ __align__(128) uint8_t q4s_smem[];
+    uint8_t *tab = q4s_smem;                                          /* [256][256 bytes] */
+    float *ncode = reinterpret_cast<float *>(q4s_smem + Q4S_TAB);     /* [GEMV_MAX_SEG][256] */
+    uint8_t *stages = q4s_smem + Q4S_TAB + Q4S_NCODE;                 /* [S][stage] */
+    float *part = reinterpret_cast<float *>(stages + P.off_part);     /* [S][IT][WMAX][2] */
+    __shared__ uint64_t full[Q4S_SMAX], empty[Q4S_SMAX];
+    __shared__ int cnt[Q4S_SMAX];
+    __shared__ float slut[16];
+    __shared__ float red[64];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int W = P.W, S = P.S, IT = P.IT, NG = P.NG;
+    const bool glu = j.mode == GEMV_GLU;
+    const int cap = glu ? IT : 2 * IT; /* rows (GLU: outputs) per tile */
+
+    /* the block's rows: balanced, in units of items (two rows; GLU one output) */
+    const int64_t G = gridDim.x, bi = blockIdx.x;
+    int64_t r0, r1;
+    if (glu) {
+        r0 = bi * P.rows / G;
+        r1 = (bi + 1) * P.rows / G;
+    } else {
+        const int64_t units = (P.rows + 1) / 2;
+        r0 = 2 * (bi * units / G);
+        r1 = 2 * ((bi + 1) * units / G);
+        if (r1 > P.rows) r1 = P.rows;
+    }
+
+    if (threadIdx.x < 16) slut[threadIdx.x] = lut_in.v[threadIdx.x];
+    if (threadIdx.x < Q4S_SMAX) cnt[threadIdx.x] = 0;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < S; s++) {
+            q4s_bar_init(&full[s], 1);
+            q4s_bar_init(&empty[s], (unsigned)W);
+        }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
+    }
+    __syncthreads();
+
+    if (warp == W) { /* ---- the producer ---- */
+        if (lane != 0) return;
+        if (j.prefetch < 1) tuna_pdl_wait();
+        uint64_t pol = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        if (P.hint) asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+#endif
+        int t = 0;
+        for (int64_t cur = r0; cur < r1; t++) {
+            int seg, nr;
+            int64_t n0;
+            q4s_tile(j, cur, r1, cap, &seg, &n0, &nr);
+            cur += nr;
+            const int s = t % S;
+            if (t >= S) q4s_bar_wait(&empty[s], (uint32_t)((t / S - 1) & 1));
+            uint8_t *st = stages + (size_t)s * P.stage;
+            const int nparts = glu ? 2 : 1;
+            uint32_t total = 0, cb[2], sb[2];
+            const uint8_t *cs[2], *ss[2];
+#pragma unroll
+            for (int p = 0; p < 2; p++) {
+                cb[p] = sb[p] = 0u, cs[p] = ss[p] = NULL;
+                if (p >= nparts) break;
+                const struct gemv_seg &sg = j.s[glu ? p : seg];
+                cs[p] = (const uint8_t *)sg.W + (size_t)n0 * P.code_row;
+                cb[p] = (uint32_t)nr * P.code_row;
+                const uint8_t *sbase = P.nested ? sg.sc.q : reinterpret_cast<const uint8_t *>(sg.sc.absmax);
+                const uint8_t *src = sbase + (size_t)n0 * P.srow;
+                const uint32_t pad = (uint32_t)((uintptr_t)src & 15u);
+                ss[p] = src - pad;
+                sb[p] = (pad + (uint32_t)nr * P.srow + 15u) & ~15u;
+                total += cb[p] + sb[p];
+            }
+            q4s_bar_expect(&full[s], total);
+            const uint32_t soff = 2u * (uint32_t)IT * P.code_row;
+#pragma unroll
+            for (int p = 0; p < 2; p++) {
+                if (p >= nparts) break;
+                q4s_copy(st + (size_t)p * IT * P.code_row, cs[p], cb[p], &full[s], P.hint, pol);
+                q4s_copy(st + soff + (size_t)p * P.scap, ss[p], sb[p], &full[s], P.hint, pol);
+            }
+        }
+        return;
+    }
+
+    /* ---- the compute warps ---- */
+    const int nthr = W * 32;
+    for (int e = threadIdx.x; e < 256 * 32; e += nthr) {
+        const int byte = e >> 5, l = e & 31;
+        *reinterpret_cast<__half2 *>(tab + byte * 256 + l * 4) = __floats2half2_rn(slut[byte >> 4], slut[byte & 15]);
+    }
+    if (P.nested)
+        for (int s = 0; s < j.nseg; s++)
+            for (int e = threadIdx.x; e < 256; e += nthr) ncode[s * 256 + e] = __ldg(j.s[s].sc.ncode + e);
+    tuna_pdl_wait();
+    tuna_pdl_trigger();
+
+    /* x: max |x| (normalized) and the sum of squares over the block, then each lane's own chunks
+     * as f16 pairs scaled by s in registers (k_q4_h2's q4h_stage_x, in registers) */
+    const int K4 = (int)(j.K / 4), K32 = (int)(j.K / 32);
+    const float4 *x4 = reinterpret_cast<const float4 *>(x);
+    const float4 *n4 = reinterpret_cast<const float4 *>(j.nw);
+    float ssq = 0.0f, m = 0.0f;
+    for (int f = threadIdx.x; f < K4; f += nthr) {
+        const float4 a = x4[f];
+        if (NORM) {
+            ssq += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+            const float4 w = __ldg(n4 + f);
+            m = fmaxf(m, fmaxf(fmaxf(fabsf(a.x * w.x), fabsf(a.y * w.y)), fmaxf(fabsf(a.z * w.z), fabsf(a.w * w.w))));
+        } else {
+            m = fmaxf(m, fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)), fmaxf(fabsf(a.z), fabsf(a.w))));
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        ssq += __shfl_xor_sync(0xffffffffu, ssq, o);
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    }
+    if (lane == 0) red[warp] = ssq, red[32 + warp] = m;
+    asm volatile("bar.sync 1, %0;" ::"r"(nthr) : "memory"); /* also: the tables are written */
+    float asum = 0.0f, mm = 0.0f;
+    for (int w = 0; w < W; w++) asum += red[w], mm = fmaxf(mm, red[32 + w]);
+    const float r = NORM ? 1.0f / sqrtf(asum / (float)j.K + j.eps) : 1.0f;
+    const float v = mm * r * P.lmax;
+    int ex = v > 0.0f && v <= 3.0e38f ? ilogbf(v) : 10;
+    ex = ex < -100 ? -100 : ex;
+    const float sc = ldexpf(1.0f, 10 - ex), inv_s = ldexpf(1.0f, ex - 10);
+
+    const int g = warp % NG, wg = warp / NG, WG = W / NG, LG = 32 * WG;
+    const int jl = wg * 32 + lane;
+    uint4 xr[NCH][4];
+#pragma unroll
+    for (int k = 0; k < NCH; k++) {
+        const int c = jl + LG * k;
+#pragma unroll
+        for (int p = 0; p < 4; p++) xr[k][p] = make_uint4(0u, 0u, 0u, 0u);
+        if (c < K32) {
+#pragma unroll
+            for (int p = 0; p < 4; p++) {
+                uint32_t h[4];
+#pragma unroll
+                for (int q = 0; q < 2; q++) {
+                    const int f = c * 8 + p * 2 + q;
+                    float4 a = x4[f];
+                    if (NORM) {
+                        const float4 w = __ldg(n4 + f);
+                        a = make_float4(a.x * r * w.x, a.y * r * w.y, a.z * r * w.z, a.w * r * w.w);
+                        if (j.xn && blockIdx.x == 0 && g == 0) reinterpret_cast<float4 *>(j.xn)[f] = a;
+                    }
+                    const __half2 lo = __floats2half2_rn(a.x * sc, a.y * sc), hi = __floats2half2_rn(a.z * sc, a.w * sc);
+                    h[2 * q] = *reinterpret_cast<const uint32_t *>(&lo);
+                    h[2 * q + 1] = *reinterpret_cast<const uint32_t *>(&hi);
+                }
+                xr[k][p] = make_uint4(h[0], h[1], h[2], h[3]);
+            }
+        }
+    }
+
+    const uint32_t lane_off = (uint32_t)lane * 4u;
+    const int bs_shift = j.bs_shift;
+    const uint32_t soff = 2u * (uint32_t)IT * P.code_row;
+    const uint32_t kb = (uint32_t)(j.K >> bs_shift); /* scale blocks per row */
+    int t = 0;
+    for (int64_t cur = r0; cur < r1; t++) {
+        int seg, nr;
+        int64_t n0;
+        q4s_tile(j, cur, r1, cap, &seg, &n0, &nr);
+        cur += nr;
+        const int s = t % S;
+        const int nitems = glu ? nr : (nr + 1) / 2;
+        const uint8_t *st = stages + (size_t)s * P.stage;
+        /* where each part's scales start in the stage (the copy began at a 16-byte boundary);
+         * row q of an item lies in part q (GLU: gate, up) or both in part 0 */
+        const int seg1 = glu ? 1 : seg;
+        const uint8_t *sb0 = P.nested ? j.s[seg].sc.q : reinterpret_cast<const uint8_t *>(j.s[seg].sc.absmax);
+        const uint8_t *sb1 = P.nested ? j.s[seg1].sc.q : reinterpret_cast<const uint8_t *>(j.s[seg1].sc.absmax);
+        const uint32_t pad0 = (uint32_t)((uintptr_t)(sb0 + (size_t)n0 * P.srow) & 15u);
+        const uint32_t pad1 = (uint32_t)((uintptr_t)(sb1 + (size_t)n0 * P.srow) & 15u);
+        q4s_bar_wait(&full[s], (uint32_t)((t / S) & 1));
+        for (int i = g; i < nitems; i += NG) {
+            const int sl0 = glu ? i : 2 * i, sl1 = glu ? IT + i : (2 * i + 1 < nr ? 2 * i + 1 : 2 * i);
+            const int rw1 = glu ? i : sl1; /* row of the second one in its matrix, from n0 */
+            const uint8_t *cp[2], *sp[2];
+            const float *nabs[2];
+            float noff[2];
+            int nco[2];
+            uint32_t erow[2];
+            cp[0] = st + (size_t)sl0 * P.code_row;
+            cp[1] = st + (size_t)sl1 * P.code_row;
+            sp[0] = st + soff + pad0 + (size_t)sl0 * P.srow;
+            sp[1] = st + soff + (glu ? P.scap + pad1 : pad0) + (size_t)rw1 * P.srow;
+            nabs[0] = j.s[seg].sc.nabs, nabs[1] = j.s[seg1].sc.nabs;
+            noff[0] = j.s[seg].sc.noff, noff[1] = j.s[seg1].sc.noff;
+            nco[0] = seg * 256, nco[1] = seg1 * 256;
+            erow[0] = (uint32_t)(n0 + sl0) * kb; /* the row's first scale block in its matrix */
+            erow[1] = (uint32_t)(n0 + rw1) * kb;
+            float acc0 = 0.0f, acc1 = 0.0f;
+#pragma unroll
+            for (int k = 0; k < NCH; k++) {
+                const int c = jl + LG * k;
+                if (c < K32) {
+                    const uint32_t blk = ((uint32_t)c * 32u) >> bs_shift;
+                    float am[2], d[2];
+#pragma unroll
+                    for (int q = 0; q < 2; q++) {
+                        const uint4 cw = *reinterpret_cast<const uint4 *>(cp[q] + (size_t)c * 16);
+                        d[q] = q4s_dot(tab, cw, xr[k], lane_off);
+                        if (P.nested) {
+                            const uint32_t qc = sp[q][blk];
+                            const float na = __ldg(nabs[q] + ((erow[q] + blk) >> j.s[0].sc.nshift));
+                            am[q] = __fadd_rn(__fmul_rn(ncode[nco[q] + qc], na), noff[q]);
+                        } else {
+                            am[q] = reinterpret_cast<const float *>(sp[q])[blk];
+                        }
+                    }
+                    acc0 += am[0] * d[0];
+                    acc1 += am[1] * d[1];
+                }
+            }
+            for (int o = 16; o > 0; o >>= 1) {
+                acc0 += __shfl_xor_sync(0xffffffffu, acc0, o);
+                acc1 += __shfl_xor_sync(0xffffffffu, acc1, o);
+            }
+            if (lane == 0) {
+                float *pp = part + (((size_t)s * IT + i) * Q4S_WMAX + wg) * 2;
+                pp[0] = acc0;
+                pp[1] = acc1;
+            }
+        }
+        /* the last warp done with the tile adds the groups' sums in warp order and stores */
+        __syncwarp();
+        int old = 0;
+        if (lane == 0) {
+            __threadfence_block();
+            old = atomicAdd(&cnt[s], 1);
+        }
+        old = __shfl_sync(0xffffffffu, old, 0);
+        if (old == W - 1) {
+            __threadfence_block();
+            for (int i = lane; i < nitems; i += 32) {
+                const volatile float *pp = part + ((size_t)s * IT + i) * Q4S_WMAX * 2;
+                float v0 = 0.0f, v1 = 0.0f;
+                for (int w = 0; w < WG; w++) v0 += pp[2 * w], v1 += pp[2 * w + 1];
+                v0 *= inv_s;
+                v1 *= inv_s;
+                if (glu) {
+                    const int64_t n = n0 + i;
+                    const float bg = j.s[0].bias ? j.s[0].bias[n] : 0.0f;
+                    const float bu = j.s[1].bias ? j.s[1].bias[n] : 0.0f;
+                    j.s[0].y[n] = tuna_cuda_act(v0 + bg, j.act) * (v1 + bu);
+                } else {
+                    const struct gemv_seg &sg = j.s[seg];
+#pragma unroll
+                    for (int q = 0; q < 2; q++) {
+                        if (2 * i + q >= nr) break;
+                        const int64_t n = n0 + 2 * i + q;
+                        const float vv = (q ? v1 : v0) + (sg.bias ? sg.bias[n] : 0.0f);
+                        if (j.mode == GEMV_ADD) sg.y[n] += vv;
+                        else sg.y[n] = vv;
+                    }
+                }
+            }
+            if (lane == 0) cnt[s] = 0;
+        }
+        __syncwarp();
+        if (lane == 0) q4s_bar_arrive(&empty[s]);
+    }
+}
+
+static long g_q4s_launches;
+
+extern "C" long tuna_cuda_q4_stream_launches(tuna_backend *be)
+{
+    return be && be->cc_major >= 9 ? g_q4s_launches : -1;
+}
+
+/* TUNA_Q4_ST="S,KB,H": stages (2..8, default 6), target stage size in KiB (default 16), L2
+ * evict-first hint on the copies (0/1, default 0). Read at every call (cheap; graphs capture). */
+static void q4s_env(int *S, int *kb, int *hint)
+{
+    *S = 6, *kb = 16, *hint = 0;
+    const char *e = getenv("TUNA_Q4_ST");
+    if (!e) return;
+    int a = 0, b = 0, c = 0;
+    const int n = sscanf(e, "%d,%d,%d", &a, &b, &c);
+    if (n >= 1 && a >= 2 && a <= Q4S_SMAX) *S = a;
+    if (n >= 2 && b >= 1 && b <= 64) *kb = b;
+    if (n >= 3) *hint = c != 0;
+}
+
+template <bool NORM>
+static bool q4s_launch(tuna_backend *be, const float *x, const struct gemv_job *j, const struct q4_lut *lut,
+                       const struct q4s_param *P, int nch, unsigned blocks, size_t smem)
+{
+    const dim3 grid(blocks), block((unsigned)(P->W + 1) * 32);
+    switch (nch) {
+    case 1: return tuna_cuda_launch(be, "k_q4_s", k_q4_s<NORM, 1>, grid, block, smem, x, *j, *lut, *P);
+    case 2: return tuna_cuda_launch(be, "k_q4_s", k_q4_s<NORM, 2>, grid, block, smem, x, *j, *lut, *P);
+    default: return tuna_cuda_launch(be, "k_q4_s", k_q4_s<NORM, 4>, grid, block, smem, x, *j, *lut, *P);
+    }
+}
+
+bool tuna_cuda_q4_stream(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
+                         const struct q4_lut *lut, int blocksize, int64_t T)
+{
+    const int64_t K = j->K;
+    if (be->cc_major < 9 || T != 1 || K <= 0 || K % 64 != 0 || blocksize < 32 || K % blocksize != 0) return false;
+    if (j->nseg < 1 || j->nseg > GEMV_MAX_SEG) return false;
+    const int K32 = (int)(K / 32);
+    if (K32 > 4 * 32 * Q4S_WMAX) return false;
+    const bool nested = j->s[0].sc.absmax == NULL;
+    for (int i = 0; i < j->nseg; i++)
+        if (((uintptr_t)ws[i]->data % 16) != 0 || j->s[i].N * K >= ((int64_t)1 << 31) ||
+            (j->s[i].sc.absmax == NULL) != nested || (nested && j->s[i].sc.nshift != j->s[0].sc.nshift))
+            return false;
+    /* warps and row groups: the most lanes busy over K, then the fewest chunks per lane, then
+     * the most warps (8 warps in 2 groups at K = 4096: one chunk each; 7 warps in 1 group at
+     * K = 14336: two) */
+    int bw = 0, bng = 0, bnch = 0;
+    double best = -1.0;
+    for (int W = Q4S_WMAX; W >= 4; W--)
+        for (int NG = 1; NG <= 8; NG *= 2) {
+            if (W % NG) continue;
+            const int LG = 32 * (W / NG), nch = (K32 + LG - 1) / LG;
+            if (nch > 4) continue;
+            /* lanes busy: W warps times the share of their chunk steps that lie in K */
+            const double score = (double)K32 * NG / (32.0 * (double)nch);
+            if (score > best + 1e-9 || (score > best - 1e-9 && nch < bnch)) best = score, bw = W, bng = NG, bnch = nch;
+        }
+    if (!bw) return false;
+    int S, kbytes, hint;
+    q4s_env(&S, &kbytes, &hint);
+    struct q4s_param P;
+    memset(&P, 0, sizeof P);
+    P.W = bw, P.NG = bng, P.nested = nested, P.hint = hint;
+    P.code_row = (uint32_t)(K / 2);
+    P.srow = (uint32_t)((K / blocksize) * (nested ? 1 : 4));
+    const int64_t item = 2 * ((int64_t)P.code_row + P.srow);
+    int64_t it = (int64_t)kbytes * 1024 / item / bng * bng;
+    if (it < bng) it = bng;
+    if (it > Q4S_ITMAX) it = Q4S_ITMAX / bng * bng;
+    P.IT = (int)it;
+    P.scap = ((uint32_t)(2 * it) * P.srow + 15u) / 16u * 16u + 16u;
+    P.stage = ((uint32_t)(2 * it) * P.code_row + 2u * P.scap + 127u) / 128u * 128u;
+    const size_t part = (size_t)Q4S_ITMAX * Q4S_WMAX * 2 * sizeof(float);
+    const size_t fixed = (size_t)Q4S_TAB + Q4S_NCODE + 1024; /* + static shared memory */
+    if (be->max_smem_optin <= 0) return false;
+    while (S > 2 && fixed + (size_t)S * (P.stage + part) > (size_t)be->max_smem_optin) S--;
+    if (fixed + (size_t)S * (P.stage + part) > (size_t)be->max_smem_optin) return false;
+    P.S = S;
+    P.off_part = (uint32_t)S * P.stage;
+    const size_t smem = (size_t)Q4S_TAB + Q4S_NCODE + (size_t)S * P.stage + (size_t)S * part;
+    float lmax = 0.0f;
+    for (int c = 0; c < 16; c++) lmax = fmaxf(lmax, fabsf(lut->v[c]));
+    P.lmax = lmax;
+    if (j->mode == GEMV_GLU) {
+        P.rows = j->s[0].N;
+        if (j->nseg < 2) return false;
+    } else {
+        P.rows = gemv_number_rows(j, 1);
+    }
+    const int64_t units = j->mode == GEMV_GLU ? P.rows : (P.rows + 1) / 2;
+    const int64_t sms = be->sm_count > 0 ? be->sm_count : 132;
+    const int64_t blocks = units < sms ? units : sms;
+    if (blocks < 1) return true; /* nothing to do */
+    j->prefetch = tuna_cuda_gemv_prefetch();
+    g_q4s_launches++;
+    if (j->nw) return q4s_launch<true>(be, x, j, lut, &P, bnch, (unsigned)blocks, smem);
+    return q4s_launch<false>(be, x, j, lut, &P, bnch, (unsigned)blocks, smem);
+}
