@@ -259,9 +259,11 @@ __global__ void __launch_bounds__((Q4S_WMAX + 1) * 32, 1)
 
     /* ---- the compute warps ---- */
     const int nthr = W * 32;
-    for (int e = threadIdx.x; e < 256 * 32; e += nthr) {
-        const int byte = e >> 5, l = e & 31;
-        *reinterpret_cast<__half2 *>(tab + byte * 256 + l * 4) = __floats2half2_rn(slut[byte >> 4], slut[byte & 15]);
+    for (int e = threadIdx.x; e < 256 * 8; e += nthr) { /* the 32 lanes' copies: 8 16-byte stores per byte */
+        const int byte = e >> 3;
+        const __half2 h = __floats2half2_rn(slut[byte >> 4], slut[byte & 15]);
+        const uint32_t u = *reinterpret_cast<const uint32_t *>(&h);
+        *reinterpret_cast<uint4 *>(tab + byte * 256 + (e & 7) * 16) = make_uint4(u, u, u, u);
     }
     if (P.nested)
         for (int s = 0; s < j.nseg; s++)
@@ -447,11 +449,11 @@ extern "C" long tuna_cuda_q4_stream_launches(tuna_backend *be)
     return be && be->cc_major >= 9 ? g_q4s_launches : -1;
 }
 
-/* TUNA_Q4_ST="S,KB,H": stages (2..8, default 6), target stage size in KiB (default 16), L2
+/* TUNA_Q4_ST="S,KB,H": stages (2..8, default 6), target stage size in KiB (default 20), L2
  * evict-first hint on the copies (0/1, default 0). Read at every call (cheap; graphs capture). */
 static void q4s_env(int *S, int *kb, int *hint)
 {
-    *S = 6, *kb = 16, *hint = 0;
+    *S = 6, *kb = 20, *hint = 0;
     const char *e = getenv("TUNA_Q4_ST");
     if (!e) return;
     int a = 0, b = 0, c = 0;
