@@ -71,7 +71,7 @@ static __device__ __forceinline__ void q4s_bar_init(uint64_t *b, unsigned count)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(q4s_sa(b)), "r"(count) : "memory");
 #else
-    (void)b, (void)count;
+    (void)q4s_sa(b), (void)count;
 #endif
 }
 
