@@ -123,49 +123,71 @@ static void test_matmul_backward(void **state)
     }
 }
 
+/* One adapter's operands on the CPU and the GPU (same random values) for the lora ops' tests. */
+struct lora_case {
+    int64_t T, N, K, R;
+    float *A, *B, *x, *y, *dy, *dx, *dA, *dB, *work;       /* host */
+    float *gx, *gy, *gdy, *gdx, *gdA, *gdB, *gwork;        /* device */
+    struct tuna_lora lc, lg;                                 /* CPU and GPU views of the adapter */
+};
+
+static void lora_case_new(struct lora_case *c, int64_t T, int64_t N, int64_t K, int64_t R, float scale)
+{
+    c->T = T, c->N = N, c->K = K, c->R = R;
+    c->A = rnd((size_t)(R * K)), c->B = rnd((size_t)(N * R));
+    c->lc = (struct tuna_lora){R, c->A, c->B, scale};
+    c->lg = (struct tuna_lora){R, dev(c->A, (size_t)(R * K) * 4), dev(c->B, (size_t)(N * R) * 4), scale};
+    c->x = rnd((size_t)(T * K)), c->y = rnd((size_t)(T * N)), c->dy = rnd((size_t)(T * N));
+    c->dx = rnd((size_t)(T * K)), c->dA = rnd((size_t)(R * K)), c->dB = rnd((size_t)(N * R));
+    c->work = malloc((size_t)(2 * T * R) * 4);
+    c->gx = dev(c->x, (size_t)(T * K) * 4), c->gy = dev(c->y, (size_t)(T * N) * 4);
+    c->gdy = dev(c->dy, (size_t)(T * N) * 4), c->gdx = dev(c->dx, (size_t)(T * K) * 4);
+    c->gdA = dev(c->dA, (size_t)(R * K) * 4), c->gdB = dev(c->dB, (size_t)(N * R) * 4);
+    c->gwork = dev(NULL, (size_t)(2 * T * R) * 4);
+}
+
+/* y, dx, dA, dB and their device copies are not freed here: check_dev frees what it checks */
+static void lora_case_free(struct lora_case *c)
+{
+    tuna_cuda_free(g_gpu, (void *)c->lg.A), tuna_cuda_free(g_gpu, (void *)c->lg.B);
+    tuna_cuda_free(g_gpu, c->gx), tuna_cuda_free(g_gpu, c->gdy), tuna_cuda_free(g_gpu, c->gwork);
+    free(c->A), free(c->B), free(c->x), free(c->dy), free(c->work);
+}
+
 static void test_lora(void **state)
 {
     (void)state;
     NEED_GPU();
-    const int64_t T = 13, N = 37, K = 41, R = 5;
-    float *A = rnd((size_t)(R * K)), *B = rnd((size_t)(N * R));
-    struct tuna_lora lc = {R, A, B, 0.75f};
-    struct tuna_lora lg = {R, dev(A, (size_t)(R * K) * 4), dev(B, (size_t)(N * R) * 4), 0.75f};
-    float *x = rnd((size_t)(T * K)), *y = rnd((size_t)(T * N)), *dy = rnd((size_t)(T * N));
-    float *dx = rnd((size_t)(T * K)), *dA = rnd((size_t)(R * K)), *dB = rnd((size_t)(N * R));
-    float *work = malloc((size_t)(2 * T * R) * 4);
-    float *gx = dev(x, (size_t)(T * K) * 4), *gy = dev(y, (size_t)(T * N) * 4), *gdy = dev(dy, (size_t)(T * N) * 4);
-    float *gdx = dev(dx, (size_t)(T * K) * 4), *gdA = dev(dA, (size_t)(R * K) * 4), *gdB = dev(dB, (size_t)(N * R) * 4);
-    float *gwork = dev(NULL, (size_t)(2 * T * R) * 4);
-    float *gy2 = dev(y, (size_t)(T * N) * 4), *gdx2 = dev(dx, (size_t)(T * K) * 4); /* for the TF32 runs */
-    g_ct->lora_forward(g_cpu, y, x, &lc, T, N, K, work, false);
-    g_gt->lora_forward(g_gpu, gy, gx, &lg, T, N, K, gwork, false);
-    g_gt->lora_forward(g_gpu, gy2, gx, &lg, T, N, K, gwork, true);
+    struct lora_case c;
+    lora_case_new(&c, 13, 37, 41, 5, 0.75f);
+    const int64_t T = c.T, N = c.N, K = c.K, R = c.R;
+    float *gy2 = dev(c.y, (size_t)(T * N) * 4), *gdx2 = dev(c.dx, (size_t)(T * K) * 4); /* for the TF32 runs */
+    g_ct->lora_forward(g_cpu, c.y, c.x, &c.lc, T, N, K, c.work, false);
+    g_gt->lora_forward(g_gpu, c.gy, c.gx, &c.lg, T, N, K, c.gwork, false);
+    g_gt->lora_forward(g_gpu, gy2, c.gx, &c.lg, T, N, K, c.gwork, true);
     float *got = back_new(gy2, (size_t)(T * N));
-    check_print("lora_forward (TF32)", got, y, (size_t)(T * N), 1e-2);
+    check_print("lora_forward (TF32)", got, c.y, (size_t)(T * N), 1e-2);
     free(got);
-    check_dev("lora_forward", gy, y, (size_t)(T * N), 1e-5);
-    g_ct->lora_backward(g_cpu, dx, dA, dB, dy, x, &lc, T, N, K, work, false);
-    float *gdA3 = dev(dA, (size_t)(R * K) * 4), *gdB3 = dev(dB, (size_t)(N * R) * 4);
-    g_gt->lora_backward(g_gpu, gdx2, gdA3, gdB3, gdy, gx, &lg, T, N, K, gwork, true);
+    check_dev("lora_forward", c.gy, c.y, (size_t)(T * N), 1e-5);
+    g_ct->lora_backward(g_cpu, c.dx, c.dA, c.dB, c.dy, c.x, &c.lc, T, N, K, c.work, false);
+    float *gdA3 = dev(c.dA, (size_t)(R * K) * 4), *gdB3 = dev(c.dB, (size_t)(N * R) * 4);
+    g_gt->lora_backward(g_gpu, gdx2, gdA3, gdB3, c.gdy, c.gx, &c.lg, T, N, K, c.gwork, true);
     got = back_new(gdx2, (size_t)(T * K));
-    check_print("lora_backward dx (TF32)", got, dx, (size_t)(T * K), 1e-2);
+    check_print("lora_backward dx (TF32)", got, c.dx, (size_t)(T * K), 1e-2);
     free(got);
     tuna_cuda_free(g_gpu, gy2), tuna_cuda_free(g_gpu, gdx2), tuna_cuda_free(g_gpu, gdA3), tuna_cuda_free(g_gpu, gdB3);
-    g_gt->lora_backward(g_gpu, gdx, gdA, gdB, gdy, gx, &lg, T, N, K, gwork, false);
-    check_dev("lora_backward dx", gdx, dx, (size_t)(T * K), 1e-5);
-    check_dev("lora_backward dA", gdA, dA, (size_t)(R * K), 1e-5);
-    check_dev("lora_backward dB", gdB, dB, (size_t)(N * R), 1e-5);
+    g_gt->lora_backward(g_gpu, c.gdx, c.gdA, c.gdB, c.gdy, c.gx, &c.lg, T, N, K, c.gwork, false);
+    check_dev("lora_backward dx", c.gdx, c.dx, (size_t)(T * K), 1e-5);
+    check_dev("lora_backward dA", c.gdA, c.dA, (size_t)(R * K), 1e-5);
+    check_dev("lora_backward dB", c.gdB, c.dB, (size_t)(N * R), 1e-5);
     /* dx NULL: only the adapter's gradients */
     float *dA2 = rnd((size_t)(R * K)), *gdA2 = dev(dA2, (size_t)(R * K) * 4);
     float *dB2 = rnd((size_t)(N * R)), *gdB2 = dev(dB2, (size_t)(N * R) * 4);
-    g_ct->lora_backward(g_cpu, NULL, dA2, dB2, dy, x, &lc, T, N, K, work, false);
-    g_gt->lora_backward(g_gpu, NULL, gdA2, gdB2, gdy, gx, &lg, T, N, K, gwork, false);
+    g_ct->lora_backward(g_cpu, NULL, dA2, dB2, c.dy, c.x, &c.lc, T, N, K, c.work, false);
+    g_gt->lora_backward(g_gpu, NULL, gdA2, gdB2, c.gdy, c.gx, &c.lg, T, N, K, c.gwork, false);
     check_dev("lora_backward dA (dx NULL)", gdA2, dA2, (size_t)(R * K), 1e-5);
     check_dev("lora_backward dB (dx NULL)", gdB2, dB2, (size_t)(N * R), 1e-5);
-    tuna_cuda_free(g_gpu, (void *)lg.A), tuna_cuda_free(g_gpu, (void *)lg.B);
-    tuna_cuda_free(g_gpu, gx), tuna_cuda_free(g_gpu, gdy), tuna_cuda_free(g_gpu, gwork);
-    free(A), free(B), free(x), free(dy), free(work);
+    lora_case_free(&c);
 }
 
 /* LoRA in the fast mode on shapes whose long reductions take the split-K path of train_gemm.cu
@@ -175,27 +197,18 @@ static void test_lora_splitk(void **state)
 {
     (void)state;
     NEED_GPU();
-    const int64_t T = 1024, N = 1024, K = 2048, R = 16;
-    float *A = rnd((size_t)(R * K)), *B = rnd((size_t)(N * R));
-    struct tuna_lora lc = {R, A, B, 2.0f};
-    struct tuna_lora lg = {R, dev(A, (size_t)(R * K) * 4), dev(B, (size_t)(N * R) * 4), 2.0f};
-    float *x = rnd((size_t)(T * K)), *y = rnd((size_t)(T * N)), *dy = rnd((size_t)(T * N));
-    float *dx = rnd((size_t)(T * K)), *dA = rnd((size_t)(R * K)), *dB = rnd((size_t)(N * R));
-    float *work = malloc((size_t)(2 * T * R) * 4);
-    float *gx = dev(x, (size_t)(T * K) * 4), *gy = dev(y, (size_t)(T * N) * 4), *gdy = dev(dy, (size_t)(T * N) * 4);
-    float *gdx = dev(dx, (size_t)(T * K) * 4), *gdA = dev(dA, (size_t)(R * K) * 4), *gdB = dev(dB, (size_t)(N * R) * 4);
-    float *gwork = dev(NULL, (size_t)(2 * T * R) * 4);
-    g_ct->lora_forward(g_cpu, y, x, &lc, T, N, K, work, false);
-    g_gt->lora_forward(g_gpu, gy, gx, &lg, T, N, K, gwork, true);
-    check_dev("lora_forward split-K (TF32) T 1024 N 1024 K 2048 r 16", gy, y, (size_t)(T * N), 1e-2);
-    g_ct->lora_backward(g_cpu, dx, dA, dB, dy, x, &lc, T, N, K, work, false);
-    g_gt->lora_backward(g_gpu, gdx, gdA, gdB, gdy, gx, &lg, T, N, K, gwork, true);
-    check_dev("lora_backward split-K dx (TF32)", gdx, dx, (size_t)(T * K), 1e-2);
-    check_dev("lora_backward split-K dA (TF32)", gdA, dA, (size_t)(R * K), 1e-2);
-    check_dev("lora_backward split-K dB (TF32)", gdB, dB, (size_t)(N * R), 1e-2);
-    tuna_cuda_free(g_gpu, (void *)lg.A), tuna_cuda_free(g_gpu, (void *)lg.B);
-    tuna_cuda_free(g_gpu, gx), tuna_cuda_free(g_gpu, gdy), tuna_cuda_free(g_gpu, gwork);
-    free(A), free(B), free(x), free(dy), free(work);
+    struct lora_case c;
+    lora_case_new(&c, 1024, 1024, 2048, 16, 2.0f);
+    const int64_t T = c.T, N = c.N, K = c.K, R = c.R;
+    g_ct->lora_forward(g_cpu, c.y, c.x, &c.lc, T, N, K, c.work, false);
+    g_gt->lora_forward(g_gpu, c.gy, c.gx, &c.lg, T, N, K, c.gwork, true);
+    check_dev("lora_forward split-K (TF32) T 1024 N 1024 K 2048 r 16", c.gy, c.y, (size_t)(T * N), 1e-2);
+    g_ct->lora_backward(g_cpu, c.dx, c.dA, c.dB, c.dy, c.x, &c.lc, T, N, K, c.work, false);
+    g_gt->lora_backward(g_gpu, c.gdx, c.gdA, c.gdB, c.gdy, c.gx, &c.lg, T, N, K, c.gwork, true);
+    check_dev("lora_backward split-K dx (TF32)", c.gdx, c.dx, (size_t)(T * K), 1e-2);
+    check_dev("lora_backward split-K dA (TF32)", c.gdA, c.dA, (size_t)(R * K), 1e-2);
+    check_dev("lora_backward split-K dB (TF32)", c.gdB, c.dB, (size_t)(N * R), 1e-2);
+    lora_case_free(&c);
 }
 
 static void test_norm_rope_glu(void **state)
