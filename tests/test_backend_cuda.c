@@ -4,8 +4,23 @@
  * activations to 16 bits: 1e-2 (bf16) / 2e-3 (f16). Skips without a GPU. */
 #include "cuda_testutil.h"
 
+#include "backend/cpu/act16.h"
 #include "core/dtype.h"
 #include "quant/nf4.h"
+
+/* n 16-bit values of type dt (host) as a new float32 array */
+static float *wide16(enum tuna_dtype dt, const void *p, size_t n)
+{
+    float *f = malloc(n * 4 + 4);
+    assert_non_null(f);
+    assert_true(tuna_convert_to_f32(dt, p, f, n));
+    return f;
+}
+
+/* Tolerance of the 16-bit activation ops against their CPU twins: outputs rounded once on both
+ * sides from float32 values that differ in the order of their sums (one unit in the last place
+ * here and there). */
+static double tol16(enum tuna_dtype adt) { return adt == TUNA_DTYPE_BF16 ? 1e-2 : 2e-3; }
 
 static void test_matmul(void **state)
 {
@@ -556,6 +571,25 @@ static void att_run(const struct att_case *c, enum tuna_dtype dt)
         }
         free(a), free(e);
     }
+    /* the 16-bit activation op (attention16): q and out in the cache's 16-bit type (bf16 for a
+     * float32 cache), against its CPU twin */
+    {
+        const enum tuna_dtype adt = dt == TUNA_DTYPE_F32 ? TUNA_DTYPE_BF16 : dt;
+        uint16_t *q16 = malloc(nq * 2), *oc16 = malloc(nq * 2), *og16 = malloc(nq * 2);
+        tuna_convert_from_f32(adt, q, q16, nq);
+        void *dq16 = dev(q16, nq * 2), *do16 = dev(NULL, nq * 2);
+        tuna_cpu_attention16(g_cpu, oc16, q16, adt, kh, vh, dt, &b, H, Hkv, D, scale);
+        g_gops->attention16(g_gpu, do16, dq16, adt, dkc, dvc, dt, &b, H, Hkv, D, scale);
+        back(og16, do16, nq * 2);
+        float *a = wide16(adt, og16, nq), *e = wide16(adt, oc16, nq);
+        char what[200];
+        snprintf(what, sizeof what, "attention16 %s, %s cache, %s activations", c->name, tuna_dtype_name(dt),
+                 tuna_dtype_name(adt));
+        check(what, a, e, nq, tol16(adt));
+        printf("  %s: rel err %.2e\n", what, tt_rel_err(a, e, nq));
+        free(q16), free(oc16), free(og16), free(a), free(e);
+        tuna_cuda_free(g_gpu, dq16), tuna_cuda_free(g_gpu, do16);
+    }
     free(perm), free(kf), free(vf), free(kh), free(vh), free(pos), free(bt), free(loose), free(flat);
     free(q), free(oc), free(og);
     tuna_cuda_free(g_gpu, dkc), tuna_cuda_free(g_gpu, dvc), tuna_cuda_free(g_gpu, dq), tuna_cuda_free(g_gpu, dout);
@@ -713,6 +747,161 @@ static void test_kv_store(void **state)
     }
 }
 
+/* The 16-bit activation ops (backend.h rmsnorm16, matmul16, glu16, rope_kv_store16; attention16
+ * in att_run) against their CPU twins (backend/cpu/act16.h), bf16 and f16 activations, sizes
+ * that take the vector and the scalar paths. */
+static void test_act16(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    const enum tuna_dtype adts[2] = {TUNA_DTYPE_BF16, TUNA_DTYPE_F16};
+    assert_non_null(g_gops->act16_min_t);
+    assert_true(g_gops->act16_min_t(g_gpu) >= 1);
+    for (int ai = 0; ai < 2; ai++) {
+        const enum tuna_dtype adt = adts[ai];
+        const char *an = tuna_dtype_name(adt);
+        char what[200];
+        /* rmsnorm16: C = 333 (scalar), 256 (float4) */
+        const int64_t Cs[2] = {333, 256};
+        for (int ci = 0; ci < 2; ci++) {
+            const int64_t T = 9, C = Cs[ci];
+            const size_t n = (size_t)(T * C);
+            float *x = rnd(n), *w = rnd((size_t)C);
+            uint16_t *yc = malloc(n * 2), *yg = malloc(n * 2);
+            float *dx = dev(x, n * 4), *dw = dev(w, (size_t)C * 4);
+            void *dy = dev(NULL, n * 2);
+            tuna_cpu_rmsnorm16(g_cpu, yc, x, w, T, C, 1e-5f, adt);
+            g_gops->rmsnorm16(g_gpu, dy, dx, dw, T, C, 1e-5f, adt);
+            back(yg, dy, n * 2);
+            float *a = wide16(adt, yg, n), *e = wide16(adt, yc, n);
+            snprintf(what, sizeof what, "rmsnorm16 %s C=%lld", an, (long long)C);
+            check(what, a, e, n, tol16(adt));
+            free(x), free(w), free(yc), free(yg), free(a), free(e);
+            tuna_cuda_free(g_gpu, dx), tuna_cuda_free(g_gpu, dw), tuna_cuda_free(g_gpu, dy);
+        }
+        /* glu16: n = 2331 (scalar), 800 (8 per thread); every activation */
+        const int64_t ns[2] = {2331, 800};
+        for (int ni = 0; ni < 2; ni++) {
+            const size_t n = (size_t)ns[ni];
+            float *g = rnd(n), *u = rnd(n);
+            for (size_t i = 0; i < n; i++) g[i] *= 4.0f;
+            uint16_t *g16 = malloc(n * 2), *u16 = malloc(n * 2), *oc = malloc(n * 2), *og = malloc(n * 2);
+            tuna_convert_from_f32(adt, g, g16, n);
+            tuna_convert_from_f32(adt, u, u16, n);
+            void *dg = dev(g16, n * 2), *du = dev(u16, n * 2), *dout = dev(NULL, n * 2);
+            for (int act = 0; act < 3; act++) {
+                tuna_cpu_glu16(g_cpu, oc, g16, u16, (int64_t)n, act, adt);
+                g_gops->glu16(g_gpu, dout, dg, du, (int64_t)n, act, adt);
+                back(og, dout, n * 2);
+                float *a = wide16(adt, og, n), *e = wide16(adt, oc, n);
+                snprintf(what, sizeof what, "glu16 %s n=%zu act %d", an, n, act);
+                check(what, a, e, n, tol16(adt));
+                free(a), free(e);
+            }
+            /* in place (out == gate) */
+            tuna_cpu_glu16(g_cpu, oc, g16, u16, (int64_t)n, 0, adt);
+            g_gops->glu16(g_gpu, dg, dg, du, (int64_t)n, 0, adt);
+            back(og, dg, n * 2);
+            float *a = wide16(adt, og, n), *e = wide16(adt, oc, n);
+            check("glu16 in place", a, e, n, tol16(adt));
+            free(a), free(e), free(g), free(u), free(g16), free(u16), free(oc), free(og);
+            tuna_cuda_free(g_gpu, dg), tuna_cuda_free(g_gpu, du), tuna_cuda_free(g_gpu, dout);
+        }
+        /* matmul16: 16-bit and float32 outputs, with and without bias, accumulating */
+        const int64_t NK[][2] = {{37, 40}, {256, 1024}, {300, 72}};
+        const int64_t Ts[] = {3, 33};
+        for (size_t s = 0; s < 3; s++)
+            for (size_t ti = 0; ti < 2; ti++) {
+                const int64_t N = NK[s][0], K = NK[s][1], T = Ts[ti];
+                float *wf = rnd((size_t)(N * K)), *x = rnd((size_t)(T * K)), *bias = rnd((size_t)N);
+                float *y0 = rnd((size_t)(T * N));
+                uint16_t *wh = malloc((size_t)(N * K) * 2), *x16 = malloc((size_t)(T * K) * 2);
+                tuna_convert_from_f32(adt, wf, wh, (size_t)(N * K));
+                tuna_convert_from_f32(adt, x, x16, (size_t)(T * K));
+                struct tuna_weight wc = {adt, N, K, wh, NULL};
+                struct tuna_weight wg = {adt, N, K, dev(wh, (size_t)(N * K) * 2), NULL};
+                void *dx = dev(x16, (size_t)(T * K) * 2), *dbias = dev(bias, (size_t)N * 4);
+                void *dy = dev(NULL, (size_t)(T * N) * 4);
+                float *yc = malloc((size_t)(T * N) * 4), *yg = malloc((size_t)(T * N) * 4);
+                for (int mode = 0; mode < 4; mode++) { /* 16-bit out, +bias; float32 out, acc + bias */
+                    const bool out16 = mode < 2, withb = mode & 1, acc = mode == 3;
+                    const enum tuna_dtype ydt = out16 ? adt : TUNA_DTYPE_F32;
+                    memcpy(yc, y0, (size_t)(T * N) * 4);
+                    TT_OK(tuna_cuda_upload(g_gpu, dy, y0, (size_t)(T * N) * 4));
+                    assert_true(tuna_cpu_matmul16(g_cpu, yc, ydt, x16, adt, &wc, withb ? bias : NULL, T, acc));
+                    assert_true(g_gops->matmul16(g_gpu, dy, ydt, dx, adt, &wg, withb ? dbias : NULL, T, acc));
+                    back(yg, dy, (size_t)(T * N) * 4);
+                    float *a = out16 ? wide16(adt, yg, (size_t)(T * N)) : yg;
+                    float *e = out16 ? wide16(adt, yc, (size_t)(T * N)) : yc;
+                    snprintf(what, sizeof what, "matmul16 %s T=%lld N=%lld K=%lld out %s%s%s", an, (long long)T,
+                             (long long)N, (long long)K, tuna_dtype_name(ydt), withb ? " bias" : "", acc ? " acc" : "");
+                    check(what, a, e, (size_t)(T * N), out16 ? tol16(adt) : 1e-5);
+                    if (out16) free(a), free(e);
+                }
+                /* declined: another weight type, a 16-bit output with acc */
+                struct tuna_weight wo = wg;
+                wo.dtype = adt == TUNA_DTYPE_BF16 ? TUNA_DTYPE_F16 : TUNA_DTYPE_BF16;
+                assert_false(g_gops->matmul16(g_gpu, dy, adt, dx, adt, &wo, NULL, T, false));
+                assert_false(g_gops->matmul16(g_gpu, dy, adt, dx, adt, &wg, NULL, T, true));
+                free(wf), free(x), free(bias), free(y0), free(wh), free(x16), free(yc), free(yg);
+                tuna_cuda_free(g_gpu, (void *)wg.data), tuna_cuda_free(g_gpu, dx), tuna_cuda_free(g_gpu, dbias);
+                tuna_cuda_free(g_gpu, dy);
+            }
+        /* rope_kv_store16: 5 heads of 48 dims (32 rotated), GQA 5:1, with and without q/k norms,
+         * float32, bf16, f16 and fp8 caches */
+        const enum tuna_dtype kdts[4] = {TUNA_DTYPE_F32, TUNA_DTYPE_BF16, TUNA_DTYPE_F16, TUNA_DTYPE_F8_E4M3};
+        for (int kd = 0; kd < 4; kd++)
+            for (int withn = 0; withn < 2; withn++) {
+                const int64_t T = 7, H = 5, Hkv = 1, D = 48, rot = 32, slots = 64;
+                const size_t nq = (size_t)(T * H * D), nk = (size_t)(T * Hkv * D);
+                float *q = rnd(nq), *k = rnd(nk), *v = rnd(nk), *qn = rnd((size_t)D), *kn = rnd((size_t)D);
+                float *inv = malloc((size_t)rot / 2 * 4);
+                for (int64_t i = 0; i < rot / 2; i++) inv[i] = powf(10000.0f, -2.0f * (float)i / (float)rot);
+                int64_t pos[7] = {0, 1, 2, 100, 4095, 17, 9}, slot[7] = {3, 60, 0, 17, 18, 40, 5};
+                uint16_t *q16 = malloc(nq * 2), *k16 = malloc(nk * 2), *v16 = malloc(nk * 2);
+                uint16_t *qg = malloc(nq * 2), *kg = malloc(nk * 2);
+                tuna_convert_from_f32(adt, q, q16, nq);
+                tuna_convert_from_f32(adt, k, k16, nk);
+                tuna_convert_from_f32(adt, v, v16, nk);
+                void *dq = dev(q16, nq * 2), *dk = dev(k16, nk * 2), *dv = dev(v16, nk * 2);
+                float *dqn = dev(qn, (size_t)D * 4), *dkn = dev(kn, (size_t)D * 4);
+                const size_t cbytes = tuna_dtype_nbytes(kdts[kd], (uint64_t)(slots * Hkv * D));
+                unsigned char *kc = calloc(cbytes, 1), *vc = calloc(cbytes, 1), *cg = malloc(cbytes);
+                void *dkc = dev(kc, cbytes), *dvc = dev(vc, cbytes);
+                tuna_cpu_rope_kv_store16(g_cpu, q16, k16, v16, adt, withn ? qn : NULL, withn ? kn : NULL, 1e-6f, kc, vc,
+                                         kdts[kd], pos, slot, T, H, Hkv, D, rot, inv, 1.1f);
+                g_gops->rope_kv_store16(g_gpu, dq, dk, dv, adt, withn ? dqn : NULL, withn ? dkn : NULL, 1e-6f, dkc, dvc,
+                                        kdts[kd], pos, slot, T, H, Hkv, D, rot, inv, 1.1f);
+                back(qg, dq, nq * 2);
+                back(kg, dk, nk * 2);
+                float *a = wide16(adt, qg, nq), *e = wide16(adt, q16, nq);
+                snprintf(what, sizeof what, "rope_kv_store16 %s q, %s cache%s", an, tuna_dtype_name(kdts[kd]),
+                         withn ? ", q/k norms" : "");
+                check(what, a, e, nq, tol16(adt));
+                free(a), free(e);
+                a = wide16(adt, kg, nk), e = wide16(adt, k16, nk);
+                check(what, a, e, nk, tol16(adt));
+                free(a), free(e);
+                /* the caches: widened, the same values up to a unit of the cache type here and there */
+                for (int c = 0; c < 2; c++) {
+                    back(cg, c ? dvc : dkc, cbytes);
+                    const size_t nc = (size_t)(slots * Hkv * D);
+                    float *cw = malloc(nc * 4), *cc = malloc(nc * 4);
+                    assert_true(tuna_convert_to_f32(kdts[kd], cg, cw, nc));
+                    assert_true(tuna_convert_to_f32(kdts[kd], c ? vc : kc, cc, nc));
+                    check(what, cw, cc, nc, kdts[kd] == TUNA_DTYPE_F8_E4M3 ? 7e-2 : tol16(adt));
+                    free(cw), free(cc);
+                }
+                free(q), free(k), free(v), free(qn), free(kn), free(inv), free(q16), free(k16), free(v16), free(qg);
+                free(kg), free(kc), free(vc), free(cg);
+                tuna_cuda_free(g_gpu, dq), tuna_cuda_free(g_gpu, dk), tuna_cuda_free(g_gpu, dv);
+                tuna_cuda_free(g_gpu, dqn), tuna_cuda_free(g_gpu, dkn), tuna_cuda_free(g_gpu, dkc);
+                tuna_cuda_free(g_gpu, dvc);
+            }
+    }
+    TT_OK(tuna_cuda_status(g_gpu));
+}
+
 /* A failed call makes the backend sticky-unusable with a message naming the call. */
 static void test_sticky_error(void **state)
 {
@@ -738,6 +927,7 @@ int main(void)
         cmocka_unit_test(test_attention),
         cmocka_unit_test(test_attention_batches),
         cmocka_unit_test(test_kv_store),
+        cmocka_unit_test(test_act16),
         cmocka_unit_test(test_sticky_error),
     };
     return cmocka_run_group_tests(tests, ct_ops_setup, ct_ops_teardown);

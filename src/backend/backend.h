@@ -283,6 +283,41 @@ struct tuna_backend_ops {
     bool (*lora_matmul)(tuna_backend *be, int n, float *const *ys, const float *x, const struct tuna_weight *const *ws,
                         const float *const *biases, int64_t T, const struct tuna_lora_bank *const *sets,
                         const struct tuna_lora_tokens *tok, bool acc);
+    /* --- optional: 16-bit activations (NULL: not offered; the CUDA backend) ------------------
+     * The many-token path of a 16-bit model (forward.c: no trace, no adapter in the layer, bf16
+     * or f16 weights without q/k/v/gate/up biases, T >= act16_min_t) passes its activations
+     * between ops in 16 bits of adt (TUNA_DTYPE_BF16 or F16, the weights' type), as transformers
+     * does in bf16: the norm writes 16-bit xn; q/k/v and gate/up write 16-bit outputs (float32
+     * sums rounded once); RoPE + KV store, attention and the GLU read and write 16 bits (float32
+     * math inside, each output rounded once); o and down read 16 bits and accumulate into the
+     * float32 residual stream. No float32 -> 16-bit conversion pass is left on that path.
+     * backend/cpu/act16.h holds the CPU twins (float32 math, rounded at the same points): the
+     * reference of the op tests. TUNA_ACT16=0 makes the forward use the float32 ops instead. */
+    /* y[T,C] (adt) = rmsnorm(x) (as rmsnorm), rounded to adt. */
+    void (*rmsnorm16)(tuna_backend *be, void *y, const float *x, const float *w, int64_t T, int64_t C, float eps,
+                      enum tuna_dtype adt);
+    /* x [T, K] in adt; w of dtype adt (4-bit weights are declined). ydt F32: y (float32) = x W^T +
+     * bias, or += with acc; ydt == adt: y (adt) = x W^T rounded, then + bias rounded again (acc
+     * must be false). Returns false, having done nothing, for any other combination (the caller
+     * runs the float32 ops). */
+    bool (*matmul16)(tuna_backend *be, void *y, enum tuna_dtype ydt, const void *x, enum tuna_dtype adt,
+                     const struct tuna_weight *w, const float *bias, int64_t T, bool acc);
+    /* rope_kv_store with q [T, H*D], k and v [T, Hkv*D] in adt: q and k normed (when given) and
+     * rotated in float32, rounded back in place; the cache gets the rotated k and v converted to
+     * kv_dtype from those float32 values. */
+    void (*rope_kv_store16)(tuna_backend *be, void *q, void *k, const void *v, enum tuna_dtype adt,
+                            const float *q_norm, const float *k_norm, float eps, void *kcache, void *vcache,
+                            enum tuna_dtype kv_dtype, const int64_t *pos, const int64_t *slot, int64_t T, int64_t H,
+                            int64_t Hkv, int64_t D, int64_t rot_dim, const float *inv_freq, float attn_factor);
+    /* attention with q and out [T, H*D] in adt (the float32 op's math; out rounded once). */
+    void (*attention16)(tuna_backend *be, void *out, const void *q, enum tuna_dtype adt, const void *kcache,
+                        const void *vcache, enum tuna_dtype kv_dtype, const struct tuna_attn_batch *b, int64_t H,
+                        int64_t Hkv, int64_t D, float scale);
+    /* out[n] = act(gate[n]) * up[n], all in adt, float32 math, rounded once; out may equal gate. */
+    void (*glu16)(tuna_backend *be, void *out, const void *gate, const void *up, int64_t n, int act,
+                  enum tuna_dtype adt);
+    /* Steps of at least this many tokens take the 16-bit ops (fewer: the float32 ops' GEMV path). */
+    int64_t (*act16_min_t)(tuna_backend *be);
 };
 
 #endif

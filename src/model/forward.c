@@ -455,6 +455,13 @@ static uint64_t mix_key(uint64_t h, uint64_t v)
     return h * 0xBF58476D1CE4E5B9ULL;
 }
 
+/* TUNA_ACT16=0: every layer takes the float32 ops (the A/B of the 16-bit activation path). */
+static bool act16_env_on(void)
+{
+    const char *e = getenv("TUNA_ACT16"); /* read at every step: tests switch it */
+    return !(e && e[0] == '0');
+}
+
 /* What a captured step depends on besides the step block: sizes and every buffer address it
  * touches. Every layer's K/V storage is hashed, not just the first: a new KV cache can reuse the
  * freed one's first allocation while its other layers land elsewhere. (Weights need no hash: the
@@ -466,6 +473,7 @@ static uint64_t graph_key(const struct tuna_model *m, tuna_kv_cache *kv, const s
     h = mix_key(h, (uint64_t)ab->max_blocks_per_seq);
     h = mix_key(h, (uint64_t)ab->block_size);
     h = mix_key(h, (uint64_t)tuna_kv_dtype(kv));
+    h = mix_key(h, (uint64_t)act16_env_on()); /* which ops the layers run */
     /* LoRA: whether the step runs the adapters, and which set (its device views) it reads */
     h = mix_key(h, (uint64_t)ws->lora_used);
     if (ws->lora_used) h = mix_key(h, tuna_model_lora_generation(m) + 1);
@@ -477,6 +485,54 @@ static uint64_t graph_key(const struct tuna_model *m, tuna_kv_cache *kv, const s
                           ws->a.v,   ws->a.att,    ws->a.xn_mlp, ws->a.gate, ws->a.up};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) h = mix_key(h, (uint64_t)(uintptr_t)bufs[i]);
     return h;
+}
+
+/* The activations' 16-bit type of layer L on the 16-bit activation path (backend.h's rmsnorm16 ..
+ * act16_min_t), or TUNA_DTYPE_INVALID when the layer takes the float32 ops: the fused
+ * path (no trace), a backend with every 16-bit op, T >= its act16_min_t, all seven weights in the
+ * same bf16 or f16 type and no adapter used in the layer this step. */
+static enum tuna_dtype act16_type(const struct tuna_model *m, const struct tuna_layer *L, int64_t T, bool on)
+{
+    const struct tuna_backend_ops *op = m->ops;
+    if (!on || !op->rmsnorm16 || !op->matmul16 || !op->rope_kv_store16 || !op->attention16 || !op->glu16 ||
+        !op->act16_min_t || T < op->act16_min_t(m->be))
+        return TUNA_DTYPE_INVALID;
+    const enum tuna_dtype dt = L->q.w.dtype;
+    if (dt != TUNA_DTYPE_BF16 && dt != TUNA_DTYPE_F16) return TUNA_DTYPE_INVALID;
+    const struct tuna_linear *const lins[7] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
+    for (int i = 0; i < 7; i++)
+        if (lins[i]->w.dtype != dt || lora_on(m, lins[i])) return TUNA_DTYPE_INVALID;
+    return dt;
+}
+
+/* One layer on the 16-bit activation path (backend.h): xn, q/k/v, the attention output, gate/up
+ * and the GLU output in 16 bits of adt, in the float32 buffers of A (each holds twice the
+ * elements); the residual stream x stays float32 (o and down accumulate into it). */
+static tuna_status layer_act16(struct tuna_model *m, const struct tuna_layer *L, const struct tuna_fwd_layer_acts *A,
+                               float *x, void *kc, void *vc, enum tuna_dtype kvdt, const struct step_meta *md,
+                               int64_t T, enum tuna_dtype adt)
+{
+    const struct tuna_arch *a = &m->arch;
+    const struct tuna_backend_ops *op = m->ops;
+    tuna_backend *be = m->be;
+    const int64_t C = a->hidden_size, H = a->n_heads, Hkv = a->n_kv_heads, D = a->head_dim, I = a->intermediate_size;
+    const float eps = (float)a->norm_eps, scale = (float)(1.0 / sqrt((double)D));
+    const enum tuna_dtype F32 = TUNA_DTYPE_F32;
+    op->rmsnorm16(be, A->xn_attn, x, L->attn_norm, T, C, eps, adt);
+    bool ok = op->matmul16(be, A->q, adt, A->xn_attn, adt, &L->q.w, L->q.bias, T, false) &&
+              op->matmul16(be, A->k, adt, A->xn_attn, adt, &L->k.w, L->k.bias, T, false) &&
+              op->matmul16(be, A->v, adt, A->xn_attn, adt, &L->v.w, L->v.bias, T, false);
+    if (!ok) return tuna_fail(TUNA_E_INTERNAL, "forward: the backend declined a 16-bit q/k/v projection");
+    op->rope_kv_store16(be, A->q, A->k, A->v, adt, L->q_norm, L->k_norm, eps, kc, vc, kvdt, md->pos, md->slot, T, H, Hkv,
+                        D, m->rot_dim, md->inv_freq, m->attn_factor);
+    op->attention16(be, A->att, A->q, adt, kc, vc, kvdt, md->ab, H, Hkv, D, scale);
+    ok = op->matmul16(be, x, F32, A->att, adt, &L->o.w, L->o.bias, T, true); /* x += att W_o^T */
+    op->rmsnorm16(be, A->xn_mlp, x, L->mlp_norm, T, C, eps, adt);
+    ok = ok && op->matmul16(be, A->gate, adt, A->xn_mlp, adt, &L->gate.w, L->gate.bias, T, false) &&
+         op->matmul16(be, A->up, adt, A->xn_mlp, adt, &L->up.w, L->up.bias, T, false);
+    op->glu16(be, A->gate, A->gate, A->up, T * I, (int)a->act, adt);
+    ok = ok && op->matmul16(be, x, F32, A->gate, adt, &L->down.w, L->down.bias, T, true); /* x += act W_down^T */
+    return ok ? TUNA_OK : tuna_fail(TUNA_E_INTERNAL, "forward: the backend declined a 16-bit projection");
 }
 
 /* Embedding, the layers, the final norm and lm_head of one step: logits of the wanted rows into
@@ -495,6 +551,7 @@ static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const stru
     float *x = ws->x;
     /* the backend's fused projections, except when backward needs every intermediate */
     const bool fuse = !trace && op->matmul_multi && op->matmul_glu && op->matmul_add;
+    const bool act16 = fuse && act16_env_on(); /* the 16-bit activation path where a layer allows it */
 
     op->embedding(be, x, md->ids, T, &m->embed, m->embed_scale);
     for (int64_t l = 0; l < a->n_layers; l++) {
@@ -502,6 +559,12 @@ static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const stru
         const struct tuna_fwd_layer_acts *A = trace ? &trace->layers[l] : &ws->a;
         void *kc = tuna_kv_k(kv, l), *vc = tuna_kv_v(kv, l);
         if (trace) op->copy(be, A->x_in, x, (size_t)(T * C) * sizeof(float));
+        const enum tuna_dtype adt = act16_type(m, L, T, act16);
+        if (adt != TUNA_DTYPE_INVALID) {
+            tuna_status st = layer_act16(m, L, A, x, kc, vc, kvdt, md, T, adt);
+            if (st) return st;
+            continue;
+        }
         /* attention block; the o projection's weights may stream into the device's cache while
          * RoPE and attention leave memory bandwidth idle (a hint: prefetch_l2) */
         if (fuse && op->prefetch_l2)

@@ -26,6 +26,7 @@
 #include <string.h>
 #include <type_traits>
 
+#include "backend/cuda/act16.cuh"
 #include "backend/cuda/attention_internal.cuh"
 #include "backend/cuda/kv_types.cuh"
 #include "backend/cuda/pdl.cuh"
@@ -45,7 +46,7 @@
 template <typename KT, bool VEC>
 __global__ void __launch_bounds__(DEC_THREADS)
     k_attn_decode(float *out, float *part_acc, float *part_ml, const float *q, const KT *kc, const KT *vc,
-                  att_meta md, const int32_t *rows, int H, int Hkv, int D, int n_hg, int n_splits, float scale)
+                  att_meta md, const int32_t *rows, int H, int Hkv, int D, int n_hg, int n_splits, float scale, int io)
 {
     constexpr int VE = VEC ? kv_traits<KT>::VEC : 1; /* elements per unit (one load) */
     constexpr int UPT = VEC ? 1 : 2;                  /* units per thread in the V phase */
@@ -79,7 +80,7 @@ __global__ void __launch_bounds__(DEC_THREADS)
     const KT *kbase = kc + (int64_t)kvh * D, *vbase = vc + (int64_t)kvh * D;
     for (int x = tid; x < ng * D; x += DEC_THREADS) {
         int g = x / D, d = x % D;
-        qs[x] = q[((size_t)t * H + h0 + g) * D + d] * scale;
+        qs[x] = a16_ld(q, io, ((int64_t)t * H + h0 + g) * D + d) * scale;
     }
     if (tid < ng) {
         ml[2 * tid] = -INFINITY;
@@ -211,7 +212,7 @@ __global__ void __launch_bounds__(DEC_THREADS)
             for (int d = tid; d < D; d += DEC_THREADS) {
                 float s = 0.0f;
                 for (int k = 0; k < KL; k++) s += red[k * D + d];
-                if (n_splits == 1) out[((size_t)t * H + h0 + g) * D + d] = s / l;
+                if (n_splits == 1) a16_st(out, io, ((int64_t)t * H + h0 + g) * D + d, s / l);
                 else part_acc[r * D + d] = s;
             }
             if (n_splits > 1 && tid == 0) {
@@ -225,7 +226,7 @@ __global__ void __launch_bounds__(DEC_THREADS)
 
 /* out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s over the splits; grid (tokens, H). */
 __global__ void k_attn_combine(float *out, const float *part_acc, const float *part_ml, const int32_t *rows, int H,
-                               int D, int n_splits)
+                               int D, int n_splits, int io)
 {
     __shared__ float w[DEC_MAX_SPLITS];
     const int i = blockIdx.x, h = blockIdx.y;
@@ -242,7 +243,7 @@ __global__ void k_attn_combine(float *out, const float *part_acc, const float *p
         float a = 0.0f;
         for (int s = 0; s < n_splits; s++)
             if (w[s] != 0.0f) a += w[s] * part_acc[(r0 + s) * D + d]; /* an empty split's acc is never written */
-        out[((size_t)t * H + h) * D + d] = a / L;
+        a16_st(out, io, ((int64_t)t * H + h) * D + d, a / L);
     }
 }
 
@@ -391,7 +392,9 @@ __global__ void __launch_bounds__(128)
     }
     tuna_pdl_wait();
     if (flags & 1) tuna_pdl_trigger();
-    for (int x = tid; x < GM * D; x += blockDim.x) qs[x] = x < ng * D ? q[((size_t)t * H + h0) * D + x] * qscale : 0.0f;
+    const int io = (flags >> 2) & 3; /* q and out: float32, bf16 or f16 (the 16-bit activation op) */
+    for (int x = tid; x < GM * D; x += blockDim.x)
+        qs[x] = x < ng * D ? a16_ld(q, io, ((int64_t)t * H + h0) * D + x) * qscale : 0.0f;
 
     const int32_t *table = att_table(md, t);
     const int64_t HkvD = (int64_t)Hkv * D;
@@ -559,7 +562,7 @@ __global__ void __launch_bounds__(128)
             }
         }
         if (nsp == 1) {
-            out[((size_t)t * H + h0 + g) * D + d] = a / L;
+            a16_st(out, io, ((int64_t)t * H + h0 + g) * D + d, a / L);
         } else { /* every split writes its rows, an empty one (M = -inf, L = 0) zeros */
             const size_t r = ((size_t)i * H + h0 + g) * n_splits + split;
             part_acc[r * D + d] = a;
@@ -614,7 +617,7 @@ __global__ void __launch_bounds__(128)
             a3 += wg[s + 3] * __ldcg(pa + (size_t)(s + 3) * D);
         }
         for (; s < nsp; s++) a0 += wg[s] * __ldcg(pa + (size_t)s * D);
-        out[((size_t)t * H + h0 + g) * D + d] = ((a0 + a1) + (a2 + a3)) / Lsm[g];
+        a16_st(out, io, ((int64_t)t * H + h0 + g) * D + d, ((a0 + a1) + (a2 + a3)) / Lsm[g]);
     }
 }
 
@@ -716,7 +719,7 @@ static void launch_kernels(tuna_backend *be, float *out, const float *q, const v
                            const att_meta &md, const int32_t *drows, int64_t n_dec, const int32_t *dtiles,
                            int64_t n_tiles, int H, int Hkv, int D, int n_hg, int n_splits, int BQ, float scale,
                            float *part_acc, float *part_ml, unsigned *counters, const dec16_cfg *c16, int GM,
-                           const struct tuna_l2pf &pf)
+                           const struct tuna_l2pf &pf, int io)
 {
     const KT *kc = (const KT *)kcache, *vc = (const KT *)vcache;
     constexpr int VE = kv_traits<KT>::VEC;
@@ -740,13 +743,13 @@ static void launch_kernels(tuna_backend *be, float *out, const float *q, const v
             if (pdl) {
                 if (!tuna_cuda_launch(be, "k_attn_decode16", dec16_pick<KT>(D, GM), grid, dim3(32 * c16->nw),
                                       (size_t)c16->smem, out, part_acc, part_ml, counters, q, kc, vc, md, drows, H, Hkv,
-                                      D, n_hg, n_splits, c16->ns, c16->wr, scale * 1.4426950408889634f, hx, min_g, trig | 2,
+                                      D, n_hg, n_splits, c16->ns, c16->wr, scale * 1.4426950408889634f, hx, min_g, trig | 2 | io << 2,
                                       pf))
                     return;
             } else {
                 dec16_pick<KT>(D, GM)<<<grid, 32 * c16->nw, (size_t)c16->smem, be->stream>>>(
                     out, part_acc, part_ml, counters, q, kc, vc, md, drows, H, Hkv, D, n_hg, n_splits, c16->ns, c16->wr,
-                    scale * 1.4426950408889634f, hx, min_g, trig, pf);
+                    scale * 1.4426950408889634f, hx, min_g, trig | io << 2, pf);
                 if (!tuna_cuda_check_launch(be, "k_attn_decode16")) return;
             }
             done = true;
@@ -758,14 +761,14 @@ static void launch_kernels(tuna_backend *be, float *out, const float *q, const v
         dim3 grid((unsigned)n_dec, (unsigned)(Hkv * n_hg), (unsigned)n_splits);
         if (vec)
             k_attn_decode<KT, true><<<grid, DEC_THREADS, 0, be->stream>>>(out, part_acc, part_ml, q, kc, vc, md, drows,
-                                                                          H, Hkv, D, n_hg, n_splits, scale);
+                                                                          H, Hkv, D, n_hg, n_splits, scale, io);
         else
             k_attn_decode<KT, false><<<grid, DEC_THREADS, 0, be->stream>>>(out, part_acc, part_ml, q, kc, vc, md,
-                                                                           drows, H, Hkv, D, n_hg, n_splits, scale);
+                                                                           drows, H, Hkv, D, n_hg, n_splits, scale, io);
         if (!tuna_cuda_check_launch(be, "k_attn_decode")) return;
         if (n_splits > 1) {
             k_attn_combine<<<dim3((unsigned)n_dec, (unsigned)H), 128, 0, be->stream>>>(out, part_acc, part_ml, drows,
-                                                                                       H, D, n_splits);
+                                                                                       H, D, n_splits, io);
             if (!tuna_cuda_check_launch(be, "k_attn_combine")) return;
         }
     }
@@ -775,10 +778,11 @@ static void launch_kernels(tuna_backend *be, float *out, const float *q, const v
                                       : sizeof(KT) == 1                      ? KV_CODE_F8
                                       : std::is_same<KT, __half>::value ? 2
                                                                              : 1,
-                                      out, q, kcache, vcache, md, dtiles, n_tiles, H, Hkv, D, BQ, vec, scale);
+                                      out, q, kcache, vcache, md, dtiles, n_tiles, H, Hkv, D, BQ, vec, scale, io);
 }
 
-void tuna_cuda_attention(tuna_backend *be, float *out, const float *q, const void *kcache, const void *vcache,
+/* io: q and out float32 (0), bf16 (1) or f16 (2); float * either way (16-bit data read through a16_ld). */
+static void attention_io(tuna_backend *be, float *out, const float *q, int io, const void *kcache, const void *vcache,
                          enum tuna_dtype kv_dtype, const struct tuna_attn_batch *b, int64_t H, int64_t Hkv, int64_t D,
                          float scale)
 {
@@ -962,14 +966,34 @@ void tuna_cuda_attention(tuna_backend *be, float *out, const float *q, const voi
     const struct tuna_l2pf pf = tuna_cuda_l2pf_take(be, TUNA_L2PF_ATTN, T); /* the hint ends here either way */
     if (code == 0)
         launch_kernels<float>(be, out, q, kcache, vcache, md, drows, n_dec, dtiles, n_tiles, (int)H, (int)Hkv, (int)D,
-                              n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf);
+                              n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf, io);
     else if (code == 1)
         launch_kernels<__nv_bfloat16>(be, out, q, kcache, vcache, md, drows, n_dec, dtiles, n_tiles, (int)H, (int)Hkv,
-                                      (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf);
+                                      (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf, io);
     else if (code == 2)
         launch_kernels<__half>(be, out, q, kcache, vcache, md, drows, n_dec, dtiles, n_tiles, (int)H, (int)Hkv,
-                               (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf);
+                               (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf, io);
     else
         launch_kernels<__nv_fp8_e4m3>(be, out, q, kcache, vcache, md, drows, n_dec, dtiles, n_tiles, (int)H, (int)Hkv,
-                                      (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf);
+                                      (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf, io);
+}
+
+void tuna_cuda_attention(tuna_backend *be, float *out, const float *q, const void *kcache, const void *vcache,
+                         enum tuna_dtype kv_dtype, const struct tuna_attn_batch *b, int64_t H, int64_t Hkv, int64_t D,
+                         float scale)
+{
+    attention_io(be, out, q, 0, kcache, vcache, kv_dtype, b, H, Hkv, D, scale);
+}
+
+void tuna_cuda_attention16(tuna_backend *be, void *out, const void *q, enum tuna_dtype adt, const void *kcache,
+                           const void *vcache, enum tuna_dtype kv_dtype, const struct tuna_attn_batch *b, int64_t H,
+                           int64_t Hkv, int64_t D, float scale)
+{
+    if (be->sticky || b->T <= 0) return;
+    if (adt != TUNA_DTYPE_BF16 && adt != TUNA_DTYPE_F16) {
+        tuna_cuda_check(be, cudaErrorInvalidValue, "attention16 (activations neither bf16 nor f16)");
+        return;
+    }
+    attention_io(be, (float *)out, (const float *)q, adt == TUNA_DTYPE_BF16 ? 1 : 2, kcache, vcache, kv_dtype, b, H, Hkv,
+                 D, scale);
 }

@@ -36,7 +36,8 @@ int tuna_cuda_attn_prefill_bq(int D, int esz, int max_smem, int cc_major);
 
 /* Launches the prefill kernel over n_tiles tiles: tiles[2k] = first batch row of tile k,
  * tiles[2k+1] = its rows (<= BQ), consecutive positions of one sequence. code: 0 float32, 1
- * bf16, 2 f16 cache; vec: K/V rows can be read in 16-byte vectors. Errors go to be->sticky. */
+ * bf16, 2 f16 cache; vec: K/V rows can be read in 16-byte vectors; io: q and out float32 (0), bf16
+ * (1) or f16 (2). Errors go to be->sticky. */
 void tuna_cuda_attn_prefill_launch(tuna_backend *be, int code, float *out, const float *q, const void *kcache,
                                    const void *vcache, const att_meta &md, const int32_t *tiles, int64_t n_tiles,
-                                   int H, int Hkv, int D, int BQ, bool vec, float scale);
+                                   int H, int Hkv, int D, int BQ, bool vec, float scale, int io);

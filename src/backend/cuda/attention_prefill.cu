@@ -11,11 +11,15 @@
  * rows): a block takes a tile of BQ queries of one head; tiles of PF_BK keys go to
  * shared memory, S = Q K^T and O += P V run on tensor cores (WMMA 16x16x16, bf16 or f16 inputs,
  * float32 accumulation) for 16-bit caches, as float32 loops for a float32 cache; the online
- * softmax (per-row max and sum, O rescaled in shared memory) is float32. */
+ * softmax (per-row max and sum, O rescaled in shared memory) is float32.
+ *
+ * q and out are float32 (io 0) or 16-bit (io 1 bf16, 2 f16: backend.h's attention16; the same
+ * math, q read and out written in 16 bits). */
 #include <math.h>
 #include <mma.h>
 #include <stdlib.h>
 
+#include "backend/cuda/act16.cuh"
 #include "backend/cuda/attention_internal.cuh"
 #include "backend/cuda/kv_types.cuh"
 #include "backend/cuda/mma.cuh"
@@ -93,7 +97,7 @@ static __device__ __forceinline__ void pf_load_kv(KT *dst, const KT *base, const
 template <typename KT>
 __global__ void __launch_bounds__(PF_THREADS)
     k_attn_prefill(float *out, const float *q, const KT *kc, const KT *vc, att_meta md, const int32_t *tiles, int H,
-                   int Hkv, int D, int BQ, bool vec, float scale)
+                   int Hkv, int D, int BQ, bool vec, float scale, int io)
 {
     using namespace nvcuda;
     constexpr bool H16 = !std::is_same<KT, float>::value;
@@ -121,7 +125,7 @@ __global__ void __launch_bounds__(PF_THREADS)
     }
     for (int x = tid; x < BQ * Dp; x += PF_THREADS) {
         int r = x / Dp, d = x % Dp;
-        float v = r < nq && d < D ? q[((size_t)(row0 + r) * H + h) * D + d] : 0.0f;
+        float v = r < nq && d < D ? a16_ld(q, io, ((int64_t)(row0 + r) * H + h) * D + d) : 0.0f;
         Qs[(size_t)r * L.ldh + d] = kv_traits<KT>::from_f32(v);
     }
     for (int x = tid; x < BQ * L.ldo; x += PF_THREADS) O[x] = 0.0f;
@@ -243,7 +247,7 @@ __global__ void __launch_bounds__(PF_THREADS)
     }
     for (int x = tid; x < nq * D; x += PF_THREADS) {
         const int r = x / D, d = x % D;
-        out[((size_t)(row0 + r) * H + h) * D + d] = O[(size_t)r * L.ldo + d] / rl[r];
+        a16_st(out, io, ((int64_t)(row0 + r) * H + h) * D + d, O[(size_t)r * L.ldo + d] / rl[r]);
     }
 }
 
@@ -276,7 +280,7 @@ template <int D, int NW, int BK = MP_BK> struct mp_cfg {
 template <typename KT, int D, int NW, int MINB, int BK, typename CT = KT>
 __global__ void __launch_bounds__(32 * NW, MINB)
     k_attn_prefill_mma(float *out, const float *q, const CT *kc, const CT *vc, att_meta md, const int32_t *tiles,
-                       int n_tiles, int H, int Hkv, bool qvec, float sl2)
+                       int n_tiles, int H, int Hkv, bool qvec, float sl2, int io)
 {
 #if TUNA_MMA_SM80
     using C = mp_cfg<D, NW, BK>;
@@ -357,7 +361,7 @@ __global__ void __launch_bounds__(32 * NW, MINB)
     };
 
     /* Q: float32 rows -> 16-bit shared rows (rows past the tile: zero) */
-    if (qvec) {
+    if (qvec && io == 0) {
         for (int x = tid; x < BQ * (D / 4); x += NT) {
             const int r = x / (D / 4), u = x % (D / 4);
             float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -370,8 +374,8 @@ __global__ void __launch_bounds__(32 * NW, MINB)
             const int r = x / (D / 2), u = x % (D / 2);
             float a = 0.f, b = 0.f;
             if (r < nq) {
-                const float *src = q + ((size_t)(row0 + r) * H + h) * D + 2 * u;
-                a = src[0], b = src[1];
+                const int64_t i0 = ((int64_t)(row0 + r) * H + h) * D + 2 * u;
+                a = a16_ld(q, io, i0), b = a16_ld(q, io, i0 + 1);
             }
             *(uint32_t *)(Qs + r * DP + 2 * u) = mma_pack<KT>(a, b);
         }
@@ -514,19 +518,19 @@ __global__ void __launch_bounds__(32 * NW, MINB)
     l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
     if (ra < nq) {
         const float inv = 1.0f / l_a;
-        float *dst = out + ((size_t)(row0 + ra) * H + h) * D + 2 * c4;
+        const int64_t i0 = ((int64_t)(row0 + ra) * H + h) * D + 2 * c4;
 #pragma unroll
-        for (int n = 0; n < NO; n++) *(float2 *)(dst + 8 * n) = make_float2(o[n][0] * inv, o[n][1] * inv);
+        for (int n = 0; n < NO; n++) a16_st2(out, io, i0 + 8 * n, o[n][0] * inv, o[n][1] * inv);
     }
     if (rb < nq) {
         const float inv = 1.0f / l_b;
-        float *dst = out + ((size_t)(row0 + rb) * H + h) * D + 2 * c4;
+        const int64_t i0 = ((int64_t)(row0 + rb) * H + h) * D + 2 * c4;
 #pragma unroll
-        for (int n = 0; n < NO; n++) *(float2 *)(dst + 8 * n) = make_float2(o[n][2] * inv, o[n][3] * inv);
+        for (int n = 0; n < NO; n++) a16_st2(out, io, i0 + 8 * n, o[n][2] * inv, o[n][3] * inv);
     }
 #else
     (void)out, (void)q, (void)kc, (void)vc, (void)md, (void)tiles, (void)n_tiles, (void)H, (void)Hkv, (void)qvec;
-    (void)sl2;
+    (void)sl2, (void)io;
     __trap();
 #endif
 }
@@ -584,7 +588,8 @@ static int mp_use(int D, int esz, int max_smem, int cc_major)
 
 template <typename KT, int D, int NW, int MINB, int BK = MP_BK, typename CT = KT>
 static void launch_mma(tuna_backend *be, float *out, const float *q, const void *kcache, const void *vcache,
-                       const att_meta &md, const int32_t *tiles, int64_t n_tiles, int H, int Hkv, float scale)
+                       const att_meta &md, const int32_t *tiles, int64_t n_tiles, int H, int Hkv, float scale,
+                       int io)
 {
     using C = mp_cfg<D, NW, BK>;
     const size_t smem = C::smem + (sizeof(CT) == 1 ? (size_t)2 * BK * D : 0); /* FP8: the staging buffer */
@@ -600,25 +605,25 @@ static void launch_mma(tuna_backend *be, float *out, const float *q, const void 
     const bool qvec = ((uintptr_t)q % 16) == 0;
     const float sl2 = scale * 1.4426950408889634f; /* exp(x) = exp2(x log2 e) */
     k_attn_prefill_mma<KT, D, NW, MINB, BK, CT><<<dim3((unsigned)H, (unsigned)n_tiles), C::NT, smem, be->stream>>>(
-        out, q, (const CT *)kcache, (const CT *)vcache, md, tiles, (int)n_tiles, H, Hkv, qvec, sl2);
+        out, q, (const CT *)kcache, (const CT *)vcache, md, tiles, (int)n_tiles, H, Hkv, qvec, sl2, io);
     tuna_cuda_check_launch(be, "k_attn_prefill_mma");
 }
 
 /* FP8 cache: f16 operands, the default configuration of each head dim (4 warps, tiles of 64) */
 static void launch_mma_f8(tuna_backend *be, float *out, const float *q, const void *kcache, const void *vcache,
                           const att_meta &md, const int32_t *tiles, int64_t n_tiles, int H, int Hkv, int D,
-                          float scale)
+                          float scale, int io)
 {
     typedef __nv_fp8_e4m3 F8;
     switch (D) {
-    case 64: launch_mma<__half, 64, 4, 1, MP_BK, F8>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale); break;
-    case 80: launch_mma<__half, 80, 4, 1, MP_BK, F8>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale); break;
-    case 96: launch_mma<__half, 96, 4, 1, MP_BK, F8>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale); break;
+    case 64: launch_mma<__half, 64, 4, 1, MP_BK, F8>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale, io); break;
+    case 80: launch_mma<__half, 80, 4, 1, MP_BK, F8>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale, io); break;
+    case 96: launch_mma<__half, 96, 4, 1, MP_BK, F8>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale, io); break;
     case 128:
-        launch_mma<__half, 128, 4, 1, MP_BK, F8>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale);
+        launch_mma<__half, 128, 4, 1, MP_BK, F8>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale, io);
         break;
     case 256:
-        launch_mma<__half, 256, 4, 1, MP_BK, F8>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale);
+        launch_mma<__half, 256, 4, 1, MP_BK, F8>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale, io);
         break;
     default: tuna_cuda_check(be, cudaErrorInvalidValue, "attention prefill (head dim without an mma kernel)");
     }
@@ -627,20 +632,20 @@ static void launch_mma_f8(tuna_backend *be, float *out, const float *q, const vo
 template <typename KT>
 static void launch_mma_d(tuna_backend *be, float *out, const float *q, const void *kcache, const void *vcache,
                          const att_meta &md, const int32_t *tiles, int64_t n_tiles, int H, int Hkv, int D, int NW,
-                         float scale)
+                         float scale, int io)
 {
     switch (D) {
-    case 64: launch_mma<KT, 64, 4, 1>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale); break;
-    case 80: launch_mma<KT, 80, 4, 1>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale); break;
-    case 96: launch_mma<KT, 96, 4, 1>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale); break;
+    case 64: launch_mma<KT, 64, 4, 1>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale, io); break;
+    case 80: launch_mma<KT, 80, 4, 1>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale, io); break;
+    case 96: launch_mma<KT, 96, 4, 1>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale, io); break;
     case 128:
-        if (NW == 8) launch_mma<KT, 128, 8, 1>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale);
+        if (NW == 8) launch_mma<KT, 128, 8, 1>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale, io);
         else if (mp_minb() == 3 && mp_bk32())
-            launch_mma<KT, 128, 4, 3, 32>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale);
-        else if (mp_minb() == 3) launch_mma<KT, 128, 4, 3>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale);
-        else launch_mma<KT, 128, 4, 1>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale);
+            launch_mma<KT, 128, 4, 3, 32>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale, io);
+        else if (mp_minb() == 3) launch_mma<KT, 128, 4, 3>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale, io);
+        else launch_mma<KT, 128, 4, 1>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale, io);
         break;
-    case 256: launch_mma<KT, 256, 4, 1>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale); break;
+    case 256: launch_mma<KT, 256, 4, 1>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, scale, io); break;
     default: tuna_cuda_check(be, cudaErrorInvalidValue, "attention prefill (head dim without an mma kernel)");
     }
 }
@@ -661,7 +666,7 @@ int tuna_cuda_attn_prefill_bq(int D, int esz, int max_smem, int cc_major)
 template <typename KT>
 static void launch_prefill(tuna_backend *be, float *out, const float *q, const void *kcache, const void *vcache,
                            const att_meta &md, const int32_t *tiles, int64_t n_tiles, int H, int Hkv, int D, int BQ,
-                           bool vec, float scale)
+                           bool vec, float scale, int io)
 {
     const size_t smem = pf_make_layout(D, BQ, (int)sizeof(KT)).total;
     if (!tuna_cuda_check(be, cudaFuncSetAttribute(k_attn_prefill<KT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -669,19 +674,19 @@ static void launch_prefill(tuna_backend *be, float *out, const float *q, const v
                          "cudaFuncSetAttribute(k_attn_prefill)"))
         return;
     k_attn_prefill<KT><<<dim3((unsigned)n_tiles, (unsigned)H), PF_THREADS, smem, be->stream>>>(
-        out, q, (const KT *)kcache, (const KT *)vcache, md, tiles, H, Hkv, D, BQ, vec, scale);
+        out, q, (const KT *)kcache, (const KT *)vcache, md, tiles, H, Hkv, D, BQ, vec, scale, io);
     tuna_cuda_check_launch(be, "k_attn_prefill");
 }
 
 void tuna_cuda_attn_prefill_launch(tuna_backend *be, int code, float *out, const float *q, const void *kcache,
                                    const void *vcache, const att_meta &md, const int32_t *tiles, int64_t n_tiles,
-                                   int H, int Hkv, int D, int BQ, bool vec, float scale)
+                                   int H, int Hkv, int D, int BQ, bool vec, float scale, int io)
 {
     if (n_tiles <= 0 || be->sticky) return;
     const int max_smem = be->max_smem_optin;
     if (code == KV_CODE_F8) {
-        if (BQ == 64 && vec && ((uintptr_t)out % 8) == 0 && n_tiles <= 65535 && mp_use(D, 1, max_smem, be->cc_major))
-            launch_mma_f8(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, D, scale);
+        if (BQ == 64 && vec && ((uintptr_t)out % (io ? 4 : 8)) == 0 && n_tiles <= 65535 && mp_use(D, 1, max_smem, be->cc_major))
+            launch_mma_f8(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, D, scale, io);
         else
             tuna_cuda_check(be, cudaErrorInvalidValue,
                             "attention prefill (fp8 KV cache: only the tensor-core kernel reads it, and it does not "
@@ -689,11 +694,11 @@ void tuna_cuda_attn_prefill_launch(tuna_backend *be, int code, float *out, const
         return;
     }
     const int nw = code != 0 ? mp_use(D, 2, max_smem, be->cc_major) : 0;
-    if (nw && BQ == 16 * nw && vec && ((uintptr_t)out % 8) == 0 && n_tiles <= 65535) {
+    if (nw && BQ == 16 * nw && vec && ((uintptr_t)out % (io ? 4 : 8)) == 0 && n_tiles <= 65535) {
         if (code == 1)
-            launch_mma_d<__nv_bfloat16>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, D, nw, scale);
+            launch_mma_d<__nv_bfloat16>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, D, nw, scale, io);
         else
-            launch_mma_d<__half>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, D, nw, scale);
+            launch_mma_d<__half>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, D, nw, scale, io);
         return;
     }
     /* today's kernel: float32, older GPUs, other head dims, K/V rows not 16-byte aligned */
@@ -704,9 +709,9 @@ void tuna_cuda_attn_prefill_launch(tuna_backend *be, int code, float *out, const
         return;
     }
     if (code == 0)
-        launch_prefill<float>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, D, BQ, vec, scale);
+        launch_prefill<float>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, D, BQ, vec, scale, io);
     else if (code == 1)
-        launch_prefill<__nv_bfloat16>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, D, BQ, vec, scale);
+        launch_prefill<__nv_bfloat16>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, D, BQ, vec, scale, io);
     else
-        launch_prefill<__half>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, D, BQ, vec, scale);
+        launch_prefill<__half>(be, out, q, kcache, vcache, md, tiles, n_tiles, H, Hkv, D, BQ, vec, scale, io);
 }

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend/cuda/act16.h"
 #include "backend/cuda/cuda_internal.h"
 #include "core/status.h"
 
@@ -370,6 +371,12 @@ static const struct tuna_backend_ops k_cuda_ops = {
     tuna_cuda_prefetch_l2,
     tuna_cuda_lora_begin,
     tuna_cuda_lora_matmul,
+    tuna_cuda_rmsnorm16,
+    tuna_cuda_matmul16,
+    tuna_cuda_rope_kv_store16,
+    tuna_cuda_attention16,
+    tuna_cuda_glu16,
+    tuna_cuda_act16_min_t,
 };
 
 extern "C" const struct tuna_backend_ops *tuna_cuda_backend_ops(void) { return &k_cuda_ops; }

@@ -3,14 +3,16 @@
  * k and v written into the paged KV cache. The same formulas as norm.cu, rope.cu and kv_store.cu
  * (the same float operations on each element), in one launch
  * instead of three to five: one block per (token, head) of q and of k; a k block also stores its
- * v head. Launched with PDL (pdl.cuh). */
+ * v head. Launched with PDL (pdl.cuh). q/k/v are float32 (io 0) or 16-bit (io 1 bf16, 2 f16: the
+ * 16-bit activation op rope_kv_store16; the same math in float32, q and k rounded back in place). */
+#include "backend/cuda/act16.cuh"
 #include "backend/cuda/cuda_internal.h"
 #include "backend/cuda/kv_types.cuh"
 #include "backend/cuda/pdl.cuh"
 #include "backend/cuda/rope.cuh"
 
 template <typename KT>
-__global__ void k_rope_kv(float *q, float *k, const float *v, const float *qn, const float *kn, float eps, KT *kc,
+__global__ void k_rope_kv(void *q, void *k, const void *v, int io, const float *qn, const float *kn, float eps, KT *kc,
                           KT *vc, const int64_t *pos, const int64_t *slot, int64_t H, int64_t Hkv, int64_t D,
                           int64_t half, const float *inv_freq, float attn_factor, const struct tuna_l2pf pf)
 {
@@ -24,11 +26,12 @@ __global__ void k_rope_kv(float *q, float *k, const float *v, const float *qn, c
     const int64_t t = blockIdx.x / (H + Hkv), h = blockIdx.x % (H + Hkv);
     const bool is_k = h >= H;
     const int64_t hh = is_k ? h - H : h;
-    float *row = is_k ? k + (t * Hkv + hh) * D : q + (t * H + hh) * D;
+    void *row = is_k ? k : q;
+    const int64_t r0 = is_k ? (t * Hkv + hh) * D : (t * H + hh) * D;
     const float *nw = is_k ? kn : qn;
     float s = 0.0f;
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-        float xv = row[d];
+        float xv = a16_ld(row, io, r0 + d);
         sh[d] = xv;
         s += xv * xv;
     }
@@ -57,16 +60,16 @@ __global__ void k_rope_kv(float *q, float *k, const float *v, const float *qn, c
             const float x1 = sh[jj], x2 = sh[jj + half];
             out = d < half ? rope_first(x1, x2, c, sn) : rope_second(x1, x2, c, sn);
         }
-        row[d] = out;
+        a16_st(row, io, r0 + d, out);
         if (is_k) {
             kc[sl * HkvD + hh * D + d] = kv_traits<KT>::from_f32(out);
-            vc[sl * HkvD + hh * D + d] = kv_traits<KT>::from_f32(v[t * HkvD + hh * D + d]);
+            vc[sl * HkvD + hh * D + d] = kv_traits<KT>::from_f32(a16_ld(v, io, t * HkvD + hh * D + d));
         }
     }
 }
 
-void tuna_cuda_rope_kv_store(tuna_backend *be, float *q, float *k, const float *v, const float *q_norm,
-                             const float *k_norm, float eps, void *kcache, void *vcache, enum tuna_dtype kv_dtype,
+static void rope_kv_io(tuna_backend *be, void *q, void *k, const void *v, int io, const float *q_norm,
+                       const float *k_norm, float eps, void *kcache, void *vcache, enum tuna_dtype kv_dtype,
                              const int64_t *pos, const int64_t *slot, int64_t T, int64_t H, int64_t Hkv, int64_t D,
                              int64_t rot_dim, const float *inv_freq, float attn_factor)
 {
@@ -93,17 +96,40 @@ void tuna_cuda_rope_kv_store(tuna_backend *be, float *q, float *k, const float *
     const size_t smem = (size_t)D * sizeof(float);
     const struct tuna_l2pf pf = tuna_cuda_l2pf_take(be, TUNA_L2PF_ROPE, T);
     if (code == 0)
-        tuna_cuda_launch(be, "k_rope_kv", k_rope_kv<float>, grid, block, smem, q, k, v, q_norm, k_norm, eps,
+        tuna_cuda_launch(be, "k_rope_kv", k_rope_kv<float>, grid, block, smem, q, k, v, io, q_norm, k_norm, eps,
                          (float *)kcache, (float *)vcache, dpos, dslot, H, Hkv, D, half, dfreq, attn_factor, pf);
     else if (code == 1)
-        tuna_cuda_launch(be, "k_rope_kv", k_rope_kv<__nv_bfloat16>, grid, block, smem, q, k, v, q_norm, k_norm, eps,
+        tuna_cuda_launch(be, "k_rope_kv", k_rope_kv<__nv_bfloat16>, grid, block, smem, q, k, v, io, q_norm, k_norm, eps,
                          (__nv_bfloat16 *)kcache, (__nv_bfloat16 *)vcache, dpos, dslot, H, Hkv, D, half, dfreq,
                          attn_factor, pf);
     else if (code == 2)
-        tuna_cuda_launch(be, "k_rope_kv", k_rope_kv<__half>, grid, block, smem, q, k, v, q_norm, k_norm, eps,
+        tuna_cuda_launch(be, "k_rope_kv", k_rope_kv<__half>, grid, block, smem, q, k, v, io, q_norm, k_norm, eps,
                          (__half *)kcache, (__half *)vcache, dpos, dslot, H, Hkv, D, half, dfreq, attn_factor, pf);
     else
-        tuna_cuda_launch(be, "k_rope_kv", k_rope_kv<__nv_fp8_e4m3>, grid, block, smem, q, k, v, q_norm, k_norm, eps,
+        tuna_cuda_launch(be, "k_rope_kv", k_rope_kv<__nv_fp8_e4m3>, grid, block, smem, q, k, v, io, q_norm, k_norm, eps,
                          (__nv_fp8_e4m3 *)kcache, (__nv_fp8_e4m3 *)vcache, dpos, dslot, H, Hkv, D, half, dfreq,
                          attn_factor, pf);
+}
+
+void tuna_cuda_rope_kv_store(tuna_backend *be, float *q, float *k, const float *v, const float *q_norm,
+                             const float *k_norm, float eps, void *kcache, void *vcache, enum tuna_dtype kv_dtype,
+                             const int64_t *pos, const int64_t *slot, int64_t T, int64_t H, int64_t Hkv, int64_t D,
+                             int64_t rot_dim, const float *inv_freq, float attn_factor)
+{
+    rope_kv_io(be, q, k, v, 0, q_norm, k_norm, eps, kcache, vcache, kv_dtype, pos, slot, T, H, Hkv, D, rot_dim, inv_freq,
+               attn_factor);
+}
+
+void tuna_cuda_rope_kv_store16(tuna_backend *be, void *q, void *k, const void *v, enum tuna_dtype adt,
+                               const float *q_norm, const float *k_norm, float eps, void *kcache, void *vcache,
+                               enum tuna_dtype kv_dtype, const int64_t *pos, const int64_t *slot, int64_t T, int64_t H,
+                               int64_t Hkv, int64_t D, int64_t rot_dim, const float *inv_freq, float attn_factor)
+{
+    if (be->sticky || T <= 0) return;
+    if (adt != TUNA_DTYPE_BF16 && adt != TUNA_DTYPE_F16) {
+        tuna_cuda_check(be, cudaErrorInvalidValue, "rope_kv_store16 (activations neither bf16 nor f16)");
+        return;
+    }
+    rope_kv_io(be, q, k, v, adt == TUNA_DTYPE_BF16 ? 1 : 2, q_norm, k_norm, eps, kcache, vcache, kv_dtype, pos, slot, T,
+               H, Hkv, D, rot_dim, inv_freq, attn_factor);
 }
