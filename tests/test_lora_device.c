@@ -92,6 +92,13 @@ static void check_views(struct tuna_model *m, const struct tuna_lora_adapter *co
                     assert_true(hB[i * RU + a * v->rs + j] == (j < mod->r ? mod->B[i * mod->r + j] : 0.0f));
         }
         free(hA), free(hB);
+        /* q, k and v share one buffer with their A_all back to back (one shrink GEMM for the three) */
+        const struct tuna_lora_bank *vk = tuna_model_lora_on_device(m, &m->layers[l].k),
+                                    *vv = tuna_model_lora_on_device(m, &m->layers[l].v);
+        assert_non_null(vk);
+        assert_non_null(vv);
+        assert_ptr_equal(vk->A_all, (const char *)v->A_all + (size_t)(RU * K) * 4);
+        assert_ptr_equal(vv->A_all, (const char *)vk->A_all + (size_t)(n * vk->rs * K) * 4);
     }
 }
 

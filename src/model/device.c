@@ -469,114 +469,180 @@ static enum tuna_dtype lora_view_dtype(const struct tuna_model *m)
 
 static size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
 
-/* Makes lin's device view: one buffer with the descriptors, A_all [n * rs, K] (adapter a's A in
- * the rows of slot a: its descriptor's A points there, ranks r..rs zero), B_all [N, n * rs] (slot a
- * = columns a*rs..) and every adapter's own B [N, r], built on the host and uploaded at once. rs =
- * max_r rounded up to 8. */
-static tuna_status lora_view_make(struct tuna_model *m, struct tuna_linear *lin)
+/* Makes the device views of k <= 3 linears of one input (q/k/v, gate/up; or one) in one buffer:
+ * each linear's descriptors, then the A_all [n * rs, K] of the k linears back to back (adapter a's A
+ * in the rows of slot a, its descriptor's A pointing there, ranks r..rs zero: one GEMM can shrink
+ * for all k linears at once), then each B_all [N, n * rs] (slot a = columns a*rs..) and every
+ * adapter's own B [N, r]; built on the host and uploaded at once. rs = the largest rank of the k
+ * linears rounded up to 8. The first view owns the buffer. */
+static tuna_status lora_views_make(struct tuna_model *m, struct tuna_linear *const *lins, int k)
 {
     struct tuna_lora_dev_cache *c = lora_cache(m);
     if (!c) return tuna_fail_oom("LoRA device views", sizeof *m->lora_dev);
-    if (c->n == c->cap) {
+    if (c->n + k > c->cap) {
         int64_t nc = c->cap ? c->cap * 2 : 64;
         struct lora_dev_view *nv = realloc(c->v, (size_t)nc * sizeof *nv);
         if (!nv) return tuna_fail_oom("LoRA device views", (size_t)nc * sizeof *nv);
         c->v = nv;
         c->cap = nc;
     }
-    const int n = lin->n_lora;
-    if (n <= 0) return tuna_fail(TUNA_E_INTERNAL, "a LoRA device view of a linear without adapters");
-    const int64_t N = lin->w.rows, K = lin->w.cols;
     const enum tuna_dtype dt = lora_view_dtype(m);
-    int64_t max_r = 0;
-    for (int a = 0; a < n; a++)
-        if (lin->lora[a].r > max_r) max_r = lin->lora[a].r;
-    const int64_t rs = (max_r + 7) / 8 * 8, RU = (int64_t)n * rs;
     const size_t esz = tuna_dtype_nbytes(dt, 1);
-    const size_t o_a = align256((size_t)n * sizeof(struct tuna_lora_w)), o_b = o_a + align256((size_t)(RU * K) * esz),
-                 o_own = o_b + align256((size_t)(N * RU) * esz);
-    size_t total = o_own;
-    for (int a = 0; a < n; a++) total += align256(tuna_dtype_nbytes(dt, (uint64_t)(N * lin->lora[a].r)));
-    struct tuna_lora_bank *set = calloc(1, sizeof *set);
-    char *host = malloc(total);
-    float *bt = RU > 0 ? malloc((size_t)(N * RU) * sizeof(float)) : NULL;
-    if (!set || !host || (RU > 0 && !bt)) {
-        free(set);
-        free(host);
-        free(bt);
+    const int64_t K = lins[0]->w.cols;
+    int64_t max_r = 0;
+    for (int i = 0; i < k; i++) {
+        if (lins[i]->n_lora <= 0 || lins[i]->w.cols != K)
+            return tuna_fail(TUNA_E_INTERNAL, "a LoRA device view of a linear without adapters or another input");
+        for (int a = 0; a < lins[i]->n_lora; a++)
+            if (lins[i]->lora[a].r > max_r) max_r = lins[i]->lora[a].r;
+    }
+    const int64_t rs = (max_r + 7) / 8 * 8;
+    size_t o_desc[3], o_a[3], o_b[3], o_own[3], total = 0;
+    for (int i = 0; i < k; i++) {
+        o_desc[i] = total;
+        total += align256((size_t)lins[i]->n_lora * sizeof(struct tuna_lora_w));
+    }
+    for (int i = 0; i < k; i++) {
+        o_a[i] = total;
+        total += (size_t)(lins[i]->n_lora * rs * K) * esz;
+    }
+    total = align256(total);
+    for (int i = 0; i < k; i++) {
+        o_b[i] = total;
+        total += align256((size_t)(lins[i]->w.rows * lins[i]->n_lora * rs) * esz);
+    }
+    for (int i = 0; i < k; i++) {
+        o_own[i] = total;
+        for (int a = 0; a < lins[i]->n_lora; a++)
+            total += align256(tuna_dtype_nbytes(dt, (uint64_t)(lins[i]->w.rows * lins[i]->lora[a].r)));
+    }
+    struct tuna_lora_bank *set[3] = {NULL, NULL, NULL};
+    bool ok = true;
+    for (int i = 0; i < k; i++) ok = ok && (set[i] = calloc(1, sizeof *set[i])) != NULL;
+    char *host = ok ? malloc(total) : NULL;
+    if (!host) {
+        for (int i = 0; i < k; i++) free(set[i]);
         return tuna_fail_oom("LoRA device view", total);
     }
     void *buf = NULL;
     tuna_status st = m->ops->alloc(m->be, total, &buf);
     if (st) {
-        free(set);
+        for (int i = 0; i < k; i++) free(set[i]);
         free(host);
-        free(bt);
         return tuna_fail_prefix(st, "LoRA adapters on the GPU (%.1f MiB for one layer)", (double)total / 1048576.0);
     }
     memset(host, 0, total);
-    if (bt) memset(bt, 0, (size_t)(N * RU) * sizeof(float));
-    struct tuna_lora_w *desc = (struct tuna_lora_w *)host;
-    size_t off = o_own;
-    for (int a = 0; a < n && !st; a++) {
-        const struct tuna_lora *h = &lin->lora[a];
-        desc[a] = (struct tuna_lora_w){NULL, NULL, h->r, h->scale};
-        if (h->r == 0) continue; /* an adapter that leaves this linear alone */
-        size_t na = (size_t)(h->r * K), nb = (size_t)(N * h->r);
-        const size_t o_slot = o_a + (size_t)(a * rs * K) * esz;
-        if (!tuna_convert_from_f32(dt, h->A, host + o_slot, na) || !tuna_convert_from_f32(dt, h->B, host + off, nb)) {
-            st = tuna_fail(TUNA_E_UNSUPPORTED, "LoRA view: cannot convert adapters to %s", tuna_dtype_name(dt));
+    for (int i = 0; i < k && !st; i++) {
+        const struct tuna_linear *lin = lins[i];
+        const int n = lin->n_lora;
+        const int64_t N = lin->w.rows, RU = n * rs;
+        struct tuna_lora_w *desc = (struct tuna_lora_w *)(host + o_desc[i]);
+        float *bt = RU > 0 ? calloc((size_t)(N * RU), sizeof(float)) : NULL;
+        if (RU > 0 && !bt) {
+            st = tuna_fail_oom("LoRA device view", (size_t)(N * RU) * sizeof(float));
             break;
         }
-        for (int64_t i = 0; i < N; i++) memcpy(bt + i * RU + a * rs, h->B + i * h->r, (size_t)h->r * sizeof(float));
-        desc[a].A = (char *)buf + o_slot;
-        desc[a].B = (char *)buf + off;
-        off += align256(tuna_dtype_nbytes(dt, nb));
+        size_t off = o_own[i];
+        for (int a = 0; a < n && !st; a++) {
+            const struct tuna_lora *h = &lin->lora[a];
+            desc[a] = (struct tuna_lora_w){NULL, NULL, h->r, h->scale};
+            if (h->r == 0) continue; /* an adapter that leaves this linear alone */
+            size_t na = (size_t)(h->r * K), nb = (size_t)(N * h->r);
+            const size_t o_slot = o_a[i] + (size_t)(a * rs * K) * esz;
+            if (!tuna_convert_from_f32(dt, h->A, host + o_slot, na) || !tuna_convert_from_f32(dt, h->B, host + off, nb)) {
+                st = tuna_fail(TUNA_E_UNSUPPORTED, "LoRA view: cannot convert adapters to %s", tuna_dtype_name(dt));
+                break;
+            }
+            for (int64_t j = 0; j < N; j++) memcpy(bt + j * RU + a * rs, h->B + j * h->r, (size_t)h->r * sizeof(float));
+            desc[a].A = (char *)buf + o_slot;
+            desc[a].B = (char *)buf + off;
+            off += align256(tuna_dtype_nbytes(dt, nb));
+        }
+        if (!st && bt && !tuna_convert_from_f32(dt, bt, host + o_b[i], (size_t)(N * RU)))
+            st = tuna_fail(TUNA_E_UNSUPPORTED, "LoRA view: cannot convert adapters to %s", tuna_dtype_name(dt));
+        free(bt);
+        *set[i] = (struct tuna_lora_bank){n,
+                                          max_r,
+                                          dt,
+                                          (const struct tuna_lora_w *)((char *)buf + o_desc[i]),
+                                          RU ? (char *)buf + o_a[i] : NULL,
+                                          RU ? (char *)buf + o_b[i] : NULL,
+                                          rs};
     }
-    if (!st && bt && !tuna_convert_from_f32(dt, bt, host + o_b, (size_t)(N * RU)))
-        st = tuna_fail(TUNA_E_UNSUPPORTED, "LoRA view: cannot convert adapters to %s", tuna_dtype_name(dt));
-    free(bt);
     if (!st) st = m->ops->upload(m->be, buf, host, total);
     free(host);
     if (st) {
         m->ops->release(m->be, buf);
-        free(set);
+        for (int i = 0; i < k; i++) free(set[i]);
         return st;
     }
-    *set = (struct tuna_lora_bank){n, max_r, dt, (const struct tuna_lora_w *)buf, RU ? (char *)buf + o_a : NULL,
-                                   RU ? (char *)buf + o_b : NULL, rs};
-    c->v[c->n].lin = lin;
-    c->v[c->n].buf = buf;
-    c->n++;
-    lin->lora_dev = set;
-    lin->lora_dev_src = lin->lora;
+    for (int i = 0; i < k; i++) {
+        c->v[c->n].lin = lins[i];
+        c->v[c->n].buf = i == 0 ? buf : NULL;
+        c->n++;
+        lins[i]->lora_dev = set[i];
+        lins[i]->lora_dev_src = lins[i]->lora;
+    }
     return TUNA_OK;
+}
+
+static tuna_status lora_views_all(struct tuna_model *m);
+
+static bool view_fresh(const struct tuna_linear *lin)
+{
+    return lin->lora_dev && lin->lora_dev_src == lin->lora;
 }
 
 const struct tuna_lora_bank *tuna_model_lora_on_device(struct tuna_model *m, const struct tuna_linear *lin)
 {
-    if (lin->lora_dev && lin->lora_dev_src == lin->lora) return lin->lora_dev;
-    if (lin->lora_dev) tuna_model_lora_invalidate(m); /* changed by hand without invalidating */
-    /* the view is a cache the model owns: the linear itself is never const */
-    return lora_view_make(m, (struct tuna_linear *)lin) ? NULL : lin->lora_dev;
+    if (view_fresh(lin)) return lin->lora_dev;
+    /* every view at once (q/k/v and gate/up grouped): the view is a cache the model owns */
+    return lora_views_all(m) || !view_fresh(lin) ? NULL : lin->lora_dev;
 }
 
 tuna_status tuna_model_lora_prepare(struct tuna_model *m)
 {
-    if (m->ops->host_memory) return TUNA_OK;
+    if (m->ops->host_memory) return TUNA_OK; /* the CPU reads the attached arrays */
+    return lora_views_all(m);
+}
+
+/* Makes every missing view, q/k/v and gate/up of a layer grouped (lora_views_make). */
+static tuna_status lora_views_all(struct tuna_model *m)
+{
+    /* a view that no longer matches its linear's adapters: drop them all (attach/detach did not) */
     for (int64_t l = -1; l < m->arch.n_layers; l++) {
         struct tuna_layer *L = l >= 0 ? &m->layers[l] : NULL;
-        struct tuna_linear *lins[7] = {&m->lm_head};
-        int nl = 1;
+        struct tuna_linear *all[7] = {&m->lm_head};
+        const int na = L ? 7 : 1;
         if (L) {
             struct tuna_linear *ll[7] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
-            memcpy(lins, ll, sizeof ll);
-            nl = 7;
+            memcpy(all, ll, sizeof ll);
         }
-        for (int i = 0; i < nl; i++) {
-            if (!lins[i]->n_lora || (lins[i]->lora_dev && lins[i]->lora_dev_src == lins[i]->lora)) continue;
-            if (lins[i]->lora_dev) tuna_model_lora_invalidate(m);
-            tuna_status st = lora_view_make(m, lins[i]);
+        for (int i = 0; i < na; i++)
+            if (all[i]->lora_dev && !view_fresh(all[i])) {
+                tuna_model_lora_invalidate(m);
+                l = m->arch.n_layers; /* done: every view is gone */
+                break;
+            }
+    }
+    for (int64_t l = -1; l < m->arch.n_layers; l++) {
+        struct tuna_layer *L = l >= 0 ? &m->layers[l] : NULL;
+        /* groups of one input: q/k/v, o, gate/up, down (lm_head alone) */
+        struct tuna_linear *groups[4][3] = {{&m->lm_head}};
+        int gn[4] = {1, 0, 0, 0}, ng = 1;
+        if (L) {
+            struct tuna_linear *g[4][3] = {{&L->q, &L->k, &L->v}, {&L->o}, {&L->gate, &L->up}, {&L->down}};
+            memcpy(groups, g, sizeof g);
+            gn[0] = 3, gn[1] = 1, gn[2] = 2, gn[3] = 1;
+            ng = 4;
+        }
+        for (int gi = 0; gi < ng; gi++) {
+            struct tuna_linear *todo[3];
+            int k = 0;
+            for (int i = 0; i < gn[gi]; i++)
+                if (groups[gi][i]->n_lora > 0 && !view_fresh(groups[gi][i])) todo[k++] = groups[gi][i];
+            if (k == 0) continue;
+            tuna_status st = lora_views_make(m, todo, k);
             if (st) return st;
         }
     }

@@ -1310,14 +1310,22 @@ bool tuna_cuda_lora_matmul(tuna_backend *be, int n, float *const *ys, const floa
     const void *xh = be->half.p;
     const cudaDataType_t ct = dt == 1 ? CUDA_R_16BF : CUDA_R_16F;
     const float one = 1.0f, zero = 0.0f;
+    /* the shrinks: linears whose A_all lie back to back (device.c groups q/k/v and gate/up) in one
+     * GEMM, their h columns being back to back too */
     for (int i = 0; i < n && !be->sticky; i++) {
         if (!d.l[i].w) continue;
-        const int M = d.l[i].n * d.l[i].rs;
+        int M = d.l[i].n * d.l[i].rs, j = i + 1;
+        for (; j < n; j++) {
+            if (!d.l[j].w) continue;
+            if ((const char *)sets[j]->A_all != (const char *)sets[i]->A_all + (size_t)M * (size_t)K * 2) break;
+            M += d.l[j].n * d.l[j].rs;
+        }
         tuna_cuda_check_blas(be,
                              cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, M, (int)T, (int)K, &one, sets[i]->A_all, ct,
                                           (int)K, xh, ct, (int)K, &zero, h + d.l[i].off, CUDA_R_32F, (int)RU,
                                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                              "cublasGemmEx(LoRA shrink, all slots)");
+        i = j - 1;
     }
     if (be->sticky) return true;
     const dim3 grid((unsigned)T, (unsigned)((RU + 127) / 128));
