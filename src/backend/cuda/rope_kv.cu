@@ -5,6 +5,8 @@
  * instead of three to five: one block per (token, head) of q and of k; a k block also stores its
  * v head. Launched with PDL (pdl.cuh). q/k/v are float32 (io 0) or 16-bit (io 1 bf16, 2 f16: the
  * 16-bit activation op rope_kv_store16; the same math in float32, q and k rounded back in place). */
+#include <stdlib.h>
+
 #include "backend/cuda/act16.cuh"
 #include "backend/cuda/cuda_internal.h"
 #include "backend/cuda/kv_types.cuh"
@@ -68,6 +70,62 @@ __global__ void k_rope_kv(void *q, void *k, const void *v, int io, const float *
     }
 }
 
+/* TUNA_ROPE16W=0: the 16-bit op runs k_rope_kv (one block per head) instead of k_rope_kv16w. */
+static bool rope16w_on(void)
+{
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("TUNA_ROPE16W");
+        v = !(e && e[0] == '0');
+    }
+    return v == 1;
+}
+
+/* The 16-bit twin without q/k norms (Llama, Mistral): one warp per (token, head), each lane
+ * rotating pairs of adjacent pairs (j, j + 1) and (j + half, j + half + 1) from two 4-byte loads,
+ * no shared memory or barrier; a k warp also stores its k and v rows. The same float operations
+ * on each element as k_rope_kv (rope.cuh). half even, D even, 4-byte aligned rows. */
+template <typename KT>
+__global__ void k_rope_kv16w(void *q, void *k, const void *v, int io, KT *kc, KT *vc, const int64_t *pos,
+                             const int64_t *slot, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t half,
+                             const float *inv_freq, float attn_factor, const struct tuna_l2pf pf)
+{
+    tuna_pdl_wait();
+    tuna_pdl_trigger();
+    if (threadIdx.x == 0) tuna_l2pf_issue(pf, blockIdx.x, gridDim.x);
+    const int64_t w = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (w >= T * (H + Hkv)) return;
+    const int64_t t = w / (H + Hkv), h = w % (H + Hkv);
+    const bool is_k = h >= H;
+    const int64_t hh = is_k ? h - H : h;
+    void *row = is_k ? k : q;
+    const int64_t r0 = is_k ? (t * Hkv + hh) * D : (t * H + hh) * D;
+    const float p = (float)pos[t];
+    const int64_t HkvD = Hkv * D, c0 = is_k ? slot[t] * HkvD + hh * D : 0, v0 = t * HkvD + hh * D;
+    for (int64_t j = 2 * lane; j < half; j += 64) {
+        const float a1 = a16_ld(row, io, r0 + j), b1 = a16_ld(row, io, r0 + j + 1);
+        const float a2 = a16_ld(row, io, r0 + j + half), b2 = a16_ld(row, io, r0 + j + half + 1);
+        float ca, sa, cb, sb;
+        rope_cos_sin(inv_freq, j, p, attn_factor, &ca, &sa);
+        rope_cos_sin(inv_freq, j + 1, p, attn_factor, &cb, &sb);
+        const float o1a = rope_first(a1, a2, ca, sa), o1b = rope_first(b1, b2, cb, sb);
+        const float o2a = rope_second(a1, a2, ca, sa), o2b = rope_second(b1, b2, cb, sb);
+        a16_st2(row, io, r0 + j, o1a, o1b);
+        a16_st2(row, io, r0 + j + half, o2a, o2b);
+        if (is_k) {
+            kc[c0 + j] = kv_traits<KT>::from_f32(o1a);
+            kc[c0 + j + 1] = kv_traits<KT>::from_f32(o1b);
+            kc[c0 + j + half] = kv_traits<KT>::from_f32(o2a);
+            kc[c0 + j + half + 1] = kv_traits<KT>::from_f32(o2b);
+        }
+    }
+    if (!is_k) return;
+    for (int64_t d = 2 * half + lane; d < D; d += 32) /* dims past rot_dim: stored as they are */
+        kc[c0 + d] = kv_traits<KT>::from_f32(a16_ld(row, io, r0 + d));
+    for (int64_t d = lane; d < D; d += 32) vc[c0 + d] = kv_traits<KT>::from_f32(a16_ld(v, io, v0 + d));
+}
+
 static void rope_kv_io(tuna_backend *be, void *q, void *k, const void *v, int io, const float *q_norm,
                        const float *k_norm, float eps, void *kcache, void *vcache, enum tuna_dtype kv_dtype,
                              const int64_t *pos, const int64_t *slot, int64_t T, int64_t H, int64_t Hkv, int64_t D,
@@ -90,11 +148,30 @@ static void rope_kv_io(tuna_backend *be, void *q, void *k, const void *v, int io
     const int64_t *dpos = (const int64_t *)((char *)be->meta.p + off_pos);
     const int64_t *dslot = (const int64_t *)((char *)be->meta.p + off_slot);
     const float *dfreq = (const float *)((char *)be->meta.p + off_f);
+    const struct tuna_l2pf pf = tuna_cuda_l2pf_take(be, TUNA_L2PF_ROPE, T);
+    if (io != 0 && !q_norm && !k_norm && half % 2 == 0 && D % 2 == 0 && (uintptr_t)q % 4 == 0 &&
+        (uintptr_t)k % 4 == 0 && rope16w_on()) {
+        const dim3 g16((unsigned)((T * (H + Hkv) + 7) / 8)), b16(256);
+        if (code == 0)
+            tuna_cuda_launch(be, "k_rope_kv16w", k_rope_kv16w<float>, g16, b16, 0, q, k, v, io, (float *)kcache,
+                             (float *)vcache, dpos, dslot, T, H, Hkv, D, half, dfreq, attn_factor, pf);
+        else if (code == 1)
+            tuna_cuda_launch(be, "k_rope_kv16w", k_rope_kv16w<__nv_bfloat16>, g16, b16, 0, q, k, v, io,
+                             (__nv_bfloat16 *)kcache, (__nv_bfloat16 *)vcache, dpos, dslot, T, H, Hkv, D, half, dfreq,
+                             attn_factor, pf);
+        else if (code == 2)
+            tuna_cuda_launch(be, "k_rope_kv16w", k_rope_kv16w<__half>, g16, b16, 0, q, k, v, io, (__half *)kcache,
+                             (__half *)vcache, dpos, dslot, T, H, Hkv, D, half, dfreq, attn_factor, pf);
+        else
+            tuna_cuda_launch(be, "k_rope_kv16w", k_rope_kv16w<__nv_fp8_e4m3>, g16, b16, 0, q, k, v, io,
+                             (__nv_fp8_e4m3 *)kcache, (__nv_fp8_e4m3 *)vcache, dpos, dslot, T, H, Hkv, D, half, dfreq,
+                             attn_factor, pf);
+        return;
+    }
     int threads = (int)((D + 31) / 32 * 32);
     if (threads > 256) threads = 256;
     const dim3 grid((unsigned)(T * (H + Hkv))), block((unsigned)threads);
     const size_t smem = (size_t)D * sizeof(float);
-    const struct tuna_l2pf pf = tuna_cuda_l2pf_take(be, TUNA_L2PF_ROPE, T);
     if (code == 0)
         tuna_cuda_launch(be, "k_rope_kv", k_rope_kv<float>, grid, block, smem, q, k, v, io, q_norm, k_norm, eps,
                          (float *)kcache, (float *)vcache, dpos, dslot, H, Hkv, D, half, dfreq, attn_factor, pf);
