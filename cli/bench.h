@@ -28,8 +28,9 @@ int bench_serve_main(int argc, char **argv);
 int bench_write_main(int argc, char **argv);
 /* `tuna bench train ...` (bench_train.c; argv[0] = "train"): exit code. */
 int bench_train_main(int argc, char **argv);
-/* TFLOP/s of an 8192^3 bf16 GEMM through the model's backend (1024^3 on the CPU), measured now
- * (bench_train.c); 0 when its buffers cannot be had. */
+/* TFLOP/s of an 8192^3 bf16 GEMM through the model's backend (1024^3 on the CPU; bf16 in and out
+ * where the backend has a 16-bit matmul), measured now (bench_train.c); 0 when its buffers
+ * cannot be had. */
 double bench_gemm_rate(struct tuna_model *m);
 
 #endif

@@ -432,7 +432,7 @@ int cmd_bench(int argc, char **argv)
             const double kvb = (double)tuna_dtype_nbytes(tuna_kv_dtype(kv), 1) * 2.0 * (double)a->n_layers *
                                (double)(a->n_kv_heads * a->head_dim) * (double)B *
                                ((double)plen + (double)(gen + 1) / 2); /* K and V at the mean context */
-            printf("gemm rate   %.1f TFLOP/s (bf16 8192^3 through the backend, now) -> prefill %.1f TFLOP/s by model "
+            printf("gemm rate   %.1f TFLOP/s (bf16 8192^3, now) -> prefill %.1f TFLOP/s by model "
                    "FLOPs = %.0f%%\n",
                    gemm, pf, gemm > 0 ? 100.0 * pf / gemm : 0.0);
             printf("copy rate   %.1f GB/s (device to device, read + write, now) -> decode reads %.1f MB per step "
