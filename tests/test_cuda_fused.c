@@ -669,7 +669,7 @@ static void test_q4_stream(void **state)
     (void)state;
     NEED_GPU();
     const int64_t shapes[][4] = {{300, 4096, 100, 37}, {70, 14336, 33, 5},  {129, 192, 3, 64},
-                                 {1000, 1088, 17, 9},  {41, 11008, 2, 3},   {3000, 4096, 7, 1}};
+                                 {1000, 1088, 17, 9},  {41, 11008, 2, 3},   {3000, 4096, 7, 64}};
     const float xs[] = {1.0f, 1.0f, 1e5f, 1e-7f, 1.0f, 1.0f};
     const char *env = getenv("TUNA_Q4_K");
     char *saved = env ? strdup(env) : NULL;

@@ -44,7 +44,7 @@
 
 #define Q4S_SMAX 8     /* stages at most */
 #define Q4S_ITMAX 16   /* items per tile at most */
-#define Q4S_WMAX 8     /* compute warps at most */
+#define Q4S_WMAX 10    /* compute warps at most */
 #define Q4S_TAB 65536  /* [256 bytes][256]: half2 at lane * 4 (k_q4_h2's table) */
 #define Q4S_NCODE (GEMV_MAX_SEG * 256 * 4)
 
@@ -165,6 +165,45 @@ static __device__ __forceinline__ float q4s_dot(const uint8_t *tab, uint4 c, con
     }
     const __half2 d = __hadd2(d0, d1);
     return __low2float(d) + __high2float(d);
+}
+
+/* The global values the store of item i of a tile needs (y when adding, the biases), loaded early
+ * so that their latency hides behind the item's arithmetic; nothing when !on. */
+static __device__ __forceinline__ void q4s_preload(const struct gemv_job &j, bool glu, int seg, int64_t n0, int nr,
+                                                   int i, bool on, float &y0, float &y1, float &b0, float &b1)
+{
+    if (!on) return;
+    if (glu) {
+        const int64_t n = n0 + i;
+        b0 = j.s[0].bias ? j.s[0].bias[n] : 0.0f;
+        b1 = j.s[1].bias ? j.s[1].bias[n] : 0.0f;
+        return;
+    }
+    const struct gemv_seg &sg = j.s[seg];
+    const int64_t n = n0 + 2 * i;
+    const bool two = 2 * i + 1 < nr;
+    b0 = sg.bias ? sg.bias[n] : 0.0f;
+    b1 = sg.bias && two ? sg.bias[n + 1] : 0.0f;
+    if (j.mode == GEMV_ADD) {
+        y0 = sg.y[n];
+        y1 = two ? sg.y[n + 1] : 0.0f;
+    }
+}
+
+/* Stores item i's sums v0, v1 (already scaled): the GLU of gate and up, or one or two rows (y
+ * stored, or added to the preloaded y0, y1), with the preloaded biases. */
+static __device__ __forceinline__ void q4s_store(const struct gemv_job &j, bool glu, int seg, int64_t n0, int nr, int i,
+                                                 float v0, float v1, float y0, float y1, float b0, float b1)
+{
+    if (glu) {
+        j.s[0].y[n0 + i] = tuna_cuda_act(v0 + b0, j.act) * (v1 + b1);
+        return;
+    }
+    const struct gemv_seg &sg = j.s[seg];
+    const int64_t n = n0 + 2 * i;
+    const bool add = j.mode == GEMV_ADD;
+    sg.y[n] = add ? y0 + (v0 + b0) : v0 + b0;
+    if (2 * i + 1 < nr) sg.y[n + 1] = add ? y1 + (v1 + b1) : v1 + b1;
 }
 
 template <bool NORM, int NCH>
@@ -335,6 +374,8 @@ __global__ void __launch_bounds__((Q4S_WMAX + 1) * 32, 1)
     const int bs_shift = j.bs_shift;
     const uint32_t soff = 2u * (uint32_t)IT * P.code_row;
     const uint32_t kb = (uint32_t)(j.K >> bs_shift); /* scale blocks per row */
+    const bool solo = WG == 1; /* one warp per item over the whole K: no sums across warps */
+    int64_t ibase = 0;
     int t = 0;
     for (int64_t cur = r0; cur < r1; t++) {
         int seg, nr;
@@ -351,8 +392,15 @@ __global__ void __launch_bounds__((Q4S_WMAX + 1) * 32, 1)
         const uint8_t *sb1 = P.nested ? j.s[seg1].sc.q : reinterpret_cast<const uint8_t *>(j.s[seg1].sc.absmax);
         const uint32_t pad0 = (uint32_t)((uintptr_t)(sb0 + (size_t)n0 * P.srow) & 15u);
         const uint32_t pad1 = (uint32_t)((uintptr_t)(sb1 + (size_t)n0 * P.srow) & 15u);
+        /* items go to the groups in turn across tiles (item ibase + i to group (ibase + i) % NG) */
+        const int i0 = (int)(((int64_t)g - ibase % NG + NG) % NG);
+        /* what the stores need from global memory, loaded before the wait: y (added) and the biases
+         * of the first item this warp takes, lane 0 (solo) or lane i of the tile's items */
+        float yv0 = 0.0f, yv1 = 0.0f, bv0 = 0.0f, bv1 = 0.0f;
+        q4s_preload(j, glu, seg, n0, nr, solo ? i0 : lane, solo ? lane == 0 && i0 < nitems : lane < nitems, yv0, yv1,
+                    bv0, bv1);
         q4s_bar_wait(&full[s], (uint32_t)((t / S) & 1));
-        for (int i = g; i < nitems; i += NG) {
+        for (int i = i0; i < nitems; i += NG) {
             const int sl0 = glu ? i : 2 * i, sl1 = glu ? IT + i : (2 * i + 1 < nr ? 2 * i + 1 : 2 * i);
             const int rw1 = glu ? i : sl1; /* row of the second one in its matrix, from n0 */
             const uint8_t *cp[2], *sp[2];
@@ -396,11 +444,22 @@ __global__ void __launch_bounds__((Q4S_WMAX + 1) * 32, 1)
                 acc0 += __shfl_xor_sync(0xffffffffu, acc0, o);
                 acc1 += __shfl_xor_sync(0xffffffffu, acc1, o);
             }
-            if (lane == 0) {
+            if (solo) { /* the warp has the item's sums: lane 0 stores */
+                if (lane == 0) {
+                    if (i != i0) q4s_preload(j, glu, seg, n0, nr, i, true, yv0, yv1, bv0, bv1);
+                    q4s_store(j, glu, seg, n0, nr, i, acc0 * inv_s, acc1 * inv_s, yv0, yv1, bv0, bv1);
+                }
+            } else if (lane == 0) {
                 float *pp = part + (((size_t)s * IT + i) * Q4S_WMAX + wg) * 2;
                 pp[0] = acc0;
                 pp[1] = acc1;
             }
+        }
+        ibase += nitems;
+        if (solo) {
+            __syncwarp();
+            if (lane == 0) q4s_bar_arrive(&empty[s]);
+            continue;
         }
         /* the last warp done with the tile adds the groups' sums in warp order and stores */
         __syncwarp();
@@ -416,24 +475,7 @@ __global__ void __launch_bounds__((Q4S_WMAX + 1) * 32, 1)
                 const volatile float *pp = part + ((size_t)s * IT + i) * Q4S_WMAX * 2;
                 float v0 = 0.0f, v1 = 0.0f;
                 for (int w = 0; w < WG; w++) v0 += pp[2 * w], v1 += pp[2 * w + 1];
-                v0 *= inv_s;
-                v1 *= inv_s;
-                if (glu) {
-                    const int64_t n = n0 + i;
-                    const float bg = j.s[0].bias ? j.s[0].bias[n] : 0.0f;
-                    const float bu = j.s[1].bias ? j.s[1].bias[n] : 0.0f;
-                    j.s[0].y[n] = tuna_cuda_act(v0 + bg, j.act) * (v1 + bu);
-                } else {
-                    const struct gemv_seg &sg = j.s[seg];
-#pragma unroll
-                    for (int q = 0; q < 2; q++) {
-                        if (2 * i + q >= nr) break;
-                        const int64_t n = n0 + 2 * i + q;
-                        const float vv = (q ? v1 : v0) + (sg.bias ? sg.bias[n] : 0.0f);
-                        if (j.mode == GEMV_ADD) sg.y[n] += vv;
-                        else sg.y[n] = vv;
-                    }
-                }
+                q4s_store(j, glu, seg, n0, nr, i, v0 * inv_s, v1 * inv_s, yv0, yv1, bv0, bv1);
             }
             if (lane == 0) cnt[s] = 0;
         }
@@ -482,26 +524,38 @@ bool tuna_cuda_q4_stream(tuna_backend *be, const float *x, struct gemv_job *j, c
     if (be->cc_major < 9 || T != 1 || K <= 0 || K % 64 != 0 || blocksize < 32 || K % blocksize != 0) return false;
     if (j->nseg < 1 || j->nseg > GEMV_MAX_SEG) return false;
     const int K32 = (int)(K / 32);
-    if (K32 > 4 * 32 * Q4S_WMAX) return false;
+    if (K32 > 4 * 32 * 8) return false;
     const bool nested = j->s[0].sc.absmax == NULL;
     for (int i = 0; i < j->nseg; i++)
         if (((uintptr_t)ws[i]->data % 16) != 0 || j->s[i].N * K >= ((int64_t)1 << 31) ||
             (j->s[i].sc.absmax == NULL) != nested || (nested && j->s[i].sc.nshift != j->s[0].sc.nshift))
             return false;
-    /* warps and row groups: the most lanes busy over K, then the fewest chunks per lane, then
-     * the most warps (8 warps in 2 groups at K = 4096: one chunk each; 7 warps in 1 group at
-     * K = 14336: two) */
+    /* warps and row groups. K <= 4096: "solo", one warp per item over the whole K (each lane 4
+     * chunks at K = 4096, 16 registers of x each), no sums across warps; above: row groups of
+     * several warps, the most lanes busy over K, then the fewest chunks per lane, then the most
+     * warps (K = 14336: 8 warps in 1 group, 2 chunks per lane). TUNA_Q4_W: compute warps at most
+     * (4..10, default 8). */
+    int wmax = 8;
+    {
+        const char *e = getenv("TUNA_Q4_W");
+        if (e && atoi(e) >= 4 && atoi(e) <= Q4S_WMAX) wmax = atoi(e);
+    }
     int bw = 0, bng = 0, bnch = 0;
-    double best = -1.0;
-    for (int W = Q4S_WMAX; W >= 4; W--)
-        for (int NG = 1; NG <= 8; NG *= 2) {
-            if (W % NG) continue;
-            const int LG = 32 * (W / NG), nch = (K32 + LG - 1) / LG;
-            if (nch > 4) continue;
-            /* lanes busy: W warps times the share of their chunk steps that lie in K */
-            const double score = (double)K32 * NG / (32.0 * (double)nch);
-            if (score > best + 1e-9 || (score > best - 1e-9 && nch < bnch)) best = score, bw = W, bng = NG, bnch = nch;
-        }
+    if (K32 <= 4 * 32) {
+        bw = wmax, bng = wmax, bnch = (K32 + 31) / 32;
+    } else {
+        double best = -1.0;
+        for (int W = wmax; W >= 4; W--)
+            for (int NG = 1; NG < W; NG *= 2) {
+                if (W % NG) continue;
+                const int LG = 32 * (W / NG), nch = (K32 + LG - 1) / LG;
+                if (nch > 4) continue;
+                /* lanes busy: W warps times the share of their chunk steps that lie in K */
+                const double score = (double)K32 * NG / (32.0 * (double)nch);
+                if (score > best + 1e-9 || (score > best - 1e-9 && nch < bnch))
+                    best = score, bw = W, bng = NG, bnch = nch;
+            }
+    }
     if (!bw) return false;
     int S, kbytes, hint;
     q4s_env(&S, &kbytes, &hint);
@@ -511,9 +565,9 @@ bool tuna_cuda_q4_stream(tuna_backend *be, const float *x, struct gemv_job *j, c
     P.code_row = (uint32_t)(K / 2);
     P.srow = (uint32_t)((K / blocksize) * (nested ? 1 : 4));
     const int64_t item = 2 * ((int64_t)P.code_row + P.srow);
-    int64_t it = (int64_t)kbytes * 1024 / item / bng * bng;
-    if (it < bng) it = bng;
-    if (it > Q4S_ITMAX) it = Q4S_ITMAX / bng * bng;
+    int64_t it = (int64_t)kbytes * 1024 / item; /* items go to the groups in turn across tiles */
+    if (it < 1) it = 1;
+    if (it > Q4S_ITMAX) it = Q4S_ITMAX;
     P.IT = (int)it;
     P.scap = ((uint32_t)(2 * it) * P.srow + 15u) / 16u * 16u + 16u;
     P.stage = ((uint32_t)(2 * it) * P.code_row + 2u * P.scap + 127u) / 128u * 128u;
