@@ -70,7 +70,16 @@ void tuna_cpu_rope_kv_store16(tuna_backend *be, void *q, void *k, const void *v,
         if (k_norm) tuna_cpu_rmsnorm(be, kf, kf, k_norm, T * Hkv, D, eps);
         tuna_cpu_rope(be, qf, pos, T, H, D, rot_dim, inv_freq, attn_factor);
         tuna_cpu_rope(be, kf, pos, T, Hkv, D, rot_dim, inv_freq, attn_factor);
-        tuna_cpu_kv_store(be, kcache, vcache, kv_dtype, kf, vf, slot, T, Hkv * D); /* from the float32 values */
+        if (kv_dtype == TUNA_DTYPE_F8_E4M3) { /* the CPU op has no fp8 store: the host twin of the GPU's */
+            const int64_t HkvD = Hkv * D;
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t i = 0; i < HkvD; i++) {
+                    ((uint8_t *)kcache)[slot[t] * HkvD + i] = tuna_f32_to_f8e4m3(kf[t * HkvD + i]);
+                    ((uint8_t *)vcache)[slot[t] * HkvD + i] = tuna_f32_to_f8e4m3(vf[t * HkvD + i]);
+                }
+        } else {
+            tuna_cpu_kv_store(be, kcache, vcache, kv_dtype, kf, vf, slot, T, Hkv * D); /* from the float32 values */
+        }
         tuna_convert_from_f32(adt, qf, q, nq);
         tuna_convert_from_f32(adt, kf, k, nk);
     }
