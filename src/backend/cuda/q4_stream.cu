@@ -532,8 +532,9 @@ bool tuna_cuda_q4_stream(tuna_backend *be, const float *x, struct gemv_job *j, c
             return false;
     /* warps and row groups. K <= 4096: "solo", one warp per item over the whole K (each lane 4
      * chunks at K = 4096, 16 registers of x each), no sums across warps; above: row groups of
-     * several warps, the most lanes busy over K, then the fewest chunks per lane, then the most
-     * warps (K = 14336: 8 warps in 1 group, 2 chunks per lane). TUNA_Q4_W: compute warps at most
+     * several warps, the most lanes busy over K, then the most chunks per lane (independent dots
+     * per item: round 1 found one chunk per lane latency-bound), then the most warps (K = 14336:
+     * 8 warps in 2 groups, 4 chunks per lane; 11008: the same, 3). TUNA_Q4_W: compute warps at most
      * (4..10, default 8). */
     int wmax = 8;
     {
@@ -552,7 +553,7 @@ bool tuna_cuda_q4_stream(tuna_backend *be, const float *x, struct gemv_job *j, c
                 if (nch > 4) continue;
                 /* lanes busy: W warps times the share of their chunk steps that lie in K */
                 const double score = (double)K32 * NG / (32.0 * (double)nch);
-                if (score > best + 1e-9 || (score > best - 1e-9 && nch < bnch))
+                if (score > best + 1e-9 || (score > best - 1e-9 && nch > bnch))
                     best = score, bw = W, bng = NG, bnch = nch;
             }
     }
