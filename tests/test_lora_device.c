@@ -301,7 +301,10 @@ static void test_dense_gpu(void **state)
     TT_OK(tuna_serve_bench_make_adapters(c, 1, 16, 21, ads));
     TT_OK(tuna_serve_bench_make_adapters(c, 1, 8, 22, ads + 1));
     const struct tuna_lora_adapter *const *cads = (const struct tuna_lora_adapter *const *)ads;
+    float *lg0 = malloc(n * 4);
+    assert_non_null(lg0);
     run_batch(c, lc0); /* no adapters attached: the base model for every sequence */
+    run_batch(g, lg0); /* the GPU's own error without adapters (16-bit activations where they apply) */
     tuna_lora_attachment *ac = NULL, *ag = NULL;
     TT_OK(tuna_lora_attach(c, cads, 2, &ac));
     TT_OK(tuna_lora_attach(g, cads, 2, &ag));
@@ -310,17 +313,21 @@ static void test_dense_gpu(void **state)
     setenv("TUNA_LORA_DENSE", "0", 1);
     run_batch(g, lo);
     unsetenv("TUNA_LORA_DENSE");
-    const double ed = rel_err(ld, lc, n), eo = rel_err(lo, lc, n), ea = rel_err(lc0, lc, n), edo = rel_err(ld, lo, n);
-    fprintf(stderr, "bf16 vs CPU float32 logits: dense %.2e, segmented %.2e (dense vs segmented %.2e); the adapters "
-                    "move the CPU logits by %.2e\n", ed, eo, edo, ea);
-    if (!(ed < 1.5 * eo + 2e-3) || !(ed < 5e-2))
-        fail_msg("dense LoRA: bf16 logits %.3g from the CPU's (segmented kernels: %.3g)", ed, eo);
+    const double ed = rel_err(ld, lc, n), eo = rel_err(lo, lc, n), ea = rel_err(lc0, lc, n), edo = rel_err(ld, lo, n),
+                 e0 = rel_err(lg0, lc0, n);
+    fprintf(stderr, "bf16 vs CPU float32 logits: dense %.2e, segmented %.2e (dense vs segmented %.2e), no adapters "
+                    "%.2e; the adapters move the CPU logits by %.2e\n", ed, eo, edo, e0, ea);
+    /* the dense form runs on 16-bit activations where the base model does (e0), the segmented
+     * kernels on float32 ones: as close as the closer of the two allows */
+    const double ref = eo > e0 ? eo : e0;
+    if (!(ed < 1.5 * ref + 2e-3) || !(ed < 5e-2))
+        fail_msg("dense LoRA: bf16 logits %.3g from the CPU's (segmented kernels: %.3g, no adapters %.3g)", ed, eo, e0);
     if (!(ea > 2 * ed)) fail_msg("the adapters move the logits by %.3g only, against an error of %.3g", ea, ed);
     tuna_lora_detach(c, ac);
     tuna_lora_detach(g, ag);
     tuna_lora_free(ads[0]);
     tuna_lora_free(ads[1]);
-    free(lc), free(lc0), free(ld), free(lo);
+    free(lc), free(lc0), free(ld), free(lo), free(lg0);
     tuna_model_free(c);
     tuna_model_free(g);
 }

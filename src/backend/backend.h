@@ -318,6 +318,16 @@ struct tuna_backend_ops {
                   enum tuna_dtype adt);
     /* Steps of at least this many tokens take the 16-bit ops (fewer: the float32 ops' GEMV path). */
     int64_t (*act16_min_t)(tuna_backend *be);
+    /* Optional (NULL: layers with adapters take the float32 ops): lora_matmul on the 16-bit path:
+     * x [T, K] in adt, ys[i] in ydt: adt (ys[i] = x W_i^T + LoRA_i rounded once; acc false, no
+     * bias) or F32 (with acc: ys[i] += x W_i^T + bias_i + LoRA_i: o/down into the residual
+     * stream). The LoRA term as lora_matmul makes it (rank-r activations rounded to adt). Returns
+     * false, having done nothing, when the backend declines the call (TUNA_LORA_DENSE=0 on CUDA). n = 0: a
+     * query, nothing done: whether the backend takes such calls for a step of T tokens in adt. */
+    bool (*lora_matmul16)(tuna_backend *be, int n, void *const *ys, enum tuna_dtype ydt, const void *x,
+                          enum tuna_dtype adt, const struct tuna_weight *const *ws, const float *const *biases,
+                          int64_t T, const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok,
+                          bool acc);
 };
 
 #endif

@@ -241,6 +241,54 @@ static void lora_begin(struct tuna_model *m, int n, const struct tuna_linear *co
     m->ops->lora_begin(m->be, n, Ns, x, T, lins[0]->w.cols, sets, &m->ws->lt, glu_out, act);
 }
 
+/* TUNA_LORA_DENSE=0: layers with adapters take the float32 ops and the segmented kernels (the
+ * CUDA backend then declines lora_matmul too); read at every call: tests switch it. */
+static bool lora_dense_env_on(void)
+{
+    const char *e = getenv("TUNA_LORA_DENSE");
+    return !(e && e[0] == '0');
+}
+
+/* lora_matmul16 over n <= 3 linears of one 16-bit input x (adt): ys in ydt (see backend.h). */
+static bool lora_matmul16(struct tuna_model *m, int n, const struct tuna_linear *const *lins, void *const *ys,
+                          enum tuna_dtype ydt, const void *x, enum tuna_dtype adt, int64_t T, bool acc)
+{
+    const struct tuna_lora_bank *sets[3] = {NULL, NULL, NULL};
+    const struct tuna_weight *ws[3];
+    const float *bs[3];
+    for (int i = 0; i < n; i++) {
+        ws[i] = &lins[i]->w;
+        bs[i] = lins[i]->bias;
+        if (!lora_on(m, lins[i])) continue;
+        sets[i] = tuna_model_lora_on_device(m, lins[i]);
+        if (!sets[i]) return true; /* the upload failed: the backend's sticky error reports it */
+    }
+    return m->ops->lora_matmul16(m->be, n, ys, ydt, x, adt, ws, bs, T, sets, &m->ws->lt, acc);
+}
+
+/* Whether a layer whose linears carry adapters used this step can take the 16-bit path: the
+ * backend's lora_matmul16 takes steps of T tokens (its n = 0 query), the adapters' views are in
+ * adt and q/k/v/gate/up have no bias. */
+static bool lora16_ok(struct tuna_model *m, const struct tuna_layer *L, int64_t T, enum tuna_dtype adt)
+{
+    const struct tuna_backend_ops *op = m->ops;
+    if (!lora_dense_env_on() || !op->lora_matmul16 || op->host_memory ||
+        !op->lora_matmul16(m->be, 0, NULL, adt, NULL, adt, NULL, NULL, T, NULL, NULL, false))
+        return false;
+    const struct tuna_linear *const lins[7] = {&L->q, &L->k, &L->v, &L->gate, &L->up, &L->o, &L->down};
+    bool on_qkv = false, on_gu = false, bias_qkv = false, bias_gu = false;
+    for (int i = 0; i < 7; i++) {
+        if (i < 3) bias_qkv = bias_qkv || lins[i]->bias;
+        else if (i < 5) bias_gu = bias_gu || lins[i]->bias;
+        if (!lora_on(m, lins[i])) continue;
+        if (i < 3) on_qkv = true;
+        else if (i < 5) on_gu = true;
+        const struct tuna_lora_bank *v = tuna_model_lora_on_device(m, lins[i]);
+        if (!v || v->dtype != adt) return false;
+    }
+    return !(on_qkv && bias_qkv) && !(on_gu && bias_gu); /* 16-bit outputs with a bias: declined */
+}
+
 /* The projections of lins and their adapters in one backend op (backend.h lora_matmul): ys[i] =
  * (acc: +=) x W_i^T + b_i + each token's adapter of lins[i]. False when the backend has no such
  * op or declines the call: the caller composes the plain ops. */
@@ -476,6 +524,7 @@ static uint64_t graph_key(const struct tuna_model *m, tuna_kv_cache *kv, const s
     h = mix_key(h, (uint64_t)act16_env_on()); /* which ops the layers run */
     /* LoRA: whether the step runs the adapters, and which set (its device views) it reads */
     h = mix_key(h, (uint64_t)ws->lora_used);
+    if (ws->lora_used) h = mix_key(h, (uint64_t)lora_dense_env_on()); /* dense or segmented LoRA */
     if (ws->lora_used) h = mix_key(h, tuna_model_lora_generation(m) + 1);
     for (int64_t l = 0; l < m->arch.n_layers; l++) {
         h = mix_key(h, (uint64_t)(uintptr_t)tuna_kv_k(kv, l));
@@ -500,8 +549,13 @@ static enum tuna_dtype act16_type(const struct tuna_model *m, const struct tuna_
     const enum tuna_dtype dt = L->q.w.dtype;
     if (dt != TUNA_DTYPE_BF16 && dt != TUNA_DTYPE_F16) return TUNA_DTYPE_INVALID;
     const struct tuna_linear *const lins[7] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
-    for (int i = 0; i < 7; i++)
-        if (lins[i]->w.dtype != dt || lora_on(m, lins[i])) return TUNA_DTYPE_INVALID;
+    bool lora = false;
+    for (int i = 0; i < 7; i++) {
+        if (lins[i]->w.dtype != dt) return TUNA_DTYPE_INVALID;
+        lora = lora || lora_on(m, lins[i]);
+    }
+    /* adapters: the dense form on 16-bit activations (lora_matmul16) where the backend takes it */
+    if (lora && !lora16_ok((struct tuna_model *)m, L, T, dt)) return TUNA_DTYPE_INVALID;
     return dt;
 }
 
@@ -519,19 +573,29 @@ static tuna_status layer_act16(struct tuna_model *m, const struct tuna_layer *L,
     const float eps = (float)a->norm_eps, scale = (float)(1.0 / sqrt((double)D));
     const enum tuna_dtype F32 = TUNA_DTYPE_F32;
     op->rmsnorm16(be, A->xn_attn, x, L->attn_norm, T, C, eps, adt);
-    bool ok = op->matmul16(be, A->q, adt, A->xn_attn, adt, &L->q.w, L->q.bias, T, false) &&
-              op->matmul16(be, A->k, adt, A->xn_attn, adt, &L->k.w, L->k.bias, T, false) &&
-              op->matmul16(be, A->v, adt, A->xn_attn, adt, &L->v.w, L->v.bias, T, false);
+    const struct tuna_linear *const qkv[3] = {&L->q, &L->k, &L->v}, *const gu[2] = {&L->gate, &L->up};
+    const struct tuna_linear *const o1[1] = {&L->o}, *const d1[1] = {&L->down};
+    void *const yqkv[3] = {A->q, A->k, A->v}, *const ygu[2] = {A->gate, A->up}, *const yx[1] = {x};
+    bool ok = lora_on(m, &L->q) || lora_on(m, &L->k) || lora_on(m, &L->v)
+                  ? lora_matmul16(m, 3, qkv, yqkv, adt, A->xn_attn, adt, T, false)
+                  : op->matmul16(be, A->q, adt, A->xn_attn, adt, &L->q.w, L->q.bias, T, false) &&
+                        op->matmul16(be, A->k, adt, A->xn_attn, adt, &L->k.w, L->k.bias, T, false) &&
+                        op->matmul16(be, A->v, adt, A->xn_attn, adt, &L->v.w, L->v.bias, T, false);
     if (!ok) return tuna_fail(TUNA_E_INTERNAL, "forward: the backend declined a 16-bit q/k/v projection");
     op->rope_kv_store16(be, A->q, A->k, A->v, adt, L->q_norm, L->k_norm, eps, kc, vc, kvdt, md->pos, md->slot, T, H, Hkv,
                         D, m->rot_dim, md->inv_freq, m->attn_factor);
     op->attention16(be, A->att, A->q, adt, kc, vc, kvdt, md->ab, H, Hkv, D, scale);
-    ok = op->matmul16(be, x, F32, A->att, adt, &L->o.w, L->o.bias, T, true); /* x += att W_o^T */
+    ok = lora_on(m, &L->o) ? lora_matmul16(m, 1, o1, yx, F32, A->att, adt, T, true)
+                           : op->matmul16(be, x, F32, A->att, adt, &L->o.w, L->o.bias, T, true); /* x += att W_o^T */
     op->rmsnorm16(be, A->xn_mlp, x, L->mlp_norm, T, C, eps, adt);
-    ok = ok && op->matmul16(be, A->gate, adt, A->xn_mlp, adt, &L->gate.w, L->gate.bias, T, false) &&
-         op->matmul16(be, A->up, adt, A->xn_mlp, adt, &L->up.w, L->up.bias, T, false);
+    ok = ok && (lora_on(m, &L->gate) || lora_on(m, &L->up)
+                    ? lora_matmul16(m, 2, gu, ygu, adt, A->xn_mlp, adt, T, false)
+                    : op->matmul16(be, A->gate, adt, A->xn_mlp, adt, &L->gate.w, L->gate.bias, T, false) &&
+                          op->matmul16(be, A->up, adt, A->xn_mlp, adt, &L->up.w, L->up.bias, T, false));
     op->glu16(be, A->gate, A->gate, A->up, T * I, (int)a->act, adt);
-    ok = ok && op->matmul16(be, x, F32, A->gate, adt, &L->down.w, L->down.bias, T, true); /* x += act W_down^T */
+    ok = ok && (lora_on(m, &L->down) ? lora_matmul16(m, 1, d1, yx, F32, A->gate, adt, T, true)
+                                     : op->matmul16(be, x, F32, A->gate, adt, &L->down.w, L->down.bias, T,
+                                                    true)); /* x += act W_down^T */
     return ok ? TUNA_OK : tuna_fail(TUNA_E_INTERNAL, "forward: the backend declined a 16-bit projection");
 }
 

@@ -152,6 +152,10 @@ void tuna_cuda_lora_free(tuna_backend *be); /* the second stream and its events 
 bool tuna_cuda_lora_matmul(tuna_backend *be, int n, float *const *ys, const float *x, const struct tuna_weight *const *ws,
                            const float *const *biases, int64_t T, const struct tuna_lora_bank *const *sets,
                            const struct tuna_lora_tokens *tok, bool acc);
+bool tuna_cuda_lora_matmul16(tuna_backend *be, int n, void *const *ys, enum tuna_dtype ydt, const void *x,
+                             enum tuna_dtype adt, const struct tuna_weight *const *ws, const float *const *biases,
+                             int64_t T, const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok,
+                             bool acc);
 tuna_status tuna_cuda_argmax(tuna_backend *be, int32_t *out, const float *logits, int64_t T, int64_t V);
 
 /* Optional fused ops (fused.cu), backend.h's matmul_multi / matmul_glu / matmul_add. */

@@ -31,6 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend/cuda/act16.h"
 #include "backend/cuda/cuda_internal.h"
 #include "backend/cuda/mma.cuh"
 
@@ -1262,15 +1263,20 @@ static bool dense_on(void)
     return !(e && e[0] == '0');
 }
 
-bool tuna_cuda_lora_matmul(tuna_backend *be, int n, float *const *ys, const float *x, const struct tuna_weight *const *ws,
-                           const float *const *biases, int64_t T, const struct tuna_lora_bank *const *sets,
-                           const struct tuna_lora_tokens *tok, bool acc)
+/* The dense call of lora_matmul (x32: float32 x, rounded here; ydt F32) and lora_matmul16 (x32
+ * NULL: x16 already in D; ydt F32 with acc, or D). */
+static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype ydt, const float *x32, const void *x16,
+                       enum tuna_dtype D, const struct tuna_weight *const *ws, const float *const *biases, int64_t T,
+                       const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok, bool acc)
 {
+    if (n == 0) /* lora_matmul16's query: whether calls for steps of T tokens are taken */
+        return dense_on() && be->cc_major >= 8 && T > tuna_cuda_gemv_max_t16() && T <= INT32_MAX / 2 &&
+               (D == TUNA_DTYPE_BF16 || D == TUNA_DTYPE_F16);
     if (!dense_on() || n < 1 || n > 3 || T <= 0 || T > INT32_MAX / 2 || be->cc_major < 8 || !tok || !tok->adapter)
         return false;
     if (T <= tuna_cuda_gemv_max_t16()) return false; /* decode of 1-2 tokens: the GEMV + lora op */
-    const enum tuna_dtype D = ws[0]->dtype;
     if (D != TUNA_DTYPE_BF16 && D != TUNA_DTYPE_F16) return false;
+    if (ydt != TUNA_DTYPE_F32 && (ydt != D || acc)) return false;
     const int64_t K = ws[0]->cols;
     dense_job d;
     memset(&d, 0, sizeof d);
@@ -1278,6 +1284,7 @@ bool tuna_cuda_lora_matmul(tuna_backend *be, int n, float *const *ys, const floa
     int64_t RU = 0;
     for (int i = 0; i < n; i++) {
         if (ws[i]->dtype != D || ws[i]->cols != K) return false;
+        if (ydt != TUNA_DTYPE_F32 && biases && biases[i]) return false;
         const struct tuna_lora_bank *s = sets[i];
         d.l[i].off = (int)RU;
         if (!s || s->n <= 0 || s->max_r <= 0) continue;
@@ -1305,10 +1312,12 @@ bool tuna_cuda_lora_matmul(tuna_backend *be, int n, float *const *ys, const floa
     char *hm = base + head + hb;
     be->lora_next.x = NULL; /* no lora call follows that could use a GLU call's u */
     const int dt = D == TUNA_DTYPE_BF16 ? 1 : 2;
-    /* x in 16 bits once: the shrinks and the projections' GEMMs read it */
-    if (!tuna_cuda_to_half(be, x, T * K, dt, true)) return true;
-    const void *xh = be->half.p;
-    const cudaDataType_t ct = dt == 1 ? CUDA_R_16BF : CUDA_R_16F;
+    const void *xh = x16;
+    if (x32) { /* x in 16 bits once: the shrinks and the projections' GEMMs read it */
+        if (!tuna_cuda_to_half(be, x32, T * K, dt, true)) return true;
+        xh = be->half.p;
+    }
+    const cudaDataType_t ct = dt == 1 ? CUDA_R_16BF : CUDA_R_16F, yt = ydt == TUNA_DTYPE_F32 ? CUDA_R_32F : ct;
     const float one = 1.0f, zero = 0.0f;
     /* the shrinks: linears whose A_all lie back to back (device.c groups q/k/v and gate/up) in one
      * GEMM, their h columns being back to back too */
@@ -1334,20 +1343,47 @@ bool tuna_cuda_lora_matmul(tuna_backend *be, int n, float *const *ys, const floa
     if (!tuna_cuda_check_launch(be, "k_lora_mask")) return true;
     for (int i = 0; i < n && !be->sticky; i++) {
         const float *bias = biases ? biases[i] : NULL;
-        if (!d.l[i].w) { /* a linear without adapters: its projection alone */
-            if (!acc) tuna_cuda_matmul(be, ys[i], x, ws[i], bias, T);
-            else (void)tuna_cuda_matmul_onto(be, ys[i], x, ws[i], bias, T);
-            continue;
-        }
-        const int M = d.l[i].n * d.l[i].rs;
         const int64_t N = ws[i]->rows;
-        tuna_cuda_check_blas(be,
-                             cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)T, M, &one, sets[i]->B_all, ct,
-                                          M, hm + (size_t)d.l[i].off * 2, ct, (int)RU, acc ? &one : &zero, ys[i],
-                                          CUDA_R_32F, (int)N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                             "cublasGemmEx(LoRA expand, all slots)");
-        (void)tuna_cuda_matmul_onto(be, ys[i], x, ws[i], bias, T); /* the projection onto the LoRA term */
+        if (d.l[i].w) { /* the LoRA term over the slots (beta 0, or 1 onto the residual stream) */
+            const int M = d.l[i].n * d.l[i].rs;
+            tuna_cuda_check_blas(be,
+                                 cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)T, M, &one, sets[i]->B_all,
+                                              ct, M, hm + (size_t)d.l[i].off * 2, ct, (int)RU, acc ? &one : &zero, ys[i],
+                                              yt, (int)N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                                 "cublasGemmEx(LoRA expand, all slots)");
+        }
+        const bool onto = acc || d.l[i].w != NULL; /* the projection onto y (beta 1) or into it */
+        if (x32) {
+            if (onto) (void)tuna_cuda_matmul_onto(be, (float *)ys[i], x32, ws[i], bias, T);
+            else tuna_cuda_matmul(be, (float *)ys[i], x32, ws[i], bias, T);
+        } else if (ydt == TUNA_DTYPE_F32) {
+            (void)tuna_cuda_matmul16(be, ys[i], ydt, x16, D, ws[i], bias, T, onto);
+        } else { /* 16-bit y (no bias): cuBLAS rounds x W^T + the LoRA term once */
+            tuna_cuda_check_blas(be,
+                                 cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)T, (int)K, &one,
+                                              ws[i]->data, ct, (int)K, x16, ct, (int)K, onto ? &one : &zero, ys[i], ct,
+                                              (int)N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                                 "cublasGemmEx(16-bit projection onto its LoRA term)");
+        }
     }
-    be->half_of = NULL;
+    if (x32) be->half_of = NULL;
     return true;
+}
+
+bool tuna_cuda_lora_matmul(tuna_backend *be, int n, float *const *ys, const float *x, const struct tuna_weight *const *ws,
+                           const float *const *biases, int64_t T, const struct tuna_lora_bank *const *sets,
+                           const struct tuna_lora_tokens *tok, bool acc)
+{
+    void *yv[3] = {NULL, NULL, NULL};
+    for (int i = 0; i < n && i < 3; i++) yv[i] = ys[i];
+    return dense_call(be, n, yv, TUNA_DTYPE_F32, x, NULL, n > 0 ? ws[0]->dtype : TUNA_DTYPE_INVALID, ws, biases, T,
+                      sets, tok, acc);
+}
+
+bool tuna_cuda_lora_matmul16(tuna_backend *be, int n, void *const *ys, enum tuna_dtype ydt, const void *x,
+                             enum tuna_dtype adt, const struct tuna_weight *const *ws, const float *const *biases,
+                             int64_t T, const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok,
+                             bool acc)
+{
+    return dense_call(be, n, ys, ydt, NULL, x, adt, ws, biases, T, sets, tok, acc);
 }
