@@ -1,5 +1,7 @@
 /* q4_stream.cu — k_q4_s: the batch-1 4-bit decode GEMV fed through shared memory by the bulk
- * copy engine (seventh session; TUNA_Q4_K=5, sm_90+).
+ * copy engine (seventh session; TUNA_Q4_K=5, sm_90+; opt-in: measured SLOWER than k_q4_h2 on the
+ * H100, 150 against 77 us per layer of GEMVs, 5.65 against 3.35 ms per 8B step; docs/PERFORMANCE.md
+ * says what was measured and what to try next).
  *
  * What bounded k_q4_h2 (sixth session's ncu): the warps waited for their own loads (long
  * scoreboard the top stall, DRAM 26-48% busy): each warp could keep only D steps of 16 bytes per
@@ -23,10 +25,11 @@
  *   byte -> half2 table are read from shared memory; the products are k_q4_h2's (q4h_dot: prmt +
  *   table load + HFMA2 per two weights, f16 sums of 16 products, float32 acc += absmax * sum):
  *   ~2 instructions per weight, no address bookkeeping per step;
- * - the warps form NG row groups; group g takes items g, g + NG, ... of each tile (an item: two
- *   rows, or gate and up of one output); a warp's sums are reduced by shuffles and left in shared
- *   memory, and the last warp to finish a tile (a counter per stage) adds the groups' partial sums
- *   in warp order and stores: fixed order, deterministic;
+ * - items (two rows, or gate and up of one output) go to NG row groups in turn across tiles. At
+ *   K <= 4096 each warp is its own group ("solo": the whole K, 4 chunks per lane, lane 0 stores);
+ *   above, groups of several warps split K, a warp's sums are reduced by shuffles and left in
+ *   shared memory, and the last warp to finish a tile (a counter per stage) adds the groups'
+ *   partial sums in warp order and stores: fixed order, deterministic;
  * - blocks are persistent (one per SM) and each takes a contiguous, balanced range of rows
  *   (outputs for the GLU), split into tiles at matrix boundaries: q/k/v and o (4096-6144 rows)
  *   fill all SMs as well as gate/up.
