@@ -249,6 +249,21 @@ static bool lora_dense_env_on(void)
     return !(e && e[0] == '0');
 }
 
+/* The weights, biases and (when used this step) device adapter banks of n <= 3 linears, for the
+ * lora_matmul ops. False when an adapter's upload failed (the backend's sticky error reports it). */
+static bool lora_group(struct tuna_model *m, int n, const struct tuna_linear *const *lins,
+                       const struct tuna_weight **ws, const float **bs, const struct tuna_lora_bank **sets)
+{
+    for (int i = 0; i < n; i++) {
+        ws[i] = &lins[i]->w;
+        bs[i] = lins[i]->bias;
+        const bool on = lora_on(m, lins[i]);
+        sets[i] = on ? tuna_model_lora_on_device(m, lins[i]) : NULL;
+        if (on && !sets[i]) return false;
+    }
+    return true;
+}
+
 /* lora_matmul16 over n <= 3 linears of one 16-bit input x (adt): ys in ydt (see backend.h). */
 static bool lora_matmul16(struct tuna_model *m, int n, const struct tuna_linear *const *lins, void *const *ys,
                           enum tuna_dtype ydt, const void *x, enum tuna_dtype adt, int64_t T, bool acc)
@@ -256,13 +271,7 @@ static bool lora_matmul16(struct tuna_model *m, int n, const struct tuna_linear 
     const struct tuna_lora_bank *sets[3] = {NULL, NULL, NULL};
     const struct tuna_weight *ws[3];
     const float *bs[3];
-    for (int i = 0; i < n; i++) {
-        ws[i] = &lins[i]->w;
-        bs[i] = lins[i]->bias;
-        if (!lora_on(m, lins[i])) continue;
-        sets[i] = tuna_model_lora_on_device(m, lins[i]);
-        if (!sets[i]) return true; /* the upload failed: the backend's sticky error reports it */
-    }
+    if (!lora_group(m, n, lins, ws, bs, sets)) return true;
     return m->ops->lora_matmul16(m->be, n, ys, ydt, x, adt, ws, bs, T, sets, &m->ws->lt, acc);
 }
 
@@ -299,13 +308,7 @@ static bool lora_matmul(struct tuna_model *m, int n, const struct tuna_linear *c
     const struct tuna_lora_bank *sets[3] = {NULL, NULL, NULL};
     const struct tuna_weight *ws[3];
     const float *bs[3];
-    for (int i = 0; i < n; i++) {
-        ws[i] = &lins[i]->w;
-        bs[i] = lins[i]->bias;
-        if (!lora_on(m, lins[i])) continue;
-        sets[i] = tuna_model_lora_on_device(m, lins[i]);
-        if (!sets[i]) return true; /* the upload failed: the backend's sticky error reports it */
-    }
+    if (!lora_group(m, n, lins, ws, bs, sets)) return true;
     return m->ops->lora_matmul(m->be, n, ys, x, ws, bs, T, sets, &m->ws->lt, acc);
 }
 
