@@ -287,4 +287,27 @@ bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, co
 bool tuna_cuda_q4_stream(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
                          const struct q4_lut *lut, int blocksize, int64_t T);
 
+/* One row's f16 sum over a lane's 32 weights (word p of the codes against x piece p), in float32:
+ * tab[(byte << 8) | lane * 4] holds the half2 of the byte's two nibbles (the byte -> half2 table of
+ * k_q4_h2 in q4.cu and k_q4_s in q4_stream.cu). */
+static __device__ __forceinline__ float q4h_dot(const uint8_t *tab, uint4 c, const uint4 (&xv)[4], uint32_t lane_off)
+{
+    __half2 d0 = __float2half2_rn(0.0f), d1 = d0;
+#pragma unroll
+    for (int p = 0; p < 4; p++) {
+        const uint32_t w = p == 0 ? c.x : p == 1 ? c.y : p == 2 ? c.z : c.w;
+        const uint32_t xw[4] = {xv[p].x, xv[p].y, xv[p].z, xv[p].w};
+#pragma unroll
+        for (int b = 0; b < 4; b++) {
+            const uint32_t off = __byte_perm(w, lane_off, 0x5504u | ((uint32_t)b << 4));
+            const __half2 t = *reinterpret_cast<const __half2 *>(tab + off);
+            const __half2 xh = *reinterpret_cast<const __half2 *>(&xw[b]);
+            if (p < 2) d0 = __hfma2(t, xh, d0);
+            else d1 = __hfma2(t, xh, d1);
+        }
+    }
+    const __half2 d = __hadd2(d0, d1);
+    return __low2float(d) + __high2float(d);
+}
+
 #endif

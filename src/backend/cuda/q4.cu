@@ -1453,27 +1453,6 @@ static __device__ __forceinline__ float q4h_stage_x(uint8_t *xs, const float *x,
     return inv;
 }
 
-/* One row's f16 sum over a lane's 32 weights (word p of the codes against x piece p), in float32. */
-static __device__ __forceinline__ float q4h_dot(const uint8_t *tab, uint4 c, const uint4 (&xv)[4], uint32_t lane_off)
-{
-    __half2 d0 = __float2half2_rn(0.0f), d1 = d0;
-#pragma unroll
-    for (int p = 0; p < 4; p++) {
-        const uint32_t w = p == 0 ? c.x : p == 1 ? c.y : p == 2 ? c.z : c.w;
-        const uint32_t xw[4] = {xv[p].x, xv[p].y, xv[p].z, xv[p].w};
-#pragma unroll
-        for (int b = 0; b < 4; b++) {
-            const uint32_t off = __byte_perm(w, lane_off, 0x5504u | ((uint32_t)b << 4));
-            const __half2 t = *reinterpret_cast<const __half2 *>(tab + off);
-            const __half2 xh = *reinterpret_cast<const __half2 *>(&xw[b]);
-            if (p < 2) d0 = __hfma2(t, xh, d0);
-            else d1 = __hfma2(t, xh, d1);
-        }
-    }
-    const __half2 d = __hadd2(d0, d1);
-    return __low2float(d) + __high2float(d);
-}
-
 template <bool NORM, int D>
 __global__ void __launch_bounds__(Q4H_THREADS, 1)
     k_q4_h2(const float *__restrict__ x, const __grid_constant__ struct gemv_job j, const struct q4_lut lut_in,

@@ -148,28 +148,6 @@ static __device__ __forceinline__ void q4s_tile(const struct gemv_job &j, int64_
     *nr = (int)n;
 }
 
-/* One row's f16 sum over a lane's 32 weights (word p of the codes against x piece p), in float32
- * (k_q4_h2's q4h_dot: tab[(byte << 8) | lane * 4] holds the half2 of the byte's two nibbles). */
-static __device__ __forceinline__ float q4s_dot(const uint8_t *tab, uint4 c, const uint4 (&xv)[4], uint32_t lane_off)
-{
-    __half2 d0 = __float2half2_rn(0.0f), d1 = d0;
-#pragma unroll
-    for (int p = 0; p < 4; p++) {
-        const uint32_t w = p == 0 ? c.x : p == 1 ? c.y : p == 2 ? c.z : c.w;
-        const uint32_t xw[4] = {xv[p].x, xv[p].y, xv[p].z, xv[p].w};
-#pragma unroll
-        for (int b = 0; b < 4; b++) {
-            const uint32_t off = __byte_perm(w, lane_off, 0x5504u | ((uint32_t)b << 4));
-            const __half2 t = *reinterpret_cast<const __half2 *>(tab + off);
-            const __half2 xh = *reinterpret_cast<const __half2 *>(&xw[b]);
-            if (p < 2) d0 = __hfma2(t, xh, d0);
-            else d1 = __hfma2(t, xh, d1);
-        }
-    }
-    const __half2 d = __hadd2(d0, d1);
-    return __low2float(d) + __high2float(d);
-}
-
 /* The global values the store of item i of a tile needs (y when adding, the biases), loaded early
  * so that their latency hides behind the item's arithmetic; nothing when !on. */
 static __device__ __forceinline__ void q4s_preload(const struct gemv_job &j, bool glu, int seg, int64_t n0, int nr,
@@ -430,7 +408,7 @@ __global__ void __launch_bounds__((Q4S_WMAX + 1) * 32, 1)
 #pragma unroll
                     for (int q = 0; q < 2; q++) {
                         const uint4 cw = *reinterpret_cast<const uint4 *>(cp[q] + (size_t)c * 16);
-                        d[q] = q4s_dot(tab, cw, xr[k], lane_off);
+                        d[q] = q4h_dot(tab, cw, xr[k], lane_off);
                         if (P.nested) {
                             const uint32_t qc = sp[q][blk];
                             const float na = __ldg(nabs[q] + ((erow[q] + blk) >> j.s[0].sc.nshift));
