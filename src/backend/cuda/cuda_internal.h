@@ -222,6 +222,24 @@ __device__ __forceinline__ float tuna_cuda_act(float x, int act)
     return x / (1.0f + expf(-x));
 }
 
+/* RMSNorm's 1 / sqrt(mean(x^2) + eps) over a row that one block holds: s is this thread's part of
+ * the sum of squares of n values; red is __shared__ scratch of 32 floats. Warp sums, then the first
+ * warp sums the warps' (a fixed order: the same bits on every run). Every thread of the block must
+ * call it; every thread gets the result. */
+__device__ __forceinline__ float tuna_cuda_rms_inv(float s, int64_t n, float eps, float *red)
+{
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = s;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < (blockDim.x >> 5) ? red[threadIdx.x] : 0.0f;
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (threadIdx.x == 0) red[0] = v;
+    }
+    __syncthreads();
+    return 1.0f / sqrtf(red[0] / (float)n + eps);
+}
+
 static inline unsigned tuna_cuda_blocks(int64_t n, int threads)
 {
     return (unsigned)((n + threads - 1) / threads);

@@ -9,16 +9,7 @@ __global__ void k_rmsnorm(float *y, const float *x, const float *w, int64_t C, f
     float *yr = y + (int64_t)blockIdx.x * C;
     float s = 0.0f;
     for (int64_t i = threadIdx.x; i < C; i += blockDim.x) s += xr[i] * xr[i];
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = s;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        float v = threadIdx.x < (blockDim.x >> 5) ? red[threadIdx.x] : 0.0f;
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (threadIdx.x == 0) red[0] = v;
-    }
-    __syncthreads();
-    float r = 1.0f / sqrtf(red[0] / (float)C + eps);
+    const float r = tuna_cuda_rms_inv(s, C, eps, red);
     for (int64_t i = threadIdx.x; i < C; i += blockDim.x) yr[i] = xr[i] * r * w[i];
 }
 

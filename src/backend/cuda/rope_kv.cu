@@ -38,16 +38,7 @@ __global__ void k_rope_kv(void *q, void *k, const void *v, int io, const float *
         s += xv * xv;
     }
     if (nw) { /* norm.cu's k_rmsnorm over the head */
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = s;
-        __syncthreads();
-        if (threadIdx.x < 32) {
-            float a = threadIdx.x < (blockDim.x >> 5) ? red[threadIdx.x] : 0.0f;
-            for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
-            if (threadIdx.x == 0) red[0] = a;
-        }
-        __syncthreads();
-        const float r = 1.0f / sqrtf(red[0] / (float)D + eps);
+        const float r = tuna_cuda_rms_inv(s, D, eps, red);
         for (int64_t d = threadIdx.x; d < D; d += blockDim.x) sh[d] = sh[d] * r * nw[d];
     }
     __syncthreads();
