@@ -500,6 +500,49 @@ static float *round16(const float *want, size_t n, enum tuna_dtype hdt)
     return f;
 }
 
+/* The CPU reference of a 16-bit LoRA backward (double sums over the rounded operands): u = dy B
+ * [T, R] (a new array) ... */
+static float *lora_u_ref(int64_t T, int64_t N, int64_t R, const float *dyr, const float *Br)
+{
+    float *u = malloc((size_t)(T * R) * 4);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t j = 0; j < R; j++) {
+            double a = 0;
+            for (int64_t n = 0; n < N; n++)
+                a += (double)dyr[t * N + n] * Br[n * R + j];
+            u[t * R + j] = (float)a;
+        }
+    return u;
+}
+
+/* ... then dx += u16 (s A)16, dA += s u^T x, dB += s dy^T h16 (dx [T, K], dA [R, K], dB [N, R]). */
+static void lora_grads_ref(int64_t T, int64_t N, int64_t K, int64_t R, float sc, const float *dyr, const float *u,
+                           const float *ur, const float *sAr, const float *xf, const float *hr, float *dx, float *dA,
+                           float *dB)
+{
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t k = 0; k < K; k++) {
+            double a = 0;
+            for (int64_t j = 0; j < R; j++)
+                a += (double)ur[t * R + j] * sAr[j * K + k];
+            dx[t * K + k] += (float)a;
+        }
+    for (int64_t j = 0; j < R; j++)
+        for (int64_t k = 0; k < K; k++) {
+            double a = 0;
+            for (int64_t t = 0; t < T; t++)
+                a += (double)u[t * R + j] * xf[t * K + k];
+            dA[j * K + k] += (float)(sc * a);
+        }
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t j = 0; j < R; j++) {
+            double a = 0;
+            for (int64_t t = 0; t < T; t++)
+                a += (double)dyr[t * N + n] * hr[t * R + j];
+            dB[n * R + j] += (float)(sc * a);
+        }
+}
+
 /* the 16-bit operand path: GEMMs on operands rounded by their producer (bf16, f16, NF4 with bf16
  * compute, the trainer's dequantization) against the CPU on the same rounded operands, and every
  * producer's float32 result against its CPU op, its 16-bit result against that rounded */
@@ -629,14 +672,7 @@ static void test_half_ops(void **state)
                 sA[i] = sc * A[i];
             float *sAr = round16(sA, (size_t)(R * K), hdt), *Br = round16(B, (size_t)(N * R), hdt);
             float *hr = round16(h, (size_t)(T * R), hdt);
-            float *u = malloc((size_t)(T * R) * 4);
-            for (int64_t t = 0; t < T; t++)
-                for (int64_t j = 0; j < R; j++) {
-                    double a = 0;
-                    for (int64_t n = 0; n < N; n++)
-                        a += (double)dyr[t * N + n] * Br[n * R + j];
-                    u[t * R + j] = (float)a;
-                }
+            float *u = lora_u_ref(T, N, R, dyr, Br);
             float *ur = round16(u, (size_t)(T * R), hdt);
             uint16_t *dyp = calloc((size_t)(T * ld), 2);
             for (int64_t t = 0; t < T; t++)
@@ -652,27 +688,7 @@ static void test_half_ops(void **state)
                 if (!acc) memset(dx, 0, (size_t)(T * K) * 4), memset(dxp, 0, (size_t)(T * K) * 4);
                 g_ct->matmul_backward(g_cpu, dx, dyr, &wc, T);
                 g_ct->matmul_backward(g_cpu, dxp, dyr, &wc, T);
-                for (int64_t t = 0; t < T; t++)
-                    for (int64_t k = 0; k < K; k++) {
-                        double a = 0;
-                        for (int64_t j = 0; j < R; j++)
-                            a += (double)ur[t * R + j] * sAr[j * K + k];
-                        dx[t * K + k] += (float)a;
-                    }
-                for (int64_t j = 0; j < R; j++)
-                    for (int64_t k = 0; k < K; k++) {
-                        double a = 0;
-                        for (int64_t t = 0; t < T; t++)
-                            a += (double)u[t * R + j] * xf[t * K + k];
-                        dA[j * K + k] += (float)(sc * a);
-                    }
-                for (int64_t n = 0; n < N; n++)
-                    for (int64_t j = 0; j < R; j++) {
-                        double a = 0;
-                        for (int64_t t = 0; t < T; t++)
-                            a += (double)dyr[t * N + n] * hr[t * R + j];
-                        dB[n * R + j] += (float)(sc * a);
-                    }
+                lora_grads_ref(T, N, K, R, sc, dyr, u, ur, sAr, xf, hr, dx, dA, dB);
                 assert_true(g_gt->matmul_backward16_lora(g_gpu, gdxp, gdyp, ld, &wg, acc, NULL, NULL, NULL, NULL, NULL,
                                                          T));
                 assert_true(g_gt->matmul_backward16_lora(g_gpu, gdx, gdyp, ld, &wg, acc, &lg, gdA, gdB, gxf, gh, T));
@@ -724,36 +740,9 @@ static void test_half_ops(void **state)
                     for (int64_t e = 0; e < R * K; e++)
                         sA[e] = sc * Ai[i][e];
                     float *sAr = round16(sA, (size_t)(R * K), hdt), *Br = round16(Bi[i], (size_t)(N * R), hdt);
-                    float *hr = round16(hi[i], (size_t)(T * R), hdt), *u = malloc((size_t)(T * R) * 4);
-                    for (int64_t t = 0; t < T; t++)
-                        for (int64_t j = 0; j < R; j++) {
-                            double a = 0;
-                            for (int64_t n = 0; n < N; n++)
-                                a += (double)dyir[t * N + n] * Br[n * R + j];
-                            u[t * R + j] = (float)a;
-                        }
+                    float *hr = round16(hi[i], (size_t)(T * R), hdt), *u = lora_u_ref(T, N, R, dyir, Br);
                     float *ur = round16(u, (size_t)(T * R), hdt);
-                    for (int64_t t = 0; t < T; t++)
-                        for (int64_t k = 0; k < K; k++) {
-                            double a = 0;
-                            for (int64_t j = 0; j < R; j++)
-                                a += (double)ur[t * R + j] * sAr[j * K + k];
-                            dx[t * K + k] += (float)a;
-                        }
-                    for (int64_t j = 0; j < R; j++)
-                        for (int64_t k = 0; k < K; k++) {
-                            double a = 0;
-                            for (int64_t t = 0; t < T; t++)
-                                a += (double)u[t * R + j] * xf[t * K + k];
-                            dAi[i][j * K + k] += (float)(sc * a);
-                        }
-                    for (int64_t n = 0; n < N; n++)
-                        for (int64_t j = 0; j < R; j++) {
-                            double a = 0;
-                            for (int64_t t = 0; t < T; t++)
-                                a += (double)dyir[t * N + n] * hr[t * R + j];
-                            dBi[i][n * R + j] += (float)(sc * a);
-                        }
+                    lora_grads_ref(T, N, K, R, sc, dyir, u, ur, sAr, xf, hr, dx, dAi[i], dBi[i]);
                     free(sA), free(sAr), free(Br), free(hr), free(u), free(ur);
                 }
                 free(dyi), free(dyir);
