@@ -424,7 +424,11 @@ int cmd_bench(int argc, char **argv)
         printf("decode      batch %lld, %lld steps in %.3f s = %.1f tok/s (%.2f ms/step)\n", B, gen, decode_s,
                steps_s * (double)B, 1e3 / steps_s);
         printf("weights/s   %.2f GB/s during decode\n", wb * steps_s / 1e9);
-        if (!on_cpu) {
+        if (on_cpu) {
+            double bw = measure_bandwidth(threads);
+            printf("memory bw   %.2f GB/s streaming read, %d threads -> decode reaches %.0f%%\n", bw, threads,
+                   100.0 * wb * steps_s / 1e9 / bw);
+        } else {
             /* the ceilings of this GPU, measured now: the goals are fractions of them */
             const struct tuna_arch *a = &m->arch;
             const double gemm = bench_gemm_rate(m), copy = copy_rate(m);
@@ -439,11 +443,6 @@ int cmd_bench(int argc, char **argv)
                    "(weights + %.1f MB of KV) = %.1f GB/s = %.0f%%\n",
                    copy / 1e9, (wb + kvb) / 1e6, kvb / 1e6, (wb + kvb) * steps_s / 1e9,
                    copy > 0 ? 100.0 * (wb + kvb) * steps_s / copy : 0.0);
-        }
-        if (on_cpu) {
-            double bw = measure_bandwidth(threads);
-            printf("memory bw   %.2f GB/s streaming read, %d threads -> decode reaches %.0f%%\n", bw, threads,
-                   100.0 * wb * steps_s / 1e9 / bw);
         }
     }
     free(logits);
