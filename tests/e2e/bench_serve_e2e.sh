@@ -3,7 +3,8 @@
 # models/pymini (CPU, tiny numbers): offline and closed-loop runs with synthetic adapters report
 # every request completed and the exact token counts in --json; `--write-synthetic` writes a
 # folder (tiny Llama-3 shapes) whose tokenizer loads, which `tuna bench --serve` and `tuna generate`
-# run, and bench/serve_startup.sh answers on it (when curl is installed).
+# run, and bench/serve_startup.sh answers on it (when curl is installed); plain `tuna bench` runs
+# and prints its prefill and decode lines.
 set -u
 TUNA=$1 SRC=$2 WORK=$3
 rm -rf "$WORK" && mkdir -p "$WORK" || exit 1
@@ -31,6 +32,14 @@ has loras 2 "$WORK/online.json"
 has mode '"online"' "$WORK/online.json"
 
 "$TUNA" bench --serve "$SRC/models/pymini" --requests 0 >/dev/null 2>&1 && fail "--requests 0 accepted"
+
+# plain `tuna bench` (prefill and decode speed): its warm-up steps, timed prefill and greedy decode steps
+"$TUNA" bench --synthetic llama-3-tiny --device cpu --threads 1 --batch 3 --prompt-len 16 --gen 3 >"$WORK/speed.txt" ||
+  fail "tuna bench exited $?"
+cat "$WORK/speed.txt"
+grep -q '^prefill     3 x 16 tokens in ' "$WORK/speed.txt" || fail "tuna bench printed no prefill line"
+grep -q '^decode      batch 3, 3 steps in ' "$WORK/speed.txt" || fail "tuna bench printed no decode line"
+"$TUNA" bench --synthetic llama-3-tiny --gen 1 >/dev/null 2>&1 && fail "tuna bench --gen 1 accepted"
 
 M="$WORK/synth"
 "$TUNA" bench --synthetic llama-3-tiny --write-synthetic "$M" || fail "--write-synthetic exited $?"
