@@ -396,10 +396,39 @@ static void test_argmax(void **state)
             fail();
         }
     }
+    /* one row at a time: the decode path, each row cut into slices reduced by a second kernel */
+    for (int64_t t = 0; t < T; t++) {
+        int32_t one = -1;
+        TT_OK(g_gops->argmax(g_gpu, &one, dx + t * V, 1, V));
+        if (one != want[t]) {
+            print_error("argmax row %lld alone: GPU %d, CPU %d\n", (long long)t, one, want[t]);
+            fail();
+        }
+    }
     TT_OK(g_gops->argmax(g_gpu, got, dx, 1, 1)); /* V = 1 */
     assert_int_equal(got[0], 0);
     free(x);
     tuna_cuda_free(g_gpu, dx);
+    /* many narrow rows: one block per row */
+    const int64_t T2 = 300, V2 = 3001;
+    float *y = rnd((size_t)(T2 * V2));
+    for (int64_t t = 0; t < T2; t += 7) y[t * V2 + (t * 13) % V2] = 9.0f, y[t * V2 + (t * 31) % V2] = 9.0f;
+    int32_t *w2 = malloc((size_t)T2 * sizeof *w2), *g2 = malloc((size_t)T2 * sizeof *g2);
+    assert_non_null(w2);
+    assert_non_null(g2);
+    TT_OK(g_cops->argmax(g_cpu, w2, y, T2, V2));
+    float *dy = dev(y, (size_t)(T2 * V2) * 4);
+    TT_OK(g_gops->argmax(g_gpu, g2, dy, T2, V2));
+    for (int64_t t = 0; t < T2; t++) {
+        if (g2[t] != w2[t]) {
+            print_error("argmax row %lld of %lld: GPU %d, CPU %d\n", (long long)t, (long long)T2, g2[t], w2[t]);
+            fail();
+        }
+    }
+    free(y);
+    free(w2);
+    free(g2);
+    tuna_cuda_free(g_gpu, dy);
 }
 
 static void test_elementwise(void **state)

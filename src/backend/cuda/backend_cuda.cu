@@ -193,6 +193,7 @@ extern "C" void tuna_cuda_backend_free(tuna_backend *be)
     cudaFree(be->half.p);
     cudaFree(be->wdeq.p);
     cudaFree(be->argmax_ids.p);
+    cudaFree(be->argmax_part.p);
     cudaFree(be->attn.p);
     cudaFree(be->fuse.p);
     cudaFree(be->lora.p);
@@ -378,6 +379,7 @@ static const struct tuna_backend_ops k_cuda_ops = {
     tuna_cuda_glu16,
     tuna_cuda_act16_min_t,
     tuna_cuda_lora_matmul16,
+    tuna_cuda_lora_glu16,
 };
 
 extern "C" const struct tuna_backend_ops *tuna_cuda_backend_ops(void) { return &k_cuda_ops; }

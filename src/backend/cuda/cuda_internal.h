@@ -37,6 +37,7 @@ struct tuna_backend {
     int half_dt;                 /* tuna_cuda_to_half) */
     struct cuda_grow_buf wdeq;   /* a 4-bit weight dequantized for a prefill GEMM */
     struct cuda_grow_buf argmax_ids; /* [T] int32 greedy ids before their download (argmax.cu) */
+    struct cuda_grow_buf argmax_part; /* [T * nb] float bests, then [T * nb] int indices (argmax.cu, few rows) */
     struct cuda_grow_buf attn;   /* attention's split partials (attention.cu): sized once, never moves */
     struct cuda_grow_buf fuse;   /* scratch of the fused ops' unfused fallbacks (fused.cu) */
     struct cuda_grow_buf lora;   /* LoRA shrink partials [S, T, max_r] float32 (lora.cu) */
@@ -156,6 +157,9 @@ bool tuna_cuda_lora_matmul16(tuna_backend *be, int n, void *const *ys, enum tuna
                              enum tuna_dtype adt, const struct tuna_weight *const *ws, const float *const *biases,
                              int64_t T, const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok,
                              bool acc);
+bool tuna_cuda_lora_glu16(tuna_backend *be, void *out, void *gate, void *up, const void *x, enum tuna_dtype adt,
+                          const struct tuna_weight *wg, const struct tuna_weight *wu, int64_t T,
+                          const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok, int act);
 tuna_status tuna_cuda_argmax(tuna_backend *be, int32_t *out, const float *logits, int64_t T, int64_t V);
 
 /* Optional fused ops (fused.cu), backend.h's matmul_multi / matmul_glu / matmul_add. */
