@@ -655,7 +655,8 @@ static void q4s_run(const struct tuna_weight *const *ws, const struct tuna_weigh
     tuna_cuda_free(g_gpu, dxn);
 }
 
-/* The batch-1 stream kernel (q4_stream.cu k_q4_s, TUNA_Q4_K=5) and k_q4_h2 (TUNA_Q4_K=4) against
+/* The batch-1 stream kernel (q4_stream.cu k_q4_s, TUNA_Q4_K=5), k_q4_v (TUNA_Q4_K=6, eighth session)
+ * and k_q4_h2 (TUNA_Q4_K=4) against
  * the CPU at T = 1 (bf16 checkpoints: 16-bit compute): q/k/v (+ the norm), gate/up + GLU (+ the
  * norm), o into the residual. Shapes: row counts that are multiples of no tile, matrices that end
  * inside a block's range, several tiles per block so the stage ring wraps (3000 rows), K = 4096
@@ -716,8 +717,8 @@ static void test_q4_stream(void **state)
             g_cops->matmul(g_cpu, u, x, &w[1].c, w[1].bias, 1);
             g_cops->add(g_cpu, want[4], u, N[1]);
             free(u);
-            for (int km = 4; km <= 5; km++) {
-                setenv("TUNA_Q4_K", km == 4 ? "4" : "5", 1);
+            for (int km = 4; km <= 6; km++) {
+                setenv("TUNA_Q4_K", km == 4 ? "4" : km == 5 ? "5" : "6", 1);
                 float *got[5], *again[5], *other[5];
                 q4s_run(ws, &up.g, dbias, N, K, dx, dnw, y0, norm, got);
                 q4s_run(ws, &up.g, dbias, N, K, dx, dnw, y0, norm, again);

@@ -281,6 +281,11 @@ bool tuna_cuda_q4_old(void);
 bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
                         int64_t T);
 
+/* k_q4_v (q4_stream.cu; TUNA_Q4_K=6): the batch-1 4-bit GEMV as one balanced stream of units per
+ * warp (16-bit compute); false when the job does not fit it. j's scales and bs_shift set by the caller. */
+bool tuna_cuda_q4_lean(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
+                       const struct q4_lut *lut, int blocksize, int64_t T);
+
 /* k_q4_s (q4_stream.cu; TUNA_Q4_K=5): the batch-1 4-bit GEMV fed through shared memory by bulk
  * copies (sm_90+, 16-bit compute); false when the job does not fit it (the caller tries the next
  * kernel). j's scales (s[i].sc) and bs_shift set by the caller. */
@@ -308,6 +313,62 @@ static __device__ __forceinline__ float q4h_dot(const uint8_t *tab, uint4 c, con
     }
     const __half2 d = __hadd2(d0, d1);
     return __low2float(d) + __high2float(d);
+}
+
+/* x [K] into shared memory as f16 pairs scaled by s (see k_q4_h2 in q4.cu: |x * s| * lmax in
+ * [1024, 2048), red: 64 floats of shared scratch), 16-byte pieces at gemv_x_pos<true>;
+ * NORM: x * r * nw first (the CPU rmsnorm's formula; block 0 writes it to j.xn in float32).
+ * Returns 1/s. Ends with __syncthreads. */
+template <bool NORM>
+static __device__ __forceinline__ float q4h_stage_x(uint8_t *xs, const float *x, const struct gemv_job &j, float lmax,
+                                                    float *red)
+{
+    const int K4 = (int)(j.K / 4);
+    const float4 *x4 = reinterpret_cast<const float4 *>(x);
+    const float4 *n4 = reinterpret_cast<const float4 *>(j.nw);
+    float ss = 0.0f, m = 0.0f;
+    for (int f = threadIdx.x; f < K4; f += blockDim.x) {
+        const float4 a = x4[f];
+        if (NORM) {
+            ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+            const float4 w = __ldg(n4 + f);
+            m = fmaxf(m, fmaxf(fmaxf(fabsf(a.x * w.x), fabsf(a.y * w.y)), fmaxf(fabsf(a.z * w.z), fabsf(a.w * w.w))));
+        } else {
+            m = fmaxf(m, fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)), fmaxf(fabsf(a.z), fabsf(a.w))));
+        }
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) {
+        ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    }
+    if (lane == 0) red[warp] = ss, red[32 + warp] = m;
+    __syncthreads();
+    float a = 0.0f, mm = 0.0f;
+    for (int w = 0; w < nw; w++) a += red[w], mm = fmaxf(mm, red[32 + w]);
+    const float r = NORM ? 1.0f / sqrtf(a / (float)j.K + j.eps) : 1.0f;
+    /* |x * s| * lmax in [1024, 2048); 1 when the max is 0, not finite, or the table is empty */
+    const float v = mm * r * lmax;
+    int e = v > 0.0f && v <= 3.0e38f ? ilogbf(v) : 10;
+    e = e < -100 ? -100 : e;
+    const float s = ldexpf(1.0f, 10 - e), inv = ldexpf(1.0f, e - 10);
+    float4 *xn4 = reinterpret_cast<float4 *>(j.xn);
+    const bool write = NORM && j.xn && blockIdx.x == 0;
+    for (int f = threadIdx.x; f < K4; f += blockDim.x) {
+        float4 b = x4[f];
+        if (NORM) {
+            const float4 w = __ldg(n4 + f);
+            b = make_float4(b.x * r * w.x, b.y * r * w.y, b.z * r * w.z, b.w * r * w.w);
+            if (write) xn4[f] = b;
+        }
+        const __half2 lo = __floats2half2_rn(b.x * s, b.y * s), hi = __floats2half2_rn(b.z * s, b.w * s);
+        uint2 u;
+        u.x = *reinterpret_cast<const uint32_t *>(&lo);
+        u.y = *reinterpret_cast<const uint32_t *>(&hi);
+        *reinterpret_cast<uint2 *>(xs + gemv_x_pos<true>(f >> 1) * 16 + (f & 1) * 8) = u;
+    }
+    __syncthreads();
+    return inv;
 }
 
 #endif

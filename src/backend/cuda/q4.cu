@@ -821,7 +821,7 @@ static int q4_kernel_mode(void)
 {
     /* read at every call (a getenv per launch; graphs capture once) so tests can compare kernels */
     const char *e = getenv("TUNA_Q4_K");
-    return e && e[0] >= '0' && e[0] <= '5' ? e[0] - '0' : 4;
+    return e && e[0] >= '0' && e[0] <= '6' ? e[0] - '0' : 4;
 }
 
 /* Chunks per row in flight at T <= 2: 2 (default), TUNA_Q4_U=4 for 4. ptxas (sm_90a, 128 registers
@@ -924,6 +924,7 @@ bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, co
             if (((const struct tuna_cuda_q4 *)ws[i]->q4)->prefill == TUNA_DTYPE_F32) half_ok = false;
         if (km == 3 && half_ok && q4m_try(be, x, j, ws, &lut, q0->blocksize, T)) return true;
         if (km == 5 && half_ok && tuna_cuda_q4_stream(be, x, j, ws, &lut, q0->blocksize, T)) return true;
+        if (km == 6 && half_ok && tuna_cuda_q4_lean(be, x, j, ws, &lut, q0->blocksize, T)) return true;
         if (km >= 4 && half_ok && q4h_try(be, x, j, ws, &lut, q0->blocksize, T)) return true;
         if (q4t_try(be, x, j, ws, &lut, q0->blocksize, T, km >= 2 && half_ok ? 2 : 1)) return true;
     }
@@ -1396,61 +1397,6 @@ static __device__ __forceinline__ void q4h_item(const struct gemv_job &j, int64_
     sg[0] = sg[1] = *seg;
     row[0] = *n0;
     row[1] = *n0 + 1 < N ? *n0 + 1 : N - 1; /* computed, not stored */
-}
-
-/* x [K] into shared memory as f16 pairs scaled by s (see above), 16-byte pieces at gemv_x_pos<true>;
- * NORM: x * r * nw first (the CPU rmsnorm's formula; block 0 writes it to j.xn in float32).
- * Returns 1/s. Ends with __syncthreads. */
-template <bool NORM>
-static __device__ __forceinline__ float q4h_stage_x(uint8_t *xs, const float *x, const struct gemv_job &j, float lmax,
-                                                    float *red)
-{
-    const int K4 = (int)(j.K / 4);
-    const float4 *x4 = reinterpret_cast<const float4 *>(x);
-    const float4 *n4 = reinterpret_cast<const float4 *>(j.nw);
-    float ss = 0.0f, m = 0.0f;
-    for (int f = threadIdx.x; f < K4; f += blockDim.x) {
-        const float4 a = x4[f];
-        if (NORM) {
-            ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
-            const float4 w = __ldg(n4 + f);
-            m = fmaxf(m, fmaxf(fmaxf(fabsf(a.x * w.x), fabsf(a.y * w.y)), fmaxf(fabsf(a.z * w.z), fabsf(a.w * w.w))));
-        } else {
-            m = fmaxf(m, fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)), fmaxf(fabsf(a.z), fabsf(a.w))));
-        }
-    }
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    for (int o = 16; o > 0; o >>= 1) {
-        ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    }
-    if (lane == 0) red[warp] = ss, red[32 + warp] = m;
-    __syncthreads();
-    float a = 0.0f, mm = 0.0f;
-    for (int w = 0; w < nw; w++) a += red[w], mm = fmaxf(mm, red[32 + w]);
-    const float r = NORM ? 1.0f / sqrtf(a / (float)j.K + j.eps) : 1.0f;
-    /* |x * s| * lmax in [1024, 2048); 1 when the max is 0, not finite, or the table is empty */
-    const float v = mm * r * lmax;
-    int e = v > 0.0f && v <= 3.0e38f ? ilogbf(v) : 10;
-    e = e < -100 ? -100 : e;
-    const float s = ldexpf(1.0f, 10 - e), inv = ldexpf(1.0f, e - 10);
-    float4 *xn4 = reinterpret_cast<float4 *>(j.xn);
-    const bool write = NORM && j.xn && blockIdx.x == 0;
-    for (int f = threadIdx.x; f < K4; f += blockDim.x) {
-        float4 b = x4[f];
-        if (NORM) {
-            const float4 w = __ldg(n4 + f);
-            b = make_float4(b.x * r * w.x, b.y * r * w.y, b.z * r * w.z, b.w * r * w.w);
-            if (write) xn4[f] = b;
-        }
-        const __half2 lo = __floats2half2_rn(b.x * s, b.y * s), hi = __floats2half2_rn(b.z * s, b.w * s);
-        uint2 u;
-        u.x = *reinterpret_cast<const uint32_t *>(&lo);
-        u.y = *reinterpret_cast<const uint32_t *>(&hi);
-        *reinterpret_cast<uint2 *>(xs + gemv_x_pos<true>(f >> 1) * 16 + (f & 1) * 8) = u;
-    }
-    __syncthreads();
-    return inv;
 }
 
 template <bool NORM, int D>

@@ -579,3 +579,284 @@ bool tuna_cuda_q4_stream(tuna_backend *be, const float *x, struct gemv_job *j, c
     if (j->nw) return q4s_launch<true>(be, x, j, lut, &P, bnch, (unsigned)blocks, smem);
     return q4s_launch<false>(be, x, j, lut, &P, bnch, (unsigned)blocks, smem);
 }
+
+/* ---- k_q4_v: the batch-1 4-bit GEMV as one balanced stream per warp (eighth session; TUNA_Q4_K=6) ----
+ *
+ * k_q4_h2 at 128 registers per thread (ptxas, sm_90a) fills the register file with its one block
+ * per SM: the next kernel's blocks cannot start on an SM before this one's block ends, so the PDL
+ * prologue (tables, first loads) never overlaps, and each warp's item/pair bookkeeping costs
+ * instructions per step. Here the work is flattened: an item (two rows, or gate and up of one
+ * output) is KU units of 1024 weights (one 16-byte load of codes per lane and row); block b takes
+ * a contiguous balanced range of items and its W warps split the block's item-units evenly, so
+ * every warp streams the same number of units (to within one) whatever N and K are, and a unit's
+ * address is the item's row pointers plus a constant. Each warp keeps D units of codes and scales
+ * in registers (the load of unit u + D issued right after unit u is computed), the first D before
+ * the PDL wait. The products are k_q4_h2's (q4h_dot on x staged as f16 by q4h_stage_x). A warp's
+ * sums per item (reduced by shuffles) go to shared memory, slot = warp - first warp of the item;
+ * after the block's last unit, thread t adds item t's slots in warp order (fixed order:
+ * deterministic) and stores. Needs T = 1, K % 32 == 0, blocksize >= 32, 16-byte aligned codes,
+ * N * K < 2^31 per matrix, every matrix's scales in the same form (nested: the same nshift). */
+#define Q4V_MAXT 512
+
+struct q4v_param {
+    int64_t nitems; /* items of the launch */
+    int KU;         /* units (1024 weights) per row, the last one partial when K % 1024 != 0 */
+    int K32;        /* 32-weight chunks per row */
+    int nslot;      /* warps that can share an item, at most */
+    int psz;        /* floats of partial sums in shared memory ([items per block][nslot][2]), a multiple of 4 */
+    int nshift;     /* nested: log2(nested blocksize) */
+    float lmax;
+};
+
+struct q4v_stage {
+    uint4 c[2];
+    float a[2];    /* float32 absmax, or the nested absmax */
+    uint32_t q[2]; /* nested: the 8-bit code of the absmax */
+};
+
+/* Item it's rows: segment of each, row index in it, and the store's segment and first row. */
+static __device__ __forceinline__ void q4v_rows(const struct gemv_job &j, int64_t it, int (&sg)[2], int64_t (&row)[2],
+                                                int *seg, int64_t *n0)
+{
+    if (j.mode == GEMV_GLU) {
+        sg[0] = 0, sg[1] = 1, row[0] = row[1] = it, *seg = 0, *n0 = it;
+        return;
+    }
+    gemv_rows(j, 2, it, seg, n0);
+    const int64_t N = j.s[*seg].N;
+    sg[0] = sg[1] = *seg;
+    row[0] = *n0;
+    row[1] = *n0 + 1 < N ? *n0 + 1 : N - 1; /* computed, not stored */
+}
+
+template <bool NORM, bool NESTED, int D, int MINB>
+__global__ void __launch_bounds__(Q4V_MAXT, MINB)
+    k_q4_v(const float *__restrict__ x, const __grid_constant__ struct gemv_job j, const struct q4_lut lut_in,
+           const struct q4v_param P)
+{
+    extern __shared__ float4 q4v_smem4[];
+    uint8_t *tab = reinterpret_cast<uint8_t *>(q4v_smem4);     /* [256][256 bytes], half2 at lane * 4 */
+    float *ncode = reinterpret_cast<float *>(tab + Q4S_TAB);  /* [GEMV_MAX_SEG][256] */
+    float *ps = ncode + GEMV_MAX_SEG * 256;                    /* [items][nslot][2] */
+    uint8_t *xs = reinterpret_cast<uint8_t *>(ps + P.psz);     /* [K] f16, swizzled pieces */
+    __shared__ float slut[16];
+    __shared__ float red[64];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = blockDim.x >> 5;
+    if (threadIdx.x < 16) slut[threadIdx.x] = lut_in.v[threadIdx.x];
+    __syncthreads();
+    for (int e = threadIdx.x; e < 256 * 32; e += blockDim.x) {
+        const int byte = e >> 5, l = e & 31;
+        *reinterpret_cast<__half2 *>(tab + byte * 256 + l * 4) = __floats2half2_rn(slut[byte >> 4], slut[byte & 15]);
+    }
+    if (NESTED)
+        for (int s = 0; s < j.nseg; s++)
+            for (int e = threadIdx.x; e < 256; e += blockDim.x) ncode[s * 256 + e] = __ldg(j.s[s].sc.ncode + e);
+    for (int e = threadIdx.x; e < P.psz; e += blockDim.x) ps[e] = 0.0f;
+
+    const int64_t ib0 = (int64_t)blockIdx.x * P.nitems / gridDim.x;
+    const int nib = (int)(((int64_t)blockIdx.x + 1) * P.nitems / gridDim.x - ib0);
+    const int KU = P.KU, K32 = P.K32, Ub = nib * KU;
+    const int us = (int)((int64_t)warp * Ub / W), ue = (int)((int64_t)(warp + 1) * Ub / W);
+    const int bs_shift = j.bs_shift;
+    const int64_t K = j.K;
+
+    /* the load side: unit l_u (item l_li, unit l_k of it) */
+    const uint4 *lc[2] = {NULL, NULL};
+    const uint8_t *lq[2] = {NULL, NULL};
+    const float *la[2] = {NULL, NULL};
+    uint32_t le[2] = {0u, 0u};
+    int l_u = us, l_li = us / (KU > 0 ? KU : 1), l_k = us - l_li * KU;
+    auto set_item = [&](int li) {
+        int sg[2], seg;
+        int64_t row[2], n0;
+        q4v_rows(j, ib0 + li, sg, row, &seg, &n0);
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const struct gemv_seg &s = j.s[sg[r]];
+            const int64_t e0 = row[r] * K;
+            lc[r] = reinterpret_cast<const uint4 *>(s.W) + e0 / 32 + lane;
+            le[r] = (uint32_t)e0 + (uint32_t)lane * 32u;
+            lq[r] = NESTED ? s.sc.q : NULL;
+            la[r] = NESTED ? s.sc.nabs : s.sc.absmax;
+        }
+    };
+    auto load = [&](struct q4v_stage &st) {
+        if (l_k * 32 + lane < K32) {
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                st.c[r] = __ldg(lc[r] + l_k * 32);
+                const uint32_t b = (le[r] + (uint32_t)l_k * 1024u) >> bs_shift;
+                if (NESTED) {
+                    st.q[r] = __ldg(lq[r] + b);
+                    st.a[r] = __ldg(la[r] + (b >> P.nshift));
+                } else {
+                    st.a[r] = __ldg(la[r] + b);
+                }
+            }
+        }
+        l_u++;
+        if (++l_k == KU) {
+            l_k = 0;
+            l_li++;
+            if (l_u < ue) set_item(l_li);
+        }
+    };
+
+    struct q4v_stage st[D];
+#pragma unroll
+    for (int u = 0; u < D; u++) st[u].q[0] = st[u].q[1] = 0u, st[u].a[0] = st[u].a[1] = 0.0f;
+    if (us < ue) set_item(l_li);
+#pragma unroll
+    for (int u = 0; u < D; u++)
+        if (l_u < ue) load(st[u]);
+    tuna_pdl_wait();
+    tuna_pdl_trigger();
+    const float inv_s = q4h_stage_x<NORM>(xs, x, j, P.lmax, red); /* ends with __syncthreads: tables ready */
+
+    /* the compute side: unit c_k of item c_li */
+    const uint32_t lane_off = (uint32_t)lane * 4u;
+    const uint32_t xsw = (uint32_t)((lane >> 1) & 7) * 16u; /* gemv_x_pos's swizzle of the lane's pieces */
+    int c_li = us / (KU > 0 ? KU : 1), c_k = us - c_li * KU;
+    int c_nco[2] = {0, 0};
+    float c_noff[2] = {0.0f, 0.0f};
+    auto set_cmp = [&](int li) {
+        int sg[2], seg;
+        int64_t row[2], n0;
+        q4v_rows(j, ib0 + li, sg, row, &seg, &n0);
+#pragma unroll
+        for (int r = 0; r < 2; r++) c_nco[r] = sg[r] * 256, c_noff[r] = j.s[sg[r]].sc.noff;
+    };
+    if (NESTED && us < ue) set_cmp(c_li);
+    float acc[2] = {0.0f, 0.0f};
+    for (int u0 = us; u0 < ue; u0 += D) {
+#pragma unroll
+        for (int u = 0; u < D; u++) {
+            if (u0 + u >= ue) break;
+            const int chunk = c_k * 32 + lane;
+            if (chunk < K32) {
+                const uint32_t xo = ((uint32_t)chunk * 64u) ^ xsw; /* piece p at xo ^ 16 p */
+                uint4 xv[4];
+#pragma unroll
+                for (int p = 0; p < 4; p++) xv[p] = *reinterpret_cast<const uint4 *>(xs + (xo ^ ((uint32_t)p * 16u)));
+#pragma unroll
+                for (int r = 0; r < 2; r++) {
+                    const float d = q4h_dot(tab, st[u].c[r], xv, lane_off);
+                    const float am =
+                        NESTED ? __fadd_rn(__fmul_rn(ncode[c_nco[r] + (int)st[u].q[r]], st[u].a[r]), c_noff[r]) : st[u].a[r];
+                    acc[r] += am * d;
+                }
+            }
+            if (l_u < ue) load(st[u]);
+            const bool last = u0 + u + 1 == ue;
+            if (++c_k == KU || last) { /* the warp's share of the item: its slot */
+#pragma unroll
+                for (int r = 0; r < 2; r++)
+                    for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+                if (lane == 0) {
+                    const int wf = (int)(((int64_t)c_li * KU + 1) * W - 1) / Ub; /* first warp of the item */
+                    float *pp = ps + ((int64_t)c_li * P.nslot + (warp - wf)) * 2;
+                    pp[0] = acc[0], pp[1] = acc[1];
+                }
+                acc[0] = acc[1] = 0.0f;
+                if (c_k == KU && !last) {
+                    c_k = 0;
+                    c_li++;
+                    if (NESTED) set_cmp(c_li);
+                }
+            }
+        }
+    }
+    __syncthreads();
+    /* the items' sums over their warps in warp order, then the stores */
+    for (int li = threadIdx.x; li < nib; li += blockDim.x) {
+        const int wa = (int)(((int64_t)li * KU + 1) * W - 1) / Ub, wb = (int)(((int64_t)(li + 1) * KU) * W - 1) / Ub;
+        float v0 = 0.0f, v1 = 0.0f;
+        for (int w = wa; w <= wb; w++) v0 += ps[((int64_t)li * P.nslot + (w - wa)) * 2], v1 += ps[((int64_t)li * P.nslot + (w - wa)) * 2 + 1];
+        v0 *= inv_s, v1 *= inv_s;
+        int sg[2], seg;
+        int64_t row[2], n0;
+        q4v_rows(j, ib0 + li, sg, row, &seg, &n0);
+        if (j.mode == GEMV_GLU) {
+            const float bg = j.s[0].bias ? j.s[0].bias[n0] : 0.0f;
+            const float bu = j.s[1].bias ? j.s[1].bias[n0] : 0.0f;
+            j.s[0].y[n0] = tuna_cuda_act(v0 + bg, j.act) * (v1 + bu);
+        } else {
+            const struct gemv_seg &s = j.s[seg];
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const int64_t n = n0 + r;
+                if (n >= s.N) break;
+                const float v = (r ? v1 : v0) + (s.bias ? s.bias[n] : 0.0f);
+                if (j.mode == GEMV_ADD) s.y[n] += v;
+                else s.y[n] = v;
+            }
+        }
+    }
+}
+
+/* TUNA_Q4_VT threads per block (64..512, default 512), TUNA_Q4_VB blocks per SM (1..4, default 1),
+ * TUNA_Q4_VD units in flight per warp (2 default, 4), TUNA_Q4_VR=64: the build capped at 64
+ * registers per thread (two 512-thread blocks per SM: the next kernel's blocks fit beside). */
+static int q4v_env(const char *name, int def, int lo, int hi)
+{
+    const char *e = getenv(name);
+    const int v = e ? atoi(e) : def;
+    return v >= lo && v <= hi ? v : def;
+}
+
+bool tuna_cuda_q4_lean(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
+                       const struct q4_lut *lut, int blocksize, int64_t T)
+{
+    const int64_t K = j->K;
+    if (T != 1 || K <= 0 || K % 32 != 0 || blocksize < 32) return false;
+    if (j->nseg < 1 || j->nseg > GEMV_MAX_SEG || (j->mode == GEMV_GLU && j->nseg < 2)) return false;
+    const bool nested = j->s[0].sc.absmax == NULL;
+    for (int i = 0; i < j->nseg; i++)
+        if (((uintptr_t)ws[i]->data % 16) != 0 || j->s[i].N * K >= ((int64_t)1 << 31) ||
+            (j->s[i].sc.absmax == NULL) != nested || (nested && j->s[i].sc.nshift != j->s[0].sc.nshift))
+            return false;
+    const int threads = q4v_env("TUNA_Q4_VT", 512, 64, Q4V_MAXT) / 32 * 32, bps = q4v_env("TUNA_Q4_VB", 1, 1, 4);
+    const int D = q4v_env("TUNA_Q4_VD", 2, 2, 4) >= 4 ? 4 : 2;
+    const bool r64 = q4v_env("TUNA_Q4_VR", 0, 0, 64) == 64;
+    struct q4v_param P;
+    memset(&P, 0, sizeof P);
+    P.nitems = j->mode == GEMV_GLU ? j->s[0].N : gemv_number_rows(j, 2) / 2;
+    P.K32 = (int)(K / 32);
+    P.KU = (P.K32 + 31) / 32;
+    P.nshift = nested ? j->s[0].sc.nshift : 0;
+    const int64_t sms = be->sm_count > 0 ? be->sm_count : 132;
+    int64_t blocks = sms * bps;
+    if (blocks > P.nitems) blocks = P.nitems;
+    if (blocks < 1) return true; /* nothing to do */
+    const int W = threads / 32;
+    const int64_t ipb = (P.nitems + blocks - 1) / blocks, imin = P.nitems / blocks;
+    const int64_t upw = imin * P.KU / W; /* units per warp, at least */
+    int64_t nslot = upw > 0 ? (P.KU + upw - 1) / upw + 1 : W;
+    if (nslot > W) nslot = W;
+    P.nslot = (int)nslot;
+    P.psz = (int)((ipb * nslot * 2 + 3) / 4 * 4);
+    const size_t smem = (size_t)Q4S_TAB + Q4S_NCODE + (size_t)P.psz * 4 + ((size_t)K * 2 + 127) / 128 * 128;
+    if (be->max_smem_optin <= 0 || smem + 1024 > (size_t)be->max_smem_optin) return false;
+    if (ipb * P.KU >= ((int64_t)1 << 30) / W) return false;
+    float lmax = 0.0f;
+    for (int c = 0; c < 16; c++) lmax = fmaxf(lmax, fabsf(lut->v[c]));
+    P.lmax = lmax;
+    j->prefetch = tuna_cuda_gemv_prefetch();
+    const dim3 grid((unsigned)blocks), block((unsigned)threads);
+#define Q4V_GO(N, S, DD)                                                                                         \
+    return r64 ? tuna_cuda_launch(be, "k_q4_v", k_q4_v<N, S, DD, 2>, grid, block, smem, x, *j, *lut, P)           \
+               : tuna_cuda_launch(be, "k_q4_v", k_q4_v<N, S, DD, 1>, grid, block, smem, x, *j, *lut, P)
+    if (j->nw) {
+        if (nested) {
+            if (D == 4) Q4V_GO(true, true, 4);
+            Q4V_GO(true, true, 2);
+        }
+        Q4V_GO(true, false, 2);
+    }
+    if (nested) {
+        if (D == 4) Q4V_GO(false, true, 4);
+        Q4V_GO(false, true, 2);
+    }
+    Q4V_GO(false, false, 2);
+#undef Q4V_GO
+}
