@@ -357,6 +357,11 @@ static void test_attention(void **state)
         {"D96 window 77", 4, 4, 96, 16, 77, 1, {{50, 260}}},
         {"D256 window 129", 4, 2, 256, 16, 129, 2, {{0, 260}, {400, 150}}},
         {"D128 bs1 window 200 chunk", 8, 2, 128, 1, 200, 1, {{900, 300}}},
+        /* one query head per kv head (GM 1) and GQA 2 at D 128, D 64 with GQA 4: the tensor-core
+         * decode variant's narrowest head groups (TUNA_ATTN_F8MMA=1) */
+        {"mha D128", 4, 4, 128, 16, 0, 3, {{0, 1}, {777, 1}, {47, 1}}},
+        {"gqa2 D128 window 50", 8, 4, 128, 16, 50, 2, {{900, 1}, {30, 1}}},
+        {"gqa4 D64", 8, 2, 64, 16, 0, 3, {{1500, 1}, {5, 1}, {260, 1}}},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) att_run(&cases[i], 2.0f, i % 3 == 2 ? 600.0f : 1.0f);
 }

@@ -29,6 +29,7 @@
 #include "backend/cuda/act16.cuh"
 #include "backend/cuda/attention_internal.cuh"
 #include "backend/cuda/kv_types.cuh"
+#include "backend/cuda/mma.cuh"
 #include "backend/cuda/pdl.cuh"
 
 #define DEC_THREADS 128
@@ -321,12 +322,33 @@ template <typename KT> static __device__ __forceinline__ void d16_unpack(const c
     }
 }
 
+/* 8x8 tile of 16-bit values, transposed across the warp (the mma fragment layout: lane holds
+ * row lane/4, columns 2(lane%4)..+1; afterwards the same of the transpose) */
+static __device__ __forceinline__ uint32_t d16_movt(uint32_t x)
+{
+#if TUNA_MMA_SM80
+    uint32_t y;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+    return y;
+#else
+    return x;
+#endif
+}
+/* x as f16 hi + lo (hi = f16(x), lo = f16(x - hi)): two float32 in, (hi pair, lo pair) out */
+static __device__ __forceinline__ void d16_split2(float x, float y, uint32_t &hi, uint32_t &lo)
+{
+    const __half2 h = __floats2half2_rn(x, y);
+    const __half2 r = __floats2half2_rn(x - __low2float(h), y - __high2float(h));
+    hi = *reinterpret_cast<const uint32_t *>(&h);
+    lo = *reinterpret_cast<const uint32_t *>(&r);
+}
+
 /* KT: bf16, f16, or FP8 E4M3 (then D a multiple of 16: rows are copied in 16-byte chunks; the
  * compute reads 8 elements at a time either way).
  * DT: D when compiled for one head size (64, 128), 0 = any multiple of 8 up to 256 (Drt).
  * GM: query heads per block (1, 2, 4 or 8). wr: bytes of shared memory per warp (its stage
  * ring; reused for the merge). counters [tokens * Hkv * n_hg]: 0 between launches. */
-template <typename KT, int DT, int GM>
+template <typename KT, int DT, int GM, bool TC>
 __global__ void __launch_bounds__(128)
     k_attn_decode16(float *out, float *part_acc, float *part_ml, unsigned *counters, const float *q, const KT *kc,
                     const KT *vc, att_meta md, const int32_t *rows, int H, int Hkv, int Drt, int n_hg, int n_splits,
@@ -336,7 +358,7 @@ __global__ void __launch_bounds__(128)
     constexpr int ES = (int)sizeof(KT);    /* bytes per element: 2, or 1 (FP8) */
     const int CH = D / 8;                  /* units of 8 elements per row (16 bytes at ES = 2) */
     const int CB = ES * D / 16;            /* 16-byte chunks per row (the copies) */
-    const int KQ = min(D16_KEYS, 32 / CH); /* key lanes of the PV step */
+    const int KQ = TC ? 1 : min(D16_KEYS, 32 / CH); /* key lanes of the PV step (TC: one partial row) */
     const int RB = ES * D + 16;            /* bytes per row in a stage (padded: no bank conflicts) */
     const int NW = blockDim.x >> 5;
     extern __shared__ float4 d16_smem[];
@@ -443,6 +465,31 @@ __global__ void __launch_bounds__(128)
     const int j = lane & 15, half = lane >> 4;
     const int kq = lane / CH, cc = lane - kq * CH;
     const bool pv_active = kq < KQ;
+    /* TC (FP8 cache, D = 64 or 128, sm_80+): both products on the tensor cores (mma m16n8k16,
+     * f16 inputs, float32 accumulation). E4M3 is exact in f16; q and p are split into f16 hi +
+     * lo, so the products keep ~22 bits (the FFMA path's accuracy). Per group of 16 keys:
+     *   S^T[key][head] = K[key][dim] Q^T[dim][head] (M = 16 keys, N = 8 heads, D/16 k-steps), the
+     *   dims of k-step s, column 2c..2c+1 / 2c+8..2c+9 being c*D/4 + 4s + 0..1 / 2..3, so lane
+     *   (g, c) reads D/4 consecutive bytes of key rows g and g+8;
+     *   O^T[dim][head] += V^T[dim][key] P^T[key][head] (M = 16 dims of m-tile i: row r is dim
+     *   r*D/16 + i, so a lane reads D/16 consecutive bytes of 4 key rows; P^T from the S^T
+     *   fragment by one movmatrix per 8 keys).
+     * Lane (g = lane/4, c = lane%4) keeps the running max and sum of heads 2c, 2c+1. */
+    constexpr int TS = TC ? DT / 16 : 1; /* k-steps of Q K^T = m-tiles of P V */
+    const int tg = lane >> 2, tcq = lane & 3;
+    uint32_t tqh[TS][2], tql[TS][2];
+    float tm[2] = {-INFINITY, -INFINITY}, tl[2] = {0.0f, 0.0f}, tacc[TS][4];
+    if constexpr (TC) {
+#pragma unroll
+        for (int s = 0; s < TS; s++) {
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (tg < GM) v = *(const float4 *)(qs + tg * DT + tcq * (DT / 4) + 4 * s);
+            d16_split2(v.x, v.y, tqh[s][0], tql[s][0]);
+            d16_split2(v.z, v.w, tqh[s][1], tql[s][1]);
+#pragma unroll
+            for (int e = 0; e < 4; e++) tacc[s][e] = 0.0f;
+        }
+    }
     for (int k = 0; k < nk; k++) {
         __syncwarp(); /* every lane is done with the stage about to be refilled */
         {
@@ -453,6 +500,77 @@ __global__ void __launch_bounds__(128)
         cp_async_wait_rt(ns - 1);
         __syncwarp();
         const char *buf = wreg + (k % ns) * (2 * D16_KEYS) * RB;
+        if constexpr (TC) {
+            const int kb = (s0 + warp + NW * k) * D16_KEYS;
+            constexpr int KW = DT / 16; /* 32-bit words of a lane's share of a K row */
+            uint32_t kw0[KW], kw8[KW];
+#pragma unroll
+            for (int x = 0; x < KW / 4; x++) {
+                const uint4 v0 = *(const uint4 *)(buf + tg * RB + tcq * (DT / 4) + 16 * x);
+                const uint4 v8 = *(const uint4 *)(buf + (tg + 8) * RB + tcq * (DT / 4) + 16 * x);
+                kw0[4 * x] = v0.x, kw0[4 * x + 1] = v0.y, kw0[4 * x + 2] = v0.z, kw0[4 * x + 3] = v0.w;
+                kw8[4 * x] = v8.x, kw8[4 * x + 1] = v8.y, kw8[4 * x + 2] = v8.z, kw8[4 * x + 3] = v8.w;
+            }
+            float sh[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sl[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int s = 0; s < KW; s++) {
+                const uint32_t a[4] = {kv_f8x2_to_h2(kw0[s]), kv_f8x2_to_h2(kw8[s]), kv_f8x2_to_h2(kw0[s] >> 16),
+                                       kv_f8x2_to_h2(kw8[s] >> 16)};
+                mma_16816<__half>(sh, a, tqh[s][0], tqh[s][1]);
+                mma_16816<__half>(sl, a, tql[s][0], tql[s][1]);
+            }
+            /* sh + sl: (key g, heads 2c, 2c+1), (key g + 8, heads 2c, 2c+1) */
+            const bool v0 = kb + tg >= lo && kb + tg <= hi, v8 = kb + tg + 8 >= lo && kb + tg + 8 <= hi;
+            const float x0 = v0 ? sh[0] + sl[0] : -INFINITY, x1 = v0 ? sh[1] + sl[1] : -INFINITY;
+            const float x2 = v8 ? sh[2] + sl[2] : -INFINITY, x3 = v8 ? sh[3] + sl[3] : -INFINITY;
+            float mx0 = fmaxf(x0, x2), mx1 = fmaxf(x1, x3);
+#pragma unroll
+            for (int o = 4; o < 32; o <<= 1) {
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o));
+            }
+            const float mn0 = fmaxf(tm[0], mx0), mn1 = fmaxf(tm[1], mx1); /* finite: a key of the group is in */
+            const float c0 = d16_exp2(tm[0] - mn0), c1 = d16_exp2(tm[1] - mn1);
+            const float p0 = d16_exp2(x0 - mn0), p1 = d16_exp2(x1 - mn1), p2 = d16_exp2(x2 - mn0),
+                        p3 = d16_exp2(x3 - mn1);
+            tm[0] = mn0, tm[1] = mn1;
+            tl[0] = tl[0] * c0 + (p0 + p2), tl[1] = tl[1] * c1 + (p1 + p3);
+            uint32_t ph0, pl0, ph1, pl1;
+            d16_split2(p0, p1, ph0, pl0); /* keys 0..7 (row g) */
+            d16_split2(p2, p3, ph1, pl1); /* keys 8..15 */
+            const uint32_t bh0 = d16_movt(ph0), bh1 = d16_movt(ph1), bl0 = d16_movt(pl0), bl1 = d16_movt(pl1);
+            /* V: rows 2c, 2c+1, 2c+8, 2c+9; bytes of dims g*D/16.. and (g+8)*D/16.. */
+            constexpr int VW = DT / 64; /* words per chunk */
+            uint32_t vr[4][2][VW];
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const char *row = buf + (D16_KEYS + 2 * tcq + (r & 1) + (r >> 1) * 8) * RB;
+#pragma unroll
+                for (int h8 = 0; h8 < 2; h8++) {
+                    const char *src = row + (tg + 8 * h8) * (DT / 16);
+                    if constexpr (VW == 2) {
+                        const uint2 w = *(const uint2 *)src;
+                        vr[r][h8][0] = w.x, vr[r][h8][VW - 1] = w.y;
+                    } else {
+                        vr[r][h8][0] = *(const uint32_t *)src;
+                    }
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < TS; i++) {
+                tacc[i][0] *= c0, tacc[i][1] *= c1, tacc[i][2] *= c0, tacc[i][3] *= c1;
+                const int wi = i >> 2, sel = (i & 2) ? 0x7362 : 0x5140, hs = (i & 1) * 16;
+                uint32_t a[4];
+#pragma unroll
+                for (int q2 = 0; q2 < 4; q2++) { /* a0: (dim row g, keys 2c..), a1: row g+8, a2/a3: keys 2c+8.. */
+                    const int h8 = q2 & 1, rk = (q2 >> 1) * 2;
+                    a[q2] = kv_f8x2_to_h2(__byte_perm(vr[rk][h8][wi], vr[rk + 1][h8][wi], sel) >> hs);
+                }
+                mma_16816<__half>(tacc[i], a, bh0, bh1);
+                mma_16816<__half>(tacc[i], a, bl0, bl1);
+            }
+            continue;
+        }
         const int key = (s0 + warp + NW * k) * D16_KEYS + j;
         const bool valid = key >= lo && key <= hi;
         /* scores of key j, this lane's half of the chunks */
@@ -527,24 +645,43 @@ __global__ void __launch_bounds__(128)
     __syncwarp();
 
     /* merge the warps: each writes [KQ][GM][D] partial rows, its max and its sum */
-#pragma unroll
-    for (int g = 0; g < GM; g++) {
-        float v = l[g];
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        l[g] = v;
-    }
     float *accs = (float *)wreg, *mls = accs + KQ * GM * D;
-    if (pv_active) {
+    if constexpr (TC) {
+#pragma unroll
+        for (int e = 0; e < 2; e++)
+#pragma unroll
+            for (int o = 4; o < 32; o <<= 1) tl[e] += __shfl_xor_sync(0xffffffffu, tl[e], o);
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            const int h = 2 * tcq + e;
+            if (h < GM) {
+#pragma unroll
+                for (int i = 0; i < TS; i++) {
+                    accs[h * DT + tg * (DT / 16) + i] = tacc[i][e];
+                    accs[h * DT + (tg + 8) * (DT / 16) + i] = tacc[i][2 + e];
+                }
+                if (tg == 0) mls[h] = tm[e], mls[GM + h] = tl[e];
+            }
+        }
+    } else {
 #pragma unroll
         for (int g = 0; g < GM; g++) {
-            float *dst = accs + (kq * GM + g) * D + cc * 8;
-            *(float4 *)dst = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
-            *(float4 *)(dst + 4) = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+            float v = l[g];
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            l[g] = v;
         }
-    }
-    if (lane == 0)
+        if (pv_active) {
 #pragma unroll
-        for (int g = 0; g < GM; g++) mls[g] = m[g], mls[GM + g] = l[g];
+            for (int g = 0; g < GM; g++) {
+                float *dst = accs + (kq * GM + g) * D + cc * 8;
+                *(float4 *)dst = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+                *(float4 *)(dst + 4) = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+            }
+        }
+        if (lane == 0)
+#pragma unroll
+            for (int g = 0; g < GM; g++) mls[g] = m[g], mls[GM + g] = l[g];
+    }
     __syncthreads();
     for (int x = tid; x < ng * D; x += blockDim.x) {
         const int g = x / D, d = x - g * D;
@@ -629,7 +766,7 @@ __global__ void __launch_bounds__(128)
  * general kernel runs). From D, GM and the device only, never from lengths (CUDA graphs).
  * TUNA_ATTN_DEC_WARPS (1..4) and TUNA_ATTN_DEC_STAGES (2..4) override the defaults (tuning). */
 struct dec16_cfg {
-    int nw, ns, wr, smem, bps;
+    int nw, ns, wr, smem, bps, tc; /* tc: the tensor-core instantiation (FP8, D 64 or 128) */
 };
 
 template <typename KT>
@@ -637,14 +774,20 @@ using dec16_kernel = void (*)(float *, float *, float *, unsigned *, const float
                               const int32_t *, int, int, int, int, int, int, int, float, int, int, int,
                               const struct tuna_l2pf);
 
-template <typename KT, int GM> static dec16_kernel<KT> dec16_pick_d(int D)
+template <typename KT, int GM> static dec16_kernel<KT> dec16_pick_d(int D, bool tc)
 {
-    return D == 64 ? k_attn_decode16<KT, 64, GM> : D == 128 ? k_attn_decode16<KT, 128, GM> : k_attn_decode16<KT, 0, GM>;
+    if constexpr (sizeof(KT) == 1) {
+        if (tc) return D == 64 ? k_attn_decode16<KT, 64, GM, true> : k_attn_decode16<KT, 128, GM, true>;
+    }
+    return D == 64    ? k_attn_decode16<KT, 64, GM, false>
+           : D == 128 ? k_attn_decode16<KT, 128, GM, false>
+                      : k_attn_decode16<KT, 0, GM, false>;
 }
-template <typename KT> static dec16_kernel<KT> dec16_pick(int D, int GM)
+/* tc: the tensor-core variant (FP8 cache, D 64 or 128 only) */
+template <typename KT> static dec16_kernel<KT> dec16_pick(int D, int GM, bool tc)
 {
-    return GM == 1 ? dec16_pick_d<KT, 1>(D) : GM == 2 ? dec16_pick_d<KT, 2>(D) : GM == 4 ? dec16_pick_d<KT, 4>(D)
-                                                                                    : dec16_pick_d<KT, 8>(D);
+    return GM == 1 ? dec16_pick_d<KT, 1>(D, tc) : GM == 2 ? dec16_pick_d<KT, 2>(D, tc) : GM == 4 ? dec16_pick_d<KT, 4>(D, tc)
+                                                                                            : dec16_pick_d<KT, 8>(D, tc);
 }
 
 static int env_int(const char *name, int lo, int hi)
@@ -668,22 +811,23 @@ static int dec16_smem(int D, int GM, int nw, int ns, int es, int *wr_out)
     return total > split_merge ? total : split_merge;
 }
 
-template <typename KT> static dec16_cfg dec16_config(tuna_backend *be, int D, int GM, int max_smem)
+template <typename KT> static dec16_cfg dec16_config(tuna_backend *be, int D, int GM, int max_smem, bool tc)
 {
     struct entry {
-        int dev, D, GM;
+        int dev, D, GM, tc;
         dec16_cfg c;
     };
     static entry cache[32];
     static int n_cache = 0;
     for (int k = 0; k < n_cache; k++)
-        if (cache[k].dev == be->device && cache[k].D == D && cache[k].GM == GM) return cache[k].c;
-    dec16_cfg c = {4, 2, 0, 0, 0}; /* H100: 2 stages, 3 blocks per SM beat 3 stages, 2 blocks (55% vs 51% at B=256) */
+        if (cache[k].dev == be->device && cache[k].D == D && cache[k].GM == GM && cache[k].tc == (int)tc)
+            return cache[k].c;
+    dec16_cfg c = {4, 2, 0, 0, 0, (int)tc}; /* H100: 2 stages, 3 blocks per SM beat 3 stages, 2 blocks (55% vs 51% at B=256) */
     if (D > 128) c.nw = 2;
     const int ew = env_int("TUNA_ATTN_DEC_WARPS", 1, 4), es = env_int("TUNA_ATTN_DEC_STAGES", 2, 4);
     if (ew) c.nw = ew;
     if (es) c.ns = es;
-    dec16_kernel<KT> fn = dec16_pick<KT>(D, GM);
+    dec16_kernel<KT> fn = dec16_pick<KT>(D, GM, tc);
     cudaFuncAttributes fa;
     memset(&fa, 0, sizeof fa);
     if (cudaFuncGetAttributes(&fa, (const void *)fn) != cudaSuccess) fa.sharedSizeBytes = 1024;
@@ -706,7 +850,7 @@ template <typename KT> static dec16_cfg dec16_config(tuna_backend *be, int D, in
             c.bps = 0;
         cudaGetLastError(); /* a refusal above only means: the general kernel runs */
     }
-    if (n_cache < 32) cache[n_cache++] = entry{be->device, D, GM, c};
+    if (n_cache < 32) cache[n_cache++] = entry{be->device, D, GM, (int)tc, c};
     return c;
 }
 
@@ -741,13 +885,13 @@ static void launch_kernels(tuna_backend *be, float *out, const float *q, const v
             /* TUNA_ATTN_TRIGGER=1: the next kernel may start early (see the kernel; slower) */
             static const int trig = env_int("TUNA_ATTN_TRIGGER", 1, 1);
             if (pdl) {
-                if (!tuna_cuda_launch(be, "k_attn_decode16", dec16_pick<KT>(D, GM), grid, dim3(32 * c16->nw),
+                if (!tuna_cuda_launch(be, "k_attn_decode16", dec16_pick<KT>(D, GM, c16->tc != 0), grid, dim3(32 * c16->nw),
                                       (size_t)c16->smem, out, part_acc, part_ml, counters, q, kc, vc, md, drows, H, Hkv,
                                       D, n_hg, n_splits, c16->ns, c16->wr, scale * 1.4426950408889634f, hx, min_g, trig | 2 | io << 2,
                                       pf))
                     return;
             } else {
-                dec16_pick<KT>(D, GM)<<<grid, 32 * c16->nw, (size_t)c16->smem, be->stream>>>(
+                dec16_pick<KT>(D, GM, c16->tc != 0)<<<grid, 32 * c16->nw, (size_t)c16->smem, be->stream>>>(
                     out, part_acc, part_ml, counters, q, kc, vc, md, drows, H, Hkv, D, n_hg, n_splits, c16->ns, c16->wr,
                     scale * 1.4426950408889634f, hx, min_g, trig | io << 2, pf);
                 if (!tuna_cuda_check_launch(be, "k_attn_decode16")) return;
@@ -904,12 +1048,15 @@ static void attention_io(tuna_backend *be, float *out, const float *q, int io, c
      * (TUNA_ATTN_DEC_OLD=1 runs the general kernel instead, for comparisons) */
     static const int dec_old = env_int("TUNA_ATTN_DEC_OLD", 1, 1);
     const int GM16 = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8;
-    dec16_cfg c16 = {0, 0, 0, 0, 0};
+    dec16_cfg c16 = {0, 0, 0, 0, 0, 0};
+    /* FP8 with D = 64 or 128 on sm_80+: the tensor-core variant when TUNA_ATTN_F8MMA=1 */
+    static const int f8mma = env_int("TUNA_ATTN_F8MMA", 1, 1);
+    const bool tc = code == KV_CODE_F8 && (D == 64 || D == 128) && dev_major >= 8 && f8mma;
     if (n_dec > 0 && code != 0 && D % (code == KV_CODE_F8 ? 16 : 8) == 0 && (uintptr_t)kcache % 16 == 0 &&
         (uintptr_t)vcache % 16 == 0 && !dec_old)
-        c16 = code == 1 ? dec16_config<__nv_bfloat16>(be, (int)D, GM16, max_smem)
-              : code == 2 ? dec16_config<__half>(be, (int)D, GM16, max_smem)
-                          : dec16_config<__nv_fp8_e4m3>(be, (int)D, GM16, max_smem);
+        c16 = code == 1 ? dec16_config<__nv_bfloat16>(be, (int)D, GM16, max_smem, false)
+              : code == 2 ? dec16_config<__half>(be, (int)D, GM16, max_smem, false)
+                          : dec16_config<__nv_fp8_e4m3>(be, (int)D, GM16, max_smem, tc);
     const bool use16 = c16.bps > 0;
     const int GM = use16 ? GM16 : DEC_GM, n_hg = (G + GM - 1) / GM;
     int n_splits = 1;
