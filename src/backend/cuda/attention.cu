@@ -720,19 +720,23 @@ __global__ void __launch_bounds__(128)
     __syncthreads();
     if (!is_last) return;
     __threadfence();
+    /* only the splits with keys (s0 <= ge) hold anything: the others (min_g 0 at a short context,
+     * e.g. 40 of 48 at batch 1, context 128) have weight 0 and are not read; flags & 16
+     * (TUNA_ATTN_MERGE_ALL=1): read all nsp, as before */
+    const int nm = (flags & 16) ? nsp : min(nsp, (ge - gb) / gps + 1);
     float *msm = (float *)d16_smem, *wsm = msm + GM * n_splits, *Lsm = wsm + GM * n_splits; /* [ng][n_splits] */
     const size_t rb = ((size_t)i * H + h0) * n_splits;
     for (int x = tid; x < ng * n_splits; x += blockDim.x) {
-        if (x % n_splits >= nsp) continue;
+        if (x % n_splits >= nm) continue;
         msm[x] = __ldcg(part_ml + 2 * (rb + x));
         wsm[x] = __ldcg(part_ml + 2 * (rb + x) + 1);
     }
     __syncthreads();
     for (int g = warp; g < ng; g += NW) {
         float M = -INFINITY, L = 0.0f;
-        for (int s = lane; s < nsp; s += 32) M = fmaxf(M, msm[g * n_splits + s]);
+        for (int s = lane; s < nm; s += 32) M = fmaxf(M, msm[g * n_splits + s]);
         for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-        for (int s = lane; s < nsp; s += 32) {
+        for (int s = lane; s < nm; s += 32) {
             const float ls = wsm[g * n_splits + s];
             const float w = ls > 0.0f ? d16_exp2(msm[g * n_splits + s] - M) : 0.0f; /* empty splits: 0 */
             wsm[g * n_splits + s] = w;
@@ -747,13 +751,20 @@ __global__ void __launch_bounds__(128)
         const float *pa = part_acc + (rb + (size_t)g * n_splits) * D + d, *wg = wsm + g * n_splits;
         float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
         int s = 0;
-        for (; s + 4 <= nsp; s += 4) { /* four loads in flight */
+        for (; s + 8 <= nm; s += 8) { /* eight loads in flight */
+            float v[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) v[u] = __ldcg(pa + (size_t)(s + u) * D);
+            a0 += wg[s] * v[0], a1 += wg[s + 1] * v[1], a2 += wg[s + 2] * v[2], a3 += wg[s + 3] * v[3];
+            a0 += wg[s + 4] * v[4], a1 += wg[s + 5] * v[5], a2 += wg[s + 6] * v[6], a3 += wg[s + 7] * v[7];
+        }
+        for (; s + 4 <= nm; s += 4) {
             a0 += wg[s] * __ldcg(pa + (size_t)s * D);
             a1 += wg[s + 1] * __ldcg(pa + (size_t)(s + 1) * D);
             a2 += wg[s + 2] * __ldcg(pa + (size_t)(s + 2) * D);
             a3 += wg[s + 3] * __ldcg(pa + (size_t)(s + 3) * D);
         }
-        for (; s < nsp; s++) a0 += wg[s] * __ldcg(pa + (size_t)s * D);
+        for (; s < nm; s++) a0 += wg[s] * __ldcg(pa + (size_t)s * D);
         a16_st(out, io, ((int64_t)t * H + h0 + g) * D + d, ((a0 + a1) + (a2 + a3)) / Lsm[g]);
     }
 }
@@ -884,16 +895,18 @@ static void launch_kernels(tuna_backend *be, float *out, const float *q, const v
             static const int min_g = env_int("TUNA_ATTN_DEC_MING", 1, 4096);
             /* TUNA_ATTN_TRIGGER=1: the next kernel may start early (see the kernel; slower) */
             static const int trig = env_int("TUNA_ATTN_TRIGGER", 1, 1);
+            /* TUNA_ATTN_MERGE_ALL=1: the split merge reads every split's row, empty ones included (before) */
+            static const int mall = env_int("TUNA_ATTN_MERGE_ALL", 1, 1);
             if (pdl) {
                 if (!tuna_cuda_launch(be, "k_attn_decode16", dec16_pick<KT>(D, GM, c16->tc != 0), grid, dim3(32 * c16->nw),
                                       (size_t)c16->smem, out, part_acc, part_ml, counters, q, kc, vc, md, drows, H, Hkv,
-                                      D, n_hg, n_splits, c16->ns, c16->wr, scale * 1.4426950408889634f, hx, min_g, trig | 2 | io << 2,
+                                      D, n_hg, n_splits, c16->ns, c16->wr, scale * 1.4426950408889634f, hx, min_g, trig | 2 | io << 2 | mall << 4,
                                       pf))
                     return;
             } else {
                 dec16_pick<KT>(D, GM, c16->tc != 0)<<<grid, 32 * c16->nw, (size_t)c16->smem, be->stream>>>(
                     out, part_acc, part_ml, counters, q, kc, vc, md, drows, H, Hkv, D, n_hg, n_splits, c16->ns, c16->wr,
-                    scale * 1.4426950408889634f, hx, min_g, trig | io << 2, pf);
+                    scale * 1.4426950408889634f, hx, min_g, trig | io << 2 | mall << 4, pf);
                 if (!tuna_cuda_check_launch(be, "k_attn_decode16")) return;
             }
             done = true;
