@@ -269,7 +269,12 @@ __global__ void k_attn_combine(float *out, const float *part_acc, const float *p
  * found with an atomic counter, which it resets to 0 — merges the splits (weights in shared
  * memory, the partial rows read with several loads in flight), so no second kernel runs.
  * Scores are in log2 units (q is scaled by scale * log2(e)). GM is a power of two >= the heads
- * of the block; padded heads have q = 0 and are never written. */
+ * of the block; padded heads have q = 0 and are never written.
+ * FP8 cache with D 64 or 128 (template TC, the default on sm_80+, TUNA_ATTN_F8MMA=0 for the
+ * FFMA path): the two products of a group run on the tensor cores (see the kernel). The FFMA
+ * path spends the same instructions per key as bf16 on half the bytes: on the H100 it was
+ * issue-bound at 2.0 TB/s (185M instructions per b256 launch, 69% SM throughput); TC issues 84M
+ * and streams 2.55 TB/s (bf16: 2.68). */
 #define D16_KEYS 16
 #define D16_MAX_BPS 4 /* blocks per SM counted at most when sizing the grid */
 
@@ -415,8 +420,14 @@ __global__ void __launch_bounds__(128)
     tuna_pdl_wait();
     if (flags & 1) tuna_pdl_trigger();
     const int io = (flags >> 2) & 3; /* q and out: float32, bf16 or f16 (the 16-bit activation op) */
-    for (int x = tid; x < GM * D; x += blockDim.x)
-        qs[x] = x < ng * D ? a16_ld(q, io, ((int64_t)t * H + h0) * D + x) * qscale : 0.0f;
+    /* q into shared memory after the first K/V copies are queued (the block-table load and the
+     * copies do not wait behind q's loads: one global round trip less before the first group,
+     * what a short context at batch 1 waits on); flags & 32 (TUNA_ATTN_QFIRST=1): q first, as before */
+    auto load_q = [&]() {
+        for (int x = tid; x < GM * D; x += blockDim.x)
+            qs[x] = x < ng * D ? a16_ld(q, io, ((int64_t)t * H + h0) * D + x) * qscale : 0.0f;
+    };
+    if (flags & 32) load_q();
 
     const int32_t *table = att_table(md, t);
     const int64_t HkvD = (int64_t)Hkv * D;
@@ -459,6 +470,7 @@ __global__ void __launch_bounds__(128)
         nslot = slot_of(k + 1);
         issue(k, sl);
     }
+    if (!(flags & 32)) load_q();
     if (threadIdx.x == 0) tuna_l2pf_issue(pf, pf_b, pf_nb);
     __syncthreads(); /* qs */
 
@@ -897,16 +909,18 @@ static void launch_kernels(tuna_backend *be, float *out, const float *q, const v
             static const int trig = env_int("TUNA_ATTN_TRIGGER", 1, 1);
             /* TUNA_ATTN_MERGE_ALL=1: the split merge reads every split's row, empty ones included (before) */
             static const int mall = env_int("TUNA_ATTN_MERGE_ALL", 1, 1);
+            /* TUNA_ATTN_QFIRST=1: q is loaded before the first K/V copies are queued (before) */
+            static const int qfirst = env_int("TUNA_ATTN_QFIRST", 1, 1);
             if (pdl) {
                 if (!tuna_cuda_launch(be, "k_attn_decode16", dec16_pick<KT>(D, GM, c16->tc != 0), grid, dim3(32 * c16->nw),
                                       (size_t)c16->smem, out, part_acc, part_ml, counters, q, kc, vc, md, drows, H, Hkv,
-                                      D, n_hg, n_splits, c16->ns, c16->wr, scale * 1.4426950408889634f, hx, min_g, trig | 2 | io << 2 | mall << 4,
+                                      D, n_hg, n_splits, c16->ns, c16->wr, scale * 1.4426950408889634f, hx, min_g, trig | 2 | io << 2 | mall << 4 | qfirst << 5,
                                       pf))
                     return;
             } else {
                 dec16_pick<KT>(D, GM, c16->tc != 0)<<<grid, 32 * c16->nw, (size_t)c16->smem, be->stream>>>(
                     out, part_acc, part_ml, counters, q, kc, vc, md, drows, H, Hkv, D, n_hg, n_splits, c16->ns, c16->wr,
-                    scale * 1.4426950408889634f, hx, min_g, trig | io << 2 | mall << 4, pf);
+                    scale * 1.4426950408889634f, hx, min_g, trig | io << 2 | mall << 4 | qfirst << 5, pf);
                 if (!tuna_cuda_check_launch(be, "k_attn_decode16")) return;
             }
             done = true;
@@ -1062,8 +1076,9 @@ static void attention_io(tuna_backend *be, float *out, const float *q, int io, c
     static const int dec_old = env_int("TUNA_ATTN_DEC_OLD", 1, 1);
     const int GM16 = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8;
     dec16_cfg c16 = {0, 0, 0, 0, 0, 0};
-    /* FP8 with D = 64 or 128 on sm_80+: the tensor-core variant when TUNA_ATTN_F8MMA=1 */
-    static const int f8mma = env_int("TUNA_ATTN_F8MMA", 1, 1);
+    /* FP8 with D = 64 or 128 on sm_80+: the tensor-core variant unless TUNA_ATTN_F8MMA=0 (H100,
+     * batch 256 at context 1,000: 15.83 against 18.13 ms per step, the kernel 208 against 263 us) */
+    static const int f8mma = !(getenv("TUNA_ATTN_F8MMA") && !strcmp(getenv("TUNA_ATTN_F8MMA"), "0"));
     const bool tc = code == KV_CODE_F8 && (D == 64 || D == 128) && dev_major >= 8 && f8mma;
     if (n_dec > 0 && code != 0 && D % (code == KV_CODE_F8 ? 16 : 8) == 0 && (uintptr_t)kcache % 16 == 0 &&
         (uintptr_t)vcache % 16 == 0 && !dec_old)
