@@ -629,6 +629,35 @@ static __device__ __forceinline__ void q4v_rows(const struct gemv_job &j, int64_
     row[1] = *n0 + 1 < N ? *n0 + 1 : N - 1; /* computed, not stored */
 }
 
+/* q4h_dot for both rows of a unit, x read one 16-byte piece at a time (4 registers live, not 16) */
+static __device__ __forceinline__ void q4v_dot2(const uint8_t *tab, const uint4 (&c)[2], const uint8_t *xs, uint32_t xo,
+                                                uint32_t lane_off, float (&d)[2])
+{
+    __half2 s[2][2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) s[r][0] = s[r][1] = __float2half2_rn(0.0f);
+#pragma unroll
+    for (int p = 0; p < 4; p++) {
+        const uint4 xv = *reinterpret_cast<const uint4 *>(xs + (xo ^ ((uint32_t)p * 16u)));
+        const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const uint32_t w = p == 0 ? c[r].x : p == 1 ? c[r].y : p == 2 ? c[r].z : c[r].w;
+#pragma unroll
+            for (int b = 0; b < 4; b++) {
+                const uint32_t off = __byte_perm(w, lane_off, 0x5504u | ((uint32_t)b << 4));
+                const __half2 t = *reinterpret_cast<const __half2 *>(tab + off);
+                s[r][p >> 1] = __hfma2(t, *reinterpret_cast<const __half2 *>(&xw[b]), s[r][p >> 1]);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const __half2 v = __hadd2(s[r][0], s[r][1]);
+        d[r] = __low2float(v) + __high2float(v);
+    }
+}
+
 template <bool NORM, bool NESTED, int D, int MINB>
 __global__ void __launch_bounds__(Q4V_MAXT, MINB)
     k_q4_v(const float *__restrict__ x, const __grid_constant__ struct gemv_job j, const struct q4_lut lut_in,
@@ -644,9 +673,11 @@ __global__ void __launch_bounds__(Q4V_MAXT, MINB)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = blockDim.x >> 5;
     if (threadIdx.x < 16) slut[threadIdx.x] = lut_in.v[threadIdx.x];
     __syncthreads();
-    for (int e = threadIdx.x; e < 256 * 32; e += blockDim.x) {
-        const int byte = e >> 5, l = e & 31;
-        *reinterpret_cast<__half2 *>(tab + byte * 256 + l * 4) = __floats2half2_rn(slut[byte >> 4], slut[byte & 15]);
+    for (int e = threadIdx.x; e < 256 * 8; e += blockDim.x) { /* 4 lanes' copies per 16-byte store */
+        const int byte = e >> 3, l4 = e & 7;
+        const __half2 v = __floats2half2_rn(slut[byte >> 4], slut[byte & 15]);
+        const uint32_t u = *reinterpret_cast<const uint32_t *>(&v);
+        *reinterpret_cast<uint4 *>(tab + byte * 256 + l4 * 16) = make_uint4(u, u, u, u);
     }
     if (NESTED)
         for (int s = 0; s < j.nseg; s++)
@@ -661,36 +692,33 @@ __global__ void __launch_bounds__(Q4V_MAXT, MINB)
     const int64_t K = j.K;
 
     /* the load side: unit l_u (item l_li, unit l_k of it) */
-    const uint4 *lc[2] = {NULL, NULL};
-    const uint8_t *lq[2] = {NULL, NULL};
-    const float *la[2] = {NULL, NULL};
+    /* row r's weights: element offset le[r] of the lane's first weight in matrix l_sg(r); the
+     * matrices' base pointers are read from the job (parameter space) at each load: 2 registers
+     * of state per row instead of 7 */
     uint32_t le[2] = {0u, 0u};
+    int l_seg = 0;
+    const bool glu = j.mode == GEMV_GLU;
     int l_u = us, l_li = us / (KU > 0 ? KU : 1), l_k = us - l_li * KU;
     auto set_item = [&](int li) {
         int sg[2], seg;
         int64_t row[2], n0;
         q4v_rows(j, ib0 + li, sg, row, &seg, &n0);
+        l_seg = seg;
 #pragma unroll
-        for (int r = 0; r < 2; r++) {
-            const struct gemv_seg &s = j.s[sg[r]];
-            const int64_t e0 = row[r] * K;
-            lc[r] = reinterpret_cast<const uint4 *>(s.W) + e0 / 32 + lane;
-            le[r] = (uint32_t)e0 + (uint32_t)lane * 32u;
-            lq[r] = NESTED ? s.sc.q : NULL;
-            la[r] = NESTED ? s.sc.nabs : s.sc.absmax;
-        }
+        for (int r = 0; r < 2; r++) le[r] = (uint32_t)(row[r] * K) + (uint32_t)lane * 32u;
     };
     auto load = [&](struct q4v_stage &st) {
         if (l_k * 32 + lane < K32) {
 #pragma unroll
             for (int r = 0; r < 2; r++) {
-                st.c[r] = __ldg(lc[r] + l_k * 32);
-                const uint32_t b = (le[r] + (uint32_t)l_k * 1024u) >> bs_shift;
+                const struct gemv_seg &s = j.s[glu ? r : l_seg];
+                const uint32_t e = le[r] + (uint32_t)l_k * 1024u, b = e >> bs_shift;
+                st.c[r] = __ldg(reinterpret_cast<const uint4 *>(s.W) + (e >> 5));
                 if (NESTED) {
-                    st.q[r] = __ldg(lq[r] + b);
-                    st.a[r] = __ldg(la[r] + (b >> P.nshift));
+                    st.q[r] = __ldg(s.sc.q + b);
+                    st.a[r] = __ldg(s.sc.nabs + (b >> P.nshift));
                 } else {
-                    st.a[r] = __ldg(la[r] + b);
+                    st.a[r] = __ldg(s.sc.absmax + b);
                 }
             }
         }
@@ -735,15 +763,13 @@ __global__ void __launch_bounds__(Q4V_MAXT, MINB)
             const int chunk = c_k * 32 + lane;
             if (chunk < K32) {
                 const uint32_t xo = ((uint32_t)chunk * 64u) ^ xsw; /* piece p at xo ^ 16 p */
-                uint4 xv[4];
-#pragma unroll
-                for (int p = 0; p < 4; p++) xv[p] = *reinterpret_cast<const uint4 *>(xs + (xo ^ ((uint32_t)p * 16u)));
+                float d[2];
+                q4v_dot2(tab, st[u].c, xs, xo, lane_off, d);
 #pragma unroll
                 for (int r = 0; r < 2; r++) {
-                    const float d = q4h_dot(tab, st[u].c[r], xv, lane_off);
                     const float am =
                         NESTED ? __fadd_rn(__fmul_rn(ncode[c_nco[r] + (int)st[u].q[r]], st[u].a[r]), c_noff[r]) : st[u].a[r];
-                    acc[r] += am * d;
+                    acc[r] += am * d[r];
                 }
             }
             if (l_u < ue) load(st[u]);
