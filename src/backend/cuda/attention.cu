@@ -353,8 +353,10 @@ static __device__ __forceinline__ void d16_split2(float x, float y, uint32_t &hi
  * DT: D when compiled for one head size (64, 128), 0 = any multiple of 8 up to 256 (Drt).
  * GM: query heads per block (1, 2, 4 or 8). wr: bytes of shared memory per warp (its stage
  * ring; reused for the merge). counters [tokens * Hkv * n_hg]: 0 between launches. */
-template <typename KT, int DT, int GM, bool TC>
-__global__ void __launch_bounds__(128)
+/* TC: 0 FFMA path, 1 tensor cores (at most 128 registers: 4 blocks per SM), 2 the same at most
+ * 102 (5 blocks, TUNA_ATTN_F8MMA=2; spills 64 bytes at D 128) */
+template <typename KT, int DT, int GM, int TC>
+__global__ void __launch_bounds__(128, TC == 2 ? 5 : TC == 1 ? 4 : 1)
     k_attn_decode16(float *out, float *part_acc, float *part_ml, unsigned *counters, const float *q, const KT *kc,
                     const KT *vc, att_meta md, const int32_t *rows, int H, int Hkv, int Drt, int n_hg, int n_splits,
                     int ns, int wr, float qscale, int heads_x, int min_g, int flags, const struct tuna_l2pf pf)
@@ -420,14 +422,8 @@ __global__ void __launch_bounds__(128)
     tuna_pdl_wait();
     if (flags & 1) tuna_pdl_trigger();
     const int io = (flags >> 2) & 3; /* q and out: float32, bf16 or f16 (the 16-bit activation op) */
-    /* q into shared memory after the first K/V copies are queued (the block-table load and the
-     * copies do not wait behind q's loads: one global round trip less before the first group,
-     * what a short context at batch 1 waits on); flags & 32 (TUNA_ATTN_QFIRST=1): q first, as before */
-    auto load_q = [&]() {
-        for (int x = tid; x < GM * D; x += blockDim.x)
-            qs[x] = x < ng * D ? a16_ld(q, io, ((int64_t)t * H + h0) * D + x) * qscale : 0.0f;
-    };
-    if (flags & 32) load_q();
+    for (int x = tid; x < GM * D; x += blockDim.x)
+        qs[x] = x < ng * D ? a16_ld(q, io, ((int64_t)t * H + h0) * D + x) * qscale : 0.0f;
 
     const int32_t *table = att_table(md, t);
     const int64_t HkvD = (int64_t)Hkv * D;
@@ -470,7 +466,6 @@ __global__ void __launch_bounds__(128)
         nslot = slot_of(k + 1);
         issue(k, sl);
     }
-    if (!(flags & 32)) load_q();
     if (threadIdx.x == 0) tuna_l2pf_issue(pf, pf_b, pf_nb);
     __syncthreads(); /* qs */
 
@@ -797,17 +792,18 @@ using dec16_kernel = void (*)(float *, float *, float *, unsigned *, const float
                               const int32_t *, int, int, int, int, int, int, int, float, int, int, int,
                               const struct tuna_l2pf);
 
-template <typename KT, int GM> static dec16_kernel<KT> dec16_pick_d(int D, bool tc)
+template <typename KT, int GM> static dec16_kernel<KT> dec16_pick_d(int D, int tc)
 {
     if constexpr (sizeof(KT) == 1) {
-        if (tc) return D == 64 ? k_attn_decode16<KT, 64, GM, true> : k_attn_decode16<KT, 128, GM, true>;
+        if (tc == 2) return D == 64 ? k_attn_decode16<KT, 64, GM, 2> : k_attn_decode16<KT, 128, GM, 2>;
+        if (tc) return D == 64 ? k_attn_decode16<KT, 64, GM, 1> : k_attn_decode16<KT, 128, GM, 1>;
     }
-    return D == 64    ? k_attn_decode16<KT, 64, GM, false>
-           : D == 128 ? k_attn_decode16<KT, 128, GM, false>
-                      : k_attn_decode16<KT, 0, GM, false>;
+    return D == 64    ? k_attn_decode16<KT, 64, GM, 0>
+           : D == 128 ? k_attn_decode16<KT, 128, GM, 0>
+                      : k_attn_decode16<KT, 0, GM, 0>;
 }
-/* tc: the tensor-core variant (FP8 cache, D 64 or 128 only) */
-template <typename KT> static dec16_kernel<KT> dec16_pick(int D, int GM, bool tc)
+/* tc: the tensor-core variant (FP8 cache, D 64 or 128 only; 2: compiled for 5 blocks per SM) */
+template <typename KT> static dec16_kernel<KT> dec16_pick(int D, int GM, int tc)
 {
     return GM == 1 ? dec16_pick_d<KT, 1>(D, tc) : GM == 2 ? dec16_pick_d<KT, 2>(D, tc) : GM == 4 ? dec16_pick_d<KT, 4>(D, tc)
                                                                                             : dec16_pick_d<KT, 8>(D, tc);
@@ -834,7 +830,7 @@ static int dec16_smem(int D, int GM, int nw, int ns, int es, int *wr_out)
     return total > split_merge ? total : split_merge;
 }
 
-template <typename KT> static dec16_cfg dec16_config(tuna_backend *be, int D, int GM, int max_smem, bool tc)
+template <typename KT> static dec16_cfg dec16_config(tuna_backend *be, int D, int GM, int max_smem, int tc)
 {
     struct entry {
         int dev, D, GM, tc;
@@ -843,9 +839,9 @@ template <typename KT> static dec16_cfg dec16_config(tuna_backend *be, int D, in
     static entry cache[32];
     static int n_cache = 0;
     for (int k = 0; k < n_cache; k++)
-        if (cache[k].dev == be->device && cache[k].D == D && cache[k].GM == GM && cache[k].tc == (int)tc)
+        if (cache[k].dev == be->device && cache[k].D == D && cache[k].GM == GM && cache[k].tc == tc)
             return cache[k].c;
-    dec16_cfg c = {4, 2, 0, 0, 0, (int)tc}; /* H100: 2 stages, 3 blocks per SM beat 3 stages, 2 blocks (55% vs 51% at B=256) */
+    dec16_cfg c = {4, 2, 0, 0, 0, tc}; /* H100: 2 stages, 3 blocks per SM beat 3 stages, 2 blocks (55% vs 51% at B=256) */
     if (D > 128) c.nw = 2;
     const int ew = env_int("TUNA_ATTN_DEC_WARPS", 1, 4), es = env_int("TUNA_ATTN_DEC_STAGES", 2, 4);
     if (ew) c.nw = ew;
@@ -873,7 +869,7 @@ template <typename KT> static dec16_cfg dec16_config(tuna_backend *be, int D, in
             c.bps = 0;
         cudaGetLastError(); /* a refusal above only means: the general kernel runs */
     }
-    if (n_cache < 32) cache[n_cache++] = entry{be->device, D, GM, (int)tc, c};
+    if (n_cache < 32) cache[n_cache++] = entry{be->device, D, GM, tc, c};
     return c;
 }
 
@@ -909,18 +905,16 @@ static void launch_kernels(tuna_backend *be, float *out, const float *q, const v
             static const int trig = env_int("TUNA_ATTN_TRIGGER", 1, 1);
             /* TUNA_ATTN_MERGE_ALL=1: the split merge reads every split's row, empty ones included (before) */
             static const int mall = env_int("TUNA_ATTN_MERGE_ALL", 1, 1);
-            /* TUNA_ATTN_QFIRST=1: q is loaded before the first K/V copies are queued (before) */
-            static const int qfirst = env_int("TUNA_ATTN_QFIRST", 1, 1);
             if (pdl) {
-                if (!tuna_cuda_launch(be, "k_attn_decode16", dec16_pick<KT>(D, GM, c16->tc != 0), grid, dim3(32 * c16->nw),
+                if (!tuna_cuda_launch(be, "k_attn_decode16", dec16_pick<KT>(D, GM, c16->tc), grid, dim3(32 * c16->nw),
                                       (size_t)c16->smem, out, part_acc, part_ml, counters, q, kc, vc, md, drows, H, Hkv,
-                                      D, n_hg, n_splits, c16->ns, c16->wr, scale * 1.4426950408889634f, hx, min_g, trig | 2 | io << 2 | mall << 4 | qfirst << 5,
+                                      D, n_hg, n_splits, c16->ns, c16->wr, scale * 1.4426950408889634f, hx, min_g, trig | 2 | io << 2 | mall << 4,
                                       pf))
                     return;
             } else {
-                dec16_pick<KT>(D, GM, c16->tc != 0)<<<grid, 32 * c16->nw, (size_t)c16->smem, be->stream>>>(
+                dec16_pick<KT>(D, GM, c16->tc)<<<grid, 32 * c16->nw, (size_t)c16->smem, be->stream>>>(
                     out, part_acc, part_ml, counters, q, kc, vc, md, drows, H, Hkv, D, n_hg, n_splits, c16->ns, c16->wr,
-                    scale * 1.4426950408889634f, hx, min_g, trig | io << 2 | mall << 4 | qfirst << 5, pf);
+                    scale * 1.4426950408889634f, hx, min_g, trig | io << 2 | mall << 4, pf);
                 if (!tuna_cuda_check_launch(be, "k_attn_decode16")) return;
             }
             done = true;
@@ -1078,12 +1072,14 @@ static void attention_io(tuna_backend *be, float *out, const float *q, int io, c
     dec16_cfg c16 = {0, 0, 0, 0, 0, 0};
     /* FP8 with D = 64 or 128 on sm_80+: the tensor-core variant unless TUNA_ATTN_F8MMA=0 (H100,
      * batch 256 at context 1,000: 15.83 against 18.13 ms per step, the kernel 208 against 263 us) */
-    static const int f8mma = !(getenv("TUNA_ATTN_F8MMA") && !strcmp(getenv("TUNA_ATTN_F8MMA"), "0"));
-    const bool tc = code == KV_CODE_F8 && (D == 64 || D == 128) && dev_major >= 8 && f8mma;
+    static const int f8mma = !(getenv("TUNA_ATTN_F8MMA") && !strcmp(getenv("TUNA_ATTN_F8MMA"), "0"))
+                                 ? (env_int("TUNA_ATTN_F8MMA", 2, 2) ? 2 : 1) /* 2: at most 102 registers, 5 blocks per SM */
+                                 : 0;
+    const int tc = code == KV_CODE_F8 && (D == 64 || D == 128) && dev_major >= 8 ? f8mma : 0;
     if (n_dec > 0 && code != 0 && D % (code == KV_CODE_F8 ? 16 : 8) == 0 && (uintptr_t)kcache % 16 == 0 &&
         (uintptr_t)vcache % 16 == 0 && !dec_old)
-        c16 = code == 1 ? dec16_config<__nv_bfloat16>(be, (int)D, GM16, max_smem, false)
-              : code == 2 ? dec16_config<__half>(be, (int)D, GM16, max_smem, false)
+        c16 = code == 1 ? dec16_config<__nv_bfloat16>(be, (int)D, GM16, max_smem, 0)
+              : code == 2 ? dec16_config<__half>(be, (int)D, GM16, max_smem, 0)
                           : dec16_config<__nv_fp8_e4m3>(be, (int)D, GM16, max_smem, tc);
     const bool use16 = c16.bps > 0;
     const int GM = use16 ? GM16 : DEC_GM, n_hg = (G + GM - 1) / GM;
