@@ -328,16 +328,6 @@ struct tuna_backend_ops {
                           enum tuna_dtype adt, const struct tuna_weight *const *ws, const float *const *biases,
                           int64_t T, const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok,
                           bool acc);
-    /* Optional (NULL, or false returned having done nothing: the caller runs lora_matmul16 for
-     * gate/up and then glu16): out [T, N] (adt) = act(x Wg^T + LoRA_g) * (x Wu^T + LoRA_u) for the
-     * 16-bit x [T, K], wg and wu [N, K] without bias; gate and up [T, N] (adt) are its scratch (out
-     * may equal gate). sets [3]: the adapters of gate, up and of the linear that reads out next
-     * (down; each may be NULL), which the backend may start on (its shrink over out) for the
-     * lora_matmul16 call of that linear right after, with x = out. CUDA: TUNA_LORA_DENSE=2 only
-     * (the segmented tensor-core kernels on the 16-bit path). */
-    bool (*lora_glu16)(tuna_backend *be, void *out, void *gate, void *up, const void *x, enum tuna_dtype adt,
-                       const struct tuna_weight *wg, const struct tuna_weight *wu, int64_t T,
-                       const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok, int act);
 };
 
 #endif

@@ -275,21 +275,6 @@ static bool lora_matmul16(struct tuna_model *m, int n, const struct tuna_linear 
     return m->ops->lora_matmul16(m->be, n, ys, ydt, x, adt, ws, bs, T, sets, &m->ws->lt, acc);
 }
 
-/* gate/up of the 16-bit x, their adapters and the GLU in one op (backend.h lora_glu16; down's
- * adapters passed along): out = act(gate) * up in adt. False when the backend declines (the
- * caller then runs lora_matmul16 and glu16). */
-static bool lora_glu16(struct tuna_model *m, const struct tuna_layer *L, void *out, void *gate, void *up,
-                       const void *x, enum tuna_dtype adt, int64_t T)
-{
-    if (!m->ops->lora_glu16) return false;
-    const struct tuna_linear *const lins[3] = {&L->gate, &L->up, &L->down};
-    const struct tuna_lora_bank *sets[3] = {NULL, NULL, NULL};
-    const struct tuna_weight *ws[3];
-    const float *bs[3];
-    if (!lora_group(m, 3, lins, ws, bs, sets)) return true;
-    return m->ops->lora_glu16(m->be, out, gate, up, x, adt, ws[0], ws[1], T, sets, &m->ws->lt, (int)m->arch.act);
-}
-
 /* Whether a layer whose linears carry adapters used this step can take the 16-bit path: the
  * backend's lora_matmul16 takes steps of T tokens (its n = 0 query), the adapters' views are in
  * adt and q/k/v/gate/up have no bias. */
@@ -542,10 +527,7 @@ static uint64_t graph_key(const struct tuna_model *m, tuna_kv_cache *kv, const s
     h = mix_key(h, (uint64_t)act16_env_on()); /* which ops the layers run */
     /* LoRA: whether the step runs the adapters, and which set (its device views) it reads */
     h = mix_key(h, (uint64_t)ws->lora_used);
-    if (ws->lora_used) { /* dense, segmented, or segmented on the 16-bit path (TUNA_LORA_DENSE=2) */
-        const char *e = getenv("TUNA_LORA_DENSE");
-        h = mix_key(h, (uint64_t)lora_dense_env_on() + (uint64_t)(e && e[0] == '2'));
-    }
+    if (ws->lora_used) h = mix_key(h, (uint64_t)lora_dense_env_on()); /* dense or segmented LoRA */
     if (ws->lora_used) h = mix_key(h, tuna_model_lora_generation(m) + 1);
     for (int64_t l = 0; l < m->arch.n_layers; l++) {
         h = mix_key(h, (uint64_t)(uintptr_t)tuna_kv_k(kv, l));
@@ -609,15 +591,11 @@ static tuna_status layer_act16(struct tuna_model *m, const struct tuna_layer *L,
     ok = lora_on(m, &L->o) ? lora_matmul16(m, 1, o1, yx, F32, A->att, adt, T, true)
                            : op->matmul16(be, x, F32, A->att, adt, &L->o.w, L->o.bias, T, true); /* x += att W_o^T */
     op->rmsnorm16(be, A->xn_mlp, x, L->mlp_norm, T, C, eps, adt);
-    const bool lgu = lora_on(m, &L->gate) || lora_on(m, &L->up);
-    if (ok && lgu && lora_glu16(m, L, A->gate, A->gate, A->up, A->xn_mlp, adt, T)) {
-        /* gate/up, their adapters and the GLU in one op */
-    } else {
-        ok = ok && (lgu ? lora_matmul16(m, 2, gu, ygu, adt, A->xn_mlp, adt, T, false)
-                        : op->matmul16(be, A->gate, adt, A->xn_mlp, adt, &L->gate.w, L->gate.bias, T, false) &&
-                              op->matmul16(be, A->up, adt, A->xn_mlp, adt, &L->up.w, L->up.bias, T, false));
-        op->glu16(be, A->gate, A->gate, A->up, T * I, (int)a->act, adt);
-    }
+    ok = ok && (lora_on(m, &L->gate) || lora_on(m, &L->up)
+                    ? lora_matmul16(m, 2, gu, ygu, adt, A->xn_mlp, adt, T, false)
+                    : op->matmul16(be, A->gate, adt, A->xn_mlp, adt, &L->gate.w, L->gate.bias, T, false) &&
+                          op->matmul16(be, A->up, adt, A->xn_mlp, adt, &L->up.w, L->up.bias, T, false));
+    op->glu16(be, A->gate, A->gate, A->up, T * I, (int)a->act, adt);
     ok = ok && (lora_on(m, &L->down) ? lora_matmul16(m, 1, d1, yx, F32, A->gate, adt, T, true)
                                      : op->matmul16(be, x, F32, A->gate, adt, &L->down.w, L->down.bias, T,
                                                     true)); /* x += act W_down^T */

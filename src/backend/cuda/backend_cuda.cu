@@ -379,7 +379,6 @@ static const struct tuna_backend_ops k_cuda_ops = {
     tuna_cuda_glu16,
     tuna_cuda_act16_min_t,
     tuna_cuda_lora_matmul16,
-    tuna_cuda_lora_glu16,
 };
 
 extern "C" const struct tuna_backend_ops *tuna_cuda_backend_ops(void) { return &k_cuda_ops; }

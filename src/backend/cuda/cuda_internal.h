@@ -157,9 +157,6 @@ bool tuna_cuda_lora_matmul16(tuna_backend *be, int n, void *const *ys, enum tuna
                              enum tuna_dtype adt, const struct tuna_weight *const *ws, const float *const *biases,
                              int64_t T, const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok,
                              bool acc);
-bool tuna_cuda_lora_glu16(tuna_backend *be, void *out, void *gate, void *up, const void *x, enum tuna_dtype adt,
-                          const struct tuna_weight *wg, const struct tuna_weight *wu, int64_t T,
-                          const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok, int act);
 tuna_status tuna_cuda_argmax(tuna_backend *be, int32_t *out, const float *logits, int64_t T, int64_t V);
 
 /* Optional fused ops (fused.cu), backend.h's matmul_multi / matmul_glu / matmul_add. */

@@ -276,7 +276,7 @@ struct tc_banks {
     int n[TC_MAXB];                       /* adapters of each (0 without) */
     int R[TC_MAXB];                       /* max_r of each */
     int off[TC_MAXB];                     /* linear i's ranks start at column off[i] of a u row */
-    void *y[TC_MAXB];                     /* the outputs: float32, or the adapters' 16-bit type (YT) */
+    float *y[TC_MAXB];
     int64_t N[TC_MAXB];
     int nt0[TC_MAXB + 1];                 /* expand: the first N block of each output */
     int nb, RU, ng;                       /* linears; u row length; adapter groups (largest n) */
@@ -613,58 +613,11 @@ __device__ __forceinline__ void next_finish(float (*red)[TC_DS_MAXR + 4], int &l
     if (tid == 0) nx.count[blockIdx.y] = 0;
 }
 
-/* The same for y of type YT (float32, or bf16/f16 with float32 math: each value rounded once as
- * it is stored). */
-template <typename YT> __device__ __forceinline__ float tc_f(YT v);
-template <> __device__ __forceinline__ float tc_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <> __device__ __forceinline__ float tc_f<__half>(__half v) { return __half2float(v); }
-template <typename YT> __device__ __forceinline__ YT tc_bits(unsigned short u);
-template <> __device__ __forceinline__ __nv_bfloat16 tc_bits<__nv_bfloat16>(unsigned short u)
-{
-    return __ushort_as_bfloat16(u);
-}
-template <> __device__ __forceinline__ __half tc_bits<__half>(unsigned short u) { return __ushort_as_half(u); }
-template <typename YT> __device__ __forceinline__ YT tc_round(float v);
-template <> __device__ __forceinline__ __nv_bfloat16 tc_round<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half tc_round<__half>(float v) { return __float2half_rn(v); }
-
-template <typename YT> __device__ __forceinline__ float2 tc_ldy(const void *p, int64_t o, bool two, bool pair)
-{
-    if constexpr (sizeof(YT) == 4) {
-        return tc_ld2((const float *)p, o, two, pair);
-    } else {
-        if (o < 0) return make_float2(0.0f, 0.0f);
-        const YT *q = (const YT *)p + o;
-        if (pair) {
-            const uint32_t w = *reinterpret_cast<const uint32_t *>(q);
-            const YT lo = tc_bits<YT>((unsigned short)(w & 0xffffu));
-            const YT hi = tc_bits<YT>((unsigned short)(w >> 16));
-            return make_float2(tc_f<YT>(lo), tc_f<YT>(hi));
-        }
-        return make_float2(tc_f<YT>(q[0]), two ? tc_f<YT>(q[1]) : 0.0f);
-    }
-}
-
-template <typename YT> __device__ __forceinline__ void tc_sty(void *p, int64_t o, float2 v, bool two, bool pair)
-{
-    if constexpr (sizeof(YT) == 4) {
-        tc_st2((float *)p, o, v, two, pair);
-    } else {
-        YT *q = (YT *)p + o;
-        if (pair) {
-            *reinterpret_cast<uint32_t *>(q) = mma_pack<YT>(v.x, v.y);
-            return;
-        }
-        q[0] = tc_round<YT>(v.x);
-        if (two) q[1] = tc_round<YT>(v.y);
-    }
-}
-
 enum { EX_ADD, EX_GLU, EX_RESID };
-template <typename HT, int MODE, typename YT>
+template <typename HT, int MODE>
 __global__ void __launch_bounds__(TC_WARPS * 32)
     k_lora_expand_tc(const HT *__restrict__ u, int T, const int32_t *order, const int32_t *start, const tc_banks b,
-                     void *glu_out, int act, const tc_next nx)
+                     float *glu_out, int act, const tc_next nx)
 {
     constexpr bool GLU = MODE == EX_GLU, ALL = MODE != EX_ADD;
     constexpr int NP = GLU ? TC_GLU_NP : 1, NQD = GLU ? TC_DS_MAXR / 8 : 1;
@@ -770,9 +723,8 @@ __global__ void __launch_bounds__(TC_WARPS * 32)
                     const int64_t n = n0 + 8 * jt + 2 * c;
                     at[h][jt] = ti < nt && n < N ? (int64_t)tok[ti] * N + n : -1;
 #pragma unroll
-                    for (int q = 0; q < NBK; q++) v[q][h][jt] = tc_ldy<YT>(b.y[li + q], at[h][jt], n + 1 < N, pair);
-                    r0[h][jt] = MODE == EX_RESID ? tc_ldy<YT>(glu_out, at[h][jt], n + 1 < N, pair)
-                                                 : make_float2(0.0f, 0.0f);
+                    for (int q = 0; q < NBK; q++) v[q][h][jt] = tc_ld2(b.y[li + q], at[h][jt], n + 1 < N, pair);
+                    r0[h][jt] = MODE == EX_RESID ? tc_ld2(glu_out, at[h][jt], n + 1 < N, pair) : make_float2(0.0f, 0.0f);
                 }
             }
 #pragma unroll
@@ -787,16 +739,16 @@ __global__ void __launch_bounds__(TC_WARPS * 32)
                     float2 out;
                     if (MODE == EX_ADD) {
                         out = make_float2(v[0][h][jt].x + l0, v[0][h][jt].y + l1);
-                        tc_sty<YT>(b.y[li], o, out, two, pair);
+                        tc_st2(b.y[li], o, out, two, pair);
                     } else if (MODE == EX_RESID) {
                         out = make_float2(r0[h][jt].x + v[0][h][jt].x + l0, r0[h][jt].y + v[0][h][jt].y + l1);
-                        tc_sty<YT>(glu_out, o, out, two, pair);
+                        tc_st2(glu_out, o, out, two, pair);
                     } else {
                         const float m0 = sc[NBK - 1] * acc[NBK - 1][mt][jt][2 * h],
                                     m1 = sc[NBK - 1] * acc[NBK - 1][mt][jt][2 * h + 1];
                         out.x = tuna_cuda_act(v[0][h][jt].x + l0, act) * (v[NBK - 1][h][jt].x + m0);
                         out.y = tuna_cuda_act(v[0][h][jt].y + l1, act) * (v[NBK - 1][h][jt].y + m1);
-                        tc_sty<YT>(glu_out, o, out, two, pair);
+                        tc_st2(glu_out, o, out, two, pair);
                         ov[h][jt] = make_float2(out.x, two ? out.y : 0.0f);
                     }
                 }
@@ -893,29 +845,21 @@ static bool launch_shrink(tuna_backend *be, cudaStream_t st, const tc_banks &b, 
 /* The expand of one call (u made by its shrink, by lora_begin's, or by the GLU call before). */
 template <typename HT>
 static void launch_expand(tuna_backend *be, const tc_banks &b, const tc_next &nx, int64_t T, HT *u,
-                          const int32_t *order, const int32_t *start, void *glu_out, int act, bool y16 = false)
+                          const int32_t *order, const int32_t *start, float *glu_out, int act)
 {
-    /* y16: the outputs (y, and the GLU's out) in HT instead of float32 (the 16-bit activation
-     * path); the residual form is float32 only */
     const unsigned ex_tiles = (unsigned)((T + TC_EX_TM - 1) / TC_EX_TM + b.ng + (glu_out ? 1 : 0));
     const dim3 blk(TC_WARPS * 32);
     if (glu_out && act == TUNA_LORA_RESIDUAL) {
         const unsigned nbx = (unsigned)((b.N[0] + TC_EX_NB - 1) / TC_EX_NB);
-        k_lora_expand_tc<HT, EX_RESID, float><<<dim3(nbx, ex_tiles), blk, 0, be->stream>>>(u, (int)T, order, start, b,
-                                                                                        glu_out, act, nx);
+        k_lora_expand_tc<HT, EX_RESID><<<dim3(nbx, ex_tiles), blk, 0, be->stream>>>(u, (int)T, order, start, b,
+                                                                                 glu_out, act, nx);
     } else if (glu_out) {
-        const dim3 grid((unsigned)((b.N[0] + TC_EX_NB * TC_GLU_NP - 1) / (TC_EX_NB * TC_GLU_NP)), ex_tiles);
-        if (y16)
-            k_lora_expand_tc<HT, EX_GLU, HT><<<grid, blk, 0, be->stream>>>(u, (int)T, order, start, b, glu_out, act, nx);
-        else
-            k_lora_expand_tc<HT, EX_GLU, float><<<grid, blk, 0, be->stream>>>(u, (int)T, order, start, b, glu_out, act,
-                                                                              nx);
+        const unsigned nbx = (unsigned)((b.N[0] + TC_EX_NB * TC_GLU_NP - 1) / (TC_EX_NB * TC_GLU_NP));
+        k_lora_expand_tc<HT, EX_GLU><<<dim3(nbx, ex_tiles), blk, 0, be->stream>>>(u, (int)T, order, start, b, glu_out,
+                                                                               act, nx);
     } else {
-        const dim3 grid((unsigned)b.nt0[b.nb], ex_tiles);
-        if (y16)
-            k_lora_expand_tc<HT, EX_ADD, HT><<<grid, blk, 0, be->stream>>>(u, (int)T, order, start, b, NULL, act, nx);
-        else
-            k_lora_expand_tc<HT, EX_ADD, float><<<grid, blk, 0, be->stream>>>(u, (int)T, order, start, b, NULL, act, nx);
+        k_lora_expand_tc<HT, EX_ADD><<<dim3((unsigned)b.nt0[b.nb], ex_tiles), blk, 0, be->stream>>>(
+            u, (int)T, order, start, b, NULL, act, nx);
     }
     tuna_cuda_check_launch(be, "k_lora_expand_tc");
 }
@@ -1311,93 +1255,39 @@ template <typename HT> __global__ void k_lora_mask(HT *hm, const float *h, const
     dense_put(hm + t * d.RU + j, v);
 }
 
-/* TUNA_LORA_DENSE: 0 declines every call (forward.c then takes the float32 ops and the lora op's
- * segmented kernels); 2 = the segmented tensor-core kernels on the 16-bit path (seg16_run below);
- * anything else the dense form. Read at every call (tests switch it). */
-static int lora_mode(void)
+/* TUNA_LORA_DENSE=0: decline every call (forward.c then takes the lora op's segmented kernels);
+ * read at every call (tests switch it). */
+static bool dense_on(void)
 {
     const char *e = getenv("TUNA_LORA_DENSE");
-    return e && e[0] == '0' ? 0 : e && e[0] == '2' ? 2 : 1;
+    return !(e && e[0] == '0');
 }
-static bool dense_on(void) { return lora_mode() != 0; }
 
-/* TUNA_LORA_DENSE=2: a call of lora_matmul16 (glu_out NULL) or lora_glu16 (glu_out = out, act;
- * n = 2 gate/up, next = down's adapters or NULL) on the segmented tensor-core kernels: the
- * projections' GEMMs first (16-bit y with beta 0, or onto the float32 residual with acc), then
- * the shrink of the tokens grouped by adapter (only each token's own ranks, x16 as it is) and the
- * expand adding each token's LoRA term into y in place (float32 math, a 16-bit y rounded again);
- * the GLU form adds both terms and applies act(gate) * up in the expand's epilogue (no glu16
- * pass, no write and re-read of the LoRA terms) and folds down's shrink over out, so down's call
- * only expands. Launches per layer with adapters everywhere: 2 (q/k/v) + 2 (o) + 1 (gate/up +
- * GLU) + 1 (down), against 4 + 3 + 3 + 3 GEMMs and masks in the dense form. */
-static void seg16_run(tuna_backend *be, int n, void *const *ys, enum tuna_dtype ydt, const void *x16, enum tuna_dtype D,
-                      const struct tuna_weight *const *ws, const float *const *biases, int64_t T,
-                      const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok, bool acc,
-                      void *glu_out, int act, const struct tuna_lora_bank *next)
+/* TUNA_LORA_NOSPLIT=1 (a measurement knob, read at every call): the dense form's shrink and
+ * expand GEMMs on a second cuBLAS handle that has no workspace, so cuBLAS cannot pick its split-K
+ * kernels for these skinny shapes (their partials need workspace; an in-place split-K would need
+ * atomics, which cuBLAS leaves off by default: the results stay deterministic). The handle is
+ * made once per process, outside a capture (until then the calls use be->blas), on the device
+ * current then, and never freed. */
+static cublasHandle_t lora_blas(tuna_backend *be)
 {
-    auto &q = be->lora_pre; /* (lora_begin is the float32 path's; a pending one is waited for) */
-    if (q.pending) {
-        tuna_cuda_check(be, cudaStreamWaitEvent(be->stream, q.join, 0), "cudaStreamWaitEvent(LoRA shrink)");
-        q.pending = false;
+    const char *e = getenv("TUNA_LORA_NOSPLIT");
+    if (!(e && e[0] == '1')) return be->blas;
+    static cublasHandle_t h = NULL;
+    static bool tried = false;
+    if (!h && !tried && !be->capturing) {
+        tried = true;
+        if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) {
+            h = NULL;
+        } else if (cublasSetMathMode(h, CUBLAS_DEFAULT_MATH) != CUBLAS_STATUS_SUCCESS ||
+                   cublasSetWorkspace(h, NULL, 0) != CUBLAS_STATUS_SUCCESS) {
+            cublasDestroy(h);
+            h = NULL;
+        }
     }
-    q.valid = false;
-    int64_t Ns[3] = {0, 0, 0};
-    for (int i = 0; i < n; i++) {
-        Ns[i] = ws[i]->rows;
-        (void)tuna_cuda_matmul16(be, ys[i], ydt, x16, D, ws[i], biases ? biases[i] : NULL, T, acc);
-    }
-    if (be->sticky) return;
-    const struct tuna_lora_bank *s3[3] = {sets[0], n > 1 ? sets[1] : NULL, n > 2 ? sets[2] : NULL};
-    int nn = n;
-    if (glu_out) {
-        s3[2] = next;
-        Ns[2] = next ? Ns[0] : 0;
-        nn = next ? 3 : 2;
-    }
-    float *yf[3] = {(float *)ys[0], n > 1 ? (float *)ys[1] : NULL, n > 2 ? (float *)ys[2] : NULL};
-    const void *stash_x = be->lora_next.x;
-    struct lora_plan p;
-    bool hit;
-    const int kind = lora_plan_make(be, &p, nn, yf, Ns, (const float *)x16, T, ws[0]->cols, s3, tok, (float *)glu_out,
-                                    act, stash_x, &hit);
-    be->lora_next.x = NULL;
-    if (kind == PLAN_DONE) return;
-    if (kind == PLAN_NONE) {
-        if (glu_out) tuna_cuda_glu16(be, glu_out, ys[0], ys[1], T * Ns[0], act, D);
-        return;
-    }
-    if (kind == PLAN_F32) { /* TUNA_LORA_TC=0: not on this path */
-        tuna_cuda_check(be, cudaErrorInvalidValue, "lora (TUNA_LORA_DENSE=2 with TUNA_LORA_TC=0)");
-        return;
-    }
-    char *base = p.base;
-    const bool y16 = glu_out ? true : ydt != TUNA_DTYPE_F32;
-    if (kind == PLAN_TC) {
-        if (p.dt == 1)
-            launch_shrink<__nv_bfloat16>(be, be->stream, p.b, NULL, x16, T, ws[0]->cols, p.S, p.KC, p.sh_tiles,
-                                         (__nv_bfloat16 *)(base + p.u_off), (float *)(base + p.p_off), (int *)base,
-                                         p.d_order, p.d_start);
-        else
-            launch_shrink<__half>(be, be->stream, p.b, NULL, x16, T, ws[0]->cols, p.S, p.KC, p.sh_tiles,
-                                  (__half *)(base + p.u_off), (float *)(base + p.p_off), (int *)base, p.d_order,
-                                  p.d_start);
-        if (be->sticky) return;
-    }
-    if (p.dt == 1)
-        launch_expand<__nv_bfloat16>(be, p.b, p.nx, T, (__nv_bfloat16 *)(base + p.u_off), p.d_order, p.d_start,
-                                     glu_out, act, y16);
-    else
-        launch_expand<__half>(be, p.b, p.nx, T, (__half *)(base + p.u_off), p.d_order, p.d_start, glu_out, act, y16);
-    if (kind == PLAN_TC && p.fold_next && !be->sticky) { /* down's u, for its call right after */
-        be->lora_next.x = (const float *)glu_out;
-        be->lora_next.w = p.next->w;
-        be->lora_next.base = base;
-        be->lora_next.T = T;
-        be->lora_next.K = Ns[0];
-        be->lora_next.n = p.next->n;
-        be->lora_next.R = (int)p.next->max_r;
-        be->lora_next.off = (size_t)((char *)p.nx.u - base);
-    }
+    if (!h) return be->blas;
+    cublasSetStream(h, be->stream);
+    return h;
 }
 
 /* The dense call of lora_matmul (x32: float32 x, rounded here; ydt F32) and lora_matmul16 (x32
@@ -1436,11 +1326,6 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
     if (RU == 0) return false;
     d.RU = (int)RU;
     if (be->sticky) return true;
-    if (lora_mode() == 2 && !x32) {
-        seg16_run(be, n, ys, ydt, x16, D, ws, biases, T, sets, tok, acc, NULL, 0, NULL);
-        return true;
-    }
-    be->lora_next.x = NULL; /* a u a GLU call folded serves only the seg16 call right after it */
     /* the step's adapter per token on the device (the step block's mirror: no upload) */
     struct cuda_meta mt = {0};
     if (!tuna_cuda_meta_begin(be, &mt, (size_t)T * sizeof(int32_t))) return true;
@@ -1472,7 +1357,7 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
             M += d.l[j].n * d.l[j].rs;
         }
         tuna_cuda_check_blas(be,
-                             cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, M, (int)T, (int)K, &one, sets[i]->A_all, ct,
+                             cublasGemmEx(lora_blas(be), CUBLAS_OP_T, CUBLAS_OP_N, M, (int)T, (int)K, &one, sets[i]->A_all, ct,
                                           (int)K, xh, ct, (int)K, &zero, h + d.l[i].off, CUDA_R_32F, (int)RU,
                                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                              "cublasGemmEx(LoRA shrink, all slots)");
@@ -1489,7 +1374,7 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
         if (d.l[i].w) { /* the LoRA term over the slots (beta 0, or 1 onto the residual stream) */
             const int M = d.l[i].n * d.l[i].rs;
             tuna_cuda_check_blas(be,
-                                 cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)T, M, &one, sets[i]->B_all,
+                                 cublasGemmEx(lora_blas(be), CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)T, M, &one, sets[i]->B_all,
                                               ct, M, hm + (size_t)d.l[i].off * 2, ct, (int)RU, acc ? &one : &zero, ys[i],
                                               yt, (int)N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                                  "cublasGemmEx(LoRA expand, all slots)");
@@ -1528,24 +1413,4 @@ bool tuna_cuda_lora_matmul16(tuna_backend *be, int n, void *const *ys, enum tuna
                              bool acc)
 {
     return dense_call(be, n, ys, ydt, NULL, x, adt, ws, biases, T, sets, tok, acc);
-}
-
-bool tuna_cuda_lora_glu16(tuna_backend *be, void *out, void *gate, void *up, const void *x, enum tuna_dtype adt,
-                          const struct tuna_weight *wg, const struct tuna_weight *wu, int64_t T,
-                          const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok, int act)
-{
-    if (lora_mode() != 2 || be->cc_major < 8 || T <= tuna_cuda_gemv_max_t16() || T > INT32_MAX / 2 || !tok ||
-        !tok->adapter || (adt != TUNA_DTYPE_BF16 && adt != TUNA_DTYPE_F16) || wg->dtype != adt || wu->dtype != adt ||
-        wg->cols != wu->cols || wg->rows != wu->rows)
-        return false;
-    for (int i = 0; i < 3; i++) {
-        const struct tuna_lora_bank *s = sets[i];
-        if (bank_has(s) && (s->dtype != adt || s->n > LORA_MAX_N || s->max_r > LORA_MAX_R)) return false;
-    }
-    if (be->sticky) return true;
-    be->half_of = NULL;
-    void *const ys[2] = {gate, up};
-    const struct tuna_weight *const ws[2] = {wg, wu};
-    seg16_run(be, 2, ys, adt, x, adt, ws, NULL, T, sets, tok, false, out, act, bank_has(sets[2]) ? sets[2] : NULL);
-    return true;
 }
