@@ -353,10 +353,10 @@ static __device__ __forceinline__ void d16_split2(float x, float y, uint32_t &hi
  * DT: D when compiled for one head size (64, 128), 0 = any multiple of 8 up to 256 (Drt).
  * GM: query heads per block (1, 2, 4 or 8). wr: bytes of shared memory per warp (its stage
  * ring; reused for the merge). counters [tokens * Hkv * n_hg]: 0 between launches. */
-/* TC: 0 FFMA path, 1 tensor cores (at most 128 registers: 4 blocks per SM), 2 the same at most
- * 102 (5 blocks, TUNA_ATTN_F8MMA=2; spills 64 bytes at D 128) */
+/* TC: 0 FFMA path, 1 tensor cores (at most 128 registers: 4 blocks per SM; compiled for 5 blocks,
+ * <= 102 registers, it spilled and ran the b256 fp8 step in 16.96 against 15.82 ms on the H100) */
 template <typename KT, int DT, int GM, int TC>
-__global__ void __launch_bounds__(128, TC == 2 ? 5 : TC == 1 ? 4 : 1)
+__global__ void __launch_bounds__(128, TC ? 4 : 1)
     k_attn_decode16(float *out, float *part_acc, float *part_ml, unsigned *counters, const float *q, const KT *kc,
                     const KT *vc, att_meta md, const int32_t *rows, int H, int Hkv, int Drt, int n_hg, int n_splits,
                     int ns, int wr, float qscale, int heads_x, int min_g, int flags, const struct tuna_l2pf pf)
@@ -795,14 +795,13 @@ using dec16_kernel = void (*)(float *, float *, float *, unsigned *, const float
 template <typename KT, int GM> static dec16_kernel<KT> dec16_pick_d(int D, int tc)
 {
     if constexpr (sizeof(KT) == 1) {
-        if (tc == 2) return D == 64 ? k_attn_decode16<KT, 64, GM, 2> : k_attn_decode16<KT, 128, GM, 2>;
         if (tc) return D == 64 ? k_attn_decode16<KT, 64, GM, 1> : k_attn_decode16<KT, 128, GM, 1>;
     }
     return D == 64    ? k_attn_decode16<KT, 64, GM, 0>
            : D == 128 ? k_attn_decode16<KT, 128, GM, 0>
                       : k_attn_decode16<KT, 0, GM, 0>;
 }
-/* tc: the tensor-core variant (FP8 cache, D 64 or 128 only; 2: compiled for 5 blocks per SM) */
+/* tc: the tensor-core variant (FP8 cache, D 64 or 128 only) */
 template <typename KT> static dec16_kernel<KT> dec16_pick(int D, int GM, int tc)
 {
     return GM == 1 ? dec16_pick_d<KT, 1>(D, tc) : GM == 2 ? dec16_pick_d<KT, 2>(D, tc) : GM == 4 ? dec16_pick_d<KT, 4>(D, tc)
@@ -1072,9 +1071,7 @@ static void attention_io(tuna_backend *be, float *out, const float *q, int io, c
     dec16_cfg c16 = {0, 0, 0, 0, 0, 0};
     /* FP8 with D = 64 or 128 on sm_80+: the tensor-core variant unless TUNA_ATTN_F8MMA=0 (H100,
      * batch 256 at context 1,000: 15.83 against 18.13 ms per step, the kernel 208 against 263 us) */
-    static const int f8mma = !(getenv("TUNA_ATTN_F8MMA") && !strcmp(getenv("TUNA_ATTN_F8MMA"), "0"))
-                                 ? (env_int("TUNA_ATTN_F8MMA", 2, 2) ? 2 : 1) /* 2: at most 102 registers, 5 blocks per SM */
-                                 : 0;
+    static const int f8mma = !(getenv("TUNA_ATTN_F8MMA") && !strcmp(getenv("TUNA_ATTN_F8MMA"), "0"));
     const int tc = code == KV_CODE_F8 && (D == 64 || D == 128) && dev_major >= 8 ? f8mma : 0;
     if (n_dec > 0 && code != 0 && D % (code == KV_CODE_F8 ? 16 : 8) == 0 && (uintptr_t)kcache % 16 == 0 &&
         (uintptr_t)vcache % 16 == 0 && !dec_old)
