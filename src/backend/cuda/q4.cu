@@ -812,7 +812,8 @@ __global__ void __launch_bounds__(Q4T_THREADS, 1)
  * table where the compute is 16-bit (float32 compute takes the float2 table), 4 (default) k_q4_h2
  * (below) at T = 1 where the compute is 16-bit and it fits, else as 2; 5 k_q4_s (q4_stream.cu,
  * seventh session: bulk copies into a ring of shared-memory stages, sm_90+) where it fits, else
- * as 4; 3 k_q4_mma
+ * as 4; 6 k_q4_v (q4_stream.cu, eighth session: balanced unit streams per warp; opt-in, chain 75.5
+ * against 77.1 us/layer with TUNA_Q4_VR=64 TUNA_Q4_VB=2, within the noise) where it fits, else as 4; 3 k_q4_mma
  * (below) where the compute is 16-bit and it fits, else as 2 (fifth session's H100 round: chain
  * 125.7 us/layer against 84.8 for 2, end to end 4.79 against 3.54 ms: opt-in only). Measured on
  * the H100 (docs/PERFORMANCE.md): 32-layer NF4 chain 139.6 us/layer with 2, 142.1 with 1, 184.5

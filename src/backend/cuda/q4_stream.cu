@@ -582,6 +582,10 @@ bool tuna_cuda_q4_stream(tuna_backend *be, const float *x, struct gemv_job *j, c
 
 /* ---- k_q4_v: the batch-1 4-bit GEMV as one balanced stream per warp (eighth session; TUNA_Q4_K=6) ----
  *
+ * Opt-in: on the H100 it measured within the noise of k_q4_h2 (layer chain 75.5 against 77.1 us
+ * with TUNA_Q4_VR=64 TUNA_Q4_VB=2, 76.2 at the default cap; end to end 3.23 against 3.28 ms,
+ * once); docs/PERFORMANCE.md (NF4, eighth session) has the numbers and what to try next.
+ *
  * k_q4_h2 at 128 registers per thread (ptxas, sm_90a) fills the register file with its one block
  * per SM: the next kernel's blocks cannot start on an SM before this one's block ends, so the PDL
  * prologue (tables, first loads) never overlaps, and each warp's item/pair bookkeeping costs
