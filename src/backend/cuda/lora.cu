@@ -1263,33 +1263,6 @@ static bool dense_on(void)
     return !(e && e[0] == '0');
 }
 
-/* TUNA_LORA_NOSPLIT=1 (a measurement knob, read at every call): the dense form's shrink and
- * expand GEMMs on a second cuBLAS handle that has no workspace, so cuBLAS cannot pick its split-K
- * kernels for these skinny shapes (their partials need workspace; an in-place split-K would need
- * atomics, which cuBLAS leaves off by default: the results stay deterministic). The handle is
- * made once per process, outside a capture (until then the calls use be->blas), on the device
- * current then, and never freed. */
-static cublasHandle_t lora_blas(tuna_backend *be)
-{
-    const char *e = getenv("TUNA_LORA_NOSPLIT");
-    if (!(e && e[0] == '1')) return be->blas;
-    static cublasHandle_t h = NULL;
-    static bool tried = false;
-    if (!h && !tried && !be->capturing) {
-        tried = true;
-        if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) {
-            h = NULL;
-        } else if (cublasSetMathMode(h, CUBLAS_DEFAULT_MATH) != CUBLAS_STATUS_SUCCESS ||
-                   cublasSetWorkspace(h, NULL, 0) != CUBLAS_STATUS_SUCCESS) {
-            cublasDestroy(h);
-            h = NULL;
-        }
-    }
-    if (!h) return be->blas;
-    cublasSetStream(h, be->stream);
-    return h;
-}
-
 /* The dense call of lora_matmul (x32: float32 x, rounded here; ydt F32) and lora_matmul16 (x32
  * NULL: x16 already in D; ydt F32 with acc, or D). */
 static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype ydt, const float *x32, const void *x16,
@@ -1357,7 +1330,7 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
             M += d.l[j].n * d.l[j].rs;
         }
         tuna_cuda_check_blas(be,
-                             cublasGemmEx(lora_blas(be), CUBLAS_OP_T, CUBLAS_OP_N, M, (int)T, (int)K, &one, sets[i]->A_all, ct,
+                             cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, M, (int)T, (int)K, &one, sets[i]->A_all, ct,
                                           (int)K, xh, ct, (int)K, &zero, h + d.l[i].off, CUDA_R_32F, (int)RU,
                                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                              "cublasGemmEx(LoRA shrink, all slots)");
@@ -1374,7 +1347,7 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
         if (d.l[i].w) { /* the LoRA term over the slots (beta 0, or 1 onto the residual stream) */
             const int M = d.l[i].n * d.l[i].rs;
             tuna_cuda_check_blas(be,
-                                 cublasGemmEx(lora_blas(be), CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)T, M, &one, sets[i]->B_all,
+                                 cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)T, M, &one, sets[i]->B_all,
                                               ct, M, hm + (size_t)d.l[i].off * 2, ct, (int)RU, acc ? &one : &zero, ys[i],
                                               yt, (int)N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                                  "cublasGemmEx(LoRA expand, all slots)");
