@@ -1578,22 +1578,8 @@ __global__ void __launch_bounds__(Q4H_THREADS, 1)
             }
             if ((solo || h == 0) && lane == 0) {
                 const float v0 = (acc[0] + p0) * inv_s, v1 = (acc[1] + p1) * inv_s;
-                if (j.mode == GEMV_GLU) {
-                    const int64_t N = j.s[0].N;
-                    const float bg = j.s[0].bias ? j.s[0].bias[c_n0] : 0.0f;
-                    const float bu = j.s[1].bias ? j.s[1].bias[c_n0] : 0.0f;
-                    if (c_n0 < N) j.s[0].y[c_n0] = tuna_cuda_act(v0 + bg, j.act) * (v1 + bu);
-                } else {
-                    const struct gemv_seg &s = j.s[c_seg];
-#pragma unroll
-                    for (int r = 0; r < 2; r++) {
-                        const int64_t n = c_n0 + r;
-                        if (n >= s.N) break;
-                        const float v = (r ? v1 : v0) + (s.bias ? s.bias[n] : 0.0f);
-                        if (j.mode == GEMV_ADD) s.y[n] += v;
-                        else s.y[n] = v;
-                    }
-                }
+                const float a2[2][1] = {{v0}, {v1}}, one[1] = {1.0f};
+                if (j.mode != GEMV_GLU || c_n0 < j.s[0].N) gemv_store<1, 2>(j, a2, one, c_seg, c_n0);
             }
             acc[0] = acc[1] = 0.0f;
             c_k++;

@@ -806,21 +806,8 @@ __global__ void __launch_bounds__(Q4V_MAXT, MINB)
         int sg[2], seg;
         int64_t row[2], n0;
         q4v_rows(j, ib0 + li, sg, row, &seg, &n0);
-        if (j.mode == GEMV_GLU) {
-            const float bg = j.s[0].bias ? j.s[0].bias[n0] : 0.0f;
-            const float bu = j.s[1].bias ? j.s[1].bias[n0] : 0.0f;
-            j.s[0].y[n0] = tuna_cuda_act(v0 + bg, j.act) * (v1 + bu);
-        } else {
-            const struct gemv_seg &s = j.s[seg];
-#pragma unroll
-            for (int r = 0; r < 2; r++) {
-                const int64_t n = n0 + r;
-                if (n >= s.N) break;
-                const float v = (r ? v1 : v0) + (s.bias ? s.bias[n] : 0.0f);
-                if (j.mode == GEMV_ADD) s.y[n] += v;
-                else s.y[n] = v;
-            }
-        }
+        const float a2[2][1] = {{v0}, {v1}}, one[1] = {1.0f};
+        gemv_store<1, 2>(j, a2, one, seg, n0);
     }
 }
 
