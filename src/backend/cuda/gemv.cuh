@@ -292,6 +292,24 @@ bool tuna_cuda_q4_lean(tuna_backend *be, const float *x, struct gemv_job *j, con
 bool tuna_cuda_q4_stream(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
                          const struct q4_lut *lut, int blocksize, int64_t T);
 
+/* Where item `it`'s two rows are: segment and first row (stores), each row's segment and index. */
+static __device__ __forceinline__ void q4_item_rows(const struct gemv_job &j, int64_t it, int *seg, int64_t *n0,
+                                                    int (&sg)[2], int64_t (&row)[2])
+{
+    if (j.mode == GEMV_GLU) {
+        *seg = 0;
+        *n0 = it;
+        sg[0] = 0, sg[1] = 1;
+        row[0] = row[1] = it;
+        return;
+    }
+    gemv_rows(j, 2, it, seg, n0);
+    const int64_t N = j.s[*seg].N;
+    sg[0] = sg[1] = *seg;
+    row[0] = *n0;
+    row[1] = *n0 + 1 < N ? *n0 + 1 : N - 1; /* computed, not stored */
+}
+
 /* One row's f16 sum over a lane's 32 weights (word p of the codes against x piece p), in float32:
  * tab[(byte << 8) | lane * 4] holds the half2 of the byte's two nibbles (the byte -> half2 table of
  * k_q4_h2 in q4.cu and k_q4_s in q4_stream.cu). */

@@ -1382,24 +1382,6 @@ struct q4h_stage {
     uint32_t q[2]; /* nested: the 8-bit code of the absmax */
 };
 
-/* Where item `it`'s two rows are: segment and first row (stores), each row's segment and index. */
-static __device__ __forceinline__ void q4h_item(const struct gemv_job &j, int64_t it, int *seg, int64_t *n0,
-                                                int (&sg)[2], int64_t (&row)[2])
-{
-    if (j.mode == GEMV_GLU) {
-        *seg = 0;
-        *n0 = it;
-        sg[0] = 0, sg[1] = 1;
-        row[0] = row[1] = it;
-        return;
-    }
-    gemv_rows(j, 2, it, seg, n0);
-    const int64_t N = j.s[*seg].N;
-    sg[0] = sg[1] = *seg;
-    row[0] = *n0;
-    row[1] = *n0 + 1 < N ? *n0 + 1 : N - 1; /* computed, not stored */
-}
-
 template <bool NORM, int D>
 __global__ void __launch_bounds__(Q4H_THREADS, 1)
     k_q4_h2(const float *__restrict__ x, const __grid_constant__ struct gemv_job j, const struct q4_lut lut_in,
@@ -1456,7 +1438,7 @@ __global__ void __launch_bounds__(Q4H_THREADS, 1)
     auto set_src = [&](int64_t it) {
         int seg, sg[2];
         int64_t row[2];
-        q4h_item(j, it, &seg, &l_n, sg, row);
+        q4_item_rows(j, it, &seg, &l_n, sg, row);
         l_N = j.s[seg].N;
 #pragma unroll
         for (int r = 0; r < 2; r++) {
@@ -1531,7 +1513,7 @@ __global__ void __launch_bounds__(Q4H_THREADS, 1)
     auto set_cmp = [&](int64_t it) {
         int sg[2];
         int64_t row[2];
-        q4h_item(j, it, &c_seg, &c_n0, sg, row);
+        q4_item_rows(j, it, &c_seg, &c_n0, sg, row);
         c_N = j.s[c_seg].N;
 #pragma unroll
         for (int r = 0; r < 2; r++) {

@@ -618,21 +618,6 @@ struct q4v_stage {
     uint32_t q[2]; /* nested: the 8-bit code of the absmax */
 };
 
-/* Item it's rows: segment of each, row index in it, and the store's segment and first row. */
-static __device__ __forceinline__ void q4v_rows(const struct gemv_job &j, int64_t it, int (&sg)[2], int64_t (&row)[2],
-                                                int *seg, int64_t *n0)
-{
-    if (j.mode == GEMV_GLU) {
-        sg[0] = 0, sg[1] = 1, row[0] = row[1] = it, *seg = 0, *n0 = it;
-        return;
-    }
-    gemv_rows(j, 2, it, seg, n0);
-    const int64_t N = j.s[*seg].N;
-    sg[0] = sg[1] = *seg;
-    row[0] = *n0;
-    row[1] = *n0 + 1 < N ? *n0 + 1 : N - 1; /* computed, not stored */
-}
-
 /* q4h_dot for both rows of a unit, x read one 16-byte piece at a time (4 registers live, not 16) */
 static __device__ __forceinline__ void q4v_dot2(const uint8_t *tab, const uint4 (&c)[2], const uint8_t *xs, uint32_t xo,
                                                 uint32_t lane_off, float (&d)[2])
@@ -706,7 +691,7 @@ __global__ void __launch_bounds__(Q4V_MAXT, MINB)
     auto set_item = [&](int li) {
         int sg[2], seg;
         int64_t row[2], n0;
-        q4v_rows(j, ib0 + li, sg, row, &seg, &n0);
+        q4_item_rows(j, ib0 + li, &seg, &n0, sg, row);
         l_seg = seg;
 #pragma unroll
         for (int r = 0; r < 2; r++) le[r] = (uint32_t)(row[r] * K) + (uint32_t)lane * 32u;
@@ -754,7 +739,7 @@ __global__ void __launch_bounds__(Q4V_MAXT, MINB)
     auto set_cmp = [&](int li) {
         int sg[2], seg;
         int64_t row[2], n0;
-        q4v_rows(j, ib0 + li, sg, row, &seg, &n0);
+        q4_item_rows(j, ib0 + li, &seg, &n0, sg, row);
 #pragma unroll
         for (int r = 0; r < 2; r++) c_nco[r] = sg[r] * 256, c_noff[r] = j.s[sg[r]].sc.noff;
     };
@@ -805,7 +790,7 @@ __global__ void __launch_bounds__(Q4V_MAXT, MINB)
         v0 *= inv_s, v1 *= inv_s;
         int sg[2], seg;
         int64_t row[2], n0;
-        q4v_rows(j, ib0 + li, sg, row, &seg, &n0);
+        q4_item_rows(j, ib0 + li, &seg, &n0, sg, row);
         const float a2[2][1] = {{v0}, {v1}}, one[1] = {1.0f};
         gemv_store<1, 2>(j, a2, one, seg, n0);
     }
