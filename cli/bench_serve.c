@@ -106,6 +106,11 @@ static void print_results(const struct opts *o, const struct tuna_model *m, cons
     printf("steps        %lld, mean batch %.1f sequences / %.1f tokens, %.2f ms per step in the forward\n",
            (long long)e->steps, (double)e->step_seqs / steps, (double)e->step_tokens / steps,
            1e3 * e->forward_s / steps);
+    int64_t mixed = e->steps - e->decode_steps;
+    printf("step kinds   %lld decode-only at %.2f ms, %lld with prefill at %.2f ms (%.1f tokens) per step\n",
+           (long long)e->decode_steps, e->decode_steps ? 1e3 * e->decode_forward_s / (double)e->decode_steps : 0.0,
+           (long long)mixed, mixed ? 1e3 * (e->forward_s - e->decode_forward_s) / (double)mixed : 0.0,
+           mixed ? (double)(e->step_tokens - e->decode_tokens) / (double)mixed : 0.0);
     printf("kv cache     peak %lld of %lld blocks (%.1f%%), %lld preemptions\n", (long long)e->peak_kv_blocks,
            (long long)e->kv_blocks, 100.0 * (double)e->peak_kv_blocks / (double)(e->kv_blocks ? e->kv_blocks : 1),
            (long long)e->preemptions);
@@ -147,6 +152,9 @@ static tuna_status write_json(const char *path, const struct opts *o, const stru
                 {"mean_batch_seqs", (double)e->step_seqs / steps},
                 {"mean_batch_tokens", (double)e->step_tokens / steps},
                 {"forward_ms_per_step", 1e3 * e->forward_s / steps},
+                {"decode_only_steps", (double)e->decode_steps},
+                {"decode_only_forward_ms_per_step",
+                 e->decode_steps ? 1e3 * e->decode_forward_s / (double)e->decode_steps : 0.0},
                 {"peak_kv_blocks", (double)e->peak_kv_blocks},
                 {"kv_blocks", (double)e->kv_blocks},
                 {"preemptions", (double)e->preemptions}};

@@ -402,7 +402,13 @@ static void step(tuna_engine *e)
         e->stats.steps++;
         e->stats.step_tokens += e->batch.n;
         e->stats.step_seqs += n_plan;
-        e->stats.forward_s += tuna_serve_now() - t_fwd;
+        double dt = tuna_serve_now() - t_fwd;
+        e->stats.forward_s += dt;
+        if (e->batch.n == n_plan) {
+            e->stats.decode_steps++;
+            e->stats.decode_tokens += e->batch.n;
+            e->stats.decode_forward_s += dt;
+        }
         if (used > e->stats.peak_kv_blocks) e->stats.peak_kv_blocks = used;
         pthread_mutex_unlock(&e->mu);
     }

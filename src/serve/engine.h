@@ -42,6 +42,9 @@ struct tuna_engine_stats {
     int64_t kv_blocks;      /* KV blocks in total */
     int64_t preemptions;
     double forward_s;       /* wall seconds inside the forward pass (logits download included) */
+    int64_t decode_steps;   /* steps where every sequence had one token (no prefill chunk) */
+    int64_t decode_tokens;  /* step_tokens of those steps */
+    double decode_forward_s; /* forward_s of those steps */
 };
 
 typedef struct tuna_engine tuna_engine;
