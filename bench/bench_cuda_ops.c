@@ -241,9 +241,10 @@ static void bench_fused_decode(tuna_backend *be, cudaEvent_t e0, cudaEvent_t e1)
     inv = malloc(64 * 4);
     for (int i = 0; i < 64; i++) inv[i] = powf(500000.0f, -(float)i / 64.0f);
     int64_t pos = 1000, slot = 77;
-    /* BENCH_FUSED_ONLY=nf4: the NF4 lines alone */
+    /* BENCH_FUSED_ONLY=nf4: the NF4 lines alone; =bf16: the bf16 lines alone */
     const char *only = getenv("BENCH_FUSED_ONLY");
-    for (int q4 = only && strcmp(only, "nf4") == 0 ? 1 : 0; q4 < 2; q4++) {
+    const int q4_end = only && strcmp(only, "bf16") == 0 ? 1 : 2;
+    for (int q4 = only && strcmp(only, "nf4") == 0 ? 1 : 0; q4 < q4_end; q4++) {
         struct fz_layer L[4];
         for (int c = 0; c < 4; c++) {
             fz_weight(&L[c].q, C, C, q4, &qd[c][0]);

@@ -74,118 +74,6 @@ static __device__ __forceinline__ void gemv_wrows(const struct gemv_job &j, int 
     }
 }
 
-/* R rows per warp (GLU: R = 2, the gate row and the up row of one output), TT tokens; about one
- * wave of blocks whose warps stride over the rows, x staged once per block (NORM: normalized). */
-template <int TT, int R, bool NORM>
-__global__ void __launch_bounds__(GEMV_THREADS, GEMV_BLOCKS_PER_SM) k_gemv_multi(const float *__restrict__ x,
-                                                                                const struct gemv_job j)
-{
-    extern __shared__ float4 gemv_xs4[];
-    float *xs = reinterpret_cast<float *>(gemv_xs4);
-    const int lane = threadIdx.x & 31;
-    const int64_t w0 = (int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
-    const int64_t stride = (int64_t)gridDim.x * (blockDim.x / 32);
-    const int RW = j.mode == GEMV_GLU ? 1 : R;
-    const int64_t K = j.K, K8 = K / 8;
-    /* before the previous kernel is done: only the first row's weights, which it does not write */
-    uint4 raw0[R], raw1[R];
-    bool have = false;
-    {
-        int seg;
-        int64_t n0;
-        if (w0 < j.nwarp && gemv_rows(j, RW, w0, &seg, &n0)) {
-            const uint4 *wr[R];
-            gemv_wrows<R>(j, seg, n0, wr);
-            if (j.prefetch >= 2)
-#pragma unroll
-                for (int r = 0; r < R; r++)
-                    for (int64_t l = (int64_t)lane * 8; l < K8; l += 256) tuna_prefetch_l2(wr[r] + l);
-            if (j.prefetch >= 1 && lane + 32 < K8) {
-#pragma unroll
-                for (int r = 0; r < R; r++) {
-                    raw0[r] = __ldg(wr[r] + lane);
-                    raw1[r] = __ldg(wr[r] + lane + 32);
-                }
-                have = true;
-            }
-        }
-    }
-    tuna_pdl_wait();
-    tuna_pdl_trigger();
-    gemv_stage_x<TT, NORM>(xs, x, j);
-    for (int64_t wid = w0; wid < j.nwarp; wid += stride) {
-        int seg;
-        int64_t n0;
-        if (!gemv_rows(j, RW, wid, &seg, &n0)) { /* padding rows */
-            have = false;
-            continue;
-        }
-        const uint4 *wr[R];
-        gemv_wrows<R>(j, seg, n0, wr);
-        float acc[R][TT], ss[TT];
-#pragma unroll
-        for (int t = 0; t < TT; t++) {
-            ss[t] = 0.0f;
-#pragma unroll
-            for (int r = 0; r < R; r++) acc[r][t] = 0.0f;
-        }
-        int64_t i = lane;
-        for (; i + 32 < K8; i += 64) {
-            if (!have) {
-#pragma unroll
-                for (int r = 0; r < R; r++) {
-                    raw0[r] = __ldg(wr[r] + i);
-                    raw1[r] = __ldg(wr[r] + i + 32);
-                }
-            }
-            have = false;
-            gemv_step<TT, R>(acc, raw0, j.dtype, xs, K, i, lane);
-            gemv_step<TT, R>(acc, raw1, j.dtype, xs, K, i + 32, lane);
-        }
-        for (; i < K8; i += 32) {
-            uint4 raw[R];
-#pragma unroll
-            for (int r = 0; r < R; r++) raw[r] = __ldg(wr[r] + i);
-            gemv_step<TT, R>(acc, raw, j.dtype, xs, K, i, lane);
-        }
-        have = false;
-        gemv_epilogue<TT, R, false>(j, acc, ss, x, seg, n0, false);
-    }
-}
-
-/* ---- The split kernel (k_gemv_split, the default for T <= 2): S warps per job and U loads in flight.
- * A job (R rows, or a gate/up pair) is taken by a group of S consecutive warps of a block, warp s
- * of the group reading the 16-byte chunks s * 32 + lane, + 32 S, ... of the rows (split-K), U
- * chunks per row in flight per lane before any is used. S is chosen so that the jobs fill the
- * grid's warps evenly (q/k/v: 6144 rows on 4224 warps were 1.45 rows per warp, so half the warps
- * idled through the second round; S = 2 makes it 2.9 rounds of 3). The group's partial sums meet
- * in shared memory behind a named barrier of its S warps and warp 0 of the group stores: the
- * order of the additions is fixed (deterministic, CUDA graphs stay bit-identical). The next job's
- * first loads are issued before the sums of the current one are reduced. TUNA_GEMV_S (1, 2, 4)
- * and TUNA_GEMV_U (2, 4, 8) override the choice. Opt-in (TUNA_GEMV_OLD=0, or =2 for the
- * RoPE-fused q/k/v job alone): on the H100 the 32-layer chain of bench_cuda_ops ran as fast as
- * with k_gemv_multi (165.5 against 165.3 us per layer, RoPE fused). A whole bf16 decode step was
- * slower (6.93-7.10 ms against 6.42) while the attention kernel triggered the o GEMV early
- * (attention.cu: the GEMVs then ran on SMs left at attention's carveout); without that trigger
- * (the default since) it measured 6.08 against 6.06-6.09 ms: equal, so k_gemv_multi stays. */
-
-/* U chunks (16 bytes each) of R rows at chunk c, c + step, ...; chunks past K8 are zeros. */
-template <int R, int U>
-static __device__ __forceinline__ void gemv_load(uint4 (&raw)[U][R], const uint4 *const (&wr)[R], int64_t c,
-                                                 int64_t step, int64_t K8)
-{
-#pragma unroll
-    for (int u = 0; u < U; u++)
-#pragma unroll
-        for (int r = 0; r < R; r++)
-            raw[u][r] = c + u * step < K8 ? __ldg(wr[r] + c + u * step) : make_uint4(0, 0, 0, 0);
-}
-
-static __device__ __forceinline__ void gemv_bar(int id, int threads)
-{
-    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
-
 /* RoPE and the KV store in the q/k/v GEMV's epilogue (rmsnorm_qkv_rope_kv, ROPE kernels):
  * segments 0 q, 1 k, 2 v, every head of D = 2 half rows rotated whole; a job is the row pair
  * (h D + i, h D + i + half) of one head, so the warp that ends a job holds both halves of the
@@ -260,6 +148,136 @@ static __device__ __forceinline__ void rope_store(const struct gemv_job &j, cons
             rope_put(cache, rp.kv, base + n1, o2);
         }
     }
+}
+
+/* R rows per warp (GLU: R = 2, the gate row and the up row of one output), TT tokens; about one
+ * wave of blocks whose warps stride over the rows, x staged once per block (NORM: normalized).
+ * U 16-byte chunks of each row in flight per lane (all of them loaded before the PDL wait when
+ * j.prefetch >= 1). j.xmap: warp w of block b starts at job w * gridDim.x + b instead of
+ * b * 16 + w, so that when the jobs do not fill the grid every block (SM) gets as many.
+ * j.notrig: no early PDL trigger (the next kernel starts when this one is done, on drained SMs).
+ * ROPE (q/k/v with RoPE and the KV store, R = 2): a job is the row pair (h D + i, h D + i + half)
+ * of one head (split_rows), stored by rope_store. */
+template <int TT, int R, bool NORM, int U = 2, bool ROPE = false>
+__global__ void __launch_bounds__(GEMV_THREADS, GEMV_BLOCKS_PER_SM) k_gemv_multi(const float *__restrict__ x,
+                                                                                const struct gemv_job j,
+                                                                                const struct gemv_rope rp)
+{
+    extern __shared__ float4 gemv_xs4[];
+    float *xs = reinterpret_cast<float *>(gemv_xs4);
+    const int lane = threadIdx.x & 31;
+    const int64_t w0 = j.xmap ? (int64_t)(threadIdx.x >> 5) * gridDim.x + blockIdx.x
+                              : (int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+    const int64_t stride = (int64_t)gridDim.x * (blockDim.x / 32);
+    const int RW = j.mode == GEMV_GLU ? 1 : R;
+    const int64_t K = j.K, K8 = K / 8;
+    /* before the previous kernel is done: only the first row's weights, which it does not write */
+    uint4 raw[U][R];
+    bool have = false;
+    {
+        int seg;
+        int64_t n0;
+        if (w0 < j.nwarp && split_rows<ROPE>(j, rp, RW, w0, &seg, &n0)) {
+            const uint4 *wr[R];
+            split_wrows<ROPE, R>(j, rp, seg, n0, wr);
+            if (j.prefetch >= 2)
+#pragma unroll
+                for (int r = 0; r < R; r++)
+                    for (int64_t l = (int64_t)lane * 8; l < K8; l += 256) tuna_prefetch_l2(wr[r] + l);
+            if (j.prefetch >= 1 && lane + 32 * (U - 1) < K8) {
+#pragma unroll
+                for (int u = 0; u < U; u++)
+#pragma unroll
+                    for (int r = 0; r < R; r++) raw[u][r] = __ldg(wr[r] + lane + 32 * u);
+                have = true;
+            }
+        }
+    }
+    tuna_pdl_wait();
+    if (!j.notrig) tuna_pdl_trigger();
+    gemv_stage_x<TT, NORM>(xs, x, j);
+    for (int64_t wid = w0; wid < j.nwarp; wid += stride) {
+        int seg;
+        int64_t n0;
+        if (!split_rows<ROPE>(j, rp, RW, wid, &seg, &n0)) { /* padding rows */
+            have = false;
+            continue;
+        }
+        const uint4 *wr[R];
+        split_wrows<ROPE, R>(j, rp, seg, n0, wr);
+        float acc[R][TT], ss[TT];
+#pragma unroll
+        for (int t = 0; t < TT; t++) {
+            ss[t] = 0.0f;
+#pragma unroll
+            for (int r = 0; r < R; r++) acc[r][t] = 0.0f;
+        }
+        int64_t i = lane;
+        for (; i + 32 * (U - 1) < K8; i += 32 * U) {
+            if (!have) {
+#pragma unroll
+                for (int u = 0; u < U; u++)
+#pragma unroll
+                    for (int r = 0; r < R; r++) raw[u][r] = __ldg(wr[r] + i + 32 * u);
+            }
+            have = false;
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const uint4(&one)[R] = raw[u];
+                gemv_step<TT, R>(acc, one, j.dtype, xs, K, i + 32 * u, lane);
+            }
+        }
+        for (; i < K8; i += 32) {
+            uint4 one[R];
+#pragma unroll
+            for (int r = 0; r < R; r++) one[r] = __ldg(wr[r] + i);
+            gemv_step<TT, R>(acc, one, j.dtype, xs, K, i, lane);
+        }
+        have = false;
+        if constexpr (ROPE) {
+#pragma unroll
+            for (int r = 0; r < R; r++)
+#pragma unroll
+                for (int t = 0; t < TT; t++)
+                    for (int o = 16; o > 0; o >>= 1) acc[r][t] += __shfl_xor_sync(0xffffffffu, acc[r][t], o);
+            if (lane == 0) rope_store<TT, R>(j, rp, acc, seg, n0);
+        } else {
+            gemv_epilogue<TT, R, false>(j, acc, ss, x, seg, n0, false);
+        }
+    }
+}
+
+/* ---- The split kernel (k_gemv_split, the default for T <= 2): S warps per job and U loads in flight.
+ * A job (R rows, or a gate/up pair) is taken by a group of S consecutive warps of a block, warp s
+ * of the group reading the 16-byte chunks s * 32 + lane, + 32 S, ... of the rows (split-K), U
+ * chunks per row in flight per lane before any is used. S is chosen so that the jobs fill the
+ * grid's warps evenly (q/k/v: 6144 rows on 4224 warps were 1.45 rows per warp, so half the warps
+ * idled through the second round; S = 2 makes it 2.9 rounds of 3). The group's partial sums meet
+ * in shared memory behind a named barrier of its S warps and warp 0 of the group stores: the
+ * order of the additions is fixed (deterministic, CUDA graphs stay bit-identical). The next job's
+ * first loads are issued before the sums of the current one are reduced. TUNA_GEMV_S (1, 2, 4)
+ * and TUNA_GEMV_U (2, 4, 8) override the choice. Opt-in (TUNA_GEMV_OLD=0, or =2 for the
+ * RoPE-fused q/k/v job alone): on the H100 the 32-layer chain of bench_cuda_ops ran as fast as
+ * with k_gemv_multi (165.5 against 165.3 us per layer, RoPE fused). A whole bf16 decode step was
+ * slower (6.93-7.10 ms against 6.42) while the attention kernel triggered the o GEMV early
+ * (attention.cu: the GEMVs then ran on SMs left at attention's carveout); without that trigger
+ * (the default since) it measured 6.08 against 6.06-6.09 ms: equal, so k_gemv_multi stays. */
+
+/* U chunks (16 bytes each) of R rows at chunk c, c + step, ...; chunks past K8 are zeros. */
+template <int R, int U>
+static __device__ __forceinline__ void gemv_load(uint4 (&raw)[U][R], const uint4 *const (&wr)[R], int64_t c,
+                                                 int64_t step, int64_t K8)
+{
+#pragma unroll
+    for (int u = 0; u < U; u++)
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            raw[u][r] = c + u * step < K8 ? __ldg(wr[r] + c + u * step) : make_uint4(0, 0, 0, 0);
+}
+
+static __device__ __forceinline__ void gemv_bar(int id, int threads)
+{
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
 template <int TT, int R, int U, bool NORM, bool ROPE>
@@ -411,6 +429,33 @@ static int gemv_depth(void)
     return u;
 }
 
+/* The batch-1 knobs of k_gemv_multi (ninth session; read once):
+ * TUNA_GEMV_U1 = 2 (default), 4, 8: 16-byte chunks in flight per lane (all loaded before the PDL
+ *   wait) for the T = 1 one-row-per-warp jobs (q/k/v, o, down, lm_head);
+ * TUNA_GEMV_UO = 2, 4, 8: the same for the o projection alone (an ADD job with K <= N);
+ * TUNA_GEMV_ONOTRIG=1: the o projection does not trigger the next kernel early (with
+ *   TUNA_ATTN_TRIGGER=1: o preloads during attention, and the SMs drain before gate/up);
+ * TUNA_GEMV_XMAP=1: warps take jobs across blocks first (k_gemv_multi's j.xmap);
+ * TUNA_ROPE_MULTI=1: rmsnorm_qkv_rope_kv at T <= 2 as one k_gemv_multi with RoPE and the KV
+ *   store in its epilogue (pairs of rows, 2 or TUNA_GEMV_UR = 4 chunks in flight per row). */
+enum { KNOB_U1, KNOB_UO, KNOB_ONOTRIG, KNOB_XMAP, KNOB_ROPE_MULTI, KNOB_UR, KNOB_N };
+static int gemv_knob(int k)
+{
+    static int v[KNOB_N];
+    static bool done;
+    if (!done) {
+        const int u[] = {2, 4, 8}, uo[] = {0, 2, 4, 8}, b01[] = {0, 1}, ur[] = {2, 4};
+        v[KNOB_U1] = env_pick("TUNA_GEMV_U1", 2, u, 3);
+        v[KNOB_UO] = env_pick("TUNA_GEMV_UO", 0, uo, 4);
+        v[KNOB_ONOTRIG] = env_pick("TUNA_GEMV_ONOTRIG", 0, b01, 2);
+        v[KNOB_XMAP] = env_pick("TUNA_GEMV_XMAP", 0, b01, 2);
+        v[KNOB_ROPE_MULTI] = env_pick("TUNA_ROPE_MULTI", 0, b01, 2);
+        v[KNOB_UR] = env_pick("TUNA_GEMV_UR", 2, ur, 2);
+        done = true;
+    }
+    return v[k];
+}
+
 /* TUNA_GEMV_OLD: 1 (default: measured faster end to end) k_gemv_multi for every job and no RoPE
  * fusion; 0 k_gemv_split for T <= 2; 2 k_gemv_multi except the RoPE-fused q/k/v job. */
 static int gemv_old_level(void)
@@ -461,7 +506,20 @@ static bool is_q4(const struct tuna_weight *w)
 template <int TT, int R, bool NORM>
 static void launch_one(tuna_backend *be, const float *x, const struct gemv_job *j, unsigned blocks, size_t smem)
 {
-    tuna_cuda_launch(be, "k_gemv_multi", k_gemv_multi<TT, R, NORM>, dim3(blocks), dim3(GEMV_THREADS), smem, x, *j);
+    const struct gemv_rope rp = {};
+    tuna_cuda_launch(be, "k_gemv_multi", k_gemv_multi<TT, R, NORM>, dim3(blocks), dim3(GEMV_THREADS), smem, x, *j, rp);
+}
+
+/* T = 1, one row per warp, U chunks in flight per lane (TUNA_GEMV_U1 / TUNA_GEMV_UO) */
+template <bool NORM>
+static void launch_deep(tuna_backend *be, const float *x, const struct gemv_job *j, unsigned blocks, size_t smem,
+                        int U)
+{
+    const struct gemv_rope rp = {};
+    const dim3 g(blocks), b(GEMV_THREADS);
+    if (U == 8) tuna_cuda_launch(be, "k_gemv_multi", k_gemv_multi<1, 1, NORM, 8>, g, b, smem, x, *j, rp);
+    else if (U == 4) tuna_cuda_launch(be, "k_gemv_multi", k_gemv_multi<1, 1, NORM, 4>, g, b, smem, x, *j, rp);
+    else tuna_cuda_launch(be, "k_gemv_multi", k_gemv_multi<1, 1, NORM>, g, b, smem, x, *j, rp);
 }
 
 template <int R, bool NORM>
@@ -535,8 +593,17 @@ static bool launch_multi(tuna_backend *be, const float *x, struct gemv_job *j, i
         else launch_split<2>(be, x, j, (unsigned)blocks, smem, T, S, U);
         return true;
     }
-    int64_t blocks = (j->nwarp + wpb - 1) / wpb;
+    j->xmap = gemv_knob(KNOB_XMAP);
+    int64_t blocks = j->xmap ? j->nwarp : (j->nwarp + wpb - 1) / wpb;
     if (blocks > cap) blocks = cap;
+    const bool o_like = j->mode == GEMV_ADD && j->nseg == 1 && j->K <= j->s[0].N; /* o, not down */
+    if (o_like && gemv_knob(KNOB_ONOTRIG)) j->notrig = 1;
+    const int U = o_like && gemv_knob(KNOB_UO) ? gemv_knob(KNOB_UO) : gemv_knob(KNOB_U1);
+    if (T == 1 && R == 1 && U != 2) {
+        if (norm) launch_deep<true>(be, x, j, (unsigned)blocks, smem, U);
+        else launch_deep<false>(be, x, j, (unsigned)blocks, smem, U);
+        return true;
+    }
     if (R == 1) {
         if (norm) launch_tt<1, true>(be, x, j, (unsigned)blocks, smem, T);
         else launch_tt<1, false>(be, x, j, (unsigned)blocks, smem, T);
@@ -704,7 +771,8 @@ static bool qkv_rope_fused(tuna_backend *be, float *const *ys, float *xn, const 
                            int code, const int64_t *pos, const int64_t *slot, int64_t T, int64_t H, int64_t Hkv,
                            int64_t D, int64_t rot_dim, const float *inv_freq, float attn_factor)
 {
-    if (!rope_fuse_on() || gemv_old_level() == 1 || T > 2 || T > tuna_cuda_gemv_max_t16() || code < 0) return false;
+    const bool multi = gemv_knob(KNOB_ROPE_MULTI) != 0;
+    if (!rope_fuse_on() || (gemv_old_level() == 1 && !multi) || T > 2 || T > tuna_cuda_gemv_max_t16() || code < 0) return false;
     if (rot_dim != D || D <= 0 || D % 2 != 0 || ws[0]->rows != H * D || ws[1]->rows != Hkv * D ||
         ws[2]->rows != Hkv * D)
         return false;
@@ -739,6 +807,19 @@ static bool qkv_rope_fused(tuna_backend *be, float *const *ys, float *xn, const 
     j.prefetch = tuna_cuda_gemv_prefetch();
     const int64_t wpb = GEMV_THREADS / 32;
     const int64_t cap = (int64_t)(be->sm_count > 0 ? be->sm_count : 1) * GEMV_BLOCKS_PER_SM;
+    if (multi) {
+        j.xmap = gemv_knob(KNOB_XMAP);
+        int64_t blocks = j.xmap ? j.nwarp : (j.nwarp + wpb - 1) / wpb;
+        if (blocks > cap) blocks = cap;
+        const dim3 g((unsigned)blocks), b(GEMV_THREADS);
+        if (T == 1 && gemv_knob(KNOB_UR) == 4)
+            tuna_cuda_launch(be, "k_gemv_multi", k_gemv_multi<1, 2, true, 4, true>, g, b, smem, x, j, rp);
+        else if (T == 1)
+            tuna_cuda_launch(be, "k_gemv_multi", k_gemv_multi<1, 2, true, 2, true>, g, b, smem, x, j, rp);
+        else
+            tuna_cuda_launch(be, "k_gemv_multi", k_gemv_multi<2, 2, true, 2, true>, g, b, smem, x, j, rp);
+        return true;
+    }
     const int S = gemv_pick_split(j.nwarp, cap * wpb, K / 8), U = gemv_depth();
     int64_t blocks = (j.nwarp * S + wpb - 1) / wpb;
     if (blocks > cap) blocks = cap;
