@@ -323,22 +323,28 @@ static void test_dense_gpu(void **state)
     if (!(ed < 1.5 * ref + 2e-3) || !(ed < 5e-2))
         fail_msg("dense LoRA: bf16 logits %.3g from the CPU's (segmented kernels: %.3g, no adapters %.3g)", ed, eo, e0);
     if (!(ea > 2 * ed)) fail_msg("the adapters move the logits by %.3g only, against an error of %.3g", ea, ed);
-    /* the dense form's variants: the cuBLAS shrink + k_lora_mask (TUNA_LORA_SHRINK=0), the fused
-     * shrink + mask with one K split and with three (pymini's K = 256 / 704: the default takes 2),
-     * the projection's GEMM before the LoRA term (TUNA_LORA_BASEFIRST=1): the same sums in other
-     * orders and roundings, each as close to the CPU's logits as the default */
-    static const char *const var[4][2] = {
-        {"TUNA_LORA_SHRINK", "0"}, {"TUNA_LORA_KSPLIT", "1"}, {"TUNA_LORA_KSPLIT", "3"}, {"TUNA_LORA_BASEFIRST", "1"}};
+    /* the dense form's variants: the cuBLAS shrink + k_lora_mask and the cuBLAS expand before the
+     * projection (TUNA_LORA_SHRINK=0 TUNA_LORA_EXPAND=0: the path before), the fused shrink + mask
+     * with one K split and with three (pymini's K = 256 / 704: the default takes 2), the cuBLAS
+     * expand after the projection (TUNA_LORA_EXPAND=0 TUNA_LORA_BASEFIRST=1): the same sums in
+     * other orders and roundings, each as close to the CPU's logits as the default */
+    static const char *const var[5][4] = {{"TUNA_LORA_SHRINK", "0", "TUNA_LORA_EXPAND", "0"},
+                                          {"TUNA_LORA_KSPLIT", "1", NULL, NULL},
+                                          {"TUNA_LORA_KSPLIT", "3", NULL, NULL},
+                                          {"TUNA_LORA_EXPAND", "0", NULL, NULL},
+                                          {"TUNA_LORA_EXPAND", "0", "TUNA_LORA_BASEFIRST", "1"}};
     float *lv = malloc(n * 4);
     assert_non_null(lv);
-    for (int v = 0; v < 4; v++) {
-        setenv(var[v][0], var[v][1], 1);
+    for (int v = 0; v < 5; v++) {
+        for (int q = 0; q < 4 && var[v][q]; q += 2) setenv(var[v][q], var[v][q + 1], 1);
         run_batch(g, lv);
-        unsetenv(var[v][0]);
+        for (int q = 0; q < 4 && var[v][q]; q += 2) unsetenv(var[v][q]);
         const double ev = rel_err(lv, lc, n), evd = rel_err(lv, ld, n);
-        fprintf(stderr, "  %s=%s: %.2e from the CPU, %.2e from the default\n", var[v][0], var[v][1], ev, evd);
+        fprintf(stderr, "  %s=%s %s%s%s: %.2e from the CPU, %.2e from the default\n", var[v][0], var[v][1],
+                var[v][2] ? var[v][2] : "", var[v][2] ? "=" : "", var[v][2] ? var[v][3] : "", ev, evd);
         if (!(ev < 1.5 * ref + 2e-3) || !(evd < 1.5 * ref + 2e-3) || !(ea > 2 * ev))
-            fail_msg("dense LoRA with %s=%s: %.3g from the CPU, %.3g from the default", var[v][0], var[v][1], ev, evd);
+            fail_msg("dense LoRA variant %d (%s=%s): %.3g from the CPU, %.3g from the default", v, var[v][0],
+                     var[v][1], ev, evd);
     }
     free(lv);
     tuna_lora_detach(c, ac);

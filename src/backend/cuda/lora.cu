@@ -1422,10 +1422,140 @@ __global__ void __launch_bounds__(128)
         }
 }
 
+/* The expand onto the projections' outputs (the default on the 16-bit path; TUNA_LORA_EXPAND=0:
+ * cuBLAS GEMMs as before): after each projection's GEMM wrote y_i (beta 0 for a 16-bit y; onto
+ * the residual stream for o/down), one launch for the group adds y_i[t, n] += hm[t, off_i..] .
+ * B_all_i[n] over every slot (hm holds zeros outside each token's own slot). A block takes DE_TN
+ * outputs of one linear and DE_TM tokens: hm and B_all staged through shared memory as in
+ * k_lora_shrink_mask (K = the linear's n * rs), warp w computes tokens 16w..16w+15 of every
+ * output, then y is read, the term added in float32 and y written (rounded once for 16 bits).
+ * No K splits: the same bits eager or replayed. */
+#define DE_TM 64
+#define DE_TN 128
+#define DE_ST 3 /* stages (45 KB of static shared memory) */
+
+struct de_lin {
+    void *y;           /* [T, N] 16-bit (f32 = 0) or float32 (f32 = 1) */
+    const uint16_t *B; /* B_all [N, M] */
+    int N, M, off, f32, tile0; /* tile0: the linear's first block in grid.x */
+};
+struct de_job {
+    de_lin l[3];
+    int nl, RU;
+};
+
+template <typename HT>
+__global__ void __launch_bounds__(128)
+    k_lora_expand_add(const uint16_t *__restrict__ hm, int T, const de_job d)
+{
+    __shared__ __align__(16) uint16_t hs[DE_ST][DE_TM][DS_LD];
+    __shared__ __align__(16) uint16_t bs[DE_ST][DE_TN][DS_LD];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c4 = lane & 3;
+    int li = 0;
+#pragma unroll
+    for (int i = 1; i < 3; i++)
+        if (i < d.nl && (int)blockIdx.x >= d.l[i].tile0) li = i;
+    const de_lin &L = d.l[li];
+    const int n0 = ((int)blockIdx.x - L.tile0) * DE_TN, t0 = (int)blockIdx.y * DE_TM, M = L.M;
+    /* staged pieces per stage: hm 64 rows x 4 pieces (2 per thread), B 128 rows x 4 (4 per thread) */
+    const uint16_t *hr[2], *br[4];
+    bool hok[2], bok[4];
+#pragma unroll
+    for (int q = 0; q < 2; q++) {
+        const int t = t0 + ((tid + 128 * q) >> 2);
+        hok[q] = t < T;
+        hr[q] = hm + (int64_t)(hok[q] ? t : 0) * d.RU + L.off;
+    }
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        const int n = n0 + ((tid + 128 * q) >> 2);
+        bok[q] = n < L.N;
+        br[q] = L.B + (int64_t)(bok[q] ? n : 0) * M;
+    }
+    const int sk = (tid & 3) * 8, nk = (M + DS_TK - 1) / DS_TK;
+    auto stage = [&](int it) {
+        const int s = it % DE_ST, kk = it * DS_TK + sk;
+        const bool in = kk < M; /* M % 8 == 0 */
+#pragma unroll
+        for (int q = 0; q < 2; q++)
+            mma_cp_async16(&hs[s][(tid + 128 * q) >> 2][sk], in && hok[q] ? hr[q] + kk : hm, in && hok[q]);
+#pragma unroll
+        for (int q = 0; q < 4; q++)
+            mma_cp_async16(&bs[s][(tid + 128 * q) >> 2][sk], in && bok[q] ? br[q] + kk : hm, in && bok[q]);
+    };
+#pragma unroll
+    for (int s = 0; s < DE_ST - 1; s++) {
+        if (s < nk) stage(s);
+        mma_cp_async_commit();
+    }
+    float acc[DE_TN / 8][4];
+#pragma unroll
+    for (int j = 0; j < DE_TN / 8; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    for (int it = 0; it < nk; it++) {
+        mma_cp_async_wait<DE_ST - 2>();
+        __syncthreads();
+        if (it + DE_ST - 1 < nk) stage(it + DE_ST - 1);
+        mma_cp_async_commit();
+        const int s = it % DE_ST;
+#pragma unroll
+        for (int kk = 0; kk < DS_TK; kk += 16) {
+            uint32_t af[4];
+            mma_ldsm_x4(af, mma_smem(&hs[s][16 * warp + (lane & 15)][kk + (lane >> 4) * 8]));
+#pragma unroll
+            for (int p = 0; p < DE_TN / 16; p++) {
+                uint32_t bf[4];
+                mma_ldsm_x4(bf, mma_smem(&bs[s][16 * p + (lane & 7) + (lane >> 4) * 8][kk + ((lane >> 3) & 1) * 8]));
+                mma_16816<HT>(acc[2 * p], af, bf[0], bf[1]);
+                mma_16816<HT>(acc[2 * p + 1], af, bf[2], bf[3]);
+            }
+        }
+    }
+    mma_cp_async_wait<0>();
+    /* y += the term: rows 16w + g (+8), outputs n0 + 8jt + 2c4 (+1) */
+    const bool pair = (L.N & 1) == 0;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int t = t0 + 16 * warp + g + 8 * h;
+        if (t >= T) continue;
+#pragma unroll
+        for (int jt = 0; jt < DE_TN / 8; jt++) {
+            const int n = n0 + 8 * jt + 2 * c4;
+            if (n >= L.N) continue;
+            const bool two = n + 1 < L.N;
+            const float v0 = acc[jt][2 * h], v1 = acc[jt][2 * h + 1];
+            if (L.f32) {
+                float *y = (float *)L.y + (int64_t)t * L.N + n;
+                if (pair) {
+                    float2 o = *reinterpret_cast<float2 *>(y);
+                    o.x += v0, o.y += v1;
+                    *reinterpret_cast<float2 *>(y) = o;
+                } else {
+                    y[0] += v0;
+                    if (two) y[1] += v1;
+                }
+            } else {
+                HT *y = (HT *)L.y + (int64_t)t * L.N + n;
+                if (pair) {
+                    const uint32_t w = *reinterpret_cast<const uint32_t *>(y);
+                    HT o[2];
+                    memcpy(o, &w, 4);
+                    const uint32_t r = mma_pack<HT>((float)o[0] + v0, (float)o[1] + v1);
+                    *reinterpret_cast<uint32_t *>(y) = r;
+                } else {
+                    dense_put(y, (float)y[0] + v0);
+                    if (two) dense_put(y + 1, (float)y[1] + v1);
+                }
+            }
+        }
+    }
+}
+
 /* TUNA_LORA_SHRINK=0: the dense form's shrink as before (a cuBLAS GEMM over every slot, float32
  * out, then k_lora_mask); default: k_lora_shrink_mask. TUNA_LORA_BASEFIRST=1: a 16-bit y gets the
- * projection's GEMM first (beta 0) and the LoRA term added by the expand GEMM (beta 1); default:
- * the expand first, the projection onto it. Read at every call (tests switch them). */
+ * projection's GEMM first (beta 0) and the LoRA term added by the expand GEMM (beta 1), else the
+ * expand first and the projection onto it: both with TUNA_LORA_EXPAND=0 only (default on the 16-bit
+ * path: the projections' GEMMs as without adapters, then k_lora_expand_add). Read at every call
+ * (tests switch them). */
 static bool env_is(const char *name, char v)
 {
     const char *e = getenv(name);
@@ -1566,6 +1696,38 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
         if (dt == 1) k_lora_mask<__nv_bfloat16><<<grid, 128, 0, be->stream>>>((__nv_bfloat16 *)hm, h, d_ad, d);
         else k_lora_mask<__half><<<grid, 128, 0, be->stream>>>((__half *)hm, h, d_ad, d);
         if (!tuna_cuda_check_launch(be, "k_lora_mask")) return true;
+    }
+    /* the expand kernel onto the projections' outputs (16-byte rows of B_all, 8-byte aligned y) */
+    bool cexp = !x32 && !env_is("TUNA_LORA_EXPAND", '0');
+    for (int i = 0; i < n && cexp; i++)
+        if (d.l[i].w && ((((uintptr_t)sets[i]->B_all | (uintptr_t)ys[i]) & 15) != 0 || ws[i]->rows > INT32_MAX / 2))
+            cexp = false;
+    if (cexp) {
+        de_job e;
+        memset(&e, 0, sizeof e);
+        e.RU = (int)RU;
+        int tiles = 0;
+        for (int i = 0; i < n && !be->sticky; i++) {
+            const float *bias = biases ? biases[i] : NULL;
+            if (ydt == TUNA_DTYPE_F32) (void)tuna_cuda_matmul16(be, ys[i], ydt, x16, D, ws[i], bias, T, acc);
+            else (void)tuna_cuda_matmul16(be, ys[i], ydt, x16, D, ws[i], NULL, T, false);
+            if (!d.l[i].w) continue;
+            de_lin &l = e.l[e.nl++];
+            l.y = ys[i];
+            l.B = (const uint16_t *)sets[i]->B_all;
+            l.N = (int)ws[i]->rows;
+            l.M = d.l[i].n * d.l[i].rs;
+            l.off = d.l[i].off;
+            l.f32 = ydt == TUNA_DTYPE_F32;
+            l.tile0 = tiles;
+            tiles += (l.N + DE_TN - 1) / DE_TN;
+        }
+        if (be->sticky || e.nl == 0) return true;
+        const dim3 grid((unsigned)tiles, (unsigned)((T + DE_TM - 1) / DE_TM));
+        if (dt == 1) k_lora_expand_add<__nv_bfloat16><<<grid, 128, 0, be->stream>>>((const uint16_t *)hm, (int)T, e);
+        else k_lora_expand_add<__half><<<grid, 128, 0, be->stream>>>((const uint16_t *)hm, (int)T, e);
+        tuna_cuda_check_launch(be, "k_lora_expand_add");
+        return true;
     }
     const bool basefirst = env_is("TUNA_LORA_BASEFIRST", '1') && !x32 && ydt != TUNA_DTYPE_F32;
     for (int i = 0; i < n && !be->sticky; i++) {
