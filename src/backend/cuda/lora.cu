@@ -1433,11 +1433,13 @@ __global__ void __launch_bounds__(128)
 #define DE_TM 64
 #define DE_TN 128
 #define DE_ST 3 /* stages (45 KB of static shared memory) */
+#define DE_KMAX (LORA_MAX_N * LORA_MAX_R / DS_TK) /* k-steps of DS_TK at most */
 
 struct de_lin {
     void *y;           /* [T, N] 16-bit (f32 = 0) or float32 (f32 = 1) */
     const uint16_t *B; /* B_all [N, M] */
     int N, M, off, f32, tile0; /* tile0: the linear's first block in grid.x */
+    int rs;                    /* slot width: hm columns off + a * rs .. of slot a */
 };
 struct de_job {
     de_lin l[3];
@@ -1446,10 +1448,13 @@ struct de_job {
 
 template <typename HT>
 __global__ void __launch_bounds__(128)
-    k_lora_expand_add(const uint16_t *__restrict__ hm, int T, const de_job d)
+    k_lora_expand_add(const uint16_t *__restrict__ hm, const int32_t *adapter, int T, const de_job d)
 {
     __shared__ __align__(16) uint16_t hs[DE_ST][DE_TM][DS_LD];
     __shared__ __align__(16) uint16_t bs[DE_ST][DE_TN][DS_LD];
+    __shared__ unsigned long long used; /* slots the tile's tokens use */
+    __shared__ short ks[DE_KMAX];      /* the k-steps of DS_TK that touch a used slot, in order */
+    __shared__ int nks;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c4 = lane & 3;
     int li = 0;
 #pragma unroll
@@ -1457,6 +1462,31 @@ __global__ void __launch_bounds__(128)
         if (i < d.nl && (int)blockIdx.x >= d.l[i].tile0) li = i;
     const de_lin &L = d.l[li];
     const int n0 = ((int)blockIdx.x - L.tile0) * DE_TN, t0 = (int)blockIdx.y * DE_TM, M = L.M;
+    /* hm is zero outside each token's own slot: only the k-steps over the tile's slots count (a
+     * prefill chunk's tile: one or two slots; a mixed decode tile: all) */
+    if (tid == 0) used = 0ull;
+    __syncthreads();
+    if (tid < DE_TM && t0 + tid < T) {
+        const int a = adapter[t0 + tid];
+        if (a >= 0 && a < 64 && a * L.rs < M) atomicOr(&used, 1ull << a);
+    }
+    __syncthreads();
+    if (warp == 0) {
+        const unsigned long long u = used;
+        int cnt = 0;
+        for (int b0 = 0; b0 < (M + DS_TK - 1) / DS_TK; b0 += 32) {
+            const int it = b0 + lane, k0 = it * DS_TK, k1 = min(M, k0 + DS_TK) - 1;
+            bool on = false;
+            if (k0 < M)
+                for (int a = k0 / L.rs; a <= k1 / L.rs; a++) on = on || ((u >> a) & 1ull);
+            const unsigned m = __ballot_sync(0xffffffffu, on);
+            if (on) ks[cnt + __popc(m & ((1u << lane) - 1u))] = (short)it;
+            cnt += __popc(m);
+        }
+        if (lane == 0) nks = cnt;
+    }
+    __syncthreads();
+    if (nks == 0) return; /* no token of the tile has an adapter: y stays */
     /* staged pieces per stage: hm 64 rows x 4 pieces (2 per thread), B 128 rows x 4 (4 per thread) */
     const uint16_t *hr[2], *br[4];
     bool hok[2], bok[4];
@@ -1472,9 +1502,9 @@ __global__ void __launch_bounds__(128)
         bok[q] = n < L.N;
         br[q] = L.B + (int64_t)(bok[q] ? n : 0) * M;
     }
-    const int sk = (tid & 3) * 8, nk = (M + DS_TK - 1) / DS_TK;
+    const int sk = (tid & 3) * 8, nk = nks;
     auto stage = [&](int it) {
-        const int s = it % DE_ST, kk = it * DS_TK + sk;
+        const int s = it % DE_ST, kk = ks[it] * DS_TK + sk;
         const bool in = kk < M; /* M % 8 == 0 */
 #pragma unroll
         for (int q = 0; q < 2; q++)
@@ -1720,12 +1750,14 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
             l.off = d.l[i].off;
             l.f32 = ydt == TUNA_DTYPE_F32;
             l.tile0 = tiles;
+            l.rs = d.l[i].rs;
             tiles += (l.N + DE_TN - 1) / DE_TN;
         }
         if (be->sticky || e.nl == 0) return true;
         const dim3 grid((unsigned)tiles, (unsigned)((T + DE_TM - 1) / DE_TM));
-        if (dt == 1) k_lora_expand_add<__nv_bfloat16><<<grid, 128, 0, be->stream>>>((const uint16_t *)hm, (int)T, e);
-        else k_lora_expand_add<__half><<<grid, 128, 0, be->stream>>>((const uint16_t *)hm, (int)T, e);
+        if (dt == 1)
+            k_lora_expand_add<__nv_bfloat16><<<grid, 128, 0, be->stream>>>((const uint16_t *)hm, d_ad, (int)T, e);
+        else k_lora_expand_add<__half><<<grid, 128, 0, be->stream>>>((const uint16_t *)hm, d_ad, (int)T, e);
         tuna_cuda_check_launch(be, "k_lora_expand_add");
         return true;
     }
