@@ -437,8 +437,9 @@ static int gemv_depth(void)
  *   TUNA_ATTN_TRIGGER=1: o preloads during attention, and the SMs drain before gate/up);
  * TUNA_GEMV_XMAP=1: warps take jobs across blocks first (k_gemv_multi's j.xmap);
  * TUNA_ROPE_MULTI=1: rmsnorm_qkv_rope_kv at T <= 2 as one k_gemv_multi with RoPE and the KV
- *   store in its epilogue (pairs of rows, 2 or TUNA_GEMV_UR = 4 chunks in flight per row). */
-enum { KNOB_U1, KNOB_UO, KNOB_ONOTRIG, KNOB_XMAP, KNOB_ROPE_MULTI, KNOB_UR, KNOB_N };
+ *   store in its epilogue (pairs of rows, 2 or TUNA_GEMV_UR = 4 chunks in flight per row);
+ * TUNA_GEMV_UG=4: 4 chunks in flight per row for the T = 1 norm+gate/up+GLU job (2 by default). */
+enum { KNOB_U1, KNOB_UO, KNOB_ONOTRIG, KNOB_XMAP, KNOB_ROPE_MULTI, KNOB_UR, KNOB_UG, KNOB_N };
 static int gemv_knob(int k)
 {
     static int v[KNOB_N];
@@ -451,6 +452,7 @@ static int gemv_knob(int k)
         v[KNOB_XMAP] = env_pick("TUNA_GEMV_XMAP", 0, b01, 2);
         v[KNOB_ROPE_MULTI] = env_pick("TUNA_ROPE_MULTI", 0, b01, 2);
         v[KNOB_UR] = env_pick("TUNA_GEMV_UR", 2, ur, 2);
+        v[KNOB_UG] = env_pick("TUNA_GEMV_UG", 2, ur, 2);
         done = true;
     }
     return v[k];
@@ -599,6 +601,12 @@ static bool launch_multi(tuna_backend *be, const float *x, struct gemv_job *j, i
     const bool o_like = j->mode == GEMV_ADD && j->nseg == 1 && j->K <= j->s[0].N; /* o, not down */
     if (o_like && gemv_knob(KNOB_ONOTRIG)) j->notrig = 1;
     const int U = o_like && gemv_knob(KNOB_UO) ? gemv_knob(KNOB_UO) : gemv_knob(KNOB_U1);
+    if (T == 1 && j->mode == GEMV_GLU && norm && gemv_knob(KNOB_UG) == 4) { /* TUNA_GEMV_UG=4 */
+        const struct gemv_rope rp = {};
+        tuna_cuda_launch(be, "k_gemv_multi", k_gemv_multi<1, 2, true, 4>, dim3((unsigned)blocks), dim3(GEMV_THREADS),
+                         smem, x, *j, rp);
+        return true;
+    }
     if (T == 1 && R == 1 && U != 2) {
         if (norm) launch_deep<true>(be, x, j, (unsigned)blocks, smem, U);
         else launch_deep<false>(be, x, j, (unsigned)blocks, smem, U);
