@@ -325,17 +325,19 @@ static void test_dense_gpu(void **state)
     if (!(ea > 2 * ed)) fail_msg("the adapters move the logits by %.3g only, against an error of %.3g", ea, ed);
     /* the dense form's variants: the cuBLAS shrink + k_lora_mask and the cuBLAS expand before the
      * projection (TUNA_LORA_SHRINK=0 TUNA_LORA_EXPAND=0: the path before), the fused shrink + mask
-     * with one K split and with three (pymini's K = 256 / 704: the default takes 2), the cuBLAS
+     * with one K split and with three (pymini's K = 256 / 704: the default takes 2), the expand kernel
+     * writing the term before the projection's GEMM accumulates (TUNA_LORA_EXPAND=2), the cuBLAS
      * expand after the projection (TUNA_LORA_EXPAND=0 TUNA_LORA_BASEFIRST=1): the same sums in
      * other orders and roundings, each as close to the CPU's logits as the default */
-    static const char *const var[5][4] = {{"TUNA_LORA_SHRINK", "0", "TUNA_LORA_EXPAND", "0"},
+    static const char *const var[6][4] = {{"TUNA_LORA_SHRINK", "0", "TUNA_LORA_EXPAND", "0"},
+                                          {"TUNA_LORA_EXPAND", "2", NULL, NULL},
                                           {"TUNA_LORA_KSPLIT", "1", NULL, NULL},
                                           {"TUNA_LORA_KSPLIT", "3", NULL, NULL},
                                           {"TUNA_LORA_EXPAND", "0", NULL, NULL},
                                           {"TUNA_LORA_EXPAND", "0", "TUNA_LORA_BASEFIRST", "1"}};
     float *lv = malloc(n * 4);
     assert_non_null(lv);
-    for (int v = 0; v < 5; v++) {
+    for (int v = 0; v < 6; v++) {
         for (int q = 0; q < 4 && var[v][q]; q += 2) setenv(var[v][q], var[v][q + 1], 1);
         run_batch(g, lv);
         for (int q = 0; q < 4 && var[v][q]; q += 2) unsetenv(var[v][q]);

@@ -1440,6 +1440,8 @@ struct de_lin {
     const uint16_t *B; /* B_all [N, M] */
     int N, M, off, f32, tile0; /* tile0: the linear's first block in grid.x */
     int rs;                    /* slot width: hm columns off + a * rs .. of slot a */
+    int wr;                    /* 16-bit y: 1 = y is written (= the term; the projection's GEMM
+                                * accumulates onto it after), 0 = y += the term */
 };
 struct de_job {
     de_lin l[3];
@@ -1486,7 +1488,7 @@ __global__ void __launch_bounds__(128)
         if (lane == 0) nks = cnt;
     }
     __syncthreads();
-    if (nks == 0) return; /* no token of the tile has an adapter: y stays */
+    if (nks == 0 && !L.wr) return; /* no token of the tile has an adapter: y stays */
     /* staged pieces per stage: hm 64 rows x 4 pieces (2 per thread), B 128 rows x 4 (4 per thread) */
     const uint16_t *hr[2], *br[4];
     bool hok[2], bok[4];
@@ -1565,7 +1567,13 @@ __global__ void __launch_bounds__(128)
                 }
             } else {
                 HT *y = (HT *)L.y + (int64_t)t * L.N + n;
-                if (pair) {
+                if (L.wr) {
+                    if (pair) *reinterpret_cast<uint32_t *>(y) = mma_pack<HT>(v0, v1);
+                    else {
+                        dense_put(y, v0);
+                        if (two) dense_put(y + 1, v1);
+                    }
+                } else if (pair) {
                     const uint32_t w = *reinterpret_cast<const uint32_t *>(y);
                     HT o[2];
                     memcpy(o, &w, 4);
@@ -1733,14 +1741,15 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
         if (d.l[i].w && ((((uintptr_t)sets[i]->B_all | (uintptr_t)ys[i]) & 15) != 0 || ws[i]->rows > INT32_MAX / 2))
             cexp = false;
     if (cexp) {
+        /* TUNA_LORA_EXPAND=2: 16-bit y written with the term first and the projection's GEMM
+         * accumulated onto it (beta 1, as the cuBLAS expand before); default: the GEMMs as without
+         * adapters, then y += the term. o/down (float32 y): the GEMM onto the residual, then += . */
+        const bool wfirst = env_is("TUNA_LORA_EXPAND", '2') && ydt != TUNA_DTYPE_F32;
         de_job e;
         memset(&e, 0, sizeof e);
         e.RU = (int)RU;
         int tiles = 0;
-        for (int i = 0; i < n && !be->sticky; i++) {
-            const float *bias = biases ? biases[i] : NULL;
-            if (ydt == TUNA_DTYPE_F32) (void)tuna_cuda_matmul16(be, ys[i], ydt, x16, D, ws[i], bias, T, acc);
-            else (void)tuna_cuda_matmul16(be, ys[i], ydt, x16, D, ws[i], NULL, T, false);
+        for (int i = 0; i < n; i++) {
             if (!d.l[i].w) continue;
             de_lin &l = e.l[e.nl++];
             l.y = ys[i];
@@ -1751,14 +1760,31 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
             l.f32 = ydt == TUNA_DTYPE_F32;
             l.tile0 = tiles;
             l.rs = d.l[i].rs;
+            l.wr = wfirst;
             tiles += (l.N + DE_TN - 1) / DE_TN;
         }
-        if (be->sticky || e.nl == 0) return true;
         const dim3 grid((unsigned)tiles, (unsigned)((T + DE_TM - 1) / DE_TM));
-        if (dt == 1)
-            k_lora_expand_add<__nv_bfloat16><<<grid, 128, 0, be->stream>>>((const uint16_t *)hm, d_ad, (int)T, e);
-        else k_lora_expand_add<__half><<<grid, 128, 0, be->stream>>>((const uint16_t *)hm, d_ad, (int)T, e);
-        tuna_cuda_check_launch(be, "k_lora_expand_add");
+        auto expand = [&]() {
+            if (e.nl == 0 || be->sticky) return;
+            if (dt == 1)
+                k_lora_expand_add<__nv_bfloat16><<<grid, 128, 0, be->stream>>>((const uint16_t *)hm, d_ad, (int)T, e);
+            else k_lora_expand_add<__half><<<grid, 128, 0, be->stream>>>((const uint16_t *)hm, d_ad, (int)T, e);
+            tuna_cuda_check_launch(be, "k_lora_expand_add");
+        };
+        if (wfirst) expand();
+        for (int i = 0; i < n && !be->sticky; i++) {
+            const float *bias = biases ? biases[i] : NULL;
+            const int64_t N = ws[i]->rows;
+            if (ydt == TUNA_DTYPE_F32) (void)tuna_cuda_matmul16(be, ys[i], ydt, x16, D, ws[i], bias, T, acc);
+            else if (!wfirst || !d.l[i].w) (void)tuna_cuda_matmul16(be, ys[i], ydt, x16, D, ws[i], NULL, T, false);
+            else
+                tuna_cuda_check_blas(be,
+                                     cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)T, (int)K, &one,
+                                                  ws[i]->data, ct, (int)K, x16, ct, (int)K, &one, ys[i], ct, (int)N,
+                                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                                     "cublasGemmEx(16-bit projection onto its LoRA term)");
+        }
+        if (!wfirst) expand();
         return true;
     }
     const bool basefirst = env_is("TUNA_LORA_BASEFIRST", '1') && !x32 && ydt != TUNA_DTYPE_F32;
