@@ -157,9 +157,10 @@ static __device__ __forceinline__ void rope_store(const struct gemv_job &j, cons
  * b * 16 + w, so that when the jobs do not fill the grid every block (SM) gets as many.
  * j.notrig: no early PDL trigger (the next kernel starts when this one is done, on drained SMs).
  * ROPE (q/k/v with RoPE and the KV store, R = 2): a job is the row pair (h D + i, h D + i + half)
- * of one head (split_rows), stored by rope_store. */
-template <int TT, int R, bool NORM, int U = 2, bool ROPE = false>
-__global__ void __launch_bounds__(GEMV_THREADS, GEMV_BLOCKS_PER_SM) k_gemv_multi(const float *__restrict__ x,
+ * of one head (split_rows), stored by rope_store. NT threads per block: GEMV_THREADS (two blocks
+ * per SM) or 1024 (TUNA_GEMV_BIG=1: one block per SM, x staged once per SM instead of twice). */
+template <int TT, int R, bool NORM, int U = 2, bool ROPE = false, int NT = GEMV_THREADS>
+__global__ void __launch_bounds__(NT, GEMV_THREADS * GEMV_BLOCKS_PER_SM / NT) k_gemv_multi(const float *__restrict__ x,
                                                                                 const struct gemv_job j,
                                                                                 const struct gemv_rope rp)
 {
@@ -436,10 +437,14 @@ static int gemv_depth(void)
  * TUNA_GEMV_ONOTRIG=1: the o projection does not trigger the next kernel early (with
  *   TUNA_ATTN_TRIGGER=1: o preloads during attention, and the SMs drain before gate/up);
  * TUNA_GEMV_XMAP=1: warps take jobs across blocks first (k_gemv_multi's j.xmap);
- * TUNA_ROPE_MULTI=1: rmsnorm_qkv_rope_kv at T <= 2 as one k_gemv_multi with RoPE and the KV
- *   store in its epilogue (pairs of rows, 2 or TUNA_GEMV_UR = 4 chunks in flight per row);
+ * TUNA_ROPE_MULTI=1 (the default; 0: the GEMV then k_rope_kv): rmsnorm_qkv_rope_kv at T <= 2
+ *   as one k_gemv_multi with RoPE and the KV store in its epilogue (pairs of rows, 2 or
+ *   TUNA_GEMV_UR = 4 chunks in flight per row); H100, bf16 8B batch 1: 5.87 / 5.91 against
+ *   5.95 / 5.99 ms per step, the chain of bench_cuda_ops 162.5 against 165.6 us per layer;
+ * TUNA_GEMV_BIG=1: the T = 1 jobs of two chunks per row (q/k/v with RoPE, o, down, gate/up) in
+ *   blocks of 1024 threads, one per SM (x staged once per SM);
  * TUNA_GEMV_UG=4: 4 chunks in flight per row for the T = 1 norm+gate/up+GLU job (2 by default). */
-enum { KNOB_U1, KNOB_UO, KNOB_ONOTRIG, KNOB_XMAP, KNOB_ROPE_MULTI, KNOB_UR, KNOB_UG, KNOB_N };
+enum { KNOB_U1, KNOB_UO, KNOB_ONOTRIG, KNOB_XMAP, KNOB_ROPE_MULTI, KNOB_UR, KNOB_UG, KNOB_BIG, KNOB_N };
 static int gemv_knob(int k)
 {
     static int v[KNOB_N];
@@ -450,9 +455,10 @@ static int gemv_knob(int k)
         v[KNOB_UO] = env_pick("TUNA_GEMV_UO", 0, uo, 4);
         v[KNOB_ONOTRIG] = env_pick("TUNA_GEMV_ONOTRIG", 0, b01, 2);
         v[KNOB_XMAP] = env_pick("TUNA_GEMV_XMAP", 0, b01, 2);
-        v[KNOB_ROPE_MULTI] = env_pick("TUNA_ROPE_MULTI", 0, b01, 2);
+        v[KNOB_ROPE_MULTI] = env_pick("TUNA_ROPE_MULTI", 1, b01, 2);
         v[KNOB_UR] = env_pick("TUNA_GEMV_UR", 2, ur, 2);
         v[KNOB_UG] = env_pick("TUNA_GEMV_UG", 2, ur, 2);
+        v[KNOB_BIG] = env_pick("TUNA_GEMV_BIG", 0, b01, 2);
         done = true;
     }
     return v[k];
@@ -601,6 +607,17 @@ static bool launch_multi(tuna_backend *be, const float *x, struct gemv_job *j, i
     const bool o_like = j->mode == GEMV_ADD && j->nseg == 1 && j->K <= j->s[0].N; /* o, not down */
     if (o_like && gemv_knob(KNOB_ONOTRIG)) j->notrig = 1;
     const int U = o_like && gemv_knob(KNOB_UO) ? gemv_knob(KNOB_UO) : gemv_knob(KNOB_U1);
+    if (T == 1 && U == 2 && (R == 1 || norm) && gemv_knob(KNOB_BIG) && gemv_knob(KNOB_UG) == 2) { /* TUNA_GEMV_BIG=1 */
+        const struct gemv_rope rp = {};
+        int64_t bb = j->xmap ? j->nwarp : (j->nwarp + 31) / 32;
+        const int64_t cap1 = be->sm_count > 0 ? be->sm_count : 1;
+        if (bb > cap1) bb = cap1;
+        const dim3 g((unsigned)bb), b(1024);
+        if (R == 2) tuna_cuda_launch(be, "k_gemv_multi", k_gemv_multi<1, 2, true, 2, false, 1024>, g, b, smem, x, *j, rp);
+        else if (norm) tuna_cuda_launch(be, "k_gemv_multi", k_gemv_multi<1, 1, true, 2, false, 1024>, g, b, smem, x, *j, rp);
+        else tuna_cuda_launch(be, "k_gemv_multi", k_gemv_multi<1, 1, false, 2, false, 1024>, g, b, smem, x, *j, rp);
+        return true;
+    }
     if (T == 1 && j->mode == GEMV_GLU && norm && gemv_knob(KNOB_UG) == 4) { /* TUNA_GEMV_UG=4 */
         const struct gemv_rope rp = {};
         tuna_cuda_launch(be, "k_gemv_multi", k_gemv_multi<1, 2, true, 4>, dim3((unsigned)blocks), dim3(GEMV_THREADS),
@@ -779,7 +796,7 @@ static bool qkv_rope_fused(tuna_backend *be, float *const *ys, float *xn, const 
                            int code, const int64_t *pos, const int64_t *slot, int64_t T, int64_t H, int64_t Hkv,
                            int64_t D, int64_t rot_dim, const float *inv_freq, float attn_factor)
 {
-    const bool multi = gemv_knob(KNOB_ROPE_MULTI) != 0;
+    const bool multi = gemv_knob(KNOB_ROPE_MULTI) != 0 && gemv_old_level() == 1;
     if (!rope_fuse_on() || (gemv_old_level() == 1 && !multi) || T > 2 || T > tuna_cuda_gemv_max_t16() || code < 0) return false;
     if (rot_dim != D || D <= 0 || D % 2 != 0 || ws[0]->rows != H * D || ws[1]->rows != Hkv * D ||
         ws[2]->rows != Hkv * D)
@@ -820,7 +837,13 @@ static bool qkv_rope_fused(tuna_backend *be, float *const *ys, float *xn, const 
         int64_t blocks = j.xmap ? j.nwarp : (j.nwarp + wpb - 1) / wpb;
         if (blocks > cap) blocks = cap;
         const dim3 g((unsigned)blocks), b(GEMV_THREADS);
-        if (T == 1 && gemv_knob(KNOB_UR) == 4)
+        if (T == 1 && gemv_knob(KNOB_BIG) && gemv_knob(KNOB_UR) == 2) {
+            int64_t bb = j.xmap ? j.nwarp : (j.nwarp + 31) / 32;
+            const int64_t cap1 = be->sm_count > 0 ? be->sm_count : 1;
+            if (bb > cap1) bb = cap1;
+            tuna_cuda_launch(be, "k_gemv_multi", k_gemv_multi<1, 2, true, 2, true, 1024>, dim3((unsigned)bb), dim3(1024),
+                             smem, x, j, rp);
+        } else if (T == 1 && gemv_knob(KNOB_UR) == 4)
             tuna_cuda_launch(be, "k_gemv_multi", k_gemv_multi<1, 2, true, 4, true>, g, b, smem, x, j, rp);
         else if (T == 1)
             tuna_cuda_launch(be, "k_gemv_multi", k_gemv_multi<1, 2, true, 2, true>, g, b, smem, x, j, rp);
