@@ -464,8 +464,9 @@ static int gemv_knob(int k)
     return v[k];
 }
 
-/* TUNA_GEMV_OLD: 1 (default: measured faster end to end) k_gemv_multi for every job and no RoPE
- * fusion; 0 k_gemv_split for T <= 2; 2 k_gemv_multi except the RoPE-fused q/k/v job. */
+/* TUNA_GEMV_OLD: 1 (default: measured faster end to end) k_gemv_multi for every job (the q/k/v
+ * job with RoPE fused unless TUNA_ROPE_MULTI=0); 0 k_gemv_split for T <= 2 (RoPE fused in it);
+ * 2 k_gemv_multi except the RoPE-fused q/k/v job (k_gemv_split). */
 static int gemv_old_level(void)
 {
     static int v = -1;
