@@ -323,18 +323,18 @@ static void test_dense_gpu(void **state)
     if (!(ed < 1.5 * ref + 2e-3) || !(ed < 5e-2))
         fail_msg("dense LoRA: bf16 logits %.3g from the CPU's (segmented kernels: %.3g, no adapters %.3g)", ed, eo, e0);
     if (!(ea > 2 * ed)) fail_msg("the adapters move the logits by %.3g only, against an error of %.3g", ea, ed);
-    /* the dense form's variants: the cuBLAS shrink + k_lora_mask and the cuBLAS expand before the
-     * projection (TUNA_LORA_SHRINK=0 TUNA_LORA_EXPAND=0: the path before), the fused shrink + mask
-     * with one K split and with three (pymini's K = 256 / 704: the default takes 2), the expand kernel
-     * writing the term before the projection's GEMM accumulates (TUNA_LORA_EXPAND=2), the cuBLAS
-     * expand after the projection (TUNA_LORA_EXPAND=0 TUNA_LORA_BASEFIRST=1): the same sums in
-     * other orders and roundings, each as close to the CPU's logits as the default */
-    static const char *const var[6][4] = {{"TUNA_LORA_SHRINK", "0", "TUNA_LORA_EXPAND", "0"},
+    /* the dense form's variants: the fused shrink + mask and the expand kernel after the
+     * projections (TUNA_LORA_SHRINK=1 TUNA_LORA_EXPAND=1), the fused shrink with one K split and
+     * with three (pymini's K = 256 / 704: it takes 2 by itself), the expand kernel writing the term
+     * before the projection's GEMM accumulates (TUNA_LORA_EXPAND=2), the cuBLAS expand after the
+     * projection (TUNA_LORA_BASEFIRST=1): the same sums in other orders and roundings, each as
+     * close to the CPU's logits as the default */
+    static const char *const var[6][4] = {{"TUNA_LORA_SHRINK", "1", "TUNA_LORA_EXPAND", "1"},
+                                          {"TUNA_LORA_SHRINK", "1", "TUNA_LORA_KSPLIT", "1"},
+                                          {"TUNA_LORA_SHRINK", "1", "TUNA_LORA_KSPLIT", "3"},
                                           {"TUNA_LORA_EXPAND", "2", NULL, NULL},
-                                          {"TUNA_LORA_KSPLIT", "1", NULL, NULL},
-                                          {"TUNA_LORA_KSPLIT", "3", NULL, NULL},
-                                          {"TUNA_LORA_EXPAND", "0", NULL, NULL},
-                                          {"TUNA_LORA_EXPAND", "0", "TUNA_LORA_BASEFIRST", "1"}};
+                                          {"TUNA_LORA_EXPAND", "1", NULL, NULL},
+                                          {"TUNA_LORA_BASEFIRST", "1", NULL, NULL}};
     float *lv = malloc(n * 4);
     assert_non_null(lv);
     for (int v = 0; v < 6; v++) {

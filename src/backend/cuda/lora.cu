@@ -1255,8 +1255,8 @@ template <typename HT> __global__ void k_lora_mask(HT *hm, const float *h, const
     dense_put(hm + t * d.RU + j, v);
 }
 
-/* The shrink and the mask in one kernel (the default; TUNA_LORA_SHRINK=0: the cuBLAS GEMM over
- * every slot, then k_lora_mask). A block takes a tile of DS_TM tokens, one slot a and a chunk of
+/* The shrink and the mask in one kernel (opt-in: TUNA_LORA_SHRINK=1; default: the cuBLAS GEMM
+ * over every slot, then k_lora_mask). A block takes a tile of DS_TM tokens, one slot a and a chunk of
  * DS_TN of that slot's columns over the group's linears (linear i's ranks 0..rs_i of slot a, the
  * linears in turn), over one split of K: a tile whose tokens all use another adapter (or none)
  * only writes its zeros (split 0). Otherwise x [DS_TM, k] and the chunk's A rows [DS_TN, k] are
@@ -1270,6 +1270,7 @@ template <typename HT> __global__ void k_lora_mask(HT *hm, const float *h, const
 #define DS_TN 64
 #define DS_TK 32
 #define DS_ST 4
+#define DS_SMAX 16 /* K splits at most */
 #define DS_LD (DS_TK + 8) /* smem row stride in elements (80 bytes: ldmatrix rows in distinct banks) */
 
 struct ds_job {
@@ -1401,8 +1402,14 @@ __global__ void __launch_bounds__(128)
             if (t0 + r >= T || j >= d.RS || !ds_col(d, a, j, &li, &c)) continue;
             const int64_t at = (int64_t)(t0 + r) * d.RU + d.off[li] + a * d.rs[li] + c;
             float v = 0.0f;
-            if (ad[r] == a && c < (int)d.w[li][a].r) {
-                for (int q = 0; q < S; q++) v += __ldcg(part + (int64_t)q * T * d.RU + at);
+            if (ad[r] == a && c < (int)d.w[li][a].r) { /* the S loads in flight together, added in order */
+                float p[DS_SMAX];
+#pragma unroll
+                for (int q = 0; q < DS_SMAX; q++) p[q] = q < S ? __ldcg(part + (int64_t)q * T * d.RU + at) : 0.0f;
+                v = p[0];
+#pragma unroll
+                for (int q = 1; q < DS_SMAX; q++)
+                    if (q < S) v += p[q];
                 v *= d.w[li][a].scale;
             }
             dense_put(hm + at, v);
@@ -1422,8 +1429,8 @@ __global__ void __launch_bounds__(128)
         }
 }
 
-/* The expand onto the projections' outputs (the default on the 16-bit path; TUNA_LORA_EXPAND=0:
- * cuBLAS GEMMs as before): after each projection's GEMM wrote y_i (beta 0 for a 16-bit y; onto
+/* The expand onto the projections' outputs (opt-in on the 16-bit path: TUNA_LORA_EXPAND=1 or 2;
+ * default: cuBLAS GEMMs): after each projection's GEMM wrote y_i (beta 0 for a 16-bit y; onto
  * the residual stream for o/down), one launch for the group adds y_i[t, n] += hm[t, off_i..] .
  * B_all_i[n] over every slot (hm holds zeros outside each token's own slot). A block takes DE_TN
  * outputs of one linear and DE_TM tokens: hm and B_all staged through shared memory as in
@@ -1588,12 +1595,12 @@ __global__ void __launch_bounds__(128)
     }
 }
 
-/* TUNA_LORA_SHRINK=0: the dense form's shrink as before (a cuBLAS GEMM over every slot, float32
- * out, then k_lora_mask); default: k_lora_shrink_mask. TUNA_LORA_BASEFIRST=1: a 16-bit y gets the
- * projection's GEMM first (beta 0) and the LoRA term added by the expand GEMM (beta 1), else the
- * expand first and the projection onto it: both with TUNA_LORA_EXPAND=0 only (default on the 16-bit
- * path: the projections' GEMMs as without adapters, then k_lora_expand_add). Read at every call
- * (tests switch them). */
+/* Opt-in (the H100 measured both slower than the cuBLAS pieces, ninth session): TUNA_LORA_SHRINK=1
+ * = k_lora_shrink_mask instead of the cuBLAS GEMM over every slot (float32 out) + k_lora_mask;
+ * TUNA_LORA_EXPAND=1 = the projections' GEMMs as without adapters, then k_lora_expand_add adds the
+ * term; =2: the term written first and the projection's GEMM accumulated onto it. Default: the
+ * expand GEMM first and the projection onto it (TUNA_LORA_BASEFIRST=1: the projection first, the
+ * expand GEMM onto it). Read at every call (tests switch them). */
 static bool env_is(const char *name, char v)
 {
     const char *e = getenv(name);
@@ -1653,7 +1660,7 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
     /* the fused shrink + mask (k_lora_shrink_mask): 16-byte rows of x and A (K % 8 == 0) */
     ds_job sj;
     memset(&sj, 0, sizeof sj);
-    bool fused = !env_is("TUNA_LORA_SHRINK", '0') && K % 8 == 0 && K <= INT32_MAX / 2 &&
+    bool fused = env_is("TUNA_LORA_SHRINK", '1') && K % 8 == 0 && K <= INT32_MAX / 2 &&
                  ((uintptr_t)(x32 ? NULL : x16) & 15) == 0;
     int S = 1, KS = (int)((K + DS_TK - 1) / DS_TK * DS_TK), nslot = 0;
     const int ntile = (int)((T + DS_TM - 1) / DS_TM);
@@ -1681,6 +1688,7 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
         if (s > smax) s = smax;
         const char *fs = getenv("TUNA_LORA_KSPLIT"); /* tests: a given number of splits */
         if (fs && atoi(fs) > 0) s = atoi(fs) < nkc ? atoi(fs) : nkc;
+        if (s > DS_SMAX) s = DS_SMAX;
         if (s < 1 || (int64_t)ntile * nslot * sj.NC > TC_COUNT_MAX) s = 1;
         KS = (int)((nkc + s - 1) / s * DS_TK);
         S = (int)((K + KS - 1) / KS);
@@ -1736,7 +1744,7 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
         if (!tuna_cuda_check_launch(be, "k_lora_mask")) return true;
     }
     /* the expand kernel onto the projections' outputs (16-byte rows of B_all, 8-byte aligned y) */
-    bool cexp = !x32 && !env_is("TUNA_LORA_EXPAND", '0');
+    bool cexp = !x32 && (env_is("TUNA_LORA_EXPAND", '1') || env_is("TUNA_LORA_EXPAND", '2'));
     for (int i = 0; i < n && cexp; i++)
         if (d.l[i].w && ((((uintptr_t)sets[i]->B_all | (uintptr_t)ys[i]) & 15) != 0 || ws[i]->rows > INT32_MAX / 2))
             cexp = false;
