@@ -437,10 +437,11 @@ static int gemv_depth(void)
  * TUNA_GEMV_ONOTRIG=1: the o projection does not trigger the next kernel early (with
  *   TUNA_ATTN_TRIGGER=1: o preloads during attention, and the SMs drain before gate/up);
  * TUNA_GEMV_XMAP=1: warps take jobs across blocks first (k_gemv_multi's j.xmap);
- * TUNA_ROPE_MULTI=1 (the default; 0: the GEMV then k_rope_kv): rmsnorm_qkv_rope_kv at T <= 2
- *   as one k_gemv_multi with RoPE and the KV store in its epilogue (pairs of rows, 2 or
- *   TUNA_GEMV_UR = 4 chunks in flight per row); H100, bf16 8B batch 1: 5.87 / 5.91 against
- *   5.95 / 5.99 ms per step, the chain of bench_cuda_ops 162.5 against 165.6 us per layer;
+ * TUNA_ROPE_MULTI=1 (the default; 0: the GEMV then k_rope_kv; 2: also at T = 2, not measured):
+ *   rmsnorm_qkv_rope_kv at T = 1 as one k_gemv_multi with RoPE and the KV store in its epilogue
+ *   (pairs of rows, 2 or TUNA_GEMV_UR = 4 chunks in flight per row); H100, bf16 8B batch 1:
+ *   5.87 / 5.91 against 5.95 / 5.99 ms per step, bench_cuda_ops' chain 162.5 against 165.6 us
+ *   per layer;
  * TUNA_GEMV_BIG=1: the T = 1 jobs of two chunks per row (q/k/v with RoPE, o, down, gate/up) in
  *   blocks of 1024 threads, one per SM (x staged once per SM);
  * TUNA_GEMV_UG=4: 4 chunks in flight per row for the T = 1 norm+gate/up+GLU job (2 by default). */
@@ -455,7 +456,8 @@ static int gemv_knob(int k)
         v[KNOB_UO] = env_pick("TUNA_GEMV_UO", 0, uo, 4);
         v[KNOB_ONOTRIG] = env_pick("TUNA_GEMV_ONOTRIG", 0, b01, 2);
         v[KNOB_XMAP] = env_pick("TUNA_GEMV_XMAP", 0, b01, 2);
-        v[KNOB_ROPE_MULTI] = env_pick("TUNA_ROPE_MULTI", 1, b01, 2);
+        const int rm[] = {0, 1, 2};
+        v[KNOB_ROPE_MULTI] = env_pick("TUNA_ROPE_MULTI", 1, rm, 3);
         v[KNOB_UR] = env_pick("TUNA_GEMV_UR", 2, ur, 2);
         v[KNOB_UG] = env_pick("TUNA_GEMV_UG", 2, ur, 2);
         v[KNOB_BIG] = env_pick("TUNA_GEMV_BIG", 0, b01, 2);
@@ -797,7 +799,7 @@ static bool qkv_rope_fused(tuna_backend *be, float *const *ys, float *xn, const 
                            int code, const int64_t *pos, const int64_t *slot, int64_t T, int64_t H, int64_t Hkv,
                            int64_t D, int64_t rot_dim, const float *inv_freq, float attn_factor)
 {
-    const bool multi = gemv_knob(KNOB_ROPE_MULTI) != 0 && gemv_old_level() == 1;
+    const bool multi = gemv_knob(KNOB_ROPE_MULTI) > (int)T - 1 && gemv_old_level() == 1;
     if (!rope_fuse_on() || (gemv_old_level() == 1 && !multi) || T > 2 || T > tuna_cuda_gemv_max_t16() || code < 0) return false;
     if (rot_dim != D || D <= 0 || D % 2 != 0 || ws[0]->rows != H * D || ws[1]->rows != Hkv * D ||
         ws[2]->rows != Hkv * D)
