@@ -18,14 +18,7 @@
 #include "backend/cuda/cuda.h"
 #include "core/dtype.h"
 
-#define CK(x)                                                                                                          \
-    do {                                                                                                               \
-        cudaError_t e_ = (x);                                                                                          \
-        if (e_ != cudaSuccess) {                                                                                       \
-            fprintf(stderr, "%s: %s\n", #x, cudaGetErrorString(e_));                                                   \
-            exit(1);                                                                                                   \
-        }                                                                                                              \
-    } while (0)
+#include "bench_cuda_check.h"
 
 static int cmp_f(const void *a, const void *b);
 static void *dev_random_bf16(size_t n);

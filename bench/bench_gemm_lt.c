@@ -19,14 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CK(x)                                                                                                          \
-    do {                                                                                                               \
-        cudaError_t e_ = (x);                                                                                          \
-        if (e_ != cudaSuccess) {                                                                                       \
-            fprintf(stderr, "%s: %s\n", #x, cudaGetErrorString(e_));                                                   \
-            exit(1);                                                                                                   \
-        }                                                                                                              \
-    } while (0)
+#include "bench_cuda_check.h"
 #define CB(x)                                                                                                          \
     do {                                                                                                               \
         int s_ = (int)(x);                                                                                             \
