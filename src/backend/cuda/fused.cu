@@ -153,22 +153,17 @@ static __device__ __forceinline__ void rope_store(const struct gemv_job &j, cons
 /* R rows per warp (GLU: R = 2, the gate row and the up row of one output), TT tokens; about one
  * wave of blocks whose warps stride over the rows, x staged once per block (NORM: normalized).
  * U 16-byte chunks of each row in flight per lane (all of them loaded before the PDL wait when
- * j.prefetch >= 1). j.xmap: warp w of block b starts at job w * gridDim.x + b instead of
- * b * 16 + w, so that when the jobs do not fill the grid every block (SM) gets as many.
- * j.notrig: no early PDL trigger (the next kernel starts when this one is done, on drained SMs).
- * ROPE (q/k/v with RoPE and the KV store, R = 2): a job is the row pair (h D + i, h D + i + half)
- * of one head (split_rows), stored by rope_store. NT threads per block: GEMV_THREADS (two blocks
- * per SM) or 1024 (TUNA_GEMV_BIG=1: one block per SM, x staged once per SM instead of twice). */
-template <int TT, int R, bool NORM, int U = 2, bool ROPE = false, int NT = GEMV_THREADS>
-__global__ void __launch_bounds__(NT, GEMV_THREADS * GEMV_BLOCKS_PER_SM / NT) k_gemv_multi(const float *__restrict__ x,
+ * j.prefetch >= 1). ROPE (q/k/v with RoPE and the KV store, R = 2): a job is the row pair
+ * (h D + i, h D + i + half) of one head (split_rows), stored by rope_store. */
+template <int TT, int R, bool NORM, int U = 2, bool ROPE = false>
+__global__ void __launch_bounds__(GEMV_THREADS, GEMV_BLOCKS_PER_SM) k_gemv_multi(const float *__restrict__ x,
                                                                                 const struct gemv_job j,
                                                                                 const struct gemv_rope rp)
 {
     extern __shared__ float4 gemv_xs4[];
     float *xs = reinterpret_cast<float *>(gemv_xs4);
     const int lane = threadIdx.x & 31;
-    const int64_t w0 = j.xmap ? (int64_t)(threadIdx.x >> 5) * gridDim.x + blockIdx.x
-                              : (int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+    const int64_t w0 = (int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
     const int64_t stride = (int64_t)gridDim.x * (blockDim.x / 32);
     const int RW = j.mode == GEMV_GLU ? 1 : R;
     const int64_t K = j.K, K8 = K / 8;
@@ -195,7 +190,7 @@ __global__ void __launch_bounds__(NT, GEMV_THREADS * GEMV_BLOCKS_PER_SM / NT) k_
         }
     }
     tuna_pdl_wait();
-    if (!j.notrig) tuna_pdl_trigger();
+    tuna_pdl_trigger();
     gemv_stage_x<TT, NORM>(xs, x, j);
     for (int64_t wid = w0; wid < j.nwarp; wid += stride) {
         int seg;
@@ -430,37 +425,25 @@ static int gemv_depth(void)
     return u;
 }
 
-/* The batch-1 knobs of k_gemv_multi (ninth session; read once):
+/* The batch-1 knobs of k_gemv_multi (ninth session; read once; the knobs measured no faster on
+ * the H100 were taken out again, see docs/PERFORMANCE.md "Batch 1 bf16, ninth session"):
  * TUNA_GEMV_U1 = 2 (default), 4, 8: 16-byte chunks in flight per lane (all loaded before the PDL
  *   wait) for the T = 1 one-row-per-warp jobs (q/k/v, o, down, lm_head);
- * TUNA_GEMV_UO = 2, 4, 8: the same for the o projection alone (an ADD job with K <= N);
- * TUNA_GEMV_ONOTRIG=1: the o projection does not trigger the next kernel early (with
- *   TUNA_ATTN_TRIGGER=1: o preloads during attention, and the SMs drain before gate/up);
- * TUNA_GEMV_XMAP=1: warps take jobs across blocks first (k_gemv_multi's j.xmap);
  * TUNA_ROPE_MULTI=1 (the default; 0: the GEMV then k_rope_kv; 2: also at T = 2, not measured):
  *   rmsnorm_qkv_rope_kv at T = 1 as one k_gemv_multi with RoPE and the KV store in its epilogue
  *   (pairs of rows, 2 or TUNA_GEMV_UR = 4 chunks in flight per row); H100, bf16 8B batch 1:
  *   5.87 / 5.91 against 5.95 / 5.99 ms per step, bench_cuda_ops' chain 162.5 against 165.6 us
- *   per layer;
- * TUNA_GEMV_BIG=1: the T = 1 jobs of two chunks per row (q/k/v with RoPE, o, down, gate/up) in
- *   blocks of 1024 threads, one per SM (x staged once per SM);
- * TUNA_GEMV_UG=4: 4 chunks in flight per row for the T = 1 norm+gate/up+GLU job (2 by default). */
-enum { KNOB_U1, KNOB_UO, KNOB_ONOTRIG, KNOB_XMAP, KNOB_ROPE_MULTI, KNOB_UR, KNOB_UG, KNOB_BIG, KNOB_N };
+ *   per layer. */
+enum { KNOB_U1, KNOB_ROPE_MULTI, KNOB_UR, KNOB_N };
 static int gemv_knob(int k)
 {
     static int v[KNOB_N];
     static bool done;
     if (!done) {
-        const int u[] = {2, 4, 8}, uo[] = {0, 2, 4, 8}, b01[] = {0, 1}, ur[] = {2, 4};
+        const int u[] = {2, 4, 8}, rm[] = {0, 1, 2}, ur[] = {2, 4};
         v[KNOB_U1] = env_pick("TUNA_GEMV_U1", 2, u, 3);
-        v[KNOB_UO] = env_pick("TUNA_GEMV_UO", 0, uo, 4);
-        v[KNOB_ONOTRIG] = env_pick("TUNA_GEMV_ONOTRIG", 0, b01, 2);
-        v[KNOB_XMAP] = env_pick("TUNA_GEMV_XMAP", 0, b01, 2);
-        const int rm[] = {0, 1, 2};
         v[KNOB_ROPE_MULTI] = env_pick("TUNA_ROPE_MULTI", 1, rm, 3);
         v[KNOB_UR] = env_pick("TUNA_GEMV_UR", 2, ur, 2);
-        v[KNOB_UG] = env_pick("TUNA_GEMV_UG", 2, ur, 2);
-        v[KNOB_BIG] = env_pick("TUNA_GEMV_BIG", 0, b01, 2);
         done = true;
     }
     return v[k];
@@ -521,7 +504,7 @@ static void launch_one(tuna_backend *be, const float *x, const struct gemv_job *
     tuna_cuda_launch(be, "k_gemv_multi", k_gemv_multi<TT, R, NORM>, dim3(blocks), dim3(GEMV_THREADS), smem, x, *j, rp);
 }
 
-/* T = 1, one row per warp, U chunks in flight per lane (TUNA_GEMV_U1 / TUNA_GEMV_UO) */
+/* T = 1, one row per warp, U chunks in flight per lane (TUNA_GEMV_U1) */
 template <bool NORM>
 static void launch_deep(tuna_backend *be, const float *x, const struct gemv_job *j, unsigned blocks, size_t smem,
                         int U)
@@ -604,29 +587,9 @@ static bool launch_multi(tuna_backend *be, const float *x, struct gemv_job *j, i
         else launch_split<2>(be, x, j, (unsigned)blocks, smem, T, S, U);
         return true;
     }
-    j->xmap = gemv_knob(KNOB_XMAP);
-    int64_t blocks = j->xmap ? j->nwarp : (j->nwarp + wpb - 1) / wpb;
+    int64_t blocks = (j->nwarp + wpb - 1) / wpb;
     if (blocks > cap) blocks = cap;
-    const bool o_like = j->mode == GEMV_ADD && j->nseg == 1 && j->K <= j->s[0].N; /* o, not down */
-    if (o_like && gemv_knob(KNOB_ONOTRIG)) j->notrig = 1;
-    const int U = o_like && gemv_knob(KNOB_UO) ? gemv_knob(KNOB_UO) : gemv_knob(KNOB_U1);
-    if (T == 1 && U == 2 && (R == 1 || norm) && gemv_knob(KNOB_BIG) && gemv_knob(KNOB_UG) == 2) { /* TUNA_GEMV_BIG=1 */
-        const struct gemv_rope rp = {};
-        int64_t bb = j->xmap ? j->nwarp : (j->nwarp + 31) / 32;
-        const int64_t cap1 = be->sm_count > 0 ? be->sm_count : 1;
-        if (bb > cap1) bb = cap1;
-        const dim3 g((unsigned)bb), b(1024);
-        if (R == 2) tuna_cuda_launch(be, "k_gemv_multi", k_gemv_multi<1, 2, true, 2, false, 1024>, g, b, smem, x, *j, rp);
-        else if (norm) tuna_cuda_launch(be, "k_gemv_multi", k_gemv_multi<1, 1, true, 2, false, 1024>, g, b, smem, x, *j, rp);
-        else tuna_cuda_launch(be, "k_gemv_multi", k_gemv_multi<1, 1, false, 2, false, 1024>, g, b, smem, x, *j, rp);
-        return true;
-    }
-    if (T == 1 && j->mode == GEMV_GLU && norm && gemv_knob(KNOB_UG) == 4) { /* TUNA_GEMV_UG=4 */
-        const struct gemv_rope rp = {};
-        tuna_cuda_launch(be, "k_gemv_multi", k_gemv_multi<1, 2, true, 4>, dim3((unsigned)blocks), dim3(GEMV_THREADS),
-                         smem, x, *j, rp);
-        return true;
-    }
+    const int U = gemv_knob(KNOB_U1);
     if (T == 1 && R == 1 && U != 2) {
         if (norm) launch_deep<true>(be, x, j, (unsigned)blocks, smem, U);
         else launch_deep<false>(be, x, j, (unsigned)blocks, smem, U);
@@ -836,17 +799,10 @@ static bool qkv_rope_fused(tuna_backend *be, float *const *ys, float *xn, const 
     const int64_t wpb = GEMV_THREADS / 32;
     const int64_t cap = (int64_t)(be->sm_count > 0 ? be->sm_count : 1) * GEMV_BLOCKS_PER_SM;
     if (multi) {
-        j.xmap = gemv_knob(KNOB_XMAP);
-        int64_t blocks = j.xmap ? j.nwarp : (j.nwarp + wpb - 1) / wpb;
+        int64_t blocks = (j.nwarp + wpb - 1) / wpb;
         if (blocks > cap) blocks = cap;
         const dim3 g((unsigned)blocks), b(GEMV_THREADS);
-        if (T == 1 && gemv_knob(KNOB_BIG) && gemv_knob(KNOB_UR) == 2) {
-            int64_t bb = j.xmap ? j.nwarp : (j.nwarp + 31) / 32;
-            const int64_t cap1 = be->sm_count > 0 ? be->sm_count : 1;
-            if (bb > cap1) bb = cap1;
-            tuna_cuda_launch(be, "k_gemv_multi", k_gemv_multi<1, 2, true, 2, true, 1024>, dim3((unsigned)bb), dim3(1024),
-                             smem, x, j, rp);
-        } else if (T == 1 && gemv_knob(KNOB_UR) == 4)
+        if (T == 1 && gemv_knob(KNOB_UR) == 4)
             tuna_cuda_launch(be, "k_gemv_multi", k_gemv_multi<1, 2, true, 4, true>, g, b, smem, x, j, rp);
         else if (T == 1)
             tuna_cuda_launch(be, "k_gemv_multi", k_gemv_multi<1, 2, true, 2, true>, g, b, smem, x, j, rp);

@@ -65,8 +65,6 @@ struct gemv_job {
     int mode;  /* GEMV_STORE, GEMV_ADD, GEMV_GLU (s[0] gate, s[1] up, out in s[0].y) */
     int act;   /* enum tuna_act for GEMV_GLU */
     int prefetch; /* before the PDL wait: 0 nothing, 1 the first loads in registers, 2 also the rows into L2 */
-    int xmap;     /* 16-bit k_gemv_multi: warp w of block b starts at job w * gridDim.x + b (fused.cu) */
-    int notrig;   /* 16-bit k_gemv_multi: no early PDL trigger */
     /* RMSNorm folded in (the NORM kernels): x is the raw residual stream, nw [K] the norm's
      * weight; y = r_t * (W (nw . x_t)) with r_t = 1/sqrt(mean(x_t^2) + eps), and block 0 writes
      * xn [T, K] = x * r * nw (the CPU's formula) for whoever reads the normalized rows next */
