@@ -8,7 +8,6 @@
  * - glu16: act(gate) * up in float32 from 16-bit inputs, 8 elements per thread. */
 #include "backend/cuda/act16.cuh"
 #include "backend/cuda/act16.h"
-#include "backend/cuda/gemm_lt.h"
 
 static int act_io(enum tuna_dtype adt) { return adt == TUNA_DTYPE_BF16 ? 1 : adt == TUNA_DTYPE_F16 ? 2 : 0; }
 
@@ -109,15 +108,13 @@ bool tuna_cuda_matmul16(tuna_backend *be, void *y, enum tuna_dtype ydt, const vo
     const int64_t N = w->rows, K = w->cols;
     const cudaDataType_t dt = io == 1 ? CUDA_R_16BF : CUDA_R_16F;
     const float one = 1.0f, zero = 0.0f;
-    /* column-major view: y^T[N,T] = W[N,K] (row-major = K x N col-major, transposed) * x^T[K,T];
-     * TUNA_GEMM_LT=1: a per-shape algorithm (gemm_lt.h) when it has one */
-    if (!tuna_cuda_gemm_lt(be, y, ydt == TUNA_DTYPE_F32 ? CUDA_R_32F : dt, x, w->data, dt, N, K, T, acc))
-        tuna_cuda_check_blas(be,
-                             cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)T, (int)K, &one, w->data,
-                                          dt, (int)K, x, dt, (int)K, acc ? &one : &zero, y,
-                                          ydt == TUNA_DTYPE_F32 ? CUDA_R_32F : dt, (int)N, CUBLAS_COMPUTE_32F,
-                                          CUBLAS_GEMM_DEFAULT),
-                             "cublasGemmEx(16-bit activations)");
+    /* column-major view: y^T[N,T] = W[N,K] (row-major = K x N col-major, transposed) * x^T[K,T] */
+    tuna_cuda_check_blas(be,
+                         cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)T, (int)K, &one, w->data, dt,
+                                      (int)K, x, dt, (int)K, acc ? &one : &zero, y,
+                                      ydt == TUNA_DTYPE_F32 ? CUDA_R_32F : dt, (int)N, CUBLAS_COMPUTE_32F,
+                                      CUBLAS_GEMM_DEFAULT),
+                         "cublasGemmEx(16-bit activations)");
     if (bias) {
         k_bias16<<<tuna_cuda_blocks(T * N, 256), 256, 0, be->stream>>>(y, ydt == TUNA_DTYPE_F32 ? 0 : io, bias, T, N);
         tuna_cuda_check_launch(be, "k_bias16");
