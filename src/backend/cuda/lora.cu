@@ -1255,189 +1255,6 @@ template <typename HT> __global__ void k_lora_mask(HT *hm, const float *h, const
     dense_put(hm + t * d.RU + j, v);
 }
 
-/* The shrink and the mask in one kernel (opt-in: TUNA_LORA_SHRINK=1; default: the cuBLAS GEMM
- * over every slot, then k_lora_mask). A block takes a tile of DS_TM tokens, one slot a and a chunk of
- * DS_TN of that slot's columns over the group's linears (linear i's ranks 0..rs_i of slot a, the
- * linears in turn), over one split of K: a tile whose tokens all use another adapter (or none)
- * only writes its zeros (split 0). Otherwise x [DS_TM, k] and the chunk's A rows [DS_TN, k] are
- * staged through shared memory (cp.async, DS_ST stages of DS_TK) and multiplied on tensor cores
- * (warp w: tokens 16w..16w+15, every column). The sums of the tile's tokens that use slot a are
- * kept, times the scale, rounded to 16 bits; every other token's columns of the slot get zeros.
- * With S > 1 splits each block writes its float32 partials of those tokens (part [S, T, RU]) and
- * the last block of the (tile, slot, chunk) to finish (a counter, reset by that block) adds them
- * in split order: the same bits whichever block is last, eager or replayed. */
-#define DS_TM 64
-#define DS_TN 64
-#define DS_TK 32
-#define DS_ST 4
-#define DS_SMAX 16 /* K splits at most */
-#define DS_LD (DS_TK + 8) /* smem row stride in elements (80 bytes: ldmatrix rows in distinct banks) */
-
-struct ds_job {
-    const uint16_t *A[3];         /* A_all of each linear (NULL: none) */
-    const struct tuna_lora_w *w[3];
-    int off[3], rs[3], n[3], nl;  /* linear i: columns off_i.. of hm, slot width rs_i, n_i slots */
-    int RU, RS, NC;               /* hm's width; columns of one slot over the linears; chunks of DS_TN */
-};
-
-/* column j (< RS) of slot a: its linear and rank; false when that linear has no slot a */
-__device__ __forceinline__ bool ds_col(const ds_job &d, int a, int j, int *li, int *c)
-{
-#pragma unroll
-    for (int i = 0; i < 3; i++) {
-        if (i >= d.nl) break;
-        if (!d.A[i]) continue;
-        if (j < d.rs[i]) {
-            *li = i;
-            *c = j;
-            return a < d.n[i];
-        }
-        j -= d.rs[i];
-    }
-    return false;
-}
-
-template <typename HT>
-__global__ void __launch_bounds__(128)
-    k_lora_shrink_mask(HT *hm, float *part, int *count, const uint16_t *__restrict__ x, const int32_t *adapter, int T,
-                       int K, int KS, const ds_job d)
-{
-    __shared__ __align__(16) uint16_t xs[DS_ST][DS_TM][DS_LD];
-    __shared__ __align__(16) uint16_t as[DS_ST][DS_TN][DS_LD];
-    __shared__ int ad[DS_TM];
-    __shared__ int last;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c4 = lane & 3;
-    const int t0 = (int)blockIdx.x * DS_TM, a = (int)blockIdx.y / d.NC, j0 = ((int)blockIdx.y % d.NC) * DS_TN;
-    const int S = (int)gridDim.z, kb = (int)blockIdx.z * KS, ke = min(K, kb + KS);
-    if (tid < DS_TM) ad[tid] = t0 + tid < T ? adapter[t0 + tid] : -1;
-    __syncthreads();
-    const bool present = __syncthreads_or(tid < DS_TM && ad[tid] == a);
-    if (!present) { /* no token of the tile uses slot a: its columns are zeros */
-        if (blockIdx.z != 0) return;
-        for (int e = tid; e < DS_TM * DS_TN; e += 128) {
-            const int r = e / DS_TN, j = j0 + e % DS_TN;
-            int li, c;
-            if (t0 + r < T && j < d.RS && ds_col(d, a, j, &li, &c))
-                dense_put(hm + (int64_t)(t0 + r) * d.RU + d.off[li] + a * d.rs[li] + c, 0.0f);
-        }
-        return;
-    }
-    /* the rows this thread stages: 2 x 16-byte pieces of x and of A per stage (DS_TK = 32: 4 pieces
-     * a row) */
-    const uint16_t *xr[2], *arow[2];
-    bool xok[2], aok[2];
-    int srow[2], sk[2];
-#pragma unroll
-    for (int q = 0; q < 2; q++) {
-        const int p = tid + 128 * q;
-        srow[q] = p >> 2;
-        sk[q] = (p & 3) * 8;
-        const int t = t0 + srow[q];
-        xok[q] = t < T;
-        xr[q] = x + (int64_t)(xok[q] ? t : 0) * K;
-        int li = 0, c = 0;
-        const int j = j0 + srow[q];
-        aok[q] = j < d.RS && ds_col(d, a, j, &li, &c);
-        arow[q] = aok[q] ? d.A[li] + ((int64_t)a * d.rs[li] + c) * K : x;
-    }
-    const int nk = (ke - kb + DS_TK - 1) / DS_TK;
-    auto stage = [&](int it) {
-        const int s = it % DS_ST, k = kb + it * DS_TK;
-#pragma unroll
-        for (int q = 0; q < 2; q++) {
-            const int kk = k + sk[q];
-            const bool in = kk < ke; /* K % 8 == 0: a piece is whole or past the end */
-            mma_cp_async16(&xs[s][srow[q]][sk[q]], in && xok[q] ? xr[q] + kk : x, in && xok[q]);
-            mma_cp_async16(&as[s][srow[q]][sk[q]], in && aok[q] ? arow[q] + kk : x, in && aok[q]);
-        }
-    };
-#pragma unroll
-    for (int s = 0; s < DS_ST - 1; s++) {
-        if (s < nk) stage(s);
-        mma_cp_async_commit();
-    }
-    float acc[DS_TN / 8][4];
-#pragma unroll
-    for (int j = 0; j < DS_TN / 8; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-    for (int it = 0; it < nk; it++) {
-        mma_cp_async_wait<DS_ST - 2>();
-        __syncthreads();
-        if (it + DS_ST - 1 < nk) stage(it + DS_ST - 1);
-        mma_cp_async_commit();
-        const int s = it % DS_ST;
-#pragma unroll
-        for (int kk = 0; kk < DS_TK; kk += 16) {
-            uint32_t af[4];
-            mma_ldsm_x4(af, mma_smem(&xs[s][16 * warp + (lane & 15)][kk + (lane >> 4) * 8]));
-#pragma unroll
-            for (int p = 0; p < DS_TN / 16; p++) {
-                uint32_t bf[4];
-                mma_ldsm_x4(bf, mma_smem(&as[s][16 * p + (lane & 7) + (lane >> 4) * 8][kk + ((lane >> 3) & 1) * 8]));
-                mma_16816<HT>(acc[2 * p], af, bf[0], bf[1]);
-                mma_16816<HT>(acc[2 * p + 1], af, bf[2], bf[3]);
-            }
-        }
-    }
-    mma_cp_async_wait<0>();
-    /* this thread's sums: rows 16w + g (+8), columns 8jt + 2c4 (+1) of the chunk */
-    if (S > 1) {
-#pragma unroll
-        for (int jt = 0; jt < DS_TN / 8; jt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int r = 16 * warp + g + 8 * (e >> 1), j = j0 + 8 * jt + 2 * c4 + (e & 1);
-                int li, c;
-                if (ad[r] == a && t0 + r < T && j < d.RS && ds_col(d, a, j, &li, &c))
-                    part[((int64_t)blockIdx.z * T + t0 + r) * d.RU + d.off[li] + a * d.rs[li] + c] = acc[jt][e];
-            }
-        __threadfence();
-        __syncthreads();
-        if (tid == 0) last = atomicAdd(&count[blockIdx.x * gridDim.y + blockIdx.y], 1) == S - 1;
-        __syncthreads();
-        if (!last) return;
-        __threadfence();
-        for (int e = tid; e < DS_TM * DS_TN; e += 128) {
-            const int r = e / DS_TN, j = j0 + e % DS_TN;
-            int li, c;
-            if (t0 + r >= T || j >= d.RS || !ds_col(d, a, j, &li, &c)) continue;
-            const int64_t at = (int64_t)(t0 + r) * d.RU + d.off[li] + a * d.rs[li] + c;
-            float v = 0.0f;
-            if (ad[r] == a && c < (int)d.w[li][a].r) { /* the S loads in flight together, added in order */
-                float p[DS_SMAX];
-#pragma unroll
-                for (int q = 0; q < DS_SMAX; q++) p[q] = q < S ? __ldcg(part + (int64_t)q * T * d.RU + at) : 0.0f;
-                v = p[0];
-#pragma unroll
-                for (int q = 1; q < DS_SMAX; q++)
-                    if (q < S) v += p[q];
-                v *= d.w[li][a].scale;
-            }
-            dense_put(hm + at, v);
-        }
-        if (tid == 0) count[blockIdx.x * gridDim.y + blockIdx.y] = 0;
-        return;
-    }
-#pragma unroll
-    for (int jt = 0; jt < DS_TN / 8; jt++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            const int r = 16 * warp + g + 8 * (e >> 1), j = j0 + 8 * jt + 2 * c4 + (e & 1);
-            int li, c;
-            if (t0 + r >= T || j >= d.RS || !ds_col(d, a, j, &li, &c)) continue;
-            const float v = ad[r] == a && c < (int)d.w[li][a].r ? acc[jt][e] * d.w[li][a].scale : 0.0f;
-            dense_put(hm + (int64_t)(t0 + r) * d.RU + d.off[li] + a * d.rs[li] + c, v);
-        }
-}
-
-/* TUNA_LORA_SHRINK=1 (opt-in: the H100 measured it slower than the default, ninth session):
- * k_lora_shrink_mask instead of the cuBLAS GEMM over every slot (float32 out) + k_lora_mask. Read
- * at every call (tests switch it). */
-static bool env_is(const char *name, char v)
-{
-    const char *e = getenv(name);
-    return e && e[0] == v;
-}
-
 /* TUNA_LORA_DENSE=0: decline every call (forward.c then takes the lora op's segmented kernels);
  * read at every call (tests switch it). */
 static bool dense_on(void)
@@ -1488,44 +1305,7 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
     const size_t o_ad = (size_t)tuna_cuda_meta_stage(be, &mt, tok->adapter, (size_t)T * sizeof(int32_t));
     if (be->sticky || !tuna_cuda_meta_flush(be, &mt)) return true;
     const int32_t *d_ad = (const int32_t *)((const char *)be->meta.p + o_ad);
-    /* the fused shrink + mask (k_lora_shrink_mask): 16-byte rows of x and A (K % 8 == 0) */
-    ds_job sj;
-    memset(&sj, 0, sizeof sj);
-    bool fused = env_is("TUNA_LORA_SHRINK", '1') && K % 8 == 0 && K <= INT32_MAX / 2 &&
-                 ((uintptr_t)(x32 ? NULL : x16) & 15) == 0;
-    int S = 1, KS = (int)((K + DS_TK - 1) / DS_TK * DS_TK), nslot = 0;
-    const int ntile = (int)((T + DS_TM - 1) / DS_TM);
-    if (fused) {
-        sj.nl = n;
-        sj.RU = d.RU;
-        for (int i = 0; i < n; i++) {
-            if (!d.l[i].w) continue;
-            if (((uintptr_t)sets[i]->A_all & 15) != 0) fused = false;
-            sj.A[i] = (const uint16_t *)sets[i]->A_all;
-            sj.w[i] = d.l[i].w;
-            sj.off[i] = d.l[i].off;
-            sj.rs[i] = d.l[i].rs;
-            sj.n[i] = d.l[i].n;
-            sj.RS += d.l[i].rs;
-            nslot = d.l[i].n > nslot ? d.l[i].n : nslot;
-        }
-        sj.NC = (sj.RS + DS_TN - 1) / DS_TN;
-        /* K splits for about two blocks per SM, counting two slots used per tile (a prefill chunk's
-         * tokens share an adapter); at least 4 k-steps of DS_TK per split; one split (no counters)
-         * past the counters' room. Depends on T, K and the sets' shapes only (TUNA_LORA_KSPLIT=n: n). */
-        const int64_t nkc = (K + DS_TK - 1) / DS_TK, guess = (int64_t)ntile * (nslot < 2 ? nslot : 2) * sj.NC;
-        const int sm = be->sm_count > 0 ? be->sm_count : 132;
-        int64_t s = (2 * sm + guess - 1) / guess, smax = nkc / 4 < 16 ? nkc / 4 : 16;
-        if (s > smax) s = smax;
-        const char *fs = getenv("TUNA_LORA_KSPLIT"); /* tests: a given number of splits */
-        if (fs && atoi(fs) > 0) s = atoi(fs) < nkc ? atoi(fs) : nkc;
-        if (s > DS_SMAX) s = DS_SMAX;
-        if (s < 1 || (int64_t)ntile * nslot * sj.NC > TC_COUNT_MAX) s = 1;
-        KS = (int)((nkc + s - 1) / s * DS_TK);
-        S = (int)((K + KS - 1) / KS);
-    }
-    const size_t head = TC_COUNT_MAX * sizeof(int),
-                 hb = align256((size_t)T * (size_t)RU * sizeof(float) * (size_t)(fused ? (S > 1 ? S : 0) : 1));
+    const size_t head = TC_COUNT_MAX * sizeof(int), hb = align256((size_t)T * (size_t)RU * sizeof(float));
     char *base = lora_scratch(be, hb + align256((size_t)T * (size_t)RU * 2));
     if (!base) return true;
     float *h = (float *)(base + head);
@@ -1539,20 +1319,9 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
     }
     const cudaDataType_t ct = dt == 1 ? CUDA_R_16BF : CUDA_R_16F, yt = ydt == TUNA_DTYPE_F32 ? CUDA_R_32F : ct;
     const float one = 1.0f, zero = 0.0f;
-    if (fused) { /* one launch: each token's own slot, scaled and rounded; zeros elsewhere */
-        const dim3 grid((unsigned)ntile, (unsigned)(nslot * sj.NC), (unsigned)S);
-        int *count = (int *)base;
-        if (dt == 1)
-            k_lora_shrink_mask<__nv_bfloat16><<<grid, 128, 0, be->stream>>>(
-                (__nv_bfloat16 *)hm, h, count, (const uint16_t *)xh, d_ad, (int)T, (int)K, KS, sj);
-        else
-            k_lora_shrink_mask<__half><<<grid, 128, 0, be->stream>>>((__half *)hm, h, count, (const uint16_t *)xh, d_ad,
-                                                                     (int)T, (int)K, KS, sj);
-        if (!tuna_cuda_check_launch(be, "k_lora_shrink_mask")) return true;
-    }
     /* the shrinks: linears whose A_all lie back to back (device.c groups q/k/v and gate/up) in one
      * GEMM, their h columns being back to back too */
-    for (int i = 0; i < n && !be->sticky && !fused; i++) {
+    for (int i = 0; i < n && !be->sticky; i++) {
         if (!d.l[i].w) continue;
         int M = d.l[i].n * d.l[i].rs, j = i + 1;
         for (; j < n; j++) {
@@ -1568,12 +1337,10 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
         i = j - 1;
     }
     if (be->sticky) return true;
-    if (!fused) {
-        const dim3 grid((unsigned)T, (unsigned)((RU + 127) / 128));
-        if (dt == 1) k_lora_mask<__nv_bfloat16><<<grid, 128, 0, be->stream>>>((__nv_bfloat16 *)hm, h, d_ad, d);
-        else k_lora_mask<__half><<<grid, 128, 0, be->stream>>>((__half *)hm, h, d_ad, d);
-        if (!tuna_cuda_check_launch(be, "k_lora_mask")) return true;
-    }
+    const dim3 grid((unsigned)T, (unsigned)((RU + 127) / 128));
+    if (dt == 1) k_lora_mask<__nv_bfloat16><<<grid, 128, 0, be->stream>>>((__nv_bfloat16 *)hm, h, d_ad, d);
+    else k_lora_mask<__half><<<grid, 128, 0, be->stream>>>((__half *)hm, h, d_ad, d);
+    if (!tuna_cuda_check_launch(be, "k_lora_mask")) return true;
     for (int i = 0; i < n && !be->sticky; i++) {
         const float *bias = biases ? biases[i] : NULL;
         const int64_t N = ws[i]->rows;
