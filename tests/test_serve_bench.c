@@ -81,6 +81,11 @@ static void check_counts(const struct tuna_serve_bench_result *r, const struct t
     /* every token is computed once unless a preemption recomputes it */
     if (r->eng.preemptions == 0) assert_true(r->eng.step_tokens <= c->n_requests * (c->prompt_len + c->gen));
     assert_true(r->eng.steps >= c->gen);
+    /* the step kinds (bench --serve's "step kinds" line): decode-only steps carry one token per
+     * sequence, the other steps every prompt token */
+    assert_true(r->eng.decode_steps > 0 && r->eng.decode_steps < r->eng.steps);
+    assert_true(r->eng.decode_tokens >= r->eng.decode_steps && r->eng.decode_forward_s <= r->eng.forward_s);
+    assert_true(r->eng.step_tokens - r->eng.decode_tokens >= c->n_requests * c->prompt_len);
     assert_true(r->eng.peak_kv_blocks > 0 && r->eng.peak_kv_blocks <= r->eng.kv_blocks);
     assert_true(r->wall_s > 0);
     assert_true(r->ttft_p50 > 0 && r->ttft_p50 <= r->ttft_p99);
