@@ -1144,8 +1144,11 @@ void tuna_cuda_lora_begin(tuna_backend *be, int n, const int64_t *Ns, const floa
     }
 }
 
+static void grp_free(tuna_backend *be);
+
 void tuna_cuda_lora_free(tuna_backend *be)
 {
+    grp_free(be);
     auto &q = be->lora_pre;
     if (!q.made) return;
     cudaStreamSynchronize(q.side);
@@ -1263,6 +1266,118 @@ static bool dense_on(void)
     return !(e && e[0] == '0');
 }
 
+/* TUNA_LORA_GROUPED=1: for calls of several linears with 16-bit outputs (q/k/v, gate/up), the
+ * LoRA expands in one cublasGemmGroupedBatchedEx call and the projections in another (one group
+ * per linear) instead of one cublasGemmEx each. Read at every call (tests switch it). */
+static bool grouped_on(void)
+{
+    const char *e = getenv("TUNA_LORA_GROUPED");
+    return e && e[0] == '1';
+}
+
+enum { GRP_CAP = 4096, GRP_W = 9, GRP_SLOTS = 2 * GRP_CAP };
+
+/* The device address of an array of GRP_W pointers (3 A, 3 B, 3 C) equal to p: an entry made
+ * before, or a new one uploaded now (outside a capture only: inside one the capture is tainted and
+ * NULL returned, the step then runs eagerly and makes it). Entries are never rewritten: a graph
+ * captured earlier may read any of them. NULL with *full set: the table is full (separate GEMMs). */
+static void **grp_entry(tuna_backend *be, void *const p[GRP_W], bool *full)
+{
+    auto &g = be->lora_grp;
+    *full = false;
+    if (!g.h) {
+        if (tuna_cuda_capture_taint(be)) return NULL;
+        g.h = (void **)calloc((size_t)GRP_CAP * GRP_W, sizeof(void *));
+        g.slot = (int *)malloc((size_t)GRP_SLOTS * sizeof(int));
+        if (!g.h || !g.slot) {
+            free(g.h);
+            free(g.slot);
+            g.h = NULL;
+            g.slot = NULL;
+            tuna_cuda_check(be, cudaErrorMemoryAllocation, "malloc(LoRA grouped GEMM pointers)");
+            return NULL;
+        }
+        for (int i = 0; i < GRP_SLOTS; i++) g.slot[i] = -1;
+        if (!tuna_cuda_check(be, cudaMalloc((void **)&g.d, (size_t)GRP_CAP * GRP_W * sizeof(void *)),
+                             "cudaMalloc(LoRA grouped GEMM pointers)"))
+            return NULL;
+    }
+    uint64_t hsh = 1469598103934665603ull;
+    for (int i = 0; i < GRP_W; i++) hsh = (hsh ^ (uint64_t)(uintptr_t)p[i]) * 1099511628211ull;
+    unsigned at = (unsigned)(hsh ^ (hsh >> 29)) & (GRP_SLOTS - 1);
+    for (;; at = (at + 1) & (GRP_SLOTS - 1)) {
+        const int e = g.slot[at];
+        if (e < 0) break;
+        if (!memcmp(g.h + (size_t)e * GRP_W, p, GRP_W * sizeof(void *))) return g.d + (size_t)e * GRP_W;
+    }
+    if (g.n == GRP_CAP) {
+        *full = true;
+        return NULL;
+    }
+    if (tuna_cuda_capture_taint(be)) return NULL;
+    void **h = g.h + (size_t)g.n * GRP_W;
+    memcpy(h, p, GRP_W * sizeof(void *));
+    /* pageable source: the copy is staged before the call returns; h never changes afterwards */
+    if (!tuna_cuda_check(be,
+                         cudaMemcpyAsync(g.d + (size_t)g.n * GRP_W, h, GRP_W * sizeof(void *), cudaMemcpyHostToDevice,
+                                         be->stream),
+                         "cudaMemcpyAsync(LoRA grouped GEMM pointers)"))
+        return NULL;
+    g.slot[at] = g.n;
+    return g.d + (size_t)g.n++ * GRP_W;
+}
+
+static void grp_free(tuna_backend *be)
+{
+    auto &g = be->lora_grp;
+    if (g.d) cudaFree(g.d);
+    free(g.h);
+    free(g.slot);
+    g.d = g.h = NULL;
+    g.slot = NULL;
+    g.n = 0;
+}
+
+/* C_i = A_i^T B_i (+ beta_i C_i) for the ng <= 3 members, 16-bit (ct) in and out, float32 compute,
+ * in one grouped cuBLAS call: 1 done, 0 not done (the caller runs them one by one), -1 stop (a
+ * capture tainted or a sticky error). */
+static int grouped_gemm(tuna_backend *be, int ng, const int *N, int T, const int *K, const void *const *A,
+                        const int *lda, const void *const *B, int ldb, void *const *C, const float *beta,
+                        cudaDataType_t ct)
+{
+    if (ng < 2 || be->lora_grp.off) return 0;
+    void *p[GRP_W] = {NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+    for (int i = 0; i < ng; i++) {
+        p[i] = (void *)A[i];
+        p[3 + i] = (void *)B[i];
+        p[6 + i] = C[i];
+    }
+    bool full;
+    void **d = grp_entry(be, p, &full);
+    if (!d) return full && !be->sticky ? 0 : -1;
+    cublasOperation_t ta[3], tb[3];
+    int m[3], n[3], ldc[3], gs[3];
+    int ldbs[3];
+    float al[3];
+    for (int i = 0; i < ng; i++) {
+        ldbs[i] = ldb;
+        ta[i] = CUBLAS_OP_T;
+        tb[i] = CUBLAS_OP_N;
+        m[i] = N[i];
+        n[i] = T;
+        ldc[i] = N[i];
+        gs[i] = 1;
+        al[i] = 1.0f;
+    }
+    const cublasStatus_t st = cublasGemmGroupedBatchedEx(
+        be->blas, ta, tb, m, n, K, al, (const void *const *)d, ct, lda, (const void *const *)(d + 3), ct, ldbs, beta, d + 6, ct, ldc, ng, gs, CUBLAS_COMPUTE_32F);
+    if (st == CUBLAS_STATUS_NOT_SUPPORTED && !be->capturing) { /* nothing ran: separate GEMMs from now on */
+        be->lora_grp.off = true;
+        return 0;
+    }
+    return tuna_cuda_check_blas(be, st, "cublasGemmGroupedBatchedEx(LoRA)") ? 1 : -1;
+}
+
 /* The dense call of lora_matmul (x32: float32 x, rounded here; ydt F32) and lora_matmul16 (x32
  * NULL: x16 already in D; ydt F32 with acc, or D). */
 static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype ydt, const float *x32, const void *x16,
@@ -1341,6 +1456,51 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
     if (dt == 1) k_lora_mask<__nv_bfloat16><<<grid, 128, 0, be->stream>>>((__nv_bfloat16 *)hm, h, d_ad, d);
     else k_lora_mask<__half><<<grid, 128, 0, be->stream>>>((__half *)hm, h, d_ad, d);
     if (!tuna_cuda_check_launch(be, "k_lora_mask")) return true;
+    if (!x32 && ydt != TUNA_DTYPE_F32 && n > 1 && grouped_on()) { /* 16-bit outputs, no bias (checked above) */
+        int ne = 0, Ne[3], Ke[3], Np[3], Kp[3];
+        const void *Ae[3], *Be[3], *Ap[3], *Bp[3];
+        void *Ce[3], *Cp[3];
+        float be0[3], bp[3];
+        for (int i = 0; i < n; i++) {
+            Np[i] = (int)ws[i]->rows;
+            Kp[i] = (int)K;
+            Ap[i] = ws[i]->data;
+            Bp[i] = x16;
+            Cp[i] = ys[i];
+            bp[i] = acc || d.l[i].w ? 1.0f : 0.0f;
+            if (!d.l[i].w) continue;
+            Ne[ne] = Np[i];
+            Ke[ne] = d.l[i].n * d.l[i].rs;
+            Ae[ne] = sets[i]->B_all;
+            Be[ne] = hm + (size_t)d.l[i].off * 2;
+            Ce[ne] = ys[i];
+            be0[ne] = acc ? 1.0f : 0.0f;
+            ne++;
+        }
+        int r = 1;
+        if (ne == 1) /* one linear with adapters: its expand alone */
+            tuna_cuda_check_blas(be,
+                                 cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, Ne[0], (int)T, Ke[0], &one, Ae[0], ct,
+                                              Ke[0], Be[0], ct, (int)RU, &be0[0], Ce[0], ct, Ne[0], CUBLAS_COMPUTE_32F,
+                                              CUBLAS_GEMM_DEFAULT),
+                                 "cublasGemmEx(LoRA expand, all slots)");
+        else r = grouped_gemm(be, ne, Ne, (int)T, Ke, Ae, Ke, Be, (int)RU, Ce, be0, ct);
+        if (r < 0 || be->sticky) return true;
+        if (r == 1) {
+            r = grouped_gemm(be, n, Np, (int)T, Kp, Ap, Kp, Bp, (int)K, Cp, bp, ct);
+            if (r < 0 || be->sticky) return true;
+            if (r == 1) return true;
+            /* the projections one by one (the expands are done) */
+            for (int i = 0; i < n && !be->sticky; i++)
+                tuna_cuda_check_blas(be,
+                                     cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, Np[i], (int)T, (int)K, &one, Ap[i],
+                                                  ct, (int)K, x16, ct, (int)K, &bp[i], ys[i], ct, Np[i],
+                                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                                     "cublasGemmEx(16-bit projection onto its LoRA term)");
+            return true;
+        }
+        /* r == 0: not grouped; the loop below runs every GEMM */
+    }
     for (int i = 0; i < n && !be->sticky; i++) {
         const float *bias = biases ? biases[i] : NULL;
         const int64_t N = ws[i]->rows;
