@@ -862,3 +862,331 @@ bool tuna_cuda_q4_lean(tuna_backend *be, const float *x, struct gemv_job *j, con
     Q4V_GO(false, false, 2);
 #undef Q4V_GO
 }
+
+/* ---- k_q4_c: k_q4_v's unit streams fed by a per-warp cp.async ring (tenth session; TUNA_Q4_K=7) ----
+ *
+ * What k_q4_v left (eighth session's ncu): each warp kept only D = 2 units (2 KB) of codes in flight,
+ * in registers (D = 4 cost 125 registers or spills), and waited ~3-4 cycles per issue on its own
+ * global loads. Here the bytes in flight live in shared memory instead: each warp owns a ring of S
+ * stages of one unit each (both rows' codes, 16 bytes per lane and row, and their scales), filled
+ * with Ampere's cp.async (LDGSTS: 16 bytes of codes and 4-byte scale words per lane, each lane
+ * copies what it will read itself, so no barrier and no mbarrier: cp.async.wait_group S - 1 per
+ * unit). The copy of unit u + S is issued right after unit u is computed (S - 1 units in flight
+ * during the arithmetic, S across it), the first S before the PDL wait. Per SM: W warps x S x 1.5 KB
+ * in flight without registers (16 x 6 x 1.5 KB = 144 KB). Everything else is k_q4_v's: items of two
+ * rows (or gate and up of one output), balanced item-units per warp, the products of k_q4_h2
+ * (q4h_dot's prmt + table load + HFMA2 per two weights), sums per item in shared memory added in
+ * warp order (deterministic; float32 and nested scales give the same bits). To make room for the
+ * ring, x (staged as scaled f16 by q4h_stage_x) lives in the unused odd 128-byte halves of the
+ * byte -> half2 table's rows (hence K <= 16384). Nested scales: the 8-bit code is copied as its
+ * aligned 4-byte word (hence 4-byte aligned codes and a multiple of 4 blocks per matrix) and the
+ * byte picked at compute time. Needs compute capability 8.0+, T = 1, K % 32 == 0, K <= 16384,
+ * blocksize >= 32, 16-byte aligned codes, N * K < 2^31 per matrix, every matrix's scales in the
+ * same form (nested: the same nshift). */
+#define Q4C_STAGE 1536 /* bytes per stage: codes [2 rows][32 lanes] x 16, scales [2][32] x 4, nested absmax [2][32] x 4 */
+#define Q4C_MAXT 512
+
+static __device__ __forceinline__ void q4c_cp16(uint32_t dst, const void *src)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+#else
+    (void)dst, (void)src;
+    __trap(); /* sm_75 code: the host never launches k_q4_c below compute capability 8.0 */
+#endif
+}
+
+static __device__ __forceinline__ void q4c_cp4(uint32_t dst, const void *src)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
+#else
+    (void)dst, (void)src;
+    __trap();
+#endif
+}
+
+static __device__ __forceinline__ void q4c_commit(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+template <int N>
+static __device__ __forceinline__ void q4c_wait(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+
+/* q4v_dot2 with x at xb + (xo ^ 16 p) (the odd table halves: xb the half, xo < 128) */
+static __device__ __forceinline__ void q4c_dot2(const uint8_t *tab, const uint4 (&c)[2], const uint8_t *xb, uint32_t xo,
+                                                uint32_t lane_off, float (&d)[2])
+{
+    __half2 s[2][2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) s[r][0] = s[r][1] = __float2half2_rn(0.0f);
+#pragma unroll
+    for (int p = 0; p < 4; p++) {
+        const uint4 xv = *reinterpret_cast<const uint4 *>(xb + (xo ^ ((uint32_t)p * 16u)));
+        const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const uint32_t w = p == 0 ? c[r].x : p == 1 ? c[r].y : p == 2 ? c[r].z : c[r].w;
+#pragma unroll
+            for (int b = 0; b < 4; b++) {
+                const uint32_t off = __byte_perm(w, lane_off, 0x5504u | ((uint32_t)b << 4));
+                const __half2 t = *reinterpret_cast<const __half2 *>(tab + off);
+                s[r][p >> 1] = __hfma2(t, *reinterpret_cast<const __half2 *>(&xw[b]), s[r][p >> 1]);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const __half2 v = __hadd2(s[r][0], s[r][1]);
+        d[r] = __low2float(v) + __high2float(v);
+    }
+}
+
+template <bool NORM, bool NESTED, int S>
+__global__ void __launch_bounds__(Q4C_MAXT, 1)
+    k_q4_c(const float *__restrict__ x, const __grid_constant__ struct gemv_job j, const struct q4_lut lut_in,
+           const struct q4v_param P)
+{
+    extern __shared__ float4 q4c_smem4[];
+    uint8_t *tab = reinterpret_cast<uint8_t *>(q4c_smem4);       /* [256][256 bytes]: table | x (odd halves) */
+    float *ncode = reinterpret_cast<float *>(tab + Q4S_TAB);    /* [GEMV_MAX_SEG][256] */
+    float *ps = ncode + GEMV_MAX_SEG * 256;                      /* [items][nslot][2] */
+    uint8_t *ring = reinterpret_cast<uint8_t *>(ps + P.psz);     /* [W][S][Q4C_STAGE] */
+    __shared__ float slut[16];
+    __shared__ float red[64];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = blockDim.x >> 5;
+    if (threadIdx.x < 16) slut[threadIdx.x] = lut_in.v[threadIdx.x];
+
+    const int64_t ib0 = (int64_t)blockIdx.x * P.nitems / gridDim.x;
+    const int nib = (int)(((int64_t)blockIdx.x + 1) * P.nitems / gridDim.x - ib0);
+    const int KU = P.KU, K32 = P.K32, Ub = nib * KU;
+    const int us = (int)((int64_t)warp * Ub / W), ue = (int)((int64_t)(warp + 1) * Ub / W);
+    const int bs_shift = j.bs_shift;
+    const int64_t K = j.K;
+    uint8_t *rg = ring + (size_t)warp * S * Q4C_STAGE;
+    const uint32_t rsa = q4s_sa(rg) + (uint32_t)lane * 16u, rsb = q4s_sa(rg) + 1024u + (uint32_t)lane * 4u;
+
+    /* the copy side: unit l_u (item l_li, unit l_k of it); row r at element offset le[r] of
+     * matrix l_seg (GLU: gate and up) */
+    uint32_t le[2] = {0u, 0u};
+    int l_seg = 0;
+    const bool glu = j.mode == GEMV_GLU;
+    int l_u = us, l_li = us / (KU > 0 ? KU : 1), l_k = us - l_li * KU;
+    auto set_item = [&](int li) {
+        int sg[2], seg;
+        int64_t row[2], n0;
+        q4_item_rows(j, ib0 + li, &seg, &n0, sg, row);
+        l_seg = seg;
+#pragma unroll
+        for (int r = 0; r < 2; r++) le[r] = (uint32_t)(row[r] * K) + (uint32_t)lane * 32u;
+    };
+    auto load = [&](int slot) {
+        if (l_k * 32 + lane < K32) {
+            const uint32_t so = (uint32_t)slot * Q4C_STAGE;
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const struct gemv_seg &s = j.s[glu ? r : l_seg];
+                const uint32_t e = le[r] + (uint32_t)l_k * 1024u, b = e >> bs_shift;
+                q4c_cp16(rsa + so + (uint32_t)r * 512u, reinterpret_cast<const uint4 *>(s.W) + (e >> 5));
+                if (NESTED) {
+                    q4c_cp4(rsb + so + (uint32_t)r * 128u, s.sc.q + (b & ~3u));
+                    q4c_cp4(rsb + so + 256u + (uint32_t)r * 128u, s.sc.nabs + (b >> P.nshift));
+                } else {
+                    q4c_cp4(rsb + so + (uint32_t)r * 128u, s.sc.absmax + b);
+                }
+            }
+        }
+        l_u++;
+        if (++l_k == KU) {
+            l_k = 0;
+            l_li++;
+            if (l_u < ue) set_item(l_li);
+        }
+    };
+
+    /* the first S units before anything else (the weights do not depend on the previous kernel) */
+    if (us < ue) set_item(l_li);
+#pragma unroll
+    for (int u = 0; u < S; u++) {
+        if (l_u < ue) load(u);
+        q4c_commit();
+    }
+    __syncthreads(); /* slut */
+    for (int e = threadIdx.x; e < 256 * 8; e += blockDim.x) { /* 4 lanes' copies per 16-byte store, even halves */
+        const int byte = e >> 3, l4 = e & 7;
+        const __half2 v = __floats2half2_rn(slut[byte >> 4], slut[byte & 15]);
+        const uint32_t u = *reinterpret_cast<const uint32_t *>(&v);
+        *reinterpret_cast<uint4 *>(tab + byte * 256 + l4 * 16) = make_uint4(u, u, u, u);
+    }
+    if (NESTED)
+        for (int s = 0; s < j.nseg; s++)
+            for (int e = threadIdx.x; e < 256; e += blockDim.x) ncode[s * 256 + e] = __ldg(j.s[s].sc.ncode + e);
+    for (int e = threadIdx.x; e < P.psz; e += blockDim.x) ps[e] = 0.0f;
+    tuna_pdl_wait();
+    tuna_pdl_trigger();
+    const float inv_s = q4h_stage_x<NORM, true>(tab, x, j, P.lmax, red); /* ends with __syncthreads */
+
+    /* the compute side: unit c_k of item c_li, in ring slot `slot` */
+    const uint32_t lane_off = (uint32_t)lane * 4u;
+    const uint32_t xsw = (uint32_t)((lane >> 1) & 7) * 16u; /* gemv_x_pos's swizzle of the lane's pieces */
+    int c_li = us / (KU > 0 ? KU : 1), c_k = us - c_li * KU;
+    int c_nco[2] = {0, 0};
+    uint32_t c_e[2] = {0u, 0u};
+    float c_noff[2] = {0.0f, 0.0f};
+    auto set_cmp = [&](int li) {
+        int sg[2], seg;
+        int64_t row[2], n0;
+        q4_item_rows(j, ib0 + li, &seg, &n0, sg, row);
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            c_nco[r] = sg[r] * 256, c_noff[r] = j.s[sg[r]].sc.noff;
+            c_e[r] = (uint32_t)(row[r] * K) + (uint32_t)lane * 32u;
+        }
+    };
+    if (NESTED && us < ue) set_cmp(c_li);
+    float acc[2] = {0.0f, 0.0f};
+    int slot = 0;
+    for (int u = us; u < ue; u++) {
+        q4c_wait<S - 1>(); /* this lane's copies of unit u have landed */
+        const int chunk = c_k * 32 + lane;
+        if (chunk < K32) {
+            const uint8_t *sp = rg + slot * Q4C_STAGE;
+            uint4 c[2];
+            c[0] = *reinterpret_cast<const uint4 *>(sp + lane * 16);
+            c[1] = *reinterpret_cast<const uint4 *>(sp + 512 + lane * 16);
+            const uint32_t xo = ((uint32_t)chunk * 64u) ^ xsw; /* piece p at xo ^ 16 p, then mapped to the odd halves */
+            float d[2];
+            q4c_dot2(tab, c, tab + ((xo >> 7) << 8) + 128u, xo & 127u, lane_off, d);
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                float am;
+                if (NESTED) {
+                    const uint32_t qw = *reinterpret_cast<const uint32_t *>(sp + 1024 + r * 128 + lane * 4);
+                    const uint32_t b = (c_e[r] + (uint32_t)c_k * 1024u) >> bs_shift;
+                    const float na = *reinterpret_cast<const float *>(sp + 1280 + r * 128 + lane * 4);
+                    am = __fadd_rn(__fmul_rn(ncode[c_nco[r] + (int)((qw >> ((b & 3u) * 8u)) & 255u)], na), c_noff[r]);
+                } else {
+                    am = *reinterpret_cast<const float *>(sp + 1024 + r * 128 + lane * 4);
+                }
+                acc[r] += am * d[r];
+            }
+        }
+        if (l_u < ue) load(slot); /* unit u + S into the slot just read (its values are in registers) */
+        q4c_commit();
+        slot = slot + 1 == S ? 0 : slot + 1;
+        const bool last = u + 1 == ue;
+        if (++c_k == KU || last) { /* the warp's share of the item: its slot */
+#pragma unroll
+            for (int r = 0; r < 2; r++)
+                for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+            if (lane == 0) {
+                const int wf = (int)(((int64_t)c_li * KU + 1) * W - 1) / Ub; /* first warp of the item */
+                float *pp = ps + ((int64_t)c_li * P.nslot + (warp - wf)) * 2;
+                pp[0] = acc[0], pp[1] = acc[1];
+            }
+            acc[0] = acc[1] = 0.0f;
+            if (c_k == KU && !last) {
+                c_k = 0;
+                c_li++;
+                if (NESTED) set_cmp(c_li);
+            }
+        }
+    }
+    q4c_wait<0>();
+    __syncthreads();
+    /* the items' sums over their warps in warp order, then the stores */
+    for (int li = threadIdx.x; li < nib; li += blockDim.x) {
+        const int wa = (int)(((int64_t)li * KU + 1) * W - 1) / Ub, wb = (int)(((int64_t)(li + 1) * KU) * W - 1) / Ub;
+        float v0 = 0.0f, v1 = 0.0f;
+        for (int w = wa; w <= wb; w++) v0 += ps[((int64_t)li * P.nslot + (w - wa)) * 2], v1 += ps[((int64_t)li * P.nslot + (w - wa)) * 2 + 1];
+        v0 *= inv_s, v1 *= inv_s;
+        int sg[2], seg;
+        int64_t row[2], n0;
+        q4_item_rows(j, ib0 + li, &seg, &n0, sg, row);
+        const float a2[2][1] = {{v0}, {v1}}, one[1] = {1.0f};
+        gemv_store<1, 2>(j, a2, one, seg, n0);
+    }
+}
+
+static long g_q4c_launches;
+
+extern "C" long tuna_cuda_q4_ring_launches(tuna_backend *be)
+{
+    return be && be->cc_major >= 8 ? g_q4c_launches : -1;
+}
+
+/* TUNA_Q4_CS stages per warp (2, 4, 6 or 8; default 6), TUNA_Q4_CT threads per block (128..512,
+ * default 512; fewer warps when the ring does not fit the shared memory). */
+bool tuna_cuda_q4_ring(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
+                       const struct q4_lut *lut, int blocksize, int64_t T)
+{
+    const int64_t K = j->K;
+    if (be->cc_major < 8 || T != 1 || K <= 0 || K % 32 != 0 || K > 16384 || blocksize < 32) return false;
+    if (j->nseg < 1 || j->nseg > GEMV_MAX_SEG || (j->mode == GEMV_GLU && j->nseg < 2)) return false;
+    const bool nested = j->s[0].sc.absmax == NULL;
+    for (int i = 0; i < j->nseg; i++) {
+        const int64_t nblocks = (j->s[i].N * K + blocksize - 1) / blocksize;
+        if (((uintptr_t)ws[i]->data % 16) != 0 || j->s[i].N * K >= ((int64_t)1 << 31) ||
+            (j->s[i].sc.absmax == NULL) != nested || (nested && j->s[i].sc.nshift != j->s[0].sc.nshift))
+            return false;
+        /* the 8-bit codes are copied as aligned 4-byte words: none may reach past the last block */
+        if (nested && (((uintptr_t)j->s[i].sc.q % 4) != 0 || nblocks % 4 != 0)) return false;
+    }
+    int S = q4v_env("TUNA_Q4_CS", 6, 2, 8);
+    S = S >= 8 ? 8 : S >= 6 ? 6 : S >= 4 ? 4 : 2;
+    int threads = q4v_env("TUNA_Q4_CT", Q4C_MAXT, 128, Q4C_MAXT) / 32 * 32;
+    struct q4v_param P;
+    memset(&P, 0, sizeof P);
+    P.nitems = j->mode == GEMV_GLU ? j->s[0].N : gemv_number_rows(j, 2) / 2;
+    P.K32 = (int)(K / 32);
+    P.KU = (P.K32 + 31) / 32;
+    P.nshift = nested ? j->s[0].sc.nshift : 0;
+    const int64_t sms = be->sm_count > 0 ? be->sm_count : 132;
+    int64_t blocks = sms;
+    if (blocks > P.nitems) blocks = P.nitems;
+    if (blocks < 1) return true; /* nothing to do */
+    const int64_t ipb = (P.nitems + blocks - 1) / blocks, imin = P.nitems / blocks;
+    size_t smem = 0;
+    for (;; threads -= 32) { /* the most warps (up to TUNA_Q4_CT) whose rings fit */
+        if (threads < 128) return false;
+        const int W = threads / 32;
+        const int64_t upw = imin * P.KU / W; /* units per warp, at least */
+        int64_t nslot = upw > 0 ? (P.KU + upw - 1) / upw + 1 : W;
+        if (nslot > W) nslot = W;
+        P.nslot = (int)nslot;
+        P.psz = (int)((ipb * nslot * 2 + 3) / 4 * 4);
+        smem = (size_t)Q4S_TAB + Q4S_NCODE + (size_t)P.psz * 4 + (size_t)W * S * Q4C_STAGE;
+        if (be->max_smem_optin > 0 && smem + 1024 <= (size_t)be->max_smem_optin) break;
+    }
+    if (ipb * P.KU >= ((int64_t)1 << 30) / (threads / 32)) return false;
+    float lmax = 0.0f;
+    for (int c = 0; c < 16; c++) lmax = fmaxf(lmax, fabsf(lut->v[c]));
+    P.lmax = lmax;
+    j->prefetch = tuna_cuda_gemv_prefetch();
+    g_q4c_launches++;
+    const dim3 grid((unsigned)blocks), block((unsigned)threads);
+#define Q4C_GO(N, NS, SS) return tuna_cuda_launch(be, "k_q4_c", k_q4_c<N, NS, SS>, grid, block, smem, x, *j, *lut, P)
+#define Q4C_S(N, NS)                                                                                                   \
+    do {                                                                                                               \
+        if (S == 2) Q4C_GO(N, NS, 2);                                                                                  \
+        if (S == 4) Q4C_GO(N, NS, 4);                                                                                  \
+        if (S == 6) Q4C_GO(N, NS, 6);                                                                                  \
+        Q4C_GO(N, NS, 8);                                                                                              \
+    } while (0)
+    if (j->nw) {
+        if (nested) Q4C_S(true, true);
+        Q4C_S(true, false);
+    }
+    if (nested) Q4C_S(false, true);
+    Q4C_S(false, false);
+#undef Q4C_S
+#undef Q4C_GO
+}
