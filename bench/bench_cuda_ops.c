@@ -6,7 +6,9 @@
  * KV cache with Llama-3-8B heads (H 32, Hkv 8, D 128, blocks of 16): decode at batch 1 / 4k
  * context and batch 32 / 128 at 1k as achieved GB/s of K and V read, prefill of 2048 tokens and a
  * chunked prefill (512 new tokens after 1536 cached) as TFLOP/s of the causal QK^T and PV products
- * actually done (`bench_cuda_ops prefill`: those two lines only). Prints one table. Timings: CUDA
+ * actually done (`bench_cuda_ops prefill`: those two lines only; `bench_cuda_ops decode8`: the copy
+ * and decode over an FP8 E4M3 cache at serving batch sizes, bytes counted at one per element).
+ * Prints one table. Timings: CUDA
  * events, median of repeats after warm-up, weights and KV caches rotated among several copies so the 50 MB L2
  * cache does not serve them. */
 #include <cuda_runtime.h>
@@ -22,6 +24,7 @@
 
 static int cmp_f(const void *a, const void *b);
 static void *dev_random_bf16(size_t n);
+static void *dev_random_f8(size_t n);
 
 static double g_copy_gbs; /* the copy rate measured first (decode attention lines print their share) */
 
@@ -31,6 +34,7 @@ struct att_bench {
     float *out, *q;
     void *kc, *vc;
     struct tuna_attn_batch b[4];
+    enum tuna_dtype kvt; /* the cache's dtype: bf16, or FP8 E4M3 (`bench_cuda_ops decode8`) */
 };
 
 /* Median seconds of the attention op over reps runs after 3 warm-ups, rotating the copies. */
@@ -39,8 +43,8 @@ static double time_attention(struct att_bench *a, int reps, cudaEvent_t e0, cuda
     float ms[64];
     for (int r = 0; r < reps + 3; r++) {
         CK(cudaEventRecord(e0, 0));
-        tuna_cuda_backend_ops()->attention(a->be, a->out, a->q, a->kc, a->vc, TUNA_DTYPE_BF16, &a->b[r % 4], 32, 8,
-                                           128, 0.08838834764831845f);
+        tuna_cuda_backend_ops()->attention(a->be, a->out, a->q, a->kc, a->vc, a->kvt, &a->b[r % 4], 32, 8, 128,
+                                           0.08838834764831845f);
         CK(cudaEventRecord(e1, 0));
         CK(cudaEventSynchronize(e1));
         CK(cudaEventElapsedTime(&ms[r], e0, e1));
@@ -60,8 +64,8 @@ static double time_attention_b2b(struct att_bench *a, int reps, cudaEvent_t e0, 
     float ms = 0.0f;
     CK(cudaEventRecord(e0, 0));
     for (int r = 0; r < reps; r++)
-        tuna_cuda_backend_ops()->attention(a->be, a->out, a->q, a->kc, a->vc, TUNA_DTYPE_BF16, &a->b[r % 4], 32, 8,
-                                           128, 0.08838834764831845f);
+        tuna_cuda_backend_ops()->attention(a->be, a->out, a->q, a->kc, a->vc, a->kvt, &a->b[r % 4], 32, 8, 128,
+                                           0.08838834764831845f);
     CK(cudaEventRecord(e1, 0));
     CK(cudaEventSynchronize(e1));
     CK(cudaEventElapsedTime(&ms, e0, e1));
@@ -71,16 +75,17 @@ static double time_attention_b2b(struct att_bench *a, int reps, cudaEvent_t e0, 
 /* Attention cases: nseq sequences of ctx tokens each, n_new query tokens per sequence at its
  * end (1 = decode, ctx = prefill from scratch); 4 copies of the cache, one per rotation (one when
  * a copy is over 256 MB: far past the L2 cache, and quicker to fill). */
-static void bench_attention(tuna_backend *be, const char *label, int64_t nseq, int64_t ctx, int64_t n_new,
-                            cudaEvent_t e0, cudaEvent_t e1)
+static void bench_attention_kv(tuna_backend *be, const char *label, int64_t nseq, int64_t ctx, int64_t n_new,
+                               enum tuna_dtype kvt, cudaEvent_t e0, cudaEvent_t e1)
 {
-    const int64_t H = 32, Hkv = 8, D = 128, bs = 16, max_len = 8192;
-    const int64_t ncopy = nseq * ctx * Hkv * D * 2 >= ((int64_t)256 << 20) ? 1 : 4;
+    const int64_t H = 32, Hkv = 8, D = 128, bs = 16, max_len = 8192, esz = kvt == TUNA_DTYPE_BF16 ? 2 : 1;
+    const int64_t ncopy = nseq * ctx * Hkv * D * esz >= ((int64_t)256 << 20) ? 1 : 4;
     const int64_t blocks_per_seq = (ctx + bs - 1) / bs, nblocks = ncopy * nseq * blocks_per_seq;
     const int64_t T = nseq * n_new;
-    struct att_bench a = {be, NULL, NULL, NULL, NULL, {{0}}};
-    a.kc = dev_random_bf16((size_t)(nblocks * bs * Hkv * D));
-    a.vc = dev_random_bf16((size_t)(nblocks * bs * Hkv * D));
+    struct att_bench a = {be, NULL, NULL, NULL, NULL, {{0}}, kvt};
+    const size_t nel = (size_t)(nblocks * bs * Hkv * D);
+    a.kc = esz == 2 ? dev_random_bf16(nel) : dev_random_f8(nel);
+    a.vc = esz == 2 ? dev_random_bf16(nel) : dev_random_f8(nel);
     CK(cudaMalloc((void **)&a.out, (size_t)(T * H * D) * 4));
     CK(cudaMalloc((void **)&a.q, (size_t)(T * H * D) * 4));
     CK(cudaMemset(a.q, 0x3c, (size_t)(T * H * D) * 4));
@@ -96,7 +101,7 @@ static void bench_attention(tuna_backend *be, const char *label, int64_t nseq, i
     }
     double t = time_attention(&a, 20, e0, e1);
     if (n_new == 1) {
-        double bytes = (double)nseq * (double)ctx * (double)(Hkv * D) * 2.0 * 2.0; /* K and V, bf16 */
+        double bytes = (double)nseq * (double)ctx * (double)(Hkv * D) * 2.0 * (double)esz; /* K and V */
         double tb = time_attention_b2b(&a, 40, e0, e1);
         printf("%-44s %10.1f GB/s  %5.1f%% of copy  %8.1f us  (back to back: %.1f us, %.1f GB/s)\n", label,
                bytes / t / 1e9, g_copy_gbs > 0 ? 100.0 * bytes / t / 1e9 / g_copy_gbs : 0.0, t * 1e6, tb * 1e6,
@@ -117,10 +122,33 @@ static void bench_attention(tuna_backend *be, const char *label, int64_t nseq, i
     free(tables), free(pos), free(bt);
 }
 
+static void bench_attention(tuna_backend *be, const char *label, int64_t nseq, int64_t ctx, int64_t n_new,
+                            cudaEvent_t e0, cudaEvent_t e1)
+{
+    bench_attention_kv(be, label, nseq, ctx, n_new, TUNA_DTYPE_BF16, e0, e1);
+}
+
 static int cmp_f(const void *a, const void *b)
 {
     float x = *(const float *)a, y = *(const float *)b;
     return (x > y) - (x < y);
+}
+
+/* n FP8 E4M3 values of either sign below 2 in magnitude (exponent field <= 7: no NaN) */
+static void *dev_random_f8(size_t n)
+{
+    const size_t piece = n < ((size_t)16 << 20) ? n : ((size_t)16 << 20); /* 16 MB generated, repeated */
+    uint8_t *h = malloc(piece);
+    uint64_t s = 0x2545F4914F6CDD1Dull;
+    for (size_t i = 0; i < piece; i++) {
+        s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+        h[i] = (uint8_t)((s >> 32) & 0xBF);
+    }
+    char *d;
+    CK(cudaMalloc((void **)&d, n));
+    for (size_t o = 0; o < n; o += piece) CK(cudaMemcpy(d + o, h, n - o < piece ? n - o : piece, cudaMemcpyHostToDevice));
+    free(h);
+    return d;
 }
 
 static void *dev_random_bf16(size_t n)
@@ -373,6 +401,18 @@ int main(int argc, char **argv)
     CK(cudaFree(b));
     printf("device: %s (cc %d.%d, %d SMs)\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount);
     printf("%-44s %10.1f GB/s\n", "device-to-device copy (read+write)", copy_gbs);
+    if (argc > 1 && strcmp(argv[1], "decode8") == 0) { /* the copy and decode attention over an FP8 cache */
+        static const struct {
+            int64_t nseq, ctx;
+        } c8[] = {{256, 1024}, {256, 2048}, {424, 1500}, {512, 1024}, {512, 2048}, {32, 1024}};
+        for (size_t k = 0; k < sizeof c8 / sizeof c8[0]; k++) {
+            char label[64];
+            snprintf(label, sizeof label, "attention decode fp8 B=%d ctx=%d", (int)c8[k].nseq, (int)c8[k].ctx);
+            bench_attention_kv(be, label, c8[k].nseq, c8[k].ctx, 1, TUNA_DTYPE_F8_E4M3, e0, e1);
+        }
+        tuna_cuda_backend_free(be);
+        return 0;
+    }
     if (argc > 1 && strcmp(argv[1], "decode") == 0) { /* only the copy and the decode attention lines */
         bench_attention(be, "attention decode B=1 ctx=4096", 1, 4096, 1, e0, e1);
         bench_attention(be, "attention decode B=32 ctx=1024", 32, 1024, 1, e0, e1);
