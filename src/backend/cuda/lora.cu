@@ -1268,11 +1268,13 @@ static bool dense_on(void)
 
 /* TUNA_LORA_GROUPED=1: for calls of several linears with 16-bit outputs (q/k/v, gate/up), the
  * LoRA expands in one cublasGemmGroupedBatchedEx call and the projections in another (one group
- * per linear) instead of one cublasGemmEx each. Read at every call (tests switch it). */
-static bool grouped_on(void)
+ * per linear) instead of one cublasGemmEx each; =2: the same with the projections first (beta 0,
+ * as without adapters) and the expands onto them (beta 1; y rounded to 16 bits twice). Read at
+ * every call (tests switch it). */
+static int grouped_mode(void)
 {
     const char *e = getenv("TUNA_LORA_GROUPED");
-    return e && e[0] == '1';
+    return e && (e[0] == '1' || e[0] == '2') ? e[0] - '0' : 0;
 }
 
 enum { GRP_CAP = 4096, GRP_W = 9, GRP_SLOTS = 2 * GRP_CAP };
@@ -1456,50 +1458,52 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
     if (dt == 1) k_lora_mask<__nv_bfloat16><<<grid, 128, 0, be->stream>>>((__nv_bfloat16 *)hm, h, d_ad, d);
     else k_lora_mask<__half><<<grid, 128, 0, be->stream>>>((__half *)hm, h, d_ad, d);
     if (!tuna_cuda_check_launch(be, "k_lora_mask")) return true;
-    if (!x32 && ydt != TUNA_DTYPE_F32 && n > 1 && grouped_on()) { /* 16-bit outputs, no bias (checked above) */
+    const int gmode = !x32 && ydt != TUNA_DTYPE_F32 && n > 1 ? grouped_mode() : 0;
+    if (gmode) { /* 16-bit outputs, no bias (checked above) */
         int ne = 0, Ne[3], Ke[3], Np[3], Kp[3];
         const void *Ae[3], *Be[3], *Ap[3], *Bp[3];
         void *Ce[3], *Cp[3];
-        float be0[3], bp[3];
+        float bx[3], bp[3];
         for (int i = 0; i < n; i++) {
             Np[i] = (int)ws[i]->rows;
             Kp[i] = (int)K;
             Ap[i] = ws[i]->data;
             Bp[i] = x16;
             Cp[i] = ys[i];
-            bp[i] = acc || d.l[i].w ? 1.0f : 0.0f;
+            /* expand first (1): the projection onto the term; projection first (2): the term onto it */
+            bp[i] = acc || (gmode == 1 && d.l[i].w) ? 1.0f : 0.0f;
             if (!d.l[i].w) continue;
             Ne[ne] = Np[i];
             Ke[ne] = d.l[i].n * d.l[i].rs;
             Ae[ne] = sets[i]->B_all;
             Be[ne] = hm + (size_t)d.l[i].off * 2;
             Ce[ne] = ys[i];
-            be0[ne] = acc ? 1.0f : 0.0f;
+            bx[ne] = acc || gmode == 2 ? 1.0f : 0.0f;
             ne++;
         }
-        int r = 1;
-        if (ne == 1) /* one linear with adapters: its expand alone */
-            tuna_cuda_check_blas(be,
-                                 cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, Ne[0], (int)T, Ke[0], &one, Ae[0], ct,
-                                              Ke[0], Be[0], ct, (int)RU, &be0[0], Ce[0], ct, Ne[0], CUBLAS_COMPUTE_32F,
-                                              CUBLAS_GEMM_DEFAULT),
-                                 "cublasGemmEx(LoRA expand, all slots)");
-        else r = grouped_gemm(be, ne, Ne, (int)T, Ke, Ae, Ke, Be, (int)RU, Ce, be0, ct);
-        if (r < 0 || be->sticky) return true;
-        if (r == 1) {
-            r = grouped_gemm(be, n, Np, (int)T, Kp, Ap, Kp, Bp, (int)K, Cp, bp, ct);
+        for (int step = 0; step < 2; step++) {
+            const bool proj = (step == 0) == (gmode == 2);
+            const int ng = proj ? n : ne;
+            const int r = grouped_gemm(be, ng, proj ? Np : Ne, (int)T, proj ? Kp : Ke, proj ? Ap : Ae, proj ? Kp : Ke,
+                                       proj ? Bp : Be, proj ? (int)K : (int)RU, proj ? Cp : Ce, proj ? bp : bx, ct);
             if (r < 0 || be->sticky) return true;
-            if (r == 1) return true;
-            /* the projections one by one (the expands are done) */
-            for (int i = 0; i < n && !be->sticky; i++)
+            if (r == 1) {
+                if (step == 1) return true;
+                continue;
+            }
+            if (step == 0 && ng > 1) break; /* nothing done yet: the loop below runs every GEMM */
+            for (int i = 0; i < ng && !be->sticky; i++) /* one at a time */
                 tuna_cuda_check_blas(be,
-                                     cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, Np[i], (int)T, (int)K, &one, Ap[i],
-                                                  ct, (int)K, x16, ct, (int)K, &bp[i], ys[i], ct, Np[i],
-                                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                                     "cublasGemmEx(16-bit projection onto its LoRA term)");
-            return true;
+                                     cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, proj ? Np[i] : Ne[i], (int)T,
+                                                  proj ? Kp[i] : Ke[i], &one, proj ? Ap[i] : Ae[i], ct,
+                                                  proj ? Kp[i] : Ke[i], proj ? Bp[i] : Be[i], ct, proj ? (int)K : (int)RU,
+                                                  proj ? &bp[i] : &bx[i], proj ? Cp[i] : Ce[i], ct,
+                                                  proj ? Np[i] : Ne[i], CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                                     proj ? "cublasGemmEx(16-bit projection, LoRA)" : "cublasGemmEx(LoRA expand, all slots)");
+            if (step == 1) return true;
         }
-        /* r == 0: not grouped; the loop below runs every GEMM */
+        if (be->sticky) return true;
+        /* here: the first step declined (nothing done); the loop below runs every GEMM */
     }
     for (int i = 0; i < n && !be->sticky; i++) {
         const float *bias = biases ? biases[i] : NULL;
