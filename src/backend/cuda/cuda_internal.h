@@ -65,6 +65,11 @@ struct tuna_backend {
         int *slot;               /* (a captured graph may read any entry), found by content through slot */
         int n;                   /* (open addressing, -1 empty) */
         bool off;                /* the grouped call failed once (unsupported): separate GEMMs from then on */
+        bool made, side_ok;      /* =3: the shrink and mask on a second stream beside the projections, */
+        cudaStream_t side;       /* with a cuBLAS handle and workspace of their own (made outside a capture) */
+        cudaEvent_t fork, join;
+        cublasHandle_t blas;
+        void *ws;
     } lora_grp;
     void *host_meta;             /* pinned host arena, the same size: copies from it are truly async */
     size_t host_meta_cap;
