@@ -75,8 +75,10 @@ static double time_attention_b2b(struct att_bench *a, int reps, cudaEvent_t e0, 
 /* Attention cases: nseq sequences of ctx tokens each, n_new query tokens per sequence at its
  * end (1 = decode, ctx = prefill from scratch); 4 copies of the cache, one per rotation (one when
  * a copy is over 256 MB: far past the L2 cache, and quicker to fill). */
-static void bench_attention_kv(tuna_backend *be, const char *label, int64_t nseq, int64_t ctx, int64_t n_new,
-                               enum tuna_dtype kvt, cudaEvent_t e0, cudaEvent_t e1)
+/* ctx_lo > 0 (decode only): sequence s has a context of ctx_lo + (s * 7919) % (ctx - ctx_lo + 1) tokens
+ * (a serving batch's spread of lengths; bytes counted over the actual contexts) */
+static void bench_attention_kv(tuna_backend *be, const char *label, int64_t nseq, int64_t ctx, int64_t ctx_lo,
+                               int64_t n_new, enum tuna_dtype kvt, cudaEvent_t e0, cudaEvent_t e1)
 {
     const int64_t H = 32, Hkv = 8, D = 128, bs = 16, max_len = 8192, esz = kvt == TUNA_DTYPE_BF16 ? 2 : 1;
     const int64_t ncopy = nseq * ctx * Hkv * D * esz >= ((int64_t)256 << 20) ? 1 : 4;
@@ -94,14 +96,17 @@ static void bench_attention_kv(tuna_backend *be, const char *label, int64_t nseq
     int64_t *pos = malloc((size_t)T * sizeof(int64_t));
     const int32_t **bt = malloc((size_t)(4 * T) * sizeof(*bt));
     for (int64_t s = 0, t = 0; s < nseq; s++)
-        for (int64_t i = 0; i < n_new; i++, t++) pos[t] = ctx - n_new + i;
+        for (int64_t i = 0; i < n_new; i++, t++)
+            pos[t] = (ctx_lo > 0 && n_new == 1 ? ctx_lo + (s * 7919) % (ctx - ctx_lo + 1) : ctx) - n_new + i;
     for (int c = 0; c < 4; c++) {
         for (int64_t t = 0; t < T; t++) bt[c * T + t] = tables + ((c % ncopy) * nseq + t / n_new) * blocks_per_seq;
         a.b[c] = (struct tuna_attn_batch){T, pos, bt + c * T, (int32_t)bs, 0, (int32_t)(max_len / bs), NULL};
     }
     double t = time_attention(&a, 20, e0, e1);
     if (n_new == 1) {
-        double bytes = (double)nseq * (double)ctx * (double)(Hkv * D) * 2.0 * (double)esz; /* K and V */
+        double keys = 0.0;
+        for (int64_t r = 0; r < T; r++) keys += (double)(pos[r] + 1);
+        double bytes = keys * (double)(Hkv * D) * 2.0 * (double)esz; /* K and V */
         double tb = time_attention_b2b(&a, 40, e0, e1);
         printf("%-44s %10.1f GB/s  %5.1f%% of copy  %8.1f us  (back to back: %.1f us, %.1f GB/s)\n", label,
                bytes / t / 1e9, g_copy_gbs > 0 ? 100.0 * bytes / t / 1e9 / g_copy_gbs : 0.0, t * 1e6, tb * 1e6,
@@ -125,7 +130,7 @@ static void bench_attention_kv(tuna_backend *be, const char *label, int64_t nseq
 static void bench_attention(tuna_backend *be, const char *label, int64_t nseq, int64_t ctx, int64_t n_new,
                             cudaEvent_t e0, cudaEvent_t e1)
 {
-    bench_attention_kv(be, label, nseq, ctx, n_new, TUNA_DTYPE_BF16, e0, e1);
+    bench_attention_kv(be, label, nseq, ctx, 0, n_new, TUNA_DTYPE_BF16, e0, e1);
 }
 
 static int cmp_f(const void *a, const void *b)
@@ -403,12 +408,16 @@ int main(int argc, char **argv)
     printf("%-44s %10.1f GB/s\n", "device-to-device copy (read+write)", copy_gbs);
     if (argc > 1 && strcmp(argv[1], "decode8") == 0) { /* the copy and decode attention over an FP8 cache */
         static const struct {
-            int64_t nseq, ctx;
-        } c8[] = {{256, 1024}, {256, 2048}, {424, 1500}, {512, 1024}, {512, 2048}, {32, 1024}};
+            int64_t nseq, ctx, lo;
+        } c8[] = {{256, 1024, 0}, {256, 2048, 0}, {424, 1500, 0}, {424, 2000, 1000}, {512, 1024, 0}, {512, 2048, 0}, {32, 1024, 0}};
         for (size_t k = 0; k < sizeof c8 / sizeof c8[0]; k++) {
             char label[64];
-            snprintf(label, sizeof label, "attention decode fp8 B=%d ctx=%d", (int)c8[k].nseq, (int)c8[k].ctx);
-            bench_attention_kv(be, label, c8[k].nseq, c8[k].ctx, 1, TUNA_DTYPE_F8_E4M3, e0, e1);
+            if (c8[k].lo)
+                snprintf(label, sizeof label, "attention decode fp8 B=%d ctx=%d..%d", (int)c8[k].nseq, (int)c8[k].lo,
+                         (int)c8[k].ctx);
+            else
+                snprintf(label, sizeof label, "attention decode fp8 B=%d ctx=%d", (int)c8[k].nseq, (int)c8[k].ctx);
+            bench_attention_kv(be, label, c8[k].nseq, c8[k].ctx, c8[k].lo, 1, TUNA_DTYPE_F8_E4M3, e0, e1);
         }
         tuna_cuda_backend_free(be);
         return 0;
