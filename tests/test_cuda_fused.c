@@ -667,7 +667,7 @@ static int q4c_takes(const struct tuna_weight *const *ws, int n, int64_t K)
 }
 
 /* The batch-1 stream kernel (q4_stream.cu k_q4_s, TUNA_Q4_K=5), k_q4_v (TUNA_Q4_K=6, eighth session),
- * k_q4_c (TUNA_Q4_K=7, tenth session) and k_q4_h2 (TUNA_Q4_K=4) against
+ * k_q4_c (TUNA_Q4_K=7, tenth session; 2 and 4 rows per unit) and k_q4_h2 (TUNA_Q4_K=4) against
  * the CPU at T = 1 (bf16 checkpoints: 16-bit compute): q/k/v (+ the norm), gate/up + GLU (+ the
  * norm), o into the residual. Shapes: row counts that are multiples of no tile, matrices that end
  * inside a block's range, several tiles per block so the stage ring wraps (3000 rows), K = 4096
@@ -729,9 +729,10 @@ static void test_q4_stream(void **state)
             g_cops->matmul(g_cpu, u, x, &w[1].c, w[1].bias, 1);
             g_cops->add(g_cpu, want[4], u, N[1]);
             free(u);
-            for (int km = 4; km <= 7; km++) {
+            for (int km = 4; km <= 8; km++) { /* 8: k_q4_c with 4 rows per unit (TUNA_Q4_CR=4) */
                 setenv("TUNA_Q4_K", km == 4 ? "4" : km == 5 ? "5" : km == 6 ? "6" : "7", 1);
-                if (km == 7) {
+                setenv("TUNA_Q4_CR", km == 8 ? "4" : "2", 1);
+                if (km >= 7) {
                     const struct tuna_weight *gu[2] = {ws[0], &up.g}, *ogu[2] = {wo[0], &og[3]};
                     cwant += 2 * (q4c_takes(ws, 3, K) + q4c_takes(gu, 2, K) + q4c_takes(&ws[1], 1, K));
                     cwant += q4c_takes(wo, 3, K) + q4c_takes(ogu, 2, K) + q4c_takes(&wo[1], 1, K);
@@ -771,6 +772,7 @@ static void test_q4_stream(void **state)
     if (saved) setenv("TUNA_Q4_K", saved, 1);
     else unsetenv("TUNA_Q4_K");
     free(saved);
+    unsetenv("TUNA_Q4_CR");
     const long l1 = tuna_cuda_q4_stream_launches(g_gpu);
     /* 6 shapes x 2 norms x 3 runs x 3 launches (q/k/v, GLU, o) */
     if (l0 >= 0 && l1 - l0 != 6 * 2 * 3 * 3) {
@@ -778,7 +780,7 @@ static void test_q4_stream(void **state)
         fail();
     }
     const long c1 = tuna_cuda_q4_ring_launches(g_gpu);
-    if (c0 >= 0 && (c1 - c0 != cwant || cwant < 60)) {
+    if (c0 >= 0 && (c1 - c0 != cwant || cwant < 120)) {
         print_error("k_q4_c ran %ld times, expected %ld\n", c1 - c0, cwant);
         fail();
     }

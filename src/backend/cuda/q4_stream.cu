@@ -883,7 +883,7 @@ bool tuna_cuda_q4_lean(tuna_backend *be, const float *x, struct gemv_job *j, con
  * byte picked at compute time. Needs compute capability 8.0+, T = 1, K % 32 == 0, K <= 16384,
  * blocksize >= 32, 16-byte aligned codes, N * K < 2^31 per matrix, every matrix's scales in the
  * same form (nested: the same nshift). */
-#define Q4C_STAGE 1536 /* bytes per stage: codes [2 rows][32 lanes] x 16, scales [2][32] x 4, nested absmax [2][32] x 4 */
+#define Q4C_RSTAGE 768 /* bytes per row and stage: codes [32 lanes] x 16, scales [32] x 4, nested absmax [32] x 4 */
 #define Q4C_MAXT 512
 
 static __device__ __forceinline__ void q4c_cp16(uint32_t dst, const void *src)
@@ -921,19 +921,21 @@ static __device__ __forceinline__ void q4c_wait(void)
 #endif
 }
 
-/* q4v_dot2 with x at xb + (xo ^ 16 p) (the odd table halves: xb the half, xo < 128) */
-static __device__ __forceinline__ void q4c_dot2(const uint8_t *tab, const uint4 (&c)[2], const uint8_t *xb, uint32_t xo,
-                                                uint32_t lane_off, float (&d)[2])
+/* q4v_dot2 for RR rows, x at xb + (xo ^ 16 p) (the odd table halves: xb the half, xo < 128): each
+ * 16-byte piece of x read once for all RR rows */
+template <int RR>
+static __device__ __forceinline__ void q4c_dot(const uint8_t *tab, const uint4 (&c)[RR], const uint8_t *xb, uint32_t xo,
+                                               uint32_t lane_off, float (&d)[RR])
 {
-    __half2 s[2][2];
+    __half2 s[RR][2];
 #pragma unroll
-    for (int r = 0; r < 2; r++) s[r][0] = s[r][1] = __float2half2_rn(0.0f);
+    for (int r = 0; r < RR; r++) s[r][0] = s[r][1] = __float2half2_rn(0.0f);
 #pragma unroll
     for (int p = 0; p < 4; p++) {
         const uint4 xv = *reinterpret_cast<const uint4 *>(xb + (xo ^ ((uint32_t)p * 16u)));
         const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w};
 #pragma unroll
-        for (int r = 0; r < 2; r++) {
+        for (int r = 0; r < RR; r++) {
             const uint32_t w = p == 0 ? c[r].x : p == 1 ? c[r].y : p == 2 ? c[r].z : c[r].w;
 #pragma unroll
             for (int b = 0; b < 4; b++) {
@@ -944,22 +946,27 @@ static __device__ __forceinline__ void q4c_dot2(const uint8_t *tab, const uint4 
         }
     }
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
+    for (int r = 0; r < RR; r++) {
         const __half2 v = __hadd2(s[r][0], s[r][1]);
         d[r] = __low2float(v) + __high2float(v);
     }
 }
 
-template <bool NORM, bool NESTED, int S>
+/* IR items (two rows each, or gate and up of one output) per unit: a "pair" of the block's items
+ * 2 i and 2 i + 1 when IR = 2 (the second repeats the first's rows when the block has an odd count,
+ * computed, not stored), so each piece of x read from shared memory serves 4 rows. */
+template <bool NORM, bool NESTED, int S, int IR>
 __global__ void __launch_bounds__(Q4C_MAXT, 1)
     k_q4_c(const float *__restrict__ x, const __grid_constant__ struct gemv_job j, const struct q4_lut lut_in,
            const struct q4v_param P)
 {
+    constexpr int RR = 2 * IR;                     /* rows per unit */
+    constexpr uint32_t STG = RR * Q4C_RSTAGE;      /* bytes per stage */
     extern __shared__ float4 q4c_smem4[];
     uint8_t *tab = reinterpret_cast<uint8_t *>(q4c_smem4);       /* [256][256 bytes]: table | x (odd halves) */
     float *ncode = reinterpret_cast<float *>(tab + Q4S_TAB);    /* [GEMV_MAX_SEG][256] */
-    float *ps = ncode + GEMV_MAX_SEG * 256;                      /* [items][nslot][2] */
-    uint8_t *ring = reinterpret_cast<uint8_t *>(ps + P.psz);     /* [W][S][Q4C_STAGE] */
+    float *ps = ncode + GEMV_MAX_SEG * 256;                      /* [units of items][nslot][RR] */
+    uint8_t *ring = reinterpret_cast<uint8_t *>(ps + P.psz);     /* [W][S][STG] */
     __shared__ float slut[16];
     __shared__ float red[64];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = blockDim.x >> 5;
@@ -967,38 +974,45 @@ __global__ void __launch_bounds__(Q4C_MAXT, 1)
 
     const int64_t ib0 = (int64_t)blockIdx.x * P.nitems / gridDim.x;
     const int nib = (int)(((int64_t)blockIdx.x + 1) * P.nitems / gridDim.x - ib0);
-    const int KU = P.KU, K32 = P.K32, Ub = nib * KU;
+    const int npi = (nib + IR - 1) / IR; /* the block's units of IR items */
+    const int KU = P.KU, K32 = P.K32, Ub = npi * KU;
     const int us = (int)((int64_t)warp * Ub / W), ue = (int)((int64_t)(warp + 1) * Ub / W);
     const int bs_shift = j.bs_shift;
     const int64_t K = j.K;
-    uint8_t *rg = ring + (size_t)warp * S * Q4C_STAGE;
-    const uint32_t rsa = q4s_sa(rg) + (uint32_t)lane * 16u, rsb = q4s_sa(rg) + 1024u + (uint32_t)lane * 4u;
-
-    /* the copy side: unit l_u (item l_li, unit l_k of it); row r at element offset le[r] of
-     * matrix l_seg (GLU: gate and up) */
-    uint32_t le[2] = {0u, 0u};
-    int l_seg = 0;
+    uint8_t *rg = ring + (size_t)warp * S * STG;
+    const uint32_t rsa = q4s_sa(rg) + (uint32_t)lane * 16u, rsb = q4s_sa(rg) + RR * 512u + (uint32_t)lane * 4u;
     const bool glu = j.mode == GEMV_GLU;
-    int l_u = us, l_li = us / (KU > 0 ? KU : 1), l_k = us - l_li * KU;
-    auto set_item = [&](int li) {
-        int sg[2], seg;
-        int64_t row[2], n0;
-        q4_item_rows(j, ib0 + li, &seg, &n0, sg, row);
-        l_seg = seg;
+    /* rows of unit-item pi: segment and element offset of the lane's first weight in each */
+    auto rows_of = [&](int pi, int (&sg)[RR], uint32_t (&e0)[RR]) {
 #pragma unroll
-        for (int r = 0; r < 2; r++) le[r] = (uint32_t)(row[r] * K) + (uint32_t)lane * 32u;
-    };
-    auto load = [&](int slot) {
-        if (l_k * 32 + lane < K32) {
-            const uint32_t so = (uint32_t)slot * Q4C_STAGE;
+        for (int h = 0; h < IR; h++) {
+            const int li = IR * pi + h < nib ? IR * pi + h : IR * pi;
+            int sg2[2], seg;
+            int64_t row[2], n0;
+            q4_item_rows(j, ib0 + li, &seg, &n0, sg2, row);
 #pragma unroll
             for (int r = 0; r < 2; r++) {
-                const struct gemv_seg &s = j.s[glu ? r : l_seg];
+                sg[2 * h + r] = sg2[r];
+                e0[2 * h + r] = (uint32_t)(row[r] * K) + (uint32_t)lane * 32u;
+            }
+        }
+    };
+
+    /* the copy side: unit l_u (unit-item l_li, unit l_k of it) */
+    uint32_t le[RR];
+    int lsg[RR];
+    int l_u = us, l_li = us / (KU > 0 ? KU : 1), l_k = us - l_li * KU;
+    auto load = [&](int slot) {
+        if (l_k * 32 + lane < K32) {
+            const uint32_t so = (uint32_t)slot * STG;
+#pragma unroll
+            for (int r = 0; r < RR; r++) {
+                const struct gemv_seg &s = j.s[glu ? (r & 1) : lsg[r]];
                 const uint32_t e = le[r] + (uint32_t)l_k * 1024u, b = e >> bs_shift;
                 q4c_cp16(rsa + so + (uint32_t)r * 512u, reinterpret_cast<const uint4 *>(s.W) + (e >> 5));
                 if (NESTED) {
                     q4c_cp4(rsb + so + (uint32_t)r * 128u, s.sc.q + (b & ~3u));
-                    q4c_cp4(rsb + so + 256u + (uint32_t)r * 128u, s.sc.nabs + (b >> P.nshift));
+                    q4c_cp4(rsb + so + RR * 128u + (uint32_t)r * 128u, s.sc.nabs + (b >> P.nshift));
                 } else {
                     q4c_cp4(rsb + so + (uint32_t)r * 128u, s.sc.absmax + b);
                 }
@@ -1008,12 +1022,12 @@ __global__ void __launch_bounds__(Q4C_MAXT, 1)
         if (++l_k == KU) {
             l_k = 0;
             l_li++;
-            if (l_u < ue) set_item(l_li);
+            if (l_u < ue) rows_of(l_li, lsg, le);
         }
     };
 
     /* the first S units before anything else (the weights do not depend on the previous kernel) */
-    if (us < ue) set_item(l_li);
+    if (us < ue) rows_of(l_li, lsg, le);
 #pragma unroll
     for (int u = 0; u < S; u++) {
         if (l_u < ue) load(u);
@@ -1034,47 +1048,48 @@ __global__ void __launch_bounds__(Q4C_MAXT, 1)
     tuna_pdl_trigger();
     const float inv_s = q4h_stage_x<NORM, true>(tab, x, j, P.lmax, red); /* ends with __syncthreads */
 
-    /* the compute side: unit c_k of item c_li, in ring slot `slot` */
+    /* the compute side: unit c_k of unit-item c_li, in ring slot `slot` */
     const uint32_t lane_off = (uint32_t)lane * 4u;
     const uint32_t xsw = (uint32_t)((lane >> 1) & 7) * 16u; /* gemv_x_pos's swizzle of the lane's pieces */
     int c_li = us / (KU > 0 ? KU : 1), c_k = us - c_li * KU;
-    int c_nco[2] = {0, 0};
-    uint32_t c_e[2] = {0u, 0u};
-    float c_noff[2] = {0.0f, 0.0f};
-    auto set_cmp = [&](int li) {
-        int sg[2], seg;
-        int64_t row[2], n0;
-        q4_item_rows(j, ib0 + li, &seg, &n0, sg, row);
+    int c_nco[RR];
+    uint32_t c_e[RR];
+    float c_noff[RR];
+    auto set_cmp = [&](int pi) {
+        int sg[RR];
+        rows_of(pi, sg, c_e);
 #pragma unroll
-        for (int r = 0; r < 2; r++) {
-            c_nco[r] = sg[r] * 256, c_noff[r] = j.s[sg[r]].sc.noff;
-            c_e[r] = (uint32_t)(row[r] * K) + (uint32_t)lane * 32u;
-        }
+        for (int r = 0; r < RR; r++) c_nco[r] = sg[r] * 256, c_noff[r] = j.s[sg[r]].sc.noff;
     };
+#pragma unroll
+    for (int r = 0; r < RR; r++) c_nco[r] = 0, c_e[r] = 0u, c_noff[r] = 0.0f;
     if (NESTED && us < ue) set_cmp(c_li);
-    float acc[2] = {0.0f, 0.0f};
+    float acc[RR];
+#pragma unroll
+    for (int r = 0; r < RR; r++) acc[r] = 0.0f;
     int slot = 0;
     for (int u = us; u < ue; u++) {
         q4c_wait<S - 1>(); /* this lane's copies of unit u have landed */
         const int chunk = c_k * 32 + lane;
         if (chunk < K32) {
-            const uint8_t *sp = rg + slot * Q4C_STAGE;
-            uint4 c[2];
-            c[0] = *reinterpret_cast<const uint4 *>(sp + lane * 16);
-            c[1] = *reinterpret_cast<const uint4 *>(sp + 512 + lane * 16);
-            const uint32_t xo = ((uint32_t)chunk * 64u) ^ xsw; /* piece p at xo ^ 16 p, then mapped to the odd halves */
-            float d[2];
-            q4c_dot2(tab, c, tab + ((xo >> 7) << 8) + 128u, xo & 127u, lane_off, d);
+            const uint8_t *sp = rg + slot * STG;
+            uint4 c[RR];
 #pragma unroll
-            for (int r = 0; r < 2; r++) {
+            for (int r = 0; r < RR; r++) c[r] = *reinterpret_cast<const uint4 *>(sp + r * 512 + lane * 16);
+            const uint32_t xo = ((uint32_t)chunk * 64u) ^ xsw; /* piece p at xo ^ 16 p, then mapped to the odd halves */
+            float d[RR];
+            q4c_dot<RR>(tab, c, tab + ((xo >> 7) << 8) + 128u, xo & 127u, lane_off, d);
+#pragma unroll
+            for (int r = 0; r < RR; r++) {
                 float am;
+                const uint8_t *sr = sp + RR * 512 + r * 128 + lane * 4;
                 if (NESTED) {
-                    const uint32_t qw = *reinterpret_cast<const uint32_t *>(sp + 1024 + r * 128 + lane * 4);
+                    const uint32_t qw = *reinterpret_cast<const uint32_t *>(sr);
                     const uint32_t b = (c_e[r] + (uint32_t)c_k * 1024u) >> bs_shift;
-                    const float na = *reinterpret_cast<const float *>(sp + 1280 + r * 128 + lane * 4);
+                    const float na = *reinterpret_cast<const float *>(sr + RR * 128);
                     am = __fadd_rn(__fmul_rn(ncode[c_nco[r] + (int)((qw >> ((b & 3u) * 8u)) & 255u)], na), c_noff[r]);
                 } else {
-                    am = *reinterpret_cast<const float *>(sp + 1024 + r * 128 + lane * 4);
+                    am = *reinterpret_cast<const float *>(sr);
                 }
                 acc[r] += am * d[r];
             }
@@ -1083,16 +1098,18 @@ __global__ void __launch_bounds__(Q4C_MAXT, 1)
         q4c_commit();
         slot = slot + 1 == S ? 0 : slot + 1;
         const bool last = u + 1 == ue;
-        if (++c_k == KU || last) { /* the warp's share of the item: its slot */
+        if (++c_k == KU || last) { /* the warp's share of the unit-item: its slot */
 #pragma unroll
-            for (int r = 0; r < 2; r++)
+            for (int r = 0; r < RR; r++)
                 for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
             if (lane == 0) {
-                const int wf = (int)(((int64_t)c_li * KU + 1) * W - 1) / Ub; /* first warp of the item */
-                float *pp = ps + ((int64_t)c_li * P.nslot + (warp - wf)) * 2;
-                pp[0] = acc[0], pp[1] = acc[1];
+                const int wf = (int)(((int64_t)c_li * KU + 1) * W - 1) / Ub; /* first warp of the unit-item */
+                float *pp = ps + ((int64_t)c_li * P.nslot + (warp - wf)) * RR;
+#pragma unroll
+                for (int r = 0; r < RR; r++) pp[r] = acc[r];
             }
-            acc[0] = acc[1] = 0.0f;
+#pragma unroll
+            for (int r = 0; r < RR; r++) acc[r] = 0.0f;
             if (c_k == KU && !last) {
                 c_k = 0;
                 c_li++;
@@ -1104,9 +1121,13 @@ __global__ void __launch_bounds__(Q4C_MAXT, 1)
     __syncthreads();
     /* the items' sums over their warps in warp order, then the stores */
     for (int li = threadIdx.x; li < nib; li += blockDim.x) {
-        const int wa = (int)(((int64_t)li * KU + 1) * W - 1) / Ub, wb = (int)(((int64_t)(li + 1) * KU) * W - 1) / Ub;
+        const int pi = li / IR, h = li - pi * IR;
+        const int wa = (int)(((int64_t)pi * KU + 1) * W - 1) / Ub, wb = (int)(((int64_t)(pi + 1) * KU) * W - 1) / Ub;
         float v0 = 0.0f, v1 = 0.0f;
-        for (int w = wa; w <= wb; w++) v0 += ps[((int64_t)li * P.nslot + (w - wa)) * 2], v1 += ps[((int64_t)li * P.nslot + (w - wa)) * 2 + 1];
+        for (int w = wa; w <= wb; w++) {
+            const float *pp = ps + ((int64_t)pi * P.nslot + (w - wa)) * RR + 2 * h;
+            v0 += pp[0], v1 += pp[1];
+        }
         v0 *= inv_s, v1 *= inv_s;
         int sg[2], seg;
         int64_t row[2], n0;
@@ -1123,8 +1144,9 @@ extern "C" long tuna_cuda_q4_ring_launches(tuna_backend *be)
     return be && be->cc_major >= 8 ? g_q4c_launches : -1;
 }
 
-/* TUNA_Q4_CS stages per warp (2, 4, 6 or 8; default 6), TUNA_Q4_CT threads per block (128..512,
- * default 512; fewer warps when the ring does not fit the shared memory). */
+/* TUNA_Q4_CR rows per unit (2, or 4: two items per unit), TUNA_Q4_CS stages per warp (2 rows: 4 or
+ * 6, default 4; 4 rows: 2, 3 or 4, default 2), TUNA_Q4_CT threads per block (128..512, default 512;
+ * fewer warps when the rings do not fit the shared memory). */
 bool tuna_cuda_q4_ring(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
                        const struct q4_lut *lut, int blocksize, int64_t T)
 {
@@ -1140,8 +1162,10 @@ bool tuna_cuda_q4_ring(tuna_backend *be, const float *x, struct gemv_job *j, con
         /* the 8-bit codes are copied as aligned 4-byte words: none may reach past the last block */
         if (nested && (((uintptr_t)j->s[i].sc.q % 4) != 0 || nblocks % 4 != 0)) return false;
     }
-    int S = q4v_env("TUNA_Q4_CS", 6, 2, 8);
-    S = S >= 8 ? 8 : S >= 6 ? 6 : S >= 4 ? 4 : 2;
+    const int IR = q4v_env("TUNA_Q4_CR", 2, 2, 4) == 4 ? 2 : 1;
+    int S = q4v_env("TUNA_Q4_CS", IR == 2 ? 2 : 4, 2, 6);
+    if (IR == 2) S = S > 4 ? 4 : S;
+    else S = S >= 6 ? 6 : 4;
     int threads = q4v_env("TUNA_Q4_CT", Q4C_MAXT, 128, Q4C_MAXT) / 32 * 32;
     struct q4v_param P;
     memset(&P, 0, sizeof P);
@@ -1153,7 +1177,8 @@ bool tuna_cuda_q4_ring(tuna_backend *be, const float *x, struct gemv_job *j, con
     int64_t blocks = sms;
     if (blocks > P.nitems) blocks = P.nitems;
     if (blocks < 1) return true; /* nothing to do */
-    const int64_t ipb = (P.nitems + blocks - 1) / blocks, imin = P.nitems / blocks;
+    /* units of IR items per block: at most, at least */
+    const int64_t ipb = ((P.nitems + blocks - 1) / blocks + IR - 1) / IR, imin = P.nitems / blocks / IR;
     size_t smem = 0;
     for (;; threads -= 32) { /* the most warps (up to TUNA_Q4_CT) whose rings fit */
         if (threads < 128) return false;
@@ -1162,8 +1187,8 @@ bool tuna_cuda_q4_ring(tuna_backend *be, const float *x, struct gemv_job *j, con
         int64_t nslot = upw > 0 ? (P.KU + upw - 1) / upw + 1 : W;
         if (nslot > W) nslot = W;
         P.nslot = (int)nslot;
-        P.psz = (int)((ipb * nslot * 2 + 3) / 4 * 4);
-        smem = (size_t)Q4S_TAB + Q4S_NCODE + (size_t)P.psz * 4 + (size_t)W * S * Q4C_STAGE;
+        P.psz = (int)((ipb * nslot * 2 * IR + 3) / 4 * 4);
+        smem = (size_t)Q4S_TAB + Q4S_NCODE + (size_t)P.psz * 4 + (size_t)W * S * 2 * IR * Q4C_RSTAGE;
         if (be->max_smem_optin > 0 && smem + 1024 <= (size_t)be->max_smem_optin) break;
     }
     if (ipb * P.KU >= ((int64_t)1 << 30) / (threads / 32)) return false;
@@ -1173,13 +1198,17 @@ bool tuna_cuda_q4_ring(tuna_backend *be, const float *x, struct gemv_job *j, con
     j->prefetch = tuna_cuda_gemv_prefetch();
     g_q4c_launches++;
     const dim3 grid((unsigned)blocks), block((unsigned)threads);
-#define Q4C_GO(N, NS, SS) return tuna_cuda_launch(be, "k_q4_c", k_q4_c<N, NS, SS>, grid, block, smem, x, *j, *lut, P)
+#define Q4C_GO(N, NS, SS, I)                                                                                           \
+    return tuna_cuda_launch(be, "k_q4_c", k_q4_c<N, NS, SS, I>, grid, block, smem, x, *j, *lut, P)
 #define Q4C_S(N, NS)                                                                                                   \
     do {                                                                                                               \
-        if (S == 2) Q4C_GO(N, NS, 2);                                                                                  \
-        if (S == 4) Q4C_GO(N, NS, 4);                                                                                  \
-        if (S == 6) Q4C_GO(N, NS, 6);                                                                                  \
-        Q4C_GO(N, NS, 8);                                                                                              \
+        if (IR == 2) {                                                                                                 \
+            if (S == 2) Q4C_GO(N, NS, 2, 2);                                                                           \
+            if (S == 3) Q4C_GO(N, NS, 3, 2);                                                                           \
+            Q4C_GO(N, NS, 4, 2);                                                                                       \
+        }                                                                                                              \
+        if (S == 4) Q4C_GO(N, NS, 4, 1);                                                                               \
+        Q4C_GO(N, NS, 6, 1);                                                                                           \
     } while (0)
     if (j->nw) {
         if (nested) Q4C_S(true, true);
