@@ -323,29 +323,6 @@ static void test_dense_gpu(void **state)
     if (!(ed < 1.5 * ref + 2e-3) || !(ed < 5e-2))
         fail_msg("dense LoRA: bf16 logits %.3g from the CPU's (segmented kernels: %.3g, no adapters %.3g)", ed, eo, e0);
     if (!(ea > 2 * ed)) fail_msg("the adapters move the logits by %.3g only, against an error of %.3g", ea, ed);
-    /* TUNA_LORA_GROUPED=1 (q/k/v's and gate/up's expands and projections as grouped cuBLAS GEMMs),
-     * =2 (the same, projections first) and =3 (=2 with the shrink and mask on a second stream):
-     * each on a model of its own (step graphs are keyed without the knob), as close to the CPU */
-    float *l2 = malloc(n * 4);
-    assert_non_null(l2);
-    for (int mode = 1; mode <= 3; mode++) {
-        struct tuna_model *g2 = NULL;
-        TT_OK(tuna_model_load(TUNA_SOURCE_DIR "/models/pymini", &og, &g2));
-        tuna_lora_attachment *ag2 = NULL;
-        TT_OK(tuna_lora_attach(g2, cads, 2, &ag2));
-        setenv("TUNA_LORA_GROUPED", mode == 1 ? "1" : mode == 2 ? "2" : "3", 1);
-        run_batch(g2, lo);
-        unsetenv("TUNA_LORA_GROUPED");
-        const double eg = rel_err(lo, lc, n), egd = rel_err(lo, ld, n);
-        fprintf(stderr, "  TUNA_LORA_GROUPED=%d: %.2e from the CPU, %.2e from the default%s\n", mode, eg, egd,
-                mode == 3 ? (memcmp(lo, l2, n * 4) ? " (bits differ from =2)" : " (the bits of =2)") : "");
-        if (mode == 2) memcpy(l2, lo, n * 4);
-        if (!(eg < 1.5 * ref + 2e-3) || !(eg < 5e-2))
-            fail_msg("TUNA_LORA_GROUPED=%d: bf16 logits %.3g from the CPU's (default %.3g)", mode, eg, ed);
-        tuna_lora_detach(g2, ag2);
-        tuna_model_free(g2);
-    }
-    free(l2);
     tuna_lora_detach(c, ac);
     tuna_lora_detach(g, ag);
     tuna_lora_free(ads[0]);

@@ -60,17 +60,6 @@ struct tuna_backend {
         int64_t T, K, KC;
         int n[3], R[3], nb, S, dt, sh_tiles;
     } lora_pre;
-    struct {                     /* TUNA_LORA_GROUPED: pointer arrays of cuBLAS grouped GEMMs (lora.cu), */
-        void **d, **h;           /* entries of 9 pointers on the device and their host copy, append-only */
-        int *slot;               /* (a captured graph may read any entry), found by content through slot */
-        int n;                   /* (open addressing, -1 empty) */
-        bool off;                /* the grouped call failed once (unsupported): separate GEMMs from then on */
-        bool made, side_ok;      /* =3: the shrink and mask on a second stream beside the projections, */
-        cudaStream_t side;       /* with a cuBLAS handle and workspace of their own (made outside a capture) */
-        cudaEvent_t fork, join;
-        cublasHandle_t blas;
-        void *ws;
-    } lora_grp;
     void *host_meta;             /* pinned host arena, the same size: copies from it are truly async */
     size_t host_meta_cap;
     size_t meta_used, meta_flushed; /* append offsets in both arenas; reset only after a sync */

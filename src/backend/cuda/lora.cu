@@ -1144,11 +1144,8 @@ void tuna_cuda_lora_begin(tuna_backend *be, int n, const int64_t *Ns, const floa
     }
 }
 
-static void grp_free(tuna_backend *be);
-
 void tuna_cuda_lora_free(tuna_backend *be)
 {
-    grp_free(be);
     auto &q = be->lora_pre;
     if (!q.made) return;
     cudaStreamSynchronize(q.side);
@@ -1266,162 +1263,6 @@ static bool dense_on(void)
     return !(e && e[0] == '0');
 }
 
-/* TUNA_LORA_GROUPED=1: for calls of several linears with 16-bit outputs (q/k/v, gate/up), the
- * LoRA expands in one cublasGemmGroupedBatchedEx call and the projections in another (one group
- * per linear) instead of one cublasGemmEx each; =2: the same with the projections first (beta 0,
- * as without adapters) and the expands onto them (beta 1; y rounded to 16 bits twice); =3: =2
- * with the shrink and the mask on a second stream while the projections run (the same bits as
- * =2). Read at every call (tests switch it). */
-static int grouped_mode(void)
-{
-    const char *e = getenv("TUNA_LORA_GROUPED");
-    return e && e[0] >= '1' && e[0] <= '3' ? e[0] - '0' : 0;
-}
-
-enum { GRP_CAP = 4096, GRP_W = 9, GRP_SLOTS = 2 * GRP_CAP };
-
-/* The device address of an array of GRP_W pointers (3 A, 3 B, 3 C) equal to p: an entry made
- * before, or a new one uploaded now (outside a capture only: inside one the capture is tainted and
- * NULL returned, the step then runs eagerly and makes it). Entries are never rewritten: a graph
- * captured earlier may read any of them. NULL with *full set: the table is full (separate GEMMs). */
-static void **grp_entry(tuna_backend *be, void *const p[GRP_W], bool *full)
-{
-    auto &g = be->lora_grp;
-    *full = false;
-    if (!g.h) {
-        if (tuna_cuda_capture_taint(be)) return NULL;
-        g.h = (void **)calloc((size_t)GRP_CAP * GRP_W, sizeof(void *));
-        g.slot = (int *)malloc((size_t)GRP_SLOTS * sizeof(int));
-        if (!g.h || !g.slot) {
-            free(g.h);
-            free(g.slot);
-            g.h = NULL;
-            g.slot = NULL;
-            tuna_cuda_check(be, cudaErrorMemoryAllocation, "malloc(LoRA grouped GEMM pointers)");
-            return NULL;
-        }
-        for (int i = 0; i < GRP_SLOTS; i++) g.slot[i] = -1;
-        if (!tuna_cuda_check(be, cudaMalloc((void **)&g.d, (size_t)GRP_CAP * GRP_W * sizeof(void *)),
-                             "cudaMalloc(LoRA grouped GEMM pointers)"))
-            return NULL;
-    }
-    uint64_t hsh = 1469598103934665603ull;
-    for (int i = 0; i < GRP_W; i++) hsh = (hsh ^ (uint64_t)(uintptr_t)p[i]) * 1099511628211ull;
-    unsigned at = (unsigned)(hsh ^ (hsh >> 29)) & (GRP_SLOTS - 1);
-    for (;; at = (at + 1) & (GRP_SLOTS - 1)) {
-        const int e = g.slot[at];
-        if (e < 0) break;
-        if (!memcmp(g.h + (size_t)e * GRP_W, p, GRP_W * sizeof(void *))) return g.d + (size_t)e * GRP_W;
-    }
-    if (g.n == GRP_CAP) {
-        *full = true;
-        return NULL;
-    }
-    if (tuna_cuda_capture_taint(be)) return NULL;
-    void **h = g.h + (size_t)g.n * GRP_W;
-    memcpy(h, p, GRP_W * sizeof(void *));
-    /* pageable source: the copy is staged before the call returns; h never changes afterwards */
-    if (!tuna_cuda_check(be,
-                         cudaMemcpyAsync(g.d + (size_t)g.n * GRP_W, h, GRP_W * sizeof(void *), cudaMemcpyHostToDevice,
-                                         be->stream),
-                         "cudaMemcpyAsync(LoRA grouped GEMM pointers)"))
-        return NULL;
-    g.slot[at] = g.n;
-    return g.d + (size_t)g.n++ * GRP_W;
-}
-
-static void grp_key(int ng, const void *const *A, const void *const *B, void *const *C, void *p[GRP_W])
-{
-    for (int i = 0; i < GRP_W; i++) p[i] = NULL;
-    for (int i = 0; i < ng; i++) {
-        p[i] = (void *)A[i];
-        p[3 + i] = (void *)B[i];
-        p[6 + i] = C[i];
-    }
-}
-
-/* =3's second stream, events, cuBLAS handle and workspace (32 MB, as the main handle's): made
- * once, outside a capture; false: not available (the call runs as =2). */
-static bool grp_side(tuna_backend *be)
-{
-    auto &g = be->lora_grp;
-    if (g.made) return g.side_ok;
-    if (be->capturing || be->sticky) return false;
-    const size_t wsb = (size_t)32 << 20;
-    bool ok = cudaStreamCreateWithFlags(&g.side, cudaStreamNonBlocking) == cudaSuccess;
-    ok = ok && cudaEventCreateWithFlags(&g.fork, cudaEventDisableTiming) == cudaSuccess;
-    ok = ok && cudaEventCreateWithFlags(&g.join, cudaEventDisableTiming) == cudaSuccess;
-    ok = ok && cudaMalloc(&g.ws, wsb) == cudaSuccess;
-    ok = ok && cublasCreate(&g.blas) == CUBLAS_STATUS_SUCCESS;
-    ok = ok && cublasSetStream(g.blas, g.side) == CUBLAS_STATUS_SUCCESS &&
-         cublasSetMathMode(g.blas, CUBLAS_DEFAULT_MATH) == CUBLAS_STATUS_SUCCESS &&
-         cublasSetWorkspace(g.blas, g.ws, wsb) == CUBLAS_STATUS_SUCCESS;
-    g.made = true; /* tried once; what was made is freed by grp_free (NULL members are skipped) */
-    g.side_ok = ok;
-    if (!ok) cudaGetLastError();
-    return ok;
-}
-
-static void grp_free(tuna_backend *be)
-{
-    auto &g = be->lora_grp;
-    if (g.made) {
-        if (g.side) cudaStreamSynchronize(g.side);
-        if (g.blas) cublasDestroy(g.blas);
-        if (g.ws) cudaFree(g.ws);
-        if (g.fork) cudaEventDestroy(g.fork);
-        if (g.join) cudaEventDestroy(g.join);
-        if (g.side) cudaStreamDestroy(g.side);
-        g.blas = NULL;
-        g.ws = NULL;
-        g.fork = g.join = NULL;
-        g.side = NULL;
-        g.made = g.side_ok = false;
-    }
-    if (g.d) cudaFree(g.d);
-    free(g.h);
-    free(g.slot);
-    g.d = g.h = NULL;
-    g.slot = NULL;
-    g.n = 0;
-}
-
-/* C_i = A_i^T B_i (+ beta_i C_i) for the ng <= 3 members, 16-bit (ct) in and out, float32 compute,
- * in one grouped cuBLAS call: 1 done, 0 not done (the caller runs them one by one), -1 stop (a
- * capture tainted or a sticky error). */
-static int grouped_gemm(tuna_backend *be, int ng, const int *N, int T, const int *K, const void *const *A,
-                        const int *lda, const void *const *B, int ldb, void *const *C, const float *beta,
-                        cudaDataType_t ct)
-{
-    if (ng < 2 || be->lora_grp.off) return 0;
-    void *p[GRP_W];
-    grp_key(ng, A, B, C, p);
-    bool full;
-    void **d = grp_entry(be, p, &full);
-    if (!d) return full && !be->sticky ? 0 : -1;
-    cublasOperation_t ta[3], tb[3];
-    int m[3], n[3], ldc[3], gs[3];
-    int ldbs[3];
-    float al[3];
-    for (int i = 0; i < ng; i++) {
-        ldbs[i] = ldb;
-        ta[i] = CUBLAS_OP_T;
-        tb[i] = CUBLAS_OP_N;
-        m[i] = N[i];
-        n[i] = T;
-        ldc[i] = N[i];
-        gs[i] = 1;
-        al[i] = 1.0f;
-    }
-    const cublasStatus_t st = cublasGemmGroupedBatchedEx(
-        be->blas, ta, tb, m, n, K, al, (const void *const *)d, ct, lda, (const void *const *)(d + 3), ct, ldbs, beta, d + 6, ct, ldc, ng, gs, CUBLAS_COMPUTE_32F);
-    if (st == CUBLAS_STATUS_NOT_SUPPORTED && !be->capturing) { /* nothing ran: separate GEMMs from now on */
-        be->lora_grp.off = true;
-        return 0;
-    }
-    return tuna_cuda_check_blas(be, st, "cublasGemmGroupedBatchedEx(LoRA)") ? 1 : -1;
-}
-
 /* The dense call of lora_matmul (x32: float32 x, rounded here; ydt F32) and lora_matmul16 (x32
  * NULL: x16 already in D; ydt F32 with acc, or D). */
 static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype ydt, const float *x32, const void *x16,
@@ -1478,57 +1319,6 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
     }
     const cudaDataType_t ct = dt == 1 ? CUDA_R_16BF : CUDA_R_16F, yt = ydt == TUNA_DTYPE_F32 ? CUDA_R_32F : ct;
     const float one = 1.0f, zero = 0.0f;
-    const int gmode = !x32 && ydt != TUNA_DTYPE_F32 && n > 1 ? grouped_mode() : 0;
-    int ne = 0, Ne[3], Ke[3], Np[3], Kp[3];
-    const void *Ae[3], *Be[3], *Ap[3], *Bp[3];
-    void *Ce[3], *Cp[3];
-    float bx[3], bp[3];
-    for (int i = 0; i < n; i++) {
-        Np[i] = (int)ws[i]->rows;
-        Kp[i] = (int)K;
-        Ap[i] = ws[i]->data;
-        Bp[i] = x16;
-        Cp[i] = ys[i];
-        /* expand first (1): the projection onto the term; projection first (2): the term onto it */
-        bp[i] = acc || (gmode == 1 && d.l[i].w) ? 1.0f : 0.0f;
-        if (!d.l[i].w) continue;
-        Ne[ne] = Np[i];
-        Ke[ne] = d.l[i].n * d.l[i].rs;
-        Ae[ne] = sets[i]->B_all;
-        Be[ne] = hm + (size_t)d.l[i].off * 2;
-        Ce[ne] = ys[i];
-        bx[ne] = acc || gmode >= 2 ? 1.0f : 0.0f;
-        ne++;
-    }
-    /* =3: the pointer tables first (no capture may be tainted after the fork), then the shrink and
-     * the mask on the second stream while the main stream runs the projections */
-    bool side = false, joined = true;
-    if (gmode == 3) {
-        void *p[GRP_W];
-        bool full = false;
-        grp_key(n, Ap, Bp, Cp, p);
-        bool have = be->lora_grp.off || grp_entry(be, p, &full) != NULL || full;
-        if (have && ne > 1 && !be->lora_grp.off) {
-            grp_key(ne, Ae, Be, Ce, p);
-            have = grp_entry(be, p, &full) != NULL || full;
-        }
-        if (!have || be->sticky) return true; /* a capture tainted, or an error */
-        side = grp_side(be);
-        if (side && (!tuna_cuda_check(be, cudaEventRecord(be->lora_grp.fork, be->stream), "cudaEventRecord(LoRA fork)") ||
-                     !tuna_cuda_check(be, cudaStreamWaitEvent(be->lora_grp.side, be->lora_grp.fork, 0),
-                                      "cudaStreamWaitEvent(LoRA fork)")))
-            return true;
-        joined = !side;
-    }
-    cublasHandle_t shb = side ? be->lora_grp.blas : be->blas; /* the shrinks' handle */
-    const cudaStream_t sst = side ? be->lora_grp.side : be->stream;
-    /* the main stream waits for the side's shrink and mask (before anything reads hm) */
-    auto join = [&]() {
-        if (joined) return;
-        joined = true;
-        if (tuna_cuda_check(be, cudaEventRecord(be->lora_grp.join, be->lora_grp.side), "cudaEventRecord(LoRA join)"))
-            tuna_cuda_check(be, cudaStreamWaitEvent(be->stream, be->lora_grp.join, 0), "cudaStreamWaitEvent(LoRA join)");
-    };
     /* the shrinks: linears whose A_all lie back to back (device.c groups q/k/v and gate/up) in one
      * GEMM, their h columns being back to back too */
     for (int i = 0; i < n && !be->sticky; i++) {
@@ -1540,56 +1330,17 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
             M += d.l[j].n * d.l[j].rs;
         }
         tuna_cuda_check_blas(be,
-                             cublasGemmEx(shb, CUBLAS_OP_T, CUBLAS_OP_N, M, (int)T, (int)K, &one, sets[i]->A_all, ct,
+                             cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, M, (int)T, (int)K, &one, sets[i]->A_all, ct,
                                           (int)K, xh, ct, (int)K, &zero, h + d.l[i].off, CUDA_R_32F, (int)RU,
                                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                              "cublasGemmEx(LoRA shrink, all slots)");
         i = j - 1;
     }
-    if (be->sticky) {
-        join();
-        return true;
-    }
+    if (be->sticky) return true;
     const dim3 grid((unsigned)T, (unsigned)((RU + 127) / 128));
-    if (dt == 1) k_lora_mask<__nv_bfloat16><<<grid, 128, 0, sst>>>((__nv_bfloat16 *)hm, h, d_ad, d);
-    else k_lora_mask<__half><<<grid, 128, 0, sst>>>((__half *)hm, h, d_ad, d);
-    if (!tuna_cuda_check_launch(be, "k_lora_mask")) {
-        join();
-        return true;
-    }
-    if (gmode) {
-        for (int step = 0; step < 2; step++) {
-            const bool proj = (step == 0) == (gmode >= 2);
-            if (!proj) join(); /* the expands read hm */
-            const int ng = proj ? n : ne;
-            const int r = grouped_gemm(be, ng, proj ? Np : Ne, (int)T, proj ? Kp : Ke, proj ? Ap : Ae, proj ? Kp : Ke,
-                                       proj ? Bp : Be, proj ? (int)K : (int)RU, proj ? Cp : Ce, proj ? bp : bx, ct);
-            if (r < 0 || be->sticky) {
-                join();
-                return true;
-            }
-            if (r == 1) {
-                if (step == 1) return true;
-                continue;
-            }
-            if (step == 0 && ng > 1) { /* nothing done yet: the loop below runs every GEMM */
-                join();
-                break;
-            }
-            for (int i = 0; i < ng && !be->sticky; i++) /* one at a time */
-                tuna_cuda_check_blas(be,
-                                     cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, proj ? Np[i] : Ne[i], (int)T,
-                                                  proj ? Kp[i] : Ke[i], &one, proj ? Ap[i] : Ae[i], ct,
-                                                  proj ? Kp[i] : Ke[i], proj ? Bp[i] : Be[i], ct, proj ? (int)K : (int)RU,
-                                                  proj ? &bp[i] : &bx[i], proj ? Cp[i] : Ce[i], ct,
-                                                  proj ? Np[i] : Ne[i], CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                                     proj ? "cublasGemmEx(16-bit projection, LoRA)" : "cublasGemmEx(LoRA expand, all slots)");
-            if (step == 1) return true;
-        }
-        join();
-        if (be->sticky) return true;
-        /* here: the first step declined (nothing done); the loop below runs every GEMM */
-    }
+    if (dt == 1) k_lora_mask<__nv_bfloat16><<<grid, 128, 0, be->stream>>>((__nv_bfloat16 *)hm, h, d_ad, d);
+    else k_lora_mask<__half><<<grid, 128, 0, be->stream>>>((__half *)hm, h, d_ad, d);
+    if (!tuna_cuda_check_launch(be, "k_lora_mask")) return true;
     for (int i = 0; i < n && !be->sticky; i++) {
         const float *bias = biases ? biases[i] : NULL;
         const int64_t N = ws[i]->rows;
