@@ -286,11 +286,6 @@ bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, co
 bool tuna_cuda_q4_lean(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
                        const struct q4_lut *lut, int blocksize, int64_t T);
 
-/* k_q4_c (q4_stream.cu; TUNA_Q4_K=7, sm_80+): k_q4_v's unit streams fed by a per-warp cp.async ring
- * of shared-memory stages (16-bit compute); false when the job does not fit it. */
-bool tuna_cuda_q4_ring(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
-                       const struct q4_lut *lut, int blocksize, int64_t T);
-
 /* k_q4_s (q4_stream.cu; TUNA_Q4_K=5): the batch-1 4-bit GEMV fed through shared memory by bulk
  * copies (sm_90+, 16-bit compute); false when the job does not fit it (the caller tries the next
  * kernel). j's scales (s[i].sc) and bs_shift set by the caller. */
@@ -341,9 +336,8 @@ static __device__ __forceinline__ float q4h_dot(const uint8_t *tab, uint4 c, con
 /* x [K] into shared memory as f16 pairs scaled by s (see k_q4_h2 in q4.cu: |x * s| * lmax in
  * [1024, 2048), red: 64 floats of shared scratch), 16-byte pieces at gemv_x_pos<true>;
  * NORM: x * r * nw first (the CPU rmsnorm's formula; block 0 writes it to j.xn in float32).
- * ODD (k_q4_c): byte a of that layout at ((a >> 7) << 8) + 128 + (a & 127) instead, the odd 128-byte
- * halves of k_q4_h2's table rows (K <= 16384). Returns 1/s. Ends with __syncthreads. */
-template <bool NORM, bool ODD = false>
+ * Returns 1/s. Ends with __syncthreads. */
+template <bool NORM>
 static __device__ __forceinline__ float q4h_stage_x(uint8_t *xs, const float *x, const struct gemv_job &j, float lmax,
                                                     float *red)
 {
@@ -389,8 +383,7 @@ static __device__ __forceinline__ float q4h_stage_x(uint8_t *xs, const float *x,
         uint2 u;
         u.x = *reinterpret_cast<const uint32_t *>(&lo);
         u.y = *reinterpret_cast<const uint32_t *>(&hi);
-        const uint32_t a = (uint32_t)gemv_x_pos<true>(f >> 1) * 16u + (uint32_t)(f & 1) * 8u;
-        *reinterpret_cast<uint2 *>(xs + (ODD ? ((a >> 7) << 8) + 128u + (a & 127u) : a)) = u;
+        *reinterpret_cast<uint2 *>(xs + gemv_x_pos<true>(f >> 1) * 16 + (f & 1) * 8) = u;
     }
     __syncthreads();
     return inv;

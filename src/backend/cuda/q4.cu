@@ -813,9 +813,7 @@ __global__ void __launch_bounds__(Q4T_THREADS, 1)
  * (below) at T = 1 where the compute is 16-bit and it fits, else as 2; 5 k_q4_s (q4_stream.cu,
  * seventh session: bulk copies into a ring of shared-memory stages, sm_90+) where it fits, else
  * as 4; 6 k_q4_v (q4_stream.cu, eighth session: balanced unit streams per warp; opt-in, chain 75.5
- * against 77.1 us/layer with TUNA_Q4_VR=64 TUNA_Q4_VB=2, within the noise) where it fits, else as 4; 7 k_q4_c
- * (q4_stream.cu, tenth session: k_q4_v's streams fed by a per-warp cp.async ring, sm_80+) where it fits,
- * else as 4; 3 k_q4_mma
+ * against 77.1 us/layer with TUNA_Q4_VR=64 TUNA_Q4_VB=2, within the noise) where it fits, else as 4; 3 k_q4_mma
  * (below) where the compute is 16-bit and it fits, else as 2 (fifth session's H100 round: chain
  * 125.7 us/layer against 84.8 for 2, end to end 4.79 against 3.54 ms: opt-in only). Measured on
  * the H100 (docs/PERFORMANCE.md): 32-layer NF4 chain 139.6 us/layer with 2, 142.1 with 1, 184.5
@@ -824,7 +822,7 @@ static int q4_kernel_mode(void)
 {
     /* read at every call (a getenv per launch; graphs capture once) so tests can compare kernels */
     const char *e = getenv("TUNA_Q4_K");
-    return e && e[0] >= '0' && e[0] <= '7' ? e[0] - '0' : 4;
+    return e && e[0] >= '0' && e[0] <= '6' ? e[0] - '0' : 4;
 }
 
 /* Chunks per row in flight at T <= 2: 2 (default), TUNA_Q4_U=4 for 4. ptxas (sm_90a, 128 registers
@@ -928,7 +926,6 @@ bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, co
         if (km == 3 && half_ok && q4m_try(be, x, j, ws, &lut, q0->blocksize, T)) return true;
         if (km == 5 && half_ok && tuna_cuda_q4_stream(be, x, j, ws, &lut, q0->blocksize, T)) return true;
         if (km == 6 && half_ok && tuna_cuda_q4_lean(be, x, j, ws, &lut, q0->blocksize, T)) return true;
-        if (km == 7 && half_ok && tuna_cuda_q4_ring(be, x, j, ws, &lut, q0->blocksize, T)) return true;
         if (km >= 4 && half_ok && q4h_try(be, x, j, ws, &lut, q0->blocksize, T)) return true;
         if (q4t_try(be, x, j, ws, &lut, q0->blocksize, T, km >= 2 && half_ok ? 2 : 1)) return true;
     }
