@@ -111,9 +111,6 @@ static void print_results(const struct opts *o, const struct tuna_model *m, cons
            (long long)e->decode_steps, e->decode_steps ? 1e3 * e->decode_forward_s / (double)e->decode_steps : 0.0,
            (long long)mixed, mixed ? 1e3 * (e->forward_s - e->decode_forward_s) / (double)mixed : 0.0,
            mixed ? (double)(e->step_tokens - e->decode_tokens) / (double)mixed : 0.0);
-    if (e->pad_tokens)
-        printf("padding      %lld rows added to decode-only steps (batch sizes 1, 2, 4, multiples of 8: CUDA graphs)\n",
-               (long long)e->pad_tokens);
     printf("kv cache     peak %lld of %lld blocks (%.1f%%), %lld preemptions\n", (long long)e->peak_kv_blocks,
            (long long)e->kv_blocks, 100.0 * (double)e->peak_kv_blocks / (double)(e->kv_blocks ? e->kv_blocks : 1),
            (long long)e->preemptions);
@@ -158,7 +155,6 @@ static tuna_status write_json(const char *path, const struct opts *o, const stru
                 {"decode_only_steps", (double)e->decode_steps},
                 {"decode_only_forward_ms_per_step",
                  e->decode_steps ? 1e3 * e->decode_forward_s / (double)e->decode_steps : 0.0},
-                {"pad_tokens", (double)e->pad_tokens},
                 {"peak_kv_blocks", (double)e->peak_kv_blocks},
                 {"kv_blocks", (double)e->kv_blocks},
                 {"preemptions", (double)e->preemptions}};

@@ -167,50 +167,6 @@ static void test_loras(void **state)
     tuna_lora_free(ads[1]);
 }
 
-/* Decode-only steps padded to 1, 2, 4, 8k rows (what a CUDA backend does for its graphs), forced
- * on the CPU: the same outputs as generate alone, with a preempting cache of 4-token blocks (the
- * padding rows then span blocks) and with mixed adapters; the counters leave the padding out. */
-static void test_padding(void **state)
-{
-    (void)state;
-    struct tuna_engine_config ec = engine_cfg(512, 8);
-    ec.pad_decode = 1;
-    struct tuna_serve_bench_config c = {.n_requests = 6, .prompt_len = 13, .gen = 9, .seed = 5, .keep_outputs = true};
-    struct tuna_serve_bench_result r;
-    TT_OK(tuna_serve_bench_run(g_m, NULL, &ec, NULL, 0, &c, &r));
-    check_counts(&r, &c);
-    assert_true(r.eng.pad_tokens > 0); /* 6 sequences decode as 8 rows */
-    assert_true(r.eng.decode_tokens <= r.eng.decode_steps * 6);
-    check_outputs(&r, &c, 0);
-    tuna_serve_bench_result_free(&r);
-
-    ec = engine_cfg(56, 3); /* 14 blocks of 4 tokens; 3 sequences of 9 + 12 tokens need 18 at the end */
-    ec.pad_decode = 1;
-    struct tuna_serve_bench_config cp = {.n_requests = 5, .prompt_len = 9, .gen = 12, .seed = 3, .keep_outputs = true};
-    TT_OK(tuna_serve_bench_run(g_m, NULL, &ec, NULL, 0, &cp, &r));
-    check_counts(&r, &cp);
-    assert_true(r.eng.pad_tokens > 0); /* 3 sequences decode as 4 rows */
-    assert_true(r.eng.preemptions > 0);
-    check_outputs(&r, &cp, 0);
-    tuna_serve_bench_result_free(&r);
-
-    struct tuna_lora_adapter *ads[2];
-    TT_OK(tuna_serve_bench_make_adapters(g_m, 2, 4, 11, ads));
-    ec = engine_cfg(512, 8);
-    ec.pad_decode = 1;
-    struct tuna_serve_bench_config cl = {.n_requests = 5, .prompt_len = 10, .gen = 6, .seed = 1, .keep_outputs = true};
-    TT_OK(tuna_serve_bench_run(g_m, NULL, &ec, (const struct tuna_lora_adapter *const *)ads, 2, &cl, &r));
-    check_counts(&r, &cl);
-    assert_true(r.eng.pad_tokens > 0);
-    tuna_lora_attachment *att = NULL;
-    TT_OK(tuna_lora_attach(g_m, (const struct tuna_lora_adapter *const *)ads, 2, &att));
-    check_outputs(&r, &cl, 2);
-    tuna_lora_detach(g_m, att);
-    tuna_serve_bench_result_free(&r);
-    tuna_lora_free(ads[0]);
-    tuna_lora_free(ads[1]);
-}
-
 static void test_refusals(void **state)
 {
     (void)state;
@@ -229,7 +185,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_offline), cmocka_unit_test(test_closed_loop), cmocka_unit_test(test_preemption),
-        cmocka_unit_test(test_loras),   cmocka_unit_test(test_padding), cmocka_unit_test(test_refusals),
+        cmocka_unit_test(test_loras),   cmocka_unit_test(test_refusals),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

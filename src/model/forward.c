@@ -800,9 +800,3 @@ tuna_status tuna_model_forward_greedy(struct tuna_model *m, tuna_kv_cache *kv, c
 {
     return forward_step(m, kv, b, NULL, ids, NULL);
 }
-
-bool tuna_model_replays_steps(const struct tuna_model *m)
-{
-    const char *e = getenv("TUNA_CUDA_GRAPHS"); /* graph.cu's switch: 0 = every step eager */
-    return m->ops->graph_begin != NULL && !(e && strcmp(e, "0") == 0);
-}

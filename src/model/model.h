@@ -162,9 +162,6 @@ tuna_status tuna_model_forward(struct tuna_model *m, tuna_kv_cache *kv, const st
  * where the logits are (backend argmax op), so a GPU sends n ints instead of n x V floats. */
 tuna_status tuna_model_forward_greedy(struct tuna_model *m, tuna_kv_cache *kv, const struct tuna_batch *b,
                                       int32_t *ids);
-/* Whether the model's backend replays whole decode steps from CUDA graphs (keyed by the step's
- * token count): a server then pads decode-only batches to a few sizes (serve/engine.c). */
-bool tuna_model_replays_steps(const struct tuna_model *m);
 
 /* Backend start/stop and device memory (device.c; used by the loader). */
 tuna_status tuna_model_start_backend(struct tuna_model *m, const struct tuna_model_opts *opts, int64_t max_k);

@@ -52,8 +52,6 @@ struct tuna_engine {
     int64_t cap_logits;      /* rows */
     float *scratch;          /* [V] */
     int32_t *ids;            /* [cap_logits] greedy ids of a step where no row needs its logits */
-    bool pad_on;             /* decode-only steps padded (cfg.pad_decode resolved at start) */
-    int32_t pad_seq;         /* the padding rows' KV sequence (-1 until the first padded step) */
     /* LoRA slots: changed only by the engine thread between steps */
     const struct tuna_lora_adapter **lslots; /* [cfg.max_loras] borrowed, NULL = empty */
     int32_t *lkeys;                          /* [cfg.max_loras] prefix-cache keys */
@@ -343,55 +341,10 @@ static const char *next_token(tuna_engine *e, struct eseq *s, float *lg, int32_t
     return NULL;
 }
 
-/* KV blocks held by requests: the padding sequence's block is the engine's own */
-static int64_t blocks_used(const tuna_engine *e)
-{
-    int64_t used = tuna_kv_n_blocks(e->kv) - tuna_kv_free_blocks(e->kv);
-    if (e->pad_seq >= 0) used -= tuna_kv_seq_nblocks(e->kv, e->pad_seq);
-    return used;
-}
-
-/* The padded size of a decode-only step of n rows: 1, 2, 4, then the next multiple of 8. */
-static int64_t pad_size(int64_t n)
-{
-    if (n <= 4) return n <= 1 ? 1 : n <= 2 ? 2 : 4;
-    return (n + 7) / 8 * 8;
-}
-
-/* Pads a decode-only step (every row one sequence's next token, every row's logits wanted) with
- * rows of the engine's own sequence: token 0 at positions 1.. after a first token at position 0
- * (written by the first padded step and kept: the sequence holds its block for good and is cut
- * back to one token after each step). Their logits are computed and ignored; they write only
- * their own sequence's K/V. Skipped, never failed, when the cache could not give the rows their
- * blocks on top of one new block per real row (place_tokens grows sequences during the step).
- * Returns the rows added. */
-static int64_t pad_decode(tuna_engine *e)
-{
-    const int64_t n = e->batch.n, want = pad_size(n);
-    if (want == n || want > e->cfg.max_num_batched_tokens) return 0;
-    const int32_t bs = tuna_kv_block_size(e->kv);
-    const int64_t p0 = e->pad_seq >= 0 ? tuna_kv_seq_len(e->kv, e->pad_seq) : 0;
-    const int64_t have = e->pad_seq >= 0 ? tuna_kv_seq_nblocks(e->kv, e->pad_seq) : 0;
-    const int64_t need = (p0 + want - n + bs - 1) / bs - have;
-    if (tuna_kv_free_blocks(e->kv) < n + need) return 0;
-    if (e->pad_seq < 0 && tuna_kv_seq_new(e->kv, &e->pad_seq)) {
-        e->pad_seq = -1;
-        return 0;
-    }
-    const int64_t n0 = e->batch.n;
-    for (int64_t i = 0; i < want - n; i++)
-        if (tuna_batch_add(&e->batch, 0, e->pad_seq, p0 + i, true)) {
-            e->batch.n = n0; /* out of memory: the step runs unpadded */
-            e->batch.n_logits = n0;
-            return 0;
-        }
-    return want - n;
-}
-
 static void update_gauges(tuna_engine *e)
 {
     /* referenced blocks: cached blocks nobody holds are free (evictable) */
-    int64_t used = blocks_used(e);
+    int64_t used = tuna_kv_n_blocks(e->kv) - tuna_kv_free_blocks(e->kv);
     pthread_mutex_lock(&e->mu);
     e->kv_used = used;
     pthread_mutex_unlock(&e->mu);
@@ -427,9 +380,6 @@ static void step(tuna_engine *e)
     int64_t n_plan;
     tuna_status st = tuna_sched_schedule(e->sched, &e->batch, &plan, &n_plan);
     if (!st && e->batch.n == 0) st = tuna_fail(TUNA_E_INTERNAL, "scheduler: nothing fits the KV cache");
-    const int64_t n_real = e->batch.n;
-    const bool decode_only = !st && n_real == n_plan && e->batch.n_logits == n_real;
-    const int64_t n_pad = decode_only && e->pad_on ? pad_decode(e) : 0;
     if (!st && e->batch.n_logits > e->cap_logits) {
         float *nl = realloc(e->logits, (size_t)e->batch.n_logits * (size_t)e->m->arch.vocab_size * sizeof(float));
         int32_t *ni = nl ? realloc(e->ids, (size_t)e->batch.n_logits * sizeof *ni) : NULL;
@@ -446,21 +396,17 @@ static void step(tuna_engine *e)
     double t_fwd = tuna_serve_now();
     if (!st) st = greedy ? tuna_model_forward_greedy(e->m, e->kv, &e->batch, e->ids)
                          : tuna_model_forward(e->m, e->kv, &e->batch, e->logits, NULL);
-    /* the padding rows' sequence back to its one kept token (a no-op when the step failed
-     * before growing it) */
-    if (n_pad && tuna_kv_seq_len(e->kv, e->pad_seq) > 1) (void)tuna_kv_seq_truncate(e->kv, e->pad_seq, 1);
     if (!st) {
-        int64_t used = blocks_used(e);
+        int64_t used = tuna_kv_n_blocks(e->kv) - tuna_kv_free_blocks(e->kv);
         pthread_mutex_lock(&e->mu);
         e->stats.steps++;
-        e->stats.step_tokens += n_real;
+        e->stats.step_tokens += e->batch.n;
         e->stats.step_seqs += n_plan;
-        e->stats.pad_tokens += n_pad;
         double dt = tuna_serve_now() - t_fwd;
         e->stats.forward_s += dt;
-        if (decode_only) {
+        if (e->batch.n == n_plan) {
             e->stats.decode_steps++;
-            e->stats.decode_tokens += n_real;
+            e->stats.decode_tokens += e->batch.n;
             e->stats.decode_forward_s += dt;
         }
         if (used > e->stats.peak_kv_blocks) e->stats.peak_kv_blocks = used;
@@ -597,10 +543,6 @@ tuna_status tuna_engine_start(struct tuna_model *m, const tuna_tokenizer *tok, c
     e->tok = tok;
     e->cfg = *cfg;
     e->metrics = metrics;
-    e->pad_seq = -1;
-    const char *pe = getenv("TUNA_PAD_DECODE");
-    e->pad_on = cfg->pad_decode > 0 ||
-                (cfg->pad_decode == 0 && !(pe && strcmp(pe, "0") == 0) && tuna_model_replays_steps(m));
     pthread_mutex_init(&e->mu, NULL);
     pthread_cond_init(&e->cv, NULL);
     tuna_batch_init(&e->batch);

@@ -24,11 +24,6 @@ struct tuna_engine_config {
     int64_t max_pending;            /* requests queued or running at most; more are refused (429) */
     bool enable_prefix_caching;     /* reuse the KV blocks of earlier prompts (scheduler.h) */
     int max_loras;                  /* LoRA adapter slots (batch.adapter indices 0..max_loras-1); 0 = none */
-    /* Decode-only steps padded to a few batch sizes (1, 2, 4, then multiples of 8, as vLLM's CUDA
-     * graph capture sizes) so that a backend replaying graphs per token count meets few sizes:
-     * 0 = when the model's backend replays steps (tuna_model_replays_steps) and TUNA_PAD_DECODE
-     * is not "0"; 1 = always (tests of the padding on the CPU); -1 = never. */
-    int pad_decode;
     /* Optional observer for an in-process driver (tuna bench --serve), called on the engine
      * thread: on_token after each sampled token of a choice (n = its tokens so far), on_finish
      * once a request's last choice has finished (before the engine drops its reference). They
@@ -50,7 +45,6 @@ struct tuna_engine_stats {
     int64_t decode_steps;   /* steps where every sequence had one token (no prefill chunk) */
     int64_t decode_tokens;  /* step_tokens of those steps */
     double decode_forward_s; /* forward_s of those steps */
-    int64_t pad_tokens;     /* padding rows added to decode-only steps (not in step_tokens) */
 };
 
 typedef struct tuna_engine tuna_engine;
