@@ -381,12 +381,11 @@ static void test_attention_batches(void **state)
                 c->seq[s] = (struct att_seq){(int64_t)((frand() * 0.5f + 0.5f) * 399.0f), 1};
             att_run(c, 3.0f, 100.0f);
         }
-    /* Llama-3-8B heads at 270 sequences (on 132 SMs no split: the persistent kernel with
-     * TUNA_ATTN_F8PS=1), contexts up to 200 with some below one group of 16 keys (warps without
-     * keys in a unit) */
+    /* Llama-3-8B heads at 270 sequences (on 132 SMs no split), positions 0 .. 199, some below one
+     * group of 16 keys (warps of a block without keys); frand() is uniform in [-1, 1) */
     *c = (struct att_case){"batch 270", 32, 8, 128, 16, 0, 270, {{0, 1}}};
     for (int s = 0; s < c->nseq; s++)
-        c->seq[s] = (struct att_seq){s % 37 == 5 ? s % 13 : (int64_t)(frand() * 200.0f), 1};
+        c->seq[s] = (struct att_seq){s % 37 == 5 ? s % 13 : (int64_t)((frand() * 0.5f + 0.5f) * 199.0f), 1};
     att_run(c, 3.0f, 100.0f);
     free(c);
 }

@@ -777,286 +777,6 @@ __global__ void __launch_bounds__(128, TC ? 4 : 1)
 }
 
 /* ------------------------------------------------------------------------------------------
- * FP8 decode, persistent (TUNA_ATTN_F8PS=1, opt-in, tenth session): k_attn_dec_f8ps. For the
- * TC case (FP8, D 64 or 128, G <= GM <= 8) when no split is wanted (large batches). A grid of
- * resident blocks (4 warps) takes units (token, kv head) from a global counter, one ahead, and
- * treats them as k_attn_decode16 does (warp w: groups w, w + 4, ... of the unit; the products of
- * the TC path), but the copy stream of a warp runs on across units: the next unit's first group
- * is copied (and its positions, block-table entries and q are read) while the current one ends,
- * so no wave of blocks drains and refills (the round-1 measurements of the tenth session: a
- * fixed ~25-30 us per launch beside 2.8 TB/s of streaming). The warps' partial rows merge
- * through shared memory at each unit's end (two block barriers). The last block to leave resets
- * the counter (work[0], work[1]: 0 between launches). */
-#define PS_NW 4
-template <int DT, int GM>
-__global__ void __launch_bounds__(128, 4)
-    k_attn_dec_f8ps(float *out, unsigned *work, const float *q, const __nv_fp8_e4m3 *kc, const __nv_fp8_e4m3 *vc,
-                    att_meta md, const int32_t *rows, int H, int Hkv, int n_units, float qscale, int io)
-{
-    constexpr int RB = DT + 16, CB = DT / 16, TS = DT / 16, NS = 2, NW = PS_NW;
-    constexpr int QW = (GM * DT + 127) / 128; /* 32-bit words of q per thread (float32 q: all; 16-bit: half used) */
-    extern __shared__ float4 d16_smem[];
-    char *stages = (char *)d16_smem;                                  /* [NW][NS][32][RB] */
-    float *mrg = (float *)(stages + NW * NS * 2 * D16_KEYS * RB);     /* [NW][GM * DT + 2 * GM] */
-    float *qs = mrg + NW * (GM * DT + 2 * GM);                        /* [GM][DT] */
-    __shared__ int unit_sh;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int G = H / Hkv, bs = md.bs;
-    const int64_t HkvD = (int64_t)Hkv * DT;
-    char *wreg = stages + warp * NS * 2 * D16_KEYS * RB;
-    const int tg = lane >> 2, tcq = lane & 3;
-
-    struct unit {
-        int t, kvh, lo, hi, gb, nk;
-        const int32_t *table;
-    };
-    auto load_unit = [&](int u, unit &U) {
-        if (u >= n_units) {
-            U.t = -1, U.kvh = 0, U.lo = 0, U.hi = -1, U.gb = 0, U.nk = 0, U.table = md.tables;
-            return;
-        }
-        const int i = u / Hkv;
-        U.kvh = u - i * Hkv;
-        U.t = rows ? rows[i] : i;
-        const int p = (int)md.pos[U.t], start = (int)att_start(md, p);
-        U.lo = start, U.hi = p, U.gb = start / D16_KEYS;
-        const int ng = p / D16_KEYS - U.gb + 1;
-        U.nk = ng > warp ? (ng - 1 - warp) / NW + 1 : 0;
-        U.table = att_table(md, U.t);
-    };
-    /* q of unit U as raw 32-bit words (thread tid: words tid + 128 r), read ahead */
-    auto load_q = [&](const unit &U, uint32_t (&qr)[QW]) {
-        const int nwd = G * DT / (io ? 2 : 1);
-        const int64_t e0 = U.t >= 0 ? ((int64_t)U.t * H + (int64_t)U.kvh * G) * DT : 0;
-        const uint32_t *src = (const uint32_t *)((const char *)q + e0 * (io ? 2 : 4));
-#pragma unroll
-        for (int r = 0; r < QW; r++) {
-            const int w = tid + 128 * r;
-            qr[r] = U.t >= 0 && w < nwd ? __ldg(src + w) : 0u;
-        }
-    };
-    auto store_q = [&](const uint32_t (&qr)[QW]) { /* into qs as float32 * qscale, heads >= G zero */
-        for (int x = G * DT + tid; x < GM * DT; x += 128) qs[x] = 0.0f;
-        const int nwd = G * DT / (io ? 2 : 1);
-#pragma unroll
-        for (int r = 0; r < QW; r++) {
-            const int w = tid + 128 * r;
-            if (w >= nwd) continue;
-            if (io == 0) {
-                qs[w] = __uint_as_float(qr[r]) * qscale;
-            } else {
-                const uint32_t lo16 = qr[r] & 0xffffu, hi16 = qr[r] >> 16;
-                float a, b;
-                if (io == 1) a = __uint_as_float(lo16 << 16), b = __uint_as_float(hi16 << 16);
-                else a = __half2float(__ushort_as_half((unsigned short)lo16)), b = __half2float(__ushort_as_half((unsigned short)hi16));
-                qs[2 * w] = a * qscale, qs[2 * w + 1] = b * qscale;
-            }
-        }
-    };
-    uint32_t tqh[TS][2], tql[TS][2];
-    auto frag_q = [&]() {
-#pragma unroll
-        for (int s = 0; s < TS; s++) {
-            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (tg < GM) v = *(const float4 *)(qs + tg * DT + tcq * (DT / 4) + 4 * s);
-            d16_split2(v.x, v.y, tqh[s][0], tql[s][0]);
-            d16_split2(v.z, v.w, tqh[s][1], tql[s][1]);
-        }
-    };
-    /* lane j < 16: the cache slot of key j of group k of unit U, -1 outside */
-    auto slot_of = [&](const unit &U, int k) -> int {
-        const int key = (U.gb + warp + NW * k) * D16_KEYS + (lane & 15);
-        return k < U.nk && lane < 16 && key >= U.lo && key <= U.hi ? U.table[key / bs] * bs + key % bs : -1;
-    };
-    auto issue = [&](const unit &U, int stage, int slot) { /* one group into a stage (no commit) */
-        char *buf = wreg + stage * (2 * D16_KEYS) * RB;
-        const __nv_fp8_e4m3 *kb = kc + (int64_t)U.kvh * DT, *vb = vc + (int64_t)U.kvh * DT;
-#pragma unroll
-        for (int idx = lane; idx < 2 * D16_KEYS * CB; idx += 32) {
-            const int row = idx / CB, c = idx - row * CB;
-            const int sl = __shfl_sync(0xffffffffu, slot, row & 15);
-            const char *src = (const char *)((row < 16 ? kb : vb) + (int64_t)(sl < 0 ? 0 : sl) * HkvD) + c * 16;
-            cp_async16(buf + row * RB + c * 16, src, sl < 0 ? 0 : 16);
-        }
-    };
-
-    tuna_pdl_wait();
-    if (tid == 0) unit_sh = (int)atomicAdd(work, 1u);
-    __syncthreads();
-    const int u0 = unit_sh;
-    __syncthreads();
-    if (tid == 0) unit_sh = (int)atomicAdd(work, 1u);
-    __syncthreads();
-    unit C, N;
-    load_unit(u0, C);
-    load_unit(unit_sh, N);
-    uint32_t qr[QW];
-    load_q(C, qr);
-    /* the stream: C's groups 0..C.nk-1 then N's; positions j of that window, stage (base + j) & 1 */
-    int base = 0, isj = 0; /* isj: the next position to copy */
-    auto slot_at = [&](int j) -> int { return j < C.nk ? slot_of(C, j) : slot_of(N, j - C.nk); };
-    int nslot = slot_at(0);
-    if (C.t >= 0) {
-        if (isj < C.nk + N.nk) {
-            issue(isj < C.nk ? C : N, (base + isj) & 1, nslot);
-            isj++;
-            nslot = slot_at(isj);
-        }
-        cp_async_commit();
-    }
-    store_q(qr);
-    __syncthreads();
-    frag_q();
-    load_q(N, qr);
-
-    while (C.t >= 0) {
-        float tm[2] = {-INFINITY, -INFINITY}, tl[2] = {0.0f, 0.0f}, tacc[TS][4];
-#pragma unroll
-        for (int s = 0; s < TS; s++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) tacc[s][e] = 0.0f;
-        for (int k = 0; k < C.nk; k++) {
-            __syncwarp(); /* every lane is done with the stage about to be refilled */
-            if (isj <= k) { /* position k not copied yet (after a unit with a short window) */
-                issue(C, (base + k) & 1, slot_of(C, k));
-                cp_async_commit();
-                isj = k + 1;
-                nslot = slot_at(isj);
-            }
-            if (isj == k + 1 && isj < C.nk + N.nk) {
-                issue(isj < C.nk ? C : N, (base + isj) & 1, nslot);
-                isj++;
-                nslot = slot_at(isj);
-            }
-            cp_async_commit();
-            cp_async_wait<1>();
-            __syncwarp();
-            const char *buf = wreg + ((base + k) & 1) * (2 * D16_KEYS) * RB;
-            const int kb0 = (C.gb + warp + NW * k) * D16_KEYS;
-            constexpr int KW = DT / 16;
-            uint32_t kw0[KW], kw8[KW];
-#pragma unroll
-            for (int x = 0; x < KW / 4; x++) {
-                const uint4 v0 = *(const uint4 *)(buf + tg * RB + tcq * (DT / 4) + 16 * x);
-                const uint4 v8 = *(const uint4 *)(buf + (tg + 8) * RB + tcq * (DT / 4) + 16 * x);
-                kw0[4 * x] = v0.x, kw0[4 * x + 1] = v0.y, kw0[4 * x + 2] = v0.z, kw0[4 * x + 3] = v0.w;
-                kw8[4 * x] = v8.x, kw8[4 * x + 1] = v8.y, kw8[4 * x + 2] = v8.z, kw8[4 * x + 3] = v8.w;
-            }
-            float sh[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sl[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-            for (int s = 0; s < KW; s++) {
-                const uint32_t a[4] = {kv_f8x2_to_h2(kw0[s]), kv_f8x2_to_h2(kw8[s]), kv_f8x2_to_h2(kw0[s] >> 16),
-                                       kv_f8x2_to_h2(kw8[s] >> 16)};
-                mma_16816<__half>(sh, a, tqh[s][0], tqh[s][1]);
-                mma_16816<__half>(sl, a, tql[s][0], tql[s][1]);
-            }
-            const bool v0 = kb0 + tg >= C.lo && kb0 + tg <= C.hi, v8 = kb0 + tg + 8 >= C.lo && kb0 + tg + 8 <= C.hi;
-            const float x0 = v0 ? sh[0] + sl[0] : -INFINITY, x1 = v0 ? sh[1] + sl[1] : -INFINITY;
-            const float x2 = v8 ? sh[2] + sl[2] : -INFINITY, x3 = v8 ? sh[3] + sl[3] : -INFINITY;
-            float mx0 = fmaxf(x0, x2), mx1 = fmaxf(x1, x3);
-#pragma unroll
-            for (int o = 4; o < 32; o <<= 1) {
-                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o));
-                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o));
-            }
-            const float mn0 = fmaxf(tm[0], mx0), mn1 = fmaxf(tm[1], mx1);
-            const float c0 = d16_exp2(tm[0] - mn0), c1 = d16_exp2(tm[1] - mn1);
-            const float p0 = d16_exp2(x0 - mn0), p1 = d16_exp2(x1 - mn1), p2 = d16_exp2(x2 - mn0),
-                        p3 = d16_exp2(x3 - mn1);
-            tm[0] = mn0, tm[1] = mn1;
-            tl[0] = tl[0] * c0 + (p0 + p2), tl[1] = tl[1] * c1 + (p1 + p3);
-            uint32_t ph0, pl0, ph1, pl1;
-            d16_split2(p0, p1, ph0, pl0);
-            d16_split2(p2, p3, ph1, pl1);
-            const uint32_t bh0 = d16_movt(ph0), bh1 = d16_movt(ph1), bl0 = d16_movt(pl0), bl1 = d16_movt(pl1);
-            constexpr int VW = DT / 64;
-            uint32_t vr[4][2][VW];
-#pragma unroll
-            for (int r = 0; r < 4; r++) {
-                const char *row = buf + (D16_KEYS + 2 * tcq + (r & 1) + (r >> 1) * 8) * RB;
-#pragma unroll
-                for (int h8 = 0; h8 < 2; h8++) {
-                    const char *src = row + (tg + 8 * h8) * (DT / 16);
-                    if constexpr (VW == 2) {
-                        const uint2 w = *(const uint2 *)src;
-                        vr[r][h8][0] = w.x, vr[r][h8][VW - 1] = w.y;
-                    } else {
-                        vr[r][h8][0] = *(const uint32_t *)src;
-                    }
-                }
-            }
-#pragma unroll
-            for (int m = 0; m < TS; m++) {
-                tacc[m][0] *= c0, tacc[m][1] *= c1, tacc[m][2] *= c0, tacc[m][3] *= c1;
-                const int wi = m >> 2, sel = (m & 2) ? 0x7362 : 0x5140, hs = (m & 1) * 16;
-                uint32_t a[4];
-#pragma unroll
-                for (int q2 = 0; q2 < 4; q2++) {
-                    const int h8 = q2 & 1, rk = (q2 >> 1) * 2;
-                    a[q2] = kv_f8x2_to_h2(__byte_perm(vr[rk][h8][wi], vr[rk + 1][h8][wi], sel) >> hs);
-                }
-                mma_16816<__half>(tacc[m], a, bh0, bh1);
-                mma_16816<__half>(tacc[m], a, bl0, bl1);
-            }
-        }
-        /* the unit's end: this warp's partial rows into mrg, the next unit taken */
-#pragma unroll
-        for (int e = 0; e < 2; e++)
-#pragma unroll
-            for (int o = 4; o < 32; o <<= 1) tl[e] += __shfl_xor_sync(0xffffffffu, tl[e], o);
-        float *accs = mrg + warp * (GM * DT + 2 * GM), *mls = accs + GM * DT;
-#pragma unroll
-        for (int e = 0; e < 2; e++) {
-            const int h = 2 * tcq + e;
-            if (h < GM) {
-#pragma unroll
-                for (int m = 0; m < TS; m++) {
-                    accs[h * DT + tg * (DT / 16) + m] = tacc[m][e];
-                    accs[h * DT + (tg + 8) * (DT / 16) + m] = tacc[m][2 + e];
-                }
-                if (tg == 0) mls[h] = tm[e], mls[GM + h] = tl[e];
-            }
-        }
-        if (tid == 0) unit_sh = (int)atomicAdd(work, 1u);
-        __syncthreads();
-        const int64_t ob = ((int64_t)C.t * H + (int64_t)C.kvh * G) * DT;
-        for (int x = tid; x < G * DT; x += 128) {
-            const int g = x / DT;
-            float M = -INFINITY;
-#pragma unroll
-            for (int w = 0; w < NW; w++) M = fmaxf(M, mrg[w * (GM * DT + 2 * GM) + GM * DT + g]);
-            float L = 0.0f, a = 0.0f;
-#pragma unroll
-            for (int w = 0; w < NW; w++) {
-                const float *wa = mrg + w * (GM * DT + 2 * GM), *wm = wa + GM * DT;
-                if (wm[GM + g] > 0.0f) { /* a warp without keys adds nothing */
-                    const float f = d16_exp2(wm[g] - M);
-                    L += f * wm[GM + g];
-                    a += f * wa[x];
-                }
-            }
-            a16_st(out, io, ob + x, a / L);
-        }
-        const int un = unit_sh;
-        /* shift the window: N becomes C (its first group may be in flight), the new unit is N */
-        const bool stalled = isj >= C.nk + N.nk;
-        base += C.nk, isj -= C.nk;
-        C = N;
-        store_q(qr); /* barriers inside and after: mrg, unit_sh and qs are free again below */
-        __syncthreads();
-        frag_q();
-        load_unit(un, N);
-        load_q(N, qr);
-        if (stalled) nslot = slot_at(isj);
-    }
-    cp_async_wait<0>();
-    if (tid == 0 && atomicAdd(work + 1, 1u) == gridDim.x - 1) { /* the last block out: ready for the next launch */
-        work[0] = 0u;
-        work[1] = 0u;
-    }
-}
-
-/* ------------------------------------------------------------------------------------------
  * Host side. */
 
 /* How k_attn_decode16 runs for one head size: warps per block, stages per warp, bytes of
@@ -1152,42 +872,6 @@ template <typename KT> static dec16_cfg dec16_config(tuna_backend *be, int D, in
     return c;
 }
 
-/* k_attn_dec_f8ps (TUNA_ATTN_F8PS=1): dynamic shared memory and blocks resident per SM (0: it
- * does not fit; k_attn_decode16 runs). GM 4 or 8 only. */
-struct f8ps_cfg {
-    int smem, bps;
-};
-static const void *f8ps_fn(int D, int GM)
-{
-    return D == 64 ? (GM == 4 ? (const void *)k_attn_dec_f8ps<64, 4> : (const void *)k_attn_dec_f8ps<64, 8>)
-                   : (GM == 4 ? (const void *)k_attn_dec_f8ps<128, 4> : (const void *)k_attn_dec_f8ps<128, 8>);
-}
-static f8ps_cfg f8ps_config(tuna_backend *be, int D, int GM, int max_smem)
-{
-    struct entry {
-        int dev, D, GM;
-        f8ps_cfg c;
-    };
-    static entry cache[8];
-    static int n_cache = 0;
-    for (int k = 0; k < n_cache; k++)
-        if (cache[k].dev == be->device && cache[k].D == D && cache[k].GM == GM) return cache[k].c;
-    f8ps_cfg c = {PS_NW * 2 * 2 * D16_KEYS * (D + 16) + PS_NW * (GM * D + 2 * GM) * 4 + GM * D * 4, 0};
-    const void *fn = f8ps_fn(D, GM);
-    cudaFuncAttributes fa;
-    memset(&fa, 0, sizeof fa);
-    if (cudaFuncGetAttributes(&fa, fn) != cudaSuccess) fa.sharedSizeBytes = 1024;
-    if (c.smem <= max_smem - (int)fa.sharedSizeBytes) {
-        const bool ok = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, c.smem) == cudaSuccess;
-        cudaFuncSetAttribute(fn, cudaFuncAttributePreferredSharedMemoryCarveout, (int)cudaSharedmemCarveoutMaxShared);
-        if (!ok || cudaOccupancyMaxActiveBlocksPerMultiprocessor(&c.bps, fn, 32 * PS_NW, (size_t)c.smem) != cudaSuccess)
-            c.bps = 0;
-        cudaGetLastError();
-    }
-    if (n_cache < 8) cache[n_cache++] = entry{be->device, D, GM, c};
-    return c;
-}
-
 /* Bytes of the split buffer (partial rows and the counters): fixed per device, never moves. */
 #define DEC_PART_ROWS(n_sm) ((size_t)128 * (size_t)(n_sm))
 #define DEC_COUNTERS(n_sm) ((size_t)64 * (size_t)(n_sm))
@@ -1197,37 +881,14 @@ static void launch_kernels(tuna_backend *be, float *out, const float *q, const v
                            const att_meta &md, const int32_t *drows, int64_t n_dec, const int32_t *dtiles,
                            int64_t n_tiles, int H, int Hkv, int D, int n_hg, int n_splits, int BQ, float scale,
                            float *part_acc, float *part_ml, unsigned *counters, const dec16_cfg *c16, int GM,
-                           const struct tuna_l2pf &pf, int io, const f8ps_cfg *ps, unsigned *ps_work)
+                           const struct tuna_l2pf &pf, int io)
 {
     const KT *kc = (const KT *)kcache, *vc = (const KT *)vcache;
     constexpr int VE = kv_traits<KT>::VEC;
     const bool vec = D % VE == 0 && ((uintptr_t)kcache % 16) == 0 && ((uintptr_t)vcache % 16) == 0;
     bool done = false;
-    if constexpr (sizeof(KT) == 1) {
-        if (n_dec > 0 && ps) { /* TUNA_ATTN_F8PS=1: the persistent kernel */
-            const int64_t units = n_dec * Hkv, slots = (int64_t)be->sm_count * ps->bps;
-            const unsigned nb = (unsigned)(units < slots ? units : slots);
-            const float qs = scale * 1.4426950408889634f;
-            if (D == 64 && GM == 4)
-                k_attn_dec_f8ps<64, 4><<<nb, 32 * PS_NW, (size_t)ps->smem, be->stream>>>(out, ps_work, q, kc, vc, md, drows,
-                                                                                     H, Hkv, (int)units, qs, io);
-            else if (D == 64)
-                k_attn_dec_f8ps<64, 8><<<nb, 32 * PS_NW, (size_t)ps->smem, be->stream>>>(out, ps_work, q, kc, vc, md, drows,
-                                                                                     H, Hkv, (int)units, qs, io);
-            else if (GM == 4)
-                k_attn_dec_f8ps<128, 4><<<nb, 32 * PS_NW, (size_t)ps->smem, be->stream>>>(out, ps_work, q, kc, vc, md,
-                                                                                      drows, H, Hkv, (int)units, qs, io);
-            else
-                k_attn_dec_f8ps<128, 8><<<nb, 32 * PS_NW, (size_t)ps->smem, be->stream>>>(out, ps_work, q, kc, vc, md,
-                                                                                      drows, H, Hkv, (int)units, qs, io);
-            if (!tuna_cuda_check_launch(be, "k_attn_dec_f8ps")) return;
-            done = true;
-        }
-    } else {
-        (void)ps, (void)ps_work;
-    }
     if constexpr (sizeof(KT) <= 2) {
-        if (n_dec > 0 && c16 && !done) {
+        if (n_dec > 0 && c16) {
             /* heads along x unless TUNA_ATTN_DEC_ORDER=0 (or more tokens than grid y allows) */
             static const int order = env_int("TUNA_ATTN_DEC_ORDER", 0, 1) || !getenv("TUNA_ATTN_DEC_ORDER");
             const int hx = order && n_dec <= 65535;
@@ -1422,8 +1083,6 @@ static void attention_io(tuna_backend *be, float *out, const float *q, int io, c
     int n_splits = 1;
     float *part_acc = NULL, *part_ml = NULL;
     unsigned *counters = NULL;
-    f8ps_cfg cps = {0, 0};
-    bool useps = false;
     if (n_dec > 0) {
         int64_t max_ctx = MB > 0 ? MB * bs : maxpos + 1;
         if (b->sliding_window > 0 && b->sliding_window < max_ctx) max_ctx = b->sliding_window;
@@ -1454,13 +1113,7 @@ static void attention_io(tuna_backend *be, float *out, const float *q, int io, c
             if (units < target) n_splits = (int)((target + units - 1) / units);
         }
         if (n_splits > cap) n_splits = (int)cap;
-        /* TUNA_ATTN_F8PS=1 (opt-in): without splits, the FP8 tensor-core case runs persistent */
-        static const int f8ps = env_int("TUNA_ATTN_F8PS", 1, 1);
-        if (f8ps && n_splits == 1 && use16 && c16.tc && (GM == 4 || GM == 8) && G <= GM) {
-            cps = f8ps_config(be, (int)D, GM, max_smem);
-            useps = cps.bps > 0;
-        }
-        if (n_splits > 1 || useps) {
+        if (n_splits > 1) {
             /* rows of partials: fewer than n_dec * H * n_splits <= blocks * GM <= 4 * n_sm *
              * D16_MAX_BPS * 8 (or 2 * n_sm * DEC_BLOCKS_PER_SM * DEC_GM for the general kernel) =
              * 128 * n_sm; counters: units <= 4 waves <= 16 * n_sm. One buffer, sized once. */
@@ -1478,21 +1131,19 @@ static void attention_io(tuna_backend *be, float *out, const float *q, int io, c
         }
     }
     const dec16_cfg *pc16 = use16 ? &c16 : NULL;
-    const f8ps_cfg *pps = useps ? &cps : NULL;
-    unsigned *ps_work = useps ? counters + DEC_COUNTERS(n_sm) - 2 : NULL; /* the last two counters */
     const struct tuna_l2pf pf = tuna_cuda_l2pf_take(be, TUNA_L2PF_ATTN, T); /* the hint ends here either way */
     if (code == 0)
         launch_kernels<float>(be, out, q, kcache, vcache, md, drows, n_dec, dtiles, n_tiles, (int)H, (int)Hkv, (int)D,
-                              n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf, io, pps, ps_work);
+                              n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf, io);
     else if (code == 1)
         launch_kernels<__nv_bfloat16>(be, out, q, kcache, vcache, md, drows, n_dec, dtiles, n_tiles, (int)H, (int)Hkv,
-                                      (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf, io, pps, ps_work);
+                                      (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf, io);
     else if (code == 2)
         launch_kernels<__half>(be, out, q, kcache, vcache, md, drows, n_dec, dtiles, n_tiles, (int)H, (int)Hkv,
-                               (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf, io, pps, ps_work);
+                               (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf, io);
     else
         launch_kernels<__nv_fp8_e4m3>(be, out, q, kcache, vcache, md, drows, n_dec, dtiles, n_tiles, (int)H, (int)Hkv,
-                                      (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf, io, pps, ps_work);
+                                      (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf, io);
 }
 
 void tuna_cuda_attention(tuna_backend *be, float *out, const float *q, const void *kcache, const void *vcache,
