@@ -1,9 +1,11 @@
-/* bench_cuda_check.h — CK(x): a CUDA runtime call in a benchmark program; on an error it prints the
- * call and CUDA's message and exits (benchmarks have nothing to recover). */
+/* bench_cuda_check.h — helpers of the standalone CUDA benchmark programs: CK(x), a CUDA runtime call
+ * that on an error prints the call and CUDA's message and exits (benchmarks have nothing to
+ * recover); bench_dev_fill_bf16, device memory of random bf16 values. */
 #ifndef TUNA_BENCH_CUDA_CHECK_H
 #define TUNA_BENCH_CUDA_CHECK_H
 
 #include <cuda_runtime_api.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -15,5 +17,23 @@
             exit(1);                                                                                                   \
         }                                                                                                              \
     } while (0)
+
+/* `bytes` of device memory holding bf16 values in about [-0.06, 0.06] (exponent 0x3d + a small
+ * mantissa, random sign) from a generator seeded with `seed`; exits when out of memory. */
+static inline void *bench_dev_fill_bf16(size_t bytes, uint32_t seed)
+{
+    uint16_t *h = (uint16_t *)malloc(bytes);
+    if (!h) exit(1);
+    uint32_t s = seed * 2654435761u + 1;
+    for (size_t i = 0; i < bytes / 2; i++) {
+        s = s * 1664525u + 1013904223u;
+        h[i] = (uint16_t)(((s >> 31) << 15) | (0x3c80u + ((s >> 16) & 0x7fu)));
+    }
+    void *d = NULL;
+    CK(cudaMalloc(&d, bytes));
+    CK(cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice));
+    free(h);
+    return d;
+}
 
 #endif

@@ -32,23 +32,6 @@
 #define COPIES 3
 #define MAX_ALGOS 24
 
-static void *dev_fill(size_t bytes, uint32_t seed)
-{
-    uint16_t *h = malloc(bytes);
-    if (!h) exit(1);
-    uint32_t s = seed * 2654435761u + 1;
-    for (size_t i = 0; i < bytes / 2; i++) {
-        s = s * 1664525u + 1013904223u;
-        /* bf16 in about [-0.06, 0.06]: exponent 0x3d + small mantissa, random sign */
-        h[i] = (uint16_t)(((s >> 31) << 15) | (0x3c80u + ((s >> 16) & 0x7fu)));
-    }
-    void *d = NULL;
-    CK(cudaMalloc(&d, bytes));
-    CK(cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice));
-    free(h);
-    return d;
-}
-
 struct shape {
     const char *name;
     int N, K, f32out;
@@ -107,8 +90,8 @@ int main(int argc, char **argv)
         maxY = y > maxY ? y : maxY;
     }
     void *W[COPIES];
-    for (int c = 0; c < COPIES; c++) W[c] = dev_fill(maxW, 11u + (uint32_t)c);
-    void *X = dev_fill(maxX, 7u), *Y = NULL;
+    for (int c = 0; c < COPIES; c++) W[c] = bench_dev_fill_bf16(maxW, 11u + (uint32_t)c);
+    void *X = bench_dev_fill_bf16(maxX, 7u), *Y = NULL;
     CK(cudaMalloc(&Y, maxY));
     CK(cudaMemset(Y, 0, maxY));
     printf("%-8s %6s %5s | %9s | %9s %4s %5s %4s %3s %4s %5s | %6s\n", "shape", "T", "tiles", "default", "best_lt",

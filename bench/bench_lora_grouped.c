@@ -32,22 +32,6 @@ struct shape {
     int beta1, lora;     /* lora: B is hm at column offsets sum(K) */
 };
 
-static void *dev_fill(size_t bytes, uint32_t seed)
-{
-    uint16_t *h = malloc(bytes);
-    if (!h) exit(1);
-    uint32_t s = seed * 2654435761u + 1;
-    for (size_t i = 0; i < bytes / 2; i++) {
-        s = s * 1664525u + 1013904223u;
-        h[i] = (uint16_t)(((s >> 31) << 15) | (0x3c80u + ((s >> 16) & 0x7fu)));
-    }
-    void *d = NULL;
-    CK(cudaMalloc(&d, bytes));
-    CK(cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice));
-    free(h);
-    return d;
-}
-
 struct ctx {
     cublasHandle_t h;
     cudaStream_t st;
@@ -219,7 +203,7 @@ int main(int argc, char **argv)
     if (cublasSetWorkspace(c.h, ws, ws_bytes)) return 1;
     CK(cudaStreamCreate(&c.st));
     if (cublasSetStream(c.h, c.st)) return 1;
-    void *X = dev_fill((size_t)maxT * 4096 * 2, 7u); /* x16 [T, 4096]; hm uses its first T x 384 */
+    void *X = bench_dev_fill_bf16((size_t)maxT * 4096 * 2, 7u); /* x16 [T, 4096]; hm uses its first T x 384 */
     void *Y[3];
     for (int i = 0; i < 3; i++) {
         CK(cudaMalloc(&Y[i], (size_t)maxT * 14336 * 2));
@@ -234,7 +218,7 @@ int main(int argc, char **argv)
         const struct shape *sh = &shapes[s];
         c.sh = sh;
         for (int cp = 0; cp < COPIES; cp++)
-            for (int i = 0; i < sh->n; i++) c.A[cp][i] = dev_fill((size_t)sh->N[i] * sh->K * 2, 100u + (uint32_t)(cp * 3 + i));
+            for (int i = 0; i < sh->n; i++) c.A[cp][i] = bench_dev_fill_bf16((size_t)sh->N[i] * sh->K * 2, 100u + (uint32_t)(cp * 3 + i));
         int off = 0;
         for (int i = 0; i < sh->n; i++) {
             c.B[i] = (char *)X + (sh->lora ? (size_t)off * 2 : 0);
