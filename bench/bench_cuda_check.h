@@ -1,10 +1,12 @@
 /* bench_cuda_check.h — helpers of the standalone CUDA benchmark programs: CK(x), a CUDA runtime call
  * that on an error prints the call and CUDA's message and exits (benchmarks have nothing to
- * recover); bench_dev_fill_bf16, device memory of random bf16 values. */
+ * recover); bench_dev_fill_bf16, device memory of random bf16 values; bench_token_counts, the token
+ * counts T given on the command line. */
 #ifndef TUNA_BENCH_CUDA_CHECK_H
 #define TUNA_BENCH_CUDA_CHECK_H
 
 #include <cuda_runtime_api.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,6 +36,26 @@ static inline void *bench_dev_fill_bf16(size_t bytes, uint32_t seed)
     CK(cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice));
     free(h);
     return d;
+}
+
+/* The token counts of a run: argv[1..] (at most 32), else the n_def defaults (at most 32).
+ * Returns the largest, or -1 after a message naming `prog` when one is outside 1..16384. */
+static inline int bench_token_counts(int argc, char **argv, const char *prog, const int *def, int n_def, int Ts[32],
+                                     int *nT)
+{
+    *nT = 0;
+    for (int i = 1; i < argc && *nT < 32; i++) Ts[(*nT)++] = atoi(argv[i]);
+    const bool given = *nT > 0;
+    for (int i = 0; !given && i < n_def && i < 32; i++) Ts[(*nT)++] = def[i];
+    int maxT = 0;
+    for (int i = 0; i < *nT; i++) {
+        if (Ts[i] < 1 || Ts[i] > 16384) {
+            fprintf(stderr, "%s: T must be in 1..16384 (got %d)\n", prog, Ts[i]);
+            return -1;
+        }
+        maxT = Ts[i] > maxT ? Ts[i] : maxT;
+    }
+    return maxT;
 }
 
 #endif

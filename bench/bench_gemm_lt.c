@@ -39,20 +39,10 @@ struct shape {
 
 int main(int argc, char **argv)
 {
+    static const int def[] = {256, 425, 448, 512, 640, 875, 1024, 1536, 2048, 2304};
     int Ts[32], nT = 0;
-    for (int i = 1; i < argc && nT < 32; i++) Ts[nT++] = atoi(argv[i]);
-    if (!nT) {
-        const int def[] = {256, 425, 448, 512, 640, 875, 1024, 1536, 2048, 2304};
-        for (size_t i = 0; i < sizeof def / sizeof def[0]; i++) Ts[nT++] = def[i];
-    }
-    int maxT = 0;
-    for (int i = 0; i < nT; i++) {
-        if (Ts[i] < 1 || Ts[i] > 16384) {
-            fprintf(stderr, "bench_gemm_lt: T must be in 1..16384 (got %d)\n", Ts[i]);
-            return 2;
-        }
-        maxT = Ts[i] > maxT ? Ts[i] : maxT;
-    }
+    const int maxT = bench_token_counts(argc, argv, "bench_gemm_lt", def, (int)(sizeof def / sizeof def[0]), Ts, &nT);
+    if (maxT < 0) return 2;
     int ndev = 0;
     if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
         printf("SKIP: no CUDA device\n");

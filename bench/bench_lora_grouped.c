@@ -103,38 +103,46 @@ static cudaGraphExec_t capture(struct ctx *c, int grouped, int reps, int *kernel
     return x;
 }
 
+/* A timed span of stream st: span_begin records its start, span_end_ms waits for its end and gives
+ * the milliseconds between the two. */
+struct span {
+    cudaEvent_t e0, e1;
+};
+
+static void span_begin(struct span *t, cudaStream_t st)
+{
+    CK(cudaEventCreate(&t->e0));
+    CK(cudaEventCreate(&t->e1));
+    CK(cudaEventRecord(t->e0, st));
+}
+
+static double span_end_ms(struct span *t, cudaStream_t st)
+{
+    CK(cudaEventRecord(t->e1, st));
+    CK(cudaEventSynchronize(t->e1));
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, t->e0, t->e1));
+    cudaEventDestroy(t->e0);
+    cudaEventDestroy(t->e1);
+    return ms;
+}
+
 static double time_graph(struct ctx *c, cudaGraphExec_t x, int reps)
 {
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
+    struct span t;
     CK(cudaGraphLaunch(x, c->st));
-    CK(cudaEventRecord(e0, c->st));
+    span_begin(&t, c->st);
     for (int i = 0; i < 5; i++) CK(cudaGraphLaunch(x, c->st));
-    CK(cudaEventRecord(e1, c->st));
-    CK(cudaEventSynchronize(e1));
-    float ms = 0;
-    CK(cudaEventElapsedTime(&ms, e0, e1));
-    cudaEventDestroy(e0);
-    cudaEventDestroy(e1);
-    return ms * 1e3 / (5.0 * reps);
+    return span_end_ms(&t, c->st) * 1e3 / (5.0 * reps);
 }
 
 static double time_eager(struct ctx *c, int grouped, int reps)
 {
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
+    struct span t;
     for (int r = 0; r < 3; r++) (void)one_call(c, r % COPIES, grouped);
-    CK(cudaEventRecord(e0, c->st));
+    span_begin(&t, c->st);
     for (int r = 0; r < reps; r++) (void)one_call(c, r % COPIES, grouped);
-    CK(cudaEventRecord(e1, c->st));
-    CK(cudaEventSynchronize(e1));
-    float ms = 0;
-    CK(cudaEventElapsedTime(&ms, e0, e1));
-    cudaEventDestroy(e0);
-    cudaEventDestroy(e1);
-    return ms * 1e3 / reps;
+    return span_end_ms(&t, c->st) * 1e3 / reps;
 }
 
 /* bf16 elements of the outputs that differ between one separate and one grouped call */
@@ -164,20 +172,10 @@ static long compare(struct ctx *c, size_t *total)
 
 int main(int argc, char **argv)
 {
+    static const int def[] = {64, 128, 256, 512, 2048};
     int Ts[32], nT = 0;
-    for (int i = 1; i < argc && nT < 32; i++) Ts[nT++] = atoi(argv[i]);
-    if (!nT) {
-        const int def[] = {64, 128, 256, 512, 2048};
-        for (size_t i = 0; i < sizeof def / sizeof def[0]; i++) Ts[nT++] = def[i];
-    }
-    int maxT = 0;
-    for (int i = 0; i < nT; i++) {
-        if (Ts[i] < 1 || Ts[i] > 16384) {
-            fprintf(stderr, "bench_lora_grouped: T must be in 1..16384 (got %d)\n", Ts[i]);
-            return 2;
-        }
-        maxT = Ts[i] > maxT ? Ts[i] : maxT;
-    }
+    const int maxT = bench_token_counts(argc, argv, "bench_lora_grouped", def, (int)(sizeof def / sizeof def[0]), Ts, &nT);
+    if (maxT < 0) return 2;
     int ndev = 0;
     if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
         printf("SKIP: no CUDA device\n");
