@@ -144,6 +144,10 @@ static void *dev_random_f8(size_t n)
 {
     const size_t piece = n < ((size_t)16 << 20) ? n : ((size_t)16 << 20); /* 16 MB generated, repeated */
     uint8_t *h = malloc(piece);
+    if (!h) {
+        fprintf(stderr, "bench_cuda_ops: out of host memory (%zu bytes)\n", piece);
+        exit(1);
+    }
     uint64_t s = 0x2545F4914F6CDD1Dull;
     for (size_t i = 0; i < piece; i++) {
         s ^= s << 13, s ^= s >> 7, s ^= s << 17;
@@ -159,6 +163,10 @@ static void *dev_random_f8(size_t n)
 static void *dev_random_bf16(size_t n)
 {
     uint16_t *h = malloc(n * 2);
+    if (!h) {
+        fprintf(stderr, "bench_cuda_ops: out of host memory (%zu bytes)\n", n * 2);
+        exit(1);
+    }
     uint64_t s = 0x9E3779B97F4A7C15ull;
     for (size_t i = 0; i < n; i++) {
         s ^= s << 13, s ^= s >> 7, s ^= s << 17;
