@@ -1,7 +1,8 @@
 /* bench_cuda_check.h — helpers of the standalone CUDA benchmark programs: CK(x), a CUDA runtime call
  * that on an error prints the call and CUDA's message and exits (benchmarks have nothing to
- * recover); bench_dev_fill_bf16, device memory of random bf16 values; bench_token_counts, the token
- * counts T given on the command line. */
+ * recover); bench_dev_fill_bf16, device memory of random bf16 values; bench_dev_fill_f8, of random
+ * FP8 E4M3 bytes; bench_token_counts, the token counts T given on the command line; bench_wall_s, the
+ * wall clock (to match a line's time window with samples of nvidia-smi). */
 #ifndef TUNA_BENCH_CUDA_CHECK_H
 #define TUNA_BENCH_CUDA_CHECK_H
 
@@ -10,6 +11,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 
 #define CK(x)                                                                                                          \
     do {                                                                                                               \
@@ -36,6 +38,36 @@ static inline void *bench_dev_fill_bf16(size_t bytes, uint32_t seed)
     CK(cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice));
     free(h);
     return d;
+}
+
+/* `n` bytes of device memory holding FP8 E4M3 values of either sign below 2 in magnitude (exponent
+ * field <= 7: no NaN), a 16 MB random piece repeated; exits when out of memory. */
+static inline void *bench_dev_fill_f8(size_t n)
+{
+    const size_t piece = n < ((size_t)16 << 20) ? n : ((size_t)16 << 20);
+    uint8_t *h = (uint8_t *)malloc(piece ? piece : 1);
+    if (!h) {
+        fprintf(stderr, "bench: out of host memory (%zu bytes)\n", piece);
+        exit(1);
+    }
+    uint64_t s = 0x2545F4914F6CDD1Dull;
+    for (size_t i = 0; i < piece; i++) {
+        s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+        h[i] = (uint8_t)((s >> 32) & 0xBF);
+    }
+    char *d = NULL;
+    CK(cudaMalloc((void **)&d, n));
+    for (size_t o = 0; o < n; o += piece) CK(cudaMemcpy(d + o, h, n - o < piece ? n - o : piece, cudaMemcpyHostToDevice));
+    free(h);
+    return d;
+}
+
+/* Seconds since the epoch (CLOCK_REALTIME, to the microsecond). */
+static inline double bench_wall_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
 /* The token counts of a run: argv[1..] (at most 32), else the n_def defaults (at most 32).

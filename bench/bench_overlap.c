@@ -1,0 +1,390 @@
+/* bench_overlap.c — can the FP8 decode attention run beside the GEMMs? (issue #8, offline load)
+ *
+ * A decode step of Llama-3-8B at batch 2M is, per layer, the layer's GEMMs at T = 2M (q, k, v, o,
+ * gate, up, down: cuBLAS bf16 as the engine's matmul16 calls them, float32 out, o and down with
+ * beta 1) and the FP8 decode attention of 2M sequences (tuna's attention op, H 32, Hkv 8, D 128,
+ * blocks of 16 scattered over the cache, contexts spread over 1,000..2,000 as a serving batch's).
+ * This program splits the batch into two micro-batches A and B of M sequences and times, for 32
+ * layers:
+ *   unsplit   one stream: per layer GEMMs(2M) then attention(2M) (today's step);
+ *   serial    one stream: GEMMs(A) att(A) GEMMs(B) att(B) per layer (the split, not overlapped);
+ *   att only  the 64 attention calls alone; gemm only (n): the 64 GEMM sets alone, the cuBLAS
+ *             handle limited to n SMs (cublasSetSmCountTarget; 0 = all); "unsplit": the same
+ *             for the 32 calls of the whole batch;
+ *   overlap (n) two streams: the attention on the backend's stream, the GEMMs on a second one
+ *             with its own cuBLAS handle limited to n SMs; events make att(X, l) wait for
+ *             GEMMs(X, l) and GEMMs(X, l + 1) wait for att(X, l), so that from the second phase
+ *             on the attention of one micro-batch can run beside the GEMMs of the other;
+ *             "hi": the GEMM stream at the highest stream priority.
+ * Each line: median ms per 32 layers over repeats (CUDA events), us per layer, the attention
+ * hidden = (serial - overlap) / att only, and the line's wall-clock window [t0 t1] (seconds since
+ * the epoch) to match with `nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw -lms 100`.
+ * Weights rotate over 4 copies of a layer and the caches over 2 copies of every micro-batch's
+ * sequences, so the 50 MB L2 cache serves neither. Not timed: the step's other kernels (norms,
+ * rope and KV store, GLU: ~8% of the offline load), CUDA graphs (every call is queued eagerly; the
+ * host keeps ahead of the GPU).
+ *
+ * Usage: bench_overlap [M ...] (micro-batch sizes, default 256 212 128). Prints SKIP without a GPU. */
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/cuda/cuda.h"
+
+#include "bench_cuda_check.h"
+
+#define NL 32      /* layers */
+#define WCOPY 4    /* copies of a layer's weights */
+#define ACOPY 2    /* copies of each micro-batch's KV sequences */
+#define REPS 25    /* timed repeats of 32 layers per line (after 2 warm-ups) */
+#define CTX_LO 1000
+#define CTX_HI 2000
+#define BS 16
+#define MB_TAB ((CTX_HI + BS - 1) / BS) /* block-table row length */
+
+/* The layer's linears: N x K weights, the input they read and whether they add into y. */
+enum { IN_X, IN_O, IN_H };
+static const struct {
+    const char *name;
+    int N, K, in, beta1;
+} g_lin[7] = {{"q", 4096, 4096, IN_X, 0},     {"k", 1024, 4096, IN_X, 0},    {"v", 1024, 4096, IN_X, 0},
+              {"o", 4096, 4096, IN_O, 1},     {"gate", 14336, 4096, IN_X, 0}, {"up", 14336, 4096, IN_X, 0},
+              {"down", 4096, 14336, IN_H, 1}};
+
+/* The first fields of the CUDA backend's state (src/backend/cuda/cuda_internal.h, struct
+ * tuna_backend, a C++ header this C program cannot include): the attention op runs on `stream`,
+ * which the overlap needs for its events. Checked against the device and the handle's stream at
+ * start-up, so a change of that struct stops the benchmark with a message instead of a wrong run. */
+struct be_head {
+    int device;
+    int cc_major, sm_count, max_smem_optin;
+    cudaStream_t stream;
+    cublasHandle_t blas;
+};
+
+struct mbatch {           /* one micro-batch (or the unsplit batch): activations and attention batch */
+    void *x16, *o16, *h16; /* bf16 GEMM inputs [Tmax, 4096], [Tmax, 4096], [Tmax, 14336] */
+    float *y[7];           /* float32 GEMM outputs [Tmax, N] */
+    float *q, *out;        /* attention q and output [B, 4096] */
+    int64_t *pos;          /* [B] */
+    int32_t *flat[ACOPY];  /* [B, MB_TAB] block tables of each copy */
+    const int32_t **bt[ACOPY];
+    struct tuna_attn_batch b[ACOPY];
+    int64_t n;             /* sequences = GEMM tokens */
+    double kv_bytes;       /* K and V bytes one attention call reads */
+};
+
+struct bench {
+    tuna_backend *be;
+    cudaStream_t sa, sg, sghi; /* attention (the backend's), GEMM, GEMM at high priority */
+    cublasHandle_t hs, hg, hghi; /* on sa (serial), sg, sghi */
+    void *w[WCOPY][7];
+    void *kc, *vc;
+    cudaEvent_t e0, e1, ev[8];
+    double layer_flop_per_tok;
+};
+
+static int cmp_f(const void *a, const void *b)
+{
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+static void cb(cublasStatus_t s, const char *what)
+{
+    if (s != CUBLAS_STATUS_SUCCESS) {
+        fprintf(stderr, "bench_overlap: %s: cuBLAS status %d\n", what, (int)s);
+        exit(1);
+    }
+}
+
+/* The 7 GEMMs of layer l for the T tokens of mb on handle h. */
+static void gemms(struct bench *bn, cublasHandle_t h, struct mbatch *mb, int64_t T, int l)
+{
+    const float one = 1.0f, zero = 0.0f;
+    for (int i = 0; i < 7; i++) {
+        const void *x = g_lin[i].in == IN_X ? mb->x16 : g_lin[i].in == IN_O ? mb->o16 : mb->h16;
+        cb(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, g_lin[i].N, (int)T, g_lin[i].K, &one, bn->w[l % WCOPY][i],
+                        CUDA_R_16BF, g_lin[i].K, x, CUDA_R_16BF, g_lin[i].K, g_lin[i].beta1 ? &one : &zero, mb->y[i],
+                        CUDA_R_32F, g_lin[i].N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+           "cublasGemmEx");
+    }
+}
+
+static void attention(struct bench *bn, struct mbatch *mb, int l)
+{
+    tuna_cuda_backend_ops()->attention(bn->be, mb->out, mb->q, bn->kc, bn->vc, TUNA_DTYPE_F8_E4M3, &mb->b[l % ACOPY],
+                                       32, 8, 128, 0.08838834764831845f);
+}
+
+enum mode { M_UNSPLIT, M_SERIAL, M_ATT, M_GEMM, M_OVERLAP, M_ATT_U, M_GEMM_U };
+
+/* Queues one 32-layer run of the mode between e0 and e1 (both on the attention stream). */
+static void queue_run(struct bench *bn, enum mode md, struct mbatch *A, struct mbatch *B, struct mbatch *U,
+                      cublasHandle_t hg, cudaStream_t sg)
+{
+    CK(cudaEventRecord(bn->e0, bn->sa));
+    const bool two = md == M_GEMM || md == M_GEMM_U || md == M_OVERLAP;
+    if (two) CK(cudaStreamWaitEvent(sg, bn->e0, 0));
+    for (int l = 0; l < NL; l++) {
+        switch (md) {
+        case M_UNSPLIT:
+            gemms(bn, bn->hs, U, U->n, l);
+            attention(bn, U, l);
+            break;
+        case M_SERIAL:
+            gemms(bn, bn->hs, A, A->n, l);
+            attention(bn, A, l);
+            gemms(bn, bn->hs, B, B->n, l);
+            attention(bn, B, l);
+            break;
+        case M_ATT:
+            attention(bn, A, l);
+            attention(bn, B, l);
+            break;
+        case M_GEMM:
+            gemms(bn, hg, A, A->n, l);
+            gemms(bn, hg, B, B->n, l);
+            break;
+        case M_ATT_U:
+            attention(bn, U, l);
+            break;
+        case M_GEMM_U:
+            gemms(bn, hg, U, U->n, l);
+            break;
+        case M_OVERLAP: {
+            /* ev[0]: GEMMs(A) done, ev[1]: att(A) done, ev[2]: GEMMs(B) done, ev[3]: att(B) done */
+            if (l > 0) CK(cudaStreamWaitEvent(sg, bn->ev[1], 0));
+            gemms(bn, hg, A, A->n, l);
+            CK(cudaEventRecord(bn->ev[0], sg));
+            CK(cudaStreamWaitEvent(bn->sa, bn->ev[0], 0));
+            attention(bn, A, l);
+            CK(cudaEventRecord(bn->ev[1], bn->sa));
+            if (l > 0) CK(cudaStreamWaitEvent(sg, bn->ev[3], 0));
+            gemms(bn, hg, B, B->n, l);
+            CK(cudaEventRecord(bn->ev[2], sg));
+            CK(cudaStreamWaitEvent(bn->sa, bn->ev[2], 0));
+            attention(bn, B, l);
+            CK(cudaEventRecord(bn->ev[3], bn->sa));
+            break;
+        }
+        }
+    }
+    if (two) {
+        CK(cudaEventRecord(bn->ev[4], sg));
+        CK(cudaStreamWaitEvent(bn->sa, bn->ev[4], 0));
+    }
+    CK(cudaEventRecord(bn->e1, bn->sa));
+}
+
+/* Median ms of a 32-layer run of the mode; *t0, *t1: the wall-clock window of the timed repeats. */
+static double time_run(struct bench *bn, enum mode md, struct mbatch *A, struct mbatch *B, struct mbatch *U,
+                       int sms, bool hi, double *t0, double *t1)
+{
+    cublasHandle_t hg = hi ? bn->hghi : bn->hg;
+    cudaStream_t sg = hi ? bn->sghi : bn->sg;
+    cb(cublasSetSmCountTarget(hg, sms), "cublasSetSmCountTarget");
+    float ms[REPS + 2];
+    for (int r = 0; r < REPS + 2; r++) {
+        if (r == 2) *t0 = bench_wall_s();
+        queue_run(bn, md, A, B, U, hg, sg);
+        CK(cudaEventSynchronize(bn->e1));
+        CK(cudaEventElapsedTime(&ms[r], bn->e0, bn->e1));
+    }
+    *t1 = bench_wall_s();
+    if (tuna_cuda_status(bn->be)) {
+        fprintf(stderr, "bench_overlap: %s\n", tuna_last_error());
+        exit(1);
+    }
+    qsort(ms + 2, REPS, sizeof(float), cmp_f);
+    return ms[2 + REPS / 2];
+}
+
+static void mb_alloc(struct mbatch *mb, int64_t Tmax)
+{
+    memset(mb, 0, sizeof *mb);
+    mb->x16 = bench_dev_fill_bf16((size_t)Tmax * 4096 * 2, 11u);
+    mb->o16 = bench_dev_fill_bf16((size_t)Tmax * 4096 * 2, 12u);
+    mb->h16 = bench_dev_fill_bf16((size_t)Tmax * 14336 * 2, 13u);
+    for (int i = 0; i < 7; i++) {
+        CK(cudaMalloc((void **)&mb->y[i], (size_t)Tmax * (size_t)g_lin[i].N * 4));
+        CK(cudaMemset(mb->y[i], 0, (size_t)Tmax * (size_t)g_lin[i].N * 4));
+    }
+    CK(cudaMalloc((void **)&mb->q, (size_t)Tmax * 4096 * 4));
+    CK(cudaMemset(mb->q, 0x3c, (size_t)Tmax * 4096 * 4));
+    CK(cudaMalloc((void **)&mb->out, (size_t)Tmax * 4096 * 4));
+}
+
+static void mb_free(struct mbatch *mb)
+{
+    cudaFree(mb->x16), cudaFree(mb->o16), cudaFree(mb->h16), cudaFree(mb->q), cudaFree(mb->out);
+    for (int i = 0; i < 7; i++) cudaFree(mb->y[i]);
+    free(mb->pos);
+    for (int c = 0; c < ACOPY; c++) free(mb->flat[c]), free(mb->bt[c]);
+}
+
+/* Sequences [s0, s0 + n) of the pool: n sequences with contexts CTX_LO..CTX_HI; copy c of sequence
+ * s owns pool blocks from (c * nseq_all + s) * MB_TAB, mapped through a scatter of the pool. */
+static void mb_seqs(struct mbatch *mb, int64_t s0, int64_t n, int64_t nseq_all, int64_t nblocks)
+{
+    mb->n = n;
+    mb->pos = malloc((size_t)n * sizeof(int64_t));
+    if (!mb->pos) exit(1);
+    double keys = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t s = s0 + i;
+        mb->pos[i] = CTX_LO + (s * 7919) % (CTX_HI - CTX_LO + 1) - 1;
+        keys += (double)(mb->pos[i] + 1);
+    }
+    mb->kv_bytes = keys * 8.0 * 128.0 * 2.0; /* Hkv D, K and V, one byte each */
+    for (int c = 0; c < ACOPY; c++) {
+        mb->flat[c] = malloc((size_t)n * MB_TAB * sizeof(int32_t));
+        mb->bt[c] = malloc((size_t)n * sizeof(*mb->bt[c]));
+        if (!mb->flat[c] || !mb->bt[c]) exit(1);
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t base = ((int64_t)c * nseq_all + s0 + i) * MB_TAB;
+            for (int j = 0; j < MB_TAB; j++) mb->flat[c][i * MB_TAB + j] = (int32_t)(((base + j) * 7919) % nblocks);
+            mb->bt[c][i] = mb->flat[c] + i * MB_TAB;
+        }
+        mb->b[c] = (struct tuna_attn_batch){n, mb->pos, mb->bt[c], BS, 0, MB_TAB, mb->flat[c]};
+    }
+}
+
+static void line(const char *label, double ms, const char *extra, double t0, double t1)
+{
+    printf("  %-26s %8.3f ms %7.1f us/layer  %-32s [%.3f %.3f]\n", label, ms, ms * 1e3 / NL, extra, t0, t1);
+    fflush(stdout);
+}
+
+static void run_m(struct bench *bn, int64_t M)
+{
+    const int64_t nseq_all = 2 * M, nblocks = (int64_t)ACOPY * nseq_all * MB_TAB;
+    struct mbatch A, B, U;
+    mb_alloc(&A, M), mb_alloc(&B, M), mb_alloc(&U, 2 * M);
+    const size_t cache_bytes = (size_t)nblocks * BS * 8 * 128;
+    bn->kc = bench_dev_fill_f8(cache_bytes);
+    bn->vc = bench_dev_fill_f8(cache_bytes);
+    mb_seqs(&A, 0, M, nseq_all, nblocks);
+    mb_seqs(&B, M, M, nseq_all, nblocks);
+    mb_seqs(&U, 0, 2 * M, nseq_all, nblocks);
+    const double gflop = bn->layer_flop_per_tok * (double)M * 1e-9; /* one micro-batch's layer */
+    printf("M=%lld: 2 micro-batches of %lld sequences (unsplit: %lld), contexts %d..%d, FP8 KV %.0f MB per "
+           "micro-batch per layer, GEMMs %.1f GFLOP per micro-batch per layer\n",
+           (long long)M, (long long)M, (long long)(2 * M), CTX_LO, CTX_HI, A.kv_bytes / 1e6, gflop);
+    double t0, t1;
+    char ex[96];
+    const double un = time_run(bn, M_UNSPLIT, &A, &B, &U, 0, false, &t0, &t1);
+    line("unsplit (one stream)", un, "", t0, t1);
+    const double se = time_run(bn, M_SERIAL, &A, &B, &U, 0, false, &t0, &t1);
+    snprintf(ex, sizeof ex, "%+.1f%% vs unsplit", 100.0 * (se / un - 1.0));
+    line("serial split (one stream)", se, ex, t0, t1);
+    const double at = time_run(bn, M_ATT, &A, &B, &U, 0, false, &t0, &t1);
+    snprintf(ex, sizeof ex, "%.0f GB/s, %.1f us/call", 2.0 * NL * A.kv_bytes / (at * 1e-3) / 1e9,
+             at * 1e3 / (2.0 * NL));
+    line("att only (64 calls)", at, ex, t0, t1);
+    const double au = time_run(bn, M_ATT_U, &A, &B, &U, 0, false, &t0, &t1);
+    snprintf(ex, sizeof ex, "%.0f GB/s, %.1f us/call", NL * U.kv_bytes / (au * 1e-3) / 1e9, au * 1e3 / NL);
+    line("att only unsplit (32)", au, ex, t0, t1);
+    const double gu = time_run(bn, M_GEMM_U, &A, &B, &U, 0, false, &t0, &t1);
+    snprintf(ex, sizeof ex, "%.0f TFLOP/s", 2.0 * NL * gflop / (gu * 1e-3) / 1e3);
+    line("gemm only unsplit n=0", gu, ex, t0, t1);
+    static const int sms[] = {0, 116, 100, 84, 66};
+    double gm[5];
+    for (int k = 0; k < 5; k++) {
+        char lab[64];
+        gm[k] = time_run(bn, M_GEMM, &A, &B, &U, sms[k], false, &t0, &t1);
+        snprintf(lab, sizeof lab, "gemm only n=%d", sms[k]);
+        snprintf(ex, sizeof ex, "%.0f TFLOP/s", 2.0 * NL * gflop / (gm[k] * 1e-3) / 1e3);
+        line(lab, gm[k], ex, t0, t1);
+    }
+    printf("  (serial split - gemm only n=0 - att only: %.3f ms)\n", se - gm[0] - at);
+    for (int k = 0; k < 5; k++) {
+        char lab[64];
+        const double ov = time_run(bn, M_OVERLAP, &A, &B, &U, sms[k], false, &t0, &t1);
+        snprintf(lab, sizeof lab, "overlap n=%d", sms[k]);
+        snprintf(ex, sizeof ex, "hidden %5.1f%%, %+.1f%% vs unsplit", 100.0 * (se - ov) / at, 100.0 * (ov / un - 1.0));
+        line(lab, ov, ex, t0, t1);
+    }
+    static const int sms_hi[] = {0, 100};
+    for (int k = 0; k < 2; k++) {
+        char lab[64];
+        const double ov = time_run(bn, M_OVERLAP, &A, &B, &U, sms_hi[k], true, &t0, &t1);
+        snprintf(lab, sizeof lab, "overlap hi n=%d", sms_hi[k]);
+        snprintf(ex, sizeof ex, "hidden %5.1f%%, %+.1f%% vs unsplit", 100.0 * (se - ov) / at, 100.0 * (ov / un - 1.0));
+        line(lab, ov, ex, t0, t1);
+    }
+    CK(cudaDeviceSynchronize());
+    mb_free(&A), mb_free(&B), mb_free(&U);
+    cudaFree(bn->kc), cudaFree(bn->vc);
+}
+
+int main(int argc, char **argv)
+{
+    int ndev = 0;
+    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
+        printf("SKIP: no CUDA device\n");
+        return 0;
+    }
+    static const int def[] = {256, 212, 128};
+    int Ms[32], nM = 0;
+    if (bench_token_counts(argc, argv, "bench_overlap", def, 3, Ms, &nM) < 0) return 2;
+    struct bench bn;
+    memset(&bn, 0, sizeof bn);
+    if (tuna_cuda_backend_new(0, &bn.be)) {
+        fprintf(stderr, "bench_overlap: %s\n", tuna_last_error());
+        return 1;
+    }
+    tuna_cuda_set_graphs(bn.be, false);
+    struct cudaDeviceProp prop;
+    CK(cudaGetDeviceProperties(&prop, 0));
+    const struct be_head *hd = (const struct be_head *)bn.be;
+    cudaStream_t hs_stream = NULL;
+    if (hd->device != 0 || hd->sm_count != prop.multiProcessorCount || hd->cc_major != prop.major ||
+        cublasGetStream(hd->blas, &hs_stream) != CUBLAS_STATUS_SUCCESS || hs_stream != hd->stream) {
+        fprintf(stderr, "bench_overlap: struct tuna_backend no longer starts as struct be_head here says "
+                        "(device, cc_major, sm_count, max_smem_optin, stream, blas): update be_head\n");
+        return 1;
+    }
+    bn.sa = hd->stream;
+    int prio_lo = 0, prio_hi = 0;
+    CK(cudaDeviceGetStreamPriorityRange(&prio_lo, &prio_hi));
+    CK(cudaStreamCreateWithFlags(&bn.sg, cudaStreamNonBlocking));
+    CK(cudaStreamCreateWithPriority(&bn.sghi, cudaStreamNonBlocking, prio_hi));
+    const size_t ws_bytes = (size_t)32 << 20;
+    cublasHandle_t *hs[3] = {&bn.hs, &bn.hg, &bn.hghi};
+    cudaStream_t st[3] = {bn.sa, bn.sg, bn.sghi};
+    for (int i = 0; i < 3; i++) {
+        void *ws = NULL;
+        cb(cublasCreate(hs[i]), "cublasCreate");
+        CK(cudaMalloc(&ws, ws_bytes));
+        cb(cublasSetWorkspace(*hs[i], ws, ws_bytes), "cublasSetWorkspace");
+        cb(cublasSetStream(*hs[i], st[i]), "cublasSetStream");
+    }
+    CK(cudaEventCreate(&bn.e0));
+    CK(cudaEventCreate(&bn.e1));
+    for (int i = 0; i < 8; i++) CK(cudaEventCreateWithFlags(&bn.ev[i], cudaEventDisableTiming));
+    double params = 0.0;
+    for (int i = 0; i < 7; i++) {
+        const size_t bytes = (size_t)g_lin[i].N * (size_t)g_lin[i].K * 2;
+        bn.w[0][i] = bench_dev_fill_bf16(bytes, 100u + (uint32_t)i);
+        for (int c = 1; c < WCOPY; c++) {
+            CK(cudaMalloc(&bn.w[c][i], bytes));
+            CK(cudaMemcpy(bn.w[c][i], bn.w[0][i], bytes, cudaMemcpyDeviceToDevice));
+        }
+        params += (double)g_lin[i].N * (double)g_lin[i].K;
+    }
+    bn.layer_flop_per_tok = 2.0 * params;
+    int ver = 0;
+    (void)cublasGetVersion(bn.hs, &ver);
+    printf("device: %s (cc %d.%d, %d SMs), cuBLAS %d, stream priorities %d..%d; %d layers, %d repeats per line "
+           "(median)\n",
+           prop.name, prop.major, prop.minor, prop.multiProcessorCount, ver, prio_lo, prio_hi, NL, REPS);
+    for (int i = 0; i < nM; i++) run_m(&bn, Ms[i]);
+    for (int c = 0; c < WCOPY; c++)
+        for (int i = 0; i < 7; i++) cudaFree(bn.w[c][i]);
+    for (int i = 0; i < 3; i++) cublasDestroy(*hs[i]);
+    tuna_cuda_backend_free(bn.be);
+    return 0;
+}
