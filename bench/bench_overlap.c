@@ -1,8 +1,9 @@
 /* bench_overlap.c — can the FP8 decode attention run beside the GEMMs? (issue #8, offline load)
  *
  * A decode step of Llama-3-8B at batch 2M is, per layer, the layer's GEMMs at T = 2M (q, k, v, o,
- * gate, up, down: cuBLAS bf16 as the engine's matmul16 calls them, float32 out, o and down with
- * beta 1) and the FP8 decode attention of 2M sequences (tuna's attention op, H 32, Hkv 8, D 128,
+ * gate, up, down: cuBLAS bf16 as the engine's matmul16 calls them on its 16-bit activation path:
+ * bf16 out, o and down float32 out with beta 1) and the FP8 decode attention of 2M sequences
+ * (tuna's attention16 op, bf16 q and output, H 32, Hkv 8, D 128,
  * blocks of 16 scattered over the cache, contexts spread over 1,000..2,000 as a serving batch's).
  * This program splits the batch into two micro-batches A and B of M sequences and times, for 32
  * layers:
@@ -66,8 +67,8 @@ struct be_head {
 
 struct mbatch {           /* one micro-batch (or the unsplit batch): activations and attention batch */
     void *x16, *o16, *h16; /* bf16 GEMM inputs [Tmax, 4096], [Tmax, 4096], [Tmax, 14336] */
-    float *y[7];           /* float32 GEMM outputs [Tmax, N] */
-    float *q, *out;        /* attention q and output [B, 4096] */
+    void *y[7];            /* GEMM outputs [Tmax, N]: bf16, float32 for o and down (added into the residual) */
+    void *q, *out;         /* attention q and output [B, 4096], bf16 */
     int64_t *pos;          /* [B] */
     int32_t *flat[ACOPY];  /* [B, MB_TAB] block tables of each copy */
     const int32_t **bt[ACOPY];
@@ -108,15 +109,15 @@ static void gemms(struct bench *bn, cublasHandle_t h, struct mbatch *mb, int64_t
         const void *x = g_lin[i].in == IN_X ? mb->x16 : g_lin[i].in == IN_O ? mb->o16 : mb->h16;
         cb(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, g_lin[i].N, (int)T, g_lin[i].K, &one, bn->w[l % WCOPY][i],
                         CUDA_R_16BF, g_lin[i].K, x, CUDA_R_16BF, g_lin[i].K, g_lin[i].beta1 ? &one : &zero, mb->y[i],
-                        CUDA_R_32F, g_lin[i].N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                        g_lin[i].beta1 ? CUDA_R_32F : CUDA_R_16BF, g_lin[i].N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
            "cublasGemmEx");
     }
 }
 
 static void attention(struct bench *bn, struct mbatch *mb, int l)
 {
-    tuna_cuda_backend_ops()->attention(bn->be, mb->out, mb->q, bn->kc, bn->vc, TUNA_DTYPE_F8_E4M3, &mb->b[l % ACOPY],
-                                       32, 8, 128, 0.08838834764831845f);
+    tuna_cuda_backend_ops()->attention16(bn->be, mb->out, mb->q, TUNA_DTYPE_BF16, bn->kc, bn->vc, TUNA_DTYPE_F8_E4M3,
+                                         &mb->b[l % ACOPY], 32, 8, 128, 0.08838834764831845f);
 }
 
 enum mode { M_UNSPLIT, M_SERIAL, M_ATT, M_GEMM, M_OVERLAP, M_ATT_U, M_GEMM_U };
@@ -209,12 +210,12 @@ static void mb_alloc(struct mbatch *mb, int64_t Tmax)
     mb->o16 = bench_dev_fill_bf16((size_t)Tmax * 4096 * 2, 12u);
     mb->h16 = bench_dev_fill_bf16((size_t)Tmax * 14336 * 2, 13u);
     for (int i = 0; i < 7; i++) {
-        CK(cudaMalloc((void **)&mb->y[i], (size_t)Tmax * (size_t)g_lin[i].N * 4));
-        CK(cudaMemset(mb->y[i], 0, (size_t)Tmax * (size_t)g_lin[i].N * 4));
+        const size_t bytes = (size_t)Tmax * (size_t)g_lin[i].N * (g_lin[i].beta1 ? 4 : 2);
+        CK(cudaMalloc(&mb->y[i], bytes));
+        CK(cudaMemset(mb->y[i], 0, bytes));
     }
-    CK(cudaMalloc((void **)&mb->q, (size_t)Tmax * 4096 * 4));
-    CK(cudaMemset(mb->q, 0x3c, (size_t)Tmax * 4096 * 4));
-    CK(cudaMalloc((void **)&mb->out, (size_t)Tmax * 4096 * 4));
+    mb->q = bench_dev_fill_bf16((size_t)Tmax * 4096 * 2, 14u);
+    CK(cudaMalloc(&mb->out, (size_t)Tmax * 4096 * 2));
 }
 
 static void mb_free(struct mbatch *mb)
