@@ -16,7 +16,8 @@
  *             with its own cuBLAS handle limited to n SMs; events make att(X, l) wait for
  *             GEMMs(X, l) and GEMMs(X, l + 1) wait for att(X, l), so that from the second phase
  *             on the attention of one micro-batch can run beside the GEMMs of the other;
- *             "hi": the GEMM stream at the highest stream priority.
+ *             "gemm-hi": the GEMM stream at the highest stream priority; "att-hi": the
+ *             attention stream raised to it instead.
  * Each line: median ms per 32 layers over repeats (CUDA events), us per layer, the attention
  * hidden = (serial - overlap) / att only, and the line's wall-clock window [t0 t1] (seconds since
  * the epoch) to match with `nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw -lms 100`.
@@ -85,6 +86,7 @@ struct bench {
     void *kc, *vc;
     cudaEvent_t e0, e1, ev[8];
     double layer_flop_per_tok;
+    int prio_hi;
 };
 
 static int cmp_f(const void *a, const void *b)
@@ -181,12 +183,27 @@ static void queue_run(struct bench *bn, enum mode md, struct mbatch *A, struct m
 }
 
 /* Median ms of a 32-layer run of the mode; *t0, *t1: the wall-clock window of the timed repeats. */
+/* prio: PR_NONE; PR_GEMM, the GEMMs on the high-priority stream; PR_ATT, the attention stream (the
+ * backend's) raised to the highest priority for the run (cudaStreamSetAttribute), then put back. */
+enum prio { PR_NONE, PR_GEMM, PR_ATT };
+
 static double time_run(struct bench *bn, enum mode md, struct mbatch *A, struct mbatch *B, struct mbatch *U,
-                       int sms, bool hi, double *t0, double *t1)
+                       int sms, enum prio pr, double *t0, double *t1)
 {
-    cublasHandle_t hg = hi ? bn->hghi : bn->hg;
-    cudaStream_t sg = hi ? bn->sghi : bn->sg;
+    cublasHandle_t hg = pr == PR_GEMM ? bn->hghi : bn->hg;
+    cudaStream_t sg = pr == PR_GEMM ? bn->sghi : bn->sg;
     cb(cublasSetSmCountTarget(hg, sms), "cublasSetSmCountTarget");
+    cudaStreamAttrValue pv;
+    memset(&pv, 0, sizeof pv);
+    if (pr == PR_ATT) {
+        pv.priority = bn->prio_hi;
+        const cudaError_t e = cudaStreamSetAttribute(bn->sa, cudaStreamAttributePriority, &pv);
+        if (e != cudaSuccess) {
+            printf("  (the stream priority attribute: %s)\n", cudaGetErrorString(e));
+            cudaGetLastError();
+            return -1.0;
+        }
+    }
     float ms[REPS + 2];
     for (int r = 0; r < REPS + 2; r++) {
         if (r == 2) *t0 = bench_wall_s();
@@ -195,6 +212,10 @@ static double time_run(struct bench *bn, enum mode md, struct mbatch *A, struct 
         CK(cudaEventElapsedTime(&ms[r], bn->e0, bn->e1));
     }
     *t1 = bench_wall_s();
+    if (pr == PR_ATT) {
+        pv.priority = 0;
+        CK(cudaStreamSetAttribute(bn->sa, cudaStreamAttributePriority, &pv));
+    }
     if (tuna_cuda_status(bn->be)) {
         fprintf(stderr, "bench_overlap: %s\n", tuna_last_error());
         exit(1);
@@ -276,26 +297,26 @@ static void run_m(struct bench *bn, int64_t M)
            (long long)M, (long long)M, (long long)(2 * M), CTX_LO, CTX_HI, A.kv_bytes / 1e6, gflop);
     double t0, t1;
     char ex[96];
-    const double un = time_run(bn, M_UNSPLIT, &A, &B, &U, 0, false, &t0, &t1);
+    const double un = time_run(bn, M_UNSPLIT, &A, &B, &U, 0, PR_NONE, &t0, &t1);
     line("unsplit (one stream)", un, "", t0, t1);
-    const double se = time_run(bn, M_SERIAL, &A, &B, &U, 0, false, &t0, &t1);
+    const double se = time_run(bn, M_SERIAL, &A, &B, &U, 0, PR_NONE, &t0, &t1);
     snprintf(ex, sizeof ex, "%+.1f%% vs unsplit", 100.0 * (se / un - 1.0));
     line("serial split (one stream)", se, ex, t0, t1);
-    const double at = time_run(bn, M_ATT, &A, &B, &U, 0, false, &t0, &t1);
+    const double at = time_run(bn, M_ATT, &A, &B, &U, 0, PR_NONE, &t0, &t1);
     snprintf(ex, sizeof ex, "%.0f GB/s, %.1f us/call", 2.0 * NL * A.kv_bytes / (at * 1e-3) / 1e9,
              at * 1e3 / (2.0 * NL));
     line("att only (64 calls)", at, ex, t0, t1);
-    const double au = time_run(bn, M_ATT_U, &A, &B, &U, 0, false, &t0, &t1);
+    const double au = time_run(bn, M_ATT_U, &A, &B, &U, 0, PR_NONE, &t0, &t1);
     snprintf(ex, sizeof ex, "%.0f GB/s, %.1f us/call", NL * U.kv_bytes / (au * 1e-3) / 1e9, au * 1e3 / NL);
     line("att only unsplit (32)", au, ex, t0, t1);
-    const double gu = time_run(bn, M_GEMM_U, &A, &B, &U, 0, false, &t0, &t1);
+    const double gu = time_run(bn, M_GEMM_U, &A, &B, &U, 0, PR_NONE, &t0, &t1);
     snprintf(ex, sizeof ex, "%.0f TFLOP/s", 2.0 * NL * gflop / (gu * 1e-3) / 1e3);
     line("gemm only unsplit n=0", gu, ex, t0, t1);
     static const int sms[] = {0, 116, 100, 84, 66};
     double gm[5];
     for (int k = 0; k < 5; k++) {
         char lab[64];
-        gm[k] = time_run(bn, M_GEMM, &A, &B, &U, sms[k], false, &t0, &t1);
+        gm[k] = time_run(bn, M_GEMM, &A, &B, &U, sms[k], PR_NONE, &t0, &t1);
         snprintf(lab, sizeof lab, "gemm only n=%d", sms[k]);
         snprintf(ex, sizeof ex, "%.0f TFLOP/s", 2.0 * NL * gflop / (gm[k] * 1e-3) / 1e3);
         line(lab, gm[k], ex, t0, t1);
@@ -303,16 +324,18 @@ static void run_m(struct bench *bn, int64_t M)
     printf("  (serial split - gemm only n=0 - att only: %.3f ms)\n", se - gm[0] - at);
     for (int k = 0; k < 5; k++) {
         char lab[64];
-        const double ov = time_run(bn, M_OVERLAP, &A, &B, &U, sms[k], false, &t0, &t1);
+        const double ov = time_run(bn, M_OVERLAP, &A, &B, &U, sms[k], PR_NONE, &t0, &t1);
         snprintf(lab, sizeof lab, "overlap n=%d", sms[k]);
         snprintf(ex, sizeof ex, "hidden %5.1f%%, %+.1f%% vs unsplit", 100.0 * (se - ov) / at, 100.0 * (ov / un - 1.0));
         line(lab, ov, ex, t0, t1);
     }
     static const int sms_hi[] = {0, 100};
-    for (int k = 0; k < 2; k++) {
+    for (int k = 0; k < 4; k++) {
         char lab[64];
-        const double ov = time_run(bn, M_OVERLAP, &A, &B, &U, sms_hi[k], true, &t0, &t1);
-        snprintf(lab, sizeof lab, "overlap hi n=%d", sms_hi[k]);
+        const enum prio pr = k < 2 ? PR_GEMM : PR_ATT;
+        const double ov = time_run(bn, M_OVERLAP, &A, &B, &U, sms_hi[k % 2], pr, &t0, &t1);
+        if (ov < 0) continue;
+        snprintf(lab, sizeof lab, "overlap %s n=%d", pr == PR_GEMM ? "gemm-hi" : "att-hi", sms_hi[k % 2]);
         snprintf(ex, sizeof ex, "hidden %5.1f%%, %+.1f%% vs unsplit", 100.0 * (se - ov) / at, 100.0 * (ov / un - 1.0));
         line(lab, ov, ex, t0, t1);
     }
@@ -351,6 +374,7 @@ int main(int argc, char **argv)
     bn.sa = hd->stream;
     int prio_lo = 0, prio_hi = 0;
     CK(cudaDeviceGetStreamPriorityRange(&prio_lo, &prio_hi));
+    bn.prio_hi = prio_hi;
     CK(cudaStreamCreateWithFlags(&bn.sg, cudaStreamNonBlocking));
     CK(cudaStreamCreateWithPriority(&bn.sghi, cudaStreamNonBlocking, prio_hi));
     const size_t ws_bytes = (size_t)32 << 20;
