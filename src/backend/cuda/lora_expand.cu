@@ -6,8 +6,9 @@
  * Blocks: grid x = 128-row blocks of the group's linears (rows numbered across them, q/k/v in one
  * launch), grid y = chunks of the tokens. A block stages its rows of B_all transposed in shared
  * memory (sB[c][row], c = slot * rs + j: a warp's lanes read 4 consecutive rows each, 256 bytes in
- * a row: no bank conflicts), then walks its chunk 64 tokens at a time: the tokens' slots and their
- * rs values of hm (as float) into shared memory, then each warp a token at a time: lane l computes
+ * a row: no bank conflicts) together with the chunk's slots (<= 512 tokens; all these loads in
+ * flight at once), then walks the chunk 64 tokens at a time: their rs values of hm (as float) into
+ * shared memory (the next 64 tokens' loaded while these are computed), then each warp a token at a time: lane l computes
  * rows 4l..4l+3 (rs loads of 4 x 16 bits, 4 rs FMAs) and stores them together (a warp writes 256
  * contiguous bytes of y). Every output's sum runs in j order: the same bits eager or replayed. */
 #include <stdint.h>
@@ -22,6 +23,11 @@
 #define LE_TS 64       /* tokens staged at a time */
 #define LE_THREADS 256 /* 8 warps */
 #define LE_SMEM_MAX 49152
+#define LE_MMAX 192                               /* slot columns of a linear at most */
+#define LE_BQ (LE_NR * LE_MMAX / 8 / LE_THREADS)  /* 16-byte B loads per thread */
+#define LE_RSMAX 32
+#define LE_HQ (LE_TS * LE_RSMAX / LE_THREADS)     /* hm values per thread per staged tokens */
+#define LE_TCH 512                                /* tokens per chunk at most */
 
 struct le_job {
     void *y[3];
@@ -80,6 +86,21 @@ template <int HDT, bool ADD> __device__ __forceinline__ void le_store(float *y, 
     for (int k = 0; k < 4 && k < lim; k++) y[k] = ADD ? y[k] + acc[k] : acc[k];
 }
 
+/* hm values of tokens [tc, tc + nt) of the chunk (slots in sA, indexed from the chunk's start)
+ * into registers: item i = threadIdx.x + q * LE_THREADS is token i / rs, rank i % rs; all loads
+ * in flight together */
+template <int HDT>
+__device__ __forceinline__ void le_load_h(float *hv, const uint16_t *hm, const int *sA, int64_t t_begin, int64_t tc,
+                                          int nt, int rs, int RU, int off)
+{
+#pragma unroll
+    for (int q = 0; q < LE_HQ; q++) {
+        const int i = (int)threadIdx.x + q * LE_THREADS, tt = i / rs, j = i - tt * rs;
+        const int a = tt < nt ? sA[tc - t_begin + tt] : -1;
+        hv[q] = a >= 0 ? le_f<HDT>(hm[(tc + tt) * RU + off + a * rs + j]) : 0.0f;
+    }
+}
+
 template <int HDT, typename YT, bool ADD>
 __global__ void __launch_bounds__(LE_THREADS) k_lora_expand_group(le_job d, const uint16_t *hm, const int32_t *adapter)
 {
@@ -89,42 +110,64 @@ __global__ void __launch_bounds__(LE_THREADS) k_lora_expand_group(le_job d, cons
     const int64_t N = d.N[li];
     const int n = d.n[li], rs = d.rs[li], M = n * rs, off = d.off[li];
     const int64_t r0 = (int64_t)((int)blockIdx.x - d.rb0[li]) * LE_NR;
-    uint16_t *sB = reinterpret_cast<uint16_t *>(le_sm);                      /* [M][LE_NR] */
-    float *sH = reinterpret_cast<float *>(le_sm + (size_t)M * LE_NR * 2);    /* [LE_TS][rs] */
-    int *sA = reinterpret_cast<int *>(sH + LE_TS * rs);                      /* [LE_TS] */
+    uint16_t *sB = reinterpret_cast<uint16_t *>(le_sm);                   /* [M][LE_NR] */
+    float *sH = reinterpret_cast<float *>(le_sm + (size_t)M * LE_NR * 2); /* [LE_TS][rs] */
+    int *sA = reinterpret_cast<int *>(sH + LE_TS * rs);                   /* [LE_TCH]: the chunk's slots */
     const uint16_t *B = d.B[li];
     const int m8 = M >> 3;
-    for (int i = (int)threadIdx.x; i < LE_NR * m8; i += LE_THREADS) {
-        const int rr = i % LE_NR, c8 = i / LE_NR;
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (r0 + rr < N) v = *reinterpret_cast<const uint4 *>(B + (r0 + rr) * M + c8 * 8);
-        const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+    const int64_t t_begin = (int64_t)blockIdx.y * d.tch, t_end = min(d.T, t_begin + d.tch);
+    const int ntc = (int)(t_end - t_begin);
+    /* the block's rows of B_all and the chunk's slots: every load issued before the first store */
+    uint4 bv[LE_BQ];
+    int av[LE_TCH / LE_THREADS];
+#pragma unroll
+    for (int q = 0; q < LE_BQ; q++) {
+        const int i = (int)threadIdx.x + q * LE_THREADS, rr = i % LE_NR, c8 = i / LE_NR;
+        bv[q] = make_uint4(0u, 0u, 0u, 0u);
+        if (c8 < m8 && r0 + rr < N) bv[q] = *reinterpret_cast<const uint4 *>(B + (r0 + rr) * M + c8 * 8);
+    }
+#pragma unroll
+    for (int q = 0; q < LE_TCH / LE_THREADS; q++) {
+        const int i = (int)threadIdx.x + q * LE_THREADS;
+        int a = i < ntc ? adapter[t_begin + i] : -1;
+        av[q] = a >= n ? -1 : a;
+    }
+#pragma unroll
+    for (int q = 0; q < LE_BQ; q++) {
+        const int i = (int)threadIdx.x + q * LE_THREADS, rr = i % LE_NR, c8 = i / LE_NR;
+        if (c8 >= m8) continue;
+        const uint32_t w[4] = {bv[q].x, bv[q].y, bv[q].z, bv[q].w};
 #pragma unroll
         for (int k = 0; k < 4; k++) {
             sB[(c8 * 8 + 2 * k) * LE_NR + rr] = (uint16_t)(w[k] & 0xffffu);
             sB[(c8 * 8 + 2 * k + 1) * LE_NR + rr] = (uint16_t)(w[k] >> 16);
         }
     }
-    const int64_t t_begin = (int64_t)blockIdx.y * d.tch, t_end = min(d.T, t_begin + d.tch);
+#pragma unroll
+    for (int q = 0; q < LE_TCH / LE_THREADS; q++) sA[(int)threadIdx.x + q * LE_THREADS] = av[q];
+    __syncthreads();
     const int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31;
     const int64_t rl = r0 + 4 * lane; /* this lane's first row */
     const bool vec = d.vec[li] && rl + 3 < N;
     const int lim = (int)min((int64_t)4, N - rl);
     YT *y = reinterpret_cast<YT *>(d.y[li]);
+    float hv[LE_HQ];
+    le_load_h<HDT>(hv, hm, sA, t_begin, t_begin, (int)min((int64_t)LE_TS, t_end - t_begin), rs, d.RU, off);
     for (int64_t tc = t_begin; tc < t_end; tc += LE_TS) {
         const int nt = (int)min((int64_t)LE_TS, t_end - tc);
-        __syncthreads(); /* sB staged; the previous tokens' sH consumed */
-        for (int i = (int)threadIdx.x; i < nt * rs; i += LE_THREADS) {
-            const int tt = i / rs, j = i - tt * rs;
-            int a = adapter[tc + tt];
-            if (a >= n) a = -1;
-            if (j == 0) sA[tt] = a;
-            sH[i] = a >= 0 ? le_f<HDT>(hm[(tc + tt) * d.RU + off + a * rs + j]) : 0.0f;
+        __syncthreads(); /* the previous tokens' sH consumed */
+#pragma unroll
+        for (int q = 0; q < LE_HQ; q++) {
+            const int i = (int)threadIdx.x + q * LE_THREADS;
+            if (i < LE_TS * rs) sH[i] = hv[q];
         }
         __syncthreads();
+        if (tc + LE_TS < t_end) /* the next tokens' hm, in flight while these are computed */
+            le_load_h<HDT>(hv, hm, sA, t_begin, tc + LE_TS, (int)min((int64_t)LE_TS, t_end - tc - LE_TS), rs, d.RU,
+                           off);
         if (rl >= N) continue;
         for (int tt = warp; tt < nt; tt += LE_THREADS / 32) {
-            const int a = sA[tt];
+            const int a = sA[tc - t_begin + tt];
             float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             YT *yr = y + (tc + tt) * N + rl;
             if (a < 0) {
@@ -169,7 +212,7 @@ extern "C" int tuna_cuda_lora_expand(void *stream, int sm_count, int nl, const s
         const struct tuna_lora_expand_lin &l = lin[i];
         if (l.n <= 0) continue;
         const int64_t M = (int64_t)l.n * l.rs;
-        if (l.rs < 8 || l.rs > 32 || l.rs % 8 || M > 192 || l.off < 0 || l.off + M > RU || !l.y || !l.B ||
+        if (l.rs < 8 || l.rs > LE_RSMAX || l.rs % 8 || M > LE_MMAX || l.off < 0 || l.off + M > RU || !l.y || !l.B ||
             ((uintptr_t)l.B & 15) || l.N <= 0 || l.N > ((int64_t)1 << 30))
             return 1;
         const int k = d.nl++;
@@ -185,19 +228,19 @@ extern "C" int tuna_cuda_lora_expand(void *stream, int sm_count, int nl, const s
     }
     if (d.nl == 0) return 0;
     d.rb0[d.nl] = rb;
-    const size_t smem = (size_t)mmax * LE_NR * 2 + (size_t)LE_TS * rsmax * 4 + LE_TS * 4;
+    const size_t smem = (size_t)mmax * LE_NR * 2 + (size_t)LE_TS * rsmax * 4 + LE_TCH * 4;
     if (smem > LE_SMEM_MAX) return 1;
-    if (sm_count < 0) return 0; /* the check only */
     d.RU = RU;
     d.T = T;
-    if (chunks <= 0) { /* about two blocks per SM, at least 16 tokens per chunk */
+    if (chunks <= 0) { /* about two blocks per SM, at least 16 and at most LE_TCH tokens per chunk */
         const int target = 2 * (sm_count > 0 ? sm_count : 132);
         chunks = (target + rb - 1) / rb;
     }
-    const int64_t cmax = (T + 15) / 16;
+    const int64_t cmax = (T + 15) / 16, cmin = (T + LE_TCH - 1) / LE_TCH;
     if (chunks > cmax) chunks = (int)cmax;
-    if (chunks > 65535) chunks = 65535;
-    if (chunks < 1) chunks = 1;
+    if (chunks < cmin) chunks = (int)cmin;
+    if (chunks > 65535) return 1;
+    if (sm_count < 0) return 0; /* the check only */
     d.tch = (int)((T + chunks - 1) / chunks);
     const dim3 grid((unsigned)rb, (unsigned)((T + d.tch - 1) / d.tch));
     const cudaStream_t st = (cudaStream_t)stream;
