@@ -59,44 +59,34 @@ __device__ __forceinline__ float s2_mask(const s2_lins &L, int col, int a, float
     return v;
 }
 
+#if TUNA_SHRINK_SM90 /* the cluster helpers (PTX of sm_90) */
 __device__ __forceinline__ uint32_t s2_cluster_rank(void)
 {
-    uint32_t r = 0;
-#if TUNA_SHRINK_SM90
+    uint32_t r;
     asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-#endif
     return r;
 }
 
 __device__ __forceinline__ void s2_cluster_sync(void)
 {
-#if TUNA_SHRINK_SM90
     asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-#endif
 }
 
+/* the float4 at p in the shared memory of the cluster's CTA `rank` */
 __device__ __forceinline__ float4 s2_ld_cluster(const void *p, uint32_t rank)
 {
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-#if TUNA_SHRINK_SM90
+    float4 v;
     uint32_t ra;
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra) : "r"(mma_smem(p)), "r"(rank));
     asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
                  : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
                  : "r"(ra)
                  : "memory");
-#else
-    (void)p, (void)rank;
-#endif
     return v;
 }
 
-__device__ __forceinline__ void s2_pdl_wait(void)
-{
-#if TUNA_SHRINK_SM90
-    asm volatile("griddepcontrol.wait;" ::: "memory");
+__device__ __forceinline__ void s2_pdl_wait(void) { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 #endif
-}
 
 /* grid (cs, ceil(M / BN), ceil(T / 64)), cluster (cs, 1, 1), 256 threads, dynamic shared memory
  * S2_STAGES * (64 + BN) * 128 bytes. */
