@@ -33,7 +33,7 @@
 
 namespace {
 
-constexpr int S2_BM = 64, S2_BK = 64, S2_STAGES = 4, S2_THREADS = 256;
+constexpr int S2_BM = 64, S2_BK = 64, S2_STAGES = 6, S2_THREADS = 256;
 
 struct s2_lins {
     tuna_shrink_lin l[3];
@@ -131,6 +131,29 @@ __global__ void __launch_bounds__(S2_THREADS) k_lora_shrink2(HT *hm, int RU, con
     for (int s = 0; s < S2_STAGES - 1; s++)
         if (s < nk) load_a(s, s);
     s2_pdl_wait(); /* x and hm belong to the kernels before this one */
+    /* the epilogue's mask, read now (its loads overlap the pipeline's): per column of the tile the
+     * slot that keeps it (-1: none) and that slot's scale; the adapters of this CTA's reduce rows */
+    __shared__ int s_slot[BN], s_ad[S2_BM];
+    __shared__ float s_scale[BN];
+    const int rows = S2_BM / cs, r0 = (int)rank * rows;
+    if (tid < BN) {
+        const int col = c0 + n0 + tid;
+        int slot = -1;
+        float sc = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 3; i++) {
+            const tuna_shrink_lin &l = L.l[i];
+            if (n0 + tid < M && i < L.nl && l.w && col >= l.off && col < l.off + l.n * l.rs) {
+                const int sl = (col - l.off) / l.rs, c = col - l.off - sl * l.rs;
+                if (c < (int)l.w[sl].r) slot = sl, sc = l.w[sl].scale;
+            }
+        }
+        s_slot[tid] = slot;
+        s_scale[tid] = sc;
+    } else if (tid - BN < rows) {
+        const int t = m0 + r0 + (tid - BN);
+        s_ad[tid - BN] = t < T ? adapter[t] : -1;
+    }
     for (int s = 0; s < S2_STAGES - 1; s++) {
         if (s < nk) load_x(s, s);
         mma_cp_async_commit();
@@ -191,21 +214,26 @@ __global__ void __launch_bounds__(S2_THREADS) k_lora_shrink2(HT *hm, int RU, con
         }
     s2_cluster_sync();
     /* rows rank * 64 / cs .. of the tile: the splits added in rank order, masked, rounded once */
-    const int rows = S2_BM / cs, r0 = (int)rank * rows;
     for (int i = tid; i < rows * (BN / 4); i += S2_THREADS) {
         const int r = r0 + i / (BN / 4), c = (i % (BN / 4)) * 4;
         const int t = m0 + r, j = n0 + c;
         const float *p = part + r * LD + c;
-        float4 v = s2_ld_cluster(p, 0);
-        for (int q = 1; q < cs; q++) {
-            const float4 w = s2_ld_cluster(p, (uint32_t)q);
-            v.x += w.x, v.y += w.y, v.z += w.z, v.w += w.w;
-        }
+        float4 q4[16]; /* every split's piece in flight at once, then added in rank order */
+#pragma unroll
+        for (int q = 0; q < 16; q++)
+            if (q < cs) q4[q] = s2_ld_cluster(p, (uint32_t)q);
+        float4 v = q4[0];
+#pragma unroll
+        for (int q = 1; q < 16; q++)
+            if (q < cs) v.x += q4[q].x, v.y += q4[q].y, v.z += q4[q].z, v.w += q4[q].w;
         if (t >= T || j >= M) continue;
-        const int a = adapter[t], col = c0 + j;
+        const int a = s_ad[r - r0], col = c0 + j;
+        float m[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int e = 0; e < 4; e++) m[e] = a >= 0 && s_slot[c + e] == a ? m[e] * s_scale[c + e] : 0.0f;
         uint2 o;
-        o.x = mma_pack<HT>(s2_mask(L, col, a, v.x), s2_mask(L, col + 1, a, v.y));
-        o.y = mma_pack<HT>(s2_mask(L, col + 2, a, v.z), s2_mask(L, col + 3, a, v.w));
+        o.x = mma_pack<HT>(m[0], m[1]);
+        o.y = mma_pack<HT>(m[2], m[3]);
         *reinterpret_cast<uint2 *>(hm + (size_t)t * RU + col) = o;
     }
     s2_cluster_sync(); /* the other CTAs may still read this one's tile */
@@ -256,8 +284,9 @@ static cudaError_t s2_launch(cudaStream_t st, bool pdl, HT *hm, int RU, const HT
 
 extern "C" void tuna_cuda_shrink2_pick(int64_t T, int M, int64_t K, int *bn, int *cs)
 {
-    /* the largest per-SM load (bytes each SM streams in: its CTAs' x and A tiles, plus the
-     * partial tiles read back in the cluster reduce), 132 SMs, CTAs spread evenly */
+    /* per wave of 132 CTAs: the bytes one CTA streams in (its x and A tiles) plus a fixed cost
+     * (launch, first load, reduce, stores) worth ~110 KB at the ~23 GB/s one CTA streamed in the
+     * first H100 round (4-stage version) */
     double best = 0.0;
     int bb = 128, bc = 1;
     for (int b = 64; b <= 128; b += 64)
@@ -265,7 +294,7 @@ extern "C" void tuna_cuda_shrink2_pick(int64_t T, int M, int64_t K, int *bn, int
             const int64_t tiles = (T + S2_BM - 1) / S2_BM * ((M + b - 1) / b), grid = tiles * c;
             const int64_t kc = ((K + c - 1) / c + S2_BK - 1) / S2_BK * S2_BK;
             if (kc * c - K >= kc) continue; /* an empty split */
-            const double per = (double)(S2_BM + b) * (double)kc * 2.0 + (c > 1 ? S2_BM * b * 4.0 : 0.0) + 16384.0;
+            const double per = (double)(S2_BM + b) * (double)kc * 2.0 + 110000.0;
             const double cost = (double)((grid + 131) / 132) * per;
             if (best == 0.0 || cost < best) best = cost, bb = b, bc = c;
         }
