@@ -34,7 +34,6 @@
 #include "backend/cuda/act16.h"
 #include "backend/cuda/cuda_internal.h"
 #include "backend/cuda/lora_shrink.h"
-#include "backend/cuda/lora_expand.h"
 #include "backend/cuda/mma.cuh"
 #include "backend/cuda/pdl.cuh"
 
@@ -1266,44 +1265,6 @@ static bool dense_on(void)
     return !(e && e[0] == '0');
 }
 
-/* TUNA_LORA_EXPAND2=a|b (read per call): the group's LoRA terms by one k_lora_expand_group
- * launch (lora_expand.cu) instead of a cuBLAS expand per linear, at T <= TUNA_LORA_EXPAND2_MAXT
- * (default 1024). a: the term written first (beta 0 semantics; added onto a float32 residual),
- * then the projections onto it as now; b: the projections first as without adapters (beta 0, or
- * onto the residual), then the term added in place. 0: off (cuBLAS). */
-static int expand2_mode(int64_t T)
-{
-    const char *e = getenv("TUNA_LORA_EXPAND2");
-    if (!e || (e[0] != 'a' && e[0] != 'b')) return 0;
-    const char *m = getenv("TUNA_LORA_EXPAND2_MAXT");
-    const long long maxt = m && m[0] ? atoll(m) : 1024;
-    if (maxt > 0 && T > maxt) return 0;
-    return e[0] == 'a' ? 1 : 2;
-}
-
-/* The group's expand by k_lora_expand_group (add: onto y). dry: only whether it serves the shapes.
- * Returns false when declined (the caller runs the cuBLAS expands). */
-static bool expand2_run(tuna_backend *be, const struct dense_job *d, const struct tuna_lora_bank *const *sets,
-                        const struct tuna_weight *const *ws, void *const *ys, bool yf32, const void *hm,
-                        const int32_t *d_ad, int64_t T, int dt, bool add, bool dry)
-{
-    struct tuna_lora_expand_lin lin[3];
-    memset(lin, 0, sizeof lin);
-    for (int i = 0; i < d->nl; i++) {
-        lin[i].y = ys[i];
-        lin[i].N = ws[i]->rows;
-        lin[i].off = d->l[i].off;
-        if (!d->l[i].w) continue;
-        lin[i].B = sets[i]->B_all;
-        lin[i].n = d->l[i].n;
-        lin[i].rs = d->l[i].rs;
-    }
-    const int r = tuna_cuda_lora_expand(dry ? NULL : (void *)be->stream, dry ? -1 : be->sm_count, d->nl, lin, hm,
-                                        d->RU, d_ad, T, dt, yf32, add, 0);
-    if (r < 0) tuna_cuda_check_launch(be, "k_lora_expand_group");
-    return r <= 0;
-}
-
 /* TUNA_LORA_SHRINK2=1 (read per call): each group's shrink and mask in one launch
  * (lora_shrink.cu: split-K inside a thread-block cluster, sm_90+) at T <= TUNA_LORA_SHRINK2_MAXT
  * (default 1024) instead of cuBLAS's GEMM (+ its split-K reduce) and k_lora_mask. */
@@ -1404,13 +1365,10 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
     } else if (dt == 1) k_lora_mask<__nv_bfloat16><<<grid, 128, 0, be->stream>>>((__nv_bfloat16 *)hm, h, d_ad, d);
     else k_lora_mask<__half><<<grid, 128, 0, be->stream>>>((__half *)hm, h, d_ad, d);
     if (!tuna_cuda_check_launch(be, "k_lora_mask")) return true;
-    /* TUNA_LORA_EXPAND2: 1 the group's terms in one launch first, 2 after the projections */
-    int ex2 = expand2_mode(T);
-    if (ex2 && !expand2_run(be, &d, sets, ws, ys, ydt == TUNA_DTYPE_F32, hm, d_ad, T, dt, acc, ex2 == 2)) ex2 = 0;
     for (int i = 0; i < n && !be->sticky; i++) {
         const float *bias = biases ? biases[i] : NULL;
         const int64_t N = ws[i]->rows;
-        if (d.l[i].w && !ex2) { /* the LoRA term over the slots (beta 0, or 1 onto the residual stream) */
+        if (d.l[i].w) { /* the LoRA term over the slots (beta 0, or 1 onto the residual stream) */
             const int M = d.l[i].n * d.l[i].rs;
             tuna_cuda_check_blas(be,
                                  cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)T, M, &one, sets[i]->B_all,
@@ -1418,7 +1376,7 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
                                               yt, (int)N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                                  "cublasGemmEx(LoRA expand, all slots)");
         }
-        const bool onto = acc || (d.l[i].w != NULL && ex2 != 2); /* the projection onto y (beta 1) or into it */
+        const bool onto = acc || d.l[i].w != NULL; /* the projection onto y (beta 1) or into it */
         if (x32) {
             if (onto) (void)tuna_cuda_matmul_onto(be, (float *)ys[i], x32, ws[i], bias, T);
             else tuna_cuda_matmul(be, (float *)ys[i], x32, ws[i], bias, T);
@@ -1432,7 +1390,6 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
                                  "cublasGemmEx(16-bit projection onto its LoRA term)");
         }
     }
-    if (ex2 == 2 && !be->sticky) (void)expand2_run(be, &d, sets, ws, ys, ydt == TUNA_DTYPE_F32, hm, d_ad, T, dt, true, false);
     if (x32) be->half_of = NULL;
     return true;
 }
