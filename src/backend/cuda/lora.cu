@@ -33,9 +33,7 @@
 
 #include "backend/cuda/act16.h"
 #include "backend/cuda/cuda_internal.h"
-#include "backend/cuda/lora_shrink.h"
 #include "backend/cuda/mma.cuh"
-#include "backend/cuda/pdl.cuh"
 
 #define LORA_MAX_R 256 /* --max-lora-rank's limit */
 #define LORA_MAX_N 64  /* adapters per linear (--max-loras' limit) */
@@ -1265,18 +1263,6 @@ static bool dense_on(void)
     return !(e && e[0] == '0');
 }
 
-/* TUNA_LORA_SHRINK2=1 (read per call): each group's shrink and mask in one launch
- * (lora_shrink.cu: split-K inside a thread-block cluster, sm_90+) at T <= TUNA_LORA_SHRINK2_MAXT
- * (default 1024) instead of cuBLAS's GEMM (+ its split-K reduce) and k_lora_mask. */
-static bool shrink2_on(const tuna_backend *be, int64_t T, int64_t K)
-{
-    const char *e = getenv("TUNA_LORA_SHRINK2");
-    if (!e || e[0] != '1' || be->cc_major < 9 || K % 8) return false;
-    const char *m = getenv("TUNA_LORA_SHRINK2_MAXT");
-    const long long maxt = m && m[0] ? atoll(m) : 1024;
-    return maxt <= 0 || T <= maxt;
-}
-
 /* The dense call of lora_matmul (x32: float32 x, rounded here; ydt F32) and lora_matmul16 (x32
  * NULL: x16 already in D; ydt F32 with acc, or D). */
 static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype ydt, const float *x32, const void *x16,
@@ -1333,9 +1319,6 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
     }
     const cudaDataType_t ct = dt == 1 ? CUDA_R_16BF : CUDA_R_16F, yt = ydt == TUNA_DTYPE_F32 ? CUDA_R_32F : ct;
     const float one = 1.0f, zero = 0.0f;
-    const bool s2 = shrink2_on(be, T, K) && ((uintptr_t)xh % 16) == 0; /* hm written by the shrinks */
-    struct tuna_shrink_lin s2l[3];
-    for (int i = 0; i < 3; i++) s2l[i] = {d.l[i].w, d.l[i].off, d.l[i].n, d.l[i].rs};
     /* the shrinks: linears whose A_all lie back to back (device.c groups q/k/v and gate/up) in one
      * GEMM, their h columns being back to back too */
     for (int i = 0; i < n && !be->sticky; i++) {
@@ -1346,12 +1329,6 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
             if ((const char *)sets[j]->A_all != (const char *)sets[i]->A_all + (size_t)M * (size_t)K * 2) break;
             M += d.l[j].n * d.l[j].rs;
         }
-        if (s2)
-            tuna_cuda_check(be,
-                            tuna_cuda_shrink2(be->stream, tuna_cuda_pdl_on(be), dt, hm, (int)RU, xh, K, sets[i]->A_all,
-                                              d.l[i].off, M, T, d_ad, s2l, n, 0, 0),
-                            "k_lora_shrink2");
-        else
         tuna_cuda_check_blas(be,
                              cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, M, (int)T, (int)K, &one, sets[i]->A_all, ct,
                                           (int)K, xh, ct, (int)K, &zero, h + d.l[i].off, CUDA_R_32F, (int)RU,
@@ -1361,8 +1338,7 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
     }
     if (be->sticky) return true;
     const dim3 grid((unsigned)T, (unsigned)((RU + 127) / 128));
-    if (s2) {
-    } else if (dt == 1) k_lora_mask<__nv_bfloat16><<<grid, 128, 0, be->stream>>>((__nv_bfloat16 *)hm, h, d_ad, d);
+    if (dt == 1) k_lora_mask<__nv_bfloat16><<<grid, 128, 0, be->stream>>>((__nv_bfloat16 *)hm, h, d_ad, d);
     else k_lora_mask<__half><<<grid, 128, 0, be->stream>>>((__half *)hm, h, d_ad, d);
     if (!tuna_cuda_check_launch(be, "k_lora_mask")) return true;
     for (int i = 0; i < n && !be->sticky; i++) {
