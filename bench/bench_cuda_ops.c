@@ -24,7 +24,6 @@
 
 static int cmp_f(const void *a, const void *b);
 static void *dev_random_bf16(size_t n);
-static void *dev_random_f8(size_t n);
 
 static double g_copy_gbs; /* the copy rate measured first (decode attention lines print their share) */
 
@@ -86,8 +85,8 @@ static void bench_attention_kv(tuna_backend *be, const char *label, int64_t nseq
     const int64_t T = nseq * n_new;
     struct att_bench a = {be, NULL, NULL, NULL, NULL, {{0}}, kvt};
     const size_t nel = (size_t)(nblocks * bs * Hkv * D);
-    a.kc = esz == 2 ? dev_random_bf16(nel) : dev_random_f8(nel);
-    a.vc = esz == 2 ? dev_random_bf16(nel) : dev_random_f8(nel);
+    a.kc = esz == 2 ? dev_random_bf16(nel) : bench_dev_fill_f8(nel);
+    a.vc = esz == 2 ? dev_random_bf16(nel) : bench_dev_fill_f8(nel);
     CK(cudaMalloc((void **)&a.out, (size_t)(T * H * D) * 4));
     CK(cudaMalloc((void **)&a.q, (size_t)(T * H * D) * 4));
     CK(cudaMemset(a.q, 0x3c, (size_t)(T * H * D) * 4));
@@ -137,27 +136,6 @@ static int cmp_f(const void *a, const void *b)
 {
     float x = *(const float *)a, y = *(const float *)b;
     return (x > y) - (x < y);
-}
-
-/* n FP8 E4M3 values of either sign below 2 in magnitude (exponent field <= 7: no NaN) */
-static void *dev_random_f8(size_t n)
-{
-    const size_t piece = n < ((size_t)16 << 20) ? n : ((size_t)16 << 20); /* 16 MB generated, repeated */
-    uint8_t *h = malloc(piece);
-    if (!h) {
-        fprintf(stderr, "bench_cuda_ops: out of host memory (%zu bytes)\n", piece);
-        exit(1);
-    }
-    uint64_t s = 0x2545F4914F6CDD1Dull;
-    for (size_t i = 0; i < piece; i++) {
-        s ^= s << 13, s ^= s >> 7, s ^= s << 17;
-        h[i] = (uint8_t)((s >> 32) & 0xBF);
-    }
-    char *d;
-    CK(cudaMalloc((void **)&d, n));
-    for (size_t o = 0; o < n; o += piece) CK(cudaMemcpy(d + o, h, n - o < piece ? n - o : piece, cudaMemcpyHostToDevice));
-    free(h);
-    return d;
 }
 
 static void *dev_random_bf16(size_t n)
