@@ -62,17 +62,6 @@ static const struct {
               {"o", 4096, 4096, IN_O, 1},     {"gate", 14336, 4096, IN_X, 0}, {"up", 14336, 4096, IN_X, 0},
               {"down", 4096, 14336, IN_H, 1}};
 
-/* The first fields of the CUDA backend's state (src/backend/cuda/cuda_internal.h, struct
- * tuna_backend, a C++ header this C program cannot include): the attention op runs on `stream`,
- * which the overlap needs for its events. Checked against the device and the handle's stream at
- * start-up, so a change of that struct stops the benchmark with a message instead of a wrong run. */
-struct be_head {
-    int device;
-    int cc_major, sm_count, max_smem_optin;
-    cudaStream_t stream;
-    cublasHandle_t blas;
-};
-
 struct mbatch {           /* one micro-batch (or the unsplit batch): activations and attention batch */
     void *x16, *o16, *h16; /* bf16 GEMM inputs [Tmax, 4096], [Tmax, 4096], [Tmax, 14336] */
     void *y[7];            /* GEMM outputs [Tmax, N]: bf16, float32 for o and down (added into the residual) */
@@ -447,15 +436,7 @@ int main(int argc, char **argv)
     tuna_cuda_set_graphs(bn.be, false);
     struct cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
-    const struct be_head *hd = (const struct be_head *)bn.be;
-    cudaStream_t hs_stream = NULL;
-    if (hd->device != 0 || hd->sm_count != prop.multiProcessorCount || hd->cc_major != prop.major ||
-        cublasGetStream(hd->blas, &hs_stream) != CUBLAS_STATUS_SUCCESS || hs_stream != hd->stream) {
-        fprintf(stderr, "bench_overlap: struct tuna_backend no longer starts as struct be_head here says "
-                        "(device, cc_major, sm_count, max_smem_optin, stream, blas): update be_head\n");
-        return 1;
-    }
-    bn.sa = hd->stream;
+    bn.sa = (cudaStream_t)tuna_cuda_backend_stream(bn.be);
     int prio_lo = 0, prio_hi = 0;
     CK(cudaDeviceGetStreamPriorityRange(&prio_lo, &prio_hi));
     bn.prio_hi = prio_hi;

@@ -145,6 +145,8 @@ bool tuna_cuda_meta_flush(tuna_backend *be, struct cuda_meta *m)
 /* Turns a staged offset into the device address (after flush). */
 #define META_PTR(be, off, type) ((type *)((char *)(be)->meta.p + (size_t)(off)))
 
+extern "C" void *tuna_cuda_backend_stream(tuna_backend *be) { return (void *)be->stream; }
+
 extern "C" tuna_status tuna_cuda_backend_new(int device, tuna_backend **out)
 {
     *out = NULL;

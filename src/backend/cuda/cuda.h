@@ -30,6 +30,10 @@ extern "C" {
 tuna_status tuna_cuda_backend_new(int device, tuna_backend **out);
 void tuna_cuda_backend_free(tuna_backend *be); /* accepts NULL */
 
+/* The backend's CUDA stream (a cudaStream_t), on which every op runs: for benchmarks and tools
+ * that order their own work against the backend's with events. */
+void *tuna_cuda_backend_stream(tuna_backend *be);
+
 /* The op table (static; valid forever). */
 const struct tuna_backend_ops *tuna_cuda_backend_ops(void);
 
