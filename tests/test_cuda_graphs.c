@@ -22,6 +22,15 @@
 
 enum { NSEQ = 3, STEPS = 24 };
 
+/* The first index of the largest of x[0..V). */
+static int32_t row_argmax(const float *x, int64_t V)
+{
+    int64_t best = 0;
+    for (int64_t v = 1; v < V; v++)
+        if (x[v] > x[best]) best = v;
+    return (int32_t)best;
+}
+
 /* Prefills three prompts, then decodes; with `shrink` the batch drops a sequence every few steps.
  * Writes every step's logits (all rows) to out[step][row][V]. Each step feeds every sequence the
  * argmax of its last logits, or with `force` the token force[step][row] (another run's, from
@@ -49,9 +58,7 @@ static void run_mix_forced(struct tuna_model *m, tuna_kv_cache *kv_given, bool s
         TT_OK(tuna_batch_add_seq(&b, prompt, len[i], seq[i], 0, false, true));
         if (mix) tuna_lora_batch_use(&b, seq[i], mix[i]);
         TT_OK(tuna_model_forward(m, kv, &b, lg, NULL));
-        next[i] = 0;
-        for (int64_t v = 1; v < V; v++)
-            if (lg[v] > lg[next[i]]) next[i] = (int32_t)v;
+        next[i] = row_argmax(lg, V);
     }
     for (int s = 0; s < STEPS; s++) {
         int n = shrink ? NSEQ - (s / 8) % NSEQ : NSEQ;
@@ -67,9 +74,7 @@ static void run_mix_forced(struct tuna_model *m, tuna_kv_cache *kv_given, bool s
         memcpy(out + (size_t)s * NSEQ * V, lg, (size_t)(n * V) * sizeof(float));
         for (int i = 0; i < n; i++) {
             len[i]++;
-            next[i] = 0;
-            for (int64_t v = 1; v < V; v++)
-                if (lg[i * V + v] > lg[i * V + next[i]]) next[i] = (int32_t)v;
+            next[i] = row_argmax(lg + i * V, V);
         }
     }
     free(lg);
@@ -90,15 +95,7 @@ static void run(struct tuna_model *m, bool shrink, float *out) { run_mix(m, NULL
 static int argmax_flips(const float *a, const float *b, size_t rows, int64_t V)
 {
     int flips = 0;
-    for (size_t r = 0; r < rows; r++) {
-        const float *x = a + r * (size_t)V, *y = b + r * (size_t)V;
-        int64_t ia = 0, ib = 0;
-        for (int64_t v = 1; v < V; v++) {
-            if (x[v] > x[ia]) ia = v;
-            if (y[v] > y[ib]) ib = v;
-        }
-        flips += ia != ib;
-    }
+    for (size_t r = 0; r < rows; r++) flips += row_argmax(a + r * (size_t)V, V) != row_argmax(b + r * (size_t)V, V);
     return flips;
 }
 
