@@ -1,6 +1,7 @@
 /* bench_cuda_check.h — helpers of the standalone CUDA benchmark programs: CK(x), a CUDA runtime call
  * that on an error prints the call and CUDA's message and exits (benchmarks have nothing to
- * recover); bench_dev_fill_bf16, device memory of random bf16 values; bench_dev_fill_f8, of random
+ * recover); CB(x), the same for a cuBLAS call; bench_no_device, the SKIP of a machine without a GPU;
+ * bench_cmp_float, qsort's order of floats (medians); bench_dev_fill_bf16, device memory of random bf16 values; bench_dev_fill_f8, of random
  * FP8 E4M3 bytes; bench_token_counts, the token counts T given on the command line; bench_wall_s, the
  * wall clock (to match a line's time window with samples of nvidia-smi). */
 #ifndef TUNA_BENCH_CUDA_CHECK_H
@@ -22,12 +23,40 @@
         }                                                                                                              \
     } while (0)
 
+#define CB(x)                                                                                                          \
+    do {                                                                                                               \
+        int s_ = (int)(x);                                                                                             \
+        if (s_ != 0) {                                                                                                 \
+            fprintf(stderr, "%s: cuBLAS status %d\n", #x, s_);                                                         \
+            exit(1);                                                                                                   \
+        }                                                                                                              \
+    } while (0)
+
+/* True, after printing SKIP, when this machine has no CUDA device (the program then exits 0). */
+static inline bool bench_no_device(void)
+{
+    int ndev = 0;
+    if (cudaGetDeviceCount(&ndev) == cudaSuccess && ndev > 0) return false;
+    printf("SKIP: no CUDA device\n");
+    return true;
+}
+
+/* qsort's comparison of floats, ascending. */
+static inline int bench_cmp_float(const void *a, const void *b)
+{
+    const float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
 /* `bytes` of device memory holding bf16 values in about [-0.06, 0.06] (exponent 0x3d + a small
  * mantissa, random sign) from a generator seeded with `seed`; exits when out of memory. */
 static inline void *bench_dev_fill_bf16(size_t bytes, uint32_t seed)
 {
     uint16_t *h = (uint16_t *)malloc(bytes);
-    if (!h) exit(1);
+    if (!h) {
+        fprintf(stderr, "bench: out of host memory (%zu bytes)\n", bytes);
+        exit(1);
+    }
     uint32_t s = seed * 2654435761u + 1;
     for (size_t i = 0; i < bytes / 2; i++) {
         s = s * 1664525u + 1013904223u;

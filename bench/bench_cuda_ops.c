@@ -22,7 +22,6 @@
 
 #include "bench_cuda_check.h"
 
-static int cmp_f(const void *a, const void *b);
 static void *dev_random_bf16(size_t n);
 
 static double g_copy_gbs; /* the copy rate measured first (decode attention lines print their share) */
@@ -52,7 +51,7 @@ static double time_attention(struct att_bench *a, int reps, cudaEvent_t e0, cuda
         fprintf(stderr, "%s\n", tuna_last_error());
         exit(1);
     }
-    qsort(ms + 3, (size_t)reps, sizeof(float), cmp_f);
+    qsort(ms + 3, (size_t)reps, sizeof(float), bench_cmp_float);
     return ms[3 + reps / 2] * 1e-3;
 }
 
@@ -130,12 +129,6 @@ static void bench_attention(tuna_backend *be, const char *label, int64_t nseq, i
                             cudaEvent_t e0, cudaEvent_t e1)
 {
     bench_attention_kv(be, label, nseq, ctx, 0, n_new, TUNA_DTYPE_BF16, e0, e1);
-}
-
-static int cmp_f(const void *a, const void *b)
-{
-    float x = *(const float *)a, y = *(const float *)b;
-    return (x > y) - (x < y);
 }
 
 static void *dev_random_bf16(size_t n)
@@ -295,7 +288,7 @@ static void bench_fused_decode(tuna_backend *be, cudaEvent_t e0, cudaEvent_t e1)
                 fprintf(stderr, "%s\n", tuna_last_error());
                 exit(1);
             }
-            qsort(ms + 3, (size_t)reps, sizeof(float), cmp_f);
+            qsort(ms + 3, (size_t)reps, sizeof(float), bench_cmp_float);
             double t = ms[3 + reps / 2] * 1e-3;
             static const char *names[] = {"norm+q/k/v 6144x4096", "norm+gate/up+GLU 2x14336x4096",
                                           "o added 4096x4096", "down added 4096x14336", "rope+kv_store",
@@ -332,7 +325,7 @@ static void bench_fused_decode(tuna_backend *be, cudaEvent_t e0, cudaEvent_t e1)
             CK(cudaEventSynchronize(e1));
             CK(cudaEventElapsedTime(&ms[r], e0, e1));
         }
-        qsort(ms + 2, 6, sizeof(float), cmp_f);
+        qsort(ms + 2, 6, sizeof(float), bench_cmp_float);
         double t = ms[5] * 1e-3 / 32;
         char label[96];
         snprintf(label, sizeof label, "fused %s layer chain x32 (no attention)", tag);
@@ -385,7 +378,7 @@ int main(int argc, char **argv)
         CK(cudaEventSynchronize(e1));
         CK(cudaEventElapsedTime(&ms[r], e0, e1));
     }
-    qsort(ms + 2, 10, sizeof(float), cmp_f);
+    qsort(ms + 2, 10, sizeof(float), bench_cmp_float);
     double copy_gbs = 2.0 * (double)big / (ms[7] * 1e-3) / 1e9;
     g_copy_gbs = copy_gbs;
     CK(cudaFree(a));
@@ -463,7 +456,7 @@ int main(int argc, char **argv)
                 fprintf(stderr, "%s\n", tuna_last_error());
                 return 1;
             }
-            qsort(ms + 3, (size_t)nrep, sizeof(float), cmp_f);
+            qsort(ms + 3, (size_t)nrep, sizeof(float), bench_cmp_float);
             double t = ms[3 + nrep / 2] * 1e-3;
             char label[96];
             snprintf(label, sizeof label, "matmul %s T=%lld", shapes[s].name, (long long)T);

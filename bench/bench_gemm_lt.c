@@ -20,14 +20,6 @@
 #include <string.h>
 
 #include "bench_cuda_check.h"
-#define CB(x)                                                                                                          \
-    do {                                                                                                               \
-        int s_ = (int)(x);                                                                                             \
-        if (s_ != 0) {                                                                                                 \
-            fprintf(stderr, "%s: cuBLAS status %d\n", #x, s_);                                                         \
-            exit(1);                                                                                                   \
-        }                                                                                                              \
-    } while (0)
 
 #define COPIES 3
 #define MAX_ALGOS 24
@@ -43,11 +35,7 @@ int main(int argc, char **argv)
     int Ts[32], nT = 0;
     const int maxT = bench_token_counts(argc, argv, "bench_gemm_lt", def, (int)(sizeof def / sizeof def[0]), Ts, &nT);
     if (maxT < 0) return 2;
-    int ndev = 0;
-    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
-        printf("SKIP: no CUDA device\n");
-        return 0;
-    }
+    if (bench_no_device()) return 0;
     const struct shape shapes[] = {{"qkv", 6144, 4096, 0},
                                    {"o", 4096, 4096, 1},
                                    {"gate_up", 28672, 4096, 0},

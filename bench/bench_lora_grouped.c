@@ -176,11 +176,7 @@ int main(int argc, char **argv)
     int Ts[32], nT = 0;
     const int maxT = bench_token_counts(argc, argv, "bench_lora_grouped", def, (int)(sizeof def / sizeof def[0]), Ts, &nT);
     if (maxT < 0) return 2;
-    int ndev = 0;
-    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
-        printf("SKIP: no CUDA device\n");
-        return 0;
-    }
+    if (bench_no_device()) return 0;
     const struct shape shapes[] = {
         {"qkv_exp", 3, {4096, 1024, 1024}, 128, 384, 0, 1},   {"qkv_prj1", 3, {4096, 1024, 1024}, 4096, 4096, 1, 0},
         {"qkv_prj0", 3, {4096, 1024, 1024}, 4096, 4096, 0, 0}, {"gu_exp", 2, {14336, 14336, 0}, 128, 256, 0, 1},
@@ -192,15 +188,15 @@ int main(int argc, char **argv)
     int ver = 0;
     struct ctx c;
     memset(&c, 0, sizeof c);
-    if (cublasCreate(&c.h) != CUBLAS_STATUS_SUCCESS) return 1;
+    CB(cublasCreate(&c.h));
     (void)cublasGetVersion(c.h, &ver);
     printf("device %s, %d SMs, cuBLAS %d\n", prop.name, prop.multiProcessorCount, ver);
     const size_t ws_bytes = (size_t)32 << 20;
     void *ws = NULL;
     CK(cudaMalloc(&ws, ws_bytes));
-    if (cublasSetWorkspace(c.h, ws, ws_bytes)) return 1;
+    CB(cublasSetWorkspace(c.h, ws, ws_bytes));
     CK(cudaStreamCreate(&c.st));
-    if (cublasSetStream(c.h, c.st)) return 1;
+    CB(cublasSetStream(c.h, c.st));
     void *X = bench_dev_fill_bf16((size_t)maxT * 4096 * 2, 7u); /* x16 [T, 4096]; hm uses its first T x 384 */
     void *Y[3];
     for (int i = 0; i < 3; i++) {

@@ -90,20 +90,6 @@ struct bench {
     double span_g[2], span_a[2];          /* the traced run's mean us per GEMM set / attention of A, B */
 };
 
-static int cmp_f(const void *a, const void *b)
-{
-    float x = *(const float *)a, y = *(const float *)b;
-    return (x > y) - (x < y);
-}
-
-static void cb(cublasStatus_t s, const char *what)
-{
-    if (s != CUBLAS_STATUS_SUCCESS) {
-        fprintf(stderr, "bench_overlap: %s: cuBLAS status %d\n", what, (int)s);
-        exit(1);
-    }
-}
-
 /* The 7 GEMMs of layer l for the mb->T tokens of mb on handle h. */
 static void gemms(struct bench *bn, cublasHandle_t h, struct mbatch *mb, int l)
 {
@@ -111,10 +97,9 @@ static void gemms(struct bench *bn, cublasHandle_t h, struct mbatch *mb, int l)
     const float one = 1.0f, zero = 0.0f;
     for (int i = 0; i < 7; i++) {
         const void *x = g_lin[i].in == IN_X ? mb->x16 : g_lin[i].in == IN_O ? mb->o16 : mb->h16;
-        cb(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, g_lin[i].N, (int)T, g_lin[i].K, &one, bn->w[l % WCOPY][i],
+        CB(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, g_lin[i].N, (int)T, g_lin[i].K, &one, bn->w[l % WCOPY][i],
                         CUDA_R_16BF, g_lin[i].K, x, CUDA_R_16BF, g_lin[i].K, g_lin[i].beta1 ? &one : &zero, mb->y[i],
-                        g_lin[i].beta1 ? CUDA_R_32F : CUDA_R_16BF, g_lin[i].N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-           "cublasGemmEx");
+                        g_lin[i].beta1 ? CUDA_R_32F : CUDA_R_16BF, g_lin[i].N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     }
 }
 
@@ -196,7 +181,7 @@ static double time_run(struct bench *bn, enum mode md, struct mbatch *A, struct 
 {
     cublasHandle_t hg = pr == PR_GEMM ? bn->hghi : bn->hg;
     cudaStream_t sg = pr == PR_GEMM ? bn->sghi : bn->sg;
-    cb(cublasSetSmCountTarget(hg, sms), "cublasSetSmCountTarget");
+    CB(cublasSetSmCountTarget(hg, sms));
     cudaStreamAttrValue pv;
     memset(&pv, 0, sizeof pv);
     if (pr == PR_ATT) {
@@ -255,7 +240,7 @@ static double time_run(struct bench *bn, enum mode md, struct mbatch *A, struct 
         fprintf(stderr, "bench_overlap: %s\n", tuna_last_error());
         exit(1);
     }
-    qsort(ms + 2, (size_t)reps, sizeof(float), cmp_f);
+    qsort(ms + 2, (size_t)reps, sizeof(float), bench_cmp_float);
     return ms[2 + reps / 2];
 }
 
@@ -418,11 +403,7 @@ static void run_mixed(struct bench *bn, int64_t D, int64_t P)
 
 int main(int argc, char **argv)
 {
-    int ndev = 0;
-    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
-        printf("SKIP: no CUDA device\n");
-        return 0;
-    }
+    if (bench_no_device()) return 0;
     static const int def[] = {256, 212};
     int Ms[32], nM = 0;
     const bool mixed_only = argc > 1 && strcmp(argv[1], "mixed") == 0;
@@ -447,10 +428,10 @@ int main(int argc, char **argv)
     cudaStream_t st[3] = {bn.sa, bn.sg, bn.sghi};
     for (int i = 0; i < 3; i++) {
         void *ws = NULL;
-        cb(cublasCreate(hs[i]), "cublasCreate");
+        CB(cublasCreate(hs[i]));
         CK(cudaMalloc(&ws, ws_bytes));
-        cb(cublasSetWorkspace(*hs[i], ws, ws_bytes), "cublasSetWorkspace");
-        cb(cublasSetStream(*hs[i], st[i]), "cublasSetStream");
+        CB(cublasSetWorkspace(*hs[i], ws, ws_bytes));
+        CB(cublasSetStream(*hs[i], st[i]));
     }
     CK(cudaEventCreate(&bn.e0));
     CK(cudaEventCreate(&bn.e1));
