@@ -4,6 +4,8 @@
  * activations to 16 bits: 1e-2 (bf16) / 2e-3 (f16). Skips without a GPU. */
 #include "cuda_testutil.h"
 
+#include <cuda_runtime_api.h>
+
 #include "backend/cpu/act16.h"
 #include "core/dtype.h"
 #include "quant/nf4.h"
@@ -931,6 +933,26 @@ static void test_act16(void **state)
     TT_OK(tuna_cuda_status(g_gpu));
 }
 
+/* tuna_cuda_backend_stream is the stream the backend queues on: a stream of its own (not the
+ * legacy default stream), and work queued on it is done once tuna_cuda_sync returns. */
+static void test_stream(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    cudaStream_t st = (cudaStream_t)tuna_cuda_backend_stream(g_gpu);
+    assert_non_null(st);
+    const size_t bytes = (size_t)256 << 20;
+    void *d = NULL;
+    assert_int_equal(cudaMalloc(&d, bytes), cudaSuccess);
+    for (int r = 0; r < 4; r++) assert_int_equal(cudaMemsetAsync(d, r, bytes, st), cudaSuccess);
+    TT_OK(tuna_cuda_sync(g_gpu));
+    assert_int_equal(cudaStreamQuery(st), cudaSuccess);
+    unsigned char b = 0;
+    assert_int_equal(cudaMemcpy(&b, (const char *)d + bytes - 1, 1, cudaMemcpyDeviceToHost), cudaSuccess);
+    assert_int_equal(b, 3);
+    cudaFree(d);
+}
+
 /* A failed call makes the backend sticky-unusable with a message naming the call. */
 static void test_sticky_error(void **state)
 {
@@ -957,6 +979,7 @@ int main(void)
         cmocka_unit_test(test_attention_batches),
         cmocka_unit_test(test_kv_store),
         cmocka_unit_test(test_act16),
+        cmocka_unit_test(test_stream),
         cmocka_unit_test(test_sticky_error),
     };
     return cmocka_run_group_tests(tests, ct_ops_setup, ct_ops_teardown);
