@@ -656,7 +656,7 @@ static void q4s_run(const struct tuna_weight *const *ws, const struct tuna_weigh
 }
 
 /* The batch-1 stream kernel (q4_stream.cu k_q4_s, TUNA_Q4_K=5), k_q4_v (TUNA_Q4_K=6, eighth session),
- * k_q4_h4 (TUNA_Q4_K=8 with TUNA_Q4_H4F=1, twelfth session: must give k_q4_h2's bits) and k_q4_h2
+ * k_q4_h4 (TUNA_Q4_K=8, twelfth session: must give k_q4_h2's bits) and k_q4_h2
  * (TUNA_Q4_K=4) against
  * the CPU at T = 1 (bf16 checkpoints: 16-bit compute): q/k/v (+ the norm), gate/up + GLU (+ the
  * norm), o into the residual. Shapes: row counts that are multiples of no tile, matrices that end
@@ -722,7 +722,6 @@ static void test_q4_stream(void **state)
             for (int km = 4; km <= 8; km++) {
                 if (km == 7) continue;
                 setenv("TUNA_Q4_K", km == 4 ? "4" : km == 5 ? "5" : km == 6 ? "6" : "8", 1);
-                if (km == 8) setenv("TUNA_Q4_H4F", "1", 1);
                 float *got[5], *again[5], *other[5];
                 q4s_run(ws, &up.g, dbias, N, K, dx, dnw, y0, norm, got);
                 q4s_run(ws, &up.g, dbias, N, K, dx, dnw, y0, norm, again);
@@ -752,7 +751,6 @@ static void test_q4_stream(void **state)
                     else free(got[o]);
                     free(again[o]), free(other[o]);
                 }
-                if (km == 8) unsetenv("TUNA_Q4_H4F");
             }
             for (int o = 0; o < 5; o++) free(want[o]), free(ref[o]);
         }

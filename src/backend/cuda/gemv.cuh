@@ -287,7 +287,7 @@ bool tuna_cuda_q4_lean(tuna_backend *be, const float *x, struct gemv_job *j, con
                        const struct q4_lut *lut, int blocksize, int64_t T);
 
 /* k_q4_h4 (q4_h4.cu; TUNA_Q4_K=8): k_q4_h2 with items of 4 rows; false when the job does not fit
- * it or (unless TUNA_Q4_H4F=1) it would give a warp more rows x steps than k_q4_h2. */
+ * it. j's scales and bs_shift set by the caller. */
 bool tuna_cuda_q4_h4(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
                      const struct q4_lut *lut, int blocksize, int64_t T);
 

@@ -818,7 +818,7 @@ __global__ void __launch_bounds__(Q4T_THREADS, 1)
  * 125.7 us/layer against 84.8 for 2, end to end 4.79 against 3.54 ms: opt-in only). Measured on
  * the H100 (docs/PERFORMANCE.md): 32-layer NF4 chain 139.6 us/layer with 2, 142.1 with 1, 184.5
  * with 0. 8: k_q4_h4 (q4_h4.cu, twelfth session: k_q4_h2 with items of 4 rows; opt-in) where it
- * fits and gives no warp more work than k_q4_h2, else as 4. */
+ * fits, else as 4. */
 static int q4_kernel_mode(void)
 {
     /* read at every call (a getenv per launch; graphs capture once) so tests can compare kernels */
