@@ -655,8 +655,9 @@ static void q4s_run(const struct tuna_weight *const *ws, const struct tuna_weigh
     tuna_cuda_free(g_gpu, dxn);
 }
 
-/* The batch-1 stream kernel (q4_stream.cu k_q4_s, TUNA_Q4_K=5), k_q4_v (TUNA_Q4_K=6, eighth session)
- * and k_q4_h2 (TUNA_Q4_K=4) against
+/* The batch-1 stream kernel (q4_stream.cu k_q4_s, TUNA_Q4_K=5), k_q4_v (TUNA_Q4_K=6, eighth session),
+ * k_q4_h4 (TUNA_Q4_K=8, twelfth session: must give k_q4_h2's bits) and k_q4_h2
+ * (TUNA_Q4_K=4) against
  * the CPU at T = 1 (bf16 checkpoints: 16-bit compute): q/k/v (+ the norm), gate/up + GLU (+ the
  * norm), o into the residual. Shapes: row counts that are multiples of no tile, matrices that end
  * inside a block's range, several tiles per block so the stage ring wraps (3000 rows), K = 4096
@@ -674,7 +675,7 @@ static void test_q4_stream(void **state)
     const float xs[] = {1.0f, 1.0f, 1e5f, 1e-7f, 1.0f, 1.0f};
     const char *env = getenv("TUNA_Q4_K");
     char *saved = env ? strdup(env) : NULL;
-    const long l0 = tuna_cuda_q4_stream_launches(g_gpu);
+    const long l0 = tuna_cuda_q4_stream_launches(g_gpu), h0 = tuna_cuda_q4_h4_launches();
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
         const int64_t K = shapes[si][1], N[3] = {shapes[si][0], shapes[si][2], shapes[si][3]};
         const int type = (int)(si % 2);
@@ -717,8 +718,10 @@ static void test_q4_stream(void **state)
             g_cops->matmul(g_cpu, u, x, &w[1].c, w[1].bias, 1);
             g_cops->add(g_cpu, want[4], u, N[1]);
             free(u);
-            for (int km = 4; km <= 6; km++) {
-                setenv("TUNA_Q4_K", km == 4 ? "4" : km == 5 ? "5" : "6", 1);
+            float *ref[5] = {NULL, NULL, NULL, NULL, NULL}; /* k_q4_h2's outputs: k_q4_h4 must give its bits */
+            for (int km = 4; km <= 8; km++) {
+                if (km == 7) continue;
+                setenv("TUNA_Q4_K", km == 4 ? "4" : km == 5 ? "5" : km == 6 ? "6" : "8", 1);
                 float *got[5], *again[5], *other[5];
                 q4s_run(ws, &up.g, dbias, N, K, dx, dnw, y0, norm, got);
                 q4s_run(ws, &up.g, dbias, N, K, dx, dnw, y0, norm, again);
@@ -740,10 +743,16 @@ static void test_q4_stream(void **state)
                         print_error("%s: float32 and nested scales differ\n", what);
                         fail();
                     }
-                    free(got[o]), free(again[o]), free(other[o]);
+                    if (km == 8 && memcmp(got[o], ref[o], (size_t)n * 4) != 0) {
+                        print_error("%s: k_q4_h4 and k_q4_h2 differ\n", what);
+                        fail();
+                    }
+                    if (km == 4) ref[o] = got[o];
+                    else free(got[o]);
+                    free(again[o]), free(other[o]);
                 }
             }
-            for (int o = 0; o < 5; o++) free(want[o]);
+            for (int o = 0; o < 5; o++) free(want[o]), free(ref[o]);
         }
         free(x), free(nw), free(xn), free(y0);
         tuna_cuda_free(g_gpu, dx), tuna_cuda_free(g_gpu, dnw);
@@ -758,6 +767,11 @@ static void test_q4_stream(void **state)
     /* 6 shapes x 2 norms x 3 runs x 3 launches (q/k/v, GLU, o) */
     if (l0 >= 0 && l1 - l0 != 6 * 2 * 3 * 3) {
         print_error("k_q4_s ran %ld times, expected %d\n", l1 - l0, 6 * 2 * 3 * 3);
+        fail();
+    }
+    const long h1 = tuna_cuda_q4_h4_launches();
+    if (h1 - h0 != 6 * 2 * 3 * 3) {
+        print_error("k_q4_h4 ran %ld times, expected %d\n", h1 - h0, 6 * 2 * 3 * 3);
         fail();
     }
 }

@@ -77,6 +77,8 @@ tuna_status tuna_cuda_q4_dequantize(tuna_backend *be, const struct tuna_weight *
 /* Launches of the batch-1 4-bit stream kernel (q4_stream.cu, TUNA_Q4_K=5) in this process, for
  * tests; -1 when be's device cannot run it (compute capability below 9.0). */
 long tuna_cuda_q4_stream_launches(tuna_backend *be);
+/* Launches of k_q4_h4 (q4_h4.cu, TUNA_Q4_K=8) in this process, for tests. */
+long tuna_cuda_q4_h4_launches(void);
 
 /* Small-T threshold of 4-bit weights: T <= this use the fused dequant-GEMV kernel. */
 #define TUNA_CUDA_GEMV_MAX_T 8

@@ -286,6 +286,11 @@ bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, co
 bool tuna_cuda_q4_lean(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
                        const struct q4_lut *lut, int blocksize, int64_t T);
 
+/* k_q4_h4 (q4_h4.cu; TUNA_Q4_K=8): k_q4_h2 with items of 4 rows; false when the job does not fit
+ * it. j's scales and bs_shift set by the caller. */
+bool tuna_cuda_q4_h4(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
+                     const struct q4_lut *lut, int blocksize, int64_t T);
+
 /* k_q4_s (q4_stream.cu; TUNA_Q4_K=5): the batch-1 4-bit GEMV fed through shared memory by bulk
  * copies (sm_90+, 16-bit compute); false when the job does not fit it (the caller tries the next
  * kernel). j's scales (s[i].sc) and bs_shift set by the caller. */
