@@ -809,7 +809,7 @@ __global__ void __launch_bounds__(Q4T_THREADS, 1)
 }
 
 /* TUNA_Q4_K: 0 the k_q4_multi kernel above, 1 k_q4_tab with the float2 table, 2 with the half2
- * table where the compute is 16-bit (float32 compute takes the float2 table), 4 (default) k_q4_h2
+ * table where the compute is 16-bit (float32 compute takes the float2 table), 4 k_q4_h2 (the default until the twelfth session)
  * (below) at T = 1 where the compute is 16-bit and it fits, else as 2; 5 k_q4_s (q4_stream.cu,
  * seventh session: bulk copies into a ring of shared-memory stages, sm_90+) where it fits, else
  * as 4; 6 k_q4_v (q4_stream.cu, eighth session: balanced unit streams per warp; opt-in, chain 75.5
@@ -817,13 +817,13 @@ __global__ void __launch_bounds__(Q4T_THREADS, 1)
  * (below) where the compute is 16-bit and it fits, else as 2 (fifth session's H100 round: chain
  * 125.7 us/layer against 84.8 for 2, end to end 4.79 against 3.54 ms: opt-in only). Measured on
  * the H100 (docs/PERFORMANCE.md): 32-layer NF4 chain 139.6 us/layer with 2, 142.1 with 1, 184.5
- * with 0. 8: k_q4_h4 (q4_h4.cu, twelfth session: k_q4_h2 with items of 4 rows; opt-in) where it
- * fits, else as 4. */
+ * with 0. 8 (default): k_q4_h4 (q4_h4.cu, twelfth session: k_q4_h2 with items of 4 rows, the same
+ * bits; chain 67.3 against 73.4 us/layer, end to end 2.95 against 3.14 ms/step) where it fits, else as 4. */
 static int q4_kernel_mode(void)
 {
     /* read at every call (a getenv per launch; graphs capture once) so tests can compare kernels */
     const char *e = getenv("TUNA_Q4_K");
-    return e && ((e[0] >= '0' && e[0] <= '6') || e[0] == '8') ? e[0] - '0' : 4;
+    return e && ((e[0] >= '0' && e[0] <= '6') || e[0] == '8') ? e[0] - '0' : 8;
 }
 
 /* Chunks per row in flight at T <= 2: 2 (default), TUNA_Q4_U=4 for 4. ptxas (sm_90a, 128 registers
@@ -1343,7 +1343,8 @@ static bool q4m_try(tuna_backend *be, const float *x, struct gemv_job *j, const 
     return q4m_launch_tt<false>(be, x, j, lut, (unsigned)blocks, smem, nitems, T);
 }
 
-/* ---- k_q4_h2: the batch-1 4-bit decode GEMV in f16 pairs (sixth session; TUNA_Q4_K=4, default) ----
+/* ---- k_q4_h2: the batch-1 4-bit decode GEMV in f16 pairs (sixth session; TUNA_Q4_K=4; the default
+ * until the twelfth session: k_q4_h4 runs where it fits and this kernel where it does not) ----
  *
  * What bounded k_q4_tab at T = 1 (ncu, r0 of the sixth session): ~6.2 thread instructions per
  * weight (table load, f16 -> f32 conversion, one FMA per weight, 64-bit index math) issued by

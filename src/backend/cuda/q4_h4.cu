@@ -1,4 +1,5 @@
-/* q4_h4.cu — k_q4_h4: k_q4_h2 (q4.cu) with items of 4 rows (twelfth session; TUNA_Q4_K=8, opt-in).
+/* q4_h4.cu — k_q4_h4: k_q4_h2 (q4.cu) with items of 4 rows (twelfth session; TUNA_Q4_K=8, the default;
+ * TUNA_Q4_K=4 for k_q4_h2).
  *
  * k_q4_h2 runs items of 2 rows (GLU: the gate and up rows of one output) split over a pair of
  * warps; at K = 4096 each warp takes only 2 steps of 1024 weights per item, so the per-item work
