@@ -18,7 +18,8 @@ struct synth {
 /* The architecture and random weights of `name` (llama-3.2-1b, llama-3-8b) into *a and *s. */
 tuna_status bench_synth_make(const char *name, struct tuna_arch *a, struct synth *s);
 /* The same, then a model over those weights (which must outlive it: bench_synth_free after
- * tuna_model_free). On failure *s is already freed. */
+ * tuna_model_free). On failure *s is already freed (and emptied: bench_synth_free on it again is a
+ * no-op). */
 tuna_status bench_synth_model(const char *name, const struct tuna_model_opts *o, struct synth *s,
                               struct tuna_model **m);
 void bench_synth_free(struct synth *s); /* accepts a zeroed struct */

@@ -131,6 +131,7 @@ void bench_synth_free(struct synth *s)
         free((void *)s->views[i].data);
     }
     free(s->views);
+    memset(s, 0, sizeof *s); /* freed twice (bench_synth_model's error path, then the caller's): no-op */
 }
 
 static void llama32_1b(struct tuna_arch *a)

@@ -32,6 +32,12 @@ has loras 2 "$WORK/online.json"
 has mode '"online"' "$WORK/online.json"
 
 "$TUNA" bench --serve "$SRC/models/pymini" --requests 0 >/dev/null 2>&1 && fail "--requests 0 accepted"
+# a synthetic model that cannot be built (no such GPU, or no CUDA in this build): an error message
+# and exit status 1, not an abort (its weights were freed twice until the twelfth session)
+"$TUNA" bench --serve --synthetic llama-3-tiny --device cuda:99 --requests 1 >"$WORK/nodev.txt" 2>&1
+rc=$?
+[ "$rc" = 1 ] || fail "--device cuda:99 exited $rc (wanted 1): $(cat "$WORK/nodev.txt")"
+grep -q 'double free\|Aborted' "$WORK/nodev.txt" && fail "--device cuda:99: $(cat "$WORK/nodev.txt")"
 
 # plain `tuna bench` (prefill and decode speed): its warm-up steps, timed prefill and greedy decode steps
 "$TUNA" bench --synthetic llama-3-tiny --device cpu --threads 1 --batch 3 --prompt-len 16 --gen 3 >"$WORK/speed.txt" ||
