@@ -315,6 +315,27 @@ static __device__ __forceinline__ void q4_item_rows(const struct gemv_job &j, in
     row[1] = *n0 + 1 < N ? *n0 + 1 : N - 1; /* computed, not stored */
 }
 
+/* The byte -> half2 table of the f16-pair kernels (k_q4_v, k_q4_h4): [256 bytes][256], the pair
+ * (lut[byte >> 4], lut[byte & 15]) at lane * 4 of the byte's row (one copy per lane, 4 lanes' copies
+ * per 16-byte store), and with nested scales each segment's 256 code values into ncode
+ * [GEMV_MAX_SEG][256]. slut: 16 floats of shared scratch. The caller synchronizes the block before
+ * the tables are read. */
+static __device__ __forceinline__ void q4h_fill_tables(uint8_t *tab, float *ncode, float *slut, const struct q4_lut &lut,
+                                                       const struct gemv_job &j, bool nested)
+{
+    if (threadIdx.x < 16) slut[threadIdx.x] = lut.v[threadIdx.x];
+    __syncthreads();
+    for (int e = threadIdx.x; e < 256 * 8; e += blockDim.x) {
+        const int byte = e >> 3, l4 = e & 7;
+        const __half2 v = __floats2half2_rn(slut[byte >> 4], slut[byte & 15]);
+        const uint32_t u = *reinterpret_cast<const uint32_t *>(&v);
+        *reinterpret_cast<uint4 *>(tab + byte * 256 + l4 * 16) = make_uint4(u, u, u, u);
+    }
+    if (nested)
+        for (int s = 0; s < j.nseg; s++)
+            for (int e = threadIdx.x; e < 256; e += blockDim.x) ncode[s * 256 + e] = __ldg(j.s[s].sc.ncode + e);
+}
+
 /* One row's f16 sum over a lane's 32 weights (word p of the codes against x piece p), in float32:
  * tab[(byte << 8) | lane * 4] holds the half2 of the byte's two nibbles (the byte -> half2 table of
  * k_q4_h2 in q4.cu and k_q4_s in q4_stream.cu). */

@@ -64,17 +64,7 @@ __global__ void __launch_bounds__(Q4H4_THREADS, 1)
     __shared__ float red[64];
     __shared__ float part[Q4H4_PAIRS][2][4]; /* [pair][item parity][row]: warp 1's sums */
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, pair = warp >> 1, h = warp & 1;
-    if (threadIdx.x < 16) slut[threadIdx.x] = lut_in.v[threadIdx.x];
-    __syncthreads();
-    for (int e = threadIdx.x; e < 256 * 8; e += blockDim.x) { /* 4 lanes' copies per 16-byte store */
-        const int byte = e >> 3, l4 = e & 7;
-        const __half2 v = __floats2half2_rn(slut[byte >> 4], slut[byte & 15]);
-        const uint32_t u = *reinterpret_cast<const uint32_t *>(&v);
-        *reinterpret_cast<uint4 *>(tab + byte * 256 + l4 * 16) = make_uint4(u, u, u, u);
-    }
-    if (NESTED)
-        for (int s = 0; s < j.nseg; s++)
-            for (int e = threadIdx.x; e < 256; e += blockDim.x) ncode[s * 256 + e] = __ldg(j.s[s].sc.ncode + e);
+    q4h_fill_tables(tab, ncode, slut, lut_in, j, NESTED);
 
     const int K32 = (int)(j.K / 32);
     const int KU = (K32 + 31) / 32, upw = (KU + 1) / 2; /* steps per item and warp: units h, h + 2, ... */

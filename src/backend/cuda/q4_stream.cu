@@ -660,17 +660,7 @@ __global__ void __launch_bounds__(Q4V_MAXT, MINB)
     __shared__ float slut[16];
     __shared__ float red[64];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = blockDim.x >> 5;
-    if (threadIdx.x < 16) slut[threadIdx.x] = lut_in.v[threadIdx.x];
-    __syncthreads();
-    for (int e = threadIdx.x; e < 256 * 8; e += blockDim.x) { /* 4 lanes' copies per 16-byte store */
-        const int byte = e >> 3, l4 = e & 7;
-        const __half2 v = __floats2half2_rn(slut[byte >> 4], slut[byte & 15]);
-        const uint32_t u = *reinterpret_cast<const uint32_t *>(&v);
-        *reinterpret_cast<uint4 *>(tab + byte * 256 + l4 * 16) = make_uint4(u, u, u, u);
-    }
-    if (NESTED)
-        for (int s = 0; s < j.nseg; s++)
-            for (int e = threadIdx.x; e < 256; e += blockDim.x) ncode[s * 256 + e] = __ldg(j.s[s].sc.ncode + e);
+    q4h_fill_tables(tab, ncode, slut, lut_in, j, NESTED);
     for (int e = threadIdx.x; e < P.psz; e += blockDim.x) ps[e] = 0.0f;
 
     const int64_t ib0 = (int64_t)blockIdx.x * P.nitems / gridDim.x;
