@@ -286,6 +286,32 @@ bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, co
 bool tuna_cuda_q4_lean(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
                        const struct q4_lut *lut, int blocksize, int64_t T);
 
+/* Whether a 4-bit job fits the register-pipeline kernels that read one matrix's scales in one form
+ * (k_q4_v, k_q4_h4): T = 1, K % 32 == 0, blocksize >= 32, 1..GEMV_MAX_SEG matrices (GLU: both),
+ * 16-byte aligned codes, N * K < 2^31 per matrix, every matrix's scales float32 or every one
+ * nested with the same nshift. *nested: which form. */
+static inline bool q4h_job_fits(const struct gemv_job *j, const struct tuna_weight *const *ws, int blocksize, int64_t T,
+                                bool *nested)
+{
+    const int64_t K = j->K;
+    if (T != 1 || K <= 0 || K % 32 != 0 || blocksize < 32) return false;
+    if (j->nseg < 1 || j->nseg > GEMV_MAX_SEG || (j->mode == GEMV_GLU && j->nseg < 2)) return false;
+    *nested = j->s[0].sc.absmax == NULL;
+    for (int i = 0; i < j->nseg; i++)
+        if (((uintptr_t)ws[i]->data % 16) != 0 || j->s[i].N * K >= ((int64_t)1 << 31) ||
+            (j->s[i].sc.absmax == NULL) != *nested || (*nested && j->s[i].sc.nshift != j->s[0].sc.nshift))
+            return false;
+    return true;
+}
+
+/* The largest |value| of a 4-bit code table (the f16-pair kernels scale x by it). */
+static inline float q4_lut_absmax(const struct q4_lut *lut)
+{
+    float m = 0.0f;
+    for (int c = 0; c < 16; c++) m = fmaxf(m, fabsf(lut->v[c]));
+    return m;
+}
+
 /* k_q4_h4 (q4_h4.cu; TUNA_Q4_K=8): k_q4_h2 with items of 4 rows; false when the job does not fit
  * it. j's scales and bs_shift set by the caller. */
 bool tuna_cuda_q4_h4(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,

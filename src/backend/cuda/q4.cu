@@ -1623,8 +1623,7 @@ static bool q4h_try(tuna_backend *be, const float *x, struct gemv_job *j, const 
         const int64_t KU = (K / 32 + 31) / 32, pairs = blocks * Q4H_PAIRS;
         solo = (nitems + 2 * pairs - 1) / (2 * pairs) * KU <= (nitems + pairs - 1) / pairs * ((KU + 1) / 2);
     }
-    float lmax = 0.0f;
-    for (int c = 0; c < 16; c++) lmax = fmaxf(lmax, fabsf(lut->v[c]));
+    const float lmax = q4_lut_absmax(lut);
     j->prefetch = tuna_cuda_gemv_prefetch();
     const bool norm = j->nw != NULL, d2 = q4_p_mode() == 2;
     const dim3 grid((unsigned)blocks), block(Q4H_THREADS);

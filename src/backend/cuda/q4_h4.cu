@@ -253,13 +253,8 @@ bool tuna_cuda_q4_h4(tuna_backend *be, const float *x, struct gemv_job *j, const
                      const struct q4_lut *lut, int blocksize, int64_t T)
 {
     const int64_t K = j->K;
-    if (T != 1 || K % 32 != 0 || K <= 0 || blocksize < 32) return false;
-    if (j->nseg < 1 || j->nseg > GEMV_MAX_SEG || (j->mode == GEMV_GLU && j->nseg < 2)) return false;
-    const bool nested = j->s[0].sc.absmax == NULL;
-    for (int i = 0; i < j->nseg; i++)
-        if (((uintptr_t)ws[i]->data % 16) != 0 || j->s[i].N * K >= ((int64_t)1 << 31) ||
-            (j->s[i].sc.absmax == NULL) != nested || (nested && j->s[i].sc.nshift != j->s[0].sc.nshift))
-            return false;
+    bool nested;
+    if (!q4h_job_fits(j, ws, blocksize, T, &nested)) return false;
     const size_t smem = (size_t)Q4H4_TAB + Q4H4_NCODE + ((size_t)K * 2 + 127) / 128 * 128;
     if (be->max_smem_optin <= 0 || smem + 2048 > (size_t)be->max_smem_optin) return false; /* + static */
     const bool glu = j->mode == GEMV_GLU;
@@ -271,8 +266,7 @@ bool tuna_cuda_q4_h4(tuna_backend *be, const float *x, struct gemv_job *j, const
     const int64_t b4 = (n4 + Q4H4_PAIRS - 1) / Q4H4_PAIRS < sms ? (n4 + Q4H4_PAIRS - 1) / Q4H4_PAIRS : sms;
     if (b4 < 1) return true; /* nothing to do */
     if (n4 >= ((int64_t)1 << 30)) return false;
-    float lmax = 0.0f;
-    for (int c = 0; c < 16; c++) lmax = fmaxf(lmax, fabsf(lut->v[c]));
+    const float lmax = q4_lut_absmax(lut);
     j->prefetch = tuna_cuda_gemv_prefetch();
     const int nshift = nested ? j->s[0].sc.nshift : 0;
     const dim3 grid((unsigned)b4), block(Q4H4_THREADS);

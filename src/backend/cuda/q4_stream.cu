@@ -561,8 +561,7 @@ bool tuna_cuda_q4_stream(tuna_backend *be, const float *x, struct gemv_job *j, c
     P.S = S;
     P.off_part = (uint32_t)S * P.stage;
     const size_t smem = (size_t)Q4S_TAB + Q4S_NCODE + (size_t)S * P.stage + (size_t)S * part;
-    float lmax = 0.0f;
-    for (int c = 0; c < 16; c++) lmax = fmaxf(lmax, fabsf(lut->v[c]));
+    const float lmax = q4_lut_absmax(lut);
     P.lmax = lmax;
     if (j->mode == GEMV_GLU) {
         P.rows = j->s[0].N;
@@ -800,13 +799,8 @@ bool tuna_cuda_q4_lean(tuna_backend *be, const float *x, struct gemv_job *j, con
                        const struct q4_lut *lut, int blocksize, int64_t T)
 {
     const int64_t K = j->K;
-    if (T != 1 || K <= 0 || K % 32 != 0 || blocksize < 32) return false;
-    if (j->nseg < 1 || j->nseg > GEMV_MAX_SEG || (j->mode == GEMV_GLU && j->nseg < 2)) return false;
-    const bool nested = j->s[0].sc.absmax == NULL;
-    for (int i = 0; i < j->nseg; i++)
-        if (((uintptr_t)ws[i]->data % 16) != 0 || j->s[i].N * K >= ((int64_t)1 << 31) ||
-            (j->s[i].sc.absmax == NULL) != nested || (nested && j->s[i].sc.nshift != j->s[0].sc.nshift))
-            return false;
+    bool nested;
+    if (!q4h_job_fits(j, ws, blocksize, T, &nested)) return false;
     const int threads = q4v_env("TUNA_Q4_VT", 512, 64, Q4V_MAXT) / 32 * 32, bps = q4v_env("TUNA_Q4_VB", 1, 1, 4);
     const int D = q4v_env("TUNA_Q4_VD", 2, 2, 4) >= 4 ? 4 : 2;
     const bool r64 = q4v_env("TUNA_Q4_VR", 0, 0, 64) == 64;
@@ -830,8 +824,7 @@ bool tuna_cuda_q4_lean(tuna_backend *be, const float *x, struct gemv_job *j, con
     const size_t smem = (size_t)Q4S_TAB + Q4S_NCODE + (size_t)P.psz * 4 + ((size_t)K * 2 + 127) / 128 * 128;
     if (be->max_smem_optin <= 0 || smem + 1024 > (size_t)be->max_smem_optin) return false;
     if (ipb * P.KU >= ((int64_t)1 << 30) / W) return false;
-    float lmax = 0.0f;
-    for (int c = 0; c < 16; c++) lmax = fmaxf(lmax, fabsf(lut->v[c]));
+    const float lmax = q4_lut_absmax(lut);
     P.lmax = lmax;
     j->prefetch = tuna_cuda_gemv_prefetch();
     const dim3 grid((unsigned)blocks), block((unsigned)threads);
