@@ -308,6 +308,18 @@ static void bench_fused_decode(tuna_backend *be, cudaEvent_t e0, cudaEvent_t e1)
         /* 32 layers back to back (no attention): the step's GEMV chain with its launches and gaps */
         double lbytes = fz_bytes(&L[0].q) + 2 * fz_bytes(&L[0].k) + fz_bytes(&L[0].o) + 2 * fz_bytes(&L[0].g) +
                         fz_bytes(&L[0].d);
+        /* BENCH_CHAIN_OPS=mask: the chain with only some of its ops (1 norm+q/k/v+rope+kv, 2 o,
+         * 4 norm+gate/up+GLU, 8 down; default 15), so each op's time inside a back-to-back chain
+         * (with PDL's overlap, unlike the isolated calls above) can be taken apart */
+        const char *co = getenv("BENCH_CHAIN_OPS");
+        const int cmask = co && atoi(co) > 0 ? atoi(co) & 15 : 15;
+        if (cmask != 15) {
+            lbytes = 0;
+            if (cmask & 1) lbytes += fz_bytes(&L[0].q) + 2 * fz_bytes(&L[0].k);
+            if (cmask & 2) lbytes += fz_bytes(&L[0].o);
+            if (cmask & 4) lbytes += 2 * fz_bytes(&L[0].g);
+            if (cmask & 8) lbytes += fz_bytes(&L[0].d);
+        }
         for (int r = 0; r < 8; r++) {
             CK(cudaEventRecord(e0, 0));
             for (int l = 0; l < 32; l++) {
@@ -315,11 +327,12 @@ static void bench_fused_decode(tuna_backend *be, cudaEvent_t e0, cudaEvent_t e1)
                 float *ys[3] = {q, k, v};
                 const struct tuna_weight *ws[3] = {&y->q, &y->k, &y->v};
                 /* norm+q/k/v, rope and the KV store (one launch when fused.cu fuses them) */
-                op->rmsnorm_qkv_rope_kv(be, ys, xn, x, nw, 1e-5f, ws, NULL, kc, vc, TUNA_DTYPE_BF16, &pos, &slot, 1, H,
-                                        Hkv, D, D, inv, 1.0f);
-                op->matmul_add(be, x, q, &y->o, NULL, 1);
-                op->rmsnorm_matmul_glu(be, act, xn, x, nw, 1e-5f, &y->g, NULL, &y->u, NULL, 1, 0);
-                op->matmul_add(be, x, act, &y->d, NULL, 1);
+                if (cmask & 1)
+                    op->rmsnorm_qkv_rope_kv(be, ys, xn, x, nw, 1e-5f, ws, NULL, kc, vc, TUNA_DTYPE_BF16, &pos, &slot, 1,
+                                            H, Hkv, D, D, inv, 1.0f);
+                if (cmask & 2) op->matmul_add(be, x, q, &y->o, NULL, 1);
+                if (cmask & 4) op->rmsnorm_matmul_glu(be, act, xn, x, nw, 1e-5f, &y->g, NULL, &y->u, NULL, 1, 0);
+                if (cmask & 8) op->matmul_add(be, x, act, &y->d, NULL, 1);
             }
             CK(cudaEventRecord(e1, 0));
             CK(cudaEventSynchronize(e1));
@@ -328,7 +341,8 @@ static void bench_fused_decode(tuna_backend *be, cudaEvent_t e0, cudaEvent_t e1)
         qsort(ms + 2, 6, sizeof(float), bench_cmp_float);
         double t = ms[5] * 1e-3 / 32;
         char label[96];
-        snprintf(label, sizeof label, "fused %s layer chain x32 (no attention)", tag);
+        if (cmask != 15) snprintf(label, sizeof label, "fused %s layer chain x32 ops %d", tag, cmask);
+        else snprintf(label, sizeof label, "fused %s layer chain x32 (no attention)", tag);
         printf("%-44s %10.1f GB/s  %5.1f%% of copy  %8.1f us/layer\n", label, lbytes / t / 1e9,
                100.0 * lbytes / t / 1e9 / g_copy_gbs, t * 1e6);
         for (int c = 0; c < 4; c++) {
