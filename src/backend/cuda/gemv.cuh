@@ -385,6 +385,20 @@ static __device__ __forceinline__ float q4h_dot(const uint8_t *tab, uint4 c, con
     return __low2float(d) + __high2float(d);
 }
 
+/* Pieces f0, f0 + blockDim.x, ... (4 of them) of x and (NORM) of the norm weight, zero past K4:
+ * all loads issued before any is used. */
+template <bool NORM>
+static __device__ __forceinline__ void q4h_load4(float4 (&a)[4], float4 (&w)[4], const float4 *x4, const float4 *n4,
+                                                 int K4, int f0)
+{
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const int f = f0 + i * (int)blockDim.x;
+        a[i] = f < K4 ? x4[f] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (NORM) w[i] = f < K4 ? __ldg(n4 + f) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+}
+
 /* x [K] into shared memory as f16 pairs scaled by s (see k_q4_h2 in q4.cu: |x * s| * lmax in
  * [1024, 2048), red: 64 floats of shared scratch), 16-byte pieces at gemv_x_pos<true>;
  * NORM: x * r * nw first (the CPU rmsnorm's formula; block 0 writes it to j.xn in float32).
@@ -401,12 +415,7 @@ static __device__ __forceinline__ float q4h_stage_x(uint8_t *xs, const float *x,
      * one at a time): K = 14336 takes 2 round trips to L2 instead of 7 */
     for (int f0 = threadIdx.x; f0 < K4; f0 += 4 * blockDim.x) {
         float4 a[4], w[4];
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int f = f0 + i * (int)blockDim.x;
-            a[i] = f < K4 ? x4[f] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (NORM) w[i] = f < K4 ? __ldg(n4 + f) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        }
+        q4h_load4<NORM>(a, w, x4, n4, K4, f0);
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             if (f0 + i * (int)blockDim.x >= K4) break;
@@ -438,12 +447,7 @@ static __device__ __forceinline__ float q4h_stage_x(uint8_t *xs, const float *x,
     const bool write = NORM && j.xn && blockIdx.x == 0;
     for (int f0 = threadIdx.x; f0 < K4; f0 += 4 * blockDim.x) {
         float4 a[4], w[4];
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int f = f0 + i * (int)blockDim.x;
-            a[i] = f < K4 ? x4[f] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (NORM) w[i] = f < K4 ? __ldg(n4 + f) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        }
+        q4h_load4<NORM>(a, w, x4, n4, K4, f0);
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             const int f = f0 + i * (int)blockDim.x;
