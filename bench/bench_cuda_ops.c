@@ -305,21 +305,23 @@ static void bench_fused_decode(tuna_backend *be, cudaEvent_t e0, cudaEvent_t e1)
             else
                 printf("%-44s %29.1f us\n", label, t * 1e6);
         }
-        /* 32 layers back to back (no attention): the step's GEMV chain with its launches and gaps */
-        double lbytes = fz_bytes(&L[0].q) + 2 * fz_bytes(&L[0].k) + fz_bytes(&L[0].o) + 2 * fz_bytes(&L[0].g) +
-                        fz_bytes(&L[0].d);
-        /* BENCH_CHAIN_OPS=mask: the chain with only some of its ops (1 norm+q/k/v+rope+kv, 2 o,
+        /* 32 layers back to back (no attention): the step's GEMV chain with its launches and gaps.
+         * BENCH_CHAIN_OPS=mask: the chain with only some of its ops (1 norm+q/k/v+rope+kv, 2 o,
          * 4 norm+gate/up+GLU, 8 down; default 15), so each op's time inside a back-to-back chain
          * (with PDL's overlap, unlike the isolated calls above) can be taken apart */
         const char *co = getenv("BENCH_CHAIN_OPS");
-        const int cmask = co && atoi(co) > 0 ? atoi(co) & 15 : 15;
-        if (cmask != 15) {
-            lbytes = 0;
-            if (cmask & 1) lbytes += fz_bytes(&L[0].q) + 2 * fz_bytes(&L[0].k);
-            if (cmask & 2) lbytes += fz_bytes(&L[0].o);
-            if (cmask & 4) lbytes += 2 * fz_bytes(&L[0].g);
-            if (cmask & 8) lbytes += fz_bytes(&L[0].d);
-        }
+        char *end = NULL;
+        const long cm = co ? strtol(co, &end, 10) : 15;
+        int cmask = 15;
+        if (co && (end == co || *end || cm < 1 || cm > 15))
+            fprintf(stderr, "BENCH_CHAIN_OPS=%s: want a mask from 1 to 15 (1 q/k/v, 2 o, 4 gate/up, 8 down); "
+                            "running the whole chain\n", co);
+        else cmask = (int)cm;
+        double lbytes = 0;
+        if (cmask & 1) lbytes += fz_bytes(&L[0].q) + 2 * fz_bytes(&L[0].k);
+        if (cmask & 2) lbytes += fz_bytes(&L[0].o);
+        if (cmask & 4) lbytes += 2 * fz_bytes(&L[0].g);
+        if (cmask & 8) lbytes += fz_bytes(&L[0].d);
         for (int r = 0; r < 8; r++) {
             CK(cudaEventRecord(e0, 0));
             for (int l = 0; l < 32; l++) {
