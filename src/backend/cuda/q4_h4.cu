@@ -149,12 +149,29 @@ __global__ void __launch_bounds__(Q4H4_THREADS, 1)
 #pragma unroll
         for (int r = 0; r < 4; r++) st[u].q[r] = 0u, st[u].a[r] = 0.0f;
     if (nmy > 0) set_src(it0);
+    /* nested scales: the code tables' loads go first (2 floats per thread, kept in registers until
+     * the fill), so they are not queued behind the code loads below; the tables are filled after
+     * the code loads are issued, under their latency (H100, fourteenth session: NF4 batch-1 step
+     * 2.77 / 2.77 against 2.81 / 2.84 ms with the table loads issued after the code loads, whose
+     * arrival they then waited for: the blocks' prologues had taken 3-4.5 us) */
+    constexpr int NCV = GEMV_MAX_SEG * 256 / Q4H4_THREADS;
+    float ncv[NCV];
+    if (NESTED)
+#pragma unroll
+        for (int i = 0; i < NCV; i++) {
+            const int e = threadIdx.x + i * Q4H4_THREADS, sg = e >> 8;
+            ncv[i] = sg < j.nseg ? __ldg(j.s[sg].sc.ncode + (e & 255)) : 0.0f;
+        }
     if (j.prefetch >= 1)
 #pragma unroll
         for (int u = 0; u < D; u++) load_next(st[u]);
-    /* the tables after the first code loads are issued: their latency runs under the fill (H100:
-     * layer chain 62.7-62.8 against 63.8-64.1 us/layer with the fill first) */
-    q4h_fill_tables(tab, ncode, slut, lut_in, j, NESTED);
+    q4h_fill_tables(tab, ncode, slut, lut_in, j, false); /* the byte -> half2 table */
+    if (NESTED)
+#pragma unroll
+        for (int i = 0; i < NCV; i++) {
+            const int e = threadIdx.x + i * Q4H4_THREADS;
+            if ((e >> 8) < j.nseg) ncode[e] = ncv[i];
+        }
     tuna_pdl_wait();
     tuna_pdl_trigger();
     const float inv_s = q4h_stage_x<NORM>(xs, x, j, lmax, red); /* ends with __syncthreads: tables ready */
