@@ -881,7 +881,7 @@ static void launch_kernels(tuna_backend *be, float *out, const float *q, const v
                            const att_meta &md, const int32_t *drows, int64_t n_dec, const int32_t *dtiles,
                            int64_t n_tiles, int H, int Hkv, int D, int n_hg, int n_splits, int BQ, float scale,
                            float *part_acc, float *part_ml, unsigned *counters, const dec16_cfg *c16, int GM,
-                           const struct tuna_l2pf &pf, int io)
+                           const struct tuna_l2pf &pf, int io, bool pdl_hint)
 {
     const KT *kc = (const KT *)kcache, *vc = (const KT *)vcache;
     constexpr int VE = kv_traits<KT>::VEC;
@@ -894,8 +894,12 @@ static void launch_kernels(tuna_backend *be, float *out, const float *q, const v
             const int hx = order && n_dec <= 65535;
             dim3 grid(hx ? (unsigned)(Hkv * n_hg) : (unsigned)n_dec, hx ? (unsigned)n_dec : (unsigned)(Hkv * n_hg),
                       (unsigned)n_splits);
-            /* with programmatic dependent launch (pdl.cuh) when TUNA_ATTN_PDL=1 */
-            static const int pdl = env_int("TUNA_ATTN_PDL", 1, 1);
+            /* with programmatic dependent launch (pdl.cuh) after rope_kv_store's own kernel for one
+             * token (be->attn_pdl_hint: the NF4 and q/k-norm decode paths; H100, NF4 batch 1:
+             * 2.70-2.75 against 2.77-2.79 ms per step), not after a GEMV with RoPE folded in (bf16
+             * batch 1: 5.90-5.97 against 5.88 in the ninth session); TUNA_ATTN_PDL=1 always, =0 never */
+            static const char *pe = getenv("TUNA_ATTN_PDL");
+            const bool pdl = pe && *pe ? pe[0] == '1' : pdl_hint && n_dec == 1 && n_tiles == 0;
             /* TUNA_ATTN_DEC_MING=n: at least n groups of 16 keys per split, the splits without
              * work leave at once (measured on the H100 at n = 8: 6.47 against 6.42 ms per bf16
              * step, so not the default); unset: every split runs, as before */
@@ -1132,18 +1136,23 @@ static void attention_io(tuna_backend *be, float *out, const float *q, int io, c
     }
     const dec16_cfg *pc16 = use16 ? &c16 : NULL;
     const struct tuna_l2pf pf = tuna_cuda_l2pf_take(be, TUNA_L2PF_ATTN, T); /* the hint ends here either way */
+    const bool hint = be->attn_pdl_hint;
+    be->attn_pdl_hint = false;
     if (code == 0)
         launch_kernels<float>(be, out, q, kcache, vcache, md, drows, n_dec, dtiles, n_tiles, (int)H, (int)Hkv, (int)D,
-                              n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf, io);
+                              n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf, io, hint);
     else if (code == 1)
         launch_kernels<__nv_bfloat16>(be, out, q, kcache, vcache, md, drows, n_dec, dtiles, n_tiles, (int)H, (int)Hkv,
-                                      (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf, io);
+                                      (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf, io,
+                               hint);
     else if (code == 2)
         launch_kernels<__half>(be, out, q, kcache, vcache, md, drows, n_dec, dtiles, n_tiles, (int)H, (int)Hkv,
-                               (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf, io);
+                               (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf, io,
+                               hint);
     else
         launch_kernels<__nv_fp8_e4m3>(be, out, q, kcache, vcache, md, drows, n_dec, dtiles, n_tiles, (int)H, (int)Hkv,
-                                      (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf, io);
+                                      (int)D, n_hg, n_splits, BQ, scale, part_acc, part_ml, counters, pc16, GM, pf, io,
+                               hint);
 }
 
 void tuna_cuda_attention(tuna_backend *be, float *out, const float *q, const void *kcache, const void *vcache,

@@ -80,6 +80,10 @@ struct tuna_backend {
     bool graphs_off;     /* tuna_cuda_set_graphs(be, false) */
     long graph_stats[3]; /* captured, launched, discarded (TUNA_CUDA_GRAPHS=debug prints them) */
     struct tuna_l2pf l2pf; /* the pending prefetch_l2 hint (pdl.cu) */
+    /* rope_kv_store launched its own kernel for one token (rope_kv.cu): the attention that
+     * follows is launched with PDL, so its launch and prologue run under that small kernel;
+     * attention.cu takes (clears) it */
+    bool attn_pdl_hint;
 };
 
 /* Records the first failure and returns false when e is an error. */

@@ -140,6 +140,7 @@ static void rope_kv_io(tuna_backend *be, void *q, void *k, const void *v, int io
     const int64_t *dslot = (const int64_t *)((char *)be->meta.p + off_slot);
     const float *dfreq = (const float *)((char *)be->meta.p + off_f);
     const struct tuna_l2pf pf = tuna_cuda_l2pf_take(be, TUNA_L2PF_ROPE, T);
+    be->attn_pdl_hint = T == 1;
     if (io != 0 && !q_norm && !k_norm && half % 2 == 0 && D % 2 == 0 && (uintptr_t)q % 4 == 0 &&
         (uintptr_t)k % 4 == 0 && rope16w_on()) {
         const dim3 g16((unsigned)((T * (H + Hkv) + 7) / 8)), b16(256);
