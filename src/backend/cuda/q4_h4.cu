@@ -22,6 +22,33 @@
 #include "backend/cuda/gemv.cuh"
 #include "backend/cuda/pdl.cuh"
 
+#ifdef TUNA_Q4_TRACE
+#include <stdio.h>
+/* A diagnostic timeline, built only with -DTUNA_Q4_TRACE (fourteenth session): for launches
+ * first..first+count-1 of the process (TUNA_Q4_TRACE=first:count) and each block (up to 132),
+ * %globaltimer at entry [0], before the PDL wait [1], after it [2], after the x staging [3] and at
+ * each warp's end [4..19], the SM [20], K [21], N * 4 + mode [22], the grid [23]; written at exit
+ * to TUNA_Q4_TRACE_OUT (default q4trace.bin) as uint64 [count][132][24]; bench/q4_trace.py reads
+ * it. The stores cost time themselves (the NF4 chain 71 against 62 us per layer). */
+#define Q4TR_SLOTS 24
+__device__ unsigned long long *g_q4tr;
+__device__ int g_q4tr_first, g_q4tr_n;
+static __device__ __forceinline__ unsigned long long q4tr_now()
+{
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+static __device__ __forceinline__ unsigned long long *q4tr_row(int id)
+{
+    if (!g_q4tr || id < g_q4tr_first || id >= g_q4tr_first + g_q4tr_n) return NULL;
+    return g_q4tr + ((size_t)(id - g_q4tr_first) * 132 + blockIdx.x) * Q4TR_SLOTS;
+}
+#define Q4TR(slot) do { if (tr && threadIdx.x == 0) tr[slot] = q4tr_now(); } while (0)
+#else
+#define Q4TR(slot) do { } while (0)
+#endif
+
 #define Q4H4_THREADS 512
 #define Q4H4_PAIRS 8
 #define Q4H4_TAB 65536                       /* [256 bytes][256]: half2 at lane * 4 */
@@ -54,8 +81,24 @@ static __device__ __forceinline__ void q4h4_pair(const struct gemv_job &j, int64
 template <bool NORM, bool NESTED, int D>
 __global__ void __launch_bounds__(Q4H4_THREADS, 1)
     k_q4_h4(const float *__restrict__ x, const __grid_constant__ struct gemv_job j, const struct q4_lut lut_in,
-            int nitems, float lmax, int nshift)
+            int nitems, float lmax, int nshift
+#ifdef TUNA_Q4_TRACE
+            , int trace_id
+#endif
+            )
 {
+#ifdef TUNA_Q4_TRACE
+    unsigned long long *tr = blockIdx.x < 132 ? q4tr_row(trace_id) : NULL;
+    Q4TR(0);
+    if (tr && threadIdx.x == 0) {
+        unsigned sm;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+        tr[20] = sm;
+        tr[21] = (unsigned long long)j.K;
+        tr[22] = (unsigned long long)j.s[0].N * 4 + (unsigned long long)j.mode;
+        tr[23] = (unsigned long long)gridDim.x;
+    }
+#endif
     extern __shared__ float4 q4h4_smem4[];
     uint8_t *tab = reinterpret_cast<uint8_t *>(q4h4_smem4);
     float *ncode = reinterpret_cast<float *>(tab + Q4H4_TAB);
@@ -172,9 +215,12 @@ __global__ void __launch_bounds__(Q4H4_THREADS, 1)
             const int e = threadIdx.x + i * Q4H4_THREADS;
             if ((e >> 8) < j.nseg) ncode[e] = ncv[i];
         }
+    Q4TR(1);
     tuna_pdl_wait();
+    Q4TR(2);
     tuna_pdl_trigger();
     const float inv_s = q4h_stage_x<NORM>(xs, x, j, lmax, red); /* ends with __syncthreads: tables ready */
+    Q4TR(3);
     if (j.prefetch < 1)
 #pragma unroll
         for (int u = 0; u < D; u++) load_next(st[u]);
@@ -259,9 +305,53 @@ __global__ void __launch_bounds__(Q4H4_THREADS, 1)
             if (++c_it < itend && NESTED) set_cmp(c_it);
         }
     }
+#ifdef TUNA_Q4_TRACE
+    if (tr && lane == 0) tr[4 + warp] = q4tr_now();
+#endif
 }
 
 static long g_q4h4_launches;
+#ifdef TUNA_Q4_TRACE
+static unsigned long long *q4tr_host;
+static int q4tr_hn;
+static void q4tr_dump(void)
+{
+    const size_t n = (size_t)q4tr_hn * 132 * Q4TR_SLOTS;
+    unsigned long long *h = (unsigned long long *)malloc(n * 8);
+    if (!h || cudaDeviceSynchronize() != cudaSuccess ||
+        cudaMemcpy(h, q4tr_host, n * 8, cudaMemcpyDeviceToHost) != cudaSuccess) {
+        fprintf(stderr, "q4 trace: copy failed\n");
+        free(h);
+        return;
+    }
+    const char *o = getenv("TUNA_Q4_TRACE_OUT");
+    FILE *f = fopen(o && *o ? o : "q4trace.bin", "wb");
+    if (f) fwrite(h, 8, n, f), fclose(f);
+    fprintf(stderr, "q4 trace: %d launches written\n", q4tr_hn);
+    free(h);
+}
+/* The trace's buffer at the first launch (TUNA_Q4_TRACE=first:count); the launch's number. */
+static int q4tr_setup(void)
+{
+    static bool done = false;
+    if (!done) {
+        done = true;
+        const char *e = getenv("TUNA_Q4_TRACE");
+        int first = 0, n = 0;
+        unsigned long long *d = NULL;
+        if (e && sscanf(e, "%d:%d", &first, &n) == 2 && n > 0 &&
+            cudaMalloc(&d, (size_t)n * 132 * Q4TR_SLOTS * 8) == cudaSuccess) {
+            cudaMemset(d, 0, (size_t)n * 132 * Q4TR_SLOTS * 8);
+            cudaMemcpyToSymbol(g_q4tr, &d, sizeof d);
+            cudaMemcpyToSymbol(g_q4tr_first, &first, sizeof first);
+            cudaMemcpyToSymbol(g_q4tr_n, &n, sizeof n);
+            q4tr_host = d, q4tr_hn = n;
+            atexit(q4tr_dump);
+        }
+    }
+    return (int)g_q4h4_launches;
+}
+#endif
 
 extern "C" long tuna_cuda_q4_h4_launches(void)
 {
@@ -289,17 +379,23 @@ bool tuna_cuda_q4_h4(tuna_backend *be, const float *x, struct gemv_job *j, const
     j->prefetch = tuna_cuda_gemv_prefetch();
     const int nshift = nested ? j->s[0].sc.nshift : 0;
     const dim3 grid((unsigned)b4), block(Q4H4_THREADS);
+#ifdef TUNA_Q4_TRACE
+    const int trace_id = q4tr_setup();
+#define Q4TR_ARG , trace_id
+#else
+#define Q4TR_ARG
+#endif
     g_q4h4_launches++;
     if (j->nw) {
         if (nested)
             return tuna_cuda_launch(be, "k_q4_h4", k_q4_h4<true, true, 2>, grid, block, smem, x, *j, *lut, (int)n4,
-                                    lmax, nshift);
+                                    lmax, nshift Q4TR_ARG);
         return tuna_cuda_launch(be, "k_q4_h4", k_q4_h4<true, false, 2>, grid, block, smem, x, *j, *lut, (int)n4, lmax,
-                                nshift);
+                                nshift Q4TR_ARG);
     }
     if (nested)
         return tuna_cuda_launch(be, "k_q4_h4", k_q4_h4<false, true, 2>, grid, block, smem, x, *j, *lut, (int)n4, lmax,
-                                nshift);
+                                nshift Q4TR_ARG);
     return tuna_cuda_launch(be, "k_q4_h4", k_q4_h4<false, false, 2>, grid, block, smem, x, *j, *lut, (int)n4, lmax,
-                            nshift);
+                            nshift Q4TR_ARG);
 }
