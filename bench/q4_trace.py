@@ -21,7 +21,10 @@ SLOTS = 24
 
 
 def launches(path):
-    a = np.fromfile(path, dtype=np.uint64)
+    try:
+        a = np.fromfile(path, dtype=np.uint64)
+    except OSError as e:
+        sys.exit("%s: %s" % (path, e.strerror or e))
     if a.size % (132 * SLOTS):
         sys.exit("%s: %d words, not a multiple of 132 x %d: not a q4 trace" % (path, a.size, SLOTS))
     a = a.reshape(-1, 132, SLOTS).astype(np.int64)
@@ -44,9 +47,14 @@ def launches(path):
 def main():
     if len(sys.argv) < 2:
         sys.exit(__doc__)
-    rows = launches(sys.argv[1])
+    last = 0
     if len(sys.argv) > 2:
-        rows = rows[-int(sys.argv[2]):]
+        if not sys.argv[2].isdigit() or int(sys.argv[2]) < 1:
+            sys.exit("LAST_N: want a positive number of launches, got %r" % sys.argv[2])
+        last = int(sys.argv[2])
+    rows = launches(sys.argv[1])
+    if last:
+        rows = rows[-last:]
     print("launches", len(rows))
     keys = ["first_in", "last_in", "wait_first", "wait_last", "staged", "end_first", "end_last", "loop_med",
             "loop_max", "warp_spread", "prev_tail"]

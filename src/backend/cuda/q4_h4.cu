@@ -325,29 +325,38 @@ static void q4tr_dump(void)
         return;
     }
     const char *o = getenv("TUNA_Q4_TRACE_OUT");
-    FILE *f = fopen(o && *o ? o : "q4trace.bin", "wb");
-    if (f) fwrite(h, 8, n, f), fclose(f);
-    fprintf(stderr, "q4 trace: %d launches written\n", q4tr_hn);
+    char path[4096], tmp[4112];
+    snprintf(path, sizeof path, "%s", o && *o ? o : "q4trace.bin");
+    snprintf(tmp, sizeof tmp, "%s.tmp", path); /* written whole, then renamed */
+    FILE *f = fopen(tmp, "wb");
+    const bool ok = f && fwrite(h, 8, n, f) == n;
+    if ((f && fclose(f) != 0) || !ok || rename(tmp, path) != 0) {
+        fprintf(stderr, "q4 trace: could not write %s (check the folder and free space)\n", path);
+        remove(tmp);
+    } else {
+        fprintf(stderr, "q4 trace: %d launches written to %s\n", q4tr_hn, path);
+    }
     free(h);
 }
 /* The trace's buffer at the first launch (TUNA_Q4_TRACE=first:count); the launch's number. */
 static int q4tr_setup(void)
 {
     static bool done = false;
-    if (!done) {
-        done = true;
-        const char *e = getenv("TUNA_Q4_TRACE");
-        int first = 0, n = 0;
-        unsigned long long *d = NULL;
-        if (e && sscanf(e, "%d:%d", &first, &n) == 2 && n > 0 &&
-            cudaMalloc(&d, (size_t)n * 132 * Q4TR_SLOTS * 8) == cudaSuccess) {
-            cudaMemset(d, 0, (size_t)n * 132 * Q4TR_SLOTS * 8);
-            cudaMemcpyToSymbol(g_q4tr, &d, sizeof d);
-            cudaMemcpyToSymbol(g_q4tr_first, &first, sizeof first);
-            cudaMemcpyToSymbol(g_q4tr_n, &n, sizeof n);
-            q4tr_host = d, q4tr_hn = n;
-            atexit(q4tr_dump);
-        }
+    const char *e = done ? NULL : getenv("TUNA_Q4_TRACE");
+    done = true;
+    int first = 0, n = 0;
+    unsigned long long *d = NULL;
+    if (e && (sscanf(e, "%d:%d", &first, &n) != 2 || first < 0 || n <= 0 || n > 100000)) {
+        fprintf(stderr, "q4 trace: TUNA_Q4_TRACE=%s: want first:count (count 1-100000); not tracing\n", e);
+    } else if (e && cudaMalloc(&d, (size_t)n * 132 * Q4TR_SLOTS * 8) != cudaSuccess) {
+        fprintf(stderr, "q4 trace: no device memory for %d launches; not tracing\n", n);
+    } else if (e) {
+        cudaMemset(d, 0, (size_t)n * 132 * Q4TR_SLOTS * 8);
+        cudaMemcpyToSymbol(g_q4tr, &d, sizeof d);
+        cudaMemcpyToSymbol(g_q4tr_first, &first, sizeof first);
+        cudaMemcpyToSymbol(g_q4tr_n, &n, sizeof n);
+        q4tr_host = d, q4tr_hn = n;
+        atexit(q4tr_dump);
     }
     return (int)g_q4h4_launches;
 }
