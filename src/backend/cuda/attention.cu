@@ -896,7 +896,7 @@ static void launch_kernels(tuna_backend *be, float *out, const float *q, const v
                       (unsigned)n_splits);
             /* with programmatic dependent launch (pdl.cuh) after rope_kv_store's own kernel for one
              * token (be->attn_pdl_hint: the NF4 and q/k-norm decode paths; H100, NF4 batch 1:
-             * 2.70-2.75 against 2.77-2.79 ms per step), not after a GEMV with RoPE folded in (bf16
+             * 2.70-2.76 against 2.77-2.80 ms per step), not after a GEMV with RoPE folded in (bf16
              * batch 1: 5.90-5.97 against 5.88 in the ninth session); TUNA_ATTN_PDL=1 always, =0 never */
             static const char *pe = getenv("TUNA_ATTN_PDL");
             const bool pdl = pe && *pe ? pe[0] == '1' : pdl_hint && n_dec == 1 && n_tiles == 0;
