@@ -386,7 +386,8 @@ static __device__ __forceinline__ float q4h_dot(const uint8_t *tab, uint4 c, con
 }
 
 /* Pieces f0, f0 + blockDim.x, ... (4 of them) of x and (NORM) of the norm weight, zero past K4:
- * all loads issued before any is used. */
+ * all loads issued before any is used. x through L2 (ld.global.cg): in the decode-layer kernel
+ * (q4_layer.cu) other SMs wrote it in the same launch, and L1 is not coherent between SMs. */
 template <bool NORM>
 static __device__ __forceinline__ void q4h_load4(float4 (&a)[4], float4 (&w)[4], const float4 *x4, const float4 *n4,
                                                  int K4, int f0)
@@ -394,7 +395,7 @@ static __device__ __forceinline__ void q4h_load4(float4 (&a)[4], float4 (&w)[4],
 #pragma unroll
     for (int i = 0; i < 4; i++) {
         const int f = f0 + i * (int)blockDim.x;
-        a[i] = f < K4 ? x4[f] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        a[i] = f < K4 ? __ldcg(x4 + f) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (NORM) w[i] = f < K4 ? __ldg(n4 + f) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
 }

@@ -21,6 +21,7 @@
 #include "backend/cuda/cuda_internal.h"
 #include "backend/cuda/gemv.cuh"
 #include "backend/cuda/pdl.cuh"
+#include "backend/cuda/q4_h4.cuh"
 
 #ifdef TUNA_Q4_TRACE
 #include <stdio.h>
@@ -30,53 +31,17 @@
  * each warp's end [4..19], the SM [20], K [21], N * 4 + mode [22], the grid [23]; written at exit
  * to TUNA_Q4_TRACE_OUT (default q4trace.bin) as uint64 [count][132][24]; bench/q4_trace.py reads
  * it. The stores cost time themselves (the NF4 chain 71 against 62 us per layer). */
-#define Q4TR_SLOTS 24
 __device__ unsigned long long *g_q4tr;
 __device__ int g_q4tr_first, g_q4tr_n;
-static __device__ __forceinline__ unsigned long long q4tr_now()
-{
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
 static __device__ __forceinline__ unsigned long long *q4tr_row(int id)
 {
     if (!g_q4tr || id < g_q4tr_first || id >= g_q4tr_first + g_q4tr_n) return NULL;
     return g_q4tr + ((size_t)(id - g_q4tr_first) * 132 + blockIdx.x) * Q4TR_SLOTS;
 }
-#define Q4TR(slot) do { if (tr && threadIdx.x == 0) tr[slot] = q4tr_now(); } while (0)
+#define Q4TR_ARGV , tr
 #else
-#define Q4TR(slot) do { } while (0)
+#define Q4TR_ARGV
 #endif
-
-#define Q4H4_THREADS 512
-#define Q4H4_PAIRS 8
-#define Q4H4_TAB 65536                       /* [256 bytes][256]: half2 at lane * 4 */
-#define Q4H4_NCODE (GEMV_MAX_SEG * 256 * 4)  /* [GEMV_MAX_SEG][256] nested code tables */
-
-struct q4h4_stage {
-    uint4 c[4];    /* the lane's 16 bytes of codes of each row */
-    float a[4];    /* float32 absmax, or the nested absmax */
-    uint32_t q[4]; /* nested: the 8-bit code of the absmax */
-};
-
-/* Row pair p of item `it`: segment, first row (clamped to the matrix) and the second row's
- * distance in rows (1, or 0 past the end: the last row read twice, not stored). */
-static __device__ __forceinline__ void q4h4_pair(const struct gemv_job &j, int64_t it, int p, int *seg, int64_t *row,
-                                                 int *d)
-{
-    int64_t n0;
-    if (j.mode == GEMV_GLU) {
-        *seg = p;
-        n0 = 2 * it;
-    } else {
-        gemv_rows(j, 4, it, seg, &n0);
-        n0 += 2 * p;
-    }
-    const int64_t N = j.s[*seg].N;
-    *row = n0 < N ? n0 : N - 1;
-    *d = n0 + 1 < N ? 1 : 0;
-}
 
 template <bool NORM, bool NESTED, int D>
 __global__ void __launch_bounds__(Q4H4_THREADS, 1)
@@ -100,214 +65,37 @@ __global__ void __launch_bounds__(Q4H4_THREADS, 1)
     }
 #endif
     extern __shared__ float4 q4h4_smem4[];
-    uint8_t *tab = reinterpret_cast<uint8_t *>(q4h4_smem4);
-    float *ncode = reinterpret_cast<float *>(tab + Q4H4_TAB);
-    uint8_t *xs = tab + Q4H4_TAB + Q4H4_NCODE; /* [K] f16, swizzled pieces */
     __shared__ float slut[16];
     __shared__ float red[64];
     __shared__ float part[Q4H4_PAIRS][2][4]; /* [pair][item parity][row]: warp 1's sums */
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, pair = warp >> 1, h = warp & 1;
-
-    const int K32 = (int)(j.K / 32);
-    const int KU = (K32 + 31) / 32, upw = (KU + 1) / 2; /* steps per item and warp: units h, h + 2, ... */
-    /* pair P (spread over the blocks first) takes a contiguous range of items */
-    const int P = blockIdx.x + gridDim.x * pair, npairs = gridDim.x * Q4H4_PAIRS;
-    const int ibase = nitems / npairs, iextra = nitems % npairs;
-    const int it0 = P * ibase + (P < iextra ? P : iextra), nmy = ibase + (P < iextra ? 1 : 0);
-    const int itend = it0 + nmy, total = nmy * upw;
-    const int bs_shift = j.bs_shift;
-    const int chunk0 = h * 32 + lane; /* the lane's chunk (16 bytes, 32 weights) in the item's first step */
+    struct q4h4_smem sm;
+    sm.tab = reinterpret_cast<uint8_t *>(q4h4_smem4);
+    sm.ncode = reinterpret_cast<float *>(sm.tab + Q4H4_TAB);
+    sm.xs = sm.tab + Q4H4_TAB + Q4H4_NCODE; /* [K] f16, swizzled pieces */
+    sm.slut = slut, sm.red = red, sm.part = part;
+    const int lane = threadIdx.x & 31;
     const bool glu = j.mode == GEMV_GLU;
-    const int rstep = glu ? 2 : 4; /* rows from one item to the next (per matrix) */
-
-    /* the load side: per row pair, the lane's codes and element index in the first row, the
-     * second row's distance (K or 0) */
-    struct {
-        const uint4 *c;
-        const float *a;
-        const uint8_t *q;
-        uint32_t e, dk;
-    } src[2];
-    const uint32_t K = (uint32_t)j.K;
-    /* the next item in the same matrix, all its rows inside: pointers move by a constant */
-    const int dc = rstep * K32 - 64 * (upw - 1);
-    const uint32_t de = (uint32_t)rstep * K - 64u * 32u * (uint32_t)(upw - 1);
-    int l_it = it0, l_m = 0, l_chunk = chunk0;
-    int64_t l_n = 0, l_N = 0; /* the item's first row (non-GLU: of pair 0) and its matrix's rows */
-    auto set_src = [&](int it) {
-#pragma unroll
-        for (int p = 0; p < 2; p++) {
-            int seg, d;
-            int64_t row;
-            q4h4_pair(j, it, p, &seg, &row, &d);
-            const struct gemv_seg &s = j.s[seg];
-            if (p == 0) l_n = row, l_N = s.N;
-            const uint32_t e0 = (uint32_t)row * K;
-            src[p].c = reinterpret_cast<const uint4 *>(s.W) + e0 / 32 + chunk0;
-            src[p].e = e0 + (uint32_t)chunk0 * 32u;
-            src[p].dk = d ? K : 0u;
-            src[p].a = NESTED ? s.sc.nabs : s.sc.absmax;
-            src[p].q = NESTED ? s.sc.q : NULL;
+    auto wait = [] {
+        tuna_pdl_wait();
+        tuna_pdl_trigger();
+    };
+    auto store = [&](int it, int vme, float tot) {
+        if (glu) {
+            const float up = __shfl_down_sync(0xffffffffu, tot, 16); /* lanes 0, 8: rows 2, 3 */
+            const int64_t n = (int64_t)it * 2 + vme;
+            if (lane < 16 && (lane & 7) == 0 && n < j.s[0].N) {
+                const float a2[2][1] = {{tot}, {up}}, one[1] = {1.0f};
+                gemv_store<1, 2>(j, a2, one, 0, n);
+            }
+        } else if ((lane & 7) == 0) {
+            int seg;
+            int64_t n0;
+            gemv_rows(j, 4, it, &seg, &n0);
+            const float a1[1][1] = {{tot}}, one[1] = {1.0f};
+            if (n0 + vme < j.s[seg].N) gemv_store<1, 1>(j, a1, one, seg, n0 + vme);
         }
     };
-    auto load_next = [&](struct q4h4_stage &st) {
-        if (l_it >= itend) return;
-        if (l_chunk < K32) {
-#pragma unroll
-            for (int r = 0; r < 4; r++) {
-                const int p = r >> 1;
-                const uint32_t e = src[p].e + ((r & 1) ? src[p].dk : 0u);
-                st.c[r] = __ldg(src[p].c + ((r & 1) ? src[p].dk / 32u : 0u));
-                const uint32_t b = e >> bs_shift;
-                if (NESTED) {
-                    st.q[r] = __ldg(src[p].q + b);
-                    st.a[r] = __ldg(src[p].a + (b >> nshift));
-                } else {
-                    st.a[r] = __ldg(src[p].a + b);
-                }
-            }
-        }
-        if (++l_m == upw) {
-            l_m = 0;
-            l_chunk = chunk0;
-            if (++l_it < itend) {
-                l_n += rstep;
-                if (l_n + (glu ? 1 : 3) < l_N) {
-#pragma unroll
-                    for (int p = 0; p < 2; p++) src[p].c += dc, src[p].e += de;
-                } else {
-                    set_src(l_it);
-                }
-            }
-        } else {
-            l_chunk += 64;
-#pragma unroll
-            for (int p = 0; p < 2; p++) src[p].c += 64, src[p].e += 64u * 32u;
-        }
-    };
-
-    struct q4h4_stage st[D];
-#pragma unroll
-    for (int u = 0; u < D; u++)
-#pragma unroll
-        for (int r = 0; r < 4; r++) st[u].q[r] = 0u, st[u].a[r] = 0.0f;
-    if (nmy > 0) set_src(it0);
-    /* nested scales: the code tables' loads go first (2 floats per thread, kept in registers until
-     * the fill), so they are not queued behind the code loads below; the tables are filled after
-     * the code loads are issued, under their latency (H100, fourteenth session: NF4 batch-1 step
-     * 2.77 / 2.77 against 2.81 / 2.84 ms with the table loads issued after the code loads, whose
-     * arrival they then waited for: the blocks' prologues had taken 3-4.5 us) */
-    constexpr int NCV = GEMV_MAX_SEG * 256 / Q4H4_THREADS;
-    float ncv[NCV];
-    if (NESTED)
-#pragma unroll
-        for (int i = 0; i < NCV; i++) {
-            const int e = threadIdx.x + i * Q4H4_THREADS, sg = e >> 8;
-            ncv[i] = sg < j.nseg ? __ldg(j.s[sg].sc.ncode + (e & 255)) : 0.0f;
-        }
-    if (j.prefetch >= 1)
-#pragma unroll
-        for (int u = 0; u < D; u++) load_next(st[u]);
-    q4h_fill_tables(tab, ncode, slut, lut_in, j, false); /* the byte -> half2 table */
-    if (NESTED)
-#pragma unroll
-        for (int i = 0; i < NCV; i++) {
-            const int e = threadIdx.x + i * Q4H4_THREADS;
-            if ((e >> 8) < j.nseg) ncode[e] = ncv[i];
-        }
-    Q4TR(1);
-    tuna_pdl_wait();
-    Q4TR(2);
-    tuna_pdl_trigger();
-    const float inv_s = q4h_stage_x<NORM>(xs, x, j, lmax, red); /* ends with __syncthreads: tables ready */
-    Q4TR(3);
-    if (j.prefetch < 1)
-#pragma unroll
-        for (int u = 0; u < D; u++) load_next(st[u]);
-
-    /* the compute side: item c_it, step c_m */
-    const uint32_t lane_off = (uint32_t)lane * 4u;
-    const uint32_t xsw = (uint32_t)((lane >> 1) & 7) * 16u; /* gemv_x_pos's swizzle of the lane's pieces */
-    const bool b4 = (lane & 16) != 0, b3 = (lane & 8) != 0;
-    const int vme = (b4 ? 2 : 0) + (b3 ? 1 : 0); /* the row whose sum this lane holds after the reduction */
-    int c_it = it0, c_m = 0, c_chunk = chunk0, c_k = 0;
-    int c_nco[2] = {0, 0};
-    float c_noff[2] = {0.0f, 0.0f};
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    auto set_cmp = [&](int it) {
-#pragma unroll
-        for (int p = 0; p < 2; p++) {
-            int seg, d;
-            int64_t row;
-            q4h4_pair(j, it, p, &seg, &row, &d);
-            c_nco[p] = seg * 256;
-            c_noff[p] = j.s[seg].sc.noff;
-        }
-    };
-    if (NESTED && nmy > 0) set_cmp(it0);
-    for (int q0 = 0; q0 < total; q0 += D) {
-#pragma unroll
-        for (int u = 0; u < D; u++) {
-            if (q0 + u >= total) break;
-            if (c_chunk < K32) {
-                const uint32_t xo = ((uint32_t)c_chunk * 64u) ^ xsw; /* piece p at xo ^ 16 p */
-                uint4 xv[4];
-#pragma unroll
-                for (int p = 0; p < 4; p++) xv[p] = *reinterpret_cast<const uint4 *>(xs + (xo ^ ((uint32_t)p * 16u)));
-#pragma unroll
-                for (int r = 0; r < 4; r++) {
-                    const float d = q4h_dot(tab, st[u].c[r], xv, lane_off);
-                    const float am = NESTED ? __fadd_rn(__fmul_rn(ncode[c_nco[r >> 1] + st[u].q[r]], st[u].a[r]),
-                                                        c_noff[r >> 1])
-                                            : st[u].a[r];
-                    acc[r] += am * d;
-                }
-            }
-            load_next(st[u]);
-            if (++c_m < upw) {
-                c_chunk += 64;
-                continue;
-            }
-            /* the item's last step: its 4 sums over the warp (lanes with bits 4, 3 = v hold row v:
-             * k_q4_h2's butterfly order, xor 16 first), then over the pair */
-            c_m = 0;
-            c_chunk = chunk0;
-            float k0 = b4 ? acc[2] : acc[0], k1 = b4 ? acc[3] : acc[1];
-            const float s0 = b4 ? acc[0] : acc[2], s1 = b4 ? acc[1] : acc[3];
-            k0 += __shfl_xor_sync(0xffffffffu, s0, 16);
-            k1 += __shfl_xor_sync(0xffffffffu, s1, 16);
-            float v = b3 ? k1 : k0;
-            v += __shfl_xor_sync(0xffffffffu, b3 ? k0 : k1, 8);
-            for (int o = 4; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-            float *pp = part[pair][c_k & 1];
-            if (h == 1 && (lane & 7) == 0) pp[vme] = v;
-            asm volatile("bar.sync %0, 64;" ::"r"(1 + pair) : "memory");
-            if (h == 0) {
-                const float tot = (v + pp[vme]) * inv_s;
-                if (glu) {
-                    const float up = __shfl_down_sync(0xffffffffu, tot, 16); /* lanes 0, 8: rows 2, 3 */
-                    const int64_t n = (int64_t)c_it * 2 + vme;
-                    if (lane < 16 && (lane & 7) == 0 && n < j.s[0].N) {
-                        const float a2[2][1] = {{tot}, {up}}, one[1] = {1.0f};
-                        gemv_store<1, 2>(j, a2, one, 0, n);
-                    }
-                } else if ((lane & 7) == 0) {
-                    int seg;
-                    int64_t n0;
-                    gemv_rows(j, 4, c_it, &seg, &n0);
-                    const float a1[1][1] = {{tot}}, one[1] = {1.0f};
-                    if (n0 + vme < j.s[seg].N) gemv_store<1, 1>(j, a1, one, seg, n0 + vme);
-                }
-            }
-#pragma unroll
-            for (int r = 0; r < 4; r++) acc[r] = 0.0f;
-            c_k++;
-            if (++c_it < itend && NESTED) set_cmp(c_it);
-        }
-    }
-#ifdef TUNA_Q4_TRACE
-    if (tr && lane == 0) tr[4 + warp] = q4tr_now();
-#endif
+    q4h4_run<NORM, NESTED, D, false>(sm, x, j, lut_in, true, nitems, lmax, nshift, 0, wait, store Q4TR_ARGV);
 }
 
 static long g_q4h4_launches;
