@@ -122,6 +122,25 @@ typedef struct tuna_backend tuna_backend; /* opaque per-backend state (thread po
 /* The lora op's act value for its residual form (see lora in struct tuna_backend_ops). */
 #define TUNA_LORA_RESIDUAL (-1)
 
+/* One decode layer of one token (the decode_layer op): the arguments of the ops it replaces. */
+struct tuna_decode_layer {
+    float *x;                          /* [C] the residual stream, updated in place */
+    float *q, *k, *v, *att;            /* [H*D], [Hkv*D], [Hkv*D], [H*D] scratch, written */
+    float *xn_attn, *xn_mlp, *act;     /* [C], [C], [I] scratch, written */
+    const float *attn_norm, *mlp_norm; /* [C] RMSNorm weights */
+    float eps;
+    const struct tuna_weight *w[7];    /* q, k, v, o, gate, up, down */
+    const float *bias[7];              /* NULL where none */
+    void *kcache, *vcache;             /* the layer's cache */
+    enum tuna_dtype kv_dtype;
+    const int64_t *pos, *slot;         /* [1] */
+    const float *inv_freq;             /* [rot_dim / 2] */
+    float attn_factor, scale;
+    const struct tuna_attn_batch *ab;  /* T = 1 */
+    int64_t H, Hkv, D, rot_dim;
+    int act_kind;                      /* enum tuna_act of the GLU */
+};
+
 struct tuna_backend_ops {
     const char *name;
 
@@ -328,6 +347,11 @@ struct tuna_backend_ops {
                           enum tuna_dtype adt, const struct tuna_weight *const *ws, const float *const *biases,
                           int64_t T, const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok,
                           bool acc);
+    /* Optional (NULL: the ops one by one): a whole decode layer of one token without adapters or
+     * q/k norms — rmsnorm_qkv_rope_kv, attention, matmul_add of o, rmsnorm_matmul_glu, matmul_add
+     * of down — in one call, the same results up to float32 rounding (the CUDA backend runs it as
+     * one kernel for 4-bit weights). Returns false, having done nothing, when it declines. */
+    bool (*decode_layer)(tuna_backend *be, const struct tuna_decode_layer *l);
 };
 
 #endif

@@ -179,6 +179,15 @@ static bool lora_on(const struct tuna_model *m, const struct tuna_linear *lin)
     return lin->n_lora > 0 && m->ws->lora_used;
 }
 
+/* No adapter of the layer is used in this step. */
+static bool layer_without_lora(const struct tuna_model *m, const struct tuna_layer *L)
+{
+    const struct tuna_linear *const lins[7] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
+    for (int i = 0; i < 7; i++)
+        if (lora_on(m, lins[i])) return false;
+    return true;
+}
+
 /* The lora op over n <= 3 linears sharing x: ys[i] += each token's adapter of lins[i]; with
  * glu_out (gate and up), glu_out = act(gate + LoRA) * (up + LoRA) instead (see backend.h). The
  * linears without adapters get none; the caller checked that the step uses adapters. */
@@ -631,6 +640,15 @@ static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const stru
             tuna_status st = layer_act16(m, L, A, x, kc, vc, kvdt, md, T, adt);
             if (st) return st;
             continue;
+        }
+        if (fuse && T == 1 && op->decode_layer && !L->q_norm && !L->k_norm && layer_without_lora(m, L)) {
+            /* the whole layer in one call where the backend takes it (CUDA: one kernel, 4-bit) */
+            const struct tuna_decode_layer dl = {
+                x, A->q, A->k, A->v, A->att, A->xn_attn, A->xn_mlp, A->gate, L->attn_norm, L->mlp_norm,
+                (float)a->norm_eps, {&L->q.w, &L->k.w, &L->v.w, &L->o.w, &L->gate.w, &L->up.w, &L->down.w},
+                {L->q.bias, L->k.bias, L->v.bias, L->o.bias, L->gate.bias, L->up.bias, L->down.bias}, kc, vc, kvdt,
+                md->pos, md->slot, md->inv_freq, m->attn_factor, scale, md->ab, H, Hkv, D, m->rot_dim, (int)a->act};
+            if (op->decode_layer(be, &dl)) continue;
         }
         /* attention block; the o projection's weights may stream into the device's cache while
          * RoPE and attention leave memory bandwidth idle (a hint: prefetch_l2) */

@@ -197,6 +197,7 @@ extern "C" void tuna_cuda_backend_free(tuna_backend *be)
     cudaFree(be->argmax_ids.p);
     cudaFree(be->argmax_part.p);
     cudaFree(be->attn.p);
+    cudaFree(be->layer.p);
     cudaFree(be->fuse.p);
     cudaFree(be->lora.p);
     tuna_cuda_lora_free(be);
@@ -381,6 +382,7 @@ static const struct tuna_backend_ops k_cuda_ops = {
     tuna_cuda_glu16,
     tuna_cuda_act16_min_t,
     tuna_cuda_lora_matmul16,
+    tuna_cuda_decode_layer,
 };
 
 extern "C" const struct tuna_backend_ops *tuna_cuda_backend_ops(void) { return &k_cuda_ops; }

@@ -39,6 +39,7 @@ struct tuna_backend {
     struct cuda_grow_buf argmax_ids; /* [T] int32 greedy ids before their download (argmax.cu) */
     struct cuda_grow_buf argmax_part; /* [T * nb] float bests, then [T * nb] int indices (argmax.cu, few rows) */
     struct cuda_grow_buf attn;   /* attention's split partials (attention.cu): sized once, never moves */
+    struct cuda_grow_buf layer;  /* the decode-layer kernel's barrier, counters, partials (q4_layer.cu) */
     struct cuda_grow_buf fuse;   /* scratch of the fused ops' unfused fallbacks (fused.cu) */
     struct cuda_grow_buf lora;   /* LoRA shrink partials [S, T, max_r] float32 (lora.cu) */
     struct {                     /* u of the linear after a GLU (down), made by the GLU-form lora call */
@@ -189,6 +190,8 @@ void tuna_cuda_rmsnorm_qkv_rope_kv(tuna_backend *be, float *const *ys, float *xn
                                    void *kcache, void *vcache, enum tuna_dtype kv_dtype, const int64_t *pos,
                                    const int64_t *slot, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t rot_dim,
                                    const float *inv_freq, float attn_factor);
+/* backend.h's decode_layer (q4_layer.cu): one persistent kernel per layer for 4-bit weights. */
+bool tuna_cuda_decode_layer(tuna_backend *be, const struct tuna_decode_layer *l);
 /* backend.h's prefetch_l2 (pdl.cu): records the hint for the next decode kernel that issues it. */
 void tuna_cuda_prefetch_l2(tuna_backend *be, const void *p, size_t bytes);
 
