@@ -605,25 +605,6 @@ static bool launch_multi(tuna_backend *be, const float *x, struct gemv_job *j, i
     return true;
 }
 
-/* A job over n weights (ys[i] = x W_i^T + b_i) in mode `mode`; nw != NULL folds the RMSNorm in. */
-static void job_init(struct gemv_job *j, int n, float *const *ys, const struct tuna_weight *const *ws,
-                     const float *const *biases, int mode, const float *nw, float *xn, float eps)
-{
-    memset(j, 0, sizeof *j);
-    j->nseg = n;
-    j->K = ws[0]->cols;
-    j->mode = mode;
-    j->nw = nw;
-    j->xn = xn;
-    j->eps = eps;
-    for (int i = 0; i < n; i++) {
-        j->s[i].W = ws[i]->data;
-        j->s[i].y = ys ? ys[i] : NULL;
-        j->s[i].bias = biases ? biases[i] : NULL;
-        j->s[i].N = ws[i]->rows;
-    }
-}
-
 /* Runs the job on the 16-bit or the 4-bit grouped kernel; false when neither takes it. */
 static bool run_job(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
                     int64_t T)
@@ -661,7 +642,7 @@ void tuna_cuda_matmul_multi(tuna_backend *be, int n, float *const *ys, const flo
     if (be->sticky || T <= 0 || n <= 0) return;
     struct gemv_job j;
     if (n <= GEMV_MAX_SEG) {
-        job_init(&j, n, ys, ws, biases, GEMV_STORE, NULL, NULL, 0.0f);
+        gemv_job_init(&j, n, ys, ws, biases, GEMV_STORE, NULL, NULL, 0.0f);
         if (run_job(be, x, &j, ws, T)) return;
     }
     /* the GEMMs: x rounded to 16 bits once for all of them (kept for this loop only) */
@@ -687,7 +668,7 @@ static bool glu_job(tuna_backend *be, float *out, const float *x, const struct t
     const float *bs[2] = {bg, bu};
     float *ys[2] = {out, NULL};
     struct gemv_job j;
-    job_init(&j, 2, ys, ws, bs, GEMV_GLU, nw, xn, eps);
+    gemv_job_init(&j, 2, ys, ws, bs, GEMV_GLU, nw, xn, eps);
     j.act = act;
     return run_job(be, x, &j, ws, T);
 }
@@ -711,7 +692,7 @@ void tuna_cuda_matmul_add(tuna_backend *be, float *y, const float *x, const stru
     if (be->sticky || T <= 0) return;
     struct gemv_job j;
     float *ys[1] = {y};
-    job_init(&j, 1, ys, &w, &bias, GEMV_ADD, NULL, NULL, 0.0f);
+    gemv_job_init(&j, 1, ys, &w, &bias, GEMV_ADD, NULL, NULL, 0.0f);
     if (run_job(be, x, &j, &w, T)) return;
     if (tuna_cuda_matmul_acc(be, y, x, w, bias, T)) return; /* cuBLAS with beta = 1: no add pass */
     float *tmp = fuse_scratch(be, (size_t)(T * w->rows));
@@ -727,7 +708,7 @@ void tuna_cuda_rmsnorm_matmul_multi(tuna_backend *be, int n, float *const *ys, f
     if (be->sticky || T <= 0 || n <= 0) return;
     if (n <= GEMV_MAX_SEG) {
         struct gemv_job j;
-        job_init(&j, n, ys, ws, biases, GEMV_STORE, nw, xn, eps);
+        gemv_job_init(&j, n, ys, ws, biases, GEMV_STORE, nw, xn, eps);
         if (run_job(be, x, &j, ws, T)) return;
     }
     tuna_cuda_rmsnorm(be, xn, x, nw, T, ws[0]->cols, eps);
@@ -792,7 +773,7 @@ static bool qkv_rope_fused(tuna_backend *be, float *const *ys, float *xn, const 
     rp.half = (int)half;
     rp.HkvD = Hkv * D;
     struct gemv_job j;
-    job_init(&j, 3, ys, ws, biases, GEMV_STORE, nw, xn, eps);
+    gemv_job_init(&j, 3, ys, ws, biases, GEMV_STORE, nw, xn, eps);
     j.dtype = dtype;
     j.nwarp = gemv_number_rows(&j, 2) / 2;
     j.prefetch = tuna_cuda_gemv_prefetch();

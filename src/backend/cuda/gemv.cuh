@@ -3,6 +3,8 @@
 #ifndef TUNA_BACKEND_CUDA_GEMV_CUH
 #define TUNA_BACKEND_CUDA_GEMV_CUH
 
+#include <string.h>
+
 #include "backend/cuda/cuda_internal.h"
 
 #define GEMV_MAX_SEG 4
@@ -76,6 +78,25 @@ struct gemv_job {
 };
 
 enum { GEMV_STORE = 0, GEMV_ADD = 1, GEMV_GLU = 2 };
+
+/* A job over n weights (ys[i] = x W_i^T + b_i) in mode `mode`; nw != NULL folds the RMSNorm in. */
+static inline void gemv_job_init(struct gemv_job *j, int n, float *const *ys, const struct tuna_weight *const *ws,
+                                 const float *const *biases, int mode, const float *nw, float *xn, float eps)
+{
+    memset(j, 0, sizeof *j);
+    j->nseg = n;
+    j->K = ws[0]->cols;
+    j->mode = mode;
+    j->nw = nw;
+    j->xn = xn;
+    j->eps = eps;
+    for (int i = 0; i < n; i++) {
+        j->s[i].W = ws[i]->data;
+        j->s[i].y = ys ? ys[i] : NULL;
+        j->s[i].bias = biases ? biases[i] : NULL;
+        j->s[i].N = ws[i]->rows;
+    }
+}
 
 /* Numbers the rows of the segments: each starts on a multiple of R so a warp's rows stay in one
  * matrix. Returns the rows of the launch. */

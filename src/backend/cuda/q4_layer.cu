@@ -570,26 +570,14 @@ static bool q4l_is_q4(const struct tuna_weight *w)
     return (w->dtype == TUNA_DTYPE_NF4 || w->dtype == TUNA_DTYPE_FP4) && w->q4;
 }
 
-/* A job over n weights of the layer (fused.cu's job_init with the 4-bit scales). */
+/* A job over n weights of the layer (gemv_job_init with the 4-bit scales). */
 static void q4l_job(struct gemv_job *j, int n, float *const *ys, const struct tuna_weight *const *ws,
                     const float *const *biases, int mode, const float *nw, float *xn, float eps, int shift)
 {
-    memset(j, 0, sizeof *j);
-    j->nseg = n;
-    j->K = ws[0]->cols;
-    j->mode = mode;
-    j->nw = nw;
-    j->xn = xn;
-    j->eps = eps;
+    gemv_job_init(j, n, ys, ws, biases, mode, nw, xn, eps);
     j->bs_shift = shift;
     j->prefetch = tuna_cuda_gemv_prefetch();
-    for (int i = 0; i < n; i++) {
-        j->s[i].W = ws[i]->data;
-        j->s[i].y = ys ? ys[i] : NULL;
-        j->s[i].bias = biases ? biases[i] : NULL;
-        j->s[i].N = ws[i]->rows;
-        j->s[i].sc = q4_scales_of((const struct tuna_cuda_q4 *)ws[i]->q4);
-    }
+    for (int i = 0; i < n; i++) j->s[i].sc = q4_scales_of((const struct tuna_cuda_q4 *)ws[i]->q4);
 }
 
 typedef void (*q4l_kernel)(const struct q4l_params);
