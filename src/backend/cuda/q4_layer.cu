@@ -605,9 +605,9 @@ bool tuna_cuda_decode_layer(tuna_backend *be, const struct tuna_decode_layer *a)
         w[3]->rows != C || w[3]->cols != H * D || w[4]->cols != C || w[5]->rows != I || w[5]->cols != C ||
         w[6]->rows != C || w[6]->cols != I)
         return false;
-    const float *f16[] = {a->x, a->q, a->att, a->act, a->xn_attn, a->xn_mlp, a->attn_norm, a->mlp_norm};
-    for (int i = 0; i < 8; i++)
-        if (!f16[i] || (uintptr_t)f16[i] % 16 != 0) return false;
+    const float *vec[] = {a->x, a->q, a->att, a->act, a->xn_attn, a->xn_mlp, a->attn_norm, a->mlp_norm};
+    for (int i = 0; i < 8; i++) /* read or written in 16-byte pieces */
+        if (!vec[i] || (uintptr_t)vec[i] % 16 != 0) return false;
     /* the weights: k_q4_h4's conditions, one table, blocksize and scale form for all seven */
     const struct tuna_cuda_q4 *q0 = NULL;
     for (int i = 0; i < 7; i++) {
@@ -656,8 +656,8 @@ bool tuna_cuda_decode_layer(tuna_backend *be, const struct tuna_decode_layer *a)
     /* shared memory: the table, the nested codes, then x (the largest K) or phase 2's scratch */
     const int64_t kmax = C > I ? (C > H * D ? C : H * D) : (I > H * D ? I : H * D); /* the largest K: C, I or H*D (o) */
     /* phase 2's scratch lies over the table (phase 3 builds it again): the kernel asks for little
-     * more than k_q4_h4 does, and L1 keeps its room for the loads in flight (with 215 KB of shared
-     * memory and a 14 KB L1 every GEMV loop ran 1.4-2.2x slower: H100, fifteenth session) */
+     * more than k_q4_h4 does (108 KB at 8B shapes instead of 215; the H100 ran the GEMV loops no
+     * faster with the smaller size, but L1 keeps its room) */
     const size_t xs = ((size_t)kmax * 2 + 127) / 128 * 128, att = q4l_att_smem((int)D, GM);
     const size_t gemv = (size_t)Q4H4_TAB + Q4H4_NCODE + xs, smem = gemv > att ? gemv : att;
     if (be->max_smem_optin <= 0 || smem + 2048 > (size_t)be->max_smem_optin) return false;
