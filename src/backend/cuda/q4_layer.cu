@@ -446,10 +446,11 @@ __global__ void __launch_bounds__(Q4H4_THREADS, 1) k_q4_layer(const __grid_const
         gemv_rows(P.jq, 4, it, &seg, &n0);
         const struct gemv_seg &s = P.jq.s[seg];
         const int64_t cs = __ldg(P.slot) * ((int64_t)P.Hkv * DH);
-        if (seg < 2) {
-            const int64_t li = n0 >> 2, head = li / (DH / 4), jj = 2 * (li - head * (DH / 4)) + (v & 1);
+        if (seg < 2) { /* row v of the item and its partner in the other half (q4h4_rope_row's order) */
             const bool second = v >= 2;
-            const int64_t row = head * DH + jj + (second ? DH / 2 : 0), prow = head * DH + jj + (second ? 0 : DH / 2);
+            const int64_t row = q4h4_rope_row<true>(seg, n0, v >> 1, DH) + (v & 1);
+            const int64_t prow = q4h4_rope_row<true>(seg, n0, (v >> 1) ^ 1, DH) + (v & 1);
+            const int64_t jj = row % DH - (second ? DH / 2 : 0); /* the pair's frequency */
             const float xa = tot + (s.bias ? s.bias[row] : 0.0f), xb = other + (s.bias ? s.bias[prow] : 0.0f);
             float c, sn;
             rope_cos_sin(P.inv_freq, jj, (float)__ldg(P.pos), P.attn_factor, &c, &sn);
