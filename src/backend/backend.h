@@ -38,12 +38,14 @@ struct tuna_lora {
 };
 
 /* One adapter of one linear layer as the lora op reads it: A [r, K] and B [N, r] in backend
- * memory, elements of the set's dtype. r = 0: the adapter leaves this linear alone. */
+ * memory, elements of the set's dtype, B's rows ldb elements apart (0: r, rows back to back; the
+ * GPU views point B into the bank's B_all). r = 0: the adapter leaves this linear alone. */
 struct tuna_lora_w {
     const void *A;
     const void *B;
     int64_t r;
     float scale; /* alpha / r (or alpha / sqrt(r) for rsLoRA) */
+    int64_t ldb;
 };
 
 /* The adapters of one linear layer for the lora op. w is an array in BACKEND memory (device

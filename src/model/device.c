@@ -411,6 +411,7 @@ struct tuna_lora_dev_cache {
     struct lora_dev_view *v;
     int64_t n, cap;
     uint64_t gen; /* bumped by every invalidate */
+    size_t bytes; /* backend memory the views hold (lora_views_make's buffers) */
 };
 
 /* Frees the views (not the cache and its generation). */
@@ -423,7 +424,7 @@ static void lora_views_free(struct tuna_model *m)
         c->v[i].lin->lora_dev = NULL;
         c->v[i].lin->lora_dev_src = NULL;
     }
-    if (c) c->n = 0;
+    if (c) c->n = 0, c->bytes = 0;
 }
 
 static void lora_cache_free(struct tuna_model *m)
@@ -472,9 +473,10 @@ static size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
 /* Makes the device views of k <= 3 linears of one input (q/k/v, gate/up; or one) in one buffer:
  * each linear's descriptors, then the A_all [n * rs, K] of the k linears back to back (adapter a's A
  * in the rows of slot a, its descriptor's A pointing there, ranks r..rs zero: one GEMM can shrink
- * for all k linears at once), then each B_all [N, n * rs] (slot a = columns a*rs..) and every
- * adapter's own B [N, r]; built on the host and uploaded at once. rs = the largest rank of the k
- * linears rounded up to 8. The first view owns the buffer. */
+ * for all k linears at once), then each B_all [N, n * rs] (slot a = columns a*rs..: its
+ * descriptor's B points there, rows n * rs apart; until the sixteenth session each adapter also
+ * had a copy of its own B [N, r], a third of the views' memory); built on the host and uploaded at
+ * once. rs = the largest rank of the k linears rounded up to 8. The first view owns the buffer. */
 static tuna_status lora_views_make(struct tuna_model *m, struct tuna_linear *const *lins, int k)
 {
     struct tuna_lora_dev_cache *c = lora_cache(m);
@@ -497,7 +499,7 @@ static tuna_status lora_views_make(struct tuna_model *m, struct tuna_linear *con
             if (lins[i]->lora[a].r > max_r) max_r = lins[i]->lora[a].r;
     }
     const int64_t rs = (max_r + 7) / 8 * 8;
-    size_t o_desc[3], o_a[3], o_b[3], o_own[3], total = 0;
+    size_t o_desc[3], o_a[3], o_b[3], total = 0;
     for (int i = 0; i < k; i++) {
         o_desc[i] = total;
         total += align256((size_t)lins[i]->n_lora * sizeof(struct tuna_lora_w));
@@ -510,11 +512,6 @@ static tuna_status lora_views_make(struct tuna_model *m, struct tuna_linear *con
     for (int i = 0; i < k; i++) {
         o_b[i] = total;
         total += align256((size_t)(lins[i]->w.rows * lins[i]->n_lora * rs) * esz);
-    }
-    for (int i = 0; i < k; i++) {
-        o_own[i] = total;
-        for (int a = 0; a < lins[i]->n_lora; a++)
-            total += align256(tuna_dtype_nbytes(dt, (uint64_t)(lins[i]->w.rows * lins[i]->lora[a].r)));
     }
     struct tuna_lora_bank *set[3] = {NULL, NULL, NULL};
     bool ok = true;
@@ -542,21 +539,20 @@ static tuna_status lora_views_make(struct tuna_model *m, struct tuna_linear *con
             st = tuna_fail_oom("LoRA device view", (size_t)(N * RU) * sizeof(float));
             break;
         }
-        size_t off = o_own[i];
         for (int a = 0; a < n && !st; a++) {
             const struct tuna_lora *h = &lin->lora[a];
-            desc[a] = (struct tuna_lora_w){NULL, NULL, h->r, h->scale};
+            desc[a] = (struct tuna_lora_w){NULL, NULL, h->r, h->scale, 0};
             if (h->r == 0) continue; /* an adapter that leaves this linear alone */
-            size_t na = (size_t)(h->r * K), nb = (size_t)(N * h->r);
-            const size_t o_slot = o_a[i] + (size_t)(a * rs * K) * esz;
-            if (!tuna_convert_from_f32(dt, h->A, host + o_slot, na) || !tuna_convert_from_f32(dt, h->B, host + off, nb)) {
+            const size_t na = (size_t)(h->r * K), o_slot = o_a[i] + (size_t)(a * rs * K) * esz;
+            if (!tuna_convert_from_f32(dt, h->A, host + o_slot, na)) {
                 st = tuna_fail(TUNA_E_UNSUPPORTED, "LoRA view: cannot convert adapters to %s", tuna_dtype_name(dt));
                 break;
             }
             for (int64_t j = 0; j < N; j++) memcpy(bt + j * RU + a * rs, h->B + j * h->r, (size_t)h->r * sizeof(float));
+            /* A and B in the slot of the dense form: B's rows RU elements apart (no copy of its own) */
             desc[a].A = (char *)buf + o_slot;
-            desc[a].B = (char *)buf + off;
-            off += align256(tuna_dtype_nbytes(dt, nb));
+            desc[a].B = (char *)buf + o_b[i] + (size_t)(a * rs) * esz;
+            desc[a].ldb = RU;
         }
         if (!st && bt && !tuna_convert_from_f32(dt, bt, host + o_b[i], (size_t)(N * RU)))
             st = tuna_fail(TUNA_E_UNSUPPORTED, "LoRA view: cannot convert adapters to %s", tuna_dtype_name(dt));
@@ -576,6 +572,7 @@ static tuna_status lora_views_make(struct tuna_model *m, struct tuna_linear *con
         for (int i = 0; i < k; i++) free(set[i]);
         return st;
     }
+    c->bytes += total;
     for (int i = 0; i < k; i++) {
         c->v[c->n].lin = lins[i];
         c->v[c->n].buf = i == 0 ? buf : NULL;
@@ -584,6 +581,38 @@ static tuna_status lora_views_make(struct tuna_model *m, struct tuna_linear *con
         lins[i]->lora_dev_src = lins[i]->lora;
     }
     return TUNA_OK;
+}
+
+size_t tuna_model_lora_view_bytes(const struct tuna_model *m, int slots, int64_t r)
+{
+    if (slots <= 0 || r <= 0) return 0;
+    const struct tuna_arch *a = &m->arch;
+    const size_t esz = tuna_dtype_nbytes(lora_view_dtype(m), 1), n = (size_t)slots, rs = (size_t)((r + 7) / 8 * 8);
+    const size_t C = (size_t)a->hidden_size, Q = (size_t)(a->n_heads * a->head_dim);
+    const size_t KV = (size_t)(a->n_kv_heads * a->head_dim), I = (size_t)a->intermediate_size;
+    /* lora_views_make's groups: q/k/v, o, gate/up, down (K, and N of each linear) */
+    const struct {
+        size_t K;
+        int k;
+        size_t N[3];
+    } g[4] = {{C, 3, {Q, KV, KV}}, {Q, 1, {C, 0, 0}}, {C, 2, {I, I, 0}}, {I, 1, {C, 0, 0}}};
+    size_t layer = 0;
+    for (int gi = 0; gi < 4; gi++) {
+        size_t t = 0;
+        for (int i = 0; i < g[gi].k; i++) t += align256(n * sizeof(struct tuna_lora_w));
+        for (int i = 0; i < g[gi].k; i++) t += n * rs * g[gi].K * esz; /* A_all */
+        t = align256(t);
+        for (int i = 0; i < g[gi].k; i++) t += align256(g[gi].N[i] * n * rs * esz); /* B_all */
+        /* one allocation per group: on a GPU, cudaMalloc's 2 MiB granularity */
+        if (!m->ops->host_memory) t = (t + ((size_t)2 << 20) - 1) / ((size_t)2 << 20) * ((size_t)2 << 20);
+        layer += t;
+    }
+    return layer * (size_t)a->n_layers;
+}
+
+size_t tuna_model_lora_view_bytes_made(const struct tuna_model *m)
+{
+    return m->lora_dev ? m->lora_dev->bytes : 0;
 }
 
 static tuna_status lora_views_all(struct tuna_model *m);

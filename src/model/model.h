@@ -174,6 +174,13 @@ tuna_status tuna_model_embed_to_device(struct tuna_model *m);
 /* The adapters of a linear layer as the GPU sees them: lin->lora_dev, uploaded now when missing;
  * NULL when the upload fails (tuna_model_lora_prepare reports why). */
 const struct tuna_lora_bank *tuna_model_lora_on_device(struct tuna_model *m, const struct tuna_linear *lin);
+/* Device bytes the views of `slots` adapters of rank r on q, k, v, o, gate, up and down of every
+ * layer take (lora_views_make's layout in the GPU's compute dtype: descriptors, A_all and B_all,
+ * with their alignment; on a GPU each buffer rounded up to cudaMalloc's 2 MiB), an upper bound:
+ * what `tuna serve` keeps free of the KV cache. 0 for slots or r <= 0. */
+size_t tuna_model_lora_view_bytes(const struct tuna_model *m, int slots, int64_t r);
+/* Backend bytes the device views made so far hold (0 when none): what the estimate bounds. */
+size_t tuna_model_lora_view_bytes_made(const struct tuna_model *m);
 /* Uploads the device view of every linear with adapters now, so that an upload failure (GPU
  * memory) is a status here, when adapters are attached, and not a missing update in a later
  * forward. TUNA_OK at once on host-memory backends. */

@@ -260,10 +260,8 @@ void tuna_serve_loras_each(struct tuna_serve_loras *L, void (*fn)(void *arg, con
 
 double tuna_serve_lora_bytes(const struct tuna_model *m, int slots, int64_t r)
 {
-    const struct tuna_arch *a = &m->arch;
-    double C = (double)a->hidden_size, Q = (double)(a->n_heads * a->head_dim);
-    double KV = (double)(a->n_kv_heads * a->head_dim), I = (double)a->intermediate_size;
-    /* K + N of q, k, v, o, gate, up, down */
-    double per_layer = (C + Q) + 2 * (C + KV) + (Q + C) + 2 * (C + I) + (I + C);
-    return (double)slots * (double)r * per_layer * (double)a->n_layers * 4.0;
+    /* what the views will take (model/device.c), in the GPU's dtype: before the sixteenth session
+     * this assumed float32 A and B, 1.25 GiB for 8 slots of rank 16 on Llama-3-8B, where the bf16
+     * views took 0.95 (each adapter's B twice) and now take 0.63 (0.69 with the 2 MiB rounding) */
+    return (double)tuna_model_lora_view_bytes(m, slots, r);
 }

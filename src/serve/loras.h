@@ -86,7 +86,7 @@ void tuna_serve_loras_each(struct tuna_serve_loras *L, void (*fn)(void *arg, con
                            void *arg);
 
 /* Device bytes that `slots` adapters of rank r on all seven projections of every layer of m take
- * (float32 A and B): what `tuna serve` keeps free of the KV cache on a GPU. */
+ * (tuna_model_lora_view_bytes): what `tuna serve` keeps free of the KV cache on a GPU. */
 double tuna_serve_lora_bytes(const struct tuna_model *m, int slots, int64_t r);
 
 #endif

@@ -30,6 +30,7 @@ static void lora_one(float *y, const float *x, int64_t T, int64_t N, int64_t K, 
         int32_t ai = tok->adapter[t];
         if (ai < 0 || ai >= set->n) continue;
         const struct tuna_lora_w *ad = &set->w[ai];
+        const int64_t ldb = ad->ldb ? ad->ldb : ad->r;
         for (int64_t r0 = 0; r0 < ad->r; r0 += 256) {
             int64_t nr = ad->r - r0 < 256 ? ad->r - r0 : 256;
             for (int64_t j = 0; j < nr; j++) {
@@ -44,7 +45,7 @@ static void lora_one(float *y, const float *x, int64_t T, int64_t N, int64_t K, 
             }
             for (int64_t n = 0; n < N; n++) {
                 float s = 0;
-                for (int64_t j = 0; j < nr; j++) s += lora_elem(ad->B, n * ad->r + r0 + j, dt) * ax[j];
+                for (int64_t j = 0; j < nr; j++) s += lora_elem(ad->B, n * ldb + r0 + j, dt) * ax[j];
                 y[t * N + n] += ad->scale * s;
             }
         }

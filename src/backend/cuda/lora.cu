@@ -220,7 +220,8 @@ __global__ void __launch_bounds__(EX_NT)
     const int64_t n = (int64_t)blockIdx.x * EX_NT + threadIdx.x;
     if (n >= N) return;
     const void *B = w[a].B;
-    const bool vec = (r & 7) == 0 && ((uintptr_t)B & 15) == 0;
+    const int64_t ldb = w[a].ldb ? w[a].ldb : r; /* B's row stride */
+    const bool vec = (r & 7) == 0 && (ldb & 7) == 0 && ((uintptr_t)B & 15) == 0;
     float acc[EX_TM];
 #pragma unroll
     for (int ti = 0; ti < EX_TM; ti++) acc[ti] = 0.0f;
@@ -230,11 +231,11 @@ __global__ void __launch_bounds__(EX_NT)
         for (int c8 = 0; c8 < EX_JB; c8 += 8) {
             const int j0 = jb + c8;
             if (vec && j0 < r) {
-                lora_ld4<DT>(B, n * r + j0, b + c8);
-                lora_ld4<DT>(B, n * r + j0 + 4, b + c8 + 4);
+                lora_ld4<DT>(B, n * ldb + j0, b + c8);
+                lora_ld4<DT>(B, n * ldb + j0 + 4, b + c8 + 4);
             } else {
 #pragma unroll
-                for (int c = 0; c < 8; c++) b[c8 + c] = j0 + c < r ? lora_ld<DT>(B, n * r + j0 + c) : 0.0f;
+                for (int c = 0; c < 8; c++) b[c8 + c] = j0 + c < r ? lora_ld<DT>(B, n * ldb + j0 + c) : 0.0f;
             }
         }
 #pragma unroll
@@ -636,6 +637,7 @@ __global__ void __launch_bounds__(TC_WARPS * 32)
     int r[NBK], r16[NBK], uc[NBK];
     float sc[NBK];
     const uint16_t *B[NBK];
+    int64_t ldb[NBK]; /* B's row stride */
 #pragma unroll
     for (int q = 0; q < NBK; q++) {
         r[q] = tc_rank(b, li + q, a);
@@ -643,6 +645,7 @@ __global__ void __launch_bounds__(TC_WARPS * 32)
         uc[q] = q ? r16[0] : 0;
         sc[q] = r[q] ? b.w[li + q][a].scale : 0.0f;
         B[q] = r[q] ? (const uint16_t *)b.w[li + q][a].B : NULL;
+        ldb[q] = r[q] && b.w[li + q][a].ldb ? b.w[li + q][a].ldb : r[q];
     }
     if (!ALL && r[0] == 0) return;
     /* the next linear's rank for this tile's adapter (GLU), its n-tiles of 8 ranks in pairs */
@@ -684,7 +687,7 @@ __global__ void __launch_bounds__(TC_WARPS * 32)
                     acc[q][mt][jt][0] = acc[q][mt][jt][1] = acc[q][mt][jt][2] = acc[q][mt][jt][3] = 0.0f;
 #pragma unroll
         for (int q = 0; q < NBK; q++) {
-            const bool bvec = (r[q] & 1) == 0;
+            const bool bvec = ((r[q] | ldb[q]) & 1) == 0;
             for (int k0 = 0; k0 < r16[q]; k0 += 16) {
                 uint32_t af[2][4];
 #pragma unroll
@@ -701,7 +704,7 @@ __global__ void __launch_bounds__(TC_WARPS * 32)
                     const int64_t n = n0 + 8 * jt + g;
                     uint32_t b0 = 0u, b1 = 0u;
                     if (n < N) {
-                        const uint16_t *br = B[q] + n * r[q];
+                        const uint16_t *br = B[q] + n * ldb[q];
                         b0 = tc_pair(br, ka, ka < r[q], ka + 1 < r[q], bvec);
                         b1 = tc_pair(br, kc, kc < r[q], kc + 1 < r[q], bvec);
                     }
