@@ -185,8 +185,8 @@ static void test_lora(void **state)
                     tuna_convert_from_f32(dt, B, hB, (size_t)(Ns[l] * r));
                     free(A), free(B);
                     const float scale = 0.5f + 0.75f * (float)a - 0.25f * (float)l;
-                    wc[l][a] = (struct tuna_lora_w){hA, hB, r, scale};
-                    wg[l][a] = (struct tuna_lora_w){dev(hA, ba), dev(hB, bb), r, scale};
+                    wc[l][a] = (struct tuna_lora_w){hA, hB, r, scale, 0};
+                    wg[l][a] = (struct tuna_lora_w){dev(hA, ba), dev(hB, bb), r, scale, 0};
                     keep[l][2 * a] = (void *)wg[l][a].A, keep[l][2 * a + 1] = (void *)wg[l][a].B;
                 }
                 dw[l] = dev(wg[l], sizeof wg[l]);
@@ -286,8 +286,8 @@ static void test_lora(void **state)
                     tuna_convert_from_f32(dt, A, hA, (size_t)(r * N));
                     tuna_convert_from_f32(dt, B, hB, (size_t)(Nd * r));
                     free(A), free(B);
-                    dc[a] = (struct tuna_lora_w){hA, hB, r, 0.75f - 0.125f * (float)a};
-                    dg[a] = (struct tuna_lora_w){dev(hA, ba), dev(hB, bb), r, dc[a].scale};
+                    dc[a] = (struct tuna_lora_w){hA, hB, r, 0.75f - 0.125f * (float)a, 0};
+                    dg[a] = (struct tuna_lora_w){dev(hA, ba), dev(hB, bb), r, dc[a].scale, 0};
                 }
                 struct tuna_lora_w *dwd = dev(dg, sizeof dg);
                 const struct tuna_lora_bank scd = {NA, 64, dt, dc, NULL, NULL, 0}, sgd = {NA, 64, dt, dwd, NULL, NULL, 0};

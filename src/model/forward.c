@@ -222,7 +222,7 @@ static void lora_apply(struct tuna_model *m, int n, const struct tuna_linear *co
         int64_t max_r = 0;
         for (int a = 0; a < lin->n_lora; a++) {
             const struct tuna_lora *h = &lin->lora[a];
-            w[off + a] = (struct tuna_lora_w){h->A, h->B, h->r, h->scale};
+            w[off + a] = (struct tuna_lora_w){h->A, h->B, h->r, h->scale, 0};
             if (h->r > max_r) max_r = h->r;
         }
         banks[i] = (struct tuna_lora_bank){lin->n_lora, max_r, TUNA_DTYPE_F32, w + off, NULL, NULL, 0};
