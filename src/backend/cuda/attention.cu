@@ -278,28 +278,6 @@ __global__ void k_attn_combine(float *out, const float *part_acc, const float *p
 #define D16_KEYS 16
 #define D16_MAX_BPS 4 /* blocks per SM counted at most when sizing the grid */
 
-/* 16 bytes from global to shared memory, asynchronously; src_bytes 0 writes zeros */
-static __device__ __forceinline__ void cp_async16(void *smem, const void *gmem, int src_bytes)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes) : "memory");
-#else
-    *(uint4 *)smem = src_bytes ? __ldg((const uint4 *)gmem) : make_uint4(0, 0, 0, 0);
-#endif
-}
-static __device__ __forceinline__ void cp_async_commit()
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-template <int N> static __device__ __forceinline__ void cp_async_wait()
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
-}
 static __device__ __forceinline__ void cp_async_wait_rt(int n) /* n in 1..3 */
 {
     if (n <= 1) cp_async_wait<1>();

@@ -1,5 +1,6 @@
 /* attention_internal.cuh — what the decode (attention.cu) and prefill (attention_prefill.cu)
- * attention kernels share: the metadata of one attention call and the prefill kernel's launcher. */
+ * attention kernels share: the metadata of one attention call, the prefill kernel's launcher and
+ * the cp.async helpers (also q4_layer.cu's attention phase). */
 #pragma once
 #include <stdint.h>
 
@@ -7,6 +8,30 @@
 
 #define ATT_MAX_D 256
 #define PF_MIN_RUN 8 /* consecutive tokens of one sequence that go to the prefill kernel */
+
+/* 16 bytes from global to shared memory, asynchronously (cp.async, through L2); src_bytes 0 writes
+ * zeros. Used by the decode attention and the decode-layer kernel (q4_layer.cu). */
+static __device__ __forceinline__ void cp_async16(void *smem, const void *gmem, int src_bytes)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes) : "memory");
+#else
+    *(uint4 *)smem = src_bytes ? __ldg((const uint4 *)gmem) : make_uint4(0, 0, 0, 0);
+#endif
+}
+static __device__ __forceinline__ void cp_async_commit()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N> static __device__ __forceinline__ void cp_async_wait()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
 
 /* Where token t's positions and block table are (device pointers). */
 struct att_meta {

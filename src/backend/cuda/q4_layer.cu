@@ -160,29 +160,6 @@ static __device__ __forceinline__ void q4l_st16(void *c, int64_t i, float v, int
     else ((__half *)c)[i] = __float2half_rn(v);
 }
 
-/* 16 bytes from global to shared memory without registers (through L2); src_bytes 0: zeros */
-static __device__ __forceinline__ void q4l_cp16(void *smem, const void *gmem, int src_bytes)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    const unsigned sa = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(gmem), "r"(src_bytes) : "memory");
-#else
-    *(uint4 *)smem = src_bytes ? __ldcg((const uint4 *)gmem) : make_uint4(0u, 0u, 0u, 0u);
-#endif
-}
-static __device__ __forceinline__ void q4l_cp_commit()
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-static __device__ __forceinline__ void q4l_cp_wait_all()
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-#endif
-}
-
 /* Phase 2: att [H * D] from q (rotated) and the cache. sm: the scratch (q4l_att_smem bytes). */
 template <int DH, int GM>
 static __device__ __forceinline__ void q4l_attend(const struct q4l_params &P, float *sm, unsigned long long *ltr)
@@ -233,10 +210,10 @@ static __device__ __forceinline__ void q4l_attend(const struct q4l_params &P, fl
                 const int row = idx / CB, c = idx - row * CB;
                 const int s2 = __shfl_sync(0xffffffffu, sl, 2 * row);
                 const int64_t off = (int64_t)(s2 < 0 ? 0 : s2) * HkvD + c * 8;
-                q4l_cp16(kw + row * KS + c * 8, kb + off, s2 < 0 ? 0 : 16);
-                q4l_cp16(vw + row * DH + c * 8, vb + off, s2 < 0 ? 0 : 16);
+                cp_async16(kw + row * KS + c * 8, kb + off, s2 < 0 ? 0 : 16);
+                cp_async16(vw + row * DH + c * 8, vb + off, s2 < 0 ? 0 : 16);
             }
-            q4l_cp_commit();
+            cp_async_commit();
         };
         /* warps >= Q4L_AW only merge (their shared memory would take L1's room) */
         int g = warp < Q4L_AW ? gb + bi * Q4L_AW + warp : ge + 1;
@@ -256,7 +233,7 @@ static __device__ __forceinline__ void q4l_attend(const struct q4l_params &P, fl
         }
         float *pw_s = ps + warp * 16 * GM;
         for (; g <= ge; g += nbw * Q4L_AW) {
-            q4l_cp_wait_all();
+            cp_async_wait<0>();
             __syncwarp();
             float s[GM];
 #pragma unroll
