@@ -98,7 +98,7 @@ double bench_gemm_rate(struct tuna_model *m)
     if (m->ops->alloc(m->be, nn * 4, &x) || m->ops->alloc(m->be, nn * 2, &w) || m->ops->alloc(m->be, nn * 4, &y) ||
         m->ops->upload(m->be, x, hx, nn * 4) || m->ops->upload(m->be, w, hw, nn * 2))
         goto done;
-    struct tuna_weight wt = {TUNA_DTYPE_BF16, n, n, w, NULL};
+    struct tuna_weight wt = {TUNA_DTYPE_BF16, n, n, w, NULL, 0};
     /* the 16-bit form reads x as bf16: the weight's bits serve (any bf16 values do) */
     const bool h16 = m->ops->matmul16 && m->ops->matmul16(m->be, y, TUNA_DTYPE_BF16, w, TUNA_DTYPE_BF16, &wt, NULL, n,
                                                           false); /* also the warm-up */

@@ -47,7 +47,7 @@ static void test_matmul(void **state)
                         for (int64_t k = 0; k < K; k++) s += (double)x[t * K + k] * wf[n * K + k];
                         ref[t * N + n] = (float)s;
                     }
-                struct tuna_weight w = {dts[di], N, K, wd, NULL};
+                struct tuna_weight w = {dts[di], N, K, wd, NULL, 0};
                 op->matmul(be, y, x, &w, bias, T);
                 double e = tt_rel_err(y, ref, (size_t)(T * N));
                 if (e > 1e-6) print_error("matmul %s T=%lld N=%lld K=%lld threads=%d: rel err %g\n",
@@ -97,7 +97,7 @@ static void test_rmsnorm_glu_embedding(void **state)
     /* embedding: bf16 rows, scaled */
     uint16_t emb[5 * 7];
     for (int i = 0; i < 35; i++) emb[i] = tuna_f32_to_bf16(frand());
-    struct tuna_weight ew = {TUNA_DTYPE_BF16, 5, 7, emb, NULL};
+    struct tuna_weight ew = {TUNA_DTYPE_BF16, 5, 7, emb, NULL, 0};
     int32_t ids[3] = {4, 0, 4};
     float e[21];
     op->embedding(be, e, ids, 3, &ew, 2.0f);

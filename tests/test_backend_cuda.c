@@ -38,8 +38,8 @@ static void test_matmul(void **state)
             size_t wbytes = tuna_dtype_nbytes(types[ti], (uint64_t)(N * K));
             void *wh = malloc(wbytes);
             tuna_convert_from_f32(types[ti], wf, wh, (size_t)(N * K));
-            struct tuna_weight wc = {types[ti], N, K, wh, NULL};
-            struct tuna_weight wg = {types[ti], N, K, dev(wh, wbytes), NULL};
+            struct tuna_weight wc = {types[ti], N, K, wh, NULL, 0};
+            struct tuna_weight wg = {types[ti], N, K, dev(wh, wbytes), NULL, 0};
             float *bias = rnd((size_t)N);
             float *dbias = dev(bias, (size_t)N * 4);
             for (size_t tt = 0; tt < sizeof Ts / sizeof Ts[0]; tt++) {
@@ -88,7 +88,7 @@ static void test_matmul_q4(void **state)
                 struct tuna_q4_weight q;
                 enum tuna_dtype orig = od ? TUNA_DTYPE_BF16 : TUNA_DTYPE_F32;
                 TT_OK(tuna_q4_quantize(wf, TUNA_DTYPE_F32, N, K, type ? TUNA_Q4_FP4 : TUNA_Q4_NF4, 64, true, orig, &q));
-                struct tuna_weight wc = {type ? TUNA_DTYPE_FP4 : TUNA_DTYPE_NF4, N, K, q.codes, &q};
+                struct tuna_weight wc = {type ? TUNA_DTYPE_FP4 : TUNA_DTYPE_NF4, N, K, q.codes, &q, 0};
                 /* the GPU descriptor, with the CPU dequantizer's table (as src/model/device.c) */
                 struct tuna_cuda_q4 d;
                 memset(&d, 0, sizeof d);
@@ -106,7 +106,7 @@ static void test_matmul_q4(void **state)
                     d.qabsmax = dev(q.qabsmax, (size_t)q.n_blocks);
                     d.nested_offset = q.nested_offset;
                 }
-                struct tuna_weight wg = {wc.dtype, N, K, dev(q.codes, (size_t)((N * K + 1) / 2)), &d};
+                struct tuna_weight wg = {wc.dtype, N, K, dev(q.codes, (size_t)((N * K + 1) / 2)), &d, 0};
                 /* float32 compute: exact kernels; bf16 compute: the fast kernel (absmax factored
                  * out) for T <= 8 and bf16 dequantization + cuBLAS above */
                 for (size_t tt = 0; tt < 2 * sizeof Ts / sizeof Ts[0]; tt++) {
@@ -468,8 +468,8 @@ static void test_elementwise(void **state)
     float *ef = rnd((size_t)(V * C));
     uint16_t *eh = malloc((size_t)(V * C) * 2);
     tuna_convert_from_f32(TUNA_DTYPE_BF16, ef, eh, (size_t)(V * C));
-    struct tuna_weight ec = {TUNA_DTYPE_BF16, V, C, eh, NULL};
-    struct tuna_weight eg = {TUNA_DTYPE_BF16, V, C, dev(eh, (size_t)(V * C) * 2), NULL};
+    struct tuna_weight ec = {TUNA_DTYPE_BF16, V, C, eh, NULL, 0};
+    struct tuna_weight eg = {TUNA_DTYPE_BF16, V, C, dev(eh, (size_t)(V * C) * 2), NULL, 0};
     int32_t ids[7] = {0, 49, 3, 3, 17, 25, 1};
     g_cops->embedding(g_cpu, yc, ids, T, &ec, 11.3137f);
     g_gops->embedding(g_gpu, dy, ids, T, &eg, 11.3137f);
@@ -849,8 +849,8 @@ static void test_act16(void **state)
                 uint16_t *wh = malloc((size_t)(N * K) * 2), *x16 = malloc((size_t)(T * K) * 2);
                 tuna_convert_from_f32(adt, wf, wh, (size_t)(N * K));
                 tuna_convert_from_f32(adt, x, x16, (size_t)(T * K));
-                struct tuna_weight wc = {adt, N, K, wh, NULL};
-                struct tuna_weight wg = {adt, N, K, dev(wh, (size_t)(N * K) * 2), NULL};
+                struct tuna_weight wc = {adt, N, K, wh, NULL, 0};
+                struct tuna_weight wg = {adt, N, K, dev(wh, (size_t)(N * K) * 2), NULL, 0};
                 void *dx = dev(x16, (size_t)(T * K) * 2), *dbias = dev(bias, (size_t)N * 4);
                 void *dy = dev(NULL, (size_t)(T * N) * 4);
                 float *yc = malloc((size_t)(T * N) * 4), *yg = malloc((size_t)(T * N) * 4);
@@ -960,7 +960,7 @@ static void test_sticky_error(void **state)
     NEED_GPU();
     tuna_backend *be;
     TT_OK(tuna_cuda_backend_new(0, &be));
-    struct tuna_weight w = {TUNA_DTYPE_I32, 4, 4, NULL, NULL};
+    struct tuna_weight w = {TUNA_DTYPE_I32, 4, 4, NULL, NULL, 0};
     tuna_cuda_backend_ops()->matmul(be, NULL, NULL, &w, NULL, 1);
     TT_FAILS(tuna_cuda_status(be), TUNA_E_CUDA, "matmul");
     TT_FAILS(tuna_cuda_sync(be), TUNA_E_CUDA, "GPU engine stopped");

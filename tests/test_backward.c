@@ -273,13 +273,13 @@ static void test_matmul(void **state)
     uint16_t wb[N * K];
     for (int i = 0; i < N * K; i++)
         wb[i] = tuna_f32_to_bf16(wf[i]);
-    struct tuna_weight w = {TUNA_DTYPE_BF16, N, K, wb, NULL};
+    struct tuna_weight w = {TUNA_DTYPE_BF16, N, K, wb, NULL, 0};
     matmul_case(&w, "bf16");
-    struct tuna_weight w32 = {TUNA_DTYPE_F32, N, K, wf, NULL};
+    struct tuna_weight w32 = {TUNA_DTYPE_F32, N, K, wf, NULL, 0};
     matmul_case(&w32, "f32");
     struct tuna_q4_weight q;
     TT_OK(tuna_q4_quantize(wf, TUNA_DTYPE_F32, N, K, TUNA_Q4_NF4, 64, true, TUNA_DTYPE_F32, &q));
-    struct tuna_weight w4 = {TUNA_DTYPE_NF4, N, K, q.codes, &q};
+    struct tuna_weight w4 = {TUNA_DTYPE_NF4, N, K, q.codes, &q, 0};
     matmul_case(&w4, "nf4 (double quant, blocks across rows)");
     tuna_q4_weight_free(&q);
     free(wf);

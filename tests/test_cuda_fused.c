@@ -23,8 +23,8 @@ static void wpair_new(struct wpair *p, enum tuna_dtype dt, int64_t N, int64_t K,
     assert_non_null(wh);
     tuna_convert_from_f32(dt, wf, wh, (size_t)(N * K));
     free(wf);
-    p->c = (struct tuna_weight){dt, N, K, wh, NULL};
-    p->g = (struct tuna_weight){dt, N, K, dev(wh, bytes), NULL};
+    p->c = (struct tuna_weight){dt, N, K, wh, NULL, 0};
+    p->g = (struct tuna_weight){dt, N, K, dev(wh, bytes), NULL, 0};
     p->bias = bias ? rnd((size_t)N) : NULL;
     p->dbias = bias ? dev(p->bias, (size_t)N * 4) : NULL;
 }
@@ -321,9 +321,9 @@ static void q4pair_new(struct q4pair *p, int type, int od, int64_t N, int64_t K,
                            od ? TUNA_DTYPE_BF16 : TUNA_DTYPE_F32, &p->q));
     free(wf);
     enum tuna_dtype dt = type ? TUNA_DTYPE_FP4 : TUNA_DTYPE_NF4;
-    p->c = (struct tuna_weight){dt, N, K, p->q.codes, &p->q};
+    p->c = (struct tuna_weight){dt, N, K, p->q.codes, &p->q, 0};
     q4desc_new(&p->d, &p->q, nested, od ? TUNA_DTYPE_BF16 : TUNA_DTYPE_F32);
-    p->g = (struct tuna_weight){dt, N, K, dev(p->q.codes, (size_t)((N * K + 1) / 2)), &p->d};
+    p->g = (struct tuna_weight){dt, N, K, dev(p->q.codes, (size_t)((N * K + 1) / 2)), &p->d, 0};
     p->bias = bias ? rnd((size_t)N) : NULL;
     p->dbias = bias ? dev(p->bias, (size_t)N * 4) : NULL;
 }
@@ -477,7 +477,7 @@ static void test_q4_nested_bits(void **state)
                     const size_t ob = tuna_dtype_nbytes(pfs[pi], (uint64_t)NK);
                     for (int n = 0; n < 2; n++) {
                         q4desc_new(&d[n], &q, n == 1, pfs[pi]);
-                        g[n] = (struct tuna_weight){dt, N, K, codes, &d[n]};
+                        g[n] = (struct tuna_weight){dt, N, K, codes, &d[n], 0};
                         out[n] = dev(NULL, ob);
                         host[n] = malloc(ob);
                         TT_OK(tuna_cuda_q4_dequantize(g_gpu, &g[n], out[n]));

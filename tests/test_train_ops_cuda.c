@@ -82,18 +82,18 @@ static void test_matmul_backward(void **state)
                 size_t bytes = tuna_dtype_nbytes(t, (uint64_t)(N * K));
                 wh = malloc(bytes);
                 tuna_convert_from_f32(t, wf, wh, (size_t)(N * K));
-                wc = (struct tuna_weight){t, N, K, wh, NULL};
-                wg = (struct tuna_weight){t, N, K, dev(wh, bytes), NULL};
+                wc = (struct tuna_weight){t, N, K, wh, NULL, 0};
+                wg = (struct tuna_weight){t, N, K, dev(wh, bytes), NULL, 0};
                 tol = kind == 1 ? 1e-2 : kind == 2 ? 2e-3 : 1e-5;
             } else {
                 TT_OK(tuna_q4_quantize(wf, TUNA_DTYPE_F32, N, K, TUNA_Q4_NF4, 64, true, TUNA_DTYPE_F32, &q));
-                wc = (struct tuna_weight){TUNA_DTYPE_NF4, N, K, q.codes, &q};
+                wc = (struct tuna_weight){TUNA_DTYPE_NF4, N, K, q.codes, &q, 0};
                 tuna_q4_dequant_table(q.type, d.lut);
                 d.blocksize = q.blocksize;
                 d.round_mode = 0;
                 d.prefill = kind == 3 ? TUNA_DTYPE_F32 : TUNA_DTYPE_BF16;
                 d.absmax = dev(q.absmax, (size_t)q.n_blocks * 4);
-                wg = (struct tuna_weight){TUNA_DTYPE_NF4, N, K, dev(q.codes, (size_t)((N * K + 1) / 2)), &d};
+                wg = (struct tuna_weight){TUNA_DTYPE_NF4, N, K, dev(q.codes, (size_t)((N * K + 1) / 2)), &d, 0};
                 tol = kind == 3 ? 1e-5 : 1e-2;
             }
             for (size_t ti = 0; ti < 3; ti++) {
@@ -567,12 +567,12 @@ static void test_half_ops(void **state)
             size_t bytes = (size_t)(N * K) * 2;
             wh = malloc(bytes);
             tuna_convert_from_f32(hdt, wf, wh, (size_t)(N * K));
-            wc = (struct tuna_weight){hdt, N, K, wh, NULL};
-            wg = (struct tuna_weight){hdt, N, K, dev(wh, bytes), NULL};
+            wc = (struct tuna_weight){hdt, N, K, wh, NULL, 0};
+            wg = (struct tuna_weight){hdt, N, K, dev(wh, bytes), NULL, 0};
         } else {
             TT_OK(tuna_q4_quantize(wf, TUNA_DTYPE_F32, N, K, TUNA_Q4_NF4, 64, true, TUNA_DTYPE_BF16, &q));
             assert_true(q.nested);
-            wc = (struct tuna_weight){TUNA_DTYPE_NF4, N, K, q.codes, &q};
+            wc = (struct tuna_weight){TUNA_DTYPE_NF4, N, K, q.codes, &q, 0};
             tuna_q4_dequant_table(q.type, d.lut);
             d.blocksize = q.blocksize;
             d.round_mode = 1;
@@ -588,7 +588,7 @@ static void test_half_ops(void **state)
                 d.nested_offset = q.nested_offset;
                 d.nested_shift = sh;
             }
-            wg = (struct tuna_weight){TUNA_DTYPE_NF4, N, K, dev(q.codes, (size_t)((N * K + 1) / 2)), &d};
+            wg = (struct tuna_weight){TUNA_DTYPE_NF4, N, K, dev(q.codes, (size_t)((N * K + 1) / 2)), &d, 0};
         }
         const char *kn = kind == 0 ? "bf16" : kind == 1 ? "f16" : kind == 2 ? "nf4" : "nf4 nested";
         assert_int_equal(g_gt->half_dtype(g_gpu, &wg), hdt);

@@ -27,7 +27,17 @@ struct tuna_weight {
     int64_t cols;          /* K */
     const void *data;      /* rows*cols elements, row-major; a view into the mapped file */
     const void *q4;        /* quantization state for NF4/FP4, else NULL */
+    /* Elements from one row's start to the next (0: cols, rows back to back). Only 16-bit
+     * weights on a GPU with the LoRA fold (model/device.c) have ld > cols: their rows sit inside
+     * the rows of [W | adapters' B] (docs/LORA.md); the GPU readers of 16-bit weights take it. */
+    int64_t ld;
 };
+
+/* A weight's row stride in elements. */
+static inline int64_t tuna_weight_ld(const struct tuna_weight *w)
+{
+    return w->ld > 0 ? w->ld : w->cols;
+}
 
 /* A LoRA adapter on one linear layer: y += scale * B (A x). Float32, owned by whoever loaded it. */
 struct tuna_lora {

@@ -360,7 +360,8 @@ tuna_status tuna_model_kv_new(const struct tuna_model *m, int64_t n_tokens, int3
 
 static uint64_t wbytes(const struct tuna_model *m, const struct tuna_weight *w)
 {
-    uint64_t n = tuna_dtype_nbytes(w->dtype, (uint64_t)(w->rows * w->cols));
+    /* rows * ld: a weight folded for LoRA (device.c) holds the adapters' columns in its rows */
+    uint64_t n = tuna_dtype_nbytes(w->dtype, (uint64_t)(w->rows * (w->q4 ? w->cols : tuna_weight_ld(w))));
     return n + tuna_model_q4_scale_bytes(m, w); /* device.c: the scales' form differs per backend */
 }
 

@@ -61,16 +61,15 @@ static __device__ __forceinline__ void gemv_step(float (&acc)[R][TT], const uint
 template <int R>
 static __device__ __forceinline__ void gemv_wrows(const struct gemv_job &j, int seg, int64_t n0, const uint4 *(&wr)[R])
 {
-    const int64_t K = j.K;
     if (j.mode == GEMV_GLU) {
-        wr[0] = reinterpret_cast<const uint4 *>((const uint16_t *)j.s[0].W + n0 * K);
-        wr[R - 1] = reinterpret_cast<const uint4 *>((const uint16_t *)j.s[1].W + n0 * K);
+        wr[0] = reinterpret_cast<const uint4 *>((const uint16_t *)j.s[0].W + n0 * j.s[0].ld);
+        wr[R - 1] = reinterpret_cast<const uint4 *>((const uint16_t *)j.s[1].W + n0 * j.s[1].ld);
         return;
     }
 #pragma unroll
     for (int r = 0; r < R; r++) {
         int64_t n = n0 + r < j.s[seg].N ? n0 + r : j.s[seg].N - 1; /* rows past N are not stored */
-        wr[r] = reinterpret_cast<const uint4 *>((const uint16_t *)j.s[seg].W + n * K);
+        wr[r] = reinterpret_cast<const uint4 *>((const uint16_t *)j.s[seg].W + n * j.s[seg].ld);
     }
 }
 
@@ -109,8 +108,8 @@ static __device__ __forceinline__ void split_wrows(const struct gemv_job &j, con
         return;
     }
     const uint16_t *W = (const uint16_t *)j.s[seg].W;
-    wr[0] = reinterpret_cast<const uint4 *>(W + n0 * j.K);
-    wr[R - 1] = reinterpret_cast<const uint4 *>(W + (n0 + rp.half) * j.K);
+    wr[0] = reinterpret_cast<const uint4 *>(W + n0 * j.s[seg].ld);
+    wr[R - 1] = reinterpret_cast<const uint4 *>(W + (n0 + rp.half) * j.s[seg].ld);
 }
 
 static __device__ __forceinline__ void rope_put(void *cache, int kv, int64_t i, float v)
@@ -486,7 +485,7 @@ static bool gemv_l2small(const struct gemv_job *j)
 static bool gemv_ok(const struct tuna_weight *w, int64_t K, int *dtype)
 {
     int dt = w->dtype == TUNA_DTYPE_BF16 ? 1 : w->dtype == TUNA_DTYPE_F16 ? 2 : 0;
-    if (!dt || w->cols != K || K % 8 != 0 || ((uintptr_t)w->data % 16) != 0) return false;
+    if (!dt || w->cols != K || K % 8 != 0 || tuna_weight_ld(w) % 8 != 0 || ((uintptr_t)w->data % 16) != 0) return false;
     if (*dtype && *dtype != dt) return false;
     *dtype = dt;
     return true;

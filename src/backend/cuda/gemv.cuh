@@ -57,6 +57,7 @@ struct gemv_seg {
     const float *bias;
     int64_t N;
     int64_t row0; /* first row of this segment in the launch's numbering (a multiple of R) */
+    int64_t ld;   /* 16-bit: elements from one row of W to the next (tuna_weight_ld) */
 };
 
 struct gemv_job {
@@ -92,6 +93,7 @@ static inline void gemv_job_init(struct gemv_job *j, int n, float *const *ys, co
     j->eps = eps;
     for (int i = 0; i < n; i++) {
         j->s[i].W = ws[i]->data;
+        j->s[i].ld = tuna_weight_ld(ws[i]);
         j->s[i].y = ys ? ys[i] : NULL;
         j->s[i].bias = biases ? biases[i] : NULL;
         j->s[i].N = ws[i]->rows;

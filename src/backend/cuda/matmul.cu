@@ -26,7 +26,7 @@ __device__ __forceinline__ float ld_w(const void *W, int dtype, int64_t i)
  * scalar path. Two chunks per lane are loaded before use to keep more loads in flight. */
 template <int TT, int R>
 __global__ void k_gemv(float *y, const float *x, const void *W, int dtype, const float *bias, int64_t N, int64_t K,
-                       int vec)
+                       int64_t ldw, int vec)
 {
     int64_t n0 = ((int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5)) * R;
     int lane = threadIdx.x & 31;
@@ -42,7 +42,7 @@ __global__ void k_gemv(float *y, const float *x, const void *W, int dtype, const
 #pragma unroll
         for (int r = 0; r < R; r++) {
             int64_t n = n0 + r < N ? n0 + r : N - 1; /* rows past N compute garbage that is not stored */
-            wr[r] = reinterpret_cast<const uint4 *>((const uint16_t *)W + n * K);
+            wr[r] = reinterpret_cast<const uint4 *>((const uint16_t *)W + n * ldw);
         }
         int64_t i = lane;
         for (; i + 32 < K8; i += 64) {
@@ -88,7 +88,7 @@ __global__ void k_gemv(float *y, const float *x, const void *W, int dtype, const
 #pragma unroll
             for (int r = 0; r < R; r++) {
                 int64_t n = n0 + r < N ? n0 + r : N - 1;
-                float wv = ld_w(W, dtype, n * K + k);
+                float wv = ld_w(W, dtype, n * ldw + k);
 #pragma unroll
                 for (int t = 0; t < TT; t++) acc[r][t] += wv * x[t * K + k];
             }
@@ -137,17 +137,17 @@ __global__ void k_add_bias(float *y, const float *bias, int64_t T, int64_t N)
 static void launch_gemv(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w, int dtype,
                         const float *bias, int64_t T)
 {
-    int64_t N = w->rows, K = w->cols;
-    int vec = dtype != 0 && K % 8 == 0 && ((uintptr_t)w->data % 16) == 0 && ((uintptr_t)x % 16) == 0;
+    int64_t N = w->rows, K = w->cols, ldw = tuna_weight_ld(w); /* W's rows ldw elements apart */
+    int vec = dtype != 0 && K % 8 == 0 && ldw % 8 == 0 && ((uintptr_t)w->data % 16) == 0 && ((uintptr_t)x % 16) == 0;
     const int warps = 4;
     /* more rows per warp reuse each x load; keep enough warps to fill the GPU */
     int R = (T == 1 || N < 4096) ? 1 : (N < 16384 ? 2 : 4);
     unsigned blocks = (unsigned)((N + (int64_t)warps * R - 1) / ((int64_t)warps * R));
 #define GEMV_CASE(TT)                                                                                          \
     case TT:                                                                                                   \
-        if (R == 1) k_gemv<TT, 1><<<blocks, warps * 32, 0, be->stream>>>(y, x, w->data, dtype, bias, N, K, vec); \
-        else if (R == 2) k_gemv<TT, 2><<<blocks, warps * 32, 0, be->stream>>>(y, x, w->data, dtype, bias, N, K, vec); \
-        else k_gemv<TT, 4><<<blocks, warps * 32, 0, be->stream>>>(y, x, w->data, dtype, bias, N, K, vec);     \
+        if (R == 1) k_gemv<TT, 1><<<blocks, warps * 32, 0, be->stream>>>(y, x, w->data, dtype, bias, N, K, ldw, vec); \
+        else if (R == 2) k_gemv<TT, 2><<<blocks, warps * 32, 0, be->stream>>>(y, x, w->data, dtype, bias, N, K, ldw, vec); \
+        else k_gemv<TT, 4><<<blocks, warps * 32, 0, be->stream>>>(y, x, w->data, dtype, bias, N, K, ldw, vec);     \
         break
     switch (T) {
         GEMV_CASE(1);
@@ -217,6 +217,7 @@ static bool matmul_impl(tuna_backend *be, float *y, const float *x, const struct
         deq.cols = w->cols;
         deq.data = p;
         deq.q4 = NULL;
+        deq.ld = 0;
         w = &deq;
     }
     int dtype = w->dtype == TUNA_DTYPE_BF16 ? 1 : w->dtype == TUNA_DTYPE_F16 ? 2 : w->dtype == TUNA_DTYPE_F32 ? 0 : -1;
@@ -236,14 +237,14 @@ static bool matmul_impl(tuna_backend *be, float *y, const float *x, const struct
         /* column-major view: y^T[N,T] = W[N,K] (row-major = K x N col-major, transposed) * x^T[K,T] */
         tuna_cuda_check_blas(be,
                              cublasSgemm(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)T, (int)K, &one,
-                                         (const float *)w->data, (int)K, x, (int)K, beta, y, (int)N),
+                                         (const float *)w->data, (int)tuna_weight_ld(w), x, (int)K, beta, y, (int)N),
                              "cublasSgemm");
     } else {
         if (!tuna_cuda_to_half(be, x, T * K, dtype, false)) return true;
         cudaDataType_t dt = dtype == 1 ? CUDA_R_16BF : CUDA_R_16F;
         tuna_cuda_check_blas(be,
                              cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)T, (int)K, &one, w->data,
-                                          dt, (int)K, be->half.p, dt, (int)K, beta, y, CUDA_R_32F, (int)N,
+                                          dt, (int)tuna_weight_ld(w), be->half.p, dt, (int)K, beta, y, CUDA_R_32F, (int)N,
                                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                              "cublasGemmEx");
     }
