@@ -190,8 +190,8 @@ static void test_lora(void **state)
                     keep[l][2 * a] = (void *)wg[l][a].A, keep[l][2 * a + 1] = (void *)wg[l][a].B;
                 }
                 dw[l] = dev(wg[l], sizeof wg[l]);
-                sc[l] = (struct tuna_lora_bank){NA, 64, dt, wc[l], NULL, NULL, 0};
-                sg[l] = (struct tuna_lora_bank){NA, 64, dt, dw[l], NULL, NULL, 0};
+                sc[l] = (struct tuna_lora_bank){.n = NA, .max_r = 64, .dtype = dt, .w = wc[l]};
+                sg[l] = (struct tuna_lora_bank){.n = NA, .max_r = 64, .dtype = dt, .w = dw[l]};
             }
             int32_t *idx = malloc((size_t)T * 4), *order = malloc((size_t)T * 4), start[65];
             for (int64_t t = 0; t < T; t++) idx[t] = (int32_t)((t * 7 + t / 3) % (NA + 2)) - 1; /* -1 .. 5 */
@@ -290,7 +290,8 @@ static void test_lora(void **state)
                     dg[a] = (struct tuna_lora_w){dev(hA, ba), dev(hB, bb), r, dc[a].scale, 0};
                 }
                 struct tuna_lora_w *dwd = dev(dg, sizeof dg);
-                const struct tuna_lora_bank scd = {NA, 64, dt, dc, NULL, NULL, 0}, sgd = {NA, 64, dt, dwd, NULL, NULL, 0};
+                const struct tuna_lora_bank scd = {.n = NA, .max_r = 64, .dtype = dt, .w = dc},
+                                            sgd = {.n = NA, .max_r = 64, .dtype = dt, .w = dwd};
                 const struct tuna_lora_bank *c3[3] = {&sc[0], &sc[2], &scd}, *g3[3] = {&sg[0], &sg[2], &sgd};
                 const struct tuna_lora_bank *cd[1] = {&scd}, *gd[1] = {&sgd};
                 float *yc3[3] = {y0[0], y0[2], NULL}, *dy3[3] = {dy[0], dy[2], NULL};
@@ -792,20 +793,25 @@ static void test_act16(void **state)
         const enum tuna_dtype adt = adts[ai];
         const char *an = tuna_dtype_name(adt);
         char what[200];
-        /* rmsnorm16: C = 333 (scalar), 256 (float4) */
-        const int64_t Cs[2] = {333, 256};
-        for (int ci = 0; ci < 2; ci++) {
-            const int64_t T = 9, C = Cs[ci];
-            const size_t n = (size_t)(T * C);
+        /* rmsnorm16: C = 333 (scalar), 256 (float4); rows back to back, and 40 elements apart
+         * more (the LoRA fold's packed rows: only the C columns of each row are compared) */
+        const int64_t Cs[4] = {333, 256, 333, 256};
+        for (int ci = 0; ci < 4; ci++) {
+            const int64_t T = 9, C = Cs[ci], ld = ci < 2 ? C : C + 40;
+            const size_t n = (size_t)(T * C), nl = (size_t)(T * ld);
             float *x = rnd(n), *w = rnd((size_t)C);
-            uint16_t *yc = malloc(n * 2), *yg = malloc(n * 2);
+            uint16_t *yc = calloc(nl, 2), *yg = malloc(nl * 2);
             float *dx = dev(x, n * 4), *dw = dev(w, (size_t)C * 4);
-            void *dy = dev(NULL, n * 2);
-            tuna_cpu_rmsnorm16(g_cpu, yc, x, w, T, C, 1e-5f, adt);
-            g_gops->rmsnorm16(g_gpu, dy, dx, dw, T, C, 1e-5f, adt);
-            back(yg, dy, n * 2);
+            void *dy = dev(NULL, nl * 2);
+            tuna_cpu_rmsnorm16(g_cpu, yc, ci < 2 ? 0 : ld, x, w, T, C, 1e-5f, adt);
+            g_gops->rmsnorm16(g_gpu, dy, ci < 2 ? 0 : ld, dx, dw, T, C, 1e-5f, adt);
+            back(yg, dy, nl * 2);
+            for (int64_t t = 1; t < T && ld > C; t++) { /* the rows' C columns to the front */
+                memmove(yc + t * C, yc + t * ld, (size_t)C * 2);
+                memmove(yg + t * C, yg + t * ld, (size_t)C * 2);
+            }
             float *a = wide16(adt, yg, n), *e = wide16(adt, yc, n);
-            snprintf(what, sizeof what, "rmsnorm16 %s C=%lld", an, (long long)C);
+            snprintf(what, sizeof what, "rmsnorm16 %s C=%lld ldy=%lld", an, (long long)C, (long long)ld);
             check(what, a, e, n, tol16(adt));
             free(x), free(w), free(yc), free(yg), free(a), free(e);
             tuna_cuda_free(g_gpu, dx), tuna_cuda_free(g_gpu, dw), tuna_cuda_free(g_gpu, dy);

@@ -336,6 +336,119 @@ static void test_dense_gpu(void **state)
     tuna_model_free(g);
 }
 
+/* logits of one sequence of 2 tokens on adapter a (the GEMV sizes: T <= 2), fresh KV cache */
+static void run_pair(struct tuna_model *m, int a, float *out)
+{
+    tuna_kv_cache *kv = NULL;
+    TT_OK(tuna_model_kv_new(m, 16, 4, &kv));
+    struct tuna_batch b;
+    tuna_batch_init(&b);
+    int32_t seq;
+    TT_OK(tuna_kv_seq_new(kv, &seq));
+    const int32_t ids[2] = {17, 230};
+    TT_OK(tuna_batch_add_seq(&b, ids, 2, seq, 0, true, true));
+    tuna_lora_batch_use(&b, seq, a);
+    TT_OK(tuna_model_forward(m, kv, &b, out, NULL));
+    tuna_batch_free(&b);
+    tuna_kv_free(kv);
+}
+
+/* The LoRA fold (model.h lora_fold, docs/LORA.md): models/pymini in bf16 on CUDA loaded with 64
+ * fold columns (4 slots of 16), two adapters (ranks 16 and 8: 32 of the 64 columns used, so k/up's
+ * B does not start at column 0) mixed with the base model. The layout is checked on the weights;
+ * at 15 tokens (the folded GEMMs) the logits must be as close to the CPU's float32 ones as the
+ * unfolded dense form's; at 2 tokens (the GEMVs reading the strided rows, the segmented kernels
+ * reading B from them) they must equal the unfolded model's. Then the adapters are detached,
+ * refilled in place and re-attached: the folded columns are rewritten and the logits follow. */
+static void test_fold_gpu(void **state)
+{
+    (void)state;
+    struct tuna_model_opts og = {.threads = 1, .device = TUNA_DEVICE_CUDA, .quiet = true, .gpu_dtype = TUNA_DTYPE_BF16};
+    struct tuna_model *g = NULL, *f = NULL;
+    if (tuna_model_load(TUNA_SOURCE_DIR "/models/pymini", &og, &g)) {
+        fprintf(stderr, "SKIP: no GPU model (%s)\n", tuna_last_error());
+        skip();
+    }
+    og.lora_fold = 64;
+    TT_OK(tuna_model_load(TUNA_SOURCE_DIR "/models/pymini", &og, &f));
+    assert_int_equal(g->lora_fold_cols, 0);
+    assert_int_equal(f->lora_fold_cols, 64);
+    const int64_t C = f->arch.hidden_size;
+    for (int64_t l = 0; l < f->arch.n_layers; l++) {
+        const struct tuna_layer *L = &f->layers[l];
+        assert_int_equal(tuna_weight_ld(&L->q.w), C + 64);
+        assert_int_equal(tuna_weight_ld(&L->k.w), C + 64);
+        assert_int_equal(tuna_weight_ld(&L->v.w), C + 128);
+        assert_int_equal(tuna_weight_ld(&L->gate.w), C + 64);
+        assert_int_equal(tuna_weight_ld(&L->up.w), C + 64);
+        assert_int_equal(tuna_weight_ld(&L->o.w), L->o.w.cols);
+        assert_int_equal(tuna_weight_ld(&L->down.w), L->down.w.cols);
+        assert_ptr_equal(L->k.w.data, (const char *)L->k.fold_base + 64 * 2);
+    }
+    struct tuna_model *c = load(TUNA_DEVICE_CPU);
+    const size_t n = (size_t)(15 * c->arch.vocab_size), V = (size_t)c->arch.vocab_size;
+    float *lc = malloc(n * 4), *lc0 = malloc(n * 4), *ld = malloc(n * 4), *lf = malloc(n * 4);
+    float *pc = malloc(2 * V * 4), *pg = malloc(2 * V * 4), *pf = malloc(2 * V * 4);
+    assert_true(lc && lc0 && ld && lf && pc && pg && pf);
+    struct tuna_lora_adapter *ads[2];
+    TT_OK(tuna_serve_bench_make_adapters(c, 1, 16, 31, ads));
+    TT_OK(tuna_serve_bench_make_adapters(c, 1, 8, 32, ads + 1));
+    const struct tuna_lora_adapter *const *cads = (const struct tuna_lora_adapter *const *)ads;
+    run_batch(c, lc0);
+    for (int round = 0; round < 2; round++) {
+        if (round == 1) {
+            refill(ads[0], 2.0f);
+            refill(ads[1], 0.5f);
+        }
+        tuna_lora_attachment *ac = NULL, *ag = NULL, *af = NULL;
+        TT_OK(tuna_lora_attach(c, cads, 2, &ac));
+        TT_OK(tuna_lora_attach(g, cads, 2, &ag));
+        TT_OK(tuna_lora_attach(f, cads, 2, &af));
+        const struct tuna_lora_bank *bq = tuna_model_lora_on_device(f, &f->layers[0].q);
+        const struct tuna_lora_bank *bu = tuna_model_lora_on_device(f, &f->layers[0].up);
+        assert_non_null(bq);
+        assert_non_null(bu);
+        assert_true(bq->fold_ld == C + 64 && bq->fold_k == C + 32 && bq->fold_stride == C + 3 * 32);
+        assert_true(bu->fold_ld == C + 64 && bu->fold_k == C + 32 && bu->fold_xoff == 0 && bu->fold_xcol == 32);
+        run_batch(c, lc);
+        run_batch(g, ld);
+        run_batch(f, lf);
+        const double ed = rel_err(ld, lc, n), ef = rel_err(lf, lc, n), efd = rel_err(lf, ld, n),
+                     ea = rel_err(lc0, lc, n);
+        fprintf(stderr, "round %d, bf16 vs CPU float32 logits at 15 tokens: dense %.2e, folded %.2e (folded vs dense "
+                        "%.2e); the adapters move the CPU logits by %.2e\n", round, ed, ef, efd, ea);
+        if (!(ef < 1.5 * ed + 2e-3) || !(ef < 5e-2))
+            fail_msg("round %d: folded LoRA logits %.3g from the CPU's (dense form: %.3g)", round, ef, ed);
+        if (!(ea > 2 * ef)) fail_msg("the adapters move the logits by %.3g only, against an error of %.3g", ea, ef);
+        /* float32 activations (TUNA_ACT16=0): the dense form's expands read B from the folded rows */
+        setenv("TUNA_ACT16", "0", 1);
+        run_batch(f, lf);
+        run_batch(g, ld);
+        unsetenv("TUNA_ACT16");
+        const double e32 = rel_err(lf, ld, n), e32c = rel_err(lf, lc, n);
+        fprintf(stderr, "round %d, float32 activations: folded vs unfolded %.2e, vs CPU %.2e\n", round, e32, e32c);
+        if (!(e32 < 1e-3)) fail_msg("float32 activations: folded and unfolded logits differ by %.3g", e32);
+        for (int a = 0; a < 2; a++) {
+            run_pair(c, a, pc);
+            run_pair(g, a, pg);
+            run_pair(f, a, pf);
+            const double e2 = rel_err(pf, pg, 2 * V), e2c = rel_err(pf, pc, 2 * V);
+            fprintf(stderr, "round %d adapter %d at 2 tokens: folded vs unfolded %.2e%s, vs CPU %.2e\n", round, a, e2,
+                    memcmp(pf, pg, 2 * V * 4) ? "" : " (identical)", e2c);
+            if (!(e2 < 1e-6)) fail_msg("2 tokens: the folded model's logits differ from the unfolded by %.3g", e2);
+        }
+        tuna_lora_detach(c, ac);
+        tuna_lora_detach(g, ag);
+        tuna_lora_detach(f, af);
+    }
+    tuna_lora_free(ads[0]);
+    tuna_lora_free(ads[1]);
+    free(lc), free(lc0), free(ld), free(lf), free(pc), free(pg), free(pf);
+    tuna_model_free(c);
+    tuna_model_free(g);
+    tuna_model_free(f);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -343,6 +456,7 @@ int main(void)
         cmocka_unit_test(test_reload_gpu),
         cmocka_unit_test(test_fixture_gpu),
         cmocka_unit_test(test_dense_gpu),
+        cmocka_unit_test(test_fold_gpu),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -73,7 +73,31 @@ struct tuna_lora_bank {
      * dense form the lora_matmul op multiplies for all adapters at once (w[a].A may point into it). */
     const void *A_all, *B_all;
     int64_t rs;
+    /* The LoRA fold (GPU, 16-bit; model/device.c): fold_ld > 0 when this linear's weight rows
+     * are the rows of a matrix [N, fold_ld] that also holds every adapter's B, so one GEMM over
+     * [x | hm] computes x W^T + hm B_all^T (hm: each token's own slot of the shrink, scaled, the
+     * other slots zero). fold_w: that GEMM's first column (row 0), fold_k its columns: they
+     * meet the rows of the group's packed input at column fold_xoff, a row of fold_stride
+     * elements holding x at column fold_xcol and this linear's hm at fold_hcol. B_all then
+     * points into the folded rows (rows fold_ld apart). Zero when not folded. */
+    const void *fold_w;
+    int64_t fold_ld, fold_k, fold_xoff, fold_hcol, fold_xcol, fold_stride;
 };
+
+/* The packed rows' length when a lora_matmul16 call over these n sets folds (every set with
+ * adapters folded, all with one layout; *xcol: x's column in them), else 0. */
+static inline int64_t tuna_lora_fold_stride(int n, const struct tuna_lora_bank *const *sets, int64_t *xcol)
+{
+    int64_t stride = 0;
+    for (int i = 0; i < n; i++) {
+        const struct tuna_lora_bank *s = sets[i];
+        if (!s || s->n <= 0 || s->max_r <= 0) continue;
+        if (s->fold_ld <= 0 || !s->fold_w || (stride && (s->fold_stride != stride || s->fold_xcol != *xcol))) return 0;
+        stride = s->fold_stride;
+        *xcol = s->fold_xcol;
+    }
+    return stride;
+}
 
 /* Which tokens of a step use which adapter (host metadata, or pointers into the step block).
  * adapter [T]: index per token, < 0 or >= the set's n = none. order/start, optional (both or
@@ -324,9 +348,9 @@ struct tuna_backend_ops {
      * float32 residual stream. No float32 -> 16-bit conversion pass is left on that path.
      * backend/cpu/act16.h holds the CPU twins (float32 math, rounded at the same points): the
      * reference of the op tests. TUNA_ACT16=0 makes the forward use the float32 ops instead. */
-    /* y[T,C] (adt) = rmsnorm(x) (as rmsnorm), rounded to adt. */
-    void (*rmsnorm16)(tuna_backend *be, void *y, const float *x, const float *w, int64_t T, int64_t C, float eps,
-                      enum tuna_dtype adt);
+    /* y[T,C] (adt) = rmsnorm(x) (as rmsnorm), rounded to adt; y's rows ldy elements apart (0: C). */
+    void (*rmsnorm16)(tuna_backend *be, void *y, int64_t ldy, const float *x, const float *w, int64_t T, int64_t C,
+                      float eps, enum tuna_dtype adt);
     /* x [T, K] in adt; w of dtype adt (4-bit weights are declined). ydt F32: y (float32) = x W^T +
      * bias, or += with acc; ydt == adt: y (adt) = x W^T rounded, then + bias rounded again (acc
      * must be false). Returns false, having done nothing, for any other combination (the caller
@@ -354,7 +378,10 @@ struct tuna_backend_ops {
      * bias) or F32 (with acc: ys[i] += x W_i^T + bias_i + LoRA_i: o/down into the residual
      * stream). The LoRA term as lora_matmul makes it (rank-r activations rounded to adt). Returns
      * false, having done nothing, when the backend declines the call (TUNA_LORA_DENSE=0 on CUDA). n = 0: a
-     * query, nothing done: whether the backend takes such calls for a step of T tokens in adt. */
+     * query, nothing done: whether the backend takes such calls for a step of T tokens in adt.
+     * The LoRA fold (tuna_lora_fold_stride(n, sets) > 0, ydt == adt, no acc): x is the packed
+     * rows instead, fold_stride elements apart with x at column fold_xcol (x points at row 0's
+     * column 0), and the op writes each folded linear's hm columns into them (docs/LORA.md). */
     bool (*lora_matmul16)(tuna_backend *be, int n, void *const *ys, enum tuna_dtype ydt, const void *x,
                           enum tuna_dtype adt, const struct tuna_weight *const *ws, const float *const *biases,
                           int64_t T, const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok,
@@ -364,6 +391,10 @@ struct tuna_backend_ops {
      * of down — in one call, the same results up to float32 rounding (the CUDA backend runs it as
      * one kernel for 4-bit weights). Returns false, having done nothing, when it declines. */
     bool (*decode_layer)(tuna_backend *be, const struct tuna_decode_layer *l);
+    /* Optional (NULL: none; the LoRA fold needs it): `rows` rows of `width` bytes from host rows
+     * spitch bytes apart into backend rows dpitch bytes apart. */
+    tuna_status (*upload_2d)(tuna_backend *be, void *dst, size_t dpitch, const void *src_host, size_t spitch,
+                             size_t width, size_t rows);
 };
 
 #endif

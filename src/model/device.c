@@ -157,51 +157,102 @@ static tuna_status move_q4(struct tuna_model *m, struct tuna_weight *w, enum tun
     return TUNA_OK;
 }
 
-/* Converts a weight to dtype `to` and uploads it (4-bit weights go to move_q4 and stay 4-bit). */
-static tuna_status move_weight(struct tuna_model *m, struct tuna_weight *w, enum tuna_dtype to)
+/* Converts a weight to dtype `to` and uploads it (4-bit weights go to move_q4 and stay 4-bit).
+ * ld > cols (the LoRA fold): the device rows are ld elements apart, W in columns w0..w0 + cols of
+ * each, the other columns zero; w->data then points at column w0 of row 0 and w->ld = ld. */
+static tuna_status move_weight_ld(struct tuna_model *m, struct tuna_weight *w, enum tuna_dtype to, int64_t ld,
+                                  int64_t w0, void **base)
 {
     if (w->q4) return move_q4(m, w, to);
-    size_t n = (size_t)(w->rows * w->cols);
+    const bool padded = ld > w->cols;
+    if (!padded) ld = w->cols, w0 = 0;
+    size_t n = (size_t)(w->rows * ld);
     size_t out_bytes = tuna_dtype_nbytes(to, n);
-    if (w->dtype == to) {
+    if (w->dtype == to && !padded) {
         void *d;
         tuna_status st = upload_new(m, w->data, out_bytes, &d);
         if (st) return st;
         w->data = d;
+        if (base) *base = d;
         return TUNA_OK;
     }
     /* convert in chunks of rows through a float32 staging buffer */
-    int64_t rows_per = (int64_t)((8u << 20) / (size_t)(w->cols * 4));
+    int64_t rows_per = (int64_t)((8u << 20) / (size_t)(ld * 4));
     if (rows_per < 1) rows_per = 1;
     if (rows_per > w->rows) rows_per = w->rows;
     float *f = malloc((size_t)(rows_per * w->cols) * sizeof(float));
+    const size_t esz = (size_t)tuna_dtype_bits(to) / 8, in_esz = (size_t)tuna_dtype_bits(w->dtype) / 8;
     void *h = malloc(tuna_dtype_nbytes(to, (uint64_t)(rows_per * w->cols)));
+    char *hp = padded ? calloc((size_t)(rows_per * ld), esz) : NULL; /* padded rows, the rest zero */
     void *d = NULL;
-    tuna_status st = (!f || !h) ? tuna_fail_oom("weight conversion buffer", (size_t)(rows_per * w->cols) * 6) : TUNA_OK;
+    tuna_status st = (!f || !h || (padded && !hp))
+                         ? tuna_fail_oom("weight conversion buffer", (size_t)(rows_per * ld) * 8)
+                         : TUNA_OK;
     if (!st) st = dev_alloc(m, out_bytes, &d);
-    size_t esz = (size_t)tuna_dtype_bits(to) / 8;
     for (int64_t r0 = 0; !st && r0 < w->rows; r0 += rows_per) {
         int64_t nr = w->rows - r0 < rows_per ? w->rows - r0 : rows_per;
         size_t cnt = (size_t)(nr * w->cols);
-        size_t in_esz = (size_t)tuna_dtype_bits(w->dtype) / 8;
         if (!tuna_convert_to_f32(w->dtype, (const char *)w->data + (size_t)(r0 * w->cols) * in_esz, f, cnt)) {
             st = tuna_fail(TUNA_E_UNSUPPORTED, "cannot convert %s weights for the GPU", tuna_dtype_name(w->dtype));
             break;
         }
         tuna_convert_from_f32(to, f, h, cnt);
-        st = m->ops->upload(m->be, (char *)d + (size_t)(r0 * w->cols) * esz, h, cnt * esz);
+        if (padded) {
+            for (int64_t r = 0; r < nr; r++)
+                memcpy(hp + (size_t)(r * ld + w0) * esz, (const char *)h + (size_t)(r * w->cols) * esz,
+                       (size_t)w->cols * esz);
+            st = m->ops->upload(m->be, (char *)d + (size_t)(r0 * ld) * esz, hp, (size_t)(nr * ld) * esz);
+        } else {
+            st = m->ops->upload(m->be, (char *)d + (size_t)(r0 * w->cols) * esz, h, cnt * esz);
+        }
     }
     free(f);
     free(h);
+    free(hp);
     if (st) return st;
     w->dtype = to;
-    w->data = d;
+    w->data = (char *)d + (size_t)w0 * esz;
+    if (padded) w->ld = ld;
+    if (base) *base = d;
     return TUNA_OK;
+}
+
+static tuna_status move_weight(struct tuna_model *m, struct tuna_weight *w, enum tuna_dtype to)
+{
+    return move_weight_ld(m, w, to, 0, 0, NULL);
 }
 
 static tuna_status move_linear(struct tuna_model *m, struct tuna_linear *l, enum tuna_dtype to)
 {
     tuna_status st = move_weight(m, &l->w, to);
+    if (!st) st = move_vec(m, &l->bias, l->w.rows);
+    return st;
+}
+
+/* The LoRA fold's columns for a model going to the GPU in dtype dt (0: no fold): opts.lora_fold
+ * rounded up to 8, for 16-bit compute, unless TUNA_LORA_KFOLD=0. */
+static int64_t fold_cols(const struct tuna_model_opts *opts, enum tuna_dtype dt)
+{
+    const char *e = getenv("TUNA_LORA_KFOLD");
+    if (!opts || opts->lora_fold <= 0 || (e && e[0] == '0')) return 0;
+    if (dt != TUNA_DTYPE_BF16 && dt != TUNA_DTYPE_F16) return 0;
+    return (opts->lora_fold + 7) / 8 * 8;
+}
+
+/* Moves a layer's q/k/v/gate/up with the LoRA fold's layout (M columns): the rows of the
+ * matrices the folded GEMMs read (lora.cu dense_call; docs/LORA.md):
+ *   q, gate  [W | B]        ld K + M, W at column 0 (B from column K)
+ *   k, up    [B | W]        ld K + M, W at column M (B ends at column M)
+ *   v        [W | 0 | B]    ld K + 2M, W at column 0 (B after the zeros q's slots meet)
+ * A 4-bit weight, or K not a multiple of 8 or below 4M, stays as it is (unfolded). */
+static tuna_status move_linear_fold(struct tuna_model *m, struct tuna_linear *l, enum tuna_dtype to, int64_t M,
+                                    int role)
+{
+    const int64_t K = l->w.cols;
+    if (l->w.q4 || K % 8 != 0 || K < 4 * M) return move_linear(m, l, to); /* at most a quarter more */
+    const int64_t ld = role == 2 ? K + 2 * M : K + M, w0 = role == 1 ? M : 0;
+    tuna_status st = move_weight_ld(m, &l->w, to, ld, w0, &l->fold_base);
+    if (!st) l->fold_w0 = w0;
     if (!st) st = move_vec(m, &l->bias, l->w.rows);
     return st;
 }
@@ -260,6 +311,7 @@ tuna_status tuna_model_start_backend(struct tuna_model *m, const struct tuna_mod
         const bool want_arena = ae && *ae ? strcmp(ae, "0") != 0 : opts && opts->weight_arena;
         tuna_cuda_arena *arena = NULL;
         if (want_arena && tuna_cuda_arena_new(cdev, 0, &arena) == TUNA_OK) m->dev_arena = arena;
+        const int64_t fold = fold_cols(opts, dt);
         if (tied) m->lm_head.w = m->embed;
         else if ((st = move_linear(m, &m->lm_head, dt))) return st;
         for (int64_t l = 0; l < m->arch.n_layers && !st; l++) {
@@ -269,7 +321,11 @@ tuna_status tuna_model_start_backend(struct tuna_model *m, const struct tuna_mod
             if (!st) st = move_vec(m, &L->q_norm, m->arch.head_dim);
             if (!st) st = move_vec(m, &L->k_norm, m->arch.head_dim);
             struct tuna_linear *lins[] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
-            for (size_t i = 0; i < sizeof lins / sizeof lins[0] && !st; i++) st = move_linear(m, lins[i], dt);
+            /* the LoRA fold's roles (move_linear_fold): 0 q/gate, 1 k/up, 2 v; -1 o/down (never folded) */
+            const int role[] = {0, 1, 2, -1, 0, 1, -1};
+            for (size_t i = 0; i < sizeof lins / sizeof lins[0] && !st; i++)
+                st = fold && role[i] >= 0 ? move_linear_fold(m, lins[i], dt, fold, role[i]) : move_linear(m, lins[i], dt);
+            if (!st && fold && L->q.fold_base) m->lora_fold_cols = fold;
         }
         if (!st) st = move_vec(m, &m->final_norm, m->arch.hidden_size);
         if (!st) st = tuna_cuda_sync(m->be);
@@ -470,6 +526,89 @@ static enum tuna_dtype lora_view_dtype(const struct tuna_model *m)
 
 static size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
 
+/* The LoRA fold of one group's views (q/k/v or gate/up; docs/LORA.md): where each linear's B
+ * goes in its folded rows and where its GEMM meets the packed rows [hm_k | x | hm_q | hm_v]
+ * (gate/up: [hm_up | x | hm_gate]) that lora.cu's dense_call builds per token. */
+struct fold_geom {
+    int role;          /* 0 q/gate (hm after x), 1 k/up (hm before x), 2 v (hm after q's) */
+    int64_t ld;        /* the folded rows' length */
+    int64_t tail0, tw; /* the columns outside W: [tail0, tail0 + tw) */
+    int64_t bcol;      /* B's first column (slot 0) */
+    const void *w, *B_all;
+    int64_t k, xoff, hcol, xcol, stride;
+};
+
+/* Whether the group's views fold, and where (fg[i] per linear): every linear folded at load in
+ * the views' dtype with its slots (n * rs) inside the fold's columns, roles all different, and a
+ * backend that uploads rows (upload_2d). */
+static bool fold_plan(const struct tuna_model *m, struct tuna_linear *const *lins, int k, int64_t rs,
+                      enum tuna_dtype dt, struct fold_geom *fg)
+{
+    const int64_t M = m->lora_fold_cols;
+    if (M <= 0 || m->ops->host_memory || !m->ops->upload_2d) return false;
+    const int64_t K = lins[0]->w.cols;
+    int64_t ru[3] = {0, 0, 0};
+    int seen = 0;
+    for (int i = 0; i < k; i++) {
+        const struct tuna_linear *l = lins[i];
+        const int64_t RU = (int64_t)l->n_lora * rs;
+        if (!l->fold_base || l->w.dtype != dt || RU > M) return false;
+        const int64_t ld = tuna_weight_ld(&l->w);
+        const int role = l->fold_w0 == M ? 1 : ld == K + 2 * M ? 2 : 0;
+        if (seen & (1 << role)) return false;
+        seen |= 1 << role;
+        fg[i].role = role;
+        fg[i].ld = ld;
+        ru[role] = RU;
+    }
+    const size_t esz = tuna_dtype_nbytes(dt, 1);
+    const int64_t xcol = ru[1], stride = ru[1] + K + ru[0] + ru[2];
+    for (int i = 0; i < k; i++) {
+        struct fold_geom *g = &fg[i];
+        const char *base = lins[i]->fold_base;
+        const int64_t RU = ru[g->role];
+        g->xcol = xcol;
+        g->stride = stride;
+        if (g->role == 1) { /* [B | W]: B ends where W starts; the GEMM starts at B */
+            g->tail0 = 0, g->tw = M, g->bcol = M - RU;
+            g->w = base + (size_t)g->bcol * esz;
+            g->k = RU + K, g->xoff = 0, g->hcol = 0;
+        } else if (g->role == 0) { /* [W | B] */
+            g->tail0 = K, g->tw = M, g->bcol = K;
+            g->w = base;
+            g->k = K + RU, g->xoff = xcol, g->hcol = xcol + K;
+        } else { /* [W | 0 for q's hm | B] */
+            g->tail0 = K, g->tw = 2 * M, g->bcol = K + ru[0];
+            g->w = base;
+            g->k = K + ru[0] + RU, g->xoff = xcol, g->hcol = xcol + K + ru[0];
+        }
+        g->B_all = base + (size_t)g->bcol * esz;
+    }
+    return true;
+}
+
+/* Writes a folded linear's columns outside W: zeros, and B_all (bt [N, RU] float32, slot a at
+ * columns a*rs..) from column g->bcol, in the weight's dtype. Every column outside W is
+ * rewritten, so what earlier adapters left there never meets a packed row. */
+static tuna_status fold_write_b(struct tuna_model *m, const struct tuna_linear *l, const struct fold_geom *g,
+                                const float *bt, int64_t RU, enum tuna_dtype dt)
+{
+    const int64_t N = l->w.rows, tw = g->tw, b0 = g->bcol - g->tail0;
+    const size_t esz = tuna_dtype_nbytes(dt, 1);
+    float *f = calloc((size_t)(N * tw), sizeof(float));
+    void *h = malloc((size_t)(N * tw) * esz);
+    tuna_status st = !f || !h ? tuna_fail_oom("LoRA fold columns", (size_t)(N * tw) * (4 + esz)) : TUNA_OK;
+    for (int64_t j = 0; !st && bt && j < N; j++) memcpy(f + j * tw + b0, bt + j * RU, (size_t)RU * sizeof(float));
+    if (!st && !tuna_convert_from_f32(dt, f, h, (size_t)(N * tw)))
+        st = tuna_fail(TUNA_E_UNSUPPORTED, "LoRA fold: cannot convert adapters to %s", tuna_dtype_name(dt));
+    if (!st)
+        st = m->ops->upload_2d(m->be, (char *)l->fold_base + (size_t)g->tail0 * esz, (size_t)g->ld * esz, h,
+                               (size_t)tw * esz, (size_t)tw * esz, (size_t)N);
+    free(f);
+    free(h);
+    return st;
+}
+
 /* Makes the device views of k <= 3 linears of one input (q/k/v, gate/up; or one) in one buffer:
  * each linear's descriptors, then the A_all [n * rs, K] of the k linears back to back (adapter a's A
  * in the rows of slot a, its descriptor's A pointing there, ranks r..rs zero: one GEMM can shrink
@@ -499,6 +638,9 @@ static tuna_status lora_views_make(struct tuna_model *m, struct tuna_linear *con
             if (lins[i]->lora[a].r > max_r) max_r = lins[i]->lora[a].r;
     }
     const int64_t rs = (max_r + 7) / 8 * 8;
+    /* the LoRA fold: B goes into the folded weights' rows instead of the view (fold_plan) */
+    struct fold_geom fg[3];
+    const bool fold = fold_plan(m, lins, k, rs, dt, fg);
     size_t o_desc[3], o_a[3], o_b[3], total = 0;
     for (int i = 0; i < k; i++) {
         o_desc[i] = total;
@@ -511,7 +653,7 @@ static tuna_status lora_views_make(struct tuna_model *m, struct tuna_linear *con
     total = align256(total);
     for (int i = 0; i < k; i++) {
         o_b[i] = total;
-        total += align256((size_t)(lins[i]->w.rows * lins[i]->n_lora * rs) * esz);
+        if (!fold) total += align256((size_t)(lins[i]->w.rows * lins[i]->n_lora * rs) * esz);
     }
     struct tuna_lora_bank *set[3] = {NULL, NULL, NULL};
     bool ok = true;
@@ -549,21 +691,34 @@ static tuna_status lora_views_make(struct tuna_model *m, struct tuna_linear *con
                 break;
             }
             for (int64_t j = 0; j < N; j++) memcpy(bt + j * RU + a * rs, h->B + j * h->r, (size_t)h->r * sizeof(float));
-            /* A and B in the slot of the dense form: B's rows RU elements apart (no copy of its own) */
+            /* A and B in the slot of the dense form: B's rows RU elements apart (no copy of its own);
+             * folded: B in the weight's rows, fold_ld apart */
             desc[a].A = (char *)buf + o_slot;
-            desc[a].B = (char *)buf + o_b[i] + (size_t)(a * rs) * esz;
-            desc[a].ldb = RU;
+            desc[a].B = fold ? (const char *)fg[i].B_all + (size_t)(a * rs) * esz
+                             : (const char *)buf + o_b[i] + (size_t)(a * rs) * esz;
+            desc[a].ldb = fold ? fg[i].ld : RU;
         }
-        if (!st && bt && !tuna_convert_from_f32(dt, bt, host + o_b[i], (size_t)(N * RU)))
+        if (!st && fold) st = fold_write_b(m, lins[i], &fg[i], bt, RU, dt);
+        else if (!st && bt && !tuna_convert_from_f32(dt, bt, host + o_b[i], (size_t)(N * RU)))
             st = tuna_fail(TUNA_E_UNSUPPORTED, "LoRA view: cannot convert adapters to %s", tuna_dtype_name(dt));
         free(bt);
-        *set[i] = (struct tuna_lora_bank){n,
-                                          max_r,
-                                          dt,
-                                          (const struct tuna_lora_w *)((char *)buf + o_desc[i]),
-                                          RU ? (char *)buf + o_a[i] : NULL,
-                                          RU ? (char *)buf + o_b[i] : NULL,
-                                          rs};
+        *set[i] = (struct tuna_lora_bank){.n = n,
+                                          .max_r = max_r,
+                                          .dtype = dt,
+                                          .w = (const struct tuna_lora_w *)((char *)buf + o_desc[i]),
+                                          .A_all = RU ? (char *)buf + o_a[i] : NULL,
+                                          .B_all = RU ? (fold ? fg[i].B_all : (char *)buf + o_b[i]) : NULL,
+                                          .rs = rs};
+        if (fold && RU) {
+            struct tuna_lora_bank *b = set[i];
+            b->fold_w = fg[i].w;
+            b->fold_ld = fg[i].ld;
+            b->fold_k = fg[i].k;
+            b->fold_xoff = fg[i].xoff;
+            b->fold_hcol = fg[i].hcol;
+            b->fold_xcol = fg[i].xcol;
+            b->fold_stride = fg[i].stride;
+        }
     }
     if (!st) st = m->ops->upload(m->be, buf, host, total);
     free(host);
@@ -602,7 +757,10 @@ size_t tuna_model_lora_view_bytes(const struct tuna_model *m, int slots, int64_t
         for (int i = 0; i < g[gi].k; i++) t += align256(n * sizeof(struct tuna_lora_w));
         for (int i = 0; i < g[gi].k; i++) t += n * rs * g[gi].K * esz; /* A_all */
         t = align256(t);
-        for (int i = 0; i < g[gi].k; i++) t += align256(g[gi].N[i] * n * rs * esz); /* B_all */
+        /* B_all, unless the fold keeps it in the weights' rows (q/k/v, gate/up: fold_plan) */
+        const bool folded = (gi == 0 || gi == 2) && m->lora_fold_cols > 0 && !m->ops->host_memory &&
+                            m->ops->upload_2d && (int64_t)(n * rs) <= m->lora_fold_cols;
+        for (int i = 0; i < g[gi].k && !folded; i++) t += align256(g[gi].N[i] * n * rs * esz);
         /* one allocation per group: on a GPU, cudaMalloc's 2 MiB granularity */
         if (!m->ops->host_memory) t = (t + ((size_t)2 << 20) - 1) / ((size_t)2 << 20) * ((size_t)2 << 20);
         layer += t;

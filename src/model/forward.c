@@ -225,7 +225,7 @@ static void lora_apply(struct tuna_model *m, int n, const struct tuna_linear *co
             w[off + a] = (struct tuna_lora_w){h->A, h->B, h->r, h->scale, 0};
             if (h->r > max_r) max_r = h->r;
         }
-        banks[i] = (struct tuna_lora_bank){lin->n_lora, max_r, TUNA_DTYPE_F32, w + off, NULL, NULL, 0};
+        banks[i] = (struct tuna_lora_bank){.n = lin->n_lora, .max_r = max_r, .dtype = TUNA_DTYPE_F32, .w = w + off};
         sets[i] = &banks[i];
         off += lin->n_lora;
     }
@@ -282,6 +282,17 @@ static bool lora_matmul16(struct tuna_model *m, int n, const struct tuna_linear 
     const float *bs[3];
     if (!lora_group(m, n, lins, ws, bs, sets)) return true;
     return m->ops->lora_matmul16(m->be, n, ys, ydt, x, adt, ws, bs, T, sets, &m->ws->lt, acc);
+}
+
+/* The LoRA fold's packed rows for a lora_matmul16 call over n linears (backend.h
+ * tuna_lora_fold_stride): their length, *xcol x's column in them; 0 when the call does not fold. */
+static int64_t fold_rows(struct tuna_model *m, int n, const struct tuna_linear *const *lins, int64_t *xcol)
+{
+    const struct tuna_lora_bank *sets[3] = {NULL, NULL, NULL};
+    const struct tuna_weight *ws[3];
+    const float *bs[3];
+    if (!lora_group(m, n, lins, ws, bs, sets)) return 0;
+    return tuna_lora_fold_stride(n, sets, xcol);
 }
 
 /* Whether a layer whose linears carry adapters used this step can take the 16-bit path: the
@@ -584,12 +595,15 @@ static tuna_status layer_act16(struct tuna_model *m, const struct tuna_layer *L,
     const int64_t C = a->hidden_size, H = a->n_heads, Hkv = a->n_kv_heads, D = a->head_dim, I = a->intermediate_size;
     const float eps = (float)a->norm_eps, scale = (float)(1.0 / sqrt((double)D));
     const enum tuna_dtype F32 = TUNA_DTYPE_F32;
-    op->rmsnorm16(be, A->xn_attn, x, L->attn_norm, T, C, eps, adt);
     const struct tuna_linear *const qkv[3] = {&L->q, &L->k, &L->v}, *const gu[2] = {&L->gate, &L->up};
     const struct tuna_linear *const o1[1] = {&L->o}, *const d1[1] = {&L->down};
     void *const yqkv[3] = {A->q, A->k, A->v}, *const ygu[2] = {A->gate, A->up}, *const yx[1] = {x};
-    bool ok = lora_on(m, &L->q) || lora_on(m, &L->k) || lora_on(m, &L->v)
-                  ? lora_matmul16(m, 3, qkv, yqkv, adt, A->xn_attn, adt, T, false)
+    /* the LoRA fold (docs/LORA.md): the norm writes x into the packed rows the call reads */
+    const bool lqkv = lora_on(m, &L->q) || lora_on(m, &L->k) || lora_on(m, &L->v);
+    int64_t xc = 0;
+    int64_t ps = lqkv ? fold_rows(m, 3, qkv, &xc) : 0;
+    op->rmsnorm16(be, (char *)A->xn_attn + (size_t)xc * 2, ps, x, L->attn_norm, T, C, eps, adt);
+    bool ok = lqkv ? lora_matmul16(m, 3, qkv, yqkv, adt, A->xn_attn, adt, T, false)
                   : op->matmul16(be, A->q, adt, A->xn_attn, adt, &L->q.w, L->q.bias, T, false) &&
                         op->matmul16(be, A->k, adt, A->xn_attn, adt, &L->k.w, L->k.bias, T, false) &&
                         op->matmul16(be, A->v, adt, A->xn_attn, adt, &L->v.w, L->v.bias, T, false);
@@ -599,9 +613,11 @@ static tuna_status layer_act16(struct tuna_model *m, const struct tuna_layer *L,
     op->attention16(be, A->att, A->q, adt, kc, vc, kvdt, md->ab, H, Hkv, D, scale);
     ok = lora_on(m, &L->o) ? lora_matmul16(m, 1, o1, yx, F32, A->att, adt, T, true)
                            : op->matmul16(be, x, F32, A->att, adt, &L->o.w, L->o.bias, T, true); /* x += att W_o^T */
-    op->rmsnorm16(be, A->xn_mlp, x, L->mlp_norm, T, C, eps, adt);
-    ok = ok && (lora_on(m, &L->gate) || lora_on(m, &L->up)
-                    ? lora_matmul16(m, 2, gu, ygu, adt, A->xn_mlp, adt, T, false)
+    const bool lgu = lora_on(m, &L->gate) || lora_on(m, &L->up);
+    xc = 0;
+    ps = lgu ? fold_rows(m, 2, gu, &xc) : 0;
+    op->rmsnorm16(be, (char *)A->xn_mlp + (size_t)xc * 2, ps, x, L->mlp_norm, T, C, eps, adt);
+    ok = ok && (lgu ? lora_matmul16(m, 2, gu, ygu, adt, A->xn_mlp, adt, T, false)
                     : op->matmul16(be, A->gate, adt, A->xn_mlp, adt, &L->gate.w, L->gate.bias, T, false) &&
                           op->matmul16(be, A->up, adt, A->xn_mlp, adt, &L->up.w, L->up.bias, T, false));
     op->glu16(be, A->gate, A->gate, A->up, T * I, (int)a->act, adt);

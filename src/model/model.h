@@ -32,6 +32,10 @@ struct tuna_linear {
      * even when new ones reuse their addresses). */
     struct tuna_lora_bank *lora_dev;
     const struct tuna_lora *lora_dev_src; /* the `lora` array lora_dev was copied from */
+    /* The LoRA fold (device.c; GPU, 16-bit): w's rows are columns fold_w0.. of the rows of
+     * fold_base [N, w.ld], whose other columns hold the adapters' B. NULL: not folded. */
+    void *fold_base;
+    int64_t fold_w0;
 };
 
 struct tuna_layer {
@@ -97,6 +101,11 @@ struct tuna_model_opts {
      * dtype on the GPU), F32, BF16, F16, or F8_E4M3 (GPU only: 1 byte per element, scale 1.0,
      * saturating at +-448; refused on the CPU). See tuna_model_kv_dtype (kv_cache.h). */
     enum tuna_dtype kv_cache_dtype;
+    /* The LoRA fold (serve with adapters; GPU, 16-bit weights): columns kept beside the rows of
+     * q/k/v/gate/up for the adapters' B (--max-loras x --max-lora-rank rounded up to 8), so a
+     * step's LoRA term rides in the projections' GEMMs (docs/LORA.md). 0: none.
+     * TUNA_LORA_KFOLD=0 turns it off. */
+    int64_t lora_fold;
 };
 
 struct tuna_q4_weight; /* quant/nf4.h */
@@ -134,6 +143,7 @@ struct tuna_model {
     int64_t n_gpu_q4;
     struct tuna_lora_dev_cache *lora_dev; /* the linears' LoRA device views and their buffers (device.c) */
     enum tuna_dtype kv_dtype_req; /* opts.kv_cache_dtype, checked (tuna_model_set_kv_dtype); INVALID = auto */
+    int64_t lora_fold_cols;     /* the LoRA fold's columns (opts.lora_fold) when q/k/v/gate/up were folded, else 0 */
 };
 
 /* Loads config.json and the weights of dir, checks every tensor against the architecture and

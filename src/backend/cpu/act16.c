@@ -16,8 +16,8 @@ static float *widen(enum tuna_dtype adt, const void *src, size_t n)
     return f;
 }
 
-void tuna_cpu_rmsnorm16(tuna_backend *be, void *y, const float *x, const float *w, int64_t T, int64_t C, float eps,
-                        enum tuna_dtype adt)
+void tuna_cpu_rmsnorm16(tuna_backend *be, void *y, int64_t ldy, const float *x, const float *w, int64_t T, int64_t C,
+                        float eps, enum tuna_dtype adt)
 {
     const size_t n = (size_t)(T * C);
     float *f = malloc((n ? n : 1) * sizeof(float));
@@ -25,8 +25,10 @@ void tuna_cpu_rmsnorm16(tuna_backend *be, void *y, const float *x, const float *
         free(f);
         return;
     }
+    if (ldy <= 0) ldy = C;
     tuna_cpu_rmsnorm(be, f, x, w, T, C, eps);
-    tuna_convert_from_f32(adt, f, y, n);
+    for (int64_t t = 0; t < T; t++) /* 16-bit rows ldy elements apart */
+        tuna_convert_from_f32(adt, f + t * C, (char *)y + (size_t)(t * ldy) * 2, (size_t)C);
     free(f);
 }
 

@@ -8,8 +8,8 @@
 
 #include "backend/backend.h"
 
-void tuna_cpu_rmsnorm16(tuna_backend *be, void *y, const float *x, const float *w, int64_t T, int64_t C, float eps,
-                        enum tuna_dtype adt);
+void tuna_cpu_rmsnorm16(tuna_backend *be, void *y, int64_t ldy, const float *x, const float *w, int64_t T,
+                        int64_t C, float eps, enum tuna_dtype adt);
 bool tuna_cpu_matmul16(tuna_backend *be, void *y, enum tuna_dtype ydt, const void *x, enum tuna_dtype adt,
                        const struct tuna_weight *w, const float *bias, int64_t T, bool acc);
 void tuna_cpu_rope_kv_store16(tuna_backend *be, void *q, void *k, const void *v, enum tuna_dtype adt,

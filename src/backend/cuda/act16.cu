@@ -11,11 +11,11 @@
 
 static int act_io(enum tuna_dtype adt) { return adt == TUNA_DTYPE_BF16 ? 1 : adt == TUNA_DTYPE_F16 ? 2 : 0; }
 
-__global__ void k_rmsnorm16(void *y, int io, const float *x, const float *w, int64_t C, float eps, int vec)
+__global__ void k_rmsnorm16(void *y, int64_t ldy, int io, const float *x, const float *w, int64_t C, float eps, int vec)
 {
     __shared__ float red[32];
     const float *xr = x + (int64_t)blockIdx.x * C;
-    const int64_t y0 = (int64_t)blockIdx.x * C;
+    const int64_t y0 = (int64_t)blockIdx.x * ldy;
     float s = 0.0f;
     if (vec) {
         for (int64_t i = threadIdx.x; i < C / 4; i += blockDim.x) {
@@ -37,8 +37,8 @@ __global__ void k_rmsnorm16(void *y, int io, const float *x, const float *w, int
     }
 }
 
-void tuna_cuda_rmsnorm16(tuna_backend *be, void *y, const float *x, const float *w, int64_t T, int64_t C, float eps,
-                         enum tuna_dtype adt)
+void tuna_cuda_rmsnorm16(tuna_backend *be, void *y, int64_t ldy, const float *x, const float *w, int64_t T, int64_t C,
+                         float eps, enum tuna_dtype adt)
 {
     if (be->sticky || T <= 0) return;
     const int io = act_io(adt);
@@ -46,8 +46,9 @@ void tuna_cuda_rmsnorm16(tuna_backend *be, void *y, const float *x, const float 
         tuna_cuda_check(be, cudaErrorInvalidValue, "rmsnorm16 (activations neither bf16 nor f16)");
         return;
     }
-    const int vec = C % 4 == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)w % 16 == 0 && (uintptr_t)y % 4 == 0;
-    k_rmsnorm16<<<(unsigned)T, 256, 0, be->stream>>>(y, io, x, w, C, eps, vec);
+    if (ldy <= 0) ldy = C;
+    const int vec = C % 4 == 0 && ldy % 2 == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)w % 16 == 0 && (uintptr_t)y % 4 == 0;
+    k_rmsnorm16<<<(unsigned)T, 256, 0, be->stream>>>(y, ldy, io, x, w, C, eps, vec);
     tuna_cuda_check_launch(be, "k_rmsnorm16");
 }
 
@@ -111,7 +112,7 @@ bool tuna_cuda_matmul16(tuna_backend *be, void *y, enum tuna_dtype ydt, const vo
     /* column-major view: y^T[N,T] = W[N,K] (row-major = K x N col-major, transposed) * x^T[K,T] */
     tuna_cuda_check_blas(be,
                          cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)T, (int)K, &one, w->data, dt,
-                                      (int)K, x, dt, (int)K, acc ? &one : &zero, y,
+                                      (int)tuna_weight_ld(w), x, dt, (int)K, acc ? &one : &zero, y,
                                       ydt == TUNA_DTYPE_F32 ? CUDA_R_32F : dt, (int)N, CUBLAS_COMPUTE_32F,
                                       CUBLAS_GEMM_DEFAULT),
                          "cublasGemmEx(16-bit activations)");

@@ -245,6 +245,18 @@ extern "C" tuna_status tuna_cuda_upload(tuna_backend *be, void *dst, const void 
     return TUNA_OK;
 }
 
+extern "C" tuna_status tuna_cuda_upload_2d(tuna_backend *be, void *dst, size_t dpitch, const void *src, size_t spitch,
+                                           size_t width, size_t rows)
+{
+    if (be->sticky) return tuna_cuda_status(be);
+    if (rows == 0 || width == 0) return TUNA_OK;
+    if (!tuna_cuda_check(be, cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, rows, cudaMemcpyHostToDevice, be->stream),
+                         "upload (2D)") ||
+        !tuna_cuda_check(be, cudaStreamSynchronize(be->stream), "upload sync"))
+        return tuna_cuda_status(be);
+    return TUNA_OK;
+}
+
 extern "C" tuna_status tuna_cuda_download(tuna_backend *be, void *dst, const void *src, size_t bytes)
 {
     if (be->sticky) return tuna_cuda_status(be);
@@ -383,6 +395,7 @@ static const struct tuna_backend_ops k_cuda_ops = {
     tuna_cuda_act16_min_t,
     tuna_cuda_lora_matmul16,
     tuna_cuda_decode_layer,
+    tuna_cuda_upload_2d,
 };
 
 extern "C" const struct tuna_backend_ops *tuna_cuda_backend_ops(void) { return &k_cuda_ops; }

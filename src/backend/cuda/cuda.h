@@ -46,6 +46,9 @@ void tuna_cuda_free(tuna_backend *be, void *p);
 /* Synchronous copies host → device and device → host. */
 tuna_status tuna_cuda_upload(tuna_backend *be, void *dst_dev, const void *src_host, size_t bytes);
 tuna_status tuna_cuda_download(tuna_backend *be, void *dst_host, const void *src_dev, size_t bytes);
+/* rows of width bytes, host rows spitch apart, into device rows dpitch apart (backend.h upload_2d) */
+tuna_status tuna_cuda_upload_2d(tuna_backend *be, void *dst_dev, size_t dpitch, const void *src_host, size_t spitch,
+                                size_t width, size_t rows);
 /* Waits for all queued ops; returns the sticky status. */
 tuna_status tuna_cuda_sync(tuna_backend *be);
 

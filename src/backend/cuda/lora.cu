@@ -1231,6 +1231,7 @@ void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns
 struct dense_lin {
     const struct tuna_lora_w *w; /* descriptors (device): r and scale per slot; NULL: no adapters */
     int off, n, rs;
+    int hcol; /* the fold: this linear's hm in the packed rows (column) */
 };
 struct dense_job {
     dense_lin l[3];
@@ -1239,6 +1240,40 @@ struct dense_job {
 
 __device__ __forceinline__ void dense_put(__nv_bfloat16 *p, float v) { *p = __float2bfloat16_rn(v); }
 __device__ __forceinline__ void dense_put(__half *p, float v) { *p = __float2half_rn(v); }
+
+/* The fold's hm columns of the packed rows (see dense_call): row t of xa [T, stride] holds x at
+ * columns xcol..xcol + K (the norm wrote it there) and each folded linear's hm at its hcol: the
+ * token's own slot of h times its scale, rounded to 16 bits; every other slot zero. A thread per 8
+ * of the row's stride - K other columns: xcol, K, the hcols and the slots' widths are multiples
+ * of 8, so 8 columns never straddle two parts. */
+template <typename HT>
+__global__ void k_lora_pack(HT *xa, int64_t stride, int64_t K, int64_t xcol, const float *h, const int32_t *adapter,
+                            dense_job d)
+{
+    const int64_t t = blockIdx.x;
+    int64_t c0 = 8 * ((int64_t)blockIdx.y * blockDim.x + threadIdx.x);
+    if (c0 >= stride - K) return;
+    if (c0 >= xcol) c0 += K; /* past x */
+    const int a = adapter[t];
+    float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int i = 0; i < 3; i++) {
+        const dense_lin &l = d.l[i];
+        if (i >= d.nl || !l.w || c0 < l.hcol || c0 >= l.hcol + (int64_t)l.n * l.rs) continue;
+        const int j0 = (int)(c0 - l.hcol), s = j0 / l.rs; /* 8 columns of slot s (rs % 8 == 0) */
+        if (s != a) break;
+        const int r = (int)l.w[a].r;
+        const float sc = l.w[a].scale;
+#pragma unroll
+        for (int e = 0; e < 8; e++)
+            if (j0 - s * l.rs + e < r) v[e] = h[t * d.RU + l.off + j0 + e] * sc;
+        break;
+    }
+    HT o[8];
+#pragma unroll
+    for (int e = 0; e < 8; e++) dense_put(&o[e], v[e]);
+    *reinterpret_cast<uint4 *>(xa + t * stride + c0) = *reinterpret_cast<const uint4 *>(o);
+}
 
 template <typename HT> __global__ void k_lora_mask(HT *hm, const float *h, const int32_t *adapter, dense_job d)
 {
@@ -1301,6 +1336,16 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
     }
     if (RU == 0) return false;
     d.RU = (int)RU;
+    /* the fold (backend.h lora_matmul16): x16 is then the packed rows, x at column fxcol */
+    int64_t fxcol = 0;
+    const int64_t fstride = !x32 && ydt == D && !acc ? tuna_lora_fold_stride(n, sets, &fxcol) : 0;
+    const bool fold = fstride > 0;
+    for (int i = 0; i < n && fold; i++)
+        if (d.l[i].w) d.l[i].hcol = (int)sets[i]->fold_hcol;
+    if (fold && (((uintptr_t)x16 % 16) != 0 || K % 8 != 0 || fstride % 8 != 0 || fxcol % 8 != 0)) {
+        tuna_cuda_check(be, cudaErrorInvalidValue, "LoRA fold (packed rows not 16-byte aligned)");
+        return true;
+    }
     if (be->sticky) return true;
     /* the step's adapter per token on the device (the step block's mirror: no upload) */
     struct cuda_meta mt = {0};
@@ -1309,13 +1354,14 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
     if (be->sticky || !tuna_cuda_meta_flush(be, &mt)) return true;
     const int32_t *d_ad = (const int32_t *)((const char *)be->meta.p + o_ad);
     const size_t head = TC_COUNT_MAX * sizeof(int), hb = align256((size_t)T * (size_t)RU * sizeof(float));
-    char *base = lora_scratch(be, hb + align256((size_t)T * (size_t)RU * 2));
+    char *base = lora_scratch(be, hb + (fold ? 0 : align256((size_t)T * (size_t)RU * 2)));
     if (!base) return true;
     float *h = (float *)(base + head);
     char *hm = base + head + hb;
     be->lora_next.x = NULL; /* no lora call follows that could use a GLU call's u */
     const int dt = D == TUNA_DTYPE_BF16 ? 1 : 2;
-    const void *xh = x16;
+    const void *xh = fold ? (const void *)((const char *)x16 + (size_t)fxcol * 2) : x16; /* x's first column */
+    const int64_t ldx = fold ? fstride : K;
     if (x32) { /* x in 16 bits once: the shrinks and the projections' GEMMs read it */
         if (!tuna_cuda_to_half(be, x32, T * K, dt, true)) return true;
         xh = be->half.p;
@@ -1334,12 +1380,36 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
         }
         tuna_cuda_check_blas(be,
                              cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, M, (int)T, (int)K, &one, sets[i]->A_all, ct,
-                                          (int)K, xh, ct, (int)K, &zero, h + d.l[i].off, CUDA_R_32F, (int)RU,
+                                          (int)K, xh, ct, (int)ldx, &zero, h + d.l[i].off, CUDA_R_32F, (int)RU,
                                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                              "cublasGemmEx(LoRA shrink, all slots)");
         i = j - 1;
     }
     if (be->sticky) return true;
+    if (fold) {
+        /* each folded linear's hm into the packed rows, then its GEMM over its folded rows: x W^T
+         * and the LoRA term summed in one float32 accumulator, rounded once; no expand GEMMs */
+        char *xa = (char *)(uintptr_t)x16; /* the caller's packed rows: the op writes their hm columns */
+        const dim3 pg((unsigned)T, (unsigned)(((fstride - K) / 8 + 127) / 128));
+        if (dt == 1)
+            k_lora_pack<__nv_bfloat16><<<pg, 128, 0, be->stream>>>((__nv_bfloat16 *)xa, fstride, K, fxcol, h, d_ad, d);
+        else
+            k_lora_pack<__half><<<pg, 128, 0, be->stream>>>((__half *)xa, fstride, K, fxcol, h, d_ad, d);
+        if (!tuna_cuda_check_launch(be, "k_lora_pack")) return true;
+        for (int i = 0; i < n && !be->sticky; i++) {
+            const int64_t N = ws[i]->rows;
+            const struct tuna_lora_bank *s = sets[i];
+            const bool on = d.l[i].w != NULL;
+            tuna_cuda_check_blas(
+                be,
+                cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)T, (int)(on ? s->fold_k : K), &one,
+                             on ? s->fold_w : ws[i]->data, ct, (int)(on ? s->fold_ld : tuna_weight_ld(ws[i])),
+                             on ? (const void *)(xa + (size_t)s->fold_xoff * 2) : xh, ct, (int)fstride, &zero, ys[i],
+                             ct, (int)N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                on ? "cublasGemmEx(16-bit projection, LoRA folded in)" : "cublasGemmEx(16-bit projection)");
+        }
+        return true;
+    }
     const dim3 grid((unsigned)T, (unsigned)((RU + 127) / 128));
     if (dt == 1) k_lora_mask<__nv_bfloat16><<<grid, 128, 0, be->stream>>>((__nv_bfloat16 *)hm, h, d_ad, d);
     else k_lora_mask<__half><<<grid, 128, 0, be->stream>>>((__half *)hm, h, d_ad, d);
@@ -1349,10 +1419,11 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
         const int64_t N = ws[i]->rows;
         if (d.l[i].w) { /* the LoRA term over the slots (beta 0, or 1 onto the residual stream) */
             const int M = d.l[i].n * d.l[i].rs;
+            const int ldb = (int)(sets[i]->fold_ld > 0 ? sets[i]->fold_ld : M); /* B_all in folded rows */
             tuna_cuda_check_blas(be,
                                  cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)T, M, &one, sets[i]->B_all,
-                                              ct, M, hm + (size_t)d.l[i].off * 2, ct, (int)RU, acc ? &one : &zero, ys[i],
-                                              yt, (int)N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                                              ct, ldb, hm + (size_t)d.l[i].off * 2, ct, (int)RU, acc ? &one : &zero,
+                                              ys[i], yt, (int)N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                                  "cublasGemmEx(LoRA expand, all slots)");
         }
         const bool onto = acc || d.l[i].w != NULL; /* the projection onto y (beta 1) or into it */
@@ -1364,7 +1435,8 @@ static bool dense_call(tuna_backend *be, int n, void *const *ys, enum tuna_dtype
         } else { /* 16-bit y (no bias): cuBLAS rounds x W^T + the LoRA term once */
             tuna_cuda_check_blas(be,
                                  cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)T, (int)K, &one,
-                                              ws[i]->data, ct, (int)K, x16, ct, (int)K, onto ? &one : &zero, ys[i], ct,
+                                              ws[i]->data, ct, (int)tuna_weight_ld(ws[i]), x16, ct, (int)K,
+                                              onto ? &one : &zero, ys[i], ct,
                                               (int)N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                                  "cublasGemmEx(16-bit projection onto its LoRA term)");
         }
