@@ -15,6 +15,9 @@
  *          k [x|hm_k], v [x|hm_k|hm_v] with zero weights on hm_k, so ext 128/128/256)
  * Also `shrink`: the group's shrink GEMM h = x A_all^T (float32 out, M = the group's slots), which
  * both forms keep. Random bf16 values; bits are not compared (the fold changes the sum's order).
+ * Since the seventeenth session the fold is what serving runs (lora.cu dense_call, docs/LORA.md;
+ * its v is [W | 0 | B] with hm_q's columns between, k/up [B | W]); this bench stays as the
+ * GEMM-level measurement of the shapes.
  * Usage: bench_lora_fold [T ...]  (default 64 128 256 512) */
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
