@@ -36,8 +36,6 @@ tuna_status tuna_mem_plan_make(const struct tuna_model *m, const struct tuna_mem
         p->workspace += 2.0 * T * maxk;                     /* activations rounded to 16 bits for cuBLAS */
         if (m->n_q4) p->workspace += 4.0 * I * C;           /* a 4-bit matrix dequantized for prefill */
         p->workspace += 64.0 * 1048576.0;                   /* cuBLAS workspace, metadata staging, slack */
-        if (m->lora_fold_cols > 0) /* the LoRA fold's packed rows (lora.cu dense_call) */
-            p->workspace += 2.0 * T * (C + 3.0 * (double)m->lora_fold_cols);
     }
     p->kv_dtype = tuna_model_kv_dtype(m);
     p->kv_per_token = 2.0 * (double)a->n_layers * KD * (double)tuna_dtype_nbytes(p->kv_dtype, 1);
