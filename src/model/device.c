@@ -176,6 +176,26 @@ static tuna_status move_weight_ld(struct tuna_model *m, struct tuna_weight *w, e
         if (base) *base = d;
         return TUNA_OK;
     }
+    if (padded && w->dtype == to && m->ops->upload_2d) { /* the rows straight into their columns */
+        const size_t esz = (size_t)tuna_dtype_bits(to) / 8, rb = (size_t)ld * esz;
+        const int64_t right = ld - w0 - w->cols; /* columns after W (before it: w0) */
+        const int64_t zw = w0 > right ? w0 : right;
+        void *d = NULL, *z = calloc((size_t)(w->rows * zw), esz);
+        tuna_status st = z ? dev_alloc(m, out_bytes, &d) : tuna_fail_oom("LoRA fold zeros", (size_t)(w->rows * zw) * esz);
+        if (!st)
+            st = m->ops->upload_2d(m->be, (char *)d + (size_t)w0 * esz, rb, w->data, (size_t)w->cols * esz,
+                                   (size_t)w->cols * esz, (size_t)w->rows);
+        if (!st && w0 > 0) st = m->ops->upload_2d(m->be, d, rb, z, (size_t)w0 * esz, (size_t)w0 * esz, (size_t)w->rows);
+        if (!st && right > 0)
+            st = m->ops->upload_2d(m->be, (char *)d + (size_t)(w0 + w->cols) * esz, rb, z, (size_t)right * esz,
+                                   (size_t)right * esz, (size_t)w->rows);
+        free(z);
+        if (st) return st;
+        w->data = (char *)d + (size_t)w0 * esz;
+        w->ld = ld;
+        if (base) *base = d;
+        return TUNA_OK;
+    }
     /* convert in chunks of rows through a float32 staging buffer */
     int64_t rows_per = (int64_t)((8u << 20) / (size_t)(ld * 4));
     if (rows_per < 1) rows_per = 1;
@@ -192,6 +212,13 @@ static tuna_status move_weight_ld(struct tuna_model *m, struct tuna_weight *w, e
     for (int64_t r0 = 0; !st && r0 < w->rows; r0 += rows_per) {
         int64_t nr = w->rows - r0 < rows_per ? w->rows - r0 : rows_per;
         size_t cnt = (size_t)(nr * w->cols);
+        if (padded && w->dtype == to) { /* the rows as they are into the padded rows (no conversion) */
+            for (int64_t r = 0; r < nr; r++)
+                memcpy(hp + (size_t)(r * ld + w0) * esz, (const char *)w->data + (size_t)((r0 + r) * w->cols) * esz,
+                       (size_t)w->cols * esz);
+            st = m->ops->upload(m->be, (char *)d + (size_t)(r0 * ld) * esz, hp, (size_t)(nr * ld) * esz);
+            continue;
+        }
         if (!tuna_convert_to_f32(w->dtype, (const char *)w->data + (size_t)(r0 * w->cols) * in_esz, f, cnt)) {
             st = tuna_fail(TUNA_E_UNSUPPORTED, "cannot convert %s weights for the GPU", tuna_dtype_name(w->dtype));
             break;
