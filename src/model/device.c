@@ -212,13 +212,6 @@ static tuna_status move_weight_ld(struct tuna_model *m, struct tuna_weight *w, e
     for (int64_t r0 = 0; !st && r0 < w->rows; r0 += rows_per) {
         int64_t nr = w->rows - r0 < rows_per ? w->rows - r0 : rows_per;
         size_t cnt = (size_t)(nr * w->cols);
-        if (padded && w->dtype == to) { /* the rows as they are into the padded rows (no conversion) */
-            for (int64_t r = 0; r < nr; r++)
-                memcpy(hp + (size_t)(r * ld + w0) * esz, (const char *)w->data + (size_t)((r0 + r) * w->cols) * esz,
-                       (size_t)w->cols * esz);
-            st = m->ops->upload(m->be, (char *)d + (size_t)(r0 * ld) * esz, hp, (size_t)(nr * ld) * esz);
-            continue;
-        }
         if (!tuna_convert_to_f32(w->dtype, (const char *)w->data + (size_t)(r0 * w->cols) * in_esz, f, cnt)) {
             st = tuna_fail(TUNA_E_UNSUPPORTED, "cannot convert %s weights for the GPU", tuna_dtype_name(w->dtype));
             break;
@@ -257,11 +250,11 @@ static tuna_status move_linear(struct tuna_model *m, struct tuna_linear *l, enum
 }
 
 /* The LoRA fold's columns for a model going to the GPU in dtype dt (0: no fold): opts.lora_fold
- * rounded up to 8, for 16-bit compute, unless TUNA_LORA_KFOLD=0. */
-static int64_t fold_cols(const struct tuna_model_opts *opts, enum tuna_dtype dt)
+ * rounded up to 8, for 16-bit compute on a backend with upload_2d, unless TUNA_LORA_KFOLD=0. */
+static int64_t fold_cols(const struct tuna_model *m, const struct tuna_model_opts *opts, enum tuna_dtype dt)
 {
     const char *e = getenv("TUNA_LORA_KFOLD");
-    if (!opts || opts->lora_fold <= 0 || (e && e[0] == '0')) return 0;
+    if (!opts || opts->lora_fold <= 0 || (e && e[0] == '0') || !m->ops->upload_2d) return 0;
     if (dt != TUNA_DTYPE_BF16 && dt != TUNA_DTYPE_F16) return 0;
     return (opts->lora_fold + 7) / 8 * 8;
 }
@@ -338,7 +331,7 @@ tuna_status tuna_model_start_backend(struct tuna_model *m, const struct tuna_mod
         const bool want_arena = ae && *ae ? strcmp(ae, "0") != 0 : opts && opts->weight_arena;
         tuna_cuda_arena *arena = NULL;
         if (want_arena && tuna_cuda_arena_new(cdev, 0, &arena) == TUNA_OK) m->dev_arena = arena;
-        const int64_t fold = fold_cols(opts, dt);
+        const int64_t fold = fold_cols(m, opts, dt);
         if (tied) m->lm_head.w = m->embed;
         else if ((st = move_linear(m, &m->lm_head, dt))) return st;
         for (int64_t l = 0; l < m->arch.n_layers && !st; l++) {
