@@ -157,78 +157,68 @@ static tuna_status move_q4(struct tuna_model *m, struct tuna_weight *w, enum tun
     return TUNA_OK;
 }
 
+/* Zeroes the columns of rows x ld elements (esz bytes each) at d outside [w0, w0 + cols). */
+static tuna_status zero_sides(struct tuna_model *m, char *d, int64_t rows, int64_t ld, int64_t w0, int64_t cols,
+                              size_t esz)
+{
+    const int64_t right = ld - w0 - cols, zw = w0 > right ? w0 : right;
+    void *z = calloc((size_t)(rows * zw), esz);
+    if (!z) return tuna_fail_oom("LoRA fold zeros", (size_t)(rows * zw) * esz);
+    const size_t rb = (size_t)ld * esz;
+    tuna_status st = TUNA_OK;
+    if (w0 > 0) st = m->ops->upload_2d(m->be, d, rb, z, (size_t)w0 * esz, (size_t)w0 * esz, (size_t)rows);
+    if (!st && right > 0)
+        st = m->ops->upload_2d(m->be, d + (size_t)(w0 + cols) * esz, rb, z, (size_t)right * esz, (size_t)right * esz,
+                               (size_t)rows);
+    free(z);
+    return st;
+}
+
 /* Converts a weight to dtype `to` and uploads it (4-bit weights go to move_q4 and stay 4-bit).
- * ld > cols (the LoRA fold): the device rows are ld elements apart, W in columns w0..w0 + cols of
- * each, the other columns zero; w->data then points at column w0 of row 0 and w->ld = ld. */
+ * ld > cols (the LoRA fold; the backend has upload_2d): the device rows are ld elements apart, W
+ * in columns w0..w0 + cols of each, the other columns zero; w->data then points at column w0 of
+ * row 0 and w->ld = ld. */
 static tuna_status move_weight_ld(struct tuna_model *m, struct tuna_weight *w, enum tuna_dtype to, int64_t ld,
                                   int64_t w0, void **base)
 {
     if (w->q4) return move_q4(m, w, to);
     const bool padded = ld > w->cols;
     if (!padded) ld = w->cols, w0 = 0;
-    size_t n = (size_t)(w->rows * ld);
-    size_t out_bytes = tuna_dtype_nbytes(to, n);
-    if (w->dtype == to && !padded) {
-        void *d;
-        tuna_status st = upload_new(m, w->data, out_bytes, &d);
-        if (st) return st;
-        w->data = d;
-        if (base) *base = d;
-        return TUNA_OK;
-    }
-    if (padded && w->dtype == to && m->ops->upload_2d) { /* the rows straight into their columns */
-        const size_t esz = (size_t)tuna_dtype_bits(to) / 8, rb = (size_t)ld * esz;
-        const int64_t right = ld - w0 - w->cols; /* columns after W (before it: w0) */
-        const int64_t zw = w0 > right ? w0 : right;
-        void *d = NULL, *z = calloc((size_t)(w->rows * zw), esz);
-        tuna_status st = z ? dev_alloc(m, out_bytes, &d) : tuna_fail_oom("LoRA fold zeros", (size_t)(w->rows * zw) * esz);
-        if (!st)
-            st = m->ops->upload_2d(m->be, (char *)d + (size_t)w0 * esz, rb, w->data, (size_t)w->cols * esz,
-                                   (size_t)w->cols * esz, (size_t)w->rows);
-        if (!st && w0 > 0) st = m->ops->upload_2d(m->be, d, rb, z, (size_t)w0 * esz, (size_t)w0 * esz, (size_t)w->rows);
-        if (!st && right > 0)
-            st = m->ops->upload_2d(m->be, (char *)d + (size_t)(w0 + w->cols) * esz, rb, z, (size_t)right * esz,
-                                   (size_t)right * esz, (size_t)w->rows);
-        free(z);
-        if (st) return st;
-        w->data = (char *)d + (size_t)w0 * esz;
-        w->ld = ld;
-        if (base) *base = d;
-        return TUNA_OK;
-    }
-    /* convert in chunks of rows through a float32 staging buffer */
-    int64_t rows_per = (int64_t)((8u << 20) / (size_t)(ld * 4));
-    if (rows_per < 1) rows_per = 1;
-    if (rows_per > w->rows) rows_per = w->rows;
-    float *f = malloc((size_t)(rows_per * w->cols) * sizeof(float));
+    const size_t out_bytes = tuna_dtype_nbytes(to, (uint64_t)(w->rows * ld));
     const size_t esz = (size_t)tuna_dtype_bits(to) / 8, in_esz = (size_t)tuna_dtype_bits(w->dtype) / 8;
-    void *h = malloc(tuna_dtype_nbytes(to, (uint64_t)(rows_per * w->cols)));
-    char *hp = padded ? calloc((size_t)(rows_per * ld), esz) : NULL; /* padded rows, the rest zero */
+    const size_t rb = (size_t)ld * esz, wb = (size_t)w->cols * esz; /* a device row, W's part of it */
     void *d = NULL;
-    tuna_status st = (!f || !h || (padded && !hp))
-                         ? tuna_fail_oom("weight conversion buffer", (size_t)(rows_per * ld) * 8)
-                         : TUNA_OK;
-    if (!st) st = dev_alloc(m, out_bytes, &d);
-    for (int64_t r0 = 0; !st && r0 < w->rows; r0 += rows_per) {
-        int64_t nr = w->rows - r0 < rows_per ? w->rows - r0 : rows_per;
-        size_t cnt = (size_t)(nr * w->cols);
-        if (!tuna_convert_to_f32(w->dtype, (const char *)w->data + (size_t)(r0 * w->cols) * in_esz, f, cnt)) {
-            st = tuna_fail(TUNA_E_UNSUPPORTED, "cannot convert %s weights for the GPU", tuna_dtype_name(w->dtype));
-            break;
-        }
-        tuna_convert_from_f32(to, f, h, cnt);
-        if (padded) {
-            for (int64_t r = 0; r < nr; r++)
-                memcpy(hp + (size_t)(r * ld + w0) * esz, (const char *)h + (size_t)(r * w->cols) * esz,
-                       (size_t)w->cols * esz);
-            st = m->ops->upload(m->be, (char *)d + (size_t)(r0 * ld) * esz, hp, (size_t)(nr * ld) * esz);
-        } else {
-            st = m->ops->upload(m->be, (char *)d + (size_t)(r0 * w->cols) * esz, h, cnt * esz);
-        }
+    tuna_status st;
+    if (w->dtype == to && !padded) {
+        st = upload_new(m, w->data, out_bytes, &d);
+    } else {
+        st = dev_alloc(m, out_bytes, &d);
+        if (!st && padded) st = zero_sides(m, d, w->rows, ld, w0, w->cols, esz);
     }
-    free(f);
-    free(h);
-    free(hp);
+    if (!st && w->dtype == to && padded) /* the rows straight into their columns */
+        st = m->ops->upload_2d(m->be, (char *)d + (size_t)w0 * esz, rb, w->data, wb, wb, (size_t)w->rows);
+    if (!st && w->dtype != to) { /* convert in chunks of rows through a float32 staging buffer */
+        int64_t rows_per = (int64_t)((8u << 20) / (size_t)(w->cols * 4));
+        if (rows_per < 1) rows_per = 1;
+        if (rows_per > w->rows) rows_per = w->rows;
+        float *f = malloc((size_t)(rows_per * w->cols) * sizeof(float));
+        void *h = malloc(tuna_dtype_nbytes(to, (uint64_t)(rows_per * w->cols)));
+        if (!f || !h) st = tuna_fail_oom("weight conversion buffer", (size_t)(rows_per * w->cols) * 6);
+        for (int64_t r0 = 0; !st && r0 < w->rows; r0 += rows_per) {
+            const int64_t nr = w->rows - r0 < rows_per ? w->rows - r0 : rows_per;
+            const size_t cnt = (size_t)(nr * w->cols);
+            if (!tuna_convert_to_f32(w->dtype, (const char *)w->data + (size_t)(r0 * w->cols) * in_esz, f, cnt)) {
+                st = tuna_fail(TUNA_E_UNSUPPORTED, "cannot convert %s weights for the GPU", tuna_dtype_name(w->dtype));
+                break;
+            }
+            tuna_convert_from_f32(to, f, h, cnt);
+            char *dst = (char *)d + (size_t)(r0 * ld + w0) * esz;
+            st = padded ? m->ops->upload_2d(m->be, dst, rb, h, wb, wb, (size_t)nr)
+                        : m->ops->upload(m->be, dst, h, cnt * esz);
+        }
+        free(f);
+        free(h);
+    }
     if (st) return st;
     w->dtype = to;
     w->data = (char *)d + (size_t)w0 * esz;
@@ -254,7 +244,8 @@ static tuna_status move_linear(struct tuna_model *m, struct tuna_linear *l, enum
 static int64_t fold_cols(const struct tuna_model *m, const struct tuna_model_opts *opts, enum tuna_dtype dt)
 {
     const char *e = getenv("TUNA_LORA_KFOLD");
-    if (!opts || opts->lora_fold <= 0 || (e && e[0] == '0') || !m->ops->upload_2d) return 0;
+    if (!opts || opts->lora_fold <= 0 || opts->lora_fold > INT32_MAX || (e && e[0] == '0') || !m->ops->upload_2d)
+        return 0; /* (more columns than int32 could never pass move_linear_fold's K >= 4M) */
     if (dt != TUNA_DTYPE_BF16 && dt != TUNA_DTYPE_F16) return 0;
     return (opts->lora_fold + 7) / 8 * 8;
 }
@@ -344,7 +335,8 @@ tuna_status tuna_model_start_backend(struct tuna_model *m, const struct tuna_mod
             /* the LoRA fold's roles (move_linear_fold): 0 q/gate, 1 k/up, 2 v; -1 o/down (never folded) */
             const int role[] = {0, 1, 2, -1, 0, 1, -1};
             for (size_t i = 0; i < sizeof lins / sizeof lins[0] && !st; i++)
-                st = fold && role[i] >= 0 ? move_linear_fold(m, lins[i], dt, fold, role[i]) : move_linear(m, lins[i], dt);
+                st = fold && role[i] >= 0 ? move_linear_fold(m, lins[i], dt, fold, role[i])
+                                          : move_linear(m, lins[i], dt);
             if (!st && fold && L->q.fold_base) m->lora_fold_cols = fold;
         }
         if (!st) st = move_vec(m, &m->final_norm, m->arch.hidden_size);
@@ -558,6 +550,13 @@ struct fold_geom {
     int64_t k, xoff, hcol, xcol, stride;
 };
 
+/* Whether a group's slots (ru = n * rs columns) fit the fold's columns. lora_fold_cols > 0 only
+ * on a backend that folded at load (fold_cols: not the CPU, upload_2d present). */
+static bool fold_holds(const struct tuna_model *m, int64_t ru)
+{
+    return m->lora_fold_cols > 0 && ru <= m->lora_fold_cols;
+}
+
 /* Whether the group's views fold, and where (fg[i] per linear): every linear folded at load in
  * the views' dtype with its slots (n * rs) inside the fold's columns, roles all different, and a
  * backend that uploads rows (upload_2d). */
@@ -565,14 +564,14 @@ static bool fold_plan(const struct tuna_model *m, struct tuna_linear *const *lin
                       enum tuna_dtype dt, struct fold_geom *fg)
 {
     const int64_t M = m->lora_fold_cols;
-    if (M <= 0 || m->ops->host_memory || !m->ops->upload_2d) return false;
+    if (!fold_holds(m, 0)) return false;
     const int64_t K = lins[0]->w.cols;
     int64_t ru[3] = {0, 0, 0};
     int seen = 0;
     for (int i = 0; i < k; i++) {
         const struct tuna_linear *l = lins[i];
         const int64_t RU = (int64_t)l->n_lora * rs;
-        if (!l->fold_base || l->w.dtype != dt || RU > M) return false;
+        if (!l->fold_base || l->w.dtype != dt || !fold_holds(m, RU)) return false;
         const int64_t ld = tuna_weight_ld(&l->w);
         const int role = l->fold_w0 == M ? 1 : ld == K + 2 * M ? 2 : 0;
         if (seen & (1 << role)) return false;
@@ -778,8 +777,7 @@ size_t tuna_model_lora_view_bytes(const struct tuna_model *m, int slots, int64_t
         for (int i = 0; i < g[gi].k; i++) t += n * rs * g[gi].K * esz; /* A_all */
         t = align256(t);
         /* B_all, unless the fold keeps it in the weights' rows (q/k/v, gate/up: fold_plan) */
-        const bool folded = (gi == 0 || gi == 2) && m->lora_fold_cols > 0 && !m->ops->host_memory &&
-                            m->ops->upload_2d && (int64_t)(n * rs) <= m->lora_fold_cols;
+        const bool folded = (gi == 0 || gi == 2) && fold_holds(m, (int64_t)(n * rs));
         for (int i = 0; i < g[gi].k && !folded; i++) t += align256(g[gi].N[i] * n * rs * esz);
         /* one allocation per group: on a GPU, cudaMalloc's 2 MiB granularity */
         if (!m->ops->host_memory) t = (t + ((size_t)2 << 20) - 1) / ((size_t)2 << 20) * ((size_t)2 << 20);
