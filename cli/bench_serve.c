@@ -191,7 +191,7 @@ int bench_serve_main(int argc, char **argv)
         return 0;
     }
     struct tuna_model_opts mo = engine_opts_model(&o.eng);
-    if (o.loras > 0) mo.lora_fold = o.loras * ((o.rank + 7) / 8 * 8); /* the LoRA fold's columns (model.h) */
+    mo.lora_fold = tuna_lora_fold_for(o.loras, o.rank); /* the LoRA fold's columns (model.h) */
     struct synth syn = {0};
     struct tuna_model *m = NULL;
     tuna_tokenizer *tok = NULL;

@@ -162,7 +162,7 @@ int cmd_serve(int argc, char **argv)
     struct tuna_gen_config gc;
     struct tuna_model_opts mo = engine_opts_model(&o.eng);
     /* the LoRA fold (model.h): room for every slot at the rank limit beside q/k/v/gate/up's rows */
-    if (o.n_lora || o.lora_root) mo.lora_fold = o.max_loras * ((o.max_lora_rank + 7) / 8 * 8);
+    if (o.n_lora || o.lora_root) mo.lora_fold = tuna_lora_fold_for(o.max_loras, o.max_lora_rank);
     /* adapters run on either backend: each attach gives the GPU fresh copies (model.h, lora_dev) */
     tuna_status st = TUNA_OK;
     if (!st) st = tuna_serve_loras_init(&loras, (int)o.max_loras, o.max_lora_rank, o.lora_root);

@@ -108,6 +108,14 @@ struct tuna_model_opts {
     int64_t lora_fold;
 };
 
+/* opts.lora_fold for `slots` adapters of rank <= max_rank: slots x max_rank rounded up to 8;
+ * 0 for a rank no model could fold (above 2^20: the fold wants M <= K / 4). */
+static inline int64_t tuna_lora_fold_for(int64_t slots, int64_t max_rank)
+{
+    if (slots <= 0 || max_rank <= 0 || max_rank > ((int64_t)1 << 20)) return 0;
+    return slots * ((max_rank + 7) / 8 * 8);
+}
+
 struct tuna_q4_weight; /* quant/nf4.h */
 struct tuna_fwd_ws; /* scratch activations, grown to the largest step (forward.c) */
 
