@@ -441,6 +441,32 @@ static void test_fold_gpu(void **state)
         tuna_lora_detach(g, ag);
         tuna_lora_detach(f, af);
     }
+    /* float16 compute from the bf16 checkpoint: the folded weights are converted on their way
+     * into the padded rows (the staging path of move_weight_ld, not the straight upload) */
+    og.gpu_dtype = TUNA_DTYPE_F16;
+    struct tuna_model *f16 = NULL, *g16 = NULL;
+    TT_OK(tuna_model_load(TUNA_SOURCE_DIR "/models/pymini", &og, &f16));
+    og.lora_fold = 0;
+    TT_OK(tuna_model_load(TUNA_SOURCE_DIR "/models/pymini", &og, &g16));
+    assert_int_equal(f16->lora_fold_cols, 64);
+    assert_int_equal(tuna_weight_ld(&f16->layers[0].v.w), C + 128);
+    tuna_lora_attachment *a16 = NULL, *b16 = NULL;
+    TT_OK(tuna_lora_attach(f16, cads, 2, &a16));
+    TT_OK(tuna_lora_attach(g16, cads, 2, &b16));
+    run_pair(f16, 1, pf);
+    run_pair(g16, 1, pg);
+    const double e16 = rel_err(pf, pg, 2 * V);
+    fprintf(stderr, "float16 at 2 tokens: folded vs unfolded %.2e\n", e16);
+    if (!(e16 < 1e-6)) fail_msg("float16: the folded model's logits differ from the unfolded by %.3g", e16);
+    run_batch(f16, lf);
+    run_batch(g16, ld);
+    const double ef16 = rel_err(lf, lc, n), ed16 = rel_err(ld, lc, n);
+    fprintf(stderr, "float16 at 15 tokens vs CPU float32: folded %.2e, dense %.2e\n", ef16, ed16);
+    if (!(ef16 < 1.5 * ed16 + 2e-3)) fail_msg("float16: folded logits %.3g from the CPU's (dense %.3g)", ef16, ed16);
+    tuna_lora_detach(f16, a16);
+    tuna_lora_detach(g16, b16);
+    tuna_model_free(f16);
+    tuna_model_free(g16);
     tuna_lora_free(ads[0]);
     tuna_lora_free(ads[1]);
     free(lc), free(lc0), free(ld), free(lf), free(pc), free(pg), free(pf);
