@@ -475,10 +475,24 @@ static void test_fold_gpu(void **state)
     tuna_model_free(f);
 }
 
+/* tuna_lora_fold_for: the fold's columns that tuna serve and bench --serve ask the load for */
+static void test_fold_cols(void **state)
+{
+    (void)state;
+    assert_int_equal(tuna_lora_fold_for(8, 16), 128);
+    assert_int_equal(tuna_lora_fold_for(8, 12), 128); /* a slot is the rank rounded up to 8 */
+    assert_int_equal(tuna_lora_fold_for(2, 1), 16);
+    assert_int_equal(tuna_lora_fold_for(64, (int64_t)1 << 20), (int64_t)64 << 20);
+    assert_int_equal(tuna_lora_fold_for(0, 16), 0);                 /* no adapters: no fold */
+    assert_int_equal(tuna_lora_fold_for(8, ((int64_t)1 << 20) + 1), 0); /* no model could fold it */
+    assert_int_equal(tuna_lora_fold_for(8, INT64_MAX), 0);          /* no overflow */
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_views_cpu),
+        cmocka_unit_test(test_fold_cols),
         cmocka_unit_test(test_reload_gpu),
         cmocka_unit_test(test_fixture_gpu),
         cmocka_unit_test(test_dense_gpu),
