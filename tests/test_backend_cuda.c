@@ -669,6 +669,34 @@ static void test_attention(void **state)
     TT_OK(tuna_cuda_status(g_gpu));
 }
 
+/* One token (batch 1): on sm_90+ the cluster kernel of attention_b1.cu. Positions at and around
+ * the edges of its groups of 16 keys, of a round of its 8 blocks x 4 warps (512 keys) and of the
+ * groups it copies before the PDL wait (2 per warp: 1024 keys), up to contexts where each warp
+ * loops over many groups; head shapes with 1, 4, 8 and 12 query heads per kv head (12: two
+ * head groups), D 64 and 128, a window, block size 1. Strict rows: 1e-5 against the CPU. */
+static void test_attention_b1(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    static const int64_t pos[] = {0, 1, 15, 16, 17, 127, 128, 129, 511, 512, 513, 1023, 1024, 1025, 1040, 4095, 9000};
+    static const struct att_case shapes[] = {
+        {"b1 llama3", 32, 8, 128, 16, 0, 1, {{0, 1}}, false},
+        {"b1 mha", 4, 4, 128, 16, 0, 1, {{0, 1}}, true},
+        {"b1 gqa8 D64", 16, 2, 64, 16, 0, 1, {{0, 1}}, false},
+        {"b1 gqa12 D64", 24, 2, 64, 16, 0, 1, {{0, 1}}, false},
+        {"b1 window 100", 8, 2, 128, 16, 100, 1, {{0, 1}}, false},
+        {"b1 bs1", 8, 2, 128, 1, 0, 1, {{0, 1}}, false},
+    };
+    const enum tuna_dtype dts[2] = {TUNA_DTYPE_BF16, TUNA_DTYPE_F16};
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
+        for (size_t k = 0; k < sizeof pos / sizeof pos[0]; k++) {
+            struct att_case c = shapes[i];
+            c.seq[0].start = pos[k];
+            att_run(&c, dts[(i + k) % 2]);
+        }
+    TT_OK(tuna_cuda_status(g_gpu));
+}
+
 /* Decode batches of many sequences (one new token each, random contexts), the batch sizes where
  * the decode kernel's split count changes (one wave of blocks, a few waves, many waves) on any
  * GPU of up to ~250 SMs, several head shapes (GQA 4 and 8 with D 128 / 64, GQA 12 in two head
@@ -983,6 +1011,7 @@ int main(void)
         cmocka_unit_test(test_elementwise),
         cmocka_unit_test(test_attention),
         cmocka_unit_test(test_attention_batches),
+        cmocka_unit_test(test_attention_b1),
         cmocka_unit_test(test_kv_store),
         cmocka_unit_test(test_act16),
         cmocka_unit_test(test_stream),

@@ -27,6 +27,7 @@
 #include <type_traits>
 
 #include "backend/cuda/act16.cuh"
+#include "backend/cuda/attention_dec16.cuh"
 #include "backend/cuda/attention_internal.cuh"
 #include "backend/cuda/kv_types.cuh"
 #include "backend/cuda/mma.cuh"
@@ -275,35 +276,7 @@ __global__ void k_attn_combine(float *out, const float *part_acc, const float *p
  * path spends the same instructions per key as bf16 on half the bytes: on the H100 it was
  * issue-bound at 2.0 TB/s (185M instructions per b256 launch, 69% SM throughput); TC issues 84M
  * and streams 2.55 TB/s (bf16: 2.68). */
-#define D16_KEYS 16
 #define D16_MAX_BPS 4 /* blocks per SM counted at most when sizing the grid */
-
-static __device__ __forceinline__ void cp_async_wait_rt(int n) /* n in 1..3 */
-{
-    if (n <= 1) cp_async_wait<1>();
-    else if (n == 2) cp_async_wait<2>();
-    else cp_async_wait<3>();
-}
-/* 2^x, x <= 0 (or -inf: 0); relative error ~2^-22 */
-static __device__ __forceinline__ float d16_exp2(float x)
-{
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
-/* 8 elements of a K/V row in shared memory (16 bytes of bf16/f16, 8 of FP8) as float32 */
-template <typename KT> static __device__ __forceinline__ void d16_unpack(const char *p, float *f)
-{
-    if constexpr (sizeof(KT) == 1) {
-        kv_unpack_f8x8(*(const uint2 *)p, f);
-    } else {
-        constexpr bool bf = std::is_same<KT, __nv_bfloat16>::value;
-        const uint4 v = *(const uint4 *)p;
-        kv_unpack_u32(v.x, bf, f), kv_unpack_u32(v.y, bf, f + 2), kv_unpack_u32(v.z, bf, f + 4),
-            kv_unpack_u32(v.w, bf, f + 6);
-    }
-}
 
 /* 8x8 tile of 16-bit values, transposed across the warp (the mma fragment layout: lane holds
  * row lane/4, columns 2(lane%4)..+1; afterwards the same of the transpose) */
@@ -557,74 +530,7 @@ __global__ void __launch_bounds__(128, TC ? 4 : 1)
             continue;
         }
         const int key = (s0 + warp + NW * k) * D16_KEYS + j;
-        const bool valid = key >= lo && key <= hi;
-        /* scores of key j, this lane's half of the chunks */
-        float dot[GM];
-#pragma unroll
-        for (int g = 0; g < GM; g++) dot[g] = 0.0f;
-        const char *krow = buf + j * RB;
-#pragma unroll 4
-        for (int u = half; u < CH; u += 2) {
-            float f[8];
-            d16_unpack<KT>(krow + u * 8 * ES, f);
-#pragma unroll
-            for (int g = 0; g < GM; g++) {
-                const float4 qa = *(const float4 *)(qs + g * D + u * 8);
-                const float4 qb = *(const float4 *)(qs + g * D + u * 8 + 4);
-                const float d0 = qa.x * f[0] + qa.y * f[1] + qa.z * f[2] + qa.w * f[3];
-                const float d1 = qb.x * f[4] + qb.y * f[5] + qb.z * f[6] + qb.w * f[7];
-                dot[g] += d0 + d1;
-            }
-        }
-        float s[GM], mx[GM];
-#pragma unroll
-        for (int g = 0; g < GM; g++) {
-            s[g] = dot[g] + __shfl_xor_sync(0xffffffffu, dot[g], 16);
-            s[g] = valid ? s[g] : -INFINITY;
-            mx[g] = s[g];
-        }
-#pragma unroll
-        for (int o = 8; o > 0; o >>= 1)
-#pragma unroll
-            for (int g = 0; g < GM; g++) mx[g] = fmaxf(mx[g], __shfl_xor_sync(0xffffffffu, mx[g], o));
-        float pv[GP];
-#pragma unroll
-        for (int g = 0; g < GP; g++) pv[g] = 0.0f;
-#pragma unroll
-        for (int g = 0; g < GM; g++) {
-            const float mn = fmaxf(m[g], mx[g]); /* finite: the group holds at least one key */
-            const float c = d16_exp2(m[g] - mn); /* 0 on the first group */
-            const float pe = d16_exp2(s[g] - mn); /* masked keys: 0 */
-            l[g] = l[g] * c + (half == 0 ? pe : 0.0f);
-#pragma unroll
-            for (int e = 0; e < 8; e++) acc[g][e] *= c;
-            m[g] = mn;
-            pv[g] = pe;
-        }
-        if (half == 0) {
-#pragma unroll
-            for (int g = 0; g < GP; g += 4)
-                *(float4 *)(ps + j * GP + g) = make_float4(pv[g], pv[g + 1], pv[g + 2], pv[g + 3]);
-        }
-        __syncwarp();
-        /* values: lane (kq, cc) adds keys kq, kq + KQ, ... of the group to its 8 columns (rows
-         * outside the context are zeros with p = 0) */
-        if (pv_active) {
-#pragma unroll 4
-            for (int jj = kq; jj < D16_KEYS; jj += KQ) {
-                float f[8], pw[GP];
-                d16_unpack<KT>(buf + (D16_KEYS + jj) * RB + cc * 8 * ES, f);
-#pragma unroll
-                for (int g = 0; g < GP; g += 4) {
-                    const float4 w4 = *(const float4 *)(ps + jj * GP + g);
-                    pw[g] = w4.x, pw[g + 1] = w4.y, pw[g + 2] = w4.z, pw[g + 3] = w4.w;
-                }
-#pragma unroll
-                for (int g = 0; g < GM; g++)
-#pragma unroll
-                    for (int e = 0; e < 8; e++) acc[g][e] += pw[g] * f[e];
-            }
-        }
+        d16_group_ffma<KT, GM>(buf, RB, D, qs, ps, j, half, kq, cc, pv_active, key >= lo && key <= hi, m, l, acc);
     }
     cp_async_wait<0>();
     __syncwarp();
@@ -649,40 +555,13 @@ __global__ void __launch_bounds__(128, TC ? 4 : 1)
             }
         }
     } else {
-#pragma unroll
-        for (int g = 0; g < GM; g++) {
-            float v = l[g];
-            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-            l[g] = v;
-        }
-        if (pv_active) {
-#pragma unroll
-            for (int g = 0; g < GM; g++) {
-                float *dst = accs + (kq * GM + g) * D + cc * 8;
-                *(float4 *)dst = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
-                *(float4 *)(dst + 4) = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
-            }
-        }
-        if (lane == 0)
-#pragma unroll
-            for (int g = 0; g < GM; g++) mls[g] = m[g], mls[GM + g] = l[g];
+        d16_warp_store<GM>(accs, D, kq, cc, pv_active, lane, m, l, acc);
     }
     __syncthreads();
     for (int x = tid; x < ng * D; x += blockDim.x) {
         const int g = x / D, d = x - g * D;
-        float M = -INFINITY;
-        for (int w = 0; w < NW; w++) M = fmaxf(M, ((const float *)(wreg_all + (size_t)w * wr))[KQ * GM * D + g]);
-        float L = 0.0f, a = 0.0f;
-        for (int w = 0; w < NW; w++) {
-            const float *wa = (const float *)(wreg_all + (size_t)w * wr), *wm = wa + KQ * GM * D;
-            if (wm[GM + g] > 0.0f) { /* a warp without keys adds nothing */
-                const float f = d16_exp2(wm[g] - M);
-                L += f * wm[GM + g];
-                float sum = 0.0f;
-                for (int z = 0; z < KQ; z++) sum += wa[(z * GM + g) * D + d];
-                a += f * sum;
-            }
-        }
+        float M, L;
+        const float a = d16_block_merge(wreg_all, wr, NW, KQ * GM * D, GM, KQ, D, g, d, M, L);
         if (nsp == 1) {
             a16_st(out, io, ((int64_t)t * H + h0 + g) * D + d, a / L);
         } else { /* every split writes its rows, an empty one (M = -inf, L = 0) zeros */
@@ -1049,6 +928,18 @@ static void attention_io(tuna_backend *be, float *out, const float *q, int io, c
     /* the 16-bit kernel: bf16/f16 cache, D a multiple of 8 (FP8 cache: of 16), 16-byte aligned caches
      * (TUNA_ATTN_DEC_OLD=1 runs the general kernel instead, for comparisons) */
     static const int dec_old = env_int("TUNA_ATTN_DEC_OLD", 1, 1);
+    /* TUNA_ATTN_PDL=1: with programmatic dependent launch always, =0 never; unset: after
+     * rope_kv_store's own kernel for one token (be->attn_pdl_hint; see launch_kernels) */
+    static const char *pdl_env = getenv("TUNA_ATTN_PDL");
+    /* one token, 16-bit cache: the cluster kernel of attention_b1.cu where it runs */
+    if (T == 1 && n_tiles == 0 && (code == 1 || code == 2) && (uintptr_t)kcache % 16 == 0 &&
+        (uintptr_t)vcache % 16 == 0 && !dec_old && tuna_cuda_attn_b1_usable(be, code, (int)D, G)) {
+        const struct tuna_l2pf pf = tuna_cuda_l2pf_take(be, TUNA_L2PF_ATTN, T);
+        const bool pdl = pdl_env && *pdl_env ? pdl_env[0] == '1' : be->attn_pdl_hint;
+        be->attn_pdl_hint = false;
+        tuna_cuda_attn_b1_launch(be, code, out, q, kcache, vcache, md, (int)H, (int)Hkv, (int)D, scale, io, pdl, pf);
+        return;
+    }
     const int GM16 = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8;
     dec16_cfg c16 = {0, 0, 0, 0, 0, 0};
     /* FP8 with D = 64 or 128 on sm_80+: the tensor-core variant unless TUNA_ATTN_F8MMA=0 (H100,

@@ -66,3 +66,13 @@ int tuna_cuda_attn_prefill_bq(int D, int esz, int max_smem, int cc_major);
 void tuna_cuda_attn_prefill_launch(tuna_backend *be, int code, float *out, const float *q, const void *kcache,
                                    const void *vcache, const att_meta &md, const int32_t *tiles, int64_t n_tiles,
                                    int H, int Hkv, int D, int BQ, bool vec, float scale, int io);
+
+/* The batch-1 decode kernel (attention_b1.cu): whether it serves a 16-bit cache (code 1 bf16,
+ * 2 f16) with head size D and G query heads per kv head on this device (sm_90+: clusters;
+ * TUNA_ATTN_B1=0 turns it off), and its launch for the single token of md (q, out: [H][D] in
+ * float32 / bf16 / f16 by io; pdl: launched with PDL after the kernel that wrote q and row p).
+ * Errors go to be->sticky. */
+bool tuna_cuda_attn_b1_usable(tuna_backend *be, int code, int D, int G);
+void tuna_cuda_attn_b1_launch(tuna_backend *be, int code, void *out, const void *q, const void *kcache,
+                              const void *vcache, const att_meta &md, int H, int Hkv, int D, float scale, int io,
+                              bool pdl, const struct tuna_l2pf &pf);
