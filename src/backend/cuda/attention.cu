@@ -12,7 +12,8 @@
  * actual lengths are read on the device, and the context of each token is divided among the
  * splits there (splits past it exit at once), so one launch configuration serves every decode
  * step of a batch size — what CUDA graphs need (src/backend/cuda/graph.cu). With one split the
- * block writes the output itself.
+ * block writes the output itself. A call of one token over a 16-bit cache on sm_90+ goes to the
+ * cluster kernel of attention_b1.cu instead (TUNA_ATTN_B1=0: not).
  *
  * Prefill (k_attn_prefill, in attention_prefill.cu): flash attention for runs of at least
  * PF_MIN_RUN consecutive tokens of one sequence (see that file). Other tokens of a mixed batch go
