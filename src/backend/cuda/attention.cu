@@ -407,12 +407,7 @@ __global__ void __launch_bounds__(128, TC ? 4 : 1)
     };
 
     float m[GM], l[GM], acc[GM][8];
-#pragma unroll
-    for (int g = 0; g < GM; g++) {
-        m[g] = -INFINITY, l[g] = 0.0f;
-#pragma unroll
-        for (int e = 0; e < 8; e++) acc[g][e] = 0.0f;
-    }
+    d16_state_init<GM>(m, l, acc);
     for (int k = 0; k < ns - 1; k++) {
         const int sl = nslot;
         nslot = slot_of(k + 1);

@@ -145,12 +145,7 @@ __global__ void __launch_bounds__(32 * B1_NW, 1)
     __syncthreads(); /* qs, and row p for its warp */
 
     float m[GM], l[GM], acc[GM][8];
-#pragma unroll
-    for (int g = 0; g < GM; g++) {
-        m[g] = -INFINITY, l[g] = 0.0f;
-#pragma unroll
-        for (int e = 0; e < 8; e++) acc[g][e] = 0.0f;
-    }
+    d16_state_init<GM>(m, l, acc);
     const int j = lane & 15, half = lane >> 4, kq = lane / CH, cc = lane - kq * CH;
     const bool pv_active = kq < KQ;
     for (int k = 0; k < nk; k++) {

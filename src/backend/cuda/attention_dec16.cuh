@@ -44,6 +44,19 @@ template <typename KT> static __device__ __forceinline__ void d16_unpack(const c
  * warp's ps [D16_KEYS][GP] to the PV step, where lane (kq, cc) (pv_active: kq < KQ) adds keys kq,
  * kq + KQ, ... to its 8 output columns cc of every head. m, l, acc: the warp's running max, sum
  * (kept by the half-0 lanes) and output. */
+/* The online softmax's state of GM query heads before the first group: running max, sum and
+ * the lane's 8 accumulators per head. */
+template <int GM>
+static __device__ __forceinline__ void d16_state_init(float (&m)[GM], float (&l)[GM], float (&acc)[GM][8])
+{
+#pragma unroll
+    for (int g = 0; g < GM; g++) {
+        m[g] = -INFINITY, l[g] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[g][e] = 0.0f;
+    }
+}
+
 template <typename KT, int GM>
 static __device__ __forceinline__ void d16_group_ffma(const char *buf, int RB, int D, const float *qs, float *ps, int j,
                                                       int half, int kq, int cc, bool pv_active, bool valid,
