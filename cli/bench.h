@@ -15,7 +15,10 @@ struct synth {
     int n, cap;
 };
 
-/* The architecture and random weights of `name` (llama-3.2-1b, llama-3-8b) into *a and *s. */
+/* The canonical name of a synthetic model (llama-3.2-1b, llama-3-8b, llama-2-7b, llama-3-tiny;
+ * "llama3-8b" and the like name the same), or NULL when there is none by that name. */
+const char *bench_synth_canonical(const char *name);
+/* The architecture and random weights of `name` (bench_synth_canonical's names) into *a and *s. */
 tuna_status bench_synth_make(const char *name, struct tuna_arch *a, struct synth *s);
 /* The same, then a model over those weights (which must outlive it: bench_synth_free after
  * tuna_model_free). On failure *s is already freed (and emptied: bench_synth_free on it again is a

@@ -1,10 +1,13 @@
-/* cmd_bench.c — `tuna bench [DIR] [--synthetic llama-3.2-1b]`: prefill and decode speed of the
- * CPU forward pass, the weight bytes read per decoded token as GB/s, and this machine's memory
- * bandwidth measured by a streaming read with the same thread count (decode is memory-bound:
- * the ratio says how close it gets). The synthetic model has Llama-3.2-1B's shapes with random
- * bf16 weights made in memory (no download). `tuna bench --serve ...` is the serving benchmark
+/* cmd_bench.c — `tuna bench [decode|prefill] [DIR | --synthetic NAME] [--batch 1,8] [--ctx 512,4096]`:
+ * prefill and decode speed of the forward pass on either backend for each batch size and prompt
+ * length asked for (the model loaded once), the bytes read per decode step as GB/s, and the
+ * ceilings of the machine measured in the same run: on the CPU a streaming read with the same
+ * thread count, on a GPU the bf16 GEMM rate and the device copy rate (the issue's goals are
+ * fractions of them). The synthetic models have real architectures' shapes with random bf16
+ * weights made in memory (no download). `tuna bench --serve ...` is the serving benchmark
  * (bench_serve.c) and `--write-synthetic DIR` writes the synthetic model as a folder
  * (bench_write.c); both share the synthetic weights made here (bench.h). */
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -231,9 +234,22 @@ static tuna_status synth_build(const struct tuna_arch *a, struct synth *s)
     return st;
 }
 
+const char *bench_synth_canonical(const char *name)
+{
+    static const char *const known[] = {"llama-3.2-1b", "llama-3-8b", "llama-2-7b", "llama-3-tiny"};
+    for (size_t k = 0; k < sizeof known / sizeof known[0]; k++) {
+        const char *c = known[k];
+        /* "llama3-8b" for "llama-3-8b": the hyphen after "llama" may be left out */
+        if (!strcmp(name, c) || (!strncmp(name, "llama", 5) && !strcmp(name + 5, c + 6))) return c;
+    }
+    return NULL;
+}
+
 tuna_status bench_synth_make(const char *name, struct tuna_arch *a, struct synth *s)
 {
     memset(s, 0, sizeof *s);
+    const char *c = bench_synth_canonical(name);
+    if (c) name = c;
     if (!strcmp(name, "llama-3-8b")) llama3_8b(a);
     else if (!strcmp(name, "llama-3.2-1b")) llama32_1b(a);
     else if (!strcmp(name, "llama-3-tiny")) llama3_tiny(a);
@@ -257,13 +273,20 @@ tuna_status bench_synth_model(const char *name, const struct tuna_model_opts *o,
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: tuna bench [DIR | --synthetic llama-3.2-1b|llama-3-8b] [--prompt-len 128] [--gen 32]\n"
-               "                  [--batch B] [--device cpu|cuda] [--dtype T] [--kv-cache-dtype T] [--threads N]\n\n"
+    fprintf(f, "usage: tuna bench [decode|prefill] [DIR | --synthetic llama-3.2-1b|llama-3-8b] [--prompt-len 128]\n"
+               "                  [--gen 32] [--batch B] [--device cpu|cuda] [--dtype T] [--kv-cache-dtype T]\n"
+               "                  [--threads N]\n\n"
                "Prefill and decode tokens/s for B sequences decoded together, weight GB/s per decode step,\n"
                "and on the CPU the machine's streaming read bandwidth with the same thread count; on a GPU the bf16\n"
                "GEMM rate and the device copy rate measured in the same run, prefill FLOP/s and decode bytes/s as\n"
                "fractions of them. Untimed warm-up steps of the prefill and decode shapes come first; decode steps\n"
                "return greedy ids (as the server's greedy steps do), not logits.\n\n"
+               "  decode | prefill      report only that side (prefill alone decodes 2 steps unless --gen)\n"
+               "  --batch 1,8,32,128    several batch sizes, and --ctx 512,4096 several prompt lengths (the\n"
+               "                        context the decode steps read): one run each, the model loaded once,\n"
+               "                        then a table; a run whose KV cache does not fit is skipped, said why\n"
+               "  --dtype nf4|fp4       = --load-in-4bit [--quant-type fp4] (compute dtype auto)\n"
+               "  --synthetic NAME      llama-3-8b, llama-3.2-1b, llama-2-7b, llama-3-tiny (llama3-8b works too)\n\n"
                "       tuna bench --serve [DIR | --synthetic NAME] ...   the serving engine (tuna bench --serve --help)\n"
                "       tuna bench --synthetic NAME --write-synthetic OUT  the synthetic model as a model folder\n"
                "       tuna bench train --synthetic llama-2-7b|llama-3-8b ...  LoRA/QLoRA training (tuna bench train --help)\n");
@@ -303,72 +326,38 @@ static double copy_rate(struct tuna_model *m)
     return rate;
 }
 
-int cmd_bench(int argc, char **argv)
-{
-    const char *dir = NULL, *synth_name = NULL;
-    long long plen = 128, gen = 32, batch = 1;
-    struct infer_flags fl;
-    infer_flags_init(&fl);
-    bool bad = false;
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--serve")) return bench_serve_main(argc, argv);
-        if (i == 1 && !strcmp(argv[i], "train")) return bench_train_main(argc - 1, argv + 1);
-        if (!strcmp(argv[i], "--write-synthetic")) return bench_write_main(argc, argv);
-    }
-    for (int i = 1; i < argc && !bad; i++) {
-        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            usage(stdout);
-            return 0;
-        }
-        if (tuna_cli_opt_str(argc, argv, &i, "--synthetic", &synth_name, &bad) ||
-            tuna_cli_opt_int(argc, argv, &i, "--prompt-len", &plen, &bad) ||
-            tuna_cli_opt_int(argc, argv, &i, "--gen", &gen, &bad) ||
-            tuna_cli_opt_int(argc, argv, &i, "--batch", &batch, &bad) || infer_flags_parse(&fl, argc, argv, &i, &bad))
-            continue;
-        if (argv[i][0] == '-' || dir) {
-            fprintf(stderr, "tuna bench: unexpected argument %s\n", argv[i]);
-            bad = true;
-        } else {
-            dir = argv[i];
-        }
-    }
-    if (bad || (!dir == !synth_name) || plen < 1 || gen < 2 || batch < 1 || batch > 256) {
-        usage(stderr);
-        return 2;
-    }
-    if (synth_name && strcmp(synth_name, "llama-3.2-1b") != 0 && strcmp(synth_name, "llama-3-8b") != 0 &&
-        strcmp(synth_name, "llama-2-7b") != 0 && strcmp(synth_name, "llama-3-tiny") != 0) {
-        fprintf(stderr, "tuna bench: --synthetic knows llama-3.2-1b, llama-3-8b, llama-2-7b and llama-3-tiny\n");
-        return 2;
-    }
-    struct tuna_model *m = NULL;
-    struct synth syn = {0};
+/* One measurement: B sequences with prompts of plen tokens (prefilled, timed), then gen greedy
+ * decode steps of all B together (timed). kv_bytes: K and V read per decode step at the mean
+ * context. A KV cache that cannot be had is reported in st and leaves the model usable. */
+struct bench_run {
+    long long batch, plen;
+    double prefill_s, decode_s, kv_bytes;
     tuna_status st;
-    double t0 = now_s();
-    if (synth_name) st = bench_synth_model(synth_name, &fl.model, &syn, &m);
-    else st = tuna_model_load(dir, &fl.model, &m);
-    if (st) return tuna_cli_fail("bench", st);
-    double load_s = now_s() - t0;
-    bool on_cpu = m->ops->host_memory;
-    int threads = on_cpu ? tuna_cpu_backend_threads(m->be) : 0;
-    const int64_t V = m->arch.vocab_size;
-    const long long B = batch;
-    if (plen + gen > m->max_model_len) plen = m->max_model_len - gen;
+};
+
+static tuna_status bench_one(struct tuna_model *m, struct bench_run *r, long long gen, tuna_status *kv_st)
+{
+    const int64_t V = m->arch.vocab_size, B = r->batch, plen = r->plen;
     tuna_kv_cache *kv = NULL;
     struct tuna_batch b;
     tuna_batch_init(&b);
     float *logits = malloc(sizeof(float) * (size_t)(V * B));
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)plen);
     int32_t seqs[256], out_ids[256];
-    st = (!logits || !ids) ? tuna_fail_oom("bench buffers", (size_t)(V * B) * 4) : TUNA_OK;
-    if (!st) st = tuna_model_kv_new(m, ((plen + gen) / 16 + 2) * 16 * B, 0, &kv);
+    tuna_status st = (!logits || !ids) ? tuna_fail_oom("bench buffers", (size_t)(V * B) * 4) : TUNA_OK;
+    *kv_st = TUNA_OK;
+    if (!st && (*kv_st = tuna_model_kv_new(m, ((plen + gen) / 16 + 2) * 16 * B, 0, &kv))) {
+        free(logits);
+        free(ids);
+        tuna_batch_free(&b);
+        return TUNA_OK; /* this shape does not fit; the caller reports it and goes on */
+    }
     for (int64_t s = 0; !st && s < B; s++) st = tuna_kv_seq_new(kv, &seqs[s]);
     for (int64_t i = 0; !st && i < plen; i++) ids[i] = (int32_t)((i * 7919 + 13) % V);
     /* warm-up: a step of the first timed prefill step's shape and one of the decode steps' shape,
      * on scratch sequences that are freed after, so workspace growth, kernel loading, the GEMM
      * library's first calls for these shapes and CUDA graph capture are not timed (a server
      * meets them once, at its first requests) */
-    double prefill_s = 0, decode_s = 0;
     int64_t per_step = 1; /* prompts per prefill step */
     while (per_step < B && (per_step + 1) * plen <= BENCH_PREFILL_TOKENS) per_step++;
     int32_t scratch[256];
@@ -394,7 +383,7 @@ int cmd_bench(int argc, char **argv)
         /* prefill the B prompts (logits of each last token) in steps of whole prompts of at most
          * BENCH_PREFILL_TOKENS tokens (a longer prompt alone): one step of B x plen tokens would
          * need activations for all of them (256 x 1000 tokens: tens of GB) */
-        t0 = now_s();
+        double t0 = now_s();
         for (int64_t s0 = 0; !st && s0 < B;) {
             tuna_batch_clear(&b);
             int64_t s1 = s0;
@@ -403,53 +392,225 @@ int cmd_bench(int argc, char **argv)
             if (!st) st = tuna_model_forward(m, kv, &b, logits + s0 * V, NULL);
             s0 = s1;
         }
-        prefill_s = now_s() - t0;
+        r->prefill_s = now_s() - t0;
     }
-    t0 = now_s();
+    double t0 = now_s();
     for (int64_t g = 0; !st && g < gen; g++) {
         tuna_batch_clear(&b);
         for (int64_t s = 0; !st && s < B; s++)
             st = tuna_batch_add(&b, (int32_t)((g * 31 + 7 * s + 7) % V), seqs[s], plen + g, true);
         if (!st) st = tuna_model_forward_greedy(m, kv, &b, out_ids); /* ids only, as the server's greedy steps */
     }
-    decode_s = now_s() - t0;
-    if (!st) {
-        double wb = (double)tuna_model_weight_bytes(m);
-        double steps_s = (double)gen / decode_s;
-        printf("model       %s (%s, %lld layers, hidden %lld, vocab %lld)\n", synth_name ? synth_name : dir,
-               m->arch.architecture, (long long)m->arch.n_layers, (long long)m->arch.hidden_size, (long long)V);
-        printf("device      %s   (load %.2f s)\n", m->device_desc, load_s);
-        printf("weights     %.1f MB read per decode step (matrices in their compute dtype)\n", wb / 1e6);
-        printf("prefill     %lld x %lld tokens in %.3f s = %.1f tok/s\n", B, plen, prefill_s,
-               (double)(plen * B) / prefill_s);
-        printf("decode      batch %lld, %lld steps in %.3f s = %.1f tok/s (%.2f ms/step)\n", B, gen, decode_s,
-               steps_s * (double)B, 1e3 / steps_s);
-        printf("weights/s   %.2f GB/s during decode\n", wb * steps_s / 1e9);
-        if (on_cpu) {
-            double bw = measure_bandwidth(threads);
-            printf("memory bw   %.2f GB/s streaming read, %d threads -> decode reaches %.0f%%\n", bw, threads,
-                   100.0 * wb * steps_s / 1e9 / bw);
-        } else {
-            /* the ceilings of this GPU, measured now: the goals are fractions of them */
-            const struct tuna_arch *a = &m->arch;
-            const double gemm = bench_gemm_rate(m), copy = copy_rate(m);
-            const double pf = prefill_flops(a, B, plen) / prefill_s / 1e12;
-            const double kvb = (double)tuna_dtype_nbytes(tuna_kv_dtype(kv), 1) * 2.0 * (double)a->n_layers *
-                               (double)(a->n_kv_heads * a->head_dim) * (double)B *
-                               ((double)plen + (double)(gen + 1) / 2); /* K and V at the mean context */
-            printf("gemm rate   %.1f TFLOP/s (bf16 8192^3, now) -> prefill %.1f TFLOP/s by model "
-                   "FLOPs = %.0f%%\n",
-                   gemm, pf, gemm > 0 ? 100.0 * pf / gemm : 0.0);
-            printf("copy rate   %.1f GB/s (device to device, read + write, now) -> decode reads %.1f MB per step "
-                   "(weights + %.1f MB of KV) = %.1f GB/s = %.0f%%\n",
-                   copy / 1e9, (wb + kvb) / 1e6, kvb / 1e6, (wb + kvb) * steps_s / 1e9,
-                   copy > 0 ? 100.0 * (wb + kvb) * steps_s / copy : 0.0);
-        }
-    }
+    r->decode_s = now_s() - t0;
+    const struct tuna_arch *a = &m->arch;
+    r->kv_bytes = (double)tuna_dtype_nbytes(tuna_kv_dtype(kv), 1) * 2.0 * (double)a->n_layers *
+                  (double)(a->n_kv_heads * a->head_dim) * (double)B *
+                  ((double)plen + (double)(gen + 1) / 2); /* K and V at the mean context */
     free(logits);
     free(ids);
     tuna_batch_free(&b);
     tuna_kv_free(kv);
+    return st;
+}
+
+/* A comma-separated list of whole numbers in [lo, hi] ("1,8,32,128") into v (at most max of
+ * them); the count, or 0 after a message. */
+static int parse_list(const char *opt, const char *s, long long *v, int max, long long lo, long long hi)
+{
+    int n = 0;
+    for (const char *p = s;;) {
+        char *end;
+        errno = 0;
+        const long long x = strtoll(p, &end, 10);
+        if (errno || end == p || (*end && *end != ',') || x < lo || x > hi || n == max) {
+            fprintf(stderr, "tuna bench: %s wants up to %d whole numbers from %lld to %lld separated by commas, "
+                            "got '%s'\n",
+                    opt, max, lo, hi, s);
+            return 0;
+        }
+        v[n++] = x;
+        if (!*end) return n;
+        p = end + 1;
+    }
+}
+
+/* --dtype nf4 / fp4 (the issue's spelling of `--load-in-4bit [--quant-type fp4]`): true when
+ * argv[*i] was one, consumed. */
+static bool opt_dtype_4bit(int argc, char **argv, int *i, struct infer_flags *fl)
+{
+    const char *a = argv[*i], *v = NULL;
+    const bool sep = !strcmp(a, "--dtype"); /* the value is the next argument */
+    if (sep && *i + 1 < argc) v = argv[*i + 1];
+    else if (!strncmp(a, "--dtype=", 8)) v = a + 8;
+    if (!v || (strcmp(v, "nf4") && strcmp(v, "fp4"))) return false;
+    fl->model.load_in_4bit = true;
+    fl->model.quant_fp4 = !strcmp(v, "fp4");
+    if (sep) (*i)++;
+    return true;
+}
+
+#define BENCH_MAX_LIST 16
+
+int cmd_bench(int argc, char **argv)
+{
+    const char *dir = NULL, *synth_name = NULL, *batch_s = NULL, *ctx_s = NULL;
+    long long plen = 128, gen = -1, batch = 1;
+    struct infer_flags fl;
+    infer_flags_init(&fl);
+    bool bad = false;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--serve")) return bench_serve_main(argc, argv);
+        if (i == 1 && !strcmp(argv[i], "train")) return bench_train_main(argc - 1, argv + 1);
+        if (!strcmp(argv[i], "--write-synthetic")) return bench_write_main(argc, argv);
+    }
+    /* `tuna bench decode|prefill ...`: the same runs, reporting one side */
+    int mode = 0; /* 0 both, 1 decode, 2 prefill */
+    int i0 = 1;
+    if (argc > 1 && (!strcmp(argv[1], "decode") || !strcmp(argv[1], "prefill"))) {
+        mode = !strcmp(argv[1], "decode") ? 1 : 2;
+        i0 = 2;
+    }
+    for (int i = i0; i < argc && !bad; i++) {
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            usage(stdout);
+            return 0;
+        }
+        if (opt_dtype_4bit(argc, argv, &i, &fl) || tuna_cli_opt_str(argc, argv, &i, "--synthetic", &synth_name, &bad) ||
+            tuna_cli_opt_int(argc, argv, &i, "--prompt-len", &plen, &bad) ||
+            tuna_cli_opt_str(argc, argv, &i, "--ctx", &ctx_s, &bad) ||
+            tuna_cli_opt_int(argc, argv, &i, "--gen", &gen, &bad) ||
+            tuna_cli_opt_str(argc, argv, &i, "--batch", &batch_s, &bad) ||
+            infer_flags_parse(&fl, argc, argv, &i, &bad))
+            continue;
+        if (argv[i][0] == '-' || dir) {
+            fprintf(stderr, "tuna bench: unexpected argument %s\n", argv[i]);
+            bad = true;
+        } else {
+            dir = argv[i];
+        }
+    }
+    long long batches[BENCH_MAX_LIST] = {batch}, ctxs[BENCH_MAX_LIST] = {plen};
+    int nb = 1, nc = 1;
+    if (!bad && batch_s && !(nb = parse_list("--batch", batch_s, batches, BENCH_MAX_LIST, 1, 256))) bad = true;
+    if (!bad && ctx_s && !(nc = parse_list("--ctx", ctx_s, ctxs, BENCH_MAX_LIST, 1, (long long)1 << 30))) bad = true;
+    if (gen < 0) gen = mode == 2 ? 2 : 32; /* prefill alone: the least decode a run makes */
+    if (bad || (!dir == !synth_name) || plen < 1 || gen < 2) {
+        usage(stderr);
+        return 2;
+    }
+    if (synth_name && !bench_synth_canonical(synth_name)) {
+        fprintf(stderr, "tuna bench: --synthetic knows llama-3.2-1b, llama-3-8b, llama-2-7b and llama-3-tiny, "
+                        "not '%s'\n", synth_name);
+        return 2;
+    }
+    struct tuna_model *m = NULL;
+    struct synth syn = {0};
+    tuna_status st;
+    double t0 = now_s();
+    if (synth_name) st = bench_synth_model(synth_name, &fl.model, &syn, &m);
+    else st = tuna_model_load(dir, &fl.model, &m);
+    if (st) return tuna_cli_fail("bench", st);
+    double load_s = now_s() - t0;
+    const bool on_cpu = m->ops->host_memory;
+    const int threads = on_cpu ? tuna_cpu_backend_threads(m->be) : 0;
+    const int64_t V = m->arch.vocab_size;
+    const struct tuna_arch *a = &m->arch;
+    const double wb = (double)tuna_model_weight_bytes(m);
+    printf("model       %s (%s, %lld layers, hidden %lld, vocab %lld)\n", synth_name ? synth_name : dir,
+           a->architecture, (long long)a->n_layers, (long long)a->hidden_size, (long long)V);
+    printf("device      %s   (load %.2f s)\n", m->device_desc, load_s);
+    printf("weights     %.1f MB read per decode step (matrices in their compute dtype)\n", wb / 1e6);
+    fflush(stdout);
+
+    struct bench_run runs[BENCH_MAX_LIST * BENCH_MAX_LIST];
+    int nr = 0;
+    for (int c = 0; c < nc && !st; c++)
+        for (int k = 0; k < nb && !st; k++) {
+            struct bench_run *r = &runs[nr++];
+            memset(r, 0, sizeof *r);
+            r->batch = batches[k];
+            r->plen = ctxs[c] + gen > m->max_model_len ? m->max_model_len - gen : ctxs[c];
+            if (r->plen < 1) {
+                st = tuna_fail(TUNA_E_INVALID, "--gen %lld leaves no room for a prompt in this model's %lld tokens",
+                               gen, (long long)m->max_model_len);
+                break;
+            }
+            st = bench_one(m, r, gen, &r->st);
+            if (r->st && nb * nc == 1) st = r->st; /* the one run asked for */
+            else if (r->st) {
+                fprintf(stderr, "tuna bench: batch %lld x %lld tokens skipped: %s\n", r->batch, r->plen,
+                        tuna_last_error());
+                continue;
+            }
+            if (st || nb * nc == 1) continue;
+            const double steps_s = (double)gen / r->decode_s;
+            printf("run         batch %lld, %lld tokens: prefill %.1f tok/s, decode %.1f tok/s (%.2f ms/step)\n",
+                   r->batch, r->plen, (double)(r->plen * r->batch) / r->prefill_s, steps_s * (double)r->batch,
+                   1e3 / steps_s);
+            fflush(stdout);
+        }
+    /* the ceilings of this machine, measured now: the goals are fractions of them */
+    double bw = 0, gemm = 0, copy = 0;
+    if (!st && on_cpu) bw = measure_bandwidth(threads);
+    else if (!st) gemm = bench_gemm_rate(m), copy = copy_rate(m);
+    if (!st && nb * nc == 1 && !runs[0].st) {
+        const struct bench_run *r = &runs[0];
+        const long long B = r->batch;
+        const double steps_s = (double)gen / r->decode_s;
+        if (mode != 1)
+            printf("prefill     %lld x %lld tokens in %.3f s = %.1f tok/s\n", B, r->plen, r->prefill_s,
+                   (double)(r->plen * B) / r->prefill_s);
+        if (mode != 2) {
+            printf("decode      batch %lld, %lld steps in %.3f s = %.1f tok/s (%.2f ms/step)\n", B, gen, r->decode_s,
+                   steps_s * (double)B, 1e3 / steps_s);
+            printf("weights/s   %.2f GB/s during decode\n", wb * steps_s / 1e9);
+        }
+        if (on_cpu && mode != 2) {
+            printf("memory bw   %.2f GB/s streaming read, %d threads -> decode reaches %.0f%%\n", bw, threads,
+                   100.0 * wb * steps_s / 1e9 / bw);
+        } else if (!on_cpu) {
+            const double pf = prefill_flops(a, B, r->plen) / r->prefill_s / 1e12;
+            if (mode != 1)
+                printf("gemm rate   %.1f TFLOP/s (bf16 8192^3, now) -> prefill %.1f TFLOP/s by model "
+                       "FLOPs = %.0f%%\n",
+                       gemm, pf, gemm > 0 ? 100.0 * pf / gemm : 0.0);
+            if (mode != 2)
+                printf("copy rate   %.1f GB/s (device to device, read + write, now) -> decode reads %.1f MB per step "
+                       "(weights + %.1f MB of KV) = %.1f GB/s = %.0f%%\n",
+                       copy / 1e9, (wb + r->kv_bytes) / 1e6, r->kv_bytes / 1e6, (wb + r->kv_bytes) * steps_s / 1e9,
+                       copy > 0 ? 100.0 * (wb + r->kv_bytes) * steps_s / copy : 0.0);
+        }
+    } else if (!st) {
+        /* the sweep's table: one row per batch and context */
+        if (on_cpu) printf("memory bw   %.2f GB/s streaming read, %d threads\n", bw, threads);
+        else
+            printf("ceilings    gemm %.1f TFLOP/s (bf16 8192^3), copy %.1f GB/s (read + write), now\n", gemm,
+                   copy / 1e9);
+        printf("\n%6s %7s", "batch", "ctx");
+        if (mode != 1) printf(" %14s %9s %6s", "prefill tok/s", "TFLOP/s", "%gemm");
+        if (mode != 2)
+            printf(" %13s %8s %9s %9s %6s", "decode tok/s", "ms/step", "MB/step", "GB/s", on_cpu ? "%bw" : "%copy");
+        printf("\n");
+        for (int i = 0; i < nr; i++) {
+            const struct bench_run *r = &runs[i];
+            printf("%6lld %7lld", r->batch, r->plen);
+            if (r->st) {
+                printf("  does not fit (see above)\n");
+                continue;
+            }
+            const double steps_s = (double)gen / r->decode_s;
+            const double pf = prefill_flops(a, r->batch, r->plen) / r->prefill_s / 1e12;
+            const double bytes = on_cpu ? wb : wb + r->kv_bytes, ceil = on_cpu ? bw * 1e9 : copy;
+            if (mode != 1 && gemm > 0)
+                printf(" %14.1f %9.2f %5.0f%%", (double)(r->plen * r->batch) / r->prefill_s, pf, 100.0 * pf / gemm);
+            else if (mode != 1) /* no GEMM rate on the CPU */
+                printf(" %14.1f %9.2f %6s", (double)(r->plen * r->batch) / r->prefill_s, pf, "-");
+            if (mode != 2)
+                printf(" %13.1f %8.2f %9.1f %9.1f %5.0f%%", steps_s * (double)r->batch, 1e3 / steps_s, bytes / 1e6,
+                       bytes * steps_s / 1e9, ceil > 0 ? 100.0 * bytes * steps_s / ceil : 0.0);
+            printf("\n");
+        }
+    }
     tuna_model_free(m);
     bench_synth_free(&syn);
     return st ? tuna_cli_fail("bench", st) : 0;

@@ -4,7 +4,7 @@
 # every request completed and the exact token counts in --json; `--write-synthetic` writes a
 # folder (tiny Llama-3 shapes) whose tokenizer loads, which `tuna bench --serve` and `tuna generate`
 # run, and bench/serve_startup.sh answers on it (when curl is installed); plain `tuna bench` runs
-# and prints its prefill and decode lines.
+# and prints its prefill and decode lines, and its sweep form prints a row per run.
 set -u
 TUNA=$1 SRC=$2 WORK=$3
 rm -rf "$WORK" && mkdir -p "$WORK" || exit 1
@@ -46,6 +46,21 @@ cat "$WORK/speed.txt"
 grep -q '^prefill     3 x 16 tokens in ' "$WORK/speed.txt" || fail "tuna bench printed no prefill line"
 grep -q '^decode      batch 3, 3 steps in ' "$WORK/speed.txt" || fail "tuna bench printed no decode line"
 "$TUNA" bench --synthetic llama-3-tiny --gen 1 >/dev/null 2>&1 && fail "tuna bench --gen 1 accepted"
+# issue #6's form: `tuna bench decode|prefill --synthetic llama3-... --dtype nf4 --batch 1,2 --ctx 8,16`,
+# one run per batch size and prompt length, then a table row each
+"$TUNA" bench decode --synthetic llama3-tiny --device cpu --threads 1 --dtype nf4 --batch 1,2 --ctx 8,16 --gen 2 \
+  >"$WORK/sweep.txt" || fail "tuna bench decode (a sweep) exited $?"
+cat "$WORK/sweep.txt"
+rows=$(grep -cE '^ +[12] +(8|16) +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9]+%$' "$WORK/sweep.txt")
+[ "$rows" = 4 ] || fail "the sweep printed $rows table rows, wanted 4"
+grep -q 'prefill tok/s' "$WORK/sweep.txt" && fail "bench decode printed the prefill columns"
+"$TUNA" bench prefill --synthetic llama-3-tiny --device cpu --threads 1 --ctx 16 >"$WORK/pf.txt" ||
+  fail "tuna bench prefill exited $?"
+grep -q '^prefill     1 x 16 tokens in ' "$WORK/pf.txt" || fail "bench prefill printed no prefill line"
+grep -q '^decode' "$WORK/pf.txt" && fail "bench prefill printed a decode line"
+"$TUNA" bench --synthetic llama-3-tiny --batch 1,,2 >/dev/null 2>&1 && fail "--batch 1,,2 accepted"
+"$TUNA" bench --synthetic llama-3-tiny --ctx 0 >/dev/null 2>&1 && fail "--ctx 0 accepted"
+"$TUNA" bench --synthetic llama-3-tiny --batch 257 >/dev/null 2>&1 && fail "--batch 257 accepted"
 
 M="$WORK/synth"
 "$TUNA" bench --synthetic llama-3-tiny --write-synthetic "$M" || fail "--write-synthetic exited $?"
