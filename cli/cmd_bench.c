@@ -328,14 +328,15 @@ static double copy_rate(struct tuna_model *m)
 
 /* One measurement: B sequences with prompts of plen tokens (prefilled, timed), then gen greedy
  * decode steps of all B together (timed). kv_bytes: K and V read per decode step at the mean
- * context. A KV cache that cannot be had is reported in st and leaves the model usable. */
+ * context. A shape whose KV cache or buffers cannot be had is reported in *skip (the return value
+ * stays TUNA_OK: the model is still usable for the next shape). */
 struct bench_run {
     long long batch, plen;
     double prefill_s, decode_s, kv_bytes;
     tuna_status st;
 };
 
-static tuna_status bench_one(struct tuna_model *m, struct bench_run *r, long long gen, tuna_status *kv_st)
+static tuna_status bench_one(struct tuna_model *m, struct bench_run *r, long long gen, tuna_status *skip)
 {
     const int64_t V = m->arch.vocab_size, B = r->batch, plen = r->plen;
     tuna_kv_cache *kv = NULL;
@@ -344,14 +345,15 @@ static tuna_status bench_one(struct tuna_model *m, struct bench_run *r, long lon
     float *logits = malloc(sizeof(float) * (size_t)(V * B));
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)plen);
     int32_t seqs[256], out_ids[256];
-    tuna_status st = (!logits || !ids) ? tuna_fail_oom("bench buffers", (size_t)(V * B) * 4) : TUNA_OK;
-    *kv_st = TUNA_OK;
-    if (!st && (*kv_st = tuna_model_kv_new(m, ((plen + gen) / 16 + 2) * 16 * B, 0, &kv))) {
+    *skip = (!logits || !ids) ? tuna_fail_oom("bench buffers (logits of the batch)", (size_t)(V * B) * 4) : TUNA_OK;
+    if (!*skip) *skip = tuna_model_kv_new(m, ((plen + gen) / 16 + 2) * 16 * B, 0, &kv);
+    if (*skip) {
         free(logits);
         free(ids);
         tuna_batch_free(&b);
         return TUNA_OK; /* this shape does not fit; the caller reports it and goes on */
     }
+    tuna_status st = TUNA_OK;
     for (int64_t s = 0; !st && s < B; s++) st = tuna_kv_seq_new(kv, &seqs[s]);
     for (int64_t i = 0; !st && i < plen; i++) ids[i] = (int32_t)((i * 7919 + 13) % V);
     /* warm-up: a step of the first timed prefill step's shape and one of the decode steps' shape,
@@ -565,7 +567,9 @@ int cmd_bench(int argc, char **argv)
                    steps_s * (double)B, 1e3 / steps_s);
             printf("weights/s   %.2f GB/s during decode\n", wb * steps_s / 1e9);
         }
-        if (on_cpu && mode != 2) {
+        if (on_cpu && mode != 2 && bw <= 0) {
+            printf("memory bw   not measured (no 1 GiB buffer for the streaming read)\n");
+        } else if (on_cpu && mode != 2) {
             printf("memory bw   %.2f GB/s streaming read, %d threads -> decode reaches %.0f%%\n", bw, threads,
                    100.0 * wb * steps_s / 1e9 / bw);
         } else if (!on_cpu) {
@@ -605,9 +609,12 @@ int cmd_bench(int argc, char **argv)
                 printf(" %14.1f %9.2f %5.0f%%", (double)(r->plen * r->batch) / r->prefill_s, pf, 100.0 * pf / gemm);
             else if (mode != 1) /* no GEMM rate on the CPU */
                 printf(" %14.1f %9.2f %6s", (double)(r->plen * r->batch) / r->prefill_s, pf, "-");
-            if (mode != 2)
+            if (mode != 2 && ceil > 0)
                 printf(" %13.1f %8.2f %9.1f %9.1f %5.0f%%", steps_s * (double)r->batch, 1e3 / steps_s, bytes / 1e6,
-                       bytes * steps_s / 1e9, ceil > 0 ? 100.0 * bytes * steps_s / ceil : 0.0);
+                       bytes * steps_s / 1e9, 100.0 * bytes * steps_s / ceil);
+            else if (mode != 2) /* the ceiling could not be measured */
+                printf(" %13.1f %8.2f %9.1f %9.1f %6s", steps_s * (double)r->batch, 1e3 / steps_s, bytes / 1e6,
+                       bytes * steps_s / 1e9, "-");
             printf("\n");
         }
     }
