@@ -38,12 +38,6 @@ template <typename KT> static __device__ __forceinline__ void d16_unpack(const c
 }
 
 
-/* The FFMA step of one group: lane (j, half) scores key j (valid: inside the context) for all GM
- * heads over half of the row's 8-element chunks (q from shared memory qs [GM][D], broadcast),
- * one shuffle joins the halves and four give the group's max; p = exp2(s - m) goes through the
- * warp's ps [D16_KEYS][GP] to the PV step, where lane (kq, cc) (pv_active: kq < KQ) adds keys kq,
- * kq + KQ, ... to its 8 output columns cc of every head. m, l, acc: the warp's running max, sum
- * (kept by the half-0 lanes) and output. */
 /* The online softmax's state of GM query heads before the first group: running max, sum and
  * the lane's 8 accumulators per head. */
 template <int GM>
@@ -57,6 +51,12 @@ static __device__ __forceinline__ void d16_state_init(float (&m)[GM], float (&l)
     }
 }
 
+/* The FFMA step of one group: lane (j, half) scores key j (valid: inside the context) for all GM
+ * heads over half of the row's 8-element chunks (q from shared memory qs [GM][D], broadcast),
+ * one shuffle joins the halves and four give the group's max; p = exp2(s - m) goes through the
+ * warp's ps [D16_KEYS][GP] to the PV step, where lane (kq, cc) (pv_active: kq < KQ) adds keys kq,
+ * kq + KQ, ... to its 8 output columns cc of every head. m, l, acc: the warp's running max, sum
+ * (kept by the half-0 lanes) and output. */
 template <typename KT, int GM>
 static __device__ __forceinline__ void d16_group_ffma(const char *buf, int RB, int D, const float *qs, float *ps, int j,
                                                       int half, int kq, int cc, bool pv_active, bool valid,
