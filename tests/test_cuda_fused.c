@@ -629,35 +629,42 @@ static void test_q4_range(void **state)
  * (w[0]) and up + GLU (+ the norm), o (w[1]) added into y0; results in out[0..2] (q/k/v), out[3]
  * (GLU) and out[4] (added), host copies. */
 static void q4s_run(const struct tuna_weight *const *ws, const struct tuna_weight *up, const float *const *dbias,
-                    const int64_t *N, int64_t K, const float *dx, const float *dnw, const float *y0, int norm,
+                    const int64_t *N, int64_t K, int64_t T, const float *dx, const float *dnw, const float *y0, int norm,
                     float **out)
 {
-    float *dy[3], *dxn = dev(NULL, (size_t)K * 4);
-    for (int i = 0; i < 3; i++) dy[i] = dev(NULL, (size_t)N[i] * 4);
-    if (norm) g_gops->rmsnorm_matmul_multi(g_gpu, 3, dy, dxn, dx, dnw, 1e-5f, ws, dbias, 1);
-    else g_gops->matmul_multi(g_gpu, 3, dy, dx, ws, dbias, 1);
+    float *dy[3], *dxn = dev(NULL, (size_t)(T * K) * 4);
+    for (int i = 0; i < 3; i++) dy[i] = dev(NULL, (size_t)(T * N[i]) * 4);
+    if (norm) g_gops->rmsnorm_matmul_multi(g_gpu, 3, dy, dxn, dx, dnw, 1e-5f, ws, dbias, T);
+    else g_gops->matmul_multi(g_gpu, 3, dy, dx, ws, dbias, T);
     for (int i = 0; i < 3; i++) {
-        out[i] = malloc((size_t)N[i] * 4);
-        back(out[i], dy[i], (size_t)N[i] * 4);
+        out[i] = malloc((size_t)(T * N[i]) * 4);
+        back(out[i], dy[i], (size_t)(T * N[i]) * 4);
         tuna_cuda_free(g_gpu, dy[i]);
     }
-    float *dg = dev(NULL, (size_t)N[0] * 4);
-    if (norm) g_gops->rmsnorm_matmul_glu(g_gpu, dg, dxn, dx, dnw, 1e-5f, ws[0], dbias[0], up, NULL, 1, 0);
-    else g_gops->matmul_glu(g_gpu, dg, dx, ws[0], dbias[0], up, NULL, 1, 0);
-    out[3] = malloc((size_t)N[0] * 4);
-    back(out[3], dg, (size_t)N[0] * 4);
+    float *dg = dev(NULL, (size_t)(T * N[0]) * 4);
+    if (norm) g_gops->rmsnorm_matmul_glu(g_gpu, dg, dxn, dx, dnw, 1e-5f, ws[0], dbias[0], up, NULL, T, 0);
+    else g_gops->matmul_glu(g_gpu, dg, dx, ws[0], dbias[0], up, NULL, T, 0);
+    out[3] = malloc((size_t)(T * N[0]) * 4);
+    back(out[3], dg, (size_t)(T * N[0]) * 4);
     tuna_cuda_free(g_gpu, dg);
-    float *da = dev(y0, (size_t)N[1] * 4);
-    g_gops->matmul_add(g_gpu, da, dx, ws[1], dbias[1], 1);
-    out[4] = malloc((size_t)N[1] * 4);
-    back(out[4], da, (size_t)N[1] * 4);
+    float *da = dev(y0, (size_t)(T * N[1]) * 4);
+    g_gops->matmul_add(g_gpu, da, dx, ws[1], dbias[1], T);
+    out[4] = malloc((size_t)(T * N[1]) * 4);
+    back(out[4], da, (size_t)(T * N[1]) * 4);
     tuna_cuda_free(g_gpu, da);
+    if (norm) { /* the normalized rows every token's norm writes */
+        out[5] = malloc((size_t)(T * K) * 4);
+        back(out[5], dxn, (size_t)(T * K) * 4);
+    } else {
+        out[5] = NULL;
+    }
     tuna_cuda_free(g_gpu, dxn);
 }
 
 /* The batch-1 stream kernel (q4_stream.cu k_q4_s, TUNA_Q4_K=5), k_q4_v (TUNA_Q4_K=6, eighth session),
- * k_q4_h4 (TUNA_Q4_K=8, twelfth session: must give k_q4_h2's bits) and k_q4_h2
- * (TUNA_Q4_K=4) against
+ * k_q4_h4 (TUNA_Q4_K=8, twelfth session: must give k_q4_h2's bits), k_q4_tc (TUNA_Q4_K=9, twentieth
+ * session: the tensor cores, on the shapes with K % 128 == 0 and K >= 2048; k_q4_h4 on the others)
+ * and k_q4_h2 (TUNA_Q4_K=4) against
  * the CPU at T = 1 (bf16 checkpoints: 16-bit compute): q/k/v (+ the norm), gate/up + GLU (+ the
  * norm), o into the residual. Shapes: row counts that are multiples of no tile, matrices that end
  * inside a block's range, several tiles per block so the stage ring wraps (3000 rows), K = 4096
@@ -676,8 +683,11 @@ static void test_q4_stream(void **state)
     const char *env = getenv("TUNA_Q4_K");
     char *saved = env ? strdup(env) : NULL;
     const long l0 = tuna_cuda_q4_stream_launches(g_gpu), h0 = tuna_cuda_q4_h4_launches();
+    const long c0 = tuna_cuda_q4_tc_launches();
+    int tc_shapes = 0;
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
         const int64_t K = shapes[si][1], N[3] = {shapes[si][0], shapes[si][2], shapes[si][3]};
+        if (K % 128 == 0 && K >= 2048) tc_shapes++;
         const int type = (int)(si % 2);
         const bool nested = si % 3 != 1;
         struct q4pair w[3], up;
@@ -719,13 +729,14 @@ static void test_q4_stream(void **state)
             g_cops->add(g_cpu, want[4], u, N[1]);
             free(u);
             float *ref[5] = {NULL, NULL, NULL, NULL, NULL}; /* k_q4_h2's outputs: k_q4_h4 must give its bits */
-            for (int km = 4; km <= 8; km++) {
+            for (int km = 4; km <= 9; km++) {
                 if (km == 7) continue;
-                setenv("TUNA_Q4_K", km == 4 ? "4" : km == 5 ? "5" : km == 6 ? "6" : "8", 1);
-                float *got[5], *again[5], *other[5];
-                q4s_run(ws, &up.g, dbias, N, K, dx, dnw, y0, norm, got);
-                q4s_run(ws, &up.g, dbias, N, K, dx, dnw, y0, norm, again);
-                q4s_run(wo, &og[3], dbias, N, K, dx, dnw, y0, norm, other);
+                setenv("TUNA_Q4_K", km == 4 ? "4" : km == 5 ? "5" : km == 6 ? "6" : km == 8 ? "8" : "9", 1);
+                float *got[6], *again[6], *other[6];
+                q4s_run(ws, &up.g, dbias, N, K, 1, dx, dnw, y0, norm, got);
+                q4s_run(ws, &up.g, dbias, N, K, 1, dx, dnw, y0, norm, again);
+                q4s_run(wo, &og[3], dbias, N, K, 1, dx, dnw, y0, norm, other);
+                free(got[5]), free(again[5]), free(other[5]);
                 for (int o = 0; o < 5; o++) {
                     const int64_t n = o < 3 ? N[o] : o == 3 ? N[0] : N[1];
                     char what[200];
@@ -769,9 +780,122 @@ static void test_q4_stream(void **state)
         print_error("k_q4_s ran %ld times, expected %d\n", l1 - l0, 6 * 2 * 3 * 3);
         fail();
     }
-    const long h1 = tuna_cuda_q4_h4_launches();
-    if (h1 - h0 != 6 * 2 * 3 * 3) {
-        print_error("k_q4_h4 ran %ld times, expected %d\n", h1 - h0, 6 * 2 * 3 * 3);
+    /* k_q4_h4: every shape with TUNA_Q4_K=8, and those k_q4_tc does not take with 9 */
+    const long h1 = tuna_cuda_q4_h4_launches(), c1 = tuna_cuda_q4_tc_launches();
+    if (h1 - h0 != (6 + 6 - tc_shapes) * 2 * 3 * 3) {
+        print_error("k_q4_h4 ran %ld times, expected %d\n", h1 - h0, (12 - tc_shapes) * 2 * 3 * 3);
+        fail();
+    }
+    if (c1 - c0 != tc_shapes * 2 * 3 * 3) {
+        print_error("k_q4_tc ran %ld times, expected %d\n", c1 - c0, tc_shapes * 2 * 3 * 3);
+        fail();
+    }
+}
+
+/* k_q4_tc at T = 2..8 (twentieth session: the default 4-bit path there where it fits, 4 tokens per
+ * launch) against the CPU, each token's rows on their own (the tokens' x scaled by 1, 1e3 and 1e-4 in
+ * turn: each has its own f16 scale): q/k/v (+ the norm, and the normalized rows it writes), gate/up +
+ * GLU (+ the norm), o into the residual; K = 4096, 14336, 11008; two runs give the same bits, float32
+ * and nested scales give the same bits, and the kernel ran ceil(T / 4) times per op. */
+static void test_q4_tokens(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    const int64_t shapes[][4] = {{300, 4096, 100, 37}, {70, 14336, 33, 5}, {41, 11008, 2, 3}};
+    const int64_t Ts[] = {2, 3, 4, 5, 8};
+    const char *env = getenv("TUNA_Q4_K");
+    char *saved = env ? strdup(env) : NULL;
+    unsetenv("TUNA_Q4_K"); /* the default */
+    long want_launches = 0;
+    const long c0 = tuna_cuda_q4_tc_launches();
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+        const int64_t K = shapes[si][1], N[3] = {shapes[si][0], shapes[si][2], shapes[si][3]};
+        const int type = (int)(si % 2);
+        const bool nested = si != 1;
+        struct q4pair w[3], up;
+        for (int i = 0; i < 3; i++) q4pair_new(&w[i], type, 1, N[i], K, i == 1, nested);
+        q4pair_new(&up, type, 1, N[0], K, false, nested);
+        struct tuna_cuda_q4 od[4];
+        struct tuna_weight og[4];
+        for (int i = 0; i < 4; i++) {
+            struct q4pair *p = i < 3 ? &w[i] : &up;
+            q4desc_new(&od[i], &p->q, !nested, TUNA_DTYPE_BF16);
+            og[i] = p->g;
+            og[i].q4 = &od[i];
+        }
+        const struct tuna_weight *ws[3] = {&w[0].g, &w[1].g, &w[2].g}, *wo[3] = {&og[0], &og[1], &og[2]};
+        const float *dbias[3] = {w[0].dbias, w[1].dbias, w[2].dbias};
+        float *nw = rnd_norm_w(K), *dnw = dev(nw, (size_t)K * 4);
+        for (size_t ti = 0; ti < sizeof Ts / sizeof Ts[0]; ti++) {
+            const int64_t T = Ts[ti];
+            float *x = rnd((size_t)(T * K)), *xn = malloc((size_t)(T * K) * 4), *y0 = rnd((size_t)(T * N[1]));
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t i = 0; i < K; i++) x[t * K + i] *= t % 3 == 1 ? 1e3f : t % 3 == 2 ? 1e-4f : 1.0f;
+            cpu_norm(xn, x, nw, T, K);
+            float *dx = dev(x, (size_t)(T * K) * 4);
+            for (int norm = 0; norm < 2; norm++) {
+                const float *xin = norm ? xn : x;
+                float *want[5];
+                for (int i = 0; i < 3; i++) {
+                    want[i] = malloc((size_t)(T * N[i]) * 4);
+                    g_cops->matmul(g_cpu, want[i], xin, &w[i].c, w[i].bias, T);
+                }
+                float *u = malloc((size_t)(T * N[0]) * 4);
+                want[3] = malloc((size_t)(T * N[0]) * 4);
+                memcpy(want[3], want[0], (size_t)(T * N[0]) * 4);
+                g_cops->matmul(g_cpu, u, xin, &up.c, NULL, T);
+                g_cops->glu(g_cpu, want[3], want[3], u, T * N[0], 0);
+                free(u);
+                want[4] = malloc((size_t)(T * N[1]) * 4), u = malloc((size_t)(T * N[1]) * 4);
+                memcpy(want[4], y0, (size_t)(T * N[1]) * 4);
+                g_cops->matmul(g_cpu, u, x, &w[1].c, w[1].bias, T);
+                g_cops->add(g_cpu, want[4], u, T * N[1]);
+                free(u);
+                float *got[6], *again[6], *other[6];
+                q4s_run(ws, &up.g, dbias, N, K, T, dx, dnw, y0, norm, got);
+                q4s_run(ws, &up.g, dbias, N, K, T, dx, dnw, y0, norm, again);
+                q4s_run(wo, &og[3], dbias, N, K, T, dx, dnw, y0, norm, other);
+                want_launches += 3 * 3 * ((T + 3) / 4);
+                for (int o = 0; o < 6; o++) {
+                    if (o == 5 && !norm) break;
+                    const int64_t n = o < 3 ? N[o] : o == 3 ? N[0] : o == 4 ? N[1] : K;
+                    for (int64_t t = 0; t < T; t++) {
+                        char what[200];
+                        snprintf(what, sizeof what, "%s %s%s output %d token %lld of %lld [%lld, %lld]",
+                                 o < 3 || o == 5 ? (norm ? "rmsnorm_matmul_multi" : "matmul_multi")
+                                 : o == 3        ? (norm ? "rmsnorm_matmul_glu" : "matmul_glu")
+                                                 : "matmul_add",
+                                 type ? "FP4" : "NF4", nested ? " nested" : "", o, (long long)t, (long long)T,
+                                 (long long)n, (long long)K);
+                        check(what, got[o] + t * n, o == 5 ? xn + t * K : want[o] + t * n, (size_t)n,
+                              o == 3 ? 2e-2 : o == 5 ? 1e-5 : 1e-2);
+                    }
+                    if (memcmp(got[o], again[o], (size_t)(T * n) * 4) != 0) {
+                        print_error("T=%lld output %d: two runs differ\n", (long long)T, o);
+                        fail();
+                    }
+                    if (memcmp(got[o], other[o], (size_t)(T * n) * 4) != 0) {
+                        print_error("T=%lld output %d: float32 and nested scales differ\n", (long long)T, o);
+                        fail();
+                    }
+                }
+                for (int o = 0; o < 6; o++) free(got[o]), free(again[o]), free(other[o]);
+                for (int o = 0; o < 5; o++) free(want[o]);
+            }
+            free(x), free(xn), free(y0);
+            tuna_cuda_free(g_gpu, dx);
+        }
+        free(nw);
+        tuna_cuda_free(g_gpu, dnw);
+        for (int i = 0; i < 4; i++) q4desc_free(&od[i]);
+        for (int i = 0; i < 3; i++) q4pair_free(&w[i]);
+        q4pair_free(&up);
+    }
+    if (saved) setenv("TUNA_Q4_K", saved, 1);
+    free(saved);
+    const long c1 = tuna_cuda_q4_tc_launches();
+    if (c1 - c0 != want_launches) {
+        print_error("k_q4_tc ran %ld times, expected %ld\n", c1 - c0, want_launches);
         fail();
     }
 }
@@ -987,6 +1111,7 @@ int main(void)
         cmocka_unit_test(test_q4_nested_bits),
         cmocka_unit_test(test_q4_range),
         cmocka_unit_test(test_q4_stream),
+        cmocka_unit_test(test_q4_tokens),
         cmocka_unit_test(test_rope_kv_store),
         cmocka_unit_test(test_rmsnorm_qkv_rope_kv),
     };

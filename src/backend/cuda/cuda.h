@@ -82,6 +82,8 @@ tuna_status tuna_cuda_q4_dequantize(tuna_backend *be, const struct tuna_weight *
 long tuna_cuda_q4_stream_launches(tuna_backend *be);
 /* Launches of k_q4_h4 (q4_h4.cu, TUNA_Q4_K=8) in this process, for tests. */
 long tuna_cuda_q4_h4_launches(void);
+/* Launches of k_q4_tc (q4_tc.cu, TUNA_Q4_K=9) in this process, for tests. */
+long tuna_cuda_q4_tc_launches(void);
 /* Launches of the decode-layer kernel (q4_layer.cu) in this process, for tests. */
 long tuna_cuda_q4_layer_launches(void);
 

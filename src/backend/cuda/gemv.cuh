@@ -340,6 +340,12 @@ static inline float q4_lut_absmax(const struct q4_lut *lut)
 bool tuna_cuda_q4_h4(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
                      const struct q4_lut *lut, int blocksize, int64_t T);
 
+/* k_q4_tc (q4_tc.cu; TUNA_Q4_K=9): the batch-1 4-bit GEMV on the tensor cores; false when the job
+ * does not fit it (K % 128, K >= 2048, blocksize >= 64, sm_80+, and q4h_job_fits). j's scales and
+ * bs_shift set by the caller. */
+bool tuna_cuda_q4_tc(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
+                     const struct q4_lut *lut, int blocksize, int64_t T);
+
 /* k_q4_s (q4_stream.cu; TUNA_Q4_K=5): the batch-1 4-bit GEMV fed through shared memory by bulk
  * copies (sm_90+, 16-bit compute); false when the job does not fit it (the caller tries the next
  * kernel). j's scales (s[i].sc) and bs_shift set by the caller. */
@@ -425,11 +431,11 @@ static __device__ __forceinline__ void q4h_load4(float4 (&a)[4], float4 (&w)[4],
 
 /* x [K] into shared memory as f16 pairs scaled by s (see k_q4_h2 in q4.cu: |x * s| * lmax in
  * [1024, 2048), red: 64 floats of shared scratch), 16-byte pieces at gemv_x_pos<true>;
- * NORM: x * r * nw first (the CPU rmsnorm's formula; block 0 writes it to j.xn in float32).
- * Returns 1/s. Ends with __syncthreads. */
+ * NORM: x * r * nw first (the CPU rmsnorm's formula; block 0 writes it to j.xn + xn_off in
+ * float32: xn_off = t * K for token t of several). Returns 1/s. Ends with __syncthreads. */
 template <bool NORM>
 static __device__ __forceinline__ float q4h_stage_x(uint8_t *xs, const float *x, const struct gemv_job &j, float lmax,
-                                                    float *red)
+                                                    float *red, int64_t xn_off = 0)
 {
     const int K4 = (int)(j.K / 4);
     const float4 *x4 = reinterpret_cast<const float4 *>(x);
@@ -467,7 +473,7 @@ static __device__ __forceinline__ float q4h_stage_x(uint8_t *xs, const float *x,
     int e = v > 0.0f && v <= 3.0e38f ? ilogbf(v) : 10;
     e = e < -100 ? -100 : e;
     const float s = ldexpf(1.0f, 10 - e), inv = ldexpf(1.0f, e - 10);
-    float4 *xn4 = reinterpret_cast<float4 *>(j.xn);
+    float4 *xn4 = reinterpret_cast<float4 *>(j.xn ? j.xn + xn_off : NULL);
     const bool write = NORM && j.xn && blockIdx.x == 0;
     for (int f0 = threadIdx.x; f0 < K4; f0 += 4 * blockDim.x) {
         float4 a[4], w[4];

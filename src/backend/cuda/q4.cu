@@ -818,12 +818,14 @@ __global__ void __launch_bounds__(Q4T_THREADS, 1)
  * 125.7 us/layer against 84.8 for 2, end to end 4.79 against 3.54 ms: opt-in only). Measured on
  * the H100 (docs/PERFORMANCE.md): 32-layer NF4 chain 139.6 us/layer with 2, 142.1 with 1, 184.5
  * with 0. 8 (default): k_q4_h4 (q4_h4.cu, twelfth session: k_q4_h2 with items of 4 rows, the same
- * bits; chain 67.3 against 73.4 us/layer, end to end 2.95 against 3.14 ms/step) where it fits, else as 4. */
+ * bits; chain 67.3 against 73.4 us/layer, end to end 2.95 against 3.14 ms/step) where it fits, else as 4;
+ * At T = 2..8, 8 also runs k_q4_tc (q4_tc.cu, twentieth session: the products on the tensor cores, 4
+ * tokens per launch) where it fits, else k_q4_tab. 9: k_q4_tc at T = 1 too, where it fits, else as 8. */
 static int q4_kernel_mode(void)
 {
     /* read at every call (a getenv per launch; graphs capture once) so tests can compare kernels */
     const char *e = getenv("TUNA_Q4_K");
-    return e && ((e[0] >= '0' && e[0] <= '6') || e[0] == '8') ? e[0] - '0' : 8;
+    return e && ((e[0] >= '0' && e[0] <= '6') || e[0] == '8' || e[0] == '9') ? e[0] - '0' : 8;
 }
 
 /* Chunks per row in flight at T <= 2: 2 (default), TUNA_Q4_U=4 for 4. ptxas (sm_90a, 128 registers
@@ -927,7 +929,9 @@ bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, co
         if (km == 3 && half_ok && q4m_try(be, x, j, ws, &lut, q0->blocksize, T)) return true;
         if (km == 5 && half_ok && tuna_cuda_q4_stream(be, x, j, ws, &lut, q0->blocksize, T)) return true;
         if (km == 6 && half_ok && tuna_cuda_q4_lean(be, x, j, ws, &lut, q0->blocksize, T)) return true;
-        if (km == 8 && half_ok && tuna_cuda_q4_h4(be, x, j, ws, &lut, q0->blocksize, T)) return true;
+        if ((km == 9 || (km == 8 && T > 1)) && half_ok && tuna_cuda_q4_tc(be, x, j, ws, &lut, q0->blocksize, T))
+            return true;
+        if (km >= 8 && half_ok && tuna_cuda_q4_h4(be, x, j, ws, &lut, q0->blocksize, T)) return true;
         if (km >= 4 && half_ok && q4h_try(be, x, j, ws, &lut, q0->blocksize, T)) return true;
         if (q4t_try(be, x, j, ws, &lut, q0->blocksize, T, km >= 2 && half_ok ? 2 : 1)) return true;
     }

@@ -1,0 +1,388 @@
+/* q4_tc.cu — k_q4_tc: the batch-1 4-bit GEMV with its products on the tensor cores (twentieth
+ * session; TUNA_Q4_K=9, opt-in until measured faster than k_q4_h4).
+ *
+ * Why: k_q4_h4 (q4_h4.cu) spends ~3.4 instructions per weight, of which the f16 pair products
+ * (table lookup, PRMT, HFMA2) are 1.5 and the bookkeeping the rest; at the copy rate the SMs must
+ * issue 60-70% of their peak just to keep up (docs/PERFORMANCE.md, nineteenth session). Here the
+ * HFMA2s become mma.sync.m16n8k16 (f16 in, float32 accumulate; one MMA per 8 weights of a lane
+ * instead of 4 HFMA2) and a step covers 128 weights of 16 rows per warp, so the per-step work is
+ * paid per 1 KB of codes. By count of the source, ~1.65 instructions per weight.
+ *
+ * Layout. A tile is 16 rows (GLU: 8 gate rows and the same 8 up rows); a block (16 warps, one per
+ * SM) takes a contiguous range of tiles, and its warps split K: warp w takes the steps (128 weights
+ * of each row) ks0(w) .. ks1(w) - 1 of every tile, so every warp of a block streams about the same
+ * bytes whatever N is. Lane (g = lane / 4, t = lane % 4) loads 16 bytes of codes (weights 32 t ..
+ * 32 t + 31 of the step) of rows g and g + 8: the MMA's A rows. The step's 8 MMAs give lane t's
+ * slots (2t, 2t + 1, 2t + 8, 2t + 9) of MMA m the weights 32 t + 4 m .. 32 t + 4 m + 3, so the
+ * byte -> half2 table (one PRMT + one shared-memory load per two weights, the table of k_q4_h4)
+ * gives the A fragment as it is, and x (staged as scaled f16 by q4h_stage_x, as in k_q4_h4) gives
+ * the B fragment with 4 16-byte loads per step.
+ *
+ * The scales. The 128 weights of a step are two blocks of 64 (lanes t = 0, 1 hold block 0's, t = 2,
+ * 3 block 1's), and an MMA adds over all its 16 k slots. The B matrix's 8 columns keep the blocks
+ * apart: column 0 is x on block 0's slots and 0 on block 1's, column 2 the reverse (the lanes that
+ * supply the zeros read a line of zeros in shared memory instead of x); the other columns are not
+ * read. So after a step lane t = 0 holds rows g, g + 8 over block 0 (C column 0) and lane t = 1 over
+ * block 1 (C column 2), each multiplies by its own block's scale (loaded by that lane: lane t loads
+ * the scales of block t & 1), and at the tile's end one shuffle adds lane 1's sums to lane 0's.
+ * The 16 warps' sums of a tile meet in shared memory after a block barrier and one warp adds them
+ * in warp order: the same bits on every run.
+ *
+ * Numerics: the products of the table's f16 values and x in f16 (scaled by a power of two so that
+ * |x| * max|code| lies in [1024, 2048), as k_q4_h4) are exact in float32 and added in float32 by
+ * the MMA (k_q4_h4 adds pairs in f16 first): results close to k_q4_h4's, not its bits.
+ * Needs T = 1, K % 128 == 0, K >= 2048 (every warp has steps), blocksize >= 64, compute capability
+ * 8.0+, and q4h_job_fits's conditions. */
+#include <stdlib.h>
+
+#include "backend/cuda/cuda_internal.h"
+#include "backend/cuda/gemv.cuh"
+#include "backend/cuda/mma.cuh"
+#include "backend/cuda/pdl.cuh"
+#include "backend/cuda/q4_h4.cuh"
+
+#define Q4TC_THREADS 512
+#define Q4TC_WARPS 16
+#define Q4TC_TOK 4 /* tokens per launch: B columns 0-3 and 4-7 */
+
+/* Bytes from one token's staged x to the next: K f16 and 32 bytes, so two tokens' pieces read by
+ * one quarter-warp fall on different banks. */
+static __host__ __device__ __forceinline__ uint32_t q4tc_xstride(uint32_t K)
+{
+    return 2u * K + 32u;
+}
+
+struct q4tc_stage {
+    uint4 c[2];    /* the lane's 16 bytes of codes of rows g and g + 8 */
+    float a[2];    /* float32 absmax, or the nested absmax, of block t & 1 of each row */
+    uint32_t q[2]; /* nested: the 8-bit code of that absmax */
+};
+
+/* Row r (0: g, 1: g + 8) of tile tl for lane group g: segment and row (clamped to the matrix: rows
+ * past N are read again and not stored); *n0, *N: the tile's first row and its matrix's rows. */
+static __device__ __forceinline__ void q4tc_row(const struct gemv_job &j, int tl, int g, int r, int *seg,
+                                                int64_t *row, int64_t *n0, int64_t *N)
+{
+    int64_t n;
+    if (j.mode == GEMV_GLU) {
+        *seg = r;
+        *n0 = (int64_t)tl * 8;
+        n = *n0 + g;
+    } else {
+        gemv_rows(j, 16, tl, seg, n0);
+        n = *n0 + g + 8 * r;
+    }
+    *N = j.s[*seg].N;
+    *row = n < *N ? n : *N - 1;
+}
+
+static __device__ __forceinline__ void q4tc_mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                uint32_t b0, uint32_t b1)
+{
+#if TUNA_MMA_SM80
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    (void)c, (void)a0, (void)a1, (void)a2, (void)a3, (void)b0, (void)b1;
+    __trap(); /* below sm_80: tuna_cuda_q4_tc never launches it there */
+#endif
+}
+
+template <bool NORM, bool NESTED, int D>
+__global__ void __launch_bounds__(Q4TC_THREADS, 1)
+    k_q4_tc(const float *__restrict__ x, const __grid_constant__ struct gemv_job j, const struct q4_lut lut_in,
+            int ntiles, float lmax, int nshift, int tok0, int nt)
+{
+    extern __shared__ __align__(128) float4 q4tc_smem4[];
+    __shared__ __align__(128) uint4 zline[8]; /* 128 zero bytes: the B columns' zeros */
+    __shared__ float slut[16];
+    __shared__ float red[64];
+    __shared__ float part[2][Q4TC_WARPS][16][Q4TC_TOK]; /* [tile parity][warp][row][token] */
+    uint8_t *tab = reinterpret_cast<uint8_t *>(q4tc_smem4);
+    float *ncode = reinterpret_cast<float *>(tab + Q4H4_TAB);
+    uint8_t *xs = tab + Q4H4_TAB + Q4H4_NCODE; /* [nt][K f16 + 16 pad], 16-byte pieces at gemv_x_pos<true> */
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const bool glu = j.mode == GEMV_GLU;
+    const uint32_t K = (uint32_t)j.K, xstr = q4tc_xstride(K);
+    const int KS = (int)(K / 128u);
+    const int ks0 = warp * KS / Q4TC_WARPS, ks1 = (warp + 1) * KS / Q4TC_WARPS, nks = ks1 - ks0;
+    const int tb = ntiles / (int)gridDim.x, tx = ntiles % (int)gridDim.x, bi = (int)blockIdx.x;
+    const int tl0 = bi * tb + (bi < tx ? bi : tx), nmy = tb + (bi < tx ? 1 : 0), tlend = tl0 + nmy;
+    const int total = nmy * nks;
+    const int bs_shift = j.bs_shift;
+    const uint32_t sblk = 64u * (uint32_t)(t >> 1); /* the lane's scale block within the step */
+    const int rstep = glu ? 8 : 16;
+
+    /* the load side: per row, the codes, the element index of the step's first weight, the scales */
+    const uint4 *lw[2];
+    uint32_t le[2];
+    const float *la[2];
+    const uint8_t *lq[2];
+    int l_tl = tl0, l_ks = ks0;
+    int64_t l_n = 0, l_N = 0;
+    const uint32_t dtile = (uint32_t)rstep * K - (uint32_t)(nks - 1) * 128u; /* next tile, same matrix */
+    auto set_src = [&](int tl) {
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            int seg;
+            int64_t row, n0, N;
+            q4tc_row(j, tl, g, r, &seg, &row, &n0, &N);
+            if (r == 0) l_n = n0, l_N = N;
+            const struct gemv_seg &s = j.s[seg];
+            lw[r] = reinterpret_cast<const uint4 *>(s.W) + t;
+            le[r] = (uint32_t)row * K + (uint32_t)ks0 * 128u;
+            la[r] = NESTED ? s.sc.nabs : s.sc.absmax;
+            lq[r] = NESTED ? s.sc.q : NULL;
+        }
+    };
+    auto load_next = [&](struct q4tc_stage &st) {
+        if (l_tl >= tlend) return;
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            st.c[r] = __ldg(lw[r] + (le[r] >> 5));
+            const uint32_t b = (le[r] + sblk) >> bs_shift;
+            if (NESTED) {
+                st.q[r] = __ldg(lq[r] + b);
+                st.a[r] = __ldg(la[r] + (b >> nshift));
+            } else {
+                st.a[r] = __ldg(la[r] + b);
+            }
+        }
+        if (++l_ks == ks1) {
+            l_ks = ks0;
+            if (++l_tl < tlend) {
+                l_n += rstep;
+                if (l_n + rstep - 1 < l_N) {
+#pragma unroll
+                    for (int r = 0; r < 2; r++) le[r] += dtile;
+                } else {
+                    set_src(l_tl);
+                }
+            }
+        } else {
+#pragma unroll
+            for (int r = 0; r < 2; r++) le[r] += 128u;
+        }
+    };
+
+    struct q4tc_stage st[D];
+#pragma unroll
+    for (int u = 0; u < D; u++)
+#pragma unroll
+        for (int r = 0; r < 2; r++) st[u].q[r] = 0u, st[u].a[r] = 0.0f;
+    if (nmy > 0) set_src(tl0);
+    constexpr int NCV = GEMV_MAX_SEG * 256 / Q4TC_THREADS;
+    float ncv[NCV];
+    if (NESTED)
+#pragma unroll
+        for (int i = 0; i < NCV; i++) {
+            const int e = threadIdx.x + i * Q4TC_THREADS, sg = e >> 8;
+            ncv[i] = sg < j.nseg ? __ldg(j.s[sg].sc.ncode + (e & 255)) : 0.0f;
+        }
+    if (j.prefetch >= 1)
+#pragma unroll
+        for (int u = 0; u < D; u++) load_next(st[u]);
+    q4h_fill_tables(tab, ncode, slut, lut_in, j, false);
+    if (threadIdx.x < 8) zline[threadIdx.x] = make_uint4(0u, 0u, 0u, 0u);
+    tuna_pdl_wait();
+    tuna_pdl_trigger();
+    if (NESTED)
+#pragma unroll
+        for (int i = 0; i < NCV; i++) {
+            const int e = threadIdx.x + i * Q4TC_THREADS;
+            if ((e >> 8) < j.nseg) ncode[e] = ncv[i];
+        }
+    /* each token with its own power-of-two scale; every call ends with __syncthreads (the last one:
+     * the tables are ready) */
+    float inv_s[Q4TC_TOK];
+#pragma unroll
+    for (int k = 0; k < Q4TC_TOK; k++) {
+        inv_s[k] = 1.0f;
+        if (k < nt) {
+            const int64_t tk = tok0 + k;
+            inv_s[k] = q4h_stage_x<NORM>(xs + k * xstr, x + tk * (int64_t)K, j, lmax, red, tk * (int64_t)K);
+        }
+    }
+    if (j.prefetch < 1)
+#pragma unroll
+        for (int u = 0; u < D; u++) load_next(st[u]);
+
+    /* the compute side */
+    const uint32_t lane_off = (uint32_t)lane * 4u;
+    /* B column g: token g & 3 on the slots of block g >> 2 (lanes t < 2 hold block 0's slots, t >= 2
+     * block 1's); the lanes of other slots and of tokens past nt read zeros */
+    const bool xon = (g & 3) < nt && (g >> 2) == (t >> 1);
+    const uint8_t *xb = xon ? xs + (g & 3) * xstr : reinterpret_cast<const uint8_t *>(zline);
+    int c_ks = ks0, c_k = 0, c_tl = tl0;
+    int c_nco[2] = {0, 0};
+    float c_noff[2] = {0.0f, 0.0f};
+    float acc[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}}; /* [row g, g + 8][token 2 (t & 1) + h] over block t >> 1 */
+    auto set_cmp = [&](int tl) {
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            int seg;
+            int64_t row, n0, N;
+            q4tc_row(j, tl, g, r, &seg, &row, &n0, &N);
+            c_nco[r] = seg * 256;
+            c_noff[r] = j.s[seg].sc.noff;
+        }
+    };
+    if (NESTED && nmy > 0) set_cmp(tl0);
+    for (int q0 = 0; q0 < total; q0 += D) {
+#pragma unroll
+        for (int u = 0; u < D; u++) {
+            if (q0 + u >= total) break;
+            /* x's pieces 16 c_ks + 4 t + p (p = 0..3) of 128-byte run 2 c_ks + (t >> 1), swizzled; the
+             * zero lanes read the same place of the zero line */
+            const uint32_t run = 2u * (uint32_t)c_ks + (uint32_t)(t >> 1);
+            const uint32_t xo = run * 128u + ((4u * (uint32_t)(t & 1)) ^ (run & 7u)) * 16u;
+            const uint32_t xoff = xon ? xo : (xo & 127u);
+            uint4 xv[4];
+#pragma unroll
+            for (int p = 0; p < 4; p++) xv[p] = *reinterpret_cast<const uint4 *>(xb + (xoff ^ ((uint32_t)p * 16u)));
+            float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int m = 0; m < 8; m++) {
+                const uint4 &cg = st[u].c[0], &ch = st[u].c[1];
+                const uint32_t wg = m < 2 ? cg.x : m < 4 ? cg.y : m < 6 ? cg.z : cg.w;
+                const uint32_t wh = m < 2 ? ch.x : m < 4 ? ch.y : m < 6 ? ch.z : ch.w;
+                const uint32_t b0 = 2u * (uint32_t)(m & 1), b1 = b0 + 1u;
+                const uint32_t a0 = *reinterpret_cast<const uint32_t *>(tab + __byte_perm(wg, lane_off, 0x5504u | (b0 << 4)));
+                const uint32_t a1 = *reinterpret_cast<const uint32_t *>(tab + __byte_perm(wh, lane_off, 0x5504u | (b0 << 4)));
+                const uint32_t a2 = *reinterpret_cast<const uint32_t *>(tab + __byte_perm(wg, lane_off, 0x5504u | (b1 << 4)));
+                const uint32_t a3 = *reinterpret_cast<const uint32_t *>(tab + __byte_perm(wh, lane_off, 0x5504u | (b1 << 4)));
+                const uint4 &xp = xv[m >> 1];
+                q4tc_mma(c, a0, a1, a2, a3, (m & 1) ? xp.z : xp.x, (m & 1) ? xp.w : xp.y);
+            }
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const float am = NESTED ? __fadd_rn(__fmul_rn(ncode[c_nco[r] + st[u].q[r]], st[u].a[r]), c_noff[r])
+                                        : st[u].a[r];
+                acc[r][0] += am * c[2 * r];
+                acc[r][1] += am * c[2 * r + 1];
+            }
+            load_next(st[u]);
+            if (++c_ks < ks1) continue;
+            /* the tile's last step: block 1's sums (lanes t >= 2) onto block 0's, then the block's */
+            c_ks = ks0;
+#pragma unroll
+            for (int r = 0; r < 2; r++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) acc[r][h] += __shfl_xor_sync(0xffffffffu, acc[r][h], 2);
+            float(*pp)[16][Q4TC_TOK] = part[c_k & 1];
+            if (t < 2) {
+                *reinterpret_cast<float2 *>(&pp[warp][g][2 * t]) = make_float2(acc[0][0], acc[0][1]);
+                *reinterpret_cast<float2 *>(&pp[warp][g + 8][2 * t]) = make_float2(acc[1][0], acc[1][1]);
+            }
+            acc[0][0] = acc[0][1] = acc[1][0] = acc[1][1] = 0.0f;
+            asm volatile("bar.sync 1, %0;" ::"n"(Q4TC_THREADS) : "memory");
+            if (warp == (c_k & (Q4TC_WARPS - 1))) {
+                /* outputs (row i, token k) = lane + 32 o: token k = lane & 3 on every pass */
+                const int k = lane & 3;
+                const float inv = k == 0 ? inv_s[0] : k == 1 ? inv_s[1] : k == 2 ? inv_s[2] : inv_s[3];
+                const int64_t tk = tok0 + k;
+                int seg = 0;
+                int64_t n0 = (int64_t)c_tl * 8;
+                if (!glu) gemv_rows(j, 16, c_tl, &seg, &n0);
+                const struct gemv_seg &s = j.s[seg];
+                for (int o = lane; o < (glu ? 8 : 16) * Q4TC_TOK; o += 32) {
+                    const int i = o >> 2;
+                    const int64_t n = n0 + i;
+                    if (k >= nt || n >= s.N) continue;
+                    float v = 0.0f;
+#pragma unroll
+                    for (int w = 0; w < Q4TC_WARPS; w++) v += pp[w][i][k];
+                    v *= inv;
+                    if (glu) {
+                        float up = 0.0f;
+#pragma unroll
+                        for (int w = 0; w < Q4TC_WARPS; w++) up += pp[w][i + 8][k];
+                        up *= inv;
+                        const float bg = s.bias ? s.bias[n] : 0.0f, bu = j.s[1].bias ? j.s[1].bias[n] : 0.0f;
+                        s.y[tk * s.N + n] = tuna_cuda_act(v + bg, j.act) * (up + bu);
+                    } else {
+                        const float b = s.bias ? s.bias[n] : 0.0f;
+                        float *yp = s.y + tk * s.N + n;
+                        if (j.mode == GEMV_ADD) *yp += v + b;
+                        else *yp = v + b;
+                    }
+                }
+            }
+            c_k++;
+            if (++c_tl < tlend && NESTED) set_cmp(c_tl);
+        }
+    }
+}
+
+static long g_q4tc_launches;
+
+extern "C" long tuna_cuda_q4_tc_launches(void)
+{
+    return g_q4tc_launches;
+}
+
+/* Steps in flight per warp: TUNA_Q4_TCD=2, 3 or 4 (default 3). */
+static int q4tc_depth(void)
+{
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("TUNA_Q4_TCD");
+        v = e && (e[0] == '2' || e[0] == '4') ? e[0] - '0' : 3;
+    }
+    return v;
+}
+
+template <bool NORM, bool NESTED>
+static bool q4tc_launch(tuna_backend *be, const float *x, const struct gemv_job *j, const struct q4_lut *lut,
+                        unsigned blocks, size_t smem, int ntiles, float lmax, int nshift, int tok0, int nt)
+{
+    const dim3 grid(blocks), block(Q4TC_THREADS);
+    switch (q4tc_depth()) {
+    case 2:
+        return tuna_cuda_launch(be, "k_q4_tc", k_q4_tc<NORM, NESTED, 2>, grid, block, smem, x, *j, *lut, ntiles, lmax,
+                                nshift, tok0, nt);
+    case 4:
+        return tuna_cuda_launch(be, "k_q4_tc", k_q4_tc<NORM, NESTED, 4>, grid, block, smem, x, *j, *lut, ntiles, lmax,
+                                nshift, tok0, nt);
+    }
+    return tuna_cuda_launch(be, "k_q4_tc", k_q4_tc<NORM, NESTED, 3>, grid, block, smem, x, *j, *lut, ntiles, lmax,
+                            nshift, tok0, nt);
+}
+
+bool tuna_cuda_q4_tc(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
+                     const struct q4_lut *lut, int blocksize, int64_t T)
+{
+    const int64_t K = j->K;
+    bool nested;
+    if (be->cc_major < 8 || T < 1 || T > 2 * Q4TC_TOK || K % 128 != 0 || K < 128 * Q4TC_WARPS || blocksize < 64)
+        return false;
+    if (!q4h_job_fits(j, ws, blocksize, 1, &nested)) return false; /* its other conditions */
+    const int nt0 = T < Q4TC_TOK ? (int)T : Q4TC_TOK; /* the first launch's tokens: the most */
+    const size_t smem = (size_t)Q4H4_TAB + Q4H4_NCODE + ((size_t)nt0 * q4tc_xstride((uint32_t)K) + 127) / 128 * 128;
+    if (be->max_smem_optin <= 0 || smem + 10240 > (size_t)be->max_smem_optin) return false; /* + static */
+    const bool glu = j->mode == GEMV_GLU;
+    const int64_t ntiles = glu ? (j->s[0].N + 7) / 8 : gemv_number_rows(j, 16) / 16;
+    if (ntiles < 1) return true; /* nothing to do */
+    if (ntiles >= ((int64_t)1 << 30)) return false;
+    const int64_t sms = be->sm_count > 0 ? be->sm_count : 132;
+    const int64_t blocks = ntiles < sms ? ntiles : sms;
+    const float lmax = q4_lut_absmax(lut);
+    j->prefetch = tuna_cuda_gemv_prefetch();
+    const int nshift = nested ? j->s[0].sc.nshift : 0;
+    /* tokens 4 at a time (B columns 0-3 block 0, 4-7 block 1), each launch reading every weight */
+    for (int tok0 = 0; tok0 < T; tok0 += Q4TC_TOK) {
+        const int nt = T - tok0 < Q4TC_TOK ? (int)(T - tok0) : Q4TC_TOK;
+        bool ok;
+        g_q4tc_launches++;
+        if (j->nw)
+            ok = nested ? q4tc_launch<true, true>(be, x, j, lut, (unsigned)blocks, smem, (int)ntiles, lmax, nshift, tok0, nt)
+                        : q4tc_launch<true, false>(be, x, j, lut, (unsigned)blocks, smem, (int)ntiles, lmax, nshift, tok0, nt);
+        else
+            ok = nested ? q4tc_launch<false, true>(be, x, j, lut, (unsigned)blocks, smem, (int)ntiles, lmax, nshift, tok0, nt)
+                        : q4tc_launch<false, false>(be, x, j, lut, (unsigned)blocks, smem, (int)ntiles, lmax, nshift, tok0, nt);
+        if (!ok) return tok0 > 0; /* a later launch's failure is in the sticky status */
+    }
+    return true;
+}
