@@ -84,6 +84,9 @@ long tuna_cuda_q4_stream_launches(tuna_backend *be);
 long tuna_cuda_q4_h4_launches(void);
 /* Launches of k_q4_tc (q4_tc.cu, TUNA_Q4_K=9) in this process, for tests. */
 long tuna_cuda_q4_tc_launches(void);
+/* Tokens per launch of k_q4_tc for K and T tokens on be's device (8 where their x fits in shared
+ * memory, else 4, or T when fewer); 0 when the kernel does not take such a job. */
+int tuna_cuda_q4_tc_tokens(tuna_backend *be, int64_t K, int64_t T);
 /* Launches of the decode-layer kernel (q4_layer.cu) in this process, for tests. */
 long tuna_cuda_q4_layer_launches(void);
 

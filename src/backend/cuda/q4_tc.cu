@@ -1,12 +1,15 @@
-/* q4_tc.cu — k_q4_tc: the batch-1 4-bit GEMV with its products on the tensor cores (twentieth
- * session; TUNA_Q4_K=9, opt-in until measured faster than k_q4_h4).
+/* q4_tc.cu — k_q4_tc: the 4-bit decode GEMV with its products on the tensor cores, for 1 to 8
+ * tokens (twentieth session). The default at T = 2..8 where it fits (k_q4_tab before: FFMAs per
+ * weight and token, compute-bound); at T = 1 opt-in (TUNA_Q4_K=9), since k_q4_h4 is faster there.
  *
- * Why: k_q4_h4 (q4_h4.cu) spends ~3.4 instructions per weight, of which the f16 pair products
- * (table lookup, PRMT, HFMA2) are 1.5 and the bookkeeping the rest; at the copy rate the SMs must
- * issue 60-70% of their peak just to keep up (docs/PERFORMANCE.md, nineteenth session). Here the
- * HFMA2s become mma.sync.m16n8k16 (f16 in, float32 accumulate; one MMA per 8 weights of a lane
- * instead of 4 HFMA2) and a step covers 128 weights of 16 rows per warp, so the per-step work is
- * paid per 1 KB of codes. By count of the source, ~1.65 instructions per weight.
+ * Why: k_q4_h4 (q4_h4.cu) spends ~3.4 instructions per weight, the f16 pair products (table lookup,
+ * PRMT, HFMA2) 1.5 of them; here the HFMA2s become mma.sync.m16n8k16 (f16 in, float32 accumulate),
+ * one MMA per 8 weights of a lane for up to 4 tokens, and a step covers 128 weights of 16 rows per
+ * warp. Measured on the H100 (docs/PERFORMANCE.md, "NF4, twentieth session"): NF4 decode at batch 8
+ * 6.92 against 17.97 ms/step, batch 4 4.56 against 7.98; at batch 1 2.98 against k_q4_h4's 2.60,
+ * with no fewer instructions in all (ncu: 12.47M against 12.43M for gate/up: at K = 4096 each warp
+ * has only 2 steps per tile, and the tile's end, the block barrier and the reduction, costs as much
+ * as the steps saved) and more shared-memory wavefronts (the x loads of 8 B columns).
  *
  * Layout. A tile is 16 rows (GLU: 8 gate rows and the same 8 up rows); a block (16 warps, one per
  * SM) takes a contiguous range of tiles, and its warps split K: warp w takes the steps (128 weights
@@ -15,24 +18,26 @@
  * 32 t + 31 of the step) of rows g and g + 8: the MMA's A rows. The step's 8 MMAs give lane t's
  * slots (2t, 2t + 1, 2t + 8, 2t + 9) of MMA m the weights 32 t + 4 m .. 32 t + 4 m + 3, so the
  * byte -> half2 table (one PRMT + one shared-memory load per two weights, the table of k_q4_h4)
- * gives the A fragment as it is, and x (staged as scaled f16 by q4h_stage_x, as in k_q4_h4) gives
- * the B fragment with 4 16-byte loads per step.
+ * gives the A fragment as it is, and x (staged per token as scaled f16 by q4h_stage_x, as in
+ * k_q4_h4) gives the B fragment with 4 16-byte loads per step and group of 4 tokens.
  *
- * The scales. The 128 weights of a step are two blocks of 64 (lanes t = 0, 1 hold block 0's, t = 2,
- * 3 block 1's), and an MMA adds over all its 16 k slots. The B matrix's 8 columns keep the blocks
- * apart: column 0 is x on block 0's slots and 0 on block 1's, column 2 the reverse (the lanes that
- * supply the zeros read a line of zeros in shared memory instead of x); the other columns are not
- * read. So after a step lane t = 0 holds rows g, g + 8 over block 0 (C column 0) and lane t = 1 over
- * block 1 (C column 2), each multiplies by its own block's scale (loaded by that lane: lane t loads
- * the scales of block t & 1), and at the tile's end one shuffle adds lane 1's sums to lane 0's.
- * The 16 warps' sums of a tile meet in shared memory after a block barrier and one warp adds them
- * in warp order: the same bits on every run.
+ * The scales and the tokens. The 128 weights of a step are two blocks of 64 (lanes t = 0, 1 hold
+ * block 0's, t = 2, 3 block 1's), and an MMA adds over all its 16 k slots. The B matrix's 8 columns
+ * keep the blocks apart: column n is token n % 4 on the slots of block n / 4 and 0 on the other
+ * block's (the lanes that supply the zeros, and those of tokens past T, read a line of zeros in
+ * shared memory instead of x). So after a step lane t holds rows g, g + 8 for tokens 2 (t % 2),
+ * 2 (t % 2) + 1 over block t / 2 (C columns 2t, 2t + 1), multiplies them by that block's scales
+ * (loaded by that lane), and at the tile's end one shuffle adds block 1's sums to block 0's. With
+ * 8 tokens (two groups, where their x fits in shared memory: K = 4096 does, 14336 does not) each A
+ * fragment serves two MMAs; more tokens take more launches. The 16 warps' sums of a tile meet in
+ * shared memory after a block barrier and one warp adds them in warp order: the same bits on every
+ * run.
  *
- * Numerics: the products of the table's f16 values and x in f16 (scaled by a power of two so that
- * |x| * max|code| lies in [1024, 2048), as k_q4_h4) are exact in float32 and added in float32 by
- * the MMA (k_q4_h4 adds pairs in f16 first): results close to k_q4_h4's, not its bits.
- * Needs T = 1, K % 128 == 0, K >= 2048 (every warp has steps), blocksize >= 64, compute capability
- * 8.0+, and q4h_job_fits's conditions. */
+ * Numerics: the products of the table's f16 values and x in f16 (each token scaled by a power of two
+ * so that |x| * max|code| lies in [1024, 2048), as k_q4_h4) are exact in float32 and added in float32
+ * by the MMA (k_q4_h4 adds pairs in f16 first): results close to k_q4_h4's, not its bits.
+ * Needs T <= 8, K % 128 == 0, K >= 2048 (every warp has steps), blocksize >= 64, compute capability
+ * 8.0+, and q4h_job_fits's other conditions. */
 #include <stdlib.h>
 
 #include "backend/cuda/cuda_internal.h"
@@ -43,7 +48,7 @@
 
 #define Q4TC_THREADS 512
 #define Q4TC_WARPS 16
-#define Q4TC_TOK 4 /* tokens per launch: B columns 0-3 and 4-7 */
+#define Q4TC_TOK 4 /* tokens per group: B columns 0-3 and 4-7; a launch takes 1 or 2 groups */
 
 /* Bytes from one token's staged x to the next: K f16 and 32 bytes, so two tokens' pieces read by
  * one quarter-warp fall on different banks. */
@@ -90,7 +95,7 @@ static __device__ __forceinline__ void q4tc_mma(float (&c)[4], uint32_t a0, uint
 #endif
 }
 
-template <bool NORM, bool NESTED, int D>
+template <bool NORM, bool NESTED, int D, int G>
 __global__ void __launch_bounds__(Q4TC_THREADS, 1)
     k_q4_tc(const float *__restrict__ x, const __grid_constant__ struct gemv_job j, const struct q4_lut lut_in,
             int ntiles, float lmax, int nshift, int tok0, int nt)
@@ -99,7 +104,7 @@ __global__ void __launch_bounds__(Q4TC_THREADS, 1)
     __shared__ __align__(128) uint4 zline[8]; /* 128 zero bytes: the B columns' zeros */
     __shared__ float slut[16];
     __shared__ float red[64];
-    __shared__ float part[2][Q4TC_WARPS][16][Q4TC_TOK]; /* [tile parity][warp][row][token] */
+    __shared__ float part[2][Q4TC_WARPS][16][Q4TC_TOK * G]; /* [tile parity][warp][row][token] */
     uint8_t *tab = reinterpret_cast<uint8_t *>(q4tc_smem4);
     float *ncode = reinterpret_cast<float *>(tab + Q4H4_TAB);
     uint8_t *xs = tab + Q4H4_TAB + Q4H4_NCODE; /* [nt][K f16 + 16 pad], 16-byte pieces at gemv_x_pos<true> */
@@ -196,9 +201,9 @@ __global__ void __launch_bounds__(Q4TC_THREADS, 1)
         }
     /* each token with its own power-of-two scale; every call ends with __syncthreads (the last one:
      * the tables are ready) */
-    float inv_s[Q4TC_TOK];
+    float inv_s[Q4TC_TOK * G];
 #pragma unroll
-    for (int k = 0; k < Q4TC_TOK; k++) {
+    for (int k = 0; k < Q4TC_TOK * G; k++) {
         inv_s[k] = 1.0f;
         if (k < nt) {
             const int64_t tk = tok0 + k;
@@ -211,14 +216,21 @@ __global__ void __launch_bounds__(Q4TC_THREADS, 1)
 
     /* the compute side */
     const uint32_t lane_off = (uint32_t)lane * 4u;
-    /* B column g: token g & 3 on the slots of block g >> 2 (lanes t < 2 hold block 0's slots, t >= 2
-     * block 1's); the lanes of other slots and of tokens past nt read zeros */
-    const bool xon = (g & 3) < nt && (g >> 2) == (t >> 1);
-    const uint8_t *xb = xon ? xs + (g & 3) * xstr : reinterpret_cast<const uint8_t *>(zline);
+    /* B column g of group q: token 4 q + (g & 3) on the slots of block g >> 2 (lanes t < 2 hold block
+     * 0's slots, t >= 2 block 1's); the lanes of other slots and of tokens past nt read zeros */
+    bool xon[G];
+    const uint8_t *xb[G];
+#pragma unroll
+    for (int q = 0; q < G; q++) {
+        xon[q] = Q4TC_TOK * q + (g & 3) < nt && (g >> 2) == (t >> 1);
+        xb[q] = xon[q] ? xs + (Q4TC_TOK * q + (g & 3)) * xstr : reinterpret_cast<const uint8_t *>(zline);
+    }
     int c_ks = ks0, c_k = 0, c_tl = tl0;
     int c_nco[2] = {0, 0};
     float c_noff[2] = {0.0f, 0.0f};
-    float acc[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}}; /* [row g, g + 8][token 2 (t & 1) + h] over block t >> 1 */
+    float acc[G][2][2]; /* [group][row g, g + 8][token 2 (t & 1) + h of the group] over block t >> 1 */
+#pragma unroll
+    for (int q = 0; q < G; q++) acc[q][0][0] = acc[q][0][1] = acc[q][1][0] = acc[q][1][1] = 0.0f;
     auto set_cmp = [&](int tl) {
 #pragma unroll
         for (int r = 0; r < 2; r++) {
@@ -238,11 +250,16 @@ __global__ void __launch_bounds__(Q4TC_THREADS, 1)
              * zero lanes read the same place of the zero line */
             const uint32_t run = 2u * (uint32_t)c_ks + (uint32_t)(t >> 1);
             const uint32_t xo = run * 128u + ((4u * (uint32_t)(t & 1)) ^ (run & 7u)) * 16u;
-            const uint32_t xoff = xon ? xo : (xo & 127u);
-            uint4 xv[4];
+            uint4 xv[G][4];
+            float c[G][4];
 #pragma unroll
-            for (int p = 0; p < 4; p++) xv[p] = *reinterpret_cast<const uint4 *>(xb + (xoff ^ ((uint32_t)p * 16u)));
-            float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int q = 0; q < G; q++) {
+                const uint32_t xoff = xon[q] ? xo : (xo & 127u);
+#pragma unroll
+                for (int p = 0; p < 4; p++)
+                    xv[q][p] = *reinterpret_cast<const uint4 *>(xb[q] + (xoff ^ ((uint32_t)p * 16u)));
+                c[q][0] = c[q][1] = c[q][2] = c[q][3] = 0.0f;
+            }
 #pragma unroll
             for (int m = 0; m < 8; m++) {
                 const uint4 &cg = st[u].c[0], &ch = st[u].c[1];
@@ -253,42 +270,56 @@ __global__ void __launch_bounds__(Q4TC_THREADS, 1)
                 const uint32_t a1 = *reinterpret_cast<const uint32_t *>(tab + __byte_perm(wh, lane_off, 0x5504u | (b0 << 4)));
                 const uint32_t a2 = *reinterpret_cast<const uint32_t *>(tab + __byte_perm(wg, lane_off, 0x5504u | (b1 << 4)));
                 const uint32_t a3 = *reinterpret_cast<const uint32_t *>(tab + __byte_perm(wh, lane_off, 0x5504u | (b1 << 4)));
-                const uint4 &xp = xv[m >> 1];
-                q4tc_mma(c, a0, a1, a2, a3, (m & 1) ? xp.z : xp.x, (m & 1) ? xp.w : xp.y);
+#pragma unroll
+                for (int q = 0; q < G; q++) {
+                    const uint4 &xp = xv[q][m >> 1];
+                    q4tc_mma(c[q], a0, a1, a2, a3, (m & 1) ? xp.z : xp.x, (m & 1) ? xp.w : xp.y);
+                }
             }
 #pragma unroll
             for (int r = 0; r < 2; r++) {
                 const float am = NESTED ? __fadd_rn(__fmul_rn(ncode[c_nco[r] + st[u].q[r]], st[u].a[r]), c_noff[r])
                                         : st[u].a[r];
-                acc[r][0] += am * c[2 * r];
-                acc[r][1] += am * c[2 * r + 1];
+#pragma unroll
+                for (int q = 0; q < G; q++) {
+                    acc[q][r][0] += am * c[q][2 * r];
+                    acc[q][r][1] += am * c[q][2 * r + 1];
+                }
             }
             load_next(st[u]);
             if (++c_ks < ks1) continue;
             /* the tile's last step: block 1's sums (lanes t >= 2) onto block 0's, then the block's */
             c_ks = ks0;
+            float(*pp)[16][Q4TC_TOK * G] = part[c_k & 1];
 #pragma unroll
-            for (int r = 0; r < 2; r++)
+            for (int q = 0; q < G; q++) {
 #pragma unroll
-                for (int h = 0; h < 2; h++) acc[r][h] += __shfl_xor_sync(0xffffffffu, acc[r][h], 2);
-            float(*pp)[16][Q4TC_TOK] = part[c_k & 1];
-            if (t < 2) {
-                *reinterpret_cast<float2 *>(&pp[warp][g][2 * t]) = make_float2(acc[0][0], acc[0][1]);
-                *reinterpret_cast<float2 *>(&pp[warp][g + 8][2 * t]) = make_float2(acc[1][0], acc[1][1]);
+                for (int r = 0; r < 2; r++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) acc[q][r][h] += __shfl_xor_sync(0xffffffffu, acc[q][r][h], 2);
+                if (t < 2) {
+                    *reinterpret_cast<float2 *>(&pp[warp][g][Q4TC_TOK * q + 2 * t]) = make_float2(acc[q][0][0], acc[q][0][1]);
+                    *reinterpret_cast<float2 *>(&pp[warp][g + 8][Q4TC_TOK * q + 2 * t]) =
+                        make_float2(acc[q][1][0], acc[q][1][1]);
+                }
+                acc[q][0][0] = acc[q][0][1] = acc[q][1][0] = acc[q][1][1] = 0.0f;
             }
-            acc[0][0] = acc[0][1] = acc[1][0] = acc[1][1] = 0.0f;
             asm volatile("bar.sync 1, %0;" ::"n"(Q4TC_THREADS) : "memory");
             if (warp == (c_k & (Q4TC_WARPS - 1))) {
-                /* outputs (row i, token k) = lane + 32 o: token k = lane & 3 on every pass */
-                const int k = lane & 3;
-                const float inv = k == 0 ? inv_s[0] : k == 1 ? inv_s[1] : k == 2 ? inv_s[2] : inv_s[3];
+                /* outputs (row i, token k) = lane + 32 o: token k = lane % (4 G) on every pass */
+                constexpr int NTOK = Q4TC_TOK * G;
+                const int k = lane & (NTOK - 1);
+                float inv = inv_s[0];
+#pragma unroll
+                for (int q = 1; q < NTOK; q++)
+                    if (k == q) inv = inv_s[q];
                 const int64_t tk = tok0 + k;
                 int seg = 0;
                 int64_t n0 = (int64_t)c_tl * 8;
                 if (!glu) gemv_rows(j, 16, c_tl, &seg, &n0);
                 const struct gemv_seg &s = j.s[seg];
-                for (int o = lane; o < (glu ? 8 : 16) * Q4TC_TOK; o += 32) {
-                    const int i = o >> 2;
+                for (int o = lane; o < (glu ? 8 : 16) * NTOK; o += 32) {
+                    const int i = o / NTOK;
                     const int64_t n = n0 + i;
                     if (k >= nt || n >= s.N) continue;
                     float v = 0.0f;
@@ -334,21 +365,57 @@ static int q4tc_depth(void)
     return v;
 }
 
-template <bool NORM, bool NESTED>
-static bool q4tc_launch(tuna_backend *be, const float *x, const struct gemv_job *j, const struct q4_lut *lut,
-                        unsigned blocks, size_t smem, int ntiles, float lmax, int nshift, int tok0, int nt)
+/* TUNA_Q4_TCG=1: 4 tokens per launch even where 8 fit (comparisons). */
+static bool q4tc_two_groups_off(void)
+{
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("TUNA_Q4_TCG");
+        v = e && e[0] == '1';
+    }
+    return v == 1;
+}
+
+template <bool NORM, bool NESTED, int G>
+static bool q4tc_launch_g(tuna_backend *be, const float *x, const struct gemv_job *j, const struct q4_lut *lut,
+                          unsigned blocks, size_t smem, int ntiles, float lmax, int nshift, int tok0, int nt)
 {
     const dim3 grid(blocks), block(Q4TC_THREADS);
     switch (q4tc_depth()) {
     case 2:
-        return tuna_cuda_launch(be, "k_q4_tc", k_q4_tc<NORM, NESTED, 2>, grid, block, smem, x, *j, *lut, ntiles, lmax,
-                                nshift, tok0, nt);
+        return tuna_cuda_launch(be, "k_q4_tc", k_q4_tc<NORM, NESTED, 2, G>, grid, block, smem, x, *j, *lut, ntiles,
+                                lmax, nshift, tok0, nt);
     case 4:
-        return tuna_cuda_launch(be, "k_q4_tc", k_q4_tc<NORM, NESTED, 4>, grid, block, smem, x, *j, *lut, ntiles, lmax,
-                                nshift, tok0, nt);
+        return tuna_cuda_launch(be, "k_q4_tc", k_q4_tc<NORM, NESTED, 4, G>, grid, block, smem, x, *j, *lut, ntiles,
+                                lmax, nshift, tok0, nt);
     }
-    return tuna_cuda_launch(be, "k_q4_tc", k_q4_tc<NORM, NESTED, 3>, grid, block, smem, x, *j, *lut, ntiles, lmax,
+    return tuna_cuda_launch(be, "k_q4_tc", k_q4_tc<NORM, NESTED, 3, G>, grid, block, smem, x, *j, *lut, ntiles, lmax,
                             nshift, tok0, nt);
+}
+
+template <bool NORM, bool NESTED>
+static bool q4tc_launch(tuna_backend *be, const float *x, const struct gemv_job *j, const struct q4_lut *lut,
+                        unsigned blocks, size_t smem, int ntiles, float lmax, int nshift, int tok0, int nt)
+{
+    if (nt > Q4TC_TOK) return q4tc_launch_g<NORM, NESTED, 2>(be, x, j, lut, blocks, smem, ntiles, lmax, nshift, tok0, nt);
+    return q4tc_launch_g<NORM, NESTED, 1>(be, x, j, lut, blocks, smem, ntiles, lmax, nshift, tok0, nt);
+}
+
+/* Dynamic shared memory of a launch of nt tokens: the tables and the tokens' staged x. */
+static size_t q4tc_smem(int64_t K, int nt)
+{
+    return (size_t)Q4H4_TAB + Q4H4_NCODE + ((size_t)nt * q4tc_xstride((uint32_t)K) + 127) / 128 * 128;
+}
+
+extern "C" int tuna_cuda_q4_tc_tokens(tuna_backend *be, int64_t K, int64_t T)
+{
+    if (be->cc_major < 8 || T < 1 || T > 2 * Q4TC_TOK || K % 128 != 0 || K < 128 * Q4TC_WARPS) return 0;
+    /* the static shared memory: part (8 or 16 KB with 2 groups) and small scratch */
+    const size_t stat1 = 2 * Q4TC_WARPS * 16 * Q4TC_TOK * 4 + 2048, stat2 = 2 * stat1;
+    const size_t optin = be->max_smem_optin > 0 ? (size_t)be->max_smem_optin : 0;
+    if (T > Q4TC_TOK && !q4tc_two_groups_off() && q4tc_smem(K, (int)T) + stat2 <= optin) return (int)T;
+    const int per = T < Q4TC_TOK ? (int)T : Q4TC_TOK;
+    return q4tc_smem(K, per) + stat1 <= optin ? per : 0;
 }
 
 bool tuna_cuda_q4_tc(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
@@ -356,12 +423,9 @@ bool tuna_cuda_q4_tc(tuna_backend *be, const float *x, struct gemv_job *j, const
 {
     const int64_t K = j->K;
     bool nested;
-    if (be->cc_major < 8 || T < 1 || T > 2 * Q4TC_TOK || K % 128 != 0 || K < 128 * Q4TC_WARPS || blocksize < 64)
-        return false;
-    if (!q4h_job_fits(j, ws, blocksize, 1, &nested)) return false; /* its other conditions */
-    const int nt0 = T < Q4TC_TOK ? (int)T : Q4TC_TOK; /* the first launch's tokens: the most */
-    const size_t smem = (size_t)Q4H4_TAB + Q4H4_NCODE + ((size_t)nt0 * q4tc_xstride((uint32_t)K) + 127) / 128 * 128;
-    if (be->max_smem_optin <= 0 || smem + 10240 > (size_t)be->max_smem_optin) return false; /* + static */
+    const int per = tuna_cuda_q4_tc_tokens(be, K, T); /* tokens per launch: up to 8 where their x fits, else 4 */
+    if (per == 0 || blocksize < 64 || !q4h_job_fits(j, ws, blocksize, 1, &nested)) return false;
+    const size_t smem = q4tc_smem(K, per);
     const bool glu = j->mode == GEMV_GLU;
     const int64_t ntiles = glu ? (j->s[0].N + 7) / 8 : gemv_number_rows(j, 16) / 16;
     if (ntiles < 1) return true; /* nothing to do */
@@ -371,9 +435,9 @@ bool tuna_cuda_q4_tc(tuna_backend *be, const float *x, struct gemv_job *j, const
     const float lmax = q4_lut_absmax(lut);
     j->prefetch = tuna_cuda_gemv_prefetch();
     const int nshift = nested ? j->s[0].sc.nshift : 0;
-    /* tokens 4 at a time (B columns 0-3 block 0, 4-7 block 1), each launch reading every weight */
-    for (int tok0 = 0; tok0 < T; tok0 += Q4TC_TOK) {
-        const int nt = T - tok0 < Q4TC_TOK ? (int)(T - tok0) : Q4TC_TOK;
+    /* each launch reads every weight once for its tokens */
+    for (int tok0 = 0; tok0 < T; tok0 += per) {
+        const int nt = T - tok0 < per ? (int)(T - tok0) : per;
         bool ok;
         g_q4tc_launches++;
         if (j->nw)
