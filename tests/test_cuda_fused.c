@@ -792,17 +792,18 @@ static void test_q4_stream(void **state)
     }
 }
 
-/* k_q4_tc at T = 2..8 (twentieth session: the default 4-bit path there where it fits; 8 tokens per
- * launch where their x fits in shared memory (K = 4096; 11008 at T = 5), else 4) against the CPU, each token's rows on their own (the tokens' x scaled by 1, 1e3 and 1e-4 in
- * turn: each has its own f16 scale): q/k/v (+ the norm, and the normalized rows it writes), gate/up +
- * GLU (+ the norm), o into the residual; K = 4096, 14336, 11008; two runs give the same bits, float32
- * and nested scales give the same bits, and the kernel ran ceil(T / tokens per launch) times per op. */
+/* k_q4_tc at T = 2..24 (twentieth session: the default 4-bit path there where it fits; 8 tokens per
+ * launch where their x fits in shared memory (K = 4096; 11008 at T = 5), else 4) against the CPU,
+ * each token on its own (the tokens' x scaled by 1, 1e3 and 1e-4 in turn: each has its own f16
+ * scale): q/k/v (+ the norm, and the normalized rows it writes) and o into the residual as one vector,
+ * gate/up + GLU (+ the norm); K = 4096, 14336, 11008; two runs give the same bits, float32 and
+ * nested scales give the same bits, and the kernel ran ceil(T / tokens per launch) times per op. */
 static void test_q4_tokens(void **state)
 {
     (void)state;
     NEED_GPU();
     const int64_t shapes[][4] = {{300, 4096, 100, 37}, {70, 14336, 33, 5}, {41, 11008, 2, 3}};
-    const int64_t Ts[] = {2, 3, 4, 5, 8};
+    const int64_t Ts[] = {2, 3, 4, 5, 8, 12, 24};
     const char *env = getenv("TUNA_Q4_K");
     char *saved = env ? strdup(env) : NULL;
     unsetenv("TUNA_Q4_K"); /* the default */
@@ -828,6 +829,7 @@ static void test_q4_tokens(void **state)
         float *nw = rnd_norm_w(K), *dnw = dev(nw, (size_t)K * 4);
         for (size_t ti = 0; ti < sizeof Ts / sizeof Ts[0]; ti++) {
             const int64_t T = Ts[ti];
+            if (T > tuna_cuda_q4_tc_max_t()) continue; /* the dequantize + GEMM path */
             float *x = rnd((size_t)(T * K)), *xn = malloc((size_t)(T * K) * 4), *y0 = rnd((size_t)(T * N[1]));
             for (int64_t t = 0; t < T; t++)
                 for (int64_t i = 0; i < K; i++) x[t * K + i] *= t % 3 == 1 ? 1e3f : t % 3 == 2 ? 1e-4f : 1.0f;
@@ -858,10 +860,30 @@ static void test_q4_tokens(void **state)
                 const int per = tuna_cuda_q4_tc_tokens(g_gpu, K, T);
                 assert_true(per > 0);
                 want_launches += 3 * 3 * ((T + per - 1) / per);
+                /* q/k/v and the added o per token as one vector (k and o have as few as 2 rows: alone,
+                 * a token whose few sums happen to be small would make the relative error meaningless) */
+                const int64_t nv = N[0] + N[1] + N[2] + N[1];
+                float *gq = malloc((size_t)nv * 4), *wq = malloc((size_t)nv * 4);
+                for (int64_t t = 0; t < T; t++) {
+                    int64_t at = 0;
+                    for (int o = 0; o < 5; o++) {
+                        if (o == 3) continue;
+                        const int64_t n = o < 3 ? N[o] : N[1];
+                        memcpy(gq + at, got[o] + t * n, (size_t)n * 4);
+                        memcpy(wq + at, want[o] + t * n, (size_t)n * 4);
+                        at += n;
+                    }
+                    char what[200];
+                    snprintf(what, sizeof what, "%s %s%s q/k/v and matmul_add token %lld of %lld [%lld, %lld]",
+                             norm ? "rmsnorm_matmul_multi" : "matmul_multi", type ? "FP4" : "NF4",
+                             nested ? " nested" : "", (long long)t, (long long)T, (long long)nv, (long long)K);
+                    check(what, gq, wq, (size_t)nv, 1e-2);
+                }
+                free(gq), free(wq);
                 for (int o = 0; o < 6; o++) {
                     if (o == 5 && !norm) break;
                     const int64_t n = o < 3 ? N[o] : o == 3 ? N[0] : o == 4 ? N[1] : K;
-                    for (int64_t t = 0; t < T; t++) {
+                    for (int64_t t = 0; t < T && (o == 3 || o == 5); t++) {
                         char what[200];
                         snprintf(what, sizeof what, "%s %s%s output %d token %lld of %lld [%lld, %lld]",
                                  o < 3 || o == 5 ? (norm ? "rmsnorm_matmul_multi" : "matmul_multi")

@@ -2,11 +2,12 @@
  *
  * Block scales: float32 absmax, or (what a double-quantized checkpoint uploads, src/model/device.c)
  * the nested form, rebuilt per block by q4_absmax bit-identical to the CPU's reconstruction.
- * Decode (T <= TUNA_CUDA_GEMV_MAX_T): fused dequant-GEMVs that read each 4-bit matrix once per step:
- * k_q4_h2 at T = 1 with 16-bit compute (default; f16 pairs, see below) and the grouped k_q4_tab
- * otherwise (q/k/v, gate/up + GLU, o/down into the residual, RMSNorm folded in),
- * k_q4_multi where k_q4_tab does not fit, and the first session's single-matrix kernels (exact
- * per-weight rounding to bf16/f16 for 16-bit checkpoints run in float32; TUNA_Q4_OLD=1).
+ * Decode (T <= TUNA_CUDA_GEMV_MAX_T, and up to tuna_cuda_q4_tc_max_t() for k_q4_tc): fused
+ * dequant-GEMVs that read each 4-bit matrix once per step (q/k/v, gate/up + GLU, o/down into the
+ * residual, RMSNorm folded in): k_q4_h4 (q4_h4.cu) at T = 1 with 16-bit compute (default), k_q4_tc
+ * (q4_tc.cu, tensor cores) at T = 2..24 with 16-bit compute where it fits, the grouped k_q4_tab
+ * otherwise, k_q4_multi where k_q4_tab does not fit, and the first session's single-matrix kernels
+ * (exact per-weight rounding to bf16/f16 for 16-bit checkpoints run in float32; TUNA_Q4_OLD=1).
  * Prefill (larger T): the matrix is dequantized into a scratch buffer of the compute dtype and
  * handed to cuBLAS (matmul.cu); training dequantizes the same way (train_gemm.cu).
  */
@@ -819,8 +820,9 @@ __global__ void __launch_bounds__(Q4T_THREADS, 1)
  * the H100 (docs/PERFORMANCE.md): 32-layer NF4 chain 139.6 us/layer with 2, 142.1 with 1, 184.5
  * with 0. 8 (default): k_q4_h4 (q4_h4.cu, twelfth session: k_q4_h2 with items of 4 rows, the same
  * bits; chain 67.3 against 73.4 us/layer, end to end 2.95 against 3.14 ms/step) where it fits, else as 4;
- * At T = 2..8, 8 also runs k_q4_tc (q4_tc.cu, twentieth session: the products on the tensor cores, 4
- * tokens per launch) where it fits, else k_q4_tab. 9: k_q4_tc at T = 1 too, where it fits, else as 8. */
+ * At T = 2..8, 8 also runs k_q4_tc (q4_tc.cu, twentieth session: the products on the tensor cores, up
+ * to 8 tokens per launch) where it fits, else k_q4_tab; at T = 9..tuna_cuda_q4_tc_max_t() only
+ * k_q4_tc (else the caller's dequantize + GEMM). 9: k_q4_tc at T = 1 too, where it fits, else as 8. */
 static int q4_kernel_mode(void)
 {
     /* read at every call (a getenv per launch; graphs capture once) so tests can compare kernels */
@@ -910,7 +912,9 @@ bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, co
     int shift = 0;
     while ((1 << shift) < q0->blocksize) shift++;
     /* the fast kernel's conditions (tuna_cuda_gemv_q4), the same table and blocksize everywhere */
-    if ((1 << shift) != q0->blocksize || q0->blocksize < 8 || K % 8 != 0 || T > TUNA_CUDA_GEMV_MAX_T) return false;
+    /* above TUNA_CUDA_GEMV_MAX_T only k_q4_tc (tuna_cuda_q4_tc_max_t tokens at most) */
+    const int64_t tmax = tuna_cuda_q4_tc_max_t() > TUNA_CUDA_GEMV_MAX_T ? tuna_cuda_q4_tc_max_t() : TUNA_CUDA_GEMV_MAX_T;
+    if ((1 << shift) != q0->blocksize || q0->blocksize < 8 || K % 8 != 0 || T > tmax) return false;
     for (int i = 0; i < j->nseg; i++) {
         const struct tuna_cuda_q4 *q = (const struct tuna_cuda_q4 *)ws[i]->q4;
         if (q->blocksize != q0->blocksize || memcmp(q->lut, q0->lut, sizeof q->lut) != 0 ||
@@ -922,6 +926,11 @@ bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, co
     memcpy(lut.v, q0->lut, sizeof lut.v);
     j->bs_shift = shift;
     const int km = q4_kernel_mode();
+    if (T > TUNA_CUDA_GEMV_MAX_T) {
+        for (int i = 0; i < j->nseg; i++)
+            if (((const struct tuna_cuda_q4 *)ws[i]->q4)->prefill == TUNA_DTYPE_F32) return false;
+        return (km == 8 || km == 9) && tuna_cuda_q4_tc(be, x, j, ws, &lut, q0->blocksize, T);
+    }
     if (km) {
         bool half_ok = true; /* the half2 table only where the compute is 16-bit */
         for (int i = 0; i < j->nseg; i++)

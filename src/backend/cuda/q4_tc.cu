@@ -1,6 +1,9 @@
 /* q4_tc.cu — k_q4_tc: the 4-bit decode GEMV with its products on the tensor cores, for 1 to 8
- * tokens (twentieth session). The default at T = 2..8 where it fits (k_q4_tab before: FFMAs per
- * weight and token, compute-bound); at T = 1 opt-in (TUNA_Q4_K=9), since k_q4_h4 is faster there.
+ * tokens per launch (twentieth session). The default at T = 2..24 where it fits (k_q4_tab before at
+ * T <= 8: FFMAs per weight and token, compute-bound; above 8 the whole matrix dequantized to bf16 for
+ * cuBLAS every step), in launches of up to 8 tokens; at T = 1 opt-in (TUNA_Q4_K=9), since k_q4_h4
+ * is faster there. Above 24 tokens (TUNA_Q4_TC_MAXT) the dequantize + GEMM path is faster (H100:
+ * batch 32 22.3 against 19.4 ms/step; batch 24 17.2 against 19.1, 16 12.3 against 19.0).
  *
  * Why: k_q4_h4 (q4_h4.cu) spends ~3.4 instructions per weight, the f16 pair products (table lookup,
  * PRMT, HFMA2) 1.5 of them; here the HFMA2s become mma.sync.m16n8k16 (f16 in, float32 accumulate),
@@ -49,6 +52,8 @@
 #define Q4TC_THREADS 512
 #define Q4TC_WARPS 16
 #define Q4TC_TOK 4 /* tokens per group: B columns 0-3 and 4-7; a launch takes 1 or 2 groups */
+#define Q4TC_MAXT 32 /* the most tokens it takes (in several launches; TUNA_Q4_TC_MAXT) */
+#define Q4TC_DEFAULT_MAXT 24
 
 /* Bytes from one token's staged x to the next: K f16 and 32 bytes, so two tokens' pieces read by
  * one quarter-warp fall on different banks. */
@@ -407,13 +412,25 @@ static size_t q4tc_smem(int64_t K, int nt)
     return (size_t)Q4H4_TAB + Q4H4_NCODE + ((size_t)nt * q4tc_xstride((uint32_t)K) + 127) / 128 * 128;
 }
 
+extern "C" int tuna_cuda_q4_tc_max_t(void)
+{
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("TUNA_Q4_TC_MAXT");
+        const int n = e ? atoi(e) : 0;
+        v = n >= 1 && n <= Q4TC_MAXT ? n : Q4TC_DEFAULT_MAXT;
+    }
+    return v;
+}
+
 extern "C" int tuna_cuda_q4_tc_tokens(tuna_backend *be, int64_t K, int64_t T)
 {
-    if (be->cc_major < 8 || T < 1 || T > 2 * Q4TC_TOK || K % 128 != 0 || K < 128 * Q4TC_WARPS) return 0;
+    if (be->cc_major < 8 || T < 1 || T > tuna_cuda_q4_tc_max_t() || K % 128 != 0 || K < 128 * Q4TC_WARPS) return 0;
     /* the static shared memory: part (8 or 16 KB with 2 groups) and small scratch */
     const size_t stat1 = 2 * Q4TC_WARPS * 16 * Q4TC_TOK * 4 + 2048, stat2 = 2 * stat1;
     const size_t optin = be->max_smem_optin > 0 ? (size_t)be->max_smem_optin : 0;
-    if (T > Q4TC_TOK && !q4tc_two_groups_off() && q4tc_smem(K, (int)T) + stat2 <= optin) return (int)T;
+    const int two = T < 2 * Q4TC_TOK ? (int)T : 2 * Q4TC_TOK;
+    if (T > Q4TC_TOK && !q4tc_two_groups_off() && q4tc_smem(K, two) + stat2 <= optin) return two;
     const int per = T < Q4TC_TOK ? (int)T : Q4TC_TOK;
     return q4tc_smem(K, per) + stat1 <= optin ? per : 0;
 }
