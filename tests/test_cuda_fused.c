@@ -661,6 +661,33 @@ static void q4s_run(const struct tuna_weight *const *ws, const struct tuna_weigh
     tuna_cuda_free(g_gpu, dxn);
 }
 
+/* The weights of test_q4_stream and test_q4_tokens: q/k/v of N[0..2] rows (k with a bias), the GLU's
+ * up matrix of N[0] rows, and the same codes with the other form of scales (og, od). */
+struct q4set {
+    struct q4pair w[3], up;
+    struct tuna_cuda_q4 od[4];
+    struct tuna_weight og[4];
+};
+
+static void q4set_new(struct q4set *q, int type, const int64_t *N, int64_t K, bool nested)
+{
+    for (int i = 0; i < 3; i++) q4pair_new(&q->w[i], type, 1, N[i], K, i == 1, nested);
+    q4pair_new(&q->up, type, 1, N[0], K, false, nested);
+    for (int i = 0; i < 4; i++) {
+        struct q4pair *p = i < 3 ? &q->w[i] : &q->up;
+        q4desc_new(&q->od[i], &p->q, !nested, TUNA_DTYPE_BF16);
+        q->og[i] = p->g;
+        q->og[i].q4 = &q->od[i];
+    }
+}
+
+static void q4set_free(struct q4set *q)
+{
+    for (int i = 0; i < 4; i++) q4desc_free(&q->od[i]);
+    for (int i = 0; i < 3; i++) q4pair_free(&q->w[i]);
+    q4pair_free(&q->up);
+}
+
 /* The batch-1 stream kernel (q4_stream.cu k_q4_s, TUNA_Q4_K=5), k_q4_v (TUNA_Q4_K=6, eighth session),
  * k_q4_h4 (TUNA_Q4_K=8, twelfth session: must give k_q4_h2's bits), k_q4_tc (TUNA_Q4_K=9, twentieth
  * session: the tensor cores, on the shapes with K % 128 == 0 and K >= 2048; k_q4_h4 on the others)
@@ -690,18 +717,10 @@ static void test_q4_stream(void **state)
         if (K % 128 == 0 && K >= 2048) tc_shapes++;
         const int type = (int)(si % 2);
         const bool nested = si % 3 != 1;
-        struct q4pair w[3], up;
-        for (int i = 0; i < 3; i++) q4pair_new(&w[i], type, 1, N[i], K, i == 1, nested);
-        q4pair_new(&up, type, 1, N[0], K, false, nested);
-        /* the same codes with the other form of scales */
-        struct tuna_cuda_q4 od[4];
-        struct tuna_weight og[4];
-        for (int i = 0; i < 4; i++) {
-            struct q4pair *p = i < 3 ? &w[i] : &up;
-            q4desc_new(&od[i], &p->q, !nested, TUNA_DTYPE_BF16);
-            og[i] = p->g;
-            og[i].q4 = &od[i];
-        }
+        struct q4set qs;
+        q4set_new(&qs, type, N, K, nested);
+        struct q4pair *w = qs.w, *upp = &qs.up;
+        struct tuna_weight *og = qs.og;
         float *x = rnd((size_t)K), *nw = rnd_norm_w(K), *xn = malloc((size_t)K * 4);
         for (int64_t i = 0; i < K; i++) x[i] *= xs[si];
         cpu_norm(xn, x, nw, 1, K);
@@ -720,7 +739,7 @@ static void test_q4_stream(void **state)
             float *u = malloc((size_t)N[0] * 4);
             want[3] = malloc((size_t)N[0] * 4);
             memcpy(want[3], want[0], (size_t)N[0] * 4);
-            g_cops->matmul(g_cpu, u, xin, &up.c, NULL, 1);
+            g_cops->matmul(g_cpu, u, xin, &upp->c, NULL, 1);
             g_cops->glu(g_cpu, want[3], want[3], u, N[0], 0);
             free(u);
             want[4] = malloc((size_t)N[1] * 4), u = malloc((size_t)N[1] * 4);
@@ -733,8 +752,8 @@ static void test_q4_stream(void **state)
                 if (km == 7) continue;
                 setenv("TUNA_Q4_K", km == 4 ? "4" : km == 5 ? "5" : km == 6 ? "6" : km == 8 ? "8" : "9", 1);
                 float *got[6], *again[6], *other[6];
-                q4s_run(ws, &up.g, dbias, N, K, 1, dx, dnw, y0, norm, got);
-                q4s_run(ws, &up.g, dbias, N, K, 1, dx, dnw, y0, norm, again);
+                q4s_run(ws, &upp->g, dbias, N, K, 1, dx, dnw, y0, norm, got);
+                q4s_run(ws, &upp->g, dbias, N, K, 1, dx, dnw, y0, norm, again);
                 q4s_run(wo, &og[3], dbias, N, K, 1, dx, dnw, y0, norm, other);
                 free(got[5]), free(again[5]), free(other[5]);
                 for (int o = 0; o < 5; o++) {
@@ -767,9 +786,7 @@ static void test_q4_stream(void **state)
         }
         free(x), free(nw), free(xn), free(y0);
         tuna_cuda_free(g_gpu, dx), tuna_cuda_free(g_gpu, dnw);
-        for (int i = 0; i < 4; i++) q4desc_free(&od[i]);
-        for (int i = 0; i < 3; i++) q4pair_free(&w[i]);
-        q4pair_free(&up);
+        q4set_free(&qs);
     }
     if (saved) setenv("TUNA_Q4_K", saved, 1);
     else unsetenv("TUNA_Q4_K");
@@ -813,17 +830,10 @@ static void test_q4_tokens(void **state)
         const int64_t K = shapes[si][1], N[3] = {shapes[si][0], shapes[si][2], shapes[si][3]};
         const int type = (int)(si % 2);
         const bool nested = si != 1;
-        struct q4pair w[3], up;
-        for (int i = 0; i < 3; i++) q4pair_new(&w[i], type, 1, N[i], K, i == 1, nested);
-        q4pair_new(&up, type, 1, N[0], K, false, nested);
-        struct tuna_cuda_q4 od[4];
-        struct tuna_weight og[4];
-        for (int i = 0; i < 4; i++) {
-            struct q4pair *p = i < 3 ? &w[i] : &up;
-            q4desc_new(&od[i], &p->q, !nested, TUNA_DTYPE_BF16);
-            og[i] = p->g;
-            og[i].q4 = &od[i];
-        }
+        struct q4set qs;
+        q4set_new(&qs, type, N, K, nested);
+        struct q4pair *w = qs.w, *upp = &qs.up;
+        struct tuna_weight *og = qs.og;
         const struct tuna_weight *ws[3] = {&w[0].g, &w[1].g, &w[2].g}, *wo[3] = {&og[0], &og[1], &og[2]};
         const float *dbias[3] = {w[0].dbias, w[1].dbias, w[2].dbias};
         float *nw = rnd_norm_w(K), *dnw = dev(nw, (size_t)K * 4);
@@ -845,7 +855,7 @@ static void test_q4_tokens(void **state)
                 float *u = malloc((size_t)(T * N[0]) * 4);
                 want[3] = malloc((size_t)(T * N[0]) * 4);
                 memcpy(want[3], want[0], (size_t)(T * N[0]) * 4);
-                g_cops->matmul(g_cpu, u, xin, &up.c, NULL, T);
+                g_cops->matmul(g_cpu, u, xin, &upp->c, NULL, T);
                 g_cops->glu(g_cpu, want[3], want[3], u, T * N[0], 0);
                 free(u);
                 want[4] = malloc((size_t)(T * N[1]) * 4), u = malloc((size_t)(T * N[1]) * 4);
@@ -854,8 +864,8 @@ static void test_q4_tokens(void **state)
                 g_cops->add(g_cpu, want[4], u, T * N[1]);
                 free(u);
                 float *got[6], *again[6], *other[6];
-                q4s_run(ws, &up.g, dbias, N, K, T, dx, dnw, y0, norm, got);
-                q4s_run(ws, &up.g, dbias, N, K, T, dx, dnw, y0, norm, again);
+                q4s_run(ws, &upp->g, dbias, N, K, T, dx, dnw, y0, norm, got);
+                q4s_run(ws, &upp->g, dbias, N, K, T, dx, dnw, y0, norm, again);
                 q4s_run(wo, &og[3], dbias, N, K, T, dx, dnw, y0, norm, other);
                 const int per = tuna_cuda_q4_tc_tokens(g_gpu, K, T);
                 assert_true(per > 0);
@@ -911,9 +921,7 @@ static void test_q4_tokens(void **state)
         }
         free(nw);
         tuna_cuda_free(g_gpu, dnw);
-        for (int i = 0; i < 4; i++) q4desc_free(&od[i]);
-        for (int i = 0; i < 3; i++) q4pair_free(&w[i]);
-        q4pair_free(&up);
+        q4set_free(&qs);
     }
     if (saved) setenv("TUNA_Q4_K", saved, 1);
     free(saved);

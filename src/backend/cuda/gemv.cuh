@@ -391,6 +391,31 @@ static __device__ __forceinline__ void q4h_fill_tables(uint8_t *tab, float *ncod
             for (int e = threadIdx.x; e < 256; e += blockDim.x) ncode[s * 256 + e] = __ldg(j.s[s].sc.ncode + e);
 }
 
+/* The nested scales' code tables (GEMV_MAX_SEG segments of 256 floats), spread over a block of NT
+ * threads: q4h_ncode_load reads this thread's values into registers (issued early, before the PDL
+ * wait, so they are not queued behind the code loads), q4h_ncode_store writes them to ncode once the
+ * block may write shared memory (the caller synchronizes before they are read). */
+template <int NT>
+static __device__ __forceinline__ void q4h_ncode_load(float (&v)[GEMV_MAX_SEG * 256 / NT], const struct gemv_job &j)
+{
+#pragma unroll
+    for (int i = 0; i < GEMV_MAX_SEG * 256 / NT; i++) {
+        const int e = threadIdx.x + i * NT, sg = e >> 8;
+        v[i] = sg < j.nseg ? __ldg(j.s[sg].sc.ncode + (e & 255)) : 0.0f;
+    }
+}
+
+template <int NT>
+static __device__ __forceinline__ void q4h_ncode_store(float *ncode, const float (&v)[GEMV_MAX_SEG * 256 / NT],
+                                                       const struct gemv_job &j)
+{
+#pragma unroll
+    for (int i = 0; i < GEMV_MAX_SEG * 256 / NT; i++) {
+        const int e = threadIdx.x + i * NT;
+        if ((e >> 8) < j.nseg) ncode[e] = v[i];
+    }
+}
+
 /* One row's f16 sum over a lane's 32 weights (word p of the codes against x piece p), in float32:
  * tab[(byte << 8) | lane * 4] holds the half2 of the byte's two nibbles (the byte -> half2 table of
  * k_q4_h2 in q4.cu and k_q4_s in q4_stream.cu). */

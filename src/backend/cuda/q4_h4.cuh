@@ -181,14 +181,8 @@ static __device__ __forceinline__ void q4h4_run(const struct q4h4_smem &sm, cons
      * the code loads are issued, under their latency (H100, fourteenth session: NF4 batch-1 step
      * 2.77 / 2.77 against 2.81 / 2.84 ms with the table loads issued after the code loads, whose
      * arrival they then waited for: the blocks' prologues had taken 3-4.5 us) */
-    constexpr int NCV = GEMV_MAX_SEG * 256 / Q4H4_THREADS;
-    float ncv[NCV];
-    if (NESTED)
-#pragma unroll
-        for (int i = 0; i < NCV; i++) {
-            const int e = threadIdx.x + i * Q4H4_THREADS, sg = e >> 8;
-            ncv[i] = sg < j.nseg ? __ldg(j.s[sg].sc.ncode + (e & 255)) : 0.0f;
-        }
+    float ncv[GEMV_MAX_SEG * 256 / Q4H4_THREADS];
+    if (NESTED) q4h_ncode_load<Q4H4_THREADS>(ncv, j);
     if (j.prefetch >= 1)
 #pragma unroll
         for (int u = 0; u < D; u++) load_next(st[u]);
@@ -196,12 +190,7 @@ static __device__ __forceinline__ void q4h4_run(const struct q4h4_smem &sm, cons
     Q4TR(1);
     wait();
     Q4TR(2);
-    if (NESTED)
-#pragma unroll
-        for (int i = 0; i < NCV; i++) {
-            const int e = threadIdx.x + i * Q4H4_THREADS;
-            if ((e >> 8) < j.nseg) ncode[e] = ncv[i];
-        }
+    if (NESTED) q4h_ncode_store<Q4H4_THREADS>(ncode, ncv, j);
     const float inv_s = q4h_stage_x<NORM>(xs, x, j, lmax, sm.red); /* ends with __syncthreads: tables ready */
     Q4TR(3);
     if (j.prefetch < 1)

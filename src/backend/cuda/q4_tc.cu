@@ -183,14 +183,8 @@ __global__ void __launch_bounds__(Q4TC_THREADS, 1)
 #pragma unroll
         for (int r = 0; r < 2; r++) st[u].q[r] = 0u, st[u].a[r] = 0.0f;
     if (nmy > 0) set_src(tl0);
-    constexpr int NCV = GEMV_MAX_SEG * 256 / Q4TC_THREADS;
-    float ncv[NCV];
-    if (NESTED)
-#pragma unroll
-        for (int i = 0; i < NCV; i++) {
-            const int e = threadIdx.x + i * Q4TC_THREADS, sg = e >> 8;
-            ncv[i] = sg < j.nseg ? __ldg(j.s[sg].sc.ncode + (e & 255)) : 0.0f;
-        }
+    float ncv[GEMV_MAX_SEG * 256 / Q4TC_THREADS];
+    if (NESTED) q4h_ncode_load<Q4TC_THREADS>(ncv, j);
     if (j.prefetch >= 1)
 #pragma unroll
         for (int u = 0; u < D; u++) load_next(st[u]);
@@ -198,12 +192,7 @@ __global__ void __launch_bounds__(Q4TC_THREADS, 1)
     if (threadIdx.x < 8) zline[threadIdx.x] = make_uint4(0u, 0u, 0u, 0u);
     tuna_pdl_wait();
     tuna_pdl_trigger();
-    if (NESTED)
-#pragma unroll
-        for (int i = 0; i < NCV; i++) {
-            const int e = threadIdx.x + i * Q4TC_THREADS;
-            if ((e >> 8) < j.nseg) ncode[e] = ncv[i];
-        }
+    if (NESTED) q4h_ncode_store<Q4TC_THREADS>(ncode, ncv, j);
     /* each token with its own power-of-two scale; every call ends with __syncthreads (the last one:
      * the tables are ready) */
     float inv_s[Q4TC_TOK * G];
