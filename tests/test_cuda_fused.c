@@ -688,6 +688,28 @@ static void q4set_free(struct q4set *q)
     q4pair_free(&q->up);
 }
 
+/* The CPU's answers to q4s_run for T tokens, in the same order: q/k/v of xin (x or its normalized
+ * rows), the GLU of xin, and o of x added to y0; want[0..4] allocated here. */
+static void q4s_want(const struct q4set *q, const int64_t *N, int64_t T, const float *xin, const float *x,
+                     const float *y0, float **want)
+{
+    for (int i = 0; i < 3; i++) {
+        want[i] = malloc((size_t)(T * N[i]) * 4);
+        g_cops->matmul(g_cpu, want[i], xin, &q->w[i].c, q->w[i].bias, T);
+    }
+    float *u = malloc((size_t)(T * N[0]) * 4);
+    want[3] = malloc((size_t)(T * N[0]) * 4);
+    memcpy(want[3], want[0], (size_t)(T * N[0]) * 4);
+    g_cops->matmul(g_cpu, u, xin, &q->up.c, NULL, T);
+    g_cops->glu(g_cpu, want[3], want[3], u, T * N[0], 0);
+    free(u);
+    want[4] = malloc((size_t)(T * N[1]) * 4), u = malloc((size_t)(T * N[1]) * 4);
+    memcpy(want[4], y0, (size_t)(T * N[1]) * 4);
+    g_cops->matmul(g_cpu, u, x, &q->w[1].c, q->w[1].bias, T);
+    g_cops->add(g_cpu, want[4], u, T * N[1]);
+    free(u);
+}
+
 /* The batch-1 stream kernel (q4_stream.cu k_q4_s, TUNA_Q4_K=5), k_q4_v (TUNA_Q4_K=6, eighth session),
  * k_q4_h4 (TUNA_Q4_K=8, twelfth session: must give k_q4_h2's bits), k_q4_tc (TUNA_Q4_K=9, twentieth
  * session: the tensor cores, on the shapes with K % 128 == 0 and K >= 2048; k_q4_h4 on the others)
@@ -729,24 +751,8 @@ static void test_q4_stream(void **state)
         const struct tuna_weight *ws[3] = {&w[0].g, &w[1].g, &w[2].g}, *wo[3] = {&og[0], &og[1], &og[2]};
         const float *dbias[3] = {w[0].dbias, w[1].dbias, w[2].dbias};
         for (int norm = 0; norm < 2; norm++) {
-            /* the CPU: q/k/v, GLU, o added */
-            const float *xin = norm ? xn : x;
-            float *want[5];
-            for (int i = 0; i < 3; i++) {
-                want[i] = malloc((size_t)N[i] * 4);
-                g_cops->matmul(g_cpu, want[i], xin, &w[i].c, w[i].bias, 1);
-            }
-            float *u = malloc((size_t)N[0] * 4);
-            want[3] = malloc((size_t)N[0] * 4);
-            memcpy(want[3], want[0], (size_t)N[0] * 4);
-            g_cops->matmul(g_cpu, u, xin, &upp->c, NULL, 1);
-            g_cops->glu(g_cpu, want[3], want[3], u, N[0], 0);
-            free(u);
-            want[4] = malloc((size_t)N[1] * 4), u = malloc((size_t)N[1] * 4);
-            memcpy(want[4], y0, (size_t)N[1] * 4);
-            g_cops->matmul(g_cpu, u, x, &w[1].c, w[1].bias, 1);
-            g_cops->add(g_cpu, want[4], u, N[1]);
-            free(u);
+            float *want[5]; /* the CPU: q/k/v, GLU, o added */
+            q4s_want(&qs, N, 1, norm ? xn : x, x, y0, want);
             float *ref[5] = {NULL, NULL, NULL, NULL, NULL}; /* k_q4_h2's outputs: k_q4_h4 must give its bits */
             for (int km = 4; km <= 9; km++) {
                 if (km == 7) continue;
@@ -846,23 +852,8 @@ static void test_q4_tokens(void **state)
             cpu_norm(xn, x, nw, T, K);
             float *dx = dev(x, (size_t)(T * K) * 4);
             for (int norm = 0; norm < 2; norm++) {
-                const float *xin = norm ? xn : x;
                 float *want[5];
-                for (int i = 0; i < 3; i++) {
-                    want[i] = malloc((size_t)(T * N[i]) * 4);
-                    g_cops->matmul(g_cpu, want[i], xin, &w[i].c, w[i].bias, T);
-                }
-                float *u = malloc((size_t)(T * N[0]) * 4);
-                want[3] = malloc((size_t)(T * N[0]) * 4);
-                memcpy(want[3], want[0], (size_t)(T * N[0]) * 4);
-                g_cops->matmul(g_cpu, u, xin, &upp->c, NULL, T);
-                g_cops->glu(g_cpu, want[3], want[3], u, T * N[0], 0);
-                free(u);
-                want[4] = malloc((size_t)(T * N[1]) * 4), u = malloc((size_t)(T * N[1]) * 4);
-                memcpy(want[4], y0, (size_t)(T * N[1]) * 4);
-                g_cops->matmul(g_cpu, u, x, &w[1].c, w[1].bias, T);
-                g_cops->add(g_cpu, want[4], u, T * N[1]);
-                free(u);
+                q4s_want(&qs, N, T, norm ? xn : x, x, y0, want);
                 float *got[6], *again[6], *other[6];
                 q4s_run(ws, &upp->g, dbias, N, K, T, dx, dnw, y0, norm, got);
                 q4s_run(ws, &upp->g, dbias, N, K, T, dx, dnw, y0, norm, again);
@@ -893,13 +884,12 @@ static void test_q4_tokens(void **state)
                 for (int o = 0; o < 6; o++) {
                     if (o == 5 && !norm) break;
                     const int64_t n = o < 3 ? N[o] : o == 3 ? N[0] : o == 4 ? N[1] : K;
-                    for (int64_t t = 0; t < T && (o == 3 || o == 5); t++) {
+                    for (int64_t t = 0; t < T && (o == 3 || o == 5); t++) { /* the others above */
                         char what[200];
-                        snprintf(what, sizeof what, "%s %s%s output %d token %lld of %lld [%lld, %lld]",
-                                 o < 3 || o == 5 ? (norm ? "rmsnorm_matmul_multi" : "matmul_multi")
-                                 : o == 3        ? (norm ? "rmsnorm_matmul_glu" : "matmul_glu")
-                                                 : "matmul_add",
-                                 type ? "FP4" : "NF4", nested ? " nested" : "", o, (long long)t, (long long)T,
+                        snprintf(what, sizeof what, "%s %s%s token %lld of %lld [%lld, %lld]",
+                                 o == 5 ? "rmsnorm_matmul_multi's normalized rows"
+                                        : (norm ? "rmsnorm_matmul_glu" : "matmul_glu"),
+                                 type ? "FP4" : "NF4", nested ? " nested" : "", (long long)t, (long long)T,
                                  (long long)n, (long long)K);
                         check(what, got[o] + t * n, o == 5 ? xn + t * K : want[o] + t * n, (size_t)n,
                               o == 3 ? 2e-2 : o == 5 ? 1e-5 : 1e-2);

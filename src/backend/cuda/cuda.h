@@ -87,9 +87,11 @@ long tuna_cuda_q4_tc_launches(void);
 /* Tokens per launch of k_q4_tc for K and T tokens on be's device (8 where their x fits in shared
  * memory, else 4, or T when fewer); 0 when the kernel does not take such a job. */
 int tuna_cuda_q4_tc_tokens(tuna_backend *be, int64_t K, int64_t T);
-/* The most tokens the 4-bit decode GEMVs take above TUNA_CUDA_GEMV_MAX_T (k_q4_tc in launches of up
- * to 8; TUNA_Q4_TC_MAXT, default 24); more take the dequantize + GEMM path. */
+/* The most tokens k_q4_tc takes (in launches of up to 8; TUNA_Q4_TC_MAXT, default 24). */
 int tuna_cuda_q4_tc_max_t(void);
+/* The most tokens the fused 4-bit decode GEMVs take: TUNA_CUDA_GEMV_MAX_T, or k_q4_tc's limit where
+ * it is higher; more take the dequantize + GEMM path. */
+int tuna_cuda_q4_gemv_max_t(void);
 /* Launches of the decode-layer kernel (q4_layer.cu) in this process, for tests. */
 long tuna_cuda_q4_layer_launches(void);
 

@@ -608,8 +608,7 @@ static bool launch_multi(tuna_backend *be, const float *x, struct gemv_job *j, i
 static bool run_job(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
                     int64_t T)
 {
-    const int64_t tmax = is_q4(ws[0]) && tuna_cuda_q4_tc_max_t() > TUNA_CUDA_GEMV_MAX_T ? tuna_cuda_q4_tc_max_t()
-                                                                                      : TUNA_CUDA_GEMV_MAX_T;
+    const int64_t tmax = is_q4(ws[0]) ? tuna_cuda_q4_gemv_max_t() : TUNA_CUDA_GEMV_MAX_T;
     if (T <= 0 || T > tmax || ((uintptr_t)x % 16) != 0 || j->nseg > GEMV_MAX_SEG) return false;
     if (j->xn && ((uintptr_t)j->xn % 16) != 0) return false;
     if (j->nw && ((uintptr_t)j->nw % 16) != 0) return false;

@@ -340,9 +340,10 @@ static inline float q4_lut_absmax(const struct q4_lut *lut)
 bool tuna_cuda_q4_h4(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
                      const struct q4_lut *lut, int blocksize, int64_t T);
 
-/* k_q4_tc (q4_tc.cu; TUNA_Q4_K=9): the batch-1 4-bit GEMV on the tensor cores; false when the job
- * does not fit it (K % 128, K >= 2048, blocksize >= 64, sm_80+, and q4h_job_fits). j's scales and
- * bs_shift set by the caller. */
+/* k_q4_tc (q4_tc.cu): the 4-bit decode GEMV on the tensor cores for 1 to tuna_cuda_q4_tc_max_t()
+ * tokens (the default at T >= 2; at T = 1 with TUNA_Q4_K=9); false when the job does not fit it
+ * (K % 128, K >= 2048, blocksize >= 64, sm_80+, and q4h_job_fits). j's scales and bs_shift set by
+ * the caller. */
 bool tuna_cuda_q4_tc(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
                      const struct q4_lut *lut, int blocksize, int64_t T);
 

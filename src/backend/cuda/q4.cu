@@ -913,8 +913,8 @@ bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, co
     while ((1 << shift) < q0->blocksize) shift++;
     /* the fast kernel's conditions (tuna_cuda_gemv_q4), the same table and blocksize everywhere */
     /* above TUNA_CUDA_GEMV_MAX_T only k_q4_tc (tuna_cuda_q4_tc_max_t tokens at most) */
-    const int64_t tmax = tuna_cuda_q4_tc_max_t() > TUNA_CUDA_GEMV_MAX_T ? tuna_cuda_q4_tc_max_t() : TUNA_CUDA_GEMV_MAX_T;
-    if ((1 << shift) != q0->blocksize || q0->blocksize < 8 || K % 8 != 0 || T > tmax) return false;
+    if ((1 << shift) != q0->blocksize || q0->blocksize < 8 || K % 8 != 0 || T > tuna_cuda_q4_gemv_max_t())
+        return false;
     for (int i = 0; i < j->nseg; i++) {
         const struct tuna_cuda_q4 *q = (const struct tuna_cuda_q4 *)ws[i]->q4;
         if (q->blocksize != q0->blocksize || memcmp(q->lut, q0->lut, sizeof q->lut) != 0 ||
@@ -926,15 +926,12 @@ bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, co
     memcpy(lut.v, q0->lut, sizeof lut.v);
     j->bs_shift = shift;
     const int km = q4_kernel_mode();
-    if (T > TUNA_CUDA_GEMV_MAX_T) {
-        for (int i = 0; i < j->nseg; i++)
-            if (((const struct tuna_cuda_q4 *)ws[i]->q4)->prefill == TUNA_DTYPE_F32) return false;
-        return (km == 8 || km == 9) && tuna_cuda_q4_tc(be, x, j, ws, &lut, q0->blocksize, T);
-    }
+    bool half_ok = true; /* the half2 table only where the compute is 16-bit */
+    for (int i = 0; i < j->nseg; i++)
+        if (((const struct tuna_cuda_q4 *)ws[i]->q4)->prefill == TUNA_DTYPE_F32) half_ok = false;
+    if (T > TUNA_CUDA_GEMV_MAX_T)
+        return (km == 8 || km == 9) && half_ok && tuna_cuda_q4_tc(be, x, j, ws, &lut, q0->blocksize, T);
     if (km) {
-        bool half_ok = true; /* the half2 table only where the compute is 16-bit */
-        for (int i = 0; i < j->nseg; i++)
-            if (((const struct tuna_cuda_q4 *)ws[i]->q4)->prefill == TUNA_DTYPE_F32) half_ok = false;
         if (km == 3 && half_ok && q4m_try(be, x, j, ws, &lut, q0->blocksize, T)) return true;
         if (km == 5 && half_ok && tuna_cuda_q4_stream(be, x, j, ws, &lut, q0->blocksize, T)) return true;
         if (km == 6 && half_ok && tuna_cuda_q4_lean(be, x, j, ws, &lut, q0->blocksize, T)) return true;

@@ -412,6 +412,11 @@ extern "C" int tuna_cuda_q4_tc_max_t(void)
     return v;
 }
 
+extern "C" int tuna_cuda_q4_gemv_max_t(void)
+{
+    return tuna_cuda_q4_tc_max_t() > TUNA_CUDA_GEMV_MAX_T ? tuna_cuda_q4_tc_max_t() : TUNA_CUDA_GEMV_MAX_T;
+}
+
 extern "C" int tuna_cuda_q4_tc_tokens(tuna_backend *be, int64_t K, int64_t T)
 {
     if (be->cc_major < 8 || T < 1 || T > tuna_cuda_q4_tc_max_t() || K % 128 != 0 || K < 128 * Q4TC_WARPS) return 0;
