@@ -712,8 +712,10 @@ static void q4s_want(const struct q4set *q, const int64_t *N, int64_t T, const f
 
 /* The batch-1 stream kernel (q4_stream.cu k_q4_s, TUNA_Q4_K=5), k_q4_v (TUNA_Q4_K=6, eighth session),
  * k_q4_h4 (TUNA_Q4_K=8, twelfth session: must give k_q4_h2's bits), k_q4_tc (TUNA_Q4_K=9, twentieth
- * session: the tensor cores, on the shapes with K % 128 == 0 and K >= 2048; k_q4_h4 on the others)
- * and k_q4_h2 (TUNA_Q4_K=4) against
+ * session: the tensor cores, on the shapes with K % 128 == 0 and K >= 2048; k_q4_h4 on the others),
+ * k_q4_sk (TUNA_Q4_K=7, twenty-first session: the units spread evenly over the warps, tiles cut
+ * between warps and added in a fixed order; on the shapes with K % 256 == 0, k_q4_h4 on the others;
+ * o with 7 rows is one tile cut 16 ways) and k_q4_h2 (TUNA_Q4_K=4) against
  * the CPU at T = 1 (bf16 checkpoints: 16-bit compute): q/k/v (+ the norm), gate/up + GLU (+ the
  * norm), o into the residual. Shapes: row counts that are multiples of no tile, matrices that end
  * inside a block's range, several tiles per block so the stage ring wraps (3000 rows), K = 4096
@@ -732,11 +734,12 @@ static void test_q4_stream(void **state)
     const char *env = getenv("TUNA_Q4_K");
     char *saved = env ? strdup(env) : NULL;
     const long l0 = tuna_cuda_q4_stream_launches(g_gpu), h0 = tuna_cuda_q4_h4_launches();
-    const long c0 = tuna_cuda_q4_tc_launches();
-    int tc_shapes = 0;
+    const long c0 = tuna_cuda_q4_tc_launches(), s0 = tuna_cuda_q4_sk_launches();
+    int tc_shapes = 0, sk_shapes = 0;
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
         const int64_t K = shapes[si][1], N[3] = {shapes[si][0], shapes[si][2], shapes[si][3]};
         if (K % 128 == 0 && K >= 2048) tc_shapes++;
+        if (K % 256 == 0) sk_shapes++;
         const int type = (int)(si % 2);
         const bool nested = si % 3 != 1;
         struct q4set qs;
@@ -755,8 +758,8 @@ static void test_q4_stream(void **state)
             q4s_want(&qs, N, 1, norm ? xn : x, x, y0, want);
             float *ref[5] = {NULL, NULL, NULL, NULL, NULL}; /* k_q4_h2's outputs: k_q4_h4 must give its bits */
             for (int km = 4; km <= 9; km++) {
-                if (km == 7) continue;
-                setenv("TUNA_Q4_K", km == 4 ? "4" : km == 5 ? "5" : km == 6 ? "6" : km == 8 ? "8" : "9", 1);
+                const char kms[2] = {(char)('0' + km), 0};
+                setenv("TUNA_Q4_K", kms, 1);
                 float *got[6], *again[6], *other[6];
                 q4s_run(ws, &upp->g, dbias, N, K, 1, dx, dnw, y0, norm, got);
                 q4s_run(ws, &upp->g, dbias, N, K, 1, dx, dnw, y0, norm, again);
@@ -803,10 +806,15 @@ static void test_q4_stream(void **state)
         print_error("k_q4_s ran %ld times, expected %d\n", l1 - l0, 6 * 2 * 3 * 3);
         fail();
     }
-    /* k_q4_h4: every shape with TUNA_Q4_K=8, and those k_q4_tc does not take with 9 */
-    const long h1 = tuna_cuda_q4_h4_launches(), c1 = tuna_cuda_q4_tc_launches();
-    if (h1 - h0 != (6 + 6 - tc_shapes) * 2 * 3 * 3) {
-        print_error("k_q4_h4 ran %ld times, expected %d\n", h1 - h0, (12 - tc_shapes) * 2 * 3 * 3);
+    /* k_q4_h4: every shape with TUNA_Q4_K=8, those k_q4_tc does not take with 9 and those k_q4_sk does
+     * not take with 7 */
+    const long h1 = tuna_cuda_q4_h4_launches(), c1 = tuna_cuda_q4_tc_launches(), s1 = tuna_cuda_q4_sk_launches();
+    if (h1 - h0 != (18 - tc_shapes - sk_shapes) * 2 * 3 * 3) {
+        print_error("k_q4_h4 ran %ld times, expected %d\n", h1 - h0, (18 - tc_shapes - sk_shapes) * 2 * 3 * 3);
+        fail();
+    }
+    if (s1 - s0 != sk_shapes * 2 * 3 * 3) {
+        print_error("k_q4_sk ran %ld times, expected %d\n", s1 - s0, sk_shapes * 2 * 3 * 3);
         fail();
     }
     if (c1 - c0 != tc_shapes * 2 * 3 * 3) {

@@ -198,6 +198,7 @@ extern "C" void tuna_cuda_backend_free(tuna_backend *be)
     cudaFree(be->argmax_part.p);
     cudaFree(be->attn.p);
     cudaFree(be->layer.p);
+    cudaFree(be->q4sk.p);
     cudaFree(be->fuse.p);
     cudaFree(be->lora.p);
     tuna_cuda_lora_free(be);

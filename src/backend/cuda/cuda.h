@@ -82,6 +82,8 @@ tuna_status tuna_cuda_q4_dequantize(tuna_backend *be, const struct tuna_weight *
 long tuna_cuda_q4_stream_launches(tuna_backend *be);
 /* Launches of k_q4_h4 (q4_h4.cu, TUNA_Q4_K=8) in this process, for tests. */
 long tuna_cuda_q4_h4_launches(void);
+/* Launches of k_q4_sk (q4_sk.cu, TUNA_Q4_K=7) in this process, for tests. */
+long tuna_cuda_q4_sk_launches(void);
 /* Launches of k_q4_tc (q4_tc.cu, TUNA_Q4_K=9) in this process, for tests. */
 long tuna_cuda_q4_tc_launches(void);
 /* Tokens per launch of k_q4_tc for K and T tokens on be's device (8 where their x fits in shared

@@ -40,6 +40,7 @@ struct tuna_backend {
     struct cuda_grow_buf argmax_part; /* [T * nb] float bests, then [T * nb] int indices (argmax.cu, few rows) */
     struct cuda_grow_buf attn;   /* attention's split partials (attention.cu): sized once, never moves */
     struct cuda_grow_buf layer;  /* the decode-layer kernel's barrier, counters, partials (q4_layer.cu) */
+    struct cuda_grow_buf q4sk;   /* k_q4_sk's partial sums and counters of cut tiles: sized once (q4_sk.cu) */
     struct cuda_grow_buf fuse;   /* scratch of the fused ops' unfused fallbacks (fused.cu) */
     struct cuda_grow_buf lora;   /* LoRA shrink partials [S, T, max_r] float32 (lora.cu) */
     struct {                     /* u of the linear after a GLU (down), made by the GLU-form lora call */

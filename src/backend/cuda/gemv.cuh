@@ -327,6 +327,25 @@ static inline bool q4h_job_fits(const struct gemv_job *j, const struct tuna_weig
     return true;
 }
 
+/* The 16-row tiles of the tensor-core 4-bit GEMVs (k_q4_tc, k_q4_sk; GLU: 8 gate rows and the
+ * same 8 up rows). Row r (0: g, 1: g + 8) of tile tl for lane group g: segment and row (clamped to the matrix: rows
+ * past N are read again and not stored); *n0, *N: the tile's first row and its matrix's rows. */
+static __device__ __forceinline__ void q4_tile_row(const struct gemv_job &j, int tl, int g, int r, int *seg,
+                                                int64_t *row, int64_t *n0, int64_t *N)
+{
+    int64_t n;
+    if (j.mode == GEMV_GLU) {
+        *seg = r;
+        *n0 = (int64_t)tl * 8;
+        n = *n0 + g;
+    } else {
+        gemv_rows(j, 16, tl, seg, n0);
+        n = *n0 + g + 8 * r;
+    }
+    *N = j.s[*seg].N;
+    *row = n < *N ? n : *N - 1;
+}
+
 /* The largest |value| of a 4-bit code table (the f16-pair kernels scale x by it). */
 static inline float q4_lut_absmax(const struct q4_lut *lut)
 {
@@ -345,6 +364,12 @@ bool tuna_cuda_q4_h4(tuna_backend *be, const float *x, struct gemv_job *j, const
  * (K % 128, K >= 2048, blocksize >= 64, sm_80+, and q4h_job_fits). j's scales and bs_shift set by
  * the caller. */
 bool tuna_cuda_q4_tc(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
+                     const struct q4_lut *lut, int blocksize, int64_t T);
+
+/* k_q4_sk (q4_sk.cu; TUNA_Q4_K=7): the batch-1 4-bit GEMV on the tensor cores, the matrix's units
+ * split evenly over the grid's warps; false when the job does not fit it (T = 1, K % 256, blocksize
+ * 64, sm_80+, and q4h_job_fits). j's scales and bs_shift set by the caller. */
+bool tuna_cuda_q4_sk(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
                      const struct q4_lut *lut, int blocksize, int64_t T);
 
 /* k_q4_s (q4_stream.cu; TUNA_Q4_K=5): the batch-1 4-bit GEMV fed through shared memory by bulk

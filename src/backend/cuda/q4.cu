@@ -822,12 +822,14 @@ __global__ void __launch_bounds__(Q4T_THREADS, 1)
  * bits; chain 67.3 against 73.4 us/layer, end to end 2.95 against 3.14 ms/step) where it fits, else as 4;
  * At T = 2..8, 8 also runs k_q4_tc (q4_tc.cu, twentieth session: the products on the tensor cores, up
  * to 8 tokens per launch) where it fits, else k_q4_tab; at T = 9..tuna_cuda_q4_tc_max_t() only
- * k_q4_tc (else the caller's dequantize + GEMM). 9: k_q4_tc at T = 1 too, where it fits, else as 8. */
+ * k_q4_tc (else the caller's dequantize + GEMM). 9: k_q4_tc at T = 1 too, where it fits, else as 8.
+ * 7: k_q4_sk (q4_sk.cu, twenty-first session: the tensor cores, the units spread evenly over the
+ * warps) at T = 1 where it fits, else as 8. */
 static int q4_kernel_mode(void)
 {
     /* read at every call (a getenv per launch; graphs capture once) so tests can compare kernels */
     const char *e = getenv("TUNA_Q4_K");
-    return e && ((e[0] >= '0' && e[0] <= '6') || e[0] == '8' || e[0] == '9') ? e[0] - '0' : 8;
+    return e && e[0] >= '0' && e[0] <= '9' ? e[0] - '0' : 8;
 }
 
 /* Chunks per row in flight at T <= 2: 2 (default), TUNA_Q4_U=4 for 4. ptxas (sm_90a, 128 registers
@@ -930,14 +932,15 @@ bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, co
     for (int i = 0; i < j->nseg; i++)
         if (((const struct tuna_cuda_q4 *)ws[i]->q4)->prefill == TUNA_DTYPE_F32) half_ok = false;
     if (T > TUNA_CUDA_GEMV_MAX_T)
-        return (km == 8 || km == 9) && half_ok && tuna_cuda_q4_tc(be, x, j, ws, &lut, q0->blocksize, T);
+        return km >= 7 && half_ok && tuna_cuda_q4_tc(be, x, j, ws, &lut, q0->blocksize, T);
     if (km) {
         if (km == 3 && half_ok && q4m_try(be, x, j, ws, &lut, q0->blocksize, T)) return true;
         if (km == 5 && half_ok && tuna_cuda_q4_stream(be, x, j, ws, &lut, q0->blocksize, T)) return true;
         if (km == 6 && half_ok && tuna_cuda_q4_lean(be, x, j, ws, &lut, q0->blocksize, T)) return true;
-        if ((km == 9 || (km == 8 && T > 1)) && half_ok && tuna_cuda_q4_tc(be, x, j, ws, &lut, q0->blocksize, T))
+        if (km == 7 && half_ok && tuna_cuda_q4_sk(be, x, j, ws, &lut, q0->blocksize, T)) return true;
+        if ((km == 9 || ((km == 8 || km == 7) && T > 1)) && half_ok && tuna_cuda_q4_tc(be, x, j, ws, &lut, q0->blocksize, T))
             return true;
-        if (km >= 8 && half_ok && tuna_cuda_q4_h4(be, x, j, ws, &lut, q0->blocksize, T)) return true;
+        if (km >= 7 && half_ok && tuna_cuda_q4_h4(be, x, j, ws, &lut, q0->blocksize, T)) return true;
         if (km >= 4 && half_ok && q4h_try(be, x, j, ws, &lut, q0->blocksize, T)) return true;
         if (q4t_try(be, x, j, ws, &lut, q0->blocksize, T, km >= 2 && half_ok ? 2 : 1)) return true;
     }

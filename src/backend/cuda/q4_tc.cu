@@ -68,24 +68,6 @@ struct q4tc_stage {
     uint32_t q[2]; /* nested: the 8-bit code of that absmax */
 };
 
-/* Row r (0: g, 1: g + 8) of tile tl for lane group g: segment and row (clamped to the matrix: rows
- * past N are read again and not stored); *n0, *N: the tile's first row and its matrix's rows. */
-static __device__ __forceinline__ void q4tc_row(const struct gemv_job &j, int tl, int g, int r, int *seg,
-                                                int64_t *row, int64_t *n0, int64_t *N)
-{
-    int64_t n;
-    if (j.mode == GEMV_GLU) {
-        *seg = r;
-        *n0 = (int64_t)tl * 8;
-        n = *n0 + g;
-    } else {
-        gemv_rows(j, 16, tl, seg, n0);
-        n = *n0 + g + 8 * r;
-    }
-    *N = j.s[*seg].N;
-    *row = n < *N ? n : *N - 1;
-}
-
 static __device__ __forceinline__ void q4tc_mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                                 uint32_t b0, uint32_t b1)
 {
@@ -138,7 +120,7 @@ __global__ void __launch_bounds__(Q4TC_THREADS, 1)
         for (int r = 0; r < 2; r++) {
             int seg;
             int64_t row, n0, N;
-            q4tc_row(j, tl, g, r, &seg, &row, &n0, &N);
+            q4_tile_row(j, tl, g, r, &seg, &row, &n0, &N);
             if (r == 0) l_n = n0, l_N = N;
             const struct gemv_seg &s = j.s[seg];
             lw[r] = reinterpret_cast<const uint4 *>(s.W) + t;
@@ -230,7 +212,7 @@ __global__ void __launch_bounds__(Q4TC_THREADS, 1)
         for (int r = 0; r < 2; r++) {
             int seg;
             int64_t row, n0, N;
-            q4tc_row(j, tl, g, r, &seg, &row, &n0, &N);
+            q4_tile_row(j, tl, g, r, &seg, &row, &n0, &N);
             c_nco[r] = seg * 256;
             c_noff[r] = j.s[seg].sc.noff;
         }
