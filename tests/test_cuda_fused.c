@@ -442,6 +442,98 @@ static void test_q4_grouped(void **state)
             }
 }
 
+/* The 4-bit GEMM k_q4_mm (q4_mm.cu, twenty-first session) behind matmul and matmul_add from 9 tokens
+ * (where the fused GEMVs leave off) to TUNA_Q4_MM_MAXT (256 here, 64 by default), in launches of up to
+ * 64 tokens: against the
+ * CPU (1e-2, the 16-bit operands of the dequantize + cuBLAS path) and against that path itself
+ * (TUNA_Q4_MM_MAXT=0: the same 16-bit weights and activations, float32 sums in another order:
+ * 1e-5), with and without bias, into y and added onto it; NF4 and FP4; bf16 and f16 compute;
+ * float32 and nested scales; rows that end inside a 64-row block, K = 128 (one step), 2048 and
+ * 14336; two runs give the same bits and the kernel ran ceil(T / 64) times per call. */
+static void test_q4_mm(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    const int64_t Ts[] = {9, 16, 25, 33, 64, 65, 130};
+    const int64_t shapes[][2] = {{300, 2048}, {77, 128}, {100, 14336}};
+    const char *env = getenv("TUNA_Q4_MM_MAXT");
+    char *saved = env ? strdup(env) : NULL;
+    int combo = 0;
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++)
+        for (int type = 0; type < 2; type++) {
+            const int64_t N = shapes[si][0], K = shapes[si][1];
+            const bool nested = (si + (size_t)type) % 2 == 0;
+            const enum tuna_dtype pf = (si + (size_t)type) % 3 == 1 ? TUNA_DTYPE_F16 : TUNA_DTYPE_BF16;
+            struct q4pair w;
+            q4pair_new(&w, type, 1, N, K, true, nested);
+            struct tuna_cuda_q4 d16;
+            q4desc_new(&d16, &w.q, nested, pf);
+            struct tuna_weight wg = w.g;
+            wg.q4 = &d16;
+            for (size_t tt = 0; tt < sizeof Ts / sizeof Ts[0]; tt++, combo++) {
+                const int64_t T = Ts[tt];
+                const bool bias = combo % 2 == 0;
+                const size_t ny = (size_t)(T * N);
+                float *x = rnd((size_t)(T * K)), *dx = dev(x, (size_t)(T * K) * 4);
+                float *y0 = rnd(ny), *want = malloc(ny * 4), *wadd = malloc(ny * 4);
+                g_cops->matmul(g_cpu, want, x, &w.c, bias ? w.bias : NULL, T);
+                memcpy(wadd, y0, ny * 4);
+                g_cops->add(g_cpu, wadd, want, T * N);
+                float *got[2][2]; /* [k_q4_mm, dequantize + cuBLAS][matmul, matmul_add] */
+                for (int path = 0; path < 2; path++) {
+                    setenv("TUNA_Q4_MM_MAXT", path ? "0" : "256", 1); /* 256: T > 64 too (default 64) */
+                    for (int add = 0; add < 2; add++) {
+                        float *dy = dev(add ? y0 : NULL, ny * 4);
+                        const long l0 = tuna_cuda_q4_mm_launches();
+                        if (add) g_gops->matmul_add(g_gpu, dy, dx, &wg, bias ? w.dbias : NULL, T);
+                        else g_gops->matmul(g_gpu, dy, dx, &wg, bias ? w.dbias : NULL, T);
+                        /* matmul_add up to the fused GEMVs' limit may run k_q4_tc instead (not counted) */
+                        const bool counted = !add || T > tuna_cuda_q4_gemv_max_t();
+                        const long runs = tuna_cuda_q4_mm_launches() - l0, expect = path ? 0 : (T + 63) / 64;
+                        got[path][add] = malloc(ny * 4);
+                        back(got[path][add], dy, ny * 4);
+                        char what[200];
+                        snprintf(what, sizeof what, "%s %s %s%s %s T=%lld [%lld, %lld]%s",
+                                 add ? "matmul_add" : "matmul", type ? "FP4" : "NF4", pf == TUNA_DTYPE_F16 ? "f16" : "bf16",
+                                 nested ? " nested" : "", path ? "dequantized + cuBLAS" : "k_q4_mm", (long long)T,
+                                 (long long)N, (long long)K, bias ? " + bias" : "");
+                        check(what, got[path][add], add ? wadd : want, ny, 1e-2);
+                        if (counted && runs != expect) {
+                            print_error("%s: k_q4_mm ran %ld times, expected %ld\n", what, runs, expect);
+                            fail();
+                        }
+                        if (!path && !add) { /* the same bits again */
+                            float *again = malloc(ny * 4);
+                            g_gops->matmul(g_gpu, dy, dx, &wg, bias ? w.dbias : NULL, T);
+                            back(again, dy, ny * 4);
+                            if (memcmp(again, got[0][0], ny * 4) != 0) {
+                                print_error("%s: two runs differ\n", what);
+                                fail();
+                            }
+                            free(again);
+                        }
+                        tuna_cuda_free(g_gpu, dy);
+                    }
+                }
+                for (int add = 0; add < 2; add++) {
+                    char what[200];
+                    snprintf(what, sizeof what, "k_q4_mm against dequantize + cuBLAS, %s %s T=%lld [%lld, %lld]",
+                             add ? "matmul_add" : "matmul", type ? "FP4" : "NF4", (long long)T, (long long)N,
+                             (long long)K);
+                    check(what, got[0][add], got[1][add], ny, 1e-5);
+                    free(got[0][add]), free(got[1][add]);
+                }
+                free(x), free(y0), free(want), free(wadd);
+                tuna_cuda_free(g_gpu, dx);
+            }
+            q4desc_free(&d16);
+            q4pair_free(&w);
+        }
+    if (saved) setenv("TUNA_Q4_MM_MAXT", saved, 1);
+    else unsetenv("TUNA_Q4_MM_MAXT");
+    free(saved);
+}
+
 /* Double-quantized scales on the GPU give the same bits as float32 ones: a weight dequantized
  * (the prefill path) both ways, and against the CPU's dequantizer (float32 prefill: the same
  * products, so the same bits), and the decode GEMVs (single, grouped, norm folded, GLU, added)
@@ -823,7 +915,8 @@ static void test_q4_stream(void **state)
     }
 }
 
-/* k_q4_tc at T = 2..24 (twentieth session: the default 4-bit path there where it fits; 8 tokens per
+/* k_q4_tc at T = 2..24 (twentieth session: the default 4-bit path at T = 2..8 where it fits, up to 24
+ * with TUNA_Q4_TC_MAXT=24 as here (k_q4_mm takes T > 8 by default since the twenty-first); 8 tokens per
  * launch where their x fits in shared memory (K = 4096; 11008 at T = 5), else 4) against the CPU,
  * each token on its own (the tokens' x scaled by 1, 1e3 and 1e-4 in turn: each has its own f16
  * scale): q/k/v (+ the norm, and the normalized rows it writes) and o into the residual as one vector,
@@ -835,9 +928,10 @@ static void test_q4_tokens(void **state)
     NEED_GPU();
     const int64_t shapes[][4] = {{300, 4096, 100, 37}, {70, 14336, 33, 5}, {41, 11008, 2, 3}};
     const int64_t Ts[] = {2, 3, 4, 5, 8, 12, 24};
-    const char *env = getenv("TUNA_Q4_K");
-    char *saved = env ? strdup(env) : NULL;
+    const char *env = getenv("TUNA_Q4_K"), *envm = getenv("TUNA_Q4_TC_MAXT");
+    char *saved = env ? strdup(env) : NULL, *savedm = envm ? strdup(envm) : NULL;
     unsetenv("TUNA_Q4_K"); /* the default */
+    setenv("TUNA_Q4_TC_MAXT", "24", 1);
     long want_launches = 0;
     const long c0 = tuna_cuda_q4_tc_launches();
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
@@ -923,6 +1017,9 @@ static void test_q4_tokens(void **state)
     }
     if (saved) setenv("TUNA_Q4_K", saved, 1);
     free(saved);
+    if (savedm) setenv("TUNA_Q4_TC_MAXT", savedm, 1);
+    else unsetenv("TUNA_Q4_TC_MAXT");
+    free(savedm);
     const long c1 = tuna_cuda_q4_tc_launches();
     if (c1 - c0 != want_launches) {
         print_error("k_q4_tc ran %ld times, expected %ld\n", c1 - c0, want_launches);
@@ -1144,6 +1241,7 @@ int main(void)
         cmocka_unit_test(test_q4_tokens),
         cmocka_unit_test(test_rope_kv_store),
         cmocka_unit_test(test_rmsnorm_qkv_rope_kv),
+        cmocka_unit_test(test_q4_mm), /* last: the tests before it keep their random inputs */
     };
     return cmocka_run_group_tests(tests, ct_ops_setup, ct_ops_teardown);
 }

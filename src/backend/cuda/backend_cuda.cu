@@ -199,6 +199,7 @@ extern "C" void tuna_cuda_backend_free(tuna_backend *be)
     cudaFree(be->attn.p);
     cudaFree(be->layer.p);
     cudaFree(be->q4sk.p);
+    cudaFree(be->q4mm_part.p);
     cudaFree(be->fuse.p);
     cudaFree(be->lora.p);
     tuna_cuda_lora_free(be);

@@ -82,6 +82,11 @@ tuna_status tuna_cuda_q4_dequantize(tuna_backend *be, const struct tuna_weight *
 long tuna_cuda_q4_stream_launches(tuna_backend *be);
 /* Launches of k_q4_h4 (q4_h4.cu, TUNA_Q4_K=8) in this process, for tests. */
 long tuna_cuda_q4_h4_launches(void);
+/* Launches of k_q4_mm (q4_mm.cu) in this process, for tests. */
+long tuna_cuda_q4_mm_launches(void);
+/* The most tokens the 4-bit GEMM k_q4_mm takes (TUNA_Q4_MM_MAXT, default 64; 0: never); above,
+ * a 4-bit matmul dequantizes the weight for cuBLAS. */
+int tuna_cuda_q4_mm_max_t(void);
 /* Launches of k_q4_sk (q4_sk.cu, TUNA_Q4_K=7) in this process, for tests. */
 long tuna_cuda_q4_sk_launches(void);
 /* Launches of k_q4_tc (q4_tc.cu, TUNA_Q4_K=9) in this process, for tests. */
@@ -89,7 +94,7 @@ long tuna_cuda_q4_tc_launches(void);
 /* Tokens per launch of k_q4_tc for K and T tokens on be's device (8 where their x fits in shared
  * memory, else 4, or T when fewer); 0 when the kernel does not take such a job. */
 int tuna_cuda_q4_tc_tokens(tuna_backend *be, int64_t K, int64_t T);
-/* The most tokens k_q4_tc takes (in launches of up to 8; TUNA_Q4_TC_MAXT, default 24). */
+/* The most tokens k_q4_tc takes (in launches of up to 8; TUNA_Q4_TC_MAXT, default 8: k_q4_mm above). */
 int tuna_cuda_q4_tc_max_t(void);
 /* The most tokens the fused 4-bit decode GEMVs take: TUNA_CUDA_GEMV_MAX_T, or k_q4_tc's limit where
  * it is higher; more take the dequantize + GEMM path. */

@@ -41,6 +41,7 @@ struct tuna_backend {
     struct cuda_grow_buf attn;   /* attention's split partials (attention.cu): sized once, never moves */
     struct cuda_grow_buf layer;  /* the decode-layer kernel's barrier, counters, partials (q4_layer.cu) */
     struct cuda_grow_buf q4sk;   /* k_q4_sk's partial sums and counters of cut tiles: sized once (q4_sk.cu) */
+    struct cuda_grow_buf q4mm_part; /* k_q4_mm's split-K sums [splits][tokens][N] (q4_mm.cu) */
     struct cuda_grow_buf fuse;   /* scratch of the fused ops' unfused fallbacks (fused.cu) */
     struct cuda_grow_buf lora;   /* LoRA shrink partials [S, T, max_r] float32 (lora.cu) */
     struct {                     /* u of the linear after a GLU (down), made by the GLU-form lora call */
@@ -204,6 +205,11 @@ void tuna_cuda_gemv_q4(tuna_backend *be, float *y, const float *x, const struct 
                        int64_t T);
 /* Dequantizes w into be->wdeq in its descriptor's prefill dtype; *out, *dt describe it. */
 bool tuna_cuda_dequant_q4(tuna_backend *be, const struct tuna_weight *w, void **out, enum tuna_dtype *dt);
+/* y = x W^T + bias (accumulate: y +=) for a 4-bit w by k_q4_mm (q4_mm.cu), reading the 4-bit weights
+ * once per 64 tokens; false (nothing done) when it does not take the case: then the caller
+ * dequantizes. T from 1 to tuna_cuda_q4_mm_max_t(). */
+bool tuna_cuda_q4_mm(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w, const float *bias,
+                     int64_t T, bool accumulate);
 
 /* 8 bf16 (dtype 1) or f16 (dtype 2) values of one 16-byte load, as float32 (the GEMV kernels). */
 __device__ __forceinline__ void tuna_cuda_unpack8(uint4 raw, int dtype, float *f)

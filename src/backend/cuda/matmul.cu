@@ -208,6 +208,8 @@ static bool matmul_impl(tuna_backend *be, float *y, const float *x, const struct
             tuna_cuda_gemv_q4(be, y, x, w, bias, T);
             return true;
         }
+        /* up to tuna_cuda_q4_mm_max_t() tokens: the 4-bit GEMM */
+        if (tuna_cuda_q4_mm(be, y, x, w, bias, T, acc)) return true;
         /* prefill: dequantize once for this GEMM, then the 16/32-bit path below */
         void *p;
         enum tuna_dtype dt;

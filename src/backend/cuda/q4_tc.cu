@@ -1,9 +1,10 @@
 /* q4_tc.cu — k_q4_tc: the 4-bit decode GEMV with its products on the tensor cores, for 1 to 8
- * tokens per launch (twentieth session). The default at T = 2..24 where it fits (k_q4_tab before at
- * T <= 8: FFMAs per weight and token, compute-bound; above 8 the whole matrix dequantized to bf16 for
- * cuBLAS every step), in launches of up to 8 tokens; at T = 1 opt-in (TUNA_Q4_K=9), since k_q4_h4
- * is faster there. Above 24 tokens (TUNA_Q4_TC_MAXT) the dequantize + GEMM path is faster (H100:
- * batch 32 22.3 against 19.4 ms/step; batch 24 17.2 against 19.1, 16 12.3 against 19.0).
+ * tokens per launch (twentieth session). The default at T = 2..8 where it fits (k_q4_tab before:
+ * FFMAs per weight and token, compute-bound), in launches of up to 8 tokens; at T = 1 opt-in
+ * (TUNA_Q4_K=9), since k_q4_h4 is faster there. TUNA_Q4_TC_MAXT (1-32) lets it take more tokens in
+ * more launches (each reads the weights again): the twentieth session made 24 the default, over the
+ * dequantize + GEMM path (H100: batch 16 12.3 against 19.0 ms/step, 24 17.2 against 19.1); since
+ * the twenty-first the 4-bit GEMM k_q4_mm (q4_mm.cu) takes T > 8 (batch 16 9.04, 24 10.42).
  *
  * Why: k_q4_h4 (q4_h4.cu) spends ~3.4 instructions per weight, the f16 pair products (table lookup,
  * PRMT, HFMA2) 1.5 of them; here the HFMA2s become mma.sync.m16n8k16 (f16 in, float32 accumulate),
@@ -53,7 +54,7 @@
 #define Q4TC_WARPS 16
 #define Q4TC_TOK 4 /* tokens per group: B columns 0-3 and 4-7; a launch takes 1 or 2 groups */
 #define Q4TC_MAXT 32 /* the most tokens it takes (in several launches; TUNA_Q4_TC_MAXT) */
-#define Q4TC_DEFAULT_MAXT 24
+#define Q4TC_DEFAULT_MAXT 8
 
 /* Bytes from one token's staged x to the next: K f16 and 32 bytes, so two tokens' pieces read by
  * one quarter-warp fall on different banks. */
@@ -383,15 +384,12 @@ static size_t q4tc_smem(int64_t K, int nt)
     return (size_t)Q4H4_TAB + Q4H4_NCODE + ((size_t)nt * q4tc_xstride((uint32_t)K) + 127) / 128 * 128;
 }
 
+/* Read at every call (tests compare the paths; graphs capture once). */
 extern "C" int tuna_cuda_q4_tc_max_t(void)
 {
-    static int v = -1;
-    if (v < 0) {
-        const char *e = getenv("TUNA_Q4_TC_MAXT");
-        const int n = e ? atoi(e) : 0;
-        v = n >= 1 && n <= Q4TC_MAXT ? n : Q4TC_DEFAULT_MAXT;
-    }
-    return v;
+    const char *e = getenv("TUNA_Q4_TC_MAXT");
+    const int n = e ? atoi(e) : 0;
+    return n >= 1 && n <= Q4TC_MAXT ? n : Q4TC_DEFAULT_MAXT;
 }
 
 extern "C" int tuna_cuda_q4_gemv_max_t(void)
