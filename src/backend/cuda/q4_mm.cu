@@ -38,24 +38,12 @@ static __device__ __forceinline__ uint32_t q4mm_piece(uint32_t n, uint32_t c)
     return n * 256u + ((c ^ ((c >> 3) & 1u) ^ ((n & 1u) << 1)) << 4);
 }
 
-template <typename T16> static __device__ __forceinline__ uint32_t q4mm_pack(float lo, float hi);
-template <> __device__ __forceinline__ uint32_t q4mm_pack<__nv_bfloat16>(float lo, float hi)
-{
-    __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t *>(&p);
-}
-template <> __device__ __forceinline__ uint32_t q4mm_pack<__half>(float lo, float hi)
-{
-    __half2 p = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t *>(&p);
-}
-
 /* The dequantized pair of byte b of word w (first weight in the high nibble), in the compute type. */
 template <typename T16>
 static __device__ __forceinline__ uint32_t q4mm_pair(const float *slut, uint32_t w, int b, float am, int mode)
 {
     const uint32_t byte = (w >> (8 * b)) & 0xffu;
-    return q4mm_pack<T16>(q4_round(slut[byte >> 4] * am, mode), q4_round(slut[byte & 15u] * am, mode));
+    return mma_pack<T16>(q4_round(slut[byte >> 4] * am, mode), q4_round(slut[byte & 15u] * am, mode));
 }
 
 struct q4mm_stage {

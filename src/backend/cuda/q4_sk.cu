@@ -285,34 +285,16 @@ extern "C" long tuna_cuda_q4_sk_launches(void)
     return g_q4sk_launches;
 }
 
-/* Units in flight per warp: TUNA_Q4_SKD=2, 3 or 4 (default 2; ptxas, sm_90a: 2 spills nothing at 118-124
- * registers, 3 spills 20 bytes with the norm and nested scales, 4 spills 100-240 bytes). */
-static int q4sk_depth(void)
-{
-    static int v = -1;
-    if (v < 0) {
-        const char *e = getenv("TUNA_Q4_SKD");
-        v = e && (e[0] == '3' || e[0] == '4') ? e[0] - '0' : 2;
-    }
-    return v;
-}
-
+/* 2 units in flight per warp (ptxas, sm_90a: 118-124 registers, no spills; 3 spilled 20 bytes with
+ * the norm and nested scales and measured slower on the H100, gate/up alone 51.4 against 46.0 us;
+ * 4 spilled 100-240 bytes). */
 template <bool NORM, bool NESTED>
 static bool q4sk_launch(tuna_backend *be, const float *x, const struct gemv_job *j, const struct q4_lut *lut,
                         unsigned blocks, size_t smem, int ntiles, int KU, float lmax, int nshift, float *part,
                         unsigned *cnt, int whole)
 {
-    const dim3 grid(blocks), block(Q4SK_THREADS);
-    switch (q4sk_depth()) {
-    case 3:
-        return tuna_cuda_launch(be, "k_q4_sk", k_q4_sk<NORM, NESTED, 3>, grid, block, smem, x, *j, *lut, ntiles, KU,
-                                lmax, nshift, part, cnt, whole);
-    case 4:
-        return tuna_cuda_launch(be, "k_q4_sk", k_q4_sk<NORM, NESTED, 4>, grid, block, smem, x, *j, *lut, ntiles, KU,
-                                lmax, nshift, part, cnt, whole);
-    }
-    return tuna_cuda_launch(be, "k_q4_sk", k_q4_sk<NORM, NESTED, 2>, grid, block, smem, x, *j, *lut, ntiles, KU, lmax,
-                            nshift, part, cnt, whole);
+    return tuna_cuda_launch(be, "k_q4_sk", k_q4_sk<NORM, NESTED, 2>, dim3(blocks), dim3(Q4SK_THREADS), smem, x, *j,
+                            *lut, ntiles, KU, lmax, nshift, part, cnt, whole);
 }
 
 bool tuna_cuda_q4_sk(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
