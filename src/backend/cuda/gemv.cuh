@@ -327,25 +327,6 @@ static inline bool q4h_job_fits(const struct gemv_job *j, const struct tuna_weig
     return true;
 }
 
-/* The 16-row tiles of the tensor-core 4-bit GEMVs (k_q4_tc, k_q4_sk; GLU: 8 gate rows and the
- * same 8 up rows). Row r (0: g, 1: g + 8) of tile tl for lane group g: segment and row (clamped to the matrix: rows
- * past N are read again and not stored); *n0, *N: the tile's first row and its matrix's rows. */
-static __device__ __forceinline__ void q4_tile_row(const struct gemv_job &j, int tl, int g, int r, int *seg,
-                                                int64_t *row, int64_t *n0, int64_t *N)
-{
-    int64_t n;
-    if (j.mode == GEMV_GLU) {
-        *seg = r;
-        *n0 = (int64_t)tl * 8;
-        n = *n0 + g;
-    } else {
-        gemv_rows(j, 16, tl, seg, n0);
-        n = *n0 + g + 8 * r;
-    }
-    *N = j.s[*seg].N;
-    *row = n < *N ? n : *N - 1;
-}
-
 /* The largest |value| of a 4-bit code table (the f16-pair kernels scale x by it). */
 static inline float q4_lut_absmax(const struct q4_lut *lut)
 {

@@ -5,11 +5,12 @@
  * Decode (T <= TUNA_CUDA_GEMV_MAX_T, and up to tuna_cuda_q4_tc_max_t() for k_q4_tc): fused
  * dequant-GEMVs that read each 4-bit matrix once per step (q/k/v, gate/up + GLU, o/down into the
  * residual, RMSNorm folded in): k_q4_h4 (q4_h4.cu) at T = 1 with 16-bit compute (default), k_q4_tc
- * (q4_tc.cu, tensor cores) at T = 2..24 with 16-bit compute where it fits, the grouped k_q4_tab
+ * (q4_tc.cu, tensor cores) at T = 2..8 with 16-bit compute where it fits, the grouped k_q4_tab
  * otherwise, k_q4_multi where k_q4_tab does not fit, and the first session's single-matrix kernels
  * (exact per-weight rounding to bf16/f16 for 16-bit checkpoints run in float32; TUNA_Q4_OLD=1).
- * Prefill (larger T): the matrix is dequantized into a scratch buffer of the compute dtype and
- * handed to cuBLAS (matmul.cu); training dequantizes the same way (train_gemm.cu).
+ * Larger T (matmul.cu): up to tuna_cuda_q4_mm_max_t() tokens the 4-bit GEMM k_q4_mm (q4_mm.cu);
+ * above, prefill, the matrix is dequantized into a scratch buffer of the compute dtype and handed
+ * to cuBLAS; training dequantizes the same way (train_gemm.cu).
  */
 #include <stdlib.h>
 

@@ -1,7 +1,7 @@
 /* q4_mm.cu — k_q4_mm: the 4-bit GEMM for decode batches past the GEMVs (twenty-first session): y =
- * x W^T (+ bias) for 25 to TUNA_Q4_MM_MAXT tokens, reading each 4-bit weight once per launch of up
- * to 64 tokens, where the path before dequantized the whole matrix to 16 bits every step for cuBLAS
- * (the issue's "never a dequantize-every-step of the whole matrix"; H100, twentieth session: NF4
+ * x W^T (+ bias) for 9 to TUNA_Q4_MM_MAXT (default 64) tokens, reading each 4-bit weight once per
+ * launch of up to 64 tokens, where the path before dequantized the whole matrix to 16 bits every
+ * step for cuBLAS (the issue's "never a dequantize-every-step of the whole matrix"; H100, twentieth session: NF4
  * decode at batch 32 19.5 ms/step against bf16's 8.3).
  *
  * Layout. A block is 4 warps; warp w takes the 16 rows 16 (4 b + w) .. + 15 of W (the A rows of
@@ -11,7 +11,7 @@
  * (2t, 2t + 1, 2t + 8, 2t + 9) are the lane's weights 4m .. 4m + 3) and turns each byte into the
  * dequantized pair the prefill path writes (q4_round(lut[c] * absmax), rounded to the compute
  * type: the same 16-bit weights as k_dequant_q4_vec). x, already in the compute type (the
- * activations cuBLAS would read, be->half), goes through a 3-step ring of shared memory by
+ * activations cuBLAS would read, be->half), goes through a ring of 4-6 steps in shared memory by
  * cp.async: a step is [tokens][128] 16-bit values, 16-byte pieces swizzled so that the 8 lanes of
  * a quarter-warp (two tokens, four pieces each) hit different banks. One barrier per step.
  *
@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(Q4MM_WARPS * 32)
     tuna_pdl_wait(); /* x is the previous kernel's output, y may be read by it */
     tuna_pdl_trigger();
 
-    /* x: step s's [nt][128] values into ring slot s % 3 (pieces of rows past nt are not written:
+    /* x: step s's [nt][128] values into ring slot s % RING (pieces of rows past nt are not written:
      * their B columns give outputs that are not stored) */
     const int npieces = nt * 16;
     auto stage_x = [&](int s) {

@@ -36,6 +36,7 @@
 #include "backend/cuda/mma.cuh"
 #include "backend/cuda/pdl.cuh"
 #include "backend/cuda/q4_h4.cuh"
+#include "backend/cuda/q4_tc.cuh"
 
 #define Q4SK_THREADS 512
 #define Q4SK_WARPS 16
@@ -135,16 +136,10 @@ __global__ void __launch_bounds__(Q4SK_THREADS, 1)
 #pragma unroll
         for (int r = 0; r < 2; r++) st[u].q[r] = 0u, st[u].a[r][0] = st[u].a[r][1] = 0.0f;
     if (nun > 0) set_src(tl0, l_ku);
-    float ncv[GEMV_MAX_SEG * 256 / Q4SK_THREADS];
-    if (NESTED) q4h_ncode_load<Q4SK_THREADS>(ncv, j);
-    if (j.prefetch >= 1)
+    q4tc_prologue<Q4SK_THREADS, NESTED>(tab, ncode, slut, zline, lut_in, j, [&] {
 #pragma unroll
         for (int u = 0; u < D; u++) load_next(st[u]);
-    q4h_fill_tables(tab, ncode, slut, lut_in, j, false);
-    if (threadIdx.x < 8) zline[threadIdx.x] = make_uint4(0u, 0u, 0u, 0u);
-    tuna_pdl_wait();
-    tuna_pdl_trigger();
-    if (NESTED) q4h_ncode_store<Q4SK_THREADS>(ncode, ncv, j);
+    });
     const float inv_s = q4h_stage_x<NORM>(xs, x, j, lmax, red); /* ends with __syncthreads: tables ready */
     if (j.prefetch < 1)
 #pragma unroll
@@ -159,16 +154,7 @@ __global__ void __launch_bounds__(Q4SK_THREADS, 1)
     int c_nco[2] = {0, 0};
     float c_noff[2] = {0.0f, 0.0f};
     float acc[2] = {0.0f, 0.0f}; /* rows g, g + 8 over the lane's blocks (lanes t = 0, 2) */
-    auto set_cmp = [&](int tl) {
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            int seg;
-            int64_t row, n0, N;
-            q4_tile_row(j, tl, g, r, &seg, &row, &n0, &N);
-            c_nco[r] = seg * 256;
-            c_noff[r] = j.s[seg].sc.noff;
-        }
-    };
+    auto set_cmp = [&](int tl) { q4tc_nested(j, tl, g, c_nco, c_noff); };
     /* lane t == 0 of group g: rows g and g + 8 of tile tl, scaled back by inv_s */
     auto store = [&](int tl, float v0, float v1) {
         if (glu) {
@@ -199,27 +185,18 @@ __global__ void __launch_bounds__(Q4SK_THREADS, 1)
             if (q0 + u >= nun) break;
 #pragma unroll
             for (int s = 0; s < 2; s++) {
-                /* x's pieces of the lane's 32 weights of step ks (k_q4_tc's swizzle); zero lanes read
-                 * the same place of the zero line */
-                const uint32_t ks = 2u * (uint32_t)c_ku + (uint32_t)s;
-                const uint32_t run = 2u * ks + (uint32_t)(t >> 1);
-                const uint32_t xo = run * 128u + ((4u * (uint32_t)(t & 1)) ^ (run & 7u)) * 16u;
+                /* x of the lane's 32 weights of step 2 c_ku + s; zero lanes read the same place of the
+                 * zero line */
+                const uint32_t xo = q4tc_xoff(2u * (uint32_t)c_ku + (uint32_t)s, t);
                 const uint32_t xoff = xon ? xo : (xo & 127u);
                 uint4 xv[4];
 #pragma unroll
                 for (int p = 0; p < 4; p++) xv[p] = *reinterpret_cast<const uint4 *>(xb + (xoff ^ ((uint32_t)p * 16u)));
                 float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                const uint4 &cg = st[u].c[0][s], &ch = st[u].c[1][s];
 #pragma unroll
                 for (int m = 0; m < 8; m++) {
-                    const uint32_t wg = m < 2 ? cg.x : m < 4 ? cg.y : m < 6 ? cg.z : cg.w;
-                    const uint32_t wh = m < 2 ? ch.x : m < 4 ? ch.y : m < 6 ? ch.z : ch.w;
-                    const uint32_t b0 = 2u * (uint32_t)(m & 1), b1 = b0 + 1u;
                     uint32_t a[4];
-                    a[0] = *reinterpret_cast<const uint32_t *>(tab + __byte_perm(wg, lane_off, 0x5504u | (b0 << 4)));
-                    a[1] = *reinterpret_cast<const uint32_t *>(tab + __byte_perm(wh, lane_off, 0x5504u | (b0 << 4)));
-                    a[2] = *reinterpret_cast<const uint32_t *>(tab + __byte_perm(wg, lane_off, 0x5504u | (b1 << 4)));
-                    a[3] = *reinterpret_cast<const uint32_t *>(tab + __byte_perm(wh, lane_off, 0x5504u | (b1 << 4)));
+                    q4tc_afrag(tab, st[u].c[0][s], st[u].c[1][s], m, lane_off, a);
                     const uint4 &xp = xv[m >> 1];
                     mma_16816<__half>(c, a, (m & 1) ? xp.z : xp.x, (m & 1) ? xp.w : xp.y);
                 }

@@ -49,6 +49,7 @@
 #include "backend/cuda/mma.cuh"
 #include "backend/cuda/pdl.cuh"
 #include "backend/cuda/q4_h4.cuh"
+#include "backend/cuda/q4_tc.cuh"
 
 #define Q4TC_THREADS 512
 #define Q4TC_WARPS 16
@@ -68,20 +69,6 @@ struct q4tc_stage {
     float a[2];    /* float32 absmax, or the nested absmax, of block t & 1 of each row */
     uint32_t q[2]; /* nested: the 8-bit code of that absmax */
 };
-
-static __device__ __forceinline__ void q4tc_mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                                uint32_t b0, uint32_t b1)
-{
-#if TUNA_MMA_SM80
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#else
-    (void)c, (void)a0, (void)a1, (void)a2, (void)a3, (void)b0, (void)b1;
-    __trap(); /* below sm_80: tuna_cuda_q4_tc never launches it there */
-#endif
-}
 
 template <bool NORM, bool NESTED, int D, int G>
 __global__ void __launch_bounds__(Q4TC_THREADS, 1)
@@ -166,16 +153,10 @@ __global__ void __launch_bounds__(Q4TC_THREADS, 1)
 #pragma unroll
         for (int r = 0; r < 2; r++) st[u].q[r] = 0u, st[u].a[r] = 0.0f;
     if (nmy > 0) set_src(tl0);
-    float ncv[GEMV_MAX_SEG * 256 / Q4TC_THREADS];
-    if (NESTED) q4h_ncode_load<Q4TC_THREADS>(ncv, j);
-    if (j.prefetch >= 1)
+    q4tc_prologue<Q4TC_THREADS, NESTED>(tab, ncode, slut, zline, lut_in, j, [&] {
 #pragma unroll
         for (int u = 0; u < D; u++) load_next(st[u]);
-    q4h_fill_tables(tab, ncode, slut, lut_in, j, false);
-    if (threadIdx.x < 8) zline[threadIdx.x] = make_uint4(0u, 0u, 0u, 0u);
-    tuna_pdl_wait();
-    tuna_pdl_trigger();
-    if (NESTED) q4h_ncode_store<Q4TC_THREADS>(ncode, ncv, j);
+    });
     /* each token with its own power-of-two scale; every call ends with __syncthreads (the last one:
      * the tables are ready) */
     float inv_s[Q4TC_TOK * G];
@@ -208,25 +189,14 @@ __global__ void __launch_bounds__(Q4TC_THREADS, 1)
     float acc[G][2][2]; /* [group][row g, g + 8][token 2 (t & 1) + h of the group] over block t >> 1 */
 #pragma unroll
     for (int q = 0; q < G; q++) acc[q][0][0] = acc[q][0][1] = acc[q][1][0] = acc[q][1][1] = 0.0f;
-    auto set_cmp = [&](int tl) {
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            int seg;
-            int64_t row, n0, N;
-            q4_tile_row(j, tl, g, r, &seg, &row, &n0, &N);
-            c_nco[r] = seg * 256;
-            c_noff[r] = j.s[seg].sc.noff;
-        }
-    };
+    auto set_cmp = [&](int tl) { q4tc_nested(j, tl, g, c_nco, c_noff); };
     if (NESTED && nmy > 0) set_cmp(tl0);
     for (int q0 = 0; q0 < total; q0 += D) {
 #pragma unroll
         for (int u = 0; u < D; u++) {
             if (q0 + u >= total) break;
-            /* x's pieces 16 c_ks + 4 t + p (p = 0..3) of 128-byte run 2 c_ks + (t >> 1), swizzled; the
-             * zero lanes read the same place of the zero line */
-            const uint32_t run = 2u * (uint32_t)c_ks + (uint32_t)(t >> 1);
-            const uint32_t xo = run * 128u + ((4u * (uint32_t)(t & 1)) ^ (run & 7u)) * 16u;
+            /* the zero lanes read the same place of the zero line */
+            const uint32_t xo = q4tc_xoff((uint32_t)c_ks, t);
             uint4 xv[G][4];
             float c[G][4];
 #pragma unroll
@@ -239,18 +209,12 @@ __global__ void __launch_bounds__(Q4TC_THREADS, 1)
             }
 #pragma unroll
             for (int m = 0; m < 8; m++) {
-                const uint4 &cg = st[u].c[0], &ch = st[u].c[1];
-                const uint32_t wg = m < 2 ? cg.x : m < 4 ? cg.y : m < 6 ? cg.z : cg.w;
-                const uint32_t wh = m < 2 ? ch.x : m < 4 ? ch.y : m < 6 ? ch.z : ch.w;
-                const uint32_t b0 = 2u * (uint32_t)(m & 1), b1 = b0 + 1u;
-                const uint32_t a0 = *reinterpret_cast<const uint32_t *>(tab + __byte_perm(wg, lane_off, 0x5504u | (b0 << 4)));
-                const uint32_t a1 = *reinterpret_cast<const uint32_t *>(tab + __byte_perm(wh, lane_off, 0x5504u | (b0 << 4)));
-                const uint32_t a2 = *reinterpret_cast<const uint32_t *>(tab + __byte_perm(wg, lane_off, 0x5504u | (b1 << 4)));
-                const uint32_t a3 = *reinterpret_cast<const uint32_t *>(tab + __byte_perm(wh, lane_off, 0x5504u | (b1 << 4)));
+                uint32_t a[4];
+                q4tc_afrag(tab, st[u].c[0], st[u].c[1], m, lane_off, a);
 #pragma unroll
                 for (int q = 0; q < G; q++) {
                     const uint4 &xp = xv[q][m >> 1];
-                    q4tc_mma(c[q], a0, a1, a2, a3, (m & 1) ? xp.z : xp.x, (m & 1) ? xp.w : xp.y);
+                    mma_16816<__half>(c[q], a, (m & 1) ? xp.z : xp.x, (m & 1) ? xp.w : xp.y);
                 }
             }
 #pragma unroll
