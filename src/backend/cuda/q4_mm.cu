@@ -10,10 +10,15 @@
  * of rows g and g + 8 (weights 32 t .. 32 t + 31 of the step; k_q4_tc's mapping: MMA m's k slots
  * (2t, 2t + 1, 2t + 8, 2t + 9) are the lane's weights 4m .. 4m + 3) and turns each byte into the
  * dequantized pair the prefill path writes (q4_round(lut[c] * absmax), rounded to the compute
- * type: the same 16-bit weights as k_dequant_q4_vec). x, already in the compute type (the
+ * type: the same 16-bit weights as k_dequant_q4_vec): a nibble is a byte offset into the 4-bit
+ * table (one prmt), its value one table load and one multiply, and the pair one pack that rounds
+ * both (the weights' own rounding first only where it is not the compute type's; twenty-second
+ * session: that took the batch-32 step from 10.9 to 8.9 ms). x, already in the compute type (the
  * activations cuBLAS would read, be->half), goes through a ring of 4-6 steps in shared memory by
  * cp.async: a step is [tokens][128] 16-bit values, 16-byte pieces swizzled so that the 8 lanes of
  * a quarter-warp (two tokens, four pieces each) hit different banks. One barrier per step.
+ * Where the row blocks alone would not fill the GPU, K is split over S blocks and k_q4_mm_sum adds
+ * their sums.
  *
  * The numerics are those of the dequantize + cuBLAS path (the same 16-bit operands, float32 sums),
  * in another order of addition. Needs 16-bit compute (prefill dtype bf16 or f16), K % 128 == 0,
@@ -38,12 +43,22 @@ static __device__ __forceinline__ uint32_t q4mm_piece(uint32_t n, uint32_t c)
     return n * 256u + ((c ^ ((c >> 3) & 1u) ^ ((n & 1u) << 1)) << 4);
 }
 
-/* The dequantized pair of byte b of word w (first weight in the high nibble), in the compute type. */
-template <typename T16>
-static __device__ __forceinline__ uint32_t q4mm_pair(const float *slut, uint32_t w, int b, float am, int mode)
+/* The 4-bit table (floats) at a fixed shared-memory address, so that a table load is one LDS with
+ * the byte offset in a register. */
+__shared__ float q4mm_slut[16];
+
+/* The dequantized pair of byte b of a code word (first weight in the high nibble), in the compute
+ * type, from the word's nibbles as table byte offsets: hi4 = (w >> 2) & 0x3c3c3c3c (byte b: its high
+ * nibble * 4), lo4 = (w << 2) & 0x3c3c3c3c. A byte offset is one prmt, the value one table load and
+ * one multiply. RND: the weights' own rounding (mode) first, where it is not the compute type's. */
+template <typename T16, bool RND>
+static __device__ __forceinline__ uint32_t q4mm_pair(uint32_t hi4, uint32_t lo4, int b, float am, int mode)
 {
-    const uint32_t byte = (w >> (8 * b)) & 0xffu;
-    return mma_pack<T16>(q4_round(slut[byte >> 4] * am, mode), q4_round(slut[byte & 15u] * am, mode));
+    const uint32_t oh = __byte_perm(hi4, 0u, 0x4440u | (uint32_t)b), ol = __byte_perm(lo4, 0u, 0x4440u | (uint32_t)b);
+    const float vh = *reinterpret_cast<const float *>(reinterpret_cast<const uint8_t *>(q4mm_slut) + oh) * am;
+    const float vl = *reinterpret_cast<const float *>(reinterpret_cast<const uint8_t *>(q4mm_slut) + ol) * am;
+    if (RND) return mma_pack<T16>(q4_round(vh, mode), q4_round(vl, mode));
+    return mma_pack<T16>(vh, vl); /* round to nearest even once: what q4_round then the pack give */
 }
 
 struct q4mm_stage {
@@ -52,28 +67,29 @@ struct q4mm_stage {
     uint32_t q[2]; /* nested: the block's 8-bit code (looked up at use: no load waits on another) */
 };
 
-/* Shared memory of a launch: the x ring [RING][8 TG][256 bytes], the nested code table [256] and
- * the 4-bit table [16] (floats). */
+/* Dynamic shared memory of a launch: the x ring [RING][8 TG][256 bytes], the nested code table [256]
+ * (floats); the 4-bit table is q4mm_slut. */
 static __host__ __device__ constexpr size_t q4mm_smem(int ring, int tg)
 {
-    return (size_t)ring * 8 * tg * 256 + 272 * sizeof(float);
+    return (size_t)ring * 8 * tg * 256 + 256 * sizeof(float);
 }
 
-/* RING: x steps in shared memory (RING - 1 in flight); D: weight steps in registers. */
-template <typename T16, int TG, int RING, int D, bool NESTED>
-__global__ void __launch_bounds__(Q4MM_WARPS * 32)
+/* RING: x steps in shared memory (RING - 1 in flight); D: weight steps in registers; RND: see
+ * q4mm_pair. */
+template <typename T16, int TG, int RING, int D, bool NESTED, bool RND>
+__global__ void __launch_bounds__(Q4MM_WARPS * 32, TG <= 4 ? 4 : 3) /* the blocks per SM shared memory allows */
     k_q4_mm(float *y, const T16 *__restrict__ xh, const uint8_t *__restrict__ W, const struct q4_scales sc,
             const float *__restrict__ bias, const struct q4_lut lut, int mode, int bs_shift, int N, int K, int tok0,
             int nt, int accumulate, float *part)
 {
     extern __shared__ __align__(128) uint8_t q4mm_xs[]; /* see q4mm_smem */
-    float *ncode = reinterpret_cast<float *>(q4mm_xs + (size_t)RING * 8 * TG * 256), *slut = ncode + 256;
+    float *ncode = reinterpret_cast<float *>(q4mm_xs + (size_t)RING * 8 * TG * 256);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     /* split K (gridDim.y > 1): this block's steps ks0 .. ks0 + nsteps - 1, its sums into part [split][nt][N] */
     const int ks0 = (int)(blockIdx.y * (K / 128) / gridDim.y), nsteps = (int)((blockIdx.y + 1) * (K / 128) / gridDim.y) - ks0;
     const int r0 = (blockIdx.x * Q4MM_WARPS + warp) * 16 + g;
     const int row[2] = {r0 < N ? r0 : N - 1, r0 + 8 < N ? r0 + 8 : N - 1}; /* rows past N: read again, not stored */
-    if (threadIdx.x < 16) slut[threadIdx.x] = lut.v[threadIdx.x];
+    if (threadIdx.x < 16) q4mm_slut[threadIdx.x] = lut.v[threadIdx.x];
     if (NESTED)
         for (int i = threadIdx.x; i < 256; i += Q4MM_WARPS * 32) ncode[i] = __ldg(sc.ncode + i);
 
@@ -108,9 +124,10 @@ __global__ void __launch_bounds__(Q4MM_WARPS * 32)
     /* x: step s's [nt][128] values into ring slot s % RING (pieces of rows past nt are not written:
      * their B columns give outputs that are not stored) */
     const int npieces = nt * 16;
+    int wslot = 0; /* the ring slot of the next step staged: (step) % RING */
     auto stage_x = [&](int s) {
         if (s < nsteps) {
-            uint8_t *dst = q4mm_xs + (s % RING) * (8 * TG * 256);
+            uint8_t *dst = q4mm_xs + wslot * (8 * TG * 256);
             for (int i = threadIdx.x; i < npieces; i += Q4MM_WARPS * 32) {
                 const int n = i >> 4, c = i & 15;
                 const T16 *src = xh + (int64_t)(tok0 + n) * K + 128 * (ks0 + s) + 8 * c;
@@ -118,6 +135,7 @@ __global__ void __launch_bounds__(Q4MM_WARPS * 32)
             }
         }
         mma_cp_async_commit(); /* one group per step, empty or not */
+        wslot = wslot == RING - 1 ? 0 : wslot + 1;
     };
 #pragma unroll
     for (int s = 0; s < RING - 1; s++) stage_x(s);
@@ -125,6 +143,12 @@ __global__ void __launch_bounds__(Q4MM_WARPS * 32)
     float acc[TG][4];
 #pragma unroll
     for (int j = 0; j < TG; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    /* the lane's x pieces in a slot: piece 4 t + p of token 8 j + g at xoff[p] + 2048 j (q4mm_piece:
+     * token 8 j + g has g's parity) */
+    uint32_t xoff[4];
+#pragma unroll
+    for (int p = 0; p < 4; p++) xoff[p] = q4mm_piece((uint32_t)g, 4u * (uint32_t)t + (uint32_t)p);
+    int rslot = 0; /* the slot of step s */
     for (int s0 = 0; s0 < nsteps; s0 += D) {
 #pragma unroll
         for (int u = 0; u < D; u++) {
@@ -133,7 +157,8 @@ __global__ void __launch_bounds__(Q4MM_WARPS * 32)
             mma_cp_async_wait<RING - 2>(); /* step s is in (the RING - 2 after it may still be on their way) */
             __syncthreads();               /* ... for every thread; and step s - 1's slot is free */
             stage_x(s + RING - 1);
-            const uint8_t *xs = q4mm_xs + (s % RING) * (8 * TG * 256);
+            const uint8_t *xs = q4mm_xs + rslot * (8 * TG * 256);
+            rslot = rslot == RING - 1 ? 0 : rslot + 1;
             const struct q4mm_stage cur = st[u];
             load(st[u], s + D);
             float am[2];
@@ -146,18 +171,19 @@ __global__ void __launch_bounds__(Q4MM_WARPS * 32)
             for (int p = 0; p < 4; p++) {
                 const uint32_t wg = p == 0 ? cur.c[0].x : p == 1 ? cur.c[0].y : p == 2 ? cur.c[0].z : cur.c[0].w;
                 const uint32_t wh = p == 0 ? cur.c[1].x : p == 1 ? cur.c[1].y : p == 2 ? cur.c[1].z : cur.c[1].w;
+                const uint32_t gh = (wg >> 2) & 0x3c3c3c3cu, gl = (wg << 2) & 0x3c3c3c3cu;
+                const uint32_t hh = (wh >> 2) & 0x3c3c3c3cu, hl = (wh << 2) & 0x3c3c3c3cu;
                 uint32_t a[2][4];
 #pragma unroll
                 for (int h = 0; h < 2; h++) {
-                    a[h][0] = q4mm_pair<T16>(slut, wg, 2 * h, am[0], mode);
-                    a[h][1] = q4mm_pair<T16>(slut, wh, 2 * h, am[1], mode);
-                    a[h][2] = q4mm_pair<T16>(slut, wg, 2 * h + 1, am[0], mode);
-                    a[h][3] = q4mm_pair<T16>(slut, wh, 2 * h + 1, am[1], mode);
+                    a[h][0] = q4mm_pair<T16, RND>(gh, gl, 2 * h, am[0], mode);
+                    a[h][1] = q4mm_pair<T16, RND>(hh, hl, 2 * h, am[1], mode);
+                    a[h][2] = q4mm_pair<T16, RND>(gh, gl, 2 * h + 1, am[0], mode);
+                    a[h][3] = q4mm_pair<T16, RND>(hh, hl, 2 * h + 1, am[1], mode);
                 }
 #pragma unroll
                 for (int j = 0; j < TG; j++) {
-                    const uint4 xv = *reinterpret_cast<const uint4 *>(
-                        xs + q4mm_piece((uint32_t)(8 * j + g), 4u * (uint32_t)t + (uint32_t)p));
+                    const uint4 xv = *reinterpret_cast<const uint4 *>(xs + xoff[p] + 2048u * (uint32_t)j);
                     mma_16816<T16>(acc[j], a[0], xv.x, xv.y);
                     mma_16816<T16>(acc[j], a[1], xv.z, xv.w);
                 }
@@ -211,6 +237,11 @@ extern "C" int tuna_cuda_q4_mm_max_t(void)
     return n >= 0 && n <= 65536 ? n : Q4MM_DEFAULT_MAXT;
 }
 
+/* The round_mode whose rounding the compute type's pack performs (q4_round's 1 bf16, 2 f16). */
+template <typename T16> static constexpr int q4mm_own_mode();
+template <> constexpr int q4mm_own_mode<__nv_bfloat16>() { return 1; }
+template <> constexpr int q4mm_own_mode<__half>() { return 2; }
+
 /* Up to 32 tokens: 6 x steps (of 4 or 8 KB) in shared memory, 4 weight steps in registers; 64: 4 of
  * 16 KB, 3. */
 template <typename T16, int TG>
@@ -225,14 +256,16 @@ static bool q4mm_launch(tuna_backend *be, float *y, const T16 *xh, const struct 
     const dim3 grid((unsigned)((N + Q4MM_ROWS - 1) / Q4MM_ROWS), (unsigned)S), block(Q4MM_WARPS * 32);
     const size_t smem = q4mm_smem(RING, TG);
     const struct q4_scales sc = q4_scales_of(q);
+    /* the weights' rounding is the pack's own when it names the compute type (or there is none) */
+    const int mode = q->round_mode;
+    const bool rnd = !(mode == 0 || mode == q4mm_own_mode<T16>());
+    void (*fn)(float *, const T16 *, const uint8_t *, const struct q4_scales, const float *, const struct q4_lut, int,
+               int, int, int, int, int, int, float *);
+    if (sc.absmax) fn = rnd ? k_q4_mm<T16, TG, RING, D, false, true> : k_q4_mm<T16, TG, RING, D, false, false>;
+    else fn = rnd ? k_q4_mm<T16, TG, RING, D, true, true> : k_q4_mm<T16, TG, RING, D, true, false>;
     g_q4mm_launches++;
-    if (sc.absmax)
-        return tuna_cuda_launch(be, "k_q4_mm", k_q4_mm<T16, TG, RING, D, false>, grid, block, smem, y, xh,
-                                (const uint8_t *)w->data, sc, bias, lut, q->round_mode, bs_shift, N, K, tok0, nt,
-                                acc ? 1 : 0, part);
-    return tuna_cuda_launch(be, "k_q4_mm", k_q4_mm<T16, TG, RING, D, true>, grid, block, smem, y, xh,
-                            (const uint8_t *)w->data, sc, bias, lut, q->round_mode, bs_shift, N, K, tok0, nt,
-                            acc ? 1 : 0, part);
+    return tuna_cuda_launch(be, "k_q4_mm", fn, grid, block, smem, y, xh, (const uint8_t *)w->data, sc, bias, lut, mode,
+                            bs_shift, N, K, tok0, nt, acc ? 1 : 0, part);
 }
 
 bool tuna_cuda_q4_mm(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w, const float *bias,
@@ -248,7 +281,10 @@ bool tuna_cuda_q4_mm(tuna_backend *be, float *y, const float *x, const struct tu
     while ((1 << bs_shift) < q->blocksize) bs_shift++;
     if ((1 << bs_shift) != q->blocksize) return false;
     /* K split over gridDim.y blocks where the rows alone give fewer than 2 blocks per SM (each split at
-     * least 8 steps): their sums in be->q4mm_part, added in split order by k_q4_mm_sum */
+     * least 8 steps): their sums in be->q4mm_part, added in split order by k_q4_mm_sum. (Measured
+     * slower on the H100, twenty-second session: the last split of a row block adding them, found
+     * through a counter, and the splits as a cluster adding them through distributed shared memory:
+     * batch 32 10.9 and 10.0 against 8.9 ms/step.) */
     const int64_t sms = be->sm_count > 0 ? be->sm_count : 132, rb = (N + Q4MM_ROWS - 1) / Q4MM_ROWS;
     int S = 1;
     while (S < 8 && rb * S < 2 * sms && K / 128 >= 16 * S) S *= 2;
