@@ -314,15 +314,16 @@ static void q4desc_free(struct tuna_cuda_q4 *d)
     tuna_cuda_free(g_gpu, (void *)d->qabsmax);
 }
 
+/* od: the weights' original dtype (what dequantizing rounds to): 0 float32, 1 bf16, 2 f16. */
 static void q4pair_new(struct q4pair *p, int type, int od, int64_t N, int64_t K, bool bias, bool nested)
 {
+    const enum tuna_dtype odt = od == 2 ? TUNA_DTYPE_F16 : od ? TUNA_DTYPE_BF16 : TUNA_DTYPE_F32;
     float *wf = rnd((size_t)(N * K));
-    TT_OK(tuna_q4_quantize(wf, TUNA_DTYPE_F32, N, K, type ? TUNA_Q4_FP4 : TUNA_Q4_NF4, 64, true,
-                           od ? TUNA_DTYPE_BF16 : TUNA_DTYPE_F32, &p->q));
+    TT_OK(tuna_q4_quantize(wf, TUNA_DTYPE_F32, N, K, type ? TUNA_Q4_FP4 : TUNA_Q4_NF4, 64, true, odt, &p->q));
     free(wf);
     enum tuna_dtype dt = type ? TUNA_DTYPE_FP4 : TUNA_DTYPE_NF4;
     p->c = (struct tuna_weight){dt, N, K, p->q.codes, &p->q, 0};
-    q4desc_new(&p->d, &p->q, nested, od ? TUNA_DTYPE_BF16 : TUNA_DTYPE_F32);
+    q4desc_new(&p->d, &p->q, nested, odt);
     p->g = (struct tuna_weight){dt, N, K, dev(p->q.codes, (size_t)((N * K + 1) / 2)), &p->d, 0};
     p->bias = bias ? rnd((size_t)N) : NULL;
     p->dbias = bias ? dev(p->bias, (size_t)N * 4) : NULL;
@@ -448,8 +449,9 @@ static void test_q4_grouped(void **state)
  * CPU (1e-2, the 16-bit operands of the dequantize + cuBLAS path) and against that path itself
  * (TUNA_Q4_MM_MAXT=0: the same 16-bit weights and activations, float32 sums in another order:
  * 1e-5), with and without bias, into y and added onto it; NF4 and FP4; bf16 and f16 compute;
- * float32 and nested scales; rows that end inside a 64-row block, K = 128 (one step), 2048 and
- * 14336; two runs give the same bits and the kernel ran ceil(T / 64) times per call. */
+ * float32 and nested scales; weights of float32, bf16 and f16 origin (their rounding is the pack's
+ * own, or not: both forms of q4mm_pair); rows that end inside a 64-row block, K = 128 (one step),
+ * 2048 and 14336; two runs give the same bits and the kernel ran ceil(T / 64) times per call. */
 static void test_q4_mm(void **state)
 {
     (void)state;
@@ -464,8 +466,11 @@ static void test_q4_mm(void **state)
             const int64_t N = shapes[si][0], K = shapes[si][1];
             const bool nested = (si + (size_t)type) % 2 == 0;
             const enum tuna_dtype pf = (si + (size_t)type) % 3 == 1 ? TUNA_DTYPE_F16 : TUNA_DTYPE_BF16;
+            /* the six cases: weights float32 / bf16 / f16 under bf16 compute and bf16 / f16 under f16 */
+            const int od = (int)((2 * si + (size_t)type) % 3);
+            static const char *const od_name[] = {"f32", "bf16", "f16"};
             struct q4pair w;
-            q4pair_new(&w, type, 1, N, K, true, nested);
+            q4pair_new(&w, type, od, N, K, true, nested);
             struct tuna_cuda_q4 d16;
             q4desc_new(&d16, &w.q, nested, pf);
             struct tuna_weight wg = w.g;
@@ -493,9 +498,9 @@ static void test_q4_mm(void **state)
                         got[path][add] = malloc(ny * 4);
                         back(got[path][add], dy, ny * 4);
                         char what[200];
-                        snprintf(what, sizeof what, "%s %s %s%s %s T=%lld [%lld, %lld]%s",
-                                 add ? "matmul_add" : "matmul", type ? "FP4" : "NF4", pf == TUNA_DTYPE_F16 ? "f16" : "bf16",
-                                 nested ? " nested" : "", path ? "dequantized + cuBLAS" : "k_q4_mm", (long long)T,
+                        snprintf(what, sizeof what, "%s %s (%s weights) %s%s %s T=%lld [%lld, %lld]%s",
+                                 add ? "matmul_add" : "matmul", type ? "FP4" : "NF4", od_name[od],
+                                 pf == TUNA_DTYPE_F16 ? "f16" : "bf16", nested ? " nested" : "", path ? "dequantized + cuBLAS" : "k_q4_mm", (long long)T,
                                  (long long)N, (long long)K, bias ? " + bias" : "");
                         check(what, got[path][add], add ? wadd : want, ny, 1e-2);
                         if (counted && runs != expect) {
@@ -517,9 +522,9 @@ static void test_q4_mm(void **state)
                 }
                 for (int add = 0; add < 2; add++) {
                     char what[200];
-                    snprintf(what, sizeof what, "k_q4_mm against dequantize + cuBLAS, %s %s T=%lld [%lld, %lld]",
-                             add ? "matmul_add" : "matmul", type ? "FP4" : "NF4", (long long)T, (long long)N,
-                             (long long)K);
+                    snprintf(what, sizeof what, "k_q4_mm against dequantize + cuBLAS, %s %s (%s weights) %s T=%lld [%lld, %lld]",
+                             add ? "matmul_add" : "matmul", type ? "FP4" : "NF4", od_name[od],
+                             pf == TUNA_DTYPE_F16 ? "f16" : "bf16", (long long)T, (long long)N, (long long)K);
                     check(what, got[0][add], got[1][add], ny, 1e-5);
                     free(got[0][add]), free(got[1][add]);
                 }

@@ -43,8 +43,8 @@ static __device__ __forceinline__ uint32_t q4mm_piece(uint32_t n, uint32_t c)
     return n * 256u + ((c ^ ((c >> 3) & 1u) ^ ((n & 1u) << 1)) << 4);
 }
 
-/* The 4-bit table (floats) at a fixed shared-memory address, so that a table load is one LDS with
- * the byte offset in a register. */
+/* The 4-bit table (floats), static: its shared-memory address is known when the kernel is
+ * compiled, so a table load needs only the byte offset from q4mm_pair in a register. */
 __shared__ float q4mm_slut[16];
 
 /* The dequantized pair of byte b of a code word (first weight in the high nibble), in the compute
