@@ -15,7 +15,11 @@
  * of q4h_dot, the pair's barrier and fixed-order sum) is k_q4_h2's; see q4.cu for the numerics.
  * Needs T = 1, K % 32 == 0, blocksize >= 32, 16-byte aligned codes, N * K < 2^31 per matrix and
  * every matrix's scales in the same form (nested: the same nshift). On the H100 (docs/PERFORMANCE.md,
- * "NF4, twelfth session"): layer chain 67.4 against 73.8 us/layer, 8B decode 2.95 against 3.14 ms. */
+ * "NF4, twelfth session"): layer chain 67.4 against 73.8 us/layer, 8B decode 2.95 against 3.14 ms.
+ * Twenty-fourth session: the job's form (GLU, or one matrix) is a template parameter G, so a row
+ * pair's segment is a constant and its pointers need no registers; ptxas then loads the byte -> half2
+ * table entries ~25-30 instructions ahead of their products instead of ~10-13 (fewer short-scoreboard
+ * stalls): gate/up, o and down faster, q/k/v (three matrices) left on the run-time form. */
 #include <stdlib.h>
 
 #include "backend/cuda/cuda_internal.h"
@@ -43,7 +47,7 @@ static __device__ __forceinline__ unsigned long long *q4tr_row(int id)
 #define Q4TR_ARGV
 #endif
 
-template <bool NORM, bool NESTED, int D>
+template <bool NORM, bool NESTED, int D, int G>
 __global__ void __launch_bounds__(Q4H4_THREADS, 1)
     k_q4_h4(const float *__restrict__ x, const __grid_constant__ struct gemv_job j, const struct q4_lut lut_in,
             int nitems, float lmax, int nshift
@@ -74,7 +78,7 @@ __global__ void __launch_bounds__(Q4H4_THREADS, 1)
     sm.xs = sm.tab + Q4H4_TAB + Q4H4_NCODE; /* [K] f16, swizzled pieces */
     sm.slut = slut, sm.red = red, sm.part = part;
     const int lane = threadIdx.x & 31;
-    const bool glu = j.mode == GEMV_GLU;
+    const bool glu = q4h4_glu<G>(j);
     auto wait = [] {
         tuna_pdl_wait();
         tuna_pdl_trigger();
@@ -88,14 +92,14 @@ __global__ void __launch_bounds__(Q4H4_THREADS, 1)
                 gemv_store<1, 2>(j, a2, one, 0, n);
             }
         } else if ((lane & 7) == 0) {
-            int seg;
-            int64_t n0;
-            gemv_rows(j, 4, it, &seg, &n0);
+            int seg = 0;
+            int64_t n0 = (int64_t)it * 4;
+            if (G != 3) gemv_rows(j, 4, it, &seg, &n0);
             const float a1[1][1] = {{tot}}, one[1] = {1.0f};
             if (n0 + vme < j.s[seg].N) gemv_store<1, 1>(j, a1, one, seg, n0 + vme);
         }
     };
-    q4h4_run<NORM, NESTED, D, false>(sm, x, j, lut_in, true, nitems, lmax, nshift, 0, wait, store Q4TR_ARGV);
+    q4h4_run<NORM, NESTED, D, false, G>(sm, x, j, lut_in, true, nitems, lmax, nshift, 0, wait, store Q4TR_ARGV);
 }
 
 static long g_q4h4_launches;
@@ -183,16 +187,19 @@ bool tuna_cuda_q4_h4(tuna_backend *be, const float *x, struct gemv_job *j, const
 #define Q4TR_ARG
 #endif
     g_q4h4_launches++;
-    if (j->nw) {
-        if (nested)
-            return tuna_cuda_launch(be, "k_q4_h4", k_q4_h4<true, true, 2>, grid, block, smem, x, *j, *lut, (int)n4,
-                                    lmax, nshift Q4TR_ARG);
-        return tuna_cuda_launch(be, "k_q4_h4", k_q4_h4<true, false, 2>, grid, block, smem, x, *j, *lut, (int)n4, lmax,
-                                nshift Q4TR_ARG);
-    }
-    if (nested)
-        return tuna_cuda_launch(be, "k_q4_h4", k_q4_h4<false, true, 2>, grid, block, smem, x, *j, *lut, (int)n4, lmax,
-                                nshift Q4TR_ARG);
-    return tuna_cuda_launch(be, "k_q4_h4", k_q4_h4<false, false, 2>, grid, block, smem, x, *j, *lut, (int)n4, lmax,
-                            nshift Q4TR_ARG);
+    /* the job's form as a template parameter (q4h4_glu) where that measured faster: GLU (gate/up) and
+     * one matrix (o, down); several matrices (q/k/v) read the mode at run time (G = 2 measured slower
+     * there: 14.4 against 13.4 us/layer). TUNA_Q4_G=0: every job at run time, as before the
+     * twenty-fourth session. */
+    const char *ge = getenv("TUNA_Q4_G");
+    const int G = ge && *ge == '0' ? 0 : glu ? 1 : j->nseg == 1 ? 3 : 0;
+#define Q4H4_GO(NORM, NESTED, GG)                                                                                      \
+    tuna_cuda_launch(be, "k_q4_h4", k_q4_h4<NORM, NESTED, 2, GG>, grid, block, smem, x, *j, *lut, (int)n4, lmax,     \
+                     nshift Q4TR_ARG)
+#define Q4H4_G(NORM, NESTED)                                                                                           \
+    (G == 0 ? Q4H4_GO(NORM, NESTED, 0) : G == 1 ? Q4H4_GO(NORM, NESTED, 1) : Q4H4_GO(NORM, NESTED, 3))
+    if (j->nw) return nested ? Q4H4_G(true, true) : Q4H4_G(true, false);
+    return nested ? Q4H4_G(false, true) : Q4H4_G(false, false);
+#undef Q4H4_G
+#undef Q4H4_GO
 }

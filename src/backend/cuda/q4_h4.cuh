@@ -56,16 +56,29 @@ static __device__ __forceinline__ int64_t q4h4_rope_row(int seg, int64_t n0, int
     return n0 + 2 * p;
 }
 
+/* G: the job's form known when compiled: 1 GEMV_GLU, 2 another mode, 3 another mode with one
+ * matrix, 0 read from the job at run time. Known, the segment of a row pair is a constant (GLU:
+ * pair p's is p; one matrix: 0), so its pointers can stay in the constant bank instead of
+ * registers, which leaves ptxas registers to load more table entries ahead of their products. */
+template <int G>
+static __device__ __forceinline__ bool q4h4_glu(const struct gemv_job &j)
+{
+    return G == 0 ? j.mode == GEMV_GLU : G == 1;
+}
+
 /* Row pair p of item `it`: segment, first row (clamped to the matrix) and the second row's
  * distance in rows (1, or 0 past the end: the last row read twice, not stored). */
-template <bool ROPE>
+template <bool ROPE, int G>
 static __device__ __forceinline__ void q4h4_pair(const struct gemv_job &j, int64_t it, int p, int hd, int *seg,
                                                  int64_t *row, int *d)
 {
     int64_t n0;
-    if (j.mode == GEMV_GLU) {
+    if (q4h4_glu<G>(j)) {
         *seg = p;
         n0 = 2 * it;
+    } else if (G == 3) {
+        *seg = 0;
+        n0 = q4h4_rope_row<ROPE>(0, it * 4, p, hd);
     } else {
         gemv_rows(j, 4, it, seg, &n0);
         n0 = q4h4_rope_row<ROPE>(*seg, n0, p, hd);
@@ -83,7 +96,7 @@ static __device__ __forceinline__ void q4h4_pair(const struct gemv_job &j, int64
  * store(it, v, tot): called by every lane of each pair's first warp per
  * item; lanes 0, 8, 16, 24 hold row v = 0..3's sum (GLU: v 0, 1 gate rows, 2, 3 up rows of
  * outputs 2 it, 2 it + 1) in tot, already scaled. ROPE, hd: q4h4_rope_row's row order. */
-template <bool NORM, bool NESTED, int D, bool ROPE, typename Wait, typename Store>
+template <bool NORM, bool NESTED, int D, bool ROPE, int G, typename Wait, typename Store>
 static __device__ __forceinline__ void q4h4_run(const struct q4h4_smem &sm, const float *x, const struct gemv_job &j,
                                                 const struct q4_lut &lut_in, bool fill, int nitems, float lmax,
                                                 int nshift, int hd, Wait wait, Store store Q4TR_PARAM)
@@ -101,7 +114,7 @@ static __device__ __forceinline__ void q4h4_run(const struct q4h4_smem &sm, cons
     const int itend = it0 + nmy, total = nmy * upw;
     const int bs_shift = j.bs_shift;
     const int chunk0 = h * 32 + lane; /* the lane's chunk (16 bytes, 32 weights) in the item's first step */
-    const bool glu = j.mode == GEMV_GLU;
+    const bool glu = q4h4_glu<G>(j);
     const int rstep = glu ? 2 : 4; /* rows from one item to the next (per matrix) */
 
     /* the load side: per row pair, the lane's codes and element index in the first row, the
@@ -123,7 +136,7 @@ static __device__ __forceinline__ void q4h4_run(const struct q4h4_smem &sm, cons
         for (int p = 0; p < 2; p++) {
             int seg, d;
             int64_t row;
-            q4h4_pair<ROPE>(j, it, p, hd, &seg, &row, &d);
+            q4h4_pair<ROPE, G>(j, it, p, hd, &seg, &row, &d);
             const struct gemv_seg &s = j.s[seg];
             if (p == 0) l_n = row, l_N = s.N;
             const uint32_t e0 = (uint32_t)row * K;
@@ -211,7 +224,7 @@ static __device__ __forceinline__ void q4h4_run(const struct q4h4_smem &sm, cons
         for (int p = 0; p < 2; p++) {
             int seg, d;
             int64_t row;
-            q4h4_pair<ROPE>(j, it, p, hd, &seg, &row, &d);
+            q4h4_pair<ROPE, G>(j, it, p, hd, &seg, &row, &d);
             c_nco[p] = seg * 256;
             c_noff[p] = j.s[seg].sc.noff;
         }

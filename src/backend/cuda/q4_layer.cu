@@ -441,7 +441,7 @@ __global__ void __launch_bounds__(Q4H4_THREADS, 1) k_q4_layer(const __grid_const
             q4l_st16(P.vc, cs + row, val, P.bf);
         }
     };
-    q4h4_run<true, NESTED, 2, true>(sm, P.x, P.jq, P.lut, true, P.nq, P.lmax, P.nshift, DH, pdl, store_qkv Q4L_TR(0));
+    q4h4_run<true, NESTED, 2, true, 2>(sm, P.x, P.jq, P.lut, true, P.nq, P.lmax, P.nshift, DH, pdl, store_qkv Q4L_TR(0));
 
     /* 2. attention; every block is resident from here on: the next kernel may be launched */
     barrier();
@@ -461,7 +461,7 @@ __global__ void __launch_bounds__(Q4H4_THREADS, 1) k_q4_layer(const __grid_const
         }
     };
     auto store_o = [&](int it, int v, float tot) { store_add(P.jo, it, v, tot); };
-    q4h4_run<false, NESTED, 2, false>(sm, P.att, P.jo, P.lut, true, P.no, P.lmax, P.nshift, DH, barrier, store_o Q4L_TR(1));
+    q4h4_run<false, NESTED, 2, false, 2>(sm, P.att, P.jo, P.lut, true, P.no, P.lmax, P.nshift, DH, barrier, store_o Q4L_TR(1));
 
     /* 4. act = act(gate) * up with the norm */
     auto store_glu = [&](int it, int v, float tot) {
@@ -472,11 +472,11 @@ __global__ void __launch_bounds__(Q4H4_THREADS, 1) k_q4_layer(const __grid_const
             gemv_store<1, 2>(P.jg, a2, one, 0, n);
         }
     };
-    q4h4_run<true, NESTED, 2, false>(sm, P.x, P.jg, P.lut, false, P.ng, P.lmax, P.nshift, DH, barrier, store_glu Q4L_TR(2));
+    q4h4_run<true, NESTED, 2, false, 1>(sm, P.x, P.jg, P.lut, false, P.ng, P.lmax, P.nshift, DH, barrier, store_glu Q4L_TR(2));
 
     /* 5. x += W_down act */
     auto store_d = [&](int it, int v, float tot) { store_add(P.jd, it, v, tot); };
-    q4h4_run<false, NESTED, 2, false>(sm, P.act, P.jd, P.lut, false, P.nd, P.lmax, P.nshift, DH, barrier, store_d Q4L_TR(3));
+    q4h4_run<false, NESTED, 2, false, 2>(sm, P.act, P.jd, P.lut, false, P.nd, P.lmax, P.nshift, DH, barrier, store_d Q4L_TR(3));
 #ifdef TUNA_Q4_TRACE
     __syncthreads();
     Q4LT(10);
