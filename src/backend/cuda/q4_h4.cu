@@ -159,6 +159,18 @@ extern "C" long tuna_cuda_q4_h4_launches(void)
     return g_q4h4_launches;
 }
 
+/* TUNA_Q4_G=0: every job's form read at run time, as before the twenty-fourth session (comparisons);
+ * read once, not at every launch */
+static bool q4h4_form_at_run_time(void)
+{
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("TUNA_Q4_G");
+        v = e && e[0] == '0';
+    }
+    return v == 1;
+}
+
 bool tuna_cuda_q4_h4(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
                      const struct q4_lut *lut, int blocksize, int64_t T)
 {
@@ -189,10 +201,8 @@ bool tuna_cuda_q4_h4(tuna_backend *be, const float *x, struct gemv_job *j, const
     g_q4h4_launches++;
     /* the job's form as a template parameter (q4h4_glu) where that measured faster: GLU (gate/up) and
      * one matrix (o, down); several matrices (q/k/v) read the mode at run time (G = 2 measured slower
-     * there: 14.4 against 13.4 us/layer). TUNA_Q4_G=0: every job at run time, as before the
-     * twenty-fourth session. */
-    const char *ge = getenv("TUNA_Q4_G");
-    const int G = ge && *ge == '0' ? 0 : glu ? 1 : j->nseg == 1 ? 3 : 0;
+     * there: 14.4 against 13.4 us/layer) */
+    const int G = q4h4_form_at_run_time() ? 0 : glu ? 1 : j->nseg == 1 ? 3 : 0;
 #define Q4H4_GO(NORM, NESTED, GG)                                                                                      \
     tuna_cuda_launch(be, "k_q4_h4", k_q4_h4<NORM, NESTED, 2, GG>, grid, block, smem, x, *j, *lut, (int)n4, lmax,     \
                      nshift Q4TR_ARG)
