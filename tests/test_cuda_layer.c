@@ -1,6 +1,7 @@
-/* test_cuda_layer.c — the decode-layer kernel (backend.h's decode_layer, CUDA q4_layer.cu; off by
- * default, turned on here with TUNA_LAYER_KERNEL=1) against the same steps run op by op
- * (TUNA_LAYER_KERNEL=0) and against the CPU backend: small synthetic
+/* test_cuda_layer.c — the fused decode kernels against the same steps run op by op and against the
+ * CPU backend: the decode-layer kernel (backend.h's decode_layer, CUDA q4_layer.cu; off by default,
+ * turned on here with TUNA_LAYER_KERNEL=1) and the attention + o kernel (attention_o, attn_o.cu; off
+ * by default, turned on here with TUNA_ATTN_O=1). Small synthetic
  * Llama models with random weights quantized at load (NF4 with and without double quantization,
  * FP4), head sizes 128, 64 and 32, GQA groups of 4 and 8 query heads (and a group of 2 padded to
  * 4), contexts of one group of 16 keys, of several blocks per kv head (300 tokens) and of several
@@ -169,6 +170,7 @@ static void check(const struct layer_case *c)
     o.device = TUNA_DEVICE_CPU;
     TT_OK(tuna_model_build(&a, synth_get, &s, &o, &cpu));
     if (c->gm) setenv("TUNA_LAYER_GM", c->gm, 1);
+    setenv("TUNA_ATTN_O", "0", 1); /* the ops one by one, without the attention + o kernel */
     enum { STEPS = 6 };
     const int64_t V = a.vocab_size;
     const size_t n = (size_t)STEPS * (size_t)V;
@@ -210,6 +212,7 @@ static void check(const struct layer_case *c)
     }
     unsetenv("TUNA_LAYER_GM");
     unsetenv("TUNA_LAYER_KERNEL");
+    unsetenv("TUNA_ATTN_O");
     free(on);
     free(off);
     free(graph);
@@ -258,6 +261,104 @@ static void test_layer_gm8_padded(void **state)
     check(&c);
 }
 
+/* The attention + o kernel (attn_o.cu): RoPE, the KV store, attention and a 4-bit o in one launch
+ * per layer and decode step, against TUNA_ATTN_O=0 (k_rope_kv, k_attn_b1 and the o GEMV), eager
+ * and replayed in CUDA graphs, and against the CPU. The attention is the same arithmetic as
+ * k_attn_b1 (where the clusters are the same size) and the KV rows k_rope_kv's; o's sums go in
+ * another order, so the logits agree to float32 rounding carried through the layers. */
+struct ao_case {
+    const char *what;
+    int64_t H, Hkv, D;
+    bool fp4, no_dq;
+    int64_t prompts[3];
+};
+
+static void check_ao(const struct ao_case *c)
+{
+    struct tuna_arch a;
+    make_arch(&a, c->H, c->Hkv, c->D);
+    struct synth s = {.n = 0};
+    make_weights(&a, &s);
+    struct tuna_model_opts o = {.threads = 1, .device = TUNA_DEVICE_CUDA, .quiet = true, .load_in_4bit = true,
+                                .quant_fp4 = c->fp4, .no_double_quant = c->no_dq};
+    struct tuna_model *m = NULL, *cpu = NULL;
+    TT_OK(tuna_model_build(&a, synth_get, &s, &o, &m));
+    o.device = TUNA_DEVICE_CPU;
+    TT_OK(tuna_model_build(&a, synth_get, &s, &o, &cpu));
+    enum { STEPS = 6 };
+    const int64_t V = a.vocab_size;
+    const size_t n = (size_t)STEPS * (size_t)V;
+    float *on = malloc(n * 4), *off = malloc(n * 4), *graph = malloc(n * 4), *ref = malloc(n * 4);
+    assert_non_null(on);
+    assert_non_null(off);
+    assert_non_null(graph);
+    assert_non_null(ref);
+    for (int k = 0; k < 3 && c->prompts[k]; k++) {
+        const int64_t P = c->prompts[k];
+        tuna_cuda_set_graphs(m->be, false);
+        setenv("TUNA_ATTN_O", "1", 1);
+        const long l0 = tuna_cuda_attn_o_launches();
+        run(m, P, STEPS, on);
+        const long launched = tuna_cuda_attn_o_launches() - l0;
+        setenv("TUNA_ATTN_O", "0", 1);
+        run(m, P, STEPS, off);
+        const long off_launched = tuna_cuda_attn_o_launches() - l0 - launched;
+        setenv("TUNA_ATTN_O", "1", 1);
+        tuna_cuda_set_graphs(m->be, true);
+        run(m, P, STEPS, graph);
+        run(cpu, P, STEPS, ref);
+        const double e_ops = tt_rel_err(on, off, n), e_cpu = tt_rel_err(on, ref, n), e_ops_cpu = tt_rel_err(off, ref, n);
+        size_t gbad = 0;
+        for (size_t i = 0; i < n; i++) gbad += memcmp(&on[i], &graph[i], 4) != 0;
+        printf("  %s, context %lld: %ld launches; logits vs the ops %.2e, vs the CPU %.2e (the ops vs the CPU "
+               "%.2e); graph replays: %zu of %zu differ\n",
+               c->what, (long long)P, launched, e_ops, e_cpu, e_ops_cpu, gbad, n);
+        if (launched != STEPS * a.n_layers || off_launched != 0)
+            fail_msg("%s: %ld attention + o launches (%ld with TUNA_ATTN_O=0), want %d (one per layer and step)",
+                     c->what, launched, off_launched, (int)(STEPS * a.n_layers));
+        if (!(e_ops < 2e-3)) fail_msg("%s, context %lld: attention + o %.3g from the ops", c->what, (long long)P, e_ops);
+        if (!(e_cpu < 4.0 * e_ops_cpu + 1e-4))
+            fail_msg("%s, context %lld: attention + o %.3g from the CPU, the ops %.3g", c->what, (long long)P, e_cpu,
+                     e_ops_cpu);
+        if (gbad) fail_msg("%s: graph replays differ from eager steps", c->what);
+    }
+    unsetenv("TUNA_ATTN_O");
+    free(on);
+    free(off);
+    free(graph);
+    free(ref);
+    tuna_model_free(m);
+    tuna_model_free(cpu);
+    synth_free(&s);
+}
+
+static void test_attn_o_llama3(void **state)
+{
+    (void)state;
+    if (!have_gpu()) skip();
+    const struct ao_case c = {"attention + o, NF4 dq, D 128, 32/8 heads (Llama-3-8B's)", 32, 8, 128, false, false,
+                              {5, 300, 2100}};
+    check_ao(&c);
+}
+
+static void test_attn_o_d64_g8(void **state)
+{
+    (void)state;
+    if (!have_gpu()) skip();
+    const struct ao_case c = {"attention + o, NF4, D 64, 16/2 heads", 16, 2, 64, false, true, {40, 300, 0}};
+    check_ao(&c);
+}
+
+static void test_attn_o_g7_fp4(void **state)
+{
+    (void)state;
+    if (!have_gpu()) skip();
+    /* K = 3,584: 56 scales per row, so a block's scales start off 16-byte boundaries */
+    const struct ao_case c = {"attention + o, FP4 dq, D 128, 28/4 heads (groups of 7)", 28, 4, 128, true, false,
+                              {17, 1000, 0}};
+    check_ao(&c);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -265,6 +366,9 @@ int main(void)
         cmocka_unit_test(test_layer_d64_g8),
         cmocka_unit_test(test_layer_d32_fp4),
         cmocka_unit_test(test_layer_gm8_padded),
+        cmocka_unit_test(test_attn_o_llama3),
+        cmocka_unit_test(test_attn_o_d64_g8),
+        cmocka_unit_test(test_attn_o_g7_fp4),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

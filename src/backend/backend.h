@@ -395,6 +395,13 @@ struct tuna_backend_ops {
      * spitch bytes apart into backend rows dpitch bytes apart. */
     tuna_status (*upload_2d)(tuna_backend *be, void *dst, size_t dpitch, const void *src_host, size_t spitch,
                              size_t width, size_t rows);
+    /* Optional (NULL: the ops one by one): the attention block of one token after its q/k/v
+     * projections (l->q, k, v as projected, no RoPE yet): RoPE of q and k, the KV store, attention
+     * into l->att and l->x += o(att) — rope_kv_store, attention and matmul_add of o — in one call
+     * (the fields of l the attention and o use; no q/k norms, no adapter on o). The same results up
+     * to float32 rounding (CUDA: one kernel for a 4-bit o). query: only whether it takes such a
+     * call, nothing done. Returns false, having done nothing, when it declines. */
+    bool (*attention_o)(tuna_backend *be, const struct tuna_decode_layer *l, bool query);
 };
 
 #endif

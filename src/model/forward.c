@@ -627,6 +627,26 @@ static tuna_status layer_act16(struct tuna_model *m, const struct tuna_layer *L,
     return ok ? TUNA_OK : tuna_fail(TUNA_E_INTERNAL, "forward: the backend declined a 16-bit projection");
 }
 
+/* RoPE of q and k (after the q/k norms where the model has them) and k, v into the cache. */
+static void rope_and_store(struct tuna_model *m, const struct tuna_layer *L, const struct tuna_fwd_layer_acts *A,
+                           void *kc, void *vc, enum tuna_dtype kvdt, const struct step_meta *md, int64_t T, bool fuse)
+{
+    const struct tuna_arch *a = &m->arch;
+    const struct tuna_backend_ops *op = m->ops;
+    tuna_backend *be = m->be;
+    const int64_t H = a->n_heads, Hkv = a->n_kv_heads, D = a->head_dim;
+    if (fuse && op->rope_kv_store) { /* q/k norm, RoPE of q and k and the KV store in one op */
+        op->rope_kv_store(be, A->q, A->k, A->v, L->q_norm, L->k_norm, (float)a->norm_eps, kc, vc, kvdt, md->pos,
+                          md->slot, T, H, Hkv, D, m->rot_dim, md->inv_freq, m->attn_factor);
+        return;
+    }
+    if (L->q_norm) op->rmsnorm(be, A->q, A->q, L->q_norm, T * H, D, (float)a->norm_eps);
+    if (L->k_norm) op->rmsnorm(be, A->k, A->k, L->k_norm, T * Hkv, D, (float)a->norm_eps);
+    op->rope(be, A->q, md->pos, T, H, D, m->rot_dim, md->inv_freq, m->attn_factor);
+    op->rope(be, A->k, md->pos, T, Hkv, D, m->rot_dim, md->inv_freq, m->attn_factor);
+    op->kv_store(be, kc, vc, kvdt, A->k, A->v, md->slot, T, Hkv * D);
+}
+
 /* Embedding, the layers, the final norm and lm_head of one step: logits of the wanted rows into
  * `logits` (host backends) or ws->logits. */
 static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const struct tuna_batch *b, float *logits,
@@ -657,51 +677,49 @@ static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const stru
             if (st) return st;
             continue;
         }
+        /* the ops' arguments as one struct, for the backends that fuse a layer or its attention */
+        const struct tuna_decode_layer dl = {
+            x, A->q, A->k, A->v, A->att, A->xn_attn, A->xn_mlp, A->gate, L->attn_norm, L->mlp_norm,
+            (float)a->norm_eps, {&L->q.w, &L->k.w, &L->v.w, &L->o.w, &L->gate.w, &L->up.w, &L->down.w},
+            {L->q.bias, L->k.bias, L->v.bias, L->o.bias, L->gate.bias, L->up.bias, L->down.bias}, kc, vc, kvdt,
+            md->pos, md->slot, md->inv_freq, m->attn_factor, scale, md->ab, H, Hkv, D, m->rot_dim, (int)a->act};
         if (fuse && T == 1 && op->decode_layer && !L->q_norm && !L->k_norm && layer_without_lora(m, L)) {
             /* the whole layer in one call where the backend takes it (CUDA: one kernel, 4-bit) */
-            const struct tuna_decode_layer dl = {
-                x, A->q, A->k, A->v, A->att, A->xn_attn, A->xn_mlp, A->gate, L->attn_norm, L->mlp_norm,
-                (float)a->norm_eps, {&L->q.w, &L->k.w, &L->v.w, &L->o.w, &L->gate.w, &L->up.w, &L->down.w},
-                {L->q.bias, L->k.bias, L->v.bias, L->o.bias, L->gate.bias, L->up.bias, L->down.bias}, kc, vc, kvdt,
-                md->pos, md->slot, md->inv_freq, m->attn_factor, scale, md->ab, H, Hkv, D, m->rot_dim, (int)a->act};
             if (op->decode_layer(be, &dl)) continue;
         }
+        const bool qkv_plain = L->q.n_lora == 0 && L->k.n_lora == 0 && L->v.n_lora == 0;
+        /* RoPE, the KV store, attention and o in one op after the q/k/v projections, where the
+         * backend takes it (CUDA: one kernel for a 4-bit o at batch 1) */
+        const bool ao = fuse && T == 1 && op->attention_o && op->rmsnorm_matmul_multi && qkv_plain &&
+                        !lora_on(m, &L->o) && !L->q_norm && !L->k_norm && op->attention_o(be, &dl, true);
         /* attention block; the o projection's weights may stream into the device's cache while
          * RoPE and attention leave memory bandwidth idle (a hint: prefetch_l2) */
-        if (fuse && op->prefetch_l2)
+        if (fuse && op->prefetch_l2 && !ao)
             op->prefetch_l2(be, L->o.w.data, tuna_dtype_nbytes(L->o.w.dtype, (uint64_t)(L->o.w.rows * L->o.w.cols)));
-        const bool qkv_plain = L->q.n_lora == 0 && L->k.n_lora == 0 && L->v.n_lora == 0;
-        if (fuse && op->rmsnorm_qkv_rope_kv && qkv_plain && !L->q_norm && !L->k_norm) {
+        bool roped = false; /* RoPE and the KV store done */
+        if (fuse && op->rmsnorm_qkv_rope_kv && qkv_plain && !L->q_norm && !L->k_norm && !ao) {
             /* norm, q/k/v, RoPE and the KV store in one op (one kernel on the GPU) */
             float *const ys[3] = {A->q, A->k, A->v};
             const struct tuna_weight *const w3[3] = {&L->q.w, &L->k.w, &L->v.w};
             const float *const b3[3] = {L->q.bias, L->k.bias, L->v.bias};
             op->rmsnorm_qkv_rope_kv(be, ys, A->xn_attn, x, L->attn_norm, (float)a->norm_eps, w3, b3, kc, vc, kvdt,
                                     md->pos, md->slot, T, H, Hkv, D, m->rot_dim, md->inv_freq, m->attn_factor);
+            roped = true;
+        } else if (fuse && op->rmsnorm_matmul_multi && qkv_plain) {
+            /* the norm folded into the q/k/v GEMV (it still writes xn_attn) */
+            float *const ys[3] = {A->q, A->k, A->v};
+            const struct tuna_weight *const w3[3] = {&L->q.w, &L->k.w, &L->v.w};
+            const float *const b3[3] = {L->q.bias, L->k.bias, L->v.bias};
+            op->rmsnorm_matmul_multi(be, 3, ys, A->xn_attn, x, L->attn_norm, (float)a->norm_eps, w3, b3, T);
         } else {
-            if (fuse && op->rmsnorm_matmul_multi && qkv_plain) {
-                /* the norm folded into the q/k/v GEMV (it still writes xn_attn) */
-                float *const ys[3] = {A->q, A->k, A->v};
-                const struct tuna_weight *const w3[3] = {&L->q.w, &L->k.w, &L->v.w};
-                const float *const b3[3] = {L->q.bias, L->k.bias, L->v.bias};
-                op->rmsnorm_matmul_multi(be, 3, ys, A->xn_attn, x, L->attn_norm, (float)a->norm_eps, w3, b3, T);
-            } else {
-                op->rmsnorm(be, A->xn_attn, x, L->attn_norm, T, C, (float)a->norm_eps);
-                linear_qkv(m, L, A, T, b, fuse); /* q (T, H*D), k and v (T, Hkv*D) */
-            }
-            if (fuse && op->rope_kv_store) { /* q/k norm, RoPE of q and k and the KV store in one op */
-                op->rope_kv_store(be, A->q, A->k, A->v, L->q_norm, L->k_norm, (float)a->norm_eps, kc, vc, kvdt,
-                                  md->pos, md->slot, T, H, Hkv, D, m->rot_dim, md->inv_freq, m->attn_factor);
-            } else {
-                if (L->q_norm) op->rmsnorm(be, A->q, A->q, L->q_norm, T * H, D, (float)a->norm_eps);
-                if (L->k_norm) op->rmsnorm(be, A->k, A->k, L->k_norm, T * Hkv, D, (float)a->norm_eps);
-                op->rope(be, A->q, md->pos, T, H, D, m->rot_dim, md->inv_freq, m->attn_factor);
-                op->rope(be, A->k, md->pos, T, Hkv, D, m->rot_dim, md->inv_freq, m->attn_factor);
-                op->kv_store(be, kc, vc, kvdt, A->k, A->v, md->slot, T, Hkv * D);
-            }
+            op->rmsnorm(be, A->xn_attn, x, L->attn_norm, T, C, (float)a->norm_eps);
+            linear_qkv(m, L, A, T, b, fuse); /* q (T, H*D), k and v (T, Hkv*D) */
         }
-        op->attention(be, A->att, A->q, kc, vc, kvdt, md->ab, H, Hkv, D, scale); /* (T, H*D) */
-        linear_residual(m, &L->o, x, A->att, ws->tmp, T, b, fuse); /* x (T, C) += */
+        if (!(ao && op->attention_o(be, &dl, false))) {
+            if (!roped) rope_and_store(m, L, A, kc, vc, kvdt, md, T, fuse);
+            op->attention(be, A->att, A->q, kc, vc, kvdt, md->ab, H, Hkv, D, scale); /* (T, H*D) */
+            linear_residual(m, &L->o, x, A->att, ws->tmp, T, b, fuse);        /* x (T, C) += */
+        }
         if (trace) op->copy(be, A->x_mid, x, (size_t)(T * C) * sizeof(float));
         /* MLP block */
         float *act = trace ? A->act : A->gate;

@@ -25,175 +25,30 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "backend/cuda/act16.cuh"
-#include "backend/cuda/attention_dec16.cuh"
+#include "backend/cuda/attention_b1.cuh"
 #include "backend/cuda/pdl.cuh"
 
 #define B1_CS 8 /* blocks per cluster: the splits of one (kv head, head group) */
-#define B1_NW 4 /* warps per block */
 #define B1_NS 3 /* stages per warp: NS - 1 groups in flight ahead of the one computed */
 
-/* bytes per warp region: the stage ring, or the merge rows, whichever is larger */
-static __host__ __device__ constexpr int b1_wr(int D, int ES, int GM)
-{
-    return ((B1_NS * 2 * D16_KEYS * (ES * D + 16) > (((32 / (D / 8)) < D16_KEYS ? 32 / (D / 8) : D16_KEYS) * GM * D + 2 * GM) * 4
-                 ? B1_NS * 2 * D16_KEYS * (ES * D + 16)
-                 : (((32 / (D / 8)) < D16_KEYS ? 32 / (D / 8) : D16_KEYS) * GM * D + 2 * GM) * 4) +
-            15) / 16 * 16;
-}
-/* shared memory: q [GM][D] floats (the block's merged rows afterwards), p [NW][16][GP] (the block's
- * maxima and sums afterwards), the warps' regions */
-static __host__ __device__ constexpr int b1_smem(int D, int ES, int GM)
-{
-    return GM * D * 4 + B1_NW * D16_KEYS * ((GM + 3) & ~3) * 4 + B1_NW * b1_wr(D, ES, GM);
-}
-
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-/* a float of block `rank` of the cluster at the same shared-memory offset as p */
-static __device__ __forceinline__ float b1_dsmem_ld(const float *p, unsigned rank)
-{
-    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
-    unsigned r;
-    float v;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
-    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(r) : "memory");
-    return v;
-}
-/* every thread of every block of the cluster: writes before it are seen by reads after it */
-static __device__ __forceinline__ void b1_cluster_sync()
-{
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-#endif
-
 /* KT bf16 or f16; DT 64 or 128; GM query heads per block (power of two >= the group, at most 8).
- * q, out: token 0's [H][DT] rows, float32 / bf16 / f16 by io. qscale = scale * log2(e). */
+ * q, out: token 0's [H][DT] rows, float32 / bf16 / f16 by io. qscale = scale * log2(e). The body
+ * is b1_attend (attention_b1.cuh). */
 template <typename KT, int DT, int GM>
 __global__ void __launch_bounds__(32 * B1_NW, 1)
     k_attn_b1(void *out, const void *q, const KT *kc, const KT *vc, att_meta md, int H, int Hkv, int n_hg,
               float qscale, int io, const struct tuna_l2pf pf)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    constexpr int ES = (int)sizeof(KT), CH = DT / 8, CB = ES * DT / 16, RB = ES * DT + 16;
-    constexpr int KQ = 32 / CH < D16_KEYS ? 32 / CH : D16_KEYS, GP = (GM + 3) & ~3;
-    constexpr int NW = B1_NW, NS = B1_NS, CS = B1_CS, WR = b1_wr(DT, ES, GM);
     extern __shared__ float4 b1_smem_all[];
-    float *qs = (float *)b1_smem_all;                 /* [GM][DT] */
-    float *ps_all = qs + GM * DT;                     /* [NW][16][GP] */
-    char *wreg_all = (char *)(ps_all + NW * D16_KEYS * GP);
-
     const int rank = blockIdx.x, hy = blockIdx.y; /* rank: the block's place in its cluster */
-    const int kvh = hy / n_hg, hg = hy % n_hg, G = H / Hkv, h0 = kvh * G + hg * GM, ng = min(GM, G - hg * GM);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int p = (int)md.pos[0], start = (int)att_start(md, p), bs = md.bs;
-    const int gb = start / D16_KEYS, n_groups = p / D16_KEYS - gb + 1;
-    const int first = rank + CS * warp;                                     /* this warp's first group */
-    const int nk = n_groups > first ? (n_groups - 1 - first) / (CS * NW) + 1 : 0; /* its groups */
-    const int32_t *table = att_table(md, 0);
-    const int64_t HkvD = (int64_t)Hkv * DT;
-    const KT *kbase = kc + (int64_t)kvh * DT, *vbase = vc + (int64_t)kvh * DT;
-    char *wreg = wreg_all + (size_t)warp * WR;
-    float *ps = ps_all + warp * D16_KEYS * GP;
-
-    /* lane j < 16: the cache slot of key j of this warp's group k, -1 outside the context */
-    auto key0 = [&](int k) -> int { return (gb + first + CS * NW * k) * D16_KEYS; };
-    auto slot_of = [&](int k) -> int {
-        const int key = key0(k) + (lane & 15);
-        return k < nk && lane < 16 && key >= start && key <= p ? table[key / bs] * bs + key % bs : -1;
+    const struct b1_rope none = {NULL, NULL, NULL, NULL, 0.0f};
+    auto wait = [&] {
+        if (threadIdx.x == 0) tuna_l2pf_issue(pf, (long long)hy * B1_CS + rank, (long long)gridDim.x * gridDim.y);
+        tuna_pdl_wait();
     };
-    /* copies group k (if any) into stage k % NS; before the PDL wait (early) row p is left out:
-     * the kernel before writes it, and it is stored after the wait. Always commits. */
-    auto issue = [&](int k, int slot, bool early) {
-        if (k < nk) {
-            char *buf = wreg + (k % NS) * (2 * D16_KEYS) * RB;
-            const int kb = key0(k);
-            for (int idx = lane; idx < 2 * D16_KEYS * CB; idx += 32) { /* rows 0..15 K, 16..31 V */
-                const int row = idx / CB, c = idx - row * CB;
-                const int sl = __shfl_sync(0xffffffffu, slot, row & 15);
-                if (early && kb + (row & 15) == p) continue;
-                const char *src =
-                    (const char *)((row < 16 ? kbase : vbase) + (int64_t)(sl < 0 ? 0 : sl) * HkvD) + c * 16;
-                cp_async16(buf + row * RB + c * 16, src, sl < 0 ? 0 : 16);
-            }
-        }
-        cp_async_commit();
-    };
-
-    int nslot = slot_of(0);
-    for (int k = 0; k < NS - 1; k++) {
-        const int sl = nslot;
-        nslot = slot_of(k + 1);
-        issue(k, sl, true);
-    }
-    if (tid == 0) tuna_l2pf_issue(pf, (long long)hy * CS + rank, (long long)gridDim.x * gridDim.y);
-    tuna_pdl_wait();
-    for (int x = tid; x < GM * DT; x += blockDim.x)
-        qs[x] = x < ng * DT ? a16_ld(q, io, (int64_t)h0 * DT + x) * qscale : 0.0f;
-    /* row p, if one of this warp's early groups holds it */
-    {
-        const int gi = p / D16_KEYS - gb - first, kp = gi / (CS * NW);
-        if (gi >= 0 && gi % (CS * NW) == 0 && kp < NS - 1) {
-            char *buf = wreg + (kp % NS) * (2 * D16_KEYS) * RB;
-            const int64_t sl = (int64_t)table[p / bs] * bs + p % bs;
-            for (int idx = lane; idx < 2 * CB; idx += 32) {
-                const int isv = idx / CB, c = idx - isv * CB;
-                const uint4 v = __ldcg((const uint4 *)((const char *)((isv ? vbase : kbase) + sl * HkvD) + c * 16));
-                *(uint4 *)(buf + (isv * D16_KEYS + p % D16_KEYS) * RB + c * 16) = v;
-            }
-        }
-    }
-    __syncthreads(); /* qs, and row p for its warp */
-
-    float m[GM], l[GM], acc[GM][8];
-    d16_state_init<GM>(m, l, acc);
-    const int j = lane & 15, half = lane >> 4, kq = lane / CH, cc = lane - kq * CH;
-    const bool pv_active = kq < KQ;
-    for (int k = 0; k < nk; k++) {
-        __syncwarp(); /* every lane is done with the stage about to be refilled */
-        {
-            const int sl = nslot;
-            nslot = slot_of(k + NS);
-            issue(k + NS - 1, sl, false);
-        }
-        cp_async_wait<NS - 1>();
-        __syncwarp();
-        const int key = key0(k) + j;
-        d16_group_ffma<KT, GM>(wreg + (k % NS) * (2 * D16_KEYS) * RB, RB, DT, qs, ps, j, half, kq, cc, pv_active,
-                               key >= start && key <= p, m, l, acc);
-    }
-    cp_async_wait<0>();
-    __syncwarp();
-    d16_warp_store<GM>((float *)wreg, DT, kq, cc, pv_active, lane, m, l, acc);
-    __syncthreads();
-    /* the block's rows: qs [g][d] = unnormalized output, ps_all [2 g] = max, [2 g + 1] = sum */
-    for (int x = tid; x < ng * DT; x += blockDim.x) {
-        const int g = x / DT, d = x - g * DT;
-        float M, L;
-        qs[x] = d16_block_merge(wreg_all, WR, NW, KQ * GM * DT, GM, KQ, DT, g, d, M, L);
-        if (d == 0) ps_all[2 * g] = M, ps_all[2 * g + 1] = L;
-    }
-    b1_cluster_sync();
-    /* the cluster's CS blocks merged, each block writing every CS-th element */
-    for (int x = rank * blockDim.x + tid; x < ng * DT; x += CS * blockDim.x) {
-        const int g = x / DT;
-        float Mb[CS], Lb[CS], M = -INFINITY;
-#pragma unroll
-        for (int b = 0; b < CS; b++) {
-            Mb[b] = b1_dsmem_ld(ps_all + 2 * g, (unsigned)b);
-            Lb[b] = b1_dsmem_ld(ps_all + 2 * g + 1, (unsigned)b);
-            M = fmaxf(M, Mb[b]);
-        }
-        float L = 0.0f, a = 0.0f;
-#pragma unroll
-        for (int b = 0; b < CS; b++)
-            if (Lb[b] > 0.0f) { /* a block without keys adds nothing */
-                const float w = d16_exp2(Mb[b] - M);
-                L += w * Lb[b];
-                a += w * b1_dsmem_ld(qs + x, (unsigned)b);
-            }
-        a16_st(out, io, (int64_t)h0 * DT + x, a / L);
-    }
-    b1_cluster_sync(); /* no block leaves while another reads its shared memory */
+    b1_attend<KT, DT, GM, B1_NS, false>((char *)b1_smem_all, B1_CS, rank, hy, out, q, (KT *)kc, (KT *)vc, md, H, Hkv,
+                                        n_hg, qscale, io, none, wait);
 #else
     (void)out, (void)q, (void)kc, (void)vc, (void)md, (void)H, (void)Hkv, (void)n_hg, (void)qscale, (void)io, (void)pf;
 #endif
@@ -206,7 +61,7 @@ static bool b1_launch_one(tuna_backend *be, void *out, const void *q, const void
 {
     void (*fn)(void *, const void *, const KT *, const KT *, att_meta, int, int, int, float, int,
                const struct tuna_l2pf) = k_attn_b1<KT, DT, GM>;
-    const size_t smem = (size_t)b1_smem(DT, (int)sizeof(KT), GM);
+    const size_t smem = (size_t)b1_smem(DT, (int)sizeof(KT), GM, B1_NS);
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(B1_CS, (unsigned)(Hkv * n_hg));
     cfg.blockDim = dim3(32 * B1_NW);

@@ -198,6 +198,7 @@ extern "C" void tuna_cuda_backend_free(tuna_backend *be)
     cudaFree(be->argmax_part.p);
     cudaFree(be->attn.p);
     cudaFree(be->layer.p);
+    cudaFree(be->attn_o.p);
     cudaFree(be->q4sk.p);
     cudaFree(be->q4mm_part.p);
     cudaFree(be->fuse.p);
@@ -414,6 +415,7 @@ static const struct tuna_backend_ops k_cuda_ops = {
     tuna_cuda_lora_matmul16,
     tuna_cuda_decode_layer,
     tuna_cuda_upload_2d,
+    tuna_cuda_attention_o,
 };
 
 extern "C" const struct tuna_backend_ops *tuna_cuda_backend_ops(void) { return &k_cuda_ops; }

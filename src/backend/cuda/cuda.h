@@ -101,6 +101,8 @@ int tuna_cuda_q4_tc_max_t(void);
 int tuna_cuda_q4_gemv_max_t(void);
 /* Launches of the decode-layer kernel (q4_layer.cu) in this process, for tests. */
 long tuna_cuda_q4_layer_launches(void);
+/* Launches of the attention + o kernel (attn_o.cu) in this process, for tests. */
+long tuna_cuda_attn_o_launches(void);
 
 /* Small-T threshold of 4-bit weights: T <= this use the fused dequant-GEMV kernel. */
 #define TUNA_CUDA_GEMV_MAX_T 8

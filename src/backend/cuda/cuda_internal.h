@@ -40,6 +40,7 @@ struct tuna_backend {
     struct cuda_grow_buf argmax_part; /* [T * nb] float bests, then [T * nb] int indices (argmax.cu, few rows) */
     struct cuda_grow_buf attn;   /* attention's split partials (attention.cu): sized once, never moves */
     struct cuda_grow_buf layer;  /* the decode-layer kernel's barrier, counters, partials (q4_layer.cu) */
+    struct cuda_grow_buf attn_o; /* the attention + o kernel's grid barrier count (attn_o.cu) */
     struct cuda_grow_buf q4sk;   /* k_q4_sk's partial sums and counters of cut tiles: sized once (q4_sk.cu) */
     struct cuda_grow_buf q4mm_part; /* k_q4_mm's split-K sums [splits][tokens][N] (q4_mm.cu) */
     struct cuda_grow_buf fuse;   /* scratch of the fused ops' unfused fallbacks (fused.cu) */
@@ -194,6 +195,8 @@ void tuna_cuda_rmsnorm_qkv_rope_kv(tuna_backend *be, float *const *ys, float *xn
                                    const float *inv_freq, float attn_factor);
 /* backend.h's decode_layer (q4_layer.cu): one persistent kernel per layer for 4-bit weights. */
 bool tuna_cuda_decode_layer(tuna_backend *be, const struct tuna_decode_layer *l);
+/* backend.h's attention_o (attn_o.cu): RoPE, the KV store, attention and a 4-bit o in one kernel. */
+bool tuna_cuda_attention_o(tuna_backend *be, const struct tuna_decode_layer *l, bool query);
 /* backend.h's prefetch_l2 (pdl.cu): records the hint for the next decode kernel that issues it. */
 void tuna_cuda_prefetch_l2(tuna_backend *be, const void *p, size_t bytes);
 
