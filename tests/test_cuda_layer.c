@@ -118,7 +118,10 @@ static void make_weights(const struct tuna_arch *a, struct synth *s)
 }
 
 /* Token i of the test's sequence (prompt and decode steps alike). */
-static int32_t tok(int64_t i, int64_t V) { return (int32_t)((i * 7919 + 13) % V); }
+static int32_t tok(int64_t i, int64_t V)
+{
+    return (int32_t)((i * 7919 + 13) % V);
+}
 
 /* Prefills `prompt` tokens, then decodes `steps` tokens one step at a time (T = 1); out [steps][V]
  * gets each decode step's logits. */
@@ -135,7 +138,8 @@ static void run(struct tuna_model *m, int64_t prompt, int steps, float *out)
     float *lg = malloc((size_t)V * sizeof *lg);
     assert_non_null(ids);
     assert_non_null(lg);
-    for (int64_t i = 0; i < prompt; i++) ids[i] = tok(i, V);
+    for (int64_t i = 0; i < prompt; i++)
+        ids[i] = tok(i, V);
     TT_OK(tuna_batch_add_seq(&b, ids, prompt, seq, 0, false, true));
     TT_OK(tuna_model_forward(m, kv, &b, lg, NULL));
     for (int s = 0; s < steps; s++) {
@@ -149,12 +153,16 @@ static void run(struct tuna_model *m, int64_t prompt, int steps, float *out)
     tuna_kv_free(kv);
 }
 
+/* A fused kernel's case: env switches it (TUNA_LAYER_KERNEL or TUNA_ATTN_O: "1" on, "0" the ops),
+ * launches counts its launches in this process; the other fused kernel stays off. */
 struct layer_case {
     const char *what;
     int64_t H, Hkv, D;
     bool fp4, no_dq;
     const char *gm; /* TUNA_LAYER_GM: force the 8-head instantiation */
     int64_t prompts[3];
+    const char *env;
+    long (*launches)(void);
 };
 
 static void check(const struct layer_case *c)
@@ -163,14 +171,19 @@ static void check(const struct layer_case *c)
     make_arch(&a, c->H, c->Hkv, c->D);
     struct synth s = {.n = 0};
     make_weights(&a, &s);
-    struct tuna_model_opts o = {.threads = 1, .device = TUNA_DEVICE_CUDA, .quiet = true, .load_in_4bit = true,
-                                .quant_fp4 = c->fp4, .no_double_quant = c->no_dq};
+    struct tuna_model_opts o = {.threads = 1,
+                                .device = TUNA_DEVICE_CUDA,
+                                .quiet = true,
+                                .load_in_4bit = true,
+                                .quant_fp4 = c->fp4,
+                                .no_double_quant = c->no_dq};
     struct tuna_model *m = NULL, *cpu = NULL;
     TT_OK(tuna_model_build(&a, synth_get, &s, &o, &m));
     o.device = TUNA_DEVICE_CPU;
     TT_OK(tuna_model_build(&a, synth_get, &s, &o, &cpu));
     if (c->gm) setenv("TUNA_LAYER_GM", c->gm, 1);
-    setenv("TUNA_ATTN_O", "0", 1); /* the ops one by one, without the attention + o kernel */
+    setenv("TUNA_LAYER_KERNEL", "0", 1); /* both fused kernels off, then this case's one on */
+    setenv("TUNA_ATTN_O", "0", 1);
     enum { STEPS = 6 };
     const int64_t V = a.vocab_size;
     const size_t n = (size_t)STEPS * (size_t)V;
@@ -182,31 +195,35 @@ static void check(const struct layer_case *c)
     for (int k = 0; k < 3 && c->prompts[k]; k++) {
         const int64_t P = c->prompts[k];
         tuna_cuda_set_graphs(m->be, false);
-        setenv("TUNA_LAYER_KERNEL", "1", 1);
-        const long l0 = tuna_cuda_q4_layer_launches();
+        setenv(c->env, "1", 1);
+        const long l0 = c->launches();
         run(m, P, STEPS, on);
-        const long launched = tuna_cuda_q4_layer_launches() - l0;
-        setenv("TUNA_LAYER_KERNEL", "0", 1);
+        const long launched = c->launches() - l0;
+        setenv(c->env, "0", 1);
         run(m, P, STEPS, off);
-        setenv("TUNA_LAYER_KERNEL", "1", 1);
+        const long off_launched = c->launches() - l0 - launched;
+        setenv(c->env, "1", 1);
         tuna_cuda_set_graphs(m->be, true);
         run(m, P, STEPS, graph);
         run(cpu, P, STEPS, ref);
-        const double e_ops = tt_rel_err(on, off, n), e_cpu = tt_rel_err(on, ref, n), e_ops_cpu = tt_rel_err(off, ref, n);
+        const double e_ops = tt_rel_err(on, off, n), e_cpu = tt_rel_err(on, ref, n),
+                     e_ops_cpu = tt_rel_err(off, ref, n);
         size_t gbad = 0;
-        for (size_t i = 0; i < n; i++) gbad += memcmp(&on[i], &graph[i], 4) != 0;
+        for (size_t i = 0; i < n; i++)
+            gbad += memcmp(&on[i], &graph[i], 4) != 0;
         printf("  %s, context %lld: %ld launches; logits vs the ops %.2e, vs the CPU %.2e (the ops vs the CPU "
                "%.2e); graph replays: %zu of %zu differ\n",
                c->what, (long long)P, launched, e_ops, e_cpu, e_ops_cpu, gbad, n);
-        if (launched != STEPS * a.n_layers)
-            fail_msg("%s: %ld decode-layer launches, want %d (one per layer and step)", c->what, launched,
-                     (int)(STEPS * a.n_layers));
+        if (launched != STEPS * a.n_layers || off_launched != 0)
+            fail_msg("%s: %ld launches (%ld with %s=0), want %d (one per layer and step)", c->what, launched,
+                     off_launched, c->env, (int)(STEPS * a.n_layers));
         /* the GEMVs stage x as scaled f16: an attention output that differs in its last float32
          * bits (another summation order) can round an element to the neighbouring f16 (~5e-4
          * relative), measured 3e-7 .. 2.7e-4 over these cases */
-        if (!(e_ops < 2e-3)) fail_msg("%s, context %lld: the layer kernel %.3g from the ops", c->what, (long long)P, e_ops);
+        if (!(e_ops < 2e-3))
+            fail_msg("%s, context %lld: the fused kernel %.3g from the ops", c->what, (long long)P, e_ops);
         if (!(e_cpu < 4.0 * e_ops_cpu + 1e-4))
-            fail_msg("%s, context %lld: the layer kernel %.3g from the CPU, the ops %.3g", c->what, (long long)P, e_cpu,
+            fail_msg("%s, context %lld: the fused kernel %.3g from the CPU, the ops %.3g", c->what, (long long)P, e_cpu,
                      e_ops_cpu);
         if (gbad) fail_msg("%s: graph replays differ from eager steps", c->what);
     }
@@ -233,7 +250,9 @@ static void test_layer_d128(void **state)
 {
     (void)state;
     if (!have_gpu()) skip();
-    const struct layer_case c = {"NF4 dq, D 128, 8/2 heads", 8, 2, 128, false, false, NULL, {5, 300, 4400}};
+    const struct layer_case c = {
+        "NF4 dq, D 128, 8/2 heads", 8, 2, 128, false, false, NULL, {5, 300, 4400}, "TUNA_LAYER_KERNEL",
+        tuna_cuda_q4_layer_launches};
     check(&c);
 }
 
@@ -241,7 +260,9 @@ static void test_layer_d64_g8(void **state)
 {
     (void)state;
     if (!have_gpu()) skip();
-    const struct layer_case c = {"NF4, D 64, 16/2 heads", 16, 2, 64, false, true, NULL, {40, 300, 0}};
+    const struct layer_case c = {
+        "NF4, D 64, 16/2 heads",    16, 2, 64, false, true, NULL, {40, 300, 0}, "TUNA_LAYER_KERNEL",
+        tuna_cuda_q4_layer_launches};
     check(&c);
 }
 
@@ -249,7 +270,9 @@ static void test_layer_d32_fp4(void **state)
 {
     (void)state;
     if (!have_gpu()) skip();
-    const struct layer_case c = {"FP4 dq, D 32, 8/4 heads", 8, 4, 32, true, false, NULL, {17, 300, 0}};
+    const struct layer_case c = {
+        "FP4 dq, D 32, 8/4 heads",  8, 4, 32, true, false, NULL, {17, 300, 0}, "TUNA_LAYER_KERNEL",
+        tuna_cuda_q4_layer_launches};
     check(&c);
 }
 
@@ -257,7 +280,16 @@ static void test_layer_gm8_padded(void **state)
 {
     (void)state;
     if (!have_gpu()) skip();
-    const struct layer_case c = {"NF4 dq, D 128, 4/4 heads in groups of 8", 4, 4, 128, false, false, "8", {33, 0, 0}};
+    const struct layer_case c = {"NF4 dq, D 128, 4/4 heads in groups of 8",
+                                 4,
+                                 4,
+                                 128,
+                                 false,
+                                 false,
+                                 "8",
+                                 {33, 0, 0},
+                                 "TUNA_LAYER_KERNEL",
+                                 tuna_cuda_q4_layer_launches};
     check(&c);
 }
 
@@ -266,87 +298,38 @@ static void test_layer_gm8_padded(void **state)
  * and replayed in CUDA graphs, and against the CPU. The attention is the same arithmetic as
  * k_attn_b1 (where the clusters are the same size) and the KV rows k_rope_kv's; o's sums go in
  * another order, so the logits agree to float32 rounding carried through the layers. */
-struct ao_case {
-    const char *what;
-    int64_t H, Hkv, D;
-    bool fp4, no_dq;
-    int64_t prompts[3];
-};
-
-static void check_ao(const struct ao_case *c)
-{
-    struct tuna_arch a;
-    make_arch(&a, c->H, c->Hkv, c->D);
-    struct synth s = {.n = 0};
-    make_weights(&a, &s);
-    struct tuna_model_opts o = {.threads = 1, .device = TUNA_DEVICE_CUDA, .quiet = true, .load_in_4bit = true,
-                                .quant_fp4 = c->fp4, .no_double_quant = c->no_dq};
-    struct tuna_model *m = NULL, *cpu = NULL;
-    TT_OK(tuna_model_build(&a, synth_get, &s, &o, &m));
-    o.device = TUNA_DEVICE_CPU;
-    TT_OK(tuna_model_build(&a, synth_get, &s, &o, &cpu));
-    enum { STEPS = 6 };
-    const int64_t V = a.vocab_size;
-    const size_t n = (size_t)STEPS * (size_t)V;
-    float *on = malloc(n * 4), *off = malloc(n * 4), *graph = malloc(n * 4), *ref = malloc(n * 4);
-    assert_non_null(on);
-    assert_non_null(off);
-    assert_non_null(graph);
-    assert_non_null(ref);
-    for (int k = 0; k < 3 && c->prompts[k]; k++) {
-        const int64_t P = c->prompts[k];
-        tuna_cuda_set_graphs(m->be, false);
-        setenv("TUNA_ATTN_O", "1", 1);
-        const long l0 = tuna_cuda_attn_o_launches();
-        run(m, P, STEPS, on);
-        const long launched = tuna_cuda_attn_o_launches() - l0;
-        setenv("TUNA_ATTN_O", "0", 1);
-        run(m, P, STEPS, off);
-        const long off_launched = tuna_cuda_attn_o_launches() - l0 - launched;
-        setenv("TUNA_ATTN_O", "1", 1);
-        tuna_cuda_set_graphs(m->be, true);
-        run(m, P, STEPS, graph);
-        run(cpu, P, STEPS, ref);
-        const double e_ops = tt_rel_err(on, off, n), e_cpu = tt_rel_err(on, ref, n), e_ops_cpu = tt_rel_err(off, ref, n);
-        size_t gbad = 0;
-        for (size_t i = 0; i < n; i++) gbad += memcmp(&on[i], &graph[i], 4) != 0;
-        printf("  %s, context %lld: %ld launches; logits vs the ops %.2e, vs the CPU %.2e (the ops vs the CPU "
-               "%.2e); graph replays: %zu of %zu differ\n",
-               c->what, (long long)P, launched, e_ops, e_cpu, e_ops_cpu, gbad, n);
-        if (launched != STEPS * a.n_layers || off_launched != 0)
-            fail_msg("%s: %ld attention + o launches (%ld with TUNA_ATTN_O=0), want %d (one per layer and step)",
-                     c->what, launched, off_launched, (int)(STEPS * a.n_layers));
-        if (!(e_ops < 2e-3)) fail_msg("%s, context %lld: attention + o %.3g from the ops", c->what, (long long)P, e_ops);
-        if (!(e_cpu < 4.0 * e_ops_cpu + 1e-4))
-            fail_msg("%s, context %lld: attention + o %.3g from the CPU, the ops %.3g", c->what, (long long)P, e_cpu,
-                     e_ops_cpu);
-        if (gbad) fail_msg("%s: graph replays differ from eager steps", c->what);
-    }
-    unsetenv("TUNA_ATTN_O");
-    free(on);
-    free(off);
-    free(graph);
-    free(ref);
-    tuna_model_free(m);
-    tuna_model_free(cpu);
-    synth_free(&s);
-}
-
 static void test_attn_o_llama3(void **state)
 {
     (void)state;
     if (!have_gpu()) skip();
-    const struct ao_case c = {"attention + o, NF4 dq, D 128, 32/8 heads (Llama-3-8B's)", 32, 8, 128, false, false,
-                              {5, 300, 2100}};
-    check_ao(&c);
+    const struct layer_case c = {"attention + o, NF4 dq, D 128, 32/8 heads (Llama-3-8B's)",
+                                 32,
+                                 8,
+                                 128,
+                                 false,
+                                 false,
+                                 NULL,
+                                 {5, 300, 2100},
+                                 "TUNA_ATTN_O",
+                                 tuna_cuda_attn_o_launches};
+    check(&c);
 }
 
 static void test_attn_o_d64_g8(void **state)
 {
     (void)state;
     if (!have_gpu()) skip();
-    const struct ao_case c = {"attention + o, NF4, D 64, 16/2 heads", 16, 2, 64, false, true, {40, 300, 0}};
-    check_ao(&c);
+    const struct layer_case c = {"attention + o, NF4, D 64, 16/2 heads",
+                                 16,
+                                 2,
+                                 64,
+                                 false,
+                                 true,
+                                 NULL,
+                                 {40, 300, 0},
+                                 "TUNA_ATTN_O",
+                                 tuna_cuda_attn_o_launches};
+    check(&c);
 }
 
 static void test_attn_o_g7_fp4(void **state)
@@ -354,20 +337,25 @@ static void test_attn_o_g7_fp4(void **state)
     (void)state;
     if (!have_gpu()) skip();
     /* K = 3,584: 56 scales per row, so a block's scales start off 16-byte boundaries */
-    const struct ao_case c = {"attention + o, FP4 dq, D 128, 28/4 heads (groups of 7)", 28, 4, 128, true, false,
-                              {17, 1000, 0}};
-    check_ao(&c);
+    const struct layer_case c = {"attention + o, FP4 dq, D 128, 28/4 heads (groups of 7)",
+                                 28,
+                                 4,
+                                 128,
+                                 true,
+                                 false,
+                                 NULL,
+                                 {17, 1000, 0},
+                                 "TUNA_ATTN_O",
+                                 tuna_cuda_attn_o_launches};
+    check(&c);
 }
 
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_layer_d128),
-        cmocka_unit_test(test_layer_d64_g8),
-        cmocka_unit_test(test_layer_d32_fp4),
-        cmocka_unit_test(test_layer_gm8_padded),
-        cmocka_unit_test(test_attn_o_llama3),
-        cmocka_unit_test(test_attn_o_d64_g8),
+        cmocka_unit_test(test_layer_d128),    cmocka_unit_test(test_layer_d64_g8),
+        cmocka_unit_test(test_layer_d32_fp4), cmocka_unit_test(test_layer_gm8_padded),
+        cmocka_unit_test(test_attn_o_llama3), cmocka_unit_test(test_attn_o_d64_g8),
         cmocka_unit_test(test_attn_o_g7_fp4),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -20,10 +20,12 @@
 /* bytes per warp region: the stage ring of NS stages, or the merge rows, whichever is larger */
 static __host__ __device__ constexpr int b1_wr(int D, int ES, int GM, int NS)
 {
-    return ((NS * 2 * D16_KEYS * (ES * D + 16) > (((32 / (D / 8)) < D16_KEYS ? 32 / (D / 8) : D16_KEYS) * GM * D + 2 * GM) * 4
+    return ((NS * 2 * D16_KEYS * (ES * D + 16) >
+                     (((32 / (D / 8)) < D16_KEYS ? 32 / (D / 8) : D16_KEYS) * GM * D + 2 * GM) * 4
                  ? NS * 2 * D16_KEYS * (ES * D + 16)
                  : (((32 / (D / 8)) < D16_KEYS ? 32 / (D / 8) : D16_KEYS) * GM * D + 2 * GM) * 4) +
-            15) / 16 * 16;
+            15) /
+           16 * 16;
 }
 /* shared memory: q [GM][D] floats (the block's merged rows afterwards), p [NW][16][GP] (the block's
  * maxima and sums afterwards), the warps' regions */
@@ -63,15 +65,15 @@ static __device__ __forceinline__ void b1_cluster_sync()
  * bytes. wait(): the PDL wait, called by every thread after the first copies are issued. Every
  * thread of the CS blocks calls it; warps >= B1_NW only help with loads and merges. */
 template <typename KT, int DT, int GM, int NS, bool ROPE, typename Wait>
-static __device__ __forceinline__ void b1_attend(char *smem, int CS, int rank, int hy, void *out, const void *q,
-                                                 KT *kc, KT *vc, const att_meta &md, int H, int Hkv, int n_hg,
-                                                 float qscale, int io, const struct b1_rope &rp, Wait wait)
+static __device__ __forceinline__ void b1_attend(char *smem, int CS, int rank, int hy, void *out, const void *q, KT *kc,
+                                                 KT *vc, const att_meta &md, int H, int Hkv, int n_hg, float qscale,
+                                                 int io, const struct b1_rope &rp, Wait wait)
 {
     constexpr int ES = (int)sizeof(KT), CH = DT / 8, CB = ES * DT / 16, RB = ES * DT + 16;
     constexpr int KQ = 32 / CH < D16_KEYS ? 32 / CH : D16_KEYS, GP = (GM + 3) & ~3;
     constexpr int NW = B1_NW, WR = b1_wr(DT, ES, GM, NS);
-    float *qs = (float *)smem;                 /* [GM][DT] */
-    float *ps_all = qs + GM * DT;              /* [NW][16][GP] */
+    float *qs = (float *)smem;    /* [GM][DT] */
+    float *ps_all = qs + GM * DT; /* [NW][16][GP] */
     char *wreg_all = (char *)(ps_all + NW * D16_KEYS * GP);
 
     const int kvh = hy / n_hg, hg = hy % n_hg, G = H / Hkv, h0 = kvh * G + hg * GM, ng = min(GM, G - hg * GM);
@@ -79,7 +81,7 @@ static __device__ __forceinline__ void b1_attend(char *smem, int CS, int rank, i
     const bool aw = warp < NW; /* this warp attends */
     const int p = (int)md.pos[0], start = (int)att_start(md, p), bs = md.bs;
     const int gb = start / D16_KEYS, n_groups = p / D16_KEYS - gb + 1;
-    const int first = rank + CS * warp;                                     /* this warp's first group */
+    const int first = rank + CS * warp;                                                 /* this warp's first group */
     const int nk = aw && n_groups > first ? (n_groups - 1 - first) / (CS * NW) + 1 : 0; /* its groups */
     const int32_t *table = att_table(md, 0);
     const int64_t HkvD = (int64_t)Hkv * DT;
@@ -175,7 +177,8 @@ static __device__ __forceinline__ void b1_attend(char *smem, int CS, int rank, i
                 float c, sn;
                 rope_cos_sin(rp.inv_freq, jj, pf, rp.attn_factor, &c, &sn);
                 const float x1 = a16_ld(rp.k, io, r0 + jj), x2 = a16_ld(rp.k, io, r0 + jj + HALF);
-                const KT kv = kv_traits<KT>::from_f32(d < HALF ? rope_first(x1, x2, c, sn) : rope_second(x1, x2, c, sn));
+                const KT kv =
+                    kv_traits<KT>::from_f32(d < HALF ? rope_first(x1, x2, c, sn) : rope_second(x1, x2, c, sn));
                 const KT vv = kv_traits<KT>::from_f32(a16_ld(rp.v, io, r0 + d));
                 *(KT *)(buf + (p % D16_KEYS) * RB + d * ES) = kv;
                 *(KT *)(buf + (D16_KEYS + p % D16_KEYS) * RB + d * ES) = vv;

@@ -53,24 +53,24 @@
 
 struct ao_params {
     /* attention */
-    const float *q;       /* [H * D] q as projected (RoPE here) */
-    struct b1_rope rp;    /* k, v as projected, the slot, the frequencies */
-    void *kc, *vc;        /* the layer's cache */
+    const float *q;    /* [H * D] q as projected (RoPE here) */
+    struct b1_rope rp; /* k, v as projected, the slot, the frequencies */
+    void *kc, *vc;     /* the layer's cache */
     att_meta md;
     int H, Hkv, n_hg, units; /* units = Hkv * n_hg clusters attend */
-    float qscale;         /* scale * log2(e) */
-    float *att;           /* [H * D] attention output, o's input */
+    float qscale;            /* scale * log2(e) */
+    float *att;              /* [H * D] attention output, o's input */
     /* o */
-    struct gemv_job jo;   /* one segment: W_o, its scales, y = x (the residual stream), K = H * D */
+    struct gemv_job jo; /* one segment: W_o, its scales, y = x (the residual stream), K = H * D */
     struct q4_lut lut;
     float lmax;
-    int R;                /* rows of W_o per block */
-    int cs;               /* blocks per cluster */
+    int R;                   /* rows of W_o per block */
+    int cs;                  /* blocks per cluster */
     unsigned long long *bar; /* the grid barrier's count */
     /* shared memory offsets (bytes): codes, scales, nested absmax, code table, attention/x */
     int o_codes, o_sc, o_nabs, o_ncode, o_misc, o_att;
-    int late;                /* attending blocks copy W_o's rows after the attention (TUNA_AO_LATE=0: before) */
-    unsigned long long *tr;  /* TUNA_AO_TRACE=1: [blocks][8] %globaltimer at the phases, or NULL */
+    int late;               /* attending blocks copy W_o's rows after the attention (TUNA_AO_LATE=0: before) */
+    unsigned long long *tr; /* TUNA_AO_TRACE=1: [blocks][8] %globaltimer at the phases, or NULL */
 };
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -129,11 +129,13 @@ __global__ void __launch_bounds__(AO_THREADS, 1) k_attn_o(const __grid_constant_
     /* 1. W_o's rows into shared memory (weights: nothing this step writes them), by the warps that
      * do not attend; the nested scales' small tables with plain loads */
     auto copy_o = [&](bool all) {
-        const int pt = attends && !all ? tid - 32 * B1_NW : tid, np = attends && !all ? AO_THREADS - 32 * B1_NW : AO_THREADS;
+        const int pt = attends && !all ? tid - 32 * B1_NW : tid,
+                  np = attends && !all ? AO_THREADS - 32 * B1_NW : AO_THREADS;
         if (pt >= 0) {
             const char *src = (const char *)so.W + (int64_t)r0 * (K / 2);
             const int n16 = nrows * (K / 2) / 16;
-            for (int i = pt; i < n16; i += np) cp_async16(codes + 16 * i, src + 16 * (int64_t)i, 16);
+            for (int i = pt; i < n16; i += np)
+                cp_async16(codes + 16 * i, src + 16 * (int64_t)i, 16);
             /* the scales from blk0 rounded down to 16 bytes (sc0), the last piece cut at the end */
             if (NESTED) {
                 const int q16 = (int)((blk0 + nblk - sc0 + 15) / 16);
@@ -143,8 +145,10 @@ __global__ void __launch_bounds__(AO_THREADS, 1) k_attn_o(const __grid_constant_
                 }
                 const int64_t n0 = blk0 >> so.sc.nshift, n1 = nrows ? ((blk0 + nblk - 1) >> so.sc.nshift) + 1 : n0;
                 float *nabs = (float *)(smem + P.o_nabs);
-                for (int64_t i = pt; i < n1 - n0; i += np) nabs[i] = __ldg(so.sc.nabs + n0 + i);
-                for (int i = pt; i < 256; i += np) ncode[i] = __ldg(so.sc.ncode + i);
+                for (int64_t i = pt; i < n1 - n0; i += np)
+                    nabs[i] = __ldg(so.sc.nabs + n0 + i);
+                for (int i = pt; i < 256; i += np)
+                    ncode[i] = __ldg(so.sc.ncode + i);
             } else {
                 const int a16 = (int)((blk0 + nblk - sc0 + 3) / 4);
                 for (int i = pt; i < a16; i += np) {
@@ -161,8 +165,8 @@ __global__ void __launch_bounds__(AO_THREADS, 1) k_attn_o(const __grid_constant_
 
     /* 2. the attention */
     if (attends) {
-        b1_attend<KT, DT, GM, AO_NS, true>(smem + P.o_att, cs, rank, hy, P.att, P.q, (KT *)P.kc, (KT *)P.vc, P.md,
-                                           P.H, P.Hkv, P.n_hg, P.qscale, 0, P.rp, [&] {
+        b1_attend<KT, DT, GM, AO_NS, true>(smem + P.o_att, cs, rank, hy, P.att, P.q, (KT *)P.kc, (KT *)P.vc, P.md, P.H,
+                                           P.Hkv, P.n_hg, P.qscale, 0, P.rp, [&] {
                                                tuna_pdl_wait();
                                                mark(2);
                                            });
@@ -179,7 +183,7 @@ __global__ void __launch_bounds__(AO_THREADS, 1) k_attn_o(const __grid_constant_
     tuna_pdl_trigger();
     cp_async_wait<0>();
     __syncthreads();
-    uint8_t *xs = (uint8_t *)(smem + P.o_att); /* over the attention's scratch */
+    uint8_t *xs = (uint8_t *)(smem + P.o_att);                            /* over the attention's scratch */
     const float inv_s = q4h_stage_x<false>(xs, P.att, P.jo, P.lmax, red); /* ends with __syncthreads */
     mark(5);
     const int K32 = K / 32;
@@ -198,27 +202,30 @@ __global__ void __launch_bounds__(AO_THREADS, 1) k_attn_o(const __grid_constant_
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         int rw[4];
 #pragma unroll
-        for (int r = 0; r < 4; r++) rw[r] = min(4 * q4 + r, nrows - 1);
+        for (int r = 0; r < 4; r++)
+            rw[r] = min(4 * q4 + r, nrows - 1);
 #pragma unroll 2
         for (int c = lane; c < K32; c += 32) { /* c = lane (mod 32): the swizzle of k_q4_h4's lanes */
             const uint32_t xo = ((uint32_t)c * 64u) ^ xsw;
             uint4 xv[4];
 #pragma unroll
-            for (int p = 0; p < 4; p++) xv[p] = *reinterpret_cast<const uint4 *>(xs + (xo ^ ((uint32_t)p * 16u)));
+            for (int p = 0; p < 4; p++)
+                xv[p] = *reinterpret_cast<const uint4 *>(xs + (xo ^ ((uint32_t)p * 16u)));
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 const uint4 cw = *reinterpret_cast<const uint4 *>(codes + (size_t)rw[r] * (K / 2) + (size_t)c * 16);
                 const float d = q4h_dot(tab, cw, xv, lane_off);
                 const int64_t b = ((int64_t)(r0 + rw[r]) * K + (int64_t)c * 32) >> bshift;
-                const float am = NESTED ? __fadd_rn(__fmul_rn(ncode[sq[b - sc0]], snabs[(b >> so.sc.nshift) - n0]),
-                                                    so.sc.noff)
-                                        : sabs[b - sc0];
+                const float am =
+                    NESTED ? __fadd_rn(__fmul_rn(ncode[sq[b - sc0]], snabs[(b >> so.sc.nshift) - n0]), so.sc.noff)
+                           : sabs[b - sc0];
                 acc[r] += am * d;
             }
         }
 #pragma unroll
         for (int r = 0; r < 4; r++)
-            for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+            for (int o = 16; o > 0; o >>= 1)
+                acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
         const float v = lane == 0 ? acc[0] : lane == 1 ? acc[1] : lane == 2 ? acc[2] : acc[3];
         if (st) so.y[r0 + mine] = yv + (v * inv_s + bv);
     }
@@ -231,8 +238,7 @@ __global__ void __launch_bounds__(AO_THREADS, 1) k_attn_o(const __grid_constant_
 
 typedef void (*ao_kernel)(const struct ao_params);
 
-template <typename KT, int DT>
-static ao_kernel ao_pick_gm(int GM, bool nested)
+template <typename KT, int DT> static ao_kernel ao_pick_gm(int GM, bool nested)
 {
     if (GM <= 4) return nested ? k_attn_o<KT, DT, 4, true> : k_attn_o<KT, DT, 4, false>;
     return nested ? k_attn_o<KT, DT, 8, true> : k_attn_o<KT, DT, 8, false>;
@@ -240,7 +246,8 @@ static ao_kernel ao_pick_gm(int GM, bool nested)
 
 static ao_kernel ao_pick(int code, int D, int GM, bool nested)
 {
-    if (code == 1) return D == 64 ? ao_pick_gm<__nv_bfloat16, 64>(GM, nested) : ao_pick_gm<__nv_bfloat16, 128>(GM, nested);
+    if (code == 1)
+        return D == 64 ? ao_pick_gm<__nv_bfloat16, 64>(GM, nested) : ao_pick_gm<__nv_bfloat16, 128>(GM, nested);
     return D == 64 ? ao_pick_gm<__half, 64>(GM, nested) : ao_pick_gm<__half, 128>(GM, nested);
 }
 
@@ -275,8 +282,9 @@ static void ao_trace_dump(void)
         return;
     }
     unsigned long long t0 = ~0ull;
-    for (int b = 0; b < nb; b++) t0 = h[b * 8] < t0 ? h[b * 8] : t0;
-    static const char *names[7] = {"entry", "table filled", "PDL wait passed", "attention done", "grid barrier",
+    for (int b = 0; b < nb; b++)
+        t0 = h[b * 8] < t0 ? h[b * 8] : t0;
+    static const char *names[7] = {"entry",    "table filled", "PDL wait passed", "attention done", "grid barrier",
                                    "o staged", "end"};
     fprintf(stderr, "attn_o trace (us from the first entry; attending blocks | the others): min / median / max\n");
     long long v[2][1024];
@@ -290,7 +298,8 @@ static void ao_trace_dump(void)
         for (int r = 0; r < 2; r++) {
             if (!n[r]) continue;
             qsort(v[r], (size_t)n[r], sizeof v[r][0], ao_cmp);
-            fprintf(stderr, " %s %6.2f %6.2f %6.2f", r ? " |" : "", v[r][0] / 1e3, v[r][n[r] / 2] / 1e3, v[r][n[r] - 1] / 1e3);
+            fprintf(stderr, " %s %6.2f %6.2f %6.2f", r ? " |" : "", v[r][0] / 1e3, v[r][n[r] / 2] / 1e3,
+                    v[r][n[r] - 1] / 1e3);
         }
         fprintf(stderr, "\n");
     }
@@ -351,7 +360,8 @@ bool tuna_cuda_attention_o(tuna_backend *be, const struct tuna_decode_layer *a, 
     const int64_t K = w->cols, N = w->rows;
     if (q->prefill == TUNA_DTYPE_F32 || q->blocksize < 32 || K % 32 != 0 || N * K >= ((int64_t)1 << 31)) return false;
     int bshift = 0;
-    while ((1 << bshift) < q->blocksize) bshift++;
+    while ((1 << bshift) < q->blocksize)
+        bshift++;
     if ((1 << bshift) != q->blocksize) return false;
     const bool nested = q->absmax == NULL;
     if ((uintptr_t)w->data % 16 != 0 ||
@@ -389,7 +399,8 @@ bool tuna_cuda_attention_o(tuna_backend *be, const struct tuna_decode_layer *a, 
             while (nb >= units * cs && nb > 0) {
                 const int R = (int)((N + nb - 1) / nb);
                 const size_t smem = ao_layout(&P, R, (int)K, bshift, nested, nested ? q->nested_shift : 0, att_bytes);
-                if (smem + 1024 > (size_t)be->max_smem_optin || !tuna_cuda_smem_allow(be, (const void *)fn, smem)) break;
+                if (smem + 1024 > (size_t)be->max_smem_optin || !tuna_cuda_smem_allow(be, (const void *)fn, smem))
+                    break;
                 cudaLaunchConfig_t cfg = {};
                 cfg.gridDim = dim3((unsigned)cs, (unsigned)(nb / cs));
                 cfg.blockDim = dim3(AO_THREADS);
@@ -438,8 +449,8 @@ bool tuna_cuda_attention_o(tuna_backend *be, const struct tuna_decode_layer *a, 
     /* the barrier's count: 8 bytes, made (zeroed) once */
     void *before = be->attn_o.p;
     if (!tuna_cuda_grow(be, &be->attn_o, 256, "cudaMalloc(attention_o barrier)")) return true;
-    if (be->attn_o.p != before &&
-        !tuna_cuda_check(be, cudaMemsetAsync(be->attn_o.p, 0, be->attn_o.cap, be->stream), "cudaMemsetAsync(attention_o)"))
+    if (be->attn_o.p != before && !tuna_cuda_check(be, cudaMemsetAsync(be->attn_o.p, 0, be->attn_o.cap, be->stream),
+                                                   "cudaMemsetAsync(attention_o)"))
         return true;
 
     P.q = a->q;
