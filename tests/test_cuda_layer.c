@@ -246,117 +246,39 @@ static bool have_gpu(void)
     return false;
 }
 
-static void test_layer_d128(void **state)
-{
-    (void)state;
-    if (!have_gpu()) skip();
-    const struct layer_case c = {
-        "NF4 dq, D 128, 8/2 heads", 8, 2, 128, false, false, NULL, {5, 300, 4400}, "TUNA_LAYER_KERNEL",
-        tuna_cuda_q4_layer_launches};
-    check(&c);
-}
+/* The cases, one test each. The attention + o kernel's (attn_o.cu): RoPE, the KV store, attention
+ * and a 4-bit o in one launch per layer and decode step, against TUNA_ATTN_O=0 (k_rope_kv,
+ * k_attn_b1 and the o GEMV); its attention is k_attn_b1's arithmetic (where the clusters are the
+ * same size) and its KV rows k_rope_kv's, while o's sums go in another order, so the logits agree to
+ * float32 rounding carried through the layers. The FP4 case's K = 3,584 has 56 scales per row, so a
+ * block's scales start off 16-byte boundaries. */
+#define LAYER "TUNA_LAYER_KERNEL", tuna_cuda_q4_layer_launches
+#define ATTN_O "TUNA_ATTN_O", tuna_cuda_attn_o_launches
+static const struct layer_case k_cases[] = {
+    {"NF4 dq, D 128, 8/2 heads", 8, 2, 128, false, false, NULL, {5, 300, 4400}, LAYER},
+    {"NF4, D 64, 16/2 heads", 16, 2, 64, false, true, NULL, {40, 300, 0}, LAYER},
+    {"FP4 dq, D 32, 8/4 heads", 8, 4, 32, true, false, NULL, {17, 300, 0}, LAYER},
+    {"NF4 dq, D 128, 4/4 heads in groups of 8", 4, 4, 128, false, false, "8", {33, 0, 0}, LAYER},
+    {"attention + o, NF4 dq, D 128, 32/8 heads (Llama-3-8B's)", 32, 8, 128, false, false, NULL, {5, 300, 2100}, ATTN_O},
+    {"attention + o, NF4, D 64, 16/2 heads", 16, 2, 64, false, true, NULL, {40, 300, 0}, ATTN_O},
+    {"attention + o, FP4 dq, D 128, 28/4 heads (groups of 7)", 28, 4, 128, true, false, NULL, {17, 1000, 0}, ATTN_O},
+};
 
-static void test_layer_d64_g8(void **state)
+static void test_case(void **state)
 {
-    (void)state;
     if (!have_gpu()) skip();
-    const struct layer_case c = {
-        "NF4, D 64, 16/2 heads",    16, 2, 64, false, true, NULL, {40, 300, 0}, "TUNA_LAYER_KERNEL",
-        tuna_cuda_q4_layer_launches};
-    check(&c);
-}
-
-static void test_layer_d32_fp4(void **state)
-{
-    (void)state;
-    if (!have_gpu()) skip();
-    const struct layer_case c = {
-        "FP4 dq, D 32, 8/4 heads",  8, 4, 32, true, false, NULL, {17, 300, 0}, "TUNA_LAYER_KERNEL",
-        tuna_cuda_q4_layer_launches};
-    check(&c);
-}
-
-static void test_layer_gm8_padded(void **state)
-{
-    (void)state;
-    if (!have_gpu()) skip();
-    const struct layer_case c = {"NF4 dq, D 128, 4/4 heads in groups of 8",
-                                 4,
-                                 4,
-                                 128,
-                                 false,
-                                 false,
-                                 "8",
-                                 {33, 0, 0},
-                                 "TUNA_LAYER_KERNEL",
-                                 tuna_cuda_q4_layer_launches};
-    check(&c);
-}
-
-/* The attention + o kernel (attn_o.cu): RoPE, the KV store, attention and a 4-bit o in one launch
- * per layer and decode step, against TUNA_ATTN_O=0 (k_rope_kv, k_attn_b1 and the o GEMV), eager
- * and replayed in CUDA graphs, and against the CPU. The attention is the same arithmetic as
- * k_attn_b1 (where the clusters are the same size) and the KV rows k_rope_kv's; o's sums go in
- * another order, so the logits agree to float32 rounding carried through the layers. */
-static void test_attn_o_llama3(void **state)
-{
-    (void)state;
-    if (!have_gpu()) skip();
-    const struct layer_case c = {"attention + o, NF4 dq, D 128, 32/8 heads (Llama-3-8B's)",
-                                 32,
-                                 8,
-                                 128,
-                                 false,
-                                 false,
-                                 NULL,
-                                 {5, 300, 2100},
-                                 "TUNA_ATTN_O",
-                                 tuna_cuda_attn_o_launches};
-    check(&c);
-}
-
-static void test_attn_o_d64_g8(void **state)
-{
-    (void)state;
-    if (!have_gpu()) skip();
-    const struct layer_case c = {"attention + o, NF4, D 64, 16/2 heads",
-                                 16,
-                                 2,
-                                 64,
-                                 false,
-                                 true,
-                                 NULL,
-                                 {40, 300, 0},
-                                 "TUNA_ATTN_O",
-                                 tuna_cuda_attn_o_launches};
-    check(&c);
-}
-
-static void test_attn_o_g7_fp4(void **state)
-{
-    (void)state;
-    if (!have_gpu()) skip();
-    /* K = 3,584: 56 scales per row, so a block's scales start off 16-byte boundaries */
-    const struct layer_case c = {"attention + o, FP4 dq, D 128, 28/4 heads (groups of 7)",
-                                 28,
-                                 4,
-                                 128,
-                                 true,
-                                 false,
-                                 NULL,
-                                 {17, 1000, 0},
-                                 "TUNA_ATTN_O",
-                                 tuna_cuda_attn_o_launches};
-    check(&c);
+    check((const struct layer_case *)*state);
 }
 
 int main(void)
 {
-    const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_layer_d128),    cmocka_unit_test(test_layer_d64_g8),
-        cmocka_unit_test(test_layer_d32_fp4), cmocka_unit_test(test_layer_gm8_padded),
-        cmocka_unit_test(test_attn_o_llama3), cmocka_unit_test(test_attn_o_d64_g8),
-        cmocka_unit_test(test_attn_o_g7_fp4),
-    };
+    enum { N = sizeof k_cases / sizeof k_cases[0] };
+    struct CMUnitTest tests[N];
+    for (int i = 0; i < N; i++) {
+        memset(&tests[i], 0, sizeof tests[i]);
+        tests[i].name = k_cases[i].what;
+        tests[i].test_func = test_case;
+        tests[i].initial_state = (void *)&k_cases[i];
+    }
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

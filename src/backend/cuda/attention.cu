@@ -23,6 +23,7 @@
  * tables_flat ([T, max_blocks_per_seq], e.g. in the step block) saves the flattening here.
  */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <type_traits>
@@ -1038,4 +1039,36 @@ void tuna_cuda_attention16(tuna_backend *be, void *out, const void *q, enum tuna
     }
     attention_io(be, (float *)out, (const float *)q, adt == TUNA_DTYPE_BF16 ? 1 : 2, kcache, vcache, kv_dtype, b, H, Hkv,
                  D, scale);
+}
+
+bool tuna_cuda_decode_meta(tuna_backend *be, const struct tuna_decode_layer *a, const char *what, att_meta *md,
+                           const int64_t **slot, const float **inv_freq)
+{
+    const struct tuna_attn_batch *b = a->ab;
+    const int64_t bs = b->block_size, MB = b->max_blocks_per_seq, p = b->pos[0], D = a->D;
+    if (MB > 0 && p / bs + 1 > MB) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "%s (a position beyond max_blocks_per_seq blocks)", what);
+        tuna_cuda_check(be, cudaErrorInvalidValue, msg);
+        return false;
+    }
+    const size_t tab_n = b->tables_flat && MB > 0 ? (size_t)MB : (size_t)(p / bs + 1);
+    const int32_t *tab = b->tables_flat && MB > 0 ? b->tables_flat : b->block_tables[0];
+    struct cuda_meta m = {0};
+    if (!tuna_cuda_meta_begin(be, &m, 16 + (size_t)(D / 2) * 4 + tab_n * 4 + 8)) return false;
+    const size_t o_pos = (size_t)tuna_cuda_meta_stage(be, &m, a->pos, sizeof(int64_t));
+    const size_t o_slot = (size_t)tuna_cuda_meta_stage(be, &m, a->slot, sizeof(int64_t));
+    const size_t o_f = (size_t)tuna_cuda_meta_stage(be, &m, a->inv_freq, (size_t)(D / 2) * sizeof(float));
+    const size_t o_tab = (size_t)tuna_cuda_meta_stage(be, &m, tab, tab_n * sizeof(int32_t));
+    if (be->sticky || !tuna_cuda_meta_flush(be, &m)) return false;
+    char *base = (char *)be->meta.p;
+    md->pos = (const int64_t *)(base + o_pos);
+    md->tables = (const int32_t *)(base + o_tab);
+    md->table_off = NULL;
+    md->table_stride = 0;
+    md->bs = (int32_t)bs;
+    md->window = b->sliding_window;
+    *slot = (const int64_t *)(base + o_slot);
+    *inv_freq = (const float *)(base + o_f);
+    return true;
 }

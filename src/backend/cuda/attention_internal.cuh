@@ -73,6 +73,13 @@ void tuna_cuda_attn_prefill_launch(tuna_backend *be, int code, float *out, const
  * float32 / bf16 / f16 by io; pdl: launched with PDL after the kernel that wrote q and row p).
  * Errors go to be->sticky. */
 bool tuna_cuda_attn_b1_usable(tuna_backend *be, int code, int D, int G);
+
+/* The fused decode kernels' metadata for the single token of a (backend.h's struct
+ * tuna_decode_layer): its position, block table (md), cache slot and RoPE frequencies [D / 2]
+ * staged in the metadata arena. False when it could not (be->sticky set; `what` names the caller
+ * in the message of a position beyond max_blocks_per_seq). */
+bool tuna_cuda_decode_meta(tuna_backend *be, const struct tuna_decode_layer *a, const char *what, att_meta *md,
+                           const int64_t **slot, const float **inv_freq);
 void tuna_cuda_attn_b1_launch(tuna_backend *be, int code, void *out, const void *q, const void *kcache,
                               const void *vcache, const att_meta &md, int H, int Hkv, int D, float scale, int io,
                               bool pdl, const struct tuna_l2pf &pf);

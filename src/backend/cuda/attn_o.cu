@@ -194,8 +194,8 @@ __global__ void __launch_bounds__(AO_THREADS, 1) k_attn_o(const __grid_constant_
     /* each warp takes quads of rows (4 q, .. 4 q + 3; past the block's rows the last one again, not
      * stored): the 4 rows' sums share each chunk's x pieces and are 4 independent chains */
     for (int q4 = warp; 4 * q4 < nrows; q4 += AO_THREADS / 32) {
-        /* lane r < 4 adds row 4 q + r's sum to x: its old value loaded now, under the products
-         * (one dependent round trip per row after them cost ~4 us per launch) */
+        /* lane r < 4 adds row 4 q + r's sum to x, its old value loaded before the products (the
+         * H100 measured the same time with the four read-modify-writes after them) */
         const int mine = 4 * q4 + lane;
         const bool st = lane < 4 && mine < nrows;
         const float yv = st ? __ldcg(so.y + r0 + mine) : 0.0f, bv = st && so.bias ? __ldg(so.bias + r0 + mine) : 0.0f;
@@ -217,7 +217,7 @@ __global__ void __launch_bounds__(AO_THREADS, 1) k_attn_o(const __grid_constant_
                 const float d = q4h_dot(tab, cw, xv, lane_off);
                 const int64_t b = ((int64_t)(r0 + rw[r]) * K + (int64_t)c * 32) >> bshift;
                 const float am =
-                    NESTED ? __fadd_rn(__fmul_rn(ncode[sq[b - sc0]], snabs[(b >> so.sc.nshift) - n0]), so.sc.noff)
+                    NESTED ? q4_nested(ncode[sq[b - sc0]], snabs[(b >> so.sc.nshift) - n0], so.sc.noff)
                            : sabs[b - sc0];
                 acc[r] += am * d;
             }
@@ -429,23 +429,8 @@ bool tuna_cuda_attention_o(tuna_backend *be, const struct tuna_decode_layer *a, 
     if (sh.cs == 0) return false;
     if (query) return true;
 
-    /* metadata: position, slot, RoPE frequencies and the block table (as q4_layer.cu stages them) */
-    const struct tuna_attn_batch *b = a->ab;
-    const int64_t bs = b->block_size, MB = b->max_blocks_per_seq, p = b->pos[0];
-    if (MB > 0 && p / bs + 1 > MB) {
-        tuna_cuda_check(be, cudaErrorInvalidValue, "attention_o (a position beyond max_blocks_per_seq blocks)");
-        return true;
-    }
-    const size_t tab_n = b->tables_flat && MB > 0 ? (size_t)MB : (size_t)(p / bs + 1);
-    const int32_t *tabl = b->tables_flat && MB > 0 ? b->tables_flat : b->block_tables[0];
-    struct cuda_meta m = {0};
-    if (!tuna_cuda_meta_begin(be, &m, 16 + (size_t)(D / 2) * 4 + tab_n * 4 + 8)) return true;
-    const size_t o_pos = (size_t)tuna_cuda_meta_stage(be, &m, a->pos, sizeof(int64_t));
-    const size_t o_slot = (size_t)tuna_cuda_meta_stage(be, &m, a->slot, sizeof(int64_t));
-    const size_t o_f = (size_t)tuna_cuda_meta_stage(be, &m, a->inv_freq, (size_t)(D / 2) * sizeof(float));
-    const size_t o_tab = (size_t)tuna_cuda_meta_stage(be, &m, tabl, tab_n * sizeof(int32_t));
-    if (be->sticky || !tuna_cuda_meta_flush(be, &m)) return true;
-    char *base = (char *)be->meta.p;
+    /* metadata: position, block table, slot, RoPE frequencies */
+    if (!tuna_cuda_decode_meta(be, a, "attention_o", &P.md, &P.rp.slot, &P.rp.inv_freq)) return true;
     /* the barrier's count: 8 bytes, made (zeroed) once */
     void *before = be->attn_o.p;
     if (!tuna_cuda_grow(be, &be->attn_o, 256, "cudaMalloc(attention_o barrier)")) return true;
@@ -455,16 +440,8 @@ bool tuna_cuda_attention_o(tuna_backend *be, const struct tuna_decode_layer *a, 
 
     P.q = a->q;
     P.rp.k = a->k, P.rp.v = a->v;
-    P.rp.slot = (const int64_t *)(base + o_slot);
-    P.rp.inv_freq = (const float *)(base + o_f);
     P.rp.attn_factor = a->attn_factor;
     P.kc = a->kcache, P.vc = a->vcache;
-    P.md.pos = (const int64_t *)(base + o_pos);
-    P.md.tables = (const int32_t *)(base + o_tab);
-    P.md.table_off = NULL;
-    P.md.table_stride = 0;
-    P.md.bs = (int32_t)bs;
-    P.md.window = b->sliding_window;
     P.H = (int)H, P.Hkv = (int)Hkv, P.n_hg = n_hg, P.units = units;
     P.qscale = a->scale * 1.4426950408889634f;
     P.att = a->att;

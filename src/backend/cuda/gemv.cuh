@@ -21,13 +21,18 @@ struct q4_scales {
 };
 
 /* Scale of block b: the float32 absmax, or the nested form rebuilt with the CPU's operations in
- * its order (tuna_q4_undo_double_quant: code * nested absmax, then + offset, each rounded to
- * float32; __fmul_rn/__fadd_rn keep nvcc from contracting them into one FMA). */
+ * its order (q4_nested, tuna_q4_undo_double_quant: code value c * nested absmax, then + offset,
+ * each rounded to float32; __fmul_rn/__fadd_rn keep nvcc from contracting them into one FMA).
+ * Every 4-bit kernel rebuilds nested scales through q4_nested. */
+static __device__ __forceinline__ float q4_nested(float c, float nabs, float noff)
+{
+    return __fadd_rn(__fmul_rn(c, nabs), noff);
+}
 static __device__ __forceinline__ float q4_absmax(const struct q4_scales &s, int64_t b)
 {
     if (s.absmax) return __ldg(s.absmax + b);
     const float c = __ldg(s.ncode + __ldg(s.q + b));
-    return __fadd_rn(__fmul_rn(c, __ldg(s.nabs + (b >> s.nshift))), s.noff);
+    return q4_nested(c, __ldg(s.nabs + (b >> s.nshift)), s.noff);
 }
 
 static __device__ __forceinline__ float q4_round(float v, int mode)

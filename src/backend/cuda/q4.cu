@@ -767,7 +767,7 @@ __global__ void __launch_bounds__(Q4T_THREADS, 1)
                 for (int r = 0; r < Q4T_R; r++) {
                     const struct q4_scales &sc = j.s[rw.ns[r]].sc;
                     const float am = sc.absmax ? sa[u][r]
-                                               : __fadd_rn(__fmul_rn(ncode[rw.ns[r] * 256 + sq[u][r]], sa[u][r]), sc.noff);
+                                               : q4_nested(ncode[rw.ns[r] * 256 + sq[u][r]], sa[u][r], sc.noff);
 #pragma unroll
                     for (int t = 0; t < TT; t++) acc[r][t] += am * d[r][t];
                 }
@@ -1254,7 +1254,7 @@ __global__ void __launch_bounds__(Q4M_THREADS, 1)
                 }
 #pragma unroll
                 for (int r = 0; r < 2; r++) {
-                    const float am = c_nested[r] ? __fadd_rn(__fmul_rn(ncode[c_ncoff[r] + st[u].q[r]], st[u].a[r]), c_noff[r])
+                    const float am = c_nested[r] ? q4_nested(ncode[c_ncoff[r] + st[u].q[r]], st[u].a[r], c_noff[r])
                                                  : st[u].a[r];
                     acc[2 * r] += am * c[2 * r];
                     acc[2 * r + 1] += am * c[2 * r + 1];
@@ -1552,7 +1552,7 @@ __global__ void __launch_bounds__(Q4H_THREADS, 1)
 #pragma unroll
                 for (int r = 0; r < 2; r++) {
                     const float d = q4h_dot(tab, st[u].c[r], xv, lane_off);
-                    const float am = c_nested[r] ? __fadd_rn(__fmul_rn(ncode[c_ncoff[r] + st[u].q[r]], st[u].a[r]), c_noff[r])
+                    const float am = c_nested[r] ? q4_nested(ncode[c_ncoff[r] + st[u].q[r]], st[u].a[r], c_noff[r])
                                                  : st[u].a[r];
                     acc[r] += am * d;
                 }

@@ -242,7 +242,7 @@ static __device__ __forceinline__ void q4h4_run(const struct q4h4_smem &sm, cons
 #pragma unroll
                 for (int r = 0; r < 4; r++) {
                     const float d = q4h_dot(tab, st[u].c[r], xv, lane_off);
-                    const float am = NESTED ? __fadd_rn(__fmul_rn(ncode[c_nco[r >> 1] + st[u].q[r]], st[u].a[r]),
+                    const float am = NESTED ? q4_nested(ncode[c_nco[r >> 1] + st[u].q[r]], st[u].a[r],
                                                         c_noff[r >> 1])
                                             : st[u].a[r];
                     acc[r] += am * d;

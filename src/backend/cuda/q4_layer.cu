@@ -659,32 +659,9 @@ bool tuna_cuda_decode_layer(tuna_backend *be, const struct tuna_decode_layer *a)
     }
     if (!ok) return false;
 
-    /* metadata: position, slot, RoPE frequencies and the block table */
-    const struct tuna_attn_batch *b = a->ab;
-    const int64_t bs = b->block_size, MB = b->max_blocks_per_seq, p = b->pos[0];
-    if (MB > 0 && p / bs + 1 > MB) {
-        tuna_cuda_check(be, cudaErrorInvalidValue, "decode layer (a position beyond max_blocks_per_seq blocks)");
-        return true;
-    }
-    const size_t tab_n = b->tables_flat && MB > 0 ? (size_t)MB : (size_t)(p / bs + 1);
-    const int32_t *tab = b->tables_flat && MB > 0 ? b->tables_flat : b->block_tables[0];
-    struct cuda_meta m = {0};
-    if (!tuna_cuda_meta_begin(be, &m, 16 + (size_t)(D / 2) * 4 + tab_n * 4 + 8)) return true;
-    const size_t o_pos = (size_t)tuna_cuda_meta_stage(be, &m, a->pos, sizeof(int64_t));
-    const size_t o_slot = (size_t)tuna_cuda_meta_stage(be, &m, a->slot, sizeof(int64_t));
-    const size_t o_f = (size_t)tuna_cuda_meta_stage(be, &m, a->inv_freq, (size_t)(D / 2) * sizeof(float));
-    const size_t o_tab = (size_t)tuna_cuda_meta_stage(be, &m, tab, tab_n * sizeof(int32_t));
-    if (be->sticky || !tuna_cuda_meta_flush(be, &m)) return true;
-    char *base = (char *)be->meta.p;
-    P.pos = (const int64_t *)(base + o_pos);
-    P.slot = (const int64_t *)(base + o_slot);
-    P.inv_freq = (const float *)(base + o_f);
-    P.md.pos = P.pos;
-    P.md.tables = (const int32_t *)(base + o_tab);
-    P.md.table_off = NULL;
-    P.md.table_stride = 0;
-    P.md.bs = (int32_t)bs;
-    P.md.window = b->sliding_window;
+    /* metadata: position, block table, slot, RoPE frequencies */
+    if (!tuna_cuda_decode_meta(be, a, "decode layer", &P.md, &P.slot, &P.inv_freq)) return true;
+    P.pos = P.md.pos;
 
     /* the barrier, the counters and the partials: one buffer, sized once for the model */
     const int nu = (int)(Hkv * P.n_hg);

@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(Q4MM_WARPS * 32, TG <= 4 ? 4 : 3) /* the block
             float am[2];
 #pragma unroll
             for (int r = 0; r < 2; r++)
-                am[r] = NESTED ? __fadd_rn(__fmul_rn(ncode[cur.q[r]], cur.a[r]), sc.noff) : cur.a[r];
+                am[r] = NESTED ? q4_nested(ncode[cur.q[r]], cur.a[r], sc.noff) : cur.a[r];
             /* word p of the codes: MMAs 2p (bytes 0, 1) and 2p + 1 (bytes 2, 3), against x piece
              * 4t + p of every token group (its halves .x .y and .z .w) */
 #pragma unroll

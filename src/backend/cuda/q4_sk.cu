@@ -205,7 +205,7 @@ __global__ void __launch_bounds__(Q4SK_THREADS, 1)
                     float am;
                     if (NESTED) {
                         const uint32_t qc = __byte_perm(st[u].q[r], 0u, 0x4440u | (uint32_t)(2 * s + (t >> 1)));
-                        am = __fadd_rn(__fmul_rn(ncode[c_nco[r] + (int)qc], st[u].a[r][0]), c_noff[r]);
+                        am = q4_nested(ncode[c_nco[r] + (int)qc], st[u].a[r][0], c_noff[r]);
                     } else {
                         am = st[u].a[r][s];
                     }

@@ -412,7 +412,7 @@ __global__ void __launch_bounds__((Q4S_WMAX + 1) * 32, 1)
                         if (P.nested) {
                             const uint32_t qc = sp[q][blk];
                             const float na = __ldg(nabs[q] + ((erow[q] + blk) >> j.s[0].sc.nshift));
-                            am[q] = __fadd_rn(__fmul_rn(ncode[nco[q] + qc], na), noff[q]);
+                            am[q] = q4_nested(ncode[nco[q] + qc], na, noff[q]);
                         } else {
                             am[q] = reinterpret_cast<const float *>(sp[q])[blk];
                         }
@@ -746,7 +746,7 @@ __global__ void __launch_bounds__(Q4V_MAXT, MINB)
 #pragma unroll
                 for (int r = 0; r < 2; r++) {
                     const float am =
-                        NESTED ? __fadd_rn(__fmul_rn(ncode[c_nco[r] + (int)st[u].q[r]], st[u].a[r]), c_noff[r]) : st[u].a[r];
+                        NESTED ? q4_nested(ncode[c_nco[r] + (int)st[u].q[r]], st[u].a[r], c_noff[r]) : st[u].a[r];
                     acc[r] += am * d[r];
                 }
             }

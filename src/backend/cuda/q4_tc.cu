@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(Q4TC_THREADS, 1)
             }
 #pragma unroll
             for (int r = 0; r < 2; r++) {
-                const float am = NESTED ? __fadd_rn(__fmul_rn(ncode[c_nco[r] + st[u].q[r]], st[u].a[r]), c_noff[r])
+                const float am = NESTED ? q4_nested(ncode[c_nco[r] + st[u].q[r]], st[u].a[r], c_noff[r])
                                         : st[u].a[r];
 #pragma unroll
                 for (int q = 0; q < G; q++) {
