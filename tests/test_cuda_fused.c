@@ -812,7 +812,9 @@ static void q4s_want(const struct q4set *q, const int64_t *N, int64_t T, const f
  * session: the tensor cores, on the shapes with K % 128 == 0 and K >= 2048; k_q4_h4 on the others),
  * k_q4_sk (TUNA_Q4_K=7, twenty-first session: the units spread evenly over the warps, tiles cut
  * between warps and added in a fixed order; on the shapes with K % 256 == 0, k_q4_h4 on the others;
- * o with 7 rows is one tile cut 16 ways) and k_q4_h2 (TUNA_Q4_K=4) against
+ * o with 7 rows is one tile cut 16 ways), k_q4_r (TUNA_Q4_RING=1, twenty-sixth session: k_q4_h4 fed by
+ * bulk copies, on the shapes with K % 2048 == 0 where the GPU is sm_90+: must give k_q4_h2's bits
+ * too) and k_q4_h2 (TUNA_Q4_K=4) against
  * the CPU at T = 1 (bf16 checkpoints: 16-bit compute): q/k/v (+ the norm), gate/up + GLU (+ the
  * norm), o into the residual. Shapes: row counts that are multiples of no tile, matrices that end
  * inside a block's range, several tiles per block so the stage ring wraps (3000 rows), K = 4096
@@ -831,12 +833,18 @@ static void test_q4_stream(void **state)
     const char *env = getenv("TUNA_Q4_K");
     char *saved = env ? strdup(env) : NULL;
     const long l0 = tuna_cuda_q4_stream_launches(g_gpu), h0 = tuna_cuda_q4_h4_launches();
+    const long r0 = tuna_cuda_q4_r_launches(g_gpu);
+    const char *envr = getenv("TUNA_Q4_RING");
+    char *saved_r = envr ? strdup(envr) : NULL;
+    unsetenv("TUNA_Q4_RING");
+    int ring_shapes = 0;
     const long c0 = tuna_cuda_q4_tc_launches(), s0 = tuna_cuda_q4_sk_launches();
     int tc_shapes = 0, sk_shapes = 0;
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
         const int64_t K = shapes[si][1], N[3] = {shapes[si][0], shapes[si][2], shapes[si][3]};
         if (K % 128 == 0 && K >= 2048) tc_shapes++;
         if (K % 256 == 0) sk_shapes++;
+        if (K % 2048 == 0) ring_shapes++;
         const int type = (int)(si % 2);
         const bool nested = si % 3 != 1;
         struct q4set qs;
@@ -854,9 +862,10 @@ static void test_q4_stream(void **state)
             float *want[5]; /* the CPU: q/k/v, GLU, o added */
             q4s_want(&qs, N, 1, norm ? xn : x, x, y0, want);
             float *ref[5] = {NULL, NULL, NULL, NULL, NULL}; /* k_q4_h2's outputs: k_q4_h4 must give its bits */
-            for (int km = 4; km <= 9; km++) {
-                const char kms[2] = {(char)('0' + km), 0};
+            for (int km = 4; km <= 10; km++) { /* 10: k_q4_r (TUNA_Q4_K=8 TUNA_Q4_RING=1) */
+                const char kms[2] = {(char)('0' + (km == 10 ? 8 : km)), 0};
                 setenv("TUNA_Q4_K", kms, 1);
+                if (km == 10) setenv("TUNA_Q4_RING", "1", 1);
                 float *got[6], *again[6], *other[6];
                 q4s_run(ws, &upp->g, dbias, N, K, 1, dx, dnw, y0, norm, got);
                 q4s_run(ws, &upp->g, dbias, N, K, 1, dx, dnw, y0, norm, again);
@@ -879,8 +888,8 @@ static void test_q4_stream(void **state)
                         print_error("%s: float32 and nested scales differ\n", what);
                         fail();
                     }
-                    if (km == 8 && memcmp(got[o], ref[o], (size_t)n * 4) != 0) {
-                        print_error("%s: k_q4_h4 and k_q4_h2 differ\n", what);
+                    if ((km == 8 || km == 10) && memcmp(got[o], ref[o], (size_t)n * 4) != 0) {
+                        print_error("%s: %s and k_q4_h2 differ\n", what, km == 8 ? "k_q4_h4" : "k_q4_r");
                         fail();
                     }
                     if (km == 4) ref[o] = got[o];
@@ -888,6 +897,7 @@ static void test_q4_stream(void **state)
                     free(again[o]), free(other[o]);
                 }
             }
+            unsetenv("TUNA_Q4_RING");
             for (int o = 0; o < 5; o++) free(want[o]), free(ref[o]);
         }
         free(x), free(nw), free(xn), free(y0);
@@ -897,17 +907,26 @@ static void test_q4_stream(void **state)
     if (saved) setenv("TUNA_Q4_K", saved, 1);
     else unsetenv("TUNA_Q4_K");
     free(saved);
-    const long l1 = tuna_cuda_q4_stream_launches(g_gpu);
+    if (saved_r) setenv("TUNA_Q4_RING", saved_r, 1);
+    free(saved_r);
+    const long l1 = tuna_cuda_q4_stream_launches(g_gpu), r1 = tuna_cuda_q4_r_launches(g_gpu);
     /* 6 shapes x 2 norms x 3 runs x 3 launches (q/k/v, GLU, o) */
     if (l0 >= 0 && l1 - l0 != 6 * 2 * 3 * 3) {
         print_error("k_q4_s ran %ld times, expected %d\n", l1 - l0, 6 * 2 * 3 * 3);
         fail();
     }
-    /* k_q4_h4: every shape with TUNA_Q4_K=8, those k_q4_tc does not take with 9 and those k_q4_sk does
-     * not take with 7 */
+    /* k_q4_r: the shapes with K % 2048 == 0 where the GPU has it (sm_90+) */
+    const int ring_run = r0 >= 0 ? ring_shapes : 0;
+    if (r0 >= 0 && r1 - r0 != ring_run * 2 * 3 * 3) {
+        print_error("k_q4_r ran %ld times, expected %d\n", r1 - r0, ring_run * 2 * 3 * 3);
+        fail();
+    }
+    /* k_q4_h4: every shape with TUNA_Q4_K=8, those k_q4_tc does not take with 9, those k_q4_sk does
+     * not take with 7 and those k_q4_r does not take with TUNA_Q4_RING=1 */
     const long h1 = tuna_cuda_q4_h4_launches(), c1 = tuna_cuda_q4_tc_launches(), s1 = tuna_cuda_q4_sk_launches();
-    if (h1 - h0 != (18 - tc_shapes - sk_shapes) * 2 * 3 * 3) {
-        print_error("k_q4_h4 ran %ld times, expected %d\n", h1 - h0, (18 - tc_shapes - sk_shapes) * 2 * 3 * 3);
+    const int h4_want = (24 - tc_shapes - sk_shapes - ring_run) * 2 * 3 * 3;
+    if (h1 - h0 != h4_want) {
+        print_error("k_q4_h4 ran %ld times, expected %d\n", h1 - h0, h4_want);
         fail();
     }
     if (s1 - s0 != sk_shapes * 2 * 3 * 3) {

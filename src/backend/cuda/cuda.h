@@ -82,6 +82,9 @@ tuna_status tuna_cuda_q4_dequantize(tuna_backend *be, const struct tuna_weight *
 long tuna_cuda_q4_stream_launches(tuna_backend *be);
 /* Launches of k_q4_h4 (q4_h4.cu, TUNA_Q4_K=8) in this process, for tests. */
 long tuna_cuda_q4_h4_launches(void);
+/* Launches of k_q4_r (q4_ring.cu, TUNA_Q4_RING=1) in this process, for tests; -1 when be's device
+ * cannot run it (compute capability below 9.0). */
+long tuna_cuda_q4_r_launches(tuna_backend *be);
 /* Launches of k_q4_mm (q4_mm.cu) in this process, for tests. */
 long tuna_cuda_q4_mm_launches(void);
 /* The most tokens the 4-bit GEMM k_q4_mm takes (TUNA_Q4_MM_MAXT, default 64; 0: never); above,

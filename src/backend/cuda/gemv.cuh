@@ -345,6 +345,13 @@ static inline float q4_lut_absmax(const struct q4_lut *lut)
 bool tuna_cuda_q4_h4(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
                      const struct q4_lut *lut, int blocksize, int64_t T);
 
+/* k_q4_r (q4_ring.cu; TUNA_Q4_RING=1, tuna_cuda_q4_ring_on): k_q4_h4 fed by bulk copies into
+ * shared-memory rings; false when the job does not fit it. j's scales and bs_shift set by the
+ * caller. */
+bool tuna_cuda_q4_r(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
+                    const struct q4_lut *lut, int blocksize, int64_t T);
+bool tuna_cuda_q4_ring_on(void);
+
 /* k_q4_tc (q4_tc.cu): the 4-bit decode GEMV on the tensor cores for 1 to tuna_cuda_q4_tc_max_t()
  * tokens (the default at T >= 2; at T = 1 with TUNA_Q4_K=9); false when the job does not fit it
  * (K % 128, K >= 2048, blocksize >= 64, sm_80+, and q4h_job_fits). j's scales and bs_shift set by
@@ -382,17 +389,34 @@ static __device__ __forceinline__ void q4_item_rows(const struct gemv_job &j, in
     row[1] = *n0 + 1 < N ? *n0 + 1 : N - 1; /* computed, not stored */
 }
 
+/* The threads that run a q4h_ helper below: NT = 0 the whole block (__syncthreads), else threads
+ * 0 .. NT - 1 (a multiple of 32), which meet at named barrier 15 (a block whose other warps do
+ * something else: k_q4_r's producer warp). */
+template <int NT>
+static __device__ __forceinline__ int q4h_nthreads(void)
+{
+    return NT ? NT : (int)blockDim.x;
+}
+
+template <int NT>
+static __device__ __forceinline__ void q4h_sync(void)
+{
+    if (NT) asm volatile("bar.sync 15, %0;" ::"n"(NT) : "memory");
+    else __syncthreads();
+}
+
 /* The byte -> half2 table of the f16-pair kernels (k_q4_v, k_q4_h4): [256 bytes][256], the pair
  * (lut[byte >> 4], lut[byte & 15]) at lane * 4 of the byte's row (one copy per lane, 4 lanes' copies
  * per 16-byte store), and with nested scales each segment's 256 code values into ncode
  * [GEMV_MAX_SEG][256]. slut: 16 floats of shared scratch. The caller synchronizes the block before
  * the tables are read. */
+template <int NT = 0>
 static __device__ __forceinline__ void q4h_fill_tables(uint8_t *tab, float *ncode, float *slut, const struct q4_lut &lut,
                                                        const struct gemv_job &j, bool nested)
 {
     if (threadIdx.x < 16) slut[threadIdx.x] = lut.v[threadIdx.x];
-    __syncthreads();
-    for (int e = threadIdx.x; e < 256 * 8; e += blockDim.x) {
+    q4h_sync<NT>();
+    for (int e = threadIdx.x; e < 256 * 8; e += q4h_nthreads<NT>()) {
         const int byte = e >> 3, l4 = e & 7;
         const __half2 v = __floats2half2_rn(slut[byte >> 4], slut[byte & 15]);
         const uint32_t u = *reinterpret_cast<const uint32_t *>(&v);
@@ -400,7 +424,7 @@ static __device__ __forceinline__ void q4h_fill_tables(uint8_t *tab, float *ncod
     }
     if (nested)
         for (int s = 0; s < j.nseg; s++)
-            for (int e = threadIdx.x; e < 256; e += blockDim.x) ncode[s * 256 + e] = __ldg(j.s[s].sc.ncode + e);
+            for (int e = threadIdx.x; e < 256; e += q4h_nthreads<NT>()) ncode[s * 256 + e] = __ldg(j.s[s].sc.ncode + e);
 }
 
 /* The nested scales' code tables (GEMV_MAX_SEG segments of 256 floats), spread over a block of NT
@@ -451,16 +475,16 @@ static __device__ __forceinline__ float q4h_dot(const uint8_t *tab, uint4 c, con
     return __low2float(d) + __high2float(d);
 }
 
-/* Pieces f0, f0 + blockDim.x, ... (4 of them) of x and (NORM) of the norm weight, zero past K4:
+/* Pieces f0, f0 + n, ... (4 of them; n the threads, q4h_nthreads) of x and (NORM) of the norm weight, zero past K4:
  * all loads issued before any is used. x through L2 (ld.global.cg): in the decode-layer kernel
  * (q4_layer.cu) other SMs wrote it in the same launch, and L1 is not coherent between SMs. */
-template <bool NORM>
+template <bool NORM, int NT = 0>
 static __device__ __forceinline__ void q4h_load4(float4 (&a)[4], float4 (&w)[4], const float4 *x4, const float4 *n4,
                                                  int K4, int f0)
 {
 #pragma unroll
     for (int i = 0; i < 4; i++) {
-        const int f = f0 + i * (int)blockDim.x;
+        const int f = f0 + i * q4h_nthreads<NT>();
         a[i] = f < K4 ? __ldcg(x4 + f) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (NORM) w[i] = f < K4 ? __ldg(n4 + f) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
@@ -470,7 +494,7 @@ static __device__ __forceinline__ void q4h_load4(float4 (&a)[4], float4 (&w)[4],
  * [1024, 2048), red: 64 floats of shared scratch), 16-byte pieces at gemv_x_pos<true>;
  * NORM: x * r * nw first (the CPU rmsnorm's formula; block 0 writes it to j.xn + xn_off in
  * float32: xn_off = t * K for token t of several). Returns 1/s. Ends with __syncthreads. */
-template <bool NORM>
+template <bool NORM, int NT = 0>
 static __device__ __forceinline__ float q4h_stage_x(uint8_t *xs, const float *x, const struct gemv_job &j, float lmax,
                                                     float *red, int64_t xn_off = 0)
 {
@@ -480,12 +504,12 @@ static __device__ __forceinline__ float q4h_stage_x(uint8_t *xs, const float *x,
     float ss = 0.0f, m = 0.0f;
     /* 4 pieces per thread in flight at a time (loads first, then the sums in the same order as
      * one at a time): K = 14336 takes 2 round trips to L2 instead of 7 */
-    for (int f0 = threadIdx.x; f0 < K4; f0 += 4 * blockDim.x) {
+    for (int f0 = threadIdx.x; f0 < K4; f0 += 4 * q4h_nthreads<NT>()) {
         float4 a[4], w[4];
-        q4h_load4<NORM>(a, w, x4, n4, K4, f0);
+        q4h_load4<NORM, NT>(a, w, x4, n4, K4, f0);
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            if (f0 + i * (int)blockDim.x >= K4) break;
+            if (f0 + i * (int)q4h_nthreads<NT>() >= K4) break;
             if (NORM) {
                 ss += a[i].x * a[i].x + a[i].y * a[i].y + a[i].z * a[i].z + a[i].w * a[i].w;
                 m = fmaxf(m, fmaxf(fmaxf(fabsf(a[i].x * w[i].x), fabsf(a[i].y * w[i].y)),
@@ -495,13 +519,13 @@ static __device__ __forceinline__ float q4h_stage_x(uint8_t *xs, const float *x,
             }
         }
     }
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = q4h_nthreads<NT>() >> 5;
     for (int o = 16; o > 0; o >>= 1) {
         ss += __shfl_xor_sync(0xffffffffu, ss, o);
         m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     }
     if (lane == 0) red[warp] = ss, red[32 + warp] = m;
-    __syncthreads();
+    q4h_sync<NT>();
     float a = 0.0f, mm = 0.0f;
     for (int w = 0; w < nw; w++) a += red[w], mm = fmaxf(mm, red[32 + w]);
     const float r = NORM ? 1.0f / sqrtf(a / (float)j.K + j.eps) : 1.0f;
@@ -512,12 +536,12 @@ static __device__ __forceinline__ float q4h_stage_x(uint8_t *xs, const float *x,
     const float s = ldexpf(1.0f, 10 - e), inv = ldexpf(1.0f, e - 10);
     float4 *xn4 = reinterpret_cast<float4 *>(j.xn ? j.xn + xn_off : NULL);
     const bool write = NORM && j.xn && blockIdx.x == 0;
-    for (int f0 = threadIdx.x; f0 < K4; f0 += 4 * blockDim.x) {
+    for (int f0 = threadIdx.x; f0 < K4; f0 += 4 * q4h_nthreads<NT>()) {
         float4 a[4], w[4];
-        q4h_load4<NORM>(a, w, x4, n4, K4, f0);
+        q4h_load4<NORM, NT>(a, w, x4, n4, K4, f0);
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            const int f = f0 + i * (int)blockDim.x;
+            const int f = f0 + i * (int)q4h_nthreads<NT>();
             if (f >= K4) break;
             float4 b = a[i];
             if (NORM) {
@@ -531,7 +555,7 @@ static __device__ __forceinline__ float q4h_stage_x(uint8_t *xs, const float *x,
             *reinterpret_cast<uint2 *>(xs + gemv_x_pos<true>(f >> 1) * 16 + (f & 1) * 8) = u;
         }
     }
-    __syncthreads();
+    q4h_sync<NT>();
     return inv;
 }
 

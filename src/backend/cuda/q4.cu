@@ -941,6 +941,8 @@ bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, co
         if (km == 7 && half_ok && tuna_cuda_q4_sk(be, x, j, ws, &lut, q0->blocksize, T)) return true;
         if ((km == 9 || ((km == 8 || km == 7) && T > 1)) && half_ok && tuna_cuda_q4_tc(be, x, j, ws, &lut, q0->blocksize, T))
             return true;
+        if (km == 8 && T == 1 && half_ok && tuna_cuda_q4_ring_on() && tuna_cuda_q4_r(be, x, j, ws, &lut, q0->blocksize, T))
+            return true;
         if (km >= 7 && half_ok && tuna_cuda_q4_h4(be, x, j, ws, &lut, q0->blocksize, T)) return true;
         if (km >= 4 && half_ok && q4h_try(be, x, j, ws, &lut, q0->blocksize, T)) return true;
         if (q4t_try(be, x, j, ws, &lut, q0->blocksize, T, km >= 2 && half_ok ? 2 : 1)) return true;
