@@ -52,9 +52,10 @@ __global__ void __launch_bounds__(Q4H4_THREADS, 1)
     k_q4_h4(const float *__restrict__ x, const __grid_constant__ struct gemv_job j, const struct q4_lut lut_in,
             int nitems, float lmax, int nshift
 #ifdef TUNA_Q4_TRACE
-            , int trace_id
+            ,
+            int trace_id
 #endif
-            )
+    )
 {
 #ifdef TUNA_Q4_TRACE
     unsigned long long *tr = blockIdx.x < 132 ? q4tr_row(trace_id) : NULL;
@@ -83,22 +84,7 @@ __global__ void __launch_bounds__(Q4H4_THREADS, 1)
         tuna_pdl_wait();
         tuna_pdl_trigger();
     };
-    auto store = [&](int it, int vme, float tot) {
-        if (glu) {
-            const float up = __shfl_down_sync(0xffffffffu, tot, 16); /* lanes 0, 8: rows 2, 3 */
-            const int64_t n = (int64_t)it * 2 + vme;
-            if (lane < 16 && (lane & 7) == 0 && n < j.s[0].N) {
-                const float a2[2][1] = {{tot}, {up}}, one[1] = {1.0f};
-                gemv_store<1, 2>(j, a2, one, 0, n);
-            }
-        } else if ((lane & 7) == 0) {
-            int seg = 0;
-            int64_t n0 = (int64_t)it * 4;
-            if (G != 3) gemv_rows(j, 4, it, &seg, &n0);
-            const float a1[1][1] = {{tot}}, one[1] = {1.0f};
-            if (n0 + vme < j.s[seg].N) gemv_store<1, 1>(j, a1, one, seg, n0 + vme);
-        }
-    };
+    auto store = [&](int it, int vme, float tot) { q4h4_store<G>(j, glu, lane, it, vme, tot); };
     q4h4_run<NORM, NESTED, D, false, G>(sm, x, j, lut_in, true, nitems, lmax, nshift, 0, wait, store Q4TR_ARGV);
 }
 
@@ -180,14 +166,13 @@ bool tuna_cuda_q4_h4(tuna_backend *be, const float *x, struct gemv_job *j, const
     const size_t smem = (size_t)Q4H4_TAB + Q4H4_NCODE + ((size_t)K * 2 + 127) / 128 * 128;
     if (be->max_smem_optin <= 0 || smem + 2048 > (size_t)be->max_smem_optin) return false; /* + static */
     const bool glu = j->mode == GEMV_GLU;
-    const int64_t n4 = glu ? (j->s[0].N + 1) / 2 : gemv_number_rows(j, 4) / 4;
     /* everywhere it fits: q/k/v at 8B shapes gives some pairs 2 items of 4 rows where k_q4_h2 gives
      * them at most 3 of 2, and still measured faster in the layer chain (67.4 against 68.9 us/layer
      * with q/k/v left on k_q4_h2, H100) */
-    const int64_t sms = be->sm_count > 0 ? be->sm_count : 132;
-    const int64_t b4 = (n4 + Q4H4_PAIRS - 1) / Q4H4_PAIRS < sms ? (n4 + Q4H4_PAIRS - 1) / Q4H4_PAIRS : sms;
+    int64_t n4, b4;
+    const bool fits = q4h4_grid(be, j, &n4, &b4);
     if (b4 < 1) return true; /* nothing to do */
-    if (n4 >= ((int64_t)1 << 30)) return false;
+    if (!fits) return false;
     const float lmax = q4_lut_absmax(lut);
     j->prefetch = tuna_cuda_gemv_prefetch();
     const int nshift = nested ? j->s[0].sc.nshift : 0;
@@ -204,7 +189,7 @@ bool tuna_cuda_q4_h4(tuna_backend *be, const float *x, struct gemv_job *j, const
      * there: 14.4 against 13.4 us/layer) */
     const int G = q4h4_form_at_run_time() ? 0 : glu ? 1 : j->nseg == 1 ? 3 : 0;
 #define Q4H4_GO(NORM, NESTED, GG)                                                                                      \
-    tuna_cuda_launch(be, "k_q4_h4", k_q4_h4<NORM, NESTED, 2, GG>, grid, block, smem, x, *j, *lut, (int)n4, lmax,     \
+    tuna_cuda_launch(be, "k_q4_h4", k_q4_h4<NORM, NESTED, 2, GG>, grid, block, smem, x, *j, *lut, (int)n4, lmax,       \
                      nshift Q4TR_ARG)
 #define Q4H4_G(NORM, NESTED)                                                                                           \
     (G == 0 ? Q4H4_GO(NORM, NESTED, 0) : G == 1 ? Q4H4_GO(NORM, NESTED, 1) : Q4H4_GO(NORM, NESTED, 3))

@@ -8,8 +8,8 @@
 
 #define Q4H4_THREADS 512
 #define Q4H4_PAIRS 8
-#define Q4H4_TAB 65536                       /* [256 bytes][256]: half2 at lane * 4 */
-#define Q4H4_NCODE (GEMV_MAX_SEG * 256 * 4)  /* [GEMV_MAX_SEG][256] nested code tables */
+#define Q4H4_TAB 65536                      /* [256 bytes][256]: half2 at lane * 4 */
+#define Q4H4_NCODE (GEMV_MAX_SEG * 256 * 4) /* [GEMV_MAX_SEG][256] nested code tables */
 
 /* The diagnostic timeline (q4_h4.cu, -DTUNA_Q4_TRACE): tr is the block's row or NULL. */
 #ifdef TUNA_Q4_TRACE
@@ -20,10 +20,15 @@ static __device__ __forceinline__ unsigned long long q4tr_now()
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     return t;
 }
-#define Q4TR(slot) do { if (tr && threadIdx.x == 0) tr[slot] = q4tr_now(); } while (0)
+#define Q4TR(slot)                                                                                                     \
+    do {                                                                                                               \
+        if (tr && threadIdx.x == 0) tr[slot] = q4tr_now();                                                             \
+    } while (0)
 #define Q4TR_PARAM , unsigned long long *tr
 #else
-#define Q4TR(slot) do { } while (0)
+#define Q4TR(slot)                                                                                                     \
+    do {                                                                                                               \
+    } while (0)
 #define Q4TR_PARAM
 #endif
 
@@ -46,8 +51,7 @@ struct q4h4_smem {
 /* ROPE: the rows of segments 0 and 1 (q and k, head size hd) are taken in RoPE pairs: item li of
  * a head (li = 0 .. hd/4 - 1) is rows 2 li, 2 li + 1 (pair 0) and 2 li + hd/2, 2 li + hd/2 + 1
  * (pair 1), so one item holds both halves of two rotations (q4_layer.cu rotates in the store). */
-template <bool ROPE>
-static __device__ __forceinline__ int64_t q4h4_rope_row(int seg, int64_t n0, int p, int hd)
+template <bool ROPE> static __device__ __forceinline__ int64_t q4h4_rope_row(int seg, int64_t n0, int p, int hd)
 {
     if (ROPE && seg < 2) {
         const int64_t li = n0 >> 2, qh = hd >> 2, head = li / qh;
@@ -60,8 +64,7 @@ static __device__ __forceinline__ int64_t q4h4_rope_row(int seg, int64_t n0, int
  * matrix, 0 read from the job at run time. Known, the segment of a row pair is a constant (GLU:
  * pair p's is p; one matrix: 0), so its pointers can stay in the constant bank instead of
  * registers, which leaves ptxas registers to load more table entries ahead of their products. */
-template <int G>
-static __device__ __forceinline__ bool q4h4_glu(const struct gemv_job &j)
+template <int G> static __device__ __forceinline__ bool q4h4_glu(const struct gemv_job &j)
 {
     return G == 0 ? j.mode == GEMV_GLU : G == 1;
 }
@@ -86,6 +89,42 @@ static __device__ __forceinline__ void q4h4_pair(const struct gemv_job &j, int64
     const int64_t N = j.s[*seg].N;
     *row = n0 < N ? n0 : N - 1;
     *d = n0 + 1 < N ? 1 : 0;
+}
+
+/* Host side: the items of 4 rows (GLU: 2 outputs) of job j and the blocks k_q4_h4 (and k_q4_r) run
+ * them on (one per SM at most, Q4H4_PAIRS items each at least); *blocks 0 when there is nothing to
+ * do. False when the items do not fit an int. */
+static inline bool q4h4_grid(const tuna_backend *be, struct gemv_job *j, int64_t *items, int64_t *blocks)
+{
+    const int64_t n4 = j->mode == GEMV_GLU ? (j->s[0].N + 1) / 2 : gemv_number_rows(j, 4) / 4;
+    const int64_t sms = be->sm_count > 0 ? be->sm_count : 132, need = (n4 + Q4H4_PAIRS - 1) / Q4H4_PAIRS;
+    *items = n4;
+    *blocks = need < sms ? need : sms;
+    return n4 < ((int64_t)1 << 30);
+}
+
+/* The store of an item's sums that k_q4_h4 and k_q4_r pass to their loops (q4h4_run's store):
+ * GLU (glu = q4h4_glu<G>(j), computed once by the caller), act(gate) * up of outputs 2 it + vme
+ * (lanes 0 and 8); otherwise row vme of the item's 4 (lanes 0, 8, 16, 24), through gemv_store (the
+ * job's mode: store or add, bias). */
+template <int G>
+static __device__ __forceinline__ void q4h4_store(const struct gemv_job &j, bool glu, int lane, int it, int vme,
+                                                  float tot)
+{
+    if (glu) {
+        const float up = __shfl_down_sync(0xffffffffu, tot, 16); /* lanes 0, 8: rows 2, 3 */
+        const int64_t n = (int64_t)it * 2 + vme;
+        if (lane < 16 && (lane & 7) == 0 && n < j.s[0].N) {
+            const float a2[2][1] = {{tot}, {up}}, one[1] = {1.0f};
+            gemv_store<1, 2>(j, a2, one, 0, n);
+        }
+    } else if ((lane & 7) == 0) {
+        int seg = 0;
+        int64_t n0 = (int64_t)it * 4;
+        if (G != 3) gemv_rows(j, 4, it, &seg, &n0);
+        const float a1[1][1] = {{tot}}, one[1] = {1.0f};
+        if (n0 + vme < j.s[seg].N) gemv_store<1, 1>(j, a1, one, seg, n0 + vme);
+    }
 }
 
 /* One 4-bit GEMV of job j over x [K] (see q4_h4.cu), by the whole block (Q4H4_THREADS threads):
@@ -171,7 +210,8 @@ static __device__ __forceinline__ void q4h4_run(const struct q4h4_smem &sm, cons
                 l_n += rstep;
                 if (!ROPE && l_n + (glu ? 1 : 3) < l_N) {
 #pragma unroll
-                    for (int p = 0; p < 2; p++) src[p].c += dc, src[p].e += de;
+                    for (int p = 0; p < 2; p++)
+                        src[p].c += dc, src[p].e += de;
                 } else {
                     set_src(l_it);
                 }
@@ -179,7 +219,8 @@ static __device__ __forceinline__ void q4h4_run(const struct q4h4_smem &sm, cons
         } else {
             l_chunk += 64;
 #pragma unroll
-            for (int p = 0; p < 2; p++) src[p].c += 64, src[p].e += 64u * 32u;
+            for (int p = 0; p < 2; p++)
+                src[p].c += 64, src[p].e += 64u * 32u;
         }
     };
 
@@ -187,7 +228,8 @@ static __device__ __forceinline__ void q4h4_run(const struct q4h4_smem &sm, cons
 #pragma unroll
     for (int u = 0; u < D; u++)
 #pragma unroll
-        for (int r = 0; r < 4; r++) st[u].q[r] = 0u, st[u].a[r] = 0.0f;
+        for (int r = 0; r < 4; r++)
+            st[u].q[r] = 0u, st[u].a[r] = 0.0f;
     if (nmy > 0) set_src(it0);
     /* nested scales: the code tables' loads go first (2 floats per thread, kept in registers until
      * the fill), so they are not queued behind the code loads below; the tables are filled after
@@ -198,7 +240,8 @@ static __device__ __forceinline__ void q4h4_run(const struct q4h4_smem &sm, cons
     if (NESTED) q4h_ncode_load<Q4H4_THREADS>(ncv, j);
     if (j.prefetch >= 1)
 #pragma unroll
-        for (int u = 0; u < D; u++) load_next(st[u]);
+        for (int u = 0; u < D; u++)
+            load_next(st[u]);
     if (fill) q4h_fill_tables(tab, ncode, sm.slut, lut_in, j, false); /* the byte -> half2 table */
     Q4TR(1);
     wait();
@@ -208,7 +251,8 @@ static __device__ __forceinline__ void q4h4_run(const struct q4h4_smem &sm, cons
     Q4TR(3);
     if (j.prefetch < 1)
 #pragma unroll
-        for (int u = 0; u < D; u++) load_next(st[u]);
+        for (int u = 0; u < D; u++)
+            load_next(st[u]);
 
     /* the compute side: item c_it, step c_m */
     const uint32_t lane_off = (uint32_t)lane * 4u;
@@ -238,13 +282,13 @@ static __device__ __forceinline__ void q4h4_run(const struct q4h4_smem &sm, cons
                 const uint32_t xo = ((uint32_t)c_chunk * 64u) ^ xsw; /* piece p at xo ^ 16 p */
                 uint4 xv[4];
 #pragma unroll
-                for (int p = 0; p < 4; p++) xv[p] = *reinterpret_cast<const uint4 *>(xs + (xo ^ ((uint32_t)p * 16u)));
+                for (int p = 0; p < 4; p++)
+                    xv[p] = *reinterpret_cast<const uint4 *>(xs + (xo ^ ((uint32_t)p * 16u)));
 #pragma unroll
                 for (int r = 0; r < 4; r++) {
                     const float d = q4h_dot(tab, st[u].c[r], xv, lane_off);
-                    const float am = NESTED ? q4_nested(ncode[c_nco[r >> 1] + st[u].q[r]], st[u].a[r],
-                                                        c_noff[r >> 1])
-                                            : st[u].a[r];
+                    const float am =
+                        NESTED ? q4_nested(ncode[c_nco[r >> 1] + st[u].q[r]], st[u].a[r], c_noff[r >> 1]) : st[u].a[r];
                     acc[r] += am * d;
                 }
             }
@@ -263,13 +307,15 @@ static __device__ __forceinline__ void q4h4_run(const struct q4h4_smem &sm, cons
             k1 += __shfl_xor_sync(0xffffffffu, s1, 16);
             float v = b3 ? k1 : k0;
             v += __shfl_xor_sync(0xffffffffu, b3 ? k0 : k1, 8);
-            for (int o = 4; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            for (int o = 4; o > 0; o >>= 1)
+                v += __shfl_xor_sync(0xffffffffu, v, o);
             float *pp = sm.part[pair][c_k & 1];
             if (h == 1 && (lane & 7) == 0) pp[vme] = v;
             asm volatile("bar.sync %0, 64;" ::"r"(1 + pair) : "memory");
             if (h == 0) store(c_it, vme, (v + pp[vme]) * inv_s);
 #pragma unroll
-            for (int r = 0; r < 4; r++) acc[r] = 0.0f;
+            for (int r = 0; r < 4; r++)
+                acc[r] = 0.0f;
             c_k++;
             if (++c_it < itend && NESTED) set_cmp(c_it);
         }

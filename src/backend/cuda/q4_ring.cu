@@ -156,24 +156,7 @@ __global__ void __launch_bounds__(Q4R_THREADS, 1)
     if (NESTED) q4h_ncode_store<Q4H4_THREADS>(ncode, ncv, j);
     const float inv_s = q4h_stage_x<NORM, Q4H4_THREADS>(xs, x, j, P.lmax, red); /* ends with a barrier */
 
-    auto store = [&](int it, int vme, float tot) { /* k_q4_h4's */
-                                                   if (glu) {
-                                                       const float up = __shfl_down_sync(
-                                                           0xffffffffu, tot, 16); /* lanes 0, 8: rows 2, 3 */
-                                                       const int64_t n = (int64_t)it * 2 + vme;
-                                                       if (lane < 16 && (lane & 7) == 0 && n < j.s[0].N) {
-                                                           const float a2[2][1] = {{tot}, {up}}, one[1] = {1.0f};
-                                                           gemv_store<1, 2>(j, a2, one, 0, n);
-                                                       }
-                                                   } else if ((lane & 7) == 0) {
-                                                       int seg = 0;
-                                                       int64_t n0 = (int64_t)it * 4;
-                                                       if (G != 3) gemv_rows(j, 4, it, &seg, &n0);
-                                                       const float a1[1][1] = {{tot}}, one[1] = {1.0f};
-                                                       if (n0 + vme < j.s[seg].N)
-                                                           gemv_store<1, 1>(j, a1, one, seg, n0 + vme);
-                                                   }
-    };
+    auto store = [&](int it, int vme, float tot) { q4h4_store<G>(j, glu, lane, it, vme, tot); };
 
     /* the compute side: q4h4_run's, the step's codes and scales read from the stage */
     const uint32_t lane_off = (uint32_t)lane * 4u;
@@ -317,11 +300,10 @@ bool tuna_cuda_q4_r(tuna_backend *be, const float *x, struct gemv_job *j, const 
     if (ens && atoi(ens) >= 2 && atoi(ens) < ns) ns = atoi(ens);
     const size_t smem = ring + (size_t)Q4H4_PAIRS * ns * stage;
     const bool glu = j->mode == GEMV_GLU;
-    const int64_t n4 = glu ? (j->s[0].N + 1) / 2 : gemv_number_rows(j, 4) / 4;
-    const int64_t sms = be->sm_count > 0 ? be->sm_count : 132;
-    const int64_t b4 = (n4 + Q4H4_PAIRS - 1) / Q4H4_PAIRS < sms ? (n4 + Q4H4_PAIRS - 1) / Q4H4_PAIRS : sms;
+    int64_t n4, b4;
+    const bool fits = q4h4_grid(be, j, &n4, &b4);
     if (b4 < 1) return true; /* nothing to do */
-    if (n4 >= ((int64_t)1 << 30)) return false;
+    if (!fits) return false;
     struct q4r_param P;
     P.nitems = (int)n4;
     P.ns = ns;
