@@ -206,11 +206,8 @@ __global__ void __launch_bounds__(AO_THREADS, 1) k_attn_o(const __grid_constant_
             rw[r] = min(4 * q4 + r, nrows - 1);
 #pragma unroll 2
         for (int c = lane; c < K32; c += 32) { /* c = lane (mod 32): the swizzle of k_q4_h4's lanes */
-            const uint32_t xo = ((uint32_t)c * 64u) ^ xsw;
             uint4 xv[4];
-#pragma unroll
-            for (int p = 0; p < 4; p++)
-                xv[p] = *reinterpret_cast<const uint4 *>(xs + (xo ^ ((uint32_t)p * 16u)));
+            q4h_x_pieces(xs, (uint32_t)c, xsw, xv);
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 const uint4 cw = *reinterpret_cast<const uint4 *>(codes + (size_t)rw[r] * (K / 2) + (size_t)c * 16);

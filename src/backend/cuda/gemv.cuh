@@ -475,6 +475,15 @@ static __device__ __forceinline__ float q4h_dot(const uint8_t *tab, uint4 c, con
     return __low2float(d) + __high2float(d);
 }
 
+/* The 4 staged 16-byte pieces of x (q4h_stage_x's layout) for the 32 weights of chunk c, as the
+ * lane whose swizzle is xsw (gemv_x_pos's: ((lane >> 1) & 7) * 16) reads them for q4h_dot. */
+static __device__ __forceinline__ void q4h_x_pieces(const uint8_t *xs, uint32_t c, uint32_t xsw, uint4 (&xv)[4])
+{
+    const uint32_t xo = (c * 64u) ^ xsw; /* piece p at xo ^ 16 p */
+#pragma unroll
+    for (int p = 0; p < 4; p++) xv[p] = *reinterpret_cast<const uint4 *>(xs + (xo ^ ((uint32_t)p * 16u)));
+}
+
 /* Pieces f0, f0 + n, ... (4 of them; n the threads, q4h_nthreads) of x and (NORM) of the norm weight, zero past K4:
  * all loads issued before any is used. x through L2 (ld.global.cg): in the decode-layer kernel
  * (q4_layer.cu) other SMs wrote it in the same launch, and L1 is not coherent between SMs. */

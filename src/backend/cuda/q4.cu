@@ -1547,10 +1547,8 @@ __global__ void __launch_bounds__(Q4H_THREADS, 1)
         for (int u = 0; u < D; u++) {
             if (q0 + u >= total) break;
             if (c_chunk < K32) {
-                const uint32_t xo = ((uint32_t)c_chunk * 64u) ^ xsw; /* piece p at xo ^ 16 p */
                 uint4 xv[4];
-#pragma unroll
-                for (int p = 0; p < 4; p++) xv[p] = *reinterpret_cast<const uint4 *>(xs + (xo ^ ((uint32_t)p * 16u)));
+                q4h_x_pieces(xs, (uint32_t)c_chunk, xsw, xv);
 #pragma unroll
                 for (int r = 0; r < 2; r++) {
                     const float d = q4h_dot(tab, st[u].c[r], xv, lane_off);

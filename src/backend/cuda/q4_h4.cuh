@@ -127,6 +127,31 @@ static __device__ __forceinline__ void q4h4_store(const struct gemv_job &j, bool
     }
 }
 
+/* An item's end in q4h4_run and k_q4_r: the warp's 4 sums acc over its lanes (lanes with bits 4, 3
+ * = v end with row v: k_q4_h2's butterfly order, xor 16 first), then over the pair (warp h = 1
+ * leaves its sums in part[pair][k & 1], warp 0 adds them after the pair's barrier and stores row
+ * vme of item `it`, scaled by inv_s); acc is zeroed. */
+template <typename Store>
+static __device__ __forceinline__ void q4h4_item_end(float (&acc)[4], float (*part)[2][4], int pair, int h, int lane,
+                                                     bool b4, bool b3, int vme, int k, int it, float inv_s, Store store)
+{
+    float k0 = b4 ? acc[2] : acc[0], k1 = b4 ? acc[3] : acc[1];
+    const float s0 = b4 ? acc[0] : acc[2], s1 = b4 ? acc[1] : acc[3];
+    k0 += __shfl_xor_sync(0xffffffffu, s0, 16);
+    k1 += __shfl_xor_sync(0xffffffffu, s1, 16);
+    float v = b3 ? k1 : k0;
+    v += __shfl_xor_sync(0xffffffffu, b3 ? k0 : k1, 8);
+    for (int o = 4; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    float *pp = part[pair][k & 1];
+    if (h == 1 && (lane & 7) == 0) pp[vme] = v;
+    asm volatile("bar.sync %0, 64;" ::"r"(1 + pair) : "memory");
+    if (h == 0) store(it, vme, (v + pp[vme]) * inv_s);
+#pragma unroll
+    for (int r = 0; r < 4; r++)
+        acc[r] = 0.0f;
+}
+
 /* One 4-bit GEMV of job j over x [K] (see q4_h4.cu), by the whole block (Q4H4_THREADS threads):
  * items of 4 rows spread over the grid's warp pairs. fill: build the byte -> half2 table first
  * (a kernel that runs several GEMVs builds it once). wait(): called by every thread once the
@@ -279,11 +304,8 @@ static __device__ __forceinline__ void q4h4_run(const struct q4h4_smem &sm, cons
         for (int u = 0; u < D; u++) {
             if (q0 + u >= total) break;
             if (c_chunk < K32) {
-                const uint32_t xo = ((uint32_t)c_chunk * 64u) ^ xsw; /* piece p at xo ^ 16 p */
                 uint4 xv[4];
-#pragma unroll
-                for (int p = 0; p < 4; p++)
-                    xv[p] = *reinterpret_cast<const uint4 *>(xs + (xo ^ ((uint32_t)p * 16u)));
+                q4h_x_pieces(xs, (uint32_t)c_chunk, xsw, xv);
 #pragma unroll
                 for (int r = 0; r < 4; r++) {
                     const float d = q4h_dot(tab, st[u].c[r], xv, lane_off);
@@ -297,25 +319,10 @@ static __device__ __forceinline__ void q4h4_run(const struct q4h4_smem &sm, cons
                 c_chunk += 64;
                 continue;
             }
-            /* the item's last step: its 4 sums over the warp (lanes with bits 4, 3 = v hold row v:
-             * k_q4_h2's butterfly order, xor 16 first), then over the pair */
+            /* the item's last step: its 4 sums over the warp, then over the pair */
             c_m = 0;
             c_chunk = chunk0;
-            float k0 = b4 ? acc[2] : acc[0], k1 = b4 ? acc[3] : acc[1];
-            const float s0 = b4 ? acc[0] : acc[2], s1 = b4 ? acc[1] : acc[3];
-            k0 += __shfl_xor_sync(0xffffffffu, s0, 16);
-            k1 += __shfl_xor_sync(0xffffffffu, s1, 16);
-            float v = b3 ? k1 : k0;
-            v += __shfl_xor_sync(0xffffffffu, b3 ? k0 : k1, 8);
-            for (int o = 4; o > 0; o >>= 1)
-                v += __shfl_xor_sync(0xffffffffu, v, o);
-            float *pp = sm.part[pair][c_k & 1];
-            if (h == 1 && (lane & 7) == 0) pp[vme] = v;
-            asm volatile("bar.sync %0, 64;" ::"r"(1 + pair) : "memory");
-            if (h == 0) store(c_it, vme, (v + pp[vme]) * inv_s);
-#pragma unroll
-            for (int r = 0; r < 4; r++)
-                acc[r] = 0.0f;
+            q4h4_item_end(acc, sm.part, pair, h, lane, b4, b3, vme, c_k, c_it, inv_s, store);
             c_k++;
             if (++c_it < itend && NESTED) set_cmp(c_it);
         }

@@ -221,12 +221,8 @@ __global__ void __launch_bounds__(Q4R_THREADS, 1)
 #pragma unroll
                 for (int r = 0; r < 4; r++)
                     a[r] = __ldg(c_nabs[r >> 1] + ((c_e[r] + (uint32_t)c_m * 2048u) >> nsh));
-            const uint32_t chunk = (uint32_t)c_m * 64u + cw;
-            const uint32_t xo = (chunk * 64u) ^ xsw; /* piece p at xo ^ 16 p */
             uint4 xv[4];
-#pragma unroll
-            for (int p = 0; p < 4; p++)
-                xv[p] = *reinterpret_cast<const uint4 *>(xs + (xo ^ ((uint32_t)p * 16u)));
+            q4h_x_pieces(xs, (uint32_t)c_m * 64u + cw, xsw, xv);
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 const float d = q4h_dot(tab, c[r], xv, lane_off);
@@ -237,21 +233,7 @@ __global__ void __launch_bounds__(Q4R_THREADS, 1)
             c_m = 0;
         }
         /* the item's last step: q4h4_run's sums over the warp, then over the pair */
-        float k0 = b4 ? acc[2] : acc[0], k1 = b4 ? acc[3] : acc[1];
-        const float s0 = b4 ? acc[0] : acc[2], s1 = b4 ? acc[1] : acc[3];
-        k0 += __shfl_xor_sync(0xffffffffu, s0, 16);
-        k1 += __shfl_xor_sync(0xffffffffu, s1, 16);
-        float v = b3 ? k1 : k0;
-        v += __shfl_xor_sync(0xffffffffu, b3 ? k0 : k1, 8);
-        for (int o = 4; o > 0; o >>= 1)
-            v += __shfl_xor_sync(0xffffffffu, v, o);
-        float *pp = part[pair][c_k & 1];
-        if (h == 1 && (lane & 7) == 0) pp[vme] = v;
-        asm volatile("bar.sync %0, 64;" ::"r"(1 + pair) : "memory");
-        if (h == 0) store(c_it, vme, (v + pp[vme]) * inv_s);
-#pragma unroll
-        for (int r = 0; r < 4; r++)
-            acc[r] = 0.0f;
+        q4h4_item_end(acc, part, pair, h, lane, b4, b3, vme, c_k, c_it, inv_s, store);
         c_k++;
         if (++c_it < itend && NESTED) set_cmp(c_it);
     }
