@@ -2,7 +2,7 @@
  * copy engine, one ring of stages per warp pair (twenty-sixth session). OPT-IN (TUNA_Q4_RING=1,
  * sm_90+): on the H100 it is correct (the same bits as k_q4_h4), as fast in the NF4 layer chain
  * (60.5-61.1 against 61.3-61.8 us/layer: q/k/v faster, gate/up and o slower) and slower end to end
- * (8B batch-1 step 2.58-2.61 against 2.54-2.58 ms); docs/PERFORMANCE.md, "NF4, twenty-sixth
+ * (8B batch-1 step 2.57-2.61 against 2.54-2.58 ms); docs/PERFORMANCE.md, "NF4, twenty-sixth
  * session", says what was measured.
  *
  * k_q4_h4 keeps each lane's next D = 2 steps of codes and scales in registers: the loads of step
@@ -40,7 +40,8 @@
 
 #define Q4R_PW 4 /* producer warps: each issues its bulk copies lane after lane (UBLKCP takes uniform registers) */
 #define Q4R_THREADS (Q4H4_THREADS + 32 * Q4R_PW) /* 16 consumer warps and the producers */
-#define Q4R_SMAX 128u                            /* scale bytes per row and step at most */
+#define Q4R_ROW 1024u /* code bytes per row and step (2,048 weights): a stage is [4][Q4R_ROW] of them, */
+#define Q4R_SMAX 128u /* then [4][sbytes] scale bytes, sbytes <= Q4R_SMAX */
 #define Q4R_NSMAX 4
 
 struct q4r_param {
@@ -49,8 +50,7 @@ struct q4r_param {
     float lmax;
     int nshift;      /* nested: log2 of the nested blocksize */
     uint32_t sbytes; /* scale bytes per row and step */
-    int S;           /* steps (2,048 weights of each of the item's 4 rows) per stage: 1 (see the host) */
-    uint32_t stage;  /* bytes per stage: codes [4][S * 1024], then scales [4][S * sbytes] */
+    uint32_t stage;  /* bytes per stage (one step), a multiple of 128 */
     uint32_t ring;   /* byte offset of the rings in the dynamic shared memory */
     int dry;         /* diagnostics (TUNA_Q4R_DRY=1): the stages are read and released, no products */
 };
@@ -78,9 +78,8 @@ static __device__ __forceinline__ void q4r_produce(const struct gemv_job &j, con
     const int pr = owner ? (int)(threadIdx.x / 32) - 2 * Q4H4_PAIRS + Q4R_PW * lane : 0;
     int it0 = 0, nmy = 0;
     if (owner) q4r_items(P.nitems, (int)blockIdx.x + (int)gridDim.x * pr, &it0, &nmy);
-    const int S = P.S, nst = upw / S, total = nmy * nst; /* stages of the pair */
-    const uint32_t K = (uint32_t)j.K, cb = (uint32_t)S * 1024u, sb = (uint32_t)S * P.sbytes;
-    const uint32_t bytes = 4u * (cb + sb);
+    const int total = nmy * upw; /* the pair's steps */
+    const uint32_t K = (uint32_t)j.K, sb = P.sbytes, bytes = 4u * (Q4R_ROW + sb);
     uint8_t *mine = ring + (size_t)pr * NS * P.stage;
     int i = 0, s = 0, lap = 0, it = it0, m = 0;
     while (__any_sync(0xffffffffu, i < total)) {
@@ -101,13 +100,12 @@ static __device__ __forceinline__ void q4r_produce(const struct gemv_job &j, con
                 const uint32_t dc = d ? K / 2 : 0u, ds = d ? (K >> j.bs_shift) * (NESTED ? 1u : 4u) : 0u;
 #pragma unroll
                 for (int r = 0; r < 2; r++) {
-                    q4s_copy(st + (2 * p + r) * cb, cs + (r ? dc : 0u), cb, bar, false, 0);
-                    q4s_copy(st + 4 * cb + (2 * p + r) * sb, ss + (r ? ds : 0u), sb, bar, false, 0);
+                    q4s_copy(st + (2 * p + r) * Q4R_ROW, cs + (r ? dc : 0u), Q4R_ROW, bar, false, 0);
+                    q4s_copy(st + 4 * Q4R_ROW + (2 * p + r) * sb, ss + (r ? ds : 0u), sb, bar, false, 0);
                 }
             }
             i++;
-            m += S;
-            if (m == upw) m = 0, it++;
+            if (++m == upw) m = 0, it++;
             if (++s == NS) s = 0, lap++;
             did = true;
         }
@@ -188,28 +186,23 @@ __global__ void __launch_bounds__(Q4R_THREADS, 1)
     };
     if (NESTED && nmy > 0) set_cmp(it0);
     const uint8_t *myring = ring + (size_t)pair * NS * P.stage;
-    const uint32_t cb = (uint32_t)P.S * 1024u, sb = (uint32_t)P.S * P.sbytes;
-    int sub = 0; /* the step within the stage */
+    const uint32_t sb = P.sbytes;
     for (int q = 0; q < total; q++) {
-        if (sub == 0) q4s_bar_wait(&full[pair][s], ph);
-        const uint8_t *st = myring + (size_t)s * P.stage + (uint32_t)sub * 1024u;
-        const uint8_t *ss = myring + (size_t)s * P.stage + 4u * cb + (uint32_t)sub * P.sbytes;
+        q4s_bar_wait(&full[pair][s], ph);
+        const uint8_t *st = myring + (size_t)s * P.stage, *ss = st + 4 * Q4R_ROW;
         uint4 c[4];
         float a[4];
         uint32_t qc[4];
 #pragma unroll
         for (int r = 0; r < 4; r++) {
-            c[r] = *reinterpret_cast<const uint4 *>(st + r * cb + cw * 16u);
+            c[r] = *reinterpret_cast<const uint4 *>(st + r * Q4R_ROW + cw * 16u);
             if (NESTED)
                 qc[r] = ss[r * sb + sidx];
             else
                 a[r] = *reinterpret_cast<const float *>(ss + r * sb + sidx * 4u);
         }
-        if (++sub == P.S) {
-            sub = 0;
-            q4s_bar_arrive(&empty[pair][s]);
-            if (++s == NS) s = 0, ph ^= 1u;
-        }
+        q4s_bar_arrive(&empty[pair][s]);
+        if (++s == NS) s = 0, ph ^= 1u;
         if (P.dry) {
 #pragma unroll
             for (int r = 0; r < 4; r++)
@@ -271,10 +264,9 @@ bool tuna_cuda_q4_r(tuna_backend *be, const float *x, struct gemv_job *j, const 
     const size_t ring = (size_t)Q4H4_TAB + Q4H4_NCODE + ((size_t)K * 2 + 127) / 128 * 128;
     if (be->max_smem_optin <= 0) return false;
     const size_t room = (size_t)be->max_smem_optin - 2048 - 512; /* static scratch and the mbarriers */
-    /* stages of one step: stages of whole items (S = 2 at K = 4096, 2 stages per pair) measured
+    /* stages of one step: stages of whole items (2 steps at K = 4096, 2 stages per pair) measured
      * slower on the H100 (gate/up 27.6 against 25.8 us per layer, q/k/v 13.3 against 11.8) */
-    const int S = 1;
-    const uint32_t stage = (uint32_t)(4 * S * (1024 + per) + 127) / 128 * 128;
+    const uint32_t stage = (4 * (Q4R_ROW + per) + 127) / 128 * 128;
     if (room < ring + (size_t)Q4H4_PAIRS * 2 * stage) return false;
     int ns = (int)((room - ring) / ((size_t)Q4H4_PAIRS * stage));
     ns = ns > Q4R_NSMAX ? Q4R_NSMAX : ns;
@@ -292,7 +284,6 @@ bool tuna_cuda_q4_r(tuna_backend *be, const float *x, struct gemv_job *j, const 
     P.lmax = q4_lut_absmax(lut);
     P.nshift = nested ? j->s[0].sc.nshift : 0;
     P.sbytes = per;
-    P.S = S;
     P.stage = stage;
     P.ring = (uint32_t)ring;
     P.dry = edry && edry[0] == '1';
