@@ -317,6 +317,10 @@ static void bench_fused_decode(tuna_backend *be, cudaEvent_t e0, cudaEvent_t e1)
             fprintf(stderr, "BENCH_CHAIN_OPS=%s: want a mask from 1 to 15 (1 q/k/v, 2 o, 4 gate/up, 8 down); "
                             "running the whole chain\n", co);
         else cmask = (int)cm;
+        /* BENCH_CHAIN_MLP=1: gate/up and down (both in the mask) as the one MLP op where the backend
+         * has it (rmsnorm_glu_down; its pending sums folded by the next q/k/v and o) */
+        const char *cmlp = getenv("BENCH_CHAIN_MLP");
+        const bool mlp = cmlp && cmlp[0] == '1' && op->rmsnorm_glu_down && (cmask & 12) == 12;
         double lbytes = 0;
         if (cmask & 1) lbytes += fz_bytes(&L[0].q) + 2 * fz_bytes(&L[0].k);
         if (cmask & 2) lbytes += fz_bytes(&L[0].o);
@@ -333,6 +337,7 @@ static void bench_fused_decode(tuna_backend *be, cudaEvent_t e0, cudaEvent_t e1)
                     op->rmsnorm_qkv_rope_kv(be, ys, xn, x, nw, 1e-5f, ws, NULL, kc, vc, TUNA_DTYPE_BF16, &pos, &slot, 1,
                                             H, Hkv, D, D, inv, 1.0f);
                 if (cmask & 2) op->matmul_add(be, x, q, &y->o, NULL, 1);
+                if (mlp && op->rmsnorm_glu_down(be, x, xn, nw, 1e-5f, &y->g, &y->u, &y->d, 1, 0)) continue;
                 if (cmask & 4) op->rmsnorm_matmul_glu(be, act, xn, x, nw, 1e-5f, &y->g, NULL, &y->u, NULL, 1, 0);
                 if (cmask & 8) op->matmul_add(be, x, act, &y->d, NULL, 1);
             }
@@ -343,8 +348,8 @@ static void bench_fused_decode(tuna_backend *be, cudaEvent_t e0, cudaEvent_t e1)
         qsort(ms + 2, 6, sizeof(float), bench_cmp_float);
         double t = ms[5] * 1e-3 / 32;
         char label[96];
-        if (cmask != 15) snprintf(label, sizeof label, "fused %s layer chain x32 ops %d", tag, cmask);
-        else snprintf(label, sizeof label, "fused %s layer chain x32 (no attention)", tag);
+        if (cmask != 15) snprintf(label, sizeof label, "fused %s layer chain x32 ops %d%s", tag, cmask, mlp ? " mlp" : "");
+        else snprintf(label, sizeof label, "fused %s layer chain x32 (no attention)%s", tag, mlp ? " mlp" : "");
         printf("%-44s %10.1f GB/s  %5.1f%% of copy  %8.1f us/layer\n", label, lbytes / t / 1e9,
                100.0 * lbytes / t / 1e9 / g_copy_gbs, t * 1e6);
         for (int c = 0; c < 4; c++) {

@@ -69,7 +69,7 @@ static void synth_free(struct synth *s)
 }
 
 /* A 2-layer Llama with H query and Hkv kv heads of size D. */
-static void make_arch(struct tuna_arch *a, int64_t H, int64_t Hkv, int64_t D)
+static void make_arch(struct tuna_arch *a, int64_t H, int64_t Hkv, int64_t D, int64_t I)
 {
     memset(a, 0, sizeof *a);
     a->family = TUNA_FAMILY_LLAMA;
@@ -80,7 +80,7 @@ static void make_arch(struct tuna_arch *a, int64_t H, int64_t Hkv, int64_t D)
     a->n_heads = H;
     a->n_kv_heads = Hkv;
     a->head_dim = D;
-    a->intermediate_size = 352;
+    a->intermediate_size = I ? I : 352;
     a->vocab_size = 512;
     a->max_position_embeddings = 8192;
     a->norm_eps = 1e-5;
@@ -153,8 +153,8 @@ static void run(struct tuna_model *m, int64_t prompt, int steps, float *out)
     tuna_kv_free(kv);
 }
 
-/* A fused kernel's case: env switches it (TUNA_LAYER_KERNEL or TUNA_ATTN_O: "1" on, "0" the ops),
- * launches counts its launches in this process; the other fused kernel stays off. */
+/* A fused kernel's case: env switches it (TUNA_LAYER_KERNEL, TUNA_ATTN_O or TUNA_Q4_MLP: "1" on,
+ * "0" the ops), launches counts its launches in this process; the other fused kernels stay off. */
 struct layer_case {
     const char *what;
     int64_t H, Hkv, D;
@@ -163,12 +163,14 @@ struct layer_case {
     int64_t prompts[3];
     const char *env;
     long (*launches)(void);
+    int64_t I;     /* intermediate size (0: 352) */
+    bool not_last; /* launched in every layer but the last (the MLP kernel) */
 };
 
 static void check(const struct layer_case *c)
 {
     struct tuna_arch a;
-    make_arch(&a, c->H, c->Hkv, c->D);
+    make_arch(&a, c->H, c->Hkv, c->D, c->I);
     struct synth s = {.n = 0};
     make_weights(&a, &s);
     struct tuna_model_opts o = {.threads = 1,
@@ -184,7 +186,9 @@ static void check(const struct layer_case *c)
     if (c->gm) setenv("TUNA_LAYER_GM", c->gm, 1);
     setenv("TUNA_LAYER_KERNEL", "0", 1); /* both fused kernels off, then this case's one on */
     setenv("TUNA_ATTN_O", "0", 1);
+    setenv("TUNA_Q4_MLP", "0", 1);
     enum { STEPS = 6 };
+    const long want = STEPS * (a.n_layers - (c->not_last ? 1 : 0));
     const int64_t V = a.vocab_size;
     const size_t n = (size_t)STEPS * (size_t)V;
     float *on = malloc(n * 4), *off = malloc(n * 4), *graph = malloc(n * 4), *ref = malloc(n * 4);
@@ -214,9 +218,9 @@ static void check(const struct layer_case *c)
         printf("  %s, context %lld: %ld launches; logits vs the ops %.2e, vs the CPU %.2e (the ops vs the CPU "
                "%.2e); graph replays: %zu of %zu differ\n",
                c->what, (long long)P, launched, e_ops, e_cpu, e_ops_cpu, gbad, n);
-        if (launched != STEPS * a.n_layers || off_launched != 0)
-            fail_msg("%s: %ld launches (%ld with %s=0), want %d (one per layer and step)", c->what, launched,
-                     off_launched, c->env, (int)(STEPS * a.n_layers));
+        if (launched != want || off_launched != 0)
+            fail_msg("%s: %ld launches (%ld with %s=0), want %ld (one per layer and step%s)", c->what, launched,
+                     off_launched, c->env, want, c->not_last ? ", but the last layer" : "");
         /* the GEMVs stage x as scaled f16: an attention output that differs in its last float32
          * bits (another summation order) can round an element to the neighbouring f16 (~5e-4
          * relative), measured 3e-7 .. 2.7e-4 over these cases */
@@ -230,6 +234,7 @@ static void check(const struct layer_case *c)
     unsetenv("TUNA_LAYER_GM");
     unsetenv("TUNA_LAYER_KERNEL");
     unsetenv("TUNA_ATTN_O");
+    unsetenv("TUNA_Q4_MLP");
     free(on);
     free(off);
     free(graph);
@@ -252,8 +257,14 @@ static bool have_gpu(void)
  * same size) and its KV rows k_rope_kv's, while o's sums go in another order, so the logits agree to
  * float32 rounding carried through the layers. The FP4 case's K = 3,584 has 56 scales per row, so a
  * block's scales start off 16-byte boundaries. */
-#define LAYER "TUNA_LAYER_KERNEL", tuna_cuda_q4_layer_launches
-#define ATTN_O "TUNA_ATTN_O", tuna_cuda_attn_o_launches
+#define LAYER "TUNA_LAYER_KERNEL", tuna_cuda_q4_layer_launches, 0, false
+#define ATTN_O "TUNA_ATTN_O", tuna_cuda_attn_o_launches, 0, false
+/* The MLP kernel's (q4_mlp.cu, experimental): gate/up, the GLU and down in one launch per layer but
+ * the last, down's sums added in fixed point by clusters of 2 or 4 blocks, each over its own columns
+ * of down, against TUNA_Q4_MLP=0 (k_q4_h4 twice). I = 352: one unit of 32 columns per cluster, so one
+ * lane per row of down; 2,816 and 4,160: 2-3 units per cluster of 2 on 132 SMs (run again with
+ * TUNA_Q4_MLP_CS=4 in the environment for clusters of 4). */
+#define MLP "TUNA_Q4_MLP", tuna_cuda_q4_mlp_launches
 static const struct layer_case k_cases[] = {
     {"NF4 dq, D 128, 8/2 heads", 8, 2, 128, false, false, NULL, {5, 300, 4400}, LAYER},
     {"NF4, D 64, 16/2 heads", 16, 2, 64, false, true, NULL, {40, 300, 0}, LAYER},
@@ -262,6 +273,9 @@ static const struct layer_case k_cases[] = {
     {"attention + o, NF4 dq, D 128, 32/8 heads (Llama-3-8B's)", 32, 8, 128, false, false, NULL, {5, 300, 2100}, ATTN_O},
     {"attention + o, NF4, D 64, 16/2 heads", 16, 2, 64, false, true, NULL, {40, 300, 0}, ATTN_O},
     {"attention + o, FP4 dq, D 128, 28/4 heads (groups of 7)", 28, 4, 128, true, false, NULL, {17, 1000, 0}, ATTN_O},
+    {"MLP, NF4 dq, I 352", 8, 2, 32, false, false, NULL, {5, 70, 0}, MLP, 352, true},
+    {"MLP, NF4, I 2816", 8, 2, 32, false, true, NULL, {9, 0, 0}, MLP, 2816, true},
+    {"MLP, FP4 dq, I 4160", 8, 4, 32, true, false, NULL, {17, 0, 0}, MLP, 4160, true},
 };
 
 static void test_case(void **state)

@@ -402,6 +402,14 @@ struct tuna_backend_ops {
      * to float32 rounding (CUDA: one kernel for a 4-bit o). query: only whether it takes such a
      * call, nothing done. Returns false, having done nothing, when it declines. */
     bool (*attention_o)(tuna_backend *be, const struct tuna_decode_layer *l, bool query);
+    /* Optional (NULL: the ops one by one): the MLP block of one token without adapters or biases —
+     * rmsnorm_matmul_glu (xn gets the normalized x) and matmul_add of down into x — in one call, the
+     * same results up to float32 rounding (CUDA: one kernel for 4-bit weights, down's sums added in
+     * fixed point and left pending for x's next reader: docs/ARCHITECTURE.md; experimental, only
+     * with TUNA_Q4_MLP=1). Returns false, having done nothing, when it declines. */
+    bool (*rmsnorm_glu_down)(tuna_backend *be, float *x, float *xn, const float *nw, float eps,
+                             const struct tuna_weight *wg, const struct tuna_weight *wu, const struct tuna_weight *wd,
+                             int64_t T, int act);
 };
 
 #endif

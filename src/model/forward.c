@@ -724,6 +724,14 @@ static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const stru
         /* MLP block */
         float *act = trace ? A->act : A->gate;
         const bool mlp_plain = !lora_on(m, &L->gate) && !lora_on(m, &L->up); /* no adapter in this step */
+        /* the whole MLP in one op where the backend takes it (CUDA: one kernel for 4-bit weights at
+         * batch 1 with TUNA_Q4_MLP=1, down's sums left pending for x's next reader; not in the last
+         * layer, whose reader is lm_head's GEMV) */
+        if (fuse && T == 1 && op->rmsnorm_glu_down && mlp_plain && !lora_on(m, &L->down) && !L->gate.bias &&
+            !L->up.bias && !L->down.bias && l + 1 < a->n_layers &&
+            op->rmsnorm_glu_down(be, x, A->xn_mlp, L->mlp_norm, (float)a->norm_eps, &L->gate.w, &L->up.w,
+                                 &L->down.w, T, (int)a->act))
+            continue;
         if (fuse && op->rmsnorm_matmul_glu && mlp_plain) {
             op->rmsnorm_matmul_glu(be, act, A->xn_mlp, x, L->mlp_norm, (float)a->norm_eps, &L->gate.w, L->gate.bias,
                                    &L->up.w, L->up.bias, T, (int)a->act);

@@ -41,6 +41,7 @@ void tuna_cuda_rmsnorm16(tuna_backend *be, void *y, int64_t ldy, const float *x,
                          float eps, enum tuna_dtype adt)
 {
     if (be->sticky || T <= 0) return;
+    tuna_cuda_racc_settle(be, x);
     const int io = act_io(adt);
     if (!io) {
         tuna_cuda_check(be, cudaErrorInvalidValue, "rmsnorm16 (activations neither bf16 nor f16)");

@@ -342,6 +342,7 @@ static size_t ao_layout(struct ao_params *P, int R, int K, int bshift, bool nest
 bool tuna_cuda_attention_o(tuna_backend *be, const struct tuna_decode_layer *a, bool query)
 {
     if (be->sticky) return !query; /* the step fails anyway */
+    if (!query) tuna_cuda_racc_settle(be, a->x);
     if (!ao_env_on() || tuna_cuda_q4_old() || be->cc_major < 9 || be->sm_count <= 0 || be->max_smem_optin <= 0 ||
         !tuna_cuda_pdl_on(be))
         return false;

@@ -302,6 +302,8 @@ __global__ void k_add(float *y, const float *x, int64_t n)
 void tuna_cuda_add(tuna_backend *be, float *y, const float *x, int64_t n)
 {
     if (be->sticky || n <= 0) return;
+    tuna_cuda_racc_settle(be, y);
+    tuna_cuda_racc_settle(be, x);
     k_add<<<tuna_cuda_blocks(n, 256), 256, 0, be->stream>>>(y, x, n);
     tuna_cuda_check_launch(be, "k_add");
 }
@@ -349,6 +351,7 @@ void tuna_cuda_embedding(tuna_backend *be, float *out, const int32_t *ids, int64
                          float scale)
 {
     if (be->sticky || T <= 0) return;
+    if (out == be->racc.x) tuna_cuda_racc_drop(be); /* x is overwritten: its pending part is void */
     int dc = dtype_code(emb->dtype);
     if (dc < 0) {
         tuna_cuda_check(be, cudaErrorInvalidValue, "embedding (unsupported weight dtype)");
@@ -369,6 +372,8 @@ static void cuda_release(tuna_backend *be, void *p) { tuna_cuda_free(be, p); }
 static void cuda_copy(tuna_backend *be, void *dst, const void *src, size_t bytes)
 {
     if (be->sticky || bytes == 0) return;
+    tuna_cuda_racc_settle(be, (const float *)src);
+    tuna_cuda_racc_settle(be, (const float *)dst);
     tuna_cuda_check(be, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, be->stream), "cudaMemcpyAsync(D2D)");
 }
 
@@ -416,6 +421,7 @@ static const struct tuna_backend_ops k_cuda_ops = {
     tuna_cuda_decode_layer,
     tuna_cuda_upload_2d,
     tuna_cuda_attention_o,
+    tuna_cuda_rmsnorm_glu_down,
 };
 
 extern "C" const struct tuna_backend_ops *tuna_cuda_backend_ops(void) { return &k_cuda_ops; }

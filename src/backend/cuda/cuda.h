@@ -106,6 +106,9 @@ int tuna_cuda_q4_gemv_max_t(void);
 long tuna_cuda_q4_layer_launches(void);
 /* Launches of the attention + o kernel (attn_o.cu) in this process, for tests. */
 long tuna_cuda_attn_o_launches(void);
+/* Launches of k_q4_mlp (q4_mlp.cu: the 4-bit MLP of one token; TUNA_Q4_MLP=0 turns it off) in this
+ * process, for tests. */
+long tuna_cuda_q4_mlp_launches(void);
 
 /* Small-T threshold of 4-bit weights: T <= this use the fused dequant-GEMV kernel. */
 #define TUNA_CUDA_GEMV_MAX_T 8

@@ -88,6 +88,16 @@ struct tuna_backend {
      * follows is launched with PDL, so its launch and prologue run under that small kernel;
      * attention.cu takes (clears) it */
     bool attn_pdl_hint;
+    /* The residual's pending part (racc.cu): the 4-bit MLP kernel (q4_mlp.cu) adds down's sums
+     * into buf ([n] long long, fixed point) instead of into x; x's readers add it (k_q4_h4's
+     * staging, racc_value) or fold it first (tuna_cuda_racc_settle), and o's GEMV folds it as it
+     * adds; whoever folds it zeroes it. pend: x (the residual stream) has a pending part. */
+    struct {
+        struct cuda_grow_buf buf;
+        int64_t n;
+        bool pend;
+        const float *x;
+    } racc;
 };
 
 /* Records the first failure and returns false when e is an error. */
@@ -197,6 +207,20 @@ void tuna_cuda_rmsnorm_qkv_rope_kv(tuna_backend *be, float *const *ys, float *xn
 bool tuna_cuda_decode_layer(tuna_backend *be, const struct tuna_decode_layer *l);
 /* backend.h's attention_o (attn_o.cu): RoPE, the KV store, attention and a 4-bit o in one kernel. */
 bool tuna_cuda_attention_o(tuna_backend *be, const struct tuna_decode_layer *l, bool query);
+/* The residual's pending part (racc.cu; see struct tuna_backend's racc). take: for the MLP kernel
+ * that adds into x's pending part: the buffer to add into (zero), after folding whatever was
+ * pending (NULL on failure: sticky). of: x's pending part or NULL. done: x has been folded by the
+ * kernel just queued (o's GEMV). settle: folds x's pending part into x now (a kernel), x NULL:
+ * whatever is pending. drop: x is about to be overwritten. */
+long long *tuna_cuda_racc_take(tuna_backend *be, const float *x, int64_t n);
+long long *tuna_cuda_racc_of(tuna_backend *be, const float *x);
+void tuna_cuda_racc_done(tuna_backend *be);
+void tuna_cuda_racc_settle(tuna_backend *be, const float *x);
+void tuna_cuda_racc_drop(tuna_backend *be);
+/* backend.h's rmsnorm_glu_down (q4_mlp.cu): the 4-bit MLP of one token in one kernel. */
+bool tuna_cuda_rmsnorm_glu_down(tuna_backend *be, float *x, float *xn, const float *nw, float eps,
+                                const struct tuna_weight *wg, const struct tuna_weight *wu,
+                                const struct tuna_weight *wd, int64_t T, int act);
 /* backend.h's prefetch_l2 (pdl.cu): records the hint for the next decode kernel that issues it. */
 void tuna_cuda_prefetch_l2(tuna_backend *be, const void *p, size_t bytes);
 

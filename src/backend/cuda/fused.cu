@@ -604,9 +604,32 @@ static bool launch_multi(tuna_backend *be, const float *x, struct gemv_job *j, i
     return true;
 }
 
-/* Runs the job on the 16-bit or the 4-bit grouped kernel; false when neither takes it. */
+static bool run_job_on(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
+                       int64_t T);
+
+/* Runs the job on the 16-bit or the 4-bit grouped kernel; false when neither takes it. Where x (a
+ * NORM job's input) or y (a GEMV_ADD job's output) has a pending part (racc.cu), a batch-1 4-bit
+ * job hands it to k_q4_h4 (xacc, yacc; tuna_cuda_q4_multi folds it first where another kernel
+ * runs), anything else folds it first. */
 static bool run_job(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
                     int64_t T)
+{
+    const long long *rx = j->nw ? tuna_cuda_racc_of(be, x) : NULL;
+    long long *ry = j->mode == GEMV_ADD ? tuna_cuda_racc_of(be, j->s[0].y) : NULL;
+    if ((rx || ry) && T == 1 && is_q4(ws[0])) {
+        j->xacc = rx;
+        j->yacc = ry;
+    } else if (rx || ry) {
+        tuna_cuda_racc_settle(be, NULL);
+    }
+    const bool ok = run_job_on(be, x, j, ws, T);
+    if (ok && j->yacc) tuna_cuda_racc_done(be); /* the kernel folded it into y */
+    if (!ok) tuna_cuda_racc_settle(be, (rx || ry) ? NULL : x); /* the caller's fallback reads plain x */
+    return ok;
+}
+
+static bool run_job_on(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
+                       int64_t T)
 {
     const int64_t tmax = is_q4(ws[0]) ? tuna_cuda_q4_gemv_max_t() : TUNA_CUDA_GEMV_MAX_T;
     if (T <= 0 || T > tmax || ((uintptr_t)x % 16) != 0 || j->nseg > GEMV_MAX_SEG) return false;

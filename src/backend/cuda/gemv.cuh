@@ -81,7 +81,18 @@ struct gemv_job {
     float eps;
     int bs_shift; /* 4-bit: log2(blocksize) */
     int64_t nwarp; /* 4-bit: warps of work (the kernel strides over them with fewer warps) */
+    /* the residual's pending part (racc.cu; T = 1, k_q4_h4 only, NULL elsewhere): a NORM job's x
+     * is x + racc_value(xacc) element by element; a GEMV_ADD job of one matrix (k_q4_h4's form G =
+     * 3, q4h4_store) makes y (y + racc_value(yacc)) + the sum and zeroes yacc */
+    const long long *xacc;
+    long long *yacc;
 };
+
+/* A pending residual element in float32: the fixed-point sum (2^-32 units) of racc.cu. */
+static __device__ __forceinline__ float racc_value(long long v)
+{
+    return __ll2float_rn(v) * 2.3283064365386963e-10f; /* 2^-32: exact */
+}
 
 enum { GEMV_STORE = 0, GEMV_ADD = 1, GEMV_GLU = 2 };
 
@@ -484,40 +495,43 @@ static __device__ __forceinline__ void q4h_x_pieces(const uint8_t *xs, uint32_t 
     for (int p = 0; p < 4; p++) xv[p] = *reinterpret_cast<const uint4 *>(xs + (xo ^ ((uint32_t)p * 16u)));
 }
 
-/* Pieces f0, f0 + n, ... (4 of them; n the threads, q4h_nthreads) of x and (NORM) of the norm weight, zero past K4:
- * all loads issued before any is used. x through L2 (ld.global.cg): in the decode-layer kernel
- * (q4_layer.cu) other SMs wrote it in the same launch, and L1 is not coherent between SMs. */
-template <bool NORM, int NT = 0>
+/* Pieces f0, f0 + n, ... (N of them, at most 4; n the threads, q4h_nthreads) of x and (NORM) of the
+ * norm weight, zero past K4: all loads issued before any is used. x through L2 (ld.global.cg): in
+ * the decode-layer kernel (q4_layer.cu) other SMs wrote it in the same launch, and L1 is not
+ * coherent between SMs. acc: x's pending part (racc.cu), added to each element. */
+template <bool NORM, int NT = 0, int N = 4>
 static __device__ __forceinline__ void q4h_load4(float4 (&a)[4], float4 (&w)[4], const float4 *x4, const float4 *n4,
-                                                 int K4, int f0)
+                                                 int K4, int f0, const longlong2 *acc = NULL)
 {
+    longlong2 p[N][2];
 #pragma unroll
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < N; i++) {
         const int f = f0 + i * q4h_nthreads<NT>();
         a[i] = f < K4 ? __ldcg(x4 + f) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (NORM) w[i] = f < K4 ? __ldg(n4 + f) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (acc) {
+            p[i][0] = f < K4 ? __ldcg(acc + 2 * f) : make_longlong2(0, 0);
+            p[i][1] = f < K4 ? __ldcg(acc + 2 * f + 1) : make_longlong2(0, 0);
+        }
     }
+    if (acc) /* x + its pending part, each element rounded once (as gemv_store's GEMV_ADD folds it) */
+#pragma unroll
+        for (int i = 0; i < N; i++)
+            a[i] = make_float4(a[i].x + racc_value(p[i][0].x), a[i].y + racc_value(p[i][0].y),
+                               a[i].z + racc_value(p[i][1].x), a[i].w + racc_value(p[i][1].y));
 }
 
-/* x [K] into shared memory as f16 pairs scaled by s (see k_q4_h2 in q4.cu: |x * s| * lmax in
- * [1024, 2048), red: 64 floats of shared scratch), 16-byte pieces at gemv_x_pos<true>;
- * NORM: x * r * nw first (the CPU rmsnorm's formula; block 0 writes it to j.xn + xn_off in
- * float32: xn_off = t * K for token t of several). Returns 1/s. Ends with __syncthreads. */
-template <bool NORM, int NT = 0>
-static __device__ __forceinline__ float q4h_stage_x(uint8_t *xs, const float *x, const struct gemv_job &j, float lmax,
-                                                    float *red, int64_t xn_off = 0)
+/* q4h_stage_x's first pass over x: the thread's sum of squares (NORM) and largest |x (* nw)|, N
+ * pieces in flight at a time (the sums in the same order whatever N) */
+template <bool NORM, int NT, int N>
+static __device__ __forceinline__ void q4h_stage_sums(float &ss, float &m, const float4 *x4, const float4 *n4, int K4,
+                                                      const longlong2 *acc)
 {
-    const int K4 = (int)(j.K / 4);
-    const float4 *x4 = reinterpret_cast<const float4 *>(x);
-    const float4 *n4 = reinterpret_cast<const float4 *>(j.nw);
-    float ss = 0.0f, m = 0.0f;
-    /* 4 pieces per thread in flight at a time (loads first, then the sums in the same order as
-     * one at a time): K = 14336 takes 2 round trips to L2 instead of 7 */
-    for (int f0 = threadIdx.x; f0 < K4; f0 += 4 * q4h_nthreads<NT>()) {
+    for (int f0 = threadIdx.x; f0 < K4; f0 += N * q4h_nthreads<NT>()) {
         float4 a[4], w[4];
-        q4h_load4<NORM, NT>(a, w, x4, n4, K4, f0);
+        q4h_load4<NORM, NT, N>(a, w, x4, n4, K4, f0, acc);
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
+        for (int i = 0; i < N; i++) {
             if (f0 + i * (int)q4h_nthreads<NT>() >= K4) break;
             if (NORM) {
                 ss += a[i].x * a[i].x + a[i].y * a[i].y + a[i].z * a[i].z + a[i].w * a[i].w;
@@ -528,6 +542,53 @@ static __device__ __forceinline__ float q4h_stage_x(uint8_t *xs, const float *x,
             }
         }
     }
+}
+
+/* q4h_stage_x's second pass: x (* r * nw; xn4 written where `write`) * s as f16 pieces into xs */
+template <bool NORM, int NT, int N>
+static __device__ __forceinline__ void q4h_stage_put(uint8_t *xs, const float4 *x4, const float4 *n4, int K4,
+                                                     const longlong2 *acc, float r, float s, float4 *xn4, bool write)
+{
+    for (int f0 = threadIdx.x; f0 < K4; f0 += N * q4h_nthreads<NT>()) {
+        float4 a[4], w[4];
+        q4h_load4<NORM, NT, N>(a, w, x4, n4, K4, f0, acc);
+#pragma unroll
+        for (int i = 0; i < N; i++) {
+            const int f = f0 + i * (int)q4h_nthreads<NT>();
+            if (f >= K4) break;
+            float4 b = a[i];
+            if (NORM) {
+                b = make_float4(b.x * r * w[i].x, b.y * r * w[i].y, b.z * r * w[i].z, b.w * r * w[i].w);
+                if (write) xn4[f] = b;
+            }
+            const __half2 lo = __floats2half2_rn(b.x * s, b.y * s), hi = __floats2half2_rn(b.z * s, b.w * s);
+            uint2 u;
+            u.x = *reinterpret_cast<const uint32_t *>(&lo);
+            u.y = *reinterpret_cast<const uint32_t *>(&hi);
+            *reinterpret_cast<uint2 *>(xs + gemv_x_pos<true>(f >> 1) * 16 + (f & 1) * 8) = u;
+        }
+    }
+}
+
+/* x [K] into shared memory as f16 pairs scaled by s (see k_q4_h2 in q4.cu: |x * s| * lmax in
+ * [1024, 2048), red: 64 floats of shared scratch), 16-byte pieces at gemv_x_pos<true>;
+ * NORM: x * r * nw first (the CPU rmsnorm's formula; block 0 writes it to j.xn + xn_off in
+ * float32: xn_off = t * K for token t of several). ACC: j.xacc, x's pending part (racc.cu), is
+ * added where it is set (2 pieces in flight instead of 4: its 64-bit loads take the registers).
+ * Returns 1/s. Ends with __syncthreads. */
+template <bool NORM, int NT = 0, bool ACC = false>
+static __device__ __forceinline__ float q4h_stage_x(uint8_t *xs, const float *x, const struct gemv_job &j, float lmax,
+                                                    float *red, int64_t xn_off = 0)
+{
+    const int K4 = (int)(j.K / 4);
+    const float4 *x4 = reinterpret_cast<const float4 *>(x);
+    const float4 *n4 = reinterpret_cast<const float4 *>(j.nw);
+    const longlong2 *xacc = ACC ? reinterpret_cast<const longlong2 *>(j.xacc) : NULL;
+    float ss = 0.0f, m = 0.0f;
+    /* 4 pieces per thread in flight at a time (loads first, then the sums in the same order as
+     * one at a time): K = 14336 takes 2 round trips to L2 instead of 7 */
+    if (ACC && xacc) q4h_stage_sums<NORM, NT, 2>(ss, m, x4, n4, K4, xacc);
+    else q4h_stage_sums<NORM, NT, 4>(ss, m, x4, n4, K4, NULL);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = q4h_nthreads<NT>() >> 5;
     for (int o = 16; o > 0; o >>= 1) {
         ss += __shfl_xor_sync(0xffffffffu, ss, o);
@@ -545,25 +606,8 @@ static __device__ __forceinline__ float q4h_stage_x(uint8_t *xs, const float *x,
     const float s = ldexpf(1.0f, 10 - e), inv = ldexpf(1.0f, e - 10);
     float4 *xn4 = reinterpret_cast<float4 *>(j.xn ? j.xn + xn_off : NULL);
     const bool write = NORM && j.xn && blockIdx.x == 0;
-    for (int f0 = threadIdx.x; f0 < K4; f0 += 4 * q4h_nthreads<NT>()) {
-        float4 a[4], w[4];
-        q4h_load4<NORM, NT>(a, w, x4, n4, K4, f0);
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int f = f0 + i * (int)q4h_nthreads<NT>();
-            if (f >= K4) break;
-            float4 b = a[i];
-            if (NORM) {
-                b = make_float4(b.x * r * w[i].x, b.y * r * w[i].y, b.z * r * w[i].z, b.w * r * w[i].w);
-                if (write) xn4[f] = b;
-            }
-            const __half2 lo = __floats2half2_rn(b.x * s, b.y * s), hi = __floats2half2_rn(b.z * s, b.w * s);
-            uint2 u;
-            u.x = *reinterpret_cast<const uint32_t *>(&lo);
-            u.y = *reinterpret_cast<const uint32_t *>(&hi);
-            *reinterpret_cast<uint2 *>(xs + gemv_x_pos<true>(f >> 1) * 16 + (f & 1) * 8) = u;
-        }
-    }
+    if (ACC && xacc) q4h_stage_put<NORM, NT, 2>(xs, x4, n4, K4, xacc, r, s, xn4, write);
+    else q4h_stage_put<NORM, NT, 4>(xs, x4, n4, K4, NULL, r, s, xn4, write);
     q4h_sync<NT>();
     return inv;
 }

@@ -197,6 +197,7 @@ static bool matmul_impl(tuna_backend *be, float *y, const float *x, const struct
                         int64_t T, bool acc)
 {
     if (be->sticky || T <= 0) return true;
+    if (acc) tuna_cuda_racc_settle(be, y);
     struct tuna_weight deq;
     if (w->dtype == TUNA_DTYPE_NF4 || w->dtype == TUNA_DTYPE_FP4) {
         if (!w->q4) {

@@ -16,6 +16,7 @@ __global__ void k_rmsnorm(float *y, const float *x, const float *w, int64_t C, f
 void tuna_cuda_rmsnorm(tuna_backend *be, float *y, const float *x, const float *w, int64_t T, int64_t C, float eps)
 {
     if (be->sticky || T <= 0) return;
+    tuna_cuda_racc_settle(be, x);
     k_rmsnorm<<<(unsigned)T, 256, 0, be->stream>>>(y, x, w, C, eps);
     tuna_cuda_check_launch(be, "k_rmsnorm");
 }

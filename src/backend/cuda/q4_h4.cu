@@ -47,7 +47,7 @@ static __device__ __forceinline__ unsigned long long *q4tr_row(int id)
 #define Q4TR_ARGV
 #endif
 
-template <bool NORM, bool NESTED, int D, int G>
+template <bool NORM, bool NESTED, int D, int G, bool ACC = false>
 __global__ void __launch_bounds__(Q4H4_THREADS, 1)
     k_q4_h4(const float *__restrict__ x, const __grid_constant__ struct gemv_job j, const struct q4_lut lut_in,
             int nitems, float lmax, int nshift
@@ -85,7 +85,8 @@ __global__ void __launch_bounds__(Q4H4_THREADS, 1)
         tuna_pdl_trigger();
     };
     auto store = [&](int it, int vme, float tot) { q4h4_store<G>(j, glu, lane, it, vme, tot); };
-    q4h4_run<NORM, NESTED, D, false, G>(sm, x, j, lut_in, true, nitems, lmax, nshift, 0, wait, store Q4TR_ARGV);
+    q4h4_run<NORM, NESTED, D, false, G, decltype(wait), decltype(store), 0, ACC>(sm, x, j, lut_in, true, nitems, lmax,
+                                                                                nshift, 0, wait, store Q4TR_ARGV);
 }
 
 static long g_q4h4_launches;
@@ -188,11 +189,18 @@ bool tuna_cuda_q4_h4(tuna_backend *be, const float *x, struct gemv_job *j, const
      * one matrix (o, down); several matrices (q/k/v) read the mode at run time (G = 2 measured slower
      * there: 14.4 against 13.4 us/layer) */
     const int G = q4h4_form_at_run_time() ? 0 : glu ? 1 : j->nseg == 1 ? 3 : 0;
-#define Q4H4_GO(NORM, NESTED, GG)                                                                                      \
-    tuna_cuda_launch(be, "k_q4_h4", k_q4_h4<NORM, NESTED, 2, GG>, grid, block, smem, x, *j, *lut, (int)n4, lmax,       \
+    if (j->yacc && (G != 3 || j->mode != GEMV_ADD)) { /* only the one-matrix form folds y's pending part */
+        tuna_cuda_racc_settle(be, NULL);
+        j->yacc = NULL;
+    }
+#define Q4H4_GO(NORM, NESTED, GG, ACC)                                                                                 \
+    tuna_cuda_launch(be, "k_q4_h4", k_q4_h4<NORM, NESTED, 2, GG, ACC>, grid, block, smem, x, *j, *lut, (int)n4, lmax,  \
                      nshift Q4TR_ARG)
 #define Q4H4_G(NORM, NESTED)                                                                                           \
-    (G == 0 ? Q4H4_GO(NORM, NESTED, 0) : G == 1 ? Q4H4_GO(NORM, NESTED, 1) : Q4H4_GO(NORM, NESTED, 3))
+    (G == 0 ? Q4H4_GO(NORM, NESTED, 0, false) : G == 1 ? Q4H4_GO(NORM, NESTED, 1, false) : Q4H4_GO(NORM, NESTED, 3, false))
+    /* x's pending part (racc.cu) read in the staging: its own instantiation (the 64-bit loads take
+     * registers the other forms keep for the loop); the q/k/v form, the one that meets it */
+    if (j->nw && j->xacc) return nested ? Q4H4_GO(true, true, 0, true) : Q4H4_GO(true, false, 0, true);
     if (j->nw) return nested ? Q4H4_G(true, true) : Q4H4_G(true, false);
     return nested ? Q4H4_G(false, true) : Q4H4_G(false, false);
 #undef Q4H4_G

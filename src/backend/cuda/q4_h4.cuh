@@ -123,7 +123,17 @@ static __device__ __forceinline__ void q4h4_store(const struct gemv_job &j, bool
         int64_t n0 = (int64_t)it * 4;
         if (G != 3) gemv_rows(j, 4, it, &seg, &n0);
         const float a1[1][1] = {{tot}}, one[1] = {1.0f};
-        if (n0 + vme < j.s[seg].N) gemv_store<1, 1>(j, a1, one, seg, n0 + vme);
+        const int64_t n = n0 + vme;
+        if (n < j.s[seg].N) {
+            if (G == 3 && j.yacc) { /* x += o with x's pending part (racc.cu) folded first */
+                float *yp = j.s[0].y + n;
+                const float b = j.s[0].bias ? j.s[0].bias[n] : 0.0f;
+                *yp = (*yp + racc_value(j.yacc[n])) + (tot * 1.0f + b);
+                j.yacc[n] = 0;
+            } else {
+                gemv_store<1, 1>(j, a1, one, seg, n);
+            }
+        }
     }
 }
 
@@ -160,10 +170,10 @@ static __device__ __forceinline__ void q4h4_item_end(float (&acc)[4], float (*pa
  * store(it, v, tot): called by every lane of each pair's first warp per
  * item; lanes 0, 8, 16, 24 hold row v = 0..3's sum (GLU: v 0, 1 gate rows, 2, 3 up rows of
  * outputs 2 it, 2 it + 1) in tot, already scaled. ROPE, hd: q4h4_rope_row's row order. */
-template <bool NORM, bool NESTED, int D, bool ROPE, int G, typename Wait, typename Store>
+template <bool NORM, bool NESTED, int D, bool ROPE, int G, typename Wait, typename Store, int CL = 0, bool ACC = false>
 static __device__ __forceinline__ void q4h4_run(const struct q4h4_smem &sm, const float *x, const struct gemv_job &j,
                                                 const struct q4_lut &lut_in, bool fill, int nitems, float lmax,
-                                                int nshift, int hd, Wait wait, Store store Q4TR_PARAM)
+                                                int nshift, int hd, Wait wait, Store store Q4TR_PARAM, int ioff = 0)
 {
     uint8_t *tab = sm.tab, *xs = sm.xs;
     float *ncode = sm.ncode;
@@ -171,10 +181,12 @@ static __device__ __forceinline__ void q4h4_run(const struct q4h4_smem &sm, cons
 
     const int K32 = (int)(j.K / 32);
     const int KU = (K32 + 31) / 32, upw = (KU + 1) / 2; /* steps per item and warp: units h, h + 2, ... */
-    /* pair P (spread over the blocks first) takes a contiguous range of items */
-    const int P = blockIdx.x + gridDim.x * pair, npairs = gridDim.x * Q4H4_PAIRS;
+    /* pair P (spread over the blocks first) takes a contiguous range of items; CL > 0: the items
+     * ioff .. ioff + nitems - 1 of the block's cluster of CL blocks (q4_mlp.cu), over its pairs */
+    const int P = CL ? (int)(blockIdx.x % CL) + CL * pair : blockIdx.x + gridDim.x * pair;
+    const int npairs = CL ? CL * Q4H4_PAIRS : gridDim.x * Q4H4_PAIRS;
     const int ibase = nitems / npairs, iextra = nitems % npairs;
-    const int it0 = P * ibase + (P < iextra ? P : iextra), nmy = ibase + (P < iextra ? 1 : 0);
+    const int it0 = (CL ? ioff : 0) + P * ibase + (P < iextra ? P : iextra), nmy = ibase + (P < iextra ? 1 : 0);
     const int itend = it0 + nmy, total = nmy * upw;
     const int bs_shift = j.bs_shift;
     const int chunk0 = h * 32 + lane; /* the lane's chunk (16 bytes, 32 weights) in the item's first step */
@@ -272,7 +284,7 @@ static __device__ __forceinline__ void q4h4_run(const struct q4h4_smem &sm, cons
     wait();
     Q4TR(2);
     if (NESTED) q4h_ncode_store<Q4H4_THREADS>(ncode, ncv, j);
-    const float inv_s = q4h_stage_x<NORM>(xs, x, j, lmax, sm.red); /* ends with __syncthreads: tables ready */
+    const float inv_s = q4h_stage_x<NORM, 0, ACC>(xs, x, j, lmax, sm.red); /* ends with __syncthreads: tables ready */
     Q4TR(3);
     if (j.prefetch < 1)
 #pragma unroll

@@ -572,6 +572,7 @@ bool tuna_cuda_decode_layer(tuna_backend *be, const struct tuna_decode_layer *a)
 {
     if (be->sticky) return true; /* the step fails anyway */
     if (!q4l_env_on() || tuna_cuda_q4_old() || be->cc_major < 8 || be->sm_count <= 0) return false;
+    tuna_cuda_racc_settle(be, a->x);
     const int64_t H = a->H, Hkv = a->Hkv, D = a->D, C = a->w[0]->cols, I = a->w[4]->rows;
     const int code = kv_code(a->kv_dtype);
     if ((code != 1 && code != 2) || (D != 32 && D != 64 && D != 128) || a->rot_dim != D || Hkv <= 0 || H % Hkv != 0 ||
