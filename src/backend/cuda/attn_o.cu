@@ -399,19 +399,9 @@ bool tuna_cuda_attention_o(tuna_backend *be, const struct tuna_decode_layer *a, 
                 const size_t smem = ao_layout(&P, R, (int)K, bshift, nested, nested ? q->nested_shift : 0, att_bytes);
                 if (smem + 1024 > (size_t)be->max_smem_optin || !tuna_cuda_smem_allow(be, (const void *)fn, smem))
                     break;
-                cudaLaunchConfig_t cfg = {};
-                cfg.gridDim = dim3((unsigned)cs, (unsigned)(nb / cs));
-                cfg.blockDim = dim3(AO_THREADS);
-                cfg.dynamicSmemBytes = smem;
-                cudaLaunchAttribute attr[1];
-                attr[0].id = cudaLaunchAttributeClusterDimension;
-                attr[0].val.clusterDim.x = (unsigned)cs, attr[0].val.clusterDim.y = 1, attr[0].val.clusterDim.z = 1;
-                cfg.attrs = attr;
-                cfg.numAttrs = 1;
-                int nc = 0;
-                const bool ok = cudaOccupancyMaxActiveClusters(&nc, (const void *)fn, &cfg) == cudaSuccess;
-                cudaGetLastError();
-                if (!ok || nc <= 0) break;
+                const int nc =
+                    tuna_cuda_max_clusters((const void *)fn, dim3((unsigned)cs, (unsigned)(nb / cs)), AO_THREADS, smem, cs);
+                if (nc <= 0) break;
                 if (nc * cs >= nb) {
                     sh.cs = cs, sh.nb = nb, sh.R = R, sh.smem = smem;
                     break;

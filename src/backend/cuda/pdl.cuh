@@ -79,6 +79,27 @@ struct tuna_l2pf tuna_cuda_l2pf_take(tuna_backend *be, int consumer, int64_t T);
 /* Lets kernel use `bytes` of dynamic shared memory (above the default 48 KiB: once per kernel). */
 bool tuna_cuda_smem_allow(tuna_backend *be, const void *kernel, size_t bytes);
 
+/* The most clusters of cs blocks (along x) of `kernel` resident at once in a grid `grid` of blocks of
+ * `threads` threads and smem bytes of dynamic shared memory (cudaOccupancyMaxActiveClusters: a
+ * cluster lies in one GPC, so the SMs a GPC has beyond a multiple of cs stay out); 0 when the
+ * runtime cannot tell. The kernel's shared-memory attribute must allow smem already. */
+static inline int tuna_cuda_max_clusters(const void *kernel, dim3 grid, int threads, size_t smem, int cs)
+{
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3((unsigned)threads);
+    cfg.dynamicSmemBytes = smem;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = (unsigned)cs, attr[0].val.clusterDim.y = 1, attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    int nc = 0;
+    if (cudaOccupancyMaxActiveClusters(&nc, kernel, &cfg) != cudaSuccess) nc = 0;
+    cudaGetLastError();
+    return nc;
+}
+
 /* Launches kernel<<<grid, block, smem, be->stream>>>(args...) with the PDL attribute when
  * tuna_cuda_pdl_on(be); the kernel must call tuna_pdl_wait() (see above). Checks the launch. */
 template <typename... KArgs, typename... Args>

@@ -228,18 +228,7 @@ static int q4m_max_clusters(tuna_backend *be, const void *fn, size_t smem, int c
     static int n_seen;
     for (int i = 0; i < n_seen; i++)
         if (seen[i].fn == fn && seen[i].smem == smem && seen[i].dev == be->device) return seen[i].n;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)(be->sm_count / cs * cs));
-    cfg.blockDim = dim3(Q4H4_THREADS);
-    cfg.dynamicSmemBytes = smem;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = (unsigned)cs, attr[0].val.clusterDim.y = 1, attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    int nc = 0;
-    if (cudaOccupancyMaxActiveClusters(&nc, fn, &cfg) != cudaSuccess) nc = 0;
-    cudaGetLastError();
+    const int nc = tuna_cuda_max_clusters(fn, dim3((unsigned)(be->sm_count / cs * cs)), Q4H4_THREADS, smem, cs);
     if (n_seen < 16) {
         seen[n_seen].fn = fn, seen[n_seen].smem = smem, seen[n_seen].dev = be->device;
         seen[n_seen++].n = nc;
