@@ -62,6 +62,7 @@ struct q4m_param {
     int dbg; /* measurements only (TUNA_Q4M_DBG; wrong results): 1 no atomics, 2 no down phase */
 };
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 /* v into the float at p's offset in the shared memory of the cluster's block `rank` */
 static __device__ __forceinline__ void q4m_st_cluster(float *p, int rank, float v)
 {
@@ -70,12 +71,14 @@ static __device__ __forceinline__ void q4m_st_cluster(float *p, int rank, float 
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
     asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(r), "f"(v) : "memory");
 }
+#endif
 
 /* CS: blocks per cluster (2 or 4); LPR: lanes per row of down (8 or 16, at least the chunks) */
 template <bool NESTED, int CS, int LPR>
 __global__ void __launch_bounds__(Q4H4_THREADS, 1)
     k_q4_mlp(const float *__restrict__ x, const __grid_constant__ struct q4m_param P)
 {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 /* clusters; the host launches it on sm_90+ only */
     extern __shared__ float4 q4m_smem4[];
     __shared__ float slut[16];
     __shared__ float red[64];
@@ -198,6 +201,7 @@ __global__ void __launch_bounds__(Q4H4_THREADS, 1)
             dload(i + Q4M_DN, dc[k], da[k], dq[k]);
         }
     }
+#endif
 }
 
 static long g_q4m_launches;
