@@ -614,9 +614,10 @@ static bool run_job_on(tuna_backend *be, const float *x, struct gemv_job *j, con
 static bool run_job(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
                     int64_t T)
 {
-    const long long *rx = j->nw ? tuna_cuda_racc_of(be, x) : NULL;
+    /* only a NORM job's staging adds x's pending part: any other job that reads x folds it first */
+    const long long *rx = tuna_cuda_racc_of(be, x);
     long long *ry = j->mode == GEMV_ADD ? tuna_cuda_racc_of(be, j->s[0].y) : NULL;
-    if ((rx || ry) && T == 1 && is_q4(ws[0])) {
+    if ((rx || ry) && T == 1 && is_q4(ws[0]) && (!rx || j->nw)) {
         j->xacc = rx;
         j->yacc = ry;
     } else if (rx || ry) {
@@ -624,7 +625,7 @@ static bool run_job(tuna_backend *be, const float *x, struct gemv_job *j, const 
     }
     const bool ok = run_job_on(be, x, j, ws, T);
     if (ok && j->yacc) tuna_cuda_racc_done(be); /* the kernel folded it into y */
-    if (!ok) tuna_cuda_racc_settle(be, (rx || ry) ? NULL : x); /* the caller's fallback reads plain x */
+    if (!ok && (rx || ry)) tuna_cuda_racc_settle(be, NULL); /* the caller's fallback reads plain x */
     return ok;
 }
 

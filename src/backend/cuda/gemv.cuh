@@ -88,6 +88,14 @@ struct gemv_job {
     long long *yacc;
 };
 
+/* The job no longer carries x's pending part (racc.cu): it is folded into x first (a kernel) */
+static inline void gemv_job_settle(tuna_backend *be, struct gemv_job *j)
+{
+    tuna_cuda_racc_settle(be, NULL);
+    j->xacc = NULL;
+    j->yacc = NULL;
+}
+
 /* A pending residual element in float32: the fixed-point sum (2^-32 units) of racc.cu. */
 static __device__ __forceinline__ float racc_value(long long v)
 {
@@ -521,6 +529,27 @@ static __device__ __forceinline__ void q4h_load4(float4 (&a)[4], float4 (&w)[4],
                                a[i].z + racc_value(p[i][1].x), a[i].w + racc_value(p[i][1].y));
 }
 
+/* q4h_stage_x's scale for values whose largest |v| * lmax is v: s with |v * s| in [1024, 2048), 1
+ * when v is 0 or not finite; *inv = 1/s (both powers of two) */
+static __device__ __forceinline__ float q4h_scale(float v, float *inv)
+{
+    int e = v > 0.0f && v <= 3.0e38f ? ilogbf(v) : 10;
+    e = e < -100 ? -100 : e;
+    const float sc = ldexpf(1.0f, 10 - e);
+    *inv = ldexpf(1.0f, e - 10);
+    return sc;
+}
+
+/* Piece f (4 values b, times s, as two f16 pairs) of q4h_stage_x's layout into xs */
+static __device__ __forceinline__ void q4h_put4(uint8_t *xs, int f, float4 b, float s)
+{
+    const __half2 lo = __floats2half2_rn(b.x * s, b.y * s), hi = __floats2half2_rn(b.z * s, b.w * s);
+    uint2 u;
+    u.x = *reinterpret_cast<const uint32_t *>(&lo);
+    u.y = *reinterpret_cast<const uint32_t *>(&hi);
+    *reinterpret_cast<uint2 *>(xs + gemv_x_pos<true>(f >> 1) * 16 + (f & 1) * 8) = u;
+}
+
 /* q4h_stage_x's first pass over x: the thread's sum of squares (NORM) and largest |x (* nw)|, N
  * pieces in flight at a time (the sums in the same order whatever N) */
 template <bool NORM, int NT, int N>
@@ -561,11 +590,7 @@ static __device__ __forceinline__ void q4h_stage_put(uint8_t *xs, const float4 *
                 b = make_float4(b.x * r * w[i].x, b.y * r * w[i].y, b.z * r * w[i].z, b.w * r * w[i].w);
                 if (write) xn4[f] = b;
             }
-            const __half2 lo = __floats2half2_rn(b.x * s, b.y * s), hi = __floats2half2_rn(b.z * s, b.w * s);
-            uint2 u;
-            u.x = *reinterpret_cast<const uint32_t *>(&lo);
-            u.y = *reinterpret_cast<const uint32_t *>(&hi);
-            *reinterpret_cast<uint2 *>(xs + gemv_x_pos<true>(f >> 1) * 16 + (f & 1) * 8) = u;
+            q4h_put4(xs, f, b, s);
         }
     }
 }
@@ -600,10 +625,8 @@ static __device__ __forceinline__ float q4h_stage_x(uint8_t *xs, const float *x,
     for (int w = 0; w < nw; w++) a += red[w], mm = fmaxf(mm, red[32 + w]);
     const float r = NORM ? 1.0f / sqrtf(a / (float)j.K + j.eps) : 1.0f;
     /* |x * s| * lmax in [1024, 2048); 1 when the max is 0, not finite, or the table is empty */
-    const float v = mm * r * lmax;
-    int e = v > 0.0f && v <= 3.0e38f ? ilogbf(v) : 10;
-    e = e < -100 ? -100 : e;
-    const float s = ldexpf(1.0f, 10 - e), inv = ldexpf(1.0f, e - 10);
+    float inv;
+    const float s = q4h_scale(mm * r * lmax, &inv);
     float4 *xn4 = reinterpret_cast<float4 *>(j.xn ? j.xn + xn_off : NULL);
     const bool write = NORM && j.xn && blockIdx.x == 0;
     if (ACC && xacc) q4h_stage_put<NORM, NT, 2>(xs, x4, n4, K4, xacc, r, s, xn4, write);

@@ -189,10 +189,7 @@ bool tuna_cuda_q4_h4(tuna_backend *be, const float *x, struct gemv_job *j, const
      * one matrix (o, down); several matrices (q/k/v) read the mode at run time (G = 2 measured slower
      * there: 14.4 against 13.4 us/layer) */
     const int G = q4h4_form_at_run_time() ? 0 : glu ? 1 : j->nseg == 1 ? 3 : 0;
-    if (j->yacc && (G != 3 || j->mode != GEMV_ADD)) { /* only the one-matrix form folds y's pending part */
-        tuna_cuda_racc_settle(be, NULL);
-        j->yacc = NULL;
-    }
+    if (j->yacc && (G != 3 || j->mode != GEMV_ADD)) gemv_job_settle(be, j); /* only the one-matrix form folds y's */
 #define Q4H4_GO(NORM, NESTED, GG, ACC)                                                                                 \
     tuna_cuda_launch(be, "k_q4_h4", k_q4_h4<NORM, NESTED, 2, GG, ACC>, grid, block, smem, x, *j, *lut, (int)n4, lmax,  \
                      nshift Q4TR_ARG)

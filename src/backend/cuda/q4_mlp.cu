@@ -161,19 +161,10 @@ __global__ void __launch_bounds__(Q4H4_THREADS, 1)
     __syncthreads();
     float mm = 0.0f;
     for (int w = 0; w < (int)(blockDim.x >> 5); w++) mm = fmaxf(mm, red[w]);
-    /* q4h_stage_x's scale: |h * s| * lmax in [1024, 2048) */
-    const float v = mm * P.lmax;
-    int e = v > 0.0f && v <= 3.0e38f ? ilogbf(v) : 10;
-    e = e < -100 ? -100 : e;
-    const float s = ldexpf(1.0f, 10 - e), inv = ldexpf(1.0f, e - 10);
-    for (int f = threadIdx.x; f < nh / 4; f += blockDim.x) {
-        const float4 b = *reinterpret_cast<const float4 *>(hs + 4 * f);
-        const __half2 lo = __floats2half2_rn(b.x * s, b.y * s), hi = __floats2half2_rn(b.z * s, b.w * s);
-        uint2 u;
-        u.x = *reinterpret_cast<const uint32_t *>(&lo);
-        u.y = *reinterpret_cast<const uint32_t *>(&hi);
-        *reinterpret_cast<uint2 *>(hx + gemv_x_pos<true>(f >> 1) * 16 + (f & 1) * 8) = u;
-    }
+    /* q4h_stage_x's scale and pieces: |h * s| * lmax in [1024, 2048) */
+    float inv;
+    const float s = q4h_scale(mm * P.lmax, &inv);
+    for (int f = threadIdx.x; f < nh / 4; f += blockDim.x) q4h_put4(hx, f, *reinterpret_cast<const float4 *>(hs + 4 * f), s);
     __syncthreads();
     uint4 xv[4];
     const uint32_t ch = on ? (uint32_t)l16 : 0u;
@@ -195,7 +186,7 @@ __global__ void __launch_bounds__(Q4H4_THREADS, 1)
 #pragma unroll
             for (int o = LPR / 2; o > 0; o >>= 1) dv += __shfl_xor_sync(0xffffffffu, dv, o);
             if (P.dbg == 1) {
-                if (dv == 1.2345e-30f) P.acc[r] = 1; /* keeps the sums alive */
+                if (dv == 1.2345e-30f && r < r1) P.acc[r] = 1; /* keeps the sums alive */
             } else if (l16 == 0 && r < r1)
                 atomicAdd(reinterpret_cast<unsigned long long *>(P.acc + r), (unsigned long long)__float2ll_rn(dv * fix));
             dload(i + Q4M_DN, dc[k], da[k], dq[k]);

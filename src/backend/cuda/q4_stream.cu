@@ -247,10 +247,8 @@ __global__ void __launch_bounds__((Q4S_WMAX + 1) * 32, 1)
     float asum = 0.0f, mm = 0.0f;
     for (int w = 0; w < W; w++) asum += red[w], mm = fmaxf(mm, red[32 + w]);
     const float r = NORM ? 1.0f / sqrtf(asum / (float)j.K + j.eps) : 1.0f;
-    const float v = mm * r * P.lmax;
-    int ex = v > 0.0f && v <= 3.0e38f ? ilogbf(v) : 10;
-    ex = ex < -100 ? -100 : ex;
-    const float sc = ldexpf(1.0f, 10 - ex), inv_s = ldexpf(1.0f, ex - 10);
+    float inv_s;
+    const float sc = q4h_scale(mm * r * P.lmax, &inv_s);
 
     const int g = warp % NG, wg = warp / NG, WG = W / NG, LG = 32 * WG;
     const int jl = wg * 32 + lane;
