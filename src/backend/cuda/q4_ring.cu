@@ -32,17 +32,9 @@
  * k_q4_h4). */
 #include <stdlib.h>
 
-#include "backend/cuda/bulk.cuh"
 #include "backend/cuda/cuda_internal.h"
-#include "backend/cuda/gemv.cuh"
 #include "backend/cuda/pdl.cuh"
-#include "backend/cuda/q4_h4.cuh"
-
-#define Q4R_PW 4 /* producer warps: each issues its bulk copies lane after lane (UBLKCP takes uniform registers) */
-#define Q4R_THREADS (Q4H4_THREADS + 32 * Q4R_PW) /* 16 consumer warps and the producers */
-#define Q4R_ROW 1024u /* code bytes per row and step (2,048 weights): a stage is [4][Q4R_ROW] of them, */
-#define Q4R_SMAX 128u /* then [4][sbytes] scale bytes, sbytes <= Q4R_SMAX */
-#define Q4R_NSMAX 4
+#include "backend/cuda/q4_ring.cuh"
 
 struct q4r_param {
     int nitems; /* items of 4 rows (GLU: 2 outputs) */
@@ -54,15 +46,6 @@ struct q4r_param {
     uint32_t ring;   /* byte offset of the rings in the dynamic shared memory */
     int dry;         /* diagnostics (TUNA_Q4R_DRY=1): the stages are read and released, no products */
 };
-
-/* The items of warp pair P (of all the grid's pairs): k_q4_h4's contiguous ranges. */
-static __device__ __forceinline__ void q4r_items(int nitems, int P, int *it0, int *nmy)
-{
-    const int npairs = (int)gridDim.x * Q4H4_PAIRS;
-    const int ibase = nitems / npairs, iextra = nitems % npairs;
-    *it0 = P * ibase + (P < iextra ? P : iextra);
-    *nmy = ibase + (P < iextra ? 1 : 0);
-}
 
 /* A producer warp: its lanes l < 8 / Q4R_PW fill pair w + Q4R_PW l's ring, step after step (step i = item i / upw,
  * 2,048 weights m = i % upw of each of its 4 rows), each stage as soon as it is free. The lanes
@@ -79,31 +62,12 @@ static __device__ __forceinline__ void q4r_produce(const struct gemv_job &j, con
     int it0 = 0, nmy = 0;
     if (owner) q4r_items(P.nitems, (int)blockIdx.x + (int)gridDim.x * pr, &it0, &nmy);
     const int total = nmy * upw; /* the pair's steps */
-    const uint32_t K = (uint32_t)j.K, sb = P.sbytes, bytes = 4u * (Q4R_ROW + sb);
     uint8_t *mine = ring + (size_t)pr * NS * P.stage;
     int i = 0, s = 0, lap = 0, it = it0, m = 0;
     while (__any_sync(0xffffffffu, i < total)) {
         bool did = false;
         if (i < total && (lap == 0 || q4s_bar_test(&empty[pr][s], (uint32_t)((lap - 1) & 1)))) {
-            uint8_t *st = mine + (size_t)s * P.stage;
-            uint64_t *bar = &full[pr][s];
-            q4s_bar_expect(bar, bytes);
-#pragma unroll
-            for (int p = 0; p < 2; p++) {
-                int seg, d;
-                int64_t row;
-                q4h4_pair<false, G>(j, it, p, 0, &seg, &row, &d);
-                const struct gemv_seg &sg = j.s[seg];
-                const uint32_t e = (uint32_t)row * K + (uint32_t)m * 2048u, b = e >> j.bs_shift;
-                const uint8_t *cs = (const uint8_t *)sg.W + e / 2;
-                const uint8_t *ss = NESTED ? sg.sc.q + b : (const uint8_t *)(sg.sc.absmax + b);
-                const uint32_t dc = d ? K / 2 : 0u, ds = d ? (K >> j.bs_shift) * (NESTED ? 1u : 4u) : 0u;
-#pragma unroll
-                for (int r = 0; r < 2; r++) {
-                    q4s_copy(st + (2 * p + r) * Q4R_ROW, cs + (r ? dc : 0u), Q4R_ROW, bar, false, 0);
-                    q4s_copy(st + 4 * Q4R_ROW + (2 * p + r) * sb, ss + (r ? ds : 0u), sb, bar, false, 0);
-                }
-            }
+            q4r_issue<NESTED, G>(j, it, m, mine + (size_t)s * P.stage, &full[pr][s], P.sbytes);
             i++;
             if (++m == upw) m = 0, it++;
             if (++s == NS) s = 0, lap++;
@@ -140,10 +104,7 @@ __global__ void __launch_bounds__(Q4R_THREADS, 1)
         return;
     }
 
-    const int pair = warp >> 1, h = warp & 1;
-    int it0, nmy;
-    q4r_items(P.nitems, (int)blockIdx.x + (int)gridDim.x * pair, &it0, &nmy);
-    const int upw = (int)(j.K / 2048), total = nmy * upw, itend = it0 + nmy;
+    const int pair = warp >> 1;
     const bool glu = q4h4_glu<G>(j);
 
     float ncv[GEMV_MAX_SEG * 256 / Q4H4_THREADS];
@@ -157,79 +118,8 @@ __global__ void __launch_bounds__(Q4R_THREADS, 1)
     auto store = [&](int it, int vme, float tot) { q4h4_store<G>(j, glu, lane, it, vme, tot); };
 
     /* the compute side: q4h4_run's, the step's codes and scales read from the stage */
-    const uint32_t lane_off = (uint32_t)lane * 4u;
-    const uint32_t xsw = (uint32_t)((lane >> 1) & 7) * 16u; /* gemv_x_pos's swizzle of the lane's pieces */
-    const bool b4 = (lane & 16) != 0, b3 = (lane & 8) != 0;
-    const int vme = (b4 ? 2 : 0) + (b3 ? 1 : 0); /* the row whose sum this lane holds after the reduction */
-    const uint32_t K = (uint32_t)j.K, cw = (uint32_t)(h * 32 + lane);
-    const uint32_t sidx = (cw * 32u) >> j.bs_shift; /* the lane's scale in a row's step */
-    const int nsh = j.bs_shift + P.nshift;
-    int c_it = it0, c_m = 0, c_k = 0, s = 0;
-    uint32_t ph = 0;
-    int c_nco[2] = {0, 0};
-    float c_noff[2] = {0.0f, 0.0f};
-    const float *c_nabs[2] = {NULL, NULL};
-    uint32_t c_e[4] = {0u, 0u, 0u, 0u}; /* the item's rows' first elements */
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    auto set_cmp = [&](int it) {
-#pragma unroll
-        for (int p = 0; p < 2; p++) {
-            int seg, d;
-            int64_t row;
-            q4h4_pair<false, G>(j, it, p, 0, &seg, &row, &d);
-            c_nco[p] = seg * 256;
-            c_noff[p] = j.s[seg].sc.noff;
-            c_nabs[p] = j.s[seg].sc.nabs;
-            c_e[2 * p] = (uint32_t)row * K;
-            c_e[2 * p + 1] = ((uint32_t)row + (uint32_t)d) * K;
-        }
-    };
-    if (NESTED && nmy > 0) set_cmp(it0);
-    const uint8_t *myring = ring + (size_t)pair * NS * P.stage;
-    const uint32_t sb = P.sbytes;
-    for (int q = 0; q < total; q++) {
-        q4s_bar_wait(&full[pair][s], ph);
-        const uint8_t *st = myring + (size_t)s * P.stage, *ss = st + 4 * Q4R_ROW;
-        uint4 c[4];
-        float a[4];
-        uint32_t qc[4];
-#pragma unroll
-        for (int r = 0; r < 4; r++) {
-            c[r] = *reinterpret_cast<const uint4 *>(st + r * Q4R_ROW + cw * 16u);
-            if (NESTED)
-                qc[r] = ss[r * sb + sidx];
-            else
-                a[r] = *reinterpret_cast<const float *>(ss + r * sb + sidx * 4u);
-        }
-        q4s_bar_arrive(&empty[pair][s]);
-        if (++s == NS) s = 0, ph ^= 1u;
-        if (P.dry) {
-#pragma unroll
-            for (int r = 0; r < 4; r++)
-                acc[r] += (float)(c[r].x ^ c[r].y ^ c[r].z ^ c[r].w ^ (NESTED ? qc[r] : 0u));
-            if (++c_m < upw) continue;
-            c_m = 0;
-        } else {
-            if (NESTED)
-#pragma unroll
-                for (int r = 0; r < 4; r++)
-                    a[r] = __ldg(c_nabs[r >> 1] + ((c_e[r] + (uint32_t)c_m * 2048u) >> nsh));
-            uint4 xv[4];
-            q4h_x_pieces(xs, (uint32_t)c_m * 64u + cw, xsw, xv);
-#pragma unroll
-            for (int r = 0; r < 4; r++) {
-                const float d = q4h_dot(tab, c[r], xv, lane_off);
-                const float am = NESTED ? q4_nested(ncode[c_nco[r >> 1] + qc[r]], a[r], c_noff[r >> 1]) : a[r];
-                acc[r] += am * d;
-            }
-            if (++c_m < upw) continue;
-            c_m = 0;
-        }
-        /* the item's last step: q4h4_run's sums over the warp, then over the pair */
-        q4h4_item_end(acc, part, pair, h, lane, b4, b3, vme, c_k, c_it, inv_s, store);
-        c_k++;
-        if (++c_it < itend && NESTED) set_cmp(c_it);
-    }
+    struct q4r_ring R = {ring + (size_t)pair * NS * P.stage, full[pair], empty[pair], P.stage, P.sbytes, NS, 0, 0u};
+    q4r_consume<NESTED, G>(j, P.nitems, P.nshift, R, tab, ncode, xs, part, inv_s, P.dry != 0, store);
 }
 
 static long g_q4r_launches;
