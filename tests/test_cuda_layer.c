@@ -69,13 +69,13 @@ static void synth_free(struct synth *s)
 }
 
 /* A 2-layer Llama with H query and Hkv kv heads of size D. */
-static void make_arch(struct tuna_arch *a, int64_t H, int64_t Hkv, int64_t D, int64_t I)
+static void make_arch(struct tuna_arch *a, int64_t H, int64_t Hkv, int64_t D, int64_t I, int64_t C)
 {
     memset(a, 0, sizeof *a);
     a->family = TUNA_FAMILY_LLAMA;
     snprintf(a->model_type, sizeof a->model_type, "llama");
     snprintf(a->architecture, sizeof a->architecture, "LlamaForCausalLM (test_cuda_layer)");
-    a->hidden_size = 256;
+    a->hidden_size = C ? C : 256;
     a->n_layers = 2;
     a->n_heads = H;
     a->n_kv_heads = Hkv;
@@ -153,7 +153,7 @@ static void run(struct tuna_model *m, int64_t prompt, int steps, float *out)
     tuna_kv_free(kv);
 }
 
-/* A fused kernel's case: env switches it (TUNA_LAYER_KERNEL, TUNA_ATTN_O or TUNA_Q4_MLP: "1" on,
+/* A fused kernel's case: env switches it (TUNA_LAYER_KERNEL, TUNA_ATTN_O, TUNA_Q4_MLP or TUNA_Q4_OM: "1" on,
  * "0" the ops), launches counts its launches in this process; the other fused kernels stay off. */
 struct layer_case {
     const char *what;
@@ -165,12 +165,13 @@ struct layer_case {
     long (*launches)(void);
     int64_t I;     /* intermediate size (0: 352) */
     bool not_last; /* launched in every layer but the last (the MLP kernel) */
+    int64_t C;     /* hidden size (0: 256) */
 };
 
 static void check(const struct layer_case *c)
 {
     struct tuna_arch a;
-    make_arch(&a, c->H, c->Hkv, c->D, c->I);
+    make_arch(&a, c->H, c->Hkv, c->D, c->I, c->C);
     struct synth s = {.n = 0};
     make_weights(&a, &s);
     struct tuna_model_opts o = {.threads = 1,
@@ -187,6 +188,7 @@ static void check(const struct layer_case *c)
     setenv("TUNA_LAYER_KERNEL", "0", 1); /* both fused kernels off, then this case's one on */
     setenv("TUNA_ATTN_O", "0", 1);
     setenv("TUNA_Q4_MLP", "0", 1);
+    setenv("TUNA_Q4_OM", "0", 1);
     enum { STEPS = 6 };
     const long want = STEPS * (a.n_layers - (c->not_last ? 1 : 0));
     const int64_t V = a.vocab_size;
@@ -235,6 +237,7 @@ static void check(const struct layer_case *c)
     unsetenv("TUNA_LAYER_KERNEL");
     unsetenv("TUNA_ATTN_O");
     unsetenv("TUNA_Q4_MLP");
+    unsetenv("TUNA_Q4_OM");
     free(on);
     free(off);
     free(graph);
@@ -257,14 +260,19 @@ static bool have_gpu(void)
  * same size) and its KV rows k_rope_kv's, while o's sums go in another order, so the logits agree to
  * float32 rounding carried through the layers. The FP4 case's K = 3,584 has 56 scales per row, so a
  * block's scales start off 16-byte boundaries. */
-#define LAYER "TUNA_LAYER_KERNEL", tuna_cuda_q4_layer_launches, 0, false
-#define ATTN_O "TUNA_ATTN_O", tuna_cuda_attn_o_launches, 0, false
+#define LAYER "TUNA_LAYER_KERNEL", tuna_cuda_q4_layer_launches, 0, false, 0
+#define ATTN_O "TUNA_ATTN_O", tuna_cuda_attn_o_launches, 0, false, 0
 /* The MLP kernel's (q4_mlp.cu, experimental): gate/up, the GLU and down in one launch per layer but
  * the last, down's sums added in fixed point by clusters of 2 or 4 blocks, each over its own columns
  * of down, against TUNA_Q4_MLP=0 (k_q4_h4 twice). I = 352: one unit of 32 columns per cluster, so one
  * lane per row of down; 2,816 and 4,160: 2-3 units per cluster of 2 on 132 SMs (run again with
  * TUNA_Q4_MLP_CS=4 in the environment for clusters of 4). */
 #define MLP "TUNA_Q4_MLP", tuna_cuda_q4_mlp_launches
+/* The o + MLP kernel's (q4_om.cu): o, gate/up with the GLU and down in one persistent launch per
+ * layer, its weights streamed through shared-memory rings ahead of its phases, against TUNA_Q4_OM=0
+ * (k_q4_h4 three times). Its products are k_q4_h4's, so the logits should agree to the bit or
+ * nearly; every K a multiple of 2,048 (its steps). */
+#define OM "TUNA_Q4_OM", tuna_cuda_q4_om_launches
 static const struct layer_case k_cases[] = {
     {"NF4 dq, D 128, 8/2 heads", 8, 2, 128, false, false, NULL, {5, 300, 4400}, LAYER},
     {"NF4, D 64, 16/2 heads", 16, 2, 64, false, true, NULL, {40, 300, 0}, LAYER},
@@ -273,9 +281,12 @@ static const struct layer_case k_cases[] = {
     {"attention + o, NF4 dq, D 128, 32/8 heads (Llama-3-8B's)", 32, 8, 128, false, false, NULL, {5, 300, 2100}, ATTN_O},
     {"attention + o, NF4, D 64, 16/2 heads", 16, 2, 64, false, true, NULL, {40, 300, 0}, ATTN_O},
     {"attention + o, FP4 dq, D 128, 28/4 heads (groups of 7)", 28, 4, 128, true, false, NULL, {17, 1000, 0}, ATTN_O},
-    {"MLP, NF4 dq, I 352", 8, 2, 32, false, false, NULL, {5, 70, 0}, MLP, 352, true},
-    {"MLP, NF4, I 2816", 8, 2, 32, false, true, NULL, {9, 0, 0}, MLP, 2816, true},
-    {"MLP, FP4 dq, I 4160", 8, 4, 32, true, false, NULL, {17, 0, 0}, MLP, 4160, true},
+    {"MLP, NF4 dq, I 352", 8, 2, 32, false, false, NULL, {5, 70, 0}, MLP, 352, true, 0},
+    {"MLP, NF4, I 2816", 8, 2, 32, false, true, NULL, {9, 0, 0}, MLP, 2816, true, 0},
+    {"MLP, FP4 dq, I 4160", 8, 4, 32, true, false, NULL, {17, 0, 0}, MLP, 4160, true, 0},
+    {"o + MLP, NF4 dq, C 2048, I 4096, 16/4 heads", 16, 4, 128, false, false, NULL, {5, 300, 0}, OM, 4096, false, 2048},
+    {"o + MLP, NF4, C 2048, I 6144, 32/8 heads of 64", 32, 8, 64, false, true, NULL, {9, 0, 0}, OM, 6144, false, 2048},
+    {"o + MLP, FP4 dq, C 4096, I 2048, 32/8 heads", 32, 8, 128, true, false, NULL, {17, 0, 0}, OM, 2048, false, 4096},
 };
 
 static void test_case(void **state)
@@ -288,11 +299,16 @@ int main(void)
 {
     enum { N = sizeof k_cases / sizeof k_cases[0] };
     struct CMUnitTest tests[N];
+    /* TUNA_TEST_FILTER=text: only the cases whose name holds it (the GPU machine's short runs) */
+    const char *only = getenv("TUNA_TEST_FILTER");
+    int n = 0;
     for (int i = 0; i < N; i++) {
-        memset(&tests[i], 0, sizeof tests[i]);
-        tests[i].name = k_cases[i].what;
-        tests[i].test_func = test_case;
-        tests[i].initial_state = (void *)&k_cases[i];
+        if (only && *only && !strstr(k_cases[i].what, only)) continue;
+        memset(&tests[n], 0, sizeof tests[n]);
+        tests[n].name = k_cases[i].what;
+        tests[n].test_func = test_case;
+        tests[n].initial_state = (void *)&k_cases[i];
+        n++;
     }
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return _cmocka_run_group_tests("test_cuda_layer", tests, (size_t)n, NULL, NULL);
 }

@@ -410,6 +410,15 @@ struct tuna_backend_ops {
     bool (*rmsnorm_glu_down)(tuna_backend *be, float *x, float *xn, const float *nw, float eps,
                              const struct tuna_weight *wg, const struct tuna_weight *wu, const struct tuna_weight *wd,
                              int64_t T, int act);
+    /* Optional (NULL: the ops one by one): after the attention of one token, the o projection and
+     * the MLP block without adapters — matmul_add of o (x += o(att)), rmsnorm_matmul_glu (l->xn_mlp
+     * gets the normalized x, l->act the GLU output) and matmul_add of down — in one call (the fields
+     * of l they use), the same results up to float32 rounding (CUDA: one persistent kernel for
+     * 4-bit weights, TUNA_Q4_OM). next (NULL: none): the next layer, whose q/k/v projections with
+     * their norm (rmsnorm_matmul_multi into next->q, k, v and next->xn_attn; no adapters) the call
+     * may do too, saying so in *next_qkv. Returns false, having done nothing, when it declines. */
+    bool (*decode_o_mlp)(tuna_backend *be, const struct tuna_decode_layer *l, const struct tuna_decode_layer *next,
+                         bool *next_qkv);
 };
 
 #endif

@@ -666,6 +666,7 @@ static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const stru
     const bool act16 = fuse && act16_env_on(); /* the 16-bit activation path where a layer allows it */
 
     op->embedding(be, x, md->ids, T, &m->embed, m->embed_scale);
+    bool qkv_ready = false; /* the previous layer's decode_o_mlp made this layer's q, k and v */
     for (int64_t l = 0; l < a->n_layers; l++) {
         const struct tuna_layer *L = &m->layers[l];
         const struct tuna_fwd_layer_acts *A = trace ? &trace->layers[l] : &ws->a;
@@ -683,21 +684,25 @@ static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const stru
             (float)a->norm_eps, {&L->q.w, &L->k.w, &L->v.w, &L->o.w, &L->gate.w, &L->up.w, &L->down.w},
             {L->q.bias, L->k.bias, L->v.bias, L->o.bias, L->gate.bias, L->up.bias, L->down.bias}, kc, vc, kvdt,
             md->pos, md->slot, md->inv_freq, m->attn_factor, scale, md->ab, H, Hkv, D, m->rot_dim, (int)a->act};
-        if (fuse && T == 1 && op->decode_layer && !L->q_norm && !L->k_norm && layer_without_lora(m, L)) {
+        const bool pre = qkv_ready;
+        qkv_ready = false;
+        if (!pre && fuse && T == 1 && op->decode_layer && !L->q_norm && !L->k_norm && layer_without_lora(m, L)) {
             /* the whole layer in one call where the backend takes it (CUDA: one kernel, 4-bit) */
             if (op->decode_layer(be, &dl)) continue;
         }
         const bool qkv_plain = L->q.n_lora == 0 && L->k.n_lora == 0 && L->v.n_lora == 0;
         /* RoPE, the KV store, attention and o in one op after the q/k/v projections, where the
          * backend takes it (CUDA: one kernel for a 4-bit o at batch 1) */
-        const bool ao = fuse && T == 1 && op->attention_o && op->rmsnorm_matmul_multi && qkv_plain &&
+        const bool ao = !pre && fuse && T == 1 && op->attention_o && op->rmsnorm_matmul_multi && qkv_plain &&
                         !lora_on(m, &L->o) && !L->q_norm && !L->k_norm && op->attention_o(be, &dl, true);
         /* attention block; the o projection's weights may stream into the device's cache while
          * RoPE and attention leave memory bandwidth idle (a hint: prefetch_l2) */
         if (fuse && op->prefetch_l2 && !ao)
             op->prefetch_l2(be, L->o.w.data, tuna_dtype_nbytes(L->o.w.dtype, (uint64_t)(L->o.w.rows * L->o.w.cols)));
         bool roped = false; /* RoPE and the KV store done */
-        if (fuse && op->rmsnorm_qkv_rope_kv && qkv_plain && !L->q_norm && !L->k_norm && !ao) {
+        if (pre) {
+            /* q, k and v were projected by the previous layer's decode_o_mlp */
+        } else if (fuse && op->rmsnorm_qkv_rope_kv && qkv_plain && !L->q_norm && !L->k_norm && !ao) {
             /* norm, q/k/v, RoPE and the KV store in one op (one kernel on the GPU) */
             float *const ys[3] = {A->q, A->k, A->v};
             const struct tuna_weight *const w3[3] = {&L->q.w, &L->k.w, &L->v.w};
@@ -718,7 +723,27 @@ static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const stru
         if (!(ao && op->attention_o(be, &dl, false))) {
             if (!roped) rope_and_store(m, L, A, kc, vc, kvdt, md, T, fuse);
             op->attention(be, A->att, A->q, kc, vc, kvdt, md->ab, H, Hkv, D, scale); /* (T, H*D) */
-            linear_residual(m, &L->o, x, A->att, ws->tmp, T, b, fuse);        /* x (T, C) += */
+            /* o and the MLP block in one op where the backend takes it (CUDA: one persistent
+             * kernel for 4-bit weights at batch 1, TUNA_Q4_OM) */
+            if (fuse && T == 1 && op->decode_o_mlp && !lora_on(m, &L->o) && !lora_on(m, &L->gate) &&
+                !lora_on(m, &L->up) && !lora_on(m, &L->down)) {
+                /* ... and the next layer's q/k/v projections where it takes the plain path */
+                const struct tuna_layer *N = l + 1 < a->n_layers ? &m->layers[l + 1] : NULL;
+                const bool nplain = N && op->rmsnorm_matmul_multi && N->q.n_lora == 0 && N->k.n_lora == 0 &&
+                                    N->v.n_lora == 0 && act16_type(m, N, T, act16) == TUNA_DTYPE_INVALID;
+                const struct tuna_decode_layer dn = {
+                    x, A->q, A->k, A->v, A->att, A->xn_attn, A->xn_mlp, A->gate, nplain ? N->attn_norm : NULL, NULL,
+                    (float)a->norm_eps,
+                    {nplain ? &N->q.w : NULL, nplain ? &N->k.w : NULL, nplain ? &N->v.w : NULL},
+                    {nplain ? N->q.bias : NULL, nplain ? N->k.bias : NULL, nplain ? N->v.bias : NULL}, NULL, NULL, kvdt,
+                    md->pos, md->slot, md->inv_freq, m->attn_factor, scale, md->ab, H, Hkv, D, m->rot_dim, (int)a->act};
+                bool next_qkv = false;
+                if (op->decode_o_mlp(be, &dl, nplain ? &dn : NULL, &next_qkv)) {
+                    qkv_ready = next_qkv;
+                    continue;
+                }
+            }
+            linear_residual(m, &L->o, x, A->att, ws->tmp, T, b, fuse); /* x (T, C) += */
         }
         if (trace) op->copy(be, A->x_mid, x, (size_t)(T * C) * sizeof(float));
         /* MLP block */

@@ -109,6 +109,9 @@ long tuna_cuda_attn_o_launches(void);
 /* Launches of k_q4_mlp (q4_mlp.cu: the 4-bit MLP of one token; TUNA_Q4_MLP=0 turns it off) in this
  * process, for tests. */
 long tuna_cuda_q4_mlp_launches(void);
+/* Launches of k_q4_om (q4_om.cu: o and the 4-bit MLP of one token in one persistent kernel) in this
+ * process, for tests. */
+long tuna_cuda_q4_om_launches(void);
 
 /* Small-T threshold of 4-bit weights: T <= this use the fused dequant-GEMV kernel. */
 #define TUNA_CUDA_GEMV_MAX_T 8

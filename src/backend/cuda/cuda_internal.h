@@ -221,6 +221,10 @@ void tuna_cuda_racc_drop(tuna_backend *be);
 bool tuna_cuda_rmsnorm_glu_down(tuna_backend *be, float *x, float *xn, const float *nw, float eps,
                                 const struct tuna_weight *wg, const struct tuna_weight *wu,
                                 const struct tuna_weight *wd, int64_t T, int act);
+/* backend.h's decode_o_mlp (q4_om.cu): o, the 4-bit MLP of one token and the next layer's q/k/v in
+ * one persistent kernel. */
+bool tuna_cuda_decode_o_mlp(tuna_backend *be, const struct tuna_decode_layer *l, const struct tuna_decode_layer *next,
+                            bool *next_qkv);
 /* backend.h's prefetch_l2 (pdl.cu): records the hint for the next decode kernel that issues it. */
 void tuna_cuda_prefetch_l2(tuna_backend *be, const void *p, size_t bytes);
 

@@ -635,4 +635,63 @@ static __device__ __forceinline__ float q4h_stage_x(uint8_t *xs, const float *x,
     return inv;
 }
 
+/* q4h_stage_x with all of a thread's pieces of x (and of the norm weight) loaded at once and kept in
+ * registers for the second pass: one round trip to L2 instead of two (k_q4_om, where the loads
+ * queue behind the weight stream). The same bits as q4h_stage_x (the sums in the same order).
+ * Needs K / 4 <= NP * q4h_nthreads<NT>(). */
+template <bool NORM, int NT, int NP>
+static __device__ __forceinline__ float q4h_stage_x_regs(uint8_t *xs, const float *x, const struct gemv_job &j,
+                                                         float lmax, float *red)
+{
+    const int K4 = (int)(j.K / 4), n = q4h_nthreads<NT>();
+    const float4 *x4 = reinterpret_cast<const float4 *>(x);
+    const float4 *n4 = reinterpret_cast<const float4 *>(j.nw);
+    float4 a[NP], w[NP];
+#pragma unroll
+    for (int i = 0; i < NP; i++) {
+        const int f = (int)threadIdx.x + i * n;
+        a[i] = f < K4 ? __ldcg(x4 + f) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (NORM) w[i] = f < K4 ? __ldg(n4 + f) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+    float ss = 0.0f, m = 0.0f;
+#pragma unroll
+    for (int i = 0; i < NP; i++) {
+        if ((int)threadIdx.x + i * n >= K4) break;
+        if (NORM) {
+            ss += a[i].x * a[i].x + a[i].y * a[i].y + a[i].z * a[i].z + a[i].w * a[i].w;
+            m = fmaxf(m, fmaxf(fmaxf(fabsf(a[i].x * w[i].x), fabsf(a[i].y * w[i].y)),
+                               fmaxf(fabsf(a[i].z * w[i].z), fabsf(a[i].w * w[i].w))));
+        } else {
+            m = fmaxf(m, fmaxf(fmaxf(fabsf(a[i].x), fabsf(a[i].y)), fmaxf(fabsf(a[i].z), fabsf(a[i].w))));
+        }
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = n >> 5;
+    for (int o = 16; o > 0; o >>= 1) {
+        ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    }
+    if (lane == 0) red[warp] = ss, red[32 + warp] = m;
+    q4h_sync<NT>();
+    float t = 0.0f, mm = 0.0f;
+    for (int v = 0; v < nw; v++) t += red[v], mm = fmaxf(mm, red[32 + v]);
+    const float r = NORM ? 1.0f / sqrtf(t / (float)j.K + j.eps) : 1.0f;
+    float inv;
+    const float s = q4h_scale(mm * r * lmax, &inv);
+    float4 *xn4 = reinterpret_cast<float4 *>(j.xn);
+    const bool write = NORM && j.xn && blockIdx.x == 0;
+#pragma unroll
+    for (int i = 0; i < NP; i++) {
+        const int f = (int)threadIdx.x + i * n;
+        if (f >= K4) break;
+        float4 b = a[i];
+        if (NORM) {
+            b = make_float4(b.x * r * w[i].x, b.y * r * w[i].y, b.z * r * w[i].z, b.w * r * w[i].w);
+            if (write) xn4[f] = b;
+        }
+        q4h_put4(xs, f, b, s);
+    }
+    q4h_sync<NT>();
+    return inv;
+}
+
 #endif
