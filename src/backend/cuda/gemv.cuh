@@ -550,6 +550,52 @@ static __device__ __forceinline__ void q4h_put4(uint8_t *xs, int f, float4 b, fl
     *reinterpret_cast<uint2 *>(xs + gemv_x_pos<true>(f >> 1) * 16 + (f & 1) * 8) = u;
 }
 
+/* One piece a of x (w: the norm weight's) into the thread's sum of squares (NORM) and largest
+ * |x (* nw)| */
+template <bool NORM>
+static __device__ __forceinline__ void q4h_piece_sums(float &ss, float &m, const float4 &a, const float4 &w)
+{
+    if (NORM) {
+        ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+        m = fmaxf(m, fmaxf(fmaxf(fabsf(a.x * w.x), fabsf(a.y * w.y)), fmaxf(fabsf(a.z * w.z), fabsf(a.w * w.w))));
+    } else {
+        m = fmaxf(m, fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)), fmaxf(fabsf(a.z), fabsf(a.w))));
+    }
+}
+
+/* Piece f of x (a; w the norm weight's) into xs: times r * nw first (NORM; written to xn4 where
+ * `write`), then q4h_put4 with scale s */
+template <bool NORM>
+static __device__ __forceinline__ void q4h_piece_put(uint8_t *xs, int f, float4 b, const float4 &w, float r, float s,
+                                                     float4 *xn4, bool write)
+{
+    if (NORM) {
+        b = make_float4(b.x * r * w.x, b.y * r * w.y, b.z * r * w.z, b.w * r * w.w);
+        if (write) xn4[f] = b;
+    }
+    q4h_put4(xs, f, b, s);
+}
+
+/* q4h_stage_x's reduction of the threads' sums over the block (red: 64 floats of shared scratch):
+ * r = 1/rms (NORM; 1 otherwise) and the scale s of q4h_scale (|x * s| * lmax in [1024, 2048); 1
+ * when the max is 0, not finite, or the table is empty), *inv = 1/s */
+template <bool NORM, int NT>
+static __device__ __forceinline__ float q4h_stage_reduce(float ss, float m, const struct gemv_job &j, float lmax,
+                                                         float *red, float *r, float *inv)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = q4h_nthreads<NT>() >> 5;
+    for (int o = 16; o > 0; o >>= 1) {
+        ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    }
+    if (lane == 0) red[warp] = ss, red[32 + warp] = m;
+    q4h_sync<NT>();
+    float a = 0.0f, mm = 0.0f;
+    for (int w = 0; w < nw; w++) a += red[w], mm = fmaxf(mm, red[32 + w]);
+    *r = NORM ? 1.0f / sqrtf(a / (float)j.K + j.eps) : 1.0f;
+    return q4h_scale(mm * *r * lmax, inv);
+}
+
 /* q4h_stage_x's first pass over x: the thread's sum of squares (NORM) and largest |x (* nw)|, N
  * pieces in flight at a time (the sums in the same order whatever N) */
 template <bool NORM, int NT, int N>
@@ -562,13 +608,7 @@ static __device__ __forceinline__ void q4h_stage_sums(float &ss, float &m, const
 #pragma unroll
         for (int i = 0; i < N; i++) {
             if (f0 + i * (int)q4h_nthreads<NT>() >= K4) break;
-            if (NORM) {
-                ss += a[i].x * a[i].x + a[i].y * a[i].y + a[i].z * a[i].z + a[i].w * a[i].w;
-                m = fmaxf(m, fmaxf(fmaxf(fabsf(a[i].x * w[i].x), fabsf(a[i].y * w[i].y)),
-                                   fmaxf(fabsf(a[i].z * w[i].z), fabsf(a[i].w * w[i].w))));
-            } else {
-                m = fmaxf(m, fmaxf(fmaxf(fabsf(a[i].x), fabsf(a[i].y)), fmaxf(fabsf(a[i].z), fabsf(a[i].w))));
-            }
+            q4h_piece_sums<NORM>(ss, m, a[i], w[i]);
         }
     }
 }
@@ -585,12 +625,7 @@ static __device__ __forceinline__ void q4h_stage_put(uint8_t *xs, const float4 *
         for (int i = 0; i < N; i++) {
             const int f = f0 + i * (int)q4h_nthreads<NT>();
             if (f >= K4) break;
-            float4 b = a[i];
-            if (NORM) {
-                b = make_float4(b.x * r * w[i].x, b.y * r * w[i].y, b.z * r * w[i].z, b.w * r * w[i].w);
-                if (write) xn4[f] = b;
-            }
-            q4h_put4(xs, f, b, s);
+            q4h_piece_put<NORM>(xs, f, a[i], w[i], r, s, xn4, write);
         }
     }
 }
@@ -614,19 +649,8 @@ static __device__ __forceinline__ float q4h_stage_x(uint8_t *xs, const float *x,
      * one at a time): K = 14336 takes 2 round trips to L2 instead of 7 */
     if (ACC && xacc) q4h_stage_sums<NORM, NT, 2>(ss, m, x4, n4, K4, xacc);
     else q4h_stage_sums<NORM, NT, 4>(ss, m, x4, n4, K4, NULL);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = q4h_nthreads<NT>() >> 5;
-    for (int o = 16; o > 0; o >>= 1) {
-        ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    }
-    if (lane == 0) red[warp] = ss, red[32 + warp] = m;
-    q4h_sync<NT>();
-    float a = 0.0f, mm = 0.0f;
-    for (int w = 0; w < nw; w++) a += red[w], mm = fmaxf(mm, red[32 + w]);
-    const float r = NORM ? 1.0f / sqrtf(a / (float)j.K + j.eps) : 1.0f;
-    /* |x * s| * lmax in [1024, 2048); 1 when the max is 0, not finite, or the table is empty */
-    float inv;
-    const float s = q4h_scale(mm * r * lmax, &inv);
+    float r, inv;
+    const float s = q4h_stage_reduce<NORM, NT>(ss, m, j, lmax, red, &r, &inv);
     float4 *xn4 = reinterpret_cast<float4 *>(j.xn ? j.xn + xn_off : NULL);
     const bool write = NORM && j.xn && blockIdx.x == 0;
     if (ACC && xacc) q4h_stage_put<NORM, NT, 2>(xs, x4, n4, K4, xacc, r, s, xn4, write);
@@ -657,38 +681,17 @@ static __device__ __forceinline__ float q4h_stage_x_regs(uint8_t *xs, const floa
 #pragma unroll
     for (int i = 0; i < NP; i++) {
         if ((int)threadIdx.x + i * n >= K4) break;
-        if (NORM) {
-            ss += a[i].x * a[i].x + a[i].y * a[i].y + a[i].z * a[i].z + a[i].w * a[i].w;
-            m = fmaxf(m, fmaxf(fmaxf(fabsf(a[i].x * w[i].x), fabsf(a[i].y * w[i].y)),
-                               fmaxf(fabsf(a[i].z * w[i].z), fabsf(a[i].w * w[i].w))));
-        } else {
-            m = fmaxf(m, fmaxf(fmaxf(fabsf(a[i].x), fabsf(a[i].y)), fmaxf(fabsf(a[i].z), fabsf(a[i].w))));
-        }
+        q4h_piece_sums<NORM>(ss, m, a[i], w[i]);
     }
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = n >> 5;
-    for (int o = 16; o > 0; o >>= 1) {
-        ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    }
-    if (lane == 0) red[warp] = ss, red[32 + warp] = m;
-    q4h_sync<NT>();
-    float t = 0.0f, mm = 0.0f;
-    for (int v = 0; v < nw; v++) t += red[v], mm = fmaxf(mm, red[32 + v]);
-    const float r = NORM ? 1.0f / sqrtf(t / (float)j.K + j.eps) : 1.0f;
-    float inv;
-    const float s = q4h_scale(mm * r * lmax, &inv);
+    float r, inv;
+    const float s = q4h_stage_reduce<NORM, NT>(ss, m, j, lmax, red, &r, &inv);
     float4 *xn4 = reinterpret_cast<float4 *>(j.xn);
     const bool write = NORM && j.xn && blockIdx.x == 0;
 #pragma unroll
     for (int i = 0; i < NP; i++) {
         const int f = (int)threadIdx.x + i * n;
         if (f >= K4) break;
-        float4 b = a[i];
-        if (NORM) {
-            b = make_float4(b.x * r * w[i].x, b.y * r * w[i].y, b.z * r * w[i].z, b.w * r * w[i].w);
-            if (write) xn4[f] = b;
-        }
-        q4h_put4(xs, f, b, s);
+        q4h_piece_put<NORM>(xs, f, a[i], w[i], r, s, xn4, write);
     }
     q4h_sync<NT>();
     return inv;

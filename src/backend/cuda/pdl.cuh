@@ -66,6 +66,23 @@ __device__ __forceinline__ void tuna_l2pf_issue(const struct tuna_l2pf &pf, long
 /* True when this backend's launches may use PDL (compute capability >= 9.0, TUNA_PDL != 0). */
 bool tuna_cuda_pdl_on(tuna_backend *be);
 
+/* cfg's attributes (attr: room for 2) for a persistent kernel whose blocks wait for each other:
+ * cooperative where coop (all blocks resident, or the launch fails), and PDL where it is on. */
+static inline void tuna_cuda_grid_attrs(tuna_backend *be, cudaLaunchConfig_t *cfg, cudaLaunchAttribute *attr, bool coop)
+{
+    int na = 0;
+    if (coop) {
+        attr[na].id = cudaLaunchAttributeCooperative;
+        attr[na++].val.cooperative = 1;
+    }
+    if (tuna_cuda_pdl_on(be)) {
+        attr[na].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[na++].val.programmaticStreamSerializationAllowed = 1;
+    }
+    cfg->attrs = attr;
+    cfg->numAttrs = (unsigned)na;
+}
+
 /* The L2 prefetch hint (backend.h's prefetch_l2; TUNA_L2PF picks the kernel that issues it: 0 none,
  * the default; 1 the decode attention kernel; 2 the RoPE/KV-store kernel before it, or attention
  * when that kernel does not run). The o projection's 33.6 MB during RoPE + attention measured

@@ -683,15 +683,7 @@ bool tuna_cuda_decode_layer(tuna_backend *be, const struct tuna_decode_layer *a)
     cfg.dynamicSmemBytes = smem;
     cfg.stream = be->stream;
     cudaLaunchAttribute attr[2];
-    int na = 0;
-    attr[na].id = cudaLaunchAttributeCooperative; /* all blocks resident, or the launch fails */
-    attr[na++].val.cooperative = 1;
-    if (tuna_cuda_pdl_on(be)) {
-        attr[na].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr[na++].val.programmaticStreamSerializationAllowed = 1;
-    }
-    cfg.attrs = attr;
-    cfg.numAttrs = (unsigned)na;
+    tuna_cuda_grid_attrs(be, &cfg, attr, true);
 #ifdef TUNA_Q4_TRACE
     P.trace_id = q4ltr_setup();
 #endif

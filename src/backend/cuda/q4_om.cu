@@ -227,13 +227,7 @@ __global__ void __launch_bounds__(Q4R_THREADS, 1)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, NS = P.ns;
     unsigned long long *tr = P.tr && blockIdx.x < Q4OM_TB ? P.tr : NULL;
     if (threadIdx.x == 0) q4om_mark(tr, 0);
-    if (threadIdx.x == 0) {
-        for (int p = 0; p < Q4H4_PAIRS; p++)
-            for (int s = 0; s < NS; s++)
-                q4s_bar_init(&full[p][s], 1), q4s_bar_init(&empty[p][s], 64);
-        q4s_bar_fence_init();
-    }
-    __syncthreads();
+    q4r_bars_init(full, empty, NS);
     if (warp >= Q4H4_PAIRS * 2) { /* the producers: weights only, so no PDL wait */
         q4om_produce<NESTED>(P, ring, full, empty);
         if (warp == Q4H4_PAIRS * 2) q4om_mark(tr, 10);
@@ -529,18 +523,8 @@ bool tuna_cuda_decode_o_mlp(tuna_backend *be, const struct tuna_decode_layer *a,
     cfg.dynamicSmemBytes = smem;
     cfg.stream = be->stream;
     cudaLaunchAttribute attr[2];
-    int na = 0;
     const char *ecoop = getenv("TUNA_Q4OM_COOP"); /* a measurement: 0 launches without the attribute */
-    if (!(ecoop && ecoop[0] == '0')) {
-        attr[na].id = cudaLaunchAttributeCooperative; /* all blocks resident, or the launch fails */
-        attr[na++].val.cooperative = 1;
-    }
-    if (tuna_cuda_pdl_on(be)) {
-        attr[na].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr[na++].val.programmaticStreamSerializationAllowed = 1;
-    }
-    cfg.attrs = attr;
-    cfg.numAttrs = (unsigned)na;
+    tuna_cuda_grid_attrs(be, &cfg, attr, !(ecoop && ecoop[0] == '0'));
     P.tr = q4om_tr_row(g_q4om_launches);
     g_q4om_launches++;
     *next_qkv = P.nphase == 4;

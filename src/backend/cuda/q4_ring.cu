@@ -92,13 +92,7 @@ __global__ void __launch_bounds__(Q4R_THREADS, 1)
     uint8_t *xs = tab + Q4H4_TAB + Q4H4_NCODE; /* [K] f16, swizzled pieces */
     uint8_t *ring = reinterpret_cast<uint8_t *>(q4r_smem4) + P.ring;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, NS = P.ns;
-    if (threadIdx.x == 0) {
-        for (int p = 0; p < Q4H4_PAIRS; p++)
-            for (int s = 0; s < NS; s++)
-                q4s_bar_init(&full[p][s], 1), q4s_bar_init(&empty[p][s], 64);
-        q4s_bar_fence_init();
-    }
-    __syncthreads();
+    q4r_bars_init(full, empty, NS);
     if (warp >= Q4H4_PAIRS * 2) { /* the producers: weights only, so no PDL wait */
         q4r_produce<NESTED, G>(j, P, ring, full, empty);
         return;

@@ -52,6 +52,20 @@ static __device__ __forceinline__ void q4r_issue(const struct gemv_job &j, int i
     }
 }
 
+/* The rings' mbarriers, set up by thread 0 for the block's Q4H4_PAIRS pairs of ns stages ("full": the
+ * producer's one arrival and the stage's bytes; "empty": the pair's 64 consumer lanes), then the
+ * block's barrier. */
+static __device__ __forceinline__ void q4r_bars_init(uint64_t (*full)[Q4R_NSMAX], uint64_t (*empty)[Q4R_NSMAX], int ns)
+{
+    if (threadIdx.x == 0) {
+        for (int p = 0; p < Q4H4_PAIRS; p++)
+            for (int s = 0; s < ns; s++)
+                q4s_bar_init(&full[p][s], 1), q4s_bar_init(&empty[p][s], 64);
+        q4s_bar_fence_init();
+    }
+    __syncthreads();
+}
+
 /* A ring's geometry and the consumer side's place in it (stage s, phase parity ph): the same
  * sequence of steps as its producer lane issues. */
 struct q4r_ring {
