@@ -268,10 +268,10 @@ static bool have_gpu(void)
  * lane per row of down; 2,816 and 4,160: 2-3 units per cluster of 2 on 132 SMs (run again with
  * TUNA_Q4_MLP_CS=4 in the environment for clusters of 4). */
 #define MLP "TUNA_Q4_MLP", tuna_cuda_q4_mlp_launches
-/* The o + MLP kernel's (q4_om.cu): o, gate/up with the GLU and down in one persistent launch per
- * layer, its weights streamed through shared-memory rings ahead of its phases, against TUNA_Q4_OM=0
- * (k_q4_h4 three times). Its products are k_q4_h4's, so the logits should agree to the bit or
- * nearly; every K a multiple of 2,048 (its steps). */
+/* The o + MLP kernel's (q4_om.cu): o, gate/up with the GLU, down and (in layer 0) layer 1's q/k/v in
+ * one persistent launch per layer, its weights streamed through shared-memory rings ahead of its
+ * phases, against TUNA_Q4_OM=0 (k_q4_h4 per projection). Its products and staging are k_q4_h4's, so
+ * the logits agreed to the bit on the H100 (0.00e+00); every K a multiple of 2,048 (its steps). */
 #define OM "TUNA_Q4_OM", tuna_cuda_q4_om_launches
 static const struct layer_case k_cases[] = {
     {"NF4 dq, D 128, 8/2 heads", 8, 2, 128, false, false, NULL, {5, 300, 4400}, LAYER},

@@ -647,6 +647,22 @@ static void rope_and_store(struct tuna_model *m, const struct tuna_layer *L, con
     op->kv_store(be, kc, vc, kvdt, A->k, A->v, md->slot, T, Hkv * D);
 }
 
+/* Layer L's ops' arguments as one struct, for the backends that fuse a layer or parts of it (A: the
+ * activations' buffers, kc and vc its cache). */
+static struct tuna_decode_layer decode_args(const struct tuna_model *m, const struct tuna_layer *L,
+                                            const struct tuna_fwd_layer_acts *A, float *x, void *kc, void *vc,
+                                            enum tuna_dtype kvdt, const struct step_meta *md, float scale)
+{
+    const struct tuna_arch *a = &m->arch;
+    const struct tuna_decode_layer dl = {
+        x, A->q, A->k, A->v, A->att, A->xn_attn, A->xn_mlp, A->gate, L->attn_norm, L->mlp_norm,
+        (float)a->norm_eps, {&L->q.w, &L->k.w, &L->v.w, &L->o.w, &L->gate.w, &L->up.w, &L->down.w},
+        {L->q.bias, L->k.bias, L->v.bias, L->o.bias, L->gate.bias, L->up.bias, L->down.bias}, kc, vc, kvdt,
+        md->pos, md->slot, md->inv_freq, m->attn_factor, scale, md->ab, a->n_heads, a->n_kv_heads, a->head_dim,
+        m->rot_dim, (int)a->act};
+    return dl;
+}
+
 /* Embedding, the layers, the final norm and lm_head of one step: logits of the wanted rows into
  * `logits` (host backends) or ws->logits. */
 static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const struct tuna_batch *b, float *logits,
@@ -679,11 +695,7 @@ static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const stru
             continue;
         }
         /* the ops' arguments as one struct, for the backends that fuse a layer or its attention */
-        const struct tuna_decode_layer dl = {
-            x, A->q, A->k, A->v, A->att, A->xn_attn, A->xn_mlp, A->gate, L->attn_norm, L->mlp_norm,
-            (float)a->norm_eps, {&L->q.w, &L->k.w, &L->v.w, &L->o.w, &L->gate.w, &L->up.w, &L->down.w},
-            {L->q.bias, L->k.bias, L->v.bias, L->o.bias, L->gate.bias, L->up.bias, L->down.bias}, kc, vc, kvdt,
-            md->pos, md->slot, md->inv_freq, m->attn_factor, scale, md->ab, H, Hkv, D, m->rot_dim, (int)a->act};
+        const struct tuna_decode_layer dl = decode_args(m, L, A, x, kc, vc, kvdt, md, scale);
         const bool pre = qkv_ready;
         qkv_ready = false;
         if (!pre && fuse && T == 1 && op->decode_layer && !L->q_norm && !L->k_norm && layer_without_lora(m, L)) {
@@ -731,12 +743,9 @@ static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const stru
                 const struct tuna_layer *N = l + 1 < a->n_layers ? &m->layers[l + 1] : NULL;
                 const bool nplain = N && op->rmsnorm_matmul_multi && N->q.n_lora == 0 && N->k.n_lora == 0 &&
                                     N->v.n_lora == 0 && act16_type(m, N, T, act16) == TUNA_DTYPE_INVALID;
-                const struct tuna_decode_layer dn = {
-                    x, A->q, A->k, A->v, A->att, A->xn_attn, A->xn_mlp, A->gate, nplain ? N->attn_norm : NULL, NULL,
-                    (float)a->norm_eps,
-                    {nplain ? &N->q.w : NULL, nplain ? &N->k.w : NULL, nplain ? &N->v.w : NULL},
-                    {nplain ? N->q.bias : NULL, nplain ? N->k.bias : NULL, nplain ? N->v.bias : NULL}, NULL, NULL, kvdt,
-                    md->pos, md->slot, md->inv_freq, m->attn_factor, scale, md->ab, H, Hkv, D, m->rot_dim, (int)a->act};
+                struct tuna_decode_layer dn;
+                if (nplain)
+                    dn = decode_args(m, N, A, x, tuna_kv_k(kv, l + 1), tuna_kv_v(kv, l + 1), kvdt, md, scale);
                 bool next_qkv = false;
                 if (op->decode_o_mlp(be, &dl, nplain ? &dn : NULL, &next_qkv)) {
                     qkv_ready = next_qkv;

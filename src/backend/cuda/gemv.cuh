@@ -55,6 +55,22 @@ static inline struct q4_scales q4_scales_of(const struct tuna_cuda_q4 *q)
     return sc;
 }
 
+/* A 4-bit weight (NF4 or FP4) on the GPU with 16-byte aligned codes: what the persistent and fused
+ * decode kernels read in 16-byte pieces. */
+static inline bool q4_weight_aligned(const struct tuna_weight *w)
+{
+    return (w->dtype == TUNA_DTYPE_NF4 || w->dtype == TUNA_DTYPE_FP4) && w->q4 && ((uintptr_t)w->data % 16) == 0;
+}
+
+/* Whether 4-bit weight q takes the same code table, blocksize and scale form as q0 (a kernel that
+ * runs several weights with one set of them), and is not dequantized to float32 for prefill. */
+static inline bool q4_same_form(const struct tuna_cuda_q4 *q0, const struct tuna_cuda_q4 *q)
+{
+    return q->blocksize == q0->blocksize && memcmp(q->lut, q0->lut, sizeof q->lut) == 0 &&
+           q->prefill != TUNA_DTYPE_F32 && (q->absmax == NULL) == (q0->absmax == NULL) &&
+           (q->absmax || q->nested_shift == q0->nested_shift);
+}
+
 struct gemv_seg {
     const void *W;        /* [N, K] bf16 or f16; 4-bit: packed codes */
     struct q4_scales sc;  /* 4-bit only: the block scales */

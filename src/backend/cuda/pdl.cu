@@ -103,3 +103,36 @@ struct tuna_l2pf tuna_cuda_l2pf_take(tuna_backend *be, int consumer, int64_t T)
     be->l2pf = none;
     return T <= TUNA_CUDA_GEMV_MAX_T ? pf : none;
 }
+
+bool tuna_cuda_one_per_sm(tuna_backend *be, const void *fn, int threads, size_t smem)
+{
+    static struct {
+        const void *fn;
+        size_t smem;
+        int threads, dev;
+        bool ok;
+    } seen[32];
+    static int n;
+    for (int i = 0; i < n; i++)
+        if (seen[i].fn == fn && seen[i].smem == smem && seen[i].threads == threads && seen[i].dev == be->device)
+            return seen[i].ok;
+    if (!tuna_cuda_smem_allow(be, fn, smem)) return false;
+    int bps = 0;
+    const bool ok = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bps, fn, threads, smem) == cudaSuccess && bps >= 1;
+    cudaGetLastError();
+    if (n < 32) {
+        seen[n].fn = fn, seen[n].smem = smem, seen[n].threads = threads, seen[n].dev = be->device;
+        seen[n++].ok = ok;
+    }
+    return ok;
+}
+
+void *tuna_cuda_layer_scratch(tuna_backend *be, size_t bytes)
+{
+    void *before = be->layer.p;
+    if (!tuna_cuda_grow(be, &be->layer, bytes, "cudaMalloc(decode layer scratch)")) return NULL;
+    if (be->layer.p != before &&
+        !tuna_cuda_check(be, cudaMemsetAsync(be->layer.p, 0, be->layer.cap, be->stream), "cudaMemsetAsync(decode layer)"))
+        return NULL;
+    return be->layer.p;
+}

@@ -66,6 +66,16 @@ __device__ __forceinline__ void tuna_l2pf_issue(const struct tuna_l2pf &pf, long
 /* True when this backend's launches may use PDL (compute capability >= 9.0, TUNA_PDL != 0). */
 bool tuna_cuda_pdl_on(tuna_backend *be);
 
+/* Whether kernel fn can have one block of `threads` threads and smem bytes of dynamic shared memory
+ * resident on every SM (a persistent kernel with one block per SM, its blocks waiting for each
+ * other); raises the kernel's shared-memory limit first. Asked once per kernel, size and device. */
+bool tuna_cuda_one_per_sm(tuna_backend *be, const void *fn, int threads, size_t smem);
+
+/* The persistent kernels' scratch (be->layer: q4_layer.cu's barrier, counters and partials,
+ * q4_om.cu's barrier), at least `bytes`, zeroed whenever it is made or moved; NULL on failure
+ * (sticky). */
+void *tuna_cuda_layer_scratch(tuna_backend *be, size_t bytes);
+
 /* cfg's attributes (attr: room for 2) for a persistent kernel whose blocks wait for each other:
  * cooperative where coop (all blocks resident, or the launch fails), and PDL where it is on. */
 static inline void tuna_cuda_grid_attrs(tuna_backend *be, cudaLaunchConfig_t *cfg, cudaLaunchAttribute *attr, bool coop)

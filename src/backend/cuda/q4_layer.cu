@@ -543,11 +543,6 @@ static bool q4l_env_on(void)
     return e && e[0] == '1' && !(k && *k && strcmp(k, "8") != 0);
 }
 
-static bool q4l_is_q4(const struct tuna_weight *w)
-{
-    return (w->dtype == TUNA_DTYPE_NF4 || w->dtype == TUNA_DTYPE_FP4) && w->q4;
-}
-
 /* A job over n weights of the layer (gemv_job_init with the 4-bit scales). */
 static void q4l_job(struct gemv_job *j, int n, float *const *ys, const struct tuna_weight *const *ws,
                     const float *const *biases, int mode, const float *nw, float *xn, float eps, int shift)
@@ -588,16 +583,12 @@ bool tuna_cuda_decode_layer(tuna_backend *be, const struct tuna_decode_layer *a)
     for (int i = 0; i < 8; i++) /* read or written in 16-byte pieces */
         if (!vec[i] || (uintptr_t)vec[i] % 16 != 0) return false;
     /* the weights: k_q4_h4's conditions, one table, blocksize and scale form for all seven */
-    const struct tuna_cuda_q4 *q0 = NULL;
-    for (int i = 0; i < 7; i++) {
-        if (!q4l_is_q4(w[i])) return false;
-        const struct tuna_cuda_q4 *q = (const struct tuna_cuda_q4 *)w[i]->q4;
-        if (!q0) q0 = q;
-        if (q->blocksize != q0->blocksize || memcmp(q->lut, q0->lut, sizeof q->lut) != 0 ||
-            q->prefill == TUNA_DTYPE_F32 || (q->absmax == NULL) != (q0->absmax == NULL) ||
-            (!q->absmax && q->nested_shift != q0->nested_shift))
-            return false;
-    }
+    /* (misaligned codes: q4h_job_fits below declines them too) */
+    for (int i = 0; i < 7; i++)
+        if (!q4_weight_aligned(w[i])) return false;
+    const struct tuna_cuda_q4 *q0 = (const struct tuna_cuda_q4 *)w[0]->q4;
+    for (int i = 0; i < 7; i++)
+        if (!q4_same_form(q0, (const struct tuna_cuda_q4 *)w[i]->q4)) return false;
     int shift = 0;
     while ((1 << shift) < q0->blocksize) shift++;
     if ((1 << shift) != q0->blocksize) return false;
@@ -641,24 +632,8 @@ bool tuna_cuda_decode_layer(tuna_backend *be, const struct tuna_decode_layer *a)
     const size_t gemv = (size_t)Q4H4_TAB + Q4H4_NCODE + xs, smem = gemv > att ? gemv : att;
     if (be->max_smem_optin <= 0 || smem + 2048 > (size_t)be->max_smem_optin) return false;
     const q4l_kernel fn = q4l_pick(nested, (int)D, GM);
-    /* one block per SM, all resident (checked once per kernel and size) */
-    static struct {
-        const void *fn;
-        size_t smem;
-        int ok;
-    } occ[16];
-    static int n_occ;
-    int ok = -1;
-    for (int i = 0; i < n_occ; i++)
-        if (occ[i].fn == (const void *)fn && occ[i].smem == smem) ok = occ[i].ok;
-    if (ok < 0) {
-        int bps = 0;
-        if (!tuna_cuda_smem_allow(be, (const void *)fn, smem)) return false;
-        ok = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bps, fn, Q4H4_THREADS, smem) == cudaSuccess && bps >= 1;
-        cudaGetLastError();
-        if (n_occ < 16) occ[n_occ].fn = (const void *)fn, occ[n_occ].smem = smem, occ[n_occ++].ok = ok;
-    }
-    if (!ok) return false;
+    /* one block per SM, all resident */
+    if (!tuna_cuda_one_per_sm(be, (const void *)fn, Q4H4_THREADS, smem)) return false;
 
     /* metadata: position, block table, slot, RoPE frequencies */
     if (!tuna_cuda_decode_meta(be, a, "decode layer", &P.md, &P.slot, &P.inv_freq)) return true;
@@ -668,14 +643,11 @@ bool tuna_cuda_decode_layer(tuna_backend *be, const struct tuna_decode_layer *a)
     const int nu = (int)(Hkv * P.n_hg);
     const size_t part_f = (size_t)nu * Q4L_BPH * (size_t)(GM * D + 2 * GM);
     const size_t o_part = (256 + (size_t)nu * 4 + 255) / 256 * 256, bytes = o_part + part_f * 4;
-    void *before = be->layer.p;
-    if (!tuna_cuda_grow(be, &be->layer, bytes, "cudaMalloc(decode layer scratch)")) return true;
-    if (be->layer.p != before &&
-        !tuna_cuda_check(be, cudaMemsetAsync(be->layer.p, 0, be->layer.cap, be->stream), "cudaMemsetAsync(decode layer)"))
-        return true;
-    P.bar = (unsigned *)be->layer.p;
+    char *scratch = (char *)tuna_cuda_layer_scratch(be, bytes);
+    if (!scratch) return true; /* sticky */
+    P.bar = (unsigned *)scratch;
     P.cnt = P.bar + 64;
-    P.part = (float *)((char *)be->layer.p + o_part);
+    P.part = (float *)(scratch + o_part);
 
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3((unsigned)be->sm_count);

@@ -247,11 +247,6 @@ static q4m_kernel q4m_pick(bool nested, int cs, int lpr)
     return NULL;
 }
 
-static bool q4m_weight(const struct tuna_weight *w)
-{
-    return (w->dtype == TUNA_DTYPE_NF4 || w->dtype == TUNA_DTYPE_FP4) && w->q4 && ((uintptr_t)w->data % 16) == 0;
-}
-
 bool tuna_cuda_rmsnorm_glu_down(tuna_backend *be, float *x, float *xn, const float *nw, float eps,
                                 const struct tuna_weight *wg, const struct tuna_weight *wu,
                                 const struct tuna_weight *wd, int64_t T, int act)
@@ -260,7 +255,7 @@ bool tuna_cuda_rmsnorm_glu_down(tuna_backend *be, float *x, float *xn, const flo
     if (T != 1 || !q4m_env_on() || tuna_cuda_q4_old() || be->cc_major < 9 || be->sm_count < 2 ||
         be->max_smem_optin <= 0)
         return false;
-    if (!q4m_weight(wg) || !q4m_weight(wu) || !q4m_weight(wd)) return false;
+    if (!q4_weight_aligned(wg) || !q4_weight_aligned(wu) || !q4_weight_aligned(wd)) return false;
     const int64_t C = wg->cols, I = wg->rows;
     if (wu->rows != I || wu->cols != C || wd->rows != C || wd->cols != I || I % 32 != 0 || C * I >= ((int64_t)1 << 31))
         return false;
@@ -268,10 +263,7 @@ bool tuna_cuda_rmsnorm_glu_down(tuna_backend *be, float *x, float *xn, const flo
                                        (const struct tuna_cuda_q4 *)wd->q4};
     const bool nested = q[0]->absmax == NULL;
     for (int i = 0; i < 3; i++)
-        if (q[i]->blocksize != q[0]->blocksize || memcmp(q[i]->lut, q[0]->lut, sizeof q[0]->lut) != 0 ||
-            (q[i]->absmax == NULL) != nested || (nested && q[i]->nested_shift != q[0]->nested_shift) ||
-            q[i]->prefill == TUNA_DTYPE_F32)
-            return false;
+        if (!q4_same_form(q[0], q[i])) return false;
     int shift = 0;
     while ((1 << shift) < q[0]->blocksize) shift++;
     if ((1 << shift) != q[0]->blocksize || q[0]->blocksize < 32) return false;

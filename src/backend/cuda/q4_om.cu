@@ -144,7 +144,7 @@ static __device__ __forceinline__ void q4om_issue_dry(const struct gemv_job &j, 
 }
 
 /* A producer warp: lane l < Q4H4_PAIRS / Q4R_PW fills pair w + Q4R_PW l's ring with the pair's steps
- * of the three phases in order (its items of each, q4r_items), each stage as soon as the pair's
+ * of the launch's phases in order (its items of each, q4r_items), each stage as soon as the pair's
  * consumers have released it. The lanes move together (a free stage is tested, never waited
  * for) and sleep when none could issue. */
 template <bool NESTED>
@@ -377,19 +377,6 @@ static bool q4om_env_on(void)
     return e && e[0] == '1';
 }
 
-static bool q4om_is_q4(const struct tuna_weight *w)
-{
-    return (w->dtype == TUNA_DTYPE_NF4 || w->dtype == TUNA_DTYPE_FP4) && w->q4 && ((uintptr_t)w->data % 16) == 0;
-}
-
-/* Whether q takes the same table, blocksize and scale form as q0 (the kernel's one set of both). */
-static bool q4om_same(const struct tuna_cuda_q4 *q0, const struct tuna_cuda_q4 *q)
-{
-    return q->blocksize == q0->blocksize && memcmp(q->lut, q0->lut, sizeof q->lut) == 0 &&
-           q->prefill != TUNA_DTYPE_F32 && (q->absmax == NULL) == (q0->absmax == NULL) &&
-           (q->absmax || q->nested_shift == q0->nested_shift);
-}
-
 /* The next layer's q/k/v as the kernel's fourth phase: its weights in the same form, K = C. */
 static bool q4om_next_fits(const struct tuna_decode_layer *a, const struct tuna_decode_layer *n,
                            const struct tuna_cuda_q4 *q0, int64_t C)
@@ -401,7 +388,7 @@ static bool q4om_next_fits(const struct tuna_decode_layer *a, const struct tuna_
         if (!vec[i] || (uintptr_t)vec[i] % 16 != 0) return false;
     for (int i = 0; i < 3; i++) {
         const struct tuna_weight *w = n->w[i];
-        if (!q4om_is_q4(w) || w->cols != C || !q4om_same(q0, (const struct tuna_cuda_q4 *)w->q4)) return false;
+        if (!q4_weight_aligned(w) || w->cols != C || !q4_same_form(q0, (const struct tuna_cuda_q4 *)w->q4)) return false;
     }
     return true;
 }
@@ -423,10 +410,10 @@ bool tuna_cuda_decode_o_mlp(tuna_backend *be, const struct tuna_decode_layer *a,
         if (!vec[i] || (uintptr_t)vec[i] % 16 != 0) return false;
     /* one table, blocksize and scale form for all four */
     for (int i = 0; i < 4; i++)
-        if (!q4om_is_q4(w[i])) return false;
+        if (!q4_weight_aligned(w[i])) return false;
     const struct tuna_cuda_q4 *q0 = (const struct tuna_cuda_q4 *)w[0]->q4;
-    for (int i = 1; i < 4; i++)
-        if (!q4om_same(q0, (const struct tuna_cuda_q4 *)w[i]->q4)) return false;
+    for (int i = 0; i < 4; i++)
+        if (!q4_same_form(q0, (const struct tuna_cuda_q4 *)w[i]->q4)) return false;
     int shift = 0;
     while ((1 << shift) < q0->blocksize) shift++;
     if ((1 << shift) != q0->blocksize || q0->blocksize < 32) return false;
@@ -487,35 +474,16 @@ bool tuna_cuda_decode_o_mlp(tuna_backend *be, const struct tuna_decode_layer *a,
     P.regs = !(estg && estg[0] == '0');
     const size_t smem = (size_t)P.ring + (size_t)Q4H4_PAIRS * ns * P.stage;
     const void *fn = nested ? (const void *)k_q4_om<true> : (const void *)k_q4_om<false>;
-    /* one block per SM, all resident (asked once per kernel and size) */
-    static struct {
-        const void *fn;
-        size_t smem;
-        int dev, ok;
-    } occ[8];
-    static int n_occ;
-    int ok = -1;
-    for (int i = 0; i < n_occ; i++)
-        if (occ[i].fn == fn && occ[i].smem == smem && occ[i].dev == be->device) ok = occ[i].ok;
-    if (ok < 0) {
-        int bps = 0;
-        ok = tuna_cuda_smem_allow(be, fn, smem) &&
-             cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bps, fn, Q4R_THREADS, smem) == cudaSuccess && bps >= 1;
-        cudaGetLastError();
-        if (n_occ < 8) occ[n_occ].fn = fn, occ[n_occ].smem = smem, occ[n_occ].dev = be->device, occ[n_occ++].ok = ok;
-    }
-    if (!ok) return false;
+    /* one block per SM, all resident */
+    if (!tuna_cuda_one_per_sm(be, fn, Q4R_THREADS, smem)) return false;
 
     /* from here on the kernel runs: x without a pending part (racc.cu) */
     tuna_cuda_racc_settle(be, a->x);
     /* the barrier's count: 8 bytes at offset 128 of the decode-layer scratch (q4_layer.cu uses
      * offsets 0 and 256 on), zeroed when the buffer is made */
-    void *before = be->layer.p;
-    if (!tuna_cuda_grow(be, &be->layer, 512, "cudaMalloc(decode layer scratch)")) return true;
-    if (be->layer.p != before &&
-        !tuna_cuda_check(be, cudaMemsetAsync(be->layer.p, 0, be->layer.cap, be->stream), "cudaMemsetAsync(decode layer)"))
-        return true;
-    P.bar = (unsigned long long *)((char *)be->layer.p + 128);
+    char *scratch = (char *)tuna_cuda_layer_scratch(be, 512);
+    if (!scratch) return true; /* sticky */
+    P.bar = (unsigned long long *)(scratch + 128);
 
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3((unsigned)be->sm_count);
