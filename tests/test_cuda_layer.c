@@ -1,7 +1,9 @@
 /* test_cuda_layer.c — the fused decode kernels against the same steps run op by op and against the
  * CPU backend: the decode-layer kernel (backend.h's decode_layer, CUDA q4_layer.cu; off by default,
- * turned on here with TUNA_LAYER_KERNEL=1) and the attention + o kernel (attention_o, attn_o.cu; off
- * by default, turned on here with TUNA_ATTN_O=1). Small synthetic
+ * turned on here with TUNA_LAYER_KERNEL=1), the attention + o kernel (attention_o, attn_o.cu; off
+ * by default, turned on here with TUNA_ATTN_O=1), the MLP and o + MLP kernels (TUNA_Q4_MLP,
+ * TUNA_Q4_OM) and the attention with RoPE (rope_attention, attention_b1.cu; on by default, off in
+ * every other case here). Small synthetic
  * Llama models with random weights quantized at load (NF4 with and without double quantization,
  * FP4), head sizes 128, 64 and 32, GQA groups of 4 and 8 query heads (and a group of 2 padded to
  * 4), contexts of one group of 16 keys, of several blocks per kv head (300 tokens) and of several
@@ -166,6 +168,7 @@ struct layer_case {
     int64_t I;     /* intermediate size (0: 352) */
     bool not_last; /* launched in every layer but the last (the MLP kernel) */
     int64_t C;     /* hidden size (0: 256) */
+    bool exact;    /* the logits must equal the ops' to the bit */
 };
 
 static void check(const struct layer_case *c)
@@ -189,6 +192,7 @@ static void check(const struct layer_case *c)
     setenv("TUNA_ATTN_O", "0", 1);
     setenv("TUNA_Q4_MLP", "0", 1);
     setenv("TUNA_Q4_OM", "0", 1);
+    setenv("TUNA_ATTN_ROPE", "0", 1);
     enum { STEPS = 6 };
     const long want = STEPS * (a.n_layers - (c->not_last ? 1 : 0));
     const int64_t V = a.vocab_size;
@@ -226,6 +230,8 @@ static void check(const struct layer_case *c)
         /* the GEMVs stage x as scaled f16: an attention output that differs in its last float32
          * bits (another summation order) can round an element to the neighbouring f16 (~5e-4
          * relative), measured 3e-7 .. 2.7e-4 over these cases */
+        if (c->exact && e_ops != 0.0)
+            fail_msg("%s, context %lld: %.3g from the ops, want the same bits", c->what, (long long)P, e_ops);
         if (!(e_ops < 2e-3))
             fail_msg("%s, context %lld: the fused kernel %.3g from the ops", c->what, (long long)P, e_ops);
         if (!(e_cpu < 4.0 * e_ops_cpu + 1e-4))
@@ -238,6 +244,7 @@ static void check(const struct layer_case *c)
     unsetenv("TUNA_ATTN_O");
     unsetenv("TUNA_Q4_MLP");
     unsetenv("TUNA_Q4_OM");
+    unsetenv("TUNA_ATTN_ROPE");
     free(on);
     free(off);
     free(graph);
@@ -273,6 +280,11 @@ static bool have_gpu(void)
  * phases, against TUNA_Q4_OM=0 (k_q4_h4 per projection). Its products and staging are k_q4_h4's, so
  * the logits agreed to the bit on the H100 (0.00e+00); every K a multiple of 2,048 (its steps). */
 #define OM "TUNA_Q4_OM", tuna_cuda_q4_om_launches
+/* The batch-1 attention with RoPE and the KV store (attention_b1.cu, on by default; backend.h's
+ * rope_attention): one launch per layer and step instead of k_rope_kv and k_attn_b1, against
+ * TUNA_ATTN_ROPE=0. The same float operations on every value (k_rope_kv's rotation, k_attn_b1's
+ * attention and merge order), so the logits must be the same bits. */
+#define ROPE "TUNA_ATTN_ROPE", tuna_cuda_attn_rope_launches, 0, false, 0, true
 static const struct layer_case k_cases[] = {
     {"NF4 dq, D 128, 8/2 heads", 8, 2, 128, false, false, NULL, {5, 300, 4400}, LAYER},
     {"NF4, D 64, 16/2 heads", 16, 2, 64, false, true, NULL, {40, 300, 0}, LAYER},
@@ -287,6 +299,9 @@ static const struct layer_case k_cases[] = {
     {"o + MLP, NF4 dq, C 2048, I 4096, 16/4 heads", 16, 4, 128, false, false, NULL, {5, 300, 0}, OM, 4096, false, 2048},
     {"o + MLP, NF4, C 2048, I 6144, 32/8 heads of 64", 32, 8, 64, false, true, NULL, {9, 0, 0}, OM, 6144, false, 2048},
     {"o + MLP, FP4 dq, C 4096, I 2048, 32/8 heads", 32, 8, 128, true, false, NULL, {17, 0, 0}, OM, 2048, false, 4096},
+    {"attention with RoPE, NF4 dq, D 128, 32/8 heads", 32, 8, 128, false, false, NULL, {5, 300, 2100}, ROPE},
+    {"attention with RoPE, NF4, D 64, 16/2 heads", 16, 2, 64, false, true, NULL, {40, 300, 0}, ROPE},
+    {"attention with RoPE, FP4 dq, D 128, 28/4 heads (groups of 7)", 28, 4, 128, true, false, NULL, {17, 1000, 0}, ROPE},
 };
 
 static void test_case(void **state)

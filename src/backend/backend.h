@@ -419,6 +419,13 @@ struct tuna_backend_ops {
      * may do too, saying so in *next_qkv. Returns false, having done nothing, when it declines. */
     bool (*decode_o_mlp)(tuna_backend *be, const struct tuna_decode_layer *l, const struct tuna_decode_layer *next,
                          bool *next_qkv);
+    /* Optional (NULL: the ops one by one): the attention of one token after its q/k/v projections
+     * (l->q, k, v as projected, no RoPE yet; no q/k norms): RoPE of q and k, the KV store and
+     * attention into l->att — rope_kv_store and attention — in one call (the fields of l they use),
+     * the same results (CUDA: one kernel for 4-bit q/k/v weights, the rotated q not written back).
+     * query: only whether it takes such a call (the caller then projects q/k/v without RoPE),
+     * nothing done. Returns false, having done nothing, when it declines. */
+    bool (*rope_attention)(tuna_backend *be, const struct tuna_decode_layer *l, bool query);
 };
 
 #endif

@@ -711,10 +711,14 @@ static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const stru
          * RoPE and attention leave memory bandwidth idle (a hint: prefetch_l2) */
         if (fuse && op->prefetch_l2 && !ao)
             op->prefetch_l2(be, L->o.w.data, tuna_dtype_nbytes(L->o.w.dtype, (uint64_t)(L->o.w.rows * L->o.w.cols)));
+        /* RoPE, the KV store and attention in one op after q/k/v projected without RoPE, where the
+         * backend takes it (CUDA: the batch-1 attention kernel, for 4-bit q/k/v weights) */
+        const bool ra = !ao && fuse && T == 1 && op->rope_attention && !L->q_norm && !L->k_norm &&
+                        op->rope_attention(be, &dl, true);
         bool roped = false; /* RoPE and the KV store done */
         if (pre) {
             /* q, k and v were projected by the previous layer's decode_o_mlp */
-        } else if (fuse && op->rmsnorm_qkv_rope_kv && qkv_plain && !L->q_norm && !L->k_norm && !ao) {
+        } else if (fuse && op->rmsnorm_qkv_rope_kv && qkv_plain && !L->q_norm && !L->k_norm && !ao && !ra) {
             /* norm, q/k/v, RoPE and the KV store in one op (one kernel on the GPU) */
             float *const ys[3] = {A->q, A->k, A->v};
             const struct tuna_weight *const w3[3] = {&L->q.w, &L->k.w, &L->v.w};
@@ -733,8 +737,10 @@ static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const stru
             linear_qkv(m, L, A, T, b, fuse); /* q (T, H*D), k and v (T, Hkv*D) */
         }
         if (!(ao && op->attention_o(be, &dl, false))) {
-            if (!roped) rope_and_store(m, L, A, kc, vc, kvdt, md, T, fuse);
-            op->attention(be, A->att, A->q, kc, vc, kvdt, md->ab, H, Hkv, D, scale); /* (T, H*D) */
+            if (!(ra && op->rope_attention(be, &dl, false))) {
+                if (!roped) rope_and_store(m, L, A, kc, vc, kvdt, md, T, fuse);
+                op->attention(be, A->att, A->q, kc, vc, kvdt, md->ab, H, Hkv, D, scale); /* (T, H*D) */
+            }
             /* o and the MLP block in one op where the backend takes it (CUDA: one persistent
              * kernel for 4-bit weights at batch 1, TUNA_Q4_OM) */
             if (fuse && T == 1 && op->decode_o_mlp && !lora_on(m, &L->o) && !lora_on(m, &L->gate) &&

@@ -20,13 +20,22 @@
  * H100, Llama-3-8B shapes, batch 1 at context ~130: NF4 2.60-2.64 against 2.79-2.80 ms per step,
  * bf16 5.71-5.72 against 5.86; context ~2,100 (NF4) 2.86 against 3.01. Under ncu, alone, 9.2 µs.
  * Measured and not kept: letting the o GEMV start early (griddepcontrol.launch_dependents before
- * the wait): NF4 2.56 / 2.60 against 2.62 / 2.60, bf16 5.97 against 5.70. */
+ * the wait): NF4 2.56 / 2.60 against 2.62 / 2.60, bf16 5.97 against 5.70.
+ * Twenty-ninth session: after the wait, q and row p are loaded in one round trip (b1_ld_n: every load
+ * issued before any value is used; the loop of dependent loads took one round trip per element per
+ * thread): NF4 batch 1 2.52 against 2.54 ms/step (three times each, alternating). The same kernel with
+ * RoPE and the KV store (ROPE, backend.h's rope_attention) replaces k_rope_kv at batch 1 for 4-bit
+ * q/k/v; OPT-IN (TUNA_ATTN_ROPE=1): the same bits, but not faster at short contexts (2.50-2.54
+ * against 2.52-2.53 ms/step) and slower at long ones (2,048-token prompt: 2.90 against 2.77; under
+ * ncu, before the loads were batched, 21.7 against 16.5 + 4.5 us for k_rope_kv): not understood. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "backend/cuda/attention_b1.cuh"
+#include "backend/cuda/cuda_internal.h"
 #include "backend/cuda/pdl.cuh"
+#include "backend/backend.h"
 
 #define B1_CS 8 /* blocks per cluster: the splits of one (kv head, head group) */
 #define B1_NS 3 /* stages per warp: NS - 1 groups in flight ahead of the one computed */
@@ -34,36 +43,46 @@
 /* KT bf16 or f16; DT 64 or 128; GM query heads per block (power of two >= the group, at most 8).
  * q, out: token 0's [H][DT] rows, float32 / bf16 / f16 by io. qscale = scale * log2(e). The body
  * is b1_attend (attention_b1.cuh). */
-template <typename KT, int DT, int GM>
+template <typename KT, int DT, int GM, bool ROPE>
 __global__ void __launch_bounds__(32 * B1_NW, 1)
-    k_attn_b1(void *out, const void *q, const KT *kc, const KT *vc, att_meta md, int H, int Hkv, int n_hg,
-              float qscale, int io, const struct tuna_l2pf pf)
+    k_attn_b1(void *out, const void *q, KT *kc, KT *vc, att_meta md, int H, int Hkv, int n_hg, float qscale, int io,
+              const struct tuna_l2pf pf, const struct b1_rope rp)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     extern __shared__ float4 b1_smem_all[];
     const int rank = blockIdx.x, hy = blockIdx.y; /* rank: the block's place in its cluster */
-    const struct b1_rope none = {NULL, NULL, NULL, NULL, 0.0f};
     auto wait = [&] {
         if (threadIdx.x == 0) tuna_l2pf_issue(pf, (long long)hy * B1_CS + rank, (long long)gridDim.x * gridDim.y);
         tuna_pdl_wait();
     };
-    b1_attend<KT, DT, GM, B1_NS, false>((char *)b1_smem_all, B1_CS, rank, hy, out, q, (KT *)kc, (KT *)vc, md, H, Hkv,
-                                        n_hg, qscale, io, none, wait);
+    b1_attend<KT, DT, GM, B1_NS, ROPE>((char *)b1_smem_all, B1_CS, rank, hy, out, q, kc, vc, md, H, Hkv, n_hg, qscale,
+                                       io, rp, wait);
 #else
-    (void)out, (void)q, (void)kc, (void)vc, (void)md, (void)H, (void)Hkv, (void)n_hg, (void)qscale, (void)io, (void)pf;
+    (void)out, (void)q, (void)kc, (void)vc, (void)md, (void)H, (void)Hkv, (void)n_hg, (void)qscale, (void)io, (void)pf,
+        (void)rp;
 #endif
 }
 
-template <typename KT, int DT, int GM>
-static bool b1_launch_one(tuna_backend *be, void *out, const void *q, const void *kc, const void *vc,
-                          const att_meta &md, int H, int Hkv, int n_hg, float qscale, int io, bool pdl,
-                          const struct tuna_l2pf &pf, bool probe)
+/* One launch's arguments (rp.k NULL: q, k and v already roped and stored, else ROPE). */
+struct b1_args {
+    void *out;
+    const void *q, *kc, *vc;
+    att_meta md;
+    int H, Hkv, n_hg, io;
+    float qscale;
+    bool pdl;
+    struct tuna_l2pf pf;
+    struct b1_rope rp;
+};
+
+template <typename KT, int DT, int GM, bool ROPE>
+static bool b1_launch_one(tuna_backend *be, const struct b1_args &a, bool probe)
 {
-    void (*fn)(void *, const void *, const KT *, const KT *, att_meta, int, int, int, float, int,
-               const struct tuna_l2pf) = k_attn_b1<KT, DT, GM>;
+    void (*fn)(void *, const void *, KT *, KT *, att_meta, int, int, int, float, int, const struct tuna_l2pf,
+               const struct b1_rope) = k_attn_b1<KT, DT, GM, ROPE>;
     const size_t smem = (size_t)b1_smem(DT, (int)sizeof(KT), GM, B1_NS);
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(B1_CS, (unsigned)(Hkv * n_hg));
+    cfg.gridDim = dim3(B1_CS, (unsigned)(a.Hkv * a.n_hg));
     cfg.blockDim = dim3(32 * B1_NW);
     cfg.dynamicSmemBytes = smem;
     cfg.stream = be->stream;
@@ -73,7 +92,7 @@ static bool b1_launch_one(tuna_backend *be, void *out, const void *q, const void
     attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[1].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
-    cfg.numAttrs = pdl && tuna_cuda_pdl_on(be) ? 2 : 1;
+    cfg.numAttrs = a.pdl && tuna_cuda_pdl_on(be) ? 2 : 1;
     if (probe) { /* can a cluster of CS such blocks be resident at all? */
         if (smem > 48 * 1024 &&
             cudaFuncSetAttribute((const void *)fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) {
@@ -87,34 +106,34 @@ static bool b1_launch_one(tuna_backend *be, void *out, const void *q, const void
     }
     if (!tuna_cuda_smem_allow(be, (const void *)fn, smem)) return false;
     return tuna_cuda_check(be,
-                           cudaLaunchKernelEx(&cfg, fn, out, q, (const KT *)kc, (const KT *)vc, md, H, Hkv, n_hg,
-                                              qscale, io, pf),
-                           "k_attn_b1");
+                           cudaLaunchKernelEx(&cfg, fn, a.out, a.q, (KT *)a.kc, (KT *)a.vc, a.md, a.H, a.Hkv, a.n_hg,
+                                              a.qscale, a.io, a.pf, a.rp),
+                           ROPE ? "k_attn_b1 (RoPE)" : "k_attn_b1");
 }
 
-template <typename KT, int DT>
-static bool b1_launch_d(tuna_backend *be, int GM, void *out, const void *q, const void *kc, const void *vc,
-                        const att_meta &md, int H, int Hkv, int n_hg, float qscale, int io, bool pdl,
-                        const struct tuna_l2pf &pf, bool probe)
+template <typename KT, int DT, bool ROPE>
+static bool b1_launch_d(tuna_backend *be, int GM, const struct b1_args &a, bool probe)
 {
     switch (GM) {
-    case 1: return b1_launch_one<KT, DT, 1>(be, out, q, kc, vc, md, H, Hkv, n_hg, qscale, io, pdl, pf, probe);
-    case 2: return b1_launch_one<KT, DT, 2>(be, out, q, kc, vc, md, H, Hkv, n_hg, qscale, io, pdl, pf, probe);
-    case 4: return b1_launch_one<KT, DT, 4>(be, out, q, kc, vc, md, H, Hkv, n_hg, qscale, io, pdl, pf, probe);
-    default: return b1_launch_one<KT, DT, 8>(be, out, q, kc, vc, md, H, Hkv, n_hg, qscale, io, pdl, pf, probe);
+    case 1: return b1_launch_one<KT, DT, 1, ROPE>(be, a, probe);
+    case 2: return b1_launch_one<KT, DT, 2, ROPE>(be, a, probe);
+    case 4: return b1_launch_one<KT, DT, 4, ROPE>(be, a, probe);
+    default: return b1_launch_one<KT, DT, 8, ROPE>(be, a, probe);
     }
 }
 
-static bool b1_launch(tuna_backend *be, int code, int D, int GM, void *out, const void *q, const void *kc,
-                      const void *vc, const att_meta &md, int H, int Hkv, int n_hg, float qscale, int io, bool pdl,
-                      const struct tuna_l2pf &pf, bool probe)
+template <bool ROPE>
+static bool b1_launch_r(tuna_backend *be, int code, int D, int GM, const struct b1_args &a, bool probe)
 {
     if (code == 1)
-        return D == 64 ? b1_launch_d<__nv_bfloat16, 64>(be, GM, out, q, kc, vc, md, H, Hkv, n_hg, qscale, io, pdl, pf, probe)
-                       : b1_launch_d<__nv_bfloat16, 128>(be, GM, out, q, kc, vc, md, H, Hkv, n_hg, qscale, io, pdl, pf,
-                                                          probe);
-    return D == 64 ? b1_launch_d<__half, 64>(be, GM, out, q, kc, vc, md, H, Hkv, n_hg, qscale, io, pdl, pf, probe)
-                   : b1_launch_d<__half, 128>(be, GM, out, q, kc, vc, md, H, Hkv, n_hg, qscale, io, pdl, pf, probe);
+        return D == 64 ? b1_launch_d<__nv_bfloat16, 64, ROPE>(be, GM, a, probe)
+                       : b1_launch_d<__nv_bfloat16, 128, ROPE>(be, GM, a, probe);
+    return D == 64 ? b1_launch_d<__half, 64, ROPE>(be, GM, a, probe) : b1_launch_d<__half, 128, ROPE>(be, GM, a, probe);
+}
+
+static bool b1_launch(tuna_backend *be, int code, int D, int GM, const struct b1_args &a, bool probe)
+{
+    return a.rp.k ? b1_launch_r<true>(be, code, D, GM, a, probe) : b1_launch_r<false>(be, code, D, GM, a, probe);
 }
 
 bool tuna_cuda_attn_b1_usable(tuna_backend *be, int code, int D, int G)
@@ -130,10 +149,10 @@ bool tuna_cuda_attn_b1_usable(tuna_backend *be, int code, int D, int G)
     static int n_seen;
     for (int i = 0; i < n_seen; i++)
         if (seen[i].dev == be->device && seen[i].code == code && seen[i].D == D && seen[i].GM == GM) return seen[i].ok;
-    att_meta md;
-    memset(&md, 0, sizeof md);
-    const struct tuna_l2pf pf = {};
-    const int ok = b1_launch(be, code, D, GM, NULL, NULL, NULL, NULL, md, GM, 1, 1, 1.0f, 0, false, pf, true);
+    struct b1_args args;
+    memset(&args, 0, sizeof args);
+    args.H = GM, args.Hkv = 1, args.n_hg = 1, args.qscale = 1.0f;
+    const int ok = b1_launch(be, code, D, GM, args, true);
     if (n_seen < 16) seen[n_seen].dev = be->device, seen[n_seen].code = code, seen[n_seen].D = D,
                      seen[n_seen].GM = GM, seen[n_seen++].ok = ok;
     return ok;
@@ -144,6 +163,62 @@ void tuna_cuda_attn_b1_launch(tuna_backend *be, int code, void *out, const void 
                               bool pdl, const struct tuna_l2pf &pf)
 {
     const int G = H / Hkv, GM = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8, n_hg = (G + GM - 1) / GM;
-    b1_launch(be, code, D, GM, out, q, kcache, vcache, md, H, Hkv, n_hg, scale * 1.4426950408889634f, io, pdl, pf,
-              false);
+    struct b1_args args;
+    memset(&args, 0, sizeof args);
+    args.out = out, args.q = q, args.kc = kcache, args.vc = vcache, args.md = md;
+    args.H = H, args.Hkv = Hkv, args.n_hg = n_hg, args.io = io;
+    args.qscale = scale * 1.4426950408889634f, args.pdl = pdl, args.pf = pf;
+    b1_launch(be, code, D, GM, args, false);
+}
+
+static long g_b1_rope_launches;
+
+extern "C" long tuna_cuda_attn_rope_launches(void)
+{
+    return g_b1_rope_launches;
+}
+
+/* Off unless TUNA_ATTN_ROPE=1 (read at every call, as attn_o.cu's switch: the tests turn it off and
+ * on; a replayed graph does not ask): slower than k_rope_kv + k_attn_b1 on the H100 (see the file's
+ * comment). */
+static bool b1_rope_env_on(void)
+{
+    const char *e = getenv("TUNA_ATTN_ROPE");
+    return e && e[0] == '1';
+}
+
+bool tuna_cuda_rope_attention(tuna_backend *be, const struct tuna_decode_layer *a, bool query)
+{
+    if (be->sticky) return !query; /* the step fails anyway */
+    if (!b1_rope_env_on() || be->cc_major < 9) return false;
+    /* 4-bit q/k/v only: the 16-bit q/k/v GEMV rotates and stores in its own epilogue (fused.cu) */
+    const enum tuna_dtype wd = a->w[0] ? a->w[0]->dtype : TUNA_DTYPE_INVALID;
+    if (wd != TUNA_DTYPE_NF4 && wd != TUNA_DTYPE_FP4) return false;
+    const int64_t H = a->H, Hkv = a->Hkv, D = a->D;
+    const int code = kv_code(a->kv_dtype);
+    if ((code != 1 && code != 2) || (D != 64 && D != 128) || a->rot_dim != D || Hkv <= 0 || H % Hkv != 0 ||
+        !a->inv_freq || !a->ab || a->ab->T != 1 || a->ab->block_size <= 0 || !a->q || !a->k || !a->v || !a->att)
+        return false;
+    if ((uintptr_t)a->kcache % 16 != 0 || (uintptr_t)a->vcache % 16 != 0 ||
+        !tuna_cuda_attn_b1_usable(be, code, (int)D, (int)(H / Hkv)))
+        return false;
+    if (query) return true;
+    const int G = (int)(H / Hkv), GM = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8, n_hg = (G + GM - 1) / GM;
+    struct b1_args args;
+    memset(&args, 0, sizeof args);
+    /* the position, the block table, the step's slot and the RoPE frequencies */
+    if (!tuna_cuda_decode_meta(be, a, "attention (RoPE)", &args.md, &args.rp.slot, &args.rp.inv_freq)) return true;
+    args.out = a->att, args.q = a->q, args.kc = a->kcache, args.vc = a->vcache;
+    args.H = (int)H, args.Hkv = (int)Hkv, args.n_hg = n_hg, args.io = 0;
+    args.qscale = a->scale * 1.4426950408889634f;
+    args.rp.k = a->k, args.rp.v = a->v, args.rp.attn_factor = a->attn_factor;
+    /* with PDL after the q/k/v GEMV: the blocks copy the context's K/V rows before they wait
+     * (TUNA_ATTN_PDL=0: without) */
+    static const char *pdl_env = getenv("TUNA_ATTN_PDL");
+    args.pdl = !(pdl_env && pdl_env[0] == '0');
+    args.pf = tuna_cuda_l2pf_take(be, TUNA_L2PF_ATTN, 1);
+    be->attn_pdl_hint = false;
+    g_b1_rope_launches++;
+    b1_launch(be, code, (int)D, GM, args, false);
+    return true;
 }

@@ -54,6 +54,26 @@ static __device__ __forceinline__ float b1_dsmem_ld(const float *p, unsigned ran
     asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(r) : "memory");
     return v;
 }
+/* v[i] = p[idx[i]] (float32, bf16 or f16 by io; 0 where idx[i] < 0), the N loads issued before any
+ * value is used: one round trip to memory instead of N */
+template <int N>
+static __device__ __forceinline__ void b1_ld_n(const void *p, int io, const int64_t (&idx)[N], float (&v)[N])
+{
+    if (io == 1 || io == 2) {
+        uint16_t r[N];
+#pragma unroll
+        for (int i = 0; i < N; i++)
+            r[i] = idx[i] >= 0 ? ((const uint16_t *)p)[idx[i]] : (uint16_t)0;
+#pragma unroll
+        for (int i = 0; i < N; i++)
+            v[i] = io == 1 ? __uint_as_float((uint32_t)r[i] << 16) : __half2float(__ushort_as_half(r[i]));
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; i++)
+            v[i] = idx[i] >= 0 ? ((const float *)p)[idx[i]] : 0.0f;
+    }
+}
+
 /* every thread of every block of the cluster: writes before it are seen by reads after it */
 static __device__ __forceinline__ void b1_cluster_sync()
 {
@@ -121,34 +141,79 @@ static __device__ __forceinline__ void b1_attend(char *smem, int CS, int rank, i
         issue(k, sl, true);
     }
     wait();
+    /* after the wait every load of q (and of row p) is issued before any is used: one round trip.
+     * QI: q's elements per thread at the fewest threads (NW warps; more threads leave some out) */
+    constexpr int QI = (GM * DT + 32 * NW - 1) / (32 * NW), HALF = DT / 2, PR = DT / 32;
+    const int gi = p / D16_KEYS - gb - first, kp = gi / (CS * NW); /* row p in this warp's group kp */
+    const bool holds_p = aw && gi >= 0 && gi % (CS * NW) == 0;
+    float pk1[PR], pk2[PR], pv[PR], pfq[PR]; /* ROPE: row p's k (the rotation's halves), v, frequencies */
+    int64_t pslot = 0;              /* ROPE: row p's cache slot */
     if (ROPE) { /* q rotated as k_rope_kv does it, then scaled as below */
-        constexpr int HALF = DT / 2;
-        const float pf = (float)md.pos[0];
-        for (int x = tid; x < GM * DT; x += blockDim.x) {
+        const float pf = (float)p; /* (the int64 position's value: the same float) */
+        int64_t i1[QI], i2[QI], ifr[QI];
+#pragma unroll
+        for (int i = 0; i < QI; i++) {
+            const int x = tid + i * (int)blockDim.x, g = x / DT, d = x - g * DT, jj = d < HALF ? d : d - HALF;
+            i1[i] = x < ng * DT ? (int64_t)(h0 + g) * DT + jj : -1;
+            i2[i] = x < ng * DT ? i1[i] + HALF : -1;
+            ifr[i] = x < ng * DT ? jj : -1;
+        }
+        float x1[QI], x2[QI], fq[QI];
+        b1_ld_n<QI>(q, io, i1, x1);
+        b1_ld_n<QI>(q, io, i2, x2);
+        b1_ld_n<QI>(rp.inv_freq, 0, ifr, fq);
+        if (holds_p) { /* the step's own k and v rows, used in the loop below */
+            int64_t j1[PR], j2[PR], jv[PR], jf[PR];
+#pragma unroll
+            for (int i = 0; i < PR; i++) {
+                const int d = lane + 32 * i, jj = d < HALF ? d : d - HALF;
+                j1[i] = (int64_t)kvh * DT + jj, j2[i] = j1[i] + HALF, jv[i] = (int64_t)kvh * DT + d, jf[i] = jj;
+            }
+            b1_ld_n<PR>(rp.k, io, j1, pk1);
+            b1_ld_n<PR>(rp.k, io, j2, pk2);
+            b1_ld_n<PR>(rp.v, io, jv, pv);
+            b1_ld_n<PR>(rp.inv_freq, 0, jf, pfq);
+            pslot = rp.slot[0];
+        }
+#pragma unroll
+        for (int i = 0; i < QI; i++) {
+            const int x = tid + i * (int)blockDim.x;
+            if (x >= GM * DT) continue;
             float v = 0.0f;
             if (x < ng * DT) {
-                const int g = x / DT, d = x - g * DT, jj = d < HALF ? d : d - HALF;
-                const int64_t r0 = (int64_t)(h0 + g) * DT;
+                const int d = x % DT;
                 float c, sn;
-                rope_cos_sin(rp.inv_freq, jj, pf, rp.attn_factor, &c, &sn);
-                const float x1 = a16_ld(q, io, r0 + jj), x2 = a16_ld(q, io, r0 + jj + HALF);
-                v = (d < HALF ? rope_first(x1, x2, c, sn) : rope_second(x1, x2, c, sn)) * qscale;
+                rope_cos_sin_of(fq[i], pf, rp.attn_factor, &c, &sn);
+                v = (d < HALF ? rope_first(x1[i], x2[i], c, sn) : rope_second(x1[i], x2[i], c, sn)) * qscale;
             }
             qs[x] = v;
         }
     } else {
-        for (int x = tid; x < GM * DT; x += blockDim.x)
-            qs[x] = x < ng * DT ? a16_ld(q, io, (int64_t)h0 * DT + x) * qscale : 0.0f;
-        /* row p, if one of this warp's early groups holds it */
-        const int gi = p / D16_KEYS - gb - first, kp = gi / (CS * NW);
-        if (aw && gi >= 0 && gi % (CS * NW) == 0 && kp < NS - 1) {
-            char *buf = wreg + (kp % NS) * (2 * D16_KEYS) * RB;
+        /* row p, if one of this warp's early groups holds it (at most one 16-byte piece per lane) */
+        const bool early_p = holds_p && kp < NS - 1 && lane < 2 * CB;
+        uint4 rowp = make_uint4(0u, 0u, 0u, 0u);
+        if (early_p) {
             const int64_t sl = (int64_t)table[p / bs] * bs + p % bs;
-            for (int idx = lane; idx < 2 * CB; idx += 32) {
-                const int isv = idx / CB, c = idx - isv * CB;
-                const uint4 v = __ldcg((const uint4 *)((const char *)((isv ? vbase : kbase) + sl * HkvD) + c * 16));
-                *(uint4 *)(buf + (isv * D16_KEYS + p % D16_KEYS) * RB + c * 16) = v;
-            }
+            const int isv = lane / CB, c = lane - isv * CB;
+            rowp = __ldcg((const uint4 *)((const char *)((isv ? vbase : kbase) + sl * HkvD) + c * 16));
+        }
+        int64_t iq[QI];
+#pragma unroll
+        for (int i = 0; i < QI; i++) {
+            const int x = tid + i * (int)blockDim.x;
+            iq[i] = x < ng * DT ? (int64_t)h0 * DT + x : -1;
+        }
+        float qv[QI];
+        b1_ld_n<QI>(q, io, iq, qv);
+#pragma unroll
+        for (int i = 0; i < QI; i++) {
+            const int x = tid + i * (int)blockDim.x;
+            if (x < GM * DT) qs[x] = iq[i] >= 0 ? qv[i] * qscale : 0.0f;
+        }
+        if (early_p) {
+            char *buf = wreg + (kp % NS) * (2 * D16_KEYS) * RB;
+            const int isv = lane / CB, c = lane - isv * CB;
+            *(uint4 *)(buf + (isv * D16_KEYS + p % D16_KEYS) * RB + c * 16) = rowp;
         }
     }
     __syncthreads(); /* qs, and row p for its warp */
@@ -169,17 +234,16 @@ static __device__ __forceinline__ void b1_attend(char *smem, int CS, int rank, i
         char *buf = wreg + (k % NS) * (2 * D16_KEYS) * RB;
         if (ROPE && p >= key0(k) && p < key0(k) + D16_KEYS) {
             /* the step's own K and V rows (k_rope_kv's operations), into the stage and the cache */
-            constexpr int HALF = DT / 2;
-            const float pf = (float)md.pos[0];
-            const int64_t cs0 = rp.slot[0] * HkvD + (int64_t)kvh * DT, r0 = (int64_t)kvh * DT;
-            for (int d = lane; d < DT; d += 32) {
-                const int jj = d < HALF ? d : d - HALF;
+            const float pf = (float)p; /* (the int64 position's value: the same float) */
+            const int64_t cs0 = pslot * HkvD + (int64_t)kvh * DT;
+#pragma unroll
+            for (int i = 0; i < PR; i++) {
+                const int d = lane + 32 * i;
                 float c, sn;
-                rope_cos_sin(rp.inv_freq, jj, pf, rp.attn_factor, &c, &sn);
-                const float x1 = a16_ld(rp.k, io, r0 + jj), x2 = a16_ld(rp.k, io, r0 + jj + HALF);
-                const KT kv =
-                    kv_traits<KT>::from_f32(d < HALF ? rope_first(x1, x2, c, sn) : rope_second(x1, x2, c, sn));
-                const KT vv = kv_traits<KT>::from_f32(a16_ld(rp.v, io, r0 + d));
+                rope_cos_sin_of(pfq[i], pf, rp.attn_factor, &c, &sn);
+                const KT kv = kv_traits<KT>::from_f32(d < HALF ? rope_first(pk1[i], pk2[i], c, sn)
+                                                               : rope_second(pk1[i], pk2[i], c, sn));
+                const KT vv = kv_traits<KT>::from_f32(pv[i]);
                 *(KT *)(buf + (p % D16_KEYS) * RB + d * ES) = kv;
                 *(KT *)(buf + (D16_KEYS + p % D16_KEYS) * RB + d * ES) = vv;
                 if (hg == 0) kc[cs0 + d] = kv, vc[cs0 + d] = vv;

@@ -423,6 +423,7 @@ static const struct tuna_backend_ops k_cuda_ops = {
     tuna_cuda_attention_o,
     tuna_cuda_rmsnorm_glu_down,
     tuna_cuda_decode_o_mlp,
+    tuna_cuda_rope_attention,
 };
 
 extern "C" const struct tuna_backend_ops *tuna_cuda_backend_ops(void) { return &k_cuda_ops; }

@@ -104,6 +104,9 @@ int tuna_cuda_q4_tc_max_t(void);
 int tuna_cuda_q4_gemv_max_t(void);
 /* Launches of the decode-layer kernel (q4_layer.cu) in this process, for tests. */
 long tuna_cuda_q4_layer_launches(void);
+/* Launches of the batch-1 attention with RoPE and the KV store (attention_b1.cu; TUNA_ATTN_ROPE=0 turns
+ * it off) in this process, for tests. */
+long tuna_cuda_attn_rope_launches(void);
 /* Launches of the attention + o kernel (attn_o.cu) in this process, for tests. */
 long tuna_cuda_attn_o_launches(void);
 /* Launches of k_q4_mlp (q4_mlp.cu: the 4-bit MLP of one token; TUNA_Q4_MLP=0 turns it off) in this

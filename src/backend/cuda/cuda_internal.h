@@ -205,6 +205,9 @@ void tuna_cuda_rmsnorm_qkv_rope_kv(tuna_backend *be, float *const *ys, float *xn
                                    const float *inv_freq, float attn_factor);
 /* backend.h's decode_layer (q4_layer.cu): one persistent kernel per layer for 4-bit weights. */
 bool tuna_cuda_decode_layer(tuna_backend *be, const struct tuna_decode_layer *l);
+/* backend.h's rope_attention (attention_b1.cu): RoPE of q and k, the KV store and the batch-1 attention
+ * in one kernel (k_attn_b1 with ROPE). */
+bool tuna_cuda_rope_attention(tuna_backend *be, const struct tuna_decode_layer *l, bool query);
 /* backend.h's attention_o (attn_o.cu): RoPE, the KV store, attention and a 4-bit o in one kernel. */
 bool tuna_cuda_attention_o(tuna_backend *be, const struct tuna_decode_layer *l, bool query);
 /* The residual's pending part (racc.cu; see struct tuna_backend's racc). take: for the MLP kernel

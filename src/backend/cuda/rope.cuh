@@ -4,12 +4,16 @@
 #include <stdint.h>
 
 /* cos and sin of pair j's angle at position p (float32, as transformers), times attn_factor. */
+static __device__ __forceinline__ void rope_cos_sin_of(float freq, float p, float attn_factor, float *c, float *s)
+{
+    sincosf(freq * p, s, c);
+    *c *= attn_factor;
+    *s *= attn_factor;
+}
 static __device__ __forceinline__ void rope_cos_sin(const float *inv_freq, int64_t j, float p, float attn_factor,
                                                     float *c, float *s)
 {
-    sincosf(inv_freq[j] * p, s, c);
-    *c *= attn_factor;
-    *s *= attn_factor;
+    rope_cos_sin_of(inv_freq[j], p, attn_factor, c, s);
 }
 
 /* The rotated pair (x1, x2) -> (x1 c - x2 s, x2 c + x1 s) with explicit roundings (no FMA
