@@ -27,6 +27,9 @@
  * then waits behind the weight stream: ~1 us per L2 round trip instead of ~0.2, so each barrier
  * took 0.8-2.3 us, each staging 0.8-2.3 us, and the short phases (o, q/k/v) ran at ~1.2-1.9 TB/s.
  * Shallower rings (TUNA_Q4OM_NS=2) and no cooperative attribute changed nothing measurable.
+ * Twenty-ninth session: two round trips taken off the critical path (the barrier's arrival as a
+ * reduction whose target is known, no atomic's return awaited; the nested scales' second level loaded
+ * a step ahead in q4r_consume): the same bits, and no measurable change (2.72-2.73 ms/step).
  *
  * Needs: sm_90, the weights 4-bit with one table, blocksize and scale form, every K a multiple of
  * 2,048 (o: H*D, gate/up and q/k/v: C, down: I), the scale bytes of a row's step 16..128 (k_q4_r's),
@@ -90,15 +93,19 @@ static __device__ __forceinline__ unsigned long long q4om_ld_acquire(const unsig
 }
 
 /* The consumers (threads 0 .. Q4H4_THREADS - 1) of every block reach this point before any goes
- * on: one 64-bit atomic per block on a count that only grows (q4_layer.cu's barrier), the block's
- * consumers meeting at named barrier 14 (the producer warps go on copying). */
-static __device__ __forceinline__ void q4om_grid_sync(unsigned long long *cnt, unsigned long long *tr, int slot)
+ * on: one 64-bit reduction per block on a count that only grows by the grid's size per barrier, so
+ * thread 0 knows the value that releases barrier i of this launch (target: the count at the
+ * launch's start, rounded down to a multiple of the grid, + i grids) and polls for it without
+ * waiting for an atomic's return; the block's consumers meet at named barrier 14 (the producer
+ * warps go on copying). */
+static __device__ __forceinline__ void q4om_grid_sync(unsigned long long *cnt, unsigned long long target,
+                                                      unsigned long long *tr, int slot)
 {
     asm volatile("bar.sync 14, %0;" ::"n"(Q4H4_THREADS) : "memory");
     if (threadIdx.x == 0) q4om_mark(tr, slot);
     if (threadIdx.x == 0) {
         __threadfence();
-        const unsigned long long t = atomicAdd(cnt, 1ull), nb = gridDim.x, target = (t / nb + 1) * nb;
+        asm volatile("red.relaxed.gpu.global.add.u64 [%0], 1;" ::"l"(cnt) : "memory");
         while (q4om_ld_acquire(cnt) < target) {
         }
         q4om_mark(tr, slot + 1);
@@ -234,6 +241,9 @@ __global__ void __launch_bounds__(Q4R_THREADS, 1)
         return;
     }
     const int pair = warp >> 1;
+    /* the count before this launch's first barrier (every launch adds whole grids; no block of this
+     * one can have passed barrier 1 before this block arrives there) */
+    const unsigned long long nb = gridDim.x, gbase = threadIdx.x == 0 ? q4om_ld_acquire(P.bar) / nb * nb : 0ull;
     struct q4r_ring R = {ring + (size_t)pair * NS * P.stage, full[pair], empty[pair], P.stage, P.sbytes, NS, 0, 0u};
     const bool dry = P.dry != 0;
 
@@ -253,7 +263,7 @@ __global__ void __launch_bounds__(Q4R_THREADS, 1)
 
     /* 2. gate/up with the norm: act = glu(.) (block 0 also writes xn) */
     if (NESTED) q4h_ncode_load<Q4H4_THREADS>(ncv, P.j[1]);
-    q4om_grid_sync(P.bar, tr, 3);
+    q4om_grid_sync(P.bar, gbase + nb, tr, 3);
     if (NESTED) q4h_ncode_store<Q4H4_THREADS>(ncode, ncv, P.j[1]);
     inv_s = q4om_stage<true>(xs, P.in[1], P.j[1], P.lmax, red, P.regs);
     if (threadIdx.x == 0) q4om_mark(tr, 5);
@@ -262,7 +272,7 @@ __global__ void __launch_bounds__(Q4R_THREADS, 1)
 
     /* 3. down: x += W_down act */
     if (NESTED) q4h_ncode_load<Q4H4_THREADS>(ncv, P.j[2]);
-    q4om_grid_sync(P.bar, tr, 6);
+    q4om_grid_sync(P.bar, gbase + 2 * nb, tr, 6);
     if (NESTED) q4h_ncode_store<Q4H4_THREADS>(ncode, ncv, P.j[2]);
     inv_s = q4om_stage<false>(xs, P.in[2], P.j[2], P.lmax, red, P.regs);
     if (threadIdx.x == 0) q4om_mark(tr, 8);
@@ -273,7 +283,7 @@ __global__ void __launch_bounds__(Q4R_THREADS, 1)
 
     /* 4. the next layer's q/k/v with its norm (block 0 also writes xn) */
     if (NESTED) q4h_ncode_load<Q4H4_THREADS>(ncv, P.j[3]);
-    q4om_grid_sync(P.bar, tr, 11);
+    q4om_grid_sync(P.bar, gbase + 3 * nb, tr, 11);
     if (NESTED) q4h_ncode_store<Q4H4_THREADS>(ncode, ncv, P.j[3]);
     inv_s = q4om_stage<true>(xs, P.in[3], P.j[3], P.lmax, red, P.regs);
     if (threadIdx.x == 0) q4om_mark(tr, 13);

@@ -100,7 +100,6 @@ static __device__ __forceinline__ void q4r_consume(const struct gemv_job &j, int
     int c_it = it0, c_m = 0, c_k = 0;
     int c_nco[2] = {0, 0};
     float c_noff[2] = {0.0f, 0.0f};
-    const float *c_nabs[2] = {NULL, NULL};
     uint32_t c_e[4] = {0u, 0u, 0u, 0u}; /* the item's rows' first elements */
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     auto set_cmp = [&](int it) {
@@ -111,12 +110,26 @@ static __device__ __forceinline__ void q4r_consume(const struct gemv_job &j, int
             q4h4_pair<false, G>(j, it, p, 0, &seg, &row, &d);
             c_nco[p] = seg * 256;
             c_noff[p] = j.s[seg].sc.noff;
-            c_nabs[p] = j.s[seg].sc.nabs;
             c_e[2 * p] = (uint32_t)row * K;
             c_e[2 * p + 1] = ((uint32_t)row + (uint32_t)d) * K;
         }
     };
     if (NESTED && nmy > 0) set_cmp(it0);
+    /* the nested scales' second level of the step after the one computed, loaded a step ahead */
+    float an[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    auto nabs_load = [&](int it, int m) {
+#pragma unroll
+        for (int p = 0; p < 2; p++) {
+            int seg, d;
+            int64_t row;
+            q4h4_pair<false, G>(j, it, p, 0, &seg, &row, &d);
+            const float *na = j.s[seg].sc.nabs;
+            const uint32_t e = (uint32_t)row * K + (uint32_t)m * 2048u;
+            an[2 * p] = __ldg(na + (e >> nsh));
+            an[2 * p + 1] = __ldg(na + ((e + (uint32_t)d * K) >> nsh));
+        }
+    };
+    if (NESTED && !dry && total > 0) nabs_load(it0, 0);
     const uint32_t sb = R.sb;
     for (int q = 0; q < total; q++) {
         q4s_bar_wait(&R.full[R.s], R.ph);
@@ -141,10 +154,12 @@ static __device__ __forceinline__ void q4r_consume(const struct gemv_job &j, int
             if (++c_m < upw) continue;
             c_m = 0;
         } else {
-            if (NESTED)
+            if (NESTED) {
 #pragma unroll
                 for (int r = 0; r < 4; r++)
-                    a[r] = __ldg(c_nabs[r >> 1] + ((c_e[r] + (uint32_t)c_m * 2048u) >> nsh));
+                    a[r] = an[r];
+                if (q + 1 < total) c_m + 1 < upw ? nabs_load(c_it, c_m + 1) : nabs_load(c_it + 1, 0);
+            }
             uint4 xv[4];
             q4h_x_pieces(xs, (uint32_t)c_m * 64u + cw, xsw, xv);
 #pragma unroll
