@@ -267,8 +267,8 @@ static bool have_gpu(void)
  * same size) and its KV rows k_rope_kv's, while o's sums go in another order, so the logits agree to
  * float32 rounding carried through the layers. The FP4 case's K = 3,584 has 56 scales per row, so a
  * block's scales start off 16-byte boundaries. */
-#define LAYER "TUNA_LAYER_KERNEL", tuna_cuda_q4_layer_launches, 0, false, 0
-#define ATTN_O "TUNA_ATTN_O", tuna_cuda_attn_o_launches, 0, false, 0
+#define LAYER "TUNA_LAYER_KERNEL", tuna_cuda_q4_layer_launches, 0, false, 0, false
+#define ATTN_O "TUNA_ATTN_O", tuna_cuda_attn_o_launches, 0, false, 0, false
 /* The MLP kernel's (q4_mlp.cu, experimental): gate/up, the GLU and down in one launch per layer but
  * the last, down's sums added in fixed point by clusters of 2 or 4 blocks, each over its own columns
  * of down, against TUNA_Q4_MLP=0 (k_q4_h4 twice). I = 352: one unit of 32 columns per cluster, so one
@@ -293,12 +293,12 @@ static const struct layer_case k_cases[] = {
     {"attention + o, NF4 dq, D 128, 32/8 heads (Llama-3-8B's)", 32, 8, 128, false, false, NULL, {5, 300, 2100}, ATTN_O},
     {"attention + o, NF4, D 64, 16/2 heads", 16, 2, 64, false, true, NULL, {40, 300, 0}, ATTN_O},
     {"attention + o, FP4 dq, D 128, 28/4 heads (groups of 7)", 28, 4, 128, true, false, NULL, {17, 1000, 0}, ATTN_O},
-    {"MLP, NF4 dq, I 352", 8, 2, 32, false, false, NULL, {5, 70, 0}, MLP, 352, true, 0},
-    {"MLP, NF4, I 2816", 8, 2, 32, false, true, NULL, {9, 0, 0}, MLP, 2816, true, 0},
-    {"MLP, FP4 dq, I 4160", 8, 4, 32, true, false, NULL, {17, 0, 0}, MLP, 4160, true, 0},
-    {"o + MLP, NF4 dq, C 2048, I 4096, 16/4 heads", 16, 4, 128, false, false, NULL, {5, 300, 0}, OM, 4096, false, 2048},
-    {"o + MLP, NF4, C 2048, I 6144, 32/8 heads of 64", 32, 8, 64, false, true, NULL, {9, 0, 0}, OM, 6144, false, 2048},
-    {"o + MLP, FP4 dq, C 4096, I 2048, 32/8 heads", 32, 8, 128, true, false, NULL, {17, 0, 0}, OM, 2048, false, 4096},
+    {"MLP, NF4 dq, I 352", 8, 2, 32, false, false, NULL, {5, 70, 0}, MLP, 352, true, 0, false},
+    {"MLP, NF4, I 2816", 8, 2, 32, false, true, NULL, {9, 0, 0}, MLP, 2816, true, 0, false},
+    {"MLP, FP4 dq, I 4160", 8, 4, 32, true, false, NULL, {17, 0, 0}, MLP, 4160, true, 0, false},
+    {"o + MLP, NF4 dq, C 2048, I 4096, 16/4 heads", 16, 4, 128, false, false, NULL, {5, 300, 0}, OM, 4096, false, 2048, false},
+    {"o + MLP, NF4, C 2048, I 6144, 32/8 heads of 64", 32, 8, 64, false, true, NULL, {9, 0, 0}, OM, 6144, false, 2048, false},
+    {"o + MLP, FP4 dq, C 4096, I 2048, 32/8 heads", 32, 8, 128, true, false, NULL, {17, 0, 0}, OM, 2048, false, 4096, false},
     {"attention with RoPE, NF4 dq, D 128, 32/8 heads", 32, 8, 128, false, false, NULL, {5, 300, 2100}, ROPE},
     {"attention with RoPE, NF4, D 64, 16/2 heads", 16, 2, 64, false, true, NULL, {40, 300, 0}, ROPE},
     {"attention with RoPE, FP4 dq, D 128, 28/4 heads (groups of 7)", 28, 4, 128, true, false, NULL, {17, 1000, 0}, ROPE},
