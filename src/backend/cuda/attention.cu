@@ -1041,6 +1041,15 @@ void tuna_cuda_attention16(tuna_backend *be, void *out, const void *q, enum tuna
                  D, scale);
 }
 
+bool tuna_cuda_b1_layer_fits(const struct tuna_decode_layer *a)
+{
+    const int code = kv_code(a->kv_dtype);
+    const int64_t H = a->H, Hkv = a->Hkv, D = a->D;
+    return (code == 1 || code == 2) && (D == 64 || D == 128) && a->rot_dim == D && Hkv > 0 && H % Hkv == 0 &&
+           a->inv_freq && a->ab && a->ab->T == 1 && a->ab->block_size > 0 && (uintptr_t)a->kcache % 16 == 0 &&
+           (uintptr_t)a->vcache % 16 == 0;
+}
+
 bool tuna_cuda_decode_meta(tuna_backend *be, const struct tuna_decode_layer *a, const char *what, att_meta *md,
                            const int64_t **slot, const float **inv_freq)
 {

@@ -136,12 +136,18 @@ static bool b1_launch(tuna_backend *be, int code, int D, int GM, const struct b1
     return a.rp.k ? b1_launch_r<true>(be, code, D, GM, a, probe) : b1_launch_r<false>(be, code, D, GM, a, probe);
 }
 
+/* query heads per block for G per kv head: a power of two >= G, at most 8 (more make head groups) */
+static int b1_gm(int G)
+{
+    return G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8;
+}
+
 bool tuna_cuda_attn_b1_usable(tuna_backend *be, int code, int D, int G)
 {
     static const char *env = getenv("TUNA_ATTN_B1");
     if (env && !strcmp(env, "0")) return false;
     if (be->cc_major < 9 || (code != 1 && code != 2) || (D != 64 && D != 128) || G < 1) return false;
-    const int GM = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8;
+    const int GM = b1_gm(G);
     /* whether a cluster of these blocks fits, once per (device, dtype, D, GM) */
     static struct {
         int dev, code, D, GM, ok;
@@ -158,17 +164,26 @@ bool tuna_cuda_attn_b1_usable(tuna_backend *be, int code, int D, int G)
     return ok;
 }
 
+/* The launch for H query heads over Hkv kv heads; rp NULL: q, k, v already roped and stored. */
+static void b1_go(tuna_backend *be, int code, void *out, const void *q, const void *kcache, const void *vcache,
+                  const att_meta &md, int H, int Hkv, int D, float scale, int io, bool pdl, const struct tuna_l2pf &pf,
+                  const struct b1_rope *rp)
+{
+    const int G = H / Hkv, GM = b1_gm(G);
+    struct b1_args args;
+    memset(&args, 0, sizeof args);
+    args.out = out, args.q = q, args.kc = kcache, args.vc = vcache, args.md = md;
+    args.H = H, args.Hkv = Hkv, args.n_hg = (G + GM - 1) / GM, args.io = io;
+    args.qscale = scale * 1.4426950408889634f, args.pdl = pdl, args.pf = pf;
+    if (rp) args.rp = *rp;
+    b1_launch(be, code, D, GM, args, false);
+}
+
 void tuna_cuda_attn_b1_launch(tuna_backend *be, int code, void *out, const void *q, const void *kcache,
                               const void *vcache, const att_meta &md, int H, int Hkv, int D, float scale, int io,
                               bool pdl, const struct tuna_l2pf &pf)
 {
-    const int G = H / Hkv, GM = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8, n_hg = (G + GM - 1) / GM;
-    struct b1_args args;
-    memset(&args, 0, sizeof args);
-    args.out = out, args.q = q, args.kc = kcache, args.vc = vcache, args.md = md;
-    args.H = H, args.Hkv = Hkv, args.n_hg = n_hg, args.io = io;
-    args.qscale = scale * 1.4426950408889634f, args.pdl = pdl, args.pf = pf;
-    b1_launch(be, code, D, GM, args, false);
+    b1_go(be, code, out, q, kcache, vcache, md, H, Hkv, D, scale, io, pdl, pf, NULL);
 }
 
 static long g_b1_rope_launches;
@@ -194,31 +209,23 @@ bool tuna_cuda_rope_attention(tuna_backend *be, const struct tuna_decode_layer *
     /* 4-bit q/k/v only: the 16-bit q/k/v GEMV rotates and stores in its own epilogue (fused.cu) */
     const enum tuna_dtype wd = a->w[0] ? a->w[0]->dtype : TUNA_DTYPE_INVALID;
     if (wd != TUNA_DTYPE_NF4 && wd != TUNA_DTYPE_FP4) return false;
-    const int64_t H = a->H, Hkv = a->Hkv, D = a->D;
     const int code = kv_code(a->kv_dtype);
-    if ((code != 1 && code != 2) || (D != 64 && D != 128) || a->rot_dim != D || Hkv <= 0 || H % Hkv != 0 ||
-        !a->inv_freq || !a->ab || a->ab->T != 1 || a->ab->block_size <= 0 || !a->q || !a->k || !a->v || !a->att)
-        return false;
-    if ((uintptr_t)a->kcache % 16 != 0 || (uintptr_t)a->vcache % 16 != 0 ||
-        !tuna_cuda_attn_b1_usable(be, code, (int)D, (int)(H / Hkv)))
+    if (!tuna_cuda_b1_layer_fits(a) || !a->q || !a->k || !a->v || !a->att ||
+        !tuna_cuda_attn_b1_usable(be, code, (int)a->D, (int)(a->H / a->Hkv)))
         return false;
     if (query) return true;
-    const int G = (int)(H / Hkv), GM = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8, n_hg = (G + GM - 1) / GM;
-    struct b1_args args;
-    memset(&args, 0, sizeof args);
+    att_meta md;
+    struct b1_rope rp = {a->k, a->v, NULL, NULL, a->attn_factor};
     /* the position, the block table, the step's slot and the RoPE frequencies */
-    if (!tuna_cuda_decode_meta(be, a, "attention (RoPE)", &args.md, &args.rp.slot, &args.rp.inv_freq)) return true;
-    args.out = a->att, args.q = a->q, args.kc = a->kcache, args.vc = a->vcache;
-    args.H = (int)H, args.Hkv = (int)Hkv, args.n_hg = n_hg, args.io = 0;
-    args.qscale = a->scale * 1.4426950408889634f;
-    args.rp.k = a->k, args.rp.v = a->v, args.rp.attn_factor = a->attn_factor;
+    if (!tuna_cuda_decode_meta(be, a, "attention (RoPE)", &md, &rp.slot, &rp.inv_freq)) return true;
     /* with PDL after the q/k/v GEMV: the blocks copy the context's K/V rows before they wait
      * (TUNA_ATTN_PDL=0: without) */
     static const char *pdl_env = getenv("TUNA_ATTN_PDL");
-    args.pdl = !(pdl_env && pdl_env[0] == '0');
-    args.pf = tuna_cuda_l2pf_take(be, TUNA_L2PF_ATTN, 1);
+    const bool pdl = !(pdl_env && pdl_env[0] == '0');
+    const struct tuna_l2pf pf = tuna_cuda_l2pf_take(be, TUNA_L2PF_ATTN, 1);
     be->attn_pdl_hint = false;
     g_b1_rope_launches++;
-    b1_launch(be, code, (int)D, GM, args, false);
+    b1_go(be, code, a->att, a->q, a->kcache, a->vcache, md, (int)a->H, (int)a->Hkv, (int)a->D, a->scale, 0, pdl, pf,
+          &rp);
     return true;
 }

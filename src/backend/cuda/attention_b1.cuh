@@ -148,8 +148,8 @@ static __device__ __forceinline__ void b1_attend(char *smem, int CS, int rank, i
     const bool holds_p = aw && gi >= 0 && gi % (CS * NW) == 0;
     float pk1[PR], pk2[PR], pv[PR], pfq[PR]; /* ROPE: row p's k (the rotation's halves), v, frequencies */
     int64_t pslot = 0;              /* ROPE: row p's cache slot */
+    const float pf = (float)p;      /* ROPE: the position (the int64 value's float) */
     if (ROPE) { /* q rotated as k_rope_kv does it, then scaled as below */
-        const float pf = (float)p; /* (the int64 position's value: the same float) */
         int64_t i1[QI], i2[QI], ifr[QI];
 #pragma unroll
         for (int i = 0; i < QI; i++) {
@@ -234,7 +234,6 @@ static __device__ __forceinline__ void b1_attend(char *smem, int CS, int rank, i
         char *buf = wreg + (k % NS) * (2 * D16_KEYS) * RB;
         if (ROPE && p >= key0(k) && p < key0(k) + D16_KEYS) {
             /* the step's own K and V rows (k_rope_kv's operations), into the stage and the cache */
-            const float pf = (float)p; /* (the int64 position's value: the same float) */
             const int64_t cs0 = pslot * HkvD + (int64_t)kvh * DT;
 #pragma unroll
             for (int i = 0; i < PR; i++) {

@@ -80,6 +80,10 @@ bool tuna_cuda_attn_b1_usable(tuna_backend *be, int code, int D, int G);
  * in the message of a position beyond max_blocks_per_seq). */
 bool tuna_cuda_decode_meta(tuna_backend *be, const struct tuna_decode_layer *a, const char *what, att_meta *md,
                            const int64_t **slot, const float **inv_freq);
+/* What the batch-1 attention with RoPE needs of a decode layer (attn_o.cu, attention_b1.cu): a
+ * 16-bit cache (bf16 or f16) 16-byte aligned, D 64 or 128 rotated whole, whole groups of query heads,
+ * the RoPE frequencies and a batch of one token in blocks. */
+bool tuna_cuda_b1_layer_fits(const struct tuna_decode_layer *a);
 void tuna_cuda_attn_b1_launch(tuna_backend *be, int code, void *out, const void *q, const void *kcache,
                               const void *vcache, const att_meta &md, int H, int Hkv, int D, float scale, int io,
                               bool pdl, const struct tuna_l2pf &pf);

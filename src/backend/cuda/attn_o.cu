@@ -348,9 +348,7 @@ bool tuna_cuda_attention_o(tuna_backend *be, const struct tuna_decode_layer *a, 
         return false;
     const int64_t H = a->H, Hkv = a->Hkv, D = a->D;
     const int code = kv_code(a->kv_dtype);
-    if ((code != 1 && code != 2) || (D != 64 && D != 128) || a->rot_dim != D || Hkv <= 0 || H % Hkv != 0 ||
-        H / Hkv > 8 || !a->inv_freq || !a->ab || a->ab->T != 1 || a->ab->block_size <= 0)
-        return false;
+    if (!tuna_cuda_b1_layer_fits(a) || H / Hkv > 8) return false;
     /* o: 4-bit where k_q4_h4 takes it (16-bit compute), rows of K = H * D into C */
     const struct tuna_weight *w = a->w[3];
     if ((w->dtype != TUNA_DTYPE_NF4 && w->dtype != TUNA_DTYPE_FP4) || !w->q4 || w->cols != H * D) return false;
@@ -368,7 +366,6 @@ bool tuna_cuda_attention_o(tuna_backend *be, const struct tuna_decode_layer *a, 
     const float *vec[] = {a->x, a->q, a->k, a->v, a->att};
     for (int i = 0; i < 5; i++)
         if (!vec[i] || (uintptr_t)vec[i] % 16 != 0) return false;
-    if ((uintptr_t)a->kcache % 16 != 0 || (uintptr_t)a->vcache % 16 != 0) return false;
 
     const int G = (int)(H / Hkv), GM = G <= 4 ? 4 : 8, n_hg = 1, units = (int)Hkv * n_hg;
     const ao_kernel fn = ao_pick(code, (int)D, GM, nested);
