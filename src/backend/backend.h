@@ -426,6 +426,13 @@ struct tuna_backend_ops {
      * query: only whether it takes such a call (the caller then projects q/k/v without RoPE),
      * nothing done. Returns false, having done nothing, when it declines. */
     bool (*rope_attention)(tuna_backend *be, const struct tuna_decode_layer *l, bool query);
+    /* Optional (NULL: argmax): argmax in two halves, so that a step's greedy ids are computed inside
+     * its CUDA graph and only the T ids cross the bus after it. argmax_queue queues what argmax
+     * computes over logits [T, V] (backend memory) without waiting, into memory the host reads;
+     * argmax_take waits for everything queued and copies the T ids of the last argmax_queue into
+     * out (a HOST array [T]). The same ids as argmax. argmax_take returns the sticky error (CUDA). */
+    void (*argmax_queue)(tuna_backend *be, const float *logits, int64_t T, int64_t V);
+    tuna_status (*argmax_take)(tuna_backend *be, int32_t *out, int64_t T);
 };
 
 #endif

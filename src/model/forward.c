@@ -537,10 +537,12 @@ static bool act16_env_on(void)
  * touches. Every layer's K/V storage is hashed, not just the first: a new KV cache can reuse the
  * freed one's first allocation while its other layers land elsewhere. (Weights need no hash: the
  * graphs live in the model's own backend and die with it.) */
-static uint64_t graph_key(const struct tuna_model *m, tuna_kv_cache *kv, const struct tuna_attn_batch *ab, int64_t T)
+static uint64_t graph_key(const struct tuna_model *m, tuna_kv_cache *kv, const struct tuna_attn_batch *ab, int64_t T,
+                          bool ids)
 {
     const struct tuna_fwd_ws *ws = m->ws;
     uint64_t h = mix_key(0, (uint64_t)T);
+    h = mix_key(h, (uint64_t)ids); /* the step ends with the greedy ids' kernels (argmax_queue) */
     h = mix_key(h, (uint64_t)ab->max_blocks_per_seq);
     h = mix_key(h, (uint64_t)ab->block_size);
     h = mix_key(h, (uint64_t)tuna_kv_dtype(kv));
@@ -869,6 +871,10 @@ static tuna_status forward_step(struct tuna_model *m, tuna_kv_cache *kv, const s
                                  tuna_kv_max_blocks_per_seq(kv, m->max_model_len), NULL};
     struct step_meta md = {b->tokens, b->pos, ws->slot, m->inv_freq, &ab};
     const bool want_logits = (logits || ids) && b->n_logits > 0;
+    const int64_t n = b->n_logits, V = a->vocab_size;
+    /* greedy ids: their kernels queued with the step (inside its graph) where the backend splits
+     * argmax, so only the wait for T ints follows it */
+    const bool q_ids = ids && want_logits && op->argmax_queue && op->argmax_take;
     int graph = -1;
     if ((st = lora_tokens(m, b))) return st;
     if (!trace && fill_step_block(m, b, &ab, &md)) {
@@ -876,16 +882,20 @@ static tuna_status forward_step(struct tuna_model *m, tuna_kv_cache *kv, const s
          * choice per token is in the step block), every row's logits, buffers already sized (a
          * logits buffer that would grow is allocated by the eager run) */
         if (op->graph_begin && want_logits && b->n_logits == T && ws->logits_cap >= T)
-            graph = op->graph_begin(be, graph_key(m, kv, &ab, T));
+            graph = op->graph_begin(be, graph_key(m, kv, &ab, T, q_ids));
     }
     if (graph != 1) {
         st = step_body(m, kv, b, logits, want_logits, trace, &md);
-        if (!st && graph == 0 && !op->graph_end(be)) st = step_body(m, kv, b, logits, want_logits, trace, &md);
+        if (!st && q_ids) op->argmax_queue(be, ws->logits, n, V);
+        if (!st && graph == 0 && !op->graph_end(be)) {
+            st = step_body(m, kv, b, logits, want_logits, trace, &md);
+            if (!st && q_ids) op->argmax_queue(be, ws->logits, n, V);
+        }
         if (st) return st;
     }
     if (!want_logits) return op->sync(be);
     if (op->host_memory && logits) return TUNA_OK;
-    const int64_t n = b->n_logits, V = a->vocab_size;
+    if (q_ids) return op->argmax_take(be, ids, n);                               /* n ints cross the bus, syncs */
     if (ids) return op->argmax(be, ids, ws->logits, n, V);                       /* n ints cross the bus, syncs */
     return op->download(be, logits, ws->logits, (size_t)(n * V) * sizeof(float)); /* syncs */
 }

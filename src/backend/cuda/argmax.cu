@@ -6,9 +6,12 @@
  * nb pairs. The order is total and matches the CPU twin's
  * sequential loop: larger value wins, equal values go to the lower index, NaN is skipped, and a
  * row whose column 0 is NaN answers 0 (the sequential loop never leaves index 0 then). Only the
- * T ids are copied to the host. */
+ * T ids cross the bus: the kernels write them into pinned, mapped host memory (argmax_host), so the
+ * queue half (argmax_queue) can end a step's CUDA graph and the take half (argmax_take) only waits
+ * and copies them out. */
 #include <float.h>
 #include <limits.h>
+#include <string.h>
 
 #include "backend/cuda/cuda_internal.h"
 
@@ -95,35 +98,81 @@ __global__ void k_argmax_final(int32_t *out, const float *pv, const int *pi, con
     if (threadIdx.x == 0) out[blockIdx.x] = row_answer(logits + (int64_t)blockIdx.x * V, bi);
 }
 
-tuna_status tuna_cuda_argmax(tuna_backend *be, int32_t *out, const float *logits, int64_t T, int64_t V)
+/* The ids' buffer for T rows: pinned host memory mapped into the device's address space, so the
+ * kernels write the ids where the host reads them (no copy to queue after them, which lets a CUDA
+ * graph end with them). Grown outside captures only (inside one it taints the capture); growing
+ * moves it, so graphs captured before are recaptured (meta_gen). */
+static bool argmax_host_fits(tuna_backend *be, int64_t T)
 {
-    if (be->sticky) return tuna_cuda_status(be);
-    if (T <= 0) return TUNA_OK;
+    if (T <= be->argmax_host_cap) return true;
+    if (tuna_cuda_capture_taint(be)) return false;
+    if (!tuna_cuda_check(be, cudaStreamSynchronize(be->stream), "cudaStreamSynchronize(argmax ids)")) return false;
+    if (be->argmax_host) cudaFreeHost(be->argmax_host);
+    be->argmax_host = NULL;
+    be->argmax_host_cap = 0;
+    int64_t cap = 64;
+    while (cap < T) cap *= 2;
+    void *h = NULL;
+    if (!tuna_cuda_check(be, cudaHostAlloc(&h, (size_t)cap * sizeof(int32_t), cudaHostAllocMapped),
+                         "cudaHostAlloc(argmax ids, mapped)"))
+        return false;
+    be->argmax_host = (int32_t *)h;
+    be->argmax_host_cap = cap;
+    be->meta_gen++;
+    return true;
+}
+
+void tuna_cuda_argmax_queue(tuna_backend *be, const float *logits, int64_t T, int64_t V)
+{
+    if (be->sticky || T <= 0) return;
     if (V <= 0 || V > INT_MAX) {
         tuna_cuda_check(be, cudaErrorInvalidValue, "argmax (vocabulary size out of range)");
-        return tuna_cuda_status(be);
+        return;
     }
-    if (!tuna_cuda_grow(be, &be->argmax_ids, (size_t)T * sizeof(int32_t), "cudaMalloc(argmax ids)"))
-        return tuna_cuda_status(be);
-    int32_t *d = (int32_t *)be->argmax_ids.p;
+    if (!argmax_host_fits(be, T)) return;
+    int32_t *d = NULL; /* the device's address of the mapped ids */
+    if (!tuna_cuda_check(be, cudaHostGetDevicePointer((void **)&d, be->argmax_host, 0), "cudaHostGetDevicePointer(argmax ids)"))
+        return;
     /* slices per row: about two blocks per SM over all rows, each slice >= ARGMAX_SLICE columns */
     const int64_t sm = be->sm_count > 0 ? be->sm_count : 80;
     int64_t nb = 2 * sm / T, by_v = (V + ARGMAX_SLICE - 1) / ARGMAX_SLICE;
     if (nb > by_v) nb = by_v;
     if (nb <= 1) {
         k_argmax<<<(unsigned)T, ARGMAX_THREADS, 0, be->stream>>>(d, logits, V);
-        if (!tuna_cuda_check_launch(be, "k_argmax")) return tuna_cuda_status(be);
-    } else {
-        const size_t pairs = (size_t)(T * nb);
-        if (!tuna_cuda_grow(be, &be->argmax_part, pairs * (sizeof(float) + sizeof(int)), "cudaMalloc(argmax slices)"))
-            return tuna_cuda_status(be);
-        float *pv = (float *)be->argmax_part.p;
-        int *pi = (int *)(pv + pairs);
-        const int64_t chunk = (V + nb - 1) / nb;
-        k_argmax_part<<<dim3((unsigned)nb, (unsigned)T), ARGMAX_THREADS, 0, be->stream>>>(pv, pi, logits, V, chunk);
-        if (!tuna_cuda_check_launch(be, "k_argmax_part")) return tuna_cuda_status(be);
-        k_argmax_final<<<(unsigned)T, 32, 0, be->stream>>>(d, pv, pi, logits, V, (int)nb);
-        if (!tuna_cuda_check_launch(be, "k_argmax_final")) return tuna_cuda_status(be);
+        tuna_cuda_check_launch(be, "k_argmax");
+        return;
     }
-    return tuna_cuda_download(be, out, d, (size_t)T * sizeof(int32_t)); /* waits for the stream */
+    const size_t pairs = (size_t)(T * nb);
+    if (!tuna_cuda_grow(be, &be->argmax_part, pairs * (sizeof(float) + sizeof(int)), "cudaMalloc(argmax slices)"))
+        return;
+    float *pv = (float *)be->argmax_part.p;
+    int *pi = (int *)(pv + pairs);
+    const int64_t chunk = (V + nb - 1) / nb;
+    k_argmax_part<<<dim3((unsigned)nb, (unsigned)T), ARGMAX_THREADS, 0, be->stream>>>(pv, pi, logits, V, chunk);
+    if (!tuna_cuda_check_launch(be, "k_argmax_part")) return;
+    k_argmax_final<<<(unsigned)T, 32, 0, be->stream>>>(d, pv, pi, logits, V, (int)nb);
+    tuna_cuda_check_launch(be, "k_argmax_final");
+}
+
+tuna_status tuna_cuda_argmax_take(tuna_backend *be, int32_t *out, int64_t T)
+{
+    if (be->sticky) return tuna_cuda_status(be);
+    if (T <= 0) return TUNA_OK;
+    if (T > be->argmax_host_cap) { /* no argmax_queue of this many rows came first */
+        tuna_cuda_check(be, cudaErrorInvalidValue, "argmax_take (more rows than were queued)");
+        return tuna_cuda_status(be);
+    }
+    tuna_cuda_step_mark(be, 2);
+    if (!tuna_cuda_check(be, cudaStreamSynchronize(be->stream), "cudaStreamSynchronize(argmax ids)"))
+        return tuna_cuda_status(be);
+    memcpy(out, be->argmax_host, (size_t)T * sizeof(int32_t));
+    tuna_cuda_step_mark(be, 3);
+    return TUNA_OK;
+}
+
+tuna_status tuna_cuda_argmax(tuna_backend *be, int32_t *out, const float *logits, int64_t T, int64_t V)
+{
+    if (T <= 0) return tuna_cuda_status(be);
+    tuna_cuda_argmax_queue(be, logits, T, V);
+    return tuna_cuda_argmax_take(be, out, T);
 }

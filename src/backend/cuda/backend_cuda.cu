@@ -194,8 +194,8 @@ extern "C" void tuna_cuda_backend_free(tuna_backend *be)
     if (be->host_meta) cudaFreeHost(be->host_meta);
     cudaFree(be->half.p);
     cudaFree(be->wdeq.p);
-    cudaFree(be->argmax_ids.p);
     cudaFree(be->argmax_part.p);
+    if (be->argmax_host) cudaFreeHost(be->argmax_host);
     cudaFree(be->attn.p);
     cudaFree(be->layer.p);
     cudaFree(be->attn_o.p);
@@ -424,6 +424,8 @@ static const struct tuna_backend_ops k_cuda_ops = {
     tuna_cuda_rmsnorm_glu_down,
     tuna_cuda_decode_o_mlp,
     tuna_cuda_rope_attention,
+    tuna_cuda_argmax_queue,
+    tuna_cuda_argmax_take,
 };
 
 extern "C" const struct tuna_backend_ops *tuna_cuda_backend_ops(void) { return &k_cuda_ops; }

@@ -36,8 +36,9 @@ struct tuna_backend {
     int64_t half_n;              /* recorded only for a scope of ops that read the same x (NULL: none; */
     int half_dt;                 /* tuna_cuda_to_half) */
     struct cuda_grow_buf wdeq;   /* a 4-bit weight dequantized for a prefill GEMM */
-    struct cuda_grow_buf argmax_ids; /* [T] int32 greedy ids before their download (argmax.cu) */
     struct cuda_grow_buf argmax_part; /* [T * nb] float bests, then [T * nb] int indices (argmax.cu, few rows) */
+    int32_t *argmax_host;             /* [argmax_host_cap] ids, pinned and mapped: the kernels write them (argmax.cu) */
+    int64_t argmax_host_cap;
     struct cuda_grow_buf attn;   /* attention's split partials (attention.cu): sized once, never moves */
     struct cuda_grow_buf layer;  /* the decode-layer kernel's barrier, counters, partials (q4_layer.cu) */
     struct cuda_grow_buf attn_o; /* the attention + o kernel's grid barrier count (attn_o.cu) */
@@ -83,6 +84,16 @@ struct tuna_backend {
     int n_graphs, cap_graphs, cur_graph;
     bool graphs_off;     /* tuna_cuda_set_graphs(be, false) */
     long graph_stats[3]; /* captured, launched, discarded (TUNA_CUDA_GRAPHS=debug prints them) */
+    /* TUNA_CUDA_GRAPHS=steps: where a replayed greedy step's wall time goes (graph.cu's
+     * tuna_cuda_step_mark): events at the step block's upload, the graph's launch and the ids'
+     * download; sums over the steps measured, printed when the backend is freed */
+    struct {
+        cudaEvent_t ev[3];
+        double sum[4], host0, prev0;
+        long n, nper;
+        int stage;    /* the marks of this step so far: 1 upload, 2 graph launched, 3 waiting for the ids */
+        bool prev_ok; /* the step before this one was measured (its upload started the period) */
+    } steps;
     struct tuna_l2pf l2pf; /* the pending prefetch_l2 hint (pdl.cu) */
     /* rope_kv_store launched its own kernel for one token (rope_kv.cu): the attention that
      * follows is launched with PDL, so its launch and prologue run under that small kernel;
@@ -131,6 +142,9 @@ void *tuna_cuda_step_block(tuna_backend *be, size_t bytes);
 void tuna_cuda_step_upload(tuna_backend *be, size_t bytes);
 int tuna_cuda_graph_begin(tuna_backend *be, uint64_t key);
 bool tuna_cuda_graph_end(tuna_backend *be);
+/* TUNA_CUDA_GRAPHS=steps (a measurement): point 0 the step block's upload, 1 a graph replay's launch,
+ * 2 the wait for the greedy ids begins, 3 the ids on the host. No effect otherwise. */
+void tuna_cuda_step_mark(tuna_backend *be, int point);
 
 /* The ops (one file per family). */
 void tuna_cuda_matmul(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w, const float *bias,
@@ -176,6 +190,8 @@ bool tuna_cuda_lora_matmul16(tuna_backend *be, int n, void *const *ys, enum tuna
                              int64_t T, const struct tuna_lora_bank *const *sets, const struct tuna_lora_tokens *tok,
                              bool acc);
 tuna_status tuna_cuda_argmax(tuna_backend *be, int32_t *out, const float *logits, int64_t T, int64_t V);
+void tuna_cuda_argmax_queue(tuna_backend *be, const float *logits, int64_t T, int64_t V);
+tuna_status tuna_cuda_argmax_take(tuna_backend *be, int32_t *out, int64_t T);
 
 /* Optional fused ops (fused.cu), backend.h's matmul_multi / matmul_glu / matmul_add. */
 void tuna_cuda_matmul_multi(tuna_backend *be, int n, float *const *ys, const float *x,

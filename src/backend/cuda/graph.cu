@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "backend/cuda/cuda_internal.h"
 
@@ -29,15 +30,62 @@ struct cuda_graph_entry {
     bool never; /* a capture of this key was tainted: always eager */
 };
 
-/* TUNA_CUDA_GRAPHS=0 turns graphs off; =debug prints what happened when the backend is freed. */
+/* TUNA_CUDA_GRAPHS=0 turns graphs off; =debug prints what happened when the backend is freed;
+ * =steps also times the replayed greedy steps (tuna_cuda_step_mark). */
 static int graphs_env(void)
 {
     static int env = -1;
     if (env < 0) {
         const char *e = getenv("TUNA_CUDA_GRAPHS");
-        env = e && strcmp(e, "0") == 0 ? 0 : e && strcmp(e, "debug") == 0 ? 2 : 1;
+        env = e && strcmp(e, "0") == 0 ? 0 : e && strcmp(e, "debug") == 0 ? 2 : e && strcmp(e, "steps") == 0 ? 3 : 1;
     }
     return env;
+}
+
+static double host_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* A replayed greedy step, as the stream and the host see it: sum[0] upload -> graph launch (the
+ * step block's copy), sum[1] graph launch -> the wait for the ids (the graph, and the argmax where
+ * it is not in the graph), both GPU time between events; sum[2] the host's time from the upload call to the ids in hand; sum[3] from
+ * one step's upload call to the next one's (the period). */
+void tuna_cuda_step_mark(tuna_backend *be, int point)
+{
+    if (graphs_env() != 3 || be->sticky || be->capturing) return;
+    if (!be->steps.ev[0])
+        for (int i = 0; i < 3; i++)
+            if (cudaEventCreate(&be->steps.ev[i]) != cudaSuccess) return;
+    if (point == 0) {
+        const double now = host_seconds();
+        if (be->steps.stage != 0) be->steps.prev_ok = false; /* the step before did not finish as one */
+        be->steps.prev0 = be->steps.host0;
+        be->steps.host0 = now;
+        be->steps.stage = 1;
+        cudaEventRecord(be->steps.ev[0], be->stream);
+    } else if (point == be->steps.stage && point < 3) {
+        be->steps.stage = point + 1;
+        cudaEventRecord(be->steps.ev[point], be->stream);
+    } else if (point == 3 && be->steps.stage == 3) {
+        float a = 0, b = 0;
+        be->steps.stage = 0;
+        if (cudaEventElapsedTime(&a, be->steps.ev[0], be->steps.ev[1]) != cudaSuccess ||
+            cudaEventElapsedTime(&b, be->steps.ev[1], be->steps.ev[2]) != cudaSuccess)
+            return;
+        const double now = host_seconds();
+        be->steps.sum[0] += a * 1e-3;
+        be->steps.sum[1] += b * 1e-3;
+        be->steps.sum[2] += now - be->steps.host0;
+        if (be->steps.prev_ok) be->steps.sum[3] += be->steps.host0 - be->steps.prev0, be->steps.nper++;
+        be->steps.prev_ok = true;
+        be->steps.n++;
+    } else {
+        be->steps.stage = 0; /* not a replayed greedy step */
+        be->steps.prev_ok = false;
+    }
 }
 
 bool tuna_cuda_capture_taint(tuna_backend *be)
@@ -49,9 +97,19 @@ bool tuna_cuda_capture_taint(tuna_backend *be)
 
 void tuna_cuda_graphs_free(tuna_backend *be)
 {
-    if (graphs_env() == 2)
+    if (graphs_env() >= 2)
         fprintf(stderr, "tuna: CUDA graphs: %d keys, %ld captured, %ld launches, %ld captures discarded\n", be->n_graphs,
                 be->graph_stats[0], be->graph_stats[1], be->graph_stats[2]);
+    if (graphs_env() == 3 && be->steps.n > 0 && be->steps.nper > 0) {
+        const double n = (double)be->steps.n, np = (double)be->steps.nper;
+        fprintf(stderr,
+                "tuna: %ld replayed greedy steps, mean us: upload %.1f, graph + argmax %.1f (GPU events); upload call "
+                "to ids on the host %.1f; period %.1f\n",
+                be->steps.n, 1e6 * be->steps.sum[0] / n, 1e6 * be->steps.sum[1] / n, 1e6 * be->steps.sum[2] / n,
+                1e6 * be->steps.sum[3] / np);
+    }
+    for (int i = 0; i < 3; i++)
+        if (be->steps.ev[i]) cudaEventDestroy(be->steps.ev[i]);
     for (int i = 0; i < be->n_graphs; i++)
         if (be->graphs[i].exec) cudaGraphExecDestroy(be->graphs[i].exec);
     free(be->graphs);
@@ -87,6 +145,7 @@ void tuna_cuda_step_upload(tuna_backend *be, size_t bytes)
         return;
     }
     be->step_used = bytes;
+    tuna_cuda_step_mark(be, 0);
     if (bytes)
         tuna_cuda_check(be, cudaMemcpyAsync(be->meta.p, be->host_meta, bytes, cudaMemcpyHostToDevice, be->stream),
                         "cudaMemcpyAsync(step block)");
@@ -109,6 +168,7 @@ int tuna_cuda_graph_begin(tuna_backend *be, uint64_t key)
     }
     if (g && g->exec) {
         be->graph_stats[1]++;
+        tuna_cuda_step_mark(be, 1);
         return tuna_cuda_check(be, cudaGraphLaunch(g->exec, be->stream), "cudaGraphLaunch") ? 1 : -1;
     }
     if (g && g->never) return -1;
@@ -168,5 +228,6 @@ extern "C" void tuna_cuda_set_graphs(tuna_backend *be, bool on) { be->graphs_off
 
 extern "C" void tuna_cuda_graph_stats(const tuna_backend *be, long stats[3])
 {
-    for (int i = 0; i < 3; i++) stats[i] = be->graph_stats[i];
+    for (int i = 0; i < 3; i++)
+        stats[i] = be->graph_stats[i];
 }
