@@ -812,7 +812,8 @@ static void q4s_want(const struct q4set *q, const int64_t *N, int64_t T, const f
  * session: the tensor cores, on the shapes with K % 128 == 0 and K >= 2048; k_q4_h4 on the others),
  * k_q4_sk (TUNA_Q4_K=7, twenty-first session: the units spread evenly over the warps, tiles cut
  * between warps and added in a fixed order; on the shapes with K % 256 == 0, k_q4_h4 on the others;
- * o with 7 rows is one tile cut 16 ways), k_q4_r (TUNA_Q4_RING=1, twenty-sixth session: k_q4_h4 fed by
+ * o with 7 rows is one tile cut 16 ways), k_q4_r (TUNA_Q4_RING=1, twenty-sixth session, q/k/v's default
+ * since the thirtieth; the other passes run with TUNA_Q4_RING=0: k_q4_h4 fed by
  * bulk copies, on the shapes with K % 2048 == 0 where the GPU is sm_90+: must give k_q4_h2's bits
  * too) and k_q4_h2 (TUNA_Q4_K=4) against
  * the CPU at T = 1 (bf16 checkpoints: 16-bit compute): q/k/v (+ the norm), gate/up + GLU (+ the
@@ -836,7 +837,7 @@ static void test_q4_stream(void **state)
     const long r0 = tuna_cuda_q4_r_launches(g_gpu);
     const char *envr = getenv("TUNA_Q4_RING");
     char *saved_r = envr ? strdup(envr) : NULL;
-    unsetenv("TUNA_Q4_RING");
+    setenv("TUNA_Q4_RING", "0", 1); /* k_q4_h4 for q/k/v too (k_q4_r is their default on sm_90+) */
     int ring_shapes = 0;
     const long c0 = tuna_cuda_q4_tc_launches(), s0 = tuna_cuda_q4_sk_launches();
     int tc_shapes = 0, sk_shapes = 0;
@@ -897,7 +898,7 @@ static void test_q4_stream(void **state)
                     free(again[o]), free(other[o]);
                 }
             }
-            unsetenv("TUNA_Q4_RING");
+            setenv("TUNA_Q4_RING", "0", 1);
             for (int o = 0; o < 5; o++) free(want[o]), free(ref[o]);
         }
         free(x), free(nw), free(xn), free(y0);
@@ -908,6 +909,7 @@ static void test_q4_stream(void **state)
     else unsetenv("TUNA_Q4_K");
     free(saved);
     if (saved_r) setenv("TUNA_Q4_RING", saved_r, 1);
+    else unsetenv("TUNA_Q4_RING");
     free(saved_r);
     const long l1 = tuna_cuda_q4_stream_launches(g_gpu), r1 = tuna_cuda_q4_r_launches(g_gpu);
     /* 6 shapes x 2 norms x 3 runs x 3 launches (q/k/v, GLU, o) */

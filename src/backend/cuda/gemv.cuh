@@ -380,12 +380,12 @@ static inline float q4_lut_absmax(const struct q4_lut *lut)
 bool tuna_cuda_q4_h4(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
                      const struct q4_lut *lut, int blocksize, int64_t T);
 
-/* k_q4_r (q4_ring.cu; TUNA_Q4_RING=1, tuna_cuda_q4_ring_on): k_q4_h4 fed by bulk copies into
+/* k_q4_r (q4_ring.cu; q/k/v by default, tuna_cuda_q4_ring_on): k_q4_h4 fed by bulk copies into
  * shared-memory rings; false when the job does not fit it. j's scales and bs_shift set by the
  * caller. */
 bool tuna_cuda_q4_r(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
                     const struct q4_lut *lut, int blocksize, int64_t T);
-bool tuna_cuda_q4_ring_on(void);
+bool tuna_cuda_q4_ring_on(const struct gemv_job *j);
 
 /* k_q4_tc (q4_tc.cu): the 4-bit decode GEMV on the tensor cores for 1 to tuna_cuda_q4_tc_max_t()
  * tokens (the default at T >= 2; at T = 1 with TUNA_Q4_K=9); false when the job does not fit it

@@ -933,7 +933,7 @@ bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, co
     for (int i = 0; i < j->nseg; i++)
         if (((const struct tuna_cuda_q4 *)ws[i]->q4)->prefill == TUNA_DTYPE_F32) half_ok = false;
     /* x's or y's pending part (racc.cu): only k_q4_h4 reads it; elsewhere it is folded first */
-    if ((j->xacc || j->yacc) && !(T == 1 && km == 8 && half_ok && !tuna_cuda_q4_ring_on())) gemv_job_settle(be, j);
+    if ((j->xacc || j->yacc) && !(T == 1 && km == 8 && half_ok && !tuna_cuda_q4_ring_on(j))) gemv_job_settle(be, j);
     if (T > TUNA_CUDA_GEMV_MAX_T)
         return km >= 7 && half_ok && tuna_cuda_q4_tc(be, x, j, ws, &lut, q0->blocksize, T);
     if (km) {
@@ -943,7 +943,7 @@ bool tuna_cuda_q4_multi(tuna_backend *be, const float *x, struct gemv_job *j, co
         if (km == 7 && half_ok && tuna_cuda_q4_sk(be, x, j, ws, &lut, q0->blocksize, T)) return true;
         if ((km == 9 || ((km == 8 || km == 7) && T > 1)) && half_ok && tuna_cuda_q4_tc(be, x, j, ws, &lut, q0->blocksize, T))
             return true;
-        if (km == 8 && T == 1 && half_ok && tuna_cuda_q4_ring_on() && tuna_cuda_q4_r(be, x, j, ws, &lut, q0->blocksize, T))
+        if (km == 8 && T == 1 && half_ok && tuna_cuda_q4_ring_on(j) && tuna_cuda_q4_r(be, x, j, ws, &lut, q0->blocksize, T))
             return true;
         if (km >= 7 && half_ok && tuna_cuda_q4_h4(be, x, j, ws, &lut, q0->blocksize, T)) return true;
         if (j->xacc || j->yacc) gemv_job_settle(be, j); /* k_q4_h4 declined: the others read plain x */

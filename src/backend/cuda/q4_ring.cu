@@ -1,9 +1,12 @@
 /* q4_ring.cu — k_q4_r: k_q4_h4 (q4_h4.cu) with its weights brought into shared memory by the bulk
- * copy engine, one ring of stages per warp pair (twenty-sixth session). OPT-IN (TUNA_Q4_RING=1,
- * sm_90+): on the H100 it is correct (the same bits as k_q4_h4), as fast in the NF4 layer chain
- * (60.5-61.1 against 61.3-61.8 us/layer: q/k/v faster, gate/up and o slower) and slower end to end
- * (8B batch-1 step 2.57-2.61 against 2.54-2.58 ms); docs/PERFORMANCE.md, "NF4, twenty-sixth
- * session", says what was measured.
+ * copy engine, one ring of stages per warp pair (twenty-sixth session). THE DEFAULT FOR Q/K/V ONLY
+ * (sm_90+, batch 1; TUNA_Q4_RING=qkv, the default; =1 for every 4-bit GEMV it fits, =0 for none): on
+ * the H100 it is correct (the same bits as k_q4_h4), as fast in the NF4 layer chain (60.5-61.1 against
+ * 61.3-61.8 us/layer: q/k/v faster, gate/up and o slower) and slower end to end everywhere (8B
+ * batch-1 step 2.57-2.61 against 2.54-2.58 ms); for q/k/v alone (thirtieth session) the step's graph
+ * took 2,457 against 2,477 us and its period 2,476 against 2,508 (alternating, same call), so q/k/v
+ * (three matrices, 12.6 MB at Llama-3-8B shapes: all of it asked for at the blocks' entry) takes it.
+ * docs/PERFORMANCE.md, "NF4, twenty-sixth session" and "thirtieth session", says what was measured.
  *
  * k_q4_h4 keeps each lane's next D = 2 steps of codes and scales in registers: the loads of step
  * s + 2 are issued when step s is done, and a block can have only those 64 KB in flight before
@@ -31,6 +34,7 @@
  * 2,048 weights and 16-byte aligned scales; the host side declines anything else (the caller runs
  * k_q4_h4). */
 #include <stdlib.h>
+#include <string.h>
 
 #include "backend/cuda/cuda_internal.h"
 #include "backend/cuda/pdl.cuh"
@@ -123,11 +127,14 @@ extern "C" long tuna_cuda_q4_r_launches(tuna_backend *be)
     return be && be->cc_major >= 9 ? g_q4r_launches : -1;
 }
 
-/* TUNA_Q4_RING: 1 runs k_q4_r where it fits (opt-in); read at every call so tests can compare */
-bool tuna_cuda_q4_ring_on(void)
+/* Whether job j takes k_q4_r where it fits: TUNA_Q4_RING unset or qkv, the jobs of several matrices
+ * that are not a GLU (q/k/v); 1 every job; 0 none. Read at every call so tests can compare. */
+bool tuna_cuda_q4_ring_on(const struct gemv_job *j)
 {
     const char *e = getenv("TUNA_Q4_RING");
-    return e && e[0] == '1';
+    if (e && e[0] == '0') return false;
+    if (e && e[0] == '1') return true;
+    return j->nseg > 1 && j->mode != GEMV_GLU;
 }
 
 bool tuna_cuda_q4_r(tuna_backend *be, const float *x, struct gemv_job *j, const struct tuna_weight *const *ws,
