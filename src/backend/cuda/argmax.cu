@@ -108,7 +108,7 @@ static bool argmax_host_fits(tuna_backend *be, int64_t T)
     if (tuna_cuda_capture_taint(be)) return false;
     if (!tuna_cuda_check(be, cudaStreamSynchronize(be->stream), "cudaStreamSynchronize(argmax ids)")) return false;
     if (be->argmax_host) cudaFreeHost(be->argmax_host);
-    be->argmax_host = NULL;
+    be->argmax_host = be->argmax_host_dev = NULL;
     be->argmax_host_cap = 0;
     int64_t cap = 64;
     while (cap < T) cap *= 2;
@@ -116,7 +116,13 @@ static bool argmax_host_fits(tuna_backend *be, int64_t T)
     if (!tuna_cuda_check(be, cudaHostAlloc(&h, (size_t)cap * sizeof(int32_t), cudaHostAllocMapped),
                          "cudaHostAlloc(argmax ids, mapped)"))
         return false;
+    void *d = NULL; /* the device's address of the mapped ids */
+    if (!tuna_cuda_check(be, cudaHostGetDevicePointer(&d, h, 0), "cudaHostGetDevicePointer(argmax ids)")) {
+        cudaFreeHost(h);
+        return false;
+    }
     be->argmax_host = (int32_t *)h;
+    be->argmax_host_dev = (int32_t *)d;
     be->argmax_host_cap = cap;
     be->meta_gen++;
     return true;
@@ -130,9 +136,7 @@ void tuna_cuda_argmax_queue(tuna_backend *be, const float *logits, int64_t T, in
         return;
     }
     if (!argmax_host_fits(be, T)) return;
-    int32_t *d = NULL; /* the device's address of the mapped ids */
-    if (!tuna_cuda_check(be, cudaHostGetDevicePointer((void **)&d, be->argmax_host, 0), "cudaHostGetDevicePointer(argmax ids)"))
-        return;
+    int32_t *d = be->argmax_host_dev;
     /* slices per row: about two blocks per SM over all rows, each slice >= ARGMAX_SLICE columns */
     const int64_t sm = be->sm_count > 0 ? be->sm_count : 80;
     int64_t nb = 2 * sm / T, by_v = (V + ARGMAX_SLICE - 1) / ARGMAX_SLICE;

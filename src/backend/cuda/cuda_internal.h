@@ -38,6 +38,7 @@ struct tuna_backend {
     struct cuda_grow_buf wdeq;   /* a 4-bit weight dequantized for a prefill GEMM */
     struct cuda_grow_buf argmax_part; /* [T * nb] float bests, then [T * nb] int indices (argmax.cu, few rows) */
     int32_t *argmax_host;             /* [argmax_host_cap] ids, pinned and mapped: the kernels write them (argmax.cu) */
+    int32_t *argmax_host_dev;         /* the same memory's device address */
     int64_t argmax_host_cap;
     struct cuda_grow_buf attn;   /* attention's split partials (attention.cu): sized once, never moves */
     struct cuda_grow_buf layer;  /* the decode-layer kernel's barrier, counters, partials (q4_layer.cu) */
