@@ -863,10 +863,13 @@ static void test_q4_stream(void **state)
             float *want[5]; /* the CPU: q/k/v, GLU, o added */
             q4s_want(&qs, N, 1, norm ? xn : x, x, y0, want);
             float *ref[5] = {NULL, NULL, NULL, NULL, NULL}; /* k_q4_h2's outputs: k_q4_h4 must give its bits */
-            for (int km = 4; km <= 10; km++) { /* 10: k_q4_r (TUNA_Q4_K=8 TUNA_Q4_RING=1) */
-                const char kms[2] = {(char)('0' + (km == 10 ? 8 : km)), 0};
+            /* 10: k_q4_r (TUNA_Q4_K=8 TUNA_Q4_RING=1); 11: TUNA_Q4_K=8 with TUNA_Q4_RING unset (the
+             * default: k_q4_r for q/k/v only) */
+            for (int km = 4; km <= 11; km++) {
+                const char kms[2] = {(char)('0' + (km >= 10 ? 8 : km)), 0};
                 setenv("TUNA_Q4_K", kms, 1);
                 if (km == 10) setenv("TUNA_Q4_RING", "1", 1);
+                if (km == 11) unsetenv("TUNA_Q4_RING");
                 float *got[6], *again[6], *other[6];
                 q4s_run(ws, &upp->g, dbias, N, K, 1, dx, dnw, y0, norm, got);
                 q4s_run(ws, &upp->g, dbias, N, K, 1, dx, dnw, y0, norm, again);
@@ -889,8 +892,9 @@ static void test_q4_stream(void **state)
                         print_error("%s: float32 and nested scales differ\n", what);
                         fail();
                     }
-                    if ((km == 8 || km == 10) && memcmp(got[o], ref[o], (size_t)n * 4) != 0) {
-                        print_error("%s: %s and k_q4_h2 differ\n", what, km == 8 ? "k_q4_h4" : "k_q4_r");
+                    if ((km == 8 || km >= 10) && memcmp(got[o], ref[o], (size_t)n * 4) != 0) {
+                        print_error("%s: %s and k_q4_h2 differ\n", what,
+                                    km == 8 ? "k_q4_h4" : km == 10 ? "k_q4_r" : "the default kernels");
                         fail();
                     }
                     if (km == 4) ref[o] = got[o];
@@ -917,16 +921,18 @@ static void test_q4_stream(void **state)
         print_error("k_q4_s ran %ld times, expected %d\n", l1 - l0, 6 * 2 * 3 * 3);
         fail();
     }
-    /* k_q4_r: the shapes with K % 2048 == 0 where the GPU has it (sm_90+) */
+    /* k_q4_r: the shapes with K % 2048 == 0 where the GPU has it (sm_90+), for all three launches
+     * with TUNA_Q4_RING=1 and for q/k/v alone by default */
     const int ring_run = r0 >= 0 ? ring_shapes : 0;
-    if (r0 >= 0 && r1 - r0 != ring_run * 2 * 3 * 3) {
-        print_error("k_q4_r ran %ld times, expected %d\n", r1 - r0, ring_run * 2 * 3 * 3);
+    if (r0 >= 0 && r1 - r0 != ring_run * 2 * 3 * 4) {
+        print_error("k_q4_r ran %ld times, expected %d\n", r1 - r0, ring_run * 2 * 3 * 4);
         fail();
     }
     /* k_q4_h4: every shape with TUNA_Q4_K=8, those k_q4_tc does not take with 9, those k_q4_sk does
-     * not take with 7 and those k_q4_r does not take with TUNA_Q4_RING=1 */
+     * not take with 7, those k_q4_r does not take with TUNA_Q4_RING=1, and by default GLU and o
+     * everywhere and q/k/v where k_q4_r does not take it */
     const long h1 = tuna_cuda_q4_h4_launches(), c1 = tuna_cuda_q4_tc_launches(), s1 = tuna_cuda_q4_sk_launches();
-    const int h4_want = (24 - tc_shapes - sk_shapes - ring_run) * 2 * 3 * 3;
+    const int h4_want = (24 - tc_shapes - sk_shapes - ring_run) * 2 * 3 * 3 + 6 * 2 * 3 * 2 + (6 - ring_run) * 2 * 3;
     if (h1 - h0 != h4_want) {
         print_error("k_q4_h4 ran %ld times, expected %d\n", h1 - h0, h4_want);
         fail();

@@ -51,8 +51,8 @@ static double host_seconds(void)
 
 /* A replayed greedy step, as the stream and the host see it: sum[0] upload -> graph launch (the
  * step block's copy), sum[1] graph launch -> the wait for the ids (the graph, and the argmax where
- * it is not in the graph), both GPU time between events; sum[2] the host's time from the upload call to the ids in hand; sum[3] from
- * one step's upload call to the next one's (the period). */
+ * it is not in the graph), both GPU time between events; sum[2] the host's time from the upload
+ * call to the ids in hand; sum[3] from one step's upload call to the next one's (the period). */
 void tuna_cuda_step_mark(tuna_backend *be, int point)
 {
     if (graphs_env() != 3 || be->sticky || be->capturing) return;
@@ -228,6 +228,5 @@ extern "C" void tuna_cuda_set_graphs(tuna_backend *be, bool on) { be->graphs_off
 
 extern "C" void tuna_cuda_graph_stats(const tuna_backend *be, long stats[3])
 {
-    for (int i = 0; i < 3; i++)
-        stats[i] = be->graph_stats[i];
+    for (int i = 0; i < 3; i++) stats[i] = be->graph_stats[i];
 }
