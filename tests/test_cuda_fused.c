@@ -815,7 +815,8 @@ static void q4s_want(const struct q4set *q, const int64_t *N, int64_t T, const f
  * o with 7 rows is one tile cut 16 ways), k_q4_r (TUNA_Q4_RING=1, twenty-sixth session, q/k/v's default
  * since the thirtieth; the other passes run with TUNA_Q4_RING=0: k_q4_h4 fed by
  * bulk copies, on the shapes with K % 2048 == 0 where the GPU is sm_90+: must give k_q4_h2's bits
- * too) and k_q4_h2 (TUNA_Q4_K=4) against
+ * too, with its cap of one stage in flight per pair (the default since the thirty-first session)
+ * and without it, TUNA_Q4R_CAP=0) and k_q4_h2 (TUNA_Q4_K=4) against
  * the CPU at T = 1 (bf16 checkpoints: 16-bit compute): q/k/v (+ the norm), gate/up + GLU (+ the
  * norm), o into the residual. Shapes: row counts that are multiples of no tile, matrices that end
  * inside a block's range, several tiles per block so the stage ring wraps (3000 rows), K = 4096
@@ -864,12 +865,14 @@ static void test_q4_stream(void **state)
             q4s_want(&qs, N, 1, norm ? xn : x, x, y0, want);
             float *ref[5] = {NULL, NULL, NULL, NULL, NULL}; /* k_q4_h2's outputs: k_q4_h4 must give its bits */
             /* 10: k_q4_r (TUNA_Q4_K=8 TUNA_Q4_RING=1); 11: TUNA_Q4_K=8 with TUNA_Q4_RING unset (the
-             * default: k_q4_r for q/k/v only) */
-            for (int km = 4; km <= 11; km++) {
+             * default: k_q4_r for q/k/v only); 12: k_q4_r everywhere without its cap of one stage in
+             * flight per pair (TUNA_Q4R_CAP=0: every free stage copied at once) */
+            for (int km = 4; km <= 12; km++) {
                 const char kms[2] = {(char)('0' + (km >= 10 ? 8 : km)), 0};
                 setenv("TUNA_Q4_K", kms, 1);
-                if (km == 10) setenv("TUNA_Q4_RING", "1", 1);
+                if (km == 10 || km == 12) setenv("TUNA_Q4_RING", "1", 1);
                 if (km == 11) unsetenv("TUNA_Q4_RING");
+                if (km == 12) setenv("TUNA_Q4R_CAP", "0", 1);
                 float *got[6], *again[6], *other[6];
                 q4s_run(ws, &upp->g, dbias, N, K, 1, dx, dnw, y0, norm, got);
                 q4s_run(ws, &upp->g, dbias, N, K, 1, dx, dnw, y0, norm, again);
@@ -894,7 +897,10 @@ static void test_q4_stream(void **state)
                     }
                     if ((km == 8 || km >= 10) && memcmp(got[o], ref[o], (size_t)n * 4) != 0) {
                         print_error("%s: %s and k_q4_h2 differ\n", what,
-                                    km == 8 ? "k_q4_h4" : km == 10 ? "k_q4_r" : "the default kernels");
+                                    km == 8    ? "k_q4_h4"
+                                    : km == 10 ? "k_q4_r"
+                                    : km == 12 ? "k_q4_r without its cap"
+                                               : "the default kernels");
                         fail();
                     }
                     if (km == 4) ref[o] = got[o];
@@ -903,6 +909,7 @@ static void test_q4_stream(void **state)
                 }
             }
             setenv("TUNA_Q4_RING", "0", 1);
+            unsetenv("TUNA_Q4R_CAP");
             for (int o = 0; o < 5; o++) free(want[o]), free(ref[o]);
         }
         free(x), free(nw), free(xn), free(y0);
@@ -922,17 +929,18 @@ static void test_q4_stream(void **state)
         fail();
     }
     /* k_q4_r: the shapes with K % 2048 == 0 where the GPU has it (sm_90+), for all three launches
-     * with TUNA_Q4_RING=1 and for q/k/v alone by default */
+     * with TUNA_Q4_RING=1 (twice: with and without its cap) and for q/k/v alone by default */
     const int ring_run = r0 >= 0 ? ring_shapes : 0;
-    if (r0 >= 0 && r1 - r0 != ring_run * 2 * 3 * 4) {
-        print_error("k_q4_r ran %ld times, expected %d\n", r1 - r0, ring_run * 2 * 3 * 4);
+    if (r0 >= 0 && r1 - r0 != ring_run * 2 * 3 * 7) {
+        print_error("k_q4_r ran %ld times, expected %d\n", r1 - r0, ring_run * 2 * 3 * 7);
         fail();
     }
     /* k_q4_h4: every shape with TUNA_Q4_K=8, those k_q4_tc does not take with 9, those k_q4_sk does
-     * not take with 7, those k_q4_r does not take with TUNA_Q4_RING=1, and by default GLU and o
-     * everywhere and q/k/v where k_q4_r does not take it */
+     * not take with 7, those k_q4_r does not take in the two passes with TUNA_Q4_RING=1, and by
+     * default GLU and o everywhere and q/k/v where k_q4_r does not take it */
     const long h1 = tuna_cuda_q4_h4_launches(), c1 = tuna_cuda_q4_tc_launches(), s1 = tuna_cuda_q4_sk_launches();
-    const int h4_want = (24 - tc_shapes - sk_shapes - ring_run) * 2 * 3 * 3 + 6 * 2 * 3 * 2 + (6 - ring_run) * 2 * 3;
+    const int h4_want =
+        (30 - tc_shapes - sk_shapes - 2 * ring_run) * 2 * 3 * 3 + 6 * 2 * 3 * 2 + (6 - ring_run) * 2 * 3;
     if (h1 - h0 != h4_want) {
         print_error("k_q4_h4 ran %ld times, expected %d\n", h1 - h0, h4_want);
         fail();

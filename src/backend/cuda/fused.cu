@@ -33,7 +33,7 @@ int tuna_cuda_gemv_prefetch(void)
     static int v = -1;
     if (v < 0) {
         const char *e = getenv("TUNA_GEMV_PREFETCH");
-        v = e && e[0] >= '0' && e[0] <= '2' ? e[0] - '0' : 1;
+        v = e && e[0] >= '0' && e[0] <= '3' ? e[0] - '0' : 1;
     }
     return v;
 }
@@ -175,7 +175,7 @@ __global__ void __launch_bounds__(GEMV_THREADS, GEMV_BLOCKS_PER_SM) k_gemv_multi
         if (w0 < j.nwarp && split_rows<ROPE>(j, rp, RW, w0, &seg, &n0)) {
             const uint4 *wr[R];
             split_wrows<ROPE, R>(j, rp, seg, n0, wr);
-            if (j.prefetch >= 2)
+            if (j.prefetch == 2)
 #pragma unroll
                 for (int r = 0; r < R; r++)
                     for (int64_t l = (int64_t)lane * 8; l < K8; l += 256) tuna_prefetch_l2(wr[r] + l);

@@ -88,7 +88,8 @@ struct gemv_job {
     int dtype; /* 1 bf16, 2 f16 (16-bit kernel) */
     int mode;  /* GEMV_STORE, GEMV_ADD, GEMV_GLU (s[0] gate, s[1] up, out in s[0].y) */
     int act;   /* enum tuna_act for GEMV_GLU */
-    int prefetch; /* before the PDL wait: 0 nothing, 1 the first loads in registers, 2 also the rows into L2 */
+    int prefetch; /* before the PDL wait: 0 nothing, 1 the first loads in registers (k_q4_h4: one step of
+                     its D), 2 also the rows into L2, 3 (k_q4_h4: all D steps, a measurement) */
     /* RMSNorm folded in (the NORM kernels): x is the raw residual stream, nw [K] the norm's
      * weight; y = r_t * (W (nw . x_t)) with r_t = 1/sqrt(mean(x_t^2) + eps), and block 0 writes
      * xn [T, K] = x * r * nw (the CPU's formula) for whoever reads the normalized rows next */

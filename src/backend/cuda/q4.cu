@@ -458,7 +458,7 @@ __global__ void __launch_bounds__(128) k_q4_multi(const float *__restrict__ x, c
         uint32_t wv[Q4M_U][R];
         float av[Q4M_U][R];
         bool have = false;
-        if (first && j.prefetch >= 2)
+        if (first && j.prefetch == 2)
 #pragma unroll
             for (int r = 0; r < R; r++)
                 for (int64_t l = (int64_t)lane * 32; l < K8; l += 32 * 32) tuna_prefetch_l2(cw[r] + l);

@@ -275,10 +275,16 @@ static __device__ __forceinline__ void q4h4_run(const struct q4h4_smem &sm, cons
      * arrival they then waited for: the blocks' prologues had taken 3-4.5 us) */
     float ncv[GEMV_MAX_SEG * 256 / Q4H4_THREADS];
     if (NESTED) q4h_ncode_load<Q4H4_THREADS>(ncv, j);
-    if (j.prefetch >= 1)
+    /* before the PDL wait, one step of codes (32 KB per SM with 16 warps), not all D: the x staging
+     * after the wait is an L2 round trip that waits behind every load in flight on the GPU
+     * (bench_queue_latency on the H100: 137 ns with ~4 MB in flight, which already saturate DRAM;
+     * 0.6-0.7 us with ~8.7 MB). Thirty-first session: with the ring's cap (q4_ring.cu), NF4 Llama-3-8B
+     * batch-1 graph 2,448-2,450 against 2,530-2,532 us (TUNA_GEMV_PREFETCH=3: all D steps first, the
+     * old way). */
+    const int pre = j.prefetch <= 0 ? 0 : j.prefetch == 3 ? D : 1;
 #pragma unroll
-        for (int u = 0; u < D; u++)
-            load_next(st[u]);
+    for (int u = 0; u < D; u++)
+        if (u < pre) load_next(st[u]);
     if (fill) q4h_fill_tables(tab, ncode, sm.slut, lut_in, j, false); /* the byte -> half2 table */
     Q4TR(1);
     wait();
@@ -286,10 +292,9 @@ static __device__ __forceinline__ void q4h4_run(const struct q4h4_smem &sm, cons
     if (NESTED) q4h_ncode_store<Q4H4_THREADS>(ncode, ncv, j);
     const float inv_s = q4h_stage_x<NORM, 0, ACC>(xs, x, j, lmax, sm.red); /* ends with __syncthreads: tables ready */
     Q4TR(3);
-    if (j.prefetch < 1)
 #pragma unroll
-        for (int u = 0; u < D; u++)
-            load_next(st[u]);
+    for (int u = 0; u < D; u++)
+        if (u >= pre) load_next(st[u]);
 
     /* the compute side: item c_it, step c_m */
     const uint32_t lane_off = (uint32_t)lane * 4u;

@@ -20,8 +20,12 @@
  *   takes uniform registers, so ptxas issues a warp's copies lane after lane: one producer warp for
  *   all 8 pairs made the kernel ~45% slower than k_q4_h4 (gate/up 37.5 against 25.6 us per layer),
  *   4 of them as fast;
- * - the first NS stages of every pair are issued at the block's entry, before the table fill and
- *   the PDL wait: up to 147 KB per block, ~19 MB over 132 SMs (all of o's or q/k/v's 4-bit codes);
+ * - each pair's first stage is issued at the block's entry, before the table fill and the PDL wait,
+ *   and a pair has at most P.cap = 1 stage in flight (issued, not landed; TUNA_Q4R_CAP=0 lets every
+ *   free stage go at once, as until the thirty-first session: up to 147 KB per block, ~19 MB over
+ *   132 SMs): ~34 KB per SM already saturate DRAM, and the x staging's L2 round trips wait behind
+ *   whatever is in flight (bench_queue_latency). H100, NF4 Llama-3-8B batch 1, with k_q4_h4's one
+ *   step before the wait: graph 2,448-2,450 against 2,530-2,532 us with neither;
  * - the consumer warps (16, 8 pairs as in k_q4_h4) read a step's codes and scales from the stage
  *   (one 16-byte load per row), release it, and run k_q4_h4's products on them; the nested absmax
  *   (one per row and step: 2,048 weights lie in one nested block) is read with __ldg as in
@@ -49,6 +53,7 @@ struct q4r_param {
     uint32_t stage;  /* bytes per stage (one step), a multiple of 128 */
     uint32_t ring;   /* byte offset of the rings in the dynamic shared memory */
     int dry;         /* diagnostics (TUNA_Q4R_DRY=1): the stages are read and released, no products */
+    int cap;         /* stages in flight per pair at most (TUNA_Q4R_CAP, default 1; 0: no cap) */
 };
 
 /* A producer warp: its lanes l < 8 / Q4R_PW fill pair w + Q4R_PW l's ring, step after step (step i = item i / upw,
@@ -68,9 +73,12 @@ static __device__ __forceinline__ void q4r_produce(const struct gemv_job &j, con
     const int total = nmy * upw; /* the pair's steps */
     uint8_t *mine = ring + (size_t)pr * NS * P.stage;
     int i = 0, s = 0, lap = 0, it = it0, m = 0;
+    struct q4r_inflight f = {0, 0, 0};
     while (__any_sync(0xffffffffu, i < total)) {
         bool did = false;
-        if (i < total && (lap == 0 || q4s_bar_test(&empty[pr][s], (uint32_t)((lap - 1) & 1)))) {
+        if (i < total && q4r_may_issue(f, full[pr], NS, P.cap) &&
+            (lap == 0 || q4s_bar_test(&empty[pr][s], (uint32_t)((lap - 1) & 1)))) {
+            q4r_issued(f, s, lap, P.cap);
             q4r_issue<NESTED, G>(j, it, m, mine + (size_t)s * P.stage, &full[pr][s], P.sbytes);
             i++;
             if (++m == upw) m = 0, it++;
@@ -178,6 +186,8 @@ bool tuna_cuda_q4_r(tuna_backend *be, const float *x, struct gemv_job *j, const 
     P.stage = stage;
     P.ring = (uint32_t)ring;
     P.dry = edry && edry[0] == '1';
+    const char *ecap = getenv("TUNA_Q4R_CAP"); /* a measurement: 0 lets every free stage be copied at once */
+    P.cap = ecap ? atoi(ecap) : 1;
     const dim3 grid((unsigned)b4), block(Q4R_THREADS);
     g_q4r_launches++;
     /* the job's form as in k_q4_h4: GLU, one matrix, or read at run time (q/k/v) */
