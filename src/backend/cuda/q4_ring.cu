@@ -53,8 +53,20 @@ struct q4r_param {
     uint32_t stage;  /* bytes per stage (one step), a multiple of 128 */
     uint32_t ring;   /* byte offset of the rings in the dynamic shared memory */
     int dry;         /* diagnostics (TUNA_Q4R_DRY=1): the stages are read and released, no products */
-    int cap;         /* stages in flight per pair at most (TUNA_Q4R_CAP, default 1; 0: no cap) */
+    int cap;         /* stages in flight per pair at most, 1..ns - 1 (TUNA_Q4R_CAP, default 1; 0: no cap) */
 };
+
+/* A producer lane's copies in flight are capped (P.cap) so that the consumers' critical-path loads do
+ * not queue behind them (bench_queue_latency: every SM's bulk copies saturate DRAM with ~32 KB in
+ * flight per SM, and an L2 round trip then takes 137 ns; with ~64 KB 0.6-0.7 us, ~100 KB 1.2 us).
+ * The lane issues its steps in ring order, step q into stage q % ns as phase (q / ns) & 1 of that
+ * stage's "full" mbarrier; this returns how many of its `issued` steps have landed, counting on from
+ * `landed` (a phase is tested only while the next one on its stage is not issued: the cap is < ns). */
+static __device__ __forceinline__ int q4r_landed(uint64_t *full, int ns, int landed, int issued)
+{
+    while (landed < issued && q4s_bar_test(&full[landed % ns], (uint32_t)((landed / ns) & 1))) landed++;
+    return landed;
+}
 
 /* A producer warp: its lanes l < 8 / Q4R_PW fill pair w + Q4R_PW l's ring, step after step (step i = item i / upw,
  * 2,048 weights m = i % upw of each of its 4 rows), each stage as soon as it is free. The lanes
@@ -72,13 +84,12 @@ static __device__ __forceinline__ void q4r_produce(const struct gemv_job &j, con
     if (owner) q4r_items(P.nitems, (int)blockIdx.x + (int)gridDim.x * pr, &it0, &nmy);
     const int total = nmy * upw; /* the pair's steps */
     uint8_t *mine = ring + (size_t)pr * NS * P.stage;
-    int i = 0, s = 0, lap = 0, it = it0, m = 0;
-    struct q4r_inflight f = {0, 0, 0};
+    int i = 0, s = 0, lap = 0, it = it0, m = 0, landed = 0;
     while (__any_sync(0xffffffffu, i < total)) {
         bool did = false;
-        if (i < total && q4r_may_issue(f, full[pr], NS, P.cap) &&
+        if (P.cap > 0 && i < total) landed = q4r_landed(full[pr], NS, landed, i);
+        if (i < total && (P.cap <= 0 || i - landed < P.cap) &&
             (lap == 0 || q4s_bar_test(&empty[pr][s], (uint32_t)((lap - 1) & 1)))) {
-            q4r_issued(f, s, lap, P.cap);
             q4r_issue<NESTED, G>(j, it, m, mine + (size_t)s * P.stage, &full[pr][s], P.sbytes);
             i++;
             if (++m == upw) m = 0, it++;
@@ -186,8 +197,11 @@ bool tuna_cuda_q4_r(tuna_backend *be, const float *x, struct gemv_job *j, const 
     P.stage = stage;
     P.ring = (uint32_t)ring;
     P.dry = edry && edry[0] == '1';
-    const char *ecap = getenv("TUNA_Q4R_CAP"); /* a measurement: 0 lets every free stage be copied at once */
+    /* a measurement: 0 lets every free stage be copied at once; a cap of ns or more would not bind (the
+     * ring holds ns) and would break q4r_landed's phase test, so it means no cap too */
+    const char *ecap = getenv("TUNA_Q4R_CAP");
     P.cap = ecap ? atoi(ecap) : 1;
+    if (P.cap < 0 || P.cap >= ns) P.cap = 0;
     const dim3 grid((unsigned)b4), block(Q4R_THREADS);
     g_q4r_launches++;
     /* the job's form as in k_q4_h4: GLU, one matrix, or read at run time (q/k/v) */

@@ -52,38 +52,6 @@ static __device__ __forceinline__ void q4r_issue(const struct gemv_job &j, int i
     }
 }
 
-/* A producer lane's stages issued and not yet seen landed, oldest first (they follow the ring's order):
- * its copies in flight, which a cap keeps few so that the consumers' critical-path loads do not queue
- * behind them (bench_queue_latency: every SM's bulk copies saturate DRAM with ~32 KB in flight per SM,
- * and an L2 round trip then takes 137 ns; with ~64 KB it takes 0.6-0.7 us, with ~100 KB 1.2 us). */
-struct q4r_inflight {
-    int s, lap, n;
-};
-
-/* Drops the landed stages at the front (the "full" mbarriers of its pair, phase parity = lap). */
-static __device__ __forceinline__ void q4r_retire(struct q4r_inflight &f, uint64_t *full, int ns)
-{
-    while (f.n > 0 && q4s_bar_test(&full[f.s], (uint32_t)(f.lap & 1))) {
-        f.n--;
-        if (++f.s == ns) f.s = 0, f.lap++;
-    }
-}
-
-/* May the lane issue another copy (cap 0: no cap)? Counts the one it will issue at (s, lap). */
-static __device__ __forceinline__ bool q4r_may_issue(struct q4r_inflight &f, uint64_t *full, int ns, int cap)
-{
-    if (cap <= 0) return true;
-    q4r_retire(f, full, ns);
-    return f.n < cap;
-}
-
-static __device__ __forceinline__ void q4r_issued(struct q4r_inflight &f, int s, int lap, int cap)
-{
-    if (cap <= 0) return;
-    if (f.n == 0) f.s = s, f.lap = lap;
-    f.n++;
-}
-
 /* The rings' mbarriers, set up by thread 0 for the block's Q4H4_PAIRS pairs of ns stages ("full": the
  * producer's one arrival and the stage's bytes; "empty": the pair's 64 consumer lanes), then the
  * block's barrier. */
