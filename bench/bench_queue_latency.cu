@@ -18,6 +18,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "backend/cuda/bulk.cuh" /* the mbarriers and bulk copies k_q4_r uses */
+
 #define QL_CH 16384u /* bytes per copy */
 #define QL_DMAX 12
 #define QL_L2LINES 32
@@ -55,9 +57,8 @@ __global__ void __launch_bounds__(64, 1) k_ql(const __grid_constant__ struct ql_
     __shared__ uint64_t bar[QL_DMAX];
     const int tid = threadIdx.x;
     if (tid == 0) {
-        for (int s = 0; s < P.depth; s++)
-            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"((uint32_t)__cvta_generic_to_shared(&bar[s])));
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        for (int s = 0; s < P.depth; s++) q4s_bar_init(&bar[s], 1);
+        q4s_bar_fence_init();
     }
     __syncthreads();
     if (tid == 0 && P.depth > 0 && !(blockIdx.x == 0 && P.quiet0)) {
@@ -66,13 +67,8 @@ __global__ void __launch_bounds__(64, 1) k_ql(const __grid_constant__ struct ql_
         unsigned long long c = blockIdx.x, issued = 0, done = 0;
         const unsigned long long n = P.per_block;
         auto issue = [&](int s) {
-            const uint32_t b = (uint32_t)__cvta_generic_to_shared(&bar[s]);
-            const uint32_t d = (uint32_t)__cvta_generic_to_shared(ring + (size_t)s * QL_CH);
-            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(QL_CH) : "memory");
-            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], "
-                         "%2, [%3], %4;" ::"r"(d),
-                         "l"(P.big + (c % P.nch) * QL_CH), "r"(QL_CH), "r"(b), "l"(pol)
-                         : "memory");
+            q4s_bar_expect(&bar[s], QL_CH);
+            q4s_copy(ring + (size_t)s * QL_CH, P.big + (c % P.nch) * QL_CH, QL_CH, &bar[s], true, pol);
             c += gridDim.x;
             issued++;
         };
@@ -81,15 +77,7 @@ __global__ void __launch_bounds__(64, 1) k_ql(const __grid_constant__ struct ql_
         int s = 0;
         uint32_t ph = 0;
         while (done < issued) {
-            const uint32_t b = (uint32_t)__cvta_generic_to_shared(&bar[s]);
-            uint32_t ok = 0;
-            do {
-                asm volatile("{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
-                             "selp.u32 %0, 1, 0, p;\n\t}"
-                             : "=r"(ok)
-                             : "r"(b), "r"(ph)
-                             : "memory");
-            } while (!ok);
+            q4s_bar_wait(&bar[s], ph);
             done++;
             if (issued < n) issue(s);
             if (++s == P.depth) s = 0, ph ^= 1u;
@@ -168,7 +156,11 @@ int main(void)
     const int dhops = 480;
     const size_t dstride = ((size_t)1 << 20) + 128;
     uint32_t *h_dr = (uint32_t *)calloc(dram_bytes / 4, 4);
-    if (!h_dr) return 1;
+    unsigned long long *sp = (unsigned long long *)malloc((size_t)nsm * 2 * sizeof *sp);
+    if (!h_dr || !sp) {
+        fprintf(stderr, "bench_queue_latency: out of host memory for the chain (%zu MB)\n", dram_bytes >> 20);
+        return 1;
+    }
     for (int h = 0; h < dhops; h++) h_dr[(size_t)h * dstride / 4] = (uint32_t)((size_t)(h + 1) * dstride / 4);
     QL_CHECK(cudaMemcpy(drc, h_dr, dram_bytes, cudaMemcpyHostToDevice));
     free(h_dr);
@@ -203,8 +195,7 @@ int main(void)
                 k_ql<<<nsm, 64, (size_t)(D > 0 ? D : 1) * QL_CH>>>(P);
                 QL_CHECK(cudaGetLastError());
                 QL_CHECK(cudaDeviceSynchronize());
-                unsigned long long o[4], *sp = (unsigned long long *)malloc((size_t)nsm * 2 * sizeof *sp);
-                if (!sp) return 1;
+                unsigned long long o[4];
                 QL_CHECK(cudaMemcpy(o, out, sizeof o, cudaMemcpyDeviceToHost));
                 QL_CHECK(cudaMemcpy(sp, span, (size_t)nsm * 2 * sizeof *sp, cudaMemcpyDeviceToHost));
                 hop[kind][quiet] = (double)o[0] / P.hops;
@@ -223,11 +214,11 @@ int main(void)
                         fprintf(stderr, "D %d: a streamer ended %.1f us before the chase did: hop time too low\n", D,
                                 (double)(o[3] - endmin) / 1000.0);
                 }
-                free(sp);
             }
         printf("| %d | %.1f MB | %.0f GB/s | %.0f / %.0f ns | %.0f / %.0f ns |\n", D,
                (double)D * QL_CH * nsm / 1e6, rate, hop[0][0], hop[0][1], hop[1][0], hop[1][1]);
         fflush(stdout);
     }
+    free(sp);
     return 0;
 }
