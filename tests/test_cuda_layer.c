@@ -155,7 +155,8 @@ static void run(struct tuna_model *m, int64_t prompt, int steps, float *out)
     tuna_kv_free(kv);
 }
 
-/* A fused kernel's case: env switches it (TUNA_LAYER_KERNEL, TUNA_ATTN_O, TUNA_Q4_MLP or TUNA_Q4_OM: "1" on,
+/* A fused kernel's case: env switches it (TUNA_LAYER_KERNEL, TUNA_ATTN_O, TUNA_Q4_MLP, TUNA_Q4_OM,
+ * TUNA_ATTN_ROPE or TUNA_WARM: "1" on,
  * "0" the ops), launches counts its launches in this process; the other fused kernels stay off. */
 struct layer_case {
     const char *what;
@@ -245,6 +246,7 @@ static void check(const struct layer_case *c)
     unsetenv("TUNA_Q4_MLP");
     unsetenv("TUNA_Q4_OM");
     unsetenv("TUNA_ATTN_ROPE");
+    unsetenv("TUNA_WARM");
     free(on);
     free(off);
     free(graph);
@@ -280,11 +282,16 @@ static bool have_gpu(void)
  * phases, against TUNA_Q4_OM=0 (k_q4_h4 per projection). Its products and staging are k_q4_h4's, so
  * the logits agreed to the bit on the H100 (0.00e+00); every K a multiple of 2,048 (its steps). */
 #define OM "TUNA_Q4_OM", tuna_cuda_q4_om_launches
-/* The batch-1 attention with RoPE and the KV store (attention_b1.cu, on by default; backend.h's
+/* The batch-1 attention with RoPE and the KV store (attention_b1.cu, on by default below 768 tokens; backend.h's
  * rope_attention): one launch per layer and step instead of k_rope_kv and k_attn_b1, against
  * TUNA_ATTN_ROPE=0. The same float operations on every value (k_rope_kv's rotation, k_attn_b1's
  * attention and merge order), so the logits must be the same bits. */
 #define ROPE "TUNA_ATTN_ROPE", tuna_cuda_attn_rope_launches, 0, false, 0, true
+/* The L2 warm (l2_warm.cu, on by default; backend.h's warm_l2): a kernel on a second stream per layer
+ * and step that only prefetches o's and gate/up's weights, against TUNA_WARM=0. Nothing it does
+ * reaches a result, so the logits must be the same bits; graph replays (the second stream forked
+ * and joined inside the capture) must equal the eager steps. */
+#define WARM "TUNA_WARM", tuna_cuda_warm_launches, 0, false, 0, true
 static const struct layer_case k_cases[] = {
     {"NF4 dq, D 128, 8/2 heads", 8, 2, 128, false, false, NULL, {5, 300, 4400}, LAYER},
     {"NF4, D 64, 16/2 heads", 16, 2, 64, false, true, NULL, {40, 300, 0}, LAYER},
@@ -302,6 +309,8 @@ static const struct layer_case k_cases[] = {
     {"attention with RoPE, NF4 dq, D 128, 32/8 heads", 32, 8, 128, false, false, NULL, {5, 300, 2100}, ROPE},
     {"attention with RoPE, NF4, D 64, 16/2 heads", 16, 2, 64, false, true, NULL, {40, 300, 0}, ROPE},
     {"attention with RoPE, FP4 dq, D 128, 28/4 heads (groups of 7)", 28, 4, 128, true, false, NULL, {17, 1000, 0}, ROPE},
+    {"L2 warm, NF4 dq, D 128, 32/8 heads", 32, 8, 128, false, false, NULL, {5, 300, 0}, WARM},
+    {"L2 warm, FP4, D 64, 16/2 heads, I 2816", 16, 2, 64, true, true, NULL, {40, 0, 0}, "TUNA_WARM", tuna_cuda_warm_launches, 2816, false, 0, true},
 };
 
 static void test_case(void **state)

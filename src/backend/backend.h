@@ -433,6 +433,12 @@ struct tuna_backend_ops {
      * out (a HOST array [T]). The same ids as argmax. argmax_take returns the sticky error (CUDA). */
     void (*argmax_queue)(tuna_backend *be, const float *logits, int64_t T, int64_t V);
     tuna_status (*argmax_take)(tuna_backend *be, int32_t *out, int64_t T);
+    /* Optional (NULL: nothing), a hint with no effect on any result: called after the q/k/v
+     * projections of one token and before its attention; the backend may bring the weights read
+     * after the attention (l->w[3] o, then w[4], w[5] gate and up) into its cache while the
+     * attention leaves memory bandwidth idle (CUDA: l2_warm.cu, at contexts below 768 tokens).
+     * Returns whether it does; query: only that, nothing done. */
+    bool (*warm_l2)(tuna_backend *be, const struct tuna_decode_layer *l, bool query);
 };
 
 #endif

@@ -537,11 +537,27 @@ static bool act16_env_on(void)
  * touches. Every layer's K/V storage is hashed, not just the first: a new KV cache can reuse the
  * freed one's first allocation while its other layers land elsewhere. (Weights need no hash: the
  * graphs live in the model's own backend and die with it.) */
+static struct tuna_decode_layer decode_args(const struct tuna_model *m, const struct tuna_layer *L,
+                                            const struct tuna_fwd_layer_acts *A, float *x, void *kc, void *vc,
+                                            enum tuna_dtype kvdt, const struct step_meta *md, float scale);
+
 static uint64_t graph_key(const struct tuna_model *m, tuna_kv_cache *kv, const struct tuna_attn_batch *ab, int64_t T,
-                          bool ids)
+                          bool ids, const struct step_meta *md)
 {
     const struct tuna_fwd_ws *ws = m->ws;
     uint64_t h = mix_key(0, (uint64_t)T);
+    /* whether the backend takes layer 0's attention with RoPE and warms its cache around it (it
+     * may decide by the context length: CUDA's rope_attention and warm_l2), asked as step_body
+     * asks. Either way the results are the same, so this is for speed only: a step captured at a
+     * short context is captured again past the switch instead of replaying what is slower there.
+     * One layer stands for all (the answers change from step to step only with the position). */
+    if (T == 1 && m->arch.n_layers > 0 && (m->ops->rope_attention || m->ops->warm_l2)) {
+        const float scale = (float)(1.0 / sqrt((double)m->arch.head_dim));
+        const struct tuna_decode_layer dl = decode_args(m, &m->layers[0], &ws->a, ws->x, tuna_kv_k(kv, 0),
+                                                        tuna_kv_v(kv, 0), tuna_kv_dtype(kv), md, scale);
+        if (m->ops->rope_attention) h = mix_key(h, (uint64_t)m->ops->rope_attention(m->be, &dl, true));
+        if (m->ops->warm_l2) h = mix_key(h, 2 + (uint64_t)m->ops->warm_l2(m->be, &dl, true));
+    }
     h = mix_key(h, (uint64_t)ids); /* the step ends with the greedy ids' kernels (argmax_queue) */
     h = mix_key(h, (uint64_t)ab->max_blocks_per_seq);
     h = mix_key(h, (uint64_t)ab->block_size);
@@ -738,6 +754,9 @@ static tuna_status step_body(struct tuna_model *m, tuna_kv_cache *kv, const stru
             op->rmsnorm(be, A->xn_attn, x, L->attn_norm, T, C, (float)a->norm_eps);
             linear_qkv(m, L, A, T, b, fuse); /* q (T, H*D), k and v (T, Hkv*D) */
         }
+        /* the weights after the attention (o, gate, up) may stream into the device's cache while
+         * the attention leaves memory bandwidth idle (a hint: warm_l2) */
+        if (fuse && T == 1 && !ao && op->warm_l2) op->warm_l2(be, &dl, false);
         if (!(ao && op->attention_o(be, &dl, false))) {
             if (!(ra && op->rope_attention(be, &dl, false))) {
                 if (!roped) rope_and_store(m, L, A, kc, vc, kvdt, md, T, fuse);
@@ -882,7 +901,7 @@ static tuna_status forward_step(struct tuna_model *m, tuna_kv_cache *kv, const s
          * choice per token is in the step block), every row's logits, buffers already sized (a
          * logits buffer that would grow is allocated by the eager run) */
         if (op->graph_begin && want_logits && b->n_logits == T && ws->logits_cap >= T)
-            graph = op->graph_begin(be, graph_key(m, kv, &ab, T, q_ids));
+            graph = op->graph_begin(be, graph_key(m, kv, &ab, T, q_ids, &md));
     }
     if (graph != 1) {
         st = step_body(m, kv, b, logits, want_logits, trace, &md);

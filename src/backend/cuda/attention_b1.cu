@@ -25,9 +25,10 @@
  * issued before any value is used; the loop of dependent loads took one round trip per element per
  * thread): NF4 batch 1 2.52 against 2.54 ms/step (three times each, alternating). The same kernel with
  * RoPE and the KV store (ROPE, backend.h's rope_attention) replaces k_rope_kv at batch 1 for 4-bit
- * q/k/v; OPT-IN (TUNA_ATTN_ROPE=1): the same bits, but not faster at short contexts (2.50-2.54
- * against 2.52-2.53 ms/step) and slower at long ones (2,048-token prompt: 2.90 against 2.77; under
- * ncu, before the loads were batched, 21.7 against 16.5 + 4.5 us for k_rope_kv): not understood. */
+ * q/k/v: the same bits; then not faster at short contexts (2.50-2.54 against 2.52-2.53 ms/step) and
+ * slower at long ones (2,048-token prompt: 2.90 against 2.77; under ncu, before the loads were
+ * batched, 21.7 against 16.5 + 4.5 us for k_rope_kv). Since the GEMVs' shallower start (thirty-first
+ * session) it is faster below ~770 tokens of context, and is used there (b1_rope_on). */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -193,19 +194,25 @@ extern "C" long tuna_cuda_attn_rope_launches(void)
     return g_b1_rope_launches;
 }
 
-/* Off unless TUNA_ATTN_ROPE=1 (read at every call, as attn_o.cu's switch: the tests turn it off and
- * on; a replayed graph does not ask): slower than k_rope_kv + k_attn_b1 on the H100 (see the file's
- * comment). */
-static bool b1_rope_env_on(void)
+/* TUNA_ATTN_ROPE=1: always, =0: never (read at every call, as attn_o.cu's switch: the tests turn it
+ * off and on); unset: for a position below B1_ROPE_BELOW. The answer depends on the context length,
+ * so forward.c's key of a captured step records it (a graph captured at a short context is not
+ * replayed past the switch). H100, NF4 Llama-3-8B batch 1, the step's graph (thirty-second session,
+ * docs/PERFORMANCE.md): RoPE form 2,411 / 2,463 us at a 128 / 512-token prompt against 2,445-2,448 /
+ * 2,497 for k_rope_kv + k_attn_b1, but 2,593 / 2,777 at 1,024 / 2,048 against 2,556 / 2,718: the RoPE
+ * form's loop is slower per key (not taken apart), its one launch fewer pays at short contexts. */
+#define B1_ROPE_BELOW 768
+static bool b1_rope_on(const struct tuna_decode_layer *a)
 {
     const char *e = getenv("TUNA_ATTN_ROPE");
-    return e && e[0] == '1';
+    if (e && *e) return e[0] == '1';
+    return a->ab && a->ab->pos && a->ab->pos[0] < B1_ROPE_BELOW;
 }
 
 bool tuna_cuda_rope_attention(tuna_backend *be, const struct tuna_decode_layer *a, bool query)
 {
     if (be->sticky) return !query; /* the step fails anyway */
-    if (!b1_rope_env_on() || be->cc_major < 9) return false;
+    if (be->cc_major < 9 || !b1_rope_on(a)) return false;
     /* 4-bit q/k/v only: the 16-bit q/k/v GEMV rotates and stores in its own epilogue (fused.cu) */
     const enum tuna_dtype wd = a->w[0] ? a->w[0]->dtype : TUNA_DTYPE_INVALID;
     if (wd != TUNA_DTYPE_NF4 && wd != TUNA_DTYPE_FP4) return false;

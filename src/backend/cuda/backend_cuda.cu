@@ -204,6 +204,7 @@ extern "C" void tuna_cuda_backend_free(tuna_backend *be)
     cudaFree(be->fuse.p);
     cudaFree(be->lora.p);
     tuna_cuda_lora_free(be);
+    tuna_cuda_warm_free(be);
     tuna_cuda_graphs_free(be);
     cublasDestroy(be->blas);
     cudaFree(be->blas_ws);
@@ -426,6 +427,7 @@ static const struct tuna_backend_ops k_cuda_ops = {
     tuna_cuda_rope_attention,
     tuna_cuda_argmax_queue,
     tuna_cuda_argmax_take,
+    tuna_cuda_warm_l2,
 };
 
 extern "C" const struct tuna_backend_ops *tuna_cuda_backend_ops(void) { return &k_cuda_ops; }

@@ -107,6 +107,9 @@ long tuna_cuda_q4_layer_launches(void);
 /* Launches of the batch-1 attention with RoPE and the KV store (attention_b1.cu; TUNA_ATTN_ROPE=0 turns
  * it off) in this process, for tests. */
 long tuna_cuda_attn_rope_launches(void);
+/* Launches of the L2 warm kernel (l2_warm.cu, backend.h's warm_l2; TUNA_WARM=0 turns it off) in this
+ * process, for tests. */
+long tuna_cuda_warm_launches(void);
 /* Launches of the attention + o kernel (attn_o.cu) in this process, for tests. */
 long tuna_cuda_attn_o_launches(void);
 /* Launches of k_q4_mlp (q4_mlp.cu: the 4-bit MLP of one token; TUNA_Q4_MLP=0 turns it off) in this

@@ -96,6 +96,12 @@ struct tuna_backend {
         bool prev_ok; /* the step before this one was measured (its upload started the period) */
     } steps;
     struct tuna_l2pf l2pf; /* the pending prefetch_l2 hint (pdl.cu) */
+    struct {               /* warm_l2's second stream (l2_warm.cu), made outside a capture */
+        cudaStream_t side;
+        cudaEvent_t fork, join;
+        int khz;           /* the SM clock, for the pace */
+        bool made, pending; /* pending: not yet joined into the main stream */
+    } warm;
     /* rope_kv_store launched its own kernel for one token (rope_kv.cu): the attention that
      * follows is launched with PDL, so its launch and prologue run under that small kernel;
      * attention.cu takes (clears) it */
@@ -247,6 +253,11 @@ bool tuna_cuda_decode_o_mlp(tuna_backend *be, const struct tuna_decode_layer *l,
                             bool *next_qkv);
 /* backend.h's prefetch_l2 (pdl.cu): records the hint for the next decode kernel that issues it. */
 void tuna_cuda_prefetch_l2(tuna_backend *be, const void *p, size_t bytes);
+/* backend.h's warm_l2 (l2_warm.cu; an experiment, TUNA_WARM); the join of its second stream into
+ * the main one (graph.cu, before a capture ends) and its teardown. */
+bool tuna_cuda_warm_l2(tuna_backend *be, const struct tuna_decode_layer *l, bool query);
+void tuna_cuda_warm_join(tuna_backend *be);
+void tuna_cuda_warm_free(tuna_backend *be);
 
 /* 4-bit weights (q4.cu): the 16-entry table passed by value to kernels. */
 struct q4_lut {

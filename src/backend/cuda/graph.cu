@@ -187,6 +187,7 @@ int tuna_cuda_graph_begin(tuna_backend *be, uint64_t key)
         g->key = key;
         return -1;
     }
+    tuna_cuda_warm_join(be); /* an eager step's second stream cannot be joined inside the capture */
     if (cudaStreamBeginCapture(be->stream, cudaStreamCaptureModeThreadLocal) != cudaSuccess) {
         cudaGetLastError();
         g->never = true;
@@ -202,6 +203,7 @@ bool tuna_cuda_graph_end(tuna_backend *be)
 {
     if (!be->capturing) return false;
     cudaGraph_t graph = NULL;
+    tuna_cuda_warm_join(be); /* a second stream forked inside the capture must join it */
     cudaError_t e = cudaStreamEndCapture(be->stream, &graph);
     be->capturing = false;
     struct cuda_graph_entry *g = &be->graphs[be->cur_graph];
