@@ -195,18 +195,17 @@ extern "C" long tuna_cuda_attn_rope_launches(void)
 }
 
 /* TUNA_ATTN_ROPE=1: always, =0: never (read at every call, as attn_o.cu's switch: the tests turn it
- * off and on); unset: for a position below B1_ROPE_BELOW. The answer depends on the context length,
+ * off and on); unset: for a position below TUNA_CUDA_B1_SHORT (cuda_internal.h). The answer depends on the context length,
  * so forward.c's key of a captured step records it (a graph captured at a short context is not
  * replayed past the switch). H100, NF4 Llama-3-8B batch 1, the step's graph (thirty-second session,
  * docs/PERFORMANCE.md): RoPE form 2,411 / 2,463 us at a 128 / 512-token prompt against 2,445-2,448 /
  * 2,497 for k_rope_kv + k_attn_b1, but 2,593 / 2,777 at 1,024 / 2,048 against 2,556 / 2,718: the RoPE
  * form's loop is slower per key (not taken apart), its one launch fewer pays at short contexts. */
-#define B1_ROPE_BELOW 768
 static bool b1_rope_on(const struct tuna_decode_layer *a)
 {
     const char *e = getenv("TUNA_ATTN_ROPE");
     if (e && *e) return e[0] == '1';
-    return a->ab && a->ab->pos && a->ab->pos[0] < B1_ROPE_BELOW;
+    return a->ab && a->ab->pos && a->ab->pos[0] < TUNA_CUDA_B1_SHORT;
 }
 
 bool tuna_cuda_rope_attention(tuna_backend *be, const struct tuna_decode_layer *a, bool query)

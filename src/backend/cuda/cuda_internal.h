@@ -253,8 +253,12 @@ bool tuna_cuda_decode_o_mlp(tuna_backend *be, const struct tuna_decode_layer *l,
                             bool *next_qkv);
 /* backend.h's prefetch_l2 (pdl.cu): records the hint for the next decode kernel that issues it. */
 void tuna_cuda_prefetch_l2(tuna_backend *be, const void *p, size_t bytes);
-/* backend.h's warm_l2 (l2_warm.cu; an experiment, TUNA_WARM); the join of its second stream into
- * the main one (graph.cu, before a capture ends) and its teardown. */
+/* Batch-1 decode: positions below this take the RoPE form of the attention (attention_b1.cu) and the
+ * L2 warm (l2_warm.cu); at longer contexts the attention's own K/V reads dominate (H100 measurements
+ * in docs/PERFORMANCE.md, thirty-second session). */
+#define TUNA_CUDA_B1_SHORT 768
+/* backend.h's warm_l2 (l2_warm.cu; on by default, TUNA_WARM=0 off); the join of its second stream
+ * into the main one (graph.cu: before a capture begins and before it ends) and its teardown. */
 bool tuna_cuda_warm_l2(tuna_backend *be, const struct tuna_decode_layer *l, bool query);
 void tuna_cuda_warm_join(tuna_backend *be);
 void tuna_cuda_warm_free(tuna_backend *be);

@@ -32,7 +32,6 @@
 #include "backend/backend.h"
 
 #define L2W_UNIT 16384
-#define WARM_BELOW 768 /* positions: the same switch as the RoPE form's (attention_b1.cu) */
 
 struct l2w_job {
     const char *flat[2];    /* o's codes, o's scales (8-bit codes or float32); NULL: none */
@@ -72,8 +71,8 @@ __global__ void __launch_bounds__(32) k_l2_warm(const __grid_constant__ struct l
              * every pair's second, ..., so that a cut budget leaves no pair behind the others */
             const long long v = u - u0 - u1, per = 2LL * j.npairs;
             const int k = (int)(v / per), P = (int)((v % per) >> 1), m = (int)(v & 1);
-            const int ibase = j.nitems / j.npairs, iextra = j.nitems % j.npairs;
-            const int it0 = P * ibase + (P < iextra ? P : iextra), nmy = ibase + (P < iextra ? 1 : 0);
+            int it0, nmy;
+            q4h4_range(j.nitems, j.npairs, P, &it0, &nmy);
             if (k >= nmy) continue;
             long long r0 = 2LL * (it0 + k), r1 = r0 + 2;
             if (r1 > j.N) r1 = j.N;
@@ -114,8 +113,6 @@ static double env_num(const char *name, double dflt, double lo, double hi)
     return v >= lo && v <= hi ? v : dflt;
 }
 
-static bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
-
 /* The scales of a 4-bit weight as one byte range per row: 8-bit codes (nested) or float32. */
 static const char *q4_scale_rows(const struct tuna_weight *w, long long *row_b)
 {
@@ -125,13 +122,12 @@ static const char *q4_scale_rows(const struct tuna_weight *w, long long *row_b)
     const long long per_row = (long long)w->cols / q->blocksize;
     const char *p = q->absmax ? (const char *)q->absmax : (const char *)q->qabsmax;
     *row_b = per_row * (q->absmax ? 4 : 1);
-    return p && aligned16(p) && *row_b % 16 == 0 ? p : NULL;
+    return p && (uintptr_t)p % 16 == 0 && *row_b % 16 == 0 ? p : NULL;
 }
 
 static bool q4w(const struct tuna_weight *w)
 {
-    return w && (w->dtype == TUNA_DTYPE_NF4 || w->dtype == TUNA_DTYPE_FP4) && w->q4 && w->data && aligned16(w->data) &&
-           w->cols % 32 == 0; /* rows of whole 16-byte pieces */
+    return w && w->data && q4_weight_aligned(w) && w->cols % 32 == 0; /* rows of whole 16-byte pieces */
 }
 
 bool tuna_cuda_warm_l2(tuna_backend *be, const struct tuna_decode_layer *l, bool query)
@@ -142,13 +138,17 @@ bool tuna_cuda_warm_l2(tuna_backend *be, const struct tuna_decode_layer *l, bool
     auto &s = be->warm;
     if (!query && s.pending && !be->capturing) tuna_cuda_warm_join(be); /* the last layer's, long done */
     if (!warm_on() || be->sticky || be->cc_major < 9) return false;
-    /* below WARM_BELOW tokens of context: at longer ones the attention streams its K/V rows (4 KB
+    /* below TUNA_CUDA_B1_SHORT tokens of context: at longer ones the attention streams its K/V rows (4 KB
      * per token and layer at Llama-3-8B's shapes) and the bandwidth is not idle */
-    if (!l->ab || !l->ab->pos || l->ab->pos[0] >= WARM_BELOW) return false;
+    if (!l->ab || !l->ab->pos || l->ab->pos[0] >= TUNA_CUDA_B1_SHORT) return false;
     const struct tuna_weight *wo = l->w[3], *wg = l->w[4], *wu = l->w[5];
     if (!q4w(wo) || !q4w(wg) || !q4w(wu) || wg->rows != wu->rows || wg->cols != wu->cols) return false;
-    const long long n4 = (wg->rows + 1) / 2;
-    if (n4 >= (1LL << 30)) return false;
+    /* gate/up's launch (k_q4_h4 in GLU form): its items and blocks */
+    struct gemv_job jg = {};
+    jg.mode = GEMV_GLU;
+    jg.s[0].N = wg->rows;
+    int64_t n4, blocks;
+    if (!q4h4_grid(be, &jg, &n4, &blocks) || blocks < 1) return false;
     if (query) return true;
     if (!s.made) {
         if (be->capturing) return false; /* made outside a capture only */
@@ -181,9 +181,6 @@ bool tuna_cuda_warm_l2(tuna_backend *be, const struct tuna_decode_layer *l, bool
     if (qg != qu || !j.gq[0] || !j.gq[1]) j.gq[0] = j.gq[1] = NULL;
     j.qrow_b = j.gq[0] ? qg : 0;
     j.N = wg->rows;
-    /* gate/up's launch (k_q4_h4 in GLU form): q4h4_grid's items and blocks */
-    const long long sms = be->sm_count > 0 ? be->sm_count : 132;
-    const long long need = (n4 + Q4H4_PAIRS - 1) / Q4H4_PAIRS, blocks = need < sms ? need : sms;
     j.nitems = (int)n4;
     j.npairs = (int)(blocks * Q4H4_PAIRS);
     j.w = W;

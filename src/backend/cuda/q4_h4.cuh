@@ -91,6 +91,15 @@ static __device__ __forceinline__ void q4h4_pair(const struct gemv_job &j, int64
     *d = n0 + 1 < N ? 1 : 0;
 }
 
+/* Pair P's items of nitems spread over npairs warp pairs (q4h4_run): a contiguous range [*it0, *it0 +
+ * *nmy), the first nitems % npairs pairs one item more. */
+static __device__ __forceinline__ void q4h4_range(int nitems, int npairs, int P, int *it0, int *nmy)
+{
+    const int ibase = nitems / npairs, iextra = nitems % npairs;
+    *it0 = P * ibase + (P < iextra ? P : iextra);
+    *nmy = ibase + (P < iextra ? 1 : 0);
+}
+
 /* Host side: the items of 4 rows (GLU: 2 outputs) of job j and the blocks k_q4_h4 (and k_q4_r) run
  * them on (one per SM at most, Q4H4_PAIRS items each at least); *blocks 0 when there is nothing to
  * do. False when the items do not fit an int. */
@@ -185,8 +194,9 @@ static __device__ __forceinline__ void q4h4_run(const struct q4h4_smem &sm, cons
      * ioff .. ioff + nitems - 1 of the block's cluster of CL blocks (q4_mlp.cu), over its pairs */
     const int P = CL ? (int)(blockIdx.x % CL) + CL * pair : blockIdx.x + gridDim.x * pair;
     const int npairs = CL ? CL * Q4H4_PAIRS : gridDim.x * Q4H4_PAIRS;
-    const int ibase = nitems / npairs, iextra = nitems % npairs;
-    const int it0 = (CL ? ioff : 0) + P * ibase + (P < iextra ? P : iextra), nmy = ibase + (P < iextra ? 1 : 0);
+    int it0, nmy;
+    q4h4_range(nitems, npairs, P, &it0, &nmy);
+    if (CL) it0 += ioff;
     const int itend = it0 + nmy, total = nmy * upw;
     const int bs_shift = j.bs_shift;
     const int chunk0 = h * 32 + lane; /* the lane's chunk (16 bytes, 32 weights) in the item's first step */
