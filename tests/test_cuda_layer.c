@@ -319,10 +319,59 @@ static void test_case(void **state)
     check((const struct layer_case *)*state);
 }
 
+/* The switch by context length (TUNA_ATTN_ROPE and TUNA_WARM unset): the RoPE form and the L2 warm
+ * for positions below 768 (one launch each per layer and step), neither above; and a graph-replayed
+ * run across the switch (positions 764-771: the step captured again past it, forward.c's key) gives
+ * the eager run's bits. */
+static void test_switch_by_context(void **state)
+{
+    (void)state;
+    if (!have_gpu()) skip();
+    struct tuna_arch a;
+    make_arch(&a, 32, 8, 128, 0, 0);
+    struct synth s = {.n = 0};
+    make_weights(&a, &s);
+    struct tuna_model_opts o = {.threads = 1, .device = TUNA_DEVICE_CUDA, .quiet = true, .load_in_4bit = true};
+    struct tuna_model *m = NULL;
+    TT_OK(tuna_model_build(&a, synth_get, &s, &o, &m));
+    unsetenv("TUNA_ATTN_ROPE");
+    unsetenv("TUNA_WARM");
+    enum { STEPS = 8 };
+    const size_t n = (size_t)STEPS * (size_t)a.vocab_size;
+    float *eager = malloc(n * 4), *graph = malloc(n * 4);
+    assert_non_null(eager);
+    assert_non_null(graph);
+    tuna_cuda_set_graphs(m->be, false);
+    const int64_t prompts[2] = {5, 800};
+    for (int k = 0; k < 2; k++) {
+        const long r0 = tuna_cuda_attn_rope_launches(), w0 = tuna_cuda_warm_launches();
+        run(m, prompts[k], STEPS, eager);
+        const long r = tuna_cuda_attn_rope_launches() - r0, w = tuna_cuda_warm_launches() - w0;
+        const long want = prompts[k] < 768 ? STEPS * a.n_layers : 0;
+        printf("  context %lld: %ld RoPE-form launches, %ld warm launches (want %ld each)\n", (long long)prompts[k], r,
+               w, want);
+        if (r != want || w != want)
+            fail_msg("context %lld: %ld RoPE-form and %ld warm launches, want %ld each", (long long)prompts[k], r, w,
+                     want);
+    }
+    run(m, 764, STEPS, eager);
+    tuna_cuda_set_graphs(m->be, true);
+    run(m, 764, STEPS, graph);
+    size_t gbad = 0;
+    for (size_t i = 0; i < n; i++)
+        gbad += memcmp(&eager[i], &graph[i], 4) != 0;
+    printf("  across the switch (positions 764-771): graph replays %zu of %zu differ\n", gbad, n);
+    if (gbad) fail_msg("across the switch: %zu of %zu logits of graph replays differ from eager steps", gbad, n);
+    free(eager);
+    free(graph);
+    tuna_model_free(m);
+    synth_free(&s);
+}
+
 int main(void)
 {
     enum { N = sizeof k_cases / sizeof k_cases[0] };
-    struct CMUnitTest tests[N];
+    struct CMUnitTest tests[N + 1];
     /* TUNA_TEST_FILTER=text: only the cases whose name holds it (the GPU machine's short runs) */
     const char *only = getenv("TUNA_TEST_FILTER");
     int n = 0;
@@ -332,6 +381,13 @@ int main(void)
         tests[n].name = k_cases[i].what;
         tests[n].test_func = test_case;
         tests[n].initial_state = (void *)&k_cases[i];
+        n++;
+    }
+    static const char k_switch[] = "the RoPE form and the L2 warm by context length";
+    if (!(only && *only) || strstr(k_switch, only)) {
+        memset(&tests[n], 0, sizeof tests[n]);
+        tests[n].name = k_switch;
+        tests[n].test_func = test_switch_by_context;
         n++;
     }
     return _cmocka_run_group_tests("test_cuda_layer", tests, (size_t)n, NULL, NULL);
