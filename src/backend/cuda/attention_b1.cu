@@ -58,7 +58,6 @@ __global__ void __launch_bounds__(32 * B1_NW, 1)
     };
     b1_attend<KT, DT, GM, B1_NS, ROPE>((char *)b1_smem_all, B1_CS, rank, hy, out, q, kc, vc, md, H, Hkv, n_hg, qscale,
                                        io, rp, wait);
-    if (threadIdx.x == 0) tuna_l2pf_end(pf);
 #else
     (void)out, (void)q, (void)kc, (void)vc, (void)md, (void)H, (void)Hkv, (void)n_hg, (void)qscale, (void)io, (void)pf,
         (void)rp;
@@ -144,12 +143,6 @@ static int b1_gm(int G)
     return G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8;
 }
 
-int tuna_cuda_attn_b1_blocks(int H, int Hkv)
-{
-    const int G = Hkv > 0 ? H / Hkv : 0, GM = b1_gm(G);
-    return Hkv > 0 && G > 0 ? B1_CS * Hkv * ((G + GM - 1) / GM) : 0;
-}
-
 bool tuna_cuda_attn_b1_usable(tuna_backend *be, int code, int D, int G)
 {
     static const char *env = getenv("TUNA_ATTN_B1");
@@ -183,8 +176,6 @@ static void b1_go(tuna_backend *be, int code, void *out, const void *q, const vo
     args.out = out, args.q = q, args.kc = kcache, args.vc = vcache, args.md = md;
     args.H = H, args.Hkv = Hkv, args.n_hg = (G + GM - 1) / GM, args.io = io;
     args.qscale = scale * 1.4426950408889634f, args.pdl = pdl, args.pf = pf;
-    /* a warm on the second stream stops when this kernel's blocks have ended */
-    args.pf.end = tuna_cuda_warm_take(be, B1_CS * Hkv * args.n_hg);
     if (rp) args.rp = *rp;
     b1_launch(be, code, D, GM, args, false);
 }

@@ -73,8 +73,6 @@ void tuna_cuda_attn_prefill_launch(tuna_backend *be, int code, float *out, const
  * float32 / bf16 / f16 by io; pdl: launched with PDL after the kernel that wrote q and row p).
  * Errors go to be->sticky. */
 bool tuna_cuda_attn_b1_usable(tuna_backend *be, int code, int D, int G);
-/* Its blocks for H query heads over Hkv kv heads (the L2 warm counts them end: l2_warm.cu). */
-int tuna_cuda_attn_b1_blocks(int H, int Hkv);
 
 /* The fused decode kernels' metadata for the single token of a (backend.h's struct
  * tuna_decode_layer): its position, block table (md), cache slot and RoPE frequencies [D / 2]

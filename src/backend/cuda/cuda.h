@@ -110,16 +110,6 @@ long tuna_cuda_attn_rope_launches(void);
 /* Launches of the L2 warm kernel (l2_warm.cu, backend.h's warm_l2; TUNA_WARM=0 turns it off) in this
  * process, for tests. */
 long tuna_cuda_warm_launches(void);
-/* The L2 warm on be so far (l2_warm.cu): its blocks (32 per warm) stopped by the attention's end
- * signal, by the time cap, by running out of weights to warm; the signals the attentions gave; and
- * whether every warm was paired with its attention's signal (every block's count of warms equals
- * the signals). */
-struct tuna_cuda_warm_tally {
-    unsigned long long by_signal, by_cap, by_end, signals;
-    bool paired;
-};
-/* Reads it (waits for the second stream); false on a CUDA error. */
-bool tuna_cuda_warm_tally(tuna_backend *be, struct tuna_cuda_warm_tally *t);
 /* Launches of the attention + o kernel (attn_o.cu) in this process, for tests. */
 long tuna_cuda_attn_o_launches(void);
 /* Launches of k_q4_mlp (q4_mlp.cu: the 4-bit MLP of one token; TUNA_Q4_MLP=0 turns it off) in this

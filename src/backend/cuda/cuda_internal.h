@@ -16,12 +16,10 @@ struct cuda_grow_buf {
     size_t cap;
 };
 
-/* A range of device memory to bring into L2 (pdl.cuh: the prefetch_l2 hint); p NULL: none. end: the
- * L2 warm's stop signal (l2_warm.cu), bumped by each of the kernel's blocks as it ends; NULL: none. */
+/* A range of device memory to bring into L2 (pdl.cuh: the prefetch_l2 hint); p NULL: none. */
 struct tuna_l2pf {
     const void *p;
     long long bytes;
-    unsigned *end;
 };
 
 struct tuna_backend {
@@ -102,11 +100,7 @@ struct tuna_backend {
         cudaStream_t side;
         cudaEvent_t fork, join;
         int khz;           /* the SM clock, for the pace */
-        unsigned *sig;     /* device words: the stop signal's count and arrivals, the blocks' counts, tallies */
         bool made, pending; /* pending: not yet joined into the main stream */
-        int nb;            /* the attention's blocks the armed warm waits for */
-        bool armed;        /* a warm was launched whose attention has not yet taken the stop signal */
-        bool unpaired;     /* an armed warm's attention never took it: the counts disagree, warm no more */
     } warm;
     /* rope_kv_store launched its own kernel for one token (rope_kv.cu): the attention that
      * follows is launched with PDL, so its launch and prologue run under that small kernel;
@@ -268,9 +262,6 @@ void tuna_cuda_prefetch_l2(tuna_backend *be, const void *p, size_t bytes);
 bool tuna_cuda_warm_l2(tuna_backend *be, const struct tuna_decode_layer *l, bool query);
 void tuna_cuda_warm_join(tuna_backend *be);
 void tuna_cuda_warm_free(tuna_backend *be);
-/* The stop signal for the attention of nb blocks that follows a warm (k_attn_b1 passes it to
- * tuna_l2pf_end); NULL when no warm waits for one, or for another number of blocks. Disarms the warm. */
-unsigned *tuna_cuda_warm_take(tuna_backend *be, int nb);
 
 /* 4-bit weights (q4.cu): the 16-entry table passed by value to kernels. */
 struct q4_lut {

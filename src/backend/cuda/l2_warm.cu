@@ -23,11 +23,8 @@
  * 2,675 against 2,682), so it runs below 768 tokens only (the RoPE form's switch; between 128 and
  * 2,048 not measured), and forward.c's key of a captured step records the answer. TUNA_WARM=0
  * turns it off; TUNA_WARM_US and TUNA_WARM_GBS set the cap and the pace (measurements). */
-#include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 
-#include "backend/cuda/attention_internal.cuh"
 #include "backend/cuda/cuda_internal.h"
 #include "backend/cuda/gemv.cuh"
 #include "backend/cuda/pdl.cuh"
@@ -35,10 +32,6 @@
 #include "backend/backend.h"
 
 #define L2W_UNIT 16384
-/* be->warm.sig's words: the attentions' ended blocks (tuna_l2pf_end), the tallies of warm blocks
- * stopped by the signal, by the cap, by running out of units, and each warm block's own count of the
- * attention blocks its warms waited for */
-enum { L2W_COUNT, L2W_BY_SIGNAL = 2, L2W_BY_CAP, L2W_BY_END, L2W_BLOCK = 32, L2W_WORDS = 64 };
 
 struct l2w_job {
     const char *flat[2];    /* o's codes, o's scales (8-bit codes or float32); NULL: none */
@@ -49,8 +42,6 @@ struct l2w_job {
     int nitems, npairs, w;    /* gate/up's items (2 outputs each), warp pairs, items warmed per pair */
     long long cyc_per_mb;     /* the block's pace: clock cycles per MiB issued */
     long long max_ns;         /* the cap, from the block's start */
-    unsigned *sig;            /* L2W_* words (be->warm.sig) */
-    unsigned nb;              /* the attention's blocks: stop when all have ended; 0: at the cap only */
 };
 
 static __device__ __forceinline__ long long l2w_ns(void)
@@ -60,22 +51,13 @@ static __device__ __forceinline__ long long l2w_ns(void)
     return t;
 }
 
-static __device__ __forceinline__ bool l2w_signaled(const unsigned *count, unsigned target)
-{
-    return (int)(*(const volatile unsigned *)count - target) >= 0;
-}
-
 __global__ void __launch_bounds__(32) k_l2_warm(const __grid_constant__ struct l2w_job j)
 {
     if (threadIdx.x != 0) return;
-    /* the attention after this warm ends when the count of ended blocks reaches the block's own count
-     * plus nb (every warm with nb > 0 paired with one such attention by the host: tuna_cuda_warm_take) */
-    const unsigned target = j.nb ? j.sig[L2W_BLOCK + blockIdx.x] + j.nb : 0;
     const long long u0 = (j.flat_n[0] + L2W_UNIT - 1) / L2W_UNIT, u1 = (j.flat_n[1] + L2W_UNIT - 1) / L2W_UNIT;
     const long long U = u0 + u1 + 2LL * j.npairs * j.w;
     const long long ns0 = l2w_ns();
     long long t = clock64();
-    int why = L2W_BY_END;
     for (long long u = blockIdx.x; u < U; u += gridDim.x) {
         const char *p = NULL, *p2 = NULL;
         long long n = 0, n2 = 0;
@@ -99,25 +81,14 @@ __global__ void __launch_bounds__(32) k_l2_warm(const __grid_constant__ struct l
             n = (r1 - r0) * j.row_b;
             if (j.gq[m]) p2 = j.gq[m] + r0 * j.qrow_b, n2 = (r1 - r0) * j.qrow_b;
         }
-        bool sig = false;
-        do
-            sig = j.nb && l2w_signaled(j.sig + L2W_COUNT, target);
-        while (!sig && clock64() < t);
-        if (sig) {
-            why = L2W_BY_SIGNAL;
-            break;
+        while (clock64() < t) {
         }
-        if (l2w_ns() - ns0 > j.max_ns) {
-            why = L2W_BY_CAP;
-            break;
-        }
+        if (l2w_ns() - ns0 > j.max_ns) break;
         for (long long o = 0; o < n; o += 65536)
             tuna_prefetch_l2_bulk(p + o, (unsigned)(n - o < 65536 ? n - o : 65536));
         if (p2 && n2 >= 16) tuna_prefetch_l2_bulk(p2, (unsigned)(n2 & ~15LL));
         t += ((n + n2) * j.cyc_per_mb) >> 20;
     }
-    if (j.nb) j.sig[L2W_BLOCK + blockIdx.x] = target;
-    atomicAdd(j.sig + why, 1u);
 }
 
 static long g_warm_launches;
@@ -161,16 +132,11 @@ static bool q4w(const struct tuna_weight *w)
 
 bool tuna_cuda_warm_l2(tuna_backend *be, const struct tuna_decode_layer *l, bool query)
 {
-    enum { B = 32 }; /* blocks */
-    /* read at every call (the tests set them) */
-    const double us = env_num("TUNA_WARM_US", 4, 0, 100000), us_sig = env_num("TUNA_WARM_SIG_US", 12, 0, 100000);
-    const double gbs = env_num("TUNA_WARM_GBS", 3500, 1, 100000), w = env_num("TUNA_WARM_W", 2, 0, 64);
-    const char *sig_env = getenv("TUNA_WARM_SIG");
-    const bool sig_on = !(sig_env && sig_env[0] == '0');
+    enum { B = 32, W = 2 }; /* blocks; items per pair of gate/up (past what the cap lets through) */
+    static double us = -1, gbs = -1;
+    if (us < 0) us = env_num("TUNA_WARM_US", 4, 0, 1000), gbs = env_num("TUNA_WARM_GBS", 3500, 1, 100000);
     auto &s = be->warm;
     if (!query && s.pending && !be->capturing) tuna_cuda_warm_join(be); /* the last layer's, long done */
-    if (!query && s.armed) s.unpaired = true; /* its attention took no signal: cap only from now on */
-    s.armed = false;
     if (!warm_on() || be->sticky || be->cc_major < 9) return false;
     /* below TUNA_CUDA_B1_SHORT tokens of context: at longer ones the attention streams its K/V rows (4 KB
      * per token and layer at Llama-3-8B's shapes) and the bandwidth is not idle */
@@ -196,16 +162,6 @@ bool tuna_cuda_warm_l2(tuna_backend *be, const struct tuna_decode_layer *l, bool
             cudaStreamDestroy(s.side);
             return false;
         }
-        if (cudaMalloc((void **)&s.sig, L2W_WORDS * sizeof(unsigned)) != cudaSuccess ||
-            cudaMemset(s.sig, 0, L2W_WORDS * sizeof(unsigned)) != cudaSuccess) {
-            cudaGetLastError();
-            if (s.sig) cudaFree(s.sig);
-            s.sig = NULL;
-            cudaEventDestroy(s.fork);
-            cudaEventDestroy(s.join);
-            cudaStreamDestroy(s.side);
-            return false;
-        }
         int khz = 0;
         if (cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, be->device) != cudaSuccess) cudaGetLastError();
         s.khz = khz > 0 ? khz : 1980000;
@@ -227,17 +183,13 @@ bool tuna_cuda_warm_l2(tuna_backend *be, const struct tuna_decode_layer *l, bool
     j.N = wg->rows;
     j.nitems = (int)n4;
     j.npairs = (int)(blocks * Q4H4_PAIRS);
-    j.w = (int)w;
+    j.w = W;
     j.cyc_per_mb = (long long)((double)s.khz * 1e3 * 1048576.0 * B / (gbs * 1e9));
-    j.sig = s.sig;
-    j.nb = sig_on && !s.unpaired ? (unsigned)tuna_cuda_attn_b1_blocks((int)l->H, (int)l->Hkv) : 0;
-    j.max_ns = (long long)((j.nb ? us_sig : us) * 1e3);
+    j.max_ns = (long long)(us * 1e3);
     if (!tuna_cuda_check(be, cudaEventRecord(s.fork, be->stream), "cudaEventRecord(warm fork)") ||
         !tuna_cuda_check(be, cudaStreamWaitEvent(s.side, s.fork, 0), "cudaStreamWaitEvent(warm fork)"))
         return false;
     s.pending = true; /* joined even if the launch fails: the capture must end whole */
-    s.armed = j.nb > 0; /* until the attention takes the signal (tuna_cuda_warm_take) */
-    s.nb = (int)j.nb;
     g_warm_launches++;
     k_l2_warm<<<B, 32, 0, s.side>>>(j);
     return tuna_cuda_check_launch(be, "k_l2_warm");
@@ -255,50 +207,13 @@ void tuna_cuda_warm_join(tuna_backend *be)
         tuna_cuda_check(be, cudaStreamWaitEvent(be->stream, s.join, 0), "cudaStreamWaitEvent(warm join)");
 }
 
-unsigned *tuna_cuda_warm_take(tuna_backend *be, int nb)
-{
-    auto &s = be->warm;
-    if (!s.armed || nb != s.nb) return NULL; /* another grid: left armed, so the next warm call sees it unpaired */
-    s.armed = false;
-    return s.sig;
-}
-
-bool tuna_cuda_warm_tally(tuna_backend *be, struct tuna_cuda_warm_tally *t)
-{
-    auto &s = be->warm;
-    memset(t, 0, sizeof *t);
-    t->paired = !s.unpaired;
-    if (!s.made) return true;
-    unsigned h[L2W_WORDS];
-    if (!tuna_cuda_check(be, cudaStreamSynchronize(s.side), "cudaStreamSynchronize(warm)") ||
-        !tuna_cuda_check(be, cudaStreamSynchronize(be->stream), "cudaStreamSynchronize") ||
-        !tuna_cuda_check(be, cudaMemcpy(h, s.sig, sizeof h, cudaMemcpyDeviceToHost), "cudaMemcpy(warm tally)"))
-        return false;
-    t->by_signal = h[L2W_BY_SIGNAL], t->by_cap = h[L2W_BY_CAP], t->by_end = h[L2W_BY_END];
-    t->signals = h[L2W_COUNT]; /* ended attention blocks, until it is divided below */
-    for (int b = 0; b < 32; b++)
-        t->paired = t->paired && h[L2W_BLOCK + b] == h[L2W_COUNT];
-    t->signals = s.nb > 0 ? t->signals / (unsigned)s.nb : 0;
-    return true;
-}
-
 void tuna_cuda_warm_free(tuna_backend *be)
 {
     auto &s = be->warm;
     if (!s.made) return;
-    const char *e = getenv("TUNA_WARM_REPORT");
-    struct tuna_cuda_warm_tally t;
-    if (e && e[0] == '1' && tuna_cuda_warm_tally(be, &t))
-        fprintf(stderr,
-                "tuna: L2 warm: %llu signals; blocks stopped by the attention's signal %llu, by the cap %llu, out of "
-                "weights %llu; %s\n",
-                t.signals, t.by_signal, t.by_cap, t.by_end, t.paired ? "paired" : "unpaired (cap only)");
     cudaStreamSynchronize(s.side);
-    cudaFree(s.sig);
-    s.sig = NULL;
     cudaEventDestroy(s.fork);
     cudaEventDestroy(s.join);
     cudaStreamDestroy(s.side);
-    s.made = s.pending = s.armed = s.unpaired = false;
-    s.nb = 0;
+    s.made = s.pending = false;
 }

@@ -95,7 +95,7 @@ void tuna_cuda_prefetch_l2(tuna_backend *be, const void *p, size_t bytes)
 
 struct tuna_l2pf tuna_cuda_l2pf_take(tuna_backend *be, int consumer, int64_t T)
 {
-    struct tuna_l2pf none = {NULL, 0, NULL};
+    struct tuna_l2pf none = {NULL, 0};
     if (!be->l2pf.p) return none;
     const int mode = l2pf_mode();
     if (mode != consumer && consumer != TUNA_L2PF_ATTN) return none;

@@ -63,14 +63,6 @@ __device__ __forceinline__ void tuna_l2pf_issue(const struct tuna_l2pf &pf, long
     }
 }
 
-/* The L2 warm's stop signal (l2_warm.cu): thread 0 of each block of the kernel calls this at the
- * block's end. A reduction whose result nobody waits for (red.global.add): an atomic that returned
- * the old value (to find the last block) would hold every block's exit for a round trip. */
-__device__ __forceinline__ void tuna_l2pf_end(const struct tuna_l2pf &pf)
-{
-    if (pf.end) atomicAdd(pf.end, 1u);
-}
-
 /* True when this backend's launches may use PDL (compute capability >= 9.0, TUNA_PDL != 0). */
 bool tuna_cuda_pdl_on(tuna_backend *be);
 
