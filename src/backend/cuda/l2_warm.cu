@@ -22,7 +22,11 @@
  * 8 MB of K/V per layer itself and the warm measured 2,716-2,717 against 2,694 us (another machine:
  * 2,675 against 2,682), so it runs below 768 tokens only (the RoPE form's switch; between 128 and
  * 2,048 not measured), and forward.c's key of a captured step records the answer. TUNA_WARM=0
- * turns it off; TUNA_WARM_US and TUNA_WARM_GBS set the cap and the pace (measurements). */
+ * turns it off; TUNA_WARM_US and TUNA_WARM_GBS set the cap and the pace (measurements).
+ * Measured and not kept (thirty-third session, commit 771a5d3): stopping at the attention's end
+ * instead of the cap (k_attn_b1's blocks counted with red.add, the warm's blocks polling the count)
+ * warms o and more of gate/up for the whole attention, and was no faster: 2,399-2,403 against
+ * 2,391-2,398 us at 128 tokens, 2,471 against 2,476 at 512. */
 #include <stdlib.h>
 
 #include "backend/cuda/cuda_internal.h"
