@@ -16,6 +16,15 @@ struct cuda_grow_buf {
     size_t cap;
 };
 
+/* A second stream beside the main one (side_stream.cu): fork, an event the main stream records and
+ * the side stream waits for; join, one the side stream records (its user says when the main stream
+ * waits for it). Made outside a capture only, once. */
+struct cuda_side {
+    cudaStream_t stream;
+    cudaEvent_t fork, join;
+    bool made;
+};
+
 /* A range of device memory to bring into L2 (pdl.cuh: the prefetch_l2 hint); p NULL: none. */
 struct tuna_l2pf {
     const void *p;
@@ -55,9 +64,8 @@ struct tuna_backend {
         size_t off;              /* u's byte offset in be->lora */
     } lora_next;
     struct {                     /* lora_begin: a shrink started on a second stream (lora.cu) */
-        cudaStream_t side;       /* made at the first lora_begin outside a capture */
-        cudaEvent_t fork, join;
-        bool made, pending;      /* pending: join not yet waited for by the main stream */
+        struct cuda_side side;   /* made at the first lora_begin outside a capture */
+        bool pending;            /* pending: join not yet waited for by the main stream */
         bool valid;              /* the key below names a shrink whose u the next lora call may use */
         bool reads_half;         /* that shrink reads be->half (tuna_cuda_to_half waits before rewriting it) */
         const float *x;
@@ -97,10 +105,9 @@ struct tuna_backend {
     } steps;
     struct tuna_l2pf l2pf; /* the pending prefetch_l2 hint (pdl.cu) */
     struct {               /* warm_l2's second stream (l2_warm.cu), made outside a capture */
-        cudaStream_t side;
-        cudaEvent_t fork, join;
-        int khz;           /* the SM clock, for the pace */
-        bool made, pending; /* pending: not yet joined into the main stream */
+        struct cuda_side side;
+        int khz;           /* the SM clock, for the pace (0: not read yet) */
+        bool pending;      /* not yet joined into the main stream */
     } warm;
     /* rope_kv_store launched its own kernel for one token (rope_kv.cu): the attention that
      * follows is launched with PDL, so its launch and prologue run under that small kernel;
@@ -120,6 +127,12 @@ struct tuna_backend {
 
 /* Records the first failure and returns false when e is an error. */
 bool tuna_cuda_check(tuna_backend *be, cudaError_t e, const char *call);
+/* struct cuda_side: made unless it is (false outside a capture when CUDA cannot make it, and inside
+ * one: nothing is made there); the fork (errors to be->sticky, named "<call>(<what> fork)"); freed
+ * after its stream's work is done. */
+bool tuna_cuda_side_make(tuna_backend *be, struct cuda_side *s);
+bool tuna_cuda_side_fork(tuna_backend *be, struct cuda_side *s, const char *what);
+void tuna_cuda_side_free(struct cuda_side *s);
 bool tuna_cuda_check_blas(tuna_backend *be, cublasStatus_t s, const char *call);
 /* Checks the last kernel launch. */
 bool tuna_cuda_check_launch(tuna_backend *be, const char *kernel);

@@ -154,22 +154,11 @@ bool tuna_cuda_warm_l2(tuna_backend *be, const struct tuna_decode_layer *l, bool
     int64_t n4, blocks;
     if (!q4h4_grid(be, &jg, &n4, &blocks) || blocks < 1) return false;
     if (query) return true;
-    if (!s.made) {
-        if (be->capturing) return false; /* made outside a capture only */
-        if (cudaStreamCreateWithFlags(&s.side, cudaStreamNonBlocking) != cudaSuccess) {
-            cudaGetLastError();
-            return false;
-        }
-        if (cudaEventCreateWithFlags(&s.fork, cudaEventDisableTiming) != cudaSuccess ||
-            cudaEventCreateWithFlags(&s.join, cudaEventDisableTiming) != cudaSuccess) {
-            cudaGetLastError();
-            cudaStreamDestroy(s.side);
-            return false;
-        }
+    if (!tuna_cuda_side_make(be, &s.side)) return false;
+    if (!s.khz) {
         int khz = 0;
         if (cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, be->device) != cudaSuccess) cudaGetLastError();
         s.khz = khz > 0 ? khz : 1980000;
-        s.made = true;
     }
     struct l2w_job j = {};
     j.flat[0] = (const char *)wo->data;
@@ -190,12 +179,10 @@ bool tuna_cuda_warm_l2(tuna_backend *be, const struct tuna_decode_layer *l, bool
     j.w = W;
     j.cyc_per_mb = (long long)((double)s.khz * 1e3 * 1048576.0 * B / (gbs * 1e9));
     j.max_ns = (long long)(us * 1e3);
-    if (!tuna_cuda_check(be, cudaEventRecord(s.fork, be->stream), "cudaEventRecord(warm fork)") ||
-        !tuna_cuda_check(be, cudaStreamWaitEvent(s.side, s.fork, 0), "cudaStreamWaitEvent(warm fork)"))
-        return false;
+    if (!tuna_cuda_side_fork(be, &s.side, "warm")) return false;
     s.pending = true; /* joined even if the launch fails: the capture must end whole */
     g_warm_launches++;
-    k_l2_warm<<<B, 32, 0, s.side>>>(j);
+    k_l2_warm<<<B, 32, 0, s.side.stream>>>(j);
     return tuna_cuda_check_launch(be, "k_l2_warm");
 }
 
@@ -205,19 +192,14 @@ bool tuna_cuda_warm_l2(tuna_backend *be, const struct tuna_decode_layer *l, bool
 void tuna_cuda_warm_join(tuna_backend *be)
 {
     auto &s = be->warm;
-    if (!s.made || !s.pending) return;
+    if (!s.side.made || !s.pending) return;
     s.pending = false;
-    if (tuna_cuda_check(be, cudaEventRecord(s.join, s.side), "cudaEventRecord(warm join)"))
-        tuna_cuda_check(be, cudaStreamWaitEvent(be->stream, s.join, 0), "cudaStreamWaitEvent(warm join)");
+    if (tuna_cuda_check(be, cudaEventRecord(s.side.join, s.side.stream), "cudaEventRecord(warm join)"))
+        tuna_cuda_check(be, cudaStreamWaitEvent(be->stream, s.side.join, 0), "cudaStreamWaitEvent(warm join)");
 }
 
 void tuna_cuda_warm_free(tuna_backend *be)
 {
-    auto &s = be->warm;
-    if (!s.made) return;
-    cudaStreamSynchronize(s.side);
-    cudaEventDestroy(s.fork);
-    cudaEventDestroy(s.join);
-    cudaStreamDestroy(s.side);
-    s.made = s.pending = false;
+    tuna_cuda_side_free(&be->warm.side);
+    be->warm.pending = false;
 }

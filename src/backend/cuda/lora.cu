@@ -1078,26 +1078,13 @@ void tuna_cuda_lora_begin(tuna_backend *be, int n, const int64_t *Ns, const floa
 {
     auto &q = be->lora_pre;
     if (q.pending) { /* a begin without its lora call: the main stream waits for it all the same */
-        tuna_cuda_check(be, cudaStreamWaitEvent(be->stream, q.join, 0), "cudaStreamWaitEvent(LoRA shrink)");
+        tuna_cuda_check(be, cudaStreamWaitEvent(be->stream, q.side.join, 0), "cudaStreamWaitEvent(LoRA shrink)");
         q.pending = false;
     }
     q.valid = false;
     const int mode = begin_mode();
     if (mode == 0 || be->sticky) return;
-    if (mode == 2 && !q.made) {
-        if (be->capturing) return; /* made outside a capture only */
-        if (cudaStreamCreateWithFlags(&q.side, cudaStreamNonBlocking) != cudaSuccess) {
-            cudaGetLastError();
-            return;
-        }
-        if (cudaEventCreateWithFlags(&q.fork, cudaEventDisableTiming) != cudaSuccess ||
-            cudaEventCreateWithFlags(&q.join, cudaEventDisableTiming) != cudaSuccess) {
-            cudaGetLastError();
-            cudaStreamDestroy(q.side);
-            return;
-        }
-        q.made = true;
-    }
+    if (mode == 2 && !tuna_cuda_side_make(be, &q.side)) return;
     struct lora_plan p;
     bool hit;
     const int kind = lora_plan_make(be, &p, n, NULL, Ns, x, T, K, sets, tok, glu_out, act, be->lora_next.x, &hit);
@@ -1109,11 +1096,9 @@ void tuna_cuda_lora_begin(tuna_backend *be, int n, const int64_t *Ns, const floa
         if (!tuna_cuda_to_half(be, x, T * K, p.dt, true)) return;
         xh = be->half.p;
     }
-    const bool side = mode == 2 && q.made;
-    if (side && (!tuna_cuda_check(be, cudaEventRecord(q.fork, be->stream), "cudaEventRecord(LoRA fork)") ||
-                 !tuna_cuda_check(be, cudaStreamWaitEvent(q.side, q.fork, 0), "cudaStreamWaitEvent(LoRA fork)")))
-        return;
-    const cudaStream_t st = side ? q.side : be->stream;
+    const bool side = mode == 2 && q.side.made;
+    if (side && !tuna_cuda_side_fork(be, &q.side, "LoRA")) return;
+    const cudaStream_t st = side ? q.side.stream : be->stream;
     bool ok;
     if (p.dt == 1)
         ok = launch_shrink<__nv_bfloat16>(be, st, p.b, x, xh, T, K, p.S, p.KC, p.sh_tiles,
@@ -1123,7 +1108,7 @@ void tuna_cuda_lora_begin(tuna_backend *be, int n, const int64_t *Ns, const floa
         ok = launch_shrink<__half>(be, st, p.b, x, xh, T, K, p.S, p.KC, p.sh_tiles, (__half *)(p.base + p.u_off),
                                    (float *)(p.base + p.p_off), (int *)p.base, p.d_order, p.d_start);
     if (side) {
-        if (!tuna_cuda_check(be, cudaEventRecord(q.join, q.side), "cudaEventRecord(LoRA join)")) return;
+        if (!tuna_cuda_check(be, cudaEventRecord(q.side.join, q.side.stream), "cudaEventRecord(LoRA join)")) return;
         q.pending = true;
         q.reads_half = xh != NULL;
     }
@@ -1150,12 +1135,8 @@ void tuna_cuda_lora_begin(tuna_backend *be, int n, const int64_t *Ns, const floa
 void tuna_cuda_lora_free(tuna_backend *be)
 {
     auto &q = be->lora_pre;
-    if (!q.made) return;
-    cudaStreamSynchronize(q.side);
-    cudaEventDestroy(q.fork);
-    cudaEventDestroy(q.join);
-    cudaStreamDestroy(q.side);
-    q.made = q.pending = q.valid = false;
+    tuna_cuda_side_free(&q.side);
+    q.pending = q.valid = false;
 }
 
 void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns, const float *x, int64_t T, int64_t K,
@@ -1164,7 +1145,7 @@ void tuna_cuda_lora(tuna_backend *be, int n, float *const *ys, const int64_t *Ns
     /* a shrink lora_begin started: the main stream waits for it first, whatever this call is */
     auto &q = be->lora_pre;
     if (q.pending) {
-        tuna_cuda_check(be, cudaStreamWaitEvent(be->stream, q.join, 0), "cudaStreamWaitEvent(LoRA shrink)");
+        tuna_cuda_check(be, cudaStreamWaitEvent(be->stream, q.side.join, 0), "cudaStreamWaitEvent(LoRA shrink)");
         q.pending = false;
     }
     const bool pre = q.valid;

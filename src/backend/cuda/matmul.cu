@@ -174,7 +174,8 @@ bool tuna_cuda_to_half(tuna_backend *be, const float *x, int64_t n, int dtype, b
     if (be->half_of == x && be->half_n == n && be->half_dt == dtype) return !be->sticky;
     be->half_of = NULL;
     if (be->lora_pre.pending && be->lora_pre.reads_half) { /* a LoRA shrink on the second stream reads it */
-        if (!tuna_cuda_check(be, cudaStreamWaitEvent(be->stream, be->lora_pre.join, 0), "cudaStreamWaitEvent(LoRA shrink)"))
+        if (!tuna_cuda_check(be, cudaStreamWaitEvent(be->stream, be->lora_pre.side.join, 0),
+                             "cudaStreamWaitEvent(LoRA shrink)"))
             return false;
         be->lora_pre.reads_half = false;
     }
