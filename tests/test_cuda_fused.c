@@ -444,22 +444,24 @@ static void test_q4_grouped(void **state)
 }
 
 /* The 4-bit GEMM k_q4_mm (q4_mm.cu, twenty-first session) behind matmul and matmul_add from 9 tokens
- * (where the fused GEMVs leave off) to TUNA_Q4_MM_MAXT (256 here, 64 by default), in launches of up to
- * 64 tokens: against the
+ * (where the fused GEMVs leave off) to TUNA_Q4_MM_MAXT (256 here), in launches of up to 128 tokens
+ * (65-128 in the 16-group form; above 64 also k_q4_wg, TUNA_Q4_WG=1, where the GPU runs it): against the
  * CPU (1e-2, the 16-bit operands of the dequantize + cuBLAS path) and against that path itself
  * (TUNA_Q4_MM_MAXT=0: the same 16-bit weights and activations, float32 sums in another order:
  * 1e-5), with and without bias, into y and added onto it; NF4 and FP4; bf16 and f16 compute;
  * float32 and nested scales; weights of float32, bf16 and f16 origin (their rounding is the pack's
  * own, or not: both forms of q4mm_pair); rows that end inside a 64-row block, K = 128 (one step),
- * 2048 and 14336; two runs give the same bits and the kernel ran ceil(T / 64) times per call. */
+ * 2048 and 14336; two runs give the same bits and the kernel ran ceil(T / 128) times per call. */
 static void test_q4_mm(void **state)
 {
     (void)state;
     NEED_GPU();
-    const int64_t Ts[] = {9, 16, 25, 33, 64, 65, 130};
+    const int64_t Ts[] = {9, 16, 25, 33, 64, 65, 128, 130};
     const int64_t shapes[][2] = {{300, 2048}, {77, 128}, {100, 14336}};
     const char *env = getenv("TUNA_Q4_MM_MAXT");
     char *saved = env ? strdup(env) : NULL;
+    const char *env_wg = getenv("TUNA_Q4_WG");
+    char *saved_wg = env_wg ? strdup(env_wg) : NULL;
     int combo = 0;
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++)
         for (int type = 0; type < 2; type++) {
@@ -484,9 +486,11 @@ static void test_q4_mm(void **state)
                 g_cops->matmul(g_cpu, want, x, &w.c, bias ? w.bias : NULL, T);
                 memcpy(wadd, y0, ny * 4);
                 g_cops->add(g_cpu, wadd, want, T * N);
-                float *got[2][2]; /* [k_q4_mm, dequantize + cuBLAS][matmul, matmul_add] */
-                for (int path = 0; path < 2; path++) {
-                    setenv("TUNA_Q4_MM_MAXT", path ? "0" : "256", 1); /* 256: T > 64 too (default 64) */
+                float *got[3][2] = {{NULL}}; /* [k_q4_mm, dequantize + cuBLAS, k_q4_wg][matmul, matmul_add] */
+                for (int path = 0; path < 3; path++) {
+                    if (path == 2 && T <= 64) continue;
+                    setenv("TUNA_Q4_MM_MAXT", path == 1 ? "0" : "256", 1); /* 256: T > 128 too (default 128) */
+                    setenv("TUNA_Q4_WG", path == 2 ? "1" : "0", 1);
                     for (int add = 0; add < 2; add++) {
                         float *dy = dev(add ? y0 : NULL, ny * 4);
                         const long l0 = tuna_cuda_q4_mm_launches();
@@ -494,13 +498,14 @@ static void test_q4_mm(void **state)
                         else g_gops->matmul(g_gpu, dy, dx, &wg, bias ? w.dbias : NULL, T);
                         /* matmul_add up to the fused GEMVs' limit may run k_q4_tc instead (not counted) */
                         const bool counted = !add || T > tuna_cuda_q4_gemv_max_t();
-                        const long runs = tuna_cuda_q4_mm_launches() - l0, expect = path ? 0 : (T + 63) / 64;
+                        const long runs = tuna_cuda_q4_mm_launches() - l0, expect = path == 1 ? 0 : (T + 127) / 128;
                         got[path][add] = malloc(ny * 4);
                         back(got[path][add], dy, ny * 4);
                         char what[200];
                         snprintf(what, sizeof what, "%s %s (%s weights) %s%s %s T=%lld [%lld, %lld]%s",
                                  add ? "matmul_add" : "matmul", type ? "FP4" : "NF4", od_name[od],
-                                 pf == TUNA_DTYPE_F16 ? "f16" : "bf16", nested ? " nested" : "", path ? "dequantized + cuBLAS" : "k_q4_mm", (long long)T,
+                                 pf == TUNA_DTYPE_F16 ? "f16" : "bf16", nested ? " nested" : "",
+                                 path == 1 ? "dequantized + cuBLAS" : path == 2 ? "k_q4_wg" : "k_q4_mm", (long long)T,
                                  (long long)N, (long long)K, bias ? " + bias" : "");
                         check(what, got[path][add], add ? wadd : want, ny, 1e-2);
                         if (counted && runs != expect) {
@@ -520,14 +525,18 @@ static void test_q4_mm(void **state)
                         tuna_cuda_free(g_gpu, dy);
                     }
                 }
-                for (int add = 0; add < 2; add++) {
-                    char what[200];
-                    snprintf(what, sizeof what, "k_q4_mm against dequantize + cuBLAS, %s %s (%s weights) %s T=%lld [%lld, %lld]",
-                             add ? "matmul_add" : "matmul", type ? "FP4" : "NF4", od_name[od],
-                             pf == TUNA_DTYPE_F16 ? "f16" : "bf16", (long long)T, (long long)N, (long long)K);
-                    check(what, got[0][add], got[1][add], ny, 1e-5);
-                    free(got[0][add]), free(got[1][add]);
-                }
+                for (int add = 0; add < 2; add++)
+                    for (int path = 0; path < 3; path += 2) {
+                        if (!got[path][add]) continue;
+                        char what[200];
+                        snprintf(what, sizeof what, "%s against dequantize + cuBLAS, %s %s (%s weights) %s T=%lld [%lld, %lld]",
+                                 path ? "k_q4_wg" : "k_q4_mm", add ? "matmul_add" : "matmul", type ? "FP4" : "NF4",
+                                 od_name[od], pf == TUNA_DTYPE_F16 ? "f16" : "bf16", (long long)T, (long long)N,
+                                 (long long)K);
+                        check(what, got[path][add], got[1][add], ny, 1e-5);
+                    }
+                for (int path = 0; path < 3; path++)
+                    free(got[path][0]), free(got[path][1]);
                 free(x), free(y0), free(want), free(wadd);
                 tuna_cuda_free(g_gpu, dx);
             }
@@ -536,7 +545,9 @@ static void test_q4_mm(void **state)
         }
     if (saved) setenv("TUNA_Q4_MM_MAXT", saved, 1);
     else unsetenv("TUNA_Q4_MM_MAXT");
-    free(saved);
+    if (saved_wg) setenv("TUNA_Q4_WG", saved_wg, 1);
+    else unsetenv("TUNA_Q4_WG");
+    free(saved), free(saved_wg);
 }
 
 /* Double-quantized scales on the GPU give the same bits as float32 ones: a weight dequantized

@@ -87,7 +87,7 @@ long tuna_cuda_q4_h4_launches(void);
 long tuna_cuda_q4_r_launches(tuna_backend *be);
 /* Launches of k_q4_mm (q4_mm.cu) in this process, for tests. */
 long tuna_cuda_q4_mm_launches(void);
-/* The most tokens the 4-bit GEMM k_q4_mm takes (TUNA_Q4_MM_MAXT, default 64; 0: never); above,
+/* The most tokens the 4-bit GEMM k_q4_mm takes (TUNA_Q4_MM_MAXT, default 128; 0: never); above,
  * a 4-bit matmul dequantizes the weight for cuBLAS. */
 int tuna_cuda_q4_mm_max_t(void);
 /* Launches of k_q4_sk (q4_sk.cu, TUNA_Q4_K=7) in this process, for tests. */

@@ -34,6 +34,7 @@ struct tuna_l2pf {
 struct tuna_backend {
     int device;
     int cc_major, sm_count, max_smem_optin; /* the device's attributes, read once when made (0: unknown) */
+    int q4wg;                    /* k_q4_wg (sm_90a wgmma) runs here: 0 not yet probed, 1 yes, -1 no (q4_mm.cu) */
     cudaStream_t stream;
     cublasHandle_t blas;
     void *blas_ws; /* cuBLAS workspace, fixed (graph capture) */
@@ -174,6 +175,9 @@ void tuna_cuda_matmul(tuna_backend *be, float *y, const float *x, const struct t
  * unchanged (matmul_multi's GEMMs, lora_begin's shrink and GEMMs); whoever set it clears
  * be->half_of at the end of that scope. False on an error (sticky). */
 bool tuna_cuda_to_half(tuna_backend *be, const float *x, int64_t n, int dtype, bool keep);
+/* be->half made ready to be rewritten with n 16-bit values by the caller (its record cleared, a LoRA
+ * shrink reading it waited for, grown to n): what tuna_cuda_to_half does before its conversion. */
+bool tuna_cuda_half_reserve(tuna_backend *be, int64_t n);
 /* TUNA_HALF_ONCE=0: nobody keeps the copy (every GEMM converts its x; the LoRA shrink reads float32). */
 bool tuna_cuda_half_once(void);
 /* y[T,N] += x W^T + bias with the GEMM accumulating (cuBLAS beta = 1) at the sizes that run cuBLAS;
@@ -284,9 +288,9 @@ void tuna_cuda_gemv_q4(tuna_backend *be, float *y, const float *x, const struct 
                        int64_t T);
 /* Dequantizes w into be->wdeq in its descriptor's prefill dtype; *out, *dt describe it. */
 bool tuna_cuda_dequant_q4(tuna_backend *be, const struct tuna_weight *w, void **out, enum tuna_dtype *dt);
-/* y = x W^T + bias (accumulate: y +=) for a 4-bit w by k_q4_mm (q4_mm.cu), reading the 4-bit weights
- * once per 64 tokens; false (nothing done) when it does not take the case: then the caller
- * dequantizes. T from 1 to tuna_cuda_q4_mm_max_t(). */
+/* y = x W^T + bias (accumulate: y +=) for a 4-bit w by k_q4_mm (q4_mm.cu; k_q4_wg above 64 tokens with
+ * TUNA_Q4_WG=1 on an sm_90a build), reading the 4-bit weights once per 128 tokens; false (nothing done)
+ * when it does not take the case: then the caller dequantizes. T from 1 to tuna_cuda_q4_mm_max_t(). */
 bool tuna_cuda_q4_mm(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w, const float *bias,
                      int64_t T, bool accumulate);
 

@@ -169,9 +169,8 @@ bool tuna_cuda_half_once(void)
     return !(e && e[0] == '0');
 }
 
-bool tuna_cuda_to_half(tuna_backend *be, const float *x, int64_t n, int dtype, bool keep)
+bool tuna_cuda_half_reserve(tuna_backend *be, int64_t n)
 {
-    if (be->half_of == x && be->half_n == n && be->half_dt == dtype) return !be->sticky;
     be->half_of = NULL;
     if (be->lora_pre.pending && be->lora_pre.reads_half) { /* a LoRA shrink on the second stream reads it */
         if (!tuna_cuda_check(be, cudaStreamWaitEvent(be->stream, be->lora_pre.side.join, 0),
@@ -179,7 +178,13 @@ bool tuna_cuda_to_half(tuna_backend *be, const float *x, int64_t n, int dtype, b
             return false;
         be->lora_pre.reads_half = false;
     }
-    if (!tuna_cuda_grow(be, &be->half, (size_t)n * 2, "cudaMalloc(activations in 16-bit)")) return false;
+    return tuna_cuda_grow(be, &be->half, (size_t)n * 2, "cudaMalloc(activations in 16-bit)");
+}
+
+bool tuna_cuda_to_half(tuna_backend *be, const float *x, int64_t n, int dtype, bool keep)
+{
+    if (be->half_of == x && be->half_n == n && be->half_dt == dtype) return !be->sticky;
+    if (!tuna_cuda_half_reserve(be, n)) return false;
     if (dtype == 1) k_to_bf16<<<tuna_cuda_blocks(n, 256), 256, 0, be->stream>>>((__nv_bfloat16 *)be->half.p, x, n);
     else k_to_f16<<<tuna_cuda_blocks(n, 256), 256, 0, be->stream>>>((__half *)be->half.p, x, n);
     if (!tuna_cuda_check_launch(be, "k_to_16bit")) return false;

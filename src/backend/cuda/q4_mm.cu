@@ -1,8 +1,9 @@
 /* q4_mm.cu — k_q4_mm: the 4-bit GEMM for decode batches past the GEMVs (twenty-first session): y =
- * x W^T (+ bias) for 9 to TUNA_Q4_MM_MAXT (default 64) tokens, reading each 4-bit weight once per
- * launch of up to 64 tokens, where the path before dequantized the whole matrix to 16 bits every
+ * x W^T (+ bias) for 9 to TUNA_Q4_MM_MAXT (default 128) tokens, reading each 4-bit weight once per
+ * launch of up to 128 tokens, where the path before dequantized the whole matrix to 16 bits every
  * step for cuBLAS (the issue's "never a dequantize-every-step of the whole matrix"; H100, twentieth session: NF4
- * decode at batch 32 19.5 ms/step against bf16's 8.3).
+ * decode at batch 32 19.5 ms/step against bf16's 8.3; thirty-fourth session, 65-128 tokens in one
+ * launch of 16 token groups: batch 128 17.3 against 23.3 ms/step, batch 96 15.7 against 21.9).
  *
  * Layout. A block is 4 warps; warp w takes the 16 rows 16 (4 b + w) .. + 15 of W (the A rows of
  * mma.m16n8k16, f16 or bf16 in, float32 accumulate) and all the launch's tokens (B columns, 8 per
@@ -14,7 +15,7 @@
  * table (one prmt), its value one table load and one multiply, and the pair one pack that rounds
  * both (the weights' own rounding first only where it is not the compute type's; twenty-second
  * session: that took the batch-32 step from 10.9 to 8.9 ms). x, already in the compute type (the
- * activations cuBLAS would read, be->half), goes through a ring of 4-6 steps in shared memory by
+ * activations cuBLAS would read, be->half), goes through a ring of 3-6 steps in shared memory by
  * cp.async: a step is [tokens][128] 16-bit values, 16-byte pieces swizzled so that the 8 lanes of
  * a quarter-warp (two tokens, four pieces each) hit different banks. One barrier per step.
  * Where the row blocks alone would not fill the GPU, K is split over S blocks and k_q4_mm_sum adds
@@ -33,8 +34,8 @@
 
 #define Q4MM_WARPS 4
 #define Q4MM_ROWS (16 * Q4MM_WARPS)
-#define Q4MM_MAXTOK 64    /* tokens per launch (8 B column groups) */
-#define Q4MM_DEFAULT_MAXT 64
+#define Q4MM_MAXTOK 128 /* tokens per launch (16 B column groups) */
+#define Q4MM_DEFAULT_MAXT 128
 
 /* The 16-byte piece c (0..15) of token row n of a step, swizzled: lanes (g, t) and (g + 1, t) read
  * pieces 4 t + p of rows 8 j + g, 8 j + g + 1; these 8 land in 8 different bank groups. */
@@ -77,7 +78,9 @@ static __host__ __device__ constexpr size_t q4mm_smem(int ring, int tg)
 /* RING: x steps in shared memory (RING - 1 in flight); D: weight steps in registers; RND: see
  * q4mm_pair. */
 template <typename T16, int TG, int RING, int D, bool NESTED, bool RND>
-__global__ void __launch_bounds__(Q4MM_WARPS * 32, TG <= 4 ? 4 : 3) /* the blocks per SM shared memory allows */
+__global__ void __launch_bounds__(Q4MM_WARPS * 32, TG <= 4   ? 4
+                                                   : TG <= 8 ? 3
+                                                             : 2) /* the blocks per SM shared memory allows */
     k_q4_mm(float *y, const T16 *__restrict__ xh, const uint8_t *__restrict__ W, const struct q4_scales sc,
             const float *__restrict__ bias, const struct q4_lut lut, int mode, int bs_shift, int N, int K, int tok0,
             int nt, int accumulate, float *part)
@@ -86,12 +89,14 @@ __global__ void __launch_bounds__(Q4MM_WARPS * 32, TG <= 4 ? 4 : 3) /* the block
     float *ncode = reinterpret_cast<float *>(q4mm_xs + (size_t)RING * 8 * TG * 256);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     /* split K (gridDim.y > 1): this block's steps ks0 .. ks0 + nsteps - 1, its sums into part [split][nt][N] */
-    const int ks0 = (int)(blockIdx.y * (K / 128) / gridDim.y), nsteps = (int)((blockIdx.y + 1) * (K / 128) / gridDim.y) - ks0;
+    const int ks0 = (int)(blockIdx.y * (K / 128) / gridDim.y),
+              nsteps = (int)((blockIdx.y + 1) * (K / 128) / gridDim.y) - ks0;
     const int r0 = (blockIdx.x * Q4MM_WARPS + warp) * 16 + g;
     const int row[2] = {r0 < N ? r0 : N - 1, r0 + 8 < N ? r0 + 8 : N - 1}; /* rows past N: read again, not stored */
     if (threadIdx.x < 16) q4mm_slut[threadIdx.x] = lut.v[threadIdx.x];
     if (NESTED)
-        for (int i = threadIdx.x; i < 256; i += Q4MM_WARPS * 32) ncode[i] = __ldg(sc.ncode + i);
+        for (int i = threadIdx.x; i < 256; i += Q4MM_WARPS * 32)
+            ncode[i] = __ldg(sc.ncode + i);
 
     /* the weights: per row the lane's 16 bytes of step s at uint4 index (row K + 128 s) / 32 + t */
     const uint4 *wp[2];
@@ -117,7 +122,8 @@ __global__ void __launch_bounds__(Q4MM_WARPS * 32, TG <= 4 ? 4 : 3) /* the block
     };
     struct q4mm_stage st[D];
 #pragma unroll
-    for (int u = 0; u < D; u++) load(st[u], u);
+    for (int u = 0; u < D; u++)
+        load(st[u], u);
     tuna_pdl_wait(); /* x is the previous kernel's output, y may be read by it */
     tuna_pdl_trigger();
 
@@ -138,16 +144,19 @@ __global__ void __launch_bounds__(Q4MM_WARPS * 32, TG <= 4 ? 4 : 3) /* the block
         wslot = wslot == RING - 1 ? 0 : wslot + 1;
     };
 #pragma unroll
-    for (int s = 0; s < RING - 1; s++) stage_x(s);
+    for (int s = 0; s < RING - 1; s++)
+        stage_x(s);
 
     float acc[TG][4];
 #pragma unroll
-    for (int j = 0; j < TG; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    for (int j = 0; j < TG; j++)
+        acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
     /* the lane's x pieces in a slot: piece 4 t + p of token 8 j + g at xoff[p] + 2048 j (q4mm_piece:
      * token 8 j + g has g's parity) */
     uint32_t xoff[4];
 #pragma unroll
-    for (int p = 0; p < 4; p++) xoff[p] = q4mm_piece((uint32_t)g, 4u * (uint32_t)t + (uint32_t)p);
+    for (int p = 0; p < 4; p++)
+        xoff[p] = q4mm_piece((uint32_t)g, 4u * (uint32_t)t + (uint32_t)p);
     int rslot = 0; /* the slot of step s */
     for (int s0 = 0; s0 < nsteps; s0 += D) {
 #pragma unroll
@@ -165,8 +174,8 @@ __global__ void __launch_bounds__(Q4MM_WARPS * 32, TG <= 4 ? 4 : 3) /* the block
 #pragma unroll
             for (int r = 0; r < 2; r++)
                 am[r] = NESTED ? q4_nested(ncode[cur.q[r]], cur.a[r], sc.noff) : cur.a[r];
-            /* word p of the codes: MMAs 2p (bytes 0, 1) and 2p + 1 (bytes 2, 3), against x piece
-             * 4t + p of every token group (its halves .x .y and .z .w) */
+                /* word p of the codes: MMAs 2p (bytes 0, 1) and 2p + 1 (bytes 2, 3), against x piece
+                 * 4t + p of every token group (its halves .x .y and .z .w) */
 #pragma unroll
             for (int p = 0; p < 4; p++) {
                 const uint32_t wg = p == 0 ? cur.c[0].x : p == 1 ? cur.c[0].y : p == 2 ? cur.c[0].z : cur.c[0].w;
@@ -216,10 +225,310 @@ __global__ void k_q4_mm_sum(float *y, const float *__restrict__ part, const floa
     tuna_pdl_trigger();
     if (i >= (int64_t)nt * N) return;
     float v = 0.0f;
-    for (int sp = 0; sp < S; sp++) v += part[(int64_t)sp * nt * N + i];
+    for (int sp = 0; sp < S; sp++)
+        v += part[(int64_t)sp * nt * N + i];
     v += bias ? bias[n] : 0.0f;
     float *yp = y + (int64_t)tok0 * N + i;
     *yp = accumulate ? *yp + v : v;
+}
+
+/* ---- k_q4_wg: 65-128 tokens on Hopper's warpgroup MMA (sm_90a; thirty-fourth session) ----
+ * k_q4_mm's mma.sync reads each token group's 16-bit x from shared memory once per warp and 16 rows:
+ * at 128 tokens that is 16 bytes of shared memory per weight, and with 64 rows per block the x
+ * steps staged from L2 weigh 8 times the weights. wgmma m64n128k16 takes the same dequantized A
+ * fragments from registers (warp w of a warpgroup: rows 16 w .. 16 w + 15, mma.m16n8k16's A layout)
+ * and all 128 tokens of B from shared memory once per warpgroup, and NWG warpgroups per block share
+ * one x ring. The lane's weights sit in k_q4_mm's k slots (MMA m, slots 2t, 2t+1, 2t+8, 2t+9 = the
+ * lane's weights 32 t + 4 m + 0..3), so x is staged in that order: q4wg_perm writes be->half with
+ * each 128-weight block of every token permuted (position 16 m + kappa holds weight 32 t + 4 m + j,
+ * kappa = 2 t + (j & 1) + 8 (j >> 1)), and a step of x is [16 chunks of 8][128 tokens][16 bytes]
+ * in shared memory: core matrices of 8 tokens x 16 bytes, no swizzle, the next chunk (K) 2,048 bytes
+ * on (LBO), the next 8 tokens (N) 128 bytes on (SBO). Ring: RING slots, x staged RING - 2 steps
+ * ahead. A step's 8 MMAs are issued together once all their inputs (A, the descriptors) are final and
+ * waited for (wgmma.wait_group 0) at the next step's start, before its A is dequantized: with a second
+ * A buffer dequantized while they run (wait_group 1), ptxas serialized every wgmma (its C7513: other
+ * instructions define a wgmma's inputs inside the pipeline stage).
+ * The numerics are k_q4_mm's: the same 16-bit operands, float32 sums (test_cuda_fused: against the
+ * dequantize + cuBLAS path within 1e-5, as k_q4_mm).
+ * Measured (H100, thirty-fourth session, NF4 Llama-3-8B decode at a 512-token context, TUNA_Q4_WG=1):
+ * batch 128 20.1 ms/step with 2 warpgroups per block (24.6 with 1) against k_q4_mm's 17.3; the MMAs
+ * are not the limit (serialized, 19.8), the dequantization between the barriers is: each step's A is
+ * made while no MMA runs. So it is off by default: a tested base (descriptors, the permuted x) for a
+ * form whose dequantizing warps feed the MMAs through shared memory. */
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define TUNA_WGMMA 1
+#else
+#define TUNA_WGMMA 0
+#endif
+
+#define Q4WG_TOK 128               /* tokens per launch: B's N */
+#define Q4WG_SLOT (Q4WG_TOK * 256) /* bytes of one step of x in shared memory */
+
+static __host__ __device__ constexpr size_t q4wg_smem(int ring)
+{
+    return (size_t)ring * Q4WG_SLOT + 256 * sizeof(float);
+}
+
+/* The shared-memory matrix descriptor: start address, LBO, SBO (bytes, multiples of 16), no swizzle. */
+static __device__ __forceinline__ uint64_t q4wg_desc(uint32_t addr, uint32_t lbo, uint32_t sbo)
+{
+    return (uint64_t)((addr >> 4) & 0x3FFFu) | ((uint64_t)((lbo >> 4) & 0x3FFFu) << 16) |
+           ((uint64_t)((sbo >> 4) & 0x3FFFu) << 32);
+}
+
+static __device__ __forceinline__ void q4wg_fence()
+{
+#if TUNA_WGMMA
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+static __device__ __forceinline__ void q4wg_commit()
+{
+#if TUNA_WGMMA
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+template <int N> static __device__ __forceinline__ void q4wg_wait()
+{
+#if TUNA_WGMMA
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+/* Keeps the compiler from moving the computation of r past this point (and from touching r with its
+ * own moves while a wgmma may read it): every A register is final before the wgmma.fence. */
+static __device__ __forceinline__ void q4wg_pin(uint32_t &r)
+{
+    asm volatile("" : "+r"(r)::"memory");
+}
+
+/* d (64 rows x 128 tokens over the warpgroup, mma.m16n8k16's D layout per 8 tokens: d[4 j + i]) +=
+ * A (registers) x B (the descriptor's 128 tokens x 16 k). */
+template <typename T16>
+static __device__ __forceinline__ void q4wg_mma(float (&d)[64], const uint32_t (&a)[4], uint64_t desc);
+
+template <>
+__device__ __forceinline__ void q4wg_mma<__nv_bfloat16>(float (&d)[64], const uint32_t (&a)[4], uint64_t desc)
+{
+#if TUNA_WGMMA
+    asm volatile(
+        "{\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "
+        "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, "
+        "%45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "{%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+          "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),
+          "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
+          "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+          "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
+          "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+#else
+    (void)d, (void)a, (void)desc;
+#endif
+}
+
+template <> __device__ __forceinline__ void q4wg_mma<__half>(float (&d)[64], const uint32_t (&a)[4], uint64_t desc)
+{
+#if TUNA_WGMMA
+    asm volatile(
+        "{\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "
+        "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, "
+        "%45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "{%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+          "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),
+          "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
+          "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+          "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
+          "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+#else
+    (void)d, (void)a, (void)desc;
+#endif
+}
+
+/* tuna_cuda_to_half's rounding (k_to_bf16, k_to_f16). */
+template <typename T16> static __device__ __forceinline__ T16 q4wg_round(float v);
+template <> __device__ __forceinline__ __nv_bfloat16 q4wg_round<__nv_bfloat16>(float v)
+{
+    return __float2bfloat16_rn(v);
+}
+template <> __device__ __forceinline__ __half q4wg_round<__half>(float v)
+{
+    return __float2half_rn(v);
+}
+
+/* be->half for k_q4_wg: x [n] (rows of K, K % 128 == 0) rounded to T16, each 128-weight block permuted
+ * as the header says. */
+template <typename T16> __global__ void k_q4wg_perm(T16 *out, const float *__restrict__ x, int64_t n)
+{
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int q = (int)(i & 127), m = q >> 4, kap = q & 15, t = (kap & 7) >> 1, j = (kap & 1) | ((kap >> 3) << 1);
+    const float v = x[(i - q) + 32 * t + 4 * m + j];
+    out[i] = q4wg_round<T16>(v);
+}
+
+/* 1 when this binary's code for the device has the wgmma path (an sm_90a build on a 9.0 GPU). */
+__global__ void k_q4wg_probe(int *out)
+{
+    *out = TUNA_WGMMA;
+}
+
+template <typename T16, int RING, bool NESTED, bool RND, int NWG>
+__global__ void __launch_bounds__(NWG * 128, NWG == 1 ? 2 : 1)
+    k_q4_wg(float *y, const T16 *__restrict__ xp, const uint8_t *__restrict__ W, const struct q4_scales sc,
+            const float *__restrict__ bias, const struct q4_lut lut, int mode, int bs_shift, int N, int K, int tok0,
+            int nt, int accumulate, float *part, uint32_t lbo, uint32_t sbo)
+{
+#if TUNA_WGMMA
+    constexpr int D = 2; /* weight steps in registers: the loop below alternates a[0], a[1] with them */
+    extern __shared__ __align__(128) uint8_t q4wg_xs[]; /* [RING][Q4WG_SLOT], then the nested code table */
+    float *ncode = reinterpret_cast<float *>(q4wg_xs + (size_t)RING * Q4WG_SLOT);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int ks0 = (int)(blockIdx.y * (K / 128) / gridDim.y),
+              nsteps = (int)((blockIdx.y + 1) * (K / 128) / gridDim.y) - ks0;
+    const int r0 = (blockIdx.x * NWG * 4 + warp) * 16 + g;
+    const int row[2] = {r0 < N ? r0 : N - 1, r0 + 8 < N ? r0 + 8 : N - 1};
+    if (threadIdx.x < 16) q4mm_slut[threadIdx.x] = lut.v[threadIdx.x];
+    if (NESTED)
+        for (int i = threadIdx.x; i < 256; i += NWG * 128)
+            ncode[i] = __ldg(sc.ncode + i);
+
+    const uint4 *wp[2];
+    uint32_t e0[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        e0[r] = (uint32_t)row[r] * (uint32_t)K + 32u * (uint32_t)t;
+        wp[r] = reinterpret_cast<const uint4 *>(W) + e0[r] / 32u;
+    }
+    auto load = [&](struct q4mm_stage &st, int s) {
+        if (s >= nsteps) return;
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            st.c[r] = __ldg(wp[r] + 4 * (ks0 + s));
+            const uint32_t b = (e0[r] + 128u * (uint32_t)(ks0 + s)) >> bs_shift;
+            if (NESTED) {
+                st.q[r] = __ldg(sc.q + b);
+                st.a[r] = __ldg(sc.nabs + (b >> sc.nshift));
+            } else {
+                st.a[r] = __ldg(sc.absmax + b);
+            }
+        }
+    };
+    struct q4mm_stage st[D];
+#pragma unroll
+    for (int u = 0; u < D; u++) {
+        st[u].q[0] = st[u].q[1] = 0u;
+        st[u].a[0] = st[u].a[1] = 0.0f;
+        load(st[u], u);
+    }
+    tuna_pdl_wait(); /* x is the previous kernel's output, y may be read by it */
+    tuna_pdl_trigger();
+
+    const uint32_t xs0 = mma_smem(q4wg_xs);
+    /* step s of x into slot s % RING: piece i = (chunk high bits, token, chunk low bit), so a warp reads
+     * 32 contiguous bytes per token and writes whole core matrices; tokens past nt are not written
+     * (their columns give outputs that are not stored) */
+    auto stage_x = [&](int s) {
+        if (s < nsteps) {
+            uint8_t *dst = q4wg_xs + (s % RING) * Q4WG_SLOT;
+            const T16 *src = xp + (int64_t)tok0 * K + 128 * (ks0 + s);
+            for (int i = threadIdx.x; i < 16 * Q4WG_TOK; i += NWG * 128) {
+                const int n = (i >> 1) & (Q4WG_TOK - 1), c = ((i >> 8) << 1) | (i & 1);
+                if (n < nt) mma_cp_async16(dst + c * (Q4WG_TOK * 16) + n * 16, src + (int64_t)n * K + 8 * c, true);
+            }
+        }
+        mma_cp_async_commit(); /* one group per step, empty or not */
+    };
+#pragma unroll
+    for (int s = 0; s < RING - 2; s++)
+        stage_x(s);
+
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; i++)
+        acc[i] = 0.0f;
+    uint32_t a[8][4]; /* the step's A fragments, MMA m = 0..7 */
+    for (int s0 = 0; s0 < nsteps; s0 += 2) {
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            const int s = s0 + u;
+            if (s >= nsteps) break;
+            q4wg_wait<0>();                /* the step before's MMAs are done (a and slot (s - 2) % RING free) */
+            mma_cp_async_wait<RING - 3>(); /* step s's x is in (this thread's copies) */
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); /* ... and visible to the wgmmas */
+            __syncthreads();
+            stage_x(s + RING - 2);
+            const struct q4mm_stage cur = st[u];
+            load(st[u], s + D);
+            float am[2];
+#pragma unroll
+            for (int r = 0; r < 2; r++)
+                am[r] = NESTED ? q4_nested(ncode[cur.q[r]], cur.a[r], sc.noff) : cur.a[r];
+#pragma unroll
+            for (int p = 0; p < 4; p++) {
+                const uint32_t wg = p == 0 ? cur.c[0].x : p == 1 ? cur.c[0].y : p == 2 ? cur.c[0].z : cur.c[0].w;
+                const uint32_t wh = p == 0 ? cur.c[1].x : p == 1 ? cur.c[1].y : p == 2 ? cur.c[1].z : cur.c[1].w;
+                const uint32_t gh = (wg >> 2) & 0x3c3c3c3cu, gl = (wg << 2) & 0x3c3c3c3cu;
+                const uint32_t hh = (wh >> 2) & 0x3c3c3c3cu, hl = (wh << 2) & 0x3c3c3c3cu;
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    a[2 * p + h][0] = q4mm_pair<T16, RND>(gh, gl, 2 * h, am[0], mode);
+                    a[2 * p + h][1] = q4mm_pair<T16, RND>(hh, hl, 2 * h, am[1], mode);
+                    a[2 * p + h][2] = q4mm_pair<T16, RND>(gh, gl, 2 * h + 1, am[0], mode);
+                    a[2 * p + h][3] = q4mm_pair<T16, RND>(hh, hl, 2 * h + 1, am[1], mode);
+                }
+            }
+            /* every input of the 8 MMAs (A, the descriptors) is final before the fence: ptxas serializes
+             * wgmmas whose inputs other instructions define between them (its C7513) */
+            const uint32_t sb = xs0 + (uint32_t)(s % RING) * Q4WG_SLOT;
+            uint64_t dsc[8];
+#pragma unroll
+            for (int m = 0; m < 8; m++) {
+                dsc[m] = q4wg_desc(sb + (uint32_t)m * 2u * Q4WG_TOK * 16u, lbo, sbo);
+                asm volatile("" : "+l"(dsc[m])::"memory");
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+                    q4wg_pin(a[m][i]);
+            }
+            q4wg_fence();
+#pragma unroll
+            for (int m = 0; m < 8; m++)
+                q4wg_mma<T16>(acc, a[m], dsc[m]);
+            q4wg_commit();
+        }
+    }
+    q4wg_wait<0>();
+#pragma unroll
+    for (int j = 0; j < 16; j++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int tok = 8 * j + 2 * t + (i & 1), n = r0 + 8 * (i >> 1);
+            if (tok >= nt || n >= N) continue;
+            if (gridDim.y > 1) {
+                part[((int64_t)blockIdx.y * nt + tok) * N + n] = acc[4 * j + i];
+                continue;
+            }
+            float *yp = y + (int64_t)(tok0 + tok) * N + n;
+            const float v = acc[4 * j + i] + (bias ? bias[n] : 0.0f);
+            *yp = accumulate ? *yp + v : v;
+        }
+#else
+    (void)y, (void)xp, (void)W, (void)sc, (void)bias, (void)lut, (void)mode, (void)bs_shift, (void)N, (void)K;
+    (void)tok0, (void)nt, (void)accumulate, (void)part, (void)lbo, (void)sbo;
+#endif
 }
 
 static long g_q4mm_launches;
@@ -239,17 +548,23 @@ extern "C" int tuna_cuda_q4_mm_max_t(void)
 
 /* The round_mode whose rounding the compute type's pack performs (q4_round's 1 bf16, 2 f16). */
 template <typename T16> static constexpr int q4mm_own_mode();
-template <> constexpr int q4mm_own_mode<__nv_bfloat16>() { return 1; }
-template <> constexpr int q4mm_own_mode<__half>() { return 2; }
+template <> constexpr int q4mm_own_mode<__nv_bfloat16>()
+{
+    return 1;
+}
+template <> constexpr int q4mm_own_mode<__half>()
+{
+    return 2;
+}
 
 /* Up to 32 tokens: 6 x steps (of 4 or 8 KB) in shared memory, 4 weight steps in registers; 64: 4 of
- * 16 KB, 3. */
+ * 16 KB, 3; 128: 3 of 32 KB, 2 (two blocks per SM). */
 template <typename T16, int TG>
 static bool q4mm_launch(tuna_backend *be, float *y, const T16 *xh, const struct tuna_weight *w,
                         const struct tuna_cuda_q4 *q, const float *bias, int bs_shift, int tok0, int nt, bool acc,
                         int S, float *part)
 {
-    constexpr int RING = TG <= 4 ? 6 : 4, D = TG <= 4 ? 4 : 3;
+    constexpr int RING = TG <= 4 ? 6 : TG <= 8 ? 4 : 3, D = TG <= 4 ? 4 : TG <= 8 ? 3 : 2;
     struct q4_lut lut;
     memcpy(lut.v, q->lut, sizeof lut.v);
     const int N = (int)w->rows, K = (int)w->cols;
@@ -261,11 +576,89 @@ static bool q4mm_launch(tuna_backend *be, float *y, const T16 *xh, const struct 
     const bool rnd = !(mode == 0 || mode == q4mm_own_mode<T16>());
     void (*fn)(float *, const T16 *, const uint8_t *, const struct q4_scales, const float *, const struct q4_lut, int,
                int, int, int, int, int, int, float *);
-    if (sc.absmax) fn = rnd ? k_q4_mm<T16, TG, RING, D, false, true> : k_q4_mm<T16, TG, RING, D, false, false>;
-    else fn = rnd ? k_q4_mm<T16, TG, RING, D, true, true> : k_q4_mm<T16, TG, RING, D, true, false>;
+    if (sc.absmax)
+        fn = rnd ? k_q4_mm<T16, TG, RING, D, false, true> : k_q4_mm<T16, TG, RING, D, false, false>;
+    else
+        fn = rnd ? k_q4_mm<T16, TG, RING, D, true, true> : k_q4_mm<T16, TG, RING, D, true, false>;
     g_q4mm_launches++;
     return tuna_cuda_launch(be, "k_q4_mm", fn, grid, block, smem, y, xh, (const uint8_t *)w->data, sc, bias, lut, mode,
                             bs_shift, N, K, tok0, nt, acc ? 1 : 0, part);
+}
+
+/* Token groups of 8 for nt tokens: 2, 4, 8 or 16. */
+static int q4mm_tg(int nt)
+{
+    return nt <= 16 ? 2 : nt <= 32 ? 4 : nt <= 64 ? 8 : 16;
+}
+
+template <typename T16>
+static bool q4mm_launch_tg(tuna_backend *be, float *y, const T16 *xh, const struct tuna_weight *w,
+                           const struct tuna_cuda_q4 *q, const float *bias, int bs_shift, int tok0, int nt, bool acc,
+                           int S, float *part)
+{
+    const int tg = q4mm_tg(nt);
+    if (tg == 2) return q4mm_launch<T16, 2>(be, y, xh, w, q, bias, bs_shift, tok0, nt, acc, S, part);
+    if (tg == 4) return q4mm_launch<T16, 4>(be, y, xh, w, q, bias, bs_shift, tok0, nt, acc, S, part);
+    if (tg == 8) return q4mm_launch<T16, 8>(be, y, xh, w, q, bias, bs_shift, tok0, nt, acc, S, part);
+    return q4mm_launch<T16, 16>(be, y, xh, w, q, bias, bs_shift, tok0, nt, acc, S, part);
+}
+
+/* Whether k_q4_wg runs: asked for (TUNA_Q4_WG=1; off by default, slower than k_q4_mm: see the
+ * kernel's header), on a 9.0 GPU whose code from this binary has the wgmma path (probed once, outside
+ * a capture; the steps before a capture run eagerly first, graph.cu). */
+static bool q4wg_usable(tuna_backend *be)
+{
+    const char *e = getenv("TUNA_Q4_WG");
+    if (!e || atoi(e) != 1 || be->cc_major != 9) return false;
+    if (be->q4wg == 0 && !be->capturing) {
+        int *d = NULL, h = 0;
+        be->q4wg = -1;
+        if (!tuna_cuda_check(be, cudaMalloc(&d, sizeof(int)), "cudaMalloc(wgmma probe)")) return false;
+        k_q4wg_probe<<<1, 1, 0, be->stream>>>(d);
+        if (tuna_cuda_check_launch(be, "k_q4wg_probe") &&
+            tuna_cuda_check(be, cudaMemcpyAsync(&h, d, sizeof h, cudaMemcpyDeviceToHost, be->stream),
+                            "cudaMemcpyAsync(wgmma probe)") &&
+            tuna_cuda_check(be, cudaStreamSynchronize(be->stream), "cudaStreamSynchronize(wgmma probe)") && h == 1)
+            be->q4wg = 1;
+        cudaFree(d);
+    }
+    return be->q4wg == 1;
+}
+
+/* NWG warpgroups per block (64 rows each; TUNA_Q4_WG_NWG=1 or 2, default 2): 1 with 3 x slots (2
+ * blocks per SM), 2 with 6 (one block per SM, x staged 4 steps ahead). */
+static int q4wg_nwg(void)
+{
+    const char *e = getenv("TUNA_Q4_WG_NWG");
+    return e && atoi(e) == 1 ? 1 : 2;
+}
+
+template <typename T16, int NWG>
+static bool q4wg_launch(tuna_backend *be, float *y, const T16 *xp, const struct tuna_weight *w,
+                        const struct tuna_cuda_q4 *q, const float *bias, int bs_shift, int tok0, int nt, bool acc,
+                        int S, float *part)
+{
+    constexpr int RING = NWG == 1 ? 3 : 6;
+    struct q4_lut lut;
+    memcpy(lut.v, q->lut, sizeof lut.v);
+    const int N = (int)w->rows, K = (int)w->cols;
+    const dim3 grid((unsigned)((N + 64 * NWG - 1) / (64 * NWG)), (unsigned)S), block(NWG * 128);
+    const struct q4_scales sc = q4_scales_of(q);
+    const int mode = q->round_mode;
+    const bool rnd = !(mode == 0 || mode == q4mm_own_mode<T16>());
+    /* LBO: the next 8 weights (K) of a token; SBO: the next 8 tokens (N); TUNA_Q4_WG_DESC=1 swaps them */
+    const char *e = getenv("TUNA_Q4_WG_DESC");
+    const bool swap = e && atoi(e) == 1;
+    const uint32_t lbo = swap ? 128u : Q4WG_TOK * 16u, sbo = swap ? Q4WG_TOK * 16u : 128u;
+    void (*fn)(float *, const T16 *, const uint8_t *, const struct q4_scales, const float *, const struct q4_lut, int,
+               int, int, int, int, int, int, float *, uint32_t, uint32_t);
+    if (sc.absmax)
+        fn = rnd ? k_q4_wg<T16, RING, false, true, NWG> : k_q4_wg<T16, RING, false, false, NWG>;
+    else
+        fn = rnd ? k_q4_wg<T16, RING, true, true, NWG> : k_q4_wg<T16, RING, true, false, NWG>;
+    g_q4mm_launches++;
+    return tuna_cuda_launch(be, "k_q4_wg", fn, grid, block, q4wg_smem(RING), y, xp, (const uint8_t *)w->data, sc, bias,
+                            lut, mode, bs_shift, N, K, tok0, nt, acc ? 1 : 0, part, lbo, sbo);
 }
 
 bool tuna_cuda_q4_mm(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w, const float *bias,
@@ -278,41 +671,64 @@ bool tuna_cuda_q4_mm(tuna_backend *be, float *y, const float *x, const struct tu
         ((uintptr_t)w->data % 16) != 0 || N < 1 || N * K >= ((int64_t)1 << 31))
         return false;
     int bs_shift = 0;
-    while ((1 << bs_shift) < q->blocksize) bs_shift++;
+    while ((1 << bs_shift) < q->blocksize)
+        bs_shift++;
     if ((1 << bs_shift) != q->blocksize) return false;
-    /* K split over gridDim.y blocks where the rows alone give fewer than 2 blocks per SM (each split at
-     * least 8 steps): their sums in be->q4mm_part, added in split order by k_q4_mm_sum. (Measured
-     * slower on the H100, twenty-second session: the last split of a row block adding them, found
-     * through a counter, and the splits as a cluster adding them through distributed shared memory:
-     * batch 32 10.9 and 10.0 against 8.9 ms/step.) */
-    const int64_t sms = be->sm_count > 0 ? be->sm_count : 132, rb = (N + Q4MM_ROWS - 1) / Q4MM_ROWS;
-    int S = 1;
-    while (S < 8 && rb * S < 2 * sms && K / 128 >= 16 * S) S *= 2;
-    /* S * rows < 4 * sms * Q4MM_ROWS by the loop: one buffer for every case, sized once (while a graph
-     * is being captured and it does not exist yet: no split) */
-    const size_t part_bytes = (size_t)4 * sms * Q4MM_ROWS * Q4MM_MAXTOK * sizeof(float);
-    if (S > 1 && be->capturing && be->q4mm_part.cap < part_bytes) S = 1;
-    if (S > 1 && !tuna_cuda_grow(be, &be->q4mm_part, part_bytes, "cudaMalloc(4-bit GEMM split-K sums)"))
-        return true; /* in the sticky status */
-    float *part = S > 1 ? (float *)be->q4mm_part.p : NULL;
-    if (!tuna_cuda_to_half(be, x, T * K, dt, false)) return true; /* the failure is in the sticky status */
+    /* above 64 tokens, asked for, on Hopper: k_q4_wg for every launch, x permuted for it */
+    const bool wg = T > 64 && q4wg_usable(be);
+    if (be->sticky) return true;
+    if (wg) {
+        if (!tuna_cuda_half_reserve(be, T * K)) return true; /* in the sticky status */
+        if (dt == 1)
+            k_q4wg_perm<__nv_bfloat16>
+                <<<tuna_cuda_blocks(T * K, 256), 256, 0, be->stream>>>((__nv_bfloat16 *)be->half.p, x, T * K);
+        else
+            k_q4wg_perm<__half><<<tuna_cuda_blocks(T * K, 256), 256, 0, be->stream>>>((__half *)be->half.p, x, T * K);
+        if (!tuna_cuda_check_launch(be, "k_q4wg_perm")) return true;
+    } else if (!tuna_cuda_to_half(be, x, T * K, dt, false)) {
+        return true; /* the failure is in the sticky status */
+    }
+    const int64_t sms = be->sm_count > 0 ? be->sm_count : 132;
     for (int64_t tok0 = 0; tok0 < T; tok0 += Q4MM_MAXTOK) {
-        const int nt = (int)(T - tok0 < Q4MM_MAXTOK ? T - tok0 : Q4MM_MAXTOK);
+        const int nt = (int)(T - tok0 < Q4MM_MAXTOK ? T - tok0 : Q4MM_MAXTOK), tg = wg ? 16 : q4mm_tg(nt);
+        /* K split over gridDim.y blocks where the rows alone give fewer than 2 blocks per SM (each split
+         * at least 16 steps of 128, 8 with 16 token groups): their sums in be->q4mm_part, added in split
+         * order by k_q4_mm_sum. (Measured slower on the H100, twenty-second session: the last split of a
+         * row block adding them, found through a counter, and the splits as a cluster adding them
+         * through distributed shared memory: batch 32 10.9 and 10.0 against 8.9 ms/step.) */
+        const int64_t rows = wg ? 64 * q4wg_nwg() : Q4MM_ROWS, rb = (N + rows - 1) / rows;
+        const int64_t minsteps = tg == 16 ? 8 : 16;
+        int S = 1;
+        while (S < 8 && rb * S < 2 * sms && K / 128 >= minsteps * S)
+            S *= 2;
+        /* S * N < 4 * sms * rows by the loop: the buffer sized for that many sums of this form's tokens
+         * (while a graph is being captured and it is smaller: no split; the steps before a capture ran
+         * the same form eagerly, see graph.cu) */
+        const size_t part_bytes = (size_t)4 * sms * rows * (size_t)(8 * tg) * sizeof(float);
+        if (S > 1 && be->capturing && be->q4mm_part.cap < part_bytes) S = 1;
+        if (S > 1 && !tuna_cuda_grow(be, &be->q4mm_part, part_bytes, "cudaMalloc(4-bit GEMM split-K sums)"))
+            return true; /* in the sticky status */
+        float *part = S > 1 ? (float *)be->q4mm_part.p : NULL;
         bool ok;
-        if (dt == 1) {
-            const __nv_bfloat16 *xh = (const __nv_bfloat16 *)be->half.p;
-            ok = nt <= 16   ? q4mm_launch<__nv_bfloat16, 2>(be, y, xh, w, q, bias, bs_shift, (int)tok0, nt, acc, S, part)
-                 : nt <= 32 ? q4mm_launch<__nv_bfloat16, 4>(be, y, xh, w, q, bias, bs_shift, (int)tok0, nt, acc, S, part)
-                            : q4mm_launch<__nv_bfloat16, 8>(be, y, xh, w, q, bias, bs_shift, (int)tok0, nt, acc, S, part);
-        } else {
-            const __half *xh = (const __half *)be->half.p;
-            ok = nt <= 16   ? q4mm_launch<__half, 2>(be, y, xh, w, q, bias, bs_shift, (int)tok0, nt, acc, S, part)
-                 : nt <= 32 ? q4mm_launch<__half, 4>(be, y, xh, w, q, bias, bs_shift, (int)tok0, nt, acc, S, part)
-                            : q4mm_launch<__half, 8>(be, y, xh, w, q, bias, bs_shift, (int)tok0, nt, acc, S, part);
-        }
+        if (wg && dt == 1)
+            ok = q4wg_nwg() == 1 ? q4wg_launch<__nv_bfloat16, 1>(be, y, (const __nv_bfloat16 *)be->half.p, w, q, bias,
+                                                                 bs_shift, (int)tok0, nt, acc, S, part)
+                                 : q4wg_launch<__nv_bfloat16, 2>(be, y, (const __nv_bfloat16 *)be->half.p, w, q, bias,
+                                                                 bs_shift, (int)tok0, nt, acc, S, part);
+        else if (wg)
+            ok = q4wg_nwg() == 1 ? q4wg_launch<__half, 1>(be, y, (const __half *)be->half.p, w, q, bias, bs_shift,
+                                                          (int)tok0, nt, acc, S, part)
+                                 : q4wg_launch<__half, 2>(be, y, (const __half *)be->half.p, w, q, bias, bs_shift,
+                                                          (int)tok0, nt, acc, S, part);
+        else if (dt == 1)
+            ok = q4mm_launch_tg<__nv_bfloat16>(be, y, (const __nv_bfloat16 *)be->half.p, w, q, bias, bs_shift,
+                                               (int)tok0, nt, acc, S, part);
+        else
+            ok = q4mm_launch_tg<__half>(be, y, (const __half *)be->half.p, w, q, bias, bs_shift, (int)tok0, nt, acc, S,
+                                        part);
         if (ok && S > 1)
-            ok = tuna_cuda_launch(be, "k_q4_mm_sum", k_q4_mm_sum, dim3((unsigned)((nt * N + 255) / 256)), dim3(256), 0, y,
-                                  (const float *)part, bias, S, (int)N, (int)tok0, nt, acc ? 1 : 0);
+            ok = tuna_cuda_launch(be, "k_q4_mm_sum", k_q4_mm_sum, dim3((unsigned)((nt * N + 255) / 256)), dim3(256), 0,
+                                  y, (const float *)part, bias, S, (int)N, (int)tok0, nt, acc ? 1 : 0);
         if (!ok) return true; /* in the sticky status */
     }
     return true;
