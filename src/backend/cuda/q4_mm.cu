@@ -75,6 +75,59 @@ static __host__ __device__ constexpr size_t q4mm_smem(int ring, int tg)
     return (size_t)ring * 8 * tg * 256 + 256 * sizeof(float);
 }
 
+/* A warp's rows r0 and r0 + 8 of W (clamped: rows past N are read again, not stored) over the block's
+ * split of K (gridDim.y > 1: steps ks0 .. ks0 + nsteps - 1 of 128 weights, its sums into part
+ * [split][nt][N]); per row the lane's 16 bytes of step s at uint4 index (row K + 128 s) / 32 + t, and
+ * their scales. Shared by k_q4_mm and k_q4_wg. */
+struct q4mm_rows {
+    const uint4 *wp[2];
+    uint32_t e0[2];
+    int ks0, nsteps;
+};
+
+static __device__ __forceinline__ struct q4mm_rows q4mm_rows_at(const uint8_t *W, int r0, int N, int K, int t)
+{
+    struct q4mm_rows w;
+    w.ks0 = (int)(blockIdx.y * (K / 128) / gridDim.y);
+    w.nsteps = (int)((blockIdx.y + 1) * (K / 128) / gridDim.y) - w.ks0;
+    const int row[2] = {r0 < N ? r0 : N - 1, r0 + 8 < N ? r0 + 8 : N - 1};
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        w.e0[r] = (uint32_t)row[r] * (uint32_t)K + 32u * (uint32_t)t;
+        w.wp[r] = reinterpret_cast<const uint4 *>(W) + w.e0[r] / 32u;
+    }
+    return w;
+}
+
+/* Step s of the rows' codes and scales into st (nothing past the split's last step). */
+template <bool NESTED>
+static __device__ __forceinline__ void q4mm_load(const struct q4mm_rows &w, const struct q4_scales &sc, int bs_shift,
+                                                 struct q4mm_stage &st, int s)
+{
+    if (s >= w.nsteps) return;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        st.c[r] = __ldg(w.wp[r] + 4 * (w.ks0 + s));
+        const uint32_t b = (w.e0[r] + 128u * (uint32_t)(w.ks0 + s)) >> bs_shift;
+        if (NESTED) {
+            st.q[r] = __ldg(sc.q + b);
+            st.a[r] = __ldg(sc.nabs + (b >> sc.nshift));
+        } else {
+            st.a[r] = __ldg(sc.absmax + b);
+        }
+    }
+}
+
+/* The block's 4-bit table and, nested, its code table [256], by its NT threads. */
+template <bool NESTED, int NT>
+static __device__ __forceinline__ void q4mm_tables(const struct q4_lut &lut, const struct q4_scales &sc, float *ncode)
+{
+    if (threadIdx.x < 16) q4mm_slut[threadIdx.x] = lut.v[threadIdx.x];
+    if (NESTED)
+        for (int i = threadIdx.x; i < 256; i += NT)
+            ncode[i] = __ldg(sc.ncode + i);
+}
+
 /* RING: x steps in shared memory (RING - 1 in flight); D: weight steps in registers; RND: see
  * q4mm_pair. */
 template <typename T16, int TG, int RING, int D, bool NESTED, bool RND>
@@ -88,38 +141,11 @@ __global__ void __launch_bounds__(Q4MM_WARPS * 32, TG <= 4   ? 4
     extern __shared__ __align__(128) uint8_t q4mm_xs[]; /* see q4mm_smem */
     float *ncode = reinterpret_cast<float *>(q4mm_xs + (size_t)RING * 8 * TG * 256);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    /* split K (gridDim.y > 1): this block's steps ks0 .. ks0 + nsteps - 1, its sums into part [split][nt][N] */
-    const int ks0 = (int)(blockIdx.y * (K / 128) / gridDim.y),
-              nsteps = (int)((blockIdx.y + 1) * (K / 128) / gridDim.y) - ks0;
     const int r0 = (blockIdx.x * Q4MM_WARPS + warp) * 16 + g;
-    const int row[2] = {r0 < N ? r0 : N - 1, r0 + 8 < N ? r0 + 8 : N - 1}; /* rows past N: read again, not stored */
-    if (threadIdx.x < 16) q4mm_slut[threadIdx.x] = lut.v[threadIdx.x];
-    if (NESTED)
-        for (int i = threadIdx.x; i < 256; i += Q4MM_WARPS * 32)
-            ncode[i] = __ldg(sc.ncode + i);
-
-    /* the weights: per row the lane's 16 bytes of step s at uint4 index (row K + 128 s) / 32 + t */
-    const uint4 *wp[2];
-    uint32_t e0[2];
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        e0[r] = (uint32_t)row[r] * (uint32_t)K + 32u * (uint32_t)t;
-        wp[r] = reinterpret_cast<const uint4 *>(W) + e0[r] / 32u;
-    }
-    auto load = [&](struct q4mm_stage &st, int s) {
-        if (s >= nsteps) return;
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            st.c[r] = __ldg(wp[r] + 4 * (ks0 + s));
-            const uint32_t b = (e0[r] + 128u * (uint32_t)(ks0 + s)) >> bs_shift;
-            if (NESTED) {
-                st.q[r] = __ldg(sc.q + b);
-                st.a[r] = __ldg(sc.nabs + (b >> sc.nshift));
-            } else {
-                st.a[r] = __ldg(sc.absmax + b);
-            }
-        }
-    };
+    const struct q4mm_rows wr = q4mm_rows_at(W, r0, N, K, t);
+    const int ks0 = wr.ks0, nsteps = wr.nsteps;
+    q4mm_tables<NESTED, Q4MM_WARPS * 32>(lut, sc, ncode);
+    auto load = [&](struct q4mm_stage &st, int s) { q4mm_load<NESTED>(wr, sc, bs_shift, st, s); };
     struct q4mm_stage st[D];
 #pragma unroll
     for (int u = 0; u < D; u++)
@@ -397,36 +423,11 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 1 ? 2 : 1)
     extern __shared__ __align__(128) uint8_t q4wg_xs[]; /* [RING][Q4WG_SLOT], then the nested code table */
     float *ncode = reinterpret_cast<float *>(q4wg_xs + (size_t)RING * Q4WG_SLOT);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int ks0 = (int)(blockIdx.y * (K / 128) / gridDim.y),
-              nsteps = (int)((blockIdx.y + 1) * (K / 128) / gridDim.y) - ks0;
     const int r0 = (blockIdx.x * NWG * 4 + warp) * 16 + g;
-    const int row[2] = {r0 < N ? r0 : N - 1, r0 + 8 < N ? r0 + 8 : N - 1};
-    if (threadIdx.x < 16) q4mm_slut[threadIdx.x] = lut.v[threadIdx.x];
-    if (NESTED)
-        for (int i = threadIdx.x; i < 256; i += NWG * 128)
-            ncode[i] = __ldg(sc.ncode + i);
-
-    const uint4 *wp[2];
-    uint32_t e0[2];
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        e0[r] = (uint32_t)row[r] * (uint32_t)K + 32u * (uint32_t)t;
-        wp[r] = reinterpret_cast<const uint4 *>(W) + e0[r] / 32u;
-    }
-    auto load = [&](struct q4mm_stage &st, int s) {
-        if (s >= nsteps) return;
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            st.c[r] = __ldg(wp[r] + 4 * (ks0 + s));
-            const uint32_t b = (e0[r] + 128u * (uint32_t)(ks0 + s)) >> bs_shift;
-            if (NESTED) {
-                st.q[r] = __ldg(sc.q + b);
-                st.a[r] = __ldg(sc.nabs + (b >> sc.nshift));
-            } else {
-                st.a[r] = __ldg(sc.absmax + b);
-            }
-        }
-    };
+    const struct q4mm_rows wr = q4mm_rows_at(W, r0, N, K, t);
+    const int ks0 = wr.ks0, nsteps = wr.nsteps;
+    q4mm_tables<NESTED, NWG * 128>(lut, sc, ncode);
+    auto load = [&](struct q4mm_stage &st, int s) { q4mm_load<NESTED>(wr, sc, bs_shift, st, s); };
     struct q4mm_stage st[D];
 #pragma unroll
     for (int u = 0; u < D; u++) {
