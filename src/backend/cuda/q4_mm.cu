@@ -128,6 +128,36 @@ static __device__ __forceinline__ void q4mm_tables(const struct q4_lut &lut, con
             ncode[i] = __ldg(sc.ncode + i);
 }
 
+/* A step's two absmax (rows g, g + 8), the nested ones decoded. */
+template <bool NESTED>
+static __device__ __forceinline__ void q4mm_absmax(const struct q4mm_stage &cur, const float *ncode,
+                                                   const struct q4_scales &sc, float (&am)[2])
+{
+#pragma unroll
+    for (int r = 0; r < 2; r++)
+        am[r] = NESTED ? q4_nested(ncode[cur.q[r]], cur.a[r], sc.noff) : cur.a[r];
+}
+
+/* The A fragments of MMAs 2p (a0: bytes 0, 1 of word p of the codes) and 2p + 1 (a1: bytes 2, 3), rows g
+ * and g + 8, each weight scaled by its row's absmax. */
+template <typename T16, bool RND>
+static __device__ __forceinline__ void q4mm_frags(const struct q4mm_stage &cur, const float (&am)[2], int p, int mode,
+                                                  uint32_t (&a0)[4], uint32_t (&a1)[4])
+{
+    const uint32_t wg = p == 0 ? cur.c[0].x : p == 1 ? cur.c[0].y : p == 2 ? cur.c[0].z : cur.c[0].w;
+    const uint32_t wh = p == 0 ? cur.c[1].x : p == 1 ? cur.c[1].y : p == 2 ? cur.c[1].z : cur.c[1].w;
+    const uint32_t gh = (wg >> 2) & 0x3c3c3c3cu, gl = (wg << 2) & 0x3c3c3c3cu;
+    const uint32_t hh = (wh >> 2) & 0x3c3c3c3cu, hl = (wh << 2) & 0x3c3c3c3cu;
+    a0[0] = q4mm_pair<T16, RND>(gh, gl, 0, am[0], mode);
+    a0[1] = q4mm_pair<T16, RND>(hh, hl, 0, am[1], mode);
+    a0[2] = q4mm_pair<T16, RND>(gh, gl, 1, am[0], mode);
+    a0[3] = q4mm_pair<T16, RND>(hh, hl, 1, am[1], mode);
+    a1[0] = q4mm_pair<T16, RND>(gh, gl, 2, am[0], mode);
+    a1[1] = q4mm_pair<T16, RND>(hh, hl, 2, am[1], mode);
+    a1[2] = q4mm_pair<T16, RND>(gh, gl, 3, am[0], mode);
+    a1[3] = q4mm_pair<T16, RND>(hh, hl, 3, am[1], mode);
+}
+
 /* RING: x steps in shared memory (RING - 1 in flight); D: weight steps in registers; RND: see
  * q4mm_pair. */
 template <typename T16, int TG, int RING, int D, bool NESTED, bool RND>
@@ -197,25 +227,13 @@ __global__ void __launch_bounds__(Q4MM_WARPS * 32, TG <= 4   ? 4
             const struct q4mm_stage cur = st[u];
             load(st[u], s + D);
             float am[2];
-#pragma unroll
-            for (int r = 0; r < 2; r++)
-                am[r] = NESTED ? q4_nested(ncode[cur.q[r]], cur.a[r], sc.noff) : cur.a[r];
-                /* word p of the codes: MMAs 2p (bytes 0, 1) and 2p + 1 (bytes 2, 3), against x piece
-                 * 4t + p of every token group (its halves .x .y and .z .w) */
+            q4mm_absmax<NESTED>(cur, ncode, sc, am);
+            /* word p of the codes: MMAs 2p (bytes 0, 1) and 2p + 1 (bytes 2, 3), against x piece
+             * 4t + p of every token group (its halves .x .y and .z .w) */
 #pragma unroll
             for (int p = 0; p < 4; p++) {
-                const uint32_t wg = p == 0 ? cur.c[0].x : p == 1 ? cur.c[0].y : p == 2 ? cur.c[0].z : cur.c[0].w;
-                const uint32_t wh = p == 0 ? cur.c[1].x : p == 1 ? cur.c[1].y : p == 2 ? cur.c[1].z : cur.c[1].w;
-                const uint32_t gh = (wg >> 2) & 0x3c3c3c3cu, gl = (wg << 2) & 0x3c3c3c3cu;
-                const uint32_t hh = (wh >> 2) & 0x3c3c3c3cu, hl = (wh << 2) & 0x3c3c3c3cu;
                 uint32_t a[2][4];
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    a[h][0] = q4mm_pair<T16, RND>(gh, gl, 2 * h, am[0], mode);
-                    a[h][1] = q4mm_pair<T16, RND>(hh, hl, 2 * h, am[1], mode);
-                    a[h][2] = q4mm_pair<T16, RND>(gh, gl, 2 * h + 1, am[0], mode);
-                    a[h][3] = q4mm_pair<T16, RND>(hh, hl, 2 * h + 1, am[1], mode);
-                }
+                q4mm_frags<T16, RND>(cur, am, p, mode, a[0], a[1]);
 #pragma unroll
                 for (int j = 0; j < TG; j++) {
                     const uint4 xv = *reinterpret_cast<const uint4 *>(xs + xoff[p] + 2048u * (uint32_t)j);
@@ -295,6 +313,8 @@ static __host__ __device__ constexpr size_t q4wg_smem(int ring)
     return (size_t)ring * Q4WG_SLOT + 256 * sizeof(float);
 }
 
+/* The wgmma helpers, in the sm_90a device pass only (k_q4_wg's body is empty elsewhere). */
+#if TUNA_WGMMA
 /* The shared-memory matrix descriptor: start address, LBO, SBO (bytes, multiples of 16), no swizzle. */
 static __device__ __forceinline__ uint64_t q4wg_desc(uint32_t addr, uint32_t lbo, uint32_t sbo)
 {
@@ -304,23 +324,17 @@ static __device__ __forceinline__ uint64_t q4wg_desc(uint32_t addr, uint32_t lbo
 
 static __device__ __forceinline__ void q4wg_fence()
 {
-#if TUNA_WGMMA
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#endif
 }
 
 static __device__ __forceinline__ void q4wg_commit()
 {
-#if TUNA_WGMMA
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-#endif
 }
 
 template <int N> static __device__ __forceinline__ void q4wg_wait()
 {
-#if TUNA_WGMMA
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-#endif
 }
 
 /* Keeps the compiler from moving the computation of r past this point (and from touching r with its
@@ -331,58 +345,41 @@ static __device__ __forceinline__ void q4wg_pin(uint32_t &r)
 }
 
 /* d (64 rows x 128 tokens over the warpgroup, mma.m16n8k16's D layout per 8 tokens: d[4 j + i]) +=
- * A (registers) x B (the descriptor's 128 tokens x 16 k). */
+ * A (registers) x B (the descriptor's 128 tokens x 16 k); TY the PTX type of A and B. */
+#define Q4WG_MMA(TY, d, a, desc)                                                                                       \
+    asm volatile("{\n"                                                                                                 \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " " Q4WG_DREGS                               \
+                 "{%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n}\n"                                                         \
+                 : Q4WG_DOPS(d)                                                                                        \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc))
+#define Q4WG_DREGS                                                                                                     \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "       \
+    "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, "   \
+    "%45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+#define Q4WG_DOPS(d)                                                                                                   \
+    "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),        \
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),         \
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),        \
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),        \
+        "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),        \
+        "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),        \
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),        \
+        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+
 template <typename T16>
 static __device__ __forceinline__ void q4wg_mma(float (&d)[64], const uint32_t (&a)[4], uint64_t desc);
 
 template <>
 __device__ __forceinline__ void q4wg_mma<__nv_bfloat16>(float (&d)[64], const uint32_t (&a)[4], uint64_t desc)
 {
-#if TUNA_WGMMA
-    asm volatile(
-        "{\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "
-        "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, "
-        "%45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "{%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
-          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
-          "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
-          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),
-          "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
-          "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
-          "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
-          "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
-#else
-    (void)d, (void)a, (void)desc;
-#endif
+    Q4WG_MMA("bf16", d, a, desc);
 }
 
 template <> __device__ __forceinline__ void q4wg_mma<__half>(float (&d)[64], const uint32_t (&a)[4], uint64_t desc)
 {
-#if TUNA_WGMMA
-    asm volatile(
-        "{\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "
-        "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, "
-        "%45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "{%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
-          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
-          "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
-          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),
-          "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
-          "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
-          "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
-          "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
-#else
-    (void)d, (void)a, (void)desc;
-#endif
+    Q4WG_MMA("f16", d, a, desc);
 }
+#endif
 
 /* tuna_cuda_to_half's rounding (k_to_bf16, k_to_f16). */
 template <typename T16> static __device__ __forceinline__ T16 q4wg_round(float v);
@@ -475,23 +472,10 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 1 ? 2 : 1)
             const struct q4mm_stage cur = st[u];
             load(st[u], s + D);
             float am[2];
+            q4mm_absmax<NESTED>(cur, ncode, sc, am);
 #pragma unroll
-            for (int r = 0; r < 2; r++)
-                am[r] = NESTED ? q4_nested(ncode[cur.q[r]], cur.a[r], sc.noff) : cur.a[r];
-#pragma unroll
-            for (int p = 0; p < 4; p++) {
-                const uint32_t wg = p == 0 ? cur.c[0].x : p == 1 ? cur.c[0].y : p == 2 ? cur.c[0].z : cur.c[0].w;
-                const uint32_t wh = p == 0 ? cur.c[1].x : p == 1 ? cur.c[1].y : p == 2 ? cur.c[1].z : cur.c[1].w;
-                const uint32_t gh = (wg >> 2) & 0x3c3c3c3cu, gl = (wg << 2) & 0x3c3c3c3cu;
-                const uint32_t hh = (wh >> 2) & 0x3c3c3c3cu, hl = (wh << 2) & 0x3c3c3c3cu;
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    a[2 * p + h][0] = q4mm_pair<T16, RND>(gh, gl, 2 * h, am[0], mode);
-                    a[2 * p + h][1] = q4mm_pair<T16, RND>(hh, hl, 2 * h, am[1], mode);
-                    a[2 * p + h][2] = q4mm_pair<T16, RND>(gh, gl, 2 * h + 1, am[0], mode);
-                    a[2 * p + h][3] = q4mm_pair<T16, RND>(hh, hl, 2 * h + 1, am[1], mode);
-                }
-            }
+            for (int p = 0; p < 4; p++)
+                q4mm_frags<T16, RND>(cur, am, p, mode, a[2 * p], a[2 * p + 1]);
             /* every input of the 8 MMAs (A, the descriptors) is final before the fence: ptxas serializes
              * wgmmas whose inputs other instructions define between them (its C7513) */
             const uint32_t sb = xs0 + (uint32_t)(s % RING) * Q4WG_SLOT;
