@@ -35,7 +35,9 @@ tuna_status tuna_mem_plan_make(const struct tuna_model *m, const struct tuna_mem
     if (p->on_gpu) {
         p->workspace += 2.0 * T * maxk;                     /* activations rounded to 16 bits for cuBLAS */
         if (m->n_q4) p->workspace += 4.0 * I * C;           /* a 4-bit matrix dequantized for prefill */
-        p->workspace += 64.0 * 1048576.0;                   /* cuBLAS workspace, metadata staging, slack */
+        /* cuBLAS workspace, the 4-bit GEMM's split-K sums (q4_mm.cu: at most 16 B x rows x tokens per SM, 17 MB
+         * for 128 tokens on 132 SMs), metadata staging, slack */
+        p->workspace += 64.0 * 1048576.0;
     }
     p->kv_dtype = tuna_model_kv_dtype(m);
     p->kv_per_token = 2.0 * (double)a->n_layers * KD * (double)tuna_dtype_nbytes(p->kv_dtype, 1);
