@@ -462,6 +462,7 @@ static void test_q4_mm(void **state)
     char *saved = env ? strdup(env) : NULL;
     const char *env_wg = getenv("TUNA_Q4_WG");
     char *saved_wg = env_wg ? strdup(env_wg) : NULL;
+    const long wg0 = tuna_cuda_q4_wg_launches();
     int combo = 0;
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++)
         for (int type = 0; type < 2; type++) {
@@ -543,6 +544,8 @@ static void test_q4_mm(void **state)
             q4desc_free(&d16);
             q4pair_free(&w);
         }
+    /* k_q4_wg runs only where the GPU and the build have wgmma; elsewhere the TUNA_Q4_WG=1 pass ran k_q4_mm */
+    printf("  k_q4_wg: %ld launches (TUNA_Q4_WG=1 pass)\n", tuna_cuda_q4_wg_launches() - wg0);
     if (saved) setenv("TUNA_Q4_MM_MAXT", saved, 1);
     else unsetenv("TUNA_Q4_MM_MAXT");
     if (saved_wg) setenv("TUNA_Q4_WG", saved_wg, 1);

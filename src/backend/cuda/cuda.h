@@ -87,6 +87,8 @@ long tuna_cuda_q4_h4_launches(void);
 long tuna_cuda_q4_r_launches(tuna_backend *be);
 /* Launches of k_q4_mm (q4_mm.cu) in this process, for tests. */
 long tuna_cuda_q4_mm_launches(void);
+/* Of those, launches of its wgmma form k_q4_wg (TUNA_Q4_WG=1 on an sm_90a build and a 9.0 GPU). */
+long tuna_cuda_q4_wg_launches(void);
 /* The most tokens the 4-bit GEMM k_q4_mm takes (TUNA_Q4_MM_MAXT, default 128; 0: never); above,
  * a 4-bit matmul dequantizes the weight for cuBLAS. */
 int tuna_cuda_q4_mm_max_t(void);

@@ -281,21 +281,22 @@ __global__ void k_q4_mm_sum(float *y, const float *__restrict__ part, const floa
  * at 128 tokens that is 16 bytes of shared memory per weight, and with 64 rows per block the x
  * steps staged from L2 weigh 8 times the weights. wgmma m64n128k16 takes the same dequantized A
  * fragments from registers (warp w of a warpgroup: rows 16 w .. 16 w + 15, mma.m16n8k16's A layout)
- * and all 128 tokens of B from shared memory once per warpgroup, and NWG warpgroups per block share
- * one x ring. The lane's weights sit in k_q4_mm's k slots (MMA m, slots 2t, 2t+1, 2t+8, 2t+9 = the
+ * and all 128 tokens of B from shared memory once per warpgroup, and the block's Q4WG_NWG warpgroups
+ * share one x ring. The lane's weights sit in k_q4_mm's k slots (MMA m, slots 2t, 2t+1, 2t+8, 2t+9 = the
  * lane's weights 32 t + 4 m + 0..3), so x is staged in that order: q4wg_perm writes be->half with
  * each 128-weight block of every token permuted (position 16 m + kappa holds weight 32 t + 4 m + j,
  * kappa = 2 t + (j & 1) + 8 (j >> 1)), and a step of x is [16 chunks of 8][128 tokens][16 bytes]
  * in shared memory: core matrices of 8 tokens x 16 bytes, no swizzle, the next chunk (K) 2,048 bytes
- * on (LBO), the next 8 tokens (N) 128 bytes on (SBO). Ring: RING slots, x staged RING - 2 steps
- * ahead. A step's 8 MMAs are issued together once all their inputs (A, the descriptors) are final and
- * waited for (wgmma.wait_group 0) at the next step's start, before its A is dequantized: with a second
- * A buffer dequantized while they run (wait_group 1), ptxas serialized every wgmma (its C7513: other
+ * on (LBO), the next 8 tokens (N) 128 bytes on (SBO; the pair swapped fails test_cuda_fused). Ring:
+ * Q4WG_RING slots, x staged Q4WG_RING - 2 steps ahead. A step's 8 MMAs are issued together once all their inputs (A,
+ * the descriptors) are final and waited for (wgmma.wait_group 0) at the next step's start, before its A is dequantized:
+ * with a second A buffer dequantized while they run (wait_group 1), ptxas serialized every wgmma (its C7513: other
  * instructions define a wgmma's inputs inside the pipeline stage).
  * The numerics are k_q4_mm's: the same 16-bit operands, float32 sums (test_cuda_fused: against the
  * dequantize + cuBLAS path within 1e-5, as k_q4_mm).
  * Measured (H100, thirty-fourth session, NF4 Llama-3-8B decode at a 512-token context, TUNA_Q4_WG=1):
- * batch 128 20.1 ms/step with 2 warpgroups per block (24.6 with 1) against k_q4_mm's 17.3; the MMAs
+ * batch 128 20.1 ms/step with 2 warpgroups per block (24.6 with 1 and 3 slots, two blocks per SM) against
+ * k_q4_mm's 17.3; the MMAs
  * are not the limit (serialized, 19.8), the dequantization between the barriers is: each step's A is
  * made while no MMA runs. So it is off by default: a tested base (descriptors, the permuted x) for a
  * form whose dequantizing warps feed the MMAs through shared memory. */
@@ -307,19 +308,19 @@ __global__ void k_q4_mm_sum(float *y, const float *__restrict__ part, const floa
 
 #define Q4WG_TOK 128               /* tokens per launch: B's N */
 #define Q4WG_SLOT (Q4WG_TOK * 256) /* bytes of one step of x in shared memory */
-
-static __host__ __device__ constexpr size_t q4wg_smem(int ring)
-{
-    return (size_t)ring * Q4WG_SLOT + 256 * sizeof(float);
-}
+#define Q4WG_NWG 2                 /* warpgroups per block, 64 rows each (one block per SM) */
+#define Q4WG_RING 6                /* x steps in shared memory */
+#define Q4WG_LBO (Q4WG_TOK * 16)   /* bytes from a core matrix to the next 8 weights (K) of its tokens */
+#define Q4WG_SBO 128               /* bytes from a core matrix to the next 8 tokens (N) */
+#define Q4WG_SMEM ((size_t)Q4WG_RING * Q4WG_SLOT + 256 * sizeof(float))
 
 /* The wgmma helpers, in the sm_90a device pass only (k_q4_wg's body is empty elsewhere). */
 #if TUNA_WGMMA
-/* The shared-memory matrix descriptor: start address, LBO, SBO (bytes, multiples of 16), no swizzle. */
-static __device__ __forceinline__ uint64_t q4wg_desc(uint32_t addr, uint32_t lbo, uint32_t sbo)
+/* The shared-memory matrix descriptor of the x tile at addr: Q4WG_LBO, Q4WG_SBO, no swizzle. */
+static __device__ __forceinline__ uint64_t q4wg_desc(uint32_t addr)
 {
-    return (uint64_t)((addr >> 4) & 0x3FFFu) | ((uint64_t)((lbo >> 4) & 0x3FFFu) << 16) |
-           ((uint64_t)((sbo >> 4) & 0x3FFFu) << 32);
+    return (uint64_t)((addr >> 4) & 0x3FFFu) | ((uint64_t)((Q4WG_LBO >> 4) & 0x3FFFu) << 16) |
+           ((uint64_t)((Q4WG_SBO >> 4) & 0x3FFFu) << 32);
 }
 
 static __device__ __forceinline__ void q4wg_fence()
@@ -409,15 +410,15 @@ __global__ void k_q4wg_probe(int *out)
     *out = TUNA_WGMMA;
 }
 
-template <typename T16, int RING, bool NESTED, bool RND, int NWG>
-__global__ void __launch_bounds__(NWG * 128, NWG == 1 ? 2 : 1)
+template <typename T16, bool NESTED, bool RND>
+__global__ void __launch_bounds__(Q4WG_NWG * 128, 1)
     k_q4_wg(float *y, const T16 *__restrict__ xp, const uint8_t *__restrict__ W, const struct q4_scales sc,
             const float *__restrict__ bias, const struct q4_lut lut, int mode, int bs_shift, int N, int K, int tok0,
-            int nt, int accumulate, float *part, uint32_t lbo, uint32_t sbo)
+            int nt, int accumulate, float *part)
 {
 #if TUNA_WGMMA
-    constexpr int D = 2; /* weight steps in registers: the loop below alternates a[0], a[1] with them */
-    extern __shared__ __align__(128) uint8_t q4wg_xs[]; /* [RING][Q4WG_SLOT], then the nested code table */
+    constexpr int RING = Q4WG_RING, NWG = Q4WG_NWG, D = 2; /* D: weight steps in registers */
+    extern __shared__ __align__(128) uint8_t q4wg_xs[];    /* [RING][Q4WG_SLOT], then the nested code table */
     float *ncode = reinterpret_cast<float *>(q4wg_xs + (size_t)RING * Q4WG_SLOT);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int r0 = (blockIdx.x * NWG * 4 + warp) * 16 + g;
@@ -459,9 +460,9 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 1 ? 2 : 1)
     for (int i = 0; i < 64; i++)
         acc[i] = 0.0f;
     uint32_t a[8][4]; /* the step's A fragments, MMA m = 0..7 */
-    for (int s0 = 0; s0 < nsteps; s0 += 2) {
+    for (int s0 = 0; s0 < nsteps; s0 += D) {
 #pragma unroll
-        for (int u = 0; u < 2; u++) {
+        for (int u = 0; u < D; u++) {
             const int s = s0 + u;
             if (s >= nsteps) break;
             q4wg_wait<0>();                /* the step before's MMAs are done (a and slot (s - 2) % RING free) */
@@ -482,7 +483,7 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 1 ? 2 : 1)
             uint64_t dsc[8];
 #pragma unroll
             for (int m = 0; m < 8; m++) {
-                dsc[m] = q4wg_desc(sb + (uint32_t)m * 2u * Q4WG_TOK * 16u, lbo, sbo);
+                dsc[m] = q4wg_desc(sb + (uint32_t)m * 2u * Q4WG_LBO);
                 asm volatile("" : "+l"(dsc[m])::"memory");
 #pragma unroll
                 for (int i = 0; i < 4; i++)
@@ -512,15 +513,20 @@ __global__ void __launch_bounds__(NWG * 128, NWG == 1 ? 2 : 1)
         }
 #else
     (void)y, (void)xp, (void)W, (void)sc, (void)bias, (void)lut, (void)mode, (void)bs_shift, (void)N, (void)K;
-    (void)tok0, (void)nt, (void)accumulate, (void)part, (void)lbo, (void)sbo;
+    (void)tok0, (void)nt, (void)accumulate, (void)part;
 #endif
 }
 
-static long g_q4mm_launches;
+static long g_q4mm_launches, g_q4wg_launches;
 
 extern "C" long tuna_cuda_q4_mm_launches(void)
 {
     return g_q4mm_launches;
+}
+
+extern "C" long tuna_cuda_q4_wg_launches(void)
+{
+    return g_q4wg_launches;
 }
 
 /* Read at every call (a getenv per 4-bit GEMM; graphs capture once) so tests can compare the paths. */
@@ -610,40 +616,27 @@ static bool q4wg_usable(tuna_backend *be)
     return be->q4wg == 1;
 }
 
-/* NWG warpgroups per block (64 rows each; TUNA_Q4_WG_NWG=1 or 2, default 2): 1 with 3 x slots (2
- * blocks per SM), 2 with 6 (one block per SM, x staged 4 steps ahead). */
-static int q4wg_nwg(void)
-{
-    const char *e = getenv("TUNA_Q4_WG_NWG");
-    return e && atoi(e) == 1 ? 1 : 2;
-}
-
-template <typename T16, int NWG>
+template <typename T16>
 static bool q4wg_launch(tuna_backend *be, float *y, const T16 *xp, const struct tuna_weight *w,
                         const struct tuna_cuda_q4 *q, const float *bias, int bs_shift, int tok0, int nt, bool acc,
                         int S, float *part)
 {
-    constexpr int RING = NWG == 1 ? 3 : 6;
     struct q4_lut lut;
     memcpy(lut.v, q->lut, sizeof lut.v);
     const int N = (int)w->rows, K = (int)w->cols;
-    const dim3 grid((unsigned)((N + 64 * NWG - 1) / (64 * NWG)), (unsigned)S), block(NWG * 128);
+    const dim3 grid((unsigned)((N + 64 * Q4WG_NWG - 1) / (64 * Q4WG_NWG)), (unsigned)S), block(Q4WG_NWG * 128);
     const struct q4_scales sc = q4_scales_of(q);
     const int mode = q->round_mode;
     const bool rnd = !(mode == 0 || mode == q4mm_own_mode<T16>());
-    /* LBO: the next 8 weights (K) of a token; SBO: the next 8 tokens (N); TUNA_Q4_WG_DESC=1 swaps them */
-    const char *e = getenv("TUNA_Q4_WG_DESC");
-    const bool swap = e && atoi(e) == 1;
-    const uint32_t lbo = swap ? 128u : Q4WG_TOK * 16u, sbo = swap ? Q4WG_TOK * 16u : 128u;
     void (*fn)(float *, const T16 *, const uint8_t *, const struct q4_scales, const float *, const struct q4_lut, int,
-               int, int, int, int, int, int, float *, uint32_t, uint32_t);
+               int, int, int, int, int, int, float *);
     if (sc.absmax)
-        fn = rnd ? k_q4_wg<T16, RING, false, true, NWG> : k_q4_wg<T16, RING, false, false, NWG>;
+        fn = rnd ? k_q4_wg<T16, false, true> : k_q4_wg<T16, false, false>;
     else
-        fn = rnd ? k_q4_wg<T16, RING, true, true, NWG> : k_q4_wg<T16, RING, true, false, NWG>;
-    g_q4mm_launches++;
-    return tuna_cuda_launch(be, "k_q4_wg", fn, grid, block, q4wg_smem(RING), y, xp, (const uint8_t *)w->data, sc, bias,
-                            lut, mode, bs_shift, N, K, tok0, nt, acc ? 1 : 0, part, lbo, sbo);
+        fn = rnd ? k_q4_wg<T16, true, true> : k_q4_wg<T16, true, false>;
+    g_q4mm_launches++, g_q4wg_launches++;
+    return tuna_cuda_launch(be, "k_q4_wg", fn, grid, block, Q4WG_SMEM, y, xp, (const uint8_t *)w->data, sc, bias, lut,
+                            mode, bs_shift, N, K, tok0, nt, acc ? 1 : 0, part);
 }
 
 bool tuna_cuda_q4_mm(tuna_backend *be, float *y, const float *x, const struct tuna_weight *w, const float *bias,
@@ -681,7 +674,7 @@ bool tuna_cuda_q4_mm(tuna_backend *be, float *y, const float *x, const struct tu
          * order by k_q4_mm_sum. (Measured slower on the H100, twenty-second session: the last split of a
          * row block adding them, found through a counter, and the splits as a cluster adding them
          * through distributed shared memory: batch 32 10.9 and 10.0 against 8.9 ms/step.) */
-        const int64_t rows = wg ? 64 * q4wg_nwg() : Q4MM_ROWS, rb = (N + rows - 1) / rows;
+        const int64_t rows = wg ? 64 * Q4WG_NWG : Q4MM_ROWS, rb = (N + rows - 1) / rows;
         const int64_t minsteps = tg == 16 ? 8 : 16;
         int S = 1;
         while (S < 8 && rb * S < 2 * sms && K / 128 >= minsteps * S)
@@ -696,15 +689,11 @@ bool tuna_cuda_q4_mm(tuna_backend *be, float *y, const float *x, const struct tu
         float *part = S > 1 ? (float *)be->q4mm_part.p : NULL;
         bool ok;
         if (wg && dt == 1)
-            ok = q4wg_nwg() == 1 ? q4wg_launch<__nv_bfloat16, 1>(be, y, (const __nv_bfloat16 *)be->half.p, w, q, bias,
-                                                                 bs_shift, (int)tok0, nt, acc, S, part)
-                                 : q4wg_launch<__nv_bfloat16, 2>(be, y, (const __nv_bfloat16 *)be->half.p, w, q, bias,
-                                                                 bs_shift, (int)tok0, nt, acc, S, part);
+            ok = q4wg_launch<__nv_bfloat16>(be, y, (const __nv_bfloat16 *)be->half.p, w, q, bias, bs_shift, (int)tok0,
+                                            nt, acc, S, part);
         else if (wg)
-            ok = q4wg_nwg() == 1 ? q4wg_launch<__half, 1>(be, y, (const __half *)be->half.p, w, q, bias, bs_shift,
-                                                          (int)tok0, nt, acc, S, part)
-                                 : q4wg_launch<__half, 2>(be, y, (const __half *)be->half.p, w, q, bias, bs_shift,
-                                                          (int)tok0, nt, acc, S, part);
+            ok = q4wg_launch<__half>(be, y, (const __half *)be->half.p, w, q, bias, bs_shift, (int)tok0, nt, acc, S,
+                                     part);
         else if (dt == 1)
             ok = q4mm_launch_tg<__nv_bfloat16>(be, y, (const __nv_bfloat16 *)be->half.p, w, q, bias, bs_shift,
                                                (int)tok0, nt, acc, S, part);
