@@ -15,15 +15,19 @@ tokens, then "t<i>"), enough for llama.cpp to load the file and for llama-bench,
 ids without text. Tensor data is written from a 16 MiB template per type, so a 16 GB file takes
 seconds. Pure Python 3, no packages. docs/PERFORMANCE.md ("llama.cpp beside tuna") has the use.
 """
-import struct, sys
-import os
+import os, struct, sys
 from math import prod
 
 MIXES = ("q4_0", "q4_k_m", "f16")
+USAGE = "usage: synthetic_gguf.py OUT.gguf q4_0|q4_k_m|f16 [LAYERS [tiny]]"
 if len(sys.argv) < 3 or sys.argv[2] not in MIXES or (len(sys.argv) > 4 and sys.argv[4] != "tiny"):
-    sys.exit("usage: synthetic_gguf.py OUT.gguf q4_0|q4_k_m|f16 [LAYERS [tiny]]")
+    sys.exit(USAGE)
 out, mix = sys.argv[1], sys.argv[2]
-L = int(sys.argv[3]) if len(sys.argv) > 3 else 32
+L = 32
+if len(sys.argv) > 3:
+    L = int(sys.argv[3]) if sys.argv[3].isdigit() else 0
+    if L < 1:
+        sys.exit("synthetic_gguf.py: LAYERS must be a whole number of at least 1, found '%s'\n%s" % (sys.argv[3], USAGE))
 C, I, H, HKV, V = 4096, 14336, 32, 8, 128256  # Llama-3-8B
 if len(sys.argv) > 4:  # tiny test shapes
     C, I, H, HKV, V = 256, 512, 4, 2, 1024
@@ -46,14 +50,13 @@ for i in range(L):
     tensors.append((p + "attn_norm.weight", [C], F32))
     mat(p + "attn_q.weight", C, C, base)
     mat(p + "attn_k.weight", C, HKV * D, base)
-    mv = Q6_K if (mix == "q4_k_m" and use_more_bits(i, L)) else base
-    mat(p + "attn_v.weight", C, HKV * D, mv)
+    wide = Q6_K if (mix == "q4_k_m" and use_more_bits(i, L)) else base  # attn_v and ffn_down
+    mat(p + "attn_v.weight", C, HKV * D, wide)
     mat(p + "attn_output.weight", C, C, base)
     tensors.append((p + "ffn_norm.weight", [C], F32))
     mat(p + "ffn_gate.weight", C, I, base)
     mat(p + "ffn_up.weight", C, I, base)
-    md = Q6_K if (mix == "q4_k_m" and use_more_bits(i, L)) else base
-    mat(p + "ffn_down.weight", I, C, md)
+    mat(p + "ffn_down.weight", I, C, wide)
 
 def nbytes(ne, t):
     n = prod(ne)
@@ -129,7 +132,7 @@ def template(t):
         for j in range(192, 208): a[j::bb] = bytes(x & 0x0F for x in a[j::bb])  # small int8 scales
         put(208, f16(0.0005))
     return bytes(a), nb * bb
-tmpl = {t: template(t) for t in BLK}
+tmpl = {t: template(t) for t in {t for _, _, t in tensors if t != F32}}  # the types in use only
 
 with open(out + ".tmp", "wb") as f:
     f.write(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kv)))
