@@ -548,6 +548,13 @@ template <> constexpr int q4mm_own_mode<__half>()
     return 2;
 }
 
+/* Whether the kernels round the weights themselves (their RND form): not when the pack's own rounding
+ * is the weights' (round_mode names the compute type) or there is none (0). */
+template <typename T16> static bool q4mm_rnd(int mode)
+{
+    return !(mode == 0 || mode == q4mm_own_mode<T16>());
+}
+
 /* Up to 32 tokens: 6 x steps (of 4 or 8 KB) in shared memory, 4 weight steps in registers; 64: 4 of
  * 16 KB, 3; 128: 3 of 32 KB, 2 (two blocks per SM). */
 template <typename T16, int TG>
@@ -562,9 +569,8 @@ static bool q4mm_launch(tuna_backend *be, float *y, const T16 *xh, const struct 
     const dim3 grid((unsigned)((N + Q4MM_ROWS - 1) / Q4MM_ROWS), (unsigned)S), block(Q4MM_WARPS * 32);
     const size_t smem = q4mm_smem(RING, TG);
     const struct q4_scales sc = q4_scales_of(q);
-    /* the weights' rounding is the pack's own when it names the compute type (or there is none) */
     const int mode = q->round_mode;
-    const bool rnd = !(mode == 0 || mode == q4mm_own_mode<T16>());
+    const bool rnd = q4mm_rnd<T16>(mode);
     void (*fn)(float *, const T16 *, const uint8_t *, const struct q4_scales, const float *, const struct q4_lut, int,
                int, int, int, int, int, int, float *);
     if (sc.absmax)
@@ -627,7 +633,7 @@ static bool q4wg_launch(tuna_backend *be, float *y, const T16 *xp, const struct 
     const dim3 grid((unsigned)((N + 64 * Q4WG_NWG - 1) / (64 * Q4WG_NWG)), (unsigned)S), block(Q4WG_NWG * 128);
     const struct q4_scales sc = q4_scales_of(q);
     const int mode = q->round_mode;
-    const bool rnd = !(mode == 0 || mode == q4mm_own_mode<T16>());
+    const bool rnd = q4mm_rnd<T16>(mode);
     void (*fn)(float *, const T16 *, const uint8_t *, const struct q4_scales, const float *, const struct q4_lut, int,
                int, int, int, int, int, int, float *);
     if (sc.absmax)
